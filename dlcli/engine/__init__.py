@@ -1,0 +1,1 @@
+"""The engine: activations, initializers, regularizers, the Layer base class and the graph executor."""

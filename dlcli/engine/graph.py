@@ -1,0 +1,166 @@
+"""The graph executor: nodes made by calling layers on symbolic tensors, run in topological order.
+
+Forward runs nodes in order, passing masks along; backward runs them in reverse, summing gradients where a tensor
+fans out. A layer called more than once (shared weights) keeps one cache per node: the executor saves the layer's
+attributes after each node's forward and restores them before that node's backward.
+"""
+import numpy as np
+
+from dlcli.engine.layer import Layer, SymbolicTensor, format_shape
+from dlcli.errors import ShapeError
+
+
+class Node:
+    def __init__(self, layer: Layer, inputs: list[SymbolicTensor], multi_input: bool, output_shapes):
+        self.layer, self.inputs, self.multi_input = layer, inputs, multi_input
+        self.multi_output = isinstance(output_shapes, list)
+        shapes = output_shapes if self.multi_output else [output_shapes]
+        self.outputs = [SymbolicTensor(s, self, i) for i, s in enumerate(shapes)]
+        self.state = None
+
+
+class InputLayer(Layer):
+    """The source of a graph: holds the input's shape and dtype; forward is the identity."""
+
+    def __init__(self, shape, name: str | None = None, dtype: str = "float32"):
+        super().__init__(name=name, dtype=dtype)
+        self.shape = tuple(int(s) for s in shape)
+        self.built, self.input_shape = True, self.shape
+
+    def forward(self, x, training=False):
+        return x
+
+    def backward(self, grad):
+        return grad
+
+
+def Input(shape, name: str | None = None, dtype: str = "float32") -> SymbolicTensor:
+    """Keras' `Input(shape=..., name=...)`: a symbolic tensor to call layers on."""
+    layer = InputLayer(shape, name=name, dtype=dtype)
+    node = Node(layer, [], False, layer.shape)
+    node.outputs[0].dtype = dtype
+    layer.nodes.append(node)
+    return node.outputs[0]
+
+
+def call_symbolic(layer: Layer, inputs):
+    multi = isinstance(inputs, (list, tuple))
+    tensors = list(inputs) if multi else [inputs]
+    shapes = [t.shape for t in tensors] if multi else tensors[0].shape
+    layer.ensure_built(shapes)
+    try:
+        out_shape = layer.output_shape(shapes)
+    except ShapeError:
+        raise
+    except (ValueError, IndexError, TypeError) as e:
+        raise ShapeError(f"layer '{layer.name}' ({type(layer).__name__}) cannot take input shape "
+                         f"{format_shape(shapes)}: {e}") from None
+    node = Node(layer, tensors, multi, out_shape)
+    layer.nodes.append(node)
+    return node.outputs if node.multi_output else node.outputs[0]
+
+
+def topological_nodes(outputs: list[SymbolicTensor]) -> list[Node]:
+    """Nodes needed for `outputs`, each after the nodes it reads from (depth-first post-order)."""
+    order, done, active = [], set(), set()
+
+    def visit(node):
+        if id(node) in done:
+            return
+        if id(node) in active:
+            raise ShapeError(f"the graph has a cycle through layer '{node.layer.name}'")
+        active.add(id(node))
+        for t in node.inputs:
+            visit(t.node)
+        active.discard(id(node))
+        done.add(id(node))
+        order.append(node)
+
+    for t in outputs:
+        visit(t.node)
+    return order
+
+
+class Graph:
+    def __init__(self, inputs: list[SymbolicTensor], outputs: list[SymbolicTensor]):
+        self.inputs, self.outputs = inputs, outputs
+        self.nodes = topological_nodes(outputs)
+        sources = [n for n in self.nodes if isinstance(n.layer, InputLayer)]
+        given = {id(t.node) for t in inputs}
+        for n in sources:
+            if id(n) not in given:
+                raise ShapeError(f"the outputs depend on input '{n.layer.name}', which is not among the model's "
+                                 f"inputs ({', '.join(t.node.layer.name for t in inputs)})")
+        self.layers = []
+        for n in self.nodes:
+            if not isinstance(n.layer, InputLayer) and n.layer not in self.layers:
+                self.layers.append(n.layer)
+        consumers: dict = {}
+        for n in self.nodes:
+            for t in n.inputs:
+                consumers[id(t)] = consumers.get(id(t), 0) + 1
+        self.consumers = consumers
+
+    def forward(self, xs: list, training: bool = False) -> list:
+        values, masks = {}, {}
+        for t, x in zip(self.inputs, xs):
+            values[id(t)] = x
+        for node in self.nodes:
+            if isinstance(node.layer, InputLayer):
+                continue
+            layer = node.layer
+            ins = [values[id(t)] for t in node.inputs]
+            in_masks = [masks.get(id(t)) for t in node.inputs]
+            mask = in_masks if node.multi_input else in_masks[0]
+            if node.multi_input and all(m is None for m in in_masks):
+                mask = None
+            layer.input_mask = mask
+            x = ins if node.multi_input else ins[0]
+            out = layer.forward(x, training)
+            out_mask = layer.compute_mask(x, mask)
+            if len(layer.nodes) > 1:
+                node.state = dict(vars(layer))
+            outs = out if node.multi_output else [out]
+            out_masks = out_mask if node.multi_output and isinstance(out_mask, list) else [out_mask] * len(outs)
+            for t, v, m in zip(node.outputs, outs, out_masks):
+                values[id(t)] = v
+                if m is not None:
+                    masks[id(t)] = m
+        self.masks = masks
+        return [values[id(t)] for t in self.outputs]
+
+    def backward(self, grads: list) -> list:
+        """Gradients w.r.t. each output in, gradients w.r.t. each input out (None where none flows)."""
+        acc: dict = {}
+        for t, g in zip(self.outputs, grads):
+            _accumulate(acc, t, g)
+        for node in reversed(self.nodes):
+            if isinstance(node.layer, InputLayer):
+                continue
+            out_grads = [acc.get(id(t)) for t in node.outputs]
+            if all(g is None for g in out_grads):
+                continue  # this node does not reach any output with a loss
+            if node.multi_output:
+                out_grads = [np.zeros((_batch(out_grads),) + t.shape, node.layer.dtype) if g is None else g
+                             for g, t in zip(out_grads, node.outputs)]
+            layer = node.layer
+            if node.state is not None:
+                vars(layer).update(node.state)
+            g_in = layer.backward(out_grads if node.multi_output else out_grads[0])
+            g_in = g_in if node.multi_input else [g_in]
+            for t, g in zip(node.inputs, g_in):
+                _accumulate(acc, t, g)
+        return [acc.get(id(t)) for t in self.inputs]
+
+
+def _accumulate(acc, tensor, grad):
+    if grad is None:
+        return
+    if id(tensor) in acc:
+        acc[id(tensor)] = acc[id(tensor)] + grad  # new array: the first gradient may be another layer's cache
+    else:
+        acc[id(tensor)] = grad
+
+
+def _batch(grads) -> int:
+    return next(g.shape[0] for g in grads if g is not None)

@@ -1,0 +1,175 @@
+"""Weight initializers with Keras' formulas (fan_in/fan_out as `keras.initializers` computes them).
+
+Every initializer draws from an explicit `np.random.Generator`: never the global NumPy RNG.
+"""
+import numpy as np
+
+from dlcli.registry import Registry
+
+INITIALIZERS = Registry("initializer")
+
+
+def fans(shape) -> tuple[float, float]:
+    """Keras' `compute_fans`: conv kernels (..., in, out) multiply by the receptive field size."""
+    if len(shape) == 0:
+        return 1.0, 1.0
+    if len(shape) == 1:
+        return shape[0], shape[0]
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    receptive = float(np.prod(shape[:-2]))
+    return shape[-2] * receptive, shape[-1] * receptive
+
+
+class Initializer:
+    def __call__(self, shape, rng: np.random.Generator, dtype="float32"):
+        raise NotImplementedError
+
+    def get_config(self) -> dict:
+        return {}
+
+
+@INITIALIZERS.register("zeros")
+class Zeros(Initializer):
+    def __call__(self, shape, rng, dtype="float32"):
+        return np.zeros(shape, dtype)
+
+
+@INITIALIZERS.register("ones")
+class Ones(Initializer):
+    def __call__(self, shape, rng, dtype="float32"):
+        return np.ones(shape, dtype)
+
+
+@INITIALIZERS.register("constant")
+class Constant(Initializer):
+    def __init__(self, value: float = 0.0):
+        self.value = value
+
+    def __call__(self, shape, rng, dtype="float32"):
+        return np.full(shape, self.value, dtype)
+
+    def get_config(self):
+        return {"value": self.value}
+
+
+class VarianceScaling(Initializer):
+    """Keras' VarianceScaling: truncated normal (stddev corrected by .87962566) or uniform."""
+
+    scale, mode, distribution = 1.0, "fan_in", "truncated_normal"
+
+    def __init__(self, seed=None):
+        self.seed = seed
+
+    def __call__(self, shape, rng, dtype="float32"):
+        fan_in, fan_out = fans(shape)
+        n = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[self.mode]
+        variance = self.scale / max(1.0, n)
+        if self.distribution == "uniform":
+            limit = np.sqrt(3 * variance)
+            return rng.uniform(-limit, limit, shape).astype(dtype)
+        # 0.87962566... is the stddev of a unit normal truncated at +-2 (Keras uses the same constant).
+        return truncated_normal(shape, np.sqrt(variance) / 0.87962566103423978, rng).astype(dtype)
+
+    def get_config(self):
+        return {"seed": self.seed} if self.seed is not None else {}
+
+
+@INITIALIZERS.register("glorot_uniform")
+class GlorotUniform(VarianceScaling):
+    mode, distribution = "fan_avg", "uniform"
+
+
+@INITIALIZERS.register("glorot_normal")
+class GlorotNormal(VarianceScaling):
+    mode = "fan_avg"
+
+
+@INITIALIZERS.register("he_normal")
+class HeNormal(VarianceScaling):
+    scale = 2.0
+
+
+@INITIALIZERS.register("he_uniform")
+class HeUniform(VarianceScaling):
+    scale, distribution = 2.0, "uniform"
+
+
+@INITIALIZERS.register("lecun_normal")
+class LecunNormal(VarianceScaling):
+    pass
+
+
+@INITIALIZERS.register("lecun_uniform")
+class LecunUniform(VarianceScaling):
+    distribution = "uniform"
+
+
+@INITIALIZERS.register("random_normal")
+class RandomNormal(Initializer):
+    def __init__(self, mean: float = 0.0, stddev: float = 0.05):  # Keras' defaults
+        self.mean, self.stddev = mean, stddev
+
+    def __call__(self, shape, rng, dtype="float32"):
+        return rng.normal(self.mean, self.stddev, shape).astype(dtype)
+
+    def get_config(self):
+        return {"mean": self.mean, "stddev": self.stddev}
+
+
+@INITIALIZERS.register("random_uniform")
+class RandomUniform(Initializer):
+    def __init__(self, minval: float = -0.05, maxval: float = 0.05):  # Keras' defaults
+        self.minval, self.maxval = minval, maxval
+
+    def __call__(self, shape, rng, dtype="float32"):
+        return rng.uniform(self.minval, self.maxval, shape).astype(dtype)
+
+    def get_config(self):
+        return {"minval": self.minval, "maxval": self.maxval}
+
+
+@INITIALIZERS.register("orthogonal")
+class Orthogonal(Initializer):
+    """Keras' Orthogonal: QR of a normal matrix (rows = prod(shape[:-1])), sign-corrected by diag(R)."""
+
+    def __init__(self, gain: float = 1.0):
+        self.gain = gain
+
+    def __call__(self, shape, rng, dtype="float32"):
+        rows, cols = int(np.prod(shape[:-1])), shape[-1]
+        a = rng.normal(0.0, 1.0, (max(rows, cols), min(rows, cols)))
+        q, r = np.linalg.qr(a)
+        q *= np.sign(np.diag(r))
+        if rows < cols:
+            q = q.T
+        return (self.gain * q[:rows, :cols]).reshape(shape).astype(dtype)
+
+    def get_config(self):
+        return {"gain": self.gain}
+
+
+def truncated_normal(shape, stddev, rng):
+    """Normal samples re-drawn until within two standard deviations (as Keras' truncated_normal)."""
+    out = rng.normal(0.0, 1.0, shape)
+    bad = np.abs(out) > 2
+    while bad.any():
+        out[bad] = rng.normal(0.0, 1.0, int(bad.sum()))
+        bad = np.abs(out) > 2
+    return out * stddev
+
+
+def get(identifier) -> Initializer:
+    """From a name, {type: name, ...args} mapping, or an Initializer instance."""
+    if isinstance(identifier, Initializer):
+        return identifier
+    if isinstance(identifier, dict):
+        args = {k: v for k, v in identifier.items() if k != "type"}
+        return INITIALIZERS.get(identifier["type"])(**args)
+    return INITIALIZERS.get(identifier)()
+
+
+def serialize(init: Initializer):
+    name = next(n for n in INITIALIZERS if INITIALIZERS.get(n) is type(init))
+    config = init.get_config()
+    return {"type": name, **config} if config else name

@@ -1,0 +1,265 @@
+"""The Layer base class, its parameters, and the symbolic tensors that wire layers into a graph.
+
+A layer (Keras' shape, numpy-ml's explicit backward pass):
+- `build(input_shape)` creates weights with `add_weight`; shapes never include the batch axis.
+- `output_shape(input_shape)` infers the output shape without data (a list of shapes for several outputs).
+- `forward(x, training)` computes and caches what `backward` needs; a layer called on a list gets a list.
+- `backward(grad)` returns the gradient w.r.t. the input (None for integer inputs) and *adds* to `param.grad`.
+- `get_config()` returns the constructor arguments, recorded automatically, so a layer round-trips through YAML.
+"""
+import functools
+import inspect
+import re
+from collections import defaultdict
+
+import numpy as np
+
+from dlcli.engine import activations, initializers, regularizers
+from dlcli.errors import ShapeError
+from dlcli.registry import Registry
+
+LAYERS = Registry("layer")
+register = LAYERS.register  # @register("Dense") on each layer class: the names a config may use
+
+
+class Param:
+    """One weight: its value, its accumulated gradient, and how the optimizer should treat it."""
+
+    __slots__ = ("name", "value", "grad", "trainable", "regularizer", "layer")
+
+    def __init__(self, name, value, trainable=True, regularizer=None, layer=None):
+        self.name, self.value, self.trainable, self.regularizer, self.layer = name, value, trainable, regularizer, layer
+        self.grad = np.zeros_like(value) if trainable else None
+
+    @property
+    def path(self) -> str:
+        return f"{self.layer.name}/{self.name}" if self.layer is not None else self.name
+
+    def __repr__(self):
+        return f"Param({self.path}, shape={self.value.shape})"
+
+
+_name_counts: defaultdict = defaultdict(int)
+
+
+def unique_name(prefix: str) -> str:
+    """Keras-style automatic names: dense, dense_1, dense_2 ..."""
+    count = _name_counts[prefix]
+    _name_counts[prefix] += 1
+    return prefix if count == 0 else f"{prefix}_{count}"
+
+
+def snake_case(name: str) -> str:
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+
+
+class Layer:
+    supports_masking = False  # True: the incoming mask passes through unchanged (Keras' default for most layers)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_init(cls.__init__)
+
+    def __init__(self, name: str | None = None, input_shape=None, trainable: bool = True, lr_mult: float = 1.0,
+                 dtype: str = "float32"):
+        self.name = name or unique_name(snake_case(type(self).__name__))
+        self.input_shape_hint = tuple(input_shape) if input_shape is not None else None
+        self.trainable = trainable
+        self.lr_mult = lr_mult  # learning-rate multiplier for this layer's weights
+        self.dtype = dtype
+        self.params: dict[str, Param] = {}
+        self.built = False
+        self.input_shape = None
+        self.rng = np.random.default_rng(0)
+        self.nodes: list = []  # one per call on symbolic tensors; > 1 means shared weights
+        self.input_mask = None  # set by the graph executor before forward when a mask flows in
+        self.output_fused = False  # True: the loss consumes `self.logits` and backward skips the activation
+
+    # --- building -------------------------------------------------------------------------------------------
+    def build(self, input_shape):
+        """Create weights for `input_shape` (no batch axis). Layers without weights need not override it."""
+
+    def output_shape(self, input_shape):
+        return input_shape
+
+    def ensure_built(self, input_shape, rng: np.random.Generator | None = None):
+        """Build once; later calls only check that the shape is the one built for."""
+        if self.built:
+            if _shape_key(input_shape) != _shape_key(self.input_shape):
+                raise ShapeError(f"layer '{self.name}' was built for input shape {_fmt(self.input_shape)} "
+                                 f"but is now called on {_fmt(input_shape)}")
+            return
+        if rng is not None:
+            self.rng = rng
+        self.input_shape = input_shape
+        self.build(input_shape)
+        self.built = True
+
+    def add_weight(self, name, shape, initializer="zeros", regularizer=None, trainable=True) -> Param:
+        value = initializers.get(initializer)(tuple(int(s) for s in shape), self.rng, self.dtype)
+        param = Param(name, value, trainable, regularizers.get(regularizer), self)
+        self.params[name] = param
+        return param
+
+    # --- the three passes -------------------------------------------------------------------------------------
+    def forward(self, x, training=False):
+        raise NotImplementedError
+
+    def backward(self, grad):
+        raise NotImplementedError
+
+    def compute_mask(self, x, mask):
+        """The mask this layer's output carries (Keras' compute_mask)."""
+        return mask if self.supports_masking else None
+
+    # --- activations, with the fused softmax/sigmoid + cross-entropy shortcut ------------------------------------
+    def activate(self, z):
+        if self.output_fused:
+            self.logits = z
+        return self.activation.forward(z)
+
+    def activation_backward(self, grad):
+        # When fused, the loss already returned d(loss)/d(logits): the activation's Jacobian is folded in.
+        return grad if self.output_fused else self.activation.backward(grad)
+
+    # --- weights ----------------------------------------------------------------------------------------------
+    @property
+    def weights(self) -> list[Param]:
+        return list(self.params.values())
+
+    @property
+    def trainable_weights(self) -> list[Param]:
+        return [p for p in self.params.values() if p.trainable and self.trainable]
+
+    @property
+    def non_trainable_weights(self) -> list[Param]:
+        return [p for p in self.params.values() if not (p.trainable and self.trainable)]
+
+    def count_params(self) -> int:
+        return int(sum(p.value.size for p in self.params.values()))
+
+    def get_weights(self) -> list[np.ndarray]:
+        return [p.value.copy() for p in self.params.values()]
+
+    def set_weights(self, values):
+        params = list(self.params.values())
+        if len(values) != len(params):
+            raise ShapeError(f"layer '{self.name}' has {len(params)} weights; got {len(values)} arrays")
+        for p, v in zip(params, values):
+            v = np.asarray(v)
+            if v.shape != p.value.shape:
+                raise ShapeError(f"weight '{p.path}' has shape {p.value.shape}; got an array of shape {v.shape}")
+            p.value = v.astype(p.value.dtype, copy=True)
+
+    def regularization_loss(self) -> float:
+        return sum(p.regularizer.penalty(p.value) for p in self.params.values() if p.regularizer is not None)
+
+    def add_regularization_grads(self):
+        for p in self.trainable_weights:
+            if p.regularizer is not None:
+                p.grad += p.regularizer.gradient(p.value)
+
+    # --- config -----------------------------------------------------------------------------------------------
+    def get_config(self) -> dict:
+        """The constructor arguments (recorded at construction), made YAML-safe: config in = config out."""
+        config = {"type": type(self).__name__}
+        config.update({k: to_plain(v) for k, v in self._config.items()})
+        config["name"] = self.name
+        return config
+
+    # --- calling on symbolic tensors builds the graph (Keras' functional API) --------------------------------
+    def __call__(self, inputs, training=False):
+        from dlcli.engine.graph import call_symbolic
+
+        if isinstance(inputs, SymbolicTensor) or (isinstance(inputs, (list, tuple)) and inputs
+                                                  and all(isinstance(t, SymbolicTensor) for t in inputs)):
+            return call_symbolic(self, inputs)
+        # Eager call on arrays: build from the data's shape and run forward.
+        shape = [tuple(a.shape[1:]) for a in inputs] if isinstance(inputs, (list, tuple)) else tuple(inputs.shape[1:])
+        self.ensure_built(shape)
+        return self.forward(inputs, training)
+
+    def __repr__(self):
+        return f"<{type(self).__name__} '{self.name}'>"
+
+
+class SymbolicTensor:
+    """A placeholder for a layer output in a graph: its shape (no batch axis) and the node that makes it."""
+
+    def __init__(self, shape, node=None, index=0, dtype="float32"):
+        self.shape, self.node, self.index, self.dtype = tuple(shape), node, index, dtype
+
+    @property
+    def name(self) -> str:
+        layer = self.node.layer
+        return layer.name if len(layer.nodes) <= 1 and self.index == 0 else \
+            f"{layer.name}:{layer.nodes.index(self.node)}:{self.index}"
+
+    def __repr__(self):
+        return f"<SymbolicTensor {self.name} shape=(None, {', '.join(map(str, self.shape))})>"
+
+
+def _recording_init(init):
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        outermost = "_config" not in self.__dict__
+        if outermost:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            config = dict(bound.arguments)
+            config.pop("self")
+            config.update(config.pop("kw", {}) or {})
+            config.update(config.pop("kwargs", {}) or {})
+            self.__dict__["_config"] = config
+        init(self, *args, **kwargs)
+        if outermost:
+            # base-class arguments a subclass passes through **kw, with their defaults filled in
+            self._config.setdefault("trainable", self.trainable)
+            self._config.pop("name", None)
+            if self.input_shape_hint is not None:
+                self._config["input_shape"] = list(self.input_shape_hint)
+            else:
+                self._config.pop("input_shape", None)
+            if self.lr_mult != 1.0:
+                self._config["lr_mult"] = self.lr_mult
+            else:
+                self._config.pop("lr_mult", None)
+            self._config.pop("dtype", None)
+
+    return wrapper
+
+
+def to_plain(value):
+    """YAML-safe form of a constructor argument (initializers, activations, layers, tuples)."""
+    if isinstance(value, initializers.Initializer):
+        return initializers.serialize(value)
+    if isinstance(value, regularizers.Regularizer):
+        return value.get_config()
+    if isinstance(value, activations.Activation):
+        return value.name
+    if isinstance(value, Layer):
+        return value.get_config()
+    if isinstance(value, (tuple, list)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _shape_key(shape):
+    return [tuple(s) for s in shape] if isinstance(shape, list) else tuple(shape)
+
+
+def _fmt(shape) -> str:
+    if isinstance(shape, list):
+        return "[" + ", ".join(_fmt(s) for s in shape) + "]"
+    return "(None, " + ", ".join(str(s) for s in shape) + ")" if shape else "(None,)"
+
+
+format_shape = _fmt

@@ -1,0 +1,24 @@
+"""The one error type the library raises for problems a user can fix; the CLI prints it and exits with its code."""
+
+
+class DlcliError(Exception):
+    """A user-facing error: `message` is one paragraph; `exit_code` is what the CLI exits with."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class ConfigError(DlcliError):
+    """A bad config file or --set override (exit code 2, like a usage error)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=2)
+
+
+class ShapeError(DlcliError):
+    """Layers that cannot be connected: names the layer and both shapes."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=2)

@@ -1,0 +1,134 @@
+"""Core layers: Dense, Activation, Flatten, Reshape, Dropout (Keras' arguments and defaults)."""
+import numpy as np
+
+from dlcli.engine import activations, initializers
+from dlcli.engine.layer import Layer, register
+from dlcli.errors import ShapeError
+
+
+@register("Dense")
+class Dense(Layer):
+    """y = activation(x @ kernel + bias) over the last axis. Kernel layout (in, out) as in Keras."""
+
+    def __init__(self, units: int, activation: str | None = None, use_bias: bool = True,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 kernel_regularizer=None, bias_regularizer=None, **kw):
+        super().__init__(**kw)
+        self.units, self.use_bias = int(units), use_bias
+        self.activation = activations.get(activation)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer, self.bias_regularizer = kernel_regularizer, bias_regularizer
+
+    def build(self, input_shape):
+        if len(input_shape) == 0:
+            raise ShapeError(f"Dense '{self.name}' needs at least rank-2 input (batch, features); got a scalar")
+        self.kernel = self.add_weight("kernel", (input_shape[-1], self.units), self.kernel_initializer,
+                                      self.kernel_regularizer)
+        if self.use_bias:
+            self.bias = self.add_weight("bias", (self.units,), self.bias_initializer, self.bias_regularizer)
+
+    def output_shape(self, input_shape):
+        return (*input_shape[:-1], self.units)
+
+    def forward(self, x, training=False):
+        self.x = x
+        z = x @ self.kernel.value
+        if self.use_bias:
+            z += self.bias.value
+        return self.activate(z)
+
+    def backward(self, grad):
+        grad = self.activation_backward(grad)
+        x2, g2 = self.x.reshape(-1, self.x.shape[-1]), grad.reshape(-1, self.units)
+        if self.kernel.grad is not None:
+            self.kernel.grad += x2.T @ g2
+        if self.use_bias and self.bias.grad is not None:
+            self.bias.grad += g2.sum(0)
+        return grad @ self.kernel.value.T
+
+
+@register("Activation")
+class Activation(Layer):
+    supports_masking = True
+
+    def __init__(self, activation: str, **kw):
+        super().__init__(**kw)
+        self.activation = activations.get(activation)
+
+    def forward(self, x, training=False):
+        return self.activate(x)
+
+    def backward(self, grad):
+        return self.activation_backward(grad)
+
+
+@register("Flatten")
+class Flatten(Layer):
+    """(batch, d1, d2, ...) -> (batch, d1 * d2 * ...); a view, not a copy, for contiguous input."""
+
+    def output_shape(self, input_shape):
+        return (int(np.prod(input_shape)),)
+
+    def forward(self, x, training=False):
+        self.in_shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad):
+        return grad.reshape(self.in_shape)
+
+
+@register("Reshape")
+class Reshape(Layer):
+    """Reshape the non-batch axes to `target_shape` (one entry may be -1, as in Keras)."""
+
+    def __init__(self, target_shape: list[int], **kw):
+        super().__init__(**kw)
+        self.target_shape = tuple(int(s) for s in target_shape)
+
+    def output_shape(self, input_shape):
+        size, target = int(np.prod(input_shape)), list(self.target_shape)
+        if target.count(-1) > 1:
+            raise ShapeError(f"Reshape '{self.name}': at most one -1 in target_shape {self.target_shape}")
+        known = int(np.prod([s for s in target if s != -1]))
+        if -1 in target:
+            if known == 0 or size % known:
+                raise ShapeError(f"Reshape '{self.name}' cannot reshape {size} values into {self.target_shape}")
+            target[target.index(-1)] = size // known
+        elif known != size:
+            raise ShapeError(f"Reshape '{self.name}' cannot reshape input of shape {tuple(input_shape)} "
+                             f"({size} values) into {self.target_shape} ({known} values)")
+        return tuple(target)
+
+    def forward(self, x, training=False):
+        self.in_shape = x.shape
+        return x.reshape((x.shape[0], *self.output_shape(x.shape[1:])))
+
+    def backward(self, grad):
+        return grad.reshape(self.in_shape)
+
+
+@register("Dropout")
+class Dropout(Layer):
+    """Inverted dropout (Keras): zero a `rate` fraction while training and scale the rest by 1 / (1 - rate)."""
+
+    supports_masking = True
+
+    def __init__(self, rate: float, noise_shape: list[int] | None = None, **kw):
+        super().__init__(**kw)
+        if not 0 <= rate < 1:
+            raise ShapeError(f"Dropout '{self.name}': rate must be in [0, 1); got {rate}")
+        self.rate, self.noise_shape = float(rate), noise_shape
+
+    def forward(self, x, training=False):
+        if not training or self.rate == 0:
+            self.scale = None
+            return x
+        shape = x.shape if self.noise_shape is None else (x.shape[0], *[
+            d if n is None else n for n, d in zip(self.noise_shape, x.shape[1:])])
+        keep = self.rng.random(shape, dtype=np.float32) >= self.rate
+        self.scale = keep.astype(x.dtype) / np.asarray(1 - self.rate, x.dtype)
+        return x * self.scale
+
+    def backward(self, grad):
+        return grad if self.scale is None else grad * self.scale

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from dlcli import layers
+from dlcli.engine import activations
+from tests.gradcheck import assert_close, check_layer, numeric_grad
+
+# Gradient-check table: layer type -> list of (constructor args, input shape without batch, check options).
+# tests/layers/test_coverage.py asserts the tables together cover every registered layer.
+GRADIENT_CASES = {
+    "Dense": [({"units": 4}, (5,), {}), ({"units": 3, "activation": "tanh"}, (2, 5), {}),
+              ({"units": 3, "use_bias": False, "activation": "softmax"}, (4,), {})],
+    "Activation": [({"activation": "elu"}, (6,), {})],
+    "Flatten": [({}, (2, 3, 2), {})],
+    "Reshape": [({"target_shape": [3, -1]}, (2, 3, 2), {})],
+    "Dropout": [({"rate": 0.5}, (8,), {"training": True}), ({"rate": 0.3}, (8,), {})],
+}
+
+
+@pytest.mark.parametrize("name,args,shape,opts", [(n, a, s, o) for n, cases in GRADIENT_CASES.items()
+                                                  for a, s, o in cases])
+def test_gradients(name, args, shape, opts):
+    check_layer(layers.LAYERS.get(name)(**args), shape, **opts)
+
+
+@pytest.mark.parametrize("name", activations.ACTIVATIONS.names())
+def test_activation_gradients(name):
+    act = activations.get(name)
+    z = np.random.default_rng(1).normal(0, 2, (4, 5))
+    r = np.random.default_rng(2).normal(0, 1, z.shape)
+    act.forward(z)
+    g = act.backward(r)
+    num = numeric_grad(lambda: float((activations.get(name).forward(z) * r).sum()), z)
+    assert_close(g, num, name, rtol=1e-5 if name != "gelu" else 1e-3)
+
+
+def test_dense_matches_keras_layout_and_shapes():
+    d = layers.Dense(3, input_shape=(5,))
+    y = d(np.ones((2, 5), np.float32))
+    assert d.kernel.value.shape == (5, 3) and d.bias.value.shape == (3,)
+    assert y.dtype == np.float32 and y.shape == (2, 3)
+    assert [w.shape for w in d.get_weights()] == [(5, 3), (3,)]
+    # glorot_uniform bound sqrt(6 / (fan_in + fan_out)), zero bias (Keras' defaults)
+    assert np.abs(d.kernel.value).max() <= np.sqrt(6 / 8) and not d.bias.value.any()
+
+
+def test_dropout_keeps_expectation_and_is_identity_at_inference():
+    drop = layers.Dropout(0.5)
+    x = np.ones((1000, 100), np.float32)
+    assert np.array_equal(drop(x), x)
+    y = drop.forward(x, training=True)
+    assert abs(y.mean() - 1) < 0.02 and set(np.unique(y)) <= {0.0, 2.0}
+
+
+def test_get_config_round_trips():
+    d = layers.Dense(7, activation="relu", kernel_initializer="he_normal", name="hidden")
+    config = d.get_config()
+    assert config["type"] == "Dense" and config["units"] == 7 and config["activation"] == "relu"
+    args = {k: v for k, v in config.items() if k != "type"}
+    again = layers.Dense(**args)
+    assert again.get_config() == config
+
+
+def test_reshape_rejects_impossible_target():
+    from dlcli.errors import ShapeError
+
+    with pytest.raises(ShapeError, match="cannot reshape"):
+        layers.Reshape([5, 5]).output_shape((2, 3))
