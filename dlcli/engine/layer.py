@@ -40,6 +40,18 @@ class Param:
 
 
 _name_counts: defaultdict = defaultdict(int)
+_seed_source = np.random.default_rng()
+
+
+def set_random_seed(seed: int):
+    """Seed every later weight initialisation and layer RNG (Keras' `keras.utils.set_random_seed`)."""
+    global _seed_source
+    _seed_source = np.random.default_rng(seed)
+
+
+def next_rng() -> np.random.Generator:
+    """A fresh generator drawn from the seed source: one per layer, so layers never share a stream."""
+    return np.random.default_rng(int(_seed_source.integers(2**63)))
 
 
 def unique_name(prefix: str) -> str:
@@ -91,8 +103,7 @@ class Layer:
                 raise ShapeError(f"layer '{self.name}' was built for input shape {_fmt(self.input_shape)} "
                                  f"but is now called on {_fmt(input_shape)}")
             return
-        if rng is not None:
-            self.rng = rng
+        self.rng = rng if rng is not None else next_rng()
         self.input_shape = input_shape
         self.build(input_shape)
         self.built = True
@@ -139,6 +150,10 @@ class Layer:
 
     def count_params(self) -> int:
         return int(sum(p.value.size for p in self.params.values()))
+
+    def flops(self, input_shape) -> int:
+        """Multiply-adds x 2 per sample for one forward pass (0 where negligible); for inspect-shapes."""
+        return 0
 
     def get_weights(self) -> list[np.ndarray]:
         return [p.value.copy() for p in self.params.values()]

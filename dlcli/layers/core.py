@@ -31,6 +31,9 @@ class Dense(Layer):
     def output_shape(self, input_shape):
         return (*input_shape[:-1], self.units)
 
+    def flops(self, input_shape):
+        return 2 * int(np.prod(input_shape)) * self.units
+
     def forward(self, x, training=False):
         self.x = x
         z = x @ self.kernel.value
