@@ -1,0 +1,7 @@
+"""Datasets: `load_dataset({type: name, **args})` -> Dataset. Each loader registers itself in DATASETS; its keyword
+arguments are the keys of a config's `data:` section."""
+from dlcli.data.dataset import DATASETS, Dataset, load_dataset
+from dlcli.data.split import validation_split
+from dlcli.data import images  # noqa: F401  (registers mnist, fashion_mnist)
+
+__all__ = ["DATASETS", "Dataset", "load_dataset", "validation_split"]

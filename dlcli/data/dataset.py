@@ -1,0 +1,83 @@
+"""The Dataset record every loader returns, the dataset registry, and `load_dataset(spec)`."""
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dlcli.errors import ConfigError, ShapeError
+from dlcli.registry import Registry, did_you_mean
+
+# name -> loader function; a loader's keyword arguments are the YAML keys of the config's `data:` section.
+DATASETS = Registry("dataset")
+
+
+@dataclass
+class Dataset:
+    """Arrays with batch on axis 0. x may be a dict of arrays (named model inputs).
+
+    x_test / y_test are None when the data has no test split; x_val / y_val are None unless the loader owns the
+    validation split (time series split by time), meaning "the trainer makes its own split"."""
+
+    x_train: np.ndarray | dict
+    y_train: np.ndarray
+    x_test: np.ndarray | dict | None = None
+    y_test: np.ndarray | None = None
+    classes: list[str] | None = None
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+    x_val: np.ndarray | dict | None = None
+    y_val: np.ndarray | None = None
+    name: str = ""
+
+    def sizes(self) -> dict[str, int | None]:
+        """Samples per split, for the banner; None for a split the data does not have."""
+        return {split: (None if y is None else len(y))
+                for split, y in (("train", self.y_train), ("validation", self.y_val), ("test", self.y_test))}
+
+    def reshape_to(self, input_shape) -> "Dataset":
+        """A copy whose x arrays have per-sample shape `input_shape` (no batch axis), e.g. MNIST's (28, 28) to
+        (28, 28, 1) for a Conv2D model. None in `input_shape` (variable length) is a wildcard: checked, not reshaped.
+        For dict inputs pass a dict name -> shape. Raises ShapeError when the sizes cannot match."""
+        def fit(x, shape, split):
+            if x is None:
+                return None
+            if isinstance(x, dict):
+                if not isinstance(shape, dict):
+                    raise ShapeError(f"dataset '{self.name}' has named inputs {sorted(x)}; give one shape per input")
+                return {k: fit(v, shape.get(k), f"{split}[{k}]") for k, v in x.items()}
+            if shape is None:
+                return x
+            shape = tuple(shape)
+            have = x.shape[1:]
+            if have == shape:
+                return x
+            if None in shape:
+                if len(have) == len(shape) and all(s is None or s == h for s, h in zip(shape, have)):
+                    return x
+            elif int(np.prod(have)) == int(np.prod(shape)):
+                return x.reshape((len(x), *shape))
+            raise ShapeError(f"dataset '{self.name}' {split} samples have shape {list(have)} but the model's "
+                             f"input_shape is {list(shape)}: they differ in size, so no reshape fits; "
+                             f"set model.input_shape to {list(have)}")
+
+        return dataclasses.replace(self, x_train=fit(self.x_train, input_shape, "train"),
+                                   x_test=fit(self.x_test, input_shape, "test"),
+                                   x_val=fit(self.x_val, input_shape, "validation"))
+
+
+def load_dataset(spec: dict) -> Dataset:
+    """spec = {type: <registered name>, **loader keyword arguments} (the config's `data:` section)."""
+    spec = dict(spec)
+    if "type" not in spec:
+        raise ConfigError(f"data: missing 'type'; known dataset types: {', '.join(DATASETS.names())}")
+    name = spec.pop("type")
+    loader = DATASETS.get(name)
+    params = inspect.signature(loader).parameters
+    unknown = [k for k in spec if k not in params]
+    if unknown:
+        raise ConfigError("; ".join(f"data: unknown key '{k}' for dataset type '{name}'{did_you_mean(k, params)}"
+                                    for k in unknown) + f"; known: {', '.join(params)}")
+    dataset = loader(**spec)
+    dataset.name = dataset.name or name
+    return dataset

@@ -1,0 +1,46 @@
+"""Where datasets live. Search order for a named dataset, first found wins: the `path` argument,
+$DLCLI_DATA_DIR/<name>/, the cache ($DLCLI_CACHE_DIR, else $XDG_CACHE_HOME/dlcli, else ~/.cache/dlcli)/datasets/<name>/,
+/usr/share/datasets/<name>/ (where Debian's dataset-* packages install). <name> is tried in every spelling
+given (e.g. fashion_mnist and fashion-mnist)."""
+import os
+from pathlib import Path
+
+from dlcli.errors import DlcliError
+
+SYSTEM_DIR = Path("/usr/share/datasets")
+
+
+def cache_dir() -> Path:
+    """Root of the dataset cache; downloads go into cache_dir()/<name>/."""
+    root = os.environ.get("DLCLI_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = Path(xdg) / "dlcli" if xdg else Path.home() / ".cache" / "dlcli"
+    return Path(root).expanduser() / "datasets"
+
+
+def candidate_dirs(names: list[str]) -> list[tuple[str, Path]]:
+    """(label, directory) in search order, after an explicit `path`; the label says where it came from."""
+    out = []
+    data_dir = os.environ.get("DLCLI_DATA_DIR")
+    if data_dir:
+        out += [("$DLCLI_DATA_DIR", Path(data_dir).expanduser() / n) for n in names]
+    out += [("cache", cache_dir() / n) for n in names]
+    out += [("system", SYSTEM_DIR / n) for n in names]
+    return out
+
+
+def resolve_path(path: str, what: str = "data.path") -> Path:
+    """A user-given file: absolute, else relative to the current directory, else to $DLCLI_DATA_DIR."""
+    p = Path(path).expanduser()
+    tried = [p if p.is_absolute() else Path.cwd() / p]
+    if p.exists():
+        return p
+    data_dir = os.environ.get("DLCLI_DATA_DIR")
+    if not p.is_absolute() and data_dir:
+        q = Path(data_dir).expanduser() / p
+        if q.exists():
+            return q
+        tried.append(q)
+    hint = "" if data_dir or p.is_absolute() else " (set DLCLI_DATA_DIR to also look there)"
+    raise DlcliError(f"{what}: file not found: {path} (tried {', '.join(map(str, tried))}){hint}")

@@ -1,0 +1,70 @@
+"""Seeded shuffled (optionally stratified) splits and the `limit` cap shared by every loader."""
+import numpy as np
+
+from dlcli.errors import ConfigError
+
+
+def take(x, index):
+    """x[index] for an array or a dict of arrays (named inputs)."""
+    if isinstance(x, dict):
+        return {k: v[index] for k, v in x.items()}
+    return x[index]
+
+
+def num_samples(x) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def split_indices(y, fraction: float, rng: np.random.Generator, stratify: bool = False):
+    """(train_idx, val_idx): a shuffled split with N - int(N * (1 - fraction)) validation samples (Keras' count).
+    Stratified: each class keeps its proportion (largest-remainder rounding so the total is exact)."""
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"a split fraction must be between 0 and 1 (exclusive); got {fraction}")
+    y = np.asarray(y)
+    n = len(y)
+    n_val = n - int(n * (1.0 - fraction))
+    if n_val == 0 or n_val == n:
+        raise ConfigError(f"a split of {fraction} of {n} samples leaves "
+                          f"{'no validation' if n_val == 0 else 'no training'} samples; change the fraction")
+    if not stratify:
+        order = rng.permutation(n)
+        return order[n_val:], order[:n_val]
+    labels = y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(n)  # one-hot targets stratify by class
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    share = counts * (n_val / n)
+    per_class = np.floor(share).astype(int)
+    per_class[np.argsort(per_class - share)[: n_val - per_class.sum()]] += 1  # largest remainders first
+    # Shuffle, then stable-sort by class: each class's members in random order, then take its first per_class[c].
+    order = rng.permutation(n)
+    order = order[np.argsort(inverse[order], kind="stable")]
+    rank = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+    is_val = rank < per_class[inverse[order]]
+    val, train = order[is_val], order[~is_val]
+    return rng.permutation(train), rng.permutation(val)
+
+
+def validation_split(x, y, fraction: float, rng: np.random.Generator, stratify: bool = False):
+    """(x_tr, y_tr, x_val, y_val): a seeded shuffled split (Keras takes the unshuffled tail, a trap with sorted
+    data). x may be an array or a dict of arrays."""
+    train, val = split_indices(y, fraction, rng, stratify)
+    return take(x, train), take(y, train), take(x, val), take(y, val)
+
+
+def check_limit(limit) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise ConfigError(f"data.limit must be a positive integer (number of samples) or null; got {limit!r}")
+    return int(limit)
+
+
+def apply_limit(dataset, limit: int | None):
+    """Cap every split (train, validation, test) to its first `limit` samples, for smoke runs."""
+    limit = check_limit(limit)
+    if limit is None:
+        return dataset
+    for xs, ys in (("x_train", "y_train"), ("x_val", "y_val"), ("x_test", "y_test")):
+        if getattr(dataset, ys) is not None:
+            setattr(dataset, xs, take(getattr(dataset, xs), slice(0, limit)))
+            setattr(dataset, ys, getattr(dataset, ys)[:limit])
+    return dataset
