@@ -4,3 +4,6 @@ from dlcli.engine.layer import LAYERS, Layer
 from dlcli.layers.core import Activation, Dense, Dropout, Flatten, Reshape
 
 __all__ = ["LAYERS", "Layer", "Input", "InputLayer", "Dense", "Activation", "Flatten", "Reshape", "Dropout"]
+from dlcli.layers.conv import Conv1D, Conv2D, Conv2DTranspose, Conv3D, DepthwiseConv2D, SeparableConv2D  # noqa: E402
+
+__all__ += ["Conv1D", "Conv2D", "Conv3D", "Conv2DTranspose", "DepthwiseConv2D", "SeparableConv2D"]

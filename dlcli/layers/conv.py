@@ -1,0 +1,303 @@
+"""Convolutions, channels_last: Conv1D/2D/3D, Conv2DTranspose, DepthwiseConv2D, SeparableConv2D.
+
+Arguments, defaults and weight layouts are Keras': kernel (*kernel_size, in, filters), transposed kernel
+(*kernel_size, filters, in), depthwise kernel (*kernel_size, in, depth_multiplier). Each pass is im2col + one
+matmul (see conv_math); nothing loops over samples or output positions.
+"""
+import numpy as np
+
+from dlcli.engine import activations, initializers
+from dlcli.engine.layer import Layer, register
+from dlcli.errors import ConfigError
+from dlcli.layers import conv_math as cm
+
+
+class _Windowed(Layer):
+    """Shared argument handling for layers that slide a window (kernel_size, strides, padding, dilation_rate)."""
+
+    rank = 2
+    paddings = cm.PADDINGS
+
+    def _window_args(self, kernel_size, strides, padding, dilation_rate=1):
+        kind = type(self).__name__
+        self.kernel_size = cm.as_tuple(kernel_size, self.rank, "kernel_size", kind)
+        self.strides = cm.as_tuple(strides, self.rank, "strides", kind)
+        self.dilation_rate = cm.as_tuple(dilation_rate, self.rank, "dilation_rate", kind)
+        self.padding = str(padding).lower()
+        if self.padding not in self.paddings:
+            raise ConfigError(f"{kind}: padding must be one of {', '.join(self.paddings)}; got {padding!r}")
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:  # Keras refuses this combination too
+            raise ConfigError(f"{kind}: strides > 1 cannot be combined with dilation_rate > 1")
+
+    def _geometry(self, input_shape):
+        return cm.spatial_geometry(self, input_shape, self.rank, self.kernel_size, self.strides, self.padding,
+                                   self.dilation_rate)
+
+
+class _Conv(_Windowed):
+    """y = activation(conv(x, kernel) + bias); kernel (*kernel_size, in, filters) as Keras."""
+
+    def __init__(self, filters: int, kernel_size, strides=1, padding: str = "valid", dilation_rate=1,
+                 activation: str | None = None, use_bias: bool = True, kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None, **kw):
+        super().__init__(**kw)
+        self.filters, self.use_bias = int(filters), use_bias
+        self._window_args(kernel_size, strides, padding, dilation_rate)
+        self.activation = activations.get(activation)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer, self.bias_regularizer = kernel_regularizer, bias_regularizer
+
+    def build(self, input_shape):
+        self._geometry(input_shape)
+        self.kernel = self.add_weight("kernel", (*self.kernel_size, input_shape[-1], self.filters),
+                                      self.kernel_initializer, self.kernel_regularizer)
+        if self.use_bias:
+            self.bias = self.add_weight("bias", (self.filters,), self.bias_initializer, self.bias_regularizer)
+
+    def output_shape(self, input_shape):
+        return (*self._geometry(input_shape)[0], self.filters)
+
+    def flops(self, input_shape):
+        out = self._geometry(input_shape)[0]
+        return 2 * int(np.prod(out)) * int(np.prod(self.kernel_size)) * input_shape[-1] * self.filters
+
+    def forward(self, x, training=False):
+        self.out_sizes, self.pads = cm.geometry(x.shape[1:-1], self.kernel_size, self.strides, self.padding,
+                                                self.dilation_rate)
+        xp = cm.pad(x, self.pads)
+        self.xp_shape = xp.shape
+        cols = cm.im2col(xp, self.kernel_size, self.out_sizes, self.strides, self.dilation_rate)
+        self.cols = cols.reshape(-1, self.kernel.value[..., 0].size)
+        z = np.dot(self.cols, self.kernel.value.reshape(-1, self.filters))
+        if self.use_bias:
+            z += self.bias.value
+        return self.activate(z.reshape(x.shape[0], *self.out_sizes, self.filters))
+
+    def backward(self, grad):
+        g = np.ascontiguousarray(self.activation_backward(grad)).reshape(-1, self.filters)
+        if self.kernel.grad is not None:
+            self.kernel.grad += np.dot(self.cols.T, g).reshape(self.kernel.grad.shape)
+        if self.use_bias and self.bias.grad is not None:
+            self.bias.grad += g.sum(0)
+        dxp = cm.col2im_matmul(g, self.kernel.value, self.xp_shape, self.out_sizes, self.strides,
+                               self.dilation_rate)
+        return cm.unpad(dxp, self.pads)
+
+
+@register("Conv1D")
+class Conv1D(_Conv):
+    """On (batch, steps, channels); padding may also be 'causal' (left padding only, as Keras)."""
+
+    rank = 1
+    paddings = ("valid", "same", "causal")
+
+
+@register("Conv2D")
+class Conv2D(_Conv):
+    rank = 2
+
+
+@register("Conv3D")
+class Conv3D(_Conv):
+    """On (batch, depth, height, width, channels), e.g. video frames."""
+
+    rank = 3
+
+
+@register("Conv2DTranspose")
+class Conv2DTranspose(_Windowed):
+    """The adjoint (gradient) of a Conv2D, as TF's conv2d_transpose; kernel (kh, kw, filters, in) as Keras.
+
+    Output length per axis (Keras' deconv_output_length): valid n*s + max(k - s, 0), same n*s, or with
+    output_padding p: (n - 1)*s + k - 2*pad + p (pad = k // 2 for same).
+    """
+
+    def __init__(self, filters: int, kernel_size, strides=1, padding: str = "valid", output_padding=None,
+                 dilation_rate=1, activation: str | None = None, use_bias: bool = True,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
+                 bias_regularizer=None, **kw):
+        super().__init__(**kw)
+        self.filters, self.use_bias = int(filters), use_bias
+        self._window_args(kernel_size, strides, padding, dilation_rate)
+        self.output_padding = None if output_padding is None else tuple(
+            int(v) for v in ([output_padding] * self.rank if isinstance(output_padding, int) else output_padding))
+        if self.output_padding is not None and any(p >= s for p, s in zip(self.output_padding, self.strides)):
+            raise ConfigError(f"Conv2DTranspose: output_padding {self.output_padding} must be smaller than strides "
+                              f"{self.strides} (as Keras requires)")
+        self.activation = activations.get(activation)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer, self.bias_regularizer = kernel_regularizer, bias_regularizer
+
+    def _transpose_geometry(self, sizes):
+        """Output sizes and, per axis, the (before, after) pads that embed the output in the kernels' scatter
+        buffer: the padding of the Conv2D this layer is the adjoint of (TF's conv2d_transpose)."""
+        out, pads = [], []
+        ops = self.output_padding or (None,) * self.rank
+        for n, k, s, op in zip(sizes, cm.effective(self.kernel_size, self.dilation_rate), self.strides, ops):
+            if op is None:
+                m = n * s + max(k - s, 0) if self.padding == "valid" else n * s
+            else:
+                m = (n - 1) * s + k - 2 * (k // 2 if self.padding == "same" else 0) + op
+            full = (n - 1) * s + k  # the extent the kernels' scatter covers
+            before = max(full - m, 0) // 2 if self.padding == "same" else 0
+            out.append(m)
+            pads.append((before, max(full, before + m) - before - m))
+        return tuple(out), tuple(pads)
+
+    def output_shape(self, input_shape):
+        self._check_rank(input_shape)
+        out, _ = self._transpose_geometry([1 if n is None else n for n in input_shape[:-1]])
+        return (*(None if n is None else m for m, n in zip(out, input_shape[:-1])), self.filters)
+
+    def _check_rank(self, input_shape):
+        cm.spatial_geometry(self, input_shape, self.rank, (1,) * self.rank, (1,) * self.rank, "valid")
+
+    def build(self, input_shape):
+        self._check_rank(input_shape)
+        self.kernel = self.add_weight("kernel", (*self.kernel_size, self.filters, input_shape[-1]),
+                                      self.kernel_initializer, self.kernel_regularizer)
+        if self.use_bias:
+            self.bias = self.add_weight("bias", (self.filters,), self.bias_initializer, self.bias_regularizer)
+
+    def flops(self, input_shape):
+        return 2 * int(np.prod(input_shape)) * int(np.prod(self.kernel_size)) * self.filters
+
+    def forward(self, x, training=False):
+        self.in_sizes = x.shape[1:-1]
+        out, self.pads = self._transpose_geometry(self.in_sizes)
+        buffer = (x.shape[0], *(m + a + b for m, (a, b) in zip(out, self.pads)), self.filters)
+        self.x2 = x.reshape(-1, x.shape[-1])
+        yp = cm.col2im_matmul(self.x2, self.kernel.value, buffer, self.in_sizes, self.strides, self.dilation_rate)
+        y = cm.unpad(yp, self.pads)
+        if self.use_bias:
+            y = y + self.bias.value
+        return self.activate(y)
+
+    def backward(self, grad):
+        g = self.activation_backward(grad)
+        if self.use_bias and self.bias.grad is not None:
+            self.bias.grad += g.reshape(-1, self.filters).sum(0)
+        cols = cm.im2col(cm.pad(g, self.pads), self.kernel_size, self.in_sizes, self.strides, self.dilation_rate)
+        cols = cols.reshape(self.x2.shape[0], -1)
+        if self.kernel.grad is not None:
+            self.kernel.grad += np.dot(cols.T, self.x2).reshape(self.kernel.grad.shape)
+        w2 = self.kernel.value.reshape(-1, self.kernel.value.shape[-1])
+        return np.dot(cols, w2).reshape(g.shape[0], *self.in_sizes, -1)
+
+
+class _Depthwise(_Windowed):
+    """Per-channel spatial convolution; output channel c * depth_multiplier + m as TF orders it."""
+
+    def _depthwise_forward(self, x, kernel):
+        self.out_sizes, self.pads = cm.geometry(x.shape[1:-1], self.kernel_size, self.strides, self.padding,
+                                                self.dilation_rate)
+        self.xp = cm.pad(x, self.pads)
+        y = None
+        for offset in cm.offsets(self.kernel_size):
+            term = self.xp[cm.window(offset, self.out_sizes, self.strides, self.dilation_rate)][..., None] * kernel[offset]
+            y = term if y is None else y.__iadd__(term)
+        return y.reshape(*y.shape[:-2], -1)
+
+    def _depthwise_backward(self, grad, kernel, kernel_grad):
+        g = grad.reshape(*grad.shape[:-1], *kernel.shape[-2:])
+        g2 = g.reshape(-1, *kernel.shape[-2:])
+        dxp = np.zeros(self.xp.shape, grad.dtype)
+        for offset in cm.offsets(self.kernel_size):
+            index = cm.window(offset, self.out_sizes, self.strides, self.dilation_rate)
+            if kernel_grad is not None:
+                kernel_grad[offset] += np.einsum("pc,pcm->cm", self.xp[index].reshape(-1, kernel.shape[-2]), g2)
+            dxp[index] += (g * kernel[offset]).sum(-1)
+        return cm.unpad(dxp, self.pads)
+
+
+@register("DepthwiseConv2D")
+class DepthwiseConv2D(_Depthwise):
+    """Weights: kernel (kh, kw, in, depth_multiplier) then bias (in * depth_multiplier), as Keras 3 names them."""
+
+    def __init__(self, kernel_size, strides=1, padding: str = "valid", depth_multiplier: int = 1, dilation_rate=1,
+                 activation: str | None = None, use_bias: bool = True, depthwise_initializer="glorot_uniform",
+                 bias_initializer="zeros", depthwise_regularizer=None, bias_regularizer=None, **kw):
+        super().__init__(**kw)
+        self._window_args(kernel_size, strides, padding, dilation_rate)
+        self.depth_multiplier, self.use_bias = int(depth_multiplier), use_bias
+        self.activation = activations.get(activation)
+        self.depthwise_initializer = initializers.get(depthwise_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.depthwise_regularizer, self.bias_regularizer = depthwise_regularizer, bias_regularizer
+
+    def build(self, input_shape):
+        self._geometry(input_shape)
+        self.kernel = self.add_weight("kernel", (*self.kernel_size, input_shape[-1], self.depth_multiplier),
+                                      self.depthwise_initializer, self.depthwise_regularizer)
+        if self.use_bias:
+            self.bias = self.add_weight("bias", (input_shape[-1] * self.depth_multiplier,), self.bias_initializer,
+                                        self.bias_regularizer)
+
+    def output_shape(self, input_shape):
+        return (*self._geometry(input_shape)[0], input_shape[-1] * self.depth_multiplier)
+
+    def forward(self, x, training=False):
+        y = self._depthwise_forward(x, self.kernel.value)
+        if self.use_bias:
+            y += self.bias.value
+        return self.activate(y)
+
+    def backward(self, grad):
+        g = self.activation_backward(grad)
+        if self.use_bias and self.bias.grad is not None:
+            self.bias.grad += g.reshape(-1, g.shape[-1]).sum(0)
+        return self._depthwise_backward(g, self.kernel.value, self.kernel.grad)
+
+
+@register("SeparableConv2D")
+class SeparableConv2D(_Depthwise):
+    """Depthwise then pointwise (1x1) convolution. Weights, as Keras: depthwise_kernel (kh, kw, in, dm),
+    pointwise_kernel (1, 1, in * dm, filters), bias (filters)."""
+
+    def __init__(self, filters: int, kernel_size, strides=1, padding: str = "valid", depth_multiplier: int = 1,
+                 dilation_rate=1, activation: str | None = None, use_bias: bool = True,
+                 depthwise_initializer="glorot_uniform", pointwise_initializer="glorot_uniform",
+                 bias_initializer="zeros", depthwise_regularizer=None, pointwise_regularizer=None,
+                 bias_regularizer=None, **kw):
+        super().__init__(**kw)
+        self.filters, self.depth_multiplier, self.use_bias = int(filters), int(depth_multiplier), use_bias
+        self._window_args(kernel_size, strides, padding, dilation_rate)
+        self.activation = activations.get(activation)
+        self.depthwise_initializer = initializers.get(depthwise_initializer)
+        self.pointwise_initializer = initializers.get(pointwise_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.depthwise_regularizer, self.pointwise_regularizer = depthwise_regularizer, pointwise_regularizer
+        self.bias_regularizer = bias_regularizer
+
+    def build(self, input_shape):
+        self._geometry(input_shape)
+        mid = input_shape[-1] * self.depth_multiplier
+        self.depthwise_kernel = self.add_weight("depthwise_kernel", (*self.kernel_size, input_shape[-1],
+                                                                     self.depth_multiplier),
+                                                self.depthwise_initializer, self.depthwise_regularizer)
+        self.pointwise_kernel = self.add_weight("pointwise_kernel", (1, 1, mid, self.filters),
+                                                self.pointwise_initializer, self.pointwise_regularizer)
+        if self.use_bias:
+            self.bias = self.add_weight("bias", (self.filters,), self.bias_initializer, self.bias_regularizer)
+
+    def output_shape(self, input_shape):
+        return (*self._geometry(input_shape)[0], self.filters)
+
+    def forward(self, x, training=False):
+        self.mid = self._depthwise_forward(x, self.depthwise_kernel.value)
+        y = np.dot(self.mid.reshape(-1, self.mid.shape[-1]), self.pointwise_kernel.value[0, 0])
+        if self.use_bias:
+            y += self.bias.value
+        return self.activate(y.reshape(*self.mid.shape[:-1], self.filters))
+
+    def backward(self, grad):
+        g = np.ascontiguousarray(self.activation_backward(grad)).reshape(-1, self.filters)
+        mid2 = self.mid.reshape(-1, self.mid.shape[-1])
+        if self.use_bias and self.bias.grad is not None:
+            self.bias.grad += g.sum(0)
+        if self.pointwise_kernel.grad is not None:
+            self.pointwise_kernel.grad[0, 0] += np.dot(mid2.T, g)
+        gmid = np.dot(g, self.pointwise_kernel.value[0, 0].T).reshape(self.mid.shape)
+        return self._depthwise_backward(gmid, self.depthwise_kernel.value, self.depthwise_kernel.grad)

@@ -1,0 +1,174 @@
+"""Pure convolution/pooling arithmetic for channels_last arrays with 1, 2 or 3 spatial axes.
+
+Layout: x is (batch, *spatial, channels). `im2col` gathers patches as (batch, *out_spatial, *kernel, channels), so a
+Keras kernel (*kernel, in, out) reshaped to (prod(kernel) * in, out) turns a convolution into one contiguous matmul.
+Every function loops over kernel offsets only (prod(kernel) iterations), never over samples or output positions.
+"""
+import itertools
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from dlcli.errors import ConfigError, ShapeError
+
+PADDINGS = ("valid", "same")
+
+
+def as_tuple(value, rank: int, what: str, layer: str) -> tuple[int, ...]:
+    """An int or a list of `rank` ints (Keras accepts both for kernel_size, strides, ...)."""
+    if isinstance(value, (int, np.integer)):
+        values = (int(value),) * rank
+    else:
+        values = tuple(int(v) for v in value)
+    if len(values) != rank or any(v < 1 for v in values):
+        raise ConfigError(f"{layer}: {what} must be a positive int or a list of {rank} positive ints; got {value!r}")
+    return values
+
+
+def effective(kernel, dilation) -> tuple[int, ...]:
+    return tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+
+
+def geometry(sizes, kernel, strides, padding, dilation):
+    """Output sizes and (before, after) pads per spatial axis, as TensorFlow computes them.
+
+    'same' puts the odd extra pad at the end (bottom/right), like TF/Keras; 'causal' (Conv1D) pads only the start.
+    A valid output size below 1 is returned as is: the caller names the layer in the error.
+    """
+    out, pads = [], []
+    for n, k, s in zip(sizes, effective(kernel, dilation), strides):
+        if padding == "valid":
+            out.append((n - k) // s + 1 if n >= k else n - k + 1)
+            pads.append((0, 0))
+        elif padding == "causal":
+            out.append((n - 1) // s + 1)
+            pads.append((k - 1, 0))
+        else:
+            m = -(-n // s)
+            total = max((m - 1) * s + k - n, 0)
+            out.append(m)
+            pads.append((total // 2, total - total // 2))
+    return tuple(out), tuple(pads)
+
+
+def spatial_geometry(layer, input_shape, rank, kernel, strides, padding, dilation=None):
+    """`geometry` for a layer's input shape (no batch axis; None for unknown lengths), naming the layer on errors."""
+    kind = type(layer).__name__
+    if len(input_shape) != rank + 1:
+        axes = ", ".join(["steps"] if rank == 1 else [f"dim{i + 1}" for i in range(rank)])
+        raise ShapeError(f"{kind} '{layer.name}' expects inputs of shape (batch, {axes}, channels); got "
+                         f"(None, {', '.join(map(str, input_shape))}). Add a Reshape layer or use the "
+                         f"{rank + 1 if rank < 3 else rank - 1}D variant.")
+    dilation = dilation or (1,) * rank
+    sizes = input_shape[:-1]
+    out, pads = geometry([1 if n is None else n for n in sizes], kernel, strides, padding, dilation)
+    if any(m < 1 for m, n in zip(out, sizes) if n is not None):
+        raise ShapeError(f"{kind} '{layer.name}': its window {tuple(effective(kernel, dilation))} (kernel/pool size "
+                         f"after dilation) is larger than its input {tuple(sizes)} with padding='{padding}', so the "
+                         f"output would be empty. Use padding='same', a smaller window or fewer downsampling layers "
+                         f"before it.")
+    return tuple(None if n is None else m for m, n in zip(out, sizes)), pads
+
+
+def window(offset, out_sizes, strides, dilation=None) -> tuple:
+    """Index into a padded (batch, *spatial, channels) array: the input element every output position reads for
+    one kernel offset."""
+    dilation = dilation or (1,) * len(offset)
+    return (slice(None),) + tuple(slice(o * d, o * d + s * (m - 1) + 1, s)
+                                  for o, m, s, d in zip(offset, out_sizes, strides, dilation))
+
+
+def offsets(kernel):
+    return itertools.product(*(range(k) for k in kernel))
+
+
+def pad(x, pads, value=0.0):
+    """x padded on its spatial axes with `value` (a new array; x itself when nothing is padded)."""
+    if not any(a or b for a, b in pads):
+        return x
+    shape = (x.shape[0], *(n + a + b for n, (a, b) in zip(x.shape[1:-1], pads)), x.shape[-1])
+    xp = np.full(shape, value, x.dtype)
+    xp[interior(pads, x.shape)] = x
+    return xp
+
+
+def interior(pads, shape) -> tuple:
+    return (slice(None),) + tuple(slice(a, a + n) for (a, _), n in zip(pads, shape[1:-1])) + (slice(None),)
+
+
+def unpad(xp, pads):
+    if not any(a or b for a, b in pads):
+        return xp
+    return xp[(slice(None),) + tuple(slice(a, xp.shape[i + 1] - b) for i, (a, b) in enumerate(pads))]
+
+
+def im2col(xp, kernel, out_sizes, strides, dilation, out=None):
+    """Patches (batch, *out_sizes, *kernel, channels) of a padded input; `out` is an optional reusable buffer."""
+    rank = len(kernel)
+    shape = (xp.shape[0], *out_sizes, *kernel, xp.shape[-1])
+    cols = out if out is not None and out.shape == shape and out.dtype == xp.dtype else np.empty(shape, xp.dtype)
+    if xp.shape[-1] >= 8:
+        # One strided copy: fastest when each patch row (the channels) is long enough to be copied as a block.
+        view = sliding_window_view(xp, effective(kernel, dilation), axis=tuple(range(1, rank + 1)))
+        view = view[(slice(None),) + tuple(slice(0, s * (m - 1) + 1, s) for s, m in zip(strides, out_sizes))
+                    + (slice(None),) + tuple(slice(None, None, d) for d in dilation)]
+        np.copyto(cols, view.transpose(0, *range(1, rank + 1), *range(rank + 2, 2 * rank + 2), rank + 1))
+        return cols
+    lead = (slice(None),) * (1 + rank)
+    for offset in offsets(kernel):
+        cols[lead + offset] = xp[window(offset, out_sizes, strides, dilation)]
+    return cols
+
+
+def col2im_matmul(a2, kernel, padded_shape, out_sizes, strides, dilation):
+    """sum over kernel offsets of (a2 @ kernel[offset].T) scattered into a zero padded-input-shaped array.
+
+    With a Keras conv kernel (*k, in, out) and a2 the output gradient (positions, out) this is the input gradient
+    of a convolution; with a transposed-conv kernel (*k, out, in) and a2 its input it is that layer's forward
+    pass. One small matmul per offset beats one big matmul plus a strided col2im (its result is contiguous).
+    """
+    dxp = np.zeros(padded_shape, a2.dtype)
+    tmp = np.empty((a2.shape[0], kernel.shape[-2]), a2.dtype)
+    block = (padded_shape[0], *out_sizes, kernel.shape[-2])
+    for offset in offsets(kernel.shape[:-2]):
+        np.dot(a2, kernel[offset].T, out=tmp)
+        dxp[window(offset, out_sizes, strides, dilation)] += tmp.reshape(block)
+    return dxp
+
+
+def max_pool(xp, pool, out_sizes, strides):
+    """Window maxima and the flat in-window offset of each (first maximum wins, as TF's MaxPoolGrad)."""
+    y, arg = None, np.zeros((xp.shape[0], *out_sizes, xp.shape[-1]), np.uint8 if np.prod(pool) < 256 else np.int32)
+    for k, offset in enumerate(offsets(pool)):
+        v = xp[window(offset, out_sizes, strides)]
+        if y is None:
+            y = v.copy()
+            continue
+        better = v > y
+        np.copyto(y, v, where=better)
+        np.copyto(arg, k, where=better)
+    return y, arg
+
+
+def max_pool_backward(grad, arg, padded_shape, pool, out_sizes, strides):
+    dxp = np.zeros(padded_shape, grad.dtype)
+    zero = np.zeros((), grad.dtype)
+    for k, offset in enumerate(offsets(pool)):
+        dxp[window(offset, out_sizes, strides)] += np.where(arg == k, grad, zero)
+    return dxp
+
+
+def window_sum(xp, pool, out_sizes, strides):
+    total = None
+    for offset in offsets(pool):
+        v = xp[window(offset, out_sizes, strides)]
+        total = v.copy() if total is None else total.__iadd__(v)
+    return total
+
+
+def window_spread(grad, padded_shape, pool, out_sizes, strides):
+    """Adjoint of window_sum: every input in a window receives that window's gradient."""
+    dxp = np.zeros(padded_shape, grad.dtype)
+    for offset in offsets(pool):
+        dxp[window(offset, out_sizes, strides)] += grad
+    return dxp

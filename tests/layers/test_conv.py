@@ -1,0 +1,154 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from dlcli import layers
+from dlcli.errors import ConfigError, ShapeError
+from tests.gradcheck import check_layer
+
+# Gradient-check table: layer type -> list of (constructor args, input shape without batch, check options).
+GRADIENT_CASES = {
+    "Conv1D": [({"filters": 3, "kernel_size": 3}, (7, 2), {}),
+               ({"filters": 2, "kernel_size": 2, "strides": 2, "padding": "same", "activation": "tanh"}, (7, 3), {}),
+               ({"filters": 2, "kernel_size": 3, "padding": "causal", "dilation_rate": 2}, (6, 2), {}),
+               ({"filters": 2, "kernel_size": 3, "use_bias": False}, (5, 9), {})],
+    "Conv2D": [({"filters": f, "kernel_size": k, "strides": s, "padding": p, "dilation_rate": d}, shape, {})
+               for (f, k, s, p, d), shape in zip(
+                   [(2, 3, 1, "valid", 1), (3, 2, 2, "same", 1), (2, (3, 2), (2, 1), "valid", 1),
+                    (2, 3, 1, "same", 2), (2, 2, 3, "same", 1), (3, 3, 2, "valid", 1)],
+                   [(5, 6, 2), (5, 7, 3), (7, 5, 2), (6, 5, 2), (7, 7, 1), (7, 6, 9)])]
+              + [({"filters": 3, "kernel_size": 3, "activation": "relu", "use_bias": False}, (5, 5, 2), {})],
+    "Conv3D": [({"filters": 2, "kernel_size": 2}, (3, 4, 3, 2), {}),
+               ({"filters": 2, "kernel_size": (2, 3, 2), "strides": 2, "padding": "same"}, (3, 5, 4, 1), {})],
+    "Conv2DTranspose": [({"filters": 2, "kernel_size": 3}, (3, 4, 2), {}),
+                        ({"filters": 2, "kernel_size": 3, "strides": 2, "padding": "same"}, (3, 3, 2), {}),
+                        ({"filters": 3, "kernel_size": 4, "strides": 2, "padding": "same"}, (2, 3, 1), {}),
+                        ({"filters": 2, "kernel_size": 2, "strides": 3}, (3, 2, 2), {}),
+                        ({"filters": 2, "kernel_size": 3, "strides": 2, "output_padding": 1}, (2, 3, 2), {}),
+                        ({"filters": 2, "kernel_size": 3, "dilation_rate": 2, "padding": "same",
+                          "activation": "tanh"}, (4, 3, 9), {})],
+    "DepthwiseConv2D": [({"kernel_size": 3}, (5, 4, 2), {}),
+                        ({"kernel_size": 2, "strides": 2, "padding": "same", "depth_multiplier": 2}, (5, 5, 3), {}),
+                        ({"kernel_size": 3, "dilation_rate": 2, "activation": "tanh"}, (6, 5, 2), {})],
+    "SeparableConv2D": [({"filters": 3, "kernel_size": 3}, (5, 4, 2), {}),
+                        ({"filters": 2, "kernel_size": 2, "strides": 2, "padding": "same", "depth_multiplier": 2,
+                          "use_bias": False}, (5, 3, 2), {})],
+}
+
+
+@pytest.mark.parametrize("name,args,shape,opts", [(n, a, s, o) for n, cases in GRADIENT_CASES.items()
+                                                  for a, s, o in cases])
+def test_gradients(name, args, shape, opts):
+    layer = layers.LAYERS.get(name)(**args)
+    out = check_layer(layer, shape, **opts)
+    assert out.shape[1:] == tuple(layer.output_shape(shape))
+
+
+def naive_conv2d(x, kernel, bias, strides, padding, dilation):
+    """Direct loops over output positions: the reference, TF's definition (same pads: extra at bottom/right)."""
+    n, h, w, c = x.shape
+    kh, kw, _, f = kernel.shape
+    sh, sw = strides
+    dh, dw = dilation
+    ekh, ekw = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    if padding == "same":
+        oh, ow = -(-h // sh), -(-w // sw)
+        ph, pw = max((oh - 1) * sh + ekh - h, 0), max((ow - 1) * sw + ekw - w, 0)
+        x = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    else:
+        oh, ow = (h - ekh) // sh + 1, (w - ekw) // sw + 1
+    y = np.zeros((n, oh, ow, f))
+    for i, j in itertools.product(range(oh), range(ow)):
+        for a, b in itertools.product(range(kh), range(kw)):
+            y[:, i, j] += x[:, i * sh + a * dh, j * sw + b * dw] @ kernel[a, b]
+    return y + bias
+
+
+@pytest.mark.parametrize("strides,padding,dilation", [((1, 1), "valid", (1, 1)), ((2, 2), "same", (1, 1)),
+                                                      ((2, 1), "same", (1, 1)), ((1, 1), "same", (2, 3)),
+                                                      ((3, 2), "valid", (1, 1))])
+def test_conv2d_matches_naive_loops_in_keras_layout(strides, padding, dilation):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 8, 7, 3))
+    conv = layers.Conv2D(4, (3, 2), strides=strides, padding=padding, dilation_rate=dilation, dtype="float64")
+    conv.ensure_built(x.shape[1:])
+    conv.bias.value = rng.normal(size=4)
+    assert conv.kernel.value.shape == (3, 2, 3, 4)
+    expected = naive_conv2d(x, conv.kernel.value, conv.bias.value, strides, padding, dilation)
+    np.testing.assert_allclose(conv.forward(x), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_conv2d_transpose_is_the_adjoint_of_conv2d():
+    """<conv(x), y> == <x, conv_transpose(y)> with the same kernel, so the layouts match Keras/TF."""
+    rng = np.random.default_rng(1)
+    for strides, padding, size in [(2, "same", 6), (2, "valid", 7), (1, "valid", 5), (3, "same", 9), (1, "same", 5)]:
+        conv = layers.Conv2D(3, 3, strides=strides, padding=padding, use_bias=False, dtype="float64")
+        conv.ensure_built((size, size, 2))
+        x = rng.normal(size=(2, size, size, 2))
+        y = conv.forward(x)
+        tconv = layers.Conv2DTranspose(2, 3, strides=strides, padding=padding, use_bias=False, dtype="float64")
+        tconv.ensure_built(y.shape[1:])
+        tconv.kernel.value = conv.kernel.value  # (kh, kw, in, out) of the conv is (kh, kw, filters, in) here
+        g = rng.normal(size=y.shape)
+        back = tconv.forward(g)
+        assert back.shape == x.shape
+        assert np.isclose((y * g).sum(), (x * back).sum())
+
+
+def test_conv2d_transpose_output_shapes_follow_keras():
+    cases = [((3, 3, 2), dict(kernel_size=3, strides=2, padding="same"), (6, 6, 5)),
+             ((3, 3, 2), dict(kernel_size=3, strides=2), (7, 7, 5)),
+             ((3, 3, 2), dict(kernel_size=2, strides=3), (9, 9, 5)),
+             ((3, 3, 2), dict(kernel_size=3, strides=2, padding="same", output_padding=0), (5, 5, 5))]
+    for shape, args, expected in cases:
+        assert layers.Conv2DTranspose(5, **args).output_shape(shape) == expected
+
+
+def test_depthwise_and_separable_match_keras_weight_layouts():
+    d = layers.DepthwiseConv2D(3, depth_multiplier=2)
+    y = d(np.ones((1, 5, 5, 3), np.float32))
+    assert [w.shape for w in d.get_weights()] == [(3, 3, 3, 2), (6,)] and y.shape == (1, 3, 3, 6)
+    s = layers.SeparableConv2D(4, 3, depth_multiplier=2)
+    s(np.ones((1, 5, 5, 3), np.float32))
+    assert [p.name for p in s.weights] == ["depthwise_kernel", "pointwise_kernel", "bias"]
+    assert [w.shape for w in s.get_weights()] == [(3, 3, 3, 2), (1, 1, 6, 4), (4,)]
+
+
+def test_depthwise_channel_order_is_channel_major():
+    """Output channel c * depth_multiplier + m reads input channel c only (TF's ordering)."""
+    d = layers.DepthwiseConv2D(1, depth_multiplier=2, use_bias=False, dtype="float64")
+    d.ensure_built((2, 2, 3))
+    d.kernel.value = np.arange(6.0).reshape(1, 1, 3, 2)
+    y = d.forward(np.broadcast_to(np.array([1.0, 10.0, 100.0]), (1, 2, 2, 3)))
+    np.testing.assert_allclose(y[0, 0, 0], [0, 1, 20, 30, 400, 500])
+
+
+def test_conv_is_float32_end_to_end_and_1d_works_on_sequences():
+    conv = layers.Conv1D(8, 5, padding="same", activation="relu")
+    y = conv(np.ones((4, 20, 3), np.float32))
+    assert y.dtype == np.float32 and y.shape == (4, 20, 8)
+    assert conv.backward(np.ones_like(y)).dtype == np.float32
+    assert layers.Conv1D(4, 3, padding="causal").output_shape((None, 6)) == (None, 4)
+
+
+def test_conv_kernel_larger_than_input_names_the_layer():
+    with pytest.raises(ShapeError, match="'too_big'.*larger than its input"):
+        layers.Conv2D(4, 5, name="too_big").output_shape((3, 3, 1))
+    with pytest.raises(ShapeError, match="'flat'.*expects inputs of shape"):
+        layers.Conv2D(4, 3, name="flat").output_shape((28, 28))
+    with pytest.raises(ConfigError, match="strides > 1 cannot be combined"):
+        layers.Conv2D(4, 3, strides=2, dilation_rate=2)
+    with pytest.raises(ConfigError, match="padding"):
+        layers.Conv2D(4, 3, padding="causal")
+
+
+def test_conv_config_round_trips_and_initialisation_follows_keras():
+    conv = layers.Conv2D(32, 3, activation="relu", name="c")
+    config = conv.get_config()
+    assert config["filters"] == 32 and config["kernel_size"] == 3 and config["padding"] == "valid"
+    again = layers.Conv2D(**{k: v for k, v in config.items() if k != "type"})
+    assert again.get_config() == config
+    conv.ensure_built((28, 28, 1))
+    # glorot_uniform with Keras' conv fans: fan_in = 9 * 1, fan_out = 9 * 32
+    assert np.abs(conv.kernel.value).max() <= np.sqrt(6 / (9 + 288))
