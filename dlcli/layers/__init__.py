@@ -7,3 +7,11 @@ __all__ = ["LAYERS", "Layer", "Input", "InputLayer", "Dense", "Activation", "Fla
 from dlcli.layers.conv import Conv1D, Conv2D, Conv2DTranspose, Conv3D, DepthwiseConv2D, SeparableConv2D  # noqa: E402
 
 __all__ += ["Conv1D", "Conv2D", "Conv3D", "Conv2DTranspose", "DepthwiseConv2D", "SeparableConv2D"]
+from dlcli.layers.pooling import (AveragePooling1D, AveragePooling2D, AveragePooling3D,  # noqa: E402
+                                  GlobalAveragePooling1D, GlobalAveragePooling2D, GlobalAveragePooling3D,
+                                  GlobalMaxPooling1D, GlobalMaxPooling2D, GlobalMaxPooling3D, MaxPooling1D,
+                                  MaxPooling2D, MaxPooling3D)
+
+__all__ += ["MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D", "AveragePooling2D",
+            "AveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
+            "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D"]

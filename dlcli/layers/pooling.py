@@ -1,0 +1,187 @@
+"""Pooling, channels_last: Max/AveragePooling1D/2D/3D and the global poolings (Keras' arguments and defaults).
+
+Max pooling keeps the in-window argmax offset of every output (one byte each), not the windows; both directions
+loop over the pool's offsets only.
+"""
+import numpy as np
+
+from dlcli.engine.layer import Layer, register
+from dlcli.errors import ConfigError
+from dlcli.layers import conv_math as cm
+
+
+class _Pooling(Layer):
+    rank = 2
+
+    def __init__(self, pool_size=2, strides=None, padding: str = "valid", **kw):
+        super().__init__(**kw)
+        kind = type(self).__name__
+        self.pool_size = cm.as_tuple(pool_size, self.rank, "pool_size", kind)
+        # Keras: strides default to pool_size (non-overlapping windows)
+        self.strides = self.pool_size if strides is None else cm.as_tuple(strides, self.rank, "strides", kind)
+        self.padding = str(padding).lower()
+        if self.padding not in cm.PADDINGS:
+            raise ConfigError(f"{kind}: padding must be one of {', '.join(cm.PADDINGS)}; got {padding!r}")
+
+    def _geometry(self, input_shape):
+        return cm.spatial_geometry(self, input_shape, self.rank, self.pool_size, self.strides, self.padding)
+
+    def build(self, input_shape):
+        self._geometry(input_shape)
+
+    def output_shape(self, input_shape):
+        return (*self._geometry(input_shape)[0], input_shape[-1])
+
+    def _prepare(self, x, fill):
+        self.out_sizes, self.pads = cm.geometry(x.shape[1:-1], self.pool_size, self.strides, self.padding,
+                                                (1,) * self.rank)
+        xp = cm.pad(x, self.pads, fill)
+        self.xp_shape = xp.shape
+        return xp
+
+
+class _MaxPooling(_Pooling):
+    def forward(self, x, training=False):
+        # -inf padding: a padded position never wins, as in TF's 'same' max pooling
+        y, self.arg = cm.max_pool(self._prepare(x, -np.inf), self.pool_size, self.out_sizes, self.strides)
+        return y
+
+    def backward(self, grad):
+        dxp = cm.max_pool_backward(grad, self.arg, self.xp_shape, self.pool_size, self.out_sizes, self.strides)
+        return cm.unpad(dxp, self.pads)
+
+
+class _AveragePooling(_Pooling):
+    def forward(self, x, training=False):
+        xp = self._prepare(x, 0.0)
+        total = cm.window_sum(xp, self.pool_size, self.out_sizes, self.strides)
+        # 'same' averages over the real (unpadded) inputs of each window only, as TF/Keras do
+        ones = cm.pad(np.ones((1, *x.shape[1:-1], 1), x.dtype), self.pads)
+        self.count = cm.window_sum(ones, self.pool_size, self.out_sizes, self.strides)
+        return total / self.count
+
+    def backward(self, grad):
+        dxp = cm.window_spread(grad / self.count, self.xp_shape, self.pool_size, self.out_sizes, self.strides)
+        return cm.unpad(dxp, self.pads)
+
+
+@register("MaxPooling1D")
+class MaxPooling1D(_MaxPooling):
+    """On (batch, steps, channels)."""
+
+    rank = 1
+
+
+@register("MaxPooling2D")
+class MaxPooling2D(_MaxPooling):
+    rank = 2
+
+
+@register("MaxPooling3D")
+class MaxPooling3D(_MaxPooling):
+    rank = 3
+
+
+@register("AveragePooling1D")
+class AveragePooling1D(_AveragePooling):
+    rank = 1
+
+
+@register("AveragePooling2D")
+class AveragePooling2D(_AveragePooling):
+    rank = 2
+
+
+@register("AveragePooling3D")
+class AveragePooling3D(_AveragePooling):
+    rank = 3
+
+
+class _GlobalPooling(Layer):
+    """Reduce every spatial axis; `keepdims` keeps them with size 1 (Keras 3)."""
+
+    rank = 2
+
+    def __init__(self, keepdims: bool = False, **kw):
+        super().__init__(**kw)
+        self.keepdims = bool(keepdims)
+
+    def output_shape(self, input_shape):
+        cm.spatial_geometry(self, input_shape, self.rank, (1,) * self.rank, (1,) * self.rank, "valid")
+        return (*(1,) * self.rank, input_shape[-1]) if self.keepdims else (input_shape[-1],)
+
+    def build(self, input_shape):
+        self.output_shape(input_shape)
+
+    def compute_mask(self, x, mask):
+        return None  # the time axis is gone
+
+    def _shape_out(self, y):
+        return y.reshape(y.shape[0], *(1,) * self.rank, y.shape[-1]) if self.keepdims else y
+
+
+class _GlobalMaxPooling(_GlobalPooling):
+    def forward(self, x, training=False):
+        self.in_shape = x.shape
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        self.arg = flat.argmax(1)[:, None, :]  # the first maximum gets the gradient
+        return self._shape_out(np.take_along_axis(flat, self.arg, 1)[:, 0])
+
+    def backward(self, grad):
+        n, c = self.in_shape[0], self.in_shape[-1]
+        dx = np.zeros((n, int(np.prod(self.in_shape[1:-1])), c), grad.dtype)
+        np.put_along_axis(dx, self.arg, grad.reshape(n, 1, c), 1)
+        return dx.reshape(self.in_shape)
+
+
+class _GlobalAveragePooling(_GlobalPooling):
+    def forward(self, x, training=False):
+        self.in_shape = x.shape
+        axes = tuple(range(1, self.rank + 1))
+        if self.input_mask is not None and self.rank == 1:
+            # Keras averages over the unmasked steps only
+            self.step_weights = self.input_mask.astype(x.dtype)[:, :, None]
+            self.step_weights = self.step_weights / np.maximum(self.step_weights.sum(1, keepdims=True), 1)
+            return self._shape_out((x * self.step_weights).sum(1))
+        self.step_weights = None
+        return self._shape_out(x.mean(axes))
+
+    def backward(self, grad):
+        g = grad.reshape(self.in_shape[0], *(1,) * self.rank, self.in_shape[-1])
+        if self.step_weights is not None:
+            return g * self.step_weights
+        size = np.asarray(np.prod(self.in_shape[1:-1]), grad.dtype)
+        return np.broadcast_to(g / size, self.in_shape).copy()
+
+
+@register("GlobalMaxPooling1D")
+class GlobalMaxPooling1D(_GlobalMaxPooling):
+    rank = 1
+
+
+@register("GlobalMaxPooling2D")
+class GlobalMaxPooling2D(_GlobalMaxPooling):
+    rank = 2
+
+
+@register("GlobalMaxPooling3D")
+class GlobalMaxPooling3D(_GlobalMaxPooling):
+    rank = 3
+
+
+@register("GlobalAveragePooling1D")
+class GlobalAveragePooling1D(_GlobalAveragePooling):
+    """Honours an incoming mask (average over the real steps), as Keras."""
+
+    rank = 1
+    supports_masking = True
+
+
+@register("GlobalAveragePooling2D")
+class GlobalAveragePooling2D(_GlobalAveragePooling):
+    rank = 2
+
+
+@register("GlobalAveragePooling3D")
+class GlobalAveragePooling3D(_GlobalAveragePooling):
+    rank = 3
