@@ -1,0 +1,304 @@
+"""Recurrent layers: SimpleRNN, LSTM, GRU, with Keras 3's arguments, defaults, gate order and weight layouts, so
+`set_weights` with a Keras model's arrays gives that model's outputs.
+
+The layer prepares the sequence (go_backwards, time-major copy, dropout masks), projects every step's input in one
+matmul, and hands the time loop to `recurrent_cells`. Masks follow Keras: a masked step keeps the previous state and
+outputs the previous output; with `go_backwards` the returned sequence stays in processing (reversed) order.
+"""
+import numpy as np
+
+from dlcli.engine import activations, initializers
+from dlcli.engine.layer import Layer, format_shape, register
+from dlcli.errors import ConfigError, ShapeError
+from dlcli.layers import recurrent_cells as cells
+
+
+class Recurrent(Layer):
+    """What SimpleRNN, LSTM and GRU share; a subclass sets `gates`/`n_states` and runs its cell in `_scan`."""
+
+    gates = 1  # blocks of `units` columns in kernel and recurrent_kernel
+    n_states = 1  # final states returned after the output when return_state
+
+    def __init__(self, units, activation, recurrent_activation, use_bias, kernel_initializer, recurrent_initializer,
+                 bias_initializer, kernel_regularizer, recurrent_regularizer, bias_regularizer, dropout,
+                 recurrent_dropout, return_sequences, return_state, go_backwards, **kw):
+        super().__init__(**kw)
+        self.units, self.use_bias = int(units), use_bias
+        if self.units <= 0:
+            raise ConfigError(f"{type(self).__name__} '{self.name}': units must be a positive integer; got {units}")
+        self.act = self._activation_name("activation", activation)
+        self.rec_act = self._activation_name("recurrent_activation", recurrent_activation)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.recurrent_initializer = initializers.get(recurrent_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer, self.recurrent_regularizer = kernel_regularizer, recurrent_regularizer
+        self.bias_regularizer = bias_regularizer
+        for arg, rate in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout)):
+            if not 0 <= rate < 1:
+                raise ConfigError(f"{type(self).__name__} '{self.name}': {arg} must be in [0, 1); got {rate}")
+        self.dropout, self.recurrent_dropout = float(dropout), float(recurrent_dropout)
+        self.return_sequences, self.return_state = bool(return_sequences), bool(return_state)
+        self.go_backwards = bool(go_backwards)
+
+    def _activation_name(self, arg, value) -> str:
+        name = activations.get(value).name
+        if name not in cells.SUPPORTED:
+            raise ConfigError(f"{type(self).__name__} '{self.name}': {arg} '{name}' is not available in recurrent "
+                              f"layers (its derivative must follow from its output); use one of "
+                              f"{', '.join(cells.SUPPORTED)}")
+        return name
+
+    # --- shapes -----------------------------------------------------------------------------------------------
+    def _check_rank(self, input_shape):
+        if isinstance(input_shape, list) or len(input_shape) != 2:
+            raise ShapeError(f"{type(self).__name__} '{self.name}' expects input (batch, timesteps, features); got "
+                             f"{format_shape(input_shape)}. Add an Embedding before it for integer sequences, or "
+                             f"Reshape to (timesteps, features)")
+
+    def build(self, input_shape):
+        self._check_rank(input_shape)
+        n = self.gates * self.units
+        # Weight order as Keras' layer.weights: kernel, recurrent_kernel, bias.
+        self.kernel = self.add_weight("kernel", (input_shape[-1], n), self.kernel_initializer, self.kernel_regularizer)
+        self.recurrent_kernel = self.add_weight("recurrent_kernel", (self.units, n), self.recurrent_initializer,
+                                                self.recurrent_regularizer)
+        if self.use_bias:
+            self.bias = self.add_weight("bias", self._bias_shape(), self._bias_init(), self.bias_regularizer)
+
+    def _bias_shape(self):
+        return (self.gates * self.units,)
+
+    def _bias_init(self):
+        return self.bias_initializer
+
+    def output_shape(self, input_shape):
+        self._check_rank(input_shape)
+        out = (input_shape[0], self.units) if self.return_sequences else (self.units,)
+        return [out] + [(self.units,)] * self.n_states if self.return_state else out
+
+    def compute_mask(self, x, mask):
+        out = mask if self.return_sequences else None  # Keras: the mask follows the sequence, never the states
+        return [out] + [None] * self.n_states if self.return_state else out
+
+    def flops(self, input_shape):
+        n = self.gates * self.units
+        return 2 * int(input_shape[0]) * (int(input_shape[-1]) * n + self.units * n)
+
+    # --- forward ------------------------------------------------------------------------------------------------
+    def forward(self, x, training=False):
+        dtype = self.kernel.value.dtype
+        x = np.asarray(x).astype(dtype, copy=False)
+        if x.ndim != 3:
+            raise ShapeError(f"{type(self).__name__} '{self.name}' expects input (batch, timesteps, features); "
+                             f"got an array of shape {x.shape}")
+        mask = self.input_mask
+        if self.go_backwards:
+            x = x[:, ::-1]
+            mask = None if mask is None else mask[:, ::-1]
+        xt = np.ascontiguousarray(x.transpose(1, 0, 2))
+        batch, features = x.shape[0], x.shape[2]
+        # Keras samples one mask per sequence, reused at every step; one per gate when recurrent_dropout > 0
+        # (its implementation 1), else one shared input mask.
+        count = self.gates if self.recurrent_dropout > 0 else 1
+        self.dmask = self._dropout_mask(training, self.dropout, (count, batch, features), dtype)
+        rec_mask = self._dropout_mask(training, self.recurrent_dropout, (count, batch, self.units), dtype)
+        step_mask = None if mask is None else np.ascontiguousarray(np.asarray(mask, bool).T)[:, :, None]
+        form = self._tanh_form(dtype)
+        xp = self._project(xt, form)
+        H, finals = self._scan(xp, step_mask, rec_mask, form)
+        out = np.ascontiguousarray(H[1:].transpose(1, 0, 2)) if self.return_sequences else H[-1].copy()
+        return [out] + [s.copy() for s in finals] if self.return_state else out
+
+    def _dropout_mask(self, training, rate, shape, dtype):
+        if not training or rate == 0:
+            return None
+        return (self.rng.random(shape) >= rate).astype(dtype) / dtype.type(1 - rate)
+
+    def _tanh_form(self, dtype):
+        return None
+
+    def _input_bias(self):
+        return self.bias.value if self.use_bias else None
+
+    def _project(self, xt, form):
+        """Every step's x_t @ kernel + bias at once (T, batch, gates * units), columns pre-scaled by `form`."""
+        W, b = self.kernel.value, self._input_bias()
+        if form is not None:
+            W = W * form[0]
+            b = None if b is None else b * form[0]
+        T, B, F = xt.shape
+        self.xt = xt
+        if self.dmask is None or len(self.dmask) == 1:
+            self.xd = xt if self.dmask is None else xt * self.dmask[0]
+            xp = (self.xd.reshape(-1, F) @ W).reshape(T, B, -1)
+        else:
+            u = self.units
+            xp = np.empty((T, B, W.shape[1]), xt.dtype)
+            for g, m in enumerate(self.dmask):
+                xp[..., g * u:(g + 1) * u] = ((xt * m).reshape(-1, F) @ W[:, g * u:(g + 1) * u]).reshape(T, B, u)
+        if b is not None:
+            xp += b
+        return xp
+
+    # --- backward -----------------------------------------------------------------------------------------------
+    def backward(self, grad):
+        grads = grad if isinstance(grad, list) else [grad]
+        g_out, g_states = grads[0], list(grads[1:])
+        if self.return_sequences:
+            dY = np.ascontiguousarray(np.asarray(g_out).transpose(1, 0, 2))
+            dh = np.zeros(dY.shape[1:], dY.dtype)
+        else:
+            dY, dh = None, np.array(g_out, copy=True)
+        d_finals = [dh] + [np.zeros_like(dh) for _ in range(self.n_states - 1)]
+        for k, g in enumerate(g_states):
+            if g is not None:
+                d_finals[k] = d_finals[k] + g
+        dXP = self._scan_backward(dY, d_finals)
+        if self.use_bias and self.bias.grad is not None:
+            self._add_input_bias_grad(dXP.sum((0, 1)))
+        dx = self._project_backward(dXP).transpose(1, 0, 2)
+        return np.ascontiguousarray(dx[:, ::-1] if self.go_backwards else dx)
+
+    def _add_input_bias_grad(self, db):
+        self.bias.grad += db
+
+    def _project_backward(self, dXP):
+        W, xt, T, B, F = self.kernel.value, self.xt, *self.xt.shape
+        n, u = W.shape[1], self.units
+        train_kernel = self.kernel.grad is not None
+        if self.dmask is None or len(self.dmask) == 1:
+            d2 = dXP.reshape(-1, n)
+            if train_kernel:
+                self.kernel.grad += self.xd.reshape(-1, F).T @ d2
+            dx = (d2 @ W.T).reshape(T, B, F)
+            return dx if self.dmask is None else dx * self.dmask[0]
+        dx = np.zeros_like(xt)
+        for g, m in enumerate(self.dmask):
+            d2 = dXP[..., g * u:(g + 1) * u].reshape(-1, u)
+            if train_kernel:
+                self.kernel.grad[:, g * u:(g + 1) * u] += (xt * m).reshape(-1, F).T @ d2
+            dx += (d2 @ W[:, g * u:(g + 1) * u].T).reshape(T, B, F) * m
+        return dx
+
+    def _add_recurrent_grad(self, dU):
+        if self.recurrent_kernel.grad is not None:
+            self.recurrent_kernel.grad += dU
+
+
+@register("SimpleRNN")
+class SimpleRNN(Recurrent):
+    """h_t = activation(x_t @ kernel + h_{t-1} @ recurrent_kernel + bias) (Keras' SimpleRNN)."""
+
+    def __init__(self, units: int, activation="tanh", use_bias: bool = True, kernel_initializer="glorot_uniform",
+                 recurrent_initializer="orthogonal", bias_initializer="zeros", kernel_regularizer=None,
+                 recurrent_regularizer=None, bias_regularizer=None, dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0, return_sequences: bool = False, return_state: bool = False,
+                 go_backwards: bool = False, **kw):
+        super().__init__(units, activation, "sigmoid", use_bias, kernel_initializer, recurrent_initializer,
+                         bias_initializer, kernel_regularizer, recurrent_regularizer, bias_regularizer, dropout,
+                         recurrent_dropout, return_sequences, return_state, go_backwards, **kw)
+
+    def _scan(self, xp, step_mask, rec_mask, form):
+        H, self.cache = cells.simple_forward(xp, self.recurrent_kernel.value, self.act, step_mask, rec_mask)
+        return H, [H[-1]]
+
+    def _scan_backward(self, dY, d_finals):
+        dXP, dU = cells.simple_backward(self.cache, dY, d_finals[0])
+        self._add_recurrent_grad(dU)
+        return dXP
+
+
+class _UnitForgetBias(initializers.Initializer):
+    """Keras' unit_forget_bias: the forget-gate quarter of the LSTM bias starts at one."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, shape, rng, dtype="float32"):
+        u = shape[0] // 4
+        return np.concatenate([self.base((u,), rng, dtype), np.ones(u, dtype), self.base((2 * u,), rng, dtype)])
+
+
+@register("LSTM")
+class LSTM(Recurrent):
+    """Long short-term memory, Keras' gate order i, f, c, o: kernel (in, 4u), recurrent_kernel (u, 4u), bias (4u,).
+    return_state gives [output, h, c]."""
+
+    gates, n_states = 4, 2
+
+    def __init__(self, units: int, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
+                 kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal", bias_initializer="zeros",
+                 unit_forget_bias: bool = True, kernel_regularizer=None, recurrent_regularizer=None,
+                 bias_regularizer=None, dropout: float = 0.0, recurrent_dropout: float = 0.0,
+                 return_sequences: bool = False, return_state: bool = False, go_backwards: bool = False, **kw):
+        super().__init__(units, activation, recurrent_activation, use_bias, kernel_initializer,
+                         recurrent_initializer, bias_initializer, kernel_regularizer, recurrent_regularizer,
+                         bias_regularizer, dropout, recurrent_dropout, return_sequences, return_state, go_backwards,
+                         **kw)
+        self.unit_forget_bias = bool(unit_forget_bias)
+
+    def _bias_init(self):
+        return _UnitForgetBias(self.bias_initializer) if self.unit_forget_bias else self.bias_initializer
+
+    def _tanh_form(self, dtype):
+        return cells.tanh_form([self.rec_act, self.rec_act, self.act, self.rec_act], self.units, dtype)
+
+    def _scan(self, xp, step_mask, rec_mask, form):
+        H, C, self.cache = cells.lstm_forward(xp, self.recurrent_kernel.value, self.act, self.rec_act, step_mask,
+                                              rec_mask, form)
+        return H, [H[-1], C[-1]]
+
+    def _scan_backward(self, dY, d_finals):
+        dXP, dU = cells.lstm_backward(self.cache, dY, d_finals[0], d_finals[1])
+        self._add_recurrent_grad(dU)
+        return dXP
+
+
+@register("GRU")
+class GRU(Recurrent):
+    """Gated recurrent unit, Keras' gate order z, r, h. With reset_after (Keras' default) the reset gate multiplies
+    h @ recurrent_kernel + recurrent_bias, and bias has shape (2, 3u): input bias, recurrent bias."""
+
+    gates = 3
+
+    def __init__(self, units: int, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
+                 kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal", bias_initializer="zeros",
+                 kernel_regularizer=None, recurrent_regularizer=None, bias_regularizer=None, dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0, return_sequences: bool = False, return_state: bool = False,
+                 go_backwards: bool = False, reset_after: bool = True, **kw):
+        super().__init__(units, activation, recurrent_activation, use_bias, kernel_initializer,
+                         recurrent_initializer, bias_initializer, kernel_regularizer, recurrent_regularizer,
+                         bias_regularizer, dropout, recurrent_dropout, return_sequences, return_state, go_backwards,
+                         **kw)
+        self.reset_after = bool(reset_after)
+
+    def _bias_shape(self):
+        return (2, 3 * self.units) if self.reset_after else (3 * self.units,)
+
+    def _input_bias(self):
+        if not self.use_bias:
+            return None
+        return self.bias.value[0] if self.reset_after else self.bias.value
+
+    def _add_input_bias_grad(self, db):
+        if self.reset_after:
+            self.bias.grad[0] += db
+        else:
+            self.bias.grad += db
+
+    def _tanh_form(self, dtype):
+        # Only z and r share one activation call; the candidate column keeps scale 1 ("tanh" form).
+        return cells.tanh_form([self.rec_act, self.rec_act, "tanh"], self.units, dtype)
+
+    def _scan(self, xp, step_mask, rec_mask, form):
+        rb = self.bias.value[1] if (self.use_bias and self.reset_after) else None
+        H, self.cache = cells.gru_forward(xp, self.recurrent_kernel.value, rb, self.act, self.rec_act,
+                                          self.reset_after, step_mask, rec_mask, form)
+        return H, [H[-1]]
+
+    def _scan_backward(self, dY, d_finals):
+        dXP, dInner, dU = cells.gru_backward(self.cache, dY, d_finals[0])
+        self._add_recurrent_grad(dU)
+        if dInner is not None and self.use_bias and self.bias.grad is not None:
+            self.bias.grad[1] += dInner.sum((0, 1))
+        return dXP
