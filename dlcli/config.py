@@ -1,0 +1,593 @@
+"""Configs: YAML -> a validated `Config`, with every error in the file reported at once.
+
+Two passes over the parsed YAML, both collecting errors instead of stopping at the first:
+1. the fixed schema (pydantic models below, unknown keys forbidden): `name`, `seed`, sections and their plain fields;
+2. the named specs: `data`, each layer, optimizer, loss, metric and callback is looked up in its closed registry
+   and its other keys are bound to the constructor's signature and checked against its annotations.
+Each error names the file and line (or the `--set` that wrote the value), the YAML path, what was expected and what
+was found, with a did-you-mean for misspelt names and keys. Nothing here loads data or builds a model.
+"""
+import difflib
+import importlib
+import inspect
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from dlcli.errors import ConfigError
+from dlcli.registry import did_you_mean
+from dlcli.yaml_lines import Document, apply_override, dump_yaml, format_path, parse_document
+
+__all__ = ["Config", "load_config", "parse_config", "dump_yaml", "split_spec"]
+
+
+# --- the fixed schema -------------------------------------------------------------------------------------------------
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputConfig(_Section):
+    """One named input of a functional model."""
+
+    name: str
+    shape: list[int]
+    dtype: str = "float32"
+
+
+class ModelConfig(_Section):
+    type: Literal["sequential", "functional"] = "sequential"
+    input_shape: list[int] | None = None  # sequential (or `input_shape` on the first layer)
+    input_dtype: str | None = None
+    inputs: list[InputConfig] | None = None  # functional
+    layers: list[dict[str, Any]] = Field(min_length=1)
+    outputs: list[str] | None = None  # functional
+
+
+class CompileConfig(_Section):
+    optimizer: str | dict[str, Any] = "rmsprop"
+    loss: str | dict[str, Any]
+    loss_weights: list[float] | dict[str, float] | None = None
+    metrics: list[str | dict[str, Any]] | dict[str, Any] = []
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    validation_split: float = Field(0.0, ge=0.0, lt=1.0)
+    stratify: bool = False
+    shuffle: bool = True
+    callbacks: list[str | dict[str, Any]] = []
+    freeze: list[str] = []  # regular expressions matched against whole layer names
+    class_weight: dict[int, float] | None = None
+    checkpoint_every: int | None = Field(None, ge=1)  # batches between mid-epoch checkpoints
+
+
+class Config(_Section):
+    name: str
+    seed: int = 0
+    data: dict[str, Any]
+    model: ModelConfig
+    compile: CompileConfig
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict:
+        """The fully resolved config as plain data (what a run's config.yaml holds); parses back to an equal Config."""
+        out = self.model_dump(mode="python")
+        out["model"] = {k: v for k, v in out["model"].items() if v is not None}
+        if out["compile"]["loss_weights"] is None:
+            del out["compile"]["loss_weights"]
+        return out
+
+
+# Paths whose contents the second pass checks (so the first pass does not report them twice, less clearly).
+_SPEC_FIELDS = {("data",), ("model", "layers"), ("compile", "optimizer"), ("compile", "loss"),
+                ("compile", "loss_weights"), ("compile", "metrics"), ("train", "callbacks")}
+
+
+# --- entry points -------------------------------------------------------------------------------------------------
+def load_config(path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read, override (`--set key.path=value`, in order) and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    return parse_config(text, str(path), overrides)
+
+
+def parse_config(text: str, source: str = "<config>", overrides: typing.Sequence[str] = ()) -> Config:
+    doc = parse_document(text, source)
+    if doc.issues and doc.data is None:
+        _raise(doc)  # a syntax error: nothing further to check
+    if doc.data is None:
+        doc.data = {}
+    if not isinstance(doc.data, dict):
+        doc.issues.append(doc.issue((), f"expected a mapping of sections (name, seed, data, model, compile, "
+                                        f"train) at the top level, found {_found(doc.data)}"))
+        _raise(doc)
+    for position, text_ in enumerate(overrides):
+        apply_override(doc, text_, position, _promotable)
+    doc.data.setdefault("name", Path(source).stem)
+    _check_schema(doc)
+    _SpecChecker(doc).check(doc.data)
+    if doc.issues:
+        _raise(doc)
+    return Config.model_validate(doc.data)
+
+
+def split_spec(spec) -> tuple[str, dict]:
+    """`'adam'` or `{type: adam, learning_rate: 0.01}` -> ('adam', {'learning_rate': 0.01})."""
+    if isinstance(spec, str):
+        return spec, {}
+    args = dict(spec)
+    return args.pop("type"), args
+
+
+def _raise(doc: Document):
+    issues = sorted(doc.issues, key=lambda i: i.order)
+    count = f"{len(issues)} error{'s' if len(issues) != 1 else ''}"
+    error = ConfigError(f"invalid config {doc.source} ({count}):\n" + "\n".join(str(i) for i in issues))
+    error.issues = issues
+    raise error
+
+
+def _promotable(path) -> bool:
+    """Places where a name may stand for `{type: name}`: `--set` can set arguments into them."""
+    return (path in (("compile", "optimizer"), ("compile", "loss")) or path[:2] == ("train", "callbacks")
+            or (path[:2] == ("compile", "loss") and len(path) == 3) or path[:2] == ("compile", "metrics"))
+
+
+# --- pass 1: the fixed schema -------------------------------------------------------------------------------------
+def _check_schema(doc: Document):
+    try:
+        Config.model_validate(doc.data)
+    except ValidationError as e:
+        for err in e.errors():
+            path = tuple(p for p in err["loc"] if p != "[key]")
+            if any(path[:len(s)] == s and len(path) > len(s) for s in _SPEC_FIELDS):
+                continue  # inside a spec: pass 2 says what is wrong there, by name
+            doc.issues.append(_schema_issue(doc, err, path))
+
+
+def _schema_issue(doc: Document, err: dict, path: tuple):
+    kind, value = err["type"], err.get("input")
+    if kind == "missing":
+        return doc.issue(path[:-1], f"missing required key '{path[-1]}'", at_key=True)
+    if kind == "extra_forbidden":
+        known = _model_fields(path[:-1])
+        return doc.issue(path, _unknown_key(path[-1], known, _section_name(path[:-1])), at_key=True)
+    if "[key]" in err["loc"]:
+        return doc.issue(path, f"expected {_expected(err)} as key, found {_found(path[-1])}", at_key=True)
+    hint = did_you_mean(value, re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))) \
+        if kind == "literal_error" else ""
+    return doc.issue(path, f"expected {_expected(err)}, found {_found(value)}{hint}")
+
+
+def _model_fields(path) -> list[str]:
+    cls = Config
+    for part in path:
+        if isinstance(part, int):
+            continue
+        cls = _inner_model(cls.model_fields[part].annotation)
+        if cls is None:
+            return []
+    return list(cls.model_fields)
+
+
+def _inner_model(annotation):
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        inner = _inner_model(arg) if typing.get_args(arg) else None
+        if inner is not None:
+            return inner
+    return None
+
+
+def _section_name(path) -> str:
+    return format_path(path) if path else "the top level"
+
+
+_EXPECTED = {"int": "an integer", "float": "a number", "finite_number": "a finite number", "bool": "true or false",
+             "string": "a string", "list": "a list", "tuple": "a list", "dict": "a mapping", "model": "a mapping",
+             "model_attributes": "a mapping", "mapping": "a mapping", "none_required": "null"}
+
+
+def _expected(err: dict) -> str:
+    kind, ctx = err["type"], err.get("ctx", {})
+    base = kind.split("_")[0] if kind.split("_")[0] in ("int", "float", "bool") else kind.removesuffix("_type")
+    if base in _EXPECTED:
+        return _EXPECTED[base]
+    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        return f"a value {bounds[kind]} {next(iter(ctx.values()))}"
+    if kind == "literal_error":
+        return f"one of {ctx.get('expected')}"
+    if kind == "too_short":
+        return f"at least {ctx.get('min_length')} item{'s' if ctx.get('min_length') != 1 else ''}"
+    if kind == "too_long":
+        return f"at most {ctx.get('max_length')} items"
+    msg = err.get("msg", kind)
+    return msg[:1].lower() + msg[1:].removeprefix("nput should be ").removeprefix("Input should be ")
+
+
+def _found(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        text = repr(list(value))
+        return f"the list {text}" if len(text) <= 40 else f"a list of {len(value)} items"
+    return f"a {type(value).__name__}"
+
+
+def _unknown_key(key, known, where: str) -> str:
+    return f"unknown key '{key}'{did_you_mean(key, known)}; {where} takes: {', '.join(map(str, known))}"
+
+
+# --- pass 2: names and their arguments ----------------------------------------------------------------------------
+_REGISTRIES = {  # kind -> (module, attribute); imported lazily so `dlcli --help` stays fast
+    "dataset": ("dlcli.data", "DATASETS"),
+    "layer": ("dlcli.engine.layer", "LAYERS"),
+    "optimizer": ("dlcli.optimizers", "OPTIMIZERS"),
+    "loss": ("dlcli.losses", "LOSSES"),
+    "metric": ("dlcli.metrics", "METRICS"),
+    "callback": ("dlcli.callbacks", "CALLBACKS"),
+}
+# Base-layer arguments whose annotations are missing or too loose for a config.
+_ARG_HINTS = {"input_shape": list[int], "lr_mult": float, "trainable": bool}
+_FUNCTIONAL_KEYS = ("inputs", "shares")
+# Bare names resolved outside the registry: 'accuracy' becomes the variant that fits the loss (metrics.resolve).
+_BARE_ALIASES = {"metric": ("accuracy", "acc")}
+
+
+def registry(kind: str):
+    """The registry of `kind`, or None while its module does not exist yet (its names are then not checked)."""
+    module, attr = _REGISTRIES[kind]
+    if kind == "layer":
+        importlib.import_module("dlcli.layers")  # registers every layer family
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        return None
+
+
+class _SpecChecker:
+    def __init__(self, doc: Document):
+        self.doc = doc
+
+    def error(self, path, message, at_key=False):
+        self.doc.issues.append(self.doc.issue(path, message, at_key))
+
+    def check(self, data: dict):
+        if isinstance(data.get("data"), dict):
+            self.spec(data["data"], ("data",), "dataset")
+        model = data.get("model")
+        outputs = None
+        if isinstance(model, dict):
+            outputs = self.model(model)
+        compile_ = data.get("compile")
+        if isinstance(compile_, dict):
+            self.compile(compile_, outputs)
+        train = data.get("train")
+        if isinstance(train, dict):
+            self.train(train)
+
+    # --- one `{type: name, **args}` spec -------------------------------------------------------------------------
+    def spec(self, spec, path, kind, extras=(), bare_name_ok=False):
+        """Check `spec` (a mapping with `type`, or a bare name where allowed); arguments are coerced in place."""
+        if isinstance(spec, str) and bare_name_ok:
+            self.name(spec, path, kind, aliases=_BARE_ALIASES.get(kind, ()))
+            return
+        if not isinstance(spec, dict):
+            expected = f"a {kind} name or a mapping with 'type'" if bare_name_ok else f"a mapping with 'type: <{kind}>'"
+            self.error(path, f"expected {expected}, found {_found(spec)}")
+            return
+        if "type" not in spec:
+            self.error(path, f"missing required key 'type' (the {kind} name)", at_key=True)
+            return
+        target = self.name(spec["type"], (*path, "type"), kind)
+        if target is None:
+            return
+        params, open_ = _parameters(target, skip_data_args=kind in ("loss", "metric"))
+        allowed, meant = [*params, *extras], set()
+        for key, value in spec.items():
+            if key == "type" or key in extras:
+                continue
+            if key not in params:
+                meant.update(difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6))
+                if not open_:
+                    self.error((*path, key), f"unknown key '{key}' for {spec['type']}{did_you_mean(key, allowed)}; "
+                                             f"{spec['type']} takes: {', '.join(allowed) or 'no arguments'}",
+                               at_key=True)
+                continue
+            spec[key] = self.value(value, params[key][0], (*path, key))
+        for key, (_, needed) in params.items():
+            if needed and key not in spec and key not in meant:  # a misspelling of it was reported already
+                self.error(path, f"missing required key '{key}' for {spec['type']}", at_key=True)
+
+    def name(self, name, path, kind, aliases=()):
+        """The registered object `name` refers to; None (after reporting) if unknown, or if not checkable."""
+        if not isinstance(name, str):
+            self.error(path, f"expected a {kind} name, found {_found(name)}")
+            return None
+        known = registry(kind)
+        if known is None or name.lower() in aliases:
+            return None
+        if name not in known:
+            names = sorted([*known, *aliases])
+            self.error(path, f"unknown {kind} '{name}'{did_you_mean(name, names)}; known: {', '.join(names)}")
+            return None
+        return known.get(name)
+
+    def value(self, value, annotation, path):
+        """`value` checked against `annotation` (pydantic, lax as YAML users expect); the coerced value if valid."""
+        adapter = _adapter(annotation)
+        if adapter is None:
+            return value
+        try:
+            return _plain(adapter.validate_python(value))
+        except ValidationError as e:
+            errors = e.errors()
+            if len(errors) == 1 and all(isinstance(p, int) for p in errors[0]["loc"]):
+                loc = errors[0]["loc"]
+                self.error((*path, *loc), f"expected {_expected(errors[0])}, found {_found(errors[0]['input'])}")
+            else:
+                self.error(path, f"expected {_describe(annotation)}, found {_found(value)}")
+            return value
+
+    # --- sections --------------------------------------------------------------------------------------------
+    def model(self, model: dict):
+        """Check the layers; returns the functional model's output names (None if not applicable)."""
+        layers = model.get("layers")
+        if not isinstance(layers, list):
+            return None
+        functional = model.get("type") == "functional"
+        for i, layer in enumerate(layers):
+            path = ("model", "layers", i)
+            if not isinstance(layer, dict):
+                self.error(path, f"expected a layer mapping like {{type: Dense, units: 10}}, found {_found(layer)}")
+                continue
+            if not functional:
+                for key in _FUNCTIONAL_KEYS:
+                    if key in layer:
+                        self.error((*path, key), f"'{key}' is only for functional models "
+                                                 f"(model.type: functional)", at_key=True)
+            if functional and "shares" in layer and "type" not in layer:
+                for key in layer:
+                    if key not in ("name", "inputs", "shares"):
+                        self.error((*path, key), f"a layer that shares another's weights takes only name, inputs "
+                                                 f"and shares; found '{key}'", at_key=True)
+            else:
+                self.spec(layer, path, "layer", extras=_FUNCTIONAL_KEYS if functional else ())
+        if functional:
+            return self.graph(model, layers)
+        first = layers[0] if layers and isinstance(layers[0], dict) else {}
+        if model.get("input_shape") is None and first.get("input_shape") is None:
+            self.error(("model",), "missing required key 'input_shape' (the shape of one sample, without the batch "
+                                   "axis, e.g. [28, 28]); or give input_shape on the first layer", at_key=True)
+        for key in ("inputs", "outputs"):
+            if key in model:
+                self.error(("model", key), f"'{key}' is only for functional models (model.type: functional)",
+                           at_key=True)
+        return None
+
+    def graph(self, model: dict, layers: list):
+        """Functional wiring: every name a layer reads, shares or outputs must exist."""
+        for key, example in (("inputs", "[{name: img, shape: [28, 28, 1]}]"), ("outputs", "[out]")):
+            if not model.get(key):
+                self.error(("model",), f"a functional model needs '{key}', e.g. {key}: {example}", at_key=True)
+        if model.get("input_shape") is not None:
+            self.error(("model", "input_shape"), "functional models declare their inputs under 'inputs' "
+                                                 "(a list of {name, shape}), not input_shape", at_key=True)
+        inputs = [i.get("name") for i in model.get("inputs") or [] if isinstance(i, dict)]
+        named = {}  # layer name -> index
+        for i, layer in enumerate(layers):
+            if isinstance(layer, dict) and isinstance(layer.get("name"), str):
+                name = layer["name"]
+                if name in named or name in inputs:
+                    self.error(("model", "layers", i, "name"), f"duplicate name '{name}' (names must be unique "
+                                                               f"across inputs and layers)")
+                named.setdefault(name, i)
+        tensors = [*filter(None, inputs), *named]
+
+        def check_ref(ref, path, what):
+            base = ref.split(":")[0] if isinstance(ref, str) and re.fullmatch(r".+:\d+", ref) else ref
+            if not isinstance(ref, str):
+                self.error(path, f"expected the name of {what}, found {_found(ref)}")
+            elif base not in tensors:
+                self.error(path, f"unknown {what} '{ref}'{did_you_mean(ref, tensors)}; "
+                                 f"known: {', '.join(map(str, tensors))}")
+
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, dict):
+                continue
+            path = ("model", "layers", i)
+            refs = layer.get("inputs")
+            if refs is None:
+                self.error(path, "missing required key 'inputs' (the input or layer names this layer reads)",
+                           at_key=True)
+            for j, ref in enumerate(refs if isinstance(refs, list) else [refs] if refs is not None else []):
+                check_ref(ref, (*path, "inputs", j) if isinstance(refs, list) else (*path, "inputs"), "input or layer")
+            if "shares" in layer:
+                shared = layer["shares"]
+                if shared not in named:
+                    self.error((*path, "shares"), f"unknown layer '{shared}'{did_you_mean(shared, named)}")
+        outputs = model.get("outputs")
+        if isinstance(outputs, list):
+            for j, ref in enumerate(outputs):
+                check_ref(ref, ("model", "outputs", j), "layer")
+            return [o for o in outputs if isinstance(o, str)]
+        return None
+
+    def compile(self, compile_: dict, outputs):
+        self.spec(compile_.get("optimizer", "rmsprop"), ("compile", "optimizer"), "optimizer", bare_name_ok=True)
+        loss = compile_.get("loss")
+        if isinstance(loss, dict) and "type" not in loss:
+            self.per_output(loss, ("compile", "loss"), outputs, "loss")
+            for name, item in loss.items():
+                self.spec(item, ("compile", "loss", name), "loss", bare_name_ok=True)
+        elif loss is not None:
+            self.spec(loss, ("compile", "loss"), "loss", bare_name_ok=True)
+        weights = compile_.get("loss_weights")
+        if isinstance(weights, dict):
+            self.per_output(weights, ("compile", "loss_weights"), outputs, "loss weight")
+            for name, w in weights.items():
+                compile_["loss_weights"][name] = self.value(w, float, ("compile", "loss_weights", name))
+        elif weights is not None:
+            compile_["loss_weights"] = self.value(weights, list[float], ("compile", "loss_weights"))
+        metrics = compile_.get("metrics", [])
+        if isinstance(metrics, dict):
+            self.per_output(metrics, ("compile", "metrics"), outputs, "metrics")
+            for name, items in metrics.items():
+                self.metrics(items, ("compile", "metrics", name))
+        else:
+            self.metrics(metrics, ("compile", "metrics"))
+
+    def metrics(self, items, path):
+        if not isinstance(items, list):
+            self.error(path, f"expected a list of metric names like [accuracy], found {_found(items)}")
+            return
+        for j, item in enumerate(items):
+            self.spec(item, (*path, j), "metric", bare_name_ok=True)
+
+    def per_output(self, mapping: dict, path, outputs, what):
+        if outputs is None:
+            self.error(path, f"a mapping of output name -> {what} needs a functional model with named outputs")
+            return
+        for key in mapping:
+            if key not in outputs:
+                self.error((*path, key), f"unknown output '{key}'{did_you_mean(key, outputs)}; "
+                                         f"outputs: {', '.join(outputs)}", at_key=True)
+
+    def train(self, train: dict):
+        callbacks = train.get("callbacks")
+        if isinstance(callbacks, list):
+            for j, cb in enumerate(callbacks):
+                self.spec(cb, ("train", "callbacks", j), "callback", bare_name_ok=True)
+        freeze = train.get("freeze")
+        if isinstance(freeze, list):
+            for j, pattern in enumerate(freeze):
+                if isinstance(pattern, str):
+                    try:
+                        re.compile(pattern)
+                    except re.error as e:
+                        self.error(("train", "freeze", j), f"expected a regular expression matching layer names, "
+                                                           f"found {pattern!r} ({e})")
+
+
+# --- signatures -------------------------------------------------------------------------------------------------------
+def _parameters(target, skip_data_args=False) -> tuple[dict, bool]:
+    """{name: (annotation or None, required)} a config may give `target`, and whether it takes any key (**kw).
+
+    A class's keyword arguments come from its __init__ and, through `**kw`, from the classes it passes them on to
+    (every layer passes name/trainable/lr_mult/input_shape to Layer). For loss/metric functions the leading
+    arguments without defaults (y_true, y_pred) are the data, not config.
+    """
+    params: dict = {}
+    if inspect.isclass(target):
+        functions = [k.__dict__["__init__"] for k in target.__mro__ if "__init__" in k.__dict__ and k is not object]
+        skip_first = True
+        if not functions:
+            return params, False
+    else:
+        functions, skip_first = [target], False
+    for fn in functions:
+        try:
+            signature = _signature(fn)
+        except (TypeError, ValueError):
+            return params, True
+        items = list(signature.parameters.values())[1 if skip_first else 0:]
+        takes_more = False
+        for p in items:
+            if p.kind is p.VAR_KEYWORD:
+                takes_more = True
+            elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in params:
+                required = p.default is p.empty
+                if required and skip_data_args and not inspect.isclass(target):
+                    continue
+                annotation = p.annotation if p.annotation is not p.empty else None
+                if isinstance(annotation, str):
+                    annotation = None  # unresolvable forward reference: not checked
+                params[p.name] = (_ARG_HINTS.get(p.name, annotation) if annotation is None else annotation, required)
+        if not takes_more:
+            return params, False
+    return params, True
+
+
+def _signature(fn):
+    try:
+        return inspect.signature(fn, eval_str=True)
+    except NameError:
+        return inspect.signature(fn)
+
+
+_ADAPTERS: dict = {}
+
+
+def _adapter(annotation):
+    if annotation is None:
+        return None
+    try:
+        if annotation not in _ADAPTERS:
+            try:
+                _ADAPTERS[annotation] = TypeAdapter(annotation)
+            except Exception:  # an annotation pydantic cannot check (a custom class): leave it to the constructor
+                _ADAPTERS[annotation] = None
+        return _ADAPTERS[annotation]
+    except TypeError:  # unhashable annotation
+        return None
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
+               list: "a list", dict: "a mapping", tuple: "a list"}
+
+
+def _describe(annotation) -> str:
+    """'int | tuple[int, int]' -> 'an integer or a list of 2 integers'."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, tuple) and args:
+        if origin is tuple and Ellipsis not in args:
+            if len(set(args)) == 1:
+                return f"a list of {len(args)} {_plural(args[0])}"
+            return "a list of (" + ", ".join(_describe(a) for a in args) + ")"
+        return f"a list of {_plural(args[0])}"
+    if origin is dict and args:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
+    if annotation in _TYPE_WORDS:
+        return _TYPE_WORDS[annotation]
+    if origin in _TYPE_WORDS:
+        return _TYPE_WORDS[origin]
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _plural(annotation) -> str:
+    words = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+    return words.get(annotation, f"({_describe(annotation)})")
+
+
+def _plain(value):
+    """Pydantic may return tuples; configs hold lists (YAML has no tuples)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+

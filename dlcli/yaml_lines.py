@@ -1,0 +1,207 @@
+"""YAML that remembers where each value came from: a file line, or a `--set key.path=value` override.
+
+`safe_load` forgets line numbers, so configs are composed into nodes (same safe tags) and converted by hand,
+recording the line of every key and value by path (`("model", "layers", 1, "units")`). Overrides edit that tree
+and record themselves as the source of what they wrote, so an error can say `--set model.layers.1.units=abc`.
+"""
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+# YAML 1.1 (PyYAML) reads `1e-3` as a string; YAML 1.2 and every user mean the float.
+_EXP_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+class Loader(yaml.SafeLoader):
+    """`yaml.SafeLoader` plus YAML 1.2 floats without a dot (`1e-3`)."""
+
+
+class Dumper(yaml.SafeDumper):
+    """Block style; lists of scalars (shapes, metric names) in flow style; quotes what Loader would misread."""
+
+
+for _cls in (Loader, Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789"))
+
+
+def _represent_list(dumper, data):
+    flat = all(not isinstance(v, (dict, list, tuple)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", list(data), flow_style=bool(data) and flat)
+
+
+Dumper.add_representer(list, _represent_list)
+Dumper.add_representer(tuple, _represent_list)
+
+
+def dump_yaml(data: dict) -> str:
+    """Block-style YAML keeping the dict's key order; `load_yaml` reads back an equal value."""
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=120)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=Loader)
+
+
+@dataclass
+class Issue:
+    """One problem: where it is (`file:line` or `--set ...`), the YAML path, and what is wrong."""
+
+    where: str
+    path: str
+    message: str
+    order: tuple = (0, 0)
+
+    def __str__(self):
+        return f"{self.where}: {self.path}: {self.message}" if self.path else f"{self.where}: {self.message}"
+
+
+def format_path(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+@dataclass
+class Document:
+    """Plain data parsed from YAML, plus where each path came from."""
+
+    source: str
+    data: object = None
+    lines: dict = field(default_factory=dict)       # path -> line of its value
+    key_lines: dict = field(default_factory=dict)   # path -> line of its key
+    overrides: dict = field(default_factory=dict)   # path -> (the --set text, its position) for what it wrote
+    issues: list = field(default_factory=list)      # problems found while reading (duplicate keys, bad --set)
+
+    def locate(self, path, at_key: bool = False) -> tuple[str, tuple]:
+        """(`file:line` or `--set ...`, sort key) for the innermost known source of `path`."""
+        path = tuple(path)
+        if at_key and path in self.key_lines:
+            return f"{self.source}:{self.key_lines[path]}", (0, self.key_lines[path])
+        for i in range(len(path), -1, -1):
+            prefix = path[:i]
+            if prefix in self.overrides:
+                text, n = self.overrides[prefix]
+                return f"--set {text}", (1, n)
+            if prefix in self.lines:
+                return f"{self.source}:{self.lines[prefix]}", (0, self.lines[prefix])
+        return self.source, (0, 0)
+
+    def issue(self, path, message: str, at_key: bool = False) -> Issue:
+        where, order = self.locate(path, at_key)
+        return Issue(where, format_path(path), message, order)
+
+
+def parse_document(text: str, source: str) -> Document:
+    """Compose `text` with the safe loader, keeping lines; a syntax error becomes an Issue with its line."""
+    doc = Document(source)
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            doc.data = _convert(node, (), doc, loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else 0
+        context = f" ({e.context} at line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
+        doc.issues.append(Issue(f"{source}:{line}" if line else source, "",
+                                f"YAML syntax error: {e.problem}{context}", (0, line)))
+    except yaml.YAMLError as e:
+        doc.issues.append(Issue(source, "", f"YAML error: {e}"))
+    finally:
+        loader.dispose()
+    return doc
+
+
+def _convert(node, path, doc: Document, loader):
+    doc.lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # `<<: *anchor` merge keys, as safe_load does
+        out = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (dict, list)):
+                doc.issues.append(Issue(f"{doc.source}:{line}", format_path(path),
+                                        "keys must be plain names or numbers", (0, line)))
+                continue
+            child = (*path, key)
+            if key in out:
+                doc.issues.append(Issue(f"{doc.source}:{line}", format_path(child),
+                                        f"duplicate key '{key}' (first given at line {doc.key_lines[child]})",
+                                        (0, line)))
+                continue
+            doc.key_lines[child] = line
+            doc.lines[child] = value_node.start_mark.line + 1
+            out[key] = _convert(value_node, child, doc, loader)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_convert(item, (*path, i), doc, loader) for i, item in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+# --- --set key.path=value -------------------------------------------------------------------------------------------
+def apply_override(doc: Document, text: str, position: int, promotable=lambda path: False):
+    """Apply one `--set key.path=value` (value parsed as YAML) to `doc`; problems become doc.issues.
+
+    Digits index lists (`model.layers.1.units`); missing mappings on the way are created (the schema then names
+    unknown keys). A string where `promotable(path)` holds is a `{type: name}` spec: setting into it turns
+    `optimizer: rmsprop` into `{type: rmsprop, learning_rate: ...}`.
+    """
+    where = f"--set {text}"
+
+    def fail(message):
+        doc.issues.append(Issue(where, "", message, (1, position)))
+
+    key, eq, raw = text.partition("=")
+    parts = [p.strip() for p in key.strip().split(".")]
+    if not eq or not all(parts):
+        return fail("expected key.path=value, e.g. --set train.epochs=1 or --set model.layers.1.units=256")
+    try:
+        value = load_yaml(raw)
+    except yaml.YAMLError as e:
+        return fail(f"the value '{raw}' is not valid YAML: {getattr(e, 'problem', e)}")
+    if not isinstance(doc.data, dict):
+        doc.data = {}
+    node, path = doc.data, ()
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            try:
+                index = int(part)
+            except ValueError:
+                return fail(f"{format_path(path)} is a list: use an index 0..{len(node) - 1}, not '{part}'")
+            if not -len(node) <= index < len(node):
+                return fail(f"{format_path(path)} has {len(node)} items (indices 0..{len(node) - 1}); "
+                            f"index {index} is out of range")
+            step = index % len(node)
+        else:
+            step = int(part) if part.isdigit() and part not in node else part
+        child = (*path, step)
+        if last:
+            _forget(doc, child)
+            node[step] = value
+            doc.overrides[child] = (text, position)
+            return
+        nxt = node.get(step) if isinstance(node, dict) else node[step]
+        if nxt is None and isinstance(node, dict):
+            nxt = node[step] = {}
+            doc.overrides[child] = (text, position)
+        elif isinstance(nxt, str) and promotable(child):
+            nxt = node[step] = {"type": nxt}
+            doc.lines[(*child, "type")] = doc.lines.get(child, 0)
+        elif not isinstance(nxt, (dict, list)):
+            return fail(f"{format_path(child)} is {_kind(nxt)}, not a mapping or list: "
+                        f"cannot set '{'.'.join(parts[i + 1:])}' inside it")
+        node, path = nxt, child
+
+
+def _forget(doc: Document, path):
+    """The file's lines under `path` no longer describe anything: its value is replaced."""
+    n = len(path)
+    for table in (doc.lines, doc.overrides):
+        for p in [p for p in table if len(p) > n and p[:n] == path]:
+            del table[p]
+    doc.key_lines = {p: v for p, v in doc.key_lines.items() if not (len(p) > n and p[:n] == path)}
+
+
+def _kind(value) -> str:
+    return f"the {type(value).__name__} {value!r}" if value is not None else "null"
