@@ -1,0 +1,181 @@
+"""Stateful metrics: `reset()`, `update(y_true, y_pred, sample_weight=None)`, `result() -> float`.
+
+Each metric turns a batch into one value per sample (the last-axis value averaged over any other non-batch axes,
+as Keras' `reduce_to_samplewise_values`), and keeps a weighted sum and total weight, so an epoch's result is exact
+over uneven batches: sum(value * weight) / sum(weight), not a mean of batch means. Formulas follow
+`keras.metrics` (binary threshold 0.5, top-k k=5 counting ties as hits like Keras' `in_top_k`).
+"""
+import numpy as np
+
+from dlcli.errors import ConfigError
+from dlcli.losses import _dense_targets, construct, sparse_labels
+from dlcli.registry import Registry
+
+METRICS = Registry("metric")
+
+
+class Mean:
+    """Weighted running mean of scalars: the loss tracker (update(batch_mean, batch_size))."""
+
+    def __init__(self, name: str = "mean"):
+        self.name = name
+        self.reset()
+
+    def reset(self):
+        self.total, self.weight = 0.0, 0.0
+
+    def update(self, value, weight=1.0):
+        self.total += float(value) * float(weight)
+        self.weight += float(weight)
+
+    def result(self) -> float:
+        return self.total / self.weight if self.weight else 0.0
+
+
+class Metric(Mean):
+    default_name = ""
+
+    def __init__(self, name: str | None = None):
+        super().__init__(name or self.default_name)
+
+    def values(self, y_true, y_pred) -> np.ndarray:
+        """Per-element values with y_pred.shape[:-1] (one per sample for (batch, d) outputs)."""
+        raise NotImplementedError
+
+    def update(self, y_true, y_pred, sample_weight=None):
+        y_pred = np.asarray(y_pred)
+        batch = len(y_pred)
+        per_sample = np.asarray(self.values(y_true, y_pred)).reshape(batch, -1).mean(1, dtype=np.float64)
+        if sample_weight is None:
+            self.total += float(per_sample.sum())
+            self.weight += batch
+        else:
+            w = np.asarray(sample_weight, np.float64).reshape(batch)
+            self.total += float(per_sample @ w)
+            self.weight += float(w.sum())
+
+    def get_config(self) -> dict:
+        return {"type": self.default_name, "name": self.name}
+
+
+@METRICS.register("binary_accuracy")
+class BinaryAccuracy(Metric):
+    default_name = "binary_accuracy"
+
+    def __init__(self, name: str | None = None, threshold: float = 0.5):
+        super().__init__(name)
+        self.threshold = threshold
+
+    def values(self, y_true, y_pred):
+        t = _dense_targets(y_true, y_pred, self.name)
+        hits = t == (y_pred > self.threshold)  # Keras compares the targets to the thresholded 0/1 exactly
+        return hits.mean(-1) if y_pred.ndim > 1 else hits
+
+    def get_config(self):
+        return {**super().get_config(), "threshold": self.threshold}
+
+
+@METRICS.register("categorical_accuracy")
+class CategoricalAccuracy(Metric):
+    default_name = "categorical_accuracy"
+
+    def values(self, y_true, y_pred):
+        y_true = np.asarray(y_true)
+        if y_true.shape != y_pred.shape and _looks_sparse(y_true, y_pred):
+            return sparse_labels(y_true, y_pred, self.name) == y_pred.argmax(-1)  # as Keras 3 does from shapes
+        return _dense_targets(y_true, y_pred, self.name).argmax(-1) == y_pred.argmax(-1)
+
+
+@METRICS.register("sparse_categorical_accuracy")
+class SparseCategoricalAccuracy(Metric):
+    default_name = "sparse_categorical_accuracy"
+
+    def values(self, y_true, y_pred):
+        return sparse_labels(y_true, y_pred, self.name) == y_pred.argmax(-1)
+
+
+@METRICS.register("top_k_categorical_accuracy")
+class TopKCategoricalAccuracy(Metric):
+    default_name = "top_k_categorical_accuracy"
+
+    def __init__(self, k: int = 5, name: str | None = None):
+        super().__init__(name)
+        self.k = int(k)
+
+    def labels(self, y_true, y_pred):
+        return _dense_targets(y_true, y_pred, self.name).argmax(-1)
+
+    def values(self, y_true, y_pred):
+        labels = self.labels(y_true, y_pred)
+        classes = y_pred.shape[-1]
+        if self.k >= classes:
+            return np.ones(labels.shape, bool)
+        flat = y_pred.reshape(-1, classes)
+        kth = np.partition(flat, classes - self.k, axis=-1)[:, classes - self.k]
+        # Keras' in_top_k: the label's score reaches the k-th largest score (ties count as hits).
+        return (flat[np.arange(len(flat)), labels.reshape(-1)] >= kth).reshape(labels.shape)
+
+    def get_config(self):
+        return {**super().get_config(), "k": self.k}
+
+
+@METRICS.register("sparse_top_k_categorical_accuracy")
+class SparseTopKCategoricalAccuracy(TopKCategoricalAccuracy):
+    default_name = "sparse_top_k_categorical_accuracy"
+
+    def labels(self, y_true, y_pred):
+        return sparse_labels(y_true, y_pred, self.name)
+
+
+@METRICS.register("mean_squared_error", "mse")
+class MeanSquaredError(Metric):
+    default_name = "mean_squared_error"
+
+    def values(self, y_true, y_pred):
+        error = y_pred - _dense_targets(y_true, y_pred, self.name)
+        return (error * error).mean(-1) if y_pred.ndim > 1 else error * error
+
+
+@METRICS.register("mean_absolute_error", "mae")
+class MeanAbsoluteError(Metric):
+    default_name = "mean_absolute_error"
+
+    def values(self, y_true, y_pred):
+        error = np.abs(y_pred - _dense_targets(y_true, y_pred, self.name))
+        return error.mean(-1) if y_pred.ndim > 1 else error
+
+
+def _looks_sparse(y_true, y_pred) -> bool:
+    return y_true.ndim == y_pred.ndim - 1 or (y_true.ndim == y_pred.ndim and y_true.shape[-1] == 1
+                                              and y_pred.shape[-1] > 1)
+
+
+def get(identifier) -> Metric:
+    """A fresh metric from a name, a {type: name, **args} mapping, or a Metric instance (returned as is).
+
+    Keras shows a metric under the string it was given ('mse' stays 'mse')."""
+    if isinstance(identifier, Mean):
+        return identifier
+    if isinstance(identifier, dict):
+        if "type" not in identifier:
+            raise ConfigError(f"a metric mapping needs a 'type' key, e.g. {{type: top_k_categorical_accuracy, "
+                              f"k: 3}}; got {identifier}")
+        args = {k: v for k, v in identifier.items() if k != "type"}
+        return construct(METRICS.get(identifier["type"]), args, "metric")
+    if not isinstance(identifier, str):
+        raise ConfigError(f"a metric must be a name, a {{type: ...}} mapping or a Metric; got {identifier!r}")
+    return METRICS.get(identifier)(name=identifier)
+
+
+def resolve(identifier, loss=None, output_shape=None) -> Metric:
+    """`get`, with 'accuracy'/'acc' picking the variant that fits the loss and output (Keras' compile_utils):
+    binary for one output unit or binary_crossentropy, sparse for sparse_categorical_crossentropy, else
+    categorical. The metric keeps the name it was asked by ('accuracy')."""
+    if isinstance(identifier, str) and identifier.lower() in ("accuracy", "acc"):
+        loss_name = getattr(loss, "name", loss)
+        if (output_shape is not None and tuple(output_shape)[-1:] == (1,)) or loss_name == "binary_crossentropy":
+            return BinaryAccuracy(name=identifier)
+        if loss_name == "sparse_categorical_crossentropy":
+            return SparseCategoricalAccuracy(name=identifier)
+        return CategoricalAccuracy(name=identifier)
+    return get(identifier)

@@ -1,0 +1,314 @@
+"""Optimizers: the base class owns schedules, clipping, weight decay, lr multipliers and state; each subclass
+implements only Keras 3's `update_step` rule, in place on the parameter array.
+
+Update rules, defaults and clipping semantics follow `keras.optimizers` (Keras 3): clipping happens before the
+decoupled weight decay `w -= w * weight_decay * lr`, which happens before the update; `iterations` counts applied
+steps and a learning-rate schedule is called with it. State slots (velocity, momentum ...) are created lazily,
+indexed by the parameter's position in the list given to `apply`.
+"""
+import inspect
+import math
+
+import numpy as np
+
+from dlcli.errors import ConfigError, DlcliError
+from dlcli.losses import construct
+from dlcli.registry import Registry
+
+OPTIMIZERS = Registry("optimizer")
+_BASE_ARGS = ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay")
+
+
+class Optimizer:
+    name = ""
+
+    def __init__(self, learning_rate=0.001, clipnorm=None, clipvalue=None, global_clipnorm=None,
+                 weight_decay=None):
+        if sum(x is not None for x in (clipnorm, clipvalue, global_clipnorm)) > 1:
+            raise ConfigError("only one of clipnorm, clipvalue and global_clipnorm can be set (as in Keras); got "
+                              f"clipnorm={clipnorm}, clipvalue={clipvalue}, global_clipnorm={global_clipnorm}")
+        self.clipnorm, self.clipvalue, self.global_clipnorm = clipnorm, clipvalue, global_clipnorm
+        self.weight_decay = weight_decay
+        self._learning_rate = _learning_rate_arg(learning_rate)
+        self.iterations = 0
+        self.slots: dict[str, dict[int, np.ndarray]] = {}
+        self._buffers: dict = {}
+
+    # --- learning rate --------------------------------------------------------------------------------------
+    @property
+    def current_lr(self) -> float:
+        """The rate the next step uses: a schedule is evaluated at `iterations` (Keras' optimizer.learning_rate)."""
+        lr = self._learning_rate
+        return float(lr(self.iterations)) if callable(lr) else lr
+
+    @property
+    def learning_rate(self) -> float:
+        return self.current_lr
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        if callable(self._learning_rate):
+            # Keras refuses too: a schedule owns the rate.
+            raise DlcliError("this optimizer's learning rate comes from a schedule and cannot be set (e.g. by "
+                             "ReduceLROnPlateau); use a constant learning_rate or drop the callback")
+        self._learning_rate = float(value)
+
+    # --- one step ---------------------------------------------------------------------------------------------
+    def apply(self, params):
+        """One update of every param with a gradient (clip, decay, update_step); `iterations` += 1."""
+        lr = self.current_lr
+        grads = self._clipped([p.grad for p in params])
+        decay = self.weight_decay
+        for index, (param, grad) in enumerate(zip(params, grads)):
+            if grad is None:
+                continue
+            param_lr = lr * param.layer.lr_mult if param.layer is not None else lr
+            if decay:
+                param.value *= 1 - decay * param_lr  # Keras: w - w * wd * lr
+            self.update_step(index, param.value, grad, param_lr)
+        self.iterations += 1
+
+    def update_step(self, index: int, value: np.ndarray, grad: np.ndarray, lr: float):
+        raise NotImplementedError
+
+    def _clipped(self, grads):
+        """Keras' clipping: per-tensor norm, global norm, or element values (new arrays; grads stay untouched)."""
+        if self.clipnorm and self.clipnorm > 0:
+            return [g if g is None else _scaled(g, self.clipnorm / max(_norm(g), self.clipnorm)) for g in grads]
+        if self.global_clipnorm and self.global_clipnorm > 0:
+            total = math.sqrt(sum(_norm(g) ** 2 for g in grads if g is not None))
+            scale = self.global_clipnorm / max(total, self.global_clipnorm)
+            return [g if g is None else _scaled(g, scale) for g in grads]
+        if self.clipvalue and self.clipvalue > 0:
+            return [g if g is None else np.clip(g, -self.clipvalue, self.clipvalue) for g in grads]
+        return grads
+
+    # --- state ------------------------------------------------------------------------------------------------
+    def slot(self, name: str, index: int, like: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """The state array `name` of parameter `index`, created (filled with `fill`) on first use."""
+        per_param = self.slots.setdefault(name, {})
+        array = per_param.get(index)
+        if array is None:
+            array = per_param[index] = np.full_like(like, fill)
+        return array
+
+    def scratch(self, like: np.ndarray) -> np.ndarray:
+        """A reusable temporary shaped like `like` (one buffer per dtype, sized for the largest parameter)."""
+        buffer = self._buffers.get(like.dtype)
+        if buffer is None or buffer.size < like.size:
+            buffer = self._buffers[like.dtype] = np.empty(like.size, like.dtype)
+        return buffer[:like.size].reshape(like.shape)
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Flat named arrays for np.savez: iterations, the constant learning rate, and 'slot/index' arrays."""
+        state = {"iterations": np.array(self.iterations, np.int64)}
+        if not callable(self._learning_rate):
+            state["learning_rate"] = np.array(self._learning_rate, np.float64)  # Keras saves it as a variable
+        for name, per_param in self.slots.items():
+            for index, array in per_param.items():
+                state[f"{name}/{index}"] = array.copy()
+        return state
+
+    def set_state(self, state: dict):
+        """Restore what `get_state` returned, exactly (training continues bit-identically)."""
+        self.iterations = int(state["iterations"])
+        if "learning_rate" in state and not callable(self._learning_rate):
+            self._learning_rate = float(state["learning_rate"])
+        self.slots = {}
+        for key, array in state.items():
+            if "/" in key:
+                name, index = key.rsplit("/", 1)
+                self.slots.setdefault(name, {})[int(index)] = np.array(array, copy=True)
+
+    def get_config(self) -> dict:
+        """{type, learning_rate, constructor args}; unset clipping/decay arguments are left out (YAML-safe)."""
+        config = {"type": self.name, "learning_rate": _learning_rate_config(self._learning_rate)}
+        for arg in inspect.signature(type(self).__init__).parameters:
+            if arg not in ("self", "learning_rate", "kw") and arg not in _BASE_ARGS:
+                config[arg] = getattr(self, arg)
+        for arg in _BASE_ARGS:
+            if getattr(self, arg) is not None:
+                config[arg] = getattr(self, arg)
+        return config
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.get_config()}>"
+
+
+@OPTIMIZERS.register("sgd", "SGD")
+class SGD(Optimizer):
+    """w -= lr*g; with momentum m = momentum*m - lr*g, w += m (Nesterov: w += momentum*m - lr*g)."""
+
+    name = "sgd"
+
+    def __init__(self, learning_rate=0.01, momentum: float = 0.0, nesterov: bool = False, **kw):
+        super().__init__(learning_rate, **kw)
+        if not 0 <= momentum <= 1:
+            raise ConfigError(f"SGD momentum must be a float in [0, 1] (as in Keras); got {momentum}")
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+
+    def update_step(self, index, value, grad, lr):
+        step = np.multiply(grad, lr, out=self.scratch(value))
+        if not self.momentum:
+            value -= step
+            return
+        m = self.slot("momentum", index, value)
+        m *= self.momentum
+        m -= step
+        if self.nesterov:
+            value -= step
+            value += np.multiply(m, self.momentum, out=step)
+        else:
+            value += m
+
+
+@OPTIMIZERS.register("rmsprop", "RMSprop")
+class RMSprop(Optimizer):
+    """v = rho*v + (1-rho)*g^2; w -= lr*g / sqrt(v + eps) (centered: v - avg_g^2 + eps; momentum: plain)."""
+
+    name = "rmsprop"
+
+    def __init__(self, learning_rate=0.001, rho: float = 0.9, momentum: float = 0.0, epsilon: float = 1e-7,
+                 centered: bool = False, **kw):
+        super().__init__(learning_rate, **kw)
+        self.rho, self.momentum, self.epsilon, self.centered = float(rho), float(momentum), float(epsilon), \
+            bool(centered)
+
+    def update_step(self, index, value, grad, lr):
+        s = self.scratch(value)
+        v = self.slot("velocity", index, value)
+        v *= self.rho
+        v += np.multiply(np.multiply(grad, grad, out=s), 1 - self.rho, out=s)
+        if self.centered:
+            a = self.slot("average_gradient", index, value)
+            a *= self.rho
+            a += np.multiply(grad, 1 - self.rho, out=s)
+            np.subtract(v, np.multiply(a, a, out=s), out=s)
+            s += self.epsilon
+        else:
+            np.add(v, self.epsilon, out=s)
+        np.sqrt(s, out=s)
+        np.divide(grad, s, out=s)
+        s *= lr
+        if self.momentum > 0:
+            m = self.slot("momentum", index, value)
+            m *= self.momentum
+            m += s
+            value -= m
+        else:
+            value -= s
+
+
+@OPTIMIZERS.register("adam", "Adam")
+class Adam(Optimizer):
+    """m += (g-m)(1-b1); v += (g^2-v)(1-b2); w -= m * lr*sqrt(1-b2^t)/(1-b1^t) / (sqrt(v) + eps), t = step+1."""
+
+    name = "adam"
+
+    def __init__(self, learning_rate=0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7,
+                 amsgrad: bool = False, **kw):
+        super().__init__(learning_rate, **kw)
+        self.beta_1, self.beta_2, self.epsilon, self.amsgrad = float(beta_1), float(beta_2), float(epsilon), \
+            bool(amsgrad)
+
+    def update_step(self, index, value, grad, lr):
+        t = self.iterations + 1
+        alpha = lr * math.sqrt(1 - self.beta_2 ** t) / (1 - self.beta_1 ** t)
+        s = self.scratch(value)
+        m = self.slot("momentum", index, value)
+        v = self.slot("velocity", index, value)
+        m += np.multiply(np.subtract(grad, m, out=s), 1 - self.beta_1, out=s)
+        np.multiply(grad, grad, out=s)
+        s -= v
+        s *= 1 - self.beta_2
+        v += s
+        if self.amsgrad:
+            v_hat = self.slot("velocity_hat", index, value)
+            v = np.maximum(v_hat, v, out=v_hat)
+        np.sqrt(v, out=s)
+        s += self.epsilon
+        np.divide(m, s, out=s)
+        s *= alpha
+        value -= s
+
+
+@OPTIMIZERS.register("adamw", "AdamW")
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Keras' AdamW: weight_decay=0.004, applied by the base class)."""
+
+    name = "adamw"
+
+    def __init__(self, learning_rate=0.001, weight_decay: float = 0.004, beta_1: float = 0.9,
+                 beta_2: float = 0.999, epsilon: float = 1e-7, amsgrad: bool = False, **kw):
+        super().__init__(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay=weight_decay, **kw)
+
+
+@OPTIMIZERS.register("adagrad", "Adagrad")
+class Adagrad(Optimizer):
+    """acc += g^2 (acc starts at initial_accumulator_value); w -= lr*g / sqrt(acc + eps)."""
+
+    name = "adagrad"
+
+    def __init__(self, learning_rate=0.001, initial_accumulator_value: float = 0.1, epsilon: float = 1e-7, **kw):
+        super().__init__(learning_rate, **kw)
+        self.initial_accumulator_value, self.epsilon = float(initial_accumulator_value), float(epsilon)
+
+    def update_step(self, index, value, grad, lr):
+        s = self.scratch(value)
+        acc = self.slot("accumulator", index, value, self.initial_accumulator_value)
+        acc += np.multiply(grad, grad, out=s)
+        np.add(acc, self.epsilon, out=s)
+        np.sqrt(s, out=s)
+        np.divide(grad, s, out=s)
+        s *= lr
+        value -= s
+
+
+def get(identifier) -> Optimizer:
+    """An optimizer from a name ('adam'), a {type: name, **args} mapping, or an Optimizer (returned as is)."""
+    if isinstance(identifier, Optimizer):
+        return identifier
+    if isinstance(identifier, dict):
+        if "type" not in identifier:
+            raise ConfigError(f"an optimizer mapping needs a 'type' key, e.g. {{type: adam, learning_rate: 0.001}}; "
+                              f"got {identifier}")
+        cls = OPTIMIZERS.get(identifier["type"])
+        args = {k: v for k, v in identifier.items() if k != "type"}
+        return construct(cls, args, "optimizer", extra=_BASE_ARGS)
+    if not isinstance(identifier, str):
+        raise ConfigError(f"an optimizer must be a name, a {{type: ...}} mapping or an Optimizer; got {identifier!r}")
+    return OPTIMIZERS.get(identifier)()
+
+
+def _learning_rate_arg(value):
+    if isinstance(value, dict):
+        try:
+            from dlcli import schedules
+        except ImportError as e:
+            raise ConfigError(f"learning-rate schedules are not available ({e}); give learning_rate as a number")
+        return schedules.get(value)
+    if callable(value):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ConfigError(f"learning_rate must be a number or a schedule; got {value!r}")
+    return float(value)
+
+
+def _learning_rate_config(value):
+    if not callable(value):
+        return value
+    try:
+        from dlcli import schedules
+
+        return schedules.serialize(value)
+    except (ImportError, AttributeError):
+        return value.get_config() if hasattr(value, "get_config") else repr(value)
+
+
+def _norm(g) -> float:
+    flat = g.reshape(-1)
+    return math.sqrt(float(np.dot(flat, flat)))
+
+
+def _scaled(g, scale: float):
+    return g if scale >= 1.0 else g * np.asarray(scale, g.dtype)
