@@ -137,24 +137,33 @@ def col2im_matmul(a2, kernel, padded_shape, out_sizes, strides, dilation):
 
 
 def max_pool(xp, pool, out_sizes, strides):
-    """Window maxima and the flat in-window offset of each (first maximum wins, as TF's MaxPoolGrad)."""
+    """Window maxima and the flat in-window offset of each (first maximum wins, as TF's MaxPoolGrad).
+
+    The running argmax is updated arithmetically (arg += (k - arg) * better): masked copies are ~10x slower.
+    """
     y, arg = None, np.zeros((xp.shape[0], *out_sizes, xp.shape[-1]), np.uint8 if np.prod(pool) < 256 else np.int32)
     for k, offset in enumerate(offsets(pool)):
         v = xp[window(offset, out_sizes, strides)]
         if y is None:
             y = v.copy()
             continue
-        better = v > y
-        np.copyto(y, v, where=better)
-        np.copyto(arg, k, where=better)
+        better = (v > y).view(np.uint8).astype(arg.dtype, copy=False)
+        np.maximum(y, v, out=y)
+        step = arg.dtype.type(k) - arg
+        step *= better
+        arg += step
     return y, arg
 
 
 def max_pool_backward(grad, arg, padded_shape, pool, out_sizes, strides):
     dxp = np.zeros(padded_shape, grad.dtype)
-    zero = np.zeros((), grad.dtype)
+    disjoint = all(s >= p for s, p in zip(strides, pool))
     for k, offset in enumerate(offsets(pool)):
-        dxp[window(offset, out_sizes, strides)] += np.where(arg == k, grad, zero)
+        index = window(offset, out_sizes, strides)
+        if disjoint:  # each input is in one window: write in place, no temporary
+            np.multiply(grad, arg == k, out=dxp[index])
+        else:
+            dxp[index] += grad * (arg == k)
     return dxp
 
 
