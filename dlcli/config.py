@@ -277,6 +277,7 @@ class _SpecChecker:
             self.spec(data["data"], ("data",), "dataset")
         model = data.get("model")
         outputs = None
+        self.functional = isinstance(model, dict) and model.get("type") == "functional"
         if isinstance(model, dict):
             outputs = self.model(model)
         compile_ = data.get("compile")
@@ -372,9 +373,15 @@ class _SpecChecker:
                         self.error((*path, key), f"a layer that shares another's weights takes only name, inputs "
                                                  f"and shares; found '{key}'", at_key=True)
             else:
-                self.spec(layer, path, "layer", extras=_FUNCTIONAL_KEYS if functional else ())
+                self.spec(layer, path, "layer", extras=_FUNCTIONAL_KEYS)  # misplaced ones were reported above
         if functional:
             return self.graph(model, layers)
+        seen = set()
+        for i, layer in enumerate(layers):
+            name = layer.get("name") if isinstance(layer, dict) else None
+            if isinstance(name, str) and name in seen:
+                self.error(("model", "layers", i, "name"), f"duplicate layer name '{name}' (names must be unique)")
+            seen.add(name)
         first = layers[0] if layers and isinstance(layers[0], dict) else {}
         if model.get("input_shape") is None and first.get("input_shape") is None:
             self.error(("model",), "missing required key 'input_shape' (the shape of one sample, without the batch "
@@ -427,11 +434,12 @@ class _SpecChecker:
                 if shared not in named:
                     self.error((*path, "shares"), f"unknown layer '{shared}'{did_you_mean(shared, named)}")
         outputs = model.get("outputs")
-        if isinstance(outputs, list):
-            for j, ref in enumerate(outputs):
-                check_ref(ref, ("model", "outputs", j), "layer")
-            return [o for o in outputs if isinstance(o, str)]
-        return None
+        if not isinstance(outputs, list):
+            return None
+        before = len(self.doc.issues)
+        for j, ref in enumerate(outputs):
+            check_ref(ref, ("model", "outputs", j), "layer")
+        return outputs if len(self.doc.issues) == before else None
 
     def compile(self, compile_: dict, outputs):
         self.spec(compile_.get("optimizer", "rmsprop"), ("compile", "optimizer"), "optimizer", bare_name_ok=True)
@@ -465,6 +473,8 @@ class _SpecChecker:
             self.spec(item, (*path, j), "metric", bare_name_ok=True)
 
     def per_output(self, mapping: dict, path, outputs, what):
+        if outputs is None and self.functional:
+            return  # the outputs themselves are wrong (reported): keys cannot be checked against them
         if outputs is None:
             self.error(path, f"a mapping of output name -> {what} needs a functional model with named outputs")
             return

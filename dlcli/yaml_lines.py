@@ -100,6 +100,8 @@ def parse_document(text: str, source: str) -> Document:
             doc.data = _convert(node, (), doc, loader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
+        if e.context_mark is not None and "<stream end>" in str(e.problem):
+            mark = e.context_mark  # an unclosed bracket or quote: where it opened is where to look
         line = mark.line + 1 if mark is not None else 0
         context = f" ({e.context} at line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
         doc.issues.append(Issue(f"{source}:{line}" if line else source, "",
