@@ -9,9 +9,10 @@ import numpy as np
 
 from dlcli.errors import ConfigError
 from dlcli.losses import _dense_targets, construct, sparse_labels
-from dlcli.registry import Registry
+from dlcli.registry import Registry, did_you_mean
 
 METRICS = Registry("metric")
+ACCURACY_ALIASES = ("accuracy", "acc")  # resolved by `resolve` from the loss and output shape
 
 
 class Mean:
@@ -164,6 +165,11 @@ def get(identifier) -> Metric:
         return construct(METRICS.get(identifier["type"]), args, "metric")
     if not isinstance(identifier, str):
         raise ConfigError(f"a metric must be a name, a {{type: ...}} mapping or a Metric; got {identifier!r}")
+    if identifier.lower() in ACCURACY_ALIASES:
+        return resolve(identifier)  # no loss or shape known here: categorical
+    if identifier not in METRICS:
+        known = [*METRICS.names(), *ACCURACY_ALIASES]
+        raise ConfigError(f"unknown metric '{identifier}'{did_you_mean(identifier, known)}; known: {', '.join(known)}")
     return METRICS.get(identifier)(name=identifier)
 
 
@@ -171,7 +177,7 @@ def resolve(identifier, loss=None, output_shape=None) -> Metric:
     """`get`, with 'accuracy'/'acc' picking the variant that fits the loss and output (Keras' compile_utils):
     binary for one output unit or binary_crossentropy, sparse for sparse_categorical_crossentropy, else
     categorical. The metric keeps the name it was asked by ('accuracy')."""
-    if isinstance(identifier, str) and identifier.lower() in ("accuracy", "acc"):
+    if isinstance(identifier, str) and identifier.lower() in ACCURACY_ALIASES:
         loss_name = getattr(loss, "name", loss)
         if (output_shape is not None and tuple(output_shape)[-1:] == (1,)) or loss_name == "binary_crossentropy":
             return BinaryAccuracy(name=identifier)

@@ -1,0 +1,113 @@
+"""Metrics on crafted inputs, exact epoch averaging over uneven batches, and 'accuracy' resolution."""
+import numpy as np
+import pytest
+
+from dlcli import losses, metrics
+from dlcli.errors import ConfigError, DlcliError
+
+
+def _result(metric, y_true, y_pred, sample_weight=None):
+    metric.reset()
+    metric.update(np.asarray(y_true), np.asarray(y_pred, float), sample_weight)
+    return metric.result()
+
+
+# Values from the examples in Keras' metric docstrings.
+def test_keras_documented_values():
+    y_true, y_pred = [[0, 0, 1], [0, 1, 0]], [[0.1, 0.9, 0.8], [0.05, 0.95, 0]]
+    assert _result(metrics.get("categorical_accuracy"), y_true, y_pred) == 0.5
+    assert _result(metrics.get("sparse_categorical_accuracy"), [[2], [1]], y_pred) == 0.5
+    assert _result(metrics.get({"type": "top_k_categorical_accuracy", "k": 1}), y_true, y_pred) == 0.5
+    assert _result(metrics.get({"type": "sparse_top_k_categorical_accuracy", "k": 1}), [2, 1], y_pred) == 0.5
+    assert _result(metrics.get("binary_accuracy"), [[1], [1], [0], [0]], [[0.98], [1], [0], [0.6]]) == 0.75
+    assert _result(metrics.get("categorical_accuracy"), y_true, y_pred, [0.7, 0.3]) == pytest.approx(0.3)
+
+
+def test_binary_accuracy_threshold_and_last_axis_mean():
+    # sample 1: 2 of 2 right, sample 2: 1 of 2 right -> 0.75
+    assert _result(metrics.get("binary_accuracy"), [[1, 0], [1, 1]], [[0.6, 0.5], [0.4, 0.9]]) == 0.75
+    strict = metrics.get({"type": "binary_accuracy", "threshold": 0.7})
+    assert _result(strict, [[1, 0], [1, 1]], [[0.6, 0.5], [0.4, 0.9]]) == 0.5
+
+
+def test_top_k_counts_ties_as_hits_like_keras_in_top_k():
+    y_pred = [[0.4, 0.3, 0.3, 0.0], [0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]]
+    top2 = metrics.get({"type": "sparse_top_k_categorical_accuracy", "k": 2})
+    # label 2 ties with the 2nd largest -> hit; label 2 is 2nd largest -> hit; label 0 is smallest -> miss
+    assert _result(top2, [2, 2, 0], y_pred) == pytest.approx(2 / 3)
+    assert _result(metrics.get("top_k_categorical_accuracy"), np.eye(4)[[0, 1, 2]], y_pred) == 1.0  # k=5 >= 4
+
+
+def test_regression_metrics():
+    y_true, y_pred = [[0, 1], [0, 0]], [[1, 1], [1, 0]]
+    assert _result(metrics.get("mse"), y_true, y_pred) == 0.5
+    assert _result(metrics.get("mae"), [[0.0], [0.0]], [[-3.0], [1.0]]) == 2.0
+    assert metrics.get("mse").name == "mse" and metrics.get("mean_squared_error").name == "mean_squared_error"
+
+
+def test_sequence_outputs_average_per_sample_first():
+    # sample 0: 1 of 2 steps right; sample 1: 2 of 2 right -> (0.5 + 1) / 2; weights 3:1 -> (1.5 + 1) / 4
+    y_pred = np.array([[[0.9, 0.1], [0.9, 0.1]], [[0.2, 0.8], [0.7, 0.3]]])
+    labels = np.array([[0, 1], [1, 0]])
+    assert _result(metrics.get("sparse_categorical_accuracy"), labels, y_pred) == 0.75
+    assert _result(metrics.get("sparse_categorical_accuracy"), labels, y_pred, np.array([3.0, 1.0])) == 0.625
+
+
+def test_epoch_average_is_exact_over_uneven_batches():
+    acc = metrics.get("sparse_categorical_accuracy")
+    acc.reset()
+    acc.update(np.array([0, 0, 0]), np.array([[1, 0], [1, 0], [1, 0.0]]))  # 3 of 3
+    acc.update(np.array([0]), np.array([[0, 1.0]]))  # 0 of 1
+    assert acc.result() == 0.75  # not (1 + 0) / 2
+    acc.update(np.array([1, 1]), np.array([[0, 1], [0, 1.0]]), sample_weight=np.array([0.5, 1.5]))
+    assert acc.result() == pytest.approx((3 + 2) / (4 + 2))
+    acc.reset()
+    assert acc.result() == 0.0
+
+    loss = metrics.Mean()
+    loss.update(1.0, 3)
+    loss.update(3.0, 1)
+    assert loss.result() == 1.5
+
+
+@pytest.mark.parametrize("loss,shape,expected", [
+    ("binary_crossentropy", (3,), metrics.BinaryAccuracy),
+    ("mse", (1,), metrics.BinaryAccuracy),
+    ("sparse_categorical_crossentropy", (10,), metrics.SparseCategoricalAccuracy),
+    ("sparse_categorical_crossentropy", (7, 10), metrics.SparseCategoricalAccuracy),
+    ("categorical_crossentropy", (10,), metrics.CategoricalAccuracy),
+    ("mse", (4,), metrics.CategoricalAccuracy),
+])
+def test_accuracy_resolution(loss, shape, expected):
+    for loss_arg in (losses.get(loss), loss if loss != "mse" else "mean_squared_error"):
+        metric = metrics.resolve("accuracy", loss_arg, shape)
+        assert type(metric) is expected and metric.name == "accuracy"
+    assert metrics.resolve("acc", losses.get(loss), shape).name == "acc"  # Keras shows the name it was given
+
+
+def test_resolve_passes_other_metrics_through():
+    metric = metrics.resolve("sparse_top_k_categorical_accuracy", losses.get("mse"), (10,))
+    assert type(metric) is metrics.SparseTopKCategoricalAccuracy and metric.k == 5
+    assert metric.name == "sparse_top_k_categorical_accuracy"
+    given = metrics.BinaryAccuracy(threshold=0.3)
+    assert metrics.resolve(given, None, (1,)) is given
+
+
+def test_categorical_accuracy_accepts_sparse_labels():
+    assert _result(metrics.get("categorical_accuracy"), [2, 1], [[0.1, 0.9, 0.8], [0.05, 0.95, 0]]) == 0.5
+
+
+def test_unknown_names_and_bad_labels():
+    with pytest.raises(ConfigError, match="did you mean 'mae'"):
+        metrics.get("maee")
+    with pytest.raises(ConfigError, match="did you mean 'accuracy'|did you mean 'binary_accuracy'"):
+        metrics.resolve("acuracy", None, (3,))
+    with pytest.raises(ConfigError, match="did you mean 'k'"):
+        metrics.get({"type": "top_k_categorical_accuracy", "kk": 3})
+    with pytest.raises(DlcliError, match="label 3"):
+        metrics.get("sparse_categorical_accuracy").update(np.array([3]), np.zeros((1, 3)))
+
+
+def test_get_accuracy_without_context_is_categorical():
+    metric = metrics.get("accuracy")
+    assert type(metric) is metrics.CategoricalAccuracy and metric.name == "accuracy"
