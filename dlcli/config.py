@@ -118,7 +118,11 @@ def parse_config(text: str, source: str = "<config>", overrides: typing.Sequence
     _SpecChecker(doc).check(doc.data)
     if doc.issues:
         _raise(doc)
-    return Config.model_validate(doc.data)
+    try:
+        return Config.model_validate(doc.data)
+    except ValidationError as e:  # a safety net: pass 1 leaves spec contents to pass 2, which should catch all
+        doc.issues.extend(_schema_issue(doc, err, tuple(p for p in err["loc"] if p != "[key]")) for err in e.errors())
+        _raise(doc)
 
 
 def split_spec(spec) -> tuple[str, dict]:
@@ -288,7 +292,7 @@ class _SpecChecker:
             self.train(train)
 
     # --- one `{type: name, **args}` spec -------------------------------------------------------------------------
-    def spec(self, spec, path, kind, extras=(), bare_name_ok=False):
+    def spec(self, spec, path, kind, extras=(), bare_name_ok=False, ignore=()):
         """Check `spec` (a mapping with `type`, or a bare name where allowed); arguments are coerced in place."""
         if isinstance(spec, str) and bare_name_ok:
             self.name(spec, path, kind, aliases=_BARE_ALIASES.get(kind, ()))
@@ -306,7 +310,7 @@ class _SpecChecker:
         params, open_ = _parameters(target, skip_data_args=kind in ("loss", "metric"))
         allowed, meant = [*params, *extras], set()
         for key, value in spec.items():
-            if key == "type" or key in extras:
+            if key == "type" or key in extras or key in ignore:
                 continue
             if key not in params:
                 meant.update(difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6))
@@ -373,7 +377,8 @@ class _SpecChecker:
                         self.error((*path, key), f"a layer that shares another's weights takes only name, inputs "
                                                  f"and shares; found '{key}'", at_key=True)
             else:
-                self.spec(layer, path, "layer", extras=_FUNCTIONAL_KEYS)  # misplaced ones were reported above
+                self.spec(layer, path, "layer", extras=_FUNCTIONAL_KEYS if functional else (),
+                          ignore=_FUNCTIONAL_KEYS)  # misplaced ones were reported above
         if functional:
             return self.graph(model, layers)
         seen = set()
