@@ -2,6 +2,6 @@
 arguments are the keys of a config's `data:` section."""
 from dlcli.data.dataset import DATASETS, Dataset, load_dataset
 from dlcli.data.split import validation_split
-from dlcli.data import images  # noqa: F401  (registers mnist, fashion_mnist)
+from dlcli.data import arrays, images, text, timeseries  # noqa: F401,E402  (loaders register themselves)
 
 __all__ = ["DATASETS", "Dataset", "load_dataset", "validation_split"]

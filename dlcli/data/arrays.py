@@ -1,0 +1,153 @@
+"""User data: NumPy .npz archives and CSV files of numeric features with a label column."""
+import csv
+import zipfile
+
+import numpy as np
+
+from dlcli.data.dataset import DATASETS, Dataset
+from dlcli.data.paths import resolve_path
+from dlcli.data.split import apply_limit, check_limit, num_samples, split_indices, take
+from dlcli.errors import ConfigError, DlcliError
+
+X_DTYPES = ("auto", "float32", "float64", "int32", "int64")
+
+
+def _targets(y: np.ndarray) -> np.ndarray:
+    """Class indices as int64 (what sparse losses and the confusion matrix expect), regression targets float32."""
+    return y.astype(np.int64) if y.dtype.kind in "biu" else y.astype(np.float32)
+
+
+def _features(x: np.ndarray, dtype: str, rescale: float) -> np.ndarray:
+    if dtype == "auto":  # floats to float32; integers (word indices, raw pixels) stay integers unless rescaled
+        dtype = "float32" if x.dtype.kind == "f" or rescale != 1.0 else x.dtype
+    x = x.astype(dtype)
+    return x * x.dtype.type(rescale) if rescale != 1.0 else x
+
+
+def _finish(source, x, y, x_test, y_test, test_split, stratify, seed, limit, classes=None) -> Dataset:
+    """Split off a seeded test set when the data has none, then cap every split at `limit`."""
+    if test_split:
+        if x_test is not None:
+            raise ConfigError(f"data: both a test set and test_split={test_split} given for {source}; use one")
+        train, test = split_indices(y, float(test_split), np.random.default_rng(seed), stratify)
+        x, y, x_test, y_test = take(x, train), y[train], take(x, test), y[test]
+    return apply_limit(Dataset(x_train=x, y_train=y, x_test=x_test, y_test=y_test, classes=classes,
+                               source=str(source)), limit)
+
+
+def _check_common(test_split, limit, dtype=None):
+    check_limit(limit)
+    if not isinstance(test_split, (int, float)) or not 0.0 <= test_split < 1.0:
+        raise ConfigError(f"data.test_split must be a fraction in [0, 1); got {test_split!r}")
+    if dtype is not None and dtype not in X_DTYPES:
+        raise ConfigError(f"data.dtype must be one of {', '.join(X_DTYPES)}; got {dtype!r}")
+
+
+@DATASETS.register("npz")
+def load_npz(path: str, x: str | dict[str, str] = "x", y: str = "y", x_test: str | dict[str, str] | None = None,
+             y_test: str | None = None, test_split: float = 0.0, stratify: bool = False, seed: int = 0,
+             limit: int | None = None, dtype: str = "auto", rescale: float = 1.0,
+             classes: list[str] | None = None) -> Dataset:
+    """Arrays from an .npz archive by key (x may map model input names to keys). Without x_test/y_test,
+    test_split holds out a seeded shuffled fraction (seed fixed per dataset, not per run, so runs with
+    different seeds share one test set). limit caps train and test to their first N samples."""
+    _check_common(test_split, limit, dtype)
+    if (x_test is None) != (y_test is None):
+        raise ConfigError("data: give both x_test and y_test (or neither)")
+    file = resolve_path(path)
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            keys = set(archive.files)
+
+            def get(key):
+                if isinstance(key, dict):
+                    return {name: get(k) for name, k in key.items()}
+                if key not in keys:
+                    raise DlcliError(f"{file}: no array '{key}'; the archive has: {', '.join(sorted(keys))}")
+                return archive[key]
+
+            xs, ys = get(x), get(y)
+            xt, yt = (get(x_test), get(y_test)) if x_test is not None else (None, None)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise DlcliError(f"{file}: cannot read as .npz of plain arrays ({e})") from None
+
+    def convert(a):
+        return {k: _features(v, dtype, rescale) for k, v in a.items()} if isinstance(a, dict) \
+            else _features(a, dtype, rescale)
+
+    for xa, ya, which in ((xs, ys, f"'{x}'/'{y}'"), (xt, yt, f"'{x_test}'/'{y_test}'")):
+        if ya is not None and num_samples(xa) != len(ya):
+            raise DlcliError(f"{file}: {which} have {num_samples(xa)} samples but {len(ya)} targets")
+    return _finish(file, convert(xs), _targets(ys), None if xt is None else convert(xt),
+                   None if yt is None else _targets(yt), test_split, stratify, seed, limit, classes)
+
+
+def _read_csv(file, delimiter: str):
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f, delimiter=delimiter) if r]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DlcliError(f"{file}: cannot read as CSV ({e})") from None
+    if len(rows) < 2:
+        raise DlcliError(f"{file}: needs a header row and at least one data row")
+    header = [h.strip() for h in rows[0]]
+    bad = [i + 2 for i, r in enumerate(rows[1:]) if len(r) != len(header)]
+    if bad:
+        raise DlcliError(f"{file}: row(s) {bad[:5]} have a different number of fields than the header "
+                         f"({len(header)}); is the delimiter {delimiter!r} right?")
+    return header, np.array(rows[1:], dtype=str)
+
+
+def _numeric(file, cells: np.ndarray, names: list[str]) -> np.ndarray:
+    try:
+        return cells.astype(np.float64)
+    except ValueError:
+        for j, name in enumerate(names):  # find the first bad cell for the message
+            for i, v in enumerate(cells[:, j]):
+                try:
+                    float(v)
+                except ValueError:
+                    raise DlcliError(f"{file}: row {i + 2}, column '{name}': {v!r} is not a number (features "
+                                     f"must be numeric; choose columns with data.columns)") from None
+        raise
+
+
+def _csv_part(file, label, columns, delimiter, classes):
+    header, cells = _read_csv(file, delimiter)
+    wanted = [label] + (columns if columns is not None else [h for h in header if h != label])
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise DlcliError(f"{file}: no column(s) {', '.join(map(repr, missing))}; it has: {', '.join(header)}")
+    features = wanted[1:]
+    x = _numeric(file, cells[:, [header.index(c) for c in features]], features).astype(np.float32)
+    raw = np.char.strip(cells[:, header.index(label)])
+    try:
+        values = raw.astype(np.float64)
+        if classes is None and np.all(values == np.round(values)):
+            return x, values.astype(np.int64), None
+        return x, values.astype(np.float32), None
+    except ValueError:  # text labels: class names, indexed in sorted order
+        names = classes or sorted(set(raw.tolist()))
+        index = {n: i for i, n in enumerate(names)}
+        unknown = sorted(set(raw.tolist()) - set(index))
+        if unknown:
+            raise DlcliError(f"{file}: label(s) {unknown[:5]} not among the training classes {names}") from None
+        return x, np.array([index[v] for v in raw.tolist()], dtype=np.int64), names
+
+
+@DATASETS.register("csv")
+def load_csv(path: str, label: str = "label", columns: list[str] | None = None, test_path: str | None = None,
+             test_split: float = 0.0, stratify: bool = False, seed: int = 0, limit: int | None = None,
+             delimiter: str = ",") -> Dataset:
+    """A CSV with a header: numeric feature columns (default: all but `label`) -> x float32 (N, features);
+    `label` -> int64 class indices (integers, or text class names in sorted order) or float32 regression targets.
+    The test set comes from test_path or a seeded test_split; limit caps train and test to their first N rows."""
+    _check_common(test_split, limit)
+    if test_path is not None and test_split:
+        raise ConfigError("data: give test_path or test_split, not both")
+    file = resolve_path(path)
+    x, y, classes = _csv_part(file, label, columns, delimiter, None)
+    xt = yt = None
+    if test_path is not None:
+        xt, yt, _ = _csv_part(resolve_path(test_path, "data.test_path"), label, columns, delimiter, classes)
+    return _finish(file, x, y, xt, yt, test_split, stratify, seed, limit, classes)
