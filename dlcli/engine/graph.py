@@ -129,8 +129,8 @@ class Graph:
         self.masks = masks
         return [values[id(t)] for t in self.outputs]
 
-    def backward(self, grads: list) -> list:
-        """Gradients w.r.t. each output in, gradients w.r.t. each input out (None where none flows)."""
+    def backward(self, grads: list, need_input_grads: bool = False) -> list:
+        """Gradients w.r.t. each output in; gradients w.r.t. each input out when `need_input_grads`."""
         acc: dict = {}
         for t, g in zip(self.outputs, grads):
             _accumulate(acc, t, g)
@@ -146,6 +146,9 @@ class Graph:
             layer = node.layer
             if node.state is not None:
                 vars(layer).update(node.state)
+            # Nobody needs d(loss)/d(data): the first layers may skip that product (a large one for convs).
+            layer.input_grad_needed = need_input_grads or not all(isinstance(t.node.layer, InputLayer)
+                                                                  for t in node.inputs)
             g_in = layer.backward(out_grads if node.multi_output else out_grads[0])
             g_in = g_in if node.multi_input else [g_in]
             for t, g in zip(node.inputs, g_in):

@@ -88,6 +88,7 @@ class Layer:
         self.nodes: list = []  # one per call on symbolic tensors; > 1 means shared weights
         self.input_mask = None  # set by the graph executor before forward when a mask flows in
         self.output_fused = False  # True: the loss consumes `self.logits` and backward skips the activation
+        self.input_grad_needed = True  # False when the input is data: backward may return None
 
     # --- building -------------------------------------------------------------------------------------------
     def build(self, input_shape):

@@ -48,7 +48,7 @@ class Dense(Layer):
             self.kernel.grad += x2.T @ g2
         if self.use_bias and self.bias.grad is not None:
             self.bias.grad += g2.sum(0)
-        return grad @ self.kernel.value.T
+        return grad @ self.kernel.value.T if self.input_grad_needed else None
 
 
 @register("Activation")

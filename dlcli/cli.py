@@ -1,0 +1,275 @@
+"""The `dlcli` command: parses arguments, calls the library, prints with rich. Nothing else knows the CLI.
+
+Heavy imports (NumPy, the engine) happen inside commands so `dlcli --help` answers at once.
+"""
+import functools
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Train deep-learning models described in YAML configs, on a NumPy engine with a Keras-shaped API.\n\n"
+         "Examples:\n\n"
+         "  dlcli train configs/mnist.yaml\n\n"
+         "  dlcli train configs/mnist.yaml --set train.epochs=1 --set data.limit=2000\n\n"
+         "  dlcli inspect-shapes configs/mnist_cnn.yaml\n\n"
+         "  dlcli evaluate runs/mnist-mlp-20261124-101500",
+    no_args_is_help=True, add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+
+SetOption = Annotated[list[str], typer.Option(
+    "--set", help="Override a config field, typed like YAML: --set train.epochs=1 "
+                  "--set compile.optimizer.learning_rate=0.01 --set model.layers.1.units=256 (repeatable).")]
+
+
+def _console(stderr=False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def handles_errors(command):
+    """One place turns the library's errors into a paragraph on stderr and an exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from dlcli.errors import DlcliError
+
+        try:
+            return command(*args, **kwargs)
+        except DlcliError as e:
+            _console(stderr=True).print(f"[bold red]error:[/] {e.message}", markup=True, highlight=False)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        from dlcli import __version__
+
+        print(f"dlcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                       help="Print the version and exit.")] = False):
+    """dlcli: deep learning from YAML configs."""
+
+
+def _load(config: Path, overrides: list[str]):
+    from dlcli.config import load_config
+
+    return load_config(config, overrides).to_dict()
+
+
+@app.command()
+@handles_errors
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/mnist.yaml.")],
+    set_: SetOption = [],
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run directories are created.")] = Path("runs"),
+    name: Annotated[Optional[str], typer.Option(help="Run name (default: the config's name).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Override the config's seed.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only print the run directory and results.")] = False,
+):
+    """Train the model a config describes; writes runs/<name>-<UTC time>/.
+
+    Example: dlcli train configs/mnist.yaml --set train.epochs=1 --set data.limit=2000
+    """
+    from dlcli import runs
+    from dlcli.builder import build_model
+    from dlcli.config import dump_yaml
+    from dlcli.experiment import load_splits, train_run
+
+    overrides = list(set_) + ([f"seed={seed}"] if seed is not None else []) + ([f"name={name}"] if name else [])
+    cfg = _load(config, overrides)
+    model = build_model(cfg)  # shapes and names fail here, before any data is loaded
+    splits = load_splits(cfg, model)
+    run_dir = runs.create_run_dir(runs_dir, cfg["name"])
+    runs.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    lines = []
+    model.summary(print_fn=lines.append)
+    runs.atomic_write_text(run_dir / "summary.txt", "\n".join(lines) + "\n")
+    out = _console()
+    if not quiet:
+        sizes = splits.sizes()
+        out.print(f"[bold]dlcli train[/] {config}  ->  {run_dir}", markup=True)
+        out.print(f"  data    {cfg['data'].get('type')} from {splits.source}: train {sizes['train']:,}, "
+                  f"validation {sizes['validation']:,}, test {sizes['test']:,}")
+        out.print(f"  model   {model.name}: {model.count_params():,} parameters "
+                  f"({sum(p.value.size for p in model.trainable_weights):,} trainable)")
+        opt = model.optimizer.get_config()
+        out.print(f"  train   {cfg['train']['epochs']} epochs x batch {cfg['train']['batch_size']}, "
+                  f"optimizer {opt.get('type')} (learning rate {opt.get('learning_rate')}), seed {cfg['seed']}")
+
+    def install_interrupt(trainer):
+        def on_sigint(signum, frame):
+            if trainer.stop_requested:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            trainer.stop_requested = True
+            print("\ninterrupt: finishing this batch, then saving (Ctrl-C again to abort)", file=sys.stderr)
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    result = train_run(cfg, model, splits, run_dir, verbose=0 if quiet else 1, trainer_hook=install_interrupt)
+    if result.test and not quiet:
+        from rich.table import Table
+
+        table = Table(title=f"test ({splits.sizes()['test']:,} samples)")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in result.test.items():
+            table.add_row(k, f"{v:.4f}")
+        out.print(table)
+    if result.status == "interrupted":
+        out.print(f"interrupted after epoch {len(result.history.get('loss', []))}; weights saved in {run_dir}")
+        print(run_dir)
+        raise typer.Exit(130)
+    print(f"run directory: {run_dir}" if not quiet else run_dir)
+
+
+@app.command("inspect-shapes")
+@handles_errors
+def inspect_shapes(
+    config: Annotated[Path, typer.Argument(help="YAML config.")],
+    set_: SetOption = [],
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Batch size for the activation-memory estimate (default: train.batch_size).")] = None,
+):
+    """Print each layer's output shape and parameters, totals, memory and FLOPs, without loading data.
+
+    Example: dlcli inspect-shapes configs/mnist_cnn.yaml --set model.layers.0.filters=16
+    """
+    from rich.table import Table
+
+    from dlcli.builder import build_model
+    from dlcli.engine.layer import format_shape
+
+    cfg = _load(config, list(set_))
+    model = build_model(cfg)
+    rows = model.summary_rows()
+    functional = cfg["model"].get("type", "sequential") == "functional"
+    table = Table(title=f"{model.name} ({config})")
+    for col, justify in (("layer", "left"), ("type", "left"), ("output shape", "left"), ("params", "right"),
+                         ("FLOPs/sample", "right")):
+        table.add_column(col, justify=justify)
+    if functional:
+        table.add_column("connected to")
+    for r in rows:
+        if r["type"] == "InputLayer" and not functional:
+            continue
+        cells = [r["name"] + ("" if r["trainable"] else " (frozen)"), r["type"], format_shape(r["output_shape"]),
+                 f"{r['params']:,}", _si(r["flops"])]
+        if functional:
+            cells.append(", ".join(r["connected_to"]))
+        table.add_row(*cells)
+    out = _console()
+    out.print(table)
+    bs = batch_size or int(cfg["train"]["batch_size"])
+    total = model.count_params()
+    trainable = sum(p.value.size for p in model.trainable_weights)
+    weight_bytes = sum(p.value.nbytes for p in model.weights)
+    slots = _optimizer_slots(model.optimizer)
+    opt_bytes = slots * sum(p.value.nbytes for p in model.trainable_weights)
+    act_values = sum(_size(r["output_shape"]) for r in rows)
+    act_bytes = 4 * bs * act_values
+    out.print(f"Total params: {total:,}  (trainable {trainable:,}, non-trainable {total - trainable:,})")
+    out.print(f"Memory: weights {_bytes(weight_bytes)}, optimizer state {_bytes(opt_bytes)} "
+              f"({slots} slot{'s' if slots != 1 else ''} per weight), activations {_bytes(act_bytes)} "
+              f"at batch {bs} (float32, forward outputs kept for backward)")
+    out.print(f"FLOPs per sample (forward): {_si(sum(r['flops'] for r in rows))}")
+
+
+@app.command()
+@handles_errors
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/mnist-mlp-20261124-101500.")],
+    weights: Annotated[str, typer.Option(help="best or last.")] = "best",
+    split: Annotated[str, typer.Option(help="test or validation.")] = "test",
+):
+    """Evaluate a run's weights: loss and metrics, per-class accuracy and confusion matrix; writes evaluation.json.
+
+    Example: dlcli evaluate runs/mnist-mlp-20261124-101500 --weights last
+    """
+    from rich.table import Table
+
+    from dlcli.errors import DlcliError
+    from dlcli.experiment import evaluate_run
+
+    if weights not in ("best", "last"):
+        raise DlcliError(f"--weights must be 'best' or 'last'; found '{weights}'", exit_code=2)
+    if split not in ("test", "validation"):
+        raise DlcliError(f"--split must be 'test' or 'validation'; found '{split}'", exit_code=2)
+    result = evaluate_run(run_dir, weights, split)
+    out = _console()
+    table = Table(title=f"{result['run']}: {split} split, {result['samples']:,} samples, {weights} weights")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in result["metrics"].items():
+        table.add_row(k, f"{v:.4f}")
+    for k, v in (result.get("baseline") or {}).items():
+        table.add_row(f"baseline {k}", f"{v:.4f}" if isinstance(v, (int, float)) else str(v))
+    out.print(table)
+    if "confusion_matrix" in result:
+        names = result["classes"]
+        cm = Table(title="confusion matrix (rows: true class, columns: predicted)")
+        cm.add_column("class")
+        for n in names:
+            cm.add_column(n[:8], justify="right")
+        cm.add_column("accuracy", justify="right")
+        for n, row in zip(names, result["confusion_matrix"]):
+            acc = result["per_class_accuracy"][n]
+            cm.add_row(n, *[str(v) for v in row], "-" if acc is None else f"{acc:.3f}")
+        out.print(cm)
+    print(f"wrote {Path(run_dir) / 'evaluation.json'}")
+
+
+def _optimizer_slots(opt) -> int:
+    if hasattr(opt, "slot_count"):
+        return int(opt.slot_count())
+    cfg = opt.get_config()
+    kind = cfg.get("type")
+    if kind == "sgd":
+        return 1 if cfg.get("momentum") else 0
+    if kind == "rmsprop":
+        return 1 + bool(cfg.get("momentum")) + bool(cfg.get("centered"))
+    if kind in ("adam", "adamw"):
+        return 2 + bool(cfg.get("amsgrad"))
+    return 1
+
+
+def _size(shape) -> int:
+    if isinstance(shape, list):
+        return sum(_size(s) for s in shape)
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _si(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or unit == "T":
+            return f"{n:.3g}{unit}" if unit else f"{int(n)}"
+        n /= 1000
+    return str(n)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

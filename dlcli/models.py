@@ -1,0 +1,584 @@
+"""Sequential and Model (Keras' two ways to wire layers): compile, fit, evaluate, predict, summary, save/load.
+
+A Sequential model is a graph whose nodes form a chain, so there is one engine (dlcli.engine.graph) for both.
+`get_config()` returns the `model:` section of a YAML config and `from_config()` builds from it, so a model
+written in Python and the same model written in YAML are interchangeable.
+"""
+import json
+
+import numpy as np
+
+from dlcli import losses as losses_module
+from dlcli import metrics as metrics_module
+from dlcli import optimizers as optimizers_module
+from dlcli.engine.graph import Graph, Input, InputLayer
+from dlcli.engine.layer import LAYERS, Layer, SymbolicTensor, format_shape
+from dlcli.errors import ConfigError, DlcliError, ShapeError
+
+FORMAT_VERSION = 1
+
+
+class Model:
+    """Keras' functional Model: `Model(inputs=inp, outputs=out)` over symbolic tensors."""
+
+    def __init__(self, inputs=None, outputs=None, name: str = "model"):
+        self.name = name
+        self.graph = None
+        self.optimizer = None
+        self.stop_training = False
+        self.compiled = False
+        if inputs is not None:
+            self._set_graph(inputs, outputs)
+
+    def _set_graph(self, inputs, outputs):
+        self.inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        self.outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        self.graph = Graph(self.inputs, self.outputs)
+
+    # --- structure ------------------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[Layer]:
+        return self._require_graph().layers
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.node.layer.name for t in self._require_graph().inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.node.layer.name for t in self._require_graph().outputs]
+
+    @property
+    def weights(self):
+        return [p for layer in self.layers for p in layer.weights]
+
+    @property
+    def trainable_weights(self):
+        return [p for layer in self.layers for p in layer.trainable_weights]
+
+    @property
+    def non_trainable_weights(self):
+        return [p for layer in self.layers for p in layer.non_trainable_weights]
+
+    def get_layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise DlcliError(f"model '{self.name}' has no layer '{name}'")
+
+    def count_params(self) -> int:
+        return sum(layer.count_params() for layer in self.layers)
+
+    def get_weights(self) -> list[np.ndarray]:
+        """All weights in Keras' order: layer by layer, each layer's weights in creation order."""
+        return [p.value.copy() for p in self.weights]
+
+    def set_weights(self, values):
+        params = self.weights
+        if len(values) != len(params):
+            raise ShapeError(f"model '{self.name}' has {len(params)} weight arrays; got {len(values)}")
+        for p, v in zip(params, values):
+            v = np.asarray(v)
+            if v.shape != p.value.shape:
+                raise ShapeError(f"weight '{p.path}' has shape {p.value.shape}; got an array of shape {v.shape}")
+            p.value = v.astype(p.value.dtype, copy=True)
+
+    def _require_graph(self) -> Graph:
+        if self.graph is None:
+            raise DlcliError(f"model '{self.name}' is not built yet: give the first layer input_shape=... "
+                             f"or call build(input_shape)")
+        return self.graph
+
+    # --- compile --------------------------------------------------------------------------------------------
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, loss_weights=None):
+        graph = self._require_graph()
+        if loss is None:
+            raise ConfigError("compile() needs a loss, e.g. loss='sparse_categorical_crossentropy'")
+        self.optimizer = optimizers_module.get(optimizer)
+        names = self.output_names
+        self.losses = [losses_module.get(x) for x in _per_output(loss, names, "loss")]
+        weights = _per_output(loss_weights if loss_weights is not None else 1.0, names, "loss_weights")
+        self.loss_weights = [float(w) for w in weights]
+        metric_lists = _per_output(metrics or [], names, "metrics", listy=True)
+        self.metrics = [[metrics_module.resolve(m, loss_fn, t.shape) for m in ms]
+                        for ms, loss_fn, t in zip(metric_lists, self.losses, graph.outputs)]
+        # Fuse softmax/sigmoid outputs with cross-entropy: the loss reads logits, for stability and speed.
+        self.fused = []
+        for t, loss_fn in zip(graph.outputs, self.losses):
+            layer = t.node.layer
+            act = getattr(layer, "activation", None)
+            fusable = (act is not None and hasattr(act, "name") and loss_fn.fuses_with(act.name)
+                       and len(layer.nodes) == 1 and not graph.consumers.get(id(t)) and not t.node.multi_output)
+            layer.output_fused = bool(fusable)
+            self.fused.append(layer if fusable else None)
+        self.compiled = True
+        self.compile_config = {"optimizer": self.optimizer.get_config(),
+                               "loss": [losses_module.serialize(x) for x in self.losses],
+                               "metrics": metric_lists, "loss_weights": self.loss_weights}
+
+    def _metric_names(self) -> list[str]:
+        prefix = [f"{n}_" if len(self.outputs) > 1 else "" for n in self.output_names]
+        names = ["loss"] + ([f"{p}loss" for p in prefix] if len(self.outputs) > 1 else [])
+        for p, ms in zip(prefix, self.metrics):
+            names += [p + m.name for m in ms]
+        return names
+
+    # --- data plumbing --------------------------------------------------------------------------------------
+    def _inputs_list(self, x) -> list[np.ndarray]:
+        names = self.input_names
+        if isinstance(x, dict):
+            missing = [n for n in names if n not in x]
+            if missing:
+                raise DlcliError(f"no data for model input(s) {missing}; data has {sorted(x)}")
+            xs = [x[n] for n in names]
+        else:
+            xs = list(x) if isinstance(x, (list, tuple)) else [x]
+        if len(xs) != len(names):
+            raise DlcliError(f"model '{self.name}' has {len(names)} inputs ({', '.join(names)}); got {len(xs)} arrays")
+        out = []
+        for t, a in zip(self.graph.inputs, xs):
+            a = np.asarray(a)
+            if a.dtype.kind == "f" and a.dtype != np.dtype(t.dtype):
+                a = a.astype(t.dtype)
+            elif a.dtype.kind in "iub" and np.dtype(t.dtype).kind == "f":
+                a = a.astype(t.dtype)
+            if a.shape[1:] != t.shape:
+                raise ShapeError(f"input '{t.node.layer.name}' expects samples of shape {t.shape} "
+                                 f"(batch shape {format_shape(t.shape)}); the data has {a.shape[1:]}")
+            out.append(a)
+        return out
+
+    def _targets_list(self, y) -> list[np.ndarray]:
+        names = self.output_names
+        if isinstance(y, dict):
+            missing = [n for n in names if n not in y]
+            if missing:
+                raise DlcliError(f"no targets for model output(s) {missing}; data has {sorted(y)}")
+            return [np.asarray(y[n]) for n in names]
+        ys = list(y) if isinstance(y, (list, tuple)) else [y]
+        if len(ys) != len(names):
+            raise DlcliError(f"model '{self.name}' has {len(names)} outputs; got {len(ys)} target arrays")
+        return [np.asarray(a) for a in ys]
+
+    # --- one step -------------------------------------------------------------------------------------------
+    def forward(self, xs: list, training=False) -> list:
+        return self.graph.forward(xs, training)
+
+    def compute_loss(self, ys, outs, sample_weight=None, with_grads=True):
+        """Weighted mean loss over the batch (Keras' sum_over_batch_size) and d(loss)/d(outputs or logits)."""
+        n = outs[0].shape[0]
+        total, parts, grads = 0.0, [], []
+        for y, out, loss_fn, w, fused in zip(ys, outs, self.losses, self.loss_weights, self.fused):
+            per_sample, grad = loss_fn.compute(y, out, logits=fused.logits if fused is not None else None)
+            if sample_weight is not None:
+                value = float((per_sample * sample_weight).sum() / n)
+                scale = (sample_weight * (w / n)).astype(grad.dtype).reshape((-1,) + (1,) * (grad.ndim - 1))
+            else:
+                value = float(per_sample.mean())
+                scale = np.asarray(w / n, grad.dtype)
+            parts.append(value)
+            total += w * value
+            if with_grads:
+                grad *= scale
+                grads.append(grad)
+        return total, parts, grads
+
+    def regularization_loss(self) -> float:
+        return float(sum(layer.regularization_loss() for layer in self.layers))
+
+    def train_step(self, xs, ys, sample_weight=None):
+        outs = self.graph.forward(xs, training=True)
+        total, parts, grads = self.compute_loss(ys, outs, sample_weight)
+        self.graph.backward(grads)
+        total += self.regularization_loss()
+        params = self.trainable_weights
+        for layer in self.layers:
+            layer.add_regularization_grads()
+        self.optimizer.apply(params)
+        for p in params:
+            p.grad[...] = 0
+        return total, parts, outs
+
+    # --- Keras' user-facing API -------------------------------------------------------------------------------
+    def fit(self, x, y, epochs=1, batch_size=32, validation_split=0.0, validation_data=None, shuffle=True,
+            callbacks=None, verbose=1, class_weight=None, sample_weight=None, initial_epoch=0, seed=None,
+            stratify=False):
+        """Train for `epochs`; returns a History. `validation_split` takes a seeded *shuffled* fraction
+        (Keras takes the unshuffled tail, a known trap with sorted data)."""
+        from dlcli.trainer import Trainer
+
+        self._require_compiled()
+        xs, ys = self._inputs_list(x), self._targets_list(y)
+        rng = np.random.default_rng(seed) if seed is not None else np.random.default_rng(_entropy_seed())
+        if validation_data is None and validation_split:
+            from dlcli.data import validation_split as split
+
+            idx = np.arange(len(xs[0]))
+            tr, _, va, _ = split(idx, ys[0] if stratify else np.zeros(len(idx)), validation_split, rng, stratify)
+            validation_data = ([a[va] for a in xs], [a[va] for a in ys])
+            xs, ys = [a[tr] for a in xs], [a[tr] for a in ys]
+            if sample_weight is not None:
+                sample_weight = np.asarray(sample_weight)[tr]
+        elif validation_data is not None:
+            vx, vy = validation_data[0], validation_data[1]
+            validation_data = (self._inputs_list(vx), self._targets_list(vy))
+        trainer = Trainer(self, callbacks=callbacks, verbose=verbose, rng=rng)
+        return trainer.fit(xs, ys, epochs=epochs, batch_size=batch_size, validation_data=validation_data,
+                           shuffle=shuffle, class_weight=class_weight, sample_weight=sample_weight,
+                           initial_epoch=initial_epoch)
+
+    def evaluate(self, x, y, batch_size=32, verbose=0, return_dict=False, sample_weight=None):
+        self._require_compiled()
+        xs, ys = self._inputs_list(x), self._targets_list(y)
+        logs = self.evaluate_arrays(xs, ys, batch_size, sample_weight)
+        if return_dict:
+            return logs
+        values = list(logs.values())
+        return values[0] if len(values) == 1 else values
+
+    def evaluate_arrays(self, xs, ys, batch_size=32, sample_weight=None) -> dict:
+        """Loss and metrics over all samples, exact (each batch weighted by its size)."""
+        loss_mean = metrics_module.Mean()
+        part_means = [metrics_module.Mean() for _ in self.outputs]
+        for ms in self.metrics:
+            for m in ms:
+                m.reset()
+        n = len(xs[0])
+        for start in range(0, n, batch_size):
+            sl = slice(start, start + batch_size)
+            xb, yb = [a[sl] for a in xs], [a[sl] for a in ys]
+            sw = None if sample_weight is None else sample_weight[sl]
+            outs = self.graph.forward(xb, training=False)
+            total, parts, _ = self.compute_loss(yb, outs, sw, with_grads=False)
+            count = len(xb[0])
+            loss_mean.update(total, count)
+            for pm, v in zip(part_means, parts):
+                pm.update(v, count)
+            for y, out, ms in zip(yb, outs, self.metrics):
+                for m in ms:
+                    m.update(y, out, sw)
+        reg = self.regularization_loss()
+        values = [loss_mean.result() + reg]
+        if len(self.outputs) > 1:
+            values += [pm.result() for pm in part_means]
+        values += [m.result() for ms in self.metrics for m in ms]
+        return dict(zip(self._metric_names(), [float(v) for v in values]))
+
+    def predict(self, x, batch_size=32, verbose=0):
+        """Outputs for `x`, computed batch by batch (an array, or a list for several outputs)."""
+        xs = self._inputs_list(x)
+        n = len(xs[0])
+        chunks = [[] for _ in self.outputs]
+        for start in range(0, n, batch_size):
+            outs = self.graph.forward([a[start:start + batch_size] for a in xs], training=False)
+            for c, o in zip(chunks, outs):
+                c.append(o.copy())
+        results = [np.concatenate(c) if c else np.empty((0,) + t.shape, np.float32)
+                   for c, t in zip(chunks, self.outputs)]
+        return results[0] if len(results) == 1 else results
+
+    def __call__(self, x, training=False):
+        outs = self.graph.forward(self._inputs_list(x), training)
+        return outs[0] if len(outs) == 1 else outs
+
+    def _require_compiled(self):
+        if not self.compiled:
+            raise DlcliError(f"model '{self.name}' must be compiled first: model.compile(optimizer, loss, metrics)")
+
+    # --- summary --------------------------------------------------------------------------------------------
+    def summary_rows(self) -> list[dict]:
+        """One row per layer call: name, type, output shape, parameters, connected-to, FLOPs per sample."""
+        graph = self._require_graph()
+        rows, seen = [], set()
+        for node in graph.nodes:
+            layer = node.layer
+            shapes = [t.shape for t in node.outputs]
+            first = id(layer) not in seen
+            seen.add(id(layer))
+            in_shapes = [t.shape for t in node.inputs]
+            flops = 0 if isinstance(layer, InputLayer) else layer.flops(in_shapes if node.multi_input else in_shapes[0])
+            rows.append({
+                "name": layer.name if len(layer.nodes) <= 1 else f"{layer.name} (call {layer.nodes.index(node)})",
+                "type": "InputLayer" if isinstance(layer, InputLayer) else type(layer).__name__,
+                "output_shape": shapes if node.multi_output else shapes[0],
+                "params": layer.count_params() if first else 0,
+                "trainable": layer.trainable,
+                "connected_to": [t.name for t in node.inputs],
+                "flops": int(flops),
+            })
+        return rows
+
+    def summary(self, print_fn=print):
+        rows = self.summary_rows()
+        functional = not isinstance(self, Sequential)
+        header = f"{'Layer (type)':<34}{'Output Shape':<26}{'Param #':>10}" + ("  Connected to" if functional else "")
+        lines = [f'Model: "{self.name}"', "-" * len(header), header, "=" * len(header)]
+        for r in rows:
+            if r["type"] == "InputLayer" and not functional:
+                continue
+            line = f"{r['name'] + ' (' + r['type'] + ')':<34}{format_shape(r['output_shape']):<26}{r['params']:>10,}"
+            if functional:
+                line += "  " + ", ".join(r["connected_to"])
+            lines.append(line)
+        trainable = sum(p.value.size for p in self.trainable_weights)
+        total = self.count_params()
+        lines += ["=" * len(header), f"Total params: {total:,}", f"Trainable params: {trainable:,}",
+                  f"Non-trainable params: {total - trainable:,}"]
+        print_fn("\n".join(lines))
+
+    # --- config, save and load ------------------------------------------------------------------------------
+    def get_config(self) -> dict:
+        """The `model:` section of a YAML config for this graph (functional form)."""
+        graph = self._require_graph()
+        layers, seen = [], {}
+        for node in graph.nodes:
+            layer = node.layer
+            if isinstance(layer, InputLayer):
+                continue
+            refs = [_tensor_ref(t) for t in node.inputs]
+            entry_name = _node_name(node)
+            if id(layer) in seen:
+                entry = {"name": entry_name, "shares": layer.name}
+            else:
+                seen[id(layer)] = True
+                entry = layer.get_config()
+                entry.pop("input_shape", None)
+            entry["inputs"] = refs if node.multi_input else refs[0]
+            layers.append(entry)
+        return {"type": "functional", "name": self.name,
+                "inputs": [{"name": t.node.layer.name, "shape": list(t.shape),
+                            **({"dtype": t.dtype} if t.dtype != "float32" else {})} for t in graph.inputs],
+                "layers": layers, "outputs": [_tensor_ref(t) for t in graph.outputs]}
+
+    def save(self, path, include_optimizer=True):
+        """One .npz file: the architecture and compile settings as JSON, then every weight by name.
+
+        No pickle: strings are stored as NumPy unicode arrays and read back with allow_pickle=False.
+        """
+        from dlcli.runs import atomic_savez
+
+        arrays = {"__dlcli__": np.array(json.dumps({"format": FORMAT_VERSION, "model": self.get_config(),
+                                                    "compile": getattr(self, "compile_config", None)}))}
+        arrays.update(self.weights_dict())
+        if include_optimizer and self.optimizer is not None:
+            arrays.update({f"optimizer/{k}": v for k, v in self.optimizer.get_state().items()})
+        atomic_savez(path, arrays)
+
+    def weights_dict(self) -> dict:
+        return {f"weights/{p.path}": p.value for p in self.weights}
+
+    def load_weights_dict(self, arrays, source="weights file"):
+        params = self.weights
+        wanted = {f"weights/{p.path}": p for p in params}
+        missing = [k for k in wanted if k not in arrays]
+        if missing:
+            raise DlcliError(f"{source} does not match this model: missing {', '.join(missing[:5])}"
+                             + (" ..." if len(missing) > 5 else ""))
+        for key, p in wanted.items():
+            v = arrays[key]
+            if v.shape != p.value.shape:
+                raise DlcliError(f"{source}: weight '{p.path}' has shape {v.shape}; the model expects {p.value.shape}")
+            p.value = np.array(v, dtype=p.value.dtype)
+
+
+class Sequential(Model):
+    """A linear stack of layers; only the first needs `input_shape` (Keras' layer compatibility)."""
+
+    def __init__(self, layers=None, name: str = "sequential"):
+        super().__init__(name=name)
+        self._stack: list[Layer] = []
+        self._input = None
+        for layer in layers or []:
+            self.add(layer)
+
+    def add(self, layer):
+        if isinstance(layer, SymbolicTensor):  # Sequential([Input(shape=...), ...]) as in Keras 3
+            self._input = layer
+            return
+        if not isinstance(layer, Layer):
+            raise DlcliError(f"Sequential takes layers; got {type(layer).__name__}")
+        if self.graph is not None:
+            raise DlcliError("cannot add layers to a Sequential model after it is built")
+        self._stack.append(layer)
+        if len(self._stack) == 1 and self._input is None and layer.input_shape_hint is not None:
+            self._input = Input(layer.input_shape_hint)
+
+    def build(self, input_shape=None):
+        if self.graph is not None:
+            return
+        if input_shape is not None:
+            self._input = Input(tuple(input_shape))
+        if self._input is None:
+            raise DlcliError(f"model '{self.name}' needs an input shape: give the first layer "
+                             f"input_shape=(...) or call build(input_shape)")
+        x = self._input
+        for layer in self._stack:
+            x = layer(x)
+        self._set_graph(self._input, x)
+
+    def _require_graph(self):
+        if self.graph is None and (self._input is not None):
+            self.build()
+        return super()._require_graph()
+
+    def get_config(self) -> dict:
+        self._require_graph()
+        layers = []
+        for layer in self._stack:
+            entry = layer.get_config()
+            entry.pop("input_shape", None)
+            layers.append(entry)
+        return {"type": "sequential", "name": self.name, "input_shape": list(self._input.shape),
+                **({"input_dtype": self._input.dtype} if self._input.dtype != "float32" else {}),
+                "layers": layers}
+
+
+# --- building from a config ---------------------------------------------------------------------------------
+def from_config(spec: dict) -> Model:
+    """Build a model from the `model:` section of a config (sequential or functional)."""
+    spec = dict(spec)
+    kind = spec.get("type", "sequential")
+    if kind == "sequential":
+        model = Sequential(name=spec.get("name") or "sequential")
+        first_shape = spec.get("input_shape")
+        model._input = Input(tuple(first_shape), dtype=spec.get("input_dtype", "float32")) if first_shape else None
+        for entry in spec.get("layers", []):
+            model.add(layer_from_config(entry))
+        model.build()
+        return model
+    if kind == "functional":
+        return _functional_from_config(spec)
+    raise ConfigError(f"model.type must be 'sequential' or 'functional'; found '{kind}'")
+
+
+def layer_from_config(entry: dict) -> Layer:
+    args = {k: v for k, v in entry.items() if k not in ("type", "inputs", "shares")}
+    return LAYERS.get(entry["type"])(**args)
+
+
+def _functional_from_config(spec: dict) -> Model:
+    tensors: dict[str, object] = {}
+    for inp in spec.get("inputs", []):
+        tensors[inp["name"]] = Input(tuple(inp["shape"]), name=inp["name"], dtype=inp.get("dtype", "float32"))
+    layers_by_name: dict[str, Layer] = {}
+    pending = list(spec.get("layers", []))
+    # Entries may come in any order: place each once all its inputs exist (a fixed point; leftovers are a cycle
+    # or unknown names, reported with every offending entry).
+    while pending:
+        progressed = False
+        for entry in list(pending):
+            refs = entry.get("inputs")
+            ref_list = refs if isinstance(refs, list) else [refs]
+            if not all(_resolve_ref(r, tensors, strict=False) is not None for r in ref_list):
+                continue
+            if "shares" in entry:
+                if entry["shares"] not in layers_by_name:
+                    continue
+                layer = layers_by_name[entry["shares"]]
+            else:
+                layer = layer_from_config(entry)
+                layers_by_name[layer.name] = layer
+            ins = [_resolve_ref(r, tensors) for r in ref_list]
+            out = layer(ins if isinstance(refs, list) else ins[0])
+            name = entry.get("name") or layer.name
+            outs = out if isinstance(out, list) else [out]
+            tensors[name] = outs[0]
+            for i, t in enumerate(outs):
+                tensors[f"{name}:{i}"] = t
+            pending.remove(entry)
+            progressed = True
+        if not progressed:
+            raise ConfigError(_unresolved_message(pending, tensors, layers_by_name))
+    outputs = [_resolve_ref(r, tensors) for r in spec.get("outputs", [])]
+    inputs = [tensors[i["name"]] for i in spec.get("inputs", [])]
+    return Model(inputs, outputs, name=spec.get("name") or "model")
+
+
+def _resolve_ref(ref, tensors, strict=True):
+    if ref in tensors:
+        return tensors[ref]
+    if strict:
+        from dlcli.registry import did_you_mean
+
+        raise ConfigError(f"unknown tensor '{ref}'{did_you_mean(ref, tensors)}")
+    return None
+
+
+def _unresolved_message(pending, tensors, layers_by_name) -> str:
+    from dlcli.registry import did_you_mean
+
+    names = {e.get("name") for e in pending} | set(tensors)
+    problems = []
+    for e in pending:
+        refs = e.get("inputs") if isinstance(e.get("inputs"), list) else [e.get("inputs")]
+        for r in refs:
+            if r not in names and r not in tensors:
+                problems.append(f"layer '{e.get('name')}' reads unknown input '{r}'{did_you_mean(r, names)}")
+        if "shares" in e and e["shares"] not in layers_by_name and e["shares"] not in names:
+            problems.append(f"layer '{e.get('name')}' shares unknown layer '{e['shares']}'"
+                            f"{did_you_mean(e['shares'], names)}")
+    if not problems:
+        problems.append("these layers form a cycle: " + " -> ".join(str(e.get("name")) for e in pending))
+    return "; ".join(problems)
+
+
+def _node_name(node) -> str:
+    layer = node.layer
+    return layer.name if layer.nodes.index(node) == 0 else f"{layer.name}_call{layer.nodes.index(node)}"
+
+
+def _tensor_ref(t) -> str:
+    name = _node_name(t.node)
+    return name if not t.node.multi_output else f"{name}:{t.index}"
+
+
+def _per_output(value, names, what, listy=False):
+    """Broadcast a compile argument to one entry per output (a dict keyed by output name, a list, or one)."""
+    if isinstance(value, dict) and not (not listy and "type" in value):
+        unknown = [k for k in value if k not in names]
+        if unknown:
+            from dlcli.registry import did_you_mean
+
+            raise ConfigError(f"compile {what} names unknown output '{unknown[0]}'{did_you_mean(unknown[0], names)}"
+                              f"; outputs: {', '.join(names)}")
+        default = [] if listy else None
+        return [value.get(n, default) for n in names]
+    if listy:
+        if len(names) > 1 and isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            return value
+        return [list(value) for _ in names]
+    if isinstance(value, list) and len(names) > 1:
+        if len(value) != len(names):
+            raise ConfigError(f"compile {what} has {len(value)} entries for {len(names)} outputs")
+        return value
+    return [value for _ in names]
+
+
+def load_model(path) -> Model:
+    """Load a model saved with `model.save(path)` (architecture, compile settings, weights, optimizer state)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise DlcliError(f"cannot read model file {path}: {e}") from None
+    if "__dlcli__" not in arrays:
+        raise DlcliError(f"{path} is not a dlcli model file (no architecture record)")
+    header = json.loads(str(arrays["__dlcli__"]))
+    model = from_config(header["model"])
+    model.load_weights_dict(arrays, source=str(path))
+    if header.get("compile"):
+        c = header["compile"]
+        names = model.output_names
+        model.compile(c["optimizer"], c["loss"] if len(names) > 1 else c["loss"][0],
+                      c["metrics"] if len(names) > 1 else c["metrics"][0], c["loss_weights"])
+        state = {k[len("optimizer/"):]: v for k, v in arrays.items() if k.startswith("optimizer/")}
+        if state:
+            model.optimizer.set_state(state)
+    return model
+
+
+def _entropy_seed() -> int:
+    from dlcli.engine.layer import next_rng
+
+    return int(next_rng().integers(2**63))
+

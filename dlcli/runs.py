@@ -1,0 +1,180 @@
+"""The run directory contract: create it, write every file atomically, read it back.
+
+runs/<name>-<UTC yyyymmdd-hhmmss>/
+  config.yaml        fully resolved config: `dlcli train runs/X/config.yaml` reproduces the run
+  history.csv        epoch, every loss/metric, val_*, learning_rate, seconds
+  summary.txt        the model summary
+  weights/last.npz   named arrays (allow_pickle=False); weights/best.npz by the monitored value
+  checkpoint/        optimizer + RNG + callback state for --resume
+  meta.json          versions, seed, git commit, start/end time, status, best epoch
+  evaluation.json    written by `dlcli evaluate`
+  train.log          the plain-text epoch lines
+"""
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from dlcli.errors import DlcliError
+
+
+def atomic_write_bytes(path, data: bytes):
+    """Temp file in the same directory, fsync, rename: a crash leaves the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise DlcliError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text: str):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_savez(path, arrays: dict):
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_npz(path) -> dict:
+    """Named arrays from an .npz, refusing pickled objects; a damaged file is a clear error."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise DlcliError(f"{path} does not exist") from None
+    except Exception as e:  # zipfile.BadZipFile, ValueError (pickled object), OSError, EOFError...
+        raise DlcliError(f"{path} is damaged or not a dlcli weights file ({type(e).__name__}: {e})") from None
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def utc_stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def create_run_dir(runs_dir, name: str) -> Path:
+    """A new, empty run directory `<runs_dir>/<name>-<UTC stamp>` (suffixed -2, -3 ... if taken)."""
+    runs_dir = Path(runs_dir)
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DlcliError(f"cannot create runs directory {runs_dir}: {e.strerror or e}") from None
+    base = f"{name}-{utc_stamp()}"
+    for i in range(1, 1000):
+        path = runs_dir / (base if i == 1 else f"{base}-{i}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise DlcliError(f"cannot create run directory {path}: {e.strerror or e}") from None
+        (path / "weights").mkdir()
+        return path
+    raise DlcliError(f"cannot find a free run directory name under {runs_dir}")
+
+
+def versions_meta(seed) -> dict:
+    from dlcli import __version__
+
+    return {"dlcli": __version__, "numpy": np.__version__, "python": sys.version.split()[0], "seed": seed,
+            "git_commit": git_commit()}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def history_csv(rows: list[dict]) -> str:
+    """Rows of per-epoch logs as CSV; columns in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    return out.getvalue()
+
+
+def _csv_value(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+def read_history(run_dir) -> list[dict]:
+    path = Path(run_dir) / "history.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: _parse_number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _parse_number(v):
+    if v in ("", None):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+
+def read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DlcliError(f"{path} does not exist") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise DlcliError(f"{path} is unreadable or damaged: {e}") from None
+
+
+def require_run_dir(run_dir) -> Path:
+    path = Path(run_dir)
+    if not (path / "config.yaml").is_file():
+        raise DlcliError(f"{path} is not a dlcli run directory (no config.yaml); run directories look like "
+                         f"runs/<name>-<yyyymmdd-hhmmss>/")
+    return path
