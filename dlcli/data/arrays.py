@@ -107,7 +107,7 @@ def _numeric(file, cells: np.ndarray, names: list[str]) -> np.ndarray:
                 try:
                     float(v)
                 except ValueError:
-                    raise DlcliError(f"{file}: row {i + 2}, column '{name}': {v!r} is not a number (features "
+                    raise DlcliError(f"{file}: row {i + 2}, column '{name}': {str(v)!r} is not a number (features "
                                      f"must be numeric; choose columns with data.columns)") from None
         raise
 
