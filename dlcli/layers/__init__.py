@@ -15,3 +15,11 @@ from dlcli.layers.pooling import (AveragePooling1D, AveragePooling2D, AveragePoo
 __all__ += ["MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D", "AveragePooling2D",
             "AveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
             "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D"]
+from dlcli.layers.normalization import BatchNormalization, LayerNormalization  # noqa: E402
+
+__all__ += ["BatchNormalization", "LayerNormalization"]
+from dlcli.layers.embedding import Embedding, Masking  # noqa: E402
+from dlcli.layers.recurrent import GRU, LSTM, SimpleRNN  # noqa: E402
+from dlcli.layers.wrappers import Bidirectional, TimeDistributed  # noqa: E402
+
+__all__ += ["Embedding", "Masking", "SimpleRNN", "LSTM", "GRU", "Bidirectional", "TimeDistributed"]

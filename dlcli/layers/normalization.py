@@ -1,0 +1,137 @@
+"""BatchNormalization and LayerNormalization with Keras' arguments, defaults and weight order (gamma, beta, ...)."""
+import numpy as np
+
+from dlcli.engine import initializers
+from dlcli.engine.layer import Layer, register
+from dlcli.errors import ShapeError
+
+
+def _axes(axis, rank: int, layer) -> tuple[int, ...]:
+    """Normalised (non-negative, batch-free) axes; Keras counts them with the batch axis, so axis 1 is ours 0."""
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    out = []
+    for a in axes:
+        a = a + rank + 1 if a < 0 else a
+        if not 1 <= a <= rank:
+            raise ShapeError(f"{type(layer).__name__} '{layer.name}': axis {axis} is out of range for inputs of "
+                             f"rank {rank + 1} (the batch axis 0 cannot be normalised over)")
+        out.append(a - 1)
+    return tuple(sorted(out))
+
+
+class _Normalization(Layer):
+    supports_masking = True
+
+    def _build_affine(self, input_shape):
+        self.feature_axes = _axes(self.axis, len(input_shape), self)
+        shape = tuple(input_shape[a] for a in self.feature_axes)
+        # broadcast shape of the weights against (batch, *input_shape)
+        self.param_view = (1, *[input_shape[a] if a in self.feature_axes else 1 for a in range(len(input_shape))])
+        if self.scale:
+            self.gamma = self.add_weight("gamma", shape, self.gamma_initializer, self.gamma_regularizer)
+        if self.center:
+            self.beta = self.add_weight("beta", shape, self.beta_initializer, self.beta_regularizer)
+        return shape
+
+    def _affine(self, xhat):
+        y = xhat * self.gamma.value.reshape(self.param_view) if self.scale else xhat.copy()
+        if self.center:
+            y += self.beta.value.reshape(self.param_view)
+        return y
+
+    def _affine_backward(self, grad, reduce_axes):
+        """Adds the gamma/beta gradients; returns d(loss)/d(xhat)."""
+        if self.center and self.beta.grad is not None:
+            self.beta.grad += grad.sum(reduce_axes).reshape(self.beta.grad.shape)
+        if not self.scale:
+            return grad
+        if self.gamma.grad is not None:
+            self.gamma.grad += (grad * self.xhat).sum(reduce_axes).reshape(self.gamma.grad.shape)
+        return grad * self.gamma.value.reshape(self.param_view)
+
+
+@register("BatchNormalization")
+class BatchNormalization(_Normalization):
+    """Batch statistics while training (and then moving = momentum * moving + (1 - momentum) * batch), moving ones
+    at inference, as Keras 3: biased batch variance, and a layer with trainable=False always runs in inference mode.
+    Weights in Keras' order: gamma, beta, moving_mean, moving_variance (the last two non-trainable)."""
+
+    def __init__(self, axis=-1, momentum: float = 0.99, epsilon: float = 1e-3, center: bool = True,
+                 scale: bool = True, beta_initializer="zeros", gamma_initializer="ones",
+                 moving_mean_initializer="zeros", moving_variance_initializer="ones", beta_regularizer=None,
+                 gamma_regularizer=None, **kw):
+        super().__init__(**kw)
+        self.axis, self.momentum, self.epsilon = axis, float(momentum), float(epsilon)
+        self.center, self.scale = center, scale
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer, self.gamma_regularizer = beta_regularizer, gamma_regularizer
+
+    def build(self, input_shape):
+        shape = self._build_affine(input_shape)
+        self.moving_mean = self.add_weight("moving_mean", shape, self.moving_mean_initializer, trainable=False)
+        self.moving_variance = self.add_weight("moving_variance", shape, self.moving_variance_initializer,
+                                               trainable=False)
+        self.reduce_axes = (0, *[a + 1 for a in range(len(input_shape)) if a not in self.feature_axes])
+
+    def forward(self, x, training=False):
+        self.training = training and self.trainable
+        dtype = x.dtype.type
+        if self.training:
+            mean = x.mean(self.reduce_axes, keepdims=True)
+            centered = x - mean
+            var = (centered * centered).mean(self.reduce_axes, keepdims=True)
+            m = dtype(self.momentum)
+            for param, batch in ((self.moving_mean, mean), (self.moving_variance, var)):
+                param.value = (param.value * m + batch.reshape(param.value.shape) * (1 - m)).astype(
+                    param.value.dtype, copy=False)
+        else:
+            centered = x - self.moving_mean.value.reshape(self.param_view).astype(x.dtype, copy=False)
+            var = self.moving_variance.value.reshape(self.param_view).astype(x.dtype, copy=False)
+        self.inv_std = 1 / np.sqrt(var + dtype(self.epsilon))
+        self.xhat = centered * self.inv_std
+        return self._affine(self.xhat)
+
+    def backward(self, grad):
+        dxhat = self._affine_backward(grad, self.reduce_axes)
+        if not self.training:
+            return dxhat * self.inv_std
+        # d/dx of (x - mean) / std with batch statistics: the mean and variance depend on every sample too
+        mean_d = dxhat.mean(self.reduce_axes, keepdims=True)
+        mean_dx = (dxhat * self.xhat).mean(self.reduce_axes, keepdims=True)
+        return (dxhat - mean_d - self.xhat * mean_dx) * self.inv_std
+
+
+@register("LayerNormalization")
+class LayerNormalization(_Normalization):
+    """Normalise each sample over `axis` (default the last), then gamma * xhat + beta; epsilon 1e-3 as Keras."""
+
+    def __init__(self, axis=-1, epsilon: float = 1e-3, center: bool = True, scale: bool = True,
+                 beta_initializer="zeros", gamma_initializer="ones", beta_regularizer=None,
+                 gamma_regularizer=None, **kw):
+        super().__init__(**kw)
+        self.axis, self.epsilon, self.center, self.scale = axis, float(epsilon), center, scale
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.beta_regularizer, self.gamma_regularizer = beta_regularizer, gamma_regularizer
+
+    def build(self, input_shape):
+        self._build_affine(input_shape)
+        self.norm_axes = tuple(a + 1 for a in self.feature_axes)
+        self.param_axes = (0, *[a + 1 for a in range(len(input_shape)) if a not in self.feature_axes])
+
+    def forward(self, x, training=False):
+        mean = x.mean(self.norm_axes, keepdims=True)
+        centered = x - mean
+        var = (centered * centered).mean(self.norm_axes, keepdims=True)
+        self.inv_std = 1 / np.sqrt(var + x.dtype.type(self.epsilon))
+        self.xhat = centered * self.inv_std
+        return self._affine(self.xhat)
+
+    def backward(self, grad):
+        dxhat = self._affine_backward(grad, self.param_axes)
+        mean_d = dxhat.mean(self.norm_axes, keepdims=True)
+        mean_dx = (dxhat * self.xhat).mean(self.norm_axes, keepdims=True)
+        return (dxhat - mean_d - self.xhat * mean_dx) * self.inv_std

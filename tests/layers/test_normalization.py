@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+
+from dlcli import layers
+from dlcli.errors import ShapeError
+from tests.gradcheck import check_layer
+
+# Gradient-check table: layer type -> list of (constructor args, input shape without batch, check options).
+GRADIENT_CASES = {
+    "BatchNormalization": [({}, (4,), {"training": True, "batch": 5}),
+                           ({}, (3, 4, 2), {"training": True}),
+                           ({}, (3, 4, 2), {"training": False}),
+                           ({"axis": 1}, (3, 2), {"training": True, "batch": 4}),
+                           ({"center": False, "scale": False}, (5, 3), {"training": True}),
+                           ({"scale": False}, (2, 3, 3), {"training": True})],
+    "LayerNormalization": [({}, (5,), {}), ({}, (3, 4), {}), ({"axis": [1, 2]}, (3, 2, 2), {}),
+                           ({"center": False}, (4, 3), {}), ({"scale": False, "epsilon": 1e-5}, (6,), {})],
+}
+
+
+@pytest.mark.parametrize("name,args,shape,opts", [(n, a, s, o) for n, cases in GRADIENT_CASES.items()
+                                                  for a, s, o in cases])
+def test_gradients(name, args, shape, opts):
+    check_layer(layers.LAYERS.get(name)(**args), shape, **opts)
+
+
+def test_batchnorm_keras_weights_and_defaults():
+    bn = layers.BatchNormalization()
+    bn(np.ones((2, 5, 5, 3), np.float32))
+    assert [p.name for p in bn.weights] == ["gamma", "beta", "moving_mean", "moving_variance"]
+    assert [p.name for p in bn.trainable_weights] == ["gamma", "beta"]
+    assert bn.moving_mean.grad is None and bn.moving_variance.grad is None
+    assert bn.momentum == 0.99 and bn.epsilon == 1e-3 and bn.count_params() == 12
+    assert all(w.shape == (3,) for w in bn.get_weights())
+
+
+def test_batchnorm_updates_moving_statistics_only_while_training():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, (64, 4, 4, 2)).astype(np.float32)
+    bn = layers.BatchNormalization(momentum=0.9)
+    y = bn(x)
+    np.testing.assert_array_equal(bn.moving_mean.value, 0)  # inference leaves them alone
+    np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-3), rtol=1e-6)
+    bn.forward(x, training=True)
+    batch_mean, batch_var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    np.testing.assert_allclose(bn.moving_mean.value, 0.1 * batch_mean, rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.value, 0.9 + 0.1 * batch_var, rtol=1e-5)
+    assert bn.moving_mean.value.dtype == np.float32
+
+
+def test_batchnorm_inference_equals_training_when_statistics_match():
+    rng = np.random.default_rng(1)
+    x = rng.normal(1.0, 3.0, (16, 3, 5)).astype(np.float64)
+    bn = layers.BatchNormalization(dtype="float64")
+    bn.ensure_built(x.shape[1:])
+    bn.gamma.value, bn.beta.value = rng.normal(size=5), rng.normal(size=5)
+    train = bn.forward(x, training=True)
+    bn.moving_mean.value, bn.moving_variance.value = x.mean((0, 1)), x.var((0, 1))
+    np.testing.assert_allclose(bn.forward(x, training=False), train, rtol=1e-10, atol=1e-12)
+    # and the normalised output has zero mean / unit variance per channel before gamma/beta
+    np.testing.assert_allclose(((train - bn.beta.value) / bn.gamma.value).mean((0, 1)), 0, atol=1e-10)
+
+
+def test_frozen_batchnorm_runs_in_inference_mode():
+    bn = layers.BatchNormalization(trainable=False)
+    x = np.random.default_rng(2).normal(5, 1, (8, 3)).astype(np.float32)
+    bn(x)
+    y = bn.forward(x, training=True)
+    np.testing.assert_array_equal(bn.moving_mean.value, 0)
+    np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-3), rtol=1e-6)
+
+
+def test_batchnorm_set_weights_restores_moving_statistics():
+    bn = layers.BatchNormalization()
+    x = np.random.default_rng(3).normal(2, 1, (32, 4)).astype(np.float32)
+    bn(x)
+    bn.forward(x, training=True)
+    saved = bn.get_weights()
+    other = layers.BatchNormalization()
+    other(x)
+    other.set_weights(saved)
+    np.testing.assert_array_equal(other.forward(x), bn.forward(x))
+
+
+def test_layernorm_normalises_each_sample_with_keras_epsilon():
+    ln = layers.LayerNormalization()
+    x = np.random.default_rng(4).normal(0, 2, (3, 7, 6)).astype(np.float32)
+    y = ln(x)
+    assert ln.epsilon == 1e-3 and [p.name for p in ln.weights] == ["gamma", "beta"]
+    expected = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-3)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+    assert y.dtype == np.float32
+
+
+def test_normalization_axis_out_of_range_names_the_layer():
+    with pytest.raises(ShapeError, match="'bn'.*axis"):
+        layers.BatchNormalization(axis=3, name="bn").ensure_built((4, 2))
