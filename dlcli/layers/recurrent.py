@@ -18,6 +18,7 @@ class Recurrent(Layer):
 
     gates = 1  # blocks of `units` columns in kernel and recurrent_kernel
     n_states = 1  # final states returned after the output when return_state
+    zero_output_for_mask = False  # Keras' RNN flag: masked steps output zeros instead of the previous output
 
     def __init__(self, units, activation, recurrent_activation, use_bias, kernel_initializer, recurrent_initializer,
                  bias_initializer, kernel_regularizer, recurrent_regularizer, bias_regularizer, dropout,
@@ -106,7 +107,12 @@ class Recurrent(Layer):
         form = self._tanh_form(dtype)
         xp = self._project(xt, form)
         H, finals = self._scan(xp, step_mask, rec_mask, form)
-        out = np.ascontiguousarray(H[1:].transpose(1, 0, 2)) if self.return_sequences else H[-1].copy()
+        self.zero_mask = step_mask if (self.zero_output_for_mask and self.return_sequences) else None
+        if self.return_sequences:
+            seq = H[1:] if self.zero_mask is None else H[1:] * self.zero_mask
+            out = np.ascontiguousarray(seq.transpose(1, 0, 2))
+        else:
+            out = H[-1].copy()
         return [out] + [s.copy() for s in finals] if self.return_state else out
 
     def _dropout_mask(self, training, rate, shape, dtype):
@@ -146,6 +152,8 @@ class Recurrent(Layer):
         g_out, g_states = grads[0], list(grads[1:])
         if self.return_sequences:
             dY = np.ascontiguousarray(np.asarray(g_out).transpose(1, 0, 2))
+            if self.zero_mask is not None:
+                dY *= self.zero_mask
             dh = np.zeros(dY.shape[1:], dY.dtype)
         else:
             dY, dh = None, np.array(g_out, copy=True)
@@ -156,7 +164,10 @@ class Recurrent(Layer):
         dXP = self._scan_backward(dY, d_finals)
         if self.use_bias and self.bias.grad is not None:
             self._add_input_bias_grad(dXP.sum((0, 1)))
-        dx = self._project_backward(dXP).transpose(1, 0, 2)
+        dx = self._project_backward(dXP)
+        if dx is None:
+            return None
+        dx = dx.transpose(1, 0, 2)
         return np.ascontiguousarray(dx[:, ::-1] if self.go_backwards else dx)
 
     def _add_input_bias_grad(self, db):
@@ -166,10 +177,13 @@ class Recurrent(Layer):
         W, xt, T, B, F = self.kernel.value, self.xt, *self.xt.shape
         n, u = W.shape[1], self.units
         train_kernel = self.kernel.grad is not None
+        need_dx = getattr(self, "input_grad_needed", True)  # False when the input is data
         if self.dmask is None or len(self.dmask) == 1:
             d2 = dXP.reshape(-1, n)
             if train_kernel:
                 self.kernel.grad += self.xd.reshape(-1, F).T @ d2
+            if not need_dx:
+                return None
             dx = (d2 @ W.T).reshape(T, B, F)
             return dx if self.dmask is None else dx * self.dmask[0]
         dx = np.zeros_like(xt)
@@ -177,8 +191,9 @@ class Recurrent(Layer):
             d2 = dXP[..., g * u:(g + 1) * u].reshape(-1, u)
             if train_kernel:
                 self.kernel.grad[:, g * u:(g + 1) * u] += (xt * m).reshape(-1, F).T @ d2
-            dx += (d2 @ W[:, g * u:(g + 1) * u].T).reshape(T, B, F) * m
-        return dx
+            if need_dx:
+                dx += (d2 @ W[:, g * u:(g + 1) * u].T).reshape(T, B, F) * m
+        return dx if need_dx else None
 
     def _add_recurrent_grad(self, dU):
         if self.recurrent_kernel.grad is not None:

@@ -88,16 +88,17 @@ def recurrent_matmul(h, U, rec_mask, out):
         out.reshape(B, G, u)[...] = per_gate.transpose(1, 0, 2)
 
 
-def recurrent_matmul_T(dz, U, rec_mask, out):
-    """The gradient of `recurrent_matmul` w.r.t. h: out = dz @ U.T (masked per gate)."""
+def recurrent_matmul_T(dz, UT, rec_mask, out):
+    """The gradient of `recurrent_matmul` w.r.t. h: out = dz @ U.T, given UT = U.T made contiguous once per
+    backward pass (BLAS is markedly faster on it than on the transposed view)."""
     if rec_mask is None:
-        np.matmul(dz, U.T, out=out)
+        np.matmul(dz, UT, out=out)
     elif len(rec_mask) == 1:
-        np.matmul(dz, U.T, out=out)
+        np.matmul(dz, UT, out=out)
         out *= rec_mask[0]
     else:
         G, B, u = rec_mask.shape
-        per_gate = np.matmul(dz.reshape(B, G, u).transpose(1, 0, 2), U.reshape(u, G, u).transpose(1, 2, 0))
+        per_gate = np.matmul(dz.reshape(B, G, u).transpose(1, 0, 2), UT.reshape(G, u, u))
         per_gate *= rec_mask
         per_gate.sum(0, out=out)
 
@@ -137,6 +138,7 @@ def simple_backward(cache, dY, dh):
     Returns dXP (T, B, u) and dU."""
     H, U, step_mask, rec_mask = cache["H"], cache["U"], cache["step_mask"], cache["rec_mask"]
     T = H.shape[0] - 1
+    UT = np.ascontiguousarray(U.T)
     D = derivative(cache["act"], H[1:])
     if step_mask is not None:
         m, keep = _mask_factors(step_mask, H.dtype)
@@ -149,7 +151,7 @@ def simple_backward(cache, dY, dh):
         np.multiply(dh, D[t], out=dXP[t])
         if step_mask is not None:
             np.multiply(dh, keep[t], out=carry)
-        recurrent_matmul_T(dXP[t], U, rec_mask, dh)
+        recurrent_matmul_T(dXP[t], UT, rec_mask, dh)
         if step_mask is not None:
             dh += carry
     return dXP, recurrent_kernel_grad(H[:-1], dXP, rec_mask)
@@ -165,14 +167,17 @@ def lstm_forward(xp, U, act, rec_act, step_mask=None, rec_mask=None, form=None):
     A, TC = np.empty((T, B, G), dt), np.empty((T, B, u), dt)  # gate activations, act(c)
     tmp = np.empty((B, u), dt)
     U_run = U * form[0] if form is not None else U
+    if form is not None:
+        # full (B, 4u) rows: NumPy's same-shape ufunc loops are about twice as fast as broadcasting ones
+        scale, offset = (np.ascontiguousarray(np.broadcast_to(v, (B, G))) for v in form)
     for t in range(T):
         a = A[t]
         recurrent_matmul(H[t], U_run, rec_mask, a)
         a += xp[t]
         if form is not None:
             np.tanh(a, out=a)
-            a *= form[0]
-            a += form[1]
+            a *= scale
+            a += offset
         else:
             activate_(rec_act, a[:, :2 * u])
             activate_(act, a[:, 2 * u:3 * u])
@@ -192,7 +197,23 @@ def lstm_forward(xp, U, act, rec_act, step_mask=None, rec_mask=None, form=None):
             keep = ~step_mask[t]
             np.copyto(H[t + 1], H[t], where=keep)
             np.copyto(c, C[t], where=keep)
-    return H, C, dict(H=H, C=C, A=A, TC=TC, U=U, act=act, rec_act=rec_act, step_mask=step_mask, rec_mask=rec_mask)
+    return H, C, dict(H=H, C=C, A=A, TC=TC, U=U, act=act, rec_act=rec_act,
+                      form=form, step_mask=step_mask, rec_mask=rec_mask)
+
+
+def _gate_derivatives(A, names, form):
+    """d act / d pre-activation of every gate column, from the activations A (..., len(names) * u)."""
+    if form is not None:
+        # act = offset + scale * tanh(scale * z)  =>  act' = (scale + offset - act) * (scale - offset + act)
+        scale, offset = form
+        D = np.subtract(scale + offset, A)
+        D *= np.add(scale - offset, A)
+        return D
+    u = A.shape[-1] // len(names)
+    D = np.empty_like(A)
+    for k, name in enumerate(names):
+        D[..., k * u:(k + 1) * u] = derivative(name, A[..., k * u:(k + 1) * u])
+    return D
 
 
 def lstm_backward(cache, dY, dh, dc):
@@ -201,21 +222,23 @@ def lstm_backward(cache, dY, dh, dc):
     step_mask, rec_mask, act, rec_act = cache["step_mask"], cache["rec_mask"], cache["act"], cache["rec_act"]
     T, B, G = A.shape
     u = G // 4
+    UT = np.ascontiguousarray(U.T)
     i, f, g, o = (A[..., k * u:(k + 1) * u] for k in range(4))
-    # dXP_t = [dc, dc, dc, dh]_t * K_t, with every factor independent of the running gradients.
-    K = np.empty_like(A)
-    K[..., :u] = g * derivative(rec_act, i)
-    K[..., u:2 * u] = C[:-1] * derivative(rec_act, f)
-    K[..., 2 * u:3 * u] = i * derivative(act, g)
-    K[..., 3 * u:] = TC * derivative(rec_act, o)
-    Kc = o * derivative(act, TC)  # dh -> dc
+    # dXP_t = [dc, dc, dc, dh]_t * K_t, with every factor of K independent of the running gradients.
+    K = _gate_derivatives(A, [rec_act, rec_act, act, rec_act], cache["form"])
+    K4 = K.reshape(T, B, 4, u)
+    K4[:, :, 0] *= g
+    K4[:, :, 1] *= C[:-1]
+    K4[:, :, 2] *= i
+    K4[:, :, 3] *= TC
+    Kc = derivative(act, TC)  # dh -> dc
+    Kc *= o
     F = f
     if step_mask is not None:
         m, keep = _mask_factors(step_mask, A.dtype)
         K *= m
         Kc *= m
         F = f * m + keep  # a masked step passes dc through unchanged
-    K4 = K.reshape(T, B, 4, u)
     dXP = np.empty_like(A)
     dX4 = dXP.reshape(T, B, 4, u)
     dh, dc = dh.copy(), dc.copy()
@@ -230,7 +253,7 @@ def lstm_backward(cache, dY, dh, dc):
         dc *= F[t]
         if step_mask is not None:
             np.multiply(dh, keep[t], out=carry)
-        recurrent_matmul_T(dXP[t], U, rec_mask, dh)
+        recurrent_matmul_T(dXP[t], UT, rec_mask, dh)
         if step_mask is not None:
             dh += carry
     return dXP, recurrent_kernel_grad(H[:-1], dXP, rec_mask)
@@ -319,6 +342,7 @@ def _gru_factors(H_prev, z, hh, act, rec_act, step_mask):
 
 def _gru_backward_after(H_prev, z, r, hh, inner, U, act, rec_act, step_mask, rec_mask, dY, dh):
     T, B, u = z.shape
+    UT = np.ascontiguousarray(U.T)
     Kz, Kh, Zc, keep = _gru_factors(H_prev, z, hh, act, rec_act, step_mask)
     # Per-step layout of D: [d pre_hh, d pre_z, d pre_r, d inner_h], so the recurrent matmul reads the last three
     # as one contiguous block and each pair of products writes two adjacent blocks.
@@ -333,7 +357,7 @@ def _gru_backward_after(H_prev, z, r, hh, inner, U, act, rec_act, step_mask, rec
         np.multiply(dh[:, None, :], K1[t], out=Dt[:, :2])
         np.multiply(Dt[:, :1], K2[t], out=Dt[:, 2:])
         np.multiply(dh, Zc[t], out=carry)
-        recurrent_matmul_T(Dt[:, 1:].reshape(B, 3 * u), U, rec_mask, dh)
+        recurrent_matmul_T(Dt[:, 1:].reshape(B, 3 * u), UT, rec_mask, dh)
         dh += carry
     dInner = D[:, :, 1:].reshape(T, B, 3 * u)
     dXP = np.concatenate([D[:, :, 1], D[:, :, 2], D[:, :, 0]], axis=-1)
@@ -344,7 +368,7 @@ def _gru_backward_before(H_prev, z, r, hh, rh, U, act, rec_act, step_mask, rec_m
     T, B, u = z.shape
     Kz, Kh, Zc, keep = _gru_factors(H_prev, z, hh, act, rec_act, step_mask)
     Dr = derivative(rec_act, r)
-    U_zr, U_h = U[:, :2 * u], U[:, 2 * u:]
+    UT_zr, UT_h = np.ascontiguousarray(U[:, :2 * u].T), np.ascontiguousarray(U[:, 2 * u:].T)
     rm_zr = None if rec_mask is None else rec_mask[:2] if len(rec_mask) > 1 else rec_mask
     rm_h = None if rec_mask is None else rec_mask[2 if len(rec_mask) > 1 else 0]
     dXP = np.empty((T, B, 3 * u), z.dtype)
@@ -356,13 +380,13 @@ def _gru_backward_before(H_prev, z, r, hh, rh, U, act, rec_act, step_mask, rec_m
         dx = dXP[t]
         np.multiply(dh, Kz[t], out=dx[:, :u])
         np.multiply(dh, Kh[t], out=dx[:, 2 * u:])
-        np.matmul(dx[:, 2 * u:], U_h.T, out=d_rh)  # d(r * h_h)
+        np.matmul(dx[:, 2 * u:], UT_h, out=d_rh)  # d(r * h_h)
         h_h = H_prev[t] if rm_h is None else H_prev[t] * rm_h
         np.multiply(d_rh * h_h, Dr[t], out=dx[:, u:2 * u])
         d_rh *= r[t]
         if rm_h is not None:
             d_rh *= rm_h
-        recurrent_matmul_T(np.ascontiguousarray(dx[:, :2 * u]), U_zr, rm_zr, back)
+        recurrent_matmul_T(np.ascontiguousarray(dx[:, :2 * u]), UT_zr, rm_zr, back)
         dh *= Zc[t]
         dh += back
         dh += d_rh

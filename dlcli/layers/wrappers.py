@@ -1,0 +1,212 @@
+"""Layers that run other layers: Bidirectional (Keras' RNN wrapper) and TimeDistributed.
+
+A wrapper owns its inner layers: their weights appear in the wrapper's `params` (prefixed keys such as
+"forward/kernel", in Keras' weight order), so models list, train and save them through the wrapper; the inner
+layers draw their randomness from the wrapper's generator. The inner layer is given as a Layer or as its config
+mapping `{type: LSTM, units: 32, ...}`, and `get_config()` gives the mapping back.
+"""
+import numpy as np
+
+from dlcli.engine.layer import LAYERS, Layer, register
+from dlcli.errors import ConfigError, ShapeError
+
+MERGE_MODES = ("concat", "sum", "mul", "ave", None)
+
+
+def as_layer(spec, owner: str, name: str | None = None) -> Layer:
+    """A Layer from a Layer or a `{type: ..., ...}` mapping (a fresh layer each call, renamed when `name`)."""
+    if isinstance(spec, Layer):
+        config = spec.get_config()
+    elif isinstance(spec, dict) and "type" in spec:
+        config = dict(spec)
+    else:
+        raise ConfigError(f"{owner}: 'layer' must be a layer config such as {{type: LSTM, units: 32}}; got {spec!r}")
+    config = dict(config)
+    cls = LAYERS.get(config.pop("type"))
+    if name is not None:
+        config["name"] = name
+    return cls(**config)
+
+
+class Wrapper(Layer):
+    """Adopts the inner layers' weights under prefixed keys and keeps their dtype and RNG in step with its own."""
+
+    def _inner(self) -> list[tuple[str, Layer]]:
+        raise NotImplementedError
+
+    def _build_inner(self, layer: Layer, input_shape):
+        layer.dtype = self.dtype
+        layer.ensure_built(input_shape, self.rng)
+
+    def _adopt_weights(self):
+        for prefix, layer in self._inner():
+            for key, p in layer.params.items():
+                p.name = f"{prefix}{key}"
+                p.layer = self  # the wrapper is what the model sees: its name, trainable flag and lr_mult apply
+                self.params[p.name] = p
+
+    def _sync(self):
+        for _, layer in self._inner():
+            layer.rng, layer.dtype, layer.output_fused = self.rng, self.dtype, False
+
+    def flops(self, input_shape):
+        return sum(layer.flops(input_shape) for _, layer in self._inner())
+
+
+@register("Bidirectional")
+class Bidirectional(Wrapper):
+    """Runs `layer` forwards and a go_backwards copy, merging their outputs (Keras' Bidirectional).
+
+    The copies are named forward_<name> and backward_<name>; the backward sequence is flipped back into time order
+    before merging. With return_state the outputs are [merged, forward states..., backward states...]."""
+
+    def __init__(self, layer, merge_mode: str | None = "concat", backward_layer=None, **kw):
+        super().__init__(**kw)
+        if merge_mode not in MERGE_MODES:
+            raise ConfigError(f"Bidirectional '{self.name}': merge_mode must be one of "
+                              f"{', '.join(map(str, MERGE_MODES))}; got {merge_mode!r}")
+        self.merge_mode = merge_mode
+        base = as_layer(layer, f"Bidirectional '{self.name}'")
+        inner_name = base.name.removeprefix("forward_")
+        self.forward_layer = as_layer(base, self.name, "forward_" + inner_name)
+        if backward_layer is None:
+            config = base.get_config()
+            config["go_backwards"] = True
+            self.backward_layer = as_layer(config, self.name, "backward_" + inner_name)
+        else:
+            self.backward_layer = as_layer(backward_layer, f"Bidirectional '{self.name}'")
+        f, b = self.forward_layer, self.backward_layer
+        for attr in ("return_sequences", "return_state", "go_backwards"):
+            if not hasattr(f, attr) or not hasattr(b, attr):
+                raise ConfigError(f"Bidirectional '{self.name}' wraps recurrent layers (SimpleRNN, LSTM, GRU); "
+                                  f"got {type(f).__name__} and {type(b).__name__}")
+        if f.go_backwards == b.go_backwards or f.return_sequences != b.return_sequences \
+                or f.return_state != b.return_state:
+            raise ConfigError(f"Bidirectional '{self.name}': backward_layer must match layer's return_sequences "
+                              f"and return_state, with the opposite go_backwards")
+        self.return_sequences, self.return_state = f.return_sequences, f.return_state
+        for inner in (f, b):  # Keras forces zeros at the masked steps of returned sequences
+            inner.zero_output_for_mask = self.return_sequences
+
+    def _inner(self):
+        return [("forward/", self.forward_layer), ("backward/", self.backward_layer)]
+
+    def build(self, input_shape):
+        self._build_inner(self.forward_layer, input_shape)
+        self._build_inner(self.backward_layer, input_shape)
+        self._adopt_weights()
+
+    def output_shape(self, input_shape):
+        fo, bo = self.forward_layer.output_shape(input_shape), self.backward_layer.output_shape(input_shape)
+        f_states, b_states = (fo[1:], bo[1:]) if self.return_state else ([], [])
+        fo, bo = (fo[0], bo[0]) if self.return_state else (fo, bo)
+        if self.merge_mode is None:
+            outs = [fo, bo]
+        elif self.merge_mode == "concat":
+            outs = [(*fo[:-1], fo[-1] + bo[-1])]
+        else:
+            outs = [fo]
+        outs = outs + list(f_states) + list(b_states)
+        return outs if len(outs) > 1 else outs[0]
+
+    def compute_mask(self, x, mask):
+        out = mask if self.return_sequences else None
+        n_out = 2 if self.merge_mode is None else 1
+        if not self.return_state and n_out == 1:
+            return out
+        n_states = self.forward_layer.n_states + self.backward_layer.n_states if self.return_state else 0
+        return [out] * n_out + [None] * n_states
+
+    def forward(self, x, training=False):
+        self._sync()
+        outs = []
+        for layer in (self.forward_layer, self.backward_layer):
+            layer.input_mask = self.input_mask
+            y = layer.forward(x, training)
+            outs.append(y if isinstance(y, list) else [y])
+        (y, *f_states), (y_rev, *b_states) = outs
+        if self.return_sequences:
+            y_rev = y_rev[:, ::-1]
+        self.y, self.y_rev = y, y_rev
+        if self.merge_mode == "concat":
+            merged = [np.concatenate([y, y_rev], axis=-1)]
+        elif self.merge_mode == "sum":
+            merged = [y + y_rev]
+        elif self.merge_mode == "ave":
+            merged = [(y + y_rev) / 2]
+        elif self.merge_mode == "mul":
+            merged = [y * y_rev]
+        else:
+            merged = [y, np.ascontiguousarray(y_rev)]
+        result = merged + f_states + b_states
+        return result if len(result) > 1 else result[0]
+
+    def backward(self, grad):
+        grads = grad if isinstance(grad, list) else [grad]
+        n_out = 2 if self.merge_mode is None else 1
+        g, g_states = grads[:n_out], grads[n_out:]
+        units = self.y.shape[-1]
+        if self.merge_mode == "concat":
+            gy, gy_rev = g[0][..., :units], g[0][..., units:]
+        elif self.merge_mode == "sum":
+            gy, gy_rev = g[0], g[0]
+        elif self.merge_mode == "ave":
+            gy = gy_rev = g[0] / 2
+        elif self.merge_mode == "mul":
+            gy, gy_rev = g[0] * self.y_rev, g[0] * self.y
+        else:
+            gy, gy_rev = g
+        if self.return_sequences:
+            gy_rev = gy_rev[:, ::-1]
+        n_f = self.forward_layer.n_states if self.return_state else 0
+        gx = 0
+        for layer, gl, gs in ((self.forward_layer, gy, g_states[:n_f]), (self.backward_layer, gy_rev, g_states[n_f:])):
+            gx = gx + layer.backward([np.ascontiguousarray(gl), *gs] if self.return_state else np.ascontiguousarray(gl))
+        return gx
+
+
+@register("TimeDistributed")
+class TimeDistributed(Wrapper):
+    """Applies `layer` to every time step: (batch, T, ...) runs as (batch * T, ...) through the inner layer."""
+
+    supports_masking = True  # the (batch, T) mask passes through, as in Keras
+
+    def __init__(self, layer, **kw):
+        super().__init__(**kw)
+        self.layer = as_layer(layer, f"TimeDistributed '{self.name}'")
+
+    def _inner(self):
+        return [("", self.layer)]
+
+    def _check(self, input_shape):
+        if isinstance(input_shape, list) or len(input_shape) < 2:
+            raise ShapeError(f"TimeDistributed '{self.name}' needs input (batch, timesteps, ...) of rank >= 3; got "
+                             f"shape {input_shape}")
+
+    def build(self, input_shape):
+        self._check(input_shape)
+        self._build_inner(self.layer, tuple(input_shape[1:]))
+        self._adopt_weights()
+
+    def output_shape(self, input_shape):
+        self._check(input_shape)
+        inner = self.layer.output_shape(tuple(input_shape[1:]))
+        if isinstance(inner, list):
+            raise ShapeError(f"TimeDistributed '{self.name}' needs a single-output layer; "
+                             f"{type(self.layer).__name__} returns {len(inner)} outputs")
+        return (input_shape[0], *inner)
+
+    def flops(self, input_shape):
+        return int(input_shape[0]) * self.layer.flops(tuple(input_shape[1:]))
+
+    def forward(self, x, training=False):
+        self._sync()
+        self.layer.input_mask = None
+        batch, steps = x.shape[:2]
+        y = self.layer.forward(x.reshape(batch * steps, *x.shape[2:]), training)
+        return y.reshape(batch, steps, *y.shape[1:])
+
+    def backward(self, grad):
+        batch, steps = grad.shape[:2]
+        gx = self.layer.backward(grad.reshape(batch * steps, *grad.shape[2:]))
+        return None if gx is None else gx.reshape(batch, steps, *gx.shape[1:])
