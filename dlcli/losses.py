@@ -10,7 +10,7 @@ import inspect
 
 import numpy as np
 
-from dlcli.engine.activations import log_softmax, sigmoid, softmax
+from dlcli.engine.activations import sigmoid
 from dlcli.errors import ConfigError, DlcliError, ShapeError
 from dlcli.registry import Registry
 
@@ -53,7 +53,7 @@ def _reduce_last(values, y_pred):
     return values.mean(-1) if y_pred.ndim > 1 else values
 
 
-def _dense_targets(y_true, y_pred, loss_name):
+def dense_targets(y_true, y_pred, loss_name):
     """Targets as float arrays of y_pred's shape; (batch,) targets of a (batch, 1) output are reshaped."""
     y_true = np.asarray(y_true)
     if y_true.shape != y_pred.shape:
@@ -82,14 +82,14 @@ class CategoricalCrossentropy(Loss):
 
     def compute(self, y_true, y_pred, logits=None):
         y_pred = np.asarray(y_pred)
-        t = _dense_targets(y_true, y_pred, self.name)
+        t = dense_targets(y_true, y_pred, self.name)
         if self.label_smoothing:
             t = t * (1 - self.label_smoothing) + self.label_smoothing / y_pred.shape[-1]
         z = logits if logits is not None else (y_pred if self.from_logits else None)
         if z is not None:
-            elements = -(t * log_softmax(z)).sum(-1)
+            log_p, grad = _log_softmax_and_softmax(z)
+            elements = -(t * log_p).sum(-1)
             per_sample, scale = _per_sample(elements, len(z))
-            grad = softmax(z)
             grad *= t.sum(-1, keepdims=True)
             grad -= t
         else:
@@ -116,12 +116,9 @@ class SparseCategoricalCrossentropy(Loss):
         flat_labels = labels.reshape(-1)
         z = logits if logits is not None else (y_pred if self.from_logits else None)
         if z is not None:
-            flat_z = z.reshape(-1, classes)
-            shift = flat_z.max(-1)
-            lse = np.log(np.exp(flat_z - shift[:, None]).sum(-1)) + shift
-            elements = (lse - flat_z[rows, flat_labels]).reshape(labels.shape)
+            log_p, grad = _log_softmax_and_softmax(z.reshape(-1, classes))
+            elements = -log_p[rows, flat_labels].reshape(labels.shape)
             per_sample, scale = _per_sample(elements, len(z))
-            grad = softmax(flat_z)
             grad[rows, flat_labels] -= 1
         else:
             # Keras renormalises the probabilities, then clips: p_c = clip(y_c / sum(y)).
@@ -137,6 +134,16 @@ class SparseCategoricalCrossentropy(Loss):
         grad = grad.reshape(y_pred.shape)
         grad *= scale
         return per_sample, grad
+
+
+def _log_softmax_and_softmax(z):
+    """log-softmax over the last axis and its exp, sharing one exp pass (the fused paths' hot spot)."""
+    shifted = z - z.max(-1, keepdims=True)
+    e = np.exp(shifted)
+    total = e.sum(-1, keepdims=True)
+    shifted -= np.log(total)
+    e /= total
+    return shifted, e
 
 
 def sparse_labels(y_true, y_pred, what="sparse_categorical_crossentropy"):
@@ -189,7 +196,7 @@ class BinaryCrossentropy(Loss):
 
     def compute(self, y_true, y_pred, logits=None):
         y_pred = np.asarray(y_pred)
-        t = _dense_targets(y_true, y_pred, self.name)
+        t = dense_targets(y_true, y_pred, self.name)
         if self.label_smoothing:
             t = t * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
         z = logits if logits is not None else (y_pred if self.from_logits else None)
@@ -217,7 +224,7 @@ class _ElementwiseLoss(Loss):
 
     def compute(self, y_true, y_pred, logits=None):
         y_pred = np.asarray(y_pred)
-        error = y_pred - _dense_targets(y_true, y_pred, self.name)
+        error = y_pred - dense_targets(y_true, y_pred, self.name)
         values, grad = self.values_and_grad(error)
         per_sample, scale = _per_sample(_reduce_last(values, y_pred), len(y_pred))
         grad *= scale / (y_pred.shape[-1] if y_pred.ndim > 1 else 1)

@@ -8,7 +8,7 @@ over uneven batches: sum(value * weight) / sum(weight), not a mean of batch mean
 import numpy as np
 
 from dlcli.errors import ConfigError
-from dlcli.losses import _dense_targets, construct, sparse_labels
+from dlcli.losses import dense_targets, construct, sparse_labels
 from dlcli.registry import Registry, did_you_mean
 
 METRICS = Registry("metric")
@@ -68,7 +68,7 @@ class BinaryAccuracy(Metric):
         self.threshold = threshold
 
     def values(self, y_true, y_pred):
-        t = _dense_targets(y_true, y_pred, self.name)
+        t = dense_targets(y_true, y_pred, self.name)
         hits = t == (y_pred > self.threshold)  # Keras compares the targets to the thresholded 0/1 exactly
         return hits.mean(-1) if y_pred.ndim > 1 else hits
 
@@ -84,7 +84,7 @@ class CategoricalAccuracy(Metric):
         y_true = np.asarray(y_true)
         if y_true.shape != y_pred.shape and _looks_sparse(y_true, y_pred):
             return sparse_labels(y_true, y_pred, self.name) == y_pred.argmax(-1)  # as Keras 3 does from shapes
-        return _dense_targets(y_true, y_pred, self.name).argmax(-1) == y_pred.argmax(-1)
+        return dense_targets(y_true, y_pred, self.name).argmax(-1) == y_pred.argmax(-1)
 
 
 @METRICS.register("sparse_categorical_accuracy")
@@ -104,7 +104,7 @@ class TopKCategoricalAccuracy(Metric):
         self.k = int(k)
 
     def labels(self, y_true, y_pred):
-        return _dense_targets(y_true, y_pred, self.name).argmax(-1)
+        return dense_targets(y_true, y_pred, self.name).argmax(-1)
 
     def values(self, y_true, y_pred):
         labels = self.labels(y_true, y_pred)
@@ -133,7 +133,7 @@ class MeanSquaredError(Metric):
     default_name = "mean_squared_error"
 
     def values(self, y_true, y_pred):
-        error = y_pred - _dense_targets(y_true, y_pred, self.name)
+        error = y_pred - dense_targets(y_true, y_pred, self.name)
         return (error * error).mean(-1) if y_pred.ndim > 1 else error * error
 
 
@@ -142,7 +142,7 @@ class MeanAbsoluteError(Metric):
     default_name = "mean_absolute_error"
 
     def values(self, y_true, y_pred):
-        error = np.abs(y_pred - _dense_targets(y_true, y_pred, self.name))
+        error = np.abs(y_pred - dense_targets(y_true, y_pred, self.name))
         return error.mean(-1) if y_pred.ndim > 1 else error
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dlcli import losses
+from dlcli.engine import activations
 from dlcli.engine.activations import sigmoid, softmax
 from dlcli.errors import ConfigError, DlcliError, ShapeError
 from tests.gradcheck import assert_close, numeric_grad
@@ -126,6 +127,9 @@ def test_fused_path_matches_probabilities(name, act):
     fused, grad_z = loss.compute(y_true, y_pred, logits=z)
     plain, grad_p = loss.compute(y_true, y_pred)
     np.testing.assert_allclose(fused, plain, rtol=1e-9)
+    activation = activations.get(act)
+    activation.forward(z)
+    np.testing.assert_allclose(grad_z, activation.backward(grad_p), rtol=1e-7, atol=1e-12)  # chain rule
     assert not losses.get("mse").fuses_with("softmax")
 
 
