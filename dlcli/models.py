@@ -547,7 +547,7 @@ def _per_output(value, names, what, listy=False):
         if len(names) > 1 and isinstance(value, list) and value and all(isinstance(v, list) for v in value):
             return value
         return [list(value) for _ in names]
-    if isinstance(value, list) and len(names) > 1:
+    if isinstance(value, list):
         if len(value) != len(names):
             raise ConfigError(f"compile {what} has {len(value)} entries for {len(names)} outputs")
         return value

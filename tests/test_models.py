@@ -1,0 +1,143 @@
+"""Model API: Keras-shaped construction, compile/fit/evaluate/predict, weights order, save/load, reproducibility."""
+import numpy as np
+import pytest
+
+from dlcli import layers, models
+from dlcli.engine.layer import set_random_seed
+from dlcli.errors import DlcliError, ShapeError
+
+
+def blobs(n=600, seed=0):
+    """Three separable Gaussian blobs in 4-D: a problem any working classifier solves."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    centers = np.array([[2, 0, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0]], np.float32)
+    return (centers[y] + rng.normal(0, 0.5, (n, 4))).astype(np.float32), y
+
+
+def mlp(seed=0):
+    set_random_seed(seed)
+    model = models.Sequential([layers.Dense(16, activation="relu", input_shape=(4,)),
+                               layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def test_only_first_layer_needs_input_shape_and_shapes_chain():
+    model = models.Sequential([layers.Flatten(input_shape=(28, 28)), layers.Dense(512, activation="relu"),
+                               layers.Dense(10, activation="softmax")])
+    rows = model.summary_rows()
+    assert [r["output_shape"] for r in rows[1:]] == [(784,), (512,), (10,)]
+    assert model.count_params() == 784 * 512 + 512 + 512 * 10 + 10  # 407,050 as in the book
+
+
+def test_sequential_accepts_input_tensor_first():
+    model = models.Sequential([layers.Input((5,)), layers.Dense(2)])
+    assert model.predict(np.zeros((3, 5), np.float32)).shape == (3, 2)
+
+
+def test_fit_learns_and_history_has_keras_keys():
+    x, y = blobs()
+    model = mlp()
+    history = model.fit(x, y, epochs=8, batch_size=32, validation_split=0.2, verbose=0, seed=0)
+    assert set(history.history) >= {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"}
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert model.evaluate(x, y, verbose=0, return_dict=True)["accuracy"] > 0.95
+
+
+def test_evaluate_is_exact_over_uneven_batches():
+    x, y = blobs(n=101)
+    model = mlp()
+    by_batch = model.evaluate(x, y, batch_size=7, return_dict=True)
+    whole = model.evaluate(x, y, batch_size=1000, return_dict=True)
+    assert by_batch["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert by_batch["accuracy"] == pytest.approx(whole["accuracy"])
+
+
+def test_predict_is_batched_and_float32():
+    x, _ = blobs(n=70)
+    p = mlp().predict(x, batch_size=16)
+    assert p.shape == (70, 3) and p.dtype == np.float32
+    np.testing.assert_allclose(p.sum(1), 1, rtol=1e-5)
+
+
+def test_same_seed_gives_identical_history_and_weights():
+    x, y = blobs()
+    runs = []
+    for _ in range(2):
+        model = mlp(seed=3)
+        h = model.fit(x, y, epochs=3, batch_size=32, verbose=0, seed=5)
+        runs.append((h.history["loss"], model.get_weights()))
+    assert runs[0][0] == runs[1][0]
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_weights_in_keras_order_and_layout():
+    model = mlp()
+    shapes = [w.shape for w in model.get_weights()]
+    assert shapes == [(4, 16), (16,), (16, 3), (3,)]
+    new = [np.full(s, i, np.float32) for i, s in enumerate(shapes)]
+    model.set_weights(new)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), new))
+    with pytest.raises(ShapeError):
+        model.set_weights(new[:-1])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    x, y = blobs()
+    model = mlp()
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0, seed=0)
+    path = tmp_path / "model.npz"
+    model.save(path)
+    again = models.load_model(path)
+    np.testing.assert_array_equal(model.predict(x), again.predict(x))
+    # the optimizer state travels too: one more identical step on both gives identical weights
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0, seed=9)
+    again.fit(x, y, epochs=1, batch_size=32, verbose=0, seed=9)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), again.get_weights()))
+
+
+def test_load_model_refuses_foreign_files(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(DlcliError, match="cannot read model file"):
+        models.load_model(bad)
+    np.savez(tmp_path / "plain.npz", a=np.zeros(2))
+    with pytest.raises(DlcliError, match="not a dlcli model file"):
+        models.load_model(tmp_path / "plain.npz")
+
+
+def test_fused_softmax_cross_entropy_matches_unfused_gradients():
+    """The fused path (loss reads logits) must give the same update as the chain rule through softmax."""
+    x, y = blobs(n=64)
+    fused, plain = mlp(seed=1), mlp(seed=1)
+    plain.get_layer(plain.layers[-1].name).output_fused = False
+    plain.fused = [None]
+    assert fused.fused[0] is not None
+    outs_f = fused.graph.forward([x], training=True)
+    _, _, g_f = fused.compute_loss([y], outs_f)
+    fused.graph.backward(g_f)
+    outs_p = plain.graph.forward([x], training=True)
+    _, _, g_p = plain.compute_loss([y], outs_p)
+    plain.graph.backward(g_p)
+    for a, b in zip(fused.trainable_weights, plain.trainable_weights):
+        np.testing.assert_allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_regularizers_enter_the_loss():
+    set_random_seed(0)
+    model = models.Sequential([layers.Dense(3, input_shape=(4,), kernel_regularizer={"l2": 0.5})])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((2, 4), np.float32), np.zeros((2, 3), np.float32)
+    kernel = model.layers[0].kernel.value
+    data_loss = float(np.mean((x @ kernel) ** 2))
+    assert model.evaluate(x, y) == pytest.approx(data_loss + 0.5 * float((kernel ** 2).sum()), rel=1e-5)
+
+
+def test_compile_required_and_shape_errors_are_clear():
+    model = models.Sequential([layers.Dense(3, input_shape=(4,))])
+    with pytest.raises(DlcliError, match="must be compiled"):
+        model.fit(np.zeros((2, 4)), np.zeros((2, 3)))
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ShapeError, match=r"expects samples of shape \(4,\)"):
+        model.fit(np.zeros((2, 5)), np.zeros((2, 3)), verbose=0)
