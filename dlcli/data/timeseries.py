@@ -95,7 +95,9 @@ def load_timeseries_csv(path: str, target: str | None = None, columns: list[str]
     train_rows = slice(*bounds["train"])
     mean, std = features[train_rows].mean(0), features[train_rows].std(0)
     std = np.where(std > 0, std, 1.0)  # a constant column stays 0 after centring
-    t_mean, t_std = (float(y_all[train_rows].mean()), float(y_all[train_rows].std() or 1.0)) if normalize else (0.0, 1.0)
+    t_mean, t_std = 0.0, 1.0
+    if normalize:
+        t_mean, t_std = float(y_all[train_rows].mean()), float(y_all[train_rows].std() or 1.0)
     x_all = (features - mean) / std if normalize else features
 
     splits, baseline = {}, {}

@@ -75,16 +75,22 @@ class _Handler(SimpleHTTPRequestHandler):
             self.close_connection = True
 
 
-@pytest.fixture
-def server():
-    """A threaded HTTP server on 127.0.0.1 serving the shared datasets; yields its base URL (no trailing /)."""
+@pytest.fixture(scope="module")
+def _httpd():
     shared("mnist")
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(SHARED.resolve())))
     httpd.hits = []
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+        yield httpd
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def server(_httpd):
+    """A threaded HTTP server on 127.0.0.1 serving the shared datasets: (server with .hits, base URL)."""
+    _httpd.hits = []
+    return _httpd, f"http://127.0.0.1:{_httpd.server_address[1]}"

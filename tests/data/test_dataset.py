@@ -26,5 +26,6 @@ def test_reshape_to():
     assert d.x_train.shape == (4, 28, 28)  # the original is untouched
     assert d.reshape_to((784,)).x_train.shape == (4, 784)
     assert d.reshape_to((None, 28)).x_train.shape == (4, 28, 28)
-    with pytest.raises(ShapeError, match=r"train samples have shape \[28, 28\] but the model's input_shape is \[32, 32, 3\]"):
+    with pytest.raises(ShapeError, match=r"train samples have shape \[28, 28\] but the model's input_shape is "
+                                         r"\[32, 32, 3\]"):
         d.reshape_to((32, 32, 3))

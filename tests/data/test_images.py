@@ -31,7 +31,8 @@ def test_uncompressed_files_and_limit(isolated):
 def test_search_order(isolated, monkeypatch):
     """path > $DLCLI_DATA_DIR/<name> > cache > /usr/share/datasets, first found wins."""
     locations = {"path": isolated / "explicit", "env": isolated / "env" / "fashion-mnist",
-                 "cache": isolated / "cache" / "datasets" / "fashion_mnist", "system": isolated / "system" / "fashion-mnist"}
+                 "cache": isolated / "cache" / "datasets" / "fashion_mnist",
+                 "system": isolated / "system" / "fashion-mnist"}
     for marker, folder in enumerate(locations.values()):
         write_idx_set(folder, marker=marker)
     monkeypatch.setenv("DLCLI_DATA_DIR", str(isolated / "env"))
