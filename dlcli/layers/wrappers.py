@@ -9,6 +9,7 @@ import numpy as np
 
 from dlcli.engine.layer import LAYERS, Layer, register
 from dlcli.errors import ConfigError, ShapeError
+from dlcli.layers.recurrent import Recurrent
 
 MERGE_MODES = ("concat", "sum", "mul", "ave", None)
 
@@ -67,6 +68,9 @@ class Bidirectional(Wrapper):
                               f"{', '.join(map(str, MERGE_MODES))}; got {merge_mode!r}")
         self.merge_mode = merge_mode
         base = as_layer(layer, f"Bidirectional '{self.name}'")
+        if not isinstance(base, Recurrent):
+            raise ConfigError(f"Bidirectional '{self.name}' wraps a recurrent layer (SimpleRNN, LSTM, GRU); got "
+                              f"{type(base).__name__}")
         inner_name = base.name.removeprefix("forward_")
         self.forward_layer = as_layer(base, self.name, "forward_" + inner_name)
         if backward_layer is None:
@@ -76,11 +80,7 @@ class Bidirectional(Wrapper):
         else:
             self.backward_layer = as_layer(backward_layer, f"Bidirectional '{self.name}'")
         f, b = self.forward_layer, self.backward_layer
-        for attr in ("return_sequences", "return_state", "go_backwards"):
-            if not hasattr(f, attr) or not hasattr(b, attr):
-                raise ConfigError(f"Bidirectional '{self.name}' wraps recurrent layers (SimpleRNN, LSTM, GRU); "
-                                  f"got {type(f).__name__} and {type(b).__name__}")
-        if f.go_backwards == b.go_backwards or f.return_sequences != b.return_sequences \
+        if not isinstance(b, Recurrent) or f.go_backwards == b.go_backwards or f.return_sequences != b.return_sequences \
                 or f.return_state != b.return_state:
             raise ConfigError(f"Bidirectional '{self.name}': backward_layer must match layer's return_sequences "
                               f"and return_state, with the opposite go_backwards")

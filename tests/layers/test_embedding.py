@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from dlcli import layers
+from dlcli.engine.graph import Graph, Input
+from dlcli.errors import DlcliError
+from tests.gradcheck import check_layer
+
+# Gradient-check table: layer type -> list of (constructor args, input shape without batch, check options).
+GRADIENT_CASES = {
+    # int_high 4 over 15 indices: repeated rows must accumulate their gradients
+    "Embedding": [({"input_dim": 4, "output_dim": 3}, (5,), {"int_high": 4}),
+                  ({"input_dim": 6, "output_dim": 2, "mask_zero": True}, (2, 3), {"int_high": 6})],
+    "Masking": [({}, (4, 3), {}), ({"mask_value": 0.5}, (4, 3), {})],
+}
+
+
+@pytest.mark.parametrize("name,args,shape,opts", [(n, a, s, o) for n, cases in GRADIENT_CASES.items()
+                                                  for a, s, o in cases])
+def test_gradients(name, args, shape, opts):
+    check_layer(layers.LAYERS.get(name)(**args), shape, **opts)
+
+
+def test_embedding_lookup_shape_and_keras_init():
+    emb = layers.Embedding(10, 4)
+    x = np.array([[1, 2, 0], [9, 9, 3]])
+    y = emb(x)
+    assert y.shape == (2, 3, 4) and y.dtype == np.float32
+    np.testing.assert_array_equal(y[1, 0], emb.embeddings.value[9])
+    assert emb.output_shape((3,)) == (3, 4)
+    assert np.abs(emb.embeddings.value).max() <= 0.05  # Keras' "uniform": RandomUniform(-0.05, 0.05)
+    assert emb.backward(np.ones_like(y)) is None
+    # row 9 appears twice, row 4 never
+    assert emb.embeddings.grad[9, 0] == 2 and emb.embeddings.grad[4, 0] == 0
+
+
+def test_embedding_accepts_whole_number_floats_and_rejects_out_of_range():
+    emb = layers.Embedding(5, 2)
+    assert emb(np.array([[1.0, 4.0]], np.float32)).shape == (1, 2, 2)
+    with pytest.raises(DlcliError, match="outside"):
+        emb.forward(np.array([[5]]))
+
+
+def test_mask_zero_mask_flows_to_recurrent_layer():
+    inp = Input((6,), dtype="int64")
+    emb = layers.Embedding(20, 3, mask_zero=True)
+    rnn = layers.LSTM(4)
+    graph = Graph([inp], [rnn(emb(inp))])
+    x = np.array([[5, 3, 7, 0, 0, 0], [1, 2, 3, 4, 5, 6]])
+    assert np.array_equal(emb.compute_mask(x, None), x != 0)
+    (y,) = graph.forward([x])
+    # padding with masked zeros gives the output of the unpadded sequence
+    rnn.input_mask = None
+    alone = rnn.forward(emb.forward(x[:1, :3]))
+    np.testing.assert_allclose(y[:1], alone, rtol=1e-5)
+    assert layers.Embedding(3, 2).compute_mask(x, None) is None
+
+
+def test_masking_zeroes_and_masks_padded_steps():
+    x = np.random.default_rng(0).normal(0, 1, (2, 4, 3))
+    x[0, 2:] = 0.0
+    masking = layers.Masking()
+    y = masking(x)
+    mask = masking.compute_mask(x, None)
+    np.testing.assert_array_equal(mask, [[1, 1, 0, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(y[0, 2:], 0)
+    np.testing.assert_array_equal(y[1], x[1])
+    assert masking.get_config()["mask_value"] == 0.0
