@@ -152,3 +152,29 @@ def test_conv_config_round_trips_and_initialisation_follows_keras():
     conv.ensure_built((28, 28, 1))
     # glorot_uniform with Keras' conv fans: fan_in = 9 * 1, fan_out = 9 * 32
     assert np.abs(conv.kernel.value).max() <= np.sqrt(6 / (9 + 288))
+
+
+def test_book_convnet_shapes_and_parameter_count_match_keras():
+    """Chollet's MNIST convnet: Keras' summary shows these shapes and 93,322 parameters."""
+    stack = [layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2), layers.Conv2D(64, 3, activation="relu"),
+             layers.MaxPooling2D(2), layers.Conv2D(64, 3, activation="relu"), layers.Flatten(),
+             layers.Dense(64, activation="relu"), layers.Dense(10, activation="softmax")]
+    t = layers.Input((28, 28, 1))
+    shapes = []
+    for layer in stack:
+        t = layer(t)
+        shapes.append(t.shape)
+    assert shapes == [(26, 26, 32), (13, 13, 32), (11, 11, 64), (5, 5, 64), (3, 3, 64), (576,), (64,), (10,)]
+    assert [layer.count_params() for layer in stack] == [320, 0, 18496, 0, 36928, 0, 36928, 650]
+    assert sum(layer.count_params() for layer in stack) == 93322
+    x = np.random.default_rng(0).random((2, 28, 28, 1), dtype=np.float32)
+    for layer in stack:
+        x = layer.forward(x, training=True)
+    assert x.shape == (2, 10) and x.dtype == np.float32
+
+
+def test_stacked_pools_too_small_fail_at_shape_time_naming_the_layer():
+    t = layers.Input((8, 8, 1))
+    t = layers.MaxPooling2D(2)(layers.Conv2D(4, 3)(t))
+    with pytest.raises(ShapeError, match="'conv_late'"):
+        layers.Conv2D(4, 5, name="conv_late")(t)

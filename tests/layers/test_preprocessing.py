@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from dlcli import layers
+from dlcli.errors import ConfigError
+from tests.gradcheck import check_layer
+
+# Gradient-check table: layer type -> list of (constructor args, input shape without batch, check options).
+# With the layer RNG re-seeded per forward each augmentation is a fixed linear map, so its gradient is checkable.
+GRADIENT_CASES = {
+    "RandomFlip": [({}, (3, 4, 2), {"training": True}), ({"mode": "horizontal"}, (2, 3, 1), {"training": True}),
+                   ({}, (3, 3, 1), {})],
+    "RandomTranslation": [({"height_factor": 0.3, "width_factor": 0.3}, (5, 4, 2), {"training": True}),
+                          ({"height_factor": 0.4, "width_factor": [0.1, 0.3], "fill_mode": "constant",
+                            "interpolation": "nearest"}, (4, 5, 1), {"training": True}),
+                          ({"height_factor": 0.2, "width_factor": 0.2}, (3, 3, 1), {})],
+    "RandomRotation": [({"factor": 0.2}, (5, 5, 2), {"training": True}),
+                       ({"factor": 0.3, "fill_mode": "wrap", "interpolation": "nearest"}, (4, 6, 1),
+                        {"training": True}),
+                       ({"factor": 0.5, "fill_mode": "constant", "fill_value": 0.5}, (4, 4, 1), {"training": True})],
+    "RandomZoom": [({"height_factor": 0.3}, (5, 4, 1), {"training": True}),
+                   ({"height_factor": [-0.3, -0.1], "width_factor": 0.2, "fill_mode": "nearest"}, (4, 4, 2),
+                    {"training": True})],
+}
+
+
+@pytest.mark.parametrize("name,args,shape,opts", [(n, a, s, o) for n, cases in GRADIENT_CASES.items()
+                                                  for a, s, o in cases])
+def test_gradients(name, args, shape, opts):
+    check_layer(layers.LAYERS.get(name)(**args), shape, **opts)
+
+
+@pytest.mark.parametrize("layer", [layers.RandomFlip(), layers.RandomTranslation(0.2, 0.2),
+                                   layers.RandomRotation(0.1), layers.RandomZoom(0.2)],
+                         ids=lambda layer: type(layer).__name__)
+def test_augmentation_is_identity_at_inference_and_float32(layer):
+    x = np.random.default_rng(0).random((4, 6, 6, 3), dtype=np.float32)
+    assert layer(x) is x
+    y = layer.forward(x, training=True)
+    assert y.shape == x.shape and y.dtype == np.float32 and not np.array_equal(y, x)
+
+
+def test_random_flip_flips_whole_images():
+    x = np.random.default_rng(1).random((64, 3, 4, 1))
+    y = layers.RandomFlip("horizontal", seed=3)(x, training=True)
+    kept = (y == x).all((1, 2, 3))
+    flipped = (y == x[:, :, ::-1]).all((1, 2, 3))
+    assert (kept | flipped).all() and 10 < flipped.sum() < 54
+
+
+def test_quarter_turn_rotation_matches_rot90_counter_clockwise():
+    x = np.random.default_rng(2).random((2, 5, 5, 1))
+    rot = layers.RandomRotation((0.25, 0.25), interpolation="nearest")
+    np.testing.assert_allclose(rot(x, training=True), np.rot90(x, 1, axes=(1, 2)), atol=1e-12)
+
+
+def test_integer_translation_shifts_down_and_reflects():
+    x = np.arange(5.0)[None, :, None, None] * np.ones((1, 5, 2, 1))
+    t = layers.RandomTranslation((0.4, 0.4), (0, 0))  # exactly 2 rows down
+    y = t(x, training=True)
+    np.testing.assert_allclose(y[0, :, 0, 0], [1, 0, 0, 1, 2])  # reflect: (d c b a | a b c d)
+    t = layers.RandomTranslation((0.4, 0.4), (0, 0), fill_mode="constant")
+    np.testing.assert_allclose(t(x, training=True)[0, :, 0, 0], [0, 0, 0, 1, 2])
+
+
+def test_seeded_augmentation_repeats_and_bad_arguments_fail():
+    x = np.random.default_rng(3).random((4, 5, 5, 1))
+    a = layers.RandomRotation(0.3, seed=7)(x, training=True)
+    b = layers.RandomRotation(0.3, seed=7)(x, training=True)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigError, match="fill_mode"):
+        layers.RandomZoom(0.1, fill_mode="mirror")
+    with pytest.raises(ConfigError, match="mode"):
+        layers.RandomFlip("diagonal")
