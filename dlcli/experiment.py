@@ -118,8 +118,10 @@ def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), 
     train_cfg = config.get("train", {})
     meta = {**runs.versions_meta(config.get("seed", 0)), "name": config.get("name"), "status": "running",
             "start": runs.utc_now(), "sizes": splits.sizes(), "source": splits.source,
-            "params": model.count_params()}
+            "params": model.count_params(), "classes": splits.classes}
     runs.atomic_write_json(run_dir / "meta.json", meta)
+    if splits.extra.get("vocabulary"):  # lets `dlcli predict` encode raw text the way the training data was
+        runs.atomic_write_json(run_dir / "vocabulary.json", splits.extra["vocabulary"])
     recorder = RunRecorder(run_dir, monitor="val_loss" if splits.x_val is not None else "loss")
     rng = np.random.default_rng([int(config.get("seed", 0)), 2])
     trainer = Trainer(model, callbacks=[recorder, *callbacks], verbose=verbose, rng=rng)
@@ -142,6 +144,9 @@ def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), 
                  "epochs_run": len(history.epoch), "best_epoch": recorder.best_epoch,
                  "best": {getattr(recorder, "best_key", recorder.monitor): recorder.best}, "test": test})
     runs.atomic_write_json(run_dir / "meta.json", meta)
+    from dlcli.plots import write_curves
+
+    write_curves(run_dir, recorder.rows)
     return RunResult(run_dir, history.history, test, seconds, status, recorder.best_epoch)
 
 

@@ -1,0 +1,107 @@
+"""Training curves as PNG: one subplot per quantity (loss, then each metric), train solid and validation dashed.
+
+Drawn on a bare `matplotlib.figure.Figure` with the Agg canvas, never pyplot: no global backend switch, no display
+needed, nothing left open. Figures have a fixed size in pixels (`figure_pixels`) so tests can check the PNG header.
+"""
+import io
+import math
+from pathlib import Path
+
+from dlcli import runs
+from dlcli.errors import DlcliError
+
+DPI = 100
+PANEL_INCHES = (4.8, 3.6)  # one subplot
+MAX_COLUMNS = 3
+NOT_PLOTTED = {"epoch", "learning_rate", "seconds", "lr", "batch", "size"}
+
+
+def quantities(rows: list[dict]) -> list[str]:
+    """The quantities to plot from history rows: 'loss' first, then metrics in column order, val_ folded in."""
+    names: list[str] = []
+    for row in rows:
+        for key, value in row.items():
+            base = key[4:] if key.startswith("val_") else key
+            if base not in NOT_PLOTTED and base not in names and isinstance(value, (int, float)):
+                names.append(base)
+    return sorted(names, key=lambda n: (n != "loss", names.index(n)))
+
+
+def grid(count: int) -> tuple[int, int]:
+    """(rows, columns) of subplots for `count` quantities."""
+    count = max(count, 1)
+    cols = min(count, MAX_COLUMNS)
+    return math.ceil(count / cols), cols
+
+
+def figure_pixels(count: int) -> tuple[int, int]:
+    """(width, height) in pixels of the PNG for `count` quantities."""
+    rows, cols = grid(count)
+    return round(PANEL_INCHES[0] * cols * DPI), round(PANEL_INCHES[1] * rows * DPI)
+
+
+def curves_png(histories: list[tuple[str, list[dict]]], title: str | None = None) -> bytes:
+    """PNG bytes overlaying (label, history rows) pairs: per run one colour, train solid, validation dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names: list[str] = []
+    for _, rows in histories:
+        names += [n for n in quantities(rows) if n not in names]
+    names.sort(key=lambda n: n != "loss")
+    nrows, ncols = grid(len(names))
+    width, height = figure_pixels(len(names))
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    if title:
+        fig.suptitle(title)
+    colours = [f"C{i % 10}" for i in range(len(histories))]
+    for k, name in enumerate(names or ["loss"]):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        for (label, rows), colour in zip(histories, colours):
+            prefix = f"{label} " if len(histories) > 1 else ""
+            for key, style, split in ((name, "-", "train"), (f"val_{name}", "--", "validation")):
+                points = [(r.get("epoch", i + 1), r.get(key)) for i, r in enumerate(rows)]
+                points = [(e, v) for e, v in points if isinstance(v, (int, float)) and isinstance(e, (int, float))]
+                if points:
+                    xs, ys = zip(*points)
+                    ax.plot(xs, ys, style, color=colour, marker="." if len(points) < 30 else None,
+                            label=f"{prefix}{split}")
+        if ax.has_data():
+            ax.legend(fontsize="small")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        else:
+            ax.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=ax.transAxes)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+def write_curves(run_dir, rows: list[dict] | None = None) -> Path:
+    """Write `run_dir/curves.png` from `rows` (default: the run's history.csv)."""
+    run_dir = Path(run_dir)
+    rows = runs.read_history(run_dir) if rows is None else rows
+    path = run_dir / "curves.png"
+    runs.atomic_write_bytes(path, curves_png([(run_dir.name, rows)], title=run_dir.name))
+    return path
+
+
+def plot_runs(run_dirs: list, output) -> Path:
+    """Overlay several runs' histories in one PNG at `output`."""
+    histories = []
+    for d in run_dirs:
+        d = Path(d)
+        if not (d / "history.csv").is_file():
+            raise DlcliError(f"{d} has no history.csv (not a run directory, or the run has not finished an epoch)")
+        try:
+            histories.append((d.name, runs.read_history(d)))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise DlcliError(f"{d / 'history.csv'} is unreadable or damaged: {e}") from None
+    output = Path(output)
+    if output.suffix.lower() != ".png":
+        raise DlcliError(f"--output must end in .png; got {output}")
+    runs.atomic_write_bytes(output, curves_png(histories))
+    return output
