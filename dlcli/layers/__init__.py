@@ -28,3 +28,6 @@ from dlcli.layers.preprocessing import RandomFlip, RandomRotation, RandomTransla
 
 __all__ += ["ZeroPadding2D", "Cropping2D", "UpSampling2D", "SpatialDropout2D", "RandomFlip", "RandomTranslation",
             "RandomRotation", "RandomZoom"]
+from dlcli.layers.merge import Add, Average, Concatenate, Dot, Maximum, Minimum, Multiply, Subtract  # noqa: E402
+
+__all__ += ["Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate", "Dot"]
