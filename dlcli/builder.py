@@ -1,7 +1,7 @@
 """Config -> compiled model. Names were checked by the config schema; shapes are checked here, before any data."""
 import re
 
-from dlcli.engine.layer import set_random_seed
+from dlcli.engine.layer import clear_session, set_random_seed
 from dlcli.errors import ConfigError
 
 
@@ -10,6 +10,7 @@ def build_model(config: dict):
     import dlcli.layers  # noqa: F401  (registers every layer family)
     from dlcli.models import from_config
 
+    clear_session()
     set_random_seed(int(config.get("seed", 0)))
     model = from_config({"name": config.get("name"), **config["model"]})
     apply_freeze(model, config.get("train", {}).get("freeze") or [])

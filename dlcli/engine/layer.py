@@ -54,6 +54,12 @@ def next_rng() -> np.random.Generator:
     return np.random.default_rng(int(_seed_source.integers(2**63)))
 
 
+def clear_session():
+    """Restart automatic layer names (dense, dense_1 ...) as Keras' `clear_session` does: a config then builds
+    the same names every time, so weights files match the model their config rebuilds."""
+    _name_counts.clear()
+
+
 def unique_name(prefix: str) -> str:
     """Keras-style automatic names: dense, dense_1, dense_2 ..."""
     count = _name_counts[prefix]
