@@ -267,6 +267,11 @@ def _si(n: float) -> str:
     return str(n)
 
 
+# Command groups register themselves on `app` (imported last: each does `from dlcli.cli import app`).
+from dlcli.commands import plot  # noqa: E402,F401
+from dlcli.commands import runs  # noqa: E402,F401
+
+
 def main():
     app()
 
