@@ -114,6 +114,16 @@ def recurrent_kernel_grad(H_prev, dZ, rec_mask):
                            for g in range(G)], axis=1)
 
 
+def _to_previous_h(dz, UT, rec_mask, dh, keep, carry):
+    """dh <- the gradient reaching h_{t-1}: through the recurrent matmul, plus dh itself where step t was masked
+    (`keep` = 1 - mask, or None without masks)."""
+    if keep is not None:
+        np.multiply(dh, keep, out=carry)
+    recurrent_matmul_T(dz, UT, rec_mask, dh)
+    if keep is not None:
+        dh += carry
+
+
 def _mask_factors(step_mask, dtype):
     m = step_mask.astype(dtype)
     return m, 1 - m
@@ -140,6 +150,7 @@ def simple_backward(cache, dY, dh):
     T = H.shape[0] - 1
     UT = np.ascontiguousarray(U.T)
     D = derivative(cache["act"], H[1:])
+    keep = None
     if step_mask is not None:
         m, keep = _mask_factors(step_mask, H.dtype)
         D *= m
@@ -149,11 +160,7 @@ def simple_backward(cache, dY, dh):
         if dY is not None:
             dh += dY[t]
         np.multiply(dh, D[t], out=dXP[t])
-        if step_mask is not None:
-            np.multiply(dh, keep[t], out=carry)
-        recurrent_matmul_T(dXP[t], UT, rec_mask, dh)
-        if step_mask is not None:
-            dh += carry
+        _to_previous_h(dXP[t], UT, rec_mask, dh, None if keep is None else keep[t], carry)
     return dXP, recurrent_kernel_grad(H[:-1], dXP, rec_mask)
 
 
@@ -233,7 +240,7 @@ def lstm_backward(cache, dY, dh, dc):
     K4[:, :, 3] *= TC
     Kc = derivative(act, TC)  # dh -> dc
     Kc *= o
-    F = f
+    F, keep = f, None
     if step_mask is not None:
         m, keep = _mask_factors(step_mask, A.dtype)
         K *= m
@@ -251,11 +258,7 @@ def lstm_backward(cache, dY, dh, dc):
         np.multiply(dc[:, None, :], K4[t, :, :3], out=dX4[t, :, :3])
         np.multiply(dh, K4[t, :, 3], out=dX4[t, :, 3])
         dc *= F[t]
-        if step_mask is not None:
-            np.multiply(dh, keep[t], out=carry)
-        recurrent_matmul_T(dXP[t], UT, rec_mask, dh)
-        if step_mask is not None:
-            dh += carry
+        _to_previous_h(dXP[t], UT, rec_mask, dh, None if keep is None else keep[t], carry)
     return dXP, recurrent_kernel_grad(H[:-1], dXP, rec_mask)
 
 
