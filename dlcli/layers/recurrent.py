@@ -82,8 +82,8 @@ class Recurrent(Layer):
         return [out] + [None] * self.n_states if self.return_state else out
 
     def flops(self, input_shape):
-        n = self.gates * self.units
-        return 2 * int(input_shape[0]) * (int(input_shape[-1]) * n + self.units * n)
+        n, steps = self.gates * self.units, input_shape[0] or 1  # per step when the length is unknown (None)
+        return 2 * int(steps) * (int(input_shape[-1]) * n + self.units * n)
 
     # --- forward ------------------------------------------------------------------------------------------------
     def forward(self, x, training=False):

@@ -197,7 +197,7 @@ class TimeDistributed(Wrapper):
         return (input_shape[0], *inner)
 
     def flops(self, input_shape):
-        return int(input_shape[0]) * self.layer.flops(tuple(input_shape[1:]))
+        return int(input_shape[0] or 1) * self.layer.flops(tuple(input_shape[1:]))
 
     def forward(self, x, training=False):
         self._sync()
