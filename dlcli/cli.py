@@ -27,7 +27,7 @@ SetOption = Annotated[list[str], typer.Option(
 def _console(stderr=False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)  # lines wrap in the terminal, not mid-word in logs
 
 
 def handles_errors(command):
