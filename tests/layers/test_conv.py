@@ -178,3 +178,16 @@ def test_stacked_pools_too_small_fail_at_shape_time_naming_the_layer():
     t = layers.MaxPooling2D(2)(layers.Conv2D(4, 3)(t))
     with pytest.raises(ShapeError, match="'conv_late'"):
         layers.Conv2D(4, 5, name="conv_late")(t)
+
+
+def test_every_image_layer_config_round_trips():
+    from tests.layers import test_normalization, test_pooling, test_preprocessing, test_reshaping
+
+    tables = [GRADIENT_CASES, test_pooling.GRADIENT_CASES, test_normalization.GRADIENT_CASES,
+              test_reshaping.GRADIENT_CASES, test_preprocessing.GRADIENT_CASES]
+    for table in tables:
+        for name, cases in table.items():
+            for args, _, _ in cases:
+                config = layers.LAYERS.get(name)(**args).get_config()
+                again = layers.LAYERS.get(name)(**{k: v for k, v in config.items() if k != "type"})
+                assert again.get_config() == config, name
