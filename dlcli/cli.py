@@ -139,18 +139,29 @@ def inspect_shapes(
     set_: SetOption = [],
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", help="Batch size for the activation-memory estimate (default: train.batch_size).")] = None,
+    graph: Annotated[Optional[Path], typer.Option(
+        "--graph", help="Also draw the layer graph: FILE.svg or FILE.png (needs Graphviz 'dot'; without it a .dot "
+                        "file is written instead), FILE.dot, or FILE.md (a mermaid flowchart).")] = None,
 ):
     """Print each layer's output shape and parameters, totals, memory and FLOPs, without loading data.
 
     Example: dlcli inspect-shapes configs/mnist_cnn.yaml --set model.layers.0.filters=16
+
+    Example: dlcli inspect-shapes configs/fashion_mnist_resnet.yaml --graph resnet.md
     """
+    import warnings
+
     from rich.table import Table
 
     from dlcli.builder import build_model
     from dlcli.engine.layer import format_shape
 
     cfg = _load(config, list(set_))
-    model = build_model(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_model(cfg)
+    for w in caught:
+        _console(stderr=True).print(f"[bold yellow]warning:[/] {w.message}", markup=True, highlight=False)
     rows = model.summary_rows()
     functional = cfg["model"].get("type", "sequential") == "functional"
     table = Table(title=f"{model.name} ({config})")
@@ -182,6 +193,10 @@ def inspect_shapes(
               f"({slots} slot{'s' if slots != 1 else ''} per weight), activations {_bytes(act_bytes)} "
               f"at batch {bs} (float32, forward outputs kept for backward)")
     out.print(f"FLOPs per sample (forward): {_si(sum(r['flops'] for r in rows))}")
+    if graph is not None:
+        from dlcli.render import render_graph
+
+        out.print(render_graph(model, graph))
 
 
 @app.command()
@@ -269,6 +284,7 @@ def _si(n: float) -> str:
 
 # Command groups register themselves on `app` (imported last: each does `from dlcli.cli import app`).
 from dlcli.commands import plot  # noqa: E402,F401
+from dlcli.commands import predict  # noqa: E402,F401
 from dlcli.commands import runs  # noqa: E402,F401
 
 
