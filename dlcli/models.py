@@ -5,6 +5,7 @@ A Sequential model is a graph whose nodes form a chain, so there is one engine (
 written in Python and the same model written in YAML are interchangeable.
 """
 import json
+import warnings
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class Model:
 
     @property
     def output_names(self) -> list[str]:
-        return [t.node.layer.name for t in self._require_graph().outputs]
+        return [_tensor_ref(t) for t in self._require_graph().outputs]
 
     @property
     def weights(self):
@@ -297,13 +298,14 @@ class Model:
             seen.add(id(layer))
             in_shapes = [t.shape for t in node.inputs]
             flops = 0 if isinstance(layer, InputLayer) else layer.flops(in_shapes if node.multi_input else in_shapes[0])
+            name = _node_name(node)
             rows.append({
-                "name": layer.name if len(layer.nodes) <= 1 else f"{layer.name} (call {layer.nodes.index(node)})",
+                "name": name if name == layer.name else f"{name} (shares {layer.name})",
                 "type": "InputLayer" if isinstance(layer, InputLayer) else type(layer).__name__,
                 "output_shape": shapes if node.multi_output else shapes[0],
                 "params": layer.count_params() if first else 0,
                 "trainable": layer.trainable,
-                "connected_to": [t.name for t in node.inputs],
+                "connected_to": [_tensor_ref(t) for t in node.inputs],
                 "flops": int(flops),
             })
         return rows
@@ -461,12 +463,13 @@ def _functional_from_config(spec: dict) -> Model:
     for inp in spec.get("inputs", []):
         tensors[inp["name"]] = Input(tuple(inp["shape"]), name=inp["name"], dtype=inp.get("dtype", "float32"))
     layers_by_name: dict[str, Layer] = {}
-    pending = list(spec.get("layers", []))
+    made: dict[str, object] = {}  # entry name -> its node
+    pending = list(enumerate(spec.get("layers", [])))
     # Entries may come in any order: place each once all its inputs exist (a fixed point; leftovers are a cycle
     # or unknown names, reported with every offending entry).
     while pending:
         progressed = False
-        for entry in list(pending):
+        for i, entry in list(pending):
             refs = entry.get("inputs")
             ref_list = refs if isinstance(refs, list) else [refs]
             if not all(_resolve_ref(r, tensors, strict=False) is not None for r in ref_list):
@@ -479,19 +482,39 @@ def _functional_from_config(spec: dict) -> Model:
                 layer = layer_from_config(entry)
                 layers_by_name[layer.name] = layer
             ins = [_resolve_ref(r, tensors) for r in ref_list]
-            out = layer(ins if isinstance(refs, list) else ins[0])
+            try:
+                out = layer(ins if isinstance(refs, list) else ins[0])
+            except ShapeError as e:
+                raise ShapeError(f"model.layers[{i}] '{entry.get('name') or layer.name}' (reading "
+                                 f"{', '.join(map(str, ref_list))}): {e.message}") from None
             name = entry.get("name") or layer.name
+            node = layer.nodes[-1]
+            if "shares" in entry:
+                node.name = name
+            made[name] = node
             outs = out if isinstance(out, list) else [out]
             tensors[name] = outs[0]
-            for i, t in enumerate(outs):
-                tensors[f"{name}:{i}"] = t
-            pending.remove(entry)
+            for k, t in enumerate(outs):
+                tensors[f"{name}:{k}"] = t
+            pending.remove((i, entry))
             progressed = True
         if not progressed:
-            raise ConfigError(_unresolved_message(pending, tensors, layers_by_name))
+            raise ConfigError(_unresolved_message([e for _, e in pending], tensors, layers_by_name))
     outputs = [_resolve_ref(r, tensors) for r in spec.get("outputs", [])]
     inputs = [tensors[i["name"]] for i in spec.get("inputs", [])]
-    return Model(inputs, outputs, name=spec.get("name") or "model")
+    model = Model(inputs, outputs, name=spec.get("name") or "model")
+    used = {id(n) for n in model.graph.nodes}
+    model.dangling = [name for name, node in made.items() if id(node) not in used]
+    model.dangling += [i["name"] for i in spec.get("inputs", []) if id(tensors[i["name"]].node) not in used]
+    if model.dangling:
+        warnings.warn(f"model '{model.name}': {', '.join(model.dangling)} reach(es) no output "
+                      f"({', '.join(model.output_names)}); they are not computed or trained. Add them to "
+                      f"model.outputs or remove them", DanglingLayerWarning, stacklevel=3)
+    return model
+
+
+class DanglingLayerWarning(UserWarning):
+    """A functional config names layers or inputs that no output depends on."""
 
 
 def _resolve_ref(ref, tensors, strict=True):
@@ -500,14 +523,15 @@ def _resolve_ref(ref, tensors, strict=True):
     if strict:
         from dlcli.registry import did_you_mean
 
-        raise ConfigError(f"unknown tensor '{ref}'{did_you_mean(ref, tensors)}")
+        known = [k for k in tensors if ":" not in k]
+        raise ConfigError(f"unknown tensor '{ref}'{did_you_mean(ref, known)}; known: {', '.join(known)}")
     return None
 
 
 def _unresolved_message(pending, tensors, layers_by_name) -> str:
     from dlcli.registry import did_you_mean
 
-    names = {e.get("name") for e in pending} | set(tensors)
+    names = {e.get("name") for e in pending} | {k for k in tensors if ":" not in k}
     problems = []
     for e in pending:
         refs = e.get("inputs") if isinstance(e.get("inputs"), list) else [e.get("inputs")]
@@ -518,13 +542,34 @@ def _unresolved_message(pending, tensors, layers_by_name) -> str:
             problems.append(f"layer '{e.get('name')}' shares unknown layer '{e['shares']}'"
                             f"{did_you_mean(e['shares'], names)}")
     if not problems:
-        problems.append("these layers form a cycle: " + " -> ".join(str(e.get("name")) for e in pending))
+        problems.append("the layers form a cycle: " + " -> ".join(_find_cycle(pending))
+                        + " (each reads the next's output; a graph must flow from inputs to outputs)")
     return "; ".join(problems)
 
 
+def _find_cycle(pending) -> list[str]:
+    """One cycle among entries that could not be placed, as names in reading order, closed (a -> b -> a)."""
+    reads = {}
+    for e in pending:
+        refs = e.get("inputs") if isinstance(e.get("inputs"), list) else [e.get("inputs")]
+        deps = [str(r).split(":")[0] for r in refs] + ([e["shares"]] if "shares" in e else [])
+        reads[e.get("name")] = [d for d in deps if d in {x.get("name") for x in pending}]
+    for start in reads:
+        path, seen = [start], {start}
+        while reads.get(path[-1]):
+            nxt = reads[path[-1]][0]
+            if nxt in seen:
+                return path[path.index(nxt):] + [nxt]
+            path.append(nxt)
+            seen.add(nxt)
+    return [str(e.get("name")) for e in pending]
+
+
 def _node_name(node) -> str:
+    """A call's name: the layer's for its first call; a shared call's own (its YAML entry name, or `<layer>_call<i>`)."""
     layer = node.layer
-    return layer.name if layer.nodes.index(node) == 0 else f"{layer.name}_call{layer.nodes.index(node)}"
+    index = layer.nodes.index(node)
+    return layer.name if index == 0 else getattr(node, "name", None) or f"{layer.name}_call{index}"
 
 
 def _tensor_ref(t) -> str:

@@ -41,6 +41,9 @@ class _Merge(Layer):
 
     supports_masking = True
 
+    def __init__(self, **kw):  # defined so the base records the (name, trainable ...) config for get_config
+        super().__init__(**kw)
+
     def build(self, input_shape):
         self.output_shape(input_shape)
 
