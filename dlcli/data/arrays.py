@@ -12,8 +12,10 @@ from dlcli.errors import ConfigError, DlcliError
 X_DTYPES = ("auto", "float32", "float64", "int32", "int64")
 
 
-def _targets(y: np.ndarray) -> np.ndarray:
+def _targets(y):
     """Class indices as int64 (what sparse losses and the confusion matrix expect), regression targets float32."""
+    if isinstance(y, dict):  # named model outputs
+        return {k: _targets(v) for k, v in y.items()}
     return y.astype(np.int64) if y.dtype.kind in "biu" else y.astype(np.float32)
 
 
@@ -29,8 +31,9 @@ def _finish(source, x, y, x_test, y_test, test_split, stratify, seed, limit, cla
     if test_split:
         if x_test is not None:
             raise ConfigError(f"data: both a test set and test_split={test_split} given for {source}; use one")
-        train, test = split_indices(y, float(test_split), np.random.default_rng(seed), stratify)
-        x, y, x_test, y_test = take(x, train), y[train], take(x, test), y[test]
+        first = next(iter(y.values())) if isinstance(y, dict) else y  # named outputs stratify by the first
+        train, test = split_indices(first, float(test_split), np.random.default_rng(seed), stratify)
+        x, y, x_test, y_test = take(x, train), take(y, train), take(x, test), take(y, test)
     return apply_limit(Dataset(x_train=x, y_train=y, x_test=x_test, y_test=y_test, classes=classes,
                                source=str(source)), limit)
 
@@ -44,11 +47,11 @@ def _check_common(test_split, limit, dtype=None):
 
 
 @DATASETS.register("npz")
-def load_npz(path: str, x: str | dict[str, str] = "x", y: str = "y", x_test: str | dict[str, str] | None = None,
-             y_test: str | None = None, test_split: float = 0.0, stratify: bool = False, seed: int = 0,
+def load_npz(path: str, x: str | dict[str, str] = "x", y: str | dict[str, str] = "y",
+             x_test: str | dict[str, str] | None = None, y_test: str | dict[str, str] | None = None, test_split: float = 0.0, stratify: bool = False, seed: int = 0,
              limit: int | None = None, dtype: str = "auto", rescale: float = 1.0,
              classes: list[str] | None = None) -> Dataset:
-    """Arrays from an .npz archive by key (x may map model input names to keys). Without x_test/y_test,
+    """Arrays from an .npz archive by key (x may map model input names to keys, y model output names). Without x_test/y_test,
     test_split holds out a seeded shuffled fraction (seed fixed per dataset, not per run, so runs with
     different seeds share one test set). limit caps train and test to their first N samples."""
     _check_common(test_split, limit, dtype)
@@ -76,8 +79,8 @@ def load_npz(path: str, x: str | dict[str, str] = "x", y: str = "y", x_test: str
             else _features(a, dtype, rescale)
 
     for xa, ya, which in ((xs, ys, f"'{x}'/'{y}'"), (xt, yt, f"'{x_test}'/'{y_test}'")):
-        if ya is not None and num_samples(xa) != len(ya):
-            raise DlcliError(f"{file}: {which} have {num_samples(xa)} samples but {len(ya)} targets")
+        if ya is not None and num_samples(xa) != num_samples(ya):
+            raise DlcliError(f"{file}: {which} have {num_samples(xa)} samples but {num_samples(ya)} targets")
     return _finish(file, convert(xs), _targets(ys), None if xt is None else convert(xt),
                    None if yt is None else _targets(yt), test_split, stratify, seed, limit, classes)
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dlcli.data.split import num_samples
 from dlcli.errors import ConfigError, ShapeError
 from dlcli.registry import Registry, did_you_mean
 
@@ -20,9 +21,9 @@ class Dataset:
     validation split (time series split by time), meaning "the trainer makes its own split"."""
 
     x_train: np.ndarray | dict
-    y_train: np.ndarray
+    y_train: np.ndarray | dict  # a dict of arrays for named model outputs
     x_test: np.ndarray | dict | None = None
-    y_test: np.ndarray | None = None
+    y_test: np.ndarray | dict | None = None
     classes: list[str] | None = None
     source: str = ""
     extra: dict = field(default_factory=dict)
@@ -32,7 +33,7 @@ class Dataset:
 
     def sizes(self) -> dict[str, int | None]:
         """Samples per split, for the banner; None for a split the data does not have."""
-        return {split: (None if y is None else len(y))
+        return {split: (None if y is None else num_samples(y))
                 for split, y in (("train", self.y_train), ("validation", self.y_val), ("test", self.y_test))}
 
     def reshape_to(self, input_shape) -> "Dataset":

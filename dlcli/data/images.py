@@ -10,6 +10,7 @@ from dlcli.data.idx import parse_idx, read_bytes, sha256
 from dlcli.data.paths import cache_dir, candidate_dirs
 from dlcli.data.split import check_limit
 from dlcli.errors import DlcliError
+from dlcli.registry import did_you_mean
 
 IMAGES, LABELS = 2051, 2049  # IDX magics: uint8 rank 3, uint8 rank 1
 PARTS = {"train_images": ("train-images-idx3-ubyte", IMAGES), "train_labels": ("train-labels-idx1-ubyte", LABELS),
@@ -78,7 +79,8 @@ def locate(spec: IdxSet, path: str | None) -> tuple[dict, str]:
     return files, f"{folder} (downloaded)"
 
 
-def load_idx_set(spec: IdxSet, path: str | None, limit: int | None, normalize: bool, verify: bool) -> Dataset:
+def load_idx_set(spec: IdxSet, path: str | None, limit: int | None, normalize: bool, verify: bool,
+                 inputs: dict[str, str] | None = None) -> Dataset:
     check_limit(limit)
     files, source = locate(spec, path)
     arrays = {}
@@ -102,23 +104,42 @@ def load_idx_set(spec: IdxSet, path: str | None, limit: int | None, normalize: b
 
     def x(images):
         images = images[:n].astype(np.float32)
-        return images / np.float32(255) if normalize else images  # Keras' book recipe: float32 pixels / 255
+        images = images / np.float32(255) if normalize else images  # Keras' book recipe: float32 pixels / 255
+        return images if inputs is None else image_views(images, inputs)
 
     return Dataset(x_train=x(arrays["train_images"]), y_train=arrays["train_labels"][:n].astype(np.int64),
                    x_test=x(arrays["test_images"]), y_test=arrays["test_labels"][:n].astype(np.int64),
                    classes=list(spec.classes), source=source, name=spec.names[0])
 
 
+VIEWS = {  # derived per-image features a multi-input model can read beside (or instead of) the pixels
+    "image": lambda im: im,
+    "profiles": lambda im: np.concatenate([im.mean(axis=2), im.mean(axis=1)], axis=1),  # 28 row + 28 column means
+    "ink": lambda im: im.reshape(len(im), -1).mean(axis=1, keepdims=True),  # mean intensity, (N, 1)
+}
+
+
+def image_views(images: np.ndarray, inputs: dict[str, str]) -> dict:
+    """{model input name: view name} -> {model input name: array}, for named inputs of a functional model."""
+    unknown = [v for v in inputs.values() if v not in VIEWS]
+    if unknown:
+        raise DlcliError(f"data.inputs: unknown view '{unknown[0]}'{did_you_mean(unknown[0], VIEWS)}; views: "
+                         f"{', '.join(VIEWS)} (image: the pixels; profiles: 28 row + 28 column mean intensities; "
+                         f"ink: the mean intensity)")
+    return {name: VIEWS[view](images) for name, view in inputs.items()}
+
+
 @DATASETS.register("mnist")
 def load_mnist(path: str | None = None, limit: int | None = None, normalize: bool = True,
-               verify: bool = True) -> Dataset:
+               verify: bool = True, inputs: dict[str, str] | None = None) -> Dataset:
     """MNIST digits: x (N, 28, 28) float32 in [0, 1] (0..255 when normalize is false), y int64 0-9.
-    limit caps train and test to their first N images. verify checks the official SHA-256 of each file."""
-    return load_idx_set(MNIST, path, limit, normalize, verify)
+    limit caps train and test to their first N images. verify checks the official SHA-256 of each file.
+    inputs maps model input names to views of each image (image, profiles, ink) for multi-input models."""
+    return load_idx_set(MNIST, path, limit, normalize, verify, inputs)
 
 
 @DATASETS.register("fashion_mnist")
 def load_fashion_mnist(path: str | None = None, limit: int | None = None, normalize: bool = True,
-                       verify: bool = True) -> Dataset:
+                       verify: bool = True, inputs: dict[str, str] | None = None) -> Dataset:
     """Fashion-MNIST (Zalando): as mnist, with the ten clothing class names."""
-    return load_idx_set(FASHION_MNIST, path, limit, normalize, verify)
+    return load_idx_set(FASHION_MNIST, path, limit, normalize, verify, inputs)

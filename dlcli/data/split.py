@@ -66,5 +66,5 @@ def apply_limit(dataset, limit: int | None):
     for xs, ys in (("x_train", "y_train"), ("x_val", "y_val"), ("x_test", "y_test")):
         if getattr(dataset, ys) is not None:
             setattr(dataset, xs, take(getattr(dataset, xs), slice(0, limit)))
-            setattr(dataset, ys, getattr(dataset, ys)[:limit])
+            setattr(dataset, ys, take(getattr(dataset, ys), slice(0, limit)))
     return dataset
