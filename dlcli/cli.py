@@ -142,6 +142,9 @@ def inspect_shapes(
     graph: Annotated[Optional[Path], typer.Option(
         "--graph", help="Also draw the layer graph: FILE.svg or FILE.png (needs Graphviz 'dot'; without it a .dot "
                         "file is written instead), FILE.dot, or FILE.md (a mermaid flowchart).")] = None,
+    trace: Annotated[bool, typer.Option(
+        "--trace", help="Also run one real batch forward and backward: per layer activation mean/std, dead "
+                        "ReLUs, gradient norms (loads the data).")] = False,
 ):
     """Print each layer's output shape and parameters, totals, memory and FLOPs, without loading data.
 
@@ -197,6 +200,10 @@ def inspect_shapes(
         from dlcli.render import render_graph
 
         out.print(render_graph(model, graph))
+    if trace:
+        from dlcli.commands.check import print_trace
+
+        print_trace(cfg, model, out, batch_size)
 
 
 @app.command()
@@ -283,6 +290,7 @@ def _si(n: float) -> str:
 
 
 # Command groups register themselves on `app` (imported last: each does `from dlcli.cli import app`).
+from dlcli.commands import check  # noqa: E402,F401
 from dlcli.commands import plot  # noqa: E402,F401
 from dlcli.commands import predict  # noqa: E402,F401
 from dlcli.commands import runs  # noqa: E402,F401
