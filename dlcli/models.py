@@ -507,9 +507,11 @@ def _functional_from_config(spec: dict) -> Model:
     model.dangling = [name for name, node in made.items() if id(node) not in used]
     model.dangling += [i["name"] for i in spec.get("inputs", []) if id(tensors[i["name"]].node) not in used]
     if model.dangling:
-        warnings.warn(f"model '{model.name}': {', '.join(model.dangling)} reach(es) no output "
-                      f"({', '.join(model.output_names)}); they are not computed or trained. Add them to "
-                      f"model.outputs or remove them", DanglingLayerWarning, stacklevel=3)
+        many = len(model.dangling) > 1
+        warnings.warn(f"model '{model.name}': {', '.join(model.dangling)} reach{'' if many else 'es'} no output "
+                      f"({', '.join(model.output_names)}), so {'they are' if many else 'it is'} neither computed nor "
+                      f"trained; list {'them' if many else 'it'} in model.outputs or remove {'them' if many else 'it'}",
+                      DanglingLayerWarning, stacklevel=3)
     return model
 
 

@@ -4,6 +4,8 @@ Forward runs nodes in order, passing masks along; backward runs them in reverse,
 fans out. A layer called more than once (shared weights) keeps one cache per node: the executor saves the layer's
 attributes after each node's forward and restores them before that node's backward.
 """
+import copy
+
 import numpy as np
 
 from dlcli.engine.layer import Layer, SymbolicTensor, format_shape
@@ -119,7 +121,7 @@ class Graph:
             out = layer.forward(x, training)
             out_mask = layer.compute_mask(x, mask)
             if len(layer.nodes) > 1:
-                node.state = dict(vars(layer))
+                node.state = _snapshot(layer)
             outs = out if node.multi_output else [out]
             out_masks = out_mask if node.multi_output and isinstance(out_mask, list) else [out_mask] * len(outs)
             for t, v, m in zip(node.outputs, outs, out_masks):
@@ -154,6 +156,17 @@ class Graph:
             for t, g in zip(node.inputs, g_in):
                 _accumulate(acc, t, g)
         return [acc.get(id(t)) for t in self.inputs]
+
+
+def _snapshot(obj) -> dict:
+    """A layer's attributes after one call. Caches also live in sub-objects (an activation keeps its output, a
+    wrapper its inner layer's inputs): those are copied, recursively, so the next call cannot overwrite them."""
+    state = dict(vars(obj))
+    for key, value in state.items():
+        if hasattr(value, "forward") and hasattr(value, "backward") and hasattr(value, "__dict__"):
+            state[key] = copy.copy(value)
+            vars(state[key]).update(_snapshot(value))
+    return state
 
 
 def _accumulate(acc, tensor, grad):

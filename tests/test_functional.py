@@ -1,0 +1,237 @@
+"""The functional API: graphs with fan-out, merges and shared layers, in Python and YAML; multi-input/-output."""
+import warnings
+
+import numpy as np
+import pytest
+
+from dlcli import layers, models
+from dlcli.config import parse_config
+from dlcli.errors import ConfigError, ShapeError
+from tests.gradcheck import assert_close, numeric_grad
+
+
+def to_float64(model):
+    for layer in model.layers:
+        layer.dtype = "float64"
+        for p in layer.weights:
+            p.value = p.value.astype(np.float64)
+            if p.grad is not None:
+                p.grad = np.zeros_like(p.value)
+
+
+def check_model_gradients(model, xs, ys, training=False):
+    """dLoss/dparam of the whole compiled model (losses, loss weights, fused softmax) vs central differences."""
+    to_float64(model)
+
+    def loss():
+        return model.compute_loss(ys, model.graph.forward(xs, training), with_grads=False)[0]
+
+    _, _, grads = model.compute_loss(ys, model.graph.forward(xs, training))
+    model.graph.backward(grads)
+    checked = 0
+    for p in model.trainable_weights:
+        analytic = p.grad.copy()
+        assert_close(analytic, numeric_grad(loss, p.value, max_checks=20), p.path)
+        checked += 1
+    return checked
+
+
+def fanout_merge_shared_model():
+    """a, b -> shared encoder (two calls); enc(a) fans out to a Dense, an Add and an auxiliary head."""
+    a, b = layers.Input((5,), name="a"), layers.Input((5,), name="b")
+    enc = layers.Dense(4, activation="tanh", name="enc")
+    ea, eb = enc(a), enc(b)
+    h = layers.Dense(4, activation="sigmoid", name="h")(ea)
+    merged = layers.Add(name="sum")([ea, eb, h])
+    both = layers.Concatenate(name="cat")([merged, layers.Multiply(name="gate")([ea, h])])
+    out = layers.Dense(3, activation="softmax", name="out")(both)
+    aux = layers.Dense(1, name="aux")(ea)
+    return models.Model([a, b], [out, aux], name="net")
+
+
+def data(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return ([rng.normal(size=(n, 5)), rng.normal(size=(n, 5))],
+            [rng.integers(0, 3, n), rng.normal(size=(n, 1))])
+
+
+def test_whole_graph_gradients_with_fanout_merge_and_shared_layer():
+    model = fanout_merge_shared_model()
+    model.compile("sgd", loss={"out": "sparse_categorical_crossentropy", "aux": "mse"},
+                  loss_weights={"out": 1.0, "aux": 0.3})
+    assert model.fused[0] is not None  # the softmax + cross-entropy shortcut is part of what is checked
+    xs, ys = data()
+    assert check_model_gradients(model, xs, ys) == 8  # enc, h, out, aux kernels and biases
+    assert sum(layer is model.get_layer("enc") for layer in model.layers) == 1
+
+
+def test_shared_layer_gradient_is_the_sum_of_both_calls():
+    a, b = layers.Input((3,), name="a"), layers.Input((3,), name="b")
+    enc = layers.Dense(2, name="enc", use_bias=False)
+    model = models.Model([a, b], layers.Add()([enc(a), enc(b)]))
+    x1, x2 = np.ones((1, 3)), 2 * np.ones((1, 3))
+    model.graph.forward([x1, x2])
+    model.graph.backward([np.ones((1, 2))])
+    np.testing.assert_allclose(enc.kernel.grad, (x1 + x2).T @ np.ones((1, 2)))
+
+
+def test_multi_output_weighted_loss_and_keras_metric_names():
+    model = fanout_merge_shared_model()
+    model.compile("adam", loss={"out": "sparse_categorical_crossentropy", "aux": "mse"},
+                  loss_weights={"out": 2.0, "aux": 0.5}, metrics={"out": ["accuracy"], "aux": ["mae"]})
+    (xa, xb), (y_out, y_aux) = data(8)
+    logs = model.evaluate({"a": xa, "b": xb}, {"out": y_out, "aux": y_aux}, return_dict=True)
+    assert list(logs) == ["loss", "out_loss", "aux_loss", "out_accuracy", "aux_mae"]
+    p_out, p_aux = model.predict([xa, xb])
+    ce = -np.log(p_out[np.arange(8), y_out]).mean()
+    mse = ((p_aux - y_aux) ** 2).mean()
+    assert logs["out_loss"] == pytest.approx(ce, rel=1e-5) and logs["aux_loss"] == pytest.approx(mse, rel=1e-5)
+    assert logs["loss"] == pytest.approx(2.0 * ce + 0.5 * mse, rel=1e-5)
+    assert logs["aux_mae"] == pytest.approx(np.abs(p_aux - y_aux).mean(), rel=1e-5)
+    history = model.fit([xa, xb], [y_out, y_aux], epochs=1, batch_size=4, verbose=0, validation_split=0.25, seed=0)
+    assert {"out_loss", "aux_loss", "out_accuracy", "val_out_accuracy", "val_aux_mae"} <= set(history.history)
+
+
+def test_compile_rejects_unknown_output_names():
+    model = fanout_merge_shared_model()
+    with pytest.raises(ConfigError, match=r"unknown output 'aux2' \(did you mean 'aux'\?\)"):
+        model.compile("adam", loss={"out": "mse", "aux2": "mse"})
+
+
+def test_sequential_equals_the_same_chain_as_a_graph():
+    seq = models.Sequential([layers.Dense(6, activation="relu", input_shape=(4,)), layers.Dropout(0.0),
+                             layers.Dense(3, activation="softmax")])
+    inp = layers.Input((4,))
+    x = layers.Dense(6, activation="relu")(inp)
+    x = layers.Dropout(0.0)(x)
+    graph = models.Model(inp, layers.Dense(3, activation="softmax")(x))
+    graph.set_weights(seq.get_weights())
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(5, 4)).astype(np.float32), rng.integers(0, 3, 5)
+    np.testing.assert_array_equal(seq.predict(x), graph.predict(x))
+    grads = []
+    for model in (seq, graph):
+        model.compile("sgd", loss="sparse_categorical_crossentropy")
+        _, _, g = model.compute_loss([y], model.forward([x], training=True))
+        model.graph.backward(g)
+        grads.append([p.grad.copy() for p in model.trainable_weights])
+    for a, b in zip(*grads):
+        np.testing.assert_array_equal(a, b)
+
+
+RESIDUAL = """
+name: residual
+data: {type: npz, path: data.npz, x: {img: x_img, side: x_side}, y: {out: y, aux: y_aux}}
+model:
+  type: functional
+  inputs: [{name: img, shape: [6, 6, 1]}, {name: side, shape: [3]}]
+  layers:
+    - {name: c1, type: Conv2D, filters: 4, kernel_size: 3, padding: same, activation: relu, inputs: img}
+    - {name: c2, type: Conv2D, filters: 4, kernel_size: 3, padding: same, inputs: c1}
+    - {name: skip, type: Add, inputs: [c1, c2]}
+    - {name: gap, type: GlobalAveragePooling2D, inputs: skip}
+    - {name: s1, type: Dense, units: 4, activation: tanh, inputs: side}
+    - {name: s2, shares: s1, inputs: side_again}
+    - {name: side_again, type: Dense, units: 3, inputs: side}
+    - {name: joined, type: Concatenate, inputs: [gap, s1, s2]}
+    - {name: out, type: Dense, units: 2, activation: softmax, inputs: joined}
+    - {name: aux, type: Dense, units: 1, inputs: s2}
+  outputs: [out, aux]
+compile:
+  optimizer: adam
+  loss: {out: sparse_categorical_crossentropy, aux: mse}
+  loss_weights: {out: 1.0, aux: 0.25}
+  metrics: {out: [accuracy]}
+train: {epochs: 2, batch_size: 8, validation_split: 0.25}
+"""
+
+
+def build(text, *sets):
+    from dlcli.builder import build_model
+
+    return build_model(parse_config(text, "test.yaml", list(sets)).to_dict())
+
+
+def test_yaml_graph_builds_in_any_order_with_shares_and_round_trips():
+    model = build(RESIDUAL)
+    assert model.input_names == ["img", "side"] and model.output_names == ["out", "aux"]
+    rows = {r["name"]: r for r in model.summary_rows()}
+    assert rows["skip"]["connected_to"] == ["c1", "c2"]
+    assert rows["s2 (shares s1)"]["connected_to"] == ["side_again"] and rows["s2 (shares s1)"]["params"] == 0
+    assert rows["joined"]["connected_to"] == ["gap", "s1", "s2"]
+    again = models.from_config(model.get_config())
+    assert again.get_config() == model.get_config()
+    again.set_weights(model.get_weights())
+    x = [np.random.default_rng(0).normal(size=(2, 6, 6, 1)), np.ones((2, 3))]
+    for a, b in zip(model.predict(x), again.predict(x)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_yaml_two_input_two_output_model_trains_from_named_npz_arrays(tmp_path, monkeypatch):
+    from dlcli.experiment import load_splits, train_run
+
+    rng = np.random.default_rng(0)
+    n = 40
+    np.savez(tmp_path / "data.npz", x_img=rng.normal(size=(n, 6, 6)), x_side=rng.normal(size=(n, 3)),
+             y=rng.integers(0, 2, n), y_aux=rng.normal(size=(n, 1)))
+    monkeypatch.chdir(tmp_path)
+    config = parse_config(RESIDUAL, "test.yaml", ["data.test_split=0.25"]).to_dict()
+    model = build(RESIDUAL)
+    splits = load_splits(config, model)
+    assert [a.shape for a in splits.x_train] == [(22, 6, 6, 1), (22, 3)]  # (N, 6, 6) fed as (6, 6, 1)
+    assert splits.sizes() == {"train": 22, "validation": 8, "test": 10}
+    run_dir = tmp_path / "run"
+    (run_dir / "weights").mkdir(parents=True)
+    result = train_run(config, model, splits, run_dir, verbose=0)
+    assert result.status == "completed" and set(result.test) == {"loss", "out_loss", "aux_loss", "out_accuracy"}
+    assert "val_out_accuracy" in result.history
+
+
+@pytest.mark.parametrize("sets,error,match", [
+    (["model.layers.2.inputs=[c1, skp]"], ConfigError, r"model.layers.2.inputs.1: unknown input or layer 'skp' "
+                                                       r"\(did you mean 'skip'\?\)"),
+    (["model.layers.5.shares=s11"], ConfigError, r"unknown layer 's11' \(did you mean 's1'\?\)"),
+    (["model.outputs=[out, auxx]"], ConfigError, r"unknown layer 'auxx' \(did you mean 'aux'\?\)"),
+    (["model.layers.1.filters=5"], ShapeError, r"model.layers\[2\] 'skip' \(reading c1, c2\): Add layer 'skip' "
+                                              r"cannot merge inputs of shapes \(None, 6, 6, 4\), \(None, 6, 6, 5\)"),
+    (["model.layers.0.inputs=skip"], ConfigError, r"the layers form a cycle: c1 -> skip -> c1 \(each reads"),
+    (["model.layers.0.inputs=c2"], ConfigError, r"the layers form a cycle: c1 -> c2 -> c1"),
+    (["model.layers.5.inputs=img"], ShapeError, r"'s1' was built for input shape \(None, 3\) but is now called on "
+                                                r"\(None, 6, 6, 1\)"),
+])
+def test_graph_errors_name_the_node(sets, error, match):
+    with pytest.raises(error, match=match):
+        build(RESIDUAL, *sets)
+
+
+def test_dangling_layers_warn_and_are_listed():
+    with pytest.warns(models.DanglingLayerWarning, match=r"aux reaches no output \(out\)"):
+        model = build(RESIDUAL, "model.outputs=[out]", "compile.loss=sparse_categorical_crossentropy",
+                      "compile.loss_weights=null", "compile.metrics=[accuracy]")
+    assert model.dangling == ["aux"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(RESIDUAL)  # nothing dangles
+
+
+def test_inspect_shapes_shows_connections_and_draws_the_graph(tmp_path):
+    from typer.testing import CliRunner
+
+    from dlcli.cli import app
+
+    path = tmp_path / "net.yaml"
+    path.write_text(RESIDUAL)
+    runner = CliRunner(env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["inspect-shapes", str(path), "--graph", str(tmp_path / "net.md")])
+    assert result.exit_code == 0, result.output
+    assert "connected to" in result.output and "shares s1" in result.output
+    md = (tmp_path / "net.md").read_text()
+    assert md.count("-->") == 13 and "```mermaid" in md  # one arrow per tensor read
+    result = runner.invoke(app, ["inspect-shapes", str(path), "--graph", str(tmp_path / "net.dot")])
+    dot = (tmp_path / "net.dot").read_text()
+    assert result.exit_code == 0 and dot.startswith('digraph "residual"') and dot.count("->") == 13
+    result = runner.invoke(app, ["inspect-shapes", str(path), "--graph", str(tmp_path / "net.svg")])
+    assert result.exit_code == 0
+    assert (tmp_path / "net.svg").exists() or "wrote" in result.output and (tmp_path / "net.dot").exists()
+    result = runner.invoke(app, ["inspect-shapes", str(path), "--graph", str(tmp_path / "net.txt")])
+    assert result.exit_code == 2 and ".svg, .png, .dot, .md" in result.output
