@@ -80,6 +80,8 @@ class _Conv(_Windowed):
             self.kernel.grad += np.dot(self.cols.T, g).reshape(self.kernel.grad.shape)
         if self.use_bias and self.bias.grad is not None:
             self.bias.grad += g.sum(0)
+        if not self.input_grad_needed:  # the first conv reads data: skip its (large) input gradient
+            return None
         dxp = cm.col2im_matmul(g, self.kernel.value, self.xp_shape, self.out_sizes, self.strides,
                                self.dilation_rate)
         return cm.unpad(dxp, self.pads)
