@@ -235,3 +235,29 @@ def test_inspect_shapes_shows_connections_and_draws_the_graph(tmp_path):
     assert (tmp_path / "net.svg").exists() or "wrote" in result.output and (tmp_path / "net.dot").exists()
     result = runner.invoke(app, ["inspect-shapes", str(path), "--graph", str(tmp_path / "net.txt")])
     assert result.exit_code == 2 and ".svg, .png, .dot, .md" in result.output
+
+
+@pytest.mark.parametrize("path,inputs,params", [("configs/fashion_mnist_resnet.yaml", ["img"], 152_106),
+                                                ("configs/two_inputs.yaml", ["img", "side"], 176_074)])
+def test_shipped_functional_configs_build(path, inputs, params):
+    from pathlib import Path
+
+    from dlcli.builder import build_model
+    from dlcli.config import load_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing dangles
+        model = build_model(load_config(Path(__file__).parent.parent / path).to_dict())
+    assert model.input_names == inputs and model.count_params() == params
+
+
+def test_image_views_feed_named_inputs():
+    from dlcli.data.images import image_views
+    from dlcli.errors import DlcliError
+
+    images = np.random.default_rng(0).random((3, 28, 28)).astype(np.float32)
+    views = image_views(images, {"img": "image", "side": "profiles", "mass": "ink"})
+    assert views["img"] is images and views["side"].shape == (3, 56) and views["mass"].shape == (3, 1)
+    np.testing.assert_allclose(views["side"][:, :28], images.mean(2), rtol=1e-6)
+    with pytest.raises(DlcliError, match="unknown view 'profile' \\(did you mean 'profiles'\\?\\)"):
+        image_views(images, {"side": "profile"})
