@@ -65,7 +65,7 @@ def is_relu(layer) -> bool:
 def dead_fraction(out: np.ndarray) -> float:
     """Fraction of units (last axis: features or channels) that are zero for every sample and position."""
     alive = (out.reshape(-1, out.shape[-1]) > 0).any(axis=0)
-    return float(1.0 - alive.mean())
+    return int((~alive).sum()) / alive.size
 
 
 def _norm(a) -> float:

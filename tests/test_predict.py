@@ -1,0 +1,111 @@
+import csv
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dlcli import runs
+from dlcli.cli import app
+from dlcli.commands.predict import image_geometry
+from dlcli.data.text import build_vocabulary, tokenize
+from dlcli.errors import DlcliError
+from tests.runs_fixture import CLASSES, train_tiny
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, ["predict", *[str(a) for a in args]], env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("predict"), runner)
+
+
+@pytest.fixture(scope="module")
+def samples(run):
+    return np.load(run.parent.parent / "tiny.npz")["x"][:5]
+
+
+def test_npy_prints_top_k_with_class_names(run, samples, tmp_path):
+    np.save(tmp_path / "x.npy", samples)
+    result = invoke(run, tmp_path / "x.npy", "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "x.npy:" in line]
+    assert len(rows) == 5 and all(sum(c in line for c in CLASSES) == 2 for line in rows)
+    np.save(tmp_path / "one.npy", samples[0])  # a single sample without the batch axis
+    assert "one.npy:0" in invoke(run, tmp_path / "one.npy").output
+
+
+def test_outputs_agree_across_formats(run, samples, tmp_path):
+    np.savez(tmp_path / "many.npz", a=samples[:2], b=samples)
+    with open(tmp_path / "x.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([f"f{i}" for i in range(16)] + ["label"])
+        writer.writerows([list(map(float, s.reshape(-1))) + [0] for s in samples])
+    assert invoke(run, tmp_path / "many.npz").exit_code == 1  # several arrays, no 'x': asks for --key
+    assert invoke(run, tmp_path / "many.npz", "--key", "b", "-o", tmp_path / "a.npy").exit_code == 0
+    result = invoke(run, tmp_path / "x.csv", "-o", tmp_path / "b.csv")
+    assert result.exit_code == 0, result.output
+    probs = np.load(tmp_path / "a.npy", allow_pickle=False)
+    assert probs.shape == (5, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    with open(tmp_path / "b.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["input", "predicted", "p_low", "p_mid", "p_high"]
+    assert np.allclose([[float(r[f"p_{c}"]) for c in CLASSES] for r in table], probs, atol=1e-5)
+    assert [r["predicted"] for r in table] == [CLASSES[i] for i in probs.argmax(1)]
+
+
+def test_images_are_resized_and_grayscaled(run, tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "b.jpg")
+    result = invoke(run, tmp_path / "a.png", tmp_path / "b.jpg", "--invert", "--top-k", "1")
+    assert result.exit_code == 0, result.output
+    assert "a.png" in result.output and "b.jpg" in result.output
+    assert image_geometry((28, 28)) == (28, 28, 1) and image_geometry((784,)) == (28, 28, 1)
+    assert image_geometry((32, 32, 3)) == (32, 32, 3) and image_geometry((3072,)) == (32, 32, 3)
+    with pytest.raises(DlcliError, match="not an image"):
+        image_geometry((10,))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    assert "cannot read as an image" in invoke(run, tmp_path / "bad.png").output
+
+
+def test_errors_are_messages(run, tmp_path):
+    (tmp_path / "t.txt").write_text("some words\n")
+    assert "no vocabulary.json" in invoke(run, tmp_path / "t.txt").output
+    assert "does not exist" in invoke(run, tmp_path / "missing.npy").output
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert "without pickled objects" in invoke(run, tmp_path / "obj.npy").output
+    (tmp_path / "x.xyz").write_text("")
+    assert invoke(run, tmp_path / "x.xyz").exit_code == 2
+    np.save(tmp_path / "wrong.npy", np.zeros((2, 5)))
+    assert "expects samples of shape" in invoke(run, tmp_path / "wrong.npy").output
+    assert invoke(run, tmp_path / "wrong.npy", "--weights", "worst").exit_code == 2
+
+
+def test_text_input_uses_the_runs_vocabulary(tmp_path):
+    texts = ["good great fine", "bad awful poor", "great good", "poor bad"] * 6
+    vocabulary = build_vocabulary([tokenize(t) for t in texts], num_words=20, maxlen=5)
+    from dlcli.data.text import encode_texts
+
+    np.savez(tmp_path / "t.npz", x=encode_texts(texts, vocabulary), y=np.array([1, 0, 1, 0] * 6))
+    config = {"name": "words", "seed": 0, "data": {"type": "npz", "path": str(tmp_path / "t.npz")},
+              "model": {"input_shape": [5], "input_dtype": "int32",
+                        "layers": [{"type": "Embedding", "input_dim": 20, "output_dim": 4},
+                                   {"type": "GlobalAveragePooling1D"},
+                                   {"type": "Dense", "units": 2, "activation": "softmax"}]},
+              "compile": {"optimizer": "adam", "loss": "sparse_categorical_crossentropy"},
+              "train": {"epochs": 1, "batch_size": 8}}
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["train", str(tmp_path / "w.yaml"), "--runs-dir", str(tmp_path / "runs"), "-q"])
+    assert result.exit_code == 0, result.output
+    run_dir = next((tmp_path / "runs").iterdir())
+    runs.atomic_write_json(run_dir / "vocabulary.json", vocabulary)  # what train_run stores for text datasets
+    (tmp_path / "in.txt").write_text("good great\n\nawful words never seen\n")
+    result = invoke(run_dir, tmp_path / "in.txt")
+    assert result.exit_code == 0, result.output
+    assert "in.txt:0" in result.output and "in.txt:1" in result.output and "in.txt:2" not in result.output
