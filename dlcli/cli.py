@@ -233,9 +233,13 @@ def evaluate(
     table.add_column("value", justify="right")
     for k, v in result["metrics"].items():
         table.add_row(k, f"{v:.4f}")
-    for k, v in (result.get("baseline") or {}).items():
-        table.add_row(f"baseline {k}", f"{v:.4f}" if isinstance(v, (int, float)) else str(v))
     out.print(table)
+    comparison = result.get("comparison")
+    if comparison:
+        verdict = "beats" if comparison["beats_baseline"] else "does NOT beat"
+        out.print(f"MAE in {comparison['units']} units: model {comparison['model_mae']:.4f}, common-sense baseline "
+                  f"(last value) {comparison['baseline_mae']:.4f}: the model {verdict} the baseline "
+                  f"({comparison['improvement']:+.1%})")
     if "confusion_matrix" in result:
         names = result["classes"]
         cm = Table(title="confusion matrix (rows: true class, columns: predicted)")

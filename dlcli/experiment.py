@@ -179,8 +179,22 @@ def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size
     baseline = splits.extra.get("baseline") if splits.extra else None
     if baseline:
         result["baseline"] = baseline
+        result["comparison"] = baseline_comparison(result["metrics"], splits.extra, split)
     runs.atomic_write_json(run_dir / "evaluation.json", result)
     return result
+
+
+def baseline_comparison(metrics: dict, extra: dict, split: str) -> dict | None:
+    """The model's MAE beside the common-sense baseline's, both in the series' original units (as the book
+    compares its forecasts with "tomorrow = today")."""
+    mae = metrics.get("mae", metrics.get("mean_absolute_error"))
+    key = f"{'test' if split == 'test' else 'validation'}_mae"
+    if mae is None or key not in extra.get("baseline", {}):
+        return None
+    model_mae = float(mae) * float(extra.get("target_std", 1.0))
+    base = float(extra["baseline"][key])
+    return {"model_mae": model_mae, "baseline_mae": base, "improvement": 1 - model_mae / base if base else None,
+            "beats_baseline": model_mae < base, "units": extra.get("target", "target")}
 
 
 def classification_report(y_true, y_pred, classes=None) -> dict | None:

@@ -39,13 +39,15 @@ def windows(values: np.ndarray, target: np.ndarray, window: int, horizon: int, s
 def load_timeseries_csv(path: str, target: str | None = None, columns: list[str] | None = None, window: int = 10,
                         horizon: int = 1, stride: int = 1, normalize: bool = True, val_fraction: float = 0.2,
                         test_fraction: float = 0.2, limit: int | None = None, target_mode: str = "value",
-                        missing: str = "interpolate", delimiter: str = ",") -> Dataset:
+                        missing: str = "interpolate", delimiter: str = ",", relative_inputs: bool = False) -> Dataset:
     """x (samples, window, features) float32, y (samples, 1) float32; x_val/y_val set (split by time).
 
     columns: features (default every column but date/time ones); target: the column to forecast (default: the
     only feature). normalize: features and target scaled by the training rows' mean and std; y is then in
     those units and extra["target_std"] converts an MAE back to original units. target_mode "delta" predicts
     the change from the window's last target value (same MAE, but a trend no longer leaves the training range).
+    relative_inputs subtracts each window's last row from the whole window, so the model sees the shape of the
+    recent past rather than its level (a rising series then stays inside the range the model was trained on).
     extra["baseline"] holds the common-sense baseline "the target stays at its last value in the window":
     its MAE on validation and test, in original units (and normalised units). missing: empty cells are
     linearly interpolated over rows ("interpolate") or rejected ("error"). limit caps each split's windows.
@@ -109,6 +111,8 @@ def load_timeseries_csv(path: str, target: str | None = None, columns: list[str]
             raise ConfigError(f"data: the {split} part has {hi - lo} rows of {file}, fewer than window + horizon "
                               f"= {window + horizon}; use a smaller window or a larger {split} fraction")
         x, last, goal = windows(x_all[lo:hi], y_all[lo:hi], window, horizon, stride)
+        if relative_inputs:
+            x = x - x[:, -1:, :]
         seg = y_all[lo:hi]
         offset = seg[last] if target_mode == "delta" else t_mean
         y = ((seg[goal] - offset) / t_std).astype(np.float32)[:, None]
@@ -126,6 +130,7 @@ def load_timeseries_csv(path: str, target: str | None = None, columns: list[str]
         x_test=(splits["test"] or empty_split)[0], y_test=(splits["test"] or empty_split)[1],
         source=str(file), name="timeseries_csv",
         extra={"columns": columns, "target": target, "target_mode": target_mode, "window": window,
+               "relative_inputs": relative_inputs,
                "horizon": horizon, "stride": stride, "rows": {k: list(v) for k, v in bounds.items()},
                "normalization": {"mean": mean.tolist(), "std": std.tolist()} if normalize else None,
                "target_mean": t_mean, "target_std": t_std, "baseline": baseline,
