@@ -13,7 +13,7 @@ from dlcli import losses as losses_module
 from dlcli import metrics as metrics_module
 from dlcli import optimizers as optimizers_module
 from dlcli.engine.graph import Graph, Input, InputLayer
-from dlcli.engine.layer import LAYERS, Layer, SymbolicTensor, format_shape
+from dlcli.engine.layer import LAYERS, Layer, SymbolicTensor, assign_weights, format_shape
 from dlcli.errors import ConfigError, DlcliError, ShapeError
 
 FORMAT_VERSION = 1
@@ -75,14 +75,7 @@ class Model:
         return [p.value.copy() for p in self.weights]
 
     def set_weights(self, values):
-        params = self.weights
-        if len(values) != len(params):
-            raise ShapeError(f"model '{self.name}' has {len(params)} weight arrays; got {len(values)}")
-        for p, v in zip(params, values):
-            v = np.asarray(v)
-            if v.shape != p.value.shape:
-                raise ShapeError(f"weight '{p.path}' has shape {p.value.shape}; got an array of shape {v.shape}")
-            p.value = v.astype(p.value.dtype, copy=True)
+        assign_weights(self.weights, values, f"model '{self.name}'")
 
     def _require_graph(self) -> Graph:
         if self.graph is None:

@@ -166,14 +166,7 @@ class Layer:
         return [p.value.copy() for p in self.params.values()]
 
     def set_weights(self, values):
-        params = list(self.params.values())
-        if len(values) != len(params):
-            raise ShapeError(f"layer '{self.name}' has {len(params)} weights; got {len(values)} arrays")
-        for p, v in zip(params, values):
-            v = np.asarray(v)
-            if v.shape != p.value.shape:
-                raise ShapeError(f"weight '{p.path}' has shape {p.value.shape}; got an array of shape {v.shape}")
-            p.value = v.astype(p.value.dtype, copy=True)
+        assign_weights(list(self.params.values()), values, f"layer '{self.name}'")
 
     def regularization_loss(self) -> float:
         return sum(p.regularizer.penalty(p.value) for p in self.params.values() if p.regularizer is not None)
@@ -205,6 +198,17 @@ class Layer:
 
     def __repr__(self):
         return f"<{type(self).__name__} '{self.name}'>"
+
+
+def assign_weights(params: list[Param], values, owner: str):
+    """Copy arrays into params in order, checking count and shapes (Keras' set_weights)."""
+    if len(values) != len(params):
+        raise ShapeError(f"{owner} has {len(params)} weight arrays; got {len(values)}")
+    for p, v in zip(params, values):
+        v = np.asarray(v)
+        if v.shape != p.value.shape:
+            raise ShapeError(f"weight '{p.path}' has shape {p.value.shape}; got an array of shape {v.shape}")
+        p.value = v.astype(p.value.dtype, copy=True)
 
 
 class SymbolicTensor:
