@@ -176,3 +176,13 @@ def test_mnist_subset_end_to_end_beats_85_percent(tmp_path):
     test = load_dataset({"type": "mnist"})
     accuracy = model.evaluate(test.x_test, test.y_test, batch_size=1000, return_dict=True)["accuracy"]
     assert accuracy > 0.85
+
+
+def test_conv_on_images_without_channel_axis_hints_the_fix(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {type: mnist}\nmodel:\n  input_shape: [28, 28]\n  layers:\n"
+                      "    - {type: Conv2D, filters: 8, kernel_size: 3}\n"
+                      "compile: {loss: mse}\n")
+    result = runner.invoke(app, ["inspect-shapes", str(config)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Conv2D 'conv2d'" in text and "[28, 28, 1]" in text

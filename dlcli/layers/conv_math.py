@@ -56,9 +56,16 @@ def spatial_geometry(layer, input_shape, rank, kernel, strides, padding, dilatio
     kind = type(layer).__name__
     if len(input_shape) != rank + 1:
         axes = ", ".join(["steps"] if rank == 1 else [f"dim{i + 1}" for i in range(rank)])
+        got = ", ".join(map(str, input_shape))
+        if len(input_shape) == rank:  # the usual slip: images without their channel axis
+            hint = (f"Images need a channel axis: set the input shape to [{got}, 1] (or add "
+                    f"{{type: Reshape, target_shape: [{got}, 1]}} before it).")
+        elif len(input_shape) >= 2:
+            hint = f"Use the {len(input_shape) - 1}D variant or add a Reshape layer before it."
+        else:
+            hint = "It needs spatial input: is it placed after a layer that already flattened the data?"
         raise ShapeError(f"{kind} '{layer.name}' expects inputs of shape (batch, {axes}, channels); got "
-                         f"(None, {', '.join(map(str, input_shape))}). Add a Reshape layer or use the "
-                         f"{rank + 1 if rank < 3 else rank - 1}D variant.")
+                         f"(None, {got}). {hint}")
     dilation = dilation or (1,) * rank
     sizes = input_shape[:-1]
     out, pads = geometry([1 if n is None else n for n in sizes], kernel, strides, padding, dilation)
