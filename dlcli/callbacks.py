@@ -2,9 +2,13 @@
 
 Printing is a callback too, so the trainer and library users stay silent unless they ask for output.
 """
+import math
 import sys
 import time
 
+import numpy as np
+
+from dlcli.errors import ConfigError, DlcliError
 from dlcli.registry import Registry
 
 CALLBACKS = Registry("callback")
@@ -95,3 +99,289 @@ class ProgressLogger(Callback):
         rate = self.samples / seconds if seconds > 0 else 0.0
         print(f"epoch {epoch + 1}/{self.epochs}  {format_logs(logs)}  ({seconds:.1f}s, {rate:,.0f} samples/s)",
               file=self.stream, flush=True)
+
+
+# --- training control (Keras' names, arguments and defaults) -------------------------------------------------------
+class MonitorMixin:
+    """Reads `monitor` from the epoch logs and decides what counts as better (Keras' mode='auto' rules)."""
+
+    def _direction(self, mode: str) -> str:
+        if mode in ("min", "max"):
+            return mode
+        if mode != "auto":
+            raise ConfigError(f"{type(self).__name__} mode must be 'auto', 'min' or 'max'; got '{mode}'")
+        name = self.monitor.removeprefix("val_")
+        if name == "loss" or name.endswith("_loss") or name in _LOWER_IS_BETTER:
+            return "min"
+        if any(word in name for word in ("acc", "auc", "precision", "recall")):
+            return "max"
+        raise ConfigError(f"{type(self).__name__}: cannot tell whether '{self.monitor}' should go up or down; "
+                          f"give mode: min or mode: max (as Keras asks)")
+
+    def _current(self, logs):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            known = ", ".join(k for k in (logs or {}) if k not in ("seconds", "learning_rate"))
+            hint = " (set train.validation_split for val_* values)" if self.monitor.startswith("val_") else ""
+            raise DlcliError(f"{type(self).__name__} monitors '{self.monitor}', which the epoch logs do not have"
+                             f"{hint}; available: {known}")
+        return float(value)
+
+
+_LOWER_IS_BETTER = ("mse", "mae", "mean_squared_error", "mean_absolute_error", "mean_absolute_percentage_error",
+                    "mean_squared_logarithmic_error", "root_mean_squared_error", "crossentropy", "hinge")
+
+
+def _state(obj, keys) -> dict:
+    return {k: getattr(obj, k) for k in keys}
+
+
+@CALLBACKS.register("EarlyStopping")
+class EarlyStopping(MonitorMixin, Callback):
+    """Stop when `monitor` has not improved by more than min_delta for `patience` epochs (Keras 3 semantics: the
+    wait counter starts at start_from_epoch; a baseline must be beaten to reset it; best weights restored at the
+    end of training when restore_best_weights)."""
+
+    def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0, verbose: int = 0,
+                 mode: str = "auto", baseline: float | None = None, restore_best_weights: bool = False,
+                 start_from_epoch: int = 0):
+        self.monitor, self.min_delta, self.patience, self.verbose = monitor, abs(float(min_delta)), int(patience), \
+            verbose
+        self.mode, self.baseline = mode, baseline
+        self.restore_best_weights, self.start_from_epoch = bool(restore_best_weights), int(start_from_epoch)
+        self.sign = -1.0 if self._direction(mode) == "min" else 1.0
+        self._reset()
+
+    def _reset(self):
+        self.wait, self.stopped_epoch, self.best, self.best_epoch, self.best_weights = 0, 0, None, 0, None
+
+    def on_train_begin(self, logs=None):
+        if not getattr(self, "_resumed", False):
+            self._reset()
+
+    def _improves(self, value, reference) -> bool:
+        # Keras: monitor_op(current - min_delta, reference), min_delta negated when lower is better
+        return reference is None or self.sign * (value - self.sign * self.min_delta) > self.sign * reference
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = self._current(logs)
+        if epoch < self.start_from_epoch:
+            return
+        if self.restore_best_weights and self.best_weights is None:
+            self.best_weights, self.best_epoch = self.model.get_weights(), epoch
+        self.wait += 1
+        if self._improves(current, self.best):
+            self.best, self.best_epoch = current, epoch
+            if self.restore_best_weights:
+                self.best_weights = self.model.get_weights()
+            if self.baseline is None or self._improves(current, self.baseline):
+                self.wait = 0
+            return
+        if self.wait >= self.patience and epoch > 0:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.stopped_epoch > 0 and self.verbose:
+            print(f"early stopping after epoch {self.stopped_epoch + 1}: {self.monitor} has not improved since "
+                  f"epoch {self.best_epoch + 1} ({self.best:.4f})")
+        if self.restore_best_weights and self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
+    def get_state(self):
+        state = _state(self, ("wait", "stopped_epoch", "best", "best_epoch"))
+        if self.best_weights is not None:
+            state["best_weights"] = self.best_weights
+        return state
+
+    def set_state(self, state):
+        self._reset()
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._resumed = True
+
+
+@CALLBACKS.register("ModelCheckpoint")
+class ModelCheckpoint(MonitorMixin, Callback):
+    """weights/last.npz after every epoch (unless save_best_only) and weights/best.npz whenever `monitor` improves.
+
+    `filepath` is the weights directory (default: the run directory's weights/, set by the run); files are written
+    atomically (temp, fsync, rename), so a crash leaves the previous file whole.
+    """
+
+    def __init__(self, filepath: str | None = None, monitor: str = "val_loss", verbose: int = 0,
+                 save_best_only: bool = False, mode: str = "auto", initial_value_threshold: float | None = None):
+        self.filepath, self.monitor, self.verbose = filepath, monitor, verbose
+        self.save_best_only, self.mode = bool(save_best_only), mode
+        self.sign = -1.0 if self._direction(mode) == "min" else 1.0
+        self.best = initial_value_threshold
+        self.best_epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        from pathlib import Path
+
+        from dlcli.runs import atomic_savez
+
+        if self.filepath is None:
+            raise DlcliError("ModelCheckpoint needs a filepath (a directory for best.npz/last.npz) outside a run")
+        current = self._current(logs)
+        weights = self.model.weights_dict()
+        if not self.save_best_only:
+            atomic_savez(Path(self.filepath) / "last.npz", weights)
+        if current == current and (self.best is None or self.sign * current > self.sign * self.best):
+            self.best, self.best_epoch = current, epoch + 1
+            atomic_savez(Path(self.filepath) / "best.npz", weights)
+            if self.verbose:
+                print(f"epoch {epoch + 1}: {self.monitor} improved to {current:.4f}; saved best.npz")
+
+    def get_state(self):
+        return _state(self, ("best", "best_epoch"))
+
+    def set_state(self, state):
+        self.best, self.best_epoch = state.get("best"), state.get("best_epoch")
+
+
+@CALLBACKS.register("ReduceLROnPlateau")
+class ReduceLROnPlateau(MonitorMixin, Callback):
+    """learning_rate *= factor (not below min_lr) after `patience` epochs without an improvement larger than
+    min_delta, then `cooldown` epochs of rest (Keras 3; mode 'auto' means max only for accuracy-like names)."""
+
+    def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, verbose: int = 0,
+                 mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0):
+        if factor >= 1.0:
+            raise ConfigError(f"ReduceLROnPlateau factor must be < 1 (as in Keras); got {factor}")
+        self.monitor, self.factor, self.patience, self.verbose = monitor, float(factor), int(patience), verbose
+        self.mode, self.min_delta, self.cooldown, self.min_lr = mode, float(min_delta), int(cooldown), float(min_lr)
+        self.lower = mode == "min" or (mode == "auto" and "acc" not in monitor)  # Keras' own auto rule here
+        if mode not in ("auto", "min", "max"):
+            raise ConfigError(f"ReduceLROnPlateau mode must be 'auto', 'min' or 'max'; got '{mode}'")
+        self._reset()
+
+    def _reset(self):
+        self.best = math.inf if self.lower else -math.inf
+        self.wait, self.cooldown_counter = 0, 0
+
+    def on_train_begin(self, logs=None):
+        if not getattr(self, "_resumed", False):
+            self._reset()
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = self._current(logs)
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.wait = 0
+        better = current < self.best - self.min_delta if self.lower else current > self.best + self.min_delta
+        if better:
+            self.best, self.wait = current, 0
+        elif self.cooldown_counter <= 0:
+            self.wait += 1
+            if self.wait >= self.patience:
+                old = float(self.model.optimizer.learning_rate)
+                if old > float(np.float32(self.min_lr)):
+                    new = max(old * self.factor, self.min_lr)
+                    self.model.optimizer.learning_rate = new
+                    if self.verbose:
+                        print(f"epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {new:.4g}")
+                    self.cooldown_counter, self.wait = self.cooldown, 0
+
+    def get_state(self):
+        return _state(self, ("best", "wait", "cooldown_counter"))
+
+    def set_state(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._resumed = True
+
+
+@CALLBACKS.register("LearningRateScheduler")
+class LearningRateScheduler(Callback):
+    """Sets the learning rate at each epoch's start: schedule(epoch, lr) or schedule(epoch) as in Keras; in YAML the
+    schedule is a built-in one ({type: cosine_decay, ...}, dlcli.schedules) evaluated at the epoch index."""
+
+    def __init__(self, schedule, verbose: int = 0):
+        from dlcli import schedules
+
+        self.schedule = schedules.get(schedule) if isinstance(schedule, dict) else schedule
+        if not callable(self.schedule):
+            raise ConfigError(f"LearningRateScheduler schedule must be a mapping like {{type: exponential_decay, "
+                              f"initial_learning_rate: 0.01, decay_steps: 1, decay_rate: 0.9}}; got {schedule!r}")
+        self.verbose = verbose
+        self.last_epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.last_epoch:
+            return  # resumed inside this epoch: the rate was set (and checkpointed) already
+        lr = float(self.model.optimizer.learning_rate)
+        try:
+            lr = self.schedule(epoch, lr)
+        except TypeError:
+            lr = self.schedule(epoch)
+        self.model.optimizer.learning_rate = float(lr)
+        self.last_epoch = epoch
+        if self.verbose:
+            print(f"epoch {epoch + 1}: LearningRateScheduler setting learning rate to {float(lr):.4g}")
+
+    def get_state(self):
+        return {"last_epoch": self.last_epoch}
+
+    def set_state(self, state):
+        self.last_epoch = state.get("last_epoch")
+
+
+@CALLBACKS.register("TerminateOnNaN")
+class TerminateOnNaN(Callback):
+    """Stops training when a batch's loss is NaN or infinite (Keras)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            print(f"batch {batch}: invalid loss, terminating training")
+            self.model.stop_training = True
+
+
+@CALLBACKS.register("CSVLogger")
+class CSVLogger(Callback):
+    """Epoch logs to a CSV file (Keras' filename, separator, append). A run writes history.csv regardless."""
+
+    def __init__(self, filename: str, separator: str = ",", append: bool = False):
+        self.filename, self.separator, self.append = filename, separator, bool(append)
+        self.rows: list[dict] = []
+
+    def on_train_begin(self, logs=None):
+        if self.append and not self.rows:
+            self.rows = _read_csv(self.filename, self.separator)
+
+    def on_epoch_end(self, epoch, logs=None):
+        from dlcli.runs import atomic_write_text, history_csv
+
+        self.rows.append({"epoch": epoch, **(logs or {})})  # Keras' CSVLogger counts epochs from 0
+        text = history_csv(self.rows)
+        atomic_write_text(self.filename, text if self.separator == "," else text.replace(",", self.separator))
+
+    def get_state(self):
+        return {"rows": self.rows}
+
+    def set_state(self, state):
+        self.rows = list(state.get("rows", []))
+
+
+def _read_csv(path, separator) -> list[dict]:
+    import csv
+    from pathlib import Path
+
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter=separator))
+
+
+def from_config(specs) -> list[Callback]:
+    """Callbacks from `train.callbacks`: names or {type: name, **Keras arguments}."""
+    from dlcli.losses import construct
+
+    out = []
+    for spec in specs or []:
+        name, args = (spec, {}) if isinstance(spec, str) else (spec["type"], {k: v for k, v in spec.items()
+                                                                              if k != "type"})
+        out.append(construct(CALLBACKS.get(name), args, "callback"))
+    return out

@@ -69,35 +69,67 @@ def _load(config: Path, overrides: list[str]):
 @app.command()
 @handles_errors
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/mnist.yaml.")],
+    config: Annotated[Optional[Path], typer.Argument(
+        help="YAML config, e.g. configs/mnist.yaml (optional with --resume: the run's own config.yaml).")] = None,
     set_: SetOption = [],
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run directories are created.")] = Path("runs"),
     name: Annotated[Optional[str], typer.Option(help="Run name (default: the config's name).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override the config's seed.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only print the run directory and results.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="Continue an interrupted run directory exactly where its last checkpoint stopped.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(
+        "--init-from", help="Start a new run from another run's weights (fresh optimizer and counters).")] = None,
+    allow_config_change: Annotated[bool, typer.Option(
+        "--allow-config-change", help="With --resume: accept a changed train.epochs or learning rate.")] = False,
 ):
     """Train the model a config describes; writes runs/<name>-<UTC time>/.
 
     Example: dlcli train configs/mnist.yaml --set train.epochs=1 --set data.limit=2000
+
+    Resume after a crash or Ctrl-C: dlcli train --resume runs/mnist-mlp-20261124-101500
     """
-    from dlcli import runs
+    import numpy as np
+
+    from dlcli import checkpoint, experiment, runs
     from dlcli.builder import build_model
     from dlcli.config import dump_yaml
-    from dlcli.experiment import load_splits, train_run
+    from dlcli.errors import DlcliError
 
     overrides = list(set_) + ([f"seed={seed}"] if seed is not None else []) + ([f"name={name}"] if name else [])
-    cfg = _load(config, overrides)
-    model = build_model(cfg)  # shapes and names fail here, before any data is loaded
-    splits = load_splits(cfg, model)
-    run_dir = runs.create_run_dir(runs_dir, cfg["name"])
-    runs.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    lines = []
-    model.summary(print_fn=lines.append)
-    runs.atomic_write_text(run_dir / "summary.txt", "\n".join(lines) + "\n")
     out = _console()
+    state = None
+    if resume is not None:
+        if init_from is not None:
+            raise DlcliError("--resume continues a run; --init-from starts a new one from a run's weights: "
+                             "give one of them", exit_code=2)
+        run_dir = runs.require_run_dir(resume)
+        state = checkpoint.load(run_dir)  # before anything else: a damaged checkpoint fails fast
+        old = _load(run_dir / "config.yaml", [])
+        cfg = _load(config, overrides) if config is not None else _load(run_dir / "config.yaml", overrides)
+        cfg["name"] = old["name"]
+        changes = experiment.check_resume_config(old, cfg, allow_config_change)
+        if changes and not quiet:
+            out.print("config changes accepted for this resume:\n" + "\n".join(changes), markup=False)
+        new_lr = _constant_lr(cfg)
+        if new_lr is not None and new_lr != _constant_lr(old):  # the new rate replaces the checkpointed one
+            state["arrays"]["optimizer/learning_rate"] = np.array(new_lr, np.float64)
+    elif config is None:
+        raise DlcliError("give a config file (dlcli train configs/mnist.yaml) or --resume RUN_DIR", exit_code=2)
+    else:
+        cfg = _load(config, overrides)
+    model = build_model(cfg)  # shapes and names fail here, before any data is loaded
+    initial = experiment.init_from(model, init_from) if init_from is not None else None
+    splits = experiment.load_splits(cfg, model)
+    if state is None:
+        run_dir = runs.create_run_dir(runs_dir, cfg["name"])
+        lines = []
+        model.summary(print_fn=lines.append)
+        runs.atomic_write_text(run_dir / "summary.txt", "\n".join(lines) + "\n")
+    runs.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     if not quiet:
         sizes = splits.sizes()
-        out.print(f"[bold]dlcli train[/] {config}  ->  {run_dir}", markup=True)
+        out.print(f"[bold]dlcli train[/] {config or ''}  ->  {run_dir}", markup=True)
         out.print(f"  data    {cfg['data'].get('type')} from {splits.source}: train {sizes['train']:,}, "
                   f"validation {sizes['validation']:,}, test {sizes['test']:,}")
         out.print(f"  model   {model.name}: {model.count_params():,} parameters "
@@ -105,17 +137,23 @@ def train(
         opt = model.optimizer.get_config()
         out.print(f"  train   {cfg['train']['epochs']} epochs x batch {cfg['train']['batch_size']}, "
                   f"optimizer {opt.get('type')} (learning rate {opt.get('learning_rate')}), seed {cfg['seed']}")
+        if initial is not None:
+            out.print(f"  init    weights from {initial} (fresh optimizer and counters)")
+        if state is not None:
+            out.print(f"  resume  {experiment.resume_banner(state)}; appending to {run_dir / 'history.csv'}")
 
     def install_interrupt(trainer):
         def on_sigint(signum, frame):
             if trainer.stop_requested:  # a second Ctrl-C: stop now
                 raise KeyboardInterrupt
             trainer.stop_requested = True
-            print("\ninterrupt: finishing this batch, then saving (Ctrl-C again to abort)", file=sys.stderr)
+            print("\ninterrupt: finishing this batch, then saving a checkpoint (Ctrl-C again to abort)",
+                  file=sys.stderr, flush=True)
 
         signal.signal(signal.SIGINT, on_sigint)
 
-    result = train_run(cfg, model, splits, run_dir, verbose=0 if quiet else 1, trainer_hook=install_interrupt)
+    result = experiment.train_run(cfg, model, splits, run_dir, verbose=0 if quiet else 1,
+                                  trainer_hook=install_interrupt, resume=state)
     if result.test and not quiet:
         from rich.table import Table
 
@@ -126,10 +164,20 @@ def train(
             table.add_row(k, f"{v:.4f}")
         out.print(table)
     if result.status == "interrupted":
-        out.print(f"interrupted after epoch {len(result.history.get('loss', []))}; weights saved in {run_dir}")
+        p = result.position or {}
+        _console(stderr=True).print(
+            f"interrupted at epoch {p.get('epoch', 0) + 1}, batch {p.get('batch', 0)} (step {p.get('step', 0):,}); "
+            f"checkpoint saved in {run_dir / checkpoint.FILENAME}\nresume with: dlcli train --resume {run_dir}",
+            markup=False)
         print(run_dir)
         raise typer.Exit(130)
     print(f"run directory: {run_dir}" if not quiet else run_dir)
+
+
+def _constant_lr(cfg) -> float | None:
+    opt = cfg["compile"]["optimizer"]
+    lr = opt.get("learning_rate") if isinstance(opt, dict) else None
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
 @app.command("inspect-shapes")

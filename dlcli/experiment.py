@@ -73,31 +73,22 @@ def _fit_targets(y, model) -> list:
 
 
 class RunRecorder(Callback):
-    """Writes the run directory as training goes: history.csv, train.log, weights/last.npz and best.npz."""
+    """Writes the run's history.csv (rewritten whole, atomically, each epoch) and appends to train.log.
 
-    def __init__(self, run_dir: Path, monitor: str = "val_loss", mode: str = "min", history_rows=None):
+    Weights are ModelCheckpoint's job (weights/best.npz, weights/last.npz); resumable state is the trainer's
+    (checkpoint/state.npz)."""
+
+    def __init__(self, run_dir: Path, history_rows=None):
         self.run_dir = Path(run_dir)
-        self.monitor, self.mode = monitor, mode
         self.rows = list(history_rows or [])
-        self.best, self.best_epoch = None, None
 
     def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": epoch + 1, **{k: v for k, v in logs.items()}}
-        self.rows.append(row)
+        from dlcli.callbacks import format_logs
+
+        self.rows.append({"epoch": epoch + 1, **logs})
         runs.atomic_write_text(self.run_dir / "history.csv", runs.history_csv(self.rows))
         with open(self.run_dir / "train.log", "a") as f:
-            from dlcli.callbacks import format_logs
-
             f.write(f"epoch {epoch + 1}  {format_logs(logs)}  ({logs.get('seconds', 0):.1f}s)\n")
-        weights = self.model.weights_dict()
-        runs.atomic_savez(self.run_dir / "weights" / "last.npz", weights)
-        key = self.monitor if self.monitor in logs else "loss"
-        value = logs.get(key)
-        if value is not None and np.isfinite(value) and (
-                self.best is None or (value < self.best if self.mode == "min" else value > self.best)):
-            self.best, self.best_epoch = value, epoch + 1
-            self.best_key = key
-            runs.atomic_savez(self.run_dir / "weights" / "best.npz", weights)
 
 
 @dataclass
@@ -108,46 +99,100 @@ class RunResult:
     seconds: float
     status: str
     best_epoch: int | None
+    position: dict | None = None  # the last checkpoint's position (epoch, batch, step ...)
+
+
+def run_callbacks(config: dict, run_dir: Path, has_validation: bool) -> list:
+    """RunRecorder, the config's train.callbacks, and a ModelCheckpoint writing weights/ (the default monitors
+    val_loss, or loss without a validation split)."""
+    from dlcli.callbacks import ModelCheckpoint, from_config
+
+    user = from_config(config.get("train", {}).get("callbacks"))
+    checkpoints = [cb for cb in user if isinstance(cb, ModelCheckpoint)]
+    for cb in checkpoints:
+        if cb.filepath is None:
+            cb.filepath = str(run_dir / "weights")
+    if not checkpoints:
+        user.append(ModelCheckpoint(str(run_dir / "weights"), monitor="val_loss" if has_validation else "loss"))
+    return [RunRecorder(run_dir), *user]
 
 
 def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), verbose=1, log=print,
-              trainer_hook=None) -> RunResult:
-    """Train `model` on `splits` into `run_dir` (already created; config.yaml written by the caller)."""
+              trainer_hook=None, resume: dict | None = None) -> RunResult:
+    """Train `model` on `splits` into `run_dir` (already created; config.yaml written by the caller).
+
+    `resume` (dlcli.checkpoint.load of this run) continues exactly where the checkpoint stopped, appending to the
+    same history.csv. A non-finite loss writes divergence.json and re-raises the DivergenceError.
+    """
+    from dlcli import checkpoint
+    from dlcli.callbacks import ModelCheckpoint
+    from dlcli.divergence import DivergenceError
     from dlcli.trainer import Trainer
 
     train_cfg = config.get("train", {})
+    meta_path = run_dir / "meta.json"
     meta = {**runs.versions_meta(config.get("seed", 0)), "name": config.get("name"), "status": "running",
             "start": runs.utc_now(), "sizes": splits.sizes(), "source": splits.source,
-            "params": model.count_params(), "classes": splits.classes}
-    runs.atomic_write_json(run_dir / "meta.json", meta)
-    if splits.extra.get("vocabulary"):  # lets `dlcli predict` encode raw text the way the training data was
-        runs.atomic_write_json(run_dir / "vocabulary.json", splits.extra["vocabulary"])
-    recorder = RunRecorder(run_dir, monitor="val_loss" if splits.x_val is not None else "loss")
+            "params": model.count_params()}
+    if resume is not None and meta_path.exists():
+        meta = {**runs.read_json(meta_path), "status": "running"}
+        meta.setdefault("resumed", []).append({"at": runs.utc_now(), "position": _position_text(resume)})
+    runs.atomic_write_json(meta_path, meta)
+    cbs = run_callbacks(config, run_dir, splits.x_val is not None)
+    if resume is not None:
+        done = resume["header"]["position"]["epoch"]
+        cbs[0].rows = [r for r in runs.read_history(run_dir) if (r.get("epoch") or 0) <= done]
+    saver = next(cb for cb in cbs if isinstance(cb, ModelCheckpoint))
     rng = np.random.default_rng([int(config.get("seed", 0)), 2])
-    trainer = Trainer(model, callbacks=[recorder, *callbacks], verbose=verbose, rng=rng)
+    trainer = Trainer(model, callbacks=[*cbs, *callbacks], verbose=verbose, rng=rng,
+                      checkpoint_path=run_dir / checkpoint.FILENAME, checkpoint_every=train_cfg.get("checkpoint_every"))
     if trainer_hook is not None:
         trainer_hook(trainer)
     validation = (splits.x_val, splits.y_val) if splits.x_val is not None else None
     start = time.perf_counter()
     status = "completed"
-    history = trainer.fit(splits.x_train, splits.y_train, epochs=int(train_cfg.get("epochs", 1)),
-                          batch_size=int(train_cfg.get("batch_size", 32)), validation_data=validation,
-                          shuffle=bool(train_cfg.get("shuffle", True)),
-                          class_weight=train_cfg.get("class_weight"))
+    try:
+        history = trainer.fit(splits.x_train, splits.y_train, epochs=int(train_cfg.get("epochs", 1)),
+                              batch_size=int(train_cfg.get("batch_size", 32)), validation_data=validation,
+                              shuffle=bool(train_cfg.get("shuffle", True)),
+                              class_weight=train_cfg.get("class_weight"), resume=resume)
+    except DivergenceError as e:
+        runs.atomic_write_json(run_dir / "divergence.json", e.report)
+        meta.update({"status": "diverged", "end": runs.utc_now(), "hint": e.report["hint"],
+                     "diverged_at": {k: e.report[k] for k in ("epoch", "batch", "step")}})
+        runs.atomic_write_json(meta_path, meta)
+        e.message += f" Details: {run_dir / 'divergence.json'}"
+        raise
+    except BaseException as e:  # keep meta.json honest when anything else stops the run
+        _mark_failed(meta_path, meta, e)
+        raise
     if trainer.stop_requested:
         status = "interrupted"
     seconds = time.perf_counter() - start
     test = None
     if splits.x_test is not None and status == "completed":
         test = model.evaluate_arrays(splits.x_test, splits.y_test, int(train_cfg.get("batch_size", 32)))
-    meta.update({"status": status, "end": runs.utc_now(), "seconds": round(seconds, 3),
-                 "epochs_run": len(history.epoch), "best_epoch": recorder.best_epoch,
-                 "best": {getattr(recorder, "best_key", recorder.monitor): recorder.best}, "test": test})
-    runs.atomic_write_json(run_dir / "meta.json", meta)
-    from dlcli.plots import write_curves
+    meta.update({"status": status, "end": runs.utc_now(), "seconds": round(seconds + meta.get("seconds", 0)
+                                                                          if resume else seconds, 3),
+                 "epochs_run": len(cbs[0].rows), "best_epoch": saver.best_epoch, "best": {saver.monitor: saver.best},
+                 "test": test})
+    runs.atomic_write_json(meta_path, meta)
+    return RunResult(run_dir, history.history, test, seconds, status, saver.best_epoch, trainer.last_checkpoint)
 
-    write_curves(run_dir, recorder.rows)
-    return RunResult(run_dir, history.history, test, seconds, status, recorder.best_epoch)
+
+def _mark_failed(meta_path, meta, error):
+    status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+    try:
+        runs.atomic_write_json(meta_path, {**meta, "status": status, "end": runs.utc_now(),
+                                           "error": getattr(error, "message", None) or type(error).__name__})
+    except Exception:  # the disk may be what failed: the original error matters more
+        pass
+
+
+def _position_text(resume: dict) -> str:
+    p = resume["header"]["position"]
+    return f"epoch {p['epoch'] + 1}, batch {p['batch']}, step {p['step']}" if p["batch"] else \
+        f"after epoch {p['epoch']}, step {p['step']}"
 
 
 def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size: int | None = None) -> dict:
@@ -210,3 +255,71 @@ def classification_report(y_true, y_pred, classes=None) -> dict | None:
     names = [str(c) for c in classes] if classes and len(classes) == k else [str(i) for i in range(k)]
     per_class = {n: (float(confusion[i, i] / support[i]) if support[i] else None) for i, n in enumerate(names)}
     return {"classes": names, "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist()}
+
+
+# --- resume and fine-tune -----------------------------------------------------------------------------------------
+# What may change on --resume with --allow-config-change; anything else would make the continuation another run.
+RESUMABLE_CHANGES = ("train.epochs", "compile.optimizer.learning_rate")
+
+
+def config_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(dotted path, old value, new value) for every leaf that differs."""
+    a, b = _flatten(old), _flatten(new)
+    missing = object()
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b), key=str)
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def _flatten(value, prefix="") -> dict:
+    if isinstance(value, dict) and value:
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(value, list) and value:
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def check_resume_config(old: dict, new: dict, allow_change: bool) -> list[str]:
+    """Lines describing the diff; a DlcliError when it cannot be resumed (architecture/data) or is not allowed."""
+    diff = [d for d in config_diff(old, new) if d[0] != "name"]
+    lines = [f"  {k}: {a!r} -> {b!r}" for k, a, b in diff]
+    if not diff:
+        return []
+    refused = [k for k, _, _ in diff if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
+    shown = "\n".join(lines)
+    if refused:
+        what = "the architecture" if any(k.startswith("model.") for k in refused) else "settings"
+        raise DlcliError(f"the config differs from the run's config.yaml in {what} that a resumed run cannot "
+                         f"change:\n{shown}\nonly {' and '.join(RESUMABLE_CHANGES)} may change on --resume; start a "
+                         f"new run instead (--init-from RUN_DIR starts from its weights)")
+    if not allow_change:
+        raise DlcliError(f"the config differs from the run's config.yaml:\n{shown}\npass --allow-config-change "
+                         f"to resume with these changes, or drop them")
+    return lines
+
+
+def resume_banner(checkpoint: dict) -> str:
+    p = checkpoint["header"]["position"]
+    where = f"epoch {p['epoch'] + 1}, batch {p['batch']}" if p["batch"] else f"the start of epoch {p['epoch'] + 1}"
+    best = [cb["state"] for cb in checkpoint["header"]["callbacks"] if cb["type"] == "ModelCheckpoint"]
+    best_text = ""
+    if best and best[0].get("best") is not None:
+        best_text = f", best so far {best[0]['best']:.4f} (epoch {best[0]['best_epoch']})"
+    return (f"resuming at {where}: step {p['step']:,}, {p['samples_seen']:,} samples seen, learning rate "
+            f"{p['learning_rate']:.4g}{best_text}")
+
+
+def init_from(model, run_dir) -> Path:
+    """Fine-tuning: load another run's weights (best.npz, else last.npz); optimizer and counters start fresh."""
+    run_dir = runs.require_run_dir(run_dir)
+    for name in ("best", "last"):
+        path = run_dir / "weights" / f"{name}.npz"
+        if path.exists():
+            model.load_weights_dict(runs.load_npz(path), source=str(path))
+            return path
+    raise DlcliError(f"{run_dir} has no weights yet (weights/best.npz or last.npz are written after each epoch)")

@@ -1,23 +1,40 @@
-"""The epoch x batch loop behind `Model.fit`: shuffling, metrics, validation and callback hooks."""
+"""The epoch x batch loop behind `Model.fit`: shuffling, metrics, validation, callback hooks, resumable
+checkpoints and the stop on a non-finite loss.
+
+Resuming is exact: a checkpoint keeps the shuffling RNG's state from the start of its epoch, so a run resumed
+mid-epoch draws the same permutation and continues at the next batch, with the epoch's running metric sums intact.
+"""
+import math
 import time
+from collections import deque
 
 import numpy as np
 
 from dlcli import metrics as metrics_module
 from dlcli.callbacks import CallbackList, History, ProgressLogger
+from dlcli.errors import DlcliError
+
+NORM_HISTORY = 20  # recent (weight norm, gradient norm) pairs kept for divergence.json
 
 
 class Trainer:
-    def __init__(self, model, callbacks=None, verbose=1, rng: np.random.Generator | None = None):
+    def __init__(self, model, callbacks=None, verbose=1, rng: np.random.Generator | None = None,
+                 checkpoint_path=None, checkpoint_every: int | None = None):
         self.model = model
         self.user_callbacks = list(callbacks or [])
         self.verbose = verbose
         self.rng = rng if rng is not None else np.random.default_rng()
-        self.stop_requested = False  # set from a signal handler: finish the batch, then stop
-        self.epoch, self.batch = 0, 0
+        self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every
+        self.stop_requested = False  # set from a signal handler: finish the batch, save, then stop
+        self.epoch, self.batch, self.samples_seen = 0, 0, 0
+        self.last_checkpoint: dict | None = None  # position of the last checkpoint written
+        self.norms: deque = deque(maxlen=NORM_HISTORY)
 
     def fit(self, xs, ys, epochs=1, batch_size=32, validation_data=None, shuffle=True, class_weight=None,
-            sample_weight=None, initial_epoch=0) -> History:
+            sample_weight=None, initial_epoch=0, resume: dict | None = None) -> History:
+        """Train; `resume` is a loaded checkpoint (dlcli.checkpoint.load) to continue from exactly."""
+        from dlcli import checkpoint
+
         model = self.model
         n = len(xs[0])
         history = History()
@@ -27,64 +44,166 @@ class Trainer:
         model.stop_training = False
         model.history = history
         weights = _sample_weights(ys[0], n, class_weight, sample_weight)
-        loss_mean = metrics_module.Mean()
-        part_means = [metrics_module.Mean() for _ in ys]
+        self.means = [metrics_module.Mean()] + [metrics_module.Mean() for _ in ys]  # loss, then each output's
         names = model._metric_names()
+        position = None
+        if resume is not None:
+            position = checkpoint.restore(resume, model, self.user_callbacks)
+            if (position["samples"], position["batch_size"]) != (n, batch_size):
+                raise DlcliError(f"{resume['path']} was written for {position['samples']:,} training samples in "
+                                 f"batches of {position['batch_size']}; this run has {n:,} in batches of "
+                                 f"{batch_size}: the data and train.batch_size must not change to resume")
+            initial_epoch, self.samples_seen = position["epoch"], position["samples_seen"]
+            self.last_checkpoint = position
+            self.norms.extend(position.get("norms", []))
         cbs.on_train_begin()
         logs = {}
         for epoch in range(initial_epoch, epochs):
             self.epoch = epoch
             start = time.perf_counter()
+            skip = 0
+            if position is not None and epoch == position["epoch"]:
+                self.rng.bit_generator.state = position["rng"]
+                skip = position["batch"]
+                if skip:
+                    self._set_sums(position["sums"])
+            if not skip:
+                self._set_sums(None)
+            self.epoch_rng_state = self.rng.bit_generator.state
             cbs.on_epoch_begin(epoch)
             # Permutation drawn even without shuffling, so the RNG stream is the same either way.
             order = self.rng.permutation(n)
-            loss_mean.reset()
-            for pm in part_means:
-                pm.reset()
-            for ms in model.metrics:
-                for m in ms:
-                    m.reset()
-            for batch, begin in enumerate(range(0, n, batch_size)):
+            for batch, begin in enumerate(range(skip * batch_size, n, batch_size), start=skip):
                 self.batch = batch
                 if shuffle:
                     idx = np.sort(order[begin:begin + batch_size])  # sorted gathers read memory in order
-                    xb, yb = [a[idx] for a in xs], [a[idx] for a in ys]
-                    wb = None if weights is None else weights[idx]
+                    sel = idx
                 else:
-                    sl = slice(begin, begin + batch_size)
-                    xb, yb = [a[sl] for a in xs], [a[sl] for a in ys]
-                    wb = None if weights is None else weights[sl]
+                    sel = slice(begin, begin + batch_size)  # views, no copy
+                    idx = np.arange(begin, min(n, begin + batch_size))
+                xb, yb = [a[sel] for a in xs], [a[sel] for a in ys]
+                wb = None if weights is None else weights[sel]
                 cbs.on_train_batch_begin(batch)
-                total, parts, outs = model.train_step(xb, yb, wb)
-                size = len(yb[0])
-                loss_mean.update(total, size)
-                for pm, v in zip(part_means, parts):
+                total, parts, outs = self._step(xb, yb, wb, idx)
+                size = len(idx)
+                self.samples_seen += size
+                self.means[0].update(total, size)
+                for pm, v in zip(self.means[1:], parts):
                     pm.update(v, size)
                 for y, out, ms in zip(yb, outs, model.metrics):
                     for m in ms:
                         m.update(y, out, wb)
-                batch_logs = {"batch": batch, "size": size, **self._results(names, loss_mean, part_means)}
+                batch_logs = {"batch": batch, "size": size, **self._results(names)}
                 cbs.on_train_batch_end(batch, batch_logs)
+                every = self.checkpoint_every
+                if self.stop_requested or (every and (batch + 1) % every == 0 and begin + batch_size < n):
+                    self.save_checkpoint(epoch, batch + 1, batch_size, n)
                 if model.stop_training or self.stop_requested:
                     break
-            logs = self._results(names, loss_mean, part_means)
-            if validation_data is not None and not self.stop_requested:
+            if self.stop_requested:
+                return history  # no epoch end: the checkpoint resumes inside this epoch
+            logs = self._results(names)
+            if validation_data is not None:
                 val = model.evaluate_arrays(validation_data[0], validation_data[1], batch_size)
                 logs.update({f"val_{k}": v for k, v in val.items()})
             logs["learning_rate"] = float(model.optimizer.current_lr)
             logs["seconds"] = time.perf_counter() - start
             cbs.on_epoch_end(epoch, logs)
+            self.save_checkpoint(epoch + 1, 0, batch_size, n)
             if model.stop_training or self.stop_requested:
                 break
-        cbs.on_train_end(logs)
+        if not self.stop_requested:
+            cbs.on_train_end(logs)
         return history
 
-    def _results(self, names, loss_mean, part_means) -> dict:
-        values = [loss_mean.result()]
-        if len(part_means) > 1:
-            values += [pm.result() for pm in part_means]
+    def _step(self, xb, yb, wb, idx):
+        """Model.train_step with a gate before the update: a non-finite loss or gradient stops training with the
+        weights that produced it untouched (so the batch can be re-run with checks)."""
+        model = self.model
+        outs = model.forward(xb, training=True)
+        total, parts, grads = model.compute_loss(yb, outs, wb)
+        if not math.isfinite(total):
+            self._diverged("loss", total, xb, yb, wb, idx)
+        model.graph.backward(grads)
+        total += model.regularization_loss()
+        params = model.trainable_weights
+        for layer in model.layers:
+            layer.add_regularization_grads()
+        grad_norm = math.sqrt(sum(_sq(p.grad) for p in params))
+        self.norms.append((math.sqrt(sum(_sq(p.value) for p in params)), grad_norm))
+        if not math.isfinite(grad_norm):
+            for p in params:
+                p.grad[...] = 0
+            self._diverged("gradient", total, xb, yb, wb, idx)
+        model.optimizer.apply(params)
+        for p in params:
+            p.grad[...] = 0
+        return total, parts, outs
+
+    def _diverged(self, what, value, xb, yb, wb, idx):
+        from dlcli.divergence import DivergenceError, diagnose, hint
+
+        lr = float(self.model.optimizer.current_lr)
+        report = {"epoch": self.epoch + 1, "batch": self.batch, "step": int(self.model.optimizer.iterations),
+                  "non_finite": what, "loss": str(value), "learning_rate": lr,
+                  "sample_indices": [int(i) for i in idx],
+                  "recent_norms": [{"weights": w, "gradients": g} for w, g in self.norms],
+                  "last_checkpoint": self._checkpoint_text(), "diagnosis": diagnose(self.model, xb, yb, wb)}
+        report["hint"] = hint(report)
+        d = report["diagnosis"]
+        where = d["first_nonfinite_forward"] and f"first non-finite values in the forward pass of layer " \
+                                                 f"'{d['first_nonfinite_forward']}'" \
+            or d["first_nonfinite_backward"] and f"first non-finite gradient in layer '{d['first_nonfinite_backward']}'" \
+            or "the loss itself"
+        raise DivergenceError(
+            f"training diverged: the {what} became {'non-finite' if what == 'gradient' else value} at epoch "
+            f"{self.epoch + 1}, batch {self.batch} (step {report['step']}); {where}. Last good checkpoint: "
+            f"{report['last_checkpoint']}. Likely cause: {report['hint']}.", report)
+
+    def _checkpoint_text(self) -> str:
+        c = self.last_checkpoint
+        if c is None:
+            return "none (the run diverged before its first checkpoint)"
+        at = f"end of epoch {c['epoch']}" if c["batch"] == 0 else f"epoch {c['epoch'] + 1}, batch {c['batch']}"
+        return f"{self.checkpoint_path or 'checkpoint'} ({at}, step {c['step']})"
+
+    def save_checkpoint(self, epoch, batch, batch_size, n):
+        """Position (epoch, next batch) plus everything else needed to continue bit-identically."""
+        if self.checkpoint_path is None:
+            return
+        from dlcli import checkpoint
+
+        position = {"epoch": epoch, "batch": batch, "step": int(self.model.optimizer.iterations),
+                    "samples_seen": self.samples_seen, "samples": n, "batch_size": batch_size,
+                    # the state this epoch's permutation is drawn from (the current one at an epoch boundary)
+                    "rng": self.epoch_rng_state if batch else self.rng.bit_generator.state,
+                    "sums": self._sums() if batch else None, "norms": [list(x) for x in self.norms],
+                    "learning_rate": float(self.model.optimizer.current_lr)}
+        checkpoint.save(self.checkpoint_path, self.model, self.user_callbacks, position)
+        self.last_checkpoint = position
+
+    def _sums(self) -> list:
+        trackers = self.means + [m for ms in self.model.metrics for m in ms]
+        return [[t.total, t.weight] for t in trackers]
+
+    def _set_sums(self, sums):
+        trackers = self.means + [m for ms in self.model.metrics for m in ms]
+        for i, t in enumerate(trackers):
+            t.reset()
+            if sums is not None:
+                t.total, t.weight = sums[i]
+
+    def _results(self, names) -> dict:
+        values = [self.means[0].result()]
+        if len(self.means) > 2:
+            values += [pm.result() for pm in self.means[1:]]
         values += [m.result() for ms in self.model.metrics for m in ms]
         return {k: float(v) for k, v in zip(names, values)}
+
+
+def _sq(a) -> float:
+    flat = a.reshape(-1)
+    return float(np.dot(flat, flat))
 
 
 def _sample_weights(y, n, class_weight, sample_weight):

@@ -1,0 +1,126 @@
+"""Resumable checkpoints: one .npz holding weights, optimizer state, every RNG state, callback state and the
+trainer's position (epoch, next batch, step, samples seen, the epoch's running metric sums).
+
+Written atomically (dlcli.runs.atomic_savez: temp file, fsync, rename), so a crash mid-write leaves the previous
+checkpoint whole. Everything but arrays is one JSON header (no pickle); a damaged or foreign file is a DlcliError.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dlcli import runs
+from dlcli.errors import DlcliError
+
+KIND = "dlcli-checkpoint"
+VERSION = 1
+HEADER = "__checkpoint__"
+FILENAME = Path("checkpoint") / "state.npz"
+
+
+def layer_rngs(model) -> dict[str, np.random.Generator]:
+    """Every layer's generator by path, including layers held inside wrappers (Bidirectional, TimeDistributed)."""
+    found: dict[str, np.random.Generator] = {}
+    seen: set[int] = set()
+
+    def visit(layer, path):
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        if isinstance(getattr(layer, "rng", None), np.random.Generator):
+            found[path] = layer.rng
+        for key, value in vars(layer).items():
+            for i, inner in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+                if _is_layer(inner):
+                    visit(inner, f"{path}/{key}" + (f"/{i}" if isinstance(value, (list, tuple)) else ""))
+
+    for layer in model.layers:
+        visit(layer, layer.name)
+    return found
+
+
+def _is_layer(obj) -> bool:
+    from dlcli.engine.layer import Layer
+
+    return isinstance(obj, Layer)
+
+
+def save(path, model, callbacks, position: dict):
+    """Write the checkpoint `path`: `position` is the trainer's JSON-safe state."""
+    arrays = dict(model.weights_dict())
+    arrays.update({f"optimizer/{k}": v for k, v in model.optimizer.get_state().items()})
+    cb_states = []
+    for i, cb in enumerate(callbacks):
+        cb_states.append({"type": type(cb).__name__, "state": _split(cb.get_state(), f"callback/{i}", arrays)})
+    header = {"kind": KIND, "version": VERSION, "position": position, "callbacks": cb_states,
+              "rngs": {k: g.bit_generator.state for k, g in layer_rngs(model).items()}}
+    arrays[HEADER] = np.array(json.dumps(header))
+    runs.atomic_savez(path, arrays)
+
+
+def load(path) -> dict:
+    """{'header': ..., 'arrays': ...} from a checkpoint file, or a DlcliError saying what is wrong with it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.exists():
+        raise DlcliError(f"no checkpoint at {path}: the run stopped before its first checkpoint (written after each "
+                         f"epoch, and every train.checkpoint_every batches); start it again")
+    arrays = runs.load_npz(path)  # damaged zip / pickled content -> a clear DlcliError
+    try:
+        header = json.loads(str(arrays.pop(HEADER)))
+        ok = header.get("kind") == KIND and isinstance(header.get("position"), dict)
+    except (KeyError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise DlcliError(f"{path} is not a dlcli checkpoint (no valid {HEADER} record); give a run directory "
+                         f"written by `dlcli train`")
+    if header.get("version") != VERSION:
+        raise DlcliError(f"{path} is a version {header.get('version')} checkpoint; this dlcli reads version {VERSION}")
+    return {"path": path, "header": header, "arrays": arrays}
+
+
+def restore(checkpoint: dict, model, callbacks) -> dict:
+    """Put weights, optimizer state, layer RNGs and callback state back; returns the trainer position."""
+    header, arrays, path = checkpoint["header"], checkpoint["arrays"], checkpoint["path"]
+    model.load_weights_dict(arrays, source=str(path))
+    model.optimizer.set_state({k[len("optimizer/"):]: v for k, v in arrays.items() if k.startswith("optimizer/")})
+    rngs = layer_rngs(model)
+    saved = header.get("rngs", {})
+    if set(saved) != set(rngs):
+        raise DlcliError(f"{path} was written for layers {sorted(saved)}; this model has {sorted(rngs)}")
+    for key, state in saved.items():
+        rngs[key].bit_generator.state = state
+    states = header.get("callbacks", [])
+    want = [s["type"] for s in states]
+    have = [type(cb).__name__ for cb in callbacks]
+    if want != have:
+        raise DlcliError(f"{path} was written with callbacks {want}; this run has {have} (train.callbacks must "
+                         f"stay the same to resume)")
+    for cb, entry in zip(callbacks, states):
+        cb.set_state(_join(entry["state"], arrays))
+    return header["position"]
+
+
+def _split(obj, prefix, arrays):
+    """JSON-safe copy of `obj` with each array moved into `arrays` under a key left in its place."""
+    if isinstance(obj, np.ndarray):
+        arrays[prefix] = obj
+        return {"__array__": prefix}
+    if isinstance(obj, dict):
+        return {k: _split(v, f"{prefix}/{k}", arrays) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split(v, f"{prefix}/{i}", arrays) for i, v in enumerate(obj)]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _join(obj, arrays):
+    if isinstance(obj, dict):
+        if set(obj) == {"__array__"}:
+            return np.array(arrays[obj["__array__"]])
+        return {k: _join(v, arrays) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, arrays) for v in obj]
+    return obj

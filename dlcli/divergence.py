@@ -1,0 +1,89 @@
+"""When the loss goes NaN/inf: re-run the offending batch with every layer's values checked, and say why.
+
+The trainer checks the loss (and the global gradient norm) before the optimizer step, so the weights that produced
+the bad batch are still intact when `diagnose` re-runs it.
+"""
+import math
+
+import numpy as np
+
+from dlcli.errors import DlcliError
+
+
+class DivergenceError(DlcliError):
+    """Training stopped on a non-finite loss or gradient; `report` is what divergence.json holds."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def diagnose(model, xs, ys, sample_weight=None) -> dict:
+    """First layer (in execution order) whose forward output, and first (from the loss back) whose input gradient,
+    holds NaN/inf, plus non-finite inputs and weights. Gradients are zeroed afterwards."""
+    first = {"forward": None, "backward": None}
+    layers = list(model.layers)
+    for layer in layers:
+        _watch(layer, first)
+    try:
+        with np.errstate(all="ignore"):
+            outs = model.forward(xs, training=True)
+            _, _, grads = model.compute_loss(ys, outs, sample_weight)
+            loss_grads_finite = all(_finite(g) for g in grads)
+            model.graph.backward(grads)
+    finally:
+        for layer in layers:
+            for name in ("forward", "backward"):
+                layer.__dict__.pop(name, None)
+        for p in model.trainable_weights:
+            p.grad[...] = 0
+    return {
+        "nonfinite_inputs": [n for n, x in zip(model.input_names, xs) if not _finite(x)],
+        "nonfinite_weights": [p.path for p in model.weights if not _finite(p.value)],
+        "first_nonfinite_forward": first["forward"],
+        "loss_gradient_finite": loss_grads_finite,
+        "first_nonfinite_backward": first["backward"],
+        "input_max_abs": max(float(np.max(np.abs(x))) if x.size and x.dtype.kind == "f" else 0.0 for x in xs),
+    }
+
+
+def _watch(layer, first):
+    forward, backward = layer.forward, layer.backward  # bound methods; instance attributes shadow them
+
+    def checked_forward(x, training=False):
+        out = forward(x, training)
+        if first["forward"] is None and not _finite(out):
+            first["forward"] = layer.name
+        return out
+
+    def checked_backward(grad):
+        out = backward(grad)
+        if first["backward"] is None and not (_finite(out) and all(
+                p.grad is None or _finite(p.grad) for p in layer.params.values())):
+            first["backward"] = layer.name
+        return out
+
+    layer.forward, layer.backward = checked_forward, checked_backward
+
+
+def _finite(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    a = np.asarray(value)
+    return a.dtype.kind not in "fc" or bool(np.isfinite(a).all())
+
+
+def hint(report: dict) -> str:
+    """The likely cause, in one sentence a user can act on."""
+    diag = report.get("diagnosis", {})
+    lr = report.get("learning_rate")
+    if diag.get("nonfinite_inputs"):
+        return f"the input data holds NaN/inf ({', '.join(diag['nonfinite_inputs'])}): clean or impute it"
+    if diag.get("input_max_abs", 0) > 50:
+        return (f"inputs are not normalised (max |x| = {diag['input_max_abs']:.4g}): scale them to about [0, 1] or "
+                f"unit variance (data.normalize / data.rescale), or add a normalization layer")
+    lr_text = f"{lr:.3g}" if isinstance(lr, (int, float)) and math.isfinite(lr) else "the learning rate"
+    return (f"the learning rate ({lr_text}) is probably too high: try {lr / 10:.3g}" if isinstance(lr, (int, float))
+            else f"{lr_text} is probably too high") + ", or clip gradients (compile.optimizer.clipnorm: 1.0)"

@@ -1,0 +1,197 @@
+"""Resume and faults through the real CLI in subprocesses: SIGKILL mid-epoch then --resume ends bit-identical to
+an uninterrupted run; Ctrl-C saves a resumable checkpoint and exits 130; a NaN loss writes divergence.json; damaged
+or foreign checkpoints and unwritable run directories give one clear error, no traceback."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dlcli import checkpoint
+
+CONFIG = """\
+name: tiny
+seed: 3
+data: {{type: npz, path: {data}}}
+model:
+  input_shape: [16]
+  layers:
+    - {{type: Dense, units: {units}, activation: relu, name: h}}
+    - {{type: Dropout, rate: 0.2, name: drop}}
+    - {{type: Dense, units: 3, activation: softmax, name: out}}
+compile:
+  optimizer: {{type: adam, learning_rate: {lr}}}
+  loss: sparse_categorical_crossentropy
+  metrics: [accuracy]
+train:
+  epochs: {epochs}
+  batch_size: 8
+  validation_split: 0.2
+  checkpoint_every: 3
+  callbacks: [{{type: EarlyStopping, patience: 50}}, {{type: ReduceLROnPlateau, patience: 1, factor: 0.5}}]
+"""
+
+
+def _write_config(tmp, units=256, epochs=3, lr=0.01, samples=1500, scale=1.0):
+    data = tmp / "data.npz"
+    if not data.exists():
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(samples, 16)).astype(np.float32) * scale
+        y = ((x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1)).astype(np.int64)
+        np.savez(data, x=x, y=y)
+    path = tmp / "tiny.yaml"
+    path.write_text(CONFIG.format(data=data, units=units, epochs=epochs, lr=lr))
+    return path
+
+
+def _dlcli(*args, **kw):
+    return [sys.executable, "-m", "dlcli.cli", *map(str, args)]
+
+
+def _run(*args, timeout=60):
+    return subprocess.run(_dlcli(*args), capture_output=True, text=True, timeout=timeout)
+
+
+def _only_run(runs_dir: Path) -> Path:
+    (run,) = [p for p in runs_dir.iterdir() if p.is_dir()]
+    return run
+
+
+def _wait_for_mid_epoch_checkpoint(proc, run_parent: Path, min_step=1):
+    deadline = time.time() + 30
+    while time.time() < deadline and proc.poll() is None:
+        for state in run_parent.glob("*/checkpoint/state.npz"):
+            try:
+                position = checkpoint.load(state)["header"]["position"]
+            except Exception:
+                continue
+            if position["batch"] > 0 and position["epoch"] >= 1 and position["step"] >= min_step:
+                return position
+        time.sleep(0.005)
+    pytest.fail(f"no mid-epoch checkpoint appeared (exit code {proc.poll()})")
+
+
+def _weights(run: Path) -> dict:
+    with np.load(run / "weights" / "last.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def _history(run: Path) -> list[list[str]]:
+    lines = (run / "history.csv").read_text().splitlines()
+    head = lines[0].split(",")
+    keep = [i for i, h in enumerate(head) if h != "seconds"]
+    return [[line.split(",")[i] for i in keep] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    config = _write_config(tmp)
+    done = _run("train", config, "--runs-dir", tmp / "runs", "-q")
+    assert done.returncode == 0, done.stderr
+    return tmp, config, _only_run(tmp / "runs")
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference):
+    tmp, config, ref = reference
+    runs_dir = tmp / "killed"
+    proc = subprocess.Popen(_dlcli("train", config, "--runs-dir", runs_dir, "-q"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    position = _wait_for_mid_epoch_checkpoint(proc, runs_dir)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: make the test data larger"
+    run = _only_run(runs_dir)
+    assert json.loads((run / "meta.json").read_text())["status"] == "running"
+    resumed = _run("train", "--resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at epoch" in resumed.stdout and "samples seen" in resumed.stdout, resumed.stdout
+    assert position["epoch"] >= 1
+    a, b = _weights(ref), _weights(run)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bit-identical, not approximately equal
+    assert _history(run) == _history(ref)
+    assert json.loads((run / "meta.json").read_text())["status"] == "completed"
+
+
+def test_sigint_saves_a_checkpoint_exits_130_and_resumes_exactly(reference):
+    tmp, config, ref = reference
+    runs_dir = tmp / "interrupted"
+    proc = subprocess.Popen(_dlcli("train", config, "--runs-dir", runs_dir, "-q"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_mid_epoch_checkpoint(proc, runs_dir)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "resume with: dlcli train --resume" in err and "Traceback" not in err
+    run = _only_run(runs_dir)
+    assert json.loads((run / "meta.json").read_text())["status"] == "interrupted"
+    resumed = _run("train", "--resume", run, "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _weights(ref), _weights(run)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_resume_refuses_architecture_changes_and_gates_epochs(reference, tmp_path):
+    _, config, ref = reference
+    changed = tmp_path / "wider.yaml"
+    changed.write_text(config.read_text().replace("units: 256", "units: 128"))
+    result = _run("train", changed, "--resume", ref)
+    assert result.returncode == 1 and "architecture" in result.stderr and "model.layers.0.units" in result.stderr
+    more = _run("train", "--resume", ref, "--set", "train.epochs=4")
+    assert more.returncode == 1 and "--allow-config-change" in more.stderr and "train.epochs: 3 -> 4" in more.stderr
+
+
+def test_damaged_and_foreign_checkpoints_are_clear_errors(reference, tmp_path):
+    _, _, ref = reference
+    run = tmp_path / "copy"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "config.yaml").write_text((ref / "config.yaml").read_text())
+    state = run / "checkpoint" / "state.npz"
+    state.write_bytes((ref / "checkpoint" / "state.npz").read_bytes()[:500])  # a torn file
+    damaged = _run("train", "--resume", run)
+    assert damaged.returncode == 1 and "damaged" in damaged.stderr and "Traceback" not in damaged.stderr
+    np.savez(state, x=np.zeros(3))
+    foreign = _run("train", "--resume", run)
+    assert foreign.returncode == 1 and "not a dlcli checkpoint" in foreign.stderr
+    np.savez(state, __checkpoint__=np.array([{"a": 1}], dtype=object))  # pickled content is refused, not loaded
+    pickled = _run("train", "--resume", run)
+    assert pickled.returncode == 1 and "Traceback" not in pickled.stderr
+
+
+def test_nan_loss_stops_with_divergence_report(tmp_path):
+    config = _write_config(tmp_path, units=8, lr=1e6, samples=200, scale=1e3)
+    result = _run("train", config, "--runs-dir", tmp_path / "runs")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "training diverged" in result.stderr and "batch" in result.stderr and "Traceback" not in result.stderr
+    run = _only_run(tmp_path / "runs")
+    report = json.loads((run / "divergence.json").read_text())
+    assert report["sample_indices"] and report["learning_rate"] == 1e6 and report["recent_norms"]
+    assert report["diagnosis"]["first_nonfinite_forward"] in ("h", "out", None)
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["status"] == "diverged" and meta["hint"]
+
+
+def test_unwritable_runs_dir_is_a_clear_error(tmp_path):
+    config = _write_config(tmp_path, units=8, samples=100)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = _run("train", config, "--runs-dir", blocker / "runs")
+    assert result.returncode == 1 and "cannot create runs directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_init_from_starts_fresh_from_weights(reference, tmp_path):
+    tmp, config, ref = reference
+    result = _run("train", config, "--init-from", ref, "--runs-dir", tmp_path / "runs", "--set", "train.epochs=1")
+    assert result.returncode == 0, result.stderr
+    assert "weights from" in result.stdout and "best.npz" in result.stdout
+    run = _only_run(tmp_path / "runs")
+    assert checkpoint.load(run)["header"]["position"]["step"] == 150  # 1200 samples / batch 8: counters restarted
