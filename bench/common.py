@@ -1,0 +1,37 @@
+"""Shared bench helpers: interleaved best-of timing (both peers see the same machine load) and peak memory."""
+import resource
+import subprocess
+import sys
+import time
+
+
+def interleaved_best(runs: dict, rounds: int) -> dict:
+    """Seconds per call of each `runs[name]()`, best of `rounds`, alternating peers round by round so a busy
+    moment on the machine does not land on one side only."""
+    best = {name: float("inf") for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def child_peak_rss_mib(argv: list[str]) -> tuple[int, float]:
+    """Run a command to completion; its exit code and peak resident memory (MiB) from getrusage."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        print(done.stderr, file=sys.stderr)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return done.returncode, max(peak, before) / 1024  # ru_maxrss is in KiB on Linux
+
+
+def torch_or_none():
+    try:
+        import torch
+    except ImportError:
+        print("torch not installed: `pip install torch==2.13.0` (the CPU build) to compare")
+        return None
+    torch.set_num_threads(2)
+    return torch
