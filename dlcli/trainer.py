@@ -154,9 +154,11 @@ class Trainer:
         where = d["first_nonfinite_forward"] and f"first non-finite values in the forward pass of layer " \
                                                  f"'{d['first_nonfinite_forward']}'" \
             or d["first_nonfinite_backward"] and f"first non-finite gradient in layer '{d['first_nonfinite_backward']}'" \
-            or "the loss itself"
+            or ("the loss itself" if what == "loss" else "no layer made NaN/inf: the gradients are finite but so "
+                                                          "large their norm overflows")
         raise DivergenceError(
-            f"training diverged: the {what} became {'non-finite' if what == 'gradient' else value} at epoch "
+            f"training diverged: the {'gradient norm' if what == 'gradient' else 'loss'} became "
+            f"{'non-finite' if what == 'gradient' else value} at epoch "
             f"{self.epoch + 1}, batch {self.batch} (step {report['step']}); {where}. Last good checkpoint: "
             f"{report['last_checkpoint']}. Likely cause: {report['hint']}.", report)
 
@@ -203,7 +205,8 @@ class Trainer:
 
 def _sq(a) -> float:
     flat = a.reshape(-1)
-    return float(np.dot(flat, flat))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is the divergence being detected
+        return float(np.dot(flat, flat))
 
 
 def _sample_weights(y, n, class_weight, sample_weight):

@@ -25,7 +25,7 @@ model:
     - {{type: Dropout, rate: 0.2, name: drop}}
     - {{type: Dense, units: 3, activation: softmax, name: out}}
 compile:
-  optimizer: {{type: adam, learning_rate: {lr}}}
+  optimizer: {{type: {optimizer}, learning_rate: {lr}}}
   loss: sparse_categorical_crossentropy
   metrics: [accuracy]
 train:
@@ -37,7 +37,7 @@ train:
 """
 
 
-def _write_config(tmp, units=256, epochs=3, lr=0.01, samples=1500, scale=1.0):
+def _write_config(tmp, units=256, epochs=3, lr=0.01, samples=1500, scale=1.0, optimizer="adam"):
     data = tmp / "data.npz"
     if not data.exists():
         rng = np.random.default_rng(0)
@@ -45,7 +45,7 @@ def _write_config(tmp, units=256, epochs=3, lr=0.01, samples=1500, scale=1.0):
         y = ((x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1)).astype(np.int64)
         np.savez(data, x=x, y=y)
     path = tmp / "tiny.yaml"
-    path.write_text(CONFIG.format(data=data, units=units, epochs=epochs, lr=lr))
+    path.write_text(CONFIG.format(data=data, units=units, epochs=epochs, lr=lr, optimizer=optimizer))
     return path
 
 
@@ -167,7 +167,7 @@ def test_damaged_and_foreign_checkpoints_are_clear_errors(reference, tmp_path):
 
 
 def test_nan_loss_stops_with_divergence_report(tmp_path):
-    config = _write_config(tmp_path, units=8, lr=1e6, samples=200, scale=1e3)
+    config = _write_config(tmp_path, units=8, lr=1e6, samples=200, scale=1e3, optimizer="sgd")
     result = _run("train", config, "--runs-dir", tmp_path / "runs")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "training diverged" in result.stderr and "batch" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,202 @@
+"""Each training-control callback on crafted epoch histories (Keras 3 semantics), and its state surviving a
+get_state/set_state round trip through the checkpoint format."""
+import math
+
+import numpy as np
+import pytest
+
+from dlcli import callbacks as cb
+from dlcli import checkpoint
+from dlcli.errors import ConfigError, DlcliError
+
+
+class FakeOptimizer:
+    def __init__(self, lr):
+        self.learning_rate = lr
+
+
+class FakeModel:
+    """Just what callbacks touch: stop_training, weights, the optimizer's learning rate."""
+
+    def __init__(self, lr=1.0):
+        self.stop_training = False
+        self.w = [np.zeros(2)]
+        self.optimizer = FakeOptimizer(lr)
+
+    def get_weights(self):
+        return [a.copy() for a in self.w]
+
+    def set_weights(self, values):
+        self.w = [np.array(v) for v in values]
+
+    def weights_dict(self):
+        return {"weights/w": self.w[0]}
+
+
+def drive(callback, values, key="val_loss", model=None, on_step=None):
+    """Feed one monitored value per epoch; returns the epoch index training stopped at (None if it did not)."""
+    model = model or FakeModel()
+    callback.set_model(model)
+    callback.on_train_begin()
+    for epoch, v in enumerate(values):
+        callback.on_epoch_begin(epoch)
+        if on_step:
+            on_step(model, epoch)
+        callback.on_epoch_end(epoch, {"loss": 0.0, key: v})
+        if model.stop_training:
+            callback.on_train_end()
+            return epoch
+    callback.on_train_end()
+    return None
+
+
+def test_early_stopping_patience_counts_epochs_without_improvement():
+    assert drive(cb.EarlyStopping(patience=2), [1.0, 0.9, 0.95, 0.96, 0.97]) == 3
+    assert drive(cb.EarlyStopping(patience=0), [1.0, 0.9, 0.95]) == 2
+    assert drive(cb.EarlyStopping(patience=2), [1.0, 0.9, 0.8, 0.7]) is None
+
+
+def test_early_stopping_min_delta_mode_and_auto_direction():
+    assert drive(cb.EarlyStopping(min_delta=0.1, patience=1), [1.0, 0.95, 0.92]) == 1
+    assert drive(cb.EarlyStopping(monitor="val_accuracy", patience=1), [0.5, 0.6, 0.55], "val_accuracy") == 2
+    assert drive(cb.EarlyStopping(monitor="score", mode="max", patience=1), [1, 2, 3, 2], "score") == 3
+    with pytest.raises(ConfigError, match="mode: min or mode: max"):
+        cb.EarlyStopping(monitor="score")
+
+
+def test_early_stopping_baseline_and_start_from_epoch():
+    # improvements that do not beat the baseline do not reset the wait counter (Keras 3)
+    assert drive(cb.EarlyStopping(monitor="val_accuracy", baseline=0.9, patience=2),
+                 [0.5, 0.5, 0.5], "val_accuracy") == 1
+    assert drive(cb.EarlyStopping(patience=1, start_from_epoch=3), [1.0, 2.0, 3.0, 4.0, 5.0]) == 4
+
+
+def test_early_stopping_restores_best_weights():
+    def step(model, epoch):
+        model.w = [np.full(2, float(epoch))]
+
+    model = FakeModel()
+    es = cb.EarlyStopping(patience=2, restore_best_weights=True)
+    assert drive(es, [1.0, 0.5, 0.7, 0.8], model=model, on_step=step) == 3
+    np.testing.assert_array_equal(model.w[0], [1.0, 1.0])  # the weights of epoch 1, the best
+    assert es.best_epoch == 1
+
+
+def test_early_stopping_state_round_trips_through_checkpoint_format():
+    es = cb.EarlyStopping(patience=3, restore_best_weights=True)
+    drive(es, [1.0, 0.5, 0.6])
+    arrays = {}
+    state = checkpoint._join(checkpoint._split(es.get_state(), "callback/0", arrays), arrays)
+    fresh = cb.EarlyStopping(patience=3, restore_best_weights=True)
+    fresh.set_state(state)
+    fresh.set_model(FakeModel())
+    fresh.on_train_begin()  # a resumed run must not reset the counters
+    assert (fresh.wait, fresh.best, fresh.best_epoch) == (1, 0.5, 1)
+    np.testing.assert_array_equal(fresh.best_weights[0], es.best_weights[0])
+    fresh.on_epoch_end(3, {"val_loss": 0.7})
+    fresh.on_epoch_end(4, {"val_loss": 0.7})
+    assert fresh.model.stop_training  # the wait carried over: 1 + 2 = patience
+
+
+def test_reduce_lr_on_plateau_factor_patience_cooldown_min_lr():
+    model = FakeModel(lr=1.0)
+    lrs = []
+    rl = cb.ReduceLROnPlateau(factor=0.5, patience=2, cooldown=1)
+    drive(rl, [1.0] * 6, model=model, on_step=lambda m, e: lrs.append(m.optimizer.learning_rate))
+    assert lrs == [1.0, 1.0, 1.0, 0.5, 0.5, 0.25]
+    floor = FakeModel(lr=1.0)
+    drive(cb.ReduceLROnPlateau(factor=0.1, patience=1, min_lr=0.05), [1.0] * 5, model=floor)
+    assert floor.optimizer.learning_rate == 0.05
+    with pytest.raises(ConfigError, match="factor"):
+        cb.ReduceLROnPlateau(factor=1.5)
+
+
+def test_reduce_lr_state_round_trip_keeps_counters():
+    rl = cb.ReduceLROnPlateau(patience=3)
+    drive(rl, [1.0, 1.0, 1.0])
+    fresh = cb.ReduceLROnPlateau(patience=3)
+    fresh.set_state(rl.get_state())
+    fresh.set_model(FakeModel(lr=1.0))
+    fresh.on_train_begin()
+    fresh.on_epoch_end(3, {"val_loss": 1.0})
+    assert fresh.model.optimizer.learning_rate == pytest.approx(0.1)
+
+
+def test_learning_rate_scheduler_callable_and_builtin_and_resume_safe():
+    model = FakeModel(lr=1.0)
+    sched = cb.LearningRateScheduler(lambda epoch, lr: lr * 0.5)
+    sched.set_model(model)
+    for epoch in range(3):
+        sched.on_epoch_begin(epoch)
+    assert model.optimizer.learning_rate == 0.125
+    sched.on_epoch_begin(2)  # resumed inside epoch 2: not halved again
+    assert model.optimizer.learning_rate == 0.125
+    builtin = cb.LearningRateScheduler({"type": "exponential_decay", "initial_learning_rate": 0.1,
+                                        "decay_steps": 1, "decay_rate": 0.5})
+    builtin.set_model(model)
+    builtin.on_epoch_begin(3)
+    assert model.optimizer.learning_rate == pytest.approx(0.1 * 0.5 ** 3)
+    one_arg = cb.LearningRateScheduler(lambda epoch: 0.01 * (epoch + 1))
+    one_arg.set_model(model)
+    one_arg.on_epoch_begin(1)
+    assert model.optimizer.learning_rate == pytest.approx(0.02)
+
+
+def test_terminate_on_nan():
+    model = FakeModel()
+    t = cb.TerminateOnNaN()
+    t.set_model(model)
+    t.on_train_batch_end(0, {"loss": 1.0})
+    assert not model.stop_training
+    t.on_train_batch_end(1, {"loss": math.nan})
+    assert model.stop_training
+
+
+def test_csv_logger_writes_and_appends(tmp_path):
+    path = str(tmp_path / "log.csv")
+    drive(cb.CSVLogger(path), [1.0, 0.5])
+    drive(cb.CSVLogger(path, append=True), [0.25])
+    lines = open(path).read().splitlines()
+    assert lines[0] == "epoch,loss,val_loss" and len(lines) == 4 and lines[-1].endswith(",0.25")
+
+
+def test_model_checkpoint_writes_best_and_last(tmp_path):
+    model = FakeModel()
+    saver = cb.ModelCheckpoint(str(tmp_path))
+
+    def step(m, epoch):
+        m.w = [np.full(2, float(epoch))]
+
+    drive(saver, [1.0, 0.5, 0.7], model=model, on_step=step)
+    with np.load(tmp_path / "best.npz") as best, np.load(tmp_path / "last.npz") as last:
+        assert best["weights/w"][0] == 1.0 and last["weights/w"][0] == 2.0
+    assert (saver.best, saver.best_epoch) == (0.5, 2)
+    only_best = tmp_path / "only"
+    drive(cb.ModelCheckpoint(str(only_best), monitor="val_accuracy", save_best_only=True), [0.1], "val_accuracy")
+    assert sorted(p.name for p in only_best.iterdir()) == ["best.npz"]
+
+
+def test_missing_monitor_names_what_is_available():
+    es = cb.EarlyStopping()
+    es.set_model(FakeModel())
+    with pytest.raises(DlcliError, match="validation_split.*available: loss, accuracy"):
+        es.on_epoch_end(0, {"loss": 1.0, "accuracy": 0.5})
+
+
+def test_from_config_builds_and_checks_arguments():
+    built = cb.from_config(["TerminateOnNaN", {"type": "EarlyStopping", "patience": 3}])
+    assert isinstance(built[1], cb.EarlyStopping) and built[1].patience == 3
+    with pytest.raises(ConfigError, match="did you mean 'patience'"):
+        cb.from_config([{"type": "EarlyStopping", "patiense": 3}])
+
+
+def test_callbacks_in_real_fit_stop_training():
+    from dlcli.layers import Dense
+    from dlcli.models import Sequential
+
+    model = Sequential([Dense(2, activation="softmax", input_shape=(3,))])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    x, y = np.ones((8, 3), np.float32), np.zeros(8, np.int64)
+    es = cb.EarlyStopping(monitor="loss", patience=0, min_delta=10.0)
+    history = model.fit(x, y, epochs=10, batch_size=4, verbose=0, callbacks=[es], seed=0)
+    assert len(history.epoch) == 2 and es.stopped_epoch == 1
