@@ -50,7 +50,7 @@ def save(path, model, callbacks, position: dict):
     arrays = dict(model.weights_dict())
     arrays.update({f"optimizer/{k}": v for k, v in model.optimizer.get_state().items()})
     cb_states = []
-    for i, cb in enumerate(callbacks):
+    for i, cb in enumerate(_stateful(callbacks)):
         cb_states.append({"type": type(cb).__name__, "state": _split(cb.get_state(), f"callback/{i}", arrays)})
     header = {"kind": KIND, "version": VERSION, "position": position, "callbacks": cb_states,
               "rngs": {k: g.bit_generator.state for k, g in layer_rngs(model).items()}}
@@ -93,6 +93,7 @@ def restore(checkpoint: dict, model, callbacks) -> dict:
         rngs[key].bit_generator.state = state
     states = header.get("callbacks", [])
     want = [s["type"] for s in states]
+    callbacks = _stateful(callbacks)
     have = [type(cb).__name__ for cb in callbacks]
     if want != have:
         raise DlcliError(f"{path} was written with callbacks {want}; this run has {have} (train.callbacks must "
@@ -100,6 +101,13 @@ def restore(checkpoint: dict, model, callbacks) -> dict:
     for cb, entry in zip(callbacks, states):
         cb.set_state(_join(entry["state"], arrays))
     return header["position"]
+
+
+def _stateful(callbacks) -> list:
+    """Callbacks with state to keep (those overriding get_state); others may come and go between runs."""
+    from dlcli.callbacks import Callback
+
+    return [cb for cb in callbacks if type(cb).get_state is not Callback.get_state]
 
 
 def _split(obj, prefix, arrays):

@@ -1,0 +1,152 @@
+"""The trainer: class_weight / sample_weight, per-layer control (trainable, lr_mult, train.freeze), exact resume
+from an in-process checkpoint, and the stop on a non-finite loss with the weights that caused it intact."""
+import numpy as np
+import pytest
+
+from dlcli import checkpoint
+from dlcli.callbacks import Callback
+from dlcli.divergence import DivergenceError
+from dlcli.engine.layer import set_random_seed
+from dlcli.layers import Dense, Dropout
+from dlcli.models import Sequential
+from dlcli.trainer import Trainer
+
+
+def _model(lr=0.1, optimizer="sgd", dropout=False, **dense_kw):
+    set_random_seed(5)  # the same initial weights and layer RNGs every time
+    layers = [Dense(4, activation="relu", input_shape=(3,), name="h", **dense_kw)]
+    layers += [Dropout(0.3, name="drop")] if dropout else []
+    layers += [Dense(2, activation="softmax", name="out")]
+    model = Sequential(layers)
+    model.compile({"type": optimizer, "learning_rate": lr}, "sparse_categorical_crossentropy", ["accuracy"])
+    return model
+
+
+def _data(n=12):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int64)
+
+
+def _fit(model, x, y, **kw):
+    model.fit(x, y, epochs=1, batch_size=len(x), shuffle=False, verbose=0, seed=0, **kw)
+    return model.get_weights()
+
+
+def test_class_weight_equals_the_matching_sample_weight():
+    x, y = _data()
+    a = _fit(_model(), x, y, class_weight={0: 2.0, 1: 0.5})
+    b = _fit(_model(), x, y, sample_weight=np.where(y == 0, 2.0, 0.5))
+    for u, v in zip(a, b):
+        np.testing.assert_allclose(u, v, rtol=1e-6)
+
+
+def test_uniform_sample_weight_scales_the_sgd_step():
+    x, y = _data()
+    ones = _fit(_model(lr=0.1), x, y, sample_weight=np.ones(len(x)))
+    plain = _fit(_model(lr=0.1), x, y)
+    doubled = _fit(_model(lr=0.1), x, y, sample_weight=np.full(len(x), 2.0))
+    double_lr = _fit(_model(lr=0.2), x, y)
+    for u, v in zip(ones, plain):
+        np.testing.assert_array_equal(u, v)
+    for u, v in zip(doubled, double_lr):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_layer_keeps_its_weights_and_lr_mult_scales_sgd_steps():
+    x, y = _data()
+    frozen = _model(trainable=False)
+    before = frozen.get_layer("h").get_weights()
+    _fit(frozen, x, y)
+    for u, v in zip(before, frozen.get_layer("h").get_weights()):
+        np.testing.assert_array_equal(u, v)
+    base, half = _model(), _model(lr_mult=0.5)
+    start = base.get_layer("h").get_weights()
+    half.set_weights(base.get_weights())
+    _fit(base, x, y)
+    _fit(half, x, y)
+    step_full = base.get_layer("h").get_weights()[0] - start[0]
+    step_half = half.get_layer("h").get_weights()[0] - start[0]
+    np.testing.assert_allclose(step_half, 0.5 * step_full, rtol=1e-5, atol=1e-7)  # float32 rounding of w - step
+
+
+def test_freeze_patterns_and_inspect_shapes_show_frozen(tmp_path):
+    from typer.testing import CliRunner
+
+    from dlcli.cli import app
+
+    path = tmp_path / "f.yaml"
+    path.write_text("""
+name: f
+data: {type: npz, path: x.npz}
+model:
+  input_shape: [3]
+  layers:
+    - {type: Dense, units: 4, name: h1}
+    - {type: Dense, units: 4, name: h2, lr_mult: 0.1}
+    - {type: Dense, units: 2, name: out, trainable: false}
+compile: {optimizer: sgd, loss: mse}
+train: {freeze: ["h1"]}
+""")
+    result = CliRunner().invoke(app, ["inspect-shapes", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "h1 (frozen)" in result.output and "out (frozen)" in result.output and "h2 (frozen)" not in result.output
+    assert "trainable 20, non-trainable 26" in result.output
+
+
+class StopAfter(Callback):
+    def __init__(self, trainer, batches):
+        self.trainer, self.left = trainer, batches
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.left -= 1
+        if self.left == 0:
+            self.trainer.stop_requested = True
+
+
+def test_in_process_stop_and_resume_is_bit_identical(tmp_path):
+    x, y = _data(40)
+
+    def trainer_for(model, path):
+        return Trainer(model, verbose=0, rng=np.random.default_rng(7), checkpoint_path=path, checkpoint_every=2)
+
+    ref = _model(optimizer="adam", dropout=True)
+    trainer_for(ref, tmp_path / "ref.npz").fit([x], [y], epochs=3, batch_size=6)
+
+    first = _model(optimizer="adam", dropout=True)
+    t = trainer_for(first, tmp_path / "run.npz")
+    t.user_callbacks.append(StopAfter(t, 10))
+    t.fit([x], [y], epochs=3, batch_size=6)
+    assert t.last_checkpoint["epoch"] == 1 and t.last_checkpoint["batch"] == 3  # 7 batches per epoch
+    state = checkpoint.load(tmp_path / "run.npz")
+    resumed = _model(optimizer="adam", dropout=True)
+    resumed.get_layer("drop").rng = np.random.default_rng(0)  # resume must restore the layer RNG, not reuse it
+    history = trainer_for(resumed, tmp_path / "run.npz").fit([x], [y], epochs=3, batch_size=6, resume=state)
+    for u, v in zip(ref.get_weights(), resumed.get_weights()):
+        np.testing.assert_array_equal(u, v)
+    assert history.epoch == [1, 2]
+
+
+def test_batch_size_change_on_resume_is_refused(tmp_path):
+    x, y = _data(12)
+    model = _model()
+    Trainer(model, verbose=0, checkpoint_path=tmp_path / "c.npz").fit([x], [y], epochs=1, batch_size=4)
+    with pytest.raises(Exception, match="batch_size must not change"):
+        Trainer(_model(), verbose=0).fit([x], [y], epochs=2, batch_size=6, resume=checkpoint.load(tmp_path / "c.npz"))
+
+
+def test_nan_loss_stops_before_the_update_and_names_the_layer():
+    x, y = _data()
+    model = _model()
+    model.get_layer("out").params["kernel"].value[0, 0] = np.nan
+    weights = model.get_weights()
+    with pytest.raises(DivergenceError) as info:
+        model.fit(x, y, epochs=1, batch_size=4, verbose=0, seed=0)
+    report = info.value.report
+    assert (report["epoch"], report["batch"], report["non_finite"]) == (1, 0, "loss")
+    assert report["diagnosis"]["first_nonfinite_forward"] == "out"
+    assert report["diagnosis"]["nonfinite_weights"] == ["out/kernel"]
+    assert len(report["sample_indices"]) == 4 and "learning rate" in report["hint"]
+    for u, v in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(u, v)  # nothing was applied
+    assert "forward" not in vars(model.get_layer("h"))  # the checking wrappers are gone
