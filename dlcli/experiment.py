@@ -133,11 +133,13 @@ def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), 
     meta_path = run_dir / "meta.json"
     meta = {**runs.versions_meta(config.get("seed", 0)), "name": config.get("name"), "status": "running",
             "start": runs.utc_now(), "sizes": splits.sizes(), "source": splits.source,
-            "params": model.count_params()}
+            "params": model.count_params(), "classes": splits.classes}
     if resume is not None and meta_path.exists():
         meta = {**runs.read_json(meta_path), "status": "running"}
         meta.setdefault("resumed", []).append({"at": runs.utc_now(), "position": _position_text(resume)})
     runs.atomic_write_json(meta_path, meta)
+    if splits.extra.get("vocabulary"):  # lets `dlcli predict` encode raw text the way the training data was
+        runs.atomic_write_json(run_dir / "vocabulary.json", splits.extra["vocabulary"])
     cbs = run_callbacks(config, run_dir, splits.x_val is not None)
     if resume is not None:
         done = resume["header"]["position"]["epoch"]
@@ -177,6 +179,9 @@ def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), 
                  "epochs_run": len(cbs[0].rows), "best_epoch": saver.best_epoch, "best": {saver.monitor: saver.best},
                  "test": test})
     runs.atomic_write_json(meta_path, meta)
+    from dlcli.plots import write_curves
+
+    write_curves(run_dir, cbs[0].rows)
     return RunResult(run_dir, history.history, test, seconds, status, saver.best_epoch, trainer.last_checkpoint)
 
 
