@@ -114,6 +114,7 @@ def train(
         new_lr = _constant_lr(cfg)
         if new_lr is not None and new_lr != _constant_lr(old):  # the new rate replaces the checkpointed one
             state["arrays"]["optimizer/learning_rate"] = np.array(new_lr, np.float64)
+            state["header"]["position"]["learning_rate"] = new_lr
     elif config is None:
         raise DlcliError("give a config file (dlcli train configs/mnist.yaml) or --resume RUN_DIR", exit_code=2)
     else:
