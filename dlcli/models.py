@@ -180,17 +180,26 @@ class Model:
     def regularization_loss(self) -> float:
         return float(sum(layer.regularization_loss() for layer in self.layers))
 
-    def train_step(self, xs, ys, sample_weight=None):
+    def train_step(self, xs, ys, sample_weight=None, before_update=None):
+        """One forward, backward and optimizer step. `before_update(loss, params)` runs with the gradients in
+        place and the weights not yet changed (the trainer's divergence gate); if it raises, the gradients
+        are cleared and the weights stay as they were."""
         outs = self.graph.forward(xs, training=True)
         total, parts, grads = self.compute_loss(ys, outs, sample_weight)
-        self.graph.backward(grads)
-        total += self.regularization_loss()
         params = self.trainable_weights
-        for layer in self.layers:
-            layer.add_regularization_grads()
-        self.optimizer.apply(params)
-        for p in params:
-            p.grad[...] = 0
+        try:
+            if before_update is not None and not np.isfinite(total):
+                before_update(total, params)  # a non-finite loss: the gate reports it before any backward
+            self.graph.backward(grads)
+            total += self.regularization_loss()
+            for layer in self.layers:
+                layer.add_regularization_grads()
+            if before_update is not None:
+                before_update(total, params)
+            self.optimizer.apply(params)
+        finally:
+            for p in params:
+                p.grad[...] = 0
         return total, parts, outs
 
     # --- Keras' user-facing API -------------------------------------------------------------------------------

@@ -119,26 +119,16 @@ class Trainer:
     def _step(self, xb, yb, wb, idx):
         """Model.train_step with a gate before the update: a non-finite loss or gradient stops training with the
         weights that produced it untouched (so the batch can be re-run with checks)."""
-        model = self.model
-        outs = model.forward(xb, training=True)
-        total, parts, grads = model.compute_loss(yb, outs, wb)
-        if not math.isfinite(total):
-            self._diverged("loss", total, xb, yb, wb, idx)
-        model.graph.backward(grads)
-        total += model.regularization_loss()
-        params = model.trainable_weights
-        for layer in model.layers:
-            layer.add_regularization_grads()
-        grad_norm = math.sqrt(sum(_sq(p.grad) for p in params))
-        self.norms.append((math.sqrt(sum(_sq(p.value) for p in params)), grad_norm))
-        if not math.isfinite(grad_norm):
-            for p in params:
-                p.grad[...] = 0
-            self._diverged("gradient", total, xb, yb, wb, idx)
-        model.optimizer.apply(params)
-        for p in params:
-            p.grad[...] = 0
-        return total, parts, outs
+
+        def gate(total, params):
+            if not math.isfinite(total):
+                self._diverged("loss", total, xb, yb, wb, idx)
+            grad_norm = math.sqrt(sum(_sq(p.grad) for p in params))
+            self.norms.append((math.sqrt(sum(_sq(p.value) for p in params)), grad_norm))
+            if not math.isfinite(grad_norm):
+                self._diverged("gradient", total, xb, yb, wb, idx)
+
+        return self.model.train_step(xb, yb, wb, before_update=gate)
 
     def _diverged(self, what, value, xb, yb, wb, idx):
         from dlcli.divergence import DivergenceError, diagnose, hint
