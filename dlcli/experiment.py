@@ -39,12 +39,12 @@ def load_splits(config: dict, model) -> Splits:
 
     train_cfg = config.get("train", {})
     ds = load_dataset(config["data"])
-    x_train, y_train = _fit_inputs(ds.x_train, model), _fit_targets(ds.y_train, model)
-    x_test = None if ds.x_test is None else _fit_inputs(ds.x_test, model)
-    y_test = None if ds.y_test is None else _fit_targets(ds.y_test, model)
+    x_train, y_train = fit_inputs(ds.x_train, model), fit_targets(ds.y_train, model)
+    x_test = None if ds.x_test is None else fit_inputs(ds.x_test, model)
+    y_test = None if ds.y_test is None else fit_targets(ds.y_test, model)
     x_val = y_val = None
     if getattr(ds, "x_val", None) is not None:
-        x_val, y_val = _fit_inputs(ds.x_val, model), _fit_targets(ds.y_val, model)
+        x_val, y_val = fit_inputs(ds.x_val, model), fit_targets(ds.y_val, model)
     elif train_cfg.get("validation_split"):
         rng = np.random.default_rng([int(config.get("seed", 0)), 1])
         idx = np.arange(len(x_train[0]))
@@ -56,7 +56,7 @@ def load_splits(config: dict, model) -> Splits:
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, ds.classes, ds.source, ds.extra or {})
 
 
-def _fit_inputs(x, model) -> list:
+def fit_inputs(x, model) -> list:
     """Arrays for each model input; (N, 28, 28) data feeds an input of shape (28, 28, 1) as a free reshape."""
     xs = [x[n] for n in model.input_names] if isinstance(x, dict) else (list(x) if isinstance(x, list) else [x])
     out = []
@@ -68,7 +68,7 @@ def _fit_inputs(x, model) -> list:
     return model._inputs_list(out)
 
 
-def _fit_targets(y, model) -> list:
+def fit_targets(y, model) -> list:
     return model._targets_list(y)
 
 
@@ -200,19 +200,28 @@ def _position_text(resume: dict) -> str:
         f"after epoch {p['epoch']}, step {p['step']}"
 
 
-def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size: int | None = None) -> dict:
-    """Loss and metrics of a finished run on a split; per-class accuracy and a confusion matrix for classifiers."""
+def load_run_model(run_dir, weights: str = "best"):
+    """(config, model holding the run's best or last weights) for a run directory."""
     from dlcli.builder import build_model
     from dlcli.config import load_config
 
+    if weights not in ("best", "last"):
+        raise DlcliError(f"--weights must be 'best' or 'last'; found '{weights}'", exit_code=2)
     run_dir = runs.require_run_dir(run_dir)
     config = load_config(run_dir / "config.yaml").to_dict()
     model = build_model(config)
-    weights_path = run_dir / "weights" / f"{weights}.npz"
-    if not weights_path.exists():
-        raise DlcliError(f"{weights_path} does not exist; choose --weights best or last "
-                         f"(a run writes both after its first epoch)")
-    model.load_weights_dict(runs.load_npz(weights_path), source=str(weights_path))
+    path = run_dir / "weights" / f"{weights}.npz"
+    if not path.exists():
+        raise DlcliError(f"{path} does not exist; choose --weights best or last (a run writes both after its "
+                         f"first epoch)")
+    model.load_weights_dict(runs.load_npz(path), source=str(path))
+    return config, model
+
+
+def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size: int | None = None) -> dict:
+    """Loss and metrics of a finished run on a split; per-class accuracy and a confusion matrix for classifiers."""
+    config, model = load_run_model(run_dir, weights)
+    run_dir = Path(run_dir)
     splits = load_splits(config, model)
     xs, ys = (splits.x_test, splits.y_test) if split == "test" else (splits.x_val, splits.y_val)
     if xs is None:

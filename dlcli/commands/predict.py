@@ -20,25 +20,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 PRINT_LIMIT = 50
 
 
-def load_run_model(run_dir, weights: str = "best"):
-    """(config, model with the run's weights) for a run directory."""
-    from dlcli import runs
-    from dlcli.builder import build_model
-    from dlcli.config import load_config
-
-    if weights not in ("best", "last"):
-        raise DlcliError(f"--weights must be 'best' or 'last'; found '{weights}'", exit_code=2)
-    run_dir = runs.require_run_dir(run_dir)
-    config = load_config(run_dir / "config.yaml").to_dict()
-    model = build_model(config)
-    path = run_dir / "weights" / f"{weights}.npz"
-    if not path.exists():
-        raise DlcliError(f"{path} does not exist; choose --weights best or last (a run writes both after its "
-                         f"first epoch)")
-    model.load_weights_dict(runs.load_npz(path), source=str(path))
-    return config, model
-
-
 def class_names(run_dir, config: dict, count: int) -> list[str]:
     """Class names from the run's meta.json (what the dataset reported), else data.classes, else indices."""
     import json
@@ -233,7 +214,7 @@ def _fit(x, model) -> list[np.ndarray]:
     """Add the batch axis to a single sample; reshape flat rows (CSV, flattened arrays) of the right size."""
     import numpy as np
 
-    from dlcli.experiment import _fit_inputs
+    from dlcli.experiment import fit_inputs
 
     def fit_one(a, t):
         if a.shape == t.shape:
@@ -247,7 +228,7 @@ def _fit(x, model) -> list[np.ndarray]:
         x = {k: fit_one(v, t) for (k, v), t in zip(x.items(), model.inputs)}
     else:
         x = fit_one(x, model.inputs[0])
-    return _fit_inputs(x, model)
+    return fit_inputs(x, model)
 
 
 # --- output ---------------------------------------------------------------------------------------------------
@@ -319,6 +300,8 @@ def predict(
 
     if output is not None and output.suffix.lower() not in (".csv", ".npy"):
         raise DlcliError(f"--output must end in .csv or .npy; got {output}", exit_code=2)
+    from dlcli.experiment import load_run_model
+
     config, model = load_run_model(run_dir, weights)
     xs, labels = read_inputs(list(inputs), run_dir, config, model, key, invert, pixel_scale)
     preds = model.predict(xs if len(xs) > 1 else xs[0], batch_size=int(config.get("train", {}).get("batch_size", 32)))
