@@ -27,7 +27,10 @@ SetOption = Annotated[list[str], typer.Option(
 def _console(stderr=False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)  # lines wrap in the terminal, not mid-word in logs
+    stream = sys.stderr if stderr else sys.stdout
+    # Lines wrap in the terminal, not mid-word in logs; tables written to a file or pipe get room for every column.
+    width = None if stream.isatty() else 160
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 def handles_errors(command):
