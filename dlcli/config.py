@@ -248,6 +248,8 @@ _REGISTRIES = {  # kind -> (module, attribute); imported lazily so `dlcli --help
     "loss": ("dlcli.losses", "LOSSES"),
     "metric": ("dlcli.metrics", "METRICS"),
     "callback": ("dlcli.callbacks", "CALLBACKS"),
+    "activation": ("dlcli.engine.activations", "ACTIVATIONS"),
+    "initializer": ("dlcli.engine.initializers", "INITIALIZERS"),
 }
 # Base-layer arguments whose annotations are missing or too loose for a config.
 _ARG_HINTS = {"input_shape": list[int], "lr_mult": float, "trainable": bool}
@@ -320,9 +322,20 @@ class _SpecChecker:
                                at_key=True)
                 continue
             spec[key] = self.value(value, params[key][0], (*path, key))
+            self.named_argument(key, spec[key], (*path, key))
         for key, (_, needed) in params.items():
             if needed and key not in spec and key not in meant:  # a misspelling of it was reported already
                 self.error(path, f"missing required key '{key}' for {spec['type']}", at_key=True)
+
+    def named_argument(self, key, value, path):
+        """Arguments that name a registered object (activation='relu', kernel_initializer='he_normal')."""
+        kind = "activation" if key.endswith("activation") else "initializer" if key.endswith("_initializer") else None
+        if kind is None or value is None:
+            return
+        if kind == "initializer" and isinstance(value, dict):
+            self.spec(value, path, "initializer")
+        elif isinstance(value, str):
+            self.name(value, path, kind)
 
     def name(self, name, path, kind, aliases=()):
         """The registered object `name` refers to; None (after reporting) if unknown, or if not checkable."""

@@ -375,3 +375,21 @@ def test_load_config_reads_files(tmp_path):
     path.write_text(edit(MLP, "units: 512", "units: x"))
     with pytest.raises(ConfigError, match=rf"{path}:7: model.layers.1.units"):
         load_config(path)
+
+
+def test_activation_and_initializer_names_are_checked():
+    text = """
+data: {type: mnist}
+model:
+  input_shape: [4]
+  layers:
+    - {type: Dense, units: 3, activation: softmaxx, kernel_initializer: he_normall}
+    - {type: Dense, units: 2, bias_initializer: {type: constant, valu: 1}}
+compile: {loss: mse}
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "c.yaml")
+    message = info.value.message
+    assert "c.yaml:6: model.layers.0.activation: unknown activation 'softmaxx' (did you mean 'softmax'?)" in message
+    assert "unknown initializer 'he_normall' (did you mean 'he_normal'?)" in message
+    assert "c.yaml:7: model.layers.1.bias_initializer.valu: unknown key 'valu'" in message
