@@ -146,15 +146,20 @@ def train(
         if state is not None:
             out.print(f"  resume  {experiment.resume_banner(state)}; appending to {run_dir / 'history.csv'}")
 
+    stop_signal = []
+
     def install_interrupt(trainer):
-        def on_sigint(signum, frame):
-            if trainer.stop_requested:  # a second Ctrl-C: stop now
+        # Ctrl-C and a polite kill (SIGTERM: a cancelled CI job, a scheduler) both finish the batch and save.
+        def on_signal(signum, frame):
+            if trainer.stop_requested:  # a second signal: stop now
                 raise KeyboardInterrupt
             trainer.stop_requested = True
-            print("\ninterrupt: finishing this batch, then saving a checkpoint (Ctrl-C again to abort)",
-                  file=sys.stderr, flush=True)
+            stop_signal.append(signum)
+            print(f"\n{signal.Signals(signum).name}: finishing this batch, then saving a checkpoint "
+                  f"(Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
-        signal.signal(signal.SIGINT, on_sigint)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
 
     result = experiment.train_run(cfg, model, splits, run_dir, verbose=0 if quiet else 1,
                                   trainer_hook=install_interrupt, resume=state)
@@ -174,7 +179,7 @@ def train(
             f"checkpoint saved in {run_dir / checkpoint.FILENAME}\nresume with: dlcli train --resume {run_dir}",
             markup=False)
         print(run_dir)
-        raise typer.Exit(130)
+        raise typer.Exit(128 + (stop_signal[0] if stop_signal else signal.SIGINT))  # 130 for Ctrl-C, 143 for TERM
     print(f"run directory: {run_dir}" if not quiet else run_dir)
 
 
