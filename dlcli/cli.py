@@ -61,6 +61,13 @@ def _version(value: bool):
 def main_options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                        help="Print the version and exit.")] = False):
     """dlcli: deep learning from YAML configs."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        # the library's warnings (a dangling layer, say) as one readable line, not Python's source excerpt
+        _console(stderr=True).print(f"[bold yellow]warning:[/] {message}", markup=True, highlight=False)
+
+    warnings.showwarning = show
 
 
 def _load(config: Path, overrides: list[str]):
