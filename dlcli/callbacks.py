@@ -377,11 +377,4 @@ def _read_csv(path, separator) -> list[dict]:
 
 def from_config(specs) -> list[Callback]:
     """Callbacks from `train.callbacks`: names or {type: name, **Keras arguments}."""
-    from dlcli.losses import construct
-
-    out = []
-    for spec in specs or []:
-        name, args = (spec, {}) if isinstance(spec, str) else (spec["type"], {k: v for k, v in spec.items()
-                                                                              if k != "type"})
-        out.append(construct(CALLBACKS.get(name), args, "callback"))
-    return out
+    return [CALLBACKS.create(spec) for spec in specs or []]

@@ -11,7 +11,7 @@ import inspect
 import numpy as np
 
 from dlcli.engine.activations import sigmoid
-from dlcli.errors import ConfigError, DlcliError, ShapeError
+from dlcli.errors import DlcliError, ShapeError
 from dlcli.registry import Registry
 
 LOSSES = Registry("loss")
@@ -271,17 +271,7 @@ class Huber(_ElementwiseLoss):
 
 def get(identifier) -> Loss:
     """A loss from a name ('mse'), a {type: name, **args} mapping, or a Loss instance (returned as is)."""
-    if isinstance(identifier, Loss):
-        return identifier
-    if isinstance(identifier, dict):
-        args = {k: v for k, v in identifier.items() if k != "type"}
-        if "type" not in identifier:
-            raise ConfigError(f"a loss mapping needs a 'type' key, e.g. {{type: huber, delta: 2.0}}; got {identifier}")
-        cls = LOSSES.get(identifier["type"])
-        return construct(cls, args, "loss")
-    if not isinstance(identifier, str):
-        raise ConfigError(f"a loss must be a name, a {{type: ...}} mapping or a Loss; got {identifier!r}")
-    return LOSSES.get(identifier)()
+    return identifier if isinstance(identifier, Loss) else LOSSES.create(identifier)
 
 
 def serialize(loss: Loss):
@@ -289,17 +279,3 @@ def serialize(loss: Loss):
     config = loss.get_config()
     defaults = {n: p.default for n, p in inspect.signature(type(loss).__init__).parameters.items() if n != "self"}
     return loss.name if config == defaults else {"type": loss.name, **config}
-
-
-def construct(cls, args: dict, kind: str, extra=()):
-    """cls(**args), turning a wrong argument name into a ConfigError that lists the accepted ones (the
-    signature's, plus `extra` ones passed on through **kw)."""
-    params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kw", "kwargs")]
-    params += [p for p in extra if p not in params]
-    unknown = [k for k in args if k not in params]
-    if unknown:
-        from dlcli.registry import did_you_mean
-
-        raise ConfigError(f"{kind} '{cls.__name__}' has no argument '{unknown[0]}'"
-                          f"{did_you_mean(unknown[0], params)}; accepted: {', '.join(params) or 'none'}")
-    return cls(**args)

@@ -8,7 +8,7 @@ over uneven batches: sum(value * weight) / sum(weight), not a mean of batch mean
 import numpy as np
 
 from dlcli.errors import ConfigError
-from dlcli.losses import dense_targets, construct, sparse_labels
+from dlcli.losses import dense_targets, sparse_labels
 from dlcli.registry import Registry, did_you_mean
 
 METRICS = Registry("metric")
@@ -158,11 +158,7 @@ def get(identifier) -> Metric:
     if isinstance(identifier, Mean):
         return identifier
     if isinstance(identifier, dict):
-        if "type" not in identifier:
-            raise ConfigError(f"a metric mapping needs a 'type' key, e.g. {{type: top_k_categorical_accuracy, "
-                              f"k: 3}}; got {identifier}")
-        args = {k: v for k, v in identifier.items() if k != "type"}
-        return construct(METRICS.get(identifier["type"]), args, "metric")
+        return METRICS.create(identifier)
     if not isinstance(identifier, str):
         raise ConfigError(f"a metric must be a name, a {{type: ...}} mapping or a Metric; got {identifier!r}")
     if identifier.lower() in ACCURACY_ALIASES:

@@ -12,7 +12,6 @@ import math
 import numpy as np
 
 from dlcli.errors import ConfigError, DlcliError
-from dlcli.losses import construct
 from dlcli.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
@@ -266,18 +265,7 @@ class Adagrad(Optimizer):
 
 def get(identifier) -> Optimizer:
     """An optimizer from a name ('adam'), a {type: name, **args} mapping, or an Optimizer (returned as is)."""
-    if isinstance(identifier, Optimizer):
-        return identifier
-    if isinstance(identifier, dict):
-        if "type" not in identifier:
-            raise ConfigError(f"an optimizer mapping needs a 'type' key, e.g. {{type: adam, learning_rate: 0.001}}; "
-                              f"got {identifier}")
-        cls = OPTIMIZERS.get(identifier["type"])
-        args = {k: v for k, v in identifier.items() if k != "type"}
-        return construct(cls, args, "optimizer", extra=_BASE_ARGS)
-    if not isinstance(identifier, str):
-        raise ConfigError(f"an optimizer must be a name, a {{type: ...}} mapping or an Optimizer; got {identifier!r}")
-    return OPTIMIZERS.get(identifier)()
+    return identifier if isinstance(identifier, Optimizer) else OPTIMIZERS.create(identifier, extra=_BASE_ARGS)
 
 
 def _learning_rate_arg(value):

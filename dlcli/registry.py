@@ -1,5 +1,6 @@
 """A closed, explicit name -> object registry (Caffe's layer factory, Keras' `get(identifier)`)."""
 import difflib
+import inspect
 
 from dlcli.errors import ConfigError
 
@@ -40,6 +41,26 @@ class Registry:
         if name not in self._items:
             raise ConfigError(self.unknown_message(name))
         return self._items[name]
+
+    def create(self, identifier, extra=()):
+        """An instance from a name ('adam') or a {type: name, **args} mapping. A wrong argument name is a
+        ConfigError listing the accepted ones: the constructor's, plus `extra` ones it passes on through **kw."""
+        if isinstance(identifier, dict):
+            if "type" not in identifier:
+                raise ConfigError(f"a {self.kind} mapping needs a 'type' key (the {self.kind} name); got {identifier}")
+            name, args = identifier["type"], {k: v for k, v in identifier.items() if k != "type"}
+        elif isinstance(identifier, str):
+            name, args = identifier, {}
+        else:
+            raise ConfigError(f"a {self.kind} is a name or a {{type: name, ...}} mapping; got {identifier!r}")
+        cls = self.get(name)
+        params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kw", "kwargs")]
+        params += [p for p in extra if p not in params]
+        unknown = [k for k in args if k not in params]
+        if unknown:
+            raise ConfigError(f"{self.kind} '{cls.__name__}' has no argument '{unknown[0]}'"
+                              f"{did_you_mean(unknown[0], params)}; accepted: {', '.join(params) or 'none'}")
+        return cls(**args)
 
     def unknown_message(self, name) -> str:
         return f"unknown {self.kind} '{name}'{did_you_mean(name, self._items)}; known: {', '.join(self.names())}"

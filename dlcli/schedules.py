@@ -8,7 +8,6 @@ or drive the LearningRateScheduler callback (called with the epoch index).
 import math
 
 from dlcli.errors import ConfigError
-from dlcli.losses import construct
 from dlcli.registry import Registry
 
 SCHEDULES = Registry("learning-rate schedule")
@@ -140,8 +139,7 @@ def get(identifier) -> Schedule:
     if not isinstance(identifier, dict) or "type" not in identifier:
         raise ConfigError(f"a learning-rate schedule is a mapping like {{type: cosine_decay, initial_learning_rate: "
                           f"0.001, decay_steps: 1000}}; got {identifier!r}; known: {', '.join(SCHEDULES.names())}")
-    cls = SCHEDULES.get(identifier["type"])
-    return construct(cls, {k: v for k, v in identifier.items() if k != "type"}, "learning-rate schedule")
+    return SCHEDULES.create(identifier)
 
 
 def serialize(schedule) -> dict:

@@ -163,10 +163,7 @@ def get(identifier) -> Initializer:
     """From a name, {type: name, ...args} mapping, or an Initializer instance."""
     if isinstance(identifier, Initializer):
         return identifier
-    if isinstance(identifier, dict):
-        args = {k: v for k, v in identifier.items() if k != "type"}
-        return INITIALIZERS.get(identifier["type"])(**args)
-    return INITIALIZERS.get(identifier)()
+    return INITIALIZERS.create(identifier)
 
 
 def serialize(init: Initializer):
