@@ -10,15 +10,7 @@ import pytest
 from dlcli.data import paths
 from dlcli.data.idx import write_idx
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets"
-
-
-def shared(name: str) -> Path:
-    folder = SHARED / name
-    if not folder.is_dir():
-        pytest.skip(f"real dataset folder {folder.resolve()} not found (the shared datasets live in "
-                    f"<repo>/../shared/datasets)")
-    return folder
+from tests.conftest import SHARED_DATASETS as SHARED, require_shared
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +69,7 @@ class _Handler(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def _httpd():
-    shared("mnist")
+    require_shared("mnist")
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(SHARED.resolve())))
     httpd.hits = []
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)

@@ -4,7 +4,9 @@ import pytest
 from dlcli.data import load_dataset
 from dlcli.errors import DlcliError
 
-from .conftest import shared, write_idx_set
+from tests.conftest import require_shared
+
+from .conftest import write_idx_set
 
 
 def load(**kw):
@@ -84,7 +86,7 @@ def test_checksum_verified_by_default(isolated):
 
 
 def test_real_mnist(monkeypatch):
-    monkeypatch.setenv("DLCLI_DATA_DIR", str(shared("mnist").parent))
+    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_shared("mnist").parent))
     d = load_dataset({"type": "mnist"})
     assert d.x_train.shape == (60000, 28, 28) and d.x_test.shape == (10000, 28, 28)
     assert d.x_train.dtype == np.float32 and 0.0 <= d.x_train.min() and d.x_train.max() == 1.0
@@ -97,7 +99,7 @@ def test_real_mnist(monkeypatch):
 def test_real_fashion_mnist_recompressed_copy_is_recognised(isolated, monkeypatch):
     """Checksums pin the decompressed content: an uncompressed copy (as another tool might leave) verifies."""
     import gzip
-    src = shared("fashion-mnist")
+    src = require_shared("fashion-mnist")
     folder = isolated / "copy"
     folder.mkdir()
     for f in src.glob("*.gz"):
