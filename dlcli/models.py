@@ -241,11 +241,7 @@ class Model:
 
     def evaluate_arrays(self, xs, ys, batch_size=32, sample_weight=None) -> dict:
         """Loss and metrics over all samples, exact (each batch weighted by its size)."""
-        loss_mean = metrics_module.Mean()
-        part_means = [metrics_module.Mean() for _ in self.outputs]
-        for ms in self.metrics:
-            for m in ms:
-                m.reset()
+        logs = RunningLogs(self)
         n = len(xs[0])
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
@@ -253,19 +249,8 @@ class Model:
             sw = None if sample_weight is None else sample_weight[sl]
             outs = self.graph.forward(xb, training=False)
             total, parts, _ = self.compute_loss(yb, outs, sw, with_grads=False)
-            count = len(xb[0])
-            loss_mean.update(total, count)
-            for pm, v in zip(part_means, parts):
-                pm.update(v, count)
-            for y, out, ms in zip(yb, outs, self.metrics):
-                for m in ms:
-                    m.update(y, out, sw)
-        reg = self.regularization_loss()
-        values = [loss_mean.result() + reg]
-        if len(self.outputs) > 1:
-            values += [pm.result() for pm in part_means]
-        values += [m.result() for ms in self.metrics for m in ms]
-        return dict(zip(self._metric_names(), [float(v) for v in values]))
+            logs.update(total, parts, yb, outs, sw)
+        return logs.results(extra_loss=self.regularization_loss())
 
     def predict(self, x, batch_size=32, verbose=0):
         """Outputs for `x`, computed batch by batch (an array, or a list for several outputs)."""
@@ -383,6 +368,45 @@ class Model:
             if v.shape != p.value.shape:
                 raise DlcliError(f"{source}: weight '{p.path}' has shape {v.shape}; the model expects {p.value.shape}")
             p.value = np.array(v, dtype=p.value.dtype)
+
+
+class RunningLogs:
+    """The loss, each output's loss (with several outputs) and every metric, accumulated batch by batch as exact
+    weighted means; `results()` maps them to Keras' names ('loss', 'out_loss', 'accuracy' ...)."""
+
+    def __init__(self, model: Model):
+        self.names = model._metric_names()
+        self.means = [metrics_module.Mean() for _ in range(1 + (len(model.outputs) if len(model.outputs) > 1 else 0))]
+        self.metrics = model.metrics
+        self.trackers = self.means + [m for ms in model.metrics for m in ms]
+        self.reset()
+
+    def reset(self):
+        for t in self.trackers:
+            t.reset()
+
+    def update(self, total, parts, ys, outs, sample_weight=None):
+        size = len(ys[0])
+        self.means[0].update(total, size)
+        for mean, value in zip(self.means[1:], parts):
+            mean.update(value, size)
+        for y, out, ms in zip(ys, outs, self.metrics):
+            for m in ms:
+                m.update(y, out, sample_weight)
+
+    def results(self, extra_loss: float = 0.0) -> dict:
+        values = [t.result() for t in self.trackers]
+        values[0] += extra_loss
+        return {k: float(v) for k, v in zip(self.names, values)}
+
+    def sums(self) -> list:
+        """[total, weight] of every tracker: what a mid-epoch checkpoint stores to continue the averages."""
+        return [[t.total, t.weight] for t in self.trackers]
+
+    def set_sums(self, sums):
+        self.reset()
+        for t, (total, weight) in zip(self.trackers, sums):
+            t.total, t.weight = total, weight
 
 
 class Sequential(Model):

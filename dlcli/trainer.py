@@ -10,7 +10,7 @@ from collections import deque
 
 import numpy as np
 
-from dlcli import metrics as metrics_module
+from dlcli.models import RunningLogs
 from dlcli.callbacks import CallbackList, History, ProgressLogger
 from dlcli.errors import DlcliError
 
@@ -44,8 +44,7 @@ class Trainer:
         model.stop_training = False
         model.history = history
         weights = _sample_weights(ys[0], n, class_weight, sample_weight)
-        self.means = [metrics_module.Mean()] + [metrics_module.Mean() for _ in ys]  # loss, then each output's
-        names = model._metric_names()
+        self.logs = RunningLogs(model)
         position = None
         if resume is not None:
             position = checkpoint.restore(resume, model, self.user_callbacks)
@@ -66,9 +65,9 @@ class Trainer:
                 self.rng.bit_generator.state = position["rng"]
                 skip = position["batch"]
                 if skip:
-                    self._set_sums(position["sums"])
+                    self.logs.set_sums(position["sums"])
             if not skip:
-                self._set_sums(None)
+                self.logs.reset()
             self.epoch_rng_state = self.rng.bit_generator.state
             cbs.on_epoch_begin(epoch)
             # Permutation drawn even without shuffling, so the RNG stream is the same either way.
@@ -87,13 +86,8 @@ class Trainer:
                 total, parts, outs = self._step(xb, yb, wb, idx)
                 size = len(idx)
                 self.samples_seen += size
-                self.means[0].update(total, size)
-                for pm, v in zip(self.means[1:], parts):
-                    pm.update(v, size)
-                for y, out, ms in zip(yb, outs, model.metrics):
-                    for m in ms:
-                        m.update(y, out, wb)
-                batch_logs = {"batch": batch, "size": size, **self._results(names)}
+                self.logs.update(total, parts, yb, outs, wb)
+                batch_logs = {"batch": batch, "size": size, **self.logs.results()}
                 cbs.on_train_batch_end(batch, batch_logs)
                 every = self.checkpoint_every
                 if self.stop_requested or (every and (batch + 1) % every == 0 and begin + batch_size < n):
@@ -102,7 +96,7 @@ class Trainer:
                     break
             if self.stop_requested:
                 return history  # no epoch end: the checkpoint resumes inside this epoch
-            logs = self._results(names)
+            logs = self.logs.results()
             if validation_data is not None:
                 val = model.evaluate_arrays(validation_data[0], validation_data[1], batch_size)
                 logs.update({f"val_{k}": v for k, v in val.items()})
@@ -169,28 +163,10 @@ class Trainer:
                     "samples_seen": self.samples_seen, "samples": n, "batch_size": batch_size,
                     # the state this epoch's permutation is drawn from (the current one at an epoch boundary)
                     "rng": self.epoch_rng_state if batch else self.rng.bit_generator.state,
-                    "sums": self._sums() if batch else None, "norms": [list(x) for x in self.norms],
+                    "sums": self.logs.sums() if batch else None, "norms": [list(x) for x in self.norms],
                     "learning_rate": float(self.model.optimizer.current_lr)}
         checkpoint.save(self.checkpoint_path, self.model, self.user_callbacks, position)
         self.last_checkpoint = position
-
-    def _sums(self) -> list:
-        trackers = self.means + [m for ms in self.model.metrics for m in ms]
-        return [[t.total, t.weight] for t in trackers]
-
-    def _set_sums(self, sums):
-        trackers = self.means + [m for ms in self.model.metrics for m in ms]
-        for i, t in enumerate(trackers):
-            t.reset()
-            if sums is not None:
-                t.total, t.weight = sums[i]
-
-    def _results(self, names) -> dict:
-        values = [self.means[0].result()]
-        if len(self.means) > 2:
-            values += [pm.result() for pm in self.means[1:]]
-        values += [m.result() for ms in self.model.metrics for m in ms]
-        return {k: float(v) for k, v in zip(names, values)}
 
 
 def _sq(a) -> float:
