@@ -358,10 +358,10 @@ def _si(n: float) -> str:
 
 
 # Command groups register themselves on `app` (imported last: each does `from dlcli.cli import app`).
-from dlcli.commands import check  # noqa: E402,F401
-from dlcli.commands import plot  # noqa: E402,F401
-from dlcli.commands import predict  # noqa: E402,F401
-from dlcli.commands import runs  # noqa: E402,F401
+import dlcli.commands.check  # noqa: E402,F401
+import dlcli.commands.plot  # noqa: E402,F401
+import dlcli.commands.predict  # noqa: E402,F401
+import dlcli.commands.runs  # noqa: E402,F401  (module names here never shadow dlcli.runs)
 
 
 def main():

@@ -117,7 +117,7 @@ def run_callbacks(config: dict, run_dir: Path, has_validation: bool) -> list:
     return [RunRecorder(run_dir), *user]
 
 
-def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), verbose=1, log=print,
+def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), verbose=1,
               trainer_hook=None, resume: dict | None = None) -> RunResult:
     """Train `model` on `splits` into `run_dir` (already created; config.yaml written by the caller).
 
@@ -226,7 +226,7 @@ def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size
     xs, ys = (splits.x_test, splits.y_test) if split == "test" else (splits.x_val, splits.y_val)
     if xs is None:
         raise DlcliError(f"run {run_dir.name} has no {split} split (set train.validation_split for a validation "
-                         f"split)" if split == "validation" else f"the dataset has no test split")
+                         f"split)" if split == "validation" else "the dataset has no test split")
     bs = batch_size or int(config.get("train", {}).get("batch_size", 32))
     result = {"run": run_dir.name, "weights": weights, "split": split, "samples": len(xs[0]),
               "metrics": model.evaluate_arrays(xs, ys, bs)}

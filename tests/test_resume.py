@@ -2,7 +2,6 @@
 an uninterrupted run; Ctrl-C saves a resumable checkpoint and exits 130; a NaN loss writes divergence.json; damaged
 or foreign checkpoints and unwritable run directories give one clear error, no traceback."""
 import json
-import os
 import signal
 import subprocess
 import sys
