@@ -27,6 +27,21 @@ def child_peak_rss_mib(argv: list[str]) -> tuple[int, float]:
     return done.returncode, max(peak, before) / 1024  # ru_maxrss is in KiB on Linux
 
 
+def mnist_train(shape, limit=None):
+    """MNIST training images reshaped to `shape` per sample (float32) and int64 labels; a clear message and
+    exit 1 when the data cannot be found (set DLCLI_DATA_DIR)."""
+    import numpy as np
+
+    from dlcli.data import load_dataset
+    from dlcli.errors import DlcliError
+
+    try:
+        ds = load_dataset({"type": "mnist", "limit": limit})
+    except DlcliError as e:
+        sys.exit(f"bench: {e.message}")
+    return ds.x_train.reshape(-1, *shape).astype(np.float32), ds.y_train.astype(np.int64)
+
+
 def torch_or_none():
     try:
         import torch

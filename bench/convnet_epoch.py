@@ -13,20 +13,12 @@ import os
 import sys
 import tempfile
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import child_peak_rss_mib, interleaved_best, torch_or_none  # noqa: E402
+from common import child_peak_rss_mib, interleaved_best, mnist_train, torch_or_none  # noqa: E402
 
 BATCH = 64
 EPOCH_BATCHES = -(-60000 // BATCH)
-
-
-def data(n):
-    from dlcli.data import load_dataset
-
-    ds = load_dataset({"type": "mnist", "limit": n})
-    return ds.x_train.reshape(-1, 28, 28, 1).astype(np.float32), ds.y_train.astype(np.int64)
 
 
 def dlcli_runner(x, y):
@@ -66,7 +58,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", action="store_true")
     args = parser.parse_args()
-    x, y = data(args.batches * BATCH)
+    x, y = mnist_train((28, 28, 1), limit=args.batches * BATCH)
     runs = {"dlcli": dlcli_runner(x, y)}
     torch = torch_or_none()
     if torch is not None:

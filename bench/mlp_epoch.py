@@ -11,17 +11,8 @@ import argparse
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_best, torch_or_none  # noqa: E402
-
-
-def mnist_arrays():
-    from dlcli.data import load_dataset
-
-    ds = load_dataset({"type": "mnist"})
-    return ds.x_train.reshape(len(ds.x_train), -1).astype(np.float32), ds.y_train.astype(np.int64)
+from common import interleaved_best, mnist_train, torch_or_none  # noqa: E402
 
 
 def dlcli_runner(x, y, batch_size):
@@ -66,7 +57,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
-    x, y = mnist_arrays()
+    x, y = mnist_train((784,))
     runs = {"dlcli": dlcli_runner(x, y, args.batch_size)}
     torch = torch_or_none()
     if torch is not None:
