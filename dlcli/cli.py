@@ -222,7 +222,10 @@ def inspect_shapes(
 
     from dlcli.builder import build_model
     from dlcli.engine.layer import format_shape
+    from dlcli.render import check_graph_path
 
+    if graph is not None:
+        check_graph_path(graph)  # a usage error, before any work is printed
     cfg = _load(config, list(set_))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

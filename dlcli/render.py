@@ -44,12 +44,17 @@ def to_mermaid(model) -> str:
     return "\n".join(lines + ["```"]) + "\n"
 
 
+def check_graph_path(path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise DlcliError(f"--graph {path}: the file must end in one of {', '.join(FORMATS)}", exit_code=2)
+    return path
+
+
 def render_graph(model, path) -> str:
     """Write the drawing `path`'s suffix asks for; returns a sentence saying what was written (and any fallback)."""
-    path = Path(path)
+    path = check_graph_path(path)
     suffix = path.suffix.lower()
-    if suffix not in FORMATS:
-        raise DlcliError(f"--graph {path}: the file must end in one of {', '.join(FORMATS)}", exit_code=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".md":
         path.write_text(to_mermaid(model), encoding="utf-8")
