@@ -362,6 +362,7 @@ def _si(n: float) -> str:
 
 # Command groups register themselves on `app` (imported last: each does `from dlcli.cli import app`).
 import dlcli.commands.check  # noqa: E402,F401
+import dlcli.commands.config  # noqa: E402,F401
 import dlcli.commands.plot  # noqa: E402,F401
 import dlcli.commands.predict  # noqa: E402,F401
 import dlcli.commands.runs  # noqa: E402,F401  (module names here never shadow dlcli.runs)

@@ -19,8 +19,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from dlcli.errors import ConfigError
+from dlcli.extends import compose_document
 from dlcli.registry import did_you_mean
-from dlcli.yaml_lines import Document, apply_override, dump_yaml, format_path, parse_document
+from dlcli.yaml_lines import Document, apply_override, dump_yaml, format_path
 
 __all__ = ["Config", "load_config", "parse_config", "dump_yaml", "split_spec"]
 
@@ -102,9 +103,10 @@ def load_config(path, overrides: typing.Sequence[str] = ()) -> Config:
 
 
 def parse_config(text: str, source: str = "<config>", overrides: typing.Sequence[str] = ()) -> Config:
-    doc = parse_document(text, source)
+    """Validate `text` (read from `source`, the base for `extends:` paths) with `--set` overrides applied."""
+    doc = compose_document(text, source, _promotable)
     if doc.issues and doc.data is None:
-        _raise(doc)  # a syntax error: nothing further to check
+        _raise(doc)  # a syntax error or a broken extends chain: nothing further to check
     if doc.data is None:
         doc.data = {}
     if not isinstance(doc.data, dict):

@@ -66,23 +66,33 @@ class Document:
 
     source: str
     data: object = None
-    lines: dict = field(default_factory=dict)       # path -> line of its value
-    key_lines: dict = field(default_factory=dict)   # path -> line of its key
+    lines: dict = field(default_factory=dict)       # path -> (file, line) of its value
+    key_lines: dict = field(default_factory=dict)   # path -> (file, line) of its key
     overrides: dict = field(default_factory=dict)   # path -> (the --set text, its position) for what it wrote
     issues: list = field(default_factory=list)      # problems found while reading (duplicate keys, bad --set)
+    files: list = field(default_factory=list)       # every file read, in reading order (`extends:` bases first)
+
+    def __post_init__(self):
+        self.files = self.files or [self.source]
+
+    def at(self, where: tuple) -> tuple[str, tuple]:
+        """`file:line` and a sort key (files in reading order, then lines) for a (file, line) pair."""
+        file, line = where
+        rank = self.files.index(file) if file in self.files else len(self.files)
+        return f"{file}:{line}", (0, rank, line)
 
     def locate(self, path, at_key: bool = False) -> tuple[str, tuple]:
         """(`file:line` or `--set ...`, sort key) for the innermost known source of `path`."""
         path = tuple(path)
         if at_key and path in self.key_lines:
-            return f"{self.source}:{self.key_lines[path]}", (0, self.key_lines[path])
+            return self.at(self.key_lines[path])
         for i in range(len(path), -1, -1):
             prefix = path[:i]
             if prefix in self.overrides:
                 text, n = self.overrides[prefix]
                 return f"--set {text}", (1, n)
             if prefix in self.lines:
-                return f"{self.source}:{self.lines[prefix]}", (0, self.lines[prefix])
+                return self.at(self.lines[prefix])
         return self.source, (0, 0)
 
     def issue(self, path, message: str, at_key: bool = False) -> Issue:
@@ -105,7 +115,7 @@ def parse_document(text: str, source: str) -> Document:
         line = mark.line + 1 if mark is not None else 0
         context = f" ({e.context} at line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
         doc.issues.append(Issue(f"{source}:{line}" if line else source, "",
-                                f"YAML syntax error: {e.problem}{context}", (0, line)))
+                                f"YAML syntax error: {e.problem}{context}", (0, 0, line)))
     except yaml.YAMLError as e:
         doc.issues.append(Issue(source, "", f"YAML error: {e}"))
     finally:
@@ -114,7 +124,7 @@ def parse_document(text: str, source: str) -> Document:
 
 
 def _convert(node, path, doc: Document, loader):
-    doc.lines.setdefault(path, node.start_mark.line + 1)
+    doc.lines.setdefault(path, (doc.source, node.start_mark.line + 1))
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # `<<: *anchor` merge keys, as safe_load does
         out = {}
@@ -123,16 +133,16 @@ def _convert(node, path, doc: Document, loader):
             line = key_node.start_mark.line + 1
             if isinstance(key, (dict, list)):
                 doc.issues.append(Issue(f"{doc.source}:{line}", format_path(path),
-                                        "keys must be plain names or numbers", (0, line)))
+                                        "keys must be plain names or numbers", (0, 0, line)))
                 continue
             child = (*path, key)
             if key in out:
                 doc.issues.append(Issue(f"{doc.source}:{line}", format_path(child),
-                                        f"duplicate key '{key}' (first given at line {doc.key_lines[child]})",
-                                        (0, line)))
+                                        f"duplicate key '{key}' (first given at line {doc.key_lines[child][1]})",
+                                        (0, 0, line)))
                 continue
-            doc.key_lines[child] = line
-            doc.lines[child] = value_node.start_mark.line + 1
+            doc.key_lines[child] = (doc.source, line)
+            doc.lines[child] = (doc.source, value_node.start_mark.line + 1)
             out[key] = _convert(value_node, child, doc, loader)
         return out
     if isinstance(node, yaml.SequenceNode):
@@ -179,7 +189,7 @@ def apply_override(doc: Document, text: str, position: int, promotable=lambda pa
             step = int(part) if part.isdigit() and part not in node else part
         child = (*path, step)
         if last:
-            _forget(doc, child)
+            forget(doc, child)
             node[step] = value
             doc.overrides[child] = (text, position)
             return
@@ -189,20 +199,20 @@ def apply_override(doc: Document, text: str, position: int, promotable=lambda pa
             doc.overrides[child] = (text, position)
         elif isinstance(nxt, str) and promotable(child):
             nxt = node[step] = {"type": nxt}
-            doc.lines[(*child, "type")] = doc.lines.get(child, 0)
+            doc.lines[(*child, "type")] = doc.lines.get(child, (doc.source, 0))
         elif not isinstance(nxt, (dict, list)):
             return fail(f"{format_path(child)} is {_kind(nxt)}, not a mapping or list: "
                         f"cannot set '{'.'.join(parts[i + 1:])}' inside it")
         node, path = nxt, child
 
 
-def _forget(doc: Document, path):
-    """The file's lines under `path` no longer describe anything: its value is replaced."""
-    n = len(path)
-    for table in (doc.lines, doc.overrides):
-        for p in [p for p in table if len(p) > n and p[:n] == path]:
+def forget(doc: Document, path, inclusive: bool = False):
+    """The lines recorded under `path` (and for `path` itself when inclusive) no longer describe anything: its value
+    is replaced."""
+    n = len(path) - inclusive
+    for table in (doc.lines, doc.overrides, doc.key_lines):
+        for p in [p for p in table if len(p) > n and p[:len(path)] == path]:
             del table[p]
-    doc.key_lines = {p: v for p, v in doc.key_lines.items() if not (len(p) > n and p[:n] == path)}
 
 
 def _kind(value) -> str:

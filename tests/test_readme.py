@@ -19,7 +19,8 @@ def test_readme_configs_validate(index):
     text = yaml_blocks()[index]
     if "compile:" not in text:  # a fragment (the functional graph): wrap it in the minimum around it
         text = "data: {type: mnist}\n" + text + "compile: {loss: sparse_categorical_crossentropy}\n"
-    config = parse_config(text, source=f"README.md yaml block {index}")
+    # written as if they were files in configs/ (so `extends: mnist.yaml` finds the shipped config)
+    config = parse_config(text, source=str(ROOT / "configs" / f"README.md yaml block {index}"))
     from dlcli.builder import build_model
 
     build_model(config.to_dict())  # names, shapes and schedules all resolve
