@@ -43,7 +43,10 @@ def handles_errors(command):
         try:
             return command(*args, **kwargs)
         except DlcliError as e:
-            _console(stderr=True).print(f"[bold red]error:[/] {e.message}", markup=True, highlight=False)
+            from rich.markup import escape
+
+            # escaped: messages quote things like "pip install 'dlcli[onnx]'" that are not markup
+            _console(stderr=True).print(f"[bold red]error:[/] {escape(e.message)}", markup=True, highlight=False)
             raise typer.Exit(e.exit_code) from None
 
     return wrapper
@@ -363,6 +366,7 @@ def _si(n: float) -> str:
 # Command groups register themselves on `app` (imported last: each does `from dlcli.cli import app`).
 import dlcli.commands.check  # noqa: E402,F401
 import dlcli.commands.config  # noqa: E402,F401
+import dlcli.commands.export  # noqa: E402,F401
 import dlcli.commands.plot  # noqa: E402,F401
 import dlcli.commands.predict  # noqa: E402,F401
 import dlcli.commands.runs  # noqa: E402,F401  (module names here never shadow dlcli.runs)

@@ -1,0 +1,182 @@
+"""A dlcli model as an ONNX file: built with the `onnx` package's helpers, checked by the ONNX checker, then run by
+onnxruntime beside dlcli on real inputs before anything is written (`dlcli export`).
+
+The graph's inputs are the model's inputs after preprocessing (what `dlcli predict` feeds the model: float32 pixels
+already scaled, word indices already looked up); how to get there (pixel scale, the vocabulary) is in the file's
+metadata. Outputs keep the model's output names.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dlcli import runs
+from dlcli.errors import DlcliError
+from dlcli.interop import require
+
+DEFAULT_OPSET = 17  # LayerNormalization is a single node from 17; onnxruntime runs 13 onwards
+MIN_OPSET = 13
+TOLERANCE = 1e-4  # largest |onnxruntime - dlcli| an export may show
+CHECK_SAMPLES = 256
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    opset: int
+    nodes: int
+    max_difference: float | None  # None when onnxruntime is not installed
+    checked_on: str
+
+
+def to_onnx(model, opset: int = DEFAULT_OPSET, metadata: dict | None = None):
+    """The ModelProto of a built dlcli model (weights as they are now), passed by the ONNX checker."""
+    onnx = require("onnx", "onnx")
+    from onnx import helper
+
+    from dlcli import __version__
+    from dlcli.engine.graph import InputLayer
+    from dlcli.interop.onnx_graph import ELEMENT_TYPES, Builder, Value
+    from dlcli.interop.onnx_layers import emit, output_mask
+
+    top = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= top:
+        raise DlcliError(f"--opset must be between {MIN_OPSET} and {top} (this onnx package's newest); got {opset}",
+                         exit_code=2)
+    g = Builder(opset)
+    graph = model.graph
+    g.used.update([*model.input_names, *model.output_names])
+    values, masks, graph_inputs = {}, {}, []
+    for t in graph.inputs:
+        name = t.node.layer.name
+        values[id(t)] = Value(name, len(t.shape) + 1, dtype=t.dtype)
+        graph_inputs.append(helper.make_tensor_value_info(name, ELEMENT_TYPES[t.dtype], ["batch", *t.shape]))
+    for node in graph.nodes:
+        layer = node.layer
+        if isinstance(layer, InputLayer):
+            continue
+        ins = [values[id(t)] for t in node.inputs]
+        in_masks = [masks.get(id(t)) for t in node.inputs]
+        mask = in_masks if node.multi_input else in_masks[0]
+        if node.multi_input and all(m is None for m in in_masks):
+            mask = None
+        shapes = [t.shape for t in node.inputs]
+        x = ins if node.multi_input else ins[0]
+        out = emit(g, layer, x, shapes if node.multi_input else shapes[0], mask)
+        outs = out if node.multi_output else [out]
+        out_mask = output_mask(g, layer, x, mask, len(outs))
+        for t, v, m in zip(node.outputs, outs, out_mask if isinstance(out_mask, list) else [out_mask] * len(outs)):
+            values[id(t)] = v
+            if m is not None:
+                masks[id(t)] = m
+    graph_outputs = []
+    for t, name in zip(graph.outputs, model.output_names):
+        g.nodes.append(helper.make_node("Identity", [g.last(values[id(t)]).name], [name]))
+        graph_outputs.append(helper.make_tensor_value_info(name, ELEMENT_TYPES["float32"], ["batch", *t.shape]))
+    opsets = [helper.make_opsetid("", opset)]
+    proto = helper.make_model(helper.make_graph(g.nodes, model.name, graph_inputs, graph_outputs, g.initializers),
+                              opset_imports=opsets, producer_name="dlcli", producer_version=__version__,
+                              ir_version=helper.find_min_ir_version_for(opsets))
+    helper.set_model_props(proto, metadata or {})
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:  # onnx.checker.ValidationError, shape inference errors: a bug here, not the user's
+        raise DlcliError(f"the ONNX checker rejected the exported graph (a dlcli exporter bug): {e}") from None
+    return proto
+
+
+def run_onnx(data: bytes, inputs: dict) -> list[np.ndarray]:
+    """The outputs onnxruntime computes for `inputs` (input name -> array)."""
+    ort = require("onnxruntime", "onnx")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.log_severity_level = 3
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)
+
+
+def max_difference(data: bytes, model, xs: list) -> float:
+    """Largest |onnxruntime - dlcli| over every output for the input arrays `xs`."""
+    got = run_onnx(data, dict(zip(model.input_names, xs)))
+    want = model.predict(xs if len(xs) > 1 else xs[0], batch_size=max(len(xs[0]), 1))
+    want = want if isinstance(want, list) else [want]
+    return max(float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0 for a, b in zip(got, want))
+
+
+def sample_inputs(model, count: int, seed: int = 0) -> list[np.ndarray]:
+    """Seeded inputs of the model's shapes and dtypes; indices below the vocabulary size where an Embedding reads."""
+    from dlcli.layers.embedding import Embedding
+
+    rng = np.random.default_rng(seed)
+    xs = []
+    for t in model.inputs:
+        limits = [n.layer.input_dim for n in model.graph.nodes
+                  if isinstance(n.layer, Embedding) and any(i is t for i in n.inputs)]
+        shape = (count, *t.shape)
+        if limits or np.dtype(t.dtype).kind in "iu":
+            xs.append(rng.integers(0, min(limits) if limits else 10, shape).astype(t.dtype))
+        else:
+            xs.append(rng.normal(size=shape).astype(t.dtype))
+    return xs
+
+
+def check_inputs(config: dict, model, count: int = CHECK_SAMPLES) -> tuple[list, str]:
+    """A batch of the run's test data (else training data, else seeded random inputs) and what it is."""
+    from dlcli.experiment import load_splits
+
+    try:
+        splits = load_splits(config, model)
+    except DlcliError:
+        return sample_inputs(model, count), f"{count} seeded random inputs (the run's data is not available)"
+    xs, which = (splits.x_test, "test") if splits.x_test is not None else (splits.x_train, "training")
+    xs = [a[:count] for a in xs]
+    return xs, f"{len(xs[0])} {which} samples"
+
+
+def run_metadata(run_dir: Path, config: dict) -> dict:
+    """What a deployment needs to prepare inputs: the data section, pixel scale, vocabulary, class names."""
+    data = config.get("data", {})
+    meta = {"dlcli.run": run_dir.name, "dlcli.data": json.dumps(data),
+            "dlcli.inputs": "arrays as `dlcli predict` feeds the model, after the dataset's preprocessing"}
+    if data.get("type") in ("mnist", "fashion_mnist"):  # the IDX loaders' recipe: float32 pixels / 255
+        meta["dlcli.pixel_scale"] = repr(1 / 255 if data.get("normalize", True) else 1.0)
+    elif "rescale" in data:
+        meta["dlcli.pixel_scale"] = repr(float(data["rescale"]))
+    vocabulary = run_dir / "vocabulary.json"
+    if vocabulary.is_file():
+        meta["dlcli.vocabulary"] = vocabulary.read_text(encoding="utf-8")
+    try:
+        classes = runs.read_json(run_dir / "meta.json").get("classes")
+    except DlcliError:
+        classes = None
+    if classes:
+        meta["dlcli.classes"] = json.dumps(classes)
+    return meta
+
+
+def export_run(run_dir, weights: str = "best", output=None, opset: int = DEFAULT_OPSET,
+               samples: int = CHECK_SAMPLES) -> ExportReport:
+    """Write RUN_DIR's model as ONNX (default RUN_DIR/model.onnx) after onnxruntime agrees with dlcli on a batch
+    of the run's data within TOLERANCE. Nothing is written when any step fails."""
+    from dlcli.experiment import load_run_model
+
+    require("onnx", "onnx")
+    config, model = load_run_model(run_dir, weights)
+    run_dir = Path(run_dir)
+    output = Path(output) if output is not None else run_dir / "model.onnx"
+    proto = to_onnx(model, opset, run_metadata(run_dir, config))
+    data = proto.SerializeToString()
+    difference, checked_on = None, "not checked: onnxruntime is not installed (pip install 'dlcli[onnx]')"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        xs, checked_on = check_inputs(config, model, samples)
+        difference = max_difference(data, model, xs)
+        if not difference <= TOLERANCE:
+            raise DlcliError(f"onnxruntime's outputs differ from dlcli's by up to {difference:.3g} on {checked_on} "
+                             f"(more than {TOLERANCE:g}); {output} was not written")
+    runs.atomic_write_bytes(output, data)
+    return ExportReport(output, opset, len(proto.graph.node), difference, checked_on)

@@ -1,0 +1,160 @@
+"""A small ONNX graph builder over the `onnx` package's helpers: unique names, constants, nodes, activations, and
+the channels-last / channels-first bookkeeping.
+
+dlcli tensors are channels-last (batch, *spatial, channels); ONNX convolutions and poolings are channels-first. Each
+`Value` records which layout it is in, and a layer asks for the one it needs (`g.first(v)` / `g.last(v)`), so a
+chain of convolutions runs in NCHW with one Transpose on the way in and one before Flatten, not two per layer.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from dlcli.errors import DlcliError
+
+INT64_MIN = int(np.iinfo(np.int64).min)
+ELEMENT_TYPES = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE, "int32": TensorProto.INT32,
+                 "int64": TensorProto.INT64, "uint8": TensorProto.UINT8, "bool": TensorProto.BOOL}
+
+
+class ExportError(DlcliError):
+    """A model part with no ONNX mapping (exit 2: nothing is written)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=2)
+
+
+@dataclass(frozen=True)
+class Value:
+    """A tensor in the graph: its name, rank (with the batch axis), layout and element type."""
+
+    name: str
+    rank: int
+    first: bool = False  # channels-first (batch, channels, *spatial) instead of dlcli's channels-last
+    dtype: str = "float32"
+
+
+class Builder:
+    """Collects nodes and initializers; a sub-builder (a Scan body) shares names and puts constants in the root."""
+
+    def __init__(self, opset: int, parent: "Builder | None" = None):
+        self.opset = opset
+        self.parent = parent
+        self.nodes: list = []
+        self.initializers: list = []
+        self.used: set = parent.used if parent is not None else set()
+        self._cache: dict = {}
+
+    # --- names, constants, nodes ----------------------------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        hint = hint.replace(" ", "_") or "t"
+        name, i = hint, 0
+        while name in self.used:
+            i += 1
+            name = f"{hint}_{i}"
+        self.used.add(name)
+        return name
+
+    def const(self, array, hint: str = "const", key=None) -> str:
+        """An initializer (in the root graph: a Scan body reads it from the outer scope). `key` deduplicates."""
+        if self.parent is not None:
+            return self.parent.const(array, hint, key)
+        if key is not None and ("const", key) in self._cache:
+            return self._cache[("const", key)]
+        array = np.asarray(array)
+        if array.dtype == np.float64:
+            array = array.astype(np.float32)
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if key is not None:
+            self._cache[("const", key)] = name
+        return name
+
+    def ints(self, values, hint="shape") -> str:
+        return self.const(np.asarray(values, np.int64), hint, key=("ints", tuple(values)))
+
+    def scalar(self, value, dtype="float32") -> str:
+        return self.const(np.asarray(value, dtype), "c", key=("scalar", float(value), dtype))
+
+    def op(self, op_type: str, inputs, hint: str | None = None, outputs: int = 1, **attrs):
+        """Add a node; returns its output name (or list of names when `outputs` > 1)."""
+        names = [self.fresh(f"{hint or op_type.lower()}" + (f"_out{i}" if outputs > 1 else ""))
+                 for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self.fresh(f"{op_type}_node"),
+                                           **attrs))
+        return names if outputs > 1 else names[0]
+
+    # --- ops whose form changed between opsets ----------------------------------------------------------------------
+    def reduce(self, op_type: str, x: str, axes, keepdims=1, hint=None) -> str:
+        axes = [int(a) for a in axes]
+        if self.opset >= 18 or op_type == "ReduceSum":  # axes became an input (ReduceSum already in opset 13)
+            return self.op(op_type, [x, self.ints(axes, "axes")], hint, keepdims=keepdims)
+        return self.op(op_type, [x], hint, axes=axes, keepdims=keepdims)
+
+    def squeeze(self, x: str, axes, hint=None) -> str:
+        return self.op("Squeeze", [x, self.ints(axes, "axes")], hint)
+
+    def unsqueeze(self, x: str, axes, hint=None) -> str:
+        return self.op("Unsqueeze", [x, self.ints(axes, "axes")], hint)
+
+    def split(self, x: str, sizes, axis=-1, hint=None) -> list[str]:
+        return self.op("Split", [x, self.ints(sizes, "split")], hint, outputs=len(sizes), axis=axis)
+
+    def reverse(self, x: str, axis: int, hint=None) -> str:
+        """x[::-1] along `axis` (a Slice with step -1)."""
+        return self.op("Slice", [x, self.ints([-1]), self.ints([INT64_MIN]), self.ints([axis]), self.ints([-1])],
+                       hint)
+
+    def zeros_rows(self, like: str, width: int, batch_axis: int = 0, hint=None) -> str:
+        """A float zeros (batch, width) whose batch size is `like`'s `batch_axis` (known only at run time)."""
+        batch = self.op("Slice", [self.op("Shape", [like]), self.ints([batch_axis]), self.ints([batch_axis + 1])])
+        shape = self.op("Concat", [batch, self.ints([width])], axis=0)
+        return self.op("ConstantOfShape", [shape], hint,
+                       value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+
+    # --- layouts --------------------------------------------------------------------------------------------------
+    def last(self, v: Value) -> Value:
+        if not v.first:
+            return v
+        return self._transposed(v, [0, *range(2, v.rank), 1], first=False)
+
+    def first(self, v: Value) -> Value:
+        if v.first or v.rank <= 2:  # (batch, channels) is both layouts
+            return v
+        return self._transposed(v, [0, v.rank - 1, *range(1, v.rank - 1)], first=True)
+
+    def _transposed(self, v: Value, perm, first: bool) -> Value:
+        key = ("layout", v.name, first)
+        if key not in self._cache:
+            name = self.op("Transpose", [v.name], f"{v.name}_{'nchw' if first else 'nhwc'}", perm=perm)
+            self._cache[key] = Value(name, v.rank, first, v.dtype)
+        return self._cache[key]
+
+    # --- activations (formulas as dlcli.engine.activations, which follow Keras) ------------------------------------
+    def activation(self, name: str, x: str, hint=None) -> str:
+        if name in ("linear", "identity"):
+            return x
+        simple = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "softplus": "Softplus"}
+        if name in simple:
+            return self.op(simple[name], [x], hint)
+        if name in ("softmax", "log_softmax"):
+            return self.op("Softmax" if name == "softmax" else "LogSoftmax", [x], hint, axis=-1)
+        if name == "elu":
+            return self.op("Elu", [x], hint, alpha=1.0)
+        if name == "selu":
+            return self.op("Selu", [x], hint, alpha=1.6732632423543772, gamma=1.0507009873554805)
+        if name == "leaky_relu":
+            return self.op("LeakyRelu", [x], hint, alpha=0.2)
+        if name == "swish":
+            return self.op("Mul", [x, self.op("Sigmoid", [x])], hint)
+        if name == "gelu":  # exact: x * Phi(x) = x * (1 + erf(x / sqrt 2)) / 2
+            erf = self.op("Erf", [self.op("Div", [x, self.scalar(np.sqrt(2.0))])])
+            half = self.op("Mul", [x, self.scalar(0.5)])
+            return self.op("Mul", [half, self.op("Add", [erf, self.scalar(1.0)])], hint)
+        raise ExportError(f"activation '{name}' has no ONNX mapping")
+
+    def activate(self, name: str, v: Value, hint=None) -> Value:
+        """An activation on a Value; softmax-like ones act on the channel axis, so they need channels-last."""
+        if name in ("softmax", "log_softmax"):
+            v = self.last(v)
+        return Value(self.activation(name, v.name, hint), v.rank, v.first, v.dtype)

@@ -1,0 +1,216 @@
+"""Every exportable layer type, alone and in small graphs, runs in onnxruntime within 1e-5 of dlcli; the ONNX checker
+passes (to_onnx runs it). A registered layer without a case here fails `test_every_layer_has_an_export_case`."""
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from dlcli import layers  # noqa: E402
+from dlcli.engine.layer import clear_session, set_random_seed  # noqa: E402
+from dlcli.interop.onnx_export import max_difference, sample_inputs, to_onnx  # noqa: E402
+from dlcli.interop.onnx_layers import EXPORTERS  # noqa: E402
+from dlcli.models import from_config  # noqa: E402
+
+TOLERANCE = 1e-5
+
+
+def seq(shape, *stack, dtype=None):
+    return {"input_shape": list(shape), "layers": list(stack), **({"input_dtype": dtype} if dtype else {})}
+
+
+def graph(inputs, stack, outputs):
+    return {"type": "functional", "inputs": [{"name": n, "shape": list(s), **({"dtype": d} if d else {})}
+                                             for n, s, d in inputs], "layers": stack, "outputs": outputs}
+
+
+def L(kind, **args):
+    return {"type": kind, **args}
+
+
+def two(a, b, merge, **args):
+    """A two-input graph merging a (shape a) and b (shape b) with `merge`."""
+    return graph([("a", a, None), ("b", b, None)], [L(merge, name="m", inputs=["a", "b"], **args)], ["m"])
+
+
+LSTM4 = L("LSTM", units=4, return_sequences=True)
+EMBED = L("Embedding", input_dim=4, output_dim=3, mask_zero=True)  # about one index in four is padding
+CASES = {
+    "Dense": seq([6], L("Dense", units=4, activation="relu")),
+    "Dense-rank3-softmax": seq([3, 6], L("Dense", units=4, activation="softmax")),
+    "Activation": seq([5], L("Activation", activation="gelu")),
+    "Flatten-after-conv": seq([5, 5, 2], L("Conv2D", filters=3, kernel_size=3, padding="same"), L("Flatten"),
+                              L("Dense", units=3)),
+    "Reshape": seq([4, 4, 2], L("Conv2D", filters=2, kernel_size=1), L("Reshape", target_shape=[8, -1])),
+    "Dropout": seq([6], L("Dropout", rate=0.5), L("Dense", units=2)),
+    "Conv1D-causal-dilated": seq([10, 3], L("Conv1D", filters=4, kernel_size=3, padding="causal", dilation_rate=2)),
+    "Conv2D-strided-same": seq([7, 7, 2], L("Conv2D", filters=4, kernel_size=3, strides=2, padding="same",
+                                            activation="relu")),
+    "Conv2D-valid-tanh": seq([6, 5, 1], L("Conv2D", filters=2, kernel_size=[3, 2], activation="tanh")),
+    "Conv3D": seq([5, 5, 5, 2], L("Conv3D", filters=3, kernel_size=2)),
+    "Conv2DTranspose-same": seq([4, 4, 3], L("Conv2DTranspose", filters=2, kernel_size=3, strides=2, padding="same")),
+    "Conv2DTranspose-valid": seq([3, 4, 2], L("Conv2DTranspose", filters=2, kernel_size=3, strides=2)),
+    "Conv2DTranspose-output_padding": seq([3, 3, 2], L("Conv2DTranspose", filters=2, kernel_size=3, strides=2,
+                                                       padding="same", output_padding=1)),
+    "DepthwiseConv2D": seq([6, 6, 3], L("DepthwiseConv2D", kernel_size=3, depth_multiplier=2, padding="same")),
+    "SeparableConv2D": seq([6, 6, 3], L("SeparableConv2D", filters=4, kernel_size=3, depth_multiplier=2,
+                                        activation="elu")),
+    "MaxPooling1D": seq([9, 2], L("MaxPooling1D", pool_size=2, padding="same")),
+    "MaxPooling2D": seq([7, 7, 2], L("MaxPooling2D", pool_size=3, strides=2, padding="same")),
+    "MaxPooling3D": seq([4, 5, 4, 2], L("MaxPooling3D", pool_size=2)),
+    "AveragePooling1D": seq([9, 2], L("AveragePooling1D", pool_size=2, padding="same")),
+    "AveragePooling2D": seq([7, 7, 2], L("AveragePooling2D", pool_size=3, strides=2, padding="same")),
+    "AveragePooling3D": seq([4, 4, 4, 2], L("AveragePooling3D", pool_size=2)),
+    "GlobalMaxPooling1D": seq([6, 3], L("GlobalMaxPooling1D")),
+    "GlobalMaxPooling2D": seq([5, 5, 3], L("Conv2D", filters=2, kernel_size=3), L("GlobalMaxPooling2D")),
+    "GlobalMaxPooling3D": seq([3, 3, 3, 2], L("GlobalMaxPooling3D", keepdims=True)),
+    "GlobalAveragePooling1D": seq([6, 3], L("GlobalAveragePooling1D")),
+    "GlobalAveragePooling1D-masked": seq([7], EMBED, L("GlobalAveragePooling1D"), dtype="int32"),
+    "GlobalAveragePooling2D": seq([5, 5, 3], L("Conv2D", filters=2, kernel_size=3), L("GlobalAveragePooling2D",
+                                                                                       keepdims=True)),
+    "GlobalAveragePooling3D": seq([3, 3, 3, 2], L("GlobalAveragePooling3D")),
+    "BatchNormalization-conv": seq([5, 5, 3], L("Conv2D", filters=3, kernel_size=3), L("BatchNormalization"),
+                                   L("Activation", activation="relu")),
+    "BatchNormalization-dense": seq([6], L("BatchNormalization", epsilon=0.01, center=False)),
+    "BatchNormalization-axis1": seq([4, 5], L("BatchNormalization", axis=1)),
+    "LayerNormalization": seq([4, 6], L("LayerNormalization")),
+    "LayerNormalization-two-axes": seq([3, 4, 2], L("LayerNormalization", axis=[2, 3], scale=False)),
+    "LayerNormalization-axis1": seq([4, 5], L("LayerNormalization", axis=1)),
+    "Embedding": seq([7], L("Embedding", input_dim=5, output_dim=3), dtype="int32"),
+    "Embedding-float-input": seq([7], L("Embedding", input_dim=5, output_dim=3), L("Flatten")),
+    "Masking": seq([6, 3], L("Masking"), L("LSTM", units=4)),
+    "SimpleRNN": seq([6, 3], L("SimpleRNN", units=4, return_sequences=True)),
+    "SimpleRNN-masked-relu": seq([7], EMBED, L("SimpleRNN", units=4, activation="relu")),
+    "SimpleRNN-selu": seq([6, 3], L("SimpleRNN", units=4, activation="selu")),
+    "LSTM": seq([6, 3], L("LSTM", units=4)),
+    "LSTM-go_backwards": seq([6, 3], L("LSTM", units=4, go_backwards=True, return_sequences=True)),
+    "LSTM-masked-stacked": seq([8], EMBED, LSTM4, L("LSTM", units=3, go_backwards=True), dtype="int32"),
+    "LSTM-return_state": graph([("x", [5, 3], None)], [L("LSTM", name="r", units=4, return_state=True,
+                                                         inputs="x")], ["r:0", "r:1", "r:2"]),
+    "LSTM-no-bias-relu": seq([6, 3], L("LSTM", units=4, use_bias=False, activation="relu")),
+    "GRU": seq([6, 3], L("GRU", units=4, return_sequences=True)),
+    "GRU-reset_before": seq([6, 3], L("GRU", units=4, reset_after=False)),
+    "GRU-masked": seq([8], EMBED, L("GRU", units=4, return_sequences=True), dtype="int32"),
+    "GRU-masked-reset_before": seq([8], EMBED, L("GRU", units=4, reset_after=False), dtype="int32"),
+    "Bidirectional-concat": seq([6, 3], L("Bidirectional", layer=LSTM4)),
+    "Bidirectional-sum-GRU": seq([6, 3], L("Bidirectional", layer=L("GRU", units=3), merge_mode="sum")),
+    "Bidirectional-ave-masked": seq([8], EMBED, L("Bidirectional", layer=LSTM4, merge_mode="ave"),
+                                    L("GlobalAveragePooling1D"), dtype="int32"),
+    "Bidirectional-mul-masked": seq([8], EMBED, L("Bidirectional", layer=L("SimpleRNN", units=3),
+                                                  merge_mode="mul"), dtype="int32"),
+    "Bidirectional-none-state": graph([("x", [5, 3], None)], [
+        L("Bidirectional", name="b", layer=L("GRU", units=3, return_sequences=True, return_state=True),
+          merge_mode=None, inputs="x")], ["b:0", "b:1", "b:2", "b:3"]),
+    "TimeDistributed": seq([4, 5], L("TimeDistributed", layer=L("Dense", units=3, activation="tanh"))),
+    "TimeDistributed-conv": seq([3, 5, 5, 2], L("TimeDistributed", layer=L("Conv2D", filters=2, kernel_size=3)),
+                                L("TimeDistributed", layer=L("Flatten"))),
+    "TimeDistributed-masked": seq([6], EMBED, L("TimeDistributed", layer=L("Dense", units=2)),
+                                  L("LSTM", units=3), dtype="int32"),
+    "ZeroPadding2D": seq([4, 4, 2], L("ZeroPadding2D", padding=[[1, 2], [0, 1]])),
+    "ZeroPadding2D-after-conv": seq([4, 4, 2], L("Conv2D", filters=2, kernel_size=1), L("ZeroPadding2D"),
+                                    L("Flatten")),
+    "Cropping2D": seq([6, 6, 2], L("Conv2D", filters=2, kernel_size=1), L("Cropping2D", cropping=[[1, 0], [2, 1]]),
+                      L("Flatten")),
+    "UpSampling2D": seq([3, 4, 2], L("UpSampling2D", size=[2, 3])),
+    "SpatialDropout2D": seq([4, 4, 2], L("SpatialDropout2D", rate=0.3), L("Conv2D", filters=2, kernel_size=1)),
+    "RandomFlip": seq([4, 4, 1], L("RandomFlip"), L("Flatten")),
+    "RandomTranslation": seq([4, 4, 1], L("RandomTranslation", height_factor=0.2, width_factor=0.2)),
+    "RandomRotation": seq([4, 4, 1], L("RandomRotation", factor=0.1)),
+    "RandomZoom": seq([4, 4, 1], L("RandomZoom", height_factor=0.2)),
+    "Add": two([3, 4], [3, 4], "Add"),
+    "Add-broadcast-rank": two([3, 4], [4], "Add"),
+    "Subtract": two([5], [5], "Subtract"),
+    "Multiply": graph([("a", [4], None), ("b", [4], None), ("c", [1], None)],
+                      [L("Multiply", name="m", inputs=["a", "b", "c"])], ["m"]),
+    "Average": two([2, 3], [2, 3], "Average"),
+    "Maximum": two([5], [5], "Maximum"),
+    "Minimum": two([5], [5], "Minimum"),
+    "Concatenate": two([3, 4], [3, 2], "Concatenate"),
+    "Concatenate-axis1": two([3, 4], [2, 4], "Concatenate", axis=1),
+    "Concatenate-conv-channels": graph([("img", [5, 5, 2], None)], [
+        L("Conv2D", name="c1", filters=3, kernel_size=3, padding="same", inputs="img"),
+        L("Conv2D", name="c2", filters=2, kernel_size=1, inputs="img"),
+        L("Concatenate", name="cat", inputs=["c1", "c2"]), L("Flatten", name="f", inputs="cat")], ["f"]),
+    "Concatenate-masked-time": graph([("t", [5], "int32"), ("u", [4], "int32")], [
+        L("Embedding", name="e1", input_dim=4, output_dim=3, mask_zero=True, inputs="t"),
+        L("Embedding", name="e2", input_dim=4, output_dim=3, inputs="u"),
+        L("Concatenate", name="cat", axis=1, inputs=["e1", "e2"]), L("LSTM", name="r", units=3, inputs="cat")],
+        ["r"]),
+    "Dot": two([3, 4], [5, 4], "Dot", axes=2),
+    "Dot-normalize": two([6], [6], "Dot", axes=1, normalize=True),
+    "Add-residual-conv": graph([("img", [6, 6, 2], None)], [
+        L("Conv2D", name="c1", filters=4, kernel_size=3, padding="same", activation="relu", inputs="img"),
+        L("Conv2D", name="c2", filters=4, kernel_size=3, padding="same", inputs="c1"),
+        L("Add", name="skip", inputs=["c1", "c2"]), L("MaxPooling2D", name="p", inputs="skip"),
+        L("GlobalAveragePooling2D", name="g", inputs="p"),
+        L("Dense", name="out", units=3, activation="softmax", inputs="g"),
+        L("Dense", name="aux", units=1, inputs="g")], ["out", "aux"]),
+}
+
+
+def random_model(spec, seed=0):
+    """The model with every weight drawn at random (BatchNormalization variances positive), so no weight is a
+    trivial zero or one that would hide a layout mistake."""
+    clear_session()
+    set_random_seed(seed)
+    model = from_config(dict(spec))
+    rng = np.random.default_rng(seed)
+    for p in model.weights:
+        value = rng.normal(0, 0.5, p.value.shape)
+        p.value = (np.abs(value) + 0.5 if "variance" in p.name else value).astype(np.float32)
+    return model
+
+
+def inputs_for(name, model):
+    xs = sample_inputs(model, 6, seed=1)
+    if name == "Masking":  # whole steps equal to the mask value, anywhere in the sequence
+        xs[0][:, [1, 4]] = 0
+        xs[0][0] = 0
+    return xs
+
+
+def difference(name, spec, opset=17):
+    model = random_model(spec)
+    proto = to_onnx(model, opset)
+    return max_difference(proto.SerializeToString(), model, inputs_for(name, model)), proto
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_layer_agrees_with_dlcli_in_onnxruntime(name):
+    diff, _ = difference(name, CASES[name])
+    assert diff <= TOLERANCE, f"{name}: onnxruntime differs from dlcli by {diff:.3g}"
+
+
+def test_masked_recurrence_uses_scan_and_plain_one_uses_onnx_lstm():
+    _, masked = difference("LSTM-masked-stacked", CASES["LSTM-masked-stacked"])
+    _, plain = difference("LSTM", CASES["LSTM"])
+    assert "Scan" in {n.op_type for n in masked.graph.node}
+    assert {n.op_type for n in plain.graph.node} >= {"LSTM"} and "Scan" not in {n.op_type for n in plain.graph.node}
+
+
+def test_convolutions_stay_channels_first_between_layers():
+    spec = seq([8, 8, 1], L("Conv2D", filters=4, kernel_size=3, activation="relu"), L("MaxPooling2D"),
+               L("Conv2D", filters=4, kernel_size=3), L("BatchNormalization"), L("Flatten"), L("Dense", units=2))
+    diff, proto = difference("chain", spec)
+    assert diff <= TOLERANCE
+    assert [n.op_type for n in proto.graph.node].count("Transpose") == 2  # in, and before Flatten
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_other_opsets(opset):
+    for name in ("LayerNormalization", "GRU-masked", "Add-residual-conv"):
+        diff, proto = difference(name, CASES[name], opset)
+        assert diff <= TOLERANCE and proto.opset_import[0].version == opset
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh", "softmax", "log_softmax", "elu", "selu", "gelu",
+                                        "leaky_relu", "softplus", "swish", "linear"])
+def test_every_activation(activation):
+    diff, _ = difference("act", seq([5], L("Dense", units=4, activation=activation)))
+    assert diff <= TOLERANCE
+
+
+def test_every_layer_has_an_export_case():
+    covered = {name.split("-")[0] for name in CASES}
+    assert not [n for n in layers.LAYERS.names() if n not in EXPORTERS], "layers without an ONNX exporter"
+    assert not [n for n in layers.LAYERS.names() if n not in covered], "layers without an export case here"
