@@ -20,15 +20,20 @@ FILENAME = Path("checkpoint") / "state.npz"
 
 def layer_rngs(model) -> dict[str, np.random.Generator]:
     """Every layer's generator by path, including layers held inside wrappers (Bidirectional, TimeDistributed)."""
-    found: dict[str, np.random.Generator] = {}
+    return {path: layer.rng for path, layer in layer_paths(model).items()
+            if isinstance(getattr(layer, "rng", None), np.random.Generator)}
+
+
+def layer_paths(model) -> dict:
+    """Every layer by path, wrapped ones too ("bidirectional/forward_layer"), each once."""
+    found: dict = {}
     seen: set[int] = set()
 
     def visit(layer, path):
         if id(layer) in seen:
             return
         seen.add(id(layer))
-        if isinstance(getattr(layer, "rng", None), np.random.Generator):
-            found[path] = layer.rng
+        found[path] = layer
         for key, value in vars(layer).items():
             for i, inner in enumerate(value if isinstance(value, (list, tuple)) else [value]):
                 if _is_layer(inner):
@@ -45,8 +50,9 @@ def _is_layer(obj) -> bool:
     return isinstance(obj, Layer)
 
 
-def save(path, model, callbacks, position: dict):
-    """Write the checkpoint `path`: `position` is the trainer's JSON-safe state."""
+def save(path, model, callbacks, position: dict, rank_rngs: list | None = None):
+    """Write the checkpoint `path`: `position` is the trainer's JSON-safe state; `rank_rngs` every data-parallel
+    rank's layer RNG states (rank 0's are the run's own, under "rngs")."""
     arrays = dict(model.weights_dict())
     arrays.update({f"optimizer/{k}": v for k, v in model.optimizer.get_state().items()})
     cb_states = []
@@ -54,6 +60,8 @@ def save(path, model, callbacks, position: dict):
         cb_states.append({"type": type(cb).__name__, "state": _split(cb.get_state(), f"callback/{i}", arrays)})
     header = {"kind": KIND, "version": VERSION, "position": position, "callbacks": cb_states,
               "rngs": {k: g.bit_generator.state for k, g in layer_rngs(model).items()}}
+    if rank_rngs is not None:
+        header["rank_rngs"] = rank_rngs
     arrays[HEADER] = np.array(json.dumps(header))
     runs.atomic_savez(path, arrays)
 

@@ -87,8 +87,8 @@ class RunRecorder(Callback):
 
         self.rows.append({"epoch": epoch + 1, **logs})
         runs.atomic_write_text(self.run_dir / "history.csv", runs.history_csv(self.rows))
-        with open(self.run_dir / "train.log", "a") as f:
-            f.write(f"epoch {epoch + 1}  {format_logs(logs)}  ({logs.get('seconds', 0):.1f}s)\n")
+        runs.append_text(self.run_dir / "train.log",
+                         f"epoch {epoch + 1}  {format_logs(logs)}  ({logs.get('seconds', 0):.1f}s)\n")
 
 
 @dataclass

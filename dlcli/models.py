@@ -180,18 +180,28 @@ class Model:
     def regularization_loss(self) -> float:
         return float(sum(layer.regularization_loss() for layer in self.layers))
 
-    def train_step(self, xs, ys, sample_weight=None, before_update=None):
+    def train_step(self, xs, ys, sample_weight=None, before_update=None, share=1.0, exchange=None):
         """One forward, backward and optimizer step. `before_update(loss, params)` runs with the gradients in
         place and the weights not yet changed (the trainer's divergence gate); if it raises, the gradients
-        are cleared and the weights stay as they were."""
+        are cleared and the weights stay as they were.
+
+        Data-parallel training (dlcli.distributed): this batch is `share` of the global batch, so the loss gradient
+        is scaled by it, and `exchange(total, parts, outs, params) -> (total, parts)` runs on every rank every step
+        after the backward pass, summing the gradients and returning the global loss. Regularisation gradients are
+        added after it, once."""
         outs = self.graph.forward(xs, training=True)
         total, parts, grads = self.compute_loss(ys, outs, sample_weight)
+        if share != 1.0:
+            for g in grads:
+                g *= g.dtype.type(share)
         params = self.trainable_weights
         try:
-            if before_update is not None and not np.isfinite(total):
+            if before_update is not None and exchange is None and not np.isfinite(total):
                 before_update(total, params)  # a non-finite loss: the gate reports it before any backward
             self.graph.backward(grads)
             total += self.regularization_loss()
+            if exchange is not None:
+                total, parts = exchange(total, parts, outs, params)
             for layer in self.layers:
                 layer.add_regularization_grads()
             if before_update is not None:
@@ -241,6 +251,10 @@ class Model:
 
     def evaluate_arrays(self, xs, ys, batch_size=32, sample_weight=None) -> dict:
         """Loss and metrics over all samples, exact (each batch weighted by its size)."""
+        return self.evaluate_logs(xs, ys, batch_size, sample_weight).results(extra_loss=self.regularization_loss())
+
+    def evaluate_logs(self, xs, ys, batch_size=32, sample_weight=None) -> "RunningLogs":
+        """The running sums behind evaluate_arrays (data-parallel evaluation adds them up over ranks)."""
         logs = RunningLogs(self)
         n = len(xs[0])
         for start in range(0, n, batch_size):
@@ -250,7 +264,7 @@ class Model:
             outs = self.graph.forward(xb, training=False)
             total, parts, _ = self.compute_loss(yb, outs, sw, with_grads=False)
             logs.update(total, parts, yb, outs, sw)
-        return logs.results(extra_loss=self.regularization_loss())
+        return logs
 
     def predict(self, x, batch_size=32, verbose=0):
         """Outputs for `x`, computed batch by batch (an array, or a list for several outputs)."""

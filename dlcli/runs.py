@@ -25,8 +25,27 @@ import numpy as np
 from dlcli.errors import DlcliError
 
 
+# A data-parallel rank other than 0 shares rank 0's run directory and never writes it (dlcli.distributed says so
+# once per process); every file of a run is written through this module.
+_writes = True
+
+
+def disable_writes():
+    global _writes
+    _writes = False
+
+
+def append_text(path, text: str):
+    """Append to a log file (train.log): a torn last line is the worst a crash can do to it."""
+    if _writes:
+        with open(path, "a") as f:
+            f.write(text)
+
+
 def atomic_write_bytes(path, data: bytes):
     """Temp file in the same directory, fsync, rename: a crash leaves the old file or the new, never half."""
+    if not _writes:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

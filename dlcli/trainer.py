@@ -3,6 +3,10 @@ checkpoints and the stop on a non-finite loss.
 
 Resuming is exact: a checkpoint keeps the shuffling RNG's state from the start of its epoch, so a run resumed
 mid-epoch draws the same permutation and continues at the next batch, with the epoch's running metric sums intact.
+
+Data-parallel (a `world` of several ranks, dlcli.distributed): `batch_size` is the global batch; every rank draws
+the same permutation and trains on its slice of each batch; one exchange per step sums gradients, loss and metric
+sums, so every rank holds the global figures and identical weights. Only rank 0 reports progress and writes.
 """
 import math
 import time
@@ -10,6 +14,7 @@ from collections import deque
 
 import numpy as np
 
+from dlcli import distributed
 from dlcli.models import RunningLogs
 from dlcli.callbacks import CallbackList, History, ProgressLogger
 from dlcli.errors import DlcliError
@@ -19,8 +24,11 @@ NORM_HISTORY = 20  # recent (weight norm, gradient norm) pairs kept for divergen
 
 class Trainer:
     def __init__(self, model, callbacks=None, verbose=1, rng: np.random.Generator | None = None,
-                 checkpoint_path=None, checkpoint_every: int | None = None):
+                 checkpoint_path=None, checkpoint_every: int | None = None, world: distributed.World | None = None):
         self.model = model
+        self.world = world or distributed.World()
+        self.stop_agreed = False  # every rank's stop request, summed by the step's exchange
+        self.exchange = self.bn_sync = None
         self.user_callbacks = list(callbacks or [])
         self.verbose = verbose
         self.rng = rng if rng is not None else np.random.default_rng()
@@ -32,22 +40,38 @@ class Trainer:
 
     def fit(self, xs, ys, epochs=1, batch_size=32, validation_data=None, shuffle=True, class_weight=None,
             sample_weight=None, initial_epoch=0, resume: dict | None = None) -> History:
-        """Train; `resume` is a loaded checkpoint (dlcli.checkpoint.load) to continue from exactly."""
+        """Train; `resume` is a loaded checkpoint (dlcli.checkpoint.load) to continue from exactly (on rank 0:
+        it reaches the other ranks from there)."""
+        with self.world.guard():
+            return self._fit(xs, ys, epochs, batch_size, validation_data, shuffle, class_weight, sample_weight,
+                             initial_epoch, resume)
+
+    def _fit(self, xs, ys, epochs, batch_size, validation_data, shuffle, class_weight, sample_weight,
+             initial_epoch, resume):
         from dlcli import checkpoint
 
-        model = self.model
+        model, world = self.model, self.world
         n = len(xs[0])
         history = History()
-        callbacks = [history] + ([ProgressLogger(epochs, n)] if self.verbose else []) + self.user_callbacks
+        verbose = self.verbose and world.is_root
+        callbacks = [history] + ([ProgressLogger(epochs, n)] if verbose else []) + self.user_callbacks
         cbs = CallbackList(callbacks)
         cbs.set_model(model)
         model.stop_training = False
         model.history = history
         weights = _sample_weights(ys[0], n, class_weight, sample_weight)
         self.logs = RunningLogs(model)
+        self.bn_sync = distributed.attach_batch_sync(model, world)
+        if world.size > 1:
+            self.exchange = distributed.GradientExchange(world, model.trainable_weights, 2 * len(self.logs.trackers))
+            resume = distributed.share_checkpoint(world, resume)
+            if resume is None:
+                distributed.share_initial_state(world, model)
+                distributed.rank_streams(world, model)
         position = None
         if resume is not None:
             position = checkpoint.restore(resume, model, self.user_callbacks)
+            distributed.rank_streams(world, model, resume["header"].get("rank_rngs"))
             if (position["samples"], position["batch_size"]) != (n, batch_size):
                 raise DlcliError(f"{resume['path']} was written for {position['samples']:,} training samples in "
                                  f"batches of {position['batch_size']}; this run has {n:,} in batches of "
@@ -74,43 +98,72 @@ class Trainer:
             order = self.rng.permutation(n)
             for batch, begin in enumerate(range(skip * batch_size, n, batch_size), start=skip):
                 self.batch = batch
+                stop = min(n, begin + batch_size)
                 if shuffle:
-                    idx = np.sort(order[begin:begin + batch_size])  # sorted gathers read memory in order
-                    sel = idx
+                    idx = np.sort(order[begin:stop])  # sorted gathers read memory in order
                 else:
-                    sel = slice(begin, begin + batch_size)  # views, no copy
-                    idx = np.arange(begin, min(n, begin + batch_size))
+                    idx = np.arange(begin, stop)
+                size = len(idx)
+                mine, share = self._rank_slice(idx, size)
+                sel = mine if shuffle or world.size > 1 else slice(begin, stop)  # unshuffled, one rank: views
                 xb, yb = [a[sel] for a in xs], [a[sel] for a in ys]
                 wb = None if weights is None else weights[sel]
                 cbs.on_train_batch_begin(batch)
-                total, parts, outs = self._step(xb, yb, wb, idx)
-                size = len(idx)
+                total, parts, outs = self._step(xb, yb, wb, mine, share)
                 self.samples_seen += size
-                self.logs.update(total, parts, yb, outs, wb)
+                if self.exchange is None:
+                    self.logs.update(total, parts, yb, outs, wb)
                 batch_logs = {"batch": batch, "size": size, **self.logs.results()}
                 cbs.on_train_batch_end(batch, batch_logs)
                 every = self.checkpoint_every
-                if self.stop_requested or (every and (batch + 1) % every == 0 and begin + batch_size < n):
+                if self._stopping() or (every and (batch + 1) % every == 0 and begin + batch_size < n):
                     self.save_checkpoint(epoch, batch + 1, batch_size, n)
-                if model.stop_training or self.stop_requested:
+                if model.stop_training or self._stopping():
                     break
-            if self.stop_requested:
+            if self._stopping():
                 return history  # no epoch end: the checkpoint resumes inside this epoch
             logs = self.logs.results()
             if validation_data is not None:
-                val = model.evaluate_arrays(validation_data[0], validation_data[1], batch_size)
+                val = self.evaluate(validation_data[0], validation_data[1], batch_size)
                 logs.update({f"val_{k}": v for k, v in val.items()})
             logs["learning_rate"] = float(model.optimizer.current_lr)
             logs["seconds"] = time.perf_counter() - start
             cbs.on_epoch_end(epoch, logs)
             self.save_checkpoint(epoch + 1, 0, batch_size, n)
-            if model.stop_training or self.stop_requested:
+            if model.stop_training or self._stopping():
                 break
-        if not self.stop_requested:
+        if not self._stopping():
             cbs.on_train_end(logs)
         return history
 
-    def _step(self, xb, yb, wb, idx):
+    def _stopping(self) -> bool:
+        """A stop request (Ctrl-C, SIGTERM) counts once every rank knows of it, so all stop at the same batch."""
+        return self.stop_requested if self.exchange is None else self.stop_agreed
+
+    def _rank_slice(self, idx, size):
+        """(this rank's indices of the global batch `idx`, its share of the batch). A rank left without a sample
+        (a global batch smaller than the rank count) runs one stand-in sample with share 0: collectives inside
+        the step (BatchNormalization's) need every rank, and it adds nothing."""
+        world = self.world
+        if world.size == 1:
+            return idx, 1.0
+        a, b = distributed.rank_share(size, world.rank, world.size)
+        ghost = a == b
+        if self.bn_sync is not None:
+            self.bn_sync.ghost = ghost
+        return (idx[-1:], 0.0) if ghost else (idx[a:b], (b - a) / size)
+
+    def evaluate(self, xs, ys, batch_size) -> dict:
+        """Loss and metrics over (xs, ys): with several ranks each takes a contiguous share and the sums are added."""
+        world, model = self.world, self.model
+        if world.size == 1:
+            return model.evaluate_arrays(xs, ys, batch_size)
+        a, b = distributed.rank_share(len(xs[0]), world.rank, world.size)
+        logs = model.evaluate_logs([x[a:b] for x in xs], [y[a:b] for y in ys], batch_size)
+        logs.set_sums(world.allreduce(np.asarray(logs.sums(), np.float64)).tolist())
+        return logs.results(extra_loss=model.regularization_loss())
+
+    def _step(self, xb, yb, wb, idx, share=1.0):
         """Model.train_step with a gate before the update: a non-finite loss or gradient stops training with the
         weights that produced it untouched (so the batch can be re-run with checks)."""
 
@@ -122,17 +175,32 @@ class Trainer:
             if not math.isfinite(grad_norm):
                 self._diverged("gradient", total, xb, yb, wb, idx)
 
-        return self.model.train_step(xb, yb, wb, before_update=gate)
+        if self.exchange is None:
+            return self.model.train_step(xb, yb, wb, before_update=gate)
+
+        def exchange(total, parts, outs, params):
+            # the epoch's running sums move by this rank's batch; the exchange adds every rank's move
+            before = np.asarray(self.logs.sums(), np.float64)
+            if share:
+                self.logs.update(total, parts, yb, outs, wb)
+            moved = np.asarray(self.logs.sums(), np.float64) - before
+            moved, self.stop_agreed = self.exchange(params, moved.reshape(-1), self.stop_requested)
+            moved = moved.reshape(before.shape)
+            self.logs.set_sums((before + moved).tolist())
+            batch = moved[:, 0] / np.maximum(moved[:, 1], 1e-300)  # this global batch's loss (and each output's)
+            return float(batch[0]), [float(v) for v in batch[1:len(parts) + 1]] if len(parts) > 1 else parts
+
+        return self.model.train_step(xb, yb, wb, before_update=gate, share=share, exchange=exchange)
 
     def _diverged(self, what, value, xb, yb, wb, idx):
-        from dlcli.divergence import DivergenceError, diagnose, hint
+        from dlcli.divergence import DivergenceError, hint
 
         lr = float(self.model.optimizer.current_lr)
         report = {"epoch": self.epoch + 1, "batch": self.batch, "step": int(self.model.optimizer.iterations),
                   "non_finite": what, "loss": str(value), "learning_rate": lr,
                   "sample_indices": [int(i) for i in idx],
                   "recent_norms": [{"weights": w, "gradients": g} for w, g in self.norms],
-                  "last_checkpoint": self._checkpoint_text(), "diagnosis": diagnose(self.model, xb, yb, wb)}
+                  "last_checkpoint": self._checkpoint_text(), "diagnosis": self._diagnose(xb, yb, wb)}
         report["hint"] = hint(report)
         d = report["diagnosis"]
         where = d["first_nonfinite_forward"] and f"first non-finite values in the forward pass of layer " \
@@ -145,6 +213,14 @@ class Trainer:
             f"{'non-finite' if what == 'gradient' else value} at epoch "
             f"{self.epoch + 1}, batch {self.batch} (step {report['step']}); {where}. Last good checkpoint: "
             f"{report['last_checkpoint']}. Likely cause: {report['hint']}.", report)
+
+    def _diagnose(self, xb, yb, wb):
+        from dlcli.divergence import diagnose
+
+        if self.bn_sync is None:
+            return diagnose(self.model, xb, yb, wb)
+        with self.bn_sync.pause():  # each rank looks at its own slice, without collectives
+            return diagnose(self.model, xb, yb, wb)
 
     def _checkpoint_text(self) -> str:
         c = self.last_checkpoint
@@ -165,7 +241,12 @@ class Trainer:
                     "rng": self.epoch_rng_state if batch else self.rng.bit_generator.state,
                     "sums": self.logs.sums() if batch else None, "norms": [list(x) for x in self.norms],
                     "learning_rate": float(self.model.optimizer.current_lr)}
-        checkpoint.save(self.checkpoint_path, self.model, self.user_callbacks, position)
+        rank_rngs = None
+        if self.world.size > 1:  # each rank's dropout/augmentation streams, so the same rank count resumes exactly
+            states = {k: g.bit_generator.state for k, g in checkpoint.layer_rngs(self.model).items()}
+            rank_rngs = self.world.gather_json(states)
+        if self.world.is_root:
+            checkpoint.save(self.checkpoint_path, self.model, self.user_callbacks, position, rank_rngs)
         self.last_checkpoint = position
 
 

@@ -86,6 +86,7 @@ class BatchNormalization(_Normalization):
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
         self.moving_variance_initializer = initializers.get(moving_variance_initializer)
         self.beta_regularizer, self.gamma_regularizer = beta_regularizer, gamma_regularizer
+        self.sync = None  # set by dlcli.distributed for data-parallel training
 
     def build(self, input_shape):
         shape = self._build_affine(input_shape)
@@ -101,6 +102,9 @@ class BatchNormalization(_Normalization):
             mean = _mean(x, self.reduce_axes)
             centered = x - mean
             var = _mean(centered * centered, self.reduce_axes)
+            if self.sync is not None and not self.sync.paused:
+                mean, var = self._global_moments(x, mean, var)
+                centered = x - mean
             m = dtype(self.momentum)
             for param, batch in ((self.moving_mean, mean), (self.moving_variance, var)):
                 param.value = (param.value * m + batch.reshape(param.value.shape) * (1 - m)).astype(
@@ -117,9 +121,42 @@ class BatchNormalization(_Normalization):
         if not self.training:
             return dxhat * self.inv_std
         # d/dx of (x - mean) / std with batch statistics: the mean and variance depend on every sample too
-        mean_d = _mean(dxhat, self.reduce_axes)
-        mean_dx = _mean(dxhat * self.xhat, self.reduce_axes)
+        if self.sync is not None and not self.sync.paused:
+            mean_d, mean_dx = self._global_means(dxhat)
+            if self.sync.ghost:  # its stand-in sample is not in the batch: no gradient flows from it
+                return np.zeros_like(dxhat)
+        else:
+            mean_d = _mean(dxhat, self.reduce_axes)
+            mean_dx = _mean(dxhat * self.xhat, self.reduce_axes)
         return (dxhat - mean_d - self.xhat * mean_dx) * self.inv_std
+
+    # Synchronised statistics (data-parallel training, dlcli.distributed.BatchStatSync): one allreduce of
+    # per-channel sums in the forward pass and one in the backward, so each rank normalises with the global batch's
+    # moments and back-propagates through them exactly as one process holding the whole batch would.
+    def _global_moments(self, x, mean, var):
+        """Global mean and biased variance from each rank's count, mean and centred sum of squares (Chan et al.'s
+        parallel variance: the between-rank term is formed in float64, so no E[x^2] - E[x]^2 cancellation)."""
+        count = 0.0 if self.sync.ghost else float(x.size // mean.size)
+        m = mean.reshape(-1).astype(np.float64)
+        buf = np.concatenate([count * m, count * var.reshape(-1), count * m * m, [count]])
+        self.sync(buf)
+        c = mean.size
+        self.global_count = total = buf[-1]
+        g_mean = buf[:c] / total
+        g_var = np.maximum((buf[c:2 * c] + buf[2 * c:3 * c]) / total - g_mean * g_mean, 0.0)
+        return g_mean.astype(x.dtype).reshape(mean.shape), g_var.astype(x.dtype).reshape(var.shape)
+
+    def _global_means(self, dxhat):
+        sums = np.concatenate([_sum(dxhat, self.reduce_axes).reshape(-1),
+                               _sum(dxhat * self.xhat, self.reduce_axes).reshape(-1)]).astype(np.float64)
+        if self.sync.ghost:
+            sums[:] = 0.0
+        self.sync(sums)
+        c = sums.size // 2
+        shape = self.inv_std.shape
+        dtype = dxhat.dtype
+        return ((sums[:c] / self.global_count).astype(dtype).reshape(shape),
+                (sums[c:] / self.global_count).astype(dtype).reshape(shape))
 
 
 @register("LayerNormalization")

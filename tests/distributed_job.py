@@ -1,0 +1,102 @@
+"""One data-parallel training job, run by tests/test_distributed.py under `mpiexec -n 2` (and in-process with one
+rank as the reference): python tests/distributed_job.py CASE OUT.npz [resume|stop-at=B|fail-at=B]
+
+Rank 0 writes OUT.npz: the final weights, the history, and a hash of every rank's weights (gathered to rank 0).
+"""
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dlcli import callbacks, checkpoint, distributed, layers, models  # noqa: E402
+from dlcli.engine.layer import clear_session, set_random_seed  # noqa: E402
+from dlcli.trainer import Trainer  # noqa: E402
+
+EPOCHS = 2
+
+
+def case(name: str):
+    """(model, xs, ys, batch_size): small, seeded, with a dataset size that does not divide by 2 and a last batch
+    that leaves one rank without a sample (dense_adam, conv_bn) or splits unevenly (lstm)."""
+    clear_session()
+    set_random_seed(0)
+    rng = np.random.default_rng(1)
+    if name == "dense_adam":
+        x = rng.normal(size=(101, 6)).astype(np.float32)
+        y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1)
+        model = models.Sequential([layers.Dense(16, activation="relu", input_shape=(6,)),
+                                   layers.Dense(3, activation="softmax")])
+        model.compile(optimizer={"type": "adam", "learning_rate": 0.01}, loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        return model, [x], [y], 10
+    if name == "conv_bn":
+        x = rng.normal(size=(33, 8, 8, 1)).astype(np.float32) * 2 + 0.5
+        y = (x.mean((1, 2, 3)) > 0.5).astype(np.int64)
+        model = models.Sequential([layers.Conv2D(4, 3, input_shape=(8, 8, 1)), layers.BatchNormalization(),
+                                   layers.Activation("relu"), layers.MaxPooling2D(2), layers.Flatten(),
+                                   layers.Dense(8), layers.BatchNormalization(), layers.Activation("relu"),
+                                   layers.Dense(2, activation="softmax")])
+        model.compile(optimizer={"type": "sgd", "learning_rate": 0.05, "momentum": 0.9},
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model, [x], [y], 8
+    if name == "lstm":
+        x = rng.normal(size=(45, 7, 3)).astype(np.float32)
+        y = x[:, :, 0].sum(1, keepdims=True).astype(np.float32)
+        model = models.Sequential([layers.LSTM(8, input_shape=(7, 3)), layers.Dense(1)])
+        model.compile(optimizer="rmsprop", loss="mse", metrics=["mae"])
+        return model, [x], [y], 16
+    raise SystemExit(f"unknown case {name}")
+
+
+class StopAt(callbacks.Callback):
+    """Asks to stop after global batch `batch` of the first epoch, on rank 0 only (as a signal to one rank would)."""
+
+    def __init__(self, trainer, batch, world):
+        self.trainer, self.at, self.world = trainer, batch, world
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.trainer.epoch == 0 and batch == self.at and self.world.rank == 0:
+            self.trainer.stop_requested = True
+
+
+class FailAt(callbacks.Callback):
+    """Raises on the last rank at global batch `batch`."""
+
+    def __init__(self, batch, world):
+        self.at, self.world = batch, world
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.at and self.world.rank == self.world.size - 1:
+            raise ValueError(f"injected failure at batch {batch}")
+
+
+def run(name, out, mode="", world=None, state_dir=None):
+    """Train CASE in `world` (this process's MPI world by default); returns (weights, history, position)."""
+    world = world or distributed.world(True)
+    model, xs, ys, batch_size = case(name)
+    state = Path(state_dir or Path(out).parent) / f"{name}-state.npz"
+    trainer = Trainer(model, verbose=0, rng=np.random.default_rng(7), world=world, checkpoint_path=state,
+                      checkpoint_every=3)
+    extra = []
+    if mode.startswith("stop-at="):
+        extra.append(StopAt(trainer, int(mode.split("=")[1]), world))
+    if mode.startswith("fail-at="):
+        extra.append(FailAt(int(mode.split("=")[1]), world))
+    trainer.user_callbacks += extra
+    resume = checkpoint.load(state) if mode == "resume" and world.is_root else None
+    history = trainer.fit(xs, ys, epochs=EPOCHS, batch_size=batch_size, resume=resume)
+    weights = model.get_weights()
+    digest = hashlib.sha256(b"".join(w.tobytes() for w in model.weights_dict().values())).hexdigest()
+    hashes = world.gather_json(digest)
+    if world.is_root and out:
+        np.savez(out, *weights, hashes=np.array(json.dumps(hashes)), history=np.array(json.dumps(history.history)),
+                 stopped=np.array(trainer.stop_agreed or trainer.stop_requested))
+    return weights, history.history
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")
