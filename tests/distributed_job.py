@@ -99,4 +99,9 @@ def run(name, out, mode="", world=None, state_dir=None):
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")
+    try:
+        run(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")
+    except BaseException as e:  # as the CLI does: rank 0 prints the one message, every rank exits with its code
+        if distributed.world(True).is_root:
+            print(f"error: {distributed.failure_text(e)}", file=sys.stderr, flush=True)
+        sys.exit(distributed.failure_code(e))
