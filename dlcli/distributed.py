@@ -156,7 +156,7 @@ class MPIWorld(World):
         if isinstance(error, RemoteFailure):
             return
         message, code = failure_text(error), failure_code(error)
-        if self.size > 1:
+        if not self.is_root:  # rank 0 is the process a user watches: name any other
             message = f"rank {self.rank} of {self.size} failed: {message}"
         self.failed_code = code
         for dest in range(self.size):

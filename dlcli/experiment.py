@@ -118,12 +118,24 @@ def run_callbacks(config: dict, run_dir: Path, has_validation: bool) -> list:
 
 
 def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), verbose=1,
-              trainer_hook=None, resume: dict | None = None) -> RunResult:
+              trainer_hook=None, resume: dict | None = None, world=None) -> RunResult:
     """Train `model` on `splits` into `run_dir` (already created; config.yaml written by the caller).
 
     `resume` (dlcli.checkpoint.load of this run) continues exactly where the checkpoint stopped, appending to the
     same history.csv. A non-finite loss writes divergence.json and re-raises the DivergenceError.
+    With a `world` of several ranks (dlcli.distributed) every rank calls this; rank 0 writes the run directory, and a
+    failure on any rank stops them all.
     """
+    from dlcli import distributed
+
+    world = world or distributed.World()
+    with world.guard():
+        result = _train_run(config, model, splits, run_dir, callbacks, verbose, trainer_hook, resume, world)
+        world.barrier()  # a failure in rank 0's last writes reaches the ranks that are done
+    return result
+
+
+def _train_run(config, model, splits, run_dir, callbacks, verbose, trainer_hook, resume, world) -> RunResult:
     from dlcli import checkpoint
     from dlcli.callbacks import ModelCheckpoint
     from dlcli.divergence import DivergenceError
@@ -141,13 +153,14 @@ def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), 
     if splits.extra.get("vocabulary"):  # lets `dlcli predict` encode raw text the way the training data was
         runs.atomic_write_json(run_dir / "vocabulary.json", splits.extra["vocabulary"])
     cbs = run_callbacks(config, run_dir, splits.x_val is not None)
-    if resume is not None:
+    if resume is not None and world.is_root:
         done = resume["header"]["position"]["epoch"]
         cbs[0].rows = [r for r in runs.read_history(run_dir) if (r.get("epoch") or 0) <= done]
     saver = next(cb for cb in cbs if isinstance(cb, ModelCheckpoint))
     rng = np.random.default_rng([int(config.get("seed", 0)), 2])
     trainer = Trainer(model, callbacks=[*cbs, *callbacks], verbose=verbose, rng=rng,
-                      checkpoint_path=run_dir / checkpoint.FILENAME, checkpoint_every=train_cfg.get("checkpoint_every"))
+                      checkpoint_path=run_dir / checkpoint.FILENAME, checkpoint_every=train_cfg.get("checkpoint_every"),
+                      world=world)
     if trainer_hook is not None:
         trainer_hook(trainer)
     validation = (splits.x_val, splits.y_val) if splits.x_val is not None else None
@@ -168,20 +181,21 @@ def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), 
     except BaseException as e:  # keep meta.json honest when anything else stops the run
         _mark_failed(meta_path, meta, e)
         raise
-    if trainer.stop_requested:
+    if trainer.stopping():
         status = "interrupted"
     seconds = time.perf_counter() - start
     test = None
     if splits.x_test is not None and status == "completed":
-        test = model.evaluate_arrays(splits.x_test, splits.y_test, int(train_cfg.get("batch_size", 32)))
+        test = trainer.evaluate(splits.x_test, splits.y_test, int(train_cfg.get("batch_size", 32)))
     meta.update({"status": status, "end": runs.utc_now(), "seconds": round(seconds + meta.get("seconds", 0)
                                                                           if resume else seconds, 3),
                  "epochs_run": len(cbs[0].rows), "best_epoch": saver.best_epoch, "best": {saver.monitor: saver.best},
                  "test": test})
     runs.atomic_write_json(meta_path, meta)
-    from dlcli.plots import write_curves
+    if world.is_root:
+        from dlcli.plots import write_curves
 
-    write_curves(run_dir, cbs[0].rows)
+        write_curves(run_dir, cbs[0].rows)
     return RunResult(run_dir, history.history, test, seconds, status, saver.best_epoch, trainer.last_checkpoint)
 
 

@@ -116,11 +116,11 @@ class Trainer:
                 batch_logs = {"batch": batch, "size": size, **self.logs.results()}
                 cbs.on_train_batch_end(batch, batch_logs)
                 every = self.checkpoint_every
-                if self._stopping() or (every and (batch + 1) % every == 0 and begin + batch_size < n):
+                if self.stopping() or (every and (batch + 1) % every == 0 and begin + batch_size < n):
                     self.save_checkpoint(epoch, batch + 1, batch_size, n)
-                if model.stop_training or self._stopping():
+                if model.stop_training or self.stopping():
                     break
-            if self._stopping():
+            if self.stopping():
                 return history  # no epoch end: the checkpoint resumes inside this epoch
             logs = self.logs.results()
             if validation_data is not None:
@@ -130,13 +130,13 @@ class Trainer:
             logs["seconds"] = time.perf_counter() - start
             cbs.on_epoch_end(epoch, logs)
             self.save_checkpoint(epoch + 1, 0, batch_size, n)
-            if model.stop_training or self._stopping():
+            if model.stop_training or self.stopping():
                 break
-        if not self._stopping():
+        if not self.stopping():
             cbs.on_train_end(logs)
         return history
 
-    def _stopping(self) -> bool:
+    def stopping(self) -> bool:
         """A stop request (Ctrl-C, SIGTERM) counts once every rank knows of it, so all stop at the same batch."""
         return self.stop_requested if self.exchange is None else self.stop_agreed
 
