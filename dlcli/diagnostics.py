@@ -128,7 +128,7 @@ def to_float64(model):
     for layer in model.layers:
         layer.dtype = "float64"
         for p in layer.params.values():
-            p.value = p.value.astype(np.float64)
+            p.value = np.ascontiguousarray(p.value, dtype=np.float64)
             if p.grad is not None:
                 p.grad = np.zeros_like(p.value)
 
@@ -171,8 +171,10 @@ def gradient_check(model, xs: list, ys: list, entries: int = 6, eps: float = 1e-
     center = loss()
     rows = []
     for layer_name, name, value, analytic in targets:
-        flat, grad = value.reshape(-1), analytic.reshape(-1)
-        idx = rng.choice(flat.size, min(entries, flat.size), replace=False)
+        # `.flat` writes into the array whatever its memory order (reshape(-1) of a Fortran-ordered array is a
+        # copy: perturbing it would never reach the weight and the numeric gradient would be 0).
+        flat, grad = value.flat, analytic.reshape(-1)
+        idx = rng.choice(value.size, min(entries, value.size), replace=False)
         rel_max = abs_max = 0.0
         ok, kinks = True, 0
         for i in idx:

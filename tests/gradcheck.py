@@ -5,8 +5,8 @@ import numpy as np
 def numeric_grad(f, x, eps=1e-6, max_checks=60, rng=None):
     """Central differences of scalar f() w.r.t. array x (in place), at up to `max_checks` random positions."""
     rng = rng or np.random.default_rng(0)
-    flat = x.reshape(-1)
-    idx = np.arange(flat.size) if flat.size <= max_checks else rng.choice(flat.size, max_checks, replace=False)
+    flat = x.flat  # writes through whatever the memory order (reshape(-1) of a Fortran array is a copy)
+    idx = np.arange(x.size) if x.size <= max_checks else rng.choice(x.size, max_checks, replace=False)
     out = {}
     for i in idx:
         old = flat[i]

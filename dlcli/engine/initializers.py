@@ -143,7 +143,8 @@ class Orthogonal(Initializer):
         q *= np.sign(np.diag(r))
         if rows < cols:
             q = q.T
-        return (self.gain * q[:rows, :cols]).reshape(shape).astype(dtype)
+        # q.T is Fortran-ordered: weights are C-ordered everywhere else (a flat view of them is a view, not a copy).
+        return np.ascontiguousarray((self.gain * q[:rows, :cols]).reshape(shape), dtype=dtype)
 
     def get_config(self):
         return {"gain": self.gain}
