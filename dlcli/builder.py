@@ -3,6 +3,7 @@ import re
 
 from dlcli.engine.layer import clear_session, set_random_seed
 from dlcli.errors import ConfigError
+from dlcli.memory import check_training_fits
 
 
 def build_model(config: dict):
@@ -17,6 +18,8 @@ def build_model(config: dict):
     compile_spec = config.get("compile", {})
     model.compile(optimizer=compile_spec.get("optimizer", "rmsprop"), loss=compile_spec.get("loss"),
                   metrics=compile_spec.get("metrics") or [], loss_weights=compile_spec.get("loss_weights"))
+    # before any data, optimizer state or activation is allocated
+    check_training_fits(model, int(config.get("train", {}).get("batch_size", 32)))
     return model
 
 

@@ -253,18 +253,13 @@ def inspect_shapes(
         table.add_row(*cells)
     out = _console()
     out.print(table)
+    from dlcli import memory
+
     bs = batch_size or int(cfg["train"]["batch_size"])
     total = model.count_params()
     trainable = sum(p.value.size for p in model.trainable_weights)
-    weight_bytes = sum(p.value.nbytes for p in model.weights)
-    slots = _optimizer_slots(model.optimizer)
-    opt_bytes = slots * sum(p.value.nbytes for p in model.trainable_weights)
-    act_values = sum(_size(r["output_shape"]) for r in rows)
-    act_bytes = 4 * bs * act_values
     out.print(f"Total params: {total:,}  (trainable {trainable:,}, non-trainable {total - trainable:,})")
-    out.print(f"Memory: weights {_bytes(weight_bytes)}, optimizer state {_bytes(opt_bytes)} "
-              f"({slots} slot{'s' if slots != 1 else ''} per weight), activations {_bytes(act_bytes)} "
-              f"at batch {bs} (float32, forward outputs kept for backward)")
+    out.print(f"Memory: {memory.describe(memory.estimate(model, bs))} (float32, forward outputs kept for backward)")
     out.print(f"FLOPs per sample (forward): {_si(sum(r['flops'] for r in rows))}")
     if graph is not None:
         from dlcli.render import render_graph
@@ -322,37 +317,6 @@ def evaluate(
             cm.add_row(n, *[str(v) for v in row], "-" if acc is None else f"{acc:.3f}")
         out.print(cm)
     print(f"wrote {Path(run_dir) / 'evaluation.json'}")
-
-
-def _optimizer_slots(opt) -> int:
-    if hasattr(opt, "slot_count"):
-        return int(opt.slot_count())
-    cfg = opt.get_config()
-    kind = cfg.get("type")
-    if kind == "sgd":
-        return 1 if cfg.get("momentum") else 0
-    if kind == "rmsprop":
-        return 1 + bool(cfg.get("momentum")) + bool(cfg.get("centered"))
-    if kind in ("adam", "adamw"):
-        return 2 + bool(cfg.get("amsgrad"))
-    return 1
-
-
-def _size(shape) -> int:
-    if isinstance(shape, list):
-        return sum(_size(s) for s in shape)
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _si(n: float) -> str:

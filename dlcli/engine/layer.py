@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from dlcli import memory
 from dlcli.engine import activations, initializers, regularizers
 from dlcli.errors import ShapeError
 from dlcli.registry import Registry
@@ -116,6 +117,7 @@ class Layer:
         self.built = True
 
     def add_weight(self, name, shape, initializer="zeros", regularizer=None, trainable=True) -> Param:
+        memory.check_weight_fits(self.name, name, shape, self.dtype)  # a clear refusal, not NumPy's MemoryError
         value = initializers.get(initializer)(tuple(int(s) for s in shape), self.rng, self.dtype)
         param = Param(name, value, trainable, regularizers.get(regularizer), self)
         self.params[name] = param
