@@ -14,7 +14,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -31,17 +31,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A dimension a model can hold: positive, and small enough that shape arithmetic cannot overflow int64 (a model
+# this large is refused later by its memory estimate, with the figures).
+MAX_DIM = 2**31 - 1
+Dim = Annotated[int, Field(ge=1, le=MAX_DIM)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # NumPy and Keras take unsigned 32-bit seeds
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")  # a run name becomes a directory name: never a path
+
+
 class InputConfig(_Section):
     """One named input of a functional model."""
 
     name: str
-    shape: list[int]
+    shape: list[Dim]
     dtype: str = "float32"
 
 
 class ModelConfig(_Section):
     type: Literal["sequential", "functional"] = "sequential"
-    input_shape: list[int] | None = None  # sequential (or `input_shape` on the first layer)
+    input_shape: list[Dim] | None = None  # sequential (or `input_shape` on the first layer)
     input_dtype: str | None = None
     inputs: list[InputConfig] | None = None  # functional
     layers: list[dict[str, Any]] = Field(min_length=1)
@@ -63,13 +71,13 @@ class TrainConfig(_Section):
     shuffle: bool = True
     callbacks: list[str | dict[str, Any]] = []
     freeze: list[str] = []  # regular expressions matched against whole layer names
-    class_weight: dict[int, float] | None = None
+    class_weight: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
     checkpoint_every: int | None = Field(None, ge=1)  # batches between mid-epoch checkpoints
 
 
 class Config(_Section):
     name: str
-    seed: int = 0
+    seed: Seed = 0
     data: dict[str, Any]
     model: ModelConfig
     compile: CompileConfig
@@ -115,7 +123,7 @@ def parse_config(text: str, source: str = "<config>", overrides: typing.Sequence
         _raise(doc)
     for position, text_ in enumerate(overrides):
         apply_override(doc, text_, position, _promotable)
-    doc.data.setdefault("name", Path(source).stem)
+    doc.data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", Path(source).stem)[:100] or "run")
     _check_schema(doc)
     _SpecChecker(doc).check(doc.data)
     if doc.issues:
@@ -253,6 +261,17 @@ _REGISTRIES = {  # kind -> (module, attribute); imported lazily so `dlcli --help
     "activation": ("dlcli.engine.activations", "ACTIVATIONS"),
     "initializer": ("dlcli.engine.initializers", "INITIALIZERS"),
 }
+# Arguments whose values a signature's annotation cannot bound: sizes are positive integers (or lists of them),
+# rates and learning rates are finite and non-negative. (low, high, what a valid value is)
+_SIZES = ("units", "filters", "kernel_size", "pool_size", "strides", "dilation_rate", "depth_multiplier",
+          "input_dim", "output_dim", "size", "num_heads", "key_dim", "input_shape")
+_BOUNDS = {**{k: (1, MAX_DIM, f"a positive integer (at most {MAX_DIM}) or a list of them") for k in _SIZES},
+           "rate": (0.0, 1.0, "a number in [0, 1)"),
+           "learning_rate": (0.0, None, "a finite number >= 0 (or a schedule)"),
+           "initial_learning_rate": (0.0, None, "a finite number >= 0"),
+           "warmup_target": (0.0, None, "a finite number >= 0"),
+           "clipnorm": (0.0, None, "a finite number >= 0"), "global_clipnorm": (0.0, None, "a finite number >= 0"),
+           "clipvalue": (0.0, None, "a finite number >= 0"), "epsilon": (0.0, None, "a finite number >= 0")}
 # Base-layer arguments whose annotations are missing or too loose for a config.
 _ARG_HINTS = {"input_shape": list[int], "lr_mult": float, "trainable": bool}
 _FUNCTIONAL_KEYS = ("inputs", "shares")
@@ -281,6 +300,10 @@ class _SpecChecker:
         self.doc.issues.append(self.doc.issue(path, message, at_key))
 
     def check(self, data: dict):
+        name = data.get("name")
+        if isinstance(name, str) and (not RUN_NAME.fullmatch(name) or name in (".", "..")):
+            self.error(("name",), f"expected a plain file name (letters, digits, '.', '-', '_'; at most 100 "
+                                  f"characters) because the run directory is named after it, found {_found(name)}")
         if isinstance(data.get("data"), dict):
             self.spec(data["data"], ("data",), "dataset")
         model = data.get("model")
@@ -325,6 +348,7 @@ class _SpecChecker:
                 continue
             spec[key] = self.value(value, params[key][0], (*path, key))
             self.named_argument(key, spec[key], (*path, key))
+            self.bounded_argument(key, spec[key], (*path, key))
         for key, (_, needed) in params.items():
             if needed and key not in spec and key not in meant:  # a misspelling of it was reported already
                 self.error(path, f"missing required key '{key}' for {spec['type']}", at_key=True)
@@ -338,6 +362,23 @@ class _SpecChecker:
             self.spec(value, path, "initializer")
         elif isinstance(value, str):
             self.name(value, path, kind)
+
+    def bounded_argument(self, key, value, path):
+        """Sizes, rates and learning rates in range (units: -5 would otherwise end in NumPy's traceback)."""
+        if key not in _BOUNDS or value is None or isinstance(value, (str, dict)):
+            return  # a name or a schedule: checked as such
+        low, high, what = _BOUNDS[key]
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, list):
+                values.extend(v)  # nested pairs: ((0, 0), (1, 1))
+                continue
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            integral = isinstance(high, int) and not isinstance(high, bool)
+            if not number or (integral and not isinstance(v, int)) or v != v or v in (float("inf"), float("-inf")) \
+                    or v < low or (high is not None and (v > high if integral else v >= high)):
+                self.error(path, f"expected {what}, found {_found(value)}")
+                return
 
     def name(self, name, path, kind, aliases=()):
         """The registered object `name` refers to; None (after reporting) if unknown, or if not checkable."""

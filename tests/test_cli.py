@@ -118,9 +118,12 @@ def test_bad_config_lists_every_error_with_lines(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(TINY.format(path="x.npz").replace("type: Dense, units: 8", "type: Dens, units: 8")
                       .replace("type: adam,", "type: adamm,"))
-    result = runner.invoke(app, ["train", str(config)])
+    result = runner.invoke(app, ["train", str(config)], env={"COLUMNS": "300"})
     assert result.exit_code == 2
-    assert "Dense" in result.output and "adam" in result.output and "bad.yaml:" in result.output
+    lines = result.output.splitlines()  # TINY starts with a blank line: layers on lines 8-9, the optimizer on 11 (1-based)
+    assert any(line.startswith(f"{config}:8: model.layers.0.type: unknown layer 'Dens' (did you mean 'Dense'?)")
+               for line in lines), result.output
+    assert any(line.startswith(f"{config}:11: compile.optimizer.type: unknown optimizer 'adamm'") for line in lines)
     assert "Traceback" not in result.output
 
 
@@ -186,3 +189,54 @@ def test_conv_on_images_without_channel_axis_hints_the_fix(tmp_path):
     result = runner.invoke(app, ["inspect-shapes", str(config)])
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "Conv2D 'conv2d'" in text and "[28, 28, 1]" in text
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("model.layers.0.units=-5", "model.layers.0.units: expected a positive integer"),
+    ("model.layers.0.units=0", "model.layers.0.units: expected a positive integer"),
+    ("model.layers.0.units=99999999999999999999", "model.layers.0.units: expected a positive integer"),
+    ("seed=-1", "seed: expected a value >= 0, found -1"),
+    ("compile.optimizer.learning_rate=-0.1", "compile.optimizer.learning_rate: expected a finite number >= 0"),
+    ("train.class_weight={0: -1.0}", "train.class_weight.0: expected a value >= 0.0, found -1.0"),
+    ("name=../../escape", "name: expected a plain file name"),
+    ("model.input_shape=[4, -1]", "model.input_shape.1: expected a value >= 1, found -1"),
+])
+def test_impossible_values_are_config_errors(tiny_config, tmp_path, override, expected):
+    result = runner.invoke(app, ["train", str(tiny_config), "--set", override, "--runs-dir", str(tmp_path / "r")],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert f"--set {override}: {expected}" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_name_option_cannot_escape_the_runs_dir(tiny_config, tmp_path):
+    for option in (["--name", "../../x"], ["--name", "a/b"], ["--name", ".."]):
+        result = runner.invoke(app, ["train", str(tiny_config), "--runs-dir", str(tmp_path / "r"), *option])
+        assert result.exit_code == 2 and "plain file name" in result.output, result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "r").exists()
+
+
+def test_convolution_sizes_in_a_file_name_the_line(tmp_path):
+    config = tmp_path / "conv.yaml"
+    config.write_text("data: {type: mnist}\nmodel:\n  input_shape: [28, 28, 1]\n  layers:\n"
+                      "    - {type: Conv2D, filters: -3, kernel_size: [3, 0]}\n    - {type: Flatten}\n"
+                      "compile: {loss: mse}\n")
+    result = runner.invoke(app, ["inspect-shapes", str(config)], env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert f"{config}:5: model.layers.0.filters: expected a positive integer" in result.output
+    assert f"{config}:5: model.layers.0.kernel_size: expected a positive integer" in result.output
+
+
+def test_a_model_too_big_for_memory_is_refused_before_allocating(tiny_config, tmp_path, monkeypatch):
+    result = runner.invoke(app, ["inspect-shapes", str(tiny_config), "--set", "model.layers.0.units=2147483647"],
+                           env={"COLUMNS": "300"})  # this machine's real memory: 96 GiB at the float64 draw
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "layer 'dense': weight 'kernel' of shape (4, 2147483647) needs 32.0 GiB (float32" in result.output
+    assert "available" in result.output
+
+    monkeypatch.setattr("dlcli.memory.available_bytes", lambda: 1000)  # weights fit, training does not
+    result = runner.invoke(app, ["train", str(tiny_config), "--runs-dir", str(tmp_path / "r")],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert "needs about" in result.output and "activations" in result.output and "at batch 16" in result.output
+    assert "1000 B available" in result.output and not (tmp_path / "r").exists()
