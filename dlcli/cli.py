@@ -331,6 +331,7 @@ def _si(n: float) -> str:
 import dlcli.commands.check  # noqa: E402,F401
 import dlcli.commands.config  # noqa: E402,F401
 import dlcli.commands.export  # noqa: E402,F401
+import dlcli.commands.import_keras  # noqa: E402,F401
 import dlcli.commands.plot  # noqa: E402,F401
 import dlcli.commands.predict  # noqa: E402,F401
 import dlcli.commands.runs  # noqa: E402,F401  (module names here never shadow dlcli.runs)

@@ -587,7 +587,9 @@ def _parameters(target, skip_data_args=False) -> tuple[dict, bool]:
             if p.kind is p.VAR_KEYWORD:
                 takes_more = True
             elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in params:
-                required = p.default is p.empty
+                # only the class's own arguments can be required: a parent's reached through **kw is given by the
+                # subclass itself (SimpleRNN passes Recurrent its recurrent_activation)
+                required = p.default is p.empty and fn is functions[0]
                 if required and skip_data_args and not inspect.isclass(target):
                     continue
                 annotation = p.annotation if p.annotation is not p.empty else None

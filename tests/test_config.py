@@ -393,3 +393,10 @@ compile: {loss: mse}
     assert "c.yaml:6: model.layers.0.activation: unknown activation 'softmaxx' (did you mean 'softmax'?)" in message
     assert "unknown initializer 'he_normall' (did you mean 'he_normal'?)" in message
     assert "c.yaml:7: model.layers.1.bias_initializer.valu: unknown key 'valu'" in message
+
+
+def test_parent_arguments_a_layer_passes_itself_are_not_required():
+    # SimpleRNN passes Recurrent its recurrent_activation: a YAML SimpleRNN needs only units
+    text = "data: {type: mnist}\nmodel:\n  input_shape: [5, 3]\n  layers:\n    - {type: SimpleRNN, units: 4}\n" \
+           "compile: {loss: mse}\n"
+    assert parse_config(text, "rnn.yaml").model.layers[0] == {"type": "SimpleRNN", "units": 4}

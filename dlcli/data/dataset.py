@@ -67,6 +67,13 @@ class Dataset:
                                    x_val=fit(self.x_val, input_shape, "validation"))
 
 
+@DATASETS.register("none")
+def no_dataset() -> Dataset:
+    """`data: {type: none}`: a model without data, as `dlcli import-keras` writes it; loading it says what to do."""
+    raise ConfigError("this run's config has no dataset (data: {type: none}, as dlcli import-keras writes it); give "
+                      "one when importing (--set data.type=mnist) or in a config for train --init-from")
+
+
 def load_dataset(spec: dict) -> Dataset:
     """spec = {type: <registered name>, **loader keyword arguments} (the config's `data:` section)."""
     spec = dict(spec)

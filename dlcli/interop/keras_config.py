@@ -1,0 +1,280 @@
+"""A Keras 3 model config (config.json) as a dlcli config, read as data only.
+
+Every `class_name` goes through one of dlcli's closed registries (layers, initializers, optimizers, losses) or a
+short table of Keras bookkeeping classes; anything else (Lambda, custom objects, classes from modules outside
+Keras) is refused by name, so nothing in a model file can make dlcli import or run code. A Keras argument dlcli
+has no equivalent for is accepted only at the value that means "off" (data_format channels_last, groups 1 ...);
+otherwise the import fails naming the layer and the argument. Settings that only matter when training from scratch
+(an initializer dlcli lacks, a weight constraint) are dropped with a note.
+"""
+import inspect
+import re
+
+import dlcli.layers  # noqa: F401  (registers every layer name the mapping may use)
+from dlcli.engine.layer import LAYERS, snake_case
+from dlcli.errors import DlcliError
+
+# Keras arguments dlcli does not have, and the values at which they change nothing.
+NEUTRAL = {
+    "data_format": ("channels_last", None), "groups": (1,), "lora_rank": (None,), "lora_alpha": (None,),
+    "quantization_config": (None,), "stateful": (False,), "sparse": (False,), "ragged": (False,),
+    "optional": (False,), "synchronized": (False,), "renorm": (False,), "rms_scaling": (False,),
+    "time_major": (False,), "use_cudnn": None, "unroll": None, "implementation": None, "seed": None,
+    "renorm_clipping": None, "renorm_momentum": None, "zero_output_for_mask": None, "dtype": None,
+}  # None: any value (performance switches, seeds: dlcli seeds every layer from the run)
+TRAINING_ONLY = re.compile(r".*_constraint$|^activity_regularizer$")
+KERAS_MODULE = re.compile(r"^keras(\.[A-Za-z0-9_.]+)?$")
+
+
+class UnsupportedModel(DlcliError):
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=2)
+
+
+def _check_object(obj: dict, where: str):
+    """A serialized Keras object must come from Keras itself: its module, registered name and class."""
+    module, registered = obj.get("module"), obj.get("registered_name")
+    name = obj.get("class_name")
+    if name in ("Lambda", "__lambda__", "function", "TFOpLambda", "__passive_serialization__"):
+        raise UnsupportedModel(f"{where} is a Keras {name}: it holds Python code, which dlcli never runs; rebuild "
+                               f"it from built-in layers")
+    if module is not None and not KERAS_MODULE.match(str(module)):
+        raise UnsupportedModel(f"{where} is class '{name}' from module '{module}', outside Keras: custom objects "
+                               f"are refused (dlcli maps only Keras' built-in classes to its own)")
+    if registered not in (None, name):
+        raise UnsupportedModel(f"{where} is a custom object registered as '{registered}'; dlcli maps only "
+                               f"Keras' built-in classes")
+
+
+class ConfigMapper:
+    def __init__(self, notes: list):
+        self.notes = notes
+
+    # --- the model ------------------------------------------------------------------------------------------------
+    def model(self, config: dict) -> dict:
+        """The `model:` section for a Keras Sequential or Functional config."""
+        if not isinstance(config, dict) or "class_name" not in config:
+            raise UnsupportedModel("config.json does not describe a Keras model (no class_name)")
+        _check_object(config, "the model")
+        kind, body = config["class_name"], config.get("config") or {}
+        if kind == "Sequential":
+            return self._sequential(body)
+        if kind in ("Functional", "Model"):
+            return self._functional(body)
+        raise UnsupportedModel(f"the model is a Keras '{kind}'; dlcli imports Sequential and Functional models "
+                               f"(a subclassed Model's code is not in the file)")
+
+    def _sequential(self, body) -> dict:
+        entries = list(body.get("layers") or [])
+        spec = {"type": "sequential", "name": body.get("name") or "sequential", "layers": []}
+        if entries and entries[0].get("class_name") == "InputLayer":
+            first = entries.pop(0)
+            _check_object(first, "the input layer")
+            shape, dtype = self._input(first["config"])
+            spec["input_shape"] = shape
+        else:
+            shape, dtype = self._first_shape(entries)
+            spec["input_shape"] = shape
+        if dtype != "float32":
+            spec["input_dtype"] = dtype
+        spec["layers"] = [self.layer(e) for e in entries]
+        return spec
+
+    def _first_shape(self, entries):
+        if entries:
+            cfg = entries[0].get("config", {})
+            shape = cfg.get("batch_input_shape") or cfg.get("batch_shape") or \
+                (entries[0].get("build_config") or {}).get("input_shape")
+            if shape:
+                return [int(s) for s in shape[1:]], str(cfg.get("dtype", "float32")) \
+                    if isinstance(cfg.get("dtype"), str) else "float32"
+        raise UnsupportedModel("the Sequential model has no input shape (it was never built); build it in Keras "
+                               "with an Input before saving")
+
+    def _input(self, cfg) -> tuple[list, str]:
+        shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
+        if not shape or any(s is None for s in shape[1:]):
+            raise UnsupportedModel(f"input '{cfg.get('name')}' has shape {shape}; dlcli needs every axis but the "
+                                   f"batch fixed")
+        dtype = cfg.get("dtype") if isinstance(cfg.get("dtype"), str) else "float32"
+        if dtype not in ("float32", "int32", "int64"):
+            raise UnsupportedModel(f"input '{cfg.get('name')}' has dtype {dtype}; dlcli takes float32, int32, int64")
+        return [int(s) for s in shape[1:]], dtype
+
+    def _functional(self, body) -> dict:
+        entries = list(body.get("layers") or [])
+        inputs, layers, refs = [], [], {}
+        multi = {}
+        for e in entries:
+            _check_object(e, f"layer '{e.get('config', {}).get('name', '?')}'")
+            name = e.get("name") or e["config"]["name"]
+            if e["class_name"] == "InputLayer":
+                shape, dtype = self._input(e["config"])
+                inputs.append({"name": name, "shape": shape, **({"dtype": dtype} if dtype != "float32" else {})})
+                refs[(name, 0)] = name
+                continue
+            spec = self.layer(e)
+            multi[name] = bool(spec.get("return_state")) or (spec["type"] == "Bidirectional"
+                                                            and spec.get("merge_mode", "concat") is None)
+            for i, node in enumerate(e.get("inbound_nodes") or []):
+                entry = dict(spec) if i == 0 else {"name": f"{name}_call{i}", "shares": name}
+                entry["inputs"] = self._node_inputs(node, name, refs, multi)
+                refs[(name, i)] = entry["name"]
+                layers.append(entry)
+        outputs = [self._ref(t, refs, multi, "the model's outputs") for t in body.get("output_layers") or []]
+        return {"type": "functional", "name": body.get("name") or "model", "inputs": inputs, "layers": layers,
+                "outputs": outputs}
+
+    def _node_inputs(self, node, layer, refs, multi):
+        args, kwargs = node.get("args") or [], node.get("kwargs") or {}
+        extra = {k: v for k, v in kwargs.items() if not (k in ("training", "mask") and v in (None, False))}
+        if len(args) != 1 or extra:
+            raise UnsupportedModel(f"layer '{layer}' is called with {', '.join(sorted(extra)) or 'several arguments'}"
+                                   f"; dlcli imports calls on one tensor or one list of tensors")
+        arg = args[0]
+        if isinstance(arg, list):
+            return [self._tensor(t, refs, multi, layer) for t in arg]
+        return self._tensor(arg, refs, multi, layer)
+
+    def _tensor(self, t, refs, multi, layer):
+        if not isinstance(t, dict) or t.get("class_name") != "__keras_tensor__":
+            raise UnsupportedModel(f"layer '{layer}' is called on {str(t)[:60]}, not a Keras tensor")
+        return self._ref(t["config"]["keras_history"], refs, multi, f"layer '{layer}'")
+
+    def _ref(self, history, refs, multi, where):
+        name, node, index = history[0], int(history[1]), int(history[2])
+        if (name, node) not in refs:
+            raise UnsupportedModel(f"{where} reads '{name}' (call {node}), which comes later in config.json or does "
+                                   f"not exist")
+        ref = refs[(name, node)]
+        return f"{ref}:{index}" if multi.get(name) else ref
+
+    # --- one layer ------------------------------------------------------------------------------------------------
+    def layer(self, entry: dict) -> dict:
+        name = (entry.get("config") or {}).get("name", "?")
+        _check_object(entry, f"layer '{name}'")
+        kind = entry.get("class_name")
+        if kind not in LAYERS:
+            raise UnsupportedModel(f"layer '{name}' is a Keras {kind}, which dlcli does not have; dlcli imports "
+                                   f"{', '.join(LAYERS.names())}")
+        cls = LAYERS.get(kind)
+        accepted = set()
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass):
+                accepted |= set(inspect.signature(vars(klass)["__init__"]).parameters) - {"self", "kw", "kwargs"}
+        spec = {"type": kind}
+        for key, value in (entry.get("config") or {}).items():
+            where = f"layer '{name}' ({kind}) argument '{key}'"
+            if key == "dtype":
+                self._dtype(value, f"layer '{name}'")
+            elif TRAINING_ONLY.match(key):
+                if value is not None:
+                    _check_object(value, where) if isinstance(value, dict) else None
+                    self.notes.append(f"{where} ({_class(value)}) dropped: dlcli has no constraints or activity "
+                                      f"regularizers; it only matters when training")
+            elif key in accepted:
+                spec[key] = self._value(key, value, where)
+            elif key in NEUTRAL:
+                if NEUTRAL[key] is not None and value not in NEUTRAL[key]:
+                    raise UnsupportedModel(f"{where} is {value!r}; dlcli only implements {NEUTRAL[key][0]!r}")
+            else:
+                raise UnsupportedModel(f"{where} = {value!r} has no dlcli equivalent")
+        return spec
+
+    def _dtype(self, value, where):
+        name = value.get("config", {}).get("name") if isinstance(value, dict) else value
+        if isinstance(value, dict):
+            _check_object(value, f"{where}'s dtype policy")
+        if name not in (None, "float32"):
+            raise UnsupportedModel(f"{where} computes in {name}; dlcli imports float32 models")
+
+    def _value(self, key, value, where):
+        if isinstance(value, dict) and "class_name" in value:
+            _check_object(value, where)
+            if key in ("layer", "backward_layer"):
+                return self.layer(value)
+            if key.endswith("_initializer"):
+                return self._initializer(value, where)
+            if key.endswith("_regularizer"):
+                return self._regularizer(value, where)
+            raise UnsupportedModel(f"{where} is a Keras {value['class_name']} object, which dlcli cannot map")
+        if isinstance(value, dict):
+            raise UnsupportedModel(f"{where} = {str(value)[:80]} has no dlcli equivalent")
+        return value
+
+    def _initializer(self, value, where):
+        from dlcli.engine.initializers import INITIALIZERS
+
+        name = snake_case(value["class_name"])
+        if name not in INITIALIZERS:
+            self.notes.append(f"{where} ({value['class_name']}) replaced by dlcli's default: it only matters when "
+                              f"training from scratch")
+            return _DROP
+        cls = INITIALIZERS.get(name)
+        params = inspect.signature(cls.__init__).parameters if "__init__" in vars(cls) else {}
+        args = {k: v for k, v in (value.get("config") or {}).items() if k in params and v is not None}
+        return {"type": name, **args} if args else name
+
+    def _regularizer(self, value, where):
+        kind, cfg = value["class_name"], value.get("config") or {}
+        if kind in ("L1", "L2", "L1L2"):
+            return {k: float(cfg[k]) for k in ("l1", "l2") if k in cfg}
+        raise UnsupportedModel(f"{where} is a Keras {kind} regularizer; dlcli has L1, L2 and L1L2")
+
+    # --- compile settings -----------------------------------------------------------------------------------------
+    def compile(self, compile_config, outputs: list[str], activations: list[str]) -> dict:
+        from dlcli.losses import LOSSES
+        from dlcli.optimizers import OPTIMIZERS
+
+        cc = compile_config or {}
+        out = {"optimizer": "rmsprop", "loss": None, "metrics": []}
+        opt = cc.get("optimizer")
+        if isinstance(opt, dict):
+            _check_object(opt, "the optimizer")
+            kind = opt.get("class_name")
+            if kind in OPTIMIZERS:
+                cfg = opt.get("config") or {}
+                params = inspect.signature(OPTIMIZERS.get(kind).__init__).parameters
+                args = {k: v for k, v in cfg.items() if k in params and v is not None and not isinstance(v, dict)}
+                if "learning_rate" in args:
+                    args["learning_rate"] = float(f"{args['learning_rate']:.6g}")  # float32 0.0099999 -> 0.01
+                out["optimizer"] = {"type": kind.lower() if kind.lower() in OPTIMIZERS else kind, **args}
+            else:
+                self.notes.append(f"optimizer {kind} is not in dlcli; rmsprop is set instead (training only)")
+        losses = cc.get("loss")
+        losses = losses if isinstance(losses, list) else [losses] * len(outputs) if losses is not None else []
+        mapped = []
+        for loss, activation in zip(losses or [None] * len(outputs), activations):
+            if isinstance(loss, dict):
+                _check_object(loss, "the loss")
+                loss = loss.get("class_name")
+            if loss not in LOSSES:
+                guess = {"softmax": "sparse_categorical_crossentropy", "sigmoid": "binary_crossentropy"}.get(
+                    activation, "mean_squared_error")
+                self.notes.append(f"loss {loss!r} is not one dlcli knows; {guess} is set (change it with --set "
+                                  f"compile.loss=...)")
+                loss = guess
+            mapped.append(loss)
+        out["loss"] = mapped[0] if len(mapped) == 1 else dict(zip(outputs, mapped))  # dlcli keys them by output
+        metrics = cc.get("metrics")
+        if isinstance(metrics, list) and len(outputs) == 1 and all(isinstance(m, str) for m in metrics):
+            out["metrics"] = metrics
+        elif metrics:
+            self.notes.append("compile metrics other than a list of names were not imported")
+        return out
+
+
+_DROP = object()
+
+
+def _class(value) -> str:
+    return value.get("class_name", "?") if isinstance(value, dict) else repr(value)
+
+
+def without_dropped(value):
+    """The mapped config with settings marked for dropping (unknown initializers) removed."""
+    if isinstance(value, dict):
+        return {k: without_dropped(v) for k, v in value.items() if v is not _DROP}
+    if isinstance(value, list):
+        return [without_dropped(v) for v in value]
+    return value

@@ -1,0 +1,213 @@
+"""`dlcli import-keras`: a Keras model file as a dlcli run directory (config.yaml, weights/last.npz and best.npz,
+meta.json naming the source), which inspect-shapes, evaluate, predict, export and train --init-from accept.
+
+Sources: a Keras 3 `.keras` archive, or HDF5 weights (Keras 3 `.weights.h5`, or the legacy `.h5` layout with
+layer_names / weight_names) with a dlcli `--config` describing the same architecture (a legacy full-model `.h5`
+carries its own config). Weights are matched as Keras loads them: `.keras` / `.weights.h5` by the path Keras gives
+each layer (layers/<class in snake_case>[_n]/vars/<i>), legacy files by the order of layers that have weights.
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dlcli import runs
+from dlcli.engine.layer import snake_case
+from dlcli.errors import DlcliError
+from dlcli.interop import require
+from dlcli.interop.keras_config import ConfigMapper, UnsupportedModel, without_dropped
+from dlcli.interop.keras_files import SafeH5, read_file_bytes, read_keras_archive
+
+
+@dataclass
+class ImportReport:
+    run_dir: Path
+    source: Path
+    layers: int
+    params: int
+    keras_version: str | None
+    notes: list = field(default_factory=list)
+
+
+def import_keras(source, output, config_path=None, overrides=()) -> ImportReport:
+    """Read `source` safely, map it to a dlcli config and weights, and write the run directory `output`."""
+    require("h5py", "keras")
+    from dlcli.builder import build_model
+    from dlcli.config import dump_yaml, load_config
+
+    source, output = Path(source), Path(output)
+    _check_output(output)
+    notes: list = []
+    keras_version = None
+    if config_path is not None:
+        config = load_config(config_path, list(overrides)).to_dict()
+        data = _archive_weights(source) if source.suffix == ".keras" else read_file_bytes(source)
+        h5 = SafeH5(data, str(source))
+        keras_order = None
+    elif source.suffix == ".keras":
+        archive = read_keras_archive(source)
+        keras_version = archive.metadata.get("keras_version")
+        h5 = SafeH5(archive.weights, f"{source}:model.weights.h5")
+        config, keras_order = _mapped_config(archive.config, source, notes, overrides)
+    else:
+        h5 = SafeH5(read_file_bytes(source), str(source))
+        model_config = h5.attr(h5.file, "model_config")
+        if not isinstance(model_config, str):
+            raise DlcliError(f"{source} holds weights only; give the architecture with --config CONFIG.yaml (a dlcli "
+                             f"config describing the same layers)", exit_code=2)
+        keras_version = h5.attr(h5.file, "keras_version")
+        config, keras_order = _mapped_config(json.loads(model_config), source, notes, overrides)
+    model = build_model(config)
+    try:
+        if h5.group("layers") is not None:
+            order = keras_order or [(layer.name, type(layer).__name__) for layer in model.layers]
+            _load_keras3_weights(h5, model, order, check_names=keras_order is not None)
+        else:
+            _load_legacy_weights(h5, model)
+    finally:
+        h5.close()
+    meta = {**runs.versions_meta(config.get("seed", 0)), "name": config["name"], "status": "imported",
+            "imported": {"from": str(source.resolve()), "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+                         "keras_version": keras_version, "config": str(config_path) if config_path else None},
+            "start": runs.utc_now(), "params": model.count_params(), "classes": None, "notes": notes}
+    _write_run(output, dump_yaml(config), model, meta)
+    return ImportReport(output, source, len(model.layers), model.count_params(), keras_version, notes)
+
+
+def _archive_weights(source) -> bytes:
+    return read_keras_archive(source).weights
+
+
+def _mapped_config(keras_config: dict, source, notes, overrides) -> tuple[dict, list]:
+    """(the validated dlcli config, [(layer name, class name)] in Keras' layer order)."""
+    from dlcli.builder import build_model
+    from dlcli.config import dump_yaml, parse_config
+
+    mapper = ConfigMapper(notes)
+    model_spec = without_dropped(mapper.model(keras_config))
+    name = str(model_spec.pop("name"))
+    config = {"name": name, "seed": 0, "data": {"type": "none"}, "model": model_spec,
+              "compile": {"loss": "mean_squared_error"}, "train": {"epochs": 1, "batch_size": 32}}
+    probe = build_model(parse_config(dump_yaml(config), f"{source} (imported)").to_dict())
+    activations = [getattr(getattr(t.node.layer, "activation", None), "name", None) for t in probe.outputs]
+    config["compile"] = mapper.compile(keras_config.get("compile_config"), probe.output_names, activations)
+    config = parse_config(dump_yaml(config), f"{source} (imported)", list(overrides)).to_dict()
+    body = keras_config.get("config") or {}
+    entries = body.get("layers") or []
+    functional = keras_config.get("class_name") != "Sequential"
+    order = [(e.get("name") or e["config"]["name"], e["class_name"]) for e in entries
+             if functional or e.get("class_name") != "InputLayer"]
+    return config, order
+
+
+# --- weights ------------------------------------------------------------------------------------------------------
+def _var_groups(layer) -> list[str]:
+    """Where Keras keeps a layer's variables below its own group."""
+    from dlcli.layers.recurrent import Recurrent
+    from dlcli.layers.wrappers import Bidirectional, TimeDistributed
+
+    if isinstance(layer, Recurrent):
+        return ["cell/vars"]
+    if isinstance(layer, Bidirectional):
+        return ["forward_layer/cell/vars", "backward_layer/cell/vars"]
+    if isinstance(layer, TimeDistributed):
+        return [f"layer/{g}" for g in _var_groups(layer.layer)]
+    return ["vars"]
+
+
+def _load_keras3_weights(h5, model, order, check_names: bool):
+    """Keras 3 layout: layers/<snake_case(class)>[_n] numbered per class in the model's layer order."""
+    by_name = {layer.name: layer for layer in model.layers}
+    counts: dict = {}
+    for name, kind in order:
+        base = snake_case(kind)
+        path = f"layers/{base}" + (f"_{counts[base]}" if counts.get(base) else "")
+        counts[base] = counts.get(base, 0) + 1
+        layer = by_name.get(name)
+        if layer is None:
+            continue  # an InputLayer
+        params = list(layer.params.values())
+        values = []
+        for sub in _var_groups(layer):
+            group = h5.group(f"{path}/{sub}")
+            stored = h5.attr(group, "name") if group is not None else None
+            if check_names and sub == "vars" and stored not in (None, name):
+                raise DlcliError(f"{h5.source}: {path} holds layer '{stored}', expected '{name}'")
+            keys = sorted((k for k in group), key=int) if group is not None and all(
+                k.isdigit() for k in group) else None
+            if group is None or keys is None:
+                keys = []
+            for key in keys:
+                p = params[len(values)] if len(values) < len(params) else None
+                if p is None:
+                    raise DlcliError(f"{h5.source}: {path}/{sub} has more weight arrays than dlcli's {type(layer).__name__} "
+                                     f"'{name}' ({len(params)})")
+                values.append(h5.read(group, key, p.value.shape, f"weight '{p.path}'"))
+        if len(values) != len(params):
+            raise DlcliError(f"{h5.source}: layer '{name}' ({kind}) has {len(values)} weight arrays under {path}; "
+                             f"dlcli's layer has {len(params)} ({', '.join(p.name for p in params)})")
+        layer.set_weights(values)
+
+
+def _load_legacy_weights(h5, model):
+    """The legacy HDF5 layout (Keras 2, Keras 3's .h5): layer_names and weight_names attributes, matched in the order
+    of layers that have weights, as Keras' load_weights does."""
+    root = h5.group("model_weights") or h5.file
+    names = h5.attr(root, "layer_names")
+    if not isinstance(names, list):
+        raise UnsupportedModel(f"{h5.source}: neither a Keras 3 weights file (layers/...) nor a legacy one "
+                               f"(layer_names)")
+    stored = []
+    for layer_name in names:
+        group = h5.group(f"{root.name}/{layer_name}")
+        weight_names = h5.attr(group, "weight_names") if group is not None else None
+        if weight_names:
+            stored.append((layer_name, group, weight_names))
+    layers = [layer for layer in model.layers if layer.params]
+    if len(stored) != len(layers):
+        raise DlcliError(f"{h5.source} has weights for {len(stored)} layers ({', '.join(s[0] for s in stored)}); "
+                         f"the config's model has {len(layers)} layers with weights "
+                         f"({', '.join(layer.name for layer in layers)})")
+    for layer, (layer_name, group, weight_names) in zip(layers, stored):
+        params = list(layer.params.values())
+        if len(weight_names) != len(params):
+            raise DlcliError(f"{h5.source}: layer '{layer_name}' has {len(weight_names)} weight arrays; dlcli's "
+                             f"'{layer.name}' has {len(params)}")
+        values = []
+        for p, weight in zip(params, weight_names):
+            parent, _, leaf = weight.rpartition("/")
+            values.append(h5.read(h5.group(f"{group.name}/{parent}") if parent else group, leaf, p.value.shape,
+                                  f"weight '{p.path}' ({layer_name}/{weight})"))
+        layer.set_weights(values)
+
+
+# --- the run directory ------------------------------------------------------------------------------------------------
+def _check_output(output: Path):
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise DlcliError(f"{output} already exists; give a new directory with --output", exit_code=2)
+
+
+def _write_run(output: Path, config_yaml: str, model, meta: dict):
+    """Everything in a hidden temporary directory beside `output`, renamed into place at the end: an error leaves
+    nothing behind."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        runs.atomic_write_text(tmp / "config.yaml", config_yaml)
+        weights = model.weights_dict()
+        runs.atomic_savez(tmp / "weights" / "last.npz", weights)
+        runs.atomic_savez(tmp / "weights" / "best.npz", weights)
+        lines: list = []
+        model.summary(print_fn=lines.append)
+        runs.atomic_write_text(tmp / "summary.txt", "\n".join(lines) + "\n")
+        runs.atomic_write_json(tmp / "meta.json", meta)
+        _check_output(output)
+        if output.exists():
+            output.rmdir()
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,254 @@
+"""`dlcli import-keras` on files saved by real Keras 3 (tests/fixtures/keras, made by make_fixtures.py): dlcli's
+predictions match the outputs Keras recorded within 1e-5, the run directory works with every other command, and
+each threat on the list (code through config.json, HDF5 external storage, links, zip bombs, path traversal) is
+refused with nothing written."""
+import base64
+import io
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+h5py = pytest.importorskip("h5py")
+
+from dlcli.cli import app  # noqa: E402
+from dlcli.experiment import load_run_model  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "keras"
+KERAS_FILES = ["sequential_mlp", "sequential_convnet", "sequential_text", "sequential_sequence", "functional"]
+runner = CliRunner()
+
+
+def run_import(*args):
+    return runner.invoke(app, ["import-keras", *map(str, args)])
+
+
+def keras_outputs(name, model):
+    """(inputs in the model's input order, Keras' recorded outputs in its output order)."""
+    data = np.load(FIXTURES / f"{name}.npz")
+    xs = [data["x"]] if "x" in data else [data[f"x_{n}"] for n in model.input_names]
+    ys = [data["y"]] if "y" in data else [data[f"y_{n}"] for n in model.output_names]
+    return xs, ys
+
+
+def max_difference(run_dir, name):
+    _, model = load_run_model(run_dir)
+    xs, ys = keras_outputs(name, model)
+    out = model.predict(xs if len(xs) > 1 else xs[0])
+    return max(float(np.abs(a - b).max()) for a, b in zip(out if isinstance(out, list) else [out], ys))
+
+
+@pytest.mark.parametrize("name", KERAS_FILES)
+def test_predictions_match_keras(tmp_path, name):
+    result = run_import(FIXTURES / f"{name}.keras", "--output", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert max_difference(tmp_path / "run", name) <= 1e-5
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["status"] == "imported" and meta["imported"]["keras_version"].startswith("3.")
+    assert len(meta["imported"]["sha256"]) == 64
+    assert sorted(p.name for p in (tmp_path / "run" / "weights").iterdir()) == ["best.npz", "last.npz"]
+
+
+@pytest.mark.parametrize("weights", ["mlp.weights.h5", "mlp_legacy.h5"])
+def test_hdf5_weights_with_a_dlcli_config(tmp_path, weights):
+    result = run_import(FIXTURES / weights, "--config", FIXTURES / "mlp.yaml", "--output", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert max_difference(tmp_path / "run", "sequential_mlp") <= 1e-5
+
+
+def test_legacy_full_model_h5_carries_its_own_config(tmp_path):
+    result = run_import(FIXTURES / "mlp_legacy.h5", "--output", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert max_difference(tmp_path / "run", "sequential_mlp") <= 1e-5
+
+
+def test_weights_only_file_without_config_says_what_to_give(tmp_path):
+    result = run_import(FIXTURES / "mlp.weights.h5", "--output", tmp_path / "run")
+    assert result.exit_code == 2 and "--config" in result.output and not (tmp_path / "run").exists()
+
+
+def test_config_that_does_not_match_the_weights_names_the_layer(tmp_path):
+    config = (FIXTURES / "mlp.yaml").read_text().replace("units: 16", "units: 12")
+    (tmp_path / "wrong.yaml").write_text(config)
+    result = run_import(FIXTURES / "mlp.weights.h5", "--config", tmp_path / "wrong.yaml", "--output", tmp_path / "r")
+    assert result.exit_code == 1 and "shape (8, 16) in the file but the model expects (8, 12)" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_imported_run_works_with_every_command(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.normal(size=(40, 8)).astype(np.float32), y=rng.integers(0, 4, 40))
+    run = tmp_path / "run"
+    result = run_import(FIXTURES / "sequential_mlp.keras", "--output", run, "--set", "data.type=npz",
+                        "--set", f"data.path={tmp_path / 'data.npz'}", "--set", "data.test_split=0.5")
+    assert result.exit_code == 0, result.output
+    for args in (["inspect-shapes", run / "config.yaml"], ["evaluate", run],
+                 ["predict", run, FIXTURES / "sequential_mlp.npz", "--key", "x"],
+                 ["export", run, "--output", tmp_path / "mlp.onnx"],
+                 ["train", run / "config.yaml", "--init-from", run, "--runs-dir", tmp_path / "runs", "-q"]):
+        result = runner.invoke(app, list(map(str, args)))
+        assert result.exit_code == 0, (args, result.output)
+    assert "largest difference" in runner.invoke(app, ["export", str(run), "-o", str(tmp_path / "b.onnx")]).output
+
+
+def test_export_of_an_imported_model_without_data_checks_on_random_inputs(tmp_path):
+    assert run_import(FIXTURES / "sequential_text.keras", "--output", tmp_path / "run").exit_code == 0
+    result = runner.invoke(app, ["export", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "seeded random inputs" in result.output
+    evaluate = runner.invoke(app, ["evaluate", str(tmp_path / "run")])
+    assert evaluate.exit_code == 2 and "no dataset" in evaluate.output
+
+
+def test_existing_output_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("mine")
+    result = run_import(FIXTURES / "sequential_mlp.keras", "--output", tmp_path / "run")
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["keep.txt"]
+
+
+def test_missing_extra_names_the_pip_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    result = run_import(FIXTURES / "sequential_mlp.keras", "--output", tmp_path / "run")
+    assert result.exit_code == 1 and result.output.strip().endswith("pip install 'dlcli[keras]'")
+
+
+# --- the threat list: one test each, on doctored copies of a real Keras file ------------------------------------------
+def doctored(tmp_path, config=None, weights=None, members=()) -> Path:
+    """sequential_mlp.keras with config.json / model.weights.h5 replaced and extra (ZipInfo, bytes) members."""
+    source = zipfile.ZipFile(FIXTURES / "sequential_mlp.keras")
+    out = tmp_path / "doctored.keras"
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("metadata.json", source.read("metadata.json"))
+        z.writestr("config.json", json.dumps(config) if config is not None else source.read("config.json"))
+        if not isinstance(weights, zipfile.ZipInfo):
+            z.writestr("model.weights.h5", weights if weights is not None else source.read("model.weights.h5"))
+        for info, data in members:
+            z.writestr(info, data)
+    return out
+
+
+def mlp_config():
+    return json.loads(zipfile.ZipFile(FIXTURES / "sequential_mlp.keras").read("config.json"))
+
+
+def refused(tmp_path, path, *needles):
+    result = run_import(path, "--output", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert all(n in result.output for n in needles), result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.*"))
+    return result.output
+
+
+def test_code_in_a_lambda_layer_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    code = compile(f"open({str(marker)!r}, 'w').write('x')", "<lambda>", "exec")
+    import marshal
+
+    config = mlp_config()
+    config["config"]["layers"].insert(2, {"module": "keras.layers", "class_name": "Lambda", "registered_name": None,
+                                          "config": {"name": "evil", "function": {
+                                              "class_name": "__lambda__", "config": {
+                                                  "code": base64.b64encode(marshal.dumps(code)).decode()}}}})
+    refused(tmp_path, doctored(tmp_path, config), "layer 'evil' is a Keras Lambda", "never runs")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("doctor, needle", [
+    (lambda layer: layer.update(module="evil.layers", class_name="Backdoor"), "from module 'evil.layers'"),
+    (lambda layer: layer.update(registered_name="MyPackage>Dense"), "registered as 'MyPackage>Dense'"),
+    (lambda layer: layer["config"].update(kernel_initializer={"module": "os", "class_name": "system",
+                                                              "config": {"command": "id"}}), "module 'os'"),
+    (lambda layer: layer.update(class_name="TFSMLayer"), "Keras TFSMLayer, which dlcli does not have"),
+], ids=["foreign-module", "custom-registered", "foreign-initializer", "unknown-class"])
+def test_custom_and_foreign_objects_are_refused_by_name(tmp_path, doctor, needle):
+    config = mlp_config()
+    doctor(config["config"]["layers"][1])
+    refused(tmp_path, doctored(tmp_path, config), needle)
+
+
+def test_unsupported_argument_value_names_layer_and_argument(tmp_path):
+    config = mlp_config()
+    config["config"]["layers"][1]["config"]["quantization_config"] = {"mode": "int8"}
+    refused(tmp_path, doctored(tmp_path, config), "argument 'quantization_config'")
+
+
+def weights_file(change) -> bytes:
+    """The fixture's weights, copied into a new in-memory HDF5 file, then changed by `change(file)`."""
+    original = h5py.File(io.BytesIO(zipfile.ZipFile(FIXTURES / "sequential_mlp.keras").read("model.weights.h5")), "r")
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        for key in original:
+            original.copy(original[key], f, key)
+        change(f)
+    return buffer.getvalue()
+
+
+def test_hdf5_external_storage_reading_a_host_file_is_refused(tmp_path):
+    secret = tmp_path / "secret.bin"
+    np.full((8, 16), 7.0, np.float32).tofile(secret)  # what an attacker would exfiltrate into the weights
+
+    def external(f):
+        del f["layers/dense/vars/0"]
+        f["layers/dense/vars"].create_dataset("0", shape=(8, 16), dtype="f4", external=[(str(secret), 0, 512)])
+
+    refused(tmp_path, doctored(tmp_path, weights=weights_file(external)), "external storage", str(secret))
+
+
+@pytest.mark.parametrize("link, needle", [
+    (lambda f, tmp: h5py.SoftLink("/layers/dense_1/vars/0"), "a soft link"),
+    (lambda f, tmp: h5py.ExternalLink(str(tmp / "other.h5"), "/data"), "an external link"),
+], ids=["soft", "external"])
+def test_hdf5_links_are_refused(tmp_path, link, needle):
+    with h5py.File(tmp_path / "other.h5", "w") as other:
+        other["data"] = np.ones((8, 16), np.float32)
+
+    def relink(f):
+        del f["layers/dense/vars/0"]
+        f["layers/dense/vars/0"] = link(f, tmp_path)
+
+    refused(tmp_path, doctored(tmp_path, weights=weights_file(relink)), needle, "layers/dense/vars/0")
+
+
+def test_hdf5_virtual_dataset_is_refused(tmp_path):
+    with h5py.File(tmp_path / "source.h5", "w") as other:
+        other["data"] = np.ones((8, 16), np.float32)
+
+    def virtual(f):
+        del f["layers/dense/vars/0"]
+        layout = h5py.VirtualLayout(shape=(8, 16), dtype="f4")
+        layout[:] = h5py.VirtualSource(str(tmp_path / "source.h5"), "data", shape=(8, 16))
+        f["layers/dense/vars"].create_virtual_dataset("0", layout)
+
+    refused(tmp_path, doctored(tmp_path, weights=weights_file(virtual)), "virtual dataset")
+
+
+def test_zip_bomb_is_refused_before_inflating(tmp_path):
+    bomb = zipfile.ZipInfo("model.weights.h5")
+    bomb.compress_type = zipfile.ZIP_DEFLATED
+    path = doctored(tmp_path, weights=bomb, members=[(bomb, b"\0" * (64 << 20))])  # 64 MiB of zeros -> ~64 KiB
+    assert zipfile.ZipFile(path).getinfo("model.weights.h5").compress_size < 1 << 20
+    refused(tmp_path, path, "likely zip bomb", "model.weights.h5")
+
+
+@pytest.mark.parametrize("member", ["../../escaped.txt", "/tmp/dlcli-absolute.txt", "assets/../../x.txt"])
+def test_path_traversal_members_are_refused_and_nothing_is_extracted(tmp_path, member, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = doctored(tmp_path, members=[(zipfile.ZipInfo(member), b"owned")])
+    refused(tmp_path, path, f"unexpected archive member '{member}'")
+    assert not list(tmp_path.parent.glob("escaped.txt")) and not Path("/tmp/dlcli-absolute.txt").exists()
+
+
+def test_weight_shape_is_checked_against_the_config_before_reading(tmp_path):
+    def bigger(f):
+        del f["layers/dense/vars/0"]
+        f["layers/dense/vars"].create_dataset("0", data=np.zeros((8, 17), np.float32))
+
+    result = run_import(doctored(tmp_path, weights=weights_file(bigger)), "--output", tmp_path / "run")
+    assert result.exit_code == 1 and "shape (8, 17) in the file but the model expects (8, 16)" in result.output
