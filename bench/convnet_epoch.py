@@ -15,7 +15,7 @@ import tempfile
 
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import child_peak_rss_mib, interleaved_best, mnist_train, torch_or_none  # noqa: E402
+from common import child_peak_rss_mib, interleaved_rounds, mnist_train, report_ratio, torch_or_none  # noqa: E402
 
 BATCH = 64
 EPOCH_BATCHES = -(-60000 // BATCH)
@@ -33,12 +33,17 @@ def dlcli_runner(x, y):
     return run
 
 
-def torch_runner(torch, x, y):
+def torch_net(torch):
     nn = torch.nn
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(576, 64),
-                        nn.ReLU(), nn.Linear(64, 10))
+    return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(576, 64),
+                         nn.ReLU(), nn.Linear(64, 10))
+
+
+def torch_runner(torch, x, y):
+    nn = torch.nn
+    net = torch_net(torch)
     opt = torch.optim.RMSprop(net.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)  # Keras' RMSprop defaults
     tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # PyTorch is channels-first
     ty = torch.from_numpy(y)
@@ -65,12 +70,12 @@ def main():
         runs["pytorch"] = torch_runner(torch, x, y)
     for fn in runs.values():  # warm-up
         fn()
-    best = interleaved_best(runs, args.rounds)
+    times = interleaved_rounds(runs, args.rounds)
+    best = {name: min(t) for name, t in times.items()}
     for name, sec in best.items():
         print(f"{name:8s} {sec / args.batches * 1000:7.1f} ms/batch  -> {sec / args.batches * EPOCH_BATCHES:6.1f} "
               f"s/epoch (extrapolated from {args.batches} batches x best of {args.rounds} rounds)")
-    if "pytorch" in best:
-        print(f"ratio dlcli/pytorch: {best['dlcli'] / best['pytorch']:.2f}x  (target <= 2x)")
+    report_ratio(best, "<= 0.8x", times)
     if args.memory:
         with tempfile.TemporaryDirectory() as runs_dir:
             code, mib = child_peak_rss_mib([sys.executable, "-m", "dlcli.cli", "train", "configs/mnist_cnn.yaml",

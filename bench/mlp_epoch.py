@@ -12,7 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_best, mnist_train, torch_or_none  # noqa: E402
+from common import interleaved_rounds, mnist_train, report_ratio, torch_or_none  # noqa: E402
 
 
 def dlcli_runner(x, y, batch_size):
@@ -64,11 +64,11 @@ def main():
         runs["pytorch"] = torch_runner(torch, x, y, args.batch_size)
     for fn in runs.values():  # warm-up epoch
         fn()
-    best = interleaved_best(runs, args.repeats)
+    times = interleaved_rounds(runs, args.repeats)
+    best = {name: min(t) for name, t in times.items()}
     for name, sec in best.items():
         print(f"{name:8s} {sec:6.2f} s/epoch  (best of {args.repeats} interleaved epochs after one warm-up)")
-    if "pytorch" in best:
-        print(f"ratio dlcli/pytorch: {best['dlcli'] / best['pytorch']:.2f}x  (target <= 1.2x)")
+    report_ratio(best, "<= 1.0x", times)
 
 if __name__ == "__main__":
     main()

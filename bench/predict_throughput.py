@@ -1,0 +1,63 @@
+"""Inference throughput of the book's MNIST convnet (configs/mnist_cnn.yaml) at batch 512: images per second
+through `model.predict` in dlcli and through the same network under torch.inference_mode in PyTorch CPU
+(2 threads).
+
+    DLCLI_DATA_DIR=../shared/datasets python bench/predict_throughput.py [--batches 8] [--rounds 5] [--batch 512]
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import interleaved_rounds, mnist_train, report_ratio, torch_or_none  # noqa: E402
+from convnet_epoch import torch_net  # noqa: E402
+
+
+def dlcli_runner(x, batch):
+    from dlcli.builder import build_model
+    from dlcli.config import load_config
+
+    model = build_model(load_config("configs/mnist_cnn.yaml").to_dict())
+    return lambda: model.predict(x, batch_size=batch)
+
+
+def torch_runner(torch, x, batch):
+    net = torch_net(torch).eval()
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # PyTorch is channels-first
+
+    def run():
+        with torch.inference_mode():
+            return torch.cat([torch.softmax(net(tx[i:i + batch]), 1) for i in range(0, len(tx), batch)]).numpy()
+    return run
+
+
+def runners(batch=512, batches=8):
+    x, _ = mnist_train((28, 28, 1), limit=batch * batches)
+    runs = {"dlcli": dlcli_runner(x, batch)}
+    torch = torch_or_none()
+    if torch is not None:
+        runs["pytorch"] = torch_runner(torch, x, batch)
+    return runs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=512)
+    args = parser.parse_args()
+    runs = runners(args.batch, args.batches)
+    for fn in runs.values():  # warm-up
+        fn()
+    times = interleaved_rounds(runs, args.rounds)
+    best = {name: min(t) for name, t in times.items()}
+    n = args.batch * args.batches
+    for name, sec in best.items():
+        print(f"{name:8s} {n / sec:9,.0f} images/s  ({sec / args.batches * 1000:.1f} ms per batch of {args.batch}, "
+              f"best of {args.rounds} rounds)")
+    # throughput is the inverse of time: dlcli/pytorch time <= 1.0x means throughput >= 1.0x
+    report_ratio(best, "<= 1.0x in time, i.e. throughput >= 1.0x", times)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""An LSTM(32) or GRU(32) training step as training runs it: sequences of 100 steps x 32 features, batch 64,
+Recurrent -> Dense(1, sigmoid), binary cross-entropy, RMSprop, through `fit` in dlcli and the equivalent loop in
+PyTorch CPU (2 threads). The recurrent layer reads the model's input, so neither peer computes an input gradient.
+
+    python bench/recurrent_step.py [--cell lstm|gru] [--rounds 5] [--batches 10] [--steps 100] [--batch 64]
+
+Each round trains `--batches` batches (one `fit` epoch in dlcli: shuffling gather, metrics and all); rounds
+alternate between peers and the best round counts.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import interleaved_rounds, report_ratio, torch_or_none  # noqa: E402
+
+CELLS = ("lstm", "gru")
+
+
+def data(n, steps, features, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (n, steps, features)).astype(np.float32)
+    y = (x[:, -5:, 0].mean(1) > 0).astype(np.float32)[:, None]
+    return x, y
+
+
+def dlcli_runner(cell, x, y, batch, units):
+    from dlcli import layers, models
+    from dlcli.engine.layer import set_random_seed
+
+    set_random_seed(0)
+    rnn = {"lstm": layers.LSTM, "gru": layers.GRU}[cell](units, input_shape=x.shape[1:])
+    model = models.Sequential([rnn, layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer="rmsprop", loss="binary_crossentropy", metrics=["accuracy"])
+    seeds = iter(range(10**6))
+    return lambda: model.fit(x, y, epochs=1, batch_size=batch, verbose=0, seed=next(seeds))
+
+
+def torch_runner(torch, cell, x, y, batch, units):
+    nn = torch.nn
+    torch.manual_seed(0)
+    rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell](x.shape[-1], units, batch_first=True)
+    head = nn.Linear(units, 1)
+    params = list(rnn.parameters()) + list(head.parameters())
+    opt = torch.optim.RMSprop(params, lr=1e-3, alpha=0.9, eps=1e-7)  # Keras' RMSprop defaults
+    loss_fn = nn.BCEWithLogitsLoss()
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    seeds = iter(range(10**6))
+
+    def epoch():
+        order = torch.randperm(len(tx), generator=torch.Generator().manual_seed(next(seeds)))
+        correct = 0
+        for i in range(0, len(tx), batch):
+            idx = order[i:i + batch]
+            xb, yb = tx[idx], ty[idx]
+            opt.zero_grad(set_to_none=False)
+            out, _ = rnn(xb)
+            logits = head(out[:, -1])
+            loss = loss_fn(logits, yb)
+            loss.backward()
+            opt.step()
+            correct += int(((logits > 0) == (yb > 0.5)).sum())  # the accuracy bookkeeping dlcli does
+        return correct
+    return epoch
+
+
+def runners(cell, batch=64, steps=100, features=32, units=32, batches=10):
+    x, y = data(batch * batches, steps, features)
+    runs = {"dlcli": dlcli_runner(cell, x, y, batch, units)}
+    torch = torch_or_none()
+    if torch is not None:
+        runs["pytorch"] = torch_runner(torch, cell, x, y, batch, units)
+    return runs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cell", choices=CELLS, default="lstm")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--units", type=int, default=32)
+    args = parser.parse_args()
+    runs = runners(args.cell, args.batch, args.steps, 32, args.units, args.batches)
+    for fn in runs.values():  # warm-up
+        fn()
+    times = interleaved_rounds(runs, args.rounds)
+    best = {name: min(t) for name, t in times.items()}
+    for name, sec in best.items():
+        print(f"{name:8s} {sec / args.batches * 1000:7.2f} ms per training step ({args.cell.upper()}({args.units}), "
+              f"{args.steps} steps, batch {args.batch}, best of {args.rounds} rounds of {args.batches} batches)")
+    report_ratio(best, "<= 1.0x", times)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""`configs/fashion_mnist_resnet.yaml` (conv stem, three residual blocks with BatchNormalization, global average
+pooling, Adam, batch 64): seconds per training epoch in dlcli and the same graph in PyTorch CPU (2 threads).
+
+    DLCLI_DATA_DIR=../shared/datasets python bench/resnet_epoch.py [--batches 20] [--rounds 3] [--batch 64]
+
+As bench/convnet_epoch.py: each peer trains `--batches` batches per round, rounds alternate, the best round is
+scaled to an epoch of 54,000 / 64 = 844 batches (the config's 10% validation split held out). PyTorch pads the
+stride-2 'same' conv symmetrically where TensorFlow pads bottom/right; shapes and arithmetic are the same.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import interleaved_rounds, mnist_train, report_ratio, torch_or_none  # noqa: E402
+
+CONFIG = "configs/fashion_mnist_resnet.yaml"
+EPOCH_SAMPLES = 54000
+
+
+def dlcli_runner(x, y, batch):
+    from dlcli.builder import build_model
+    from dlcli.config import load_config
+
+    model = build_model(load_config(CONFIG).to_dict())
+
+    def run():
+        for i in range(0, len(x), batch):
+            model.train_step([x[i:i + batch]], [y[i:i + batch]])
+    return run
+
+
+def torch_net(torch):
+    nn = torch.nn
+
+    def conv_bn(cin, cout, k=3, stride=1):
+        # Keras' BatchNormalization: momentum 0.99 (PyTorch counts 1 - momentum), epsilon 1e-3
+        return [nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout, 1e-3, 0.01)]
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.body = nn.Sequential(*conv_bn(cin, cout, 3, stride), nn.ReLU(), *conv_bn(cout, cout))
+            self.short = nn.Sequential(*conv_bn(cin, cout, 1, stride)) if stride > 1 else nn.Identity()
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.short(x))
+
+    return nn.Sequential(*conv_bn(1, 32), nn.ReLU(), nn.MaxPool2d(2), Block(32, 32, 1), Block(32, 64, 2),
+                         Block(64, 64, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(64, 10))
+
+
+def torch_runner(torch, x, y, batch):
+    torch.manual_seed(0)
+    net = torch_net(torch)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-7)  # Keras' Adam epsilon
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # PyTorch is channels-first
+    ty = torch.from_numpy(y)
+
+    def run():
+        net.train()
+        for i in range(0, len(tx), batch):
+            opt.zero_grad(set_to_none=False)
+            loss = torch.nn.functional.cross_entropy(net(tx[i:i + batch]), ty[i:i + batch])
+            loss.backward()
+            opt.step()
+    return run
+
+
+def runners(batch=64, batches=20):
+    x, y = mnist_train((28, 28, 1), limit=batch * batches, kind="fashion_mnist")
+    runs = {"dlcli": dlcli_runner(x, y, batch)}
+    torch = torch_or_none()
+    if torch is not None:
+        runs["pytorch"] = torch_runner(torch, x, y, batch)
+    return runs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    runs = runners(args.batch, args.batches)
+    for fn in runs.values():  # warm-up
+        fn()
+    times = interleaved_rounds(runs, args.rounds)
+    best = {name: min(t) for name, t in times.items()}
+    epoch_batches = -(-EPOCH_SAMPLES // args.batch)
+    for name, sec in best.items():
+        print(f"{name:8s} {sec / args.batches * 1000:7.1f} ms/batch  -> {sec / args.batches * epoch_batches:6.1f} "
+              f"s/epoch (extrapolated from {args.batches} batches x best of {args.rounds} rounds)")
+    report_ratio(best, "<= 1.2x", times)
+
+
+if __name__ == "__main__":
+    main()
