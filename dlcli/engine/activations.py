@@ -12,6 +12,9 @@ ACTIVATIONS = Registry("activation")
 
 class Activation:
     name = "linear"
+    # d act / dz as a function of the output y = act(z), where one exists: a recurrent layer caches only its
+    # outputs, so it accepts exactly these activations. A staticmethod on the class, or None.
+    output_derivative = None
 
     def forward(self, z):
         return z
@@ -22,7 +25,9 @@ class Activation:
 
 @ACTIVATIONS.register("linear", "identity")
 class Linear(Activation):
-    pass
+    @staticmethod
+    def output_derivative(y):
+        return np.ones_like(y)
 
 
 @ACTIVATIONS.register("relu")
@@ -36,6 +41,10 @@ class ReLU(Activation):
     def backward(self, grad):
         return grad * self.positive
 
+    @staticmethod
+    def output_derivative(y):
+        return (y > 0).astype(y.dtype)
+
 
 @ACTIVATIONS.register("sigmoid")
 class Sigmoid(Activation):
@@ -48,6 +57,10 @@ class Sigmoid(Activation):
     def backward(self, grad):
         return grad * self.y * (1 - self.y)
 
+    @staticmethod
+    def output_derivative(y):
+        return y * (1 - y)
+
 
 @ACTIVATIONS.register("tanh")
 class Tanh(Activation):
@@ -59,6 +72,10 @@ class Tanh(Activation):
 
     def backward(self, grad):
         return grad * (1 - self.y * self.y)
+
+    @staticmethod
+    def output_derivative(y):
+        return 1 - y * y
 
 
 @ACTIVATIONS.register("softmax")
@@ -100,6 +117,11 @@ class ELU(Activation):
     def backward(self, grad):
         return grad * np.where(self.z > 0, 1, self.alpha * np.exp(np.minimum(self.z, 0)))
 
+    @staticmethod
+    def output_derivative(y):
+        # for z <= 0: y = alpha (e^z - 1), so alpha e^z = y + alpha
+        return np.where(y > 0, 1, y + ELU.alpha).astype(y.dtype)
+
 
 @ACTIVATIONS.register("selu")
 class SELU(Activation):
@@ -113,6 +135,11 @@ class SELU(Activation):
 
     def backward(self, grad):
         return grad * self.scale * np.where(self.z > 0, 1, self.alpha * np.exp(np.minimum(self.z, 0)))
+
+    @staticmethod
+    def output_derivative(y):
+        # for z <= 0: y = scale alpha (e^z - 1), so scale alpha e^z = y + scale alpha
+        return np.where(y > 0, SELU.scale, y + SELU.scale * SELU.alpha).astype(y.dtype)
 
 
 @ACTIVATIONS.register("gelu")
@@ -154,6 +181,11 @@ class Softplus(Activation):
 
     def backward(self, grad):
         return grad * sigmoid(self.z)
+
+    @staticmethod
+    def output_derivative(y):
+        # sigmoid(z) = 1 - e^-softplus(z)
+        return -np.expm1(-y)
 
 
 @ACTIVATIONS.register("swish", "silu")

@@ -13,10 +13,6 @@ import numpy as np
 
 from dlcli.engine import activations
 
-# Activations a recurrent layer accepts: their derivative is a function of their output, so the backward pass
-# needs only the cached outputs (no pre-activations).
-_SELU_ALPHA, _SELU_SCALE = activations.SELU.alpha, activations.SELU.scale
-
 
 def _sigmoid_(z):
     # sigmoid(z) = 0.5 * tanh(z / 2) + 0.5: in place and free of overflow warnings.
@@ -41,16 +37,10 @@ _ACTIVATE = {
     "selu": _via_object("selu"),
     "softplus": _via_object("softplus"),
 }
-_DERIVATIVE = {
-    "linear": lambda y: np.ones_like(y),
-    "relu": lambda y: (y > 0).astype(y.dtype),
-    "sigmoid": lambda y: y * (1 - y),
-    "tanh": lambda y: 1 - y * y,
-    "elu": lambda y: np.where(y > 0, 1, y + 1).astype(y.dtype),
-    "selu": lambda y: np.where(y > 0, _SELU_SCALE, y + _SELU_SCALE * _SELU_ALPHA).astype(y.dtype),
-    "softplus": lambda y: -np.expm1(-y),
-}
-SUPPORTED = sorted(_ACTIVATE)
+# Activations a recurrent layer accepts: those whose derivative is a function of their output
+# (activations.Activation.output_derivative), so the backward pass needs only the cached outputs.
+SUPPORTED = sorted(name for name in activations.ACTIVATIONS if name in _ACTIVATE
+                   and activations.ACTIVATIONS.get(name).output_derivative is not None)
 # tanh-only fast path: sigmoid(z) = 0.5 * tanh(0.5 z) + 0.5, so scaling a gate's weights by 0.5 makes one tanh
 # call activate all gates at once; (scale, offset) per activation.
 _TANH_FORM = {"sigmoid": (0.5, 0.5), "tanh": (1.0, 0.0)}
@@ -62,7 +52,7 @@ def activate_(name, z):
 
 
 def derivative(name, y):
-    return _DERIVATIVE[name](y)
+    return activations.ACTIVATIONS.get(name).output_derivative(y)
 
 
 def tanh_form(names, units, dtype):
