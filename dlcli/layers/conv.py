@@ -71,7 +71,7 @@ class _Conv(_Windowed):
         self.cols = cols.reshape(-1, self.kernel.value[..., 0].size)
         z = np.dot(self.cols, self.kernel.value.reshape(-1, self.filters))
         if self.use_bias:
-            z += self.bias.value
+            cm.add_channels(z, self.bias.value)
         return self.activate(z.reshape(x.shape[0], *self.out_sizes, self.filters))
 
     def backward(self, grad):
@@ -79,7 +79,7 @@ class _Conv(_Windowed):
         if self.kernel.grad is not None:
             self.kernel.grad += np.dot(self.cols.T, g).reshape(self.kernel.grad.shape)
         if self.use_bias and self.bias.grad is not None:
-            self.bias.grad += g.sum(0)
+            self.bias.grad += cm.sum_rows(g)
         if not self.input_grad_needed:  # the first conv reads data: skip its (large) input gradient
             return None
         dxp = cm.col2im_matmul(g, self.kernel.value, self.xp_shape, self.out_sizes, self.strides,
