@@ -35,11 +35,12 @@ class ReLU(Activation):
     name = "relu"
 
     def forward(self, z):
-        self.positive = z > 0
-        return np.maximum(z, 0)
+        # the output, not a mask: inference skips the comparison, and y > 0 exactly where z > 0
+        self.y = np.maximum(z, 0)
+        return self.y
 
     def backward(self, grad):
-        return grad * self.positive
+        return grad * (self.y > 0)
 
     @staticmethod
     def output_derivative(y):

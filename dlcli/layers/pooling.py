@@ -43,10 +43,17 @@ class _Pooling(Layer):
 class _MaxPooling(_Pooling):
     def forward(self, x, training=False):
         # -inf padding: a padded position never wins, as in TF's 'same' max pooling
-        y, self.arg = cm.max_pool(self._prepare(x, -np.inf), self.pool_size, self.out_sizes, self.strides)
+        xp = self._prepare(x, -np.inf)
+        if not training:  # inference: the maxima only; their positions if a backward pass asks (gradient checks)
+            self.arg, self.xp = None, xp
+            return cm.window_max(xp, self.pool_size, self.out_sizes, self.strides)
+        y, self.arg = cm.max_pool(xp, self.pool_size, self.out_sizes, self.strides)
+        self.xp = None
         return y
 
     def backward(self, grad):
+        if self.arg is None:
+            _, self.arg = cm.max_pool(self.xp, self.pool_size, self.out_sizes, self.strides)
         dxp = cm.max_pool_backward(grad, self.arg, self.xp_shape, self.pool_size, self.out_sizes, self.strides)
         return cm.unpad(dxp, self.pads)
 
