@@ -22,9 +22,9 @@ def first_batch(config: dict, model, size: int) -> tuple[list, list]:
     from dlcli.experiment import load_splits
 
     splits = load_splits(config, model)
-    if len(splits.x_train[0]) == 0:
+    if len(splits.x_train) == 0:
         raise DlcliError("the training split is empty")
-    return [a[:size] for a in splits.x_train], [a[:size] for a in splits.y_train]
+    return splits.x_train.take(slice(0, size)), [a[:size] for a in splits.y_train]
 
 
 # --- trace --------------------------------------------------------------------------------------------------
@@ -240,9 +240,9 @@ def short_run(config: dict, samples: int, epochs: int) -> tuple[dict, list]:
     model = build_model(config)
     splits = load_splits(config, model)
     val = None if splits.x_val is None else max(1, samples // 4)
-    splits = replace(splits, x_train=[a[:samples] for a in splits.x_train],
+    splits = replace(splits, x_train=splits.x_train.subset(slice(0, samples)),
                      y_train=[a[:samples] for a in splits.y_train],
-                     x_val=None if val is None else [a[:val] for a in splits.x_val],
+                     x_val=None if val is None else splits.x_val.subset(slice(0, val)),
                      y_val=None if val is None else [a[:val] for a in splits.y_val], x_test=None, y_test=None)
     with tempfile.TemporaryDirectory(prefix="dlcli-determinism-") as tmp:
         run_dir = Path(tmp) / "run"

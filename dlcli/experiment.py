@@ -11,25 +11,27 @@ import numpy as np
 
 from dlcli import runs
 from dlcli.callbacks import Callback
-from dlcli.errors import DlcliError
+from dlcli.data.source import Source, as_source
+from dlcli.errors import DlcliError, ShapeError
 
 
 @dataclass
 class Splits:
-    """Arrays per split, each a list aligned with the model's inputs / outputs."""
+    """Per split: the inputs as a Source (dlcli.data.source), the targets as a list of arrays aligned with the
+    model's outputs."""
 
-    x_train: list
+    x_train: Source
     y_train: list
-    x_val: list | None
+    x_val: Source | None
     y_val: list | None
-    x_test: list | None
+    x_test: Source | None
     y_test: list | None
     classes: list | None = None
     source: str = ""
     extra: dict = field(default_factory=dict)
 
     def sizes(self) -> dict:
-        return {name: (0 if xs is None else len(xs[0]))
+        return {name: (0 if xs is None else len(xs))
                 for name, xs in (("train", self.x_train), ("validation", self.x_val), ("test", self.x_test))}
 
 
@@ -39,30 +41,44 @@ def load_splits(config: dict, model) -> Splits:
 
     train_cfg = config.get("train", {})
     ds = load_dataset(config["data"])
-    x_train, y_train = fit_inputs(ds.x_train, model), fit_targets(ds.y_train, model)
-    x_test = None if ds.x_test is None else fit_inputs(ds.x_test, model)
+    x_train, y_train = as_source(fit_inputs(ds.x_train, model)), fit_targets(ds.y_train, model)
+    x_test = None if ds.x_test is None else as_source(fit_inputs(ds.x_test, model))
     y_test = None if ds.y_test is None else fit_targets(ds.y_test, model)
     x_val = y_val = None
     if getattr(ds, "x_val", None) is not None:
-        x_val, y_val = fit_inputs(ds.x_val, model), fit_targets(ds.y_val, model)
+        x_val, y_val = as_source(fit_inputs(ds.x_val, model)), fit_targets(ds.y_val, model)
     elif train_cfg.get("validation_split"):
         rng = np.random.default_rng([int(config.get("seed", 0)), 1])
-        idx = np.arange(len(x_train[0]))
+        idx = np.arange(len(x_train))
         strat = y_train[0] if train_cfg.get("stratify") else np.zeros(len(idx))
         tr, _, va, _ = validation_split(idx, strat, float(train_cfg["validation_split"]), rng,
                                         bool(train_cfg.get("stratify")))
-        x_val, y_val = [a[va] for a in x_train], [a[va] for a in y_train]
-        x_train, y_train = [a[tr] for a in x_train], [a[tr] for a in y_train]
+        x_val, y_val = x_train.subset(va), [a[va] for a in y_train]
+        x_train, y_train = x_train.subset(tr), [a[tr] for a in y_train]
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, ds.classes, ds.source, ds.extra or {})
 
 
-def fit_inputs(x, model) -> list:
-    """Arrays for each model input; (N, 28, 28) data feeds an input of shape (28, 28, 1) as a free reshape."""
+def fit_inputs(x, model) -> list | Source:
+    """Arrays for each model input (or a Source, reshaped); (N, 28, 28) data feeds an input of shape (28, 28, 1)
+    as a free reshape."""
+    def fits(have, want):
+        return have != want and int(np.prod(have)) == int(np.prod(want)) \
+            and [d for d in have if d != 1] == [d for d in want if d != 1]
+
+    if isinstance(x, Source):
+        shapes = [tuple(t.shape) for t in model.inputs]
+        have = [tuple(s) for s in x.sample_shapes]
+        if len(have) != len(shapes):
+            raise ShapeError(f"the data has {len(have)} input(s); model '{model.name}' has {len(shapes)} "
+                             f"({', '.join(model.input_names)})")
+        for h, s, name in zip(have, shapes, model.input_names):
+            if h != s and not fits(h, s):
+                raise ShapeError(f"input '{name}' expects samples of shape {s}; the data has {h}")
+        return x if have == shapes else x.reshaped(shapes)
     xs = [x[n] for n in model.input_names] if isinstance(x, dict) else (list(x) if isinstance(x, list) else [x])
     out = []
     for a, t in zip(xs, model.inputs):
-        if a.shape[1:] != t.shape and int(np.prod(a.shape[1:])) == int(np.prod(t.shape)) \
-                and [d for d in a.shape[1:] if d != 1] == [d for d in t.shape if d != 1]:
+        if fits(a.shape[1:], t.shape):
             a = a.reshape((len(a), *t.shape))
         out.append(a)
     return model._inputs_list(out)
@@ -242,9 +258,9 @@ def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size
         raise DlcliError(f"run {run_dir.name} has no {split} split (set train.validation_split for a validation "
                          f"split)" if split == "validation" else "the dataset has no test split")
     bs = batch_size or int(config.get("train", {}).get("batch_size", 32))
-    result = {"run": run_dir.name, "weights": weights, "split": split, "samples": len(xs[0]),
+    result = {"run": run_dir.name, "weights": weights, "split": split, "samples": len(xs),
               "metrics": model.evaluate_arrays(xs, ys, bs)}
-    preds = model.predict(xs if len(xs) > 1 else xs[0], batch_size=bs)
+    preds = model.predict(xs, batch_size=bs)
     preds = preds if isinstance(preds, list) else [preds]
     report = classification_report(ys[0], preds[0], splits.classes)
     if report:

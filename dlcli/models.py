@@ -12,6 +12,7 @@ import numpy as np
 from dlcli import losses as losses_module
 from dlcli import metrics as metrics_module
 from dlcli import optimizers as optimizers_module
+from dlcli.data.source import ArraySource, Source, as_source, batch_indices
 from dlcli.engine.graph import Graph, Input, InputLayer
 from dlcli.engine.layer import LAYERS, Layer, SymbolicTensor, assign_weights, format_shape
 from dlcli.errors import ConfigError, DlcliError, ShapeError
@@ -254,27 +255,30 @@ class Model:
         return self.evaluate_logs(xs, ys, batch_size, sample_weight).results(extra_loss=self.regularization_loss())
 
     def evaluate_logs(self, xs, ys, batch_size=32, sample_weight=None) -> "RunningLogs":
-        """The running sums behind evaluate_arrays (data-parallel evaluation adds them up over ranks)."""
+        """The running sums behind evaluate_arrays (data-parallel evaluation adds them up over ranks). `xs`: a list
+        of arrays (one per input) or a Source."""
         logs = RunningLogs(self)
-        n = len(xs[0])
-        for start in range(0, n, batch_size):
-            sl = slice(start, start + batch_size)
-            xb, yb = [a[sl] for a in xs], [a[sl] for a in ys]
-            sw = None if sample_weight is None else sample_weight[sl]
-            outs = self.graph.forward(xb, training=False)
-            total, parts, _ = self.compute_loss(yb, outs, sw, with_grads=False)
-            logs.update(total, parts, yb, outs, sw)
+        source = as_source(xs)
+        chunks = batch_indices(len(source), batch_size)
+        with source.batches(chunks) as inputs:
+            for sl, xb in zip(chunks, inputs):
+                yb = [a[sl] for a in ys]
+                sw = None if sample_weight is None else sample_weight[sl]
+                outs = self.graph.forward(xb, training=False)
+                total, parts, _ = self.compute_loss(yb, outs, sw, with_grads=False)
+                logs.update(total, parts, yb, outs, sw)
         return logs
 
     def predict(self, x, batch_size=32, verbose=0):
-        """Outputs for `x`, computed batch by batch (an array, or a list for several outputs)."""
-        xs = self._inputs_list(x)
-        n = len(xs[0])
+        """Outputs for `x` (arrays, or a Source of inputs), computed batch by batch (an array, or a list for
+        several outputs)."""
+        source = x if isinstance(x, Source) else ArraySource(self._inputs_list(x))
         chunks = [[] for _ in self.outputs]
-        for start in range(0, n, batch_size):
-            outs = self.graph.forward([a[start:start + batch_size] for a in xs], training=False)
-            for c, o in zip(chunks, outs):
-                c.append(o.copy())
+        with source.batches(batch_indices(len(source), batch_size)) as inputs:
+            for xb in inputs:
+                outs = self.graph.forward(xb, training=False)
+                for c, o in zip(chunks, outs):
+                    c.append(o.copy())
         results = [np.concatenate(c) if c else np.empty((0,) + t.shape, np.float32)
                    for c, t in zip(chunks, self.outputs)]
         return results[0] if len(results) == 1 else results

@@ -15,6 +15,7 @@ from collections import deque
 import numpy as np
 
 from dlcli import distributed
+from dlcli.data.source import as_source, batch_indices, index_array
 from dlcli.models import RunningLogs
 from dlcli.callbacks import CallbackList, History, ProgressLogger
 from dlcli.errors import DlcliError
@@ -51,7 +52,8 @@ class Trainer:
         from dlcli import checkpoint
 
         model, world = self.model, self.world
-        n = len(xs[0])
+        xs = as_source(xs)
+        n = len(xs)
         history = History()
         verbose = self.verbose and world.is_root
         callbacks = [history] + ([ProgressLogger(epochs, n)] if verbose else []) + self.user_callbacks
@@ -96,30 +98,28 @@ class Trainer:
             cbs.on_epoch_begin(epoch)
             # Permutation drawn even without shuffling, so the RNG stream is the same either way.
             order = self.rng.permutation(n)
-            for batch, begin in enumerate(range(skip * batch_size, n, batch_size), start=skip):
-                self.batch = batch
-                stop = min(n, begin + batch_size)
-                if shuffle:
-                    idx = np.sort(order[begin:stop])  # sorted gathers read memory in order
-                else:
-                    idx = np.arange(begin, stop)
-                size = len(idx)
-                mine, share = self._rank_slice(idx, size)
-                sel = mine if shuffle or world.size > 1 else slice(begin, stop)  # unshuffled, one rank: views
-                xb, yb = [a[sel] for a in xs], [a[sel] for a in ys]
-                wb = None if weights is None else weights[sel]
-                cbs.on_train_batch_begin(batch)
-                total, parts, outs = self._step(xb, yb, wb, mine, share)
-                self.samples_seen += size
-                if self.exchange is None:
-                    self.logs.update(total, parts, yb, outs, wb)
-                batch_logs = {"batch": batch, "size": size, **self.logs.results()}
-                cbs.on_train_batch_end(batch, batch_logs)
-                every = self.checkpoint_every
-                if self.stopping() or (every and (batch + 1) % every == 0 and begin + batch_size < n):
-                    self.save_checkpoint(epoch, batch + 1, batch_size, n)
-                if model.stop_training or self.stopping():
-                    break
+            # the global batches' indices, and this rank's part of each (all of it on one rank)
+            chunks = [self._rank_slice(c, n) for c in
+                      batch_indices(n, batch_size, order if shuffle else None, first=skip)]
+            with xs.batches([sel for sel, _, _ in chunks]) as inputs:
+                for batch, ((sel, size, share), xb) in enumerate(zip(chunks, inputs), start=skip):
+                    self.batch = batch
+                    if self.bn_sync is not None:
+                        self.bn_sync.ghost = share == 0.0
+                    yb = [a[sel] for a in ys]
+                    wb = None if weights is None else weights[sel]
+                    cbs.on_train_batch_begin(batch)
+                    total, parts, outs = self._step(xb, yb, wb, sel, n, share)
+                    self.samples_seen += size
+                    if self.exchange is None:
+                        self.logs.update(total, parts, yb, outs, wb)
+                    batch_logs = {"batch": batch, "size": size, **self.logs.results()}
+                    cbs.on_train_batch_end(batch, batch_logs)
+                    every = self.checkpoint_every
+                    if self.stopping() or (every and (batch + 1) % every == 0 and batch + 1 < skip + len(chunks)):
+                        self.save_checkpoint(epoch, batch + 1, batch_size, n)
+                    if model.stop_training or self.stopping():
+                        break
             if self.stopping():
                 return history  # no epoch end: the checkpoint resumes inside this epoch
             logs = self.logs.results()
@@ -140,40 +140,41 @@ class Trainer:
         """A stop request (Ctrl-C, SIGTERM) counts once every rank knows of it, so all stop at the same batch."""
         return self.stop_requested if self.exchange is None else self.stop_agreed
 
-    def _rank_slice(self, idx, size):
-        """(this rank's indices of the global batch `idx`, its share of the batch). A rank left without a sample
-        (a global batch smaller than the rank count) runs one stand-in sample with share 0: collectives inside
-        the step (BatchNormalization's) need every rank, and it adds nothing."""
+    def _rank_slice(self, chunk, n):
+        """(this rank's indices of the global batch `chunk`, the global batch's size, this rank's share of it).
+        One rank takes the chunk as it is (a slice stays a view). A rank left without a sample (a global batch
+        smaller than the rank count) runs one stand-in sample with share 0: collectives inside the step
+        (BatchNormalization's) need every rank, and it adds nothing."""
         world = self.world
         if world.size == 1:
-            return idx, 1.0
+            return chunk, (len(range(n)[chunk]) if isinstance(chunk, slice) else len(chunk)), 1.0
+        idx = index_array(chunk, n)
+        size = len(idx)
         a, b = distributed.rank_share(size, world.rank, world.size)
-        ghost = a == b
-        if self.bn_sync is not None:
-            self.bn_sync.ghost = ghost
-        return (idx[-1:], 0.0) if ghost else (idx[a:b], (b - a) / size)
+        return (idx[-1:], size, 0.0) if a == b else (idx[a:b], size, (b - a) / size)
 
     def evaluate(self, xs, ys, batch_size) -> dict:
         """Loss and metrics over (xs, ys): with several ranks each takes a contiguous share and the sums are added."""
         world, model = self.world, self.model
         if world.size == 1:
             return model.evaluate_arrays(xs, ys, batch_size)
-        a, b = distributed.rank_share(len(xs[0]), world.rank, world.size)
-        logs = model.evaluate_logs([x[a:b] for x in xs], [y[a:b] for y in ys], batch_size)
+        xs = as_source(xs)
+        a, b = distributed.rank_share(len(xs), world.rank, world.size)
+        logs = model.evaluate_logs(xs.subset(slice(a, b)), [y[a:b] for y in ys], batch_size)
         logs.set_sums(world.allreduce(np.asarray(logs.sums(), np.float64)).tolist())
         return logs.results(extra_loss=model.regularization_loss())
 
-    def _step(self, xb, yb, wb, idx, share=1.0):
+    def _step(self, xb, yb, wb, sel, n, share=1.0):
         """Model.train_step with a gate before the update: a non-finite loss or gradient stops training with the
         weights that produced it untouched (so the batch can be re-run with checks)."""
 
         def gate(total, params):
             if not math.isfinite(total):
-                self._diverged("loss", total, xb, yb, wb, idx)
+                self._diverged("loss", total, xb, yb, wb, index_array(sel, n))
             grad_norm = math.sqrt(sum(_sq(p.grad) for p in params))
             self.norms.append((math.sqrt(sum(_sq(p.value) for p in params)), grad_norm))
             if not math.isfinite(grad_norm):
-                self._diverged("gradient", total, xb, yb, wb, idx)
+                self._diverged("gradient", total, xb, yb, wb, index_array(sel, n))
 
         if self.exchange is None:
             return self.model.train_step(xb, yb, wb, before_update=gate)

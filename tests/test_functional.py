@@ -178,7 +178,7 @@ def test_yaml_two_input_two_output_model_trains_from_named_npz_arrays(tmp_path, 
     config = parse_config(RESIDUAL, "test.yaml", ["data.test_split=0.25"]).to_dict()
     model = build(RESIDUAL)
     splits = load_splits(config, model)
-    assert [a.shape for a in splits.x_train] == [(22, 6, 6, 1), (22, 3)]  # (N, 6, 6) fed as (6, 6, 1)
+    assert [a.shape for a in splits.x_train.arrays] == [(22, 6, 6, 1), (22, 3)]  # (N, 6, 6) fed as (6, 6, 1)
     assert splits.sizes() == {"train": 22, "validation": 8, "test": 10}
     run_dir = tmp_path / "run"
     (run_dir / "weights").mkdir(parents=True)

@@ -1,17 +1,22 @@
 """Seeded shuffled (optionally stratified) splits and the `limit` cap shared by every loader."""
 import numpy as np
 
+from dlcli.data.source import Source
 from dlcli.errors import ConfigError
 
 
 def take(x, index):
-    """x[index] for an array or a dict of arrays (named inputs)."""
+    """x[index] for an array or a dict of arrays (named inputs); a Source's subset."""
+    if isinstance(x, Source):
+        return x.subset(index)
     if isinstance(x, dict):
         return {k: v[index] for k, v in x.items()}
     return x[index]
 
 
 def num_samples(x) -> int:
+    if isinstance(x, Source):
+        return len(x)
     return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
 
 

@@ -1,0 +1,188 @@
+"""Sample sources: the model inputs of N samples, addressed by index.
+
+The trainer decides which samples form each batch (its seeded per-epoch permutation, cut into chunks by
+`batch_indices`); a source only answers "the inputs of samples [i, j, ...]". Arrays in memory answer by fancy
+indexing; folders of files, memory-mapped arrays and token lists answer by reading or building just those samples,
+ahead of the step in a bounded pool. Because the order never depends on the source, a resumed run and a run whose
+batches are split across processes see exactly the samples an uninterrupted single-process run would.
+
+Targets stay in memory as arrays (labels are small, and class weights, stratified splits and confusion matrices
+need all of them); only inputs come from a source.
+"""
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+
+def batch_indices(n: int, batch_size: int, order: np.ndarray | None = None, first: int = 0) -> list:
+    """Each batch's sample indices, from batch `first` on: sorted chunks of `order` (sorted gathers read memory
+    and files in order), or without an order consecutive slices (views of arrays, no copy)."""
+    starts = range(first * batch_size, n, batch_size)
+    if order is None:
+        return [slice(s, min(n, s + batch_size)) for s in starts]
+    return [np.sort(order[s:s + batch_size]) for s in starts]
+
+
+def index_array(index, n: int) -> np.ndarray:
+    """A batch index (slice or integer array) as an integer array."""
+    return np.arange(n)[index] if isinstance(index, slice) else np.asarray(index)
+
+
+class Source:
+    """Model inputs of `len(self)` samples. Subclasses implement `__len__`, `take` and `sample_shapes`."""
+
+    prefetch = 0  # batches prepared ahead by `batches` (0: each batch is read when the step asks for it)
+    workers = 1
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def sample_shapes(self) -> list[tuple]:
+        """Per-sample shape of each input (no batch axis)."""
+        raise NotImplementedError
+
+    def take(self, index) -> list[np.ndarray]:
+        """The inputs of the samples at `index` (an integer array or a slice), one array per model input, in the
+        order given."""
+        raise NotImplementedError
+
+    def subset(self, index) -> "Source":
+        """The samples at `index` as a source of their own (a validation split, a `limit`)."""
+        return Subset(self, index_array(index, len(self)))
+
+    def reshaped(self, shapes: list[tuple]) -> "Source":
+        """The same samples with per-sample shapes `shapes` (same sizes), e.g. (28, 28) read as (28, 28, 1)."""
+        return Reshaped(self, shapes)
+
+    def describe(self) -> dict:
+        """Facts for the banner and meta.json (files per class, bad files skipped, cache ...)."""
+        return {}
+
+    def batches(self, indices) -> "Batches":
+        """An iterator over `take(index)` for each index in `indices`, prepared `prefetch` batches ahead by
+        `workers` threads. Close it (or exhaust it) to stop the pool."""
+        return Batches(self, list(indices))
+
+
+class Batches:
+    """`take` of each batch in order, at most `source.prefetch` batches ahead (bounded memory). Decoders release
+    the GIL (Pillow, zlib, NumPy), so threads overlap reading with the training step."""
+
+    def __init__(self, source: Source, indices: list):
+        self.source, self.indices, self.next = source, indices, 0
+        self.pool = ThreadPoolExecutor(source.workers, thread_name_prefix="dlcli-data") if source.prefetch else None
+        self.pending: deque = deque()
+
+    def __iter__(self):
+        return self
+
+    def _submit(self):
+        while self.pool is not None and self.next < len(self.indices) and len(self.pending) < self.source.prefetch:
+            self.pending.append(self.pool.submit(self.source.take, self.indices[self.next]))
+            self.next += 1
+
+    def __next__(self) -> list[np.ndarray]:
+        if self.pool is None:
+            if self.next >= len(self.indices):
+                raise StopIteration
+            self.next += 1
+            return self.source.take(self.indices[self.next - 1])
+        self._submit()
+        if not self.pending:
+            self.close()
+            raise StopIteration
+        batch = self.pending.popleft().result()  # a worker's error (a bad file) surfaces here, in order
+        self._submit()
+        return batch
+
+    def close(self):
+        if self.pool is not None:
+            for f in self.pending:
+                f.cancel()
+            self.pool.shutdown(wait=True)
+            self.pool, self.pending = None, deque()
+            self.next = len(self.indices)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ArraySource(Source):
+    """Arrays in memory (or np.memmap), one per model input, batch on axis 0."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = list(arrays)
+
+    def __len__(self):
+        return len(self.arrays[0])
+
+    @property
+    def sample_shapes(self):
+        return [a.shape[1:] for a in self.arrays]
+
+    def take(self, index):
+        return [a[index] for a in self.arrays]
+
+    def subset(self, index):
+        return ArraySource(self.take(index))  # a contiguous copy: later gathers stay as fast as before
+
+    def reshaped(self, shapes):
+        return ArraySource([a.reshape((len(a), *s)) for a, s in zip(self.arrays, shapes)])
+
+
+class Subset(Source):
+    """Samples `index` of another source, read through it (nothing is copied or decoded up front)."""
+
+    def __init__(self, base: Source, index: np.ndarray):
+        self.base, self.index = base, index
+        self.prefetch, self.workers = base.prefetch, base.workers
+
+    def __len__(self):
+        return len(self.index)
+
+    @property
+    def sample_shapes(self):
+        return self.base.sample_shapes
+
+    def take(self, index):
+        return self.base.take(self.index[index])
+
+    def subset(self, index):
+        return Subset(self.base, self.index[index])
+
+    def describe(self):
+        return self.base.describe()
+
+
+class Reshaped(Source):
+    def __init__(self, base: Source, shapes: list[tuple]):
+        self.base, self.shapes = base, [tuple(s) for s in shapes]
+        self.prefetch, self.workers = base.prefetch, base.workers
+
+    def __len__(self):
+        return len(self.base)
+
+    @property
+    def sample_shapes(self):
+        return self.shapes
+
+    def take(self, index):
+        return [a.reshape((len(a), *s)) for a, s in zip(self.base.take(index), self.shapes)]
+
+    def subset(self, index):
+        return Reshaped(self.base.subset(index), self.shapes)
+
+    def describe(self):
+        return self.base.describe()
+
+
+def as_source(x) -> Source:
+    """A Source as is; an array or a list of arrays (one per model input) as an ArraySource."""
+    if isinstance(x, Source):
+        return x
+    return ArraySource(list(x) if isinstance(x, (list, tuple)) else [x])
