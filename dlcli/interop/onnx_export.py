@@ -130,7 +130,7 @@ def check_inputs(config: dict, model, count: int = CHECK_SAMPLES) -> tuple[list,
     except DlcliError:
         return sample_inputs(model, count), f"{count} seeded random inputs (the run's data is not available)"
     xs, which = (splits.x_test, "test") if splits.x_test is not None else (splits.x_train, "training")
-    xs = [a[:count] for a in xs]
+    xs = xs.take(slice(0, count))
     return xs, f"{len(xs[0])} {which} samples"
 
 
