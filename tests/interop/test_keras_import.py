@@ -19,7 +19,8 @@ from dlcli.cli import app  # noqa: E402
 from dlcli.experiment import load_run_model  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "keras"
-KERAS_FILES = ["sequential_mlp", "sequential_convnet", "sequential_text", "sequential_sequence", "functional"]
+KERAS_FILES = ["sequential_mlp", "sequential_convnet", "sequential_text", "sequential_sequence", "functional",
+               "functional_shared"]
 runner = CliRunner()
 
 
@@ -252,3 +253,16 @@ def test_weight_shape_is_checked_against_the_config_before_reading(tmp_path):
 
     result = run_import(doctored(tmp_path, weights=weights_file(bigger)), "--output", tmp_path / "run")
     assert result.exit_code == 1 and "shape (8, 17) in the file but the model expects (8, 16)" in result.output
+
+
+@pytest.mark.parametrize("name", KERAS_FILES)
+def test_keras_to_onnx_matches_keras_in_onnxruntime(tmp_path, name):
+    """The whole way round: a file saved by Keras, imported, exported, run by onnxruntime, against Keras' outputs."""
+    pytest.importorskip("onnxruntime")
+    from dlcli.interop.onnx_export import run_onnx, to_onnx
+
+    assert run_import(FIXTURES / f"{name}.keras", "--output", tmp_path / "run").exit_code == 0
+    _, model = load_run_model(tmp_path / "run")
+    xs, ys = keras_outputs(name, model)
+    got = run_onnx(to_onnx(model).SerializeToString(), dict(zip(model.input_names, xs)))
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, ys)) <= 1e-5
