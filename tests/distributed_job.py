@@ -33,6 +33,13 @@ def case(name: str):
         model.compile(optimizer={"type": "adam", "learning_rate": 0.01}, loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"])
         return model, [x], [y], 10
+    if name == "dropout":  # rank-specific dropout masks: 2 ranks differ from 1 process, but resume exactly
+        x = rng.normal(size=(101, 6)).astype(np.float32)
+        y = (x[:, 0] > 0).astype(np.int64)
+        model = models.Sequential([layers.Dense(16, activation="relu", input_shape=(6,)), layers.Dropout(0.3),
+                                   layers.Dense(2, activation="softmax")])
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model, [x], [y], 10
     if name == "conv_bn":
         x = rng.normal(size=(33, 8, 8, 1)).astype(np.float32) * 2 + 0.5
         y = (x.mean((1, 2, 3)) > 0.5).astype(np.int64)
@@ -92,8 +99,9 @@ def run(name, out, mode="", world=None, state_dir=None):
     weights = model.get_weights()
     digest = hashlib.sha256(b"".join(w.tobytes() for w in model.weights_dict().values())).hexdigest()
     hashes = world.gather_json(digest)
+    streams = world.gather_json({k: g.bit_generator.state for k, g in checkpoint.layer_rngs(model).items()})
     if world.is_root and out:
-        np.savez(out, *weights, hashes=np.array(json.dumps(hashes)), history=np.array(json.dumps(history.history)),
+        np.savez(out, *weights, hashes=np.array(json.dumps(hashes)), streams=np.array(json.dumps(streams)), history=np.array(json.dumps(history.history)),
                  stopped=np.array(trainer.stop_agreed or trainer.stop_requested))
     return weights, history.history
 

@@ -74,31 +74,37 @@ def test_two_ranks_equal_one_process(case, tmp_path):
 
 
 @needs_mpi
-def test_resume_two_ranks_on_two_and_on_one(tmp_path):
+@pytest.mark.parametrize("case", ["dense_adam", "dropout"])
+def test_resume_two_ranks_on_two_and_on_one(case, tmp_path):
     """A stop asked on rank 0 alone stops both ranks at the same batch with one checkpoint; resuming it on 2 ranks
-    ends bit-identical to the uninterrupted 2-rank run, and on 1 process equal within rounding."""
+    ends bit-identical to the uninterrupted 2-rank run (each rank's dropout stream included), and on 1 process
+    equal within rounding (without dropout, whose masks are rank-specific)."""
     full = tmp_path / "full"
     full.mkdir()
-    assert mpirun(JOB, "dense_adam", full / "out.npz").returncode == 0
-    stopped = mpirun(JOB, "dense_adam", tmp_path / "stopped.npz", "stop-at=4")
+    assert mpirun(JOB, case, full / "out.npz").returncode == 0
+    stopped = mpirun(JOB, case, tmp_path / "stopped.npz", "stop-at=4")
     assert stopped.returncode == 0, stopped.stderr
     _, _, _, was_stopped = saved(tmp_path / "stopped.npz", 0)
     assert was_stopped
     from dlcli import checkpoint
 
-    state = tmp_path / "dense_adam-state.npz"
+    state = tmp_path / f"{case}-state.npz"
     position = checkpoint.load(state)["header"]["position"]
     assert (position["epoch"], position["batch"]) == (0, 6)  # asked after batch 4, agreed in batch 5's exchange
     kept = state.read_bytes()
-    resumed = mpirun(JOB, "dense_adam", tmp_path / "resumed.npz", "resume")
+    resumed = mpirun(JOB, case, tmp_path / "resumed.npz", "resume")
     assert resumed.returncode == 0, resumed.stderr
-    count = len(job.case("dense_adam")[0].get_weights())
+    count = len(job.case(case)[0].get_weights())
     full_weights, full_history, _, _ = saved(full / "out.npz", count)
     weights, history, hashes, _ = saved(tmp_path / "resumed.npz", count)
     assert hashes[0] == hashes[1]
     for a, b in zip(weights, full_weights, strict=True):
         np.testing.assert_array_equal(a, b)
     assert history["loss"] == full_history["loss"]
+    streams = json.loads(str(np.load(tmp_path / "resumed.npz")["streams"]))
+    if case == "dropout":
+        assert streams[0] != streams[1]  # each rank drops different units
+        return
     state.write_bytes(kept)
     one_weights, one_history = job.run("dense_adam", None, mode="resume", world=distributed.World(),
                                        state_dir=tmp_path)
