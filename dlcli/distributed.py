@@ -317,14 +317,25 @@ def rank_streams(world: World, model, saved: list | None = None):
 
 class GradientExchange:
     """One step's collective: [share-weighted gradients | metric sums | status] in one float32 buffer, summed
-    in place. The status word counts ranks asking to stop (Ctrl-C / SIGTERM), so all ranks stop at the same batch."""
+    in place. Each parameter's gradient lives in the buffer (p.grad is a view into it), so layers accumulate
+    straight into what is sent and nothing is packed or unpacked. The status word counts ranks asking to stop
+    (Ctrl-C / SIGTERM), so all ranks stop at the same batch."""
 
     def __init__(self, world: World, params, n_sums: int):
+        odd = [p.path for p in params if p.value.dtype != np.float32]
+        if odd:
+            raise DlcliError(f"data-parallel training exchanges float32 gradients; {', '.join(odd[:3])} "
+                             f"{'is' if len(odd) == 1 else 'are'} not float32: drop the layers' dtype setting")
         self.world = world
-        self.sizes = [p.value.size for p in params]
-        self.n_grads = sum(self.sizes)
+        self.n_grads = sum(p.value.size for p in params)
         self.n_sums = n_sums
         self.buf = np.zeros(self.n_grads + n_sums + 1, np.float32)
+        offset = 0
+        for p in params:
+            view = self.buf[offset:offset + p.value.size].reshape(p.value.shape)
+            view[...] = p.grad
+            p.grad = view
+            offset += p.value.size
         self.seconds = 0.0  # time spent in the allreduce, for the bench
         self.steps = 0
 
@@ -332,20 +343,13 @@ class GradientExchange:
     def nbytes(self) -> int:
         return self.buf.nbytes
 
-    def __call__(self, params, sums: np.ndarray, stop: bool) -> tuple[np.ndarray, bool]:
-        """Sums gradients (in place in each p.grad) and `sums` over ranks; returns (global sums, anyone stopping)."""
-        buf, offset = self.buf, 0
-        for p, k in zip(params, self.sizes):
-            buf[offset:offset + k] = p.grad.reshape(-1)
-            offset += k
-        buf[offset:offset + self.n_sums] = sums
+    def __call__(self, sums: np.ndarray, stop: bool) -> tuple[np.ndarray, bool]:
+        """Sums the gradients (in place) and `sums` over ranks; returns (global sums, whether any rank stops)."""
+        buf = self.buf
+        buf[self.n_grads:self.n_grads + self.n_sums] = sums
         buf[-1] = 1.0 if stop else 0.0
         start = time.perf_counter()
         self.world.allreduce(buf)
         self.seconds += time.perf_counter() - start
         self.steps += 1
-        offset = 0
-        for p, k in zip(params, self.sizes):
-            p.grad[...] = buf[offset:offset + k].reshape(p.grad.shape)
-            offset += k
-        return buf[offset:offset + self.n_sums].astype(np.float64), bool(buf[-1] > 0)
+        return buf[self.n_grads:self.n_grads + self.n_sums].astype(np.float64), bool(buf[-1] > 0)

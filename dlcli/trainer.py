@@ -185,7 +185,7 @@ class Trainer:
             if share:
                 self.logs.update(total, parts, yb, outs, wb)
             moved = np.asarray(self.logs.sums(), np.float64) - before
-            moved, self.stop_agreed = self.exchange(params, moved.reshape(-1), self.stop_requested)
+            moved, self.stop_agreed = self.exchange(moved.reshape(-1), self.stop_requested)
             moved = moved.reshape(before.shape)
             self.logs.set_sums((before + moved).tolist())
             batch = moved[:, 0] / np.maximum(moved[:, 1], 1e-300)  # this global batch's loss (and each output's)
