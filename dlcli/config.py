@@ -73,6 +73,8 @@ class TrainConfig(_Section):
     freeze: list[str] = []  # regular expressions matched against whole layer names
     class_weight: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
     checkpoint_every: int | None = Field(None, ge=1)  # batches between mid-epoch checkpoints
+    # stop as diverged when the loss exceeds this many times its early value (dlcli.trainer); null: NaN/inf only
+    divergence_factor: float | None = Field(1e4, gt=1, allow_inf_nan=False)
 
 
 class Config(_Section):

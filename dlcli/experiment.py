@@ -155,7 +155,7 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, trainer_hook,
     from dlcli import checkpoint
     from dlcli.callbacks import ModelCheckpoint
     from dlcli.divergence import DivergenceError
-    from dlcli.trainer import Trainer
+    from dlcli.trainer import DIVERGENCE_FACTOR, Trainer
 
     train_cfg = config.get("train", {})
     meta_path = run_dir / "meta.json"
@@ -176,6 +176,7 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, trainer_hook,
     rng = np.random.default_rng([int(config.get("seed", 0)), 2])
     trainer = Trainer(model, callbacks=[*cbs, *callbacks], verbose=verbose, rng=rng,
                       checkpoint_path=run_dir / checkpoint.FILENAME, checkpoint_every=train_cfg.get("checkpoint_every"),
+                      divergence_factor=train_cfg.get("divergence_factor", DIVERGENCE_FACTOR),
                       world=world)
     if trainer_hook is not None:
         trainer_hook(trainer)

@@ -21,12 +21,19 @@ from dlcli.callbacks import CallbackList, History, ProgressLogger
 from dlcli.errors import DlcliError
 
 NORM_HISTORY = 20  # recent (weight norm, gradient norm) pairs kept for divergence.json
+# Divergence beyond NaN: a finite loss that rises `divergence_factor` times above the run's initial loss (its first
+# batch, computed before any update, floored at 1 so a near-zero start is not a hair trigger) stops the run as a NaN
+# does. 1e4 is four orders of magnitude: far beyond the noise of a healthy run, whose loss falls.
+DIVERGENCE_FACTOR = 1e4
 
 
 class Trainer:
     def __init__(self, model, callbacks=None, verbose=1, rng: np.random.Generator | None = None,
-                 checkpoint_path=None, checkpoint_every: int | None = None, world: distributed.World | None = None):
+                 checkpoint_path=None, checkpoint_every: int | None = None, world: distributed.World | None = None,
+                 divergence_factor: float | None = DIVERGENCE_FACTOR):
         self.model = model
+        self.divergence_factor = divergence_factor
+        self.initial_loss: float | None = None  # the run's first batch loss (checkpointed)
         self.world = world or distributed.World()
         self.stop_agreed = False  # every rank's stop request, summed by the step's exchange
         self.exchange = self.bn_sync = None
@@ -81,6 +88,7 @@ class Trainer:
             initial_epoch, self.samples_seen = position["epoch"], position["samples_seen"]
             self.last_checkpoint = position
             self.norms.extend(position.get("norms", []))
+            self.initial_loss = position.get("initial_loss")
         cbs.on_train_begin()
         logs = {}
         for epoch in range(initial_epoch, epochs):
@@ -171,6 +179,10 @@ class Trainer:
         def gate(total, params):
             if not math.isfinite(total):
                 self._diverged("loss", total, xb, yb, wb, index_array(sel, n))
+            if self.initial_loss is None:
+                self.initial_loss = float(total)
+            elif self.divergence_factor is not None and total > self.divergence_factor * self.rise_base():
+                self._diverged("rise", total, xb, yb, wb, index_array(sel, n))
             grad_norm = math.sqrt(sum(_sq(p.grad) for p in params))
             self.norms.append((math.sqrt(sum(_sq(p.value) for p in params)), grad_norm))
             if not math.isfinite(grad_norm):
@@ -193,17 +205,29 @@ class Trainer:
 
         return self.model.train_step(xb, yb, wb, before_update=gate, share=share, exchange=exchange)
 
+    def rise_base(self) -> float:
+        return max(self.initial_loss, 1.0)
+
     def _diverged(self, what, value, xb, yb, wb, idx):
         from dlcli.divergence import DivergenceError, hint
 
         lr = float(self.model.optimizer.current_lr)
         report = {"epoch": self.epoch + 1, "batch": self.batch, "step": int(self.model.optimizer.iterations),
-                  "non_finite": what, "loss": str(value), "learning_rate": lr,
+                  "non_finite": what if what != "rise" else None, "loss": str(value), "learning_rate": lr,
                   "sample_indices": [int(i) for i in idx],
                   "recent_norms": [{"weights": w, "gradients": g} for w, g in self.norms],
                   "last_checkpoint": self._checkpoint_text(), "diagnosis": self._diagnose(xb, yb, wb)}
+        if what == "rise":
+            report["rule"] = {"divergence_factor": self.divergence_factor, "initial_loss": self.initial_loss,
+                              "threshold": self.divergence_factor * self.rise_base()}
         report["hint"] = hint(report)
         d = report["diagnosis"]
+        if what == "rise":
+            raise DivergenceError(
+                f"training diverged: the loss rose to {value:.4g} at epoch {self.epoch + 1}, batch {self.batch} "
+                f"(step {report['step']}), more than train.divergence_factor ({self.divergence_factor:g}) times "
+                f"its initial value {self.rise_base():.4g} (the first batch's loss, at least 1). Last good "
+                f"checkpoint: {report['last_checkpoint']}. Likely cause: {report['hint']}.", report)
         where = d["first_nonfinite_forward"] and f"first non-finite values in the forward pass of layer " \
                                                  f"'{d['first_nonfinite_forward']}'" \
             or d["first_nonfinite_backward"] and f"first non-finite gradient in layer '{d['first_nonfinite_backward']}'" \
@@ -241,6 +265,7 @@ class Trainer:
                     # the state this epoch's permutation is drawn from (the current one at an epoch boundary)
                     "rng": self.epoch_rng_state if batch else self.rng.bit_generator.state,
                     "sums": self.logs.sums() if batch else None, "norms": [list(x) for x in self.norms],
+                    "initial_loss": self.initial_loss,
                     "learning_rate": float(self.model.optimizer.current_lr)}
         rank_rngs = None
         if self.world.size > 1:  # each rank's dropout/augmentation streams, so the same rank count resumes exactly

@@ -168,15 +168,35 @@ def test_damaged_and_foreign_checkpoints_are_clear_errors(reference, tmp_path):
 
 def test_nan_loss_stops_with_divergence_report(tmp_path):
     config = _write_config(tmp_path, units=8, lr=1e6, samples=200, scale=1e3, optimizer="sgd")
-    result = _run("train", config, "--runs-dir", tmp_path / "runs")
+    result = _run("train", config, "--runs-dir", tmp_path / "runs", "--set", "train.divergence_factor=null")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "training diverged" in result.stderr and "batch" in result.stderr and "Traceback" not in result.stderr
     run = _only_run(tmp_path / "runs")
     report = json.loads((run / "divergence.json").read_text())
+    assert report["non_finite"] in ("loss", "gradient")
     assert report["sample_indices"] and report["learning_rate"] == 1e6 and report["recent_norms"]
     assert report["diagnosis"]["first_nonfinite_forward"] in ("h", "out", None)
     meta = json.loads((run / "meta.json").read_text())
     assert meta["status"] == "diverged" and meta["hint"]
+
+
+def test_a_finite_loss_blowing_up_is_divergence_not_completion(tmp_path):
+    """RMSprop at learning rate 1e6 keeps the loss finite (clipped cross-entropy) but 1e4+ times its start."""
+    config = _write_config(tmp_path, units=8, lr=1e6, samples=200, optimizer="rmsprop")
+    result = _run("train", config, "--runs-dir", tmp_path / "runs")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "training diverged: the loss rose to" in result.stderr and "divergence_factor (10000)" in result.stderr
+    run = _only_run(tmp_path / "runs")
+    report = json.loads((run / "divergence.json").read_text())
+    assert report["non_finite"] is None and float(report["loss"]) > 1e4 * max(report["rule"]["initial_loss"], 1)
+    assert report["rule"]["divergence_factor"] == 1e4 and 0.5 < report["rule"]["initial_loss"] < 3  # ~ln 3
+    assert json.loads((run / "meta.json").read_text())["status"] == "diverged"
+
+    off = _run("train", config, "--runs-dir", tmp_path / "off", "--set", "train.divergence_factor=null",
+               "--set", "train.epochs=1")
+    assert off.returncode == 0, off.stderr  # the rule is configurable; null keeps only the NaN/inf stop
+    position = checkpoint.load(_only_run(tmp_path / "off"))["header"]["position"]
+    assert 0.5 < position["initial_loss"] < 3  # checkpointed, so a resumed run applies the same threshold
 
 
 def test_unwritable_runs_dir_is_a_clear_error(tmp_path):
