@@ -647,11 +647,9 @@ def _per_output(value, names, what, listy=False):
 
 def load_model(path) -> Model:
     """Load a model saved with `model.save(path)` (architecture, compile settings, weights, optimizer state)."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise DlcliError(f"cannot read model file {path}: {e}") from None
+    from dlcli.runs import load_npz
+
+    arrays = load_npz(path)  # a damaged or pickled file: a clear error that never suggests allow_pickle
     if "__dlcli__" not in arrays:
         raise DlcliError(f"{path} is not a dlcli model file (no architecture record)")
     header = json.loads(str(arrays["__dlcli__"]))

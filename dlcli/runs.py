@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def atomic_write_bytes(path, data: bytes):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a run's files get the mode open() would give
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -61,6 +63,12 @@ def atomic_write_bytes(path, data: bytes):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path, text: str):
@@ -85,7 +93,25 @@ def load_npz(path) -> dict:
     except FileNotFoundError:
         raise DlcliError(f"{path} does not exist") from None
     except Exception as e:  # zipfile.BadZipFile, ValueError (pickled object), OSError, EOFError...
-        raise DlcliError(f"{path} is damaged or not a dlcli weights file ({type(e).__name__}: {e})") from None
+        # NumPy's own text advises allow_pickle=True, i.e. running code from the file: never repeat it.
+        raise DlcliError(f"{path} is damaged or not a dlcli file ({npz_problem(path, e)}); delete it or restore "
+                         f"it from a backup") from None
+
+
+def npz_problem(path, error) -> str:
+    """What is wrong with a .npy/.npz NumPy refused, in words that never suggest unpickling it."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        return f"cannot read it: {e.strerror or e}"
+    if not (magic.startswith(b"PK\x03\x04") or magic == b"\x93NUMPY"):
+        return "it is neither a NumPy .npy file nor an .npz archive of arrays"
+    if "pickle" in str(error).lower():
+        return "it holds pickled Python objects, which dlcli never loads"
+    if isinstance(error, (zipfile.BadZipFile, EOFError)) or "truncated" in str(error).lower():
+        return "it is truncated or corrupt"
+    return f"{type(error).__name__}: {error}"
 
 
 def _json_default(o):

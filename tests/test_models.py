@@ -100,8 +100,9 @@ def test_save_and_load_round_trip(tmp_path):
 def test_load_model_refuses_foreign_files(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(DlcliError, match="cannot read model file"):
+    with pytest.raises(DlcliError, match="neither a NumPy .npy file nor an .npz archive") as info:
         models.load_model(bad)
+    assert "allow_pickle" not in info.value.message
     np.savez(tmp_path / "plain.npz", a=np.zeros(2))
     with pytest.raises(DlcliError, match="not a dlcli model file"):
         models.load_model(tmp_path / "plain.npz")

@@ -164,6 +164,7 @@ def test_damaged_and_foreign_checkpoints_are_clear_errors(reference, tmp_path):
     np.savez(state, __checkpoint__=np.array([{"a": 1}], dtype=object))  # pickled content is refused, not loaded
     pickled = _run("train", "--resume", run)
     assert pickled.returncode == 1 and "Traceback" not in pickled.stderr
+    assert "pickled Python objects, which dlcli never loads" in pickled.stderr and "allow_pickle" not in pickled.stderr
 
 
 def test_nan_loss_stops_with_divergence_report(tmp_path):

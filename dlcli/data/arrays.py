@@ -72,7 +72,9 @@ def load_npz(path: str, x: str | dict[str, str] = "x", y: str | dict[str, str] =
             xs, ys = get(x), get(y)
             xt, yt = (get(x_test), get(y_test)) if x_test is not None else (None, None)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise DlcliError(f"{file}: cannot read as .npz of plain arrays ({e})") from None
+        from dlcli.runs import npz_problem
+
+        raise DlcliError(f"{file}: cannot read as .npz of plain arrays ({npz_problem(file, e)})") from None
 
     def convert(a):
         return {k: _features(v, dtype, rescale) for k, v in a.items()} if isinstance(a, dict) \

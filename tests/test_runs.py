@@ -1,0 +1,49 @@
+"""The run directory contract (dlcli.runs): atomic writes with the user's file modes, damaged files refused in
+words that never suggest unpickling them."""
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tests.runs_fixture import train_tiny
+
+runner = CliRunner()
+
+
+def test_run_files_get_the_users_umask(tmp_path):
+    import os
+
+    from dlcli import runs
+
+    old = os.umask(0o022)
+    try:
+        runs.atomic_write_text(tmp_path / "a.txt", "x")
+        runs.atomic_savez(tmp_path / "w.npz", {"a": np.zeros(2)})
+        os.umask(0o077)
+        runs.atomic_write_json(tmp_path / "b.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+    assert (tmp_path / "w.npz").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"garbage, not an archive", "neither a NumPy .npy file nor an .npz archive"),
+    (None, "pickled Python objects, which dlcli never loads"),
+    ("truncated", "truncated or corrupt"),
+])
+def test_damaged_weights_never_suggest_unpickling(tmp_path, content, why):
+    from dlcli.cli import app
+
+    run = train_tiny(tmp_path, runner)
+    last = run / "weights" / "last.npz"
+    if content is None:
+        np.savez(last, a=np.array([{"code": 1}], dtype=object))
+    elif content == "truncated":
+        last.write_bytes(last.read_bytes()[:300])
+    else:
+        last.write_bytes(content)
+    result = runner.invoke(app, ["evaluate", str(run), "--weights", "last"], env={"COLUMNS": "300"})
+    assert result.exit_code == 1, result.output
+    assert f"{last} is damaged or not a dlcli file (it " in result.output and why in result.output
+    assert "allow_pickle" not in result.output and "Traceback" not in result.output
