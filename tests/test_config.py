@@ -89,7 +89,8 @@ def test_defaults_are_filled_in():
     text = edit(text, "train:\n  epochs: 5\n  batch_size: 128\n", "")
     train = parse_config(text, SRC).to_dict()["train"]
     assert train == {"epochs": 1, "batch_size": 32, "validation_split": 0.0, "stratify": False, "shuffle": True,
-                     "callbacks": [], "freeze": [], "class_weight": None, "checkpoint_every": None}
+                     "callbacks": [], "freeze": [], "class_weight": None, "checkpoint_every": None,
+                     "divergence_factor": 1e4}
     assert parse_config(text, SRC).compile.optimizer == "rmsprop"
 
 
