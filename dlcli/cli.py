@@ -146,6 +146,18 @@ def train(
         out.print(f"[bold]dlcli train[/] {config or ''}  ->  {run_dir}", markup=True)
         out.print(f"  data    {cfg['data'].get('type')} from {splits.source}: train {sizes['train']:,}, "
                   f"validation {sizes['validation']:,}, test {sizes['test']:,}")
+        if splits.extra.get("folder"):
+            from dlcli.data.folders import banner_lines
+
+            for line in banner_lines(splits.extra["folder"]):
+                out.print(f"  files   {line}", markup=False)
+        source = splits.x_train.describe()
+        if source.get("workers"):
+            out.print(f"  decode  {source['workers']} threads, {splits.x_train.prefetch} batches ahead, "
+                      f"cache {source['cache']}" + (f" ({source['cache_file']})" if source.get("cache_file") else ""))
+        elif source.get("memory_mapped"):
+            out.print(f"  mmap    {source['memory_mapped']} ({source['bytes'] / 2**20:,.0f} MiB, read per batch)",
+                      markup=False)
         out.print(f"  model   {model.name}: {model.count_params():,} parameters "
                   f"({sum(p.value.size for p in model.trainable_weights):,} trainable)")
         opt = model.optimizer.get_config()
@@ -330,6 +342,7 @@ def _si(n: float) -> str:
 # Command groups register themselves on `app` (imported last: each does `from dlcli.cli import app`).
 import dlcli.commands.check  # noqa: E402,F401
 import dlcli.commands.config  # noqa: E402,F401
+import dlcli.commands.data  # noqa: E402,F401
 import dlcli.commands.export  # noqa: E402,F401
 import dlcli.commands.import_keras  # noqa: E402,F401
 import dlcli.commands.plot  # noqa: E402,F401

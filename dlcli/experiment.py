@@ -161,7 +161,8 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, trainer_hook,
     meta_path = run_dir / "meta.json"
     meta = {**runs.versions_meta(config.get("seed", 0)), "name": config.get("name"), "status": "running",
             "start": runs.utc_now(), "sizes": splits.sizes(), "source": splits.source,
-            "params": model.count_params(), "classes": splits.classes}
+            "params": model.count_params(), "classes": splits.classes,
+            **({"files": splits.extra["folder"]} if splits.extra.get("folder") else {})}
     if resume is not None and meta_path.exists():
         meta = {**runs.read_json(meta_path), "status": "running"}
         meta.setdefault("resumed", []).append({"at": runs.utc_now(), "position": _position_text(resume)})
@@ -204,6 +205,8 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, trainer_hook,
     test = None
     if splits.x_test is not None and status == "completed":
         test = trainer.evaluate(splits.x_test, splits.y_test, int(train_cfg.get("batch_size", 32)))
+    if splits.x_train.describe():  # decode rate, cache, mapped file: where the input time went
+        meta["input"] = splits.x_train.describe()
     meta.update({"status": status, "end": runs.utc_now(), "seconds": round(seconds + meta.get("seconds", 0)
                                                                           if resume else seconds, 3),
                  "epochs_run": len(cbs[0].rows), "best_epoch": saver.best_epoch, "best": {saver.monitor: saver.best},

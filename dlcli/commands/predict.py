@@ -35,9 +35,24 @@ def class_names(run_dir, config: dict, count: int) -> list[str]:
 # --- reading inputs -------------------------------------------------------------------------------------------
 def read_inputs(paths: list[Path], run_dir, config: dict, model, key: str | None = None, invert: bool = False,
                 pixel_scale: float | None = None) -> tuple[list[np.ndarray], list[str]]:
-    """Model-ready input arrays and one label per sample (file name, or file:row)."""
+    """Model-ready inputs (a list of arrays, or a Source streaming a folder's images) and one label per sample
+    (file name, or file:row). A run trained on an image_folder / text_folder reads folders (recursively) as its
+    training data was read."""
     import numpy as np
 
+    data = config.get("data", {})
+    if data.get("type") == "image_folder" and all(p.is_dir() or _kind(p) == "image" for p in paths):
+        from dlcli.data.image_folder import prediction_source
+        from dlcli.experiment import fit_inputs
+
+        source, labels = prediction_source(paths, data)
+        return fit_inputs(source, model), labels
+    if data.get("type") == "text_folder" and any(p.is_dir() for p in paths):
+        from dlcli import runs
+        from dlcli.data.text import prediction_texts
+
+        x, labels = prediction_texts(paths, runs.read_json(Path(run_dir) / "vocabulary.json"), data.get("max_length"))
+        return [x], labels
     files = []
     for p in paths:
         if p.is_dir():
@@ -304,7 +319,7 @@ def predict(
 
     config, model = load_run_model(run_dir, weights)
     xs, labels = read_inputs(list(inputs), run_dir, config, model, key, invert, pixel_scale)
-    preds = model.predict(xs if len(xs) > 1 else xs[0], batch_size=int(config.get("train", {}).get("batch_size", 32)))
+    preds = model.predict(xs, batch_size=int(config.get("train", {}).get("batch_size", 32)))
     preds = preds[0] if isinstance(preds, list) else preds  # the first output for multi-output models
     probs = probabilities(model, preds)
     names = class_names(run_dir, config, probs.shape[1]) if probs is not None else []

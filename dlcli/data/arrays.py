@@ -5,6 +5,7 @@ import zipfile
 import numpy as np
 
 from dlcli.data.dataset import DATASETS, Dataset
+from dlcli.data.mapped import MappedSource, map_npy, map_npz_member
 from dlcli.data.paths import resolve_path
 from dlcli.data.split import apply_limit, check_limit, num_samples, split_indices, take
 from dlcli.errors import ConfigError, DlcliError
@@ -19,11 +20,20 @@ def _targets(y):
     return y.astype(np.int64) if y.dtype.kind in "biu" else y.astype(np.float32)
 
 
-def _features(x: np.ndarray, dtype: str, rescale: float) -> np.ndarray:
+def _feature_dtype(x: np.ndarray, dtype: str):
     if dtype == "auto":  # floats to float32; integers (word indices, raw pixels) stay integers unless rescaled
-        dtype = "float32" if x.dtype.kind == "f" or rescale != 1.0 else x.dtype
-    x = x.astype(dtype)
+        return np.dtype("float32") if x.dtype.kind == "f" else x.dtype
+    return np.dtype(dtype)
+
+
+def _features(x: np.ndarray, dtype: str, rescale: float) -> np.ndarray:
+    x = x.astype("float32" if dtype == "auto" and rescale != 1.0 else _feature_dtype(x, dtype))
     return x * x.dtype.type(rescale) if rescale != 1.0 else x
+
+
+def _mapped(x: np.memmap, dtype: str, rescale: float) -> MappedSource:
+    """A memory-mapped x, converted batch by batch as _features converts a whole array."""
+    return MappedSource(x, "float32" if dtype == "auto" and rescale != 1.0 else _feature_dtype(x, dtype), rescale)
 
 
 def _finish(source, x, y, x_test, y_test, test_split, stratify, seed, limit, classes=None) -> Dataset:
@@ -50,11 +60,15 @@ def _check_common(test_split, limit, dtype=None):
 def load_npz(path: str, x: str | dict[str, str] = "x", y: str | dict[str, str] = "y",
              x_test: str | dict[str, str] | None = None, y_test: str | dict[str, str] | None = None, test_split: float = 0.0, stratify: bool = False, seed: int = 0,
              limit: int | None = None, dtype: str = "auto", rescale: float = 1.0,
-             classes: list[str] | None = None) -> Dataset:
+             classes: list[str] | None = None, mmap: bool = False) -> Dataset:
     """Arrays from an .npz archive by key (x may map model input names to keys, y model output names). Without x_test/y_test,
     test_split holds out a seeded shuffled fraction (seed fixed per dataset, not per run, so runs with
-    different seeds share one test set). limit caps train and test to their first N samples."""
+    different seeds share one test set). limit caps train and test to their first N samples.
+    mmap: true memory-maps x and x_test (members saved uncompressed, np.savez) and reads them batch by batch,
+    for arrays larger than memory; targets are loaded."""
     _check_common(test_split, limit, dtype)
+    if mmap and (isinstance(x, dict) or isinstance(x_test, dict)):
+        raise ConfigError("data.mmap: memory-mapping takes one x array (not named inputs)")
     if (x_test is None) != (y_test is None):
         raise ConfigError("data: give both x_test and y_test (or neither)")
     file = resolve_path(path)
@@ -69,14 +83,18 @@ def load_npz(path: str, x: str | dict[str, str] = "x", y: str | dict[str, str] =
                     raise DlcliError(f"{file}: no array '{key}'; the archive has: {', '.join(sorted(keys))}")
                 return archive[key]
 
-            xs, ys = get(x), get(y)
-            xt, yt = (get(x_test), get(y_test)) if x_test is not None else (None, None)
+            # mapped arrays are never read whole: only targets are loaded
+            xs, ys = map_npz_member(file, x) if mmap else get(x), get(y)
+            xt, yt = (map_npz_member(file, x_test) if mmap else get(x_test), get(y_test)) if x_test is not None \
+                else (None, None)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         from dlcli.runs import npz_problem
 
         raise DlcliError(f"{file}: cannot read as .npz of plain arrays ({npz_problem(file, e)})") from None
 
     def convert(a):
+        if mmap:
+            return _mapped(a, dtype, rescale)
         return {k: _features(v, dtype, rescale) for k, v in a.items()} if isinstance(a, dict) \
             else _features(a, dtype, rescale)
 
@@ -85,6 +103,31 @@ def load_npz(path: str, x: str | dict[str, str] = "x", y: str | dict[str, str] =
             raise DlcliError(f"{file}: {which} have {num_samples(xa)} samples but {num_samples(ya)} targets")
     return _finish(file, convert(xs), _targets(ys), None if xt is None else convert(xt),
                    None if yt is None else _targets(yt), test_split, stratify, seed, limit, classes)
+
+
+@DATASETS.register("npy")
+def load_npy(x: str, y: str, x_test: str | None = None, y_test: str | None = None, test_split: float = 0.0,
+             stratify: bool = False, seed: int = 0, limit: int | None = None, dtype: str = "auto",
+             rescale: float = 1.0, classes: list[str] | None = None) -> Dataset:
+    """.npy files: x (and x_test) memory-mapped and read batch by batch, so an array larger than memory trains;
+    y (and y_test) loaded. dtype / rescale convert each batch as npz converts whole arrays. test_split, stratify,
+    seed, limit as npz."""
+    _check_common(test_split, limit, dtype)
+    if (x_test is None) != (y_test is None):
+        raise ConfigError("data: give both x_test and y_test (or neither)")
+    parts = {}
+    for key, value in (("x", x), ("y", y), ("x_test", x_test), ("y_test", y_test)):
+        if value is not None:
+            array = map_npy(resolve_path(value, f"data.{key}"))
+            parts[key] = array if key.startswith("x") else np.asarray(array)
+    for xk, yk in (("x", "y"), ("x_test", "y_test")):
+        if xk in parts and len(parts[xk]) != len(parts[yk]):
+            raise DlcliError(f"data.{xk} ({parts[xk].filename}) has {len(parts[xk])} samples but data.{yk} has "
+                             f"{len(parts[yk])} targets")
+    xt = parts.get("x_test")
+    return _finish(parts["x"].filename, _mapped(parts["x"], dtype, rescale), _targets(parts["y"]),
+                   None if xt is None else _mapped(xt, dtype, rescale),
+                   None if xt is None else _targets(parts["y_test"]), test_split, stratify, seed, limit, classes)
 
 
 def _read_csv(file, delimiter: str):

@@ -93,7 +93,11 @@ class Batches:
         if not self.pending:
             self.close()
             raise StopIteration
-        batch = self.pending.popleft().result()  # a worker's error (a bad file) surfaces here, in order
+        try:
+            batch = self.pending.popleft().result()  # a worker's error (a bad file) surfaces here, in order
+        except BaseException:
+            self.close()
+            raise
         self._submit()
         return batch
 

@@ -55,6 +55,14 @@ def _identity(g, layer, x, in_shape, mask):
     return x
 
 
+@exports("Rescaling")
+def _rescaling(g, layer, x, in_shape, mask):
+    x = g.last(x)
+    y = g.op("Mul", [x.name, _weight(g, layer, np.array(layer.scale, np.float32), "scale")])
+    y = g.op("Add", [y, _weight(g, layer, np.array(layer.offset, np.float32), "offset")], layer.name)
+    return Value(y, x.rank)
+
+
 @exports("Activation")
 def _activation(g, layer, x, in_shape, mask):
     return g.activate(layer.activation.name, x, layer.name)

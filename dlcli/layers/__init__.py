@@ -24,10 +24,11 @@ from dlcli.layers.wrappers import Bidirectional, TimeDistributed  # noqa: E402
 
 __all__ += ["Embedding", "Masking", "SimpleRNN", "LSTM", "GRU", "Bidirectional", "TimeDistributed"]
 from dlcli.layers.reshaping import Cropping2D, SpatialDropout2D, UpSampling2D, ZeroPadding2D  # noqa: E402
-from dlcli.layers.preprocessing import RandomFlip, RandomRotation, RandomTranslation, RandomZoom  # noqa: E402
+from dlcli.layers.preprocessing import (RandomFlip, RandomRotation, RandomTranslation, RandomZoom,  # noqa: E402
+                                        Rescaling)
 
 __all__ += ["ZeroPadding2D", "Cropping2D", "UpSampling2D", "SpatialDropout2D", "RandomFlip", "RandomTranslation",
-            "RandomRotation", "RandomZoom"]
+            "RandomRotation", "RandomZoom", "Rescaling"]
 from dlcli.layers.merge import Add, Average, Concatenate, Dot, Maximum, Minimum, Multiply, Subtract  # noqa: E402
 
 __all__ += ["Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate", "Dot"]

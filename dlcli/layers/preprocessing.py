@@ -1,4 +1,5 @@
-"""Image augmentation layers, active only with training=True and the identity at inference (as Keras).
+"""Preprocessing layers: Rescaling (always on), and image augmentation layers, active only with training=True
+and the identity at inference (as Keras).
 
 Randomness comes from the layer's `self.rng` (seeded from the run seed by the model; a `seed` argument overrides
 it at build time). RandomTranslation, RandomRotation and RandomZoom share one vectorised resampler: per output
@@ -12,6 +13,23 @@ from dlcli.errors import ConfigError, ShapeError
 
 FILL_MODES = ("reflect", "wrap", "nearest", "constant")
 INTERPOLATIONS = ("bilinear", "nearest")
+
+
+@register("Rescaling")
+class Rescaling(Layer):
+    """y = x * scale + offset (Keras' Rescaling): e.g. scale 1/255 turns image_folder's 0..255 pixels into 0..1."""
+
+    supports_masking = True
+
+    def __init__(self, scale: float, offset: float = 0.0, **kw):
+        super().__init__(**kw)
+        self.scale, self.offset = float(scale), float(offset)
+
+    def forward(self, x, training=False):
+        return x * np.float32(self.scale) + np.float32(self.offset)
+
+    def backward(self, grad):
+        return grad * np.float32(self.scale)
 
 
 class _Augmentation(Layer):

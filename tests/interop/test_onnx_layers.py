@@ -114,6 +114,7 @@ CASES = {
     "UpSampling2D": seq([3, 4, 2], L("UpSampling2D", size=[2, 3])),
     "SpatialDropout2D": seq([4, 4, 2], L("SpatialDropout2D", rate=0.3), L("Conv2D", filters=2, kernel_size=1)),
     "RandomFlip": seq([4, 4, 1], L("RandomFlip"), L("Flatten")),
+    "Rescaling": seq([4, 4, 1], L("Rescaling", scale=1 / 255, offset=-0.5), L("Flatten")),
     "RandomTranslation": seq([4, 4, 1], L("RandomTranslation", height_factor=0.2, width_factor=0.2)),
     "RandomRotation": seq([4, 4, 1], L("RandomRotation", factor=0.1)),
     "RandomZoom": seq([4, 4, 1], L("RandomZoom", height_factor=0.2)),

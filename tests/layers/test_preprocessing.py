@@ -8,6 +8,7 @@ from tests.gradcheck import check_layer
 # Gradient-check table: layer type -> list of (constructor args, input shape without batch, check options).
 # With the layer RNG re-seeded per forward each augmentation is a fixed linear map, so its gradient is checkable.
 GRADIENT_CASES = {
+    "Rescaling": [({"scale": 1 / 255}, (3, 4, 2), {}), ({"scale": 2.0, "offset": -1.0}, (5,), {})],
     "RandomFlip": [({}, (3, 4, 2), {"training": True}), ({"mode": "horizontal"}, (2, 3, 1), {"training": True}),
                    ({}, (3, 3, 1), {})],
     "RandomTranslation": [({"height_factor": 0.3, "width_factor": 0.3}, (5, 4, 2), {"training": True}),

@@ -1,0 +1,38 @@
+"""`dlcli data to-folder`: a built-in image dataset written out as PNG class folders (the layout `type: image_folder`
+reads), to try folder training or to start a folder dataset of your own from a known one."""
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dlcli.cli import _console, app, handles_errors
+
+data_app = typer.Typer(help="Dataset utilities.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("to-folder")
+@handles_errors
+def to_folder(
+    dataset: Annotated[str, typer.Argument(help="mnist or fashion_mnist.")],
+    directory: Annotated[Path, typer.Argument(help="Output folder; gets train/<class>/*.png and test/<class>/*.png.")],
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N images of each split.")] = None,
+):
+    """Write an image dataset as PNG files in class sub-folders.
+
+    Example: dlcli data to-folder mnist digits/ && dlcli train configs/mnist_folder.yaml
+    """
+    import numpy as np
+
+    from dlcli.data import load_dataset
+    from dlcli.data.image_folder import write_image_folder
+    from dlcli.errors import DlcliError
+
+    if dataset not in ("mnist", "fashion_mnist"):
+        raise DlcliError(f"dlcli data to-folder writes mnist or fashion_mnist; got '{dataset}'", exit_code=2)
+    ds = load_dataset({"type": dataset, "limit": limit, "normalize": False})
+    out = _console()
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+        counts = write_image_folder(x.astype(np.uint8), y, ds.classes, directory / split)
+        out.print(f"{directory / split}: {sum(counts.values()):,} PNG files in {len(counts)} class folders",
+                  markup=False)
