@@ -20,6 +20,10 @@ class Callback:
     def set_model(self, model):
         self.model = model
 
+    def on_run_begin(self, run):
+        """`dlcli.train` calls this once the run directory exists and the data is loaded, before the first epoch;
+        `run` is the live dlcli.experiment.Run (its dir, sizes, model; `run.stop(status)` ends it)."""
+
     def on_train_begin(self, logs=None): ...
     def on_train_end(self, logs=None): ...
     def on_epoch_begin(self, epoch, logs=None): ...

@@ -2,81 +2,13 @@
 
 Heavy imports (NumPy, the engine) happen inside commands so `dlcli --help` answers at once.
 """
-import functools
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(
-    help="Train deep-learning models described in YAML configs, on a NumPy engine with a Keras-shaped API.\n\n"
-         "Examples:\n\n"
-         "  dlcli train configs/mnist.yaml\n\n"
-         "  dlcli train configs/mnist.yaml --set train.epochs=1 --set data.limit=2000\n\n"
-         "  dlcli inspect-shapes configs/mnist_cnn.yaml\n\n"
-         "  dlcli evaluate runs/mnist-mlp-20261124-101500",
-    no_args_is_help=True, add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
-
-SetOption = Annotated[list[str], typer.Option(
-    "--set", help="Override a config field, typed like YAML: --set train.epochs=1 "
-                  "--set compile.optimizer.learning_rate=0.01 --set model.layers.1.units=256 (repeatable).")]
-
-
-def _console(stderr=False):
-    from rich.console import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    # Lines wrap in the terminal, not mid-word in logs; tables written to a file or pipe get room for every column.
-    width = None if stream.isatty() else 160
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
-
-
-def handles_errors(command):
-    """One place turns the library's errors into a paragraph on stderr and an exit code, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from dlcli.errors import DlcliError
-
-        try:
-            return command(*args, **kwargs)
-        except DlcliError as e:
-            from rich.markup import escape
-
-            # escaped: messages quote things like "pip install 'dlcli[onnx]'" that are not markup
-            _console(stderr=True).print(f"[bold red]error:[/] {escape(e.message)}", markup=True, highlight=False)
-            raise typer.Exit(e.exit_code) from None
-
-    return wrapper
-
-
-def _version(value: bool):
-    if value:
-        from dlcli import __version__
-
-        print(f"dlcli {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main_options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                       help="Print the version and exit.")] = False):
-    """dlcli: deep learning from YAML configs."""
-    import warnings
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        # the library's warnings (a dangling layer, say) as one readable line, not Python's source excerpt
-        _console(stderr=True).print(f"[bold yellow]warning:[/] {message}", markup=True, highlight=False)
-
-    warnings.showwarning = show
-
-
-def _load(config: Path, overrides: list[str]):
-    from dlcli.config import load_config
-
-    return load_config(config, overrides).to_dict()
+from dlcli.commands.base import SetOption, app, console, handles_errors, load
 
 
 @app.command()
@@ -102,113 +34,32 @@ def train(
 
     Resume after a crash or Ctrl-C: dlcli train --resume runs/mnist-mlp-20261124-101500
     """
-    import numpy as np
+    import dlcli
+    from dlcli import checkpoint
+    from dlcli.commands.run_display import Banner, StopOnSignal
 
-    from dlcli import checkpoint, experiment, runs
-    from dlcli.builder import build_model
-    from dlcli.config import dump_yaml
-    from dlcli.errors import DlcliError
-
-    overrides = list(set_) + ([f"seed={seed}"] if seed is not None else []) + ([f"name={name}"] if name else [])
-    out = _console()
-    state = None
-    if resume is not None:
-        if init_from is not None:
-            raise DlcliError("--resume continues a run; --init-from starts a new one from a run's weights: "
-                             "give one of them", exit_code=2)
-        run_dir = runs.require_run_dir(resume)
-        state = checkpoint.load(run_dir)  # before anything else: a damaged checkpoint fails fast
-        old = _load(run_dir / "config.yaml", [])
-        cfg = _load(config, overrides) if config is not None else _load(run_dir / "config.yaml", overrides)
-        cfg["name"] = old["name"]
-        changes = experiment.check_resume_config(old, cfg, allow_config_change)
-        if changes and not quiet:
-            out.print("config changes accepted for this resume:\n" + "\n".join(changes), markup=False)
-        new_lr = _constant_lr(cfg)
-        if new_lr is not None and new_lr != _constant_lr(old):  # the new rate replaces the checkpointed one
-            state["arrays"]["optimizer/learning_rate"] = np.array(new_lr, np.float64)
-            state["header"]["position"]["learning_rate"] = new_lr
-    elif config is None:
-        raise DlcliError("give a config file (dlcli train configs/mnist.yaml) or --resume RUN_DIR", exit_code=2)
-    else:
-        cfg = _load(config, overrides)
-    model = build_model(cfg)  # shapes and names fail here, before any data is loaded
-    initial = experiment.init_from(model, init_from) if init_from is not None else None
-    splits = experiment.load_splits(cfg, model)
-    if state is None:
-        run_dir = runs.create_run_dir(runs_dir, cfg["name"])
-        lines = []
-        model.summary(print_fn=lines.append)
-        runs.atomic_write_text(run_dir / "summary.txt", "\n".join(lines) + "\n")
-    runs.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    if not quiet:
-        sizes = splits.sizes()
-        out.print(f"[bold]dlcli train[/] {config or ''}  ->  {run_dir}", markup=True)
-        out.print(f"  data    {cfg['data'].get('type')} from {splits.source}: train {sizes['train']:,}, "
-                  f"validation {sizes['validation']:,}, test {sizes['test']:,}")
-        if splits.extra.get("folder"):
-            from dlcli.data.folders import banner_lines
-
-            for line in banner_lines(splits.extra["folder"]):
-                out.print(f"  files   {line}", markup=False)
-        source = splits.x_train.describe()
-        if source.get("workers"):
-            out.print(f"  decode  {source['workers']} threads, {splits.x_train.prefetch} batches ahead, "
-                      f"cache {source['cache']}" + (f" ({source['cache_file']})" if source.get("cache_file") else ""))
-        elif source.get("memory_mapped"):
-            out.print(f"  mmap    {source['memory_mapped']} ({source['bytes'] / 2**20:,.0f} MiB, read per batch)",
-                      markup=False)
-        out.print(f"  model   {model.name}: {model.count_params():,} parameters "
-                  f"({sum(p.value.size for p in model.trainable_weights):,} trainable)")
-        opt = model.optimizer.get_config()
-        out.print(f"  train   {cfg['train']['epochs']} epochs x batch {cfg['train']['batch_size']}, "
-                  f"optimizer {opt.get('type')} (learning rate {opt.get('learning_rate')}), seed {cfg['seed']}")
-        if initial is not None:
-            out.print(f"  init    weights from {initial} (fresh optimizer and counters)")
-        if state is not None:
-            out.print(f"  resume  {experiment.resume_banner(state)}; appending to {run_dir / 'history.csv'}")
-
-    stop_signal = []
-
-    def install_interrupt(trainer):
-        # Ctrl-C and a polite kill (SIGTERM: a cancelled CI job, a scheduler) both finish the batch and save.
-        def on_signal(signum, frame):
-            if trainer.stop_requested:  # a second signal: stop now
-                raise KeyboardInterrupt
-            trainer.stop_requested = True
-            stop_signal.append(signum)
-            print(f"\n{signal.Signals(signum).name}: finishing this batch, then saving a checkpoint "
-                  f"(Ctrl-C again to abort)", file=sys.stderr, flush=True)
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
-
-    result = experiment.train_run(cfg, model, splits, run_dir, verbose=0 if quiet else 1,
-                                  trainer_hook=install_interrupt, resume=state)
-    if result.test and not quiet:
+    out, stop = console(), StopOnSignal()
+    run = dlcli.train(config, set_, runs_dir=runs_dir, resume=resume or False, allow_config_change=allow_config_change,
+                      init_from=init_from, seed=seed, name=name, verbose=0 if quiet else 1,
+                      callbacks=[stop] if quiet else [Banner(out, config), stop])
+    if run.test and not quiet:
         from rich.table import Table
 
-        table = Table(title=f"test ({splits.sizes()['test']:,} samples)")
+        table = Table(title=f"test ({run.sizes['test']:,} samples)")
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for k, v in result.test.items():
+        for k, v in run.test.items():
             table.add_row(k, f"{v:.4f}")
         out.print(table)
-    if result.status == "interrupted":
-        p = result.position or {}
-        _console(stderr=True).print(
+    if run.status == "interrupted":
+        p = run.position or {}
+        console(stderr=True).print(
             f"interrupted at epoch {p.get('epoch', 0) + 1}, batch {p.get('batch', 0)} (step {p.get('step', 0):,}); "
-            f"checkpoint saved in {run_dir / checkpoint.FILENAME}\nresume with: dlcli train --resume {run_dir}",
+            f"checkpoint saved in {run.dir / checkpoint.FILENAME}\nresume with: dlcli train --resume {run.dir}",
             markup=False)
-        print(run_dir)
-        raise typer.Exit(128 + (stop_signal[0] if stop_signal else signal.SIGINT))  # 130 for Ctrl-C, 143 for TERM
-    print(f"run directory: {run_dir}" if not quiet else run_dir)
-
-
-def _constant_lr(cfg) -> float | None:
-    opt = cfg["compile"]["optimizer"]
-    lr = opt.get("learning_rate") if isinstance(opt, dict) else None
-    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+        print(run.dir)
+        raise typer.Exit(128 + (stop.signum or signal.SIGINT))  # 130 for Ctrl-C, 143 for TERM
+    print(f"run directory: {run.dir}" if not quiet else run.dir)
 
 
 @app.command("inspect-shapes")
@@ -241,12 +92,12 @@ def inspect_shapes(
 
     if graph is not None:
         check_graph_path(graph)  # a usage error, before any work is printed
-    cfg = _load(config, list(set_))
+    cfg = load(config, list(set_))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = build_model(cfg)
     for w in caught:
-        _console(stderr=True).print(f"[bold yellow]warning:[/] {w.message}", markup=True, highlight=False)
+        console(stderr=True).print(f"[bold yellow]warning:[/] {w.message}", markup=True, highlight=False)
     rows = model.summary_rows()
     functional = cfg["model"].get("type", "sequential") == "functional"
     table = Table(title=f"{model.name} ({config})")
@@ -263,7 +114,7 @@ def inspect_shapes(
         if functional:
             cells.append(", ".join(r["connected_to"]))
         table.add_row(*cells)
-    out = _console()
+    out = console()
     out.print(table)
     from dlcli import memory
 
@@ -304,7 +155,7 @@ def evaluate(
     if split not in ("test", "validation"):
         raise DlcliError(f"--split must be 'test' or 'validation'; found '{split}'", exit_code=2)
     result = evaluate_run(run_dir, weights, split)
-    out = _console()
+    out = console()
     table = Table(title=f"{result['run']}: {split} split, {result['samples']:,} samples, {weights} weights")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -339,7 +190,7 @@ def _si(n: float) -> str:
     return str(n)
 
 
-# Command groups register themselves on `app` (imported last: each does `from dlcli.cli import app`).
+# The other command modules register themselves on the app; imported after the core three so --help lists those first.
 import dlcli.commands.check  # noqa: E402,F401
 import dlcli.commands.config  # noqa: E402,F401
 import dlcli.commands.data  # noqa: E402,F401
@@ -347,7 +198,7 @@ import dlcli.commands.export  # noqa: E402,F401
 import dlcli.commands.import_keras  # noqa: E402,F401
 import dlcli.commands.plot  # noqa: E402,F401
 import dlcli.commands.predict  # noqa: E402,F401
-import dlcli.commands.runs  # noqa: E402,F401  (module names here never shadow dlcli.runs)
+import dlcli.commands.runs  # noqa: E402,F401
 
 
 def main():

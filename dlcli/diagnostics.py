@@ -248,7 +248,7 @@ def short_run(config: dict, samples: int, epochs: int) -> tuple[dict, list]:
         run_dir = Path(tmp) / "run"
         (run_dir / "weights").mkdir(parents=True)
         result = train_run(config, model, splits, run_dir, verbose=0)
-    return weight_hashes(model), list(result.history.get("loss", []))
+    return weight_hashes(model), [row["loss"] for row in result.history]
 
 
 def determinism(config: dict, samples: int = 256, epochs: int = 1) -> dict:

@@ -108,14 +108,35 @@ class RunRecorder(Callback):
 
 
 @dataclass
-class RunResult:
-    run_dir: Path
-    history: dict
-    test: dict | None
-    seconds: float
-    status: str
-    best_epoch: int | None
+class Run:
+    """One training run: the live handle callbacks receive in `on_run_begin`, and what `train` returns."""
+
+    dir: Path
+    config: dict
+    model: object = field(repr=False)
+    splits: Splits = field(repr=False)
+    status: str = "running"  # then "completed", "interrupted" or the status given to stop()
+    history: list = field(default_factory=list)  # per-epoch rows, as in history.csv (earlier ones on a resume)
+    test: dict | None = None  # test-set loss and metrics (completed runs with a test split)
+    seconds: float = 0.0
+    best_epoch: int | None = None
     position: dict | None = None  # the last checkpoint's position (epoch, batch, step ...)
+    init_from: Path | None = None  # the weights file a fine-tuning run started from
+    resumed: str | None = None  # where a resumed run continues, for people
+    config_changes: list = field(default_factory=list)  # lines naming what a resume changed
+    trainer: object = field(default=None, repr=False)
+    stopping: str | None = field(default=None, repr=False)  # the status stop() asked for
+
+    @property
+    def sizes(self) -> dict:
+        """Samples per split: train, validation, test."""
+        return self.splits.sizes()
+
+    def stop(self, status: str = "stopped"):
+        """End the run after the current batch with a checkpoint it can resume from; `status` says why (meta.json,
+        Run.status). Safe from a callback or a signal handler."""
+        self.stopping = status
+        self.trainer.stop_requested = True
 
 
 def run_callbacks(config: dict, run_dir: Path, has_validation: bool) -> list:
@@ -134,7 +155,7 @@ def run_callbacks(config: dict, run_dir: Path, has_validation: bool) -> list:
 
 
 def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), verbose=1,
-              trainer_hook=None, resume: dict | None = None, world=None) -> RunResult:
+              resume: dict | None = None, world=None, run: Run | None = None) -> Run:
     """Train `model` on `splits` into `run_dir` (already created; config.yaml written by the caller).
 
     `resume` (dlcli.checkpoint.load of this run) continues exactly where the checkpoint stopped, appending to the
@@ -146,17 +167,18 @@ def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), 
 
     world = world or distributed.World()
     with world.guard():
-        result = _train_run(config, model, splits, run_dir, callbacks, verbose, trainer_hook, resume, world)
+        run = _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world, run)
         world.barrier()  # a failure in rank 0's last writes reaches the ranks that are done
-    return result
+    return run
 
 
-def _train_run(config, model, splits, run_dir, callbacks, verbose, trainer_hook, resume, world) -> RunResult:
+def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world, run) -> Run:
     from dlcli import checkpoint
     from dlcli.callbacks import ModelCheckpoint
     from dlcli.divergence import DivergenceError
     from dlcli.trainer import DIVERGENCE_FACTOR, Trainer
 
+    run = run or Run(run_dir, config, model, splits)
     train_cfg = config.get("train", {})
     meta_path = run_dir / "meta.json"
     meta = {**runs.versions_meta(config.get("seed", 0)), "name": config.get("name"), "status": "running",
@@ -173,22 +195,22 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, trainer_hook,
     if resume is not None and world.is_root:
         done = resume["header"]["position"]["epoch"]
         cbs[0].rows = [r for r in runs.read_history(run_dir) if (r.get("epoch") or 0) <= done]
+    run.history = cbs[0].rows
     saver = next(cb for cb in cbs if isinstance(cb, ModelCheckpoint))
     rng = np.random.default_rng([int(config.get("seed", 0)), 2])
-    trainer = Trainer(model, callbacks=[*cbs, *callbacks], verbose=verbose, rng=rng,
-                      checkpoint_path=run_dir / checkpoint.FILENAME, checkpoint_every=train_cfg.get("checkpoint_every"),
-                      divergence_factor=train_cfg.get("divergence_factor", DIVERGENCE_FACTOR),
-                      world=world)
-    if trainer_hook is not None:
-        trainer_hook(trainer)
+    run.trainer = Trainer(model, callbacks=[*cbs, *callbacks], verbose=verbose, rng=rng,
+                          checkpoint_path=run_dir / checkpoint.FILENAME,
+                          checkpoint_every=train_cfg.get("checkpoint_every"),
+                          divergence_factor=train_cfg.get("divergence_factor", DIVERGENCE_FACTOR), world=world)
+    for cb in run.trainer.user_callbacks:
+        cb.on_run_begin(run)
     validation = (splits.x_val, splits.y_val) if splits.x_val is not None else None
     start = time.perf_counter()
-    status = "completed"
     try:
-        history = trainer.fit(splits.x_train, splits.y_train, epochs=int(train_cfg.get("epochs", 1)),
-                              batch_size=int(train_cfg.get("batch_size", 32)), validation_data=validation,
-                              shuffle=bool(train_cfg.get("shuffle", True)),
-                              class_weight=train_cfg.get("class_weight"), resume=resume)
+        run.trainer.fit(splits.x_train, splits.y_train, epochs=int(train_cfg.get("epochs", 1)),
+                        batch_size=int(train_cfg.get("batch_size", 32)), validation_data=validation,
+                        shuffle=bool(train_cfg.get("shuffle", True)),
+                        class_weight=train_cfg.get("class_weight"), resume=resume)
     except DivergenceError as e:
         runs.atomic_write_json(run_dir / "divergence.json", e.report)
         meta.update({"status": "diverged", "end": runs.utc_now(), "hint": e.report["hint"],
@@ -199,24 +221,88 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, trainer_hook,
     except BaseException as e:  # keep meta.json honest when anything else stops the run
         _mark_failed(meta_path, meta, e)
         raise
-    if trainer.stopping():
-        status = "interrupted"
-    seconds = time.perf_counter() - start
-    test = None
-    if splits.x_test is not None and status == "completed":
-        test = trainer.evaluate(splits.x_test, splits.y_test, int(train_cfg.get("batch_size", 32)))
+    run.status = (run.stopping or "interrupted") if run.trainer.stopping() else "completed"
+    run.seconds = time.perf_counter() - start
+    if splits.x_test is not None and run.status == "completed":
+        run.test = run.trainer.evaluate(splits.x_test, splits.y_test, int(train_cfg.get("batch_size", 32)))
+    run.best_epoch, run.position = saver.best_epoch, run.trainer.last_checkpoint
     if splits.x_train.describe():  # decode rate, cache, mapped file: where the input time went
         meta["input"] = splits.x_train.describe()
-    meta.update({"status": status, "end": runs.utc_now(), "seconds": round(seconds + meta.get("seconds", 0)
-                                                                          if resume else seconds, 3),
+    meta.update({"status": run.status, "end": runs.utc_now(),
+                 "seconds": round(run.seconds + meta.get("seconds", 0) if resume else run.seconds, 3),
                  "epochs_run": len(cbs[0].rows), "best_epoch": saver.best_epoch, "best": {saver.monitor: saver.best},
-                 "test": test})
+                 "test": run.test})
     runs.atomic_write_json(meta_path, meta)
     if world.is_root:
         from dlcli.plots import write_curves
 
         write_curves(run_dir, cbs[0].rows)
-    return RunResult(run_dir, history.history, test, seconds, status, saver.best_epoch, trainer.last_checkpoint)
+    return run
+
+
+def train(config=None, overrides=(), *, runs_dir="runs", resume=False, allow_config_change: bool = False,
+          init_from=None, seed: int | None = None, name: str | None = None, callbacks=(), verbose: int = 0) -> Run:
+    """One complete training run, as `dlcli train` does it: build the model, load the data, create the run directory
+    (summary.txt, config.yaml, meta.json, history.csv, weights/, checkpoint/), train, evaluate on the test split.
+
+    `config` is a YAML file or a Config, `overrides` are `--set` texts (`"train.epochs=1"`). `resume=True` continues
+    the run directory given as `config`; `resume=RUN_DIR` does so with `config` (or the run's own config.yaml) as
+    the new config, refused where it differs unless `allow_config_change` and only epochs or the learning rate
+    changed. `init_from=RUN_DIR` starts from another run's weights. `callbacks` join the config's; each gets
+    `on_run_begin(run)` before the first epoch and may end the run with `run.stop(status)`. `verbose=1` prints a
+    line (or a bar) per epoch. Returns the Run (dir, status, history, test); a diverged run raises DivergenceError.
+    """
+    from dlcli import checkpoint
+    from dlcli.builder import build_model
+    from dlcli.config import dump_yaml
+
+    overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else []) + ([f"name={name}"] if name else [])
+    state, changes = None, []
+    if resume is not False and resume is not None:
+        run_dir, config = (config, None) if resume is True else (resume, config)
+        if init_from is not None:
+            raise DlcliError("--resume continues a run; --init-from starts a new one from a run's weights: "
+                             "give one of them", exit_code=2)
+        run_dir = runs.require_run_dir(run_dir)
+        state = checkpoint.load(run_dir)  # before anything else: a damaged checkpoint fails fast
+        old = _config_dict(run_dir / "config.yaml", [])
+        cfg = _config_dict(run_dir / "config.yaml" if config is None else config, overrides)
+        cfg["name"] = old["name"]
+        changes = check_resume_config(old, cfg, allow_config_change)
+        new_lr = _constant_lr(cfg)
+        if new_lr is not None and new_lr != _constant_lr(old):  # the new rate replaces the checkpointed one
+            state["arrays"]["optimizer/learning_rate"] = np.array(new_lr, np.float64)
+            state["header"]["position"]["learning_rate"] = new_lr
+    elif config is None:
+        raise DlcliError("give a config file (dlcli train configs/mnist.yaml) or --resume RUN_DIR", exit_code=2)
+    else:
+        cfg = _config_dict(config, overrides)
+    model = build_model(cfg)  # shapes and names fail here, before any data is loaded
+    initial = _init_from(model, init_from) if init_from is not None else None
+    splits = load_splits(cfg, model)
+    if state is None:
+        run_dir = runs.create_run_dir(runs_dir, cfg["name"])
+        lines = []
+        model.summary(print_fn=lines.append)
+        runs.atomic_write_text(run_dir / "summary.txt", "\n".join(lines) + "\n")
+    runs.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    run = Run(run_dir, cfg, model, splits, init_from=initial, config_changes=changes,
+              resumed=None if state is None else resume_banner(state))
+    return train_run(cfg, model, splits, run_dir, callbacks, verbose=verbose, resume=state, run=run)
+
+
+def _config_dict(config, overrides) -> dict:
+    from dlcli.config import Config, dump_yaml, load_config, parse_config
+
+    if isinstance(config, Config):
+        return parse_config(dump_yaml(config.to_dict()), f"<{config.name}>", overrides).to_dict()
+    return load_config(config, overrides).to_dict()
+
+
+def _constant_lr(cfg) -> float | None:
+    opt = cfg["compile"]["optimizer"]
+    lr = opt.get("learning_rate") if isinstance(opt, dict) else None
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
 def _mark_failed(meta_path, meta, error):
@@ -362,7 +448,7 @@ def resume_banner(checkpoint: dict) -> str:
             f"{p['learning_rate']:.4g}{best_text}")
 
 
-def init_from(model, run_dir) -> Path:
+def _init_from(model, run_dir) -> Path:
     """Fine-tuning: load another run's weights (best.npz, else last.npz); optimizer and counters start fresh."""
     run_dir = runs.require_run_dir(run_dir)
     for name in ("best", "last"):

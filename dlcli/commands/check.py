@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from dlcli.cli import SetOption, _console, _load, app, handles_errors
+from dlcli.commands.base import SetOption, app, console, handles_errors, load
 
 check_app = typer.Typer(help="Built-in checks of a configured model; each exits 1 on failure (CI-friendly).",
                         no_args_is_help=True, rich_markup_mode=None)
@@ -42,11 +42,11 @@ def check_grad(
     from dlcli.builder import build_model
     from dlcli.diagnostics import first_batch, gradient_check
 
-    cfg = _load(config, list(set_))
+    cfg = load(config, list(set_))
     model = build_model(cfg)
     xs, ys = first_batch(cfg, model, samples)
     rows = gradient_check(model, xs, ys, entries=entries, eps=eps, tolerance=tolerance, seed=int(cfg["seed"]))
-    out = _console()
+    out = console()
     table = Table(title=f"gradient check: {model.name}, {len(xs[0])} samples, float64, tolerance {tolerance:g}",
                   caption="kinks: entries skipped because they sit on a ReLU/max-pool kink")
     for col, justify in (("layer", "left"), ("weight", "left"), ("shape", "left"), ("checked", "right"),
@@ -82,11 +82,11 @@ def check_overfit(
     from dlcli.builder import build_model
     from dlcli.diagnostics import first_batch, overfit_batch
 
-    cfg = _load(config, list(set_))
+    cfg = load(config, list(set_))
     model = build_model(cfg)
     xs, ys = first_batch(cfg, model, batch_size)
     r = overfit_batch(model, xs, ys, steps=steps, threshold=threshold)
-    out = _console()
+    out = console()
     table = Table(title=f"overfit one batch: {model.name}, {r['batch']} samples, up to {steps} steps")
     table.add_column("")
     table.add_column("value", justify="right")
@@ -124,9 +124,9 @@ def check_determinism(
 
     from dlcli.diagnostics import determinism
 
-    cfg = _load(config, list(set_))
+    cfg = load(config, list(set_))
     r = determinism(cfg, samples=samples, epochs=epochs)
-    out = _console()
+    out = console()
     bad = [row for row in r["rows"] if not row["ok"]]
     table = Table(title=f"determinism: two runs, seed {cfg['seed']}, {samples} samples x {epochs} epoch(s)")
     for col in ("weight", "first run", "second run", ""):

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from dlcli.cli import SetOption, app, handles_errors
+from dlcli.commands.base import SetOption, app, handles_errors
 
 
 @app.command("config")

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dlcli.cli import _console, app, handles_errors
+from dlcli.commands.base import app, console, handles_errors
 
 data_app = typer.Typer(help="Dataset utilities.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -31,7 +31,7 @@ def to_folder(
     if dataset not in ("mnist", "fashion_mnist"):
         raise DlcliError(f"dlcli data to-folder writes mnist or fashion_mnist; got '{dataset}'", exit_code=2)
     ds = load_dataset({"type": dataset, "limit": limit, "normalize": False})
-    out = _console()
+    out = console()
     for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
         counts = write_image_folder(x.astype(np.uint8), y, ds.classes, directory / split)
         out.print(f"{directory / split}: {sum(counts.values()):,} PNG files in {len(counts)} class folders",

@@ -4,7 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dlcli.cli import _console, app, handles_errors
+from dlcli.commands.base import app, console, handles_errors
 
 
 @app.command()
@@ -27,7 +27,7 @@ def export(
     from dlcli.interop.onnx_export import TOLERANCE, export_run
 
     report = export_run(run_dir, weights, output, opset)
-    out = _console()
+    out = console()
     out.print(f"wrote {report.path} (opset {report.opset}, {report.nodes} nodes)", markup=False)
     if report.max_difference is None:
         out.print(report.checked_on, markup=False)

@@ -4,7 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dlcli.cli import SetOption, _console, app, handles_errors
+from dlcli.commands.base import SetOption, app, console, handles_errors
 
 
 @app.command("import-keras")
@@ -29,8 +29,8 @@ def import_keras(
     from dlcli.interop.keras_import import import_keras as run_import
 
     report = run_import(source, output, config, list(set_))
-    out = _console()
-    err = _console(stderr=True)
+    out = console()
+    err = console(stderr=True)
     for note in report.notes:
         err.print(f"note: {note}", markup=False)
     version = f"Keras {report.keras_version}, " if report.keras_version else ""

@@ -4,7 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dlcli.cli import app, handles_errors
+from dlcli.commands.base import app, handles_errors
 
 
 @app.command()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from dlcli.cli import _console, app, handles_errors
+from dlcli.commands.base import app, console, handles_errors
 from dlcli.errors import DlcliError
 
 if TYPE_CHECKING:
@@ -323,7 +323,7 @@ def predict(
     preds = preds[0] if isinstance(preds, list) else preds  # the first output for multi-output models
     probs = probabilities(model, preds)
     names = class_names(run_dir, config, probs.shape[1]) if probs is not None else []
-    out = _console()
+    out = console()
     if output is not None:
         _write(output, labels, names, preds, probs)
         out.print(f"wrote {len(labels):,} predictions to {output}")

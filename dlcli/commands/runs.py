@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from dlcli.cli import _console, app, handles_errors
+from dlcli.commands.base import app, console, handles_errors
 
 runs_app = typer.Typer(help="List, show and compare run directories.", no_args_is_help=True,
                        rich_markup_mode=None)
@@ -136,7 +136,7 @@ def list_runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Folder 
     from rich.text import Text
 
     found = find_runs(runs_dir)
-    out = _console()
+    out = console()
     if not found:
         out.print(f"no runs in {runs_dir}")
         return
@@ -172,7 +172,7 @@ def show_run(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]):
     if not Path(run_dir).is_dir():
         raise DlcliError(f"{run_dir} is not a directory; list runs with `dlcli runs list`")
     s = run_summary(run_dir)
-    out = _console()
+    out = console()
     out.print(f"[bold]{s['run']}[/]  {s['path']}", markup=True)
     config = Path(run_dir) / "config.yaml"
     out.rule("config.yaml")
@@ -260,7 +260,7 @@ def compare_runs(run_dirs: Annotated[list[Path], typer.Argument(help="Two or mor
         keys += [k for k in f if k not in keys]
     differing = [k for k in keys if len({json.dumps(f.get(k, "<absent>"), sort_keys=True, default=str)
                                          for f in readable}) > 1]
-    out = _console()
+    out = console()
     title = ("config differences" if differing else "configs are identical") if len(readable) > 1 \
         else "fewer than two readable configs: nothing to diff"
     diff = Table(title=title)

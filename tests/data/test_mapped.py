@@ -68,4 +68,4 @@ def test_training_from_a_mapped_array_with_a_validation_split(arrays, tmp_path):
     run = tmp_path / "run"
     (run / "weights").mkdir(parents=True)
     result = train_run(config, model, splits, run, verbose=0)
-    assert result.status == "completed" and len(result.history["val_loss"]) == 2
+    assert result.status == "completed" and [row["epoch"] for row in result.history if "val_loss" in row] == [1, 2]

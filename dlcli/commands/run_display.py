@@ -1,0 +1,60 @@
+"""How `dlcli train` shows a run on a terminal: the banner, and Ctrl-C / SIGTERM ending it with a checkpoint."""
+import signal
+import sys
+
+from dlcli.callbacks import Callback
+
+
+class Banner(Callback):
+    """Run directory, dataset and split sizes, parameters, seed: printed once the run exists, before epoch 1."""
+
+    def __init__(self, out, config_arg):
+        self.out, self.config_arg = out, config_arg
+
+    def on_run_begin(self, run):
+        out, cfg, model, sizes = self.out, run.config, run.model, run.sizes
+        if run.config_changes:
+            out.print("config changes accepted for this resume:\n" + "\n".join(run.config_changes), markup=False)
+        out.print(f"[bold]dlcli train[/] {self.config_arg or ''}  ->  {run.dir}", markup=True)
+        out.print(f"  data    {cfg['data'].get('type')} from {run.splits.source}: train {sizes['train']:,}, "
+                  f"validation {sizes['validation']:,}, test {sizes['test']:,}")
+        if run.splits.extra.get("folder"):
+            from dlcli.data.folders import banner_lines
+
+            for line in banner_lines(run.splits.extra["folder"]):
+                out.print(f"  files   {line}", markup=False)
+        source = run.splits.x_train.describe()
+        if source.get("workers"):
+            out.print(f"  decode  {source['workers']} threads, {run.splits.x_train.prefetch} batches ahead, "
+                      f"cache {source['cache']}" + (f" ({source['cache_file']})" if source.get("cache_file") else ""))
+        elif source.get("memory_mapped"):
+            out.print(f"  mmap    {source['memory_mapped']} ({source['bytes'] / 2**20:,.0f} MiB, read per batch)",
+                      markup=False)
+        out.print(f"  model   {model.name}: {model.count_params():,} parameters "
+                  f"({sum(p.value.size for p in model.trainable_weights):,} trainable)")
+        opt = model.optimizer.get_config()
+        out.print(f"  train   {cfg['train']['epochs']} epochs x batch {cfg['train']['batch_size']}, "
+                  f"optimizer {opt.get('type')} (learning rate {opt.get('learning_rate')}), seed {cfg['seed']}")
+        if run.init_from is not None:
+            out.print(f"  init    weights from {run.init_from} (fresh optimizer and counters)")
+        if run.resumed is not None:
+            out.print(f"  resume  {run.resumed}; appending to {run.dir / 'history.csv'}")
+
+
+class StopOnSignal(Callback):
+    """Ctrl-C and a polite kill (SIGTERM: a cancelled CI job, a scheduler) both finish the batch and save; a second
+    signal stops at once. `signum` is the signal that stopped the run, for the exit code."""
+
+    signum = None
+
+    def on_run_begin(self, run):
+        def on_signal(signum, frame):
+            if run.stopping:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self.signum = signum
+            run.stop("interrupted")
+            print(f"\n{signal.Signals(signum).name}: finishing this batch, then saving a checkpoint "
+                  f"(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)

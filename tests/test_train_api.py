@@ -1,0 +1,99 @@
+"""dlcli.train, the library entry point behind `dlcli train`: a run from Python, stopped by a callback, resumed,
+fine-tuned, and byte-identical to the same run started from the CLI."""
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import dlcli
+from dlcli import runs
+from dlcli.callbacks import Callback
+from dlcli.cli import app
+from dlcli.errors import DlcliError
+
+CONFIG = """\
+name: tiny
+seed: 5
+data: {{type: npz, path: {data}, x_test: x_test, y_test: y_test}}
+model:
+  input_shape: [8]
+  layers:
+    - {{type: Dense, units: 16, activation: relu}}
+    - {{type: Dense, units: 3, activation: softmax}}
+compile:
+  optimizer: {{type: adam, learning_rate: 0.01}}
+  loss: sparse_categorical_crossentropy
+  metrics: [accuracy]
+train: {{epochs: 3, batch_size: 16, validation_split: 0.25}}
+"""
+
+
+@pytest.fixture
+def config(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1)
+    np.savez(tmp_path / "data.npz", x=x, y=y, x_test=x[:40], y_test=y[:40])
+    path = tmp_path / "tiny.yaml"
+    path.write_text(CONFIG.format(data=tmp_path / "data.npz"))
+    return path
+
+
+class StopAfterEpoch(Callback):
+    """What a sweep's pruning callback does: look at the epoch's logs, end the run with its own status."""
+
+    def __init__(self, epoch):
+        self.epoch, self.seen = epoch, None
+
+    def on_run_begin(self, run):
+        self.run, self.seen = run, run.sizes
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            self.run.stop("pruned")
+
+
+def test_train_returns_the_run_and_writes_what_the_cli_writes(config, tmp_path):
+    run = dlcli.train(config, ["train.epochs=2"], runs_dir=tmp_path / "lib", name="same")
+    assert run.status == "completed" and run.dir.parent == tmp_path / "lib" and run.dir.name.startswith("same-")
+    assert [r["epoch"] for r in run.history] == [1, 2] and set(run.test) == {"loss", "accuracy"}
+    assert run.sizes == {"train": 150, "validation": 50, "test": 40}
+    result = CliRunner().invoke(app, ["train", str(config), "--set", "train.epochs=2", "--runs-dir",
+                                      str(tmp_path / "cli"), "--name", "same", "-q"])
+    assert result.exit_code == 0, result.output
+    (cli_dir,) = (tmp_path / "cli").iterdir()
+    for name in ("config.yaml", "summary.txt", "weights/best.npz", "weights/last.npz"):
+        assert (cli_dir / name).read_bytes() == (run.dir / name).read_bytes(), name
+    drop = [{k: v for k, v in r.items() if k != "seconds"} for r in runs.read_history(cli_dir)]
+    assert drop == [{k: v for k, v in r.items() if k != "seconds"} for r in runs.read_history(run.dir)]
+
+
+def test_a_callback_stops_the_run_and_it_resumes_to_the_same_end(config, tmp_path):
+    stopper = StopAfterEpoch(1)
+    run = dlcli.train(config, runs_dir=tmp_path, seed=1, callbacks=[stopper])
+    assert stopper.seen == run.sizes
+    assert run.status == "pruned" and run.test is None and [r["epoch"] for r in run.history] == [1]
+    assert json.loads((run.dir / "meta.json").read_text())["status"] == "pruned"
+    resumed = dlcli.train(run.dir, resume=True)
+    assert resumed.status == "completed" and resumed.dir == run.dir and "start of epoch 2" in resumed.resumed
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    straight = dlcli.train(config, runs_dir=tmp_path / "straight", seed=1)
+    assert resumed.test == straight.test
+    a, b = runs.load_npz(run.dir / "weights/last.npz"), runs.load_npz(straight.dir / "weights/last.npz")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_a_new_learning_rate_and_init_from(config, tmp_path):
+    first = dlcli.train(config, ["train.epochs=1"], runs_dir=tmp_path)
+    with pytest.raises(DlcliError, match="pass --allow-config-change"):
+        dlcli.train(config, ["train.epochs=2"], resume=first.dir)
+    more = dlcli.train(config, ["train.epochs=2", "compile.optimizer.learning_rate=0.001"], resume=first.dir,
+                       allow_config_change=True)
+    assert more.config_changes == ["  compile.optimizer.learning_rate: 0.01 -> 0.001", "  train.epochs: 1 -> 2"]
+    assert [r["learning_rate"] for r in more.history] == [0.01, 0.001]
+    tuned = dlcli.train(config, ["train.epochs=1"], runs_dir=tmp_path / "tuned", init_from=first.dir)
+    assert tuned.init_from == first.dir / "weights" / "best.npz" and tuned.dir != first.dir
+    with pytest.raises(DlcliError, match="give one of them") as e:
+        dlcli.train(config, resume=first.dir, init_from=first.dir)
+    assert e.value.exit_code == 2
