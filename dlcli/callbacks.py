@@ -114,11 +114,9 @@ class MonitorMixin:
             return mode
         if mode != "auto":
             raise ConfigError(f"{type(self).__name__} mode must be 'auto', 'min' or 'max'; got '{mode}'")
-        name = self.monitor.removeprefix("val_")
-        if name == "loss" or name.endswith("_loss") or name in _LOWER_IS_BETTER:
-            return "min"
-        if any(word in name for word in ("acc", "auc", "precision", "recall")):
-            return "max"
+        direction = metric_direction(self.monitor)
+        if direction is not None:
+            return direction
         raise ConfigError(f"{type(self).__name__}: cannot tell whether '{self.monitor}' should go up or down; "
                           f"give mode: min or mode: max (as Keras asks)")
 
@@ -130,6 +128,17 @@ class MonitorMixin:
             raise DlcliError(f"{type(self).__name__} monitors '{self.monitor}', which the epoch logs do not have"
                              f"{hint}; available: {known}")
         return float(value)
+
+
+def metric_direction(metric: str) -> str | None:
+    """'min' or 'max' for a history column (Keras' mode='auto' rules: losses and errors down, accuracy-like names
+    up); None when the name does not say."""
+    name = metric.removeprefix("val_")
+    if name == "loss" or name.endswith("_loss") or name in _LOWER_IS_BETTER:
+        return "min"
+    if any(word in name for word in ("acc", "auc", "precision", "recall")):
+        return "max"
+    return None
 
 
 _LOWER_IS_BETTER = ("mse", "mae", "mean_squared_error", "mean_absolute_error", "mean_absolute_percentage_error",

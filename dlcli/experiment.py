@@ -398,24 +398,12 @@ RESUMABLE_CHANGES = ("train.epochs", "compile.optimizer.learning_rate")
 
 def config_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
     """(dotted path, old value, new value) for every leaf that differs."""
-    a, b = _flatten(old), _flatten(new)
+    from dlcli.yaml_lines import flatten
+
+    a, b = flatten(old), flatten(new)
     missing = object()
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b), key=str)
             if a.get(k, missing) != b.get(k, missing)]
-
-
-def _flatten(value, prefix="") -> dict:
-    if isinstance(value, dict) and value:
-        out = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    if isinstance(value, list) and value:
-        out = {}
-        for i, v in enumerate(value):
-            out.update(_flatten(v, f"{prefix}{i}."))
-        return out
-    return {prefix[:-1]: value}
 
 
 def check_resume_config(old: dict, new: dict, allow_change: bool) -> list[str]:

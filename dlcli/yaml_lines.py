@@ -60,6 +60,16 @@ def format_path(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+def flatten(value, prefix: str = "") -> dict:
+    """{'a': {'b': [1, {'c': 2}]}} -> {'a.b.0': 1, 'a.b.1.c': 2}: the dotted paths --set uses (an empty mapping or
+    list is a value of its own)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    out = {}
+    for k, v in items:
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out if out or not prefix else {prefix: value}
+
+
 @dataclass
 class Document:
     """Plain data parsed from YAML, plus where each path came from."""

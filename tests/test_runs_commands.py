@@ -3,7 +3,8 @@ import json
 from typer.testing import CliRunner
 
 from dlcli.cli import app
-from dlcli.commands.runs import best_metric, flatten, run_summary
+from dlcli.commands.runs import best_metric, run_summary
+from dlcli.yaml_lines import flatten
 from tests.runs_fixture import train_tiny
 
 runner = CliRunner()

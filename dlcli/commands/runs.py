@@ -211,20 +211,6 @@ def show_run(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]):
     out.print(table)
 
 
-def flatten(obj, prefix: str = "") -> dict:
-    """{'a': {'b': [1, {'c': 2}]}} -> {'a.b.0': 1, 'a.b.1.c': 2}: the dotted paths --set uses."""
-    if isinstance(obj, dict):
-        items = obj.items()
-    elif isinstance(obj, list):
-        items = enumerate(obj)
-    else:
-        return {prefix: obj}
-    out = {}
-    for k, v in items:
-        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out if out or not prefix else {prefix: obj}
-
-
 def _load_config(run_dir: Path) -> dict:
     import yaml
 
@@ -253,6 +239,8 @@ def compare_runs(run_dirs: Annotated[list[Path], typer.Argument(help="Two or mor
         raise DlcliError("give at least two run directories to compare", exit_code=2)
     summaries = [run_summary(d) for d in run_dirs]
     labels = [s["run"] for s in summaries]
+    from dlcli.yaml_lines import flatten
+
     flat = [flatten(_load_config(Path(d))) for d in run_dirs]
     readable = [f for f in flat if f]  # a run without a readable config.yaml would make every key differ
     keys: list[str] = []
