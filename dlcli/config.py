@@ -75,6 +75,29 @@ class TrainConfig(_Section):
     checkpoint_every: int | None = Field(None, ge=1)  # batches between mid-epoch checkpoints
     # stop as diverged when the loss exceeds this many times its early value (dlcli.trainer); null: NaN/inf only
     divergence_factor: float | None = Field(1e4, gt=1, allow_inf_nan=False)
+    kfold: int | None = Field(None, ge=2)  # K runs on K folds of the training data, in one run directory
+
+
+class SweepParameter(_Section):
+    """One searched value: `{type: float, low, high, log}`, `{type: int, low, high, step}`, `{type: categorical,
+    choices}` (Optuna's suggest_float / suggest_int / suggest_categorical)."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    step: float | None = Field(None, gt=0)
+    log: bool = False
+    choices: list[Any] | None = Field(None, min_length=1)
+
+
+class SweepConfig(_Section):
+    metric: str = "val_loss"  # a history.csv column; its best epoch's value is the trial's value
+    direction: Literal["minimize", "maximize"] | None = None  # inferred from the metric's name when not given
+    trials: int = Field(20, ge=1)
+    sampler: str | dict[str, Any] = "tpe"  # tpe | random | grid, or {type: tpe, **Optuna's arguments}
+    pruner: str | dict[str, Any] = "median"  # median | hyperband | none, or {type: median, n_startup_trials: 5}
+    seed: int | None = None  # the sampler's seed (default: the config's seed)
+    parameters: dict[str, SweepParameter] = Field(min_length=1)  # dotted --set paths -> what to search
 
 
 class Config(_Section):
@@ -84,6 +107,7 @@ class Config(_Section):
     model: ModelConfig
     compile: CompileConfig
     train: TrainConfig = TrainConfig()
+    sweep: SweepConfig | None = None  # read by `dlcli sweep`; `dlcli train` ignores it
 
     def to_dict(self) -> dict:
         """The fully resolved config as plain data (what a run's config.yaml holds); parses back to an equal Config."""
@@ -91,6 +115,13 @@ class Config(_Section):
         out["model"] = {k: v for k, v in out["model"].items() if v is not None}
         if out["compile"]["loss_weights"] is None:
             del out["compile"]["loss_weights"]
+        if out["train"]["kfold"] is None:
+            del out["train"]["kfold"]
+        if out["sweep"] is None:
+            del out["sweep"]
+        else:
+            out["sweep"]["parameters"] = {k: {f: v for f, v in p.items() if v is not None and (f != "log" or v)}
+                                          for k, p in out["sweep"]["parameters"].items()}
         return out
 
 
@@ -128,6 +159,8 @@ def parse_config(text: str, source: str = "<config>", overrides: typing.Sequence
     doc.data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", Path(source).stem)[:100] or "run")
     _check_schema(doc)
     _SpecChecker(doc).check(doc.data)
+    if not doc.issues:
+        _check_sweep(doc)
     if doc.issues:
         _raise(doc)
     try:
@@ -547,6 +580,9 @@ class _SpecChecker:
                                          f"outputs: {', '.join(outputs)}", at_key=True)
 
     def train(self, train: dict):
+        if train.get("kfold") and train.get("validation_split"):
+            self.error(("train", "kfold"), "K-fold validation holds out each fold in turn: remove "
+                                           "train.validation_split (it would go unused)")
         callbacks = train.get("callbacks")
         if isinstance(callbacks, list):
             for j, cb in enumerate(callbacks):
@@ -560,6 +596,75 @@ class _SpecChecker:
                     except re.error as e:
                         self.error(("train", "freeze", j), f"expected a regular expression matching layer names, "
                                                            f"found {pattern!r} ({e})")
+
+
+# --- sweep parameters --------------------------------------------------------------------------------------------
+def sweep_values(spec: dict) -> list:
+    """The values that bound a sweep parameter's range (low and high, every choice): checking them against the
+    schema checks what any trial could be given."""
+    if spec.get("type") == "categorical":
+        return list(spec.get("choices") or [])
+    cast = int if spec.get("type") == "int" else float
+    return [cast(spec[k]) for k in ("low", "high") if isinstance(spec.get(k), (int, float))]
+
+
+def _check_sweep(doc: Document):
+    """Each `sweep.parameters` path is checked as the `--set` a trial will get, at both ends of its range (and every
+    choice), so a misspelt path or a value the schema rejects fails before any trial runs, at the parameter's line."""
+    import copy
+    import json
+
+    sweep = doc.data.get("sweep")
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("parameters"), dict):
+        return
+    for key, known in (("sampler", ("tpe", "random", "grid")), ("pruner", ("median", "hyperband", "none"))):
+        value = sweep.get(key)
+        name = value.get("type") if isinstance(value, dict) else value
+        if value is not None and name not in known:
+            doc.issues.append(doc.issue(("sweep", key), f"unknown {key} {name!r}{did_you_mean(name, known)}; "
+                                                        f"known: {', '.join(known)}"))
+    for name, spec in sweep["parameters"].items():
+        path = ("sweep", "parameters", name)
+        kind = spec.get("type")
+        if kind in ("float", "int"):
+            missing = [k for k in ("low", "high") if spec.get(k) is None]
+            if missing:
+                doc.issues.append(doc.issue(path, f"a {kind} parameter needs low and high; missing "
+                                                  f"{' and '.join(missing)}", at_key=True))
+                continue
+            if spec["low"] > spec["high"]:
+                doc.issues.append(doc.issue(path, f"low ({spec['low']}) must not be above high ({spec['high']})",
+                                            at_key=True))
+            if spec.get("log") and spec["low"] <= 0:
+                doc.issues.append(doc.issue(path, f"a log-scale range needs low > 0; found {spec['low']}",
+                                            at_key=True))
+            if spec.get("log") and spec.get("step") is not None:
+                doc.issues.append(doc.issue(path, "give step or log: true, not both (Optuna samples a log range "
+                                                  "continuously)", at_key=True))
+            if kind == "int" and any(spec.get(k) is not None and float(spec[k]) != int(spec[k])
+                                     for k in ("low", "high", "step")):
+                doc.issues.append(doc.issue(path, "an int parameter needs whole numbers for low, high and step",
+                                            at_key=True))
+        elif kind == "categorical" and not spec.get("choices"):
+            doc.issues.append(doc.issue(path, "a categorical parameter needs choices: [...]", at_key=True))
+            continue
+        if str(name).split(".")[0] in ("sweep", "name"):
+            doc.issues.append(doc.issue(path, f"'{name}' cannot be searched (only model, data, compile, train "
+                                              f"and seed fields)", at_key=True))
+            continue
+        seen = set()
+        for value in sweep_values(spec):
+            trial = Document(doc.source, copy.deepcopy(doc.data), dict(doc.lines), dict(doc.key_lines),
+                             dict(doc.overrides), [], list(doc.files))
+            trial.data.pop("sweep")
+            apply_override(trial, f"{name}={json.dumps(value)}", 0, _promotable)
+            _check_schema(trial)
+            _SpecChecker(trial).check(trial.data)
+            for issue in trial.issues:
+                text = issue.message if issue.path in ("", name) else f"{issue.path}: {issue.message}"
+                if text not in seen:
+                    seen.add(text)
+                    doc.issues.append(doc.issue(path, f"with the value {value!r}: {text}", at_key=True))
 
 
 # --- signatures -------------------------------------------------------------------------------------------------------
