@@ -24,6 +24,10 @@ class Callback:
         """`dlcli.train` calls this once the run directory exists and the data is loaded, before the first epoch;
         `run` is the live dlcli.experiment.Run (its dir, sizes, model; `run.stop(status)` ends it)."""
 
+    def on_run_end(self, run):
+        """Called once the run directory is complete (meta.json, history.csv, curves.png written), whatever ended the
+        run: `run.status` is completed, interrupted, diverged, failed or the status given to `run.stop`."""
+
     def on_train_begin(self, logs=None): ...
     def on_train_end(self, logs=None): ...
     def on_epoch_begin(self, epoch, logs=None): ...
@@ -390,4 +394,7 @@ def _read_csv(path, separator) -> list[dict]:
 
 def from_config(specs) -> list[Callback]:
     """Callbacks from `train.callbacks`: names or {type: name, **Keras arguments}."""
+    import importlib
+
+    importlib.import_module("dlcli.trackers")  # registers TensorBoard and MLflow (their module imports this one)
     return [CALLBACKS.create(spec) for spec in specs or []]

@@ -36,12 +36,14 @@ def train(
     """
     import dlcli
     from dlcli import checkpoint
-    from dlcli.commands.run_display import Banner, StopOnSignal
+    from dlcli.commands.run_display import Banner, StopOnSignal, print_kfold
 
     out, stop = console(), StopOnSignal()
     run = dlcli.train(config, set_, runs_dir=runs_dir, resume=resume or False, allow_config_change=allow_config_change,
                       init_from=init_from, seed=seed, name=name, verbose=0 if quiet else 1,
                       callbacks=[stop] if quiet else [Banner(out, config), stop])
+    if run.config["train"].get("kfold") and not quiet:
+        print_kfold(out, run)  # the mean and spread per epoch; the test table below is the folds' mean
     if run.test and not quiet:
         from rich.table import Table
 
@@ -199,6 +201,7 @@ import dlcli.commands.import_keras  # noqa: E402,F401
 import dlcli.commands.plot  # noqa: E402,F401
 import dlcli.commands.predict  # noqa: E402,F401
 import dlcli.commands.runs  # noqa: E402,F401
+import dlcli.commands.sweep  # noqa: E402,F401
 
 
 def main():

@@ -319,6 +319,8 @@ def registry(kind: str):
     module, attr = _REGISTRIES[kind]
     if kind == "layer":
         importlib.import_module("dlcli.layers")  # registers every layer family
+    if kind == "callback":
+        importlib.import_module("dlcli.trackers")  # registers TensorBoard and MLflow
     try:
         return getattr(importlib.import_module(module), attr)
     except ModuleNotFoundError as e:

@@ -217,9 +217,10 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
                      "diverged_at": {k: e.report[k] for k in ("epoch", "batch", "step")}})
         runs.atomic_write_json(meta_path, meta)
         e.message += f" Details: {run_dir / 'divergence.json'}"
+        _run_ended(run, "diverged", failing=True)
         raise
     except BaseException as e:  # keep meta.json honest when anything else stops the run
-        _mark_failed(meta_path, meta, e)
+        _run_ended(run, _mark_failed(meta_path, meta, e), failing=True)
         raise
     run.status = (run.stopping or "interrupted") if run.trainer.stopping() else "completed"
     run.seconds = time.perf_counter() - start
@@ -237,7 +238,19 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
         from dlcli.plots import write_curves
 
         write_curves(run_dir, cbs[0].rows)
+    _run_ended(run, run.status)
     return run
+
+
+def _run_ended(run: Run, status: str, failing: bool = False):
+    """Tell the callbacks the run directory is final; while an error propagates, theirs must not replace it."""
+    run.status = status
+    for cb in run.trainer.user_callbacks:
+        try:
+            cb.on_run_end(run)
+        except Exception:
+            if not failing:
+                raise
 
 
 def train(config=None, overrides=(), *, runs_dir="runs", resume=False, allow_config_change: bool = False,
@@ -256,21 +269,24 @@ def train(config=None, overrides=(), *, runs_dir="runs", resume=False, allow_con
     from dlcli.builder import build_model
     from dlcli.config import dump_yaml
 
+    from dlcli.kfold import is_kfold_run, train_folds
+
     overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else []) + ([f"name={name}"] if name else [])
-    state, changes = None, []
+    state, changes, folds = None, [], False
     if resume is not False and resume is not None:
         run_dir, config = (config, None) if resume is True else (resume, config)
         if init_from is not None:
             raise DlcliError("--resume continues a run; --init-from starts a new one from a run's weights: "
                              "give one of them", exit_code=2)
         run_dir = runs.require_run_dir(run_dir)
-        state = checkpoint.load(run_dir)  # before anything else: a damaged checkpoint fails fast
+        folds = is_kfold_run(run_dir)  # each fold keeps its own checkpoint
+        state = None if folds else checkpoint.load(run_dir)  # before anything else: a damaged one fails fast
         old = _config_dict(run_dir / "config.yaml", [])
         cfg = _config_dict(run_dir / "config.yaml" if config is None else config, overrides)
         cfg["name"] = old["name"]
-        changes = check_resume_config(old, cfg, allow_config_change)
+        changes = check_resume_config(old, cfg, allow_config_change and not folds)
         new_lr = _constant_lr(cfg)
-        if new_lr is not None and new_lr != _constant_lr(old):  # the new rate replaces the checkpointed one
+        if state is not None and new_lr is not None and new_lr != _constant_lr(old):  # replaces the checkpointed
             state["arrays"]["optimizer/learning_rate"] = np.array(new_lr, np.float64)
             state["header"]["position"]["learning_rate"] = new_lr
     elif config is None:
@@ -280,12 +296,16 @@ def train(config=None, overrides=(), *, runs_dir="runs", resume=False, allow_con
     model = build_model(cfg)  # shapes and names fail here, before any data is loaded
     initial = _init_from(model, init_from) if init_from is not None else None
     splits = load_splits(cfg, model)
-    if state is None:
+    if state is None and not folds:
         run_dir = runs.create_run_dir(runs_dir, cfg["name"])
         lines = []
         model.summary(print_fn=lines.append)
         runs.atomic_write_text(run_dir / "summary.txt", "\n".join(lines) + "\n")
     runs.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    if cfg["train"].get("kfold"):
+        return train_folds(cfg, model, splits, run_dir, resume=folds, verbose=verbose,
+                           train_fold=lambda c, m, s, d, state: train_run(c, m, s, d, callbacks, verbose=verbose,
+                                                                        resume=state))
     run = Run(run_dir, cfg, model, splits, init_from=initial, config_changes=changes,
               resumed=None if state is None else resume_banner(state))
     return train_run(cfg, model, splits, run_dir, callbacks, verbose=verbose, resume=state, run=run)
@@ -305,13 +325,14 @@ def _constant_lr(cfg) -> float | None:
     return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
-def _mark_failed(meta_path, meta, error):
+def _mark_failed(meta_path, meta, error) -> str:
     status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
     try:
         runs.atomic_write_json(meta_path, {**meta, "status": status, "end": runs.utc_now(),
                                            "error": getattr(error, "message", None) or type(error).__name__})
     except Exception:  # the disk may be what failed: the original error matters more
         pass
+    return status
 
 
 def _position_text(resume: dict) -> str:

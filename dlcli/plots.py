@@ -42,25 +42,13 @@ def figure_pixels(count: int) -> tuple[int, int]:
 
 def curves_png(histories: list[tuple[str, list[dict]]], title: str | None = None) -> bytes:
     """PNG bytes overlaying (label, history rows) pairs: per run one colour, train solid, validation dashed."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     names: list[str] = []
     for _, rows in histories:
         names += [n for n in quantities(rows) if n not in names]
     names.sort(key=lambda n: n != "loss")
-    nrows, ncols = grid(len(names))
-    width, height = figure_pixels(len(names))
-    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    if title:
-        fig.suptitle(title)
+    fig, panels = _epoch_panels(names, title)
     colours = [f"C{i % 10}" for i in range(len(histories))]
-    for k, name in enumerate(names or ["loss"]):
-        ax = fig.add_subplot(nrows, ncols, k + 1)
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
+    for name, ax in panels:
         for (label, rows), colour in zip(histories, colours):
             prefix = f"{label} " if len(histories) > 1 else ""
             for key, style, split in ((name, "-", "train"), (f"val_{name}", "--", "validation")):
@@ -70,14 +58,102 @@ def curves_png(histories: list[tuple[str, list[dict]]], title: str | None = None
                     xs, ys = zip(*points)
                     ax.plot(xs, ys, style, color=colour, marker="." if len(points) < 30 else None,
                             label=f"{prefix}{split}")
-        if ax.has_data():
-            ax.legend(fontsize="small")
-            ax.xaxis.get_major_locator().set_params(integer=True)
-        else:
-            ax.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=ax.transAxes)
+        _finish_panel(ax)
+    return _png(fig)
+
+
+def band_png(rows: list[dict], folds: int, title: str | None = None) -> bytes:
+    """K-fold curves: per quantity the mean across folds per epoch with a band of +- one standard deviation
+    (`<name>_std` columns); validation solid with its band, training as a thin dotted line for reference."""
+    fig, panels = _epoch_panels(quantities([{k: v for k, v in r.items() if not k.endswith("_std")} for r in rows]),
+                                title)
+    epochs = [r["epoch"] for r in rows]
+    for name, ax in panels:
+        for key, style, label in ((f"val_{name}", "-", f"validation, mean of {folds} folds"),
+                                  (name, ":", "training mean")):
+            mean = [r.get(key) for r in rows]
+            if not epochs or any(not isinstance(v, (int, float)) for v in mean):
+                continue
+            line, = ax.plot(epochs, mean, style, marker="." if len(epochs) < 30 else None, label=label)
+            std = [r.get(f"{key}_std") for r in rows]
+            if style == "-" and all(isinstance(v, (int, float)) for v in std):
+                ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=line.get_color(), alpha=0.25, label="+- 1 std across folds")
+        _finish_panel(ax)
+    return _png(fig)
+
+
+def _epoch_panels(names: list[str], title: str | None):
+    """A figure with one subplot per quantity against epochs: (figure, [(name, axes)])."""
+    nrows, ncols = grid(len(names))
+    width, height = figure_pixels(len(names))
+    fig = _figure(width / DPI, height / DPI)
+    if title:
+        fig.suptitle(title)
+    panels = []
+    for k, name in enumerate(names or ["loss"]):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        panels.append((name, ax))
+    return fig, panels
+
+
+def _finish_panel(ax):
+    if ax.has_data():
+        ax.legend(fontsize="small")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    else:
+        ax.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=ax.transAxes)
+
+
+def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
+
+
+def _figure(width_inches: float, height_inches: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_inches, height_inches), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def sweep_history_png(trials: list[tuple[int, float]], metric: str, minimize: bool, title: str) -> bytes:
+    """A study's optimisation history: each completed trial's value by trial number, and the best so far."""
+    fig = _figure(8, 4.5)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if trials:
+        numbers, values = zip(*sorted(trials))
+        best, running = [], None
+        for v in values:
+            running = v if running is None or (v < running if minimize else v > running) else running
+            best.append(running)
+        ax.plot(numbers, values, "o", label=f"trial {metric}")
+        ax.step(numbers, best, where="post", color="C3", label="best so far")
+        ax.legend(fontsize="small")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return _png(fig)
+
+
+def importances_png(importances: dict, metric: str, title: str) -> bytes:
+    """Horizontal bars: each parameter's share of the variation in `metric` (Optuna's fANOVA importances)."""
+    fig = _figure(8, 1.2 + 0.5 * max(len(importances), 1))
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(f"importance for {metric}")
+    names = list(importances)[::-1]
+    ax.barh(names, [importances[n] for n in names], color="C0")
+    ax.grid(alpha=0.3, axis="x")
+    return _png(fig)
 
 
 def write_curves(run_dir, rows: list[dict] | None = None) -> Path:

@@ -132,7 +132,7 @@ def test_yaml_syntax_error_gives_line():
 def test_unknown_top_level_key_suggests():
     assert one_error(edit(MLP, "name: mlp", "nmae: mlp")) == (
         f"{SRC}:1: nmae: unknown key 'nmae' (did you mean 'name'?); the top level takes: name, seed, data, model, "
-        f"compile, train")
+        f"compile, train, sweep")
 
 
 def test_unknown_section_key_suggests():

@@ -58,3 +58,29 @@ class StopOnSignal(Callback):
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+
+
+def print_kfold(out, run):
+    """A K-fold run's report: per epoch the mean and spread of each validation metric across folds, and the epoch
+    where the mean is best (the epoch count to train the final model on all the data for)."""
+    import csv
+
+    from rich.table import Table
+
+    with open(run.dir / "kfold.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    names = [k for k in rows[0] if k.startswith("val_") and not k.endswith("_std")]
+    k = run.config["train"]["kfold"]
+    table = Table(title=f"{k}-fold validation: mean +- standard deviation across folds")
+    table.add_column("epoch", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(r["epoch"], *[f"{float(r[n]):.4f} +- {float(r[n + '_std']):.4f}" for n in names])
+    out.print(table)
+    if run.best_epoch is not None:
+        out.print(f"best mean {'val_loss' if 'val_loss' in names else names[0]} at epoch {run.best_epoch}: train the "
+                  f"final model on all the data for that many epochs (--set train.kfold=null "
+                  f"--set train.epochs={run.best_epoch})")

@@ -48,6 +48,23 @@ def split_indices(y, fraction: float, rng: np.random.Generator, stratify: bool =
     return rng.permutation(train), rng.permutation(val)
 
 
+def kfold_indices(y, k: int, rng: np.random.Generator, stratify: bool = False) -> list[np.ndarray]:
+    """K disjoint validation folds (sorted index arrays) covering every sample once, sizes differing by at most one.
+    Stratified: samples are shuffled, grouped by class, then dealt to the folds in turn, so every fold keeps each
+    class's proportion (scikit-learn's StratifiedKFold idea)."""
+    y = np.asarray(y)
+    n = len(y)
+    if not 2 <= k <= n:
+        raise ConfigError(f"train.kfold must be between 2 and the number of training samples ({n}); got {k}")
+    order = rng.permutation(n)
+    if stratify:
+        labels = y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(n)
+        order = order[np.argsort(labels[order], kind="stable")]
+    fold_of = np.empty(n, np.int64)
+    fold_of[order] = np.arange(n) % k
+    return [np.flatnonzero(fold_of == i) for i in range(k)]
+
+
 def validation_split(x, y, fraction: float, rng: np.random.Generator, stratify: bool = False):
     """(x_tr, y_tr, x_val, y_val): a seeded shuffled split (Keras takes the unshuffled tail, a trap with sorted
     data). x may be an array or a dict of arrays."""

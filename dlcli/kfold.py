@@ -1,0 +1,150 @@
+"""K-fold validation (`train.kfold: K`): K runs on K folds of the training data, inside one run directory.
+
+The book's recipe for small data (Boston housing): train K models, each validated on a different fold, average the
+validation curves, and pick the epoch count from the mean before a final fit on all the data.
+
+runs/<name>-<time>/
+  config.yaml  summary.txt   as for any run
+  folds/1 ... folds/K/       each an ordinary run directory (history.csv, weights/, checkpoint/, meta.json ...)
+  history.csv                per epoch, the mean across folds of every column (epochs that every fold reached)
+  kfold.csv                  per epoch, mean and standard deviation across folds of every column
+  curves.png                 per quantity, the validation mean with a +-1 standard deviation band
+  meta.json                  K, each fold's status, the best epoch of the mean, the test metrics' mean
+Folds are seeded (seed, then the fold stream) and stratified when the targets are class labels. `--resume` skips
+the finished folds and continues the one it stopped in from its checkpoint.
+"""
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from dlcli import runs
+from dlcli.errors import DlcliError
+
+FOLDS = "folds"
+
+
+def is_kfold_run(run_dir) -> bool:
+    return (Path(run_dir) / FOLDS).is_dir()
+
+
+def train_folds(cfg: dict, model, splits, run_dir: Path, train_fold, resume: bool = False, verbose: int = 0):
+    """Train every fold not finished yet into run_dir/folds/<i>/ with `train_fold(config, model, splits, fold_dir,
+    checkpoint or None) -> Run` (the run entry point's own train_run); write the aggregate. Returns the whole run's
+    Run: the status of the fold that stopped it (else "completed"), history = the mean rows, test = the mean."""
+    from dlcli import checkpoint
+    from dlcli.builder import build_model
+    from dlcli.data.split import kfold_indices
+
+    k = int(cfg["train"]["kfold"])
+    if splits.x_val is not None:
+        raise DlcliError("train.kfold validates on each fold in turn: the dataset's own validation split would go "
+                         "unused; use a dataset without one", exit_code=2)
+    y = splits.y_train[0]
+    folds = kfold_indices(y, k, np.random.default_rng([int(cfg.get("seed", 0)), 3]), stratify=_class_labels(y))
+    fold_cfg = {**cfg, "train": {key: v for key, v in cfg["train"].items() if key != "kfold"}}
+    everything = np.arange(len(splits.x_train))
+    start = time.perf_counter()
+    meta_path = run_dir / "meta.json"
+    if not meta_path.exists():
+        runs.atomic_write_json(meta_path, {**runs.versions_meta(cfg.get("seed", 0)), "name": cfg.get("name"),
+                                           "kfold": k, "status": "running", "start": runs.utc_now(),
+                                           "sizes": splits.sizes(), "source": splits.source,
+                                           "params": model.count_params(), "classes": splits.classes})
+    histories, tests, statuses, last = [], [], [], None
+    fresh_model = model  # the one already built serves the first fold trained now; later folds get new weights
+    for i, val in enumerate(folds):
+        fold_dir = run_dir / FOLDS / str(i + 1)
+        meta = runs.read_json(fold_dir / "meta.json") if (fold_dir / "meta.json").exists() else {}
+        if meta.get("status") == "completed":
+            histories.append(runs.read_history(fold_dir))
+            tests.append(meta.get("test"))
+            statuses.append("completed")
+            continue
+        state = None
+        if resume and (fold_dir / checkpoint.FILENAME).exists():
+            state = checkpoint.load(fold_dir)
+        else:
+            (fold_dir / "weights").mkdir(parents=True, exist_ok=True)
+            runs.atomic_write_text(fold_dir / "config.yaml", _dump(fold_cfg))
+        train_idx = np.setdiff1d(everything, val)
+        fold_splits = replace(splits, x_train=splits.x_train.subset(train_idx),
+                              y_train=[a[train_idx] for a in splits.y_train],
+                              x_val=splits.x_train.subset(val), y_val=[a[val] for a in splits.y_train])
+        if verbose:
+            print(f"fold {i + 1}/{k}: {len(train_idx):,} training, {len(val):,} validation samples"
+                  + (" (resumed)" if state is not None else ""), flush=True)
+        fold_model, fresh_model = fresh_model or build_model(cfg), None
+        last = train_fold(fold_cfg, fold_model, fold_splits, fold_dir, state)
+        statuses.append(last.status)
+        histories.append(last.history)
+        tests.append(last.test)
+        if last.status != "completed":
+            break
+    if last is None:
+        raise DlcliError(f"all {k} folds of {run_dir} are finished: nothing to resume")
+    seconds = time.perf_counter() - start
+    means, test, best_epoch = write_aggregate(run_dir, cfg, histories, tests, statuses, k, seconds)
+    return replace(last, dir=run_dir, config=cfg, splits=splits, status=last.status, history=means, test=test, seconds=seconds,
+                   best_epoch=best_epoch, resumed=None)
+
+
+def write_aggregate(run_dir: Path, cfg: dict, histories: list, tests: list, statuses: list, k: int, seconds: float):
+    """history.csv (means), kfold.csv (means and standard deviations), curves.png (bands), meta.json."""
+    from dlcli.plots import band_png
+
+    rows = fold_statistics(histories)
+    means = [{key: v for key, v in r.items() if not key.endswith("_std")} for r in rows]
+    runs.atomic_write_text(run_dir / "history.csv", runs.history_csv(means) if means else "epoch\n")
+    runs.atomic_write_text(run_dir / "kfold.csv", runs.history_csv(rows) if rows else "epoch\n")
+    runs.atomic_write_bytes(run_dir / "curves.png", band_png(rows, len(histories), f"{run_dir.name}: {k}-fold"))
+    monitor = "val_loss" if means and "val_loss" in means[0] else "loss"
+    best = min(means, key=lambda r: r.get(monitor, math.inf)) if means else None
+    done = [t for t in tests if t]
+    test = {m: float(np.mean([t[m] for t in done])) for m in done[0]} if done and len(done) == len(tests) else None
+    meta_path = run_dir / "meta.json"
+    meta = runs.read_json(meta_path) if meta_path.exists() else runs.versions_meta(cfg.get("seed", 0))
+    meta.update({"kfold": k, "folds": statuses,
+                 "status": "completed" if len(statuses) == k and all(s == "completed" for s in statuses)
+                 else statuses[-1] if statuses else "running",
+                 "end": runs.utc_now(), "seconds": round(seconds + meta.get("seconds", 0), 3),
+                 "epochs_run": len(means), "best_epoch": best and best["epoch"],
+                 "best": {f"mean {monitor}": best and best.get(monitor)}, "test": test})
+    runs.atomic_write_json(meta_path, meta)
+    return means, test, best and best["epoch"]
+
+
+def fold_statistics(histories: list[list[dict]]) -> list[dict]:
+    """Per epoch that every fold reached: each numeric column's mean and (population) standard deviation."""
+    histories = [h for h in histories if h]
+    if not histories:
+        return []
+    epochs = min(len(h) for h in histories)
+    rows = []
+    for e in range(epochs):
+        row = {"epoch": e + 1}
+        for key in histories[0][e]:
+            if key == "epoch":
+                continue
+            values = [h[e].get(key) for h in histories]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                row[key] = float(np.mean(values))
+                row[f"{key}_std"] = float(np.std(values))
+        rows.append(row)
+    return rows
+
+
+def _class_labels(y) -> bool:
+    """Targets that are class labels (integers, or one-hot rows) get stratified folds; regression targets do not."""
+    y = np.asarray(y)
+    if y.ndim > 1 and y.shape[-1] > 1:
+        return bool(np.all((y == 0) | (y == 1)) and np.all(y.sum(-1) == 1))
+    return y.dtype.kind in "iub"
+
+
+def _dump(cfg: dict) -> str:
+    from dlcli.config import dump_yaml
+
+    return dump_yaml(cfg)

@@ -1,0 +1,454 @@
+"""Hyperparameter sweeps on Optuna: a config's `sweep:` section searched trial by trial, each trial an ordinary run.
+
+- Every trial is `dlcli.train(config, overrides=[the searched --set values])` into `runs/<study>/trial-NNN-<time>/`,
+  so evaluate, predict, plot and `runs compare` work on it. Its value is the best epoch's `sweep.metric`.
+- The study lives in an Optuna storage: by default a journal file `runs/<study>/study.journal`, which several
+  local processes share (Optuna's JournalFileBackend appends with a file lock); or any RDB URL
+  (`postgresql://...`), which workers on many machines share. Starting again continues the study up to
+  `sweep.trials` trials in all.
+- A pruner stops a poor trial early from the metric reported after each epoch (the run's status says "pruned").
+  A trial that fails or diverges is recorded as failed with its reason; the study goes on.
+- The report: trials.csv, best.yaml (the best trial's resolved config), optimization_history.png and
+  param_importances.png in `runs/<study>/`.
+"""
+import json
+import os
+import signal
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dlcli import runs
+from dlcli.callbacks import Callback, metric_direction
+from dlcli.errors import ConfigError, DlcliError
+from dlcli.registry import Registry
+
+JOURNAL = "study.journal"
+INTERRUPTED = "interrupted"  # the reason recorded for a trial stopped by Ctrl-C: it does not count as done
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise DlcliError("dlcli sweep needs Optuna: pip install 'dlcli[sweep]'", exit_code=2) from None
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported by us, with their reason
+    return optuna
+
+
+def _families():
+    """Closed registries of the samplers and pruners a config may name, with Optuna's constructor arguments."""
+    optuna = _optuna()
+    samplers, pruners = Registry("sampler"), Registry("pruner")
+    samplers.register("tpe")(optuna.samplers.TPESampler)
+    samplers.register("random")(optuna.samplers.RandomSampler)
+    samplers.register("grid")(optuna.samplers.GridSampler)
+    pruners.register("median")(optuna.pruners.MedianPruner)
+    pruners.register("hyperband")(optuna.pruners.HyperbandPruner)
+    pruners.register("none")(optuna.pruners.NopPruner)
+    return samplers, pruners
+
+
+@dataclass
+class Sweep:
+    """What one `dlcli sweep` works on: the config, the study's name, directory and storage."""
+
+    config: str
+    overrides: list
+    study_name: str
+    dir: Path
+    storage: str | None  # an RDB URL, or None for the journal file in `dir`
+    spec: dict  # the config's sweep section
+    target: int  # trials in all
+    direction: str
+
+    def open_storage(self):
+        optuna = _optuna()
+        if self.storage:
+            for attempt in range(5):
+                try:
+                    return optuna.storages.RDBStorage(self.storage)
+                except Exception as e:
+                    # Workers started together on a fresh database race to create Optuna's tables: the loser's
+                    # CREATE fails on a unique index, and a moment later the tables are simply there.
+                    if attempt == 4 or "UniqueViolation" not in repr(e) and "already exists" not in str(e):
+                        raise
+                    time.sleep(0.5 + attempt)
+        journal = optuna.storages.journal
+        return optuna.storages.JournalStorage(journal.JournalFileBackend(str(self.dir / JOURNAL)))
+
+    def load_study(self):
+        optuna = _optuna()
+        samplers, pruners = _families()
+        sampler = _spec(self.spec["sampler"])
+        if self.spec.get("seed") is not None:
+            sampler.setdefault("seed", self.spec["seed"])
+        if sampler["type"] == "grid":
+            sampler["search_space"] = grid_space(self.spec["parameters"])
+        sampler, pruner = samplers.create(sampler), pruners.create(_spec(self.spec["pruner"]))
+        try:
+            return optuna.create_study(storage=self.open_storage(), sampler=sampler, pruner=pruner,
+                                       study_name=self.study_name, direction=self.direction, load_if_exists=True)
+        except (ImportError, ModuleNotFoundError) as e:
+            raise DlcliError(f"the storage {self.storage} needs a database driver ({e.name or e}): "
+                             f"pip install 'dlcli[sweep]'", exit_code=2) from None
+        except Exception as e:  # a database that cannot be reached: one line, not SQLAlchemy's traceback
+            if type(e).__module__.startswith(("sqlalchemy", "psycopg")):
+                raise DlcliError(f"cannot open the study storage {self.storage}: {str(e).splitlines()[0]}") from None
+            raise
+
+
+@dataclass
+class SweepResult:
+    study_name: str
+    dir: Path
+    trials: list = field(default_factory=list)  # rows of trials.csv
+    best: dict | None = None
+    files: list = field(default_factory=list)
+    interrupted: bool = False
+
+
+def prepare(config, overrides=(), *, trials: int | None = None, storage: str | None = None,
+            study: str | None = None, runs_dir="runs") -> Sweep:
+    """Validate the config (every sweep parameter at the ends of its range) before any trial runs."""
+    from dlcli.config import load_config
+
+    cfg = load_config(config, list(overrides)).to_dict()
+    spec = cfg.get("sweep")
+    if spec is None:
+        raise ConfigError(f"{config} has no sweep: section (see configs/mnist_sweep.yaml: metric, trials, sampler, "
+                          f"pruner, parameters)")
+    direction = spec.get("direction")
+    if direction is None:
+        inferred = metric_direction(spec["metric"])
+        if inferred is None:
+            raise ConfigError(f"{config}: sweep.metric '{spec['metric']}': cannot tell whether it should go up or "
+                              f"down; give sweep.direction: minimize or maximize")
+        direction = "minimize" if inferred == "min" else "maximize"
+    if trials is not None and trials < 1:
+        raise DlcliError(f"--trials must be at least 1; found {trials}", exit_code=2)
+    name = study or cfg["name"]
+    if not name or "/" in name or name.startswith("."):
+        raise DlcliError(f"the study name '{name}' cannot be a directory name under {runs_dir}", exit_code=2)
+    target = trials or spec["trials"]
+    if _spec(spec["sampler"])["type"] == "grid":
+        size = 1
+        for values in grid_space(spec["parameters"]).values():
+            size *= len(values)
+        target = min(target, size)
+    return Sweep(str(config), list(overrides), name, Path(runs_dir) / name, storage, spec, target, direction)
+
+
+def _spec(value) -> dict:
+    return {"type": value} if isinstance(value, str) else dict(value)
+
+
+def grid_space(parameters: dict) -> dict:
+    """Every value the grid sampler visits: choices, int ranges by step, float ranges that give a step."""
+    import numpy as np
+
+    space = {}
+    for name, p in parameters.items():
+        if p["type"] == "categorical":
+            space[name] = list(p["choices"])
+        elif p["type"] == "int":
+            space[name] = list(range(int(p["low"]), int(p["high"]) + 1, int(p.get("step") or 1)))
+        elif p.get("step"):
+            space[name] = [float(v) for v in np.arange(p["low"], p["high"] + p["step"] / 2, p["step"])]
+        else:
+            raise ConfigError(f"sweep.parameters.{name}: the grid sampler needs a step for a float range "
+                              f"(or use choices)")
+    return space
+
+
+def suggest(trial, parameters: dict) -> dict:
+    values = {}
+    for name, p in parameters.items():
+        if p["type"] == "categorical":
+            values[name] = trial.suggest_categorical(name, p["choices"])
+        elif p["type"] == "int":
+            values[name] = trial.suggest_int(name, int(p["low"]), int(p["high"]), step=int(p.get("step") or 1),
+                                             log=bool(p.get("log")))
+        else:
+            values[name] = trial.suggest_float(name, float(p["low"]), float(p["high"]), step=p.get("step"),
+                                               log=bool(p.get("log")))
+    return values
+
+
+class MetricMissing(DlcliError):
+    """sweep.metric is not among the epoch logs: every trial would fail the same way, so the sweep stops."""
+
+
+class TrialReporter(Callback):
+    """Reports the metric to Optuna after each epoch and stops a trial the pruner judges hopeless."""
+
+    def __init__(self, trial, metric: str):
+        self.trial, self.metric, self.pruned_at = trial, metric, None
+
+    def on_run_begin(self, run):
+        self.run = STOP.run = run
+        if STOP.requested:  # the signal came while the trial was loading its data
+            run.stop("interrupted")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.metric not in (logs or {}):
+            known = ", ".join(k for k in logs if k not in ("seconds",))
+            hint = " (set train.validation_split for val_* values)" if self.metric.startswith("val_") else ""
+            raise MetricMissing(f"sweep.metric '{self.metric}' is not in the epoch logs{hint}; available: {known}",
+                                exit_code=2)
+        self.trial.report(float(logs[self.metric]), epoch)
+        if self.trial.should_prune():
+            self.pruned_at = epoch + 1
+            self.run.stop("pruned")
+
+
+def run_trial(sweep: Sweep, trial) -> float:
+    """The objective: one ordinary run with this trial's values; its best epoch's metric."""
+    import math
+
+    from dlcli.experiment import train
+
+    optuna = _optuna()
+    values = suggest(trial, sweep.spec["parameters"])
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    sets = [*sweep.overrides, "sweep=null", *(f"{k}={json.dumps(v)}" for k, v in values.items())]
+    reporter = TrialReporter(trial, sweep.spec["metric"])
+    try:
+        run = train(sweep.config, sets, runs_dir=sweep.dir, name=f"trial-{trial.number:03d}", callbacks=[reporter],
+                    verbose=0)
+    except MetricMissing:
+        raise
+    except KeyboardInterrupt:
+        trial.set_user_attr("reason", INTERRUPTED)
+        raise
+    except DlcliError as e:
+        trial.set_user_attr("reason", e.message.splitlines()[0][:500])
+        _record_run_dir(trial, sweep)
+        raise
+    trial.set_user_attr("run_dir", str(run.dir))
+    column = [r.get(sweep.spec["metric"]) for r in run.history if r.get(sweep.spec["metric"]) is not None]
+    if run.status == "pruned":
+        trial.set_user_attr("reason", f"pruned after epoch {reporter.pruned_at}")
+        raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_at}")
+    if run.status != "completed":
+        trial.set_user_attr("reason", INTERRUPTED if run.status == "interrupted" else run.status)
+        raise DlcliError(f"the run ended {run.status}")
+    values = [float(v) for v in column if math.isfinite(float(v))]
+    if not values:
+        trial.set_user_attr("reason", f"no finite {sweep.spec['metric']} value in history.csv")
+        raise DlcliError(trial.user_attrs["reason"])
+    return min(values) if sweep.direction == "minimize" else max(values)
+
+
+def _record_run_dir(trial, sweep: Sweep):
+    """A failed trial's run directory, if it got one (the newest trial-NNN-* of this number)."""
+    found = sorted(sweep.dir.glob(f"trial-{trial.number:03d}-*"))
+    if found:
+        trial.set_user_attr("run_dir", str(found[-1]))
+
+
+def work(sweep: Sweep, ready=None, start=None, log=None):
+    """One worker: run trials until the study has `sweep.target` finished ones (shared with every other worker).
+
+    `ready`/`start` (multiprocessing events) let the parent start all workers' first trials together; `log` gets
+    one line per finished trial.
+    """
+    optuna = _optuna()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    study = sweep.load_study()
+    if ready is not None:
+        ready.set()
+        start.wait()
+    done = [] if log is None else [lambda study, trial: log(trial_line(trial, sweep))]
+    while not STOP.requested and _counted(study) < sweep.target:
+        study.optimize(lambda trial: run_trial(sweep, trial), n_trials=1, catch=(DlcliError,), callbacks=done)
+        trial = study.trials[-1] if study.trials else None
+        if trial is not None and trial.state.name == "FAIL" and "reason" not in trial.user_attrs:
+            break  # not ours to judge (Optuna's own failure): stop rather than loop
+
+
+def trial_line(trial, sweep: Sweep) -> str:
+    value = "" if trial.value is None else f" {sweep.spec['metric']} {trial.value:.4f}"
+    params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+    reason = trial.user_attrs.get("reason")
+    return (f"trial {trial.number} {trial.state.name.lower()}{value} ({params})"
+            + (f": {reason}" if reason and trial.state.name != "PRUNED" else f", {reason}" if reason else "")
+            + f"  {trial.user_attrs.get('run_dir', '')}")
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class Stop:
+    """Ctrl-C or SIGTERM in a sweep process: the running trial ends after its batch (its run directory says
+    interrupted, with a checkpoint) and no new trial starts; a second signal aborts at once. Ending trials this way,
+    never by an exception thrown into arbitrary code, keeps the study's storage (a file lock, a transaction) whole."""
+
+    def __init__(self):
+        self.requested, self.run = False, None
+
+    def install(self) -> dict:
+        def on_signal(signum, frame):
+            if self.requested and signum != signal.SIGUSR1:
+                raise KeyboardInterrupt
+            self.requested = True
+            if self.run is not None:
+                self.run.stop("interrupted")
+
+        # SIGUSR1: the parent passing a stop on (never an abort, even if the terminal's Ctrl-C came first)
+        return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+
+
+STOP = Stop()  # one per process: a worker runs one trial at a time
+
+
+def _worker_main(sweep: Sweep, ready, start, log):
+    """Entry point of an extra worker process: quiet on Ctrl-C (the parent reports)."""
+    STOP.install()
+    try:
+        work(sweep, ready, start, log)
+    except KeyboardInterrupt:
+        pass
+    except MetricMissing:
+        pass  # the parent's own trial reports it
+
+
+def _counted(study) -> int:
+    """Trials that count toward the target: finished ones (not those Ctrl-C stopped) and ones running now."""
+    states = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state.name in states and t.user_attrs.get("reason") != INTERRUPTED)
+
+
+def fail_stale_trials(study) -> int:
+    """Trials left RUNNING by a worker on this machine that no longer exists (killed): recorded as failed."""
+    from optuna.trial import TrialState
+
+    host, stale = socket.gethostname(), 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        name, _, pid = worker.rpartition(":")
+        if name == host and pid.isdigit() and not _alive(int(pid)):
+            study._storage.set_trial_user_attr(t._trial_id, "reason", INTERRUPTED)
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            stale += 1
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_sweep(sweep: Sweep, workers: int = 1, on_start=None, log=None) -> SweepResult:
+    """Run the study with `workers` local processes (this one and workers - 1 more); write the report. Ctrl-C stops
+    every worker after its current trial is marked interrupted; the report is written all the same."""
+    import multiprocessing
+
+    if workers < 1:
+        raise DlcliError(f"--workers must be at least 1; found {workers}", exit_code=2)
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    study = sweep.load_study()
+    fail_stale_trials(study)
+    if on_start is not None:
+        on_start(study, _counted(study))
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked database connections or locks
+    procs, ready, start = [], [], context.Event()
+    for _ in range(workers - 1):
+        event = context.Event()
+        proc = context.Process(target=_worker_main, args=(sweep, event, start, log), daemon=False)
+        proc.start()
+        procs.append(proc)
+        ready.append(event)
+    previous = STOP.install()
+    try:
+        for event, proc in zip(ready, procs):
+            while not event.wait(0.2) and proc.is_alive() and not STOP.requested:
+                pass
+        start.set()
+        if not STOP.requested:
+            work(sweep, log=log)
+        if STOP.requested:
+            # A terminal's Ctrl-C reached every worker; a signal sent to this process alone is passed on.
+            for proc in procs:
+                if proc.is_alive():
+                    os.kill(proc.pid, signal.SIGUSR1)
+    except KeyboardInterrupt:  # a second signal: stop waiting for the workers
+        for proc in procs:
+            proc.terminate()
+    finally:
+        start.set()
+        for proc in procs:
+            proc.join()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    interrupted = STOP.requested
+    result = report(sweep, study)
+    result.interrupted = interrupted
+    return result
+
+
+def report(sweep: Sweep, study) -> SweepResult:
+    """trials.csv, best.yaml and the plots, from the study as it stands (every worker's trials)."""
+    rows = trial_rows(study, sweep.spec["parameters"])
+    result = SweepResult(sweep.study_name, sweep.dir, rows)
+    runs.atomic_write_text(sweep.dir / "trials.csv", runs.history_csv(rows) if rows else "number,state\n")
+    result.files.append(sweep.dir / "trials.csv")
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    if complete:
+        pick = min if sweep.direction == "minimize" else max
+        result.best = pick(complete, key=lambda r: r["value"])
+        config = Path(result.best["run_dir"]) / "config.yaml" if result.best.get("run_dir") else None
+        if config is not None and config.exists():
+            runs.atomic_write_text(sweep.dir / "best.yaml",
+                                   f"# best of study {sweep.study_name}: trial {result.best['number']}, "
+                                   f"{sweep.spec['metric']} {result.best['value']:.6g} ({result.best['run_dir']})\n"
+                                   + config.read_text())
+            result.files.append(sweep.dir / "best.yaml")
+    result.files += plots(study, sweep.dir, sweep.spec["metric"], sweep.direction == "minimize")
+    return result
+
+
+def trial_rows(study, parameters: dict) -> list[dict]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else None
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
+                     **{name: t.params.get(name) for name in parameters},
+                     "seconds": None if seconds is None else round(seconds, 2),
+                     "run_dir": t.user_attrs.get("run_dir", ""), "reason": t.user_attrs.get("reason", ""),
+                     "worker": t.user_attrs.get("worker", "")})
+    return rows
+
+
+def plots(study, folder: Path, metric: str, minimize: bool) -> list[Path]:
+    """optimization_history.png, and param_importances.png once two completed trials differ in what they tried."""
+    from dlcli.plots import importances_png, sweep_history_png
+
+    optuna = _optuna()
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if not complete:
+        return []
+    written = [folder / "optimization_history.png"]
+    runs.atomic_write_bytes(written[0], sweep_history_png([(t.number, t.value) for t in complete], metric, minimize,
+                                                          f"study {study.study_name}"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            importances = optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError, ZeroDivisionError, optuna.exceptions.OptunaError):
+        importances = {}  # e.g. one completed trial, or every trial tried the same values: nothing to rank
+    if importances:
+        written.append(folder / "param_importances.png")
+        runs.atomic_write_bytes(written[1], importances_png(importances, metric,
+                                                            f"study {study.study_name}: parameter importances"))
+    return written

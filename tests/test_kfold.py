@@ -1,0 +1,128 @@
+"""K-fold validation: seeded stratified folds, one run directory with every fold's run and the mean/spread per
+epoch, and --resume continuing the fold it stopped in (ending identical to an uninterrupted run)."""
+import json
+
+import numpy as np
+import pytest
+
+import dlcli
+from dlcli import runs
+from dlcli.callbacks import Callback
+from dlcli.config import parse_config
+from dlcli.data.split import kfold_indices
+from dlcli.errors import ConfigError
+from dlcli.yaml_lines import load_yaml
+
+CONFIG = """\
+name: folds
+seed: 4
+data: {{type: npz, path: {data}, x_test: x_test, y_test: y_test}}
+model:
+  input_shape: [6]
+  layers:
+    - {{type: Dense, units: 8, activation: relu}}
+    - {{type: Dense, units: 3, activation: softmax}}
+compile:
+  optimizer: {{type: adam, learning_rate: 0.01}}
+  loss: sparse_categorical_crossentropy
+  metrics: [accuracy]
+train: {{epochs: 3, batch_size: 16, kfold: 3}}
+"""
+
+
+@pytest.fixture
+def config(tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(120, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0.7)
+    np.savez(tmp_path / "data.npz", x=x[:90], y=y[:90], x_test=x[90:], y_test=y[90:])
+    path = tmp_path / "folds.yaml"
+    path.write_text(CONFIG.format(data=tmp_path / "data.npz"))
+    return path
+
+
+def test_folds_partition_the_samples_seeded_and_stratified():
+    y = np.repeat([0, 1, 2], [50, 30, 20])
+    folds = kfold_indices(y, 5, np.random.default_rng(0), stratify=True)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(100))
+    assert [len(f) for f in folds] == [20] * 5
+    for f in folds:  # every fold keeps the 50/30/20 proportions exactly
+        assert np.bincount(y[f]).tolist() == [10, 6, 4]
+    again = kfold_indices(y, 5, np.random.default_rng(0), stratify=True)
+    assert all(np.array_equal(a, b) for a, b in zip(folds, again))
+    plain = kfold_indices(np.zeros(10), 3, np.random.default_rng(1))
+    assert sorted(len(f) for f in plain) == [3, 3, 4]
+    with pytest.raises(ConfigError, match="between 2 and the number of training samples"):
+        kfold_indices(np.zeros(3), 4, np.random.default_rng(0))
+
+
+def test_kfold_run_keeps_each_fold_and_the_mean_and_spread_per_epoch(config, tmp_path):
+    run = dlcli.train(config, runs_dir=tmp_path / "runs")
+    assert run.status == "completed" and run.dir.parent == tmp_path / "runs"
+    folds = [runs.read_history(run.dir / "folds" / str(i)) for i in (1, 2, 3)]
+    assert all(len(h) == 3 for h in folds)
+    sizes = [json.loads((run.dir / "folds" / str(i) / "meta.json").read_text())["sizes"] for i in (1, 2, 3)]
+    assert [s["validation"] for s in sizes] == [30, 30, 30] and all(s["train"] == 60 for s in sizes)
+    val = np.array([[r["val_loss"] for r in h] for h in folds])
+    mean_rows = runs.read_history(run.dir)
+    np.testing.assert_allclose([r["val_loss"] for r in mean_rows], val.mean(0), rtol=1e-5)
+    spread = _read_csv(run.dir / "kfold.csv")
+    np.testing.assert_allclose([float(r["val_loss_std"]) for r in spread], val.std(0), atol=1e-5)  # CSVs keep 6 digits
+    assert "val_accuracy_std" in spread[0]
+    assert (run.dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((run.dir / "meta.json").read_text())
+    assert meta["kfold"] == 3 and meta["folds"] == ["completed"] * 3 and meta["status"] == "completed"
+    assert meta["best_epoch"] == 1 + int(np.argmin(val.mean(0)))
+    assert set(meta["test"]) == {"loss", "accuracy"} and run.test == meta["test"]
+    fold_config = load_yaml((run.dir / "folds" / "1" / "config.yaml").read_text())
+    assert "kfold" not in fold_config["train"]  # a fold's config.yaml trains one model, as any run's does
+
+
+def _read_csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class StopInFold(Callback):
+    """Ends the run (as Ctrl-C does) in the given fold after its first epoch."""
+
+    def __init__(self, fold):
+        self.fold = fold
+
+    def on_run_begin(self, run):
+        self.run = run
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.run.dir.name == str(self.fold) and epoch == 0:
+            self.run.stop("interrupted")
+
+
+def test_resume_continues_the_fold_it_stopped_in(config, tmp_path):
+    whole = dlcli.train(config, runs_dir=tmp_path / "whole")
+    stopped = dlcli.train(config, runs_dir=tmp_path / "stopped", callbacks=[StopInFold(2)])
+    assert stopped.status == "interrupted"
+    meta = json.loads((stopped.dir / "meta.json").read_text())
+    assert meta["folds"] == ["completed", "interrupted"] and meta["status"] == "interrupted"
+    assert not (stopped.dir / "folds" / "3").exists()
+    fold1 = (stopped.dir / "folds" / "1" / "weights" / "last.npz").read_bytes()
+    resumed = dlcli.train(stopped.dir, resume=True)
+    assert resumed.status == "completed" and resumed.dir == stopped.dir
+    assert (stopped.dir / "folds" / "1" / "weights" / "last.npz").read_bytes() == fold1  # not trained again
+
+    def no_time(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    for i in (1, 2, 3):  # the interrupted fold ends exactly as it would have without the stop
+        assert no_time(runs.read_history(stopped.dir / "folds" / str(i))) == \
+            no_time(runs.read_history(whole.dir / "folds" / str(i)))
+        assert (stopped.dir / "folds" / str(i) / "weights" / "last.npz").read_bytes() == \
+            (whole.dir / "folds" / str(i) / "weights" / "last.npz").read_bytes()
+    assert no_time(runs.read_history(stopped.dir)) == no_time(runs.read_history(whole.dir))
+
+
+def test_kfold_with_a_validation_split_is_a_config_error():
+    text = CONFIG.format(data="d.npz").replace("kfold: 3}", "kfold: 3, validation_split: 0.2}")
+    with pytest.raises(ConfigError, match=r"c.yaml:13: train.kfold: K-fold validation holds out each fold"):
+        parse_config(text, "c.yaml")
