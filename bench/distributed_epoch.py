@@ -1,9 +1,9 @@
 """Data-parallel scaling on this machine: one training epoch of the book's MLP (configs/mnist.yaml) and convnet
-(configs/mnist_cnn.yaml) as 1 process x 2 BLAS threads and as 2 MPI ranks x 1 thread (`dlcli train --distributed`'s
-code path), alternating round by round, best of each; then the ring-allreduce model extended to 4, 16, 64 nodes.
+(configs/mnist_cnn.yaml) as 1 process x 2 BLAS threads, as 2 MPI ranks x 1 thread (`dlcli train --distributed`'s
+code path) and as 1 process x 1 thread, alternating round by round, best of each; then the ring-allreduce model extended to 4, 16, 64 nodes.
 
     pip install -e ".[distributed]"
-    DLCLI_DATA_DIR=../shared/datasets python bench/distributed_epoch.py [--rounds 2] [--models mlp,convnet]
+    DLCLI_DATA_DIR=../shared/datasets python bench/distributed_epoch.py [--rounds 2] [--models mlp,convnet] [--limit N]
 
 Per configuration: samples/s, time per step, and the time per step spent in the gradient allreduce (on 2 ranks,
 including any wait for the slower rank). The model: a step on N nodes is compute(global batch) / N plus a ring
@@ -22,9 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"mlp": ROOT / "configs" / "mnist.yaml", "convnet": ROOT / "configs" / "mnist_cnn.yaml"}
 WARMUP_BATCHES = 20
+PEERS = ((1, 2), (2, 1), (1, 1))  # (processes, BLAS threads each); 1 x 1 shows what a second thread buys
 
 
-def worker(name: str, threads: int):
+def worker(name: str, threads: int, limit: int | None = None):
     """Under mpiexec or alone: one warm-up slice, then one timed epoch; rank 0 prints a JSON line."""
     import numpy as np
 
@@ -42,7 +43,7 @@ def worker(name: str, threads: int):
 
     model = build_model(cfg)
     shape = tuple(model.inputs[0].shape)
-    x, y = mnist_train(shape)
+    x, y = mnist_train(shape, limit)
     batch = int(cfg["train"]["batch_size"])
     warm = Trainer(model, verbose=0, rng=np.random.default_rng(0), world=world)
     warm.fit([x[:WARMUP_BATCHES * batch]], [y[:WARMUP_BATCHES * batch]], epochs=1, batch_size=batch)
@@ -52,17 +53,29 @@ def worker(name: str, threads: int):
     trainer.fit([x], [y], epochs=1, batch_size=batch)
     seconds = time.perf_counter() - start
     ex = trainer.exchange
+    alone = 0.0
+    if ex is not None:  # the allreduce by itself, every rank ready: what the wire costs without waiting
+        for _ in range(3):
+            world.allreduce(ex.buf)
+        times = []
+        for _ in range(20):
+            world.barrier()
+            t = time.perf_counter()
+            world.allreduce(ex.buf)
+            times.append(time.perf_counter() - t)
+        alone = float(np.median(times))
     if world.is_root:
         print(json.dumps({"model": name, "ranks": world.size, "threads": threads, "seconds": seconds,
                           "steps": -(-len(x) // batch), "samples": len(x), "batch": batch,
                           "params": sum(p.value.size for p in model.trainable_weights),
-                          "allreduce_seconds": ex.seconds if ex else 0.0, "buffer_bytes": ex.nbytes if ex else 0}))
+                          "allreduce_seconds": ex.seconds if ex else 0.0, "buffer_bytes": ex.nbytes if ex else 0,
+                          "allreduce_alone": alone}))
     del limits
 
 
-def run(name, ranks, threads):
+def run(name, ranks, threads, limit=None):
     python = sys.executable
-    argv = [python, __file__, "--worker", name, "--threads", str(threads)]
+    argv = [python, __file__, "--worker", name, "--threads", str(threads)] + (["--limit", str(limit)] if limit else [])
     if ranks > 1:
         mpiexec = shutil.which("mpiexec", path=f"{Path(python).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         if mpiexec is None:
@@ -91,31 +104,34 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--models", default="mlp,convnet")
+    parser.add_argument("--limit", type=int, help="train on the first N samples only (a shorter 'epoch')")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.threads)
+        return worker(args.worker, args.threads, args.limit)
     for name in args.models.split(","):
         best: dict = {}
         seen: dict = {}
         for _ in range(args.rounds):
-            for ranks, threads in ((1, 2), (2, 1)):
-                r = run(name, ranks, threads)
-                seen.setdefault(ranks, []).append(r["seconds"])
-                if ranks not in best or r["seconds"] < best[ranks]["seconds"]:
-                    best[ranks] = r
-        one, two = best[1], best[2]
+            for ranks, threads in PEERS:
+                r = run(name, ranks, threads, args.limit)
+                seen.setdefault((ranks, threads), []).append(r["seconds"])
+                if (ranks, threads) not in best or r["seconds"] < best[ranks, threads]["seconds"]:
+                    best[ranks, threads] = r
+        one, two = best[1, 2], best[2, 1]
         print(f"\n{name}: {one['params']:,} parameters ({two['buffer_bytes'] / 2**20:.2f} MiB exchanged per step), "
               f"batch {one['batch']}, {one['steps']} steps per epoch; best of {args.rounds} alternating rounds")
-        for r in (one, two):
+        for r in best.values():
             step = r["seconds"] / r["steps"]
             ar = r["allreduce_seconds"] / r["steps"]
-            spread = ", ".join(f"{s:.1f}" for s in seen[r["ranks"]])
+            spread = ", ".join(f"{s:.1f}" for s in seen[r["ranks"], r["threads"]])
             print(f"  {r['ranks']} process{'es' if r['ranks'] > 1 else ''} x {r['threads']} thread"
                   f"{'s' if r['threads'] > 1 else ''}: {r['seconds']:6.1f} s/epoch  {r['samples'] / r['seconds']:7.0f} "
                   f"samples/s  {step * 1e3:6.2f} ms/step  allreduce {ar * 1e3:5.2f} ms/step  (rounds: {spread} s)")
-        print(f"  speed-up 2 ranks vs 1 process: {one['seconds'] / two['seconds']:.2f}x")
+        print(f"  speed-up 2 ranks x 1 thread vs 1 process x 2 threads: {one['seconds'] / two['seconds']:.2f}x, "
+              f"vs 1 process x 1 thread: {best[1, 1]['seconds'] / two['seconds']:.2f}x; the allreduce alone "
+              f"(ranks ready, shared memory): {two['allreduce_alone'] * 1e3:.2f} ms")
         print(f"  modelled, fixed global batch {one['batch']}, compute/step {one['seconds'] / one['steps'] * 1e3:.2f} ms "
               f"at 1 node (this machine), {4 * one['params'] / 1e6:.2f} MB of float32 gradients:")
         for line in model_table(one["seconds"] / one["steps"], 4 * one["params"]):
