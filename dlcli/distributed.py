@@ -165,7 +165,7 @@ class MPIWorld(World):
         if isinstance(error, DlcliError):
             error.message = message
         if not self.is_root and not self._root_took_over():
-            print(f"error: {message}", file=sys.stderr, flush=True)  # rank 0 is stuck elsewhere: say it here
+            print(f"error: {message}", file=sys.__stderr__, flush=True)  # rank 0 is stuck elsewhere: say it here
 
     def _send_failure(self, dest, message, code):
         self.comm.isend((message, code), dest=dest, tag=FAILURE_TAG).Wait()
@@ -222,6 +222,8 @@ def world(distributed: bool = False) -> World:
             from dlcli import runs
 
             runs.disable_writes()  # the run directory is rank 0's
+            # and the terminal too: other ranks' failures reach rank 0, which prints them
+            sys.stdout = sys.stderr = open(os.devnull, "w")
     return _world
 
 
