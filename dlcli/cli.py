@@ -27,12 +27,21 @@ def train(
         "--init-from", help="Start a new run from another run's weights (fresh optimizer and counters).")] = None,
     allow_config_change: Annotated[bool, typer.Option(
         "--allow-config-change", help="With --resume: accept a changed train.epochs or learning rate.")] = False,
+    distributed: Annotated[bool, typer.Option(
+        "--distributed", help="Data-parallel over the MPI ranks this was launched with: mpiexec -n 4 dlcli train "
+                              "CONFIG --distributed (or srun). train.batch_size is the global batch; only rank 0 "
+                              "prints and writes. Needs pip install 'dlcli[distributed]'.")] = False,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", min=1, help="BLAS threads per process (default with --distributed: this node's cores / its "
+                                 "ranks; else NumPy's default or OMP_NUM_THREADS).")] = None,
 ):
     """Train the model a config describes; writes runs/<name>-<UTC time>/.
 
     Example: dlcli train configs/mnist.yaml --set train.epochs=1 --set data.limit=2000
 
     Resume after a crash or Ctrl-C: dlcli train --resume runs/mnist-mlp-20261124-101500
+
+    On 4 processes (MPI): mpiexec -n 4 dlcli train configs/mnist_cnn.yaml --distributed
     """
     import dlcli
     from dlcli import checkpoint
@@ -41,6 +50,7 @@ def train(
     out, stop = console(), StopOnSignal()
     run = dlcli.train(config, set_, runs_dir=runs_dir, resume=resume or False, allow_config_change=allow_config_change,
                       init_from=init_from, seed=seed, name=name, verbose=0 if quiet else 1,
+                      distributed=distributed, threads=threads,
                       callbacks=[stop] if quiet else [Banner(out, config), stop])
     if run.config["train"].get("kfold") and not quiet:
         print_kfold(out, run)  # the mean and spread per epoch; the test table below is the folds' mean

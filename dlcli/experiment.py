@@ -254,7 +254,8 @@ def _run_ended(run: Run, status: str, failing: bool = False):
 
 
 def train(config=None, overrides=(), *, runs_dir="runs", resume=False, allow_config_change: bool = False,
-          init_from=None, seed: int | None = None, name: str | None = None, callbacks=(), verbose: int = 0) -> Run:
+          init_from=None, seed: int | None = None, name: str | None = None, callbacks=(), verbose: int = 0,
+          distributed: bool = False, threads: int | None = None) -> Run:
     """One complete training run, as `dlcli train` does it: build the model, load the data, create the run directory
     (summary.txt, config.yaml, meta.json, history.csv, weights/, checkpoint/), train, evaluate on the test split.
 
@@ -264,15 +265,63 @@ def train(config=None, overrides=(), *, runs_dir="runs", resume=False, allow_con
     changed. `init_from=RUN_DIR` starts from another run's weights. `callbacks` join the config's; each gets
     `on_run_begin(run)` before the first epoch and may end the run with `run.stop(status)`. `verbose=1` prints a
     line (or a bar) per epoch. Returns the Run (dir, status, history, test); a diverged run raises DivergenceError.
+
+    `distributed=True` trains data-parallel over the MPI ranks this process was started among (`mpiexec -n 4`,
+    `srun`; one process without a launcher), see dlcli.distributed: rank 0 resolves the config, loads any checkpoint
+    and writes the run directory; every rank returns the same Run. `threads` sets the BLAS threads per process
+    (default with several ranks: this node's cores shared among its ranks).
     """
-    from dlcli import checkpoint
+    from dlcli.distributed import limit_threads, world as mpi_world
+
+    world = mpi_world(distributed)
+    limit_threads(world, threads)
+    with world.guard():
+        return _train(world, config, overrides, runs_dir, resume, allow_config_change, init_from, seed, name,
+                      callbacks, verbose)
+
+
+def _train(world, config, overrides, runs_dir, resume, allow_config_change, init_from, seed, name, callbacks,
+           verbose) -> Run:
     from dlcli.builder import build_model
     from dlcli.config import dump_yaml
 
-    from dlcli.kfold import is_kfold_run, train_folds
+    from dlcli.kfold import train_folds
 
     overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else []) + ([f"name={name}"] if name else [])
-    state, changes, folds = None, [], False
+    cfg, state, run_dir, changes, folds = \
+        _resolve(config, overrides, resume, allow_config_change, init_from) if world.is_root else (None,) * 5
+    # rank 0's resolution for every rank (its checkpoint follows in Trainer.fit: other nodes may not see its disk)
+    shared = world.bcast_json({"config": cfg, "run_dir": None if run_dir is None else str(run_dir),
+                               "changes": changes, "resumed": None if state is None else resume_banner(state)})
+    cfg, changes = shared["config"], shared["changes"]
+    if world.size > 1 and cfg["train"].get("kfold"):
+        raise DlcliError("train.kfold trains its folds one after another in one process; drop --distributed (or "
+                         "train.kfold)", exit_code=2)
+    model = build_model(cfg)  # shapes and names fail here, before any data is loaded
+    initial = _init_from(model, init_from) if init_from is not None and world.is_root else None
+    splits = load_splits(cfg, model)
+    if shared["run_dir"] is None and world.is_root:
+        run_dir = runs.create_run_dir(runs_dir, cfg["name"])
+        lines = []
+        model.summary(print_fn=lines.append)
+        runs.atomic_write_text(run_dir / "summary.txt", "\n".join(lines) + "\n")
+    run_dir = Path(world.bcast_json(None if run_dir is None else str(run_dir)))
+    runs.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    if cfg["train"].get("kfold"):
+        return train_folds(cfg, model, splits, run_dir, resume=folds, verbose=verbose,
+                           train_fold=lambda c, m, s, d, state: train_run(c, m, s, d, callbacks, verbose=verbose,
+                                                                        resume=state))
+    run = Run(run_dir, cfg, model, splits, init_from=initial, config_changes=changes, resumed=shared["resumed"])
+    return train_run(cfg, model, splits, run_dir, callbacks, verbose=verbose, resume=state, world=world, run=run)
+
+
+def _resolve(config, overrides, resume, allow_config_change, init_from):
+    """(config dict, loaded checkpoint or None, run directory when resuming, lines naming accepted changes, whether
+    it resumes a k-fold run)."""
+    from dlcli import checkpoint
+    from dlcli.kfold import is_kfold_run
+
+    state, changes, run_dir, folds = None, [], None, False
     if resume is not False and resume is not None:
         run_dir, config = (config, None) if resume is True else (resume, config)
         if init_from is not None:
@@ -293,22 +342,7 @@ def train(config=None, overrides=(), *, runs_dir="runs", resume=False, allow_con
         raise DlcliError("give a config file (dlcli train configs/mnist.yaml) or --resume RUN_DIR", exit_code=2)
     else:
         cfg = _config_dict(config, overrides)
-    model = build_model(cfg)  # shapes and names fail here, before any data is loaded
-    initial = _init_from(model, init_from) if init_from is not None else None
-    splits = load_splits(cfg, model)
-    if state is None and not folds:
-        run_dir = runs.create_run_dir(runs_dir, cfg["name"])
-        lines = []
-        model.summary(print_fn=lines.append)
-        runs.atomic_write_text(run_dir / "summary.txt", "\n".join(lines) + "\n")
-    runs.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    if cfg["train"].get("kfold"):
-        return train_folds(cfg, model, splits, run_dir, resume=folds, verbose=verbose,
-                           train_fold=lambda c, m, s, d, state: train_run(c, m, s, d, callbacks, verbose=verbose,
-                                                                        resume=state))
-    run = Run(run_dir, cfg, model, splits, init_from=initial, config_changes=changes,
-              resumed=None if state is None else resume_banner(state))
-    return train_run(cfg, model, splits, run_dir, callbacks, verbose=verbose, resume=state, run=run)
+    return cfg, state, run_dir, changes, folds
 
 
 def _config_dict(config, overrides) -> dict:

@@ -135,3 +135,110 @@ def test_distributed_without_the_extra_names_the_install(monkeypatch):
     monkeypatch.setattr(distributed, "_world", None)
     with pytest.raises(distributed.DlcliError, match=r"pip install 'dlcli\[distributed\]'"):
         distributed.world(True)
+
+
+# --- dlcli train --distributed -------------------------------------------------------------------------------------
+CONFIG = """\
+name: tiny
+seed: 5
+data: {{type: npz, path: {data}, x_test: x_test, y_test: y_test}}
+model:
+  input_shape: [8]
+  layers:
+    - {{type: Dense, units: 16, activation: relu}}
+    - {{type: BatchNormalization}}
+    - {{type: Dense, units: 3, activation: softmax}}
+compile:
+  optimizer: {{type: adam, learning_rate: 0.01}}
+  loss: sparse_categorical_crossentropy
+  metrics: [accuracy]
+train: {{epochs: {epochs}, batch_size: 16, validation_split: 0.25, checkpoint_every: 2}}
+"""
+
+
+def tiny_config(tmp_path, epochs=3):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(203, 8)).astype(np.float32)  # 152 training samples: the last batch of 8 splits 4 + 4
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1)
+    np.savez(tmp_path / "data.npz", x=x, y=y, x_test=x[:41], y_test=y[:41])
+    path = tmp_path / f"tiny{epochs}.yaml"
+    path.write_text(CONFIG.format(data=tmp_path / "data.npz", epochs=epochs))
+    return path
+
+
+def dlcli_argv():
+    return [sys.executable, "-m", "dlcli.cli"]
+
+
+def history_rows(run_dir):
+    from dlcli import runs
+
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in runs.read_history(run_dir)]
+
+
+@needs_mpi
+def test_cli_two_ranks_write_one_run_equal_to_one_process(tmp_path):
+    config = tiny_config(tmp_path)
+    two = mpirun("-m", "dlcli.cli", "train", config, "--distributed", "--runs-dir", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("run directory:") == 1 and "ranks   2 MPI processes" in two.stdout  # rank 0 only
+    one = subprocess.run([*dlcli_argv(), "train", config, "--runs-dir", tmp_path / "one", "--quiet"],
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    (run_two,), (run_one,) = list((tmp_path / "two").iterdir()), list((tmp_path / "one").iterdir())
+    for a, b in zip(history_rows(run_two), history_rows(run_one), strict=True):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-5)
+    w2, w1 = np.load(run_two / "weights" / "last.npz"), np.load(run_one / "weights" / "last.npz")
+    for key in w1.files:
+        np.testing.assert_allclose(w2[key], w1[key], rtol=2e-5, atol=2e-5)
+    meta = json.loads((run_two / "meta.json").read_text())
+    assert meta["status"] == "completed" and meta["test"]["accuracy"] == pytest.approx(
+        json.loads((run_one / "meta.json").read_text())["test"]["accuracy"])
+
+
+@needs_mpi
+def test_cli_sigterm_checkpoints_every_rank_then_resumes_on_one(tmp_path):
+    config = tiny_config(tmp_path, epochs=60)
+    runs_dir = tmp_path / "runs"
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", *dlcli_argv(), "train", config, "--distributed", "--runs-dir",
+                             runs_dir, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 60
+    while not list(runs_dir.glob("*/checkpoint/state.npz")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(15)  # mpiexec forwards SIGTERM to every rank, as a scheduler's cancel would
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    (run_dir,) = list(runs_dir.iterdir())
+    assert err.count("resume with: dlcli train --resume") == 1
+    assert json.loads((run_dir / "meta.json").read_text())["status"] == "interrupted"
+    resumed = subprocess.run([*dlcli_argv(), "train", "--resume", run_dir, "--quiet"], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["epoch"] for r in history_rows(run_dir)] == list(range(1, 61))
+    assert json.loads((run_dir / "meta.json").read_text())["status"] == "completed"
+
+
+@needs_mpi
+def test_cli_bad_config_stops_every_rank_with_one_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(tiny_config(tmp_path).read_text().replace("units: 16", "unitz: 16"))
+    done = mpirun("-m", "dlcli.cli", "train", bad, "--distributed", "--runs-dir", tmp_path / "runs", timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.count("unknown key 'unitz'") == 1 and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_distributed_without_the_extra_is_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dlcli.cli import app
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    monkeypatch.setattr(distributed, "_world", None)
+    result = CliRunner().invoke(app, ["train", str(tiny_config(tmp_path)), "--distributed",
+                                      "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["error: --distributed needs MPI for Python: pip install 'dlcli[distributed]'"]

@@ -35,6 +35,12 @@ class Banner(Callback):
         opt = model.optimizer.get_config()
         out.print(f"  train   {cfg['train']['epochs']} epochs x batch {cfg['train']['batch_size']}, "
                   f"optimizer {opt.get('type')} (learning rate {opt.get('learning_rate')}), seed {cfg['seed']}")
+        world = run.trainer.world
+        if world.size > 1:
+            batch = int(cfg["train"]["batch_size"])
+            low, high = batch // world.size, -(-batch // world.size)
+            out.print(f"  ranks   {world.size} MPI processes ({world.local_size} on this node), each with "
+                      f"{low if low == high else f'{low}-{high}'} samples of every global batch of {batch}")
         if run.init_from is not None:
             out.print(f"  init    weights from {run.init_from} (fresh optimizer and counters)")
         if run.resumed is not None:
