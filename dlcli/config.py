@@ -223,6 +223,8 @@ def _model_fields(path) -> list[str]:
     for part in path:
         if isinstance(part, int):
             continue
+        if part not in cls.model_fields:
+            return []
         cls = _inner_model(cls.model_fields[part].annotation)
         if cls is None:
             return []
@@ -230,10 +232,10 @@ def _model_fields(path) -> list[str]:
 
 
 def _inner_model(annotation):
-    for arg in (annotation, *typing.get_args(annotation)):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-        inner = _inner_model(arg) if typing.get_args(arg) else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):  # list[InputConfig] | None -> InputConfig
+        inner = _inner_model(arg)
         if inner is not None:
             return inner
     return None

@@ -6,7 +6,8 @@ from dlcli.errors import ConfigError
 
 
 def did_you_mean(name: str, known) -> str:
-    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    known = [k for k in known if isinstance(k, str)]  # a malformed config may hold lists or numbers as names
+    close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
     if not close:  # case-insensitive second chance: 'dense' -> 'Dense'
         lowered = {k.lower(): k for k in known}
         close = [lowered[str(name).lower()]] if str(name).lower() in lowered else []

@@ -32,7 +32,10 @@ train:
   batch_size: 8
   validation_split: 0.2
   checkpoint_every: 3
-  callbacks: [{{type: EarlyStopping, patience: 50}}, {{type: ReduceLROnPlateau, patience: 1, factor: 0.5}}]
+  # min_delta 10: no epoch after the first improves, so the learning rate halves at the end of epochs 2 and 3 (a
+  # callback that fires after the kill point: its state must survive the resume)
+  callbacks: [{{type: EarlyStopping, patience: 50}}, {{type: ReduceLROnPlateau, patience: 1, factor: 0.5,
+                                                       min_delta: 10}}]
 """
 
 
@@ -98,13 +101,20 @@ def reference(tmp_path_factory):
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference):
     tmp, config, ref = reference
-    runs_dir = tmp / "killed"
-    proc = subprocess.Popen(_dlcli("train", config, "--runs-dir", runs_dir, "-q"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    position = _wait_for_mid_epoch_checkpoint(proc, runs_dir)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: make the test data larger"
+    rates = [float(row[-1]) for row in _history(ref)[1:]]
+    assert rates == [0.01, 0.01, 0.005], rates  # ReduceLROnPlateau fired at the end of epoch 2 (and 3)
+    for attempt in range(4):  # the kill must land in epoch 2, before the plateau callback fires
+        runs_dir = tmp / f"killed-{attempt}"
+        proc = subprocess.Popen(_dlcli("train", config, "--runs-dir", runs_dir, "-q"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        position = _wait_for_mid_epoch_checkpoint(proc, runs_dir)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: make the test data larger"
+        if position["epoch"] == 1:
+            break
+    else:
+        pytest.fail("four runs were all killed after epoch 2 (a very loaded machine?)")
     run = _only_run(runs_dir)
     assert json.loads((run / "meta.json").read_text())["status"] == "running"
     resumed = _run("train", "--resume", run)
@@ -216,3 +226,13 @@ def test_init_from_starts_fresh_from_weights(reference, tmp_path):
     assert "weights from" in result.stdout and "best.npz" in result.stdout
     run = _only_run(tmp_path / "runs")
     assert checkpoint.load(run)["header"]["position"]["step"] == 150  # 1200 samples / batch 8: counters restarted
+    # the weights it started from are the source's best: zero epochs of training reproduce them exactly
+    zero = _run("train", config, "--init-from", ref, "--runs-dir", tmp_path / "zero", "--set", "train.epochs=1",
+                "--set", "compile.optimizer.learning_rate=0.0", "--set", "model.layers.1.rate=0.0")
+    assert zero.returncode == 0, zero.stderr
+    with np.load(ref / "weights" / "best.npz") as f:
+        source = {k: f[k] for k in f.files}
+    started = _weights(_only_run(tmp_path / "zero"))
+    assert sorted(started) == sorted(source)
+    for k in source:
+        np.testing.assert_array_equal(started[k], source[k], err_msg=k)

@@ -64,3 +64,48 @@ def test_all_mirrors_failing_lists_each_failure(server, monkeypatch):
     with pytest.raises(DlcliError, match=r"could not download .*truncated transfer.*DLCLI_DATA_DIR"):
         load_dataset({"type": "fashion_mnist"})
     assert not any((cache_dir() / "fashion_mnist").iterdir())
+
+
+@pytest.fixture
+def synthetic_mirror(tmp_path, monkeypatch):
+    """A mirror of synthetic MNIST-shaped files (no ../shared needed, so these never skip), with the checksum
+    table patched to their real content hashes: the verification itself is what is tested."""
+    import dataclasses
+    import gzip
+    import hashlib
+    import threading
+    from functools import partial
+
+    from tests.data.conftest import _Handler, write_idx_set
+
+    import dlcli.data.images as images
+
+    write_idx_set(tmp_path / "mirror" / "mnist", n_train=7, n_test=3, seed=5)
+    table = {part: hashlib.sha256(gzip.decompress((tmp_path / "mirror" / "mnist" / f"{stem}.gz").read_bytes()))
+             .hexdigest() for part, (stem, _) in images.PARTS.items()}
+    monkeypatch.setattr(images, "MNIST", dataclasses.replace(images.MNIST, sha256=table))
+    from http.server import ThreadingHTTPServer
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(tmp_path / "mirror")))
+    httpd.hits = []
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}", table
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_checksum_verification_with_synthetic_bytes(synthetic_mirror, monkeypatch):
+    httpd, url, table = synthetic_mirror
+    dest = cache_dir() / "mnist" / f"{LABELS}.gz"
+    with pytest.raises(DlcliError, match=r"checksum mismatch .* discarded"):  # altered content, valid gzip
+        download([f"{url}/bad/mnist/{LABELS}.gz"], dest, table["test_labels"])
+    assert not dest.exists() and list(dest.parent.iterdir()) == []
+    with pytest.raises(DlcliError, match=r"checksum mismatch"):  # the right bytes against another file's hash
+        download([f"{url}/good/mnist/{LABELS}.gz"], dest, table["train_labels"])
+    download([f"{url}/good/mnist/{LABELS}.gz"], dest, table["test_labels"])
+    assert dest.is_file()
+    monkeypatch.setenv("DLCLI_DATASET_MIRROR", f"{url}/good")
+    d = load_dataset({"type": "mnist"})
+    assert "downloaded" in d.source and d.x_train.shape == (7, 28, 28) and len(d.y_test) == 3

@@ -66,3 +66,12 @@ def test_masking_zeroes_and_masks_padded_steps():
     np.testing.assert_array_equal(y[0, 2:], 0)
     np.testing.assert_array_equal(y[1], x[1])
     assert masking.get_config()["mask_value"] == 0.0
+
+
+def test_masking_backward_stops_the_gradient_at_masked_steps():
+    """Inputs that really equal mask_value (gradient checks on random inputs never hit them)."""
+    x = np.array([[[0.5, 0.5], [1.0, 0.5], [0.5, 0.5]]], np.float32)
+    masking = layers.Masking(mask_value=0.5)
+    masking.forward(x)
+    g = masking.backward(np.ones_like(x))
+    np.testing.assert_array_equal(g, [[[0, 0], [1, 1], [0, 0]]])

@@ -1,0 +1,128 @@
+"""Mutation check: break the code in small plausible ways and show the tests catch each one.
+
+Each mutant replaces one exact snippet of one file in a scratch copy of the checkout (the working tree is never
+touched) and runs the tests that should notice; a mutant is caught when they fail. These are the mutations a
+review found the suite blind to (issue 10), plus the Fortran-order gradient-check trap.
+
+    python tools/mutate.py            # every mutant; prints a table and the score, exits 1 if any survives
+    python tools/mutate.py --list     # the mutants, without running them
+    python tools/mutate.py regularizer-l2-halved masking-backward   # some of them
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (file, original snippet, mutated snippet, tests that must catch it)
+MUTANTS = {
+    "regularizer-l2-halved": (
+        "dlcli/engine/regularizers.py", "+ 2 * self.l2 * w", "+ self.l2 * w",
+        ["tests/test_model_gradients.py"]),
+    "conv-kernel-grad-assigned": (
+        "dlcli/layers/conv.py", "self.kernel.grad += np.dot(self.cols.T, g)",
+        "self.kernel.grad[...] = np.dot(self.cols.T, g)",
+        ["tests/test_model_gradients.py"]),
+    "masking-backward-ignores-mask": (
+        "dlcli/layers/embedding.py", "        return grad * self.keep\n", "        return grad\n",
+        ["tests/layers/test_embedding.py"]),
+    "callback-state-not-restored": (
+        "dlcli/checkpoint.py", 'cb.set_state(_join(entry["state"], arrays))', "pass",
+        ["tests/test_resume.py::test_sigkill_mid_epoch_then_resume_is_bit_identical"]),
+    "init-from-loads-nothing": (
+        "dlcli/experiment.py",
+        "            model.load_weights_dict(runs.load_npz(path), source=str(path))\n            return path",
+        "            return path",
+        ["tests/test_resume.py::test_init_from_starts_fresh_from_weights"]),
+    "download-checksum-unchecked": (
+        "dlcli/data/download.py", "if got != content_sha256:", "if False:",
+        ["tests/data/test_download.py::test_checksum_verification_with_synthetic_bytes"]),
+    "orthogonal-fortran-order": (
+        "dlcli/engine/initializers.py", "np.ascontiguousarray((self.gain", "np.asfortranarray((self.gain",
+        ["tests/test_checks.py"]),
+    "gradcheck-perturbs-a-copy": (
+        "dlcli/diagnostics.py", "flat, grad = value.flat, analytic.reshape(-1)",
+        "flat, grad = np.asfortranarray(value).reshape(-1), analytic.reshape(-1)",
+        ["tests/test_checks.py"]),
+    "divergence-rise-ignored": (
+        "dlcli/trainer.py", 'self._diverged("rise"', 'print("rise"',
+        ["tests/test_resume.py::test_a_finite_loss_blowing_up_is_divergence_not_completion"]),
+    "run-name-unchecked": (
+        "dlcli/config.py", 'if isinstance(name, str) and (not RUN_NAME.fullmatch(name) or name in (".", "..")):',
+        "if False:", ["tests/test_cli.py"]),
+    "umask-ignored": (
+        "dlcli/runs.py", "os.fchmod(fd, 0o666 & ~_umask())", "pass", ["tests/test_runs.py"]),
+}
+
+
+def scratch_copy(dest: Path):
+    """The checkout's tracked and new files (not .git, not the venv), as the working tree has them."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for name in files:
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def run_mutant(name: str, timeout: float) -> tuple[bool, float, str]:
+    file, old, new, tests = MUTANTS[name]
+    with tempfile.TemporaryDirectory(prefix=f"dlcli-mutant-{name}-") as tmp:
+        tmp = Path(tmp)
+        scratch_copy(tmp)
+        # the shared datasets sit beside the checkout (../shared) in CI: keep that relation
+        shared = ROOT.parent / "shared"
+        if shared.exists() and not (tmp.parent / "shared").exists():
+            os.environ.setdefault("DLCLI_DATA_DIR", str(shared / "datasets"))
+        text = (tmp / file).read_text()
+        if text.count(old) != 1:
+            raise SystemExit(f"mutant {name}: the snippet occurs {text.count(old)} times in {file}; update MUTANTS")
+        (tmp / file).write_text(text.replace(old, new))
+        start = time.perf_counter()
+        # python -m pytest puts the scratch copy first on sys.path, ahead of the editable install
+        env = {**os.environ, "PYTHONPATH": str(tmp), "PYTHONDONTWRITEBYTECODE": "1"}
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                                  cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+            detail = (proc.stdout.strip().splitlines() or [""])[-1]
+            # caught only by a failing assertion: an error (a fixture's timeout on a loaded machine, an import
+            # error) proves nothing about the mutant, so it counts as not caught
+            caught = proc.returncode != 0 and " failed" in detail and " error" not in detail
+        except subprocess.TimeoutExpired:
+            caught, detail = False, f"timed out after {timeout:.0f}s (inconclusive: counts as not caught)"
+        return caught, time.perf_counter() - start, detail
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, (file, _, _, tests) in MUTANTS.items():
+            print(f"{name:32} {file:32} {' '.join(tests)}")
+        return 0
+    unknown = [n for n in args.names if n not in MUTANTS]
+    if unknown:
+        parser.error(f"unknown mutants: {', '.join(unknown)}; see --list")
+    names = args.names or list(MUTANTS)
+    survived = []
+    for name in names:
+        caught, seconds, detail = run_mutant(name, args.timeout)
+        print(f"{'caught  ' if caught else 'SURVIVED'} {name:32} {seconds:6.1f}s  {detail}", flush=True)
+        if not caught:
+            survived.append(name)
+    print(f"mutation score: {len(names) - len(survived)}/{len(names)} caught"
+          + (f"; survived: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
