@@ -43,13 +43,13 @@ class InputConfig(_Section):
     """One named input of a functional model."""
 
     name: str
-    shape: list[Dim]
+    shape: Annotated[list[Dim], Field(min_length=1)]
     dtype: str = "float32"
 
 
 class ModelConfig(_Section):
     type: Literal["sequential", "functional"] = "sequential"
-    input_shape: list[Dim] | None = None  # sequential (or `input_shape` on the first layer)
+    input_shape: Annotated[list[Dim], Field(min_length=1)] | None = None  # sequential (or `input_shape` on the first layer)
     input_dtype: str | None = None
     inputs: list[InputConfig] | None = None  # functional
     layers: list[dict[str, Any]] = Field(min_length=1)

@@ -128,13 +128,33 @@ def parse_document(text: str, source: str) -> Document:
                                 f"YAML syntax error: {e.problem}{context}", (0, 0, line)))
     except yaml.YAMLError as e:
         doc.issues.append(Issue(source, "", f"YAML error: {e}"))
+    except _Unsafe as e:
+        doc.data = None
+        message, line = e.args
+        doc.issues.append(Issue(f"{source}:{line}", "", message, (0, 0, line)))
     finally:
         loader.dispose()
     return doc
 
 
-def _convert(node, path, doc: Document, loader):
+MAX_NODES = 200_000  # a config is a few hundred values; aliases repeated inside aliases ("billion laughs") are not
+
+
+class _Unsafe(Exception):
+    """A document whose aliases recurse or expand past MAX_NODES: reported as one error, never a hang."""
+
+
+def _convert(node, path, doc: Document, loader, active=()):
+    loader.dlcli_nodes = getattr(loader, "dlcli_nodes", 0) + 1
+    if loader.dlcli_nodes > MAX_NODES:
+        raise _Unsafe(f"the document expands to more than {MAX_NODES:,} values (aliases repeated inside aliases?)",
+                      node.start_mark.line + 1)
+    if id(node) in active:
+        raise _Unsafe(f"{format_path(path) or 'the document'}: a YAML alias refers to a node containing it "
+                      f"(a structure that never ends)", node.start_mark.line + 1)
     doc.lines.setdefault(path, (doc.source, node.start_mark.line + 1))
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        active = (*active, id(node))
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # `<<: *anchor` merge keys, as safe_load does
         out = {}
@@ -153,10 +173,10 @@ def _convert(node, path, doc: Document, loader):
                 continue
             doc.key_lines[child] = (doc.source, line)
             doc.lines[child] = (doc.source, value_node.start_mark.line + 1)
-            out[key] = _convert(value_node, child, doc, loader)
+            out[key] = _convert(value_node, child, doc, loader, active)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(item, (*path, i), doc, loader) for i, item in enumerate(node.value)]
+        return [_convert(item, (*path, i), doc, loader, active) for i, item in enumerate(node.value)]
     return loader.construct_object(node, deep=True)
 
 

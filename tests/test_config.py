@@ -401,3 +401,12 @@ def test_parent_arguments_a_layer_passes_itself_are_not_required():
     text = "data: {type: mnist}\nmodel:\n  input_shape: [5, 3]\n  layers:\n    - {type: SimpleRNN, units: 4}\n" \
            "compile: {loss: mse}\n"
     assert parse_config(text, "rnn.yaml").model.layers[0] == {"type": "SimpleRNN", "units": 4}
+
+
+def test_recursive_and_exploding_aliases_are_errors_not_hangs():
+    (message,) = errors(MLP + "extra: &a [1, *a]\n")
+    assert message.startswith(f"{SRC}:16: ") and "refers to a node containing it" in message
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    (message,) = errors(laughs)
+    assert "expands to more than 200,000 values" in message
