@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from dlcli.errors import ConfigError, DlcliError
+from dlcli.metrics import metric_direction
 from dlcli.registry import Registry
 
 CALLBACKS = Registry("callback")
@@ -132,21 +133,6 @@ class MonitorMixin:
             raise DlcliError(f"{type(self).__name__} monitors '{self.monitor}', which the epoch logs do not have"
                              f"{hint}; available: {known}")
         return float(value)
-
-
-def metric_direction(metric: str) -> str | None:
-    """'min' or 'max' for a history column (Keras' mode='auto' rules: losses and errors down, accuracy-like names
-    up); None when the name does not say."""
-    name = metric.removeprefix("val_")
-    if name == "loss" or name.endswith("_loss") or name in _LOWER_IS_BETTER:
-        return "min"
-    if any(word in name for word in ("acc", "auc", "precision", "recall")):
-        return "max"
-    return None
-
-
-_LOWER_IS_BETTER = ("mse", "mae", "mean_squared_error", "mean_absolute_error", "mean_absolute_percentage_error",
-                    "mean_squared_logarithmic_error", "root_mean_squared_error", "crossentropy", "hinge")
 
 
 def _state(obj, keys) -> dict:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dlcli.commands.base import SetOption, app, console, handles_errors, load
+from dlcli.commands.base import SetOption, app, console, handles_errors, load, metrics_table, si
 
 
 @app.command()
@@ -55,14 +55,7 @@ def train(
     if run.config["train"].get("kfold") and not quiet:
         print_kfold(out, run)  # the mean and spread per epoch; the test table below is the folds' mean
     if run.test and not quiet:
-        from rich.table import Table
-
-        table = Table(title=f"test ({run.sizes['test']:,} samples)")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for k, v in run.test.items():
-            table.add_row(k, f"{v:.4f}")
-        out.print(table)
+        out.print(metrics_table(f"test ({run.sizes['test']:,} samples)", run.test))
     if run.status == "interrupted":
         p = run.position or {}
         console(stderr=True).print(
@@ -122,7 +115,7 @@ def inspect_shapes(
         if r["type"] == "InputLayer" and not functional:
             continue
         cells = [r["name"] + ("" if r["trainable"] else " (frozen)"), r["type"], format_shape(r["output_shape"]),
-                 f"{r['params']:,}", _si(r["flops"])]
+                 f"{r['params']:,}", si(r["flops"])]
         if functional:
             cells.append(", ".join(r["connected_to"]))
         table.add_row(*cells)
@@ -135,7 +128,7 @@ def inspect_shapes(
     trainable = sum(p.value.size for p in model.trainable_weights)
     out.print(f"Total params: {total:,}  (trainable {trainable:,}, non-trainable {total - trainable:,})")
     out.print(f"Memory: {memory.describe(memory.estimate(model, bs))} (float32, forward outputs kept for backward)")
-    out.print(f"FLOPs per sample (forward): {_si(sum(r['flops'] for r in rows))}")
+    out.print(f"FLOPs per sample (forward): {si(sum(r['flops'] for r in rows))}")
     if graph is not None:
         from dlcli.render import render_graph
 
@@ -168,12 +161,8 @@ def evaluate(
         raise DlcliError(f"--split must be 'test' or 'validation'; found '{split}'", exit_code=2)
     result = evaluate_run(run_dir, weights, split)
     out = console()
-    table = Table(title=f"{result['run']}: {split} split, {result['samples']:,} samples, {weights} weights")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in result["metrics"].items():
-        table.add_row(k, f"{v:.4f}")
-    out.print(table)
+    out.print(metrics_table(f"{result['run']}: {split} split, {result['samples']:,} samples, {weights} weights",
+                            result["metrics"]))
     comparison = result.get("comparison")
     if comparison:
         verdict = "beats" if comparison["beats_baseline"] else "does NOT beat"
@@ -192,14 +181,6 @@ def evaluate(
             cm.add_row(n, *[str(v) for v in row], "-" if acc is None else f"{acc:.3f}")
         out.print(cm)
     print(f"wrote {Path(run_dir) / 'evaluation.json'}")
-
-
-def _si(n: float) -> str:
-    for unit in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000 or unit == "T":
-            return f"{n:.3g}{unit}" if unit else f"{int(n)}"
-        n /= 1000
-    return str(n)
 
 
 # The other command modules register themselves on the app; imported after the core three so --help lists those first.

@@ -48,21 +48,6 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def optimizer_slots(opt) -> int:
-    """Arrays of optimizer state per weight (momentum, Adam's two moments ...)."""
-    if hasattr(opt, "slot_count"):
-        return int(opt.slot_count())
-    cfg = opt.get_config()
-    kind = cfg.get("type")
-    if kind == "sgd":
-        return 1 if cfg.get("momentum") else 0
-    if kind == "rmsprop":
-        return 1 + bool(cfg.get("momentum")) + bool(cfg.get("centered"))
-    if kind in ("adam", "adamw"):
-        return 2 + bool(cfg.get("amsgrad"))
-    return 1
-
-
 def shape_size(shape) -> int:
     """Values in a shape (or a list of shapes), in Python integers so a huge model cannot overflow."""
     if isinstance(shape, list):
@@ -75,7 +60,7 @@ def shape_size(shape) -> int:
 
 def estimate(model, batch_size: int) -> dict:
     """Bytes of weights, optimizer state and activations (float32 forward outputs kept for backward)."""
-    slots = optimizer_slots(model.optimizer) if getattr(model, "optimizer", None) is not None else 0
+    slots = model.optimizer.slot_count() if getattr(model, "optimizer", None) is not None else 0
     weights = sum(p.value.nbytes for p in model.weights)
     optimizer = slots * sum(p.value.nbytes for p in model.trainable_weights)
     activations = 4 * int(batch_size) * sum(shape_size(r["output_shape"]) for r in model.summary_rows())

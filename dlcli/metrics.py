@@ -15,6 +15,22 @@ METRICS = Registry("metric")
 ACCURACY_ALIASES = ("accuracy", "acc")  # resolved by `resolve` from the loss and output shape
 
 
+# Parts of metric names where smaller is better (losses, errors, divergences); larger is better for accuracy-like ones.
+_LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "mape", "msle", "squared", "absolute", "hinge", "crossentropy",
+                    "divergence", "poisson", "cosh")
+
+
+def metric_direction(metric: str) -> str | None:
+    """'min' for a loss or error column, 'max' for accuracy, AUC, precision, recall (Keras' mode='auto'); None when
+    the name does not say. EarlyStopping, ModelCheckpoint, sweeps and `dlcli runs` all ask here."""
+    name = metric.removeprefix("val_")
+    if any(part in name for part in _LOWER_IS_BETTER):
+        return "min"
+    if any(word in name for word in ("acc", "auc", "precision", "recall")):
+        return "max"
+    return None
+
+
 class Mean:
     """Weighted running mean of scalars: the loss tracker (update(batch_mean, batch_size))."""
 

@@ -33,6 +33,10 @@ class Optimizer:
         self.slots: dict[str, dict[int, np.ndarray]] = {}
         self._buffers: dict = {}
 
+    def slot_count(self) -> int:
+        """Arrays of state kept per weight (momentum, Adam's two moments ...): inspect-shapes' memory estimate."""
+        return 1
+
     # --- learning rate --------------------------------------------------------------------------------------
     @property
     def current_lr(self) -> float:
@@ -146,6 +150,9 @@ class SGD(Optimizer):
             raise ConfigError(f"SGD momentum must be a float in [0, 1] (as in Keras); got {momentum}")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
 
+    def slot_count(self) -> int:
+        return int(self.momentum > 0)
+
     def update_step(self, index, value, grad, lr):
         step = np.multiply(grad, lr, out=self.scratch(value))
         if not self.momentum:
@@ -172,6 +179,9 @@ class RMSprop(Optimizer):
         super().__init__(learning_rate, **kw)
         self.rho, self.momentum, self.epsilon, self.centered = float(rho), float(momentum), float(epsilon), \
             bool(centered)
+
+    def slot_count(self) -> int:
+        return 1 + (self.momentum > 0) + self.centered
 
     def update_step(self, index, value, grad, lr):
         s = self.scratch(value)
@@ -209,6 +219,9 @@ class Adam(Optimizer):
         super().__init__(learning_rate, **kw)
         self.beta_1, self.beta_2, self.epsilon, self.amsgrad = float(beta_1), float(beta_2), float(epsilon), \
             bool(amsgrad)
+
+    def slot_count(self) -> int:
+        return 2 + self.amsgrad
 
     def update_step(self, index, value, grad, lr):
         t = self.iterations + 1

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dlcli.errors import DlcliError
+from dlcli.metrics import metric_direction
 
 
 # A data-parallel rank other than 0 shares rank 0's run directory and never writes it (dlcli.distributed says so
@@ -223,3 +224,82 @@ def require_run_dir(run_dir) -> Path:
         raise DlcliError(f"{path} is not a dlcli run directory (no config.yaml); run directories look like "
                          f"runs/<name>-<yyyymmdd-hhmmss>/")
     return path
+
+
+# --- reading runs back (dlcli runs list / show / compare) ---------------------------------------------------------
+def _read_json_or_problem(path: Path):
+    """(value, problem): the parsed JSON, or None and why it could not be read."""
+    if not path.is_file():
+        return None, f"no {path.name}"
+    try:
+        return json.loads(path.read_text()), None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{path.name} damaged ({type(e).__name__})"
+
+
+def _read_history_or_problem(run_dir: Path):
+    try:
+        return read_history(run_dir), None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return [], f"history.csv damaged ({type(e).__name__})"
+
+
+def best_metric(rows: list[dict]):
+    """(name, value, epoch) of the best validation metric: the first val_ metric that is not the loss, else
+    val_loss, else the training loss."""
+    columns = [k for row in rows[:1] for k in row]
+    val = [c for c in columns if c.startswith("val_")]
+    name = next((c for c in val if c != "val_loss"), "val_loss" if "val_loss" in val else "loss")
+    points = [(r.get(name), r.get("epoch", i + 1)) for i, r in enumerate(rows)]
+    points = [(v, e) for v, e in points if isinstance(v, (int, float)) and v == v]
+    if not points:
+        return name, None, None
+    value, epoch = (min if metric_direction(name) == "min" else max)(points, key=lambda p: p[0])
+    return name, value, epoch
+
+
+def run_summary(run_dir) -> dict:
+    """What `runs list` shows for one run directory, with `problems` naming whatever is missing or damaged."""
+    run_dir = Path(run_dir)
+    problems = []
+    meta, problem = _read_json_or_problem(run_dir / "meta.json")
+    if problem:
+        problems.append(problem)
+    meta = meta if isinstance(meta, dict) else {}
+    if not (run_dir / "config.yaml").is_file():
+        problems.append("no config.yaml")
+    rows, problem = _read_history_or_problem(run_dir)
+    if problem:
+        problems.append(problem)
+    status = str(meta.get("status") or ("damaged" if problems else "unknown"))
+    if status == "running" and meta.get("end") is None:
+        status = "running or killed"
+    seconds = meta.get("seconds")
+    if not isinstance(seconds, (int, float)):
+        per_epoch = [r.get("seconds") for r in rows if isinstance(r.get("seconds"), (int, float))]
+        seconds = sum(per_epoch) if per_epoch else None
+    name, value, epoch = best_metric(rows)
+    return {"run": run_dir.name, "path": str(run_dir), "name": meta.get("name") or run_dir.name,
+            "date": _date(meta.get("start"), run_dir.name), "status": status, "epochs": len(rows),
+            "metric": name, "best": value, "best_epoch": epoch, "seconds": seconds, "problems": problems,
+            "meta": meta, "history": rows}
+
+
+def _date(start, dir_name: str) -> str:
+    if isinstance(start, str) and len(start) >= 16:
+        return start[:16].replace("T", " ")
+    parts = dir_name.rsplit("-", 2)  # <name>-<yyyymmdd>-<hhmmss>
+    if len(parts) == 3 and parts[1].isdigit() and parts[2][:6].isdigit() and len(parts[1]) == 8:
+        d, t = parts[1], parts[2]
+        return f"{d[:4]}-{d[4:6]}-{d[6:]} {t[:2]}:{t[2:4]}"
+    return "-"
+
+
+def find_runs(runs_dir) -> list[Path]:
+    """Run directories under `runs_dir`: any folder holding config.yaml, meta.json or history.csv."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise DlcliError(f"runs directory {root} does not exist; train something first (dlcli train CONFIG) "
+                         f"or point --runs-dir at the folder holding run directories")
+    markers = ("config.yaml", "meta.json", "history.csv")
+    return sorted(d for d in root.iterdir() if d.is_dir() and any((d / m).exists() for m in markers))

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dlcli import runs
-from dlcli.callbacks import Callback, metric_direction
+from dlcli.callbacks import Callback
 from dlcli.errors import ConfigError, DlcliError
+from dlcli.metrics import metric_direction
 from dlcli.registry import Registry
 
 JOURNAL = "study.journal"

@@ -111,3 +111,18 @@ def test_unknown_names_and_bad_labels():
 def test_get_accuracy_without_context_is_categorical():
     metric = metrics.get("accuracy")
     assert type(metric) is metrics.CategoricalAccuracy and metric.name == "accuracy"
+
+
+def test_one_direction_rule_for_callbacks_sweeps_and_run_listings():
+    from dlcli.callbacks import EarlyStopping
+    from dlcli.errors import ConfigError
+    from dlcli.metrics import metric_direction
+
+    assert [metric_direction(m) for m in ("val_loss", "out_loss", "mae", "binary_crossentropy", "kl_divergence")] \
+        == ["min"] * 5
+    assert [metric_direction(m) for m in ("val_accuracy", "auc", "val_precision", "recall")] == ["max"] * 4
+    assert metric_direction("val_f00") is None
+    assert EarlyStopping(monitor="val_mean_squared_error").sign == -1.0
+    assert EarlyStopping(monitor="val_sparse_categorical_accuracy").sign == 1.0
+    with pytest.raises(ConfigError, match="cannot tell whether 'val_f00'"):
+        EarlyStopping(monitor="val_f00")

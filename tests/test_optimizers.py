@@ -274,3 +274,18 @@ def test_against_torch():
             tp.grad = torch.tensor(g)
             topt.step()
         np.testing.assert_allclose(p.value, tp.detach().numpy(), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("spec,slots", [
+    ({"type": "sgd"}, 0), ({"type": "sgd", "momentum": 0.9}, 1), ({"type": "rmsprop"}, 1),
+    ({"type": "rmsprop", "momentum": 0.9, "centered": True}, 3), ({"type": "adam"}, 2),
+    ({"type": "adamw", "amsgrad": True}, 3), ({"type": "adagrad"}, 1)])
+def test_slot_count_matches_the_state_an_update_creates(spec, slots):
+    from dlcli import optimizers
+    from dlcli.engine.layer import Param
+
+    opt = optimizers.get(dict(spec))
+    p = Param("w", np.ones(3, np.float32))
+    p.grad[...] = 0.5
+    opt.apply([p])
+    assert opt.slot_count() == slots == sum(len(s) for s in opt.slots.values())

@@ -57,6 +57,27 @@ def load(config: Path, overrides: list[str]) -> dict:
     return load_config(config, overrides).to_dict()
 
 
+def metrics_table(title: str, metrics: dict):
+    """Loss and metrics, four decimals: the table train and evaluate end with."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}")
+    return table
+
+
+def si(n: float) -> str:
+    """1234567 -> '1.23M' (FLOPs, counts)."""
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or unit == "T":
+            return f"{n:.3g}{unit}" if unit else f"{int(n)}"
+        n /= 1000
+    return str(n)
+
+
 def _version(value: bool):
     if value:
         from dlcli import __version__

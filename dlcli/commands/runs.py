@@ -12,97 +12,6 @@ runs_app = typer.Typer(help="List, show and compare run directories.", no_args_i
                        rich_markup_mode=None)
 app.add_typer(runs_app, name="runs")
 
-# Metric names where smaller is better; anything else (accuracy, auc, precision ...) is better larger.
-_LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "mape", "msle", "squared", "absolute", "hinge", "crossentropy",
-                    "divergence", "poisson", "cosh")
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(part in metric for part in _LOWER_IS_BETTER)
-
-
-def _read_json(path: Path):
-    """(value, problem): the parsed JSON, or None and why it could not be read."""
-    if not path.is_file():
-        return None, f"no {path.name}"
-    try:
-        return json.loads(path.read_text()), None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return None, f"{path.name} damaged ({type(e).__name__})"
-
-
-def _read_history(run_dir: Path):
-    from dlcli import runs
-
-    try:
-        return runs.read_history(run_dir), None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return [], f"history.csv damaged ({type(e).__name__})"
-
-
-def best_metric(rows: list[dict]):
-    """(name, value, epoch) of the best validation metric: the first val_ metric that is not the loss, else
-    val_loss, else the training loss."""
-    columns = [k for row in rows[:1] for k in row]
-    val = [c for c in columns if c.startswith("val_")]
-    name = next((c for c in val if c != "val_loss"), "val_loss" if "val_loss" in val else "loss")
-    points = [(r.get(name), r.get("epoch", i + 1)) for i, r in enumerate(rows)]
-    points = [(v, e) for v, e in points if isinstance(v, (int, float)) and v == v]
-    if not points:
-        return name, None, None
-    value, epoch = (min if lower_is_better(name) else max)(points, key=lambda p: p[0])
-    return name, value, epoch
-
-
-def run_summary(run_dir) -> dict:
-    """What `runs list` shows for one run directory, with `problems` naming whatever is missing or damaged."""
-    run_dir = Path(run_dir)
-    problems = []
-    meta, problem = _read_json(run_dir / "meta.json")
-    if problem:
-        problems.append(problem)
-    meta = meta if isinstance(meta, dict) else {}
-    if not (run_dir / "config.yaml").is_file():
-        problems.append("no config.yaml")
-    rows, problem = _read_history(run_dir)
-    if problem:
-        problems.append(problem)
-    status = str(meta.get("status") or ("damaged" if problems else "unknown"))
-    if status == "running" and meta.get("end") is None:
-        status = "running or killed"
-    seconds = meta.get("seconds")
-    if not isinstance(seconds, (int, float)):
-        per_epoch = [r.get("seconds") for r in rows if isinstance(r.get("seconds"), (int, float))]
-        seconds = sum(per_epoch) if per_epoch else None
-    name, value, epoch = best_metric(rows)
-    return {"run": run_dir.name, "path": str(run_dir), "name": meta.get("name") or run_dir.name,
-            "date": _date(meta.get("start"), run_dir.name), "status": status, "epochs": len(rows),
-            "metric": name, "best": value, "best_epoch": epoch, "seconds": seconds, "problems": problems,
-            "meta": meta, "history": rows}
-
-
-def _date(start, dir_name: str) -> str:
-    if isinstance(start, str) and len(start) >= 16:
-        return start[:16].replace("T", " ")
-    parts = dir_name.rsplit("-", 2)  # <name>-<yyyymmdd>-<hhmmss>
-    if len(parts) == 3 and parts[1].isdigit() and parts[2][:6].isdigit() and len(parts[1]) == 8:
-        d, t = parts[1], parts[2]
-        return f"{d[:4]}-{d[4:6]}-{d[6:]} {t[:2]}:{t[2:4]}"
-    return "-"
-
-
-def find_runs(runs_dir) -> list[Path]:
-    """Run directories under `runs_dir`: any folder holding config.yaml, meta.json or history.csv."""
-    root = Path(runs_dir)
-    if not root.is_dir():
-        from dlcli.errors import DlcliError
-
-        raise DlcliError(f"runs directory {root} does not exist; train something first (dlcli train CONFIG) "
-                         f"or point --runs-dir at the folder holding run directories")
-    markers = ("config.yaml", "meta.json", "history.csv")
-    return sorted(d for d in root.iterdir() if d.is_dir() and any((d / m).exists() for m in markers))
-
-
 def _duration(seconds) -> str:
     if not isinstance(seconds, (int, float)):
         return "-"
@@ -134,6 +43,8 @@ def list_runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Folder 
     """
     from rich.table import Table
     from rich.text import Text
+
+    from dlcli.runs import find_runs, run_summary
 
     found = find_runs(runs_dir)
     out = console()
@@ -168,6 +79,7 @@ def show_run(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]):
     from rich.table import Table
 
     from dlcli.errors import DlcliError
+    from dlcli.runs import run_summary
 
     if not Path(run_dir).is_dir():
         raise DlcliError(f"{run_dir} is not a directory; list runs with `dlcli runs list`")
@@ -231,6 +143,7 @@ def compare_runs(run_dirs: Annotated[list[Path], typer.Argument(help="Two or mor
     from rich.table import Table
 
     from dlcli.errors import DlcliError
+    from dlcli.runs import run_summary
 
     missing = [str(d) for d in run_dirs if not Path(d).is_dir()]
     if missing:
