@@ -44,8 +44,7 @@ def train(
     On 4 processes (MPI): mpiexec -n 4 dlcli train configs/mnist_cnn.yaml --distributed
     """
     import dlcli
-    from dlcli import checkpoint
-    from dlcli.commands.run_display import Banner, StopOnSignal, print_kfold
+    from dlcli.commands.run_display import Banner, StopOnSignal, print_kfold, report_interrupted
 
     out, stop = console(), StopOnSignal()
     run = dlcli.train(config, set_, runs_dir=runs_dir, resume=resume or False, allow_config_change=allow_config_change,
@@ -57,12 +56,7 @@ def train(
     if run.test and not quiet:
         out.print(metrics_table(f"test ({run.sizes['test']:,} samples)", run.test))
     if run.status == "interrupted":
-        p = run.position or {}
-        console(stderr=True).print(
-            f"interrupted at epoch {p.get('epoch', 0) + 1}, batch {p.get('batch', 0)} (step {p.get('step', 0):,}); "
-            f"checkpoint saved in {run.dir / checkpoint.FILENAME}\nresume with: dlcli train --resume {run.dir}",
-            markup=False)
-        print(run.dir)
+        report_interrupted(run)
         raise typer.Exit(128 + (stop.signum or signal.SIGINT))  # 130 for Ctrl-C, 143 for TERM
     print(f"run directory: {run.dir}" if not quiet else run.dir)
 

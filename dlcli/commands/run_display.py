@@ -90,3 +90,16 @@ def print_kfold(out, run):
         out.print(f"best mean {'val_loss' if 'val_loss' in names else names[0]} at epoch {run.best_epoch}: train the "
                   f"final model on all the data for that many epochs (--set train.kfold=null "
                   f"--set train.epochs={run.best_epoch})")
+
+
+def report_interrupted(run):
+    """Where the checkpoint is and the command that resumes it (stderr), then the run directory (stdout)."""
+    from dlcli import checkpoint
+    from dlcli.commands.base import console
+
+    p = run.position or {}
+    console(stderr=True).print(
+        f"interrupted at epoch {p.get('epoch', 0) + 1}, batch {p.get('batch', 0)} (step {p.get('step', 0):,}); "
+        f"checkpoint saved in {run.dir / checkpoint.FILENAME}\nresume with: dlcli train --resume {run.dir}",
+        markup=False)
+    print(run.dir)
