@@ -404,8 +404,8 @@ class _SpecChecker:
 
     def bounded_argument(self, key, value, path):
         """Sizes, rates and learning rates in range (units: -5 would otherwise end in NumPy's traceback)."""
-        if key not in _BOUNDS or value is None or isinstance(value, (str, dict)):
-            return  # a name or a schedule: checked as such
+        if key not in _BOUNDS or value is None or (key not in _SIZES and isinstance(value, (str, dict))):
+            return  # a learning-rate schedule (a name or a mapping): checked as such
         low, high, what = _BOUNDS[key]
         values = value if isinstance(value, list) else [value]
         for v in values:

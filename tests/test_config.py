@@ -410,3 +410,9 @@ def test_recursive_and_exploding_aliases_are_errors_not_hangs():
         f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
     (message,) = errors(laughs)
     assert "expands to more than 200,000 values" in message
+
+
+def test_unannotated_sizes_are_still_checked():
+    """Conv2D's kernel_size has no annotation; a mapping there used to reach int() in the layer (found by fuzzing)."""
+    text = edit(MLP, "{type: Flatten}", "{type: Conv2D, filters: 2, kernel_size: {k: 3}}")
+    assert "model.layers.0.kernel_size: expected a positive integer" in one_error(text)
