@@ -385,9 +385,11 @@ class _SpecChecker:
                                              f"{spec['type']} takes: {', '.join(allowed) or 'no arguments'}",
                                at_key=True)
                 continue
+            before = len(self.doc.issues)
             spec[key] = self.value(value, params[key][0], (*path, key))
             self.named_argument(key, spec[key], (*path, key))
-            self.bounded_argument(key, spec[key], (*path, key))
+            if len(self.doc.issues) == before:  # one error per value: the annotation's, else the bounds'
+                self.bounded_argument(key, spec[key], (*path, key))
         for key, (_, needed) in params.items():
             if needed and key not in spec and key not in meant:  # a misspelling of it was reported already
                 self.error(path, f"missing required key '{key}' for {spec['type']}", at_key=True)
