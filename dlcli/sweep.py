@@ -116,6 +116,8 @@ def prepare(config, overrides=(), *, trials: int | None = None, storage: str | N
     """Validate the config (every sweep parameter at the ends of its range) before any trial runs."""
     from dlcli.config import load_config
 
+    _optuna()  # a missing extra fails before anything is read or written
+
     cfg = load_config(config, list(overrides)).to_dict()
     spec = cfg.get("sweep")
     if spec is None:
@@ -356,8 +358,10 @@ def run_sweep(sweep: Sweep, workers: int = 1, on_start=None, log=None) -> SweepR
 
     if workers < 1:
         raise DlcliError(f"--workers must be at least 1; found {workers}", exit_code=2)
-    sweep.dir.mkdir(parents=True, exist_ok=True)
+    if not sweep.storage:
+        sweep.dir.mkdir(parents=True, exist_ok=True)  # the journal file lives there
     study = sweep.load_study()
+    sweep.dir.mkdir(parents=True, exist_ok=True)
     fail_stale_trials(study)
     if on_start is not None:
         on_start(study, _counted(study))

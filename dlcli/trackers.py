@@ -25,8 +25,19 @@ def require(module: str, package: str, feature: str):
                          exit_code=2) from None
 
 
+class Tracker(Callback):
+    """A callback that logs outside the run directory: in a data-parallel run only rank 0 logs (every rank holds the
+    same weights and epoch logs), so `active` is false on the others."""
+
+    active = True
+
+    def on_run_begin(self, run):
+        world = getattr(run.trainer, "world", None)
+        self.active = world is None or world.is_root
+
+
 @CALLBACKS.register("TensorBoard")
-class TensorBoard(Callback):
+class TensorBoard(Tracker):
     """Event files TensorBoard reads, laid out as Keras 3 writes them: `log_dir/train` and `log_dir/validation`,
     each with `epoch_<metric>` scalars (so train and validation curves overlay), `epoch_learning_rate`,
     `batch_<metric>` every `update_freq` batches ('epoch': none; 'batch': every batch; N: every N), weight
@@ -46,6 +57,7 @@ class TensorBoard(Callback):
         self.writers: dict = {}
 
     def on_run_begin(self, run):
+        super().on_run_begin(run)
         if self.log_dir is None:
             self.log_dir = str(Path(run.dir) / "tensorboard")
 
@@ -57,6 +69,8 @@ class TensorBoard(Callback):
         return self.writers[split]
 
     def on_train_begin(self, logs=None):
+        if not self.active:
+            return
         if self.write_graph:
             lines = []
             self.model.summary(print_fn=lines.append)
@@ -64,6 +78,8 @@ class TensorBoard(Callback):
             self.writer("train").add_text("model", "\n".join("    " + line for line in lines), 0)
 
     def on_train_batch_end(self, batch, logs=None):
+        if not self.active:
+            return
         if not self.update_freq or (batch + 1) % self.update_freq:
             return
         step = int(self.model.optimizer.iterations)
@@ -71,6 +87,8 @@ class TensorBoard(Callback):
             self.writer("train").add_scalar(f"batch_{name}", value, step)
 
     def on_epoch_end(self, epoch, logs=None):
+        if not self.active:
+            return
         for name, value in _scalars(logs, skip=("seconds",)).items():
             split = "validation" if name.startswith("val_") else "train"
             self.writer(split).add_scalar(f"epoch_{name.removeprefix('val_')}", value, epoch)
@@ -87,7 +105,7 @@ class TensorBoard(Callback):
 
 
 @CALLBACKS.register("MLflow")
-class MLflow(Callback):
+class MLflow(Tracker):
     """One MLflow run per dlcli run: the resolved config as params (dotted paths, as --set writes them), every epoch's
     logs as metrics (step = epoch), the run directory as artifacts at the end, the status as the run's state.
 
@@ -104,6 +122,7 @@ class MLflow(Callback):
         self.run_dir, self.config, self.run_id, self.client = None, {}, None, None
 
     def on_run_begin(self, run):
+        super().on_run_begin(run)
         self.run_dir, self.config = Path(run.dir), run.config
         self.experiment_name = self.experiment_name or run.config.get("name") or "dlcli"
         self.run_name = self.run_name or self.run_dir.name
@@ -118,6 +137,8 @@ class MLflow(Callback):
         return MlflowClient(tracking_uri=uri)
 
     def on_train_begin(self, logs=None):
+        if not self.active:
+            return
         from mlflow.entities import Param
 
         from dlcli.yaml_lines import flatten
@@ -144,6 +165,8 @@ class MLflow(Callback):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
     def on_epoch_end(self, epoch, logs=None):
+        if not self.active:
+            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -151,11 +174,11 @@ class MLflow(Callback):
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def on_train_end(self, logs=None):
-        if self.run_dir is None:  # a plain model.fit, no run directory to wait for
+        if self.active and self.run_dir is None:  # a plain model.fit, no run directory to wait for
             self.client.set_terminated(self.run_id, status="FINISHED")
 
     def on_run_end(self, run):
-        if self.client is None or self.run_id is None:
+        if not self.active or self.client is None or self.run_id is None:
             return  # the run failed before training started
         if self.log_artifacts:
             # the finished run directory (checkpoint/ is only for --resume, and the largest part)

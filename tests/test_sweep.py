@@ -2,6 +2,7 @@
 diverged trial recorded as failed, Ctrl-C, and workers on "two machines" sharing a real PostgreSQL server."""
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -129,3 +130,20 @@ def test_workers_on_two_machines_share_a_postgresql_study(tmp_path, postgres_url
         assert len(rows) == 4 and {r["state"] for r in rows} <= {"COMPLETE", "RUNNING"}
         mine = [r for r in rows if f"machine{i}" in r["run_dir"]]
         assert mine and all(Path(r["run_dir"], "history.csv").is_file() for r in mine)
+
+
+def test_missing_optuna_and_an_unreachable_database_are_one_line_each(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dlcli.cli import app
+
+    config = write_sweep_config(tmp_path)
+    bad = CliRunner().invoke(app, ["sweep", str(config), "--storage", "postgresql://dlcli@127.0.0.1:1/none",
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert bad.exit_code == 1 and bad.output.startswith("error: cannot open the study storage postgresql://")
+    assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
+    missing = CliRunner().invoke(app, ["sweep", str(config), "--runs-dir", str(tmp_path / "runs")])
+    assert missing.exit_code == 2 and missing.output == "error: dlcli sweep needs Optuna: pip install 'dlcli[sweep]'\n"
+    assert not (tmp_path / "runs").exists()
