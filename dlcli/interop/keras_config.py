@@ -81,13 +81,13 @@ class ConfigMapper:
         return spec
 
     def _first_shape(self, entries):
+        """A Sequential saved without an InputLayer: the first layer's batch_input_shape (Keras 2) or build shape."""
         if entries:
             cfg = entries[0].get("config", {})
-            shape = cfg.get("batch_input_shape") or cfg.get("batch_shape") or \
-                (entries[0].get("build_config") or {}).get("input_shape")
+            shape = cfg.get("batch_input_shape") or (entries[0].get("build_config") or {}).get("input_shape")
             if shape:
-                return [int(s) for s in shape[1:]], str(cfg.get("dtype", "float32")) \
-                    if isinstance(cfg.get("dtype"), str) else "float32"
+                return self._input({"name": cfg.get("name"), "batch_shape": shape,
+                                    "dtype": cfg.get("dtype") if isinstance(cfg.get("dtype"), str) else "float32"})
         raise UnsupportedModel("the Sequential model has no input shape (it was never built); build it in Keras "
                                "with an Input before saving")
 
@@ -168,8 +168,9 @@ class ConfigMapper:
             if key == "dtype":
                 self._dtype(value, f"layer '{name}'")
             elif TRAINING_ONLY.match(key):
+                if isinstance(value, dict):
+                    _check_object(value, where)
                 if value is not None:
-                    _check_object(value, where) if isinstance(value, dict) else None
                     self.notes.append(f"{where} ({_class(value)}) dropped: dlcli has no constraints or activity "
                                       f"regularizers; it only matters when training")
             elif key in accepted:

@@ -92,8 +92,11 @@ def run_onnx(data: bytes, inputs: dict) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.log_severity_level = 3
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)
+    try:
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        return session.run(None, inputs)
+    except Exception as e:  # onnxruntime's own error types (an opset it does not know, a kernel it lacks)
+        raise DlcliError(f"onnxruntime {ort.__version__} cannot run the exported graph: {e}") from None
 
 
 def max_difference(data: bytes, model, xs: list) -> float:
