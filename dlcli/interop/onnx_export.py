@@ -130,8 +130,10 @@ def check_inputs(config: dict, model, count: int = CHECK_SAMPLES) -> tuple[list,
 
     try:
         splits = load_splits(config, model)
-    except DlcliError:
-        return sample_inputs(model, count), f"{count} seeded random inputs (the run's data is not available)"
+    except DlcliError as e:
+        why = "the run has no dataset" if config.get("data", {}).get("type") == "none" else \
+            f"the run's data did not load: {e.message.splitlines()[0][:120]}"
+        return sample_inputs(model, count), f"{count} seeded random inputs ({why})"
     xs, which = (splits.x_test, "test") if splits.x_test is not None else (splits.x_train, "training")
     xs = xs.take(slice(0, count))
     return xs, f"{len(xs[0])} {which} samples"
