@@ -24,6 +24,7 @@ NEUTRAL = {
 }  # None: any value (performance switches, seeds: dlcli seeds every layer from the run)
 TRAINING_ONLY = re.compile(r".*_constraint$|^activity_regularizer$")
 KERAS_MODULE = re.compile(r"^keras(\.[A-Za-z0-9_.]+)?$")
+LAYER_MODULE = re.compile(r"^keras(\.src)?\.layers(\.[A-Za-z0-9_.]+)?$")
 
 
 class UnsupportedModel(DlcliError):
@@ -53,6 +54,13 @@ class ConfigMapper:
     # --- the model ------------------------------------------------------------------------------------------------
     def model(self, config: dict) -> dict:
         """The `model:` section for a Keras Sequential or Functional config."""
+        try:
+            return self._model(config)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a crafted or damaged config
+            raise UnsupportedModel(f"config.json does not have the structure Keras writes ({type(e).__name__}: "
+                                   f"{str(e)[:120]})") from None
+
+    def _model(self, config: dict) -> dict:
         if not isinstance(config, dict) or "class_name" not in config:
             raise UnsupportedModel("config.json does not describe a Keras model (no class_name)")
         _check_object(config, "the model")
@@ -81,13 +89,13 @@ class ConfigMapper:
         return spec
 
     def _first_shape(self, entries):
+        """A Sequential saved without an InputLayer: the first layer's batch_input_shape (Keras 2) or build shape."""
         if entries:
             cfg = entries[0].get("config", {})
-            shape = cfg.get("batch_input_shape") or cfg.get("batch_shape") or \
-                (entries[0].get("build_config") or {}).get("input_shape")
+            shape = cfg.get("batch_input_shape") or (entries[0].get("build_config") or {}).get("input_shape")
             if shape:
-                return [int(s) for s in shape[1:]], str(cfg.get("dtype", "float32")) \
-                    if isinstance(cfg.get("dtype"), str) else "float32"
+                return self._input({"name": cfg.get("name"), "batch_shape": shape,
+                                    "dtype": cfg.get("dtype") if isinstance(cfg.get("dtype"), str) else "float32"})
         raise UnsupportedModel("the Sequential model has no input shape (it was never built); build it in Keras "
                                "with an Input before saving")
 
@@ -105,9 +113,13 @@ class ConfigMapper:
         entries = list(body.get("layers") or [])
         inputs, layers, refs = [], [], {}
         multi = {}
+        self._entries = {e.get("name") or e["config"]["name"]: e for e in entries}
+        self._mask_ops = {}
         for e in entries:
             _check_object(e, f"layer '{e.get('config', {}).get('name', '?')}'")
             name = e.get("name") or e["config"]["name"]
+            if self._mask_op(name, e):
+                continue
             if e["class_name"] == "InputLayer":
                 shape, dtype = self._input(e["config"])
                 inputs.append({"name": name, "shape": shape, **({"dtype": dtype} if dtype != "float32" else {})})
@@ -121,12 +133,49 @@ class ConfigMapper:
                 entry["inputs"] = self._node_inputs(node, name, refs, multi)
                 refs[(name, i)] = entry["name"]
                 layers.append(entry)
-        outputs = [self._ref(t, refs, multi, "the model's outputs") for t in body.get("output_layers") or []]
+        heads = body.get("output_layers") or []
+        if heads and isinstance(heads[0], str):  # one output: Keras writes [name, node, index] unwrapped
+            heads = [heads]
+        outputs = [self._ref(t, refs, multi, "the model's outputs") for t in heads]
         return {"type": "functional", "name": body.get("name") or "model", "inputs": inputs, "layers": layers,
                 "outputs": outputs}
 
+    # Keras 3 records a Masking layer's mask in a functional model as ops: not_equal(x, v) -> any(axis=-1) -> the
+    # next layer's `mask=` argument. dlcli's Masking carries that same mask implicitly, so the pattern is checked and
+    # dropped; any other op, or an explicit mask of another origin, is refused by name.
+    def _mask_op(self, name, e) -> bool:
+        kind, node = e.get("class_name"), (e.get("inbound_nodes") or [{}])[0]
+        if not str(e.get("module", "")).startswith("keras.src.ops") or kind not in ("NotEqual", "Any"):
+            return False
+        args = node.get("args") or []
+        source = _history(args[0]) if args else None
+        if kind == "NotEqual" and source and len(args) == 2 and isinstance(args[1], (int, float)):
+            self._mask_ops[name] = (source[0], float(args[1]))
+            return True
+        cfg = e.get("config") or {}
+        if kind == "Any" and source and source[0] in self._mask_ops and cfg.get("axis") == -1 \
+                and not cfg.get("keepdims"):
+            self._mask_ops[name] = self._mask_ops[source[0]]
+            return True
+        raise UnsupportedModel(f"'{name}' is a Keras {kind} operation outside the mask pattern Masking records; "
+                               f"dlcli imports layers, not free-standing ops")
+
+    def _implicit_mask(self, layer, args, mask) -> bool:
+        """True when `mask` is the one a Masking layer feeding `layer` already gives it in dlcli."""
+        produced = _history(mask)
+        data = _history(args[0]) if args else None
+        if not produced or produced[0] not in self._mask_ops or not data:
+            return False
+        source, value = self._mask_ops[produced[0]]
+        masking = self._entries.get(data[0], {})
+        feeds = [_history(a) for n in masking.get("inbound_nodes") or [] for a in n.get("args") or []]
+        return masking.get("class_name") == "Masking" and \
+            float(masking["config"].get("mask_value", 0.0)) == value and [source, 0, 0] in feeds
+
     def _node_inputs(self, node, layer, refs, multi):
-        args, kwargs = node.get("args") or [], node.get("kwargs") or {}
+        args, kwargs = node.get("args") or [], dict(node.get("kwargs") or {})
+        if kwargs.get("mask") is not None and self._implicit_mask(layer, args, kwargs["mask"]):
+            kwargs.pop("mask")
         extra = {k: v for k, v in kwargs.items() if not (k in ("training", "mask") and v in (None, False))}
         if len(args) != 1 or extra:
             raise UnsupportedModel(f"layer '{layer}' is called with {', '.join(sorted(extra)) or 'several arguments'}"
@@ -154,6 +203,10 @@ class ConfigMapper:
         name = (entry.get("config") or {}).get("name", "?")
         _check_object(entry, f"layer '{name}'")
         kind = entry.get("class_name")
+        module = entry.get("module")
+        if module is not None and not LAYER_MODULE.match(str(module)):
+            raise UnsupportedModel(f"'{name}' is a Keras {kind} from {module}, an operation rather than a layer; "
+                                   f"dlcli imports layers")
         if kind not in LAYERS:
             raise UnsupportedModel(f"layer '{name}' is a Keras {kind}, which dlcli does not have; dlcli imports "
                                    f"{', '.join(LAYERS.names())}")
@@ -168,8 +221,9 @@ class ConfigMapper:
             if key == "dtype":
                 self._dtype(value, f"layer '{name}'")
             elif TRAINING_ONLY.match(key):
+                if isinstance(value, dict):
+                    _check_object(value, where)
                 if value is not None:
-                    _check_object(value, where) if isinstance(value, dict) else None
                     self.notes.append(f"{where} ({_class(value)}) dropped: dlcli has no constraints or activity "
                                       f"regularizers; it only matters when training")
             elif key in accepted:
@@ -265,6 +319,13 @@ class ConfigMapper:
 
 
 _DROP = object()
+
+
+def _history(tensor):
+    """[layer, node, index] of a serialized Keras tensor, or None."""
+    if isinstance(tensor, dict) and tensor.get("class_name") == "__keras_tensor__":
+        return list(tensor["config"]["keras_history"])
+    return None
 
 
 def _class(value) -> str:

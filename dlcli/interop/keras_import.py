@@ -133,18 +133,19 @@ def _load_keras3_weights(h5, model, order, check_names: bool):
         values = []
         for sub in _var_groups(layer):
             group = h5.group(f"{path}/{sub}")
-            stored = h5.attr(group, "name") if group is not None else None
+            if group is None:
+                continue  # a layer without weights (Keras writes no group, or an empty one)
+            stored = h5.attr(group, "name")
             if check_names and sub == "vars" and stored not in (None, name):
                 raise DlcliError(f"{h5.source}: {path} holds layer '{stored}', expected '{name}'")
-            keys = sorted((k for k in group), key=int) if group is not None and all(
-                k.isdigit() for k in group) else None
-            if group is None or keys is None:
-                keys = []
+            keys = sorted(group, key=lambda k: int(k) if k.isdigit() else -1)
+            if keys != [str(i) for i in range(len(keys))]:
+                raise DlcliError(f"{h5.source}: {path}/{sub} holds {keys}; Keras numbers a layer's weights 0, 1, ...")
             for key in keys:
-                p = params[len(values)] if len(values) < len(params) else None
-                if p is None:
-                    raise DlcliError(f"{h5.source}: {path}/{sub} has more weight arrays than dlcli's {type(layer).__name__} "
-                                     f"'{name}' ({len(params)})")
+                if len(values) == len(params):
+                    raise DlcliError(f"{h5.source}: {path} has more weight arrays than dlcli's "
+                                     f"{type(layer).__name__} '{name}' ({len(params)})")
+                p = params[len(values)]
                 values.append(h5.read(group, key, p.value.shape, f"weight '{p.path}'"))
         if len(values) != len(params):
             raise DlcliError(f"{h5.source}: layer '{name}' ({kind}) has {len(values)} weight arrays under {path}; "

@@ -92,8 +92,11 @@ def run_onnx(data: bytes, inputs: dict) -> list[np.ndarray]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.log_severity_level = 3
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)
+    try:
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        return session.run(None, inputs)
+    except Exception as e:  # onnxruntime's own error types (an opset it does not know, a kernel it lacks)
+        raise DlcliError(f"onnxruntime {ort.__version__} cannot run the exported graph: {e}") from None
 
 
 def max_difference(data: bytes, model, xs: list) -> float:
@@ -127,8 +130,10 @@ def check_inputs(config: dict, model, count: int = CHECK_SAMPLES) -> tuple[list,
 
     try:
         splits = load_splits(config, model)
-    except DlcliError:
-        return sample_inputs(model, count), f"{count} seeded random inputs (the run's data is not available)"
+    except DlcliError as e:
+        why = "the run has no dataset" if config.get("data", {}).get("type") == "none" else \
+            f"the run's data did not load: {e.message.splitlines()[0][:120]}"
+        return sample_inputs(model, count), f"{count} seeded random inputs ({why})"
     xs, which = (splits.x_test, "test") if splits.x_test is not None else (splits.x_train, "training")
     xs = xs.take(slice(0, count))
     return xs, f"{len(xs[0])} {which} samples"

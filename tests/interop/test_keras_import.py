@@ -20,7 +20,7 @@ from dlcli.experiment import load_run_model  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "keras"
 KERAS_FILES = ["sequential_mlp", "sequential_convnet", "sequential_text", "sequential_sequence", "functional",
-               "functional_shared"]
+               "functional_shared", "functional_misc"]
 runner = CliRunner()
 
 
@@ -266,3 +266,23 @@ def test_keras_to_onnx_matches_keras_in_onnxruntime(tmp_path, name):
     xs, ys = keras_outputs(name, model)
     got = run_onnx(to_onnx(model).SerializeToString(), dict(zip(model.input_names, xs)))
     assert max(float(np.abs(a - b).max()) for a, b in zip(got, ys)) <= 1e-5
+
+
+def test_malformed_config_is_a_clear_error(tmp_path):
+    config = mlp_config()
+    config["config"]["layers"] = [{"class_name": "Dense", "config": "not a mapping"}]
+    refused(tmp_path, doctored(tmp_path, config), "does not have the structure Keras writes")
+
+
+def test_keras_operations_are_not_taken_for_layers(tmp_path):
+    config = json.loads(zipfile.ZipFile(FIXTURES / "functional_misc.keras").read("config.json"))
+    op = next(e for e in config["config"]["layers"] if e["class_name"] == "NotEqual")
+    op["class_name"] = op["registered_name"] = "Add"  # keras.src.ops.numpy.Add: also a dlcli layer name
+    refused(tmp_path, doctored(tmp_path, config), "an operation rather than a layer")
+
+
+def test_an_explicit_mask_other_than_maskings_is_refused(tmp_path):
+    config = json.loads(zipfile.ZipFile(FIXTURES / "functional_misc.keras").read("config.json"))
+    masking = next(e for e in config["config"]["layers"] if e["class_name"] == "Masking")
+    masking["config"]["mask_value"] = 1.0  # the recorded mask (x != 0) is no longer the one Masking gives
+    refused(tmp_path, doctored(tmp_path, config), "layer 'rnn' is called with mask")
