@@ -1,7 +1,8 @@
 """Shared bench helpers: interleaved best-of timing (both peers see the same machine load) and peak memory."""
-import resource
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -30,13 +31,16 @@ def report_ratio(best: dict, target: str, times: dict | None = None):
 
 
 def child_peak_rss_mib(argv: list[str]) -> tuple[int, float]:
-    """Run a command to completion; its exit code and peak resident memory (MiB) from getrusage."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        print(done.stderr, file=sys.stderr)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return done.returncode, max(peak, before) / 1024  # ru_maxrss is in KiB on Linux
+    """Run a command to completion; its exit code and its own peak resident memory (MiB): os.wait4 gives this
+    child's rusage (RUSAGE_CHILDREN would report the largest of every child so far)."""
+    with tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            err.seek(0)
+            print(err.read(), file=sys.stderr)
+    return code, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
 def mnist_train(shape, limit=None, kind="mnist"):

@@ -21,15 +21,15 @@ BATCH = 64
 EPOCH_BATCHES = -(-60000 // BATCH)
 
 
-def dlcli_runner(x, y):
+def dlcli_runner(x, y, batch=BATCH):
     from dlcli.builder import build_model
     from dlcli.config import load_config
 
     model = build_model(load_config("configs/mnist_cnn.yaml").to_dict())
 
     def run():
-        for i in range(0, len(x), BATCH):
-            model.train_step([x[i:i + BATCH]], [y[i:i + BATCH]])
+        for i in range(0, len(x), batch):
+            model.train_step([x[i:i + batch]], [y[i:i + batch]])
     return run
 
 
@@ -41,7 +41,7 @@ def torch_net(torch):
                          nn.ReLU(), nn.Linear(64, 10))
 
 
-def torch_runner(torch, x, y):
+def torch_runner(torch, x, y, batch=BATCH):
     nn = torch.nn
     net = torch_net(torch)
     opt = torch.optim.RMSprop(net.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)  # Keras' RMSprop defaults
@@ -49,12 +49,25 @@ def torch_runner(torch, x, y):
     ty = torch.from_numpy(y)
 
     def run():
-        for i in range(0, len(tx), BATCH):
+        for i in range(0, len(tx), batch):
             opt.zero_grad(set_to_none=False)
-            loss = nn.functional.cross_entropy(net(tx[i:i + BATCH]), ty[i:i + BATCH])
+            loss = nn.functional.cross_entropy(net(tx[i:i + batch]), ty[i:i + batch])
             loss.backward()
             opt.step()
     return run
+
+
+def runners_for(x, y, batch=BATCH) -> dict:
+    """{peer: one pass of training steps over x, y}; PyTorch only when installed."""
+    runs = {"dlcli": dlcli_runner(x, y, batch)}
+    torch = torch_or_none()
+    if torch is not None:
+        runs["pytorch"] = torch_runner(torch, x, y, batch)
+    return runs
+
+
+def runners(batches=40) -> dict:
+    return runners_for(*mnist_train((28, 28, 1), limit=batches * BATCH))
 
 
 def main():
@@ -63,11 +76,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", action="store_true")
     args = parser.parse_args()
-    x, y = mnist_train((28, 28, 1), limit=args.batches * BATCH)
-    runs = {"dlcli": dlcli_runner(x, y)}
-    torch = torch_or_none()
-    if torch is not None:
-        runs["pytorch"] = torch_runner(torch, x, y)
+    runs = runners(args.batches)
     for fn in runs.values():  # warm-up
         fn()
     times = interleaved_rounds(runs, args.rounds)

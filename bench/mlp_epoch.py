@@ -15,21 +15,21 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import interleaved_rounds, mnist_train, report_ratio, torch_or_none  # noqa: E402
 
 
-def dlcli_runner(x, y, batch_size):
+def dlcli_runner(x, y, batch_size, units=512):
     from dlcli import layers, models
     from dlcli.engine.layer import set_random_seed
 
     set_random_seed(0)
-    model = models.Sequential([layers.Dense(512, activation="relu", input_shape=(784,)),
+    model = models.Sequential([layers.Dense(units, activation="relu", input_shape=(784,)),
                                layers.Dense(10, activation="softmax")])
     model.compile(optimizer="rmsprop", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     seeds = iter(range(1000))
     return lambda: model.fit(x, y, epochs=1, batch_size=batch_size, verbose=0, seed=next(seeds))
 
 
-def torch_runner(torch, x, y, batch_size):
+def torch_runner(torch, x, y, batch_size, units=512):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    net = torch.nn.Sequential(torch.nn.Linear(784, units), torch.nn.ReLU(), torch.nn.Linear(units, 10))
     # Keras' RMSprop defaults (rho 0.9, eps 1e-7) expressed in PyTorch's names.
     opt = torch.optim.RMSprop(net.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -52,16 +52,21 @@ def torch_runner(torch, x, y, batch_size):
     return epoch
 
 
+def runners(x, y, batch_size=128, units=512) -> dict:
+    """{peer: one epoch over x, y}; PyTorch only when installed."""
+    runs = {"dlcli": dlcli_runner(x, y, batch_size, units)}
+    torch = torch_or_none()
+    if torch is not None:
+        runs["pytorch"] = torch_runner(torch, x, y, batch_size, units)
+    return runs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
-    x, y = mnist_train((784,))
-    runs = {"dlcli": dlcli_runner(x, y, args.batch_size)}
-    torch = torch_or_none()
-    if torch is not None:
-        runs["pytorch"] = torch_runner(torch, x, y, args.batch_size)
+    runs = runners(*mnist_train((784,)), args.batch_size)
     for fn in runs.values():  # warm-up epoch
         fn()
     times = interleaved_rounds(runs, args.repeats)
