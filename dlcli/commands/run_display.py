@@ -12,6 +12,7 @@ class Banner(Callback):
         self.out, self.config_arg = out, config_arg
 
     def on_run_begin(self, run):
+        self.run = run
         out, cfg, model, sizes = self.out, run.config, run.model, run.sizes
         if run.config_changes:
             out.print("config changes accepted for this resume:\n" + "\n".join(run.config_changes), markup=False)
@@ -45,6 +46,14 @@ class Banner(Callback):
             out.print(f"  init    weights from {run.init_from} (fresh optimizer and counters)")
         if run.resumed is not None:
             out.print(f"  resume  {run.resumed}; appending to {run.dir / 'history.csv'}")
+
+    def on_train_end(self, logs=None):
+        decoded = self.run.splits.x_train.describe()
+        if decoded.get("decoded"):  # where a folder run's input time went
+            rate = decoded["decode_images_per_second_per_thread"]
+            self.out.print(f"input: decoded {decoded['decoded']:,} images of the training folder at {rate:,.0f} "
+                           f"images/s per thread ({decoded['workers']} threads; cache {decoded['cache']})",
+                           markup=False)
 
 
 class StopOnSignal(Callback):

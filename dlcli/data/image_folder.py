@@ -79,8 +79,9 @@ class ImageFolderSource(Source):
         self.crop = crop_to_aspect_ratio
         self.size = tuple(image_size)
         self.channels = COLOR_MODES[color_mode][1]
-        self.workers, self.prefetch = workers, prefetch
+        self.workers, self.ahead = workers, prefetch
         self.cache_mode = cache
+        self.complete = False  # every image cached: batches are plain gathers, no pool needed
         self.store = self.done = None
         self.cache_file = None
         self.lock = threading.Lock()
@@ -94,6 +95,11 @@ class ImageFolderSource(Source):
 
     def __len__(self):
         return len(self.files)
+
+    @property
+    def prefetch(self):
+        # Once cached, a batch is a gather as cheap as an in-memory one: handing it to a thread would cost more.
+        return 0 if self.complete else self.ahead
 
     @property
     def sample_shapes(self):
@@ -117,6 +123,7 @@ class ImageFolderSource(Source):
                 self.store[idx[todo]] = out[todo]
                 self.done[idx[todo]] = True  # after the pixels: a reader never sees a half-written image
                 self._maybe_finish_disk_cache()
+                self.complete = bool(self.done.all())
         return [out.astype(np.float32)]
 
     def decode(self, i: int) -> np.ndarray:
@@ -145,6 +152,7 @@ class ImageFolderSource(Source):
             self.store = np.load(self.cache_file, mmap_mode="r")
             if self.store.shape == shape:
                 self.done = np.ones(len(self.files), bool)
+                self.complete = True
                 return
         # written while decoding, renamed to its final name once every image is in: never a partial cache
         self.partial = folder / f".{self.cache_file.stem}.{os.getpid()}.npy"
@@ -178,6 +186,9 @@ def check_images(files: ClassFiles, source: ImageFolderSource) -> ClassFiles:
 
     with ThreadPoolExecutor(source.workers) as pool:
         bad = {i: reason for i, reason in pool.map(check, range(len(files.files)), chunksize=64) if reason}
+    if source.store is not None and not bad:
+        source._maybe_finish_disk_cache()
+        source.complete = bool(source.done.all())
     return files.drop(bad) if bad else files
 
 

@@ -139,12 +139,28 @@ class ArraySource(Source):
         return ArraySource([a.reshape((len(a), *s)) for a, s in zip(self.arrays, shapes)])
 
 
-class Subset(Source):
+class _Wrapper(Source):
+    """A view of another source: its pool settings follow the base's (which may change as a cache fills)."""
+
+    base: Source
+
+    @property
+    def prefetch(self):
+        return self.base.prefetch
+
+    @property
+    def workers(self):
+        return self.base.workers
+
+    def describe(self):
+        return self.base.describe()
+
+
+class Subset(_Wrapper):
     """Samples `index` of another source, read through it (nothing is copied or decoded up front)."""
 
     def __init__(self, base: Source, index: np.ndarray):
         self.base, self.index = base, index
-        self.prefetch, self.workers = base.prefetch, base.workers
 
     def __len__(self):
         return len(self.index)
@@ -159,14 +175,10 @@ class Subset(Source):
     def subset(self, index):
         return Subset(self.base, self.index[index])
 
-    def describe(self):
-        return self.base.describe()
 
-
-class Reshaped(Source):
+class Reshaped(_Wrapper):
     def __init__(self, base: Source, shapes: list[tuple]):
         self.base, self.shapes = base, [tuple(s) for s in shapes]
-        self.prefetch, self.workers = base.prefetch, base.workers
 
     def __len__(self):
         return len(self.base)
@@ -180,9 +192,6 @@ class Reshaped(Source):
 
     def subset(self, index):
         return Reshaped(self.base.subset(index), self.shapes)
-
-    def describe(self):
-        return self.base.describe()
 
 
 def as_source(x) -> Source:

@@ -156,6 +156,7 @@ train: {{epochs: 4, batch_size: 32, validation_split: 0.2}}
     result = runner.invoke(app, ["train", str(config), "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     assert "found 300 files in 10 classes" in result.output and "cache memory" in result.output
+    assert "input: decoded 300 images of the training folder at" in result.output  # the decode rate, after training
     (run,) = (tmp_path / "runs").iterdir()
     meta = json.loads((run / "meta.json").read_text())
     assert meta["classes"] == [str(i) for i in range(10)] and meta["sizes"] == {"train": 240, "validation": 60,

@@ -1,0 +1,153 @@
+"""Input pipeline bench (issue 14): one epoch of the book's MLP and convnet trained from a folder of the 60,000
+MNIST training PNGs against the same pixels in memory, decode throughput, and where a first epoch's time goes.
+
+    DLCLI_DATA_DIR=../shared/datasets python bench/folder_epoch.py [--rounds 3] [--convnet-rounds 1] [--png-dir DIR]
+
+The PNGs are written once (dlcli data to-folder's code) into --png-dir (default: $TMPDIR/dlcli-bench-mnist-png).
+Both sides train the same model (Rescaling(1/255) first, so the in-memory arrays hold the same 0..255 pixels the
+folder decodes) with the same batches. Rounds alternate between the sides; the best of each counts.
+- "folder, no cache": a fresh image_folder source each epoch, every PNG decoded (file listing timed apart);
+- "folder, cache memory": the second epoch of a source with cache: memory (the first decoded and kept the images).
+Bar: no cache <= 1.2x the in-memory epoch, cache memory <= 1.05x.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import mnist_train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ensure_pngs(folder: Path) -> Path:
+    from dlcli.data.images import MNIST
+    from dlcli.data import load_dataset
+    from dlcli.data.image_folder import write_image_folder
+
+    done = folder / "complete"
+    if not done.exists():
+        ds = load_dataset({"type": "mnist", "normalize": False})
+        start = time.perf_counter()
+        write_image_folder(ds.x_train.astype(np.uint8), ds.y_train, list(MNIST.classes), folder / "train")
+        print(f"wrote 60,000 PNGs to {folder / 'train'} in {time.perf_counter() - start:.1f} s")
+        done.write_text("ok")
+    return folder / "train"
+
+
+def model_for(config_name: str):
+    from dlcli.builder import build_model
+    from dlcli.config import load_config
+
+    cfg = load_config(ROOT / "configs" / config_name).to_dict()
+    cfg["model"]["input_shape"] = [28, 28, 1]
+    cfg["model"]["layers"] = [{"type": "Rescaling", "scale": 1 / 255}] + cfg["model"]["layers"]
+    return build_model(cfg), int(cfg["train"]["batch_size"])
+
+
+def epoch(model, x, y, batch_size, seed):
+    from dlcli.trainer import Trainer
+
+    start = time.perf_counter()
+    Trainer(model, verbose=0, rng=np.random.default_rng(seed)).fit(x, [y], epochs=1, batch_size=batch_size)
+    return time.perf_counter() - start
+
+
+def folder_source(directory: Path, cache: str):
+    from dlcli.data import load_dataset
+
+    start = time.perf_counter()
+    d = load_dataset({"type": "image_folder", "directory": str(directory), "image_size": [28, 28],
+                      "color_mode": "grayscale", "cache": cache})
+    return d.x_train, d.y_train, time.perf_counter() - start
+
+
+def decode_report(directory: Path, count: int = 3000):
+    """Images per second: one thread end to end, then split into read / PNG decode / array; then the pool."""
+    import io
+
+    from PIL import Image
+
+    from dlcli.data.image_folder import decode_image
+    from dlcli.data.source import batch_indices
+
+    files = sorted(directory.rglob("*.png"))[::20][:count]
+    start = time.perf_counter()
+    for f in files:
+        decode_image(f, (28, 28), "grayscale")
+    one = time.perf_counter() - start
+    t_read = t_decode = t_array = 0.0
+    for f in files:
+        a = time.perf_counter()
+        blob = f.read_bytes()
+        b = time.perf_counter()
+        im = Image.open(io.BytesIO(blob), formats=["PNG"])
+        im.load()
+        c = time.perf_counter()
+        np.asarray(im, dtype=np.uint8)
+        t_read, t_decode, t_array = t_read + b - a, t_decode + c - b, t_array + time.perf_counter() - c
+    from dlcli.data.image_folder import ImageFolderSource
+
+    source = ImageFolderSource(files, (28, 28), "grayscale", "bilinear", False, "none", os.cpu_count() or 1,
+                               2 * (os.cpu_count() or 1))
+    start = time.perf_counter()
+    for _ in source.batches(batch_indices(len(files), 128)):
+        pass
+    pool = time.perf_counter() - start
+    n = len(files)
+    print(f"decode, 1 thread: {n / one:,.0f} images/s ({one / n * 1e6:.0f} us/image: read {t_read / n * 1e6:.0f}, "
+          f"PNG decode {t_decode / n * 1e6:.0f}, to array {t_array / n * 1e6:.0f}, the rest dlcli's decode_image "
+          f"(mode/size checks, exception guards) {max(one - t_read - t_decode - t_array, 0) / n * 1e6:.0f})")
+    print(f"decode, pool of {source.workers} threads: {n / pool:,.0f} images/s")
+
+
+def compare(name, config_name, directory, x_mem, y_mem, rounds):
+    model, batch_size = model_for(config_name)
+    epoch(model, x_mem[:2048], y_mem[:2048], batch_size, 0)  # warm-up
+    best = {"in memory": float("inf"), "folder, no cache": float("inf"), "folder, cache memory": float("inf")}
+    listing = float("inf")
+    for r in range(rounds):
+        best["in memory"] = min(best["in memory"], epoch(model, x_mem, y_mem, batch_size, r))
+        x, y, seconds = folder_source(directory, "none")
+        listing = min(listing, seconds)
+        best["folder, no cache"] = min(best["folder, no cache"], epoch(model, x, y, batch_size, r))
+        x, y, _ = folder_source(directory, "memory")
+        first = epoch(model, x, y, batch_size, r)
+        best["folder, cache memory"] = min(best["folder, cache memory"], epoch(model, x, y, batch_size, r + 100))
+        print(f"  {name} round {r + 1}: cache memory first epoch {first:.2f} s", flush=True)
+    base = best["in memory"]
+    for side, sec in best.items():
+        print(f"{name:8s} {side:22s} {sec:7.2f} s/epoch  ({sec / base:.2f}x in memory)")
+    print(f"{name:8s} listing 60,000 files (os.walk, before the first epoch): {listing:.2f} s")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--convnet-rounds", type=int, default=1)
+    parser.add_argument("--png-dir", type=Path, default=Path(tempfile.gettempdir()) / "dlcli-bench-mnist-png")
+    parser.add_argument("--skip-convnet", action="store_true")
+    args = parser.parse_args()
+    x, y = mnist_train((28, 28, 1))
+    x = x * np.float32(255)  # the folder decodes 0..255 pixels; both sides share the Rescaling layer
+    directory = ensure_pngs(args.png_dir)
+    # the same sample order on both sides: the folder lists files class by class
+    from dlcli.data import load_dataset
+
+    d = load_dataset({"type": "image_folder", "directory": str(directory), "image_size": [28, 28],
+                      "color_mode": "grayscale"})
+    order = np.array([int(f.stem) for f in d.x_train.files])
+    x, y = np.ascontiguousarray(x[order]), y[order]
+    decode_report(directory)
+    compare("MLP", "mnist.yaml", directory, x, y, args.rounds)
+    if not args.skip_convnet:
+        compare("convnet", "mnist_cnn.yaml", directory, x, y, args.convnet_rounds)
+
+
+if __name__ == "__main__":
+    main()
