@@ -261,3 +261,16 @@ def test_image_views_feed_named_inputs():
     np.testing.assert_allclose(views["side"][:, :28], images.mean(2), rtol=1e-6)
     with pytest.raises(DlcliError, match="unknown view 'profile' \\(did you mean 'profiles'\\?\\)"):
         image_views(images, {"side": "profile"})
+
+
+def test_a_single_input_layer_given_two_inputs_is_a_shape_error():
+    """Found by config fuzzing: Dense reading two tensors ended in a TypeError while sizing its kernel."""
+    from dlcli.builder import build_model
+    from dlcli.config import parse_config
+    from dlcli.errors import ShapeError
+
+    text = ("data: {type: npz, path: x.npz}\nmodel:\n  type: functional\n"
+            "  inputs: [{name: a, shape: [4]}, {name: b, shape: [3]}]\n"
+            "  layers:\n    - {name: d, type: Dense, units: 2, inputs: [a, b]}\n  outputs: [d]\ncompile: {loss: mse}\n")
+    with pytest.raises(ShapeError, match="layer 'd' cannot build weight 'kernel'.*given several"):
+        build_model(parse_config(text, "t.yaml").to_dict())

@@ -117,6 +117,9 @@ class Layer:
         self.built = True
 
     def add_weight(self, name, shape, initializer="zeros", regularizer=None, trainable=True) -> Param:
+        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in shape):
+            raise ShapeError(f"layer '{self.name}' cannot build weight '{name}' of shape {tuple(shape)} from input "
+                             f"shape {_fmt(self.input_shape)}: a layer that takes one input was given several?")
         memory.check_weight_fits(self.name, name, shape, self.dtype)  # a clear refusal, not NumPy's MemoryError
         value = initializers.get(initializer)(tuple(int(s) for s in shape), self.rng, self.dtype)
         param = Param(name, value, trainable, regularizers.get(regularizer), self)
