@@ -10,5 +10,7 @@ def test_random_kills_then_resume_end_bit_identical(tmp_path):
     spec.loader.exec_module(kill_soak)
     lines = []
     totals = kill_soak.soak(trials=2, seed=1, workdir=tmp_path, log=lines.append)
-    assert totals["kills"] >= 3, lines  # seed 1 kills the first trial four times
+    # Where a kill lands depends on the machine's speed (a resumed run may finish before its kill moment),
+    # so only ask that at least one kill happened; the bit-identical end is the claim under test.
+    assert totals["kills"] >= 1, lines
     assert totals["identical"] == 2, "\n".join(lines)
