@@ -50,16 +50,18 @@ def _is_layer(obj) -> bool:
     return isinstance(obj, Layer)
 
 
-def save(path, model, callbacks, position: dict, rank_rngs: list | None = None):
+def save(path, model, callbacks, position: dict, rank_rngs: list | None = None,
+         run_header: dict | None = None):
     """Write the checkpoint `path`: `position` is the trainer's JSON-safe state; `rank_rngs` every data-parallel
-    rank's layer RNG states (rank 0's are the run's own, under "rngs")."""
+    rank's layer RNG states (rank 0's are the run's own, under "rngs"); `run_header` JSON the run keeps with it
+    (its config record, dlcli.fingerprint)."""
     arrays = dict(model.weights_dict())
     arrays.update({f"optimizer/{k}": v for k, v in model.optimizer.get_state().items()})
     cb_states = []
     for i, cb in enumerate(_stateful(callbacks)):
         cb_states.append({"type": type(cb).__name__, "state": _split(cb.get_state(), f"callback/{i}", arrays)})
-    header = {"kind": KIND, "version": VERSION, "position": position, "callbacks": cb_states,
-              "rngs": {k: g.bit_generator.state for k, g in layer_rngs(model).items()}}
+    header = {**(run_header or {}), "kind": KIND, "version": VERSION, "position": position,
+              "callbacks": cb_states, "rngs": {k: g.bit_generator.state for k, g in layer_rngs(model).items()}}
     if rank_rngs is not None:
         header["rank_rngs"] = rank_rngs
     arrays[HEADER] = np.array(json.dumps(header))

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dlcli.commands.base import SetOption, app, console, handles_errors, load, metrics_table, si
+from dlcli.commands.base import AllowConfigChangeOption, SetOption, app, console, handles_errors, load, metrics_table, si
 
 
 @app.command()
@@ -26,7 +26,8 @@ def train(
     init_from: Annotated[Optional[Path], typer.Option(
         "--init-from", help="Start a new run from another run's weights (fresh optimizer and counters).")] = None,
     allow_config_change: Annotated[bool, typer.Option(
-        "--allow-config-change", help="With --resume: accept a changed train.epochs or learning rate.")] = False,
+        "--allow-config-change", help="With --resume: accept a changed train.epochs or learning rate (the model "
+                                      "never changes on a resume).")] = False,
     distributed: Annotated[bool, typer.Option(
         "--distributed", help="Data-parallel over the MPI ranks this was launched with: mpiexec -n 4 dlcli train "
                               "CONFIG --distributed (or srun). train.batch_size is the global batch; only rank 0 "
@@ -139,6 +140,7 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/mnist-mlp-20261124-101500.")],
     weights: Annotated[str, typer.Option(help="best or last.")] = "best",
     split: Annotated[str, typer.Option(help="test or validation.")] = "test",
+    allow_config_change: AllowConfigChangeOption = False,
 ):
     """Evaluate a run's weights: loss and metrics, per-class accuracy and confusion matrix; writes evaluation.json.
 
@@ -153,7 +155,7 @@ def evaluate(
         raise DlcliError(f"--weights must be 'best' or 'last'; found '{weights}'", exit_code=2)
     if split not in ("test", "validation"):
         raise DlcliError(f"--split must be 'test' or 'validation'; found '{split}'", exit_code=2)
-    result = evaluate_run(run_dir, weights, split)
+    result = evaluate_run(run_dir, weights, split, allow_config_change=allow_config_change)
     out = console()
     out.print(metrics_table(f"{result['run']}: {split} split, {result['samples']:,} samples, {weights} weights",
                             result["metrics"]))

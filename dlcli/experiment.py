@@ -173,20 +173,21 @@ def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), 
 
 
 def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world, run) -> Run:
-    from dlcli import checkpoint
+    from dlcli import checkpoint, fingerprint
     from dlcli.callbacks import ModelCheckpoint
     from dlcli.divergence import DivergenceError
     from dlcli.trainer import DIVERGENCE_FACTOR, Trainer
 
     run = run or Run(run_dir, config, model, splits)
+    recorded = fingerprint.record(config)  # what evaluate/predict/export/--resume check config.yaml against
     train_cfg = config.get("train", {})
     meta_path = run_dir / "meta.json"
     meta = {**runs.versions_meta(config.get("seed", 0)), "name": config.get("name"), "status": "running",
             "start": runs.utc_now(), "sizes": splits.sizes(), "source": splits.source,
             "params": model.count_params(), "classes": splits.classes,
-            **({"files": splits.extra["folder"]} if splits.extra.get("folder") else {})}
+            **({"files": splits.extra["folder"]} if splits.extra.get("folder") else {}), **recorded}
     if resume is not None and meta_path.exists():
-        meta = {**runs.read_json(meta_path), "status": "running"}
+        meta = {**runs.read_json(meta_path), "status": "running", **recorded}
         meta.setdefault("resumed", []).append({"at": runs.utc_now(), "position": _position_text(resume)})
     runs.atomic_write_json(meta_path, meta)
     if splits.extra.get("vocabulary"):  # lets `dlcli predict` encode raw text the way the training data was
@@ -202,6 +203,7 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
                           checkpoint_path=run_dir / checkpoint.FILENAME,
                           checkpoint_every=train_cfg.get("checkpoint_every"),
                           divergence_factor=train_cfg.get("divergence_factor", DIVERGENCE_FACTOR), world=world)
+    run.trainer.checkpoint_header = recorded
     for cb in run.trainer.user_callbacks:
         cb.on_run_begin(run)
     validation = (splits.x_val, splits.y_val) if splits.x_val is not None else None
@@ -318,7 +320,7 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
 def _resolve(config, overrides, resume, allow_config_change, init_from):
     """(config dict, loaded checkpoint or None, run directory when resuming, lines naming accepted changes, whether
     it resumes a k-fold run)."""
-    from dlcli import checkpoint
+    from dlcli import checkpoint, fingerprint
     from dlcli.kfold import is_kfold_run
 
     state, changes, run_dir, folds = None, [], None, False
@@ -330,7 +332,8 @@ def _resolve(config, overrides, resume, allow_config_change, init_from):
         run_dir = runs.require_run_dir(run_dir)
         folds = is_kfold_run(run_dir)  # each fold keeps its own checkpoint
         state = None if folds else checkpoint.load(run_dir)  # before anything else: a damaged one fails fast
-        old = _config_dict(run_dir / "config.yaml", [])
+        # what the run was trained with (its fingerprint record), not config.yaml, which may have been edited since
+        old = fingerprint.recorded_config(run_dir, state) or _config_dict(run_dir / "config.yaml", [])
         cfg = _config_dict(run_dir / "config.yaml" if config is None else config, overrides)
         cfg["name"] = old["name"]
         changes = check_resume_config(old, cfg, allow_config_change and not folds)
@@ -375,8 +378,13 @@ def _position_text(resume: dict) -> str:
         f"after epoch {p['epoch']}, step {p['step']}"
 
 
-def load_run_model(run_dir, weights: str = "best"):
-    """(config, model holding the run's best or last weights) for a run directory."""
+def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = False):
+    """(config, model holding the run's best or last weights) for a run directory. A config.yaml edited since the
+    run recorded its config is refused with the diff (dlcli.fingerprint), or with `allow_config_change` used
+    with a warning."""
+    import warnings
+
+    from dlcli import fingerprint
     from dlcli.builder import build_model
     from dlcli.config import load_config
 
@@ -384,6 +392,9 @@ def load_run_model(run_dir, weights: str = "best"):
         raise DlcliError(f"--weights must be 'best' or 'last'; found '{weights}'", exit_code=2)
     run_dir = runs.require_run_dir(run_dir)
     config = load_config(run_dir / "config.yaml").to_dict()
+    diff = fingerprint.check(run_dir, config, allow_config_change)
+    if diff:
+        warnings.warn(f"using {run_dir / 'config.yaml'}, edited since the run was trained:\n{diff}", stacklevel=2)
     model = build_model(config)
     path = run_dir / "weights" / f"{weights}.npz"
     if not path.exists():
@@ -393,9 +404,10 @@ def load_run_model(run_dir, weights: str = "best"):
     return config, model
 
 
-def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size: int | None = None) -> dict:
+def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size: int | None = None,
+                 allow_config_change: bool = False) -> dict:
     """Loss and metrics of a finished run on a split; per-class accuracy and a confusion matrix for classifiers."""
-    config, model = load_run_model(run_dir, weights)
+    config, model = load_run_model(run_dir, weights, allow_config_change)
     run_dir = Path(run_dir)
     splits = load_splits(config, model)
     xs, ys = (splits.x_test, splits.y_test) if split == "test" else (splits.x_val, splits.y_val)
@@ -471,12 +483,14 @@ def check_resume_config(old: dict, new: dict, allow_change: bool) -> list[str]:
     shown = "\n".join(lines)
     if refused:
         what = "the architecture" if any(k.startswith("model.") for k in refused) else "settings"
-        raise DlcliError(f"the config differs from the run's config.yaml in {what} that a resumed run cannot "
-                         f"change:\n{shown}\nonly {' and '.join(RESUMABLE_CHANGES)} may change on --resume; start a "
-                         f"new run instead (--init-from RUN_DIR starts from its weights)")
+        raise DlcliError(f"the config differs from the one the run was trained with (recorded in its meta.json and "
+                         f"checkpoint) in {what} that a resumed run cannot change:\n{shown}\nonly "
+                         f"{' and '.join(RESUMABLE_CHANGES)} may change on --resume; start a new run instead "
+                         f"(--init-from RUN_DIR starts from its weights)", exit_code=2)
     if not allow_change:
-        raise DlcliError(f"the config differs from the run's config.yaml:\n{shown}\npass --allow-config-change "
-                         f"to resume with these changes, or drop them")
+        raise DlcliError(f"the config differs from the one the run was trained with (recorded in its meta.json and "
+                         f"checkpoint):\n{shown}\npass --allow-config-change to resume with these changes, or drop "
+                         f"them", exit_code=2)
     return lines
 
 

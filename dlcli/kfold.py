@@ -34,7 +34,7 @@ def train_folds(cfg: dict, model, splits, run_dir: Path, train_fold, resume: boo
     """Train every fold not finished yet into run_dir/folds/<i>/ with `train_fold(config, model, splits, fold_dir,
     checkpoint or None) -> Run` (the run entry point's own train_run); write the aggregate. Returns the whole run's
     Run: the status of the fold that stopped it (else "completed"), history = the mean rows, test = the mean."""
-    from dlcli import checkpoint
+    from dlcli import checkpoint, fingerprint
     from dlcli.builder import build_model
     from dlcli.data.split import kfold_indices
 
@@ -52,7 +52,8 @@ def train_folds(cfg: dict, model, splits, run_dir: Path, train_fold, resume: boo
         runs.atomic_write_json(meta_path, {**runs.versions_meta(cfg.get("seed", 0)), "name": cfg.get("name"),
                                            "kfold": k, "status": "running", "start": runs.utc_now(),
                                            "sizes": splits.sizes(), "source": splits.source,
-                                           "params": model.count_params(), "classes": splits.classes})
+                                           "params": model.count_params(), "classes": splits.classes,
+                                           **fingerprint.record(cfg)})
     histories, tests, statuses, last = [], [], [], None
     fresh_model = model  # the one already built serves the first fold trained now; later folds get new weights
     for i, val in enumerate(folds):

@@ -6,7 +6,7 @@ runs/<name>-<UTC yyyymmdd-hhmmss>/
   summary.txt        the model summary
   weights/last.npz   named arrays (allow_pickle=False); weights/best.npz by the monitored value
   checkpoint/        optimizer + RNG + callback state for --resume
-  meta.json          versions, seed, git commit, start/end time, status, best epoch
+  meta.json          versions, seed, git commit, start/end time, status, best epoch, config fingerprint
   evaluation.json    written by `dlcli evaluate`
   train.log          the plain-text epoch lines
 """

@@ -44,6 +44,7 @@ class Trainer:
         self.stop_requested = False  # set from a signal handler: finish the batch, save, then stop
         self.epoch, self.batch, self.samples_seen = 0, 0, 0
         self.last_checkpoint: dict | None = None  # position of the last checkpoint written
+        self.checkpoint_header: dict = {}  # what the run adds to each checkpoint's header (its config record)
         self.norms: deque = deque(maxlen=NORM_HISTORY)
 
     def fit(self, xs, ys, epochs=1, batch_size=32, validation_data=None, shuffle=True, class_weight=None,
@@ -272,7 +273,8 @@ class Trainer:
             states = {k: g.bit_generator.state for k, g in checkpoint.layer_rngs(self.model).items()}
             rank_rngs = self.world.gather_json(states)
         if self.world.is_root:
-            checkpoint.save(self.checkpoint_path, self.model, self.user_callbacks, position, rank_rngs)
+            checkpoint.save(self.checkpoint_path, self.model, self.user_callbacks, position, rank_rngs,
+                            self.checkpoint_header)
         self.last_checkpoint = position
 
 

@@ -154,9 +154,9 @@ def test_resume_refuses_architecture_changes_and_gates_epochs(reference, tmp_pat
     changed = tmp_path / "wider.yaml"
     changed.write_text(config.read_text().replace("units: 256", "units: 128"))
     result = _run("train", changed, "--resume", ref)
-    assert result.returncode == 1 and "architecture" in result.stderr and "model.layers.0.units" in result.stderr
+    assert result.returncode == 2 and "architecture" in result.stderr and "model.layers.0.units" in result.stderr
     more = _run("train", "--resume", ref, "--set", "train.epochs=4")
-    assert more.returncode == 1 and "--allow-config-change" in more.stderr and "train.epochs: 3 -> 4" in more.stderr
+    assert more.returncode == 2 and "--allow-config-change" in more.stderr and "train.epochs: 3 -> 4" in more.stderr
 
 
 def test_damaged_and_foreign_checkpoints_are_clear_errors(reference, tmp_path):

@@ -23,6 +23,11 @@ SetOption = Annotated[list[str], typer.Option(
                   "--set compile.optimizer.learning_rate=0.01 --set model.layers.1.units=256 (repeatable).")]
 
 
+AllowConfigChangeOption = Annotated[bool, typer.Option(
+    "--allow-config-change", help="Use the run's config.yaml even where it was edited after the run was trained "
+                                  "(refused by default, with the diff against the config recorded in meta.json).")]
+
+
 def console(stderr=False):
     from rich.console import Console
 

@@ -4,7 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dlcli.commands.base import app, console, handles_errors
+from dlcli.commands.base import AllowConfigChangeOption, app, console, handles_errors
 
 
 @app.command()
@@ -15,6 +15,7 @@ def export(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The .onnx file to write "
                                                    "(default: RUN_DIR/model.onnx).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset version (13 or newer).")] = 17,
+    allow_config_change: AllowConfigChangeOption = False,
 ):
     """Export a run's model to ONNX: checked by the ONNX checker, then run by onnxruntime on a batch of the run's
     test data; a difference from dlcli's predictions above 1e-4 is an error and nothing is written.
@@ -26,7 +27,7 @@ def export(
     """
     from dlcli.interop.onnx_export import TOLERANCE, export_run
 
-    report = export_run(run_dir, weights, output, opset)
+    report = export_run(run_dir, weights, output, opset, allow_config_change=allow_config_change)
     out = console()
     out.print(f"wrote {report.path} (opset {report.opset}, {report.nodes} nodes)", markup=False)
     if report.max_difference is None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from dlcli.commands.base import app, console, handles_errors
+from dlcli.commands.base import AllowConfigChangeOption, app, console, handles_errors
 from dlcli.errors import DlcliError
 
 if TYPE_CHECKING:
@@ -305,6 +305,7 @@ def predict(
     = False,
     pixel_scale: Annotated[Optional[float], typer.Option(help="Multiply image pixels (0-255) by this (default: "
                                                               "the dataset's, 1/255 for image datasets).")] = None,
+    allow_config_change: AllowConfigChangeOption = False,
 ):
     """Predict with a trained run: top-k classes with probabilities, or every output to a file.
 
@@ -317,7 +318,7 @@ def predict(
         raise DlcliError(f"--output must end in .csv or .npy; got {output}", exit_code=2)
     from dlcli.experiment import load_run_model
 
-    config, model = load_run_model(run_dir, weights)
+    config, model = load_run_model(run_dir, weights, allow_config_change)
     xs, labels = read_inputs(list(inputs), run_dir, config, model, key, invert, pixel_scale)
     preds = model.predict(xs, batch_size=int(config.get("train", {}).get("batch_size", 32)))
     preds = preds[0] if isinstance(preds, list) else preds  # the first output for multi-output models

@@ -161,13 +161,13 @@ def run_metadata(run_dir: Path, config: dict) -> dict:
 
 
 def export_run(run_dir, weights: str = "best", output=None, opset: int = DEFAULT_OPSET,
-               samples: int = CHECK_SAMPLES) -> ExportReport:
+               samples: int = CHECK_SAMPLES, allow_config_change: bool = False) -> ExportReport:
     """Write RUN_DIR's model as ONNX (default RUN_DIR/model.onnx) after onnxruntime agrees with dlcli on a batch
     of the run's data within TOLERANCE. Nothing is written when any step fails."""
     from dlcli.experiment import load_run_model
 
     require("onnx", "onnx")
-    config, model = load_run_model(run_dir, weights)
+    config, model = load_run_model(run_dir, weights, allow_config_change)
     run_dir = Path(run_dir)
     output = Path(output) if output is not None else run_dir / "model.onnx"
     proto = to_onnx(model, opset, run_metadata(run_dir, config))

@@ -1,0 +1,102 @@
+"""The config a run's weights were trained with: its fingerprint, recorded when the run starts, and the check that
+an edited `config.yaml` is noticed before `evaluate`, `predict`, `export` or `--resume` trust it.
+
+A run records `config_fingerprint` (SHA-256 of the resolved config as config.yaml holds it, keys sorted) and the
+`config` itself in meta.json and in every checkpoint. Commands compare the run's config.yaml with the record: an
+equal fingerprint is the fast path; otherwise both are resolved through today's schema and diffed (so a schema that
+gained a default since the run was recorded is not a change). Runs recorded before fingerprints existed have none
+and are trusted as before.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+from dlcli.errors import DlcliError
+
+META_KEYS = ("config_fingerprint", "config")
+
+
+def _plain(config: dict):
+    """The config as config.yaml holds it (tuples as lists, YAML scalars), for hashing and recording."""
+    from dlcli.yaml_lines import dump_yaml, load_yaml
+
+    return load_yaml(dump_yaml(config))
+
+
+def _digest(plain) -> str:
+    text = json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def record(config: dict) -> dict:
+    """What meta.json and the checkpoint header hold about the config the run trains with."""
+    plain = _plain(config)
+    return {"config_fingerprint": _digest(plain), "config": plain}
+
+
+def recorded(run_dir, checkpoint: dict | None = None) -> dict | None:
+    """The run's record ({config_fingerprint, config}): the checkpoint's when given, else meta.json's; None for a
+    run recorded before fingerprints (or without a readable meta.json)."""
+    if checkpoint is not None and checkpoint["header"].get("config_fingerprint"):
+        return {k: checkpoint["header"].get(k) for k in META_KEYS}
+    try:
+        meta = json.loads((Path(run_dir) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(meta, dict) and isinstance(meta.get("config_fingerprint"), str) and isinstance(
+            meta.get("config"), dict):
+        return {k: meta[k] for k in META_KEYS}
+    return None
+
+
+def recorded_config(run_dir, checkpoint: dict | None = None) -> dict | None:
+    """The recorded config resolved through today's schema (None without a record)."""
+    record_ = recorded(run_dir, checkpoint)
+    return None if record_ is None else _resolve(record_["config"], Path(run_dir) / "meta.json")
+
+
+def _resolve(plain: dict, source) -> dict:
+    from dlcli.config import parse_config
+    from dlcli.errors import ConfigError
+    from dlcli.yaml_lines import dump_yaml
+
+    try:
+        return parse_config(dump_yaml(plain), str(source)).to_dict()
+    except ConfigError:  # today's schema refuses what was recorded: compare as recorded
+        return plain
+
+
+def changes(run_dir, config: dict, checkpoint: dict | None = None) -> list[tuple[str, object, object]]:
+    """(dotted path, recorded value, value now) for every setting `config` (the run's config.yaml, resolved)
+    changes from what the run recorded; [] when unchanged or nothing was recorded. `name` never counts."""
+    from dlcli.yaml_lines import flatten
+
+    record_ = recorded(run_dir, checkpoint)
+    if record_ is None or record(config)["config_fingerprint"] == record_["config_fingerprint"]:
+        return []
+    old, new = flatten(_resolve(record_["config"], Path(run_dir) / "meta.json")), flatten(config)
+    missing = object()
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new), key=str)
+            if k != "name" and old.get(k, missing) != new.get(k, missing)]
+
+
+def diff_lines(diff) -> str:
+    return "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diff)
+
+
+def check(run_dir, config: dict, allow_change: bool = False) -> str | None:
+    """Refuse (exit 2, with the diff) a run whose config.yaml no longer matches the config its weights were trained
+    with; with `allow_change`, return the diff text for the caller to show and go on."""
+    diff = changes(run_dir, config)
+    if not diff:
+        return None
+    shown = diff_lines(diff)
+    if allow_change:
+        return shown
+    what = "the model" if any(k.startswith("model.") for k in (d[0] for d in diff)) else "settings"
+    raise DlcliError(f"{Path(run_dir) / 'config.yaml'} was edited after the run was trained: it changes {what} "
+                     f"from the config recorded in {Path(run_dir) / 'meta.json'} (config_fingerprint), so its "
+                     f"weights may not mean what the file says:\n{shown}\nrestore config.yaml (meta.json's "
+                     f"\"config\" holds the original), train a new run with the change (--init-from "
+                     f"{run_dir} starts from these weights), or pass --allow-config-change to use the edited "
+                     f"config anyway", exit_code=2)
