@@ -317,18 +317,13 @@ _BARE_ALIASES = {"metric": ("accuracy", "acc")}
 
 
 def registry(kind: str):
-    """The registry of `kind`, or None while its module does not exist yet (its names are then not checked)."""
+    """The registry of `kind` (importing the modules that register into it)."""
     module, attr = _REGISTRIES[kind]
     if kind == "layer":
         importlib.import_module("dlcli.layers")  # registers every layer family
     if kind == "callback":
         importlib.import_module("dlcli.trackers")  # registers TensorBoard and MLflow
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        return None
+    return getattr(importlib.import_module(module), attr)
 
 
 class _SpecChecker:
@@ -427,7 +422,7 @@ class _SpecChecker:
             self.error(path, f"expected a {kind} name, found {_found(name)}")
             return None
         known = registry(kind)
-        if known is None or name.lower() in aliases:
+        if name.lower() in aliases:
             return None
         if name not in known:
             names = sorted([*known, *aliases])

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dlcli.data.split import num_samples
-from dlcli.errors import ConfigError, ShapeError
+from dlcli.errors import ConfigError
 from dlcli.registry import Registry, did_you_mean
 
 # name -> loader function; a loader's keyword arguments are the YAML keys of the config's `data:` section.
@@ -35,36 +35,6 @@ class Dataset:
         """Samples per split, for the banner; None for a split the data does not have."""
         return {split: (None if y is None else num_samples(y))
                 for split, y in (("train", self.y_train), ("validation", self.y_val), ("test", self.y_test))}
-
-    def reshape_to(self, input_shape) -> "Dataset":
-        """A copy whose x arrays have per-sample shape `input_shape` (no batch axis), e.g. MNIST's (28, 28) to
-        (28, 28, 1) for a Conv2D model. None in `input_shape` (variable length) is a wildcard: checked, not reshaped.
-        For dict inputs pass a dict name -> shape. Raises ShapeError when the sizes cannot match."""
-        def fit(x, shape, split):
-            if x is None:
-                return None
-            if isinstance(x, dict):
-                if not isinstance(shape, dict):
-                    raise ShapeError(f"dataset '{self.name}' has named inputs {sorted(x)}; give one shape per input")
-                return {k: fit(v, shape.get(k), f"{split}[{k}]") for k, v in x.items()}
-            if shape is None:
-                return x
-            shape = tuple(shape)
-            have = x.shape[1:]
-            if have == shape:
-                return x
-            if None in shape:
-                if len(have) == len(shape) and all(s is None or s == h for s, h in zip(shape, have)):
-                    return x
-            elif int(np.prod(have)) == int(np.prod(shape)):
-                return x.reshape((len(x), *shape))
-            raise ShapeError(f"dataset '{self.name}' {split} samples have shape {list(have)} but the model's "
-                             f"input_shape is {list(shape)}: they differ in size, so no reshape fits; "
-                             f"set model.input_shape to {list(have)}")
-
-        return dataclasses.replace(self, x_train=fit(self.x_train, input_shape, "train"),
-                                   x_test=fit(self.x_test, input_shape, "test"),
-                                   x_val=fit(self.x_val, input_shape, "validation"))
 
 
 @DATASETS.register("none")

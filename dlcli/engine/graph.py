@@ -128,7 +128,6 @@ class Graph:
                 values[id(t)] = v
                 if m is not None:
                     masks[id(t)] = m
-        self.masks = masks
         return [values[id(t)] for t in self.outputs]
 
     def backward(self, grads: list, need_input_grads: bool = False) -> list:
