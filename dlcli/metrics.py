@@ -197,3 +197,42 @@ def resolve(identifier, loss=None, output_shape=None) -> Metric:
             return SparseCategoricalAccuracy(name=identifier)
         return CategoricalAccuracy(name=identifier)
     return get(identifier)
+
+
+class RunningLogs:
+    """The loss, each output's loss (with several outputs) and every metric, accumulated batch by batch as exact
+    weighted means; `results()` maps them to Keras' names ('loss', 'out_loss', 'accuracy' ...)."""
+
+    def __init__(self, model):
+        self.names = model._metric_names()
+        self.means = [Mean() for _ in range(1 + (len(model.outputs) if len(model.outputs) > 1 else 0))]
+        self.metrics = model.metrics
+        self.trackers = self.means + [m for ms in model.metrics for m in ms]
+        self.reset()
+
+    def reset(self):
+        for t in self.trackers:
+            t.reset()
+
+    def update(self, total, parts, ys, outs, sample_weight=None):
+        size = len(ys[0])
+        self.means[0].update(total, size)
+        for mean, value in zip(self.means[1:], parts):
+            mean.update(value, size)
+        for y, out, ms in zip(ys, outs, self.metrics):
+            for m in ms:
+                m.update(y, out, sample_weight)
+
+    def results(self, extra_loss: float = 0.0) -> dict:
+        values = [t.result() for t in self.trackers]
+        values[0] += extra_loss
+        return {k: float(v) for k, v in zip(self.names, values)}
+
+    def sums(self) -> list:
+        """[total, weight] of every tracker: what a mid-epoch checkpoint stores to continue the averages."""
+        return [[t.total, t.weight] for t in self.trackers]
+
+    def set_sums(self, sums):
+        self.reset()
+        for t, (total, weight) in zip(self.trackers, sums):
+            t.total, t.weight = total, weight

@@ -13,8 +13,8 @@ from dlcli import losses as losses_module
 from dlcli import metrics as metrics_module
 from dlcli import optimizers as optimizers_module
 from dlcli.data.source import ArraySource, Source, as_source, batch_indices
-from dlcli.engine.graph import Graph, Input, InputLayer
-from dlcli.engine.layer import LAYERS, Layer, SymbolicTensor, assign_weights, format_shape
+from dlcli.engine.graph import Graph, Input, InputLayer, SymbolicTensor
+from dlcli.engine.layer import LAYERS, Layer, assign_weights, format_shape
 from dlcli.errors import ConfigError, DlcliError, ShapeError
 
 FORMAT_VERSION = 1
@@ -254,10 +254,10 @@ class Model:
         """Loss and metrics over all samples, exact (each batch weighted by its size)."""
         return self.evaluate_logs(xs, ys, batch_size, sample_weight).results(extra_loss=self.regularization_loss())
 
-    def evaluate_logs(self, xs, ys, batch_size=32, sample_weight=None) -> "RunningLogs":
+    def evaluate_logs(self, xs, ys, batch_size=32, sample_weight=None) -> metrics_module.RunningLogs:
         """The running sums behind evaluate_arrays (data-parallel evaluation adds them up over ranks). `xs`: a list
         of arrays (one per input) or a Source."""
-        logs = RunningLogs(self)
+        logs = metrics_module.RunningLogs(self)
         source = as_source(xs)
         chunks = batch_indices(len(source), batch_size)
         with source.batches(chunks) as inputs:
@@ -386,45 +386,6 @@ class Model:
             if v.shape != p.value.shape:
                 raise DlcliError(f"{source}: weight '{p.path}' has shape {v.shape}; the model expects {p.value.shape}")
             p.value = np.array(v, dtype=p.value.dtype)
-
-
-class RunningLogs:
-    """The loss, each output's loss (with several outputs) and every metric, accumulated batch by batch as exact
-    weighted means; `results()` maps them to Keras' names ('loss', 'out_loss', 'accuracy' ...)."""
-
-    def __init__(self, model: Model):
-        self.names = model._metric_names()
-        self.means = [metrics_module.Mean() for _ in range(1 + (len(model.outputs) if len(model.outputs) > 1 else 0))]
-        self.metrics = model.metrics
-        self.trackers = self.means + [m for ms in model.metrics for m in ms]
-        self.reset()
-
-    def reset(self):
-        for t in self.trackers:
-            t.reset()
-
-    def update(self, total, parts, ys, outs, sample_weight=None):
-        size = len(ys[0])
-        self.means[0].update(total, size)
-        for mean, value in zip(self.means[1:], parts):
-            mean.update(value, size)
-        for y, out, ms in zip(ys, outs, self.metrics):
-            for m in ms:
-                m.update(y, out, sample_weight)
-
-    def results(self, extra_loss: float = 0.0) -> dict:
-        values = [t.result() for t in self.trackers]
-        values[0] += extra_loss
-        return {k: float(v) for k, v in zip(self.names, values)}
-
-    def sums(self) -> list:
-        """[total, weight] of every tracker: what a mid-epoch checkpoint stores to continue the averages."""
-        return [[t.total, t.weight] for t in self.trackers]
-
-    def set_sums(self, sums):
-        self.reset()
-        for t, (total, weight) in zip(self.trackers, sums):
-            t.total, t.weight = total, weight
 
 
 class Sequential(Model):

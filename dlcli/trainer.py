@@ -16,9 +16,9 @@ import numpy as np
 
 from dlcli import distributed
 from dlcli.data.source import as_source, batch_indices, index_array
-from dlcli.models import RunningLogs
 from dlcli.callbacks import CallbackList, History, ProgressLogger
 from dlcli.errors import DlcliError
+from dlcli.metrics import RunningLogs
 
 NORM_HISTORY = 20  # recent (weight norm, gradient norm) pairs kept for divergence.json
 # Divergence beyond NaN: a finite loss that rises `divergence_factor` times above the run's initial loss (its first

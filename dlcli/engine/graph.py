@@ -8,8 +8,29 @@ import copy
 
 import numpy as np
 
-from dlcli.engine.layer import Layer, SymbolicTensor, format_shape
+from dlcli.engine.layer import Layer, format_shape
 from dlcli.errors import ShapeError
+
+
+class SymbolicTensor:
+    """A placeholder for a layer output in a graph: its shape (no batch axis) and the node that makes it."""
+
+    symbolic = True  # Layer.__call__ asks this instead of importing the graph
+
+    def __init__(self, shape, node=None, index=0, dtype="float32"):
+        self.shape, self.node, self.index, self.dtype = tuple(shape), node, index, dtype
+
+    @property
+    def name(self) -> str:
+        layer = self.node.layer
+        return layer.name if len(layer.nodes) <= 1 and self.index == 0 else \
+            f"{layer.name}:{layer.nodes.index(self.node)}:{self.index}"
+
+    def wire(self, layer: Layer, inputs):
+        return call_symbolic(layer, inputs)
+
+    def __repr__(self):
+        return f"<SymbolicTensor {self.name} shape=(None, {', '.join(map(str, self.shape))})>"
 
 
 class Node:

@@ -1,4 +1,4 @@
-"""The Layer base class, its parameters, and the symbolic tensors that wire layers into a graph.
+"""The Layer base class and its parameters; calling a layer on symbolic tensors (engine/graph.py) wires a graph.
 
 A layer (Keras' shape, numpy-ml's explicit backward pass):
 - `build(input_shape)` creates weights with `add_weight`; shapes never include the batch axis.
@@ -191,11 +191,9 @@ class Layer:
 
     # --- calling on symbolic tensors builds the graph (Keras' functional API) --------------------------------
     def __call__(self, inputs, training=False):
-        from dlcli.engine.graph import call_symbolic
-
-        if isinstance(inputs, SymbolicTensor) or (isinstance(inputs, (list, tuple)) and inputs
-                                                  and all(isinstance(t, SymbolicTensor) for t in inputs)):
-            return call_symbolic(self, inputs)
+        tensors = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        if tensors and all(getattr(t, "symbolic", False) for t in tensors):
+            return tensors[0].wire(self, inputs)  # SymbolicTensor (engine/graph.py): add a node, compute nothing
         # Eager call on arrays: build from the data's shape and run forward.
         shape = [tuple(a.shape[1:]) for a in inputs] if isinstance(inputs, (list, tuple)) else tuple(inputs.shape[1:])
         self.ensure_built(shape)
@@ -214,22 +212,6 @@ def assign_weights(params: list[Param], values, owner: str):
         if v.shape != p.value.shape:
             raise ShapeError(f"weight '{p.path}' has shape {p.value.shape}; got an array of shape {v.shape}")
         p.value = v.astype(p.value.dtype, copy=True)
-
-
-class SymbolicTensor:
-    """A placeholder for a layer output in a graph: its shape (no batch axis) and the node that makes it."""
-
-    def __init__(self, shape, node=None, index=0, dtype="float32"):
-        self.shape, self.node, self.index, self.dtype = tuple(shape), node, index, dtype
-
-    @property
-    def name(self) -> str:
-        layer = self.node.layer
-        return layer.name if len(layer.nodes) <= 1 and self.index == 0 else \
-            f"{layer.name}:{layer.nodes.index(self.node)}:{self.index}"
-
-    def __repr__(self):
-        return f"<SymbolicTensor {self.name} shape=(None, {', '.join(map(str, self.shape))})>"
 
 
 def _recording_init(init):
