@@ -4,7 +4,7 @@ import warnings
 import numpy as np
 import pytest
 
-from dlcli import layers, models
+from dlcli import builder, layers, models
 from dlcli.config import parse_config
 from dlcli.errors import ConfigError, ShapeError
 from tests.gradcheck import assert_close, numeric_grad
@@ -159,7 +159,7 @@ def test_yaml_graph_builds_in_any_order_with_shares_and_round_trips():
     assert rows["skip"]["connected_to"] == ["c1", "c2"]
     assert rows["s2 (shares s1)"]["connected_to"] == ["side_again"] and rows["s2 (shares s1)"]["params"] == 0
     assert rows["joined"]["connected_to"] == ["gap", "s1", "s2"]
-    again = models.from_config(model.get_config())
+    again = builder.from_config(model.get_config())
     assert again.get_config() == model.get_config()
     again.set_weights(model.get_weights())
     x = [np.random.default_rng(0).normal(size=(2, 6, 6, 1)), np.ones((2, 3))]
@@ -205,7 +205,7 @@ def test_graph_errors_name_the_node(sets, error, match):
 
 
 def test_dangling_layers_warn_and_are_listed():
-    with pytest.warns(models.DanglingLayerWarning, match=r"aux reaches no output \(out\)"):
+    with pytest.warns(builder.DanglingLayerWarning, match=r"aux reaches no output \(out\)"):
         model = build(RESIDUAL, "model.outputs=[out]", "compile.loss=sparse_categorical_crossentropy",
                       "compile.loss_weights=null", "compile.metrics=[accuracy]")
     assert model.dangling == ["aux"]

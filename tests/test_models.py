@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dlcli import layers, models
+from dlcli import builder, layers, models
 from dlcli.engine.layer import set_random_seed
 from dlcli.errors import DlcliError, ShapeError
 
@@ -89,7 +89,7 @@ def test_save_and_load_round_trip(tmp_path):
     model.fit(x, y, epochs=2, batch_size=32, verbose=0, seed=0)
     path = tmp_path / "model.npz"
     model.save(path)
-    again = models.load_model(path)
+    again = builder.load_model(path)
     np.testing.assert_array_equal(model.predict(x), again.predict(x))
     # the optimizer state travels too: one more identical step on both gives identical weights
     model.fit(x, y, epochs=1, batch_size=32, verbose=0, seed=9)
@@ -101,11 +101,11 @@ def test_load_model_refuses_foreign_files(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
     with pytest.raises(DlcliError, match="neither a NumPy .npy file nor an .npz archive") as info:
-        models.load_model(bad)
+        builder.load_model(bad)
     assert "allow_pickle" not in info.value.message
     np.savez(tmp_path / "plain.npz", a=np.zeros(2))
     with pytest.raises(DlcliError, match="not a dlcli model file"):
-        models.load_model(tmp_path / "plain.npz")
+        builder.load_model(tmp_path / "plain.npz")
 
 
 def test_fused_softmax_cross_entropy_matches_unfused_gradients():

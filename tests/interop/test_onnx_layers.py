@@ -10,7 +10,7 @@ from dlcli import layers  # noqa: E402
 from dlcli.engine.layer import clear_session, set_random_seed  # noqa: E402
 from dlcli.interop.onnx_export import max_difference, sample_inputs, to_onnx  # noqa: E402
 from dlcli.interop.onnx_layers import EXPORTERS  # noqa: E402
-from dlcli.models import from_config  # noqa: E402
+from dlcli.builder import from_config  # noqa: E402
 
 TOLERANCE = 1e-5
 
