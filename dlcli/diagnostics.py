@@ -8,7 +8,6 @@ Each returns plain rows (dicts); the CLI (dlcli.commands.check) turns them into 
 """
 import hashlib
 import tempfile
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,33 +27,20 @@ def first_batch(config: dict, model, size: int) -> tuple[list, list]:
 
 
 # --- trace --------------------------------------------------------------------------------------------------
-@contextmanager
-def recording(model):
-    """Record every layer call's output and the gradient flowing into its backward, in call order."""
-    calls = []  # dicts: layer, call, output, grad
-    stacks: dict = {}
-    for layer in model.layers:
-        forward, backward = layer.forward, layer.backward
+class _Recorder:
+    """Graph observer: every layer call's output and the gradient flowing into its backward, in call order."""
 
-        def rec_forward(x, training=False, _layer=layer, _forward=forward):
-            out = _forward(x, training)
-            entry = {"layer": _layer, "call": sum(c["layer"] is _layer for c in calls), "output": out, "grad": None}
-            calls.append(entry)
-            stacks.setdefault(id(_layer), []).append(entry)
-            return out
+    def __init__(self):
+        self.calls, self._by_node = [], {}  # calls: dicts of layer, call, output, grad
 
-        def rec_backward(grad, _layer=layer, _backward=backward):
-            entry = stacks[id(_layer)].pop()  # backward visits a shared layer's calls in reverse order
-            entry["grad"] = grad
-            return _backward(grad)
+    def forward(self, node, output):
+        layer = node.layer
+        entry = {"layer": layer, "call": sum(c["layer"] is layer for c in self.calls), "output": output, "grad": None}
+        self.calls.append(entry)
+        self._by_node[id(node)] = entry
 
-        layer.forward, layer.backward = rec_forward, rec_backward  # instance attributes shadow the methods
-    try:
-        yield calls
-    finally:
-        for layer in model.layers:
-            vars(layer).pop("forward", None)
-            vars(layer).pop("backward", None)
+    def backward(self, node, output_grad, input_grad):
+        self._by_node[id(node)]["grad"] = output_grad
 
 
 def is_relu(layer) -> bool:
@@ -76,12 +62,12 @@ def trace_batch(model, xs: list, ys: list, training: bool = True) -> dict:
     """One forward and backward pass of a real batch; per layer call: activation statistics and gradient norms."""
     for p in model.trainable_weights:
         p.grad[...] = 0
-    with recording(model) as calls:
-        outs = model.graph.forward(xs, training=training)
-        loss, _, grads = model.compute_loss(ys, outs)
-        model.graph.backward(grads)
+    recorder = _Recorder()
+    outs = model.graph.forward(xs, training=training, observer=recorder)
+    loss, _, grads = model.compute_loss(ys, outs)
+    model.graph.backward(grads, observer=recorder)
     rows = []
-    for c in calls:
+    for c in recorder.calls:
         layer, out = c["layer"], c["output"]
         first = out[0] if isinstance(out, list) else out
         first = np.asarray(first)

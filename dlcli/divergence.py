@@ -21,49 +21,42 @@ class DivergenceError(DlcliError):
 def diagnose(model, xs, ys, sample_weight=None) -> dict:
     """First layer (in execution order) whose forward output, and first (from the loss back) whose input gradient,
     holds NaN/inf, plus non-finite inputs and weights. Gradients are zeroed afterwards."""
-    first = {"forward": None, "backward": None}
-    layers = list(model.layers)
-    for layer in layers:
-        _watch(layer, first)
+    first = _FirstNonFinite()
     try:
         with np.errstate(all="ignore"):
-            outs = model.forward(xs, training=True)
+            outs = model.graph.forward(xs, training=True, observer=first)
             _, _, grads = model.compute_loss(ys, outs, sample_weight)
             loss_grads_finite = all(_finite(g) for g in grads)
-            model.graph.backward(grads)
+            model.graph.backward(grads, observer=first)
     finally:
-        for layer in layers:
-            for name in ("forward", "backward"):
-                layer.__dict__.pop(name, None)
         for p in model.trainable_weights:
             p.grad[...] = 0
     return {
         "nonfinite_inputs": [n for n, x in zip(model.input_names, xs) if not _finite(x)],
         "nonfinite_weights": [p.path for p in model.weights if not _finite(p.value)],
-        "first_nonfinite_forward": first["forward"],
+        "first_nonfinite_forward": first.forward_layer,
         "loss_gradient_finite": loss_grads_finite,
-        "first_nonfinite_backward": first["backward"],
+        "first_nonfinite_backward": first.backward_layer,
         "input_max_abs": max(float(np.max(np.abs(x))) if x.size and x.dtype.kind == "f" else 0.0 for x in xs),
     }
 
 
-def _watch(layer, first):
-    forward, backward = layer.forward, layer.backward  # bound methods; instance attributes shadow them
+class _FirstNonFinite:
+    """Graph observer: the first layer whose output, and the first (from the loss back) whose input gradient or
+    weight gradients, hold NaN/inf."""
 
-    def checked_forward(x, training=False):
-        out = forward(x, training)
-        if first["forward"] is None and not _finite(out):
-            first["forward"] = layer.name
-        return out
+    def __init__(self):
+        self.forward_layer = self.backward_layer = None
 
-    def checked_backward(grad):
-        out = backward(grad)
-        if first["backward"] is None and not (_finite(out) and all(
+    def forward(self, node, output):
+        if self.forward_layer is None and not _finite(output):
+            self.forward_layer = node.layer.name
+
+    def backward(self, node, output_grad, input_grad):
+        layer = node.layer
+        if self.backward_layer is None and not (_finite(input_grad) and all(
                 p.grad is None or _finite(p.grad) for p in layer.params.values())):
-            first["backward"] = layer.name
-        return out
-
-    layer.forward, layer.backward = checked_forward, checked_backward
+            self.backward_layer = layer.name
 
 
 def _finite(value) -> bool:

@@ -150,3 +150,19 @@ def test_nan_loss_stops_before_the_update_and_names_the_layer():
     for u, v in zip(weights, model.get_weights()):
         np.testing.assert_array_equal(u, v)  # nothing was applied
     assert "forward" not in vars(model.get_layer("h"))  # the checking wrappers are gone
+
+
+def test_diagnose_names_the_first_layer_gone_non_finite_and_leaves_layers_untouched():
+    from dlcli.divergence import diagnose
+
+    model = _model()
+    x, y = _data()
+    model.get_layer("out").params["kernel"].value[0, 0] = np.inf
+    report = diagnose(model, [x], [y])
+    assert report["first_nonfinite_forward"] == "out" and report["first_nonfinite_backward"] == "out"
+    assert report["nonfinite_weights"] == ["out/kernel"] and report["nonfinite_inputs"] == []
+    model.get_layer("out").params["kernel"].value[0, 0] = 0.0
+    report = diagnose(model, [x], [y])
+    assert report["first_nonfinite_forward"] is None and report["first_nonfinite_backward"] is None
+    assert all("forward" not in vars(layer) and "backward" not in vars(layer) for layer in model.layers)
+    assert all(not p.grad.any() for p in model.trainable_weights)

@@ -2,7 +2,9 @@
 
 Forward runs nodes in order, passing masks along; backward runs them in reverse, summing gradients where a tensor
 fans out. A layer called more than once (shared weights) keeps one cache per node: the executor saves the layer's
-attributes after each node's forward and restores them before that node's backward.
+attributes after each node's forward and restores them before that node's backward. An `observer` (divergence
+reports, `inspect-shapes --trace`) sees every node's output and gradients without touching the layers:
+`observer.forward(node, output)` and `observer.backward(node, output_grad, input_grad)`.
 """
 import copy
 
@@ -124,7 +126,7 @@ class Graph:
                 consumers[id(t)] = consumers.get(id(t), 0) + 1
         self.consumers = consumers
 
-    def forward(self, xs: list, training: bool = False) -> list:
+    def forward(self, xs: list, training: bool = False, observer=None) -> list:
         values, masks = {}, {}
         for t, x in zip(self.inputs, xs):
             values[id(t)] = x
@@ -140,6 +142,8 @@ class Graph:
             layer.input_mask = mask
             x = ins if node.multi_input else ins[0]
             out = layer.forward(x, training)
+            if observer is not None:
+                observer.forward(node, out)
             out_mask = layer.compute_mask(x, mask)
             if len(layer.nodes) > 1:
                 node.state = _snapshot(layer)
@@ -151,7 +155,7 @@ class Graph:
                     masks[id(t)] = m
         return [values[id(t)] for t in self.outputs]
 
-    def backward(self, grads: list, need_input_grads: bool = False) -> list:
+    def backward(self, grads: list, need_input_grads: bool = False, observer=None) -> list:
         """Gradients w.r.t. each output in; gradients w.r.t. each input out when `need_input_grads`."""
         acc: dict = {}
         for t, g in zip(self.outputs, grads):
@@ -171,7 +175,10 @@ class Graph:
             # Nobody needs d(loss)/d(data): the first layers may skip that product (a large one for convs).
             layer.input_grad_needed = need_input_grads or not all(isinstance(t.node.layer, InputLayer)
                                                                   for t in node.inputs)
-            g_in = layer.backward(out_grads if node.multi_output else out_grads[0])
+            g_out = out_grads if node.multi_output else out_grads[0]
+            g_in = layer.backward(g_out)
+            if observer is not None:
+                observer.backward(node, g_out, g_in)
             g_in = g_in if node.multi_input else [g_in]
             for t, g in zip(node.inputs, g_in):
                 _accumulate(acc, t, g)
