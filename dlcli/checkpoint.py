@@ -18,6 +18,13 @@ HEADER = "__checkpoint__"
 FILENAME = Path("checkpoint") / "state.npz"
 
 
+def describe_position(p: dict) -> str:
+    """'epoch 3, batch 40 (step 1,240)', or 'the start of epoch 3 (step 1,200)' between epochs: how the resume
+    banner, meta.json, a divergence report and an interrupted run all name where a checkpoint stands."""
+    where = f"epoch {p['epoch'] + 1}, batch {p['batch']}" if p["batch"] else f"the start of epoch {p['epoch'] + 1}"
+    return f"{where} (step {p['step']:,})"
+
+
 def layer_rngs(model) -> dict[str, np.random.Generator]:
     """Every layer's generator by path, including layers held inside wrappers (Bidirectional, TimeDistributed)."""
     return {path: layer.rng for path, layer in layer_paths(model).items()

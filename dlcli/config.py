@@ -9,7 +9,6 @@ was found, with a did-you-mean for misspelt names and keys. Nothing here loads d
 """
 import difflib
 import importlib
-import inspect
 import re
 import types
 import typing
@@ -20,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from dlcli.errors import ConfigError
 from dlcli.extends import compose_document
-from dlcli.registry import did_you_mean
+from dlcli.registry import did_you_mean, parameters
 from dlcli.yaml_lines import Document, apply_override, dump_yaml, format_path
 
 __all__ = ["Config", "load_config", "parse_config", "dump_yaml", "split_spec"]
@@ -368,7 +367,9 @@ class _SpecChecker:
         target = self.name(spec["type"], (*path, "type"), kind)
         if target is None:
             return
-        params, open_ = _parameters(target, skip_data_args=kind in ("loss", "metric"))
+        params, open_ = parameters(target, skip_data_args=kind in ("loss", "metric"))
+        params = {k: (_ARG_HINTS.get(k) if annotation is None else annotation, required)
+                  for k, (annotation, required) in params.items()}
         allowed, meant = [*params, *extras], set()
         for key, value in spec.items():
             if key == "type" or key in extras or key in ignore:
@@ -668,54 +669,7 @@ def _check_sweep(doc: Document):
                     doc.issues.append(doc.issue(path, f"with the value {value!r}: {text}", at_key=True))
 
 
-# --- signatures -------------------------------------------------------------------------------------------------------
-def _parameters(target, skip_data_args=False) -> tuple[dict, bool]:
-    """{name: (annotation or None, required)} a config may give `target`, and whether it takes any key (**kw).
-
-    A class's keyword arguments come from its __init__ and, through `**kw`, from the classes it passes them on to
-    (every layer passes name/trainable/lr_mult/input_shape to Layer). For loss/metric functions the leading
-    arguments without defaults (y_true, y_pred) are the data, not config.
-    """
-    params: dict = {}
-    if inspect.isclass(target):
-        functions = [k.__dict__["__init__"] for k in target.__mro__ if "__init__" in k.__dict__ and k is not object]
-        skip_first = True
-        if not functions:
-            return params, False
-    else:
-        functions, skip_first = [target], False
-    for fn in functions:
-        try:
-            signature = _signature(fn)
-        except (TypeError, ValueError):
-            return params, True
-        items = list(signature.parameters.values())[1 if skip_first else 0:]
-        takes_more = False
-        for p in items:
-            if p.kind is p.VAR_KEYWORD:
-                takes_more = True
-            elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in params:
-                # only the class's own arguments can be required: a parent's reached through **kw is given by the
-                # subclass itself (SimpleRNN passes Recurrent its recurrent_activation)
-                required = p.default is p.empty and fn is functions[0]
-                if required and skip_data_args and not inspect.isclass(target):
-                    continue
-                annotation = p.annotation if p.annotation is not p.empty else None
-                if isinstance(annotation, str):
-                    annotation = None  # unresolvable forward reference: not checked
-                params[p.name] = (_ARG_HINTS.get(p.name, annotation) if annotation is None else annotation, required)
-        if not takes_more:
-            return params, False
-    return params, True
-
-
-def _signature(fn):
-    try:
-        return inspect.signature(fn, eval_str=True)
-    except NameError:
-        return inspect.signature(fn)
-
-
+# --- values against annotations -------------------------------------------------------------------------------------
 _ADAPTERS: dict = {}
 
 

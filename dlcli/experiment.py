@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import runs
+from dlcli import checkpoint, runs
 from dlcli.callbacks import Callback
 from dlcli.data.source import Source, as_source
 from dlcli.errors import DlcliError, ShapeError
@@ -173,7 +173,7 @@ def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), 
 
 
 def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world, run) -> Run:
-    from dlcli import checkpoint, fingerprint
+    from dlcli import fingerprint
     from dlcli.callbacks import ModelCheckpoint
     from dlcli.divergence import DivergenceError
     from dlcli.trainer import DIVERGENCE_FACTOR, Trainer
@@ -188,7 +188,8 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
             **({"files": splits.extra["folder"]} if splits.extra.get("folder") else {}), **recorded}
     if resume is not None and meta_path.exists():
         meta = {**runs.read_json(meta_path), "status": "running", **recorded}
-        meta.setdefault("resumed", []).append({"at": runs.utc_now(), "position": _position_text(resume)})
+        meta.setdefault("resumed", []).append({"at": runs.utc_now(),
+                                               "position": checkpoint.describe_position(resume["header"]["position"])})
     runs.atomic_write_json(meta_path, meta)
     if splits.extra.get("vocabulary"):  # lets `dlcli predict` encode raw text the way the training data was
         runs.atomic_write_json(run_dir / "vocabulary.json", splits.extra["vocabulary"])
@@ -320,7 +321,7 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
 def _resolve(config, overrides, resume, allow_config_change, init_from):
     """(config dict, loaded checkpoint or None, run directory when resuming, lines naming accepted changes, whether
     it resumes a k-fold run)."""
-    from dlcli import checkpoint, fingerprint
+    from dlcli import fingerprint
     from dlcli.kfold import is_kfold_run
 
     state, changes, run_dir, folds = None, [], None, False
@@ -370,12 +371,6 @@ def _mark_failed(meta_path, meta, error) -> str:
     except Exception:  # the disk may be what failed: the original error matters more
         pass
     return status
-
-
-def _position_text(resume: dict) -> str:
-    p = resume["header"]["position"]
-    return f"epoch {p['epoch'] + 1}, batch {p['batch']}, step {p['step']}" if p["batch"] else \
-        f"after epoch {p['epoch']}, step {p['step']}"
 
 
 def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = False):
@@ -494,14 +489,13 @@ def check_resume_config(old: dict, new: dict, allow_change: bool) -> list[str]:
     return lines
 
 
-def resume_banner(checkpoint: dict) -> str:
-    p = checkpoint["header"]["position"]
-    where = f"epoch {p['epoch'] + 1}, batch {p['batch']}" if p["batch"] else f"the start of epoch {p['epoch'] + 1}"
-    best = [cb["state"] for cb in checkpoint["header"]["callbacks"] if cb["type"] == "ModelCheckpoint"]
+def resume_banner(state: dict) -> str:
+    p = state["header"]["position"]
+    best = [cb["state"] for cb in state["header"]["callbacks"] if cb["type"] == "ModelCheckpoint"]
     best_text = ""
     if best and best[0].get("best") is not None:
         best_text = f", best so far {best[0]['best']:.4f} (epoch {best[0]['best_epoch']})"
-    return (f"resuming at {where}: step {p['step']:,}, {p['samples_seen']:,} samples seen, learning rate "
+    return (f"resuming at {checkpoint.describe_position(p)}: {p['samples_seen']:,} samples seen, learning rate "
             f"{p['learning_rate']:.4g}{best_text}")
 
 

@@ -278,7 +278,7 @@ class Adagrad(Optimizer):
 
 def get(identifier) -> Optimizer:
     """An optimizer from a name ('adam'), a {type: name, **args} mapping, or an Optimizer (returned as is)."""
-    return identifier if isinstance(identifier, Optimizer) else OPTIMIZERS.create(identifier, extra=_BASE_ARGS)
+    return identifier if isinstance(identifier, Optimizer) else OPTIMIZERS.create(identifier)
 
 
 def _learning_rate_arg(value):

@@ -43,9 +43,9 @@ class Registry:
             raise ConfigError(self.unknown_message(name))
         return self._items[name]
 
-    def create(self, identifier, extra=()):
+    def create(self, identifier):
         """An instance from a name ('adam') or a {type: name, **args} mapping. A wrong argument name is a
-        ConfigError listing the accepted ones: the constructor's, plus `extra` ones it passes on through **kw."""
+        ConfigError listing the accepted ones: the constructor's and those it passes on through **kw."""
         if isinstance(identifier, dict):
             if "type" not in identifier:
                 raise ConfigError(f"a {self.kind} mapping needs a 'type' key (the {self.kind} name); got {identifier}")
@@ -55,13 +55,60 @@ class Registry:
         else:
             raise ConfigError(f"a {self.kind} is a name or a {{type: name, ...}} mapping; got {identifier!r}")
         cls = self.get(name)
-        params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kw", "kwargs")]
-        params += [p for p in extra if p not in params]
+        params, takes_any = parameters(cls)
         unknown = [k for k in args if k not in params]
-        if unknown:
+        if unknown and not takes_any:
             raise ConfigError(f"{self.kind} '{cls.__name__}' has no argument '{unknown[0]}'"
                               f"{did_you_mean(unknown[0], params)}; accepted: {', '.join(params) or 'none'}")
         return cls(**args)
 
     def unknown_message(self, name) -> str:
         return f"unknown {self.kind} '{name}'{did_you_mean(name, self._items)}; known: {', '.join(self.names())}"
+
+
+def parameters(target, skip_data_args=False) -> tuple[dict, bool]:
+    """{name: (annotation or None, required)} a config may give `target`, and whether it takes any key (**kw).
+    Both `Registry.create` and the config checker bind a spec's keys with it.
+
+    A class's keyword arguments come from its __init__ and, through `**kw`, from the classes it passes them on to
+    (every layer passes name/trainable/lr_mult/input_shape to Layer). For loss/metric functions the leading
+    arguments without defaults (y_true, y_pred) are the data, not config.
+    """
+    params: dict = {}
+    if inspect.isclass(target):
+        functions = [k.__dict__["__init__"] for k in target.__mro__ if "__init__" in k.__dict__ and k is not object]
+        skip_first = True
+        if not functions:
+            return params, False
+    else:
+        functions, skip_first = [target], False
+    for fn in functions:
+        try:
+            signature = _signature(fn)
+        except (TypeError, ValueError):
+            return params, True
+        items = list(signature.parameters.values())[1 if skip_first else 0:]
+        takes_more = False
+        for p in items:
+            if p.kind is p.VAR_KEYWORD:
+                takes_more = True
+            elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in params:
+                # only the class's own arguments can be required: a parent's reached through **kw is given by the
+                # subclass itself (SimpleRNN passes Recurrent its recurrent_activation)
+                required = p.default is p.empty and fn is functions[0]
+                if required and skip_data_args and not inspect.isclass(target):
+                    continue
+                annotation = p.annotation if p.annotation is not p.empty else None
+                if isinstance(annotation, str):
+                    annotation = None  # unresolvable forward reference: not checked
+                params[p.name] = (annotation, required)
+        if not takes_more:
+            return params, False
+    return params, True
+
+
+def _signature(fn):
+    try:
+        return inspect.signature(fn, eval_str=True)
+    except NameError:
+        return inspect.signature(fn)

@@ -252,8 +252,9 @@ class Trainer:
         c = self.last_checkpoint
         if c is None:
             return "none (the run diverged before its first checkpoint)"
-        at = f"end of epoch {c['epoch']}" if c["batch"] == 0 else f"epoch {c['epoch'] + 1}, batch {c['batch']}"
-        return f"{self.checkpoint_path or 'checkpoint'} ({at}, step {c['step']})"
+        from dlcli import checkpoint
+
+        return f"{self.checkpoint_path or 'checkpoint'}, at {checkpoint.describe_position(c)}"
 
     def save_checkpoint(self, epoch, batch, batch_size, n):
         """Position (epoch, next batch) plus everything else needed to continue bit-identically."""

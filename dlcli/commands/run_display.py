@@ -106,9 +106,8 @@ def report_interrupted(run):
     from dlcli import checkpoint
     from dlcli.commands.base import console
 
-    p = run.position or {}
     console(stderr=True).print(
-        f"interrupted at epoch {p.get('epoch', 0) + 1}, batch {p.get('batch', 0)} (step {p.get('step', 0):,}); "
+        f"interrupted at {checkpoint.describe_position(run.position or {'epoch': 0, 'batch': 0, 'step': 0})}; "
         f"checkpoint saved in {run.dir / checkpoint.FILENAME}\nresume with: dlcli train --resume {run.dir}",
         markup=False)
     print(run.dir)

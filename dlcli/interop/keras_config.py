@@ -13,6 +13,7 @@ import re
 import dlcli.layers  # noqa: F401  (registers every layer name the mapping may use)
 from dlcli.engine.layer import LAYERS, snake_case
 from dlcli.errors import DlcliError
+from dlcli.registry import parameters
 
 # Keras arguments dlcli does not have, and the values at which they change nothing.
 NEUTRAL = {
@@ -211,10 +212,7 @@ class ConfigMapper:
             raise UnsupportedModel(f"layer '{name}' is a Keras {kind}, which dlcli does not have; dlcli imports "
                                    f"{', '.join(LAYERS.names())}")
         cls = LAYERS.get(kind)
-        accepted = set()
-        for klass in cls.__mro__:
-            if "__init__" in vars(klass):
-                accepted |= set(inspect.signature(vars(klass)["__init__"]).parameters) - {"self", "kw", "kwargs"}
+        accepted = set(parameters(cls)[0])
         spec = {"type": kind}
         for key, value in (entry.get("config") or {}).items():
             where = f"layer '{name}' ({kind}) argument '{key}'"
