@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_best, mnist_train  # noqa: E402,F401
+from common import mnist_train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
