@@ -7,9 +7,11 @@ from typer.testing import CliRunner
 
 from dlcli import runs
 from dlcli.cli import app
-from dlcli.commands.predict import image_geometry
+from dlcli.data.inputs import image_geometry
 from dlcli.data.text import build_vocabulary, tokenize
+from dlcli.data.preprocess import preprocess
 from dlcli.errors import DlcliError
+from dlcli.experiment import load_run_model
 from tests.runs_fixture import CLASSES, train_tiny
 
 runner = CliRunner()
@@ -109,3 +111,96 @@ def test_text_input_uses_the_runs_vocabulary(tmp_path):
     result = invoke(run_dir, tmp_path / "in.txt")
     assert result.exit_code == 0, result.output
     assert "in.txt:0" in result.output and "in.txt:1" in result.output and "in.txt:2" not in result.output
+    # the predictions are the model's on the texts encoded with the run's vocabulary, not any other encoding
+    assert invoke(run_dir, tmp_path / "in.txt", "-o", tmp_path / "p.npy").exit_code == 0
+    _, model = load_run_model(run_dir)
+    expected = model.predict(encode_texts(["good great", "awful words never seen"], vocabulary))
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), expected)
+    assert not np.allclose(expected[0], expected[1])  # the two texts are told apart
+
+
+def test_integer_arrays_get_the_training_scaling_and_floats_pass_through(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (96, 4, 4), dtype=np.uint8)
+    s = x.reshape(96, -1).sum(1)
+    np.savez(tmp_path / "u8.npz", x=x, y=np.digitize(s, np.quantile(s, [1 / 3, 2 / 3])))
+    config = {"name": "pixels", "seed": 0, "data": {"type": "npz", "path": str(tmp_path / "u8.npz"), "rescale": 1 / 255},
+              "model": {"input_shape": [4, 4], "layers": [{"type": "Flatten"}, {"type": "Dense", "units": 3,
+                                                                                   "activation": "softmax"}]},
+              "compile": {"optimizer": {"type": "adam", "learning_rate": 0.01},
+                          "loss": "sparse_categorical_crossentropy"},
+              "train": {"epochs": 2, "batch_size": 16}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["train", str(tmp_path / "p.yaml"), "--runs-dir", str(tmp_path / "runs"), "-q"])
+    assert result.exit_code == 0, result.output
+    run_dir = next((tmp_path / "runs").iterdir())
+    scaled = x[:6].astype(np.float32) * np.float32(1 / 255)  # what the npz loader fed the model in training
+    np.save(tmp_path / "raw.npy", x[:6])
+    np.save(tmp_path / "scaled.npy", scaled)
+    for name in ("raw", "scaled"):
+        assert invoke(run_dir, tmp_path / f"{name}.npy", "-o", tmp_path / f"{name}-p.npy").exit_code == 0
+    raw, done = np.load(tmp_path / "raw-p.npy"), np.load(tmp_path / "scaled-p.npy")
+    _, model = load_run_model(run_dir)
+    np.testing.assert_array_equal(raw, model.predict(scaled))
+    np.testing.assert_array_equal(raw, done)
+    assert raw.max() < 0.99  # unscaled 0-255 pixels saturate the softmax at 1.000 / 0.000
+    assert "float arrays are taken as already preprocessed" in " ".join(invoke("--help").output.split())
+
+
+def test_one_preprocessing_rule_per_dataset():
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 4, 4)
+    mnist = preprocess(pixels, {"type": "mnist"})
+    assert mnist.dtype == np.float32 and mnist.max() == np.float32(1.0)
+    np.testing.assert_array_equal(mnist, pixels.astype(np.float32) * np.float32(1 / 255))
+    assert preprocess(pixels, {"type": "mnist", "normalize": False}).max() == 255.0
+    words = np.array([[3, 1, 0]], np.int32)
+    assert preprocess(words, {"type": "imdb"}).dtype == np.int32  # word indices stay indices
+    assert preprocess(words, {"type": "npz"}).dtype == np.int32
+    floats = np.full((2, 3), 0.5, np.float64)
+    np.testing.assert_array_equal(preprocess(floats, {"type": "mnist"}), floats.astype(np.float32))  # as given
+    assert preprocess(words, {"type": "csv"}).dtype == np.float32
+
+
+def test_invert_flips_the_pixels_and_a_light_background_hints_at_it(run, tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(2)
+    ink = rng.integers(0, 60, (4, 4), dtype=np.uint8)
+    ink[1:3, 1:3] = 250
+    Image.fromarray(ink).save(tmp_path / "dark.png")  # light ink on black, as MNIST
+    Image.fromarray(255 - ink).save(tmp_path / "paper.png")  # the same digit in dark ink on paper
+    for args, out in (([tmp_path / "paper.png", "--invert"], "inv"), ([tmp_path / "dark.png"], "dark"),
+                      ([tmp_path / "paper.png"], "paper")):
+        assert invoke(run, *args, "-o", tmp_path / f"{out}.npy").exit_code == 0
+    inverted, dark, paper = (np.load(tmp_path / f"{n}.npy") for n in ("inv", "dark", "paper"))
+    np.testing.assert_array_equal(inverted, dark)
+    assert not np.array_equal(inverted, paper)
+    from dlcli.data.inputs import read_inputs
+
+    _, model = load_run_model(run)
+    with pytest.warns(UserWarning, match="--invert"):
+        read_inputs([tmp_path / "paper.png"], run, {"data": {"type": "mnist"}}, model)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_inputs([tmp_path / "dark.png"], run, {"data": {"type": "mnist"}}, model)
+        read_inputs([tmp_path / "paper.png"], run, {"data": {"type": "mnist"}}, model, invert=True)
+
+
+def test_uint8_mnist_arrays_predict_as_the_float_test_set(tmp_path):
+    """The issue's reproduction: a uint8 .npy on an MNIST run used to skip the / 255 and print 1.000 / 0.000."""
+    from tests.conftest import require_shared
+
+    require_shared("mnist")
+    result = runner.invoke(app, ["train", "configs/mnist.yaml", "--set", "data.limit=300", "--set", "train.epochs=1",
+                                 "--runs-dir", str(tmp_path / "runs"), "-q"])
+    assert result.exit_code == 0, result.output
+    run_dir = next((tmp_path / "runs").iterdir())
+    from dlcli.data import load_dataset
+
+    x = load_dataset({"type": "mnist", "limit": 8}).x_test
+    np.save(tmp_path / "u8.npy", np.round(x * 255).astype(np.uint8))
+    np.save(tmp_path / "f32.npy", x)
+    for name in ("u8", "f32"):
+        assert invoke(run_dir, tmp_path / f"{name}.npy", "-o", tmp_path / f"{name}-p.npy").exit_code == 0
+    np.testing.assert_allclose(np.load(tmp_path / "u8-p.npy"), np.load(tmp_path / "f32-p.npy"), atol=1e-6)

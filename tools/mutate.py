@@ -57,6 +57,17 @@ MUTANTS = {
         "if False:", ["tests/test_cli.py"]),
     "umask-ignored": (
         "dlcli/runs.py", "os.fchmod(fd, 0o666 & ~_umask())", "pass", ["tests/test_runs.py"]),
+    "config-fingerprint-unchecked": (
+        "dlcli/fingerprint.py", "    diff = changes(run_dir, config)\n", "    diff = []\n",
+        ["tests/test_fingerprint.py"]),
+    "predict-skips-preprocessing": (
+        "dlcli/data/inputs.py", "x = preprocess(read_array(file, model, config, key), data)",
+        "x = read_array(file, model, config, key)", ["tests/test_predict.py"]),
+    "predict-text-ignores-vocabulary": (
+        "dlcli/data/inputs.py", "return encode_texts(lines, runs.read_json(vocabulary_file))",
+        'return encode_texts(lines, {**runs.read_json(vocabulary_file), "words": []})', ["tests/test_predict.py"]),
+    "predict-invert-ignored": (
+        "dlcli/data/inputs.py", "pixels = 255 - pixels", "pixels = pixels", ["tests/test_predict.py"]),
 }
 
 

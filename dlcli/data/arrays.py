@@ -7,6 +7,7 @@ import numpy as np
 from dlcli.data.dataset import DATASETS, Dataset
 from dlcli.data.mapped import MappedSource, map_npy, map_npz_member
 from dlcli.data.paths import resolve_path
+from dlcli.data.preprocess import feature_dtype, to_features
 from dlcli.data.split import apply_limit, check_limit, num_samples, split_indices, take
 from dlcli.errors import ConfigError, DlcliError
 
@@ -20,20 +21,9 @@ def _targets(y):
     return y.astype(np.int64) if y.dtype.kind in "biu" else y.astype(np.float32)
 
 
-def _feature_dtype(x: np.ndarray, dtype: str):
-    if dtype == "auto":  # floats to float32; integers (word indices, raw pixels) stay integers unless rescaled
-        return np.dtype("float32") if x.dtype.kind == "f" else x.dtype
-    return np.dtype(dtype)
-
-
-def _features(x: np.ndarray, dtype: str, rescale: float) -> np.ndarray:
-    x = x.astype("float32" if dtype == "auto" and rescale != 1.0 else _feature_dtype(x, dtype))
-    return x * x.dtype.type(rescale) if rescale != 1.0 else x
-
-
 def _mapped(x: np.memmap, dtype: str, rescale: float) -> MappedSource:
-    """A memory-mapped x, converted batch by batch as _features converts a whole array."""
-    return MappedSource(x, "float32" if dtype == "auto" and rescale != 1.0 else _feature_dtype(x, dtype), rescale)
+    """A memory-mapped x, converted batch by batch as to_features converts a whole array."""
+    return MappedSource(x, feature_dtype(x, dtype, rescale), rescale)
 
 
 def _finish(source, x, y, x_test, y_test, test_split, stratify, seed, limit, classes=None) -> Dataset:
@@ -95,8 +85,8 @@ def load_npz(path: str, x: str | dict[str, str] = "x", y: str | dict[str, str] =
     def convert(a):
         if mmap:
             return _mapped(a, dtype, rescale)
-        return {k: _features(v, dtype, rescale) for k, v in a.items()} if isinstance(a, dict) \
-            else _features(a, dtype, rescale)
+        return {k: to_features(v, dtype, rescale) for k, v in a.items()} if isinstance(a, dict) \
+            else to_features(a, dtype, rescale)
 
     for xa, ya, which in ((xs, ys, f"'{x}'/'{y}'"), (xt, yt, f"'{x_test}'/'{y_test}'")):
         if ya is not None and num_samples(xa) != num_samples(ya):

@@ -8,6 +8,7 @@ from dlcli.data.dataset import DATASETS, Dataset
 from dlcli.data.download import download, mirror_urls
 from dlcli.data.idx import parse_idx, read_bytes, sha256
 from dlcli.data.paths import cache_dir, candidate_dirs
+from dlcli.data.preprocess import input_conversion, to_features
 from dlcli.data.split import check_limit
 from dlcli.errors import DlcliError
 from dlcli.registry import did_you_mean
@@ -103,8 +104,8 @@ def load_idx_set(spec: IdxSet, path: str | None, limit: int | None, normalize: b
     n = check_limit(limit)  # cap before the float conversion: a smoke run should not pay for 60,000 images
 
     def x(images):
-        images = images[:n].astype(np.float32)
-        images = images / np.float32(255) if normalize else images  # Keras' book recipe: float32 pixels / 255
+        # Keras' book recipe: float32 pixels / 255 (the conversion predict gives raw pixels too)
+        images = to_features(images[:n], *input_conversion({"type": spec.names[0], "normalize": normalize}))
         return images if inputs is None else image_views(images, inputs)
 
     return Dataset(x_train=x(arrays["train_images"]), y_train=arrays["train_labels"][:n].astype(np.int64),

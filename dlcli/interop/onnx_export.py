@@ -144,10 +144,10 @@ def run_metadata(run_dir: Path, config: dict) -> dict:
     data = config.get("data", {})
     meta = {"dlcli.run": run_dir.name, "dlcli.data": json.dumps(data),
             "dlcli.inputs": "arrays as `dlcli predict` feeds the model, after the dataset's preprocessing"}
-    if data.get("type") in ("mnist", "fashion_mnist"):  # the IDX loaders' recipe: float32 pixels / 255
-        meta["dlcli.pixel_scale"] = repr(1 / 255 if data.get("normalize", True) else 1.0)
-    elif "rescale" in data:
-        meta["dlcli.pixel_scale"] = repr(float(data["rescale"]))
+    if data.get("type") in ("mnist", "fashion_mnist") or "rescale" in data:
+        from dlcli.data.preprocess import input_conversion
+
+        meta["dlcli.pixel_scale"] = repr(input_conversion(data)[1])
     vocabulary = run_dir / "vocabulary.json"
     if vocabulary.is_file():
         meta["dlcli.vocabulary"] = vocabulary.read_text(encoding="utf-8")

@@ -1,0 +1,229 @@
+"""New inputs for a trained run (`dlcli predict`): .npy/.npz arrays, CSV rows, text lines, images or folders, read
+into model-ready arrays preprocessed as the run's training data was (dlcli.data.preprocess)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from dlcli.data.preprocess import input_conversion, preprocess, to_features
+from dlcli.errors import DlcliError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# Datasets of light ink on a dark background: a photo of dark writing on paper reads as its negative.
+DARK_BACKGROUND = ("mnist", "fashion_mnist")
+
+
+def read_inputs(paths: list[Path], run_dir, config: dict, model, key: str | None = None, invert: bool = False,
+                pixel_scale: float | None = None) -> tuple[list[np.ndarray], list[str]]:
+    """Model-ready inputs (a list of arrays, or a Source streaming a folder's images) and one label per sample
+    (file name, or file:row). A run trained on an image_folder / text_folder reads folders (recursively) as its
+    training data was read. Integer arrays get the dataset's preprocessing; float arrays are taken as already
+    preprocessed."""
+    data = config.get("data", {})
+    if data.get("type") == "image_folder" and all(p.is_dir() or _kind(p) == "image" for p in paths):
+        from dlcli.data.image_folder import prediction_source
+        from dlcli.experiment import fit_inputs
+
+        source, labels = prediction_source(paths, data)
+        return fit_inputs(source, model), labels
+    if data.get("type") == "text_folder" and any(p.is_dir() for p in paths):
+        from dlcli import runs
+        from dlcli.data.text import prediction_texts
+
+        x, labels = prediction_texts(paths, runs.read_json(Path(run_dir) / "vocabulary.json"), data.get("max_length"))
+        return [x], labels
+    files = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif not p.exists():
+            raise DlcliError(f"input {p} does not exist")
+        else:
+            files.append(p)
+    if not files:
+        raise DlcliError(f"no input files in {', '.join(map(str, paths))} (image folders are read for "
+                         f"{', '.join(sorted(IMAGE_SUFFIXES))} files)")
+    kinds = {_kind(f) for f in files}
+    if len(kinds) > 1 or (len(files) > 1 and kinds != {"image"}):
+        raise DlcliError("give one array/CSV/text file, or any number of image files (not a mix)", exit_code=2)
+    kind = kinds.pop()
+    if kind == "image":
+        pixels = np.stack([read_image(f, model) for f in files])
+        if invert:  # MNIST-style data is light ink on black; photos of writing are dark on light
+            pixels = 255 - pixels
+        elif data.get("type") in DARK_BACKGROUND:
+            _hint_invert(files, pixels)
+        scale = image_scale(data) if pixel_scale is None else pixel_scale
+        return _fit(to_features(pixels, "float32", scale), model), [f.name for f in files]
+    file = files[0]
+    if kind == "text":
+        x = read_text(file, run_dir)
+    elif kind == "csv":
+        x = preprocess(read_csv(file, config), data)
+    else:
+        x = preprocess(read_array(file, model, config, key), data)
+    xs = _fit(x, model)
+    return xs, [f"{file.name}:{i}" for i in range(len(xs[0]))]
+
+
+def _kind(f: Path) -> str:
+    suffix = f.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    kinds = {".npy": "array", ".npz": "array", ".csv": "csv", ".txt": "text"}
+    if suffix not in kinds:
+        raise DlcliError(f"{f}: unsupported input type '{suffix}'; use .npy, .npz, .csv, .txt (one text per "
+                         f"line) or an image ({', '.join(sorted(IMAGE_SUFFIXES))})", exit_code=2)
+    return kinds[suffix]
+
+
+def read_array(file: Path, model, config: dict, key: str | None):
+    """The array (or named arrays) to predict on from an .npy/.npz, never unpickling."""
+    try:
+        loaded = np.load(file, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded as data:
+            names = data.files
+            if key is not None:
+                if key not in names:
+                    raise DlcliError(f"{file}: no array '{key}'; it has: {', '.join(names)}")
+                return data[key]
+            if len(model.input_names) > 1 and all(n in names for n in model.input_names):
+                return {n: data[n] for n in model.input_names}
+            configured = config.get("data", {}).get("x")
+            for candidate in ([configured] if isinstance(configured, str) else []) + ["x", "x_test"]:
+                if candidate in names:
+                    return data[candidate]
+            if len(names) == 1:
+                return data[names[0]]
+            raise DlcliError(f"{file} holds several arrays ({', '.join(names)}); choose one with --key")
+    except DlcliError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise DlcliError(f"{file}: cannot read as a NumPy array file without pickled objects ({e})") from None
+
+
+def read_csv(file: Path, config: dict) -> np.ndarray:
+    """Feature columns (by the run's data.columns, or every column but the label) of a CSV, as float32."""
+    import csv
+
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if r]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DlcliError(f"{file}: cannot read as CSV ({e})") from None
+    if not rows:
+        raise DlcliError(f"{file} is empty")
+    header = None
+    try:
+        [float(v) for v in rows[0]]
+    except ValueError:
+        header, rows = [h.strip() for h in rows[0]], rows[1:]
+    data = config.get("data", {})
+    columns = list(range(len(rows[0]) if rows else 0))
+    if header is not None:
+        wanted = data.get("columns") or [h for h in header if h != data.get("label", "label")]
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise DlcliError(f"{file}: no column(s) {', '.join(map(repr, missing))}; it has: {', '.join(header)}")
+        columns = [header.index(c) for c in wanted]
+    try:
+        values = np.array([[float(r[j]) for j in columns] for r in rows], dtype=np.float64)
+    except (ValueError, IndexError) as e:
+        raise DlcliError(f"{file}: every feature cell must be a number and every row complete ({e})") from None
+    # CSV has no dtype: whole numbers are raw stored values (a Kaggle MNIST CSV holds 0-255 pixels) and get the
+    # dataset's conversion; anything else is taken as already preprocessed
+    return values.astype(np.int64) if np.array_equal(values, np.round(values)) else values.astype(np.float32)
+
+
+def read_text(file: Path, run_dir) -> np.ndarray:
+    """One text per line, encoded with the run's vocabulary.json as its training texts were."""
+    from dlcli import runs
+    from dlcli.data.text import encode_texts
+
+    vocabulary_file = Path(run_dir) / "vocabulary.json"
+    if not vocabulary_file.is_file():
+        raise DlcliError(f"{run_dir} has no vocabulary.json, so raw text cannot be encoded; text input works for "
+                         f"runs trained on a text dataset (e.g. data.type imdb)")
+    try:
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DlcliError(f"{file}: cannot read as UTF-8 text ({e})") from None
+    if not lines:
+        raise DlcliError(f"{file} has no text lines")
+    return encode_texts(lines, runs.read_json(vocabulary_file))
+
+
+def image_geometry(shape) -> tuple[int, int, int]:
+    """(height, width, channels) an image must become to feed an input of `shape` (no batch axis)."""
+    shape = tuple(shape)
+    if len(shape) == 3 and shape[2] in (1, 3):
+        return shape
+    if len(shape) == 2:
+        return (*shape, 1)
+    if len(shape) == 1:
+        for channels in (1, 3):
+            side = int(round((shape[0] / channels) ** 0.5))
+            if side * side * channels == shape[0]:
+                return side, side, channels
+    raise DlcliError(f"the model's input shape {list(shape)} is not an image (height, width[, 1 or 3 channels]); "
+                     f"give arrays (.npy/.npz) instead")
+
+
+def read_image(file: Path, model) -> np.ndarray:
+    """uint8 pixels of an image file, grayscaled or RGB and resized to the model's input."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise DlcliError("reading images needs Pillow: pip install pillow") from None
+
+    height, width, channels = image_geometry(model.inputs[0].shape)
+    try:
+        with Image.open(file) as img:
+            img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+            pixels = np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as e:
+        raise DlcliError(f"{file}: cannot read as an image ({e})") from None
+    return pixels.reshape(model.inputs[0].shape)
+
+
+def _hint_invert(files, pixels: np.ndarray):
+    """A light background (the median border pixel above mid-grey) on a model trained on light-on-dark images is
+    almost surely dark writing on paper: the model would answer confidently wrong."""
+    images = pixels.reshape(len(pixels), *image_geometry(pixels.shape[1:])[:2], -1)
+    border = np.concatenate([images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]], axis=1)
+    light = [f.name for f, b in zip(files, border) if np.median(b) > 127]
+    if light:
+        warnings.warn(f"{', '.join(light[:3])}{' ...' if len(light) > 3 else ''}: a light background, but the "
+                      f"model was trained on light ink on a dark background; pass --invert for dark writing on "
+                      f"white paper", stacklevel=3)
+
+
+def _fit(x, model) -> list[np.ndarray]:
+    """Add the batch axis to a single sample; reshape flat rows (CSV, flattened arrays) of the right size."""
+    from dlcli.experiment import fit_inputs
+
+    def fit_one(a, t):
+        if a.shape == t.shape:
+            return a[None]
+        size = int(np.prod(t.shape))
+        if a.ndim >= 1 and a.shape[1:] != t.shape and a.ndim > 1 and int(np.prod(a.shape[1:])) == size:
+            return a.reshape((len(a), *t.shape))
+        return a
+
+    if isinstance(x, dict):
+        x = {k: fit_one(v, t) for (k, v), t in zip(x.items(), model.inputs)}
+    else:
+        x = fit_one(x, model.inputs[0])
+    return fit_inputs(x, model)
+
+
+def image_scale(data: dict) -> float | None:
+    """What an image file's 0-255 pixels are multiplied by for a run on this dataset: an image dataset's own
+    scaling or the data's `rescale`, else Keras' usual 1/255."""
+    if data.get("type") in ("mnist", "fashion_mnist", "image_folder") or "rescale" in data:
+        return input_conversion(data)[1]
+    return 1 / 255
