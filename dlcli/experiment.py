@@ -11,6 +11,7 @@ import numpy as np
 
 from dlcli import checkpoint, runs
 from dlcli.callbacks import Callback
+from dlcli.data import paths
 from dlcli.data.source import Source, as_source
 from dlcli.errors import DlcliError, ShapeError
 
@@ -184,7 +185,7 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
     meta_path = run_dir / "meta.json"
     meta = {**runs.versions_meta(config.get("seed", 0)), "name": config.get("name"), "status": "running",
             "start": runs.utc_now(), "sizes": splits.sizes(), "source": splits.source,
-            "params": model.count_params(), "classes": splits.classes,
+            "params": model.count_params(), "classes": splits.classes, "data_dirs": paths.recorded_dirs(),
             **({"files": splits.extra["folder"]} if splits.extra.get("folder") else {}), **recorded}
     if resume is not None and meta_path.exists():
         meta = {**runs.read_json(meta_path), "status": "running", **recorded}
@@ -302,7 +303,8 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
                          "train.kfold)", exit_code=2)
     model = build_model(cfg)  # shapes and names fail here, before any data is loaded
     initial = _init_from(model, init_from) if init_from is not None and world.is_root else None
-    splits = load_splits(cfg, model)
+    with run_data(shared["run_dir"]):  # a resumed run looks where it found its data first
+        splits = load_splits(cfg, model)
     if shared["run_dir"] is None and world.is_root:
         run_dir = runs.create_run_dir(runs_dir, cfg["name"])
         lines = []
@@ -373,6 +375,17 @@ def _mark_failed(meta_path, meta, error) -> str:
     return status
 
 
+def run_data(run_dir):
+    """While loading a run's data: search the directories it recorded (meta.json data_dirs) first."""
+    recorded = []
+    if run_dir is not None:
+        try:
+            recorded = runs.read_json(Path(run_dir) / "meta.json").get("data_dirs") or []
+        except (DlcliError, AttributeError):  # no or damaged meta.json: the usual search
+            recorded = []
+    return paths.searching_first(recorded if isinstance(recorded, list) else [])
+
+
 def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = False):
     """(config, model holding the run's best or last weights) for a run directory. A config.yaml edited since the
     run recorded its config is refused with the diff (dlcli.fingerprint), or with `allow_config_change` used
@@ -404,7 +417,8 @@ def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size
     """Loss and metrics of a finished run on a split; per-class accuracy and a confusion matrix for classifiers."""
     config, model = load_run_model(run_dir, weights, allow_config_change)
     run_dir = Path(run_dir)
-    splits = load_splits(config, model)
+    with run_data(run_dir):
+        splits = load_splits(config, model)
     xs, ys = (splits.x_test, splits.y_test) if split == "test" else (splits.x_val, splits.y_val)
     if xs is None:
         raise DlcliError(f"run {run_dir.name} has no {split} split (set train.validation_split for a validation "

@@ -178,7 +178,10 @@ def export_run(run_dir, weights: str = "best", output=None, opset: int = DEFAULT
     except ImportError:
         pass
     else:
-        xs, checked_on = check_inputs(config, model, samples)
+        from dlcli.experiment import run_data
+
+        with run_data(run_dir):
+            xs, checked_on = check_inputs(config, model, samples)
         difference = max_difference(data, model, xs)
         if not difference <= TOLERANCE:
             raise DlcliError(f"onnxruntime's outputs differ from dlcli's by up to {difference:.3g} on {checked_on} "
