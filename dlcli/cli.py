@@ -45,7 +45,7 @@ def train(
     On 4 processes (MPI): mpiexec -n 4 dlcli train configs/mnist_cnn.yaml --distributed
     """
     import dlcli
-    from dlcli.commands.run_display import Banner, StopOnSignal, print_kfold, report_interrupted
+    from dlcli.commands.run_display import Banner, StopOnSignal, print_kfold, report_interrupted, test_set
 
     out, stop = console(), StopOnSignal()
     run = dlcli.train(config, set_, runs_dir=runs_dir, resume=resume or False, allow_config_change=allow_config_change,
@@ -55,7 +55,7 @@ def train(
     if run.config["train"].get("kfold") and not quiet:
         print_kfold(out, run)  # the mean and spread per epoch; the test table below is the folds' mean
     if run.test and not quiet:
-        out.print(metrics_table(f"test ({run.sizes['test']:,} samples)", run.test))
+        out.print(metrics_table(f"test ({test_set(run.config, run.sizes['test'])})", run.test))
     if run.status == "interrupted":
         report_interrupted(run)
         raise typer.Exit(128 + (stop.signum or signal.SIGINT))  # 130 for Ctrl-C, 143 for TERM

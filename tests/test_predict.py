@@ -198,7 +198,7 @@ def test_uint8_mnist_arrays_predict_as_the_float_test_set(tmp_path):
     run_dir = next((tmp_path / "runs").iterdir())
     from dlcli.data import load_dataset
 
-    x = load_dataset({"type": "mnist", "limit": 8}).x_test
+    x = load_dataset({"type": "mnist", "limit": 8, "test_limit": 8}).x_test
     np.save(tmp_path / "u8.npy", np.round(x * 255).astype(np.uint8))
     np.save(tmp_path / "f32.npy", x)
     for name in ("u8", "f32"):

@@ -30,7 +30,7 @@ def to_folder(
 
     if dataset not in ("mnist", "fashion_mnist"):
         raise DlcliError(f"dlcli data to-folder writes mnist or fashion_mnist; got '{dataset}'", exit_code=2)
-    ds = load_dataset({"type": dataset, "limit": limit, "normalize": False})
+    ds = load_dataset({"type": dataset, "limit": limit, "test_limit": limit, "normalize": False})
     out = console()
     for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
         counts = write_image_folder(x.astype(np.uint8), y, ds.classes, directory / split)

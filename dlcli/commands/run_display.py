@@ -18,7 +18,7 @@ class Banner(Callback):
             out.print("config changes accepted for this resume:\n" + "\n".join(run.config_changes), markup=False)
         out.print(f"[bold]dlcli train[/] {self.config_arg or ''}  ->  {run.dir}", markup=True)
         out.print(f"  data    {cfg['data'].get('type')} from {run.splits.source}: train {sizes['train']:,}, "
-                  f"validation {sizes['validation']:,}, test {sizes['test']:,}")
+                  f"validation {sizes['validation']:,}, test {test_set(cfg, sizes['test'])}", markup=False)
         if run.splits.extra.get("folder"):
             from dlcli.data.folders import banner_lines
 
@@ -73,6 +73,16 @@ class StopOnSignal(Callback):
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+
+
+def test_set(config: dict, samples: int) -> str:
+    """Which test set a run's figures are on: the whole test split, or its first data.test_limit samples."""
+    limit = config.get("data", {}).get("test_limit")
+    if not samples:
+        return "0 samples (no test split)"
+    if limit is None or samples < limit:
+        return f"{samples:,} samples (the full test split)"
+    return f"{samples:,} samples (the first {limit:,} of the test split: data.test_limit)"
 
 
 def print_kfold(out, run):

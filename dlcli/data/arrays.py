@@ -8,7 +8,7 @@ from dlcli.data.dataset import DATASETS, Dataset
 from dlcli.data.mapped import MappedSource, map_npy, map_npz_member
 from dlcli.data.paths import resolve_path
 from dlcli.data.preprocess import feature_dtype, to_features
-from dlcli.data.split import apply_limit, check_limit, num_samples, split_indices, take
+from dlcli.data.split import apply_limit, check_limits, num_samples, split_indices, take
 from dlcli.errors import ConfigError, DlcliError
 
 X_DTYPES = ("auto", "float32", "float64", "int32", "int64")
@@ -26,8 +26,9 @@ def _mapped(x: np.memmap, dtype: str, rescale: float) -> MappedSource:
     return MappedSource(x, feature_dtype(x, dtype, rescale), rescale)
 
 
-def _finish(source, x, y, x_test, y_test, test_split, stratify, seed, limit, classes=None) -> Dataset:
-    """Split off a seeded test set when the data has none, then cap every split at `limit`."""
+def _finish(source, x, y, x_test, y_test, test_split, stratify, seed, limit, classes=None,
+            test_limit=None) -> Dataset:
+    """Split off a seeded test set when the data has none, then cap train at `limit` and test at `test_limit`."""
     if test_split:
         if x_test is not None:
             raise ConfigError(f"data: both a test set and test_split={test_split} given for {source}; use one")
@@ -35,11 +36,11 @@ def _finish(source, x, y, x_test, y_test, test_split, stratify, seed, limit, cla
         train, test = split_indices(first, float(test_split), np.random.default_rng(seed), stratify)
         x, y, x_test, y_test = take(x, train), take(y, train), take(x, test), take(y, test)
     return apply_limit(Dataset(x_train=x, y_train=y, x_test=x_test, y_test=y_test, classes=classes,
-                               source=str(source)), limit)
+                               source=str(source)), limit, test_limit)
 
 
-def _check_common(test_split, limit, dtype=None):
-    check_limit(limit)
+def _check_common(test_split, limit, dtype=None, test_limit=None):
+    check_limits(limit, test_limit)
     if not isinstance(test_split, (int, float)) or not 0.0 <= test_split < 1.0:
         raise ConfigError(f"data.test_split must be a fraction in [0, 1); got {test_split!r}")
     if dtype is not None and dtype not in X_DTYPES:
@@ -50,13 +51,13 @@ def _check_common(test_split, limit, dtype=None):
 def load_npz(path: str, x: str | dict[str, str] = "x", y: str | dict[str, str] = "y",
              x_test: str | dict[str, str] | None = None, y_test: str | dict[str, str] | None = None, test_split: float = 0.0, stratify: bool = False, seed: int = 0,
              limit: int | None = None, dtype: str = "auto", rescale: float = 1.0,
-             classes: list[str] | None = None, mmap: bool = False) -> Dataset:
+             classes: list[str] | None = None, mmap: bool = False, test_limit: int | None = None) -> Dataset:
     """Arrays from an .npz archive by key (x may map model input names to keys, y model output names). Without x_test/y_test,
     test_split holds out a seeded shuffled fraction (seed fixed per dataset, not per run, so runs with
-    different seeds share one test set). limit caps train and test to their first N samples.
+    different seeds share one test set). limit caps train to its first N samples, test_limit the test split.
     mmap: true memory-maps x and x_test (members saved uncompressed, np.savez) and reads them batch by batch,
     for arrays larger than memory; targets are loaded."""
-    _check_common(test_split, limit, dtype)
+    _check_common(test_split, limit, dtype, test_limit)
     if mmap and (isinstance(x, dict) or isinstance(x_test, dict)):
         raise ConfigError("data.mmap: memory-mapping takes one x array (not named inputs)")
     if (x_test is None) != (y_test is None):
@@ -92,17 +93,17 @@ def load_npz(path: str, x: str | dict[str, str] = "x", y: str | dict[str, str] =
         if ya is not None and num_samples(xa) != num_samples(ya):
             raise DlcliError(f"{file}: {which} have {num_samples(xa)} samples but {num_samples(ya)} targets")
     return _finish(file, convert(xs), _targets(ys), None if xt is None else convert(xt),
-                   None if yt is None else _targets(yt), test_split, stratify, seed, limit, classes)
+                   None if yt is None else _targets(yt), test_split, stratify, seed, limit, classes, test_limit)
 
 
 @DATASETS.register("npy")
 def load_npy(x: str, y: str, x_test: str | None = None, y_test: str | None = None, test_split: float = 0.0,
              stratify: bool = False, seed: int = 0, limit: int | None = None, dtype: str = "auto",
-             rescale: float = 1.0, classes: list[str] | None = None) -> Dataset:
+             rescale: float = 1.0, classes: list[str] | None = None, test_limit: int | None = None) -> Dataset:
     """.npy files: x (and x_test) memory-mapped and read batch by batch, so an array larger than memory trains;
     y (and y_test) loaded. dtype / rescale convert each batch as npz converts whole arrays. test_split, stratify,
-    seed, limit as npz."""
-    _check_common(test_split, limit, dtype)
+    seed, limit, test_limit as npz."""
+    _check_common(test_split, limit, dtype, test_limit)
     if (x_test is None) != (y_test is None):
         raise ConfigError("data: give both x_test and y_test (or neither)")
     parts = {}
@@ -117,7 +118,8 @@ def load_npy(x: str, y: str, x_test: str | None = None, y_test: str | None = Non
     xt = parts.get("x_test")
     return _finish(parts["x"].filename, _mapped(parts["x"], dtype, rescale), _targets(parts["y"]),
                    None if xt is None else _mapped(xt, dtype, rescale),
-                   None if xt is None else _targets(parts["y_test"]), test_split, stratify, seed, limit, classes)
+                   None if xt is None else _targets(parts["y_test"]), test_split, stratify, seed, limit, classes,
+                   test_limit)
 
 
 def _read_csv(file, delimiter: str):
@@ -176,11 +178,12 @@ def _csv_part(file, label, columns, delimiter, classes):
 @DATASETS.register("csv")
 def load_csv(path: str, label: str = "label", columns: list[str] | None = None, test_path: str | None = None,
              test_split: float = 0.0, stratify: bool = False, seed: int = 0, limit: int | None = None,
-             delimiter: str = ",") -> Dataset:
+             delimiter: str = ",", test_limit: int | None = None) -> Dataset:
     """A CSV with a header: numeric feature columns (default: all but `label`) -> x float32 (N, features);
     `label` -> int64 class indices (integers, or text class names in sorted order) or float32 regression targets.
-    The test set comes from test_path or a seeded test_split; limit caps train and test to their first N rows."""
-    _check_common(test_split, limit)
+    The test set comes from test_path or a seeded test_split; limit caps train to its first N rows, test_limit
+    the test split."""
+    _check_common(test_split, limit, test_limit=test_limit)
     if test_path is not None and test_split:
         raise ConfigError("data: give test_path or test_split, not both")
     file = resolve_path(path)
@@ -188,4 +191,4 @@ def load_csv(path: str, label: str = "label", columns: list[str] | None = None, 
     xt = yt = None
     if test_path is not None:
         xt, yt, _ = _csv_part(resolve_path(test_path, "data.test_path"), label, columns, delimiter, classes)
-    return _finish(file, x, y, xt, yt, test_split, stratify, seed, limit, classes)
+    return _finish(file, x, y, xt, yt, test_split, stratify, seed, limit, classes, test_limit)

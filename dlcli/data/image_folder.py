@@ -22,7 +22,7 @@ from dlcli.data.dataset import DATASETS, Dataset
 from dlcli.data.folders import ClassFiles, check_folder_options, encode_labels, limited, list_class_files
 from dlcli.data.paths import cache_dir
 from dlcli.data.source import Source
-from dlcli.data.split import check_limit
+from dlcli.data.split import check_limits
 from dlcli.errors import ConfigError, DlcliError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
@@ -212,13 +212,13 @@ def load_image_folder(directory: str, test_directory: str | None = None, image_s
                       color_mode: str = "rgb", label_mode: str = "int", class_names: list[str] | None = None,
                       interpolation: str = "bilinear", crop_to_aspect_ratio: bool = False, cache: str = "none",
                       on_bad_file: str = "error", workers: int | None = None, prefetch: int | None = None,
-                      limit: int | None = None) -> Dataset:
+                      limit: int | None = None, test_limit: int | None = None) -> Dataset:
     """Images in class sub-folders (Keras' image_dataset_from_directory names): x float32 (N, height, width,
     channels) in 0..255, y by label_mode. test_directory (same classes) is the test split. cache: none | memory |
     disk. on_bad_file: error (stop naming the file) | skip (decode everything once up front, leave bad files out,
     count them in the banner). workers / prefetch: decoding threads (default: the CPU count) and batches decoded
     ahead (default: 2 per worker)."""
-    check_limit(limit)
+    check_limits(limit, test_limit)
     check_folder_options(label_mode, on_bad_file)
     if color_mode not in COLOR_MODES:
         raise ConfigError(f"data.color_mode must be one of {', '.join(COLOR_MODES)}; got {color_mode!r}")
@@ -239,7 +239,7 @@ def load_image_folder(directory: str, test_directory: str | None = None, image_s
     if test_directory is not None:
         test = list_class_files(test_directory, EXTENSIONS, "images", on_bad_file, train.class_names,
                                 key="data.test_directory")
-        test, x_test = _folder_source(test.select(limited(len(test.files), limit)), *args)
+        test, x_test = _folder_source(test.select(limited(len(test.files), test_limit)), *args)
         y_test = encode_labels(test.labels, len(train.class_names), label_mode)
     skipped = train.skipped + (test.skipped if test else [])
     extra = {"files_per_class": train.per_class(), "skipped": skipped,

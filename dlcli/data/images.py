@@ -9,7 +9,7 @@ from dlcli.data.download import download, mirror_urls
 from dlcli.data.idx import parse_idx, read_bytes, sha256
 from dlcli.data.paths import cache_dir, candidate_dirs
 from dlcli.data.preprocess import input_conversion, to_features
-from dlcli.data.split import check_limit
+from dlcli.data.split import check_limits
 from dlcli.errors import DlcliError
 from dlcli.registry import did_you_mean
 
@@ -81,8 +81,8 @@ def locate(spec: IdxSet, path: str | None) -> tuple[dict, str]:
 
 
 def load_idx_set(spec: IdxSet, path: str | None, limit: int | None, normalize: bool, verify: bool,
-                 inputs: dict[str, str] | None = None) -> Dataset:
-    check_limit(limit)
+                 inputs: dict[str, str] | None = None, test_limit: int | None = None) -> Dataset:
+    check_limits(limit, test_limit)
     files, source = locate(spec, path)
     arrays = {}
     for part, file in files.items():
@@ -101,15 +101,17 @@ def load_idx_set(spec: IdxSet, path: str | None, limit: int | None, normalize: b
         if labels.size and labels.max() >= len(spec.classes):
             raise DlcliError(f"{files[f'{split}_labels']}: label {labels.max()} outside 0..{len(spec.classes) - 1}")
 
-    n = check_limit(limit)  # cap before the float conversion: a smoke run should not pay for 60,000 images
+    # cap before the float conversion: a smoke run should not pay for 60,000 images
+    n, n_test = check_limits(limit, test_limit)
 
-    def x(images):
+    def x(images, n):
         # Keras' book recipe: float32 pixels / 255 (the conversion predict gives raw pixels too)
         images = to_features(images[:n], *input_conversion({"type": spec.names[0], "normalize": normalize}))
         return images if inputs is None else image_views(images, inputs)
 
-    return Dataset(x_train=x(arrays["train_images"]), y_train=arrays["train_labels"][:n].astype(np.int64),
-                   x_test=x(arrays["test_images"]), y_test=arrays["test_labels"][:n].astype(np.int64),
+    return Dataset(x_train=x(arrays["train_images"], n), y_train=arrays["train_labels"][:n].astype(np.int64),
+                   x_test=x(arrays["test_images"], n_test),
+                   y_test=arrays["test_labels"][:n_test].astype(np.int64),
                    classes=list(spec.classes), source=source, name=spec.names[0])
 
 
@@ -132,15 +134,16 @@ def image_views(images: np.ndarray, inputs: dict[str, str]) -> dict:
 
 @DATASETS.register("mnist")
 def load_mnist(path: str | None = None, limit: int | None = None, normalize: bool = True,
-               verify: bool = True, inputs: dict[str, str] | None = None) -> Dataset:
+               verify: bool = True, inputs: dict[str, str] | None = None, test_limit: int | None = None) -> Dataset:
     """MNIST digits: x (N, 28, 28) float32 in [0, 1] (0..255 when normalize is false), y int64 0-9.
-    limit caps train and test to their first N images. verify checks the official SHA-256 of each file.
+    limit caps train to its first N images, test_limit the 10,000 test images. verify checks the official SHA-256 of each file.
     inputs maps model input names to views of each image (image, profiles, ink) for multi-input models."""
-    return load_idx_set(MNIST, path, limit, normalize, verify, inputs)
+    return load_idx_set(MNIST, path, limit, normalize, verify, inputs, test_limit)
 
 
 @DATASETS.register("fashion_mnist")
 def load_fashion_mnist(path: str | None = None, limit: int | None = None, normalize: bool = True,
-                       verify: bool = True, inputs: dict[str, str] | None = None) -> Dataset:
+                       verify: bool = True, inputs: dict[str, str] | None = None,
+                       test_limit: int | None = None) -> Dataset:
     """Fashion-MNIST (Zalando): as mnist, with the ten clothing class names."""
-    return load_idx_set(FASHION_MNIST, path, limit, normalize, verify, inputs)
+    return load_idx_set(FASHION_MNIST, path, limit, normalize, verify, inputs, test_limit)

@@ -72,21 +72,25 @@ def validation_split(x, y, fraction: float, rng: np.random.Generator, stratify: 
     return take(x, train), take(y, train), take(x, val), take(y, val)
 
 
-def check_limit(limit) -> int | None:
+def check_limit(limit, key: str = "data.limit") -> int | None:
     if limit is None:
         return None
     if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
-        raise ConfigError(f"data.limit must be a positive integer (number of samples) or null; got {limit!r}")
+        raise ConfigError(f"{key} must be a positive integer (number of samples) or null; got {limit!r}")
     return int(limit)
 
 
-def apply_limit(dataset, limit: int | None):
-    """Cap every split (train, validation, test) to its first `limit` samples, for smoke runs."""
-    limit = check_limit(limit)
-    if limit is None:
-        return dataset
-    for xs, ys in (("x_train", "y_train"), ("x_val", "y_val"), ("x_test", "y_test")):
-        if getattr(dataset, ys) is not None:
-            setattr(dataset, xs, take(getattr(dataset, xs), slice(0, limit)))
-            setattr(dataset, ys, take(getattr(dataset, ys), slice(0, limit)))
+def check_limits(limit, test_limit) -> tuple[int | None, int | None]:
+    """`data.limit` caps the training (and a loader's own validation) split; `data.test_limit` the test split, so
+    a smoke run still reports a figure on the whole test set unless asked not to."""
+    return check_limit(limit), check_limit(test_limit, "data.test_limit")
+
+
+def apply_limit(dataset, limit: int | None, test_limit: int | None = None):
+    """Cap train and validation to their first `limit` samples, test to its first `test_limit`."""
+    limit, test_limit = check_limits(limit, test_limit)
+    for xs, ys, n in (("x_train", "y_train", limit), ("x_val", "y_val", limit), ("x_test", "y_test", test_limit)):
+        if n is not None and getattr(dataset, ys) is not None:
+            setattr(dataset, xs, take(getattr(dataset, xs), slice(0, n)))
+            setattr(dataset, ys, take(getattr(dataset, ys), slice(0, n)))
     return dataset

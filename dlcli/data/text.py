@@ -19,7 +19,7 @@ import numpy as np
 from dlcli.data.dataset import DATASETS, Dataset
 from dlcli.data.paths import candidate_dirs
 from dlcli.data.source import Source
-from dlcli.data.split import check_limit
+from dlcli.data.split import check_limits
 from dlcli.errors import ConfigError, DlcliError
 
 # Words: runs of letters/digits, with apostrophes inside a word kept ("don't"); everything else separates.
@@ -229,13 +229,14 @@ def encode_splits(train_tokens, test_tokens, output_mode: str, num_words: int | 
 @DATASETS.register("imdb")
 def load_imdb(path: str | None = None, num_words: int | None = 10000, maxlen: int | None = 200,
               padding: str = "pre", truncating: str = "pre", limit: int | None = None, seed: int = 113,
-              start_char: int = 1, oov_char: int = 2, index_from: int = 3, output_mode: str = "int") -> Dataset:
+              start_char: int = 1, oov_char: int = 2, index_from: int = 3, output_mode: str = "int",
+              test_limit: int | None = None) -> Dataset:
     """IMDB movie reviews (25,000 train + 25,000 test), 0 negative / 1 positive, as Keras encodes them:
     x (N, maxlen) int32 word indices, y int64. Both splits are shuffled with `seed` (Keras' 113; the files are
-    sorted by label) before `limit` takes the first N of each. The vocabulary is built from the training texts
+    sorted by label) before `limit` takes the first N training reviews and `test_limit` the first N test ones. The vocabulary is built from the training texts
     used (after limit) and returned in extra["vocabulary"]. output_mode multi_hot | count | tf_idf gives
     (N, num_words) float32 vectors instead, built per batch (maxlen, padding and the index options are for int)."""
-    check_limit(limit)
+    check_limits(limit, test_limit)
     check_output_mode(output_mode)
     _check_side("padding", padding)
     _check_side("truncating", truncating)
@@ -247,9 +248,9 @@ def load_imdb(path: str | None = None, num_words: int | None = 10000, maxlen: in
     train_file, test_file, source = _locate_imdb(path)
     rng = np.random.default_rng(seed)
     splits = []
-    for file in (train_file, test_file):
+    for file, n in ((train_file, limit), (test_file, test_limit)):
         texts, labels = _read_jsonl(file)
-        order = rng.permutation(len(texts))[:limit]
+        order = rng.permutation(len(texts))[:n]
         splits.append(([tokenize(texts[i]) for i in order], labels[order]))
     (train_tokens, y_train), (test_tokens, y_test) = splits
     x_train, x_test, vocabulary = encode_splits(
@@ -279,18 +280,19 @@ def load_text_folder(directory: str, test_directory: str | None = None, label_mo
                      class_names: list[str] | None = None, max_length: int | None = None,
                      output_mode: str = "int", num_words: int | None = 10000, maxlen: int | None = 200,
                      padding: str = "pre", truncating: str = "pre", start_char: int = 1, oov_char: int = 2,
-                     index_from: int = 3, on_bad_file: str = "error", limit: int | None = None) -> Dataset:
+                     index_from: int = 3, on_bad_file: str = "error", limit: int | None = None,
+                     test_limit: int | None = None) -> Dataset:
     """.txt files in class sub-folders (Keras' text_dataset_from_directory names), through the imdb tokenizer
     and a vocabulary of the training texts (stored in the run): output_mode int gives (N, maxlen) word indices,
     multi_hot | count | tf_idf (N, num_words) vectors built per batch. max_length cuts each text to that many
     characters first. test_directory (same classes) is the test split."""
     from dlcli.data.folders import check_folder_options, encode_labels, limited, list_class_files
 
-    check_limit(limit)
+    check_limits(limit, test_limit)
     check_output_mode(output_mode)
     check_folder_options(label_mode, on_bad_file)
     splits = []
-    for key, folder in (("data.directory", directory), ("data.test_directory", test_directory)):
+    for key, folder, n in (("data.directory", directory, limit), ("data.test_directory", test_directory, test_limit)):
         if folder is None:
             splits.append(None)
             continue
@@ -298,7 +300,7 @@ def load_text_folder(directory: str, test_directory: str | None = None, label_mo
                                  class_names if not splits else splits[0][0].class_names, key=key)
         texts, bad = _read_text_files(files.files, on_bad_file, max_length)
         files = files.drop(bad) if bad else files
-        keep = limited(len(texts), limit)
+        keep = limited(len(texts), n)
         splits.append((files, [tokenize(texts[i]) for i in keep], files.labels[keep]))
     train, test = splits
     x_train, x_test, vocabulary = encode_splits(

@@ -8,7 +8,7 @@ import numpy as np
 from dlcli.data.arrays import _numeric, _read_csv
 from dlcli.data.dataset import DATASETS, Dataset
 from dlcli.data.paths import resolve_path
-from dlcli.data.split import apply_limit, check_limit
+from dlcli.data.split import apply_limit, check_limits
 from dlcli.errors import ConfigError, DlcliError
 
 TIME_COLUMNS = ("date", "time", "datetime", "timestamp")  # skipped when `columns` is not given
@@ -39,7 +39,8 @@ def windows(values: np.ndarray, target: np.ndarray, window: int, horizon: int, s
 def load_timeseries_csv(path: str, target: str | None = None, columns: list[str] | None = None, window: int = 10,
                         horizon: int = 1, stride: int = 1, normalize: bool = True, val_fraction: float = 0.2,
                         test_fraction: float = 0.2, limit: int | None = None, target_mode: str = "value",
-                        missing: str = "interpolate", delimiter: str = ",", relative_inputs: bool = False) -> Dataset:
+                        missing: str = "interpolate", delimiter: str = ",", relative_inputs: bool = False,
+                        test_limit: int | None = None) -> Dataset:
     """x (samples, window, features) float32, y (samples, 1) float32; x_val/y_val set (split by time).
 
     columns: features (default every column but date/time ones); target: the column to forecast (default: the
@@ -50,9 +51,10 @@ def load_timeseries_csv(path: str, target: str | None = None, columns: list[str]
     recent past rather than its level (a rising series then stays inside the range the model was trained on).
     extra["baseline"] holds the common-sense baseline "the target stays at its last value in the window":
     its MAE on validation and test, in original units (and normalised units). missing: empty cells are
-    linearly interpolated over rows ("interpolate") or rejected ("error"). limit caps each split's windows.
+    linearly interpolated over rows ("interpolate") or rejected ("error"). limit caps the training and validation
+    windows, test_limit the test windows.
     A relative path is looked up in the current directory, then in $DLCLI_DATA_DIR."""
-    check_limit(limit)
+    check_limits(limit, test_limit)
     for key, value in (("window", window), ("horizon", horizon), ("stride", stride)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"data.{key} must be a positive integer; got {value!r}")
@@ -135,4 +137,4 @@ def load_timeseries_csv(path: str, target: str | None = None, columns: list[str]
                "normalization": {"mean": mean.tolist(), "std": std.tolist()} if normalize else None,
                "target_mean": t_mean, "target_std": t_std, "baseline": baseline,
                "baseline_description": "predict the target's last value in the window (tomorrow = today)"})
-    return apply_limit(dataset, limit)
+    return apply_limit(dataset, limit, test_limit)

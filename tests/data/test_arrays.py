@@ -26,7 +26,8 @@ def test_npz_seeded_test_split_and_limit(npz):
     assert np.array_equal(a.x_test, b.x_test) and len(a.y_test) == 10 and np.bincount(a.y_test).tolist() == [5, 5]
     assert not np.array_equal(a.x_test, load_dataset({**spec, "seed": 1}).x_test)
     c = load_dataset({**spec, "limit": 4})
-    assert len(c.x_train) == 4 and len(c.x_test) == 4
+    assert len(c.x_train) == 4 and len(c.x_test) == 10  # data.limit caps training only
+    assert len(load_dataset({**spec, "limit": 4, "test_limit": 3}).x_test) == 3
 
 
 def test_npz_keeps_integer_inputs_and_named_inputs(npz):

@@ -27,7 +27,9 @@ def test_synthetic_set_loads_scaled(isolated):
 def test_uncompressed_files_and_limit(isolated):
     write_idx_set(isolated / "set", compress=False)
     d = load(path=str(isolated / "set"), limit=3)
-    assert len(d.x_train) == len(d.y_train) == 3 and len(d.x_test) == 3  # limit caps train and test
+    assert len(d.x_train) == len(d.y_train) == 3 and len(d.x_test) == 5  # limit caps training only
+    d = load(path=str(isolated / "set"), limit=3, test_limit=2)
+    assert len(d.x_test) == len(d.y_test) == 2
 
 
 def test_search_order(isolated, monkeypatch):

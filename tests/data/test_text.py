@@ -47,7 +47,7 @@ def tiny_imdb(tmp_path):
 
 
 def test_imdb_format_from_path(tiny_imdb):
-    d = load_dataset({"type": "imdb", "path": str(tiny_imdb), "maxlen": 8, "limit": 6})
+    d = load_dataset({"type": "imdb", "path": str(tiny_imdb), "maxlen": 8, "limit": 6, "test_limit": 6})
     assert d.x_train.shape == (6, 8) and d.x_train.dtype == np.int32 and d.y_train.dtype == np.int64
     assert d.classes == ["negative", "positive"] and len(d.y_test) == 6
     vocab = d.extra["vocabulary"]
@@ -71,7 +71,7 @@ def test_imdb_bad_file_and_missing(tiny_imdb, tmp_path):
 
 def test_real_imdb_small(monkeypatch):
     monkeypatch.setenv("DLCLI_DATA_DIR", str(require_shared("imdb-reviews").parent))
-    d = load_dataset({"type": "imdb", "limit": 400, "maxlen": 100})
+    d = load_dataset({"type": "imdb", "limit": 400, "test_limit": 400, "maxlen": 100})
     assert d.x_train.shape == (400, 100) and d.x_test.shape == (400, 100)
     assert 120 < d.y_train.sum() < 280  # shuffled: the files are sorted by label
     assert d.x_train.max() < 10000 and (d.x_train == 1).sum() > 0
