@@ -84,16 +84,20 @@ class ProgressLogger(Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start, self.seen, self.last_post = time.perf_counter(), 0, 0.0
+        self.trained = self.start  # when the epoch's last training batch ended (validation comes after)
         if self.bar:
             from tqdm import tqdm
 
+            # smoothing=0: the bar shows the epoch's mean rate, the figure the epoch line ends with
             self.pbar = tqdm(total=self.samples, desc=f"epoch {epoch + 1}/{self.epochs}", unit="sample",
-                             unit_scale=True, leave=False, file=self.stream, dynamic_ncols=True)
+                             unit_scale=True, leave=False, file=self.stream, dynamic_ncols=True, smoothing=0)
 
     def on_train_batch_end(self, batch, logs=None):
+        size = logs.get("size", 0)
+        self.seen += size
+        self.trained = time.perf_counter()
         if self.pbar is None:
             return
-        size = logs.get("size", 0)
         self.pbar.update(size)
         now = time.perf_counter()
         if now - self.last_post > 0.25:  # formatting every batch would cost more than a small batch's maths
@@ -105,9 +109,10 @@ class ProgressLogger(Callback):
             self.pbar.close()
             self.pbar = None
         seconds = logs.get("seconds", time.perf_counter() - self.start)
-        rate = self.samples / seconds if seconds > 0 else 0.0
-        print(f"epoch {epoch + 1}/{self.epochs}  {format_logs(logs)}  ({seconds:.1f}s, {rate:,.0f} samples/s)",
-              file=self.stream, flush=True)
+        training = self.trained - self.start
+        rate = self.seen / training if training > 0 else 0.0  # samples trained / training time, as the bar
+        print(f"epoch {epoch + 1}/{self.epochs}  {format_logs(logs)}  ({seconds:.1f}s, {rate:,.0f} samples/s "
+              f"training)", file=self.stream, flush=True)
 
 
 # --- training control (Keras' names, arguments and defaults) -------------------------------------------------------

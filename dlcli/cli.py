@@ -20,7 +20,8 @@ def train(
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run directories are created.")] = Path("runs"),
     name: Annotated[Optional[str], typer.Option(help="Run name (default: the config's name).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Override the config's seed.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only print the run directory and results.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run directory (banner, progress and "
+                                                            "test table are in the run's files).")] = False,
     resume: Annotated[Optional[Path], typer.Option(
         "--resume", help="Continue an interrupted run directory exactly where its last checkpoint stopped.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(
@@ -48,10 +49,13 @@ def train(
     from dlcli.commands.run_display import Banner, StopOnSignal, print_kfold, report_interrupted, test_set
 
     out, stop = console(), StopOnSignal()
-    run = dlcli.train(config, set_, runs_dir=runs_dir, resume=resume or False, allow_config_change=allow_config_change,
-                      init_from=init_from, seed=seed, name=name, verbose=0 if quiet else 1,
-                      distributed=distributed, threads=threads,
-                      callbacks=[stop] if quiet else [Banner(out, config), stop])
+    try:
+        run = dlcli.train(config, set_, runs_dir=runs_dir, resume=resume or False,
+                          allow_config_change=allow_config_change, init_from=init_from, seed=seed, name=name,
+                          verbose=0 if quiet else 1, distributed=distributed, threads=threads,
+                          callbacks=[stop] if quiet else [Banner(out, config), stop])
+    except KeyboardInterrupt:  # a second Ctrl-C: StopOnSignal has said that nothing more was saved
+        raise typer.Exit(130) from None
     if run.config["train"].get("kfold") and not quiet:
         print_kfold(out, run)  # the mean and spread per epoch; the test table below is the folds' mean
     if run.test and not quiet:
@@ -146,8 +150,7 @@ def evaluate(
 
     Example: dlcli evaluate runs/mnist-mlp-20261124-101500 --weights last
     """
-    from rich.table import Table
-
+    from dlcli.commands.run_display import print_evaluation
     from dlcli.errors import DlcliError
     from dlcli.experiment import evaluate_run
 
@@ -156,26 +159,7 @@ def evaluate(
     if split not in ("test", "validation"):
         raise DlcliError(f"--split must be 'test' or 'validation'; found '{split}'", exit_code=2)
     result = evaluate_run(run_dir, weights, split, allow_config_change=allow_config_change)
-    out = console()
-    out.print(metrics_table(f"{result['run']}: {split} split, {result['samples']:,} samples, {weights} weights",
-                            result["metrics"]))
-    comparison = result.get("comparison")
-    if comparison:
-        verdict = "beats" if comparison["beats_baseline"] else "does NOT beat"
-        out.print(f"MAE in {comparison['units']} units: model {comparison['model_mae']:.4f}, common-sense baseline "
-                  f"(last value) {comparison['baseline_mae']:.4f}: the model {verdict} the baseline "
-                  f"({comparison['improvement']:+.1%})")
-    if "confusion_matrix" in result:
-        names = result["classes"]
-        cm = Table(title="confusion matrix (rows: true class, columns: predicted)")
-        cm.add_column("class")
-        for n in names:
-            cm.add_column(n[:8], justify="right")
-        cm.add_column("accuracy", justify="right")
-        for n, row in zip(names, result["confusion_matrix"]):
-            acc = result["per_class_accuracy"][n]
-            cm.add_row(n, *[str(v) for v in row], "-" if acc is None else f"{acc:.3f}")
-        out.print(cm)
+    print_evaluation(console(), result, weights, split)
     print(f"wrote {Path(run_dir) / 'evaluation.json'}")
 
 

@@ -109,8 +109,13 @@ def _finish_panel(ax):
 
 
 def _png(fig) -> bytes:
+    import warnings
+
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
+    with warnings.catch_warnings():
+        # a run or class name in a script the font lacks draws as boxes; the picture is still right
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
+        fig.savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
 
 

@@ -66,3 +66,18 @@ def test_list_show_compare_with_damaged_runs(tmp_path):
     assert invoke("runs", "compare", a).exit_code == 2
     assert invoke("runs", "list", "--runs-dir", tmp_path / "nowhere").exit_code == 1
     assert invoke("runs", "show", tmp_path / "nowhere").exit_code == 1
+
+
+def test_list_names_a_training_figure_compare_says_identical_show_refuses_a_non_run(tmp_path):
+    run = train_tiny(tmp_path, runner, name="solo", validation_split=0.0)
+    result = invoke("runs", "list", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    assert "best metric" in result.output and "best val metric" not in result.output
+    assert "loss (training)" in result.output  # no validation split: the best is a training figure
+    twin = train_tiny(tmp_path, runner, name="solo", validation_split=0.0)
+    same = invoke("runs", "compare", run, twin)
+    assert same.exit_code == 0 and "the configs are identical" in same.output, same.output
+    assert "config differences" not in same.output
+    (tmp_path / "plain").mkdir()
+    shown = invoke("runs", "show", tmp_path / "plain")
+    assert shown.exit_code == 2 and "not a dlcli run directory" in shown.output

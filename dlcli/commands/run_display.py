@@ -2,6 +2,8 @@
 import signal
 import sys
 
+from rich.markup import escape
+
 from dlcli.callbacks import Callback
 
 
@@ -16,7 +18,8 @@ class Banner(Callback):
         out, cfg, model, sizes = self.out, run.config, run.model, run.sizes
         if run.config_changes:
             out.print("config changes accepted for this resume:\n" + "\n".join(run.config_changes), markup=False)
-        out.print(f"[bold]dlcli train[/] {self.config_arg or ''}  ->  {run.dir}", markup=True)
+        what = self.config_arg or (f"--resume {run.dir} (config {run.dir / 'config.yaml'})" if run.resumed else "")
+        out.print(f"[bold]dlcli train[/] {escape(str(what))}  ->  {escape(str(run.dir))}", markup=True)
         out.print(f"  data    {cfg['data'].get('type')} from {run.splits.source}: train {sizes['train']:,}, "
                   f"validation {sizes['validation']:,}, test {test_set(cfg, sizes['test'])}", markup=False)
         if run.splits.extra.get("folder"):
@@ -64,7 +67,14 @@ class StopOnSignal(Callback):
 
     def on_run_begin(self, run):
         def on_signal(signum, frame):
-            if run.stopping:  # a second signal: stop now
+            if run.stopping:  # a second signal: stop now, without the checkpoint the first one asked for
+                from dlcli.checkpoint import describe_position
+
+                last = run.trainer.last_checkpoint
+                saved = (f"`dlcli train --resume {run.dir}` continues from the last checkpoint, "
+                         f"{describe_position(last)}" if last else "no checkpoint had been written: start it again")
+                print(f"\n{signal.Signals(signum).name} again: stopping now; nothing more was saved ({saved})",
+                      file=sys.stderr, flush=True)
                 raise KeyboardInterrupt
             self.signum = signum
             run.stop("interrupted")
@@ -83,6 +93,33 @@ def test_set(config: dict, samples: int) -> str:
     if limit is None or samples < limit:
         return f"{samples:,} samples (the full test split)"
     return f"{samples:,} samples (the first {limit:,} of the test split: data.test_limit)"
+
+
+def print_evaluation(out, result: dict, weights: str, split: str):
+    """`dlcli evaluate`'s report: the metrics, a time series' comparison with its baseline, the confusion matrix."""
+    from rich.table import Table
+
+    from dlcli.commands.base import metrics_table
+
+    out.print(metrics_table(f"{result['run']}: {split} split, {result['samples']:,} samples, {weights} weights",
+                            result["metrics"]))
+    comparison = result.get("comparison")
+    if comparison:
+        verdict = "beats" if comparison["beats_baseline"] else "does NOT beat"
+        out.print(f"MAE in {comparison['units']} units: model {comparison['model_mae']:.4f}, common-sense baseline "
+                  f"(last value) {comparison['baseline_mae']:.4f}: the model {verdict} the baseline "
+                  f"({comparison['improvement']:+.1%})")
+    if "confusion_matrix" in result:
+        names = result["classes"]
+        cm = Table(title="confusion matrix (rows: true class, columns: predicted)")
+        cm.add_column("class")
+        for n in names:
+            cm.add_column(n[:8], justify="right")
+        cm.add_column("accuracy", justify="right")
+        for n, row in zip(names, result["confusion_matrix"]):
+            acc = result["per_class_accuracy"][n]
+            cm.add_row(n, *[str(v) for v in row], "-" if acc is None else f"{acc:.3f}")
+        out.print(cm)
 
 
 def print_kfold(out, run):

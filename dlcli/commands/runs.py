@@ -34,10 +34,15 @@ _STATUS_STYLE = {"completed": "green", "interrupted": "yellow", "diverged": "red
                  "damaged": "red", "running or killed": "yellow"}
 
 
+def _metric_label(name: str) -> str:
+    """A metric name that says which split it is on: without a validation split the best is a training figure."""
+    return name if name.startswith("val_") else f"{name} (training)"
+
+
 @runs_app.command("list")
 @handles_errors
 def list_runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Folder of run directories.")] = Path("runs")):
-    """A table of runs: name, date, status, epochs, best validation metric, duration.
+    """A table of runs: name, date, status, epochs, best metric (validation, else training), duration.
 
     Example: dlcli runs list --runs-dir runs
     """
@@ -54,12 +59,12 @@ def list_runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Folder 
     table = Table(title=f"{len(found)} run{'s' if len(found) != 1 else ''} in {runs_dir}")
     table.add_column("run", no_wrap=True)
     for col, justify in (("date (UTC)", "left"), ("status", "left"), ("epochs", "right"),
-                         ("best val metric", "right"), ("duration", "right")):
+                         ("best metric", "right"), ("duration", "right")):
         table.add_column(col, justify=justify)
     notes = []
     for d in found:
         s = run_summary(d)
-        best = "-" if s["best"] is None else f"{s['metric']} {s['best']:.4f} (ep {s['best_epoch']})"
+        best = "-" if s["best"] is None else f"{_metric_label(s['metric'])} {s['best']:.4f} (ep {s['best_epoch']})"
         table.add_row(s["run"], s["date"], Text(s["status"], style=_STATUS_STYLE.get(s["status"], "")),
                       str(s["epochs"]), best, _duration(s["seconds"]))
         if s["problems"]:
@@ -83,6 +88,9 @@ def show_run(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]):
 
     if not Path(run_dir).is_dir():
         raise DlcliError(f"{run_dir} is not a directory; list runs with `dlcli runs list`")
+    if not any((Path(run_dir) / name).exists() for name in ("config.yaml", "meta.json", "history.csv")):
+        raise DlcliError(f"{run_dir} is not a dlcli run directory (no config.yaml, meta.json or history.csv); list "
+                         f"runs with `dlcli runs list --runs-dir {run_dir}`", exit_code=2)
     s = run_summary(run_dir)
     out = console()
     out.print(f"[bold]{s['run']}[/]  {s['path']}", markup=True)
@@ -172,7 +180,10 @@ def compare_runs(run_dirs: Annotated[list[Path], typer.Argument(help="Two or mor
         diff.add_row(k, *["-" if k not in f else json.dumps(f[k], default=str) for f in flat])
     if not all(flat):
         diff.caption = "'-': no such key, or no readable config.yaml in that run"
-    out.print(diff)
+    if differing or len(readable) < 2:
+        out.print(diff)
+    else:  # no empty table: say it
+        out.print(f"the configs are identical ({len(readable)} runs, {len(keys)} settings each)")
     results = Table(title="results")
     results.add_column("")
     for label in labels:
