@@ -124,7 +124,8 @@ def test_integer_arrays_get_the_training_scaling_and_floats_pass_through(tmp_pat
     x = rng.integers(0, 256, (96, 4, 4), dtype=np.uint8)
     s = x.reshape(96, -1).sum(1)
     np.savez(tmp_path / "u8.npz", x=x, y=np.digitize(s, np.quantile(s, [1 / 3, 2 / 3])))
-    config = {"name": "pixels", "seed": 0, "data": {"type": "npz", "path": str(tmp_path / "u8.npz"), "rescale": 1 / 255},
+    config = {"name": "pixels", "seed": 0,
+              "data": {"type": "npz", "path": str(tmp_path / "u8.npz"), "rescale": 1 / 255},
               "model": {"input_shape": [4, 4], "layers": [{"type": "Flatten"}, {"type": "Dense", "units": 3,
                                                                                    "activation": "softmax"}]},
               "compile": {"optimizer": {"type": "adam", "learning_rate": 0.01},

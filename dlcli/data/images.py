@@ -136,7 +136,8 @@ def image_views(images: np.ndarray, inputs: dict[str, str]) -> dict:
 def load_mnist(path: str | None = None, limit: int | None = None, normalize: bool = True,
                verify: bool = True, inputs: dict[str, str] | None = None, test_limit: int | None = None) -> Dataset:
     """MNIST digits: x (N, 28, 28) float32 in [0, 1] (0..255 when normalize is false), y int64 0-9.
-    limit caps train to its first N images, test_limit the 10,000 test images. verify checks the official SHA-256 of each file.
+    limit caps train to its first N images, test_limit the 10,000 test images. verify checks the official SHA-256
+    of each file.
     inputs maps model input names to views of each image (image, profiles, ink) for multi-input models."""
     return load_idx_set(MNIST, path, limit, normalize, verify, inputs, test_limit)
 

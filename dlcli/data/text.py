@@ -233,9 +233,10 @@ def load_imdb(path: str | None = None, num_words: int | None = 10000, maxlen: in
               test_limit: int | None = None) -> Dataset:
     """IMDB movie reviews (25,000 train + 25,000 test), 0 negative / 1 positive, as Keras encodes them:
     x (N, maxlen) int32 word indices, y int64. Both splits are shuffled with `seed` (Keras' 113; the files are
-    sorted by label) before `limit` takes the first N training reviews and `test_limit` the first N test ones. The vocabulary is built from the training texts
-    used (after limit) and returned in extra["vocabulary"]. output_mode multi_hot | count | tf_idf gives
-    (N, num_words) float32 vectors instead, built per batch (maxlen, padding and the index options are for int)."""
+    sorted by label) before `limit` takes the first N training reviews and `test_limit` the first N test ones. The
+    vocabulary is built from the training texts used (after limit) and returned in extra["vocabulary"].
+    output_mode multi_hot | count | tf_idf gives (N, num_words) float32 vectors instead, built per batch (maxlen,
+    padding and the index options are for int)."""
     check_limits(limit, test_limit)
     check_output_mode(output_mode)
     _check_side("padding", padding)
