@@ -72,7 +72,9 @@ class _Normalization(Layer):
 class BatchNormalization(_Normalization):
     """Batch statistics while training (and then moving = momentum * moving + (1 - momentum) * batch), moving ones
     at inference, as Keras 3: biased batch variance, and a layer with trainable=False always runs in inference mode.
-    Weights in Keras' order: gamma, beta, moving_mean, moving_variance (the last two non-trainable)."""
+    With a mask (Embedding mask_zero, Masking) the statistics are over the unmasked steps only, as Keras 3's
+    `_moments(inputs, mask)`; every step is still normalised. Weights in Keras' order: gamma, beta, moving_mean,
+    moving_variance (the last two non-trainable)."""
 
     def __init__(self, axis=-1, momentum: float = 0.99, epsilon: float = 1e-3, center: bool = True,
                  scale: bool = True, beta_initializer="zeros", gamma_initializer="ones",
@@ -98,12 +100,18 @@ class BatchNormalization(_Normalization):
     def forward(self, x, training=False):
         self.training = training and self.trainable
         dtype = x.dtype.type
+        self.mask_weights = None
         if self.training:
-            mean = _mean(x, self.reduce_axes)
-            centered = x - mean
-            var = _mean(centered * centered, self.reduce_axes)
+            if self.input_mask is not None:
+                mean, var, count = self._masked_moments(x, self.input_mask)
+                centered = x - mean
+            else:
+                mean = _mean(x, self.reduce_axes)
+                centered = x - mean
+                var = _mean(centered * centered, self.reduce_axes)
+                count = float(x.size // mean.size)
             if self.sync is not None and not self.sync.paused:
-                mean, var = self._global_moments(x, mean, var)
+                mean, var = self._global_moments(x, mean, var, count)
                 centered = x - mean
             m = dtype(self.momentum)
             for param, batch in ((self.moving_mean, mean), (self.moving_variance, var)):
@@ -125,18 +133,36 @@ class BatchNormalization(_Normalization):
             mean_d, mean_dx = self._global_means(dxhat)
             if self.sync.ghost:  # its stand-in sample is not in the batch: no gradient flows from it
                 return np.zeros_like(dxhat)
+        elif self.mask_weights is not None:  # masked statistics: only unmasked steps moved the mean and variance
+            w, total = self.mask_weights
+            # every step is normalised with them, so the sums run over all steps; only unmasked x moved them
+            return (dxhat - w * (_sum(dxhat, self.reduce_axes) / total
+                                 + self.xhat * (_sum(dxhat * self.xhat, self.reduce_axes) / total))) * self.inv_std
         else:
             mean_d = _mean(dxhat, self.reduce_axes)
             mean_dx = _mean(dxhat * self.xhat, self.reduce_axes)
         return (dxhat - mean_d - self.xhat * mean_dx) * self.inv_std
 
+    def _masked_moments(self, x, mask):
+        """Keras 3's masked moments: sums weighted by the mask over (sum of weights + 1e-7), so an all-masked batch
+        gives zeros, not NaN. (Keras' 1e-7 also leaves a term of order 1e-7 * mean in the gradient, dropped here.)"""
+        w = mask.astype(x.dtype).reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+        w = np.broadcast_to(w, x.shape)
+        total = _sum(w, self.reduce_axes) + x.dtype.type(1e-7)
+        mean = _sum(w * x, self.reduce_axes) / total
+        var = _sum(w * (x - mean) ** 2, self.reduce_axes) / total
+        self.mask_weights = (w, total)
+        return mean, var, float(_sum(w, self.reduce_axes).reshape(-1)[0])
+
     # Synchronised statistics (data-parallel training, dlcli.distributed.BatchStatSync): one allreduce of
     # per-channel sums in the forward pass and one in the backward, so each rank normalises with the global batch's
     # moments and back-propagates through them exactly as one process holding the whole batch would.
-    def _global_moments(self, x, mean, var):
-        """Global mean and biased variance from each rank's count, mean and centred sum of squares (Chan et al.'s
-        parallel variance: the between-rank term is formed in float64, so no E[x^2] - E[x]^2 cancellation)."""
-        count = 0.0 if self.sync.ghost else float(x.size // mean.size)
+    def _global_moments(self, x, mean, var, count: float):
+        """Global mean and biased variance from each rank's count (of unmasked samples), mean and centred sum of
+        squares (Chan et al.'s parallel variance: the between-rank term is formed in float64, so no E[x^2] - E[x]^2
+        cancellation)."""
+        count = 0.0 if self.sync.ghost else count
+        self.mask_weights = None  # the backward's sums are the global ones (_global_means)
         m = mean.reshape(-1).astype(np.float64)
         buf = np.concatenate([count * m, count * var.reshape(-1), count * m * m, [count]])
         self.sync(buf)
@@ -155,8 +181,13 @@ class BatchNormalization(_Normalization):
         c = sums.size // 2
         shape = self.inv_std.shape
         dtype = dxhat.dtype
-        return ((sums[:c] / self.global_count).astype(dtype).reshape(shape),
-                (sums[c:] / self.global_count).astype(dtype).reshape(shape))
+        means = ((sums[:c] / self.global_count).astype(dtype).reshape(shape),
+                 (sums[c:] / self.global_count).astype(dtype).reshape(shape))
+        if self.input_mask is None:
+            return means
+        # with a mask only the unmasked steps moved the statistics (global_count counts those)
+        w = self.input_mask.astype(dtype).reshape(self.input_mask.shape + (1,) * (dxhat.ndim - self.input_mask.ndim))
+        return tuple(w * m for m in means)
 
 
 @register("LayerNormalization")

@@ -5,6 +5,9 @@ from dlcli import layers
 from dlcli.errors import ShapeError
 from tests.gradcheck import check_layer
 
+# a ragged batch of 4 sequences of 5 steps (Embedding mask_zero / Masking): statistics over the real steps only
+_MASK = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], bool)
+
 # Gradient-check table: layer type -> list of (constructor args, input shape without batch, check options).
 GRADIENT_CASES = {
     "BatchNormalization": [({}, (4,), {"training": True, "batch": 5}),
@@ -12,7 +15,8 @@ GRADIENT_CASES = {
                            ({}, (3, 4, 2), {"training": False}),
                            ({"axis": 1}, (3, 2), {"training": True, "batch": 4}),
                            ({"center": False, "scale": False}, (5, 3), {"training": True}),
-                           ({"scale": False}, (2, 3, 3), {"training": True})],
+                           ({"scale": False}, (2, 3, 3), {"training": True}),
+                           ({}, (5, 3), {"training": True, "batch": 4, "mask": _MASK})],
     "LayerNormalization": [({}, (5,), {}), ({}, (3, 4), {}), ({"axis": [1, 2]}, (3, 2, 2), {}),
                            ({"center": False}, (4, 3), {}), ({"scale": False, "epsilon": 1e-5}, (6,), {})],
 }
@@ -95,3 +99,20 @@ def test_layernorm_normalises_each_sample_with_keras_epsilon():
 def test_normalization_axis_out_of_range_names_the_layer():
     with pytest.raises(ShapeError, match="'bn'.*axis"):
         layers.BatchNormalization(axis=3, name="bn").ensure_built((4, 2))
+
+
+def test_batchnorm_statistics_skip_masked_steps_as_keras():
+    rng = np.random.default_rng(5)
+    x = rng.normal(2.0, 3.0, (4, 6, 3))
+    mask = rng.random((4, 6)) > 0.4
+    x[~mask] = 1000.0  # padding the statistics must not see
+    bn = layers.BatchNormalization(momentum=0.0, dtype="float64")
+    bn.ensure_built((6, 3))
+    bn.input_mask = mask
+    y = bn.forward(x, training=True)
+    real = x[mask]
+    np.testing.assert_allclose(bn.moving_mean.value, real.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.value, real.var(0), rtol=1e-6)
+    np.testing.assert_allclose(y[mask], (real - real.mean(0)) / np.sqrt(real.var(0) + 1e-3), rtol=1e-6)
+    bn.input_mask = np.zeros((4, 6), bool)  # everything masked: zeros, as Keras' sum / (weights + 1e-7)
+    assert np.isfinite(bn.forward(x, training=True)).all() and np.all(bn.moving_mean.value == 0)
