@@ -16,17 +16,18 @@ from dlcli.runs import load_npz
 
 
 def build_model(config: dict):
-    """The compiled model a resolved config describes, its weights initialised from `config['seed']`."""
+    """The compiled model a resolved config (`Config.to_dict()`: every default filled in) describes, its weights
+    initialised from `config['seed']`."""
     import dlcli.layers  # noqa: F401  (registers every layer family)
     clear_session()
-    set_random_seed(int(config.get("seed", 0)))
-    model = from_config({"name": config.get("name"), **config["model"]})
-    apply_freeze(model, config.get("train", {}).get("freeze") or [])
-    compile_spec = config.get("compile", {})
-    model.compile(optimizer=compile_spec.get("optimizer", "rmsprop"), loss=compile_spec.get("loss"),
-                  metrics=compile_spec.get("metrics") or [], loss_weights=compile_spec.get("loss_weights"))
+    set_random_seed(config["seed"])
+    model = from_config({"name": config["name"], **config["model"]})
+    apply_freeze(model, config["train"]["freeze"])
+    compile_spec = config["compile"]
+    model.compile(optimizer=compile_spec["optimizer"], loss=compile_spec["loss"], metrics=compile_spec["metrics"],
+                  loss_weights=compile_spec.get("loss_weights"))  # to_dict() leaves out a null loss_weights
     # before any data, optimizer state or activation is allocated
-    check_training_fits(model, int(config.get("train", {}).get("batch_size", 32)))
+    check_training_fits(model, config["train"]["batch_size"])
     return model
 
 

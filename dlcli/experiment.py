@@ -38,9 +38,10 @@ class Splits:
 
 def load_splits(config: dict, model) -> Splits:
     """Load the dataset, fit its arrays to the model's inputs, and carve the seeded validation split."""
-    from dlcli.data import load_dataset, validation_split
+    from dlcli.data import load_dataset
+    from dlcli.data.split import split_indices
 
-    train_cfg = config.get("train", {})
+    train_cfg = config["train"]
     ds = load_dataset(config["data"])
     x_train, y_train = as_source(fit_inputs(ds.x_train, model)), fit_targets(ds.y_train, model)
     x_test = None if ds.x_test is None else as_source(fit_inputs(ds.x_test, model))
@@ -48,12 +49,9 @@ def load_splits(config: dict, model) -> Splits:
     x_val = y_val = None
     if getattr(ds, "x_val", None) is not None:
         x_val, y_val = as_source(fit_inputs(ds.x_val, model)), fit_targets(ds.y_val, model)
-    elif train_cfg.get("validation_split"):
-        rng = np.random.default_rng([int(config.get("seed", 0)), 1])
-        idx = np.arange(len(x_train))
-        strat = y_train[0] if train_cfg.get("stratify") else np.zeros(len(idx))
-        tr, _, va, _ = validation_split(idx, strat, float(train_cfg["validation_split"]), rng,
-                                        bool(train_cfg.get("stratify")))
+    elif train_cfg["validation_split"]:
+        rng = np.random.default_rng([config["seed"], 1])
+        tr, va = split_indices(y_train[0], train_cfg["validation_split"], rng, train_cfg["stratify"])
         x_val, y_val = x_train.subset(va), [a[va] for a in y_train]
         x_train, y_train = x_train.subset(tr), [a[tr] for a in y_train]
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, ds.classes, ds.source, ds.extra or {})
@@ -145,7 +143,7 @@ def run_callbacks(config: dict, run_dir: Path, has_validation: bool) -> list:
     val_loss, or loss without a validation split)."""
     from dlcli.callbacks import ModelCheckpoint, from_config
 
-    user = from_config(config.get("train", {}).get("callbacks"))
+    user = from_config(config["train"]["callbacks"])
     checkpoints = [cb for cb in user if isinstance(cb, ModelCheckpoint)]
     for cb in checkpoints:
         if cb.filepath is None:
@@ -177,13 +175,13 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
     from dlcli import fingerprint
     from dlcli.callbacks import ModelCheckpoint
     from dlcli.divergence import DivergenceError
-    from dlcli.trainer import DIVERGENCE_FACTOR, Trainer
+    from dlcli.trainer import Trainer
 
     run = run or Run(run_dir, config, model, splits)
     recorded = fingerprint.record(config)  # what evaluate/predict/export/--resume check config.yaml against
-    train_cfg = config.get("train", {})
+    train_cfg = config["train"]
     meta_path = run_dir / "meta.json"
-    meta = {**runs.versions_meta(config.get("seed", 0)), "name": config.get("name"), "status": "running",
+    meta = {**runs.versions_meta(config["seed"]), "name": config["name"], "status": "running",
             "start": runs.utc_now(), "sizes": splits.sizes(), "source": splits.source,
             "params": model.count_params(), "classes": splits.classes, "data_dirs": paths.recorded_dirs(),
             **({"files": splits.extra["folder"]} if splits.extra.get("folder") else {}), **recorded}
@@ -200,21 +198,20 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
         cbs[0].rows = [r for r in runs.read_history(run_dir) if (r.get("epoch") or 0) <= done]
     run.history = cbs[0].rows
     saver = next(cb for cb in cbs if isinstance(cb, ModelCheckpoint))
-    rng = np.random.default_rng([int(config.get("seed", 0)), 2])
+    rng = np.random.default_rng([config["seed"], 2])
     run.trainer = Trainer(model, callbacks=[*cbs, *callbacks], verbose=verbose, rng=rng,
                           checkpoint_path=run_dir / checkpoint.FILENAME,
-                          checkpoint_every=train_cfg.get("checkpoint_every"),
-                          divergence_factor=train_cfg.get("divergence_factor", DIVERGENCE_FACTOR), world=world)
+                          checkpoint_every=train_cfg["checkpoint_every"],
+                          divergence_factor=train_cfg["divergence_factor"], world=world)
     run.trainer.checkpoint_header = recorded
     for cb in run.trainer.user_callbacks:
         cb.on_run_begin(run)
     validation = (splits.x_val, splits.y_val) if splits.x_val is not None else None
     start = time.perf_counter()
     try:
-        run.trainer.fit(splits.x_train, splits.y_train, epochs=int(train_cfg.get("epochs", 1)),
-                        batch_size=int(train_cfg.get("batch_size", 32)), validation_data=validation,
-                        shuffle=bool(train_cfg.get("shuffle", True)),
-                        class_weight=train_cfg.get("class_weight"), resume=resume)
+        run.trainer.fit(splits.x_train, splits.y_train, epochs=train_cfg["epochs"],
+                        batch_size=train_cfg["batch_size"], validation_data=validation, shuffle=train_cfg["shuffle"],
+                        class_weight=train_cfg["class_weight"], resume=resume)
     except DivergenceError as e:
         runs.atomic_write_json(run_dir / "divergence.json", e.report)
         meta.update({"status": "diverged", "end": runs.utc_now(), "hint": e.report["hint"],
@@ -229,7 +226,7 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
     run.status = (run.stopping or "interrupted") if run.trainer.stopping() else "completed"
     run.seconds = time.perf_counter() - start
     if splits.x_test is not None and run.status == "completed":
-        run.test = run.trainer.evaluate(splits.x_test, splits.y_test, int(train_cfg.get("batch_size", 32)))
+        run.test = run.trainer.evaluate(splits.x_test, splits.y_test, train_cfg["batch_size"])
     run.best_epoch, run.position = saver.best_epoch, run.trainer.last_checkpoint
     if splits.x_train.describe():  # decode rate, cache, mapped file: where the input time went
         meta["input"] = splits.x_train.describe()
@@ -423,7 +420,7 @@ def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size
     if xs is None:
         raise DlcliError(f"run {run_dir.name} has no {split} split (set train.validation_split for a validation "
                          f"split)" if split == "validation" else "the dataset has no test split")
-    bs = batch_size or int(config.get("train", {}).get("batch_size", 32))
+    bs = batch_size or config["train"]["batch_size"]
     result = {"run": run_dir.name, "weights": weights, "split": split, "samples": len(xs),
               "metrics": model.evaluate_arrays(xs, ys, bs)}
     preds = model.predict(xs, batch_size=bs)

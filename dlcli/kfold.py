@@ -43,13 +43,13 @@ def train_folds(cfg: dict, model, splits, run_dir: Path, train_fold, resume: boo
         raise DlcliError("train.kfold validates on each fold in turn: the dataset's own validation split would go "
                          "unused; use a dataset without one", exit_code=2)
     y = splits.y_train[0]
-    folds = kfold_indices(y, k, np.random.default_rng([int(cfg.get("seed", 0)), 3]), stratify=_class_labels(y))
+    folds = kfold_indices(y, k, np.random.default_rng([cfg["seed"], 3]), stratify=_class_labels(y))
     fold_cfg = {**cfg, "train": {key: v for key, v in cfg["train"].items() if key != "kfold"}}
     everything = np.arange(len(splits.x_train))
     start = time.perf_counter()
     meta_path = run_dir / "meta.json"
     if not meta_path.exists():
-        runs.atomic_write_json(meta_path, {**runs.versions_meta(cfg.get("seed", 0)), "name": cfg.get("name"),
+        runs.atomic_write_json(meta_path, {**runs.versions_meta(cfg["seed"]), "name": cfg["name"],
                                            "kfold": k, "status": "running", "start": runs.utc_now(),
                                            "sizes": splits.sizes(), "source": splits.source,
                                            "params": model.count_params(), "classes": splits.classes,
@@ -106,7 +106,7 @@ def write_aggregate(run_dir: Path, cfg: dict, histories: list, tests: list, stat
     done = [t for t in tests if t]
     test = {m: float(np.mean([t[m] for t in done])) for m in done[0]} if done and len(done) == len(tests) else None
     meta_path = run_dir / "meta.json"
-    meta = runs.read_json(meta_path) if meta_path.exists() else runs.versions_meta(cfg.get("seed", 0))
+    meta = runs.read_json(meta_path) if meta_path.exists() else runs.versions_meta(cfg["seed"])
     meta.update({"kfold": k, "folds": statuses,
                  "status": "completed" if len(statuses) == k and all(s == "completed" for s in statuses)
                  else statuses[-1] if statuses else "running",

@@ -225,10 +225,9 @@ class Model:
         xs, ys = self._inputs_list(x), self._targets_list(y)
         rng = np.random.default_rng(seed) if seed is not None else np.random.default_rng(_entropy_seed())
         if validation_data is None and validation_split:
-            from dlcli.data import validation_split as split
+            from dlcli.data.split import split_indices
 
-            idx = np.arange(len(xs[0]))
-            tr, _, va, _ = split(idx, ys[0] if stratify else np.zeros(len(idx)), validation_split, rng, stratify)
+            tr, va = split_indices(ys[0], validation_split, rng, stratify)
             validation_data = ([a[va] for a in xs], [a[va] for a in ys])
             xs, ys = [a[tr] for a in xs], [a[tr] for a in ys]
             if sample_weight is not None:

@@ -3,6 +3,7 @@ same values, splits and limits as the in-memory npz loader."""
 import numpy as np
 import pytest
 
+from dlcli.config import Config
 from dlcli.data import load_dataset
 from dlcli.data.mapped import MappedSource
 from dlcli.errors import DlcliError
@@ -55,12 +56,12 @@ def test_training_from_a_mapped_array_with_a_validation_split(arrays, tmp_path):
     from dlcli.experiment import load_splits, train_run
 
     tmp, x, y = arrays
-    config = {"name": "mapped", "seed": 0,
+    config = Config.model_validate({"name": "mapped", "seed": 0,
               "data": {"type": "npy", "x": str(tmp / "x.npy"), "y": str(tmp / "y.npy"), "rescale": 1 / 255},
               "model": {"input_shape": [6, 5, 1], "layers": [{"type": "Flatten"},
                                                             {"type": "Dense", "units": 3, "activation": "softmax"}]},
               "compile": {"optimizer": "adam", "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
-              "train": {"epochs": 2, "batch_size": 16, "validation_split": 0.2}}
+              "train": {"epochs": 2, "batch_size": 16, "validation_split": 0.2}}).to_dict()  # defaults filled
     model = build_model(config)
     splits = load_splits(config, model)
     assert splits.sizes() == {"train": 160, "validation": 40, "test": 0}
