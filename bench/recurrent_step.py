@@ -28,11 +28,10 @@ def data(n, steps, features, seed=0):
 
 def dlcli_runner(cell, x, y, batch, units):
     from dlcli import layers, models
-    from dlcli.engine.layer import set_random_seed
 
-    set_random_seed(0)
     rnn = {"lstm": layers.LSTM, "gru": layers.GRU}[cell](units, input_shape=x.shape[1:])
     model = models.Sequential([rnn, layers.Dense(1, activation="sigmoid")])
+    model.build(rng=np.random.default_rng(0))
     model.compile(optimizer="rmsprop", loss="binary_crossentropy", metrics=["accuracy"])
     seeds = iter(range(10**6))
     return lambda: model.fit(x, y, epochs=1, batch_size=batch, verbose=0, seed=next(seeds))

@@ -6,8 +6,10 @@ import json
 import re
 import warnings
 
+import numpy as np
+
 from dlcli.engine.graph import Input
-from dlcli.engine.layer import LAYERS, Layer, clear_session, set_random_seed
+from dlcli.engine.layer import LAYERS, Layer, build_seeded, clear_session
 from dlcli.errors import ConfigError, DlcliError, ShapeError
 from dlcli.memory import check_training_fits
 from dlcli.models import Model, Sequential
@@ -20,8 +22,7 @@ def build_model(config: dict):
     initialised from `config['seed']`."""
     import dlcli.layers  # noqa: F401  (registers every layer family)
     clear_session()
-    set_random_seed(config["seed"])
-    model = from_config({"name": config["name"], **config["model"]})
+    model = from_config({"name": config["name"], **config["model"]}, np.random.default_rng(config["seed"]))
     apply_freeze(model, config["train"]["freeze"])
     compile_spec = config["compile"]
     model.compile(optimizer=compile_spec["optimizer"], loss=compile_spec["loss"], metrics=compile_spec["metrics"],
@@ -46,9 +47,10 @@ def apply_freeze(model, patterns: list[str]):
             layer.trainable = False
 
 
-def from_config(spec: dict) -> Model:
-    """Build a model from the `model:` section of a config (sequential or functional)."""
-    spec = dict(spec)
+def from_config(spec: dict, rng: np.random.Generator | None = None) -> Model:
+    """Build a model from the `model:` section of a config (sequential or functional); every layer's weights and
+    dropout stream come from `rng` in build order (None: unseeded)."""
+    spec, rng = dict(spec), rng if rng is not None else np.random.default_rng()
     kind = spec.get("type", "sequential")
     if kind == "sequential":
         model = Sequential(name=spec.get("name") or "sequential")
@@ -56,10 +58,10 @@ def from_config(spec: dict) -> Model:
         model._input = Input(tuple(first_shape), dtype=spec.get("input_dtype", "float32")) if first_shape else None
         for entry in spec.get("layers", []):
             model.add(layer_from_config(entry))
-        model.build()
+        model.build(rng=rng)
         return model
     if kind == "functional":
-        return _functional_from_config(spec)
+        return _functional_from_config(spec, rng)
     raise ConfigError(f"model.type must be 'sequential' or 'functional'; found '{kind}'")
 
 
@@ -68,7 +70,7 @@ def layer_from_config(entry: dict) -> Layer:
     return LAYERS.get(entry["type"])(**args)
 
 
-def _functional_from_config(spec: dict) -> Model:
+def _functional_from_config(spec: dict, rng: np.random.Generator) -> Model:
     tensors: dict[str, object] = {}
     for inp in spec.get("inputs", []):
         tensors[inp["name"]] = Input(tuple(inp["shape"]), name=inp["name"], dtype=inp.get("dtype", "float32"))
@@ -93,6 +95,7 @@ def _functional_from_config(spec: dict) -> Model:
                 layers_by_name[layer.name] = layer
             ins = [_resolve_ref(r, tensors) for r in ref_list]
             try:
+                build_seeded(layer, [t.shape for t in ins] if isinstance(refs, list) else ins[0].shape, rng)
                 out = layer(ins if isinstance(refs, list) else ins[0])
             except ShapeError as e:
                 raise ShapeError(f"model.layers[{i}] '{entry.get('name') or layer.name}' (reading "

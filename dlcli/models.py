@@ -13,7 +13,7 @@ from dlcli import metrics as metrics_module
 from dlcli import optimizers as optimizers_module
 from dlcli.data.source import ArraySource, Source, as_source, batch_indices
 from dlcli.engine.graph import Graph, Input, InputLayer, SymbolicTensor
-from dlcli.engine.layer import Layer, assign_weights, format_shape
+from dlcli.engine.layer import Layer, assign_weights, build_seeded, format_shape
 from dlcli.errors import ConfigError, DlcliError, ShapeError
 from dlcli.registry import did_you_mean
 
@@ -223,7 +223,7 @@ class Model:
 
         self._require_compiled()
         xs, ys = self._inputs_list(x), self._targets_list(y)
-        rng = np.random.default_rng(seed) if seed is not None else np.random.default_rng(_entropy_seed())
+        rng = np.random.default_rng(seed)  # None: fresh entropy
         if validation_data is None and validation_split:
             from dlcli.data.split import split_indices
 
@@ -409,7 +409,8 @@ class Sequential(Model):
         if len(self._stack) == 1 and self._input is None and layer.input_shape_hint is not None:
             self._input = Input(layer.input_shape_hint)
 
-    def build(self, input_shape=None):
+    def build(self, input_shape=None, rng: np.random.Generator | None = None):
+        """Wire the stack; with `rng` (seeded) each layer's weights and dropout stream come from it, in order."""
         if self.graph is not None:
             return
         if input_shape is not None:
@@ -419,6 +420,8 @@ class Sequential(Model):
                              f"input_shape=(...) or call build(input_shape)")
         x = self._input
         for layer in self._stack:
+            if rng is not None:
+                build_seeded(layer, x.shape, rng)
             x = layer(x)
         self._set_graph(self._input, x)
 
@@ -469,10 +472,3 @@ def _per_output(value, names, what, listy=False):
             raise ConfigError(f"compile {what} has {len(value)} entries for {len(names)} outputs")
         return value
     return [value for _ in names]
-
-
-def _entropy_seed() -> int:
-    from dlcli.engine.layer import next_rng
-
-    return int(next_rng().integers(2**63))
-

@@ -13,7 +13,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dlcli import callbacks, checkpoint, distributed, layers, models  # noqa: E402
-from dlcli.engine.layer import clear_session, set_random_seed  # noqa: E402
+from dlcli.engine.layer import clear_session  # noqa: E402
 from dlcli.trainer import Trainer  # noqa: E402
 
 EPOCHS = 2
@@ -23,13 +23,13 @@ def case(name: str):
     """(model, xs, ys, batch_size): small, seeded, with a dataset size that does not divide by 2 and a last batch
     that leaves one rank without a sample (dense_adam, conv_bn) or splits unevenly (lstm)."""
     clear_session()
-    set_random_seed(0)
     rng = np.random.default_rng(1)
     if name == "dense_adam":
         x = rng.normal(size=(101, 6)).astype(np.float32)
         y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1)
         model = models.Sequential([layers.Dense(16, activation="relu", input_shape=(6,)),
                                    layers.Dense(3, activation="softmax")])
+        model.build(rng=np.random.default_rng(0))  # seeded weights: every rank and run starts equal
         model.compile(optimizer={"type": "adam", "learning_rate": 0.01}, loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"])
         return model, [x], [y], 10
@@ -38,6 +38,7 @@ def case(name: str):
         y = (x[:, 0] > 0).astype(np.int64)
         model = models.Sequential([layers.Dense(16, activation="relu", input_shape=(6,)), layers.Dropout(0.3),
                                    layers.Dense(2, activation="softmax")])
+        model.build(rng=np.random.default_rng(0))  # seeded weights: every rank and run starts equal
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         return model, [x], [y], 10
     if name == "conv_bn":
@@ -47,6 +48,7 @@ def case(name: str):
                                    layers.Activation("relu"), layers.MaxPooling2D(2), layers.Flatten(),
                                    layers.Dense(8), layers.BatchNormalization(), layers.Activation("relu"),
                                    layers.Dense(2, activation="softmax")])
+        model.build(rng=np.random.default_rng(0))  # seeded weights: every rank and run starts equal
         model.compile(optimizer={"type": "sgd", "learning_rate": 0.05, "momentum": 0.9},
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         return model, [x], [y], 8
@@ -54,6 +56,7 @@ def case(name: str):
         x = rng.normal(size=(45, 7, 3)).astype(np.float32)
         y = x[:, :, 0].sum(1, keepdims=True).astype(np.float32)
         model = models.Sequential([layers.LSTM(8, input_shape=(7, 3)), layers.Dense(1)])
+        model.build(rng=np.random.default_rng(0))  # seeded weights: every rank and run starts equal
         model.compile(optimizer="rmsprop", loss="mse", metrics=["mae"])
         return model, [x], [y], 16
     raise SystemExit(f"unknown case {name}")

@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from dlcli import builder
 from dlcli.builder import build_model
 from dlcli.cli import app
-from dlcli.config import load_config
+from dlcli.config import Config, load_config
 from dlcli.diagnostics import dead_fraction, first_batch, trace_batch
 from tests.runs_fixture import write_tiny_config
 
@@ -51,7 +52,8 @@ def test_determinism_passes_and_catches_unseeded_initialisation(tmp_path, monkey
     result = invoke("check", "determinism", config, "--samples", "48")
     assert result.exit_code == 0, result.output
     assert "4 weight arrays identical" in result.output
-    monkeypatch.setattr("dlcli.builder.set_random_seed", lambda seed: None)
+    seeded = builder.from_config
+    monkeypatch.setattr(builder, "from_config", lambda spec, rng: seeded(spec, np.random.default_rng()))  # unseeded
     result = invoke("check", "determinism", config, "--samples", "48")
     assert result.exit_code == 1 and "DIFFERS" in result.output and "dense/kernel" in result.output
 
@@ -92,10 +94,10 @@ def test_gradient_check_passes_on_recurrent_models(layer):
     from dlcli.engine.initializers import INITIALIZERS
 
     assert INITIALIZERS.get("orthogonal")()((4, 12), np.random.default_rng(0)).flags.c_contiguous
-    cfg = {"name": "rnn", "seed": 0,
+    cfg = {"name": "rnn", "seed": 0, "data": {"type": "none"},
            "model": {"input_shape": [5, 2], "layers": [layer, {"type": "Dense", "units": 1}]},
            "compile": {"optimizer": "sgd", "loss": "mse"}}
-    model = build_model(cfg)
+    model = build_model(Config.model_validate(cfg).to_dict())  # a resolved config: every default filled in
     rng = np.random.default_rng(0)
     rows = gradient_check(model, [rng.normal(size=(3, 5, 2))], [rng.normal(size=(3, 1))], entries=4)
     assert any("recurrent_kernel" in r["weight"] for r in rows)

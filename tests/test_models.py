@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 
 from dlcli import builder, layers, models
-from dlcli.engine.layer import set_random_seed
 from dlcli.errors import DlcliError, ShapeError
 
 
@@ -16,9 +15,9 @@ def blobs(n=600, seed=0):
 
 
 def mlp(seed=0):
-    set_random_seed(seed)
     model = models.Sequential([layers.Dense(16, activation="relu", input_shape=(4,)),
                                layers.Dense(3, activation="softmax")])
+    model.build(rng=np.random.default_rng(seed))
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
 
@@ -126,7 +125,6 @@ def test_fused_softmax_cross_entropy_matches_unfused_gradients():
 
 
 def test_regularizers_enter_the_loss():
-    set_random_seed(0)
     model = models.Sequential([layers.Dense(3, input_shape=(4,), kernel_regularizer={"l2": 0.5})])
     model.compile(optimizer="sgd", loss="mse")
     x, y = np.ones((2, 4), np.float32), np.zeros((2, 3), np.float32)

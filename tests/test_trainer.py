@@ -6,18 +6,17 @@ import pytest
 from dlcli import checkpoint
 from dlcli.callbacks import Callback
 from dlcli.divergence import DivergenceError
-from dlcli.engine.layer import set_random_seed
 from dlcli.layers import Dense, Dropout
 from dlcli.models import Sequential
 from dlcli.trainer import Trainer
 
 
 def _model(lr=0.1, optimizer="sgd", dropout=False, **dense_kw):
-    set_random_seed(5)  # the same initial weights and layer RNGs every time
     layers = [Dense(4, activation="relu", input_shape=(3,), name="h", **dense_kw)]
     layers += [Dropout(0.3, name="drop")] if dropout else []
     layers += [Dense(2, activation="softmax", name="out")]
     model = Sequential(layers)
+    model.build(rng=np.random.default_rng(5))  # the same initial weights and layer RNGs every time
     model.compile({"type": optimizer, "learning_rate": lr}, "sparse_categorical_crossentropy", ["accuracy"])
     return model
 

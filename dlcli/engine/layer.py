@@ -41,18 +41,6 @@ class Param:
 
 
 _name_counts: defaultdict = defaultdict(int)
-_seed_source = np.random.default_rng()
-
-
-def set_random_seed(seed: int):
-    """Seed every later weight initialisation and layer RNG (Keras' `keras.utils.set_random_seed`)."""
-    global _seed_source
-    _seed_source = np.random.default_rng(seed)
-
-
-def next_rng() -> np.random.Generator:
-    """A fresh generator drawn from the seed source: one per layer, so layers never share a stream."""
-    return np.random.default_rng(int(_seed_source.integers(2**63)))
 
 
 def clear_session():
@@ -111,7 +99,7 @@ class Layer:
                 raise ShapeError(f"layer '{self.name}' was built for input shape {_fmt(self.input_shape)} "
                                  f"but is now called on {_fmt(input_shape)}")
             return
-        self.rng = rng if rng is not None else next_rng()
+        self.rng = rng if rng is not None else np.random.default_rng()  # unseeded: fresh entropy, as in Keras
         self.input_shape = input_shape
         self.build(input_shape)
         self.built = True
@@ -201,6 +189,14 @@ class Layer:
 
     def __repr__(self):
         return f"<{type(self).__name__} '{self.name}'>"
+
+
+def build_seeded(layer: Layer, input_shape, rng: np.random.Generator):
+    """Build `layer` with a generator of its own drawn from `rng`, the model's seeded stream: layers built in the
+    same order get the same weights and dropout streams every time, and never share one. A built (shared) layer
+    draws nothing."""
+    if not layer.built:
+        layer.ensure_built(input_shape, np.random.default_rng(int(rng.integers(2**63))))
 
 
 def assign_weights(params: list[Param], values, owner: str):

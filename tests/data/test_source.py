@@ -9,7 +9,6 @@ from PIL import Image
 from dlcli import checkpoint
 from dlcli.data import load_dataset
 from dlcli.data.source import ArraySource, Source, batch_indices, index_array
-from dlcli.engine.layer import set_random_seed
 from dlcli.layers import Dense, Dropout, Flatten, Rescaling
 from dlcli.models import Sequential
 from dlcli.trainer import Trainer
@@ -94,10 +93,10 @@ def tiny_folder(tmp_path):
 
 
 def _model():
-    set_random_seed(5)
     model = Sequential([Rescaling(1 / 255, input_shape=(6, 6, 1), name="scale"), Flatten(name="flat"),
                         Dense(8, activation="relu", name="h"), Dropout(0.2, name="drop"),
                         Dense(3, activation="softmax", name="out")])
+    model.build(rng=np.random.default_rng(5))
     model.compile({"type": "adam", "learning_rate": 0.01}, "sparse_categorical_crossentropy", ["accuracy"])
     return model
 

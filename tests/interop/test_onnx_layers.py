@@ -7,7 +7,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from dlcli import layers  # noqa: E402
-from dlcli.engine.layer import clear_session, set_random_seed  # noqa: E402
+from dlcli.engine.layer import clear_session  # noqa: E402
 from dlcli.interop.onnx_export import max_difference, sample_inputs, to_onnx  # noqa: E402
 from dlcli.interop.onnx_layers import EXPORTERS  # noqa: E402
 from dlcli.builder import from_config  # noqa: E402
@@ -153,9 +153,8 @@ def random_model(spec, seed=0):
     """The model with every weight drawn at random (BatchNormalization variances positive), so no weight is a
     trivial zero or one that would hide a layout mistake."""
     clear_session()
-    set_random_seed(seed)
-    model = from_config(dict(spec))
     rng = np.random.default_rng(seed)
+    model = from_config(dict(spec), rng)
     for p in model.weights:
         value = rng.normal(0, 0.5, p.value.shape)
         p.value = (np.abs(value) + 0.5 if "variance" in p.name else value).astype(np.float32)
