@@ -156,9 +156,6 @@ class Model:
         return [np.asarray(a) for a in ys]
 
     # --- one step -------------------------------------------------------------------------------------------
-    def forward(self, xs: list, training=False) -> list:
-        return self.graph.forward(xs, training)
-
     def compute_loss(self, ys, outs, sample_weight=None, with_grads=True):
         """Weighted mean loss over the batch (Keras' sum_over_batch_size) and d(loss)/d(outputs or logits)."""
         n = outs[0].shape[0]

@@ -112,7 +112,7 @@ def test_sequential_equals_the_same_chain_as_a_graph():
     grads = []
     for model in (seq, graph):
         model.compile("sgd", loss="sparse_categorical_crossentropy")
-        _, _, g = model.compute_loss([y], model.forward([x], training=True))
+        _, _, g = model.compute_loss([y], model.graph.forward([x], training=True))
         model.graph.backward(g)
         grads.append([p.grad.copy() for p in model.trainable_weights])
     for a, b in zip(*grads):
