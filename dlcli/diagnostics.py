@@ -222,7 +222,7 @@ def short_run(config: dict, samples: int, epochs: int) -> tuple[dict, list]:
     from dlcli.builder import build_model
     from dlcli.experiment import load_splits, train_run
 
-    config = {**config, "train": {**config.get("train", {}), "epochs": epochs}}
+    config = {**config, "train": {**config["train"], "epochs": epochs}}
     model = build_model(config)
     splits = load_splits(config, model)
     val = None if splits.x_val is None else max(1, samples // 4)

@@ -24,7 +24,7 @@ def predict_run(run_dir, inputs: list[Path], weights: str = "best", key: str | N
 
     config, model = load_run_model(run_dir, weights, allow_config_change)
     xs, labels = read_inputs(list(inputs), run_dir, config, model, key, invert, pixel_scale)
-    preds = model.predict(xs, batch_size=int(config.get("train", {}).get("batch_size", 32)))
+    preds = model.predict(xs, batch_size=config["train"]["batch_size"])
     preds = preds[0] if isinstance(preds, list) else preds  # the first output for multi-output models
     probs = probabilities(model, preds)
     names = class_names(run_dir, config, probs.shape[1]) if probs is not None else []

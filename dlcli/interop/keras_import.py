@@ -69,7 +69,7 @@ def import_keras(source, output, config_path=None, overrides=()) -> ImportReport
             _load_legacy_weights(h5, model)
     finally:
         h5.close()
-    meta = {**runs.versions_meta(config.get("seed", 0)), "name": config["name"], "status": "imported",
+    meta = {**runs.versions_meta(config["seed"]), "name": config["name"], "status": "imported",
             "imported": {"from": str(source.resolve()), "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
                          "keras_version": keras_version, "config": str(config_path) if config_path else None},
             "start": runs.utc_now(), "params": model.count_params(), "classes": None, "notes": notes}
