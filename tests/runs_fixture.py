@@ -7,6 +7,21 @@ from dlcli.cli import app
 CLASSES = ["low", "mid", "high"]
 
 
+def write_class_npz(path, samples: int, features: int = 8, *, test: int, seed: int = 0, threshold: float = 1.0,
+                    held_out: bool = True):
+    """The tests' tiny classification data: x ~ N(0, 1) of shape (samples, features), three classes
+    y = (x0 > 0) + (x1 > threshold) that a small Dense net learns in a few epochs. The test set is the last `test`
+    samples, held out of training (held_out), or the first `test` training samples again."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(samples, features)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > threshold)
+    if held_out:
+        np.savez(path, x=x[:-test], y=y[:-test], x_test=x[-test:], y_test=y[-test:])
+    else:
+        np.savez(path, x=x, y=y, x_test=x[:test], y_test=y[:test])
+    return path
+
+
 def write_tiny_config(tmp_path, **train) -> str:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(96, 4, 4)).astype(np.float32)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+from tests.runs_fixture import write_class_npz
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,10 +40,7 @@ PARAMETERS = """\
 
 
 def write_sweep_config(folder: Path, epochs=2, sampler="tpe", pruner="none", parameters=PARAMETERS) -> Path:
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(240, 8)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0.5)
-    np.savez(folder / "data.npz", x=x[:200], y=y[:200], x_test=x[200:], y_test=y[200:])
+    write_class_npz(folder / "data.npz", 240, test=40, threshold=0.5)
     path = folder / "sweep.yaml"
     path.write_text(SWEEP_CONFIG.format(data=folder / "data.npz", epochs=epochs, sampler=sampler, pruner=pruner,
                                         parameters=parameters))

@@ -12,6 +12,7 @@ import pytest
 
 from dlcli import distributed
 from tests import distributed_job as job
+from tests.runs_fixture import write_class_npz
 
 JOB = Path(job.__file__)
 
@@ -157,10 +158,8 @@ train: {{epochs: {epochs}, batch_size: 16, validation_split: 0.25, checkpoint_ev
 
 
 def tiny_config(tmp_path, epochs=3):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(203, 8)).astype(np.float32)  # 152 training samples: the last batch of 8 splits 4 + 4
-    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1)
-    np.savez(tmp_path / "data.npz", x=x, y=y, x_test=x[:41], y_test=y[:41])
+    # 203 samples, 152 of them training: the last batch of 8 splits 4 + 4
+    write_class_npz(tmp_path / "data.npz", 203, test=41, held_out=False)
     path = tmp_path / f"tiny{epochs}.yaml"
     path.write_text(CONFIG.format(data=tmp_path / "data.npz", epochs=epochs))
     return path

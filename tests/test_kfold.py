@@ -12,6 +12,7 @@ from dlcli.config import parse_config
 from dlcli.data.split import kfold_indices
 from dlcli.errors import ConfigError
 from dlcli.yaml_lines import load_yaml
+from tests.runs_fixture import write_class_npz
 
 CONFIG = """\
 name: folds
@@ -32,10 +33,7 @@ train: {{epochs: 3, batch_size: 16, kfold: 3}}
 
 @pytest.fixture
 def config(tmp_path):
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(120, 6)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0.7)
-    np.savez(tmp_path / "data.npz", x=x[:90], y=y[:90], x_test=x[90:], y_test=y[90:])
+    write_class_npz(tmp_path / "data.npz", 120, 6, test=30, seed=3, threshold=0.7)
     path = tmp_path / "folds.yaml"
     path.write_text(CONFIG.format(data=tmp_path / "data.npz"))
     return path

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 import dlcli
 from dlcli.cli import app
+from tests.runs_fixture import write_class_npz
 
 CONFIG = """\
 name: tracked
@@ -32,10 +33,7 @@ train:
 
 
 def write_config(tmp_path, callback: str):
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(100, 6)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0.8)
-    np.savez(tmp_path / "data.npz", x=x[:80], y=y[:80], x_test=x[80:], y_test=y[80:])
+    write_class_npz(tmp_path / "data.npz", 100, 6, test=20, seed=1, threshold=0.8)
     path = tmp_path / "tracked.yaml"
     path.write_text(CONFIG.format(data=tmp_path / "data.npz", callback=callback))
     return path

@@ -11,6 +11,7 @@ from dlcli import runs
 from dlcli.callbacks import Callback
 from dlcli.cli import app
 from dlcli.errors import DlcliError
+from tests.runs_fixture import write_class_npz
 
 CONFIG = """\
 name: tiny
@@ -31,10 +32,7 @@ train: {{epochs: 3, batch_size: 16, validation_split: 0.25}}
 
 @pytest.fixture
 def config(tmp_path):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(200, 8)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1)
-    np.savez(tmp_path / "data.npz", x=x, y=y, x_test=x[:40], y_test=y[:40])
+    write_class_npz(tmp_path / "data.npz", 200, test=40, held_out=False)
     path = tmp_path / "tiny.yaml"
     path.write_text(CONFIG.format(data=tmp_path / "data.npz"))
     return path

@@ -66,6 +66,9 @@ MUTANTS = {
     "predict-text-ignores-vocabulary": (
         "dlcli/data/inputs.py", "return encode_texts(lines, runs.read_json(vocabulary_file))",
         'return encode_texts(lines, {**runs.read_json(vocabulary_file), "words": []})', ["tests/test_predict.py"]),
+    "batchnorm-ignores-mask": (
+        "dlcli/layers/normalization.py", "            if self.input_mask is not None:\n                mean, var, count",
+        "            if False:\n                mean, var, count", ["tests/layers/test_normalization.py"]),
     "predict-invert-ignored": (
         "dlcli/data/inputs.py", "pixels = 255 - pixels", "pixels = pixels", ["tests/test_predict.py"]),
 }
