@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlcli import runs
+from dlcli import fingerprint, runs
 from dlcli.engine.layer import snake_case
 from dlcli.errors import DlcliError
 from dlcli.interop import require
@@ -72,7 +72,8 @@ def import_keras(source, output, config_path=None, overrides=()) -> ImportReport
     meta = {**runs.versions_meta(config["seed"]), "name": config["name"], "status": "imported",
             "imported": {"from": str(source.resolve()), "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
                          "keras_version": keras_version, "config": str(config_path) if config_path else None},
-            "start": runs.utc_now(), "params": model.count_params(), "classes": None, "notes": notes}
+            "start": runs.utc_now(), "params": model.count_params(), "classes": None, "notes": notes,
+            **fingerprint.record(config)}  # an edited config.yaml is caught as for a trained run
     _write_run(output, dump_yaml(config), model, meta)
     return ImportReport(output, source, len(model.layers), model.count_params(), keras_version, notes)
 

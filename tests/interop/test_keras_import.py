@@ -286,3 +286,13 @@ def test_an_explicit_mask_other_than_maskings_is_refused(tmp_path):
     masking = next(e for e in config["config"]["layers"] if e["class_name"] == "Masking")
     masking["config"]["mask_value"] = 1.0  # the recorded mask (x != 0) is no longer the one Masking gives
     refused(tmp_path, doctored(tmp_path, config), "layer 'rnn' is called with mask")
+
+
+def test_an_imported_runs_edited_config_is_refused(tmp_path):
+    run = tmp_path / "run"
+    assert run_import(FIXTURES / "sequential_mlp.keras", "--output", run).exit_code == 0
+    text = (run / "config.yaml").read_text()
+    assert "activation: relu" in text
+    (run / "config.yaml").write_text(text.replace("activation: relu", "activation: tanh", 1))
+    result = runner.invoke(app, ["predict", str(run), str(FIXTURES / "sequential_mlp.npz"), "--key", "x"])
+    assert result.exit_code == 2 and "edited after the run was trained" in result.output, result.output
