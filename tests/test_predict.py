@@ -135,7 +135,7 @@ def test_integer_arrays_get_the_training_scaling_and_floats_pass_through(tmp_pat
     result = runner.invoke(app, ["train", str(tmp_path / "p.yaml"), "--runs-dir", str(tmp_path / "runs"), "-q"])
     assert result.exit_code == 0, result.output
     run_dir = next((tmp_path / "runs").iterdir())
-    scaled = x[:6].astype(np.float32) * np.float32(1 / 255)  # what the npz loader fed the model in training
+    scaled = x[:6].astype(np.float32) / np.float32(255)  # what the npz loader fed the model in training
     np.save(tmp_path / "raw.npy", x[:6])
     np.save(tmp_path / "scaled.npy", scaled)
     for name in ("raw", "scaled"):
@@ -152,7 +152,7 @@ def test_one_preprocessing_rule_per_dataset():
     pixels = np.arange(256, dtype=np.uint8).reshape(16, 4, 4)
     mnist = preprocess(pixels, {"type": "mnist"})
     assert mnist.dtype == np.float32 and mnist.max() == np.float32(1.0)
-    np.testing.assert_array_equal(mnist, pixels.astype(np.float32) * np.float32(1 / 255))
+    np.testing.assert_array_equal(mnist, pixels.astype(np.float32) / np.float32(255))  # the book recipe, bit for bit
     assert preprocess(pixels, {"type": "mnist", "normalize": False}).max() == 255.0
     words = np.array([[3, 1, 0]], np.int32)
     assert preprocess(words, {"type": "imdb"}).dtype == np.int32  # word indices stay indices

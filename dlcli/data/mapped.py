@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlcli.data.preprocess import to_features
 from dlcli.data.source import Source
 from dlcli.errors import DlcliError
 
@@ -70,8 +71,7 @@ class MappedSource(Source):
             order = np.argsort(index, kind="stable")
             rows = np.empty((len(index), *self.array.shape[1:]), self.array.dtype)
             rows[order] = self.array[index[order]]  # ascending offsets: sequential reads
-        rows = rows.astype(self.dtype, copy=False)
-        return [rows * self.dtype.type(self.rescale) if self.rescale != 1.0 else rows]
+        return [to_features(rows, self.dtype.name, self.rescale)]  # as a whole array in memory is converted
 
     def describe(self):
         return {"memory_mapped": str(getattr(self.array, "filename", "")), "bytes": int(self.array.nbytes)}
