@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 
+from dlcli.config import as_config
 from dlcli.engine.graph import Input
 from dlcli.engine.layer import LAYERS, Layer, build_seeded, clear_session
 from dlcli.errors import ConfigError, DlcliError, ShapeError
@@ -17,18 +18,21 @@ from dlcli.registry import did_you_mean
 from dlcli.runs import load_npz
 
 
-def build_model(config: dict):
-    """The compiled model a resolved config (`Config.to_dict()`: every default filled in) describes, its weights
-    initialised from `config['seed']`."""
+def build_model(config):
+    """The compiled model a Config describes (or its plain data, `Config.to_dict()`, as bench/ scripts pass), its
+    weights initialised from the config's seed."""
     import dlcli.layers  # noqa: F401  (registers every layer family)
+
+    config = as_config(config)
     clear_session()
-    model = from_config({"name": config["name"], **config["model"]}, np.random.default_rng(config["seed"]))
-    apply_freeze(model, config["train"]["freeze"])
-    compile_spec = config["compile"]
-    model.compile(optimizer=compile_spec["optimizer"], loss=compile_spec["loss"], metrics=compile_spec["metrics"],
-                  loss_weights=compile_spec.get("loss_weights"))  # to_dict() leaves out a null loss_weights
+    spec = {k: v for k, v in config.model.model_dump().items() if v is not None}  # plain data, as in config.yaml
+    model = from_config({"name": config.name, **spec}, np.random.default_rng(config.seed))
+    apply_freeze(model, config.train.freeze)
+    settings = config.compile
+    model.compile(optimizer=settings.optimizer, loss=settings.loss, metrics=settings.metrics,
+                  loss_weights=settings.loss_weights)
     # before any data, optimizer state or activation is allocated
-    check_training_fits(model, config["train"]["batch_size"])
+    check_training_fits(model, config.train.batch_size)
     return model
 
 

@@ -56,7 +56,7 @@ def train(
                           callbacks=[stop] if quiet else [Banner(out, config), stop])
     except KeyboardInterrupt:  # a second Ctrl-C: StopOnSignal has said that nothing more was saved
         raise typer.Exit(130) from None
-    if run.config["train"].get("kfold") and not quiet:
+    if run.config.train.kfold and not quiet:
         print_kfold(out, run)  # the mean and spread per epoch; the test table below is the folds' mean
     if run.test and not quiet:
         out.print(metrics_table(f"test ({test_set(run.config, run.sizes['test'])})", run.test))

@@ -22,7 +22,7 @@ from dlcli.extends import compose_document
 from dlcli.registry import did_you_mean, parameters
 from dlcli.yaml_lines import Document, apply_override, dump_yaml, format_path
 
-__all__ = ["Config", "load_config", "parse_config", "dump_yaml", "split_spec"]
+__all__ = ["Config", "as_config", "load_config", "parse_config", "dump_yaml", "split_spec"]
 
 
 # --- the fixed schema -------------------------------------------------------------------------------------------------
@@ -167,6 +167,11 @@ def parse_config(text: str, source: str = "<config>", overrides: typing.Sequence
     except ValidationError as e:  # a safety net: pass 1 leaves spec contents to pass 2, which should catch all
         doc.issues.extend(_schema_issue(doc, err, tuple(p for p in err["loc"] if p != "[key]")) for err in e.errors())
         _raise(doc)
+
+
+def as_config(config) -> Config:
+    """A Config as is; a resolved config's plain data (`Config.to_dict()`, a run's config.yaml) as a Config again."""
+    return config if isinstance(config, Config) else Config.model_validate(config)
 
 
 def split_spec(spec) -> tuple[str, dict]:

@@ -11,6 +11,7 @@ import numpy as np
 
 from dlcli import checkpoint, runs
 from dlcli.callbacks import Callback
+from dlcli.config import Config, as_config
 from dlcli.data import paths
 from dlcli.data.source import Source, as_source
 from dlcli.errors import DlcliError, ShapeError
@@ -36,22 +37,24 @@ class Splits:
                 for name, xs in (("train", self.x_train), ("validation", self.x_val), ("test", self.x_test))}
 
 
-def load_splits(config: dict, model) -> Splits:
-    """Load the dataset, fit its arrays to the model's inputs, and carve the seeded validation split."""
+def load_splits(config, model) -> Splits:
+    """Load the dataset a Config (or its plain data) names, fit its arrays to the model's inputs, and carve the
+    seeded validation split."""
     from dlcli.data import load_dataset
     from dlcli.data.split import split_indices
 
-    train_cfg = config["train"]
-    ds = load_dataset(config["data"])
+    config = as_config(config)
+    settings = config.train
+    ds = load_dataset(config.data)
     x_train, y_train = as_source(fit_inputs(ds.x_train, model)), fit_targets(ds.y_train, model)
     x_test = None if ds.x_test is None else as_source(fit_inputs(ds.x_test, model))
     y_test = None if ds.y_test is None else fit_targets(ds.y_test, model)
     x_val = y_val = None
     if getattr(ds, "x_val", None) is not None:
         x_val, y_val = as_source(fit_inputs(ds.x_val, model)), fit_targets(ds.y_val, model)
-    elif train_cfg["validation_split"]:
-        rng = np.random.default_rng([config["seed"], 1])
-        tr, va = split_indices(y_train[0], train_cfg["validation_split"], rng, train_cfg["stratify"])
+    elif settings.validation_split:
+        rng = np.random.default_rng([config.seed, 1])
+        tr, va = split_indices(y_train[0], settings.validation_split, rng, settings.stratify)
         x_val, y_val = x_train.subset(va), [a[va] for a in y_train]
         x_train, y_train = x_train.subset(tr), [a[tr] for a in y_train]
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, ds.classes, ds.source, ds.extra or {})
@@ -111,7 +114,7 @@ class Run:
     """One training run: the live handle callbacks receive in `on_run_begin`, and what `train` returns."""
 
     dir: Path
-    config: dict
+    config: Config  # the validated config (dlcli.config); `.to_dict()` is what config.yaml holds
     model: object = field(repr=False)
     splits: Splits = field(repr=False)
     status: str = "running"  # then "completed", "interrupted" or the status given to stop()
@@ -138,12 +141,12 @@ class Run:
         self.trainer.stop_requested = True
 
 
-def run_callbacks(config: dict, run_dir: Path, has_validation: bool) -> list:
+def run_callbacks(config: Config, run_dir: Path, has_validation: bool) -> list:
     """RunRecorder, the config's train.callbacks, and a ModelCheckpoint writing weights/ (the default monitors
     val_loss, or loss without a validation split)."""
     from dlcli.callbacks import ModelCheckpoint, from_config
 
-    user = from_config(config["train"]["callbacks"])
+    user = from_config(config.train.callbacks)
     checkpoints = [cb for cb in user if isinstance(cb, ModelCheckpoint)]
     for cb in checkpoints:
         if cb.filepath is None:
@@ -153,9 +156,10 @@ def run_callbacks(config: dict, run_dir: Path, has_validation: bool) -> list:
     return [RunRecorder(run_dir), *user]
 
 
-def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), verbose=1,
+def train_run(config, model, splits: Splits, run_dir: Path, callbacks=(), verbose=1,
               resume: dict | None = None, world=None, run: Run | None = None) -> Run:
-    """Train `model` on `splits` into `run_dir` (already created; config.yaml written by the caller).
+    """Train `model` on `splits` into `run_dir` (already created; config.yaml written by the caller). `config` is
+    a Config (or its plain data).
 
     `resume` (dlcli.checkpoint.load of this run) continues exactly where the checkpoint stopped, appending to the
     same history.csv. A non-finite loss writes divergence.json and re-raises the DivergenceError.
@@ -164,7 +168,7 @@ def train_run(config: dict, model, splits: Splits, run_dir: Path, callbacks=(), 
     """
     from dlcli import distributed
 
-    world = world or distributed.World()
+    world, config = world or distributed.World(), as_config(config)
     with world.guard():
         run = _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world, run)
         world.barrier()  # a failure in rank 0's last writes reaches the ranks that are done
@@ -178,10 +182,10 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
     from dlcli.trainer import Trainer
 
     run = run or Run(run_dir, config, model, splits)
-    recorded = fingerprint.record(config)  # what evaluate/predict/export/--resume check config.yaml against
-    train_cfg = config["train"]
+    recorded = fingerprint.record(config.to_dict())  # what evaluate/predict/export/--resume check config.yaml against
+    settings = config.train
     meta_path = run_dir / "meta.json"
-    meta = {**runs.versions_meta(config["seed"]), "name": config["name"], "status": "running",
+    meta = {**runs.versions_meta(config.seed), "name": config.name, "status": "running",
             "start": runs.utc_now(), "sizes": splits.sizes(), "source": splits.source,
             "params": model.count_params(), "classes": splits.classes, "data_dirs": paths.recorded_dirs(),
             **({"files": splits.extra["folder"]} if splits.extra.get("folder") else {}), **recorded}
@@ -198,20 +202,20 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
         cbs[0].rows = [r for r in runs.read_history(run_dir) if (r.get("epoch") or 0) <= done]
     run.history = cbs[0].rows
     saver = next(cb for cb in cbs if isinstance(cb, ModelCheckpoint))
-    rng = np.random.default_rng([config["seed"], 2])
+    rng = np.random.default_rng([config.seed, 2])
     run.trainer = Trainer(model, callbacks=[*cbs, *callbacks], verbose=verbose, rng=rng,
                           checkpoint_path=run_dir / checkpoint.FILENAME,
-                          checkpoint_every=train_cfg["checkpoint_every"],
-                          divergence_factor=train_cfg["divergence_factor"], world=world)
+                          checkpoint_every=settings.checkpoint_every,
+                          divergence_factor=settings.divergence_factor, world=world)
     run.trainer.checkpoint_header = recorded
     for cb in run.trainer.user_callbacks:
         cb.on_run_begin(run)
     validation = (splits.x_val, splits.y_val) if splits.x_val is not None else None
     start = time.perf_counter()
     try:
-        run.trainer.fit(splits.x_train, splits.y_train, epochs=train_cfg["epochs"],
-                        batch_size=train_cfg["batch_size"], validation_data=validation, shuffle=train_cfg["shuffle"],
-                        class_weight=train_cfg["class_weight"], resume=resume)
+        run.trainer.fit(splits.x_train, splits.y_train, epochs=settings.epochs, batch_size=settings.batch_size,
+                        validation_data=validation, shuffle=settings.shuffle, class_weight=settings.class_weight,
+                        resume=resume)
     except DivergenceError as e:
         runs.atomic_write_json(run_dir / "divergence.json", e.report)
         meta.update({"status": "diverged", "end": runs.utc_now(), "hint": e.report["hint"],
@@ -226,7 +230,7 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
     run.status = (run.stopping or "interrupted") if run.trainer.stopping() else "completed"
     run.seconds = time.perf_counter() - start
     if splits.x_test is not None and run.status == "completed":
-        run.test = run.trainer.evaluate(splits.x_test, splits.y_test, train_cfg["batch_size"])
+        run.test = run.trainer.evaluate(splits.x_test, splits.y_test, settings.batch_size)
     run.best_epoch, run.position = saver.best_epoch, run.trainer.last_checkpoint
     if splits.x_train.describe():  # decode rate, cache, mapped file: where the input time went
         meta["input"] = splits.x_train.describe()
@@ -285,17 +289,17 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
            verbose) -> Run:
     from dlcli.builder import build_model
     from dlcli.config import dump_yaml
-
     from dlcli.kfold import train_folds
 
     overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else []) + ([f"name={name}"] if name else [])
     cfg, state, run_dir, changes, folds = \
         _resolve(config, overrides, resume, allow_config_change, init_from) if world.is_root else (None,) * 5
     # rank 0's resolution for every rank (its checkpoint follows in Trainer.fit: other nodes may not see its disk)
-    shared = world.bcast_json({"config": cfg, "run_dir": None if run_dir is None else str(run_dir),
-                               "changes": changes, "resumed": None if state is None else resume_banner(state)})
-    cfg, changes = shared["config"], shared["changes"]
-    if world.size > 1 and cfg["train"].get("kfold"):
+    shared = world.bcast_json({"config": None if cfg is None else cfg.to_dict(),
+                               "run_dir": None if run_dir is None else str(run_dir), "changes": changes,
+                               "resumed": None if state is None else resume_banner(state)})
+    cfg, changes = cfg if world.is_root else as_config(shared["config"]), shared["changes"]
+    if world.size > 1 and cfg.train.kfold:
         raise DlcliError("train.kfold trains its folds one after another in one process; drop --distributed (or "
                          "train.kfold)", exit_code=2)
     model = build_model(cfg)  # shapes and names fail here, before any data is loaded
@@ -303,13 +307,13 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
     with run_data(shared["run_dir"]):  # a resumed run looks where it found its data first
         splits = load_splits(cfg, model)
     if shared["run_dir"] is None and world.is_root:
-        run_dir = runs.create_run_dir(runs_dir, cfg["name"])
+        run_dir = runs.create_run_dir(runs_dir, cfg.name)
         lines = []
         model.summary(print_fn=lines.append)
         runs.atomic_write_text(run_dir / "summary.txt", "\n".join(lines) + "\n")
     run_dir = Path(world.bcast_json(None if run_dir is None else str(run_dir)))
-    runs.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    if cfg["train"].get("kfold"):
+    runs.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
+    if cfg.train.kfold:
         return train_folds(cfg, model, splits, run_dir, resume=folds, verbose=verbose,
                            train_fold=lambda c, m, s, d, state: train_run(c, m, s, d, callbacks, verbose=verbose,
                                                                         resume=state))
@@ -318,7 +322,7 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
 
 
 def _resolve(config, overrides, resume, allow_config_change, init_from):
-    """(config dict, loaded checkpoint or None, run directory when resuming, lines naming accepted changes, whether
+    """(Config, loaded checkpoint or None, run directory when resuming, lines naming accepted changes, whether
     it resumes a k-fold run)."""
     from dlcli import fingerprint
     from dlcli.kfold import is_kfold_run
@@ -333,31 +337,31 @@ def _resolve(config, overrides, resume, allow_config_change, init_from):
         folds = is_kfold_run(run_dir)  # each fold keeps its own checkpoint
         state = None if folds else checkpoint.load(run_dir)  # before anything else: a damaged one fails fast
         # what the run was trained with (its fingerprint record), not config.yaml, which may have been edited since
-        old = fingerprint.recorded_config(run_dir, state) or _config_dict(run_dir / "config.yaml", [])
-        cfg = _config_dict(run_dir / "config.yaml" if config is None else config, overrides)
-        cfg["name"] = old["name"]
-        changes = check_resume_config(old, cfg, allow_config_change and not folds)
-        new_lr = _constant_lr(cfg)
-        if state is not None and new_lr is not None and new_lr != _constant_lr(old):  # replaces the checkpointed
+        old = fingerprint.recorded_config(run_dir, state) or _config(run_dir / "config.yaml", []).to_dict()
+        cfg = _config(run_dir / "config.yaml" if config is None else config, overrides)
+        cfg = cfg.model_copy(update={"name": old["name"]})
+        changes = check_resume_config(old, cfg.to_dict(), allow_config_change and not folds)
+        new_lr = _constant_lr(cfg.compile.optimizer)
+        if state is not None and new_lr is not None and new_lr != _constant_lr(old["compile"]["optimizer"]):  # replaces the checkpointed
             state["arrays"]["optimizer/learning_rate"] = np.array(new_lr, np.float64)
             state["header"]["position"]["learning_rate"] = new_lr
     elif config is None:
         raise DlcliError("give a config file (dlcli train configs/mnist.yaml) or --resume RUN_DIR", exit_code=2)
     else:
-        cfg = _config_dict(config, overrides)
+        cfg = _config(config, overrides)
     return cfg, state, run_dir, changes, folds
 
 
-def _config_dict(config, overrides) -> dict:
-    from dlcli.config import Config, dump_yaml, load_config, parse_config
+def _config(config, overrides) -> Config:
+    from dlcli.config import dump_yaml, load_config, parse_config
 
     if isinstance(config, Config):
-        return parse_config(dump_yaml(config.to_dict()), f"<{config.name}>", overrides).to_dict()
-    return load_config(config, overrides).to_dict()
+        return parse_config(dump_yaml(config.to_dict()), f"<{config.name}>", overrides)
+    return load_config(config, overrides)
 
 
-def _constant_lr(cfg) -> float | None:
-    opt = cfg["compile"]["optimizer"]
+def _constant_lr(opt) -> float | None:
+    """The learning rate of an optimizer spec when it is a constant (not a schedule)."""
     lr = opt.get("learning_rate") if isinstance(opt, dict) else None
     return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
@@ -384,7 +388,7 @@ def run_data(run_dir):
 
 
 def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = False):
-    """(config, model holding the run's best or last weights) for a run directory. A config.yaml edited since the
+    """(Config, model holding the run's best or last weights) for a run directory. A config.yaml edited since the
     run recorded its config is refused with the diff (dlcli.fingerprint), or with `allow_config_change` used
     with a warning."""
     import warnings
@@ -396,8 +400,8 @@ def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = F
     if weights not in ("best", "last"):
         raise DlcliError(f"--weights must be 'best' or 'last'; found '{weights}'", exit_code=2)
     run_dir = runs.require_run_dir(run_dir)
-    config = load_config(run_dir / "config.yaml").to_dict()
-    diff = fingerprint.check(run_dir, config, allow_config_change)
+    config = load_config(run_dir / "config.yaml")
+    diff = fingerprint.check(run_dir, config.to_dict(), allow_config_change)
     if diff:
         warnings.warn(f"using {run_dir / 'config.yaml'}, edited since the run was trained:\n{diff}", stacklevel=2)
     model = build_model(config)
@@ -420,7 +424,7 @@ def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size
     if xs is None:
         raise DlcliError(f"run {run_dir.name} has no {split} split (set train.validation_split for a validation "
                          f"split)" if split == "validation" else "the dataset has no test split")
-    bs = batch_size or config["train"]["batch_size"]
+    bs = batch_size or config.train.batch_size
     result = {"run": run_dir.name, "weights": weights, "split": split, "samples": len(xs),
               "metrics": model.evaluate_arrays(xs, ys, bs)}
     preds = model.predict(xs, batch_size=bs)

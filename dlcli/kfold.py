@@ -30,30 +30,31 @@ def is_kfold_run(run_dir) -> bool:
     return (Path(run_dir) / FOLDS).is_dir()
 
 
-def train_folds(cfg: dict, model, splits, run_dir: Path, train_fold, resume: bool = False, verbose: int = 0):
+def train_folds(cfg, model, splits, run_dir: Path, train_fold, resume: bool = False, verbose: int = 0):
     """Train every fold not finished yet into run_dir/folds/<i>/ with `train_fold(config, model, splits, fold_dir,
     checkpoint or None) -> Run` (the run entry point's own train_run); write the aggregate. Returns the whole run's
     Run: the status of the fold that stopped it (else "completed"), history = the mean rows, test = the mean."""
     from dlcli import checkpoint, fingerprint
     from dlcli.builder import build_model
+    from dlcli.config import dump_yaml
     from dlcli.data.split import kfold_indices
 
-    k = int(cfg["train"]["kfold"])
+    k = cfg.train.kfold
     if splits.x_val is not None:
         raise DlcliError("train.kfold validates on each fold in turn: the dataset's own validation split would go "
                          "unused; use a dataset without one", exit_code=2)
     y = splits.y_train[0]
-    folds = kfold_indices(y, k, np.random.default_rng([cfg["seed"], 3]), stratify=_class_labels(y))
-    fold_cfg = {**cfg, "train": {key: v for key, v in cfg["train"].items() if key != "kfold"}}
+    folds = kfold_indices(y, k, np.random.default_rng([cfg.seed, 3]), stratify=_class_labels(y))
+    fold_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"kfold": None})})
     everything = np.arange(len(splits.x_train))
     start = time.perf_counter()
     meta_path = run_dir / "meta.json"
     if not meta_path.exists():
-        runs.atomic_write_json(meta_path, {**runs.versions_meta(cfg["seed"]), "name": cfg["name"],
+        runs.atomic_write_json(meta_path, {**runs.versions_meta(cfg.seed), "name": cfg.name,
                                            "kfold": k, "status": "running", "start": runs.utc_now(),
                                            "sizes": splits.sizes(), "source": splits.source,
                                            "params": model.count_params(), "classes": splits.classes,
-                                           **fingerprint.record(cfg)})
+                                           **fingerprint.record(cfg.to_dict())})
     histories, tests, statuses, last = [], [], [], None
     fresh_model = model  # the one already built serves the first fold trained now; later folds get new weights
     for i, val in enumerate(folds):
@@ -69,7 +70,7 @@ def train_folds(cfg: dict, model, splits, run_dir: Path, train_fold, resume: boo
             state = checkpoint.load(fold_dir)
         else:
             (fold_dir / "weights").mkdir(parents=True, exist_ok=True)
-            runs.atomic_write_text(fold_dir / "config.yaml", _dump(fold_cfg))
+            runs.atomic_write_text(fold_dir / "config.yaml", dump_yaml(fold_cfg.to_dict()))
         train_idx = np.setdiff1d(everything, val)
         fold_splits = replace(splits, x_train=splits.x_train.subset(train_idx),
                               y_train=[a[train_idx] for a in splits.y_train],
@@ -92,7 +93,7 @@ def train_folds(cfg: dict, model, splits, run_dir: Path, train_fold, resume: boo
                    best_epoch=best_epoch, resumed=None)
 
 
-def write_aggregate(run_dir: Path, cfg: dict, histories: list, tests: list, statuses: list, k: int, seconds: float):
+def write_aggregate(run_dir: Path, cfg, histories: list, tests: list, statuses: list, k: int, seconds: float):
     """history.csv (means), kfold.csv (means and standard deviations), curves.png (bands), meta.json."""
     from dlcli.plots import band_png
 
@@ -106,7 +107,7 @@ def write_aggregate(run_dir: Path, cfg: dict, histories: list, tests: list, stat
     done = [t for t in tests if t]
     test = {m: float(np.mean([t[m] for t in done])) for m in done[0]} if done and len(done) == len(tests) else None
     meta_path = run_dir / "meta.json"
-    meta = runs.read_json(meta_path) if meta_path.exists() else runs.versions_meta(cfg["seed"])
+    meta = runs.read_json(meta_path) if meta_path.exists() else runs.versions_meta(cfg.seed)
     meta.update({"kfold": k, "folds": statuses,
                  "status": "completed" if len(statuses) == k and all(s == "completed" for s in statuses)
                  else statuses[-1] if statuses else "running",
@@ -143,9 +144,3 @@ def _class_labels(y) -> bool:
     if y.ndim > 1 and y.shape[-1] > 1:
         return bool(np.all((y == 0) | (y == 1)) and np.all(y.sum(-1) == 1))
     return y.dtype.kind in "iub"
-
-
-def _dump(cfg: dict) -> str:
-    from dlcli.config import dump_yaml
-
-    return dump_yaml(cfg)

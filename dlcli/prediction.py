@@ -23,15 +23,15 @@ def predict_run(run_dir, inputs: list[Path], weights: str = "best", key: str | N
     from dlcli.experiment import load_run_model
 
     config, model = load_run_model(run_dir, weights, allow_config_change)
-    xs, labels = read_inputs(list(inputs), run_dir, config, model, key, invert, pixel_scale)
-    preds = model.predict(xs, batch_size=config["train"]["batch_size"])
+    xs, labels = read_inputs(list(inputs), run_dir, config.data, model, key, invert, pixel_scale)
+    preds = model.predict(xs, batch_size=config.train.batch_size)
     preds = preds[0] if isinstance(preds, list) else preds  # the first output for multi-output models
     probs = probabilities(model, preds)
     names = class_names(run_dir, config, probs.shape[1]) if probs is not None else []
     return Predictions(labels, preds, probs, names)
 
 
-def class_names(run_dir, config: dict, count: int) -> list[str]:
+def class_names(run_dir, config, count: int) -> list[str]:
     """Class names from the run's meta.json (what the dataset reported), else data.classes, else indices."""
     import json
 
@@ -39,7 +39,7 @@ def class_names(run_dir, config: dict, count: int) -> list[str]:
         names = json.loads((Path(run_dir) / "meta.json").read_text()).get("classes")
     except (OSError, ValueError, AttributeError):
         names = None
-    names = names or config.get("data", {}).get("classes")
+    names = names or config.data.get("classes")
     return [str(n) for n in names] if names and len(names) == count else [str(i) for i in range(count)]
 
 

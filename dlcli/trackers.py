@@ -123,8 +123,8 @@ class MLflow(Tracker):
 
     def on_run_begin(self, run):
         super().on_run_begin(run)
-        self.run_dir, self.config = Path(run.dir), run.config
-        self.experiment_name = self.experiment_name or run.config.get("name") or "dlcli"
+        self.run_dir, self.config = Path(run.dir), run.config.to_dict()  # plain data: logged as flat params
+        self.experiment_name = self.experiment_name or run.config.name or "dlcli"
         self.run_name = self.run_name or self.run_dir.name
 
     def _client(self):

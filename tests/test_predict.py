@@ -179,13 +179,13 @@ def test_invert_flips_the_pixels_and_a_light_background_hints_at_it(run, tmp_pat
 
     _, model = load_run_model(run)
     with pytest.warns(UserWarning, match="--invert"):
-        read_inputs([tmp_path / "paper.png"], run, {"data": {"type": "mnist"}}, model)
+        read_inputs([tmp_path / "paper.png"], run, {"type": "mnist"}, model)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        read_inputs([tmp_path / "dark.png"], run, {"data": {"type": "mnist"}}, model)
-        read_inputs([tmp_path / "paper.png"], run, {"data": {"type": "mnist"}}, model, invert=True)
+        read_inputs([tmp_path / "dark.png"], run, {"type": "mnist"}, model)
+        read_inputs([tmp_path / "paper.png"], run, {"type": "mnist"}, model, invert=True)
 
 
 def test_uint8_mnist_arrays_predict_as_the_float_test_set(tmp_path):

@@ -20,7 +20,7 @@ class Banner(Callback):
             out.print("config changes accepted for this resume:\n" + "\n".join(run.config_changes), markup=False)
         what = self.config_arg or (f"--resume {run.dir} (config {run.dir / 'config.yaml'})" if run.resumed else "")
         out.print(f"[bold]dlcli train[/] {escape(str(what))}  ->  {escape(str(run.dir))}", markup=True)
-        out.print(f"  data    {cfg['data'].get('type')} from {run.splits.source}: train {sizes['train']:,}, "
+        out.print(f"  data    {cfg.data.get('type')} from {run.splits.source}: train {sizes['train']:,}, "
                   f"validation {sizes['validation']:,}, test {test_set(cfg, sizes['test'])}", markup=False)
         if run.splits.extra.get("folder"):
             from dlcli.data.folders import banner_lines
@@ -37,11 +37,11 @@ class Banner(Callback):
         out.print(f"  model   {model.name}: {model.count_params():,} parameters "
                   f"({sum(p.value.size for p in model.trainable_weights):,} trainable)")
         opt = model.optimizer.get_config()
-        out.print(f"  train   {cfg['train']['epochs']} epochs x batch {cfg['train']['batch_size']}, "
-                  f"optimizer {opt.get('type')} (learning rate {opt.get('learning_rate')}), seed {cfg['seed']}")
+        out.print(f"  train   {cfg.train.epochs} epochs x batch {cfg.train.batch_size}, "
+                  f"optimizer {opt.get('type')} (learning rate {opt.get('learning_rate')}), seed {cfg.seed}")
         world = run.trainer.world
         if world.size > 1:
-            batch = int(cfg["train"]["batch_size"])
+            batch = cfg.train.batch_size
             low, high = batch // world.size, -(-batch // world.size)
             out.print(f"  ranks   {world.size} MPI processes ({world.local_size} on this node), each with "
                       f"{low if low == high else f'{low}-{high}'} samples of every global batch of {batch}")
@@ -85,9 +85,10 @@ class StopOnSignal(Callback):
         signal.signal(signal.SIGTERM, on_signal)
 
 
-def test_set(config: dict, samples: int) -> str:
-    """Which test set a run's figures are on: the whole test split, or its first data.test_limit samples."""
-    limit = config.get("data", {}).get("test_limit")
+def test_set(config, samples: int) -> str:
+    """Which test set a run's figures are on (for a Config): the whole test split, or its first data.test_limit
+    samples."""
+    limit = config.data.get("test_limit")
     if not samples:
         return "0 samples (no test split)"
     if limit is None or samples < limit:
@@ -134,7 +135,7 @@ def print_kfold(out, run):
     if not rows:
         return
     names = [k for k in rows[0] if k.startswith("val_") and not k.endswith("_std")]
-    k = run.config["train"]["kfold"]
+    k = run.config.train.kfold
     table = Table(title=f"{k}-fold validation: mean +- standard deviation across folds")
     table.add_column("epoch", justify="right")
     for name in names:

@@ -15,13 +15,12 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 DARK_BACKGROUND = ("mnist", "fashion_mnist")
 
 
-def read_inputs(paths: list[Path], run_dir, config: dict, model, key: str | None = None, invert: bool = False,
+def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None = None, invert: bool = False,
                 pixel_scale: float | None = None) -> tuple[list[np.ndarray], list[str]]:
     """Model-ready inputs (a list of arrays, or a Source streaming a folder's images) and one label per sample
     (file name, or file:row). A run trained on an image_folder / text_folder reads folders (recursively) as its
     training data was read. Integer arrays get the dataset's preprocessing; float arrays are taken as already
-    preprocessed."""
-    data = config.get("data", {})
+    preprocessed. `data` is the run's data spec (`Config.data`)."""
     if data.get("type") == "image_folder" and all(p.is_dir() or _kind(p) == "image" for p in paths):
         from dlcli.data.image_folder import prediction_source
         from dlcli.experiment import fit_inputs
@@ -61,9 +60,9 @@ def read_inputs(paths: list[Path], run_dir, config: dict, model, key: str | None
     if kind == "text":
         x = read_text(file, run_dir)
     elif kind == "csv":
-        x = preprocess(read_csv(file, config), data)
+        x = preprocess(read_csv(file, data), data)
     else:
-        x = preprocess(read_array(file, model, config, key), data)
+        x = preprocess(read_array(file, model, data, key), data)
     xs = _fit(x, model)
     return xs, [f"{file.name}:{i}" for i in range(len(xs[0]))]
 
@@ -79,26 +78,26 @@ def _kind(f: Path) -> str:
     return kinds[suffix]
 
 
-def read_array(file: Path, model, config: dict, key: str | None):
+def read_array(file: Path, model, data: dict, key: str | None):
     """The array (or named arrays) to predict on from an .npy/.npz, never unpickling."""
     try:
         loaded = np.load(file, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             return loaded
-        with loaded as data:
-            names = data.files
+        with loaded as arrays:
+            names = arrays.files
             if key is not None:
                 if key not in names:
                     raise DlcliError(f"{file}: no array '{key}'; it has: {', '.join(names)}")
-                return data[key]
+                return arrays[key]
             if len(model.input_names) > 1 and all(n in names for n in model.input_names):
-                return {n: data[n] for n in model.input_names}
-            configured = config.get("data", {}).get("x")
+                return {n: arrays[n] for n in model.input_names}
+            configured = data.get("x")
             for candidate in ([configured] if isinstance(configured, str) else []) + ["x", "x_test"]:
                 if candidate in names:
-                    return data[candidate]
+                    return arrays[candidate]
             if len(names) == 1:
-                return data[names[0]]
+                return arrays[names[0]]
             raise DlcliError(f"{file} holds several arrays ({', '.join(names)}); choose one with --key")
     except DlcliError:
         raise
@@ -106,7 +105,7 @@ def read_array(file: Path, model, config: dict, key: str | None):
         raise DlcliError(f"{file}: cannot read as a NumPy array file without pickled objects ({e})") from None
 
 
-def read_csv(file: Path, config: dict) -> np.ndarray:
+def read_csv(file: Path, data: dict) -> np.ndarray:
     """Feature columns (by the run's data.columns, or every column but the label) of a CSV, as float32."""
     import csv
 
@@ -122,7 +121,6 @@ def read_csv(file: Path, config: dict) -> np.ndarray:
         [float(v) for v in rows[0]]
     except ValueError:
         header, rows = [h.strip() for h in rows[0]], rows[1:]
-    data = config.get("data", {})
     columns = list(range(len(rows[0]) if rows else 0))
     if header is not None:
         wanted = data.get("columns") or [h for h in header if h != data.get("label", "label")]

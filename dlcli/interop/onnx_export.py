@@ -124,14 +124,14 @@ def sample_inputs(model, count: int, seed: int = 0) -> list[np.ndarray]:
     return xs
 
 
-def check_inputs(config: dict, model, count: int = CHECK_SAMPLES) -> tuple[list, str]:
+def check_inputs(config, model, count: int = CHECK_SAMPLES) -> tuple[list, str]:
     """A batch of the run's test data (else training data, else seeded random inputs) and what it is."""
     from dlcli.experiment import load_splits
 
     try:
         splits = load_splits(config, model)
     except DlcliError as e:
-        why = "the run has no dataset" if config.get("data", {}).get("type") == "none" else \
+        why = "the run has no dataset" if config.data.get("type") == "none" else \
             f"the run's data did not load: {e.message.splitlines()[0][:120]}"
         return sample_inputs(model, count), f"{count} seeded random inputs ({why})"
     xs, which = (splits.x_test, "test") if splits.x_test is not None else (splits.x_train, "training")
@@ -139,9 +139,9 @@ def check_inputs(config: dict, model, count: int = CHECK_SAMPLES) -> tuple[list,
     return xs, f"{len(xs[0])} {which} samples"
 
 
-def run_metadata(run_dir: Path, config: dict) -> dict:
+def run_metadata(run_dir: Path, config) -> dict:
     """What a deployment needs to prepare inputs: the data section, pixel scale, vocabulary, class names."""
-    data = config.get("data", {})
+    data = config.data
     meta = {"dlcli.run": run_dir.name, "dlcli.data": json.dumps(data),
             "dlcli.inputs": "arrays as `dlcli predict` feeds the model, after the dataset's preprocessing"}
     if data.get("type") in ("mnist", "fashion_mnist") or "rescale" in data:
