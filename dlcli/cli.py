@@ -59,7 +59,7 @@ def train(
     if run.config.train.kfold and not quiet:
         print_kfold(out, run)  # the mean and spread per epoch; the test table below is the folds' mean
     if run.test and not quiet:
-        out.print(metrics_table(f"test ({test_set(run.config, run.sizes['test'])})", run.test))
+        out.print(metrics_table(f"test: {test_set(run.config, run.sizes['test'])}", run.test))
     if run.status == "interrupted":
         report_interrupted(run)
         raise typer.Exit(128 + (stop.signum or signal.SIGINT))  # 130 for Ctrl-C, 143 for TERM
