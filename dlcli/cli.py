@@ -103,7 +103,7 @@ def inspect_shapes(
     for w in caught:
         console(stderr=True).print(f"[bold yellow]warning:[/] {w.message}", markup=True, highlight=False)
     rows = model.summary_rows()
-    functional = cfg["model"].get("type", "sequential") == "functional"
+    functional = cfg.model.type == "functional"
     table = Table(title=f"{model.name} ({config})")
     for col, justify in (("layer", "left"), ("type", "left"), ("output shape", "left"), ("params", "right"),
                          ("FLOPs/sample", "right")):
@@ -122,7 +122,7 @@ def inspect_shapes(
     out.print(table)
     from dlcli import memory
 
-    bs = batch_size or int(cfg["train"]["batch_size"])
+    bs = batch_size or cfg.train.batch_size
     total = model.count_params()
     trainable = sum(p.value.size for p in model.trainable_weights)
     out.print(f"Total params: {total:,}  (trainable {trainable:,}, non-trainable {total - trainable:,})")

@@ -16,7 +16,7 @@ import numpy as np
 from dlcli.errors import DlcliError
 
 
-def first_batch(config: dict, model, size: int) -> tuple[list, list]:
+def first_batch(config, model, size: int) -> tuple[list, list]:
     """The first `size` training samples (inputs and targets fitted to the model), as the trainer would see them."""
     from dlcli.experiment import load_splits
 
@@ -216,13 +216,13 @@ def weight_hashes(model) -> dict:
     return {p.path: hashlib.sha256(np.ascontiguousarray(p.value).tobytes()).hexdigest()[:16] for p in model.weights}
 
 
-def short_run(config: dict, samples: int, epochs: int) -> tuple[dict, list]:
+def short_run(config, samples: int, epochs: int) -> tuple[dict, list]:
     """Build and train from scratch on the first `samples` training samples, as `dlcli train` does (same seeds,
     same code path), in a throwaway run directory. Returns (weight hashes, per-epoch losses)."""
     from dlcli.builder import build_model
     from dlcli.experiment import load_splits, train_run
 
-    config = {**config, "train": {**config["train"], "epochs": epochs}}
+    config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
     model = build_model(config)
     splits = load_splits(config, model)
     val = None if splits.x_val is None else max(1, samples // 4)
@@ -237,8 +237,8 @@ def short_run(config: dict, samples: int, epochs: int) -> tuple[dict, list]:
     return weight_hashes(model), [row["loss"] for row in result.history]
 
 
-def determinism(config: dict, samples: int = 256, epochs: int = 1) -> dict:
-    """Two short runs with the same config and seed: every weight's hash and every epoch's loss must match."""
+def determinism(config, samples: int = 256, epochs: int = 1) -> dict:
+    """Two short runs with the same Config and seed: every weight's hash and every epoch's loss must match."""
     hashes_a, losses_a = short_run(config, samples, epochs)
     hashes_b, losses_b = short_run(config, samples, epochs)
     rows = [{"weight": k, "first": hashes_a[k], "second": hashes_b.get(k), "ok": hashes_a[k] == hashes_b.get(k)}

@@ -61,7 +61,7 @@ def test_determinism_passes_and_catches_unseeded_initialisation(tmp_path, monkey
 def test_trace_reports_statistics_dead_relus_and_hints(tmp_path):
     assert dead_fraction(np.array([[0.0, 1.0, 0.0], [0.0, 2.0, 3.0]])) == 1 / 3
     config = write_tiny_config(tmp_path)
-    cfg = load_config(config).to_dict()
+    cfg = load_config(config)
     model = build_model(cfg)
     model.get_layer("dense").params["bias"].value[:6] = -100.0  # 6 of 8 units can never fire
     xs, ys = first_batch(cfg, model, 16)
@@ -97,7 +97,7 @@ def test_gradient_check_passes_on_recurrent_models(layer):
     cfg = {"name": "rnn", "seed": 0, "data": {"type": "none"},
            "model": {"input_shape": [5, 2], "layers": [layer, {"type": "Dense", "units": 1}]},
            "compile": {"optimizer": "sgd", "loss": "mse"}}
-    model = build_model(Config.model_validate(cfg).to_dict())  # a resolved config: every default filled in
+    model = build_model(Config.model_validate(cfg))  # every default filled in
     rng = np.random.default_rng(0)
     rows = gradient_check(model, [rng.normal(size=(3, 5, 2))], [rng.normal(size=(3, 1))], entries=4)
     assert any("recurrent_kernel" in r["weight"] for r in rows)

@@ -174,7 +174,7 @@ def test_mnist_subset_end_to_end_beats_85_percent(tmp_path):
     (run,) = run_dirs(tmp_path)
     meta = json.loads((run / "meta.json").read_text())
     assert meta["sizes"] == {"train": 2000, "validation": 0, "test": 10000} and meta["status"] == "completed"
-    model = build_model(load_config(run / "config.yaml").to_dict())
+    model = build_model(load_config(run / "config.yaml"))
     model.load_weights_dict(runs.load_npz(run / "weights" / "last.npz"))
     test = load_dataset({"type": "mnist"})
     accuracy = model.evaluate(test.x_test, test.y_test, batch_size=1000, return_dict=True)["accuracy"]

@@ -75,7 +75,7 @@ def _mutate(draw, data):
 
 def _check_outcome(text: str, source: str):
     try:
-        build_model(parse_config(text, source).to_dict())
+        build_model(parse_config(text, source))
     except DlcliError as e:
         assert e.exit_code == 2, f"exit {e.exit_code} for a bad config:\n{e.message}"
         if isinstance(e, ConfigError) and getattr(e, "issues", None):

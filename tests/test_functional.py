@@ -149,7 +149,7 @@ train: {epochs: 2, batch_size: 8, validation_split: 0.25}
 def build(text, *sets):
     from dlcli.builder import build_model
 
-    return build_model(parse_config(text, "test.yaml", list(sets)).to_dict())
+    return build_model(parse_config(text, "test.yaml", list(sets)))
 
 
 def test_yaml_graph_builds_in_any_order_with_shares_and_round_trips():
@@ -175,7 +175,7 @@ def test_yaml_two_input_two_output_model_trains_from_named_npz_arrays(tmp_path, 
     np.savez(tmp_path / "data.npz", x_img=rng.normal(size=(n, 6, 6)), x_side=rng.normal(size=(n, 3)),
              y=rng.integers(0, 2, n), y_aux=rng.normal(size=(n, 1)))
     monkeypatch.chdir(tmp_path)
-    config = parse_config(RESIDUAL, "test.yaml", ["data.test_split=0.25"]).to_dict()
+    config = parse_config(RESIDUAL, "test.yaml", ["data.test_split=0.25"])
     model = build(RESIDUAL)
     splits = load_splits(config, model)
     assert [a.shape for a in splits.x_train.arrays] == [(22, 6, 6, 1), (22, 3)]  # (N, 6, 6) fed as (6, 6, 1)
@@ -247,7 +247,7 @@ def test_shipped_functional_configs_build(path, inputs, params):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing dangles
-        model = build_model(load_config(Path(__file__).parent.parent / path).to_dict())
+        model = build_model(load_config(Path(__file__).parent.parent / path))
     assert model.input_names == inputs and model.count_params() == params
 
 
@@ -273,4 +273,4 @@ def test_a_single_input_layer_given_two_inputs_is_a_shape_error():
             "  inputs: [{name: a, shape: [4]}, {name: b, shape: [3]}]\n"
             "  layers:\n    - {name: d, type: Dense, units: 2, inputs: [a, b]}\n  outputs: [d]\ncompile: {loss: mse}\n")
     with pytest.raises(ShapeError, match="layer 'd' cannot build weight 'kernel'.*given several"):
-        build_model(parse_config(text, "t.yaml").to_dict())
+        build_model(parse_config(text, "t.yaml"))

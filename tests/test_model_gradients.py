@@ -29,7 +29,7 @@ MODEL = {
 def _model():
     cfg = {"name": "grads", "seed": 0, "data": {"type": "none"}, "model": MODEL,
            "compile": {"optimizer": {"type": "sgd", "learning_rate": 0.0}, "loss": "mse"}}
-    model = build_model(Config.model_validate(cfg).to_dict())  # a resolved config: every default filled in
+    model = build_model(Config.model_validate(cfg))  # every default filled in
     to_float64(model)
     rng = np.random.default_rng(1)
     for p in model.weights:  # biases away from zero: the L1 kink is not at the checked point

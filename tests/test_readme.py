@@ -23,7 +23,7 @@ def test_readme_configs_validate(index):
     config = parse_config(text, source=str(ROOT / "configs" / f"README.md yaml block {index}"))
     from dlcli.builder import build_model
 
-    build_model(config.to_dict())  # names, shapes and schedules all resolve
+    build_model(config)  # names, shapes and schedules all resolve
 
 
 def test_ci_runs_the_readme_commands():

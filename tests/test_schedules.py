@@ -73,7 +73,7 @@ compile:
   optimizer: {type: sgd, learning_rate: {type: cosine_decay, initial_learning_rate: 0.1, decay_steps: 4}}
   loss: sparse_categorical_crossentropy
 """
-    model = build_model(parse_config(text, "s.yaml").to_dict())
+    model = build_model(parse_config(text, "s.yaml"))
     x, y = np.ones((8, 3), np.float32), np.zeros(8, np.int64)
     history = model.fit(x, y, epochs=3, batch_size=4, verbose=0, seed=0)
     lr = [0.1 * 0.5 * (1 + math.cos(math.pi * min(t, 4) / 4)) for t in (2, 4, 6)]  # after 2, 4, 6 steps

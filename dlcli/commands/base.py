@@ -56,10 +56,11 @@ def handles_errors(command):
     return wrapper
 
 
-def load(config: Path, overrides: list[str]) -> dict:
+def load(config: Path, overrides: list[str]):
+    """The validated Config of a config file with `--set` overrides."""
     from dlcli.config import load_config
 
-    return load_config(config, overrides).to_dict()
+    return load_config(config, overrides)
 
 
 def metrics_table(title: str, metrics: dict):

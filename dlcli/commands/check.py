@@ -45,7 +45,7 @@ def check_grad(
     cfg = load(config, list(set_))
     model = build_model(cfg)
     xs, ys = first_batch(cfg, model, samples)
-    rows = gradient_check(model, xs, ys, entries=entries, eps=eps, tolerance=tolerance, seed=int(cfg["seed"]))
+    rows = gradient_check(model, xs, ys, entries=entries, eps=eps, tolerance=tolerance, seed=cfg.seed)
     out = console()
     table = Table(title=f"gradient check: {model.name}, {len(xs[0])} samples, float64, tolerance {tolerance:g}",
                   caption="kinks: entries skipped because they sit on a ReLU/max-pool kink")
@@ -128,7 +128,7 @@ def check_determinism(
     r = determinism(cfg, samples=samples, epochs=epochs)
     out = console()
     bad = [row for row in r["rows"] if not row["ok"]]
-    table = Table(title=f"determinism: two runs, seed {cfg['seed']}, {samples} samples x {epochs} epoch(s)")
+    table = Table(title=f"determinism: two runs, seed {cfg.seed}, {samples} samples x {epochs} epoch(s)")
     for col in ("weight", "first run", "second run", ""):
         table.add_column(col)
     for row in (bad or r["rows"]):
@@ -143,13 +143,13 @@ def check_determinism(
     out.print(f"determinism passed: {len(r['rows'])} weight arrays identical, epoch losses {a}")
 
 
-def print_trace(cfg: dict, model, out, batch_size: int | None = None):
+def print_trace(cfg, model, out, batch_size: int | None = None):
     """The `inspect-shapes --trace` report: one real batch forward and backward, per layer."""
     from rich.table import Table
 
     from dlcli.diagnostics import first_batch, trace_batch
 
-    xs, ys = first_batch(cfg, model, batch_size or int(cfg["train"]["batch_size"]))
+    xs, ys = first_batch(cfg, model, batch_size or cfg.train.batch_size)
     r = trace_batch(model, xs, ys)
     table = Table(title=f"trace: one training batch of {r['batch']} (training mode), loss {r['loss']:.4g}")
     table.caption = ("mean/std: the layer's output; dead: ReLU units zero on the whole batch; |g out|: norm of "

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dlcli import fingerprint, runs
+from dlcli.config import Config
 from dlcli.engine.layer import snake_case
 from dlcli.errors import DlcliError
 from dlcli.interop import require
@@ -43,7 +44,7 @@ def import_keras(source, output, config_path=None, overrides=()) -> ImportReport
     notes: list = []
     keras_version = None
     if config_path is not None:
-        config = load_config(config_path, list(overrides)).to_dict()
+        config = load_config(config_path, list(overrides))
         data = _archive_weights(source) if source.suffix == ".keras" else read_file_bytes(source)
         h5 = SafeH5(data, str(source))
         keras_order = None
@@ -69,12 +70,12 @@ def import_keras(source, output, config_path=None, overrides=()) -> ImportReport
             _load_legacy_weights(h5, model)
     finally:
         h5.close()
-    meta = {**runs.versions_meta(config["seed"]), "name": config["name"], "status": "imported",
+    meta = {**runs.versions_meta(config.seed), "name": config.name, "status": "imported",
             "imported": {"from": str(source.resolve()), "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
                          "keras_version": keras_version, "config": str(config_path) if config_path else None},
             "start": runs.utc_now(), "params": model.count_params(), "classes": None, "notes": notes,
-            **fingerprint.record(config)}  # an edited config.yaml is caught as for a trained run
-    _write_run(output, dump_yaml(config), model, meta)
+            **fingerprint.record(config.to_dict())}  # an edited config.yaml is caught as for a trained run
+    _write_run(output, dump_yaml(config.to_dict()), model, meta)
     return ImportReport(output, source, len(model.layers), model.count_params(), keras_version, notes)
 
 
@@ -82,8 +83,8 @@ def _archive_weights(source) -> bytes:
     return read_keras_archive(source).weights
 
 
-def _mapped_config(keras_config: dict, source, notes, overrides) -> tuple[dict, list]:
-    """(the validated dlcli config, [(layer name, class name)] in Keras' layer order)."""
+def _mapped_config(keras_config: dict, source, notes, overrides) -> tuple[Config, list]:
+    """(the validated dlcli Config, [(layer name, class name)] in Keras' layer order)."""
     from dlcli.builder import build_model
     from dlcli.config import dump_yaml, parse_config
 
@@ -92,16 +93,16 @@ def _mapped_config(keras_config: dict, source, notes, overrides) -> tuple[dict, 
     name = str(model_spec.pop("name"))
     config = {"name": name, "seed": 0, "data": {"type": "none"}, "model": model_spec,
               "compile": {"loss": "mean_squared_error"}, "train": {"epochs": 1, "batch_size": 32}}
-    probe = build_model(parse_config(dump_yaml(config), f"{source} (imported)").to_dict())
+    probe = build_model(parse_config(dump_yaml(config), f"{source} (imported)"))
     activations = [getattr(getattr(t.node.layer, "activation", None), "name", None) for t in probe.outputs]
     config["compile"] = mapper.compile(keras_config.get("compile_config"), probe.output_names, activations)
-    config = parse_config(dump_yaml(config), f"{source} (imported)", list(overrides)).to_dict()
+    typed = parse_config(dump_yaml(config), f"{source} (imported)", list(overrides))
     body = keras_config.get("config") or {}
     entries = body.get("layers") or []
     functional = keras_config.get("class_name") != "Sequential"
     order = [(e.get("name") or e["config"]["name"], e["class_name"]) for e in entries
              if functional or e.get("class_name") != "InputLayer"]
-    return config, order
+    return typed, order
 
 
 # --- weights ------------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_training_from_a_mapped_array_with_a_validation_split(arrays, tmp_path):
               "model": {"input_shape": [6, 5, 1], "layers": [{"type": "Flatten"},
                                                             {"type": "Dense", "units": 3, "activation": "softmax"}]},
               "compile": {"optimizer": "adam", "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
-              "train": {"epochs": 2, "batch_size": 16, "validation_split": 0.2}}).to_dict()  # defaults filled
+              "train": {"epochs": 2, "batch_size": 16, "validation_split": 0.2}})  # defaults filled
     model = build_model(config)
     splits = load_splits(config, model)
     assert splits.sizes() == {"train": 160, "validation": 40, "test": 0}

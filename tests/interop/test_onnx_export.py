@@ -24,7 +24,7 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_shipped_config_agrees_with_dlcli(config):
-    model = build_model(load_config(config).to_dict())
+    model = build_model(load_config(config))
     rng = np.random.default_rng(0)
     for p in model.weights:  # trained-looking weights: BatchNormalization statistics away from 0 and 1
         if "moving" in p.name:
