@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dlcli import runs
 from dlcli.callbacks import Callback
+from dlcli.config import SweepConfig
 from dlcli.errors import ConfigError, DlcliError
 from dlcli.metrics import metric_direction
 from dlcli.registry import Registry
@@ -61,7 +62,7 @@ class Sweep:
     study_name: str
     dir: Path
     storage: str | None  # an RDB URL, or None for the journal file in `dir`
-    spec: dict  # the config's sweep section
+    spec: SweepConfig  # the config's sweep section
     target: int  # trials in all
     direction: str
 
@@ -83,12 +84,12 @@ class Sweep:
     def load_study(self):
         optuna = _optuna()
         samplers, pruners = _families()
-        sampler = _spec(self.spec["sampler"])
-        if self.spec.get("seed") is not None:
-            sampler.setdefault("seed", self.spec["seed"])
+        sampler = _spec(self.spec.sampler)
+        if self.spec.seed is not None:
+            sampler.setdefault("seed", self.spec.seed)
         if sampler["type"] == "grid":
-            sampler["search_space"] = grid_space(self.spec["parameters"])
-        sampler, pruner = samplers.create(sampler), pruners.create(_spec(self.spec["pruner"]))
+            sampler["search_space"] = grid_space(self.spec.parameters)
+        sampler, pruner = samplers.create(sampler), pruners.create(_spec(self.spec.pruner))
         try:
             return optuna.create_study(storage=self.open_storage(), sampler=sampler, pruner=pruner,
                                        study_name=self.study_name, direction=self.direction, load_if_exists=True)
@@ -118,27 +119,27 @@ def prepare(config, overrides=(), *, trials: int | None = None, storage: str | N
 
     _optuna()  # a missing extra fails before anything is read or written
 
-    cfg = load_config(config, list(overrides)).to_dict()
-    spec = cfg.get("sweep")
+    cfg = load_config(config, list(overrides))
+    spec = cfg.sweep
     if spec is None:
         raise ConfigError(f"{config} has no sweep: section (see configs/mnist_sweep.yaml: metric, trials, sampler, "
                           f"pruner, parameters)")
-    direction = spec.get("direction")
+    direction = spec.direction
     if direction is None:
-        inferred = metric_direction(spec["metric"])
+        inferred = metric_direction(spec.metric)
         if inferred is None:
-            raise ConfigError(f"{config}: sweep.metric '{spec['metric']}': cannot tell whether it should go up or "
+            raise ConfigError(f"{config}: sweep.metric '{spec.metric}': cannot tell whether it should go up or "
                               f"down; give sweep.direction: minimize or maximize")
         direction = "minimize" if inferred == "min" else "maximize"
     if trials is not None and trials < 1:
         raise DlcliError(f"--trials must be at least 1; found {trials}", exit_code=2)
-    name = study or cfg["name"]
+    name = study or cfg.name
     if not name or "/" in name or name.startswith("."):
         raise DlcliError(f"the study name '{name}' cannot be a directory name under {runs_dir}", exit_code=2)
-    target = trials or spec["trials"]
-    if _spec(spec["sampler"])["type"] == "grid":
+    target = trials or spec.trials
+    if _spec(spec.sampler)["type"] == "grid":
         size = 1
-        for values in grid_space(spec["parameters"]).values():
+        for values in grid_space(spec.parameters).values():
             size *= len(values)
         target = min(target, size)
     return Sweep(str(config), list(overrides), name, Path(runs_dir) / name, storage, spec, target, direction)
@@ -149,17 +150,18 @@ def _spec(value) -> dict:
 
 
 def grid_space(parameters: dict) -> dict:
-    """Every value the grid sampler visits: choices, int ranges by step, float ranges that give a step."""
+    """Every value the grid sampler visits (parameter name -> SweepParameter): choices, int ranges by step, float
+    ranges that give a step."""
     import numpy as np
 
     space = {}
     for name, p in parameters.items():
-        if p["type"] == "categorical":
-            space[name] = list(p["choices"])
-        elif p["type"] == "int":
-            space[name] = list(range(int(p["low"]), int(p["high"]) + 1, int(p.get("step") or 1)))
-        elif p.get("step"):
-            space[name] = [float(v) for v in np.arange(p["low"], p["high"] + p["step"] / 2, p["step"])]
+        if p.type == "categorical":
+            space[name] = list(p.choices)
+        elif p.type == "int":
+            space[name] = list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
+        elif p.step:
+            space[name] = [float(v) for v in np.arange(p.low, p.high + p.step / 2, p.step)]
         else:
             raise ConfigError(f"sweep.parameters.{name}: the grid sampler needs a step for a float range "
                               f"(or use choices)")
@@ -169,14 +171,12 @@ def grid_space(parameters: dict) -> dict:
 def suggest(trial, parameters: dict) -> dict:
     values = {}
     for name, p in parameters.items():
-        if p["type"] == "categorical":
-            values[name] = trial.suggest_categorical(name, p["choices"])
-        elif p["type"] == "int":
-            values[name] = trial.suggest_int(name, int(p["low"]), int(p["high"]), step=int(p.get("step") or 1),
-                                             log=bool(p.get("log")))
+        if p.type == "categorical":
+            values[name] = trial.suggest_categorical(name, p.choices)
+        elif p.type == "int":
+            values[name] = trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
         else:
-            values[name] = trial.suggest_float(name, float(p["low"]), float(p["high"]), step=p.get("step"),
-                                               log=bool(p.get("log")))
+            values[name] = trial.suggest_float(name, float(p.low), float(p.high), step=p.step, log=p.log)
     return values
 
 
@@ -214,10 +214,10 @@ def run_trial(sweep: Sweep, trial) -> float:
     from dlcli.experiment import train
 
     optuna = _optuna()
-    values = suggest(trial, sweep.spec["parameters"])
+    values = suggest(trial, sweep.spec.parameters)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     sets = [*sweep.overrides, "sweep=null", *(f"{k}={json.dumps(v)}" for k, v in values.items())]
-    reporter = TrialReporter(trial, sweep.spec["metric"])
+    reporter = TrialReporter(trial, sweep.spec.metric)
     try:
         run = train(sweep.config, sets, runs_dir=sweep.dir, name=f"trial-{trial.number:03d}", callbacks=[reporter],
                     verbose=0)
@@ -231,7 +231,7 @@ def run_trial(sweep: Sweep, trial) -> float:
         _record_run_dir(trial, sweep)
         raise
     trial.set_user_attr("run_dir", str(run.dir))
-    column = [r.get(sweep.spec["metric"]) for r in run.history if r.get(sweep.spec["metric"]) is not None]
+    column = [r.get(sweep.spec.metric) for r in run.history if r.get(sweep.spec.metric) is not None]
     if run.status == "pruned":
         trial.set_user_attr("reason", f"pruned after epoch {reporter.pruned_at}")
         raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_at}")
@@ -240,7 +240,7 @@ def run_trial(sweep: Sweep, trial) -> float:
         raise DlcliError(f"the run ended {run.status}")
     values = [float(v) for v in column if math.isfinite(float(v))]
     if not values:
-        trial.set_user_attr("reason", f"no finite {sweep.spec['metric']} value in history.csv")
+        trial.set_user_attr("reason", f"no finite {sweep.spec.metric} value in history.csv")
         raise DlcliError(trial.user_attrs["reason"])
     return min(values) if sweep.direction == "minimize" else max(values)
 
@@ -273,7 +273,7 @@ def work(sweep: Sweep, ready=None, start=None, log=None):
 
 
 def trial_line(trial, sweep: Sweep) -> str:
-    value = "" if trial.value is None else f" {sweep.spec['metric']} {trial.value:.4f}"
+    value = "" if trial.value is None else f" {sweep.spec.metric} {trial.value:.4f}"
     params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
     reason = trial.user_attrs.get("reason")
     return (f"trial {trial.number} {trial.state.name.lower()}{value} ({params})"
@@ -403,7 +403,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, on_start=None, log=None) -> SweepR
 
 def report(sweep: Sweep, study) -> SweepResult:
     """trials.csv, best.yaml and the plots, from the study as it stands (every worker's trials)."""
-    rows = trial_rows(study, sweep.spec["parameters"])
+    rows = trial_rows(study, sweep.spec.parameters)
     result = SweepResult(sweep.study_name, sweep.dir, rows)
     runs.atomic_write_text(sweep.dir / "trials.csv", runs.history_csv(rows) if rows else "number,state\n")
     result.files.append(sweep.dir / "trials.csv")
@@ -415,10 +415,10 @@ def report(sweep: Sweep, study) -> SweepResult:
         if config is not None and config.exists():
             runs.atomic_write_text(sweep.dir / "best.yaml",
                                    f"# best of study {sweep.study_name}: trial {result.best['number']}, "
-                                   f"{sweep.spec['metric']} {result.best['value']:.6g} ({result.best['run_dir']})\n"
+                                   f"{sweep.spec.metric} {result.best['value']:.6g} ({result.best['run_dir']})\n"
                                    + config.read_text())
             result.files.append(sweep.dir / "best.yaml")
-    result.files += plots(study, sweep.dir, sweep.spec["metric"], sweep.direction == "minimize")
+    result.files += plots(study, sweep.dir, sweep.spec.metric, sweep.direction == "minimize")
     return result
 
 

@@ -40,7 +40,7 @@ def sweep(
     def banner(study_, counted):
         where = plan.storage or plan.dir / "study.journal"
         out.print(f"[bold]dlcli sweep[/] {config}: study {plan.study_name} ({plan.direction} "
-                  f"{plan.spec['metric']}), {counted} of {plan.target} trials so far, {workers} worker"
+                  f"{plan.spec.metric}), {counted} of {plan.target} trials so far, {workers} worker"
                   f"{'s' if workers != 1 else ''}, storage {where}", markup=True)
 
     result = run_sweep(plan, workers, on_start=banner, log=print)
@@ -55,10 +55,10 @@ def sweep(
 def print_table(result, plan, out):
     from rich.table import Table
 
-    names = list(plan.spec["parameters"])
+    names = list(plan.spec.parameters)
     table = Table(title=f"study {result.study_name}: {len(result.trials)} trials")
-    for col in ("#", "state", plan.spec["metric"], *names, "run", "note"):
-        table.add_column(col, justify="right" if col in ("#", plan.spec["metric"]) else "left")
+    for col in ("#", "state", plan.spec.metric, *names, "run", "note"):
+        table.add_column(col, justify="right" if col in ("#", plan.spec.metric) else "left")
     for r in result.trials:
         value = "" if r["value"] is None else f"{r['value']:.4f}"
         table.add_row(str(r["number"]), r["state"].lower(), value,
@@ -66,7 +66,7 @@ def print_table(result, plan, out):
                       r["reason"])
     out.print(table)
     if result.best is not None:
-        out.print(f"best: trial {result.best['number']}, {plan.spec['metric']} {result.best['value']:.4f}; "
+        out.print(f"best: trial {result.best['number']}, {plan.spec.metric} {result.best['value']:.4f}; "
                   f"reproduce with: dlcli train {result.dir / 'best.yaml'}")
     for path in result.files:
         print(f"wrote {path}")
