@@ -11,6 +11,8 @@
 - The report: trials.csv, best.yaml (the best trial's resolved config), optimization_history.png and
   param_importances.png in `runs/<study>/`.
 """
+import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -265,11 +267,73 @@ def work(sweep: Sweep, ready=None, start=None, log=None):
         ready.set()
         start.wait()
     done = [] if log is None else [lambda study, trial: log(trial_line(trial, sweep))]
-    while not STOP.requested and _counted(study) < sweep.target:
-        study.optimize(lambda trial: run_trial(sweep, trial), n_trials=1, catch=(DlcliError,), callbacks=done)
-        trial = study.trials[-1] if study.trials else None
-        if trial is not None and trial.state.name == "FAIL" and "reason" not in trial.user_attrs:
-            break  # not ours to judge (Optuna's own failure): stop rather than loop
+    claim = Claim(sweep)
+
+    def objective(trial):
+        claim.release()  # the trial is RUNNING in the storage now: every other worker counts it
+        return run_trial(sweep, trial)
+
+    try:
+        while not STOP.requested:
+            claim.acquire()  # count, then start a trial, with no other worker in between: never above the target
+            if STOP.requested or _counted(study) >= sweep.target:
+                break
+            study.optimize(objective, n_trials=1, catch=(DlcliError,), callbacks=done)
+            claim.release()  # if Optuna failed before calling the objective
+            trial = study.trials[-1] if study.trials else None
+            if trial is not None and trial.state.name == "FAIL" and "reason" not in trial.user_attrs:
+                break  # not ours to judge (Optuna's own failure): stop rather than loop
+    finally:
+        claim.release()
+        claim.close()
+
+
+class Claim:
+    """A lock shared by every worker of a study, held from counting its trials until a new one is RUNNING: without it
+    two workers that both count target - 1 both start one. Workers on several machines share a PostgreSQL or MySQL
+    database, whose advisory lock serves; workers on one machine (the journal file, SQLite) share a file lock."""
+
+    def __init__(self, sweep: Sweep):
+        self.held, self.conn, self.file = False, None, None
+        url = sweep.storage or ""
+        if url.startswith(("postgresql", "mysql")):
+            import sqlalchemy
+
+            self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+            self.key = int.from_bytes(hashlib.sha256(sweep.study_name.encode()).digest()[:8], "big", signed=True)
+            self.sql = (("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)") if url.startswith("postgresql")
+                        else ("SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"))
+        else:
+            path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else sweep.dir / JOURNAL
+            self.file = open(path.with_name(path.name + ".claim"), "a")
+
+    def acquire(self):
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        else:
+            import sqlalchemy
+
+            self.conn = self.conn or self.engine.connect()
+            self.conn.execute(sqlalchemy.text(self.sql[0]), {"k": self.key})
+        self.held = True
+
+    def release(self):
+        if not self.held:
+            return
+        self.held = False
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+        else:
+            import sqlalchemy
+
+            self.conn.execute(sqlalchemy.text(self.sql[1]), {"k": self.key})
+            self.conn.commit()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        elif self.conn is not None:
+            self.conn.close()
 
 
 def trial_line(trial, sweep: Sweep) -> str:

@@ -147,3 +147,24 @@ def test_missing_optuna_and_an_unreachable_database_are_one_line_each(tmp_path, 
     missing = CliRunner().invoke(app, ["sweep", str(config), "--runs-dir", str(tmp_path / "runs")])
     assert missing.exit_code == 2 and missing.output == "error: dlcli sweep needs Optuna: pip install 'dlcli[sweep]'\n"
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_worker_starts_no_trial_while_another_holds_the_claim(tmp_path):
+    """Counting the study's trials and starting one is a critical section: two workers that both counted target - 1
+    would otherwise both start one (seen as 5 trials of 4 with two machines on PostgreSQL)."""
+    import threading
+
+    from dlcli.sweep import Claim, prepare, work
+
+    sweep = prepare(write_sweep_config(tmp_path), ["train.epochs=1"], trials=1, runs_dir=tmp_path / "runs")
+    sweep.dir.mkdir(parents=True)
+    other = Claim(sweep)
+    other.acquire()
+    worker = threading.Thread(target=work, args=(sweep,))
+    worker.start()
+    time.sleep(2)
+    assert len(sweep.load_study().trials) == 0  # waiting for the claim, not counting
+    other.release()
+    worker.join(timeout=120)
+    other.close()
+    assert [t.state.name for t in sweep.load_study().trials] == ["COMPLETE"]
