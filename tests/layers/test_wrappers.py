@@ -98,7 +98,7 @@ def test_time_distributed_dense_shapes_and_values():
     y = td(x)
     assert y.shape == (3, 5, 4) and td.output_shape((5, 6)) == (5, 4)
     assert list(td.params) == ["kernel", "bias"]
-    np.testing.assert_allclose(y[1, 2], x[1, 2] @ td.layer.kernel.value + td.layer.bias.value, rtol=1e-6)
+    np.testing.assert_allclose(y[1, 2], x[1, 2] @ td.layer.kernel.value + td.layer.bias.value, rtol=1e-5, atol=1e-6)
     config = td.get_config()
     assert layers.TimeDistributed(**{k: v for k, v in config.items() if k != "type"}).get_config() == config
     with pytest.raises(ShapeError, match="rank >= 3"):
