@@ -165,3 +165,20 @@ def test_diagnose_names_the_first_layer_gone_non_finite_and_leaves_layers_untouc
     assert report["first_nonfinite_forward"] is None and report["first_nonfinite_backward"] is None
     assert all("forward" not in vars(layer) and "backward" not in vars(layer) for layer in model.layers)
     assert all(not p.grad.any() for p in model.trainable_weights)
+
+
+def test_norms_every_tenth_step_and_a_nonfinite_gradient_between_stops_at_the_next_loss():
+    from dlcli.trainer import NORM_EVERY
+
+    x, y = _data(12)
+    trainer = Trainer(_model(), verbose=0, rng=np.random.default_rng(0))
+    trainer.fit([x], [y], epochs=25, batch_size=12)  # 25 steps: norms at steps 0, 10, 20
+    assert NORM_EVERY == 10 and len(trainer.norms) == 3
+    model = _model()
+    Trainer(model, verbose=0, rng=np.random.default_rng(0)).fit([x], [y], epochs=1, batch_size=12)  # step 0 checked
+    model.get_layer("h").backward = lambda grad: (model.get_layer("h").params["kernel"].grad.fill(np.inf), grad)[1]
+    with pytest.raises(DivergenceError) as info:
+        Trainer(model, verbose=0, rng=np.random.default_rng(0)).fit([x], [y], epochs=3, batch_size=12)
+    report = info.value.report
+    assert (report["non_finite"], report["step"]) == ("loss", 2)
+    assert "h/kernel" in report["diagnosis"]["nonfinite_weights"]
