@@ -104,7 +104,7 @@ class Recurrent(Layer):
         self.dmask = self._dropout_mask(training, self.dropout, (count, batch, features), dtype)
         rec_mask = self._dropout_mask(training, self.recurrent_dropout, (count, batch, self.units), dtype)
         step_mask = None if mask is None else np.ascontiguousarray(np.asarray(mask, bool).T)[:, :, None]
-        form = self._tanh_form(dtype)
+        form = self._gate_form(dtype)
         xp = self._project(xt, form)
         H, finals = self._scan(xp, step_mask, rec_mask, form)
         self.zero_mask = step_mask if (self.zero_output_for_mask and self.return_sequences) else None
@@ -120,7 +120,9 @@ class Recurrent(Layer):
             return None
         return (self.rng.random(shape) >= rate).astype(dtype) / dtype.type(1 - rate)
 
-    def _tanh_form(self, dtype):
+    def _gate_form(self, dtype):
+        """Per-column constants of the cell's fast gate path (recurrent_cells.tanh_form / exp_form), whose first
+        entry pre-scales the kernel and bias columns; None when the cell has none."""
         return None
 
     def _input_bias(self):
@@ -255,8 +257,8 @@ class LSTM(Recurrent):
     def _bias_init(self):
         return _UnitForgetBias(self.bias_initializer) if self.unit_forget_bias else self.bias_initializer
 
-    def _tanh_form(self, dtype):
-        return cells.tanh_form([self.rec_act, self.rec_act, self.act, self.rec_act], self.units, dtype)
+    def _gate_form(self, dtype):
+        return cells.exp_form([self.rec_act, self.rec_act, self.act, self.rec_act], self.units, dtype)
 
     def _scan(self, xp, step_mask, rec_mask, form):
         H, C, self.cache = cells.lstm_forward(xp, self.recurrent_kernel.value, self.act, self.rec_act, step_mask,
@@ -301,7 +303,7 @@ class GRU(Recurrent):
         else:
             self.bias.grad += db
 
-    def _tanh_form(self, dtype):
+    def _gate_form(self, dtype):
         # Only z and r share one activation call; the candidate column keeps scale 1 ("tanh" form).
         return cells.tanh_form([self.rec_act, self.rec_act, "tanh"], self.units, dtype)
 

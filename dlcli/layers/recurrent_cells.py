@@ -11,7 +11,7 @@ implementation 1, used whenever recurrent_dropout > 0).
 """
 import numpy as np
 
-from dlcli.engine import activations
+from dlcli.engine import activations, blas
 
 
 def _sigmoid_(z):
@@ -63,6 +63,20 @@ def tanh_form(names, units, dtype):
     scale = np.repeat([_TANH_FORM[n][0] for n in names], units).astype(dtype)
     offset = np.repeat([_TANH_FORM[n][1] for n in names], units).astype(dtype)
     return scale, offset
+
+
+# LSTM fast path: act(z) = offset + scale / (1 + exp(prescale * z)), (prescale, scale, offset) per activation.
+# NumPy's float32 exp is about twice as fast as its tanh, so exp, +1 and a reciprocal over all four gates beat
+# tanh and the affine fix-up of the tanh form; the prescale is folded into the weights by the layer.
+_EXP_FORM = {"sigmoid": (-1.0, 1.0, 0.0), "tanh": (-2.0, 2.0, -1.0)}
+
+
+def exp_form(names, units, dtype):
+    """Per-column (prescale, scale, offset) for gate activations `names` (see _EXP_FORM); None when one of them is
+    neither sigmoid nor tanh."""
+    if not all(n in _EXP_FORM for n in names):
+        return None
+    return tuple(np.repeat([_EXP_FORM[n][k] for n in names], units).astype(dtype) for k in range(3))
 
 
 # --- the recurrent matmul, with optional per-gate recurrent dropout ---------------------------------------------
@@ -123,13 +137,14 @@ def _mask_factors(step_mask, dtype):
 def simple_forward(xp, U, act, step_mask=None, rec_mask=None):
     T, B, u = xp.shape
     H = np.zeros((T + 1, B, u), xp.dtype)
-    for t in range(T):
-        h = H[t + 1]
-        recurrent_matmul(H[t], U, rec_mask, h)
-        h += xp[t]
-        activate_(act, h)
-        if step_mask is not None:
-            np.copyto(h, H[t], where=~step_mask[t])
+    with blas.one_thread():  # the step GEMMs are too small to split (engine/blas.py)
+        for t in range(T):
+            h = H[t + 1]
+            recurrent_matmul(H[t], U, rec_mask, h)
+            h += xp[t]
+            activate_(act, h)
+            if step_mask is not None:
+                np.copyto(h, H[t], where=~step_mask[t])
     return H, dict(H=H, U=U, act=act, step_mask=step_mask, rec_mask=rec_mask)
 
 
@@ -146,17 +161,18 @@ def simple_backward(cache, dY, dh):
         D *= m
     dXP = np.empty_like(D)
     dh, carry = dh.copy(), np.empty_like(dh)
-    for t in range(T - 1, -1, -1):
-        if dY is not None:
-            dh += dY[t]
-        np.multiply(dh, D[t], out=dXP[t])
-        _to_previous_h(dXP[t], UT, rec_mask, dh, None if keep is None else keep[t], carry)
+    with blas.one_thread():  # the step GEMMs are too small to split (engine/blas.py)
+        for t in range(T - 1, -1, -1):
+            if dY is not None:
+                dh += dY[t]
+            np.multiply(dh, D[t], out=dXP[t])
+            _to_previous_h(dXP[t], UT, rec_mask, dh, None if keep is None else keep[t], carry)
     return dXP, recurrent_kernel_grad(H[:-1], dXP, rec_mask)
 
 
 # --- LSTM (Keras gate order i, f, c, o): c_t = f c_{t-1} + i g, h_t = o act(c_t) --------------------------------
 def lstm_forward(xp, U, act, rec_act, step_mask=None, rec_mask=None, form=None):
-    """`form` = tanh_form(...) when the layer pre-scaled xp's columns by its scale (fast path), else None."""
+    """`form` = exp_form(...) when the layer pre-scaled xp's columns by its prescale (fast path), else None."""
     T, B, G = xp.shape
     u = G // 4
     dt = xp.dtype
@@ -164,36 +180,42 @@ def lstm_forward(xp, U, act, rec_act, step_mask=None, rec_mask=None, form=None):
     A, TC = np.empty((T, B, G), dt), np.empty((T, B, u), dt)  # gate activations, act(c)
     tmp = np.empty((B, u), dt)
     U_run = U * form[0] if form is not None else U
-    if form is not None:
+    affine = form is not None and bool(np.any(form[1] != 1) or np.any(form[2] != 0))  # a tanh gate
+    if affine:
         # full (B, 4u) rows: NumPy's same-shape ufunc loops are about twice as fast as broadcasting ones
-        scale, offset = (np.ascontiguousarray(np.broadcast_to(v, (B, G))) for v in form)
-    for t in range(T):
-        a = A[t]
-        recurrent_matmul(H[t], U_run, rec_mask, a)
-        a += xp[t]
-        if form is not None:
-            np.tanh(a, out=a)
-            a *= scale
-            a += offset
-        else:
-            activate_(rec_act, a[:, :2 * u])
-            activate_(act, a[:, 2 * u:3 * u])
-            activate_(rec_act, a[:, 3 * u:])
-        c = C[t + 1]
-        np.multiply(a[:, u:2 * u], C[t], out=c)
-        np.multiply(a[:, :u], a[:, 2 * u:3 * u], out=tmp)
-        c += tmp
-        tc = TC[t]
-        if act == "tanh":
-            np.tanh(c, out=tc)
-        else:
-            np.copyto(tc, c)
-            activate_(act, tc)
-        np.multiply(a[:, 3 * u:], tc, out=H[t + 1])
-        if step_mask is not None:
-            keep = ~step_mask[t]
-            np.copyto(H[t + 1], H[t], where=keep)
-            np.copyto(c, C[t], where=keep)
+        scale, offset = (np.ascontiguousarray(np.broadcast_to(v, (B, G))) for v in form[1:])
+    # exp overflows to inf for a saturated gate, and 1 / (1 + inf) = 0 is its exact limit
+    with blas.one_thread(), np.errstate(over="ignore"):  # the step GEMMs are too small to split (engine/blas.py)
+        for t in range(T):
+            a = A[t]
+            recurrent_matmul(H[t], U_run, rec_mask, a)
+            a += xp[t]
+            if form is not None:
+                np.exp(a, out=a)
+                a += 1
+                np.reciprocal(a, out=a)
+                if affine:
+                    a *= scale
+                    a += offset
+            else:
+                activate_(rec_act, a[:, :2 * u])
+                activate_(act, a[:, 2 * u:3 * u])
+                activate_(rec_act, a[:, 3 * u:])
+            c = C[t + 1]
+            np.multiply(a[:, u:2 * u], C[t], out=c)
+            np.multiply(a[:, :u], a[:, 2 * u:3 * u], out=tmp)
+            c += tmp
+            tc = TC[t]
+            if act == "tanh":
+                np.tanh(c, out=tc)
+            else:
+                np.copyto(tc, c)
+                activate_(act, tc)
+            np.multiply(a[:, 3 * u:], tc, out=H[t + 1])
+            if step_mask is not None:
+                keep = ~step_mask[t]
+                np.copyto(H[t + 1], H[t], where=keep)
+                np.copyto(c, C[t], where=keep)
     return H, C, dict(H=H, C=C, A=A, TC=TC, U=U, act=act, rec_act=rec_act,
                       form=form, step_mask=step_mask, rec_mask=rec_mask)
 
@@ -201,10 +223,11 @@ def lstm_forward(xp, U, act, rec_act, step_mask=None, rec_mask=None, form=None):
 def _gate_derivatives(A, names, form):
     """d act / d pre-activation of every gate column, from the activations A (..., len(names) * u)."""
     if form is not None:
-        # act = offset + scale * tanh(scale * z)  =>  act' = (scale + offset - act) * (scale - offset + act)
-        scale, offset = form
+        # act = offset + scale / (1 + exp(prescale z)) => act' = -prescale / scale * (act - offset) *
+        # (scale + offset - act), and -prescale / scale = 1 for sigmoid and tanh
+        _, scale, offset = form
         D = np.subtract(scale + offset, A)
-        D *= np.add(scale - offset, A)
+        D *= np.subtract(A, offset, out=np.empty_like(A))
         return D
     u = A.shape[-1] // len(names)
     D = np.empty_like(A)
@@ -240,15 +263,16 @@ def lstm_backward(cache, dY, dh, dc):
     dX4 = dXP.reshape(T, B, 4, u)
     dh, dc = dh.copy(), dc.copy()
     tmp, carry = np.empty_like(dh), np.empty_like(dh)
-    for t in range(T - 1, -1, -1):
-        if dY is not None:
-            dh += dY[t]
-        np.multiply(dh, Kc[t], out=tmp)
-        dc += tmp
-        np.multiply(dc[:, None, :], K4[t, :, :3], out=dX4[t, :, :3])
-        np.multiply(dh, K4[t, :, 3], out=dX4[t, :, 3])
-        dc *= F[t]
-        _to_previous_h(dXP[t], UT, rec_mask, dh, None if keep is None else keep[t], carry)
+    with blas.one_thread():  # the step GEMMs are too small to split (engine/blas.py)
+        for t in range(T - 1, -1, -1):
+            if dY is not None:
+                dh += dY[t]
+            np.multiply(dh, Kc[t], out=tmp)
+            dc += tmp
+            np.multiply(dc[:, None, :], K4[t, :, :3], out=dX4[t, :, :3])
+            np.multiply(dh, K4[t, :, 3], out=dX4[t, :, 3])
+            dc *= F[t]
+            _to_previous_h(dXP[t], UT, rec_mask, dh, None if keep is None else keep[t], carry)
     return dXP, recurrent_kernel_grad(H[:-1], dXP, rec_mask)
 
 
@@ -270,38 +294,39 @@ def gru_forward(xp, U, rb, act, rec_act, reset_after=True, step_mask=None, rec_m
     rm_h = None if rec_mask is None else rec_mask[2 if len(rec_mask) > 1 else 0]
     tmp = np.empty((B, u), dt)
     zr_buf = np.empty((B, 2 * u), dt)
-    for t in range(T):
-        a, h_prev = A[t], H[t]
-        zr, hh = a[:, :2 * u], a[:, 2 * u:]
-        if reset_after:
-            n = inner[t]
-            recurrent_matmul(h_prev, U_run, rec_mask, n)
-            if rb_run is not None:
-                n += rb_run
-            np.add(xp[t, :, :2 * u], n[:, :2 * u], out=zr)
-        else:
-            recurrent_matmul(h_prev, U_zr, rm_zr, zr_buf)
-            np.add(xp[t, :, :2 * u], zr_buf, out=zr)
-        if form is not None:
-            np.tanh(zr, out=zr)
-            zr *= scale[:2 * u]
-            zr += form[1][:2 * u]
-        else:
-            activate_(rec_act, zr)
-        r = a[:, u:2 * u]
-        if reset_after:
-            np.multiply(r, inner[t, :, 2 * u:], out=hh)
-        else:
-            rh = inner[t]
-            np.multiply(r, h_prev if rm_h is None else h_prev * rm_h, out=rh)
-            np.matmul(rh, U_h, out=hh)
-        hh += xp[t, :, 2 * u:]
-        activate_(act, hh)
-        np.subtract(h_prev, hh, out=tmp)
-        tmp *= a[:, :u]
-        np.add(hh, tmp, out=H[t + 1])
-        if step_mask is not None:
-            np.copyto(H[t + 1], h_prev, where=~step_mask[t])
+    with blas.one_thread():  # the step GEMMs are too small to split (engine/blas.py)
+        for t in range(T):
+            a, h_prev = A[t], H[t]
+            zr, hh = a[:, :2 * u], a[:, 2 * u:]
+            if reset_after:
+                n = inner[t]
+                recurrent_matmul(h_prev, U_run, rec_mask, n)
+                if rb_run is not None:
+                    n += rb_run
+                np.add(xp[t, :, :2 * u], n[:, :2 * u], out=zr)
+            else:
+                recurrent_matmul(h_prev, U_zr, rm_zr, zr_buf)
+                np.add(xp[t, :, :2 * u], zr_buf, out=zr)
+            if form is not None:
+                np.tanh(zr, out=zr)
+                zr *= scale[:2 * u]
+                zr += form[1][:2 * u]
+            else:
+                activate_(rec_act, zr)
+            r = a[:, u:2 * u]
+            if reset_after:
+                np.multiply(r, inner[t, :, 2 * u:], out=hh)
+            else:
+                rh = inner[t]
+                np.multiply(r, h_prev if rm_h is None else h_prev * rm_h, out=rh)
+                np.matmul(rh, U_h, out=hh)
+            hh += xp[t, :, 2 * u:]
+            activate_(act, hh)
+            np.subtract(h_prev, hh, out=tmp)
+            tmp *= a[:, :u]
+            np.add(hh, tmp, out=H[t + 1])
+            if step_mask is not None:
+                np.copyto(H[t + 1], h_prev, where=~step_mask[t])
     return H, dict(H=H, A=A, inner=inner, U=U, act=act, rec_act=rec_act, reset_after=reset_after,
                    step_mask=step_mask, rec_mask=rec_mask)
 
@@ -343,15 +368,16 @@ def _gru_backward_after(H_prev, z, r, hh, inner, U, act, rec_act, step_mask, rec
     K2 = np.stack([inner[..., 2 * u:] * derivative(rec_act, r), r], axis=2)  # times d pre_hh
     D = np.empty((T, B, 4, u), z.dtype)
     dh, carry = dh.copy(), np.empty_like(dh)
-    for t in range(T - 1, -1, -1):
-        if dY is not None:
-            dh += dY[t]
-        Dt = D[t]
-        np.multiply(dh[:, None, :], K1[t], out=Dt[:, :2])
-        np.multiply(Dt[:, :1], K2[t], out=Dt[:, 2:])
-        np.multiply(dh, Zc[t], out=carry)
-        recurrent_matmul_T(Dt[:, 1:].reshape(B, 3 * u), UT, rec_mask, dh)
-        dh += carry
+    with blas.one_thread():  # the step GEMMs are too small to split (engine/blas.py)
+        for t in range(T - 1, -1, -1):
+            if dY is not None:
+                dh += dY[t]
+            Dt = D[t]
+            np.multiply(dh[:, None, :], K1[t], out=Dt[:, :2])
+            np.multiply(Dt[:, :1], K2[t], out=Dt[:, 2:])
+            np.multiply(dh, Zc[t], out=carry)
+            recurrent_matmul_T(Dt[:, 1:].reshape(B, 3 * u), UT, rec_mask, dh)
+            dh += carry
     dInner = D[:, :, 1:].reshape(T, B, 3 * u)
     dXP = np.concatenate([D[:, :, 1], D[:, :, 2], D[:, :, 0]], axis=-1)
     return dXP, dInner, recurrent_kernel_grad(H_prev, dInner, rec_mask)
@@ -367,22 +393,23 @@ def _gru_backward_before(H_prev, z, r, hh, rh, U, act, rec_act, step_mask, rec_m
     dXP = np.empty((T, B, 3 * u), z.dtype)
     d_rh = np.empty((B, u), z.dtype)
     dh, back = dh.copy(), np.empty_like(dh)
-    for t in range(T - 1, -1, -1):
-        if dY is not None:
-            dh += dY[t]
-        dx = dXP[t]
-        np.multiply(dh, Kz[t], out=dx[:, :u])
-        np.multiply(dh, Kh[t], out=dx[:, 2 * u:])
-        np.matmul(dx[:, 2 * u:], UT_h, out=d_rh)  # d(r * h_h)
-        h_h = H_prev[t] if rm_h is None else H_prev[t] * rm_h
-        np.multiply(d_rh * h_h, Dr[t], out=dx[:, u:2 * u])
-        d_rh *= r[t]
-        if rm_h is not None:
-            d_rh *= rm_h
-        recurrent_matmul_T(np.ascontiguousarray(dx[:, :2 * u]), UT_zr, rm_zr, back)
-        dh *= Zc[t]
-        dh += back
-        dh += d_rh
+    with blas.one_thread():  # the step GEMMs are too small to split (engine/blas.py)
+        for t in range(T - 1, -1, -1):
+            if dY is not None:
+                dh += dY[t]
+            dx = dXP[t]
+            np.multiply(dh, Kz[t], out=dx[:, :u])
+            np.multiply(dh, Kh[t], out=dx[:, 2 * u:])
+            np.matmul(dx[:, 2 * u:], UT_h, out=d_rh)  # d(r * h_h)
+            h_h = H_prev[t] if rm_h is None else H_prev[t] * rm_h
+            np.multiply(d_rh * h_h, Dr[t], out=dx[:, u:2 * u])
+            d_rh *= r[t]
+            if rm_h is not None:
+                d_rh *= rm_h
+            recurrent_matmul_T(np.ascontiguousarray(dx[:, :2 * u]), UT_zr, rm_zr, back)
+            dh *= Zc[t]
+            dh += back
+            dh += d_rh
     dU_zr = recurrent_kernel_grad(H_prev, dXP[..., :2 * u], rm_zr)
     dU_h = rh.reshape(-1, u).T @ dXP[..., 2 * u:].reshape(-1, u)
     return dXP, None, np.concatenate([dU_zr, dU_h], axis=1)
