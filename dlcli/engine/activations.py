@@ -19,6 +19,10 @@ class Activation:
     def forward(self, z):
         return z
 
+    def forward_(self, z):
+        """forward(z) for a z nobody else holds (a layer's fresh pre-activation): may overwrite it (ReLU does)."""
+        return self.forward(z)
+
     def backward(self, grad):
         return grad
 
@@ -37,6 +41,11 @@ class ReLU(Activation):
     def forward(self, z):
         # the output, not a mask: inference skips the comparison, and y > 0 exactly where z > 0
         self.y = np.maximum(z, 0)
+        return self.y
+
+    def forward_(self, z):
+        # in place: no batch-sized allocation (and its page faults), 20% of the book convnet's predict before
+        self.y = np.maximum(z, 0, out=z)
         return self.y
 
     def backward(self, grad):
@@ -199,6 +208,12 @@ class Swish(Activation):
 
     def backward(self, grad):
         return grad * (self.s * (1 + self.z * (1 - self.s)))
+
+
+def activate_owned(layer, z):
+    """`layer.activate(z)` for a z the layer just computed and keeps no other use of: the activation may work in
+    place (the fused-loss path keeps z itself as the logits)."""
+    return layer.activate(z) if layer.output_fused else layer.activation.forward_(z)
 
 
 def get(identifier) -> Activation:

@@ -72,7 +72,7 @@ class _Conv(_Windowed):
         z = np.dot(self.cols, self.kernel.value.reshape(-1, self.filters))
         if self.use_bias:
             cm.add_channels(z, self.bias.value)
-        return self.activate(z.reshape(x.shape[0], *self.out_sizes, self.filters))
+        return activations.activate_owned(self, z.reshape(x.shape[0], *self.out_sizes, self.filters))
 
     def backward(self, grad):
         g = np.ascontiguousarray(self.activation_backward(grad)).reshape(-1, self.filters)

@@ -39,7 +39,7 @@ class Dense(Layer):
         z = x @ self.kernel.value
         if self.use_bias:
             z += self.bias.value
-        return self.activate(z)
+        return activations.activate_owned(self, z)
 
     def backward(self, grad):
         grad = self.activation_backward(grad)
