@@ -18,6 +18,88 @@ def interleaved_rounds(runs: dict, rounds: int) -> dict:
     return times
 
 
+def compare(runs: dict, rounds: int) -> tuple[dict, dict]:
+    """One warm-up call of each peer, then `rounds` interleaved rounds: (every round's seconds, best of each)."""
+    for fn in runs.values():
+        fn()
+    times = interleaved_rounds(runs, rounds)
+    return times, {name: min(t) for name, t in times.items()}
+
+
+def peers(dlcli_runner, torch_runner) -> dict:
+    """{"dlcli": dlcli_runner(), "pytorch": torch_runner(torch)}, PyTorch only when installed."""
+    runs = {"dlcli": dlcli_runner()}
+    torch = torch_or_none()
+    if torch is not None:
+        runs["pytorch"] = torch_runner(torch)
+    return runs
+
+
+def config_model(config: str):
+    from dlcli.builder import build_model
+    from dlcli.config import load_config
+
+    return build_model(load_config(config).to_dict())
+
+
+def train_steps_runner(config: str, x, y, batch):
+    """dlcli: `train_step` over x, y in order, batch by batch, for the model of a shipped config."""
+    model = config_model(config)
+
+    def run():
+        for i in range(0, len(x), batch):
+            model.train_step([x[i:i + batch]], [y[i:i + batch]])
+    return run
+
+
+def torch_train_steps_runner(torch, net, opt, x, y, batch):
+    """PyTorch: the same steps with cross-entropy on a channels-first copy of the channels-last images x."""
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    ty = torch.from_numpy(y)
+
+    def run():
+        net.train()
+        for i in range(0, len(tx), batch):
+            opt.zero_grad(set_to_none=False)
+            loss = torch.nn.functional.cross_entropy(net(tx[i:i + batch]), ty[i:i + batch])
+            loss.backward()
+            opt.step()
+    return run
+
+
+def keras_rmsprop(torch, params):
+    return torch.optim.RMSprop(params, lr=1e-3, alpha=0.9, eps=1e-7)  # Keras' defaults (rho 0.9, eps 1e-7)
+
+
+def fit_runner(model, x, y, batch):
+    """dlcli: one `fit` epoch per call (shuffling gather, metrics and all), a new shuffling seed each time."""
+    seeds = iter(range(10**6))
+    return lambda: model.fit(x, y, epochs=1, batch_size=batch, verbose=0, seed=next(seeds))
+
+
+def torch_epoch_runner(torch, forward, params, x, y, batch, loss_fn, correct):
+    """PyTorch: the epoch `fit` runs: a fresh permutation, batches gathered by index, Keras' RMSprop, and the
+    accuracy count (`correct(out, yb)`) dlcli keeps; `forward(xb)` gives what `loss_fn` takes."""
+    opt = keras_rmsprop(torch, params)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    seeds = iter(range(10**6))
+
+    def epoch():
+        order = torch.randperm(len(tx), generator=torch.Generator().manual_seed(next(seeds)))
+        hits = 0
+        for i in range(0, len(tx), batch):
+            idx = order[i:i + batch]
+            xb, yb = tx[idx], ty[idx]
+            opt.zero_grad(set_to_none=False)
+            out = forward(xb)
+            loss = loss_fn(out, yb)
+            loss.backward()
+            opt.step()
+            hits += correct(out, yb)
+        return hits
+    return epoch
+
+
 def report_ratio(best: dict, target: str, times: dict | None = None):
     """Print dlcli's time over PyTorch's (best against best), and with `times` the spread of the per-round
     ratios (rounds ran back to back, so each pair saw about the same machine load)."""

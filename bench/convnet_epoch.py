@@ -13,24 +13,13 @@ import os
 import sys
 import tempfile
 
-
 sys.path.insert(0, os.path.dirname(__file__))
-from common import child_peak_rss_mib, interleaved_rounds, mnist_train, report_ratio, torch_or_none  # noqa: E402
+from common import (child_peak_rss_mib, compare, keras_rmsprop, mnist_train, peers, report_ratio,  # noqa: E402
+                    torch_train_steps_runner, train_steps_runner)
 
+CONFIG = "configs/mnist_cnn.yaml"
 BATCH = 64
 EPOCH_BATCHES = -(-60000 // BATCH)
-
-
-def dlcli_runner(x, y, batch=BATCH):
-    from dlcli.builder import build_model
-    from dlcli.config import load_config
-
-    model = build_model(load_config("configs/mnist_cnn.yaml").to_dict())
-
-    def run():
-        for i in range(0, len(x), batch):
-            model.train_step([x[i:i + batch]], [y[i:i + batch]])
-    return run
 
 
 def torch_net(torch):
@@ -42,28 +31,13 @@ def torch_net(torch):
 
 
 def torch_runner(torch, x, y, batch=BATCH):
-    nn = torch.nn
     net = torch_net(torch)
-    opt = torch.optim.RMSprop(net.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)  # Keras' RMSprop defaults
-    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # PyTorch is channels-first
-    ty = torch.from_numpy(y)
-
-    def run():
-        for i in range(0, len(tx), batch):
-            opt.zero_grad(set_to_none=False)
-            loss = nn.functional.cross_entropy(net(tx[i:i + batch]), ty[i:i + batch])
-            loss.backward()
-            opt.step()
-    return run
+    return torch_train_steps_runner(torch, net, keras_rmsprop(torch, net.parameters()), x, y, batch)
 
 
 def runners_for(x, y, batch=BATCH) -> dict:
     """{peer: one pass of training steps over x, y}; PyTorch only when installed."""
-    runs = {"dlcli": dlcli_runner(x, y, batch)}
-    torch = torch_or_none()
-    if torch is not None:
-        runs["pytorch"] = torch_runner(torch, x, y, batch)
-    return runs
+    return peers(lambda: train_steps_runner(CONFIG, x, y, batch), lambda t: torch_runner(t, x, y, batch))
 
 
 def runners(batches=40) -> dict:
@@ -76,18 +50,14 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", action="store_true")
     args = parser.parse_args()
-    runs = runners(args.batches)
-    for fn in runs.values():  # warm-up
-        fn()
-    times = interleaved_rounds(runs, args.rounds)
-    best = {name: min(t) for name, t in times.items()}
+    times, best = compare(runners(args.batches), args.rounds)
     for name, sec in best.items():
         print(f"{name:8s} {sec / args.batches * 1000:7.1f} ms/batch  -> {sec / args.batches * EPOCH_BATCHES:6.1f} "
               f"s/epoch (extrapolated from {args.batches} batches x best of {args.rounds} rounds)")
     report_ratio(best, "<= 0.8x", times)
     if args.memory:
         with tempfile.TemporaryDirectory() as runs_dir:
-            code, mib = child_peak_rss_mib([sys.executable, "-m", "dlcli.cli", "train", "configs/mnist_cnn.yaml",
+            code, mib = child_peak_rss_mib([sys.executable, "-m", "dlcli.cli", "train", CONFIG,
                                             "--set", "train.epochs=1", "--runs-dir", runs_dir, "--quiet"])
         print(f"peak resident memory, one epoch on all 60,000 images: {mib:,.0f} MiB (target < 2048 MiB)"
               + ("" if code == 0 else f"  [the run failed: exit {code}]"))

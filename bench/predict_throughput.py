@@ -9,15 +9,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_rounds, mnist_train, report_ratio, torch_or_none  # noqa: E402
-from convnet_epoch import torch_net  # noqa: E402
+from common import compare, config_model, mnist_train, peers, report_ratio  # noqa: E402
+from convnet_epoch import CONFIG, torch_net  # noqa: E402
 
 
 def dlcli_runner(x, batch):
-    from dlcli.builder import build_model
-    from dlcli.config import load_config
-
-    model = build_model(load_config("configs/mnist_cnn.yaml").to_dict())
+    model = config_model(CONFIG)
     return lambda: model.predict(x, batch_size=batch)
 
 
@@ -33,11 +30,7 @@ def torch_runner(torch, x, batch):
 
 def runners(batch=512, batches=8):
     x, _ = mnist_train((28, 28, 1), limit=batch * batches)
-    runs = {"dlcli": dlcli_runner(x, batch)}
-    torch = torch_or_none()
-    if torch is not None:
-        runs["pytorch"] = torch_runner(torch, x, batch)
-    return runs
+    return peers(lambda: dlcli_runner(x, batch), lambda t: torch_runner(t, x, batch))
 
 
 def main():
@@ -46,11 +39,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=512)
     args = parser.parse_args()
-    runs = runners(args.batch, args.batches)
-    for fn in runs.values():  # warm-up
-        fn()
-    times = interleaved_rounds(runs, args.rounds)
-    best = {name: min(t) for name, t in times.items()}
+    times, best = compare(runners(args.batch, args.batches), args.rounds)
     n = args.batch * args.batches
     for name, sec in best.items():
         print(f"{name:8s} {n / sec:9,.0f} images/s  ({sec / args.batches * 1000:.1f} ms per batch of {args.batch}, "

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_rounds, report_ratio, torch_or_none  # noqa: E402
+from common import compare, fit_runner, peers, report_ratio, torch_epoch_runner  # noqa: E402
 
 CELLS = ("lstm", "gru")
 
@@ -33,8 +33,7 @@ def dlcli_runner(cell, x, y, batch, units):
     model = models.Sequential([rnn, layers.Dense(1, activation="sigmoid")])
     model.build(rng=np.random.default_rng(0))
     model.compile(optimizer="rmsprop", loss="binary_crossentropy", metrics=["accuracy"])
-    seeds = iter(range(10**6))
-    return lambda: model.fit(x, y, epochs=1, batch_size=batch, verbose=0, seed=next(seeds))
+    return fit_runner(model, x, y, batch)
 
 
 def torch_runner(torch, cell, x, y, batch, units):
@@ -42,36 +41,14 @@ def torch_runner(torch, cell, x, y, batch, units):
     torch.manual_seed(0)
     rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell](x.shape[-1], units, batch_first=True)
     head = nn.Linear(units, 1)
-    params = list(rnn.parameters()) + list(head.parameters())
-    opt = torch.optim.RMSprop(params, lr=1e-3, alpha=0.9, eps=1e-7)  # Keras' RMSprop defaults
-    loss_fn = nn.BCEWithLogitsLoss()
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-    seeds = iter(range(10**6))
-
-    def epoch():
-        order = torch.randperm(len(tx), generator=torch.Generator().manual_seed(next(seeds)))
-        correct = 0
-        for i in range(0, len(tx), batch):
-            idx = order[i:i + batch]
-            xb, yb = tx[idx], ty[idx]
-            opt.zero_grad(set_to_none=False)
-            out, _ = rnn(xb)
-            logits = head(out[:, -1])
-            loss = loss_fn(logits, yb)
-            loss.backward()
-            opt.step()
-            correct += int(((logits > 0) == (yb > 0.5)).sum())  # the accuracy bookkeeping dlcli does
-        return correct
-    return epoch
+    return torch_epoch_runner(torch, lambda xb: head(rnn(xb)[0][:, -1]),
+                              list(rnn.parameters()) + list(head.parameters()), x, y, batch,
+                              nn.BCEWithLogitsLoss(), lambda logits, yb: int(((logits > 0) == (yb > 0.5)).sum()))
 
 
 def runners(cell, batch=64, steps=100, features=32, units=32, batches=10):
     x, y = data(batch * batches, steps, features)
-    runs = {"dlcli": dlcli_runner(cell, x, y, batch, units)}
-    torch = torch_or_none()
-    if torch is not None:
-        runs["pytorch"] = torch_runner(torch, cell, x, y, batch, units)
-    return runs
+    return peers(lambda: dlcli_runner(cell, x, y, batch, units), lambda t: torch_runner(t, cell, x, y, batch, units))
 
 
 def main():
@@ -83,11 +60,7 @@ def main():
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--units", type=int, default=32)
     args = parser.parse_args()
-    runs = runners(args.cell, args.batch, args.steps, 32, args.units, args.batches)
-    for fn in runs.values():  # warm-up
-        fn()
-    times = interleaved_rounds(runs, args.rounds)
-    best = {name: min(t) for name, t in times.items()}
+    times, best = compare(runners(args.cell, args.batch, args.steps, 32, args.units, args.batches), args.rounds)
     for name, sec in best.items():
         print(f"{name:8s} {sec / args.batches * 1000:7.2f} ms per training step ({args.cell.upper()}({args.units}), "
               f"{args.steps} steps, batch {args.batch}, best of {args.rounds} rounds of {args.batches} batches)")

@@ -29,9 +29,7 @@ WIDTHS = (64, 128, 256, 512, 1024, 2048)
 
 
 def measure(runs: dict, rounds: int) -> dict:
-    for fn in runs.values():  # warm-up
-        fn()
-    return common.interleaved_rounds(runs, rounds)
+    return common.compare(runs, rounds)[0]
 
 
 def workloads(quick: bool):

@@ -12,22 +12,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_rounds, mnist_train, report_ratio, torch_or_none  # noqa: E402
+from common import (compare, mnist_train, peers, report_ratio, torch_train_steps_runner,  # noqa: E402
+                    train_steps_runner)
 
 CONFIG = "configs/fashion_mnist_resnet.yaml"
 EPOCH_SAMPLES = 54000
-
-
-def dlcli_runner(x, y, batch):
-    from dlcli.builder import build_model
-    from dlcli.config import load_config
-
-    model = build_model(load_config(CONFIG).to_dict())
-
-    def run():
-        for i in range(0, len(x), batch):
-            model.train_step([x[i:i + batch]], [y[i:i + batch]])
-    return run
 
 
 def torch_net(torch):
@@ -54,26 +43,12 @@ def torch_runner(torch, x, y, batch):
     torch.manual_seed(0)
     net = torch_net(torch)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-7)  # Keras' Adam epsilon
-    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # PyTorch is channels-first
-    ty = torch.from_numpy(y)
-
-    def run():
-        net.train()
-        for i in range(0, len(tx), batch):
-            opt.zero_grad(set_to_none=False)
-            loss = torch.nn.functional.cross_entropy(net(tx[i:i + batch]), ty[i:i + batch])
-            loss.backward()
-            opt.step()
-    return run
+    return torch_train_steps_runner(torch, net, opt, x, y, batch)
 
 
 def runners(batch=64, batches=20):
     x, y = mnist_train((28, 28, 1), limit=batch * batches, kind="fashion_mnist")
-    runs = {"dlcli": dlcli_runner(x, y, batch)}
-    torch = torch_or_none()
-    if torch is not None:
-        runs["pytorch"] = torch_runner(torch, x, y, batch)
-    return runs
+    return peers(lambda: train_steps_runner(CONFIG, x, y, batch), lambda t: torch_runner(t, x, y, batch))
 
 
 def main():
@@ -82,11 +57,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
-    runs = runners(args.batch, args.batches)
-    for fn in runs.values():  # warm-up
-        fn()
-    times = interleaved_rounds(runs, args.rounds)
-    best = {name: min(t) for name, t in times.items()}
+    times, best = compare(runners(args.batch, args.batches), args.rounds)
     epoch_batches = -(-EPOCH_SAMPLES // args.batch)
     for name, sec in best.items():
         print(f"{name:8s} {sec / args.batches * 1000:7.1f} ms/batch  -> {sec / args.batches * epoch_batches:6.1f} "
