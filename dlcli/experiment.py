@@ -337,12 +337,14 @@ def _resolve(config, overrides, resume, allow_config_change, init_from):
         folds = is_kfold_run(run_dir)  # each fold keeps its own checkpoint
         state = None if folds else checkpoint.load(run_dir)  # before anything else: a damaged one fails fast
         # what the run was trained with (its fingerprint record), not config.yaml, which may have been edited since
-        old = fingerprint.recorded_config(run_dir, state) or _config(run_dir / "config.yaml", []).to_dict()
+        recorded = fingerprint.recorded_config(run_dir, state)
+        old = as_config(recorded) if recorded is not None else _config(run_dir / "config.yaml", [])
         cfg = _config(run_dir / "config.yaml" if config is None else config, overrides)
-        cfg = cfg.model_copy(update={"name": old["name"]})
-        changes = check_resume_config(old, cfg.to_dict(), allow_config_change and not folds)
+        cfg = cfg.model_copy(update={"name": old.name})
+        changes = check_resume_config(old.to_dict(), cfg.to_dict(), allow_config_change and not folds)
         new_lr = _constant_lr(cfg.compile.optimizer)
-        if state is not None and new_lr is not None and new_lr != _constant_lr(old["compile"]["optimizer"]):  # replaces the checkpointed
+        # a new constant learning rate replaces the checkpointed one
+        if state is not None and new_lr is not None and new_lr != _constant_lr(old.compile.optimizer):
             state["arrays"]["optimizer/learning_rate"] = np.array(new_lr, np.float64)
             state["header"]["position"]["learning_rate"] = new_lr
     elif config is None:

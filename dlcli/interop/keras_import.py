@@ -91,8 +91,8 @@ def _mapped_config(keras_config: dict, source, notes, overrides) -> tuple[Config
     mapper = ConfigMapper(notes)
     model_spec = without_dropped(mapper.model(keras_config))
     name = str(model_spec.pop("name"))
-    config = {"name": name, "seed": 0, "data": {"type": "none"}, "model": model_spec,
-              "compile": {"loss": "mean_squared_error"}, "train": {"epochs": 1, "batch_size": 32}}
+    config = {"name": name, "data": {"type": "none"}, "model": model_spec,  # seed and train: the schema's defaults
+              "compile": {"loss": "mean_squared_error"}}
     probe = build_model(parse_config(dump_yaml(config), f"{source} (imported)"))
     activations = [getattr(getattr(t.node.layer, "activation", None), "name", None) for t in probe.outputs]
     config["compile"] = mapper.compile(keras_config.get("compile_config"), probe.output_names, activations)
