@@ -1,5 +1,4 @@
 """The Dataset record every loader returns, the dataset registry, and `load_dataset(spec)`."""
-import dataclasses
 import inspect
 from dataclasses import dataclass, field
 
