@@ -131,11 +131,14 @@ class Trainer:
                     cbs.on_train_batch_end(batch, batch_logs)
                     every = self.checkpoint_every
                     if self.stopping() or (every and (batch + 1) % every == 0 and batch + 1 < skip + len(chunks)):
+                        self._check_weights(xb, yb, wb, sel, n)
                         self.save_checkpoint(epoch, batch + 1, batch_size, n)
                     if model.stop_training or self.stopping():
                         break
             if self.stopping():
                 return history  # no epoch end: the checkpoint resumes inside this epoch
+            if chunks:  # steps were taken: their weights are checked before validation or any callback sees them
+                self._check_weights(xb, yb, wb, sel, n)
             logs = self.logs.results()
             if validation_data is not None:
                 val = self.evaluate(validation_data[0], validation_data[1], batch_size)
@@ -214,6 +217,13 @@ class Trainer:
 
         return self.model.train_step(xb, yb, wb, before_update=gate, share=share, exchange=exchange)
 
+    def _check_weights(self, xb, yb, wb, sel, n):
+        """Gradient norms are taken every NORM_EVERY steps, so a non-finite gradient under a finite loss on a step in
+        between reaches the weights. One pass over them before they are validated or saved keeps NaN/inf out of
+        every checkpoint: the last good one stays the last one written."""
+        if not all(np.isfinite(p.value).all() for p in self.model.trainable_weights):
+            self._diverged("weights", float("nan"), xb, yb, wb, index_array(sel, n))
+
     def rise_base(self) -> float:
         return max(self.initial_loss, 1.0)
 
@@ -236,6 +246,12 @@ class Trainer:
                 f"training diverged: the loss rose to {value:.4g} at epoch {self.epoch + 1}, batch {self.batch} "
                 f"(step {report['step']}), more than train.divergence_factor ({self.divergence_factor:g}) times "
                 f"its initial value {self.rise_base():.4g} (the first batch's loss, at least 1). Last good "
+                f"checkpoint: {report['last_checkpoint']}. Likely cause: {report['hint']}.", report)
+        if what == "weights":
+            raise DivergenceError(
+                f"training diverged: the weights became non-finite by epoch {self.epoch + 1}, batch {self.batch} "
+                f"(step {report['step']}): a gradient held NaN/inf under a finite loss on a step since the last "
+                f"gradient-norm check (taken every {NORM_EVERY} steps). Nothing was saved with these weights. Last good "
                 f"checkpoint: {report['last_checkpoint']}. Likely cause: {report['hint']}.", report)
         where = d["first_nonfinite_forward"] and f"first non-finite values in the forward pass of layer " \
                                                  f"'{d['first_nonfinite_forward']}'" \

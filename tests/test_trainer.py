@@ -167,7 +167,7 @@ def test_diagnose_names_the_first_layer_gone_non_finite_and_leaves_layers_untouc
     assert all(not p.grad.any() for p in model.trainable_weights)
 
 
-def test_norms_every_tenth_step_and_a_nonfinite_gradient_between_stops_at_the_next_loss():
+def test_norms_every_tenth_step_and_a_nonfinite_gradient_between_stops_before_the_epoch_ends():
     from dlcli.trainer import NORM_EVERY
 
     x, y = _data(12)
@@ -177,8 +177,16 @@ def test_norms_every_tenth_step_and_a_nonfinite_gradient_between_stops_at_the_ne
     model = _model()
     Trainer(model, verbose=0, rng=np.random.default_rng(0)).fit([x], [y], epochs=1, batch_size=12)  # step 0 checked
     model.get_layer("h").backward = lambda grad: (model.get_layer("h").params["kernel"].grad.fill(np.inf), grad)[1]
+
+    class Ended(Callback):
+        epochs = []
+
+        def on_epoch_end(self, epoch, logs=None):  # where ModelCheckpoint writes weights
+            self.epochs.append(epoch)
+
     with pytest.raises(DivergenceError) as info:
-        Trainer(model, verbose=0, rng=np.random.default_rng(0)).fit([x], [y], epochs=3, batch_size=12)
+        Trainer(model, [Ended()], verbose=0, rng=np.random.default_rng(0)).fit([x], [y], epochs=3, batch_size=12)
     report = info.value.report
-    assert (report["non_finite"], report["step"]) == ("loss", 2)
+    assert (report["non_finite"], report["step"]) == ("weights", 2)  # the unchecked step 1 broke them
     assert "h/kernel" in report["diagnosis"]["nonfinite_weights"]
+    assert Ended.epochs == [] and "Nothing was saved with these weights" in info.value.message
