@@ -59,6 +59,16 @@ def case(name: str):
         model.build(rng=np.random.default_rng(0))  # seeded weights: every rank and run starts equal
         model.compile(optimizer="rmsprop", loss="mse", metrics=["mae"])
         return model, [x], [y], 16
+    if name == "masked_bn":  # BatchNormalization's statistics over unmasked steps only, summed across ranks
+        x = rng.normal(size=(37, 6, 3)).astype(np.float32) + 1.0
+        for i, length in enumerate(rng.integers(2, 7, len(x))):
+            x[i, length:] = 0.0  # padding, masked out
+        y = (x[:, :, 0].sum(1) > 3).astype(np.int64)
+        model = models.Sequential([layers.Masking(0.0, input_shape=(6, 3)), layers.BatchNormalization(),
+                                   layers.LSTM(4), layers.Dense(2, activation="softmax")])
+        model.build(rng=np.random.default_rng(0))  # seeded weights: every rank and run starts equal
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model, [x], [y], 8
     raise SystemExit(f"unknown case {name}")
 
 

@@ -60,7 +60,7 @@ def test_rank_share_covers_every_item_once():
 
 
 @needs_mpi
-@pytest.mark.parametrize("case", ["dense_adam", "conv_bn", "lstm"])
+@pytest.mark.parametrize("case", ["dense_adam", "conv_bn", "lstm", "masked_bn"])
 def test_two_ranks_equal_one_process(case, tmp_path):
     """Same weights and history within float32 rounding; an odd dataset size; every rank ends identical."""
     done = mpirun(JOB, case, tmp_path / "two.npz")
