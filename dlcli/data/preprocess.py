@@ -38,7 +38,7 @@ def to_features(x: np.ndarray, dtype: str = "auto", scale: float = 1.0) -> np.nd
     """A loader's conversion of stored values: to `feature_dtype`, times `scale`. A scale 1/k with a whole k (the
     IDX images' 1/255, an npz's `rescale: 1/255`) divides by k instead, as Keras' book recipe
     `x.astype("float32") / 255` does: x * (1/255) rounds differently for about half the pixel values."""
-    x = x.astype(feature_dtype(x, dtype, scale))
+    x = x.astype(feature_dtype(x, dtype, scale), copy=False)  # a batch already of that dtype is not copied
     if scale == 1.0:
         return x
     divisor = 1 / scale
