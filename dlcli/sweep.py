@@ -301,8 +301,10 @@ class Claim:
 
             self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
             self.key = int.from_bytes(hashlib.sha256(sweep.study_name.encode()).digest()[:8], "big", signed=True)
-            self.sql = (("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)") if url.startswith("postgresql")
-                        else ("SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"))
+            postgres = url.startswith("postgresql")
+            lock, unlock = (("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)") if postgres
+                            else ("SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"))
+            self.lock_sql, self.unlock_sql = sqlalchemy.text(lock), sqlalchemy.text(unlock)
         else:
             path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else sweep.dir / JOURNAL
             self.file = open(path.with_name(path.name + ".claim"), "a")
@@ -311,10 +313,8 @@ class Claim:
         if self.file is not None:
             fcntl.flock(self.file, fcntl.LOCK_EX)
         else:
-            import sqlalchemy
-
             self.conn = self.conn or self.engine.connect()
-            self.conn.execute(sqlalchemy.text(self.sql[0]), {"k": self.key})
+            self.conn.execute(self.lock_sql, {"k": self.key})
         self.held = True
 
     def release(self):
@@ -324,9 +324,7 @@ class Claim:
         if self.file is not None:
             fcntl.flock(self.file, fcntl.LOCK_UN)
         else:
-            import sqlalchemy
-
-            self.conn.execute(sqlalchemy.text(self.sql[1]), {"k": self.key})
+            self.conn.execute(self.unlock_sql, {"k": self.key})
             self.conn.commit()
 
     def close(self):
