@@ -13,7 +13,6 @@ from dlcli.errors import DlcliError
 
 _DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
            0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-_CODES = {dt.newbyteorder("="): code for code, dt in _DTYPES.items()}
 
 
 def read_bytes(path) -> bytes:
@@ -54,20 +53,3 @@ def parse_idx(data: bytes, name: str = "<bytes>", magic: int | None = None) -> n
         raise DlcliError(f"{name}: IDX file {what}: dims {list(dims)} need {expected} bytes, file has {len(data)}; "
                          f"delete it so it can be fetched again")
     return np.frombuffer(data, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def read_idx(path, magic: int | None = None) -> np.ndarray:
-    return parse_idx(read_bytes(path), str(path), magic)
-
-
-def write_idx(path, array, compress: bool | None = None) -> None:
-    """Write `array` as IDX (gzip when compress, default: when the name ends in .gz)."""
-    array = np.ascontiguousarray(array)
-    code = _CODES.get(array.dtype.newbyteorder("="))
-    if code is None:
-        raise DlcliError(f"{path}: IDX has no code for dtype {array.dtype}")
-    body = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
-    body += array.astype(_DTYPES[code]).tobytes()
-    path = Path(path)
-    compress = path.suffix == ".gz" if compress is None else compress
-    path.write_bytes(gzip.compress(body) if compress else body)

@@ -1,4 +1,5 @@
 """Shared fixtures: an isolated environment (no real cache, no system dir, no internet) and synthetic IDX sets."""
+import gzip
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -8,7 +9,6 @@ import numpy as np
 import pytest
 
 from dlcli.data import paths
-from dlcli.data.idx import write_idx
 
 from tests.conftest import SHARED_DATASETS as SHARED, require_shared
 
@@ -22,6 +22,20 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("DLCLI_DATASET_MIRROR", "http://127.0.0.1:9")  # discard port: connection refused
     monkeypatch.setattr(paths, "SYSTEM_DIR", tmp_path / "system")
     return tmp_path
+
+
+# IDX type codes (LeCun's format), written independently of the reader under test.
+_IDX_CODES = {"u1": 0x08, "i1": 0x09, "i2": 0x0B, "i4": 0x0C, "f4": 0x0D, "f8": 0x0E}
+
+
+def write_idx(path, array, compress: bool | None = None) -> None:
+    """Write `array` as IDX, gzipped when `compress` (default: when the name ends in .gz)."""
+    array = np.asarray(array)
+    code = _IDX_CODES[array.dtype.str[1:]]
+    body = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    body += array.astype(array.dtype.newbyteorder(">")).tobytes()
+    path = Path(path)
+    path.write_bytes(gzip.compress(body) if (path.suffix == ".gz" if compress is None else compress) else body)
 
 
 def write_idx_set(folder: Path, n_train=12, n_test=5, seed=0, compress=True, marker=None) -> dict:

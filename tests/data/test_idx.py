@@ -3,8 +3,14 @@ import gzip
 import numpy as np
 import pytest
 
-from dlcli.data.idx import parse_idx, read_idx, write_idx
+from dlcli.data.idx import parse_idx, read_bytes
 from dlcli.errors import DlcliError
+
+from .conftest import write_idx
+
+
+def read_idx(path, magic=None):
+    return parse_idx(read_bytes(path), str(path), magic)
 
 
 @pytest.mark.parametrize("dtype", ["u1", "i1", "i2", "i4", "f4", "f8"])

@@ -6,7 +6,7 @@ from dlcli.errors import DlcliError
 
 from tests.conftest import require_shared
 
-from .conftest import write_idx_set
+from .conftest import write_idx, write_idx_set
 
 
 def load(**kw):
@@ -74,7 +74,6 @@ def test_corrupt_file_is_an_error_naming_it(isolated):
 
 
 def test_label_count_mismatch(isolated):
-    from dlcli.data.idx import write_idx
     write_idx_set(isolated / "set")
     write_idx(isolated / "set" / "train-labels-idx1-ubyte.gz", np.zeros(11, np.uint8))
     with pytest.raises(DlcliError, match="11 labels for 12 images"):
