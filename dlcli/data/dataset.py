@@ -4,7 +4,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dlcli.data.split import num_samples
 from dlcli.errors import ConfigError
 from dlcli.registry import Registry, did_you_mean
 
@@ -29,11 +28,6 @@ class Dataset:
     x_val: np.ndarray | dict | None = None
     y_val: np.ndarray | None = None
     name: str = ""
-
-    def sizes(self) -> dict[str, int | None]:
-        """Samples per split, for the banner; None for a split the data does not have."""
-        return {split: (None if y is None else num_samples(y))
-                for split, y in (("train", self.y_train), ("validation", self.y_val), ("test", self.y_test))}
 
 
 @DATASETS.register("none")

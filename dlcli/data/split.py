@@ -65,13 +65,6 @@ def kfold_indices(y, k: int, rng: np.random.Generator, stratify: bool = False) -
     return [np.flatnonzero(fold_of == i) for i in range(k)]
 
 
-def validation_split(x, y, fraction: float, rng: np.random.Generator, stratify: bool = False):
-    """(x_tr, y_tr, x_val, y_val): a seeded shuffled split (Keras takes the unshuffled tail, a trap with sorted
-    data). x may be an array or a dict of arrays."""
-    train, val = split_indices(y, fraction, rng, stratify)
-    return take(x, train), take(y, train), take(x, val), take(y, val)
-
-
 def check_limit(limit, key: str = "data.limit") -> int | None:
     if limit is None:
         return None

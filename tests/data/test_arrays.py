@@ -17,7 +17,7 @@ def npz(tmp_path):
 def test_npz_with_test_arrays(npz):
     d = load_dataset({"type": "npz", "path": str(npz), "x_test": "xt", "y_test": "yt"})
     assert d.x_train.dtype == np.float32 and d.y_train.dtype == np.int64
-    assert d.sizes() == {"train": 40, "validation": None, "test": 8}
+    assert (len(d.y_train), d.y_val, len(d.y_test)) == (40, None, 8)
 
 
 def test_npz_seeded_test_split_and_limit(npz):

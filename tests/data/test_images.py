@@ -19,7 +19,7 @@ def test_synthetic_set_loads_scaled(isolated):
     assert d.x_train.shape == (12, 28, 28) and d.x_train.dtype == np.float32
     assert np.allclose(d.x_train * 255, arrays["train-images-idx3-ubyte"])
     assert d.y_train.dtype == np.int64 and np.array_equal(d.y_test, arrays["t10k-labels-idx1-ubyte"])
-    assert d.classes == [str(i) for i in range(10)] and d.sizes() == {"train": 12, "validation": None, "test": 5}
+    assert d.classes == [str(i) for i in range(10)] and (len(d.y_train), d.y_val, len(d.y_test)) == (12, None, 5)
     raw = load(path=str(isolated / "set"), normalize=False)
     assert raw.x_train.max() > 1
 
