@@ -341,7 +341,7 @@ def _resolve(config, overrides, resume, allow_config_change, init_from):
         old = as_config(recorded) if recorded is not None else _config(run_dir / "config.yaml", [])
         cfg = _config(run_dir / "config.yaml" if config is None else config, overrides)
         cfg = cfg.model_copy(update={"name": old.name})
-        changes = check_resume_config(old.to_dict(), cfg.to_dict(), allow_config_change and not folds)
+        changes = fingerprint.check_resume(old.to_dict(), cfg.to_dict(), allow_config_change and not folds)
         new_lr = _constant_lr(cfg.compile.optimizer)
         # a new constant learning rate replaces the checkpointed one
         if state is not None and new_lr is not None and new_lr != _constant_lr(old.compile.optimizer):
@@ -471,41 +471,6 @@ def classification_report(y_true, y_pred, classes=None) -> dict | None:
 
 
 # --- resume and fine-tune -----------------------------------------------------------------------------------------
-# What may change on --resume with --allow-config-change; anything else would make the continuation another run.
-RESUMABLE_CHANGES = ("train.epochs", "compile.optimizer.learning_rate")
-
-
-def config_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
-    """(dotted path, old value, new value) for every leaf that differs."""
-    from dlcli.yaml_lines import flatten
-
-    a, b = flatten(old), flatten(new)
-    missing = object()
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b), key=str)
-            if a.get(k, missing) != b.get(k, missing)]
-
-
-def check_resume_config(old: dict, new: dict, allow_change: bool) -> list[str]:
-    """Lines describing the diff; a DlcliError when it cannot be resumed (architecture/data) or is not allowed."""
-    diff = [d for d in config_diff(old, new) if d[0] != "name"]
-    lines = [f"  {k}: {a!r} -> {b!r}" for k, a, b in diff]
-    if not diff:
-        return []
-    refused = [k for k, _, _ in diff if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
-    shown = "\n".join(lines)
-    if refused:
-        what = "the architecture" if any(k.startswith("model.") for k in refused) else "settings"
-        raise DlcliError(f"the config differs from the one the run was trained with (recorded in its meta.json and "
-                         f"checkpoint) in {what} that a resumed run cannot change:\n{shown}\nonly "
-                         f"{' and '.join(RESUMABLE_CHANGES)} may change on --resume; start a new run instead "
-                         f"(--init-from RUN_DIR starts from its weights)", exit_code=2)
-    if not allow_change:
-        raise DlcliError(f"the config differs from the one the run was trained with (recorded in its meta.json and "
-                         f"checkpoint):\n{shown}\npass --allow-config-change to resume with these changes, or drop "
-                         f"them", exit_code=2)
-    return lines
-
-
 def resume_banner(state: dict) -> str:
     p = state["header"]["position"]
     best = [cb["state"] for cb in state["header"]["callbacks"] if cb["type"] == "ModelCheckpoint"]

@@ -67,21 +67,26 @@ def _resolve(plain: dict, source) -> dict:
 
 
 def changes(run_dir, config: dict, checkpoint: dict | None = None) -> list[tuple[str, object, object]]:
-    """(dotted path, recorded value, value now) for every setting `config` (the run's config.yaml, resolved)
-    changes from what the run recorded; [] when unchanged or nothing was recorded. `name` never counts."""
-    from dlcli.yaml_lines import flatten
-
+    """What `config` (the run's config.yaml, resolved) changes from what the run recorded (see `diff`); [] when
+    unchanged or nothing was recorded."""
     record_ = recorded(run_dir, checkpoint)
     if record_ is None or record(config)["config_fingerprint"] == record_["config_fingerprint"]:
         return []
-    old, new = flatten(_resolve(record_["config"], Path(run_dir) / "meta.json")), flatten(config)
+    return diff(_resolve(record_["config"], Path(run_dir) / "meta.json"), config)
+
+
+def diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(dotted path, old value, new value) for every setting that differs; `name` never counts."""
+    from dlcli.yaml_lines import flatten
+
+    a, b = flatten(old), flatten(new)
     missing = object()
-    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new), key=str)
-            if k != "name" and old.get(k, missing) != new.get(k, missing)]
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b), key=str)
+            if k != "name" and a.get(k, missing) != b.get(k, missing)]
 
 
-def diff_lines(diff) -> str:
-    return "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diff)
+def diff_lines(diff_) -> str:
+    return "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diff_)
 
 
 def check(run_dir, config: dict, allow_change: bool = False) -> str | None:
@@ -100,3 +105,28 @@ def check(run_dir, config: dict, allow_change: bool = False) -> str | None:
                      f"\"config\" holds the original), train a new run with the change (--init-from "
                      f"{run_dir} starts from these weights), or pass --allow-config-change to use the edited "
                      f"config anyway", exit_code=2)
+
+
+# What may change on --resume with --allow-config-change; anything else would make the continuation another run.
+RESUMABLE_CHANGES = ("train.epochs", "compile.optimizer.learning_rate")
+
+
+def check_resume(old: dict, new: dict, allow_change: bool) -> list[str]:
+    """Lines naming what a resume changes from the recorded config `old`; a DlcliError when the change cannot be
+    resumed (architecture, data) or is not allowed."""
+    found = diff(old, new)
+    if not found:
+        return []
+    refused = [k for k, _, _ in found if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
+    shown = diff_lines(found)
+    if refused:
+        what = "the architecture" if any(k.startswith("model.") for k in refused) else "settings"
+        raise DlcliError(f"the config differs from the one the run was trained with (recorded in its meta.json and "
+                         f"checkpoint) in {what} that a resumed run cannot change:\n{shown}\nonly "
+                         f"{' and '.join(RESUMABLE_CHANGES)} may change on --resume; start a new run instead "
+                         f"(--init-from RUN_DIR starts from its weights)", exit_code=2)
+    if not allow_change:
+        raise DlcliError(f"the config differs from the one the run was trained with (recorded in its meta.json and "
+                         f"checkpoint):\n{shown}\npass --allow-config-change to resume with these changes, or drop "
+                         f"them", exit_code=2)
+    return shown.splitlines()
