@@ -304,7 +304,7 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
                          "train.kfold)", exit_code=2)
     model = build_model(cfg)  # shapes and names fail here, before any data is loaded
     initial = _init_from(model, init_from) if init_from is not None and world.is_root else None
-    with run_data(shared["run_dir"]):  # a resumed run looks where it found its data first
+    with paths.searching_first(shared["run_dir"]):  # a resumed run looks where it found its data first
         splits = load_splits(cfg, model)
     if shared["run_dir"] is None and world.is_root:
         run_dir = runs.create_run_dir(runs_dir, cfg.name)
@@ -378,17 +378,6 @@ def _mark_failed(meta_path, meta, error) -> str:
     return status
 
 
-def run_data(run_dir):
-    """While loading a run's data: search the directories it recorded (meta.json data_dirs) first."""
-    recorded = []
-    if run_dir is not None:
-        try:
-            recorded = runs.read_json(Path(run_dir) / "meta.json").get("data_dirs") or []
-        except (DlcliError, AttributeError):  # no or damaged meta.json: the usual search
-            recorded = []
-    return paths.searching_first(recorded if isinstance(recorded, list) else [])
-
-
 def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = False):
     """(Config, model holding the run's best or last weights) for a run directory. A config.yaml edited since the
     run recorded its config is refused with the diff (dlcli.fingerprint), or with `allow_config_change` used
@@ -420,7 +409,7 @@ def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size
     """Loss and metrics of a finished run on a split; per-class accuracy and a confusion matrix for classifiers."""
     config, model = load_run_model(run_dir, weights, allow_config_change)
     run_dir = Path(run_dir)
-    with run_data(run_dir):
+    with paths.searching_first(run_dir):
         splits = load_splits(config, model)
     xs, ys = (splits.x_test, splits.y_test) if split == "test" else (splits.x_val, splits.y_val)
     if xs is None:

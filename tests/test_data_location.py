@@ -39,7 +39,10 @@ def test_named_datasets_are_found_where_the_run_found_them(tmp_path, monkeypatch
     folder.mkdir(parents=True)
     monkeypatch.delenv("DLCLI_DATA_DIR", raising=False)
     monkeypatch.setenv("DLCLI_CACHE_DIR", str(tmp_path / "empty-cache"))
-    with paths.searching_first([str(tmp_path / "data")]):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "meta.json").write_text(json.dumps({"data_dirs": [str(tmp_path / "data")]}))
+    with paths.searching_first(run):
         assert paths.candidate_dirs(["mnist"])[0] == ("recorded by the run", folder)
     assert all(label != "recorded by the run" for label, _ in paths.candidate_dirs(["mnist"]))
     import dlcli.data.images as images
@@ -51,6 +54,7 @@ def test_named_datasets_are_found_where_the_run_found_them(tmp_path, monkeypatch
 
     require_shared("mnist")
     monkeypatch.setattr(images, "download", no_download)
-    with paths.searching_first([str(SHARED_DATASETS)]):
+    (run / "meta.json").write_text(json.dumps({"data_dirs": [str(SHARED_DATASETS)]}))
+    with paths.searching_first(run):
         d = load_dataset({"type": "mnist", "limit": 5})
     assert len(d.x_train) == 5 and np.isfinite(d.x_train).all()

@@ -6,6 +6,7 @@ meta.json); commands on that run (evaluate, export, --resume) search those direc
 without $DLCLI_DATA_DIR finds the same files instead of downloading."""
 import contextlib
 import contextvars
+import json
 import os
 from pathlib import Path
 
@@ -25,9 +26,15 @@ def recorded_dirs() -> list[str]:
 
 
 @contextlib.contextmanager
-def searching_first(dirs):
-    """Look in `dirs` (a run's recorded_dirs) before the usual places while the block runs."""
-    token = _first.set(tuple(Path(d) for d in dirs or () if isinstance(d, str) and Path(d).is_dir()))
+def searching_first(run_dir):
+    """While the block runs, look first where the run in `run_dir` found its data (its meta.json's data_dirs); a
+    run without that record, or None, searches as usual."""
+    try:
+        dirs = json.loads((Path(run_dir) / "meta.json").read_text()).get("data_dirs") if run_dir else None
+    except (OSError, ValueError, AttributeError):  # no or damaged meta.json: the usual search
+        dirs = None
+    dirs = [Path(d) for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else []
+    token = _first.set(tuple(d for d in dirs if d.is_dir()))
     try:
         yield
     finally:
