@@ -41,53 +41,24 @@ def load_splits(config, model) -> Splits:
     """Load the dataset a Config (or its plain data) names, fit its arrays to the model's inputs, and carve the
     seeded validation split."""
     from dlcli.data import load_dataset
+    from dlcli.data.inputs import fit_inputs
     from dlcli.data.split import split_indices
 
     config = as_config(config)
     settings = config.train
     ds = load_dataset(config.data)
-    x_train, y_train = as_source(fit_inputs(ds.x_train, model)), fit_targets(ds.y_train, model)
+    x_train, y_train = as_source(fit_inputs(ds.x_train, model)), model._targets_list(ds.y_train)
     x_test = None if ds.x_test is None else as_source(fit_inputs(ds.x_test, model))
-    y_test = None if ds.y_test is None else fit_targets(ds.y_test, model)
+    y_test = None if ds.y_test is None else model._targets_list(ds.y_test)
     x_val = y_val = None
     if getattr(ds, "x_val", None) is not None:
-        x_val, y_val = as_source(fit_inputs(ds.x_val, model)), fit_targets(ds.y_val, model)
+        x_val, y_val = as_source(fit_inputs(ds.x_val, model)), model._targets_list(ds.y_val)
     elif settings.validation_split:
         rng = np.random.default_rng([config.seed, 1])
         tr, va = split_indices(y_train[0], settings.validation_split, rng, settings.stratify)
         x_val, y_val = x_train.subset(va), [a[va] for a in y_train]
         x_train, y_train = x_train.subset(tr), [a[tr] for a in y_train]
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, ds.classes, ds.source, ds.extra or {})
-
-
-def fit_inputs(x, model) -> list | Source:
-    """Arrays for each model input (or a Source, reshaped); (N, 28, 28) data feeds an input of shape (28, 28, 1)
-    as a free reshape."""
-    def fits(have, want):
-        return have != want and int(np.prod(have)) == int(np.prod(want)) \
-            and [d for d in have if d != 1] == [d for d in want if d != 1]
-
-    if isinstance(x, Source):
-        shapes = [tuple(t.shape) for t in model.inputs]
-        have = [tuple(s) for s in x.sample_shapes]
-        if len(have) != len(shapes):
-            raise ShapeError(f"the data has {len(have)} input(s); model '{model.name}' has {len(shapes)} "
-                             f"({', '.join(model.input_names)})")
-        for h, s, name in zip(have, shapes, model.input_names):
-            if h != s and not fits(h, s):
-                raise ShapeError(f"input '{name}' expects samples of shape {s}; the data has {h}")
-        return x if have == shapes else x.reshaped(shapes)
-    xs = [x[n] for n in model.input_names] if isinstance(x, dict) else (list(x) if isinstance(x, list) else [x])
-    out = []
-    for a, t in zip(xs, model.inputs):
-        if fits(a.shape[1:], t.shape):
-            a = a.reshape((len(a), *t.shape))
-        out.append(a)
-    return model._inputs_list(out)
-
-
-def fit_targets(y, model) -> list:
-    return model._targets_list(y)
 
 
 class RunRecorder(Callback):

@@ -1,5 +1,5 @@
-"""New inputs for a trained run (`dlcli predict`): .npy/.npz arrays, CSV rows, text lines, images or folders, read
-into model-ready arrays preprocessed as the run's training data was (dlcli.data.preprocess)."""
+"""Data fitted to a model's inputs: a dataset's splits, and new inputs for a trained run (`dlcli predict`: .npy/.npz
+arrays, CSV rows, text lines, images or folders) preprocessed as the run's training data was (dlcli.data.preprocess)."""
 from __future__ import annotations
 
 import warnings
@@ -8,11 +8,38 @@ from pathlib import Path
 import numpy as np
 
 from dlcli.data.preprocess import input_conversion, preprocess, to_features
-from dlcli.errors import DlcliError
+from dlcli.data.source import Source
+from dlcli.errors import DlcliError, ShapeError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 # Datasets of light ink on a dark background: a photo of dark writing on paper reads as its negative.
 DARK_BACKGROUND = ("mnist", "fashion_mnist")
+
+
+def fit_inputs(x, model) -> list | Source:
+    """Arrays for each model input (or a Source, reshaped); (N, 28, 28) data feeds an input of shape (28, 28, 1)
+    as a free reshape."""
+    def fits(have, want):
+        return have != want and int(np.prod(have)) == int(np.prod(want)) \
+            and [d for d in have if d != 1] == [d for d in want if d != 1]
+
+    if isinstance(x, Source):
+        shapes = [tuple(t.shape) for t in model.inputs]
+        have = [tuple(s) for s in x.sample_shapes]
+        if len(have) != len(shapes):
+            raise ShapeError(f"the data has {len(have)} input(s); model '{model.name}' has {len(shapes)} "
+                             f"({', '.join(model.input_names)})")
+        for h, s, name in zip(have, shapes, model.input_names):
+            if h != s and not fits(h, s):
+                raise ShapeError(f"input '{name}' expects samples of shape {s}; the data has {h}")
+        return x if have == shapes else x.reshaped(shapes)
+    xs = [x[n] for n in model.input_names] if isinstance(x, dict) else (list(x) if isinstance(x, list) else [x])
+    out = []
+    for a, t in zip(xs, model.inputs):
+        if fits(a.shape[1:], t.shape):
+            a = a.reshape((len(a), *t.shape))
+        out.append(a)
+    return model._inputs_list(out)
 
 
 def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None = None, invert: bool = False,
@@ -23,7 +50,6 @@ def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None =
     preprocessed. `data` is the run's data spec (`Config.data`)."""
     if data.get("type") == "image_folder" and all(p.is_dir() or _kind(p) == "image" for p in paths):
         from dlcli.data.image_folder import prediction_source
-        from dlcli.experiment import fit_inputs
 
         source, labels = prediction_source(paths, data)
         return fit_inputs(source, model), labels
@@ -202,8 +228,6 @@ def _hint_invert(files, pixels: np.ndarray):
 
 def _fit(x, model) -> list[np.ndarray]:
     """Add the batch axis to a single sample; reshape flat rows (CSV, flattened arrays) of the right size."""
-    from dlcli.experiment import fit_inputs
-
     def fit_one(a, t):
         if a.shape == t.shape:
             return a[None]
