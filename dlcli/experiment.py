@@ -156,10 +156,7 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
     recorded = fingerprint.record(config.to_dict())  # what evaluate/predict/export/--resume check config.yaml against
     settings = config.train
     meta_path = run_dir / "meta.json"
-    meta = {**runs.versions_meta(config.seed), "name": config.name, "status": "running",
-            "start": runs.utc_now(), "sizes": splits.sizes(), "source": splits.source,
-            "params": model.count_params(), "classes": splits.classes, "data_dirs": paths.recorded_dirs(),
-            **({"files": splits.extra["folder"]} if splits.extra.get("folder") else {}), **recorded}
+    meta = start_meta(config, model, splits)
     if resume is not None and meta_path.exists():
         meta = {**runs.read_json(meta_path), "status": "running", **recorded}
         meta.setdefault("resumed", []).append({"at": runs.utc_now(),
@@ -216,6 +213,17 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
         write_curves(run_dir, cbs[0].rows)
     _run_ended(run, run.status)
     return run
+
+
+def start_meta(config: Config, model, splits: Splits) -> dict:
+    """meta.json as a run starts: versions, sizes, data source and directories, the config's fingerprint record."""
+    from dlcli import fingerprint
+
+    return {**runs.versions_meta(config.seed), "name": config.name, "status": "running", "start": runs.utc_now(),
+            "sizes": splits.sizes(), "source": splits.source, "params": model.count_params(),
+            "classes": splits.classes, "data_dirs": paths.recorded_dirs(),
+            **({"files": splits.extra["folder"]} if splits.extra.get("folder") else {}),
+            **fingerprint.record(config.to_dict())}
 
 
 def _run_ended(run: Run, status: str, failing: bool = False):
@@ -285,9 +293,9 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
     run_dir = Path(world.bcast_json(None if run_dir is None else str(run_dir)))
     runs.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
     if cfg.train.kfold:
-        return train_folds(cfg, model, splits, run_dir, resume=folds, verbose=verbose,
-                           train_fold=lambda c, m, s, d, state: train_run(c, m, s, d, callbacks, verbose=verbose,
-                                                                        resume=state))
+        return train_folds(cfg, model, splits, run_dir, start_meta(cfg, model, splits), resume=folds,
+                           verbose=verbose, train_fold=lambda c, m, s, d, state: train_run(
+                               c, m, s, d, callbacks, verbose=verbose, resume=state))
     run = Run(run_dir, cfg, model, splits, init_from=initial, config_changes=changes, resumed=shared["resumed"])
     return train_run(cfg, model, splits, run_dir, callbacks, verbose=verbose, resume=state, world=world, run=run)
 

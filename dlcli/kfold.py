@@ -30,11 +30,13 @@ def is_kfold_run(run_dir) -> bool:
     return (Path(run_dir) / FOLDS).is_dir()
 
 
-def train_folds(cfg, model, splits, run_dir: Path, train_fold, resume: bool = False, verbose: int = 0):
-    """Train every fold not finished yet into run_dir/folds/<i>/ with `train_fold(config, model, splits, fold_dir,
-    checkpoint or None) -> Run` (the run entry point's own train_run); write the aggregate. Returns the whole run's
+def train_folds(cfg, model, splits, run_dir: Path, meta: dict, train_fold, resume: bool = False,
+                verbose: int = 0):
+    """Write the run's meta.json (`meta`, unless resuming), train every fold not finished yet into run_dir/folds/<i>/
+    with `train_fold(config, model, splits, fold_dir, checkpoint or None) -> Run` (the run entry point's own
+    train_run); write the aggregate. Returns the whole run's
     Run: the status of the fold that stopped it (else "completed"), history = the mean rows, test = the mean."""
-    from dlcli import checkpoint, fingerprint
+    from dlcli import checkpoint
     from dlcli.builder import build_model
     from dlcli.config import dump_yaml
     from dlcli.data.split import kfold_indices
@@ -50,11 +52,7 @@ def train_folds(cfg, model, splits, run_dir: Path, train_fold, resume: bool = Fa
     start = time.perf_counter()
     meta_path = run_dir / "meta.json"
     if not meta_path.exists():
-        runs.atomic_write_json(meta_path, {**runs.versions_meta(cfg.seed), "name": cfg.name,
-                                           "kfold": k, "status": "running", "start": runs.utc_now(),
-                                           "sizes": splits.sizes(), "source": splits.source,
-                                           "params": model.count_params(), "classes": splits.classes,
-                                           **fingerprint.record(cfg.to_dict())})
+        runs.atomic_write_json(meta_path, {**meta, "kfold": k})
     histories, tests, statuses, last = [], [], [], None
     fresh_model = model  # the one already built serves the first fold trained now; later folds get new weights
     for i, val in enumerate(folds):
@@ -89,8 +87,8 @@ def train_folds(cfg, model, splits, run_dir: Path, train_fold, resume: bool = Fa
         raise DlcliError(f"all {k} folds of {run_dir} are finished: nothing to resume")
     seconds = time.perf_counter() - start
     means, test, best_epoch = write_aggregate(run_dir, cfg, histories, tests, statuses, k, seconds)
-    return replace(last, dir=run_dir, config=cfg, splits=splits, status=last.status, history=means, test=test, seconds=seconds,
-                   best_epoch=best_epoch, resumed=None)
+    return replace(last, dir=run_dir, config=cfg, splits=splits, status=last.status, history=means, test=test,
+                   seconds=seconds, best_epoch=best_epoch, resumed=None)
 
 
 def write_aggregate(run_dir: Path, cfg, histories: list, tests: list, statuses: list, k: int, seconds: float):

@@ -70,6 +70,7 @@ def test_kfold_run_keeps_each_fold_and_the_mean_and_spread_per_epoch(config, tmp
     assert (run.dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     meta = json.loads((run.dir / "meta.json").read_text())
     assert meta["kfold"] == 3 and meta["folds"] == ["completed"] * 3 and meta["status"] == "completed"
+    assert meta["data_dirs"] and meta["config_fingerprint"].startswith("sha256:")  # where evaluate looks for data
     assert meta["best_epoch"] == 1 + int(np.argmin(val.mean(0)))
     assert set(meta["test"]) == {"loss", "accuracy"} and run.test == meta["test"]
     fold_config = load_yaml((run.dir / "folds" / "1" / "config.yaml").read_text())
