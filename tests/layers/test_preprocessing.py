@@ -31,8 +31,9 @@ def test_gradients(name, args, shape, opts):
     check_layer(layers.LAYERS.get(name)(**args), shape, **opts)
 
 
-@pytest.mark.parametrize("layer", [layers.RandomFlip(), layers.RandomTranslation(0.2, 0.2),
-                                   layers.RandomRotation(0.1), layers.RandomZoom(0.2)],
+# seeded: unseeded, RandomFlip leaves all 4 images as they are once in 256 runs
+@pytest.mark.parametrize("layer", [layers.RandomFlip(seed=0), layers.RandomTranslation(0.2, 0.2, seed=0),
+                                   layers.RandomRotation(0.1, seed=0), layers.RandomZoom(0.2, seed=0)],
                          ids=lambda layer: type(layer).__name__)
 def test_augmentation_is_identity_at_inference_and_float32(layer):
     x = np.random.default_rng(0).random((4, 6, 6, 3), dtype=np.float32)
