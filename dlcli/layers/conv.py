@@ -67,19 +67,28 @@ class _Conv(_Windowed):
                                                 self.dilation_rate)
         xp = cm.pad(x, self.pads)
         self.xp_shape = xp.shape
-        cols = cm.im2col(xp, self.kernel_size, self.out_sizes, self.strides, self.dilation_rate)
-        self.cols = cols.reshape(-1, self.kernel.value[..., 0].size)
-        z = np.dot(self.cols, self.kernel.value.reshape(-1, self.filters))
+        # The patches and, with a bias, a column of ones: the GEMM then adds the bias (no extra pass over the
+        # output) and its transpose in backward sums the bias gradient with the kernel's.
+        k = self.kernel.value[..., 0].size
+        self.cols = np.empty((x.shape[0] * int(np.prod(self.out_sizes)), k + self.use_bias), x.dtype)
+        patches = self.cols[:, :k].reshape(x.shape[0], *self.out_sizes, *self.kernel_size, xp.shape[-1])
+        cm.im2col(xp, self.kernel_size, self.out_sizes, self.strides, self.dilation_rate, out=patches)
+        weights = self.kernel.value.reshape(k, self.filters)
         if self.use_bias:
-            cm.add_channels(z, self.bias.value)
+            self.cols[:, k] = 1
+            weights = np.vstack([weights, self.bias.value[None]])
+        z = np.dot(self.cols, weights)
         return activations.activate_owned(self, z.reshape(x.shape[0], *self.out_sizes, self.filters))
 
     def backward(self, grad):
         g = np.ascontiguousarray(self.activation_backward(grad)).reshape(-1, self.filters)
-        if self.kernel.grad is not None:
-            self.kernel.grad += np.dot(self.cols.T, g).reshape(self.kernel.grad.shape)
-        if self.use_bias and self.bias.grad is not None:
-            self.bias.grad += cm.sum_rows(g)
+        k = self.kernel.value[..., 0].size
+        if self.kernel.grad is not None or (self.use_bias and self.bias.grad is not None):
+            grads = np.dot(self.cols.T, g)  # (k kernel rows [+ the bias row], filters)
+            if self.kernel.grad is not None:
+                self.kernel.grad += grads[:k].reshape(self.kernel.grad.shape)
+            if self.use_bias and self.bias.grad is not None:
+                self.bias.grad += grads[k]
         if not self.input_grad_needed:  # the first conv reads data: skip its (large) input gradient
             return None
         dxp = cm.col2im_matmul(g, self.kernel.value, self.xp_shape, self.out_sizes, self.strides,

@@ -143,24 +143,6 @@ def col2im_matmul(a2, kernel, padded_shape, out_sizes, strides, dilation):
     return dxp
 
 
-def sum_rows(a2):
-    """a2.sum(0) of a 2-D array as a BLAS ones-vector product: about 5x faster than NumPy's reduction on the
-    tall (positions, channels) gradients of a convolution."""
-    return np.dot(np.ones(a2.shape[0], a2.dtype), a2)
-
-
-def add_channels(z2, v):
-    """z2 += v in place for a contiguous (positions, channels) z2. NumPy broadcasts a short last axis as many
-    short inner loops; viewing z2 as long rows of r whole channel vectors, with v tiled r times, does the same
-    additions about twice as fast."""
-    n, c = z2.shape
-    r = max(1, min(n, 2048 // c))
-    while n % r:
-        r -= 1
-    rows = z2.reshape(n // r, r * c)
-    rows += np.tile(v, r)
-
-
 def max_pool(xp, pool, out_sizes, strides):
     """Window maxima and the flat in-window offset of each (first maximum wins, as TF's MaxPoolGrad).
 
