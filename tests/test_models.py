@@ -60,6 +60,14 @@ def test_predict_is_batched_and_float32():
     np.testing.assert_allclose(p.sum(1), 1, rtol=1e-5)
 
 
+def test_predict_runs_large_batches_in_cache_sized_passes_with_the_same_outputs():
+    model = models.Sequential([layers.Conv2D(64, 3, padding="same", activation="relu", input_shape=(32, 32, 3)),
+                               layers.GlobalAveragePooling2D(), layers.Dense(3)])
+    assert model._inference_rows() == models.INFERENCE_BYTES // (32 * 32 * 64 * 4) == 16
+    x = np.random.default_rng(0).normal(size=(40, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x, batch_size=40), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_same_seed_gives_identical_history_and_weights():
     x, y = blobs()
     runs = []
