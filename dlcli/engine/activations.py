@@ -15,6 +15,8 @@ class Activation:
     # d act / dz as a function of the output y = act(z), where one exists: a recurrent layer caches only its
     # outputs, so it accepts exactly these activations. A staticmethod on the class, or None.
     output_derivative = None
+    # max over a window commutes with it, gradients included (graph.py moves it after a max pooling)
+    commutes_with_max = False
 
     def forward(self, z):
         return z
@@ -37,6 +39,9 @@ class Linear(Activation):
 @ACTIVATIONS.register("relu")
 class ReLU(Activation):
     name = "relu"
+    # relu(max z) == max(relu z), and the gradients match: a window whose maximum is <= 0 gets none either way, and
+    # otherwise the first maximum of z is the first maximum of relu(z)
+    commutes_with_max = True
 
     def forward(self, z):
         # the output, not a mask: inference skips the comparison, and y > 0 exactly where z > 0
@@ -213,7 +218,7 @@ class Swish(Activation):
 def activate_owned(layer, z):
     """`layer.activate(z)` for a z the layer just computed and keeps no other use of: the activation may work in
     place (the fused-loss path keeps z itself as the logits)."""
-    return layer.activate(z) if layer.output_fused else layer.activation.forward_(z)
+    return layer.activate(z) if layer.output_fused or layer.activation_moved else layer.activation.forward_(z)
 
 
 def get(identifier) -> Activation:

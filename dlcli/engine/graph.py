@@ -5,6 +5,9 @@ fans out. A layer called more than once (shared weights) keeps one cache per nod
 attributes after each node's forward and restores them before that node's backward. An `observer` (divergence
 reports, `inspect-shapes --trace`) sees every node's output and gradients without touching the layers:
 `observer.forward(node, output)` and `observer.backward(node, output_grad, input_grad)`.
+
+A ReLU that only feeds a max pooling moves after it (relu(max z) == max(relu z), gradients included): it then runs
+on a tensor pool_size times smaller. Observed runs keep every layer's own output, so nothing moves in them.
 """
 import copy
 
@@ -125,9 +128,23 @@ class Graph:
             for t in n.inputs:
                 consumers[id(t)] = consumers.get(id(t), 0) + 1
         self.consumers = consumers
+        self.movable = [(layer, pool, type(layer.activation)())
+                        for layer, pool in _movable_activations(self.nodes, consumers, outputs)]
+
+    def _move_activations(self, move: bool):
+        """Each max pooling in `movable` applies the activation of the layer before it, or none does. Reset on every
+        call: another graph over the same layers (a feature extractor ending at the conv) may have moved it."""
+        for layer in self.layers:
+            layer.activation_moved = False
+            if getattr(layer, "post_activation", None) is not None:
+                layer.post_activation = None
+        if move:
+            for layer, pool, activation in self.movable:
+                layer.activation_moved, pool.post_activation = True, activation
 
     def forward(self, xs: list, training: bool = False, observer=None) -> list:
         values, masks = {}, {}
+        self._move_activations(observer is None)
         for t, x in zip(self.inputs, xs):
             values[id(t)] = x
         for node in self.nodes:
@@ -183,6 +200,23 @@ class Graph:
             for t, g in zip(node.inputs, g_in):
                 _accumulate(acc, t, g)
         return [acc.get(id(t)) for t in self.inputs]
+
+
+def _movable_activations(nodes, consumers, outputs) -> list:
+    """(layer, max pooling) pairs where the layer's activation may run after the pooling instead: the pooling is its
+    only consumer, and neither layer is shared (a shared layer's caches are per call)."""
+    pairs = []
+    for node in nodes:
+        pool = node.layer
+        if not hasattr(pool, "post_activation") or len(pool.nodes) != 1 or node.multi_input:
+            continue
+        source = node.inputs[0]
+        layer = source.node.layer
+        if (layer.activation_last and getattr(layer.activation, "commutes_with_max", False)
+                and len(layer.nodes) == 1 and consumers[id(source)] == 1
+                and not any(source is t for t in outputs)):
+            pairs.append((layer, pool))
+    return pairs
 
 
 def _snapshot(obj) -> dict:

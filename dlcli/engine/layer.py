@@ -63,6 +63,7 @@ def snake_case(name: str) -> str:
 
 class Layer:
     supports_masking = False  # True: the incoming mask passes through unchanged (Keras' default for most layers)
+    activation_last = False  # True: `activation` is the last step of forward, so a later layer may apply it
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -83,6 +84,7 @@ class Layer:
         self.nodes: list = []  # one per call on symbolic tensors; > 1 means shared weights
         self.input_mask = None  # set by the graph executor before forward when a mask flows in
         self.output_fused = False  # True: the loss consumes `self.logits` and backward skips the activation
+        self.activation_moved = False  # True: the max pooling after this layer applies its activation (graph.py)
         self.input_grad_needed = True  # False when the input is data: backward may return None
 
     # --- building -------------------------------------------------------------------------------------------
@@ -129,11 +131,11 @@ class Layer:
     def activate(self, z):
         if self.output_fused:
             self.logits = z
-        return self.activation.forward(z)
+        return z if self.activation_moved else self.activation.forward(z)
 
     def activation_backward(self, grad):
         # When fused, the loss already returned d(loss)/d(logits): the activation's Jacobian is folded in.
-        return grad if self.output_fused else self.activation.backward(grad)
+        return grad if self.output_fused or self.activation_moved else self.activation.backward(grad)
 
     # --- weights ----------------------------------------------------------------------------------------------
     @property

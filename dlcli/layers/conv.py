@@ -37,6 +37,8 @@ class _Windowed(Layer):
 class _Conv(_Windowed):
     """y = activation(conv(x, kernel) + bias); kernel (*kernel_size, in, filters) as Keras."""
 
+    activation_last = True
+
     def __init__(self, filters: int, kernel_size, strides=1, padding: str = "valid", dilation_rate=1,
                  activation: str | None = None, use_bias: bool = True, kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None, **kw):

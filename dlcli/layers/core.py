@@ -10,6 +10,8 @@ from dlcli.errors import ShapeError
 class Dense(Layer):
     """y = activation(x @ kernel + bias) over the last axis. Kernel layout (in, out) as in Keras."""
 
+    activation_last = True
+
     def __init__(self, units: int, activation: str | None = None, use_bias: bool = True,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  kernel_regularizer=None, bias_regularizer=None, **kw):
@@ -53,6 +55,7 @@ class Dense(Layer):
 
 @register("Activation")
 class Activation(Layer):
+    activation_last = True
     supports_masking = True
 
     def __init__(self, activation: str, **kw):

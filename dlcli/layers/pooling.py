@@ -41,17 +41,22 @@ class _Pooling(Layer):
 
 
 class _MaxPooling(_Pooling):
+    post_activation = None  # the previous layer's activation, applied here when the graph moved it (graph.py)
+
     def forward(self, x, training=False):
         # -inf padding: a padded position never wins, as in TF's 'same' max pooling
         xp = self._prepare(x, -np.inf)
         if not training:  # inference: the maxima only; their positions if a backward pass asks (gradient checks)
             self.arg, self.xp = None, xp
-            return cm.window_max(xp, self.pool_size, self.out_sizes, self.strides)
-        y, self.arg = cm.max_pool(xp, self.pool_size, self.out_sizes, self.strides)
-        self.xp = None
-        return y
+            y = cm.window_max(xp, self.pool_size, self.out_sizes, self.strides)
+        else:
+            y, self.arg = cm.max_pool(xp, self.pool_size, self.out_sizes, self.strides)
+            self.xp = None
+        return y if self.post_activation is None else self.post_activation.forward_(y)
 
     def backward(self, grad):
+        if self.post_activation is not None:
+            grad = self.post_activation.backward(grad)
         if self.arg is None:
             _, self.arg = cm.max_pool(self.xp, self.pool_size, self.out_sizes, self.strides)
         dxp = cm.max_pool_backward(grad, self.arg, self.xp_shape, self.pool_size, self.out_sizes, self.strides)
