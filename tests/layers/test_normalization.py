@@ -116,3 +116,20 @@ def test_batchnorm_statistics_skip_masked_steps_as_keras():
     np.testing.assert_allclose(y[mask], (real - real.mean(0)) / np.sqrt(real.var(0) + 1e-3), rtol=1e-6)
     bn.input_mask = np.zeros((4, 6), bool)  # everything masked: zeros, as Keras' sum / (weights + 1e-7)
     assert np.isfinite(bn.forward(x, training=True)).all() and np.all(bn.moving_mean.value == 0)
+
+
+def test_channelwise_broadcast_equals_numpys_and_leaves_other_shapes_alone():
+    from dlcli.layers.normalization import _channelwise
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 3, 5, 4)).astype(np.float32)
+    per_channel = rng.normal(size=(1, 1, 1, 4)).astype(np.float32)
+    per_sample = rng.normal(size=(4, 1, 1, 1)).astype(np.float32)  # as many samples as channels: not tiled
+    for v in (per_channel, per_sample):
+        for ufunc in (np.add, np.subtract, np.multiply):
+            assert np.array_equal(_channelwise(ufunc, x, v), ufunc(x, v))
+    out = x.copy()
+    assert _channelwise(np.subtract, out, per_channel, out=out) is not None
+    assert np.array_equal(out, x - per_channel)
+    view = x[:, :, ::2]  # not contiguous: NumPy's own broadcast
+    assert np.array_equal(_channelwise(np.multiply, view, per_channel), view * per_channel)
