@@ -71,9 +71,16 @@ class _Conv(_Windowed):
         self.xp_shape = xp.shape
         # The patches and, with a bias, a column of ones: the GEMM then adds the bias (no extra pass over the
         # output) and its transpose in backward sums the bias gradient with the kernel's.
-        k = self.kernel.value[..., 0].size
-        self.cols = np.empty((x.shape[0] * int(np.prod(self.out_sizes)), k + self.use_bias), x.dtype)
-        patches = self.cols[:, :k].reshape(x.shape[0], *self.out_sizes, *self.kernel_size, xp.shape[-1])
+        k, rows, rank = self.kernel.value[..., 0].size, x.shape[0] * int(np.prod(self.out_sizes)), self.rank
+        if xp.shape[-1] < cm.BLOCK_CHANNELS:
+            # Few channels: the patches transposed in memory, (kernel taps [+ ones], positions), so each tap copies
+            # along whole output rows. Book convnet conv1: im2col 0.28 -> 0.13 ms, its kernel gradient 0.63 -> 0.51.
+            self.cols = np.empty((k + self.use_bias, rows), x.dtype).T
+            patches = self.cols[:, :k].T.reshape(*self.kernel_size, xp.shape[-1], x.shape[0], *self.out_sizes)
+            patches = patches.transpose(rank + 1, *range(rank + 2, 2 * rank + 2), *range(rank), rank)
+        else:
+            self.cols = np.empty((rows, k + self.use_bias), x.dtype)
+            patches = self.cols[:, :k].reshape(x.shape[0], *self.out_sizes, *self.kernel_size, xp.shape[-1])
         cm.im2col(xp, self.kernel_size, self.out_sizes, self.strides, self.dilation_rate, out=patches)
         weights = self.kernel.value.reshape(k, self.filters)
         if self.use_bias:

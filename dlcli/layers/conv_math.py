@@ -12,6 +12,9 @@ from numpy.lib.stride_tricks import as_strided
 from dlcli.errors import ConfigError, ShapeError
 
 PADDINGS = ("valid", "same")
+# im2col copies patches with this many channels or more in one strided copy (each patch row is a block); fewer,
+# tap by tap along the output rows, best into a transposed buffer (conv.py)
+BLOCK_CHANNELS = 8
 
 
 def as_tuple(value, rank: int, what: str, layer: str) -> tuple[int, ...]:
@@ -114,8 +117,7 @@ def im2col(xp, kernel, out_sizes, strides, dilation, out=None):
     rank = len(kernel)
     shape = (xp.shape[0], *out_sizes, *kernel, xp.shape[-1])
     cols = out if out is not None and out.shape == shape and out.dtype == xp.dtype else np.empty(shape, xp.dtype)
-    if xp.shape[-1] >= 8:
-        # One strided copy: fastest when each patch row (the channels) is long enough to be copied as a block.
+    if xp.shape[-1] >= BLOCK_CHANNELS:
         np.copyto(cols, patches(xp, kernel, out_sizes, strides, dilation))
         return cols
     lead = (slice(None),) * (1 + rank)
