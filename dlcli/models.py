@@ -12,7 +12,7 @@ from dlcli import losses as losses_module
 from dlcli import metrics as metrics_module
 from dlcli import optimizers as optimizers_module
 from dlcli.data.source import ArraySource, Source, as_source, batch_indices
-from dlcli.engine.graph import Graph, Input, InputLayer, SymbolicTensor
+from dlcli.engine.graph import Graph, Input, InputLayer, SymbolicTensor, inference_passes
 from dlcli.engine.layer import Layer, assign_weights, build_seeded, format_shape
 from dlcli.errors import ConfigError, DlcliError, ShapeError
 from dlcli.registry import did_you_mean
@@ -256,11 +256,12 @@ class Model:
         of arrays (one per input) or a Source."""
         logs = metrics_module.RunningLogs(self)
         source = as_source(xs)
-        chunks = batch_indices(len(source), batch_size)
+        chunks = batch_indices(len(source), min(batch_size, self._inference_rows()))
         with source.batches(chunks) as inputs:
             for sl, xb in zip(chunks, inputs):
                 yb = [a[sl] for a in ys]
                 sw = None if sample_weight is None else sample_weight[sl]
+                # one pass at a time: a fused loss reads the output layer's logits from this pass
                 outs = self.graph.forward(xb, training=False)
                 total, parts, _ = self.compute_loss(yb, outs, sw, with_grads=False)
                 logs.update(total, parts, yb, outs, sw)
@@ -272,10 +273,9 @@ class Model:
         source = x if isinstance(x, Source) else ArraySource(self._inputs_list(x))
         chunks = [[] for _ in self.outputs]
         with source.batches(batch_indices(len(source), min(batch_size, self._inference_rows()))) as inputs:
-            for xb in inputs:
-                outs = self.graph.forward(xb, training=False)
+            for outs in inference_passes(self.graph, inputs):
                 for c, o in zip(chunks, outs):
-                    c.append(o.copy())
+                    c.append(o)
         results = [np.concatenate(c) if c else np.empty((0,) + t.shape, np.float32)
                    for c, t in zip(chunks, self.outputs)]
         return results[0] if len(results) == 1 else results

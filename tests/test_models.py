@@ -68,6 +68,31 @@ def test_predict_runs_large_batches_in_cache_sized_passes_with_the_same_outputs(
     np.testing.assert_allclose(model.predict(x, batch_size=40), model(x), rtol=1e-5, atol=1e-6)
 
 
+def test_predict_passes_on_graph_replicas_in_threads_give_the_serial_outputs(monkeypatch):
+    from dlcli.engine import blas
+
+    rng = np.random.default_rng(0)
+    img, seq = layers.Input((8, 8, 2), name="img"), layers.Input((6,), name="seq")
+    x = layers.Conv2D(4, 3, activation="relu", padding="same")(img)
+    x = layers.BatchNormalization()(x)
+    x = layers.MaxPooling2D(2)(x)
+    shared = layers.Dense(5, activation="tanh")
+    x = layers.Flatten()(x)
+    t = layers.LSTM(3)(layers.Embedding(9, 4, mask_zero=True)(seq))
+    out = layers.Dense(3, activation="softmax")(layers.Concatenate()([shared(x), t, shared(layers.Dense(64)(t))]))
+    model = models.Model([img, seq], out)
+    for p in model.weights:  # moving statistics away from 0 and 1
+        p.value[...] = rng.normal(0.5, 0.3, p.value.shape)
+    xs = [rng.normal(size=(50, 8, 8, 2)).astype(np.float32), rng.integers(0, 9, (50, 6))]
+    serial = model.predict(xs, batch_size=4)
+    replica = model.graph.replica()
+    twin = replica.layers[0]
+    assert twin is not model.layers[0] and twin.kernel is model.layers[0].kernel  # own caches, shared weights
+    assert twin.activation is not model.layers[0].activation
+    monkeypatch.setattr(blas, "threads", lambda: 3)
+    np.testing.assert_allclose(model.predict(xs, batch_size=4), serial, rtol=1e-5, atol=1e-6)
+
+
 def test_same_seed_gives_identical_history_and_weights():
     x, y = blobs()
     runs = []

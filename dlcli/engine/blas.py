@@ -5,14 +5,14 @@ it saves. On this 2-core machine shared with other jobs (load average 5-8) the L
 203 ms (best of 4 alternating rounds) with its time loops on one thread; the large GEMMs outside the loops keep
 every thread.
 
-threadpoolctl (a dependency) switches OpenBLAS' threads around the loop; without it this is a no-op."""
+threadpoolctl (a dependency) switches OpenBLAS' threads around the loop; without it this is a no-op. Inference uses
+the same switch the other way round (engine/graph.py): one BLAS thread per pass, a pass per core."""
 from contextlib import nullcontext
 
 _controller = None
 
 
-def one_thread():
-    """A context manager that runs BLAS on one thread inside it (restoring the previous count after)."""
+def _blas():
     global _controller
     if _controller is None:
         try:
@@ -21,6 +21,16 @@ def one_thread():
             _controller = False
         else:
             _controller = ThreadpoolController().select(user_api="blas")
-    if not _controller or not _controller.lib_controllers:
-        return nullcontext()
-    return _controller.limit(limits=1)
+    return _controller if _controller and _controller.lib_controllers else None
+
+
+def one_thread():
+    """A context manager that runs BLAS on one thread inside it (restoring the previous count after)."""
+    controller = _blas()
+    return nullcontext() if controller is None else controller.limit(limits=1)
+
+
+def threads() -> int:
+    """BLAS threads now: the cores a process may keep busy (1 when threadpoolctl cannot tell)."""
+    controller = _blas()
+    return 1 if controller is None else max(lib.num_threads for lib in controller.lib_controllers)

@@ -10,8 +10,13 @@ A ReLU that only feeds a max pooling moves after it (relu(max z) == max(relu z),
 on a tensor pool_size times smaller. Observed runs keep every layer's own output, so nothing moves in them.
 """
 import copy
+import queue
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from dlcli.engine import blas
 
 from dlcli.engine.layer import Layer, format_shape
 from dlcli.errors import ShapeError
@@ -131,6 +136,20 @@ class Graph:
         self.movable = [(layer, pool, type(layer.activation)())
                         for layer, pool in _movable_activations(self.nodes, consumers, outputs)]
 
+    def replica(self) -> "Graph":
+        """The same graph over twins of its layers: each twin shares its weights (the Param objects) but keeps its
+        own caches, so another thread can run an inference pass on it at the same time."""
+        twins = {id(layer): _twin(layer) for layer in self.layers}
+        other = copy.copy(self)
+        other.nodes = []
+        for node in self.nodes:
+            node = copy.copy(node)
+            node.layer = twins.get(id(node.layer), node.layer)  # input layers hold no state
+            other.nodes.append(node)
+        other.layers = [twins[id(layer)] for layer in self.layers]
+        other.movable = [(twins[id(layer)], twins[id(pool)], type(act)()) for layer, pool, act in self.movable]
+        return other
+
     def _move_activations(self, move: bool):
         """Each max pooling in `movable` applies the activation of the layer before it, or none does. Reset on every
         call: another graph over the same layers (a feature extractor ending at the conv) may have moved it."""
@@ -200,6 +219,43 @@ class Graph:
             for t, g in zip(node.inputs, g_in):
                 _accumulate(acc, t, g)
         return [acc.get(id(t)) for t in self.inputs]
+
+
+def inference_passes(graph: Graph, batches):
+    """graph.forward(xb) (inference) of each batch, in order. With several BLAS threads, passes run side by side,
+    one per thread on replicas of the graph, each with one BLAS thread: then NumPy's element-wise work (one core
+    per call) runs on every core too. Predict at batch 512 on 2 cores, the book convnet: 46 -> 39 ms (one process,
+    best of 5), the resnet: 235 -> 160 ms."""
+    lanes = blas.threads()
+    if lanes < 2:
+        for xb in batches:
+            yield [o.copy() for o in graph.forward(xb, training=False)]
+        return
+    free = queue.SimpleQueue()
+    for g in [graph] + [graph.replica() for _ in range(lanes - 1)]:
+        free.put(g)
+
+    def run(xb):
+        g = free.get()
+        try:  # copied here: the next pass on this replica may reuse a layer's buffers
+            return [o.copy() for o in g.forward(xb, training=False)]
+        finally:
+            free.put(g)
+
+    with blas.one_thread(), ThreadPoolExecutor(lanes, thread_name_prefix="dlcli-infer") as pool:
+        pending = deque()
+        for xb in batches:
+            pending.append(pool.submit(run, xb))
+            if len(pending) > lanes:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _twin(layer: Layer) -> Layer:
+    twin = copy.copy(layer)
+    vars(twin).update(_snapshot(layer))  # its activation and inner layers too: they keep caches
+    return twin
 
 
 def _movable_activations(nodes, consumers, outputs) -> list:
