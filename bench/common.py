@@ -6,12 +6,19 @@ import tempfile
 import time
 
 
+# A peer's idle threads spin before they sleep (OpenBLAS for about 2^28 cycles, ~0.1 s), holding a core the next
+# peer needs: PyTorch's LSTM step took 13.0-13.6 ms right after a dlcli round and 7.9-8.1 ms after this pause
+# (dlcli's 11.9-13.8 either way; two runs each, alternating). So every timed call starts on a quiet machine.
+IDLE_SECONDS = 0.3
+
+
 def interleaved_rounds(runs: dict, rounds: int) -> dict:
     """Seconds of every call of each `runs[name]()`, `rounds` calls each, alternating peers round by round so a
     busy moment on the machine does not land on one side only."""
     times = {name: [] for name in runs}
     for _ in range(rounds):
         for name, fn in runs.items():
+            time.sleep(IDLE_SECONDS)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
