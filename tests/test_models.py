@@ -173,3 +173,11 @@ def test_compile_required_and_shape_errors_are_clear():
     model.compile(optimizer="sgd", loss="mse")
     with pytest.raises(ShapeError, match=r"expects samples of shape \(4,\)"):
         model.fit(np.zeros((2, 5)), np.zeros((2, 3)), verbose=0)
+
+
+def test_blas_threads_are_found_when_blas_is_the_first_module_imported():
+    import subprocess
+    import sys
+
+    code = "from dlcli.engine import blas; import sys; sys.exit(0 if blas.threads() >= 1 and blas._blas() else 1)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -9,6 +9,8 @@ threadpoolctl (a dependency) switches OpenBLAS' threads around the loop; without
 the same switch the other way round (engine/graph.py): one BLAS thread per pass, a pass per core."""
 from contextlib import nullcontext
 
+import numpy as np  # noqa: F401  loaded before the first lookup: threadpoolctl only finds BLAS libraries in memory
+
 _controller = None
 
 
