@@ -283,8 +283,8 @@ class Model:
     def _inference_rows(self) -> int:
         """Samples per forward pass at inference: about INFERENCE_BYTES of the largest activation, so a pass's
         intermediates stay in cache. No layer mixes samples at inference, so any pass size gives the same outputs.
-        Predict at batch 512, one pass against passes of 48 (this rule): the book convnet 74 -> 58 ms per batch
-        (best of 10, alternating), the resnet about 320 -> 250."""
+        Predict at batch 512 in one process, one pass against passes of 48-64 (this rule gives 48): the book convnet
+        88-90 -> 46-62 ms per batch, the resnet 320 -> 216-250."""
         sizes = [int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for node in self._require_graph().nodes
                  for t in node.outputs if None not in t.shape]
         return max(INFERENCE_BYTES // max(sizes, default=1), 1)

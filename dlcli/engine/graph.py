@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from dlcli.engine import blas
-
 from dlcli.engine.layer import Layer, format_shape
 from dlcli.errors import ShapeError
 
