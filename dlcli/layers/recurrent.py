@@ -1,8 +1,9 @@
 """Recurrent layers: SimpleRNN, LSTM, GRU, with Keras 3's arguments, defaults, gate order and weight layouts, so
 `set_weights` with a Keras model's arrays gives that model's outputs.
 
-The layer prepares the sequence (go_backwards, time-major copy, dropout masks), projects every step's input in one
-matmul, and hands the time loop to `recurrent_cells`. Masks follow Keras: a masked step keeps the previous state and
+The layer prepares the sequence (go_backwards, dropout masks) and hands it to `recurrent_cells` in the cell's layout:
+SimpleRNN and GRU project every step's input in one matmul and scan time-major; the LSTM scans feature-major with the
+projection fused into its step GEMM. Masks follow Keras: a masked step keeps the previous state and
 outputs the previous output; with `go_backwards` the returned sequence stays in processing (reversed) order.
 """
 import numpy as np
@@ -14,7 +15,9 @@ from dlcli.layers import recurrent_cells as cells
 
 
 class Recurrent(Layer):
-    """What SimpleRNN, LSTM and GRU share; a subclass sets `gates`/`n_states` and runs its cell in `_scan`."""
+    """What SimpleRNN, LSTM and GRU share; a subclass sets `gates`/`n_states` and runs its cell in `_scan(x,
+    step_mask, rec_mask)` -> (H, final states), H a (T + 1, batch, units) view of h_0..h_T, and in
+    `_scan_backward(dY, d_finals)` -> the input's gradient (batch, T, features) or None."""
 
     gates = 1  # blocks of `units` columns in kernel and recurrent_kernel
     n_states = 1  # final states returned after the output when return_state
@@ -96,7 +99,6 @@ class Recurrent(Layer):
         if self.go_backwards:
             x = x[:, ::-1]
             mask = None if mask is None else mask[:, ::-1]
-        xt = np.ascontiguousarray(x.transpose(1, 0, 2))
         batch, features = x.shape[0], x.shape[2]
         # Keras samples one mask per sequence, reused at every step; one per gate when recurrent_dropout > 0
         # (its implementation 1), else one shared input mask.
@@ -104,9 +106,7 @@ class Recurrent(Layer):
         self.dmask = self._dropout_mask(training, self.dropout, (count, batch, features), dtype)
         rec_mask = self._dropout_mask(training, self.recurrent_dropout, (count, batch, self.units), dtype)
         step_mask = None if mask is None else np.ascontiguousarray(np.asarray(mask, bool).T)[:, :, None]
-        form = self._gate_form(dtype)
-        xp = self._project(xt, form)
-        H, finals = self._scan(xp, step_mask, rec_mask, form)
+        H, finals = self._scan(x, step_mask, rec_mask)
         self.zero_mask = step_mask if (self.zero_output_for_mask and self.return_sequences) else None
         if self.return_sequences:
             seq = H[1:] if self.zero_mask is None else H[1:] * self.zero_mask
@@ -120,13 +120,54 @@ class Recurrent(Layer):
             return None
         return (self.rng.random(shape) >= rate).astype(dtype) / dtype.type(1 - rate)
 
-    def _gate_form(self, dtype):
-        """Per-column constants of the cell's fast gate path (recurrent_cells.tanh_form / exp_form), whose first
-        entry pre-scales the kernel and bias columns; None when the cell has none."""
-        return None
-
     def _input_bias(self):
         return self.bias.value if self.use_bias else None
+
+    # --- backward -----------------------------------------------------------------------------------------------
+    def backward(self, grad):
+        grads = grad if isinstance(grad, list) else [grad]
+        g_out, g_states = grads[0], list(grads[1:])
+        if self.return_sequences:
+            dY = np.asarray(g_out).transpose(1, 0, 2)  # time-major view; the cell makes the layout it reads
+            if self.zero_mask is not None:
+                dY = dY * self.zero_mask
+            dh = np.zeros((dY.shape[1], dY.shape[2]), dY.dtype)
+        else:
+            dY, dh = None, np.array(g_out, copy=True)
+        d_finals = [dh] + [np.zeros_like(dh) for _ in range(self.n_states - 1)]
+        for k, g in enumerate(g_states):
+            if g is not None:
+                d_finals[k] = d_finals[k] + g
+        dx = self._scan_backward(dY, d_finals)
+        if dx is None:
+            return None
+        return np.ascontiguousarray(dx[:, ::-1] if self.go_backwards else dx)
+
+    def _add_recurrent_grad(self, dU):
+        if self.recurrent_kernel.grad is not None:
+            self.recurrent_kernel.grad += dU
+
+
+class _TimeMajor(Recurrent):
+    """A cell that scans time-major input projections (recurrent_cells' SimpleRNN and GRU): the subclass runs its
+    loop in `_cell(xp, step_mask, rec_mask, form)` and `_cell_backward(dY, d_finals)` -> dXP."""
+
+    def _gate_form(self, dtype):
+        """Per-column constants of the cell's fast gate path (recurrent_cells.tanh_form), whose first entry
+        pre-scales the kernel and bias columns; None when the cell has none."""
+        return None
+
+    def _scan(self, x, step_mask, rec_mask):
+        form = self._gate_form(x.dtype)
+        xp = self._project(np.ascontiguousarray(x.transpose(1, 0, 2)), form)
+        return self._cell(xp, step_mask, rec_mask, form)
+
+    def _scan_backward(self, dY, d_finals):
+        dXP = self._cell_backward(None if dY is None else np.ascontiguousarray(dY), d_finals)
+        if self.use_bias and self.bias.grad is not None:
+            self._add_input_bias_grad(dXP.sum((0, 1)))
+        dx = self._project_backward(dXP)
+        return None if dx is None else dx.transpose(1, 0, 2)
 
     def _project(self, xt, form):
         """Every step's x_t @ kernel + bias at once (T, batch, gates * units), columns pre-scaled by `form`."""
@@ -147,30 +188,6 @@ class Recurrent(Layer):
         if b is not None:
             xp += b
         return xp
-
-    # --- backward -----------------------------------------------------------------------------------------------
-    def backward(self, grad):
-        grads = grad if isinstance(grad, list) else [grad]
-        g_out, g_states = grads[0], list(grads[1:])
-        if self.return_sequences:
-            dY = np.ascontiguousarray(np.asarray(g_out).transpose(1, 0, 2))
-            if self.zero_mask is not None:
-                dY *= self.zero_mask
-            dh = np.zeros(dY.shape[1:], dY.dtype)
-        else:
-            dY, dh = None, np.array(g_out, copy=True)
-        d_finals = [dh] + [np.zeros_like(dh) for _ in range(self.n_states - 1)]
-        for k, g in enumerate(g_states):
-            if g is not None:
-                d_finals[k] = d_finals[k] + g
-        dXP = self._scan_backward(dY, d_finals)
-        if self.use_bias and self.bias.grad is not None:
-            self._add_input_bias_grad(dXP.sum((0, 1)))
-        dx = self._project_backward(dXP)
-        if dx is None:
-            return None
-        dx = dx.transpose(1, 0, 2)
-        return np.ascontiguousarray(dx[:, ::-1] if self.go_backwards else dx)
 
     def _add_input_bias_grad(self, db):
         self.bias.grad += db
@@ -197,13 +214,9 @@ class Recurrent(Layer):
                 dx += (d2 @ W[:, g * u:(g + 1) * u].T).reshape(T, B, F) * m
         return dx if need_dx else None
 
-    def _add_recurrent_grad(self, dU):
-        if self.recurrent_kernel.grad is not None:
-            self.recurrent_kernel.grad += dU
-
 
 @register("SimpleRNN")
-class SimpleRNN(Recurrent):
+class SimpleRNN(_TimeMajor):
     """h_t = activation(x_t @ kernel + h_{t-1} @ recurrent_kernel + bias) (Keras' SimpleRNN)."""
 
     def __init__(self, units: int, activation="tanh", use_bias: bool = True, kernel_initializer="glorot_uniform",
@@ -215,11 +228,11 @@ class SimpleRNN(Recurrent):
                          bias_initializer, kernel_regularizer, recurrent_regularizer, bias_regularizer, dropout,
                          recurrent_dropout, return_sequences, return_state, go_backwards, **kw)
 
-    def _scan(self, xp, step_mask, rec_mask, form):
+    def _cell(self, xp, step_mask, rec_mask, form):
         H, self.cache = cells.simple_forward(xp, self.recurrent_kernel.value, self.act, step_mask, rec_mask)
         return H, [H[-1]]
 
-    def _scan_backward(self, dY, d_finals):
+    def _cell_backward(self, dY, d_finals):
         dXP, dU = cells.simple_backward(self.cache, dY, d_finals[0])
         self._add_recurrent_grad(dU)
         return dXP
@@ -257,22 +270,50 @@ class LSTM(Recurrent):
     def _bias_init(self):
         return _UnitForgetBias(self.bias_initializer) if self.unit_forget_bias else self.bias_initializer
 
-    def _gate_form(self, dtype):
-        return cells.exp_form([self.rec_act, self.rec_act, self.act, self.rec_act], self.units, dtype)
-
-    def _scan(self, xp, step_mask, rec_mask, form):
-        H, C, self.cache = cells.lstm_forward(xp, self.recurrent_kernel.value, self.act, self.rec_act, step_mask,
-                                              rec_mask, form)
-        return H, [H[-1], C[-1]]
+    def _scan(self, x, step_mask, rec_mask):
+        (B, T, F), u = x.shape, self.units
+        Wz = cells.lstm_fused_weights(self.kernel.value, self.recurrent_kernel.value, self._input_bias())
+        S = np.empty((Wz.shape[1], T + 1, B), x.dtype)  # column t: [h_{t-1}; x_t; 1] (recurrent_cells' LSTM)
+        S[:u, 0] = 0
+        S[u:, T] = 0  # never read: column T only carries h_T
+        xs, dmask = x.transpose(2, 1, 0), self.dmask
+        shared = dmask is not None and len(dmask) == 1
+        if shared:
+            np.multiply(xs, dmask[0].T[:, None], out=S[u:u + F, :T])
+        else:
+            S[u:u + F, :T] = xs
+        S[u + F:, :T] = 1
+        gate_masks = None
+        if rec_mask is not None or (dmask is not None and not shared):
+            gate_masks = np.ones((4, len(S), B), x.dtype)
+            if rec_mask is not None:
+                gate_masks[:, :u] = rec_mask[cells.LSTM_ORDER].transpose(0, 2, 1)
+            if dmask is not None:
+                gate_masks[:, u:u + F] = dmask[cells.LSTM_ORDER].transpose(0, 2, 1)
+        c_T, self.cache = cells.lstm_forward(S, Wz, self.act, self.rec_act,
+                                             None if step_mask is None else step_mask.transpose(0, 2, 1), gate_masks)
+        H = S[:u].transpose(1, 2, 0)  # (T + 1, B, u) view
+        return H, [H[-1], c_T.T]
 
     def _scan_backward(self, dY, d_finals):
-        dXP, dU = cells.lstm_backward(self.cache, dY, d_finals[0], d_finals[1])
-        self._add_recurrent_grad(dU)
-        return dXP
+        dY = None if dY is None else np.ascontiguousarray(dY.transpose(0, 2, 1))  # (T, u, B)
+        dZ = cells.lstm_backward(self.cache, dY, d_finals[0].T, d_finals[1].T)
+        F = self.kernel.value.shape[0]
+        params = [self.kernel, self.recurrent_kernel] + ([self.bias] if self.use_bias else [])
+        if any(p.grad is not None for p in params):
+            for p, g in zip(params, cells.lstm_split_grad(cells.lstm_weight_grad(self.cache, dZ), F)):
+                if p.grad is not None:
+                    p.grad += g
+        if not getattr(self, "input_grad_needed", True):  # False when the input is data
+            return None
+        dx = cells.lstm_input_grad(self.cache, dZ, F)
+        if self.dmask is not None and len(self.dmask) == 1:
+            dx *= self.dmask[0].T[:, None]
+        return dx.transpose(2, 1, 0)
 
 
 @register("GRU")
-class GRU(Recurrent):
+class GRU(_TimeMajor):
     """Gated recurrent unit, Keras' gate order z, r, h. With reset_after (Keras' default) the reset gate multiplies
     h @ recurrent_kernel + recurrent_bias, and bias has shape (2, 3u): input bias, recurrent bias."""
 
@@ -307,13 +348,13 @@ class GRU(Recurrent):
         # Only z and r share one activation call; the candidate column keeps scale 1 ("tanh" form).
         return cells.tanh_form([self.rec_act, self.rec_act, "tanh"], self.units, dtype)
 
-    def _scan(self, xp, step_mask, rec_mask, form):
+    def _cell(self, xp, step_mask, rec_mask, form):
         rb = self.bias.value[1] if (self.use_bias and self.reset_after) else None
         H, self.cache = cells.gru_forward(xp, self.recurrent_kernel.value, rb, self.act, self.rec_act,
                                           self.reset_after, step_mask, rec_mask, form)
         return H, [H[-1]]
 
-    def _scan_backward(self, dY, d_finals):
+    def _cell_backward(self, dY, d_finals):
         dXP, dInner, dU = cells.gru_backward(self.cache, dY, d_finals[0])
         self._add_recurrent_grad(dU)
         if dInner is not None and self.use_bias and self.bias.grad is not None:
