@@ -10,10 +10,18 @@ from dlcli.registry import Registry
 ACTIVATIONS = Registry("activation")
 
 
+def _into(values, out):
+    """`values` written into `out` when one is given (output_derivative's out=)."""
+    if out is None:
+        return values
+    out[...] = values
+    return out
+
+
 class Activation:
     name = "linear"
     # d act / dz as a function of the output y = act(z), where one exists: a recurrent layer caches only its
-    # outputs, so it accepts exactly these activations. A staticmethod on the class, or None.
+    # outputs, so it accepts exactly these activations. A staticmethod (y, out=None) on the class, or None.
     output_derivative = None
     # max over a window commutes with it, gradients included (graph.py moves it after a max pooling)
     commutes_with_max = False
@@ -32,8 +40,8 @@ class Activation:
 @ACTIVATIONS.register("linear", "identity")
 class Linear(Activation):
     @staticmethod
-    def output_derivative(y):
-        return np.ones_like(y)
+    def output_derivative(y, out=None):
+        return _into(np.ones_like(y), out)
 
 
 @ACTIVATIONS.register("relu")
@@ -57,8 +65,8 @@ class ReLU(Activation):
         return grad * (self.y > 0)
 
     @staticmethod
-    def output_derivative(y):
-        return (y > 0).astype(y.dtype)
+    def output_derivative(y, out=None):
+        return _into((y > 0).astype(y.dtype), out)
 
 
 @ACTIVATIONS.register("sigmoid")
@@ -73,8 +81,10 @@ class Sigmoid(Activation):
         return grad * self.y * (1 - self.y)
 
     @staticmethod
-    def output_derivative(y):
-        return y * (1 - y)
+    def output_derivative(y, out=None):
+        out = np.subtract(1, y, out=out)
+        out *= y
+        return out
 
 
 @ACTIVATIONS.register("tanh")
@@ -89,8 +99,9 @@ class Tanh(Activation):
         return grad * (1 - self.y * self.y)
 
     @staticmethod
-    def output_derivative(y):
-        return 1 - y * y
+    def output_derivative(y, out=None):
+        out = np.multiply(y, y, out=out)
+        return np.subtract(1, out, out=out)
 
 
 @ACTIVATIONS.register("softmax")
@@ -133,9 +144,9 @@ class ELU(Activation):
         return grad * np.where(self.z > 0, 1, self.alpha * np.exp(np.minimum(self.z, 0)))
 
     @staticmethod
-    def output_derivative(y):
+    def output_derivative(y, out=None):
         # for z <= 0: y = alpha (e^z - 1), so alpha e^z = y + alpha
-        return np.where(y > 0, 1, y + ELU.alpha).astype(y.dtype)
+        return _into(np.where(y > 0, 1, y + ELU.alpha).astype(y.dtype), out)
 
 
 @ACTIVATIONS.register("selu")
@@ -152,9 +163,9 @@ class SELU(Activation):
         return grad * self.scale * np.where(self.z > 0, 1, self.alpha * np.exp(np.minimum(self.z, 0)))
 
     @staticmethod
-    def output_derivative(y):
+    def output_derivative(y, out=None):
         # for z <= 0: y = scale alpha (e^z - 1), so scale alpha e^z = y + scale alpha
-        return np.where(y > 0, SELU.scale, y + SELU.scale * SELU.alpha).astype(y.dtype)
+        return _into(np.where(y > 0, SELU.scale, y + SELU.scale * SELU.alpha).astype(y.dtype), out)
 
 
 @ACTIVATIONS.register("gelu")
@@ -198,9 +209,9 @@ class Softplus(Activation):
         return grad * sigmoid(self.z)
 
     @staticmethod
-    def output_derivative(y):
+    def output_derivative(y, out=None):
         # sigmoid(z) = 1 - e^-softplus(z)
-        return -np.expm1(-y)
+        return _into(-np.expm1(-y), out)
 
 
 @ACTIVATIONS.register("swish", "silu")

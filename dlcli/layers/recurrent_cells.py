@@ -52,8 +52,8 @@ def activate_(name, z):
     _ACTIVATE[name](z)
 
 
-def derivative(name, y):
-    return activations.ACTIVATIONS.get(name).output_derivative(y)
+def derivative(name, y, out=None):
+    return activations.ACTIVATIONS.get(name).output_derivative(y, out)
 
 
 def tanh_form(names, units, dtype):
@@ -262,8 +262,8 @@ def lstm_backward(cache, dY, dh, dc):
     T, u, B = TC.shape
     # dZ_t = [dh, dc, dc, dc]_t * Kg_t, with every factor of Kg independent of the running gradients.
     Kg = np.empty((T, 4 * u, B), S.dtype)
-    Kg[:, :3 * u] = derivative(cache["rec_act"], A[:T, :3 * u])
-    Kg[:, 3 * u:] = derivative(act, A[:T, 3 * u:4 * u])
+    derivative(cache["rec_act"], A[:T, :3 * u], out=Kg[:, :3 * u])
+    derivative(act, A[:T, 3 * u:4 * u], out=Kg[:, 3 * u:])
     Kg[:, :u] *= TC  # o: dh act(c)
     Kg[:, u:3 * u] *= A[:T, 3 * u:]  # i: dc g, f: dc c_{t-1}
     Kg[:, 3 * u:] *= A[:T, u:2 * u]  # g: dc i

@@ -34,6 +34,19 @@ def test_activation_gradients(name):
     assert_close(g, num, name, rtol=1e-5 if name != "gelu" else 1e-3)
 
 
+@pytest.mark.parametrize("name", [n for n in activations.ACTIVATIONS.names()
+                                  if activations.ACTIVATIONS.get(n).output_derivative is not None])
+def test_output_derivative_matches_backward_and_fills_out(name):
+    act = activations.get(name)
+    z = np.random.default_rng(1).normal(0, 2, (4, 5))
+    y = act.forward(z)
+    expected = act.backward(np.ones_like(z))
+    np.testing.assert_allclose(act.output_derivative(y), expected, rtol=1e-12)
+    out = np.full_like(y, np.nan)
+    assert act.output_derivative(y, out) is out
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
+
+
 def test_dense_matches_keras_layout_and_shapes():
     d = layers.Dense(3, input_shape=(5,))
     y = d(np.ones((2, 5), np.float32))
