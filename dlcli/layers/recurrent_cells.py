@@ -275,8 +275,10 @@ def lstm_backward(cache, dY, dh, dc):
         Kg *= m
         Kc *= m
         F = F * m + keep  # a masked step passes dc through unchanged
-    dZ = np.empty((4 * u, T, B), S.dtype)  # feature-major too: the weight gradient is one GEMM over (T, B)
-    dZ4, Kg4 = dZ.reshape(4, u, T, B), Kg.reshape(T, 4, u, B)
+    # each step writes its own contiguous (4u, B) block: writing rows T * B apart cost 0.4-0.7 ms more per loop
+    # than one transposing copy after it (0.14 ms), which gives the layout of the weight gradient's single GEMM
+    dZ = np.empty((T, 4 * u, B), S.dtype)
+    dZ4, Kg4 = dZ.reshape(T, 4, u, B), Kg.reshape(T, 4, u, B)
     UzT = np.ascontiguousarray(Wz[:, :u].T)  # (u, 4u): dh_{t-1} = UzT @ dz_t
     dh, dc = np.array(dh, order="C"), np.array(dc, order="C")
     tmp, carry = np.empty_like(dh), np.empty_like(dh)
@@ -286,18 +288,18 @@ def lstm_backward(cache, dY, dh, dc):
                 dh += dY[t]
             np.multiply(dh, Kc[t], out=tmp)
             dc += tmp
-            np.multiply(dc, Kg4[t, 1:], out=dZ4[1:, :, t])
-            np.multiply(dh, Kg4[t, 0], out=dZ4[0, :, t])
+            np.multiply(dc, Kg4[t, 1:], out=dZ4[t, 1:])
+            np.multiply(dh, Kg4[t, 0], out=dZ4[t, 0])
             dc *= F[t]
             if keep is not None:
                 np.multiply(dh, keep[t], out=carry)
             if gate_masks is None:
-                np.matmul(UzT, dZ[:, t], out=dh)
+                np.matmul(UzT, dZ[t], out=dh)
             else:
-                dh[...] = sum(gate_masks[k, :u] * (UzT[:, k * u:(k + 1) * u] @ dZ4[k, :, t]) for k in range(4))
+                dh[...] = sum(gate_masks[k, :u] * (UzT[:, k * u:(k + 1) * u] @ dZ4[t, k]) for k in range(4))
             if keep is not None:
                 dh += carry
-    return dZ
+    return np.ascontiguousarray(dZ.transpose(1, 0, 2))
 
 
 def lstm_weight_grad(cache, dZ):
