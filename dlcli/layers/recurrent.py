@@ -3,8 +3,8 @@
 
 The layer prepares the sequence (go_backwards, dropout masks) and hands it to `recurrent_cells` in the cell's layout:
 SimpleRNN and GRU project every step's input in one matmul and scan time-major; the LSTM scans feature-major with the
-projection fused into its step GEMM. Masks follow Keras: a masked step keeps the previous state and
-outputs the previous output; with `go_backwards` the returned sequence stays in processing (reversed) order.
+projection fused into its step GEMM. Masks follow Keras: a masked step keeps the previous state and outputs the
+previous output; with `go_backwards` the returned sequence stays in processing (reversed) order.
 """
 import numpy as np
 
@@ -143,10 +143,6 @@ class Recurrent(Layer):
             return None
         return np.ascontiguousarray(dx[:, ::-1] if self.go_backwards else dx)
 
-    def _add_recurrent_grad(self, dU):
-        if self.recurrent_kernel.grad is not None:
-            self.recurrent_kernel.grad += dU
-
 
 class _TimeMajor(Recurrent):
     """A cell that scans time-major input projections (recurrent_cells' SimpleRNN and GRU): the subclass runs its
@@ -213,6 +209,10 @@ class _TimeMajor(Recurrent):
             if need_dx:
                 dx += (d2 @ W[:, g * u:(g + 1) * u].T).reshape(T, B, F) * m
         return dx if need_dx else None
+
+    def _add_recurrent_grad(self, dU):
+        if self.recurrent_kernel.grad is not None:
+            self.recurrent_kernel.grad += dU
 
 
 @register("SimpleRNN")
