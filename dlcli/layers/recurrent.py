@@ -274,8 +274,7 @@ class LSTM(Recurrent):
         (B, T, F), u = x.shape, self.units
         Wz = cells.lstm_fused_weights(self.kernel.value, self.recurrent_kernel.value, self._input_bias())
         S = np.empty((Wz.shape[1], T + 1, B), x.dtype)  # column t: [h_{t-1}; x_t; 1] (recurrent_cells' LSTM)
-        S[:u, 0] = 0
-        S[u:, T] = 0  # never read: column T only carries h_T
+        S[:u, 0] = 0  # h_0; column T's input rows are never read (it only carries h_T)
         xs, dmask = x.transpose(2, 1, 0), self.dmask
         shared = dmask is not None and len(dmask) == 1
         if shared:

@@ -185,14 +185,13 @@ def lstm_split_grad(dWz, features):
     """The Keras-layout gradients (kernel, recurrent_kernel, bias or None) from the gradient of Wz."""
     u = dWz.shape[0] // 4
     rows = lstm_rows(u)
-    grads = [np.empty((features, 4 * u), dWz.dtype), np.empty((u, 4 * u), dWz.dtype)]
-    grads[0][:, rows] = dWz[:, u:u + features].T
-    grads[1][:, rows] = dWz[:, :u].T
+    kernel, recurrent = np.empty((features, 4 * u), dWz.dtype), np.empty((u, 4 * u), dWz.dtype)
+    kernel[:, rows], recurrent[:, rows] = dWz[:, u:u + features].T, dWz[:, :u].T
     bias = None
     if dWz.shape[1] > u + features:
         bias = np.empty(4 * u, dWz.dtype)
         bias[rows] = dWz[:, -1]
-    return grads[0], grads[1], bias
+    return kernel, recurrent, bias
 
 
 def _gate_matmul(W, s, gate_masks, out):
