@@ -7,13 +7,23 @@ import numpy as np
 
 from dlcli.errors import DlcliError
 
+OUTPUT_SUFFIXES = (".csv", ".npy", ".npz")
+
+
+@dataclass
+class Output:
+    """One model output for every sample."""
+
+    name: str
+    values: np.ndarray  # exactly as Keras' predict returns it: (N, 1) for one sigmoid unit
+    probabilities: np.ndarray | None  # (N, k) for a classifier head (one sigmoid unit as [1 - p, p]), else None
+    classes: list[str] = field(default_factory=list)  # k names when probabilities is set
+
 
 @dataclass
 class Predictions:
-    labels: list[str]  # one per sample: file name, or file:row
-    outputs: np.ndarray  # the first model output
-    probabilities: np.ndarray | None  # (N, k) for a classifier, else None
-    classes: list[str] = field(default_factory=list)  # k names when probabilities is set
+    labels: list[str]  # one per sample: file name, or file:row (bytes that are not UTF-8 shown as \xNN)
+    outputs: list[Output]  # every model output, in the model's order
 
 
 def predict_run(run_dir, inputs: list[Path], weights: str = "best", key: str | None = None, invert: bool = False,
@@ -25,10 +35,18 @@ def predict_run(run_dir, inputs: list[Path], weights: str = "best", key: str | N
     config, model = load_run_model(run_dir, weights, allow_config_change)
     xs, labels = read_inputs(list(inputs), run_dir, config.data, model, key, invert, pixel_scale)
     preds = model.predict(xs, batch_size=config.train.batch_size)
-    preds = preds[0] if isinstance(preds, list) else preds  # the first output for multi-output models
-    probs = probabilities(model, preds)
-    names = class_names(run_dir, config, probs.shape[1]) if probs is not None else []
-    return Predictions(labels, preds, probs, names)
+    outputs = []
+    for name, tensor, values in zip(model.output_names, model.outputs, preds if isinstance(preds, list) else [preds]):
+        probs = probabilities(tensor, values)
+        names = class_names(run_dir, config, probs.shape[1]) if probs is not None else []
+        outputs.append(Output(name, values, probs, names))
+    return Predictions([printable(label) for label in labels], outputs)
+
+
+def printable(name: str) -> str:
+    """A file name as valid UTF-8 text: bytes that do not decode (Python keeps them as surrogate escapes) become
+    \\xNN (errors='backslashreplace'), so a CSV or a terminal can always take it."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def class_names(run_dir, config, count: int) -> list[str]:
@@ -43,39 +61,61 @@ def class_names(run_dir, config, count: int) -> list[str]:
     return [str(n) for n in names] if names and len(names) == count else [str(i) for i in range(count)]
 
 
-def probabilities(model, preds: np.ndarray) -> np.ndarray | None:
-    """Per-class probabilities (N, k) when the model ends in softmax, or sigmoid with one unit; else None."""
-    activation = getattr(getattr(model.outputs[0].node.layer, "activation", None), "name", None)
-    if preds.ndim == 2 and activation == "softmax" and preds.shape[1] > 1:
-        return preds
-    if activation == "sigmoid" and preds.shape[1:] == (1,):
-        return np.concatenate([1 - preds, preds], axis=1)
+def probabilities(output, values: np.ndarray) -> np.ndarray | None:
+    """Per-class probabilities (N, k) when the output layer ends in softmax, or sigmoid with one unit; else None."""
+    activation = getattr(getattr(output.node.layer, "activation", None), "name", None)
+    if values.ndim == 2 and activation == "softmax" and values.shape[1] > 1:
+        return values
+    if activation == "sigmoid" and values.shape[1:] == (1,):
+        return np.concatenate([1 - values, values], axis=1)
     return None
 
 
-def write_predictions(path: Path, p: Predictions):
-    """Every prediction to a .csv (class and probabilities, or the outputs) or .npy, atomically."""
+def check_output_path(path: Path) -> None:
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise DlcliError(f"--output must end in {', '.join(OUTPUT_SUFFIXES)}; got {path}", exit_code=2)
+
+
+def write_predictions(path: Path, p: Predictions) -> list[Path]:
+    """Every output of every prediction, atomically; returns the files written. .npy: the outputs as Keras'
+    predict returns them, one file per output when there are several (stem_<output>.npy); .npz: one array per
+    output name; .csv: one row per sample, each output's class and probabilities (or its values) as columns,
+    prefixed with the output's name when there are several."""
     from dlcli import runs
 
+    check_output_path(path)
     suffix = path.suffix.lower()
+    if suffix == ".npz":
+        runs.atomic_savez(path, {o.name: o.values for o in p.outputs})
+        return [path]
     if suffix == ".npy":
-        buffer = io.BytesIO()
-        np.save(buffer, p.probabilities if p.probabilities is not None else p.outputs, allow_pickle=False)
-        runs.atomic_write_bytes(path, buffer.getvalue())
-    elif suffix == ".csv":
-        import csv
+        files = [path] if len(p.outputs) == 1 else [path.with_name(f"{path.stem}_{o.name}{path.suffix}")
+                                                     for o in p.outputs]
+        for file, o in zip(files, p.outputs):
+            buffer = io.BytesIO()
+            np.save(buffer, o.values, allow_pickle=False)
+            runs.atomic_write_bytes(file, buffer.getvalue())
+        return files
+    import csv
 
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        if p.probabilities is not None:
-            writer.writerow(["input", "predicted", *[f"p_{n}" for n in p.classes]])
-            for label, row in zip(p.labels, p.probabilities):
-                writer.writerow([label, p.classes[int(row.argmax())], *[f"{v:.6g}" for v in row]])
+    columns, cells = ["input"], [np.asarray(p.labels, dtype=object)[:, None]]
+    for o in p.outputs:
+        prefix = f"{o.name}_" if len(p.outputs) > 1 else ""
+        if o.probabilities is not None:
+            columns += [f"{prefix}predicted", *[f"{prefix}p_{n}" for n in o.classes]]
+            cells += [np.asarray(o.classes, dtype=object)[o.probabilities.argmax(1)][:, None],
+                      _formatted(o.probabilities)]
         else:
-            flat = p.outputs.reshape(len(p.outputs), -1)
-            writer.writerow(["input", *[f"output_{j}" for j in range(flat.shape[1])]])
-            for label, row in zip(p.labels, flat):
-                writer.writerow([label, *[f"{v:.6g}" for v in row]])
-        runs.atomic_write_text(path, out.getvalue())
-    else:
-        raise DlcliError(f"--output must end in .csv or .npy; got {path}", exit_code=2)
+            flat = o.values.reshape(len(o.values), -1)
+            columns += [f"{prefix}output_{j}" for j in range(flat.shape[1])]
+            cells.append(_formatted(flat))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(np.concatenate(cells, axis=1).tolist())
+    runs.atomic_write_text(path, out.getvalue())
+    return [path]
+
+
+def _formatted(values: np.ndarray) -> np.ndarray:
+    return np.char.mod("%.6g", values).astype(object)

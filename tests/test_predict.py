@@ -205,3 +205,84 @@ def test_uint8_mnist_arrays_predict_as_the_float_test_set(tmp_path):
     for name in ("u8", "f32"):
         assert invoke(run_dir, tmp_path / f"{name}.npy", "-o", tmp_path / f"{name}-p.npy").exit_code == 0
     np.testing.assert_allclose(np.load(tmp_path / "u8-p.npy"), np.load(tmp_path / "f32-p.npy"), atol=1e-6)
+
+
+TWO_OUTPUTS = """
+name: two-heads
+seed: 0
+data: {type: npz, path: heads.npz, y: {kind: y, big: y_big}}
+model:
+  type: functional
+  inputs: [{name: x, shape: [8]}]
+  layers:
+    - {name: h, type: Dense, units: 8, activation: relu, inputs: x}
+    - {name: kind, type: Dense, units: 3, activation: softmax, inputs: h}
+    - {name: big, type: Dense, units: 1, activation: sigmoid, inputs: h}
+  outputs: [kind, big]
+compile:
+  optimizer: adam
+  loss: {kind: sparse_categorical_crossentropy, big: binary_crossentropy}
+train: {epochs: 1, batch_size: 16}
+"""
+
+
+@pytest.fixture(scope="module")
+def two_heads(tmp_path_factory):
+    """A run whose model has two outputs: a softmax over 3 classes and one sigmoid unit."""
+    folder = tmp_path_factory.mktemp("heads")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 8)).astype(np.float32)
+    np.savez(folder / "heads.npz", x=x, y=(x[:, 0] > 0) + (x[:, 1] > 0), y_big=(x[:, 2] > 0).astype(np.float32))
+    (folder / "heads.yaml").write_text(TWO_OUTPUTS.replace("heads.npz", str(folder / "heads.npz")))
+    result = runner.invoke(app, ["train", str(folder / "heads.yaml"), "--runs-dir", str(folder / "runs"), "-q"])
+    assert result.exit_code == 0, result.output
+    np.save(folder / "x.npy", x[:5])
+    _, model = load_run_model(next((folder / "runs").iterdir()))
+    return next((folder / "runs").iterdir()), folder / "x.npy", model.predict(x[:5])
+
+
+def test_every_output_is_written_as_keras_predict_returns_it(two_heads, tmp_path):
+    run_dir, x, (kind, big) = two_heads
+    assert kind.shape == (5, 3) and big.shape == (5, 1)
+    result = invoke(run_dir, x, "-o", tmp_path / "p.npy")
+    assert result.exit_code == 0, result.output
+    # one sigmoid unit stays (N, 1), as Keras' predict gives it, not [1 - p, p]
+    np.testing.assert_array_equal(np.load(tmp_path / "p_kind.npy"), kind)
+    np.testing.assert_array_equal(np.load(tmp_path / "p_big.npy"), big)
+    assert not (tmp_path / "p.npy").exists() and "p_kind.npy, " in result.output
+    assert invoke(run_dir, x, "-o", tmp_path / "p.npz").exit_code == 0
+    with np.load(tmp_path / "p.npz") as saved:
+        assert saved.files == ["kind", "big"]
+        np.testing.assert_array_equal(saved["big"], big)
+    assert invoke(run_dir, x, "-o", tmp_path / "p.csv").exit_code == 0
+    with open(tmp_path / "p.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["input", "kind_predicted", "kind_p_0", "kind_p_1", "kind_p_2", "big_predicted",
+                              "big_p_0", "big_p_1"]
+    np.testing.assert_allclose([[float(r[f"kind_p_{j}"]) for j in range(3)] for r in table], kind, rtol=1e-5)
+    np.testing.assert_allclose([float(r["big_p_1"]) for r in table], big[:, 0], rtol=1e-5)
+    assert [int(r["big_predicted"]) for r in table] == (big[:, 0] > 0.5).astype(int).tolist()
+    printed = invoke(run_dir, x).output
+    assert "output kind" in printed and "output big" in printed
+
+
+def test_single_output_npy_and_npz_hold_the_raw_outputs(run, samples, tmp_path):
+    np.save(tmp_path / "x.npy", samples)
+    assert invoke(run, tmp_path / "x.npy", "-o", tmp_path / "p.npz").exit_code == 0
+    with np.load(tmp_path / "p.npz") as saved:
+        (name,) = saved.files
+        assert saved[name].shape == (5, 3)
+    assert "must end in .csv, .npy, .npz" in invoke(run, tmp_path / "x.npy", "-o", tmp_path / "p.txt").output
+
+
+def test_file_names_that_are_not_utf8_are_written_with_backslash_escapes(run, samples, tmp_path):
+    import os
+
+    name = os.fsdecode(b"caf\xe9.npy")  # Latin-1 bytes: not UTF-8, so Python holds the byte as a surrogate
+    np.save(tmp_path / name, samples[:2])
+    result = invoke(run, tmp_path / name, "-o", tmp_path / "p.csv")
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "p.csv").read_text(encoding="utf-8").splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["caf\\xe9.npy:0", "caf\\xe9.npy:1"]
+    result = invoke(run, tmp_path / name)
+    assert result.exit_code == 0 and "caf\\xe9.npy:1" in result.output
