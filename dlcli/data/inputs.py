@@ -53,7 +53,8 @@ def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None =
 
         source, labels = prediction_source(paths, data)
         return fit_inputs(source, model), labels
-    if data.get("type") == "text_folder" and any(p.is_dir() for p in paths):
+    if data.get("type") == "text_folder" and all(p.is_dir() or p.suffix.lower() == ".txt" for p in paths):
+        # each file one document, as training reads a text folder (not one text per line as for imdb runs)
         from dlcli import runs
         from dlcli.data.text import prediction_texts
 

@@ -89,3 +89,15 @@ train: {{epochs: 15, batch_size: 8}}
     assert result.exit_code == 0, result.output
     rows = [r.split(",") for r in (tmp_path / "p.csv").read_text().splitlines()[1:]]
     assert len(rows) == 8 and all(("/pos/" in r[0]) == (r[1] == "positive" or r[1] == "pos") for r in rows)
+    # files named one by one are documents too, as training reads them (not one text per line), and a sigmoid
+    # unit's outputs are written as Keras' predict gives them, (N, 1)
+    by_file = {r[0]: r for r in rows}
+    one, two = reviews / "test" / "pos" / "0.txt", reviews / "test" / "neg" / "1.txt"
+    one.write_text("A great film,\ntruly great.\nNumber 0.", encoding="utf-8")  # one document over three lines
+    result = runner.invoke(app, ["predict", str(run), str(one), str(two), "-o", str(tmp_path / "p.npy")])
+    assert result.exit_code == 0, result.output
+    probs = np.load(tmp_path / "p.npy")
+    assert probs.shape == (2, 1)
+    np.testing.assert_allclose(probs[:, 0], [float(by_file[str(f)][3]) for f in (one, two)], rtol=1e-5)
+    assert runner.invoke(app, ["predict", str(run), str(one), "-o", str(tmp_path / "one.npy")]).exit_code == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "one.npy"), probs[:1])
