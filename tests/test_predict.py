@@ -73,7 +73,12 @@ def test_images_are_resized_and_grayscaled(run, tmp_path):
     with pytest.raises(DlcliError, match="not an image"):
         image_geometry((10,))
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    assert "cannot read as an image" in invoke(run, tmp_path / "bad.png").output
+    assert "bad.png: not an image Pillow can read" in invoke(run, tmp_path / "bad.png").output
+    from tests.data.test_image_folder import png_header
+
+    (tmp_path / "bomb.png").write_bytes(png_header(20000, 20000))
+    result = invoke(run, tmp_path / "bomb.png")
+    assert result.exit_code == 1 and "bomb.png: refused as a possible decompression bomb" in result.output
 
 
 def test_errors_are_messages(run, tmp_path):

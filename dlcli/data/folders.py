@@ -2,6 +2,7 @@
 sub-folder of `directory` is a class (class names: the sorted folder names), its files (searched recursively, in
 sorted order) are that class's samples. Labels by `label_mode`: int, categorical (one-hot) or binary (two classes)."""
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def list_class_files(directory: str, extensions: tuple[str, ...], what: str, on_
     """The files with `extensions` (lower case, with the dot) under each class sub-folder. A class folder without
     such files is an error (or, with on_bad_file: skip, a skipped entry); other files are ignored, as Keras does."""
     root = resolve_path(directory, key)
+    training = class_names is None  # a test folder is listed with the training folder's classes
     if not root.is_dir():
         raise DlcliError(f"{key}: {root} is not a folder (expected one sub-folder per class)")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -79,6 +81,10 @@ def list_class_files(directory: str, extensions: tuple[str, ...], what: str, on_
         labels += [label] * len(mine)
     if not files:
         raise DlcliError(f"{key}: no {what} ({', '.join(extensions)}) in the class folders of {root}")
+    populated = sorted(set(labels))
+    if training and len(populated) == 1:
+        warnings.warn(f"{key}: the {what} of {root} are all in one class folder, '{class_names[populated[0]]}': a "
+                      f"classifier trained on one class learns nothing (add a sub-folder per class)", stacklevel=3)
     return ClassFiles(root, files, np.asarray(labels, np.int64), list(class_names), skipped)
 
 

@@ -1,6 +1,6 @@
 """`type: image_folder`: a folder of class sub-folders of images, as Keras' image_dataset_from_directory reads it.
 
-Images are decoded by Pillow (PNG, JPEG, BMP, GIF first frame), converted to `color_mode`, resized to
+Images are decoded by Pillow (PNG, JPEG, BMP, GIF and TIFF first frame, WebP), converted to `color_mode`, resized to
 `image_size` and given as float32 pixels in 0..255 (as Keras; rescale in the model, e.g. a Rescaling layer).
 Decoding happens per batch, ahead of the training step in a bounded thread pool; `cache: memory` keeps the
 decoded uint8 images after the first epoch, `cache: disk` keeps them in a file under the dataset cache that later
@@ -25,8 +25,9 @@ from dlcli.data.source import Source
 from dlcli.data.split import check_limits
 from dlcli.errors import ConfigError, DlcliError
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
-FORMATS = ["PNG", "JPEG", "BMP", "GIF"]
+# The one list of image files, for image folders and for predict: their suffixes and the Pillow formats they name.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+FORMATS = ["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP"]
 COLOR_MODES = {"grayscale": ("L", 1), "rgb": ("RGB", 3), "rgba": ("RGBA", 4)}
 CACHES = ("none", "memory", "disk")
 # Keras' interpolation names that Pillow has a filter for ("area" is box averaging).
@@ -40,7 +41,8 @@ class BadImage(DlcliError):
 
 def decode_image(file, size: tuple[int, int] | None, color_mode: str, interpolation: str = "bilinear",
                  crop_to_aspect_ratio: bool = False) -> np.ndarray:
-    """One image file -> uint8 (height, width, channels). Raises BadImage naming the file."""
+    """One image file -> uint8 (height, width, channels). Raises BadImage naming the file, also for an image
+    larger than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS x 2), refused before decoding."""
     from PIL import Image, UnidentifiedImageError
 
     mode, _ = COLOR_MODES[color_mode]
@@ -54,6 +56,8 @@ def decode_image(file, size: tuple[int, int] | None, color_mode: str, interpolat
                 box = _center_crop(im.size, size) if crop_to_aspect_ratio else None
                 im = im.resize((size[1], size[0]), getattr(Image.Resampling, INTERPOLATIONS[interpolation]), box=box)
             a = np.asarray(im, dtype=np.uint8)
+    except Image.DecompressionBombError as e:  # not an OSError: it would escape as a traceback
+        raise BadImage(f"{file}: refused as a possible decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise BadImage(f"{file}: not an image Pillow can read as {', '.join(FORMATS)}") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
@@ -233,11 +237,11 @@ def load_image_folder(directory: str, test_directory: str | None = None, image_s
     prefetch = 2 * workers if prefetch is None else prefetch
     args = (image_size, color_mode, interpolation, crop_to_aspect_ratio, cache, workers, prefetch, on_bad_file)
     # limit: a seeded sample of each split's files (every class represented), chosen before any decoding
-    train = list_class_files(directory, EXTENSIONS, "images", on_bad_file, class_names)
+    train = list_class_files(directory, IMAGE_SUFFIXES, "images", on_bad_file, class_names)
     train, x_train = _folder_source(train.select(limited(len(train.files), limit)), *args)
     test = x_test = y_test = None
     if test_directory is not None:
-        test = list_class_files(test_directory, EXTENSIONS, "images", on_bad_file, train.class_names,
+        test = list_class_files(test_directory, IMAGE_SUFFIXES, "images", on_bad_file, train.class_names,
                                 key="data.test_directory")
         test, x_test = _folder_source(test.select(limited(len(test.files), test_limit)), *args)
         y_test = encode_labels(test.labels, len(train.class_names), label_mode)
@@ -258,7 +262,7 @@ def prediction_source(paths: list[Path], data: dict, on_bad_file: str = "error")
 
     defaults = {k: p.default for k, p in inspect.signature(load_image_folder).parameters.items()}
     settings = {**defaults, **{k: v for k, v in data.items() if k in defaults}}
-    files = prediction_files(paths, EXTENSIONS)
+    files = prediction_files(paths, IMAGE_SUFFIXES)
     workers = settings["workers"] or os.cpu_count() or 1
     source = ImageFolderSource(files, settings["image_size"], settings["color_mode"], settings["interpolation"],
                                settings["crop_to_aspect_ratio"], "none", workers,

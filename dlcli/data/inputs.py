@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dlcli.data.image_folder import IMAGE_SUFFIXES, decode_image
 from dlcli.data.preprocess import input_conversion, preprocess, to_features
 from dlcli.data.source import Source
 from dlcli.errors import DlcliError, ShapeError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 # Datasets of light ink on a dark background: a photo of dark writing on paper reads as its negative.
 DARK_BACKGROUND = ("mnist", "fashion_mnist")
 
@@ -70,7 +70,7 @@ def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None =
             files.append(p)
     if not files:
         raise DlcliError(f"no input files in {', '.join(map(str, paths))} (image folders are read for "
-                         f"{', '.join(sorted(IMAGE_SUFFIXES))} files)")
+                         f"{', '.join(IMAGE_SUFFIXES)} files)")
     kinds = {_kind(f) for f in files}
     if len(kinds) > 1 or (len(files) > 1 and kinds != {"image"}):
         raise DlcliError("give one array/CSV/text file, or any number of image files (not a mix)", exit_code=2)
@@ -101,7 +101,7 @@ def _kind(f: Path) -> str:
     kinds = {".npy": "array", ".npz": "array", ".csv": "csv", ".txt": "text"}
     if suffix not in kinds:
         raise DlcliError(f"{f}: unsupported input type '{suffix}'; use .npy, .npz, .csv, .txt (one text per "
-                         f"line) or an image ({', '.join(sorted(IMAGE_SUFFIXES))})", exit_code=2)
+                         f"line) or an image ({', '.join(IMAGE_SUFFIXES)})", exit_code=2)
     return kinds[suffix]
 
 
@@ -199,19 +199,9 @@ def image_geometry(shape) -> tuple[int, int, int]:
 
 
 def read_image(file: Path, model) -> np.ndarray:
-    """uint8 pixels of an image file, grayscaled or RGB and resized to the model's input."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        raise DlcliError("reading images needs Pillow: pip install pillow") from None
-
+    """uint8 pixels of an image file, grayscaled or RGB and resized (bilinear) to the model's input."""
     height, width, channels = image_geometry(model.inputs[0].shape)
-    try:
-        with Image.open(file) as img:
-            img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-            pixels = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
-        raise DlcliError(f"{file}: cannot read as an image ({e})") from None
+    pixels = decode_image(file, (height, width), "grayscale" if channels == 1 else "rgb")
     return pixels.reshape(model.inputs[0].shape)
 
 

@@ -189,3 +189,63 @@ def test_data_to_folder_command_writes_class_folders(tmp_path, monkeypatch):
     assert sum(1 for _ in (tmp_path / "fm" / "test").rglob("*.png")) == 30
     result = CliRunner().invoke(app, ["data", "to-folder", "imdb", str(tmp_path / "x")])
     assert result.exit_code == 2 and "mnist or fashion_mnist" in result.output
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height grayscale pixels and holds none: Pillow reads the size from the header,
+    so it is a decompression bomb to open, at 60 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_a_bad_file(tmp_path):
+    root = tmp_path / "pets"
+    rng = np.random.default_rng(0)
+    for c in ("cats", "dogs"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(root / c / f"{i}.png")
+    (root / "dogs" / "bomb.png").write_bytes(png_header(20000, 20000))
+    spec = {"type": "image_folder", "directory": str(root), "image_size": [4, 4], "color_mode": "grayscale"}
+    x = load_dataset(spec).x_train
+    with pytest.raises(DlcliError, match=r"dogs/bomb\.png: refused as a possible decompression bomb"):
+        x.take(np.arange(len(x)))
+    skipped = load_dataset({**spec, "on_bad_file": "skip"})
+    assert len(skipped.x_train) == 4 and [f.split("/")[-1] for f, _ in skipped.extra["folder"]["skipped"]] == \
+        ["bomb.png"]
+
+
+def test_tiff_and_webp_are_images_of_a_folder_as_for_predict(tmp_path):
+    from dlcli.data.inputs import _kind
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    for c, suffix in (("a", ".tif"), ("b", ".webp")):
+        (tmp_path / c).mkdir()
+        Image.fromarray(pixels).save(tmp_path / c / f"x{suffix}", **({"lossless": True} if suffix == ".webp" else {}))
+        assert _kind(tmp_path / c / f"x{suffix}") == "image"
+    d = load_dataset({"type": "image_folder", "directory": str(tmp_path), "image_size": [5, 7],
+                      "color_mode": "grayscale"})
+    assert d.classes == ["a", "b"] and len(d.x_train) == 2
+    np.testing.assert_array_equal(d.x_train.take(np.arange(2))[0][..., 0], [pixels, pixels])
+
+
+def test_one_class_warns_naming_it(tmp_path):
+    (tmp_path / "train" / "cats").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "train" / "cats" / "a.png")
+    spec = {"type": "image_folder", "directory": str(tmp_path / "train"), "image_size": [4, 4]}
+    with pytest.warns(UserWarning, match=r"all in one class folder, 'cats'"):
+        load_dataset(spec)
+    (tmp_path / "train" / "dogs").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "train" / "dogs" / "a.png")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset(spec)
