@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from dlcli.errors import ConfigError
 from dlcli.extends import compose_document
-from dlcli.registry import did_you_mean, parameters
+from dlcli.registry import did_you_mean, is_size, parameters
 from dlcli.yaml_lines import Document, apply_override, dump_yaml, format_path
 
 __all__ = ["Config", "as_config", "load_config", "parse_config", "dump_yaml", "split_spec"]
@@ -302,19 +302,16 @@ _REGISTRIES = {  # kind -> (module, attribute); imported lazily so `dlcli --help
     "activation": ("dlcli.engine.activations", "ACTIVATIONS"),
     "initializer": ("dlcli.engine.initializers", "INITIALIZERS"),
 }
-# Arguments whose values a signature's annotation cannot bound: sizes are positive integers (or lists of them),
-# rates and learning rates are finite and non-negative. (low, high, what a valid value is)
-_SIZES = ("units", "filters", "kernel_size", "pool_size", "strides", "dilation_rate", "depth_multiplier",
-          "input_dim", "output_dim", "size", "num_heads", "key_dim", "input_shape")
-_BOUNDS = {**{k: (1, MAX_DIM, f"a positive integer (at most {MAX_DIM}) or a list of them") for k in _SIZES},
-           "rate": (0.0, 1.0, "a number in [0, 1)"),
+# Arguments whose values a signature's annotation cannot bound: sizes (annotated Size, Sizes or Shape in their
+# signature) are positive integers (or lists of them), rates and learning rates are finite and non-negative.
+# (low, high, what a valid value is)
+_SIZE_BOUNDS = (1, MAX_DIM, f"a positive integer (at most {MAX_DIM}) or a list of them")
+_BOUNDS = {"rate": (0.0, 1.0, "a number in [0, 1)"),
            "learning_rate": (0.0, None, "a finite number >= 0 (or a schedule)"),
            "initial_learning_rate": (0.0, None, "a finite number >= 0"),
            "warmup_target": (0.0, None, "a finite number >= 0"),
            "clipnorm": (0.0, None, "a finite number >= 0"), "global_clipnorm": (0.0, None, "a finite number >= 0"),
            "clipvalue": (0.0, None, "a finite number >= 0"), "epsilon": (0.0, None, "a finite number >= 0")}
-# Base-layer arguments whose annotations are missing or too loose for a config.
-_ARG_HINTS = {"input_shape": list[int], "lr_mult": float, "trainable": bool}
 _FUNCTIONAL_KEYS = ("inputs", "shares")
 # Bare names resolved outside the registry: 'accuracy' becomes the variant that fits the loss (metrics.resolve).
 _BARE_ALIASES = {"metric": ("accuracy", "acc")}
@@ -373,8 +370,6 @@ class _SpecChecker:
         if target is None:
             return
         params, open_ = parameters(target, skip_data_args=kind in ("loss", "metric"))
-        params = {k: (_ARG_HINTS.get(k) if annotation is None else annotation, required)
-                  for k, (annotation, required) in params.items()}
         allowed, meant = [*params, *extras], set()
         for key, value in spec.items():
             if key == "type" or key in extras or key in ignore:
@@ -390,7 +385,7 @@ class _SpecChecker:
             spec[key] = self.value(value, params[key][0], (*path, key))
             self.named_argument(key, spec[key], (*path, key))
             if len(self.doc.issues) == before:  # one error per value: the annotation's, else the bounds'
-                self.bounded_argument(key, spec[key], (*path, key))
+                self.bounded_argument(key, spec[key], (*path, key), is_size(params[key][0]))
         for key, (_, needed) in params.items():
             if needed and key not in spec and key not in meant:  # a misspelling of it was reported already
                 self.error(path, f"missing required key '{key}' for {spec['type']}", at_key=True)
@@ -405,11 +400,11 @@ class _SpecChecker:
         elif isinstance(value, str):
             self.name(value, path, kind)
 
-    def bounded_argument(self, key, value, path):
+    def bounded_argument(self, key, value, path, size: bool):
         """Sizes, rates and learning rates in range (units: -5 would otherwise end in NumPy's traceback)."""
-        if key not in _BOUNDS or value is None or (key not in _SIZES and isinstance(value, (str, dict))):
+        if not (size or key in _BOUNDS) or value is None or (not size and isinstance(value, (str, dict))):
             return  # a learning-rate schedule (a name or a mapping): checked as such
-        low, high, what = _BOUNDS[key]
+        low, high, what = _SIZE_BOUNDS if size else _BOUNDS[key]
         values = value if isinstance(value, list) else [value]
         for v in values:
             if isinstance(v, list):
@@ -699,6 +694,8 @@ _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str:
 def _describe(annotation) -> str:
     """'int | tuple[int, int]' -> 'an integer or a list of 2 integers'."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _describe(args[0])
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
     if origin is Literal:

@@ -22,3 +22,10 @@ class ShapeError(DlcliError):
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=2)
+
+
+class ExportError(DlcliError):
+    """A model part with no ONNX mapping (exit 2: nothing is written)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=2)

@@ -1,8 +1,26 @@
 """A closed, explicit name -> object registry (Caffe's layer factory, Keras' `get(identifier)`)."""
 import difflib
 import inspect
+from typing import Annotated, Any
 
 from dlcli.errors import ConfigError
+
+
+class _SizeMark:
+    """Marks a size argument in a signature: the config checker requires a positive integer or a list of them."""
+
+    def __repr__(self):
+        return "size"
+
+
+SIZE = _SizeMark()
+Size = Annotated[int, SIZE]  # units: Size, num_heads: Size
+Sizes = Annotated[Any, SIZE]  # kernel_size: Sizes, an int or a list of ints (nested pairs too)
+Shape = Annotated[list[int], SIZE]  # input_shape: Shape
+
+
+def is_size(annotation) -> bool:
+    return any(m is SIZE for m in getattr(annotation, "__metadata__", ()))
 
 
 def did_you_mean(name: str, known) -> str:

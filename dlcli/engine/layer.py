@@ -17,7 +17,7 @@ import numpy as np
 from dlcli import memory
 from dlcli.engine import activations, initializers, regularizers
 from dlcli.errors import ShapeError
-from dlcli.registry import Registry
+from dlcli.registry import Registry, Shape
 
 LAYERS = Registry("layer")
 register = LAYERS.register  # @register("Dense") on each layer class: the names a config may use
@@ -64,14 +64,15 @@ def snake_case(name: str) -> str:
 class Layer:
     supports_masking = False  # True: the incoming mask passes through unchanged (Keras' default for most layers)
     activation_last = False  # True: `activation` is the last step of forward, so a later layer may apply it
+    keras_weight_groups = ("vars",)  # where a .keras file keeps the layer's variables, below the layer's own group
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
             cls.__init__ = _recording_init(cls.__init__)
 
-    def __init__(self, name: str | None = None, input_shape=None, trainable: bool = True, lr_mult: float = 1.0,
-                 dtype: str = "float32"):
+    def __init__(self, name: str | None = None, input_shape: Shape = None, trainable: bool = True,
+                 lr_mult: float = 1.0, dtype: str = "float32"):
         self.name = name or unique_name(snake_case(type(self).__name__))
         self.input_shape_hint = tuple(input_shape) if input_shape is not None else None
         self.trainable = trainable

@@ -1,5 +1,6 @@
-"""Models in and out of dlcli: ONNX export (onnx_graph, onnx_layers, onnx_export) and Keras import (keras_files,
-keras_config, keras_import). Each needs an optional extra; `require(...)` names the pip install when it is missing."""
+"""Models in and out of dlcli: ONNX export (onnx_graph, onnx_export; each layer emits its own nodes) and Keras import
+(keras_files, keras_config, keras_import). Each needs an optional extra; `require(...)` names the pip install when it
+is missing."""
 import importlib
 
 from dlcli.errors import DlcliError

@@ -106,20 +106,6 @@ def _mapped_config(keras_config: dict, source, notes, overrides) -> tuple[Config
 
 
 # --- weights ------------------------------------------------------------------------------------------------------
-def _var_groups(layer) -> list[str]:
-    """Where Keras keeps a layer's variables below its own group."""
-    from dlcli.layers.recurrent import Recurrent
-    from dlcli.layers.wrappers import Bidirectional, TimeDistributed
-
-    if isinstance(layer, Recurrent):
-        return ["cell/vars"]
-    if isinstance(layer, Bidirectional):
-        return ["forward_layer/cell/vars", "backward_layer/cell/vars"]
-    if isinstance(layer, TimeDistributed):
-        return [f"layer/{g}" for g in _var_groups(layer.layer)]
-    return ["vars"]
-
-
 def _load_keras3_weights(h5, model, order, check_names: bool):
     """Keras 3 layout: layers/<snake_case(class)>[_n] numbered per class in the model's layer order."""
     by_name = {layer.name: layer for layer in model.layers}
@@ -133,7 +119,7 @@ def _load_keras3_weights(h5, model, order, check_names: bool):
             continue  # an InputLayer
         params = list(layer.params.values())
         values = []
-        for sub in _var_groups(layer):
+        for sub in layer.keras_weight_groups:
             group = h5.group(f"{path}/{sub}")
             if group is None:
                 continue  # a layer without weights (Keras writes no group, or an empty one)

@@ -38,7 +38,6 @@ def to_onnx(model, opset: int = DEFAULT_OPSET, metadata: dict | None = None):
     from dlcli import __version__
     from dlcli.engine.graph import InputLayer
     from dlcli.interop.onnx_graph import ELEMENT_TYPES, Builder, Value
-    from dlcli.interop.onnx_layers import emit, output_mask
 
     top = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= top:
@@ -63,10 +62,11 @@ def to_onnx(model, opset: int = DEFAULT_OPSET, metadata: dict | None = None):
             mask = None
         shapes = [t.shape for t in node.inputs]
         x = ins if node.multi_input else ins[0]
-        out = emit(g, layer, x, shapes if node.multi_input else shapes[0], mask)
+        out = g.emit(layer, x, shapes if node.multi_input else shapes[0], mask)
         outs = out if node.multi_output else [out]
-        out_mask = output_mask(g, layer, x, mask, len(outs))
-        for t, v, m in zip(node.outputs, outs, out_mask if isinstance(out_mask, list) else [out_mask] * len(outs)):
+        out_mask = g.output_mask(layer, x, mask)
+        out_masks = out_mask if node.multi_output and isinstance(out_mask, list) else [out_mask] * len(outs)
+        for t, v, m in zip(node.outputs, outs, out_masks):
             values[id(t)] = v
             if m is not None:
                 masks[id(t)] = m

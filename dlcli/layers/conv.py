@@ -10,6 +10,7 @@ from dlcli.engine import activations, initializers
 from dlcli.engine.layer import Layer, register
 from dlcli.errors import ConfigError
 from dlcli.layers import conv_math as cm
+from dlcli.registry import Size, Sizes
 
 
 class _Windowed(Layer):
@@ -39,9 +40,10 @@ class _Conv(_Windowed):
 
     activation_last = True
 
-    def __init__(self, filters: int, kernel_size, strides=1, padding: str = "valid", dilation_rate=1,
-                 activation: str | None = None, use_bias: bool = True, kernel_initializer="glorot_uniform",
-                 bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None, **kw):
+    def __init__(self, filters: Size, kernel_size: Sizes, strides: Sizes = 1, padding: str = "valid",
+                 dilation_rate: Sizes = 1, activation: str | None = None, use_bias: bool = True,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
+                 bias_regularizer=None, **kw):
         super().__init__(**kw)
         self.filters, self.use_bias = int(filters), use_bias
         self._window_args(kernel_size, strides, padding, dilation_rate)
@@ -104,6 +106,18 @@ class _Conv(_Windowed):
                                self.dilation_rate)
         return cm.unpad(dxp, self.pads)
 
+    def to_onnx(self, g, x, in_shape, mask):
+        k = self.rank
+        x = g.first(x)
+        _, pads = cm.geometry(in_shape[:-1], self.kernel_size, self.strides, self.padding, self.dilation_rate)
+        kernel = self.kernel.value.transpose(k + 1, k, *range(k))  # (*k, in, out) -> ONNX's (out, in, *k)
+        inputs = [x.name, g.weight(self, kernel, "kernel")]
+        if self.use_bias:
+            inputs.append(g.weight(self, self.bias.value, "bias"))
+        y = g.op("Conv", inputs, self.name, kernel_shape=list(self.kernel_size), strides=list(self.strides),
+                 dilations=list(self.dilation_rate), pads=g.pads(pads))
+        return g.activate(self.activation.name, g.value(y, x.rank, True))
+
 
 @register("Conv1D")
 class Conv1D(_Conv):
@@ -133,10 +147,10 @@ class Conv2DTranspose(_Windowed):
     output_padding p: (n - 1)*s + k - 2*pad + p (pad = k // 2 for same).
     """
 
-    def __init__(self, filters: int, kernel_size, strides=1, padding: str = "valid", output_padding=None,
-                 dilation_rate=1, activation: str | None = None, use_bias: bool = True,
-                 kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
-                 bias_regularizer=None, **kw):
+    def __init__(self, filters: Size, kernel_size: Sizes, strides: Sizes = 1, padding: str = "valid",
+                 output_padding=None, dilation_rate: Sizes = 1, activation: str | None = None,
+                 use_bias: bool = True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 kernel_regularizer=None, bias_regularizer=None, **kw):
         super().__init__(**kw)
         self.filters, self.use_bias = int(filters), use_bias
         self._window_args(kernel_size, strides, padding, dilation_rate)
@@ -206,6 +220,25 @@ class Conv2DTranspose(_Windowed):
         w2 = self.kernel.value.reshape(-1, self.kernel.value.shape[-1])
         return np.dot(cols, w2).reshape(g.shape[0], *self.in_sizes, -1)
 
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.first(x)
+        sizes = in_shape[:-1]
+        out, pads = self._transpose_geometry(sizes)
+        onnx_pads, output_padding = [], []
+        for n, m, (before, _), k, s in zip(sizes, out, pads, cm.effective(self.kernel_size, self.dilation_rate),
+                                           self.strides):
+            full = (n - 1) * s + k  # the scatter's extent; dlcli crops `before` and keeps m values from there
+            onnx_pads.append((before, max(full - before - m, 0)))
+            output_padding.append(max(before + m - full, 0))
+        kernel = self.kernel.value.transpose(3, 2, 0, 1)  # (kh, kw, out, in) -> ONNX's (in, out, kh, kw)
+        inputs = [x.name, g.weight(self, kernel, "kernel")]
+        if self.use_bias:
+            inputs.append(g.weight(self, self.bias.value, "bias"))
+        y = g.op("ConvTranspose", inputs, self.name, kernel_shape=list(self.kernel_size),
+                 strides=list(self.strides), dilations=list(self.dilation_rate), pads=g.pads(onnx_pads),
+                 output_padding=output_padding)
+        return g.activate(self.activation.name, g.value(y, x.rank, True))
+
 
 class _Depthwise(_Windowed):
     """Per-channel spatial convolution; output channel c * depth_multiplier + m as TF orders it."""
@@ -231,14 +264,23 @@ class _Depthwise(_Windowed):
             dxp[index] += (g * kernel[offset]).sum(-1)
         return cm.unpad(dxp, self.pads)
 
+    def _depthwise_onnx(self, g, x, in_shape, kernel, tag) -> str:
+        """Grouped Conv, one group per input channel; output channel c * depth_multiplier + m as TF (and ONNX)."""
+        _, pads = cm.geometry(in_shape[:-1], self.kernel_size, self.strides, self.padding, self.dilation_rate)
+        kh, kw, cin, dm = kernel.shape
+        w = kernel.reshape(kh, kw, cin * dm).transpose(2, 0, 1)[:, None]
+        return g.op("Conv", [x.name, g.weight(self, w, tag)], f"{self.name}_{tag}", kernel_shape=[kh, kw],
+                    strides=list(self.strides), dilations=list(self.dilation_rate), pads=g.pads(pads), group=cin)
+
 
 @register("DepthwiseConv2D")
 class DepthwiseConv2D(_Depthwise):
     """Weights: kernel (kh, kw, in, depth_multiplier) then bias (in * depth_multiplier), as Keras 3 names them."""
 
-    def __init__(self, kernel_size, strides=1, padding: str = "valid", depth_multiplier: int = 1, dilation_rate=1,
-                 activation: str | None = None, use_bias: bool = True, depthwise_initializer="glorot_uniform",
-                 bias_initializer="zeros", depthwise_regularizer=None, bias_regularizer=None, **kw):
+    def __init__(self, kernel_size: Sizes, strides: Sizes = 1, padding: str = "valid", depth_multiplier: Size = 1,
+                 dilation_rate: Sizes = 1, activation: str | None = None, use_bias: bool = True,
+                 depthwise_initializer="glorot_uniform", bias_initializer="zeros", depthwise_regularizer=None,
+                 bias_regularizer=None, **kw):
         super().__init__(**kw)
         self._window_args(kernel_size, strides, padding, dilation_rate)
         self.depth_multiplier, self.use_bias = int(depth_multiplier), use_bias
@@ -270,15 +312,22 @@ class DepthwiseConv2D(_Depthwise):
             self.bias.grad += g.reshape(-1, g.shape[-1]).sum(0)
         return self._depthwise_backward(g, self.kernel.value, self.kernel.grad)
 
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.first(x)
+        y = self._depthwise_onnx(g, x, in_shape, self.kernel.value, "depthwise")
+        if self.use_bias:
+            y = g.op("Add", [y, g.weight(self, self.bias.value.reshape(-1, 1, 1), "bias")], self.name)
+        return g.activate(self.activation.name, g.value(y, 4, True))
+
 
 @register("SeparableConv2D")
 class SeparableConv2D(_Depthwise):
     """Depthwise then pointwise (1x1) convolution. Weights, as Keras: depthwise_kernel (kh, kw, in, dm),
     pointwise_kernel (1, 1, in * dm, filters), bias (filters)."""
 
-    def __init__(self, filters: int, kernel_size, strides=1, padding: str = "valid", depth_multiplier: int = 1,
-                 dilation_rate=1, activation: str | None = None, use_bias: bool = True,
-                 depthwise_initializer="glorot_uniform", pointwise_initializer="glorot_uniform",
+    def __init__(self, filters: Size, kernel_size: Sizes, strides: Sizes = 1, padding: str = "valid",
+                 depth_multiplier: Size = 1, dilation_rate: Sizes = 1, activation: str | None = None,
+                 use_bias: bool = True, depthwise_initializer="glorot_uniform", pointwise_initializer="glorot_uniform",
                  bias_initializer="zeros", depthwise_regularizer=None, pointwise_regularizer=None,
                  bias_regularizer=None, **kw):
         super().__init__(**kw)
@@ -321,3 +370,13 @@ class SeparableConv2D(_Depthwise):
             self.pointwise_kernel.grad[0, 0] += np.dot(mid2.T, g)
         gmid = np.dot(g, self.pointwise_kernel.value[0, 0].T).reshape(self.mid.shape)
         return self._depthwise_backward(gmid, self.depthwise_kernel.value, self.depthwise_kernel.grad)
+
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.first(x)
+        mid = self._depthwise_onnx(g, x, in_shape, self.depthwise_kernel.value, "depthwise")
+        pointwise = self.pointwise_kernel.value[0, 0].T[:, :, None, None]  # (mid, out) -> (out, mid, 1, 1)
+        inputs = [mid, g.weight(self, pointwise, "pointwise")]
+        if self.use_bias:
+            inputs.append(g.weight(self, self.bias.value, "bias"))
+        y = g.op("Conv", inputs, self.name, kernel_shape=[1, 1])
+        return g.activate(self.activation.name, g.value(y, 4, True))

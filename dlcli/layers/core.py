@@ -4,6 +4,7 @@ import numpy as np
 from dlcli.engine import activations, initializers
 from dlcli.engine.layer import Layer, register
 from dlcli.errors import ShapeError
+from dlcli.registry import Size
 
 
 @register("Dense")
@@ -12,7 +13,7 @@ class Dense(Layer):
 
     activation_last = True
 
-    def __init__(self, units: int, activation: str | None = None, use_bias: bool = True,
+    def __init__(self, units: Size, activation: str | None = None, use_bias: bool = True,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  kernel_regularizer=None, bias_regularizer=None, **kw):
         super().__init__(**kw)
@@ -52,6 +53,13 @@ class Dense(Layer):
             self.bias.grad += g2.sum(0)
         return grad @ self.kernel.value.T if self.input_grad_needed else None
 
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.last(x)
+        y = g.op("MatMul", [x.name, g.weight(self, self.kernel.value, "kernel")])
+        if self.use_bias:
+            y = g.op("Add", [y, g.weight(self, self.bias.value, "bias")])
+        return g.activate(self.activation.name, g.value(y, x.rank), self.name)
+
 
 @register("Activation")
 class Activation(Layer):
@@ -68,6 +76,9 @@ class Activation(Layer):
     def backward(self, grad):
         return self.activation_backward(grad)
 
+    def to_onnx(self, g, x, in_shape, mask):
+        return g.activate(self.activation.name, x, self.name)
+
 
 @register("Flatten")
 class Flatten(Layer):
@@ -82,6 +93,9 @@ class Flatten(Layer):
 
     def backward(self, grad):
         return grad.reshape(self.in_shape)
+
+    def to_onnx(self, g, x, in_shape, mask):
+        return g.value(g.op("Flatten", [g.last(x).name], self.name, axis=1), 2)  # channels-last order, as dlcli's
 
 
 @register("Reshape")
@@ -113,6 +127,10 @@ class Reshape(Layer):
     def backward(self, grad):
         return grad.reshape(self.in_shape)
 
+    def to_onnx(self, g, x, in_shape, mask):
+        out = self.output_shape(in_shape)
+        return g.value(g.op("Reshape", [g.last(x).name, g.ints([0, *out])], self.name), len(out) + 1)
+
 
 @register("Dropout")
 class Dropout(Layer):
@@ -138,3 +156,6 @@ class Dropout(Layer):
 
     def backward(self, grad):
         return grad if self.scale is None else grad * self.scale
+
+    def to_onnx(self, g, x, in_shape, mask):
+        return x  # the identity at inference

@@ -4,6 +4,7 @@ import numpy as np
 from dlcli.engine import initializers
 from dlcli.engine.layer import Layer, register
 from dlcli.errors import DlcliError
+from dlcli.registry import Size
 
 
 @register("Embedding")
@@ -11,7 +12,7 @@ class Embedding(Layer):
     """Integer indices (batch, ...) -> rows of `embeddings` (batch, ..., output_dim). With mask_zero, index 0 is
     padding and the output carries the mask `x != 0` (so input_dim must count it, as in Keras)."""
 
-    def __init__(self, input_dim: int, output_dim: int, embeddings_initializer="uniform",
+    def __init__(self, input_dim: Size, output_dim: Size, embeddings_initializer="uniform",
                  embeddings_regularizer=None, mask_zero: bool = False, input_length: int | None = None, **kw):
         super().__init__(**kw)
         self.input_dim, self.output_dim, self.mask_zero = int(input_dim), int(output_dim), bool(mask_zero)
@@ -52,6 +53,17 @@ class Embedding(Layer):
     def compute_mask(self, x, mask):
         return np.asarray(x) != 0 if self.mask_zero else None
 
+    def to_onnx(self, g, x, in_shape, mask):
+        idx, _ = g.indices(x)
+        y = g.op("Gather", [g.weight(self, self.embeddings.value, "embeddings"), idx], self.name, axis=0)
+        return g.value(y, x.rank + 1)
+
+    def onnx_mask(self, g, x, mask):
+        if not self.mask_zero:
+            return None
+        idx, dtype = g.indices(x)
+        return g.op("Not", [g.op("Equal", [idx, g.scalar(0, dtype)])], f"{self.name}_mask")
+
 
 @register("Masking")
 class Masking(Layer):
@@ -75,3 +87,15 @@ class Masking(Layer):
 
     def compute_mask(self, x, mask):
         return self._keep(np.asarray(x))
+
+    def _onnx_keep(self, g, x, keepdims):
+        """_keep in the ONNX graph: 1.0 where any feature differs from mask_value (ReduceMax of Not(Equal))."""
+        differs = g.cast(g.op("Not", [g.op("Equal", [x.name, g.scalar(self.mask_value)])]), "float32")
+        return g.reduce("ReduceMax", differs, [-1], keepdims=keepdims)
+
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.last(x)
+        return g.value(g.op("Mul", [x.name, self._onnx_keep(g, x, keepdims=1)], self.name), x.rank)
+
+    def onnx_mask(self, g, x, mask):
+        return g.cast(self._onnx_keep(g, g.last(x), keepdims=0), "bool", f"{self.name}_mask")

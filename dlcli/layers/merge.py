@@ -4,6 +4,8 @@ Each takes a list of tensors. Element-wise merges broadcast as Keras does: a low
 right after the batch axis (so trailing axes line up), and a size-1 axis stretches to the other input's size.
 Shapes are checked at build time; a mismatch names the layer and both shapes.
 """
+import functools
+
 import numpy as np
 
 from dlcli.engine.layer import Layer, format_shape, register
@@ -28,12 +30,27 @@ def _unbroadcast(grad, shape) -> np.ndarray:
     return grad.sum(axis=axes, keepdims=True) if axes else grad
 
 
-def _and_masks(masks):
-    """Keras' merge mask: a step is kept only where every input that carries a mask keeps it."""
+def _and_masks(masks, both=np.logical_and):
+    """Keras' merge mask: a step is kept only where every input that carries a mask keeps it. `both` ands two
+    masks: NumPy's, or an ONNX And node (_onnx_and)."""
     if not isinstance(masks, list):
         return masks
     present = [m for m in masks if m is not None]
-    return np.logical_and.reduce(present) if present else None
+    return functools.reduce(both, present) if present else None
+
+
+def _onnx_and(g):
+    return lambda a, b: g.op("And", [a, b])
+
+
+def _onnx_aligned(g, xs: list) -> list:
+    """ONNX Values in one layout; a lower-rank input gains size-1 axes right after the batch axis (_aligned)."""
+    if len({v.rank for v in xs}) == 1 and len({v.first for v in xs}) == 1:
+        return xs
+    xs = [g.last(v) for v in xs]
+    rank = max(v.rank for v in xs)
+    return [v if v.rank == rank else g.value(g.unsqueeze(v.name, list(range(1, 1 + rank - v.rank))), rank)
+            for v in xs]
 
 
 class _Merge(Layer):
@@ -81,10 +98,30 @@ class _Merge(Layer):
     def compute_mask(self, x, mask):
         return _and_masks(mask)
 
+    onnx_op = None  # the ONNX op of two inputs, folded left to right as _merge does
+
+    def to_onnx(self, g, xs, in_shape, mask):
+        xs = _onnx_aligned(g, xs)
+        y = xs[0].name
+        for v in xs[1:]:
+            y = g.op(self.onnx_op, [y, v.name])
+        y = self._onnx_folded(g, y, len(xs))
+        if len(xs) == 1:
+            y = g.op("Identity", [y])
+        return g.value(y, xs[0].rank, xs[0].first)
+
+    def _onnx_folded(self, g, y, count):
+        return y
+
+    def onnx_mask(self, g, x, mask):
+        return _and_masks(mask, _onnx_and(g))
+
 
 @register("Add")
 class Add(_Merge):
     """Sum of the inputs."""
+
+    onnx_op = "Add"
 
     def _merge(self, xs):
         out = xs[0] + xs[1] if len(xs) > 1 else xs[0].copy()
@@ -99,6 +136,8 @@ class Add(_Merge):
 @register("Subtract")
 class Subtract(_Merge):
     """inputs[0] - inputs[1]; exactly two inputs (as Keras)."""
+
+    onnx_op = "Sub"
 
     def output_shape(self, input_shape):
         shapes = _as_list(self, input_shape)
@@ -116,6 +155,8 @@ class Subtract(_Merge):
 @register("Multiply")
 class Multiply(_Merge):
     """Element-wise product of the inputs."""
+
+    onnx_op = "Mul"
 
     def _merge(self, xs):
         out = xs[0]
@@ -139,11 +180,16 @@ class Multiply(_Merge):
 class Average(_Merge):
     """Mean of the inputs."""
 
+    onnx_op = "Add"
+
     def _merge(self, xs):
         return Add._merge(self, xs) / xs[0].dtype.type(len(xs))
 
     def _partials(self, grad):
         return [grad / grad.dtype.type(len(self.xs))] * len(self.xs)
+
+    def _onnx_folded(self, g, y, count):
+        return g.op("Div", [y, g.scalar(count)])
 
 
 class _Extremum(_Merge):
@@ -158,10 +204,16 @@ class _Extremum(_Merge):
     def _partials(self, grad):
         return [np.where(self.winner == i, grad, grad.dtype.type(0)) for i in range(len(self.xs))]
 
+    def to_onnx(self, g, xs, in_shape, mask):
+        xs = _onnx_aligned(g, xs)
+        return g.value(g.op(self.onnx_op, [v.name for v in xs], self.name), xs[0].rank, xs[0].first)
+
 
 @register("Maximum")
 class Maximum(_Extremum):
     """Element-wise maximum of the inputs."""
+
+    onnx_op = "Max"
 
     _arg = staticmethod(np.argmax)
 
@@ -169,6 +221,8 @@ class Maximum(_Extremum):
 @register("Minimum")
 class Minimum(_Extremum):
     """Element-wise minimum of the inputs."""
+
+    onnx_op = "Min"
 
     _arg = staticmethod(np.argmin)
 
@@ -215,13 +269,37 @@ class Concatenate(Layer):
     def backward(self, grad):
         return np.split(grad, self.splits, axis=self._sample_axis(grad.ndim - 1) + 1)
 
+    def _joins_masks(self, rank: int, mask) -> bool:
+        """Joining along time: the masks are joined too (an input without a mask keeps all its steps)."""
+        return self._sample_axis(rank - 1) == 0 and mask[0] is not None and rank > 2
+
     def compute_mask(self, x, mask):
         if not isinstance(mask, list) or all(m is None for m in mask):
             return None
-        if self._sample_axis(x[0].ndim - 1) == 0 and mask[0] is not None and x[0].ndim > 2:
-            # joining along time: the masks are joined too (an input without a mask keeps all its steps)
+        if self._joins_masks(x[0].ndim, mask):
             return np.concatenate([m if m is not None else np.ones(t.shape[:2], bool) for m, t in zip(mask, x)], 1)
         return _and_masks(mask)
+
+    def to_onnx(self, g, xs, in_shape, mask):
+        rank = len(in_shape[0]) + 1
+        axis = self._sample_axis(rank - 1) + 1  # counted in dlcli's channels-last layout
+        if all(v.first for v in xs):
+            perm = [0, rank - 1, *range(1, rank - 1)]
+            return g.value(g.op("Concat", [v.name for v in xs], self.name, axis=perm.index(axis)), rank, True)
+        return g.value(g.op("Concat", [g.last(v).name for v in xs], self.name, axis=axis), rank)
+
+    def onnx_mask(self, g, xs, mask):
+        if not isinstance(mask, list) or all(m is None for m in mask):
+            return None
+        if self._joins_masks(xs[0].rank, mask):
+            return g.op("Concat", [m if m is not None else _onnx_all_steps(g, v) for m, v in zip(mask, xs)], axis=1)
+        return _and_masks(mask, _onnx_and(g))
+
+
+def _onnx_all_steps(g, v) -> str:
+    """A (batch, steps) all-true mask in the ONNX graph for an input that carries none."""
+    shape = g.op("Slice", [g.op("Shape", [g.last(v).name]), g.ints([0]), g.ints([2])])
+    return g.full(shape, True, "bool", "true")
 
 
 @register("Dot")
@@ -287,6 +365,21 @@ class Dot(Layer):
             g1 = _l2_normalize_backward(g1, np.moveaxis(self.m1, -1, self.a), self.n1, self.a)
             g2 = _l2_normalize_backward(g2, np.moveaxis(self.m2, -1, self.b), self.n2, self.b)
         return [g1, g2]
+
+    def to_onnx(self, g, xs, in_shape, mask):
+        a, b = self._axes(in_shape)
+        out = self.output_shape(in_shape)
+        sides = []
+        for v, axis, shape in zip(xs, (a, b), in_shape):
+            name = g.last(v).name
+            if self.normalize:  # _l2_normalize: x / sqrt(max(sum(x^2), epsilon))
+                squares = g.reduce("ReduceSumSquare", name, [axis + 1], keepdims=1)
+                name = g.op("Div", [name, g.op("Sqrt", [g.op("Max", [squares, g.scalar(_L2_EPSILON)])])])
+            perm = [0, *[i + 1 for i in range(len(shape)) if i != axis], axis + 1]
+            moved = g.op("Transpose", [name], perm=perm)
+            sides.append(g.op("Reshape", [moved, g.ints([0, -1, shape[axis]])]))
+        product = g.op("MatMul", [sides[0], g.op("Transpose", [sides[1]], perm=[0, 2, 1])])
+        return g.value(g.op("Reshape", [product, g.ints([0, *out])], self.name), len(out) + 1)
 
 
 _L2_EPSILON = 1e-12  # Keras' l2_normalize floor on the squared norm

@@ -79,6 +79,12 @@ class _Normalization(Layer):
             self.gamma.grad += _sum(grad * self.xhat, reduce_axes).reshape(self.gamma.grad.shape)
         return grad * self.gamma.value.reshape(self.param_view)
 
+    def _affine_arrays(self, shape):
+        """(gamma, beta) as arrays, ones and zeros where scale or center is off, for the ONNX graph."""
+        gamma = self.gamma.value if self.scale else np.ones(shape, np.float32)
+        beta = self.beta.value if self.center else np.zeros(shape, np.float32)
+        return gamma, beta
+
 
 @register("BatchNormalization")
 class BatchNormalization(_Normalization):
@@ -222,6 +228,22 @@ class BatchNormalization(_Normalization):
         w = self.input_mask.astype(dtype).reshape(self.input_mask.shape + (1,) * (dxhat.ndim - self.input_mask.ndim))
         return tuple(w * m for m in means)
 
+    def to_onnx(self, g, x, in_shape, mask):
+        gamma, beta = self._affine_arrays(self.moving_mean.value.shape)
+        if self.feature_axes == (len(in_shape) - 1,):  # the channel axis: ONNX's BatchNormalization (inference)
+            x = g.first(x)
+            y = g.op("BatchNormalization", [x.name, g.weight(self, gamma, "gamma"), g.weight(self, beta, "beta"),
+                                            g.weight(self, self.moving_mean.value, "moving_mean"),
+                                            g.weight(self, self.moving_variance.value, "moving_variance")],
+                     self.name, epsilon=self.epsilon)
+            return g.value(y, x.rank, x.first)
+        x = g.last(x)  # other axes: dlcli's own arithmetic, (x - mean) * 1/sqrt(var + eps) * gamma + beta
+        view = self.param_view
+        inv_std = 1 / np.sqrt(self.moving_variance.value + np.float32(self.epsilon))
+        y = g.op("Sub", [x.name, g.weight(self, self.moving_mean.value.reshape(view), "moving_mean")])
+        y = g.op("Mul", [y, g.weight(self, (inv_std * gamma).reshape(view), "scale")])
+        return g.value(g.op("Add", [y, g.weight(self, beta.reshape(view), "beta")], self.name), x.rank)
+
 
 @register("LayerNormalization")
 class LayerNormalization(_Normalization):
@@ -254,3 +276,18 @@ class LayerNormalization(_Normalization):
         mean_d = _mean(dxhat, self.norm_axes)
         mean_dx = _mean(dxhat * self.xhat, self.norm_axes)
         return (dxhat - mean_d - self.xhat * mean_dx) * self.inv_std
+
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.last(x)
+        axes, rank = self.feature_axes, len(in_shape)
+        gamma, beta = self._affine_arrays(tuple(in_shape[a] for a in axes))
+        if g.opset >= 17 and axes == tuple(range(rank - len(axes), rank)):
+            y = g.op("LayerNormalization", [x.name, g.weight(self, gamma, "gamma"), g.weight(self, beta, "beta")],
+                     self.name, axis=-len(axes), epsilon=self.epsilon)
+            return g.value(y, x.rank)
+        norm_axes = [a + 1 for a in axes]
+        centered = g.op("Sub", [x.name, g.reduce("ReduceMean", x.name, norm_axes)])
+        var = g.reduce("ReduceMean", g.op("Mul", [centered, centered]), norm_axes)
+        inv_std = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.scalar(self.epsilon)])])])
+        y = g.op("Mul", [g.op("Mul", [centered, inv_std]), g.weight(self, gamma.reshape(self.param_view), "gamma")])
+        return g.value(g.op("Add", [y, g.weight(self, beta.reshape(self.param_view), "beta")], self.name), x.rank)

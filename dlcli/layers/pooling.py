@@ -8,12 +8,13 @@ import numpy as np
 from dlcli.engine.layer import Layer, register
 from dlcli.errors import ConfigError
 from dlcli.layers import conv_math as cm
+from dlcli.registry import Sizes
 
 
 class _Pooling(Layer):
     rank = 2
 
-    def __init__(self, pool_size=2, strides=None, padding: str = "valid", **kw):
+    def __init__(self, pool_size: Sizes = 2, strides: Sizes = None, padding: str = "valid", **kw):
         super().__init__(**kw)
         kind = type(self).__name__
         self.pool_size = cm.as_tuple(pool_size, self.rank, "pool_size", kind)
@@ -39,6 +40,13 @@ class _Pooling(Layer):
         self.xp_shape = xp.shape
         return xp
 
+    def _pool_onnx(self, g, x, in_shape, op_type, **attrs):
+        x = g.first(x)
+        _, pads = cm.geometry(in_shape[:-1], self.pool_size, self.strides, self.padding, (1,) * self.rank)
+        y = g.op(op_type, [x.name], self.name, kernel_shape=list(self.pool_size), strides=list(self.strides),
+                 pads=g.pads(pads), **attrs)
+        return g.value(y, x.rank, True)
+
 
 class _MaxPooling(_Pooling):
     post_activation = None  # the previous layer's activation, applied here when the graph moved it (graph.py)
@@ -62,6 +70,9 @@ class _MaxPooling(_Pooling):
         dxp = cm.max_pool_backward(grad, self.arg, self.xp_shape, self.pool_size, self.out_sizes, self.strides)
         return cm.unpad(dxp, self.pads)
 
+    def to_onnx(self, g, x, in_shape, mask):
+        return self._pool_onnx(g, x, in_shape, "MaxPool")  # MaxPool never picks a pad
+
 
 class _AveragePooling(_Pooling):
     def forward(self, x, training=False):
@@ -75,6 +86,10 @@ class _AveragePooling(_Pooling):
     def backward(self, grad):
         dxp = cm.window_spread(grad / self.count, self.xp_shape, self.pool_size, self.out_sizes, self.strides)
         return cm.unpad(dxp, self.pads)
+
+    def to_onnx(self, g, x, in_shape, mask):
+        # count_include_pad=0 averages the real inputs only, as TF
+        return self._pool_onnx(g, x, in_shape, "AveragePool", count_include_pad=0)
 
 
 @register("MaxPooling1D")
@@ -131,6 +146,14 @@ class _GlobalPooling(Layer):
     def _shape_out(self, y):
         return y.reshape(y.shape[0], *(1,) * self.rank, y.shape[-1]) if self.keepdims else y
 
+    def onnx_mask(self, g, x, mask):
+        return self.compute_mask(x, mask)
+
+    def _reduce_onnx(self, g, x, op_type):
+        axes = range(2, x.rank) if x.first else range(1, x.rank - 1)
+        y = g.reduce(op_type, x.name, axes, keepdims=int(self.keepdims), hint=self.name)
+        return g.value(y, x.rank, x.first) if self.keepdims else g.value(y, 2)
+
 
 class _GlobalMaxPooling(_GlobalPooling):
     def forward(self, x, training=False):
@@ -144,6 +167,9 @@ class _GlobalMaxPooling(_GlobalPooling):
         dx = np.zeros((n, int(np.prod(self.in_shape[1:-1])), c), grad.dtype)
         np.put_along_axis(dx, self.arg, grad.reshape(n, 1, c), 1)
         return dx.reshape(self.in_shape)
+
+    def to_onnx(self, g, x, in_shape, mask):
+        return self._reduce_onnx(g, x, "ReduceMax")
 
 
 class _GlobalAveragePooling(_GlobalPooling):
@@ -164,6 +190,16 @@ class _GlobalAveragePooling(_GlobalPooling):
             return g * self.step_weights
         size = np.asarray(np.prod(self.in_shape[1:-1]), grad.dtype)
         return np.broadcast_to(g / size, self.in_shape).copy()
+
+    def to_onnx(self, g, x, in_shape, mask):
+        if mask is None or self.rank != 1:
+            return self._reduce_onnx(g, x, "ReduceMean")
+        x = g.last(x)  # the mean over unmasked steps (at least one step's weight), as forward
+        w = g.unsqueeze(g.cast(mask, "float32"), [2])
+        total = g.reduce("ReduceSum", g.op("Mul", [x.name, w]), [1], keepdims=0)
+        count = g.op("Max", [g.reduce("ReduceSum", w, [1], keepdims=0), g.scalar(1.0)])
+        y = g.op("Div", [total, count], self.name)
+        return g.value(y if not self.keepdims else g.unsqueeze(y, [1]), 3 if self.keepdims else 2)
 
 
 @register("GlobalMaxPooling1D")

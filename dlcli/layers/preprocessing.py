@@ -31,6 +31,12 @@ class Rescaling(Layer):
     def backward(self, grad):
         return grad * np.float32(self.scale)
 
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.last(x)
+        y = g.op("Mul", [x.name, g.weight(self, np.array(self.scale, np.float32), "scale")])
+        y = g.op("Add", [y, g.weight(self, np.array(self.offset, np.float32), "offset")], self.name)
+        return g.value(y, x.rank)
+
 
 class _Augmentation(Layer):
     supports_masking = True
@@ -52,6 +58,9 @@ class _Augmentation(Layer):
 
     def backward(self, grad):
         return self.augment_backward(grad) if self.active else grad
+
+    def to_onnx(self, g, x, in_shape, mask):
+        return x  # the identity at inference
 
 
 @register("RandomFlip")

@@ -12,6 +12,9 @@ from dlcli.engine import activations, initializers
 from dlcli.engine.layer import Layer, format_shape, register
 from dlcli.errors import ConfigError, ShapeError
 from dlcli.layers import recurrent_cells as cells
+from dlcli.registry import Size
+
+ONNX_ACTIVATIONS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu"}  # those ONNX's RNN/LSTM/GRU nodes take
 
 
 class Recurrent(Layer):
@@ -22,6 +25,8 @@ class Recurrent(Layer):
     gates = 1  # blocks of `units` columns in kernel and recurrent_kernel
     n_states = 1  # final states returned after the output when return_state
     zero_output_for_mask = False  # Keras' RNN flag: masked steps output zeros instead of the previous output
+    keras_weight_groups = ("cell/vars",)  # Keras keeps a recurrent layer's variables in its cell
+    onnx_gate_order = [0]  # Keras' gate blocks in the order ONNX's recurrent node takes them
 
     def __init__(self, units, activation, recurrent_activation, use_bias, kernel_initializer, recurrent_initializer,
                  bias_initializer, kernel_regularizer, recurrent_regularizer, bias_regularizer, dropout,
@@ -143,6 +148,77 @@ class Recurrent(Layer):
             return None
         return np.ascontiguousarray(dx[:, ::-1] if self.go_backwards else dx)
 
+    # --- ONNX -----------------------------------------------------------------------------------------------------
+    def onnx_mask(self, g, x, mask):
+        return self.compute_mask(x, mask)
+
+    def to_onnx(self, g, x, in_shape, mask):
+        outs = self.onnx_outputs(g, g.last(x), mask)
+        return outs if self.return_state else outs[0]
+
+    def onnx_outputs(self, g, x, mask) -> list:
+        """[output, *final states] on x (batch, steps, features) as forward computes them: go_backwards returns
+        sequences in processing order; a masked step keeps the previous state and output."""
+        xt = g.op("Transpose", [x.name], perm=[1, 0, 2])  # time-major, as ONNX recurrences and Scan read it
+        mt = None
+        if mask is not None:
+            mt = g.unsqueeze(g.op("Transpose", [mask], perm=[1, 0]), [2])  # (steps, batch, 1)
+        if self.go_backwards:
+            xt = g.reverse(xt, 0)
+            mt = None if mt is None else g.reverse(mt, 0)
+        if mt is None and self.act in ONNX_ACTIVATIONS and self.rec_act in ONNX_ACTIVATIONS:
+            seq, states = self._onnx_native(g, xt)
+        else:
+            seq, states = self._onnx_scan(g, xt, mt)
+        out = g.value(g.op("Transpose", [seq], f"{self.name}_sequence", perm=[1, 0, 2]), 3) \
+            if self.return_sequences else g.value(g.op("Identity", [states[0]], self.name), 2)
+        return [out] + [g.value(s, 2) for s in states]
+
+    def _onnx_native(self, g, xt):
+        """ONNX's own RNN / LSTM / GRU node; returns (time-major output sequence, final states)."""
+        u, order = self.units, self.onnx_gate_order
+        kernel = _gate_blocks(self.kernel.value, order, u).T[None]
+        recurrent_kernel = _gate_blocks(self.recurrent_kernel.value, order, u).T[None]
+        inputs = [xt, g.weight(self, kernel, "W"), g.weight(self, recurrent_kernel, "R")]
+        if self.use_bias:
+            inputs.append(g.weight(self, self._onnx_bias()[None], "B"))
+        op_type, attrs = self._onnx_node(ONNX_ACTIVATIONS[self.act], ONNX_ACTIVATIONS[self.rec_act])
+        outs = g.op(op_type, inputs, self.name, outputs=1 + self.n_states, hidden_size=u, **attrs)
+        seq = g.squeeze(outs[0], [1])  # (steps, directions=1, batch, units)
+        return seq, [g.squeeze(s, [0]) for s in outs[1:]]
+
+    def _onnx_bias(self):
+        """ONNX's B: the input biases (Wb), then recurrent biases (Rb), zero where Keras has none."""
+        b = self.bias.value
+        return np.concatenate([_gate_blocks(b, self.onnx_gate_order, self.units), np.zeros_like(b)])
+
+    def _onnx_scan(self, g, xt, mt):
+        """The recurrence as an ONNX Scan whose body is dlcli's cell, for masks (Keras keeps the previous state at a
+        masked step, which ONNX's sequence_lens cannot express) and activations ONNX's recurrent nodes lack."""
+        xp = g.op("MatMul", [xt, g.weight(self, self.kernel.value, "kernel")])
+        if self.use_bias:
+            xp = g.op("Add", [xp, g.weight(self, self._input_bias(), "input_bias")])
+        n_states = self.n_states
+        body = g.child()
+        states_in = [body.fresh(f"{self.name}_{s}_prev") for s in ("h", "c")[:n_states]]
+        xp_t = body.fresh(f"{self.name}_xp_t")
+        m_t = body.fresh(f"{self.name}_mask_t") if mt is not None else None
+        U = g.weight(self, self.recurrent_kernel.value, "recurrent_kernel")
+        new_states = self._onnx_cell(body, g, U, xp_t, states_in)
+        if m_t is not None:
+            new_states = [body.op("Where", [m_t, new, old]) for new, old in zip(new_states, states_in)]
+        step_out = new_states[0]
+        if m_t is not None and self.zero_output_for_mask:
+            step_out = body.op("Mul", [step_out, body.cast(m_t, "float32")])
+        step_out = body.op("Identity", [step_out], f"{self.name}_y_t")
+        states_out = [body.op("Identity", [s], f"{self.name}_state_t") for s in new_states]
+        inputs = [(s, "float32") for s in [*states_in, xp_t]] + ([(m_t, "bool")] if m_t else [])
+        graph = body.subgraph(f"{self.name}_step", inputs, [(s, "float32") for s in [*states_out, step_out]])
+        initial = [g.zeros_rows(xt, self.units, batch_axis=1)] * n_states
+        outs = g.op("Scan", [*initial, xp, *([mt] if mt else [])], self.name, outputs=n_states + 1, body=graph,
+                    num_scan_inputs=2 if mt else 1)
+        return outs[-1], outs[:-1]
+
 
 class _TimeMajor(Recurrent):
     """A cell that scans time-major input projections (recurrent_cells' SimpleRNN and GRU): the subclass runs its
@@ -219,7 +295,7 @@ class _TimeMajor(Recurrent):
 class SimpleRNN(_TimeMajor):
     """h_t = activation(x_t @ kernel + h_{t-1} @ recurrent_kernel + bias) (Keras' SimpleRNN)."""
 
-    def __init__(self, units: int, activation="tanh", use_bias: bool = True, kernel_initializer="glorot_uniform",
+    def __init__(self, units: Size, activation="tanh", use_bias: bool = True, kernel_initializer="glorot_uniform",
                  recurrent_initializer="orthogonal", bias_initializer="zeros", kernel_regularizer=None,
                  recurrent_regularizer=None, bias_regularizer=None, dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, return_sequences: bool = False, return_state: bool = False,
@@ -236,6 +312,13 @@ class SimpleRNN(_TimeMajor):
         dXP, dU = cells.simple_backward(self.cache, dY, d_finals[0])
         self._add_recurrent_grad(dU)
         return dXP
+
+    def _onnx_node(self, act, rec):
+        return "RNN", {"activations": [act]}
+
+    def _onnx_cell(self, body, g, U, xp_t, states):
+        """One step of the cell in a Scan body, on the projected input xp_t; returns the new states."""
+        return [body.activation(self.act, body.op("Add", [body.op("MatMul", [states[0], U]), xp_t]))]
 
 
 class _UnitForgetBias(initializers.Initializer):
@@ -255,8 +338,9 @@ class LSTM(Recurrent):
     return_state gives [output, h, c]."""
 
     gates, n_states = 4, 2
+    onnx_gate_order = [0, 3, 1, 2]  # Keras i, f, c, o -> ONNX i, o, f, c
 
-    def __init__(self, units: int, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
+    def __init__(self, units: Size, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
                  kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal", bias_initializer="zeros",
                  unit_forget_bias: bool = True, kernel_regularizer=None, recurrent_regularizer=None,
                  bias_regularizer=None, dropout: float = 0.0, recurrent_dropout: float = 0.0,
@@ -310,6 +394,17 @@ class LSTM(Recurrent):
             dx *= self.dmask[0].T[:, None]
         return dx.transpose(2, 1, 0)
 
+    def _onnx_node(self, act, rec):
+        return "LSTM", {"activations": [rec, act, act]}
+
+    def _onnx_cell(self, body, g, U, xp_t, states):
+        u, act, rec = self.units, self.act, self.rec_act
+        z = body.op("Add", [body.op("MatMul", [states[0], U]), xp_t])
+        i, f, c_hat, o = body.split(z, [u] * 4, axis=1)
+        i, f, o = (body.activation(rec, t) for t in (i, f, o))
+        c = body.op("Add", [body.op("Mul", [f, states[1]]), body.op("Mul", [i, body.activation(act, c_hat)])])
+        return [body.op("Mul", [o, body.activation(act, c)]), c]
+
 
 @register("GRU")
 class GRU(_TimeMajor):
@@ -317,8 +412,9 @@ class GRU(_TimeMajor):
     h @ recurrent_kernel + recurrent_bias, and bias has shape (2, 3u): input bias, recurrent bias."""
 
     gates = 3
+    onnx_gate_order = [0, 1, 2]
 
-    def __init__(self, units: int, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
+    def __init__(self, units: Size, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
                  kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal", bias_initializer="zeros",
                  kernel_regularizer=None, recurrent_regularizer=None, bias_regularizer=None, dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, return_sequences: bool = False, return_state: bool = False,
@@ -359,3 +455,38 @@ class GRU(_TimeMajor):
         if dInner is not None and self.use_bias and self.bias.grad is not None:
             self.bias.grad[1] += dInner.sum((0, 1))
         return dXP
+
+    def _onnx_node(self, act, rec):
+        # Keras reset_after=True applies the reset gate after the recurrent matmul: ONNX linear_before_reset=1
+        return "GRU", {"activations": [rec, act], "linear_before_reset": int(self.reset_after)}
+
+    def _onnx_bias(self):
+        if self.reset_after:  # (2, 3u): input bias, recurrent bias = ONNX's Wb, Rb
+            return np.concatenate([self.bias.value[0], self.bias.value[1]])
+        return super()._onnx_bias()
+
+    def _onnx_cell(self, body, g, U, xp_t, states):
+        u, act, rec = self.units, self.act, self.rec_act
+        h = states[0]
+        xz, xr, xh = body.split(xp_t, [u] * 3, axis=1)
+        if self.reset_after:
+            inner = body.op("MatMul", [h, U])
+            if self.use_bias:
+                inner = body.op("Add", [inner, g.weight(self, self.bias.value[1], "recurrent_bias")])
+            iz, ir, ih = body.split(inner, [u] * 3, axis=1)
+            z = body.activation(rec, body.op("Add", [xz, iz]))
+            r = body.activation(rec, body.op("Add", [xr, ir]))
+            hh = body.activation(act, body.op("Add", [xh, body.op("Mul", [r, ih])]))
+        else:
+            kernel = self.recurrent_kernel.value
+            zr = body.op("Add", [body.op("Concat", [xz, xr], axis=1),
+                                 body.op("MatMul", [h, g.weight(self, kernel[:, :2 * u], "recurrent_kernel_zr")])])
+            z, r = (body.activation(rec, t) for t in body.split(zr, [u, u], axis=1))
+            rh = body.op("MatMul", [body.op("Mul", [r, h]), g.weight(self, kernel[:, 2 * u:], "recurrent_kernel_h")])
+            hh = body.activation(act, body.op("Add", [xh, rh]))
+        return [body.op("Add", [hh, body.op("Mul", [z, body.op("Sub", [h, hh])])])]  # z h + (1 - z) hh
+
+
+def _gate_blocks(a, order, units):
+    """Columns of a (..., G * units) array regrouped in gate `order`."""
+    return np.concatenate([a[..., k * units:(k + 1) * units] for k in order], axis=-1)

@@ -4,6 +4,7 @@ import numpy as np
 from dlcli.errors import ConfigError, ShapeError
 from dlcli.engine.layer import Layer, register
 from dlcli.layers.core import Dropout
+from dlcli.registry import Sizes
 
 
 def _pairs(value, what: str, layer: str) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -29,6 +30,11 @@ def _check_image(layer, input_shape):
                          f"got (None, {', '.join(map(str, input_shape))})")
 
 
+def _onnx_image_axes(x) -> list[int]:
+    """The height and width axes of an ONNX Value in either layout."""
+    return [2, 3] if x.first else [1, 2]
+
+
 @register("ZeroPadding2D")
 class ZeroPadding2D(Layer):
     def __init__(self, padding=(1, 1), **kw):
@@ -46,6 +52,12 @@ class ZeroPadding2D(Layer):
     def backward(self, grad):
         (t, b), (l, r) = self.padding
         return grad[:, t:grad.shape[1] - b, l:grad.shape[2] - r]
+
+    def to_onnx(self, g, x, in_shape, mask):
+        pairs = [(0, 0)] * x.rank
+        for axis, pair in zip(_onnx_image_axes(x), self.padding):
+            pairs[axis] = pair
+        return g.value(g.op("Pad", [x.name, g.ints(g.pads(pairs), "pads")], self.name), x.rank, x.first)
 
 
 @register("Cropping2D")
@@ -77,12 +89,18 @@ class Cropping2D(Layer):
         dx[:, t:self.in_shape[1] - b, l:self.in_shape[2] - r] = grad
         return dx
 
+    def to_onnx(self, g, x, in_shape, mask):
+        (t, b), (l, r) = self.cropping
+        h, w = in_shape[0], in_shape[1]
+        y = g.op("Slice", [x.name, g.ints([t, l]), g.ints([h - b, w - r]), g.ints(_onnx_image_axes(x))], self.name)
+        return g.value(y, x.rank, x.first)
+
 
 @register("UpSampling2D")
 class UpSampling2D(Layer):
     """Repeat rows and columns `size` times (Keras' nearest interpolation)."""
 
-    def __init__(self, size=(2, 2), interpolation: str = "nearest", **kw):
+    def __init__(self, size: Sizes = (2, 2), interpolation: str = "nearest", **kw):
         super().__init__(**kw)
         self.size = (int(size),) * 2 if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
         if interpolation != "nearest":
@@ -103,6 +121,14 @@ class UpSampling2D(Layer):
         n, hh, ww, c = grad.shape
         sh, sw = self.size
         return grad.reshape(n, hh // sh, sh, ww // sw, sw, c).sum((2, 4))
+
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.first(x)
+        scales = g.const(np.array([1, 1, *self.size], np.float32), "scales", key=("scales", self.size))
+        # nearest with floor on asymmetric coordinates: output pixel i reads input i // size (dlcli's repeat)
+        y = g.op("Resize", [x.name, "", scales], self.name, mode="nearest",
+                 coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        return g.value(y, 4, True)
 
 
 @register("SpatialDropout2D")

@@ -8,7 +8,7 @@ mapping `{type: LSTM, units: 32, ...}`, and `get_config()` gives the mapping bac
 import numpy as np
 
 from dlcli.engine.layer import LAYERS, Layer, register
-from dlcli.errors import ConfigError, ShapeError
+from dlcli.errors import ConfigError, ExportError, ShapeError
 from dlcli.layers.recurrent import Recurrent
 
 MERGE_MODES = ("concat", "sum", "mul", "ave", None)
@@ -164,6 +164,35 @@ class Bidirectional(Wrapper):
             gx = gx + layer.backward([np.ascontiguousarray(gl), *gs] if self.return_state else np.ascontiguousarray(gl))
         return gx
 
+    @property
+    def keras_weight_groups(self):
+        return [f"{side}/{group}" for side, inner in (("forward_layer", self.forward_layer),
+                                                      ("backward_layer", self.backward_layer))
+                for group in inner.keras_weight_groups]
+
+    def onnx_mask(self, g, x, mask):
+        return self.compute_mask(x, mask)
+
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.last(x)
+        (y, *f_states), (y_rev, *b_states) = (inner.onnx_outputs(g, x, mask)
+                                              for inner in (self.forward_layer, self.backward_layer))
+        if self.return_sequences:  # the backward copy ran reversed: back into time order before merging
+            y_rev = g.value(g.reverse(y_rev.name, 1), 3)
+        mode, rank = self.merge_mode, y.rank
+        if mode == "concat":
+            merged = [g.value(g.op("Concat", [y.name, y_rev.name], self.name, axis=-1), rank)]
+        elif mode == "sum":
+            merged = [g.value(g.op("Add", [y.name, y_rev.name], self.name), rank)]
+        elif mode == "ave":
+            merged = [g.value(g.op("Div", [g.op("Add", [y.name, y_rev.name]), g.scalar(2.0)], self.name), rank)]
+        elif mode == "mul":
+            merged = [g.value(g.op("Mul", [y.name, y_rev.name], self.name), rank)]
+        else:
+            merged = [y, y_rev]
+        result = merged + (f_states + b_states if self.return_state else [])
+        return result if len(result) > 1 else result[0]
+
 
 @register("TimeDistributed")
 class TimeDistributed(Wrapper):
@@ -210,3 +239,17 @@ class TimeDistributed(Wrapper):
         batch, steps = grad.shape[:2]
         gx = self.layer.backward(grad.reshape(batch * steps, *grad.shape[2:]))
         return None if gx is None else gx.reshape(batch, steps, *gx.shape[1:])
+
+    @property
+    def keras_weight_groups(self):
+        return [f"layer/{group}" for group in self.layer.keras_weight_groups]
+
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.last(x)
+        steps, inner_shape = in_shape[0], tuple(in_shape[1:])
+        if steps is None:
+            raise ExportError("TimeDistributed needs a fixed number of time steps to export")
+        folded = g.value(g.op("Reshape", [x.name, g.ints([-1, *inner_shape])]), len(inner_shape) + 1, dtype=x.dtype)
+        y = g.last(g.emit(self.layer, folded, inner_shape, None))
+        out = self.layer.output_shape(inner_shape)
+        return g.value(g.op("Reshape", [y.name, g.ints([-1, steps, *out])], self.name), len(out) + 2)

@@ -14,8 +14,8 @@ pytest.importorskip("onnxruntime")
 from dlcli.builder import build_model  # noqa: E402
 from dlcli.cli import app  # noqa: E402
 from dlcli.config import load_config  # noqa: E402
-from dlcli.interop import onnx_layers  # noqa: E402
 from dlcli.interop.onnx_export import max_difference, sample_inputs, to_onnx  # noqa: E402
+from dlcli.layers.core import Dense  # noqa: E402
 from tests.runs_fixture import CLASSES, train_tiny  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
@@ -59,7 +59,7 @@ def test_default_output_is_in_the_run(tmp_path):
 
 def test_unmappable_layer_fails_naming_it_and_writes_nothing(tmp_path, monkeypatch):
     run = train_tiny(tmp_path, runner)
-    monkeypatch.delitem(onnx_layers.EXPORTERS, "Dense")
+    monkeypatch.delattr(Dense, "to_onnx")
     result = runner.invoke(app, ["export", str(run), "--output", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2
     assert "layer 'dense' (Dense) has no ONNX mapping" in result.output and "Traceback" not in result.output
@@ -68,16 +68,16 @@ def test_unmappable_layer_fails_naming_it_and_writes_nothing(tmp_path, monkeypat
 
 def test_outputs_that_differ_from_dlcli_are_an_error_and_nothing_is_written(tmp_path, monkeypatch):
     run = train_tiny(tmp_path, runner)
-    real = onnx_layers.EXPORTERS["Dense"]
+    real = Dense.to_onnx
 
-    def dense_without_bias(g, layer, x, in_shape, mask):
+    def dense_without_bias(layer, g, x, in_shape, mask):
         layer.use_bias, saved = False, layer.use_bias
         try:
-            return real(g, layer, x, in_shape, mask)
+            return real(layer, g, x, in_shape, mask)
         finally:
             layer.use_bias = saved
 
-    monkeypatch.setitem(onnx_layers.EXPORTERS, "Dense", dense_without_bias)
+    monkeypatch.setattr(Dense, "to_onnx", dense_without_bias)
     result = runner.invoke(app, ["export", str(run), "--output", str(tmp_path / "m.onnx")])
     assert result.exit_code == 1 and "differ from dlcli's by up to" in result.output
     assert not (tmp_path / "m.onnx").exists()
