@@ -121,6 +121,29 @@ def test_resume_continues_the_fold_it_stopped_in(config, tmp_path):
     assert no_time(runs.read_history(stopped.dir)) == no_time(runs.read_history(whole.dir))
 
 
+def test_kfold_run_with_one_hot_targets_stratifies_its_folds(tmp_path):
+    """categorical_crossentropy's one-hot targets are class labels: the folds are stratified (each keeps the 2:1
+    class ratio of the 90 samples: 20 + 10 per fold), the run trains every fold."""
+    from dlcli.kfold import _class_labels
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(90, 6)).astype(np.float32)
+    labels = rng.permutation(np.repeat([0, 1], [60, 30]))
+    x[:, 0] += 2 * labels
+    np.savez(tmp_path / "data.npz", x=x, y=np.eye(2, dtype=np.float32)[labels])
+    assert _class_labels(np.eye(2)[labels]) and not _class_labels(x[:, :2])  # floats that are not one-hot: regression
+    config = tmp_path / "onehot.yaml"
+    config.write_text(CONFIG.format(data=tmp_path / "data.npz").replace(", x_test: x_test, y_test: y_test", "")
+                      .replace("units: 3", "units: 2").replace("sparse_categorical", "categorical"))
+    run = dlcli.train(config, runs_dir=tmp_path / "runs")
+    assert run.status == "completed"
+    for i in (1, 2, 3):
+        meta = json.loads((run.dir / "folds" / str(i) / "meta.json").read_text())
+        assert meta["status"] == "completed" and meta["sizes"]["validation"] == 30
+    folds = kfold_indices(np.eye(2)[labels], 3, np.random.default_rng([4, 3]), stratify=True)
+    assert [int(labels[f].sum()) for f in folds] == [10, 10, 10]
+
+
 def test_kfold_with_a_validation_split_is_a_config_error():
     text = CONFIG.format(data="d.npz").replace("kfold: 3}", "kfold: 3, validation_split: 0.2}")
     with pytest.raises(ConfigError, match=r"c.yaml:13: train.kfold: K-fold validation holds out each fold"):

@@ -1,8 +1,10 @@
 """Mutation check: break the code in small plausible ways and show the tests catch each one.
 
 Each mutant replaces one exact snippet of one file in a scratch copy of the checkout (the working tree is never
-touched) and runs the tests that should notice; a mutant is caught when they fail. These are the mutations a
-review found the suite blind to (issue 10), plus the Fortran-order gradient-check trap.
+touched) and runs the tests that should notice; a mutant is caught when they fail. First the same tests run on
+the unmutated copy and must pass: a test failing without its mutant proves nothing. These are the mutations a
+review found the suite blind to (issue 10), the Fortran-order gradient-check trap, and the bugs planted in the
+newer features that the suite missed (issue 28).
 
     python tools/mutate.py            # every mutant; prints a table and the score, exits 1 if any survives
     python tools/mutate.py --list     # the mutants, without running them
@@ -25,8 +27,8 @@ MUTANTS = {
         "dlcli/engine/regularizers.py", "+ 2 * self.l2 * w", "+ self.l2 * w",
         ["tests/test_model_gradients.py"]),
     "conv-kernel-grad-assigned": (
-        "dlcli/layers/conv.py", "self.kernel.grad += np.dot(self.cols.T, g)",
-        "self.kernel.grad[...] = np.dot(self.cols.T, g)",
+        "dlcli/layers/conv.py", "self.kernel.grad += grads[:k].reshape(self.kernel.grad.shape)",
+        "self.kernel.grad[...] = grads[:k].reshape(self.kernel.grad.shape)",
         ["tests/test_model_gradients.py"]),
     "masking-backward-ignores-mask": (
         "dlcli/layers/embedding.py", "        return grad * self.keep\n", "        return grad\n",
@@ -61,8 +63,8 @@ MUTANTS = {
         "dlcli/fingerprint.py", "    diff = changes(run_dir, config)\n", "    diff = []\n",
         ["tests/test_fingerprint.py"]),
     "predict-skips-preprocessing": (
-        "dlcli/data/inputs.py", "x = preprocess(read_array(file, model, config, key), data)",
-        "x = read_array(file, model, config, key)", ["tests/test_predict.py"]),
+        "dlcli/data/inputs.py", "x = preprocess(read_array(file, model, data, key), data)",
+        "x = read_array(file, model, data, key)", ["tests/test_predict.py"]),
     "predict-text-ignores-vocabulary": (
         "dlcli/data/inputs.py", "return encode_texts(lines, runs.read_json(vocabulary_file))",
         'return encode_texts(lines, {**runs.read_json(vocabulary_file), "words": []})', ["tests/test_predict.py"]),
@@ -71,6 +73,19 @@ MUTANTS = {
         "            if False:\n                mean, var, count", ["tests/layers/test_normalization.py"]),
     "predict-invert-ignored": (
         "dlcli/data/inputs.py", "pixels = 255 - pixels", "pixels = pixels", ["tests/test_predict.py"]),
+    # issue 28: bugs planted in the newer features that the suite missed
+    "kfold-folds-of-positions": (
+        "dlcli/data/split.py", "order = order[np.argsort(labels[order], kind=\"stable\")]",
+        "order = np.argsort(labels[order], kind=\"stable\")",
+        ["tests/data/test_split.py"]),
+    "kfold-one-hot-labels-reshaped": (
+        "dlcli/data/split.py", "labels = y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(n)\n        order = order[",
+        "labels = y.reshape(n)\n        order = order[",
+        ["tests/data/test_split.py", "tests/test_kfold.py::test_kfold_run_with_one_hot_targets_stratifies_its_folds"]),
+    "kfold-one-hot-not-stratified": (
+        "dlcli/kfold.py", "return bool(np.all((y == 0) | (y == 1)) and np.all(y.sum(-1) == 1))",
+        "return False",
+        ["tests/test_kfold.py::test_kfold_run_with_one_hot_targets_stratifies_its_folds"]),
 }
 
 
@@ -85,32 +100,60 @@ def scratch_copy(dest: Path):
             shutil.copy2(src, dest / name)
 
 
-def run_mutant(name: str, timeout: float) -> tuple[bool, float, str]:
-    file, old, new, tests = MUTANTS[name]
-    with tempfile.TemporaryDirectory(prefix=f"dlcli-mutant-{name}-") as tmp:
+def check_snippets(names):
+    """Every mutant's snippet occurs exactly once in its file, so each mutant changes what it says."""
+    for name in names:
+        file, old, _, _ = MUTANTS[name]
+        count = (ROOT / file).read_text().count(old)
+        if count != 1:
+            raise SystemExit(f"mutant {name}: the snippet occurs {count} times in {file}; update MUTANTS")
+
+
+def run_tests(tests: list[str], timeout: float, label: str, mutate=None) -> tuple[int | None, float, str]:
+    """pytest on `tests` in a scratch copy, after `mutate(copy)`: (return code or None on timeout, seconds, the
+    summary line)."""
+    with tempfile.TemporaryDirectory(prefix=f"dlcli-mutant-{label}-") as tmp:
         tmp = Path(tmp)
         scratch_copy(tmp)
         # the shared datasets sit beside the checkout (../shared) in CI: keep that relation
         shared = ROOT.parent / "shared"
         if shared.exists() and not (tmp.parent / "shared").exists():
             os.environ.setdefault("DLCLI_DATA_DIR", str(shared / "datasets"))
-        text = (tmp / file).read_text()
-        if text.count(old) != 1:
-            raise SystemExit(f"mutant {name}: the snippet occurs {text.count(old)} times in {file}; update MUTANTS")
-        (tmp / file).write_text(text.replace(old, new))
+        if mutate is not None:
+            mutate(tmp)
         start = time.perf_counter()
         # python -m pytest puts the scratch copy first on sys.path, ahead of the editable install
         env = {**os.environ, "PYTHONPATH": str(tmp), "PYTHONDONTWRITEBYTECODE": "1"}
         try:
             proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                                   cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
-            detail = (proc.stdout.strip().splitlines() or [""])[-1]
-            # caught only by a failing assertion: an error (a fixture's timeout on a loaded machine, an import
-            # error) proves nothing about the mutant, so it counts as not caught
-            caught = proc.returncode != 0 and " failed" in detail and " error" not in detail
         except subprocess.TimeoutExpired:
-            caught, detail = False, f"timed out after {timeout:.0f}s (inconclusive: counts as not caught)"
-        return caught, time.perf_counter() - start, detail
+            return None, time.perf_counter() - start, f"timed out after {timeout:.0f}s"
+        return proc.returncode, time.perf_counter() - start, (proc.stdout.strip().splitlines() or [""])[-1]
+
+
+def run_mutant(name: str, timeout: float) -> tuple[bool, float, str]:
+    file, old, new, tests = MUTANTS[name]
+
+    def mutate(copy: Path):
+        text = (copy / file).read_text()
+        (copy / file).write_text(text.replace(old, new))
+
+    code, seconds, detail = run_tests(tests, timeout, name, mutate)
+    if code is None:
+        return False, seconds, f"{detail} (inconclusive: counts as not caught)"
+    # caught only by a failing assertion: an error (a fixture's timeout on a loaded machine, an import error)
+    # proves nothing about the mutant, so it counts as not caught
+    return code != 0 and " failed" in detail and " error" not in detail, seconds, detail
+
+
+def baseline(names, timeout: float) -> bool:
+    """The mutants' tests, once, on the unmutated copy: they must pass for a failure under a mutant to mean
+    anything."""
+    tests = list(dict.fromkeys(t for n in names for t in MUTANTS[n][3]))
+    code, seconds, detail = run_tests(tests, timeout * 3, "baseline")
+    print(f"{'passes  ' if code == 0 else 'FAILS   '} {'(no mutant)':32} {seconds:6.1f}s  {detail}", flush=True)
+    return code == 0
 
 
 def main(argv=None):
@@ -118,6 +161,8 @@ def main(argv=None):
     parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the run of the mutants' tests without any mutant")
     args = parser.parse_args(argv)
     if args.list:
         for name, (file, _, _, tests) in MUTANTS.items():
@@ -127,6 +172,10 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown mutants: {', '.join(unknown)}; see --list")
     names = args.names or list(MUTANTS)
+    check_snippets(names)
+    if not args.no_baseline and not baseline(names, args.timeout):
+        print("the tests fail without any mutant: fix them first (or run with --no-baseline)")
+        return 1
     survived = []
     for name in names:
         caught, seconds, detail = run_mutant(name, args.timeout)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dlcli.data.split import split_indices
+from dlcli.data.split import kfold_indices, split_indices
 from dlcli.errors import ConfigError
 
 
@@ -34,3 +34,23 @@ def test_bad_fractions():
         split_indices(np.arange(10), 1.0, np.random.default_rng(0))
     with pytest.raises(ConfigError, match="leaves no training samples"):
         split_indices(np.arange(1), 0.5, np.random.default_rng(0))
+
+
+def _fold_class_counts(labels, folds):
+    return [np.bincount(labels[f], minlength=labels.max() + 1).tolist() for f in folds]
+
+
+def test_kfold_partition_of_shuffled_labels_is_stratified_by_sample_index():
+    """Labels in random order: a fold's indices must be sample indices (not positions in the shuffled order), so
+    every fold holds each class in proportion."""
+    y = np.random.default_rng(3).permutation(np.repeat([0, 1, 2], [50, 30, 20]))
+    folds = kfold_indices(y, 5, np.random.default_rng(0), stratify=True)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(100))
+    assert _fold_class_counts(y, folds) == [[10, 6, 4]] * 5
+
+
+def test_kfold_of_one_hot_targets_stratifies_by_class():
+    labels = np.random.default_rng(4).permutation(np.repeat([0, 1, 2], [60, 24, 12]))
+    folds = kfold_indices(np.eye(3, dtype=np.float32)[labels], 4, np.random.default_rng(1), stratify=True)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(96))
+    assert _fold_class_counts(labels, folds) == [[15, 6, 3]] * 4
