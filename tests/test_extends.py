@@ -61,6 +61,7 @@ compile:
   metrics: [accuracy, sparse_top_k_categorical_accuracy]
 train:
   epochs: 2
+  batch_size: null
   checkpoint_every: null
 """)
     cfg = load_config(child).to_dict()
@@ -69,8 +70,9 @@ train:
     assert [layer["type"] for layer in cfg["model"]["layers"]] == ["Flatten", "Dense"]
     assert cfg["compile"]["optimizer"] == {"type": "adam", "learning_rate": 0.01, "beta_1": 0.8}
     assert cfg["compile"]["metrics"] == ["accuracy", "sparse_top_k_categorical_accuracy"]
-    assert cfg["train"]["epochs"] == 2 and cfg["train"]["batch_size"] == 64
-    assert cfg["train"]["checkpoint_every"] is None  # deleted: the schema's default
+    assert cfg["train"]["epochs"] == 2
+    # null deletes the base's value, so the schema's default applies (32 for batch_size, not None)
+    assert cfg["train"]["batch_size"] == 32 and cfg["train"]["checkpoint_every"] is None
 
 
 def test_changed_type_replaces_the_spec_and_a_mapping_fills_a_bare_name(tmp_path):

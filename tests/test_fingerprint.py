@@ -58,6 +58,14 @@ def test_an_edited_activation_is_refused_by_every_command_that_loads_the_weights
     assert invoke("evaluate", run).exit_code == 0
 
 
+def test_an_edited_name_alone_is_accepted_by_evaluate(run, tmp_path):
+    """The run's name is a label (the directory says which run it is), not a setting its weights depend on."""
+    copy = edited_copy(run, tmp_path, "name: tiny", "name: renamed")
+    result = invoke("evaluate", copy)
+    assert result.exit_code == 0, result.output
+    assert "edited after the run was trained" not in result.output and (copy / "evaluation.json").exists()
+
+
 def test_resume_compares_with_the_record_not_with_config_yaml_itself(tmp_path):
     config = write_tiny_config(tmp_path, epochs=1)
     first = dlcli.train(config, runs_dir=tmp_path / "runs")

@@ -184,9 +184,10 @@ def test_nan_loss_stops_with_divergence_report(tmp_path):
     assert "training diverged" in result.stderr and "batch" in result.stderr and "Traceback" not in result.stderr
     run = _only_run(tmp_path / "runs")
     report = json.loads((run / "divergence.json").read_text())
-    assert report["non_finite"] in ("loss", "gradient")
+    assert report["non_finite"] == "loss"
     assert report["sample_indices"] and report["learning_rate"] == 1e6 and report["recent_norms"]
-    assert report["diagnosis"]["first_nonfinite_forward"] in ("h", "out", None)
+    # the weights are still finite (the gate stops before the update): the output layer's logits overflow first
+    assert report["diagnosis"]["nonfinite_weights"] == [] and report["diagnosis"]["first_nonfinite_forward"] == "out"
     meta = json.loads((run / "meta.json").read_text())
     assert meta["status"] == "diverged" and meta["hint"]
 

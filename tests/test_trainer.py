@@ -163,6 +163,10 @@ def test_diagnose_names_the_first_layer_gone_non_finite_and_leaves_layers_untouc
     model.get_layer("out").params["kernel"].value[0, 0] = 0.0
     report = diagnose(model, [x], [y])
     assert report["first_nonfinite_forward"] is None and report["first_nonfinite_backward"] is None
+    model.get_layer("h").params["kernel"].value[0, 0] = np.inf  # the first layer's output is already non-finite
+    report = diagnose(model, [x], [y])
+    assert report["first_nonfinite_forward"] == "h" and report["nonfinite_weights"] == ["h/kernel"]
+    model.get_layer("h").params["kernel"].value[0, 0] = 0.0
     assert all("forward" not in vars(layer) and "backward" not in vars(layer) for layer in model.layers)
     assert all(not p.grad.any() for p in model.trainable_weights)
 
@@ -190,3 +194,43 @@ def test_norms_every_tenth_step_and_a_nonfinite_gradient_between_stops_before_th
     assert (report["non_finite"], report["step"]) == ("weights", 2)  # the unchecked step 1 broke them
     assert "h/kernel" in report["diagnosis"]["nonfinite_weights"]
     assert Ended.epochs == [] and "Nothing was saved with these weights" in info.value.message
+
+
+def _constant_model():
+    """y_hat = 0 whatever x (zero weights, learning rate 0): each batch's MSE is the mean of its y**2."""
+    model = Sequential([Dense(1, input_shape=(1,), kernel_initializer="zeros", name="out")])
+    model.build(rng=np.random.default_rng(0))
+    model.compile({"type": "sgd", "learning_rate": 0.0}, "mse")
+    return model
+
+
+def test_the_rise_rule_measures_against_a_first_loss_of_at_least_one():
+    """A first batch loss of 0 must not make every later loss a 'rise': the base is floored at 1, so a loss of 9
+    stays far below 1e4 times it."""
+    x = np.zeros((8, 1), np.float32)
+    y = np.repeat([0.0, 3.0], 4).astype(np.float32)[:, None]  # batch losses 0, then 9
+    trainer = Trainer(_constant_model(), verbose=0, rng=np.random.default_rng(0))
+    history = trainer.fit([x], [y], epochs=1, batch_size=4, shuffle=False)
+    assert trainer.initial_loss == 0.0 and trainer.rise_base() == 1.0
+    assert history.history["loss"] == [pytest.approx(4.5)]
+
+
+def test_initial_loss_is_restored_on_resume(tmp_path):
+    """The rise rule keeps the run's first loss across a resume: batch losses 100, 1, 100 with divergence_factor
+    10 complete (100 < 10 * 100), also when resumed after the first batch, whose 1 must not become the base."""
+    x = np.zeros((12, 1), np.float32)
+    y = np.repeat([10.0, 1.0, 10.0], 4).astype(np.float32)[:, None]
+
+    def trainer(path):
+        return Trainer(_constant_model(), verbose=0, rng=np.random.default_rng(0), checkpoint_path=path,
+                       divergence_factor=10)
+
+    trainer(tmp_path / "whole.npz").fit([x], [y], epochs=1, batch_size=4, shuffle=False)
+    first = trainer(tmp_path / "run.npz")
+    first.user_callbacks.append(StopAfter(first, 1))
+    first.fit([x], [y], epochs=1, batch_size=4, shuffle=False)
+    state = checkpoint.load(tmp_path / "run.npz")
+    assert state["header"]["position"]["batch"] == 1 and state["header"]["position"]["initial_loss"] == 100.0
+    resumed = trainer(tmp_path / "run.npz")
+    resumed.fit([x], [y], epochs=1, batch_size=4, shuffle=False, resume=state)
+    assert resumed.initial_loss == 100.0

@@ -86,6 +86,70 @@ MUTANTS = {
         "dlcli/kfold.py", "return bool(np.all((y == 0) | (y == 1)) and np.all(y.sum(-1) == 1))",
         "return False",
         ["tests/test_kfold.py::test_kfold_run_with_one_hot_targets_stratifies_its_folds"]),
+    "extends-null-sets-none": (
+        "dlcli/extends.py", "            into.pop(key, None)\n",
+        "            into[key] = None\n",
+        ["tests/test_extends.py::test_mappings_merge_deeply_lists_and_scalars_replace_null_deletes"]),
+    "fingerprint-counts-the-name": (
+        "dlcli/fingerprint.py", "if k != \"name\" and a.get(k, missing) != b.get(k, missing)]",
+        "if a.get(k, missing) != b.get(k, missing)]",
+        ["tests/test_fingerprint.py::test_an_edited_name_alone_is_accepted_by_evaluate"]),
+    "export-pixel-scale-ignores-rescale": (
+        "dlcli/interop/onnx_export.py", "if data.get(\"type\") in (\"mnist\", \"fashion_mnist\") or \"rescale\" in data:",
+        "if data.get(\"type\") in (\"mnist\", \"fashion_mnist\"):",
+        ["tests/interop/test_onnx_export.py::test_export_metadata_of_an_npz_run_with_rescale_gives_its_pixel_scale"]),
+    "export-vocabulary-looked-up-elsewhere": (
+        "dlcli/interop/onnx_export.py", "vocabulary = run_dir / \"vocabulary.json\"",
+        "vocabulary = run_dir / \"weights\" / \"vocabulary.json\"",
+        ["tests/interop/test_onnx_export.py::test_export_metadata_of_a_text_run_holds_its_vocabulary"]),
+    "export-inputs-renamed": (
+        "dlcli/interop/onnx_export.py", "        name = t.node.layer.name\n",
+        "        name = f\"input_{len(graph_inputs)}\"\n",
+        ["tests/interop/test_onnx_export.py::test_export_command_writes_checked_file_with_metadata"]),
+    "keras-module-prefix-only": (
+        "dlcli/interop/keras_config.py", "KERAS_MODULE = re.compile(r\"^keras(\\.[A-Za-z0-9_.]+)?$\")",
+        "KERAS_MODULE = re.compile(r\"^keras[A-Za-z0-9_.]*$\")",
+        ["tests/interop/test_keras_import.py::test_custom_and_foreign_objects_are_refused_by_name"]),
+    "zip-size-limit-only-at-high-ratio": (
+        "dlcli/interop/keras_files.py", "    if info.file_size > limit:\n",
+        "    if info.file_size > limit and info.file_size > MAX_RATIO * max(info.compress_size, 1):\n",
+        ["tests/interop/test_keras_import.py::test_member_over_its_size_limit_is_refused_at_any_compression_ratio"]),
+    "h5-declared-size-unchecked": (
+        "dlcli/interop/keras_files.py", "if declared > MEMBER_LIMITS[WEIGHTS] or declared > MAX_RATIO * max(ds.id.get_storage_size(), 1) + RATIO_FLOOR:",
+        "if declared > MEMBER_LIMITS[WEIGHTS]:",
+        ["tests/interop/test_keras_import.py::test_hdf5_dataset_declaring_more_than_it_stores_is_refused"]),
+    "image-cache-key-ignores-interpolation": (
+        "dlcli/data/image_folder.py", "json.dumps([self.size, self.color_mode, self.interpolation, self.crop])",
+        "json.dumps([self.size, self.color_mode, self.crop])",
+        ["tests/data/test_image_folder.py::test_disk_cache_is_keyed_by_interpolation_and_crop"]),
+    "image-cache-key-ignores-crop": (
+        "dlcli/data/image_folder.py", "json.dumps([self.size, self.color_mode, self.interpolation, self.crop])",
+        "json.dumps([self.size, self.color_mode, self.interpolation])",
+        ["tests/data/test_image_folder.py::test_disk_cache_is_keyed_by_interpolation_and_crop"]),
+    "text-folder-max-length-ignored": (
+        "dlcli/data/text.py", "texts.append(text[:max_length] if max_length else text)",
+        "texts.append(text)",
+        ["tests/data/test_text_vectors.py::test_text_folder_max_length_cuts_characters_in_training_and_predict"]),
+    "predict-text-folder-max-length-ignored": (
+        "dlcli/data/inputs.py", "runs.read_json(Path(run_dir) / \"vocabulary.json\"), data.get(\"max_length\"))",
+        "runs.read_json(Path(run_dir) / \"vocabulary.json\"))",
+        ["tests/data/test_text_vectors.py::test_text_folder_max_length_cuts_characters_in_training_and_predict"]),
+    "mmap-ignores-fortran-order": (
+        "dlcli/data/mapped.py", "order=\"F\" if fortran else \"C\"",
+        "order=\"C\"",
+        ["tests/data/test_mapped.py::test_fortran_ordered_arrays_map_to_their_values"]),
+    "rise-base-not-floored": (
+        "dlcli/trainer.py", "return max(self.initial_loss, 1.0)",
+        "return self.initial_loss",
+        ["tests/test_trainer.py::test_the_rise_rule_measures_against_a_first_loss_of_at_least_one"]),
+    "initial-loss-not-restored": (
+        "dlcli/trainer.py", "            self.initial_loss = position.get(\"initial_loss\")\n",
+        "",
+        ["tests/test_trainer.py::test_initial_loss_is_restored_on_resume"]),
+    "diagnosis-names-the-last-nonfinite-layer": (
+        "dlcli/divergence.py", "if self.forward_layer is None and not _finite(output):",
+        "if not _finite(output):",
+        ["tests/test_trainer.py::test_diagnose_names_the_first_layer_gone_non_finite_and_leaves_layers_untouched"]),
 }
 
 

@@ -130,6 +130,28 @@ def test_caches_return_the_same_batches_and_disk_cache_is_reused(mnist_folder, t
     np.testing.assert_array_equal(again.take(chunks[0])[0], plain[0])
 
 
+@pytest.mark.parametrize("change", [{"interpolation": "nearest"}, {"crop_to_aspect_ratio": True}],
+                         ids=["interpolation", "crop"])
+def test_disk_cache_is_keyed_by_interpolation_and_crop(tmp_path, change):
+    """Another interpolation or crop decodes other pixels from the same files: it must not read the first cache."""
+    rng = np.random.default_rng(2)
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (12, 30), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+    spec = {"type": "image_folder", "directory": str(tmp_path / "images"), "image_size": [5, 5],
+            "color_mode": "grayscale", "interpolation": "bilinear", "cache": "disk"}
+    first = load_dataset(spec).x_train
+    first.take(np.arange(6))
+    assert first.complete and first.store.mode == "r"  # the cache file is written
+    other = load_dataset({**spec, **change}).x_train
+    want = [decode_image(f, (5, 5), "grayscale", other.interpolation, other.crop) for f in other.files]
+    np.testing.assert_array_equal(other.take(np.arange(6))[0], np.stack(want).astype(np.float32))
+    assert not np.array_equal(other.take(np.arange(6))[0], first.take(np.arange(6))[0])
+    assert other.cache_file != first.cache_file
+
+
 def test_train_evaluate_predict_and_banner_from_a_folder(mnist_folder, tmp_path):
     from typer.testing import CliRunner
 

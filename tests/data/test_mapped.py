@@ -39,6 +39,22 @@ def test_npz_mmap_matches_the_in_memory_loader(arrays):
     np.testing.assert_array_equal(_all(with_test.x_test), x[:30])  # uint8 stays uint8 without rescale
 
 
+def test_fortran_ordered_arrays_map_to_their_values(tmp_path):
+    """np.save keeps a Fortran-ordered array's memory layout (fortran_order in the header): mapped, it must be read
+    in that order, not as C order over the same bytes."""
+    rng = np.random.default_rng(1)
+    x = np.asfortranarray(rng.integers(0, 256, (40, 6, 5), dtype=np.uint8))
+    y = rng.integers(0, 3, 40)
+    np.savez(tmp_path / "f.npz", x=x, y=y)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    for spec in ({"type": "npz", "path": str(tmp_path / "f.npz"), "mmap": True},
+                 {"type": "npy", "x": str(tmp_path / "x.npy"), "y": str(tmp_path / "y.npy")}):
+        d = load_dataset(spec)
+        np.testing.assert_array_equal(_all(d.x_train), x, err_msg=spec["type"])
+        np.testing.assert_array_equal(d.x_train.take(np.array([9, 3]))[0], x[[9, 3]], err_msg=spec["type"])
+
+
 def test_npy_files_unsorted_index_and_errors(arrays):
     tmp, x, y = arrays
     d = load_dataset({"type": "npy", "x": str(tmp / "x.npy"), "y": str(tmp / "y.npy"), "dtype": "float32"})

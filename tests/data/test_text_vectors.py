@@ -63,6 +63,25 @@ def test_text_folder_int_and_vectors(reviews):
     assert len(skipped.x_train) == 24 and len(skipped.extra["folder"]["skipped"]) == 1
 
 
+def test_text_folder_max_length_cuts_characters_in_training_and_predict(tmp_path):
+    """Keras' max_length keeps a text's first N characters before tokenizing; predict reads a folder the same way."""
+    from dlcli import runs
+    from dlcli.data.inputs import read_inputs
+
+    for label, word in (("neg", "awful"), ("pos", "great")):
+        (tmp_path / "texts" / label).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "texts" / label / f"{i}.txt").write_text(f"the film {i} was " + f"{word} " * 5)
+    spec = {"type": "text_folder", "directory": str(tmp_path / "texts"), "max_length": 14, "maxlen": 8}
+    d = load_dataset(spec)
+    assert d.extra["vocabulary"]["words"] == ["the", "film", "was", "0", "1", "2"]  # "the film 0 was" is 14
+    assert (d.x_train[:, :3] == 0).all() and (d.x_train[:, 3:] > 0).all()  # 4 words and the start mark, padded
+    runs.atomic_write_json(tmp_path / "vocabulary.json", d.extra["vocabulary"])
+    x, labels = read_inputs([tmp_path / "texts"], tmp_path, spec, model=None)
+    assert len(labels) == 6
+    np.testing.assert_array_equal(x[0], d.x_train)
+
+
 def test_text_folder_run_predicts_a_folder(reviews, tmp_path):
     from typer.testing import CliRunner
 

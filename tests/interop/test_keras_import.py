@@ -163,11 +163,14 @@ def test_code_in_a_lambda_layer_is_refused_and_never_run(tmp_path):
 
 @pytest.mark.parametrize("doctor, needle", [
     (lambda layer: layer.update(module="evil.layers", class_name="Backdoor"), "from module 'evil.layers'"),
+    # a name that starts like Keras' is not Keras: the module must be `keras` or `keras.<something>`
+    (lambda layer: layer.update(module="keras_evil.layers"),
+     "class 'Dense' from module 'keras_evil.layers', outside Keras"),
     (lambda layer: layer.update(registered_name="MyPackage>Dense"), "registered as 'MyPackage>Dense'"),
     (lambda layer: layer["config"].update(kernel_initializer={"module": "os", "class_name": "system",
                                                               "config": {"command": "id"}}), "module 'os'"),
     (lambda layer: layer.update(class_name="TFSMLayer"), "Keras TFSMLayer, which dlcli does not have"),
-], ids=["foreign-module", "custom-registered", "foreign-initializer", "unknown-class"])
+], ids=["foreign-module", "keras-lookalike-module", "custom-registered", "foreign-initializer", "unknown-class"])
 def test_custom_and_foreign_objects_are_refused_by_name(tmp_path, doctor, needle):
     config = mlp_config()
     doctor(config["config"]["layers"][1])
@@ -236,6 +239,28 @@ def test_zip_bomb_is_refused_before_inflating(tmp_path):
     path = doctored(tmp_path, weights=bomb, members=[(bomb, b"\0" * (64 << 20))])  # 64 MiB of zeros -> ~64 KiB
     assert zipfile.ZipFile(path).getinfo("model.weights.h5").compress_size < 1 << 20
     refused(tmp_path, path, "likely zip bomb", "model.weights.h5")
+
+
+def test_member_over_its_size_limit_is_refused_at_any_compression_ratio(tmp_path, monkeypatch):
+    """The size limit holds on its own: a stored (1:1) member over it is refused from the directory, whatever the
+    ratio (the limit is lowered here so the test need not write a 16 MiB config.json)."""
+    from dlcli.interop import keras_files
+
+    path = doctored(tmp_path)
+    size = zipfile.ZipFile(path).getinfo("config.json").file_size
+    assert zipfile.ZipFile(path).getinfo("config.json").compress_type == zipfile.ZIP_STORED
+    monkeypatch.setitem(keras_files.MEMBER_LIMITS, "config.json", size - 1)
+    refused(tmp_path, path, f"member 'config.json' declares {size:,} bytes, over dlcli's limit of {size - 1:,}")
+
+
+def test_hdf5_dataset_declaring_more_than_it_stores_is_refused(tmp_path):
+    """A chunked dataset with no chunks written declares 64 MiB and stores nothing: HDF5 would hand out fill
+    values for all of it (a decompression bomb in effect)."""
+    def hollow(f):
+        f["layers/dense/vars"].create_dataset("9", shape=(1 << 20, 16), dtype="f4", chunks=(1024, 16))
+
+    refused(tmp_path, doctored(tmp_path, weights=weights_file(hollow)), "dataset '/layers/dense/vars/9' declares "
+            f"{(1 << 20) * 16 * 4:,} bytes but stores 0", "decompression bomb")
 
 
 @pytest.mark.parametrize("member", ["../../escaped.txt", "/tmp/dlcli-absolute.txt", "assets/../../x.txt"])

@@ -16,7 +16,7 @@ from dlcli.cli import app  # noqa: E402
 from dlcli.config import load_config  # noqa: E402
 from dlcli.interop.onnx_export import max_difference, sample_inputs, to_onnx  # noqa: E402
 from dlcli.layers.core import Dense  # noqa: E402
-from tests.runs_fixture import CLASSES, train_tiny  # noqa: E402
+from tests.runs_fixture import CLASSES, train_tiny, write_tiny_config  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 runner = CliRunner()
@@ -47,7 +47,44 @@ def test_export_command_writes_checked_file_with_metadata(tmp_path):
     onnx.checker.check_model(model, full_check=True)
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["dlcli.classes"]) == CLASSES and json.loads(props["dlcli.data"])["type"] == "npz"
-    assert [i.name for i in model.graph.input] == ["input_layer"] or len(model.graph.input) == 1
+    # the graph's inputs and outputs carry the model's names, which is what a deployment feeds and reads by
+    assert [i.name for i in model.graph.input] == ["input_layer"]
+    assert [o.name for o in model.graph.output] == ["dense_1"]
+    assert "dlcli.pixel_scale" not in props and "dlcli.vocabulary" not in props  # float features, no text
+
+
+def test_export_metadata_of_an_npz_run_with_rescale_gives_its_pixel_scale(tmp_path):
+    config = write_tiny_config(tmp_path)
+    result = runner.invoke(app, ["train", config, "--runs-dir", str(tmp_path / "runs"), "-q",
+                                 "--set", "data.rescale=0.5"])
+    assert result.exit_code == 0, result.output
+    (run,) = (tmp_path / "runs").iterdir()
+    assert runner.invoke(app, ["export", str(run)]).exit_code == 0
+    props = {p.key: p.value for p in onnx.load(str(run / "model.onnx")).metadata_props}
+    assert float(props["dlcli.pixel_scale"]) == 0.5 and json.loads(props["dlcli.data"])["rescale"] == 0.5
+    assert "dlcli.vocabulary" not in props
+
+
+def test_export_metadata_of_a_text_run_holds_its_vocabulary(tmp_path):
+    for label, word in (("neg", "awful"), ("pos", "great")):
+        (tmp_path / "texts" / label).mkdir(parents=True)
+        for i in range(6):
+            (tmp_path / "texts" / label / f"{i}.txt").write_text(f"a {word} film number {i}", encoding="utf-8")
+    config = tmp_path / "text.yaml"
+    config.write_text(f"""\
+name: reviews
+data: {{type: text_folder, directory: {tmp_path / 'texts'}, output_mode: multi_hot, num_words: 12}}
+model: {{input_shape: [12], layers: [{{type: Dense, units: 1, activation: sigmoid}}]}}
+compile: {{optimizer: adam, loss: binary_crossentropy}}
+train: {{epochs: 1, batch_size: 4}}
+""")
+    result = runner.invoke(app, ["train", str(config), "--runs-dir", str(tmp_path / "runs"), "-q"])
+    assert result.exit_code == 0, result.output
+    (run,) = (tmp_path / "runs").iterdir()
+    assert runner.invoke(app, ["export", str(run)]).exit_code == 0
+    props = {p.key: p.value for p in onnx.load(str(run / "model.onnx")).metadata_props}
+    assert json.loads(props["dlcli.vocabulary"]) == json.loads((run / "vocabulary.json").read_text())
+    assert "great" in json.loads(props["dlcli.vocabulary"])["words"] and "dlcli.pixel_scale" not in props
 
 
 def test_default_output_is_in_the_run(tmp_path):
