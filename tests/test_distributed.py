@@ -76,10 +76,11 @@ def test_two_ranks_equal_one_process(case, tmp_path):
 
 @needs_mpi
 @pytest.mark.parametrize("case", ["dense_adam", "dropout"])
-def test_resume_two_ranks_on_two_and_on_one(case, tmp_path):
+def test_resume_two_ranks_on_two_three_and_one(case, tmp_path):
     """A stop asked on rank 0 alone stops both ranks at the same batch with one checkpoint; resuming it on 2 ranks
-    ends bit-identical to the uninterrupted 2-rank run (each rank's dropout stream included), and on 1 process
-    equal within rounding (without dropout, whose masks are rank-specific)."""
+    ends bit-identical to the uninterrupted 2-rank run (each rank's dropout stream included), on 3 ranks (with
+    dropout) with one set of weights and three streams, and on 1 process equal within rounding (without dropout,
+    whose masks are rank-specific)."""
     full = tmp_path / "full"
     full.mkdir()
     assert mpirun(JOB, case, full / "out.npz").returncode == 0
@@ -105,6 +106,15 @@ def test_resume_two_ranks_on_two_and_on_one(case, tmp_path):
     streams = json.loads(str(np.load(tmp_path / "resumed.npz")["streams"]))
     if case == "dropout":
         assert streams[0] != streams[1]  # each rank drops different units
+        # on 3 ranks the 2-rank checkpoint holds no stream for rank 2: every rank derives its own from rank 0's
+        state.write_bytes(kept)
+        three = mpirun(JOB, case, tmp_path / "three.npz", "resume", n=3)
+        assert three.returncode == 0, three.stderr
+        _, history, hashes, _ = saved(tmp_path / "three.npz", 0)
+        assert len(hashes) == 3 and len(set(hashes)) == 1  # every rank ends with the same weights
+        assert len(history["loss"]) == 2 and np.isfinite(history["loss"]).all()
+        streams = json.loads(str(np.load(tmp_path / "three.npz")["streams"]))
+        assert len({json.dumps(s, sort_keys=True) for s in streams}) == 3
         return
     state.write_bytes(kept)
     one_weights, one_history = job.run("dense_adam", None, mode="resume", world=distributed.World(),
@@ -185,6 +195,10 @@ def test_cli_two_ranks_write_one_run_equal_to_one_process(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr
     (run_two,), (run_one,) = list((tmp_path / "two").iterdir()), list((tmp_path / "one").iterdir())
+    # rank 0 alone writes the run directory: one train.log line per epoch, as one process writes
+    log = (run_two / "train.log").read_text().splitlines()
+    assert [line.split()[:2] for line in log] == [["epoch", "1"], ["epoch", "2"], ["epoch", "3"]], log
+    assert len((run_one / "train.log").read_text().splitlines()) == 3
     for a, b in zip(history_rows(run_two), history_rows(run_one), strict=True):
         assert a.keys() == b.keys()
         np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-5)

@@ -1,4 +1,5 @@
 """The functional API: graphs with fan-out, merges and shared layers, in Python and YAML; multi-input/-output."""
+import shutil
 import warnings
 
 import numpy as np
@@ -214,9 +215,10 @@ def test_dangling_layers_warn_and_are_listed():
         build(RESIDUAL)  # nothing dangles
 
 
-def test_inspect_shapes_shows_connections_and_draws_the_graph(tmp_path):
+def test_inspect_shapes_shows_connections_and_draws_the_graph(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    from dlcli import render
     from dlcli.cli import app
 
     path = tmp_path / "net.yaml"
@@ -230,9 +232,14 @@ def test_inspect_shapes_shows_connections_and_draws_the_graph(tmp_path):
     result = runner.invoke(app, ["inspect-shapes", str(path), "--graph", str(tmp_path / "net.dot")])
     dot = (tmp_path / "net.dot").read_text()
     assert result.exit_code == 0 and dot.startswith('digraph "residual"') and dot.count("->") == 13
+    if shutil.which("dot"):  # Graphviz draws it
+        result = runner.invoke(app, ["inspect-shapes", str(path), "--graph", str(tmp_path / "drawn.svg")])
+        assert result.exit_code == 0 and b"<svg" in (tmp_path / "drawn.svg").read_bytes(), result.output
+    (tmp_path / "net.dot").unlink()
+    monkeypatch.setattr(render.shutil, "which", lambda name: None)  # without Graphviz: the DOT text and how to draw
     result = runner.invoke(app, ["inspect-shapes", str(path), "--graph", str(tmp_path / "net.svg")])
-    assert result.exit_code == 0
-    assert (tmp_path / "net.svg").exists() or "wrote" in result.output and (tmp_path / "net.dot").exists()
+    assert result.exit_code == 0 and "Graphviz 'dot' is not on PATH" in result.output, result.output
+    assert not (tmp_path / "net.svg").exists() and (tmp_path / "net.dot").read_text() == dot
     result = runner.invoke(app, ["inspect-shapes", str(path), "--graph", str(tmp_path / "net.txt")])
     assert result.exit_code == 2 and ".svg, .png, .dot, .md" in result.output
 

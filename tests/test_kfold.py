@@ -47,7 +47,7 @@ def test_folds_partition_the_samples_seeded_and_stratified():
     for f in folds:  # every fold keeps the 50/30/20 proportions exactly
         assert np.bincount(y[f]).tolist() == [10, 6, 4]
     again = kfold_indices(y, 5, np.random.default_rng(0), stratify=True)
-    assert all(np.array_equal(a, b) for a, b in zip(folds, again))
+    assert all(np.array_equal(a, b) for a, b in zip(folds, again, strict=True))
     plain = kfold_indices(np.zeros(10), 3, np.random.default_rng(1))
     assert sorted(len(f) for f in plain) == [3, 3, 4]
     with pytest.raises(ConfigError, match="between 2 and the number of training samples"):

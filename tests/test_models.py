@@ -101,7 +101,7 @@ def test_same_seed_gives_identical_history_and_weights():
         h = model.fit(x, y, epochs=3, batch_size=32, verbose=0, seed=5)
         runs.append((h.history["loss"], model.get_weights()))
     assert runs[0][0] == runs[1][0]
-    assert all(np.array_equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
 
 
 def test_weights_in_keras_order_and_layout():
@@ -110,7 +110,7 @@ def test_weights_in_keras_order_and_layout():
     assert shapes == [(4, 16), (16,), (16, 3), (3,)]
     new = [np.full(s, i, np.float32) for i, s in enumerate(shapes)]
     model.set_weights(new)
-    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), new))
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), new, strict=True))
     with pytest.raises(ShapeError):
         model.set_weights(new[:-1])
 
@@ -126,7 +126,7 @@ def test_save_and_load_round_trip(tmp_path):
     # the optimizer state travels too: one more identical step on both gives identical weights
     model.fit(x, y, epochs=1, batch_size=32, verbose=0, seed=9)
     again.fit(x, y, epochs=1, batch_size=32, verbose=0, seed=9)
-    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), again.get_weights()))
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), again.get_weights(), strict=True))
 
 
 def test_load_model_refuses_foreign_files(tmp_path):

@@ -150,6 +150,14 @@ MUTANTS = {
         "dlcli/divergence.py", "if self.forward_layer is None and not _finite(output):",
         "if not _finite(output):",
         ["tests/test_trainer.py::test_diagnose_names_the_first_layer_gone_non_finite_and_leaves_layers_untouched"]),
+    "every-rank-writes-the-run": (
+        "dlcli/distributed.py", "            runs.disable_writes()  # the run directory is rank 0's\n",
+        "",
+        ["tests/test_distributed.py::test_cli_two_ranks_write_one_run_equal_to_one_process"]),
+    "resume-takes-streams-of-another-rank-count": (
+        "dlcli/distributed.py", "if saved is not None and len(saved) == world.size:",
+        "if saved is not None:",
+        ["tests/test_distributed.py::test_resume_two_ranks_on_two_three_and_one[dropout]"]),
 }
 
 

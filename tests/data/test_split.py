@@ -9,7 +9,7 @@ def test_shuffled_seeded_split():
     y = np.arange(100) % 3
     a = split_indices(y, 0.2, np.random.default_rng(0))
     b = split_indices(y, 0.2, np.random.default_rng(0))
-    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    assert all(np.array_equal(p, q) for p, q in zip(a, b, strict=True))
     train, val = a
     assert len(val) == 20 and len(train) == 80 and sorted(np.r_[train, val].tolist()) == list(range(100))
     assert not np.array_equal(np.sort(val), np.arange(80, 100))  # not Keras' unshuffled tail
