@@ -9,6 +9,7 @@ was found, with a did-you-mean for misspelt names and keys. Nothing here loads d
 """
 import difflib
 import importlib
+import math
 import re
 import types
 import typing
@@ -633,6 +634,12 @@ def _check_sweep(doc: Document):
             if missing:
                 doc.issues.append(doc.issue(path, f"a {kind} parameter needs low and high; missing "
                                                   f"{' and '.join(missing)}", at_key=True))
+                continue
+            bad = [f"{k} {spec[k]}" for k in ("low", "high", "step") if isinstance(spec.get(k), float)
+                   and not math.isfinite(spec[k])]
+            if bad:  # NaN compares false to everything, so no check below would catch it; Optuna would overflow
+                doc.issues.append(doc.issue(path, f"low, high and step must be finite numbers; found "
+                                                  f"{' and '.join(bad)}", at_key=True))
                 continue
             if spec["low"] > spec["high"]:
                 doc.issues.append(doc.issue(path, f"low ({spec['low']}) must not be above high ({spec['high']})",

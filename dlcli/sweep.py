@@ -6,14 +6,19 @@
   local processes share (Optuna's JournalFileBackend appends with a file lock); or any RDB URL
   (`postgresql://...`), which workers on many machines share. Starting again continues the study up to
   `sweep.trials` trials in all.
-- A pruner stops a poor trial early from the metric reported after each epoch (the run's status says "pruned").
-  A trial that fails or diverges is recorded as failed with its reason; the study goes on.
+- A pruner stops a poor trial early from the metric reported after each epoch (the run's status says "pruned"); a
+  k-fold trial reports after each fold instead (the mean so far of its folds' best values), see TrialReporter.
+  A trial that fails or diverges is recorded as failed with its reason; the study goes on. What would fail every
+  trial the same way (sweep.metric not in the epoch logs, a full disk) stops the sweep at once.
+- A trial left running by a worker process that died (kill -9, out of memory) is recorded as failed, with a notice.
 - The report: trials.csv, best.yaml (the best trial's resolved config), optimization_history.png and
   param_importances.png in `runs/<study>/`.
 """
+import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -22,7 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlcli import runs
+from dlcli import fingerprint, runs
 from dlcli.callbacks import Callback
 from dlcli.config import SweepConfig
 from dlcli.errors import ConfigError, DlcliError
@@ -31,6 +36,8 @@ from dlcli.registry import Registry
 
 JOURNAL = "study.journal"
 INTERRUPTED = "interrupted"  # the reason recorded for a trial stopped by Ctrl-C: it does not count as done
+LOST = "its worker process died"  # the reason's start for a trial whose worker was killed: it does not count either
+RECORD = "dlcli"  # the study user attribute holding what the study was started with (see check_study)
 
 
 def _optuna():
@@ -67,6 +74,7 @@ class Sweep:
     spec: SweepConfig  # the config's sweep section
     target: int  # trials in all
     direction: str
+    base: dict = field(default_factory=dict)  # the resolved config every trial starts from (no sweep section)
 
     def open_storage(self):
         optuna = _optuna()
@@ -97,11 +105,23 @@ class Sweep:
                                        study_name=self.study_name, direction=self.direction, load_if_exists=True)
         except (ImportError, ModuleNotFoundError) as e:
             raise DlcliError(f"the storage {self.storage} needs a database driver ({e.name or e}): "
-                             f"pip install 'dlcli[sweep]'", exit_code=2) from None
+                             f"{_driver_install(e.name)}", exit_code=2) from None
         except Exception as e:  # a database that cannot be reached: one line, not SQLAlchemy's traceback
             if type(e).__module__.startswith(("sqlalchemy", "psycopg")):
                 raise DlcliError(f"cannot open the study storage {self.storage}: {str(e).splitlines()[0]}") from None
             raise
+
+
+# The pip package of each database driver SQLAlchemy may ask for: the sweep extra brings only PostgreSQL's.
+_DRIVERS = {"MySQLdb": "mysqlclient", "pymysql": "pymysql", "mysql": "mysql-connector-python",
+            "mysqldb": "mysqlclient", "mariadb": "mariadb", "asyncmy": "asyncmy", "aiomysql": "aiomysql",
+            "psycopg2": "psycopg2-binary", "psycopg": "'psycopg[binary]'", "pg8000": "pg8000"}
+
+
+def _driver_install(module: str | None) -> str:
+    package = _DRIVERS.get((module or "").split(".")[0])
+    return f"pip install {package}" if package else "pip install 'dlcli[sweep]' (PostgreSQL) or your database's " \
+                                                      "SQLAlchemy driver"
 
 
 @dataclass
@@ -112,6 +132,7 @@ class SweepResult:
     best: dict | None = None
     files: list = field(default_factory=list)
     interrupted: bool = False
+    lost: list = field(default_factory=list)  # lines naming trials whose worker process died
 
 
 def prepare(config, overrides=(), *, trials: int | None = None, storage: str | None = None,
@@ -144,7 +165,38 @@ def prepare(config, overrides=(), *, trials: int | None = None, storage: str | N
         for values in grid_space(spec.parameters).values():
             size *= len(values)
         target = min(target, size)
-    return Sweep(str(config), list(overrides), name, Path(runs_dir) / name, storage, spec, target, direction)
+    base = {**cfg.to_dict(), "name": name}
+    del base["sweep"]
+    return Sweep(str(config), list(overrides), name, Path(runs_dir) / name, storage, spec, target, direction, base)
+
+
+def study_record(sweep: Sweep) -> dict:
+    """What a study is started with and every later run of it must match."""
+    return {"metric": sweep.spec.metric, "direction": sweep.direction, **fingerprint.record(sweep.base)}
+
+
+def check_study(study, sweep: Sweep):
+    """Record what a new study is started with; refuse (exit 2, with the diff) a run of an existing one that changes
+    its metric, direction or base config: its trials would not be comparable (Optuna keeps the stored direction
+    whatever the config says, so the pruner would stop the better trials)."""
+    mine, stored = study_record(sweep), study.user_attrs.get(RECORD)
+    found = []
+    if stored is None:  # a new study, or one made through Optuna's own API: only its direction is known
+        if study.direction.name.lower() != sweep.direction:
+            found.append(("sweep.direction", study.direction.name.lower(), sweep.direction))
+    else:
+        for key in ("metric", "direction"):
+            if stored.get(key) != mine[key]:
+                found.append((f"sweep.{key}", stored.get(key), mine[key]))
+        if stored.get("config_fingerprint") != mine["config_fingerprint"]:
+            found += fingerprint.diff(stored.get("config") or {}, mine["config"])
+    if found:
+        where = sweep.storage or sweep.dir / JOURNAL
+        raise DlcliError(f"study {sweep.study_name} ({where}) was started with other settings; its trials would "
+                         f"not be comparable with this run's:\n{fingerprint.diff_lines(found)}\nrestore them, or "
+                         f"start another study (--study NAME)", exit_code=2)
+    if stored is None:
+        study.set_user_attr(RECORD, mine)
 
 
 def _spec(value) -> dict:
@@ -186,79 +238,144 @@ class MetricMissing(DlcliError):
     """sweep.metric is not among the epoch logs: every trial would fail the same way, so the sweep stops."""
 
 
-class TrialReporter(Callback):
-    """Reports the metric to Optuna after each epoch and stops a trial the pruner judges hopeless."""
+class TrialFailed(Exception):
+    """A trial that failed for reasons of its own (diverged, say): recorded with its reason, the study goes on.
+    Optuna catches only this; any other error from a trial (MetricMissing, a full disk) stops the sweep."""
 
-    def __init__(self, trial, metric: str):
-        self.trial, self.metric, self.pruned_at = trial, metric, None
+
+class TrialReporter(Callback):
+    """Reports the metric to Optuna after each epoch, stops a trial the pruner judges hopeless, logs a line per epoch.
+
+    A k-fold trial (one run per fold) reports after each fold instead: at step k-1, the mean of its first k folds'
+    best values. Epoch e of fold 2 is not comparable with epoch e of fold 1 (another validation set, and Optuna keeps
+    only the first report of a step), so the pruner compares trials after the same number of folds and stops one at
+    a fold's end."""
+
+    def __init__(self, trial, metric: str, minimize: bool, log=None):
+        self.trial, self.metric, self.minimize, self.log = trial, metric, minimize, log
+        self.pruned_at, self.fold_bests, self.prune_next = None, [], False
 
     def on_run_begin(self, run):
+        from dlcli.kfold import FOLDS
+
         self.run = STOP.run = run
+        self.fold = int(run.dir.name) if run.dir.parent.name == FOLDS else None
+        self.fold_best, self.epochs = None, run.config.train.epochs
         if STOP.requested:  # the signal came while the trial was loading its data
             run.stop("interrupted")
+        elif self.prune_next:  # the previous fold ended early (early stopping) and was judged at its end
+            run.stop("pruned")
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.metric not in (logs or {}):
+        logs = logs or {}
+        if self.metric not in logs:
             known = ", ".join(k for k in logs if k not in ("seconds",))
             hint = " (set train.validation_split for val_* values)" if self.metric.startswith("val_") else ""
             raise MetricMissing(f"sweep.metric '{self.metric}' is not in the epoch logs{hint}; available: {known}",
                                 exit_code=2)
-        self.trial.report(float(logs[self.metric]), epoch)
+        value = float(logs[self.metric])
+        if self.log is not None:
+            fold = f" fold {self.fold}" if self.fold else ""
+            self.log(f"trial {self.trial.number}{fold} epoch {epoch + 1}/{self.epochs}: {self.metric} {value:.4f}")
+        if self.fold is None:
+            self.trial.report(value, epoch)
+            if self.trial.should_prune():
+                self.pruned_at = f"epoch {epoch + 1}"
+                self.run.stop("pruned")
+            return
+        if math.isfinite(value) and (self.fold_best is None or
+                                     (value < self.fold_best if self.minimize else value > self.fold_best)):
+            self.fold_best = value
+        if epoch + 1 == self.epochs:
+            self._fold_done(stop_now=True)
+
+    def on_run_end(self, run):
+        if self.fold is not None and run.status == "completed" and len(self.fold_bests) < self.fold:
+            self._fold_done(stop_now=False)  # the fold ended before its last epoch (early stopping)
+
+    def _fold_done(self, stop_now: bool):
+        if self.fold_best is None:
+            return  # no finite value: the trial fails on its own
+        self.fold_bests.append(self.fold_best)
+        self.trial.report(sum(self.fold_bests) / len(self.fold_bests), len(self.fold_bests) - 1)
         if self.trial.should_prune():
-            self.pruned_at = epoch + 1
-            self.run.stop("pruned")
+            self.pruned_at = f"fold {self.fold}"
+            if stop_now:
+                self.run.stop("pruned")
+            else:
+                self.prune_next = True
 
 
-def run_trial(sweep: Sweep, trial) -> float:
+def run_trial(sweep: Sweep, trial, log=None) -> float:
     """The objective: one ordinary run with this trial's values; its best epoch's metric."""
-    import math
-
     from dlcli.experiment import train
 
     optuna = _optuna()
     values = suggest(trial, sweep.spec.parameters)
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     sets = [*sweep.overrides, "sweep=null", *(f"{k}={json.dumps(v)}" for k, v in values.items())]
-    reporter = TrialReporter(trial, sweep.spec.metric)
+    reporter = TrialReporter(trial, sweep.spec.metric, sweep.direction == "minimize", log)
     try:
         run = train(sweep.config, sets, runs_dir=sweep.dir, name=f"trial-{trial.number:03d}", callbacks=[reporter],
                     verbose=0)
-    except MetricMissing:
-        raise
     except KeyboardInterrupt:
         trial.set_user_attr("reason", INTERRUPTED)
         raise
-    except DlcliError as e:
-        trial.set_user_attr("reason", e.message.splitlines()[0][:500])
+    except (DlcliError, OSError) as e:
+        # an OSError is a write outside runs' atomic writes (train.log): the disk's trouble, not the trial's
+        error = e if isinstance(e, DlcliError) else DlcliError(f"cannot write {e.filename or sweep.dir}: "
+                                                               f"{e.strerror or e}")
+        trial.set_user_attr("reason", error.message.splitlines()[0][:500])
         _record_run_dir(trial, sweep)
-        raise
+        if isinstance(e, (MetricMissing, OSError)) or _disk_trouble(e):
+            raise error from None  # every trial would fail the same way: stop the sweep
+        raise TrialFailed(error.message) from None
     trial.set_user_attr("run_dir", str(run.dir))
-    column = [r.get(sweep.spec.metric) for r in run.history if r.get(sweep.spec.metric) is not None]
     if run.status == "pruned":
-        trial.set_user_attr("reason", f"pruned after epoch {reporter.pruned_at}")
-        raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_at}")
+        trial.set_user_attr("reason", f"pruned after {reporter.pruned_at}")
+        raise optuna.TrialPruned(f"pruned after {reporter.pruned_at}")
     if run.status != "completed":
         trial.set_user_attr("reason", INTERRUPTED if run.status == "interrupted" else run.status)
-        raise DlcliError(f"the run ended {run.status}")
-    values = [float(v) for v in column if math.isfinite(float(v))]
+        raise TrialFailed(f"the run ended {run.status}")
+    return trial_value(run.history, sweep.spec.metric, sweep.direction == "minimize", trial)
+
+
+def trial_value(history: list[dict], metric: str, minimize: bool, trial=None) -> float:
+    """A trial's value: its best epoch's metric (the epoch ModelCheckpoint would keep), not its last."""
+    values = [float(r[metric]) for r in history if r.get(metric) is not None and math.isfinite(float(r[metric]))]
     if not values:
-        trial.set_user_attr("reason", f"no finite {sweep.spec.metric} value in history.csv")
-        raise DlcliError(trial.user_attrs["reason"])
-    return min(values) if sweep.direction == "minimize" else max(values)
+        reason = f"no finite {metric} value in history.csv"
+        if trial is not None:
+            trial.set_user_attr("reason", reason)
+        raise TrialFailed(reason)
+    return min(values) if minimize else max(values)
+
+
+def _disk_trouble(error) -> bool:
+    """Whether an error comes from a full, over-quota or read-only disk (an OSError somewhere in its chain)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _trial_run_dir(number: int, sweep: Sweep) -> Path | None:
+    """A trial's run directory, if it got one (the newest trial-NNN-* of this number)."""
+    found = sorted(sweep.dir.glob(f"trial-{number:03d}-*"))
+    return found[-1] if found else None
 
 
 def _record_run_dir(trial, sweep: Sweep):
-    """A failed trial's run directory, if it got one (the newest trial-NNN-* of this number)."""
-    found = sorted(sweep.dir.glob(f"trial-{trial.number:03d}-*"))
-    if found:
-        trial.set_user_attr("run_dir", str(found[-1]))
+    found = _trial_run_dir(trial.number, sweep)
+    if found is not None:
+        trial.set_user_attr("run_dir", str(found))
 
 
 def work(sweep: Sweep, ready=None, start=None, log=None):
     """One worker: run trials until the study has `sweep.target` finished ones (shared with every other worker).
 
     `ready`/`start` (multiprocessing events) let the parent start all workers' first trials together; `log` gets
-    one line per finished trial.
+    one line per epoch and per finished trial.
     """
     optuna = _optuna()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -270,15 +387,20 @@ def work(sweep: Sweep, ready=None, start=None, log=None):
     claim = Claim(sweep)
 
     def objective(trial):
+        # first of all: from here on, a kill -9 of this process leaves a trial fail_stale_trials can find
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         claim.release()  # the trial is RUNNING in the storage now: every other worker counts it
-        return run_trial(sweep, trial)
+        return run_trial(sweep, trial, log)
 
     try:
         while not STOP.requested:
             claim.acquire()  # count, then start a trial, with no other worker in between: never above the target
+            for line in fail_stale_trials(study, sweep):
+                if log is not None:
+                    log(line)
             if STOP.requested or _counted(study) >= sweep.target:
                 break
-            study.optimize(objective, n_trials=1, catch=(DlcliError,), callbacks=done)
+            study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=done)
             claim.release()  # if Optuna failed before calling the objective
             trial = study.trials[-1] if study.trials else None
             if trial is not None and trial.state.name == "FAIL" and "reason" not in trial.user_attrs:
@@ -370,37 +492,63 @@ class Stop:
 STOP = Stop()  # one per process: a worker runs one trial at a time
 
 
-def _worker_main(sweep: Sweep, ready, start, log):
-    """Entry point of an extra worker process: quiet on Ctrl-C (the parent reports)."""
+def _worker_main(sweep: Sweep, ready, start, log, errors):
+    """Entry point of an extra worker process: quiet on Ctrl-C (the parent reports). An error that stops the sweep
+    goes to the parent (`errors`), which this worker then asks to stop every worker."""
     STOP.install()
     try:
         work(sweep, ready, start, log)
     except KeyboardInterrupt:
         pass
-    except MetricMissing:
-        pass  # the parent's own trial reports it
+    except DlcliError as e:
+        errors.put((isinstance(e, MetricMissing), e.message, e.exit_code))
+        os.kill(os.getppid(), signal.SIGUSR1)
 
 
 def _counted(study) -> int:
-    """Trials that count toward the target: finished ones (not those Ctrl-C stopped) and ones running now."""
+    """Trials that count toward the target: finished ones (not those Ctrl-C stopped or whose worker died) and ones
+    running now."""
     states = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
     return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state.name in states and t.user_attrs.get("reason") != INTERRUPTED)
+               if t.state.name in states and not _unfinished(t.user_attrs.get("reason", "")))
 
 
-def fail_stale_trials(study) -> int:
-    """Trials left RUNNING by a worker on this machine that no longer exists (killed): recorded as failed."""
+def _unfinished(reason: str) -> bool:
+    return reason == INTERRUPTED or reason.startswith(LOST)
+
+
+def fail_stale_trials(study, sweep: Sweep) -> list[str]:
+    """Trials left RUNNING by a worker on this machine that no longer exists (kill -9, out of memory): recorded as
+    failed (not counted: a new trial takes their place), their run directories too. One line each, for people."""
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    host, stale = socket.gethostname(), 0
+    host, lines = socket.gethostname(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
         name, _, pid = worker.rpartition(":")
-        if name == host and pid.isdigit() and not _alive(int(pid)):
-            study._storage.set_trial_user_attr(t._trial_id, "reason", INTERRUPTED)
+        if name != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        reason = f"{LOST} ({worker}) before the trial ended"
+        run_dir = _trial_run_dir(t.number, sweep)
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "reason", reason)
+            if run_dir is not None:
+                study._storage.set_trial_user_attr(t._trial_id, "run_dir", str(run_dir))
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            stale += 1
-    return stale
+        except UpdateFinishedTrialError:
+            continue  # another worker of this machine got there first
+        if run_dir is not None and (run_dir / "meta.json").is_file():
+            try:
+                meta = runs.read_json(run_dir / "meta.json")
+                if meta.get("status") == "running":
+                    runs.atomic_write_json(run_dir / "meta.json",
+                                           {**meta, "status": "failed", "end": runs.utc_now(), "error": reason})
+            except DlcliError:
+                pass  # the study's record is what matters; a damaged meta.json says enough by itself
+        lines.append(f"trial {t.number} failed: {reason}; recorded as failed, not counted"
+                     + (f"  {run_dir}" if run_dir else ""))
+    return lines
 
 
 def _alive(pid: int) -> bool:
@@ -413,36 +561,58 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def make_study_dir(sweep: Sweep):
+    try:
+        sweep.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DlcliError(f"cannot create the study directory {sweep.dir}: {e.strerror or e} (see --runs-dir)",
+                         exit_code=2) from None
+
+
 def run_sweep(sweep: Sweep, workers: int = 1, on_start=None, log=None) -> SweepResult:
     """Run the study with `workers` local processes (this one and workers - 1 more); write the report. Ctrl-C stops
-    every worker after its current trial is marked interrupted; the report is written all the same."""
+    every worker after its current trial is marked interrupted; the report is written all the same. An error that
+    would fail every trial (sweep.metric missing, a full disk) stops every worker and is raised."""
+    try:
+        return _run_sweep(sweep, workers, on_start, log)
+    except OSError as e:  # the study's own files (the journal, the report) on a full or read-only disk
+        raise DlcliError(f"cannot write {e.filename or sweep.dir}: {e.strerror or e}") from None
+
+
+def _run_sweep(sweep: Sweep, workers: int, on_start, log) -> SweepResult:
     import multiprocessing
 
     if workers < 1:
         raise DlcliError(f"--workers must be at least 1; found {workers}", exit_code=2)
     if not sweep.storage:
-        sweep.dir.mkdir(parents=True, exist_ok=True)  # the journal file lives there
+        make_study_dir(sweep)  # the journal file lives there
     study = sweep.load_study()
-    sweep.dir.mkdir(parents=True, exist_ok=True)
-    fail_stale_trials(study)
+    check_study(study, sweep)
+    make_study_dir(sweep)
+    lost = fail_stale_trials(study, sweep)
     if on_start is not None:
-        on_start(study, _counted(study))
+        on_start(study, _counted(study), lost)
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked database connections or locks
-    procs, ready, start = [], [], context.Event()
+    procs, ready, start, errors = [], [], context.Event(), context.SimpleQueue()
     for _ in range(workers - 1):
         event = context.Event()
-        proc = context.Process(target=_worker_main, args=(sweep, event, start, log), daemon=False)
+        proc = context.Process(target=_worker_main, args=(sweep, event, start, log, errors), daemon=False)
         proc.start()
         procs.append(proc)
         ready.append(event)
     previous = STOP.install()
+    fatal = None
     try:
         for event, proc in zip(ready, procs):
             while not event.wait(0.2) and proc.is_alive() and not STOP.requested:
                 pass
         start.set()
         if not STOP.requested:
-            work(sweep, log=log)
+            try:
+                _share_work(sweep, procs, log)
+            except DlcliError as e:
+                fatal = e
+                STOP.requested = True
         if STOP.requested:
             # A terminal's Ctrl-C reached every worker; a signal sent to this process alone is passed on.
             for proc in procs:
@@ -457,10 +627,49 @@ def run_sweep(sweep: Sweep, workers: int = 1, on_start=None, log=None) -> SweepR
             proc.join()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    while fatal is None and not errors.empty():
+        metric_missing, message, exit_code = errors.get()
+        fatal = (MetricMissing if metric_missing else DlcliError)(message, exit_code)
+    if fatal is not None:
+        _forget_if_empty(study, sweep, fatal)
+        raise fatal
+    lost = fail_stale_trials(study, sweep)  # the trials of workers that were killed (their exit code says how)
+    killed = {p.pid: -p.exitcode for p in procs if p.exitcode is not None and p.exitcode < 0}
+    for pid, signum in killed.items():
+        lost.append(f"worker process {pid} was killed by {signal.Signals(signum).name}")
     interrupted = STOP.requested
+    STOP.requested, STOP.run = False, None
     result = report(sweep, study)
-    result.interrupted = interrupted
+    result.interrupted, result.lost = interrupted, lost
     return result
+
+
+def _share_work(sweep: Sweep, procs: list, log):
+    """This process's trials until the study has its target; then, while the other workers run, a trial in place of
+    the one a worker was running when it died (kill -9: fail_stale_trials no longer counts it)."""
+    dead = set()
+    while True:
+        work(sweep, log=log)
+        while not STOP.requested:
+            # is_alive() reaps a dead worker: until then its pid still answers, and its trial looks alive
+            killed = {p.pid for p in procs if not p.is_alive() and p.exitcode < 0} - dead
+            if killed or not any(p.is_alive() for p in procs):
+                break
+            time.sleep(0.5)
+        if STOP.requested or not killed:
+            return
+        dead |= killed
+
+
+def _forget_if_empty(study, sweep: Sweep, error: DlcliError):
+    """A study stopped by sweep.metric missing before any trial finished is deleted, so fixing the config and running
+    the same command again starts it afresh (rather than being refused as a changed study)."""
+    if not isinstance(error, MetricMissing):
+        return
+    if any(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False)):
+        return
+    _optuna().delete_study(study_name=sweep.study_name, storage=study._storage)
+    error.message += "; the study had no finished trial and was removed: fix the config and run the command again"
 
 
 def report(sweep: Sweep, study) -> SweepResult:

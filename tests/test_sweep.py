@@ -1,6 +1,9 @@
 """dlcli sweep end to end, as separate processes: workers sharing one journal file, a study continued, pruning, a
 diverged trial recorded as failed, Ctrl-C, and workers on "two machines" sharing a real PostgreSQL server."""
+import csv
 import json
+import os
+import shlex
 import signal
 import sys
 import time
@@ -94,23 +97,37 @@ def test_pruning_stops_a_clearly_worse_trial_and_a_diverged_trial_is_recorded(tm
 def test_ctrl_c_prints_the_table_and_the_study_continues(tmp_path):
     config = write_sweep_config(tmp_path, epochs=500)  # trials that cannot finish before the Ctrl-C
     runs = tmp_path / "runs"
-    proc = start_dlcli("sweep", config, "--workers", 2, "--trials", 50, "--runs-dir", runs)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((runs / "tiny-sweep").glob("trial-*/history.csv"))) < 2:
-        time.sleep(0.2)
+    proc = start_dlcli("sweep", config, "--workers", 2, "--trials", 50, "--runs-dir", runs,
+                       "--set", "train.batch_size=16")
+    _wait_for_histories(runs / "tiny-sweep", 2)
     proc.send_signal(signal.SIGINT)  # to the parent only: it passes the stop on to its worker
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
     assert "study tiny-sweep: 2 trials" in out and "interrupted" in out and "Traceback" not in err
-    assert "dlcli sweep" in err and "--study tiny-sweep" in err
+    hint = err.split("continue the study with: ")[1].strip()
+    assert hint == f"dlcli sweep {config} --set train.batch_size=16 --trials 50 --workers 2 --study tiny-sweep " \
+                   f"--runs-dir {runs}"  # every option that shaped the study, not only where it lives
     trials = read_trials(runs / "tiny-sweep")
     assert [(t["state"], t["reason"]) for t in trials] == [("FAIL", "interrupted")] * 2
     for t in trials:  # each trial's run directory says so too, with a checkpoint to resume it by hand
         assert json.loads(open(f"{t['run_dir']}/meta.json").read())["status"] == "interrupted"
-    again = dlcli("sweep", config, "--trials", 1, "--runs-dir", runs, "--set", "train.epochs=1")
-    assert again.returncode == 0, again.stderr
-    assert "0 of 1 trials so far" in again.stdout  # interrupted trials do not count
-    assert [t["state"] for t in read_trials(runs / "tiny-sweep")] == ["FAIL", "FAIL", "COMPLETE"]
+    changed = dlcli("sweep", config, "--trials", 1, "--runs-dir", runs, "--set", "train.epochs=1")
+    assert changed.returncode == 2 and "  train.epochs: 500 -> 1\n" in changed.stderr  # other data: refused
+    assert "train.batch_size: 16 -> 32" in changed.stderr
+    again = start_dlcli(*shlex.split(hint)[1:])  # the hint itself, as printed
+    _wait_for_histories(runs / "tiny-sweep", 3)
+    again.send_signal(signal.SIGINT)
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 130, out + err
+    assert "0 of 50 trials so far" in out  # interrupted trials do not count
+    states = [t["state"] for t in read_trials(runs / "tiny-sweep")]
+    assert len(states) in (3, 4) and set(states) == {"FAIL"}  # trials 2 (and 3, the worker's) ran: 0 counted
+
+
+def _wait_for_histories(study_dir: Path, count: int, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(list(study_dir.glob("trial-*/history.csv"))) < count:
+        time.sleep(0.2)
 
 
 def test_workers_on_two_machines_share_a_postgresql_study(tmp_path, postgres_url):  # noqa: F811
@@ -168,3 +185,129 @@ def test_a_worker_starts_no_trial_while_another_holds_the_claim(tmp_path):
     worker.join(timeout=120)
     other.close()
     assert [t.state.name for t in sweep.load_study().trials] == ["COMPLETE"]
+
+
+def test_a_changed_metric_direction_or_base_config_is_refused_with_the_diff(tmp_path):
+    config = write_sweep_config(tmp_path, epochs=1)
+    runs = tmp_path / "runs"
+    first = dlcli("sweep", config, "--trials", 1, "--runs-dir", runs)
+    assert first.returncode == 0, first.stderr
+    record = optuna.load_study(study_name="tiny-sweep", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(runs / "tiny-sweep" / "study.journal")))).user_attrs["dlcli"]
+    assert record["metric"] == "val_loss" and record["direction"] == "minimize"
+    assert record["config"]["train"]["epochs"] == 1 and record["config_fingerprint"].startswith("sha256:")
+    metric = dlcli("sweep", config, "--trials", 2, "--runs-dir", runs, "--set", "sweep.metric=val_accuracy")
+    assert metric.returncode == 2 and "Traceback" not in metric.stderr
+    assert "  sweep.metric: 'val_loss' -> 'val_accuracy'\n  sweep.direction: 'minimize' -> 'maximize'\n" \
+        in metric.stderr
+    direction = dlcli("sweep", config, "--trials", 2, "--runs-dir", runs, "--set", "sweep.direction=maximize")
+    assert direction.returncode == 2 and "  sweep.direction: 'minimize' -> 'maximize'\n" in direction.stderr
+    data = dlcli("sweep", config, "--trials", 2, "--runs-dir", runs, "--set", "data.limit=100")
+    assert data.returncode == 2 and "  data.limit: None -> 100\n" in data.stderr
+    assert len(read_trials(runs / "tiny-sweep")) == 1  # nothing ran
+    same = dlcli("sweep", config, "--trials", 2, "--runs-dir", runs, "--set", "sweep.pruner=median")
+    assert same.returncode == 0, same.stderr  # the search itself may change: the trials stay comparable
+    assert "1 of 2 trials so far" in same.stdout and len(read_trials(runs / "tiny-sweep")) == 2
+
+
+def test_a_study_made_with_another_direction_through_optuna_is_refused(tmp_path):
+    config = write_sweep_config(tmp_path)
+    study_dir = tmp_path / "runs" / "tiny-sweep"
+    study_dir.mkdir(parents=True)
+    optuna.create_study(storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(study_dir / "study.journal"))), study_name="tiny-sweep", direction="maximize")
+    result = dlcli("sweep", config, "--runs-dir", tmp_path / "runs")
+    assert result.returncode == 2 and "  sweep.direction: 'maximize' -> 'minimize'\n" in result.stderr
+
+
+def test_a_metric_missing_from_the_epoch_logs_stops_every_worker_at_once(tmp_path):
+    config = write_sweep_config(tmp_path, epochs=50)
+    runs = tmp_path / "runs"
+    result = dlcli("sweep", config, "--workers", 2, "--trials", 8, "--runs-dir", runs,
+                   "--set", "train.validation_split=0")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: sweep.metric 'val_loss' is not in the epoch logs (set "
+                                    "train.validation_split for val_* values); available: loss, accuracy")
+    assert len(result.stderr.strip().splitlines()) == 1 and "study tiny-sweep:" not in result.stdout
+    for history in (runs / "tiny-sweep").glob("trial-*/history.csv"):
+        assert len(history.read_text().splitlines()) <= 2  # stopped at its first epoch, not after 50
+    # the study had no finished trial: it is gone, so the fixed config starts it afresh instead of being refused
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(runs / "tiny-sweep" / "study.journal")))
+    assert optuna.get_all_study_names(storage) == []
+    fixed = dlcli("sweep", config, "--trials", 1, "--runs-dir", runs, "--set", "train.epochs=1")
+    assert fixed.returncode == 0, fixed.stderr
+
+
+def test_a_worker_killed_mid_trial_is_recorded_as_failed_with_a_notice(tmp_path):
+    config = write_sweep_config(tmp_path, epochs=60)
+    runs = tmp_path / "runs"
+    proc = start_dlcli("sweep", config, "--workers", 2, "--trials", 2, "--runs-dir", runs)
+    journal = runs / "tiny-sweep" / "study.journal"
+    victim, deadline = None, time.time() + 120
+    while victim is None and time.time() < deadline:  # the extra worker's trial, once it has trained an epoch
+        time.sleep(0.2)
+        try:
+            storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+            trials = optuna.load_study(study_name="tiny-sweep", storage=storage).trials
+        except (KeyError, ValueError, OSError):
+            continue
+        for t in trials:
+            pid = int(t.user_attrs.get("worker", ":0").rpartition(":")[2])
+            if t.state.name == "RUNNING" and pid not in (0, proc.pid) and \
+                    list(runs.glob(f"tiny-sweep/trial-{t.number:03d}-*/history.csv")):
+                victim = (t.number, pid)
+    assert victim is not None
+    os.kill(victim[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    assert f"notice: worker process {victim[1]} was killed by SIGKILL" in err and "Traceback" not in err
+    trials = read_trials(runs / "tiny-sweep")
+    killed = trials[victim[0]]
+    assert killed["state"] == "FAIL" and killed["reason"].startswith("its worker process died")
+    assert json.loads(Path(killed["run_dir"], "meta.json").read_text())["status"] == "failed"
+    # not counted: another trial took its place, and none is left running
+    assert sorted(t["state"] for t in trials) == ["COMPLETE", "COMPLETE", "FAIL"], out + err
+
+
+def test_each_trial_value_is_its_best_epoch_not_its_last(tmp_path):
+    """A learning rate whose val_loss goes down, then up (epochs 3 -> 6 here): a trial value read from the last
+    epoch, or from the wrong end of the column, fails this."""
+    config = write_sweep_config(tmp_path, epochs=6, sampler="random", parameters="""\
+    compile.optimizer.learning_rate: {type: categorical, choices: [0.3]}
+""")
+    result = dlcli("sweep", config, "--trials", 1, "--runs-dir", tmp_path / "runs")
+    assert result.returncode == 0, result.stderr
+    (trial,) = read_trials(tmp_path / "runs" / "tiny-sweep")
+    column = [float(r["val_loss"]) for r in csv.DictReader(open(Path(trial["run_dir"], "history.csv")))]
+    assert column.index(min(column)) < len(column) - 1 and max(column) > min(column)  # the test can tell them apart
+    assert float(trial["value"]) == pytest.approx(min(column), rel=1e-5)
+
+
+def test_bad_runs_dir_non_finite_ranges_and_a_full_disk_are_one_line_each(tmp_path, monkeypatch):
+    import errno
+
+    from typer.testing import CliRunner
+
+    from dlcli import runs
+    from dlcli.cli import app
+
+    config = write_sweep_config(tmp_path, epochs=1)
+    not_dir = CliRunner().invoke(app, ["sweep", str(config), "--runs-dir", str(config)])
+    assert not_dir.exit_code == 2 and not_dir.output == f"error: cannot create the study directory {config}/" \
+                                                         f"tiny-sweep: Not a directory (see --runs-dir)\n"
+    nan = tmp_path / "nan.yaml"
+    nan.write_text(config.read_text().replace("low: 0.003, high: 0.03, log: true", "low: .nan, high: .inf"))
+    bad = CliRunner().invoke(app, ["sweep", str(nan), "--runs-dir", str(tmp_path / "runs")])
+    assert bad.exit_code == 2 and f"{nan}:21: sweep.parameters.compile.optimizer.learning_rate: low, high and " \
+                                  f"step must be finite numbers; found low nan and high inf" in bad.output
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(runs, "append_text", full)  # train.log, the first write a trial appends to
+    disk = CliRunner().invoke(app, ["sweep", str(config), "--trials", 3, "--runs-dir", str(tmp_path / "runs")])
+    assert disk.exit_code == 1 and "Traceback" not in disk.output
+    assert disk.output.splitlines()[-1].startswith("error: cannot write ") and \
+        disk.output.splitlines()[-1].endswith("train.log: No space left on device")
+    assert len(list((tmp_path / "runs" / "tiny-sweep").glob("trial-*"))) == 1  # stopped at the first trial

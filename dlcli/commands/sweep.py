@@ -34,22 +34,46 @@ def sweep(
     """
     from dlcli.sweep import prepare, run_sweep
 
-    out = console()
+    out, err = console(), console(stderr=True)
     plan = prepare(config, list(set_), trials=trials, storage=storage, study=study, runs_dir=runs_dir)
 
-    def banner(study_, counted):
+    def banner(study_, counted, lost):
         where = plan.storage or plan.dir / "study.journal"
+        progress = (f"{counted} of {plan.target} trials so far" if counted < plan.target else
+                    f"{counted} trials already (target {plan.target}): nothing to run; --trials N continues it")
         out.print(f"[bold]dlcli sweep[/] {config}: study {plan.study_name} ({plan.direction} "
-                  f"{plan.spec.metric}), {counted} of {plan.target} trials so far, {workers} worker"
-                  f"{'s' if workers != 1 else ''}, storage {where}", markup=True)
+                  f"{plan.spec.metric}), {progress}, {workers} worker{'s' if workers != 1 else ''}, storage {where}",
+                  markup=True)
+        for line in lost:  # left by an earlier run of the study whose process was killed
+            err.print(f"notice: {line}", markup=False)
 
-    result = run_sweep(plan, workers, on_start=banner, log=print)
+    result = run_sweep(plan, workers, on_start=banner, log=_log)
     print_table(result, plan, out)
     if result.interrupted:
-        console(stderr=True).print(f"interrupted: continue the study with: dlcli sweep {config} "
-                                    f"--study {plan.study_name}" + (f" --storage {plan.storage}" if plan.storage
-                                                                    else f" --runs-dir {runs_dir}"), markup=False)
+        err.print(f"interrupted: continue the study with: {resume_command(config, set_, trials, workers, plan)}",
+                  markup=False)
         raise typer.Exit(130)
+    if result.lost:
+        for line in result.lost:
+            err.print(f"notice: {line}", markup=False)
+        err.print(f"error: a worker process died during the sweep; its trial is recorded as failed (not counted). "
+                  f"Continue the study with: {resume_command(config, set_, trials, workers, plan)}", markup=False)
+        raise typer.Exit(1)
+
+
+def _log(line: str):
+    print(line, flush=True)
+
+
+def resume_command(config, set_, trials, workers, plan) -> str:
+    """The command that continues this study as it was started: every --set, --trials and --workers kept."""
+    import shlex
+
+    args = ["dlcli", "sweep", str(config), *[a for s in set_ for a in ("--set", s)],
+            *(["--trials", str(trials)] if trials is not None else []),
+            *(["--workers", str(workers)] if workers != 1 else []), "--study", plan.study_name,
+            *(["--storage", plan.storage] if plan.storage else ["--runs-dir", str(plan.dir.parent)])]
+    return shlex.join(args)
 
 
 def print_table(result, plan, out):
