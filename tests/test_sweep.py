@@ -311,3 +311,22 @@ def test_bad_runs_dir_non_finite_ranges_and_a_full_disk_are_one_line_each(tmp_pa
     assert disk.output.splitlines()[-1].startswith("error: cannot write ") and \
         disk.output.splitlines()[-1].endswith("train.log: No space left on device")
     assert len(list((tmp_path / "runs" / "tiny-sweep").glob("trial-*"))) == 1  # stopped at the first trial
+
+
+def test_a_kfold_trial_reports_the_mean_of_its_folds_to_the_pruner_after_each_fold(tmp_path):
+    """Epoch e of fold 2 is not comparable with epoch e of fold 1, and Optuna keeps only a step's first report: the
+    pruner used to see fold 1 alone. Step k-1 is now the mean of the first k folds' best values."""
+    config = write_sweep_config(tmp_path, epochs=2)
+    runs = tmp_path / "runs"
+    result = dlcli("sweep", config, "--trials", 1, "--runs-dir", runs, "--set", "train.kfold=3",
+                   "--set", "train.validation_split=0")
+    assert result.returncode == 0, result.stderr
+    assert "trial 0 fold 3 epoch 2/2: val_loss " in result.stdout  # a line per epoch while the trial runs
+    (row,) = read_trials(runs / "tiny-sweep")
+    bests = [min(float(r["val_loss"]) for r in csv.DictReader(open(Path(row["run_dir"], "folds", str(k),
+                                                                        "history.csv")))) for k in (1, 2, 3)]
+    (trial,) = optuna.load_study(study_name="tiny-sweep", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(runs / "tiny-sweep" / "study.journal")))).trials
+    assert sorted(trial.intermediate_values) == [0, 1, 2]
+    for k in range(3):
+        assert trial.intermediate_values[k] == pytest.approx(sum(bests[:k + 1]) / (k + 1), rel=1e-5)
