@@ -371,6 +371,9 @@ class _SpecChecker:
         if target is None:
             return
         params, open_ = parameters(target, skip_data_args=kind in ("loss", "metric"))
+        for k in params:  # an activation may be a mapping with its arguments, whatever a layer's annotation says
+            if k.endswith("activation") and params[k][0] is not None:
+                params[k] = (params[k][0] | dict, params[k][1])
         allowed, meant = [*params, *extras], set()
         for key, value in spec.items():
             if key == "type" or key in extras or key in ignore:
@@ -396,8 +399,8 @@ class _SpecChecker:
         kind = "activation" if key.endswith("activation") else "initializer" if key.endswith("_initializer") else None
         if kind is None or value is None:
             return
-        if kind == "initializer" and isinstance(value, dict):
-            self.spec(value, path, "initializer")
+        if isinstance(value, dict):
+            self.spec(value, path, kind)  # {type: he_normal, seed: 1}, {type: soft_shrink, threshold: 0.3}
         elif isinstance(value, str):
             self.name(value, path, kind)
 

@@ -10,8 +10,8 @@ import inspect
 
 import numpy as np
 
-from dlcli.engine.activations import sigmoid
-from dlcli.errors import DlcliError, ShapeError
+from dlcli.engine.activations import sigmoid, softmax
+from dlcli.errors import ConfigError, DlcliError, ShapeError
 from dlcli.registry import Registry
 
 LOSSES = Registry("loss")
@@ -267,6 +267,300 @@ class Huber(_ElementwiseLoss):
         values = np.where(small, 0.5 * error * error, self.delta * np.abs(error) - 0.5 * self.delta ** 2)
         grad = np.where(small, error, self.delta * np.sign(error)).astype(error.dtype, copy=False)
         return values, grad
+
+
+# --- the rest of keras.losses (Keras 3.15): formulas as keras/src/losses/losses.py -------------------------------
+class _LastAxisLoss(Loss):
+    """A loss whose value is a reduction of element values over the last axis: `elements(t, y)` returns those values
+    (or the reduced ones, one per row) and the derivatives of the reduced value w.r.t. y; `reduce` is "mean"
+    (regression-like losses) or "sum" (distribution losses)."""
+
+    reduce = "mean"
+
+    def elements(self, t, y):
+        raise NotImplementedError
+
+    def compute(self, y_true, y_pred, logits=None):
+        y_pred = np.asarray(y_pred)
+        t = dense_targets(y_true, y_pred, self.name)
+        values, grad = self.elements(t, y_pred)
+        if values.ndim < y_pred.ndim:
+            pass  # already one value per row
+        elif self.reduce == "sum" and y_pred.ndim > 1:
+            values = values.sum(-1)
+        elif y_pred.ndim > 1:
+            values = values.mean(-1)
+            grad /= y_pred.shape[-1]
+        per_sample, scale = _per_sample(values, len(y_pred))
+        grad *= scale
+        return per_sample, grad.astype(y_pred.dtype, copy=False)
+
+
+def _hinge_targets(t):
+    """Keras' convert_binary_labels_to_hinge: 0/1 targets become -1/1 when every one of them is 0 or 1."""
+    return 2 * t - 1 if np.isin(t, (0, 1)).all() else t
+
+
+@LOSSES.register("hinge", "Hinge")
+class Hinge(_LastAxisLoss):
+    """mean(max(1 - t * y, 0)) with targets -1/1 (0/1 converted)."""
+
+    name = "hinge"
+
+    def __init__(self):
+        pass
+
+    def elements(self, t, y):
+        t = _hinge_targets(t)
+        margin = 1 - t * y
+        return np.maximum(margin, 0), np.where(margin > 0, -t, 0)
+
+
+@LOSSES.register("squared_hinge", "SquaredHinge")
+class SquaredHinge(_LastAxisLoss):
+    """mean(max(1 - t * y, 0)^2) with targets -1/1 (0/1 converted)."""
+
+    name = "squared_hinge"
+
+    def __init__(self):
+        pass
+
+    def elements(self, t, y):
+        t = _hinge_targets(t)
+        margin = np.maximum(1 - t * y, 0)
+        return margin * margin, -2 * t * margin
+
+
+@LOSSES.register("categorical_hinge", "CategoricalHinge")
+class CategoricalHinge(_LastAxisLoss):
+    """max(max((1 - t) * y) - sum(t * y) + 1, 0) over the last axis."""
+
+    name = "categorical_hinge"
+    reduce = "sum"
+
+    def __init__(self):
+        pass
+
+    def elements(self, t, y):
+        others = (1 - t) * y
+        top = others.argmax(-1)[..., None]
+        neg = np.take_along_axis(others, top, -1)
+        value = np.maximum(neg - (t * y).sum(-1, keepdims=True) + 1, 0)
+        grad = -t
+        np.put_along_axis(grad, top, np.take_along_axis(grad + (1 - t), top, -1), -1)
+        grad *= value > 0
+        return value[..., 0], grad
+
+
+@LOSSES.register("cosine_similarity", "CosineSimilarity")
+class CosineSimilarity(_LastAxisLoss):
+    """-sum(t / |t| * y / |y|) over the last axis; an all-zero vector counts as orthogonal (Keras' normalize:
+    x * min(1 / |x|, 1 / epsilon))."""
+
+    name = "cosine_similarity"
+    reduce = "sum"
+
+    def __init__(self, axis: int = -1):
+        if axis != -1:
+            raise ConfigError("cosine_similarity supports axis=-1 (the last axis) only")
+        self.axis = axis
+
+    def elements(self, t, y):
+        tn = t * np.minimum(1 / np.sqrt((t * t).sum(-1, keepdims=True)), 1 / EPSILON)
+        y_inv = 1 / np.sqrt((y * y).sum(-1, keepdims=True))
+        clipped = y_inv > 1 / EPSILON
+        y_inv = np.minimum(y_inv, 1 / EPSILON)
+        yn = y * y_inv
+        along = (tn * yn).sum(-1, keepdims=True)
+        grad = -(tn - np.where(clipped, 0, along * yn)) * y_inv
+        return -tn * yn, grad
+
+
+@LOSSES.register("kl_divergence", "KLDivergence", "kld", "kullback_leibler_divergence")
+class KLDivergence(_LastAxisLoss):
+    """sum(t * log(t / y)) over the last axis, t and y clipped to [1e-7, 1]."""
+
+    name = "kl_divergence"
+    reduce = "sum"
+
+    def __init__(self):
+        pass
+
+    def elements(self, t, y):
+        tc, yc = np.clip(t, EPSILON, 1), np.clip(y, EPSILON, 1)
+        return tc * np.log(tc / yc), np.where((y >= EPSILON) & (y <= 1), -tc / yc, 0)
+
+
+@LOSSES.register("log_cosh", "LogCosh", "logcosh")
+class LogCosh(_LastAxisLoss):
+    """mean(log(cosh(y - t))), computed as e + softplus(-2e) - log 2 (no overflow)."""
+
+    name = "log_cosh"
+
+    def __init__(self):
+        pass
+
+    def elements(self, t, y):
+        e = y - t
+        return e + np.logaddexp(0, -2 * e) - np.log(2.0), np.tanh(e)
+
+
+@LOSSES.register("mean_absolute_percentage_error", "MeanAbsolutePercentageError", "mape")
+class MeanAbsolutePercentageError(_LastAxisLoss):
+    """100 * mean(|t - y| / max(|t|, 1e-7))."""
+
+    name = "mean_absolute_percentage_error"
+
+    def __init__(self):
+        pass
+
+    def elements(self, t, y):
+        scale = 100 / np.maximum(np.abs(t), EPSILON)
+        return np.abs(t - y) * scale, np.sign(y - t) * scale
+
+
+@LOSSES.register("mean_squared_logarithmic_error", "MeanSquaredLogarithmicError", "msle")
+class MeanSquaredLogarithmicError(_LastAxisLoss):
+    """mean((log(max(y, 1e-7) + 1) - log(max(t, 1e-7) + 1))^2)."""
+
+    name = "mean_squared_logarithmic_error"
+
+    def __init__(self):
+        pass
+
+    def elements(self, t, y):
+        shifted = np.maximum(y, EPSILON) + 1
+        d = np.log(shifted) - np.log(np.maximum(t, EPSILON) + 1)
+        return d * d, np.where(y > EPSILON, 2 * d / shifted, 0)
+
+
+@LOSSES.register("poisson", "Poisson")
+class Poisson(_LastAxisLoss):
+    """mean(y - t * log(y + 1e-7))."""
+
+    name = "poisson"
+
+    def __init__(self):
+        pass
+
+    def elements(self, t, y):
+        return y - t * np.log(y + EPSILON), 1 - t / (y + EPSILON)
+
+
+@LOSSES.register("binary_focal_crossentropy", "BinaryFocalCrossentropy")
+class BinaryFocalCrossentropy(_LastAxisLoss):
+    """(1 - p_t)^gamma * bce, p_t = t p + (1 - t)(1 - p); with apply_class_balancing weighted alpha for 1s and
+    1 - alpha for 0s (Lin et al. 2017, as Keras)."""
+
+    name = "binary_focal_crossentropy"
+
+    def __init__(self, apply_class_balancing: bool = False, alpha: float = 0.25, gamma: float = 2.0,
+                 from_logits: bool = False, label_smoothing: float = 0.0):
+        self.apply_class_balancing, self.alpha, self.gamma = bool(apply_class_balancing), float(alpha), float(gamma)
+        self.from_logits, self.label_smoothing = bool(from_logits), float(label_smoothing)
+
+    def elements(self, t, y):
+        if self.label_smoothing:
+            t = t * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+        p = sigmoid(y) if self.from_logits else y
+        pc = np.clip(p, EPSILON, 1 - EPSILON)
+        bce = -(t * np.log(pc) + (1 - t) * np.log(1 - pc))
+        d_bce = np.where((p >= EPSILON) & (p <= 1 - EPSILON), (pc - t) / (pc * (1 - pc)), 0)
+        miss = 1 - (t * p + (1 - t) * (1 - p))  # 1 - p_t
+        focal = miss ** self.gamma
+        d_focal = self.gamma * miss ** (self.gamma - 1) * (1 - 2 * t) if self.gamma else 0
+        values, grad = focal * bce, d_focal * bce + focal * d_bce
+        if self.apply_class_balancing:
+            weight = t * self.alpha + (1 - t) * (1 - self.alpha)
+            values, grad = weight * values, weight * grad
+        if self.from_logits:
+            grad = grad * p * (1 - p)
+        return values, grad
+
+
+@LOSSES.register("categorical_focal_crossentropy", "CategoricalFocalCrossentropy")
+class CategoricalFocalCrossentropy(_LastAxisLoss):
+    """sum(-alpha * (1 - o)^gamma * t * log o) over the last axis, o = clip(y / sum(y)) (Keras' renormalisation)."""
+
+    name = "categorical_focal_crossentropy"
+    reduce = "sum"
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, from_logits: bool = False,
+                 label_smoothing: float = 0.0):
+        self.alpha, self.gamma = float(alpha), float(gamma)
+        self.from_logits, self.label_smoothing = bool(from_logits), float(label_smoothing)
+
+    def elements(self, t, y):
+        if self.label_smoothing:
+            t = t * (1 - self.label_smoothing) + self.label_smoothing / y.shape[-1]
+        p = softmax(y) if self.from_logits else y
+        total = p.sum(-1, keepdims=True)
+        q = p / total
+        o = np.clip(q, EPSILON, 1 - EPSILON)
+        log_o, miss = np.log(o), 1 - o
+        values = -self.alpha * miss ** self.gamma * t * log_o
+        d_o = self.alpha * t * (self.gamma * miss ** (self.gamma - 1) * log_o - miss ** self.gamma / o)
+        d_q = np.where((q >= EPSILON) & (q <= 1 - EPSILON), d_o, 0)
+        grad = (d_q - (d_q * q).sum(-1, keepdims=True)) / total  # through q = p / sum(p)
+        if self.from_logits:
+            grad = p * (grad - (grad * p).sum(-1, keepdims=True))  # through p = softmax(y)
+        return values, grad
+
+
+class _OverlapLoss(Loss):
+    """Dice and Tversky: 1 - overlap / size, the sums taken over `axis` (Keras' default None: every axis, batch
+    included, so the batch is one set and every sample reports the batch's value). `overlap(t, y, sums)` gives the
+    ratio's numerator and denominator and their derivatives w.r.t. y."""
+
+    def __init__(self, axis=None):
+        if axis is not None:
+            axes = [axis] if isinstance(axis, int) else list(axis)
+            if 0 in axes or any(not isinstance(a, int) for a in axes):
+                raise ConfigError(f"{self.name} axis must be None or non-batch axes (1, 2, ... or -1); got {axis}")
+        self.axis = axis
+
+    def compute(self, y_true, y_pred, logits=None):
+        y_pred = np.asarray(y_pred)
+        t = dense_targets(y_true, y_pred, self.name)
+        axes = None if self.axis is None else tuple([self.axis] if isinstance(self.axis, int) else self.axis)
+        num, den, d_num, d_den = self.ratio(t, y_pred, lambda v: v.sum(axes, keepdims=True))
+        values = 1 - num / den
+        grad = -(d_num * den - num * d_den) / (den * den)
+        batch = len(y_pred)
+        if axes is None:
+            # one value for the whole batch: each sample reports it, and the model's 1/batch gives its gradient back
+            return np.full(batch, float(values.reshape(-1)[0])), (grad * batch).astype(y_pred.dtype, copy=False)
+        per_sample, scale = _per_sample(np.broadcast_to(values, y_pred.shape), batch)
+        # every element of a reduced group reports the group's value: the mean over them counts it once per element
+        # of the group, so the gradient is the group's, once
+        group = y_pred.size // values.size
+        return per_sample, (grad * group * scale).astype(y_pred.dtype, copy=False)
+
+
+@LOSSES.register("dice", "Dice")
+class Dice(_OverlapLoss):
+    """1 - 2 sum(t y) / (sum(t) + sum(y) + 1e-7)."""
+
+    name = "dice"
+
+    def ratio(self, t, y, total):
+        return 2 * total(t * y), total(t) + total(y) + EPSILON, 2 * t, np.ones_like(y)
+
+
+@LOSSES.register("tversky", "Tversky")
+class Tversky(_OverlapLoss):
+    """1 - sum(t y) / (sum(t y) + alpha sum((1 - y) t) + beta sum(y (1 - t)) + 1e-7), Keras' terms as written."""
+
+    name = "tversky"
+
+    def __init__(self, alpha: float = 0.5, beta: float = 0.5, axis=None):
+        super().__init__(axis)
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def ratio(self, t, y, total):
+        inter = total(t * y)
+        den = inter + self.alpha * total((1 - y) * t) + self.beta * total(y * (1 - t)) + EPSILON
+        return inter, den, t, t - self.alpha * t + self.beta * (1 - t)
 
 
 def get(identifier) -> Loss:

@@ -57,6 +57,29 @@ CASES = {
     # errors kept away from the kinks at 0 and +-delta
     "huber": (losses.Huber(delta=1.0), np.zeros((4, 3)),
               rng.choice([-1, 1], (4, 3)) * np.array([0.3, 0.7, 2.0])[rng.integers(0, 3, (4, 3))], "probs"),
+    "hinge_01": (losses.Hinge(), rng.integers(0, 2, (4, 3)), rng.normal(0, 1, (4, 3)), "probs"),
+    "hinge_pm": (losses.Hinge(), rng.choice([-1.0, 1.0], (4, 3)), rng.normal(0, 1, (4, 3)), "probs"),
+    "squared_hinge": (losses.SquaredHinge(), rng.integers(0, 2, (3, 4, 2)), rng.normal(0, 1, (3, 4, 2)), "probs"),
+    "categorical_hinge": (losses.CategoricalHinge(), _onehot(labels_2d, 5), rng.normal(0, 1, (4, 5)), "probs"),
+    "cosine_similarity": (losses.CosineSimilarity(), rng.normal(0, 1, (4, 3)), rng.normal(0, 1, (4, 3)), "probs"),
+    "kl_divergence": (losses.KLDivergence(), _positive((4, 5)) / 3, _positive((4, 5)), "probs"),
+    "log_cosh": (losses.LogCosh(), rng.normal(0, 1, (4, 3)), rng.normal(0, 2, (4, 3)), "probs"),
+    "mape": (losses.MeanAbsolutePercentageError(), rng.normal(0, 1, (4, 3)), rng.normal(0, 1, (4, 3)), "probs"),
+    "msle": (losses.MeanSquaredLogarithmicError(), _positive((4, 3)), _positive((4, 3)), "probs"),
+    "poisson": (losses.Poisson(), rng.integers(0, 4, (4, 3)), _positive((4, 3)), "probs"),
+    "binary_focal": (losses.BinaryFocalCrossentropy(), rng.integers(0, 2, (4, 3)), rng.uniform(0.05, 0.95, (4, 3)),
+                     "probs"),
+    "binary_focal_balanced_logits": (
+        losses.BinaryFocalCrossentropy(apply_class_balancing=True, gamma=1.5, from_logits=True, label_smoothing=0.1),
+        rng.integers(0, 2, (4, 3)), rng.normal(0, 2, (4, 3)), "logits"),
+    "categorical_focal": (losses.CategoricalFocalCrossentropy(), _onehot(labels_2d, 5), _positive((4, 5)), "probs"),
+    "categorical_focal_logits": (losses.CategoricalFocalCrossentropy(alpha=0.5, gamma=3.0, from_logits=True,
+                                                                     label_smoothing=0.1),
+                                 _onehot(labels_2d, 5), rng.normal(0, 2, (4, 5)), "logits"),
+    "dice_batch": (losses.Dice(), rng.integers(0, 2, (4, 3)), _positive((4, 3)), "batch"),
+    "dice_axes": (losses.Dice(axis=[1, 2]), rng.integers(0, 2, (3, 4, 4, 2)), _positive((3, 4, 4, 2)), "probs"),
+    "tversky_batch": (losses.Tversky(alpha=0.3, beta=0.7), rng.integers(0, 2, (4, 3)), _positive((4, 3)), "batch"),
+    "tversky_axis": (losses.Tversky(axis=-1), rng.integers(0, 2, (4, 5)), _positive((4, 5)), "probs"),
 }
 
 
@@ -64,7 +87,9 @@ CASES = {
 def test_gradient(case):
     loss, y_true, x, kind = CASES[case]
     x = x.astype(np.float64).copy()
-    weights = rng.normal(0, 1, len(x))  # checks every sample's gradient, not only their sum
+    # checks every sample's gradient, not only their sum; a loss over the whole batch ("batch": Dice and Tversky
+    # with axis=None) has no per-sample gradient, only the batch mean's
+    weights = np.ones(len(x)) / len(x) if kind == "batch" else rng.normal(0, 1, len(x))
 
     def evaluate():
         if kind.startswith("fused:"):
@@ -75,7 +100,7 @@ def test_gradient(case):
     per_sample, grad = evaluate()
     assert per_sample.shape == (len(x),) and per_sample.dtype == np.float64
     assert grad.shape == x.shape and grad.dtype == x.dtype
-    weighted = grad * weights.reshape((-1,) + (1,) * (x.ndim - 1))
+    weighted = grad * (weights.reshape((-1,) + (1,) * (x.ndim - 1)) if kind != "batch" else weights.mean())
     assert_close(weighted, numeric_grad(lambda: float(evaluate()[0] @ weights), x), case, rtol=1e-5, atol=1e-8)
 
 

@@ -66,9 +66,12 @@ class Activation(Layer):
     activation_last = True
     supports_masking = True
 
-    def __init__(self, activation: str, **kw):
+    def __init__(self, activation: str | dict, **kw):
         super().__init__(**kw)
         self.activation = activations.get(activation)
+
+    def output_shape(self, input_shape):
+        return self.activation.output_shape(input_shape)  # glu halves its axis
 
     def forward(self, x, training=False):
         return self.activate(x)

@@ -23,14 +23,24 @@ def test_gradients(name, args, shape, opts):
     check_layer(layers.LAYERS.get(name)(**args), shape, **opts)
 
 
+# Activations whose arguments have no default in Keras (threshold) or are worth checking away from the default.
+ACTIVATION_ARGS = {"threshold": {"threshold": 0.1, "default_value": -0.5}, "squareplus": {"b": 2.0},
+                   "celu": {"alpha": 0.7}, "soft_shrink": {"threshold": 0.3}, "glu": {"axis": 1}}
+
+
+def _activation(name):
+    return activations.get({"type": name, **ACTIVATION_ARGS.get(name, {})})
+
+
 @pytest.mark.parametrize("name", activations.ACTIVATIONS.names())
 def test_activation_gradients(name):
-    act = activations.get(name)
-    z = np.random.default_rng(1).normal(0, 2, (4, 5))
-    r = np.random.default_rng(2).normal(0, 1, z.shape)
-    act.forward(z)
+    act = _activation(name)
+    z = np.random.default_rng(1).normal(0, 2, (4, 6))
+    y = act.forward(z)
+    assert y.shape[1:] == act.output_shape(z.shape[1:])
+    r = np.random.default_rng(2).normal(0, 1, y.shape)
     g = act.backward(r)
-    num = numeric_grad(lambda: float((activations.get(name).forward(z) * r).sum()), z)
+    num = numeric_grad(lambda: float((_activation(name).forward(z) * r).sum()), z)
     assert_close(g, num, name, rtol=1e-5 if name != "gelu" else 1e-3)
 
 
