@@ -2,13 +2,19 @@
 
 Each metric turns a batch into one value per sample (the last-axis value averaged over any other non-batch axes,
 as Keras' `reduce_to_samplewise_values`), and keeps a weighted sum and total weight, so an epoch's result is exact
-over uneven batches: sum(value * weight) / sum(weight), not a mean of batch means. Formulas follow
+over uneven batches: sum(value * weight) / sum(weight), not a mean of batch means. The confusion-matrix metrics
+(AUC, precision, recall, true/false positives/negatives), F-scores and R2 keep Keras' sums instead (counts at each
+threshold, per-class totals) and compute their result from them at the end, as Keras does. Every metric's epoch
+state is `state()`, a fixed-length list of additive sums: checkpoints store it and data-parallel ranks add it up. Formulas follow
 `keras.metrics` (binary threshold 0.5, top-k k=5 counting ties as hits like Keras' `in_top_k`).
 """
+import inspect
+
 import numpy as np
 
+from dlcli import losses
 from dlcli.errors import ConfigError
-from dlcli.losses import dense_targets, sparse_labels
+from dlcli.losses import EPSILON, dense_targets, sparse_labels
 from dlcli.registry import Registry, did_you_mean
 
 METRICS = Registry("metric")
@@ -17,7 +23,8 @@ ACCURACY_ALIASES = ("accuracy", "acc")  # resolved by `resolve` from the loss an
 
 # Parts of metric names where smaller is better (losses, errors, divergences); larger is better for accuracy-like ones.
 _LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "mape", "msle", "squared", "absolute", "hinge", "crossentropy",
-                    "divergence", "poisson", "cosh")
+                    "divergence", "poisson", "cosh", "false_")
+_HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "fbeta", "r2", "true_", "cosine_similarity")
 
 
 def metric_direction(metric: str) -> str | None:
@@ -26,7 +33,7 @@ def metric_direction(metric: str) -> str | None:
     name = metric.removeprefix("val_")
     if any(part in name for part in _LOWER_IS_BETTER):
         return "min"
-    if any(word in name for word in ("acc", "auc", "precision", "recall")):
+    if any(word in name for word in _HIGHER_IS_BETTER):
         return "max"
     return None
 
@@ -47,6 +54,16 @@ class Mean:
 
     def result(self) -> float:
         return self.total / self.weight if self.weight else 0.0
+
+    def build(self, output_shape):
+        """Size the epoch state for outputs of this shape (no batch axis): metrics with per-class sums need it."""
+
+    def state(self) -> list:
+        """The epoch so far as additive sums (two for a mean)."""
+        return [self.total, self.weight]
+
+    def set_state(self, values):
+        self.total, self.weight = (float(v) for v in values)
 
 
 class Metric(Mean):
@@ -75,7 +92,7 @@ class Metric(Mean):
         return {"type": self.default_name, "name": self.name}
 
 
-@METRICS.register("binary_accuracy")
+@METRICS.register("binary_accuracy", "BinaryAccuracy")
 class BinaryAccuracy(Metric):
     default_name = "binary_accuracy"
 
@@ -92,7 +109,7 @@ class BinaryAccuracy(Metric):
         return {**super().get_config(), "threshold": self.threshold}
 
 
-@METRICS.register("categorical_accuracy")
+@METRICS.register("categorical_accuracy", "CategoricalAccuracy")
 class CategoricalAccuracy(Metric):
     default_name = "categorical_accuracy"
 
@@ -103,7 +120,7 @@ class CategoricalAccuracy(Metric):
         return dense_targets(y_true, y_pred, self.name).argmax(-1) == y_pred.argmax(-1)
 
 
-@METRICS.register("sparse_categorical_accuracy")
+@METRICS.register("sparse_categorical_accuracy", "SparseCategoricalAccuracy")
 class SparseCategoricalAccuracy(Metric):
     default_name = "sparse_categorical_accuracy"
 
@@ -111,7 +128,7 @@ class SparseCategoricalAccuracy(Metric):
         return sparse_labels(y_true, y_pred, self.name) == y_pred.argmax(-1)
 
 
-@METRICS.register("top_k_categorical_accuracy")
+@METRICS.register("top_k_categorical_accuracy", "TopKCategoricalAccuracy")
 class TopKCategoricalAccuracy(Metric):
     default_name = "top_k_categorical_accuracy"
 
@@ -136,7 +153,7 @@ class TopKCategoricalAccuracy(Metric):
         return {**super().get_config(), "k": self.k}
 
 
-@METRICS.register("sparse_top_k_categorical_accuracy")
+@METRICS.register("sparse_top_k_categorical_accuracy", "SparseTopKCategoricalAccuracy")
 class SparseTopKCategoricalAccuracy(TopKCategoricalAccuracy):
     default_name = "sparse_top_k_categorical_accuracy"
 
@@ -144,7 +161,7 @@ class SparseTopKCategoricalAccuracy(TopKCategoricalAccuracy):
         return sparse_labels(y_true, y_pred, self.name)
 
 
-@METRICS.register("mean_squared_error", "mse")
+@METRICS.register("mean_squared_error", "mse", "MeanSquaredError")
 class MeanSquaredError(Metric):
     default_name = "mean_squared_error"
 
@@ -153,13 +170,443 @@ class MeanSquaredError(Metric):
         return (error * error).mean(-1) if y_pred.ndim > 1 else error * error
 
 
-@METRICS.register("mean_absolute_error", "mae")
+@METRICS.register("mean_absolute_error", "mae", "MeanAbsoluteError")
 class MeanAbsoluteError(Metric):
     default_name = "mean_absolute_error"
 
     def values(self, y_true, y_pred):
         error = np.abs(y_pred - dense_targets(y_true, y_pred, self.name))
         return error.mean(-1) if y_pred.ndim > 1 else error
+
+
+@METRICS.register("root_mean_squared_error", "RootMeanSquaredError")
+class RootMeanSquaredError(MeanSquaredError):
+    default_name = "root_mean_squared_error"
+
+    def result(self) -> float:
+        return float(np.sqrt(super().result()))
+
+
+class _LossMetric(Metric):
+    """A loss's per-sample value as a metric (Keras' MeanMetricWrapper over the loss function)."""
+
+    loss_type = None
+    sign = 1.0
+
+    def values(self, y_true, y_pred):
+        return self.sign * self.loss_type(**self.loss_args()).compute(y_true, np.asarray(y_pred, np.float64))[0]
+
+    def loss_args(self) -> dict:
+        return {}
+
+
+def _loss_metric(snake, keras_name, loss_type, sign=1.0, **arg_defaults):
+    """Register the metric twin of a loss under Keras' two names, taking the loss's arguments (from_logits ...)."""
+
+    def __init__(self, name=None, **args):
+        Metric.__init__(self, name)
+        unknown = set(args) - set(arg_defaults)
+        if unknown:
+            raise ConfigError(f"metric '{keras_name}' has no argument '{sorted(unknown)[0]}'; accepted: "
+                              f"{', '.join(['name', *arg_defaults]) or 'name'}")
+        self.args = {**arg_defaults, **args}
+
+    def get_config(self):
+        return {**Metric.get_config(self), **self.args}
+
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
+              inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=str | None),
+              *[inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in arg_defaults.items()]]
+    __init__.__signature__ = inspect.Signature(params)
+    cls = type(keras_name, (_LossMetric,), {
+        "__init__": __init__, "get_config": get_config, "default_name": snake, "loss_type": loss_type,
+        "sign": sign, "loss_args": lambda self: self.args, "__doc__": f"The {snake} loss as a metric (Keras)."})
+    METRICS.register(snake, keras_name)(cls)
+    return cls
+
+
+for _snake, _keras, _loss, _sign, _args in [
+        ("binary_crossentropy", "BinaryCrossentropy", losses.BinaryCrossentropy, 1.0,
+         {"from_logits": False, "label_smoothing": 0.0}),
+        ("categorical_crossentropy", "CategoricalCrossentropy", losses.CategoricalCrossentropy, 1.0,
+         {"from_logits": False, "label_smoothing": 0.0}),
+        ("sparse_categorical_crossentropy", "SparseCategoricalCrossentropy", losses.SparseCategoricalCrossentropy,
+         1.0, {"from_logits": False}),
+        ("kl_divergence", "KLDivergence", losses.KLDivergence, 1.0, {}),
+        ("poisson", "Poisson", losses.Poisson, 1.0, {}),
+        ("logcosh", "LogCoshError", losses.LogCosh, 1.0, {}),
+        ("mean_absolute_percentage_error", "MeanAbsolutePercentageError", losses.MeanAbsolutePercentageError, 1.0,
+         {}),
+        ("mean_squared_logarithmic_error", "MeanSquaredLogarithmicError", losses.MeanSquaredLogarithmicError, 1.0,
+         {}),
+        ("hinge", "Hinge", losses.Hinge, 1.0, {}),
+        ("squared_hinge", "SquaredHinge", losses.SquaredHinge, 1.0, {}),
+        ("categorical_hinge", "CategoricalHinge", losses.CategoricalHinge, 1.0, {}),
+        # Keras' metric is the similarity itself (higher is better), the loss its negative
+        ("cosine_similarity", "CosineSimilarity", losses.CosineSimilarity, -1.0, {})]:
+    _loss_metric(_snake, _keras, _loss, _sign, **_args)
+
+
+class _Sums(Metric):
+    """A metric whose epoch state is arrays of weighted sums (confusion counts, per-class totals) sized by the
+    output, so `state()` is a fixed-length vector the trainer can checkpoint and add up over ranks."""
+
+    def build(self, output_shape):
+        self.sums = np.zeros(self.state_shape(tuple(output_shape)), np.float64)
+
+    def state_shape(self, output_shape) -> tuple:
+        raise NotImplementedError
+
+    def reset(self):
+        if hasattr(self, "sums"):
+            self.sums[...] = 0
+
+    def state(self) -> list:
+        return self.sums.reshape(-1).tolist()
+
+    def set_state(self, values):
+        self.sums[...] = np.asarray(values, np.float64).reshape(self.sums.shape)
+
+    def _ensure_built(self, y_pred):
+        if not hasattr(self, "sums"):
+            self.build(np.shape(y_pred)[1:])
+
+
+def _single_threshold(thresholds, default, what):
+    if thresholds is None:
+        return default
+    values = thresholds if isinstance(thresholds, (list, tuple)) else [thresholds]
+    if len(values) != 1:
+        raise ConfigError(f"{what} takes one threshold here (a history column holds one number per epoch); got "
+                          f"{thresholds}: add one {what} per threshold")
+    value = float(values[0])
+    if not 0 <= value <= 1:
+        raise ConfigError(f"{what} threshold must be in [0, 1]; got {value}")
+    return value
+
+
+class _Confusion(_Sums):
+    """Weighted true/false positive/negative counts at each threshold, summed over the epoch as Keras'
+    update_confusion_matrix_variables does: a prediction is positive when it is above the threshold, a target when
+    it is non-zero; every element counts (flattened) unless multi_label keeps one column per label. sums has shape
+    (4, thresholds, labels): tp, fp, tn, fn."""
+
+    multi_label, top_k, class_id = False, None, None
+
+    def state_shape(self, output_shape):
+        labels = output_shape[-1] if self.multi_label and output_shape else 1
+        return (4, len(self.thresholds), labels)
+
+    def update(self, y_true, y_pred, sample_weight=None):
+        y_pred = np.asarray(y_pred, np.float64)
+        self._ensure_built(y_pred)
+        t = dense_targets(y_true, y_pred, self.name) != 0
+        if getattr(self, "from_logits", False):
+            y_pred = 1 / (1 + np.exp(-y_pred))
+        weights = np.ones(y_pred.shape) if sample_weight is None else np.broadcast_to(
+            np.asarray(sample_weight, np.float64).reshape((-1,) + (1,) * (y_pred.ndim - 1)), y_pred.shape)
+        if self.top_k is not None:  # Keras' _filter_top_k: everything but the k largest becomes -inf
+            kth = -np.sort(-y_pred, -1)[..., self.top_k - 1:self.top_k]
+            y_pred = np.where(y_pred >= kth, y_pred, -np.inf)
+        if self.class_id is not None:
+            y_pred, t, weights = y_pred[..., self.class_id], t[..., self.class_id], weights[..., self.class_id]
+        labels = self.sums.shape[2]
+        y_pred, t, weights = (a.reshape(-1, labels) for a in (y_pred, t, weights))
+        count = len(self.thresholds)
+        # above[i, l] thresholds lie strictly below prediction i: it is positive at thresholds 0 .. above - 1
+        above = np.searchsorted(self.thresholds, y_pred, side="left") + np.arange(labels) * (count + 1)
+        size = labels * (count + 1)
+
+        def positives(w):  # (thresholds, labels): the weight of predictions above each threshold
+            hist = np.bincount(above.reshape(-1), w.reshape(-1), size).reshape(labels, count + 1)
+            return np.cumsum(hist[:, ::-1], 1)[:, ::-1][:, 1:].T
+
+        for w, positive_row, negative_row in ((weights * t, 0, 3), (weights * ~t, 1, 2)):  # tp/fn, then fp/tn
+            positive = positives(w)
+            self.sums[positive_row] += positive
+            self.sums[negative_row] += w.sum(0) - positive
+
+    @property
+    def tp(self):
+        return self.sums[0]
+
+    @property
+    def fp(self):
+        return self.sums[1]
+
+    @property
+    def tn(self):
+        return self.sums[2]
+
+    @property
+    def fn(self):
+        return self.sums[3]
+
+
+def _ratio(a, b):
+    """a / b, 0 where b is 0 (Keras' divide_no_nan)."""
+    return np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b != 0)
+
+
+class _Count(_Confusion):
+    row = 0
+
+    def __init__(self, thresholds=None, name: str | None = None):
+        super().__init__(name)
+        self.init_thresholds = thresholds
+        self.thresholds = np.array([_single_threshold(thresholds, 0.5, self.default_name)])
+
+    def result(self) -> float:
+        return float(self.sums[self.row].sum()) if hasattr(self, "sums") else 0.0
+
+    def get_config(self):
+        return {**super().get_config(), "thresholds": self.init_thresholds}
+
+
+@METRICS.register("true_positives", "TruePositives")
+class TruePositives(_Count):
+    default_name, row = "true_positives", 0
+
+
+@METRICS.register("false_positives", "FalsePositives")
+class FalsePositives(_Count):
+    default_name, row = "false_positives", 1
+
+
+@METRICS.register("true_negatives", "TrueNegatives")
+class TrueNegatives(_Count):
+    default_name, row = "true_negatives", 2
+
+
+@METRICS.register("false_negatives", "FalseNegatives")
+class FalseNegatives(_Count):
+    default_name, row = "false_negatives", 3
+
+
+class _PrecisionRecall(_Confusion):
+    def __init__(self, thresholds=None, top_k: int | None = None, class_id: int | None = None,
+                 name: str | None = None):
+        super().__init__(name)
+        self.init_thresholds, self.top_k, self.class_id = thresholds, top_k, class_id
+        # with top_k, every kept prediction counts as positive (Keras' default threshold -inf)
+        self.thresholds = np.array([_single_threshold(thresholds, 0.5 if top_k is None else -np.inf,
+                                                      self.default_name)])
+
+    def get_config(self):
+        return {**super().get_config(), "thresholds": self.init_thresholds, "top_k": self.top_k,
+                "class_id": self.class_id}
+
+
+@METRICS.register("precision", "Precision")
+class Precision(_PrecisionRecall):
+    """tp / (tp + fp) over the epoch."""
+
+    default_name = "precision"
+
+    def result(self) -> float:
+        return float(_ratio(self.tp, self.tp + self.fp).reshape(-1)[0]) if hasattr(self, "sums") else 0.0
+
+
+@METRICS.register("recall", "Recall")
+class Recall(_PrecisionRecall):
+    """tp / (tp + fn) over the epoch."""
+
+    default_name = "recall"
+
+    def result(self) -> float:
+        return float(_ratio(self.tp, self.tp + self.fn).reshape(-1)[0]) if hasattr(self, "sums") else 0.0
+
+
+@METRICS.register("auc", "AUC")
+class AUC(_Confusion):
+    """Area under the ROC or PR curve from confusion counts at num_thresholds thresholds accumulated over the
+    epoch (Keras' AUC: thresholds -1e-7, 1/(n-1), ..., (n-2)/(n-1), 1 + 1e-7; ROC and PR by the trapezoid rule
+    ('interpolation'), PR by Davis & Goadrich's interpolation; 'minoring'/'majoring' Riemann sums; multi_label
+    averages per-label areas, weighted by label_weights)."""
+
+    default_name = "auc"
+
+    def __init__(self, num_thresholds: int = 200, curve: str = "ROC", summation_method: str = "interpolation",
+                 thresholds: list[float] | None = None, multi_label: bool = False,
+                 label_weights: list[float] | None = None, from_logits: bool = False, name: str | None = None):
+        super().__init__(name)
+        if curve.upper() not in ("ROC", "PR"):
+            raise ConfigError(f"AUC curve must be 'ROC' or 'PR'; got {curve!r}")
+        if summation_method not in ("interpolation", "minoring", "majoring"):
+            raise ConfigError(f"AUC summation_method must be interpolation, minoring or majoring; got "
+                              f"{summation_method!r}")
+        if thresholds is not None:
+            inner = sorted(float(t) for t in thresholds)
+            num_thresholds = len(inner) + 2
+        elif num_thresholds <= 1:
+            raise ConfigError(f"AUC num_thresholds must be an integer > 1; got {num_thresholds}")
+        else:
+            inner = [(i + 1) / (num_thresholds - 1) for i in range(num_thresholds - 2)]
+        self.num_thresholds, self.curve, self.summation_method = int(num_thresholds), curve.upper(), summation_method
+        self.init_thresholds, self.multi_label, self.from_logits = thresholds, bool(multi_label), bool(from_logits)
+        self.label_weights = None if label_weights is None else [float(w) for w in label_weights]
+        self.thresholds = np.array([-EPSILON, *inner, 1 + EPSILON])
+
+    def update(self, y_true, y_pred, sample_weight=None):
+        y_pred = np.asarray(y_pred, np.float64)
+        if not self.multi_label:
+            y_pred = np.clip(y_pred, 0, 1) if not self.from_logits else y_pred
+        super().update(y_true, y_pred, sample_weight)
+
+    def result(self) -> float:
+        if not hasattr(self, "sums"):
+            return 0.0
+        tp, fp, tn, fn = self.tp, self.fp, self.tn, self.fn
+        if self.curve == "PR" and self.summation_method == "interpolation":
+            areas = self._interpolated_pr(tp, fp, fn)
+        else:
+            recall = _ratio(tp, tp + fn)
+            x, y = (_ratio(fp, fp + tn), recall) if self.curve == "ROC" else (recall, _ratio(tp, tp + fp))
+            heights = {"interpolation": (y[:-1] + y[1:]) / 2, "minoring": np.minimum(y[:-1], y[1:]),
+                       "majoring": np.maximum(y[:-1], y[1:])}[self.summation_method]
+            areas = ((x[:-1] - x[1:]) * heights).sum(0)
+        if self.label_weights is not None and self.multi_label:
+            w = np.asarray(self.label_weights)
+            return float(_ratio((areas * w).sum(), w.sum()))
+        return float(areas.mean())
+
+    @staticmethod
+    def _interpolated_pr(tp, fp, fn):
+        """Davis & Goadrich (2006): precision interpolated between thresholds, as Keras' interpolate_pr_auc."""
+        dtp = tp[:-1] - tp[1:]
+        p = tp + fp
+        dp = p[:-1] - p[1:]
+        slope = _ratio(dtp, np.maximum(dp, 0))
+        intercept = tp[1:] - slope * p[1:]
+        both = (p[:-1] > 0) & (p[1:] > 0)
+        ratio = np.where(both, _ratio(p[:-1], np.maximum(p[1:], 0)), 1)
+        return _ratio(slope * (dtp + intercept * np.log(ratio)), np.maximum(tp[1:] + fn[1:], 0)).sum(0)
+
+    def get_config(self):
+        return {**super().get_config(), "num_thresholds": self.num_thresholds, "curve": self.curve,
+                "summation_method": self.summation_method, "thresholds": self.init_thresholds,
+                "multi_label": self.multi_label, "label_weights": self.label_weights,
+                "from_logits": self.from_logits}
+
+
+@METRICS.register("fbeta_score", "FBetaScore")
+class FBetaScore(_Sums):
+    """(1 + beta^2) p r / (beta^2 p + r) from per-class tp, fp, fn summed over the epoch (Keras' FBetaScore: with
+    threshold None the row's largest output is the prediction; average micro sums the classes first, macro averages
+    the per-class scores, weighted weighs them by the targets' weight). Keras' average None gives one score per
+    class; a history column holds one number, so it is accepted for a single-unit output only."""
+
+    default_name = "fbeta_score"
+
+    def __init__(self, average: str | None = None, beta: float = 1.0, threshold: float | None = None,
+                 name: str | None = None):
+        super().__init__(name)
+        if average not in (None, "micro", "macro", "weighted"):
+            raise ConfigError(f"{self.default_name} average must be None, micro, macro or weighted; got {average!r}")
+        if beta <= 0:
+            raise ConfigError(f"{self.default_name} beta must be > 0; got {beta}")
+        if threshold is not None and not 0 < threshold <= 1:
+            raise ConfigError(f"{self.default_name} threshold must be in (0, 1]; got {threshold}")
+        self.average, self.beta, self.threshold = average, float(beta), threshold
+
+    def state_shape(self, output_shape):
+        if len(output_shape) != 1:
+            raise ConfigError(f"{self.name} needs (batch, classes) outputs (as Keras); the output has shape "
+                              f"(None, {', '.join(map(str, output_shape))})")
+        if self.average is None and output_shape[-1] != 1:
+            raise ConfigError(f"{self.name} with average None gives one score per class ({output_shape[-1]}); "
+                              f"give average: macro, micro or weighted for one number per epoch")
+        return (4, output_shape[-1])  # tp, fp, fn, target weight per class
+
+    def update(self, y_true, y_pred, sample_weight=None):
+        y_pred = np.asarray(y_pred, np.float64)
+        self._ensure_built(y_pred)
+        t = dense_targets(y_true, y_pred, self.name).astype(np.float64)
+        if self.threshold is None:
+            predicted = (y_pred >= y_pred.max(-1, keepdims=True)) & (np.abs(y_pred) > 1e-9)
+        else:
+            predicted = y_pred > self.threshold
+        predicted = predicted.astype(np.float64)
+        w = 1.0 if sample_weight is None else np.asarray(sample_weight, np.float64).reshape(-1, 1)
+        self.sums += (np.stack([predicted * t, predicted * (1 - t), (1 - predicted) * t, t]) * w).sum(1)
+
+    def result(self) -> float:
+        if not hasattr(self, "sums"):
+            return 0.0
+        tp, fp, fn, weight = self.sums.sum(1, keepdims=True) if self.average == "micro" else self.sums
+        precision = tp / (tp + fp + EPSILON)
+        recall = tp / (tp + fn + EPSILON)
+        score = (1 + self.beta ** 2) * precision * recall / (self.beta ** 2 * precision + recall + EPSILON)
+        if self.average == "weighted":
+            return float((score * weight / (weight.sum() + EPSILON)).sum())
+        return float(score.mean())
+
+    def get_config(self):
+        return {**super().get_config(), "average": self.average, "beta": self.beta, "threshold": self.threshold}
+
+
+@METRICS.register("f1_score", "F1Score")
+class F1Score(FBetaScore):
+    default_name = "f1_score"
+
+    def __init__(self, average: str | None = None, threshold: float | None = None, name: str | None = None):
+        super().__init__(average, 1.0, threshold, name)
+
+    def get_config(self):
+        config = super().get_config()
+        del config["beta"]
+        return config
+
+
+@METRICS.register("r2_score", "R2Score")
+class R2Score(_Sums):
+    """1 - residual sum of squares / total sum of squares per output column, from sums over the epoch (Keras'
+    R2Score: uniform_average or variance_weighted_average over columns; num_regressors > 0 adjusts it)."""
+
+    default_name = "r2_score"
+
+    def __init__(self, class_aggregation: str = "uniform_average", num_regressors: int = 0,
+                 name: str | None = None):
+        super().__init__(name)
+        if class_aggregation not in ("uniform_average", "variance_weighted_average"):
+            raise ConfigError(f"r2_score class_aggregation must be uniform_average or variance_weighted_average "
+                              f"(one number per epoch); got {class_aggregation!r}")
+        if num_regressors < 0:
+            raise ConfigError(f"r2_score num_regressors must be >= 0; got {num_regressors}")
+        self.class_aggregation, self.num_regressors = class_aggregation, int(num_regressors)
+
+    def state_shape(self, output_shape):
+        if len(output_shape) != 1:
+            raise ConfigError(f"{self.name} needs (batch, outputs) outputs (as Keras); the output has shape "
+                              f"(None, {', '.join(map(str, output_shape))})")
+        return (5, output_shape[-1])  # sum, squared sum, residual, weight per column; element count (column 0)
+
+    def update(self, y_true, y_pred, sample_weight=None):
+        y_pred = np.asarray(y_pred, np.float64)
+        self._ensure_built(y_pred)
+        t = dense_targets(y_true, y_pred, self.name).astype(np.float64)
+        w = np.ones_like(t) if sample_weight is None else np.broadcast_to(
+            np.asarray(sample_weight, np.float64).reshape(-1, 1), t.shape)
+        self.sums[:4] += np.stack([t * w, t * t * w, (t - y_pred) ** 2 * w, w]).sum(1)
+        self.sums[4, 0] += t.size
+
+    def result(self) -> float:
+        if not hasattr(self, "sums") or not self.sums[3].any():
+            return 0.0
+        total_sum, squared, residual, count = self.sums[:4]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            total = squared - total_sum * (total_sum / count)
+            raw = 1 - residual / total
+        raw = np.where(np.isinf(raw), 0.0, raw)
+        score = raw.mean() if self.class_aggregation == "uniform_average" else (total * raw).sum() / total.sum()
+        n, p = self.sums[4, 0], self.num_regressors
+        if p and p < n - 1:  # Keras falls back to the plain score when there are too few samples
+            score = 1 - (1 - score) * (n - 1) / (n - p - 1)
+        return float(score)
+
+    def get_config(self):
+        return {**super().get_config(), "class_aggregation": self.class_aggregation,
+                "num_regressors": self.num_regressors}
 
 
 def _looks_sparse(y_true, y_pred) -> bool:
@@ -207,7 +654,11 @@ class RunningLogs:
         self.names = model._metric_names()
         self.means = [Mean() for _ in range(1 + (len(model.outputs) if len(model.outputs) > 1 else 0))]
         self.metrics = model.metrics
+        for output, ms in zip(model.outputs, model.metrics):
+            for m in ms:
+                m.build(output.shape)
         self.trackers = self.means + [m for ms in model.metrics for m in ms]
+        self.sizes = [len(t.state()) for t in self.trackers]
         self.reset()
 
     def reset(self):
@@ -229,10 +680,19 @@ class RunningLogs:
         return {k: float(v) for k, v in zip(self.names, values)}
 
     def sums(self) -> list:
-        """[total, weight] of every tracker: what a mid-epoch checkpoint stores to continue the averages."""
-        return [[t.total, t.weight] for t in self.trackers]
+        """Every tracker's state, one flat list (the loss means' [total, weight] pairs first): what a mid-epoch
+        checkpoint stores to continue the epoch, and what data-parallel ranks add up."""
+        return [v for t in self.trackers for v in t.state()]
 
     def set_sums(self, sums):
+        flat = np.asarray(sums, np.float64).reshape(-1)  # checkpoints before 2026-12-06 held [total, weight] pairs
         self.reset()
-        for t, (total, weight) in zip(self.trackers, sums):
-            t.total, t.weight = total, weight
+        start = 0
+        for t, size in zip(self.trackers, self.sizes):
+            t.set_state(flat[start:start + size])
+            start += size
+
+    def batch_losses(self, moved) -> np.ndarray:
+        """The loss (and each output's loss) of the batch whose sums are `moved` (sums() after minus before)."""
+        pairs = np.asarray(moved, np.float64).reshape(-1)[:2 * len(self.means)].reshape(-1, 2)
+        return pairs[:, 0] / np.maximum(pairs[:, 1], 1e-300)

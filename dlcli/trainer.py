@@ -212,7 +212,7 @@ class Trainer:
             moved, self.stop_agreed = self.exchange(moved.reshape(-1), self.stop_requested)
             moved = moved.reshape(before.shape)
             self.logs.set_sums((before + moved).tolist())
-            batch = moved[:, 0] / np.maximum(moved[:, 1], 1e-300)  # this global batch's loss (and each output's)
+            batch = self.logs.batch_losses(moved)  # this global batch's loss (and each output's)
             return float(batch[0]), [float(v) for v in batch[1:len(parts) + 1]] if len(parts) > 1 else parts
 
         return self.model.train_step(xb, yb, wb, before_update=gate, share=share, exchange=exchange)

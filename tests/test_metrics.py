@@ -121,8 +121,74 @@ def test_one_direction_rule_for_callbacks_sweeps_and_run_listings():
     assert [metric_direction(m) for m in ("val_loss", "out_loss", "mae", "binary_crossentropy", "kl_divergence")] \
         == ["min"] * 5
     assert [metric_direction(m) for m in ("val_accuracy", "auc", "val_precision", "recall")] == ["max"] * 4
+    assert [metric_direction(m) for m in ("val_f1_score", "fbeta_score", "r2_score", "val_true_positives",
+                                          "true_negatives", "cosine_similarity")] == ["max"] * 6
+    assert [metric_direction(m) for m in ("val_false_positives", "false_negatives", "root_mean_squared_error",
+                                          "logcosh", "val_hinge", "mean_absolute_percentage_error")] == ["min"] * 6
     assert metric_direction("val_f00") is None
     assert EarlyStopping(monitor="val_mean_squared_error").sign == -1.0
     assert EarlyStopping(monitor="val_sparse_categorical_accuracy").sign == 1.0
     with pytest.raises(ConfigError, match="cannot tell whether 'val_f00'"):
         EarlyStopping(monitor="val_f00")
+
+
+def _binary_problem(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (n, 5)).astype(np.float32)
+    y = ((x[:, 0] + 0.5 * x[:, 1] + rng.normal(0, 1, n)) > 0.8).astype(np.float32)[:, None]  # imbalanced, noisy
+    return x, y
+
+
+def test_epoch_metrics_come_from_the_epochs_confusion_counts_and_drive_callbacks():
+    from dlcli import layers, models
+    from dlcli.callbacks import EarlyStopping
+
+    x, y = _binary_problem()
+    model = models.Sequential([layers.Dense(8, activation="relu", input_shape=(5,)),
+                               layers.Dense(1, activation="sigmoid")])
+    model.build(rng=np.random.default_rng(0))
+    model.compile(optimizer="adam", loss="binary_crossentropy",
+                  metrics=["auc", {"type": "AUC", "curve": "PR", "name": "pr_auc"}, "precision", "recall",
+                           {"type": "f1_score", "threshold": 0.5}, "true_positives"])
+    stop = EarlyStopping(monitor="val_auc", patience=1)
+    history = model.fit(x[:200], y[:200], epochs=3, batch_size=32, validation_data=(x[200:], y[200:]),
+                        verbose=0, seed=0, callbacks=[stop])
+    assert stop.sign == 1.0  # AUC: higher is better
+    last = {k: v[-1] for k, v in history.history.items()}
+    # batches of 32 over 100 validation samples: the epoch's value is the whole set's, not a mean of batch values
+    p = model.predict(x[200:], verbose=0)
+    for name, spec in [("val_auc", "auc"), ("val_pr_auc", {"type": "AUC", "curve": "PR"}),
+                       ("val_precision", "precision"), ("val_recall", "recall"),
+                       ("val_f1_score", {"type": "f1_score", "threshold": 0.5}), ("val_true_positives", "true_positives")]:
+        whole = metrics.get(spec)
+        whole.update(y[200:], p)
+        assert last[name] == pytest.approx(whole.result(), rel=1e-6), name
+    per_batch = []
+    for start in range(0, 100, 32):
+        m = metrics.get("auc")
+        m.update(y[200 + start:232 + start], p[start:start + 32])
+        per_batch.append(m.result())
+    assert abs(np.mean(per_batch) - last["val_auc"]) > 1e-4  # what a per-batch mean would have reported
+
+
+def test_running_logs_sums_continue_a_stateful_metric_exactly():
+    from dlcli import layers, models
+
+    x, y = _binary_problem(60)
+    model = models.Sequential([layers.Dense(1, activation="sigmoid", input_shape=(5,))])
+    model.build(rng=np.random.default_rng(0))
+    model.compile(optimizer="sgd", loss="binary_crossentropy", metrics=["auc", "accuracy", "r2_score"])
+    logs = metrics.RunningLogs(model)
+    out = model.predict(x, verbose=0)
+    logs.update(0.5, [], [y[:25]], [out[:25]])
+    sums = logs.sums()
+    assert all(isinstance(v, float) for v in sums) and len(sums) == 2 + 4 * 200 + 2 + 5
+    logs.update(0.7, [], [y[25:]], [out[25:]])
+    again = metrics.RunningLogs(model)
+    again.set_sums(sums)
+    again.update(0.7, [], [y[25:]], [out[25:]])
+    assert again.results() == logs.results()
+    model.compile(optimizer="sgd", loss="binary_crossentropy", metrics=["accuracy"])
+    old = metrics.RunningLogs(model)
+    old.set_sums([[1.0, 2.0], [3.0, 4.0]])  # a mid-epoch checkpoint written before stateful metrics: pairs
+    assert old.results() == {"loss": 0.5, "accuracy": 0.75}
