@@ -276,6 +276,175 @@ class Adagrad(Optimizer):
         value -= s
 
 
+@OPTIMIZERS.register("nadam", "Nadam")
+class Nadam(Optimizer):
+    """Adam with Nesterov momentum and Keras' momentum schedule u_t = b1 (1 - 0.96^t / 2): m and v as Adam's,
+    w -= lr (u_{t+1} m / (1 - prod u_1..u_{t+1}) + (1 - u_t) g / (1 - prod u_1..u_t)) / (sqrt(v / (1 - b2^t)) + eps)."""
+
+    name = "nadam"
+
+    def __init__(self, learning_rate=0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **kw):
+        super().__init__(learning_rate, **kw)
+        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+        self._u_products = [1.0]  # prod u_1..u_t for t = 0, 1, ...: a function of the step, so never saved
+
+    def slot_count(self) -> int:
+        return 2
+
+    def _u(self, t):
+        return self.beta_1 * (1 - 0.5 * 0.96 ** t)
+
+    def _u_product(self, t):
+        while len(self._u_products) <= t:
+            self._u_products.append(self._u_products[-1] * self._u(len(self._u_products)))
+        return self._u_products[t]
+
+    def update_step(self, index, value, grad, lr):
+        t = self.iterations + 1
+        u_t, u_next = self._u(t), self._u(t + 1)
+        product, product_next = self._u_product(t), self._u_product(t) * u_next
+        m = self.slot("momentum", index, value)
+        v = self.slot("velocity", index, value)
+        m += (grad - m) * (1 - self.beta_1)
+        v += (grad * grad - v) * (1 - self.beta_2)
+        m_hat = u_next * m / (1 - product_next) + (1 - u_t) * grad / (1 - product)
+        value -= m_hat * lr / (np.sqrt(v / (1 - self.beta_2 ** t)) + self.epsilon)
+
+
+@OPTIMIZERS.register("adamax", "Adamax")
+class Adamax(Optimizer):
+    """Adam with the infinity norm: m += (g - m)(1 - b1); u = max(b2 u, |g|); w -= lr m / ((1 - b1^t)(u + eps))."""
+
+    name = "adamax"
+
+    def __init__(self, learning_rate=0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **kw):
+        super().__init__(learning_rate, **kw)
+        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+
+    def slot_count(self) -> int:
+        return 2
+
+    def update_step(self, index, value, grad, lr):
+        t = self.iterations + 1
+        m = self.slot("m", index, value)
+        u = self.slot("u", index, value)
+        m += (grad - m) * (1 - self.beta_1)
+        np.maximum(u * self.beta_2, np.abs(grad), out=u)
+        value -= lr * m / ((1 - self.beta_1 ** t) * (u + self.epsilon))
+
+
+@OPTIMIZERS.register("adadelta", "Adadelta")
+class Adadelta(Optimizer):
+    """a = rho a + (1 - rho) g^2; d = -sqrt(s + eps) g / sqrt(a + eps); s = rho s + (1 - rho) d^2; w += lr d."""
+
+    name = "adadelta"
+
+    def __init__(self, learning_rate=0.001, rho: float = 0.95, epsilon: float = 1e-7, **kw):
+        super().__init__(learning_rate, **kw)
+        self.rho, self.epsilon = float(rho), float(epsilon)
+
+    def slot_count(self) -> int:
+        return 2
+
+    def update_step(self, index, value, grad, lr):
+        a = self.slot("accumulated_grad", index, value)
+        s = self.slot("accumulated_delta_var", index, value)
+        a *= self.rho
+        a += (1 - self.rho) * grad * grad
+        delta = -np.sqrt(s + self.epsilon) * grad / np.sqrt(a + self.epsilon)
+        s *= self.rho
+        s += (1 - self.rho) * delta * delta
+        value += lr * delta
+
+
+@OPTIMIZERS.register("lion", "Lion")
+class Lion(Optimizer):
+    """w -= lr sign(b1 m + (1 - b1) g); then m = b2 m + (1 - b2) g (Chen et al. 2023, Keras' defaults 0.9/0.99)."""
+
+    name = "lion"
+
+    def __init__(self, learning_rate=0.001, beta_1: float = 0.9, beta_2: float = 0.99, **kw):
+        super().__init__(learning_rate, **kw)
+        if not 0 < beta_1 <= 1:
+            raise ConfigError(f"Lion beta_1 must be in (0, 1] (as in Keras); got {beta_1}")
+        self.beta_1, self.beta_2 = float(beta_1), float(beta_2)
+
+    def update_step(self, index, value, grad, lr):
+        m = self.slot("momentum", index, value)
+        value -= lr * np.sign(m * self.beta_1 + grad * (1 - self.beta_1))
+        m *= self.beta_2
+        m += grad * (1 - self.beta_2)
+
+
+@OPTIMIZERS.register("ftrl", "Ftrl")
+class Ftrl(Optimizer):
+    """Follow-the-regularized-leader (McMahan et al. 2013) in Keras' form: an accumulator of g^2 (starting at
+    initial_accumulator_value) and a linear term; the weight is the closed-form minimiser with L1/L2 strengths."""
+
+    name = "ftrl"
+
+    def __init__(self, learning_rate=0.001, learning_rate_power: float = -0.5,
+                 initial_accumulator_value: float = 0.1, l1_regularization_strength: float = 0.0,
+                 l2_regularization_strength: float = 0.0, l2_shrinkage_regularization_strength: float = 0.0,
+                 beta: float = 0.0, **kw):
+        super().__init__(learning_rate, **kw)
+        for what, value in (("learning_rate_power", -learning_rate_power), ("initial_accumulator_value",
+                            initial_accumulator_value), ("l1_regularization_strength", l1_regularization_strength),
+                            ("l2_regularization_strength", l2_regularization_strength),
+                            ("l2_shrinkage_regularization_strength", l2_shrinkage_regularization_strength)):
+            if value < 0:
+                raise ConfigError(f"Ftrl {what} must be {'<= 0' if what == 'learning_rate_power' else '>= 0'} "
+                                  f"(as in Keras); got {-value if what == 'learning_rate_power' else value}")
+        self.learning_rate_power = float(learning_rate_power)
+        self.initial_accumulator_value = float(initial_accumulator_value)
+        self.l1_regularization_strength = float(l1_regularization_strength)
+        self.l2_regularization_strength = float(l2_regularization_strength)
+        self.l2_shrinkage_regularization_strength = float(l2_shrinkage_regularization_strength)
+        self.beta = float(beta)
+
+    def slot_count(self) -> int:
+        return 2
+
+    def update_step(self, index, value, grad, lr):
+        accum = self.slot("accumulator", index, value, self.initial_accumulator_value)
+        linear = self.slot("linear", index, value)
+        power = -self.learning_rate_power
+        l2 = self.l2_regularization_strength + self.beta / (2.0 * lr)
+        shrunk = grad + 2 * self.l2_shrinkage_regularization_strength * value
+        new_accum = accum + grad * grad
+        linear += shrunk - (new_accum ** power - accum ** power) / lr * value
+        quadratic = new_accum ** power / lr + 2 * l2
+        l1 = self.l1_regularization_strength
+        value[...] = (np.clip(linear, -l1, l1) - linear) / quadratic
+        accum[...] = new_accum
+
+
+@OPTIMIZERS.register("lamb", "Lamb")
+class Lamb(Optimizer):
+    """Adam's bias-corrected step r = m_hat / (sqrt(v_hat) + eps), scaled per weight by the trust ratio
+    |w| / |r| (You et al. 2019; 1 where either norm is 0): w -= lr |w| / |r| r."""
+
+    name = "lamb"
+
+    def __init__(self, learning_rate=0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **kw):
+        super().__init__(learning_rate, **kw)
+        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+
+    def slot_count(self) -> int:
+        return 2
+
+    def update_step(self, index, value, grad, lr):
+        t = self.iterations + 1
+        m = self.slot("momentum", index, value)
+        v = self.slot("velocity", index, value)
+        m += (grad - m) * (1 - self.beta_1)
+        v += (grad * grad - v) * (1 - self.beta_2)
+        update = (m / (1 - self.beta_1 ** t)) / (np.sqrt(v / (1 - self.beta_2 ** t)) + self.epsilon)
+        w_norm, r_norm = _norm(value), _norm(update)
+        ratio = w_norm / r_norm if w_norm > 0 and r_norm > 0 else 1.0
+        value -= ratio * lr * update
+
+
 def get(identifier) -> Optimizer:
     """An optimizer from a name ('adam'), a {type: name, **args} mapping, or an Optimizer (returned as is)."""
     return identifier if isinstance(identifier, Optimizer) else OPTIMIZERS.create(identifier)

@@ -199,6 +199,7 @@ def test_learning_rate_can_be_set():
 
 
 @pytest.mark.parametrize("config", [
+    {"type": "nadam", "learning_rate": 0.01}, {"type": "ftrl", "l1_regularization_strength": 0.01},
     {"type": "sgd", "learning_rate": 0.05, "momentum": 0.9, "nesterov": True},
     {"type": "rmsprop", "momentum": 0.5, "centered": True},
     {"type": "adam", "amsgrad": True, "clipnorm": 1.0},
@@ -279,7 +280,9 @@ def test_against_torch():
 @pytest.mark.parametrize("spec,slots", [
     ({"type": "sgd"}, 0), ({"type": "sgd", "momentum": 0.9}, 1), ({"type": "rmsprop"}, 1),
     ({"type": "rmsprop", "momentum": 0.9, "centered": True}, 3), ({"type": "adam"}, 2),
-    ({"type": "adamw", "amsgrad": True}, 3), ({"type": "adagrad"}, 1)])
+    ({"type": "adamw", "amsgrad": True}, 3), ({"type": "adagrad"}, 1), ({"type": "nadam"}, 2),
+    ({"type": "adamax"}, 2), ({"type": "adadelta"}, 2), ({"type": "lion"}, 1), ({"type": "ftrl"}, 2),
+    ({"type": "lamb"}, 2)])
 def test_slot_count_matches_the_state_an_update_creates(spec, slots):
     from dlcli import optimizers
     from dlcli.engine.layer import Param
