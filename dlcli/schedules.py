@@ -123,6 +123,72 @@ class OneCycle(Schedule):
         return _cos_anneal(self.max_learning_rate, final, (step - peak_step) / (end_step - peak_step))
 
 
+@SCHEDULES.register("inverse_time_decay", "InverseTimeDecay")
+class InverseTimeDecay(Schedule):
+    """initial_learning_rate / (1 + decay_rate * step / decay_steps); staircase floors step / decay_steps."""
+
+    name = "inverse_time_decay"
+
+    def __init__(self, initial_learning_rate: float, decay_steps: int, decay_rate: float, staircase: bool = False):
+        _positive(decay_steps, "inverse_time_decay decay_steps")
+        self.initial_learning_rate, self.decay_steps = float(initial_learning_rate), int(decay_steps)
+        self.decay_rate, self.staircase = float(decay_rate), bool(staircase)
+
+    def __call__(self, step):
+        p = step / self.decay_steps
+        return self.initial_learning_rate / (1 + self.decay_rate * (math.floor(p) if self.staircase else p))
+
+
+@SCHEDULES.register("polynomial_decay", "PolynomialDecay")
+class PolynomialDecay(Schedule):
+    """(initial - end) * (1 - step / decay_steps) ** power + end, held at end after decay_steps; with cycle the
+    decay restarts from the initial rate over the next multiple of decay_steps (Keras)."""
+
+    name = "polynomial_decay"
+
+    def __init__(self, initial_learning_rate: float, decay_steps: int, end_learning_rate: float = 0.0001,
+                 power: float = 1.0, cycle: bool = False):
+        _positive(decay_steps, "polynomial_decay decay_steps")
+        self.initial_learning_rate, self.decay_steps = float(initial_learning_rate), int(decay_steps)
+        self.end_learning_rate, self.power, self.cycle = float(end_learning_rate), float(power), bool(cycle)
+
+    def __call__(self, step):
+        decay_steps = self.decay_steps
+        if self.cycle:
+            decay_steps *= 1 if step == 0 else math.ceil(step / self.decay_steps)
+        else:
+            step = min(step, decay_steps)
+        fraction = step / decay_steps
+        return (self.initial_learning_rate - self.end_learning_rate) * (1 - fraction) ** self.power + \
+            self.end_learning_rate
+
+
+@SCHEDULES.register("cosine_decay_restarts", "CosineDecayRestarts")
+class CosineDecayRestarts(Schedule):
+    """Cosine decay that restarts (SGDR, Loshchilov & Hutter 2017): the i-th period lasts first_decay_steps *
+    t_mul^i steps and starts from initial_learning_rate * m_mul^i; alpha is the floor as a fraction (Keras)."""
+
+    name = "cosine_decay_restarts"
+
+    def __init__(self, initial_learning_rate: float, first_decay_steps: int, t_mul: float = 2.0, m_mul: float = 1.0,
+                 alpha: float = 0.0):
+        _positive(first_decay_steps, "cosine_decay_restarts first_decay_steps")
+        self.initial_learning_rate, self.first_decay_steps = float(initial_learning_rate), int(first_decay_steps)
+        self.t_mul, self.m_mul, self.alpha = float(t_mul), float(m_mul), float(alpha)
+
+    def __call__(self, step):
+        fraction = step / self.first_decay_steps
+        if self.t_mul == 1.0:
+            restart = math.floor(fraction)
+            fraction -= restart
+        else:
+            # periods 1, t, t^2 ...: restart i begins at (1 - t^i) / (1 - t) first periods
+            restart = math.floor(math.log(1 - fraction * (1 - self.t_mul)) / math.log(self.t_mul))
+            fraction = (fraction - (1 - self.t_mul ** restart) / (1 - self.t_mul)) / self.t_mul ** restart
+        cosine = 0.5 * self.m_mul ** restart * (1 + math.cos(math.pi * fraction))
+        return self.initial_learning_rate * ((1 - self.alpha) * cosine + self.alpha)
+
+
 def _cos_anneal(start, end, fraction):
     return end + (start - end) / 2.0 * (1 + math.cos(math.pi * fraction))
 
