@@ -4,6 +4,7 @@ Every initializer draws from an explicit `np.random.Generator`: never the global
 """
 import numpy as np
 
+from dlcli.errors import ConfigError
 from dlcli.registry import Registry
 
 INITIALIZERS = Registry("initializer")
@@ -53,13 +54,21 @@ class Constant(Initializer):
         return {"value": self.value}
 
 
+@INITIALIZERS.register("variance_scaling")
 class VarianceScaling(Initializer):
-    """Keras' VarianceScaling: truncated normal (stddev corrected by .87962566) or uniform."""
+    """Keras' VarianceScaling: variance scale / n, n the fan_in, fan_out or their mean; drawn from a normal truncated
+    at two standard deviations (stddev corrected by .87962566), an untruncated normal, or a uniform."""
 
-    scale, mode, distribution = 1.0, "fan_in", "truncated_normal"
-
-    def __init__(self, seed=None):
-        self.seed = seed
+    def __init__(self, scale: float = 1.0, mode: str = "fan_in", distribution: str = "truncated_normal", seed=None):
+        if scale <= 0:
+            raise ConfigError(f"variance_scaling scale must be > 0 (as in Keras); got {scale}")
+        if mode not in ("fan_in", "fan_out", "fan_avg"):
+            raise ConfigError(f"variance_scaling mode must be fan_in, fan_out or fan_avg; got {mode!r}")
+        distribution = "truncated_normal" if distribution == "normal" else distribution  # Keras' alias
+        if distribution not in ("truncated_normal", "untruncated_normal", "uniform"):
+            raise ConfigError(f"variance_scaling distribution must be truncated_normal, untruncated_normal or "
+                              f"uniform; got {distribution!r}")
+        self.scale, self.mode, self.distribution, self.seed = float(scale), mode, distribution, seed
 
     def __call__(self, shape, rng, dtype="float32"):
         fan_in, fan_out = fans(shape)
@@ -68,40 +77,55 @@ class VarianceScaling(Initializer):
         if self.distribution == "uniform":
             limit = np.sqrt(3 * variance)
             return rng.uniform(-limit, limit, shape).astype(dtype)
+        if self.distribution == "untruncated_normal":
+            return rng.normal(0.0, np.sqrt(variance), shape).astype(dtype)
         # 0.87962566... is the stddev of a unit normal truncated at +-2 (Keras uses the same constant).
         return truncated_normal(shape, np.sqrt(variance) / 0.87962566103423978, rng).astype(dtype)
+
+    def get_config(self):
+        config = {"scale": self.scale, "mode": self.mode, "distribution": self.distribution}
+        return {**config, "seed": self.seed} if self.seed is not None else config
+
+
+class _Preset(VarianceScaling):
+    """Glorot, He and LeCun: VarianceScaling with Keras' fixed scale, mode and distribution; only a seed."""
+
+    scale, mode, distribution = 1.0, "fan_in", "truncated_normal"
+
+    def __init__(self, seed=None):
+        self.seed = seed
 
     def get_config(self):
         return {"seed": self.seed} if self.seed is not None else {}
 
 
 @INITIALIZERS.register("glorot_uniform")
-class GlorotUniform(VarianceScaling):
+class GlorotUniform(_Preset):
     mode, distribution = "fan_avg", "uniform"
 
 
 @INITIALIZERS.register("glorot_normal")
-class GlorotNormal(VarianceScaling):
+class GlorotNormal(_Preset):
     mode = "fan_avg"
 
 
 @INITIALIZERS.register("he_normal")
-class HeNormal(VarianceScaling):
+class HeNormal(_Preset):
     scale = 2.0
 
 
 @INITIALIZERS.register("he_uniform")
-class HeUniform(VarianceScaling):
+class HeUniform(_Preset):
     scale, distribution = 2.0, "uniform"
 
 
 @INITIALIZERS.register("lecun_normal")
-class LecunNormal(VarianceScaling):
+class LecunNormal(_Preset):
     pass
 
 
 @INITIALIZERS.register("lecun_uniform")
-class LecunUniform(VarianceScaling):
+class LecunUniform(_Preset):
     distribution = "uniform"
 
 
@@ -145,6 +169,38 @@ class Orthogonal(Initializer):
             q = q.T
         # q.T is Fortran-ordered: weights are C-ordered everywhere else (a flat view of them is a view, not a copy).
         return np.ascontiguousarray((self.gain * q[:rows, :cols]).reshape(shape), dtype=dtype)
+
+    def get_config(self):
+        return {"gain": self.gain}
+
+
+@INITIALIZERS.register("truncated_normal")
+class TruncatedNormal(Initializer):
+    """Normal(mean, stddev) re-drawn outside two standard deviations of the mean (Keras' defaults)."""
+
+    def __init__(self, mean: float = 0.0, stddev: float = 0.05, seed=None):
+        self.mean, self.stddev, self.seed = mean, stddev, seed
+
+    def __call__(self, shape, rng, dtype="float32"):
+        return (self.mean + truncated_normal(shape, self.stddev, rng)).astype(dtype)
+
+    def get_config(self):
+        config = {"mean": self.mean, "stddev": self.stddev}
+        return {**config, "seed": self.seed} if self.seed is not None else config
+
+
+@INITIALIZERS.register("identity")
+class Identity(Initializer):
+    """gain * the identity matrix; 2-D weights only (Keras)."""
+
+    def __init__(self, gain: float = 1.0):
+        self.gain = gain
+
+    def __call__(self, shape, rng, dtype="float32"):
+        if len(shape) != 2:
+            raise ConfigError(f"the identity initializer makes 2-D weights only (as in Keras); this weight has shape "
+                              f"{tuple(shape)}")
+        return (self.gain * np.eye(*shape)).astype(dtype)
 
     def get_config(self):
         return {"gain": self.gain}
