@@ -25,11 +25,26 @@ def is_size(annotation) -> bool:
 
 def did_you_mean(name: str, known) -> str:
     known = [k for k in known if isinstance(k, str)]  # a malformed config may hold lists or numbers as names
-    close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+    # difflib finds the candidates; the fewest typing edits picks among them, so a swap of two letters ('adma')
+    # means 'adam' rather than the longer 'adamax' difflib ranks first
+    close = difflib.get_close_matches(str(name), known, n=5, cutoff=0.6)
+    close = sorted(close, key=lambda k: _edits(str(name).lower(), k.lower()))[:1]
     if not close:  # case-insensitive second chance: 'dense' -> 'Dense'
         lowered = {k.lower(): k for k in known}
         close = [lowered[str(name).lower()]] if str(name).lower() in lowered else []
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _edits(a: str, b: str) -> int:
+    """Insertions, deletions, substitutions and swaps of neighbours turning a into b (optimal string alignment)."""
+    previous, current = None, list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        before, previous, current = previous, current, [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                current[j] = min(current[j], before[j - 2] + 1)
+    return current[-1]
 
 
 class Registry:
