@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlcli import losses
-from dlcli.engine import activations
+from dlcli import losses, metrics, optimizers, schedules
+from dlcli.engine import activations, initializers
+from dlcli.engine.layer import Param
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras"
 
@@ -17,6 +18,13 @@ def _cases(family):
     spec = json.loads(str(data["spec"]))
     return [pytest.param(case, {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")},
                          id=f"{i}-{case['type']}") for i, case in enumerate(spec)]
+
+
+def _batches(arrays):
+    """The metric fixtures' batches in order: (y_true, y_pred, sample_weight or None, Keras' result after it)."""
+    count = len({k.split("/")[0] for k in arrays})
+    return [(arrays[f"{b}/y_true"], arrays[f"{b}/y_pred"], arrays.get(f"{b}/sample_weight"),
+             arrays[f"{b}/result"].item()) for b in range(count)]  # F1Score(average=None) of one unit: shape (1,)
 
 
 @pytest.mark.parametrize("spec,arrays", _cases("activations"))
@@ -56,3 +64,72 @@ def test_activation_arguments_from_a_config_and_glu_halves_its_axis():
         activations.get("softshrink")
     with pytest.raises(Exception, match="has no argument 'treshold'.*did you mean 'threshold'"):
         activations.get({"type": "hard_shrink", "treshold": 1})
+
+
+
+@pytest.mark.parametrize("spec,arrays", _cases("metrics"))
+def test_metric_accumulates_over_batches_as_keras(spec, arrays):
+    metric = metrics.get(dict(spec))
+    for y_true, y_pred, weight, expected in _batches(arrays):
+        metric.update(y_true, y_pred, weight)
+        assert metric.result() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    state = metric.state()
+    metric.reset()
+    assert metric.result() == 0.0 and not any(metric.state())
+    metric.set_state(state)
+    assert metric.result() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("spec,arrays", _cases("optimizers"))
+def test_optimizer_after_20_steps_matches_keras(spec, arrays):
+    opt = optimizers.get(_schedule_spec(dict(spec)))
+    params = [Param("w0", arrays["w0"].copy()), Param("w1", arrays["w1"].copy())]
+    for g in arrays["grads"]:
+        params[0].grad[...] = g[:12].reshape(3, 4)
+        params[1].grad[...] = g[12:]
+        opt.apply(params)
+    np.testing.assert_allclose(params[0].value, arrays["after0"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(params[1].value, arrays["after1"], rtol=1e-6, atol=1e-9)
+
+
+def _schedule_spec(spec):
+    """Keras' serialized schedule {class_name, config} as dlcli's {type, ...} (the fixture keeps Keras' form)."""
+    rate = spec.get("learning_rate")
+    if isinstance(rate, dict) and "class_name" in rate:
+        spec["learning_rate"] = {"type": rate["class_name"], **rate["config"]}
+    return spec
+
+
+@pytest.mark.parametrize("spec,arrays", _cases("schedules"))
+def test_schedule_matches_keras(spec, arrays):
+    schedule = schedules.get(dict(spec))
+    steps = np.arange(len(arrays["rates"]))
+    if spec["type"] == "CosineDecayRestarts" and spec.get("t_mul", 2.0) != 1.0:
+        # Keras computes the restart index as floor(log(...) / log(t_mul)) in float32, which lands on either side
+        # of a whole number at the first step of a period: those steps are left out
+        starts = np.cumsum(spec["first_decay_steps"] * spec.get("t_mul", 2.0) ** np.arange(10))
+        steps = steps[~np.isin(steps, starts)]
+    rates = [schedule(int(step)) for step in steps]
+    # Keras computes in float32: 1e-6 relative, and 1e-8 absolute for rates near 0
+    np.testing.assert_allclose(rates, arrays["rates"][steps], rtol=1e-6, atol=1e-8)
+
+
+
+@pytest.mark.parametrize("spec,arrays", _cases("initializers"))
+def test_initializer_draws_like_keras(spec, arrays):
+    # Keras' random streams differ from NumPy's: the distribution its arguments decide is compared, on 120,000 draws
+    name = {"TruncatedNormal": "truncated_normal", "VarianceScaling": "variance_scaling", "Identity": "identity"}
+    init = initializers.get({**spec, "type": name[spec["type"]]})
+    w = init(tuple(arrays["shape"]), np.random.default_rng(0), dtype="float64")
+    if "values" in arrays:
+        np.testing.assert_array_equal(w, arrays["values"])
+        return
+    mean, std, largest = arrays["stats"]
+    assert w.mean() == pytest.approx(mean, abs=0.01 * std) and w.std() == pytest.approx(std, rel=0.01)
+    if spec.get("distribution") == "uniform":
+        assert np.abs(w).max() == pytest.approx(largest, rel=0.01)  # the limit sqrt(3 scale / n)
+    elif spec.get("distribution", "truncated_normal") == "truncated_normal":
+        # cut at two standard deviations of the mean. Keras' torch backend keeps the first of four draws that is
+        # inside, or the first draw when none is (one in 230,000), so its largest magnitude is no bound to compare
+        cut = 2 * std / 0.87962566103423978
+        assert np.abs(w - w.mean()).max() <= cut * 1.001 and np.abs(w - w.mean()).max() > cut * 0.99
