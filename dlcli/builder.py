@@ -26,6 +26,11 @@ def build_model(config):
     config = as_config(config)
     clear_session()
     spec = {k: v for k, v in config.model.model_dump().items() if v is not None}  # plain data, as in config.yaml
+    if config.data.get("type") == "table" and spec.get("type", "sequential") == "sequential" \
+            and "input_shape" not in spec and "input_shape" not in spec["layers"][0]:
+        from dlcli.data.table import input_width
+
+        spec["input_shape"] = [input_width(config.data)]  # the adapted features' width (the run's, when stored)
     model = from_config({"name": config.name, **spec}, np.random.default_rng(config.seed))
     apply_freeze(model, config.train.freeze)
     settings = config.compile

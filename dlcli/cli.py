@@ -46,7 +46,8 @@ def train(
     On 4 processes (MPI): mpiexec -n 4 dlcli train configs/mnist_cnn.yaml --distributed
     """
     import dlcli
-    from dlcli.commands.run_display import Banner, StopOnSignal, print_kfold, report_interrupted, test_set
+    from dlcli.commands.run_display import (Banner, StopOnSignal, print_baseline, print_kfold, report_interrupted,
+                                            test_set)
 
     out, stop = console(), StopOnSignal()
     try:
@@ -60,6 +61,7 @@ def train(
         print_kfold(out, run)  # the mean and spread per epoch; the test table below is the folds' mean
     if run.test and not quiet:
         out.print(metrics_table(f"test: {test_set(run.config, run.sizes['test'])}", run.test))
+        print_baseline(out, run.test, run.splits.extra)
     if run.status == "interrupted":
         report_interrupted(run)
         raise typer.Exit(128 + (stop.signum or signal.SIGINT))  # 130 for Ctrl-C, 143 for TERM
@@ -80,7 +82,8 @@ def inspect_shapes(
         "--trace", help="Also run one real batch forward and backward: per layer activation mean/std, dead "
                         "ReLUs, gradient norms (loads the data).")] = False,
 ):
-    """Print each layer's output shape and parameters, totals, memory and FLOPs, without loading data.
+    """Print each layer's output shape and parameters, totals, memory and FLOPs, without loading data (a table's
+    features are adapted on its training split to know their widths, shown per feature).
 
     Example: dlcli inspect-shapes configs/mnist_cnn.yaml --set model.layers.0.filters=16
 
@@ -120,6 +123,18 @@ def inspect_shapes(
         table.add_row(*cells)
     out = console()
     out.print(table)
+    if cfg.data.get("type") == "table":  # the input vector's blocks, adapted on the training split
+        from dlcli.data import features, table as tables
+
+        state = tables.feature_state(cfg.data)
+        blocks = Table(title=f"input features (total width {state['width']})")
+        for col, justify in (("feature", "left"), ("preprocessing", "left"), ("width", "right")):
+            blocks.add_column(col, justify=justify)
+        for name, what, width in features.describe(state):
+            blocks.add_row(name, what, str(width))
+        out.print(blocks)
+        if state.get("ignored_columns"):
+            out.print(f"ignored columns (not in data.features): {', '.join(state['ignored_columns'])}")
     from dlcli import memory
 
     bs = batch_size or cfg.train.batch_size

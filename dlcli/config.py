@@ -71,7 +71,9 @@ class TrainConfig(_Section):
     shuffle: bool = True
     callbacks: list[str | dict[str, Any]] = []
     freeze: list[str] = []  # regular expressions matched against whole layer names
-    class_weight: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+    # {class: weight}, or "balanced": n_samples / (n_classes * class count) on the training split (scikit-learn's)
+    class_weight: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=0, allow_inf_nan=False)]] | \
+        Literal["balanced"] | None = None
     checkpoint_every: int | None = Field(None, ge=1)  # batches between mid-epoch checkpoints
     # stop as diverged when the loss exceeds this many times its early value (dlcli.trainer); null: NaN/inf only
     divergence_factor: float | None = Field(1e4, gt=1, allow_inf_nan=False)
@@ -485,7 +487,8 @@ class _SpecChecker:
                 self.error(("model", "layers", i, "name"), f"duplicate layer name '{name}' (names must be unique)")
             seen.add(name)
         first = layers[0] if layers and isinstance(layers[0], dict) else {}
-        if model.get("input_shape") is None and first.get("input_shape") is None:
+        table = isinstance(self.doc.data.get("data"), dict) and self.doc.data["data"].get("type") == "table"
+        if model.get("input_shape") is None and first.get("input_shape") is None and not table:
             self.error(("model",), "missing required key 'input_shape' (the shape of one sample, without the batch "
                                    "axis, e.g. [28, 28]); or give input_shape on the first layer", at_key=True)
         for key in ("inputs", "outputs"):

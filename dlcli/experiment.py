@@ -3,6 +3,7 @@
 This is what `dlcli train` and `dlcli evaluate` call; it knows the run-directory contract (dlcli.runs) but not the
 CLI. Output for people goes through the `log` function and callbacks the caller passes in.
 """
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,16 @@ def load_splits(config, model) -> Splits:
         x_val, y_val = x_train.subset(va), [a[va] for a in y_train]
         x_train, y_train = x_train.subset(tr), [a[tr] for a in y_train]
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, ds.classes, ds.source, ds.extra or {})
+
+
+@contextlib.contextmanager
+def run_data(run_dir):
+    """Data as the run in `run_dir` saw it: the directories it found its data in searched first, and a table's
+    stored preprocessing (feature_space.json) used instead of adapting again. None: as for a new run."""
+    from dlcli.data import table
+
+    with paths.searching_first(run_dir), table.stored(run_dir):
+        yield
 
 
 class RunRecorder(Callback):
@@ -164,6 +175,10 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
     runs.atomic_write_json(meta_path, meta)
     if splits.extra.get("vocabulary"):  # lets `dlcli predict` encode raw text the way the training data was
         runs.atomic_write_json(run_dir / "vocabulary.json", splits.extra["vocabulary"])
+    if splits.extra.get("feature_space"):  # a table's preprocessing: evaluate, predict, --resume reuse it
+        from dlcli.data.table import FILENAME
+
+        runs.atomic_write_json(run_dir / FILENAME, splits.extra["feature_space"])
     cbs = run_callbacks(config, run_dir, splits.x_val is not None)
     if resume is not None and world.is_root:
         done = resume["header"]["position"]["epoch"]
@@ -281,9 +296,9 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
     if world.size > 1 and cfg.train.kfold:
         raise DlcliError("train.kfold trains its folds one after another in one process; drop --distributed (or "
                          "train.kfold)", exit_code=2)
-    model = build_model(cfg)  # shapes and names fail here, before any data is loaded
-    initial = _init_from(model, init_from) if init_from is not None and world.is_root else None
-    with paths.searching_first(shared["run_dir"]):  # a resumed run looks where it found its data first
+    with run_data(shared["run_dir"]):  # a resumed run looks where it found its data first, with its preprocessing
+        model = build_model(cfg)  # shapes and names fail here, before any data is loaded (a table adapts first)
+        initial = _init_from(model, init_from) if init_from is not None and world.is_root else None
         splits = load_splits(cfg, model)
     if shared["run_dir"] is None and world.is_root:
         run_dir = runs.create_run_dir(runs_dir, cfg.name)
@@ -374,7 +389,8 @@ def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = F
     diff = fingerprint.check(run_dir, config.to_dict(), allow_config_change)
     if diff:
         warnings.warn(f"using {run_dir / 'config.yaml'}, edited since the run was trained:\n{diff}", stacklevel=2)
-    model = build_model(config)
+    with run_data(run_dir):
+        model = build_model(config)
     path = run_dir / "weights" / f"{weights}.npz"
     if not path.exists():
         raise DlcliError(f"{path} does not exist; choose --weights best or last (a run writes both after its "
@@ -388,7 +404,7 @@ def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size
     """Loss and metrics of a finished run on a split; per-class accuracy and a confusion matrix for classifiers."""
     config, model = load_run_model(run_dir, weights, allow_config_change)
     run_dir = Path(run_dir)
-    with paths.searching_first(run_dir):
+    with run_data(run_dir):
         splits = load_splits(config, model)
     xs, ys = (splits.x_test, splits.y_test) if split == "test" else (splits.x_val, splits.y_val)
     if xs is None:
@@ -420,6 +436,7 @@ def baseline_comparison(metrics: dict, extra: dict, split: str) -> dict | None:
     model_mae = float(mae) * float(extra.get("target_std", 1.0))
     base = float(extra["baseline"][key])
     return {"model_mae": model_mae, "baseline_mae": base, "improvement": 1 - model_mae / base if base else None,
+            "baseline": extra.get("baseline_description", "last value"),
             "beats_baseline": model_mae < base, "units": extra.get("target", "target")}
 
 

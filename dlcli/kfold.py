@@ -70,13 +70,17 @@ def train_folds(cfg, model, splits, run_dir: Path, meta: dict, train_fold, resum
             (fold_dir / "weights").mkdir(parents=True, exist_ok=True)
             runs.atomic_write_text(fold_dir / "config.yaml", dump_yaml(fold_cfg.to_dict()))
         train_idx = np.setdiff1d(everything, val)
-        fold_splits = replace(splits, x_train=splits.x_train.subset(train_idx),
-                              y_train=[a[train_idx] for a in splits.y_train],
-                              x_val=splits.x_train.subset(val), y_val=[a[val] for a in splits.y_train])
+        fold_splits = _fold_splits(splits, train_idx, val)
         if verbose:
             print(f"fold {i + 1}/{k}: {len(train_idx):,} training, {len(val):,} validation samples"
                   + (" (resumed)" if state is not None else ""), flush=True)
-        fold_model, fresh_model = fresh_model or build_model(cfg), None
+        if fold_splits.extra.get("feature_space"):  # a table adapted on this fold: its own input width
+            from dlcli.data.table import stored
+
+            with stored(fold_splits.extra["feature_space"]):
+                fold_model, fresh_model = build_model(cfg), None
+        else:
+            fold_model, fresh_model = fresh_model or build_model(cfg), None
         last = train_fold(fold_cfg, fold_model, fold_splits, fold_dir, state)
         statuses.append(last.status)
         histories.append(last.history)
@@ -89,6 +93,18 @@ def train_folds(cfg, model, splits, run_dir: Path, meta: dict, train_fold, resum
     means, test, best_epoch = write_aggregate(run_dir, cfg, histories, tests, statuses, k, seconds)
     return replace(last, dir=run_dir, config=cfg, splits=splits, status=last.status, history=means, test=test,
                    seconds=seconds, best_epoch=best_epoch, resumed=None)
+
+
+def _fold_splits(splits, train_idx, val):
+    """One fold: validation on `val`, training on `train_idx`. A table (dlcli.data.table) adapts its preprocessing
+    on the fold's training part only and applies it to the fold's validation part and to the test split."""
+    x_all, x_test, extra = splits.x_train, splits.x_test, splits.extra
+    if hasattr(x_all, "adapted_on"):
+        x_all = x_all.adapted_on(train_idx)
+        x_test = None if x_test is None else x_test.with_state(x_all.state)
+        extra = {**extra, "feature_space": x_all.state}
+    return replace(splits, x_train=x_all.subset(train_idx), y_train=[a[train_idx] for a in splits.y_train],
+                   x_val=x_all.subset(val), y_val=[a[val] for a in splits.y_train], x_test=x_test, extra=extra)
 
 
 def write_aggregate(run_dir: Path, cfg, histories: list, tests: list, statuses: list, k: int, seconds: float):

@@ -309,11 +309,21 @@ def _sq(a) -> float:
         return float(np.dot(flat, flat))
 
 
+def balanced_class_weight(labels: np.ndarray) -> dict:
+    """scikit-learn's compute_class_weight("balanced"), which Keras' imbalanced-data examples feed to fit:
+    n_samples / (n_classes * count of the class), over the classes present."""
+    classes, counts = np.unique(labels, return_counts=True)
+    return {int(c): float(len(labels) / (len(classes) * k)) for c, k in zip(classes, counts)}
+
+
 def _sample_weights(y, n, class_weight, sample_weight):
-    """Per-sample weights from Keras' `class_weight` ({class: weight}) and/or `sample_weight`."""
+    """Per-sample weights from Keras' `class_weight` ({class: weight}, or "balanced" computed from `y`) and/or
+    `sample_weight`."""
     weights = None if sample_weight is None else np.asarray(sample_weight, np.float64).reshape(n)
     if class_weight:
         labels = y.reshape(n, -1).argmax(1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(n).astype(int)
+        if class_weight == "balanced":
+            class_weight = balanced_class_weight(labels)
         table = np.ones(int(max(max(class_weight), labels.max())) + 1)
         for k, v in class_weight.items():
             table[int(k)] = v

@@ -27,6 +27,14 @@ class Banner(Callback):
 
             for line in banner_lines(run.splits.extra["folder"]):
                 out.print(f"  files   {line}", markup=False)
+        if run.splits.extra.get("feature_space"):
+            from dlcli.data.table import describe_lines
+
+            for line in describe_lines(run.splits.extra["feature_space"]):
+                out.print(f"  feature {line}", markup=False)
+            if run.splits.extra.get("label_rows_dropped"):
+                out.print(f"  label   {run.splits.extra['label_rows_dropped']} rows without a label left out",
+                          markup=False)
         source = run.splits.x_train.describe()
         if source.get("workers"):
             out.print(f"  decode  {source['workers']} threads, {run.splits.x_train.prefetch} batches ahead, "
@@ -104,12 +112,7 @@ def print_evaluation(out, result: dict, weights: str, split: str):
 
     out.print(metrics_table(f"{result['run']}: {split} split, {result['samples']:,} samples, {weights} weights",
                             result["metrics"]))
-    comparison = result.get("comparison")
-    if comparison:
-        verdict = "beats" if comparison["beats_baseline"] else "does NOT beat"
-        out.print(f"MAE in {comparison['units']} units: model {comparison['model_mae']:.4f}, common-sense baseline "
-                  f"(last value) {comparison['baseline_mae']:.4f}: the model {verdict} the baseline "
-                  f"({comparison['improvement']:+.1%})")
+    print_comparison(out, result.get("comparison"))
     if "confusion_matrix" in result:
         names = result["classes"]
         cm = Table(title="confusion matrix (rows: true class, columns: predicted)")
@@ -121,6 +124,23 @@ def print_evaluation(out, result: dict, weights: str, split: str):
             acc = result["per_class_accuracy"][n]
             cm.add_row(n, *[str(v) for v in row], "-" if acc is None else f"{acc:.3f}")
         out.print(cm)
+
+
+def print_comparison(out, comparison: dict | None):
+    """The model's MAE beside its data's common-sense baseline (experiment.baseline_comparison)."""
+    if comparison:
+        verdict = "beats" if comparison["beats_baseline"] else "does NOT beat"
+        out.print(f"MAE in {comparison['units']} units: model {comparison['model_mae']:.4f}, common-sense baseline "
+                  f"({comparison['baseline']}) {comparison['baseline_mae']:.4f}: the model {verdict} the baseline "
+                  f"({comparison['improvement']:+.1%})", markup=False)
+
+
+def print_baseline(out, test: dict, extra: dict):
+    """After training: the test MAE beside the baseline, for data that has one (time series, regression tables)."""
+    if extra and extra.get("baseline"):
+        from dlcli.experiment import baseline_comparison
+
+        print_comparison(out, baseline_comparison(test, extra, "test"))
 
 
 def print_kfold(out, run):

@@ -53,6 +53,13 @@ def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None =
 
         source, labels = prediction_source(paths, data)
         return fit_inputs(source, model), labels
+    if data.get("type") == "table":  # rows by column name, through the run's stored feature space
+        from dlcli.data.table import prediction_rows
+
+        if len(paths) != 1:
+            raise DlcliError("give one CSV or JSON file of rows for a run trained on a table", exit_code=2)
+        x, labels = prediction_rows(paths[0], run_dir)
+        return fit_inputs(x, model), labels
     if data.get("type") == "text_folder" and all(p.is_dir() or p.suffix.lower() == ".txt" for p in paths):
         # each file one document, as training reads a text folder (not one text per line as for imdb runs)
         from dlcli import runs

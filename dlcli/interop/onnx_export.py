@@ -178,9 +178,9 @@ def export_run(run_dir, weights: str = "best", output=None, opset: int = DEFAULT
     except ImportError:
         pass
     else:
-        from dlcli.data.paths import searching_first
+        from dlcli.experiment import run_data
 
-        with searching_first(run_dir):
+        with run_data(run_dir):
             xs, checked_on = check_inputs(config, model, samples)
         difference = max_difference(data, model, xs)
         if not difference <= TOLERANCE:

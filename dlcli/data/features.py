@@ -1,0 +1,330 @@
+"""Table columns -> one float32 vector per row, as Keras' FeatureSpace (keras/src/layers/preprocessing/
+feature_space.py) builds it, in three plain functions: `feature_specs` (the config's `features:`/`crosses:` checked),
+`adapt` (vocabularies, means, bin edges from the training rows -> plain JSON, stored in the run) and `transform`
+(JSON state + columns -> (N, width) float32). Training, evaluate, predict and k-fold all call these.
+
+Matched with Keras 3 (names, defaults, numbers):
+- feature types and their arguments: float, float_rescaled (scale, offset), float_normalized, float_discretized
+  (num_bins=32, FeatureSpace's num_discretization_bins), integer_categorical / string_categorical (max_tokens,
+  num_oov_indices=1, output_mode one_hot), integer_hashed / string_hashed (num_bins=32, its hashing_dim), crosses
+  ({features, crossing_dim=32}); the concatenation order: features sorted by name, then crosses sorted by name.
+- Normalization: (x - mean) / max(sqrt(variance), 1e-7), population variance.
+- Discretization: Keras' quantile summary (epsilon 0.01) of the whole column as one batch, bin index = digitize.
+- StringLookup / IntegerLookup (mask_token None): index 0 .. num_oov_indices-1 for out-of-vocabulary values, then
+  the vocabulary by descending count, ties by descending value (Keras' lexsort(...)[::-1]); max_tokens counts the
+  OOV indices. With several OOV indices an unseen string goes to Fingerprint64 % num_oov_indices, an integer to
+  value % num_oov_indices (Keras' default oov_method "floormod").
+- Hashing: Fingerprint64 of the string (an integer's decimal text, as tf.as_string writes it) % num_bins.
+- HashedCrossing: tf.sparse.cross_hashed of the features' preprocessed integer outputs (FingerprintCat64 from key
+  0xDECAFCAFFE, integers as their own hash) % crossing_dim. Tested bit-equal with Keras' documented examples.
+Where Keras has no rule and we add one (say so in errors and README):
+- Missing cells (data.missing). A numeric feature's missing cells become the training mean (before rescaling,
+  normalising or binning), plus a 0/1 "was missing" column after it when the training rows had any missing.
+  A categorical's missing cell is out-of-vocabulary (not counted when adapting); a hashed one hashes "".
+- `date`: not a FeatureSpace type. Year (normalised with the training mean and deviation), then sin and cos of
+  month, day of week and day of year (cyclic), 7 columns.
+- Only concat output and one_hot/float features: Keras' "int" output_mode cannot be concatenated either.
+"""
+import numpy as np
+
+from dlcli.data.farmhash import CROSS_HASH_KEY, fingerprint64, fingerprint_cat64
+from dlcli.errors import ConfigError
+from dlcli.registry import did_you_mean
+
+# type -> {argument: default} (Keras' FeatureSpace class-method arguments; FeatureSpace's own defaults for the bare
+# names: num_discretization_bins=32, hashing_dim=32, crossing_dim=32)
+FEATURE_TYPES = {
+    "float": {},
+    "float_rescaled": {"scale": 1.0, "offset": 0.0},
+    "float_normalized": {},
+    "float_discretized": {"num_bins": 32, "bin_boundaries": None, "output_mode": "one_hot"},
+    "integer_categorical": {"max_tokens": None, "num_oov_indices": 1, "output_mode": "one_hot"},
+    "string_categorical": {"max_tokens": None, "num_oov_indices": 1, "output_mode": "one_hot"},
+    "integer_hashed": {"num_bins": 32, "output_mode": "one_hot"},
+    "string_hashed": {"num_bins": 32, "output_mode": "one_hot"},
+    "date": {},
+}
+NUMERIC = ("float", "float_rescaled", "float_normalized", "float_discretized")
+INTEGER = ("integer_categorical", "integer_hashed")
+STRING = ("string_categorical", "string_hashed")
+CROSSABLE = ("float_discretized", *INTEGER, *STRING)  # preprocessors with integer outputs (Keras' HashedCrossing)
+CROSS_DEFAULTS = {"crossing_dim": 32, "output_mode": "one_hot"}
+EPSILON = 1e-7  # keras.backend.epsilon(), Normalization's floor on the deviation
+DISCRETIZATION_EPSILON = 0.01  # Discretization's default epsilon
+
+
+def feature_specs(features: dict, crosses: list | None = None) -> tuple[dict, list]:
+    """The config's `features:` (name -> type or {type, **arguments}) and `crosses:` with every default filled in;
+    every mistake at once, as one ConfigError."""
+    errors, specs = [], {}
+    if not isinstance(features, dict) or not features:
+        raise ConfigError("data.features: expected a mapping of column name -> feature type (e.g. {island: "
+                          f"string_categorical}}); types: {', '.join(FEATURE_TYPES)}")
+    for name, spec in features.items():
+        spec = {"type": spec} if isinstance(spec, str) else dict(spec) if isinstance(spec, dict) else spec
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in FEATURE_TYPES:
+            errors.append(f"data.features.{name}: unknown feature type {kind!r}{did_you_mean(str(kind), FEATURE_TYPES)}"
+                          f"; types: {', '.join(FEATURE_TYPES)}")
+            continue
+        args = FEATURE_TYPES[kind]
+        unknown = [k for k in spec if k != "type" and k not in args]
+        errors += [f"data.features.{name}.{k}: unknown argument for {kind}{did_you_mean(k, args)}; {kind} takes: "
+                   f"{', '.join(args) or 'no arguments'}" for k in unknown]
+        full = {"type": kind, **args, **{k: v for k, v in spec.items() if k in args}}
+        errors += _check_arguments(f"data.features.{name}", full)
+        specs[str(name)] = full
+    checked = []
+    for i, cross in enumerate(crosses or []):
+        where = f"data.crosses[{i}]"
+        if not isinstance(cross, dict) or not isinstance(cross.get("features"), list) or len(cross["features"]) < 2:
+            errors.append(f"{where}: expected {{features: [a, b], crossing_dim: 32}} naming two or more features")
+            continue
+        unknown = [k for k in cross if k != "features" and k not in CROSS_DEFAULTS]
+        errors += [f"{where}.{k}: unknown key{did_you_mean(k, ['features', *CROSS_DEFAULTS])}" for k in unknown]
+        for f in cross["features"]:
+            if f not in specs:
+                errors.append(f"{where}: feature {f!r} is not in data.features{did_you_mean(str(f), specs)}")
+            elif specs[f]["type"] not in CROSSABLE:
+                errors.append(f"{where}: feature {f!r} is {specs[f]['type']}; crosses take features with integer "
+                              f"outputs ({', '.join(CROSSABLE)}), as Keras' HashedCrossing does")
+        full = {**CROSS_DEFAULTS, **{k: v for k, v in cross.items() if k in CROSS_DEFAULTS},
+                "features": [str(f) for f in cross["features"]]}
+        if not isinstance(full["crossing_dim"], int) or isinstance(full["crossing_dim"], bool) \
+                or full["crossing_dim"] < 1:
+            errors.append(f"{where}.crossing_dim: expected a positive integer, found {full['crossing_dim']!r}")
+        if full["output_mode"] != "one_hot":
+            errors.append(f"{where}.output_mode: only one_hot can be concatenated; found {full['output_mode']!r}")
+        checked.append(full)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return specs, checked
+
+
+def _check_arguments(where: str, spec: dict) -> list[str]:
+    errors = []
+
+    def positive(key, minimum=1):
+        v = spec.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < minimum):
+            errors.append(f"{where}.{key}: expected an integer >= {minimum}, found {v!r}")
+
+    if spec.get("output_mode", "one_hot") != "one_hot":
+        errors.append(f"{where}.output_mode: only one_hot features can be concatenated (output_mode: concat), as in "
+                      f"Keras; found {spec['output_mode']!r}")
+    positive("num_bins")
+    positive("num_oov_indices", 0)
+    positive("max_tokens", 2)
+    if spec["type"] == "float_discretized" and spec.get("bin_boundaries") is not None:
+        edges = spec["bin_boundaries"]
+        if not isinstance(edges, list) or any(not isinstance(e, (int, float)) for e in edges) or \
+                any(b <= a for a, b in zip(edges, edges[1:])):
+            errors.append(f"{where}.bin_boundaries: expected increasing numbers, found {edges!r}")
+    for key in ("scale", "offset"):
+        if key in spec and (not isinstance(spec[key], (int, float)) or isinstance(spec[key], bool)):
+            errors.append(f"{where}.{key}: expected a number, found {spec[key]!r}")
+    if spec["type"] in ("integer_categorical", "string_categorical") and spec["num_oov_indices"] == 0:
+        errors.append(f"{where}.num_oov_indices: 0 makes an unseen value an error at predict time; use 1 or more")
+    return errors
+
+
+# --- adapt: training rows -> JSON state ------------------------------------------------------------------------------
+def adapt(specs: dict, crosses: list, columns: dict) -> dict:
+    """The state FeatureSpace.adapt would learn from `columns` (name -> parsed Column, training rows only), as
+    plain JSON, plus each feature's output width. `specs`/`crosses` as feature_specs returns them (and as
+    `specs_of(state)` recovers them, so a k-fold fold adapts again from a stored state)."""
+    features = {}
+    for name in sorted(specs):  # Keras concatenates features in sorted name order
+        features[name] = _adapt_one(name, specs[name], columns[name])
+    crossed = [{"name": "_X_".join(c["features"]), **c, "width": c["crossing_dim"]} for c in crosses]
+    crossed.sort(key=lambda c: c["name"])
+    return {"features": features, "crosses": crossed,
+            "width": sum(f["width"] for f in features.values()) + sum(c["width"] for c in crossed)}
+
+
+def specs_of(state: dict) -> tuple[dict, list]:
+    """The feature and cross specs a state was adapted from."""
+    specs = {n: {"type": f["type"], **{k: f[k] for k in FEATURE_TYPES[f["type"]]}} for n, f in state["features"].items()}
+    return specs, [{k: c[k] for k in ("features", *CROSS_DEFAULTS)} for c in state["crosses"]]
+
+
+def _adapt_one(name: str, spec: dict, col) -> dict:
+    kind, state = spec["type"], dict(spec)
+    present = col.values[~col.missing]
+    if kind in NUMERIC or kind == "date":
+        if len(present) == 0:
+            raise ValueError(f"column '{name}' has no values in the training rows (every cell is missing)")
+    if kind in NUMERIC:
+        state["fill"] = float(present.mean())
+        state["missing_indicator"] = bool(col.missing.any())
+        if kind == "float_normalized":
+            state["mean"], state["variance"] = float(present.mean()), float(present.var())
+        if kind == "float_discretized":
+            edges = spec["bin_boundaries"]
+            if edges is None:
+                edges = _quantile_boundaries(present, spec["num_bins"]).tolist()
+            state["boundaries"] = [float(e) for e in edges]  # bin_boundaries keeps what the config gave
+            state["bins"] = len(edges) + 1
+        state["width"] = (state.get("bins", 1)) + state["missing_indicator"]
+    elif kind in ("integer_categorical", "string_categorical"):
+        values, counts = np.unique(present, return_counts=True)
+        order = np.lexsort((values, counts))[::-1]  # Keras: by count, ties by value, both descending
+        kept = spec["max_tokens"] - spec["num_oov_indices"] if spec["max_tokens"] else None
+        vocabulary = values[order][:kept]
+        state["vocabulary"] = [int(v) for v in vocabulary] if kind == "integer_categorical" \
+            else [str(v) for v in vocabulary]
+        state["width"] = len(vocabulary) + spec["num_oov_indices"]
+    elif kind in ("integer_hashed", "string_hashed"):
+        state["width"] = spec["num_bins"]
+    elif kind == "date":
+        years = present.astype("datetime64[Y]").astype(np.int64) + 1970
+        state["year_mean"], state["year_std"] = float(years.mean()), float(years.std())
+        state["width"] = 7
+    return state
+
+
+def _quantile_boundaries(values: np.ndarray, num_bins: int) -> np.ndarray:
+    """Keras' Discretization.adapt on one batch: summarize(eps), merge with the empty summary, then the
+    compressed summary at 1/num_bins without its last value."""
+    values = np.sort(values.astype(np.float32).reshape(-1))
+    step = max(values.size / (1.0 / DISCRETIZATION_EPSILON), 1)
+    boundaries = values[int(step - 1)::int(step)]
+    summary = np.stack([boundaries, np.ones_like(boundaries) * step])
+    summary = _compress(summary[:, np.argsort(summary[0])], DISCRETIZATION_EPSILON)
+    return _compress(summary, 1.0 / num_bins)[0, :-1]
+
+
+def _compress(summary: np.ndarray, epsilon: float) -> np.ndarray:
+    if summary.shape[1] * epsilon < 1:
+        return summary
+    percents = epsilon + np.arange(0.0, 1.0, epsilon)
+    cum = summary[1].cumsum()
+    bins = np.interp(percents, cum / cum[-1], summary[0])
+    cum = np.interp(percents, cum / cum[-1], cum)
+    return np.stack((bins, cum - np.concatenate(([0], cum[:-1])))).astype("float32")
+
+
+# --- transform: state + columns -> (N, width) float32 ----------------------------------------------------------------
+def transform(state: dict, columns: dict) -> np.ndarray:
+    """Every row's vector: each feature's block (sorted by name), then each cross's one-hot block."""
+    blocks, indices = [], {}
+    for name, f in state["features"].items():
+        block, index = _encode(f, columns[name])
+        blocks.append(block)
+        if index is not None:
+            indices[name] = index
+    for cross in state["crosses"]:
+        blocks.append(one_hot(hashed_cross([indices[n] for n in cross["features"]], cross["crossing_dim"]),
+                              cross["crossing_dim"]))
+    return np.concatenate(blocks, axis=1) if blocks else np.zeros((0, 0), np.float32)
+
+
+def _encode(f: dict, col) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the feature's float32 block, its integer output that crosses read, or None)."""
+    kind = f["type"]
+    if kind in NUMERIC:
+        x = np.where(col.missing, f["fill"], col.values).astype(np.float64)
+        index = None
+        if kind == "float_rescaled":
+            x = x * f["scale"] + f["offset"]
+        elif kind == "float_normalized":
+            x = (x - f["mean"]) / max(np.sqrt(f["variance"]), EPSILON)
+        if kind == "float_discretized":
+            index = np.digitize(x.astype(np.float32), np.asarray(f["boundaries"], np.float32))
+            block = one_hot(index, f["bins"])
+        else:
+            block = x.astype(np.float32)[:, None]
+        if f["missing_indicator"]:
+            block = np.concatenate([block, col.missing.astype(np.float32)[:, None]], axis=1)
+        return block, index
+    if kind in ("integer_categorical", "string_categorical"):
+        index = lookup(col, f["vocabulary"], f["num_oov_indices"], strings=kind == "string_categorical")
+        return one_hot(index, f["width"]), index
+    if kind in ("integer_hashed", "string_hashed"):
+        index = hash_values(np.where(col.missing, "", col.values.astype(str)), f["num_bins"])
+        return one_hot(index, f["num_bins"]), index
+    if kind == "date":
+        days = col.values.astype("datetime64[D]")
+        years = days.astype("datetime64[Y]")
+        month = (days.astype("datetime64[M]") - years.astype("datetime64[M]")).astype(np.float64)
+        weekday = ((days.astype(np.int64) + 3) % 7).astype(np.float64)  # 1970-01-01 was a Thursday; Monday = 0
+        day_of_year = (days - years.astype("datetime64[D]")).astype(np.float64)
+        year_length = ((years + 1).astype("datetime64[D]") - years.astype("datetime64[D]")).astype(np.float64)
+        year = (years.astype(np.int64) + 1970 - f["year_mean"]) / max(f["year_std"], EPSILON)
+        angles = [2 * np.pi * month / 12, 2 * np.pi * weekday / 7, 2 * np.pi * day_of_year / year_length]
+        parts = [year] + [g(a) for a in angles for g in (np.sin, np.cos)]
+        return np.stack(parts, axis=1).astype(np.float32), None
+    raise AssertionError(kind)  # feature_specs admitted only known types
+
+
+def lookup(col, vocabulary: list, num_oov: int, strings: bool) -> np.ndarray:
+    """StringLookup / IntegerLookup indices: num_oov + position in the vocabulary, or an OOV index."""
+    values = col.values.astype(str) if strings else col.values
+    vocab = np.asarray(vocabulary, dtype=str if strings else np.int64)
+    order = np.argsort(vocab)
+    position = np.searchsorted(vocab[order], values) if len(vocab) else np.zeros(len(values), np.int64)
+    position = np.minimum(position, max(len(vocab) - 1, 0))
+    found = (vocab[order][position] == values) & ~col.missing if len(vocab) else np.zeros(len(values), bool)
+    index = np.empty(len(values), np.int64)
+    index[found] = order[position[found]] + num_oov
+    unseen = ~found
+    if num_oov == 1 or not unseen.any():
+        index[unseen] = 0
+    elif strings:
+        index[unseen] = hash_values(values[unseen], num_oov)
+    else:
+        index[unseen] = np.mod(values[unseen], num_oov)  # Keras' oov_method "floormod"
+    return index
+
+
+def hash_values(values: np.ndarray, num_bins: int) -> np.ndarray:
+    """Keras' Hashing (FarmHash64, no salt): Fingerprint64(text) % num_bins, hashed once per distinct value."""
+    distinct, inverse = np.unique(values.astype(str), return_inverse=True)
+    hashed = np.array([fingerprint64(v) % num_bins for v in distinct.tolist()], np.int64)
+    return hashed[inverse.reshape(-1)] if len(values) else np.zeros(0, np.int64)
+
+
+def hashed_cross(columns: list[np.ndarray], num_bins: int) -> np.ndarray:
+    """Keras' HashedCrossing: FingerprintCat64 folded from tf.sparse.cross_hashed's default key over each row's
+    values (a string as its Fingerprint64, an integer as itself), modulo num_bins; once per distinct combination."""
+    hashes = []
+    for col in columns:
+        if col.dtype.kind in "US":
+            distinct, inverse = np.unique(col, return_inverse=True)
+            fingerprints = np.array([fingerprint64(v) for v in distinct.tolist()], np.uint64)
+            hashes.append(fingerprints[inverse.reshape(-1)])
+        else:
+            hashes.append(col.astype(np.int64).view(np.uint64))  # two's complement, as TF's uint64 cast
+    distinct, inverse = np.unique(np.stack(hashes, axis=1), axis=0, return_inverse=True)
+    out = []
+    for combo in distinct.tolist():
+        h = CROSS_HASH_KEY
+        for v in combo:
+            h = fingerprint_cat64(h, v)
+        out.append(h % num_bins)
+    return np.asarray(out, np.int64)[inverse.reshape(-1)]
+
+
+def one_hot(index: np.ndarray, depth: int) -> np.ndarray:
+    """CategoryEncoding(num_tokens=depth, output_mode="one_hot") of one integer per row."""
+    out = np.zeros((len(index), depth), np.float32)
+    out[np.arange(len(index)), index] = 1.0
+    return out
+
+
+def describe(state: dict) -> list[tuple[str, str, int]]:
+    """(name, what, width) per block in concatenation order, for the banner and inspect-shapes."""
+    rows = []
+    for name, f in state["features"].items():
+        what = f["type"]
+        if "vocabulary" in f:
+            what += f" ({len(f['vocabulary'])} values + {f['num_oov_indices']} OOV)"
+        elif "bins" in f:
+            what += f" ({f['bins']} bins)"
+        elif f["type"].endswith("_hashed"):
+            what += f" ({f['num_bins']} bins)"
+        if f.get("missing_indicator"):
+            what += ", + was-missing column"
+        rows.append((name, what, f["width"]))
+    rows += [(c["name"], f"cross ({c['crossing_dim']} bins)", c["width"]) for c in state["crosses"]]
+    return rows

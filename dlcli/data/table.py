@@ -1,0 +1,416 @@
+"""`data: {type: table}`: a CSV of mixed columns (numbers, categories, dates, missing cells) preprocessed as Keras'
+FeatureSpace does (dlcli.data.features), adapted on the training split only and stored in the run as
+`feature_space.json`, which evaluate, predict, --resume and export reuse. k-fold adapts each fold on its own
+training part (`TableSource.adapted_on`).
+
+Bad input stops before anything is written with one line naming the file, the line and the column.
+"""
+import contextlib
+import contextvars
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dlcli.data import features as fs
+from dlcli.data.dataset import DATASETS, Dataset
+from dlcli.data.paths import resolve_path
+from dlcli.data.source import ArraySource
+from dlcli.data.split import check_limits, split_indices
+from dlcli.errors import ConfigError, DlcliError
+from dlcli.registry import did_you_mean
+
+FILENAME = "feature_space.json"  # in the run directory
+DEFAULT_MISSING = ["", "NA"]
+OTHER_DELIMITERS = (";", "\t", "|", ",")
+
+# the preprocessing state of the run a command works on (see `stored`): used instead of adapting again
+_stored: contextvars.ContextVar = contextvars.ContextVar("dlcli_table_state", default=None)
+
+
+class TableError(DlcliError):
+    """Bad table input: a usage error (exit 2), raised before anything is written."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=2)
+
+
+@dataclass
+class Column:
+    """One parsed column: values (float64, int64, str or datetime64[D]; a filler where missing) and the mask."""
+
+    values: np.ndarray
+    missing: np.ndarray
+
+    def take(self, index) -> "Column":
+        return Column(self.values[index], self.missing[index])
+
+
+@dataclass
+class Table:
+    """Raw cells by column name (str arrays) and each row's line number in its file."""
+
+    file: str
+    header: list[str]
+    cells: dict
+    lines: np.ndarray
+
+    def __len__(self):
+        return len(self.lines)
+
+    def take(self, index) -> "Table":
+        return Table(self.file, self.header, {k: v[index] for k, v in self.cells.items()}, self.lines[index])
+
+
+# --- reading ---------------------------------------------------------------------------------------------------------
+def read_csv(file: Path, delimiter: str = ",") -> Table:
+    """A CSV with a header row, strictly UTF-8 (a byte-order mark is allowed), every row as wide as the header."""
+    try:
+        raw = Path(file).read_bytes()
+    except OSError as e:
+        raise TableError(f"{file}: cannot read ({e.strerror or e})") from None
+    if b"\0" in raw[:65536]:
+        line = raw[:raw.index(b"\0")].count(b"\n") + 1
+        raise TableError(f"{file}, line {line}: binary data (a NUL byte): not a CSV text file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise TableError(f"{file}, line {line}: byte 0x{raw[e.start]:02x} is not UTF-8; save the file as UTF-8 "
+                         f"(e.g. iconv -f latin1 -t utf-8)") from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows, lines = [], []
+    try:
+        for row in reader:
+            if row and any(c.strip() for c in row):
+                rows.append(row)
+                lines.append(reader.line_num)
+    except csv.Error as e:
+        raise TableError(f"{file}, line {reader.line_num}: not valid CSV ({e})") from None
+    if not rows:
+        raise TableError(f"{file}: empty (a CSV needs a header row and data rows)")
+    header = [h.strip() for h in rows[0]]
+    if len(rows) < 2:
+        raise TableError(f"{file}: only a header row, no data rows")
+    seen = set()
+    for h in header:
+        if h in seen:
+            raise TableError(f"{file}, line {lines[0]}: column name '{h}' appears twice in the header")
+        seen.add(h)
+    for row, line in zip(rows[1:], lines[1:]):
+        if len(row) != len(header):
+            others = [d for d in OTHER_DELIMITERS if d != delimiter and d in row[0] + "".join(row)]
+            hint = f" (it holds {others[0]!r}: mixed delimiters? data.delimiter is {delimiter!r})" if others else ""
+            raise TableError(f"{file}, line {line}: {len(row)} fields, the header has {len(header)}{hint}")
+    columns = list(zip(*rows[1:]))
+    return Table(str(file), header, {h: np.array(c, dtype=str) for h, c in zip(header, columns)},
+                 np.asarray(lines[1:], np.int64))
+
+
+def read_records(file: Path) -> Table:
+    """Rows for predict from JSON: a list of objects (or one object), or JSON lines; null is a missing cell."""
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TableError(f"{file}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise TableError(f"{file}: cannot read ({e.strerror or e})") from None
+    try:
+        data = json.loads(text)
+        records = data if isinstance(data, list) else [data]
+        lines = list(range(1, len(records) + 1))  # record numbers
+    except json.JSONDecodeError:
+        records, lines = [], []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise TableError(f"{file}, line {number}: not JSON ({e.msg})") from None
+                lines.append(number)
+    bad = [i for i, r in enumerate(records) if not isinstance(r, dict)]
+    if bad or not records:
+        raise TableError(f"{file}: expected JSON objects of column -> value (a list of them or one per line)"
+                         + (f"; record {bad[0] + 1} is {type(records[bad[0]]).__name__}" if bad else ""))
+    header = list(dict.fromkeys(k for r in records for k in r))
+    cells = {h: np.array(["" if r.get(h) is None else str(r[h]) for r in records], dtype=str) for h in header}
+    return Table(str(file), header, cells, np.asarray(lines, np.int64))
+
+
+def read_table(file: Path, delimiter: str = ",") -> Table:
+    return read_records(file) if Path(file).suffix.lower() in (".json", ".jsonl") else read_csv(file, delimiter)
+
+
+# --- parsing cells by feature type -----------------------------------------------------------------------------------
+def require_columns(table: Table, names, what: str = "data.features"):
+    absent = [n for n in names if n not in table.cells]
+    others = [d for d in OTHER_DELIMITERS if len(table.header) == 1 and d in table.header[0]]
+    if absent and others:
+        raise TableError(f"{table.file}, line 1: the header is one column holding {others[0]!r}; is the delimiter "
+                         f"{others[0]!r}? (set data.delimiter)")
+    if absent:
+        hints = "; ".join(f"no column '{n}'{did_you_mean(n, table.header)}" for n in absent)
+        raise TableError(f"{table.file}: {hints} (named in {what}); its columns: {', '.join(table.header)}")
+
+
+def parse_column(table: Table, name: str, kind: str, missing: list[str]) -> Column:
+    """The cells of `name` as the feature type reads them; a cell that is not a number, an integer or a date names
+    its line."""
+    cells = np.char.strip(table.cells[name])
+    absent = np.isin(cells, list(missing))
+    present = cells[~absent]
+    if kind in fs.NUMERIC or kind in fs.INTEGER:
+        values = np.zeros(len(cells), np.float64)
+        try:
+            values[~absent] = present.astype(np.float64)
+        except ValueError:
+            _bad_cell(table, name, cells, absent, _is_number, "a number", kind, missing)
+        absent = absent | np.isnan(values)  # "nan" reads as missing too
+        if kind in fs.INTEGER:
+            fractional = ~absent & (values != np.round(values))
+            if fractional.any():
+                _bad_cell(table, name, cells, ~fractional, lambda v: False, "an integer", kind, missing)
+            return Column(np.where(absent, 0, values).astype(np.int64), absent)
+        return Column(np.where(absent, 0.0, values), absent)
+    if kind == "date":
+        days = np.zeros(len(cells), "datetime64[D]")
+        try:
+            days[~absent] = np.char.replace(np.char.partition(present, "T")[:, 0].astype("U10"), "/", "-") \
+                .astype("datetime64[D]")
+        except ValueError:
+            _bad_cell(table, name, cells, absent, _is_date, "a date (yyyy-mm-dd or yyyy/mm/dd)", kind, missing)
+        return Column(days, absent)
+    return Column(np.where(absent, "", cells), absent)
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def _is_date(v: str) -> bool:
+    try:
+        np.datetime64(v.partition("T")[0][:10].replace("/", "-"), "D")
+        return True
+    except ValueError:
+        return False
+
+
+def _bad_cell(table, name, cells, skip, ok, expected, kind, missing):
+    for i in np.flatnonzero(~skip):
+        if not ok(str(cells[i])):
+            raise TableError(f"{table.file}, line {table.lines[i]}, column '{name}': {str(cells[i])!r} is not "
+                             f"{expected} ({name} is {kind}; cells read as missing: {missing})")
+    raise AssertionError("no bad cell found")
+
+
+def parse_columns(table: Table, state_or_specs: dict, missing: list[str]) -> dict:
+    specs = state_or_specs.get("features", state_or_specs)
+    require_columns(table, specs)
+    return {name: parse_column(table, name, spec["type"], missing) for name, spec in specs.items()}
+
+
+# --- labels ----------------------------------------------------------------------------------------------------------
+def parse_labels(table: Table, label: str, missing: list[str], classes: list | None = None):
+    """(targets, classes or None, rows kept): text labels become class indices (sorted names, or `classes` given);
+    numbers are regression targets. Rows without a label are dropped."""
+    require_columns(table, [label], "data.label")
+    cells = np.char.strip(table.cells[label])
+    keep = ~np.isin(cells, list(missing))
+    cells = cells[keep]
+    if classes is None:
+        try:
+            return cells.astype(np.float64).astype(np.float32), None, keep
+        except ValueError:
+            classes = sorted(set(cells.tolist()))
+    if len(classes) < 2:
+        raise TableError(f"{table.file}, column '{label}': the label has one class ({classes[0]!r}) in "
+                         f"{int(keep.sum())} rows; a classifier needs two or more")
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(cells.tolist()) - set(index))
+    if unknown:
+        first = int(np.flatnonzero(cells == unknown[0])[0])
+        raise TableError(f"{table.file}, line {table.lines[keep][first]}, column '{label}': label {unknown[0]!r} is "
+                         f"not among the training classes {classes}")
+    return np.array([index[c] for c in cells.tolist()], np.int64), list(classes), keep
+
+
+# --- the source and the stored state ---------------------------------------------------------------------------------
+class TableSource(ArraySource):
+    """Rows already transformed (one float32 vector each), with their parsed columns kept so a fold can adapt
+    again on its own training part."""
+
+    def __init__(self, columns: dict, state: dict):
+        self.columns, self.state = columns, state
+        super().__init__([fs.transform(state, columns)])
+
+    def subset(self, index):
+        return TableSource({k: c.take(index) for k, c in self.columns.items()}, self.state)
+
+    def with_state(self, state: dict) -> "TableSource":
+        return TableSource(self.columns, state)
+
+    def adapted_on(self, index) -> "TableSource":
+        """All these rows, transformed by a feature space adapted on rows `index` only (a k-fold fold)."""
+        specs, crosses = fs.specs_of(self.state)
+        state = {**self.state, **fs.adapt(specs, crosses, {k: c.take(index) for k, c in self.columns.items()})}
+        return self.with_state(state)
+
+    def describe(self):
+        return {}
+
+
+@contextlib.contextmanager
+def stored(run_dir_or_state):
+    """While the block runs, tables use this preprocessing state (a dict, or a run directory's feature_space.json
+    when it has one) instead of adapting on the data again."""
+    state = run_dir_or_state
+    if state is not None and not isinstance(state, dict):
+        path = Path(state) / FILENAME
+        state = json.loads(path.read_text()) if path.is_file() else None
+    token = _stored.set(state)
+    try:
+        yield
+    finally:
+        _stored.reset(token)
+
+
+def read_state(run_dir) -> dict:
+    path = Path(run_dir) / FILENAME
+    if not path.is_file():
+        raise DlcliError(f"{run_dir} has no {FILENAME}: it was not trained on a table (data.type table)")
+    return json.loads(path.read_text())
+
+
+def feature_state(data: dict) -> dict:
+    """The preprocessing state for a config's `data:`: the stored one (see `stored`), else adapted on the training
+    split (cached: loading the data next reuses it)."""
+    state = _stored.get()
+    return state if state is not None else _load(data).extra["feature_space"]
+
+
+def input_width(data: dict) -> int:
+    """The width of the concatenated vector: a Sequential model's input_shape."""
+    return feature_state(data)["width"]
+
+
+def describe_lines(state: dict) -> list[str]:
+    """Each feature's block and width, in concatenation order, and the columns left out: for the banner."""
+    lines = [f"{name}: {what}, width {width}" for name, what, width in fs.describe(state)]
+    lines.append(f"total width {state['width']}; label '{state['label']}' "
+                 + (f"({len(state['classes'])} classes)" if state.get("classes") else "(regression)"))
+    if state.get("ignored_columns"):
+        lines.append(f"ignored (not in data.features): {', '.join(state['ignored_columns'])}")
+    return lines
+
+
+_cache: dict = {}
+
+
+def _load(data: dict) -> Dataset:
+    """load_table for a data spec, cached on the spec and the files' sizes and times (builder then loader)."""
+    import inspect
+
+    bound = inspect.signature(load_table).bind(**{k: v for k, v in data.items() if k != "type"})
+    bound.apply_defaults()
+    args = dict(bound.arguments)
+    files = [resolve_path(args["path"])] if "path" in args else []
+    if args.get("test_path"):
+        files.append(resolve_path(args["test_path"], "data.test_path"))
+    key = json.dumps([args, [(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files],
+                      _stored.get() is not None and json.dumps(_stored.get(), sort_keys=True)],
+                     sort_keys=True, default=str)
+    if key not in _cache:
+        _cache.clear()  # one table at a time: the last one is what the next call asks for
+        _cache[key] = _load_table(**args)
+    return _cache[key]
+
+
+@DATASETS.register("table")
+def load_table(path: str, label: str, features: dict | str, crosses: list[dict] | None = None,
+               test_path: str | None = None, test_split: float = 0.0, missing: list[str] | None = None,
+               delimiter: str = ",", output_mode: str = "concat", stratify: bool = True, seed: int = 0,
+               limit: int | None = None, test_limit: int | None = None) -> Dataset:
+    """A CSV table: `features` (column -> Keras FeatureSpace type) preprocessed into one float32 vector per row,
+    adapted on the training rows; `label` text -> classes (stored in the run), numbers -> regression. The test set
+    is test_path or a seeded test_split (stratified by class unless stratify: false). Cells equal to one of
+    `missing` (default "" and NA) are missing. Columns not in `features` are ignored."""
+    return _load({k: v for k, v in locals().items()})
+
+
+def _load_table(path, label, features, crosses, test_path, test_split, missing, delimiter, output_mode, stratify,
+                seed, limit, test_limit) -> Dataset:
+    limit, test_limit = check_limits(limit, test_limit)
+    missing = DEFAULT_MISSING if missing is None else [str(m) for m in missing]
+    if output_mode != "concat":
+        raise ConfigError(f"data.output_mode: only 'concat' (one vector per row, for a Sequential model) is "
+                          f"supported; found {output_mode!r}")
+    if not isinstance(test_split, (int, float)) or not 0.0 <= test_split < 1.0:
+        raise ConfigError(f"data.test_split must be a fraction in [0, 1); got {test_split!r}")
+    if test_path is not None and test_split:
+        raise ConfigError("data: give test_path or test_split, not both")
+    if features == "auto":
+        raise ConfigError("data.features: auto is not supported yet; list the columns with their types")
+    specs, cross_specs = fs.feature_specs(features, crosses)
+    if label in specs:
+        raise ConfigError(f"data.features: '{label}' is the label (data.label); it cannot be a feature too")
+    file = resolve_path(path)
+    table = read_csv(file, delimiter)
+    stored_state = _stored.get()
+    columns = parse_columns(table, specs, missing)
+    y, classes, kept = parse_labels(table, label, missing, stored_state and stored_state.get("classes"))
+    columns = {k: c.take(kept) for k, c in columns.items()}
+    table = table.take(kept)
+    for name, col in columns.items():
+        if col.missing.all():
+            raise TableError(f"{file}, column '{name}': every cell is missing ({missing}); drop it from "
+                             f"data.features")
+    if test_path is not None:
+        test_table = read_csv(resolve_path(test_path, "data.test_path"), delimiter)
+        test_columns = parse_columns(test_table, specs, missing)
+        y_test, _, test_kept = parse_labels(test_table, label, missing, classes)
+        test_columns = {k: c.take(test_kept) for k, c in test_columns.items()}
+        train_index = np.arange(len(y))
+    elif test_split:
+        train_index, test_index = split_indices(y, float(test_split), np.random.default_rng(seed),
+                                                stratify and classes is not None)
+        test_columns, y_test = {k: c.take(test_index) for k, c in columns.items()}, y[test_index]
+    else:
+        train_index, test_columns, y_test = np.arange(len(y)), None, None
+    train_index = train_index[:limit]
+    train_columns, y_train = {k: c.take(train_index) for k, c in columns.items()}, y[train_index]
+    if test_columns is not None and test_limit is not None:
+        test_columns, y_test = {k: c.take(slice(0, test_limit)) for k, c in test_columns.items()}, y_test[:test_limit]
+    if stored_state is not None:
+        state = stored_state
+    else:
+        try:
+            state = fs.adapt(specs, cross_specs, train_columns)
+        except ValueError as e:
+            raise TableError(f"{file}: {e}; drop it from data.features") from None
+        ignored = [h for h in table.header if h not in specs and h != label]
+        state = {"label": label, "classes": classes, "missing": missing, "ignored_columns": ignored, **state}
+    x_train = TableSource(train_columns, state)
+    x_test = None if test_columns is None else TableSource(test_columns, state)
+    extra = {"feature_space": state, "label_rows_dropped": int((~kept).sum())}
+    if classes is None and y_test is not None:  # regression: the "predict the training mean" baseline
+        mean = float(y_train.mean())
+        extra.update({"baseline": {"test_mae": float(np.abs(y_test - mean).mean())}, "target": label,
+                      "target_std": 1.0, "baseline_description": f"predict the training mean, {mean:.4g}"})
+    return Dataset(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, classes=classes,
+                   source=str(file), extra=extra, name="table")
+
+
+def prediction_rows(file: Path, run_dir) -> tuple[np.ndarray, list[str]]:
+    """`dlcli predict RUN rows.csv | records.json`: columns read by name (others and their order do not matter),
+    preprocessed with the run's stored feature space; an unseen category is out-of-vocabulary, as in Keras."""
+    state = read_state(run_dir)
+    table = read_table(file)
+    columns = parse_columns(table, state, state["missing"])
+    return fs.transform(state, columns), [f"{Path(file).name}:{line}" for line in table.lines]

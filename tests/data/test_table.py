@@ -1,0 +1,140 @@
+"""`data: {type: table}` end to end: the real tables (../shared/datasets/tables) through train, evaluate, predict
+(CSV rows and JSON records by column name), k-fold and inspect-shapes, and bad input refused with exit 2, one
+line naming the file, line and column, and nothing written."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import dlcli
+from dlcli.cli import app
+from dlcli.trainer import _sample_weights, balanced_class_weight
+
+from tests.conftest import require_shared
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
+runner = CliRunner()
+
+
+@pytest.fixture
+def tables(monkeypatch, isolated):
+    folder = require_shared("tables")
+    monkeypatch.setenv("DLCLI_DATA_DIR", str(folder.parent))
+    return folder
+
+
+@pytest.fixture
+def penguins_run(tables, tmp_path):
+    run = dlcli.train(CONFIGS / "penguins.yaml", ["train.epochs=40"], runs_dir=tmp_path / "runs")
+    return run
+
+
+def test_penguins_reaches_97_percent_and_stores_its_preprocessing(penguins_run):
+    run = penguins_run
+    assert run.test["accuracy"] >= 0.97
+    state = json.loads((run.dir / "feature_space.json").read_text())
+    assert state["classes"] == ["Adelie", "Chinstrap", "Gentoo"]
+    assert state["features"]["island"]["vocabulary"] == ["Biscoe", "Dream", "Torgersen"]  # the 275 training rows
+    assert state["width"] == run.model.inputs[0].shape[0]
+    assert json.loads((run.dir / "meta.json").read_text())["classes"] == state["classes"]
+
+
+def test_predict_reads_rows_by_column_name_and_sends_unseen_categories_to_oov(penguins_run, tmp_path):
+    run = penguins_run
+    rows = tmp_path / "rows.csv"  # columns reordered, an extra one, the label absent
+    rows.write_text("note,sex,year,body_mass_g,flipper_length_mm,bill_depth_mm,bill_length_mm,island\n"
+                    "x,male,2008,5700,230,15.0,49.0,Biscoe\n"
+                    "y,female,2007,3400,190,18.0,38.5,Atlantis\n")
+    out = tmp_path / "p.csv"
+    result = runner.invoke(app, ["predict", str(run.dir), str(rows), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    assert lines[1].startswith("rows.csv:2,Gentoo") and lines[2].startswith("rows.csv:3,Adelie")
+    records = tmp_path / "r.json"
+    records.write_text(json.dumps([{"island": "Biscoe", "sex": "male", "year": 2008, "body_mass_g": 5700,
+                                    "flipper_length_mm": 230, "bill_depth_mm": 15.0, "bill_length_mm": 49.0},
+                                   {"island": "Atlantis", "sex": None, "year": 2031, "body_mass_g": 3400,
+                                    "flipper_length_mm": 190, "bill_depth_mm": 18.0, "bill_length_mm": None}]))
+    result = runner.invoke(app, ["predict", str(run.dir), str(records), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_text().splitlines()[1].startswith("r.json:1,Gentoo")
+    rows.write_text("island,sex,year\nBiscoe,male,2008\n")
+    result = runner.invoke(app, ["predict", str(run.dir), str(rows)])
+    assert result.exit_code == 2 and "no column 'bill_depth_mm'" in result.output
+
+
+def test_evaluate_and_predict_use_the_stored_state_not_the_file_again(penguins_run, tmp_path):
+    run = penguins_run
+    state = json.loads((run.dir / "feature_space.json").read_text())
+    state["features"]["bill_length_mm"]["mean"] += 1000.0  # a different stored state must change the answers
+    (run.dir / "feature_space.json").write_text(json.dumps(state))
+    from dlcli.experiment import evaluate_run
+
+    result = evaluate_run(run.dir)
+    assert result["metrics"]["accuracy"] < run.test["accuracy"]
+
+
+def test_cars_regression_beats_the_mean_and_kfold_adapts_per_fold(tables, tmp_path):
+    run = dlcli.train(CONFIGS / "cars_mpg.yaml", ["train.epochs=30"], runs_dir=tmp_path / "runs")
+    extra = run.splits.extra
+    assert run.test["mae"] < 0.5 * extra["baseline"]["test_mae"]
+    assert extra["label_rows_dropped"] == 8  # rows without Miles_per_Gallon
+    folds = dlcli.train(CONFIGS / "cars_mpg_kfold.yaml", ["train.epochs=2"], runs_dir=tmp_path / "runs")
+    means = [json.loads((folds.dir / "folds" / str(i) / "feature_space.json").read_text())
+             ["features"]["Weight_in_lbs"]["mean"] for i in (1, 2, 3, 4)]
+    assert len(set(means)) == 4  # each fold adapted on its own training part
+    whole = json.loads((run.dir / "feature_space.json").read_text())["features"]["Weight_in_lbs"]["mean"]
+    assert whole not in means
+
+
+def test_inspect_shapes_shows_each_features_width(tables):
+    result = runner.invoke(app, ["inspect-shapes", str(CONFIGS / "cars_mpg.yaml")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "input features (total width 22)" in result.output
+    assert "integer_categorical (5 values + 1 OOV)" in result.output and "ignored columns" in result.output
+
+
+def test_balanced_class_weight_is_sklearns_formula():
+    labels = np.array([0, 0, 0, 1, 2, 2])
+    assert balanced_class_weight(labels) == {0: 6 / 9, 1: 6 / 3, 2: 6 / 6}
+    np.testing.assert_allclose(_sample_weights(labels, 6, "balanced", None), [2 / 3] * 3 + [2.0, 1.0, 1.0])
+
+
+def _bad(tmp_path, name: str, content: bytes):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+PENGUINS_HEAD = (b"species,island,bill_length_mm,bill_depth_mm,flipper_length_mm,body_mass_g,sex,year\n"
+                 + (b"Adelie,Torgersen,39.1,18.7,181,3750,male,2007\n"
+                    b"Gentoo,Biscoe,46.1,13.2,211,4500,female,2007\n") * 3)
+
+
+@pytest.mark.parametrize("content, overrides, expected", [
+    (PENGUINS_HEAD, ["data.features.bill_lenght_mm=float"], "no column 'bill_lenght_mm' (did you mean "
+                                                            "'bill_length_mm'?)"),
+    (PENGUINS_HEAD.replace(b"Gentoo", b"Adelie"), [], "the label has one class ('Adelie')"),
+    (PENGUINS_HEAD + b"Adelie,Dream,4x.1,18.7,181,3750,male,2007\n", [],
+     "line 8, column 'bill_length_mm': '4x.1' is not a number"),
+    (PENGUINS_HEAD.replace(b"2007", b"NA"), [], "column 'year': every cell is missing"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", [], "line 3: binary data (a NUL byte): not a CSV"),
+    (PENGUINS_HEAD.replace(b"Torgersen", b"Torg\xe9rsen"), [], "line 2: byte 0xe9 is not UTF-8"),
+    (PENGUINS_HEAD + b"Adelie;Dream;39;18;181;3750;male;2007\n", [], "line 8: 1 fields, the header has 8 (it holds "
+                                                                     "';': mixed delimiters?"),
+])
+def test_bad_tables_exit_2_naming_file_line_and_column_and_write_nothing(tables, tmp_path, content, overrides,
+                                                                        expected):
+    path = _bad(tmp_path, "bad.csv", content)
+    args = ["train", str(CONFIGS / "penguins.yaml"), "--runs-dir", str(tmp_path / "runs"),
+            "--set", f"data.path={path}", "--set", "data.test_split=0.3"]
+    for o in overrides:
+        args += ["--set", o]
+    result = runner.invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert expected in text and (str(path) in text or "penguins.csv" not in text)
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
