@@ -205,10 +205,23 @@ def _check_schema(doc: Document):
         Config.model_validate(doc.data)
     except ValidationError as e:
         for err in e.errors():
-            path = tuple(p for p in err["loc"] if p != "[key]")
+            # a union of a mapping and a literal (class_weight: {0: 2.0} or "balanced"): pydantic tags each
+            # member's errors with its type ("dict[...]", "literal[...]"); a name given is judged against the
+            # literal only, anything else against the other member
+            tags = [p for p in err["loc"] if isinstance(p, str) and "[" in p]
+            if tags and isinstance(_value_at(doc.data, err["loc"][:err["loc"].index(tags[0])]), str) \
+                    != tags[0].startswith("literal["):
+                continue
+            path = tuple(p for p in err["loc"] if p != "[key]" and p not in tags)
             if any(path[:len(s)] == s and len(path) > len(s) for s in _SPEC_FIELDS):
                 continue  # inside a spec: pass 2 says what is wrong there, by name
             doc.issues.append(_schema_issue(doc, err, path))
+
+
+def _value_at(data, loc):
+    for part in loc:
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
 
 
 def _schema_issue(doc: Document, err: dict, path: tuple):

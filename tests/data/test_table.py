@@ -138,3 +138,12 @@ def test_bad_tables_exit_2_naming_file_line_and_column_and_write_nothing(tables,
     assert expected in text and (str(path) in text or "penguins.csv" not in text)
     assert "Traceback" not in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_class_weight_takes_balanced_or_a_mapping_and_suggests_the_name(tmp_path):
+    args = ["train", str(CONFIGS / "seattle_weather.yaml"), "--runs-dir", str(tmp_path / "runs")]
+    result = runner.invoke(app, [*args, "--set", "train.class_weight=balancd"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "(1 error)" in result.output
+    assert "train.class_weight: expected one of 'balanced', found 'balancd' (did you mean 'balanced'?)" in result.output
+    result = runner.invoke(app, [*args, "--set", "train.class_weight={0: -1.0}"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "train.class_weight.0: expected a value >= 0.0, found -1.0" in result.output
