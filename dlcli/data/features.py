@@ -49,6 +49,7 @@ INTEGER = ("integer_categorical", "integer_hashed")
 STRING = ("string_categorical", "string_hashed")
 CROSSABLE = ("float_discretized", *INTEGER, *STRING)  # preprocessors with integer outputs (Keras' HashedCrossing)
 CROSS_DEFAULTS = {"crossing_dim": 32, "output_mode": "one_hot"}
+MAX_WIDTH = 2**20  # the most columns one feature may produce (num_bins, max_tokens, crossing_dim)
 EPSILON = 1e-7  # keras.backend.epsilon(), Normalization's floor on the deviation
 DISCRETIZATION_EPSILON = 0.01  # Discretization's default epsilon
 
@@ -63,7 +64,7 @@ def feature_specs(features: dict, crosses: list | None = None) -> tuple[dict, li
     for name, spec in features.items():
         spec = {"type": spec} if isinstance(spec, str) else dict(spec) if isinstance(spec, dict) else spec
         kind = spec.get("type") if isinstance(spec, dict) else None
-        if kind not in FEATURE_TYPES:
+        if not isinstance(kind, str) or kind not in FEATURE_TYPES:
             errors.append(f"data.features.{name}: unknown feature type {kind!r}{did_you_mean(str(kind), FEATURE_TYPES)}"
                           f"; types: {', '.join(FEATURE_TYPES)}")
             continue
@@ -75,6 +76,9 @@ def feature_specs(features: dict, crosses: list | None = None) -> tuple[dict, li
         errors += _check_arguments(f"data.features.{name}", full)
         specs[str(name)] = full
     checked = []
+    if crosses is not None and not isinstance(crosses, list):
+        errors.append(f"data.crosses: expected a list of {{features: [a, b], crossing_dim: 32}}, found {crosses!r}")
+        crosses = []
     for i, cross in enumerate(crosses or []):
         where = f"data.crosses[{i}]"
         if not isinstance(cross, dict) or not isinstance(cross.get("features"), list) or len(cross["features"]) < 2:
@@ -83,7 +87,9 @@ def feature_specs(features: dict, crosses: list | None = None) -> tuple[dict, li
         unknown = [k for k in cross if k != "features" and k not in CROSS_DEFAULTS]
         errors += [f"{where}.{k}: unknown key{did_you_mean(k, ['features', *CROSS_DEFAULTS])}" for k in unknown]
         for f in cross["features"]:
-            if f not in specs:
+            if not isinstance(f, str):
+                errors.append(f"{where}.features: expected feature names, found {f!r}")
+            elif f not in specs:
                 errors.append(f"{where}: feature {f!r} is not in data.features{did_you_mean(str(f), specs)}")
             elif specs[f]["type"] not in CROSSABLE:
                 errors.append(f"{where}: feature {f!r} is {specs[f]['type']}; crosses take features with integer "
@@ -91,7 +97,7 @@ def feature_specs(features: dict, crosses: list | None = None) -> tuple[dict, li
         full = {**CROSS_DEFAULTS, **{k: v for k, v in cross.items() if k in CROSS_DEFAULTS},
                 "features": [str(f) for f in cross["features"]]}
         if not isinstance(full["crossing_dim"], int) or isinstance(full["crossing_dim"], bool) \
-                or full["crossing_dim"] < 1:
+                or not 1 <= full["crossing_dim"] <= MAX_WIDTH:
             errors.append(f"{where}.crossing_dim: expected a positive integer, found {full['crossing_dim']!r}")
         if full["output_mode"] != "one_hot":
             errors.append(f"{where}.output_mode: only one_hot can be concatenated; found {full['output_mode']!r}")
@@ -106,8 +112,8 @@ def _check_arguments(where: str, spec: dict) -> list[str]:
 
     def positive(key, minimum=1):
         v = spec.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < minimum):
-            errors.append(f"{where}.{key}: expected an integer >= {minimum}, found {v!r}")
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not minimum <= v <= MAX_WIDTH):
+            errors.append(f"{where}.{key}: expected an integer from {minimum} to {MAX_WIDTH:,}, found {v!r}")
 
     if spec.get("output_mode", "one_hot") != "one_hot":
         errors.append(f"{where}.output_mode: only one_hot features can be concatenated (output_mode: concat), as in "
@@ -117,12 +123,14 @@ def _check_arguments(where: str, spec: dict) -> list[str]:
     positive("max_tokens", 2)
     if spec["type"] == "float_discretized" and spec.get("bin_boundaries") is not None:
         edges = spec["bin_boundaries"]
-        if not isinstance(edges, list) or any(not isinstance(e, (int, float)) for e in edges) or \
-                any(b <= a for a, b in zip(edges, edges[1:])):
+        if not isinstance(edges, list) or any(not isinstance(e, (int, float)) or isinstance(e, bool)
+                                              or not np.isfinite(e) for e in edges) or \
+                any(b <= a for a, b in zip(edges, edges[1:])) or len(edges) >= MAX_WIDTH:
             errors.append(f"{where}.bin_boundaries: expected increasing numbers, found {edges!r}")
     for key in ("scale", "offset"):
-        if key in spec and (not isinstance(spec[key], (int, float)) or isinstance(spec[key], bool)):
-            errors.append(f"{where}.{key}: expected a number, found {spec[key]!r}")
+        if key in spec and (not isinstance(spec[key], (int, float)) or isinstance(spec[key], bool)
+                            or not np.isfinite(spec[key])):
+            errors.append(f"{where}.{key}: expected a finite number, found {spec[key]!r}")
     if spec["type"] in ("integer_categorical", "string_categorical") and spec["num_oov_indices"] == 0:
         errors.append(f"{where}.num_oov_indices: 0 makes an unseen value an error at predict time; use 1 or more")
     return errors

@@ -320,9 +320,13 @@ def _load(data: dict) -> Dataset:
     bound = inspect.signature(load_table).bind(**{k: v for k, v in data.items() if k != "type"})
     bound.apply_defaults()
     args = dict(bound.arguments)
-    files = [resolve_path(args["path"])] if "path" in args else []
-    if args.get("test_path"):
-        files.append(resolve_path(args["test_path"], "data.test_path"))
+    _check_arguments(args)
+    try:
+        files = [resolve_path(args["path"])]
+        if args.get("test_path"):
+            files.append(resolve_path(args["test_path"], "data.test_path"))
+    except ValueError as e:  # a NUL in a path
+        raise ConfigError(f"data.path: {e}") from None
     key = json.dumps([args, [(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files],
                       _stored.get() is not None and json.dumps(_stored.get(), sort_keys=True)],
                      sort_keys=True, default=str)
@@ -344,19 +348,32 @@ def load_table(path: str, label: str, features: dict | str, crosses: list[dict] 
     return _load({k: v for k, v in locals().items()})
 
 
+def _check_arguments(args: dict):
+    """What the schema's annotations cannot say, before any file is read."""
+    check_limits(args["limit"], args["test_limit"])
+    if args["output_mode"] != "concat":
+        raise ConfigError(f"data.output_mode: only 'concat' (one vector per row, for a Sequential model) is "
+                          f"supported; found {args['output_mode']!r}")
+    split = args["test_split"]
+    if not isinstance(split, (int, float)) or isinstance(split, bool) or not 0.0 <= split < 1.0:
+        raise ConfigError(f"data.test_split must be a fraction in [0, 1); got {split!r}")
+    if args["test_path"] is not None and split:
+        raise ConfigError("data: give test_path or test_split, not both")
+    if not isinstance(args["delimiter"], str) or len(args["delimiter"]) != 1 or args["delimiter"] in "\r\n\"":
+        raise ConfigError(f"data.delimiter must be one character (not a quote or line break); got "
+                          f"{args['delimiter']!r}")
+    if not isinstance(args["seed"], int) or not 0 <= args["seed"] < 2**32:
+        raise ConfigError(f"data.seed must be an integer from 0 to 2**32 - 1; got {args['seed']!r}")
+    if not isinstance(args["label"], str):
+        raise ConfigError(f"data.label must be a column name; got {args['label']!r}")
+    if args["features"] == "auto":
+        raise ConfigError("data.features: auto is not supported yet; list the columns with their types")
+    fs.feature_specs(args["features"], args["crosses"])
+
+
 def _load_table(path, label, features, crosses, test_path, test_split, missing, delimiter, output_mode, stratify,
                 seed, limit, test_limit) -> Dataset:
-    limit, test_limit = check_limits(limit, test_limit)
     missing = DEFAULT_MISSING if missing is None else [str(m) for m in missing]
-    if output_mode != "concat":
-        raise ConfigError(f"data.output_mode: only 'concat' (one vector per row, for a Sequential model) is "
-                          f"supported; found {output_mode!r}")
-    if not isinstance(test_split, (int, float)) or not 0.0 <= test_split < 1.0:
-        raise ConfigError(f"data.test_split must be a fraction in [0, 1); got {test_split!r}")
-    if test_path is not None and test_split:
-        raise ConfigError("data: give test_path or test_split, not both")
-    if features == "auto":
-        raise ConfigError("data.features: auto is not supported yet; list the columns with their types")
     specs, cross_specs = fs.feature_specs(features, crosses)
     if label in specs:
         raise ConfigError(f"data.features: '{label}' is the label (data.label); it cannot be a feature too")
