@@ -22,9 +22,10 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dlcli import fingerprint, runs
@@ -75,6 +76,7 @@ class Sweep:
     target: int  # trials in all
     direction: str
     base: dict = field(default_factory=dict)  # the resolved config every trial starts from (no sweep section)
+    worker: int = 0  # this process's index among the local workers (0: the one the command started)
 
     def open_storage(self):
         optuna = _optuna()
@@ -97,15 +99,22 @@ class Sweep:
         sampler = _spec(self.spec.sampler)
         if self.spec.seed is not None:
             sampler.setdefault("seed", self.spec.seed)
+        if sampler.get("seed") is not None and (self.worker or self.storage):
+            # Workers drawing the same numbers would run the same trials: each gets a stream of its own (on a
+            # database shared by machines, a process's host and pid tell it apart). One worker stays reproducible.
+            who = f"{socket.gethostname()}:{os.getpid()}" if self.storage else ""
+            key = f"{sampler['seed']}/{self.worker}/{who}".encode()
+            sampler["seed"] = int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
         if sampler["type"] == "grid":
             sampler["search_space"] = grid_space(self.spec.parameters)
         sampler, pruner = samplers.create(sampler), pruners.create(_spec(self.spec.pruner))
         try:
             return optuna.create_study(storage=self.open_storage(), sampler=sampler, pruner=pruner,
                                        study_name=self.study_name, direction=self.direction, load_if_exists=True)
-        except (ImportError, ModuleNotFoundError) as e:
-            raise DlcliError(f"the storage {self.storage} needs a database driver ({e.name or e}): "
-                             f"{_driver_install(e.name)}", exit_code=2) from None
+        except ImportError as e:
+            module = _missing_module(e)  # Optuna re-raises SQLAlchemy's ImportError as its own, nameless
+            raise DlcliError(f"the storage {self.storage} needs a database driver{f' ({module})' if module else ''}: "
+                             f"{_driver_install(module)}", exit_code=2) from None
         except Exception as e:  # a database that cannot be reached: one line, not SQLAlchemy's traceback
             if type(e).__module__.startswith(("sqlalchemy", "psycopg")):
                 raise DlcliError(f"cannot open the study storage {self.storage}: {str(e).splitlines()[0]}") from None
@@ -116,6 +125,14 @@ class Sweep:
 _DRIVERS = {"MySQLdb": "mysqlclient", "pymysql": "pymysql", "mysql": "mysql-connector-python",
             "mysqldb": "mysqlclient", "mariadb": "mariadb", "asyncmy": "asyncmy", "aiomysql": "aiomysql",
             "psycopg2": "psycopg2-binary", "psycopg": "'psycopg[binary]'", "pg8000": "pg8000"}
+
+
+def _missing_module(error) -> str | None:
+    while error is not None:
+        if isinstance(error, ImportError) and error.name:
+            return error.name
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _driver_install(module: str | None) -> str:
@@ -496,6 +513,8 @@ def _worker_main(sweep: Sweep, ready, start, log, errors):
     """Entry point of an extra worker process: quiet on Ctrl-C (the parent reports). An error that stops the sweep
     goes to the parent (`errors`), which this worker then asks to stop every worker."""
     STOP.install()
+    # a warning as one line, as the command's own process prints it (dlcli.commands.base), not Python's excerpt
+    warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr, flush=True)
     try:
         work(sweep, ready, start, log)
     except KeyboardInterrupt:
@@ -596,7 +615,8 @@ def _run_sweep(sweep: Sweep, workers: int, on_start, log) -> SweepResult:
     procs, ready, start, errors = [], [], context.Event(), context.SimpleQueue()
     for _ in range(workers - 1):
         event = context.Event()
-        proc = context.Process(target=_worker_main, args=(sweep, event, start, log, errors), daemon=False)
+        proc = context.Process(target=_worker_main, args=(replace(sweep, worker=len(procs) + 1), event, start, log,
+                                                          errors), daemon=False)
         proc.start()
         procs.append(proc)
         ready.append(event)

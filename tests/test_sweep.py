@@ -47,6 +47,8 @@ def test_two_workers_share_one_journal_and_a_rerun_continues_the_study(tmp_path)
     trials = read_trials(study)
     assert [t["state"] for t in trials] == ["COMPLETE"] * 6
     assert len({t["worker"] for t in trials}) == 2  # both processes ran trials from the one journal file
+    # each worker samples its own stream: the same seed in both made every worker's trial k the same trial
+    assert len({t["compile.optimizer.learning_rate"] for t in trials}) == 6
     assert (study / "study.journal").is_file()
     for t in trials:  # every trial is an ordinary run with its parameters applied
         run = load_config(f"{t['run_dir']}/config.yaml").to_dict()
@@ -92,6 +94,9 @@ def test_pruning_stops_a_clearly_worse_trial_and_a_diverged_trial_is_recorded(tm
     assert len(open(f"{pruned['run_dir']}/history.csv").read().splitlines()) == 2  # header + one epoch of four
     assert "diverged" in failed["reason"] and failed["run_dir"]
     assert "trial 3 fail" in result.stdout
+    listed = dlcli("runs", "list", "--runs-dir", runs)  # trials are runs too, shown under their study
+    assert listed.returncode == 0 and "4 runs in" in listed.stdout and "4 of them sweep trials" in listed.stdout
+    assert f"tiny-sweep/{Path(pruned['run_dir']).name}" in listed.stdout
 
 
 def test_ctrl_c_prints_the_table_and_the_study_continues(tmp_path):
@@ -160,6 +165,11 @@ def test_missing_optuna_and_an_unreachable_database_are_one_line_each(tmp_path, 
     assert bad.exit_code == 1 and bad.output.startswith("error: cannot open the study storage postgresql://")
     assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+    monkeypatch.setitem(sys.modules, "MySQLdb", None)  # SQLAlchemy's default MySQL driver, as if not installed
+    mysql = CliRunner().invoke(app, ["sweep", str(config), "--storage", "mysql://dlcli@127.0.0.1:1/none",
+                                     "--runs-dir", str(tmp_path / "runs")])
+    assert mysql.exit_code == 2 and mysql.output == "error: the storage mysql://dlcli@127.0.0.1:1/none needs a " \
+                                                    "database driver (MySQLdb): pip install mysqlclient\n"
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
     missing = CliRunner().invoke(app, ["sweep", str(config), "--runs-dir", str(tmp_path / "runs")])
     assert missing.exit_code == 2 and missing.output == "error: dlcli sweep needs Optuna: pip install 'dlcli[sweep]'\n"
@@ -208,6 +218,9 @@ def test_a_changed_metric_direction_or_base_config_is_refused_with_the_diff(tmp_
     same = dlcli("sweep", config, "--trials", 2, "--runs-dir", runs, "--set", "sweep.pruner=median")
     assert same.returncode == 0, same.stderr  # the search itself may change: the trials stay comparable
     assert "1 of 2 trials so far" in same.stdout and len(read_trials(runs / "tiny-sweep")) == 2
+    over = dlcli("sweep", config, "--trials", 1, "--runs-dir", runs)
+    assert over.returncode == 0 and "2 trials already (target 1): nothing to run" in over.stdout  # not "2 of 1"
+    assert len(read_trials(runs / "tiny-sweep")) == 2
 
 
 def test_a_study_made_with_another_direction_through_optuna_is_refused(tmp_path):
@@ -302,6 +315,14 @@ def test_bad_runs_dir_non_finite_ranges_and_a_full_disk_are_one_line_each(tmp_pa
     assert bad.exit_code == 2 and f"{nan}:21: sweep.parameters.compile.optimizer.learning_rate: low, high and " \
                                   f"step must be finite numbers; found low nan and high inf" in bad.output
 
+    uneven = tmp_path / "uneven.yaml"
+    uneven.write_text(config.read_text().replace("low: 0.003, high: 0.03, log: true", "low: 0.001, high: 0.01, "
+                                                                                      "step: 0.004"))
+    bad = CliRunner().invoke(app, ["sweep", str(uneven), "--runs-dir", str(tmp_path / "runs")])
+    assert bad.exit_code == 2 and f"{uneven}:21: sweep.parameters.compile.optimizer.learning_rate: high - low " \
+                                  f"(0.009) is not a multiple of step (0.004); the last value reached would be " \
+                                  f"0.009: make high 0.009" in bad.output  # not Optuna's warning in every worker
+
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
@@ -330,3 +351,29 @@ def test_a_kfold_trial_reports_the_mean_of_its_folds_to_the_pruner_after_each_fo
     assert sorted(trial.intermediate_values) == [0, 1, 2]
     for k in range(3):
         assert trial.intermediate_values[k] == pytest.approx(sum(bests[:k + 1]) / (k + 1), rel=1e-5)
+
+
+def test_workers_logging_to_mlflow_print_no_mlflow_info_and_no_traceback(tmp_path):
+    """Two workers creating the default MLflow store (mlruns/mlflow.db) at once raced on its migrations; MLflow's
+    INFO lines went to the sweep's output."""
+    pytest.importorskip("mlflow")
+    config = write_sweep_config(tmp_path, epochs=1)
+    result = dlcli("sweep", config, "--trials", 2, "--workers", 2, "--runs-dir", tmp_path / "runs",
+                   "--set", "train.callbacks=[{type: MLflow, log_artifacts: false}]", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "INFO" not in result.stdout + result.stderr and result.stderr == ""
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+
+
+def test_a_run_stopped_before_its_first_epoch_still_has_history_csv_and_train_log(tmp_path):
+    from dlcli.callbacks import Callback
+    from dlcli.experiment import train
+
+    class StopAtOnce(Callback):  # what Ctrl-C during a trial's first epoch does
+        def on_run_begin(self, run):
+            run.stop("interrupted")
+
+    run = train(write_sweep_config(tmp_path), ["sweep=null"], runs_dir=tmp_path / "runs", callbacks=[StopAtOnce()])
+    assert run.status == "interrupted"
+    assert (run.dir / "history.csv").read_text() == "epoch\n"
+    assert (run.dir / "train.log").read_text() == "interrupted before the first epoch ended\n"
