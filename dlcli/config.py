@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -663,6 +664,15 @@ def _check_sweep(doc: Document):
             if spec["low"] > spec["high"]:
                 doc.issues.append(doc.issue(path, f"low ({spec['low']}) must not be above high ({spec['high']})",
                                             at_key=True))
+            step = spec.get("step")
+            if isinstance(step, (int, float)) and step > 0 and spec["low"] <= spec["high"]:
+                # Optuna would quietly search only up to the last step below high (with a warning per process)
+                span = Decimal(str(spec["high"])) - Decimal(str(spec["low"]))
+                if span % Decimal(str(step)):
+                    last = float(Decimal(str(spec["high"])) - span % Decimal(str(step)))
+                    doc.issues.append(doc.issue(path, f"high - low ({float(span):g}) is not a multiple of step "
+                                                      f"({step}); the last value reached would be {last:g}: make "
+                                                      f"high {last:g}", at_key=True))
             if spec.get("log") and spec["low"] <= 0:
                 doc.issues.append(doc.issue(path, f"a log-scale range needs low > 0; found {spec['low']}",
                                             at_key=True))

@@ -90,6 +90,11 @@ class RunRecorder(Callback):
         runs.append_text(self.run_dir / "train.log",
                          f"epoch {epoch + 1}  {format_logs(logs)}  ({logs.get('seconds', 0):.1f}s)\n")
 
+    def on_run_end(self, run):
+        if not (self.run_dir / "history.csv").exists():  # stopped before its first epoch ended (Ctrl-C, a failure)
+            runs.atomic_write_text(self.run_dir / "history.csv", "epoch\n")
+            runs.append_text(self.run_dir / "train.log", f"{run.status} before the first epoch ended\n")
+
 
 @dataclass
 class Run:

@@ -296,10 +296,21 @@ def _date(start, dir_name: str) -> str:
 
 
 def find_runs(runs_dir) -> list[Path]:
-    """Run directories under `runs_dir`: any folder holding config.yaml, meta.json or history.csv."""
+    """Run directories under `runs_dir`: any folder holding config.yaml, meta.json or history.csv; and a sweep's
+    trials, `<study>/trial-NNN-<time>/` (dlcli.sweep), after their study's place."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise DlcliError(f"runs directory {root} does not exist; train something first (dlcli train CONFIG) "
                          f"or point --runs-dir at the folder holding run directories")
     markers = ("config.yaml", "meta.json", "history.csv")
-    return sorted(d for d in root.iterdir() if d.is_dir() and any((d / m).exists() for m in markers))
+
+    def is_run(d: Path) -> bool:
+        return d.is_dir() and any((d / m).exists() for m in markers)
+
+    found = []
+    for d in sorted(root.iterdir()):
+        if is_run(d):
+            found.append(d)
+        elif d.is_dir():
+            found += sorted(t for t in d.glob("trial-*") if is_run(t))
+    return found

@@ -5,7 +5,9 @@ They are ordinary callbacks in the registry (`train.callbacks: [{type: TensorBoa
 directory and resolved config (`on_run_begin`) and its final status once the run directory is complete
 (`on_run_end`).
 """
+import fcntl
 import importlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -130,10 +132,16 @@ class MLflow(Tracker):
     def _client(self):
         from mlflow.tracking import MlflowClient
 
+        # MLflow's INFO lines ("Creating initial MLflow database tables...") are not the run's output
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             Path("mlruns").mkdir(exist_ok=True)
             uri = "sqlite:///mlruns/mlflow.db"
+            # sweep workers starting together would each create (migrate) the new database: one at a time
+            with open("mlruns/.dlcli.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                return MlflowClient(tracking_uri=uri)
         return MlflowClient(tracking_uri=uri)
 
     def on_train_begin(self, logs=None):

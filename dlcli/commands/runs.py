@@ -56,7 +56,9 @@ def list_runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Folder 
     if not found:
         out.print(f"no runs in {runs_dir}")
         return
-    table = Table(title=f"{len(found)} run{'s' if len(found) != 1 else ''} in {runs_dir}")
+    trials = sum(1 for d in found if d.parent != Path(runs_dir))
+    table = Table(title=f"{len(found)} run{'s' if len(found) != 1 else ''} in {runs_dir}"
+                        + (f" ({trials} of them sweep trials, shown as study/trial)" if trials else ""))
     table.add_column("run", no_wrap=True)
     for col, justify in (("date (UTC)", "left"), ("status", "left"), ("epochs", "right"),
                          ("best metric", "right"), ("duration", "right")):
@@ -65,10 +67,11 @@ def list_runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Folder 
     for d in found:
         s = run_summary(d)
         best = "-" if s["best"] is None else f"{_metric_label(s['metric'])} {s['best']:.4f} (ep {s['best_epoch']})"
-        table.add_row(s["run"], s["date"], Text(s["status"], style=_STATUS_STYLE.get(s["status"], "")),
+        name = s["run"] if d.parent == Path(runs_dir) else f"{d.parent.name}/{s['run']}"
+        table.add_row(name, s["date"], Text(s["status"], style=_STATUS_STYLE.get(s["status"], "")),
                       str(s["epochs"]), best, _duration(s["seconds"]))
         if s["problems"]:
-            notes.append(f"  {s['run']}: {'; '.join(s['problems'])}")
+            notes.append(f"  {name}: {'; '.join(s['problems'])}")
     out.print(table)
     if notes:
         out.print("problems:\n" + "\n".join(notes), markup=False)
