@@ -23,7 +23,12 @@ def _into(values, out):
 
 
 class Activation:
+    """`to_onnx(g, x, hint)` emits the same function with the ONNX Builder `g` (dlcli.interop.onnx_graph) on the
+    tensor named x and returns the output's name; `channels_last` ones act along an axis, so the Builder hands them
+    Keras' layout."""
+
     name = "linear"
+    channels_last = False
     # d act / dz as a function of the output y = act(z), where one exists: a recurrent layer caches only its
     # outputs, so it accepts exactly these activations. A staticmethod (y, out=None) on the class, or None.
     output_derivative = None
@@ -43,6 +48,9 @@ class Activation:
     def output_shape(self, input_shape):
         return input_shape
 
+    def to_onnx(self, g, x, hint=None):
+        raise NotImplementedError
+
     def get_config(self) -> dict:
         """The constructor's arguments (none for most): what `get` needs to make a fresh copy."""
         names = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "args", "kwargs")]
@@ -51,6 +59,9 @@ class Activation:
 
 @ACTIVATIONS.register("linear", "identity")
 class Linear(Activation):
+    def to_onnx(self, g, x, hint=None):
+        return x
+
     @staticmethod
     def output_derivative(y, out=None):
         return _into(np.ones_like(y), out)
@@ -58,23 +69,68 @@ class Linear(Activation):
 
 @ACTIVATIONS.register("relu")
 class ReLU(Activation):
+    """max(z, 0), or with Keras' arguments: z above `threshold` (capped at `max_value`), negative_slope *
+    (z - threshold) below it (keras.activations.relu; with only negative_slope, max(z, negative_slope * z))."""
+
     name = "relu"
     # relu(max z) == max(relu z), and the gradients match: a window whose maximum is <= 0 gets none either way, and
-    # otherwise the first maximum of z is the first maximum of relu(z)
+    # otherwise the first maximum of z is the first maximum of relu(z). Only said of the plain relu.
     commutes_with_max = True
 
+    def __init__(self, negative_slope: float = 0.0, max_value: float | None = None, threshold: float = 0.0):
+        self.negative_slope, self.threshold = float(negative_slope), float(threshold)
+        self.max_value = None if max_value is None else float(max_value)
+        self.plain = not self.negative_slope and not self.threshold and self.max_value is None
+        self.commutes_with_max = self.plain
+
     def forward(self, z):
+        if not self.plain:
+            return self._general(z)
         # the output, not a mask: inference skips the comparison, and y > 0 exactly where z > 0
         self.y = np.maximum(z, 0)
         return self.y
 
     def forward_(self, z):
+        if not self.plain:
+            return self._general(z)
         # in place: no batch-sized allocation (and its page faults), 20% of the book convnet's predict before
         self.y = np.maximum(z, 0, out=z)
         return self.y
 
+    def _general(self, z):
+        slope = self.negative_slope
+        if slope and self.max_value is None and not self.threshold:  # Keras calls leaky_relu here
+            positive = (z > 0) == (slope <= 1)
+            self.slope = np.where(positive, 1, slope).astype(z.dtype)
+            return np.where(positive, z, slope * z).astype(z.dtype, copy=False)
+        above = z > self.threshold
+        y = np.where(above, z, 0).astype(z.dtype, copy=False)
+        self.slope = above.astype(z.dtype)
+        if self.max_value is not None:
+            self.slope *= y < self.max_value
+            y = np.minimum(y, self.max_value).astype(z.dtype, copy=False)
+        if slope:
+            below = z < self.threshold
+            y -= slope * np.where(below, self.threshold - z, 0).astype(z.dtype, copy=False)
+            self.slope += slope * below
+        return y
+
     def backward(self, grad):
-        return grad * (self.y > 0)
+        return grad * (self.y > 0) if self.plain else grad * self.slope
+
+    def to_onnx(self, g, x, hint=None):
+        slope = self.negative_slope
+        if self.plain:
+            return g.op("Relu", [x], hint)
+        if slope and self.max_value is None and not self.threshold:
+            return g.op("Max", [x, g.op("Mul", [x, g.scalar(slope)])], hint)
+        y = g.op("Where", [g.op("Greater", [x, g.scalar(self.threshold)]), x, g.scalar(0.0)])
+        if self.max_value is not None:
+            y = g.op("Min", [y, g.scalar(self.max_value)])
+        if slope:
+            below = g.op("Relu", [g.op("Sub", [g.scalar(self.threshold), x])])
+            y = g.op("Sub", [y, g.op("Mul", [below, g.scalar(slope)])])
+        return g.op("Identity", [y], hint)
 
     @staticmethod
     def output_derivative(y, out=None):
@@ -84,6 +140,9 @@ class ReLU(Activation):
 @ACTIVATIONS.register("sigmoid")
 class Sigmoid(Activation):
     name = "sigmoid"
+
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Sigmoid", [x], hint)
 
     def forward(self, z):
         self.y = sigmoid(z)
@@ -103,6 +162,9 @@ class Sigmoid(Activation):
 class Tanh(Activation):
     name = "tanh"
 
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Tanh", [x], hint)
+
     def forward(self, z):
         self.y = np.tanh(z)
         return self.y
@@ -118,35 +180,61 @@ class Tanh(Activation):
 
 @ACTIVATIONS.register("softmax")
 class Softmax(Activation):
-    """Softmax over the last axis."""
+    """exp(z) / sum(exp(z)) over `axis` (an axis of the batch tensor, or a list of them, as Keras)."""
 
     name = "softmax"
+    channels_last = True
+
+    def __init__(self, axis: int | list[int] = -1):
+        self.axis = axis if isinstance(axis, int) else [int(a) for a in axis]
+
+    def _axes(self):
+        return self.axis if isinstance(self.axis, int) else tuple(self.axis)
 
     def forward(self, z):
-        self.y = softmax(z)
+        self.y = softmax(z, self._axes())
         return self.y
 
     def backward(self, grad):
-        return self.y * (grad - (grad * self.y).sum(-1, keepdims=True))
+        return self.y * (grad - (grad * self.y).sum(self._axes(), keepdims=True))
+
+    def to_onnx(self, g, x, hint=None):
+        if isinstance(self.axis, int):
+            return g.op("Softmax", [x], hint, axis=self.axis)
+        e = g.op("Exp", [g.op("Sub", [x, g.reduce("ReduceMax", x, self.axis)])])
+        return g.op("Div", [e, g.reduce("ReduceSum", e, self.axis)], hint)
 
 
 @ACTIVATIONS.register("log_softmax")
 class LogSoftmax(Activation):
     name = "log_softmax"
+    channels_last = True
+
+    def __init__(self, axis: int = -1):
+        self.axis = int(axis)
 
     def forward(self, z):
-        y = log_softmax(z)
+        y = log_softmax(z, self.axis)
         self.p = np.exp(y)
         return y
 
     def backward(self, grad):
-        return grad - self.p * grad.sum(-1, keepdims=True)
+        return grad - self.p * grad.sum(self.axis, keepdims=True)
+
+    def to_onnx(self, g, x, hint=None):
+        return g.op("LogSoftmax", [x], hint, axis=self.axis)
 
 
 @ACTIVATIONS.register("elu")
 class ELU(Activation):
     name = "elu"
-    alpha = 1.0
+    alpha = 1.0  # what output_derivative (recurrent layers, the name only) assumes
+
+    def __init__(self, alpha: float = 1.0):
+        self.alpha = float(alpha)
+
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Elu", [x], hint, alpha=self.alpha)
 
     def forward(self, z):
         self.z = z
@@ -166,6 +254,9 @@ class SELU(Activation):
     name = "selu"
     # Constants from Klambauer et al. (2017), as keras.activations.selu.
     alpha, scale = 1.6732632423543772, 1.0507009873554805
+
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Selu", [x], hint, alpha=self.alpha, gamma=self.scale)
 
     def forward(self, z):
         self.z = z
@@ -195,15 +286,29 @@ class GELU(Activation):
         pdf = np.exp(-0.5 * self.z * self.z) / np.sqrt(2 * np.pi)
         return grad * (self.cdf + self.z * pdf)
 
+    def to_onnx(self, g, x, hint=None):  # exact: x * Phi(x) = x * (1 + erf(x / sqrt 2)) / 2
+        erf = g.op("Erf", [g.op("Div", [x, g.scalar(np.sqrt(2.0))])])
+        half = g.op("Mul", [x, g.scalar(0.5)])
+        return g.op("Mul", [half, g.op("Add", [erf, g.scalar(1.0)])], hint)
+
 
 @ACTIVATIONS.register("leaky_relu")
 class LeakyReLU(Activation):
+    """max(z, negative_slope * z) (keras.activations.leaky_relu: 0.2 by default; the LeakyReLU layer's is 0.3)."""
+
     name = "leaky_relu"
-    negative_slope = 0.2  # keras.activations.leaky_relu default
+
+    def __init__(self, negative_slope: float = 0.2):
+        self.negative_slope = float(negative_slope)
 
     def forward(self, z):
-        self.positive = z > 0
-        return np.where(self.positive, z, self.negative_slope * z)
+        self.positive = (z > 0) == (self.negative_slope <= 1)  # a slope above 1 makes the negative side the max
+        return np.where(self.positive, z, self.negative_slope * z).astype(z.dtype, copy=False)
+
+    def to_onnx(self, g, x, hint=None):
+        if self.negative_slope <= 1:
+            return g.op("LeakyRelu", [x], hint, alpha=self.negative_slope)
+        return g.op("Max", [x, g.op("Mul", [x, g.scalar(self.negative_slope)])], hint)
 
     def backward(self, grad):
         return np.where(self.positive, grad, self.negative_slope * grad)
@@ -219,6 +324,9 @@ class Softplus(Activation):
 
     def backward(self, grad):
         return grad * sigmoid(self.z)
+
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Softplus", [x], hint)
 
     @staticmethod
     def output_derivative(y, out=None):
@@ -237,6 +345,9 @@ class Swish(Activation):
     def backward(self, grad):
         return grad * (self.s * (1 + self.z * (1 - self.s)))
 
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Mul", [x, g.op("Sigmoid", [x])], hint)
+
 
 # --- the rest of keras.activations (Keras 3.15); formulas as its numpy backend (keras/src/backend/numpy/nn.py) ---
 class _Masked(Activation):
@@ -250,6 +361,9 @@ class _Masked(Activation):
 class ReLU6(_Masked):
     name = "relu6"
 
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Clip", [x, g.scalar(0.0), g.scalar(6.0)], hint)
+
     def forward(self, z):
         self.slope = ((z > 0) & (z < 6)).astype(z.dtype)
         return np.minimum(np.maximum(z, 0), 6).astype(z.dtype, copy=False)
@@ -260,6 +374,9 @@ class HardSigmoid(_Masked):
     """clip(z / 6 + 1/2, 0, 1) (Keras 3's slope 1/6, not Keras 2's 0.2)."""
 
     name = "hard_sigmoid"
+
+    def to_onnx(self, g, x, hint=None):
+        return g.op("HardSigmoid", [x], hint, alpha=1 / 6, beta=0.5)
 
     def forward(self, z):
         y = z / 6 + 0.5
@@ -272,6 +389,9 @@ class HardSilu(Activation):
     """z * hard_sigmoid(z)."""
 
     name = "hard_silu"
+
+    def to_onnx(self, g, x, hint=None):  # HardSwish needs opset 14
+        return g.op("Mul", [x, g.op("HardSigmoid", [x], alpha=1 / 6, beta=0.5)], hint)
 
     def forward(self, z):
         self.z, self.h = z, HardSigmoid()
@@ -288,6 +408,9 @@ class Mish(Activation):
 
     name = "mish"
 
+    def to_onnx(self, g, x, hint=None):  # Mish needs opset 18
+        return g.op("Mul", [x, g.op("Tanh", [g.op("Softplus", [x])])], hint)
+
     def forward(self, z):
         self.z = z
         self.t = np.tanh(np.logaddexp(0, z)).astype(z.dtype, copy=False)
@@ -303,6 +426,9 @@ class Softsign(Activation):
 
     name = "softsign"
 
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Softsign", [x], hint)
+
     def forward(self, z):
         self.d = 1 + np.abs(z)
         return z / self.d
@@ -314,6 +440,9 @@ class Softsign(Activation):
 @ACTIVATIONS.register("exponential")
 class Exponential(Activation):
     name = "exponential"
+
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Exp", [x], hint)
 
     def forward(self, z):
         self.y = np.exp(z)
@@ -333,6 +462,9 @@ class CELU(Activation):
 
     name = "celu"
 
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Celu", [x], hint, alpha=self.alpha)
+
     def __init__(self, alpha: float = 1.0):
         self.alpha = float(alpha)
 
@@ -349,6 +481,15 @@ class GLU(Activation):
     """a * sigmoid(b) for the two halves [a, b] of `axis`: the output has half the input's size along it."""
 
     name = "glu"
+    channels_last = True
+
+    def to_onnx(self, g, x, hint=None):
+        size = g.op("Gather", [g.op("Shape", [x]), g.ints([self.axis])])
+        half = g.op("Div", [size, g.ints([2])])
+        axes = g.ints([self.axis])
+        a = g.op("Slice", [x, g.ints([0]), half, axes])
+        b = g.op("Slice", [x, half, size, axes])
+        return g.op("Mul", [a, g.op("Sigmoid", [b])], hint)
 
     def __init__(self, axis: int = -1):
         self.axis = int(axis)
@@ -377,6 +518,9 @@ class LogSigmoid(Activation):
 
     name = "log_sigmoid"
 
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Neg", [g.op("Softplus", [g.op("Neg", [x])])], hint)
+
     def forward(self, z):
         self.z = z
         return -np.logaddexp(0, -z)
@@ -389,6 +533,9 @@ class LogSigmoid(Activation):
 class HardTanh(_Masked):
     name = "hard_tanh"
 
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Clip", [x, g.scalar(-1.0), g.scalar(1.0)], hint)
+
     def forward(self, z):
         self.slope = (np.abs(z) < 1).astype(z.dtype)
         return np.clip(z, -1, 1)
@@ -399,6 +546,9 @@ class HardShrink(_Masked):
     """z where |z| > threshold, else 0."""
 
     name = "hard_shrink"
+
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Shrink", [x], hint, lambd=self.threshold, bias=0.0)
 
     def __init__(self, threshold: float = 0.5):
         self.threshold = float(threshold)
@@ -414,6 +564,9 @@ class SoftShrink(_Masked):
 
     name = "soft_shrink"
 
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Shrink", [x], hint, lambd=self.threshold, bias=self.threshold)
+
     def __init__(self, threshold: float = 0.5):
         self.threshold = float(threshold)
 
@@ -428,6 +581,9 @@ class TanhShrink(Activation):
 
     name = "tanh_shrink"
 
+    def to_onnx(self, g, x, hint=None):
+        return g.op("Sub", [x, g.op("Tanh", [x])], hint)
+
     def forward(self, z):
         self.t = np.tanh(z)
         return z - self.t
@@ -441,6 +597,11 @@ class SparsePlus(Activation):
     """0 for z <= -1, (z + 1)^2 / 4 for -1 < z < 1, z from 1."""
 
     name = "sparse_plus"
+
+    def to_onnx(self, g, x, hint=None):
+        shifted = g.op("Add", [g.op("Clip", [x, g.scalar(-1.0), g.scalar(1.0)]), g.scalar(1.0)])
+        quadratic = g.op("Mul", [g.op("Mul", [shifted, shifted]), g.scalar(0.25)])
+        return g.op("Where", [g.op("Less", [x, g.scalar(1.0)]), quadratic, x], hint)
 
     def forward(self, z):
         self.z = z
@@ -457,6 +618,10 @@ class SparseSigmoid(_Masked):
 
     name = "sparse_sigmoid"
 
+    def to_onnx(self, g, x, hint=None):
+        half = g.op("Mul", [g.op("Add", [x, g.scalar(1.0)]), g.scalar(0.5)])
+        return g.op("Clip", [half, g.scalar(0.0), g.scalar(1.0)], hint)
+
     def forward(self, z):
         self.slope = (np.abs(z) < 1) * z.dtype.type(0.5)
         return np.clip(0.5 * (z + 1), 0, 1).astype(z.dtype, copy=False)
@@ -467,6 +632,10 @@ class Squareplus(Activation):
     """(z + sqrt(z^2 + b)) / 2."""
 
     name = "squareplus"
+
+    def to_onnx(self, g, x, hint=None):
+        root = g.op("Sqrt", [g.op("Add", [g.op("Mul", [x, x]), g.scalar(self.b)])])
+        return g.op("Mul", [g.op("Add", [x, root]), g.scalar(0.5)], hint)
 
     def __init__(self, b: float = 4.0):
         self.b = float(b)
@@ -486,6 +655,10 @@ class Threshold(_Masked):
 
     name = "threshold"
 
+    def to_onnx(self, g, x, hint=None):
+        above = g.op("Greater", [x, g.scalar(self.threshold)])
+        return g.op("Where", [above, x, g.scalar(self.default_value)], hint)
+
     def __init__(self, threshold: float, default_value: float):
         self.threshold, self.default_value = float(threshold), float(default_value)
 
@@ -500,6 +673,20 @@ class Sparsemax(Activation):
     """Euclidean projection onto the simplex along `axis` (Martins & Astudillo 2016): max(z - tau, 0)."""
 
     name = "sparsemax"
+    channels_last = True
+
+    def to_onnx(self, g, x, hint=None):
+        if self.axis != -1:
+            raise NotImplementedError("sparsemax exports along the last axis only")
+        n = g.op("Slice", [g.op("Shape", [x]), g.ints([-1]), g.ints([2 ** 62])])
+        zs = g.op("TopK", [x, n], outputs=2, axis=-1)[0]
+        cumulative = g.op("CumSum", [zs, g.const(np.array(-1, np.int64), "axis")])
+        rank = g.op("CumSum", [g.op("Add", [g.op("Mul", [zs, g.scalar(0.0)]), g.scalar(1.0)]), g.const(np.array(-1, np.int64), "axis")])
+        support = g.cast(g.op("Greater", [g.op("Add", [g.op("Mul", [rank, zs]), g.scalar(1.0)]), cumulative]),
+                         "float32")
+        k = g.reduce("ReduceSum", support, [-1])
+        tau = g.op("Div", [g.op("Sub", [g.reduce("ReduceSum", g.op("Mul", [zs, support]), [-1]), g.scalar(1.0)]), k])
+        return g.op("Relu", [g.op("Sub", [x, tau])], hint)
 
     def __init__(self, axis: int = -1):
         self.axis = int(axis)

@@ -191,31 +191,22 @@ class Builder:
             self._cache[key] = Value(name, v.rank, first, v.dtype)
         return self._cache[key]
 
-    # --- activations (formulas as dlcli.engine.activations, which follow Keras) ------------------------------------
-    def activation(self, name: str, x: str, hint=None) -> str:
-        if name in ("linear", "identity"):
-            return x
-        simple = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "softplus": "Softplus"}
-        if name in simple:
-            return self.op(simple[name], [x], hint)
-        if name in ("softmax", "log_softmax"):
-            return self.op("Softmax" if name == "softmax" else "LogSoftmax", [x], hint, axis=-1)
-        if name == "elu":
-            return self.op("Elu", [x], hint, alpha=1.0)
-        if name == "selu":
-            return self.op("Selu", [x], hint, alpha=1.6732632423543772, gamma=1.0507009873554805)
-        if name == "leaky_relu":
-            return self.op("LeakyRelu", [x], hint, alpha=0.2)
-        if name == "swish":
-            return self.op("Mul", [x, self.op("Sigmoid", [x])], hint)
-        if name == "gelu":  # exact: x * Phi(x) = x * (1 + erf(x / sqrt 2)) / 2
-            erf = self.op("Erf", [self.op("Div", [x, self.scalar(np.sqrt(2.0))])])
-            half = self.op("Mul", [x, self.scalar(0.5)])
-            return self.op("Mul", [half, self.op("Add", [erf, self.scalar(1.0)])], hint)
-        raise ExportError(f"activation '{name}' has no ONNX mapping")
+    # --- activations: each emits itself (dlcli.engine.activations), beside its NumPy math ------------------------
+    def activation(self, activation, x: str, hint=None) -> str:
+        """`activation` (an Activation, or a name for its defaults) on the tensor named x."""
+        from dlcli.engine import activations
 
-    def activate(self, name: str, v: Value, hint=None) -> Value:
-        """An activation on a Value; softmax-like ones act on the channel axis, so they need channels-last."""
-        if name in ("softmax", "log_softmax"):
+        act = activations.get(activation)
+        try:
+            return act.to_onnx(self, x, hint)
+        except NotImplementedError as e:
+            raise ExportError(f"activation '{act.name}' has no ONNX mapping{f' ({e})' if str(e) else ''}")
+
+    def activate(self, activation, v: Value, hint=None) -> Value:
+        """An activation on a Value; those acting along an axis (softmax ...) get Keras' channels-last layout."""
+        from dlcli.engine import activations
+
+        act = activations.get(activation)
+        if act.channels_last:
             v = self.last(v)
-        return Value(self.activation(name, v.name, hint), v.rank, v.first, v.dtype)
+        return Value(self.activation(act, v.name, hint), v.rank, v.first, v.dtype)

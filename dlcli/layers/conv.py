@@ -116,7 +116,7 @@ class _Conv(_Windowed):
             inputs.append(g.weight(self, self.bias.value, "bias"))
         y = g.op("Conv", inputs, self.name, kernel_shape=list(self.kernel_size), strides=list(self.strides),
                  dilations=list(self.dilation_rate), pads=g.pads(pads))
-        return g.activate(self.activation.name, g.value(y, x.rank, True))
+        return g.activate(self.activation, g.value(y, x.rank, True))
 
 
 @register("Conv1D")
@@ -237,7 +237,7 @@ class Conv2DTranspose(_Windowed):
         y = g.op("ConvTranspose", inputs, self.name, kernel_shape=list(self.kernel_size),
                  strides=list(self.strides), dilations=list(self.dilation_rate), pads=g.pads(onnx_pads),
                  output_padding=output_padding)
-        return g.activate(self.activation.name, g.value(y, x.rank, True))
+        return g.activate(self.activation, g.value(y, x.rank, True))
 
 
 class _Depthwise(_Windowed):
@@ -317,7 +317,7 @@ class DepthwiseConv2D(_Depthwise):
         y = self._depthwise_onnx(g, x, in_shape, self.kernel.value, "depthwise")
         if self.use_bias:
             y = g.op("Add", [y, g.weight(self, self.bias.value.reshape(-1, 1, 1), "bias")], self.name)
-        return g.activate(self.activation.name, g.value(y, 4, True))
+        return g.activate(self.activation, g.value(y, 4, True))
 
 
 @register("SeparableConv2D")
@@ -379,4 +379,4 @@ class SeparableConv2D(_Depthwise):
         if self.use_bias:
             inputs.append(g.weight(self, self.bias.value, "bias"))
         y = g.op("Conv", inputs, self.name, kernel_shape=[1, 1])
-        return g.activate(self.activation.name, g.value(y, 4, True))
+        return g.activate(self.activation, g.value(y, 4, True))

@@ -58,7 +58,7 @@ class Dense(Layer):
         y = g.op("MatMul", [x.name, g.weight(self, self.kernel.value, "kernel")])
         if self.use_bias:
             y = g.op("Add", [y, g.weight(self, self.bias.value, "bias")])
-        return g.activate(self.activation.name, g.value(y, x.rank), self.name)
+        return g.activate(self.activation, g.value(y, x.rank), self.name)
 
 
 @register("Activation")
@@ -80,7 +80,7 @@ class Activation(Layer):
         return self.activation_backward(grad)
 
     def to_onnx(self, g, x, in_shape, mask):
-        return g.activate(self.activation.name, x, self.name)
+        return g.activate(self.activation, x, self.name)
 
 
 @register("Flatten")

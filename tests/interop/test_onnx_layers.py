@@ -7,6 +7,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from dlcli import layers  # noqa: E402
+from dlcli.engine import activations  # noqa: E402
 from dlcli.engine.layer import clear_session  # noqa: E402
 from dlcli.interop.onnx_export import max_difference, sample_inputs, to_onnx  # noqa: E402
 from dlcli.builder import from_config  # noqa: E402
@@ -38,6 +39,17 @@ CASES = {
     "Dense": seq([6], L("Dense", units=4, activation="relu")),
     "Dense-rank3-softmax": seq([3, 6], L("Dense", units=4, activation="softmax")),
     "Activation": seq([5], L("Activation", activation="gelu")),
+    "Activation-glu-axis1": seq([4, 3], L("Activation", activation={"type": "glu", "axis": 1})),
+    "ReLU": seq([2, 5], L("ReLU", max_value=6.0)),
+    "ReLU-slope-threshold": seq([6], L("ReLU", max_value=1.0, negative_slope=0.1, threshold=0.3)),
+    "ReLU-leaky": seq([6], L("ReLU", negative_slope=0.2)),
+    "LeakyReLU": seq([4, 4, 2], L("Conv2D", filters=3, kernel_size=2), L("LeakyReLU")),
+    "ELU": seq([6], L("ELU", alpha=0.5)),
+    "Softmax": seq([3, 4, 2], L("Conv2D", filters=3, kernel_size=2), L("Softmax", axis=1)),
+    "Softmax-axes": seq([3, 4], L("Softmax", axis=[1, 2])),
+    "Softmax-masked": seq([6], EMBED, L("Dense", units=6), L("Softmax", axis=1)),
+    "PReLU": seq([4, 4, 2], L("Conv2D", filters=3, kernel_size=2), L("PReLU", shared_axes=[1, 2],
+                                                                        alpha_initializer="random_normal")),
     "Flatten-after-conv": seq([5, 5, 2], L("Conv2D", filters=3, kernel_size=3, padding="same"), L("Flatten"),
                               L("Dense", units=3)),
     "Reshape": seq([4, 4, 2], L("Conv2D", filters=2, kernel_size=1), L("Reshape", target_shape=[8, -1])),
@@ -202,10 +214,16 @@ def test_other_opsets(opset):
         assert diff <= TOLERANCE and proto.opset_import[0].version == opset
 
 
-@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh", "softmax", "log_softmax", "elu", "selu", "gelu",
-                                        "leaky_relu", "softplus", "swish", "linear"])
+ACTIVATION_ARGS = {"threshold": {"threshold": 0.1, "default_value": -0.5}, "squareplus": {"b": 2.0},
+                   "celu": {"alpha": 0.7}, "soft_shrink": {"threshold": 0.3}, "hard_shrink": {"threshold": 0.2}}
+
+
+@pytest.mark.parametrize("activation", activations.ACTIVATIONS.names())
 def test_every_activation(activation):
-    diff, _ = difference("act", seq([5], L("Dense", units=4, activation=activation)))
+    act = {"type": activation, **ACTIVATION_ARGS.get(activation, {})}
+    # Dense's output (about N(0, 1) here) spreads over the kinks of clip-like functions
+    diff, _ = difference("act", seq([5], L("Dense", units=4, kernel_initializer="he_normal"),
+                                    L("Activation", activation=act)))
     assert diff <= TOLERANCE
 
 
