@@ -133,3 +133,22 @@ def test_initializer_draws_like_keras(spec, arrays):
         # inside, or the first draw when none is (one in 230,000), so its largest magnitude is no bound to compare
         cut = 2 * std / 0.87962566103423978
         assert np.abs(w - w.mean()).max() <= cut * 1.001 and np.abs(w - w.mean()).max() > cut * 0.99
+
+
+@pytest.mark.parametrize("spec,arrays", _cases("layers"))
+def test_layer_matches_keras(spec, arrays):
+    from dlcli import layers
+
+    layer = layers.LAYERS.get(spec["type"])(**{k: v for k, v in spec.items() if k != "type"})
+    layer.dtype = "float64"
+    x = arrays["x"]
+    layer.ensure_built(x.shape[1:], np.random.default_rng(0))
+    weights = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("weight/")}
+    for name, value in weights.items():
+        layer.params[name].value = value.copy()
+        layer.params[name].grad = np.zeros_like(value)
+    layer.input_mask = arrays.get("mask")
+    np.testing.assert_allclose(layer.forward(x.copy()), arrays["y"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(layer.backward(arrays["r"]), arrays["grad"], rtol=1e-5, atol=1e-7)
+    for name in weights:
+        np.testing.assert_allclose(layer.params[name].grad, arrays[f"weight_grad/{name}"], rtol=1e-5, atol=1e-7)
