@@ -17,22 +17,28 @@ def to_folder(
     dataset: Annotated[str, typer.Argument(help="mnist or fashion_mnist.")],
     directory: Annotated[Path, typer.Argument(help="Output folder; gets train/<class>/*.png and test/<class>/*.png.")],
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images of each split.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a folder that is not empty, replacing "
+                                                                "its train/ and test/ (nothing else in it is "
+                                                                "touched).")] = False,
 ):
-    """Write an image dataset as PNG files in class sub-folders.
+    """Write an image dataset as PNG files in class sub-folders, into a new or empty folder (or --overwrite).
+
+    The files appear once all are written: a failure (a full disk) leaves the folder as it was.
 
     Example: dlcli data to-folder mnist digits/ && dlcli train configs/mnist_folder.yaml
     """
     import numpy as np
 
     from dlcli.data import load_dataset
-    from dlcli.data.image_folder import write_image_folder
+    from dlcli.data.image_folder import check_output_folder, write_splits
     from dlcli.errors import DlcliError
 
     if dataset not in ("mnist", "fashion_mnist"):
         raise DlcliError(f"dlcli data to-folder writes mnist or fashion_mnist; got '{dataset}'", exit_code=2)
+    check_output_folder(directory, overwrite)
     ds = load_dataset({"type": dataset, "limit": limit, "test_limit": limit, "normalize": False})
+    splits = {"train": (ds.x_train.astype(np.uint8), ds.y_train), "test": (ds.x_test.astype(np.uint8), ds.y_test)}
     out = console()
-    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
-        counts = write_image_folder(x.astype(np.uint8), y, ds.classes, directory / split)
+    for split, counts in write_splits(splits, ds.classes, directory).items():
         out.print(f"{directory / split}: {sum(counts.values()):,} PNG files in {len(counts)} class folders",
                   markup=False)

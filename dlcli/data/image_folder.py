@@ -278,23 +278,87 @@ def folder_name(name: str) -> str:
 def write_image_folder(images: np.ndarray, labels: np.ndarray, classes: list[str], directory: Path,
                        workers: int | None = None) -> dict[str, int]:
     """uint8 images (N, height, width[, channels]) as PNG files directory/<class>/<index>.png (the layout
-    image_folder reads); returns files per class. Existing files are overwritten."""
+    image_folder reads); returns files per class. A file that cannot be written (a full disk) is a DlcliError
+    naming it; write_splits leaves nothing behind when that happens."""
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
 
     directory = Path(directory)
     names = [folder_name(c) for c in classes]
-    for name in names:
-        (directory / name).mkdir(parents=True, exist_ok=True)
     width = len(str(len(images)))
 
     def write(i):
         a = images[i]
-        Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a).save(
-            directory / names[int(labels[i])] / f"{i:0{width}d}.png")
+        path = directory / names[int(labels[i])] / f"{i:0{width}d}.png"
+        try:
+            Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a).save(path)
+        except OSError as e:
+            raise DlcliError(f"cannot write {path}: {e.strerror or e}") from None
 
+    try:
+        for name in names:
+            (directory / name).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DlcliError(f"cannot create {e.filename or directory}: {e.strerror or e}") from None
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         list(pool.map(write, range(len(images)), chunksize=256))
     counts = np.bincount(labels.astype(np.int64), minlength=len(classes))
     return {name: int(c) for name, c in zip(names, counts)}
+
+
+def check_output_folder(directory: Path, overwrite: bool = False) -> None:
+    """`dlcli data to-folder` writes into a new or empty folder: files of an earlier call (another --limit names
+    its files with other zero-padding) would mix with the new ones. `overwrite` replaces its split folders."""
+    for folder in (directory, *directory.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise DlcliError(f"{folder} is a file, not a folder; give a new or empty folder", exit_code=2)
+            break
+    try:
+        entries = sorted(p.name + "/" * p.is_dir() for p in directory.iterdir()) if directory.is_dir() else []
+    except OSError as e:
+        raise DlcliError(f"cannot read the folder {directory}: {e.strerror or e}") from None
+    if entries and not overwrite:
+        shown = ", ".join(entries[:4]) + (" ..." if len(entries) > 4 else "")
+        raise DlcliError(f"{directory} is not empty ({shown}): the new files would mix with what is there; give a "
+                         f"new or empty folder, or --overwrite to replace its train/ and test/", exit_code=2)
+
+
+def write_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
+                 directory: Path) -> dict[str, dict[str, int]]:
+    """Each split (name -> uint8 images, labels) as directory/<split>/<class>/*.png, all or nothing: written into
+    a hidden staging folder inside `directory` and moved into place (replacing a split folder already there) once
+    every file is written. A failure (a full disk) removes what was written and leaves `directory` as it was."""
+    import shutil
+    import tempfile
+
+    directory = Path(directory)
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".to-folder-", dir=directory))
+    except OSError as e:
+        raise DlcliError(f"cannot create a folder in {directory}: {e.strerror or e}") from None
+    try:
+        counts = {split: write_image_folder(x, y, classes, stage / split) for split, (x, y) in splits.items()}
+        for split in splits:
+            target = directory / split
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            os.replace(stage / split, target)
+        stage.rmdir()
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(e, DlcliError):
+            raise DlcliError(f"{e.message}; the files written so far were removed, {directory} is as it was "
+                             f"before") from None
+        if isinstance(e, OSError):
+            raise DlcliError(f"cannot write into {directory}: {e.strerror or e}; the files written so far were "
+                             f"removed") from None
+        raise
+    return counts

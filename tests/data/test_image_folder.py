@@ -271,3 +271,63 @@ def test_one_class_warns_naming_it(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_dataset(spec)
+
+
+def to_folder(*args):
+    from typer.testing import CliRunner
+
+    from dlcli.cli import app
+
+    return CliRunner().invoke(app, ["data", "to-folder", "mnist", *map(str, args)])
+
+
+def test_to_folder_refuses_a_folder_that_is_not_empty_unless_overwrite(tmp_path, monkeypatch):
+    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_shared("mnist").parent))
+    out = tmp_path / "digits"
+    assert to_folder(out, "--limit", "30").exit_code == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*.png"))
+    result = to_folder(out, "--limit", "20")  # was: 20 more files padded another way beside the 30
+    assert result.exit_code == 2 and "is not empty (test/, train/)" in result.output and "--overwrite" in result.output
+    assert sorted(p.relative_to(out) for p in out.rglob("*.png")) == before
+    (out / "notes.md").write_text("mine")
+    result = to_folder(out, "--limit", "20", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "train: 20 PNG files" in result.output and sum(1 for _ in (out / "train").rglob("*.png")) == 20
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md", "test", "train"]  # nothing else touched
+
+
+def test_to_folder_onto_a_file_is_one_line(tmp_path):
+    (tmp_path / "passwd").write_text("root:x:0:0\n")
+    for target in (tmp_path / "passwd", tmp_path / "passwd" / "digits"):
+        result = to_folder(target)
+        assert result.exit_code == 2 and f"{tmp_path / 'passwd'} is a file, not a folder" in result.output
+        assert isinstance(result.exception, SystemExit)  # an error message, not a traceback
+
+
+def test_to_folder_on_a_full_disk_leaves_nothing_behind(tmp_path, monkeypatch):
+    import errno
+    import itertools
+    import os
+
+    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_shared("mnist").parent))
+    out = tmp_path / "digits"
+    assert to_folder(out, "--limit", "10").exit_code == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.png")}
+    calls = itertools.count()
+
+    def full_disk(self, fp, *args, **kwargs):
+        if next(calls) >= 25:  # the disk fills up mid-way, as a real one: the file is created, nothing fits
+            open(fp, "wb").close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(self, fp, *args, **kwargs)
+
+    save = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    result = to_folder(out, "--limit", "20", "--overwrite")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "No space left on device" in result.output and "as it was" in result.output
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # no 0-byte PNG
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]  # no staging folder left
+    calls = itertools.count()
+    result = to_folder(tmp_path / "new", "--limit", "20")
+    assert result.exit_code == 1 and not (tmp_path / "new").exists()
