@@ -89,6 +89,11 @@ def test_errors_are_messages(run, tmp_path):
     assert "without pickled objects" in invoke(run, tmp_path / "obj.npy").output
     (tmp_path / "x.xyz").write_text("")
     assert invoke(run, tmp_path / "x.xyz").exit_code == 2
+    np.save(tmp_path / "scalar.npy", np.array(1.5))
+    assert "scalar.npy: the array is a single value" in invoke(run, tmp_path / "scalar.npy").output
+    np.save(tmp_path / "complex.npy", np.ones((2, 4, 4), np.complex64))
+    result = invoke(run, tmp_path / "complex.npy")
+    assert result.exit_code == 1 and "complex.npy: the array is complex64; expected real numbers" in result.output
     np.save(tmp_path / "wrong.npy", np.zeros((2, 5)))
     assert "expects samples of shape" in invoke(run, tmp_path / "wrong.npy").output
     assert invoke(run, tmp_path / "wrong.npy", "--weights", "worst").exit_code == 2

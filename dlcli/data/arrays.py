@@ -7,7 +7,7 @@ import numpy as np
 from dlcli.data.dataset import DATASETS, Dataset
 from dlcli.data.mapped import MappedSource, map_npy, map_npz_member
 from dlcli.data.paths import resolve_path
-from dlcli.data.preprocess import feature_dtype, to_features
+from dlcli.data.preprocess import check_samples, feature_dtype, to_features
 from dlcli.data.split import apply_limit, check_limits, num_samples, split_indices, take
 from dlcli.errors import ConfigError, DlcliError
 
@@ -67,17 +67,16 @@ def load_npz(path: str, x: str | dict[str, str] = "x", y: str | dict[str, str] =
         with np.load(file, allow_pickle=False) as archive:
             keys = set(archive.files)
 
-            def get(key):
+            def get(key, mapped=False):
                 if isinstance(key, dict):
-                    return {name: get(k) for name, k in key.items()}
+                    return {name: get(k, mapped) for name, k in key.items()}
                 if key not in keys:
                     raise DlcliError(f"{file}: no array '{key}'; the archive has: {', '.join(sorted(keys))}")
-                return archive[key]
+                # a mapped array is never read whole
+                return check_samples(map_npz_member(file, key) if mapped else archive[key], f"{file}: array '{key}'")
 
-            # mapped arrays are never read whole: only targets are loaded
-            xs, ys = map_npz_member(file, x) if mmap else get(x), get(y)
-            xt, yt = (map_npz_member(file, x_test) if mmap else get(x_test), get(y_test)) if x_test is not None \
-                else (None, None)
+            xs, ys = get(x, mmap), get(y)  # targets are always loaded
+            xt, yt = (get(x_test, mmap), get(y_test)) if x_test is not None else (None, None)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         from dlcli.runs import npz_problem
 
@@ -109,7 +108,8 @@ def load_npy(x: str, y: str, x_test: str | None = None, y_test: str | None = Non
     parts = {}
     for key, value in (("x", x), ("y", y), ("x_test", x_test), ("y_test", y_test)):
         if value is not None:
-            array = map_npy(resolve_path(value, f"data.{key}"))
+            file = resolve_path(value, f"data.{key}")
+            array = check_samples(map_npy(file), f"data.{key}: {file}")
             parts[key] = array if key.startswith("x") else np.asarray(array)
     for xk, yk in (("x", "y"), ("x_test", "y_test")):
         if xk in parts and len(parts[xk]) != len(parts[yk]):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from dlcli.data.image_folder import IMAGE_SUFFIXES, decode_image
-from dlcli.data.preprocess import input_conversion, preprocess, to_features
+from dlcli.data.preprocess import check_samples, input_conversion, preprocess, to_features
 from dlcli.data.source import Source
 from dlcli.errors import DlcliError, ShapeError
 
@@ -96,7 +96,7 @@ def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None =
     elif kind == "csv":
         x = preprocess(read_csv(file, data), data)
     else:
-        x = preprocess(read_array(file, model, data, key), data)
+        x = preprocess(check_samples(read_array(file, model, data, key), str(file)), data)
     xs = _fit(x, model)
     return xs, [f"{file.name}:{i}" for i in range(len(xs[0]))]
 

@@ -7,9 +7,25 @@ preprocessed (what the model was fed), so they pass through as float32.
 """
 import numpy as np
 
+from dlcli.errors import DlcliError
+
 # Datasets whose inputs are float32 images whatever the file stored; integer-input datasets (imdb, text_folder)
 # keep integers so embedding lookups see indices.
 _IMAGE_TYPES = ("mnist", "fashion_mnist", "image_folder")
+
+
+def check_samples(a, where: str):
+    """`a` (or each array of a dict) as a dataset or predict takes it: real numbers (bool, integer or float) with
+    samples along a first axis. A 0-d array has no samples (len() would raise TypeError), and a complex one would
+    lose its imaginary part in the float32 conversion with only NumPy's ComplexWarning."""
+    if isinstance(a, dict):
+        return {k: check_samples(v, f"{where} '{k}'") for k, v in a.items()}
+    if a.dtype.kind not in "biuf":
+        raise DlcliError(f"{where}: the array is {a.dtype}; expected real numbers (bool, integer or float)")
+    if a.ndim == 0:
+        raise DlcliError(f"{where}: the array is a single value (shape ()); expected samples along the first axis, "
+                         f"shape (N, ...)")
+    return a
 
 
 def input_conversion(data: dict) -> tuple[str, float]:

@@ -86,3 +86,28 @@ def test_csv_errors_name_file_row_and_column(tmp_path):
     g = write_csv(tmp_path / "g.csv", "a,label\n1,0\n2\n")
     with pytest.raises(DlcliError, match=r"g.csv: row\(s\) \[3\]"):
         load_dataset({"type": "csv", "path": g})
+
+
+@pytest.mark.parametrize("bad,found", [(np.array(3.0), r"is a single value \(shape \(\)\); expected samples along the "
+                                                        r"first axis"),
+                                       (np.ones((4, 2)) + 1j, r"is complex128; expected real numbers")])
+def test_a_0d_or_complex_array_is_refused_naming_the_file(tmp_path, bad, found):
+    import warnings
+
+    good_x, good_y = np.ones((4, 2), np.float32), np.arange(4)
+    np.save(tmp_path / "bad.npy", bad)
+    np.save(tmp_path / "x.npy", good_x)
+    np.save(tmp_path / "y.npy", good_y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NumPy's "imaginary part discarded" must not be the only sign
+        with pytest.raises(DlcliError, match=rf"data.x: {tmp_path / 'bad.npy'}: the array {found}"):
+            load_dataset({"type": "npy", "x": str(tmp_path / "bad.npy"), "y": str(tmp_path / "y.npy")})
+        with pytest.raises(DlcliError, match=rf"data.y: {tmp_path / 'bad.npy'}: the array {found}"):
+            load_dataset({"type": "npy", "x": str(tmp_path / "x.npy"), "y": str(tmp_path / "bad.npy")})
+        for mmap in (False, True):
+            np.savez(tmp_path / "d.npz", x=bad, y=good_y)
+            with pytest.raises(DlcliError, match=rf"d\.npz: array 'x': the array {found}"):
+                load_dataset({"type": "npz", "path": str(tmp_path / "d.npz"), "mmap": mmap})
+        np.savez(tmp_path / "d.npz", x=good_x, y=bad)
+        with pytest.raises(DlcliError, match=rf"d\.npz: array 'y': the array {found}"):
+            load_dataset({"type": "npz", "path": str(tmp_path / "d.npz")})
