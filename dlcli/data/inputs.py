@@ -42,6 +42,26 @@ def fit_inputs(x, model) -> list | Source:
     return model._inputs_list(out)
 
 
+def check_data_fits(data: dict, model) -> None:
+    """ShapeError naming both shapes when the dataset of a config's `data:` section cannot feed `model` (e.g.
+    `dlcli import-keras --set data.type=mnist` on a model of 8 inputs); loads one sample of each split."""
+    import inspect
+
+    from dlcli.data import DATASETS, load_dataset
+
+    if data.get("type", "none") == "none":
+        return
+    params = inspect.signature(DATASETS.get(data["type"])).parameters
+    one = {k: 1 for k in ("limit", "test_limit") if k in params}
+    ds = load_dataset({**data, **one})
+    try:
+        for x in (ds.x_train, ds.x_test):
+            if x is not None:
+                fit_inputs(x, model)
+    except ShapeError as e:
+        raise ShapeError(f"data.type {data['type']} does not fit model '{model.name}': {e.message}") from None
+
+
 def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None = None, invert: bool = False,
                 pixel_scale: float | None = None) -> tuple[list[np.ndarray], list[str]]:
     """Model-ready inputs (a list of arrays, or a Source streaming a folder's images) and one label per sample

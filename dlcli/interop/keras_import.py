@@ -38,6 +38,7 @@ def import_keras(source, output, config_path=None, overrides=()) -> ImportReport
     require("h5py", "keras")
     from dlcli.builder import build_model
     from dlcli.config import dump_yaml, load_config
+    from dlcli.data.inputs import check_data_fits
 
     source, output = Path(source), Path(output)
     _check_output(output)
@@ -63,6 +64,7 @@ def import_keras(source, output, config_path=None, overrides=()) -> ImportReport
         config, keras_order = _mapped_config(json.loads(model_config), source, notes, overrides)
     model = build_model(config)
     try:
+        check_data_fits(config.data, model)  # --set data.type=mnist on a model of 8 inputs: refused, not written
         if h5.group("layers") is not None:
             order = keras_order or [(layer.name, type(layer).__name__) for layer in model.layers]
             _load_keras3_weights(h5, model, order, check_names=keras_order is not None)

@@ -321,3 +321,14 @@ def test_an_imported_runs_edited_config_is_refused(tmp_path):
     (run / "config.yaml").write_text(text.replace("activation: relu", "activation: tanh", 1))
     result = runner.invoke(app, ["predict", str(run), str(FIXTURES / "sequential_mlp.npz"), "--key", "x"])
     assert result.exit_code == 2 and "edited after the run was trained" in result.output, result.output
+
+
+def test_a_dataset_that_does_not_fit_the_model_is_refused(tmp_path):
+    from tests.conftest import require_shared
+
+    require_shared("mnist")
+    result = run_import(FIXTURES / "sequential_mlp.keras", "--output", tmp_path / "run", "--set", "data.type=mnist")
+    assert result.exit_code == 2 and not (tmp_path / "run").exists()
+    assert "data.type mnist does not fit model" in result.output
+    output = " ".join(result.output.split())
+    assert "expects samples of shape (8,)" in output and "the data has (28, 28)" in output
