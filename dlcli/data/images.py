@@ -73,11 +73,32 @@ def locate(spec: IdxSet, path: str | None) -> tuple[dict, str]:
             return files, f"{folder} ({label})"
     folder = cache_dir() / spec.names[0]
     files = {}
-    for part, (stem, _) in PARTS.items():
-        files[part] = _find_part(folder, stem) or download(
-            mirror_urls(list(spec.mirrors), spec.mirror_subdir, f"{stem}.gz"), folder / f"{stem}.gz",
-            spec.sha256[part])
+    try:
+        for part, (stem, _) in PARTS.items():
+            files[part] = _find_part(folder, stem) or download(
+                mirror_urls(list(spec.mirrors), spec.mirror_subdir, f"{stem}.gz"), folder / f"{stem}.gz",
+                spec.sha256[part])
+    except DlcliError as e:
+        raise DlcliError(f"{spec.names[0]} is not on this machine ({_data_dir_state(spec)}), and {e.message}") \
+            from None
     return files, f"{folder} (downloaded)"
+
+
+def _data_dir_state(spec: IdxSet) -> str:
+    """Why $DLCLI_DATA_DIR did not provide the dataset: the usual reason a download is attempted by mistake."""
+    import os
+
+    data_dir = os.environ.get("DLCLI_DATA_DIR")
+    if not data_dir:
+        return "$DLCLI_DATA_DIR is not set"
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        return f"$DLCLI_DATA_DIR={data_dir}: no such folder"
+    folders = [root / n for n in spec.names if (root / n).is_dir()]
+    if not folders:
+        return f"$DLCLI_DATA_DIR={data_dir} has no {' or '.join(n + '/' for n in spec.names)} folder"
+    missing = [stem for stem, _ in PARTS.values() if _find_part(folders[0], stem) is None]
+    return f"{folders[0]} lacks {', '.join(missing)} (.gz or uncompressed)"
 
 
 def load_idx_set(spec: IdxSet, path: str | None, limit: int | None, normalize: bool, verify: bool,

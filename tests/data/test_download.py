@@ -109,3 +109,21 @@ def test_checksum_verification_with_synthetic_bytes(synthetic_mirror, monkeypatc
     monkeypatch.setenv("DLCLI_DATASET_MIRROR", f"{url}/good")
     d = load_dataset({"type": "mnist"})
     assert "downloaded" in d.source and d.x_train.shape == (7, 28, 28) and len(d.y_test) == 3
+
+
+def test_the_download_error_says_why_dlcli_data_dir_did_not_have_the_data(monkeypatch, tmp_path):
+    # the mirror refuses connections (tests/data/conftest.py): every case ends in a failed download
+    cases = [(None, r"mnist is not on this machine \(\$DLCLI_DATA_DIR is not set\), and could not download"),
+             (tmp_path / "nowhere", rf"\(\$DLCLI_DATA_DIR={tmp_path / 'nowhere'}: no such folder\)"),
+             (tmp_path / "data", rf"\(\$DLCLI_DATA_DIR={tmp_path / 'data'} has no mnist/ folder\)")]
+    (tmp_path / "data").mkdir()
+    for data_dir, message in cases:
+        if data_dir is not None:
+            monkeypatch.setenv("DLCLI_DATA_DIR", str(data_dir))
+        with pytest.raises(DlcliError, match=message):
+            load_dataset({"type": "mnist"})
+    (tmp_path / "data" / "mnist").mkdir()
+    (tmp_path / "data" / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    with pytest.raises(DlcliError, match=r"mnist lacks train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                                         r"t10k-labels-idx1-ubyte \(\.gz or uncompressed\)\), and could not"):
+        load_dataset({"type": "mnist"})
