@@ -1,4 +1,6 @@
-"""Suite-wide setup: point DLCLI_DATA_DIR at ../shared/datasets when it exists (tests needing it skip otherwise)."""
+"""Suite-wide setup: where the real datasets are. $DLCLI_DATA_DIR when set, else ../shared/datasets beside the
+checkout (then DLCLI_DATA_DIR is pointed there, so the code under test finds the same files). Tests that need a
+dataset call require_dataset and skip, saying where they looked, when it is absent."""
 import os
 from pathlib import Path
 
@@ -6,13 +8,21 @@ import pytest
 
 SHARED_DATASETS = (Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets").resolve()
 
-if SHARED_DATASETS.is_dir() and "DLCLI_DATA_DIR" not in os.environ:
-    os.environ["DLCLI_DATA_DIR"] = str(SHARED_DATASETS)
+# read once, here: tests/data's fixtures unset $DLCLI_DATA_DIR around each test
+if os.environ.get("DLCLI_DATA_DIR"):
+    DATASETS_DIR = Path(os.environ["DLCLI_DATA_DIR"]).expanduser().resolve()
+    _LOOKED = f"$DLCLI_DATA_DIR ({DATASETS_DIR})"
+else:
+    DATASETS_DIR = SHARED_DATASETS
+    _LOOKED = f"{SHARED_DATASETS}, beside the checkout, as $DLCLI_DATA_DIR is not set"
+    if SHARED_DATASETS.is_dir():
+        os.environ["DLCLI_DATA_DIR"] = str(SHARED_DATASETS)
 
 
-def require_shared(name: str) -> Path:
-    folder = SHARED_DATASETS / name
+def require_dataset(name: str) -> Path:
+    """DATASETS_DIR/name (e.g. "mnist", "imdb-reviews"), or skip the test saying where it looked."""
+    folder = DATASETS_DIR / name
     if not folder.is_dir():
-        pytest.skip(f"needs the real dataset folder {folder} (the shared datasets live beside the checkout in "
-                    f"../shared/datasets)")
+        pytest.skip(f"needs the dataset folder {name}/ (looked in {_LOOKED}); set DLCLI_DATA_DIR to a folder "
+                    f"holding {name}/")
     return folder

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dlcli.cli import app
-from tests.conftest import require_shared
+from tests.conftest import require_dataset
 from tests.runs_fixture import write_tiny_config
 
 runner = CliRunner()
@@ -162,7 +162,7 @@ def test_version_and_fast_help():
 def test_mnist_subset_end_to_end_beats_85_percent(tmp_path):
     """Train from the CLI on the first 2,000 MNIST images; the run's own test figure is on all 10,000 test images
     (data.limit caps training only) and beats 85%, and equals the saved weights evaluated by hand."""
-    require_shared("mnist")
+    require_dataset("mnist")
     from dlcli import runs
     from dlcli.builder import build_model
     from dlcli.config import load_config

@@ -50,11 +50,11 @@ def test_named_datasets_are_found_where_the_run_found_them(tmp_path, monkeypatch
     def no_download(*args, **kwargs):
         raise AssertionError("downloaded instead of using the recorded folder")
 
-    from tests.conftest import SHARED_DATASETS, require_shared
+    from tests.conftest import require_dataset
 
-    require_shared("mnist")
+    datasets = require_dataset("mnist").parent
     monkeypatch.setattr(images, "download", no_download)
-    (run / "meta.json").write_text(json.dumps({"data_dirs": [str(SHARED_DATASETS)]}))
+    (run / "meta.json").write_text(json.dumps({"data_dirs": [str(datasets)]}))
     with paths.searching_first(run):
         d = load_dataset({"type": "mnist", "limit": 5})
     assert len(d.x_train) == 5 and np.isfinite(d.x_train).all()

@@ -200,9 +200,9 @@ def test_invert_flips_the_pixels_and_a_light_background_hints_at_it(run, tmp_pat
 
 def test_uint8_mnist_arrays_predict_as_the_float_test_set(tmp_path):
     """The issue's reproduction: a uint8 .npy on an MNIST run used to skip the / 255 and print 1.000 / 0.000."""
-    from tests.conftest import require_shared
+    from tests.conftest import require_dataset
 
-    require_shared("mnist")
+    require_dataset("mnist")
     result = runner.invoke(app, ["train", "configs/mnist.yaml", "--set", "data.limit=300", "--set", "train.epochs=1",
                                  "--runs-dir", str(tmp_path / "runs"), "-q"])
     assert result.exit_code == 0, result.output

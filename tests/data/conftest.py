@@ -10,7 +10,7 @@ import pytest
 
 from dlcli.data import paths
 
-from tests.conftest import SHARED_DATASETS as SHARED, require_shared
+from tests.conftest import require_dataset
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +54,7 @@ def write_idx_set(folder: Path, n_train=12, n_test=5, seed=0, compress=True, mar
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    """Serves ../shared/datasets under /good/; /bad/ serves a valid gzip of altered content (wrong checksum);
+    """Serves the datasets folder (tests.conftest.DATASETS_DIR) under /good/; /bad/ serves a valid gzip of altered content (wrong checksum);
     /short/ announces the full Content-Length and closes after half the bytes."""
 
     def log_message(self, *args):
@@ -83,8 +83,8 @@ class _Handler(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def _httpd():
-    require_shared("mnist")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(SHARED.resolve())))
+    datasets = require_dataset("mnist").parent
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(datasets)))
     httpd.hits = []
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -97,6 +97,6 @@ def _httpd():
 
 @pytest.fixture
 def server(_httpd):
-    """A threaded HTTP server on 127.0.0.1 serving the shared datasets: (server with .hits, base URL)."""
+    """A threaded HTTP server on 127.0.0.1 serving the datasets folder: (server with .hits, base URL)."""
     _httpd.hits = []
     return _httpd, f"http://127.0.0.1:{_httpd.server_address[1]}"

@@ -10,16 +10,16 @@ from dlcli.data import load_dataset
 from dlcli.data.image_folder import decode_image, write_image_folder
 from dlcli.data.source import batch_indices
 from dlcli.errors import DlcliError
-from tests.conftest import SHARED_DATASETS, require_shared
+from tests.conftest import require_dataset
 
 
 @pytest.fixture(scope="module")
 def mnist_folder(tmp_path_factory):
     """The first 300 MNIST training and 100 test images as PNG class folders, with the arrays they came from."""
-    require_shared("mnist")
+    folder = require_dataset("mnist")
     from dlcli.data.images import MNIST, load_idx_set
 
-    ds = load_idx_set(MNIST, str(SHARED_DATASETS / "mnist"), 300, normalize=False, verify=False)
+    ds = load_idx_set(MNIST, str(folder), 300, normalize=False, verify=False)
     root = tmp_path_factory.mktemp("mnist-png")
     write_image_folder(ds.x_train.astype(np.uint8), ds.y_train, ds.classes, root / "train")
     write_image_folder(ds.x_test[:100].astype(np.uint8), ds.y_test[:100], ds.classes, root / "test")
@@ -203,7 +203,7 @@ def test_data_to_folder_command_writes_class_folders(tmp_path, monkeypatch):
 
     from dlcli.cli import app
 
-    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_shared("fashion-mnist").parent))
+    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_dataset("fashion-mnist").parent))
     result = CliRunner().invoke(app, ["data", "to-folder", "fashion_mnist", str(tmp_path / "fm"), "--limit", "30"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "fm" / "train").iterdir())[:3] == ["Ankle boot", "Bag", "Coat"]
@@ -282,7 +282,7 @@ def to_folder(*args):
 
 
 def test_to_folder_refuses_a_folder_that_is_not_empty_unless_overwrite(tmp_path, monkeypatch):
-    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_shared("mnist").parent))
+    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_dataset("mnist").parent))
     out = tmp_path / "digits"
     assert to_folder(out, "--limit", "30").exit_code == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*.png"))
@@ -309,7 +309,7 @@ def test_to_folder_on_a_full_disk_leaves_nothing_behind(tmp_path, monkeypatch):
     import itertools
     import os
 
-    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_shared("mnist").parent))
+    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_dataset("mnist").parent))
     out = tmp_path / "digits"
     assert to_folder(out, "--limit", "10").exit_code == 0
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.png")}

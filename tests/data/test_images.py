@@ -4,7 +4,7 @@ import pytest
 from dlcli.data import load_dataset
 from dlcli.errors import DlcliError
 
-from tests.conftest import require_shared
+from tests.conftest import require_dataset
 
 from .conftest import write_idx, write_idx_set
 
@@ -87,7 +87,7 @@ def test_checksum_verified_by_default(isolated):
 
 
 def test_real_mnist(monkeypatch):
-    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_shared("mnist").parent))
+    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_dataset("mnist").parent))
     d = load_dataset({"type": "mnist"})
     assert d.x_train.shape == (60000, 28, 28) and d.x_test.shape == (10000, 28, 28)
     assert d.x_train.dtype == np.float32 and 0.0 <= d.x_train.min() and d.x_train.max() == 1.0
@@ -100,7 +100,7 @@ def test_real_mnist(monkeypatch):
 def test_real_fashion_mnist_recompressed_copy_is_recognised(isolated, monkeypatch):
     """Checksums pin the decompressed content: an uncompressed copy (as another tool might leave) verifies."""
     import gzip
-    src = require_shared("fashion-mnist")
+    src = require_dataset("fashion-mnist")
     folder = isolated / "copy"
     folder.mkdir()
     for f in src.glob("*.gz"):

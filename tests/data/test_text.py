@@ -8,7 +8,7 @@ from dlcli.data import load_dataset
 from dlcli.data.text import build_vocabulary, encode_texts, pad_sequences, tokenize
 from dlcli.errors import ConfigError, DlcliError
 
-from tests.conftest import require_shared
+from tests.conftest import require_dataset
 
 
 def test_tokenize():
@@ -70,7 +70,7 @@ def test_imdb_bad_file_and_missing(tiny_imdb, tmp_path):
 
 
 def test_real_imdb_small(monkeypatch):
-    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_shared("imdb-reviews").parent))
+    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_dataset("imdb-reviews").parent))
     d = load_dataset({"type": "imdb", "limit": 400, "test_limit": 400, "maxlen": 100})
     assert d.x_train.shape == (400, 100) and d.x_test.shape == (400, 100)
     assert 120 < d.y_train.sum() < 280  # shuffled: the files are sorted by label

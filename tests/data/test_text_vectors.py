@@ -5,7 +5,7 @@ import pytest
 from dlcli.data import load_dataset
 from dlcli.data.text import encode_texts, vector_vocabulary
 from dlcli.errors import DlcliError
-from tests.conftest import require_shared
+from tests.conftest import require_dataset
 
 
 def test_vector_modes_follow_text_vectorization():
@@ -22,7 +22,7 @@ def test_vector_modes_follow_text_vectorization():
 
 
 def test_imdb_multi_hot_is_built_per_batch():
-    folder = str(require_shared("imdb-reviews"))
+    folder = str(require_dataset("imdb-reviews"))
     d = load_dataset({"type": "imdb", "path": folder, "num_words": 1000, "output_mode": "multi_hot", "limit": 300})
     assert len(d.x_train) == 300 and d.x_train.sample_shapes == [(1000,)]
     assert d.x_train.ids.nbytes < 300 * 1000  # token ids, not the dense matrix

@@ -4,7 +4,7 @@ import pytest
 from dlcli.data import load_dataset
 from dlcli.errors import ConfigError, DlcliError
 
-from tests.conftest import require_shared
+from tests.conftest import require_dataset
 
 
 def series_csv(tmp_path, n=100, gaps=()):
@@ -78,7 +78,7 @@ def test_errors(tmp_path):
 
 
 def test_real_co2_relative_to_data_dir(monkeypatch):
-    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_shared("co2-mauna-loa").parent))
+    monkeypatch.setenv("DLCLI_DATA_DIR", str(require_dataset("co2-mauna-loa").parent))
     d = load_dataset({"type": "timeseries_csv", "path": "co2-mauna-loa/co2.csv", "window": 52, "limit": 100})
     assert d.x_train.shape == (100, 52, 1) and d.extra["target"] == "co2"
     assert not np.isnan(d.x_train).any() and 0.1 < d.extra["baseline"]["test_mae"] < 1.0

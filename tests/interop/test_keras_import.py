@@ -324,9 +324,9 @@ def test_an_imported_runs_edited_config_is_refused(tmp_path):
 
 
 def test_a_dataset_that_does_not_fit_the_model_is_refused(tmp_path):
-    from tests.conftest import require_shared
+    from tests.conftest import require_dataset
 
-    require_shared("mnist")
+    require_dataset("mnist")
     result = run_import(FIXTURES / "sequential_mlp.keras", "--output", tmp_path / "run", "--set", "data.type=mnist")
     assert result.exit_code == 2 and not (tmp_path / "run").exists()
     assert "data.type mnist does not fit model" in result.output
