@@ -116,7 +116,7 @@ def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None =
     elif kind == "csv":
         x = preprocess(read_csv(file, data), data)
     else:
-        x = preprocess(check_samples(read_array(file, model, data, key), str(file)), data)
+        x = preprocess(read_array(file, model, data, key), data)
     xs = _fit(x, model)
     return xs, [f"{file.name}:{i}" for i in range(len(xs[0]))]
 
@@ -133,30 +133,37 @@ def _kind(f: Path) -> str:
 
 
 def read_array(file: Path, model, data: dict, key: str | None):
-    """The array (or named arrays) to predict on from an .npy/.npz, never unpickling."""
+    """The array (or named arrays) to predict on from an .npy/.npz, never unpickling; real numbers with a sample
+    axis (check_samples), or one line naming the file."""
     try:
         loaded = np.load(file, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
-            return loaded
+            return check_samples(loaded, str(file))
         with loaded as arrays:
-            names = arrays.files
-            if key is not None:
-                if key not in names:
-                    raise DlcliError(f"{file}: no array '{key}'; it has: {', '.join(names)}")
-                return arrays[key]
-            if len(model.input_names) > 1 and all(n in names for n in model.input_names):
-                return {n: arrays[n] for n in model.input_names}
-            configured = data.get("x")
-            for candidate in ([configured] if isinstance(configured, str) else []) + ["x", "x_test"]:
-                if candidate in names:
-                    return arrays[candidate]
-            if len(names) == 1:
-                return arrays[names[0]]
-            raise DlcliError(f"{file} holds several arrays ({', '.join(names)}); choose one with --key")
+            return check_samples(_chosen(arrays, file, model, data, key), str(file))
     except DlcliError:
         raise
     except (OSError, ValueError, EOFError) as e:
         raise DlcliError(f"{file}: cannot read as a NumPy array file without pickled objects ({e})") from None
+
+
+def _chosen(arrays, file: Path, model, data: dict, key: str | None):
+    """The array of an .npz to predict on: --key, the model's input names, the run's data.x, x, x_test, or the
+    only one."""
+    names = arrays.files
+    if key is not None:
+        if key not in names:
+            raise DlcliError(f"{file}: no array '{key}'; it has: {', '.join(names)}")
+        return arrays[key]
+    if len(model.input_names) > 1 and all(n in names for n in model.input_names):
+        return {n: arrays[n] for n in model.input_names}
+    configured = data.get("x")
+    for candidate in ([configured] if isinstance(configured, str) else []) + ["x", "x_test"]:
+        if candidate in names:
+            return arrays[candidate]
+    if len(names) == 1:
+        return arrays[names[0]]
+    raise DlcliError(f"{file} holds several arrays ({', '.join(names)}); choose one with --key")
 
 
 def read_csv(file: Path, data: dict) -> np.ndarray:
