@@ -26,3 +26,6 @@ def require_dataset(name: str) -> Path:
         pytest.skip(f"needs the dataset folder {name}/ (looked in {_LOOKED}); set DLCLI_DATA_DIR to a folder "
                     f"holding {name}/")
     return folder
+
+
+require_shared = require_dataset  # the old name, for branches written before require_dataset

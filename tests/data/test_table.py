@@ -12,7 +12,7 @@ import dlcli
 from dlcli.cli import app
 from dlcli.trainer import _sample_weights, balanced_class_weight
 
-from tests.conftest import require_shared
+from tests.conftest import require_dataset
 
 CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
 runner = CliRunner()
@@ -20,7 +20,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def tables(monkeypatch, isolated):
-    folder = require_shared("tables")
+    folder = require_dataset("tables")
     monkeypatch.setenv("DLCLI_DATA_DIR", str(folder.parent))
     return folder
 
