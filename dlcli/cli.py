@@ -135,6 +135,9 @@ def inspect_shapes(
         out.print(blocks)
         if state.get("ignored_columns"):
             out.print(f"ignored columns (not in data.features): {', '.join(state['ignored_columns'])}")
+        if state.get("inferred"):
+            out.print("features: auto inferred (paste into data.features to keep or edit it):\n"
+                      + "\n".join(tables.inferred_yaml(state)), markup=False, highlight=False)
     from dlcli import memory
 
     bs = batch_size or cfg.train.batch_size

@@ -51,18 +51,32 @@ class Column:
 
 @dataclass
 class Table:
-    """Raw cells by column name (str arrays) and each row's line number in its file."""
+    """Raw cells by column name (str arrays), each row's line number in its file (row number for Parquet and
+    JSON: `unit`), and where a typed format had nulls (None: only `missing` cells are missing)."""
 
     file: str
     header: list[str]
     cells: dict
     lines: np.ndarray
+    nulls: dict | None = None
+    unit: str = "line"
 
     def __len__(self):
         return len(self.lines)
 
     def take(self, index) -> "Table":
-        return Table(self.file, self.header, {k: v[index] for k, v in self.cells.items()}, self.lines[index])
+        nulls = None if self.nulls is None else {k: v[index] for k, v in self.nulls.items()}
+        return Table(self.file, self.header, {k: v[index] for k, v in self.cells.items()}, self.lines[index], nulls,
+                     self.unit)
+
+    def where(self, i: int) -> str:
+        """Row i's place in the file, for messages."""
+        return f"{self.unit} {self.lines[i]}"
+
+    def absent(self, name: str, missing: list[str]) -> np.ndarray:
+        """Which cells of a column are missing: one of `missing`, or null in a typed file."""
+        absent = np.isin(np.char.strip(self.cells[name]), list(missing))
+        return absent if self.nulls is None else absent | self.nulls[name]
 
 
 # --- reading ---------------------------------------------------------------------------------------------------------
@@ -120,10 +134,10 @@ def read_records(file: Path) -> Table:
         raise TableError(f"{file}: cannot read ({e.strerror or e})") from None
     try:
         data = json.loads(text)
-        records = data if isinstance(data, list) else [data]
+        records, unit = (data, "record") if isinstance(data, list) else ([data], "record")
         lines = list(range(1, len(records) + 1))  # record numbers
     except json.JSONDecodeError:
-        records, lines = [], []
+        records, lines, unit = [], [], "line"
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
@@ -137,11 +151,47 @@ def read_records(file: Path) -> Table:
                          + (f"; record {bad[0] + 1} is {type(records[bad[0]]).__name__}" if bad else ""))
     header = list(dict.fromkeys(k for r in records for k in r))
     cells = {h: np.array(["" if r.get(h) is None else str(r[h]) for r in records], dtype=str) for h in header}
-    return Table(str(file), header, cells, np.asarray(lines, np.int64))
+    nulls = {h: np.array([r.get(h) is None for r in records], bool) for h in header}
+    return Table(str(file), header, cells, np.asarray(lines, np.int64), nulls, unit)
+
+
+def read_parquet(file: Path) -> Table:
+    """A Parquet file through pyarrow (the `tables` extra): each column's values as text, nulls as missing, so
+    the feature types parse them exactly as they parse CSV cells."""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TableError(f"{file}: reading Parquet needs pyarrow: pip install 'dlcli[tables]'") from None
+    try:
+        data = pq.read_table(file)
+    except (OSError, pa.ArrowException) as e:
+        raise TableError(f"{file}: cannot read as Parquet ({e})") from None
+    cells, nulls = {}, {}
+    for name, column in zip(data.column_names, data.columns):
+        try:
+            text = pc.cast(column, pa.string())
+        except pa.ArrowException:  # types Arrow cannot cast to text: Python's str of each value
+            text = pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
+        nulls[name] = np.asarray(text.is_null().to_numpy(zero_copy_only=False), bool)
+        cells[name] = np.array(pc.fill_null(text, "").to_numpy(zero_copy_only=False), dtype=str)
+    if data.num_rows == 0:
+        raise TableError(f"{file}: no rows")
+    return Table(str(file), list(data.column_names), cells, np.arange(1, data.num_rows + 1), nulls, "row")
+
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
 def read_table(file: Path, delimiter: str = ",") -> Table:
-    return read_records(file) if Path(file).suffix.lower() in (".json", ".jsonl") else read_csv(file, delimiter)
+    """A CSV, a Parquet file (.parquet, .pq) or JSON records (.json, .jsonl), by the file's suffix."""
+    suffix = Path(file).suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        return read_records(file)
+    if suffix in PARQUET_SUFFIXES:
+        return read_parquet(file)
+    return read_csv(file, delimiter)
 
 
 # --- parsing cells by feature type -----------------------------------------------------------------------------------
@@ -160,7 +210,7 @@ def parse_column(table: Table, name: str, kind: str, missing: list[str]) -> Colu
     """The cells of `name` as the feature type reads them; a cell that is not a number, an integer or a date names
     its line."""
     cells = np.char.strip(table.cells[name])
-    absent = np.isin(cells, list(missing))
+    absent = table.absent(name, missing)
     present = cells[~absent]
     if kind in fs.NUMERIC or kind in fs.INTEGER:
         values = np.zeros(len(cells), np.float64)
@@ -205,7 +255,7 @@ def _is_date(v: str) -> bool:
 def _bad_cell(table, name, cells, skip, ok, expected, kind, missing):
     for i in np.flatnonzero(~skip):
         if not ok(str(cells[i])):
-            raise TableError(f"{table.file}, line {table.lines[i]}, column '{name}': {str(cells[i])!r} is not "
+            raise TableError(f"{table.file}, {table.where(i)}, column '{name}': {str(cells[i])!r} is not "
                              f"{expected} ({name} is {kind}; cells read as missing: {missing})")
     raise AssertionError("no bad cell found")
 
@@ -216,13 +266,63 @@ def parse_columns(table: Table, state_or_specs: dict, missing: list[str]) -> dic
     return {name: parse_column(table, name, spec["type"], missing) for name, spec in specs.items()}
 
 
+# --- features: auto ---------------------------------------------------------------------------------------------------
+CATEGORICAL_MAX = 20  # distinct whole numbers up to this are categories, not quantities
+IDENTIFIER_SHARE = 0.5  # text columns with more distinct values than this share of rows are names or free text
+
+
+def infer_features(table: Table, label: str, missing: list[str]) -> tuple[dict, dict]:
+    """`features: auto`: a type per column from its cells ({name: type}), and the columns left out with the
+    reason. Numbers: integer_categorical when at most 20 distinct whole numbers, else float_normalized; dates
+    (yyyy-mm-dd, yyyy/mm/dd): date; text: string_categorical, unless most values are distinct (an identifier or
+    free text, left out)."""
+    inferred, left_out = {}, {}
+    for name in table.header:
+        if name == label:
+            continue
+        absent = table.absent(name, missing)
+        present = np.char.strip(table.cells[name])[~absent]
+        distinct = np.unique(present)
+        if len(distinct) == 0:
+            left_out[name] = "every cell is missing"
+            continue
+        try:
+            numbers = distinct.astype(np.float64)
+        except ValueError:
+            numbers = None
+        if numbers is not None:
+            whole = bool(np.all(numbers == np.round(numbers)))
+            inferred[name] = "integer_categorical" if whole and len(distinct) <= CATEGORICAL_MAX \
+                else "float_normalized"
+        elif all(_is_date(v) and v[:4].isdigit() for v in distinct.tolist()):
+            inferred[name] = "date"
+        elif len(distinct) > IDENTIFIER_SHARE * len(present) and len(distinct) > CATEGORICAL_MAX:
+            left_out[name] = (f"{len(distinct):,} distinct values in {len(present):,} rows: an identifier or free "
+                              f"text")
+        else:
+            inferred[name] = "string_categorical"
+    if not inferred:
+        raise TableError(f"{table.file}: features: auto found no usable column besides the label '{label}' "
+                         f"({'; '.join(f'{k}: {v}' for k, v in left_out.items())})")
+    return inferred, left_out
+
+
+def inferred_yaml(state: dict) -> list[str]:
+    """The section `features: auto` inferred, ready to paste into data.features."""
+    auto = state.get("inferred")
+    if not auto:
+        return []
+    return (["features:"] + [f"  {name}: {kind}" for name, kind in auto["features"].items()]
+            + [f"  # {name}: left out ({why})" for name, why in auto["left_out"].items()])
+
+
 # --- labels ----------------------------------------------------------------------------------------------------------
 def parse_labels(table: Table, label: str, missing: list[str], classes: list | None = None):
     """(targets, classes or None, rows kept): text labels become class indices (sorted names, or `classes` given);
     numbers are regression targets. Rows without a label are dropped."""
     require_columns(table, [label], "data.label")
     cells = np.char.strip(table.cells[label])
-    keep = ~np.isin(cells, list(missing))
+    keep = ~table.absent(label, missing)
     cells = cells[keep]
     if classes is None:
         try:
@@ -236,7 +336,8 @@ def parse_labels(table: Table, label: str, missing: list[str], classes: list | N
     unknown = sorted(set(cells.tolist()) - set(index))
     if unknown:
         first = int(np.flatnonzero(cells == unknown[0])[0])
-        raise TableError(f"{table.file}, line {table.lines[keep][first]}, column '{label}': label {unknown[0]!r} is "
+        raise TableError(f"{table.file}, {table.where(np.flatnonzero(keep)[first])}, column '{label}': label "
+                         f"{unknown[0]!r} is "
                          f"not among the training classes {classes}")
     return np.array([index[c] for c in cells.tolist()], np.int64), list(classes), keep
 
@@ -307,6 +408,9 @@ def describe_lines(state: dict) -> list[str]:
                  + (f"({len(state['classes'])} classes)" if state.get("classes") else "(regression)"))
     if state.get("ignored_columns"):
         lines.append(f"ignored (not in data.features): {', '.join(state['ignored_columns'])}")
+    if state.get("inferred"):
+        lines.append("features: auto inferred this section (paste it into data.features to keep or edit it):")
+        lines += [f"  {line}" for line in inferred_yaml(state)]
     return lines
 
 
@@ -366,19 +470,23 @@ def _check_arguments(args: dict):
         raise ConfigError(f"data.seed must be an integer from 0 to 2**32 - 1; got {args['seed']!r}")
     if not isinstance(args["label"], str):
         raise ConfigError(f"data.label must be a column name; got {args['label']!r}")
-    if args["features"] == "auto":
-        raise ConfigError("data.features: auto is not supported yet; list the columns with their types")
-    fs.feature_specs(args["features"], args["crosses"])
+    if args["features"] != "auto":
+        fs.feature_specs(args["features"], args["crosses"])
 
 
 def _load_table(path, label, features, crosses, test_path, test_split, missing, delimiter, output_mode, stratify,
                 seed, limit, test_limit) -> Dataset:
     missing = DEFAULT_MISSING if missing is None else [str(m) for m in missing]
+    file = resolve_path(path)
+    table = read_table(file, delimiter)
+    inferred = None
+    if features == "auto":  # types only, from the cells of the training file: nothing is adapted yet
+        require_columns(table, [label], "data.label")
+        features, left_out = infer_features(table, label, missing)
+        inferred = {"features": features, "left_out": left_out}
     specs, cross_specs = fs.feature_specs(features, crosses)
     if label in specs:
         raise ConfigError(f"data.features: '{label}' is the label (data.label); it cannot be a feature too")
-    file = resolve_path(path)
-    table = read_csv(file, delimiter)
     stored_state = _stored.get()
     columns = parse_columns(table, specs, missing)
     y, classes, kept = parse_labels(table, label, missing, stored_state and stored_state.get("classes"))
@@ -389,7 +497,7 @@ def _load_table(path, label, features, crosses, test_path, test_split, missing, 
             raise TableError(f"{file}, column '{name}': every cell is missing ({missing}); drop it from "
                              f"data.features")
     if test_path is not None:
-        test_table = read_csv(resolve_path(test_path, "data.test_path"), delimiter)
+        test_table = read_table(resolve_path(test_path, "data.test_path"), delimiter)
         test_columns = parse_columns(test_table, specs, missing)
         y_test, _, test_kept = parse_labels(test_table, label, missing, classes)
         test_columns = {k: c.take(test_kept) for k, c in test_columns.items()}
@@ -412,7 +520,8 @@ def _load_table(path, label, features, crosses, test_path, test_split, missing, 
         except ValueError as e:
             raise TableError(f"{file}: {e}; drop it from data.features") from None
         ignored = [h for h in table.header if h not in specs and h != label]
-        state = {"label": label, "classes": classes, "missing": missing, "ignored_columns": ignored, **state}
+        state = {"label": label, "classes": classes, "missing": missing, "ignored_columns": ignored, **state,
+                 **({"inferred": inferred} if inferred else {})}
     x_train = TableSource(train_columns, state)
     x_test = None if test_columns is None else TableSource(test_columns, state)
     extra = {"feature_space": state, "label_rows_dropped": int((~kept).sum())}

@@ -147,3 +147,55 @@ def test_class_weight_takes_balanced_or_a_mapping_and_suggests_the_name(tmp_path
     assert "train.class_weight: expected one of 'balanced', found 'balancd' (did you mean 'balanced'?)" in result.output
     result = runner.invoke(app, [*args, "--set", "train.class_weight={0: -1.0}"], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "train.class_weight.0: expected a value >= 0.0, found -1.0" in result.output
+
+
+def test_parquet_trains_and_predicts_as_the_same_csv_does(tables, tmp_path):
+    pa_csv = pytest.importorskip("pyarrow.csv")
+    pq = pytest.importorskip("pyarrow.parquet")
+    typed = pa_csv.read_csv(tables / "penguins.csv", convert_options=pa_csv.ConvertOptions(
+        null_values=["NA"], strings_can_be_null=True))  # numbers as double/int64, NA as null
+    pq.write_table(typed, tmp_path / "penguins.parquet")
+    runs = []
+    for path in (tables / "penguins.csv", tmp_path / "penguins.parquet"):
+        runs.append(dlcli.train(CONFIGS / "penguins.yaml", [f"data.path={path}", "train.epochs=3"],
+                                runs_dir=tmp_path / "runs"))
+    states = [json.loads((r.dir / "feature_space.json").read_text()) for r in runs]
+    assert states[0]["features"] == states[1]["features"]
+    assert runs[0].history[-1]["loss"] == runs[1].history[-1]["loss"]
+    pq.write_table(typed.slice(0, 5), tmp_path / "rows.parquet")
+    result = runner.invoke(app, ["predict", str(runs[1].dir), str(tmp_path / "rows.parquet")])
+    assert result.exit_code == 0 and "rows.parquet:5" in result.output
+
+
+def test_parquet_without_pyarrow_names_the_extra(tables, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pyarrow(name, *args, **kwargs):
+        if name.startswith("pyarrow"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    (tmp_path / "t.parquet").write_bytes(b"PAR1")
+    result = runner.invoke(app, ["train", str(CONFIGS / "penguins.yaml"), "--set", f"data.path={tmp_path / 't.parquet'}",
+                                 "--runs-dir", str(tmp_path / "runs")], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "pip install 'dlcli[tables]'" in result.output
+
+
+def test_features_auto_infers_the_types_and_prints_a_pasteable_section(tables, tmp_path):
+    result = runner.invoke(app, ["inspect-shapes", str(CONFIGS / "cars_mpg.yaml"), "--set", "data.features=auto"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    section = result.output[result.output.index("features:\n"):result.output.index("Total params")]
+    import yaml
+
+    inferred = yaml.safe_load(section)["features"]
+    assert inferred == {"Cylinders": "integer_categorical", "Displacement": "float_normalized",
+                        "Horsepower": "float_normalized", "Weight_in_lbs": "float_normalized",
+                        "Acceleration": "float_normalized", "Year": "date", "Origin": "string_categorical"}
+    assert "# Name: left out (311 distinct values in 406 rows" in section
+    run = dlcli.train(CONFIGS / "cars_mpg.yaml", ["data.features=auto", "train.epochs=1"], runs_dir=tmp_path / "r")
+    state = json.loads((run.dir / "feature_space.json").read_text())
+    assert {k: f["type"] for k, f in state["features"].items()} == inferred
