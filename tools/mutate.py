@@ -206,13 +206,14 @@ def check_snippets(names):
 def run_tests(tests: list[str], timeout: float, label: str, mutate=None) -> tuple[int | None, float, str]:
     """pytest on `tests` in a scratch copy, after `mutate(copy)`: (return code or None on timeout, seconds, the
     summary line)."""
-    with tempfile.TemporaryDirectory(prefix=f"dlcli-mutant-{label}-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix=f"dlcli-mutant-{label}-") as outer:
+        tmp = Path(outer) / ROOT.name
         scratch_copy(tmp)
-        # the shared datasets sit beside the checkout (../shared) in CI: keep that relation
+        # the shared datasets sit beside the checkout (../shared), where the tests look for them: keep that
+        # relation, or every test needing a real dataset skips and catches nothing
         shared = ROOT.parent / "shared"
-        if shared.exists() and not (tmp.parent / "shared").exists():
-            os.environ.setdefault("DLCLI_DATA_DIR", str(shared / "datasets"))
+        if shared.exists():
+            (Path(outer) / "shared").symlink_to(shared)
         if mutate is not None:
             mutate(tmp)
         start = time.perf_counter()
@@ -246,7 +247,7 @@ def baseline(names, timeout: float) -> bool:
     anything."""
     tests = list(dict.fromkeys(t for n in names for t in MUTANTS[n][3]))
     code, seconds, detail = run_tests(tests, timeout * 3, "baseline")
-    print(f"{'passes  ' if code == 0 else 'FAILS   '} {'(no mutant)':32} {seconds:6.1f}s  {detail}", flush=True)
+    print(f"{'passes  ' if code == 0 else 'FAILS   '} {'(no mutant)':42} {seconds:6.1f}s  {detail}", flush=True)
     return code == 0
 
 
@@ -260,7 +261,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.list:
         for name, (file, _, _, tests) in MUTANTS.items():
-            print(f"{name:32} {file:32} {' '.join(tests)}")
+            print(f"{name:42} {file:32} {' '.join(tests)}")
         return 0
     unknown = [n for n in args.names if n not in MUTANTS]
     if unknown:
@@ -273,7 +274,7 @@ def main(argv=None):
     survived = []
     for name in names:
         caught, seconds, detail = run_mutant(name, args.timeout)
-        print(f"{'caught  ' if caught else 'SURVIVED'} {name:32} {seconds:6.1f}s  {detail}", flush=True)
+        print(f"{'caught  ' if caught else 'SURVIVED'} {name:42} {seconds:6.1f}s  {detail}", flush=True)
         if not caught:
             survived.append(name)
     print(f"mutation score: {len(names) - len(survived)}/{len(names)} caught"
