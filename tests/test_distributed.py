@@ -78,9 +78,9 @@ def test_two_ranks_equal_one_process(case, tmp_path):
 @pytest.mark.parametrize("case", ["dense_adam", "dropout"])
 def test_resume_two_ranks_on_two_three_and_one(case, tmp_path):
     """A stop asked on rank 0 alone stops both ranks at the same batch with one checkpoint; resuming it on 2 ranks
-    ends bit-identical to the uninterrupted 2-rank run (each rank's dropout stream included), on 3 ranks (with
-    dropout) with one set of weights and three streams, and on 1 process equal within rounding (without dropout,
-    whose masks are rank-specific)."""
+    ends bit-identical to the uninterrupted 2-rank run (each rank's dropout stream included); on 3 ranks with one
+    set of weights on every rank, three dropout streams, and without dropout equal within rounding, as on 1 process
+    (dropout masks are rank-specific)."""
     full = tmp_path / "full"
     full.mkdir()
     assert mpirun(JOB, case, full / "out.npz").returncode == 0
@@ -116,6 +116,13 @@ def test_resume_two_ranks_on_two_three_and_one(case, tmp_path):
         streams = json.loads(str(np.load(tmp_path / "three.npz")["streams"]))
         assert len({json.dumps(s, sort_keys=True) for s in streams}) == 3
         return
+    state.write_bytes(kept)
+    three = mpirun(JOB, case, tmp_path / "three.npz", "resume", n=3)  # the rest of the epoch split three ways
+    assert three.returncode == 0, three.stderr
+    three_weights, three_history, hashes, _ = saved(tmp_path / "three.npz", count)
+    assert len(hashes) == 3 and len(set(hashes)) == 1
+    assert_close(three_weights, full_weights, 2e-5)
+    np.testing.assert_allclose(three_history["loss"], full_history["loss"], rtol=1e-5)
     state.write_bytes(kept)
     one_weights, one_history = job.run("dense_adam", None, mode="resume", world=distributed.World(),
                                        state_dir=tmp_path)
