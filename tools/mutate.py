@@ -180,6 +180,14 @@ MUTANTS = {
         "if saved is not None and len(saved) == world.size:",
         "if saved is not None:",
         ["tests/test_distributed.py::test_resume_two_ranks_on_two_three_and_one"]),
+    "sweep-trial-value-of-last-epoch": (
+        "dlcli/sweep.py", "    return min(values) if minimize else max(values)\n",
+        "    return values[-1]\n",
+        ["tests/test_sweep.py::test_each_trial_value_is_its_best_epoch_not_its_last"]),
+    "sweep-trial-value-wrong-end": (
+        "dlcli/sweep.py", "    return min(values) if minimize else max(values)\n",
+        "    return max(values) if minimize else min(values)\n",
+        ["tests/test_sweep.py::test_each_trial_value_is_its_best_epoch_not_its_last"]),
 }
 
 
