@@ -3,8 +3,8 @@
 so a new layer in an existing module needs no line here."""
 from dlcli.engine.graph import Input, InputLayer
 from dlcli.engine.layer import LAYERS, Layer
-from dlcli.layers import (activations, conv, core, embedding, merge, normalization, pooling,  # noqa: F401
-                          preprocessing, recurrent, reshaping, wrappers)
+from dlcli.layers import (activations, attention, conv, core, embedding, merge, normalization,  # noqa: F401
+                          pooling, preprocessing, recurrent, reshaping, wrappers)
 
 
 def __getattr__(name: str):

@@ -1,0 +1,339 @@
+"""MultiHeadAttention as Keras 3 defines it: arguments, defaults, weight layouts and mask rules.
+
+Weights (Keras' EinsumDense layouts and order): query/kernel (d_query, num_heads, key_dim), query/bias (num_heads,
+key_dim), key/... (d_key, num_heads, key_dim), value/... (d_value, num_heads, value_dim), attention_output/kernel
+(num_heads, value_dim, *output_shape) and its bias (*output_shape). Every projection is one GEMM on the flattened
+positions, the attention itself two batched GEMMs over (batch, heads); the softmax, masks and dropout work in place
+on the one (batch, heads, T, S) array the backward pass needs.
+
+Called on one tensor it is self-attention (query = value = key); on [query, value] or [query, value, key] as Keras'
+`mha(query, value, key)`; a fourth tensor is the `attention_mask` (batch, T, S), 1 where a query may attend. Masks
+follow Keras: the query's mask and the value's (and key's) masks, as an `Embedding(mask_zero=True)` propagates them,
+combine with the attention mask, the causal mask and the sliding window by AND; the output carries the query's mask.
+`use_causal_mask` and `return_attention_scores` are Keras call arguments; a YAML graph has no call arguments, so here
+they are constructor arguments (a .keras file's call kwargs map onto them).
+"""
+import math
+
+import numpy as np
+
+from dlcli.engine import initializers
+from dlcli.engine.layer import Layer, format_shape, register
+from dlcli.errors import ConfigError, ShapeError
+
+_MASKED = -1e9  # Keras' Softmax puts -1e9 (float32) where the mask is False, then zeroes those probabilities
+
+
+def masked_softmax_(scores: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """Softmax over the last axis, in place; `keep` (broadcastable bool) as Keras' Softmax(mask): masked scores
+    become -1e9 and their probabilities 0, so a query with nothing to attend to gets all zeros (not uniform)."""
+    if keep is not None:
+        np.copyto(scores, scores.dtype.type(_MASKED), where=~keep)
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    if keep is not None:
+        np.copyto(scores, scores.dtype.type(0), where=~keep)
+    return scores
+
+
+def softmax_backward_(grad: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """d(scores) = p * (g - sum(g * p)) over the last axis, written into `grad` (the row sums via einsum: no
+    second (batch, heads, T, S) temporary). Masked entries have p = 0, so they get no gradient."""
+    row = np.einsum("...s,...s->...", grad, probs)[..., None]
+    grad -= row
+    grad *= probs
+    return grad
+
+
+def causal_mask(t: int, s: int) -> np.ndarray:
+    """Keras' _compute_causal_mask: query i may attend to key j <= i (lower triangle of (t, s))."""
+    return np.arange(t)[:, None] >= np.arange(s)[None, :]
+
+
+def sliding_window_mask(t: int, s: int, window: int) -> np.ndarray:
+    """Keras' _compute_sliding_window_mask: |i - j| < window (a symmetric band)."""
+    return np.abs(np.arange(t)[:, None] - np.arange(s)[None, :]) < window
+
+
+@register("MultiHeadAttention")
+class MultiHeadAttention(Layer):
+    """Keras' multi-head attention: softmax(q k^T / sqrt(key_dim)) v per head, projected back to the query's
+    features (or `output_shape`); dropout on the attention probabilities while training."""
+
+    supports_masking = True
+
+    def __init__(self, num_heads: int, key_dim: int, value_dim: int | None = None, dropout: float = 0.0,
+                 use_bias: bool = True, output_shape: int | list[int] | None = None,
+                 attention_axes: int | list[int] | None = None, sliding_window: int | None = None,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
+                 bias_regularizer=None, use_causal_mask: bool = False, return_attention_scores: bool = False, **kw):
+        super().__init__(**kw)
+        for arg, value in (("num_heads", num_heads), ("key_dim", key_dim), ("value_dim", value_dim),
+                           ("sliding_window", sliding_window)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                      or value <= 0):
+                raise ConfigError(f"MultiHeadAttention '{self.name}': {arg} must be a positive integer; got {value!r}")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"MultiHeadAttention '{self.name}': dropout must be in [0, 1); got {dropout}")
+        self.num_heads, self.key_dim = int(num_heads), int(key_dim)
+        self.value_dim = int(value_dim) if value_dim else self.key_dim  # Keras: value_dim defaults to key_dim
+        self.dropout, self.use_bias = float(dropout), bool(use_bias)
+        # `output_shape` would shadow Layer.output_shape(): kept under another attribute name
+        if output_shape and isinstance(output_shape, (int, np.integer)):
+            output_shape = [output_shape]
+        self.projected_shape = tuple(int(d) for d in output_shape) if output_shape else None
+        self.attention_axes = None if attention_axes is None else (
+            (int(attention_axes),) if isinstance(attention_axes, (int, np.integer))
+            else tuple(int(a) for a in attention_axes))
+        self.sliding_window = sliding_window
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer, self.bias_regularizer = kernel_regularizer, bias_regularizer
+        self.use_causal_mask, self.return_attention_scores = bool(use_causal_mask), bool(return_attention_scores)
+        self.scale = 1.0 / math.sqrt(float(self.key_dim))
+
+    # --- shapes -----------------------------------------------------------------------------------------------
+    def _shapes(self, input_shape):
+        """(query, value, key, attention mask or None) per-sample shapes from one shape or a list of 1-4."""
+        if not isinstance(input_shape, list):
+            shape = tuple(input_shape)
+            return shape, shape, shape, None
+        shapes = [tuple(s) for s in input_shape]
+        if not 1 <= len(shapes) <= 4:
+            raise ShapeError(f"MultiHeadAttention '{self.name}' takes [query], [query, value], [query, value, key] or "
+                             f"[query, value, key, attention_mask]; got {len(shapes)} inputs")
+        query = shapes[0]
+        value = shapes[1] if len(shapes) > 1 else query
+        key = shapes[2] if len(shapes) > 2 else value
+        return query, value, key, shapes[3] if len(shapes) > 3 else None
+
+    def _axes(self, query_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(batch-like, attention) per-sample axes of the query: Keras' attention_axes count the batch axis and
+        default to every axis but batch and features."""
+        rank = len(query_shape)
+        if rank < 2:
+            raise ShapeError(f"MultiHeadAttention '{self.name}' needs inputs (batch, ..., features) with at least one "
+                             f"axis to attend over; got {format_shape(query_shape)}")
+        if self.attention_axes is None:
+            attend = tuple(range(rank - 1))
+        else:
+            # Keras normalises a negative axis against the projected rank: (rank + 1) + axis, batch included
+            full = [a if a >= 0 else rank + 1 + a for a in self.attention_axes]
+            if any(not 1 <= a <= rank - 1 for a in full):
+                raise ShapeError(f"MultiHeadAttention '{self.name}': attention_axes {list(self.attention_axes)} must "
+                                 f"name axes of the query {format_shape(query_shape)} other than batch and features")
+            attend = tuple(sorted(a - 1 for a in full))
+        return tuple(a for a in range(rank - 1) if a not in attend), attend
+
+    def build(self, input_shape):
+        query, value, key, mask = self._shapes(input_shape)
+        if value[:-1] != key[:-1]:
+            raise ShapeError(f"MultiHeadAttention '{self.name}': value and key must match on every axis but the last; "
+                             f"got value {format_shape(value)} and key {format_shape(key)}")
+        if len(value) != len(query):
+            raise ShapeError(f"MultiHeadAttention '{self.name}': query {format_shape(query)} and value "
+                             f"{format_shape(value)} must have the same rank")
+        batch_like, attend = self._axes(query)
+        if any(query[a] != value[a] for a in batch_like):
+            raise ShapeError(f"MultiHeadAttention '{self.name}': query {format_shape(query)} and value "
+                             f"{format_shape(value)} must match on the axes not attended over")
+        self.batch_like, self.attend = batch_like, attend
+        self.standard = attend == tuple(range(len(query) - 1)) and len(query) == 2  # (batch, T, features)
+        t, s = int(np.prod([query[a] for a in attend])), int(np.prod([value[a] for a in attend]))
+        if mask is not None and mask not in ((t, s), (1, s), (t, 1), (1, 1)):
+            raise ShapeError(f"MultiHeadAttention '{self.name}': attention_mask must have shape (batch, {t}, {s}) "
+                             f"(query steps, key steps); got {format_shape(mask)}")
+        if (self.use_causal_mask or self.sliding_window) and not self.standard:
+            raise ShapeError(f"MultiHeadAttention '{self.name}': use_causal_mask and sliding_window need inputs "
+                             f"(batch, steps, features) attended over the steps; got {format_shape(query)}")
+        out = self.projected_shape or (query[-1],)
+        h, kd, vd = self.num_heads, self.key_dim, self.value_dim
+        for part, features, dim in (("query", query[-1], kd), ("key", key[-1], kd), ("value", value[-1], vd)):
+            self.add_weight(f"{part}/kernel", (features, h, dim), self.kernel_initializer, self.kernel_regularizer)
+            if self.use_bias:
+                self.add_weight(f"{part}/bias", (h, dim), self.bias_initializer, self.bias_regularizer)
+        self.add_weight("attention_output/kernel", (h, vd, *out), self.kernel_initializer, self.kernel_regularizer)
+        if self.use_bias:
+            self.add_weight("attention_output/bias", out, self.bias_initializer, self.bias_regularizer)
+
+    def output_shape(self, input_shape):
+        query, value, _, _ = self._shapes(input_shape)
+        out = query[:-1] + (self.projected_shape or (query[-1],))
+        if not self.return_attention_scores:
+            return out
+        batch_like, attend = self._axes(query)
+        # Keras' layout: (batch, <axes not attended>, heads, <query attention axes>, <key attention axes>)
+        scores = (*[query[a] for a in batch_like], self.num_heads, *[query[a] for a in attend],
+                  *[value[a] for a in attend])
+        return [out, scores]
+
+    def flops(self, input_shape):
+        query, value, key, _ = self._shapes(input_shape)
+        t, s = int(np.prod(query[:-1])), int(np.prod(value[:-1]))
+        span = int(np.prod([value[a] for a in self._axes(query)[1]]))
+        h, kd, vd = self.num_heads, self.key_dim, self.value_dim
+        out = int(np.prod(self.projected_shape or (query[-1],)))
+        projections = t * query[-1] * h * kd + s * key[-1] * h * kd + s * value[-1] * h * vd + t * h * vd * out
+        return 2 * (projections + t * span * h * (kd + vd))
+
+    # --- layout: any attention axes as (sequences, positions, features) ---------------------------------------
+    def _order(self, ndim: int, trailing: int) -> tuple:
+        """Axes of a (batch, *axes, *trailing) array with the batch-like axes first, then the attended ones."""
+        axes = ndim - 1 - trailing
+        return (0, *[a + 1 for a in self.batch_like], *[a + 1 for a in self.attend],
+                *range(1 + axes, ndim))
+
+    def _to_sequences(self, x, trailing: int = 1):
+        """(batch, *axes, *trailing) -> (batch * batch-like sizes, attended positions, *trailing)."""
+        if self.standard:
+            return x
+        moved = x.transpose(self._order(x.ndim, trailing))
+        n = int(np.prod(moved.shape[:1 + len(self.batch_like)]))
+        return moved.reshape(n, -1, *x.shape[x.ndim - trailing:])
+
+    def _from_sequences(self, y, shape):
+        """Inverse of _to_sequences: y (n, positions, *trailing) back to `shape` (batch, *axes, *trailing)."""
+        if self.standard:
+            return y.reshape(shape)
+        order = self._order(len(shape), y.ndim - 2)
+        return y.reshape([shape[a] for a in order]).transpose(np.argsort(order))
+
+    # --- masks -----------------------------------------------------------------------------------------------
+    def _keep(self, query_mask, value_mask, key_mask, attention_mask, t, s, n_batch):
+        """Keras' _compute_attention_mask as a bool array broadcastable to (sequences, heads, t, s), or None."""
+        keep = None
+
+        def both(a, b):
+            return b if a is None else a & b
+
+        if query_mask is not None:
+            keep = both(keep, self._flat_mask(query_mask)[:, None, :, None])
+        for m in (value_mask, key_mask):
+            if m is not None:
+                keep = both(keep, self._flat_mask(m)[:, None, None, :])
+        if self.use_causal_mask:
+            keep = both(keep, causal_mask(t, s)[None, None])
+        if self.sliding_window:
+            keep = both(keep, sliding_window_mask(t, s, self.sliding_window)[None, None])
+        if attention_mask is not None:
+            am = np.asarray(attention_mask)
+            am = am if am.dtype == bool else am > 0.5  # Keras' Softmax keeps a float mask's entries above 0.5
+            if am.ndim != 3 or am.shape[0] not in (1, n_batch):
+                raise ShapeError(f"MultiHeadAttention '{self.name}': attention_mask must have shape (batch, {t}, {s}); "
+                                 f"got {am.shape}")
+            keep = both(keep, am[:, None])
+        return keep
+
+    def _flat_mask(self, mask):
+        """A (batch, *axes) step mask in the (sequences, positions) layout; only (batch, steps) masks are supported
+        off the standard layout (a masked axis must be the attended one)."""
+        mask = np.asarray(mask, bool)
+        if self.standard:
+            return mask
+        if mask.ndim == 2 and len(self.attend) == 1 and self.attend[0] == 0 and not self.batch_like:
+            return mask
+        raise ShapeError(f"MultiHeadAttention '{self.name}': a propagated mask of shape {mask.shape} cannot be applied "
+                         f"with attention_axes {list(self.attention_axes or [])}")
+
+    def compute_mask(self, x, mask):
+        query_mask = mask[0] if isinstance(mask, list) else mask
+        return [query_mask, None] if self.return_attention_scores else query_mask
+
+    # --- the passes -----------------------------------------------------------------------------------------
+    def _project(self, x, part):
+        """x (n, positions, features) @ kernel (features, heads, dim) + bias -> (n, heads, positions, dim)."""
+        kernel = self.params[f"{part}/kernel"].value
+        y = x.reshape(-1, x.shape[-1]) @ kernel.reshape(kernel.shape[0], -1)
+        if self.use_bias:
+            y += self.params[f"{part}/bias"].value.reshape(-1)
+        return y.reshape(x.shape[0], x.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)
+
+    def forward(self, x, training=False):
+        xs = x if isinstance(x, list) else [x]
+        masks = self.input_mask if isinstance(self.input_mask, list) else [self.input_mask]
+        masks = masks + [None] * (len(xs) - len(masks))
+        query, value = xs[0], xs[1] if len(xs) > 1 else xs[0]
+        key = xs[2] if len(xs) > 2 else value
+        self.shapes, self.n_inputs = [a.shape for a in xs[:3]], len(xs)
+        query_mask = masks[0]
+        value_mask = masks[1] if len(xs) > 1 else masks[0]
+        key_mask = masks[2] if len(xs) > 2 else None  # Keras ignores the key's mask when key is value
+        self.q, self.v = self._to_sequences(query), self._to_sequences(value)
+        self.k = self._to_sequences(key) if len(xs) > 2 else self.v
+        self.Q = self._project(self.q, "query") * self.q.dtype.type(self.scale)  # Keras scales the query
+        self.K = self._project(self.k, "key")
+        self.V = self._project(self.v, "value")
+        t, s = self.Q.shape[2], self.K.shape[2]
+        self.keep = self._keep(query_mask, value_mask, key_mask, xs[3] if len(xs) > 3 else None, t, s,
+                               query.shape[0])
+        self.probs = masked_softmax_(self.Q @ self.K.transpose(0, 1, 3, 2), self.keep)
+        self.dropped = None
+        attended = self.probs
+        if training and self.dropout > 0:
+            self.dropped = self.rng.random(self.probs.shape, dtype=np.float32) < self.dropout
+            attended = np.where(self.dropped, self.probs.dtype.type(0),
+                                self.probs / self.probs.dtype.type(1 - self.dropout))
+        self.context = (attended @ self.V).transpose(0, 2, 1, 3)  # (n, t, heads, value_dim)
+        kernel = self.params["attention_output/kernel"].value
+        flat = self.context.reshape(-1, self.num_heads * self.value_dim)
+        out = flat @ kernel.reshape(self.num_heads * self.value_dim, -1)
+        if self.use_bias:
+            out += self.params["attention_output/bias"].value.reshape(-1)
+        out = self._from_sequences(out.reshape(self.q.shape[0], t, *kernel.shape[2:]),
+                                   (*query.shape[:-1], *kernel.shape[2:]))
+        if not self.return_attention_scores:
+            return out
+        scores = self.probs.reshape(query.shape[0], *[query.shape[a + 1] for a in self.batch_like], self.num_heads,
+                                    *[query.shape[a + 1] for a in self.attend],
+                                    *[value.shape[a + 1] for a in self.attend])
+        return [out, scores.copy()]  # a copy: the caller may change it, and backward needs the probabilities
+
+    def _project_backward(self, grad, x, part):
+        """grad (n, heads, positions, dim) of a projection of x: adds the weight gradients, returns d(x)."""
+        kernel = self.params[f"{part}/kernel"]
+        g = grad.transpose(0, 2, 1, 3).reshape(-1, kernel.value.shape[1] * kernel.value.shape[2])
+        if kernel.grad is not None:
+            kernel.grad += (x.reshape(-1, x.shape[-1]).T @ g).reshape(kernel.grad.shape)
+        bias = self.params.get(f"{part}/bias")
+        if bias is not None and bias.grad is not None:
+            bias.grad += g.sum(0).reshape(bias.grad.shape)
+        return (g @ kernel.value.reshape(kernel.value.shape[0], -1).T).reshape(x.shape)
+
+    def backward(self, grad):
+        grad_scores = None
+        if self.return_attention_scores:
+            grad, grad_scores = grad
+        n, t = self.q.shape[0], self.Q.shape[2]
+        heads, vd = self.num_heads, self.value_dim
+        kernel = self.params["attention_output/kernel"]
+        g_out = self._to_sequences(grad, kernel.value.ndim - 2).reshape(n * t, -1)
+        flat = self.context.reshape(-1, heads * vd)
+        if kernel.grad is not None:
+            kernel.grad += (flat.T @ g_out).reshape(kernel.grad.shape)
+        bias = self.params.get("attention_output/bias")
+        if bias is not None and bias.grad is not None:
+            bias.grad += g_out.sum(0).reshape(bias.grad.shape)
+        d_context = (g_out @ kernel.value.reshape(heads * vd, -1).T).reshape(n, t, heads, vd).transpose(0, 2, 1, 3)
+        scale = self.probs.dtype.type(1 / (1 - self.dropout))
+        attended = self.probs if self.dropped is None else np.where(self.dropped, 0, self.probs * scale)
+        d_value = attended.transpose(0, 1, 3, 2) @ d_context
+        del attended
+        d_probs = d_context @ self.V.transpose(0, 1, 3, 2)
+        if self.dropped is not None:
+            np.copyto(d_probs, 0, where=self.dropped)
+            d_probs *= scale
+        if grad_scores is not None:
+            d_probs += grad_scores.reshape(d_probs.shape)
+        d_scores = softmax_backward_(d_probs, self.probs)
+        d_query = (d_scores @ self.K) * self.Q.dtype.type(self.scale)
+        d_key = d_scores.transpose(0, 1, 3, 2) @ self.Q  # Q already carries the scale
+        dq = self._project_backward(d_query, self.q, "query")
+        dk = self._project_backward(d_key, self.k, "key")
+        dv = self._project_backward(d_value, self.v, "value")
+        if len(self.shapes) == 1:
+            return self._from_sequences(dq + dk + dv, self.shapes[0])
+        if len(self.shapes) == 2:
+            return [self._from_sequences(dq, self.shapes[0]), self._from_sequences(dv + dk, self.shapes[1])]
+        grads = [self._from_sequences(g, shape) for g, shape in zip((dq, dv, dk), self.shapes)]
+        return grads + [None] * (self.n_inputs - 3)  # the attention mask gets no gradient
