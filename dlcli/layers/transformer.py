@@ -1,0 +1,355 @@
+"""KerasHub's Transformer building blocks with KerasHub's names, arguments, defaults and weight order:
+PositionEmbedding, SinePositionEncoding, TokenAndPositionEmbedding, TransformerEncoder, TransformerDecoder.
+
+The blocks own Keras layers (MultiHeadAttention, LayerNormalization, Dense, Dropout) as a wrapper owns its inner
+layer: their weights appear under KerasHub's sub-layer names ("self_attention_layer/query/kernel",
+"feedforward_layer_norm/gamma" ...) in KerasHub's order. Masks follow KerasHub: the encoder's attention gets the
+incoming padding mask on queries and keys (as Keras' MultiHeadAttention takes it from its inputs); the decoder's
+self-attention masks padded keys and the future (a causal mask), its cross-attention the encoder's padded steps.
+"""
+import numpy as np
+
+from dlcli.engine import activations, initializers
+from dlcli.engine.layer import Layer, format_shape, register
+from dlcli.errors import ConfigError, ShapeError
+from dlcli.layers.attention import MultiHeadAttention
+from dlcli.layers.core import Dense, Dropout
+from dlcli.layers.embedding import Embedding
+from dlcli.layers.normalization import LayerNormalization
+from dlcli.layers.wrappers import Wrapper
+
+
+def _sequence_shape(layer, input_shape, what="(batch, steps, features)"):
+    if isinstance(input_shape, list) or len(input_shape) < 2:
+        raise ShapeError(f"{type(layer).__name__} '{layer.name}' expects input {what}; got "
+                         f"{format_shape(input_shape)}")
+    return tuple(input_shape)
+
+
+def _check_length(layer, steps: int):
+    if steps > layer.sequence_length:
+        raise ShapeError(f"{type(layer).__name__} '{layer.name}': a sequence of {steps} steps is longer than "
+                         f"sequence_length={layer.sequence_length}; raise sequence_length or cut the sequences "
+                         f"(e.g. the dataset's maxlen)")
+
+
+def _keras_uniform(initializer):
+    # KerasHub passes Keras' "uniform", which is RandomUniform(-0.05, 0.05): our random_uniform's default
+    return initializers.get("random_uniform" if initializer == "uniform" else initializer)
+
+
+@register("PositionEmbedding")
+class PositionEmbedding(Layer):
+    """A learned embedding per position, (sequence_length, features); the output is its first `steps` rows
+    broadcast over the batch (it does not depend on the input's values, only its shape). No mask, as KerasHub."""
+
+    def __init__(self, sequence_length: int, initializer="glorot_uniform", **kw):
+        super().__init__(**kw)
+        self.sequence_length = int(sequence_length)
+        self.initializer = _keras_uniform(initializer)
+
+    def build(self, input_shape):
+        shape = _sequence_shape(self, input_shape)
+        _check_length(self, shape[-2])
+        self.embeddings = self.add_weight("embeddings", (self.sequence_length, shape[-1]), self.initializer)
+
+    def forward(self, x, training=False):
+        self.in_shape = x.shape
+        return np.broadcast_to(self.embeddings.value[:x.shape[-2]], x.shape).copy()
+
+    def backward(self, grad):
+        if self.embeddings.grad is not None:
+            steps = grad.shape[-2]
+            self.embeddings.grad[:steps] += grad.reshape(-1, steps, grad.shape[-1]).sum(0)
+        return np.zeros(self.in_shape, grad.dtype) if self.input_grad_needed else None
+
+
+@register("SinePositionEncoding")
+class SinePositionEncoding(Layer):
+    """Vaswani et al.'s fixed encoding, KerasHub's formula: feature j of position p is sin(p * w_j) for even j and
+    cos(p * w_j) for odd j, w_j = max_wavelength ** -(2 * (j // 2) / features). No weights; no mask."""
+
+    def __init__(self, max_wavelength: float = 10000, **kw):
+        super().__init__(**kw)
+        self.max_wavelength = max_wavelength
+
+    def build(self, input_shape):
+        _sequence_shape(self, input_shape)
+
+    def forward(self, x, training=False):
+        self.in_shape = x.shape
+        steps, features = x.shape[-2], x.shape[-1]
+        dtype = x.dtype if x.dtype.kind == "f" else np.float32
+        timescales = np.power(dtype.type(1 / self.max_wavelength),
+                              (2 * (np.arange(features) // 2)).astype(dtype) / dtype.type(features))
+        angles = np.arange(steps, dtype=dtype)[:, None] * timescales[None, :]
+        encoding = np.where(np.arange(features) % 2 == 0, np.sin(angles), np.cos(angles)).astype(dtype)
+        return np.broadcast_to(encoding, x.shape).copy()
+
+    def backward(self, grad):
+        return np.zeros(self.in_shape, grad.dtype) if self.input_grad_needed else None
+
+
+@register("TokenAndPositionEmbedding")
+class TokenAndPositionEmbedding(Wrapper):
+    """Token embedding + learned position embedding of integer sequences (batch, steps) -> (batch, steps,
+    embedding_dim); with mask_zero, token 0 is padding and the output carries the mask. tie_weights=False adds
+    KerasHub's `reverse_embeddings` (embedding_dim, vocabulary_size), which only its reverse projection reads."""
+
+    def __init__(self, vocabulary_size: int, sequence_length: int, embedding_dim: int, tie_weights: bool = True,
+                 embeddings_initializer="uniform", mask_zero: bool = False, **kw):
+        super().__init__(**kw)
+        self.vocabulary_size, self.sequence_length = int(vocabulary_size), int(sequence_length)
+        self.embedding_dim, self.tie_weights, self.mask_zero = int(embedding_dim), bool(tie_weights), bool(mask_zero)
+        self.embeddings_initializer = embeddings_initializer
+        self.token_embedding = Embedding(self.vocabulary_size, self.embedding_dim, embeddings_initializer,
+                                         mask_zero=self.mask_zero, name="token_embedding")
+        self.position_embedding = PositionEmbedding(self.sequence_length, embeddings_initializer,
+                                                    name="position_embedding")
+
+    def _inner(self):
+        return [("token_embedding/", self.token_embedding), ("position_embedding/", self.position_embedding)]
+
+    def build(self, input_shape):
+        if isinstance(input_shape, list) or len(input_shape) != 1:
+            raise ShapeError(f"TokenAndPositionEmbedding '{self.name}' expects token ids (batch, steps); got "
+                             f"{format_shape(input_shape)}")
+        _check_length(self, input_shape[0])
+        self._build_inner(self.token_embedding, input_shape)
+        self._build_inner(self.position_embedding, (*input_shape, self.embedding_dim))
+        self._adopt_weights()
+        if not self.tie_weights:  # KerasHub's order: token, reverse, position
+            position = self.params.pop("position_embedding/embeddings")
+            self.add_weight("token_embedding/reverse_embeddings", (self.embedding_dim, self.vocabulary_size),
+                            _keras_uniform(self.embeddings_initializer))
+            self.params[position.name] = position
+
+    def output_shape(self, input_shape):
+        return (*input_shape, self.embedding_dim)
+
+    def forward(self, x, training=False):
+        self._sync()
+        tokens = self.token_embedding.forward(x, training)
+        self.position_embedding.input_grad_needed = False
+        return tokens + self.position_embedding.forward(tokens, training)
+
+    def backward(self, grad):
+        self.position_embedding.backward(grad)
+        return self.token_embedding.backward(grad)
+
+    def compute_mask(self, x, mask):
+        return self.token_embedding.compute_mask(x, mask)
+
+
+class _TransformerBlock(Wrapper):
+    """What KerasHub's encoder and decoder share: arguments, the feed-forward sub-block, and the residual wiring
+    x + f(norm(x)) (normalize_first) or norm(x + f(x))."""
+
+    supports_masking = True
+
+    def __init__(self, intermediate_dim: int, num_heads: int, dropout: float = 0, activation="relu",
+                 layer_norm_epsilon: float = 1e-5, kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 normalize_first: bool = False, **kw):
+        super().__init__(**kw)
+        for arg, value in (("intermediate_dim", intermediate_dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ConfigError(f"{type(self).__name__} '{self.name}': {arg} must be a positive integer; got "
+                                  f"{value!r}")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"{type(self).__name__} '{self.name}': dropout must be in [0, 1); got {dropout}")
+        self.intermediate_dim, self.num_heads, self.dropout = int(intermediate_dim), int(num_heads), float(dropout)
+        self.activation = activations.get(activation)
+        self.layer_norm_epsilon, self.normalize_first = float(layer_norm_epsilon), bool(normalize_first)
+        self.kernel_initializer, self.bias_initializer = kernel_initializer, bias_initializer
+
+    def _attention(self, name, features):
+        key_dim = features // self.num_heads  # KerasHub: hidden_dim // num_heads
+        if key_dim == 0:
+            raise ShapeError(f"{type(self).__name__} '{self.name}': {features} features cannot be split into "
+                             f"num_heads={self.num_heads} heads (KerasHub's key_dim = features // num_heads is 0)")
+        return MultiHeadAttention(self.num_heads, key_dim, dropout=self.dropout,
+                                  kernel_initializer=self.kernel_initializer,
+                                  bias_initializer=self.bias_initializer, name=name)
+
+    def _norm(self, name):
+        return LayerNormalization(epsilon=self.layer_norm_epsilon, name=name)
+
+    def _feedforward(self, features):
+        self.intermediate = Dense(self.intermediate_dim, self.activation.name, name="feedforward_intermediate_dense",
+                                  kernel_initializer=self.kernel_initializer, bias_initializer=self.bias_initializer)
+        self.output_dense = Dense(features, name="feedforward_output_dense",
+                                  kernel_initializer=self.kernel_initializer, bias_initializer=self.bias_initializer)
+        self.feedforward_dropout = Dropout(self.dropout, name="feedforward_dropout")
+        self.feedforward_norm = self._norm("feedforward_layer_norm")
+
+    def _build_feedforward(self, shape):
+        self._build_inner(self.intermediate, shape)
+        self._build_inner(self.output_dense, (*shape[:-1], self.intermediate_dim))
+
+    def _residual(self, norm, body, x):
+        if self.normalize_first:
+            return x + body(norm.forward(x))
+        return norm.forward(x + body(x))
+
+    def _residual_backward(self, norm, body_backward, grad):
+        if self.normalize_first:
+            return grad + norm.backward(body_backward(grad))
+        grad = norm.backward(grad)
+        return grad + body_backward(grad)
+
+    def _feedforward_forward(self, x, training):
+        h = self.output_dense.forward(self.intermediate.forward(x, training), training)
+        return self.feedforward_dropout.forward(h, training)
+
+    def _feedforward_backward(self, grad):
+        return self.intermediate.backward(self.output_dense.backward(self.feedforward_dropout.backward(grad)))
+
+    def flops(self, input_shape):
+        shapes = input_shape if isinstance(input_shape, list) else [input_shape]
+        x = shapes[0]
+        total = self.intermediate.flops(x) + self.output_dense.flops((*x[:-1], self.intermediate_dim))
+        return total + sum(layer.flops(shape) for layer, shape in self._attention_calls(shapes))
+
+
+@register("TransformerEncoder")
+class TransformerEncoder(_TransformerBlock):
+    """KerasHub's encoder block: self-attention (key_dim = features // num_heads) and a feed-forward network
+    (Dense(intermediate_dim, activation), Dense(features)), each with dropout, a residual and LayerNormalization
+    (after the residual, or before the sub-block with normalize_first). The incoming mask is the padding mask."""
+
+    def _inner(self):
+        return [("self_attention_layer/", self.attention), ("self_attention_layer_norm/", self.attention_norm),
+                ("feedforward_layer_norm/", self.feedforward_norm),
+                ("feedforward_intermediate_dense/", self.intermediate), ("feedforward_output_dense/", self.output_dense),
+                ("self_attention_dropout/", self.attention_dropout),
+                ("feedforward_dropout/", self.feedforward_dropout)]
+
+    def build(self, input_shape):
+        shape = _sequence_shape(self, input_shape)
+        self.attention = self._attention("self_attention_layer", shape[-1])
+        self.attention_norm = self._norm("self_attention_layer_norm")
+        self.attention_dropout = Dropout(self.dropout, name="self_attention_dropout")
+        self._feedforward(shape[-1])
+        self._build_inner(self.attention, shape)
+        self._build_inner(self.attention_norm, shape)
+        self._build_inner(self.feedforward_norm, shape)
+        self._build_feedforward(shape)
+        self._adopt_weights()
+
+    def _attention_calls(self, shapes):
+        return [(self.attention, shapes[0])]
+
+    def forward(self, x, training=False):
+        self._sync()
+        self.attention.input_mask = self.input_mask  # queries and keys, as Keras' MHA takes the inputs' mask
+
+        def attend(h):
+            return self.attention_dropout.forward(self.attention.forward(h, training), training)
+
+        x = self._residual(self.attention_norm, attend, x)
+        return self._residual(self.feedforward_norm, lambda h: self._feedforward_forward(h, training), x)
+
+    def backward(self, grad):
+        grad = self._residual_backward(self.feedforward_norm, self._feedforward_backward, grad)
+        return self._residual_backward(
+            self.attention_norm, lambda g: self.attention.backward(self.attention_dropout.backward(g)), grad)
+
+
+@register("TransformerDecoder")
+class TransformerDecoder(_TransformerBlock):
+    """KerasHub's decoder block: causal self-attention, then (called on [decoder_sequence, encoder_sequence])
+    cross-attention to the encoder's sequence, then the feed-forward network; each with dropout, a residual and
+    LayerNormalization. Padded decoder steps are masked as keys (KerasHub's padding mask), the encoder's padded
+    steps in the cross-attention; `use_causal_mask` is KerasHub's call argument, here a layer argument."""
+
+    def __init__(self, intermediate_dim: int, num_heads: int, dropout: float = 0, activation="relu",
+                 layer_norm_epsilon: float = 1e-5, kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 normalize_first: bool = False, use_causal_mask: bool = True, **kw):
+        super().__init__(intermediate_dim, num_heads, dropout, activation, layer_norm_epsilon, kernel_initializer,
+                         bias_initializer, normalize_first, **kw)
+        self.use_causal_mask = bool(use_causal_mask)
+
+    def _inner(self):
+        inner = [("self_attention/", self.attention), ("self_attention_layer_norm/", self.attention_norm)]
+        if self.cross:
+            inner += [("cross_attention/", self.cross_attention),
+                      ("cross_attention_layer_norm/", self.cross_attention_norm)]
+        inner += [("feedforward_intermediate_dense/", self.intermediate),
+                  ("feedforward_output_dense/", self.output_dense), ("feedforward_layer_norm/", self.feedforward_norm),
+                  ("self_attention_dropout/", self.attention_dropout), ("feedforward_dropout/", self.feedforward_dropout)]
+        return inner + ([("cross_attention_dropout/", self.cross_attention_dropout)] if self.cross else [])
+
+    def build(self, input_shape):
+        shapes = input_shape if isinstance(input_shape, list) else [input_shape]
+        if len(shapes) > 2:
+            raise ShapeError(f"TransformerDecoder '{self.name}' takes decoder_sequence or [decoder_sequence, "
+                             f"encoder_sequence]; got {len(shapes)} inputs")
+        shape = _sequence_shape(self, shapes[0])
+        self.cross = len(shapes) == 2
+        self.attention = self._attention("self_attention", shape[-1])
+        self.attention.use_causal_mask = self.use_causal_mask
+        self.attention_norm = self._norm("self_attention_layer_norm")
+        self.attention_dropout = Dropout(self.dropout, name="self_attention_dropout")
+        self._build_inner(self.attention, [shape, shape])
+        self._build_inner(self.attention_norm, shape)
+        if self.cross:
+            encoder = _sequence_shape(self, shapes[1])
+            self.cross_attention = self._attention("cross_attention", shape[-1])
+            self.cross_attention_norm = self._norm("cross_attention_layer_norm")
+            self.cross_attention_dropout = Dropout(self.dropout, name="cross_attention_dropout")
+            self._build_inner(self.cross_attention, [shape, encoder])
+            self._build_inner(self.cross_attention_norm, shape)
+        self._feedforward(shape[-1])
+        self._build_feedforward(shape)
+        self._build_inner(self.feedforward_norm, shape)
+        self._adopt_weights()
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape[0] if isinstance(input_shape, list) else input_shape)
+
+    def _attention_calls(self, shapes):
+        calls = [(self.attention, [shapes[0], shapes[0]])]
+        return calls + ([(self.cross_attention, [shapes[0], shapes[1]])] if self.cross else [])
+
+    def compute_mask(self, x, mask):
+        return mask[0] if isinstance(mask, list) else mask
+
+    def forward(self, x, training=False):
+        self._sync()
+        xs = x if isinstance(x, list) else [x]
+        masks = self.input_mask if isinstance(self.input_mask, list) else [self.input_mask, None]
+        decoder = xs[0]
+        self.attention.input_mask = [None, masks[0]]  # KerasHub: padded steps masked as keys only
+
+        def attend(h):
+            return self.attention_dropout.forward(self.attention.forward([h, h], training), training)
+
+        h = self._residual(self.attention_norm, attend, decoder)
+        if self.cross:
+            encoder = xs[1]
+            self.cross_attention.input_mask = [None, masks[1]]
+
+            def cross(q):
+                return self.cross_attention_dropout.forward(self.cross_attention.forward([q, encoder], training),
+                                                            training)
+
+            h = self._residual(self.cross_attention_norm, cross, h)
+        return self._residual(self.feedforward_norm, lambda q: self._feedforward_forward(q, training), h)
+
+    def backward(self, grad):
+        grad = self._residual_backward(self.feedforward_norm, self._feedforward_backward, grad)
+        d_encoder = []
+        if self.cross:
+            def cross_backward(g):
+                dq, dv = self.cross_attention.backward(self.cross_attention_dropout.backward(g))
+                d_encoder.append(dv)
+                return dq
+
+            grad = self._residual_backward(self.cross_attention_norm, cross_backward, grad)
+
+        def self_backward(g):
+            dq, dv = self.attention.backward(self.attention_dropout.backward(g))
+            return dq + dv
+
+        grad = self._residual_backward(self.attention_norm, self_backward, grad)
+        return [grad, d_encoder[0]] if self.cross else grad
