@@ -63,15 +63,23 @@ def estimate(model, batch_size: int) -> dict:
     slots = model.optimizer.slot_count() if getattr(model, "optimizer", None) is not None else 0
     weights = sum(p.value.nbytes for p in model.weights)
     optimizer = slots * sum(p.value.nbytes for p in model.trainable_weights)
-    activations = 4 * int(batch_size) * sum(shape_size(r["output_shape"]) for r in model.summary_rows())
+    rows = model.summary_rows()
+    activations = 4 * int(batch_size) * sum(shape_size(r["output_shape"]) + r["kept"] for r in rows)
+    attention = 4 * int(batch_size) * sum(r["kept"] for r in rows if r["type"] in _QUADRATIC)
     return {"weights": weights, "optimizer": optimizer, "activations": activations, "slots": slots,
-            "batch_size": int(batch_size), "total": weights + optimizer + activations}
+            "batch_size": int(batch_size), "attention": attention, "total": weights + optimizer + activations}
+
+
+# Layers whose kept values grow as sequence length squared (the (heads, T, S) attention probabilities)
+_QUADRATIC = ("MultiHeadAttention", "TransformerEncoder", "TransformerDecoder")
 
 
 def describe(e: dict) -> str:
     return (f"weights {format_bytes(e['weights'])}, optimizer state {format_bytes(e['optimizer'])} "
             f"({e['slots']} slot{'s' if e['slots'] != 1 else ''} per weight), activations "
-            f"{format_bytes(e['activations'])} at batch {e['batch_size']}")
+            f"{format_bytes(e['activations'])} at batch {e['batch_size']}" + (
+                f", of which attention {format_bytes(e['attention'])} (grows as sequence length squared)"
+                if e.get("attention") else ""))
 
 
 def check_training_fits(model, batch_size: int):

@@ -308,7 +308,8 @@ class Model:
             first = id(layer) not in seen
             seen.add(id(layer))
             in_shapes = [t.shape for t in node.inputs]
-            flops = 0 if isinstance(layer, InputLayer) else layer.flops(in_shapes if node.multi_input else in_shapes[0])
+            called_on = in_shapes if node.multi_input or not in_shapes else in_shapes[0]
+            flops = 0 if isinstance(layer, InputLayer) else layer.flops(called_on)
             name = _node_name(node)
             rows.append({
                 "name": name if name == layer.name else f"{name} (shares {layer.name})",
@@ -318,6 +319,7 @@ class Model:
                 "trainable": layer.trainable,
                 "connected_to": [_tensor_ref(t) for t in node.inputs],
                 "flops": int(flops),
+                "kept": 0 if isinstance(layer, InputLayer) else int(layer.kept_size(called_on)),
             })
         return rows
 

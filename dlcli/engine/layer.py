@@ -158,6 +158,11 @@ class Layer:
         """Multiply-adds x 2 per sample for one forward pass (0 where negligible); for inspect-shapes."""
         return 0
 
+    def kept_size(self, input_shape) -> int:
+        """Values per sample the layer keeps for its backward pass besides its output (attention's (heads, T, S)
+        probabilities), for the activation-memory estimate; 0 where that is about the output's size or less."""
+        return 0
+
     def get_weights(self) -> list[np.ndarray]:
         return [p.value.copy() for p in self.params.values()]
 

@@ -177,6 +177,16 @@ class MultiHeadAttention(Layer):
         projections = t * query[-1] * h * kd + s * key[-1] * h * kd + s * value[-1] * h * vd + t * h * vd * out
         return 2 * (projections + t * span * h * (kd + vd))
 
+    def kept_size(self, input_shape):
+        """The (heads, T, S) probabilities (float32) and the dropout mask (bool, a quarter of that) per sequence,
+        and the projected query, key, value and context."""
+        query, value, key, _ = self._shapes(input_shape)
+        sequences = int(np.prod([query[a] for a in self._axes(query)[0]]))
+        t, s = int(np.prod(query[:-1])) // sequences, int(np.prod(value[:-1])) // sequences
+        probs = sequences * self.num_heads * t * s
+        projected = sequences * self.num_heads * ((t + s) * self.key_dim + (s + t) * self.value_dim)
+        return probs + (probs // 4 if self.dropout else 0) + projected
+
     # --- layout: any attention axes as (sequences, positions, features) ---------------------------------------
     def _order(self, ndim: int, trailing: int) -> tuple:
         """Axes of a (batch, *axes, *trailing) array with the batch-like axes first, then the attended ones."""
@@ -247,7 +257,9 @@ class MultiHeadAttention(Layer):
         y = x.reshape(-1, x.shape[-1]) @ kernel.reshape(kernel.shape[0], -1)
         if self.use_bias:
             y += self.params[f"{part}/bias"].value.reshape(-1)
-        return y.reshape(x.shape[0], x.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)
+        # contiguous per head: NumPy's batched matmul on the strided view is about 10x slower (305 vs 24 ms for
+        # (32, 2, 256, 32) @ (32, 2, 32, 256))
+        return np.ascontiguousarray(y.reshape(x.shape[0], x.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3))
 
     def forward(self, x, training=False):
         xs = x if isinstance(x, list) else [x]
@@ -314,7 +326,8 @@ class MultiHeadAttention(Layer):
         bias = self.params.get("attention_output/bias")
         if bias is not None and bias.grad is not None:
             bias.grad += g_out.sum(0).reshape(bias.grad.shape)
-        d_context = (g_out @ kernel.value.reshape(heads * vd, -1).T).reshape(n, t, heads, vd).transpose(0, 2, 1, 3)
+        d_context = np.ascontiguousarray(
+            (g_out @ kernel.value.reshape(heads * vd, -1).T).reshape(n, t, heads, vd).transpose(0, 2, 1, 3))
         scale = self.probs.dtype.type(1 / (1 - self.dropout))
         attended = self.probs if self.dropped is None else np.where(self.dropped, 0, self.probs * scale)
         d_value = attended.transpose(0, 1, 3, 2) @ d_context

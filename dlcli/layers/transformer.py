@@ -204,6 +204,16 @@ class _TransformerBlock(Wrapper):
     def _feedforward_backward(self, grad):
         return self.intermediate.backward(self.output_dense.backward(self.feedforward_dropout.backward(grad)))
 
+    def kept_size(self, input_shape):
+        """The attention layers' own, plus per sub-block the residual sum, the normalised values and the dropout
+        scale (each a (steps, features) array), and the feed-forward's intermediate activations."""
+        shapes = input_shape if isinstance(input_shape, list) else [input_shape]
+        steps, features = shapes[0][-2], shapes[0][-1]
+        calls = self._attention_calls(shapes)
+        per_block = 3 * steps * features
+        return (sum(layer.kept_size(shape) for layer, shape in calls) + per_block * (len(calls) + 1)
+                + 2 * steps * self.intermediate_dim)
+
     def flops(self, input_shape):
         shapes = input_shape if isinstance(input_shape, list) else [input_shape]
         x = shapes[0]
@@ -220,8 +230,8 @@ class TransformerEncoder(_TransformerBlock):
     def _inner(self):
         return [("self_attention_layer/", self.attention), ("self_attention_layer_norm/", self.attention_norm),
                 ("feedforward_layer_norm/", self.feedforward_norm),
-                ("feedforward_intermediate_dense/", self.intermediate), ("feedforward_output_dense/", self.output_dense),
-                ("self_attention_dropout/", self.attention_dropout),
+                ("feedforward_intermediate_dense/", self.intermediate),
+                ("feedforward_output_dense/", self.output_dense), ("self_attention_dropout/", self.attention_dropout),
                 ("feedforward_dropout/", self.feedforward_dropout)]
 
     def build(self, input_shape):
@@ -276,7 +286,8 @@ class TransformerDecoder(_TransformerBlock):
                       ("cross_attention_layer_norm/", self.cross_attention_norm)]
         inner += [("feedforward_intermediate_dense/", self.intermediate),
                   ("feedforward_output_dense/", self.output_dense), ("feedforward_layer_norm/", self.feedforward_norm),
-                  ("self_attention_dropout/", self.attention_dropout), ("feedforward_dropout/", self.feedforward_dropout)]
+                  ("self_attention_dropout/", self.attention_dropout),
+                  ("feedforward_dropout/", self.feedforward_dropout)]
         return inner + ([("cross_attention_dropout/", self.cross_attention_dropout)] if self.cross else [])
 
     def build(self, input_shape):

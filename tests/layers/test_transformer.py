@@ -148,3 +148,15 @@ def test_bad_input_names_the_layer():
         layers.TransformerEncoder(8, 4, name="enc").ensure_built((5, 3))
     with pytest.raises(ConfigError, match="TransformerEncoder 'e2': num_heads"):
         layers.TransformerEncoder(8, 0, name="e2")
+
+
+def test_activation_memory_counts_the_attention_probabilities():
+    from dlcli import memory
+
+    model = build_model(parse_config(ISSUE_EXAMPLE.replace("LENGTH", "16")))
+    estimate = memory.estimate(model, 32)
+    encoder = model.layers[1]
+    assert estimate["attention"] == 4 * 32 * encoder.kept_size((16, 8)) > 0
+    assert "of which attention" in memory.describe(estimate) and "sequence length squared" in memory.describe(estimate)
+    mha = layers.MultiHeadAttention(4, 2)
+    assert mha.kept_size((512, 8)) > 3.9 * mha.kept_size((256, 8))  # the (heads, T, T) probabilities dominate
