@@ -19,7 +19,8 @@ import numpy as np
 
 from dlcli.engine import initializers
 from dlcli.engine.layer import Layer, format_shape, register
-from dlcli.errors import ConfigError, ShapeError
+from dlcli.errors import ConfigError, ExportError, ShapeError
+from dlcli.registry import Size, Sizes
 
 _MASKED = -1e9  # Keras' Softmax puts -1e9 (float32) where the mask is False, then zeroes those probabilities
 
@@ -63,9 +64,9 @@ class MultiHeadAttention(Layer):
 
     supports_masking = True
 
-    def __init__(self, num_heads: int, key_dim: int, value_dim: int | None = None, dropout: float = 0.0,
-                 use_bias: bool = True, output_shape: int | list[int] | None = None,
-                 attention_axes: int | list[int] | None = None, sliding_window: int | None = None,
+    def __init__(self, num_heads: Size, key_dim: Size, value_dim: Size | None = None, dropout: float = 0.0,
+                 use_bias: bool = True, output_shape: Sizes = None, attention_axes: int | list[int] | None = None,
+                 sliding_window: Size | None = None,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
                  bias_regularizer=None, use_causal_mask: bool = False, return_attention_scores: bool = False, **kw):
         super().__init__(**kw)
@@ -228,7 +229,7 @@ class MultiHeadAttention(Layer):
             keep = both(keep, sliding_window_mask(t, s, self.sliding_window)[None, None])
         if attention_mask is not None:
             am = np.asarray(attention_mask)
-            am = am if am.dtype == bool else am > 0.5  # Keras' Softmax keeps a float mask's entries above 0.5
+            am = am if am.dtype == bool else am != 0  # Keras' MHA casts the mask to bool: nonzero attends
             if am.ndim != 3 or am.shape[0] not in (1, n_batch):
                 raise ShapeError(f"MultiHeadAttention '{self.name}': attention_mask must have shape (batch, {t}, {s}); "
                                  f"got {am.shape}")
@@ -350,3 +351,71 @@ class MultiHeadAttention(Layer):
             return [self._from_sequences(dq, self.shapes[0]), self._from_sequences(dv + dk, self.shapes[1])]
         grads = [self._from_sequences(g, shape) for g, shape in zip((dq, dv, dk), self.shapes)]
         return grads + [None] * (self.n_inputs - 3)  # the attention mask gets no gradient
+
+    # --- ONNX: the same products, masks and softmax as forward ----------------------------------------------------
+    def _onnx_project(self, g, x, part, perm):
+        kernel = self.params[f"{part}/kernel"].value
+        y = g.op("MatMul", [g.last(x).name, g.weight(self, kernel.reshape(kernel.shape[0], -1), f"{part}_kernel")])
+        if self.use_bias:
+            y = g.op("Add", [y, g.weight(self, self.params[f"{part}/bias"].value.reshape(-1), f"{part}_bias")])
+        return g.op("Transpose", [g.op("Reshape", [y, g.ints([0, -1, self.num_heads, kernel.shape[2]])])], perm=perm)
+
+    def _onnx_keep(self, g, xs, masks, t, s):
+        keep = None
+
+        def both(a, b):
+            return b if a is None else g.op("And", [a, b])
+
+        if masks[0] is not None:
+            keep = both(keep, g.unsqueeze(masks[0], [1, 3]))
+        for m in masks[1:3]:
+            if m is not None:
+                keep = both(keep, g.unsqueeze(m, [1, 2]))
+        if self.use_causal_mask:
+            keep = both(keep, g.const(causal_mask(t, s)[None, None], f"{self.name}_causal"))
+        if self.sliding_window:
+            keep = both(keep, g.const(sliding_window_mask(t, s, self.sliding_window)[None, None],
+                                      f"{self.name}_window"))
+        if len(xs) > 3:
+            am = g.last(xs[3])
+            keep = both(keep, g.unsqueeze(am.name if am.dtype == "bool" else g.cast(am.name, "bool"), [1]))
+        return keep
+
+    def to_onnx(self, g, x, in_shape, mask):
+        if not self.standard:
+            raise ExportError(f"MultiHeadAttention '{self.name}' exports inputs (batch, steps, features) attended over "
+                              f"the steps only; got attention_axes {list(self.attention_axes or [])}")
+        xs = x if isinstance(x, list) else [x]
+        query, value, key, _ = self._shapes(in_shape)
+        if isinstance(mask, list):
+            masks = [*mask, None, None, None][:3]
+            masks[2] = masks[2] if len(xs) > 2 else None  # Keras ignores the key's mask when key is value
+        else:
+            masks = [mask, mask, None]
+        q, v = xs[0], xs[1] if len(xs) > 1 else xs[0]
+        k = xs[2] if len(xs) > 2 else v
+        scaled = g.op("Mul", [self._onnx_project(g, q, "query", [0, 2, 1, 3]), g.scalar(self.scale)])
+        scores = g.op("MatMul", [scaled, self._onnx_project(g, k, "key", [0, 2, 3, 1])])
+        keep = self._onnx_keep(g, xs, masks, query[0], value[0])
+        if keep is not None:
+            scores = g.op("Where", [keep, scores, g.scalar(_MASKED)])
+        probs = g.op("Softmax", [scores], f"{self.name}_scores", axis=-1)
+        if keep is not None:
+            probs = g.op("Where", [keep, probs, g.scalar(0.0)], f"{self.name}_scores")
+        context = g.op("MatMul", [probs, self._onnx_project(g, v, "value", [0, 2, 1, 3])])
+        context = g.op("Reshape", [g.op("Transpose", [context], perm=[0, 2, 1, 3]),
+                                   g.ints([0, -1, self.num_heads * self.value_dim])])
+        kernel = self.params["attention_output/kernel"].value
+        y = g.op("MatMul", [context, g.weight(self, kernel.reshape(self.num_heads * self.value_dim, -1),
+                                               "attention_output_kernel")])
+        if self.use_bias:
+            y = g.op("Add", [y, g.weight(self, self.params["attention_output/bias"].value.reshape(-1),
+                                         "attention_output_bias")])
+        out = kernel.shape[2:]
+        if len(out) > 1:
+            y = g.op("Reshape", [y, g.ints([0, -1, *out])])
+        y = g.value(y, 2 + len(out))
+        return [y, g.value(probs, 4)] if self.return_attention_scores else y
+
+    def onnx_mask(self, g, x, mask):
+        return self.compute_mask(x, mask)

@@ -12,6 +12,7 @@ import numpy as np
 from dlcli.engine import activations, initializers
 from dlcli.engine.layer import Layer, format_shape, register
 from dlcli.errors import ConfigError, ShapeError
+from dlcli.registry import Size
 from dlcli.layers.attention import MultiHeadAttention
 from dlcli.layers.core import Dense, Dropout
 from dlcli.layers.embedding import Embedding
@@ -33,6 +34,12 @@ def _check_length(layer, steps: int):
                          f"(e.g. the dataset's maxlen)")
 
 
+def _broadcast_onnx(g, x, table, name):
+    """`table` (steps, features) broadcast to x's run-time shape (batch first), as forward does."""
+    y = g.op("Expand", [g.const(table, f"{name}_table"), g.op("Shape", [x.name])], name)
+    return g.value(y, x.rank)
+
+
 def _keras_uniform(initializer):
     # KerasHub passes Keras' "uniform", which is RandomUniform(-0.05, 0.05): our random_uniform's default
     return initializers.get("random_uniform" if initializer == "uniform" else initializer)
@@ -43,7 +50,7 @@ class PositionEmbedding(Layer):
     """A learned embedding per position, (sequence_length, features); the output is its first `steps` rows
     broadcast over the batch (it does not depend on the input's values, only its shape). No mask, as KerasHub."""
 
-    def __init__(self, sequence_length: int, initializer="glorot_uniform", **kw):
+    def __init__(self, sequence_length: Size, initializer="glorot_uniform", **kw):
         super().__init__(**kw)
         self.sequence_length = int(sequence_length)
         self.initializer = _keras_uniform(initializer)
@@ -56,6 +63,9 @@ class PositionEmbedding(Layer):
     def forward(self, x, training=False):
         self.in_shape = x.shape
         return np.broadcast_to(self.embeddings.value[:x.shape[-2]], x.shape).copy()
+
+    def to_onnx(self, g, x, in_shape, mask):
+        return _broadcast_onnx(g, g.last(x), self.embeddings.value[:in_shape[-2]], self.name)
 
     def backward(self, grad):
         if self.embeddings.grad is not None:
@@ -76,18 +86,23 @@ class SinePositionEncoding(Layer):
     def build(self, input_shape):
         _sequence_shape(self, input_shape)
 
-    def forward(self, x, training=False):
-        self.in_shape = x.shape
-        steps, features = x.shape[-2], x.shape[-1]
-        dtype = x.dtype if x.dtype.kind == "f" else np.float32
+    def encoding(self, steps: int, features: int, dtype=np.float32) -> np.ndarray:
+        dtype = np.dtype(dtype)
         timescales = np.power(dtype.type(1 / self.max_wavelength),
                               (2 * (np.arange(features) // 2)).astype(dtype) / dtype.type(features))
         angles = np.arange(steps, dtype=dtype)[:, None] * timescales[None, :]
-        encoding = np.where(np.arange(features) % 2 == 0, np.sin(angles), np.cos(angles)).astype(dtype)
+        return np.where(np.arange(features) % 2 == 0, np.sin(angles), np.cos(angles)).astype(dtype)
+
+    def forward(self, x, training=False):
+        self.in_shape = x.shape
+        encoding = self.encoding(x.shape[-2], x.shape[-1], x.dtype if x.dtype.kind == "f" else np.float32)
         return np.broadcast_to(encoding, x.shape).copy()
 
     def backward(self, grad):
         return np.zeros(self.in_shape, grad.dtype) if self.input_grad_needed else None
+
+    def to_onnx(self, g, x, in_shape, mask):
+        return _broadcast_onnx(g, g.last(x), self.encoding(in_shape[-2], in_shape[-1]), self.name)
 
 
 @register("TokenAndPositionEmbedding")
@@ -96,7 +111,7 @@ class TokenAndPositionEmbedding(Wrapper):
     embedding_dim); with mask_zero, token 0 is padding and the output carries the mask. tie_weights=False adds
     KerasHub's `reverse_embeddings` (embedding_dim, vocabulary_size), which only its reverse projection reads."""
 
-    def __init__(self, vocabulary_size: int, sequence_length: int, embedding_dim: int, tie_weights: bool = True,
+    def __init__(self, vocabulary_size: Size, sequence_length: Size, embedding_dim: Size, tie_weights: bool = True,
                  embeddings_initializer="uniform", mask_zero: bool = False, **kw):
         super().__init__(**kw)
         self.vocabulary_size, self.sequence_length = int(vocabulary_size), int(sequence_length)
@@ -140,6 +155,14 @@ class TokenAndPositionEmbedding(Wrapper):
     def compute_mask(self, x, mask):
         return self.token_embedding.compute_mask(x, mask)
 
+    def to_onnx(self, g, x, in_shape, mask):
+        tokens = g.emit(self.token_embedding, x, in_shape, None)
+        table = g.weight(self, self.position_embedding.embeddings.value[:in_shape[0]], "position_embeddings")
+        return g.value(g.op("Add", [tokens.name, table], self.name), tokens.rank)
+
+    def onnx_mask(self, g, x, mask):
+        return self.token_embedding.onnx_mask(g, x, mask)
+
 
 class _TransformerBlock(Wrapper):
     """What KerasHub's encoder and decoder share: arguments, the feed-forward sub-block, and the residual wiring
@@ -147,7 +170,7 @@ class _TransformerBlock(Wrapper):
 
     supports_masking = True
 
-    def __init__(self, intermediate_dim: int, num_heads: int, dropout: float = 0, activation="relu",
+    def __init__(self, intermediate_dim: Size, num_heads: Size, dropout: float = 0, activation="relu",
                  layer_norm_epsilon: float = 1e-5, kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  normalize_first: bool = False, **kw):
         super().__init__(**kw)
@@ -214,6 +237,17 @@ class _TransformerBlock(Wrapper):
         return (sum(layer.kept_size(shape) for layer, shape in calls) + per_block * (len(calls) + 1)
                 + 2 * steps * self.intermediate_dim)
 
+    def _onnx_residual(self, g, norm, body, x, shape):
+        if self.normalize_first:
+            y = body(g.last(g.emit(norm, x, shape, None)))
+            return g.value(g.op("Add", [x.name, y.name]), x.rank)
+        summed = g.value(g.op("Add", [x.name, body(x).name]), x.rank)
+        return g.last(g.emit(norm, summed, shape, None))
+
+    def _onnx_feedforward(self, g, x, shape):
+        h = g.last(g.emit(self.intermediate, x, shape, None))
+        return g.last(g.emit(self.output_dense, h, (*shape[:-1], self.intermediate_dim), None))
+
     def flops(self, input_shape):
         shapes = input_shape if isinstance(input_shape, list) else [input_shape]
         x = shapes[0]
@@ -264,6 +298,12 @@ class TransformerEncoder(_TransformerBlock):
         return self._residual_backward(
             self.attention_norm, lambda g: self.attention.backward(self.attention_dropout.backward(g)), grad)
 
+    def to_onnx(self, g, x, in_shape, mask):
+        shape = tuple(in_shape)
+        h = self._onnx_residual(g, self.attention_norm, lambda q: g.last(g.emit(self.attention, q, shape, mask)),
+                                g.last(x), shape)
+        return self._onnx_residual(g, self.feedforward_norm, lambda q: self._onnx_feedforward(g, q, shape), h, shape)
+
 
 @register("TransformerDecoder")
 class TransformerDecoder(_TransformerBlock):
@@ -272,7 +312,7 @@ class TransformerDecoder(_TransformerBlock):
     LayerNormalization. Padded decoder steps are masked as keys (KerasHub's padding mask), the encoder's padded
     steps in the cross-attention; `use_causal_mask` is KerasHub's call argument, here a layer argument."""
 
-    def __init__(self, intermediate_dim: int, num_heads: int, dropout: float = 0, activation="relu",
+    def __init__(self, intermediate_dim: Size, num_heads: Size, dropout: float = 0, activation="relu",
                  layer_norm_epsilon: float = 1e-5, kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  normalize_first: bool = False, use_causal_mask: bool = True, **kw):
         super().__init__(intermediate_dim, num_heads, dropout, activation, layer_norm_epsilon, kernel_initializer,
@@ -364,3 +404,23 @@ class TransformerDecoder(_TransformerBlock):
 
         grad = self._residual_backward(self.attention_norm, self_backward, grad)
         return [grad, d_encoder[0]] if self.cross else grad
+
+    def to_onnx(self, g, x, in_shape, mask):
+        xs = [g.last(v) for v in (x if isinstance(x, list) else [x])]
+        shapes = [tuple(s) for s in (in_shape if isinstance(in_shape, list) else [in_shape])]
+        masks = mask if isinstance(mask, list) else [mask, None]
+        shape = shapes[0]
+
+        def attend(q):
+            return g.last(g.emit(self.attention, [q, q], [shape, shape], [None, masks[0]]))
+
+        h = self._onnx_residual(g, self.attention_norm, attend, xs[0], shape)
+        if self.cross:
+            def cross(q):
+                return g.last(g.emit(self.cross_attention, [q, xs[1]], shapes, [None, masks[1]]))
+
+            h = self._onnx_residual(g, self.cross_attention_norm, cross, h, shape)
+        return self._onnx_residual(g, self.feedforward_norm, lambda q: self._onnx_feedforward(g, q, shape), h, shape)
+
+    def onnx_mask(self, g, x, mask):
+        return self.compute_mask(x, mask)
