@@ -1,4 +1,5 @@
-"""Callbacks (Keras' hooks): History, progress output, and the training-control callbacks a config can name.
+"""Callbacks (Keras' hooks, the protocol in dlcli.callback): History, progress output, and the training-control
+callbacks a config can name. Importing this module registers every callback, the trackers' too.
 
 Printing is a callback too, so the trainer and library users stay silent unless they ask for output.
 """
@@ -8,39 +9,10 @@ import time
 
 import numpy as np
 
+from dlcli import trackers  # noqa: F401  (registers TensorBoard and MLflow)
+from dlcli.callback import CALLBACKS, Callback
 from dlcli.errors import ConfigError, DlcliError
 from dlcli.metrics import metric_direction
-from dlcli.registry import Registry
-
-CALLBACKS = Registry("callback")
-
-
-class Callback:
-    """Keras' hook names; `self.model` is set before training starts."""
-
-    def set_model(self, model):
-        self.model = model
-
-    def on_run_begin(self, run):
-        """`dlcli.train` calls this once the run directory exists and the data is loaded, before the first epoch;
-        `run` is the live dlcli.experiment.Run (its dir, sizes, model; `run.stop(status)` ends it)."""
-
-    def on_run_end(self, run):
-        """Called once the run directory is complete (meta.json, history.csv, curves.png written), whatever ended the
-        run: `run.status` is completed, interrupted, diverged, failed or the status given to `run.stop`."""
-
-    def on_train_begin(self, logs=None): ...
-    def on_train_end(self, logs=None): ...
-    def on_epoch_begin(self, epoch, logs=None): ...
-    def on_epoch_end(self, epoch, logs=None): ...
-    def on_train_batch_begin(self, batch, logs=None): ...
-    def on_train_batch_end(self, batch, logs=None): ...
-
-    def get_state(self) -> dict:
-        """JSON-safe state to checkpoint (patience counters, best values) for an exact resume."""
-        return {}
-
-    def set_state(self, state: dict): ...
 
 
 class CallbackList(Callback):
@@ -385,7 +357,4 @@ def _read_csv(path, separator) -> list[dict]:
 
 def from_config(specs) -> list[Callback]:
     """Callbacks from `train.callbacks`: names or {type: name, **Keras arguments}."""
-    import importlib
-
-    importlib.import_module("dlcli.trackers")  # registers TensorBoard and MLflow (their module imports this one)
     return [CALLBACKS.create(spec) for spec in specs or []]

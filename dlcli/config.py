@@ -8,7 +8,7 @@ Each error names the file and line (or the `--set` that wrote the value), the YA
 was found, with a did-you-mean for misspelt names and keys. Nothing here loads data or builds a model.
 """
 import difflib
-import importlib
+import functools
 import math
 import re
 import types
@@ -309,16 +309,6 @@ def _unknown_key(key, known, where: str) -> str:
 
 
 # --- pass 2: names and their arguments ----------------------------------------------------------------------------
-_REGISTRIES = {  # kind -> (module, attribute); imported lazily so `dlcli --help` stays fast
-    "dataset": ("dlcli.data", "DATASETS"),
-    "layer": ("dlcli.engine.layer", "LAYERS"),
-    "optimizer": ("dlcli.optimizers", "OPTIMIZERS"),
-    "loss": ("dlcli.losses", "LOSSES"),
-    "metric": ("dlcli.metrics", "METRICS"),
-    "callback": ("dlcli.callbacks", "CALLBACKS"),
-    "activation": ("dlcli.engine.activations", "ACTIVATIONS"),
-    "initializer": ("dlcli.engine.initializers", "INITIALIZERS"),
-}
 # Arguments whose values a signature's annotation cannot bound: sizes (annotated Size, Sizes or Shape in their
 # signature) are positive integers (or lists of them), rates and learning rates are finite and non-negative.
 # (low, high, what a valid value is)
@@ -335,13 +325,20 @@ _BARE_ALIASES = {"metric": ("accuracy", "acc")}
 
 
 def registry(kind: str):
-    """The registry of `kind` (importing the modules that register into it)."""
-    module, attr = _REGISTRIES[kind]
-    if kind == "layer":
-        importlib.import_module("dlcli.layers")  # registers every layer family
-    if kind == "callback":
-        importlib.import_module("dlcli.trackers")  # registers TensorBoard and MLflow
-    return getattr(importlib.import_module(module), attr)
+    """The registry of `kind`: dataset, layer, optimizer, loss, metric, callback, activation or initializer."""
+    return _registries()[kind]
+
+
+@functools.cache
+def _registries() -> dict:
+    # importing a package fills its registry (each entry registers where it is defined); here rather than at the
+    # top so that `dlcli --help` stays fast
+    from dlcli import callbacks, data, layers, losses, metrics, optimizers
+    from dlcli.engine import activations, initializers
+
+    return {"dataset": data.DATASETS, "layer": layers.LAYERS, "optimizer": optimizers.OPTIMIZERS,
+            "loss": losses.LOSSES, "metric": metrics.METRICS, "callback": callbacks.CALLBACKS,
+            "activation": activations.ACTIVATIONS, "initializer": initializers.INITIALIZERS}
 
 
 class _SpecChecker:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli.callbacks import CALLBACKS, Callback
+from dlcli.callback import CALLBACKS, Callback
 from dlcli.errors import DlcliError
 
 

@@ -1,0 +1,33 @@
+"""The Callback protocol (Keras' hook names) and the registry of callbacks a config can name. The callbacks
+themselves register from their own modules: dlcli.callbacks (Keras' training-control ones) and dlcli.trackers."""
+from dlcli.registry import Registry
+
+CALLBACKS = Registry("callback")
+
+
+class Callback:
+    """Keras' hook names; `self.model` is set before training starts."""
+
+    def set_model(self, model):
+        self.model = model
+
+    def on_run_begin(self, run):
+        """`dlcli.train` calls this once the run directory exists and the data is loaded, before the first epoch;
+        `run` is the live dlcli.experiment.Run (its dir, sizes, model; `run.stop(status)` ends it)."""
+
+    def on_run_end(self, run):
+        """Called once the run directory is complete (meta.json, history.csv, curves.png written), whatever ended the
+        run: `run.status` is completed, interrupted, diverged, failed or the status given to `run.stop`."""
+
+    def on_train_begin(self, logs=None): ...
+    def on_train_end(self, logs=None): ...
+    def on_epoch_begin(self, epoch, logs=None): ...
+    def on_epoch_end(self, epoch, logs=None): ...
+    def on_train_batch_begin(self, batch, logs=None): ...
+    def on_train_batch_end(self, batch, logs=None): ...
+
+    def get_state(self) -> dict:
+        """JSON-safe state to checkpoint (patience counters, best values) for an exact resume."""
+        return {}
+
+    def set_state(self, state: dict): ...
