@@ -159,6 +159,7 @@ def test_version_and_fast_help():
     assert probe.stdout.strip() == "False", f"dlcli.cli imports numpy at startup ({time.perf_counter() - start:.2f}s)"
 
 
+@pytest.mark.slow
 def test_mnist_subset_end_to_end_beats_85_percent(tmp_path):
     """Train from the CLI on the first 2,000 MNIST images; the run's own test figure is on all 10,000 test images
     (data.limit caps training only) and beats 85%, and equals the saved weights evaluated by hand."""

@@ -28,7 +28,11 @@ def _mpiexec():
 
 
 MPIEXEC = _mpiexec()
-needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec/mpi4py: pip install -e '.[distributed]'")
+
+
+def needs_mpi(test):  # launches mpiexec ranks: slow, and skipped without MPI
+    return pytest.mark.slow(pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec/mpi4py: pip install -e "
+                                                                         "'.[distributed]'")(test))
 
 
 def mpirun(*args, n=2, timeout=120, cwd=None):

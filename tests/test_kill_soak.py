@@ -2,6 +2,10 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 
 def test_random_kills_then_resume_end_bit_identical(tmp_path):
     path = Path(__file__).resolve().parents[1] / "tools" / "kill_soak.py"

@@ -198,6 +198,7 @@ def test_invert_flips_the_pixels_and_a_light_background_hints_at_it(run, tmp_pat
         read_inputs([tmp_path / "paper.png"], run, {"type": "mnist"}, model, invert=True)
 
 
+@pytest.mark.slow
 def test_uint8_mnist_arrays_predict_as_the_float_test_set(tmp_path):
     """The issue's reproduction: a uint8 .npy on an MNIST run used to skip the / 255 and print 1.000 / 0.000."""
     from tests.conftest import require_dataset

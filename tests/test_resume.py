@@ -99,6 +99,7 @@ def reference(tmp_path_factory):
     return tmp, config, _only_run(tmp / "runs")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference):
     tmp, config, ref = reference
     rates = [float(row[-1]) for row in _history(ref)[1:]]
@@ -129,6 +130,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference):
     assert json.loads((run / "meta.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_or_sigterm_saves_a_checkpoint_and_resumes_exactly(reference, signum):
     tmp, config, ref = reference

@@ -38,6 +38,7 @@ def test_parameter_paths_and_values_are_checked_before_any_trial(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing ran
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_journal_and_a_rerun_continues_the_study(tmp_path):
     config = write_sweep_config(tmp_path)
     runs = tmp_path / "runs"
@@ -69,6 +70,7 @@ def test_two_workers_share_one_journal_and_a_rerun_continues_the_study(tmp_path)
     assert len(trials_after) == 7 and trials_after[:6] == trials
 
 
+@pytest.mark.slow
 def test_pruning_stops_a_clearly_worse_trial_and_a_diverged_trial_is_recorded(tmp_path):
     config = write_sweep_config(tmp_path, epochs=4, sampler="random",
                                 pruner="{type: median, n_startup_trials: 2, n_warmup_steps: 0}", parameters="""\
@@ -99,6 +101,7 @@ def test_pruning_stops_a_clearly_worse_trial_and_a_diverged_trial_is_recorded(tm
     assert f"tiny-sweep/{Path(pruned['run_dir']).name}" in listed.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_the_table_and_the_study_continues(tmp_path):
     config = write_sweep_config(tmp_path, epochs=500)  # trials that cannot finish before the Ctrl-C
     runs = tmp_path / "runs"
@@ -135,6 +138,7 @@ def _wait_for_histories(study_dir: Path, count: int, timeout=120):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_workers_on_two_machines_share_a_postgresql_study(tmp_path, postgres_url):  # noqa: F811
     config = write_sweep_config(tmp_path)
     name = f"pg-{time.time_ns()}"

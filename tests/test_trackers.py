@@ -82,6 +82,7 @@ def test_tensorboard_writes_epoch_and_batch_scalars_histograms_and_the_model(tmp
     assert texts and "hidden" in texts[0] and "Dense" in texts[0]
 
 
+@pytest.mark.slow
 def test_mlflow_logs_params_metrics_artifacts_into_a_local_mlruns(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 

@@ -86,6 +86,7 @@ def test_checksum_verified_by_default(isolated):
         load_dataset({"type": "mnist", "path": str(isolated / "set")})
 
 
+@pytest.mark.slow
 def test_real_mnist(monkeypatch):
     monkeypatch.setenv("DLCLI_DATA_DIR", str(require_dataset("mnist").parent))
     d = load_dataset({"type": "mnist"})

@@ -21,6 +21,7 @@ def test_vector_modes_follow_text_vectorization():
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_imdb_multi_hot_is_built_per_batch():
     folder = str(require_dataset("imdb-reviews"))
     d = load_dataset({"type": "imdb", "path": folder, "num_words": 1000, "output_mode": "multi_hot", "limit": 300})
