@@ -135,6 +135,9 @@ def check_inputs(config, model, count: int = CHECK_SAMPLES) -> tuple[list, str]:
             f"the run's data did not load: {e.message.splitlines()[0][:120]}"
         return sample_inputs(model, count), f"{count} seeded random inputs ({why})"
     xs, which = (splits.x_test, "test") if splits.x_test is not None else (splits.x_train, "training")
+    if hasattr(xs, "columns"):  # a table's rows stay a TableSource: the raw columns feed its preprocessing graph
+        xs = xs.subset(np.arange(min(count, len(xs))))
+        return xs, f"{len(xs)} {which} rows"
     xs = xs.take(slice(0, count))
     return xs, f"{len(xs[0])} {which} samples"
 
@@ -161,9 +164,11 @@ def run_metadata(run_dir: Path, config) -> dict:
 
 
 def export_run(run_dir, weights: str = "best", output=None, opset: int = DEFAULT_OPSET,
-               samples: int = CHECK_SAMPLES, allow_config_change: bool = False) -> ExportReport:
+               samples: int = CHECK_SAMPLES, allow_config_change: bool = False,
+               preprocessed_inputs: bool = False) -> ExportReport:
     """Write RUN_DIR's model as ONNX (default RUN_DIR/model.onnx) after onnxruntime agrees with dlcli on a batch
-    of the run's data within TOLERANCE. Nothing is written when any step fails."""
+    of the run's data within TOLERANCE. Nothing is written when any step fails. A run trained on a table gets its
+    preprocessing in the graph (raw columns in, dlcli.interop.onnx_table) unless `preprocessed_inputs`."""
     from dlcli.experiment import load_run_model
 
     require("onnx", "onnx")
@@ -171,6 +176,12 @@ def export_run(run_dir, weights: str = "best", output=None, opset: int = DEFAULT
     run_dir = Path(run_dir)
     output = Path(output) if output is not None else run_dir / "model.onnx"
     proto = to_onnx(model, opset, run_metadata(run_dir, config))
+    table = config.data.get("type") == "table" and not preprocessed_inputs
+    if table:
+        from dlcli.data.table import read_state
+        from dlcli.interop.onnx_table import with_preprocessing
+
+        proto = with_preprocessing(proto, read_state(run_dir), model.input_names[0], opset)
     data = proto.SerializeToString()
     difference, checked_on = None, "not checked: onnxruntime is not installed (pip install 'dlcli[onnx]')"
     try:
@@ -182,7 +193,15 @@ def export_run(run_dir, weights: str = "best", output=None, opset: int = DEFAULT
 
         with run_data(run_dir):
             xs, checked_on = check_inputs(config, model, samples)
-        difference = max_difference(data, model, xs)
+        if table:  # the same rows, as raw columns for the graph and as dlcli's vector for the model
+            from dlcli.interop.onnx_table import raw_inputs
+
+            got = run_onnx(data, raw_inputs(xs.state, xs.columns))
+            want = model.predict(xs.take(slice(0, len(xs)))[0], batch_size=max(len(xs), 1))
+            difference = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in
+                             zip(got, want if isinstance(want, list) else [want]))
+        else:
+            difference = max_difference(data, model, xs.take(slice(0, len(xs))) if hasattr(xs, "columns") else xs)
         if not difference <= TOLERANCE:
             raise DlcliError(f"onnxruntime's outputs differ from dlcli's by up to {difference:.3g} on {checked_on} "
                              f"(more than {TOLERANCE:g}); {output} was not written")
