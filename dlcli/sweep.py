@@ -206,7 +206,10 @@ def check_study(study, sweep: Sweep):
             if stored.get(key) != mine[key]:
                 found.append((f"sweep.{key}", stored.get(key), mine[key]))
         if stored.get("config_fingerprint") != mine["config_fingerprint"]:
-            found += fingerprint.diff(stored.get("config") or {}, mine["config"])
+            # a searched value's default in the config is never trained with: changing it changes no trial
+            searched = tuple(sweep.spec.parameters)
+            found += [d for d in fingerprint.diff(stored.get("config") or {}, mine["config"])
+                      if not any(d[0] == p or d[0].startswith(p + ".") for p in searched)]
     if found:
         where = sweep.storage or sweep.dir / JOURNAL
         raise DlcliError(f"study {sweep.study_name} ({where}) was started with other settings; its trials would "

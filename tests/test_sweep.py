@@ -81,8 +81,7 @@ def test_pruning_stops_a_clearly_worse_trial_and_a_diverged_trial_is_recorded(tm
     study_dir.mkdir(parents=True)
     # The same study, created through Optuna's own API on the journal file: two good trials first, then one that
     # barely learns (pruned after its first epoch), then one whose loss overflows (failed, the study goes on).
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
-        str(study_dir / "study.journal")))
+    storage = journal(study_dir)
     study = optuna.create_study(storage=storage, study_name="tiny-sweep", direction="minimize")
     for lr in (0.03, 0.03, 1e-7, 1e30):
         study.enqueue_trial({"compile.optimizer.learning_rate": lr})
@@ -130,6 +129,12 @@ def test_ctrl_c_prints_the_table_and_the_study_continues(tmp_path):
     assert "0 of 50 trials so far" in out  # interrupted trials do not count
     states = [t["state"] for t in read_trials(runs / "tiny-sweep")]
     assert len(states) in (3, 4) and set(states) == {"FAIL"}  # trials 2 (and 3, the worker's) ran: 0 counted
+
+
+def journal(study_dir: Path):
+    """The study's journal file, opened as dlcli sweep opens it."""
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(study_dir /
+                                                                                         "study.journal")))
 
 
 def _wait_for_histories(study_dir: Path, count: int, timeout=120):
@@ -206,8 +211,7 @@ def test_a_changed_metric_direction_or_base_config_is_refused_with_the_diff(tmp_
     runs = tmp_path / "runs"
     first = dlcli("sweep", config, "--trials", 1, "--runs-dir", runs)
     assert first.returncode == 0, first.stderr
-    record = optuna.load_study(study_name="tiny-sweep", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(runs / "tiny-sweep" / "study.journal")))).user_attrs["dlcli"]
+    record = optuna.load_study(study_name="tiny-sweep", storage=journal(runs / "tiny-sweep")).user_attrs["dlcli"]
     assert record["metric"] == "val_loss" and record["direction"] == "minimize"
     assert record["config"]["train"]["epochs"] == 1 and record["config_fingerprint"].startswith("sha256:")
     metric = dlcli("sweep", config, "--trials", 2, "--runs-dir", runs, "--set", "sweep.metric=val_accuracy")
@@ -219,7 +223,8 @@ def test_a_changed_metric_direction_or_base_config_is_refused_with_the_diff(tmp_
     data = dlcli("sweep", config, "--trials", 2, "--runs-dir", runs, "--set", "data.limit=100")
     assert data.returncode == 2 and "  data.limit: None -> 100\n" in data.stderr
     assert len(read_trials(runs / "tiny-sweep")) == 1  # nothing ran
-    same = dlcli("sweep", config, "--trials", 2, "--runs-dir", runs, "--set", "sweep.pruner=median")
+    same = dlcli("sweep", config, "--trials", 2, "--runs-dir", runs, "--set", "sweep.pruner=median",
+                 "--set", "compile.optimizer.learning_rate=0.5")  # a searched value's default: never trained with
     assert same.returncode == 0, same.stderr  # the search itself may change: the trials stay comparable
     assert "1 of 2 trials so far" in same.stdout and len(read_trials(runs / "tiny-sweep")) == 2
     over = dlcli("sweep", config, "--trials", 1, "--runs-dir", runs)
@@ -231,8 +236,7 @@ def test_a_study_made_with_another_direction_through_optuna_is_refused(tmp_path)
     config = write_sweep_config(tmp_path)
     study_dir = tmp_path / "runs" / "tiny-sweep"
     study_dir.mkdir(parents=True)
-    optuna.create_study(storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
-        str(study_dir / "study.journal"))), study_name="tiny-sweep", direction="maximize")
+    optuna.create_study(storage=journal(study_dir), study_name="tiny-sweep", direction="maximize")
     result = dlcli("sweep", config, "--runs-dir", tmp_path / "runs")
     assert result.returncode == 2 and "  sweep.direction: 'maximize' -> 'minimize'\n" in result.stderr
 
@@ -249,9 +253,7 @@ def test_a_metric_missing_from_the_epoch_logs_stops_every_worker_at_once(tmp_pat
     for history in (runs / "tiny-sweep").glob("trial-*/history.csv"):
         assert len(history.read_text().splitlines()) <= 2  # stopped at its first epoch, not after 50
     # the study had no finished trial: it is gone, so the fixed config starts it afresh instead of being refused
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
-        str(runs / "tiny-sweep" / "study.journal")))
-    assert optuna.get_all_study_names(storage) == []
+    assert optuna.get_all_study_names(journal(runs / "tiny-sweep")) == []
     fixed = dlcli("sweep", config, "--trials", 1, "--runs-dir", runs, "--set", "train.epochs=1")
     assert fixed.returncode == 0, fixed.stderr
 
@@ -260,13 +262,11 @@ def test_a_worker_killed_mid_trial_is_recorded_as_failed_with_a_notice(tmp_path)
     config = write_sweep_config(tmp_path, epochs=60)
     runs = tmp_path / "runs"
     proc = start_dlcli("sweep", config, "--workers", 2, "--trials", 2, "--runs-dir", runs)
-    journal = runs / "tiny-sweep" / "study.journal"
     victim, deadline = None, time.time() + 120
     while victim is None and time.time() < deadline:  # the extra worker's trial, once it has trained an epoch
         time.sleep(0.2)
         try:
-            storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-            trials = optuna.load_study(study_name="tiny-sweep", storage=storage).trials
+            trials = optuna.load_study(study_name="tiny-sweep", storage=journal(runs / "tiny-sweep")).trials
         except (KeyError, ValueError, OSError):
             continue
         for t in trials:
@@ -350,8 +350,7 @@ def test_a_kfold_trial_reports_the_mean_of_its_folds_to_the_pruner_after_each_fo
     (row,) = read_trials(runs / "tiny-sweep")
     bests = [min(float(r["val_loss"]) for r in csv.DictReader(open(Path(row["run_dir"], "folds", str(k),
                                                                         "history.csv")))) for k in (1, 2, 3)]
-    (trial,) = optuna.load_study(study_name="tiny-sweep", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(runs / "tiny-sweep" / "study.journal")))).trials
+    (trial,) = optuna.load_study(study_name="tiny-sweep", storage=journal(runs / "tiny-sweep")).trials
     assert sorted(trial.intermediate_values) == [0, 1, 2]
     for k in range(3):
         assert trial.intermediate_values[k] == pytest.approx(sum(bests[:k + 1]) / (k + 1), rel=1e-5)
