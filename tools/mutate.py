@@ -188,6 +188,10 @@ MUTANTS = {
         "dlcli/sweep.py", "    return min(values) if minimize else max(values)\n",
         "    return max(values) if minimize else min(values)\n",
         ["tests/test_sweep.py::test_each_trial_value_is_its_best_epoch_not_its_last"]),
+    "sweep-kfold-reports-every-epoch": (
+        "dlcli/sweep.py", "        if self.fold is None:\n            self.trial.report(value, epoch)",
+        "        if True:\n            self.trial.report(value, epoch)",
+        ["tests/test_sweep.py::test_a_kfold_trial_reports_the_mean_of_its_folds_to_the_pruner_after_each_fold"]),
 }
 
 
