@@ -662,7 +662,9 @@ def _check_sweep(doc: Document):
                 doc.issues.append(doc.issue(path, f"low ({spec['low']}) must not be above high ({spec['high']})",
                                             at_key=True))
             step = spec.get("step")
-            if isinstance(step, (int, float)) and step > 0 and spec["low"] <= spec["high"]:
+            numbers = [spec["low"], spec["high"], step]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) and step > 0 \
+                    and spec["low"] <= spec["high"]:
                 # Optuna would quietly search only up to the last step below high (with a warning per process)
                 span = Decimal(str(spec["high"])) - Decimal(str(spec["low"]))
                 if span % Decimal(str(step)):
