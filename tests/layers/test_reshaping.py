@@ -11,6 +11,16 @@ GRADIENT_CASES = {
     "Cropping2D": [({"cropping": 1}, (4, 5, 2), {}), ({"cropping": [[0, 2], [1, 0]]}, (5, 3, 1), {})],
     "UpSampling2D": [({}, (2, 3, 2), {}), ({"size": [3, 1]}, (2, 2, 1), {})],
     "SpatialDropout2D": [({"rate": 0.5}, (3, 3, 4), {"training": True}), ({"rate": 0.5}, (2, 2, 3), {})],
+    "ZeroPadding1D": [({}, (3, 2), {}), ({"padding": [0, 2]}, (2, 3), {})],
+    "ZeroPadding3D": [({}, (2, 2, 1, 2), {}), ({"padding": [[1, 0], [0, 1], [2, 0]]}, (1, 2, 2, 1), {})],
+    "Cropping1D": [({}, (4, 2), {}), ({"cropping": [0, 2]}, (5, 1), {})],
+    "Cropping3D": [({}, (3, 4, 3, 1), {}), ({"cropping": [1, 0, 2]}, (3, 2, 5, 2), {})],
+    "UpSampling1D": [({}, (3, 2), {}), ({"size": 3}, (2, 1), {})],
+    "UpSampling3D": [({}, (2, 1, 2, 2), {}), ({"size": [1, 2, 3]}, (2, 2, 1, 1), {})],
+    "SpatialDropout1D": [({"rate": 0.5}, (4, 3), {"training": True})],
+    "SpatialDropout3D": [({"rate": 0.5}, (2, 2, 2, 3), {"training": True})],
+    "RepeatVector": [({"n": 3}, (4,), {})],
+    "Permute": [({"dims": [2, 1]}, (3, 4), {}), ({"dims": [3, 1, 2]}, (2, 3, 4), {})],
 }
 
 
@@ -49,3 +59,17 @@ def test_spatial_dropout_drops_whole_channels():
     y = drop.forward(x, training=True)
     per_map = y.reshape(8, 25, 16)
     assert (per_map.min(1) == per_map.max(1)).all() and set(np.unique(y)) <= {0.0, 2.0}
+
+
+
+def test_spatial_dropout_drops_whole_channels_and_n_d_forms():
+    drop = layers.SpatialDropout1D(0.5)
+    drop.ensure_built((6, 8), np.random.default_rng(0))
+    y = drop.forward(np.ones((4, 6, 8), np.float32), training=True)
+    assert set(np.unique(y)) <= {0.0, 2.0} and (y == y[:, :1]).all()  # one draw per (sample, channel)
+    assert layers.ZeroPadding3D(2).padding == ((2, 2),) * 3 and layers.Cropping1D(3).cropping == ((3, 3),)
+    assert layers.UpSampling3D(2).output_shape((2, 3, 4, 5)) == (4, 6, 8, 5)
+    with pytest.raises(ShapeError, match="expects inputs \\(batch, steps, channels\\)"):
+        layers.ZeroPadding1D().output_shape((3, 4, 5))
+    with pytest.raises(ConfigError, match="Permute: dims must be a permutation"):
+        layers.Permute([1, 3])
