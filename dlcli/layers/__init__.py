@@ -4,7 +4,7 @@ so a new layer in an existing module needs no line here."""
 from dlcli.engine.graph import Input, InputLayer
 from dlcli.engine.layer import LAYERS, Layer
 from dlcli.layers import (activations, attention, conv, core, embedding, merge, normalization,  # noqa: F401
-                          pooling, preprocessing, recurrent, reshaping, transformer, wrappers)
+                          pooling, preprocessing, recurrent, regularization, reshaping, transformer, wrappers)
 
 
 def __getattr__(name: str):
