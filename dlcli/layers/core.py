@@ -1,4 +1,4 @@
-"""Core layers: Dense, Activation, Flatten, Reshape, Dropout (Keras' arguments and defaults)."""
+"""Core layers: Dense, Activation, Identity, Flatten, Reshape, Dropout (Keras' arguments and defaults)."""
 import numpy as np
 
 from dlcli.engine import activations, initializers
@@ -81,6 +81,22 @@ class Activation(Layer):
 
     def to_onnx(self, g, x, in_shape, mask):
         return g.activate(self.activation, x, self.name)
+
+
+@register("Identity")
+class Identity(Layer):
+    """The input unchanged (Keras' placeholder layer), mask included."""
+
+    supports_masking = True
+
+    def forward(self, x, training=False):
+        return x
+
+    def backward(self, grad):
+        return grad
+
+    def to_onnx(self, g, x, in_shape, mask):
+        return x
 
 
 @register("Flatten")

@@ -1,4 +1,5 @@
-"""BatchNormalization and LayerNormalization with Keras' arguments, defaults and weight order (gamma, beta, ...)."""
+"""BatchNormalization, LayerNormalization, GroupNormalization and UnitNormalization with Keras' arguments, defaults and
+weight order (gamma, beta, ...)."""
 import numpy as np
 
 from dlcli.engine import initializers
@@ -291,3 +292,92 @@ class LayerNormalization(_Normalization):
         inv_std = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.scalar(self.epsilon)])])])
         y = g.op("Mul", [g.op("Mul", [centered, inv_std]), g.weight(self, gamma.reshape(self.param_view), "gamma")])
         return g.value(g.op("Add", [y, g.weight(self, beta.reshape(self.param_view), "beta")], self.name), x.rank)
+
+
+@register("GroupNormalization")
+class GroupNormalization(_Normalization):
+    """Normalise each sample over groups of channels (and every other non-batch axis), then gamma * xhat + beta
+    per channel (Wu & He 2018; Keras' groups 32, epsilon 1e-3; channels last)."""
+
+    def __init__(self, groups: int = 32, axis: int = -1, epsilon: float = 1e-3, center: bool = True,
+                 scale: bool = True, beta_initializer="zeros", gamma_initializer="ones", beta_regularizer=None,
+                 gamma_regularizer=None, **kw):
+        super().__init__(**kw)
+        self.groups, self.axis, self.epsilon, self.center, self.scale = int(groups), axis, float(epsilon), center, \
+            scale
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.beta_regularizer, self.gamma_regularizer = beta_regularizer, gamma_regularizer
+
+    def build(self, input_shape):
+        if self.axis not in (-1, len(input_shape)):
+            raise ShapeError(f"GroupNormalization '{self.name}': dlcli groups the last (channels) axis only; got "
+                             f"axis {self.axis}")
+        channels = input_shape[-1]
+        if self.groups < 1 or channels % self.groups:
+            raise ShapeError(f"GroupNormalization '{self.name}': {channels} channels do not split into {self.groups} "
+                             f"groups (Keras needs channels to be a multiple of groups)")
+        self._build_affine(input_shape)
+        self.param_axes = tuple(range(len(input_shape)))  # gamma and beta gradients: summed over all but channels
+
+    def _grouped(self, a):
+        return a.reshape(a.shape[0], -1, self.groups, a.shape[-1] // self.groups)
+
+    def forward(self, x, training=False):
+        grouped = self._grouped(x)
+        mean = grouped.mean((1, 3), keepdims=True)
+        centered = grouped - mean
+        var = (centered * centered).mean((1, 3), keepdims=True)
+        self.inv_std = 1 / np.sqrt(var + x.dtype.type(self.epsilon))
+        self.xhat = (centered * self.inv_std).reshape(x.shape)
+        return self._affine(self.xhat)
+
+    def backward(self, grad):
+        dxhat = self._grouped(self._affine_backward(grad, self.param_axes))
+        xhat = self._grouped(self.xhat)
+        dx = (dxhat - dxhat.mean((1, 3), keepdims=True)
+              - xhat * (dxhat * xhat).mean((1, 3), keepdims=True)) * self.inv_std
+        return dx.reshape(grad.shape)
+
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.last(x)
+        channels = in_shape[-1]
+        grouped = g.op("Reshape", [x.name, g.ints([0, -1, self.groups, channels // self.groups])])
+        centered = g.op("Sub", [grouped, g.reduce("ReduceMean", grouped, [1, 3])])
+        var = g.reduce("ReduceMean", g.op("Mul", [centered, centered]), [1, 3])
+        inv_std = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.scalar(self.epsilon)])])])
+        xhat = g.op("Reshape", [g.op("Mul", [centered, inv_std]), g.op("Shape", [x.name])])
+        gamma, beta = self._affine_arrays((channels,))
+        y = g.op("Mul", [xhat, g.weight(self, gamma, "gamma")])
+        return g.value(g.op("Add", [y, g.weight(self, beta, "beta")], self.name), x.rank)
+
+
+@register("UnitNormalization")
+class UnitNormalization(Layer):
+    """x / |x| over `axis` (counting the batch axis, as Keras), computed as x * min(1 / |x|, 1e12)."""
+
+    supports_masking = True
+
+    def __init__(self, axis: int | list[int] = -1, **kw):
+        super().__init__(**kw)
+        self.axis = axis if isinstance(axis, int) else [int(a) for a in axis]
+
+    def _axes(self):
+        return self.axis if isinstance(self.axis, int) else tuple(self.axis)
+
+    def forward(self, x, training=False):
+        inv = 1 / np.sqrt((x * x).sum(self._axes(), keepdims=True))
+        self.clipped = inv > 1e12
+        self.inv = np.minimum(inv, 1e12).astype(x.dtype)
+        self.y = x * self.inv
+        return self.y
+
+    def backward(self, grad):
+        along = (grad * self.y).sum(self._axes(), keepdims=True)
+        return np.where(self.clipped, grad, grad - self.y * along) * self.inv
+
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.last(x)
+        axes = [self.axis] if isinstance(self.axis, int) else self.axis
+        inv = g.op("Reciprocal", [g.op("Sqrt", [g.reduce("ReduceSum", g.op("Mul", [x.name, x.name]), axes)])])
+        return g.value(g.op("Mul", [x.name, g.op("Min", [inv, g.scalar(1e12)])], self.name), x.rank)

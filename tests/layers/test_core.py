@@ -12,6 +12,7 @@ GRADIENT_CASES = {
               ({"units": 3, "use_bias": False, "activation": "softmax"}, (4,), {})],
     "Activation": [({"activation": "elu"}, (6,), {})],
     "Flatten": [({}, (2, 3, 2), {})],
+    "Identity": [({}, (2, 3), {})],
     "Reshape": [({"target_shape": [3, -1]}, (2, 3, 2), {})],
     "Dropout": [({"rate": 0.5}, (8,), {"training": True}), ({"rate": 0.3}, (8,), {})],
 }

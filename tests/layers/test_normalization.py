@@ -10,6 +10,9 @@ _MASK = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0
 
 # Gradient-check table: layer type -> list of (constructor args, input shape without batch, check options).
 GRADIENT_CASES = {
+    "GroupNormalization": [({"groups": 2}, (3, 4), {}), ({"groups": 3, "center": False}, (2, 2, 6), {}),
+                           ({"groups": 1, "scale": False}, (5,), {"batch": 2})],
+    "UnitNormalization": [({}, (5,), {}), ({"axis": [1, 2]}, (2, 3), {})],
     "BatchNormalization": [({}, (4,), {"training": True, "batch": 5}),
                            ({}, (3, 4, 2), {"training": True}),
                            ({}, (3, 4, 2), {"training": False}),
