@@ -29,9 +29,9 @@ def did_you_mean(name: str, known) -> str:
     # means 'adam' rather than the longer 'adamax' difflib ranks first
     close = difflib.get_close_matches(str(name), known, n=5, cutoff=0.6)
     close = sorted(close, key=lambda k: _edits(str(name).lower(), k.lower()))[:1]
-    if not close:  # case-insensitive second chance: 'dense' -> 'Dense'
+    if not close:  # case-insensitive second chance: 'dense' -> 'Dense', 'Rellu' -> 'ReLU'
         lowered = {k.lower(): k for k in known}
-        close = [lowered[str(name).lower()]] if str(name).lower() in lowered else []
+        close = [lowered[k] for k in difflib.get_close_matches(str(name).lower(), lowered, n=1, cutoff=0.6)]
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

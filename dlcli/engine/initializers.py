@@ -1,4 +1,5 @@
-"""Weight initializers with Keras' formulas (fan_in/fan_out as `keras.initializers` computes them).
+"""Weight initializers with Keras' formulas (fan_in/fan_out as `keras.initializers` computes them), under Keras'
+two names (he_normal and HeNormal); serialize writes the snake_case one.
 
 Every initializer draws from an explicit `np.random.Generator`: never the global NumPy RNG.
 """
@@ -30,19 +31,19 @@ class Initializer:
         return {}
 
 
-@INITIALIZERS.register("zeros")
+@INITIALIZERS.register("zeros", "Zeros")
 class Zeros(Initializer):
     def __call__(self, shape, rng, dtype="float32"):
         return np.zeros(shape, dtype)
 
 
-@INITIALIZERS.register("ones")
+@INITIALIZERS.register("ones", "Ones")
 class Ones(Initializer):
     def __call__(self, shape, rng, dtype="float32"):
         return np.ones(shape, dtype)
 
 
-@INITIALIZERS.register("constant")
+@INITIALIZERS.register("constant", "Constant")
 class Constant(Initializer):
     def __init__(self, value: float = 0.0):
         self.value = value
@@ -54,7 +55,7 @@ class Constant(Initializer):
         return {"value": self.value}
 
 
-@INITIALIZERS.register("variance_scaling")
+@INITIALIZERS.register("variance_scaling", "VarianceScaling")
 class VarianceScaling(Initializer):
     """Keras' VarianceScaling: variance scale / n, n the fan_in, fan_out or their mean; drawn from a normal truncated
     at two standard deviations (stddev corrected by .87962566), an untruncated normal, or a uniform."""
@@ -99,37 +100,37 @@ class _Preset(VarianceScaling):
         return {"seed": self.seed} if self.seed is not None else {}
 
 
-@INITIALIZERS.register("glorot_uniform")
+@INITIALIZERS.register("glorot_uniform", "GlorotUniform")
 class GlorotUniform(_Preset):
     mode, distribution = "fan_avg", "uniform"
 
 
-@INITIALIZERS.register("glorot_normal")
+@INITIALIZERS.register("glorot_normal", "GlorotNormal")
 class GlorotNormal(_Preset):
     mode = "fan_avg"
 
 
-@INITIALIZERS.register("he_normal")
+@INITIALIZERS.register("he_normal", "HeNormal")
 class HeNormal(_Preset):
     scale = 2.0
 
 
-@INITIALIZERS.register("he_uniform")
+@INITIALIZERS.register("he_uniform", "HeUniform")
 class HeUniform(_Preset):
     scale, distribution = 2.0, "uniform"
 
 
-@INITIALIZERS.register("lecun_normal")
+@INITIALIZERS.register("lecun_normal", "LecunNormal")
 class LecunNormal(_Preset):
     pass
 
 
-@INITIALIZERS.register("lecun_uniform")
+@INITIALIZERS.register("lecun_uniform", "LecunUniform")
 class LecunUniform(_Preset):
     distribution = "uniform"
 
 
-@INITIALIZERS.register("random_normal")
+@INITIALIZERS.register("random_normal", "RandomNormal")
 class RandomNormal(Initializer):
     def __init__(self, mean: float = 0.0, stddev: float = 0.05):  # Keras' defaults
         self.mean, self.stddev = mean, stddev
@@ -141,7 +142,7 @@ class RandomNormal(Initializer):
         return {"mean": self.mean, "stddev": self.stddev}
 
 
-@INITIALIZERS.register("random_uniform")
+@INITIALIZERS.register("random_uniform", "RandomUniform")
 class RandomUniform(Initializer):
     def __init__(self, minval: float = -0.05, maxval: float = 0.05):  # Keras' defaults
         self.minval, self.maxval = minval, maxval
@@ -153,7 +154,7 @@ class RandomUniform(Initializer):
         return {"minval": self.minval, "maxval": self.maxval}
 
 
-@INITIALIZERS.register("orthogonal")
+@INITIALIZERS.register("orthogonal", "Orthogonal")
 class Orthogonal(Initializer):
     """Keras' Orthogonal: QR of a normal matrix (rows = prod(shape[:-1])), sign-corrected by diag(R)."""
 
@@ -174,7 +175,7 @@ class Orthogonal(Initializer):
         return {"gain": self.gain}
 
 
-@INITIALIZERS.register("truncated_normal")
+@INITIALIZERS.register("truncated_normal", "TruncatedNormal")
 class TruncatedNormal(Initializer):
     """Normal(mean, stddev) re-drawn outside two standard deviations of the mean (Keras' defaults)."""
 
@@ -189,7 +190,7 @@ class TruncatedNormal(Initializer):
         return {**config, "seed": self.seed} if self.seed is not None else config
 
 
-@INITIALIZERS.register("identity")
+@INITIALIZERS.register("identity", "Identity")
 class Identity(Initializer):
     """gain * the identity matrix; 2-D weights only (Keras)."""
 
