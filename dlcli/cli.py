@@ -182,6 +182,7 @@ def evaluate(
 
 
 # The other command modules register themselves on the app; imported after the core three so --help lists those first.
+import dlcli.commands.catalogue  # noqa: E402,F401
 import dlcli.commands.check  # noqa: E402,F401
 import dlcli.commands.config  # noqa: E402,F401
 import dlcli.commands.data  # noqa: E402,F401

@@ -1,0 +1,136 @@
+"""Keras 3.15's public names, family by family, and what dlcli does with each (tests/test_catalogue.py checks
+this against dlcli's registries, and against Keras itself where it is installed).
+
+DONE: registered under that name. TODO: not yet (the test fails once it is registered, so this list stays true).
+Anything else is the reason the name is left out on purpose. ALIAS(x): Keras' second name for x; dlcli registers the
+name Keras saves in its files, and a config using the alias gets a did-you-mean."""
+
+DONE, TODO = "done", "todo"
+
+
+def ALIAS(name):
+    return f"alias of {name}"
+
+
+KERAS_VERSION = "3.15.1"
+BASE = "a base or wrapper class, not something a config names"
+ATTENTION = TODO + ": attention layers, another helper's (issue 23)"
+TABLES = TODO + ": table preprocessing, another helper's (issue 23)"
+AUGMENT = TODO + ": image preprocessing/augmentation"
+
+LAYERS = {
+    **{n: DONE for n in [
+        "Activation", "Add", "AlphaDropout", "Average", "AveragePooling1D", "AveragePooling2D", "AveragePooling3D",
+        "BatchNormalization", "Bidirectional", "Concatenate", "Conv1D", "Conv2D", "Conv2DTranspose", "Conv3D",
+        "Cropping1D", "Cropping2D", "Cropping3D", "Dense", "DepthwiseConv2D", "Dot", "Dropout", "ELU", "Embedding",
+        "Flatten", "GRU", "GaussianDropout", "GaussianNoise", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
+        "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
+        "GroupNormalization", "Identity", "LSTM", "LayerNormalization", "LeakyReLU", "Masking", "MaxPooling1D",
+        "MaxPooling2D", "MaxPooling3D", "Maximum", "Minimum", "Multiply", "PReLU", "Permute", "RandomFlip",
+        "RandomRotation", "RandomTranslation", "RandomZoom", "ReLU", "RepeatVector", "Rescaling", "Reshape",
+        "SeparableConv2D", "SimpleRNN", "Softmax", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+        "Subtract", "TimeDistributed", "UnitNormalization", "UpSampling1D", "UpSampling2D", "UpSampling3D",
+        "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D"]},
+    **{f"{a}{d}": ALIAS(f"{c}{d}") for a, c in [("AvgPool", "AveragePooling"), ("MaxPool", "MaxPooling"),
+                                                ("GlobalAvgPool", "GlobalAveragePooling"),
+                                                ("GlobalMaxPool", "GlobalMaxPooling")] for d in ("1D", "2D", "3D")},
+    **{f"Convolution{d}": ALIAS(f"Conv{d}") for d in ("1D", "2D", "3D")},
+    **{f"Convolution{d}Transpose": ALIAS(f"Conv{d}Transpose") for d in ("1D", "2D", "3D")},
+    "SeparableConvolution1D": ALIAS("SeparableConv1D"), "SeparableConvolution2D": ALIAS("SeparableConv2D"),
+    # left out on purpose
+    "Lambda": "runs arbitrary Python: a config never imports or runs code (import-keras refuses it by name)",
+    "TorchModuleWrapper": "wraps a PyTorch module: dlcli runs on NumPy only",
+    "JaxLayer": "wraps a JAX function: dlcli runs on NumPy only",
+    "FlaxLayer": "wraps a Flax module: dlcli runs on NumPy only",
+    "TFSMLayer": "loads a TensorFlow SavedModel: dlcli runs on NumPy only",
+    "MelSpectrogram": "audio front end: dlcli has no audio data sources",
+    "STFTSpectrogram": "audio front end: dlcli has no audio data sources",
+    "MaxNumBoundingBoxes": "bounding-box preprocessing: dlcli has no detection data",
+    "Pipeline": "chains preprocessing layers for tf.data: a dlcli model lists its layers in order",
+    "TextVectorization": "text becomes indices or vectors in dlcli's text data sources (output_mode), not a layer",
+    "InputLayer": "a config gives input_shape (or functional inputs) instead",
+    "Layer": BASE, "InputSpec": BASE, "Wrapper": BASE,
+    # not yet
+    **{n: ATTENTION for n in ["AdditiveAttention", "Attention", "GroupQueryAttention", "MultiHeadAttention"]},
+    **{n: TABLES for n in ["CategoryEncoding", "Discretization", "HashedCrossing", "Hashing", "IntegerLookup",
+                           "StringLookup"]},
+    **{n: AUGMENT for n in [
+        "AugMix", "AutoContrast", "CenterCrop", "ContrastLimitedAdaptiveHistogramEqualization", "CutMix",
+        "Equalization", "MixUp", "RandAugment", "RandomBrightness", "RandomColorDegeneration", "RandomColorJitter",
+        "RandomContrast", "RandomCrop", "RandomElasticTransform", "RandomErasing", "RandomGaussianBlur",
+        "RandomGrayscale", "RandomHue", "RandomInvert", "RandomPerspective", "RandomPosterization",
+        "RandomSaturation", "RandomSharpness", "RandomShear", "Resizing", "Solarization"]},
+    **{n: TODO for n in [
+        "ActivityRegularization", "AdaptiveAveragePooling1D", "AdaptiveAveragePooling2D", "AdaptiveAveragePooling3D",
+        "AdaptiveMaxPooling1D", "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D", "Conv1DTranspose", "Conv3DTranspose",
+        "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D", "DepthwiseConv1D", "EinsumDense", "GRUCell", "LSTMCell",
+        "Normalization", "RMSNormalization", "RNN", "ReversibleEmbedding", "SeparableConv1D", "SimpleRNNCell",
+        "SpectralNormalization", "StackedRNNCells"]},
+}
+
+ACTIVATIONS = {
+    **{n: DONE for n in [
+        "celu", "elu", "exponential", "gelu", "glu", "hard_shrink", "hard_sigmoid", "hard_silu", "hard_swish",
+        "hard_tanh", "leaky_relu", "linear", "log_sigmoid", "log_softmax", "mish", "relu", "relu6", "selu",
+        "sigmoid", "silu", "soft_shrink", "softmax", "softplus", "softsign", "sparse_plus", "sparse_sigmoid",
+        "sparsemax", "squareplus", "swish", "tanh", "tanh_shrink", "threshold"]},
+    **{n: "a helper of keras.activations, not an activation" for n in ["deserialize", "get", "serialize"]},
+}
+
+LOSSES = {
+    **{n: DONE for n in [
+        "BinaryCrossentropy", "BinaryFocalCrossentropy", "CategoricalCrossentropy", "CategoricalFocalCrossentropy",
+        "CategoricalHinge", "CosineSimilarity", "Dice", "Hinge", "Huber", "KLDivergence", "LogCosh",
+        "MeanAbsoluteError", "MeanAbsolutePercentageError", "MeanSquaredError", "MeanSquaredLogarithmicError",
+        "Poisson", "SparseCategoricalCrossentropy", "SquaredHinge", "Tversky"]},
+    **{n: TODO for n in ["CTC", "CategoricalGeneralizedCrossEntropy", "Circle"]},
+    "Loss": BASE,
+}
+
+METRICS = {
+    **{n: DONE for n in [
+        "AUC", "BinaryAccuracy", "BinaryCrossentropy", "CategoricalAccuracy", "CategoricalCrossentropy",
+        "CategoricalHinge", "CosineSimilarity", "F1Score", "FBetaScore", "FalseNegatives", "FalsePositives", "Hinge",
+        "KLDivergence", "LogCoshError", "MeanAbsoluteError", "MeanAbsolutePercentageError", "MeanSquaredError",
+        "MeanSquaredLogarithmicError", "Poisson", "Precision", "R2Score", "Recall", "RootMeanSquaredError",
+        "SparseCategoricalAccuracy", "SparseCategoricalCrossentropy", "SparseTopKCategoricalAccuracy",
+        "SquaredHinge", "TopKCategoricalAccuracy", "TrueNegatives", "TruePositives"]},
+    **{n: TODO for n in [
+        "Accuracy", "BinaryIoU", "ConcordanceCorrelation", "IoU", "MeanIoU", "OneHotIoU", "OneHotMeanIoU",
+        "PearsonCorrelation", "PrecisionAtRecall", "RecallAtPrecision", "SensitivityAtSpecificity",
+        "SpecificityAtSensitivity"]},
+    "Metric": BASE, "MeanMetricWrapper": BASE,
+    "Mean": "a running mean of any value: dlcli's loss tracker (metrics.Mean), not a metric of outputs",
+    "Sum": "a running sum of any value, not a metric of outputs",
+}
+
+OPTIMIZERS = {
+    **{n: DONE for n in ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Ftrl", "Lamb", "Lion", "Nadam", "RMSprop",
+                         "SGD"]},
+    **{n: TODO for n in ["Adafactor", "Muon", "ScheduleFreeAdamW", "MultiOptimizer", "OptimizerMap"]},
+    "LossScaleOptimizer": "loss scaling for float16 training: dlcli trains in float32",
+    "Optimizer": BASE,
+}
+
+SCHEDULES = {
+    **{n: DONE for n in ["CosineDecay", "CosineDecayRestarts", "ExponentialDecay", "InverseTimeDecay",
+                         "PiecewiseConstantDecay", "PolynomialDecay"]},
+    "LearningRateSchedule": BASE,
+}
+
+# Keras exports each initializer as a class and a snake_case function; a config names either
+INITIALIZERS = {
+    **{n: DONE for n in [
+        "Constant", "GlorotNormal", "GlorotUniform", "HeNormal", "HeUniform", "Identity", "LecunNormal",
+        "LecunUniform", "Ones", "Orthogonal", "RandomNormal", "RandomUniform", "TruncatedNormal", "VarianceScaling",
+        "Zeros", "constant", "glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "identity", "lecun_normal",
+        "lecun_uniform", "ones", "orthogonal", "random_normal", "random_uniform", "truncated_normal",
+        "variance_scaling", "zeros"]},
+    "IdentityInitializer": ALIAS("Identity"), "OrthogonalInitializer": ALIAS("Orthogonal"),
+    "STFT": "initializes audio STFT kernels: dlcli has no audio layers", "STFTInitializer": ALIAS("STFT"),
+    "stft": ALIAS("STFT"), "Initializer": BASE,
+    **{n: "a helper of keras.initializers, not an initializer" for n in ["deserialize", "get", "serialize"]},
+}
+
+FAMILIES = {"layers": LAYERS, "activations": ACTIVATIONS, "losses": LOSSES, "metrics": METRICS,
+            "optimizers": OPTIMIZERS, "schedules": SCHEDULES, "initializers": INITIALIZERS}
