@@ -5,8 +5,8 @@ as Keras' `reduce_to_samplewise_values`), and keeps a weighted sum and total wei
 over uneven batches: sum(value * weight) / sum(weight), not a mean of batch means. The confusion-matrix metrics
 (AUC, precision, recall, true/false positives/negatives), F-scores and R2 keep Keras' sums instead (counts at each
 threshold, per-class totals) and compute their result from them at the end, as Keras does. Every metric's epoch
-state is `state()`, a fixed-length list of additive sums: checkpoints store it and data-parallel ranks add it up. Formulas follow
-`keras.metrics` (binary threshold 0.5, top-k k=5 counting ties as hits like Keras' `in_top_k`).
+state is `state()`, a fixed-length list of additive sums: checkpoints store it and data-parallel ranks add it up.
+Formulas follow `keras.metrics` (binary threshold 0.5, top-k k=5 counting ties as hits like Keras' `in_top_k`).
 """
 import inspect
 

@@ -26,11 +26,11 @@ LAYERS = {
         "Flatten", "GRU", "GaussianDropout", "GaussianNoise", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
         "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
         "GroupNormalization", "Identity", "LSTM", "LayerNormalization", "LeakyReLU", "Masking", "MaxPooling1D",
-        "MaxPooling2D", "MaxPooling3D", "Maximum", "Minimum", "Multiply", "PReLU", "Permute", "RandomFlip",
-        "RandomRotation", "RandomTranslation", "RandomZoom", "ReLU", "RepeatVector", "Rescaling", "Reshape",
-        "SeparableConv2D", "SimpleRNN", "Softmax", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
-        "Subtract", "TimeDistributed", "UnitNormalization", "UpSampling1D", "UpSampling2D", "UpSampling3D",
-        "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D"]},
+        "MaxPooling2D", "MaxPooling3D", "Maximum", "Minimum", "MultiHeadAttention", "Multiply", "PReLU", "Permute",
+        "RandomFlip", "RandomRotation", "RandomTranslation", "RandomZoom", "ReLU", "RepeatVector", "Rescaling",
+        "Reshape", "SeparableConv2D", "SimpleRNN", "Softmax", "SpatialDropout1D", "SpatialDropout2D",
+        "SpatialDropout3D", "Subtract", "TimeDistributed", "UnitNormalization", "UpSampling1D", "UpSampling2D",
+        "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D"]},
     **{f"{a}{d}": ALIAS(f"{c}{d}") for a, c in [("AvgPool", "AveragePooling"), ("MaxPool", "MaxPooling"),
                                                 ("GlobalAvgPool", "GlobalAveragePooling"),
                                                 ("GlobalMaxPool", "GlobalMaxPooling")] for d in ("1D", "2D", "3D")},
@@ -51,7 +51,7 @@ LAYERS = {
     "InputLayer": "a config gives input_shape (or functional inputs) instead",
     "Layer": BASE, "InputSpec": BASE, "Wrapper": BASE,
     # not yet
-    **{n: ATTENTION for n in ["AdditiveAttention", "Attention", "GroupQueryAttention", "MultiHeadAttention"]},
+    **{n: ATTENTION for n in ["AdditiveAttention", "Attention", "GroupQueryAttention"]},
     **{n: TABLES for n in ["CategoryEncoding", "Discretization", "HashedCrossing", "Hashing", "IntegerLookup",
                            "StringLookup"]},
     **{n: AUGMENT for n in [
@@ -67,6 +67,11 @@ LAYERS = {
         "Normalization", "RMSNormalization", "RNN", "ReversibleEmbedding", "SeparableConv1D", "SimpleRNNCell",
         "SpectralNormalization", "StackedRNNCells"]},
 }
+
+# Layers dlcli registers that are not keras.layers, and where they come from
+OTHER_LAYERS = {n: "KerasHub (keras_hub.layers), mapped by name on import" for n in [
+    "PositionEmbedding", "SinePositionEncoding", "TokenAndPositionEmbedding", "TransformerDecoder",
+    "TransformerEncoder"]}
 
 ACTIVATIONS = {
     **{n: DONE for n in [

@@ -680,8 +680,9 @@ class Sparsemax(Activation):
             raise NotImplementedError("sparsemax exports along the last axis only")
         n = g.op("Slice", [g.op("Shape", [x]), g.ints([-1]), g.ints([2 ** 62])])
         zs = g.op("TopK", [x, n], outputs=2, axis=-1)[0]
-        cumulative = g.op("CumSum", [zs, g.const(np.array(-1, np.int64), "axis")])
-        rank = g.op("CumSum", [g.op("Add", [g.op("Mul", [zs, g.scalar(0.0)]), g.scalar(1.0)]), g.const(np.array(-1, np.int64), "axis")])
+        last = g.const(np.array(-1, np.int64), "axis")
+        cumulative = g.op("CumSum", [zs, last])
+        rank = g.op("CumSum", [g.op("Add", [g.op("Mul", [zs, g.scalar(0.0)]), g.scalar(1.0)]), last])  # 1, 2, ... n
         support = g.cast(g.op("Greater", [g.op("Add", [g.op("Mul", [rank, zs]), g.scalar(1.0)]), cumulative]),
                          "float32")
         k = g.reduce("ReduceSum", support, [-1])
