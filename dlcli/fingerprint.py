@@ -9,9 +9,9 @@ and are trusted as before.
 """
 import hashlib
 import json
-from pathlib import Path
 
 from dlcli.errors import DlcliError
+from dlcli.runs import RunDir
 
 META_KEYS = ("config_fingerprint", "config")
 
@@ -40,7 +40,7 @@ def recorded(run_dir, checkpoint: dict | None = None) -> dict | None:
     if checkpoint is not None and checkpoint["header"].get("config_fingerprint"):
         return {k: checkpoint["header"].get(k) for k in META_KEYS}
     try:
-        meta = json.loads((Path(run_dir) / "meta.json").read_text())
+        meta = json.loads((RunDir(run_dir).meta).read_text())
     except (OSError, ValueError):
         return None
     if isinstance(meta, dict) and isinstance(meta.get("config_fingerprint"), str) and isinstance(
@@ -52,7 +52,7 @@ def recorded(run_dir, checkpoint: dict | None = None) -> dict | None:
 def recorded_config(run_dir, checkpoint: dict | None = None) -> dict | None:
     """The recorded config resolved through today's schema (None without a record)."""
     record_ = recorded(run_dir, checkpoint)
-    return None if record_ is None else _resolve(record_["config"], Path(run_dir) / "meta.json")
+    return None if record_ is None else _resolve(record_["config"], RunDir(run_dir).meta)
 
 
 def _resolve(plain: dict, source) -> dict:
@@ -72,7 +72,7 @@ def changes(run_dir, config: dict, checkpoint: dict | None = None) -> list[tuple
     record_ = recorded(run_dir, checkpoint)
     if record_ is None or record(config)["config_fingerprint"] == record_["config_fingerprint"]:
         return []
-    return diff(_resolve(record_["config"], Path(run_dir) / "meta.json"), config)
+    return diff(_resolve(record_["config"], RunDir(run_dir).meta), config)
 
 
 def diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
@@ -99,8 +99,8 @@ def check(run_dir, config: dict, allow_change: bool = False) -> str | None:
     if allow_change:
         return shown
     what = "the model" if any(k.startswith("model.") for k in (d[0] for d in diff)) else "settings"
-    raise DlcliError(f"{Path(run_dir) / 'config.yaml'} was edited after the run was trained: it changes {what} "
-                     f"from the config recorded in {Path(run_dir) / 'meta.json'} (config_fingerprint), so its "
+    raise DlcliError(f"{RunDir(run_dir).config} was edited after the run was trained: it changes {what} "
+                     f"from the config recorded in {RunDir(run_dir).meta} (config_fingerprint), so its "
                      f"weights may not mean what the file says:\n{shown}\nrestore config.yaml (meta.json's "
                      f"\"config\" holds the original), train a new run with the change (--init-from "
                      f"{run_dir} starts from these weights), or pass --allow-config-change to use the edited "

@@ -165,7 +165,7 @@ def write_curves(run_dir, rows: list[dict] | None = None) -> Path:
     """Write `run_dir/curves.png` from `rows` (default: the run's history.csv)."""
     run_dir = Path(run_dir)
     rows = runs.read_history(run_dir) if rows is None else rows
-    path = run_dir / "curves.png"
+    path = runs.RunDir(run_dir).curves
     runs.atomic_write_bytes(path, curves_png([(run_dir.name, rows)], title=run_dir.name))
     return path
 
@@ -175,12 +175,12 @@ def plot_runs(run_dirs: list, output) -> Path:
     histories = []
     for d in run_dirs:
         d = Path(d)
-        if not (d / "history.csv").is_file():
+        if not runs.RunDir(d).history.is_file():
             raise DlcliError(f"{d} has no history.csv (not a run directory, or the run has not finished an epoch)")
         try:
             histories.append((d.name, runs.read_history(d)))
         except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise DlcliError(f"{d / 'history.csv'} is unreadable or damaged: {e}") from None
+            raise DlcliError(f"{runs.RunDir(d).history} is unreadable or damaged: {e}") from None
     output = Path(output)
     if output.suffix.lower() != ".png":
         raise DlcliError(f"--output must end in .png; got {output}")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,6 +26,33 @@ import numpy as np
 
 from dlcli.errors import DlcliError
 from dlcli.metrics import metric_direction
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one run directory by name, as drawn above: `RunDir(path).meta`, not `path / "meta.json"`.
+    (experiment, kfold, sweep and the commands still spell some names out; they move here next.)"""
+
+    path: Path
+
+    def __init__(self, path):
+        object.__setattr__(self, "path", Path(path))
+
+    config = property(lambda self: self.path / "config.yaml")
+    history = property(lambda self: self.path / "history.csv")
+    summary = property(lambda self: self.path / "summary.txt")
+    meta = property(lambda self: self.path / "meta.json")
+    evaluation = property(lambda self: self.path / "evaluation.json")
+    train_log = property(lambda self: self.path / "train.log")
+    curves = property(lambda self: self.path / "curves.png")
+    vocabulary = property(lambda self: self.path / "vocabulary.json")  # text runs: the word -> index table
+    model_onnx = property(lambda self: self.path / "model.onnx")  # dlcli export's default output
+    weights = property(lambda self: self.path / "weights")
+    last_weights = property(lambda self: self.path / "weights" / "last.npz")
+    best_weights = property(lambda self: self.path / "weights" / "best.npz")
+    checkpoint = property(lambda self: self.path / "checkpoint")
+
+    MARKERS = ("config.yaml", "meta.json", "history.csv")  # any of them makes a folder a run directory
 
 
 # A data-parallel rank other than 0 shares rank 0's run directory and never writes it (dlcli.distributed says so
@@ -149,7 +177,7 @@ def create_run_dir(runs_dir, name: str) -> Path:
             continue
         except OSError as e:
             raise DlcliError(f"cannot create run directory {path}: {e.strerror or e}") from None
-        (path / "weights").mkdir()
+        RunDir(path).weights.mkdir()
         return path
     raise DlcliError(f"cannot find a free run directory name under {runs_dir}")
 
@@ -190,7 +218,7 @@ def _csv_value(v):
 
 
 def read_history(run_dir) -> list[dict]:
-    path = Path(run_dir) / "history.csv"
+    path = RunDir(run_dir).history
     if not path.exists():
         return []
     with open(path, newline="") as f:
@@ -220,7 +248,7 @@ def read_json(path) -> dict:
 
 def require_run_dir(run_dir) -> Path:
     path = Path(run_dir)
-    if not (path / "config.yaml").is_file():
+    if not RunDir(path).config.is_file():
         raise DlcliError(f"{path} is not a dlcli run directory (no config.yaml); run directories look like "
                          f"runs/<name>-<yyyymmdd-hhmmss>/")
     return path
@@ -262,11 +290,11 @@ def run_summary(run_dir) -> dict:
     """What `runs list` shows for one run directory, with `problems` naming whatever is missing or damaged."""
     run_dir = Path(run_dir)
     problems = []
-    meta, problem = _read_json_or_problem(run_dir / "meta.json")
+    meta, problem = _read_json_or_problem(RunDir(run_dir).meta)
     if problem:
         problems.append(problem)
     meta = meta if isinstance(meta, dict) else {}
-    if not (run_dir / "config.yaml").is_file():
+    if not RunDir(run_dir).config.is_file():
         problems.append("no config.yaml")
     rows, problem = _read_history_or_problem(run_dir)
     if problem:
@@ -302,10 +330,8 @@ def find_runs(runs_dir) -> list[Path]:
     if not root.is_dir():
         raise DlcliError(f"runs directory {root} does not exist; train something first (dlcli train CONFIG) "
                          f"or point --runs-dir at the folder holding run directories")
-    markers = ("config.yaml", "meta.json", "history.csv")
-
     def is_run(d: Path) -> bool:
-        return d.is_dir() and any((d / m).exists() for m in markers)
+        return d.is_dir() and any((d / m).exists() for m in RunDir.MARKERS)
 
     found = []
     for d in sorted(root.iterdir()):

@@ -187,14 +187,15 @@ def _write_run(output: Path, config_yaml: str, model, meta: dict):
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        runs.atomic_write_text(tmp / "config.yaml", config_yaml)
+        run = runs.RunDir(tmp)
+        runs.atomic_write_text(run.config, config_yaml)
         weights = model.weights_dict()
-        runs.atomic_savez(tmp / "weights" / "last.npz", weights)
-        runs.atomic_savez(tmp / "weights" / "best.npz", weights)
+        runs.atomic_savez(run.last_weights, weights)
+        runs.atomic_savez(run.best_weights, weights)
         lines: list = []
         model.summary(print_fn=lines.append)
-        runs.atomic_write_text(tmp / "summary.txt", "\n".join(lines) + "\n")
-        runs.atomic_write_json(tmp / "meta.json", meta)
+        runs.atomic_write_text(run.summary, "\n".join(lines) + "\n")
+        runs.atomic_write_json(run.meta, meta)
         _check_output(output)
         if output.exists():
             output.rmdir()

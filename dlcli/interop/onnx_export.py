@@ -151,11 +151,11 @@ def run_metadata(run_dir: Path, config) -> dict:
         from dlcli.data.preprocess import input_conversion
 
         meta["dlcli.pixel_scale"] = repr(input_conversion(data)[1])
-    vocabulary = run_dir / "vocabulary.json"
+    vocabulary = runs.RunDir(run_dir).vocabulary
     if vocabulary.is_file():
         meta["dlcli.vocabulary"] = vocabulary.read_text(encoding="utf-8")
     try:
-        classes = runs.read_json(run_dir / "meta.json").get("classes")
+        classes = runs.read_json(runs.RunDir(run_dir).meta).get("classes")
     except DlcliError:
         classes = None
     if classes:
@@ -174,7 +174,7 @@ def export_run(run_dir, weights: str = "best", output=None, opset: int = DEFAULT
     require("onnx", "onnx")
     config, model = load_run_model(run_dir, weights, allow_config_change)
     run_dir = Path(run_dir)
-    output = Path(output) if output is not None else run_dir / "model.onnx"
+    output = Path(output) if output is not None else runs.RunDir(run_dir).model_onnx
     proto = to_onnx(model, opset, run_metadata(run_dir, config))
     table = config.data.get("type") == "table" and not preprocessed_inputs
     if table:
