@@ -21,6 +21,8 @@ Where Keras has no rule and we add one (say so in errors and README):
 - Missing cells (data.missing). A numeric feature's missing cells become the training mean (before rescaling,
   normalising or binning), plus a 0/1 "was missing" column after it when the training rows had any missing.
   A categorical's missing cell is out-of-vocabulary (not counted when adapting); a hashed one hashes "".
+- `text`: TextVectorization's multi_hot / count / tf_idf vector (column 0 out-of-vocabulary) of dlcli's tokenizer
+  (lower case, letter/digit words), which is not TextVectorization's standardisation; a missing cell is empty.
 - `date`: not a FeatureSpace type. Year (normalised with the training mean and deviation), then sin and cos of
   month, day of week and day of year (cyclic), 7 columns.
 - Only concat output and one_hot/float features: Keras' "int" output_mode cannot be concatenated either.
@@ -43,7 +45,11 @@ FEATURE_TYPES = {
     "integer_hashed": {"num_bins": 32, "output_mode": "one_hot"},
     "string_hashed": {"num_bins": 32, "output_mode": "one_hot"},
     "date": {},
+    # not a FeatureSpace shortcut: Keras' FeatureSpace.feature(preprocessor=TextVectorization(...)), with its
+    # max_tokens (the OOV column included) and vector output modes, through dlcli's tokenizer (dlcli.data.text)
+    "text": {"max_tokens": None, "output_mode": "multi_hot"},
 }
+TEXT_MODES = ("multi_hot", "count", "tf_idf")
 NUMERIC = ("float", "float_rescaled", "float_normalized", "float_discretized")
 INTEGER = ("integer_categorical", "integer_hashed")
 STRING = ("string_categorical", "string_hashed")
@@ -115,7 +121,11 @@ def _check_arguments(where: str, spec: dict) -> list[str]:
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not minimum <= v <= MAX_WIDTH):
             errors.append(f"{where}.{key}: expected an integer from {minimum} to {MAX_WIDTH:,}, found {v!r}")
 
-    if spec.get("output_mode", "one_hot") != "one_hot":
+    if spec["type"] == "text":
+        if spec["output_mode"] not in TEXT_MODES:
+            errors.append(f"{where}.output_mode: a text feature is one of {', '.join(TEXT_MODES)} (a vector that can "
+                          f"be concatenated); found {spec['output_mode']!r}")
+    elif spec.get("output_mode", "one_hot") != "one_hot":
         errors.append(f"{where}.output_mode: only one_hot features can be concatenated (output_mode: concat), as in "
                       f"Keras; found {spec['output_mode']!r}")
     positive("num_bins")
@@ -184,6 +194,12 @@ def _adapt_one(name: str, spec: dict, col) -> dict:
         state["width"] = len(vocabulary) + spec["num_oov_indices"]
     elif kind in ("integer_hashed", "string_hashed"):
         state["width"] = spec["num_bins"]
+    elif kind == "text":
+        from dlcli.data.text import tokenize, vector_vocabulary
+
+        state["vocabulary"] = vector_vocabulary([tokenize(t) for t in present.tolist()], spec["max_tokens"],
+                                                spec["output_mode"])
+        state["width"] = spec["max_tokens"] or len(state["vocabulary"]["words"]) + 1
     elif kind == "date":
         years = present.astype("datetime64[Y]").astype(np.int64) + 1970
         state["year_mean"], state["year_std"] = float(years.mean()), float(years.std())
@@ -251,6 +267,12 @@ def _encode(f: dict, col) -> tuple[np.ndarray, np.ndarray | None]:
     if kind in ("integer_hashed", "string_hashed"):
         index = hash_values(np.where(col.missing, "", col.values.astype(str)), f["num_bins"])
         return one_hot(index, f["num_bins"]), index
+    if kind == "text":  # TextVectorization's vector: column 0 out-of-vocabulary; a missing cell is an empty text
+        from dlcli.data.text import TokenSource, tokenize
+
+        source = TokenSource.encode([tokenize(t) for t in np.where(col.missing, "", col.values).tolist()],
+                                    f["vocabulary"])
+        return source.take(slice(0, len(source)))[0], None
     if kind == "date":
         days = col.values.astype("datetime64[D]")
         years = days.astype("datetime64[Y]")
@@ -325,7 +347,9 @@ def describe(state: dict) -> list[tuple[str, str, int]]:
     rows = []
     for name, f in state["features"].items():
         what = f["type"]
-        if "vocabulary" in f:
+        if f["type"] == "text":
+            what += f" ({f['output_mode']}, {len(f['vocabulary']['words'])} words + 1 OOV)"
+        elif "vocabulary" in f:
             what += f" ({len(f['vocabulary'])} values + {f['num_oov_indices']} OOV)"
         elif "bins" in f:
             what += f" ({f['bins']} bins)"

@@ -6,7 +6,7 @@ categories (NaN missing), string for text categories (a missing cell is any valu
 "NA"). Expressed with ONNX's own operators: missing -> the mean by IsNaN/Where, rescaling and normalisation by
 Mul/Add/Sub/Div, discretisation as ReduceSum(GreaterOrEqual(x, edges)) (np.digitize), lookups by ai.onnx.ml's
 LabelEncoder (default: OOV index 0) and one-hot by OneHot. Refused, with the reason: hashing and crosses
-(ONNX has no FarmHash), dates (no date parsing), several OOV indices (they hash too).
+(ONNX has no FarmHash), dates (no date parsing), text (tokenizing), several OOV indices (they hash too).
 """
 import numpy as np
 
@@ -23,6 +23,8 @@ def unsupported(state: dict) -> list[str]:
             why.append(f"{name} ({f['type']}: ONNX has no FarmHash operator)")
         elif f["type"] == "date":
             why.append(f"{name} (date: ONNX cannot parse dates)")
+        elif f["type"] == "text":
+            why.append(f"{name} (text: dlcli's tokenizer is not an ONNX operator)")
         elif f.get("num_oov_indices", 1) != 1:
             why.append(f"{name} (num_oov_indices {f['num_oov_indices']}: out-of-vocabulary values are hashed)")
     why += [f"{c['name']} (a cross: ONNX has no FarmHash operator)" for c in state["crosses"]]

@@ -103,3 +103,21 @@ def test_bad_specs_are_reported_together():
                          [{"features": ["a", "zz"]}])
     message = str(e.value)
     assert "did you mean 'string_categorical'" in message and "num_bin" in message and "'zz'" in message
+
+
+def test_text_is_textvectorization_multi_hot_count_and_tf_idf_with_oov_column_0():
+    docs = np.array(["the cat sat", "the dog", "the cat and the hat", ""])
+    cols = {"t": column(docs, np.array([0, 0, 0, 1], bool))}
+    for mode in ("multi_hot", "count", "tf_idf"):
+        specs, _ = fs.feature_specs({"t": {"type": "text", "max_tokens": 4, "output_mode": mode}})
+        state = fs.adapt(specs, [], cols)
+        words = state["features"]["t"]["vocabulary"]["words"]
+        assert words == ["the", "cat", "sat"] and state["width"] == 4  # 3 most frequent words + the OOV column
+        out = fs.transform(state, {"t": column(np.array(["the the cat zebra"]))})
+        expected = {"multi_hot": [1, 1, 1, 0], "count": [1, 2, 1, 0]}.get(mode)
+        if expected is None:  # tf_idf: count x log(1 + documents / (1 + documents with the word)), OOV the mean
+            idf = np.log(1 + 3 / (1 + np.array([3, 2, 1])))
+            expected = [idf.mean(), 2 * idf[0], idf[1], 0]
+        np.testing.assert_allclose(out[0], expected, rtol=1e-6)
+    with pytest.raises(ConfigError, match="multi_hot, count, tf_idf"):
+        fs.feature_specs({"t": {"type": "text", "output_mode": "int"}})

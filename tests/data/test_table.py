@@ -199,3 +199,16 @@ def test_features_auto_infers_the_types_and_prints_a_pasteable_section(tables, t
     run = dlcli.train(CONFIGS / "cars_mpg.yaml", ["data.features=auto", "train.epochs=1"], runs_dir=tmp_path / "r")
     state = json.loads((run.dir / "feature_space.json").read_text())
     assert {k: f["type"] for k, f in state["features"].items()} == inferred
+
+
+def test_a_text_column_trains_and_predicts_with_unseen_words(tables, tmp_path):
+    run = dlcli.train(CONFIGS / "cars_mpg.yaml", ["data.features.Name={type: text, max_tokens: 40}",
+                                                  "train.epochs=1"], runs_dir=tmp_path / "runs")
+    state = json.loads((run.dir / "feature_space.json").read_text())
+    assert state["features"]["Name"]["width"] == 40 and state["width"] == 22 + 40
+    assert "ford" in state["features"]["Name"]["vocabulary"]["words"]
+    rows = tmp_path / "rows.csv"
+    rows.write_text("Name,Cylinders,Displacement,Horsepower,Weight_in_lbs,Acceleration,Year,Origin\n"
+                    "zorblax hypercar,4,97,,2130,14.5,1982-01-01,Japan\n")
+    result = runner.invoke(app, ["predict", str(run.dir), str(rows)])
+    assert result.exit_code == 0 and "rows.csv:2" in result.output, result.output
