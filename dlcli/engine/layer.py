@@ -65,6 +65,7 @@ class Layer:
     supports_masking = False  # True: the incoming mask passes through unchanged (Keras' default for most layers)
     activation_last = False  # True: `activation` is the last step of forward, so a later layer may apply it
     keras_weight_groups = ("vars",)  # where a .keras file keeps the layer's variables, below the layer's own group
+    keras_package = "keras"  # whose class of the same name a .keras file may hold for it ("keras_hub")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -157,6 +158,13 @@ class Layer:
     def flops(self, input_shape) -> int:
         """Multiply-adds x 2 per sample for one forward pass (0 where negligible); for inspect-shapes."""
         return 0
+
+    @staticmethod
+    def keras_call(args: list, kwargs: dict) -> tuple[list, dict]:
+        """A Keras functional call as (the tensors dlcli calls the layer on, layer arguments that stand for call
+        arguments in a YAML graph); keyword arguments left in `kwargs` must mean nothing (training=None), or the
+        import refuses them."""
+        return args, {}
 
     def kept_size(self, input_shape) -> int:
         """Values per sample the layer keeps for its backward pass besides its output (attention's (heads, T, S)

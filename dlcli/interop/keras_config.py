@@ -22,10 +22,19 @@ NEUTRAL = {
     "optional": (False,), "synchronized": (False,), "renorm": (False,), "rms_scaling": (False,),
     "time_major": (False,), "use_cudnn": None, "unroll": None, "implementation": None, "seed": None,
     "renorm_clipping": None, "renorm_momentum": None, "zero_output_for_mask": None, "dtype": None,
+    "use_gate": (False,), "flash_attention": None, "decoder_sequence_shape": None, "encoder_sequence_shape": None,
 }  # None: any value (performance switches, seeds: dlcli seeds every layer from the run)
 TRAINING_ONLY = re.compile(r".*_constraint$|^activity_regularizer$")
 KERAS_MODULE = re.compile(r"^keras(\.[A-Za-z0-9_.]+)?$")
 LAYER_MODULE = re.compile(r"^keras(\.src)?\.layers(\.[A-Za-z0-9_.]+)?$")
+HUB_MODULE = re.compile(r"^keras_hub\.src\.layers(\.[A-Za-z0-9_.]+)?$")  # KerasHub's layers (keras_package)
+
+
+def _hub_layer(obj: dict) -> bool:
+    """A KerasHub layer dlcli has (TransformerEncoder ...): its module and registered name are KerasHub's."""
+    name = obj.get("class_name")
+    return (HUB_MODULE.match(str(obj.get("module"))) is not None and obj.get("registered_name") == f"keras_hub>{name}"
+            and name in LAYERS and LAYERS.get(name).keras_package == "keras_hub")
 
 
 class UnsupportedModel(DlcliError):
@@ -40,6 +49,8 @@ def _check_object(obj: dict, where: str):
     if name in ("Lambda", "__lambda__", "function", "TFOpLambda", "__passive_serialization__"):
         raise UnsupportedModel(f"{where} is a Keras {name}: it holds Python code, which dlcli never runs; rebuild "
                                f"it from built-in layers")
+    if _hub_layer(obj):
+        return
     if module is not None and not KERAS_MODULE.match(str(module)):
         raise UnsupportedModel(f"{where} is class '{name}' from module '{module}', outside Keras: custom objects "
                                f"are refused (dlcli maps only Keras' built-in classes to its own)")
@@ -131,7 +142,14 @@ class ConfigMapper:
                                                             and spec.get("merge_mode", "concat") is None)
             for i, node in enumerate(e.get("inbound_nodes") or []):
                 entry = dict(spec) if i == 0 else {"name": f"{name}_call{i}", "shares": name}
-                entry["inputs"] = self._node_inputs(node, name, refs, multi)
+                entry["inputs"], call_args = self._node_inputs(node, name, refs, multi, LAYERS.get(spec["type"]))
+                if i == 0:
+                    entry.update(call_args)
+                    spec.update(call_args)
+                    multi[name] = multi[name] or bool(call_args.get("return_attention_scores"))
+                elif any(spec.get(a) != v for a, v in call_args.items()):
+                    raise UnsupportedModel(f"layer '{name}' is called with {call_args} here and differently before; "
+                                           f"dlcli gives a shared layer one setting")
                 refs[(name, i)] = entry["name"]
                 layers.append(entry)
         heads = body.get("output_layers") or []
@@ -170,21 +188,44 @@ class ConfigMapper:
         source, value = self._mask_ops[produced[0]]
         masking = self._entries.get(data[0], {})
         feeds = [_history(a) for n in masking.get("inbound_nodes") or [] for a in n.get("args") or []]
-        return masking.get("class_name") == "Masking" and \
-            float(masking["config"].get("mask_value", 0.0)) == value and [source, 0, 0] in feeds
+        if masking.get("class_name") == "Masking" and float(masking["config"].get("mask_value", 0.0)) == value \
+                and [source, 0, 0] in feeds:
+            return True
+        return value == 0 and self._embedding_upstream(source, data[0])
 
-    def _node_inputs(self, node, layer, refs, multi):
-        args, kwargs = node.get("args") or [], dict(node.get("kwargs") or {})
+    def _embedding_upstream(self, tokens, start) -> bool:
+        """not_equal(tokens, 0) is the mask an Embedding(mask_zero=True) reading `tokens` starts (Keras records it as
+        ops where a layer's mask reaches a call); dlcli propagates that mask itself when such an embedding is
+        upstream of the data."""
+        seen, stack = set(), [start]
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            entry = self._entries.get(name, {})
+            reads = [h for n in entry.get("inbound_nodes") or [] for h in map(_history, _flat(n.get("args"))) if h]
+            if (entry.get("config") or {}).get("mask_zero") is True and [tokens, 0, 0] in reads:
+                return True
+            stack += [h[0] for h in reads]
+        return False
+
+    def _node_inputs(self, node, layer, refs, multi, cls):
+        """(the call's input reference(s), layer arguments the call sets): the layer class maps Keras' call
+        arguments (MultiHeadAttention(query, value, key, use_causal_mask=...)) to dlcli's inputs."""
+        args, kwargs = list(node.get("args") or []), dict(node.get("kwargs") or {})
         if kwargs.get("mask") is not None and self._implicit_mask(layer, args, kwargs["mask"]):
             kwargs.pop("mask")
+        args, call_args = cls.keras_call(args, kwargs)
         extra = {k: v for k, v in kwargs.items() if not (k in ("training", "mask") and v in (None, False))}
-        if len(args) != 1 or extra:
-            raise UnsupportedModel(f"layer '{layer}' is called with {', '.join(sorted(extra)) or 'several arguments'}"
-                                   f"; dlcli imports calls on one tensor or one list of tensors")
-        arg = args[0]
-        if isinstance(arg, list):
-            return [self._tensor(t, refs, multi, layer) for t in arg]
-        return self._tensor(arg, refs, multi, layer)
+        if extra or not args:
+            raise UnsupportedModel(f"layer '{layer}' is called with {', '.join(sorted(extra)) or 'no tensor'}; dlcli "
+                                   f"imports calls on tensors (and the call arguments its layer takes as settings)")
+        if len(args) > 1:
+            return [self._tensor(t, refs, multi, layer) for t in args], call_args
+        if isinstance(args[0], list):
+            return [self._tensor(t, refs, multi, layer) for t in args[0]], call_args
+        return self._tensor(args[0], refs, multi, layer), call_args
 
     def _tensor(self, t, refs, multi, layer):
         if not isinstance(t, dict) or t.get("class_name") != "__keras_tensor__":
@@ -205,7 +246,7 @@ class ConfigMapper:
         _check_object(entry, f"layer '{name}'")
         kind = entry.get("class_name")
         module = entry.get("module")
-        if module is not None and not LAYER_MODULE.match(str(module)):
+        if module is not None and not LAYER_MODULE.match(str(module)) and not _hub_layer(entry):
             raise UnsupportedModel(f"'{name}' is a Keras {kind} from {module}, an operation rather than a layer; "
                                    f"dlcli imports layers")
         if kind not in LAYERS:
@@ -324,6 +365,14 @@ def _history(tensor):
     if isinstance(tensor, dict) and tensor.get("class_name") == "__keras_tensor__":
         return list(tensor["config"]["keras_history"])
     return None
+
+
+def _flat(args) -> list:
+    """Call arguments with nested lists (a merge's list of tensors) flattened."""
+    out = []
+    for a in args or []:
+        out += _flat(a) if isinstance(a, list) else [a]
+    return out
 
 
 def _class(value) -> str:

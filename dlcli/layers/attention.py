@@ -63,6 +63,7 @@ class MultiHeadAttention(Layer):
     features (or `output_shape`); dropout on the attention probabilities while training."""
 
     supports_masking = True
+    keras_weight_groups = ("query_dense/vars", "key_dense/vars", "value_dense/vars", "output_dense/vars")
 
     def __init__(self, num_heads: Size, key_dim: Size, value_dim: Size | None = None, dropout: float = 0.0,
                  use_bias: bool = True, output_shape: Sizes = None, attention_axes: int | list[int] | None = None,
@@ -93,6 +94,21 @@ class MultiHeadAttention(Layer):
         self.kernel_regularizer, self.bias_regularizer = kernel_regularizer, bias_regularizer
         self.use_causal_mask, self.return_attention_scores = bool(use_causal_mask), bool(return_attention_scores)
         self.scale = 1.0 / math.sqrt(float(self.key_dim))
+
+    @staticmethod
+    def keras_call(args, kwargs):
+        """Keras' call(query, value, key=None, ..., attention_mask=None, return_attention_scores=False,
+        use_causal_mask=False): tensors [query, value(, key)(, attention_mask)], the two flags as layer arguments."""
+        bound = dict(zip(("query", "value", "key"), args))
+        bound.update({k: kwargs.pop(k) for k in ("query", "value", "key") if k in kwargs})
+        tensors = [bound.get("query"), bound.get("value")]
+        if bound.get("key") is not None:
+            tensors.append(bound["key"])
+        mask = kwargs.pop("attention_mask", None)
+        if mask is not None:
+            tensors += [bound["value"]] * (3 - len(tensors)) + [mask]
+        flags = {k: bool(kwargs.pop(k)) for k in ("use_causal_mask", "return_attention_scores") if k in kwargs}
+        return tensors, {k: v for k, v in flags.items() if v}
 
     # --- shapes -----------------------------------------------------------------------------------------------
     def _shapes(self, input_shape):

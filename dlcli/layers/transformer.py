@@ -50,6 +50,8 @@ class PositionEmbedding(Layer):
     """A learned embedding per position, (sequence_length, features); the output is its first `steps` rows
     broadcast over the batch (it does not depend on the input's values, only its shape). No mask, as KerasHub."""
 
+    keras_package = "keras_hub"
+
     def __init__(self, sequence_length: Size, initializer="glorot_uniform", **kw):
         super().__init__(**kw)
         self.sequence_length = int(sequence_length)
@@ -78,6 +80,8 @@ class PositionEmbedding(Layer):
 class SinePositionEncoding(Layer):
     """Vaswani et al.'s fixed encoding, KerasHub's formula: feature j of position p is sin(p * w_j) for even j and
     cos(p * w_j) for odd j, w_j = max_wavelength ** -(2 * (j // 2) / features). No weights; no mask."""
+
+    keras_package = "keras_hub"
 
     def __init__(self, max_wavelength: float = 10000, **kw):
         super().__init__(**kw)
@@ -110,6 +114,9 @@ class TokenAndPositionEmbedding(Wrapper):
     """Token embedding + learned position embedding of integer sequences (batch, steps) -> (batch, steps,
     embedding_dim); with mask_zero, token 0 is padding and the output carries the mask. tie_weights=False adds
     KerasHub's `reverse_embeddings` (embedding_dim, vocabulary_size), which only its reverse projection reads."""
+
+    keras_package = "keras_hub"
+    keras_weight_groups = ("token_embedding/vars", "position_embedding/vars")
 
     def __init__(self, vocabulary_size: Size, sequence_length: Size, embedding_dim: Size, tie_weights: bool = True,
                  embeddings_initializer="uniform", mask_zero: bool = False, **kw):
@@ -169,6 +176,7 @@ class _TransformerBlock(Wrapper):
     x + f(norm(x)) (normalize_first) or norm(x + f(x))."""
 
     supports_masking = True
+    keras_package = "keras_hub"
 
     def __init__(self, intermediate_dim: Size, num_heads: Size, dropout: float = 0, activation="relu",
                  layer_norm_epsilon: float = 1e-5, kernel_initializer="glorot_uniform", bias_initializer="zeros",
@@ -261,6 +269,13 @@ class TransformerEncoder(_TransformerBlock):
     (Dense(intermediate_dim, activation), Dense(features)), each with dropout, a residual and LayerNormalization
     (after the residual, or before the sub-block with normalize_first). The incoming mask is the padding mask."""
 
+    @property
+    def keras_weight_groups(self):
+        # KerasHub's attributes (_self_attention_layer ...) name the groups of a .keras file
+        return [*[f"_self_attention_layer/{g}" for g in MultiHeadAttention.keras_weight_groups],
+                "_self_attention_layer_norm/vars", "_feedforward_layer_norm/vars",
+                "_feedforward_intermediate_dense/vars", "_feedforward_output_dense/vars"]
+
     def _inner(self):
         return [("self_attention_layer/", self.attention), ("self_attention_layer_norm/", self.attention_norm),
                 ("feedforward_layer_norm/", self.feedforward_norm),
@@ -318,6 +333,22 @@ class TransformerDecoder(_TransformerBlock):
         super().__init__(intermediate_dim, num_heads, dropout, activation, layer_norm_epsilon, kernel_initializer,
                          bias_initializer, normalize_first, **kw)
         self.use_causal_mask = bool(use_causal_mask)
+
+    @staticmethod
+    def keras_call(args, kwargs):
+        """KerasHub's call(decoder_sequence, encoder_sequence=None, ..., use_causal_mask=True)."""
+        tensors = [*args, *[kwargs.pop(k) for k in ("decoder_sequence", "encoder_sequence") if k in kwargs]]
+        causal = kwargs.pop("use_causal_mask", True)
+        return [t for t in tensors if t is not None], {} if causal else {"use_causal_mask": False}
+
+    @property
+    def keras_weight_groups(self):
+        attention = [f"{{}}/{g}" for g in MultiHeadAttention.keras_weight_groups]
+        groups = [g.format("_self_attention_layer") for g in attention] + ["_self_attention_layer_norm/vars"]
+        if self.cross:
+            groups += [g.format("_cross_attention_layer") for g in attention] + ["_cross_attention_layer_norm/vars"]
+        return groups + ["_feedforward_intermediate_dense/vars", "_feedforward_output_dense/vars",
+                         "_feedforward_layer_norm/vars"]
 
     def _inner(self):
         inner = [("self_attention/", self.attention), ("self_attention_layer_norm/", self.attention_norm)]

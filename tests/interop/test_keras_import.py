@@ -20,7 +20,8 @@ from dlcli.experiment import load_run_model  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "keras"
 KERAS_FILES = ["sequential_mlp", "sequential_convnet", "sequential_text", "sequential_sequence", "functional",
-               "functional_shared", "functional_misc", "mobilenet", "mobilenet_v2"]  # the last two: keras.applications
+               "functional_shared", "functional_misc", "functional_attention", "sequential_transformer", "mobilenet",
+               "mobilenet_v2"]  # the last two: keras.applications
 runner = CliRunner()
 
 
@@ -170,7 +171,16 @@ def test_code_in_a_lambda_layer_is_refused_and_never_run(tmp_path):
     (lambda layer: layer["config"].update(kernel_initializer={"module": "os", "class_name": "system",
                                                               "config": {"command": "id"}}), "module 'os'"),
     (lambda layer: layer.update(class_name="TFSMLayer"), "Keras TFSMLayer, which dlcli does not have"),
-], ids=["foreign-module", "keras-lookalike-module", "custom-registered", "foreign-initializer", "unknown-class"])
+    # KerasHub's module and registered name pass only for KerasHub layers dlcli has, with KerasHub's own name
+    (lambda layer: layer.update(module="keras_hub.src.layers.modeling.dense", registered_name="keras_hub>Dense"),
+     "from module 'keras_hub.src.layers.modeling.dense', outside Keras"),
+    (lambda layer: layer.update(module="keras_hub.src.layers.modeling.transformer_encoder",
+                                class_name="TransformerEncoder", registered_name="evil>TransformerEncoder"),
+     "outside Keras"),
+    (lambda layer: layer.update(module="keras_hub_evil.layers", class_name="TransformerEncoder",
+                                registered_name="keras_hub>TransformerEncoder"), "outside Keras"),
+], ids=["foreign-module", "keras-lookalike-module", "custom-registered", "foreign-initializer", "unknown-class",
+        "keras-hub-module-for-a-keras-layer", "keras-hub-layer-registered-elsewhere", "keras-hub-lookalike-module"])
 def test_custom_and_foreign_objects_are_refused_by_name(tmp_path, doctor, needle):
     config = mlp_config()
     doctor(config["config"]["layers"][1])

@@ -204,3 +204,14 @@ def test_config_round_trip_and_keras_weight_layout():
     assert layer.output_shape([(7, 16), (9, 12)]) == (7, 6)
     twin = layers.LAYERS.get(config.pop("type"))(**config)
     assert twin.get_config() == layer.get_config()
+
+
+def test_keras_call_arguments_map_to_inputs_and_flags():
+    """A .keras file's call mha(q, v, key=k, attention_mask=m, use_causal_mask=True) -> inputs [q, v, k, m] and the
+    layer argument; an attention mask without a key reads the value as key, as Keras does."""
+    kwargs = {"key": "k", "attention_mask": "m", "use_causal_mask": True, "training": None}
+    assert layers.MultiHeadAttention.keras_call(["q", "v"], kwargs) == (["q", "v", "k", "m"], {"use_causal_mask": True})
+    assert kwargs == {"training": None}  # left for the importer to judge
+    assert layers.MultiHeadAttention.keras_call(["q", "v"], {"attention_mask": "m"}) == (["q", "v", "v", "m"], {})
+    assert layers.TransformerDecoder.keras_call(["d"], {"encoder_sequence": "e", "use_causal_mask": False}) == (
+        ["d", "e"], {"use_causal_mask": False})
