@@ -25,6 +25,7 @@ from dlcli.errors import DlcliError
 
 INSTALL_HINT = "pip install 'dlcli[distributed]'"
 FAILURE_TAG = 0x444C  # point-to-point messages carrying a failure (a collective cannot: the failed rank is gone)
+EXIT_TAG = 0x444D  # rank 0 to the others after a failure: its message is printed and flushed, they may exit
 ACK_SECONDS = 10.0  # how long a failed rank waits for rank 0 to take over its message before printing it itself
 SPIN_POLLS = 200  # polls before a waiting rank starts sleeping between them (short waits stay fast)
 
@@ -80,6 +81,7 @@ class MPIWorld(World):
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.local_size = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()  # ranks sharing this node's cores
         self.failed_code: int | None = None
+        self.printed_here = False  # a failed rank that printed its own message need not wait for rank 0's
         atexit.register(self._exit_after_failure)  # registered after mpi4py's, so it runs before MPI_Finalize
 
     # --- collectives, polled --------------------------------------------------------------------------------
@@ -166,26 +168,44 @@ class MPIWorld(World):
             error.message = message
         if not self.is_root and not self._root_took_over():
             print(f"error: {message}", file=sys.__stderr__, flush=True)  # rank 0 is stuck elsewhere: say it here
+            self.printed_here = True
 
     def _send_failure(self, dest, message, code):
         self.comm.isend((message, code), dest=dest, tag=FAILURE_TAG).Wait()
 
     def _root_took_over(self) -> bool:
         """Rank 0 acknowledges (or announces its own failure): then it prints, and this rank stays quiet."""
+        return self._wait_for_root(FAILURE_TAG)
+
+    def _wait_for_root(self, tag) -> bool:
+        """Receive rank 0's message with `tag` within ACK_SECONDS (False: rank 0 is stuck elsewhere)."""
         deadline = time.monotonic() + ACK_SECONDS
         while time.monotonic() < deadline:
-            if self.comm.Iprobe(source=0, tag=FAILURE_TAG):
-                self.comm.recv(source=0, tag=FAILURE_TAG)
+            if self.comm.Iprobe(source=0, tag=tag):
+                self.comm.recv(source=0, tag=tag)
                 return True
             time.sleep(0.005)
         return False
 
     def _exit_after_failure(self):
         # MPI_Finalize would wait for collectives the failed rank never joins; every rank leaves with its code.
-        if self.failed_code is not None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(self.failed_code)
+        # Rank 0 prints the message, and a launcher (mpiexec, srun) kills the ranks still running as soon as one
+        # exits non-zero: the others wait for rank 0 to say its message is out before they exit.
+        if self.failed_code is None:
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.is_root:
+            self._tell_others_to_exit()
+        elif not self.printed_here:
+            self._wait_for_root(EXIT_TAG)
+        os._exit(self.failed_code)
+
+    def _tell_others_to_exit(self):
+        sends = [self.comm.isend(None, dest=dest, tag=EXIT_TAG) for dest in range(self.size) if dest != self.rank]
+        deadline = time.monotonic() + 1.0  # a rank that gave up waiting has gone: never hang on its send
+        while not all(r.Test() for r in sends) and time.monotonic() < deadline:
+            time.sleep(0.001)
 
 
 def failure_text(error: BaseException) -> str:

@@ -1,11 +1,13 @@
 """One data-parallel training job, run by tests/test_distributed.py under `mpiexec -n 2` (and in-process with one
-rank as the reference): python tests/distributed_job.py CASE OUT.npz [resume|stop-at=B|fail-at=B]
+rank as the reference): python tests/distributed_job.py CASE OUT.npz [resume|stop-at=B|fail-at=B] [report-after=S]
+(report-after: rank 0 takes S seconds to print a failure, as a loaded machine may)
 
 Rank 0 writes OUT.npz: the final weights, the history, and a hash of every rank's weights (gathered to rank 0).
 """
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,5 +126,7 @@ if __name__ == "__main__":
         run(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")
     except BaseException as e:  # as the CLI does: rank 0 prints the one message, every rank exits with its code
         if distributed.world(True).is_root:
+            if len(sys.argv) > 4 and sys.argv[4].startswith("report-after="):
+                time.sleep(float(sys.argv[4].split("=")[1]))
             print(f"error: {distributed.failure_text(e)}", file=sys.stderr, flush=True)
         sys.exit(distributed.failure_code(e))

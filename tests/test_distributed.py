@@ -144,6 +144,16 @@ def test_one_rank_failing_stops_every_rank_with_its_message(tmp_path):
     assert not (tmp_path / "out.npz").exists()
 
 
+@needs_mpi
+def test_the_other_ranks_wait_for_rank_0_to_print_the_failure(tmp_path):
+    """A launcher kills every rank as soon as one exits non-zero: a rank leaving before rank 0 has printed would
+    lose the one message (issue 28: 2 of 14 bad-config runs exited 2 with an empty stderr). Rank 0 here takes 2 s
+    to print, as a loaded machine may."""
+    done = mpirun(JOB, "dense_adam", tmp_path / "out.npz", "fail-at=3", "report-after=2", timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.count("rank 1 of 2 failed: ValueError: injected failure at batch 3") == 1, done.stderr
+
+
 def test_world_of_one_needs_no_mpi(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)
     world = distributed.world(False)
