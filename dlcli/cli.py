@@ -54,11 +54,11 @@ def train(
         run = dlcli.train(config, set_, runs_dir=runs_dir, resume=resume or False,
                           allow_config_change=allow_config_change, init_from=init_from, seed=seed, name=name,
                           verbose=0 if quiet else 1, distributed=distributed, threads=threads,
-                          callbacks=[stop] if quiet else [Banner(out, config), stop])
+                          callbacks=[stop] if quiet else [Banner(out, config, resume), stop])
     except KeyboardInterrupt:  # a second Ctrl-C: StopOnSignal has said that nothing more was saved
         raise typer.Exit(130) from None
     if run.config.train.kfold and not quiet:
-        print_kfold(out, run)  # the mean and spread per epoch; the test table below is the folds' mean
+        print_kfold(out, run)  # the mean and spread per epoch (or which folds finished); the test table: their mean
     if run.test and not quiet:
         out.print(metrics_table(f"test: {test_set(run.config, run.sizes['test'])}", run.test))
         print_baseline(out, run.test, run.splits.extra)

@@ -29,3 +29,8 @@ class ExportError(DlcliError):
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=2)
+
+
+def plural(count: int, word: str) -> str:
+    """'1 epoch', '3 epochs': counts in messages."""
+    return f"{count:,} {word}{'' if count == 1 else 's'}"

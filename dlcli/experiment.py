@@ -15,7 +15,7 @@ from dlcli.callbacks import Callback
 from dlcli.config import Config, as_config
 from dlcli.data import paths
 from dlcli.data.source import Source, as_source
-from dlcli.errors import DlcliError, ShapeError
+from dlcli.errors import DlcliError, ShapeError, plural
 
 
 @dataclass
@@ -113,6 +113,7 @@ class Run:
     init_from: Path | None = None  # the weights file a fine-tuning run started from
     resumed: str | None = None  # where a resumed run continues, for people
     config_changes: list = field(default_factory=list)  # lines naming what a resume changed
+    kfold_dir: Path | None = None  # a fold's K-fold run: the directory --resume continues
     trainer: object = field(default=None, repr=False)
     stopping: str | None = field(default=None, repr=False)  # the status stop() asked for
 
@@ -171,6 +172,7 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
     run = run or Run(run_dir, config, model, splits)
     recorded = fingerprint.record(config.to_dict())  # what evaluate/predict/export/--resume check config.yaml against
     settings = config.train
+    cbs = run_callbacks(config, run_dir, splits.x_val is not None)  # a callback that cannot start fails here
     meta_path = run_dir / "meta.json"
     meta = start_meta(config, model, splits)
     if resume is not None and meta_path.exists():
@@ -184,7 +186,6 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
         from dlcli.data.table import FILENAME
 
         runs.atomic_write_json(run_dir / FILENAME, splits.extra["feature_space"])
-    cbs = run_callbacks(config, run_dir, splits.x_val is not None)
     if resume is not None and world.is_root:
         done = resume["header"]["position"]["epoch"]
         cbs[0].rows = [r for r in runs.read_history(run_dir) if (r.get("epoch") or 0) <= done]
@@ -287,11 +288,12 @@ def train(config=None, overrides=(), *, runs_dir="runs", resume=False, allow_con
 def _train(world, config, overrides, runs_dir, resume, allow_config_change, init_from, seed, name, callbacks,
            verbose) -> Run:
     from dlcli.builder import build_model
+    from dlcli.callbacks import from_config
     from dlcli.config import dump_yaml
-    from dlcli.kfold import train_folds
+    from dlcli.kfold import fold_indices, train_folds
 
     overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else []) + ([f"name={name}"] if name else [])
-    cfg, state, run_dir, changes, folds = \
+    cfg, state, run_dir, changes, kfold_resume = \
         _resolve(config, overrides, resume, allow_config_change, init_from) if world.is_root else (None,) * 5
     # rank 0's resolution for every rank (its checkpoint follows in Trainer.fit: other nodes may not see its disk)
     shared = world.bcast_json({"config": None if cfg is None else cfg.to_dict(),
@@ -305,6 +307,9 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
         model = build_model(cfg)  # shapes and names fail here, before any data is loaded (a table adapts first)
         initial = _init_from(model, init_from) if init_from is not None and world.is_root else None
         splits = load_splits(cfg, model)
+    # everything that can refuse the run does so before its directory exists: folds, callbacks and their extras
+    folds = fold_indices(cfg, splits) if cfg.train.kfold else None
+    from_config(cfg.train.callbacks)
     if shared["run_dir"] is None and world.is_root:
         run_dir = runs.create_run_dir(runs_dir, cfg.name)
         lines = []
@@ -313,9 +318,14 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
     run_dir = Path(world.bcast_json(None if run_dir is None else str(run_dir)))
     runs.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
     if cfg.train.kfold:
-        return train_folds(cfg, model, splits, run_dir, start_meta(cfg, model, splits), resume=folds,
-                           verbose=verbose, train_fold=lambda c, m, s, d, state: train_run(
-                               c, m, s, d, callbacks, verbose=verbose, resume=state))
+        def train_fold(fold_cfg, fold_model, fold_splits, fold_dir, fold_state):
+            fold_run = Run(fold_dir, fold_cfg, fold_model, fold_splits, kfold_dir=run_dir,
+                           resumed=None if fold_state is None else resume_banner(fold_state))
+            return train_run(fold_cfg, fold_model, fold_splits, fold_dir, callbacks, verbose=verbose,
+                             resume=fold_state, run=fold_run)
+
+        return train_folds(cfg, model, splits, folds, run_dir, start_meta(cfg, model, splits), resume=kfold_resume,
+                           verbose=verbose, train_fold=train_fold)
     run = Run(run_dir, cfg, model, splits, init_from=initial, config_changes=changes, resumed=shared["resumed"])
     return train_run(cfg, model, splits, run_dir, callbacks, verbose=verbose, resume=state, world=world, run=run)
 
@@ -341,6 +351,8 @@ def _resolve(config, overrides, resume, allow_config_change, init_from):
         cfg = _config(run_dir / "config.yaml" if config is None else config, overrides)
         cfg = cfg.model_copy(update={"name": old.name})
         changes = fingerprint.check_resume(old.to_dict(), cfg.to_dict(), allow_config_change and not folds)
+        if folds or state is not None:
+            _refuse_finished(run_dir, None if folds else state["header"]["position"]["epoch"], old, cfg)
         new_lr = _constant_lr(cfg.compile.optimizer)
         # a new constant learning rate replaces the checkpointed one
         if state is not None and new_lr is not None and new_lr != _constant_lr(old.compile.optimizer):
@@ -351,6 +363,20 @@ def _resolve(config, overrides, resume, allow_config_change, init_from):
     else:
         cfg = _config(config, overrides)
     return cfg, state, run_dir, changes, folds
+
+
+def _refuse_finished(run_dir, done: int | None, old: Config, new: Config):
+    """A run that trained all its epochs (or that EarlyStopping completed; for a K-fold run, all its folds) has
+    nothing to resume unless the resume asks for more epochs. `done`: the epochs its checkpoint holds."""
+    meta = run_dir / "meta.json"
+    status = runs.read_json(meta).get("status") if meta.is_file() else None
+    if (done is not None and done >= new.train.epochs) or (status == "completed" and new.train.epochs <= old.train.epochs):
+        trained = (f"all {old.train.kfold} folds trained" if done is None else
+                   f"{done} of {plural(old.train.epochs, 'epoch')} trained")
+        raise DlcliError(f"{run_dir} has finished ({status or 'its checkpoint is at the end'}: {trained}), so there "
+                         f"is nothing to resume; to train it longer resume with more epochs (--set train.epochs=N "
+                         f"--allow-config-change), or start a new run from its weights (--init-from {run_dir})",
+                         exit_code=2)
 
 
 def _config(config, overrides) -> Config:

@@ -6,12 +6,14 @@ validation curves, and pick the epoch count from the mean before a final fit on 
 runs/<name>-<time>/
   config.yaml  summary.txt   as for any run
   folds/1 ... folds/K/       each an ordinary run directory (history.csv, weights/, checkpoint/, meta.json ...)
-  history.csv                per epoch, the mean across folds of every column (epochs that every fold reached)
-  kfold.csv                  per epoch, mean and standard deviation across folds of every column
+  history.csv                per epoch, the mean across the finished folds of every column (epochs they all reached)
+  kfold.csv                  per epoch, mean and standard deviation across the finished folds of every column
   curves.png                 per quantity, the validation mean with a +-1 standard deviation band
   meta.json                  K, each fold's status, the best epoch of the mean, the test metrics' mean
 Folds are seeded (seed, then the fold stream) and stratified when the targets are class labels. `--resume` skips
-the finished folds and continues the one it stopped in from its checkpoint.
+the finished folds and continues the one it stopped in from its checkpoint. The aggregate is computed from the
+folds' history.csv files whether a fold finished in this process or an earlier one, so a resumed run's files are
+identical to an uninterrupted one's.
 """
 import math
 import time
@@ -30,67 +32,76 @@ def is_kfold_run(run_dir) -> bool:
     return (Path(run_dir) / FOLDS).is_dir()
 
 
-def train_folds(cfg, model, splits, run_dir: Path, meta: dict, train_fold, resume: bool = False,
-                verbose: int = 0):
-    """Write the run's meta.json (`meta`, unless resuming), train every fold not finished yet into run_dir/folds/<i>/
-    with `train_fold(config, model, splits, fold_dir, checkpoint or None) -> Run` (the run entry point's own
-    train_run); write the aggregate. Returns the whole run's
-    Run: the status of the fold that stopped it (else "completed"), history = the mean rows, test = the mean."""
-    from dlcli import checkpoint
-    from dlcli.builder import build_model
-    from dlcli.config import dump_yaml
+def fold_indices(cfg, splits) -> list[np.ndarray]:
+    """The K validation folds of the training split (seeded, stratified for class labels): called before the run
+    directory is created, so what cannot be folded leaves nothing behind."""
     from dlcli.data.split import kfold_indices
 
-    k = cfg.train.kfold
     if splits.x_val is not None:
         raise DlcliError("train.kfold validates on each fold in turn: the dataset's own validation split would go "
                          "unused; use a dataset without one", exit_code=2)
     y = splits.y_train[0]
-    folds = kfold_indices(y, k, np.random.default_rng([cfg.seed, 3]), stratify=_class_labels(y))
+    return kfold_indices(y, cfg.train.kfold, np.random.default_rng([cfg.seed, 3]), stratify=_class_labels(y))
+
+
+def train_folds(cfg, model, splits, folds, run_dir: Path, meta: dict, train_fold, resume: bool = False,
+                verbose: int = 0):
+    """Write the run's meta.json (`meta`, unless resuming), train every fold (`folds`: fold_indices) not finished
+    yet into run_dir/folds/<i>/ with `train_fold(config, model, splits, fold_dir, checkpoint or None) -> Run` (the
+    run entry point's own train_run); write the aggregate. Returns the whole run's Run: the status of the fold that
+    stopped it (else "completed"), history = the mean rows, test = the mean."""
+    from dlcli import checkpoint
+    from dlcli.builder import build_model
+    from dlcli.config import dump_yaml
+
+    k = cfg.train.kfold
     fold_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"kfold": None})})
     everything = np.arange(len(splits.x_train))
     start = time.perf_counter()
     meta_path = run_dir / "meta.json"
     if not meta_path.exists():
         runs.atomic_write_json(meta_path, {**meta, "kfold": k})
-    histories, tests, statuses, last = [], [], [], None
+    statuses, last = [], None
     fresh_model = model  # the one already built serves the first fold trained now; later folds get new weights
-    for i, val in enumerate(folds):
-        fold_dir = run_dir / FOLDS / str(i + 1)
-        meta = runs.read_json(fold_dir / "meta.json") if (fold_dir / "meta.json").exists() else {}
-        if meta.get("status") == "completed":
-            histories.append(runs.read_history(fold_dir))
-            tests.append(meta.get("test"))
-            statuses.append("completed")
-            continue
-        state = None
-        if resume and (fold_dir / checkpoint.FILENAME).exists():
-            state = checkpoint.load(fold_dir)
-        else:
-            (fold_dir / "weights").mkdir(parents=True, exist_ok=True)
-            runs.atomic_write_text(fold_dir / "config.yaml", dump_yaml(fold_cfg.to_dict()))
-        train_idx = np.setdiff1d(everything, val)
-        fold_splits = _fold_splits(splits, train_idx, val)
-        if verbose:
-            print(f"fold {i + 1}/{k}: {len(train_idx):,} training, {len(val):,} validation samples"
-                  + (" (resumed)" if state is not None else ""), flush=True)
-        if fold_splits.extra.get("feature_space"):  # a table adapted on this fold: its own input width
-            from dlcli.data.table import stored
+    try:
+        for i, val in enumerate(folds):
+            fold_dir = run_dir / FOLDS / str(i + 1)
+            meta = runs.read_json(fold_dir / "meta.json") if (fold_dir / "meta.json").exists() else {}
+            if meta.get("status") == "completed":
+                statuses.append("completed")
+                continue
+            state = None
+            if resume and (fold_dir / checkpoint.FILENAME).exists():
+                state = checkpoint.load(fold_dir)
+            else:
+                (fold_dir / "weights").mkdir(parents=True, exist_ok=True)
+                runs.atomic_write_text(fold_dir / "config.yaml", dump_yaml(fold_cfg.to_dict()))
+            train_idx = np.setdiff1d(everything, val)
+            fold_splits = _fold_splits(splits, train_idx, val)
+            if verbose:
+                print(f"fold {i + 1}/{k}: {len(train_idx):,} training, {len(val):,} validation samples"
+                      + (" (resumed)" if state is not None else ""), flush=True)
+            if fold_splits.extra.get("feature_space"):  # a table adapted on this fold: its own input width
+                from dlcli.data.table import stored
 
-            with stored(fold_splits.extra["feature_space"]):
-                fold_model, fresh_model = build_model(cfg), None
-        else:
-            fold_model, fresh_model = fresh_model or build_model(cfg), None
-        last = train_fold(fold_cfg, fold_model, fold_splits, fold_dir, state)
-        statuses.append(last.status)
-        histories.append(last.history)
-        tests.append(last.test)
-        if last.status != "completed":
-            break
+                with stored(fold_splits.extra["feature_space"]):
+                    fold_model, fresh_model = build_model(cfg), None
+            else:
+                fold_model, fresh_model = fresh_model or build_model(cfg), None
+            last = train_fold(fold_cfg, fold_model, fold_splits, fold_dir, state)
+            statuses.append(last.status)
+            if last.status != "completed":
+                break
+    except BaseException as e:  # a fold that failed (or a second Ctrl-C): the whole run says so, not "running"
+        from dlcli.experiment import _mark_failed
+
+        meta_path = run_dir / "meta.json"
+        _mark_failed(meta_path, runs.read_json(meta_path), e)
+        raise
     if last is None:
-        raise DlcliError(f"all {k} folds of {run_dir} are finished: nothing to resume")
+        raise DlcliError(f"all {k} folds of {run_dir} are finished: nothing to resume", exit_code=2)
     seconds = time.perf_counter() - start
-    means, test, best_epoch = write_aggregate(run_dir, cfg, histories, tests, statuses, k, seconds)
+    means, test, best_epoch = write_aggregate(run_dir, cfg, statuses, k, seconds)
     return replace(last, dir=run_dir, config=cfg, splits=splits, status=last.status, history=means, test=test,
                    seconds=seconds, best_epoch=best_epoch, resumed=None)
 
@@ -107,19 +118,26 @@ def _fold_splits(splits, train_idx, val):
                    x_val=x_all.subset(val), y_val=[a[val] for a in splits.y_train], x_test=x_test, extra=extra)
 
 
-def write_aggregate(run_dir: Path, cfg, histories: list, tests: list, statuses: list, k: int, seconds: float):
-    """history.csv (means), kfold.csv (means and standard deviations), curves.png (bands), meta.json."""
-    from dlcli.plots import band_png
+def finished_folds(run_dir: Path, statuses: list) -> list[Path]:
+    return [run_dir / FOLDS / str(i + 1) for i, status in enumerate(statuses) if status == "completed"]
 
-    rows = fold_statistics(histories)
+
+def write_aggregate(run_dir: Path, cfg, statuses: list, k: int, seconds: float):
+    """history.csv (means), kfold.csv (means and standard deviations), curves.png (bands), meta.json: over the
+    finished folds, each read back from its history.csv and meta.json (so a fold finished before a resume counts
+    exactly as one finished in this process)."""
+    from dlcli.plots import write_curves
+
+    done = finished_folds(run_dir, statuses)
+    rows = fold_statistics([runs.read_history(d) for d in done])
+    tests = [runs.read_json(d / "meta.json").get("test") for d in done]
     means = [{key: v for key, v in r.items() if not key.endswith("_std")} for r in rows]
     runs.atomic_write_text(run_dir / "history.csv", runs.history_csv(means) if means else "epoch\n")
     runs.atomic_write_text(run_dir / "kfold.csv", runs.history_csv(rows) if rows else "epoch\n")
-    runs.atomic_write_bytes(run_dir / "curves.png", band_png(rows, len(histories), f"{run_dir.name}: {k}-fold"))
     monitor = "val_loss" if means and "val_loss" in means[0] else "loss"
     best = min(means, key=lambda r: r.get(monitor, math.inf)) if means else None
-    done = [t for t in tests if t]
-    test = {m: float(np.mean([t[m] for t in done])) for m in done[0]} if done and len(done) == len(tests) else None
+    known = [t for t in tests if t]
+    test = {m: float(np.mean([t[m] for t in known])) for m in known[0]} if known and len(known) == k else None
     meta_path = run_dir / "meta.json"
     meta = runs.read_json(meta_path) if meta_path.exists() else runs.versions_meta(cfg.seed)
     meta.update({"kfold": k, "folds": statuses,
@@ -129,6 +147,7 @@ def write_aggregate(run_dir: Path, cfg, histories: list, tests: list, statuses: 
                  "epochs_run": len(means), "best_epoch": best and best["epoch"],
                  "best": {f"mean {monitor}": best and best.get(monitor)}, "test": test})
     runs.atomic_write_json(meta_path, meta)
+    write_curves(run_dir)  # after meta.json: the band's legend counts the finished folds
     return means, test, best and best["epoch"]
 
 

@@ -161,17 +161,27 @@ def importances_png(importances: dict, metric: str, title: str) -> bytes:
     return _png(fig)
 
 
-def write_curves(run_dir, rows: list[dict] | None = None) -> Path:
-    """Write `run_dir/curves.png` from `rows` (default: the run's history.csv)."""
+def write_curves(run_dir, rows: list[dict] | None = None, output=None) -> Path:
+    """Draw a run's curves.png (or `output`) from `rows` (default: the run's history.csv); a K-fold run's from its
+    kfold.csv, as the mean across folds with a +-1 standard deviation band."""
+    from dlcli.kfold import is_kfold_run
+
     run_dir = Path(run_dir)
-    rows = runs.read_history(run_dir) if rows is None else rows
-    path = runs.RunDir(run_dir).curves
-    runs.atomic_write_bytes(path, curves_png([(run_dir.name, rows)], title=run_dir.name))
+    path = Path(output) if output is not None else runs.RunDir(run_dir).curves
+    if rows is None and is_kfold_run(run_dir) and (run_dir / "kfold.csv").is_file():
+        meta = runs.read_json(runs.RunDir(run_dir).meta) if runs.RunDir(run_dir).meta.is_file() else {}
+        k, done = meta.get("kfold"), sum(s == "completed" for s in meta.get("folds") or [])
+        png = band_png(runs.read_history(run_dir, "kfold.csv"), done, f"{run_dir.name}: {k}-fold")
+    else:
+        rows = runs.read_history(run_dir) if rows is None else rows
+        png = curves_png([(run_dir.name, rows)], title=run_dir.name)
+    runs.atomic_write_bytes(path, png)
     return path
 
 
 def plot_runs(run_dirs: list, output) -> Path:
-    """Overlay several runs' histories in one PNG at `output`."""
+    """Overlay several runs' histories in one PNG at `output`; one run is drawn as its curves.png is (a K-fold run
+    with its band)."""
     histories = []
     for d in run_dirs:
         d = Path(d)
@@ -184,5 +194,7 @@ def plot_runs(run_dirs: list, output) -> Path:
     output = Path(output)
     if output.suffix.lower() != ".png":
         raise DlcliError(f"--output must end in .png; got {output}")
+    if len(run_dirs) == 1:
+        return write_curves(run_dirs[0], output=output)
     runs.atomic_write_bytes(output, curves_png(histories))
     return output

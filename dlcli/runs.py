@@ -217,8 +217,9 @@ def _csv_value(v):
     return "" if v is None else v
 
 
-def read_history(run_dir) -> list[dict]:
-    path = RunDir(run_dir).history
+def read_history(run_dir, name: str | None = None) -> list[dict]:
+    """A run's history.csv (or its file `name`, a K-fold run's kfold.csv) as rows of numbers."""
+    path = RunDir(run_dir).history if name is None else Path(run_dir) / name
     if not path.exists():
         return []
     with open(path, newline="") as f:

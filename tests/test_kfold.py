@@ -1,13 +1,19 @@
 """K-fold validation: seeded stratified folds, one run directory with every fold's run and the mean/spread per
 epoch, and --resume continuing the fold it stopped in (ending identical to an uninterrupted run)."""
+import io
 import json
+import sys
 
 import numpy as np
 import pytest
+from rich.console import Console
+from typer.testing import CliRunner
 
 import dlcli
 from dlcli import runs
 from dlcli.callbacks import Callback
+from dlcli.cli import app
+from dlcli.commands.run_display import print_kfold, report_interrupted
 from dlcli.config import parse_config
 from dlcli.data.split import kfold_indices
 from dlcli.errors import ConfigError
@@ -33,9 +39,13 @@ train: {{epochs: 3, batch_size: 16, kfold: 3}}
 
 @pytest.fixture
 def config(tmp_path):
+    return _config(tmp_path, seed=4)
+
+
+def _config(tmp_path, seed):
     write_class_npz(tmp_path / "data.npz", 120, 6, test=30, seed=3, threshold=0.7)
     path = tmp_path / "folds.yaml"
-    path.write_text(CONFIG.format(data=tmp_path / "data.npz"))
+    path.write_text(CONFIG.format(data=tmp_path / "data.npz").replace("seed: 4", f"seed: {seed}"))
     return path
 
 
@@ -98,7 +108,11 @@ class StopInFold(Callback):
             self.run.stop("interrupted")
 
 
-def test_resume_continues_the_fold_it_stopped_in(config, tmp_path):
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_resume_continues_the_fold_it_stopped_in(seed, tmp_path):
+    """Every file ends identical to the uninterrupted run's, whatever the seed: the mean rows of folds finished before
+    the resume and after it come from the same place (each fold's history.csv)."""
+    config = _config(tmp_path, seed)
     whole = dlcli.train(config, runs_dir=tmp_path / "whole")
     stopped = dlcli.train(config, runs_dir=tmp_path / "stopped", callbacks=[StopInFold(2)])
     assert stopped.status == "interrupted"
@@ -111,7 +125,7 @@ def test_resume_continues_the_fold_it_stopped_in(config, tmp_path):
     assert (stopped.dir / "folds" / "1" / "weights" / "last.npz").read_bytes() == fold1  # not trained again
 
     def no_time(rows):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+        return [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]
 
     for i in (1, 2, 3):  # the interrupted fold ends exactly as it would have without the stop
         assert no_time(runs.read_history(stopped.dir / "folds" / str(i))) == \
@@ -119,6 +133,58 @@ def test_resume_continues_the_fold_it_stopped_in(config, tmp_path):
         assert (stopped.dir / "folds" / str(i) / "weights" / "last.npz").read_bytes() == \
             (whole.dir / "folds" / str(i) / "weights" / "last.npz").read_bytes()
     assert no_time(runs.read_history(stopped.dir)) == no_time(runs.read_history(whole.dir))
+    assert no_time(runs.read_history(stopped.dir, "kfold.csv")) == no_time(runs.read_history(whole.dir, "kfold.csv"))
+    assert no_time(resumed.history) == no_time(whole.history) and resumed.test == whole.test
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
+def test_an_interrupted_kfold_run_reports_only_its_finished_folds(config, tmp_path, capsys):
+    """No mean table or final-model advice from partial folds; the checkpoint path is the fold's; resuming names the
+    whole K-fold run (issue 28)."""
+    stopped = dlcli.train(config, runs_dir=tmp_path / "runs", callbacks=[StopInFold(2)])
+    out = io.StringIO()
+    print_kfold(Console(file=out, width=300), stopped)
+    text = out.getvalue()
+    assert "3-fold validation interrupted in fold 2 of 3; finished: folds 1" in text
+    assert "+-" not in text and "best mean" not in text and "--set train.epochs" not in text
+    report_interrupted(stopped)
+    err = capsys.readouterr().err
+    checkpoint = stopped.dir / "folds" / "2" / "checkpoint" / "state.npz"
+    assert checkpoint.is_file() and f"checkpoint saved in {checkpoint}" in " ".join(err.split())
+    assert f"resume with: dlcli train --resume {stopped.dir}\n" in err
+    # the aggregate holds the finished fold alone: what it says is true of fold 1
+    assert [r["val_loss"] for r in runs.read_history(stopped.dir)] == \
+        [r["val_loss"] for r in runs.read_history(stopped.dir / "folds" / "1")]
+    resumed = CliRunner().invoke(app, ["train", "--resume", str(stopped.dir)], env={"COLUMNS": "300"})
+    assert resumed.exit_code == 0, resumed.output
+    banner = " ".join(resumed.output.split())
+    assert f"dlcli train --resume {stopped.dir} (config {stopped.dir}/config.yaml) -> {stopped.dir}/folds/2" in banner
+    assert "best mean val_loss at epoch" in banner
+    again = CliRunner().invoke(app, ["train", "--resume", str(stopped.dir)])
+    assert again.exit_code == 2 and "has finished (completed: all 3 folds trained)" in again.output
+
+
+@pytest.mark.parametrize("change, message", [
+    ("kfold: 3}", "train.kfold must be between 2 and the number of training samples (90); got 500"),
+    ("epochs: 3,", "the TensorBoard callback needs the 'tensorboardX' package"),
+])
+def test_a_kfold_run_that_cannot_start_leaves_no_run_directory(tmp_path, monkeypatch, change, message):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # as if dlcli[tracking] were not installed
+    config = _config(tmp_path, 4)
+    text = config.read_text().replace("kfold: 3}", "kfold: 500}") if change == "kfold: 3}" else \
+        config.read_text().replace("epochs: 3,", "epochs: 3, callbacks: [{type: TensorBoard}],")
+    config.write_text(text)
+    result = CliRunner().invoke(app, ["train", str(config), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plot_redraws_a_kfold_run_with_its_band(config, tmp_path):
+    run = dlcli.train(config, runs_dir=tmp_path / "runs")
+    band = (run.dir / "curves.png").read_bytes()
+    result = CliRunner().invoke(app, ["plot", str(run.dir)])
+    assert result.exit_code == 0, result.output
+    assert (run.dir / "curves.png").read_bytes() == band  # the mean +- 1 std plot, not a plain overlay over it
 
 
 def test_kfold_run_with_one_hot_targets_stratifies_its_folds(tmp_path):

@@ -113,3 +113,4 @@ def test_a_missing_tracking_extra_is_one_line_naming_the_install(tmp_path, monke
     assert result.exit_code == 2
     assert "the TensorBoard callback needs the 'tensorboardX' package: pip install 'dlcli[tracking]'" in result.output
     assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()  # refused before the run directory exists: no run left "running"

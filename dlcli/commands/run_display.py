@@ -1,25 +1,32 @@
 """How `dlcli train` shows a run on a terminal: the banner, and Ctrl-C / SIGTERM ending it with a checkpoint."""
+import os
 import signal
 import sys
+from pathlib import Path
 
 from rich.markup import escape
 
 from dlcli.callbacks import Callback
+from dlcli.errors import plural
 
 
 class Banner(Callback):
     """Run directory, dataset and split sizes, parameters, seed: printed once the run exists, before epoch 1."""
 
-    def __init__(self, out, config_arg):
-        self.out, self.config_arg = out, config_arg
+    def __init__(self, out, config_arg, resume_arg=None):
+        self.out, self.config_arg, self.resume_arg = out, config_arg, resume_arg
 
     def on_run_begin(self, run):
         self.run = run
         out, cfg, model, sizes = self.out, run.config, run.model, run.sizes
         if run.config_changes:
             out.print("config changes accepted for this resume:\n" + "\n".join(run.config_changes), markup=False)
-        what = self.config_arg or (f"--resume {run.dir} (config {run.dir / 'config.yaml'})" if run.resumed else "")
-        out.print(f"[bold]dlcli train[/] {escape(str(what))}  ->  {escape(str(run.dir))}", markup=True)
+        what = str(self.config_arg or "")
+        if self.resume_arg is not None:  # a K-fold run's folds each begin with this banner: the resumed run, not the fold
+            resumed = Path(self.resume_arg)
+            what = f"{what} --resume {resumed}".strip() + ("" if self.config_arg else
+                                                             f" (config {resumed / 'config.yaml'})")
+        out.print(f"[bold]dlcli train[/] {escape(what)}  ->  {escape(str(run.dir))}", markup=True)
         out.print(f"  data    {cfg.data.get('type')} from {run.splits.source}: train {sizes['train']:,}, "
                   f"validation {sizes['validation']:,}, test {test_set(cfg, sizes['test'])}", markup=False)
         if run.splits.extra.get("folder"):
@@ -45,7 +52,7 @@ class Banner(Callback):
         out.print(f"  model   {model.name}: {model.count_params():,} parameters "
                   f"({sum(p.value.size for p in model.trainable_weights):,} trainable)")
         opt = model.optimizer.get_config()
-        out.print(f"  train   {cfg.train.epochs} epochs x batch {cfg.train.batch_size}, "
+        out.print(f"  train   {plural(cfg.train.epochs, 'epoch')} x batch {cfg.train.batch_size}, "
                   f"optimizer {opt.get('type')} (learning rate {opt.get('learning_rate')}), seed {cfg.seed}")
         world = run.trainer.world
         if world.size > 1:
@@ -79,8 +86,8 @@ class StopOnSignal(Callback):
                 from dlcli.checkpoint import describe_position
 
                 last = run.trainer.last_checkpoint
-                saved = (f"`dlcli train --resume {run.dir}` continues from the last checkpoint, "
-                         f"{describe_position(last)}" if last else "no checkpoint had been written: start it again")
+                saved = (f"`{resume_command(run)}` continues from the last checkpoint, {describe_position(last)}"
+                         if last else "no checkpoint had been written: start it again")
                 print(f"\n{signal.Signals(signum).name} again: stopping now; nothing more was saved ({saved})",
                       file=sys.stderr, flush=True)
                 raise KeyboardInterrupt
@@ -144,18 +151,27 @@ def print_baseline(out, test: dict, extra: dict):
 
 
 def print_kfold(out, run):
-    """A K-fold run's report: per epoch the mean and spread of each validation metric across folds, and the epoch
-    where the mean is best (the epoch count to train the final model on all the data for)."""
+    """A finished K-fold run's report: per epoch the mean and spread of each validation metric across folds, and the
+    epoch where the mean is best (the epoch count to train the final model on all the data for). An unfinished one
+    says which folds finished: a mean over some folds is not the K-fold estimate."""
     import csv
 
     from rich.table import Table
 
+    k = run.config.train.kfold
+    if run.status != "completed":
+        statuses = runs_meta(run.dir).get("folds") or []
+        done = [str(i + 1) for i, status in enumerate(statuses) if status == "completed"]
+        out.print(f"{k}-fold validation {run.status} in fold {len(statuses)} of {k}; finished: "
+                  f"{'folds ' + ', '.join(done) if done else 'no fold'} (each in {run.dir / 'folds'}/N). The mean "
+                  f"across folds and the epoch to train the final model for come once every fold has finished.",
+                  markup=False)
+        return
     with open(run.dir / "kfold.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return
     names = [k for k in rows[0] if k.startswith("val_") and not k.endswith("_std")]
-    k = run.config.train.kfold
     table = Table(title=f"{k}-fold validation: mean +- standard deviation across folds")
     table.add_column("epoch", justify="right")
     for name in names:
@@ -169,13 +185,30 @@ def print_kfold(out, run):
                   f"--set train.epochs={run.best_epoch})")
 
 
+def runs_meta(run_dir) -> dict:
+    from dlcli import runs
+
+    return runs.read_json(run_dir / "meta.json") if (run_dir / "meta.json").is_file() else {}
+
+
+def resume_command(run) -> str:
+    """The command that continues `run`: a fold's K-fold run as a whole, under the launcher a data-parallel run was
+    started with (the same rank count resumes bit-identically)."""
+    command = f"dlcli train --resume {run.kfold_dir or run.dir}"
+    world = getattr(run.trainer, "world", None)
+    if world is not None and world.size > 1:
+        launcher = "srun" if "SLURM_JOB_ID" in os.environ else "mpiexec"
+        command = f"{launcher} -n {world.size} {command} --distributed"
+    return command
+
+
 def report_interrupted(run):
     """Where the checkpoint is and the command that resumes it (stderr), then the run directory (stdout)."""
     from dlcli import checkpoint
     from dlcli.commands.base import console
 
+    saved = getattr(run.trainer, "checkpoint_path", None) or run.dir / checkpoint.FILENAME  # a fold's own, in K-fold
     console(stderr=True).print(
         f"interrupted at {checkpoint.describe_position(run.position or {'epoch': 0, 'batch': 0, 'step': 0})}; "
-        f"checkpoint saved in {run.dir / checkpoint.FILENAME}\nresume with: dlcli train --resume {run.dir}",
-        markup=False)
+        f"checkpoint saved in {saved}\nresume with: {resume_command(run)}", markup=False)
     print(run.dir)
