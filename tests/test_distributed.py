@@ -245,7 +245,7 @@ def test_cli_sigterm_checkpoints_every_rank_then_resumes_on_one(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     (run_dir,) = list(runs_dir.iterdir())
-    assert err.count("resume with: dlcli train --resume") == 1
+    assert err.count(f"resume with: mpiexec -n 2 dlcli train --resume {run_dir} --distributed") == 1  # as started
     assert json.loads((run_dir / "meta.json").read_text())["status"] == "interrupted"
     resumed = subprocess.run([*dlcli_argv(), "train", "--resume", run_dir, "--quiet"], capture_output=True,
                              text=True, timeout=300)

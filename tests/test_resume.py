@@ -161,6 +161,15 @@ def test_resume_refuses_architecture_changes_and_gates_epochs(reference, tmp_pat
     assert more.returncode == 2 and "--allow-config-change" in more.stderr and "train.epochs: 3 -> 4" in more.stderr
 
 
+def test_resume_of_a_finished_run_says_it_is_finished(reference):
+    """Was: 'resuming at the start of epoch 4' of 3, then a run of no epochs. More epochs may still be asked for."""
+    _, _, ref = reference
+    result = _run("train", "--resume", ref)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{ref} has finished (completed: 3 of 3 epochs trained), so there is nothing to resume" in \
+        " ".join(result.stderr.split())
+
+
 def test_damaged_and_foreign_checkpoints_are_clear_errors(reference, tmp_path):
     _, _, ref = reference
     run = tmp_path / "copy"
