@@ -7,11 +7,13 @@
 - The HDF5 file is opened from memory. Before anything is read, every link in it is audited: hard links only (no
   soft or external links, which can point into other files), and every dataset plain: a float array, no external
   storage (which reads host files), not virtual, no larger than the file could hold.
-- Each weight's shape is compared with the one the model expects before its data is read.
+- Each weight's shape is compared with the one the model expects before its data is read, and its values must be
+  finite: a NaN or inf weight would import and predict NaN for everything.
 """
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +77,12 @@ def _read_member(path, archive, info) -> bytes:
     if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
         raise UnsafeFile(f"{path}: member '{info.filename}' would inflate {info.compress_size:,} bytes to "
                          f"{info.file_size:,} (more than {MAX_RATIO}:1): refusing a likely zip bomb")
-    with archive.open(info) as f:
-        data = f.read(min(limit, info.file_size) + 1)  # a lying directory cannot make us read more
+    try:
+        with archive.open(info) as f:
+            data = f.read(min(limit, info.file_size) + 1)  # a lying directory cannot make us read more
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:  # sizes or CRC that do not match the data
+        raise UnsafeFile(f"{path}: member '{info.filename}' does not match its directory entry (a damaged or "
+                         f"doctored archive): {e}") from None
     if len(data) > info.file_size:
         raise UnsafeFile(f"{path}: member '{info.filename}' holds more data than its directory entry declares")
     return data
@@ -87,6 +93,8 @@ def _json(path, name, data: bytes) -> dict:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UnsafeFile(f"{path}: {name} is not valid JSON ({e})") from None
+    except RecursionError:  # Python's parser recurses per level; no Keras config nests this deep
+        raise UnsafeFile(f"{path}: {name} nests JSON arrays or objects too deeply to be a Keras config") from None
     if not isinstance(value, dict):
         raise UnsafeFile(f"{path}: {name} must hold a JSON object")
     return value
@@ -161,7 +169,15 @@ class SafeH5:
                              f"{tuple(shape)}")
         if ds.dtype.kind != "f":
             raise UnsafeFile(f"{self.source}: {what} holds {ds.dtype} values; weights are floating point")
-        return np.asarray(ds[()], dtype=np.float32)
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: refused below
+            value = np.asarray(ds[()], dtype=np.float32)
+        bad = ~np.isfinite(value)
+        if bad.any():
+            raise UnsafeFile(f"{self.source}: {what} ({group.name}/{name}) holds {int(bad.sum()):,} non-finite "
+                             f"value{'s' if bad.sum() != 1 else ''} (NaN or inf, the first at index "
+                             f"{tuple(int(i) for i in np.argwhere(bad)[0])}); a model with them predicts NaN: "
+                             f"re-save the model from weights that trained without diverging")
+        return value
 
     def attr(self, node, name: str):
         """A string or list-of-strings attribute (Keras' model_config, layer_names, weight_names), or None."""

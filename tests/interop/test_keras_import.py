@@ -127,7 +127,8 @@ def doctored(tmp_path, config=None, weights=None, members=()) -> Path:
     out = tmp_path / "doctored.keras"
     with zipfile.ZipFile(out, "w") as z:
         z.writestr("metadata.json", source.read("metadata.json"))
-        z.writestr("config.json", json.dumps(config) if config is not None else source.read("config.json"))
+        z.writestr("config.json", config if isinstance(config, bytes) else json.dumps(config) if config is not None
+                   else source.read("config.json"))
         if not isinstance(weights, zipfile.ZipInfo):
             z.writestr("model.weights.h5", weights if weights is not None else source.read("model.weights.h5"))
         for info, data in members:
@@ -279,6 +280,48 @@ def test_path_traversal_members_are_refused_and_nothing_is_extracted(tmp_path, m
     path = doctored(tmp_path, members=[(zipfile.ZipInfo(member), b"owned")])
     refused(tmp_path, path, f"unexpected archive member '{member}'")
     assert not list(tmp_path.parent.glob("escaped.txt")) and not Path("/tmp/dlcli-absolute.txt").exists()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 1e300])
+def test_non_finite_weights_are_refused_naming_layer_and_variable(tmp_path, value):
+    """Was: imported, and predict showed '0 (nan)' for every input (issue 28). 1e300 in float64 overflows float32."""
+    def poisoned(f):
+        kernel = f["layers/dense/vars/0"][()].astype(np.float64)
+        kernel[2, 5] = value
+        del f["layers/dense/vars/0"]
+        f["layers/dense/vars"].create_dataset("0", data=kernel)
+
+    refused(tmp_path, doctored(tmp_path, weights=weights_file(poisoned)),
+            "weight 'dense/kernel' (/layers/dense/vars/0) holds 1 non-finite value (NaN or inf, the first at index "
+            "(2, 5))")
+
+
+def _lying_directory(path: Path, member: bytes, shrink: int):
+    """Make the central directory declare `member` `shrink` bytes smaller than it stores."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.find(b"PK\x01\x02")
+    while at != -1:
+        length = struct.unpack("<H", data[at + 28:at + 30])[0]
+        if data[at + 46:at + 46 + length] == member:
+            for offset in (20, 24):  # compressed and uncompressed size
+                size = struct.unpack("<I", data[at + offset:at + offset + 4])[0]
+                data[at + offset:at + offset + 4] = struct.pack("<I", size - shrink)
+        at = data.find(b"PK\x01\x02", at + 1)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("member", [b"config.json", b"model.weights.h5"])
+def test_a_zip_directory_lying_about_a_member_size_is_one_line(tmp_path, member):
+    path = doctored(tmp_path)
+    _lying_directory(path, member, 50)
+    refused(tmp_path, path, f"member '{member.decode()}' does not match its directory entry")
+
+
+def test_deeply_nested_json_is_one_line(tmp_path):
+    deep = b"[" * 200_000 + b"]" * 200_000
+    refused(tmp_path, doctored(tmp_path, config=deep), "config.json nests JSON arrays or objects too deeply")
 
 
 def test_weight_shape_is_checked_against_the_config_before_reading(tmp_path):
