@@ -74,7 +74,7 @@ def inspect_shapes(
     config: Annotated[Path, typer.Argument(help="YAML config.")],
     set_: SetOption = [],
     batch_size: Annotated[Optional[int], typer.Option(
-        "--batch-size", help="Batch size for the activation-memory estimate (default: train.batch_size).")] = None,
+        "--batch-size", min=1, help="Batch size for the activation-memory estimate (default: train.batch_size).")] = None,
     graph: Annotated[Optional[Path], typer.Option(
         "--graph", help="Also draw the layer graph: FILE.svg or FILE.png (needs Graphviz 'dot'; without it a .dot "
                         "file is written instead), FILE.dot, or FILE.md (a mermaid flowchart).")] = None,
@@ -140,7 +140,7 @@ def inspect_shapes(
                       + "\n".join(tables.inferred_yaml(state)), markup=False, highlight=False)
     from dlcli import memory
 
-    bs = batch_size or cfg.train.batch_size
+    bs = cfg.train.batch_size if batch_size is None else batch_size
     total = model.count_params()
     trainable = sum(p.value.size for p in model.trainable_weights)
     out.print(f"Total params: {total:,}  (trainable {trainable:,}, non-trainable {total - trainable:,})")

@@ -48,6 +48,8 @@ def check_graph_path(path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise DlcliError(f"--graph {path}: the file must end in one of {', '.join(FORMATS)}", exit_code=2)
+    if not path.parent.is_dir():  # a typo in the folder should not create it
+        raise DlcliError(f"--graph {path}: the folder {path.parent} does not exist", exit_code=2)
     return path
 
 
@@ -55,7 +57,6 @@ def render_graph(model, path) -> str:
     """Write the drawing `path`'s suffix asks for; returns a sentence saying what was written (and any fallback)."""
     path = check_graph_path(path)
     suffix = path.suffix.lower()
-    path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".md":
         path.write_text(to_mermaid(model), encoding="utf-8")
         return f"wrote {path} (a mermaid flowchart in Markdown)"

@@ -100,6 +100,25 @@ def test_inspect_shapes_needs_no_data(tmp_path):
     assert "Total params: 67" in result.output and "batch 64" in result.output
 
 
+@pytest.mark.parametrize("size", ["-5", "0"])
+def test_inspect_shapes_refuses_a_batch_size_below_one(tmp_path, size):
+    """Was: -5 printed negative memory, 0 silently used train.batch_size (issue 28)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY.format(path=tmp_path / "missing.npz"))
+    result = runner.invoke(app, ["inspect-shapes", str(config), "--batch-size", size])
+    assert result.exit_code == 2 and "Invalid value for '--batch-size': Input should be greater than or equal to 1" in \
+        " ".join(result.output.split()), result.output
+    assert "Memory" not in result.output
+
+
+def test_inspect_shapes_graph_in_a_missing_folder_is_refused(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY.format(path=tmp_path / "missing.npz"))
+    result = runner.invoke(app, ["inspect-shapes", str(config), "--graph", str(tmp_path / "nowhere" / "g.md")])
+    assert result.exit_code == 2 and f"the folder {tmp_path / 'nowhere'} does not exist" in result.output
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_inspect_shapes_reports_the_books_mlp():
     result = runner.invoke(app, ["inspect-shapes", "configs/mnist.yaml"])
     assert result.exit_code == 0, result.output
