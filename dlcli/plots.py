@@ -184,9 +184,9 @@ def plot_runs(run_dirs: list, output) -> Path:
     with its band)."""
     histories = []
     for d in run_dirs:
-        d = Path(d)
+        d = runs.require_run_dir(d, needs=None)
         if not runs.RunDir(d).history.is_file():
-            raise DlcliError(f"{d} has no history.csv (not a run directory, or the run has not finished an epoch)")
+            raise DlcliError(f"{d} has no history.csv yet: the run has not finished an epoch", exit_code=2)
         try:
             histories.append((d.name, runs.read_history(d)))
         except (OSError, ValueError, UnicodeDecodeError) as e:

@@ -247,11 +247,22 @@ def read_json(path) -> dict:
         raise DlcliError(f"{path} is unreadable or damaged: {e}") from None
 
 
-def require_run_dir(run_dir) -> Path:
+def require_run_dir(run_dir, needs: str | None = "config.yaml") -> Path:
+    """`run_dir` as a Path if it is a run directory holding `needs` (None: any of RunDir.MARKERS, so a damaged run
+    can still be shown); otherwise the one "not a run directory" error every command gives (exit 2, a usage
+    error)."""
     path = Path(run_dir)
-    if not RunDir(path).config.is_file():
-        raise DlcliError(f"{path} is not a dlcli run directory (no config.yaml); run directories look like "
-                         f"runs/<name>-<yyyymmdd-hhmmss>/")
+    if not path.exists():
+        problem = "it does not exist"
+    elif not path.is_dir():
+        problem = "it is a file"
+    elif needs is not None:
+        problem = None if (path / needs).is_file() else f"no {needs}"
+    else:
+        problem = None if any((path / m).is_file() for m in RunDir.MARKERS) else f"no {', '.join(RunDir.MARKERS)}"
+    if problem:
+        raise DlcliError(f"{path} is not a dlcli run directory ({problem}); run directories look like "
+                         f"runs/<name>-<yyyymmdd-hhmmss>/ (list them with dlcli runs list --runs-dir DIR)", exit_code=2)
     return path
 
 
@@ -330,7 +341,8 @@ def find_runs(runs_dir) -> list[Path]:
     root = Path(runs_dir)
     if not root.is_dir():
         raise DlcliError(f"runs directory {root} does not exist; train something first (dlcli train CONFIG) "
-                         f"or point --runs-dir at the folder holding run directories")
+                         f"or point --runs-dir at the folder holding run directories", exit_code=2)
+
     def is_run(d: Path) -> bool:
         return d.is_dir() and any((d / m).exists() for m in RunDir.MARKERS)
 

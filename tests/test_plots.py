@@ -46,6 +46,6 @@ def test_every_run_writes_curves_and_plot_overlays_runs(tmp_path):
     assert result.exit_code == 0, result.output
     assert png_size(out.read_bytes()) == figure_pixels(2)
     result = runner.invoke(app, ["plot", str(a), str(tmp_path / "nothing")])
-    assert result.exit_code == 1 and "no history.csv" in result.output
+    assert result.exit_code == 2 and "nothing is not a dlcli run directory (it does not exist)" in result.output
     result = runner.invoke(app, ["plot", str(a), "--output", str(tmp_path / "x.jpg")])
     assert result.exit_code == 1 and ".png" in result.output

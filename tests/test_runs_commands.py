@@ -64,8 +64,18 @@ def test_list_show_compare_with_damaged_runs(tmp_path):
     assert "final val_accuracy" in result.output and "test accuracy" in result.output
 
     assert invoke("runs", "compare", a).exit_code == 2
-    assert invoke("runs", "list", "--runs-dir", tmp_path / "nowhere").exit_code == 1
-    assert invoke("runs", "show", tmp_path / "nowhere").exit_code == 1
+    # every "not a run directory" is one error with one exit code, 2 (issue 28: they mixed 1 and 2)
+    (tmp_path / "plain").mkdir(exist_ok=True)
+    for args in (("runs", "list", "--runs-dir", tmp_path / "nowhere"), ("runs", "show", tmp_path / "nowhere"),
+                 ("runs", "show", tmp_path / "plain"), ("runs", "compare", a, tmp_path / "nowhere"),
+                 ("evaluate", tmp_path / "plain"), ("export", tmp_path / "plain"), ("plot", tmp_path / "plain"),
+                 ("predict", tmp_path / "plain", a / "config.yaml"), ("train", "--resume", tmp_path / "plain")):
+        result = invoke(*args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, (args, result.output)
+        assert "not a dlcli run directory" in result.output or "runs directory" in result.output, result.output
+    # was: exit 0 and a column of dashes for the stray folder
+    refused = invoke("runs", "compare", a, tmp_path / "plain")
+    assert refused.exit_code == 2 and f"{tmp_path / 'plain'} is not a dlcli run directory" in refused.output
 
 
 def test_list_names_a_training_figure_compare_says_identical_show_refuses_a_non_run(tmp_path):

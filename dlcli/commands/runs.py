@@ -86,15 +86,9 @@ def show_run(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]):
     """
     from rich.table import Table
 
-    from dlcli.errors import DlcliError
-    from dlcli.runs import run_summary
+    from dlcli.runs import require_run_dir, run_summary
 
-    if not Path(run_dir).is_dir():
-        raise DlcliError(f"{run_dir} is not a directory; list runs with `dlcli runs list`")
-    if not any((Path(run_dir) / name).exists() for name in ("config.yaml", "meta.json", "history.csv")):
-        raise DlcliError(f"{run_dir} is not a dlcli run directory (no config.yaml, meta.json or history.csv); list "
-                         f"runs with `dlcli runs list --runs-dir {run_dir}`", exit_code=2)
-    s = run_summary(run_dir)
+    s = run_summary(require_run_dir(run_dir, needs=None))
     out = console()
     out.print(f"[bold]{s['run']}[/]  {s['path']}", markup=True)
     config = Path(run_dir) / "config.yaml"
@@ -154,11 +148,10 @@ def compare_runs(run_dirs: Annotated[list[Path], typer.Argument(help="Two or mor
     from rich.table import Table
 
     from dlcli.errors import DlcliError
-    from dlcli.runs import run_summary
+    from dlcli.runs import require_run_dir, run_summary
 
-    missing = [str(d) for d in run_dirs if not Path(d).is_dir()]
-    if missing:
-        raise DlcliError(f"not a directory: {', '.join(missing)}")
+    for d in run_dirs:
+        require_run_dir(d, needs=None)  # a damaged run is compared as far as it can be, a stray folder is not
     if len(run_dirs) < 2:
         raise DlcliError("give at least two run directories to compare", exit_code=2)
     summaries = [run_summary(d) for d in run_dirs]
