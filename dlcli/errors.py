@@ -17,6 +17,14 @@ class ConfigError(DlcliError):
         super().__init__(message, exit_code=2)
 
 
+class NothingToDo(DlcliError):
+    """A request that is already done (resuming a finished run): the CLI says why and exits 0, so a script or a
+    scheduler that resumes until the run is complete succeeds."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=0)
+
+
 class ShapeError(DlcliError):
     """Layers that cannot be connected: names the layer and both shapes."""
 

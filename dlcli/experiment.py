@@ -15,7 +15,7 @@ from dlcli.callbacks import Callback
 from dlcli.config import Config, as_config
 from dlcli.data import paths
 from dlcli.data.source import Source, as_source
-from dlcli.errors import DlcliError, ShapeError, plural
+from dlcli.errors import DlcliError, NothingToDo, ShapeError, plural
 
 
 @dataclass
@@ -373,10 +373,10 @@ def _refuse_finished(run_dir, done: int | None, old: Config, new: Config):
     if (done is not None and done >= new.train.epochs) or (status == "completed" and new.train.epochs <= old.train.epochs):
         trained = (f"all {old.train.kfold} folds trained" if done is None else
                    f"{done} of {plural(old.train.epochs, 'epoch')} trained")
-        raise DlcliError(f"{run_dir} has finished ({status or 'its checkpoint is at the end'}: {trained}), so there "
-                         f"is nothing to resume; to train it longer resume with more epochs (--set train.epochs=N "
-                         f"--allow-config-change), or start a new run from its weights (--init-from {run_dir})",
-                         exit_code=2)
+        raise NothingToDo(f"{run_dir} has finished ({status or 'its checkpoint is at the end'}: {trained}), so "
+                          f"there is nothing to resume; to train it longer resume with more epochs (--set "
+                          f"train.epochs=N --allow-config-change), or start a new run from its weights (--init-from "
+                          f"{run_dir})")
 
 
 def _config(config, overrides) -> Config:

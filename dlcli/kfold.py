@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dlcli import runs
-from dlcli.errors import DlcliError
+from dlcli.errors import DlcliError, NothingToDo
 
 FOLDS = "folds"
 
@@ -99,7 +99,7 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, meta: dict, train_fold
         _mark_failed(meta_path, runs.read_json(meta_path), e)
         raise
     if last is None:
-        raise DlcliError(f"all {k} folds of {run_dir} are finished: nothing to resume", exit_code=2)
+        raise NothingToDo(f"all {k} folds of {run_dir} are finished: nothing to resume")
     seconds = time.perf_counter() - start
     means, test, best_epoch = write_aggregate(run_dir, cfg, statuses, k, seconds)
     return replace(last, dir=run_dir, config=cfg, splits=splits, status=last.status, history=means, test=test,

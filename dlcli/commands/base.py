@@ -50,7 +50,8 @@ def handles_errors(command):
             from rich.markup import escape
 
             # escaped: messages quote things like "pip install 'dlcli[onnx]'" that are not markup
-            console(stderr=True).print(f"[bold red]error:[/] {escape(e.message)}", markup=True, highlight=False)
+            label = "[bold red]error:[/]" if e.exit_code else "[bold]nothing to do:[/]"
+            console(stderr=True).print(f"{label} {escape(e.message)}", markup=True, highlight=False)
             raise typer.Exit(e.exit_code) from None
 
     return wrapper
