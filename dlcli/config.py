@@ -17,7 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 from dlcli.errors import ConfigError
 from dlcli.extends import compose_document
@@ -67,7 +67,8 @@ class CompileConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
-    validation_split: float = Field(0.0, ge=0.0, lt=1.0)
+    # null means no validation split, as 0 does (and is stored as 0.0, so the two never differ in a diff)
+    validation_split: Annotated[float, BeforeValidator(lambda v: 0.0 if v is None else v)] = Field(0.0, ge=0.0, lt=1.0)
     stratify: bool = False
     shuffle: bool = True
     callbacks: list[str | dict[str, Any]] = []
@@ -86,9 +87,9 @@ class SweepParameter(_Section):
     choices}` (Optuna's suggest_float / suggest_int / suggest_categorical)."""
 
     type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    step: float | None = Field(None, gt=0)
+    low: int | float | None = None  # int first: an int parameter's bounds print as 32, not 32.0
+    high: int | float | None = None
+    step: int | float | None = Field(None, gt=0)
     log: bool = False
     choices: list[Any] | None = Field(None, min_length=1)
 
@@ -126,6 +127,20 @@ class Config(_Section):
             out["sweep"]["parameters"] = {k: {f: v for f, v in p.items() if v is not None and (f != "log" or v)}
                                           for k, p in out["sweep"]["parameters"].items()}
         return out
+
+
+def _resolve_optimizer(doc: Document):
+    """`rmsprop` or `{type: rmsprop, learning_rate: 0.001}` becomes every argument the optimizer takes (its
+    Keras-style get_config), so two configs naming the same optimizer do not differ in `dlcli config`, `runs compare`
+    or a resume's diff."""
+    from dlcli.errors import DlcliError
+
+    compile_ = doc.data["compile"]
+    try:
+        compile_["optimizer"] = registry("optimizer").create(compile_.get("optimizer", "rmsprop")).get_config()
+    except DlcliError as e:  # arguments the signature allows but not together (clipnorm and clipvalue)
+        doc.issues.append(doc.issue(("compile", "optimizer"), e.message))
+        _raise(doc)
 
 
 # Paths whose contents the second pass checks (so the first pass does not report them twice, less clearly).
@@ -166,6 +181,7 @@ def parse_config(text: str, source: str = "<config>", overrides: typing.Sequence
         _check_sweep(doc)
     if doc.issues:
         _raise(doc)
+    _resolve_optimizer(doc)
     try:
         return Config.model_validate(doc.data)
     except ValidationError as e:  # a safety net: pass 1 leaves spec contents to pass 2, which should catch all

@@ -5,6 +5,7 @@ import pytest
 
 from dlcli.config import Config, dump_yaml, load_config, parse_config, split_spec
 from dlcli.errors import ConfigError
+from dlcli.optimizers import OPTIMIZERS
 from dlcli.yaml_lines import load_yaml
 
 SRC = "configs/t.yaml"
@@ -91,12 +92,20 @@ def test_defaults_are_filled_in():
     assert train == {"epochs": 1, "batch_size": 32, "validation_split": 0.0, "stratify": False, "shuffle": True,
                      "callbacks": [], "freeze": [], "class_weight": None, "checkpoint_every": None,
                      "divergence_factor": 1e4}
-    assert parse_config(text, SRC).compile.optimizer == "rmsprop"
+    # a bare optimizer name is every argument it takes (issue 28: 'rmsprop' and its mapping differed in runs compare)
+    assert parse_config(text, SRC).compile.optimizer == {"type": "rmsprop", "learning_rate": 0.001, "rho": 0.9, "momentum": 0.0, "epsilon": 1e-7, "centered": False}
+    assert parse_config(text, SRC, ["compile.optimizer={type: RMSprop, rho: 0.9}"]).compile.optimizer == {"type": "rmsprop", "learning_rate": 0.001, "rho": 0.9, "momentum": 0.0, "epsilon": 1e-7, "centered": False}
+
+
+def test_validation_split_null_means_none():
+    """Was refused ('expected a number, found null'); stored as 0.0, so it never differs from 0 in a diff."""
+    config = parse_config(MLP, SRC, ["train.validation_split=null"])
+    assert config.to_dict()["train"]["validation_split"] == 0.0
 
 
 def test_values_are_typed():
     config = parse_config(MLP, SRC)
-    assert config.compile.optimizer == {"type": "rmsprop", "learning_rate": 0.001}  # 1e-3 is a float, not a string
+    assert config.compile.optimizer == {"type": "rmsprop", "learning_rate": 0.001, "rho": 0.9, "momentum": 0.0, "epsilon": 1e-7, "centered": False}  # 1e-3 is a float, not a string
     assert config.model.layers[1] == {"type": "Dense", "units": 512, "activation": "relu"}
     functional = parse_config(FUNCTIONAL, SRC)
     assert functional.train.class_weight == {0: 1.0, 1: 2.5}
@@ -299,7 +308,7 @@ def test_overrides_are_typed_like_yaml():
     config = parse_config(MLP, SRC, ["train.epochs=1", "compile.optimizer.learning_rate=0.01",
                                      "model.layers.1.units=256", "data.limit=2000", "model.layers.-1.use_bias=false"])
     assert config.train.epochs == 1
-    assert config.compile.optimizer == {"type": "rmsprop", "learning_rate": 0.01}
+    assert config.compile.optimizer["type"] == "rmsprop" and config.compile.optimizer["learning_rate"] == 0.01
     assert config.model.layers[1]["units"] == 256
     assert config.model.layers[2]["use_bias"] is False
     assert config.data == {"type": "mnist", "limit": 2000}
@@ -308,7 +317,7 @@ def test_overrides_are_typed_like_yaml():
 def test_override_replaces_a_whole_value():
     config = parse_config(MLP, SRC, ["compile.optimizer=adam", "model.input_shape=[784]",
                                      "model.layers.0={type: Reshape, target_shape: [784]}"])
-    assert config.compile.optimizer == "adam"
+    assert config.compile.optimizer == OPTIMIZERS.create("adam").get_config()
     assert config.model.input_shape == [784]
     assert config.model.layers[0] == {"type": "Reshape", "target_shape": [784]}
 
@@ -316,7 +325,7 @@ def test_override_replaces_a_whole_value():
 def test_override_promotes_a_named_optimizer():
     text = edit(MLP, "  optimizer: {type: rmsprop, learning_rate: 1e-3}", "  optimizer: rmsprop")
     config = parse_config(text, SRC, ["compile.optimizer.learning_rate=1e-4"])
-    assert config.compile.optimizer == {"type": "rmsprop", "learning_rate": 1e-4}
+    assert config.compile.optimizer == OPTIMIZERS.create({"type": "rmsprop", "learning_rate": 1e-4}).get_config()
     config = parse_config(text, SRC, ["compile.loss.from_logits=true"])
     assert config.compile.loss == {"type": "sparse_categorical_crossentropy", "from_logits": True}
 
@@ -410,3 +419,17 @@ def test_unannotated_sizes_are_still_checked():
     """Conv2D's kernel_size has no annotation; a mapping there used to reach int() in the layer (found by fuzzing)."""
     text = edit(MLP, "{type: Flatten}", "{type: Conv2D, filters: 2, kernel_size: {k: 3}}")
     assert "model.layers.0.kernel_size: expected a positive integer" in one_error(text)
+
+
+def test_dlcli_config_prints_int_sweep_bounds_as_integers():
+    """Was: `dlcli config` printed an int parameter's bounds as 32.0 and 256.0 (issue 28)."""
+    from typer.testing import CliRunner
+
+    from dlcli.cli import app
+
+    result = CliRunner().invoke(app, ["config", "configs/mnist_sweep.yaml"])
+    assert result.exit_code == 0, result.output
+    batch = load_yaml(result.output)["sweep"]["parameters"]["train.batch_size"]
+    assert batch == {"type": "int", "low": 32, "high": 256, "step": 32} and "32.0" not in result.output
+    rate = load_yaml(result.output)["sweep"]["parameters"]["compile.optimizer.learning_rate"]
+    assert isinstance(rate["low"], float) and rate["log"] is True

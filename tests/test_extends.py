@@ -32,6 +32,13 @@ train:
 """
 
 
+def resolved(spec):
+    """An optimizer spec as a resolved config holds it: every argument (dlcli.config._resolve_optimizer)."""
+    from dlcli.optimizers import OPTIMIZERS
+
+    return OPTIMIZERS.create(spec).get_config()
+
+
 def write(folder: Path, name: str, text: str) -> Path:
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +75,7 @@ train:
     assert cfg["name"] == "child" and cfg["seed"] == 3
     assert cfg["data"] == {"type": "mnist", "limit": 200}
     assert [layer["type"] for layer in cfg["model"]["layers"]] == ["Flatten", "Dense"]
-    assert cfg["compile"]["optimizer"] == {"type": "adam", "learning_rate": 0.01, "beta_1": 0.8}
+    assert cfg["compile"]["optimizer"] == resolved({"type": "adam", "learning_rate": 0.01, "beta_1": 0.8})
     assert cfg["compile"]["metrics"] == ["accuracy", "sparse_top_k_categorical_accuracy"]
     assert cfg["train"]["epochs"] == 2
     # null deletes the base's value, so the schema's default applies (32 for batch_size, not None)
@@ -78,11 +85,11 @@ train:
 def test_changed_type_replaces_the_spec_and_a_mapping_fills_a_bare_name(tmp_path):
     write(tmp_path, "base.yaml", BASE.replace("{type: adam, learning_rate: 0.001, beta_1: 0.8}", "rmsprop"))
     child = write(tmp_path, "child.yaml", "extends: base.yaml\ncompile:\n  optimizer: {learning_rate: 0.05}\n")
-    assert load_config(child).to_dict()["compile"]["optimizer"] == {"type": "rmsprop", "learning_rate": 0.05}
+    assert load_config(child).to_dict()["compile"]["optimizer"] == resolved({"type": "rmsprop", "learning_rate": 0.05})
     write(tmp_path, "adam.yaml", BASE)
     child = write(tmp_path, "sgd.yaml", "extends: adam.yaml\ncompile:\n  optimizer: {type: sgd, momentum: 0.9}\n")
     # beta_1 belongs to adam: merging it into sgd's arguments would be an error the user never wrote
-    assert load_config(child).to_dict()["compile"]["optimizer"] == {"type": "sgd", "momentum": 0.9}
+    assert load_config(child).to_dict()["compile"]["optimizer"] == resolved({"type": "sgd", "momentum": 0.9})
 
 
 def test_a_list_of_bases_merges_in_order_then_the_file_itself(tmp_path):
