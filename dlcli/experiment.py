@@ -413,9 +413,21 @@ def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = F
     from dlcli.builder import build_model
     from dlcli.config import load_config
 
+    from dlcli.kfold import FOLDS, is_kfold_run
+
     if weights not in ("best", "last"):
         raise DlcliError(f"--weights must be 'best' or 'last'; found '{weights}'", exit_code=2)
     run_dir = runs.require_run_dir(run_dir)
+    if is_kfold_run(run_dir):  # K models, none of them "the" model
+        folds = sorted((p.name for p in (run_dir / FOLDS).iterdir() if p.name.isdigit()), key=int)
+        raise DlcliError(f"{run_dir} is a K-fold run: its models are its folds, {run_dir / FOLDS}/N (N = "
+                         f"{', '.join(folds) or 'none yet'}); give one of them (e.g. {run_dir / FOLDS / '1'}), or "
+                         f"train the final model on all the data (--set train.kfold=null)", exit_code=2)
+    meta = run_dir / "meta.json"
+    status = runs.read_json(meta).get("status") if meta.is_file() else None
+    if status == "running":
+        warnings.warn(f"{run_dir} has not finished (meta.json says running: still training, or killed): using the "
+                      f"{weights} weights it has saved so far", stacklevel=2)
     config = load_config(run_dir / "config.yaml")
     diff = fingerprint.check(run_dir, config.to_dict(), allow_config_change)
     if diff:

@@ -186,6 +186,11 @@ def test_plot_redraws_a_kfold_run_with_its_band(config, tmp_path):
     result = CliRunner().invoke(app, ["plot", str(run.dir)])
     assert result.exit_code == 0, result.output
     assert (run.dir / "curves.png").read_bytes() == band  # the mean +- 1 std plot, not a plain overlay over it
+    for command in ("evaluate", "export", "predict"):  # K models, none of them "the" model: name where they are
+        args = [command, str(run.dir)] + ([str(tmp_path / "data.npz")] if command == "predict" else [])
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+        assert result.exit_code == 2 and f"{run.dir} is a K-fold run: its models are its folds, {run.dir}/folds/N " \
+            f"(N = 1, 2, 3)" in " ".join(result.output.split()), result.output
 
 
 def test_kfold_run_with_one_hot_targets_stratifies_its_folds(tmp_path):

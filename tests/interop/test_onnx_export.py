@@ -132,3 +132,15 @@ def test_missing_extra_names_the_pip_install(tmp_path, monkeypatch):
     result = runner.invoke(app, ["export", str(run)])
     assert result.exit_code == 1
     assert result.output.strip().endswith("pip install 'dlcli[onnx]'") and len(result.output.strip().splitlines()) == 1
+
+
+def test_exporting_a_run_still_training_warns(tmp_path):
+    """Was silent (issue 28): the file holds whichever weights the run had saved when export read them."""
+    run = train_tiny(tmp_path, runner)
+    meta = json.loads((run / "meta.json").read_text())
+    (run / "meta.json").write_text(json.dumps({**meta, "status": "running", "end": None}))
+    result = runner.invoke(app, ["export", str(run), "--output", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {run} has not finished (meta.json says running: still training, or killed)" in \
+        " ".join(result.output.split())
+    assert (tmp_path / "m.onnx").is_file()
