@@ -82,3 +82,10 @@ def test_plots_of_names_the_font_lacks_do_not_warn():
         warnings.simplefilter("error")
         png = curves_png([("训练运行", rows)], title="运行 \U0001F600")
     assert png.startswith(b"\x89PNG")
+
+
+def test_the_banner_counts_one_epoch_in_the_singular(tmp_path):
+    config = write_tiny_config(tmp_path, epochs=1)
+    result = runner.invoke(app, ["train", config, "--runs-dir", str(tmp_path / "runs")], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "train   1 epoch x batch 16" in result.output and "1 epochs" not in result.output

@@ -123,12 +123,14 @@ def check_determinism(
     from rich.table import Table
 
     from dlcli.diagnostics import determinism
+    from dlcli.errors import plural
 
     cfg = load(config, list(set_))
     r = determinism(cfg, samples=samples, epochs=epochs)
     out = console()
     bad = [row for row in r["rows"] if not row["ok"]]
-    table = Table(title=f"determinism: two runs, seed {cfg.seed}, {samples} samples x {epochs} epoch(s)")
+    table = Table(title=f"determinism: two runs, seed {cfg.seed}, {plural(samples, 'sample')} x "
+                        f"{plural(epochs, 'epoch')}")
     for col in ("weight", "first run", "second run", ""):
         table.add_column(col)
     for row in (bad or r["rows"]):
