@@ -433,3 +433,12 @@ def test_dlcli_config_prints_int_sweep_bounds_as_integers():
     assert batch == {"type": "int", "low": 32, "high": 256, "step": 32} and "32.0" not in result.output
     rate = load_yaml(result.output)["sweep"]["parameters"]["compile.optimizer.learning_rate"]
     assert isinstance(rate["low"], float) and rate["log"] is True
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
+def test_every_optimizer_resolves_to_a_config_that_parses_back_equal(name):
+    """A resolved config names every optimizer argument (its get_config): each must parse back to the same Config,
+    schedules included."""
+    for extra in ("", ", learning_rate: {type: cosine_decay, initial_learning_rate: 0.01, decay_steps: 100}"):
+        config = parse_config(MLP, SRC, [f"compile.optimizer={{type: {name}{extra}}}"])
+        assert parse_config(dump_yaml(config.to_dict()), "runs/x/config.yaml") == config
