@@ -329,7 +329,8 @@ def _unknown_key(key, known, where: str) -> str:
 # signature) are positive integers (or lists of them), rates and learning rates are finite and non-negative.
 # (low, high, what a valid value is)
 _SIZE_BOUNDS = (1, MAX_DIM, f"a positive integer (at most {MAX_DIM}) or a list of them")
-_BOUNDS = {"rate": (0.0, 1.0, "a number in [0, 1)"),
+_BOUNDS = {"rate": (0.0, 1.0, "a number in [0, 1)"), "dropout": (0.0, 1.0, "a number in [0, 1)"),
+           "recurrent_dropout": (0.0, 1.0, "a number in [0, 1)"),
            "learning_rate": (0.0, None, "a finite number >= 0 (or a schedule)"),
            "initial_learning_rate": (0.0, None, "a finite number >= 0"),
            "warmup_target": (0.0, None, "a finite number >= 0"),

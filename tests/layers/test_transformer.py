@@ -160,3 +160,9 @@ def test_activation_memory_counts_the_attention_probabilities():
     assert "of which attention" in memory.describe(estimate) and "sequence length squared" in memory.describe(estimate)
     mha = layers.MultiHeadAttention(4, 2)
     assert mha.kept_size((512, 8)) > 3.9 * mha.kept_size((256, 8))  # the (heads, T, T) probabilities dominate
+
+
+def test_a_dropout_out_of_range_is_a_config_error_with_its_line():
+    with pytest.raises(ConfigError, match=r"<config>:9: model.layers.1.dropout: expected a number in \[0, 1\), "
+                                          r"found 1.5"):
+        parse_config(ISSUE_EXAMPLE.replace("LENGTH", "12").replace("dropout: 0.1", "dropout: 1.5"))
