@@ -38,9 +38,16 @@ GRADIENT_CASES = {
 }
 
 
+@pytest.fixture(params=["numba", "numpy"])
+def kernel_path(request, monkeypatch):
+    """Both kernel paths (dlcli/kernels): the Numba kernels and their NumPy twins."""
+    monkeypatch.setenv("DLCLI_KERNELS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("name,args,shape,opts", [(n, a, s, o) for n, cases in GRADIENT_CASES.items()
                                                   for a, s, o in cases])
-def test_gradients(name, args, shape, opts):
+def test_gradients(name, args, shape, opts, kernel_path):
     layer = layers.LAYERS.get(name)(**args)
     inputs = distinct(shape) if "Max" in name else None
     out = check_layer(layer, shape, inputs=inputs, **opts)
@@ -67,14 +74,14 @@ def naive_pool(x, pool, strides, padding, reduce):
 @pytest.mark.parametrize("kind,reduce", [("MaxPooling2D", np.max), ("AveragePooling2D", np.mean)])
 @pytest.mark.parametrize("pool,strides,padding", [((2, 2), None, "valid"), ((3, 3), (2, 2), "same"),
                                                   ((2, 3), (1, 2), "same"), ((3, 2), (2, 1), "valid")])
-def test_pooling_matches_naive_windows(kind, reduce, pool, strides, padding):
+def test_pooling_matches_naive_windows(kind, reduce, pool, strides, padding, kernel_path):
     x = np.random.default_rng(0).normal(size=(2, 7, 6, 3))
     layer = layers.LAYERS.get(kind)(pool, strides, padding, dtype="float64")
     expected = naive_pool(x, pool, strides or pool, padding, reduce)
     np.testing.assert_allclose(layer(x), expected, rtol=1e-12)
 
 
-def test_max_pool_gradient_goes_to_the_first_maximum_only():
+def test_max_pool_gradient_goes_to_the_first_maximum_only(kernel_path):
     pool = layers.MaxPooling2D()
     x = np.zeros((1, 2, 2, 1), np.float32)
     pool(x)

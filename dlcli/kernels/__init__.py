@@ -1,0 +1,38 @@
+"""Compiled kernels: the one place that chooses between a Numba kernel and its NumPy twin.
+
+`DLCLI_KERNELS=numba` (the default) runs the compiled kernels, `DLCLI_KERNELS=numpy` the NumPy reference they are
+tested against. Numba is imported at the first kernel call, never at `import dlcli`, so `dlcli --help` stays fast;
+where it cannot be imported the NumPy path runs after one warning. The kernels compile with cache=True: the first
+use on a machine compiles (seconds), later processes load the cache.
+"""
+import importlib
+import os
+import warnings
+
+from dlcli.errors import ConfigError
+
+CHOICES = ("numba", "numpy")
+_loaded: dict[str, object] = {}  # module name -> its compiled module, or None where numba failed to import
+
+
+def choice() -> str:
+    """The kernel path DLCLI_KERNELS selects (read at every call, so a test can switch it)."""
+    value = os.environ.get("DLCLI_KERNELS", "numba").strip().lower() or "numba"
+    if value not in CHOICES:
+        raise ConfigError(f"DLCLI_KERNELS must be one of {', '.join(CHOICES)}; got {value!r}")
+    return value
+
+
+def compiled(name: str):
+    """The compiled module dlcli.kernels.<name>, or None when the NumPy twin should run."""
+    if choice() == "numpy":
+        return None
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(f"dlcli.kernels.{name}")
+        except ImportError as e:
+            if not any(m is None for m in _loaded.values()):  # one warning per process
+                warnings.warn(f"numba could not be imported ({e}); running the NumPy kernels "
+                              "(pip install numba, or set DLCLI_KERNELS=numpy to silence this)", stacklevel=2)
+            _loaded[name] = None
+    return _loaded[name]

@@ -1,0 +1,86 @@
+"""The Numba kernels against their NumPy twins (bit for bit), and the selector: DLCLI_KERNELS, the fallback when
+numba cannot be imported, and no numba at `import dlcli`."""
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from dlcli import kernels
+from dlcli.errors import ConfigError
+from dlcli.layers import conv_math as cm
+
+# (input shape, pool, strides): 2D disjoint and tiled, disjoint with a ragged edge, overlapping, rectangular;
+# 1D (run as 2D of height 1); a pool of 256 offsets, whose argmax is int32
+POOL_CASES = [((4, 8, 8, 3), (2, 2), (2, 2)), ((3, 7, 9, 2), (2, 2), (2, 2)), ((3, 7, 6, 2), (3, 3), (1, 1)),
+              ((2, 7, 8, 5), (2, 3), (1, 2)), ((3, 9, 4), (3,), (2,)), ((2, 10, 3), (2,), (2,)),
+              ((2, 16, 17, 2), (16, 16), (1, 1))]
+
+
+def both_paths(monkeypatch, fn, *args):
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    assert kernels.compiled("pooling") is not None
+    compiled = fn(*args)
+    monkeypatch.setenv("DLCLI_KERNELS", "numpy")
+    return compiled, fn(*args)
+
+
+@pytest.mark.parametrize("shape,pool,strides", POOL_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_pool_kernels_equal_their_numpy_twins(monkeypatch, shape, pool, strides, dtype):
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, shape).astype(dtype)  # small integers: many ties, so the first-maximum rule matters
+    x.flat[::11] = rng.standard_normal(x.flat[::11].size)
+    x.flat[7] = np.nan  # NaN propagates as np.maximum does
+    x.flat[3] = -np.inf  # as 'same' padding
+    out, _ = cm.geometry(x.shape[1:-1], pool, strides, "valid", (1,) * len(pool))
+    (y, arg), (y_ref, arg_ref) = both_paths(monkeypatch, cm.max_pool, x, pool, out, strides)
+    assert arg.dtype == arg_ref.dtype == (np.int32 if np.prod(pool) >= 256 else np.uint8)
+    np.testing.assert_array_equal(arg, arg_ref)
+    np.testing.assert_array_equal(y, y_ref)
+    w, w_ref = both_paths(monkeypatch, cm.window_max, x, pool, out, strides)
+    np.testing.assert_array_equal(w, w_ref)
+    grad = rng.standard_normal(y.shape).astype(dtype)
+    dx, dx_ref = both_paths(monkeypatch, cm.max_pool_backward, grad, arg_ref, x.shape, pool, out, strides)
+    np.testing.assert_array_equal(dx, dx_ref)  # overlapping windows sum in the same order: equal, not close
+    assert dx.dtype == dtype
+
+
+def test_a_layer_trains_the_same_on_both_paths(monkeypatch):
+    from dlcli import layers
+    x = np.random.default_rng(1).standard_normal((4, 9, 9, 3)).astype(np.float32)
+    results = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        pool = layers.MaxPooling2D(3, strides=2, padding="same")
+        y = pool.forward(x, training=True)
+        results.append((y, pool.backward(y * 2)))
+    for compiled, reference in zip(*results):
+        np.testing.assert_array_equal(compiled, reference)
+
+
+def test_an_unknown_choice_is_one_config_error(monkeypatch):
+    monkeypatch.setenv("DLCLI_KERNELS", "cuda")
+    with pytest.raises(ConfigError, match="DLCLI_KERNELS must be one of numba, numpy; got 'cuda'"):
+        kernels.compiled("pooling")
+
+
+def test_without_numba_the_numpy_twins_run_after_one_warning(monkeypatch):
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
+    monkeypatch.delitem(sys.modules, "dlcli.kernels.pooling", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert kernels.compiled("pooling") is None
+        assert kernels.compiled("pooling") is None
+        x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+        y, _ = cm.max_pool(x, (2, 2), (2, 2), (2, 2))
+    assert [str(w.message).split(" (")[0] for w in caught] == ["numba could not be imported"]
+    np.testing.assert_array_equal(y.ravel(), [5, 7, 13, 15])
+
+
+def test_import_dlcli_does_not_import_numba():
+    code = "import sys, dlcli, dlcli.cli, dlcli.layers; print('numba' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
