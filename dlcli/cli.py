@@ -123,21 +123,10 @@ def inspect_shapes(
         table.add_row(*cells)
     out = console()
     out.print(table)
-    if cfg.data.get("type") == "table":  # the input vector's blocks, adapted on the training split
-        from dlcli.data import features, table as tables
+    if cfg.data.get("type") == "table":
+        from dlcli.commands.run_display import print_table_features
 
-        state = tables.feature_state(cfg.data)
-        blocks = Table(title=f"input features (total width {state['width']})")
-        for col, justify in (("feature", "left"), ("preprocessing", "left"), ("width", "right")):
-            blocks.add_column(col, justify=justify)
-        for name, what, width in features.describe(state):
-            blocks.add_row(name, what, str(width))
-        out.print(blocks)
-        if state.get("ignored_columns"):
-            out.print(f"ignored columns (not in data.features): {', '.join(state['ignored_columns'])}")
-        if state.get("inferred"):
-            out.print("features: auto inferred (paste into data.features to keep or edit it):\n"
-                      + "\n".join(tables.inferred_yaml(state)), markup=False, highlight=False)
+        print_table_features(out, cfg.data)
     from dlcli import memory
 
     bs = cfg.train.batch_size if batch_size is None else batch_size

@@ -214,7 +214,7 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
         _run_ended(run, "diverged", failing=True)
         raise
     except BaseException as e:  # keep meta.json honest when anything else stops the run
-        _run_ended(run, _mark_failed(meta_path, meta, e), failing=True)
+        _run_ended(run, runs.mark_failed(meta_path, meta, e), failing=True)
         raise
     run.status = (run.stopping or "interrupted") if run.trainer.stopping() else "completed"
     run.seconds = time.perf_counter() - start
@@ -334,7 +334,6 @@ def _resolve(config, overrides, resume, allow_config_change, init_from):
     """(Config, loaded checkpoint or None, run directory when resuming, lines naming accepted changes, whether
     it resumes a k-fold run)."""
     from dlcli import fingerprint
-    from dlcli.kfold import is_kfold_run
 
     state, changes, run_dir, folds = None, [], None, False
     if resume is not False and resume is not None:
@@ -343,7 +342,7 @@ def _resolve(config, overrides, resume, allow_config_change, init_from):
             raise DlcliError("--resume continues a run; --init-from starts a new one from a run's weights: "
                              "give one of them", exit_code=2)
         run_dir = runs.require_run_dir(run_dir)
-        folds = is_kfold_run(run_dir)  # each fold keeps its own checkpoint
+        folds = runs.is_kfold_run(run_dir)  # each fold keeps its own checkpoint
         state = None if folds else checkpoint.load(run_dir)  # before anything else: a damaged one fails fast
         # what the run was trained with (its fingerprint record), not config.yaml, which may have been edited since
         recorded = fingerprint.recorded_config(run_dir, state)
@@ -393,16 +392,6 @@ def _constant_lr(opt) -> float | None:
     return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
-def _mark_failed(meta_path, meta, error) -> str:
-    status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-    try:
-        runs.atomic_write_json(meta_path, {**meta, "status": status, "end": runs.utc_now(),
-                                           "error": getattr(error, "message", None) or type(error).__name__})
-    except Exception:  # the disk may be what failed: the original error matters more
-        pass
-    return status
-
-
 def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = False):
     """(Config, model holding the run's best or last weights) for a run directory. A config.yaml edited since the
     run recorded its config is refused with the diff (dlcli.fingerprint), or with `allow_config_change` used
@@ -413,15 +402,14 @@ def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = F
     from dlcli.builder import build_model
     from dlcli.config import load_config
 
-    from dlcli.kfold import FOLDS, is_kfold_run
-
     if weights not in ("best", "last"):
         raise DlcliError(f"--weights must be 'best' or 'last'; found '{weights}'", exit_code=2)
     run_dir = runs.require_run_dir(run_dir)
-    if is_kfold_run(run_dir):  # K models, none of them "the" model
-        folds = sorted((p.name for p in (run_dir / FOLDS).iterdir() if p.name.isdigit()), key=int)
-        raise DlcliError(f"{run_dir} is a K-fold run: its models are its folds, {run_dir / FOLDS}/N (N = "
-                         f"{', '.join(folds) or 'none yet'}); give one of them (e.g. {run_dir / FOLDS / '1'}), or "
+    if runs.is_kfold_run(run_dir):  # K models, none of them "the" model
+        folds_dir = runs.RunDir(run_dir).folds
+        folds = sorted((p.name for p in folds_dir.iterdir() if p.name.isdigit()), key=int)
+        raise DlcliError(f"{run_dir} is a K-fold run: its models are its folds, {folds_dir}/N (N = "
+                         f"{', '.join(folds) or 'none yet'}); give one of them (e.g. {folds_dir / '1'}), or "
                          f"train the final model on all the data (--set train.kfold=null)", exit_code=2)
     meta = run_dir / "meta.json"
     status = runs.read_json(meta).get("status") if meta.is_file() else None

@@ -23,13 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from dlcli import runs
+from dlcli.runs import FOLDS
 from dlcli.errors import DlcliError, NothingToDo
 
-FOLDS = "folds"
-
-
-def is_kfold_run(run_dir) -> bool:
-    return (Path(run_dir) / FOLDS).is_dir()
 
 
 def fold_indices(cfg, splits) -> list[np.ndarray]:
@@ -93,10 +89,9 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, meta: dict, train_fold
             if last.status != "completed":
                 break
     except BaseException as e:  # a fold that failed (or a second Ctrl-C): the whole run says so, not "running"
-        from dlcli.experiment import _mark_failed
 
         meta_path = run_dir / "meta.json"
-        _mark_failed(meta_path, runs.read_json(meta_path), e)
+        runs.mark_failed(meta_path, runs.read_json(meta_path), e)
         raise
     if last is None:
         raise NothingToDo(f"all {k} folds of {run_dir} are finished: nothing to resume")
@@ -133,7 +128,7 @@ def write_aggregate(run_dir: Path, cfg, statuses: list, k: int, seconds: float):
     tests = [runs.read_json(d / "meta.json").get("test") for d in done]
     means = [{key: v for key, v in r.items() if not key.endswith("_std")} for r in rows]
     runs.atomic_write_text(run_dir / "history.csv", runs.history_csv(means) if means else "epoch\n")
-    runs.atomic_write_text(run_dir / "kfold.csv", runs.history_csv(rows) if rows else "epoch\n")
+    runs.atomic_write_text(runs.RunDir(run_dir).kfold_csv, runs.history_csv(rows) if rows else "epoch\n")
     monitor = "val_loss" if means and "val_loss" in means[0] else "loss"
     best = min(means, key=lambda r: r.get(monitor, math.inf)) if means else None
     known = [t for t in tests if t]

@@ -164,11 +164,10 @@ def importances_png(importances: dict, metric: str, title: str) -> bytes:
 def write_curves(run_dir, rows: list[dict] | None = None, output=None) -> Path:
     """Draw a run's curves.png (or `output`) from `rows` (default: the run's history.csv); a K-fold run's from its
     kfold.csv, as the mean across folds with a +-1 standard deviation band."""
-    from dlcli.kfold import is_kfold_run
 
     run_dir = Path(run_dir)
     path = Path(output) if output is not None else runs.RunDir(run_dir).curves
-    if rows is None and is_kfold_run(run_dir) and (run_dir / "kfold.csv").is_file():
+    if rows is None and runs.is_kfold_run(run_dir) and runs.RunDir(run_dir).kfold_csv.is_file():
         meta = runs.read_json(runs.RunDir(run_dir).meta) if runs.RunDir(run_dir).meta.is_file() else {}
         k, done = meta.get("kfold"), sum(s == "completed" for s in meta.get("folds") or [])
         png = band_png(runs.read_history(run_dir, "kfold.csv"), done, f"{run_dir.name}: {k}-fold")

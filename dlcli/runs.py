@@ -28,6 +28,9 @@ from dlcli.errors import DlcliError
 from dlcli.metrics import metric_direction
 
 
+FOLDS = "folds"
+
+
 @dataclass(frozen=True)
 class RunDir:
     """The files of one run directory by name, as drawn above: `RunDir(path).meta`, not `path / "meta.json"`.
@@ -51,8 +54,25 @@ class RunDir:
     last_weights = property(lambda self: self.path / "weights" / "last.npz")
     best_weights = property(lambda self: self.path / "weights" / "best.npz")
     checkpoint = property(lambda self: self.path / "checkpoint")
+    folds = property(lambda self: self.path / FOLDS)  # a K-fold run: one run directory per fold, folds/1 ... folds/K
+    kfold_csv = property(lambda self: self.path / "kfold.csv")
 
     MARKERS = ("config.yaml", "meta.json", "history.csv")  # any of them makes a folder a run directory
+
+
+def is_kfold_run(run_dir) -> bool:
+    return RunDir(run_dir).folds.is_dir()
+
+
+def mark_failed(meta_path, meta, error) -> str:
+    """Record in meta.json that a run ended by `error` ('interrupted' for Ctrl-C, else 'failed'); the status."""
+    status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+    try:
+        atomic_write_json(meta_path, {**meta, "status": status, "end": utc_now(),
+                                      "error": getattr(error, "message", None) or type(error).__name__})
+    except Exception:  # the disk may be what failed: the original error matters more
+        pass
+    return status
 
 
 # A data-parallel rank other than 0 shares rank 0's run directory and never writes it (dlcli.distributed says so

@@ -276,7 +276,7 @@ class TrialReporter(Callback):
         self.pruned_at, self.fold_bests, self.prune_next = None, [], False
 
     def on_run_begin(self, run):
-        from dlcli.kfold import FOLDS
+        from dlcli.runs import FOLDS
 
         self.run = STOP.run = run
         self.fold = int(run.dir.name) if run.dir.parent.name == FOLDS else None

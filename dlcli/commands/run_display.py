@@ -158,6 +158,8 @@ def print_kfold(out, run):
 
     from rich.table import Table
 
+    from dlcli import runs
+
     k = run.config.train.kfold
     if run.status != "completed":
         statuses = runs_meta(run.dir).get("folds") or []
@@ -167,7 +169,7 @@ def print_kfold(out, run):
                   f"across folds and the epoch to train the final model for come once every fold has finished.",
                   markup=False)
         return
-    with open(run.dir / "kfold.csv", newline="") as f:
+    with open(runs.RunDir(run.dir).kfold_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return
@@ -212,3 +214,24 @@ def report_interrupted(run):
         f"interrupted at {checkpoint.describe_position(run.position or {'epoch': 0, 'batch': 0, 'step': 0})}; "
         f"checkpoint saved in {saved}\nresume with: {resume_command(run)}", markup=False)
     print(run.dir)
+
+
+def print_table_features(out, data):
+    """A table run's input vector block by block (each feature's preprocessing and width), adapted on the training
+    split, with the columns left out and any inferred features section."""
+    from rich.table import Table
+
+    from dlcli.data import features, table as tables
+
+    state = tables.feature_state(data)
+    blocks = Table(title=f"input features (total width {state['width']})")
+    for col, justify in (("feature", "left"), ("preprocessing", "left"), ("width", "right")):
+        blocks.add_column(col, justify=justify)
+    for name, what, width in features.describe(state):
+        blocks.add_row(name, what, str(width))
+    out.print(blocks)
+    if state.get("ignored_columns"):
+        out.print(f"ignored columns (not in data.features): {', '.join(state['ignored_columns'])}")
+    if state.get("inferred"):
+        out.print("features: auto inferred (paste into data.features to keep or edit it):\n"
+                  + "\n".join(tables.inferred_yaml(state)), markup=False, highlight=False)
