@@ -38,6 +38,8 @@ from dlcli.registry import Registry
 JOURNAL = "study.journal"
 INTERRUPTED = "interrupted"  # the reason recorded for a trial stopped by Ctrl-C: it does not count as done
 LOST = "its worker process died"  # the reason's start for a trial whose worker was killed: it does not count either
+# A database study's trials beat (Optuna's heartbeat) this often; one silent for GRACE_BEATS beats has lost its worker
+HEARTBEAT_SECONDS, GRACE_BEATS = 30, 4
 RECORD = "dlcli"  # the study user attribute holding what the study was started with (see check_study)
 
 
@@ -83,7 +85,12 @@ class Sweep:
         if self.storage:
             for attempt in range(5):
                 try:
-                    return optuna.storages.RDBStorage(self.storage)
+                    # the heartbeat tells a trial whose worker died on another machine (kill -9, power) from one
+                    # still running: fail_stale_trials
+                    with warnings.catch_warnings():  # "experimental" since Optuna 2.9: not the user's concern
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        return optuna.storages.RDBStorage(self.storage, heartbeat_interval=HEARTBEAT_SECONDS,
+                                                          grace_period=GRACE_BEATS * HEARTBEAT_SECONDS)
                 except Exception as e:
                     # Workers started together on a fresh database race to create Optuna's tables: the loser's
                     # CREATE fails on a unique index, and a moment later the tables are simply there.
@@ -540,18 +547,25 @@ def _unfinished(reason: str) -> bool:
 
 
 def fail_stale_trials(study, sweep: Sweep) -> list[str]:
-    """Trials left RUNNING by a worker on this machine that no longer exists (kill -9, out of memory): recorded as
-    failed (not counted: a new trial takes their place), their run directories too. One line each, for people."""
+    """Trials left RUNNING by a worker that no longer exists (kill -9, out of memory): on this machine a worker whose
+    process is gone, on a database also one whose heartbeat stopped. Recorded as failed (not counted: a new trial
+    takes their place), their run directories too (when on this machine). One line each, for people."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
+    storage = study._storage
+    beats = getattr(storage, "get_heartbeat_interval", None)  # a database's (Optuna wraps it in a cache)
+    silent = set(storage._get_stale_trial_ids(study._study_id)) if beats and beats() else set()
     host, lines = socket.gethostname(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
         name, _, pid = worker.rpartition(":")
-        if name != host or not pid.isdigit() or _alive(int(pid)):
+        if t._trial_id in silent:
+            reason = f"{LOST} ({worker}): no heartbeat for {GRACE_BEATS * HEARTBEAT_SECONDS} s"
+        elif name == host and pid.isdigit() and not _alive(int(pid)):
+            reason = f"{LOST} ({worker}) before the trial ended"
+        else:
             continue
-        reason = f"{LOST} ({worker}) before the trial ended"
         run_dir = _trial_run_dir(t.number, sweep)
         try:
             study._storage.set_trial_user_attr(t._trial_id, "reason", reason)

@@ -152,6 +152,7 @@ def test_workers_on_two_machines_share_a_postgresql_study(tmp_path, postgres_url
     outputs = [m.communicate(timeout=300) for m in machines]
     for m, (out, err) in zip(machines, outputs):
         assert m.returncode == 0, out + err
+        assert "warning" not in err.lower()  # Optuna's ExperimentalWarning for the heartbeat included
     study = optuna.load_study(study_name=name, storage=postgres_url)
     assert len(study.trials) == 4 and all(t.state.name == "COMPLETE" for t in study.trials)
     assert len({t.user_attrs["worker"] for t in study.trials}) == 2
@@ -241,6 +242,7 @@ def test_a_study_made_with_another_direction_through_optuna_is_refused(tmp_path)
     assert result.returncode == 2 and "  sweep.direction: 'maximize' -> 'minimize'\n" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_metric_missing_from_the_epoch_logs_stops_every_worker_at_once(tmp_path):
     config = write_sweep_config(tmp_path, epochs=50)
     runs = tmp_path / "runs"
@@ -258,6 +260,7 @@ def test_a_metric_missing_from_the_epoch_logs_stops_every_worker_at_once(tmp_pat
     assert fixed.returncode == 0, fixed.stderr
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_trial_is_recorded_as_failed_with_a_notice(tmp_path):
     config = write_sweep_config(tmp_path, epochs=60)
     runs = tmp_path / "runs"
@@ -356,6 +359,7 @@ def test_a_kfold_trial_reports_the_mean_of_its_folds_to_the_pruner_after_each_fo
         assert trial.intermediate_values[k] == pytest.approx(sum(bests[:k + 1]) / (k + 1), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_workers_logging_to_mlflow_print_no_mlflow_info_and_no_traceback(tmp_path):
     """Two workers creating the default MLflow store (mlruns/mlflow.db) at once raced on its migrations; MLflow's
     INFO lines went to the sweep's output."""
@@ -380,3 +384,27 @@ def test_a_run_stopped_before_its_first_epoch_still_has_history_csv_and_train_lo
     assert run.status == "interrupted"
     assert (run.dir / "history.csv").read_text() == "epoch\n"
     assert (run.dir / "train.log").read_text() == "interrupted before the first epoch ended\n"
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test's own ask(), as the lost machine's
+def test_a_trial_whose_worker_elsewhere_stopped_beating_is_failed_and_replaced(tmp_path, postgres_url):  # noqa: F811
+    """On a database shared by machines a dead worker's pid tells nothing: Optuna's heartbeat does."""
+    from dlcli import sweep as sweeps
+
+    plan = sweeps.prepare(write_sweep_config(tmp_path), ["train.epochs=1"], trials=1, storage=postgres_url,
+                          study=f"beat-{time.time_ns()}", runs_dir=tmp_path / "runs")
+    beat, sweeps.HEARTBEAT_SECONDS = sweeps.HEARTBEAT_SECONDS, 1
+    try:
+        study = plan.load_study()
+        lost = study.ask()  # a trial another machine started, then went silent
+        study._storage.set_trial_user_attr(lost._trial_id, "worker", "elsewhere:1")
+        study._storage.record_heartbeat(lost._trial_id)
+        time.sleep(sweeps.GRACE_BEATS + 1.5)
+        sweeps.work(plan)
+    finally:
+        sweeps.HEARTBEAT_SECONDS = beat
+    trials = plan.load_study().trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]  # not counted: the new trial took its place
+    assert trials[0].user_attrs["reason"] == f"its worker process died (elsewhere:1): no heartbeat for " \
+                                             f"{sweeps.GRACE_BEATS} s"
