@@ -613,6 +613,8 @@ def run_sweep(sweep: Sweep, workers: int = 1, on_start=None, log=None) -> SweepR
         return _run_sweep(sweep, workers, on_start, log)
     except OSError as e:  # the study's own files (the journal, the report) on a full or read-only disk
         raise DlcliError(f"cannot write {e.filename or sweep.dir}: {e.strerror or e}") from None
+    finally:
+        STOP.requested, STOP.run = False, None  # this process may run another sweep (a library user, a test)
 
 
 def _run_sweep(sweep: Sweep, workers: int, on_start, log) -> SweepResult:
@@ -675,7 +677,6 @@ def _run_sweep(sweep: Sweep, workers: int, on_start, log) -> SweepResult:
     for pid, signum in killed.items():
         lost.append(f"worker process {pid} was killed by {signal.Signals(signum).name}")
     interrupted = STOP.requested
-    STOP.requested, STOP.run = False, None
     result = report(sweep, study)
     result.interrupted, result.lost = interrupted, lost
     return result
