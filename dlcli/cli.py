@@ -161,8 +161,6 @@ def evaluate(
     from dlcli.errors import DlcliError
     from dlcli.experiment import evaluate_run
 
-    if weights not in ("best", "last"):
-        raise DlcliError(f"--weights must be 'best' or 'last'; found '{weights}'", exit_code=2)
     if split not in ("test", "validation"):
         raise DlcliError(f"--split must be 'test' or 'validation'; found '{split}'", exit_code=2)
     result = evaluate_run(run_dir, weights, split, allow_config_change=allow_config_change)
@@ -180,11 +178,11 @@ import dlcli.commands.import_keras  # noqa: E402,F401
 import dlcli.commands.plot  # noqa: E402,F401
 import dlcli.commands.predict  # noqa: E402,F401
 import dlcli.commands.runs  # noqa: E402,F401
+import dlcli.commands.serve  # noqa: E402,F401
 import dlcli.commands.sweep  # noqa: E402,F401
 
 
-def main():
-    app()
+main = app  # the console script's entry point
 
 
 if __name__ == "__main__":

@@ -35,12 +35,18 @@ def predict_run(run_dir, inputs: list[Path], weights: str = "best", key: str | N
     config, model = load_run_model(run_dir, weights, allow_config_change)
     xs, labels = read_inputs(list(inputs), run_dir, config.data, model, key, invert, pixel_scale)
     preds = model.predict(xs, batch_size=config.train.batch_size)
+    return Predictions([printable(label) for label in labels], model_outputs(run_dir, config, model, preds))
+
+
+def model_outputs(run_dir, config, model, preds) -> list[Output]:
+    """What model.predict returned as one Output per model output, with probabilities and class names for
+    classifier heads."""
     outputs = []
     for name, tensor, values in zip(model.output_names, model.outputs, preds if isinstance(preds, list) else [preds]):
         probs = probabilities(tensor, values)
         names = class_names(run_dir, config, probs.shape[1]) if probs is not None else []
         outputs.append(Output(name, values, probs, names))
-    return Predictions([printable(label) for label in labels], outputs)
+    return outputs
 
 
 def printable(name: str) -> str:

@@ -40,16 +40,18 @@ class BadImage(DlcliError):
 
 
 def decode_image(file, size: tuple[int, int] | None, color_mode: str, interpolation: str = "bilinear",
-                 crop_to_aspect_ratio: bool = False) -> np.ndarray:
-    """One image file -> uint8 (height, width, channels). Raises BadImage naming the file, also for an image
-    larger than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS x 2), refused before decoding."""
+                 crop_to_aspect_ratio: bool = False, name: str | None = None) -> np.ndarray:
+    """One image file (or file object, `name` naming it in messages) -> uint8 (height, width, channels). Raises
+    BadImage naming it, also for an image larger than Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS
+    x 2), refused before decoding."""
     from PIL import Image, UnidentifiedImageError
 
+    name = file if name is None else name
     mode, _ = COLOR_MODES[color_mode]
     try:
         with Image.open(file, formats=FORMATS) as im:  # GIF: the first frame, as Keras (expand_animations=False)
             if im.mode in ("I", "I;16", "I;16B", "F") and mode != "L":
-                raise BadImage(f"{file}: a {im.mode} (16-bit or float) image cannot be read as color_mode "
+                raise BadImage(f"{name}: a {im.mode} (16-bit or float) image cannot be read as color_mode "
                                f"{color_mode}; use color_mode: grayscale or convert it to 8 bits")
             im = im.convert(mode) if im.mode != mode else im
             if size is not None and im.size != (size[1], size[0]):
@@ -57,11 +59,11 @@ def decode_image(file, size: tuple[int, int] | None, color_mode: str, interpolat
                 im = im.resize((size[1], size[0]), getattr(Image.Resampling, INTERPOLATIONS[interpolation]), box=box)
             a = np.asarray(im, dtype=np.uint8)
     except Image.DecompressionBombError as e:  # not an OSError: it would escape as a traceback
-        raise BadImage(f"{file}: refused as a possible decompression bomb ({e})") from None
+        raise BadImage(f"{name}: refused as a possible decompression bomb ({e})") from None
     except UnidentifiedImageError:
-        raise BadImage(f"{file}: not an image Pillow can read as {', '.join(FORMATS)}") from None
+        raise BadImage(f"{name}: not an image Pillow can read as {', '.join(FORMATS)}") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise BadImage(f"{file}: cannot decode ({e}); the file may be truncated or corrupt") from None
+        raise BadImage(f"{name}: cannot decode ({e}); the file may be truncated or corrupt") from None
     return a[:, :, None] if a.ndim == 2 else a
 
 

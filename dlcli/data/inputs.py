@@ -104,12 +104,7 @@ def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None =
     kind = kinds.pop()
     if kind == "image":
         pixels = np.stack([read_image(f, model) for f in files])
-        if invert:  # MNIST-style data is light ink on black; photos of writing are dark on light
-            pixels = 255 - pixels
-        elif data.get("type") in DARK_BACKGROUND:
-            _hint_invert(files, pixels)
-        scale = image_scale(data) if pixel_scale is None else pixel_scale
-        return _fit(to_features(pixels, "float32", scale), model), [f.name for f in files]
+        return image_inputs(pixels, [f.name for f in files], data, model, invert, pixel_scale), [f.name for f in files]
     file = files[0]
     if kind == "text":
         x = read_text(file, run_dir)
@@ -119,6 +114,75 @@ def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None =
         x = preprocess(read_array(file, model, data, key), data)
     xs = _fit(x, model)
     return xs, [f"{file.name}:{i}" for i in range(len(xs[0]))]
+
+
+def image_inputs(pixels: np.ndarray, names: list[str], data: dict, model, invert: bool = False,
+                 pixel_scale: float | None = None) -> list[np.ndarray]:
+    """Decoded uint8 images (N, *input shape) made model-ready as the run's training images were: inverted on
+    request, scaled by the dataset's pixel scale (or `pixel_scale`)."""
+    if invert:  # MNIST-style data is light ink on black; photos of writing are dark on light
+        pixels = 255 - pixels
+    elif data.get("type") in DARK_BACKGROUND:
+        _hint_invert(names, pixels)
+    scale = image_scale(data) if pixel_scale is None else pixel_scale
+    return _fit(to_features(pixels, "float32", scale), model)
+
+
+def instance_inputs(instances: list, run_dir, data: dict, model, invert: bool = False,
+                    pixel_scale: float | None = None) -> list[np.ndarray]:
+    """`dlcli serve`'s JSON instances made model-ready by the steps `dlcli predict` takes on files: table rows
+    by column name (a table run), texts (a run with a vocabulary), images as base64 PNG/JPEG strings (or
+    {"b64": ...}), or numbers (nested lists; for several model inputs, objects by input name). As for files,
+    integer arrays are raw values and get the dataset's preprocessing; floats are taken as preprocessed."""
+    import base64
+    import binascii
+    import io
+
+    if not isinstance(instances, list) or not instances:
+        raise DlcliError("'instances' must be a non-empty list")
+    if data.get("type") == "table":
+        from dlcli.data.table import prediction_records
+
+        return fit_inputs(prediction_records(instances, run_dir), model)
+    if (Path(run_dir) / "vocabulary.json").is_file():
+        from dlcli import runs
+        from dlcli.data.text import encode_texts
+
+        bad = next((i for i, t in enumerate(instances) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise DlcliError(f"instance {bad}: expected a text (a JSON string) for this text model; found "
+                             f"{type(instances[bad]).__name__}")
+        cut = data.get("max_length") if data.get("type") == "text_folder" else None  # Keras cuts characters
+        texts = [t[:cut] if cut else t for t in instances]
+        return _fit(encode_texts(texts, runs.read_json(Path(run_dir) / "vocabulary.json")), model)
+    images = [t.get("b64") if isinstance(t, dict) and set(t) == {"b64"} else t for t in instances]
+    if all(isinstance(t, str) for t in images):
+        decoded = []
+        for i, text in enumerate(images):
+            try:
+                raw = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise DlcliError(f"instance {i}: not base64 (an image is sent as base64 PNG/JPEG bytes)") from None
+            decoded.append(read_image(io.BytesIO(raw), model, name=f"instance {i}"))
+        names = [f"instance {i}" for i in range(len(instances))]
+        return image_inputs(np.stack(decoded), names, data, model, invert, pixel_scale)
+    if all(isinstance(t, dict) for t in instances) and len(model.inputs) > 1:
+        x = {n: _numbers([t.get(n) for t in instances], f"input '{n}'") for n in model.input_names}
+    else:
+        x = _numbers(instances, "instances")
+    return _fit(preprocess(x, data), model)  # a wrong shape: the model's ShapeError naming both
+
+
+def _numbers(values: list, where: str) -> np.ndarray:
+    """Nested JSON lists as one array of real, finite numbers with a sample axis."""
+    try:
+        a = np.asarray(values)
+    except ValueError as e:  # ragged nesting
+        raise DlcliError(f"{where}: not a rectangular array of numbers ({e})") from None
+    a = check_samples(a, where)
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise DlcliError(f"{where}: NaN or infinity at instance {int(np.argwhere(~np.isfinite(a))[0][0])}")
+    return a
 
 
 def _kind(f: Path) -> str:
@@ -232,19 +296,20 @@ def image_geometry(shape) -> tuple[int, int, int]:
                      f"give arrays (.npy/.npz) instead")
 
 
-def read_image(file: Path, model) -> np.ndarray:
-    """uint8 pixels of an image file, grayscaled or RGB and resized (bilinear) to the model's input."""
+def read_image(file, model, name: str | None = None) -> np.ndarray:
+    """uint8 pixels of an image file (or file object: `name` says which in messages), grayscaled or RGB and
+    resized (bilinear) to the model's input."""
     height, width, channels = image_geometry(model.inputs[0].shape)
-    pixels = decode_image(file, (height, width), "grayscale" if channels == 1 else "rgb")
+    pixels = decode_image(file, (height, width), "grayscale" if channels == 1 else "rgb", name=name)
     return pixels.reshape(model.inputs[0].shape)
 
 
-def _hint_invert(files, pixels: np.ndarray):
+def _hint_invert(names: list[str], pixels: np.ndarray):
     """A light background (the median border pixel above mid-grey) on a model trained on light-on-dark images is
     almost surely dark writing on paper: the model would answer confidently wrong."""
     images = pixels.reshape(len(pixels), *image_geometry(pixels.shape[1:])[:2], -1)
     border = np.concatenate([images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]], axis=1)
-    light = [f.name for f, b in zip(files, border) if np.median(b) > 127]
+    light = [n for n, b in zip(names, border) if np.median(b) > 127]
     if light:
         warnings.warn(f"{', '.join(light[:3])}{' ...' if len(light) > 3 else ''}: a light background, but the "
                       f"model was trained on light ink on a dark background; pass --invert for dark writing on "

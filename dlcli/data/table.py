@@ -145,6 +145,11 @@ def read_records(file: Path) -> Table:
                 except json.JSONDecodeError as e:
                     raise TableError(f"{file}, line {number}: not JSON ({e.msg})") from None
                 lines.append(number)
+    return records_table(records, str(file), lines, unit)
+
+
+def records_table(records: list, file: str, lines: list[int], unit: str) -> Table:
+    """Parsed JSON objects of column -> value as a Table (null is a missing cell); `file` names them in messages."""
     bad = [i for i, r in enumerate(records) if not isinstance(r, dict)]
     if bad or not records:
         raise TableError(f"{file}: expected JSON objects of column -> value (a list of them or one per line)"
@@ -152,7 +157,7 @@ def read_records(file: Path) -> Table:
     header = list(dict.fromkeys(k for r in records for k in r))
     cells = {h: np.array(["" if r.get(h) is None else str(r[h]) for r in records], dtype=str) for h in header}
     nulls = {h: np.array([r.get(h) is None for r in records], bool) for h in header}
-    return Table(str(file), header, cells, np.asarray(lines, np.int64), nulls, unit)
+    return Table(file, header, cells, np.asarray(lines, np.int64), nulls, unit)
 
 
 def read_parquet(file: Path) -> Table:
@@ -536,7 +541,15 @@ def _load_table(path, label, features, crosses, test_path, test_split, missing, 
 def prediction_rows(file: Path, run_dir) -> tuple[np.ndarray, list[str]]:
     """`dlcli predict RUN rows.csv | records.json`: columns read by name (others and their order do not matter),
     preprocessed with the run's stored feature space; an unseen category is out-of-vocabulary, as in Keras."""
-    state = read_state(run_dir)
     table = read_table(file)
-    columns = parse_columns(table, state, state["missing"])
-    return fs.transform(state, columns), [f"{Path(file).name}:{line}" for line in table.lines]
+    return transform_rows(table, run_dir), [f"{Path(file).name}:{line}" for line in table.lines]
+
+
+def prediction_records(records: list, run_dir) -> np.ndarray:
+    """`dlcli serve`'s rows: JSON objects of column -> value, through the same steps as prediction_rows."""
+    return transform_rows(records_table(records, "request", list(range(len(records))), "instance"), run_dir)
+
+
+def transform_rows(table: Table, run_dir) -> np.ndarray:
+    state = read_state(run_dir)
+    return fs.transform(state, parse_columns(table, state, state["missing"]))
