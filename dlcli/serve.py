@@ -269,6 +269,21 @@ def create_app(served: ServedRun, max_batch: int = 64, max_delay: float = 0.005,
         metrics.count(path if path in KNOWN_PATHS else "other", response.status_code)
         return response
 
+    async def uploaded(request) -> dict | str:
+        """A multipart/form-data upload as a payload: every file field is one image instance (its bytes); form
+        fields top_k and invert as in JSON. A string says what is wrong."""
+        try:
+            form = await request.form(max_files=MAX_INSTANCES)
+        except Exception as e:  # python-multipart's parse errors have no common base class in Starlette's API
+            return f"not a valid multipart/form-data body ({e})"
+        files = [await v.read() for _, v in form.multi_items() if not isinstance(v, str)]
+        if not files:
+            return "a multipart/form-data request needs at least one file field (an image)"
+        payload = {"instances": files, "invert": form.get("invert", "") in ("1", "true", "on")}
+        if form.get("top_k"):
+            payload["top_k"] = int(form["top_k"]) if form["top_k"].isdigit() else form["top_k"]
+        return payload
+
     @app.post("/v1/predict")
     async def predict(request: Request):
         from dlcli.data.image_folder import BadImage  # noqa: F401 (a DlcliError, answered like the others)
@@ -277,12 +292,17 @@ def create_app(served: ServedRun, max_batch: int = 64, max_delay: float = 0.005,
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:  # a chunked body without Content-Length
             return error(413, f"request body over the limit of {MAX_BODY_BYTES:,} bytes")
-        try:
-            import json
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            payload = await uploaded(request)
+            if isinstance(payload, str):
+                return error(400, payload)
+        else:
+            try:
+                import json
 
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            return error(400, f"the body is not JSON ({e})")
+                payload = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as e:
+                return error(400, f"the body is not JSON ({e})")
         if not isinstance(payload, dict) or "instances" not in payload:
             return error(422, 'expected a JSON object {"instances": [...]}')
         instances = payload["instances"]

@@ -257,3 +257,92 @@ def test_the_page_is_self_contained(server):
     page = r.text
     assert "<script>" in page and "v1/predict" in page and "tiny" in page
     assert not re.search(r'(src|href)="https?://', page)  # nothing from a CDN
+
+
+def served_client(run):
+    """The app in-process (FastAPI's TestClient runs its lifespan, so the batcher too)."""
+    from fastapi.testclient import TestClient
+
+    from dlcli.serve import ServedRun, create_app
+
+    return TestClient(create_app(ServedRun(run), max_batch=8, max_delay=0.001))
+
+
+def test_table_rows_by_column_name_as_dlcli_predict_reads_records(monkeypatch, tmp_path):
+    import json
+
+    import dlcli
+    from tests.conftest import require_dataset
+
+    folder = require_dataset("tables")
+    monkeypatch.setenv("DLCLI_DATA_DIR", str(folder.parent))
+    monkeypatch.setenv("DLCLI_CACHE_DIR", str(tmp_path / "cache"))
+    configs = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+    run = dlcli.train(configs / "penguins.yaml", ["train.epochs=2"], runs_dir=tmp_path / "runs", verbose=0).dir
+    rows = [{"island": "Biscoe", "bill_length_mm": 48.6, "bill_depth_mm": 16.0, "flipper_length_mm": 230,
+             "body_mass_g": 5800, "sex": "male", "year": 2009, "note": "ignored"},
+            {"island": "Dream", "bill_length_mm": None, "bill_depth_mm": 18.1, "flipper_length_mm": 190,
+             "body_mass_g": 3700, "sex": None, "year": 2008}]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    done = runner.invoke(app, ["predict", str(run), str(tmp_path / "rows.json"), "-o", str(tmp_path / "p.npy")])
+    assert done.exit_code == 0, done.output
+    with served_client(run) as client:
+        info = client.get("/v1/model").json()
+        assert info["kind"] == "table" and "island" in [f["name"] for f in info["features"]]
+        r = client.post("/v1/predict", json={"instances": rows})
+        assert r.status_code == 200, r.text
+        got = np.array([a["probabilities"] for a in r.json()["predictions"]])
+        np.testing.assert_allclose(got, np.load(tmp_path / "p.npy"), rtol=1e-5, atol=1e-6)
+        assert {a["label"] for a in r.json()["predictions"]} <= {"Adelie", "Chinstrap", "Gentoo"}
+        r = client.post("/v1/predict", json={"instances": [{k: v for k, v in rows[0].items() if k != "island"}]})
+        assert r.status_code == 422 and "no column 'island'" in r.json()["error"]
+        r = client.post("/v1/predict", json={"instances": [{**rows[0], "bill_depth_mm": "deep"}]})
+        assert r.status_code == 422 and "bill_depth_mm" in r.json()["error"]
+        assert 'INFO.kind === "table"' in client.get("/").text and '"name": "island"' in client.get("/").text
+
+
+def test_texts_are_encoded_with_the_runs_vocabulary(tmp_path):
+    import yaml
+
+    from dlcli import runs
+    from dlcli.data.text import build_vocabulary, encode_texts, tokenize
+    from dlcli.experiment import load_run_model
+
+    texts = ["good great fine", "bad awful poor", "great good", "poor bad"] * 6
+    vocabulary = build_vocabulary([tokenize(t) for t in texts], num_words=20, maxlen=5)
+    np.savez(tmp_path / "t.npz", x=encode_texts(texts, vocabulary), y=np.array([1, 0, 1, 0] * 6))
+    config = {"name": "words", "seed": 0, "data": {"type": "npz", "path": str(tmp_path / "t.npz")},
+              "model": {"input_shape": [5], "input_dtype": "int32",
+                        "layers": [{"type": "Embedding", "input_dim": 20, "output_dim": 4},
+                                   {"type": "GlobalAveragePooling1D"},
+                                   {"type": "Dense", "units": 2, "activation": "softmax"}]},
+              "compile": {"optimizer": "adam", "loss": "sparse_categorical_crossentropy"},
+              "train": {"epochs": 1, "batch_size": 8}}
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(config))
+    done = runner.invoke(app, ["train", str(tmp_path / "w.yaml"), "--runs-dir", str(tmp_path / "runs"), "-q"])
+    assert done.exit_code == 0, done.output
+    run = next((tmp_path / "runs").iterdir())
+    runs.atomic_write_json(run / "vocabulary.json", vocabulary)  # what train_run stores for text datasets
+    _, model = load_run_model(run)
+    said = ["good great", "awful words never seen"]
+    with served_client(run) as client:
+        assert client.get("/v1/model").json()["kind"] == "text"
+        r = client.post("/v1/predict", json={"instances": said})
+        assert r.status_code == 200, r.text
+        got = np.array([a["probabilities"] for a in r.json()["predictions"]])
+        np.testing.assert_allclose(got, model.predict(encode_texts(said, vocabulary)), rtol=1e-6)
+        r = client.post("/v1/predict", json={"instances": [[1, 2, 3, 4, 5]]})
+        assert r.status_code == 422 and "expected a text" in r.json()["error"]
+        assert 'INFO.kind === "text"' in client.get("/").text
+
+
+def test_a_multipart_upload_is_read_as_the_same_image_in_json(server):
+    pixels = np.random.default_rng(5).integers(0, 256, size=(4, 4), dtype=np.uint8)
+    as_json = predict(server, [png_base64(pixels)]).json()["predictions"]
+    files = [("file", ("a.png", base64.b64decode(png_base64(pixels)), "image/png"))] * 2
+    r = httpx.post(f"{server.url}/v1/predict", files=files, data={"top_k": "2"})
+    assert r.status_code == 200, r.text
+    assert [a["probabilities"] for a in r.json()["predictions"]] == [as_json[0]["probabilities"]] * 2
+    assert len(r.json()["predictions"][0]["top_k"]) == 2
+    r = httpx.post(f"{server.url}/v1/predict", files=[("file", ("notes.txt", b"not an image", "text/plain"))])
+    assert r.status_code == 422 and "instance 0: not an image" in r.json()["error"]

@@ -132,7 +132,7 @@ def instance_inputs(instances: list, run_dir, data: dict, model, invert: bool = 
                     pixel_scale: float | None = None) -> list[np.ndarray]:
     """`dlcli serve`'s JSON instances made model-ready by the steps `dlcli predict` takes on files: table rows
     by column name (a table run), texts (a run with a vocabulary), images as base64 PNG/JPEG strings (or
-    {"b64": ...}), or numbers (nested lists; for several model inputs, objects by input name). As for files,
+    {"b64": ...}; bytes for uploaded files), or numbers (nested lists; for several model inputs, objects by input name). As for files,
     integer arrays are raw values and get the dataset's preprocessing; floats are taken as preprocessed."""
     import base64
     import binascii
@@ -156,11 +156,11 @@ def instance_inputs(instances: list, run_dir, data: dict, model, invert: bool = 
         texts = [t[:cut] if cut else t for t in instances]
         return _fit(encode_texts(texts, runs.read_json(Path(run_dir) / "vocabulary.json")), model)
     images = [t.get("b64") if isinstance(t, dict) and set(t) == {"b64"} else t for t in instances]
-    if all(isinstance(t, str) for t in images):
+    if all(isinstance(t, (str, bytes)) for t in images):  # bytes: an uploaded file's
         decoded = []
         for i, text in enumerate(images):
             try:
-                raw = base64.b64decode(text, validate=True)
+                raw = text if isinstance(text, bytes) else base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError):
                 raise DlcliError(f"instance {i}: not base64 (an image is sent as base64 PNG/JPEG bytes)") from None
             decoded.append(read_image(io.BytesIO(raw), model, name=f"instance {i}"))
