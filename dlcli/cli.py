@@ -181,7 +181,6 @@ import dlcli.commands.runs  # noqa: E402,F401
 import dlcli.commands.serve  # noqa: E402,F401
 import dlcli.commands.sweep  # noqa: E402,F401
 
-
 main = app  # the console script's entry point
 
 
