@@ -200,6 +200,10 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
     for cb in run.trainer.user_callbacks:
         cb.on_run_begin(run)
     validation = (splits.x_val, splits.y_val) if splits.x_val is not None else None
+    if resume is None:
+        from dlcli.layers.normalization import adapt_to_inputs
+
+        adapt_to_inputs(model, splits.x_train)  # Normalization layers with adapt: true, before the first epoch
     start = time.perf_counter()
     try:
         run.trainer.fit(splits.x_train, splits.y_train, epochs=settings.epochs, batch_size=settings.batch_size,

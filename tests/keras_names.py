@@ -26,9 +26,9 @@ LAYERS = {
         "Flatten", "GRU", "GaussianDropout", "GaussianNoise", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
         "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
         "GroupNormalization", "Identity", "LSTM", "LayerNormalization", "LeakyReLU", "Masking", "MaxPooling1D",
-        "MaxPooling2D", "MaxPooling3D", "Maximum", "Minimum", "MultiHeadAttention", "Multiply", "PReLU", "Permute",
-        "RandomFlip", "RandomRotation", "RandomTranslation", "RandomZoom", "ReLU", "RepeatVector", "Rescaling",
-        "Reshape", "SeparableConv2D", "SimpleRNN", "Softmax", "SpatialDropout1D", "SpatialDropout2D",
+        "MaxPooling2D", "MaxPooling3D", "Maximum", "Minimum", "MultiHeadAttention", "Multiply", "Normalization",
+        "PReLU", "Permute", "RandomFlip", "RandomRotation", "RandomTranslation", "RandomZoom", "ReLU", "RepeatVector",
+        "Rescaling", "Reshape", "SeparableConv2D", "SimpleRNN", "Softmax", "SpatialDropout1D", "SpatialDropout2D",
         "SpatialDropout3D", "Subtract", "TimeDistributed", "UnitNormalization", "UpSampling1D", "UpSampling2D",
         "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D"]},
     **{f"{a}{d}": ALIAS(f"{c}{d}") for a, c in [("AvgPool", "AveragePooling"), ("MaxPool", "MaxPooling"),
@@ -64,7 +64,7 @@ LAYERS = {
         "ActivityRegularization", "AdaptiveAveragePooling1D", "AdaptiveAveragePooling2D", "AdaptiveAveragePooling3D",
         "AdaptiveMaxPooling1D", "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D", "Conv1DTranspose", "Conv3DTranspose",
         "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D", "DepthwiseConv1D", "EinsumDense", "GRUCell", "LSTMCell",
-        "Normalization", "RMSNormalization", "RNN", "ReversibleEmbedding", "SeparableConv1D", "SimpleRNNCell",
+        "RMSNormalization", "RNN", "ReversibleEmbedding", "SeparableConv1D", "SimpleRNNCell",
         "SpectralNormalization", "StackedRNNCells"]},
 }
 

@@ -158,8 +158,9 @@ class SafeH5:
                 return None
         return node
 
-    def read(self, group, name: str, shape: tuple, what: str) -> np.ndarray:
-        """Dataset `name` of `group` as float32, after checking it has the expected `shape`."""
+    def read(self, group, name: str, shape: tuple, what: str, dtype=np.float32) -> np.ndarray:
+        """Dataset `name` of `group` as float32 (or as the integer `dtype` a counter such as Normalization's count
+        expects), after checking it has the expected `shape`."""
         if group is None or name not in group or not isinstance(group[name], self.h5py.Dataset):
             raise DlcliError(f"{self.source}: no weight array for {what} (expected {group.name if group else '?'}/"
                              f"{name})")
@@ -167,8 +168,12 @@ class SafeH5:
         if tuple(ds.shape) != tuple(shape):
             raise DlcliError(f"{self.source}: {what} has shape {tuple(ds.shape)} in the file but the model expects "
                              f"{tuple(shape)}")
-        if ds.dtype.kind != "f":
-            raise UnsafeFile(f"{self.source}: {what} holds {ds.dtype} values; weights are floating point")
+        integer = np.dtype(dtype).kind in "iu"
+        if ds.dtype.kind not in ("iu" if integer else "f"):
+            raise UnsafeFile(f"{self.source}: {what} holds {ds.dtype} values; weights are "
+                             f"{'integers' if integer else 'floating point'}")
+        if integer:
+            return np.asarray(ds[()], dtype=dtype)
         with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: refused below
             value = np.asarray(ds[()], dtype=np.float32)
         bad = ~np.isfinite(value)

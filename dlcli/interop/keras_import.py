@@ -136,7 +136,7 @@ def _load_keras3_weights(h5, model, order, check_names: bool):
                     raise DlcliError(f"{h5.source}: {path} has more weight arrays than dlcli's "
                                      f"{type(layer).__name__} '{name}' ({len(params)})")
                 p = params[len(values)]
-                values.append(h5.read(group, key, p.value.shape, f"weight '{p.path}'"))
+                values.append(h5.read(group, key, p.value.shape, f"weight '{p.path}'", p.value.dtype))
         if len(values) != len(params):
             raise DlcliError(f"{h5.source}: layer '{name}' ({kind}) has {len(values)} weight arrays under {path}; "
                              f"dlcli's layer has {len(params)} ({', '.join(p.name for p in params)})")
@@ -171,7 +171,7 @@ def _load_legacy_weights(h5, model):
         for p, weight in zip(params, weight_names):
             parent, _, leaf = weight.rpartition("/")
             values.append(h5.read(h5.group(f"{group.name}/{parent}") if parent else group, leaf, p.value.shape,
-                                  f"weight '{p.path}' ({layer_name}/{weight})"))
+                                  f"weight '{p.path}' ({layer_name}/{weight})", p.value.dtype))
         layer.set_weights(values)
 
 

@@ -1,10 +1,10 @@
-"""BatchNormalization, LayerNormalization, GroupNormalization and UnitNormalization with Keras' arguments, defaults and
-weight order (gamma, beta, ...)."""
+"""BatchNormalization, LayerNormalization, GroupNormalization, UnitNormalization and Normalization with Keras'
+arguments, defaults and weight order (gamma, beta, ...; mean, variance, count)."""
 import numpy as np
 
 from dlcli.engine import initializers
-from dlcli.engine.layer import Layer, register
-from dlcli.errors import ShapeError
+from dlcli.engine.layer import Layer, Param, register
+from dlcli.errors import ConfigError, ShapeError
 
 
 def _axes(axis, rank: int, layer) -> tuple[int, ...]:
@@ -381,3 +381,107 @@ class UnitNormalization(Layer):
         axes = [self.axis] if isinstance(self.axis, int) else self.axis
         inv = g.op("Reciprocal", [g.op("Sqrt", [g.reduce("ReduceSum", g.op("Mul", [x.name, x.name]), axes)])])
         return g.value(g.op("Mul", [x.name, g.op("Min", [inv, g.scalar(1e12)])], self.name), x.rank)
+
+
+@register("Normalization")
+class Normalization(Layer):
+    """(x - mean) / max(sqrt(variance), 1e-7) per feature of `axis` (kept axes; Keras' default the last), or its
+    inverse with `invert`. mean and variance are given, or non-trainable weights (mean, variance, count, as Keras
+    saves them) set by `adapt(data)`, by `adapt: true` in a config (on the training inputs before the first epoch;
+    not a Keras argument) or read from a Keras file."""
+
+    supports_masking = True
+
+    def __init__(self, axis: int | list[int] | None = -1, mean=None, variance=None, invert: bool = False,
+                 adapt: bool = False, **kw):
+        super().__init__(**kw)
+        if (mean is None) != (variance is None):
+            raise ConfigError("Normalization: give both mean and variance, or neither (as Keras)")
+        if adapt and mean is not None:
+            raise ConfigError("Normalization: adapt: true computes mean and variance; do not give them too")
+        self.adapt_on_fit = bool(adapt)
+        self.axis = [] if axis is None else [int(a) for a in (axis if isinstance(axis, (list, tuple)) else [axis])]
+        self.mean, self.variance, self.invert = mean, variance, bool(invert)
+
+    def build(self, input_shape):
+        ndim = len(input_shape) + 1
+        if any(not -ndim <= a < ndim or a % ndim == 0 for a in self.axis):
+            raise ShapeError(f"Normalization '{self.name}': axis {self.axis} must be axes of inputs (None, "
+                             f"{', '.join(map(str, input_shape))}) other than the batch's")
+        self.keep = tuple(sorted(a % ndim for a in self.axis))
+        self.view = (1, *[input_shape[d - 1] if d in self.keep else 1 for d in range(1, ndim)])
+        shape = tuple(input_shape[d - 1] for d in self.keep)
+        if self.mean is None:
+            self.add_weight("mean", shape, "zeros", trainable=False)
+            self.add_weight("variance", shape, "ones", trainable=False)
+            self.params["count"] = Param("count", np.zeros((), np.int64), trainable=False, layer=self)
+
+    def _moments(self, dtype):
+        given = self.mean is not None
+        mean = np.asarray(self.mean if given else self.params["mean"].value, dtype)
+        variance = np.asarray(self.variance if given else self.params["variance"].value, dtype)
+        # a scalar applies to every feature, else one value per kept feature (Keras)
+        mean, variance = (np.broadcast_to(a, self.view) if a.ndim == 0 else a.reshape(self.view)
+                          for a in (mean, variance))
+        return mean, np.maximum(np.sqrt(variance), dtype.type(1e-7))
+
+    def adapt(self, data, batch_size: int = 4096):
+        """mean and variance of `data` (an array of inputs, batch first, or an iterable of such chunks) over every
+        axis but the kept ones, summed in float64 chunk by chunk (Keras' adapt; count: values per feature)."""
+        if self.mean is not None:
+            raise ConfigError(f"Normalization '{self.name}' was given mean and variance; it has nothing to adapt")
+        chunks = (data[s:s + batch_size] for s in range(0, len(data), batch_size)) if hasattr(data, "shape") \
+            else iter(data)
+        total = squares = 0.0
+        count = 0
+        for chunk in chunks:
+            chunk = np.asarray(chunk, np.float64)
+            self.ensure_built(chunk.shape[1:])
+            axes = tuple(d for d in range(chunk.ndim) if d not in self.keep)
+            total = total + chunk.sum(axes)
+            squares = squares + (chunk * chunk).sum(axes)
+            count += chunk.size // max(int(np.prod([chunk.shape[d] for d in self.keep])), 1)
+        mean = total / max(count, 1)
+        variance = np.maximum(squares / max(count, 1) - mean * mean, 0)
+        for name, value in (("mean", mean), ("variance", variance)):
+            self.params[name].value = np.asarray(value, self.dtype).reshape(self.params[name].value.shape)
+        self.params["count"].value = np.array(count, np.int64)
+
+    def forward(self, x, training=False):
+        mean, self.scale = self._moments(x.dtype)
+        return mean + x * self.scale if self.invert else (x - mean) / self.scale
+
+    def backward(self, grad):
+        return grad * self.scale if self.invert else grad / self.scale
+
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.last(x)
+        mean, scale = self._moments(np.dtype(np.float32))
+        m, s = g.const(mean, f"{self.name}_mean"), g.const(scale, f"{self.name}_scale")
+        y = g.op("Add", [m, g.op("Mul", [x.name, s])], self.name) if self.invert else \
+            g.op("Div", [g.op("Sub", [x.name, m]), s], self.name)
+        return g.value(y, x.rank)
+
+
+def adapt_to_inputs(model, xs) -> list[str]:
+    """`adapt` every Normalization layer built with adapt=True that reads a model input straight away, on that
+    input's training data (the config's `adapt: true`, before the first epoch); the names adapted."""
+    from dlcli.data.source import as_source
+    from dlcli.engine.graph import InputLayer
+
+    source_of_inputs = as_source(xs)
+    adapted = []
+    for node in model.graph.nodes:
+        layer = node.layer
+        if not isinstance(layer, Normalization) or not layer.adapt_on_fit:
+            continue
+        source = node.inputs[0].node.layer if node.inputs else None
+        if not isinstance(source, InputLayer):
+            raise ConfigError(f"Normalization '{layer.name}' has adapt: true, so it must read a model input directly "
+                              f"(it reads '{source.name if source else '?'}'): dlcli adapts it to the training inputs")
+        index, n = [t.node.layer for t in model.inputs].index(source), len(source_of_inputs)
+        # batch by batch through the data source (a folder of images decodes as it goes), as Keras' adapt does
+        layer.adapt(source_of_inputs.take(np.arange(start, min(start + 4096, n)))[index]
+                    for start in range(0, n, 4096))
+        adapted.append(layer.name)
+    return adapted

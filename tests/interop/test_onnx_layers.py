@@ -57,6 +57,8 @@ CASES = {
     "AlphaDropout": seq([4], L("AlphaDropout", rate=0.5)),
     "GroupNormalization": seq([4, 4, 6], L("Conv2D", filters=6, kernel_size=2), L("GroupNormalization", groups=3)),
     "UnitNormalization": seq([3, 4], L("UnitNormalization", axis=[1, 2])),
+    "Normalization": seq([3, 2], L("Normalization", mean=[1.0, -2.0], variance=[4.0, 0.25])),
+    "Normalization-weights": seq([2, 3], L("Normalization", axis=[1, 2])),
     "ReLU-slope-threshold": seq([6], L("ReLU", max_value=1.0, negative_slope=0.1, threshold=0.3)),
     "ReLU-leaky": seq([6], L("ReLU", negative_slope=0.2)),
     "LeakyReLU": seq([4, 4, 2], L("Conv2D", filters=3, kernel_size=2), L("LeakyReLU")),

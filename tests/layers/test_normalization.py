@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from dlcli import layers
-from dlcli.errors import ShapeError
+from dlcli.errors import ConfigError, ShapeError
 from tests.gradcheck import check_layer
 
 # a ragged batch of 4 sequences of 5 steps (Embedding mask_zero / Masking): statistics over the real steps only
@@ -10,6 +10,9 @@ _MASK = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0
 
 # Gradient-check table: layer type -> list of (constructor args, input shape without batch, check options).
 GRADIENT_CASES = {
+    "Normalization": [({"mean": 1.0, "variance": 4.0}, (3,), {}), ({}, (2, 3), {}),
+                      ({"axis": [1, 2], "mean": [[1, 2], [3, 4]], "variance": [[1, 2], [3, 4]], "invert": True},
+                       (2, 2), {})],
     "GroupNormalization": [({"groups": 2}, (3, 4), {}), ({"groups": 3, "center": False}, (2, 2, 6), {}),
                            ({"groups": 1, "scale": False}, (5,), {"batch": 2})],
     "UnitNormalization": [({}, (5,), {}), ({"axis": [1, 2]}, (2, 3), {})],
@@ -136,3 +139,45 @@ def test_channelwise_broadcast_equals_numpys_and_leaves_other_shapes_alone():
     assert np.array_equal(out, x - per_channel)
     view = x[:, :, ::2]  # not contiguous: NumPy's own broadcast
     assert np.array_equal(_channelwise(np.multiply, view, per_channel), view * per_channel)
+
+
+def test_normalization_adapts_like_keras_and_round_trips_its_config():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(500, 4, 3)) * [1.0, 5.0, 0.2] + [0.0, 3.0, -1.0]).astype(np.float32)
+    norm = layers.Normalization()
+    norm.adapt(x, batch_size=64)  # in chunks: the sums are exact whatever the chunking
+    np.testing.assert_allclose(norm.params["mean"].value, x.reshape(-1, 3).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norm.params["variance"].value, x.reshape(-1, 3).var(0), rtol=1e-5)
+    assert int(norm.params["count"].value) == 2000
+    y = norm(x)
+    np.testing.assert_allclose(y.reshape(-1, 3).mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(y.reshape(-1, 3).std(0), 1, rtol=1e-4)
+    inverse = layers.Normalization(mean=norm.params["mean"].value, variance=norm.params["variance"].value,
+                                   invert=True)
+    np.testing.assert_allclose(inverse(y), x, rtol=1e-4, atol=1e-4)
+    assert layers.Normalization(adapt=True).get_config()["adapt"] is True
+    with pytest.raises(ConfigError, match="both mean and variance"):
+        layers.Normalization(mean=1.0)
+
+
+def test_adapt_true_in_a_config_adapts_to_the_training_inputs_before_the_first_epoch(tmp_path):
+    import dlcli
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(120, 3)) * [2.0, 0.5, 10.0] + [1.0, -2.0, 50.0]).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=rng.integers(0, 2, 120))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"""name: norm
+data: {{type: npz, path: {tmp_path / 'd.npz'}, x: x, y: y}}
+model:
+  input_shape: [3]
+  layers:
+    - {{type: Normalization, adapt: true}}
+    - {{type: Dense, units: 2, activation: softmax}}
+compile: {{optimizer: sgd, loss: sparse_categorical_crossentropy}}
+train: {{epochs: 1}}
+""")
+    run = dlcli.train(config, runs_dir=tmp_path / "runs")
+    with np.load(run.dir / "weights" / "last.npz") as weights:
+        mean = next(weights[k] for k in weights.files if k.endswith("/mean"))
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-5)  # stored in the run with the other weights
