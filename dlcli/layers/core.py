@@ -151,13 +151,25 @@ class Reshape(Layer):
         return g.value(g.op("Reshape", [g.last(x).name, g.ints([0, *out])], self.name), len(out) + 1)
 
 
+def noise_shape(layer, shape) -> tuple:
+    """The shape of a dropout mask: Keras' noise_shape gives one entry per axis, the batch's included, None for the
+    input's size there and 1 to share one draw along that axis ([None, 1, 1, None]: one per sample and channel)."""
+    spec = layer.noise_shape
+    if spec is None:
+        return shape
+    if len(spec) != len(shape):
+        raise ShapeError(f"{type(layer).__name__} '{layer.name}': noise_shape {list(spec)} needs one entry per axis "
+                         f"of the input, batch included (as Keras), for inputs of rank {len(shape)}")
+    return tuple(d if n is None else int(n) for n, d in zip(spec, shape))
+
+
 @register("Dropout")
 class Dropout(Layer):
     """Inverted dropout (Keras): zero a `rate` fraction while training and scale the rest by 1 / (1 - rate)."""
 
     supports_masking = True
 
-    def __init__(self, rate: float, noise_shape: list[int] | None = None, **kw):
+    def __init__(self, rate: float, noise_shape: list[int | None] | None = None, **kw):
         super().__init__(**kw)
         if not 0 <= rate < 1:
             raise ShapeError(f"Dropout '{self.name}': rate must be in [0, 1); got {rate}")
@@ -167,8 +179,7 @@ class Dropout(Layer):
         if not training or self.rate == 0:
             self.scale = None
             return x
-        shape = x.shape if self.noise_shape is None else (x.shape[0], *[
-            d if n is None else n for n, d in zip(self.noise_shape, x.shape[1:])])
+        shape = noise_shape(self, x.shape)
         keep = self.rng.random(shape, dtype=np.float32) >= self.rate
         self.scale = keep.astype(x.dtype) / np.asarray(1 - self.rate, x.dtype)
         return x * self.scale

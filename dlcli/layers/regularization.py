@@ -6,6 +6,7 @@ import numpy as np
 
 from dlcli.engine.layer import Layer, register
 from dlcli.errors import ConfigError
+from dlcli.layers.core import noise_shape
 
 
 class _Noise(Layer):
@@ -67,7 +68,7 @@ class AlphaDropout(_Noise):
     """Dropout for SELU networks (Klambauer et al. 2017): dropped units become SELU's negative saturation value and
     a * x + b restores the mean and variance (Keras' formula)."""
 
-    def __init__(self, rate: float, noise_shape: list[int] | None = None, seed: int | None = None, **kw):
+    def __init__(self, rate: float, noise_shape: list[int | None] | None = None, seed: int | None = None, **kw):
         super().__init__(seed, **kw)
         self.rate, self.noise_shape = _rate("AlphaDropout", rate), noise_shape
 
@@ -75,8 +76,7 @@ class AlphaDropout(_Noise):
         self.factor = None
         if not training or not self.rate:
             return x
-        shape = x.shape if self.noise_shape is None else (x.shape[0], *[
-            d if n is None else n for n, d in zip(self.noise_shape, x.shape[1:])])
+        shape = noise_shape(self, x.shape)
         kept = (self.rng.random(shape, dtype=np.float32) >= self.rate).astype(x.dtype)
         alpha_p = -1.6732632423543772 * 1.0507009873554805
         a = ((1 - self.rate) * (1 + self.rate * alpha_p ** 2)) ** -0.5

@@ -218,7 +218,7 @@ class _SpatialDropout(Dropout):
 
     def __init__(self, rate: float, **kw):
         super().__init__(rate, **kw)
-        self.noise_shape = [*(1,) * self.rank, None]
+        self.noise_shape = [None, *(1,) * self.rank, None]
 
     def output_shape(self, input_shape):
         _check_rank(self, input_shape)

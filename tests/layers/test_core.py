@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from dlcli import layers
+from dlcli.errors import ShapeError
 from dlcli.engine import activations
 from tests.gradcheck import assert_close, check_layer, numeric_grad
 
@@ -14,7 +15,8 @@ GRADIENT_CASES = {
     "Flatten": [({}, (2, 3, 2), {})],
     "Identity": [({}, (2, 3), {})],
     "Reshape": [({"target_shape": [3, -1]}, (2, 3, 2), {})],
-    "Dropout": [({"rate": 0.5}, (8,), {"training": True}), ({"rate": 0.3}, (8,), {})],
+    "Dropout": [({"rate": 0.5}, (8,), {"training": True}), ({"rate": 0.3}, (8,), {}),
+                ({"rate": 0.5, "noise_shape": [None, 1, 4]}, (3, 4), {"training": True})],
 }
 
 
@@ -90,3 +92,13 @@ def test_reshape_rejects_impossible_target():
 
     with pytest.raises(ShapeError, match="cannot reshape"):
         layers.Reshape([5, 5]).output_shape((2, 3))
+
+
+
+def test_dropout_noise_shape_is_keras_one_entry_per_axis_batch_included():
+    drop = layers.Dropout(0.5, noise_shape=[None, 1, 1, 1])  # EfficientNet's drop_connect: one draw per sample
+    drop.ensure_built((2, 2, 3), np.random.default_rng(0))
+    y = drop.forward(np.ones((6, 2, 2, 3), np.float32), training=True)
+    assert all(len(np.unique(sample)) == 1 for sample in y) and set(np.unique(y)) == {0.0, 2.0}
+    with pytest.raises(ShapeError, match="one entry per axis of the input, batch included"):
+        layers.Dropout(0.5, noise_shape=[1, 3]).forward(np.ones((2, 2, 3), np.float32), training=True)

@@ -11,7 +11,7 @@ GRADIENT_CASES = {
     "GaussianNoise": [({"stddev": 0.3}, (5,), {"training": True}), ({"stddev": 0.3}, (5,), {})],
     "GaussianDropout": [({"rate": 0.3}, (2, 4), {"training": True})],
     "AlphaDropout": [({"rate": 0.3}, (6,), {"training": True}),
-                     ({"rate": 0.4, "noise_shape": [1, None]}, (3, 4), {"training": True})],
+                     ({"rate": 0.4, "noise_shape": [None, 1, None]}, (3, 4), {"training": True})],
 }
 
 
