@@ -162,7 +162,7 @@ def test_evaluate_writes_evaluation_json(tiny_config, tmp_path):
     assert sum(map(sum, report["confusion_matrix"])) == 60
     assert "confusion matrix" in result.output
     bad = runner.invoke(app, ["evaluate", str(tmp_path / "nope")])
-    assert bad.exit_code != 0 and "not a dlcli run directory" in " ".join(bad.output.split())
+    assert bad.exit_code == 2 and "not a dlcli run directory" in " ".join(bad.output.split())
 
 
 def test_version_and_fast_help():
