@@ -297,3 +297,9 @@ def test_file_names_that_are_not_utf8_are_written_with_backslash_escapes(run, sa
     assert [r.split(",")[0] for r in rows[1:]] == ["caf\\xe9.npy:0", "caf\\xe9.npy:1"]
     result = invoke(run, tmp_path / name)
     assert result.exit_code == 0 and "caf\\xe9.npy:1" in result.output
+
+
+def test_file_names_with_brackets_print_as_they_are(run, samples, tmp_path):
+    np.save(tmp_path / "[red]x.npy", samples[:1])  # rich markup in a file name is text, not style
+    result = invoke(run, tmp_path / "[red]x.npy")
+    assert result.exit_code == 0 and "[red]x.npy:0" in result.output, result.output

@@ -46,6 +46,7 @@ def predict(
     """
     import numpy as np
     from rich.table import Table
+    from rich.text import Text
 
     from dlcli.prediction import check_output_path, predict_run, write_predictions
 
@@ -60,7 +61,7 @@ def predict(
     shown = min(len(p.labels), PRINT_LIMIT)
     for o in p.outputs:
         title = f"{Path(run_dir).name} ({weights} weights)" + (f": output {o.name}" if len(p.outputs) > 1 else "")
-        table = Table(title=title)
+        table = Table(title=Text(title))  # Text: file and class names are never rich markup
         table.add_column("input", no_wrap=True)
         if o.probabilities is not None:
             k = min(top_k, o.probabilities.shape[1])
@@ -68,12 +69,12 @@ def predict(
             for j in range(k):
                 table.add_column(f"#{j + 1}", justify="right")
             for label, row, idx in zip(p.labels, o.probabilities, order):
-                table.add_row(label, *[f"{o.classes[i]} ({row[i]:.3f})" for i in idx])
+                table.add_row(Text(label), *[Text(f"{o.classes[i]} ({row[i]:.3f})") for i in idx])
         else:
             flat = o.values.reshape(len(o.values), -1)
             table.add_column("output", justify="right")
             for label, row in zip(p.labels[:shown], flat):
-                table.add_row(label, ", ".join(f"{v:.4g}" for v in row[:8]) + (" ..." if len(row) > 8 else ""))
+                table.add_row(Text(label), ", ".join(f"{v:.4g}" for v in row[:8]) + (" ..." if len(row) > 8 else ""))
         out.print(table)
     if shown < len(p.labels):
         out.print(f"(first {shown} of {len(p.labels):,}; --output FILE.csv writes them all)")
