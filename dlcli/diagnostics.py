@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlcli import runs
 from dlcli.errors import DlcliError
 
 
@@ -232,7 +233,7 @@ def short_run(config, samples: int, epochs: int) -> tuple[dict, list]:
                      y_val=None if val is None else [a[:val] for a in splits.y_val], x_test=None, y_test=None)
     with tempfile.TemporaryDirectory(prefix="dlcli-determinism-") as tmp:
         run_dir = Path(tmp) / "run"
-        (run_dir / "weights").mkdir(parents=True)
+        runs.RunDir(run_dir).weights.mkdir(parents=True)
         result = train_run(config, model, splits, run_dir, verbose=0)
     return weight_hashes(model), [row["loss"] for row in result.history]
 

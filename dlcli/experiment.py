@@ -15,7 +15,7 @@ from dlcli.callbacks import Callback
 from dlcli.config import Config, as_config
 from dlcli.data import paths
 from dlcli.data.source import Source, as_source
-from dlcli.errors import DlcliError, NothingToDo, ShapeError, plural
+from dlcli.errors import DlcliError, NothingToDo, plural
 
 
 @dataclass
@@ -86,14 +86,14 @@ class RunRecorder(Callback):
         from dlcli.callbacks import format_logs
 
         self.rows.append({"epoch": epoch + 1, **logs})
-        runs.atomic_write_text(self.run_dir / "history.csv", runs.history_csv(self.rows))
-        runs.append_text(self.run_dir / "train.log",
+        runs.atomic_write_text(runs.RunDir(self.run_dir).history, runs.history_csv(self.rows))
+        runs.append_text(runs.RunDir(self.run_dir).train_log,
                          f"epoch {epoch + 1}  {format_logs(logs)}  ({logs.get('seconds', 0):.1f}s)\n")
 
     def on_run_end(self, run):
-        if not (self.run_dir / "history.csv").exists():  # stopped before its first epoch ended (Ctrl-C, a failure)
-            runs.atomic_write_text(self.run_dir / "history.csv", "epoch\n")
-            runs.append_text(self.run_dir / "train.log", f"{run.status} before the first epoch ended\n")
+        if not runs.RunDir(self.run_dir).history.exists():  # stopped before its first epoch ended (Ctrl-C, a failure)
+            runs.atomic_write_text(runs.RunDir(self.run_dir).history, "epoch\n")
+            runs.append_text(runs.RunDir(self.run_dir).train_log, f"{run.status} before the first epoch ended\n")
 
 
 @dataclass
@@ -138,9 +138,9 @@ def run_callbacks(config: Config, run_dir: Path, has_validation: bool) -> list:
     checkpoints = [cb for cb in user if isinstance(cb, ModelCheckpoint)]
     for cb in checkpoints:
         if cb.filepath is None:
-            cb.filepath = str(run_dir / "weights")
+            cb.filepath = str(runs.RunDir(run_dir).weights)
     if not checkpoints:
-        user.append(ModelCheckpoint(str(run_dir / "weights"), monitor="val_loss" if has_validation else "loss"))
+        user.append(ModelCheckpoint(str(runs.RunDir(run_dir).weights), monitor="val_loss" if has_validation else "loss"))
     return [RunRecorder(run_dir), *user]
 
 
@@ -173,7 +173,7 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
     recorded = fingerprint.record(config.to_dict())  # what evaluate/predict/export/--resume check config.yaml against
     settings = config.train
     cbs = run_callbacks(config, run_dir, splits.x_val is not None)  # a callback that cannot start fails here
-    meta_path = run_dir / "meta.json"
+    meta_path = runs.RunDir(run_dir).meta
     meta = start_meta(config, model, splits)
     if resume is not None and meta_path.exists():
         meta = {**runs.read_json(meta_path), "status": "running", **recorded}
@@ -181,7 +181,7 @@ def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world
                                                "position": checkpoint.describe_position(resume["header"]["position"])})
     runs.atomic_write_json(meta_path, meta)
     if splits.extra.get("vocabulary"):  # lets `dlcli predict` encode raw text the way the training data was
-        runs.atomic_write_json(run_dir / "vocabulary.json", splits.extra["vocabulary"])
+        runs.atomic_write_json(runs.RunDir(run_dir).vocabulary, splits.extra["vocabulary"])
     if splits.extra.get("feature_space"):  # a table's preprocessing: evaluate, predict, --resume reuse it
         from dlcli.data.table import FILENAME
 
@@ -318,9 +318,9 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
         run_dir = runs.create_run_dir(runs_dir, cfg.name)
         lines = []
         model.summary(print_fn=lines.append)
-        runs.atomic_write_text(run_dir / "summary.txt", "\n".join(lines) + "\n")
+        runs.atomic_write_text(runs.RunDir(run_dir).summary, "\n".join(lines) + "\n")
     run_dir = Path(world.bcast_json(None if run_dir is None else str(run_dir)))
-    runs.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
+    runs.atomic_write_text(runs.RunDir(run_dir).config, dump_yaml(cfg.to_dict()))
     if cfg.train.kfold:
         def train_fold(fold_cfg, fold_model, fold_splits, fold_dir, fold_state):
             fold_run = Run(fold_dir, fold_cfg, fold_model, fold_splits, kfold_dir=run_dir,
@@ -350,8 +350,8 @@ def _resolve(config, overrides, resume, allow_config_change, init_from):
         state = None if folds else checkpoint.load(run_dir)  # before anything else: a damaged one fails fast
         # what the run was trained with (its fingerprint record), not config.yaml, which may have been edited since
         recorded = fingerprint.recorded_config(run_dir, state)
-        old = as_config(recorded) if recorded is not None else _config(run_dir / "config.yaml", [])
-        cfg = _config(run_dir / "config.yaml" if config is None else config, overrides)
+        old = as_config(recorded) if recorded is not None else _config(runs.RunDir(run_dir).config, [])
+        cfg = _config(runs.RunDir(run_dir).config if config is None else config, overrides)
         cfg = cfg.model_copy(update={"name": old.name})
         changes = fingerprint.check_resume(old.to_dict(), cfg.to_dict(), allow_config_change and not folds)
         if folds or state is not None:
@@ -371,7 +371,7 @@ def _resolve(config, overrides, resume, allow_config_change, init_from):
 def _refuse_finished(run_dir, done: int | None, old: Config, new: Config):
     """A run that trained all its epochs (or that EarlyStopping completed; for a K-fold run, all its folds) has
     nothing to resume unless the resume asks for more epochs. `done`: the epochs its checkpoint holds."""
-    meta = run_dir / "meta.json"
+    meta = runs.RunDir(run_dir).meta
     status = runs.read_json(meta).get("status") if meta.is_file() else None
     if (done is not None and done >= new.train.epochs) or (status == "completed" and new.train.epochs <= old.train.epochs):
         trained = (f"all {old.train.kfold} folds trained" if done is None else
@@ -415,18 +415,18 @@ def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = F
         raise DlcliError(f"{run_dir} is a K-fold run: its models are its folds, {folds_dir}/N (N = "
                          f"{', '.join(folds) or 'none yet'}); give one of them (e.g. {folds_dir / '1'}), or "
                          f"train the final model on all the data (--set train.kfold=null)", exit_code=2)
-    meta = run_dir / "meta.json"
+    meta = runs.RunDir(run_dir).meta
     status = runs.read_json(meta).get("status") if meta.is_file() else None
     if status == "running":
         warnings.warn(f"{run_dir} has not finished (meta.json says running: still training, or killed): using the "
                       f"{weights} weights it has saved so far", stacklevel=2)
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(runs.RunDir(run_dir).config)
     diff = fingerprint.check(run_dir, config.to_dict(), allow_config_change)
     if diff:
         warnings.warn(f"using {run_dir / 'config.yaml'}, edited since the run was trained:\n{diff}", stacklevel=2)
     with run_data(run_dir):
         model = build_model(config)
-    path = run_dir / "weights" / f"{weights}.npz"
+    path = runs.RunDir(run_dir).weights / f"{weights}.npz"
     if not path.exists():
         raise DlcliError(f"{path} does not exist; choose --weights best or last (a run writes both after its "
                          f"first epoch)")
@@ -457,7 +457,7 @@ def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size
     if baseline:
         result["baseline"] = baseline
         result["comparison"] = baseline_comparison(result["metrics"], splits.extra, split)
-    runs.atomic_write_json(run_dir / "evaluation.json", result)
+    runs.atomic_write_json(runs.RunDir(run_dir).evaluation, result)
     return result
 
 
@@ -505,7 +505,7 @@ def _init_from(model, run_dir) -> Path:
     """Fine-tuning: load another run's weights (best.npz, else last.npz); optimizer and counters start fresh."""
     run_dir = runs.require_run_dir(run_dir)
     for name in ("best", "last"):
-        path = run_dir / "weights" / f"{name}.npz"
+        path = runs.RunDir(run_dir).weights / f"{name}.npz"
         if path.exists():
             model.load_weights_dict(runs.load_npz(path), source=str(path))
             return path

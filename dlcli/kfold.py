@@ -54,7 +54,7 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, meta: dict, train_fold
     fold_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"kfold": None})})
     everything = np.arange(len(splits.x_train))
     start = time.perf_counter()
-    meta_path = run_dir / "meta.json"
+    meta_path = runs.RunDir(run_dir).meta
     if not meta_path.exists():
         runs.atomic_write_json(meta_path, {**meta, "kfold": k})
     statuses, last = [], None
@@ -62,7 +62,7 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, meta: dict, train_fold
     try:
         for i, val in enumerate(folds):
             fold_dir = run_dir / FOLDS / str(i + 1)
-            meta = runs.read_json(fold_dir / "meta.json") if (fold_dir / "meta.json").exists() else {}
+            meta = runs.read_json(runs.RunDir(fold_dir).meta) if runs.RunDir(fold_dir).meta.exists() else {}
             if meta.get("status") == "completed":
                 statuses.append("completed")
                 continue
@@ -70,8 +70,8 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, meta: dict, train_fold
             if resume and (fold_dir / checkpoint.FILENAME).exists():
                 state = checkpoint.load(fold_dir)
             else:
-                (fold_dir / "weights").mkdir(parents=True, exist_ok=True)
-                runs.atomic_write_text(fold_dir / "config.yaml", dump_yaml(fold_cfg.to_dict()))
+                runs.RunDir(fold_dir).weights.mkdir(parents=True, exist_ok=True)
+                runs.atomic_write_text(runs.RunDir(fold_dir).config, dump_yaml(fold_cfg.to_dict()))
             train_idx = np.setdiff1d(everything, val)
             fold_splits = _fold_splits(splits, train_idx, val)
             if verbose:
@@ -90,7 +90,7 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, meta: dict, train_fold
                 break
     except BaseException as e:  # a fold that failed (or a second Ctrl-C): the whole run says so, not "running"
 
-        meta_path = run_dir / "meta.json"
+        meta_path = runs.RunDir(run_dir).meta
         runs.mark_failed(meta_path, runs.read_json(meta_path), e)
         raise
     if last is None:
@@ -125,15 +125,15 @@ def write_aggregate(run_dir: Path, cfg, statuses: list, k: int, seconds: float):
 
     done = finished_folds(run_dir, statuses)
     rows = fold_statistics([runs.read_history(d) for d in done])
-    tests = [runs.read_json(d / "meta.json").get("test") for d in done]
+    tests = [runs.read_json(runs.RunDir(d).meta).get("test") for d in done]
     means = [{key: v for key, v in r.items() if not key.endswith("_std")} for r in rows]
-    runs.atomic_write_text(run_dir / "history.csv", runs.history_csv(means) if means else "epoch\n")
+    runs.atomic_write_text(runs.RunDir(run_dir).history, runs.history_csv(means) if means else "epoch\n")
     runs.atomic_write_text(runs.RunDir(run_dir).kfold_csv, runs.history_csv(rows) if rows else "epoch\n")
     monitor = "val_loss" if means and "val_loss" in means[0] else "loss"
     best = min(means, key=lambda r: r.get(monitor, math.inf)) if means else None
     known = [t for t in tests if t]
     test = {m: float(np.mean([t[m] for t in known])) for m in known[0]} if known and len(known) == k else None
-    meta_path = run_dir / "meta.json"
+    meta_path = runs.RunDir(run_dir).meta
     meta = runs.read_json(meta_path) if meta_path.exists() else runs.versions_meta(cfg.seed)
     meta.update({"kfold": k, "folds": statuses,
                  "status": "completed" if len(statuses) == k and all(s == "completed" for s in statuses)

@@ -170,7 +170,7 @@ def write_curves(run_dir, rows: list[dict] | None = None, output=None) -> Path:
     if rows is None and runs.is_kfold_run(run_dir) and runs.RunDir(run_dir).kfold_csv.is_file():
         meta = runs.read_json(runs.RunDir(run_dir).meta) if runs.RunDir(run_dir).meta.is_file() else {}
         k, done = meta.get("kfold"), sum(s == "completed" for s in meta.get("folds") or [])
-        png = band_png(runs.read_history(run_dir, "kfold.csv"), done, f"{run_dir.name}: {k}-fold")
+        png = band_png(runs.read_history(run_dir, runs.RunDir(run_dir).kfold_csv.name), done, f"{run_dir.name}: {k}-fold")
     else:
         rows = runs.read_history(run_dir) if rows is None else rows
         png = curves_png([(run_dir.name, rows)], title=run_dir.name)

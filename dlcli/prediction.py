@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlcli import runs
 from dlcli.errors import DlcliError
 
 OUTPUT_SUFFIXES = (".csv", ".npy", ".npz")
@@ -60,7 +61,7 @@ def class_names(run_dir, config, count: int) -> list[str]:
     import json
 
     try:
-        names = json.loads((Path(run_dir) / "meta.json").read_text()).get("classes")
+        names = json.loads(runs.RunDir(run_dir).meta.read_text()).get("classes")
     except (OSError, ValueError, AttributeError):
         names = None
     names = names or config.data.get("classes")
@@ -87,8 +88,6 @@ def write_predictions(path: Path, p: Predictions) -> list[Path]:
     predict returns them, one file per output when there are several (stem_<output>.npy); .npz: one array per
     output name; .csv: one row per sample, each output's class and probabilities (or its values) as columns,
     prefixed with the output's name when there are several."""
-    from dlcli import runs
-
     check_output_path(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":

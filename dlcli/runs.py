@@ -34,7 +34,8 @@ FOLDS = "folds"
 @dataclass(frozen=True)
 class RunDir:
     """The files of one run directory by name, as drawn above: `RunDir(path).meta`, not `path / "meta.json"`.
-    (experiment, kfold, sweep and the commands still spell some names out; they move here next.)"""
+    Every module asks it; the best/last weight files are named by ModelCheckpoint and the checkpoint by
+    dlcli.checkpoint, which write them."""
 
     path: Path
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlcli import runs
 from dlcli.errors import DlcliError
 
 MAX_BODY_BYTES = 16 * 2**20  # larger bodies get 413 before they are parsed
@@ -184,7 +185,7 @@ class ServedRun:
         """What instances look like: table rows, texts, images or arrays (what the page offers)."""
         if self.data.get("type") == "table":
             return "table"
-        if (self.run_dir / "vocabulary.json").is_file():
+        if runs.RunDir(self.run_dir).vocabulary.is_file():
             return "text"
         shape = tuple(self.model.inputs[0].shape)
         pictures = self.data.get("type") in ("mnist", "fashion_mnist", "image_folder")

@@ -574,11 +574,11 @@ def fail_stale_trials(study, sweep: Sweep) -> list[str]:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # another worker of this machine got there first
-        if run_dir is not None and (run_dir / "meta.json").is_file():
+        if run_dir is not None and runs.RunDir(run_dir).meta.is_file():
             try:
-                meta = runs.read_json(run_dir / "meta.json")
+                meta = runs.read_json(runs.RunDir(run_dir).meta)
                 if meta.get("status") == "running":
-                    runs.atomic_write_json(run_dir / "meta.json",
+                    runs.atomic_write_json(runs.RunDir(run_dir).meta,
                                            {**meta, "status": "failed", "end": runs.utc_now(), "error": reason})
             except DlcliError:
                 pass  # the study's record is what matters; a damaged meta.json says enough by itself
@@ -720,7 +720,7 @@ def report(sweep: Sweep, study) -> SweepResult:
     if complete:
         pick = min if sweep.direction == "minimize" else max
         result.best = pick(complete, key=lambda r: r["value"])
-        config = Path(result.best["run_dir"]) / "config.yaml" if result.best.get("run_dir") else None
+        config = runs.RunDir(result.best["run_dir"]).config if result.best.get("run_dir") else None
         if config is not None and config.exists():
             runs.atomic_write_text(sweep.dir / "best.yaml",
                                    f"# best of study {sweep.study_name}: trial {result.best['number']}, "

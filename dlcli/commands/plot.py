@@ -19,8 +19,9 @@ def plot(
 
     Example: dlcli plot runs/mnist-mlp-20261124-101500 runs/mnist-cnn-20261124-113000 -o compare.png
     """
+    from dlcli import runs
     from dlcli.plots import plot_runs
 
     if output is None:
-        output = run_dirs[0] / "curves.png" if len(run_dirs) == 1 else Path("compare.png")
+        output = runs.RunDir(run_dirs[0]).curves if len(run_dirs) == 1 else Path("compare.png")
     print(f"wrote {plot_runs(run_dirs, output)}")

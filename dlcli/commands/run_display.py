@@ -190,7 +190,7 @@ def print_kfold(out, run):
 def runs_meta(run_dir) -> dict:
     from dlcli import runs
 
-    return runs.read_json(run_dir / "meta.json") if (run_dir / "meta.json").is_file() else {}
+    return runs.read_json(runs.RunDir(run_dir).meta) if runs.RunDir(run_dir).meta.is_file() else {}
 
 
 def resume_command(run) -> str:

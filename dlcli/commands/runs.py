@@ -86,12 +86,12 @@ def show_run(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]):
     """
     from rich.table import Table
 
-    from dlcli.runs import require_run_dir, run_summary
+    from dlcli.runs import RunDir, require_run_dir, run_summary
 
     s = run_summary(require_run_dir(run_dir, needs=None))
     out = console()
     out.print(f"[bold]{s['run']}[/]  {s['path']}", markup=True)
-    config = Path(run_dir) / "config.yaml"
+    config = RunDir(run_dir).config
     out.rule("config.yaml")
     try:
         out.print(config.read_text().rstrip(), markup=False)
@@ -110,7 +110,7 @@ def show_run(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]):
             if isinstance(value, dict):
                 value = ", ".join(f"{k} {_number(v)}" for k, v in value.items())
             out.print(f"  {key:<11} {value}", markup=False)
-    summary = Path(run_dir) / "summary.txt"
+    summary = RunDir(run_dir).summary
     if summary.is_file():
         out.rule("model")
         out.print(summary.read_text(errors="replace").rstrip(), markup=False)
@@ -131,8 +131,10 @@ def show_run(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]):
 def _load_config(run_dir: Path) -> dict:
     import yaml
 
+    from dlcli.runs import RunDir
+
     try:
-        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+        data = yaml.safe_load(RunDir(run_dir).config.read_text())
         return data if isinstance(data, dict) else {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return {}

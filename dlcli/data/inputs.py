@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlcli import runs
 from dlcli.data.image_folder import IMAGE_SUFFIXES, decode_image
 from dlcli.data.preprocess import check_samples, input_conversion, preprocess, to_features
 from dlcli.data.source import Source
@@ -82,10 +83,9 @@ def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None =
         return fit_inputs(x, model), labels
     if data.get("type") == "text_folder" and all(p.is_dir() or p.suffix.lower() == ".txt" for p in paths):
         # each file one document, as training reads a text folder (not one text per line as for imdb runs)
-        from dlcli import runs
         from dlcli.data.text import prediction_texts
 
-        x, labels = prediction_texts(paths, runs.read_json(Path(run_dir) / "vocabulary.json"), data.get("max_length"))
+        x, labels = prediction_texts(paths, runs.read_json(runs.RunDir(run_dir).vocabulary), data.get("max_length"))
         return [x], labels
     files = []
     for p in paths:
@@ -144,8 +144,7 @@ def instance_inputs(instances: list, run_dir, data: dict, model, invert: bool = 
         from dlcli.data.table import prediction_records
 
         return fit_inputs(prediction_records(instances, run_dir), model)
-    if (Path(run_dir) / "vocabulary.json").is_file():
-        from dlcli import runs
+    if runs.RunDir(run_dir).vocabulary.is_file():
         from dlcli.data.text import encode_texts
 
         bad = next((i for i, t in enumerate(instances) if not isinstance(t, str)), None)
@@ -154,7 +153,7 @@ def instance_inputs(instances: list, run_dir, data: dict, model, invert: bool = 
                              f"{type(instances[bad]).__name__}")
         cut = data.get("max_length") if data.get("type") == "text_folder" else None  # Keras cuts characters
         texts = [t[:cut] if cut else t for t in instances]
-        return _fit(encode_texts(texts, runs.read_json(Path(run_dir) / "vocabulary.json")), model)
+        return _fit(encode_texts(texts, runs.read_json(runs.RunDir(run_dir).vocabulary)), model)
     images = [t.get("b64") if isinstance(t, dict) and set(t) == {"b64"} else t for t in instances]
     if all(isinstance(t, (str, bytes)) for t in images):  # bytes: an uploaded file's
         decoded = []
@@ -264,10 +263,9 @@ def read_csv(file: Path, data: dict) -> np.ndarray:
 
 def read_text(file: Path, run_dir) -> np.ndarray:
     """One text per line, encoded with the run's vocabulary.json as its training texts were."""
-    from dlcli import runs
     from dlcli.data.text import encode_texts
 
-    vocabulary_file = Path(run_dir) / "vocabulary.json"
+    vocabulary_file = runs.RunDir(run_dir).vocabulary
     if not vocabulary_file.is_file():
         raise DlcliError(f"{run_dir} has no vocabulary.json, so raw text cannot be encoded; text input works for "
                          f"runs trained on a text dataset (e.g. data.type imdb)")
