@@ -48,3 +48,27 @@ def train_tiny(tmp_path, runner, name="tiny", **train):
     result = runner.invoke(app, ["train", config, "--runs-dir", str(tmp_path / "runs"), "--name", name, "-q"])
     assert result.exit_code == 0, result.output
     return tmp_path / "runs" / result.output.strip().splitlines()[-1].split("/")[-1]
+
+
+def train_text_run(tmp_path, runner):
+    """A finished run on integer-encoded texts (Embedding, pooling, softmax) with its vocabulary.json, as
+    train_run stores it for text datasets; returns (run directory, vocabulary)."""
+    from dlcli import runs
+    from dlcli.data.text import build_vocabulary, encode_texts, tokenize
+
+    texts = ["good great fine", "bad awful poor", "great good", "poor bad"] * 6
+    vocabulary = build_vocabulary([tokenize(t) for t in texts], num_words=20, maxlen=5)
+    np.savez(tmp_path / "t.npz", x=encode_texts(texts, vocabulary), y=np.array([1, 0, 1, 0] * 6))
+    config = {"name": "words", "seed": 0, "data": {"type": "npz", "path": str(tmp_path / "t.npz")},
+              "model": {"input_shape": [5], "input_dtype": "int32",
+                        "layers": [{"type": "Embedding", "input_dim": 20, "output_dim": 4},
+                                   {"type": "GlobalAveragePooling1D"},
+                                   {"type": "Dense", "units": 2, "activation": "softmax"}]},
+              "compile": {"optimizer": "adam", "loss": "sparse_categorical_crossentropy"},
+              "train": {"epochs": 1, "batch_size": 8}}
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["train", str(tmp_path / "w.yaml"), "--runs-dir", str(tmp_path / "runs"), "-q"])
+    assert result.exit_code == 0, result.output
+    run_dir = next((tmp_path / "runs").iterdir())
+    runs.atomic_write_json(runs.RunDir(run_dir).vocabulary, vocabulary)
+    return run_dir, vocabulary

@@ -5,14 +5,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from dlcli import runs
 from dlcli.cli import app
 from dlcli.data.inputs import image_geometry
-from dlcli.data.text import build_vocabulary, tokenize
 from dlcli.data.preprocess import preprocess
 from dlcli.errors import DlcliError
 from dlcli.experiment import load_run_model
-from tests.runs_fixture import CLASSES, train_tiny
+from tests.runs_fixture import CLASSES, train_text_run, train_tiny
 
 runner = CliRunner()
 
@@ -100,23 +98,9 @@ def test_errors_are_messages(run, tmp_path):
 
 
 def test_text_input_uses_the_runs_vocabulary(tmp_path):
-    texts = ["good great fine", "bad awful poor", "great good", "poor bad"] * 6
-    vocabulary = build_vocabulary([tokenize(t) for t in texts], num_words=20, maxlen=5)
     from dlcli.data.text import encode_texts
 
-    np.savez(tmp_path / "t.npz", x=encode_texts(texts, vocabulary), y=np.array([1, 0, 1, 0] * 6))
-    config = {"name": "words", "seed": 0, "data": {"type": "npz", "path": str(tmp_path / "t.npz")},
-              "model": {"input_shape": [5], "input_dtype": "int32",
-                        "layers": [{"type": "Embedding", "input_dim": 20, "output_dim": 4},
-                                   {"type": "GlobalAveragePooling1D"},
-                                   {"type": "Dense", "units": 2, "activation": "softmax"}]},
-              "compile": {"optimizer": "adam", "loss": "sparse_categorical_crossentropy"},
-              "train": {"epochs": 1, "batch_size": 8}}
-    (tmp_path / "w.yaml").write_text(yaml.safe_dump(config))
-    result = runner.invoke(app, ["train", str(tmp_path / "w.yaml"), "--runs-dir", str(tmp_path / "runs"), "-q"])
-    assert result.exit_code == 0, result.output
-    run_dir = next((tmp_path / "runs").iterdir())
-    runs.atomic_write_json(run_dir / "vocabulary.json", vocabulary)  # what train_run stores for text datasets
+    run_dir, vocabulary = train_text_run(tmp_path, runner)
     (tmp_path / "in.txt").write_text("good great\n\nawful words never seen\n")
     result = invoke(run_dir, tmp_path / "in.txt")
     assert result.exit_code == 0, result.output

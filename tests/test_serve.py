@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dlcli.cli import app
-from tests.runs_fixture import CLASSES, train_tiny
+from tests.runs_fixture import CLASSES, train_text_run, train_tiny
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -302,27 +302,10 @@ def test_table_rows_by_column_name_as_dlcli_predict_reads_records(monkeypatch, t
 
 
 def test_texts_are_encoded_with_the_runs_vocabulary(tmp_path):
-    import yaml
-
-    from dlcli import runs
-    from dlcli.data.text import build_vocabulary, encode_texts, tokenize
+    from dlcli.data.text import encode_texts
     from dlcli.experiment import load_run_model
 
-    texts = ["good great fine", "bad awful poor", "great good", "poor bad"] * 6
-    vocabulary = build_vocabulary([tokenize(t) for t in texts], num_words=20, maxlen=5)
-    np.savez(tmp_path / "t.npz", x=encode_texts(texts, vocabulary), y=np.array([1, 0, 1, 0] * 6))
-    config = {"name": "words", "seed": 0, "data": {"type": "npz", "path": str(tmp_path / "t.npz")},
-              "model": {"input_shape": [5], "input_dtype": "int32",
-                        "layers": [{"type": "Embedding", "input_dim": 20, "output_dim": 4},
-                                   {"type": "GlobalAveragePooling1D"},
-                                   {"type": "Dense", "units": 2, "activation": "softmax"}]},
-              "compile": {"optimizer": "adam", "loss": "sparse_categorical_crossentropy"},
-              "train": {"epochs": 1, "batch_size": 8}}
-    (tmp_path / "w.yaml").write_text(yaml.safe_dump(config))
-    done = runner.invoke(app, ["train", str(tmp_path / "w.yaml"), "--runs-dir", str(tmp_path / "runs"), "-q"])
-    assert done.exit_code == 0, done.output
-    run = next((tmp_path / "runs").iterdir())
-    runs.atomic_write_json(run / "vocabulary.json", vocabulary)  # what train_run stores for text datasets
+    run, vocabulary = train_text_run(tmp_path, runner)
     _, model = load_run_model(run)
     said = ["good great", "awful words never seen"]
     with served_client(run) as client:
