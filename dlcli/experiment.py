@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import checkpoint, runs
+from dlcli import checkpoint, kernels, runs
 from dlcli.callbacks import Callback
 from dlcli.config import Config, as_config
 from dlcli.data import paths
@@ -311,9 +311,11 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
         model = build_model(cfg)  # shapes and names fail here, before any data is loaded (a table adapts first)
         initial = _init_from(model, init_from) if init_from is not None and world.is_root else None
         splits = load_splits(cfg, model)
-    # everything that can refuse the run does so before its directory exists: folds, callbacks and their extras
+    # everything that can refuse the run does so before its directory exists: folds, callbacks and their extras,
+    # DLCLI_KERNELS (read at the first kernel call, which comes after)
     folds = fold_indices(cfg, splits) if cfg.train.kfold else None
     from_config(cfg.train.callbacks)
+    kernels.choice()
     if shared["run_dir"] is None and world.is_root:
         run_dir = runs.create_run_dir(runs_dir, cfg.name)
         lines = []

@@ -84,3 +84,16 @@ def test_without_numba_the_numpy_twins_run_after_one_warning(monkeypatch):
 def test_import_dlcli_does_not_import_numba():
     code = "import sys, dlcli, dlcli.cli, dlcli.layers; print('numba' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_an_unknown_choice_stops_train_before_the_run_directory_exists(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dlcli.cli import app
+    from tests.runs_fixture import write_tiny_config
+
+    monkeypatch.setenv("DLCLI_KERNELS", "cuda")
+    config = write_tiny_config(tmp_path)
+    done = CliRunner().invoke(app, ["train", config, "--runs-dir", str(tmp_path / "runs"), "-q"])
+    assert done.exit_code == 2 and "DLCLI_KERNELS must be one of numba, numpy" in done.output, done.output
+    assert not (tmp_path / "runs").exists()

@@ -5,7 +5,6 @@ tested against. Numba is imported at the first kernel call, never at `import dlc
 where it cannot be imported the NumPy path runs after one warning. The kernels compile with cache=True: the first
 use on a machine compiles (seconds), later processes load the cache.
 """
-import importlib
 import os
 import warnings
 
@@ -29,10 +28,19 @@ def compiled(name: str):
         return None
     if name not in _loaded:
         try:
-            _loaded[name] = importlib.import_module(f"dlcli.kernels.{name}")
+            _loaded[name] = _import(name)
         except ImportError as e:
             if not any(m is None for m in _loaded.values()):  # one warning per process
                 warnings.warn(f"numba could not be imported ({e}); running the NumPy kernels "
                               "(pip install numba, or set DLCLI_KERNELS=numpy to silence this)", stacklevel=2)
             _loaded[name] = None
     return _loaded[name]
+
+
+def _import(name: str):
+    """The compiled modules by name, as plain imports (the import graph shows them; nothing is loaded by a string)."""
+    if name == "pooling":
+        import dlcli.kernels.pooling as pooling  # imported anew when absent from sys.modules (a failed import)
+
+        return pooling
+    raise KeyError(f"no compiled kernel module {name!r}")
