@@ -22,14 +22,15 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
 from dlcli.errors import ConfigError
 from dlcli.extends import compose_document
 from dlcli.registry import did_you_mean, is_size, parameters
-from dlcli.yaml_lines import Document, apply_override, dump_yaml, format_path
+from dlcli.yaml_lines import Document, Override, apply_override, dump_yaml, format_path
 
-__all__ = ["Config", "as_config", "load_config", "parse_config", "dump_yaml", "split_spec"]
+__all__ = ["Config", "Override", "as_config", "load_config", "parse_config", "validate_config", "dump_yaml",
+           "split_spec"]
 
 
 # --- the fixed schema -------------------------------------------------------------------------------------------------
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)  # Config.to_dict() is computed once
 
 
 # A dimension a model can hold: positive, and small enough that shape arithmetic cannot overflow int64 (a model
@@ -114,8 +115,18 @@ class Config(_Section):
     sweep: SweepConfig | None = None  # read by `dlcli sweep`; `dlcli train` ignores it
 
     def to_dict(self) -> dict:
-        """The fully resolved config as plain data (what a run's config.yaml holds); parses back to an equal Config."""
-        out = self.model_dump(mode="python")
+        """The fully resolved config as plain data, computed once: what a run's config.yaml holds, what its
+        fingerprint hashes and MLflow logs; parses back to an equal Config. Shared: copy before changing it."""
+        return self._dumped
+
+    def model_copy(self, *, update=None, deep=False):
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__dict__.pop("_dumped", None)  # the copy's own values, not the original's plain form
+        return copy
+
+    @functools.cached_property
+    def _dumped(self) -> dict:
+        out = _plain(self.model_dump(mode="python"))
         out["model"] = {k: v for k, v in out["model"].items() if v is not None}
         if out["compile"]["loss_weights"] is None:
             del out["compile"]["loss_weights"]
@@ -149,8 +160,8 @@ _SPEC_FIELDS = {("data",), ("model", "layers"), ("compile", "optimizer"), ("comp
 
 
 # --- entry points -------------------------------------------------------------------------------------------------
-def load_config(path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read, override (`--set key.path=value`, in order) and validate a YAML config file."""
+def load_config(path, overrides: typing.Sequence = ()) -> Config:
+    """Read, override (`--set key.path=value` texts or `Override`s, in order) and validate a YAML config file."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -161,20 +172,31 @@ def load_config(path, overrides: typing.Sequence[str] = ()) -> Config:
     return parse_config(text, str(path), overrides)
 
 
-def parse_config(text: str, source: str = "<config>", overrides: typing.Sequence[str] = ()) -> Config:
-    """Validate `text` (read from `source`, the base for `extends:` paths) with `--set` overrides applied."""
+def parse_config(text: str, source: str = "<config>", overrides: typing.Sequence = ()) -> Config:
+    """Validate `text` (read from `source`, the base for `extends:` paths) with overrides applied: `--set` texts or
+    `Override`s (`--seed`, `--name`, a sweep trial's values)."""
     doc = compose_document(text, source, _promotable)
     if doc.issues and doc.data is None:
         _raise(doc)  # a syntax error or a broken extends chain: nothing further to check
+    return _validate(doc, overrides)
+
+
+def validate_config(data: dict, source: str, overrides: typing.Sequence = ()) -> Config:
+    """Plain data (`Config.to_dict()`, a run's recorded config, an imported model's) checked as a file's would be,
+    with overrides applied; no YAML is rendered or parsed again. Errors name `source` and the override."""
+    return _validate(Document(source, _plain(data)), overrides)
+
+
+def _validate(doc: Document, overrides) -> Config:
     if doc.data is None:
         doc.data = {}
     if not isinstance(doc.data, dict):
         doc.issues.append(doc.issue((), f"expected a mapping of sections (name, seed, data, model, compile, "
                                         f"train) at the top level, found {_found(doc.data)}"))
         _raise(doc)
-    for position, text_ in enumerate(overrides):
-        apply_override(doc, text_, position, _promotable)
-    doc.data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", Path(source).stem)[:100] or "run")
+    for position, override in enumerate(overrides):
+        apply_override(doc, override, position, _promotable)
+    doc.data.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", Path(doc.source).stem)[:100] or "run")
     _check_schema(doc)
     _SpecChecker(doc).check(doc.data)
     if not doc.issues:
@@ -649,7 +671,6 @@ def _check_sweep(doc: Document):
     """Each `sweep.parameters` path is checked as the `--set` a trial will get, at both ends of its range (and every
     choice), so a misspelt path or a value the schema rejects fails before any trial runs, at the parameter's line."""
     import copy
-    import json
 
     sweep = doc.data.get("sweep")
     if not isinstance(sweep, dict) or not isinstance(sweep.get("parameters"), dict):
@@ -711,7 +732,7 @@ def _check_sweep(doc: Document):
             trial = Document(doc.source, copy.deepcopy(doc.data), dict(doc.lines), dict(doc.key_lines),
                              dict(doc.overrides), [], list(doc.files))
             trial.data.pop("sweep")
-            apply_override(trial, f"{name}={json.dumps(value)}", 0, _promotable)
+            apply_override(trial, Override(name, value, f"sweep.parameters.{name}"), 0, _promotable)
             _check_schema(trial)
             _SpecChecker(trial).check(trial.data)
             for issue in trial.issues:

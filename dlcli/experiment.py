@@ -12,7 +12,7 @@ import numpy as np
 
 from dlcli import checkpoint, kernels, runs
 from dlcli.callbacks import Callback
-from dlcli.config import Config, as_config
+from dlcli.config import Config, Override, as_config
 from dlcli.data import paths
 from dlcli.data.source import Source, as_source
 from dlcli.errors import DlcliError, NothingToDo, plural
@@ -268,11 +268,11 @@ def train(config=None, overrides=(), *, runs_dir="runs", resume=False, allow_con
     """One complete training run, as `dlcli train` does it: build the model, load the data, create the run directory
     (summary.txt, config.yaml, meta.json, history.csv, weights/, checkpoint/), train, evaluate on the test split.
 
-    `config` is a YAML file or a Config, `overrides` are `--set` texts (`"train.epochs=1"`). `resume=True` continues
-    the run directory given as `config`; `resume=RUN_DIR` does so with `config` (or the run's own config.yaml) as
-    the new config, refused where it differs unless `allow_config_change` and only epochs or the learning rate
-    changed. `init_from=RUN_DIR` starts from another run's weights. `callbacks` join the config's; each gets
-    `on_run_begin(run)` before the first epoch and may end the run with `run.stop(status)`. `verbose=1` prints a
+    `config` is a YAML file or a Config, `overrides` `--set` texts (`"train.epochs=1"`) or `dlcli.config.Override`s.
+    `resume=True` continues the run directory given as `config`; `resume=RUN_DIR` does so with `config` (or the run's
+    own config.yaml) as the new config, refused where it differs unless `allow_config_change` and only epochs or the
+    learning rate changed. `init_from=RUN_DIR` starts from another run's weights. `callbacks` join the config's; each
+    gets `on_run_begin(run)` before the first epoch and may end the run with `run.stop(status)`. `verbose=1` prints a
     line (or a bar) per epoch. Returns the Run (dir, status, history, test); a diverged run raises DivergenceError.
 
     `distributed=True` trains data-parallel over the MPI ranks this process was started among (`mpiexec -n 4`,
@@ -296,7 +296,8 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
     from dlcli.config import dump_yaml
     from dlcli.kfold import fold_indices, train_folds
 
-    overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else []) + ([f"name={name}"] if name else [])
+    overrides = [*overrides, *([Override("seed", seed, f"--seed {seed}")] if seed is not None else []),
+                 *([Override("name", name, f"--name {name}")] if name else [])]
     cfg, state, run_dir, changes, kfold_resume = \
         _resolve(config, overrides, resume, allow_config_change, init_from) if world.is_root else (None,) * 5
     # rank 0's resolution for every rank (its checkpoint follows in Trainer.fit: other nodes may not see its disk)
@@ -385,10 +386,10 @@ def _refuse_finished(run_dir, done: int | None, old: Config, new: Config):
 
 
 def _config(config, overrides) -> Config:
-    from dlcli.config import dump_yaml, load_config, parse_config
+    from dlcli.config import load_config, validate_config
 
     if isinstance(config, Config):
-        return parse_config(dump_yaml(config.to_dict()), f"<{config.name}>", overrides)
+        return validate_config(config.to_dict(), f"<{config.name}>", overrides)
     return load_config(config, overrides)
 
 

@@ -16,22 +16,15 @@ from dlcli.runs import RunDir
 META_KEYS = ("config_fingerprint", "config")
 
 
-def _plain(config: dict):
-    """The config as config.yaml holds it (tuples as lists, YAML scalars), for hashing and recording."""
-    from dlcli.yaml_lines import dump_yaml, load_yaml
-
-    return load_yaml(dump_yaml(config))
-
-
 def _digest(plain) -> str:
     text = json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def record(config: dict) -> dict:
-    """What meta.json and the checkpoint header hold about the config the run trains with."""
-    plain = _plain(config)
-    return {"config_fingerprint": _digest(plain), "config": plain}
+    """What meta.json and the checkpoint header hold about the config the run trains with: `config` is plain data,
+    a Config's `to_dict()` (as config.yaml holds it)."""
+    return {"config_fingerprint": _digest(config), "config": config}
 
 
 def recorded(run_dir, checkpoint: dict | None = None) -> dict | None:
@@ -56,12 +49,11 @@ def recorded_config(run_dir, checkpoint: dict | None = None) -> dict | None:
 
 
 def _resolve(plain: dict, source) -> dict:
-    from dlcli.config import parse_config
+    from dlcli.config import validate_config
     from dlcli.errors import ConfigError
-    from dlcli.yaml_lines import dump_yaml
 
     try:
-        return parse_config(dump_yaml(plain), str(source)).to_dict()
+        return validate_config(plain, str(source)).to_dict()
     except ConfigError:  # today's schema refuses what was recorded: compare as recorded
         return plain
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from dlcli import fingerprint, runs
 from dlcli.callbacks import Callback
-from dlcli.config import SweepConfig
+from dlcli.config import Override, SweepConfig
 from dlcli.errors import ConfigError, DlcliError
 from dlcli.metrics import metric_direction
 from dlcli.registry import Registry
@@ -339,7 +339,8 @@ def run_trial(sweep: Sweep, trial, log=None) -> float:
 
     optuna = _optuna()
     values = suggest(trial, sweep.spec.parameters)
-    sets = [*sweep.overrides, "sweep=null", *(f"{k}={json.dumps(v)}" for k, v in values.items())]
+    sets = [*sweep.overrides, Override("sweep", None, "dlcli sweep"),
+            *(Override(k, v, f"sweep trial {trial.number}: {k}={v!r}") for k, v in values.items())]
     reporter = TrialReporter(trial, sweep.spec.metric, sweep.direction == "minimize", log)
     try:
         run = train(sweep.config, sets, runs_dir=sweep.dir, name=f"trial-{trial.number:03d}", callbacks=[reporter],

@@ -78,7 +78,7 @@ class Document:
     data: object = None
     lines: dict = field(default_factory=dict)       # path -> (file, line) of its value
     key_lines: dict = field(default_factory=dict)   # path -> (file, line) of its key
-    overrides: dict = field(default_factory=dict)   # path -> (the --set text, its position) for what it wrote
+    overrides: dict = field(default_factory=dict)   # path -> (the override's source, its position)
     issues: list = field(default_factory=list)      # problems found while reading (duplicate keys, bad --set)
     files: list = field(default_factory=list)       # every file read, in reading order (`extends:` bases first)
 
@@ -99,8 +99,7 @@ class Document:
         for i in range(len(path), -1, -1):
             prefix = path[:i]
             if prefix in self.overrides:
-                text, n = self.overrides[prefix]
-                return f"--set {text}", (1, n)
+                return self.overrides[prefix][0], (1, self.overrides[prefix][1])
             if prefix in self.lines:
                 return self.at(self.lines[prefix])
         return self.source, (0, 0)
@@ -180,27 +179,36 @@ def _convert(node, path, doc: Document, loader, active=()):
     return loader.construct_object(node, deep=True)
 
 
-# --- --set key.path=value -------------------------------------------------------------------------------------------
-def apply_override(doc: Document, text: str, position: int, promotable=lambda path: False):
-    """Apply one `--set key.path=value` (value parsed as YAML) to `doc`; problems become doc.issues.
+# --- overrides: --set key.path=value, --seed, --name, a sweep trial's values ----------------------------------------
+@dataclass(frozen=True)
+class Override:
+    """One value set over a config's document; `source` is what an error about it names (`--seed 3`)."""
+
+    key: str  # the dotted path, as --set writes it: model.layers.1.units
+    value: object
+    source: str
+
+
+def apply_override(doc: Document, override, position: int, promotable=lambda path: False):
+    """Apply one override to `doc`: an `Override`, or the text of a `--set key.path=value` (value parsed as YAML);
+    problems become doc.issues, named by the override's source.
 
     Digits index lists (`model.layers.1.units`); missing mappings on the way are created (the schema then names
     unknown keys). A string where `promotable(path)` holds is a `{type: name}` spec: setting into it turns
     `optimizer: rmsprop` into `{type: rmsprop, learning_rate: ...}`.
     """
-    where = f"--set {text}"
+    if isinstance(override, str):
+        override = _parse_set(doc, override, position)
+        if override is None:
+            return
+    where = override.source
 
     def fail(message):
         doc.issues.append(Issue(where, "", message, (1, position)))
 
-    key, eq, raw = text.partition("=")
-    parts = [p.strip() for p in key.strip().split(".")]
-    if not eq or not all(parts):
-        return fail("expected key.path=value, e.g. --set train.epochs=1 or --set model.layers.1.units=256")
-    try:
-        value = load_yaml(raw)
-    except yaml.YAMLError as e:
-        return fail(f"the value '{raw}' is not valid YAML: {getattr(e, 'problem', e)}")
+    parts = [p.strip() for p in override.key.strip().split(".")]
+    if not all(parts):
+        return fail(_KEY_VALUE)
     if not isinstance(doc.data, dict):
         doc.data = {}
     node, path = doc.data, ()
@@ -220,13 +228,13 @@ def apply_override(doc: Document, text: str, position: int, promotable=lambda pa
         child = (*path, step)
         if last:
             forget(doc, child)
-            node[step] = value
-            doc.overrides[child] = (text, position)
+            node[step] = override.value
+            doc.overrides[child] = (where, position)
             return
         nxt = node.get(step) if isinstance(node, dict) else node[step]
         if nxt is None and isinstance(node, dict):
             nxt = node[step] = {}
-            doc.overrides[child] = (text, position)
+            doc.overrides[child] = (where, position)
         elif isinstance(nxt, str) and promotable(child):
             nxt = node[step] = {"type": nxt}
             doc.lines[(*child, "type")] = doc.lines.get(child, (doc.source, 0))
@@ -234,6 +242,24 @@ def apply_override(doc: Document, text: str, position: int, promotable=lambda pa
             return fail(f"{format_path(child)} is {_kind(nxt)}, not a mapping or list: "
                         f"cannot set '{'.'.join(parts[i + 1:])}' inside it")
         node, path = nxt, child
+
+
+_KEY_VALUE = "expected key.path=value, e.g. --set train.epochs=1 or --set model.layers.1.units=256"
+
+
+def _parse_set(doc: Document, text: str, position: int) -> Override | None:
+    """`--set key.path=value` as an Override (the value parsed as YAML); None after recording why it is not one."""
+    where = f"--set {text}"
+    key, eq, raw = text.partition("=")
+    if not eq or not all(p.strip() for p in key.split(".")):
+        doc.issues.append(Issue(where, "", _KEY_VALUE, (1, position)))
+        return None
+    try:
+        return Override(key, load_yaml(raw), where)
+    except yaml.YAMLError as e:
+        doc.issues.append(Issue(where, "", f"the value '{raw}' is not valid YAML: {getattr(e, 'problem', e)}",
+                                (1, position)))
+        return None
 
 
 def forget(doc: Document, path, inclusive: bool = False):

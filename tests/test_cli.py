@@ -232,8 +232,16 @@ def test_impossible_values_are_config_errors(tiny_config, tmp_path, override, ex
 def test_run_name_option_cannot_escape_the_runs_dir(tiny_config, tmp_path):
     for option in (["--name", "../../x"], ["--name", "a/b"], ["--name", ".."]):
         result = runner.invoke(app, ["train", str(tiny_config), "--runs-dir", str(tmp_path / "r"), *option])
-        assert result.exit_code == 2 and "plain file name" in result.output, result.output
+        assert result.exit_code == 2 and f"{' '.join(option)}: name: expected a plain file name" in \
+            " ".join(result.output.split()), result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_bad_seed_option_is_named_as_given(tiny_config, tmp_path):
+    result = runner.invoke(app, ["train", str(tiny_config), "--runs-dir", str(tmp_path / "r"), "--seed", "-1"],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "--seed -1: seed: expected a value >= 0, found -1" in result.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_convolution_sizes_in_a_file_name_the_line(tmp_path):

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from dlcli.config import Config, dump_yaml, load_config, parse_config, split_spec
+from dlcli.config import Config, Override, dump_yaml, load_config, parse_config, split_spec, validate_config
 from dlcli.errors import ConfigError
 from dlcli.optimizers import OPTIMIZERS
 from dlcli.yaml_lines import load_yaml
@@ -361,6 +361,30 @@ def test_errors_in_overridden_values_name_the_override():
         "--set model.layers.1.units=abc: model.layers.1.units: expected an integer, found 'abc'"
     assert one_error(MLP, ["compile.optimizer={type: adamm}"]).startswith(
         "--set compile.optimizer={type: adamm}: compile.optimizer.type: unknown optimizer 'adamm'")
+
+
+def test_overrides_given_as_values_name_their_own_source():
+    config = parse_config(MLP, SRC, [Override("seed", 7, "--seed 7"), Override("train.epochs", 2, "sweep trial 0")])
+    assert (config.seed, config.train.epochs) == (7, 2)
+    assert one_error(MLP, [Override("seed", -1, "--seed -1")]) == "--seed -1: seed: expected a value >= 0, found -1"
+    assert one_error(MLP, [Override("name", "../x", "--name ../x")]).startswith("--name ../x: name: expected a plain")
+
+
+def test_plain_data_is_validated_without_yaml_and_errors_name_the_override():
+    config = parse_config(MLP, SRC)
+    again = validate_config(config.to_dict(), "<mlp>", ["train.epochs=2"])
+    assert again.train.epochs == 2 and again.model_copy(update={"train": config.train}) == config
+    with pytest.raises(ConfigError) as e:
+        validate_config(config.to_dict(), "<mlp>", ["model.layers.1.units=abc"])
+    assert str(e.value).endswith("--set model.layers.1.units=abc: model.layers.1.units: expected an integer, "
+                                 "found 'abc'")
+
+
+def test_to_dict_is_computed_once_and_a_copy_gets_its_own():
+    config = parse_config(MLP, SRC)
+    assert config.to_dict() is config.to_dict()
+    renamed = config.model_copy(update={"name": "other"})
+    assert renamed.to_dict()["name"] == "other" and config.to_dict()["name"] == "mlp"
 
 
 def test_file_and_override_errors_together():

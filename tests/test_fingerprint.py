@@ -2,6 +2,7 @@
 predict, export and --resume, unless --allow-config-change; runs recorded before fingerprints keep working."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,19 @@ def edited_copy(run, tmp_path, old="activation: relu", new="activation: sigmoid"
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").glob("*.yaml")))
+def test_fingerprints_are_those_of_the_yaml_round_trip_older_runs_recorded(path):
+    """Runs recorded before the config was resolved once hashed load_yaml(dump_yaml(config)): every shipped config
+    (and one with overrides) must hash the same, or resuming those runs would report a changed config."""
+    from dlcli.config import load_config
+    from dlcli.yaml_lines import dump_yaml, load_yaml
+
+    for sets in ([], ["seed=7", "name=x", "train.epochs=3", "compile.optimizer.learning_rate=0.01"]):
+        plain = load_config(path, sets).to_dict()
+        assert fingerprint.record(plain) == fingerprint.record(load_yaml(dump_yaml(plain)))
+        assert json.dumps(plain) == json.dumps(load_yaml(dump_yaml(plain)))
 
 
 def test_the_run_records_its_config_in_meta_and_checkpoint(run):

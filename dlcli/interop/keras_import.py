@@ -88,17 +88,17 @@ def _archive_weights(source) -> bytes:
 def _mapped_config(keras_config: dict, source, notes, overrides) -> tuple[Config, list]:
     """(the validated dlcli Config, [(layer name, class name)] in Keras' layer order)."""
     from dlcli.builder import build_model
-    from dlcli.config import dump_yaml, parse_config
+    from dlcli.config import validate_config
 
     mapper = ConfigMapper(notes)
     model_spec = without_dropped(mapper.model(keras_config))
     name = str(model_spec.pop("name"))
     config = {"name": name, "data": {"type": "none"}, "model": model_spec,  # seed and train: the schema's defaults
               "compile": {"loss": "mean_squared_error"}}
-    probe = build_model(parse_config(dump_yaml(config), f"{source} (imported)"))
+    probe = build_model(validate_config(config, f"{source} (imported)"))
     activations = [getattr(getattr(t.node.layer, "activation", None), "name", None) for t in probe.outputs]
     config["compile"] = mapper.compile(keras_config.get("compile_config"), probe.output_names, activations)
-    typed = parse_config(dump_yaml(config), f"{source} (imported)", list(overrides))
+    typed = validate_config(config, f"{source} (imported)", list(overrides))
     body = keras_config.get("config") or {}
     entries = body.get("layers") or []
     functional = keras_config.get("class_name") != "Sequential"
