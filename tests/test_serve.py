@@ -329,3 +329,25 @@ def test_a_multipart_upload_is_read_as_the_same_image_in_json(server):
     assert len(r.json()["predictions"][0]["top_k"]) == 2
     r = httpx.post(f"{server.url}/v1/predict", files=[("file", ("notes.txt", b"not an image", "text/plain"))])
     assert r.status_code == 422 and "instance 0: not an image" in r.json()["error"]
+
+
+def test_an_image_is_resized_as_the_runs_training_images_were(tmp_path):
+    """An image_folder run's interpolation and crop_to_aspect_ratio apply to served images too: a sent image
+    becomes exactly what `dlcli predict` (the training decoder) makes of the same file."""
+    from PIL import Image
+
+    from dlcli import layers, models
+    from dlcli.data.inputs import instance_inputs, read_inputs
+
+    wide = np.random.default_rng(3).integers(0, 256, (12, 30), dtype=np.uint8)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    model = models.Sequential([layers.Flatten(input_shape=(5, 5, 1)), layers.Dense(2)])
+    model.build()
+    data = {"type": "image_folder", "directory": str(tmp_path), "image_size": [5, 5], "color_mode": "grayscale",
+            "interpolation": "nearest", "crop_to_aspect_ratio": True}
+    sent = base64.b64encode((tmp_path / "wide.png").read_bytes()).decode()
+    served = instance_inputs([sent], tmp_path, data, model)[0]
+    predicted, _ = read_inputs([tmp_path / "wide.png"], tmp_path, data, model)
+    np.testing.assert_array_equal(served, predicted.take(np.arange(1))[0])
+    squeezed = instance_inputs([sent], tmp_path, {**data, "crop_to_aspect_ratio": False}, model)[0]
+    assert not np.array_equal(served, squeezed)  # the crop matters for this image

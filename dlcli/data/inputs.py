@@ -103,7 +103,7 @@ def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None =
         raise DlcliError("give one array/CSV/text file, or any number of image files (not a mix)", exit_code=2)
     kind = kinds.pop()
     if kind == "image":
-        pixels = np.stack([read_image(f, model) for f in files])
+        pixels = np.stack([read_image(f, model, data) for f in files])
         return image_inputs(pixels, [f.name for f in files], data, model, invert, pixel_scale), [f.name for f in files]
     file = files[0]
     if kind == "text":
@@ -162,7 +162,7 @@ def instance_inputs(instances: list, run_dir, data: dict, model, invert: bool = 
                 raw = text if isinstance(text, bytes) else base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError):
                 raise DlcliError(f"instance {i}: not base64 (an image is sent as base64 PNG/JPEG bytes)") from None
-            decoded.append(read_image(io.BytesIO(raw), model, name=f"instance {i}"))
+            decoded.append(read_image(io.BytesIO(raw), model, data, name=f"instance {i}"))
         names = [f"instance {i}" for i in range(len(instances))]
         return image_inputs(np.stack(decoded), names, data, model, invert, pixel_scale)
     if all(isinstance(t, dict) for t in instances) and len(model.inputs) > 1:
@@ -294,11 +294,13 @@ def image_geometry(shape) -> tuple[int, int, int]:
                      f"give arrays (.npy/.npz) instead")
 
 
-def read_image(file, model, name: str | None = None) -> np.ndarray:
+def read_image(file, model, data: dict, name: str | None = None) -> np.ndarray:
     """uint8 pixels of an image file (or file object: `name` says which in messages), grayscaled or RGB and
-    resized (bilinear) to the model's input."""
+    resized to the model's input as the run's training images were (an image_folder run's interpolation and
+    crop_to_aspect_ratio; bilinear otherwise)."""
     height, width, channels = image_geometry(model.inputs[0].shape)
-    pixels = decode_image(file, (height, width), "grayscale" if channels == 1 else "rgb", name=name)
+    pixels = decode_image(file, (height, width), "grayscale" if channels == 1 else "rgb",
+                          data.get("interpolation", "bilinear"), data.get("crop_to_aspect_ratio", False), name=name)
     return pixels.reshape(model.inputs[0].shape)
 
 
