@@ -12,7 +12,7 @@ from dlcli import losses as losses_module
 from dlcli import metrics as metrics_module
 from dlcli import optimizers as optimizers_module
 from dlcli.data.source import ArraySource, Source, as_source, batch_indices
-from dlcli.engine.graph import Graph, Input, InputLayer, SymbolicTensor, inference_passes
+from dlcli.engine.graph import Graph, Input, InputLayer, SymbolicTensor, inference_passes, numpy_dtype
 from dlcli.engine.layer import Layer, assign_weights, build_seeded, format_shape
 from dlcli.errors import ConfigError, DlcliError, ShapeError
 from dlcli.registry import did_you_mean
@@ -134,7 +134,10 @@ class Model:
         out = []
         for t, a in zip(self.graph.inputs, xs):
             a = np.asarray(a)
-            if a.dtype.kind == "f" and a.dtype != np.dtype(t.dtype):
+            if t.dtype == "string":
+                if a.dtype.kind not in "USO":
+                    raise DlcliError(f"input '{t.node.layer.name}' takes text (dtype string); got {a.dtype} values")
+            elif a.dtype.kind == "f" and a.dtype != np.dtype(t.dtype):
                 a = a.astype(t.dtype)
             elif a.dtype.kind in "iub" and np.dtype(t.dtype).kind == "f":
                 a = a.astype(t.dtype)
@@ -285,7 +288,7 @@ class Model:
         intermediates stay in cache. No layer mixes samples at inference, so any pass size gives the same outputs.
         Predict at batch 512 in one process, one pass against passes of 48-64 (this rule gives 48): the book convnet
         88-90 -> 46-62 ms per batch, the resnet 320 -> 216-250."""
-        sizes = [int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for node in self._require_graph().nodes
+        sizes = [int(np.prod(t.shape)) * numpy_dtype(t.dtype).itemsize for node in self._require_graph().nodes
                  for t in node.outputs if None not in t.shape]
         return max(INFERENCE_BYTES // max(sizes, default=1), 1)
 

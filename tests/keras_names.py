@@ -15,21 +15,21 @@ def ALIAS(name):
 KERAS_VERSION = "3.15.1"
 BASE = "a base or wrapper class, not something a config names"
 ATTENTION = TODO + ": attention layers, another helper's (issue 23)"
-TABLES = TODO + ": table preprocessing, another helper's (issue 23)"
 AUGMENT = TODO + ": image preprocessing/augmentation"
 
 LAYERS = {
     **{n: DONE for n in [
         "Activation", "Add", "AlphaDropout", "Average", "AveragePooling1D", "AveragePooling2D", "AveragePooling3D",
-        "BatchNormalization", "Bidirectional", "Concatenate", "Conv1D", "Conv2D", "Conv2DTranspose", "Conv3D",
-        "Cropping1D", "Cropping2D", "Cropping3D", "Dense", "DepthwiseConv2D", "Dot", "Dropout", "ELU", "Embedding",
-        "Flatten", "GRU", "GaussianDropout", "GaussianNoise", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
-        "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
-        "GroupNormalization", "Identity", "LSTM", "LayerNormalization", "LeakyReLU", "Masking", "MaxPooling1D",
-        "MaxPooling2D", "MaxPooling3D", "Maximum", "Minimum", "MultiHeadAttention", "Multiply", "Normalization",
-        "PReLU", "Permute", "RandomFlip", "RandomRotation", "RandomTranslation", "RandomZoom", "ReLU", "RepeatVector",
-        "Rescaling", "Reshape", "SeparableConv2D", "SimpleRNN", "Softmax", "SpatialDropout1D", "SpatialDropout2D",
-        "SpatialDropout3D", "Subtract", "TimeDistributed", "UnitNormalization", "UpSampling1D", "UpSampling2D",
+        "BatchNormalization", "Bidirectional", "CategoryEncoding", "Concatenate", "Conv1D", "Conv2D", "Conv2DTranspose",
+        "Conv3D", "Cropping1D", "Cropping2D", "Cropping3D", "Dense", "DepthwiseConv2D", "Discretization", "Dot",
+        "Dropout", "ELU", "Embedding", "Flatten", "GRU", "GaussianDropout", "GaussianNoise", "GlobalAveragePooling1D",
+        "GlobalAveragePooling2D", "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
+        "GlobalMaxPooling3D", "GroupNormalization", "HashedCrossing", "Hashing", "Identity", "IntegerLookup", "LSTM",
+        "LayerNormalization", "LeakyReLU", "Masking", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "Maximum",
+        "Minimum", "MultiHeadAttention", "Multiply", "Normalization", "PReLU", "Permute", "RandomFlip",
+        "RandomRotation", "RandomTranslation", "RandomZoom", "ReLU", "RepeatVector", "Rescaling", "Reshape",
+        "SeparableConv2D", "SimpleRNN", "Softmax", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+        "StringLookup", "Subtract", "TimeDistributed", "UnitNormalization", "UpSampling1D", "UpSampling2D",
         "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D"]},
     **{f"{a}{d}": ALIAS(f"{c}{d}") for a, c in [("AvgPool", "AveragePooling"), ("MaxPool", "MaxPooling"),
                                                 ("GlobalAvgPool", "GlobalAveragePooling"),
@@ -52,8 +52,6 @@ LAYERS = {
     "Layer": BASE, "InputSpec": BASE, "Wrapper": BASE,
     # not yet
     **{n: ATTENTION for n in ["AdditiveAttention", "Attention", "GroupQueryAttention"]},
-    **{n: TABLES for n in ["CategoryEncoding", "Discretization", "HashedCrossing", "Hashing", "IntegerLookup",
-                           "StringLookup"]},
     **{n: AUGMENT for n in [
         "AugMix", "AutoContrast", "CenterCrop", "ContrastLimitedAdaptiveHistogramEqualization", "CutMix",
         "Equalization", "MixUp", "RandAugment", "RandomBrightness", "RandomColorDegeneration", "RandomColorJitter",

@@ -29,8 +29,9 @@ Where Keras has no rule and we add one (say so in errors and README):
 """
 import numpy as np
 
-from dlcli.data.farmhash import CROSS_HASH_KEY, fingerprint64, fingerprint_cat64
 from dlcli.errors import ConfigError
+from dlcli.layers.categorical import by_count, digitize, hash_to_bins, hashed_cross, lookup_indices, one_hot, \
+    quantile_boundaries
 from dlcli.registry import did_you_mean
 
 # type -> {argument: default} (Keras' FeatureSpace class-method arguments; FeatureSpace's own defaults for the bare
@@ -57,7 +58,6 @@ CROSSABLE = ("float_discretized", *INTEGER, *STRING)  # preprocessors with integ
 CROSS_DEFAULTS = {"crossing_dim": 32, "output_mode": "one_hot"}
 MAX_WIDTH = 2**20  # the most columns one feature may produce (num_bins, max_tokens, crossing_dim)
 EPSILON = 1e-7  # keras.backend.epsilon(), Normalization's floor on the deviation
-DISCRETIZATION_EPSILON = 0.01  # Discretization's default epsilon
 
 
 def feature_specs(features: dict, crosses: list | None = None) -> tuple[dict, list]:
@@ -180,15 +180,13 @@ def _adapt_one(name: str, spec: dict, col) -> dict:
         if kind == "float_discretized":
             edges = spec["bin_boundaries"]
             if edges is None:
-                edges = _quantile_boundaries(present, spec["num_bins"]).tolist()
+                edges = quantile_boundaries(present, spec["num_bins"])  # the column as one batch
             state["boundaries"] = [float(e) for e in edges]  # bin_boundaries keeps what the config gave
             state["bins"] = len(edges) + 1
         state["width"] = (state.get("bins", 1)) + state["missing_indicator"]
     elif kind in ("integer_categorical", "string_categorical"):
-        values, counts = np.unique(present, return_counts=True)
-        order = np.lexsort((values, counts))[::-1]  # Keras: by count, ties by value, both descending
         kept = spec["max_tokens"] - spec["num_oov_indices"] if spec["max_tokens"] else None
-        vocabulary = values[order][:kept]
+        vocabulary = by_count(*np.unique(present, return_counts=True))[:kept]
         state["vocabulary"] = [int(v) for v in vocabulary] if kind == "integer_categorical" \
             else [str(v) for v in vocabulary]
         state["width"] = len(vocabulary) + spec["num_oov_indices"]
@@ -205,27 +203,6 @@ def _adapt_one(name: str, spec: dict, col) -> dict:
         state["year_mean"], state["year_std"] = float(years.mean()), float(years.std())
         state["width"] = 7
     return state
-
-
-def _quantile_boundaries(values: np.ndarray, num_bins: int) -> np.ndarray:
-    """Keras' Discretization.adapt on one batch: summarize(eps), merge with the empty summary, then the
-    compressed summary at 1/num_bins without its last value."""
-    values = np.sort(values.astype(np.float32).reshape(-1))
-    step = max(values.size / (1.0 / DISCRETIZATION_EPSILON), 1)
-    boundaries = values[int(step - 1)::int(step)]
-    summary = np.stack([boundaries, np.ones_like(boundaries) * step])
-    summary = _compress(summary[:, np.argsort(summary[0])], DISCRETIZATION_EPSILON)
-    return _compress(summary, 1.0 / num_bins)[0, :-1]
-
-
-def _compress(summary: np.ndarray, epsilon: float) -> np.ndarray:
-    if summary.shape[1] * epsilon < 1:
-        return summary
-    percents = epsilon + np.arange(0.0, 1.0, epsilon)
-    cum = summary[1].cumsum()
-    bins = np.interp(percents, cum / cum[-1], summary[0])
-    cum = np.interp(percents, cum / cum[-1], cum)
-    return np.stack((bins, cum - np.concatenate(([0], cum[:-1])))).astype("float32")
 
 
 # --- transform: state + columns -> (N, width) float32 ----------------------------------------------------------------
@@ -254,7 +231,7 @@ def _encode(f: dict, col) -> tuple[np.ndarray, np.ndarray | None]:
         elif kind == "float_normalized":
             x = (x - f["mean"]) / max(np.sqrt(f["variance"]), EPSILON)
         if kind == "float_discretized":
-            index = np.digitize(x.astype(np.float32), np.asarray(f["boundaries"], np.float32))
+            index = digitize(x, f["boundaries"])
             block = one_hot(index, f["bins"])
         else:
             block = x.astype(np.float32)[:, None]
@@ -265,7 +242,7 @@ def _encode(f: dict, col) -> tuple[np.ndarray, np.ndarray | None]:
         index = lookup(col, f["vocabulary"], f["num_oov_indices"], strings=kind == "string_categorical")
         return one_hot(index, f["width"]), index
     if kind in ("integer_hashed", "string_hashed"):
-        index = hash_values(np.where(col.missing, "", col.values.astype(str)), f["num_bins"])
+        index = hash_to_bins(np.where(col.missing, "", col.values.astype(str)), f["num_bins"])
         return one_hot(index, f["num_bins"]), index
     if kind == "text":  # TextVectorization's vector: column 0 out-of-vocabulary; a missing cell is an empty text
         from dlcli.data.text import TokenSource, tokenize
@@ -288,58 +265,8 @@ def _encode(f: dict, col) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def lookup(col, vocabulary: list, num_oov: int, strings: bool) -> np.ndarray:
-    """StringLookup / IntegerLookup indices: num_oov + position in the vocabulary, or an OOV index."""
-    values = col.values.astype(str) if strings else col.values
-    vocab = np.asarray(vocabulary, dtype=str if strings else np.int64)
-    order = np.argsort(vocab)
-    position = np.searchsorted(vocab[order], values) if len(vocab) else np.zeros(len(values), np.int64)
-    position = np.minimum(position, max(len(vocab) - 1, 0))
-    found = (vocab[order][position] == values) & ~col.missing if len(vocab) else np.zeros(len(values), bool)
-    index = np.empty(len(values), np.int64)
-    index[found] = order[position[found]] + num_oov
-    unseen = ~found
-    if num_oov == 1 or not unseen.any():
-        index[unseen] = 0
-    elif strings:
-        index[unseen] = hash_values(values[unseen], num_oov)
-    else:
-        index[unseen] = np.mod(values[unseen], num_oov)  # Keras' oov_method "floormod"
-    return index
-
-
-def hash_values(values: np.ndarray, num_bins: int) -> np.ndarray:
-    """Keras' Hashing (FarmHash64, no salt): Fingerprint64(text) % num_bins, hashed once per distinct value."""
-    distinct, inverse = np.unique(values.astype(str), return_inverse=True)
-    hashed = np.array([fingerprint64(v) % num_bins for v in distinct.tolist()], np.int64)
-    return hashed[inverse.reshape(-1)] if len(values) else np.zeros(0, np.int64)
-
-
-def hashed_cross(columns: list[np.ndarray], num_bins: int) -> np.ndarray:
-    """Keras' HashedCrossing: FingerprintCat64 folded from tf.sparse.cross_hashed's default key over each row's
-    values (a string as its Fingerprint64, an integer as itself), modulo num_bins; once per distinct combination."""
-    hashes = []
-    for col in columns:
-        if col.dtype.kind in "US":
-            distinct, inverse = np.unique(col, return_inverse=True)
-            fingerprints = np.array([fingerprint64(v) for v in distinct.tolist()], np.uint64)
-            hashes.append(fingerprints[inverse.reshape(-1)])
-        else:
-            hashes.append(col.astype(np.int64).view(np.uint64))  # two's complement, as TF's uint64 cast
-    distinct, inverse = np.unique(np.stack(hashes, axis=1), axis=0, return_inverse=True)
-    out = []
-    for combo in distinct.tolist():
-        h = CROSS_HASH_KEY
-        for v in combo:
-            h = fingerprint_cat64(h, v)
-        out.append(h % num_bins)
-    return np.asarray(out, np.int64)[inverse.reshape(-1)]
-
-
-def one_hot(index: np.ndarray, depth: int) -> np.ndarray:
-    """CategoryEncoding(num_tokens=depth, output_mode="one_hot") of one integer per row."""
-    out = np.zeros((len(index), depth), np.float32)
-    out[np.arange(len(index)), index] = 1.0
-    return out
+    """StringLookup / IntegerLookup indices of a column, its missing cells out of vocabulary."""
+    return lookup_indices(col.values, vocabulary, num_oov, strings, unknown=col.missing)
 
 
 def describe(state: dict) -> list[tuple[str, str, int]]:

@@ -67,6 +67,12 @@ class InputLayer(Layer):
         return grad
 
 
+def numpy_dtype(dtype: str) -> np.dtype:
+    """An input's dtype name as NumPy's: "string" (text read by StringLookup, Hashing, HashedCrossing at the data
+    edge) is any NumPy text array, sized here as object pointers."""
+    return np.dtype(object) if dtype == "string" else np.dtype(dtype)
+
+
 def Input(shape, name: str | None = None, dtype: str = "float32") -> SymbolicTensor:
     """Keras' `Input(shape=..., name=...)`: a symbolic tensor to call layers on."""
     layer = InputLayer(shape, name=name, dtype=dtype)

@@ -23,6 +23,8 @@ NEUTRAL = {
     "time_major": (False,), "use_cudnn": None, "unroll": None, "implementation": None, "seed": None,
     "renorm_clipping": None, "renorm_momentum": None, "zero_output_for_mask": None, "dtype": None,
     "use_gate": (False,), "flash_attention": None, "decoder_sequence_shape": None, "encoder_sequence_shape": None,
+    # StringLookup's config carries IndexLookup's: text is always FarmHashed out of vocabulary, its dtype string
+    "oov_method": None, "vocabulary_dtype": ("string",),
 }  # None: any value (performance switches, seeds: dlcli seeds every layer from the run)
 TRAINING_ONLY = re.compile(r".*_constraint$|^activity_regularizer$")
 KERAS_MODULE = re.compile(r"^keras(\.[A-Za-z0-9_.]+)?$")
@@ -117,8 +119,9 @@ class ConfigMapper:
             raise UnsupportedModel(f"input '{cfg.get('name')}' has shape {shape}; dlcli needs every axis but the "
                                    f"batch fixed")
         dtype = cfg.get("dtype") if isinstance(cfg.get("dtype"), str) else "float32"
-        if dtype not in ("float32", "int32", "int64"):
-            raise UnsupportedModel(f"input '{cfg.get('name')}' has dtype {dtype}; dlcli takes float32, int32, int64")
+        if dtype not in ("float32", "int32", "int64", "string"):
+            raise UnsupportedModel(f"input '{cfg.get('name')}' has dtype {dtype}; dlcli takes float32, int32, int64 "
+                                   f"and string (read by a StringLookup, Hashing or HashedCrossing)")
         return [int(s) for s in shape[1:]], dtype
 
     def _functional(self, body) -> dict:

@@ -1,7 +1,8 @@
 """Reading Keras files as data only: the `.keras` zip and HDF5 weights, with the guards recent Keras CVEs call for.
 
-- The zip is read member by member into memory, never extracted: only config.json, metadata.json and
-  model.weights.h5 are accepted (any other name, `../x` included, is refused by name), each under a size limit and a
+- The zip is read member by member into memory, never extracted: only config.json, metadata.json,
+  model.weights.h5 and a lookup layer's assets/layers/<layer>/vocabulary.txt (text, one token a line) are accepted
+  (any other name, `../x` included, is refused by name), each under a size limit and a
   compression-ratio limit checked from the directory before a byte is inflated (zip bombs), and read with a cap in
   case the directory lies.
 - The HDF5 file is opened from memory. Before anything is read, every link in it is audited: hard links only (no
@@ -12,6 +13,7 @@
 """
 import io
 import json
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from dlcli.interop import require
 
 CONFIG, METADATA, WEIGHTS = "config.json", "metadata.json", "model.weights.h5"
 MEMBER_LIMITS = {CONFIG: 16 << 20, METADATA: 1 << 20, WEIGHTS: 2 << 30}  # bytes once inflated
+VOCABULARY = re.compile(r"^assets/(layers/[a-z0-9_]+)/vocabulary\.txt$")  # StringLookup's / IntegerLookup's
+VOCABULARY_LIMIT = 64 << 20
 MAX_RATIO = 100  # Keras stores members uncompressed; real data never deflates 100:1 (Keras uses the same bound)
 RATIO_FLOOR = 1 << 20  # small members (a JSON config) may compress well without being a bomb
 MAX_H5_OBJECTS = 100_000
@@ -41,6 +45,7 @@ class KerasArchive:
     config: dict
     metadata: dict
     weights: bytes
+    vocabularies: dict  # layer path in the weights' layout (layers/string_lookup) -> its vocabulary.txt lines
 
 
 def read_keras_archive(path) -> KerasArchive:
@@ -53,9 +58,13 @@ def read_keras_archive(path) -> KerasArchive:
     except (zipfile.BadZipFile, OSError) as e:
         raise UnsafeFile(f"{path} is not a .keras file (a zip archive): {e}") from None
     with archive:
-        members = {}
+        members, vocabularies = {}, {}
         for info in archive.infolist():
             name = info.filename
+            asset = VOCABULARY.match(name)
+            if asset and asset.group(1) not in vocabularies:
+                vocabularies[asset.group(1)] = _vocabulary(path, name, _read_member(path, archive, info))
+                continue
             if name not in MEMBER_LIMITS:
                 raise UnsafeFile(f"{path}: unexpected archive member '{name}'; a .keras file dlcli reads holds only "
                                  f"{', '.join(MEMBER_LIMITS)} (nothing is ever extracted to disk)")
@@ -66,11 +75,23 @@ def read_keras_archive(path) -> KerasArchive:
     if missing:
         raise UnsafeFile(f"{path}: not a Keras 3 model archive (no {' or '.join(missing)})")
     return KerasArchive(_json(path, CONFIG, members[CONFIG]),
-                        _json(path, METADATA, members[METADATA]) if METADATA in members else {}, members[WEIGHTS])
+                        _json(path, METADATA, members[METADATA]) if METADATA in members else {}, members[WEIGHTS],
+                        vocabularies)
+
+
+def _vocabulary(path, name, data: bytes) -> list[str]:
+    """Keras' save_assets: the tokens joined by newlines, as UTF-8 (trailing empty lines dropped, as Keras does)."""
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise UnsafeFile(f"{path}: member '{name}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    while lines and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def _read_member(path, archive, info) -> bytes:
-    limit = MEMBER_LIMITS[info.filename]
+    limit = MEMBER_LIMITS.get(info.filename, VOCABULARY_LIMIT)
     if info.file_size > limit:
         raise UnsafeFile(f"{path}: member '{info.filename}' declares {info.file_size:,} bytes, over dlcli's limit of "
                          f"{limit:,}")

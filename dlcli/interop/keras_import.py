@@ -53,7 +53,7 @@ def import_keras(source, output, config_path=None, overrides=()) -> ImportReport
         archive = read_keras_archive(source)
         keras_version = archive.metadata.get("keras_version")
         h5 = SafeH5(archive.weights, f"{source}:model.weights.h5")
-        config, keras_order = _mapped_config(archive.config, source, notes, overrides)
+        config, keras_order = _mapped_config(archive.config, source, notes, overrides, archive.vocabularies)
     else:
         h5 = SafeH5(read_file_bytes(source), str(source))
         model_config = h5.attr(h5.file, "model_config")
@@ -85,11 +85,14 @@ def _archive_weights(source) -> bytes:
     return read_keras_archive(source).weights
 
 
-def _mapped_config(keras_config: dict, source, notes, overrides) -> tuple[Config, list]:
-    """(the validated dlcli Config, [(layer name, class name)] in Keras' layer order)."""
+def _mapped_config(keras_config: dict, source, notes, overrides, vocabularies=None) -> tuple[Config, list]:
+    """(the validated dlcli Config, [(layer name, class name)] in Keras' layer order). An adapted lookup layer's
+    vocabulary, which Keras keeps in the archive's assets, becomes its `vocabulary` argument."""
     from dlcli.builder import build_model
     from dlcli.config import validate_config
 
+    if vocabularies:
+        keras_config = _with_vocabularies(keras_config, vocabularies)
     mapper = ConfigMapper(notes)
     model_spec = without_dropped(mapper.model(keras_config))
     name = str(model_spec.pop("name"))
@@ -107,15 +110,46 @@ def _mapped_config(keras_config: dict, source, notes, overrides) -> tuple[Config
     return typed, order
 
 
+def _with_vocabularies(keras_config: dict, vocabularies: dict) -> dict:
+    """A copy of the config whose lookup layers without a vocabulary take theirs from the assets (integers parsed for
+    IntegerLookup)."""
+    keras_config = json.loads(json.dumps(keras_config))
+    body = keras_config.get("config") or {}
+    entries = [e for e in body.get("layers") or [] if isinstance(e, dict)]
+    functional = keras_config.get("class_name") != "Sequential"
+    kept = [e for e in entries if functional or e.get("class_name") != "InputLayer"]
+    for entry, path in zip(kept, _layer_paths([e.get("class_name") for e in kept])):
+        cfg = entry.get("config")
+        if entry.get("class_name") in ("StringLookup", "IntegerLookup") and isinstance(cfg, dict) \
+                and cfg.get("vocabulary") is None and path in vocabularies:
+            lines = vocabularies[path]
+            if entry["class_name"] == "IntegerLookup":
+                try:
+                    lines = [int(v) for v in lines]
+                except ValueError as e:
+                    raise DlcliError(f"assets/{path}/vocabulary.txt: IntegerLookup's vocabulary holds a non-integer "
+                                     f"({e})", exit_code=2) from None
+            cfg["vocabulary"] = lines
+    return keras_config
+
+
+def _layer_paths(kinds: list) -> list[str]:
+    """Keras 3's paths for layers of these classes in model order: layers/<snake_case(class)>[_n], numbered per
+    class (the weights' groups and the assets' folders)."""
+    counts: dict = {}
+    paths = []
+    for kind in kinds:
+        base = snake_case(str(kind))
+        paths.append(f"layers/{base}" + (f"_{counts[base]}" if counts.get(base) else ""))
+        counts[base] = counts.get(base, 0) + 1
+    return paths
+
+
 # --- weights ------------------------------------------------------------------------------------------------------
 def _load_keras3_weights(h5, model, order, check_names: bool):
     """Keras 3 layout: layers/<snake_case(class)>[_n] numbered per class in the model's layer order."""
     by_name = {layer.name: layer for layer in model.layers}
-    counts: dict = {}
-    for name, kind in order:
-        base = snake_case(kind)
-        path = f"layers/{base}" + (f"_{counts[base]}" if counts.get(base) else "")
-        counts[base] = counts.get(base, 0) + 1
+    for (name, kind), path in zip(order, _layer_paths([kind for _, kind in order])):
         layer = by_name.get(name)
         if layer is None:
             continue  # an InputLayer

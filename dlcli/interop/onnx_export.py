@@ -38,6 +38,7 @@ def to_onnx(model, opset: int = DEFAULT_OPSET, metadata: dict | None = None):
     from dlcli import __version__
     from dlcli.engine.graph import InputLayer
     from dlcli.interop.onnx_graph import ELEMENT_TYPES, Builder, Value
+    from dlcli.interop.onnx_table import ML_DOMAIN, ML_OPSET
 
     top = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= top:
@@ -75,6 +76,8 @@ def to_onnx(model, opset: int = DEFAULT_OPSET, metadata: dict | None = None):
         g.nodes.append(helper.make_node("Identity", [g.last(values[id(t)]).name], [name]))
         graph_outputs.append(helper.make_tensor_value_info(name, ELEMENT_TYPES["float32"], ["batch", *t.shape]))
     opsets = [helper.make_opsetid("", opset)]
+    if any(n.domain == ML_DOMAIN for n in g.nodes):  # a lookup layer's LabelEncoder
+        opsets.append(helper.make_opsetid(ML_DOMAIN, ML_OPSET))
     proto = helper.make_model(helper.make_graph(g.nodes, model.name, graph_inputs, graph_outputs, g.initializers),
                               opset_imports=opsets, producer_name="dlcli", producer_version=__version__,
                               ir_version=helper.find_min_ir_version_for(opsets))
@@ -117,7 +120,9 @@ def sample_inputs(model, count: int, seed: int = 0) -> list[np.ndarray]:
         limits = [n.layer.input_dim for n in model.graph.nodes
                   if isinstance(n.layer, Embedding) and any(i is t for i in n.inputs)]
         shape = (count, *t.shape)
-        if limits or np.dtype(t.dtype).kind in "iu":
+        if t.dtype == "string":  # text: a few words, some outside any vocabulary
+            xs.append(rng.choice(np.array(["a", "b", "c", "red", "blue", ""]), shape).astype(object))
+        elif limits or np.dtype(t.dtype).kind in "iu":
             xs.append(rng.integers(0, min(limits) if limits else 10, shape).astype(t.dtype))
         else:
             xs.append(rng.normal(size=shape).astype(t.dtype))

@@ -19,7 +19,8 @@ __all__ = ["Builder", "ExportError", "Value", "ELEMENT_TYPES"]
 
 INT64_MIN = int(np.iinfo(np.int64).min)
 ELEMENT_TYPES = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE, "int32": TensorProto.INT32,
-                 "int64": TensorProto.INT64, "uint8": TensorProto.UINT8, "bool": TensorProto.BOOL}
+                 "int64": TensorProto.INT64, "uint8": TensorProto.UINT8, "bool": TensorProto.BOOL,
+                 "string": TensorProto.STRING}
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 so a new layer in an existing module needs no line here."""
 from dlcli.engine.graph import Input, InputLayer
 from dlcli.engine.layer import LAYERS, Layer
-from dlcli.layers import (activations, attention, conv, core, embedding, merge, normalization,  # noqa: F401
-                          pooling, preprocessing, recurrent, regularization, reshaping, transformer, wrappers)
+from dlcli.layers import (activations, attention, categorical, conv, core, embedding, merge,  # noqa: F401
+                          normalization, pooling, preprocessing, recurrent, regularization, reshaping, transformer, wrappers)
 
 
 def __getattr__(name: str):

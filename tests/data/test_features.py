@@ -27,7 +27,7 @@ def test_fingerprint64_matches_farmhash_for_every_length_branch():
 
 def test_hashing_matches_keras_documented_bins():
     # keras.layers.Hashing(num_bins=3)([["A"], ["B"], ["C"], ["D"], ["E"]]) -> [1, 0, 1, 1, 2]
-    assert fs.hash_values(np.array(list("ABCDE")), 3).tolist() == [1, 0, 1, 1, 2]
+    assert fs.hash_to_bins(np.array(list("ABCDE")), 3).tolist() == [1, 0, 1, 1, 2]
 
 
 def test_hashed_crossing_matches_keras_test():
