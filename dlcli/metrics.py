@@ -300,6 +300,11 @@ class _Confusion(_Sums):
     def update(self, y_true, y_pred, sample_weight=None):
         y_pred = np.asarray(y_pred, np.float64)
         self._ensure_built(y_pred)
+        y_true = np.asarray(y_true)
+        if y_true.shape != y_pred.shape and y_pred.shape[-1] > 1 and _looks_sparse(y_true, y_pred):
+            # class indices against class probabilities (a table's labels): one-hot first. Keras needs one-hot
+            # targets here; dlcli reads them from the shapes, as its accuracy does
+            y_true = sparse_labels(y_true, y_pred, self.name)[..., None] == np.arange(y_pred.shape[-1])
         t = dense_targets(y_true, y_pred, self.name) != 0
         if getattr(self, "from_logits", False):
             y_pred = 1 / (1 + np.exp(-y_pred))

@@ -192,3 +192,18 @@ def test_running_logs_sums_continue_a_stateful_metric_exactly():
     old = metrics.RunningLogs(model)
     old.set_sums([[1.0, 2.0], [3.0, 4.0]])  # a mid-epoch checkpoint written before stateful metrics: pairs
     assert old.results() == {"loss": 0.5, "accuracy": 0.75}
+
+
+def test_confusion_metrics_take_class_indices_as_their_one_hot_targets():
+    # a table's labels are class indices: AUC and Recall(class_id) read them as the one-hot rows Keras needs
+    y_pred = np.array([[0.7, 0.2, 0.1], [0.3, 0.4, 0.3], [0.1, 0.1, 0.8], [0.5, 0.3, 0.2]])
+    labels, one_hot = np.array([0, 2, 2, 1]), np.eye(3)[[0, 2, 2, 1]]
+    for spec in ({"type": "AUC"}, {"type": "Recall", "class_id": 2, "top_k": 1, "thresholds": 0.0},
+                 {"type": "Precision", "class_id": 0}):
+        sparse, dense = metrics.get(spec), metrics.get(spec)
+        sparse.update(labels, y_pred)
+        dense.update(one_hot, y_pred)
+        assert sparse.result() == dense.result()
+    recall = metrics.get({"type": "Recall", "class_id": 2, "top_k": 1, "thresholds": 0.0})
+    recall.update(labels[:, None], y_pred)
+    assert recall.result() == 0.5  # class 2: the argmax on row 2, not on row 1
