@@ -31,6 +31,18 @@ def build_model(config):
         from dlcli.data.table import input_width
 
         spec["input_shape"] = [input_width(config.data)]  # the adapted features' width (the run's, when stored)
+    if config.data.get("type") == "table" and spec.get("type") == "functional" \
+            and any(i.get("shape") is None for i in spec.get("inputs", [])):
+        from dlcli.data.table import input_widths
+
+        widths = input_widths(config.data)  # output_mode dict: each feature's width, adapted (or the run's)
+        for i, entry in enumerate(spec["inputs"]):
+            if entry.get("shape") is None:
+                if entry["name"] not in widths:
+                    raise ConfigError(f"model.inputs[{i}]: '{entry['name']}' is not a table feature"
+                                      f"{did_you_mean(entry['name'], widths)}, so it needs a shape; features: "
+                                      f"{', '.join(widths)}")
+                entry["shape"] = [widths[entry["name"]]]
     model = from_config({"name": config.name, **spec}, np.random.default_rng(config.seed))
     apply_freeze(model, config.train.freeze)
     settings = config.compile

@@ -45,7 +45,7 @@ class InputConfig(_Section):
     """One named input of a functional model."""
 
     name: str
-    shape: Annotated[list[Dim], Field(min_length=1)]
+    shape: Annotated[list[Dim], Field(min_length=1)] | None = None  # None: a table feature's width (output_mode dict)
     dtype: str = "float32"
 
 
@@ -556,6 +556,13 @@ class _SpecChecker:
             self.error(("model", "input_shape"), "functional models declare their inputs under 'inputs' "
                                                  "(a list of {name, shape}), not input_shape", at_key=True)
         inputs = [i.get("name") for i in model.get("inputs") or [] if isinstance(i, dict)]
+        data = self.doc.data.get("data") if isinstance(self.doc.data.get("data"), dict) else {}
+        dict_table = data.get("type") == "table" and data.get("output_mode") == "dict"
+        for i, entry in enumerate(model.get("inputs") or []):
+            if isinstance(entry, dict) and entry.get("shape") is None and not dict_table:
+                self.error(("model", "inputs", i), "missing required key 'shape' (the shape of one sample, e.g. "
+                                                   "[28, 28, 1]; only a table's output_mode: dict fills it in)",
+                           at_key=True)
         named = {}  # layer name -> index
         for i, layer in enumerate(layers):
             if isinstance(layer, dict) and isinstance(layer.get("name"), str):

@@ -208,16 +208,27 @@ def _adapt_one(name: str, spec: dict, col) -> dict:
 # --- transform: state + columns -> (N, width) float32 ----------------------------------------------------------------
 def transform(state: dict, columns: dict) -> np.ndarray:
     """Every row's vector: each feature's block (sorted by name), then each cross's one-hot block."""
-    blocks, indices = [], {}
+    blocks = list(transform_blocks(state, columns).values())
+    return np.concatenate(blocks, axis=1) if blocks else np.zeros((0, 0), np.float32)
+
+
+def transform_blocks(state: dict, columns: dict) -> dict:
+    """Each feature's block by name, then each cross's by its name (a_X_b): FeatureSpace's output_mode "dict", in
+    concatenation order."""
+    blocks, indices = {}, {}
     for name, f in state["features"].items():
-        block, index = _encode(f, columns[name])
-        blocks.append(block)
+        blocks[name], index = _encode(f, columns[name])
         if index is not None:
             indices[name] = index
     for cross in state["crosses"]:
-        blocks.append(one_hot(hashed_cross([indices[n] for n in cross["features"]], cross["crossing_dim"]),
-                              cross["crossing_dim"]))
-    return np.concatenate(blocks, axis=1) if blocks else np.zeros((0, 0), np.float32)
+        blocks[cross["name"]] = one_hot(hashed_cross([indices[n] for n in cross["features"]], cross["crossing_dim"]),
+                                        cross["crossing_dim"])
+    return blocks
+
+
+def widths(state: dict) -> dict:
+    """Each block's width by name, in concatenation order (the model inputs of output_mode dict)."""
+    return {**{n: f["width"] for n, f in state["features"].items()}, **{c["name"]: c["width"] for c in state["crosses"]}}
 
 
 def _encode(f: dict, col) -> tuple[np.ndarray, np.ndarray | None]:

@@ -25,6 +25,8 @@ def fit_inputs(x, model) -> list | Source:
             and [d for d in have if d != 1] == [d for d in want if d != 1]
 
     if isinstance(x, Source):
+        if getattr(x, "input_names", None):  # a table's output_mode dict: its blocks by the model's input names
+            x = x.for_inputs(model.input_names)
         shapes = [tuple(t.shape) for t in model.inputs]
         have = [tuple(s) for s in x.sample_shapes]
         if len(have) != len(shapes):

@@ -349,18 +349,35 @@ def parse_labels(table: Table, label: str, missing: list[str], classes: list | N
 
 # --- the source and the stored state ---------------------------------------------------------------------------------
 class TableSource(ArraySource):
-    """Rows already transformed (one float32 vector each), with their parsed columns kept so a fold can adapt
-    again on its own training part."""
+    """Rows already transformed (one float32 vector each; with output_mode dict one block per feature and cross,
+    named by `input_names`, in `order` when given), with their parsed columns kept so a fold can adapt again on its
+    own training part."""
 
-    def __init__(self, columns: dict, state: dict):
-        self.columns, self.state = columns, state
-        super().__init__([fs.transform(state, columns)])
+    def __init__(self, columns: dict, state: dict, order: list[str] | None = None):
+        self.columns, self.state, self.order = columns, state, order
+        self.input_names = None
+        if state.get("output_mode") == "dict":
+            blocks = fs.transform_blocks(state, columns)
+            self.input_names = list(order or blocks)
+            super().__init__([blocks[n] for n in self.input_names])
+        else:
+            super().__init__([fs.transform(state, columns)])
+
+    def for_inputs(self, names: list[str]) -> "TableSource":
+        """The blocks in the order of a model's inputs, matched by name (output_mode dict)."""
+        unknown = [n for n in names if n not in self.input_names]
+        if unknown or len(names) != len(self.input_names):
+            hints = "; ".join(f"model input '{n}' is not a table feature{did_you_mean(n, self.input_names)}"
+                              for n in unknown) or f"the model reads {len(names)} of them"
+            raise ConfigError(f"{hints} (data.output_mode dict gives one input per feature and cross, each to be a "
+                              f"model input: {', '.join(self.input_names)})")
+        return TableSource(self.columns, self.state, list(names))
 
     def subset(self, index):
-        return TableSource({k: c.take(index) for k, c in self.columns.items()}, self.state)
+        return TableSource({k: c.take(index) for k, c in self.columns.items()}, self.state, self.order)
 
     def with_state(self, state: dict) -> "TableSource":
-        return TableSource(self.columns, state)
+        return TableSource(self.columns, state, self.order)
 
     def adapted_on(self, index) -> "TableSource":
         """All these rows, transformed by a feature space adapted on rows `index` only (a k-fold fold)."""
@@ -404,6 +421,11 @@ def feature_state(data: dict) -> dict:
 def input_width(data: dict) -> int:
     """The width of the concatenated vector: a Sequential model's input_shape."""
     return feature_state(data)["width"]
+
+
+def input_widths(data: dict) -> dict:
+    """Each feature's and cross's width by name: the shapes of a functional model's inputs (output_mode dict)."""
+    return fs.widths(feature_state(data))
 
 
 def describe_lines(state: dict) -> list[str]:
@@ -460,9 +482,9 @@ def load_table(path: str, label: str, features: dict | str, crosses: list[dict] 
 def _check_arguments(args: dict):
     """What the schema's annotations cannot say, before any file is read."""
     check_limits(args["limit"], args["test_limit"])
-    if args["output_mode"] != "concat":
-        raise ConfigError(f"data.output_mode: only 'concat' (one vector per row, for a Sequential model) is "
-                          f"supported; found {args['output_mode']!r}")
+    if args["output_mode"] not in ("concat", "dict"):
+        raise ConfigError(f"data.output_mode: 'concat' (one vector per row, for a Sequential model) or 'dict' (one "
+                          f"named input per feature, for a functional model); found {args['output_mode']!r}")
     split = args["test_split"]
     if not isinstance(split, (int, float)) or isinstance(split, bool) or not 0.0 <= split < 1.0:
         raise ConfigError(f"data.test_split must be a fraction in [0, 1); got {split!r}")
@@ -525,7 +547,8 @@ def _load_table(path, label, features, crosses, test_path, test_split, missing, 
         except ValueError as e:
             raise TableError(f"{file}: {e}; drop it from data.features") from None
         ignored = [h for h in table.header if h not in specs and h != label]
-        state = {"label": label, "classes": classes, "missing": missing, "ignored_columns": ignored, **state,
+        state = {"label": label, "classes": classes, "missing": missing, "ignored_columns": ignored,
+                 "output_mode": output_mode, **state,
                  **({"inferred": inferred} if inferred else {})}
     x_train = TableSource(train_columns, state)
     x_test = None if test_columns is None else TableSource(test_columns, state)
@@ -550,6 +573,8 @@ def prediction_records(records: list, run_dir) -> np.ndarray:
     return transform_rows(records_table(records, "request", list(range(len(records))), "instance"), run_dir)
 
 
-def transform_rows(table: Table, run_dir) -> np.ndarray:
+def transform_rows(table: Table, run_dir) -> np.ndarray | dict:
+    """The rows as the run's model takes them: one vector each, or (output_mode dict) blocks by feature name."""
     state = read_state(run_dir)
-    return fs.transform(state, parse_columns(table, state, state["missing"]))
+    columns = parse_columns(table, state, state["missing"])
+    return fs.transform_blocks(state, columns) if state.get("output_mode") == "dict" else fs.transform(state, columns)

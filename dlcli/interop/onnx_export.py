@@ -186,7 +186,7 @@ def export_run(run_dir, weights: str = "best", output=None, opset: int = DEFAULT
         from dlcli.data.table import read_state
         from dlcli.interop.onnx_table import with_preprocessing
 
-        proto = with_preprocessing(proto, read_state(run_dir), model.input_names[0], opset)
+        proto = with_preprocessing(proto, read_state(run_dir), model.input_names, opset)
     data = proto.SerializeToString()
     difference, checked_on = None, "not checked: onnxruntime is not installed (pip install 'dlcli[onnx]')"
     try:
@@ -202,7 +202,8 @@ def export_run(run_dir, weights: str = "best", output=None, opset: int = DEFAULT
             from dlcli.interop.onnx_table import raw_inputs
 
             got = run_onnx(data, raw_inputs(xs.state, xs.columns))
-            want = model.predict(xs.take(slice(0, len(xs)))[0], batch_size=max(len(xs), 1))
+            rows = xs.take(slice(0, len(xs)))
+            want = model.predict(rows if len(rows) > 1 else rows[0], batch_size=max(len(xs), 1))
             difference = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in
                              zip(got, want if isinstance(want, list) else [want]))
         else:

@@ -31,8 +31,9 @@ def unsupported(state: dict) -> list[str]:
     return why
 
 
-def preprocessing_graph(state: dict, opset: int, output: str):
-    """(ModelProto of the preprocessing alone: raw columns in, the concatenated float32 vector `output` out)."""
+def preprocessing_graph(state: dict, opset: int, output: str | dict):
+    """(ModelProto of the preprocessing alone: raw columns in, the concatenated float32 vector `output` out; or,
+    for output_mode dict, `output` maps each feature name to the output holding its block)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -41,7 +42,7 @@ def preprocessing_graph(state: dict, opset: int, output: str):
         raise DlcliError("the table's preprocessing cannot be expressed in ONNX: " + "; ".join(why)
                          + ". Export the model on the preprocessed vector instead: dlcli export RUN --preprocessed-inputs",
                          exit_code=2)
-    nodes, inits, inputs, blocks = [], [], [], []
+    nodes, inits, inputs, blocks, named = [], [], [], [], {}
 
     def const(name, value, dtype=np.float32):
         inits.append(onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
@@ -55,6 +56,7 @@ def preprocessing_graph(state: dict, opset: int, output: str):
     for name, f in state["features"].items():
         kind, x = f["type"], f"{name}"
         p = f"pre_{name}"
+        named[name] = len(blocks)  # this feature's blocks start here
         if kind == "string_categorical":
             inputs.append(helper.make_tensor_value_info(x, TensorProto.STRING, ["batch", 1]))
             index = node("LabelEncoder", [x], f"{p}_index", ML_DOMAIN, keys_strings=f["vocabulary"],
@@ -86,10 +88,16 @@ def preprocessing_graph(state: dict, opset: int, output: str):
         blocks.append(value)
         if f["missing_indicator"]:
             blocks.append(node("Cast", [isnan], f"{p}_was_missing", to=TensorProto.FLOAT))
-    node("Concat", blocks, output, axis=1)
-    graph = helper.make_graph(nodes, "dlcli_table_preprocessing", inputs,
-                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", state["width"]])],
-                              inits)
+    if isinstance(output, dict):  # one output per feature: its blocks (value and was-missing column) joined
+        ends = [*list(named.values())[1:], len(blocks)]
+        for (name, start), end in zip(named.items(), ends):
+            node("Concat", blocks[start:end], output[name], axis=1)
+        outputs = [helper.make_tensor_value_info(output[n], TensorProto.FLOAT, ["batch", f["width"]])
+                   for n, f in state["features"].items()]
+    else:
+        node("Concat", blocks, output, axis=1)
+        outputs = [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", state["width"]])]
+    graph = helper.make_graph(nodes, "dlcli_table_preprocessing", inputs, outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                    helper.make_opsetid(ML_DOMAIN, ML_OPSET)])
 
@@ -112,15 +120,25 @@ def raw_inputs(state: dict, columns: dict) -> dict:
     return out
 
 
-def with_preprocessing(model_proto, state: dict, model_input: str, opset: int):
-    """The model's graph with the preprocessing in front: its input `model_input` fed by the concatenated vector."""
+def with_preprocessing(model_proto, state: dict, model_inputs: list[str], opset: int):
+    """The model's graph with the preprocessing in front: its one input fed by the concatenated vector, or (output_mode
+    dict) each input by the feature of its name; the model's own names are prefixed, so raw columns and the
+    features' inputs may share names."""
     import onnx
     from onnx import compose, helper
 
-    pre = preprocessing_graph(state, opset, "dlcli_features")
+    if state.get("output_mode") == "dict":
+        outputs = {n: f"dlcli_feature_{n}" for n in state["features"]}
+        pre = preprocessing_graph(state, opset, outputs)  # refuses crosses, hashing ... first
+        model_proto = compose.add_prefix(model_proto, "model/", rename_outputs=False)
+        io_map = [(outputs[n], f"model/{n}") for n in model_inputs]
+    else:
+        outputs, io_map = "dlcli_features", [("dlcli_features", model_inputs[0])]
+        pre = preprocessing_graph(state, opset, outputs)
     pre.ir_version = model_proto.ir_version
-    model_proto.opset_import.append(helper.make_opsetid(ML_DOMAIN, ML_OPSET))
-    merged = compose.merge_models(pre, model_proto, io_map=[("dlcli_features", model_input)])
+    if not any(o.domain == ML_DOMAIN for o in model_proto.opset_import):
+        model_proto.opset_import.append(helper.make_opsetid(ML_DOMAIN, ML_OPSET))
+    merged = compose.merge_models(pre, model_proto, io_map=io_map)
     helper.set_model_props(merged, {**{p.key: p.value for p in model_proto.metadata_props},
                                     "dlcli.inputs": "raw table columns, by name (NaN, or for text a value outside "
                                                     "the vocabulary, for a missing cell)"})

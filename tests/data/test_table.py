@@ -212,3 +212,37 @@ def test_a_text_column_trains_and_predicts_with_unseen_words(tables, tmp_path):
                     "zorblax hypercar,4,97,,2130,14.5,1982-01-01,Japan\n")
     result = runner.invoke(app, ["predict", str(run.dir), str(rows)])
     assert result.exit_code == 0 and "rows.csv:2" in result.output, result.output
+
+
+def test_output_mode_dict_feeds_a_functional_graph_one_input_per_feature(tables, tmp_path):
+    run = dlcli.train(CONFIGS / "penguins_functional.yaml", ["train.epochs=40"], runs_dir=tmp_path / "runs")
+    assert run.test["accuracy"] >= 0.95
+    state = json.loads((run.dir / "feature_space.json").read_text())
+    assert state["output_mode"] == "dict"
+    widths = {n: f["width"] for n, f in state["features"].items()} | {"island_X_sex": 16}
+    assert {n: t.shape[0] for n, t in zip(run.model.input_names, run.model.inputs)} == widths  # filled in
+    rows = tmp_path / "rows.csv"
+    rows.write_text("sex,year,body_mass_g,flipper_length_mm,bill_depth_mm,bill_length_mm,island\n"
+                    "male,2008,5700,230,15.0,49.0,Biscoe\nfemale,2007,3400,190,18.0,38.5,Atlantis\n")
+    result = runner.invoke(app, ["predict", str(run.dir), str(rows), "--output", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[1].startswith("rows.csv:2,Gentoo") and lines[2].startswith("rows.csv:3,Adelie")
+    # a model input that is no feature: named, with a did-you-mean
+    config = (CONFIGS / "penguins_functional.yaml").read_text().replace("{name: year}", "{name: yaer}") \
+        .replace("island, sex, year,", "island, sex, yaer,")
+    (tmp_path / "bad.yaml").write_text(config.replace("tables/penguins.csv", str(tables / "penguins.csv")))
+    result = runner.invoke(app, ["train", str(tmp_path / "bad.yaml"), "--runs-dir", str(tmp_path / "r2")])
+    assert result.exit_code == 2 and "'yaer' is not a table feature (did you mean 'year'?)" in result.output
+
+
+def test_output_mode_dict_exports_each_feature_to_its_input(tables, tmp_path):
+    pytest.importorskip("onnxruntime")
+    config = (CONFIGS / "penguins_functional.yaml").read_text().replace(
+        "  crosses: [{features: [island, sex], crossing_dim: 16}]\n", "").replace("    - {name: island_X_sex}\n", "") \
+        .replace("island, sex, year, island_X_sex", "island, sex, year")
+    (tmp_path / "c.yaml").write_text(config.replace("tables/penguins.csv", str(tables / "penguins.csv")))
+    run = dlcli.train(tmp_path / "c.yaml", ["train.epochs=2"], runs_dir=tmp_path / "runs")
+    result = runner.invoke(app, ["export", str(run.dir), "--output", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "largest difference" in result.output
