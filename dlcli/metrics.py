@@ -279,6 +279,8 @@ def _single_threshold(thresholds, default, what):
     if len(values) != 1:
         raise ConfigError(f"{what} takes one threshold here (a history column holds one number per epoch); got "
                           f"{thresholds}: add one {what} per threshold")
+    if not isinstance(values[0], (int, float)) or isinstance(values[0], bool):
+        raise ConfigError(f"{what} threshold must be a number in [0, 1]; got {values[0]!r}")
     value = float(values[0])
     if not 0 <= value <= 1:
         raise ConfigError(f"{what} threshold must be in [0, 1]; got {value}")
@@ -392,6 +394,9 @@ class _PrecisionRecall(_Confusion):
     def __init__(self, thresholds=None, top_k: int | None = None, class_id: int | None = None,
                  name: str | None = None):
         super().__init__(name)
+        for key, value, least in (("top_k", top_k, 1), ("class_id", class_id, 0)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise ConfigError(f"{self.default_name}: {key} must be an integer >= {least}; got {value!r}")
         self.init_thresholds, self.top_k, self.class_id = thresholds, top_k, class_id
         # with top_k, every kept prediction counts as positive (Keras' default threshold -inf)
         self.thresholds = np.array([_single_threshold(thresholds, 0.5 if top_k is None else -np.inf,
