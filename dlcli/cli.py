@@ -174,6 +174,7 @@ import dlcli.commands.check  # noqa: E402,F401
 import dlcli.commands.config  # noqa: E402,F401
 import dlcli.commands.data  # noqa: E402,F401
 import dlcli.commands.export  # noqa: E402,F401
+import dlcli.commands.generate  # noqa: E402,F401
 import dlcli.commands.import_keras  # noqa: E402,F401
 import dlcli.commands.plot  # noqa: E402,F401
 import dlcli.commands.predict  # noqa: E402,F401

@@ -23,7 +23,7 @@ ACCURACY_ALIASES = ("accuracy", "acc")  # resolved by `resolve` from the loss an
 
 # Parts of metric names where smaller is better (losses, errors, divergences); larger is better for accuracy-like ones.
 _LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "mape", "msle", "squared", "absolute", "hinge", "crossentropy",
-                    "divergence", "poisson", "cosh", "false_")
+                    "divergence", "poisson", "cosh", "false_", "perplexity")
 _HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "fbeta", "r2", "true_", "cosine_similarity")
 
 
@@ -126,6 +126,43 @@ class SparseCategoricalAccuracy(Metric):
 
     def values(self, y_true, y_pred):
         return sparse_labels(y_true, y_pred, self.name) == y_pred.argmax(-1)
+
+
+@METRICS.register("perplexity", "Perplexity")
+class Perplexity(Metric):
+    """KerasHub's Perplexity: exp of the epoch's mean per-token sparse categorical crossentropy (Keras' renormalised
+    and clipped probabilities, or log-softmax with from_logits); tokens equal to mask_token_id are left out, a
+    sample weight weighs each of its tokens."""
+
+    default_name = "perplexity"
+
+    def __init__(self, from_logits: bool = False, mask_token_id: int | None = None, name: str | None = None):
+        super().__init__(name)
+        self.from_logits, self.mask_token_id = bool(from_logits), mask_token_id
+
+    def update(self, y_true, y_pred, sample_weight=None):
+        y_pred = np.asarray(y_pred, np.float64)
+        labels = sparse_labels(y_true, y_pred, self.name)
+        if self.from_logits:
+            shifted = y_pred - y_pred.max(-1, keepdims=True)
+            picked = np.take_along_axis(shifted, labels[..., None], -1)[..., 0]
+            crossentropy = np.log(np.exp(shifted).sum(-1)) - picked
+        else:
+            q = np.take_along_axis(y_pred, labels[..., None], -1)[..., 0] / y_pred.sum(-1)
+            crossentropy = -np.log(np.clip(q, EPSILON, 1 - EPSILON))
+        weight = np.ones_like(crossentropy)
+        if sample_weight is not None:
+            weight *= np.asarray(sample_weight, np.float64).reshape((len(weight),) + (1,) * (weight.ndim - 1))
+        if self.mask_token_id is not None:
+            weight *= labels != self.mask_token_id
+        self.total += float((crossentropy * weight).sum())
+        self.weight += float(weight.sum())
+
+    def result(self) -> float:
+        return float(np.exp(self.total / self.weight)) if self.weight else 0.0
+
+    def get_config(self):
+        return {**super().get_config(), "from_logits": self.from_logits, "mask_token_id": self.mask_token_id}
 
 
 @METRICS.register("top_k_categorical_accuracy", "TopKCategoricalAccuracy")

@@ -207,3 +207,27 @@ def test_confusion_metrics_take_class_indices_as_their_one_hot_targets():
     recall = metrics.get({"type": "Recall", "class_id": 2, "top_k": 1, "thresholds": 0.0})
     recall.update(labels[:, None], y_pred)
     assert recall.result() == 0.5  # class 2: the argmax on row 2, not on row 1
+
+
+def test_perplexity_is_exp_of_the_mean_token_crossentropy_as_keras_hub():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 4, 6))
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    labels = rng.integers(0, 6, (3, 4))
+    picked = np.take_along_axis(probs, labels[..., None], -1)[..., 0]
+    expected = np.exp(-np.log(picked).mean())
+    assert _result(metrics.get("perplexity"), labels, probs) == pytest.approx(expected, rel=1e-9)
+    assert _result(metrics.get({"type": "Perplexity", "from_logits": True}), labels, logits) == pytest.approx(
+        expected, rel=1e-9)
+    loss = losses.get("sparse_categorical_crossentropy")(labels, probs)
+    assert _result(metrics.get("perplexity"), labels, probs) == pytest.approx(np.exp(loss), rel=1e-6)
+    # mask_token_id: those target tokens are not counted (KerasHub's padding); the epoch is a token-weighted mean
+    masked = metrics.get({"type": "perplexity", "mask_token_id": 0})
+    labels[0, :2] = 0
+    kept = labels != 0
+    picked = np.take_along_axis(probs, labels[..., None], -1)[..., 0]
+    masked.reset()
+    masked.update(labels[:1], probs[:1])
+    masked.update(labels[1:], probs[1:])
+    assert masked.result() == pytest.approx(np.exp(-np.log(picked[kept]).mean()), rel=1e-9)
+    assert metrics.metric_direction("val_perplexity") == "min"

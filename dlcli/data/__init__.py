@@ -2,6 +2,6 @@
 arguments are the keys of a config's `data:` section."""
 from dlcli.data.dataset import DATASETS, Dataset, load_dataset
 from dlcli.data.text import encode_texts
-from dlcli.data import arrays, image_folder, images, table, text, timeseries  # noqa: F401,E402  (loaders register themselves)
+from dlcli.data import arrays, image_folder, images, language, table, text, timeseries  # noqa: F401,E402  (loaders register themselves)
 
 __all__ = ["DATASETS", "Dataset", "encode_texts", "load_dataset"]

@@ -65,15 +65,21 @@ def pad_sequences(sequences: list, maxlen: int | None = None, padding: str = "pr
     return out
 
 
+def word_lookup(vocabulary: dict):
+    """word -> index of an int-mode vocabulary (its oov_char for unknown words), as a C-speed callable for map():
+    a miss (OOV word) costs one Python call, then is cached."""
+    v = vocabulary
+    oov = v["oov_char"]
+    return defaultdict(lambda: oov, {w: i + 1 + v["index_from"] for i, w in enumerate(v["words"])}).__getitem__
+
+
 def encode_tokens(token_lists, vocabulary: dict, maxlen: int | None = None, padding: str | None = None,
                   truncating: str | None = None) -> np.ndarray:
     v = vocabulary
     maxlen = v["maxlen"] if maxlen is None else maxlen
     padding, truncating = padding or v["padding"], truncating or v["truncating"]
-    oov, start = v["oov_char"], v["start_char"]
-    # A defaultdict lookup through map() runs in C; a miss (OOV word) costs one Python call, then is cached.
-    index = defaultdict(lambda: oov, {w: i + 1 + v["index_from"] for i, w in enumerate(v["words"])})
-    lookup = index.__getitem__
+    start = v["start_char"]
+    lookup = word_lookup(v)
     head = [] if start is None else [start]
     if maxlen is not None:  # only the tokens truncation keeps need encoding
         token_lists = [t[-maxlen:] for t in token_lists] if truncating == "pre" else [t[:maxlen] for t in token_lists]

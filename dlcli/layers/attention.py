@@ -57,6 +57,25 @@ def sliding_window_mask(t: int, s: int, window: int) -> np.ndarray:
     return np.abs(np.arange(t)[:, None] - np.arange(s)[None, :]) < window
 
 
+class KeyValueCache:
+    """One self-attention layer's keys and values of the positions seen so far, (batch, heads, capacity, dim) arrays
+    filled from the front."""
+
+    def __init__(self, batch: int, heads: int, capacity: int, key_dim: int, value_dim: int, dtype=np.float32):
+        self.keys = np.zeros((batch, heads, capacity, key_dim), dtype)
+        self.values = np.zeros((batch, heads, capacity, value_dim), dtype)
+        self.length = 0
+
+    def append(self, keys, values):
+        """Store the new positions' keys and values (batch, heads, n, dim); return all of them so far."""
+        end = self.length + keys.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"key/value cache full: {end} positions, capacity {self.keys.shape[2]}")
+        self.keys[:, :, self.length:end], self.values[:, :, self.length:end] = keys, values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 @register("MultiHeadAttention")
 class MultiHeadAttention(Layer):
     """Keras' multi-head attention: softmax(q k^T / sqrt(key_dim)) v per head, projected back to the query's
@@ -317,6 +336,25 @@ class MultiHeadAttention(Layer):
                                     *[query.shape[a + 1] for a in self.attend],
                                     *[value.shape[a + 1] for a in self.attend])
         return [out, scores.copy()]  # a copy: the caller may change it, and backward needs the probabilities
+
+    def forward_cached(self, x, cache: "KeyValueCache"):
+        """Causal self-attention of new positions x (batch, n, features) that follow the cache's: their keys and
+        values are appended to the cache, and each attends to every cached position and the new ones up to itself,
+        so a step costs one position's projections whatever the prefix (dlcli generate). Inference only; equal to
+        forward on the whole sequence with use_causal_mask (tests/test_generation.py)."""
+        start, n = cache.length, x.shape[1]
+        query = self._project(x, "query") * x.dtype.type(self.scale)
+        keys, values = cache.append(self._project(x, "key"), self._project(x, "value"))
+        positions = np.arange(start, start + n)[:, None]
+        keep = positions >= np.arange(start + n)[None, :]
+        if self.sliding_window:
+            keep &= positions - np.arange(start + n)[None, :] < self.sliding_window
+        probs = masked_softmax_(query @ keys.transpose(0, 1, 3, 2), keep)
+        context = (probs @ values).transpose(0, 2, 1, 3).reshape(x.shape[0] * n, -1)
+        out = context @ self.params["attention_output/kernel"].value.reshape(context.shape[1], -1)
+        if self.use_bias:
+            out += self.params["attention_output/bias"].value.reshape(-1)
+        return out.reshape(x.shape[0], n, -1)
 
     def _project_backward(self, grad, x, part):
         """grad (n, heads, positions, dim) of a projection of x: adds the weight gradients, returns d(x)."""

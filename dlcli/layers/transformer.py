@@ -66,6 +66,11 @@ class PositionEmbedding(Layer):
         self.in_shape = x.shape
         return np.broadcast_to(self.embeddings.value[:x.shape[-2]], x.shape).copy()
 
+    def forward_at(self, x, start: int):
+        """The rows of positions start, start + 1, ... (dlcli generate's steps after a prefix)."""
+        table = self.embeddings.value[start:start + x.shape[-2]]
+        return np.broadcast_to(table, x.shape).copy()
+
     def to_onnx(self, g, x, in_shape, mask):
         return _broadcast_onnx(g, g.last(x), self.embeddings.value[:in_shape[-2]], self.name)
 
@@ -104,6 +109,10 @@ class SinePositionEncoding(Layer):
 
     def backward(self, grad):
         return np.zeros(self.in_shape, grad.dtype) if self.input_grad_needed else None
+
+    def forward_at(self, x, start: int):
+        encoding = self.encoding(start + x.shape[-2], x.shape[-1], x.dtype if x.dtype.kind == "f" else np.float32)
+        return np.broadcast_to(encoding[start:], x.shape).copy()
 
     def to_onnx(self, g, x, in_shape, mask):
         return _broadcast_onnx(g, g.last(x), self.encoding(in_shape[-2], in_shape[-1]), self.name)
@@ -154,6 +163,11 @@ class TokenAndPositionEmbedding(Wrapper):
         tokens = self.token_embedding.forward(x, training)
         self.position_embedding.input_grad_needed = False
         return tokens + self.position_embedding.forward(tokens, training)
+
+    def forward_at(self, x, start: int):
+        self._sync()
+        tokens = self.token_embedding.forward(x, False)
+        return tokens + self.position_embedding.forward_at(tokens, start)
 
     def backward(self, grad):
         self.position_embedding.backward(grad)
@@ -417,6 +431,12 @@ class TransformerDecoder(_TransformerBlock):
 
             h = self._residual(self.cross_attention_norm, cross, h)
         return self._residual(self.feedforward_norm, lambda q: self._feedforward_forward(q, training), h)
+
+    def forward_cached(self, x, cache):
+        """forward (inference, no cross-attention) of new positions after those in the self-attention's cache."""
+        self._sync()
+        h = self._residual(self.attention_norm, lambda q: self.attention.forward_cached(q, cache), x)
+        return self._residual(self.feedforward_norm, lambda q: self._feedforward_forward(q, False), h)
 
     def backward(self, grad):
         grad = self._residual_backward(self.feedforward_norm, self._feedforward_backward, grad)

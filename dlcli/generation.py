@@ -1,0 +1,171 @@
+"""Text from a language-model run (`dlcli generate`): the model run incrementally with a key/value cache, and
+sampling with temperature, top-k and top-p (nucleus).
+
+A language model here is a chain of layers from token ids (batch, steps) to next-token probabilities (batch,
+steps, vocabulary) whose only position-mixing layers are causal self-attention (TransformerDecoder without
+cross-attention, MultiHeadAttention with use_causal_mask) and position embeddings; every other layer works on each
+position alone (Embedding, Dense, LayerNormalization, Dropout, Activation). Then a new token needs one position's
+work in each layer, its attention reading the cached keys and values of the prefix, instead of a pass over the
+whole prefix. The context is the run's training sequence_length: when it is full, the cache is rebuilt from the
+last half of the tokens (positions start again at 0), one prefix pass per context / 2 tokens.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from dlcli import runs
+from dlcli.errors import DlcliError
+from dlcli.layers.attention import KeyValueCache, MultiHeadAttention
+from dlcli.layers.core import Activation, Dense, Dropout
+from dlcli.layers.embedding import Embedding
+from dlcli.layers.normalization import LayerNormalization
+from dlcli.layers.transformer import TransformerDecoder
+
+POSITIONWISE = (Embedding, Dense, LayerNormalization, Dropout, Activation)
+
+
+def _not_a_language_model(why: str) -> DlcliError:
+    return DlcliError(f"not a language model: {why}; dlcli generate samples from a run trained on next tokens "
+                      f"(data: {{type: imdb_lm}}, e.g. configs/imdb_gpt.yaml)", exit_code=2)
+
+
+def decoder_layers(model) -> list:
+    """The model's layers in order, checked to be a chain that a key/value cache can run."""
+    from dlcli.engine.graph import InputLayer
+
+    nodes = [n for n in model.graph.nodes if not isinstance(n.layer, InputLayer)]
+    if len(model.graph.inputs) != 1 or len(model.graph.outputs) != 1:
+        raise _not_a_language_model("the model has several inputs or outputs")
+    previous = model.graph.inputs[0]
+    for node in nodes:
+        if node.multi_input or node.multi_output or node.inputs[0] is not previous:
+            raise _not_a_language_model(f"layer '{node.layer.name}' is not part of one chain of layers")
+        previous = node.outputs[0]
+        layer = node.layer
+        if isinstance(layer, TransformerDecoder):
+            if not layer.use_causal_mask:
+                raise _not_a_language_model(f"TransformerDecoder '{layer.name}' has use_causal_mask: false")
+        elif isinstance(layer, MultiHeadAttention):
+            if not layer.use_causal_mask or layer.return_attention_scores:
+                raise _not_a_language_model(f"MultiHeadAttention '{layer.name}' is not causal self-attention")
+        elif not (hasattr(layer, "forward_at") or isinstance(layer, POSITIONWISE)):
+            raise _not_a_language_model(f"layer '{layer.name}' ({type(layer).__name__}) mixes positions without "
+                                        f"a key/value cache")
+    return [n.layer for n in nodes]
+
+
+class CachedDecoder:
+    """A language model fed a few tokens at a time: `feed(tokens)` appends (batch, n) ids after those fed before and
+    returns the model's outputs (next-token probabilities) at the new positions (or only the last one)."""
+
+    def __init__(self, model, context: int):
+        self.layers, self.context = decoder_layers(model), int(context)
+        mixing = [i for i, layer in enumerate(self.layers) if not isinstance(layer, POSITIONWISE)]
+        self.last_mixing = mixing[-1] if mixing else -1
+        self.caches = {}
+        self.length = 0
+
+    def reset(self, batch: int):
+        self.length = 0
+        self.caches = {}
+        for layer in self.layers:
+            attention = layer.attention if isinstance(layer, TransformerDecoder) else layer
+            if isinstance(attention, MultiHeadAttention):
+                self.caches[id(layer)] = KeyValueCache(batch, attention.num_heads, self.context, attention.key_dim,
+                                                       attention.value_dim, layer.dtype)
+
+    def feed(self, tokens: np.ndarray, all_positions: bool = False) -> np.ndarray:
+        x = np.asarray(tokens, np.int32)
+        if self.length + x.shape[1] > self.context:
+            raise DlcliError(f"{self.length + x.shape[1]} positions exceed the model's context of {self.context}")
+        for i, layer in enumerate(self.layers):
+            if id(layer) in self.caches:
+                x = layer.forward_cached(x, self.caches[id(layer)])
+            elif hasattr(layer, "forward_at"):
+                x = layer.forward_at(x, self.length)
+            else:
+                x = layer.forward(x, False)
+            if i == self.last_mixing and not all_positions:
+                x = x[:, -1:]  # what follows works on each position alone: only the last one is needed
+        self.length += tokens.shape[1]
+        return x if all_positions else x[:, -1]
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+
+    def check(self):
+        if not self.temperature > 0:
+            raise DlcliError(f"--temperature must be positive; got {self.temperature}", exit_code=2)
+        if self.top_k < 0:
+            raise DlcliError(f"--top-k must be 0 (off) or positive; got {self.top_k}", exit_code=2)
+        if not 0 < self.top_p <= 1:
+            raise DlcliError(f"--top-p must be in (0, 1]; got {self.top_p}", exit_code=2)
+
+
+def sample_next(probs: np.ndarray, rng: np.random.Generator, sampling: Sampling, banned=(0,)) -> np.ndarray:
+    """One token per row of next-token probabilities (batch, vocabulary): p ** (1 / temperature), then the top_k
+    most likely, then the smallest set whose probability reaches top_p (Holtzman et al.; HuggingFace's order),
+    renormalised. `banned` ids (padding) are never drawn."""
+    logp = np.log(np.maximum(np.asarray(probs, np.float64), 1e-300)) / sampling.temperature
+    logp[:, list(banned)] = -np.inf
+    if 0 < sampling.top_k < logp.shape[1]:
+        kth = np.partition(logp, -sampling.top_k, axis=1)[:, -sampling.top_k][:, None]
+        logp[logp < kth] = -np.inf
+    p = np.exp(logp - logp.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    if sampling.top_p < 1:
+        order = np.argsort(-p, axis=1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, 1)
+        before = np.cumsum(sorted_p, 1) - sorted_p  # mass of the likelier tokens: keep while it is short of top_p
+        np.put_along_axis(p, order, np.where(before < sampling.top_p, sorted_p, 0), 1)
+        p /= p.sum(1, keepdims=True)
+    cumulative = np.cumsum(p, 1)
+    u = rng.random((len(p), 1)) * cumulative[:, -1:]
+    return np.minimum((cumulative <= u).sum(1), p.shape[1] - 1)
+
+
+def generate(decoder: CachedDecoder, prompt: list[int], length: int, rng: np.random.Generator, sampling: Sampling,
+             stop: int | None = None):
+    """Yield up to `length` sampled token ids continuing `prompt`, one at a time (a stream); `stop` (a review's
+    START) ends the sample without being yielded. A full context restarts from its last half."""
+    tokens = list(prompt)[-decoder.context:]
+    decoder.reset(1)
+    probs = decoder.feed(np.asarray([tokens]))
+    for _ in range(length):
+        token = int(sample_next(probs, rng, sampling)[0])
+        if token == stop:
+            return
+        yield token
+        tokens.append(token)
+        if decoder.length == decoder.context:
+            tokens = tokens[-(decoder.context // 2):]
+            decoder.reset(1)
+            probs = decoder.feed(np.asarray([tokens]))
+        else:
+            probs = decoder.feed(np.asarray([[token]]))
+
+
+def load_language_model(run_dir, weights: str = "best", allow_config_change: bool = False):
+    """(CachedDecoder, TextCodec) of a run trained as a language model; anything else is refused in one line."""
+    from dlcli.data.language import TextCodec
+    from dlcli.experiment import load_run_model
+
+    run_dir = runs.require_run_dir(run_dir)
+    vocabulary_file = runs.RunDir(run_dir).vocabulary
+    vocabulary = runs.read_json(vocabulary_file) if vocabulary_file.is_file() else {}
+    if not vocabulary.get("language_model"):
+        config = runs.read_json(runs.RunDir(run_dir).meta).get("config", {}) if runs.RunDir(run_dir).meta.is_file() \
+            else {}
+        data = (config.get("data") or {}).get("type", "unknown")
+        raise _not_a_language_model(f"{run_dir} was trained on data type '{data}', not next-token windows")
+    _, model = load_run_model(run_dir, weights, allow_config_change)
+    decoder = CachedDecoder(model, vocabulary["sequence_length"])
+    codec = TextCodec(vocabulary)
+    if model.outputs[0].shape[-1] < codec.size:
+        raise _not_a_language_model(f"its output has {model.outputs[0].shape[-1]} units for a vocabulary of "
+                                    f"{codec.size} tokens")
+    return decoder, codec
