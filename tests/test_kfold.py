@@ -108,7 +108,7 @@ class StopInFold(Callback):
             self.run.stop("interrupted")
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("seed", [0, *(pytest.param(s, marks=pytest.mark.slow) for s in range(1, 6))])  # 5 more
 def test_resume_continues_the_fold_it_stopped_in(seed, tmp_path):
     """Every file ends identical to the uninterrupted run's, whatever the seed: the mean rows of folds finished before
     the resume and after it come from the same place (each fold's history.csv)."""

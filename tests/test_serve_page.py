@@ -35,6 +35,7 @@ def mnist_run(tmp_path_factory):
     return done.output.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # a real chromium
 def test_a_drawn_stroke_shows_top_k_bars(mnist_run, tmp_path):
     if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
         pytest.skip(f"no chromium at {CHROMIUM} (.ci/run installs Debian's package when run as root)")

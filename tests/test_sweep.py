@@ -164,6 +164,7 @@ def test_workers_on_two_machines_share_a_postgresql_study(tmp_path, postgres_url
         assert mine and all(Path(r["run_dir"], "history.csv").is_file() for r in mine)
 
 
+@pytest.mark.slow
 def test_missing_optuna_and_an_unreachable_database_are_one_line_each(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -186,6 +187,7 @@ def test_missing_optuna_and_an_unreachable_database_are_one_line_each(tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_worker_starts_no_trial_while_another_holds_the_claim(tmp_path):
     """Counting the study's trials and starting one is a critical section: two workers that both counted target - 1
     would otherwise both start one (seen as 5 trials of 4 with two machines on PostgreSQL)."""
@@ -207,6 +209,7 @@ def test_a_worker_starts_no_trial_while_another_holds_the_claim(tmp_path):
     assert [t.state.name for t in sweep.load_study().trials] == ["COMPLETE"]
 
 
+@pytest.mark.slow
 def test_a_changed_metric_direction_or_base_config_is_refused_with_the_diff(tmp_path):
     config = write_sweep_config(tmp_path, epochs=1)
     runs = tmp_path / "runs"
@@ -233,6 +236,7 @@ def test_a_changed_metric_direction_or_base_config_is_refused_with_the_diff(tmp_
     assert len(read_trials(runs / "tiny-sweep")) == 2
 
 
+@pytest.mark.slow
 def test_a_study_made_with_another_direction_through_optuna_is_refused(tmp_path):
     config = write_sweep_config(tmp_path)
     study_dir = tmp_path / "runs" / "tiny-sweep"
@@ -290,6 +294,7 @@ def test_a_worker_killed_mid_trial_is_recorded_as_failed_with_a_notice(tmp_path)
     assert sorted(t["state"] for t in trials) == ["COMPLETE", "COMPLETE", "FAIL"], out + err
 
 
+@pytest.mark.slow
 def test_each_trial_value_is_its_best_epoch_not_its_last(tmp_path):
     """A learning rate whose val_loss goes down, then up (epochs 3 -> 6 here): a trial value read from the last
     epoch, or from the wrong end of the column, fails this."""
@@ -341,6 +346,7 @@ def test_bad_runs_dir_non_finite_ranges_and_a_full_disk_are_one_line_each(tmp_pa
     assert len(list((tmp_path / "runs" / "tiny-sweep").glob("trial-*"))) == 1  # stopped at the first trial
 
 
+@pytest.mark.slow
 def test_a_kfold_trial_reports_the_mean_of_its_folds_to_the_pruner_after_each_fold(tmp_path):
     """Epoch e of fold 2 is not comparable with epoch e of fold 1, and Optuna keeps only a step's first report: the
     pruner used to see fold 1 alone. Step k-1 is now the mean of the first k folds' best values."""
