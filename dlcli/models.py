@@ -12,6 +12,7 @@ from dlcli import losses as losses_module
 from dlcli import metrics as metrics_module
 from dlcli import optimizers as optimizers_module
 from dlcli.data.source import ArraySource, Source, as_source, batch_indices
+from dlcli.engine import blas
 from dlcli.engine.graph import Graph, Input, InputLayer, SymbolicTensor, inference_passes, numpy_dtype
 from dlcli.engine.layer import Layer, assign_weights, build_seeded, format_shape
 from dlcli.errors import ConfigError, DlcliError, ShapeError
@@ -275,7 +276,7 @@ class Model:
         several outputs)."""
         source = x if isinstance(x, Source) else ArraySource(self._inputs_list(x))
         chunks = [[] for _ in self.outputs]
-        with source.batches(batch_indices(len(source), min(batch_size, self._inference_rows()))) as inputs:
+        with source.batches(batch_indices(len(source), min(batch_size, self._inference_rows(len(source))))) as inputs:
             for outs in inference_passes(self.graph, inputs):
                 for c, o in zip(chunks, outs):
                     c.append(o)
@@ -283,14 +284,17 @@ class Model:
                    for c, t in zip(chunks, self.outputs)]
         return results[0] if len(results) == 1 else results
 
-    def _inference_rows(self) -> int:
+    def _inference_rows(self, samples: int | None = None) -> int:
         """Samples per forward pass at inference: about INFERENCE_BYTES of the largest activation, so a pass's
         intermediates stay in cache. No layer mixes samples at inference, so any pass size gives the same outputs.
         Predict at batch 512 in one process, one pass against passes of 48-64 (this rule gives 48): the book convnet
-        88-90 -> 46-62 ms per batch, the resnet 320 -> 216-250."""
+        88-90 -> 46-62 ms per batch, the resnet 320 -> 216-250. Fewer samples than that per BLAS thread are split
+        evenly over the threads (inference_passes runs one pass per thread), so a served batch of 40 keeps both
+        cores busy rather than one (given `samples`: predict's passes run side by side, evaluate's one by one)."""
         sizes = [int(np.prod(t.shape)) * numpy_dtype(t.dtype).itemsize for node in self._require_graph().nodes
                  for t in node.outputs if None not in t.shape]
-        return max(INFERENCE_BYTES // max(sizes, default=1), 1)
+        rows = max(INFERENCE_BYTES // max(sizes, default=1), 1)
+        return rows if samples is None else min(rows, max(-(-samples // blas.threads()), 1))
 
     def __call__(self, x, training=False):
         outs = self.graph.forward(self._inputs_list(x), training)

@@ -68,6 +68,20 @@ def test_predict_runs_large_batches_in_cache_sized_passes_with_the_same_outputs(
     np.testing.assert_allclose(model.predict(x, batch_size=40), model(x), rtol=1e-5, atol=1e-6)
 
 
+def test_predict_splits_a_small_batch_evenly_over_the_blas_threads(monkeypatch):
+    """A served batch smaller than a pass per thread is split into one pass per thread, not one pass for all."""
+    from dlcli.engine import blas
+
+    model = models.Sequential([layers.Conv2D(4, 3, activation="relu", input_shape=(8, 8, 1)), layers.Flatten(),
+                               layers.Dense(3)])
+    model.build()
+    monkeypatch.setattr(blas, "threads", lambda: 2)
+    assert model._inference_rows(40) == 20 and model._inference_rows(1) == 1 and model._inference_rows(3) == 2
+    assert model._inference_rows() == model._inference_rows(10**6)  # evaluate's and a large predict's passes
+    x = np.random.default_rng(0).normal(size=(40, 8, 8, 1)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x, batch_size=40), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_predict_passes_on_graph_replicas_in_threads_give_the_serial_outputs(monkeypatch):
     from dlcli.engine import blas
 
