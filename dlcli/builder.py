@@ -2,7 +2,6 @@
 
 Names were checked by the config schema; shapes are checked here, before any data.
 """
-import json
 import re
 import warnings
 
@@ -15,7 +14,7 @@ from dlcli.errors import ConfigError, DlcliError, ShapeError
 from dlcli.memory import check_training_fits
 from dlcli.models import Model, Sequential
 from dlcli.registry import did_you_mean
-from dlcli.runs import load_npz
+from dlcli import checkpoint
 
 
 def build_model(config):
@@ -199,18 +198,12 @@ def _find_cycle(pending) -> list[str]:
 
 def load_model(path) -> Model:
     """Load a model saved with `model.save(path)` (architecture, compile settings, weights, optimizer state)."""
-    arrays = load_npz(path)  # a damaged or pickled file: a clear error that never suggests allow_pickle
-    if "__dlcli__" not in arrays:
-        raise DlcliError(f"{path} is not a dlcli model file (no architecture record)")
-    header = json.loads(str(arrays["__dlcli__"]))
+    header, arrays = checkpoint.read_model(path)
     model = from_config(header["model"])
-    model.load_weights_dict(arrays, source=str(path))
     if header.get("compile"):
         c = header["compile"]
         names = model.output_names
         model.compile(c["optimizer"], c["loss"] if len(names) > 1 else c["loss"][0],
                       c["metrics"] if len(names) > 1 else c["metrics"][0], c["loss_weights"])
-        state = {k[len("optimizer/"):]: v for k, v in arrays.items() if k.startswith("optimizer/")}
-        if state:
-            model.optimizer.set_state(state)
+    checkpoint.restore_arrays(model, arrays, str(path))
     return model

@@ -200,17 +200,16 @@ class ModelCheckpoint(MonitorMixin, Callback):
     def on_epoch_end(self, epoch, logs=None):
         from pathlib import Path
 
-        from dlcli.runs import atomic_savez
+        from dlcli.checkpoint import save_weights
 
         if self.filepath is None:
             raise DlcliError("ModelCheckpoint needs a filepath (a directory for best.npz/last.npz) outside a run")
         current = self._current(logs)
-        weights = self.model.weights_dict()
         if not self.save_best_only:
-            atomic_savez(Path(self.filepath) / "last.npz", weights)
+            save_weights(Path(self.filepath) / "last.npz", self.model)
         if current == current and (self.best is None or self.sign * current > self.sign * self.best):
             self.best, self.best_epoch = current, epoch + 1
-            atomic_savez(Path(self.filepath) / "best.npz", weights)
+            save_weights(Path(self.filepath) / "best.npz", self.model)
             if self.verbose:
                 print(f"epoch {epoch + 1}: {self.monitor} improved to {current:.4f}; saved best.npz")
 

@@ -1,8 +1,13 @@
-"""Resumable checkpoints: one .npz holding weights, optimizer state, every RNG state, callback state and the
-trainer's position (epoch, next batch, step, samples seen, the epoch's running metric sums).
+"""A model's state on disk: every file holding weights, optimizer state or RNG states is written and read here.
+
+- weights files (a run's weights/best.npz and last.npz, an imported Keras model's): every weight by its path
+- the one-file model (`Model.save`, `dlcli.builder.load_model`): the architecture and compile settings as JSON, the
+  weights, the optimizer state
+- resumable checkpoints (checkpoint/state.npz): weights, optimizer state, every RNG state, callback state and the
+  trainer's position (epoch, next batch, step, samples seen, the epoch's running metric sums)
 
 Written atomically (dlcli.runs.atomic_savez: temp file, fsync, rename), so a crash mid-write leaves the previous
-checkpoint whole. Everything but arrays is one JSON header (no pickle); a damaged or foreign file is a DlcliError.
+file whole. Everything but arrays is JSON (no pickle); a damaged or foreign file is a DlcliError.
 """
 import json
 from pathlib import Path
@@ -16,6 +21,45 @@ KIND = "dlcli-checkpoint"
 VERSION = 1
 HEADER = "__checkpoint__"
 FILENAME = Path("checkpoint") / "state.npz"
+MODEL_FORMAT = 1
+MODEL_HEADER = "__dlcli__"
+
+
+def save_weights(path, model):
+    runs.atomic_savez(path, model.weights_dict())
+
+
+def load_weights(path, model):
+    model.load_weights_dict(runs.load_npz(path), source=str(path))
+
+
+def save_model(path, model, include_optimizer: bool = True):
+    arrays = {MODEL_HEADER: np.array(json.dumps({"format": MODEL_FORMAT, "model": model.get_config(),
+                                                 "compile": getattr(model, "compile_config", None)}))}
+    arrays.update(model.weights_dict())
+    if include_optimizer and model.optimizer is not None:
+        arrays.update(_optimizer_arrays(model))
+    runs.atomic_savez(path, arrays)
+
+
+def read_model(path) -> tuple[dict, dict]:
+    """(header, arrays) of a file `save_model` wrote: the header's "model" builds it, then `restore_arrays`."""
+    arrays = runs.load_npz(path)  # a damaged or pickled file: a clear error that never suggests allow_pickle
+    if MODEL_HEADER not in arrays:
+        raise DlcliError(f"{path} is not a dlcli model file (no architecture record)")
+    return json.loads(str(arrays[MODEL_HEADER])), arrays
+
+
+def restore_arrays(model, arrays, source):
+    """Weights, and optimizer state when the arrays hold some, back into `model` (a saved model, a checkpoint)."""
+    model.load_weights_dict(arrays, source=source)
+    state = {k[len("optimizer/"):]: v for k, v in arrays.items() if k.startswith("optimizer/")}
+    if state:
+        model.optimizer.set_state(state)
+
+
+def _optimizer_arrays(model) -> dict:
+    return {f"optimizer/{k}": v for k, v in model.optimizer.get_state().items()}
 
 
 def describe_position(p: dict) -> str:
@@ -62,8 +106,7 @@ def save(path, model, callbacks, position: dict, rank_rngs: list | None = None,
     """Write the checkpoint `path`: `position` is the trainer's JSON-safe state; `rank_rngs` every data-parallel
     rank's layer RNG states (rank 0's are the run's own, under "rngs"); `run_header` JSON the run keeps with it
     (its config record, dlcli.fingerprint)."""
-    arrays = dict(model.weights_dict())
-    arrays.update({f"optimizer/{k}": v for k, v in model.optimizer.get_state().items()})
+    arrays = {**model.weights_dict(), **_optimizer_arrays(model)}
     cb_states = []
     for i, cb in enumerate(_stateful(callbacks)):
         cb_states.append({"type": type(cb).__name__, "state": _split(cb.get_state(), f"callback/{i}", arrays)})
@@ -100,8 +143,7 @@ def load(path) -> dict:
 def restore(checkpoint: dict, model, callbacks) -> dict:
     """Put weights, optimizer state, layer RNGs and callback state back; returns the trainer position."""
     header, arrays, path = checkpoint["header"], checkpoint["arrays"], checkpoint["path"]
-    model.load_weights_dict(arrays, source=str(path))
-    model.optimizer.set_state({k[len("optimizer/"):]: v for k, v in arrays.items() if k.startswith("optimizer/")})
+    restore_arrays(model, arrays, str(path))
     rngs = layer_rngs(model)
     saved = header.get("rngs", {})
     if set(saved) != set(rngs):
@@ -122,7 +164,7 @@ def restore(checkpoint: dict, model, callbacks) -> dict:
 
 def _stateful(callbacks) -> list:
     """Callbacks with state to keep (those overriding get_state); others may come and go between runs."""
-    from dlcli.callbacks import Callback
+    from dlcli.callback import Callback
 
     return [cb for cb in callbacks if type(cb).get_state is not Callback.get_state]
 

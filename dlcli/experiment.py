@@ -433,7 +433,7 @@ def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = F
     if not path.exists():
         raise DlcliError(f"{path} does not exist; choose --weights best or last (a run writes both after its "
                          f"first epoch)")
-    model.load_weights_dict(runs.load_npz(path), source=str(path))
+    checkpoint.load_weights(path, model)
     return config, model
 
 
@@ -510,6 +510,6 @@ def _init_from(model, run_dir) -> Path:
     for name in ("best", "last"):
         path = runs.RunDir(run_dir).weights / f"{name}.npz"
         if path.exists():
-            model.load_weights_dict(runs.load_npz(path), source=str(path))
+            checkpoint.load_weights(path, model)
             return path
     raise DlcliError(f"{run_dir} has no weights yet (weights/best.npz or last.npz are written after each epoch)")

@@ -4,8 +4,6 @@ A Sequential model is a graph whose nodes form a chain, so there is one engine (
 `get_config()` returns the `model:` section of a YAML config and `dlcli.builder.from_config()` builds from it, so a
 model written in Python and the same model written in YAML are interchangeable.
 """
-import json
-
 import numpy as np
 
 from dlcli import losses as losses_module
@@ -18,7 +16,6 @@ from dlcli.engine.layer import Layer, assign_weights, build_seeded, format_shape
 from dlcli.errors import ConfigError, DlcliError, ShapeError
 from dlcli.registry import did_you_mean
 
-FORMAT_VERSION = 1
 INFERENCE_BYTES = 4 * 2**20
 
 
@@ -373,18 +370,10 @@ class Model:
                 "layers": layers, "outputs": [_tensor_ref(t) for t in graph.outputs]}
 
     def save(self, path, include_optimizer=True):
-        """One .npz file: the architecture and compile settings as JSON, then every weight by name.
+        """One .npz file (dlcli.checkpoint.save_model): architecture, compile settings, weights, optimizer state."""
+        from dlcli.checkpoint import save_model
 
-        No pickle: strings are stored as NumPy unicode arrays and read back with allow_pickle=False.
-        """
-        from dlcli.runs import atomic_savez
-
-        arrays = {"__dlcli__": np.array(json.dumps({"format": FORMAT_VERSION, "model": self.get_config(),
-                                                    "compile": getattr(self, "compile_config", None)}))}
-        arrays.update(self.weights_dict())
-        if include_optimizer and self.optimizer is not None:
-            arrays.update({f"optimizer/{k}": v for k, v in self.optimizer.get_state().items()})
-        atomic_savez(path, arrays)
+        save_model(path, self, include_optimizer)
 
     def weights_dict(self) -> dict:
         return {f"weights/{p.path}": p.value for p in self.weights}

@@ -38,7 +38,7 @@ MUTANTS = {
         ["tests/test_resume.py::test_sigkill_mid_epoch_then_resume_is_bit_identical"]),
     "init-from-loads-nothing": (
         "dlcli/experiment.py",
-        "            model.load_weights_dict(runs.load_npz(path), source=str(path))\n            return path",
+        "            checkpoint.load_weights(path, model)\n            return path",
         "            return path",
         ["tests/test_resume.py::test_init_from_starts_fresh_from_weights"]),
     "download-checksum-unchecked": (

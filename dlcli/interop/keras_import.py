@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlcli import fingerprint, runs
+from dlcli import checkpoint, fingerprint, runs
 from dlcli.config import Config
 from dlcli.engine.layer import snake_case
 from dlcli.errors import DlcliError
@@ -223,9 +223,8 @@ def _write_run(output: Path, config_yaml: str, model, meta: dict):
     try:
         run = runs.RunDir(tmp)
         runs.atomic_write_text(run.config, config_yaml)
-        weights = model.weights_dict()
-        runs.atomic_savez(run.last_weights, weights)
-        runs.atomic_savez(run.best_weights, weights)
+        checkpoint.save_weights(run.last_weights, model)
+        checkpoint.save_weights(run.best_weights, model)
         lines: list = []
         model.summary(print_fn=lines.append)
         runs.atomic_write_text(run.summary, "\n".join(lines) + "\n")
