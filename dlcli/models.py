@@ -180,32 +180,17 @@ class Model:
     def regularization_loss(self) -> float:
         return float(sum(layer.regularization_loss() for layer in self.layers))
 
-    def train_step(self, xs, ys, sample_weight=None, before_update=None, share=1.0, exchange=None):
-        """One forward, backward and optimizer step. `before_update(loss, params)` runs with the gradients in
-        place and the weights not yet changed (the trainer's divergence gate); if it raises, the gradients
-        are cleared and the weights stay as they were.
-
-        Data-parallel training (dlcli.distributed): this batch is `share` of the global batch, so the loss gradient
-        is scaled by it, and `exchange(total, parts, outs, params) -> (total, parts)` runs on every rank every step
-        after the backward pass, summing the gradients and returning the global loss. Regularisation gradients are
-        added after it, once."""
-        outs = self.graph.forward(xs, training=True)
-        total, parts, grads = self.compute_loss(ys, outs, sample_weight)
-        if share != 1.0:
-            for g in grads:
-                g *= g.dtype.type(share)
+    def train_step(self, xs, ys, sample_weight=None):
+        """One forward, backward and optimizer step (Keras' train_step): (loss plus regularisation, each output's
+        loss, the outputs). `fit` takes the same steps in dlcli.trainer, with its divergence gate."""
         params = self.trainable_weights
         try:
-            if before_update is not None and exchange is None and not np.isfinite(total):
-                before_update(total, params)  # a non-finite loss: the gate reports it before any backward
+            outs = self.graph.forward(xs, training=True)
+            total, parts, grads = self.compute_loss(ys, outs, sample_weight)
             self.graph.backward(grads)
             total += self.regularization_loss()
-            if exchange is not None:
-                total, parts = exchange(total, parts, outs, params)
             for layer in self.layers:
                 layer.add_regularization_grads()
-            if before_update is not None:
-                before_update(total, params)
             self.optimizer.apply(params)
         finally:
             for p in params:

@@ -182,40 +182,59 @@ class Trainer:
         return logs.results(extra_loss=model.regularization_loss())
 
     def _step(self, xb, yb, wb, sel, n, share=1.0):
-        """Model.train_step with a gate before the update: a non-finite loss (every step) or gradient norm (every
-        NORM_EVERY steps) stops training with the weights that produced it untouched (so the batch can be re-run
-        with checks)."""
+        """One optimizer step: forward, loss, backward, gradient exchange (several ranks), divergence gate, update.
+        The gate comes before the update, so a batch that diverges leaves the weights that produced it untouched
+        (it can be re-run with checks); the gradients are cleared however the step ends."""
+        model, params = self.model, self.model.trainable_weights
+        try:
+            outs = model.graph.forward(xb, training=True)
+            loss, parts, grads = model.compute_loss(yb, outs, wb)
+            if self.exchange is None and not math.isfinite(loss):  # stop before a backward pass on NaN
+                self._divergence_gate(loss, params, xb, yb, wb, sel, n)
+            if share != 1.0:  # this rank's part of the global batch
+                for g in grads:
+                    g *= g.dtype.type(share)
+            model.graph.backward(grads)
+            loss += model.regularization_loss()
+            if self.exchange is not None:
+                loss, parts = self._exchange(loss, parts, outs, yb, wb, share)
+            for layer in model.layers:  # after the exchange: each rank holds the weights, so add them once
+                layer.add_regularization_grads()
+            self._divergence_gate(loss, params, xb, yb, wb, sel, n)
+            model.optimizer.apply(params)
+        finally:
+            for p in params:
+                p.grad[...] = 0
+        return loss, parts, outs
 
-        def gate(total, params):
-            if not math.isfinite(total):
-                self._diverged("loss", total, xb, yb, wb, index_array(sel, n))
-            if self.initial_loss is None:
-                self.initial_loss = float(total)
-            elif self.divergence_factor is not None and total > self.divergence_factor * self.rise_base():
-                self._diverged("rise", total, xb, yb, wb, index_array(sel, n))
-            if self.model.optimizer.iterations % NORM_EVERY:
-                return
-            grad_norm = math.sqrt(sum(_sq(p.grad) for p in params))
-            self.norms.append((math.sqrt(sum(_sq(p.value) for p in params)), grad_norm))
-            if not math.isfinite(grad_norm):
-                self._diverged("gradient", total, xb, yb, wb, index_array(sel, n))
+    def _divergence_gate(self, loss, params, xb, yb, wb, sel, n):
+        """A non-finite loss or a rise above divergence_factor times the initial loss (every step), a non-finite
+        gradient norm (every NORM_EVERY steps): DivergenceError."""
+        if not math.isfinite(loss):
+            self._diverged("loss", loss, xb, yb, wb, index_array(sel, n))
+        if self.initial_loss is None:
+            self.initial_loss = float(loss)
+        elif self.divergence_factor is not None and loss > self.divergence_factor * self.rise_base():
+            self._diverged("rise", loss, xb, yb, wb, index_array(sel, n))
+        if self.model.optimizer.iterations % NORM_EVERY:
+            return
+        grad_norm = math.sqrt(sum(_sq(p.grad) for p in params))
+        self.norms.append((math.sqrt(sum(_sq(p.value) for p in params)), grad_norm))
+        if not math.isfinite(grad_norm):
+            self._diverged("gradient", loss, xb, yb, wb, index_array(sel, n))
 
-        if self.exchange is None:
-            return self.model.train_step(xb, yb, wb, before_update=gate)
-
-        def exchange(total, parts, outs, params):
-            # the epoch's running sums move by this rank's batch; the exchange adds every rank's move
-            before = np.asarray(self.logs.sums(), np.float64)
-            if share:
-                self.logs.update(total, parts, yb, outs, wb)
-            moved = np.asarray(self.logs.sums(), np.float64) - before
-            moved, self.stop_agreed = self.exchange(moved.reshape(-1), self.stop_requested)
-            moved = moved.reshape(before.shape)
-            self.logs.set_sums((before + moved).tolist())
-            batch = self.logs.batch_losses(moved)  # this global batch's loss (and each output's)
-            return float(batch[0]), [float(v) for v in batch[1:len(parts) + 1]] if len(parts) > 1 else parts
-
-        return self.model.train_step(xb, yb, wb, before_update=gate, share=share, exchange=exchange)
+    def _exchange(self, loss, parts, outs, yb, wb, share):
+        """Sum the gradients (in place) and the epoch's running sums over the ranks: each rank's sums move by its
+        batch, the exchange adds every rank's move. Returns the global batch's loss (and each output's)."""
+        before = np.asarray(self.logs.sums(), np.float64)
+        if share:
+            self.logs.update(loss, parts, yb, outs, wb)
+        moved = np.asarray(self.logs.sums(), np.float64) - before
+        moved, self.stop_agreed = self.exchange(moved.reshape(-1), self.stop_requested)
+        moved = moved.reshape(before.shape)
+        self.logs.set_sums((before + moved).tolist())
+        batch = self.logs.batch_losses(moved)
+        return float(batch[0]), [float(v) for v in batch[1:len(parts) + 1]] if len(parts) > 1 else parts
 
     def _check_weights(self, xb, yb, wb, sel, n):
         """Gradient norms are taken every NORM_EVERY steps, so a non-finite gradient under a finite loss on a step in

@@ -1,5 +1,5 @@
-"""What the optimizer actually receives: the gradients in place when `Model.train_step` hands the weights over
-(its before_update hook), against central differences of loss + regularisation loss, on a graph with a Conv2D
+"""What the optimizer actually receives: the gradients in place when `Model.train_step` and the trainer's step
+(`fit`'s, with its divergence gate) hand the weights over to `optimizer.apply`, against central differences of loss + regularisation loss, on a graph with a Conv2D
 called twice (shared weights), an LSTM and L1/L2 regularisers. Layer-level checks cannot see a gradient assigned
 instead of accumulated (only a shared layer calls backward twice) or a regulariser's gradient scaled wrong."""
 import numpy as np
@@ -8,6 +8,7 @@ import pytest
 from dlcli.builder import build_model
 from dlcli.config import Config
 from dlcli.diagnostics import to_float64
+from dlcli.trainer import Trainer
 
 MODEL = {
     "type": "functional",
@@ -39,20 +40,26 @@ def _model():
     return model, xs, ys
 
 
-def optimizer_gradients(model, xs, ys) -> dict:
+def optimizer_gradients(model, xs, ys, step) -> dict:
     received = {}
+    apply = model.optimizer.apply
 
-    def capture(total, params):
+    def capture(params):
         received.update({p.path: p.grad.copy() for p in params})
-        received["loss"] = total
+        apply(params)
 
-    model.train_step(xs, ys, before_update=capture)
+    model.optimizer.apply = capture
+    if step == "Model.train_step":
+        received["loss"], _, _ = model.train_step(xs, ys)
+    else:
+        received["loss"], _, _ = Trainer(model, verbose=0)._step(xs, ys, None, slice(0, 3), 3)
     return received
 
 
-def test_train_step_hands_the_optimizer_the_gradient_of_loss_plus_regularisation():
+@pytest.mark.parametrize("step", ["Model.train_step", "Trainer._step"])
+def test_train_step_hands_the_optimizer_the_gradient_of_loss_plus_regularisation(step):
     model, xs, ys = _model()
-    received = optimizer_gradients(model, xs, ys)
+    received = optimizer_gradients(model, xs, ys, step)
 
     def objective():
         total, _, _ = model.compute_loss(ys, model.graph.forward(xs, training=True), with_grads=False)
