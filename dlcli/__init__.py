@@ -8,8 +8,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name in ("train", "Run"):
-        from dlcli import experiment
+    if name == "train":
+        from dlcli.experiment import train
 
-        return getattr(experiment, name)
+        return train
+    if name == "Run":
+        from dlcli.trainer import Run
+
+        return Run
     raise AttributeError(f"module 'dlcli' has no attribute '{name}'")

@@ -10,7 +10,7 @@ import numpy as np
 from dlcli.config import as_config
 from dlcli.engine.graph import Input
 from dlcli.engine.layer import LAYERS, Layer, build_seeded, clear_session
-from dlcli.errors import ConfigError, DlcliError, ShapeError
+from dlcli.errors import ConfigError, ShapeError
 from dlcli.memory import check_training_fits
 from dlcli.models import Model, Sequential
 from dlcli.registry import did_you_mean

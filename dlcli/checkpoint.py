@@ -69,6 +69,17 @@ def describe_position(p: dict) -> str:
     return f"{where} (step {p['step']:,})"
 
 
+def resume_banner(state: dict) -> str:
+    """What a loaded checkpoint continues, for people: position, samples seen, learning rate, best so far."""
+    p = state["header"]["position"]
+    best = [cb["state"] for cb in state["header"]["callbacks"] if cb["type"] == "ModelCheckpoint"]
+    best_text = ""
+    if best and best[0].get("best") is not None:
+        best_text = f", best so far {best[0]['best']:.4f} (epoch {best[0]['best_epoch']})"
+    return (f"resuming at {describe_position(p)}: {p['samples_seen']:,} samples seen, learning rate "
+            f"{p['learning_rate']:.4g}{best_text}")
+
+
 def layer_rngs(model) -> dict[str, np.random.Generator]:
     """Every layer's generator by path, including layers held inside wrappers (Bidirectional, TimeDistributed)."""
     return {path: layer.rng for path, layer in layer_paths(model).items()

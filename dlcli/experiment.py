@@ -4,18 +4,17 @@ This is what `dlcli train` and `dlcli evaluate` call; it knows the run-directory
 CLI. Output for people goes through the `log` function and callbacks the caller passes in.
 """
 import contextlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from dlcli import checkpoint, kernels, runs
-from dlcli.callbacks import Callback
 from dlcli.config import Config, Override, as_config
 from dlcli.data import paths
 from dlcli.data.source import Source, as_source
 from dlcli.errors import DlcliError, NothingToDo, plural
+from dlcli.trainer import Run, Trainer
 
 
 @dataclass
@@ -72,196 +71,6 @@ def run_data(run_dir):
         yield
 
 
-class RunRecorder(Callback):
-    """Writes the run's history.csv (rewritten whole, atomically, each epoch) and appends to train.log.
-
-    Weights are ModelCheckpoint's job (weights/best.npz, weights/last.npz); resumable state is the trainer's
-    (checkpoint/state.npz)."""
-
-    def __init__(self, run_dir: Path, history_rows=None):
-        self.run_dir = Path(run_dir)
-        self.rows = list(history_rows or [])
-
-    def on_epoch_end(self, epoch, logs=None):
-        from dlcli.callbacks import format_logs
-
-        self.rows.append({"epoch": epoch + 1, **logs})
-        runs.atomic_write_text(runs.RunDir(self.run_dir).history, runs.history_csv(self.rows))
-        runs.append_text(runs.RunDir(self.run_dir).train_log,
-                         f"epoch {epoch + 1}  {format_logs(logs)}  ({logs.get('seconds', 0):.1f}s)\n")
-
-    def on_run_end(self, run):
-        if not runs.RunDir(self.run_dir).history.exists():  # stopped before its first epoch ended (Ctrl-C, a failure)
-            runs.atomic_write_text(runs.RunDir(self.run_dir).history, "epoch\n")
-            runs.append_text(runs.RunDir(self.run_dir).train_log, f"{run.status} before the first epoch ended\n")
-
-
-@dataclass
-class Run:
-    """One training run: the live handle callbacks receive in `on_run_begin`, and what `train` returns."""
-
-    dir: Path
-    config: Config  # the validated config (dlcli.config); `.to_dict()` is what config.yaml holds
-    model: object = field(repr=False)
-    splits: Splits = field(repr=False)
-    status: str = "running"  # then "completed", "interrupted" or the status given to stop()
-    history: list = field(default_factory=list)  # per-epoch rows, as in history.csv (earlier ones on a resume)
-    test: dict | None = None  # test-set loss and metrics (completed runs with a test split)
-    seconds: float = 0.0
-    best_epoch: int | None = None
-    position: dict | None = None  # the last checkpoint's position (epoch, batch, step ...)
-    init_from: Path | None = None  # the weights file a fine-tuning run started from
-    resumed: str | None = None  # where a resumed run continues, for people
-    config_changes: list = field(default_factory=list)  # lines naming what a resume changed
-    kfold_dir: Path | None = None  # a fold's K-fold run: the directory --resume continues
-    trainer: object = field(default=None, repr=False)
-    stopping: str | None = field(default=None, repr=False)  # the status stop() asked for
-
-    @property
-    def sizes(self) -> dict:
-        """Samples per split: train, validation, test."""
-        return self.splits.sizes()
-
-    def stop(self, status: str = "stopped"):
-        """End the run after the current batch with a checkpoint it can resume from; `status` says why (meta.json,
-        Run.status). Safe from a callback or a signal handler."""
-        self.stopping = status
-        self.trainer.stop_requested = True
-
-
-def run_callbacks(config: Config, run_dir: Path, has_validation: bool) -> list:
-    """RunRecorder, the config's train.callbacks, and a ModelCheckpoint writing weights/ (the default monitors
-    val_loss, or loss without a validation split)."""
-    from dlcli.callbacks import ModelCheckpoint, from_config
-
-    user = from_config(config.train.callbacks)
-    checkpoints = [cb for cb in user if isinstance(cb, ModelCheckpoint)]
-    for cb in checkpoints:
-        if cb.filepath is None:
-            cb.filepath = str(runs.RunDir(run_dir).weights)
-    if not checkpoints:
-        user.append(ModelCheckpoint(str(runs.RunDir(run_dir).weights), monitor="val_loss" if has_validation else "loss"))
-    return [RunRecorder(run_dir), *user]
-
-
-def train_run(config, model, splits: Splits, run_dir: Path, callbacks=(), verbose=1,
-              resume: dict | None = None, world=None, run: Run | None = None) -> Run:
-    """Train `model` on `splits` into `run_dir` (already created; config.yaml written by the caller). `config` is
-    a Config (or its plain data).
-
-    `resume` (dlcli.checkpoint.load of this run) continues exactly where the checkpoint stopped, appending to the
-    same history.csv. A non-finite loss writes divergence.json and re-raises the DivergenceError.
-    With a `world` of several ranks (dlcli.distributed) every rank calls this; rank 0 writes the run directory, and a
-    failure on any rank stops them all.
-    """
-    from dlcli import distributed
-
-    world, config = world or distributed.World(), as_config(config)
-    with world.guard():
-        run = _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world, run)
-        world.barrier()  # a failure in rank 0's last writes reaches the ranks that are done
-    return run
-
-
-def _train_run(config, model, splits, run_dir, callbacks, verbose, resume, world, run) -> Run:
-    from dlcli import fingerprint
-    from dlcli.callbacks import ModelCheckpoint
-    from dlcli.divergence import DivergenceError
-    from dlcli.trainer import Trainer
-
-    run = run or Run(run_dir, config, model, splits)
-    recorded = fingerprint.record(config.to_dict())  # what evaluate/predict/export/--resume check config.yaml against
-    settings = config.train
-    cbs = run_callbacks(config, run_dir, splits.x_val is not None)  # a callback that cannot start fails here
-    meta_path = runs.RunDir(run_dir).meta
-    meta = start_meta(config, model, splits)
-    if resume is not None and meta_path.exists():
-        meta = {**runs.read_json(meta_path), "status": "running", **recorded}
-        meta.setdefault("resumed", []).append({"at": runs.utc_now(),
-                                               "position": checkpoint.describe_position(resume["header"]["position"])})
-    runs.atomic_write_json(meta_path, meta)
-    if splits.extra.get("vocabulary"):  # lets `dlcli predict` encode raw text the way the training data was
-        runs.atomic_write_json(runs.RunDir(run_dir).vocabulary, splits.extra["vocabulary"])
-    if splits.extra.get("feature_space"):  # a table's preprocessing: evaluate, predict, --resume reuse it
-        from dlcli.data.table import FILENAME
-
-        runs.atomic_write_json(run_dir / FILENAME, splits.extra["feature_space"])
-    if resume is not None and world.is_root:
-        done = resume["header"]["position"]["epoch"]
-        cbs[0].rows = [r for r in runs.read_history(run_dir) if (r.get("epoch") or 0) <= done]
-    run.history = cbs[0].rows
-    saver = next(cb for cb in cbs if isinstance(cb, ModelCheckpoint))
-    rng = np.random.default_rng([config.seed, 2])
-    run.trainer = Trainer(model, callbacks=[*cbs, *callbacks], verbose=verbose, rng=rng,
-                          checkpoint_path=run_dir / checkpoint.FILENAME,
-                          checkpoint_every=settings.checkpoint_every,
-                          divergence_factor=settings.divergence_factor, world=world)
-    run.trainer.checkpoint_header = recorded
-    for cb in run.trainer.user_callbacks:
-        cb.on_run_begin(run)
-    validation = (splits.x_val, splits.y_val) if splits.x_val is not None else None
-    if resume is None:
-        from dlcli.layers.normalization import adapt_to_inputs
-
-        adapt_to_inputs(model, splits.x_train)  # Normalization layers with adapt: true, before the first epoch
-    start = time.perf_counter()
-    try:
-        run.trainer.fit(splits.x_train, splits.y_train, epochs=settings.epochs, batch_size=settings.batch_size,
-                        validation_data=validation, shuffle=settings.shuffle, class_weight=settings.class_weight,
-                        resume=resume)
-    except DivergenceError as e:
-        runs.atomic_write_json(run_dir / "divergence.json", e.report)
-        meta.update({"status": "diverged", "end": runs.utc_now(), "hint": e.report["hint"],
-                     "diverged_at": {k: e.report[k] for k in ("epoch", "batch", "step")}})
-        runs.atomic_write_json(meta_path, meta)
-        e.message += f" Details: {run_dir / 'divergence.json'}"
-        _run_ended(run, "diverged", failing=True)
-        raise
-    except BaseException as e:  # keep meta.json honest when anything else stops the run
-        _run_ended(run, runs.mark_failed(meta_path, meta, e), failing=True)
-        raise
-    run.status = (run.stopping or "interrupted") if run.trainer.stopping() else "completed"
-    run.seconds = time.perf_counter() - start
-    if splits.x_test is not None and run.status == "completed":
-        run.test = run.trainer.evaluate(splits.x_test, splits.y_test, settings.batch_size)
-    run.best_epoch, run.position = saver.best_epoch, run.trainer.last_checkpoint
-    if splits.x_train.describe():  # decode rate, cache, mapped file: where the input time went
-        meta["input"] = splits.x_train.describe()
-    meta.update({"status": run.status, "end": runs.utc_now(),
-                 "seconds": round(run.seconds + meta.get("seconds", 0) if resume else run.seconds, 3),
-                 "epochs_run": len(cbs[0].rows), "best_epoch": saver.best_epoch, "best": {saver.monitor: saver.best},
-                 "test": run.test})
-    runs.atomic_write_json(meta_path, meta)
-    if world.is_root:
-        from dlcli.plots import write_curves
-
-        write_curves(run_dir, cbs[0].rows)
-    _run_ended(run, run.status)
-    return run
-
-
-def start_meta(config: Config, model, splits: Splits) -> dict:
-    """meta.json as a run starts: versions, sizes, data source and directories, the config's fingerprint record."""
-    from dlcli import fingerprint
-
-    return {**runs.versions_meta(config.seed), "name": config.name, "status": "running", "start": runs.utc_now(),
-            "sizes": splits.sizes(), "source": splits.source, "params": model.count_params(),
-            "classes": splits.classes, "data_dirs": paths.recorded_dirs(),
-            **({"files": splits.extra["folder"]} if splits.extra.get("folder") else {}),
-            **fingerprint.record(config.to_dict())}
-
-
-def _run_ended(run: Run, status: str, failing: bool = False):
-    """Tell the callbacks the run directory is final; while an error propagates, theirs must not replace it."""
-    run.status = status
-    for cb in run.trainer.user_callbacks:
-        try:
-            cb.on_run_end(run)
-        except Exception:
-            if not failing:
-                raise
-
-
 def train(config=None, overrides=(), *, runs_dir="runs", resume=False, allow_config_change: bool = False,
           init_from=None, seed: int | None = None, name: str | None = None, callbacks=(), verbose: int = 0,
           distributed: bool = False, threads: int | None = None) -> Run:
@@ -303,7 +112,7 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
     # rank 0's resolution for every rank (its checkpoint follows in Trainer.fit: other nodes may not see its disk)
     shared = world.bcast_json({"config": None if cfg is None else cfg.to_dict(),
                                "run_dir": None if run_dir is None else str(run_dir), "changes": changes,
-                               "resumed": None if state is None else resume_banner(state)})
+                               "resumed": None if state is None else checkpoint.resume_banner(state)})
     cfg, changes = cfg if world.is_root else as_config(shared["config"]), shared["changes"]
     if world.size > 1 and cfg.train.kfold:
         raise DlcliError("train.kfold trains its folds one after another in one process; drop --distributed (or "
@@ -325,16 +134,9 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
     run_dir = Path(world.bcast_json(None if run_dir is None else str(run_dir)))
     runs.atomic_write_text(runs.RunDir(run_dir).config, dump_yaml(cfg.to_dict()))
     if cfg.train.kfold:
-        def train_fold(fold_cfg, fold_model, fold_splits, fold_dir, fold_state):
-            fold_run = Run(fold_dir, fold_cfg, fold_model, fold_splits, kfold_dir=run_dir,
-                           resumed=None if fold_state is None else resume_banner(fold_state))
-            return train_run(fold_cfg, fold_model, fold_splits, fold_dir, callbacks, verbose=verbose,
-                             resume=fold_state, run=fold_run)
-
-        return train_folds(cfg, model, splits, folds, run_dir, start_meta(cfg, model, splits), resume=kfold_resume,
-                           verbose=verbose, train_fold=train_fold)
+        return train_folds(cfg, model, splits, folds, run_dir, callbacks, resume=kfold_resume, verbose=verbose)
     run = Run(run_dir, cfg, model, splits, init_from=initial, config_changes=changes, resumed=shared["resumed"])
-    return train_run(cfg, model, splits, run_dir, callbacks, verbose=verbose, resume=state, world=world, run=run)
+    return Trainer.for_run(run, callbacks, verbose, world).train(state)
 
 
 def _resolve(config, overrides, resume, allow_config_change, init_from):
@@ -493,17 +295,7 @@ def classification_report(y_true, y_pred, classes=None) -> dict | None:
     return {"classes": names, "per_class_accuracy": per_class, "confusion_matrix": confusion.tolist()}
 
 
-# --- resume and fine-tune -----------------------------------------------------------------------------------------
-def resume_banner(state: dict) -> str:
-    p = state["header"]["position"]
-    best = [cb["state"] for cb in state["header"]["callbacks"] if cb["type"] == "ModelCheckpoint"]
-    best_text = ""
-    if best and best[0].get("best") is not None:
-        best_text = f", best so far {best[0]['best']:.4f} (epoch {best[0]['best_epoch']})"
-    return (f"resuming at {checkpoint.describe_position(p)}: {p['samples_seen']:,} samples seen, learning rate "
-            f"{p['learning_rate']:.4g}{best_text}")
-
-
+# --- fine-tune --------------------------------------------------------------------------------------------------------
 def _init_from(model, run_dir) -> Path:
     """Fine-tuning: load another run's weights (best.npz, else last.npz); optimizer and counters start fresh."""
     run_dir = runs.require_run_dir(run_dir)

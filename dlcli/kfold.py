@@ -40,15 +40,15 @@ def fold_indices(cfg, splits) -> list[np.ndarray]:
     return kfold_indices(y, cfg.train.kfold, np.random.default_rng([cfg.seed, 3]), stratify=_class_labels(y))
 
 
-def train_folds(cfg, model, splits, folds, run_dir: Path, meta: dict, train_fold, resume: bool = False,
-                verbose: int = 0):
-    """Write the run's meta.json (`meta`, unless resuming), train every fold (`folds`: fold_indices) not finished
-    yet into run_dir/folds/<i>/ with `train_fold(config, model, splits, fold_dir, checkpoint or None) -> Run` (the
-    run entry point's own train_run); write the aggregate. Returns the whole run's Run: the status of the fold that
-    stopped it (else "completed"), history = the mean rows, test = the mean."""
+def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: bool = False, verbose: int = 0):
+    """Write the run's meta.json (unless resuming), train every fold (`folds`: fold_indices) not finished yet into
+    run_dir/folds/<i>/ as an ordinary run (Trainer.train, `callbacks` joining each fold's), continuing a fold's
+    checkpoint when `resume`; write the aggregate. Returns the whole run's Run: the status of the fold that stopped
+    it (else "completed"), history = the mean rows, test = the mean."""
     from dlcli import checkpoint
     from dlcli.builder import build_model
     from dlcli.config import dump_yaml
+    from dlcli.trainer import Run, Trainer, start_meta
 
     k = cfg.train.kfold
     fold_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"kfold": None})})
@@ -56,7 +56,7 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, meta: dict, train_fold
     start = time.perf_counter()
     meta_path = runs.RunDir(run_dir).meta
     if not meta_path.exists():
-        runs.atomic_write_json(meta_path, {**meta, "kfold": k})
+        runs.atomic_write_json(meta_path, {**start_meta(cfg, model, splits), "kfold": k})
     statuses, last = [], None
     fresh_model = model  # the one already built serves the first fold trained now; later folds get new weights
     try:
@@ -84,7 +84,9 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, meta: dict, train_fold
                     fold_model, fresh_model = build_model(cfg), None
             else:
                 fold_model, fresh_model = fresh_model or build_model(cfg), None
-            last = train_fold(fold_cfg, fold_model, fold_splits, fold_dir, state)
+            run = Run(fold_dir, fold_cfg, fold_model, fold_splits, kfold_dir=run_dir,
+                      resumed=None if state is None else checkpoint.resume_banner(state))
+            last = Trainer.for_run(run, callbacks, verbose).train(state)
             statuses.append(last.status)
             if last.status != "completed":
                 break

@@ -219,10 +219,9 @@ class Model:
         elif validation_data is not None:
             vx, vy = validation_data[0], validation_data[1]
             validation_data = (self._inputs_list(vx), self._targets_list(vy))
-        trainer = Trainer(self, callbacks=callbacks, verbose=verbose, rng=rng)
-        return trainer.fit(xs, ys, epochs=epochs, batch_size=batch_size, validation_data=validation_data,
-                           shuffle=shuffle, class_weight=class_weight, sample_weight=sample_weight,
-                           initial_epoch=initial_epoch)
+        return Trainer(self, callbacks=callbacks, verbose=verbose, rng=rng).fit(
+            xs, ys, epochs=epochs, batch_size=batch_size, validation_data=validation_data, shuffle=shuffle,
+            class_weight=class_weight, sample_weight=sample_weight, initial_epoch=initial_epoch)
 
     def evaluate(self, x, y, batch_size=32, verbose=0, return_dict=False, sample_weight=None):
         self._require_compiled()

@@ -34,7 +34,7 @@ class Tracker(Callback):
     active = True
 
     def on_run_begin(self, run):
-        world = getattr(run.trainer, "world", None)
+        world = run.world
         self.active = world is None or world.is_root
 
 

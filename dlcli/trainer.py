@@ -1,5 +1,6 @@
-"""The epoch x batch loop behind `Model.fit`: shuffling, metrics, validation, callback hooks, resumable
-checkpoints and the stop on a non-finite loss.
+"""`Trainer.fit`: the epoch x batch loop behind `Model.fit` (shuffling, metrics, validation, callback hooks,
+resumable checkpoints, the stop on divergence). `Trainer.train`: a whole run into its run directory around it, behind
+`dlcli.train` and each K-fold fold. Callbacks observe; `run.stop(status)` (a flag) ends a run after the batch.
 
 Resuming is exact: a checkpoint keeps the shuffling RNG's state from the start of its epoch, so a run resumed
 mid-epoch draws the same permutation and continues at the next batch, with the epoch's running metric sums intact.
@@ -11,12 +12,15 @@ sums, so every rank holds the global figures and identical weights. Only rank 0 
 import math
 import time
 from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from dlcli import distributed
+from dlcli import checkpoint, distributed, runs
+from dlcli.callbacks import (Callback, CallbackList, History, ModelCheckpoint, ProgressLogger, format_logs,
+                             from_config)
 from dlcli.data.source import as_source, batch_indices, index_array
-from dlcli.callbacks import CallbackList, History, ProgressLogger
 from dlcli.errors import DlcliError
 from dlcli.metrics import RunningLogs
 
@@ -32,130 +36,281 @@ NORM_EVERY = 10
 DIVERGENCE_FACTOR = 1e4
 
 
+@dataclass
+class Run:
+    """One training run: what callbacks receive in `on_run_begin`, and what `dlcli.train` returns."""
+
+    dir: Path | None = None  # None: Model.fit, no run directory
+    config: object = None  # the validated Config (dlcli.config); `.to_dict()` is what config.yaml holds
+    model: object = field(default=None, repr=False)
+    splits: object = field(default=None, repr=False)  # dlcli.experiment.Splits
+    status: str = "running"  # then "completed", "interrupted", "diverged", "failed" or the status given to stop()
+    history: list = field(default_factory=list)  # per-epoch rows, as in history.csv (earlier ones on a resume)
+    test: dict | None = None  # test-set loss and metrics (completed runs with a test split)
+    seconds: float = 0.0
+    best_epoch: int | None = None
+    position: dict | None = None  # the last checkpoint's position (epoch, batch, step ...)
+    init_from: Path | None = None  # the weights file a fine-tuning run started from
+    resumed: str | None = None  # where a resumed run continues, for people
+    config_changes: list = field(default_factory=list)  # lines naming what a resume changed
+    kfold_dir: Path | None = None  # a fold's K-fold run: the directory --resume continues
+    checkpoint: Path | None = None  # the resumable checkpoint (a fold's own, in K-fold)
+    world: object = field(default=None, repr=False)  # dlcli.distributed.World: the ranks training it
+    stopping: str | None = field(default=None, repr=False)  # the status stop() asked for
+
+    @property
+    def sizes(self) -> dict:
+        """Samples per split: train, validation, test."""
+        return self.splits.sizes()
+
+    def stop(self, status: str = "stopped"):
+        """Ask the trainer to end the run after the current batch, with a checkpoint it can resume from; `status`
+        says why (meta.json, Run.status). Safe from a callback or a signal handler."""
+        self.stopping = status
+
+
+class RunRecorder(Callback):
+    """Writes the run's history.csv (rewritten whole, atomically, each epoch) and appends to train.log.
+
+    Weights are ModelCheckpoint's job (weights/best.npz, weights/last.npz); resumable state is the trainer's
+    (checkpoint/state.npz)."""
+
+    def __init__(self, run_dir: Path):
+        self.files, self.rows = runs.RunDir(run_dir), []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rows.append({"epoch": epoch + 1, **logs})
+        runs.atomic_write_text(self.files.history, runs.history_csv(self.rows))
+        runs.append_text(self.files.train_log,
+                         f"epoch {epoch + 1}  {format_logs(logs)}  ({logs.get('seconds', 0):.1f}s)\n")
+
+    def on_run_end(self, run):
+        if not self.files.history.exists():  # stopped before its first epoch ended (Ctrl-C, a failure)
+            runs.atomic_write_text(self.files.history, "epoch\n")
+            runs.append_text(self.files.train_log, f"{run.status} before the first epoch ended\n")
+
+
 class Trainer:
     def __init__(self, model, callbacks=None, verbose=1, rng: np.random.Generator | None = None,
                  checkpoint_path=None, checkpoint_every: int | None = None, world: distributed.World | None = None,
-                 divergence_factor: float | None = DIVERGENCE_FACTOR):
+                 divergence_factor: float | None = DIVERGENCE_FACTOR, run: Run | None = None):
         self.model = model
         self.divergence_factor = divergence_factor
         self.initial_loss: float | None = None  # the run's first batch loss (checkpointed)
         self.world = world or distributed.World()
+        self.run = run or Run(model=model)
+        self.run.world, self.run.checkpoint = self.world, checkpoint_path
         self.stop_agreed = False  # every rank's stop request, summed by the step's exchange
         self.exchange = self.bn_sync = None
         self.user_callbacks = list(callbacks or [])
         self.verbose = verbose
         self.rng = rng if rng is not None else np.random.default_rng()
-        self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every
-        self.stop_requested = False  # set from a signal handler: finish the batch, save, then stop
+        self.checkpoint_every = checkpoint_every
         self.epoch, self.batch, self.samples_seen = 0, 0, 0
-        self.last_checkpoint: dict | None = None  # position of the last checkpoint written
         self.checkpoint_header: dict = {}  # what the run adds to each checkpoint's header (its config record)
         self.norms: deque = deque(maxlen=NORM_HISTORY)
 
+    @classmethod
+    def for_run(cls, run: Run, callbacks=(), verbose=1, world=None) -> "Trainer":
+        """A trainer writing `run.dir` (created, config.yaml written): RunRecorder, the config's train.callbacks and
+        a ModelCheckpoint writing weights/ (the default monitors val_loss, or loss without a validation split),
+        then `callbacks`. A callback that cannot start fails here."""
+        config = run.config
+        user = from_config(config.train.callbacks)
+        if not any(isinstance(cb, ModelCheckpoint) for cb in user):
+            user.append(ModelCheckpoint(monitor="val_loss" if run.splits.x_val is not None else "loss"))
+        savers = [cb for cb in user if isinstance(cb, ModelCheckpoint)]
+        for cb in savers:
+            cb.filepath = cb.filepath or str(runs.RunDir(run.dir).weights)
+        recorder = RunRecorder(run.dir)
+        trainer = cls(run.model, callbacks=[recorder, *user, *callbacks], verbose=verbose,
+                      rng=np.random.default_rng([config.seed, 2]), checkpoint_path=run.dir / checkpoint.FILENAME,
+                      checkpoint_every=config.train.checkpoint_every,
+                      divergence_factor=config.train.divergence_factor, world=world, run=run)
+        trainer.recorder, trainer.saver = recorder, savers[0]  # history.csv's rows, best epoch
+        return trainer
+
+    def train(self, resume: dict | None = None) -> Run:
+        """The whole run: meta.json, on_run_begin, `fit` on the run's splits, the test split evaluated, meta.json
+        and curves.png completed, on_run_end. `resume` (dlcli.checkpoint.load of this run) continues exactly where
+        the checkpoint stopped, appending to the same history.csv. A divergence writes divergence.json and
+        re-raises the DivergenceError. With several ranks every rank calls this; rank 0 writes the run directory,
+        and a failure on any rank stops them all."""
+        from dlcli import fingerprint
+        from dlcli.divergence import DivergenceError
+
+        with self.world.guard():
+            run, world, splits, settings = self.run, self.world, self.run.splits, self.run.config.train
+            files = runs.RunDir(run.dir)
+            # what evaluate/predict/export/--resume check config.yaml against
+            self.checkpoint_header = fingerprint.record(run.config.to_dict())
+            meta = start_meta(run.config, run.model, splits)
+            if resume is not None and files.meta.exists():
+                meta = {**runs.read_json(files.meta), "status": "running", **self.checkpoint_header}
+                meta.setdefault("resumed", []).append(
+                    {"at": runs.utc_now(), "position": checkpoint.describe_position(resume["header"]["position"])})
+            runs.atomic_write_json(files.meta, meta)
+            if splits.extra.get("vocabulary"):  # lets `dlcli predict` encode raw text the way the training data was
+                runs.atomic_write_json(files.vocabulary, splits.extra["vocabulary"])
+            if splits.extra.get("feature_space"):  # a table's preprocessing: evaluate, predict, --resume reuse it
+                from dlcli.data.table import FILENAME
+
+                runs.atomic_write_json(run.dir / FILENAME, splits.extra["feature_space"])
+            if resume is not None and world.is_root:
+                done = resume["header"]["position"]["epoch"]
+                self.recorder.rows = [r for r in runs.read_history(run.dir) if (r.get("epoch") or 0) <= done]
+            run.history = self.recorder.rows
+            for cb in self.user_callbacks:
+                cb.on_run_begin(run)
+            if resume is None:
+                from dlcli.layers.normalization import adapt_to_inputs
+
+                adapt_to_inputs(run.model, splits.x_train)  # Normalization layers with adapt: true, before epoch 1
+            start = time.perf_counter()
+            try:
+                self.fit(splits.x_train, splits.y_train, epochs=settings.epochs, batch_size=settings.batch_size,
+                         validation_data=None if splits.x_val is None else (splits.x_val, splits.y_val),
+                         shuffle=settings.shuffle, class_weight=settings.class_weight, resume=resume)
+            except DivergenceError as e:
+                runs.atomic_write_json(files.path / "divergence.json", e.report)
+                meta.update({"status": "diverged", "end": runs.utc_now(), "hint": e.report["hint"],
+                             "diverged_at": {k: e.report[k] for k in ("epoch", "batch", "step")}})
+                runs.atomic_write_json(files.meta, meta)
+                e.message += f" Details: {run.dir / 'divergence.json'}"
+                self._run_ended("diverged", failing=True)
+                raise
+            except BaseException as e:  # keep meta.json honest when anything else stops the run
+                self._run_ended(runs.mark_failed(files.meta, meta, e), failing=True)
+                raise
+            run.status = (run.stopping or "interrupted") if self.stopping() else "completed"
+            run.seconds = time.perf_counter() - start
+            if splits.x_test is not None and run.status == "completed":
+                run.test = self.evaluate(splits.x_test, splits.y_test, settings.batch_size)
+            run.best_epoch, saver = self.saver.best_epoch, self.saver
+            if splits.x_train.describe():  # decode rate, cache, mapped file: where the input time went
+                meta["input"] = splits.x_train.describe()
+            meta.update({"status": run.status, "end": runs.utc_now(),
+                         "seconds": round(run.seconds + meta.get("seconds", 0) if resume else run.seconds, 3),
+                         "epochs_run": len(run.history), "best_epoch": saver.best_epoch,
+                         "best": {saver.monitor: saver.best}, "test": run.test})
+            runs.atomic_write_json(files.meta, meta)
+            if world.is_root:
+                from dlcli.plots import write_curves
+
+                write_curves(run.dir, run.history)
+            self._run_ended(run.status)
+            self.world.barrier()  # a failure in rank 0's last writes reaches the ranks that are done
+        return run
+
+    def _run_ended(self, status: str, failing: bool = False):
+        """Tell the callbacks the run directory is final; while an error propagates, theirs must not replace it."""
+        self.run.status = status
+        for cb in self.user_callbacks:
+            try:
+                cb.on_run_end(self.run)
+            except Exception:
+                if not failing:
+                    raise
+
     def fit(self, xs, ys, epochs=1, batch_size=32, validation_data=None, shuffle=True, class_weight=None,
             sample_weight=None, initial_epoch=0, resume: dict | None = None) -> History:
-        """Train; `resume` is a loaded checkpoint (dlcli.checkpoint.load) to continue from exactly (on rank 0:
-        it reaches the other ranks from there)."""
+        """Train on arrays or Sources (Model.fit's loop); `resume` is a loaded checkpoint (dlcli.checkpoint.load) to
+        continue from exactly (on rank 0: it reaches the other ranks from there)."""
         with self.world.guard():
-            return self._fit(xs, ys, epochs, batch_size, validation_data, shuffle, class_weight, sample_weight,
-                             initial_epoch, resume)
-
-    def _fit(self, xs, ys, epochs, batch_size, validation_data, shuffle, class_weight, sample_weight,
-             initial_epoch, resume):
-        from dlcli import checkpoint
-
-        model, world = self.model, self.world
-        xs = as_source(xs)
-        n = len(xs)
-        history = History()
-        verbose = self.verbose and world.is_root
-        callbacks = [history] + ([ProgressLogger(epochs, n)] if verbose else []) + self.user_callbacks
-        cbs = CallbackList(callbacks)
-        cbs.set_model(model)
-        model.stop_training = False
-        model.history = history
-        weights = _sample_weights(ys[0], n, class_weight, sample_weight)
-        self.logs = RunningLogs(model)
-        self.bn_sync = distributed.attach_batch_sync(model, world)
-        if world.size > 1:
-            self.exchange = distributed.GradientExchange(world, model.trainable_weights, 2 * len(self.logs.trackers))
-            resume = distributed.share_checkpoint(world, resume)
-            if resume is None:
-                distributed.share_initial_state(world, model)
-                distributed.rank_streams(world, model)
-        position = None
-        if resume is not None:
-            position = checkpoint.restore(resume, model, self.user_callbacks)
-            distributed.rank_streams(world, model, resume["header"].get("rank_rngs"))
-            if (position["samples"], position["batch_size"]) != (n, batch_size):
-                raise DlcliError(f"{resume['path']} was written for {position['samples']:,} training samples in "
-                                 f"batches of {position['batch_size']}; this run has {n:,} in batches of "
-                                 f"{batch_size}: the data and train.batch_size must not change to resume")
-            initial_epoch, self.samples_seen = position["epoch"], position["samples_seen"]
-            self.last_checkpoint = position
-            self.norms.extend(position.get("norms", []))
-            self.initial_loss = position.get("initial_loss")
-        cbs.on_train_begin()
-        logs = {}
-        for epoch in range(initial_epoch, epochs):
-            self.epoch = epoch
-            start = time.perf_counter()
-            skip = 0
-            if position is not None and epoch == position["epoch"]:
-                self.rng.bit_generator.state = position["rng"]
-                skip = position["batch"]
-                if skip:
-                    self.logs.set_sums(position["sums"])
-            if not skip:
-                self.logs.reset()
-            self.epoch_rng_state = self.rng.bit_generator.state
-            cbs.on_epoch_begin(epoch)
-            # Permutation drawn even without shuffling, so the RNG stream is the same either way.
-            order = self.rng.permutation(n)
-            # the global batches' indices, and this rank's part of each (all of it on one rank)
-            chunks = [self._rank_slice(c, n) for c in
-                      batch_indices(n, batch_size, order if shuffle else None, first=skip)]
-            with xs.batches([sel for sel, _, _ in chunks]) as inputs:
-                for batch, ((sel, size, share), xb) in enumerate(zip(chunks, inputs), start=skip):
-                    self.batch = batch
-                    if self.bn_sync is not None:
-                        self.bn_sync.ghost = share == 0.0
-                    yb = [a[sel] for a in ys]
-                    wb = None if weights is None else weights[sel]
-                    cbs.on_train_batch_begin(batch)
-                    total, parts, outs = self._step(xb, yb, wb, sel, n, share)
-                    self.samples_seen += size
-                    if self.exchange is None:
-                        self.logs.update(total, parts, yb, outs, wb)
-                    batch_logs = {"batch": batch, "size": size, **self.logs.results()}
-                    cbs.on_train_batch_end(batch, batch_logs)
-                    every = self.checkpoint_every
-                    if self.stopping() or (every and (batch + 1) % every == 0 and batch + 1 < skip + len(chunks)):
-                        self._check_weights(xb, yb, wb, sel, n)
-                        self.save_checkpoint(epoch, batch + 1, batch_size, n)
-                    if model.stop_training or self.stopping():
-                        break
-            if self.stopping():
-                return history  # no epoch end: the checkpoint resumes inside this epoch
-            if chunks:  # steps were taken: their weights are checked before validation or any callback sees them
-                self._check_weights(xb, yb, wb, sel, n)
-            logs = self.logs.results()
-            if validation_data is not None:
-                val = self.evaluate(validation_data[0], validation_data[1], batch_size)
-                logs.update({f"val_{k}": v for k, v in val.items()})
-            logs["learning_rate"] = float(model.optimizer.current_lr)
-            logs["seconds"] = time.perf_counter() - start
-            cbs.on_epoch_end(epoch, logs)
-            self.save_checkpoint(epoch + 1, 0, batch_size, n)
-            if model.stop_training or self.stopping():
-                break
-        if not self.stopping():
-            cbs.on_train_end(logs)
-        return history
+            model, world = self.model, self.world
+            xs = as_source(xs)
+            n = len(xs)
+            history = History()
+            verbose = self.verbose and world.is_root
+            callbacks = [history] + ([ProgressLogger(epochs, n)] if verbose else []) + self.user_callbacks
+            cbs = CallbackList(callbacks)
+            cbs.set_model(model)
+            model.stop_training = False
+            model.history = history
+            weights = _sample_weights(ys[0], n, class_weight, sample_weight)
+            self.logs = RunningLogs(model)
+            self.bn_sync = distributed.attach_batch_sync(model, world)
+            if world.size > 1:
+                self.exchange = distributed.GradientExchange(world, model.trainable_weights,
+                                                             2 * len(self.logs.trackers))
+                resume = distributed.share_checkpoint(world, resume)
+                if resume is None:
+                    distributed.share_initial_state(world, model)
+                    distributed.rank_streams(world, model)
+            position = None
+            if resume is not None:
+                position = checkpoint.restore(resume, model, self.user_callbacks)
+                distributed.rank_streams(world, model, resume["header"].get("rank_rngs"))
+                if (position["samples"], position["batch_size"]) != (n, batch_size):
+                    raise DlcliError(f"{resume['path']} was written for {position['samples']:,} training samples in "
+                                     f"batches of {position['batch_size']}; this run has {n:,} in batches of "
+                                     f"{batch_size}: the data and train.batch_size must not change to resume")
+                initial_epoch, self.samples_seen = position["epoch"], position["samples_seen"]
+                self.run.position = position
+                self.norms.extend(position.get("norms", []))
+                self.initial_loss = position.get("initial_loss")
+            cbs.on_train_begin()
+            logs = {}
+            for epoch in range(initial_epoch, epochs):
+                self.epoch = epoch
+                start = time.perf_counter()
+                skip = 0
+                if position is not None and epoch == position["epoch"]:
+                    self.rng.bit_generator.state = position["rng"]
+                    skip = position["batch"]
+                    if skip:
+                        self.logs.set_sums(position["sums"])
+                if not skip:
+                    self.logs.reset()
+                self.epoch_rng_state = self.rng.bit_generator.state
+                cbs.on_epoch_begin(epoch)
+                # Permutation drawn even without shuffling, so the RNG stream is the same either way.
+                order = self.rng.permutation(n)
+                # the global batches' indices, and this rank's part of each (all of it on one rank)
+                chunks = [self._rank_slice(c, n) for c in
+                          batch_indices(n, batch_size, order if shuffle else None, first=skip)]
+                with xs.batches([sel for sel, _, _ in chunks]) as inputs:
+                    for batch, ((sel, size, share), xb) in enumerate(zip(chunks, inputs), start=skip):
+                        self.batch = batch
+                        if self.bn_sync is not None:
+                            self.bn_sync.ghost = share == 0.0
+                        yb = [a[sel] for a in ys]
+                        wb = None if weights is None else weights[sel]
+                        cbs.on_train_batch_begin(batch)
+                        total, parts, outs = self._step(xb, yb, wb, sel, n, share)
+                        self.samples_seen += size
+                        if self.exchange is None:
+                            self.logs.update(total, parts, yb, outs, wb)
+                        batch_logs = {"batch": batch, "size": size, **self.logs.results()}
+                        cbs.on_train_batch_end(batch, batch_logs)
+                        every = self.checkpoint_every
+                        if self.stopping() or (every and (batch + 1) % every == 0 and batch + 1 < skip + len(chunks)):
+                            self._check_weights(xb, yb, wb, sel, n)
+                            self.save_checkpoint(epoch, batch + 1, batch_size, n)
+                        if model.stop_training or self.stopping():
+                            break
+                if self.stopping():
+                    return history  # no epoch end: the checkpoint resumes inside this epoch
+                if chunks:  # steps were taken: their weights are checked before validation or any callback sees them
+                    self._check_weights(xb, yb, wb, sel, n)
+                logs = self.logs.results()
+                if validation_data is not None:
+                    val = self.evaluate(validation_data[0], validation_data[1], batch_size)
+                    logs.update({f"val_{k}": v for k, v in val.items()})
+                logs["learning_rate"] = float(model.optimizer.current_lr)
+                logs["seconds"] = time.perf_counter() - start
+                cbs.on_epoch_end(epoch, logs)
+                self.save_checkpoint(epoch + 1, 0, batch_size, n)
+                if model.stop_training or self.stopping():
+                    break
+            if not self.stopping():
+                cbs.on_train_end(logs)
+            return history
 
     def stopping(self) -> bool:
-        """A stop request (Ctrl-C, SIGTERM) counts once every rank knows of it, so all stop at the same batch."""
-        return self.stop_requested if self.exchange is None else self.stop_agreed
+        """A stop request (run.stop: Ctrl-C, SIGTERM, a pruner) counts once every rank knows of it, so all stop at
+        the same batch."""
+        return self.run.stopping is not None if self.exchange is None else self.stop_agreed
 
     def _rank_slice(self, chunk, n):
         """(this rank's indices of the global batch `chunk`, the global batch's size, this rank's share of it).
@@ -230,7 +385,7 @@ class Trainer:
         if share:
             self.logs.update(loss, parts, yb, outs, wb)
         moved = np.asarray(self.logs.sums(), np.float64) - before
-        moved, self.stop_agreed = self.exchange(moved.reshape(-1), self.stop_requested)
+        moved, self.stop_agreed = self.exchange(moved.reshape(-1), self.run.stopping is not None)
         moved = moved.reshape(before.shape)
         self.logs.set_sums((before + moved).tolist())
         batch = self.logs.batch_losses(moved)
@@ -292,19 +447,15 @@ class Trainer:
             return diagnose(self.model, xb, yb, wb)
 
     def _checkpoint_text(self) -> str:
-        c = self.last_checkpoint
+        c = self.run.position
         if c is None:
             return "none (the run diverged before its first checkpoint)"
-        from dlcli import checkpoint
-
-        return f"{self.checkpoint_path or 'checkpoint'}, at {checkpoint.describe_position(c)}"
+        return f"{self.run.checkpoint or 'checkpoint'}, at {checkpoint.describe_position(c)}"
 
     def save_checkpoint(self, epoch, batch, batch_size, n):
         """Position (epoch, next batch) plus everything else needed to continue bit-identically."""
-        if self.checkpoint_path is None:
+        if self.run.checkpoint is None:
             return
-        from dlcli import checkpoint
-
         position = {"epoch": epoch, "batch": batch, "step": int(self.model.optimizer.iterations),
                     "samples_seen": self.samples_seen, "samples": n, "batch_size": batch_size,
                     # the state this epoch's permutation is drawn from (the current one at an epoch boundary)
@@ -317,9 +468,21 @@ class Trainer:
             states = {k: g.bit_generator.state for k, g in checkpoint.layer_rngs(self.model).items()}
             rank_rngs = self.world.gather_json(states)
         if self.world.is_root:
-            checkpoint.save(self.checkpoint_path, self.model, self.user_callbacks, position, rank_rngs,
+            checkpoint.save(self.run.checkpoint, self.model, self.user_callbacks, position, rank_rngs,
                             self.checkpoint_header)
-        self.last_checkpoint = position
+        self.run.position = position
+
+
+def start_meta(config, model, splits) -> dict:
+    """meta.json as a run starts: versions, sizes, data source and directories, the config's fingerprint record."""
+    from dlcli import fingerprint
+    from dlcli.data import paths
+
+    return {**runs.versions_meta(config.seed), "name": config.name, "status": "running", "start": runs.utc_now(),
+            "sizes": splits.sizes(), "source": splits.source, "params": model.count_params(),
+            "classes": splits.classes, "data_dirs": paths.recorded_dirs(),
+            **({"files": splits.extra["folder"]} if splits.extra.get("folder") else {}),
+            **fingerprint.record(config.to_dict())}
 
 
 def _sq(a) -> float:

@@ -82,7 +82,7 @@ class StopAt(callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if self.trainer.epoch == 0 and batch == self.at and self.world.rank == 0:
-            self.trainer.stop_requested = True
+            self.trainer.run.stop()
 
 
 class FailAt(callbacks.Callback):
@@ -117,7 +117,7 @@ def run(name, out, mode="", world=None, state_dir=None):
     streams = world.gather_json({k: g.bit_generator.state for k, g in checkpoint.layer_rngs(model).items()})
     if world.is_root and out:
         np.savez(out, *weights, hashes=np.array(json.dumps(hashes)), streams=np.array(json.dumps(streams)), history=np.array(json.dumps(history.history)),
-                 stopped=np.array(trainer.stop_agreed or trainer.stop_requested))
+                 stopped=np.array(trainer.stop_agreed or trainer.run.stopping is not None))
     return weights, history.history
 
 

@@ -44,8 +44,8 @@ def test_the_epoch_line_rate_is_the_bars_training_rate():
 
 class _Run:
     def __init__(self, tmp_path):
-        self.dir, self.stopping, self.kfold_dir = tmp_path / "run", None, None
-        self.trainer = type("T", (), {"last_checkpoint": {"epoch": 1, "batch": 7, "step": 19}})()
+        self.dir, self.stopping, self.kfold_dir, self.world = tmp_path / "run", None, None, None
+        self.position = {"epoch": 1, "batch": 7, "step": 19}
 
     def stop(self, status):
         self.stopping = status

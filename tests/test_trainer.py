@@ -100,7 +100,7 @@ class StopAfter(Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.left -= 1
         if self.left == 0:
-            self.trainer.stop_requested = True
+            self.trainer.run.stop()
 
 
 def test_in_process_stop_and_resume_is_bit_identical(tmp_path):
@@ -116,7 +116,7 @@ def test_in_process_stop_and_resume_is_bit_identical(tmp_path):
     t = trainer_for(first, tmp_path / "run.npz")
     t.user_callbacks.append(StopAfter(t, 10))
     t.fit([x], [y], epochs=3, batch_size=6)
-    assert t.last_checkpoint["epoch"] == 1 and t.last_checkpoint["batch"] == 3  # 7 batches per epoch
+    assert t.run.position["epoch"] == 1 and t.run.position["batch"] == 3  # 7 batches per epoch
     state = checkpoint.load(tmp_path / "run.npz")
     resumed = _model(optimizer="adam", dropout=True)
     resumed.get_layer("drop").rng = np.random.default_rng(0)  # resume must restore the layer RNG, not reuse it

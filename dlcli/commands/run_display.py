@@ -54,7 +54,7 @@ class Banner(Callback):
         opt = model.optimizer.get_config()
         out.print(f"  train   {plural(cfg.train.epochs, 'epoch')} x batch {cfg.train.batch_size}, "
                   f"optimizer {opt.get('type')} (learning rate {opt.get('learning_rate')}), seed {cfg.seed}")
-        world = run.trainer.world
+        world = run.world
         if world.size > 1:
             batch = cfg.train.batch_size
             low, high = batch // world.size, -(-batch // world.size)
@@ -85,7 +85,7 @@ class StopOnSignal(Callback):
             if run.stopping:  # a second signal: stop now, without the checkpoint the first one asked for
                 from dlcli.checkpoint import describe_position
 
-                last = run.trainer.last_checkpoint
+                last = run.position
                 saved = (f"`{resume_command(run)}` continues from the last checkpoint, {describe_position(last)}"
                          if last else "no checkpoint had been written: start it again")
                 print(f"\n{signal.Signals(signum).name} again: stopping now; nothing more was saved ({saved})",
@@ -197,7 +197,7 @@ def resume_command(run) -> str:
     """The command that continues `run`: a fold's K-fold run as a whole, under the launcher a data-parallel run was
     started with (the same rank count resumes bit-identically)."""
     command = f"dlcli train --resume {run.kfold_dir or run.dir}"
-    world = getattr(run.trainer, "world", None)
+    world = run.world
     if world is not None and world.size > 1:
         launcher = "srun" if "SLURM_JOB_ID" in os.environ else "mpiexec"
         command = f"{launcher} -n {world.size} {command} --distributed"
@@ -209,10 +209,9 @@ def report_interrupted(run):
     from dlcli import checkpoint
     from dlcli.commands.base import console
 
-    saved = getattr(run.trainer, "checkpoint_path", None) or run.dir / checkpoint.FILENAME  # a fold's own, in K-fold
     console(stderr=True).print(
         f"interrupted at {checkpoint.describe_position(run.position or {'epoch': 0, 'batch': 0, 'step': 0})}; "
-        f"checkpoint saved in {saved}\nresume with: {resume_command(run)}", markup=False)
+        f"checkpoint saved in {run.checkpoint}\nresume with: {resume_command(run)}", markup=False)
     print(run.dir)
 
 

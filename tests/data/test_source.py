@@ -117,7 +117,7 @@ def test_stop_mid_epoch_and_resume_from_a_folder_is_bit_identical(tiny_folder, t
     t = trainer_for(first, tmp_path / "run.npz")
     t.user_callbacks.append(StopAfter(t, 10))
     t.fit(x, [y], epochs=3, batch_size=6)
-    assert (t.last_checkpoint["epoch"], t.last_checkpoint["batch"]) == (1, 3)
+    assert (t.run.position["epoch"], t.run.position["batch"]) == (1, 3)
     resumed = _model()
     trainer_for(resumed, tmp_path / "run.npz").fit(x, [y], epochs=3, batch_size=6,
                                                    resume=checkpoint.load(tmp_path / "run.npz"))
