@@ -162,7 +162,7 @@ MUTANTS = {
         ["tests/test_trainer.py::test_the_rise_rule_measures_against_a_first_loss_of_at_least_one"]),
     "initial-loss-not-restored": (
         "dlcli/trainer.py",
-        '            self.initial_loss = position.get("initial_loss")\n',
+        '                self.initial_loss = position.get("initial_loss")\n',
         "",
         ["tests/test_trainer.py::test_initial_loss_is_restored_on_resume"]),
     "diagnosis-names-the-last-nonfinite-layer": (
