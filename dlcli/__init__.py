@@ -8,12 +8,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name == "train":
-        from dlcli.experiment import train
+    if name in ("train", "Run"):
+        from dlcli import experiment
 
-        return train
-    if name == "Run":
-        from dlcli.trainer import Run
-
-        return Run
+        return getattr(experiment, name)
     raise AttributeError(f"module 'dlcli' has no attribute '{name}'")
