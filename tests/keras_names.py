@@ -19,14 +19,15 @@ AUGMENT = TODO + ": image preprocessing/augmentation"
 
 LAYERS = {
     **{n: DONE for n in [
-        "Activation", "Add", "AlphaDropout", "Average", "AveragePooling1D", "AveragePooling2D", "AveragePooling3D",
-        "BatchNormalization", "Bidirectional", "CategoryEncoding", "Concatenate", "Conv1D", "Conv2D", "Conv2DTranspose",
-        "Conv3D", "Cropping1D", "Cropping2D", "Cropping3D", "Dense", "DepthwiseConv2D", "Discretization", "Dot",
-        "Dropout", "ELU", "Embedding", "Flatten", "GRU", "GaussianDropout", "GaussianNoise", "GlobalAveragePooling1D",
-        "GlobalAveragePooling2D", "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
-        "GlobalMaxPooling3D", "GroupNormalization", "HashedCrossing", "Hashing", "Identity", "IntegerLookup", "LSTM",
-        "LayerNormalization", "LeakyReLU", "Masking", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "Maximum",
-        "Minimum", "MultiHeadAttention", "Multiply", "Normalization", "PReLU", "Permute", "RandomFlip",
+        "Activation", "ActivityRegularization", "Add", "AlphaDropout", "Average", "AveragePooling1D",
+        "AveragePooling2D", "AveragePooling3D", "BatchNormalization", "Bidirectional", "CategoryEncoding",
+        "Concatenate", "Conv1D", "Conv2D", "Conv2DTranspose", "Conv3D", "Cropping1D", "Cropping2D", "Cropping3D",
+        "Dense", "DepthwiseConv2D", "Discretization", "Dot", "Dropout", "ELU", "EinsumDense", "Embedding", "Flatten",
+        "GRU", "GaussianDropout", "GaussianNoise", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
+        "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
+        "GroupNormalization", "HashedCrossing", "Hashing", "Identity", "IntegerLookup", "LSTM", "LayerNormalization",
+        "LeakyReLU", "Masking", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "Maximum", "Minimum",
+        "MultiHeadAttention", "Multiply", "Normalization", "PReLU", "Permute", "RMSNormalization", "RandomFlip",
         "RandomRotation", "RandomTranslation", "RandomZoom", "ReLU", "RepeatVector", "Rescaling", "Reshape",
         "SeparableConv2D", "SimpleRNN", "Softmax", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
         "StringLookup", "Subtract", "TimeDistributed", "UnitNormalization", "UpSampling1D", "UpSampling2D",
@@ -59,11 +60,10 @@ LAYERS = {
         "RandomGrayscale", "RandomHue", "RandomInvert", "RandomPerspective", "RandomPosterization",
         "RandomSaturation", "RandomSharpness", "RandomShear", "Resizing", "Solarization"]},
     **{n: TODO for n in [
-        "ActivityRegularization", "AdaptiveAveragePooling1D", "AdaptiveAveragePooling2D", "AdaptiveAveragePooling3D",
-        "AdaptiveMaxPooling1D", "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D", "Conv1DTranspose", "Conv3DTranspose",
-        "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D", "DepthwiseConv1D", "EinsumDense", "GRUCell", "LSTMCell",
-        "RMSNormalization", "RNN", "ReversibleEmbedding", "SeparableConv1D", "SimpleRNNCell",
-        "SpectralNormalization", "StackedRNNCells"]},
+        "AdaptiveAveragePooling1D", "AdaptiveAveragePooling2D", "AdaptiveAveragePooling3D", "AdaptiveMaxPooling1D",
+        "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D", "Conv1DTranspose", "Conv3DTranspose", "ConvLSTM1D",
+        "ConvLSTM2D", "ConvLSTM3D", "DepthwiseConv1D", "GRUCell", "LSTMCell", "RNN", "ReversibleEmbedding",
+        "SeparableConv1D", "SimpleRNNCell", "SpectralNormalization", "StackedRNNCells"]},
 }
 
 # Layers dlcli registers that are not keras.layers, and where they come from

@@ -1,4 +1,7 @@
-"""Core layers: Dense, Activation, Identity, Flatten, Reshape, Dropout (Keras' arguments and defaults)."""
+"""Core layers: Dense, EinsumDense, Activation, Identity, Flatten, Reshape, Dropout (Keras' arguments and defaults)."""
+import re
+import string
+
 import numpy as np
 
 from dlcli.engine import activations, initializers
@@ -59,6 +62,158 @@ class Dense(Layer):
         if self.use_bias:
             y = g.op("Add", [y, g.weight(self, self.bias.value, "bias")])
         return g.activate(self.activation, g.value(y, x.rank), self.name)
+
+
+def einsum_specs(layer, equation: str, rank: int) -> tuple[str, str, str, str, str | None, int]:
+    """Keras' three EinsumDense forms "X,Y->Z", "...X,Y->...Z" and "X...,Y->Z..." for inputs of `rank` axes (the
+    batch's included) as explicit lowercase subscripts (input, kernel, output), the output's own letters (Keras'
+    output_spec, for bias_axes), which side '...' is on (None, "left", "right") and how many axes it stands for."""
+    forms = [(r"([a-zA-Z]+),([a-zA-Z]+)->([a-zA-Z]+)", None), (r"\.\.\.([a-zA-Z]+),([a-zA-Z]+)->\.\.\.([a-zA-Z]+)", "left"),
+             (r"([a-zA-Z]{2,})\.\.\.,([a-zA-Z]+)->([a-zA-Z]+)\.\.\.", "right")]
+    for pattern, side in forms:
+        match = re.fullmatch(pattern, equation.replace(" ", ""))
+        if match:
+            break
+    else:
+        raise ShapeError(f"EinsumDense '{layer.name}': equation {equation!r} is not of the form X,Y->Z, ...X,Y->...Z "
+                         f"or X...,Y->Z... (as Keras requires)")
+    x, w, z = match.groups()
+    elided = rank - len(x)
+    if elided < 0 or (side is None and elided) or (side is not None and elided == 0 and side == "right"):
+        raise ShapeError(f"EinsumDense '{layer.name}': equation {equation!r} does not fit inputs of rank {rank}")
+    used = set(x + w + z)
+    spare = "".join(c for c in string.ascii_letters if c not in used)[:elided]
+    if side == "left":
+        x, z = spare + x, spare + z
+    elif side == "right":
+        x, z = x + spare, z + spare
+    own = match.group(3)
+    letters = {c: string.ascii_lowercase[i] for i, c in enumerate(dict.fromkeys(x + w + z))}
+    if len(letters) > 26:
+        raise ShapeError(f"EinsumDense '{layer.name}': equation {equation!r} has more than 26 axes")
+    lower = lambda spec: "".join(letters[c] for c in spec)  # noqa: E731 (ONNX's Einsum takes lowercase letters)
+    return lower(x), lower(w), lower(z), lower(own), side, elided
+
+
+@register("EinsumDense")
+class EinsumDense(Layer):
+    """y = activation(einsum(equation, x, kernel) + bias), Keras' generalised Dense: the kernel's axes are the
+    equation's second operand, sized from the input's axes and `output_shape` (the output's axes after the batch's,
+    None for one taken from the input); the bias spans the output axes from the first of `bias_axes` on, 1 where
+    an axis is not in bias_axes. "ab,bc->ac" is Dense; MultiHeadAttention's projections are "abc,cde->abde"."""
+
+    activation_last = True
+
+    def __init__(self, equation: str, output_shape: int | list[int | None], activation: str | None = None,
+                 bias_axes: str | None = None, kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 kernel_regularizer=None, bias_regularizer=None, **kw):
+        super().__init__(**kw)
+        self.equation, self.bias_axes = str(equation), bias_axes
+        # `output_shape` would shadow Layer.output_shape(): kept as Keras' partial_output_shape
+        self.partial_output_shape = (output_shape,) if isinstance(output_shape, (int, np.integer)) or \
+            output_shape is None else tuple(output_shape)
+        self.activation = activations.get(activation)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer, self.bias_regularizer = kernel_regularizer, bias_regularizer
+
+    def _analyze(self, input_shape):
+        """(input, kernel, output subscripts, output shape, kernel shape, bias shape or None, fan_in, fan_out), as
+        Keras' _analyze_einsum_string sizes them (the kernel's input axes give fan_in, its output axes fan_out)."""
+        x, w, z, own, side, elided = einsum_specs(self, self.equation, len(input_shape) + 1)
+        sizes = dict(zip(x, (None, *input_shape)))
+        partial = list(self.partial_output_shape)
+        # Keras puts the batch first, then what '...' stands for on its side: the output_shape given covers the
+        # output's own axes after the batch's, or all of them when '...' on the left holds the batch
+        if side == "left" and elided:
+            full = [None, *input_shape[:elided - 1], *partial]
+        elif side == "right":
+            full = [None, *partial, *input_shape[len(input_shape) - elided:]]
+        else:
+            full = [None, *partial]
+        if len(full) != len(z):
+            raise ShapeError(f"EinsumDense '{self.name}': output_shape {list(partial)} gives {len(full) - 1} output "
+                             f"axes after the batch's; equation {self.equation!r} has {len(z) - 1}")
+        out = {}
+        for c, n in zip(z[1:], full[1:]):
+            if c in sizes and n is not None and n != sizes[c]:
+                raise ShapeError(f"EinsumDense '{self.name}': output_shape says {n} where the input has "
+                                 f"{sizes[c]} on the axis they share in {self.equation!r}")
+            if c not in sizes and c not in w:
+                raise ShapeError(f"EinsumDense '{self.name}': output axis '{c}' of {self.equation!r} is in neither "
+                                 f"the input nor the kernel")
+            out[c] = sizes.get(c, n)
+            if out[c] is None:
+                raise ShapeError(f"EinsumDense '{self.name}': output_shape leaves axis '{c}' of {self.equation!r} "
+                                 f"unknown (None is only for axes the input gives)")
+        if any(c not in out and c not in sizes for c in w) or x[0] in w or z[0] != x[0]:
+            raise ShapeError(f"EinsumDense '{self.name}': in {self.equation!r} the batch axis must lead the input and "
+                             f"the output, and every kernel axis be another input or output axis")
+        kernel = tuple(int(out[c]) if c in out else int(sizes[c]) for c in w)
+        fan_in = int(np.prod([n for c, n in zip(w, kernel) if c not in out]))
+        fan_out = int(np.prod([n for c, n in zip(w, kernel) if c in out]))
+        bias = None
+        if self.bias_axes is not None:
+            letters = dict(zip(self.equation.split("->")[1].replace(".", ""), own))
+            if not self.bias_axes or any(c not in letters for c in self.bias_axes):
+                raise ShapeError(f"EinsumDense '{self.name}': bias_axes {self.bias_axes!r} must name axes of the "
+                                 f"output in {self.equation!r}")
+            chosen = {letters[c] for c in self.bias_axes}
+            first = min(own.index(c) for c in chosen)
+            bias = (*(int(out[c]) if c in chosen else 1 for c in own[first:]), *(1,) * (elided * (side == "right")))
+        return x, w, z, tuple(int(out[c]) for c in z[1:]), kernel, bias, fan_in, fan_out
+
+    def build(self, input_shape):
+        self.specs = self._analyze(tuple(input_shape))
+        _, _, _, _, kernel, bias, fan_in, fan_out = self.specs
+        self.kernel = self.add_weight("kernel", kernel, "zeros", self.kernel_regularizer)
+        init = self.kernel_initializer
+        # Keras gives a VarianceScaling kernel initializer the kernel's input and output axes: the fans are their
+        # sizes' products, whatever the kernel's rank (a (features, heads, head_dim) kernel is not a convolution)
+        shape = (fan_in, fan_out) if isinstance(init, initializers.VarianceScaling) else kernel
+        self.kernel.value = init(shape, self.rng, self.dtype).reshape(kernel)
+        if bias is not None:
+            self.bias = self.add_weight("bias", bias, self.bias_initializer, self.bias_regularizer)
+
+    def output_shape(self, input_shape):
+        return self._analyze(tuple(input_shape))[3]
+
+    def flops(self, input_shape):
+        x, w, z, out, kernel, *_ = self._analyze(tuple(input_shape))
+        sizes = {**dict(zip(x[1:], input_shape)), **dict(zip(w, kernel)), **dict(zip(z[1:], out))}
+        return 2 * int(np.prod(list(sizes.values())))
+
+    def forward(self, x, training=False):
+        self.x = x
+        i, w, z = self.specs[:3]
+        y = np.einsum(f"{i},{w}->{z}", x, self.kernel.value, optimize=True)
+        if self.specs[5] is not None:
+            y += self.bias.value
+        return activations.activate_owned(self, y)
+
+    def backward(self, grad):
+        g = self.activation_backward(grad)
+        i, w, z = self.specs[:3]
+        if self.specs[5] is not None and self.bias.grad is not None:
+            b = self.bias.grad
+            lead = g.sum(tuple(range(g.ndim - b.ndim)))
+            self.bias.grad += lead.sum(tuple(a for a, n in enumerate(b.shape) if n == 1), keepdims=True)
+        if self.kernel.grad is not None:
+            self.kernel.grad += np.einsum(f"{i},{z}->{w}", self.x, g, optimize=True)
+        if not self.input_grad_needed:
+            return None
+        kept = "".join(c for c in i if c in z or c in w)  # an input axis summed away gets the same gradient along it
+        dx = np.einsum(f"{z},{w}->{kept}", g, self.kernel.value, optimize=True)
+        dx = dx.reshape([n if c in kept else 1 for c, n in zip(i, self.x.shape)])
+        return dx if dx.shape == self.x.shape else np.broadcast_to(dx, self.x.shape).copy()
+
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.last(x)
+        i, w, z = self.specs[:3]
+        y = g.op("Einsum", [x.name, g.weight(self, self.kernel.value, "kernel")], equation=f"{i},{w}->{z}")
+        if self.specs[5] is not None:
+            y = g.op("Add", [y, g.weight(self, self.bias.value, "bias")])
+        return g.activate(self.activation, g.value(y, len(z)), self.name)
 
 
 @register("Activation")

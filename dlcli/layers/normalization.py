@@ -1,5 +1,5 @@
-"""BatchNormalization, LayerNormalization, GroupNormalization, UnitNormalization and Normalization with Keras'
-arguments, defaults and weight order (gamma, beta, ...; mean, variance, count)."""
+"""BatchNormalization, LayerNormalization, RMSNormalization, GroupNormalization, UnitNormalization and Normalization
+with Keras' arguments, defaults and weight order (gamma, beta, ...; mean, variance, count)."""
 import numpy as np
 
 from dlcli.engine import initializers
@@ -292,6 +292,46 @@ class LayerNormalization(_Normalization):
         inv_std = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.scalar(self.epsilon)])])])
         y = g.op("Mul", [g.op("Mul", [centered, inv_std]), g.weight(self, gamma.reshape(self.param_view), "gamma")])
         return g.value(g.op("Add", [y, g.weight(self, beta.reshape(self.param_view), "beta")], self.name), x.rank)
+
+
+@register("RMSNormalization")
+class RMSNormalization(Layer):
+    """x / sqrt(mean(x^2 over `axis`) + epsilon) * scale (Zhang & Sennrich 2019): no centring and no offset; Keras'
+    weight `scale` (ones) over the axis, epsilon 1e-6. The axes must be the trailing ones: Keras' torch backend
+    normalises over the last axes whatever `axis` says, its others over `axis`, so elsewhere they disagree."""
+
+    supports_masking = True
+
+    def __init__(self, axis: int | list[int] = -1, epsilon: float = 1e-6, **kw):
+        super().__init__(**kw)
+        self.axis = axis if isinstance(axis, int) else [int(a) for a in axis]
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        axes = _axes(self.axis, len(input_shape), self)
+        if axes != tuple(range(len(input_shape) - len(axes), len(input_shape))):
+            raise ShapeError(f"RMSNormalization '{self.name}': axis {self.axis} must be the last axes of inputs of "
+                             f"rank {len(input_shape) + 1} (Keras' backends disagree on any other)")
+        self.norm_axes = tuple(a + 1 for a in axes)
+        self.scale = self.add_weight("scale", tuple(input_shape[a] for a in axes), "ones")
+
+    def forward(self, x, training=False):
+        self.inv_rms = 1 / np.sqrt(_mean(x * x, self.norm_axes) + x.dtype.type(self.epsilon))
+        self.xhat = x * self.inv_rms
+        return self.xhat * self.scale.value
+
+    def backward(self, grad):
+        if self.scale.grad is not None:
+            self.scale.grad += (grad * self.xhat).reshape(-1, *self.scale.value.shape).sum(0)
+        dxhat = grad * self.scale.value
+        return (dxhat - self.xhat * _mean(dxhat * self.xhat, self.norm_axes)) * self.inv_rms
+
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.last(x)
+        mean_square = g.reduce("ReduceMean", g.op("Mul", [x.name, x.name]), self.norm_axes)
+        inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean_square, g.scalar(self.epsilon)])])])
+        y = g.op("Mul", [g.op("Mul", [x.name, inv]), g.weight(self, self.scale.value, "scale")], self.name)
+        return g.value(y, x.rank)
 
 
 @register("GroupNormalization")

@@ -1,5 +1,6 @@
 """Noise layers (keras.layers GaussianNoise, GaussianDropout, AlphaDropout): random only while training, the
-identity at inference (and in ONNX). Their noise comes from the layer's seeded generator, like Dropout's."""
+identity at inference (and in ONNX). Their noise comes from the layer's seeded generator, like Dropout's. And
+ActivityRegularization, the identity that adds a penalty on its input to the training loss."""
 import math
 
 import numpy as np
@@ -83,3 +84,39 @@ class AlphaDropout(_Noise):
         b = -a * alpha_p * self.rate
         self.factor = np.broadcast_to(kept * x.dtype.type(a), x.shape)
         return (x * self.factor + ((1 - kept) * alpha_p * a + b)).astype(x.dtype, copy=False)
+
+
+@register("ActivityRegularization")
+class ActivityRegularization(Layer):
+    """The identity, adding (l1 * sum|x| + l2 * sum x^2) / batch size to the training loss (Keras' L1L2 activity
+    regularizer, divided by the batch size as Keras 3 does) and its gradient to the input's. Counted in the
+    training loss and its gradients; evaluation losses leave it out (dlcli adds weight penalties only there)."""
+
+    supports_masking = True
+
+    def __init__(self, l1: float = 0.0, l2: float = 0.0, **kw):
+        super().__init__(**kw)
+        if l1 < 0 or l2 < 0:
+            raise ConfigError(f"ActivityRegularization: l1 and l2 cannot be negative; got {l1}, {l2}")
+        self.l1, self.l2 = float(l1), float(l2)
+        self.x = None
+
+    def forward(self, x, training=False):
+        self.x = x if training else None
+        return x
+
+    def regularization_loss(self) -> float:
+        if self.x is None:
+            return 0.0
+        x = self.x
+        return float(self.l1 * np.abs(x).sum(dtype=np.float64) + self.l2 * np.square(x).sum(dtype=np.float64)) \
+            / len(x)
+
+    def backward(self, grad):
+        if self.x is None:
+            return grad
+        x, scale = self.x, self.x.dtype.type(1 / len(self.x))
+        return grad + (self.l1 * scale) * np.sign(x) + (2 * self.l2 * scale) * x
+
+    def to_onnx(self, g, x, in_shape, mask):
+        return x  # the identity at inference

@@ -38,6 +38,12 @@ EMBED = L("Embedding", input_dim=4, output_dim=3, mask_zero=True)  # about one i
 CASES = {
     "Dense": seq([6], L("Dense", units=4, activation="relu")),
     "Dense-rank3-softmax": seq([3, 6], L("Dense", units=4, activation="softmax")),
+    "EinsumDense": seq([5, 4], L("EinsumDense", equation="abc,cde->abde", output_shape=[None, 2, 3], bias_axes="de",
+                                 activation="relu")),
+    "EinsumDense-summed-axis": seq([3, 4], L("EinsumDense", equation="abc,bd->ad", output_shape=2)),
+    "EinsumDense-ellipsis": seq([3, 2], L("EinsumDense", equation="ab...,bc->ac...", output_shape=4, bias_axes="c")),
+    "RMSNormalization": seq([3, 4], L("RMSNormalization", axis=[-2, -1])),
+    "ActivityRegularization": seq([4], L("ActivityRegularization", l1=0.1), L("Dense", units=2)),
     "Activation": seq([5], L("Activation", activation="gelu")),
     "Activation-glu-axis1": seq([4, 3], L("Activation", activation={"type": "glu", "axis": 1})),
     "ReLU": seq([2, 5], L("ReLU", max_value=6.0)),

@@ -15,6 +15,14 @@ GRADIENT_CASES = {
     "Flatten": [({}, (2, 3, 2), {})],
     "Identity": [({}, (2, 3), {})],
     "Reshape": [({"target_shape": [3, -1]}, (2, 3, 2), {})],
+    "EinsumDense": [({"equation": "ab,bc->ac", "output_shape": 4, "bias_axes": "c"}, (3,), {}),
+                    ({"equation": "abc,cd->abd", "output_shape": [None, 4], "activation": "tanh"}, (5, 3), {}),
+                    ({"equation": "abc,cde->abde", "output_shape": [None, 2, 3], "bias_axes": "de"}, (4, 5), {}),
+                    ({"equation": "abcd,cde->abe", "output_shape": [None, 3], "bias_axes": "e"}, (2, 2, 3), {}),
+                    ({"equation": "abc,cd->abd", "output_shape": [5, 4], "bias_axes": "b"}, (5, 3), {}),
+                    ({"equation": "abc,bd->ad", "output_shape": 2}, (3, 4), {}),
+                    ({"equation": "...b,bc->...c", "output_shape": 4, "bias_axes": "c"}, (2, 3), {}),
+                    ({"equation": "ab...,bc->ac...", "output_shape": 4, "bias_axes": "c"}, (3, 2), {})],
     "Dropout": [({"rate": 0.5}, (8,), {"training": True}), ({"rate": 0.3}, (8,), {}),
                 ({"rate": 0.5, "noise_shape": [None, 1, 4]}, (3, 4), {"training": True})],
 }
@@ -102,3 +110,35 @@ def test_dropout_noise_shape_is_keras_one_entry_per_axis_batch_included():
     assert all(len(np.unique(sample)) == 1 for sample in y) and set(np.unique(y)) == {0.0, 2.0}
     with pytest.raises(ShapeError, match="one entry per axis of the input, batch included"):
         layers.Dropout(0.5, noise_shape=[1, 3]).forward(np.ones((2, 2, 3), np.float32), training=True)
+
+
+@pytest.mark.parametrize("equation,output_shape,bias_axes,shape,kernel,bias,out", [
+    ("ab,bc->ac", 4, "c", (3,), (3, 4), (4,), (4,)),
+    ("abc,cde->abde", [None, 2, 3], "de", (5, 4), (4, 2, 3), (2, 3), (5, 2, 3)),
+    ("abcd,cde->abe", [None, 6], "e", (5, 2, 3), (2, 3, 6), (6,), (5, 6)),
+    ("abc,cd->abd", [5, 4], "b", (5, 3), (3, 4), (5, 1), (5, 4)),
+    ("ab...,bc->ac...", 4, "c", (3, 2), (3, 4), (4, 1), (4, 2))])
+def test_einsum_dense_sizes_its_weights_as_keras(equation, output_shape, bias_axes, shape, kernel, bias, out):
+    layer = layers.EinsumDense(equation, output_shape, bias_axes=bias_axes)
+    layer.ensure_built(shape)
+    assert (layer.kernel.value.shape, layer.bias.value.shape, layer.output_shape(shape)) == (kernel, bias, out)
+    assert layer.get_config()["output_shape"] == output_shape
+
+
+def test_einsum_dense_fans_are_the_kernels_input_and_output_axes():
+    # Keras: glorot_uniform on a (64, 8, 16) projection kernel has fans 64 and 128, not a convolution's 8*64 ...
+    layer = layers.EinsumDense("abc,cde->abde", [None, 8, 16])
+    layer.ensure_built((10, 64), np.random.default_rng(0))
+    limit = np.sqrt(6 / (64 + 128))
+    assert np.abs(layer.kernel.value).max() <= limit and np.abs(layer.kernel.value).max() > 0.99 * limit
+
+
+@pytest.mark.parametrize("equation,output_shape,shape,needle", [
+    ("ab,bc", 4, (3,), "not of the form"), ("abc,cd->abd", [None, 4], (3,), "does not fit"),
+    ("ab,bc->ac", [4, 2], (3,), "gives 2 output axes"), ("abc,cd->abd", [6, 4], (5, 3), "output_shape says 6"),
+    ("ab,bc->ad", 4, (3,), "in neither the input nor the kernel")])
+def test_einsum_dense_bad_equations_name_the_problem(equation, output_shape, shape, needle):
+    with pytest.raises(ShapeError, match=needle):
+        layers.EinsumDense(equation, output_shape).output_shape(shape)
+    with pytest.raises(ShapeError, match="bias_axes 'z'"):
+        layers.EinsumDense("ab,bc->ac", 4, bias_axes="z").output_shape((3,))

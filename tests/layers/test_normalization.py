@@ -15,6 +15,8 @@ GRADIENT_CASES = {
                        (2, 2), {})],
     "GroupNormalization": [({"groups": 2}, (3, 4), {}), ({"groups": 3, "center": False}, (2, 2, 6), {}),
                            ({"groups": 1, "scale": False}, (5,), {"batch": 2})],
+    "RMSNormalization": [({}, (5,), {}), ({"axis": [-2, -1], "epsilon": 0.1}, (2, 3, 4), {}),
+                         ({"axis": 2}, (3, 4), {})],
     "UnitNormalization": [({}, (5,), {}), ({"axis": [1, 2]}, (2, 3), {})],
     "BatchNormalization": [({}, (4,), {"training": True, "batch": 5}),
                            ({}, (3, 4, 2), {"training": True}),
@@ -181,3 +183,12 @@ train: {{epochs: 1}}
     with np.load(run.dir / "weights" / "last.npz") as weights:
         mean = next(weights[k] for k in weights.files if k.endswith("/mean"))
     np.testing.assert_allclose(mean, x.mean(0), rtol=1e-5)  # stored in the run with the other weights
+
+
+def test_rms_normalization_weights_and_axes():
+    layer = layers.RMSNormalization()
+    y = layer(np.full((2, 3, 4), 2.0, np.float32))
+    assert [p.name for p in layer.weights] == ["scale"] and layer.scale.value.shape == (4,)
+    np.testing.assert_allclose(y, 1.0, rtol=1e-6)  # 2 / sqrt(4 + 1e-6)
+    with pytest.raises(ShapeError, match="must be the last axes"):
+        layers.RMSNormalization(axis=1).ensure_built((3, 4))

@@ -10,6 +10,7 @@ from tests.gradcheck import check_layer
 GRADIENT_CASES = {
     "GaussianNoise": [({"stddev": 0.3}, (5,), {"training": True}), ({"stddev": 0.3}, (5,), {})],
     "GaussianDropout": [({"rate": 0.3}, (2, 4), {"training": True})],
+    "ActivityRegularization": [({"l1": 0.1, "l2": 0.2}, (5,), {})],
     "AlphaDropout": [({"rate": 0.3}, (6,), {"training": True}),
                      ({"rate": 0.4, "noise_shape": [None, 1, None]}, (3, 4), {"training": True})],
 }
@@ -41,3 +42,20 @@ def test_rates_are_checked():
         layers.AlphaDropout(1.0)
     with pytest.raises(ConfigError, match="stddev cannot be negative"):
         layers.GaussianNoise(-1)
+
+
+def test_activity_regularization_adds_keras_penalty_and_its_gradient_while_training():
+    from tests.gradcheck import assert_close, numeric_grad
+
+    layer = layers.ActivityRegularization(l1=0.1, l2=0.2)
+    x = np.random.default_rng(0).normal(0, 1, (4, 3))
+    assert layer.forward(x) is x and layer.regularization_loss() == 0.0 and layer.backward(x) is x
+    layer.forward(x, training=True)
+    # Keras 3: L1L2(l1, l2)(x) / batch size
+    assert layer.regularization_loss() == pytest.approx((0.1 * np.abs(x).sum() + 0.2 * (x * x).sum()) / 4)
+    r = np.random.default_rng(1).normal(0, 1, x.shape)
+
+    def loss():
+        return float((layer.forward(x, training=True) * r).sum() + layer.regularization_loss())
+
+    assert_close(layer.backward(r), numeric_grad(loss, x), "d/dx")
