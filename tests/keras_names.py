@@ -19,19 +19,21 @@ AUGMENT = TODO + ": image preprocessing/augmentation"
 
 LAYERS = {
     **{n: DONE for n in [
-        "Activation", "ActivityRegularization", "Add", "AlphaDropout", "Average", "AveragePooling1D",
-        "AveragePooling2D", "AveragePooling3D", "BatchNormalization", "Bidirectional", "CategoryEncoding",
-        "Concatenate", "Conv1D", "Conv2D", "Conv2DTranspose", "Conv3D", "Cropping1D", "Cropping2D", "Cropping3D",
-        "Dense", "DepthwiseConv2D", "Discretization", "Dot", "Dropout", "ELU", "EinsumDense", "Embedding", "Flatten",
-        "GRU", "GaussianDropout", "GaussianNoise", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
+        "Activation", "ActivityRegularization", "AdaptiveAveragePooling1D", "AdaptiveAveragePooling2D",
+        "AdaptiveAveragePooling3D", "AdaptiveMaxPooling1D", "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D", "Add",
+        "AlphaDropout", "Average", "AveragePooling1D", "AveragePooling2D", "AveragePooling3D", "BatchNormalization",
+        "Bidirectional", "CategoryEncoding", "Concatenate", "Conv1D", "Conv1DTranspose", "Conv2D", "Conv2DTranspose",
+        "Conv3D", "Conv3DTranspose", "Cropping1D", "Cropping2D", "Cropping3D", "Dense", "DepthwiseConv1D",
+        "DepthwiseConv2D", "Discretization", "Dot", "Dropout", "ELU", "EinsumDense", "Embedding", "Flatten", "GRU",
+        "GaussianDropout", "GaussianNoise", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
         "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
         "GroupNormalization", "HashedCrossing", "Hashing", "Identity", "IntegerLookup", "LSTM", "LayerNormalization",
         "LeakyReLU", "Masking", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "Maximum", "Minimum",
         "MultiHeadAttention", "Multiply", "Normalization", "PReLU", "Permute", "RMSNormalization", "RandomFlip",
         "RandomRotation", "RandomTranslation", "RandomZoom", "ReLU", "RepeatVector", "Rescaling", "Reshape",
-        "SeparableConv2D", "SimpleRNN", "Softmax", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
-        "StringLookup", "Subtract", "TimeDistributed", "UnitNormalization", "UpSampling1D", "UpSampling2D",
-        "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D"]},
+        "SeparableConv1D", "SeparableConv2D", "SimpleRNN", "Softmax", "SpatialDropout1D", "SpatialDropout2D",
+        "SpatialDropout3D", "StringLookup", "Subtract", "TimeDistributed", "UnitNormalization", "UpSampling1D",
+        "UpSampling2D", "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D"]},
     **{f"{a}{d}": ALIAS(f"{c}{d}") for a, c in [("AvgPool", "AveragePooling"), ("MaxPool", "MaxPooling"),
                                                 ("GlobalAvgPool", "GlobalAveragePooling"),
                                                 ("GlobalMaxPool", "GlobalMaxPooling")] for d in ("1D", "2D", "3D")},
@@ -60,10 +62,8 @@ LAYERS = {
         "RandomGrayscale", "RandomHue", "RandomInvert", "RandomPerspective", "RandomPosterization",
         "RandomSaturation", "RandomSharpness", "RandomShear", "Resizing", "Solarization"]},
     **{n: TODO for n in [
-        "AdaptiveAveragePooling1D", "AdaptiveAveragePooling2D", "AdaptiveAveragePooling3D", "AdaptiveMaxPooling1D",
-        "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D", "Conv1DTranspose", "Conv3DTranspose", "ConvLSTM1D",
-        "ConvLSTM2D", "ConvLSTM3D", "DepthwiseConv1D", "GRUCell", "LSTMCell", "RNN", "ReversibleEmbedding",
-        "SeparableConv1D", "SimpleRNNCell", "SpectralNormalization", "StackedRNNCells"]},
+        "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D", "GRUCell", "LSTMCell", "RNN", "ReversibleEmbedding", "SimpleRNNCell",
+        "SpectralNormalization", "StackedRNNCells"]},
 }
 
 # Layers dlcli registers that are not keras.layers, and where they come from

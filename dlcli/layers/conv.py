@@ -1,4 +1,4 @@
-"""Convolutions, channels_last: Conv1D/2D/3D, Conv2DTranspose, DepthwiseConv2D, SeparableConv2D.
+"""Convolutions, channels_last: Conv1D/2D/3D, Conv1D/2D/3DTranspose, DepthwiseConv1D/2D, SeparableConv1D/2D.
 
 Arguments, defaults and weight layouts are Keras': kernel (*kernel_size, in, filters), transposed kernel
 (*kernel_size, filters, in), depthwise kernel (*kernel_size, in, depth_multiplier). Each pass is im2col + one
@@ -139,9 +139,8 @@ class Conv3D(_Conv):
     rank = 3
 
 
-@register("Conv2DTranspose")
-class Conv2DTranspose(_Windowed):
-    """The adjoint (gradient) of a Conv2D, as TF's conv2d_transpose; kernel (kh, kw, filters, in) as Keras.
+class _ConvTranspose(_Windowed):
+    """The adjoint (gradient) of a convolution, as TF's conv_transpose; kernel (*kernel_size, filters, in) as Keras.
 
     Output length per axis (Keras' deconv_output_length): valid n*s + max(k - s, 0), same n*s, or with
     output_padding p: (n - 1)*s + k - 2*pad + p (pad = k // 2 for same).
@@ -157,8 +156,8 @@ class Conv2DTranspose(_Windowed):
         self.output_padding = None if output_padding is None else tuple(
             int(v) for v in ([output_padding] * self.rank if isinstance(output_padding, int) else output_padding))
         if self.output_padding is not None and any(p >= s for p, s in zip(self.output_padding, self.strides)):
-            raise ConfigError(f"Conv2DTranspose: output_padding {self.output_padding} must be smaller than strides "
-                              f"{self.strides} (as Keras requires)")
+            raise ConfigError(f"{type(self).__name__}: output_padding {self.output_padding} must be smaller than "
+                              f"strides {self.strides} (as Keras requires)")
         self.activation = activations.get(activation)
         self.kernel_initializer = initializers.get(kernel_initializer)
         self.bias_initializer = initializers.get(bias_initializer)
@@ -230,7 +229,8 @@ class Conv2DTranspose(_Windowed):
             full = (n - 1) * s + k  # the scatter's extent; dlcli crops `before` and keeps m values from there
             onnx_pads.append((before, max(full - before - m, 0)))
             output_padding.append(max(before + m - full, 0))
-        kernel = self.kernel.value.transpose(3, 2, 0, 1)  # (kh, kw, out, in) -> ONNX's (in, out, kh, kw)
+        k = self.rank
+        kernel = self.kernel.value.transpose(k + 1, k, *range(k))  # (*k, out, in) -> ONNX's (in, out, *k)
         inputs = [x.name, g.weight(self, kernel, "kernel")]
         if self.use_bias:
             inputs.append(g.weight(self, self.bias.value, "bias"))
@@ -238,6 +238,21 @@ class Conv2DTranspose(_Windowed):
                  strides=list(self.strides), dilations=list(self.dilation_rate), pads=g.pads(onnx_pads),
                  output_padding=output_padding)
         return g.activate(self.activation, g.value(y, x.rank, True))
+
+
+@register("Conv1DTranspose")
+class Conv1DTranspose(_ConvTranspose):
+    rank = 1
+
+
+@register("Conv2DTranspose")
+class Conv2DTranspose(_ConvTranspose):
+    rank = 2
+
+
+@register("Conv3DTranspose")
+class Conv3DTranspose(_ConvTranspose):
+    rank = 3
 
 
 class _Depthwise(_Windowed):
@@ -267,15 +282,15 @@ class _Depthwise(_Windowed):
     def _depthwise_onnx(self, g, x, in_shape, kernel, tag) -> str:
         """Grouped Conv, one group per input channel; output channel c * depth_multiplier + m as TF (and ONNX)."""
         _, pads = cm.geometry(in_shape[:-1], self.kernel_size, self.strides, self.padding, self.dilation_rate)
-        kh, kw, cin, dm = kernel.shape
-        w = kernel.reshape(kh, kw, cin * dm).transpose(2, 0, 1)[:, None]
-        return g.op("Conv", [x.name, g.weight(self, w, tag)], f"{self.name}_{tag}", kernel_shape=[kh, kw],
+        *k, cin, dm = kernel.shape
+        w = kernel.reshape(*k, cin * dm).transpose(self.rank, *range(self.rank))[:, None]
+        return g.op("Conv", [x.name, g.weight(self, w, tag)], f"{self.name}_{tag}", kernel_shape=k,
                     strides=list(self.strides), dilations=list(self.dilation_rate), pads=g.pads(pads), group=cin)
 
 
-@register("DepthwiseConv2D")
-class DepthwiseConv2D(_Depthwise):
-    """Weights: kernel (kh, kw, in, depth_multiplier) then bias (in * depth_multiplier), as Keras 3 names them."""
+class _DepthwiseConv(_Depthwise):
+    """Weights: kernel (*kernel_size, in, depth_multiplier) then bias (in * depth_multiplier), as Keras 3 names
+    them."""
 
     def __init__(self, kernel_size: Sizes, strides: Sizes = 1, padding: str = "valid", depth_multiplier: Size = 1,
                  dilation_rate: Sizes = 1, activation: str | None = None, use_bias: bool = True,
@@ -316,14 +331,23 @@ class DepthwiseConv2D(_Depthwise):
         x = g.first(x)
         y = self._depthwise_onnx(g, x, in_shape, self.kernel.value, "depthwise")
         if self.use_bias:
-            y = g.op("Add", [y, g.weight(self, self.bias.value.reshape(-1, 1, 1), "bias")], self.name)
-        return g.activate(self.activation, g.value(y, 4, True))
+            y = g.op("Add", [y, g.weight(self, self.bias.value.reshape(-1, *(1,) * self.rank), "bias")], self.name)
+        return g.activate(self.activation, g.value(y, self.rank + 2, True))
 
 
-@register("SeparableConv2D")
-class SeparableConv2D(_Depthwise):
-    """Depthwise then pointwise (1x1) convolution. Weights, as Keras: depthwise_kernel (kh, kw, in, dm),
-    pointwise_kernel (1, 1, in * dm, filters), bias (filters)."""
+@register("DepthwiseConv1D")
+class DepthwiseConv1D(_DepthwiseConv):
+    rank = 1
+
+
+@register("DepthwiseConv2D")
+class DepthwiseConv2D(_DepthwiseConv):
+    rank = 2
+
+
+class _SeparableConv(_Depthwise):
+    """Depthwise then pointwise (1x1) convolution. Weights, as Keras: depthwise_kernel (*kernel_size, in, dm),
+    pointwise_kernel (1, ..., in * dm, filters), bias (filters)."""
 
     def __init__(self, filters: Size, kernel_size: Sizes, strides: Sizes = 1, padding: str = "valid",
                  depth_multiplier: Size = 1, dilation_rate: Sizes = 1, activation: str | None = None,
@@ -346,7 +370,7 @@ class SeparableConv2D(_Depthwise):
         self.depthwise_kernel = self.add_weight("depthwise_kernel", (*self.kernel_size, input_shape[-1],
                                                                      self.depth_multiplier),
                                                 self.depthwise_initializer, self.depthwise_regularizer)
-        self.pointwise_kernel = self.add_weight("pointwise_kernel", (1, 1, mid, self.filters),
+        self.pointwise_kernel = self.add_weight("pointwise_kernel", (*(1,) * self.rank, mid, self.filters),
                                                 self.pointwise_initializer, self.pointwise_regularizer)
         if self.use_bias:
             self.bias = self.add_weight("bias", (self.filters,), self.bias_initializer, self.bias_regularizer)
@@ -356,7 +380,7 @@ class SeparableConv2D(_Depthwise):
 
     def forward(self, x, training=False):
         self.mid = self._depthwise_forward(x, self.depthwise_kernel.value)
-        y = np.dot(self.mid.reshape(-1, self.mid.shape[-1]), self.pointwise_kernel.value[0, 0])
+        y = np.dot(self.mid.reshape(-1, self.mid.shape[-1]), self.pointwise_kernel.value[(0,) * self.rank])
         if self.use_bias:
             y += self.bias.value
         return self.activate(y.reshape(*self.mid.shape[:-1], self.filters))
@@ -367,16 +391,27 @@ class SeparableConv2D(_Depthwise):
         if self.use_bias and self.bias.grad is not None:
             self.bias.grad += g.sum(0)
         if self.pointwise_kernel.grad is not None:
-            self.pointwise_kernel.grad[0, 0] += np.dot(mid2.T, g)
-        gmid = np.dot(g, self.pointwise_kernel.value[0, 0].T).reshape(self.mid.shape)
+            self.pointwise_kernel.grad[(0,) * self.rank] += np.dot(mid2.T, g)
+        gmid = np.dot(g, self.pointwise_kernel.value[(0,) * self.rank].T).reshape(self.mid.shape)
         return self._depthwise_backward(gmid, self.depthwise_kernel.value, self.depthwise_kernel.grad)
 
     def to_onnx(self, g, x, in_shape, mask):
         x = g.first(x)
         mid = self._depthwise_onnx(g, x, in_shape, self.depthwise_kernel.value, "depthwise")
-        pointwise = self.pointwise_kernel.value[0, 0].T[:, :, None, None]  # (mid, out) -> (out, mid, 1, 1)
+        # (mid, out) -> ONNX's (out, mid, 1, ...)
+        pointwise = self.pointwise_kernel.value[(0,) * self.rank].T.reshape(self.filters, -1, *(1,) * self.rank)
         inputs = [mid, g.weight(self, pointwise, "pointwise")]
         if self.use_bias:
             inputs.append(g.weight(self, self.bias.value, "bias"))
-        y = g.op("Conv", inputs, self.name, kernel_shape=[1, 1])
-        return g.activate(self.activation, g.value(y, 4, True))
+        y = g.op("Conv", inputs, self.name, kernel_shape=[1] * self.rank)
+        return g.activate(self.activation, g.value(y, self.rank + 2, True))
+
+
+@register("SeparableConv1D")
+class SeparableConv1D(_SeparableConv):
+    rank = 1
+
+
+@register("SeparableConv2D")
+class SeparableConv2D(_SeparableConv):
+    rank = 2

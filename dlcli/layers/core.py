@@ -68,7 +68,8 @@ def einsum_specs(layer, equation: str, rank: int) -> tuple[str, str, str, str, s
     """Keras' three EinsumDense forms "X,Y->Z", "...X,Y->...Z" and "X...,Y->Z..." for inputs of `rank` axes (the
     batch's included) as explicit lowercase subscripts (input, kernel, output), the output's own letters (Keras'
     output_spec, for bias_axes), which side '...' is on (None, "left", "right") and how many axes it stands for."""
-    forms = [(r"([a-zA-Z]+),([a-zA-Z]+)->([a-zA-Z]+)", None), (r"\.\.\.([a-zA-Z]+),([a-zA-Z]+)->\.\.\.([a-zA-Z]+)", "left"),
+    forms = [(r"([a-zA-Z]+),([a-zA-Z]+)->([a-zA-Z]+)", None),
+             (r"\.\.\.([a-zA-Z]+),([a-zA-Z]+)->\.\.\.([a-zA-Z]+)", "left"),
              (r"([a-zA-Z]{2,})\.\.\.,([a-zA-Z]+)->([a-zA-Z]+)\.\.\.", "right")]
     for pattern, side in forms:
         match = re.fullmatch(pattern, equation.replace(" ", ""))

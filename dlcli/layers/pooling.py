@@ -1,4 +1,5 @@
-"""Pooling, channels_last: Max/AveragePooling1D/2D/3D and the global poolings (Keras' arguments and defaults).
+"""Pooling, channels_last: Max/AveragePooling1D/2D/3D, the global and the adaptive poolings (Keras' arguments and
+defaults).
 
 Max pooling keeps the in-window argmax offset of every output (one byte each), not the windows; both directions
 loop over the pool's offsets only.
@@ -232,4 +233,141 @@ class GlobalAveragePooling2D(_GlobalAveragePooling):
 
 @register("GlobalAveragePooling3D")
 class GlobalAveragePooling3D(_GlobalAveragePooling):
+    rank = 3
+
+
+def adaptive_windows(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's adaptive windows along one axis, which Keras 3 uses: output i covers [floor(i * size / out),
+    ceil((i + 1) * size / out)). Returns each window's indices padded with its last one to the widest window's
+    length (out, widest), and each window's length."""
+    i = np.arange(out)
+    start, end = i * size // out, -(-(i + 1) * size // out)
+    widest = int((end - start).max())
+    index = np.minimum(start[:, None] + np.arange(widest), end[:, None] - 1)
+    return index, end - start
+
+
+class _AdaptivePooling(Layer):
+    """Pools to a fixed `output_size` whatever the input's spatial sizes (channels last): adjacent windows overlap
+    by one element where a size does not divide evenly, as in Keras 3 (PyTorch's rule)."""
+
+    rank = 2
+
+    def __init__(self, output_size: Sizes, data_format: str | None = None, **kw):
+        super().__init__(**kw)
+        self.output_size = cm.as_tuple(output_size, self.rank, "output_size", type(self).__name__)
+        if data_format not in (None, "channels_last"):
+            raise ConfigError(f"{type(self).__name__}: dlcli is channels_last only; got data_format {data_format!r}")
+        self.data_format = data_format
+
+    def build(self, input_shape):
+        cm.spatial_geometry(self, input_shape, self.rank, (1,) * self.rank, (1,) * self.rank, "valid")
+
+    def output_shape(self, input_shape):
+        self.build(input_shape)
+        return (*self.output_size, input_shape[-1])
+
+    def _windows(self, sizes):
+        return [adaptive_windows(n, m) for n, m in zip(sizes, self.output_size)]
+
+
+class _AdaptiveAveragePooling(_AdaptivePooling):
+    """Each axis in turn through an (out, in) averaging matrix: the mean over a box of windows is the mean of
+    means, and the backward pass is the transposed matrices."""
+
+    def _matrices(self, sizes, dtype):
+        matrices = []
+        for (index, length), n in zip(self._windows(sizes), sizes):
+            a = np.zeros((len(index), n), dtype)
+            np.put_along_axis(a, index, 1, axis=1)  # the padding repeats an index: still 1
+            matrices.append(a / length[:, None].astype(dtype))
+        return matrices
+
+    @staticmethod
+    def _along(x, matrices):
+        for axis, a in enumerate(matrices, start=1):
+            x = np.moveaxis(np.moveaxis(x, axis, -1) @ a.T, -1, axis)
+        return x
+
+    def forward(self, x, training=False):
+        self.matrices = self._matrices(x.shape[1:-1], x.dtype)
+        return np.ascontiguousarray(self._along(x, self.matrices))
+
+    def backward(self, grad):
+        return np.ascontiguousarray(self._along(grad, [a.T for a in self.matrices]))
+
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.last(x)
+        y, letters = x.name, "bcdefg"[:self.rank + 2]
+        for axis, a in enumerate(self._matrices(in_shape[:-1], np.float32), start=1):
+            out = letters[:axis] + "z" + letters[axis + 1:]
+            y = g.op("Einsum", [y, g.weight(self, a, f"average{axis}")], equation=f"{letters},z{letters[axis]}->{out}")
+        return g.value(g.op("Identity", [y], self.name), x.rank)
+
+
+class _AdaptiveMaxPooling(_AdaptivePooling):
+    """The maximum over each box of windows, gathered at once through a flat index table (box positions padded
+    with a repeated index, which never changes a maximum); the gradient goes to the first maximum of each box."""
+
+    def _table(self, sizes):
+        """(out positions, widest box) flat spatial indices of every output's box."""
+        flat, strides = 0, np.cumprod((*sizes[1:], 1)[::-1])[::-1]
+        windows = self._windows(sizes)
+        for axis, ((index, _), stride) in enumerate(zip(windows, strides)):
+            shape = [1] * (2 * self.rank)
+            shape[axis], shape[self.rank + axis] = index.shape
+            flat = flat + (index * stride).reshape(shape)
+        out = int(np.prod(self.output_size))
+        return np.asarray(flat).reshape(out, -1)
+
+    def forward(self, x, training=False):
+        n, c = x.shape[0], x.shape[-1]
+        self.x_shape, self.table = x.shape, self._table(x.shape[1:-1])
+        boxes = x.reshape(n, -1, c)[:, self.table]  # (n, out, box, c)
+        self.arg = boxes.argmax(2)
+        return np.take_along_axis(boxes, self.arg[:, :, None], 2).reshape(n, *self.output_size, c)
+
+    def backward(self, grad):
+        n, c = self.x_shape[0], self.x_shape[-1]
+        spatial = int(np.prod(self.x_shape[1:-1]))
+        source = self.table[np.arange(self.table.shape[0])[:, None], self.arg]  # (n, out, c) spatial positions
+        flat = (np.arange(n)[:, None, None] * spatial + source) * c + np.arange(c)
+        dx = np.bincount(flat.reshape(-1), grad.reshape(-1), minlength=n * spatial * c)
+        return dx.astype(grad.dtype, copy=False).reshape(self.x_shape)
+
+    def to_onnx(self, g, x, in_shape, mask):
+        y = g.last(x).name
+        for axis, (index, _) in enumerate(self._windows(in_shape[:-1]), start=1):
+            gathered = g.op("Gather", [y, g.const(index.astype(np.int64), f"{self.name}_windows{axis}")], axis=axis)
+            y = g.reduce("ReduceMax", gathered, [axis + 1], keepdims=0)
+        return g.value(g.op("Identity", [y], self.name), self.rank + 2)
+
+
+@register("AdaptiveAveragePooling1D")
+class AdaptiveAveragePooling1D(_AdaptiveAveragePooling):
+    rank = 1
+
+
+@register("AdaptiveAveragePooling2D")
+class AdaptiveAveragePooling2D(_AdaptiveAveragePooling):
+    rank = 2
+
+
+@register("AdaptiveAveragePooling3D")
+class AdaptiveAveragePooling3D(_AdaptiveAveragePooling):
+    rank = 3
+
+
+@register("AdaptiveMaxPooling1D")
+class AdaptiveMaxPooling1D(_AdaptiveMaxPooling):
+    rank = 1
+
+
+@register("AdaptiveMaxPooling2D")
+class AdaptiveMaxPooling2D(_AdaptiveMaxPooling):
+    rank = 2
+
+
+@register("AdaptiveMaxPooling3D")
+class AdaptiveMaxPooling3D(_AdaptiveMaxPooling):
     rank = 3

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from dlcli import layers
-from dlcli.errors import ShapeError
+from dlcli.errors import ConfigError, ShapeError
 from tests.gradcheck import check_layer
 
 
@@ -35,6 +35,13 @@ GRADIENT_CASES = {
                                ({}, (4, 2), {"mask": np.array([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], bool)})],
     "GlobalAveragePooling2D": [({}, (3, 4, 2), {}), ({"keepdims": True}, (3, 3, 1), {})],
     "GlobalAveragePooling3D": [({}, (2, 3, 4, 2), {})],
+    # windows that overlap where a size does not divide (7 -> 3: [0, 3), [2, 5), [4, 7)), that tile, that grow
+    "AdaptiveMaxPooling1D": [({"output_size": 3}, (7, 2), {}), ({"output_size": 4}, (3, 2), {})],
+    "AdaptiveMaxPooling2D": [({"output_size": [3, 2]}, (7, 4, 2), {}), ({"output_size": 2}, (5, 5, 1), {})],
+    "AdaptiveMaxPooling3D": [({"output_size": [2, 3, 1]}, (3, 5, 2, 2), {})],
+    "AdaptiveAveragePooling1D": [({"output_size": 3}, (7, 2), {}), ({"output_size": 4}, (3, 2), {})],
+    "AdaptiveAveragePooling2D": [({"output_size": [3, 2]}, (7, 4, 2), {})],
+    "AdaptiveAveragePooling3D": [({"output_size": [2, 3, 1]}, (3, 5, 2, 2), {})],
 }
 
 
@@ -100,3 +107,22 @@ def test_pool_larger_than_input_names_the_layer():
         layers.MaxPooling2D(4, name="shrunk").output_shape((3, 3, 8))
     with pytest.raises(ShapeError, match="'g'"):
         layers.GlobalMaxPooling2D(name="g").output_shape((3, 8))
+
+
+@pytest.mark.parametrize("size,out,windows", [(7, 3, [[0, 1, 2], [2, 3, 4], [4, 5, 6]]), (6, 3, [[0, 1], [2, 3], [4, 5]]),
+                                               (3, 5, [[0], [0, 1], [1], [1, 2], [2]]), (5, 2, [[0, 1, 2], [2, 3, 4]])])
+def test_adaptive_windows_are_pytorchs(size, out, windows):
+    from dlcli.layers.pooling import adaptive_windows
+
+    index, length = adaptive_windows(size, out)
+    assert [list(row[:n]) for row, n in zip(index, length)] == windows
+
+
+def test_adaptive_pooling_takes_any_input_size():
+    x = np.arange(2 * 9 * 5 * 3, dtype=np.float32).reshape(2, 9, 5, 3)
+    pool = layers.AdaptiveAveragePooling2D(output_size=[3, 1])
+    assert pool.output_shape((9, 5, 3)) == (3, 1, 3) and pool.output_shape((40, 2, 3)) == (3, 1, 3)
+    np.testing.assert_allclose(pool(x)[:, :, 0], x.reshape(2, 3, 3, 5, 3).mean((2, 3)), rtol=1e-6)
+    np.testing.assert_array_equal(layers.AdaptiveMaxPooling2D(output_size=[3, 1])(x)[:, :, 0], x[:, 2::3, -1])
+    with pytest.raises(ConfigError, match="channels_last only"):
+        layers.AdaptiveMaxPooling1D(output_size=2, data_format="channels_first")
