@@ -32,8 +32,8 @@ LAYERS = {
         "MultiHeadAttention", "Multiply", "Normalization", "PReLU", "Permute", "RMSNormalization", "RandomFlip",
         "RandomRotation", "RandomTranslation", "RandomZoom", "ReLU", "RepeatVector", "Rescaling", "Reshape",
         "SeparableConv1D", "SeparableConv2D", "SimpleRNN", "Softmax", "SpatialDropout1D", "SpatialDropout2D",
-        "SpatialDropout3D", "StringLookup", "Subtract", "TimeDistributed", "UnitNormalization", "UpSampling1D",
-        "UpSampling2D", "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D"]},
+        "SpatialDropout3D", "SpectralNormalization", "StringLookup", "Subtract", "TimeDistributed", "UnitNormalization",
+        "UpSampling1D", "UpSampling2D", "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D"]},
     **{f"{a}{d}": ALIAS(f"{c}{d}") for a, c in [("AvgPool", "AveragePooling"), ("MaxPool", "MaxPooling"),
                                                 ("GlobalAvgPool", "GlobalAveragePooling"),
                                                 ("GlobalMaxPool", "GlobalMaxPooling")] for d in ("1D", "2D", "3D")},
@@ -63,7 +63,7 @@ LAYERS = {
         "RandomSaturation", "RandomSharpness", "RandomShear", "Resizing", "Solarization"]},
     **{n: TODO for n in [
         "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D", "GRUCell", "LSTMCell", "RNN", "ReversibleEmbedding", "SimpleRNNCell",
-        "SpectralNormalization", "StackedRNNCells"]},
+        "StackedRNNCells"]},
 }
 
 # Layers dlcli registers that are not keras.layers, and where they come from

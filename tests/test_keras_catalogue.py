@@ -146,9 +146,17 @@ def test_layer_matches_keras(spec, arrays):
     weights = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("weight/")}
     for name, value in weights.items():
         layer.params[name].value = value.copy()
-        layer.params[name].grad = np.zeros_like(value)
+        if layer.params[name].trainable:
+            layer.params[name].grad = np.zeros_like(value)
     layer.input_mask = arrays.get("mask")
-    np.testing.assert_allclose(layer.forward(x.copy()), arrays["y"], rtol=1e-6, atol=1e-7)
+    training = bool(arrays.get("training", False))  # the layer changes its weights: compared after the call
+    # SpectralNormalization's sigma in Keras carries float32 rounding (kernel / kernel_after is a float32 number
+    # in the float64 fixture): 1e-5 there
+    rtol = 1e-5 if training else 1e-6
+    np.testing.assert_allclose(layer.forward(x.copy(), training), arrays["y"], rtol=rtol, atol=1e-7)
     np.testing.assert_allclose(layer.backward(arrays["r"]), arrays["grad"], rtol=1e-5, atol=1e-7)
     for name in weights:
-        np.testing.assert_allclose(layer.params[name].grad, arrays[f"weight_grad/{name}"], rtol=1e-5, atol=1e-7)
+        if f"weight_grad/{name}" in arrays:
+            np.testing.assert_allclose(layer.params[name].grad, arrays[f"weight_grad/{name}"], rtol=1e-5, atol=1e-7)
+        if training:
+            np.testing.assert_allclose(layer.params[name].value, arrays[f"weight_after/{name}"], rtol=rtol, atol=1e-9)

@@ -64,7 +64,9 @@ def snake_case(name: str) -> str:
 class Layer:
     supports_masking = False  # True: the incoming mask passes through unchanged (Keras' default for most layers)
     activation_last = False  # True: `activation` is the last step of forward, so a later layer may apply it
-    keras_weight_groups = ("vars",)  # where a .keras file keeps the layer's variables, below the layer's own group
+    # where a .keras file keeps the layer's variables, below the layer's own group; a (group, keys) pair reads only
+    # those keys of a group (SpectralNormalization's vars repeat its layer's kernel)
+    keras_weight_groups = ("vars",)
     keras_package = "keras"  # whose class of the same name a .keras file may hold for it ("keras_hub")
 
     def __init_subclass__(cls, **kwargs):

@@ -156,6 +156,7 @@ def _load_keras3_weights(h5, model, order, check_names: bool):
         params = list(layer.params.values())
         values = []
         for sub in layer.keras_weight_groups:
+            sub, only = (sub, None) if isinstance(sub, str) else sub  # (group, keys): the rest repeat other weights
             group = h5.group(f"{path}/{sub}")
             if group is None:
                 continue  # a layer without weights (Keras writes no group, or an empty one)
@@ -165,6 +166,7 @@ def _load_keras3_weights(h5, model, order, check_names: bool):
             keys = sorted(group, key=lambda k: int(k) if k.isdigit() else -1)
             if keys != [str(i) for i in range(len(keys))]:
                 raise DlcliError(f"{h5.source}: {path}/{sub} holds {keys}; Keras numbers a layer's weights 0, 1, ...")
+            keys = keys if only is None else [k for k in keys if k in only]
             for key in keys:
                 if len(values) == len(params):
                     raise DlcliError(f"{h5.source}: {path} has more weight arrays than dlcli's "

@@ -1,4 +1,4 @@
-"""Layers that run other layers: Bidirectional (Keras' RNN wrapper) and TimeDistributed.
+"""Layers that run other layers: Bidirectional (Keras' RNN wrapper), TimeDistributed and SpectralNormalization.
 
 A wrapper owns its inner layers: their weights appear in the wrapper's `params` (prefixed keys such as
 "forward/kernel", in Keras' weight order), so models list, train and save them through the wrapper; the inner
@@ -253,3 +253,75 @@ class TimeDistributed(Wrapper):
         y = g.last(g.emit(self.layer, folded, inner_shape, None))
         out = self.layer.output_shape(inner_shape)
         return g.value(g.op("Reshape", [y.name, g.ints([-1, steps, *out])], self.name), len(out) + 2)
+
+
+def _l2_normalized(v):
+    """Keras' ops.normalize over every entry: v * min(1 / |v|, 1 / epsilon), epsilon 1e-7."""
+    square_sum = float((v * v).sum())
+    return v * (min(1 / np.sqrt(square_sum), 1e7) if square_sum > 0 else 1e7)
+
+
+@register("SpectralNormalization")
+class SpectralNormalization(Wrapper):
+    """Divides the wrapped layer's kernel (or embeddings) by its largest singular value, estimated as Keras 3 does:
+    while training, `power_iterations` steps of the power method from the kept vector_u on the kernel as a
+    (-1, last axis) matrix, then kernel /= v W u^T, written into the kernel itself (skipped while it is all zeros)
+    before the layer runs; the gradient is the layer's at the normalised kernel (Keras stops it at sigma). At
+    inference the layer runs as it is. Weights: the layer's, then vector_u (1, last axis), non-trainable."""
+
+    def __init__(self, layer, power_iterations: int = 1, **kw):
+        super().__init__(**kw)
+        if isinstance(power_iterations, bool) or int(power_iterations) != power_iterations or power_iterations < 1:
+            raise ConfigError(f"SpectralNormalization '{self.name}': power_iterations must be a positive integer; "
+                              f"got {power_iterations!r}")
+        self.power_iterations = int(power_iterations)
+        self.layer = as_layer(layer, f"SpectralNormalization '{self.name}'")
+        self.supports_masking = self.layer.supports_masking
+
+    def _inner(self):
+        return [("", self.layer)]
+
+    def build(self, input_shape):
+        self._build_inner(self.layer, input_shape)
+        kernel = self.layer.params.get("kernel") or self.layer.params.get("embeddings")
+        if kernel is None:
+            raise ConfigError(f"SpectralNormalization '{self.name}': {type(self.layer).__name__} has neither a kernel "
+                              f"nor embeddings to normalise (as Keras requires)")
+        self._adopt_weights()
+        self.kernel = kernel
+        self.vector_u = self.add_weight("vector_u", (1, kernel.value.shape[-1]),
+                                        {"type": "truncated_normal", "stddev": 0.02}, trainable=False)
+
+    def output_shape(self, input_shape):
+        return self.layer.output_shape(input_shape)
+
+    def normalize_kernel(self):
+        """One training step's power iteration; kernel and vector_u are updated in place, as Keras assigns them."""
+        w = self.kernel.value
+        if not w.any():
+            return
+        w2, u = w.reshape(-1, w.shape[-1]), self.vector_u.value
+        for _ in range(self.power_iterations):
+            v = _l2_normalized(u @ w2.T)
+            u = _l2_normalized(v @ w2)
+        sigma = (v @ w2 @ u.T).item()
+        self.kernel.value = (w / w.dtype.type(sigma)).astype(w.dtype)
+        self.vector_u.value = u.astype(self.vector_u.value.dtype)
+
+    def forward(self, x, training=False):
+        self._sync()
+        self.layer.input_mask = self.input_mask
+        if training:
+            self.normalize_kernel()
+        return self.layer.forward(x, training)
+
+    def backward(self, grad):
+        return self.layer.backward(grad)
+
+    @property
+    def keras_weight_groups(self):
+        # Keras' own vars are [the layer's kernel again, vector_u]
+        return [*(f"layer/{group}" for group in self.layer.keras_weight_groups), ("vars", ["1"])]
+
+    def to_onnx(self, g, x, in_shape, mask):
+        return g.emit(self.layer, x, in_shape, mask)

@@ -149,6 +149,8 @@ CASES = {
     "Bidirectional-none-state": graph([("x", [5, 3], None)], [
         L("Bidirectional", name="b", layer=L("GRU", units=3, return_sequences=True, return_state=True),
           merge_mode=None, inputs="x")], ["b:0", "b:1", "b:2", "b:3"]),
+    "SpectralNormalization": seq([5, 5, 2], L("SpectralNormalization", layer=L("Conv2D", filters=3, kernel_size=2)),
+                                 L("Flatten")),
     "TimeDistributed": seq([4, 5], L("TimeDistributed", layer=L("Dense", units=3, activation="tanh"))),
     "TimeDistributed-conv": seq([3, 5, 5, 2], L("TimeDistributed", layer=L("Conv2D", filters=2, kernel_size=3)),
                                 L("TimeDistributed", layer=L("Flatten"))),

@@ -15,6 +15,10 @@ GRADIENT_CASES = {
                       ({"layer": {"type": "LSTM", "units": 2, "dropout": 0.3}, "merge_mode": "ave"}, (4, 2),
                        {"training": True})],
     "TimeDistributed": [({"layer": {"type": "Dense", "units": 3, "activation": "tanh"}}, (4, 5), {})],
+    # at inference (training normalises the kernel at every call, so central differences would see it move)
+    "SpectralNormalization": [({"layer": {"type": "Dense", "units": 3}}, (4,), {}),
+                              ({"layer": {"type": "Conv1D", "filters": 2, "kernel_size": 2}, "power_iterations": 2},
+                               (5, 2), {})]
 }
 
 MASK = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 1, 1]], bool)
@@ -110,3 +114,19 @@ def test_time_distributed_conv2d_shape_inference():
     assert td.output_shape((5, 8, 8, 3)) == (5, 6, 6, 4)
     y = td(np.zeros((2, 5, 8, 8, 3), np.float32))
     assert y.shape == (2, 5, 6, 6, 4)
+
+
+def test_spectral_normalization_brings_the_largest_singular_value_to_one():
+    layer = layers.SpectralNormalization(layer={"type": "Dense", "units": 6}, power_iterations=1)
+    layer.ensure_built((8,), np.random.default_rng(0))
+    assert [p.name for p in layer.weights] == ["kernel", "bias", "vector_u"]
+    assert [p.name for p in layer.trainable_weights] == ["kernel", "bias"]
+    x = np.ones((2, 8), np.float32)
+    before = layer.kernel.value.copy()
+    layer.forward(x)
+    np.testing.assert_array_equal(layer.kernel.value, before)  # inference leaves the kernel alone
+    for _ in range(30):  # the power method converges over training steps, one iteration each
+        layer.forward(x, training=True)
+    assert np.linalg.svd(layer.kernel.value, compute_uv=False)[0] == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ConfigError, match="neither a kernel nor embeddings"):
+        layers.SpectralNormalization(layer={"type": "Activation", "activation": "relu"}).ensure_built((3,))
