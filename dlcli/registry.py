@@ -28,10 +28,11 @@ def did_you_mean(name: str, known) -> str:
     # difflib finds the candidates; the fewest typing edits picks among them, so a swap of two letters ('adma')
     # means 'adam' rather than the longer 'adamax' difflib ranks first
     close = difflib.get_close_matches(str(name), known, n=5, cutoff=0.6)
-    close = sorted(close, key=lambda k: _edits(str(name).lower(), k.lower()))[:1]
-    if not close:  # case-insensitive second chance: 'dense' -> 'Dense', 'Rellu' -> 'ReLU'
-        lowered = {k.lower(): k for k in known}
-        close = [lowered[k] for k in difflib.get_close_matches(str(name).lower(), lowered, n=1, cutoff=0.6)]
+    # and case-insensitively ('dense' -> 'Dense', 'Rellu' -> 'ReLU', which case-sensitive difflib ranks below
+    # 'GRUCell')
+    lowered = {k.lower(): k for k in known}
+    close += [lowered[k] for k in difflib.get_close_matches(str(name).lower(), lowered, n=5, cutoff=0.6)]
+    close = sorted(dict.fromkeys(close), key=lambda k: _edits(str(name).lower(), k.lower()))[:1]
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

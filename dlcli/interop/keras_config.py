@@ -287,7 +287,7 @@ class ConfigMapper:
     def _value(self, key, value, where):
         if isinstance(value, dict) and "class_name" in value:
             _check_object(value, where)
-            if key in ("layer", "backward_layer"):
+            if key in ("layer", "backward_layer", "cell"):
                 return self.layer(value)
             if key.endswith("_initializer"):
                 return self._initializer(value, where)
@@ -296,6 +296,8 @@ class ConfigMapper:
             raise UnsupportedModel(f"{where} is a Keras {value['class_name']} object, which dlcli cannot map")
         if isinstance(value, dict):
             raise UnsupportedModel(f"{where} = {str(value)[:80]} has no dlcli equivalent")
+        if key == "cells" and isinstance(value, list):  # StackedRNNCells' cells
+            return [self.layer(v) for v in value]
         return value
 
     def _initializer(self, value, where):

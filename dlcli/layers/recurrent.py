@@ -1,5 +1,5 @@
-"""Recurrent layers: SimpleRNN, LSTM, GRU, with Keras 3's arguments, defaults, gate order and weight layouts, so
-`set_weights` with a Keras model's arrays gives that model's outputs.
+"""Recurrent layers: SimpleRNN, LSTM, GRU and their cells, with Keras 3's arguments, defaults, gate order and weight
+layouts, so `set_weights` with a Keras model's arrays gives that model's outputs.
 
 The layer prepares the sequence (go_backwards, dropout masks) and hands it to `recurrent_cells` in the cell's layout:
 SimpleRNN and GRU project every step's input in one matmul and scan time-major; the LSTM scans feature-major with the
@@ -486,6 +486,47 @@ class GRU(_TimeMajor):
             hh = body.activation(act, body.op("Add", [xh, rh]))
         return [body.op("Add", [hh, body.op("Mul", [z, body.op("Sub", [h, hh])])])]  # z h + (1 - z) hh
 
+
+# Keras' cells: the step each layer above repeats, with the cell's arguments (no sequence arguments). A cell runs
+# inside RNN (or StackedRNNCells), which sets return_sequences, return_state and go_backwards on it; on its own in a
+# model, where Keras gives it no meaning, it runs over the sequence as RNN(cell) does.
+@register("SimpleRNNCell")
+class SimpleRNNCell(SimpleRNN):
+    def __init__(self, units: Size, activation="tanh", use_bias: bool = True, kernel_initializer="glorot_uniform",
+                 recurrent_initializer="orthogonal", bias_initializer="zeros", kernel_regularizer=None,
+                 recurrent_regularizer=None, bias_regularizer=None, dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0, seed: int | None = None, **kw):
+        super().__init__(units, activation, use_bias, kernel_initializer, recurrent_initializer, bias_initializer,
+                         kernel_regularizer, recurrent_regularizer, bias_regularizer, dropout, recurrent_dropout, **kw)
+        self.seed = seed  # Keras' argument; the run's seed drives self.rng
+
+
+@register("LSTMCell")
+class LSTMCell(LSTM):
+    def __init__(self, units: Size, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
+                 kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal", bias_initializer="zeros",
+                 unit_forget_bias: bool = True, kernel_regularizer=None, recurrent_regularizer=None,
+                 bias_regularizer=None, dropout: float = 0.0, recurrent_dropout: float = 0.0, seed: int | None = None,
+                 **kw):
+        super().__init__(units, activation, recurrent_activation, use_bias, kernel_initializer,
+                         recurrent_initializer, bias_initializer, unit_forget_bias, kernel_regularizer,
+                         recurrent_regularizer, bias_regularizer, dropout, recurrent_dropout, **kw)
+        self.seed = seed
+
+
+@register("GRUCell")
+class GRUCell(GRU):
+    def __init__(self, units: Size, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
+                 kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal", bias_initializer="zeros",
+                 kernel_regularizer=None, recurrent_regularizer=None, bias_regularizer=None, dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0, reset_after: bool = True, seed: int | None = None, **kw):
+        super().__init__(units, activation, recurrent_activation, use_bias, kernel_initializer,
+                         recurrent_initializer, bias_initializer, kernel_regularizer, recurrent_regularizer,
+                         bias_regularizer, dropout, recurrent_dropout, reset_after=reset_after, **kw)
+        self.seed = seed
+
+
+CELLS = (SimpleRNNCell, LSTMCell, GRUCell)
 
 def _gate_blocks(a, order, units):
     """Columns of a (..., G * units) array regrouped in gate `order`."""

@@ -1,4 +1,5 @@
-"""Layers that run other layers: Bidirectional (Keras' RNN wrapper), TimeDistributed and SpectralNormalization.
+"""Layers that run other layers: Bidirectional (Keras' RNN wrapper), TimeDistributed, SpectralNormalization, and
+RNN and StackedRNNCells, which run recurrent cells.
 
 A wrapper owns its inner layers: their weights appear in the wrapper's `params` (prefixed keys such as
 "forward/kernel", in Keras' weight order), so models list, train and save them through the wrapper; the inner
@@ -7,9 +8,9 @@ mapping `{type: LSTM, units: 32, ...}`, and `get_config()` gives the mapping bac
 """
 import numpy as np
 
-from dlcli.engine.layer import LAYERS, Layer, register
+from dlcli.engine.layer import LAYERS, Layer, register, snake_case
 from dlcli.errors import ConfigError, ExportError, ShapeError
-from dlcli.layers.recurrent import Recurrent
+from dlcli.layers.recurrent import CELLS, Recurrent
 
 MERGE_MODES = ("concat", "sum", "mul", "ave", None)
 
@@ -325,3 +326,160 @@ class SpectralNormalization(Wrapper):
 
     def to_onnx(self, g, x, in_shape, mask):
         return g.emit(self.layer, x, in_shape, mask)
+
+
+def _cell(spec, owner: str) -> Recurrent:
+    cell = as_layer(spec, owner)
+    if not isinstance(cell, CELLS):
+        raise ConfigError(f"{owner}: a cell is SimpleRNNCell, LSTMCell or GRUCell; got {type(cell).__name__}")
+    return cell
+
+
+@register("StackedRNNCells")
+class StackedRNNCells(Wrapper):
+    """Cells run one after another at every step (Keras' StackedRNNCells), the same as their layers stacked with
+    return_sequences: each cell reads the previous cell's outputs. Inside RNN, which sets return_sequences (the last
+    cell's) and go_backwards (the sequence and its mask reversed once, before the first cell); on its own it runs
+    over the sequence as RNN(StackedRNNCells) does. Weights: each cell's, prefixed with its name."""
+
+    supports_masking = True
+
+    def __init__(self, cells: list, **kw):
+        super().__init__(**kw)
+        if not isinstance(cells, (list, tuple)) or not cells:
+            raise ConfigError(f"StackedRNNCells '{self.name}': cells must be a non-empty list of cells")
+        self.cells = [_cell(c, f"StackedRNNCells '{self.name}'") for c in cells]
+        self.return_sequences, self.go_backwards = False, False
+
+    def _inner(self):
+        return [(f"{cell.name}/", cell) for cell in self.cells]
+
+    def _chain(self):
+        for k, cell in enumerate(self.cells):
+            cell.return_sequences = self.return_sequences if k == len(self.cells) - 1 else True
+            cell.return_state, cell.go_backwards = False, False
+
+    def build(self, input_shape):
+        self._chain()
+        shape = input_shape
+        for cell in self.cells:
+            self._build_inner(cell, shape)
+            shape = cell.output_shape(shape)
+        self._adopt_weights()
+
+    def output_shape(self, input_shape):
+        self._chain()
+        for cell in self.cells:
+            input_shape = cell.output_shape(input_shape)
+        return input_shape
+
+    def compute_mask(self, x, mask):
+        return mask if self.return_sequences else None
+
+    def flops(self, input_shape):
+        total = 0
+        for cell in self.cells:
+            total, input_shape = total + cell.flops(input_shape), cell.output_shape(input_shape)
+        return total
+
+    def forward(self, x, training=False):
+        self._sync()
+        self._chain()
+        mask = self.input_mask
+        if self.go_backwards:
+            x, mask = x[:, ::-1], None if mask is None else mask[:, ::-1]
+        for cell in self.cells:
+            cell.input_mask = mask
+            x = cell.forward(x, training)
+        return x
+
+    def backward(self, grad):
+        for cell in reversed(self.cells):
+            grad = cell.backward(grad)
+            if grad is None:
+                return None
+        return np.ascontiguousarray(grad[:, ::-1]) if self.go_backwards else grad
+
+    @property
+    def keras_weight_groups(self):
+        """cells/<class in snake_case>[_n]/vars, numbered per class as Keras names a list's layers."""
+        counts, groups = {}, []
+        for cell in self.cells:
+            base = snake_case(type(cell).__name__)
+            groups.append(f"cells/{base}" + (f"_{counts[base]}" if counts.get(base) else "") + "/vars")
+            counts[base] = counts.get(base, 0) + 1
+        return groups
+
+    def onnx_mask(self, g, x, mask):
+        return self.compute_mask(x, mask)
+
+    def to_onnx(self, g, x, in_shape, mask):
+        self._chain()
+        x = g.last(x)
+        if self.go_backwards:
+            x = g.value(g.reverse(x.name, 1), 3)
+            mask = None if mask is None else g.reverse(mask, 1)
+        for cell in self.cells:
+            x = g.emit(cell, x, in_shape, mask)
+            in_shape = cell.output_shape(in_shape)
+        return x
+
+
+@register("RNN")
+class RNN(Wrapper):
+    """Keras' RNN: a cell (SimpleRNNCell, LSTMCell, GRUCell), or several (a list or StackedRNNCells), run over the
+    sequence. RNN(LSTMCell(...)) is LSTM(...) with the same weights (Keras keeps them under cell/vars); outputs,
+    masks and return_state as the recurrent layers give them (return_state with one cell only)."""
+
+    supports_masking = True
+
+    def __init__(self, cell, return_sequences: bool = False, return_state: bool = False, go_backwards: bool = False,
+                 zero_output_for_mask: bool = False, **kw):
+        super().__init__(**kw)
+        owner = f"RNN '{self.name}'"
+        if isinstance(cell, (list, tuple)):
+            cell = {"type": "StackedRNNCells", "cells": list(cell)}
+        if isinstance(cell, dict) and cell.get("type") == "StackedRNNCells" or isinstance(cell, StackedRNNCells):
+            self.cell = as_layer(cell, owner)
+            if return_state:
+                raise ConfigError(f"{owner}: return_state is available with one cell, not StackedRNNCells")
+        else:
+            self.cell = _cell(cell, owner)
+            self.cell.return_state = bool(return_state)
+            self.cell.zero_output_for_mask = bool(zero_output_for_mask)
+        self.cell.return_sequences, self.cell.go_backwards = bool(return_sequences), bool(go_backwards)
+        self.return_sequences, self.return_state = bool(return_sequences), bool(return_state)
+        self.go_backwards, self.zero_output_for_mask = bool(go_backwards), bool(zero_output_for_mask)
+
+    def _inner(self):
+        return [("", self.cell)]
+
+    def build(self, input_shape):
+        self._build_inner(self.cell, input_shape)
+        self._adopt_weights()
+
+    def output_shape(self, input_shape):
+        return self.cell.output_shape(input_shape)
+
+    def compute_mask(self, x, mask):
+        return self.cell.compute_mask(x, mask)
+
+    def forward(self, x, training=False):
+        self._sync()
+        self.cell.input_mask = self.input_mask
+        return self.cell.forward(x, training)
+
+    def backward(self, grad):
+        return self.cell.backward(grad)
+
+    @property
+    def keras_weight_groups(self):
+        if isinstance(self.cell, StackedRNNCells):
+            return [f"cell/{group}" for group in self.cell.keras_weight_groups]
+        return ["cell/vars"]
+
+    def onnx_mask(self, g, x, mask):
+        return self.compute_mask(x, mask)
+
+    def to_onnx(self, g, x, in_shape, mask):
+        return g.emit(self.cell, x, in_shape, mask)

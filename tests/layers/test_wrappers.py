@@ -7,6 +7,8 @@ from dlcli.errors import ConfigError, ShapeError
 from tests.gradcheck import check_layer
 
 # Gradient-check table: layer type -> list of (constructor args, input shape without batch, check options).
+MASK = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 1, 1]], bool)
+
 GRADIENT_CASES = {
     "Bidirectional": [({"layer": {"type": "LSTM", "units": 3}}, (4, 2), {}),
                       ({"layer": {"type": "GRU", "units": 2, "return_sequences": True}, "merge_mode": "sum"}, (4, 3), {}),
@@ -18,10 +20,18 @@ GRADIENT_CASES = {
     # at inference (training normalises the kernel at every call, so central differences would see it move)
     "SpectralNormalization": [({"layer": {"type": "Dense", "units": 3}}, (4,), {}),
                               ({"layer": {"type": "Conv1D", "filters": 2, "kernel_size": 2}, "power_iterations": 2},
-                               (5, 2), {})]
+                               (5, 2), {})],
+    "RNN": [({"cell": {"type": "LSTMCell", "units": 3}, "return_sequences": True}, (4, 2), {}),
+            ({"cell": {"type": "GRUCell", "units": 2, "reset_after": False}, "go_backwards": True}, (4, 3),
+             {"mask": MASK}),
+            ({"cell": [{"type": "SimpleRNNCell", "units": 3}, {"type": "LSTMCell", "units": 2}],
+              "go_backwards": True, "return_sequences": True}, (4, 2), {"mask": MASK})],
+    "StackedRNNCells": [({"cells": [{"type": "GRUCell", "units": 3}, {"type": "SimpleRNNCell", "units": 2}]},
+                         (4, 2), {})],
+    "SimpleRNNCell": [({"units": 3, "activation": "relu"}, (4, 2), {})],
+    "LSTMCell": [({"units": 2, "unit_forget_bias": False}, (4, 3), {})],
+    "GRUCell": [({"units": 2}, (3, 2), {})]
 }
-
-MASK = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 1, 1]], bool)
 
 
 @pytest.mark.parametrize("name,args,shape,opts", [(n, a, s, o) for n, cases in GRADIENT_CASES.items()
@@ -130,3 +140,26 @@ def test_spectral_normalization_brings_the_largest_singular_value_to_one():
     assert np.linalg.svd(layer.kernel.value, compute_uv=False)[0] == pytest.approx(1.0, abs=1e-3)
     with pytest.raises(ConfigError, match="neither a kernel nor embeddings"):
         layers.SpectralNormalization(layer={"type": "Activation", "activation": "relu"}).ensure_built((3,))
+
+
+def test_rnn_of_a_cell_is_that_recurrent_layer():
+    x = np.random.default_rng(0).normal(0, 1, (3, 5, 2)).astype(np.float32)
+    for cell, layer in [({"type": "LSTMCell", "units": 4}, layers.LSTM(4, go_backwards=True, return_state=True)),
+                        ({"type": "GRUCell", "units": 3}, layers.GRU(3, go_backwards=True, return_state=True))]:
+        rnn = layers.RNN(cell, go_backwards=True, return_state=True)
+        rnn.ensure_built((5, 2), np.random.default_rng(0))
+        layer.ensure_built((5, 2), np.random.default_rng(0))
+        assert [p.name for p in rnn.weights] == [p.name for p in layer.weights]
+        layer.set_weights(rnn.get_weights())
+        for a, b in zip(rnn.forward(x), layer.forward(x)):
+            np.testing.assert_array_equal(a, b)
+    stacked = layers.RNN([{"type": "SimpleRNNCell", "units": 3, "name": "a"},
+                          {"type": "GRUCell", "units": 2, "name": "b"}])
+    stacked.ensure_built((5, 2))
+    assert [p.name for p in stacked.weights][:4] == ["a/kernel", "a/recurrent_kernel", "a/bias", "b/kernel"]
+    assert stacked.keras_weight_groups == ["cell/cells/simple_rnn_cell/vars", "cell/cells/gru_cell/vars"]
+    assert stacked.get_config()["cell"][0]["type"] == "SimpleRNNCell"
+    with pytest.raises(ConfigError, match="return_state is available with one cell"):
+        layers.RNN([{"type": "GRUCell", "units": 2}], return_state=True)
+    with pytest.raises(ConfigError, match="a cell is SimpleRNNCell, LSTMCell or GRUCell"):
+        layers.RNN({"type": "LSTM", "units": 2})
