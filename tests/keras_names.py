@@ -67,9 +67,12 @@ LAYERS = {
 }
 
 # Layers dlcli registers that are not keras.layers, and where they come from
-OTHER_LAYERS = {n: "KerasHub (keras_hub.layers), mapped by name on import" for n in [
-    "PositionEmbedding", "SinePositionEncoding", "TokenAndPositionEmbedding", "TransformerDecoder",
-    "TransformerEncoder"]}
+OTHER_LAYERS = {
+    **{n: "KerasHub (keras_hub.layers), mapped by name on import" for n in [
+        "PositionEmbedding", "SinePositionEncoding", "TokenAndPositionEmbedding", "TransformerDecoder",
+        "TransformerEncoder"]},
+    **{n: "keras.applications.convnext's own layers, mapped by name on import" for n in [
+        "LayerScale", "StochasticDepth"]}}
 
 ACTIVATIONS = {
     **{n: DONE for n in [

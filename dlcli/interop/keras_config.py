@@ -39,6 +39,17 @@ def _hub_layer(obj: dict) -> bool:
             and name in LAYERS and LAYERS.get(name).keras_package == "keras_hub")
 
 
+APPLICATIONS_MODULE = re.compile(r"^keras\.src\.applications\.[a-z0-9_]+$")  # keras.applications' own layers
+
+
+def _application_layer(obj: dict) -> bool:
+    """A layer keras.applications defines for its models that dlcli has (ConvNeXt's LayerScale): its module is an
+    application's and its registered name its class name."""
+    name = obj.get("class_name")
+    return (APPLICATIONS_MODULE.match(str(obj.get("module"))) is not None and obj.get("registered_name") == name
+            and name in LAYERS and LAYERS.get(name).keras_package == "keras.applications")
+
+
 class UnsupportedModel(DlcliError):
     def __init__(self, message: str):
         super().__init__(message, exit_code=2)
@@ -249,7 +260,8 @@ class ConfigMapper:
         _check_object(entry, f"layer '{name}'")
         kind = entry.get("class_name")
         module = entry.get("module")
-        if module is not None and not LAYER_MODULE.match(str(module)) and not _hub_layer(entry):
+        if module is not None and not LAYER_MODULE.match(str(module)) and not _hub_layer(entry) \
+                and not _application_layer(entry):
             raise UnsupportedModel(f"'{name}' is a Keras {kind} from {module}, an operation rather than a layer; "
                                    f"dlcli imports layers")
         if kind not in LAYERS:
