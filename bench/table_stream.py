@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import child_peak_rss_mib  # noqa: E402
 
 LIMIT_MIB = 1024
-HEADER = ["species", "island", "bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g", "sex", "year"]
+HEADER = ["species", "island", "bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g", "sex", "year",
+          "note"]  # note: a free-text column the features leave out, as real tables have (~120 characters)
 CONFIG = """name: table-stream
 seed: 0
 data:
@@ -50,9 +51,13 @@ train: {{epochs: 1, batch_size: 1024}}
 
 
 def write_csv(path: str, rows: int, chunk: int = 250_000, seed: int = 0):
-    """Penguins-shaped rows: the species decides the island mix and the measurements (with noise), about 2% of the
-    measurement and sex cells NA, as in the real table."""
+    """Penguins-shaped rows: the species decides the island mix and the measurements (with noise, 4 decimals),
+    about 2% of the measurement and sex cells NA, as in the real table; plus an ignored note of ~120 characters,
+    so 5 million rows make about 1 GiB."""
     rng = np.random.default_rng(seed)
+    words = np.array("seen near the colony nest with chick banded again weather cold windy calm tagged by "
+                     "team two on the ridge at dawn".split())
+    notes = np.array([" ".join(rng.choice(words, 28)) for _ in range(1000)], dtype=object)
     species = np.array(["Adelie", "Chinstrap", "Gentoo"])
     islands = np.array(["Biscoe", "Dream", "Torgersen"])
     means = np.array([[38.8, 18.3, 190.0, 3700.0], [48.8, 18.4, 196.0, 3733.0], [47.5, 15.0, 217.0, 5076.0]])
@@ -65,13 +70,13 @@ def write_csv(path: str, rows: int, chunk: int = 250_000, seed: int = 0):
             kind = rng.integers(0, 3, n)
             island = np.where(kind == 2, 0, np.where(kind == 1, 1, rng.integers(0, 3, n)))
             values = means[kind] + rng.normal(0, 1, (n, 4)) * spread
-            cells = np.char.mod("%.1f", values).astype(object)
+            cells = np.char.mod("%.4f", values).astype(object)
             cells[rng.random((n, 4)) < 0.02] = "NA"
             sex = np.where(rng.random(n) < 0.5, "male", "female").astype(object)
             sex[rng.random(n) < 0.03] = "NA"
             year = rng.integers(2007, 2010, n).astype(str)
             out.writerows(zip(species[kind], islands[island], cells[:, 0], cells[:, 1], cells[:, 2], cells[:, 3],
-                              sex, year))
+                              sex, year, notes[rng.integers(0, len(notes), n)]))
 
 
 ADAPT = """import json, sys, time

@@ -1,5 +1,4 @@
 """User data: NumPy .npz archives and CSV files of numeric features with a label column."""
-import csv
 import zipfile
 
 import numpy as np
@@ -123,19 +122,12 @@ def load_npy(x: str, y: str, x_test: str | None = None, y_test: str | None = Non
 
 
 def _read_csv(file, delimiter: str):
-    try:
-        with open(file, newline="", encoding="utf-8-sig") as f:
-            rows = [r for r in csv.reader(f, delimiter=delimiter) if r]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DlcliError(f"{file}: cannot read as CSV ({e})") from None
-    if len(rows) < 2:
-        raise DlcliError(f"{file}: needs a header row and at least one data row")
-    header = [h.strip() for h in rows[0]]
-    bad = [i + 2 for i, r in enumerate(rows[1:]) if len(r) != len(header)]
-    if bad:
-        raise DlcliError(f"{file}: row(s) {bad[:5]} have a different number of fields than the header "
-                         f"({len(header)}); is the delimiter {delimiter!r} right?")
-    return header, np.array(rows[1:], dtype=str)
+    """(header, cells as a 2-D str array) of a CSV, read by the one CSV reader (dlcli.data.table.read_csv: UTF-8,
+    widths and delimiters checked, errors naming the line)."""
+    from dlcli.data.table import read_csv
+
+    table = read_csv(file, delimiter)
+    return table.header, np.stack([table.cells[h] for h in table.header], axis=1)
 
 
 def _numeric(file, cells: np.ndarray, names: list[str]) -> np.ndarray:

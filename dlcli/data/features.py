@@ -30,8 +30,8 @@ Where Keras has no rule and we add one (say so in errors and README):
 import numpy as np
 
 from dlcli.errors import ConfigError
-from dlcli.layers.categorical import by_count, digitize, hash_to_bins, hashed_cross, lookup_indices, one_hot, \
-    quantile_boundaries
+from dlcli.layers.categorical import DISCRETIZATION_EPSILON, bin_boundaries, by_count, digitize, empty_summary, \
+    hash_to_bins, hashed_cross, lookup_indices, merge_summaries, one_hot, summarize
 from dlcli.registry import did_you_mean
 
 # type -> {argument: default} (Keras' FeatureSpace class-method arguments; FeatureSpace's own defaults for the bare
@@ -148,61 +148,131 @@ def _check_arguments(where: str, spec: dict) -> list[str]:
 
 # --- adapt: training rows -> JSON state ------------------------------------------------------------------------------
 def adapt(specs: dict, crosses: list, columns: dict) -> dict:
-    """The state FeatureSpace.adapt would learn from `columns` (name -> parsed Column, training rows only), as
-    plain JSON, plus each feature's output width. `specs`/`crosses` as feature_specs returns them (and as
+    """The state FeatureSpace.adapt would learn from `columns` (name -> parsed Column, training rows only, in file
+    order), as plain JSON, plus each feature's output width. `specs`/`crosses` as feature_specs returns them (and as
     `specs_of(state)` recovers them, so a k-fold fold adapts again from a stored state)."""
-    features = {}
-    for name in sorted(specs):  # Keras concatenates features in sorted name order
-        features[name] = _adapt_one(name, specs[name], columns[name])
-    crossed = [{"name": "_X_".join(c["features"]), **c, "width": c["crossing_dim"]} for c in crosses]
-    crossed.sort(key=lambda c: c["name"])
-    return {"features": features, "crosses": crossed,
-            "width": sum(f["width"] for f in features.values()) + sum(c["width"] for c in crossed)}
+    adapter = Adapter(specs, crosses)
+    adapter.update(columns)
+    return adapter.result()
 
 
-def specs_of(state: dict) -> tuple[dict, list]:
-    """The feature and cross specs a state was adapted from."""
-    specs = {n: {"type": f["type"], **{k: f[k] for k in FEATURE_TYPES[f["type"]]}} for n, f in state["features"].items()}
-    return specs, [{k: c[k] for k in ("features", *CROSS_DEFAULTS)} for c in state["crosses"]]
+ADAPT_ROWS = 65536  # adaptation reads the training rows in blocks of this many, in memory or streamed alike
 
 
-def _adapt_one(name: str, spec: dict, col) -> dict:
-    kind, state = spec["type"], dict(spec)
+class Adapter:
+    """FeatureSpace.adapt over chunks of training rows in file order: per feature a running count, mean and sum of
+    squared deviations (Chan's pairwise update), category counts, or Keras' Discretization summary merged batch by
+    batch, updated on fixed blocks of ADAPT_ROWS rows whatever the chunks given, so a table adapted in memory and
+    the same table streamed in chunks (dlcli.data.table_stream) get the same state."""
+
+    def __init__(self, specs: dict, crosses: list):
+        self.specs, self.crosses = specs, crosses
+        self.stats = {name: {"count": 0, "mean": 0.0, "m2": 0.0, "missing": False, "summary": empty_summary(),
+                             "counts": {}, "texts": []} for name in specs}
+        self.pending, self.pending_rows = [], 0
+
+    def update(self, columns: dict):
+        n = len(next(iter(columns.values())).missing) if columns else 0
+        self.pending.append(columns)
+        self.pending_rows += n
+        while self.pending_rows >= ADAPT_ROWS:
+            self._block(ADAPT_ROWS)
+
+    def _block(self, rows: int):
+        """The first `rows` pending rows as one block."""
+        joined = {k: _join([c[k] for c in self.pending]) for k in self.specs}
+        block = {k: c.take(slice(0, rows)) for k, c in joined.items()}
+        rest = {k: c.take(slice(rows, None)) for k, c in joined.items()}
+        self.pending_rows -= rows
+        self.pending = [rest] if self.pending_rows else []
+        for name, spec in self.specs.items():
+            _accumulate(self.stats[name], spec, block[name])
+
+    def result(self) -> dict:
+        if self.pending_rows:
+            self._block(self.pending_rows)
+        features = {}
+        for name in sorted(self.specs):  # Keras concatenates features in sorted name order
+            features[name] = _adapted(name, self.specs[name], self.stats[name])
+        crossed = [{"name": "_X_".join(c["features"]), **c, "width": c["crossing_dim"]} for c in self.crosses]
+        crossed.sort(key=lambda c: c["name"])
+        return {"features": features, "crosses": crossed,
+                "width": sum(f["width"] for f in features.values()) + sum(c["width"] for c in crossed)}
+
+
+def _join(columns: list):
+    if len(columns) == 1:
+        return columns[0]
+    return type(columns[0])(np.concatenate([c.values for c in columns]), np.concatenate([c.missing for c in columns]))
+
+
+def _accumulate(stats: dict, spec: dict, col):
+    kind = spec["type"]
     present = col.values[~col.missing]
+    stats["missing"] |= bool(col.missing.any())
     if kind in NUMERIC or kind == "date":
-        if len(present) == 0:
-            raise ValueError(f"column '{name}' has no values in the training rows (every cell is missing)")
+        values = present.astype("datetime64[Y]").astype(np.int64) + 1970 if kind == "date" else present
+        values = values.astype(np.float64)
+        if len(values):
+            n, mean = len(values), float(values.mean())
+            m2 = float(((values - mean) ** 2).sum())
+            total = stats["count"] + n
+            delta = mean - stats["mean"]
+            stats["mean"] += delta * n / total
+            stats["m2"] += m2 + delta * delta * stats["count"] * n / total
+            stats["count"] = total
+        if kind == "float_discretized" and spec["bin_boundaries"] is None and len(present):
+            stats["summary"] = merge_summaries(summarize(present, DISCRETIZATION_EPSILON), stats["summary"],
+                                               DISCRETIZATION_EPSILON)
+    elif kind in ("integer_categorical", "string_categorical"):
+        counts = stats["counts"]
+        for v, k in zip(*(a.tolist() for a in np.unique(present, return_counts=True))):
+            counts[v] = counts.get(v, 0) + k
+    elif kind == "text":
+        stats["texts"] += present.tolist()
+
+
+def _adapted(name: str, spec: dict, stats: dict) -> dict:
+    kind, state = spec["type"], dict(spec)
+    if (kind in NUMERIC or kind == "date") and stats["count"] == 0:
+        raise ValueError(f"column '{name}' has no values in the training rows (every cell is missing)")
     if kind in NUMERIC:
-        state["fill"] = float(present.mean())
-        state["missing_indicator"] = bool(col.missing.any())
+        state["fill"] = stats["mean"]
+        state["missing_indicator"] = stats["missing"]
         if kind == "float_normalized":
-            state["mean"], state["variance"] = float(present.mean()), float(present.var())
+            state["mean"], state["variance"] = stats["mean"], stats["m2"] / stats["count"]
         if kind == "float_discretized":
             edges = spec["bin_boundaries"]
             if edges is None:
-                edges = quantile_boundaries(present, spec["num_bins"])  # the column as one batch
+                edges = bin_boundaries(stats["summary"], spec["num_bins"]).tolist()
             state["boundaries"] = [float(e) for e in edges]  # bin_boundaries keeps what the config gave
             state["bins"] = len(edges) + 1
         state["width"] = (state.get("bins", 1)) + state["missing_indicator"]
     elif kind in ("integer_categorical", "string_categorical"):
+        strings = kind == "string_categorical"
+        values = np.asarray(list(stats["counts"]), dtype=str if strings else np.int64)
         kept = spec["max_tokens"] - spec["num_oov_indices"] if spec["max_tokens"] else None
-        vocabulary = by_count(*np.unique(present, return_counts=True))[:kept]
-        state["vocabulary"] = [int(v) for v in vocabulary] if kind == "integer_categorical" \
-            else [str(v) for v in vocabulary]
+        vocabulary = by_count(values, np.asarray(list(stats["counts"].values()), np.int64))[:kept]
+        state["vocabulary"] = [str(v) for v in vocabulary] if strings else [int(v) for v in vocabulary]
         state["width"] = len(vocabulary) + spec["num_oov_indices"]
     elif kind in ("integer_hashed", "string_hashed"):
         state["width"] = spec["num_bins"]
     elif kind == "text":
         from dlcli.data.text import tokenize, vector_vocabulary
 
-        state["vocabulary"] = vector_vocabulary([tokenize(t) for t in present.tolist()], spec["max_tokens"],
+        state["vocabulary"] = vector_vocabulary([tokenize(t) for t in stats["texts"]], spec["max_tokens"],
                                                 spec["output_mode"])
         state["width"] = spec["max_tokens"] or len(state["vocabulary"]["words"]) + 1
     elif kind == "date":
-        years = present.astype("datetime64[Y]").astype(np.int64) + 1970
-        state["year_mean"], state["year_std"] = float(years.mean()), float(years.std())
+        state["year_mean"], state["year_std"] = stats["mean"], float(np.sqrt(stats["m2"] / stats["count"]))
         state["width"] = 7
     return state
+
+
+def specs_of(state: dict) -> tuple[dict, list]:
+    """The feature and cross specs a state was adapted from."""
+    specs = {n: {"type": f["type"], **{k: f[k] for k in FEATURE_TYPES[f["type"]]}} for n, f in state["features"].items()}
+    return specs, [{k: c[k] for k in ("features", *CROSS_DEFAULTS)} for c in state["crosses"]]
 
 
 # --- transform: state + columns -> (N, width) float32 ----------------------------------------------------------------
@@ -215,14 +285,40 @@ def transform(state: dict, columns: dict) -> np.ndarray:
 def transform_blocks(state: dict, columns: dict) -> dict:
     """Each feature's block by name, then each cross's by its name (a_X_b): FeatureSpace's output_mode "dict", in
     concatenation order."""
-    blocks, indices = {}, {}
+    return expand(state, encode(state, columns))
+
+
+def encode(state: dict, columns: dict) -> dict:
+    """Each feature's and cross's compact codes (name -> tuple of arrays), from which `expand` makes the blocks: a
+    numeric value (float32) or bin (int32) with its missing mask, a category's or bucket's index (int32), a date's
+    or text's block as it is. A streamed table keeps rows as these (~35 bytes a penguins row)."""
+    codes, indices = {}, {}
     for name, f in state["features"].items():
-        blocks[name], index = _encode(f, columns[name])
+        codes[name], index = _encode(f, columns[name])
         if index is not None:
             indices[name] = index
     for cross in state["crosses"]:
-        blocks[cross["name"]] = one_hot(hashed_cross([indices[n] for n in cross["features"]], cross["crossing_dim"]),
-                                        cross["crossing_dim"])
+        codes[cross["name"]] = (hashed_cross([indices[n] for n in cross["features"]],
+                                             cross["crossing_dim"]).astype(np.int32),)
+    return codes
+
+
+def expand(state: dict, codes: dict) -> dict:
+    """The float32 blocks of `encode`d rows: one-hot indices, values with their was-missing column."""
+    blocks = {}
+    for name, f in state["features"].items():
+        kind, code = f["type"], codes[name]
+        if kind in NUMERIC:
+            block = one_hot(code[0], f["bins"]) if kind == "float_discretized" else code[0][:, None]
+            if f["missing_indicator"]:
+                block = np.concatenate([block, code[1].astype(np.float32)[:, None]], axis=1)
+        elif kind in ("date", "text"):
+            block = code[0]
+        else:
+            block = one_hot(code[0], f["width"])
+        blocks[name] = block
+    for cross in state["crosses"]:
+        blocks[cross["name"]] = one_hot(codes[cross["name"]][0], cross["crossing_dim"])
     return blocks
 
 
@@ -231,36 +327,31 @@ def widths(state: dict) -> dict:
     return {**{n: f["width"] for n, f in state["features"].items()}, **{c["name"]: c["width"] for c in state["crosses"]}}
 
 
-def _encode(f: dict, col) -> tuple[np.ndarray, np.ndarray | None]:
-    """(the feature's float32 block, its integer output that crosses read, or None)."""
+def _encode(f: dict, col) -> tuple[tuple, np.ndarray | None]:
+    """(the feature's codes, its integer output that crosses read, or None)."""
     kind = f["type"]
     if kind in NUMERIC:
         x = np.where(col.missing, f["fill"], col.values).astype(np.float64)
-        index = None
         if kind == "float_rescaled":
             x = x * f["scale"] + f["offset"]
         elif kind == "float_normalized":
             x = (x - f["mean"]) / max(np.sqrt(f["variance"]), EPSILON)
         if kind == "float_discretized":
-            index = digitize(x, f["boundaries"])
-            block = one_hot(index, f["bins"])
-        else:
-            block = x.astype(np.float32)[:, None]
-        if f["missing_indicator"]:
-            block = np.concatenate([block, col.missing.astype(np.float32)[:, None]], axis=1)
-        return block, index
+            index = digitize(x, f["boundaries"]).astype(np.int32)
+            return (index, col.missing), index
+        return (x.astype(np.float32), col.missing), None
     if kind in ("integer_categorical", "string_categorical"):
         index = lookup(col, f["vocabulary"], f["num_oov_indices"], strings=kind == "string_categorical")
-        return one_hot(index, f["width"]), index
+        return (index.astype(np.int32),), index
     if kind in ("integer_hashed", "string_hashed"):
         index = hash_to_bins(np.where(col.missing, "", col.values.astype(str)), f["num_bins"])
-        return one_hot(index, f["num_bins"]), index
+        return (index.astype(np.int32),), index
     if kind == "text":  # TextVectorization's vector: column 0 out-of-vocabulary; a missing cell is an empty text
         from dlcli.data.text import TokenSource, tokenize
 
         source = TokenSource.encode([tokenize(t) for t in np.where(col.missing, "", col.values).tolist()],
                                     f["vocabulary"])
-        return source.take(slice(0, len(source)))[0], None
+        return (source.take(slice(0, len(source)))[0],), None
     if kind == "date":
         days = col.values.astype("datetime64[D]")
         years = days.astype("datetime64[Y]")
@@ -271,7 +362,7 @@ def _encode(f: dict, col) -> tuple[np.ndarray, np.ndarray | None]:
         year = (years.astype(np.int64) + 1970 - f["year_mean"]) / max(f["year_std"], EPSILON)
         angles = [2 * np.pi * month / 12, 2 * np.pi * weekday / 7, 2 * np.pi * day_of_year / year_length]
         parts = [year] + [g(a) for a in angles for g in (np.sin, np.cos)]
-        return np.stack(parts, axis=1).astype(np.float32), None
+        return (np.stack(parts, axis=1).astype(np.float32),), None
     raise AssertionError(kind)  # feature_specs admitted only known types
 
 

@@ -232,32 +232,22 @@ def _chosen(arrays, file: Path, model, data: dict, key: str | None):
 
 
 def read_csv(file: Path, data: dict) -> np.ndarray:
-    """Feature columns (by the run's data.columns, or every column but the label) of a CSV, as float32."""
-    import csv
+    """Feature columns (by the run's data.columns, or every column but the label) of a CSV, as float32; a first row
+    of numbers is data, not a header. Read by the one CSV reader (dlcli.data.table.read_csv)."""
+    from dlcli.data.table import read_csv as read_table_csv
 
-    try:
-        with open(file, newline="", encoding="utf-8-sig") as f:
-            rows = [r for r in csv.reader(f) if r]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DlcliError(f"{file}: cannot read as CSV ({e})") from None
-    if not rows:
-        raise DlcliError(f"{file} is empty")
-    header = None
-    try:
-        [float(v) for v in rows[0]]
-    except ValueError:
-        header, rows = [h.strip() for h in rows[0]], rows[1:]
-    columns = list(range(len(rows[0]) if rows else 0))
-    if header is not None:
-        wanted = data.get("columns") or [h for h in header if h != data.get("label", "label")]
-        missing = [c for c in wanted if c not in header]
+    table = read_table_csv(file, data.get("delimiter", ","), header=None)
+    columns = table.header
+    if table.lines[0] != 1:  # the first row was a header (else the data starts on line 1): columns by name
+        columns = data.get("columns") or [h for h in table.header if h != data.get("label", "label")]
+        missing = [c for c in columns if c not in table.header]
         if missing:
-            raise DlcliError(f"{file}: no column(s) {', '.join(map(repr, missing))}; it has: {', '.join(header)}")
-        columns = [header.index(c) for c in wanted]
+            raise DlcliError(f"{file}: no column(s) {', '.join(map(repr, missing))}; it has: "
+                             f"{', '.join(table.header)}")
     try:
-        values = np.array([[float(r[j]) for j in columns] for r in rows], dtype=np.float64)
-    except (ValueError, IndexError) as e:
-        raise DlcliError(f"{file}: every feature cell must be a number and every row complete ({e})") from None
+        values = np.stack([table.cells[c].astype(np.float64) for c in columns], axis=1)
+    except ValueError as e:
+        raise DlcliError(f"{file}: every feature cell must be a number ({e})") from None
     # CSV has no dtype: whole numbers are raw stored values (a Kaggle MNIST CSV holds 0-255 pixels) and get the
     # dataset's conversion; anything else is taken as already preprocessed
     return values.astype(np.int64) if np.array_equal(values, np.round(values)) else values.astype(np.float32)

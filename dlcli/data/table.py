@@ -80,48 +80,119 @@ class Table:
 
 
 # --- reading ---------------------------------------------------------------------------------------------------------
-def read_csv(file: Path, delimiter: str = ",") -> Table:
-    """A CSV with a header row, strictly UTF-8 (a byte-order mark is allowed), every row as wide as the header."""
+def read_csv(file: Path, delimiter: str = ",", header: bool | None = True) -> Table:
+    """A CSV, strictly UTF-8 (a byte-order mark is allowed), every row as wide as the first: the one CSV reader of
+    dlcli's data (tables, `type: csv`, time series, predict's rows; data.stream checks its head and finds a bad row
+    with the same rules). header None: a first row of numbers is data, and the columns are named 0, 1, ..."""
     try:
         raw = Path(file).read_bytes()
     except OSError as e:
         raise TableError(f"{file}: cannot read ({e.strerror or e})") from None
+    text = _text(file, raw)
+    rows, lines = [], []
+    names = None
+    for row, line in csv_rows(file, io.StringIO(text, newline=""), delimiter, header):
+        if names is None:
+            names = row
+            continue
+        rows.append(row)
+        lines.append(line)
+    if names is None:
+        raise TableError(f"{file}: empty (a CSV needs a header row and data rows)")
+    if not rows:
+        raise TableError(f"{file}: only a header row, no data rows")
+    columns = list(zip(*rows))
+    return Table(str(file), names, {h: np.array(c, dtype=str) for h, c in zip(names, columns)},
+                 np.asarray(lines, np.int64))
+
+
+def _text(file, raw: bytes, partial: bool = False) -> str:
+    """UTF-8 text of a CSV's bytes (of its head when `partial`: a character cut at the end is dropped)."""
     if b"\0" in raw[:65536]:
         line = raw[:raw.index(b"\0")].count(b"\n") + 1
         raise TableError(f"{file}, line {line}: binary data (a NUL byte): not a CSV text file")
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
+        if partial and e.start >= len(raw) - 3 and e.reason == "unexpected end of data":
+            return raw[:e.start].decode("utf-8-sig")
         line = raw[:e.start].count(b"\n") + 1
         raise TableError(f"{file}, line {line}: byte 0x{raw[e.start]:02x} is not UTF-8; save the file as UTF-8 "
                          f"(e.g. iconv -f latin1 -t utf-8)") from None
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    rows, lines = [], []
+
+
+def csv_rows(file, stream, delimiter: str, header: bool | None = True):
+    """(row, line) of each non-blank CSV row of a text stream, the header first (its names stripped and unique;
+    with header False or None-and-numbers, the names 0, 1 ... come first and the first row is data), every row as
+    wide as the header; a problem raises a TableError naming the line."""
+    reader = csv.reader(stream, delimiter=delimiter, strict=True)
+    width = None
     try:
         for row in reader:
-            if row and any(c.strip() for c in row):
-                rows.append(row)
-                lines.append(reader.line_num)
+            if not row or not any(c.strip() for c in row):
+                continue
+            if width is None:
+                width = len(row)
+                if header is False or (header is None and all(_is_number(c.strip()) for c in row)):
+                    yield [str(i) for i in range(width)], 0
+                else:
+                    names = [h.strip() for h in row]
+                    repeated = [h for h in names if names.count(h) > 1]
+                    if repeated:
+                        raise TableError(f"{file}, line {reader.line_num}: column name '{repeated[0]}' appears "
+                                         f"twice in the header")
+                    yield names, reader.line_num
+                    continue
+            if len(row) != width:
+                others = [d for d in OTHER_DELIMITERS if d != delimiter and d in "".join(row)]
+                hint = f" (it holds {others[0]!r}: mixed delimiters? data.delimiter is {delimiter!r})" if others else ""
+                raise TableError(f"{file}, line {reader.line_num}: {len(row)} fields, the header has {width}{hint}")
+            yield row, reader.line_num
     except csv.Error as e:
         raise TableError(f"{file}, line {reader.line_num}: not valid CSV ({e})") from None
-    if not rows:
+
+
+HEAD_BYTES = 1 << 20
+
+
+def check_head(file, delimiter: str) -> list[str]:
+    """A CSV's header, after read_csv's checks on its first MiB (data.stream reads the rest in chunks)."""
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(HEAD_BYTES)
+    except OSError as e:
+        raise TableError(f"{file}: cannot read ({e.strerror or e})") from None
+    text = _text(file, raw, partial=True)
+    whole = len(raw) < HEAD_BYTES
+    head = text if whole else text[:text.rfind("\n") + 1]
+    rows = csv_rows(file, io.StringIO(head, newline=""), delimiter)
+    names = next(rows, None)
+    if names is None:
         raise TableError(f"{file}: empty (a CSV needs a header row and data rows)")
-    header = [h.strip() for h in rows[0]]
-    if len(rows) < 2:
+    if next(rows, None) is None:
         raise TableError(f"{file}: only a header row, no data rows")
-    seen = set()
-    for h in header:
-        if h in seen:
-            raise TableError(f"{file}, line {lines[0]}: column name '{h}' appears twice in the header")
-        seen.add(h)
-    for row, line in zip(rows[1:], lines[1:]):
-        if len(row) != len(header):
-            others = [d for d in OTHER_DELIMITERS if d != delimiter and d in row[0] + "".join(row)]
-            hint = f" (it holds {others[0]!r}: mixed delimiters? data.delimiter is {delimiter!r})" if others else ""
-            raise TableError(f"{file}, line {line}: {len(row)} fields, the header has {len(header)}{hint}")
-    columns = list(zip(*rows[1:]))
-    return Table(str(file), header, {h: np.array(c, dtype=str) for h, c in zip(header, columns)},
-                 np.asarray(lines[1:], np.int64))
+    for _ in rows:
+        pass
+    return names[0]
+
+
+def first_bad_row(file, delimiter: str):
+    """Read the whole CSV line by line (bounded memory), raising read_csv's message at its first problem."""
+    try:
+        with open(file, "rb") as f:
+            for _ in csv_rows(file, _decoded_lines(file, f), delimiter):
+                pass
+    except OSError as e:
+        raise TableError(f"{file}: cannot read ({e.strerror or e})") from None
+
+
+def _decoded_lines(file, lines):
+    for number, raw in enumerate(lines, 1):
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise TableError(f"{file}, line {number}: byte 0x{raw[e.start]:02x} is not UTF-8; save the file as UTF-8 "
+                             f"(e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def read_records(file: Path) -> Table:
@@ -365,12 +436,7 @@ class TableSource(ArraySource):
 
     def for_inputs(self, names: list[str]) -> "TableSource":
         """The blocks in the order of a model's inputs, matched by name (output_mode dict)."""
-        unknown = [n for n in names if n not in self.input_names]
-        if unknown or len(names) != len(self.input_names):
-            hints = "; ".join(f"model input '{n}' is not a table feature{did_you_mean(n, self.input_names)}"
-                              for n in unknown) or f"the model reads {len(names)} of them"
-            raise ConfigError(f"{hints} (data.output_mode dict gives one input per feature and cross, each to be a "
-                              f"model input: {', '.join(self.input_names)})")
+        check_input_names(names, self.input_names)
         return TableSource(self.columns, self.state, list(names))
 
     def subset(self, index):
@@ -387,6 +453,16 @@ class TableSource(ArraySource):
 
     def describe(self):
         return {}
+
+
+def check_input_names(names: list[str], features: list[str]):
+    """A model's inputs are the table's features and crosses, each once (output_mode dict)."""
+    unknown = [n for n in names if n not in features]
+    if unknown or len(names) != len(features):
+        hints = "; ".join(f"model input '{n}' is not a table feature{did_you_mean(n, features)}"
+                          for n in unknown) or f"the model reads {len(names)} of them"
+        raise ConfigError(f"{hints} (data.output_mode dict gives one input per feature and cross, each to be a "
+                          f"model input: {', '.join(features)})")
 
 
 @contextlib.contextmanager
@@ -471,17 +547,20 @@ def _load(data: dict) -> Dataset:
 def load_table(path: str, label: str, features: dict | str, crosses: list[dict] | None = None,
                test_path: str | None = None, test_split: float = 0.0, missing: list[str] | None = None,
                delimiter: str = ",", output_mode: str = "concat", stratify: bool = True, seed: int = 0,
-               limit: int | None = None, test_limit: int | None = None) -> Dataset:
+               limit: int | None = None, test_limit: int | None = None, stream: bool = False) -> Dataset:
     """A CSV table: `features` (column -> Keras FeatureSpace type) preprocessed into one float32 vector per row,
     adapted on the training rows; `label` text -> classes (stored in the run), numbers -> regression. The test set
     is test_path or a seeded test_split (stratified by class unless stratify: false). Cells equal to one of
-    `missing` (default "" and NA) are missing. Columns not in `features` are ignored."""
+    `missing` (default "" and NA) are missing. Columns not in `features` are ignored. stream: true reads a CSV
+    larger than memory in chunks (dlcli.data.table_stream), holding its rows as compact codes."""
     return _load({k: v for k, v in locals().items()})
 
 
 def _check_arguments(args: dict):
     """What the schema's annotations cannot say, before any file is read."""
     check_limits(args["limit"], args["test_limit"])
+    if not isinstance(args["stream"], bool):
+        raise ConfigError(f"data.stream must be true or false; got {args['stream']!r}")
     if args["output_mode"] not in ("concat", "dict"):
         raise ConfigError(f"data.output_mode: 'concat' (one vector per row, for a Sequential model) or 'dict' (one "
                           f"named input per feature, for a functional model); found {args['output_mode']!r}")
@@ -502,9 +581,12 @@ def _check_arguments(args: dict):
 
 
 def _load_table(path, label, features, crosses, test_path, test_split, missing, delimiter, output_mode, stratify,
-                seed, limit, test_limit) -> Dataset:
+                seed, limit, test_limit, stream) -> Dataset:
     missing = DEFAULT_MISSING if missing is None else [str(m) for m in missing]
     file = resolve_path(path)
+    if stream:
+        return _load_streamed(file, label, features, crosses, test_path, test_split, missing, delimiter, output_mode,
+                              stratify, seed, limit, test_limit)
     table = read_table(file, delimiter)
     inferred = None
     if features == "auto":  # types only, from the cells of the training file: nothing is adapted yet
@@ -528,34 +610,102 @@ def _load_table(path, label, features, crosses, test_path, test_split, missing, 
         test_columns = parse_columns(test_table, specs, missing)
         y_test, _, test_kept = parse_labels(test_table, label, missing, classes)
         test_columns = {k: c.take(test_kept) for k, c in test_columns.items()}
-        train_index = np.arange(len(y))
-    elif test_split:
-        train_index, test_index = split_indices(y, float(test_split), np.random.default_rng(seed),
-                                                stratify and classes is not None)
+    train_index, test_index = _split(y, classes, test_path, test_split, stratify, seed, limit)
+    if test_index is not None:
         test_columns, y_test = {k: c.take(test_index) for k, c in columns.items()}, y[test_index]
-    else:
-        train_index, test_columns, y_test = np.arange(len(y)), None, None
-    train_index = train_index[:limit]
+    elif test_path is None:
+        test_columns, y_test = None, None
     train_columns, y_train = {k: c.take(train_index) for k, c in columns.items()}, y[train_index]
     if test_columns is not None and test_limit is not None:
         test_columns, y_test = {k: c.take(slice(0, test_limit)) for k, c in test_columns.items()}, y_test[:test_limit]
-    if stored_state is not None:
-        state = stored_state
-    else:
-        try:
-            state = fs.adapt(specs, cross_specs, train_columns)
-        except ValueError as e:
-            raise TableError(f"{file}: {e}; drop it from data.features") from None
-        ignored = [h for h in table.header if h not in specs and h != label]
-        state = {"label": label, "classes": classes, "missing": missing, "ignored_columns": ignored,
-                 "output_mode": output_mode, **state,
-                 **({"inferred": inferred} if inferred else {})}
+    state = stored_state or _state(file, lambda: fs.adapt(specs, cross_specs, {  # the training rows in file order
+        k: c.take(np.sort(train_index)) for k, c in columns.items()}), table.header, specs, label, classes, missing,
+        output_mode, inferred)
     x_train = TableSource(train_columns, state)
     x_test = None if test_columns is None else TableSource(test_columns, state)
+    return _dataset(file, x_train, y_train, x_test, y_test, classes, state, kept)
+
+
+def _split(y, classes, test_path, test_split, stratify, seed, limit):
+    """(training rows, test rows or None): all rows when a test file is given, else a seeded test_split
+    (stratified by class unless stratify is false); `limit` keeps the first training rows."""
+    if test_path is None and test_split:
+        train_index, test_index = split_indices(y, float(test_split), np.random.default_rng(seed),
+                                                stratify and classes is not None)
+    else:
+        train_index, test_index = np.arange(len(y)), None
+    return train_index[:limit], test_index
+
+
+def _state(file, adapted, header, specs, label, classes, missing, output_mode, inferred=None) -> dict:
+    """The run's feature_space.json: what `adapted()` learned, with the label, classes and settings."""
+    try:
+        state = adapted()
+    except ValueError as e:
+        raise TableError(f"{file}: {e}; drop it from data.features") from None
+    ignored = [h for h in header if h not in specs and h != label]
+    return {"label": label, "classes": classes, "missing": missing, "ignored_columns": ignored,
+            "output_mode": output_mode, **state, **({"inferred": inferred} if inferred else {})}
+
+
+def _load_streamed(file, label, features, crosses, test_path, test_split, missing, delimiter, output_mode, stratify,
+                   seed, limit, test_limit) -> Dataset:
+    """data.stream: the CSV read in chunks by dlcli.data.table_stream (labels, adaptation, codes), never whole."""
+    from dlcli.data import table_stream as ts
+
+    if features == "auto":
+        raise ConfigError("data.features: auto infers the types from the whole file, which data.stream does not "
+                          "read at once; run features: auto on a sample of the file and paste the section it prints")
+    if Path(file).suffix.lower() in (*PARQUET_SUFFIXES, ".json", ".jsonl"):
+        raise ConfigError(f"data.stream reads CSV files; {file} is {Path(file).suffix}: convert it or drop stream")
+    specs, cross_specs = fs.feature_specs(features, crosses)
+    if label in specs:
+        raise ConfigError(f"data.features: '{label}' is the label (data.label); it cannot be a feature too")
+    text = [n for n, f in specs.items() if f["type"] == "text"]
+    if text:
+        raise ConfigError(f"data.features.{text[0]}: a text feature's vocabulary needs every text at once; "
+                          f"data.stream takes the other feature types")
+    stored_state = _stored.get()
+    header = check_head(file, delimiter)
+    y, classes, kept = ts.labels(file, delimiter, label, missing, stored_state and stored_state.get("classes"))
+    train_index, test_index = _split(y, classes, test_path, test_split, stratify, seed, limit)
+    state = stored_state or _state(file, lambda: ts.adapt(file, delimiter, specs, cross_specs, missing, kept,
+                                                          np.sort(train_index)),
+                                   header, specs, label, classes, missing, output_mode)
+    rows = ts.EncodedSource(ts.encode(file, delimiter, state, missing, kept), state)
+    x_train, y_train = rows.subset(train_index), y[train_index]
+    x_test, y_test = (rows.subset(test_index), y[test_index]) if test_index is not None else (None, None)
+    del rows
+    if test_path is not None:
+        test_file = resolve_path(test_path, "data.test_path")
+        y_test, _, test_kept = ts.labels(test_file, delimiter, label, missing, classes)
+        x_test = ts.EncodedSource(ts.encode(test_file, delimiter, state, missing, test_kept), state)
+    if x_test is not None and test_limit is not None:
+        x_test, y_test = x_test.subset(np.arange(min(test_limit, len(y_test)))), y_test[:test_limit]
+    return _dataset(file, x_train, y_train, x_test, y_test, classes, state, kept)
+
+
+def adapt_streamed(data: dict) -> dict:
+    """The feature space a streamed table's training rows give (passes 1 and 2 alone, for bench/table_stream.py),
+    with "rows": the rows read."""
+    from dlcli.data import table_stream as ts
+
+    file = resolve_path(data["path"])
+    missing = DEFAULT_MISSING if data.get("missing") is None else [str(m) for m in data["missing"]]
+    delimiter = data.get("delimiter", ",")
+    specs, crosses = fs.feature_specs(data["features"], data.get("crosses"))
+    y, classes, kept = ts.labels(file, delimiter, data["label"], missing, None)
+    train_index, _ = _split(y, classes, data.get("test_path"), data.get("test_split", 0.0),
+                            data.get("stratify", True), data.get("seed", 0), data.get("limit"))
+    state = ts.adapt(file, delimiter, specs, crosses, missing, kept, np.sort(train_index))
+    return {**state, "rows": int(len(kept)), "train_rows": int(len(train_index))}
+
+
+def _dataset(file, x_train, y_train, x_test, y_test, classes, state, kept) -> Dataset:
     extra = {"feature_space": state, "label_rows_dropped": int((~kept).sum())}
     if classes is None and y_test is not None:  # regression: the "predict the training mean" baseline
         mean = float(y_train.mean())
-        extra.update({"baseline": {"test_mae": float(np.abs(y_test - mean).mean())}, "target": label,
+        extra.update({"baseline": {"test_mae": float(np.abs(y_test - mean).mean())}, "target": state["label"],
                       "target_std": 1.0, "baseline_description": f"predict the training mean, {mean:.4g}"})
     return Dataset(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, classes=classes,
                    source=str(file), extra=extra, name="table")
