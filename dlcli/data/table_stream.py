@@ -20,7 +20,7 @@ from dlcli.data import features as fs
 from dlcli.data.source import Source
 from dlcli.errors import ConfigError
 
-CHUNK_BYTES = 32 << 20  # pyarrow's block: about 150,000 penguins rows of cells in memory at a time
+CHUNK_BYTES = 4 << 20  # pyarrow's block (it reads a few ahead): ~20,000 rows of a 200-byte-row CSV at a time
 
 
 def _pyarrow(file):
@@ -45,7 +45,7 @@ def csv_chunks(file: Path, delimiter: str, columns: list[str]):
     require_columns(Table(str(file), header, {h: np.zeros(0, str) for h in header}, np.zeros(0, np.int64)), columns,
                     "data.features or data.label")
     try:
-        reader = pcsv.open_csv(file, read_options=pcsv.ReadOptions(block_size=CHUNK_BYTES),
+        reader = pcsv.open_csv(file, read_options=pcsv.ReadOptions(block_size=CHUNK_BYTES, use_threads=False),
                                parse_options=pcsv.ParseOptions(delimiter=delimiter),
                                convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in header},
                                                                    include_columns=list(columns),
@@ -62,44 +62,47 @@ def csv_chunks(file: Path, delimiter: str, columns: list[str]):
 
 
 class EncodedSource(Source):
-    """Rows held as their compact codes (features.encode); a batch is expanded to the model's float32 inputs on
-    demand: one vector, or (output_mode dict) one block per feature and cross, in `order`."""
+    """Rows held as their compact codes (features.encode), or the rows `rows` of them (a split shares the codes of
+    the whole file); a batch is expanded to the model's float32 inputs on demand: one vector, or (output_mode dict)
+    one block per feature and cross, in `order`."""
 
-    def __init__(self, codes: dict, state: dict, order: list[str] | None = None):
-        self.codes, self.state, self.order = codes, state, order
+    def __init__(self, codes: dict, state: dict, order: list[str] | None = None, rows: np.ndarray | None = None):
+        self.codes, self.state, self.order, self.rows = codes, state, order, rows
         dict_mode = state.get("output_mode") == "dict"
         self.input_names = list(order or fs.widths(state)) if dict_mode else None
         widths = fs.widths(state)
         self._shapes = [(widths[n],) for n in self.input_names] if dict_mode else [(state["width"],)]
 
     def __len__(self):
-        return len(next(iter(self.codes.values()))[0])
+        return len(self.rows) if self.rows is not None else len(next(iter(self.codes.values()))[0])
 
     @property
     def sample_shapes(self):
         return self._shapes
 
     def take(self, index):
+        index = self.rows[index] if self.rows is not None else index
         blocks = fs.expand(self.state, {k: tuple(a[index] for a in v) for k, v in self.codes.items()})
         if self.input_names is not None:
             return [blocks[n] for n in self.input_names]
         return [np.concatenate(list(blocks.values()), axis=1)]
 
     def subset(self, index):
-        return EncodedSource({k: tuple(a[index] for a in v) for k, v in self.codes.items()}, self.state, self.order)
+        rows = np.arange(len(self))[index] if self.rows is None else self.rows[index]
+        return EncodedSource(self.codes, self.state, self.order, np.asarray(rows, np.int64))
 
     def for_inputs(self, names):
         from dlcli.data.table import check_input_names
 
         check_input_names(names, self.input_names)
-        return EncodedSource(self.codes, self.state, list(names))
+        return EncodedSource(self.codes, self.state, list(names), self.rows)
 
     def adapted_on(self, index):
         raise ConfigError("train.kfold adapts the preprocessing again on each fold's rows, which a streamed table "
                           "(data.stream: true) has only as codes; train the folds without stream")
 
     def describe(self):
-        return {"streamed": f"{len(self):,} rows encoded"}
+        return {}
 
 
 def labels(file: Path, delimiter: str, label: str, missing: list[str], classes: list | None):
@@ -143,16 +146,22 @@ def adapt(file: Path, delimiter: str, specs: dict, crosses: list, missing: list[
 
 
 def encode(file: Path, delimiter: str, state: dict, missing: list[str], kept: np.ndarray) -> dict:
-    """Pass 3: every kept row's codes, chunk by chunk, joined."""
+    """Pass 3: every kept row's codes, written chunk by chunk into arrays sized once (no second copy)."""
     from dlcli.data.table import parse_columns
 
-    parts = []
+    codes, at = None, 0
     for start, chunk in _row_chunks(file, delimiter, list(state["features"])):
         keep = np.flatnonzero(kept[start:start + len(chunk)])
         columns = parse_columns(chunk, state, missing)
-        parts.append(fs.encode(state, {k: c.take(keep) for k, c in columns.items()}))
-    return {k: tuple(np.concatenate([p[k][i] for p in parts]) for i in range(len(parts[0][k])))
-            for k in parts[0]}
+        part = fs.encode(state, {k: c.take(keep) for k, c in columns.items()})
+        if codes is None:
+            rows = int(kept.sum())
+            codes = {k: tuple(np.empty((rows, *a.shape[1:]), a.dtype) for a in v) for k, v in part.items()}
+        for k, v in part.items():
+            for target, a in zip(codes[k], v):
+                target[at:at + len(a)] = a
+        at += len(keep)
+    return codes
 
 
 def _row_chunks(file, delimiter, columns):
