@@ -23,29 +23,13 @@ def _registry(family: str):
     return registry(FAMILIES[family])
 
 
-def _defaults(target) -> dict:
-    """{argument: default} over the constructor and the parents it passes arguments on to."""
-    found = {}
-    functions = [k.__dict__["__init__"] for k in target.__mro__ if "__init__" in k.__dict__ and k is not object] \
-        if inspect.isclass(target) else [target]
-    for fn in functions:
-        try:
-            for p in inspect.signature(fn).parameters.values():
-                if p.default is not p.empty:
-                    found.setdefault(p.name, p.default)
-        except (TypeError, ValueError):
-            pass
-    return found
-
-
 def describe(target, family: str) -> str:
     params, _ = parameters(target, skip_data_args=family in ("losses", "metrics"))
-    defaults = _defaults(target)
     shown = []
-    for arg, (_, required) in params.items():
+    for arg, (_, required, default) in params.items():
         if family == "layers" and arg in _LAYER_BASE:
             continue
-        shown.append(f"{arg} (required)" if required or arg not in defaults else f"{arg}={defaults[arg]!r}")
+        shown.append(f"{arg} (required)" if required or default is inspect.Parameter.empty else f"{arg}={default!r}")
     return ", ".join(shown)
 
 

@@ -1,7 +1,7 @@
 """A closed, explicit name -> object registry (Caffe's layer factory, Keras' `get(identifier)`)."""
 import difflib
 import inspect
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 from dlcli.errors import ConfigError
 
@@ -100,9 +100,15 @@ class Registry:
         return f"unknown {self.kind} '{name}'{did_you_mean(name, self._items)}; known: {', '.join(self.names())}"
 
 
-def parameters(target, skip_data_args=False) -> tuple[dict, bool]:
-    """{name: (annotation or None, required)} a config may give `target`, and whether it takes any key (**kw).
-    Both `Registry.create` and the config checker bind a spec's keys with it.
+class Parameter(NamedTuple):
+    annotation: Any  # None when not annotated (or not resolvable): not checked
+    required: bool
+    default: Any  # inspect.Parameter.empty when it has none
+
+
+def parameters(target, skip_data_args=False) -> tuple[dict[str, Parameter], bool]:
+    """{name: Parameter} a config may give `target`, and whether it takes any key (**kw): the one binder of a spec's
+    keys to a signature, used by `Registry.create`, the config checker, the Keras importer and `dlcli list`.
 
     A class's keyword arguments come from its __init__ and, through `**kw`, from the classes it passes them on to
     (every layer passes name/trainable/lr_mult/input_shape to Layer). For loss/metric functions the leading
@@ -135,7 +141,7 @@ def parameters(target, skip_data_args=False) -> tuple[dict, bool]:
                 annotation = p.annotation if p.annotation is not p.empty else None
                 if isinstance(annotation, str):
                     annotation = None  # unresolvable forward reference: not checked
-                params[p.name] = (annotation, required)
+                params[p.name] = Parameter(annotation, required, p.default)
         if not takes_more:
             return params, False
     return params, True

@@ -17,7 +17,6 @@
 import errno
 import fcntl
 import hashlib
-import json
 import math
 import os
 import signal

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from dlcli.config import Config, Override, dump_yaml, load_config, parse_config, split_spec, validate_config
+from dlcli.config import Config, Override, dump_yaml, load_config, parse_config, validate_config
 from dlcli.errors import ConfigError
 from dlcli.optimizers import OPTIMIZERS
 from dlcli.yaml_lines import load_yaml
@@ -110,8 +110,7 @@ def test_values_are_typed():
     functional = parse_config(FUNCTIONAL, SRC)
     assert functional.train.class_weight == {0: 1.0, 1: 2.5}
     assert functional.model.inputs[0].shape == [8]
-    assert split_spec(functional.compile.loss["reg"]) == ("huber", {"delta": 2.0})
-    assert split_spec("adam") == ("adam", {})
+    assert functional.compile.loss["reg"] == {"type": "huber", "delta": 2.0}
 
 
 def test_dump_yaml_is_block_style_with_flow_shapes():
