@@ -42,7 +42,7 @@ def build_model(config):
                                       f"{did_you_mean(entry['name'], widths)}, so it needs a shape; features: "
                                       f"{', '.join(widths)}")
                 entry["shape"] = [widths[entry["name"]]]
-    model = from_config({"name": config.name, **spec}, np.random.default_rng(config.seed))
+    model = model_from_config({"name": config.name, **spec}, np.random.default_rng(config.seed))
     apply_freeze(model, config.train.freeze)
     settings = config.compile
     model.compile(optimizer=settings.optimizer, loss=settings.loss, metrics=settings.metrics,
@@ -67,7 +67,7 @@ def apply_freeze(model, patterns: list[str]):
             layer.trainable = False
 
 
-def from_config(spec: dict, rng: np.random.Generator | None = None) -> Model:
+def model_from_config(spec: dict, rng: np.random.Generator | None = None) -> Model:
     """Build a model from the `model:` section of a config (sequential or functional); every layer's weights and
     dropout stream come from `rng` in build order (None: unseeded)."""
     spec, rng = dict(spec), rng if rng is not None else np.random.default_rng()
@@ -199,7 +199,7 @@ def _find_cycle(pending) -> list[str]:
 def load_model(path) -> Model:
     """Load a model saved with `model.save(path)` (architecture, compile settings, weights, optimizer state)."""
     header, arrays = checkpoint.read_model(path)
-    model = from_config(header["model"])
+    model = model_from_config(header["model"])
     if header.get("compile"):
         c = header["compile"]
         names = model.output_names

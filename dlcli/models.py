@@ -1,8 +1,8 @@
 """Sequential and Model (Keras' two ways to wire layers): compile, fit, evaluate, predict, summary, save.
 
 A Sequential model is a graph whose nodes form a chain, so there is one engine (dlcli.engine.graph) for both.
-`get_config()` returns the `model:` section of a YAML config and `dlcli.builder.from_config()` builds from it, so a
-model written in Python and the same model written in YAML are interchangeable.
+`get_config()` returns the `model:` section of a YAML config and `dlcli.builder.model_from_config()` builds from it,
+so a model written in Python and the same model written in YAML are interchangeable.
 """
 import numpy as np
 

@@ -52,8 +52,8 @@ def test_determinism_passes_and_catches_unseeded_initialisation(tmp_path, monkey
     result = invoke("check", "determinism", config, "--samples", "48")
     assert result.exit_code == 0, result.output
     assert "4 weight arrays identical" in result.output
-    seeded = builder.from_config
-    monkeypatch.setattr(builder, "from_config", lambda spec, rng: seeded(spec, np.random.default_rng()))  # unseeded
+    seeded = builder.model_from_config
+    monkeypatch.setattr(builder, "model_from_config", lambda spec, rng: seeded(spec, np.random.default_rng()))  # unseeded
     result = invoke("check", "determinism", config, "--samples", "48")
     assert result.exit_code == 1 and "DIFFERS" in result.output and "dense/kernel" in result.output
 

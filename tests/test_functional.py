@@ -160,7 +160,7 @@ def test_yaml_graph_builds_in_any_order_with_shares_and_round_trips():
     assert rows["skip"]["connected_to"] == ["c1", "c2"]
     assert rows["s2 (shares s1)"]["connected_to"] == ["side_again"] and rows["s2 (shares s1)"]["params"] == 0
     assert rows["joined"]["connected_to"] == ["gap", "s1", "s2"]
-    again = builder.from_config(model.get_config())
+    again = builder.model_from_config(model.get_config())
     assert again.get_config() == model.get_config()
     again.set_weights(model.get_weights())
     x = [np.random.default_rng(0).normal(size=(2, 6, 6, 1)), np.ones((2, 3))]

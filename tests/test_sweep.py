@@ -397,20 +397,21 @@ def test_a_run_stopped_before_its_first_epoch_still_has_history_csv_and_train_lo
 def test_a_trial_whose_worker_elsewhere_stopped_beating_is_failed_and_replaced(tmp_path, postgres_url):  # noqa: F811
     """On a database shared by machines a dead worker's pid tells nothing: Optuna's heartbeat does."""
     from dlcli import sweep as sweeps
+    from dlcli.sweep import search
 
     plan = sweeps.prepare(write_sweep_config(tmp_path), ["train.epochs=1"], trials=1, storage=postgres_url,
                           study=f"beat-{time.time_ns()}", runs_dir=tmp_path / "runs")
-    beat, sweeps.HEARTBEAT_SECONDS = sweeps.HEARTBEAT_SECONDS, 1
+    beat, search.HEARTBEAT_SECONDS = search.HEARTBEAT_SECONDS, 1
     try:
         study = plan.load_study()
         lost = study.ask()  # a trial another machine started, then went silent
         study._storage.set_trial_user_attr(lost._trial_id, "worker", "elsewhere:1")
         study._storage.record_heartbeat(lost._trial_id)
-        time.sleep(sweeps.GRACE_BEATS + 1.5)
+        time.sleep(search.GRACE_BEATS + 1.5)
         sweeps.work(plan)
     finally:
-        sweeps.HEARTBEAT_SECONDS = beat
+        search.HEARTBEAT_SECONDS = beat
     trials = plan.load_study().trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]  # not counted: the new trial took its place
     assert trials[0].user_attrs["reason"] == f"its worker process died (elsewhere:1): no heartbeat for " \
-                                             f"{sweeps.GRACE_BEATS} s"
+                                             f"{search.GRACE_BEATS} s"

@@ -55,7 +55,7 @@ MUTANTS = {
         "dlcli/trainer.py", 'self._diverged("rise"', 'print("rise"',
         ["tests/test_resume.py::test_a_finite_loss_blowing_up_is_divergence_not_completion"]),
     "run-name-unchecked": (
-        "dlcli/config.py", 'if isinstance(name, str) and (not RUN_NAME.fullmatch(name) or name in (".", "..")):',
+        "dlcli/config/specs.py", 'if isinstance(name, str) and (not RUN_NAME.fullmatch(name) or name in (".", "..")):',
         "if False:", ["tests/test_cli.py"]),
     "umask-ignored": (
         "dlcli/runs.py", "os.fchmod(fd, 0o666 & ~_umask())", "pass", ["tests/test_runs.py"]),
@@ -181,15 +181,15 @@ MUTANTS = {
         "if saved is not None:",
         ["tests/test_distributed.py::test_resume_two_ranks_on_two_three_and_one"]),
     "sweep-trial-value-of-last-epoch": (
-        "dlcli/sweep.py", "    return min(values) if minimize else max(values)\n",
+        "dlcli/sweep/trial.py", "    return min(values) if minimize else max(values)\n",
         "    return values[-1]\n",
         ["tests/test_sweep.py::test_each_trial_value_is_its_best_epoch_not_its_last"]),
     "sweep-trial-value-wrong-end": (
-        "dlcli/sweep.py", "    return min(values) if minimize else max(values)\n",
+        "dlcli/sweep/trial.py", "    return min(values) if minimize else max(values)\n",
         "    return max(values) if minimize else min(values)\n",
         ["tests/test_sweep.py::test_each_trial_value_is_its_best_epoch_not_its_last"]),
     "sweep-kfold-reports-every-epoch": (
-        "dlcli/sweep.py", "        if self.fold is None:\n            self.trial.report(value, epoch)",
+        "dlcli/sweep/trial.py", "        if self.fold is None:\n            self.trial.report(value, epoch)",
         "        if True:\n            self.trial.report(value, epoch)",
         ["tests/test_sweep.py::test_a_kfold_trial_reports_the_mean_of_its_folds_to_the_pruner_after_each_fold"]),
 }

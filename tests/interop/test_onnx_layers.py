@@ -10,7 +10,7 @@ from dlcli import layers  # noqa: E402
 from dlcli.engine import activations  # noqa: E402
 from dlcli.engine.layer import clear_session  # noqa: E402
 from dlcli.interop.onnx_export import max_difference, sample_inputs, to_onnx  # noqa: E402
-from dlcli.builder import from_config  # noqa: E402
+from dlcli.builder import model_from_config  # noqa: E402
 
 TOLERANCE = 1e-5
 
@@ -264,7 +264,7 @@ def random_model(spec, seed=0):
     trivial zero or one that would hide a layout mistake."""
     clear_session()
     rng = np.random.default_rng(seed)
-    model = from_config(dict(spec), rng)
+    model = model_from_config(dict(spec), rng)
     for p in model.weights:
         value = rng.normal(0, 0.5, p.value.shape)
         p.value = (np.abs(value) + 0.5 if "variance" in p.name else value).astype(np.float32)
