@@ -7,7 +7,6 @@ has no equivalent for is accepted only at the value that means "off" (data_forma
 otherwise the import fails naming the layer and the argument. Settings that only matter when training from scratch
 (an initializer dlcli lacks, a weight constraint) are dropped with a note.
 """
-import inspect
 import re
 
 import dlcli.layers  # noqa: F401  (registers every layer name the mapping may use)
@@ -321,7 +320,7 @@ class ConfigMapper:
                               f"training from scratch")
             return _DROP
         cls = INITIALIZERS.get(name)
-        params = inspect.signature(cls.__init__).parameters if "__init__" in vars(cls) else {}
+        params, _ = parameters(cls)
         args = {k: v for k, v in (value.get("config") or {}).items() if k in params and v is not None}
         return {"type": name, **args} if args else name
 
@@ -344,7 +343,7 @@ class ConfigMapper:
             kind = opt.get("class_name")
             if kind in OPTIMIZERS:
                 cfg = opt.get("config") or {}
-                params = inspect.signature(OPTIMIZERS.get(kind).__init__).parameters
+                params, _ = parameters(OPTIMIZERS.get(kind))
                 args = {k: v for k, v in cfg.items() if k in params and v is not None and not isinstance(v, dict)}
                 if "learning_rate" in args:
                     args["learning_rate"] = float(f"{args['learning_rate']:.6g}")  # float32 0.0099999 -> 0.01

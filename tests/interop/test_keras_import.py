@@ -387,3 +387,17 @@ def test_a_dataset_that_does_not_fit_the_model_is_refused(tmp_path):
     assert "data.type mnist does not fit model" in result.output
     output = " ".join(result.output.split())
     assert "expects samples of shape (8,)" in output and "the data has (28, 28)" in output
+
+
+def test_optimizer_and_initializer_arguments_reached_through_the_base_class_are_kept():
+    """Bound through registry.parameters, as a config is: clipnorm (the Optimizer base class's) and a
+    GlorotUniform's seed (VarianceScaling's) were dropped when only the class's own __init__ was read."""
+    from dlcli.interop.keras_config import ConfigMapper
+
+    mapper = ConfigMapper([])
+    optimizer = {"module": "keras.optimizers", "class_name": "Adam",
+                 "config": {"learning_rate": 0.01, "clipnorm": 1.0, "weight_decay": None}}
+    compiled = mapper.compile({"optimizer": optimizer, "loss": "mean_squared_error"}, ["out"], ["linear"])
+    assert compiled["optimizer"] == {"type": "adam", "learning_rate": 0.01, "clipnorm": 1.0}
+    initializer = {"module": "keras.initializers", "class_name": "GlorotUniform", "config": {"seed": 7}}
+    assert mapper._initializer(initializer, "kernel_initializer") == {"type": "glorot_uniform", "seed": 7}
