@@ -209,6 +209,23 @@ def test_a_worker_starts_no_trial_while_another_holds_the_claim(tmp_path):
     assert [t.state.name for t in sweep.load_study().trials] == ["COMPLETE"]
 
 
+def test_a_trial_trains_the_config_resolved_when_the_sweep_started(tmp_path):
+    """The config is resolved once: a trial overrides that, so editing the file during a study changes no trial."""
+    from dlcli import runs
+    from dlcli.sweep import prepare, work
+    from dlcli.yaml_lines import load_yaml
+
+    config = write_sweep_config(tmp_path)
+    sweep = prepare(config, ["train.epochs=1"], trials=1, runs_dir=tmp_path / "runs")
+    sweep.dir.mkdir(parents=True)
+    config.write_text(config.read_text().replace("epochs: 2", "epochs: 3").replace("units: 3", "units: 5"))
+    work(sweep)
+    trial = sweep.load_study().trials[0]
+    trained = load_yaml(runs.RunDir(trial.user_attrs["run_dir"]).config.read_text())
+    assert trained["train"]["epochs"] == 1 and trained["model"]["layers"][1]["units"] == 3
+    assert trained["model"]["layers"][0]["units"] == trial.params["model.layers.0.units"]
+
+
 @pytest.mark.slow
 def test_a_changed_metric_direction_or_base_config_is_refused_with_the_diff(tmp_path):
     config = write_sweep_config(tmp_path, epochs=1)

@@ -1,7 +1,8 @@
 """Hyperparameter sweeps on Optuna: a config's `sweep:` section searched trial by trial, each trial an ordinary run.
 
-- Every trial is `dlcli.train(config, overrides=[the searched --set values])` into `runs/<study>/trial-NNN-<time>/`,
-  so evaluate, predict, plot and `runs compare` work on it. Its value is the best epoch's `sweep.metric`.
+- Every trial is `dlcli.train(the config resolved once, overrides=[the searched values])` into
+  `runs/<study>/trial-NNN-<time>/`, so evaluate, predict, plot and `runs compare` work on it. Its value is the best
+  epoch's `sweep.metric`. Editing the config file while a study runs changes no trial.
 - The study lives in an Optuna storage: by default a journal file `runs/<study>/study.journal`, which several
   local processes share (Optuna's JournalFileBackend appends with a file lock); or any RDB URL
   (`postgresql://...`), which workers on many machines share. Starting again continues the study up to

@@ -46,17 +46,15 @@ def _families():
 
 @dataclass
 class Sweep:
-    """What one `dlcli sweep` works on: the config, the study's name, directory and storage."""
+    """What one `dlcli sweep` works on: the resolved config, the study's name, directory and storage."""
 
-    config: str
-    overrides: list
     study_name: str
     dir: Path
     storage: str | None  # an RDB URL, or None for the journal file in `dir`
     spec: SweepConfig  # the config's sweep section
     target: int  # trials in all
     direction: str
-    base: dict = field(default_factory=dict)  # the resolved config every trial starts from (no sweep section)
+    base: dict = field(default_factory=dict)  # the config (--set applied, no sweep section) every trial overrides
     worker: int = 0  # this process's index among the local workers (0: the one the command started)
 
     def open_storage(self):
@@ -159,7 +157,7 @@ def prepare(config, overrides=(), *, trials: int | None = None, storage: str | N
         target = min(target, size)
     base = {**cfg.to_dict(), "name": name}
     del base["sweep"]
-    return Sweep(str(config), list(overrides), name, Path(runs_dir) / name, storage, spec, target, direction, base)
+    return Sweep(name, Path(runs_dir) / name, storage, spec, target, direction, base)
 
 
 def study_record(sweep: Sweep) -> dict:

@@ -6,7 +6,7 @@ import signal
 from pathlib import Path
 
 from dlcli.callbacks import Callback
-from dlcli.config import Override
+from dlcli.config import Override, as_config
 from dlcli.errors import DlcliError
 from dlcli.sweep.search import INTERRUPTED, Sweep, optuna_module, suggest
 
@@ -107,17 +107,17 @@ class TrialReporter(Callback):
 
 
 def run_trial(sweep: Sweep, trial, log=None) -> float:
-    """The objective: one ordinary run with this trial's values; its best epoch's metric."""
+    """The objective: one ordinary run of the study's resolved config with this trial's values; its best epoch's
+    metric."""
     from dlcli.experiment import train
 
     optuna = optuna_module()
     values = suggest(trial, sweep.spec.parameters)
-    sets = [*sweep.overrides, Override("sweep", None, "dlcli sweep"),
-            *(Override(k, v, f"sweep trial {trial.number}: {k}={v!r}") for k, v in values.items())]
+    sets = [Override(k, v, f"sweep trial {trial.number}: {k}={v!r}") for k, v in values.items()]
     reporter = TrialReporter(trial, sweep.spec.metric, sweep.direction == "minimize", log)
     try:
-        run = train(sweep.config, sets, runs_dir=sweep.dir, name=f"trial-{trial.number:03d}", callbacks=[reporter],
-                    verbose=0)
+        run = train(as_config(sweep.base), sets, runs_dir=sweep.dir, name=f"trial-{trial.number:03d}",
+                    callbacks=[reporter], verbose=0)
     except KeyboardInterrupt:
         trial.set_user_attr("reason", INTERRUPTED)
         raise
