@@ -20,15 +20,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", help="default: every configs/*.yaml")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "memory.md"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="an override for every config, as dlcli train's (e.g. data.limit=2000 on a busy machine)")
     args = parser.parse_args()
     configs = args.configs or sorted(glob.glob("configs/*.yaml"))
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    rows = [f"Peak RSS training one epoch, measured {when}:", "", "| config | peak RSS | under 2 GiB |", "|---|---|---|"]
+    settings = "".join(f", --set {o}" for o in args.overrides)
+    rows = [f"Peak RSS training one epoch{settings}, measured {when}:", "", "| config | peak RSS | under 2 GiB |", "|---|---|---|"]
     failed = False
     for config in configs:
         with tempfile.TemporaryDirectory() as runs_dir:
-            code, mib = child_peak_rss_mib([sys.executable, "-m", "dlcli.cli", "train", config, "--set",
-                                            "train.epochs=1", "--runs-dir", runs_dir, "--quiet"])
+            sets = [a for o in ["train.epochs=1", *args.overrides] for a in ("--set", o)]
+            code, mib = child_peak_rss_mib([sys.executable, "-m", "dlcli.cli", "train", config, *sets, "--runs-dir",
+                                            runs_dir, "--quiet"])
         ok = code == 0 and mib < LIMIT_MIB
         failed |= not ok
         row = f"| {config} | {mib:,.0f} MiB | {'yes' if ok else 'NO'}{'' if code == 0 else f' (exit {code})'} |"

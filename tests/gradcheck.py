@@ -45,7 +45,8 @@ def check_layer(layer, input_shape, batch=3, training=False, seed=0, mask=None, 
             inputs = [rng.normal(0, 1, (batch, *s)) for s in shapes]
     layer.ensure_built(input_shape if multi else tuple(input_shape), np.random.default_rng(seed))
     for p in layer.params.values():
-        p.value = p.value.astype(np.float64) + rng.normal(0, 0.1, p.value.shape) * (p.value.dtype.kind == "f")
+        noise = rng.normal(0, 0.1, p.value.shape) * (p.value.dtype.kind == "f")
+        p.value = np.asarray(p.value.astype(np.float64) + noise)  # an array even for a scalar weight (shape ())
         if p.grad is not None:
             p.grad = np.zeros_like(p.value)
 

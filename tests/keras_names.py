@@ -14,27 +14,27 @@ def ALIAS(name):
 
 KERAS_VERSION = "3.15.1"
 BASE = "a base or wrapper class, not something a config names"
-ATTENTION = TODO + ": attention layers, another helper's (issue 23)"
 AUGMENT = TODO + ": image preprocessing/augmentation"
 
 LAYERS = {
     **{n: DONE for n in [
         "Activation", "ActivityRegularization", "AdaptiveAveragePooling1D", "AdaptiveAveragePooling2D",
         "AdaptiveAveragePooling3D", "AdaptiveMaxPooling1D", "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D", "Add",
-        "AlphaDropout", "Average", "AveragePooling1D", "AveragePooling2D", "AveragePooling3D", "BatchNormalization",
-        "Bidirectional", "CategoryEncoding", "Concatenate", "Conv1D", "Conv1DTranspose", "Conv2D", "Conv2DTranspose",
-        "Conv3D", "Conv3DTranspose", "Cropping1D", "Cropping2D", "Cropping3D", "Dense", "DepthwiseConv1D",
-        "DepthwiseConv2D", "Discretization", "Dot", "Dropout", "ELU", "EinsumDense", "Embedding", "Flatten", "GRU",
-        "GRUCell", "GaussianDropout", "GaussianNoise", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
-        "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
-        "GroupNormalization", "HashedCrossing", "Hashing", "Identity", "IntegerLookup", "LSTM", "LSTMCell",
-        "LayerNormalization", "LeakyReLU", "Masking", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "Maximum",
-        "Minimum", "MultiHeadAttention", "Multiply", "Normalization", "PReLU", "Permute", "RMSNormalization", "RNN",
-        "RandomFlip", "RandomRotation", "RandomTranslation", "RandomZoom", "ReLU", "RepeatVector", "Rescaling",
-        "Reshape", "SeparableConv1D", "SeparableConv2D", "SimpleRNN", "SimpleRNNCell", "Softmax", "SpatialDropout1D",
-        "SpatialDropout2D", "SpatialDropout3D", "SpectralNormalization", "StackedRNNCells", "StringLookup", "Subtract",
-        "TimeDistributed", "UnitNormalization", "UpSampling1D", "UpSampling2D", "UpSampling3D", "ZeroPadding1D",
-        "ZeroPadding2D", "ZeroPadding3D"]},
+        "AdditiveAttention", "AlphaDropout", "Attention", "Average", "AveragePooling1D", "AveragePooling2D",
+        "AveragePooling3D", "BatchNormalization", "Bidirectional", "CategoryEncoding", "Concatenate", "Conv1D",
+        "Conv1DTranspose", "Conv2D", "Conv2DTranspose", "Conv3D", "Conv3DTranspose", "Cropping1D", "Cropping2D",
+        "Cropping3D", "Dense", "DepthwiseConv1D", "DepthwiseConv2D", "Discretization", "Dot", "Dropout", "ELU",
+        "EinsumDense", "Embedding", "Flatten", "GRU", "GRUCell", "GaussianDropout", "GaussianNoise",
+        "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D", "GlobalMaxPooling1D",
+        "GlobalMaxPooling2D", "GlobalMaxPooling3D", "GroupNormalization", "GroupQueryAttention", "HashedCrossing",
+        "Hashing", "Identity", "IntegerLookup", "LSTM", "LSTMCell", "LayerNormalization", "LeakyReLU", "Masking",
+        "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "Maximum", "Minimum", "MultiHeadAttention", "Multiply",
+        "Normalization", "PReLU", "Permute", "RMSNormalization", "RNN", "RandomFlip", "RandomRotation",
+        "RandomTranslation", "RandomZoom", "ReLU", "RepeatVector", "Rescaling", "Reshape", "SeparableConv1D",
+        "SeparableConv2D", "SimpleRNN", "SimpleRNNCell", "Softmax", "SpatialDropout1D", "SpatialDropout2D",
+        "SpatialDropout3D", "SpectralNormalization", "StackedRNNCells", "StringLookup", "Subtract", "TimeDistributed",
+        "UnitNormalization", "UpSampling1D", "UpSampling2D", "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D",
+        "ZeroPadding3D"]},
     **{f"{a}{d}": ALIAS(f"{c}{d}") for a, c in [("AvgPool", "AveragePooling"), ("MaxPool", "MaxPooling"),
                                                 ("GlobalAvgPool", "GlobalAveragePooling"),
                                                 ("GlobalMaxPool", "GlobalMaxPooling")] for d in ("1D", "2D", "3D")},
@@ -55,7 +55,6 @@ LAYERS = {
     "InputLayer": "a config gives input_shape (or functional inputs) instead",
     "Layer": BASE, "InputSpec": BASE, "Wrapper": BASE,
     # not yet
-    **{n: ATTENTION for n in ["AdditiveAttention", "Attention", "GroupQueryAttention"]},
     **{n: AUGMENT for n in [
         "AugMix", "AutoContrast", "CenterCrop", "ContrastLimitedAdaptiveHistogramEqualization", "CutMix",
         "Equalization", "MixUp", "RandAugment", "RandomBrightness", "RandomColorDegeneration", "RandomColorJitter",
@@ -69,8 +68,8 @@ LAYERS = {
 # Layers dlcli registers that are not keras.layers, and where they come from
 OTHER_LAYERS = {
     **{n: "KerasHub (keras_hub.layers), mapped by name on import" for n in [
-        "PositionEmbedding", "SinePositionEncoding", "TokenAndPositionEmbedding", "TransformerDecoder",
-        "TransformerEncoder"]},
+        "PositionEmbedding", "RotaryEmbedding", "SinePositionEncoding", "TokenAndPositionEmbedding",
+        "TransformerDecoder", "TransformerEncoder"]},
     **{n: "keras.applications.convnext's own layers, mapped by name on import" for n in [
         "LayerScale", "StochasticDepth"]}}
 

@@ -39,7 +39,16 @@ def _attention_lm():
                   {"type": "LayerNormalization"}, {"type": "Dense", "units": VOCABULARY, "activation": "softmax"})
 
 
-@pytest.mark.parametrize("make", [_gpt, lambda: _gpt(True), _attention_lm], ids=["post-norm", "pre-norm", "mha"])
+def _grouped_lm():
+    return _model({"type": "Embedding", "input_dim": VOCABULARY, "output_dim": 8},
+                  {"type": "RotaryEmbedding"},
+                  {"type": "GroupQueryAttention", "head_dim": 2, "num_query_heads": 4, "num_key_value_heads": 2,
+                   "use_causal_mask": True},
+                  {"type": "Dense", "units": VOCABULARY, "activation": "softmax"})
+
+
+@pytest.mark.parametrize("make", [_gpt, lambda: _gpt(True), _attention_lm, _grouped_lm],
+                         ids=["post-norm", "pre-norm", "mha", "rotary-gqa"])
 def test_cached_steps_equal_the_whole_sequence_forward(make):
     model = make()
     tokens = np.random.default_rng(1).integers(1, VOCABULARY, (3, STEPS)).astype(np.int32)
@@ -127,9 +136,10 @@ def test_generate_streams_reproducible_samples(lm_run):
     assert other.exit_code == 0 and other.stdout != first.stdout
 
 
-@pytest.mark.parametrize("options, message", [(["--prompt", " "], "--prompt is empty"),
-                                              (["--prompt", "a", "--temperature", "0"], "--temperature must be positive"),
-                                              (["--prompt", "a", "--top-p", "1.5"], "--top-p must be in (0, 1]")])
+@pytest.mark.parametrize("options, message", [
+    (["--prompt", " "], "--prompt is empty"),
+    (["--prompt", "a", "--temperature", "0"], "--temperature must be positive"),
+    (["--prompt", "a", "--top-p", "1.5"], "--top-p must be in (0, 1]")])
 def test_generate_bad_options_are_one_line(lm_run, options, message):
     result = runner.invoke(app, ["generate", str(lm_run), *options])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

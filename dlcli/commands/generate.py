@@ -36,19 +36,32 @@ def generate(
     import numpy as np
 
     from dlcli.errors import DlcliError
-    from dlcli.generation import Sampling, generate as sample_tokens, load_language_model
+    from dlcli.generation import Sampling, load_language_model
 
     sampling = Sampling(temperature, top_k, top_p)
     sampling.check()
     if not prompt.strip():
         raise DlcliError("--prompt is empty: give the text to continue, e.g. --prompt \"this movie was\"", exit_code=2)
     decoder, codec = load_language_model(run_dir, weights, allow_config_change)
-    from dlcli.data.language import START
+    from dlcli.engine import blas
 
     rng = np.random.default_rng(seed)
     ids = codec.encode([prompt])[0]
     out, info = sys.stdout, console(stderr=True)
     produced, started = 0, time.perf_counter()
+    with blas.one_thread():  # one sequence's products are too small to split: a second thread only costs
+        produced = _stream(decoder, codec, prompt, ids, length, rng, sampling, samples, out, info)
+    seconds = time.perf_counter() - started
+    info.print(f"{produced} tokens in {seconds:.2f} s ({produced / seconds:.1f} tokens/s, prompt of {len(ids)} "
+               f"tokens, context {decoder.context})", markup=False)
+
+
+def _stream(decoder, codec, prompt, ids, length, rng, sampling, samples, out, info) -> int:
+    """Print each sample as its tokens are drawn; the number of tokens drawn."""
+    from dlcli.data.language import START
+    from dlcli.generation import generate as sample_tokens
+
+    produced = 0
     for i in range(samples):
         info.print(f"--- sample {i + 1} of {samples}", markup=False)
         out.write(prompt)
@@ -64,6 +77,4 @@ def generate(
             shown = text
         out.write("\n")
         out.flush()
-    seconds = time.perf_counter() - started
-    info.print(f"{produced} tokens in {seconds:.2f} s ({produced / seconds:.1f} tokens/s, prompt of {len(ids)} "
-               f"tokens, context {decoder.context})", markup=False)
+    return produced

@@ -149,7 +149,9 @@ def _layer_paths(kinds: list) -> list[str]:
 def _load_keras3_weights(h5, model, order, check_names: bool):
     """Keras 3 layout: layers/<snake_case(class)>[_n] numbered per class in the model's layer order."""
     by_name = {layer.name: layer for layer in model.layers}
-    for (name, kind), path in zip(order, _layer_paths([kind for _, kind in order])):
+    # a class Keras exports under another name (GroupQueryAttention) names its path by the class itself
+    kinds = [getattr(by_name.get(name), "keras_class_name", None) or kind for name, kind in order]
+    for (name, kind), path in zip(order, _layer_paths(kinds)):
         layer = by_name.get(name)
         if layer is None:
             continue  # an InputLayer

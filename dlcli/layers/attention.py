@@ -186,12 +186,18 @@ class MultiHeadAttention(Layer):
         out = self.projected_shape or (query[-1],)
         h, kd, vd = self.num_heads, self.key_dim, self.value_dim
         for part, features, dim in (("query", query[-1], kd), ("key", key[-1], kd), ("value", value[-1], vd)):
-            self.add_weight(f"{part}/kernel", (features, h, dim), self.kernel_initializer, self.kernel_regularizer)
+            heads = self._heads(part)
+            self.add_weight(f"{part}/kernel", (features, heads, dim), self.kernel_initializer,
+                            self.kernel_regularizer)
             if self.use_bias:
-                self.add_weight(f"{part}/bias", (h, dim), self.bias_initializer, self.bias_regularizer)
+                self.add_weight(f"{part}/bias", (heads, dim), self.bias_initializer, self.bias_regularizer)
         self.add_weight("attention_output/kernel", (h, vd, *out), self.kernel_initializer, self.kernel_regularizer)
         if self.use_bias:
             self.add_weight("attention_output/bias", out, self.bias_initializer, self.bias_regularizer)
+
+    def _heads(self, part: str) -> int:
+        """Heads of a projection's kernel (GroupQueryAttention has fewer for key and value)."""
+        return self.num_heads
 
     def output_shape(self, input_shape):
         query, value, _, _ = self._shapes(input_shape)
@@ -407,11 +413,14 @@ class MultiHeadAttention(Layer):
         return grads + [None] * (self.n_inputs - 3)  # the attention mask gets no gradient
 
     # --- ONNX: the same products, masks and softmax as forward ----------------------------------------------------
+    def _onnx_weights(self, part):
+        return self.params[f"{part}/kernel"].value, self.params[f"{part}/bias"].value if self.use_bias else None
+
     def _onnx_project(self, g, x, part, perm):
-        kernel = self.params[f"{part}/kernel"].value
+        kernel, bias = self._onnx_weights(part)
         y = g.op("MatMul", [g.last(x).name, g.weight(self, kernel.reshape(kernel.shape[0], -1), f"{part}_kernel")])
         if self.use_bias:
-            y = g.op("Add", [y, g.weight(self, self.params[f"{part}/bias"].value.reshape(-1), f"{part}_bias")])
+            y = g.op("Add", [y, g.weight(self, bias.reshape(-1), f"{part}_bias")])
         return g.op("Transpose", [g.op("Reshape", [y, g.ints([0, -1, self.num_heads, kernel.shape[2]])])], perm=perm)
 
     def _onnx_keep(self, g, xs, masks, t, s):
@@ -473,3 +482,293 @@ class MultiHeadAttention(Layer):
 
     def onnx_mask(self, g, x, mask):
         return self.compute_mask(x, mask)
+
+
+@register("GroupQueryAttention")
+class GroupQueryAttention(MultiHeadAttention):
+    """Keras 3's grouped-query attention (Ainslie et al. 2023): num_query_heads query heads share
+    num_key_value_heads key/value heads, query head i reading key/value head i // (num_query_heads //
+    num_key_value_heads) (Keras repeats each key/value head). Weights as Keras': query/kernel (features,
+    num_query_heads, head_dim), key/kernel and value/kernel (features, num_key_value_heads, head_dim),
+    attention_output/kernel (num_query_heads, head_dim, features), biases (heads, head_dim) and (features,). Inputs,
+    masks and the call arguments as MultiHeadAttention's; the scores are (batch, num_query_heads, T, S)."""
+
+    # Keras exports the class GroupedQueryAttention as GroupQueryAttention: .keras files name its weights by the class
+    keras_class_name = "GroupedQueryAttention"
+    keras_weight_groups = ("_query_dense/vars", "_key_dense/vars", "_value_dense/vars", "_output_dense/vars")
+
+    def __init__(self, head_dim: Size, num_query_heads: Size, num_key_value_heads: Size, dropout: float = 0.0,
+                 use_bias: bool = True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 kernel_regularizer=None, bias_regularizer=None, use_causal_mask: bool = False,
+                 return_attention_scores: bool = False, **kw):
+        super().__init__(num_query_heads, head_dim, dropout=dropout, use_bias=use_bias,
+                         kernel_initializer=kernel_initializer, bias_initializer=bias_initializer,
+                         kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer,
+                         use_causal_mask=use_causal_mask, return_attention_scores=return_attention_scores, **kw)
+        if isinstance(num_key_value_heads, bool) or not isinstance(num_key_value_heads, (int, np.integer)) \
+                or num_key_value_heads <= 0 or self.num_heads % num_key_value_heads:
+            raise ConfigError(f"GroupQueryAttention '{self.name}': num_key_value_heads must be a positive divisor "
+                              f"of num_query_heads={self.num_heads}; got {num_key_value_heads!r}")
+        self.num_key_value_heads = int(num_key_value_heads)
+        self.groups = self.num_heads // self.num_key_value_heads
+
+    def build(self, input_shape):
+        query, value, key, _ = self._shapes(input_shape)
+        if len(query) != 2 or len(value) != 2 or query[-1] != value[-1]:  # Keras' compute_output_shape
+            raise ShapeError(f"GroupQueryAttention '{self.name}' takes query (batch, T, features) and value "
+                             f"(batch, S, features) with the same features; got {format_shape(input_shape)}")
+        super().build(input_shape)
+
+    def _heads(self, part):
+        return self.num_heads if part == "query" else self.num_key_value_heads
+
+    def _project(self, x, part):
+        if part == "query":
+            return super()._project(x, part)
+        kernel = self.params[f"{part}/kernel"].value
+        y = x.reshape(-1, x.shape[-1]) @ kernel.reshape(kernel.shape[0], -1)
+        if self.use_bias:
+            y += self.params[f"{part}/bias"].value.reshape(-1)
+        y = y.reshape(x.shape[0], x.shape[1], self.num_key_value_heads, -1).transpose(0, 2, 1, 3)
+        return np.repeat(y, self.groups, axis=1)  # Keras' ops.repeat: each key/value head serves `groups` in a row
+
+    def _project_backward(self, grad, x, part):
+        if part != "query":  # the repeated heads' gradients add up in the head they copy
+            grad = grad.reshape(grad.shape[0], self.num_key_value_heads, self.groups, *grad.shape[2:]).sum(2)
+        return super()._project_backward(grad, x, part)
+
+    def _onnx_weights(self, part):
+        kernel, bias = super()._onnx_weights(part)
+        if part in ("key", "value"):  # the same products as repeating the projected heads
+            kernel = np.repeat(kernel, self.groups, axis=1)
+            bias = None if bias is None else np.repeat(bias, self.groups, axis=0)
+        return kernel, bias
+
+    def flops(self, input_shape):
+        query, value, key, _ = self._shapes(input_shape)
+        full = super().flops(input_shape)
+        saved = value[0] * (key[-1] + value[-1]) * (self.num_heads - self.num_key_value_heads) * self.key_dim
+        return full - 2 * saved
+
+
+@register("Attention")
+class Attention(Layer):
+    """Keras 3's Luong-style attention without projections: scores q k^T (score_mode "dot", times a learned scalar
+    `scale` with use_scale) or concat_score_weight * sum(tanh(scale * (q + k))) over features ("concat"),
+    softmax over the keys, output softmax @ value. Inputs [query, value] or [query, value, key] (key defaults to
+    value), query (batch, T, dim) and value/key (batch, S, dim). As Keras: masked keys (the value's mask, the causal
+    mask) get 1e9 subtracted from their scores (a query with no key left attends uniformly), outputs at masked
+    queries are zeroed, and the output carries the query's mask. `use_causal_mask` and `return_attention_scores`
+    (the softmax weights after dropout, a second output) are Keras call arguments, layer arguments here."""
+
+    supports_masking = True
+
+    def __init__(self, use_scale: bool = False, score_mode: str = "dot", dropout: float = 0.0,
+                 use_causal_mask: bool = False, return_attention_scores: bool = False, **kw):
+        super().__init__(**kw)
+        if score_mode not in ("dot", "concat"):
+            raise ConfigError(f"{type(self).__name__} '{self.name}': score_mode must be 'dot' or 'concat'; got "
+                              f"{score_mode!r}")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"{type(self).__name__} '{self.name}': dropout must be in [0, 1); got {dropout}")
+        self.use_scale, self.score_mode, self.dropout = bool(use_scale), score_mode, float(dropout)
+        self.use_causal_mask, self.return_attention_scores = bool(use_causal_mask), bool(return_attention_scores)
+
+    @staticmethod
+    def keras_call(args, kwargs):
+        """Keras' call(inputs=[query, value(, key)], mask=None, training=False, return_attention_scores=False,
+        use_causal_mask=False): the tensors, and the two flags as layer arguments."""
+        if "inputs" in kwargs:
+            args = [kwargs.pop("inputs"), *args]
+        flags = {k: bool(kwargs.pop(k)) for k in ("use_causal_mask", "return_attention_scores") if k in kwargs}
+        return args, {k: v for k, v in flags.items() if v}
+
+    def _shapes(self, input_shape):
+        if not isinstance(input_shape, list) or len(input_shape) not in (2, 3):
+            raise ShapeError(f"{type(self).__name__} '{self.name}' takes [query, value] or [query, value, key]; got "
+                             f"{format_shape(input_shape)}")
+        query, value = (tuple(s) for s in input_shape[:2])
+        key = tuple(input_shape[2]) if len(input_shape) > 2 else value
+        if len(query) != 2 or len(value) != 2 or len(key) != 2 or key[0] != value[0] or query[-1] != key[-1]:
+            raise ShapeError(f"{type(self).__name__} '{self.name}' needs query (batch, T, dim), value (batch, S, "
+                             f"dim_v) and key (batch, S, dim); got {format_shape(input_shape)}")
+        return query, value, key
+
+    def build(self, input_shape):
+        self._shapes(input_shape)
+        if self.use_scale:
+            self.add_weight("scale", (), initializers.get("ones"))
+        if self.score_mode == "concat":
+            self.add_weight("concat_score_weight", (), initializers.get("ones"))
+
+    def output_shape(self, input_shape):
+        query, value, _ = self._shapes(input_shape)
+        out = (query[0], value[-1])
+        return [out, (query[0], value[0])] if self.return_attention_scores else out
+
+    def flops(self, input_shape):
+        query, value, key = self._shapes(input_shape)
+        return 2 * query[0] * value[0] * (key[-1] + value[-1])
+
+    def kept_size(self, input_shape):
+        query, value, key = self._shapes(input_shape)
+        t, s = query[0], value[0]
+        return t * s * (2 if self.dropout else 1) + (t * s * key[-1] if self.score_mode == "concat" else 0)
+
+    def compute_mask(self, x, mask):
+        query_mask = mask[0] if isinstance(mask, list) else None
+        return [query_mask, None] if self.return_attention_scores else query_mask
+
+    # --- scores: Keras' _calculate_scores; the backward gets d(scores) and gives d(query), d(key) ----------------
+    def _scores(self, q, k):
+        if self.score_mode == "dot":
+            self.raw = q @ k.transpose(0, 2, 1)
+            return self.raw * self.params["scale"].value if self.use_scale else self.raw.copy()
+        self.summed = q[:, :, None, :] + k[:, None, :, :]  # (batch, T, S, dim), as Keras
+        scale = self.params["scale"].value if self.use_scale else 1
+        self.tanh = np.tanh(scale * self.summed)
+        self.tanh_sum = self.tanh.sum(-1)
+        return self.params["concat_score_weight"].value * self.tanh_sum
+
+    def _scores_backward(self, d_scores, q, k):
+        if self.score_mode == "dot":
+            if self.use_scale:
+                scale = self.params["scale"]
+                if scale.grad is not None:
+                    scale.grad += np.einsum("bts,bts->", d_scores, self.raw)
+                d_scores = d_scores * scale.value
+            return d_scores @ k, d_scores.transpose(0, 2, 1) @ q
+        weight = self.params["concat_score_weight"]
+        if weight.grad is not None:
+            weight.grad += np.einsum("bts,bts->", d_scores, self.tanh_sum)
+        d_inner = (d_scores * weight.value)[..., None] * (1 - self.tanh ** 2)
+        if self.use_scale:
+            scale = self.params["scale"]
+            if scale.grad is not None:
+                scale.grad += np.einsum("btsd,btsd->", d_inner, self.summed)
+            d_inner *= scale.value
+        return d_inner.sum(2), d_inner.sum(1)
+
+    def forward(self, x, training=False):
+        q, v = x[0], x[1]
+        k = x[2] if len(x) > 2 else v
+        self.n_inputs, self.q, self.k, self.v = len(x), q, k, v
+        masks = self.input_mask if isinstance(self.input_mask, list) else [None, None]
+        query_mask, value_mask = masks[0], masks[1] if len(masks) > 1 else None
+        scores = self._scores(q, k)
+        keep = None if value_mask is None else np.asarray(value_mask, bool)[:, None, :]
+        if self.use_causal_mask:
+            causal = causal_mask(q.shape[1], k.shape[1])[None]
+            keep = causal if keep is None else keep & causal
+        if keep is not None:  # Keras subtracts 1e9 where masked (not -inf): a row with no key left is uniform
+            scores -= scores.dtype.type(1e9) * ~keep
+        scores -= scores.max(-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(-1, keepdims=True)
+        self.weights_ = scores
+        self.dropped = None
+        attended = scores
+        if training and self.dropout > 0:
+            self.dropped = self.rng.random(scores.shape, dtype=np.float32) < self.dropout
+            attended = np.where(self.dropped, 0, scores / scores.dtype.type(1 - self.dropout))
+        out = attended @ v
+        self.query_keep = None
+        if query_mask is not None:
+            self.query_keep = np.asarray(query_mask, bool)[..., None]
+            out *= self.query_keep
+        # Keras returns the weights after dropout (its _apply_scores reassigns them)
+        return [out, np.array(attended)] if self.return_attention_scores else out
+
+    def backward(self, grad):
+        grad_scores = None
+        if self.return_attention_scores:
+            grad, grad_scores = grad
+        if self.query_keep is not None:
+            grad = grad * self.query_keep
+        scale = self.weights_.dtype.type(1 / (1 - self.dropout))
+        attended = self.weights_ if self.dropped is None else np.where(self.dropped, 0, self.weights_ * scale)
+        d_value = attended.transpose(0, 2, 1) @ grad
+        d_weights = grad @ self.v.transpose(0, 2, 1)
+        if grad_scores is not None:
+            d_weights += grad_scores
+        if self.dropped is not None:
+            np.copyto(d_weights, 0, where=self.dropped)
+            d_weights *= scale
+        d_scores = softmax_backward_(d_weights, self.weights_)
+        d_query, d_key = self._scores_backward(d_scores, self.q, self.k)
+        return [d_query, d_value, d_key] if self.n_inputs > 2 else [d_query, d_value + d_key]
+
+    # --- ONNX: the same scores, masks and softmax --------------------------------------------------------------
+    def _onnx_scores(self, g, q, k):
+        if self.score_mode == "dot":
+            scores = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 2, 1])])
+            return g.op("Mul", [scores, g.weight(self, self.params["scale"].value, "scale")]) if self.use_scale \
+                else scores
+        summed = g.op("Add", [g.unsqueeze(q, [2]), g.unsqueeze(k, [1])])
+        if self.use_scale:
+            summed = g.op("Mul", [summed, g.weight(self, self.params["scale"].value, "scale")])
+        total = g.reduce("ReduceSum", g.op("Tanh", [summed]), [-1], keepdims=0)
+        return g.op("Mul", [total, g.weight(self, self.params["concat_score_weight"].value, "concat_score_weight")])
+
+    def to_onnx(self, g, x, in_shape, mask):
+        xs = [g.last(v) for v in x]
+        query, value, _ = self._shapes(in_shape)
+        masks = mask if isinstance(mask, list) else [None, None]
+        q, v = xs[0].name, xs[1].name
+        k = xs[2].name if len(xs) > 2 else v
+        scores = self._onnx_scores(g, q, k)
+        keep = None
+        if len(masks) > 1 and masks[1] is not None:
+            keep = g.unsqueeze(masks[1], [1])
+        if self.use_causal_mask:
+            causal = g.const(causal_mask(query[0], value[0])[None], f"{self.name}_causal")
+            keep = causal if keep is None else g.op("And", [keep, causal])
+        if keep is not None:
+            penalty = g.op("Mul", [g.cast(g.op("Not", [keep]), "float32"), g.scalar(1e9)])
+            scores = g.op("Sub", [scores, penalty])
+        weights = g.op("Softmax", [scores], f"{self.name}_scores", axis=-1)
+        out = g.op("MatMul", [weights, v])
+        if masks[0] is not None:
+            out = g.op("Mul", [out, g.unsqueeze(g.cast(masks[0], "float32"), [2])])
+        out = g.value(out, 3)
+        return [out, g.value(weights, 3)] if self.return_attention_scores else out
+
+    def onnx_mask(self, g, x, mask):
+        return self.compute_mask(x, mask)
+
+
+@register("AdditiveAttention")
+class AdditiveAttention(Attention):
+    """Keras 3's Bahdanau-style attention: scores sum(scale * tanh(q + k)) over features, `scale` a learned
+    (dim,) vector with use_scale (glorot_uniform, as Keras), else 1; the rest is Attention's."""
+
+    def __init__(self, use_scale: bool = True, dropout: float = 0.0, use_causal_mask: bool = False,
+                 return_attention_scores: bool = False, **kw):
+        super().__init__(use_scale=use_scale, score_mode="concat", dropout=dropout, use_causal_mask=use_causal_mask,
+                         return_attention_scores=return_attention_scores, **kw)
+
+    def build(self, input_shape):
+        query, _, _ = self._shapes(input_shape)
+        if self.use_scale:
+            self.add_weight("scale", (query[-1],), initializers.get("glorot_uniform"))
+
+    def _scores(self, q, k):
+        self.summed = q[:, :, None, :] + k[:, None, :, :]
+        self.tanh = np.tanh(self.summed)
+        return (self.tanh * self.params["scale"].value).sum(-1) if self.use_scale else self.tanh.sum(-1)
+
+    def _scores_backward(self, d_scores, q, k):
+        if self.use_scale:
+            scale = self.params["scale"]
+            if scale.grad is not None:
+                scale.grad += np.einsum("bts,btsd->d", d_scores, self.tanh)
+            d_inner = d_scores[..., None] * scale.value * (1 - self.tanh ** 2)
+        else:
+            d_inner = d_scores[..., None] * (1 - self.tanh ** 2)
+        return d_inner.sum(2), d_inner.sum(1)
+
+    def _onnx_scores(self, g, q, k):
+        tanh = g.op("Tanh", [g.op("Add", [g.unsqueeze(q, [2]), g.unsqueeze(k, [1])])])
+        if self.use_scale:
+            tanh = g.op("Mul", [tanh, g.weight(self, self.params["scale"].value, "scale")])
+        return g.reduce("ReduceSum", tanh, [-1], keepdims=0)

@@ -118,6 +118,114 @@ class SinePositionEncoding(Layer):
         return _broadcast_onnx(g, g.last(x), self.encoding(in_shape[-2], in_shape[-1]), self.name)
 
 
+@register("RotaryEmbedding")
+class RotaryEmbedding(Layer):
+    """KerasHub's rotary position encoding (RoFormer): at position p the features' halves x1, x2 become
+    x * cos(p * w) + concat(-x2, x1) * sin(p * w), w_j = max_wavelength ** -(2j / features) for each half (features:
+    denominator_dim when given), divided by scaling_factor (rope_type linear) or by scaling_factor ** (features /
+    (features - 2)) (dynamic); sequence_axis and feature_axis as KerasHub's (counting the batch axis). No weights;
+    float32 arithmetic as KerasHub. KerasHub's start_index call argument is forward_at (dlcli generate's steps)."""
+
+    keras_package = "keras_hub"
+    ROPE_TYPES = ("linear", "dynamic")
+
+    def __init__(self, max_wavelength: float = 10000, scaling_factor: float = 1.0, rope_type: str = "linear",
+                 beta_fast: float = 32.0, beta_slow: float = 1.0, original_max_position_embeddings: int = 4096,
+                 truncate: bool = True, sequence_axis: int = 1, feature_axis: int = -1,
+                 denominator_dim: int | None = None, **kw):
+        super().__init__(**kw)
+        if not scaling_factor > 0:
+            raise ConfigError(f"RotaryEmbedding '{self.name}': scaling_factor must be positive; got {scaling_factor}")
+        if rope_type not in self.ROPE_TYPES:  # beta_*, original_max_position_embeddings, truncate: YaRN's only
+            raise ConfigError(f"RotaryEmbedding '{self.name}': rope_type must be one of {', '.join(self.ROPE_TYPES)} "
+                              f"(KerasHub's yarn is not implemented); got {rope_type!r}")
+        self.max_wavelength, self.scaling_factor, self.rope_type = max_wavelength, float(scaling_factor), rope_type
+        self.sequence_axis, self.feature_axis = int(sequence_axis), int(feature_axis)
+        self.denominator_dim = denominator_dim
+
+    def _axes(self, rank: int) -> tuple[int, int]:
+        """(sequence, feature) axes of a batch of rank `rank`, non-negative."""
+        return self.sequence_axis % rank, self.feature_axis % rank
+
+    def build(self, input_shape):
+        if isinstance(input_shape, list) or len(input_shape) < 2:
+            raise ShapeError(f"RotaryEmbedding '{self.name}' expects (batch, steps, ..., features); got "
+                             f"{format_shape(input_shape)}")
+        rank = len(input_shape) + 1
+        sequence, feature = (a if -rank <= a < rank else None for a in (self.sequence_axis, self.feature_axis))
+        if sequence is None or feature is None or sequence % rank == 0 or feature % rank == 0 \
+                or sequence % rank == feature % rank:
+            raise ShapeError(f"RotaryEmbedding '{self.name}': sequence_axis {self.sequence_axis} and feature_axis "
+                             f"{self.feature_axis} must be two different non-batch axes of {format_shape(input_shape)}")
+        if input_shape[feature % rank - 1] % 2:
+            raise ShapeError(f"RotaryEmbedding '{self.name}' rotates pairs of features: the feature axis needs an even "
+                             f"size; got {format_shape(input_shape)}")
+
+    def tables(self, steps: int, features: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin of the angles, (steps, features), KerasHub's float32 arithmetic."""
+        f32 = np.float32
+        exponent = np.arange(0, features, 2, dtype=f32) / f32(self.denominator_dim or features)
+        inverse = np.power(f32(self.max_wavelength), -exponent)
+        if self.rope_type == "linear":
+            inverse /= f32(self.scaling_factor)
+        else:  # dynamic
+            inverse /= np.power(f32(self.scaling_factor), f32(features) / f32(max(1, features - 2)))
+        positions = np.arange(steps, dtype=f32) + f32(start)
+        angles = positions[:, None] * inverse[None, :]
+        angles = np.concatenate([angles, angles], 1)
+        return np.cos(angles), np.sin(angles)
+
+    def _standard(self, x):
+        """x with the sequence axis at 1 and the features last (KerasHub's moveaxis)."""
+        sequence, feature = self._axes(x.ndim)
+        return np.moveaxis(x, (feature, sequence), (-1, 1))
+
+    def _restore(self, y, ndim):
+        sequence, feature = self._axes(ndim)
+        return np.moveaxis(y, (-1, 1), (feature, sequence))
+
+    def _rotate(self, x, start: int):
+        x = self._standard(x)
+        cos, sin = self.tables(x.shape[1], x.shape[-1], start)
+        shape = (1, x.shape[1], *[1] * (x.ndim - 3), x.shape[-1])
+        self.cos, self.sin = cos.reshape(shape).astype(x.dtype), sin.reshape(shape).astype(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], -1)
+        return x * self.cos + rotated * self.sin
+
+    def forward(self, x, training=False):
+        return np.ascontiguousarray(self._restore(self._rotate(x, 0), x.ndim))
+
+    def forward_at(self, x, start: int):
+        return np.ascontiguousarray(self._restore(self._rotate(x, start), x.ndim))
+
+    def backward(self, grad):
+        g = self._standard(grad)
+        half = g.shape[-1] // 2
+        scaled = g * self.sin  # the transpose of concat(-x2, x1) is concat(g2, -g1)
+        return np.ascontiguousarray(self._restore(
+            g * self.cos + np.concatenate([scaled[..., half:], -scaled[..., :half]], -1), grad.ndim))
+
+    def to_onnx(self, g, x, in_shape, mask):
+        v = g.last(x)
+        rank = len(in_shape) + 1
+        sequence, feature = self._axes(rank)
+        # the permutation np.moveaxis makes: axis i of size i + 2 tells where each axis went
+        standard = [s - 2 for s in np.moveaxis(np.empty(tuple(range(2, rank + 2)), np.int8), (feature, sequence),
+                                               (-1, 1)).shape]
+        name = v.name if standard == list(range(rank)) else g.op("Transpose", [v.name], perm=standard)
+        steps, features = in_shape[sequence - 1], in_shape[feature - 1]
+        cos, sin = self.tables(steps, features)
+        shape = (1, steps, *[1] * (rank - 3), features)
+        first, second = g.split(name, [features // 2, features // 2], axis=-1)
+        rotated = g.op("Concat", [g.op("Neg", [second]), first], axis=-1)
+        y = g.op("Add", [g.op("Mul", [name, g.const(cos.reshape(shape), f"{self.name}_cos")]),
+                         g.op("Mul", [rotated, g.const(sin.reshape(shape), f"{self.name}_sin")])])
+        if standard != list(range(rank)):
+            y = g.op("Transpose", [y], perm=[int(a) for a in np.argsort(standard)])
+        return g.value(y, rank)
+
+
 @register("TokenAndPositionEmbedding")
 class TokenAndPositionEmbedding(Wrapper):
     """Token embedding + learned position embedding of integer sequences (batch, steps) -> (batch, steps,

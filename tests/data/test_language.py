@@ -11,8 +11,8 @@ from dlcli.errors import ConfigError
 
 @pytest.fixture
 def tiny_reviews(tmp_path):
-    rows = [{"label": i % 2, "text": ("A good film.<br />Great fun! " if i % 2 else "Bad, awful and boring. ") * (i + 3)}
-            for i in range(12)]
+    texts = ("Bad, awful and boring. ", "A good film.<br />Great fun! ")
+    rows = [{"label": i % 2, "text": texts[i % 2] * (i + 3)} for i in range(12)]
     for split in ("train", "test"):
         with gzip.open(tmp_path / f"{split}.jsonl.gz", "wt") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))

@@ -20,7 +20,8 @@ from dlcli.experiment import load_run_model  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "keras"
 KERAS_FILES = ["sequential_mlp", "sequential_convnet", "sequential_text", "sequential_sequence", "functional",
-               "functional_shared", "functional_misc", "functional_attention", "sequential_transformer",
+               "functional_shared", "functional_misc", "functional_attention",
+               "functional_attention_layers", "sequential_transformer",
                "sequential_normalization", "functional_preprocessing", "sequential_core_layers",
                "functional_conv_layers", "sequential_spectral", "sequential_cells", "functional_convnext_layers",
                "mobilenet", "mobilenet_v2"]  # the last two: keras.applications

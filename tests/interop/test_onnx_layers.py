@@ -213,8 +213,28 @@ CASES = {
           inputs=["e", "e"])], ["att:0", "att:1"]),
     "MultiHeadAttention-window-nobias": seq([7, 4], L("MultiHeadAttention", num_heads=1, key_dim=4, use_bias=False,
                                                       sliding_window=2)),
+    "GroupQueryAttention-masked-causal": seq([6], L("Embedding", input_dim=10, output_dim=4, mask_zero=True),
+                                             L("GroupQueryAttention", head_dim=3, num_query_heads=4,
+                                               num_key_value_heads=2, use_causal_mask=True),
+                                             L("GlobalAveragePooling1D"), dtype="int32"),
+    "GroupQueryAttention-cross-scores": graph([("q", [5, 4], None), ("v", [3, 4], None)], [
+        L("GroupQueryAttention", name="att", head_dim=2, num_query_heads=3, num_key_value_heads=1, use_bias=False,
+          return_attention_scores=True, inputs=["q", "v"])], ["att:0", "att:1"]),
+    "Attention-masked-causal-scores": graph([("t", [6], "int32")], [
+        L("Embedding", name="e", input_dim=10, output_dim=4, mask_zero=True, inputs="t"),
+        L("Attention", name="att", use_scale=True, use_causal_mask=True, return_attention_scores=True,
+          inputs=["e", "e"])], ["att:0", "att:1"]),
+    "Attention-concat-key": graph([("q", [5, 4], None), ("v", [3, 6], None), ("k", [3, 4], None)], [
+        L("Attention", name="att", score_mode="concat", use_scale=True, inputs=["q", "v", "k"])], ["att"]),
+    "AdditiveAttention-masked": graph([("t", [6], "int32"), ("u", [4], "int32")], [
+        L("Embedding", name="e1", input_dim=10, output_dim=4, mask_zero=True, inputs="t"),
+        L("Embedding", name="e2", input_dim=10, output_dim=4, mask_zero=True, inputs="u"),
+        L("AdditiveAttention", name="att", inputs=["e1", "e2"])], ["att"]),
     "PositionEmbedding": seq([5, 3], L("PositionEmbedding", sequence_length=8)),
     "SinePositionEncoding": seq([5, 6], L("SinePositionEncoding")),
+    "RotaryEmbedding": seq([5, 6], L("RotaryEmbedding")),
+    "RotaryEmbedding-heads-axes": seq([4, 3, 5], L("RotaryEmbedding", max_wavelength=100, sequence_axis=-1,
+                                                   feature_axis=1)),
     "TokenAndPositionEmbedding": seq([6], L("TokenAndPositionEmbedding", vocabulary_size=10, sequence_length=8,
                                             embedding_dim=4, mask_zero=True), L("GlobalAveragePooling1D"),
                                      dtype="int32"),

@@ -28,6 +28,28 @@ GRADIENT_CASES = {
         ({"num_heads": 2, "key_dim": 2, "attention_axes": -2, "return_attention_scores": True},
          [(2, 3, 4), (2, 4, 3)], {}),
     ],
+    "GroupQueryAttention": [
+        ({"head_dim": 2, "num_query_heads": 4, "num_key_value_heads": 2}, (5, 4), {}),
+        ({"head_dim": 3, "num_query_heads": 2, "num_key_value_heads": 1, "use_bias": False}, [(3, 4), (5, 4), (5, 3)],
+         {}),
+        ({"head_dim": 2, "num_query_heads": 2, "num_key_value_heads": 2, "use_causal_mask": True}, (5, 4),
+         {"mask": PADDING}),
+        ({"head_dim": 2, "num_query_heads": 4, "num_key_value_heads": 1, "dropout": 0.3,
+          "return_attention_scores": True}, [(5, 4), (3, 4)], {"training": True}),
+    ],
+    "Attention": [
+        ({}, [(5, 3), (4, 3)], {}),
+        ({"use_scale": True}, [(5, 3), (4, 2), (4, 3)], {}),
+        ({"score_mode": "concat", "use_scale": True}, [(5, 3), (4, 2), (4, 3)], {}),
+        ({"score_mode": "concat"}, [(5, 3), (5, 3)], {"mask": [PADDING, PADDING]}),
+        ({"use_causal_mask": True, "return_attention_scores": True}, [(5, 3), (5, 3)], {"mask": [PADDING, PADDING]}),
+        ({"dropout": 0.3, "return_attention_scores": True}, [(5, 3), (4, 3)], {"training": True}),
+    ],
+    "AdditiveAttention": [
+        ({}, [(5, 3), (4, 3)], {}),
+        ({"use_scale": False}, [(5, 3), (4, 2), (4, 3)], {}),
+        ({"use_causal_mask": True, "return_attention_scores": True}, [(5, 3), (5, 3)], {"mask": [PADDING, PADDING]}),
+    ],
 }
 
 
@@ -215,3 +237,46 @@ def test_keras_call_arguments_map_to_inputs_and_flags():
     assert layers.MultiHeadAttention.keras_call(["q", "v"], {"attention_mask": "m"}) == (["q", "v", "v", "m"], {})
     assert layers.TransformerDecoder.keras_call(["d"], {"encoder_sequence": "e", "use_causal_mask": False}) == (
         ["d", "e"], {"use_causal_mask": False})
+
+
+@pytest.mark.parametrize("case,make", [
+    ("attention_dot_causal_padded",
+     lambda: layers.Attention(use_scale=True, use_causal_mask=True, return_attention_scores=True)),
+    ("gqa_self_padded", lambda: layers.GroupQueryAttention(2, 4, 2, return_attention_scores=True)),
+])
+def test_attention_layers_match_keras_behind_a_masking_embedding(case, make):
+    f = _fixture(case)
+    tokens = Input(f["tokens"].shape[1:], dtype="int32")
+    emb = layers.Embedding(12, 8, mask_zero=True)
+    layer = make()
+    x = emb(tokens)
+    graph = Graph([tokens], layer([x, x]))
+    weights = _weights(f)
+    emb.set_weights(weights[:1])
+    layer.set_weights(weights[1:])
+    _run_and_compare(graph, [f["tokens"]], f, emb.weights + layer.weights, 2)
+
+
+@pytest.mark.parametrize("case,make,inputs,masks", [
+    ("attention_concat_key", lambda: layers.Attention(use_scale=True, score_mode="concat"),
+     ["query", "value", "key"], ["query_mask", "value_mask", None]),
+    ("additive_masked", lambda: layers.AdditiveAttention(return_attention_scores=True), ["query", "value"],
+     ["query_mask", "value_mask"]),
+    ("gqa_cross", lambda: layers.GroupQueryAttention(4, 3, 1, use_causal_mask=True, return_attention_scores=True),
+     ["query", "value", "key", "attention_mask"], [None, "value_mask", "key_mask", None]),
+    ("gqa_causal", lambda: layers.GroupQueryAttention(4, 2, 1, use_causal_mask=True), ["x"], None),
+])
+def test_attention_layers_match_keras(case, make, inputs, masks):
+    f = _fixture(case)
+    tensors = [Input(f[name].shape[1:], name=name) for name in inputs]
+    layer = make()
+    out = layer(tensors if len(tensors) > 1 else tensors[0])
+    graph = Graph(tensors, out if isinstance(out, list) else [out])
+    layer.set_weights(_weights(f))
+    if masks:  # the masks Keras was given as call arguments, as a masking layer would propagate them
+        _masked_forward(graph, layer, [None if m is None else f[m] for m in masks])
+    feeds = [f[name].astype(np.float32) for name in inputs]
+    grads = _run_and_compare(graph, feeds, f, layer.weights, 2 if "out1" in f else 1)
+    for name, g in zip(inputs, grads):
+        if f"d_{name}" in f:
+            assert_matches(g, f[f"d_{name}"], f"d/d{name}")

@@ -17,6 +17,8 @@ ENCODER_PADDING = np.array([[1, 1, 0], [1, 1, 1], [1, 0, 0]], bool)
 GRADIENT_CASES = {
     "PositionEmbedding": [({"sequence_length": 7}, (5, 3), {})],
     "SinePositionEncoding": [({}, (5, 4), {})],
+    "RotaryEmbedding": [({}, (5, 4), {}), ({"max_wavelength": 100, "scaling_factor": 2.0}, (5, 2, 6), {}),
+                        ({"sequence_axis": -1, "feature_axis": 1}, (4, 3, 5), {})],
     "TokenAndPositionEmbedding": [({"vocabulary_size": 9, "sequence_length": 6, "embedding_dim": 3,
                                     "mask_zero": True, "tie_weights": False}, (5,), {"int_high": 9})],
     "TransformerEncoder": [
@@ -97,6 +99,23 @@ def test_sine_position_encoding_matches_keras_hub():
     f = _fixture("hub_sine_position")
     x = f["x"]
     np.testing.assert_allclose(layers.SinePositionEncoding(max_wavelength=100)(x) + x, f["out0"], atol=1e-6)
+
+
+@pytest.mark.parametrize("case,args", [("hub_rotary", {"max_wavelength": 100, "scaling_factor": 2.0}),
+                                       ("hub_rotary_axes", {"sequence_axis": -1, "feature_axis": 1,
+                                                            "rope_type": "dynamic", "scaling_factor": 3.0})])
+def test_rotary_embedding_matches_keras_hub(case, args):
+    f = _fixture(case)
+    layer = layers.RotaryEmbedding(**args)
+    assert_matches(layer(f["x"]), f["out0"], "output")
+    assert_matches(layer.backward(f["r0"]), f["d_x"], "d/dx")
+
+
+def test_rotary_embedding_at_a_start_is_the_tail_of_the_whole_sequence():
+    """forward_at(x[:, 3:], 3), KerasHub's start_index, is what the whole sequence gives at those positions."""
+    x = np.random.default_rng(0).normal(size=(2, 7, 4)).astype(np.float32)
+    layer = layers.RotaryEmbedding()
+    np.testing.assert_allclose(layer.forward_at(x[:, 3:], 3), layer(x)[:, 3:], atol=1e-6)
 
 
 def test_encoder_weights_in_keras_hub_order():
