@@ -352,8 +352,3 @@ def _read_csv(path, separator) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f, delimiter=separator))
-
-
-def from_config(specs) -> list[Callback]:
-    """Callbacks from `train.callbacks`: names or {type: name, **Keras arguments}."""
-    return [CALLBACKS.create(spec) for spec in specs or []]

@@ -101,7 +101,7 @@ def train(config=None, overrides=(), *, runs_dir="runs", resume=False, allow_con
 def _train(world, config, overrides, runs_dir, resume, allow_config_change, init_from, seed, name, callbacks,
            verbose) -> Run:
     from dlcli.builder import build_model
-    from dlcli.callbacks import from_config
+    from dlcli.callbacks import CALLBACKS
     from dlcli.config import dump_yaml
     from dlcli.kfold import fold_indices, train_folds
 
@@ -124,7 +124,8 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
     # everything that can refuse the run does so before its directory exists: folds, callbacks and their extras,
     # DLCLI_KERNELS (read at the first kernel call, which comes after)
     folds = fold_indices(cfg, splits) if cfg.train.kfold else None
-    from_config(cfg.train.callbacks)
+    for spec in cfg.train.callbacks:
+        CALLBACKS.create(spec)
     kernels.choice()
     if shared["run_dir"] is None and world.is_root:
         run_dir = runs.create_run_dir(runs_dir, cfg.name)

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dlcli import checkpoint, distributed, runs
-from dlcli.callbacks import (Callback, CallbackList, History, ModelCheckpoint, ProgressLogger, format_logs,
-                             from_config)
+from dlcli.callbacks import CALLBACKS, Callback, CallbackList, History, ModelCheckpoint, ProgressLogger, format_logs
 from dlcli.data.source import as_source, batch_indices, index_array
 from dlcli.errors import DlcliError
 from dlcli.metrics import RunningLogs
@@ -116,7 +115,7 @@ class Trainer:
         a ModelCheckpoint writing weights/ (the default monitors val_loss, or loss without a validation split),
         then `callbacks`. A callback that cannot start fails here."""
         config = run.config
-        user = from_config(config.train.callbacks)
+        user = [CALLBACKS.create(spec) for spec in config.train.callbacks]
         if not any(isinstance(cb, ModelCheckpoint) for cb in user):
             user.append(ModelCheckpoint(monitor="val_loss" if run.splits.x_val is not None else "loss"))
         savers = [cb for cb in user if isinstance(cb, ModelCheckpoint)]

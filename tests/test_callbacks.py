@@ -183,11 +183,11 @@ def test_missing_monitor_names_what_is_available():
         es.on_epoch_end(0, {"loss": 1.0, "accuracy": 0.5})
 
 
-def test_from_config_builds_and_checks_arguments():
-    built = cb.from_config(["TerminateOnNaN", {"type": "EarlyStopping", "patience": 3}])
+def test_the_registry_builds_callbacks_from_specs_and_checks_arguments():
+    built = [cb.CALLBACKS.create(spec) for spec in ["TerminateOnNaN", {"type": "EarlyStopping", "patience": 3}]]
     assert isinstance(built[1], cb.EarlyStopping) and built[1].patience == 3
     with pytest.raises(ConfigError, match="did you mean 'patience'"):
-        cb.from_config([{"type": "EarlyStopping", "patiense": 3}])
+        cb.CALLBACKS.create({"type": "EarlyStopping", "patiense": 3})
 
 
 def test_callbacks_in_real_fit_stop_training():
