@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from dlcli import kernels
 from dlcli.errors import ConfigError, DlcliError
 from dlcli.registry import Registry
 
@@ -138,6 +139,19 @@ class Optimizer:
         return f"<{type(self).__name__} {self.get_config()}>"
 
 
+def _compiled(value, grad):
+    """The one-pass update rules (dlcli/kernels/optimizers.py) for a contiguous parameter and gradient of one dtype,
+    or None: the NumPy twin in each update_step runs."""
+    if grad.dtype != value.dtype or not (value.flags.c_contiguous and grad.flags.c_contiguous):
+        return None
+    return kernels.compiled("optimizers")
+
+
+def _unused(value):
+    """A slot the kernel never reads (empty, so the compiler's overlap checks still let its loop vectorise)."""
+    return np.empty(0, value.dtype)
+
+
 @OPTIMIZERS.register("sgd", "SGD")
 class SGD(Optimizer):
     """w -= lr*g; with momentum m = momentum*m - lr*g, w += m (Nesterov: w += momentum*m - lr*g)."""
@@ -154,6 +168,13 @@ class SGD(Optimizer):
         return int(self.momentum > 0)
 
     def update_step(self, index, value, grad, lr):
+        compiled = _compiled(value, grad)
+        if compiled is not None:
+            m = self.slot("momentum", index, value) if self.momentum else _unused(value)
+            dt = value.dtype.type
+            compiled.sgd(value.reshape(-1), grad.reshape(-1), m.reshape(-1), dt(lr), dt(self.momentum),
+                         self.momentum > 0, self.nesterov)
+            return
         step = np.multiply(grad, lr, out=self.scratch(value))
         if not self.momentum:
             value -= step
@@ -184,6 +205,16 @@ class RMSprop(Optimizer):
         return 1 + (self.momentum > 0) + self.centered
 
     def update_step(self, index, value, grad, lr):
+        compiled = _compiled(value, grad)
+        if compiled is not None:
+            v = self.slot("velocity", index, value)
+            a = self.slot("average_gradient", index, value) if self.centered else _unused(value)
+            m = self.slot("momentum", index, value) if self.momentum > 0 else _unused(value)
+            dt = value.dtype.type
+            compiled.rmsprop(value.reshape(-1), grad.reshape(-1), v.reshape(-1), a.reshape(-1), m.reshape(-1),
+                             dt(lr), dt(self.rho), dt(1 - self.rho), dt(self.epsilon), dt(self.momentum),
+                             self.centered, self.momentum > 0)
+            return
         s = self.scratch(value)
         v = self.slot("velocity", index, value)
         v *= self.rho
@@ -226,6 +257,14 @@ class Adam(Optimizer):
     def update_step(self, index, value, grad, lr):
         t = self.iterations + 1
         alpha = lr * math.sqrt(1 - self.beta_2 ** t) / (1 - self.beta_1 ** t)
+        compiled = _compiled(value, grad)
+        if compiled is not None:
+            m, v = self.slot("momentum", index, value), self.slot("velocity", index, value)
+            v_hat = self.slot("velocity_hat", index, value) if self.amsgrad else _unused(value)
+            dt = value.dtype.type
+            compiled.adam(value.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1), v_hat.reshape(-1),
+                          dt(alpha), dt(1 - self.beta_1), dt(1 - self.beta_2), dt(self.epsilon), self.amsgrad)
+            return
         s = self.scratch(value)
         m = self.slot("momentum", index, value)
         v = self.slot("velocity", index, value)

@@ -97,3 +97,38 @@ def test_an_unknown_choice_stops_train_before_the_run_directory_exists(tmp_path,
     done = CliRunner().invoke(app, ["train", config, "--runs-dir", str(tmp_path / "runs"), "-q"])
     assert done.exit_code == 2 and "DLCLI_KERNELS must be one of numba, numpy" in done.output, done.output
     assert not (tmp_path / "runs").exists()
+
+
+OPTIMIZER_CASES = [{"type": "sgd", "learning_rate": 0.1}, {"type": "sgd", "momentum": 0.9},
+                   {"type": "sgd", "momentum": 0.9, "nesterov": True}, {"type": "rmsprop"},
+                   {"type": "rmsprop", "momentum": 0.5, "centered": True}, {"type": "rmsprop", "centered": True},
+                   {"type": "adam"}, {"type": "adam", "amsgrad": True}, {"type": "adamw", "learning_rate": 0.01},
+                   {"type": "sgd", "momentum": 0.9, "clipnorm": 0.1}]
+
+
+@pytest.mark.parametrize("config", OPTIMIZER_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_optimizer_updates_equal_their_numpy_twins(monkeypatch, config, dtype):
+    from dlcli import optimizers
+    from dlcli.engine.layer import Param
+
+    results = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        rng = np.random.default_rng(3)
+        shapes = [(7, 5), (5,), (2, 3, 4)]
+        params = [Param(f"w{i}", rng.standard_normal(shape).astype(dtype)) for i, shape in enumerate(shapes)]
+        optimizer = optimizers.get(dict(config))
+        for _ in range(4):
+            for p in params:
+                p.grad = rng.standard_normal(p.value.shape).astype(dtype)
+            params[1].grad[0] = 0  # a zero gradient: RMSprop's and Adam's sqrt(0) + epsilon
+            optimizer.apply(params)
+        results.append(([p.value for p in params], optimizer.get_state()))
+    (values, state), (values_ref, state_ref) = results
+    for v, v_ref in zip(values, values_ref):
+        assert v.dtype == dtype
+        np.testing.assert_array_equal(v, v_ref)
+    assert state.keys() == state_ref.keys()
+    for key in state:
+        np.testing.assert_array_equal(state[key], state_ref[key])
