@@ -29,3 +29,10 @@ def require_dataset(name: str) -> Path:
 
 
 require_shared = require_dataset  # the old name, for branches written before require_dataset
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def kernel_path(request, monkeypatch):
+    """Both kernel paths (dlcli/kernels): the Numba kernels and their NumPy twins."""
+    monkeypatch.setenv("DLCLI_KERNELS", request.param)
+    return request.param

@@ -132,3 +132,31 @@ def test_optimizer_updates_equal_their_numpy_twins(monkeypatch, config, dtype):
     assert state.keys() == state_ref.keys()
     for key in state:
         np.testing.assert_array_equal(state[key], state_ref[key])
+
+
+@pytest.mark.parametrize("shape,args", [((6, 5, 4, 3), {}), ((7, 4), {"center": False}), ((5, 3, 6), {"scale": False}),
+                                        ((4, 2, 2, 2), {"center": False, "scale": False})])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_norm_passes_equal_their_numpy_twins_to_rounding(monkeypatch, shape, args, dtype):
+    from dlcli import layers
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
+    grad = rng.standard_normal(shape).astype(dtype)
+    results = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        assert (kernels.compiled("normalization") is None) == (path == "numpy")
+        bn = layers.BatchNormalization(momentum=0.5, dtype=np.dtype(dtype).name, **args)
+        bn.ensure_built(shape[1:])
+        weights = np.random.default_rng(9)
+        for p in bn.weights:  # gamma and beta away from 1 and 0, the same on both paths
+            if p.trainable:
+                p.value = weights.uniform(0.5, 1.5, p.value.shape).astype(p.value.dtype)
+        y = bn.forward(x, training=True)
+        dx = bn.backward(grad)
+        results.append([y, dx] + [p.value for p in bn.weights] + [p.grad for p in bn.weights if p.trainable])
+    tol = 2e-6 if dtype == np.float32 else 1e-12
+    for compiled, reference in zip(*results):
+        assert compiled.dtype == reference.dtype
+        np.testing.assert_allclose(compiled, reference, rtol=tol, atol=tol * 10)

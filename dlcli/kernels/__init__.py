@@ -66,4 +66,8 @@ def _import(name: str):
         import dlcli.kernels.optimizers as optimizers
 
         return optimizers
+    if name == "normalization":
+        import dlcli.kernels.normalization as normalization
+
+        return normalization
     raise KeyError(f"no compiled kernel module {name!r}")

@@ -2,6 +2,7 @@
 with Keras' arguments, defaults and weight order (gamma, beta, ...; mean, variance, count)."""
 import numpy as np
 
+from dlcli import kernels
 from dlcli.engine import initializers
 from dlcli.engine.layer import Layer, Param, register
 from dlcli.errors import ConfigError, ShapeError
@@ -120,6 +121,9 @@ class BatchNormalization(_Normalization):
         self.training = training and self.trainable
         dtype = x.dtype.type
         self.mask_weights = None
+        compiled = self._compiled(x) if self.training and self.input_mask is None and self.sync is None else None
+        if compiled is not None:
+            return self._forward_compiled(compiled, x)
         if self.training:
             if self.input_mask is not None:
                 mean, var, count = self._masked_moments(x, self.input_mask)
@@ -132,10 +136,7 @@ class BatchNormalization(_Normalization):
             if self.sync is not None and not self.sync.paused:
                 mean, var = self._global_moments(x, mean, var, count)
                 centered = x - mean
-            m = dtype(self.momentum)
-            for param, batch in ((self.moving_mean, mean), (self.moving_variance, var)):
-                param.value = (param.value * m + batch.reshape(param.value.shape) * (1 - m)).astype(
-                    param.value.dtype, copy=False)
+            self._update_moving(mean, var, dtype)
         else:
             centered = _channelwise(np.subtract, x,
                                     self.moving_mean.value.reshape(self.param_view).astype(x.dtype, copy=False))
@@ -166,11 +167,39 @@ class BatchNormalization(_Normalization):
             mean_dx = _mean(dxhat * self.xhat, self.reduce_axes)
         return (dxhat - mean_d - self.xhat * mean_dx) * self.inv_std
 
+    def _update_moving(self, mean, var, dtype):
+        m = dtype(self.momentum)
+        for param, batch in ((self.moving_mean, mean), (self.moving_variance, var)):
+            param.value = (param.value * m + batch.reshape(param.value.shape) * (1 - m)).astype(
+                param.value.dtype, copy=False)
+
+    def _compiled(self, a):
+        """The compiled training passes (dlcli/kernels/normalization.py) for channels-last statistics (every axis
+        but the last reduced) of a contiguous batch, or None: the NumPy twins run."""
+        if self.reduce_axes != tuple(range(a.ndim - 1)) or not a.flags.c_contiguous:
+            return None
+        return kernels.compiled("normalization")
+
+    def _forward_compiled(self, compiled, x):
+        c, dt = x.shape[-1], x.dtype
+        xhat, y = np.empty_like(x), np.empty_like(x)
+        mean, var, inv_std = np.empty(c, dt), np.empty(c, dt), np.empty(c, dt)
+        off = np.empty(0, dt)  # scale or center off
+        compiled.batch_norm_forward(x.reshape(-1, c), self.gamma.value if self.scale else off,
+                                    self.beta.value if self.center else off, dt.type(self.epsilon),
+                                    xhat.reshape(-1, c), y.reshape(-1, c), mean, var, inv_std)
+        self._update_moving(mean, var, dt.type)
+        self.xhat, self.inv_std = xhat, inv_std.reshape(self.param_view)
+        return y
+
     def _batch_backward(self, grad):
         """The unmasked one-process case, 1.6x faster: with dxhat = gamma * grad, the sums the
         input gradient needs, sum(dxhat) and sum(dxhat * xhat), are gamma times beta's and gamma's own gradients,
         so dx = gamma * inv_std * (grad - mean(grad) - xhat * mean(grad * xhat))."""
         axes, xhat = self.reduce_axes, self.xhat
+        compiled = self._compiled(grad)
+        if compiled is not None:
+            return self._backward_compiled(compiled, grad)
         dx = np.multiply(grad, xhat)
         sum_g, sum_gx = _sum(grad, axes), _sum(dx, axes)
         if self.center and self.beta.grad is not None:
@@ -182,6 +211,18 @@ class BatchNormalization(_Normalization):
         _channelwise(np.multiply, xhat, sum_gx * (scale / n), out=dx)
         np.subtract(_channelwise(np.multiply, grad, scale), dx, out=dx)
         return _channelwise(np.subtract, dx, sum_g * (scale / n), out=dx)
+
+    def _backward_compiled(self, compiled, grad):
+        c, dt = grad.shape[-1], grad.dtype
+        scale = self.inv_std * self.gamma.value.reshape(self.param_view) if self.scale else self.inv_std
+        sum_g, sum_gx, dx = np.empty(c, dt), np.empty(c, dt), np.empty_like(grad)
+        compiled.batch_norm_backward(grad.reshape(-1, c), self.xhat.reshape(-1, c),
+                                     np.ascontiguousarray(scale.reshape(-1), dt), sum_g, sum_gx, dx.reshape(-1, c))
+        if self.center and self.beta.grad is not None:
+            self.beta.grad += sum_g.reshape(self.beta.grad.shape)
+        if self.scale and self.gamma.grad is not None:
+            self.gamma.grad += sum_gx.reshape(self.gamma.grad.shape)
+        return dx
 
     def _masked_moments(self, x, mask):
         """Keras 3's masked moments: sums weighted by the mask over (sum of weights + 1e-7), so an all-masked batch

@@ -45,13 +45,6 @@ GRADIENT_CASES = {
 }
 
 
-@pytest.fixture(params=["numba", "numpy"])
-def kernel_path(request, monkeypatch):
-    """Both kernel paths (dlcli/kernels): the Numba kernels and their NumPy twins."""
-    monkeypatch.setenv("DLCLI_KERNELS", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("name,args,shape,opts", [(n, a, s, o) for n, cases in GRADIENT_CASES.items()
                                                   for a, s, o in cases])
 def test_gradients(name, args, shape, opts, kernel_path):
