@@ -160,3 +160,27 @@ def test_batch_norm_passes_equal_their_numpy_twins_to_rounding(monkeypatch, shap
     for compiled, reference in zip(*results):
         assert compiled.dtype == reference.dtype
         np.testing.assert_allclose(compiled, reference, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_backward_equals_its_numpy_twin(monkeypatch, dtype):
+    from dlcli.engine import activations
+
+    rng = np.random.default_rng(7)
+    z = rng.standard_normal((4, 6, 5, 3)).astype(dtype)
+    z.flat[::7] = 0  # relu'(0) = 0, as in Keras
+    grad = rng.standard_normal(z.shape).astype(dtype)
+    grad.flat[1:4] = [np.nan, -np.inf, np.inf]
+    grad.flat[5] = -0.0
+    results = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        assert (kernels.compiled("activations") is None) == (path == "numpy")
+        relu = activations.get("relu")
+        relu.forward(z)
+        with np.errstate(invalid="ignore"):  # the twin's inf * 0
+            results.append(relu.backward(grad))
+    compiled, reference = results
+    assert compiled.dtype == reference.dtype == dtype
+    np.testing.assert_array_equal(compiled, reference)
+    np.testing.assert_array_equal(np.signbit(compiled), np.signbit(reference))  # -0.0 where NumPy has it

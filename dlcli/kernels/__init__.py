@@ -70,4 +70,8 @@ def _import(name: str):
         import dlcli.kernels.normalization as normalization
 
         return normalization
+    if name == "activations":
+        import dlcli.kernels.activations as activations
+
+        return activations
     raise KeyError(f"no compiled kernel module {name!r}")

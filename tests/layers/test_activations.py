@@ -20,7 +20,7 @@ GRADIENT_CASES = {
 
 @pytest.mark.parametrize("name,args,shape,opts", [(n, a, s, o) for n, cases in GRADIENT_CASES.items()
                                                   for a, s, o in cases])
-def test_gradients(name, args, shape, opts):
+def test_gradients(name, args, shape, opts, kernel_path):
     check_layer(layers.LAYERS.get(name)(**args), shape, **opts)
 
 
