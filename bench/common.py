@@ -5,6 +5,8 @@ import sys
 import tempfile
 import time
 
+import keras_peer
+
 
 # A peer's idle threads spin before they sleep (OpenBLAS for about 2^28 cycles, ~0.1 s), holding a core the next
 # peer needs: PyTorch's LSTM step took 13.0-13.6 ms right after a dlcli round and 7.9-8.1 ms after this pause
@@ -33,12 +35,16 @@ def compare(runs: dict, rounds: int) -> tuple[dict, dict]:
     return times, {name: min(t) for name, t in times.items()}
 
 
-def peers(dlcli_runner, torch_runner) -> dict:
-    """{"dlcli": dlcli_runner(), "pytorch": torch_runner(torch)}, PyTorch only when installed."""
+def peers(dlcli_runner, torch_runner, keras_runner=None) -> dict:
+    """{"dlcli": dlcli_runner(), "pytorch": torch_runner(torch), "keras": keras_runner(keras)}, each peer only when
+    installed (keras on JAX: bench/keras_peer.py)."""
     runs = {"dlcli": dlcli_runner()}
     torch = torch_or_none()
     if torch is not None:
         runs["pytorch"] = torch_runner(torch)
+    keras = keras_peer.keras_or_none() if keras_runner is not None else None
+    if keras is not None:
+        runs["keras"] = keras_runner(keras)
     return runs
 
 
@@ -110,13 +116,14 @@ def torch_epoch_runner(torch, forward, params, x, y, batch, loss_fn, correct):
 def report_ratio(best: dict, target: str, times: dict | None = None):
     """Print dlcli's time over PyTorch's (best against best), and with `times` the spread of the per-round
     ratios (rounds ran back to back, so each pair saw about the same machine load)."""
-    if "pytorch" not in best:
-        return
-    line = f"ratio dlcli/pytorch: {best['dlcli'] / best['pytorch']:.2f}x  (target {target})"
-    if times is not None and len(times["dlcli"]) > 1:
-        per_round = sorted(a / b for a, b in zip(times["dlcli"], times["pytorch"]))
-        line += f"; per-round ratios {per_round[0]:.2f}-{per_round[-1]:.2f}x"
-    print(line)
+    for peer in ("pytorch", "keras"):
+        if peer not in best:
+            continue
+        line = f"ratio dlcli/{peer}: {best['dlcli'] / best[peer]:.2f}x" + (f"  (target {target})" if peer == "pytorch" else "")
+        if times is not None and len(times["dlcli"]) > 1:
+            per_round = sorted(a / b for a, b in zip(times["dlcli"], times[peer]))
+            line += f"; per-round ratios {per_round[0]:.2f}-{per_round[-1]:.2f}x"
+        print(line)
 
 
 def child_peak_rss_mib(argv: list[str]) -> tuple[int, float]:

@@ -14,6 +14,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
+import keras_peer  # noqa: E402
 from common import (child_peak_rss_mib, compare, keras_rmsprop, mnist_train, peers, report_ratio,  # noqa: E402
                     torch_train_steps_runner, train_steps_runner)
 
@@ -37,7 +38,8 @@ def torch_runner(torch, x, y, batch=BATCH):
 
 def runners_for(x, y, batch=BATCH) -> dict:
     """{peer: one pass of training steps over x, y}; PyTorch only when installed."""
-    return peers(lambda: train_steps_runner(CONFIG, x, y, batch), lambda t: torch_runner(t, x, y, batch))
+    return peers(lambda: train_steps_runner(CONFIG, x, y, batch), lambda t: torch_runner(t, x, y, batch),
+                 lambda k: keras_peer.fit_runner(keras_peer.convnet(k), x, y, batch, shuffle=False))
 
 
 def runners(batches=40) -> dict:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
 from common import mnist_train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +127,80 @@ def compare(name, config_name, directory, x_mem, y_mem, rounds):
     for side, sec in best.items():
         print(f"{name:8s} {side:22s} {sec:7.2f} s/epoch  ({sec / base:.2f}x in memory)")
     print(f"{name:8s} listing 60,000 files (os.walk, before the first epoch): {listing:.2f} s")
+
+
+class TorchFolder:
+    """PyTorch's ImageFolder on MNIST PNGs as a map-style dataset: its default loader (PIL open, convert) and
+    ToTensor's scaling per file (torchvision itself is not a bench dependency; this is what it runs per file)."""
+
+    def __init__(self, directory: Path):
+        self.files = sorted(Path(directory).rglob("*.png"))
+        self.classes = sorted({f.parent.name for f in self.files})
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        import torch
+        from PIL import Image
+
+        with open(self.files[i], "rb") as f:
+            image = Image.open(f).convert("L")
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).float().div_(255)
+        return pixels[None], self.classes.index(self.files[i].parent.name)
+
+
+def torch_folder_images_per_second(torch, directory: Path, batch_size: int, rounds: int) -> float:
+    """Images/s of DataLoader(num_workers=2, shuffle=True) over the folder, best of `rounds` epochs after a
+    warm-up one (persistent workers: their start-up is not counted; forkserver, as JAX's threads may be running)."""
+    loader = torch.utils.data.DataLoader(TorchFolder(directory), batch_size=batch_size, shuffle=True, num_workers=2,
+                                         persistent_workers=True, multiprocessing_context="forkserver")
+    best = float("inf")
+    for _ in range(rounds + 1):
+        start = time.perf_counter()
+        for _ in loader:
+            pass
+        best = min(best, time.perf_counter() - start)
+    return len(loader.dataset) / best
+
+
+def report_row(count: int, rounds: int) -> str:
+    """bench/report.py's data row: the book convnet trained one epoch from a folder of `count` MNIST PNGs (no
+    cache: every PNG decoded) against the same pixels in memory, rounds alternating; and images/s read through
+    dlcli's folder source (its decoding pool, batch 64) against PyTorch's ImageFolder pipeline on the same files."""
+    from dlcli.data import load_dataset
+    from dlcli.data.images import MNIST
+    from dlcli.data.image_folder import write_image_folder
+    from dlcli.data.source import batch_indices
+
+    raw = load_dataset({"type": "mnist", "normalize": False, "limit": count})
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "train"
+        write_image_folder(raw.x_train.astype(np.uint8), raw.y_train, list(MNIST.classes), directory)
+        files = load_dataset({"type": "image_folder", "directory": str(directory), "image_size": [28, 28],
+                              "color_mode": "grayscale"}).x_train.files
+        order = np.array([int(f.stem) for f in files])
+        x = np.ascontiguousarray(raw.x_train.reshape(-1, 28, 28, 1).astype(np.float32)[order])
+        y = raw.y_train.astype(np.int64)[order]
+        model, batch_size = model_for("mnist_cnn.yaml")
+        epoch(model, x[:256], y[:256], batch_size, 0)  # warm-up
+        memory = folder = reading = float("inf")
+        for r in range(rounds):
+            memory = min(memory, epoch(model, x, y, batch_size, r))
+            xf, yf, _ = folder_source(directory, "none")
+            folder = min(folder, epoch(model, xf, yf, batch_size, r))
+            xf, _, _ = folder_source(directory, "none")
+            start = time.perf_counter()
+            for _ in xf.batches(batch_indices(len(xf), batch_size, np.random.default_rng(r).permutation(len(xf)))):
+                pass
+            reading = min(reading, time.perf_counter() - start)
+        torch = common.torch_or_none()
+        peer = torch_folder_images_per_second(torch, directory, batch_size, rounds) if torch else None
+    ours = count / reading
+    versus = f"{peer:,.0f} images/s | - | {ours / peer:.2f}x images/s (higher is better)" if peer else "- | - | -"
+    return (f"| image folder epoch, book convnet, no cache ({count:,} PNGs) | {folder:.3g} s/epoch, {folder / memory:.2f}x "
+            f"its in-memory {memory:.3g} s; reads {ours:,.0f} images/s | {versus} | - | - | - | "
+            f"<= 1.1x in-memory; images/s >= PyTorch DataLoader(num_workers=2) |")
 
 
 def main():

@@ -12,6 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+import keras_peer  # noqa: E402
 from common import (compare, fit_runner, mnist_train, peers, report_ratio,  # noqa: E402
                     torch_epoch_runner)
 
@@ -37,7 +38,8 @@ def torch_runner(torch, x, y, batch_size, units=512):
 
 def runners(x, y, batch_size=128, units=512) -> dict:
     """{peer: one epoch over x, y}; PyTorch only when installed."""
-    return peers(lambda: dlcli_runner(x, y, batch_size, units), lambda t: torch_runner(t, x, y, batch_size, units))
+    return peers(lambda: dlcli_runner(x, y, batch_size, units), lambda t: torch_runner(t, x, y, batch_size, units),
+                 lambda k: keras_peer.fit_runner(keras_peer.mlp(k, units), x, y, batch_size))
 
 
 def main():

@@ -9,6 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+import keras_peer  # noqa: E402
 from common import compare, config_model, mnist_train, peers, report_ratio  # noqa: E402
 from convnet_epoch import CONFIG, torch_net  # noqa: E402
 
@@ -28,9 +29,14 @@ def torch_runner(torch, x, batch):
     return run
 
 
+def keras_runner(keras, x, batch):
+    model = keras_peer.convnet(keras)
+    return lambda: model.predict(x, batch_size=batch, verbose=0)
+
+
 def runners(batch=512, batches=8):
     x, _ = mnist_train((28, 28, 1), limit=batch * batches)
-    return peers(lambda: dlcli_runner(x, batch), lambda t: torch_runner(t, x, batch))
+    return peers(lambda: dlcli_runner(x, batch), lambda t: torch_runner(t, x, batch), lambda k: keras_runner(k, x, batch))
 
 
 def main():

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+import keras_peer  # noqa: E402
 from common import compare, fit_runner, peers, report_ratio, torch_epoch_runner  # noqa: E402
 
 CELLS = ("lstm", "gru")
@@ -48,7 +49,8 @@ def torch_runner(torch, cell, x, y, batch, units):
 
 def runners(cell, batch=64, steps=100, features=32, units=32, batches=10):
     x, y = data(batch * batches, steps, features)
-    return peers(lambda: dlcli_runner(cell, x, y, batch, units), lambda t: torch_runner(t, cell, x, y, batch, units))
+    return peers(lambda: dlcli_runner(cell, x, y, batch, units), lambda t: torch_runner(t, cell, x, y, batch, units),
+                 lambda k: keras_peer.fit_runner(keras_peer.recurrent(k, cell, steps, features, units), x, y, batch))
 
 
 def main():

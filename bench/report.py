@@ -1,12 +1,13 @@
 """Every bench side by side in one run, and how cost grows: writes bench/results/report.md (the table README
-shows, with date and machine) and bench/results/cost_growth.png (time per sample against batch size, sequence
-length and layer width, dlcli and PyTorch CPU with 2 threads).
+shows, with date and machine: the CPU model is printed first) and bench/results/cost_growth.png (time per sample
+against batch size, sequence length and layer width). The peers: PyTorch CPU with 2 threads and Keras 3 on JAX
+(CPU), each column "-" when not installed; the last row reads the book convnet's epoch from a folder of MNIST PNGs.
 
     pip install -e ".[bench]"
     DLCLI_DATA_DIR=../shared/datasets python bench/report.py [--quick] [--out bench/results]
 
-Each workload alternates rounds between the peers and keeps the best of each; the spread column gives the
-lowest and highest per-round ratio (each round's pair ran back to back). `--quick` shrinks every workload to a
+Each workload alternates rounds between the peers and keeps the best of each; the spread columns give the
+lowest and highest per-round ratio (each round's peers ran back to back). `--quick` shrinks every workload to a
 smoke test (figures then mean little).
 """
 import argparse
@@ -18,6 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 import convnet_epoch  # noqa: E402
+import folder_epoch  # noqa: E402
+import keras_peer  # noqa: E402
 import mlp_epoch  # noqa: E402
 import predict_throughput  # noqa: E402
 import recurrent_step  # noqa: E402
@@ -33,37 +36,46 @@ def measure(runs: dict, rounds: int) -> dict:
 
 
 def workloads(quick: bool):
-    """(name, unit label, per-call divisor to that unit, runs factory, rounds, target) for the summary table."""
+    """(name, unit label, per-call divisor to that unit, runs factory, rounds, targets vs PyTorch and vs Keras)."""
     q = quick
     mnist = common.mnist_train((784,), limit=2048 if q else None)
     return [
         ("book MLP epoch (MNIST, batch 128)", "s/epoch", 1,
-         lambda: mlp_epoch.runners(*mnist, 128), 1 if q else 3, "<= 1.0x"),
+         lambda: mlp_epoch.runners(*mnist, 128), 1 if q else 3, ("<= 0.8x", "<= 1.0x")),
         ("book convnet epoch (MNIST, batch 64)", "s/epoch (extrapolated)", (4 if q else 40) / 938,
-         lambda: convnet_epoch.runners(4 if q else 40), 1 if q else 3, "<= 0.8x"),
+         lambda: convnet_epoch.runners(4 if q else 40), 1 if q else 3, ("<= 0.8x", "<= 0.5x")),
         ("LSTM(32) step via fit (100x32, batch 64)", "ms/step", (2 if q else 10) / 1000,
-         lambda: recurrent_step.runners("lstm", batches=2 if q else 10), 1 if q else 5, "<= 1.0x"),
+         lambda: recurrent_step.runners("lstm", batches=2 if q else 10), 1 if q else 5, ("<= 0.8x", "<= 1.0x")),
         ("GRU(32) step via fit (100x32, batch 64)", "ms/step", (2 if q else 10) / 1000,
-         lambda: recurrent_step.runners("gru", batches=2 if q else 10), 1 if q else 5, "<= 1.0x"),
+         lambda: recurrent_step.runners("gru", batches=2 if q else 10), 1 if q else 5, ("<= 0.6x", "<= 1.0x")),
         ("fashion_mnist_resnet.yaml epoch (batch 64)", "s/epoch (extrapolated)", (2 if q else 20) / 844,
-         lambda: resnet_epoch.runners(64, 2 if q else 20), 1 if q else 3, "<= 1.2x"),
+         lambda: resnet_epoch.runners(64, 2 if q else 20), 1 if q else 3, ("<= 1.0x", "<= 1.0x")),
         ("book convnet predict (batch 512)", "ms/batch", (1 if q else 8) / 1000,
-         lambda: predict_throughput.runners(512, 1 if q else 8), 1 if q else 5, "<= 1.0x (throughput >= 1.0x)"),
+         lambda: predict_throughput.runners(512, 1 if q else 8), 1 if q else 5, ("<= 0.7x", "<= 1.0x")),
     ]
 
 
+def _ratio(times: dict, best: dict, peer: str) -> str:
+    """dlcli's best over the peer's best, and the spread of the per-round ratios (each round's pair back to back)."""
+    if peer not in best:
+        return "- | -"
+    spread = sorted(a / b for a, b in zip(times["dlcli"], times[peer]))
+    return f"{best['dlcli'] / best[peer]:.2f}x | {spread[0]:.2f}-{spread[-1]:.2f}x"
+
+
 def summary_rows(quick: bool) -> list[str]:
-    rows = ["| workload | dlcli | PyTorch | ratio (best/best) | per-round spread | target |",
-            "|---|---|---|---|---|---|"]
-    for name, unit, per, factory, rounds, target in workloads(quick):
+    rows = ["| workload | dlcli | PyTorch | Keras + JAX | dlcli/PyTorch (best/best) | per-round spread | "
+            "dlcli/Keras | per-round spread | targets (PyTorch, Keras) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, unit, per, factory, rounds, targets in workloads(quick):
         times = measure(factory(), rounds)
         best = {k: min(v) for k, v in times.items()}
-        spread = sorted(a / b for a, b in zip(times["dlcli"], times["pytorch"]))
-        ratio = best["dlcli"] / best["pytorch"]
-        row = (f"| {name} | {best['dlcli'] / per:.3g} {unit} | {best['pytorch'] / per:.3g} {unit} | {ratio:.2f}x | "
-               f"{spread[0]:.2f}-{spread[-1]:.2f}x | {target} |")
+        cell = {k: f"{best[k] / per:.3g} {unit}" if k in best else "-" for k in ("dlcli", "pytorch", "keras")}
+        row = (f"| {name} | {cell['dlcli']} | {cell['pytorch']} | {cell['keras']} | {_ratio(times, best, 'pytorch')} | "
+               f"{_ratio(times, best, 'keras')} | {targets[0]}, {targets[1]} |")
         print(row, flush=True)
         rows.append(row)
+    rows.append(folder_epoch.report_row(640 if quick else 6400, 1 if quick else 3))
+    print(rows[-1], flush=True)
     return rows
 
 
@@ -77,7 +89,7 @@ def growth(quick: bool) -> dict:
     for bs in BATCH_SIZES:
         runs = convnet_epoch.runners_for(x, y, bs)
         for k, v in measure(runs, rounds).items():
-            curve[k].append(min(v) / len(x))
+            curve.setdefault(k, []).append(min(v) / len(x))
         print(f"convnet training, batch {bs}: " + ", ".join(f"{k} {v[-1] * 1e3:.3f} ms/sample"
                                                             for k, v in curve.items()), flush=True)
     panels["convnet training step vs batch size"] = ("batch size", BATCH_SIZES, curve)
@@ -86,7 +98,7 @@ def growth(quick: bool) -> dict:
         batches = 1 if quick else max(2, 400 // steps)
         runs = recurrent_step.runners("lstm", 64, steps, 32, 32, batches)
         for k, v in measure(runs, rounds).items():
-            curve[k].append(min(v) / (64 * batches))
+            curve.setdefault(k, []).append(min(v) / (64 * batches))
         print(f"LSTM(32) training, {steps} steps: " + ", ".join(f"{k} {v[-1] * 1e3:.3f} ms/sample"
                                                                for k, v in curve.items()), flush=True)
     panels["LSTM(32) training step (batch 64) vs sequence length"] = ("time steps", SEQUENCE_LENGTHS, curve)
@@ -95,7 +107,7 @@ def growth(quick: bool) -> dict:
     for width in WIDTHS:
         runs = mlp_epoch.runners(xm, ym, 128, width)
         for k, v in measure(runs, rounds).items():
-            curve[k].append(min(v) / len(xm))
+            curve.setdefault(k, []).append(min(v) / len(xm))
         print(f"MLP training, width {width}: " + ", ".join(f"{k} {v[-1] * 1e3:.4f} ms/sample"
                                                           for k, v in curve.items()), flush=True)
     panels["MLP epoch (batch 128) vs hidden width"] = ("hidden units", WIDTHS, curve)
@@ -110,8 +122,9 @@ def plot(panels: dict, path: str):
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
     for ax, (title, (label, xs, curve)) in zip(axes, panels.items()):
-        for peer, style in (("dlcli", "o-"), ("pytorch", "s--")):
-            ax.plot(xs, [v * 1e3 for v in curve[peer]], style, label=peer)
+        for peer, style in (("dlcli", "o-"), ("pytorch", "s--"), ("keras", "^:")):
+            if peer in curve:
+                ax.plot(xs, [v * 1e3 for v in curve[peer]], style, label=peer)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(xs, [str(v) for v in xs])
@@ -135,7 +148,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}, "
-            f"PyTorch {torch.__version__ if torch else '-'} (2 threads)")
+            f"PyTorch {torch.__version__ if torch else '-'} (2 threads), {keras_peer.versions()}")
 
 
 def main():
@@ -148,8 +161,10 @@ def main():
         sys.exit("bench/report.py compares with PyTorch: pip install -e '.[bench]'")
     os.makedirs(args.out, exist_ok=True)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"CPU: {machine()}", flush=True)
     rows = summary_rows(args.quick)
-    lines = [f"Measured {when} on {machine()}; ratios are dlcli's time over PyTorch's.", "", *rows]
+    lines = [f"Measured {when} on {machine()}; ratios are dlcli's time over each peer's, from the same rounds.", "",
+             *rows]
     if not args.no_growth:
         plot(growth(args.quick), os.path.join(args.out, "cost_growth.png"))
         lines += ["", "![time per sample against batch size, sequence length and width](cost_growth.png)"]

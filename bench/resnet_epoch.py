@@ -12,6 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+import keras_peer  # noqa: E402
 from common import (compare, mnist_train, peers, report_ratio, torch_train_steps_runner,  # noqa: E402
                     train_steps_runner)
 
@@ -48,7 +49,8 @@ def torch_runner(torch, x, y, batch):
 
 def runners(batch=64, batches=20):
     x, y = mnist_train((28, 28, 1), limit=batch * batches, kind="fashion_mnist")
-    return peers(lambda: train_steps_runner(CONFIG, x, y, batch), lambda t: torch_runner(t, x, y, batch))
+    return peers(lambda: train_steps_runner(CONFIG, x, y, batch), lambda t: torch_runner(t, x, y, batch),
+                 lambda k: keras_peer.fit_runner(keras_peer.resnet(k), x, y, batch, shuffle=False))
 
 
 def main():
