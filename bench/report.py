@@ -35,23 +35,26 @@ def measure(runs: dict, rounds: int) -> dict:
     return common.compare(runs, rounds)[0]
 
 
-def workloads(quick: bool):
+def workloads(quick: bool, rounds: int | None = None):
     """(name, unit label, per-call divisor to that unit, runs factory, rounds, targets vs PyTorch and vs Keras)."""
     q = quick
+
+    def r(default):
+        return rounds or (1 if q else default)
     mnist = common.mnist_train((784,), limit=2048 if q else None)
     return [
         ("book MLP epoch (MNIST, batch 128)", "s/epoch", 1,
-         lambda: mlp_epoch.runners(*mnist, 128), 1 if q else 3, ("<= 0.8x", "<= 1.0x")),
+         lambda: mlp_epoch.runners(*mnist, 128), r(3), ("<= 0.8x", "<= 1.0x")),
         ("book convnet epoch (MNIST, batch 64)", "s/epoch (extrapolated)", (4 if q else 40) / 938,
-         lambda: convnet_epoch.runners(4 if q else 40), 1 if q else 3, ("<= 0.8x", "<= 0.5x")),
+         lambda: convnet_epoch.runners(4 if q else 40), r(3), ("<= 0.8x", "<= 0.5x")),
         ("LSTM(32) step via fit (100x32, batch 64)", "ms/step", (2 if q else 10) / 1000,
-         lambda: recurrent_step.runners("lstm", batches=2 if q else 10), 1 if q else 5, ("<= 0.8x", "<= 1.0x")),
+         lambda: recurrent_step.runners("lstm", batches=2 if q else 10), r(5), ("<= 0.8x", "<= 1.0x")),
         ("GRU(32) step via fit (100x32, batch 64)", "ms/step", (2 if q else 10) / 1000,
-         lambda: recurrent_step.runners("gru", batches=2 if q else 10), 1 if q else 5, ("<= 0.6x", "<= 1.0x")),
+         lambda: recurrent_step.runners("gru", batches=2 if q else 10), r(5), ("<= 0.6x", "<= 1.0x")),
         ("fashion_mnist_resnet.yaml epoch (batch 64)", "s/epoch (extrapolated)", (2 if q else 20) / 844,
-         lambda: resnet_epoch.runners(64, 2 if q else 20), 1 if q else 3, ("<= 1.0x", "<= 1.0x")),
+         lambda: resnet_epoch.runners(64, 2 if q else 20), r(3), ("<= 1.0x", "<= 1.0x")),
         ("book convnet predict (batch 512)", "ms/batch", (1 if q else 8) / 1000,
-         lambda: predict_throughput.runners(512, 1 if q else 8), 1 if q else 5, ("<= 0.7x", "<= 1.0x")),
+         lambda: predict_throughput.runners(512, 1 if q else 8), r(5), ("<= 0.7x", "<= 1.0x")),
     ]
 
 
@@ -63,18 +66,18 @@ def _ratio(times: dict, best: dict, peer: str) -> str:
     return f"{best['dlcli'] / best[peer]:.2f}x | {spread[0]:.2f}-{spread[-1]:.2f}x"
 
 
-def summary_rows(quick: bool) -> list[str]:
+def summary_rows(quick: bool, rounds: int | None = None) -> list[str]:
     rows = ["| workload | dlcli | PyTorch | Keras + JAX | dlcli/PyTorch (best/best) | per-round spread | "
             "dlcli/Keras | per-round spread | targets (PyTorch, Keras) |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, unit, per, factory, rounds, targets in workloads(quick):
-        times = measure(factory(), rounds)
+    for name, unit, per, factory, workload_rounds, targets in workloads(quick, rounds):
+        times = measure(factory(), workload_rounds)
         best = {k: min(v) for k, v in times.items()}
         cell = {k: f"{best[k] / per:.3g} {unit}" if k in best else "-" for k in ("dlcli", "pytorch", "keras")}
         row = (f"| {name} | {cell['dlcli']} | {cell['pytorch']} | {cell['keras']} | {_ratio(times, best, 'pytorch')} | "
                f"{_ratio(times, best, 'keras')} | {targets[0]}, {targets[1]} |")
         print(row, flush=True)
         rows.append(row)
-    rows.append(folder_epoch.report_row(640 if quick else 6400, 1 if quick else 3))
+    rows.append(folder_epoch.report_row(640 if quick else 6400, rounds or (1 if quick else 3)))
     print(rows[-1], flush=True)
     return rows
 
@@ -154,6 +157,8 @@ def machine() -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, help="alternating rounds per workload (default 3-5, with --quick 1): "
+                                                   "--quick --rounds 3 gives ratios on a busy machine in minutes")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--no-growth", action="store_true", help="the summary table only")
     args = parser.parse_args()
@@ -162,7 +167,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"CPU: {machine()}", flush=True)
-    rows = summary_rows(args.quick)
+    rows = summary_rows(args.quick, args.rounds)
     lines = [f"Measured {when} on {machine()}; ratios are dlcli's time over each peer's, from the same rounds.", "",
              *rows]
     if not args.no_growth:
