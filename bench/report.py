@@ -43,7 +43,7 @@ def workloads(quick: bool, rounds: int | None = None):
         return rounds or (1 if q else default)
     mnist = common.mnist_train((784,), limit=2048 if q else None)
     return [
-        ("book MLP epoch (MNIST, batch 128)", "s/epoch", 1,
+        ("book MLP epoch (MNIST, batch 128)", "s per 2,048 samples" if q else "s/epoch", 1,
          lambda: mlp_epoch.runners(*mnist, 128), r(3), ("<= 0.8x", "<= 1.0x")),
         ("book convnet epoch (MNIST, batch 64)", "s/epoch (extrapolated)", (4 if q else 40) / 938,
          lambda: convnet_epoch.runners(4 if q else 40), r(3), ("<= 0.8x", "<= 0.5x")),
