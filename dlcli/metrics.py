@@ -13,7 +13,7 @@ import inspect
 import numpy as np
 
 from dlcli import losses
-from dlcli.errors import ConfigError
+from dlcli.errors import ConfigError, ShapeError
 from dlcli.losses import EPSILON, dense_targets, sparse_labels
 from dlcli.registry import Registry, did_you_mean
 
@@ -24,7 +24,8 @@ ACCURACY_ALIASES = ("accuracy", "acc")  # resolved by `resolve` from the loss an
 # Parts of metric names where smaller is better (losses, errors, divergences); larger is better for accuracy-like ones.
 _LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "mape", "msle", "squared", "absolute", "hinge", "crossentropy",
                     "divergence", "poisson", "cosh", "false_", "perplexity")
-_HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "fbeta", "r2", "true_", "cosine_similarity")
+_HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "fbeta", "r2", "true_", "cosine_similarity", "io_u",
+                     "correlation", "sensitivity", "specificity")
 
 
 def metric_direction(metric: str) -> str | None:
@@ -464,6 +465,111 @@ class Recall(_PrecisionRecall):
         return float(_ratio(self.tp, self.tp + self.fn).reshape(-1)[0]) if hasattr(self, "sums") else 0.0
 
 
+class _AtConstraint(_Confusion):
+    """The best of one rate among the thresholds where another reaches `value` (Keras' SensitivitySpecificityBase):
+    counts at num_thresholds thresholds 0, 1/(n-1), ..., 1 (0.5 alone for one) over the epoch, predictions clipped
+    to [0, 1] as Keras' bucketed update does; the result is max(dependent where constrained >= value), 0 if none."""
+
+    constraint = ""  # the argument naming `value`: recall, precision, specificity or sensitivity
+
+    def __init__(self, value: float, num_thresholds: int = 200, class_id: int | None = None,
+                 name: str | None = None):
+        super().__init__(name)
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{self.default_name} {self.constraint} must be in [0, 1]; got {value}")
+        if num_thresholds <= 0:
+            raise ConfigError(f"{self.default_name} num_thresholds must be an integer > 0; got {num_thresholds}")
+        self.value, self.num_thresholds, self.class_id = float(value), int(num_thresholds), class_id
+        inner = [(i + 1) / (num_thresholds - 1) for i in range(num_thresholds - 2)]
+        self.thresholds = np.array([0.5] if num_thresholds == 1 else [0.0, *inner, 1.0])
+
+    def update(self, y_true, y_pred, sample_weight=None):
+        y_pred = np.asarray(y_pred, np.float64)
+        super().update(y_true, np.clip(y_pred, 0, 1) if self.num_thresholds > 1 else y_pred, sample_weight)
+
+    def rates(self) -> tuple[np.ndarray, np.ndarray]:
+        """(constrained, dependent) at each threshold."""
+        raise NotImplementedError
+
+    def result(self) -> float:
+        if not hasattr(self, "sums"):
+            return 0.0
+        constrained, dependent = (r.reshape(-1) for r in self.rates())
+        return float(np.where(constrained >= self.value, dependent, 0).max(initial=0))
+
+    def get_config(self):
+        return {**super().get_config(), self.constraint: self.value, "num_thresholds": self.num_thresholds,
+                "class_id": self.class_id}
+
+
+def _recall(m):
+    return _ratio(m.tp, m.tp + m.fn)
+
+
+def _precision(m):
+    return _ratio(m.tp, m.tp + m.fp)
+
+
+def _specificity(m):
+    return _ratio(m.tn, m.tn + m.fp)
+
+
+@METRICS.register("precision_at_recall", "PrecisionAtRecall")
+class PrecisionAtRecall(_AtConstraint):
+    """The best precision where recall >= `recall`."""
+
+    default_name, constraint = "precision_at_recall", "recall"
+
+    def __init__(self, recall: float, num_thresholds: int = 200, class_id: int | None = None,
+                 name: str | None = None):
+        super().__init__(recall, num_thresholds, class_id, name)
+
+    def rates(self):
+        return _recall(self), _precision(self)
+
+
+@METRICS.register("recall_at_precision", "RecallAtPrecision")
+class RecallAtPrecision(_AtConstraint):
+    """The best recall where precision >= `precision`."""
+
+    default_name, constraint = "recall_at_precision", "precision"
+
+    def __init__(self, precision: float, num_thresholds: int = 200, class_id: int | None = None,
+                 name: str | None = None):
+        super().__init__(precision, num_thresholds, class_id, name)
+
+    def rates(self):
+        return _precision(self), _recall(self)
+
+
+@METRICS.register("sensitivity_at_specificity", "SensitivityAtSpecificity")
+class SensitivityAtSpecificity(_AtConstraint):
+    """The best sensitivity (recall) where specificity >= `specificity`."""
+
+    default_name, constraint = "sensitivity_at_specificity", "specificity"
+
+    def __init__(self, specificity: float, num_thresholds: int = 200, class_id: int | None = None,
+                 name: str | None = None):
+        super().__init__(specificity, num_thresholds, class_id, name)
+
+    def rates(self):
+        return _specificity(self), _recall(self)
+
+
+@METRICS.register("specificity_at_sensitivity", "SpecificityAtSensitivity")
+class SpecificityAtSensitivity(_AtConstraint):
+    """The best specificity where sensitivity (recall) >= `sensitivity`."""
+
+    default_name, constraint = "specificity_at_sensitivity", "sensitivity"
+
+    def __init__(self, sensitivity: float, num_thresholds: int = 200, class_id: int | None = None,
+                 name: str | None = None):
+        super().__init__(sensitivity, num_thresholds, class_id, name)
+
+    def rates(self):
+        return _recall(self), _specificity(self)
+
+
 @METRICS.register("auc", "AUC")
 class AUC(_Confusion):
     """Area under the ROC or PR curve from confusion counts at num_thresholds thresholds accumulated over the
@@ -654,6 +760,200 @@ class R2Score(_Sums):
     def get_config(self):
         return {**super().get_config(), "class_aggregation": self.class_aggregation,
                 "num_regressors": self.num_regressors}
+
+
+class IoU(_Sums):
+    """Intersection over union tp / (tp + fp + fn) per class from a (true class, predicted class) confusion matrix
+    summed over the epoch, averaged over target_class_ids whose denominator is non-zero (Keras' IoU). Labels and
+    predictions are class ids (sparse_y_true/sparse_y_pred) or, when not sparse, the argmax over `axis`; pairs
+    outside [0, num_classes) and targets equal to ignore_class count nothing. Keras' default dtype is int, which
+    truncates fractional sample weights (it warns); dlcli sums weights as Keras with dtype='float64' does. A
+    per-sample weight counts for every element of that sample (Keras needs one weight per element there)."""
+
+    default_name = "io_u"
+
+    def __init__(self, num_classes: int, target_class_ids: list[int], name: str | None = None,
+                 ignore_class: int | None = None, sparse_y_true: bool = True, sparse_y_pred: bool = True,
+                 axis: int = -1):
+        super().__init__(name)
+        if int(num_classes) < 1:
+            raise ConfigError(f"{self.default_name} num_classes must be an integer >= 1; got {num_classes}")
+        ids = [int(i) for i in (target_class_ids if isinstance(target_class_ids, (list, tuple))
+                                else [target_class_ids])]
+        if not ids or min(ids) < 0 or max(ids) >= num_classes:
+            raise ConfigError(f"{self.default_name} target_class_ids must be class ids in [0, {num_classes}); got "
+                              f"{target_class_ids}")
+        self.num_classes, self.target_class_ids, self.ignore_class = int(num_classes), ids, ignore_class
+        self.sparse_y_true, self.sparse_y_pred, self.axis = bool(sparse_y_true), bool(sparse_y_pred), int(axis)
+
+    def state_shape(self, output_shape):
+        return (self.num_classes, self.num_classes)  # rows: true class, columns: predicted class
+
+    def classes(self, y_true, y_pred):
+        """(true ids, predicted ids), both of one shape."""
+        y_true, y_pred = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)
+        if not self.sparse_y_true:
+            y_true = y_true.argmax(self.axis)
+        if not self.sparse_y_pred:
+            y_pred = y_pred.argmax(self.axis)
+        if y_true.size != y_pred.size:
+            raise ShapeError(f"{self.name} needs one class id per prediction: got targets of shape "
+                             f"{y_true.shape} for class ids of shape {y_pred.shape} (sparse_y_true/sparse_y_pred "
+                             f"say which of them hold class ids rather than scores)")
+        return y_true.reshape(y_pred.shape), y_pred
+
+    def update(self, y_true, y_pred, sample_weight=None):
+        self._ensure_built(np.asarray(y_pred))
+        y_true, y_pred = self.classes(y_true, y_pred)
+        weight = np.ones(y_pred.shape) if sample_weight is None else np.broadcast_to(
+            np.asarray(sample_weight, np.float64).reshape((len(y_pred),) + (1,) * (y_pred.ndim - 1)), y_pred.shape)
+        n = self.num_classes
+        keep = (y_true >= 0) & (y_true < n) & (y_pred >= 0) & (y_pred < n)
+        if self.ignore_class is not None:
+            keep &= y_true != self.ignore_class
+        # Keras casts the float ids to int64 (truncation) after the bounds check
+        cell = y_true[keep].astype(np.int64) * n + y_pred[keep].astype(np.int64)
+        self.sums += np.bincount(cell, weight[keep], n * n).reshape(n, n)
+
+    def result(self) -> float:
+        if not hasattr(self, "sums"):
+            return 0.0
+        tp = np.diag(self.sums)
+        denominator = (self.sums.sum(0) + self.sums.sum(1) - tp)[self.target_class_ids]
+        valid = denominator > 1e-9
+        iou = np.where(valid, tp[self.target_class_ids] / (denominator + EPSILON), 0.0)
+        return float(iou.sum() / (valid.sum() + EPSILON))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "target_class_ids": self.target_class_ids,
+                "ignore_class": self.ignore_class, "sparse_y_true": self.sparse_y_true,
+                "sparse_y_pred": self.sparse_y_pred, "axis": self.axis}
+
+
+METRICS.register("IoU")(IoU)
+
+
+@METRICS.register("MeanIoU")
+class MeanIoU(IoU):
+    """IoU averaged over every class (Keras)."""
+
+    default_name = "mean_io_u"
+
+    def __init__(self, num_classes: int, name: str | None = None, ignore_class: int | None = None,
+                 sparse_y_true: bool = True, sparse_y_pred: bool = True, axis: int = -1):
+        super().__init__(num_classes, list(range(int(num_classes))), name, ignore_class, sparse_y_true,
+                         sparse_y_pred, axis)
+
+    def get_config(self):
+        config = super().get_config()
+        del config["target_class_ids"]
+        return config
+
+
+@METRICS.register("BinaryIoU")
+class BinaryIoU(IoU):
+    """IoU of a binary output: a prediction >= threshold is class 1, else 0 (Keras)."""
+
+    default_name = "binary_io_u"
+
+    def __init__(self, target_class_ids: list[int] = (0, 1), threshold: float = 0.5, name: str | None = None):
+        super().__init__(2, list(target_class_ids), name)
+        self.threshold = float(threshold)
+
+    def classes(self, y_true, y_pred):
+        y_pred = np.asarray(y_pred)
+        return super().classes(np.asarray(y_true, np.float64).reshape(y_pred.shape),
+                               (y_pred.astype(np.float32) >= self.threshold).astype(np.float64))
+
+    def get_config(self):
+        return {"type": self.default_name, "name": self.name, "target_class_ids": self.target_class_ids,
+                "threshold": self.threshold}
+
+
+@METRICS.register("OneHotIoU")
+class OneHotIoU(IoU):
+    """IoU of one-hot targets and scores: both argmax over `axis` (Keras)."""
+
+    default_name = "one_hot_io_u"
+
+    def __init__(self, num_classes: int, target_class_ids: list[int], name: str | None = None,
+                 ignore_class: int | None = None, sparse_y_pred: bool = False, axis: int = -1):
+        super().__init__(num_classes, target_class_ids, name, ignore_class, False, sparse_y_pred, axis)
+
+    def get_config(self):
+        config = super().get_config()
+        del config["sparse_y_true"]
+        return config
+
+
+@METRICS.register("OneHotMeanIoU")
+class OneHotMeanIoU(MeanIoU):
+    """MeanIoU of one-hot targets and scores (Keras)."""
+
+    default_name = "one_hot_mean_io_u"
+
+    def __init__(self, num_classes: int, name: str | None = None, ignore_class: int | None = None,
+                 sparse_y_pred: bool = False, axis: int = -1):
+        super().__init__(num_classes, name, ignore_class, False, sparse_y_pred, axis)
+
+    def get_config(self):
+        config = super().get_config()
+        del config["sparse_y_true"]
+        return config
+
+
+@METRICS.register("Accuracy")
+class Accuracy(Metric):
+    """How often the output equals the target exactly (Keras' Accuracy: for outputs that are already labels; the
+    'accuracy' string picks binary, categorical or sparse accuracy from the loss instead)."""
+
+    default_name = "accuracy"
+
+    def values(self, y_true, y_pred):
+        return dense_targets(y_true, y_pred, self.name) == y_pred
+
+
+class _Correlation(Metric):
+    """A per-sample correlation over `axis` (a non-batch axis), averaged over samples (Keras' MeanMetricWrapper
+    over keras.metrics.pearson_correlation / concordance_correlation: one value per sample, so a one-unit output
+    has none to speak of and gives NaN, as in Keras)."""
+
+    def __init__(self, name: str | None = None, axis: int = -1):
+        super().__init__(name)
+        if axis == 0:
+            raise ConfigError(f"{self.default_name} axis must be a non-batch axis (-1, 1, ...); got 0")
+        self.axis = int(axis)
+
+    def values(self, y_true, y_pred):
+        t = dense_targets(y_true, y_pred, self.name).astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.correlation(t, np.asarray(y_pred, np.float64), self.axis)
+
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis}
+
+
+@METRICS.register("pearson_correlation", "PearsonCorrelation")
+class PearsonCorrelation(_Correlation):
+    default_name = "pearson_correlation"
+
+    @staticmethod
+    def correlation(t, p, axis):
+        t = t - t.mean(axis, keepdims=True)
+        p = p - p.mean(axis, keepdims=True)
+        return (t / t.std(axis, keepdims=True) * p / p.std(axis, keepdims=True)).mean(axis)
+
+
+@METRICS.register("concordance_correlation", "ConcordanceCorrelation")
+class ConcordanceCorrelation(_Correlation):
+    default_name = "concordance_correlation"
+
+    @staticmethod
+    def correlation(t, p, axis):
+        t_mean, p_mean = t.mean(axis, keepdims=True), p.mean(axis, keepdims=True)
+        norm = t.var(axis, keepdims=True) + p.var(axis, keepdims=True) + (t_mean - p_mean) ** 2
+        # Keras 3.15 centres y_true on y_pred's mean in the covariance (not on its own); matched, not corrected
+        return (2 * (t - p_mean) * (p - p_mean) / (norm + EPSILON)).mean(axis)
 
 
 def _looks_sparse(y_true, y_pred) -> bool:

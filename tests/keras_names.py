@@ -94,16 +94,15 @@ LOSSES = {
 
 METRICS = {
     **{n: DONE for n in [
-        "AUC", "BinaryAccuracy", "BinaryCrossentropy", "CategoricalAccuracy", "CategoricalCrossentropy",
-        "CategoricalHinge", "CosineSimilarity", "F1Score", "FBetaScore", "FalseNegatives", "FalsePositives", "Hinge",
-        "KLDivergence", "LogCoshError", "MeanAbsoluteError", "MeanAbsolutePercentageError", "MeanSquaredError",
-        "MeanSquaredLogarithmicError", "Poisson", "Precision", "R2Score", "Recall", "RootMeanSquaredError",
-        "SparseCategoricalAccuracy", "SparseCategoricalCrossentropy", "SparseTopKCategoricalAccuracy",
-        "SquaredHinge", "TopKCategoricalAccuracy", "TrueNegatives", "TruePositives"]},
-    **{n: TODO for n in [
-        "Accuracy", "BinaryIoU", "ConcordanceCorrelation", "IoU", "MeanIoU", "OneHotIoU", "OneHotMeanIoU",
-        "PearsonCorrelation", "PrecisionAtRecall", "RecallAtPrecision", "SensitivityAtSpecificity",
-        "SpecificityAtSensitivity"]},
+        "AUC", "Accuracy", "BinaryAccuracy", "BinaryCrossentropy", "BinaryIoU", "CategoricalAccuracy",
+        "CategoricalCrossentropy", "CategoricalHinge", "ConcordanceCorrelation", "CosineSimilarity", "F1Score",
+        "FBetaScore", "FalseNegatives", "FalsePositives", "Hinge", "IoU", "KLDivergence", "LogCoshError",
+        "MeanAbsoluteError", "MeanAbsolutePercentageError", "MeanIoU", "MeanSquaredError",
+        "MeanSquaredLogarithmicError", "OneHotIoU", "OneHotMeanIoU", "PearsonCorrelation", "Poisson", "Precision",
+        "PrecisionAtRecall", "R2Score", "Recall", "RecallAtPrecision", "RootMeanSquaredError",
+        "SensitivityAtSpecificity", "SparseCategoricalAccuracy", "SparseCategoricalCrossentropy",
+        "SparseTopKCategoricalAccuracy", "SpecificityAtSensitivity", "SquaredHinge", "TopKCategoricalAccuracy",
+        "TrueNegatives", "TruePositives"]},
     "Metric": BASE, "MeanMetricWrapper": BASE,
     "Mean": "a running mean of any value: dlcli's loss tracker (metrics.Mean), not a metric of outputs",
     "Sum": "a running sum of any value, not a metric of outputs",

@@ -231,3 +231,57 @@ def test_perplexity_is_exp_of_the_mean_token_crossentropy_as_keras_hub():
     masked.update(labels[1:], probs[1:])
     assert masked.result() == pytest.approx(np.exp(-np.log(picked[kept]).mean()), rel=1e-9)
     assert metrics.metric_direction("val_perplexity") == "min"
+
+
+def test_threshold_iou_and_correlation_metrics_say_higher_is_better():
+    from dlcli.callbacks import EarlyStopping
+    from dlcli.metrics import metric_direction
+
+    names = ("val_precision_at_recall", "recall_at_precision", "val_sensitivity_at_specificity",
+             "specificity_at_sensitivity", "val_io_u", "mean_io_u", "binary_io_u", "one_hot_io_u",
+             "val_one_hot_mean_io_u", "accuracy", "pearson_correlation", "val_concordance_correlation")
+    assert [metric_direction(m) for m in names] == ["max"] * len(names)
+    assert EarlyStopping(monitor="val_mean_io_u").sign == 1.0
+
+
+def test_iou_and_constrained_rates_over_a_fit_are_the_whole_validation_sets():
+    """OneHotMeanIoU and PrecisionAtRecall as val columns and EarlyStopping's monitor: each epoch's value is the
+    metric of the whole validation set, not a mean of batch values."""
+    from dlcli import layers, models
+    from dlcli.callbacks import EarlyStopping
+
+    x, y = _binary_problem()
+    onehot = np.eye(3, dtype=np.float32)[(y[:, 0] + (x[:, 2] > 0.5)).astype(int)]  # 3 classes
+    model = models.Sequential([layers.Dense(8, activation="relu", input_shape=(5,)),
+                               layers.Dense(3, activation="softmax")])
+    model.build(rng=np.random.default_rng(0))
+    iou = {"type": "OneHotMeanIoU", "num_classes": 3}
+    at_recall = {"type": "PrecisionAtRecall", "recall": 0.7, "class_id": 1}
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=[iou, at_recall])
+    stop = EarlyStopping(monitor="val_one_hot_mean_io_u", patience=1)
+    history = model.fit(x[:200], onehot[:200], epochs=2, batch_size=32, validation_data=(x[200:], onehot[200:]),
+                        verbose=0, seed=0, callbacks=[stop])
+    p = model.predict(x[200:], verbose=0)
+    for column, spec in [("val_one_hot_mean_io_u", iou), ("val_precision_at_recall", at_recall)]:
+        whole = metrics.get(dict(spec))
+        whole.update(onehot[200:], p)
+        assert history.history[column][-1] == pytest.approx(whole.result(), rel=1e-9), column
+        assert 0 < whole.result() < 1
+        per_batch = []
+        for start in range(0, 100, 32):
+            m = metrics.get(dict(spec))
+            m.update(onehot[200 + start:232 + start], p[start:start + 32])
+            per_batch.append(m.result())
+        assert abs(np.mean(per_batch) - whole.result()) > 1e-4, column
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"type": "PrecisionAtRecall", "recall": 1.5}, "recall must be in \\[0, 1\\]"),
+    ({"type": "PrecisionAtRecall"}, "recall"),
+    ({"type": "IoU", "num_classes": 3, "target_class_ids": [3]}, "target_class_ids must be class ids in \\[0, 3\\)"),
+    ({"type": "PearsonCorrelation", "axis": 0}, "non-batch axis")])
+def test_bad_metric_arguments_name_themselves(spec, message):
+    from dlcli.errors import ConfigError
+
+    with pytest.raises((ConfigError, TypeError), match=message):
+        metrics.get(spec)
