@@ -10,7 +10,7 @@ import inspect
 
 import numpy as np
 
-from dlcli.engine.activations import sigmoid, softmax
+from dlcli.engine.activations import log_softmax, sigmoid, softmax
 from dlcli.errors import ConfigError, DlcliError, ShapeError
 from dlcli.registry import Registry
 
@@ -18,9 +18,50 @@ LOSSES = Registry("loss")
 EPSILON = 1e-7  # keras.backend.epsilon()
 
 
+REDUCTIONS = ("sum_over_batch_size", "mean", "sum", "mean_with_sample_weight", "none")
+
+
+def reduction_name(reduction, loss_name: str) -> str:
+    """Keras' `reduction` argument, checked. None (Keras' 'none') is kept as 'none'."""
+    reduction = "none" if reduction is None else reduction
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"loss '{loss_name}' reduction must be one of {', '.join(REDUCTIONS)} (or null); got "
+                          f"{reduction!r}")
+    return reduction
+
+
 class Loss:
     name = ""
     fused_activation = None  # the output activation whose Jacobian this loss folds in ("softmax"/"sigmoid")
+    reduction = "sum_over_batch_size"
+    batch_value = False  # one value for the whole batch (Dice/Tversky with axis None): no reduction applies
+
+    def values_per_sample(self, y_pred) -> int:
+        """How many values Keras' loss function gives per sample (the last axis reduced), which `per_sample`
+        averages: what reduction 'sum' adds up."""
+        return int(np.prod(np.shape(y_pred)[1:-1], dtype=np.int64))
+
+    def mean_count(self, per_sample) -> int:
+        """The number of samples the batch mean divides by (a loss that masks samples out divides by fewer)."""
+        return len(per_sample)
+
+    def reduce(self, per_sample, y_pred, sample_weight=None) -> tuple[float, np.ndarray]:
+        """The batch loss under Keras' `reduction` and each sample's factor in it: (value, factor) with value =
+        sum(per_sample * factor). sum_over_batch_size/mean: the mean of every value; sum: their sum;
+        mean_with_sample_weight: the weighted sum over the weights' sum; 'none' trains on the mean of the values,
+        as Keras' compile loss reduces what a loss leaves unreduced."""
+        weight = np.ones(len(per_sample)) if sample_weight is None else np.asarray(sample_weight, np.float64)
+        if self.batch_value:
+            factor = 1.0 / len(per_sample)
+        elif self.reduction == "sum":
+            factor = float(self.values_per_sample(y_pred))
+        elif self.reduction == "mean_with_sample_weight" and sample_weight is not None:
+            factor = 1.0 / weight.sum() if weight.sum() else 0.0
+        else:
+            count = self.mean_count(per_sample)
+            factor = 1.0 / count if count else 0.0
+        factor = weight * factor
+        return float((per_sample * factor).sum()), factor
 
     def compute(self, y_true, y_pred, logits=None):
         raise NotImplementedError
@@ -36,7 +77,10 @@ class Loss:
     def get_config(self) -> dict:
         """Constructor arguments (each stored under its own name), so config in = config out."""
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        return {n: getattr(self, n) for n in names}
+        config = {n: getattr(self, n) for n in names}
+        if config.get("reduction") == Loss.reduction:
+            del config["reduction"]  # only when given: configs and fingerprints from before it stay as they were
+        return config
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.get_config()}>"
@@ -77,7 +121,8 @@ class CategoricalCrossentropy(Loss):
     name = "categorical_crossentropy"
     fused_activation = "softmax"
 
-    def __init__(self, from_logits: bool = False, label_smoothing: float = 0.0):
+    def __init__(self, from_logits: bool = False, label_smoothing: float = 0.0, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
         self.from_logits, self.label_smoothing = bool(from_logits), float(label_smoothing)
 
     def compute(self, y_true, y_pred, logits=None):
@@ -105,7 +150,8 @@ class SparseCategoricalCrossentropy(Loss):
     name = "sparse_categorical_crossentropy"
     fused_activation = "softmax"
 
-    def __init__(self, from_logits: bool = False):
+    def __init__(self, from_logits: bool = False, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
         self.from_logits = bool(from_logits)
 
     def compute(self, y_true, y_pred, logits=None):
@@ -191,7 +237,8 @@ class BinaryCrossentropy(Loss):
     name = "binary_crossentropy"
     fused_activation = "sigmoid"
 
-    def __init__(self, from_logits: bool = False, label_smoothing: float = 0.0):
+    def __init__(self, from_logits: bool = False, label_smoothing: float = 0.0, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
         self.from_logits, self.label_smoothing = bool(from_logits), float(label_smoothing)
 
     def compute(self, y_true, y_pred, logits=None):
@@ -235,8 +282,8 @@ class _ElementwiseLoss(Loss):
 class MeanSquaredError(_ElementwiseLoss):
     name = "mean_squared_error"
 
-    def __init__(self):
-        pass
+    def __init__(self, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
 
     def values_and_grad(self, error):
         return error * error, 2 * error
@@ -246,8 +293,8 @@ class MeanSquaredError(_ElementwiseLoss):
 class MeanAbsoluteError(_ElementwiseLoss):
     name = "mean_absolute_error"
 
-    def __init__(self):
-        pass
+    def __init__(self, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
 
     def values_and_grad(self, error):
         return np.abs(error), np.sign(error)
@@ -259,7 +306,8 @@ class Huber(_ElementwiseLoss):
 
     name = "huber"
 
-    def __init__(self, delta: float = 1.0):
+    def __init__(self, delta: float = 1.0, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
         self.delta = float(delta)
 
     def values_and_grad(self, error):
@@ -272,10 +320,10 @@ class Huber(_ElementwiseLoss):
 # --- the rest of keras.losses (Keras 3.15): formulas as keras/src/losses/losses.py -------------------------------
 class _LastAxisLoss(Loss):
     """A loss whose value is a reduction of element values over the last axis: `elements(t, y)` returns those values
-    (or the reduced ones, one per row) and the derivatives of the reduced value w.r.t. y; `reduce` is "mean"
+    (or the reduced ones, one per row) and the derivatives of the reduced value w.r.t. y; `last_axis` is "mean"
     (regression-like losses) or "sum" (distribution losses)."""
 
-    reduce = "mean"
+    last_axis = "mean"
 
     def elements(self, t, y):
         raise NotImplementedError
@@ -286,7 +334,7 @@ class _LastAxisLoss(Loss):
         values, grad = self.elements(t, y_pred)
         if values.ndim < y_pred.ndim:
             pass  # already one value per row
-        elif self.reduce == "sum" and y_pred.ndim > 1:
+        elif self.last_axis == "sum" and y_pred.ndim > 1:
             values = values.sum(-1)
         elif y_pred.ndim > 1:
             values = values.mean(-1)
@@ -307,8 +355,8 @@ class Hinge(_LastAxisLoss):
 
     name = "hinge"
 
-    def __init__(self):
-        pass
+    def __init__(self, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
 
     def elements(self, t, y):
         t = _hinge_targets(t)
@@ -322,8 +370,8 @@ class SquaredHinge(_LastAxisLoss):
 
     name = "squared_hinge"
 
-    def __init__(self):
-        pass
+    def __init__(self, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
 
     def elements(self, t, y):
         t = _hinge_targets(t)
@@ -336,10 +384,10 @@ class CategoricalHinge(_LastAxisLoss):
     """max(max((1 - t) * y) - sum(t * y) + 1, 0) over the last axis."""
 
     name = "categorical_hinge"
-    reduce = "sum"
+    last_axis = "sum"
 
-    def __init__(self):
-        pass
+    def __init__(self, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
 
     def elements(self, t, y):
         others = (1 - t) * y
@@ -358,9 +406,10 @@ class CosineSimilarity(_LastAxisLoss):
     x * min(1 / |x|, 1 / epsilon))."""
 
     name = "cosine_similarity"
-    reduce = "sum"
+    last_axis = "sum"
 
-    def __init__(self, axis: int = -1):
+    def __init__(self, axis: int = -1, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
         if axis != -1:
             raise ConfigError("cosine_similarity supports axis=-1 (the last axis) only")
         self.axis = axis
@@ -381,10 +430,10 @@ class KLDivergence(_LastAxisLoss):
     """sum(t * log(t / y)) over the last axis, t and y clipped to [1e-7, 1]."""
 
     name = "kl_divergence"
-    reduce = "sum"
+    last_axis = "sum"
 
-    def __init__(self):
-        pass
+    def __init__(self, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
 
     def elements(self, t, y):
         tc, yc = np.clip(t, EPSILON, 1), np.clip(y, EPSILON, 1)
@@ -397,8 +446,8 @@ class LogCosh(_LastAxisLoss):
 
     name = "log_cosh"
 
-    def __init__(self):
-        pass
+    def __init__(self, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
 
     def elements(self, t, y):
         e = y - t
@@ -411,8 +460,8 @@ class MeanAbsolutePercentageError(_LastAxisLoss):
 
     name = "mean_absolute_percentage_error"
 
-    def __init__(self):
-        pass
+    def __init__(self, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
 
     def elements(self, t, y):
         scale = 100 / np.maximum(np.abs(t), EPSILON)
@@ -425,8 +474,8 @@ class MeanSquaredLogarithmicError(_LastAxisLoss):
 
     name = "mean_squared_logarithmic_error"
 
-    def __init__(self):
-        pass
+    def __init__(self, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
 
     def elements(self, t, y):
         shifted = np.maximum(y, EPSILON) + 1
@@ -440,8 +489,8 @@ class Poisson(_LastAxisLoss):
 
     name = "poisson"
 
-    def __init__(self):
-        pass
+    def __init__(self, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
 
     def elements(self, t, y):
         return y - t * np.log(y + EPSILON), 1 - t / (y + EPSILON)
@@ -455,7 +504,8 @@ class BinaryFocalCrossentropy(_LastAxisLoss):
     name = "binary_focal_crossentropy"
 
     def __init__(self, apply_class_balancing: bool = False, alpha: float = 0.25, gamma: float = 2.0,
-                 from_logits: bool = False, label_smoothing: float = 0.0):
+                 from_logits: bool = False, label_smoothing: float = 0.0, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
         self.apply_class_balancing, self.alpha, self.gamma = bool(apply_class_balancing), float(alpha), float(gamma)
         self.from_logits, self.label_smoothing = bool(from_logits), float(label_smoothing)
 
@@ -483,10 +533,11 @@ class CategoricalFocalCrossentropy(_LastAxisLoss):
     """sum(-alpha * (1 - o)^gamma * t * log o) over the last axis, o = clip(y / sum(y)) (Keras' renormalisation)."""
 
     name = "categorical_focal_crossentropy"
-    reduce = "sum"
+    last_axis = "sum"
 
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, from_logits: bool = False,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
         self.alpha, self.gamma = float(alpha), float(gamma)
         self.from_logits, self.label_smoothing = bool(from_logits), float(label_smoothing)
 
@@ -512,12 +563,20 @@ class _OverlapLoss(Loss):
     included, so the batch is one set and every sample reports the batch's value). `overlap(t, y, sums)` gives the
     ratio's numerator and denominator and their derivatives w.r.t. y."""
 
-    def __init__(self, axis=None):
+    def __init__(self, axis=None, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
         if axis is not None:
             axes = [axis] if isinstance(axis, int) else list(axis)
             if 0 in axes or any(not isinstance(a, int) for a in axes):
                 raise ConfigError(f"{self.name} axis must be None or non-batch axes (1, 2, ... or -1); got {axis}")
         self.axis = axis
+        self.batch_value = axis is None
+
+    def values_per_sample(self, y_pred) -> int:
+        """Keras' values keep the axes not summed over (one value per group)."""
+        shape = np.shape(y_pred)
+        summed = {a % len(shape) for a in ([self.axis] if isinstance(self.axis, int) else self.axis)}
+        return int(np.prod([d for i, d in enumerate(shape) if i and i not in summed], dtype=np.int64))
 
     def compute(self, y_true, y_pred, logits=None):
         y_pred = np.asarray(y_pred)
@@ -553,14 +612,189 @@ class Tversky(_OverlapLoss):
 
     name = "tversky"
 
-    def __init__(self, alpha: float = 0.5, beta: float = 0.5, axis=None):
-        super().__init__(axis)
+    def __init__(self, alpha: float = 0.5, beta: float = 0.5, axis=None, reduction: str = "sum_over_batch_size"):
+        super().__init__(axis, reduction)
         self.alpha, self.beta = float(alpha), float(beta)
 
     def ratio(self, t, y, total):
         inter = total(t * y)
         den = inter + self.alpha * total((1 - y) * t) + self.beta * total(y * (1 - t)) + EPSILON
         return inter, den, t, t - self.alpha * t + self.beta * (1 - t)
+
+
+@LOSSES.register("categorical_generalized_cross_entropy", "CategoricalGeneralizedCrossEntropy")
+class CategoricalGeneralizedCrossEntropy(Loss):
+    """(1 - p^q) / q with p the probability of the true class (integer labels), Zhang & Sabuncu's noise-robust
+    loss between cross-entropy (q -> 0) and MAE (q = 1), as keras.losses.CategoricalGeneralizedCrossEntropy."""
+
+    name = "categorical_generalized_cross_entropy"
+
+    def __init__(self, q: float = 0.5, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
+        if not 0 < q < 1:
+            raise ConfigError(f"{self.name} q must be in (0, 1); got {q}")
+        self.q = float(q)
+
+    def compute(self, y_true, y_pred, logits=None):
+        y_pred = np.asarray(y_pred)
+        labels = sparse_labels(y_true, y_pred, self.name)
+        p = np.take_along_axis(y_pred, labels[..., None], -1)[..., 0].astype(np.float64)
+        per_sample, scale = _per_sample((1 - p ** self.q) / self.q, len(y_pred))
+        grad = np.zeros_like(y_pred)
+        np.put_along_axis(grad, labels[..., None], (-p ** (self.q - 1) * scale)[..., None].astype(y_pred.dtype), -1)
+        return per_sample, grad
+
+
+def _logsumexp(a, mask):
+    """log sum(exp(a)) over the last axis where mask, -inf where it holds nothing, and softmax weights over it."""
+    a = np.where(mask, a, -np.inf)
+    top = a.max(-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    e = np.exp(a - top)
+    total = e.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.log(total) + top)[..., 0], np.where(total > 0, e / total, 0.0)
+
+
+@LOSSES.register("circle", "Circle")
+class Circle(Loss):
+    """Sun et al.'s circle loss on L2-normalised embeddings with integer labels (keras.losses.Circle): each sample
+    against the batch, cosine distances d = max(1 - y_i . y_j, 0), softplus(logsumexp over positives of
+    -gamma max(margin + d, 0)(margin - d) + logsumexp over negatives of gamma max(1 + margin - d, 0)(1 - margin - d)).
+    Samples without a positive pair score 0 and are left out of the mean, as Keras masks them. The batch is the
+    reference set, so every sample's loss depends on every other: per-sample weights are refused."""
+
+    name = "circle"
+
+    def __init__(self, gamma: float = 80.0, margin: float = 0.4, remove_diagonal: bool = True,
+                 reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
+        self.gamma, self.margin, self.remove_diagonal = float(gamma), float(margin), bool(remove_diagonal)
+
+    def compute(self, y_true, y_pred, logits=None):
+        y = np.asarray(y_pred, np.float64)
+        if y.ndim != 2:
+            raise ShapeError(f"loss 'circle' needs (batch, dim) embeddings; got outputs of shape "
+                             f"(None, {', '.join(map(str, y.shape[1:]))})")
+        labels = np.asarray(y_true).reshape(len(y), -1)[:, 0].astype(np.int64)
+        same = labels[:, None] == labels[None, :]
+        positive = same & ~np.eye(len(y), dtype=bool) if self.remove_diagonal else same
+        negative = ~same
+        similarity = y @ y.T
+        d = np.maximum(1 - similarity, 0)
+        m, g = self.margin, self.gamma
+        pos_w, neg_w = np.maximum((m + d) * positive, 0), np.maximum((1 + m - d) * negative, 0)
+        p_loss, p_soft = _logsumexp(-g * pos_w * (m - d), positive)
+        n_loss, n_soft = _logsumexp(g * neg_w * (1 - m - d), negative)
+        z = p_loss + n_loss
+        per_sample = np.logaddexp(0, z)  # softplus; -inf (no positive or no negative) gives 0
+        s = np.where(np.isfinite(z), 1 / (1 + np.exp(-np.where(np.isfinite(z), z, 0))), 0.0)[:, None]
+        # d(row loss)/d(d_ij) through both weighted distances, then d/d(similarity) where 1 - similarity > 0
+        d_pos = -g * (((m + d > 0) & positive) * (m - d) - pos_w)
+        d_neg = -g * (((1 + m - d > 0) & negative) * (1 - m - d) + neg_w)
+        grad_d = s * (p_soft * d_pos + n_soft * d_neg)
+        grad_s = -grad_d * (1 - similarity > 0)
+        return per_sample, ((grad_s + grad_s.T) @ y).astype(np.asarray(y_pred).dtype)
+
+    def mean_count(self, per_sample) -> int:
+        return int((per_sample > 0).sum())
+
+    def reduce(self, per_sample, y_pred, sample_weight=None):
+        if sample_weight is not None:
+            raise DlcliError("loss 'circle' compares every sample with the rest of its batch, so a sample's weight "
+                             "has no single loss to scale: train it without sample or class weights")
+        return super().reduce(per_sample, y_pred)
+
+
+@LOSSES.register("ctc", "CTC")
+class CTC(Loss):
+    """Connectionist temporal classification (keras.losses.CTC): y_true (batch, max_label_length) integer labels
+    padded with 0, which is also the blank; y_pred (batch, time, classes) logits (log-softmax taken here); every
+    sample uses all time steps. The loss is -log p(labels | inputs) by the forward-backward recursion in log space
+    (Graves et al. 2006), one pass over time for the whole batch; impossible alignments give inf as Keras does."""
+
+    name = "ctc"
+
+    def __init__(self, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
+
+    def values_per_sample(self, y_pred) -> int:
+        return 1  # one value per sequence
+
+    def compute(self, y_true, y_pred, logits=None):
+        y_pred = np.asarray(y_pred)
+        if y_pred.ndim != 3:
+            raise ShapeError(f"loss 'ctc' needs (batch, time, classes) outputs; got (None, "
+                             f"{', '.join(map(str, y_pred.shape[1:]))})")
+        batch, steps, classes = y_pred.shape
+        labels = np.asarray(y_true).reshape(batch, -1)
+        if labels.dtype.kind == "f":
+            labels = labels.astype(np.int64)
+        if labels.size and (labels.min() < 0 or labels.max() >= classes):
+            raise DlcliError(f"loss 'ctc' got label {int(labels.max() if labels.max() >= classes else labels.min())}"
+                             f"; labels are 1..{classes - 1} with 0 as padding and blank")
+        lengths = (labels != 0).sum(1)
+        # as torch's ctc_loss, which Keras calls: a row's first `length` entries are its labels
+        width = 2 * labels.shape[1] + 1
+        extended = np.zeros((batch, width), np.int64)  # blank, l1, blank, l2, ..., blank
+        extended[:, 1::2] = labels
+        states = np.arange(width)
+        inside = states[None, :] < (2 * lengths + 1)[:, None]
+        skip = np.zeros((batch, width), bool)  # s-2 -> s allowed: a label unlike the one two states back
+        skip[:, 2:] = (extended[:, 2:] != 0) & (extended[:, 2:] != extended[:, :-2])
+        log_p = log_softmax(np.asarray(y_pred, np.float64))
+        emit = np.take_along_axis(log_p, np.broadcast_to(extended[:, None, :], (batch, steps, width)), 2)
+        emit = np.where(inside[:, None, :], emit, -np.inf)
+        alpha = np.full((steps, batch, width), -np.inf)
+        alpha[0, :, :2] = emit[:, 0, :2]
+        for t in range(1, steps):
+            prev = alpha[t - 1]
+            shift1 = np.pad(prev, ((0, 0), (1, 0)), constant_values=-np.inf)[:, :-1]
+            shift2 = np.where(skip, np.pad(prev, ((0, 0), (2, 0)), constant_values=-np.inf)[:, :-2], -np.inf)
+            alpha[t] = _logaddexp3(prev, shift1, shift2) + emit[:, t]
+        last = 2 * lengths
+        rows = np.arange(batch)
+        end = np.where(lengths > 0, np.logaddexp(alpha[-1, rows, last], alpha[-1, rows, np.maximum(last - 1, 0)]),
+                       alpha[-1, rows, 0])
+        beta = np.full((steps, batch, width), -np.inf)
+        beta[-1, rows, last] = emit[rows, -1, last]
+        beta[-1, rows, np.maximum(last - 1, 0)] = np.where(lengths > 0, emit[rows, -1, np.maximum(last - 1, 0)],
+                                                          beta[-1, rows, 0])
+        skip_next = np.pad(skip, ((0, 0), (0, 2)))[:, 2:]  # s -> s+2 allowed
+        for t in range(steps - 2, -1, -1):
+            nxt = beta[t + 1]
+            shift1 = np.pad(nxt, ((0, 0), (0, 1)), constant_values=-np.inf)[:, 1:]
+            shift2 = np.where(skip_next, np.pad(nxt, ((0, 0), (0, 2)), constant_values=-np.inf)[:, 2:], -np.inf)
+            beta[t] = _logaddexp3(nxt, shift1, shift2) + emit[:, t]
+        per_sample = -end
+        with np.errstate(invalid="ignore"):
+            occupancy = np.exp(alpha.transpose(1, 0, 2) + beta.transpose(1, 0, 2) - emit - end[:, None, None])
+        occupancy = np.nan_to_num(occupancy)  # -inf - -inf where a state is unreachable
+        grad = np.exp(log_p)
+        index = np.broadcast_to(extended[:, None, :], occupancy.shape).reshape(batch * steps, width)
+        flat = grad.reshape(batch * steps, classes)
+        np.add.at(flat, (np.arange(batch * steps)[:, None], index), -occupancy.reshape(batch * steps, width))
+        return per_sample, flat.reshape(y_pred.shape).astype(y_pred.dtype)
+
+
+def _logaddexp3(a, b, c):
+    top = np.maximum(np.maximum(a, b), c)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.where(np.isfinite(top), np.log(np.exp(a - safe) + np.exp(b - safe) + np.exp(c - safe)) + safe,
+                        -np.inf)
+
+
+def ctc_greedy_decode(y_pred, merge_repeated: bool = True) -> np.ndarray:
+    """Best path decoding of (batch, time, classes) CTC outputs, as keras.ops.ctc_decode(strategy='greedy',
+    mask_index=0): the argmax at each step, repeats merged, blanks (0) dropped, the labels left-aligned and padded
+    with -1 to (batch, time)."""
+    best = np.asarray(y_pred).argmax(-1)
+    keep = best != 0
+    if merge_repeated:
+        keep[:, 1:] &= best[:, 1:] != best[:, :-1]
+    order = np.argsort(~keep, axis=1, kind="stable")  # kept labels first, in time order
+    return np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(best, order, 1), -1)
 
 
 def get(identifier) -> Loss:
@@ -571,5 +805,6 @@ def get(identifier) -> Loss:
 def serialize(loss: Loss):
     """The canonical name when every argument is at its default, else {type: name, **args} (YAML-safe)."""
     config = loss.get_config()
-    defaults = {n: p.default for n, p in inspect.signature(type(loss).__init__).parameters.items() if n != "self"}
+    defaults = {n: p.default for n, p in inspect.signature(type(loss).__init__).parameters.items()
+                if n not in ("self", "reduction")}
     return loss.name if config == defaults else {"type": loss.name, **config}

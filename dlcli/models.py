@@ -159,17 +159,13 @@ class Model:
 
     # --- one step -------------------------------------------------------------------------------------------
     def compute_loss(self, ys, outs, sample_weight=None, with_grads=True):
-        """Weighted mean loss over the batch (Keras' sum_over_batch_size) and d(loss)/d(outputs or logits)."""
-        n = outs[0].shape[0]
+        """The batch loss (each loss's Keras reduction, sum_over_batch_size by default: the weighted mean) and
+        d(loss)/d(outputs or logits)."""
         total, parts, grads = 0.0, [], []
         for y, out, loss_fn, w, fused in zip(ys, outs, self.losses, self.loss_weights, self.fused):
             per_sample, grad = loss_fn.compute(y, out, logits=fused.logits if fused is not None else None)
-            if sample_weight is not None:
-                value = float((per_sample * sample_weight).sum() / n)
-                scale = (sample_weight * (w / n)).astype(grad.dtype).reshape((-1,) + (1,) * (grad.ndim - 1))
-            else:
-                value = float(per_sample.mean())
-                scale = np.asarray(w / n, grad.dtype)
+            value, factor = loss_fn.reduce(per_sample, out, sample_weight)  # Keras' reduction
+            scale = (factor * w).astype(grad.dtype).reshape((-1,) + (1,) * (grad.ndim - 1))
             parts.append(value)
             total += w * value
             if with_grads:

@@ -19,6 +19,7 @@ class Output:
     values: np.ndarray  # exactly as Keras' predict returns it: (N, 1) for one sigmoid unit
     probabilities: np.ndarray | None  # (N, k) for a classifier head (one sigmoid unit as [1 - p, p]), else None
     classes: list[str] = field(default_factory=list)  # k names when probabilities is set
+    decoded: np.ndarray | None = None  # (N, time) label ids, -1 padded: the greedy CTC decode of a ctc-loss output
 
 
 @dataclass
@@ -42,12 +43,21 @@ def predict_run(run_dir, inputs: list[Path], weights: str = "best", key: str | N
 def model_outputs(run_dir, config, model, preds) -> list[Output]:
     """What model.predict returned as one Output per model output, with probabilities and class names for
     classifier heads."""
+    from dlcli.losses import CTC, ctc_greedy_decode
+
     outputs = []
-    for name, tensor, values in zip(model.output_names, model.outputs, preds if isinstance(preds, list) else [preds]):
+    for name, tensor, values, loss in zip(model.output_names, model.outputs,
+                                          preds if isinstance(preds, list) else [preds], model.losses):
         probs = probabilities(tensor, values)
         names = class_names(run_dir, config, probs.shape[1]) if probs is not None else []
-        outputs.append(Output(name, values, probs, names))
+        decoded = ctc_greedy_decode(values) if isinstance(loss, CTC) and values.ndim == 3 else None
+        outputs.append(Output(name, values, probs, names, decoded))
     return outputs
+
+
+def decoded_text(row: np.ndarray) -> str:
+    """A greedy CTC decode as label ids separated by spaces."""
+    return " ".join(str(i) for i in row[row >= 0])
 
 
 def printable(name: str) -> str:
@@ -87,7 +97,7 @@ def write_predictions(path: Path, p: Predictions) -> list[Path]:
     """Every output of every prediction, atomically; returns the files written. .npy: the outputs as Keras'
     predict returns them, one file per output when there are several (stem_<output>.npy); .npz: one array per
     output name; .csv: one row per sample, each output's class and probabilities (or its values) as columns,
-    prefixed with the output's name when there are several."""
+    prefixed with the output's name when there are several; a ctc-loss output adds its greedy decode first."""
     check_output_path(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
@@ -106,6 +116,9 @@ def write_predictions(path: Path, p: Predictions) -> list[Path]:
     columns, cells = ["input"], [np.asarray(p.labels, dtype=object)[:, None]]
     for o in p.outputs:
         prefix = f"{o.name}_" if len(p.outputs) > 1 else ""
+        if o.decoded is not None:
+            columns.append(f"{prefix}decoded")
+            cells.append(np.array([decoded_text(row) for row in o.decoded], dtype=object)[:, None])
         if o.probabilities is not None:
             columns += [f"{prefix}predicted", *[f"{prefix}p_{n}" for n in o.classes]]
             cells += [np.asarray(o.classes, dtype=object)[o.probabilities.argmax(1)][:, None],

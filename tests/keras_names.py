@@ -84,11 +84,11 @@ ACTIVATIONS = {
 
 LOSSES = {
     **{n: DONE for n in [
-        "BinaryCrossentropy", "BinaryFocalCrossentropy", "CategoricalCrossentropy", "CategoricalFocalCrossentropy",
-        "CategoricalHinge", "CosineSimilarity", "Dice", "Hinge", "Huber", "KLDivergence", "LogCosh",
-        "MeanAbsoluteError", "MeanAbsolutePercentageError", "MeanSquaredError", "MeanSquaredLogarithmicError",
-        "Poisson", "SparseCategoricalCrossentropy", "SquaredHinge", "Tversky"]},
-    **{n: TODO for n in ["CTC", "CategoricalGeneralizedCrossEntropy", "Circle"]},
+        "BinaryCrossentropy", "BinaryFocalCrossentropy", "CTC", "CategoricalCrossentropy",
+        "CategoricalFocalCrossentropy", "CategoricalGeneralizedCrossEntropy", "CategoricalHinge", "Circle",
+        "CosineSimilarity", "Dice", "Hinge", "Huber", "KLDivergence", "LogCosh", "MeanAbsoluteError",
+        "MeanAbsolutePercentageError", "MeanSquaredError", "MeanSquaredLogarithmicError", "Poisson",
+        "SparseCategoricalCrossentropy", "SquaredHinge", "Tversky"]},
     "Loss": BASE,
 }
 

@@ -39,8 +39,13 @@ def test_activation_matches_keras(spec, arrays):
 def test_loss_matches_keras(spec, arrays):
     loss = losses.get(dict(spec))
     per_sample, grad = loss.compute(arrays["y_true"], arrays["y_pred"].copy())
-    assert per_sample.mean() == pytest.approx(float(arrays["value"]), rel=1e-6, abs=1e-9)
-    np.testing.assert_allclose(grad / len(grad), arrays["grad"], rtol=1e-6, atol=1e-9)
+    value, factor = loss.reduce(per_sample, arrays["y_pred"], arrays.get("sample_weight"))  # as the model does
+    assert value == pytest.approx(float(arrays["value"]), rel=1e-6, abs=1e-9)
+    # Keras 3.15 computes circle and ctc in float32 whatever the dtype (torch's ctc_loss, circle's int32 labels),
+    # so their gradients carry float32 rounding; dlcli's float64 ones also pass a numerical check (test_losses.py)
+    rtol, atol = (1e-5, 1e-6) if spec["type"] in ("Circle", "CTC") else (1e-6, 1e-9)
+    np.testing.assert_allclose(grad * factor.reshape((-1,) + (1,) * (grad.ndim - 1)), arrays["grad"], rtol=rtol,
+                               atol=atol)
     if "per_sample" in arrays:
         np.testing.assert_allclose(per_sample, arrays["per_sample"], rtol=1e-6, atol=1e-9)
 

@@ -16,6 +16,10 @@ def _onehot(labels, classes):
     return np.eye(classes)[labels]
 
 
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
 def _positive(shape):
     return rng.uniform(0.05, 1.0, shape)  # unnormalised probabilities: exercises Keras' renormalisation too
 
@@ -80,6 +84,17 @@ CASES = {
     "dice_axes": (losses.Dice(axis=[1, 2]), rng.integers(0, 2, (3, 4, 4, 2)), _positive((3, 4, 4, 2)), "probs"),
     "tversky_batch": (losses.Tversky(alpha=0.3, beta=0.7), rng.integers(0, 2, (4, 3)), _positive((4, 3)), "batch"),
     "tversky_axis": (losses.Tversky(axis=-1), rng.integers(0, 2, (4, 5)), _positive((4, 5)), "probs"),
+    "generalized_cross_entropy": (losses.CategoricalGeneralizedCrossEntropy(q=0.7), labels_2d, _positive((4, 5)),
+                                  "probs"),
+    # every embedding is compared with the whole batch: only the batch mean has a gradient ("batch"); one sample
+    # (label 3) has no positive pair and is left out of the mean
+    "circle": (losses.Circle(gamma=8.0), np.array([0, 1, 0, 1, 2, 2, 3]),
+               _unit(rng.normal(0, 1, (7, 4))), "batch"),
+    "circle_with_diagonal": (losses.Circle(gamma=20.0, margin=0.3, remove_diagonal=False),
+                             np.array([0, 1, 0, 1, 1]), _unit(rng.normal(0, 1, (5, 3))), "batch"),
+    # labels padded with 0 (the blank), a repeated label, an empty sequence; gradients w.r.t. the logits
+    "ctc": (losses.CTC(), np.array([[1, 2, 2], [3, 0, 0], [0, 0, 0], [2, 1, 3]]), rng.normal(0, 1, (4, 7, 4)),
+            "logits"),
 }
 
 
@@ -224,3 +239,32 @@ def test_against_torch():
     per_sample, grad = losses.BinaryCrossentropy(from_logits=True).compute(t, z[:, :3])
     np.testing.assert_allclose(per_sample, ref.detach().numpy(), rtol=1e-10)
     np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_reduction_as_keras_and_refused_when_unknown():
+    y_true, y_pred = rng.normal(0, 1, (4, 5, 3)), rng.normal(0, 1, (4, 5, 3))
+    weight = np.array([0.5, 1.0, 2.0, 0.0])
+    per_sample, _ = losses.MeanSquaredError().compute(y_true, y_pred)
+    squares = ((y_true - y_pred) ** 2).mean(-1)  # Keras' values: (batch, 5)
+    for reduction, expected in [("sum_over_batch_size", (squares * weight[:, None]).mean()),
+                                ("sum", (squares * weight[:, None]).sum()),
+                                ("mean_with_sample_weight", (squares * weight[:, None]).sum() / (5 * weight.sum())),
+                                (None, (squares * weight[:, None]).mean())]:
+        loss = losses.get({"type": "mse", "reduction": reduction})
+        value, factor = loss.reduce(per_sample, y_pred, weight)
+        assert value == pytest.approx(expected, rel=1e-12) and value == pytest.approx(per_sample @ factor)
+    assert losses.serialize(losses.get({"type": "mse", "reduction": "sum"})) == {"type": "mean_squared_error",
+                                                                                  "reduction": "sum"}
+    assert losses.serialize(losses.get("mse")) == "mean_squared_error"
+    with pytest.raises(ConfigError, match="reduction must be one of sum_over_batch_size, mean, sum"):
+        losses.get({"type": "mse", "reduction": "average"})
+    with pytest.raises(DlcliError, match="circle.*sample or class weights"):
+        losses.Circle().reduce(np.ones(3), np.ones((3, 2)), np.ones(3))
+
+
+def test_ctc_greedy_decode_merges_repeats_and_drops_blanks():
+    steps = np.array([[1, 1, 0, 1, 2, 2, 0], [0, 0, 3, 3, 3, 0, 0]])
+    decoded = losses.ctc_greedy_decode(np.eye(4)[steps])
+    np.testing.assert_array_equal(decoded, [[1, 1, 2, -1, -1, -1, -1], [3, -1, -1, -1, -1, -1, -1]])
+    np.testing.assert_array_equal(losses.ctc_greedy_decode(np.eye(4)[steps], merge_repeated=False)[0, :5],
+                                  [1, 1, 1, 2, 2])

@@ -287,3 +287,54 @@ def test_file_names_with_brackets_print_as_they_are(run, samples, tmp_path):
     np.save(tmp_path / "[red]x.npy", samples[:1])  # rich markup in a file name is text, not style
     result = invoke(run, tmp_path / "[red]x.npy")
     assert result.exit_code == 0 and "[red]x.npy:0" in result.output, result.output
+
+
+CTC_CONFIG = """
+name: ctc
+seed: 0
+data: {{type: npz, path: {path}, x: x, y: y, x_test: x, y_test: y}}
+model:
+  input_shape: [8, 5]
+  layers:
+    - {{type: Dense, units: 16, activation: tanh}}
+    - {{type: Dense, units: 5}}
+compile:
+  optimizer: {{type: adam, learning_rate: 0.03}}
+  loss: ctc
+train: {{epochs: 25, batch_size: 16}}
+"""
+
+
+def test_a_ctc_run_trains_from_yaml_and_predict_prints_its_greedy_decode(tmp_path):
+    """Sequences of 8 steps whose one-hot features name a label (1-4) or the blank (0) at each step; the labels
+    are the named ones in order, padded with 0. After training, predict shows the greedy decode (and --output
+    .csv writes it), which gives the labels back."""
+    from typer.testing import CliRunner
+
+    from dlcli.cli import app
+
+    rng = np.random.default_rng(0)
+    steps = np.zeros((96, 8), np.int64)
+    steps[:, ::2] = rng.integers(1, 5, (96, 4))
+    steps[:, 6] = 0  # three labels, blanks between them (repeats stay apart)
+    x = np.eye(5, dtype=np.float32)[steps] + rng.normal(0, 0.1, (96, 8, 5)).astype(np.float32)
+    y = np.zeros((96, 4), np.int64)
+    y[:, :3] = steps[:, [0, 2, 4]]
+    np.savez(tmp_path / "seq.npz", x=x, y=y)
+    np.save(tmp_path / "few.npy", x[:3])
+    config = tmp_path / "ctc.yaml"
+    config.write_text(CTC_CONFIG.format(path=tmp_path / "seq.npz"))
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(config), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    result = runner.invoke(app, ["predict", str(run), str(tmp_path / "few.npy")])
+    assert result.exit_code == 0, result.output
+    assert "decoded (CTC greedy)" in result.output
+    for row in y[:3]:
+        assert " ".join(map(str, row[:3])) in result.output
+    result = runner.invoke(app, ["predict", str(run), str(tmp_path / "few.npy"), "-o", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0].startswith("input,decoded,output_0")
+    assert [line.split(",")[1] for line in lines[1:]] == [" ".join(map(str, row[:3])) for row in y[:3]]

@@ -38,7 +38,8 @@ def predict(
                                                               "the dataset's, 1/255 for image datasets).")] = None,
     allow_config_change: AllowConfigChangeOption = False,
 ):
-    """Predict with a trained run: top-k classes with probabilities, or every output to a file.
+    """Predict with a trained run: top-k classes with probabilities (a ctc-loss output: its greedy decode), or
+    every output to a file.
 
     Integer arrays get the training preprocessing; float arrays are taken as already preprocessed.
 
@@ -48,7 +49,7 @@ def predict(
     from rich.table import Table
     from rich.text import Text
 
-    from dlcli.prediction import check_output_path, predict_run, write_predictions
+    from dlcli.prediction import check_output_path, decoded_text, predict_run, write_predictions
 
     if output is not None:
         check_output_path(output)
@@ -63,7 +64,11 @@ def predict(
         title = f"{Path(run_dir).name} ({weights} weights)" + (f": output {o.name}" if len(p.outputs) > 1 else "")
         table = Table(title=Text(title))  # Text: file and class names are never rich markup
         table.add_column("input", no_wrap=True)
-        if o.probabilities is not None:
+        if o.decoded is not None:
+            table.add_column("decoded (CTC greedy)")
+            for label, row in zip(p.labels[:shown], o.decoded):
+                table.add_row(Text(label), decoded_text(row))
+        elif o.probabilities is not None:
             k = min(top_k, o.probabilities.shape[1])
             order = np.argsort(-o.probabilities[:shown], axis=1, kind="stable")[:, :k]
             for j in range(k):
