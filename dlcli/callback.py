@@ -11,6 +11,10 @@ class Callback:
     def set_model(self, model):
         self.model = model
 
+    def set_params(self, params: dict):
+        """Keras' callback.params: {'epochs': ..., 'samples': ..., 'batch_size': ...} of the fit."""
+        self.params = params
+
     def on_run_begin(self, run):
         """`dlcli.train` (Trainer.train) calls this once the run directory exists and the data is loaded, before the
         first epoch; `run` is the live dlcli.trainer.Run (its dir, sizes, model). Callbacks observe: `run.stop(status)`
@@ -26,6 +30,8 @@ class Callback:
     def on_epoch_end(self, epoch, logs=None): ...
     def on_train_batch_begin(self, batch, logs=None): ...
     def on_train_batch_end(self, batch, logs=None): ...
+    def on_test_begin(self, logs=None): ...  # around each epoch's validation
+    def on_test_end(self, logs=None): ...
 
     def get_state(self) -> dict:
         """JSON-safe state to checkpoint (patience counters, best values) for an exact resume."""

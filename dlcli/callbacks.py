@@ -20,7 +20,7 @@ class CallbackList(Callback):
         self.callbacks = list(callbacks)
 
     def __getattribute__(self, name):
-        if name.startswith("on_") or name == "set_model":
+        if name.startswith("on_") or name in ("set_model", "set_params"):
             def call_all(*args, **kwargs):
                 for cb in object.__getattribute__(self, "callbacks"):
                     getattr(cb, name)(*args, **kwargs)
@@ -305,6 +305,58 @@ class LearningRateScheduler(Callback):
 
     def set_state(self, state):
         self.last_epoch = state.get("last_epoch")
+
+
+@CALLBACKS.register("SwapEMAWeights")
+class SwapEMAWeights(Callback):
+    """Validation (and, with swap_on_epoch, everything after each epoch: ModelCheckpoint listed after it saves the
+    averages) sees the optimizer's moving averages of the weights instead of the weights (Keras' SwapEMAWeights;
+    the optimizer needs use_ema: true). The weights and averages trade places and back, so training continues on
+    the weights; at the last epoch with swap_on_epoch the averages stay, as Keras finalizes them."""
+
+    def __init__(self, swap_on_epoch: bool = False):
+        self.swap_on_epoch = bool(swap_on_epoch)
+        self.ema_weights_in_model = False
+
+    def on_train_begin(self, logs=None):
+        if not getattr(self.model.optimizer, "use_ema", False):
+            raise ConfigError("SwapEMAWeights needs an optimizer with use_ema: true (compile.optimizer)")
+
+    def _swap(self):
+        params = self.model.trainable_weights
+        for param, average in zip(params, self.model.optimizer.ema_averages(params)):
+            if average is not None:
+                swapped = param.value.copy()
+                param.value[...] = average
+                average[...] = swapped
+        self.ema_weights_in_model = not self.ema_weights_in_model
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.swap_on_epoch and self.ema_weights_in_model:
+            self._swap()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.swap_on_epoch and not self.ema_weights_in_model:
+            self._swap()
+            if epoch == self.params["epochs"] - 1:  # Keras' finalize: the averages stay in the model
+                params = self.model.trainable_weights
+                for param, average in zip(params, self.model.optimizer.ema_averages(params)):
+                    if average is not None:
+                        average[...] = param.value
+
+    def on_test_begin(self, logs=None):
+        if not self.ema_weights_in_model:
+            self._swap()
+
+    def on_test_end(self, logs=None):
+        if self.ema_weights_in_model:
+            self._swap()
+
+    def get_state(self) -> dict:
+        return {"ema_weights_in_model": self.ema_weights_in_model}
+
+    def set_state(self, state: dict):
+        self.ema_weights_in_model = bool(state.get("ema_weights_in_model", False))
 
 
 @CALLBACKS.register("TerminateOnNaN")

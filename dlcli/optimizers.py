@@ -16,19 +16,30 @@ from dlcli.errors import ConfigError, DlcliError
 from dlcli.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
-_BASE_ARGS = ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay")
+_BASE_ARGS = ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay", "use_ema", "ema_momentum",
+              "ema_overwrite_frequency")
+_BASE_DEFAULTS = {"use_ema": False, "ema_momentum": 0.99}  # left out of get_config at these values
 
 
 class Optimizer:
     name = ""
 
     def __init__(self, learning_rate=0.001, clipnorm=None, clipvalue=None, global_clipnorm=None,
-                 weight_decay=None):
+                 weight_decay=None, use_ema: bool = False, ema_momentum: float = 0.99,
+                 ema_overwrite_frequency: int | None = None):
         if sum(x is not None for x in (clipnorm, clipvalue, global_clipnorm)) > 1:
             raise ConfigError("only one of clipnorm, clipvalue and global_clipnorm can be set (as in Keras); got "
                               f"clipnorm={clipnorm}, clipvalue={clipvalue}, global_clipnorm={global_clipnorm}")
+        if use_ema and not 0 <= ema_momentum <= 1:
+            raise ConfigError(f"ema_momentum must be in [0, 1] (as in Keras); got {ema_momentum}")
+        if ema_overwrite_frequency is not None and (isinstance(ema_overwrite_frequency, bool) or not isinstance(
+                ema_overwrite_frequency, int) or ema_overwrite_frequency < 1):
+            raise ConfigError(f"ema_overwrite_frequency must be an integer >= 1 or null; got "
+                              f"{ema_overwrite_frequency!r}")
         self.clipnorm, self.clipvalue, self.global_clipnorm = clipnorm, clipvalue, global_clipnorm
         self.weight_decay = weight_decay
+        self.use_ema, self.ema_momentum = bool(use_ema), float(ema_momentum)
+        self.ema_overwrite_frequency = ema_overwrite_frequency
         self._learning_rate = _learning_rate_arg(learning_rate)
         self.iterations = 0
         self.slots: dict[str, dict[int, np.ndarray]] = {}
@@ -61,19 +72,55 @@ class Optimizer:
     def apply(self, params):
         """One update of every param with a gradient (clip, decay, update_step); `iterations` += 1."""
         lr = self.current_lr
+        self.build(params)
         grads = self._clipped([p.grad for p in params])
-        decay = self.weight_decay
         for index, (param, grad) in enumerate(zip(params, grads)):
             if grad is None:
                 continue
             param_lr = lr * param.layer.lr_mult if param.layer is not None else lr
+            decay = self.decay_for(index, param)
             if decay:
                 param.value *= 1 - decay * param_lr  # Keras: w - w * wd * lr
             self.update_step(index, param.value, grad, param_lr)
+        if self.use_ema:
+            self._update_ema(params)
         self.iterations += 1
+
+    def build(self, params):
+        """State that must exist before the first step's weight decay (Keras' build); called before each step."""
+
+    def decay_for(self, index: int, param) -> float | None:
+        """The decoupled weight decay of one weight (Muon decays its two kinds of weights differently)."""
+        return self.weight_decay
 
     def update_step(self, index: int, value: np.ndarray, grad: np.ndarray, lr: float):
         raise NotImplementedError
+
+    # --- exponential moving average of the weights (Keras' use_ema) -------------------------------------------
+    def _update_ema(self, params):
+        """average = m average + (1 - m) w after each step (the first step copies w), kept as the 'average' slot;
+        every ema_overwrite_frequency steps the weights take the averages' values, as Keras does."""
+        momentum = self.ema_momentum if self.iterations else 0.0
+        overwrite = self.ema_overwrite_frequency and (self.iterations + 1) % self.ema_overwrite_frequency == 0
+        for index, param in enumerate(params):
+            if param.grad is None:
+                continue
+            average = self.slot("average", index, param.value)
+            average *= momentum
+            average += (1 - momentum) * param.value
+            if overwrite:
+                param.value[...] = average
+
+    def ema_averages(self, params) -> list[np.ndarray | None]:
+        """Each trainable weight's moving average (None before the first step or without use_ema)."""
+        averages = self.slots.get("average", {})
+        return [averages.get(i) if p.grad is not None else None for i, p in enumerate(params)]
+
+    def finalize_variable_values(self, params):
+        """Keras' end of fit: with use_ema the weights become their moving averages."""
+        for param, average in zip(params, self.ema_averages(params)):
+            if average is not None:
+                param.value[...] = average
 
     def _clipped(self, grads):
         """Keras' clipping: per-tensor norm, global norm, or element values (new arrays; grads stay untouched)."""
@@ -131,8 +178,9 @@ class Optimizer:
             if arg not in ("self", "learning_rate", "kw") and arg not in _BASE_ARGS:
                 config[arg] = getattr(self, arg)
         for arg in _BASE_ARGS:
-            if getattr(self, arg) is not None:
-                config[arg] = getattr(self, arg)
+            value = getattr(self, arg)
+            if value is not None and (arg not in _BASE_DEFAULTS or value != _BASE_DEFAULTS[arg]):
+                config[arg] = value
         return config
 
     def __repr__(self):
@@ -484,6 +532,145 @@ class Lamb(Optimizer):
         value -= ratio * lr * update
 
 
+@OPTIMIZERS.register("adafactor", "Adafactor")
+class Adafactor(Optimizer):
+    """Shazeer & Stern's factored second moments (keras.optimizers.Adafactor): for a weight of 2 or more axes, row
+    and column means of g^2 + epsilon_1 decayed by beta_2_t = 1 - t^beta_2_decay, v = r / mean(r) (x) c; a vector
+    keeps the full v. The step u = g / sqrt(v), clipped to RMS clip_threshold, is scaled by
+    max(epsilon_2, RMS(w)) min(lr, 1/sqrt(t)) (with relative_step and a constant rate, lr itself is capped so)."""
+
+    name = "adafactor"
+
+    def __init__(self, learning_rate=0.001, beta_2_decay: float = -0.8, epsilon_1: float = 1e-30,
+                 epsilon_2: float = 1e-3, clip_threshold: float = 1.0, relative_step: bool = True, **kw):
+        super().__init__(learning_rate, **kw)
+        self.beta_2_decay, self.epsilon_1, self.epsilon_2 = float(beta_2_decay), float(epsilon_1), float(epsilon_2)
+        self.clip_threshold, self.relative_step = float(clip_threshold), bool(relative_step)
+
+    def update_step(self, index, value, grad, lr):
+        t = self.iterations + 1
+        if not callable(self._learning_rate) and self.relative_step:
+            lr = min(lr, 1 / math.sqrt(t))
+        alpha = max(self.epsilon_2, _rms(value)) * min(lr, 1 / math.sqrt(t))
+        square = grad * grad + self.epsilon_1
+        beta = 1 - t ** self.beta_2_decay
+        if value.ndim >= 2:
+            r = self.slot("row", index, value[..., 0])
+            c = self.slot("column", index, value[..., 0, :])
+            r *= beta
+            r += (1 - beta) * square.mean(-1)
+            c *= beta
+            c += (1 - beta) * square.mean(-2)
+            v = (r / r.mean(-1, keepdims=True))[..., None] * c[..., None, :]
+        else:
+            v = self.slot("velocity", index, value)
+            v *= beta
+            v += (1 - beta) * square
+        u = grad / np.sqrt(v)
+        value -= alpha * u / max(1.0, _rms(u) / self.clip_threshold)
+
+
+@OPTIMIZERS.register("muon", "Muon")
+class Muon(Optimizer):
+    """Muon (keras.optimizers.Muon): a 2-D weight follows momentum m = momentum m + g (Nesterov: g + momentum m
+    is used), orthogonalised by ns_steps Newton-Schulz iterations (muon_a, muon_b, muon_c) and scaled by
+    sqrt(max(rows, cols)) rms_rate; every other weight (and embeddings, and paths matching exclude_layers) takes
+    AdamW's step at learning_rate adam_lr_ratio, decayed by adam_weight_decay instead of weight_decay."""
+
+    name = "muon"
+
+    def __init__(self, learning_rate=0.001, adam_beta_1: float = 0.9, adam_beta_2: float = 0.999,
+                 adam_weight_decay: float = 0.004, epsilon: float = 1e-7, weight_decay: float = 0.004,
+                 exclude_layers: list[str] | None = None, exclude_embeddings: bool = True, muon_a: float = 3.4445,
+                 muon_b: float = -4.775, muon_c: float = 2.0315, adam_lr_ratio: float = 1.0, momentum: float = 0.95,
+                 ns_steps: int = 5, nesterov: bool = True, rms_rate: float | None = 0.2, **kw):
+        super().__init__(learning_rate, weight_decay=weight_decay, **kw)
+        self.adam_beta_1, self.adam_beta_2, self.adam_weight_decay = float(adam_beta_1), float(adam_beta_2), \
+            adam_weight_decay
+        self.epsilon, self.exclude_layers, self.exclude_embeddings = float(epsilon), list(exclude_layers or []), \
+            bool(exclude_embeddings)
+        self.muon_a, self.muon_b, self.muon_c = float(muon_a), float(muon_b), float(muon_c)
+        self.adam_lr_ratio, self.momentum, self.ns_steps = float(adam_lr_ratio), float(momentum), int(ns_steps)
+        self.nesterov, self.rms_rate = bool(nesterov), rms_rate
+        self._uses_adamw: dict[int, bool] = {}
+
+    def slot_count(self) -> int:
+        return 2
+
+    def uses_adamw(self, param) -> bool:
+        import re
+
+        return (param.value.ndim != 2 or (self.exclude_embeddings and "embedding" in param.path.lower())
+                or any(re.search(pattern, param.path) for pattern in self.exclude_layers))
+
+    def decay_for(self, index, param):
+        adamw = self._uses_adamw[index] = self.uses_adamw(param)
+        return self.adam_weight_decay if adamw else self.weight_decay
+
+    def update_step(self, index, value, grad, lr):
+        m = self.slot("momentum", index, value)
+        if self._uses_adamw[index]:
+            t = self.iterations + 1
+            alpha = lr * self.adam_lr_ratio * math.sqrt(1 - self.adam_beta_2 ** t) / (1 - self.adam_beta_1 ** t)
+            v = self.slot("velocity", index, value)
+            m += (grad - m) * (1 - self.adam_beta_1)
+            v += (grad * grad - v) * (1 - self.adam_beta_2)
+            value -= m * alpha / (np.sqrt(v) + self.epsilon)
+            return
+        m *= self.momentum
+        m += grad
+        update = self.orthogonalised(grad + self.momentum * m if self.nesterov else m) * lr
+        if self.rms_rate is not None:
+            update *= math.sqrt(max(value.shape)) * self.rms_rate
+        value -= update
+
+    def orthogonalised(self, x):
+        """Newton-Schulz iterations towards the nearest semi-orthogonal matrix (Keras' zeropower_via_newtonschulz5)."""
+        tall = x.shape[0] > x.shape[1]
+        x = x.T if tall else x
+        x = x / (np.linalg.norm(x) + 1e-7)
+        for _ in range(self.ns_steps):
+            a = x @ x.T
+            x = self.muon_a * x + (self.muon_b * a + self.muon_c * a @ a) @ x
+        return x.T if tall else x
+
+
+@OPTIMIZERS.register("schedule_free_adamw", "ScheduleFreeAdamW")
+class ScheduleFreeAdamW(Optimizer):
+    """Defazio et al.'s schedule-free AdamW (keras.optimizers.ScheduleFreeAdamW): z (the 'momentum' slot, starting
+    at w) takes Adam's bias-corrected second-moment step at lr (warmed up linearly over warmup_steps), x is the
+    running average of z with weight 1/t, and the weights hold y = (1 - beta_1) z + beta_1 x."""
+
+    name = "schedule_free_adamw"
+
+    def __init__(self, learning_rate=0.0025, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8,
+                 warmup_steps: int = 0, **kw):
+        super().__init__(learning_rate, **kw)
+        self.beta_1, self.beta_2, self.epsilon, self.warmup_steps = float(beta_1), float(beta_2), float(epsilon), \
+            int(warmup_steps)
+
+    def slot_count(self) -> int:
+        return 2
+
+    def build(self, params):
+        starts = self.slots.setdefault("momentum", {})
+        for index, param in enumerate(params):
+            if index not in starts and param.grad is not None:
+                starts[index] = param.value.copy()  # z starts at the weights before any decay, as Keras' build
+
+    def update_step(self, index, value, grad, lr):
+        t = self.iterations + 1
+        if self.warmup_steps > 0:
+            lr *= min(t / self.warmup_steps, 1.0)
+        z = self.slots["momentum"][index]
+        v = self.slot("velocity", index, value)
+        x = (value - (1 - self.beta_1) * z) / self.beta_1
+        v += (grad * grad - v) * (1 - self.beta_2)
+        z -= lr * grad / (np.sqrt(v / (1 - self.beta_2 ** t)) + self.epsilon)
+        x = (1 - 1 / t) * x + z / t
+        value[...] = (1 - self.beta_1) * z + self.beta_1 * x
+
+
 def get(identifier) -> Optimizer:
     """An optimizer from a name ('adam'), a {type: name, **args} mapping, or an Optimizer (returned as is)."""
     return identifier if isinstance(identifier, Optimizer) else OPTIMIZERS.create(identifier)
@@ -512,6 +699,10 @@ def _learning_rate_config(value):
         return schedules.serialize(value)
     except (ImportError, AttributeError):
         return value.get_config() if hasattr(value, "get_config") else repr(value)
+
+
+def _rms(x) -> float:
+    return math.sqrt(float(np.mean(np.square(x))))
 
 
 def _norm(g) -> float:

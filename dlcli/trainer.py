@@ -224,6 +224,7 @@ class Trainer:
             callbacks = [history] + ([ProgressLogger(epochs, n)] if verbose else []) + self.user_callbacks
             cbs = CallbackList(callbacks)
             cbs.set_model(model)
+            cbs.set_params({"epochs": epochs, "samples": n, "batch_size": batch_size})
             model.stop_training = False
             model.history = history
             weights = _sample_weights(ys[0], n, class_weight, sample_weight)
@@ -294,7 +295,9 @@ class Trainer:
                     self._check_weights(xb, yb, wb, sel, n)
                 logs = self.logs.results()
                 if validation_data is not None:
+                    cbs.on_test_begin()
                     val = self.evaluate(validation_data[0], validation_data[1], batch_size)
+                    cbs.on_test_end(val)
                     logs.update({f"val_{k}": v for k, v in val.items()})
                 logs["learning_rate"] = float(model.optimizer.current_lr)
                 logs["seconds"] = time.perf_counter() - start
@@ -303,6 +306,8 @@ class Trainer:
                 if model.stop_training or self.stopping():
                     break
             if not self.stopping():
+                if epochs > initial_epoch:  # use_ema: the weights become their averages, as Keras ends a fit
+                    model.optimizer.finalize_variable_values(model.trainable_weights)
                 cbs.on_train_end(logs)
             return history
 

@@ -109,9 +109,9 @@ METRICS = {
 }
 
 OPTIMIZERS = {
-    **{n: DONE for n in ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Ftrl", "Lamb", "Lion", "Nadam", "RMSprop",
-                         "SGD"]},
-    **{n: TODO for n in ["Adafactor", "Muon", "ScheduleFreeAdamW", "MultiOptimizer", "OptimizerMap"]},
+    **{n: DONE for n in ["Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Ftrl", "Lamb", "Lion",
+                         "Muon", "Nadam", "RMSprop", "SGD", "ScheduleFreeAdamW"]},
+    **{n: TODO for n in ["MultiOptimizer", "OptimizerMap"]},
     "LossScaleOptimizer": "loss scaling for float16 training: dlcli trains in float32",
     "Optimizer": BASE,
 }

@@ -200,3 +200,46 @@ def test_callbacks_in_real_fit_stop_training():
     es = cb.EarlyStopping(monitor="loss", patience=0, min_delta=10.0)
     history = model.fit(x, y, epochs=10, batch_size=4, verbose=0, callbacks=[es], seed=0)
     assert len(history.epoch) == 2 and es.stopped_epoch == 1
+
+
+def _ema_fit(callbacks, epochs=3, use_ema=True):
+    """A small regression fit with Adam(use_ema) and a validation set; (model, history, x_val, y_val)."""
+    from dlcli import layers, models
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (120, 4)).astype(np.float32)
+    y = (x @ np.array([[1.0], [-2.0], [0.5], [0.0]], np.float32) + rng.normal(0, 0.1, (120, 1))).astype(np.float32)
+    model = models.Sequential([layers.Dense(8, activation="tanh", input_shape=(4,)), layers.Dense(1)])
+    model.build(rng=np.random.default_rng(1))
+    model.compile(optimizer={"type": "adam", "learning_rate": 0.05, "use_ema": use_ema, "ema_momentum": 0.8},
+                  loss="mse")
+    history = model.fit(x[:90], y[:90], epochs=epochs, batch_size=16, validation_data=(x[90:], y[90:]), verbose=0,
+                        seed=0, callbacks=callbacks)
+    return model, history, x[90:], y[90:]
+
+
+def test_swap_ema_weights_validates_on_the_averages_and_training_goes_on_with_the_weights():
+    plain, plain_history, x_val, y_val = _ema_fit([])
+    for swap_on_epoch in (False, True):
+        model, history, _, _ = _ema_fit([cb.SwapEMAWeights(swap_on_epoch=swap_on_epoch)])
+        # training (the loss column) is untouched; validation sees other weights
+        assert history.history["loss"] == plain_history.history["loss"]
+        assert history.history["val_loss"] != plain_history.history["val_loss"]
+        # Keras' end of fit: the model holds the averages, which the last validation measured
+        assert model.evaluate(x_val, y_val, verbose=0) == pytest.approx(history.history["val_loss"][-1], rel=1e-6)
+        for a, b in zip(model.get_weights(), plain.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    # use_ema alone trains the same weights; only the end of fit puts the averages in their place
+    without_ema, history, _, _ = _ema_fit([], use_ema=False)
+    assert history.history["loss"] == plain_history.history["loss"]
+    assert not np.allclose(without_ema.get_weights()[0], plain.get_weights()[0])
+
+
+def test_swap_ema_weights_needs_an_ema_optimizer_and_keeps_its_side_in_checkpoints():
+    with pytest.raises(ConfigError, match="use_ema: true"):
+        _ema_fit([cb.SwapEMAWeights()], use_ema=False)
+    swap = cb.SwapEMAWeights(swap_on_epoch=True)
+    swap.ema_weights_in_model = True
+    again = cb.SwapEMAWeights(swap_on_epoch=True)
+    again.set_state(swap.get_state())
+    assert again.ema_weights_in_model

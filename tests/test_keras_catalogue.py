@@ -17,7 +17,7 @@ def _cases(family):
     data = np.load(FIXTURES / f"catalogue_{family}.npz")
     spec = json.loads(str(data["spec"]))
     return [pytest.param(case, {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")},
-                         id=f"{i}-{case['type']}") for i, case in enumerate(spec)]
+                         id=f"{family}-{i}-{case['type']}") for i, case in enumerate(spec)]
 
 
 def _batches(arrays):
@@ -85,7 +85,7 @@ def test_metric_accumulates_over_batches_as_keras(spec, arrays):
     assert metric.result() == pytest.approx(expected, rel=1e-6, abs=1e-9)
 
 
-@pytest.mark.parametrize("spec,arrays", _cases("optimizers"))
+@pytest.mark.parametrize("spec,arrays", _cases("optimizers") + _cases("schedule_free"))
 def test_optimizer_after_20_steps_matches_keras(spec, arrays):
     opt = optimizers.get(_schedule_spec(dict(spec)))
     params = [Param("w0", arrays["w0"].copy()), Param("w1", arrays["w1"].copy())]
@@ -95,6 +95,10 @@ def test_optimizer_after_20_steps_matches_keras(spec, arrays):
         opt.apply(params)
     np.testing.assert_allclose(params[0].value, arrays["after0"], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(params[1].value, arrays["after1"], rtol=1e-6, atol=1e-9)
+    if spec.get("use_ema"):
+        opt.finalize_variable_values(params)
+        np.testing.assert_allclose(params[0].value, arrays["average0"], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(params[1].value, arrays["average1"], rtol=1e-6, atol=1e-9)
 
 
 def _schedule_spec(spec):
