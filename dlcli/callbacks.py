@@ -359,6 +359,107 @@ class SwapEMAWeights(Callback):
         self.ema_weights_in_model = bool(state.get("ema_weights_in_model", False))
 
 
+@CALLBACKS.register("BackupAndRestore")
+class BackupAndRestore(Callback):
+    """Keras' BackupAndRestore on dlcli's resume: the backup is the run directory's checkpoint (written at every
+    epoch end, and every save_freq batches when that is a number), and backup_dir/run.json names the run using it.
+    `dlcli train` of a config with this callback whose backup_dir names a run that did not complete continues that
+    run exactly, as `--resume RUN` would, instead of starting a new one; a completed run deletes run.json
+    (delete_checkpoint). double_checkpoint is accepted: dlcli writes its checkpoint atomically, so there is never a
+    half-written one to fall back from."""
+
+    POINTER = "run.json"
+
+    def __init__(self, backup_dir: str, save_freq="epoch", double_checkpoint: bool = False,
+                 delete_checkpoint: bool = True):
+        if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1):
+            raise ConfigError(f"BackupAndRestore save_freq must be 'epoch' or a number of batches >= 1; got "
+                              f"{save_freq!r}")
+        self.backup_dir, self.save_freq = str(backup_dir), save_freq
+        self.double_checkpoint, self.delete_checkpoint = bool(double_checkpoint), bool(delete_checkpoint)
+
+    def on_run_begin(self, run):
+        from pathlib import Path
+
+        from dlcli import runs
+
+        if isinstance(self.save_freq, int):
+            run.trainer.checkpoint_every = self.save_freq
+        folder = Path(self.backup_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        runs.atomic_write_json(folder / self.POINTER, {"run_dir": str(Path(run.dir).resolve())})
+
+    def on_run_end(self, run):
+        from pathlib import Path
+
+        if run.status == "completed" and self.delete_checkpoint:
+            (Path(self.backup_dir) / self.POINTER).unlink(missing_ok=True)
+
+    @classmethod
+    def unfinished_run(cls, callback_specs):
+        """The run directory a config's BackupAndRestore backup_dir names, if that run exists and did not complete
+        (dlcli.train resumes it); None otherwise."""
+        import json
+        from pathlib import Path
+
+        from dlcli import runs
+
+        for spec in callback_specs or []:
+            if not (isinstance(spec, dict) and spec.get("type") == "BackupAndRestore" and spec.get("backup_dir")):
+                continue
+            try:
+                run_dir = Path(json.loads((Path(spec["backup_dir"]) / cls.POINTER).read_text())["run_dir"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            meta = runs.RunDir(run_dir).meta
+            status = runs.read_json(meta).get("status") if meta.is_file() else None
+            return run_dir if run_dir.is_dir() and status != "completed" else None
+        return None
+
+
+@CALLBACKS.register("RemoteMonitor")
+class RemoteMonitor(Callback):
+    """POSTs each epoch's logs to root + path (Keras' RemoteMonitor): {"epoch": e, **logs} as a form field `field`
+    holding JSON, or as a JSON body with send_as_json; `headers` are added to the request. A server that cannot be
+    reached gets a warning, as in Keras, and training goes on. With several ranks only rank 0 sends."""
+
+    def __init__(self, root: str = "http://localhost:9000", path: str = "/publish/epoch/end/", field: str = "data",
+                 headers: dict | None = None, send_as_json: bool = False, timeout: float = 10.0):
+        if not str(root).startswith(("http://", "https://")):
+            raise ConfigError(f"RemoteMonitor root must be an http:// or https:// URL; got {root!r}")
+        self.root, self.path, self.field, self.headers = str(root), str(path), str(field), dict(headers or {})
+        self.send_as_json, self.timeout = bool(send_as_json), float(timeout)
+        self.active = True
+
+    def on_run_begin(self, run):
+        world = getattr(run.trainer, "world", None)
+        self.active = world is None or world.is_root
+
+    def on_epoch_end(self, epoch, logs=None):
+        import json
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+        import warnings
+
+        if not self.active:
+            return
+        send = {"epoch": epoch, **{k: v.item() if isinstance(v, (np.ndarray, np.generic)) else v
+                                   for k, v in (logs or {}).items()}}
+        if self.send_as_json:
+            body, kind = json.dumps(send).encode(), "application/json"
+        else:
+            body, kind = urllib.parse.urlencode({self.field: json.dumps(send)}).encode(), \
+                "application/x-www-form-urlencoded"
+        request = urllib.request.Request(self.root + self.path, data=body, method="POST",
+                                         headers={"Content-Type": kind, **self.headers})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as e:
+            warnings.warn(f"Could not reach RemoteMonitor root server at {self.root} ({e})", stacklevel=2)
+
+
 @CALLBACKS.register("TerminateOnNaN")
 class TerminateOnNaN(Callback):
     """Stops training when a batch's loss is NaN or infinite (Keras)."""

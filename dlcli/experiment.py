@@ -101,14 +101,18 @@ def train(config=None, overrides=(), *, runs_dir="runs", resume=False, allow_con
 def _train(world, config, overrides, runs_dir, resume, allow_config_change, init_from, seed, name, callbacks,
            verbose) -> Run:
     from dlcli.builder import build_model
-    from dlcli.callbacks import CALLBACKS
+    from dlcli.callbacks import CALLBACKS, BackupAndRestore
     from dlcli.config import dump_yaml
     from dlcli.kfold import fold_indices, train_folds
 
     overrides = [*overrides, *([Override("seed", seed, f"--seed {seed}")] if seed is not None else []),
                  *([Override("name", name, f"--name {name}")] if name else [])]
-    cfg, state, run_dir, changes, kfold_resume = \
-        _resolve(config, overrides, resume, allow_config_change, init_from) if world.is_root else (None,) * 5
+    resolved = _resolve(config, overrides, resume, allow_config_change, init_from) if world.is_root else (None,) * 5
+    if world.is_root and resume in (False, None) and init_from is None:
+        backup = BackupAndRestore.unfinished_run(resolved[0].train.callbacks)  # Keras' restore from a backup
+        if backup is not None:
+            resolved = _resolve(config, overrides, backup, allow_config_change, None)
+    cfg, state, run_dir, changes, kfold_resume = resolved
     # rank 0's resolution for every rank (its checkpoint follows in Trainer.fit: other nodes may not see its disk)
     shared = world.bcast_json({"config": None if cfg is None else cfg.to_dict(),
                                "run_dir": None if run_dir is None else str(run_dir), "changes": changes,

@@ -243,3 +243,86 @@ def test_swap_ema_weights_needs_an_ema_optimizer_and_keeps_its_side_in_checkpoin
     again = cb.SwapEMAWeights(swap_on_epoch=True)
     again.set_state(swap.get_state())
     assert again.ema_weights_in_model
+
+
+def test_backup_and_restore_continues_an_unfinished_run_as_resume_does(tmp_path):
+    """Keras' BackupAndRestore through dlcli.train: a run stopped after its second epoch is continued by the next
+    train of the same config (same directory, exactly the uninterrupted run's weights and history); once it
+    completes the backup pointer goes and the next train starts a new run."""
+    import dlcli
+    from dlcli.callback import Callback
+    from tests.runs_fixture import write_tiny_config
+
+    class StopAfterSecondEpoch(Callback):
+        def on_run_begin(self, run):
+            self.run = run
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                self.run.stop("interrupted")
+
+    backup = tmp_path / "backup"
+    config = write_tiny_config(tmp_path, epochs=4, callbacks=[{"type": "BackupAndRestore",
+                                                               "backup_dir": str(backup)}])
+    reference = dlcli.train(config, runs_dir=tmp_path / "reference")
+    assert reference.status == "completed" and not (backup / "run.json").exists()
+    first = dlcli.train(config, runs_dir=tmp_path / "runs", callbacks=[StopAfterSecondEpoch()])
+    assert first.status == "interrupted" and (backup / "run.json").exists()
+    second = dlcli.train(config, runs_dir=tmp_path / "runs")
+    assert second.dir == first.dir and second.status == "completed" and len(second.history) == 4
+    for name, value in reference.model.weights_dict().items():
+        np.testing.assert_array_equal(second.model.weights_dict()[name], value)
+    assert not (backup / "run.json").exists()
+    third = dlcli.train(config, runs_dir=tmp_path / "runs")
+    assert third.dir != first.dir
+    with pytest.raises(ConfigError, match="save_freq"):
+        cb.BackupAndRestore(str(backup), save_freq="batch")
+
+
+def test_remote_monitor_posts_each_epoch_to_a_local_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 receives one POST per epoch: Keras' form field holding JSON by default, a
+    JSON body with send_as_json, the configured headers; an unreachable server is a warning, not a failure."""
+    import json
+    import threading
+    import urllib.parse
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import dlcli
+    from tests.runs_fixture import write_tiny_config
+
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            received.append((self.path, self.headers.get("Content-Type"), self.headers.get("X-Token"), body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = f"http://127.0.0.1:{server.server_port}"
+    try:
+        config = write_tiny_config(tmp_path, epochs=2, callbacks=[
+            {"type": "RemoteMonitor", "root": root},
+            {"type": "RemoteMonitor", "root": root, "path": "/json", "send_as_json": True,
+             "headers": {"X-Token": "abc"}}])
+        run = dlcli.train(config, runs_dir=tmp_path / "runs")
+    finally:
+        server.shutdown()
+        server.server_close()
+    form = [r for r in received if r[0] == "/publish/epoch/end/"]
+    as_json = [r for r in received if r[0] == "/json"]
+    assert len(form) == len(as_json) == 2
+    sent = [json.loads(urllib.parse.parse_qs(r[3])["data"][0]) for r in form]
+    assert [s["epoch"] for s in sent] == [0, 1] and form[0][1] == "application/x-www-form-urlencoded"
+    assert [s["val_loss"] for s in sent] == pytest.approx([row["val_loss"] for row in run.history])
+    assert as_json[1][1] == "application/json" and as_json[1][2] == "abc" and json.loads(as_json[1][3]) == sent[1]
+    unreachable = cb.RemoteMonitor(root=root, timeout=2)  # the server is shut down
+    with pytest.warns(UserWarning, match="Could not reach RemoteMonitor root server"):
+        unreachable.on_epoch_end(0, {"loss": 1.0})
+    with pytest.raises(ConfigError, match="http"):
+        cb.RemoteMonitor(root="localhost:9000")
