@@ -35,6 +35,8 @@ LAYERS = {
         "SpatialDropout3D", "SpectralNormalization", "StackedRNNCells", "StringLookup", "Subtract", "TimeDistributed",
         "UnitNormalization", "UpSampling1D", "UpSampling2D", "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D",
         "ZeroPadding3D"]},
+    **{n: DONE for n in ["CenterCrop", "RandomBrightness", "RandomContrast", "RandomGrayscale", "RandomInvert",
+                         "Resizing"]},  # image preprocessing
     **{f"{a}{d}": ALIAS(f"{c}{d}") for a, c in [("AvgPool", "AveragePooling"), ("MaxPool", "MaxPooling"),
                                                 ("GlobalAvgPool", "GlobalAveragePooling"),
                                                 ("GlobalMaxPool", "GlobalMaxPooling")] for d in ("1D", "2D", "3D")},
@@ -56,11 +58,11 @@ LAYERS = {
     "Layer": BASE, "InputSpec": BASE, "Wrapper": BASE,
     # not yet
     **{n: AUGMENT for n in [
-        "AugMix", "AutoContrast", "CenterCrop", "ContrastLimitedAdaptiveHistogramEqualization", "CutMix",
-        "Equalization", "MixUp", "RandAugment", "RandomBrightness", "RandomColorDegeneration", "RandomColorJitter",
-        "RandomContrast", "RandomCrop", "RandomElasticTransform", "RandomErasing", "RandomGaussianBlur",
-        "RandomGrayscale", "RandomHue", "RandomInvert", "RandomPerspective", "RandomPosterization",
-        "RandomSaturation", "RandomSharpness", "RandomShear", "Resizing", "Solarization"]},
+        "AugMix", "AutoContrast", "ContrastLimitedAdaptiveHistogramEqualization", "CutMix",
+        "Equalization", "MixUp", "RandAugment", "RandomColorDegeneration", "RandomColorJitter",
+        "RandomCrop", "RandomElasticTransform", "RandomErasing", "RandomGaussianBlur",
+        "RandomHue", "RandomPerspective", "RandomPosterization",
+        "RandomSaturation", "RandomSharpness", "RandomShear", "Solarization"]},
     **{n: TODO for n in [
         "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D", "ReversibleEmbedding"]},
 }

@@ -221,3 +221,266 @@ class RandomZoom(_Resampling):
         rows = cy + (np.arange(h)[None, :, None] - cy) * zh
         cols = cx + (np.arange(w)[None, None, :] - cx) * zw
         return np.broadcast_to(rows, (n, h, w)), np.broadcast_to(cols, (n, h, w))
+
+
+def _resize_matrix(n_in: int, n_out: int, interpolation: str) -> np.ndarray:
+    """(n_out, n_in) weights resampling one axis as Keras' torch backend does: bilinear with half-pixel centres
+    (torch's interpolate, align_corners=False, no antialias), nearest as torch's 'nearest-exact'."""
+    scale, dst = n_in / n_out, np.arange(n_out)
+    matrix = np.zeros((n_out, n_in))
+    if interpolation == "nearest":
+        matrix[dst, np.minimum(np.floor((dst + 0.5) * scale).astype(int), n_in - 1)] = 1
+        return matrix
+    src = np.maximum((dst + 0.5) * scale - 0.5, 0)
+    low = np.minimum(np.floor(src).astype(int), n_in - 1)
+    frac = src - low
+    np.add.at(matrix, (dst, low), 1 - frac)
+    np.add.at(matrix, (dst, np.minimum(low + 1, n_in - 1)), frac)
+    return matrix
+
+
+def _aspect_crop(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int, int, int]:
+    """(top, left, rows, columns): the largest centred window with the target's aspect ratio (Keras' smart_resize
+    and crop_to_aspect_ratio)."""
+    rows = max(min(height, int(float(width * target_height) / target_width)), 1)
+    cols = max(min(width, int(float(height * target_width) / target_height)), 1)
+    return int(float(height - rows) / 2), int(float(width - cols) / 2), rows, cols
+
+
+class _Resample(Layer):
+    """Crop a window (top, left, rows, cols) of each image, then resample it to (height, width) with one matrix per
+    axis: y = A_h x A_w^T per channel, a linear map whose transpose is the backward pass and whose ONNX form is a
+    Slice and two MatMuls. Always on (training and inference), as Keras' Resizing and CenterCrop."""
+
+    supports_masking = False
+
+    def _check_size(self, height, width):
+        for what, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{type(self).__name__}: {what} must be an integer >= 1; got {value!r}")
+        self.height, self.width = height, width
+
+    def build(self, input_shape):
+        if len(input_shape) != 3:
+            raise ShapeError(f"{type(self).__name__} '{self.name}' expects images (batch, height, width, channels);"
+                             f" got (None, {', '.join(map(str, input_shape))})")
+        top, left, rows, cols, interpolation = self.window(*input_shape[:2])
+        self.box = (top, left, rows, cols)
+        self.rows_matrix = _resize_matrix(rows, self.height, interpolation)
+        self.cols_matrix = _resize_matrix(cols, self.width, interpolation)
+
+    def output_shape(self, input_shape):
+        return (self.height, self.width, input_shape[2])
+
+    def forward(self, x, training=False):
+        top, left, rows, cols = self.box
+        dtype = x.dtype
+        self.in_shape = x.shape
+        window = x[:, top:top + rows, left:left + cols]
+        a, b = self.rows_matrix.astype(dtype), self.cols_matrix.astype(dtype)
+        return np.einsum("ih,nhwc,jw->nijc", a, window, b, optimize=True)
+
+    def backward(self, grad):
+        top, left, rows, cols = self.box
+        a, b = self.rows_matrix.astype(grad.dtype), self.cols_matrix.astype(grad.dtype)
+        dx = np.zeros(self.in_shape, grad.dtype)
+        dx[:, top:top + rows, left:left + cols] = np.einsum("ih,nijc,jw->nhwc", a, grad, b, optimize=True)
+        return dx
+
+    def to_onnx(self, g, x, in_shape, mask):
+        top, left, rows, cols = self.box
+        x = g.first(x)  # (n, c, h, w)
+        y = g.op("Slice", [x.name, g.ints([top, left]), g.ints([top + rows, left + cols]), g.ints([2, 3])])
+        y = g.op("MatMul", [y, g.weight(self, self.cols_matrix.T.astype(np.float32), "columns")])
+        y = g.op("MatMul", [g.weight(self, self.rows_matrix.astype(np.float32), "rows"), y], self.name)
+        return g.value(y, 4, first=True)
+
+
+@register("Resizing")
+class Resizing(_Resample):
+    """Resize images to (height, width) as Keras' Resizing (its torch backend): bilinear or nearest,
+    crop_to_aspect_ratio first takes the largest centred window of the target's aspect ratio. Keras' other
+    interpolations, pad_to_aspect_ratio and antialias are not implemented and are refused by name."""
+
+    def __init__(self, height: int, width: int, interpolation: str = "bilinear", crop_to_aspect_ratio: bool = False,
+                 pad_to_aspect_ratio: bool = False, fill_mode: str = "constant", fill_value: float = 0.0,
+                 antialias: bool = False, data_format: str | None = None, **kw):
+        super().__init__(**kw)
+        self._check_size(height, width)
+        if interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"Resizing: interpolation must be one of {', '.join(INTERPOLATIONS)} here; got "
+                              f"{interpolation!r}")
+        for what, value in (("pad_to_aspect_ratio", pad_to_aspect_ratio), ("antialias", antialias)):
+            if value:
+                raise ConfigError(f"Resizing: {what}: true is not implemented in dlcli (crop_to_aspect_ratio is)")
+        if data_format not in (None, "channels_last"):
+            raise ConfigError(f"Resizing: dlcli images are channels_last; got data_format {data_format!r}")
+        self.interpolation, self.crop_to_aspect_ratio = interpolation, bool(crop_to_aspect_ratio)
+        self.pad_to_aspect_ratio, self.fill_mode, self.fill_value = False, fill_mode, float(fill_value)
+        self.antialias, self.data_format = False, data_format
+
+    def window(self, height, width):
+        if self.crop_to_aspect_ratio:
+            return (*_aspect_crop(height, width, self.height, self.width), self.interpolation)
+        return 0, 0, height, width, self.interpolation
+
+
+@register("CenterCrop")
+class CenterCrop(_Resample):
+    """The centred (height, width) window of each image (Keras' CenterCrop: offsets (H - height) // 2 and
+    (W - width) // 2); an image smaller than that on either axis is resized as Keras' smart_resize does (the largest
+    centred window of the target's aspect ratio, bilinear)."""
+
+    def __init__(self, height: int, width: int, data_format: str | None = None, **kw):
+        super().__init__(**kw)
+        self._check_size(height, width)
+        if data_format not in (None, "channels_last"):
+            raise ConfigError(f"CenterCrop: dlcli images are channels_last; got data_format {data_format!r}")
+        self.data_format = data_format
+
+    def window(self, height, width):
+        if height >= self.height and width >= self.width:
+            return (height - self.height) // 2, (width - self.width) // 2, self.height, self.width, "nearest"
+        return (*_aspect_crop(height, width, self.height, self.width), "bilinear")
+
+
+def _factor(factor, bounds, layer: str) -> tuple[float, float]:
+    """Keras' BaseImagePreprocessingLayer._set_factor: a pair (sorted), or a number f giving
+    (max(-|f|, lower bound), |f|); both within `bounds`."""
+    message = f"{layer}: factor must be a number or a pair in [{bounds[0]}, {bounds[1]}]; got {factor!r}"
+    if isinstance(factor, (list, tuple)):
+        if len(factor) != 2 or factor[0] > bounds[1] or factor[1] < bounds[0]:
+            raise ConfigError(message)
+        return tuple(sorted(float(f) for f in factor))
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not bounds[0] <= factor <= bounds[1]:
+        raise ConfigError(message)
+    return max(-abs(float(factor)), bounds[0]), abs(float(factor))
+
+
+def _value_range(value_range, layer: str) -> list[float]:
+    if not isinstance(value_range, (list, tuple)) or len(value_range) != 2:
+        raise ConfigError(f"{layer}: value_range must be a pair [low, high]; got {value_range!r}")
+    return sorted(float(v) for v in value_range)
+
+
+class _PixelAugmentation(_Augmentation):
+    """A per-image random change of pixel values, clipped to value_range, the identity at inference. `draw(n)`
+    gives each image's parameter, `apply(x, p)` the unclipped result and `apply_backward(grad, p)` its transpose."""
+
+    def augment(self, x):
+        self.params_drawn = self.draw(x.shape[0]).astype(x.dtype)
+        y = self.apply(x, self.params_drawn)
+        low, high = self.value_range
+        self.inside = (y >= low) & (y <= high)  # where the clip passes the gradient (torch's clamp)
+        return np.clip(y, low, high).astype(x.dtype, copy=False)
+
+    def augment_backward(self, grad):
+        return self.apply_backward(grad * self.inside, self.params_drawn)
+
+
+@register("RandomBrightness")
+class RandomBrightness(_PixelAugmentation):
+    """Adds factor * (high - low) to every pixel of an image, the factor drawn per image from [lower, upper]
+    (Keras: a number f means [-f, f], within [-1, 1]), then clips to value_range."""
+
+    def __init__(self, factor, value_range=(0, 255), seed: int | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.factor = _factor(factor, (-1.0, 1.0), "RandomBrightness")
+        self.value_range = _value_range(value_range, "RandomBrightness")
+
+    def draw(self, n):
+        low, high = self.value_range
+        return self.rng.uniform(*self.factor, n) * (high - low)
+
+    def apply(self, x, delta):
+        return x + delta[:, None, None, None]
+
+    def apply_backward(self, grad, delta):
+        return grad
+
+
+@register("RandomContrast")
+class RandomContrast(_PixelAugmentation):
+    """(x - mean) * c + mean per image and channel, the mean over height and width, c drawn per image from
+    [1 - lower, 1 + upper], then clipped to value_range. As Keras 3.15 parses factor (bounds [0, 1]), a number f
+    gives lower 0, so c is in [1, 1 + f]: contrast only ever rises; give a pair [f, f] for [1 - f, 1 + f]."""
+
+    def __init__(self, factor, value_range=(0, 255), seed: int | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.factor = _factor(factor, (0.0, 1.0), "RandomContrast")
+        self.value_range = _value_range(value_range, "RandomContrast")
+
+    def draw(self, n):
+        return self.rng.uniform(1 - self.factor[0], 1 + self.factor[1], n)
+
+    def apply(self, x, c):
+        mean = x.mean((1, 2), keepdims=True)
+        c = c[:, None, None, None]
+        return (x - mean) * c + mean
+
+    def apply_backward(self, grad, c):
+        c = c[:, None, None, None]
+        return grad * c + (1 - c) * grad.mean((1, 2), keepdims=True)
+
+
+GRAYSCALE = np.array([0.2989, 0.587, 0.114])  # Keras' rgb_to_grayscale (torchvision's weights)
+
+
+@register("RandomGrayscale")
+class RandomGrayscale(_Augmentation):
+    """Each image becomes grayscale with probability `factor` (0.2989 R + 0.587 G + 0.114 B in every channel, as
+    Keras' rgb_to_grayscale; a one-channel image stays as it is); the identity at inference."""
+
+    def __init__(self, factor: float = 0.5, data_format: str | None = None, seed: int | None = None, **kw):
+        super().__init__(seed, **kw)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor <= 1:
+            raise ConfigError(f"RandomGrayscale: factor must be a probability in [0, 1]; got {factor!r}")
+        if data_format not in (None, "channels_last"):
+            raise ConfigError(f"RandomGrayscale: dlcli images are channels_last; got data_format {data_format!r}")
+        self.factor, self.data_format = float(factor), data_format
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if input_shape[-1] not in (1, 3):
+            raise ShapeError(f"RandomGrayscale '{self.name}' needs 1 or 3 channels (RGB); got {input_shape[-1]}")
+
+    def draw(self, n):
+        return self.rng.random(n) < self.factor
+
+    def augment(self, x):
+        self.chosen = self.draw(x.shape[0])[:, None, None, None]
+        if x.shape[-1] == 1:
+            return x
+        gray = x @ GRAYSCALE.astype(x.dtype)
+        return np.where(self.chosen, gray[..., None], x).astype(x.dtype, copy=False)
+
+    def augment_backward(self, grad):
+        if grad.shape[-1] == 1:
+            return grad
+        return np.where(self.chosen, grad.sum(-1, keepdims=True) * GRAYSCALE.astype(grad.dtype), grad)
+
+
+@register("RandomInvert")
+class RandomInvert(_Augmentation):
+    """Each image becomes high - x (high: value_range's top) with a probability drawn per image from factor's
+    range (Keras' RandomInvert: a number f means [0, f], so the default 1.0 inverts half the images); the identity
+    at inference."""
+
+    def __init__(self, factor=1.0, value_range=(0, 255), seed: int | None = None, data_format: str | None = None,
+                 **kw):
+        super().__init__(seed, **kw)
+        self.factor = _factor(factor, (0.0, 1.0), "RandomInvert")
+        self.value_range = _value_range(value_range, "RandomInvert")
+        if data_format not in (None, "channels_last"):
+            raise ConfigError(f"RandomInvert: dlcli images are channels_last; got data_format {data_format!r}")
+        self.data_format = data_format
+
+    def draw(self, n):
+        return self.rng.random(n) < self.rng.uniform(*self.factor, n)
+
+    def augment(self, x):
+        self.chosen = self.draw(x.shape[0])[:, None, None, None]
+        return np.where(self.chosen, np.asarray(self.value_range[1], x.dtype) - x, x)
+
+    def augment_backward(self, grad):
+        return np.where(self.chosen, -grad, grad)

@@ -19,6 +19,15 @@ GRADIENT_CASES = {
                        ({"factor": 0.3, "fill_mode": "wrap", "interpolation": "nearest"}, (4, 6, 1),
                         {"training": True}),
                        ({"factor": 0.5, "fill_mode": "constant", "fill_value": 0.5}, (4, 4, 1), {"training": True})],
+    "Resizing": [({"height": 3, "width": 5}, (5, 4, 2), {}), ({"height": 4, "width": 4, "interpolation": "nearest",
+                                                                "crop_to_aspect_ratio": True}, (5, 7, 1), {})],
+    "CenterCrop": [({"height": 2, "width": 3}, (4, 5, 2), {}), ({"height": 5, "width": 3}, (3, 4, 1), {})],
+    "RandomBrightness": [({"factor": 0.3, "value_range": [-1, 1]}, (3, 4, 2), {"training": True}),
+                         ({"factor": 0.3}, (3, 3, 1), {})],
+    "RandomContrast": [({"factor": [0.5, 0.5], "value_range": [-1.5, 1.5]}, (3, 4, 2), {"training": True}),
+                       ({"factor": 0.4}, (3, 3, 1), {})],
+    "RandomGrayscale": [({"factor": 0.7}, (3, 4, 3), {"training": True}), ({}, (3, 3, 1), {"training": True})],
+    "RandomInvert": [({"value_range": [0, 1]}, (3, 4, 2), {"training": True}), ({}, (3, 3, 1), {})],
     "RandomZoom": [({"height_factor": 0.3}, (5, 4, 1), {"training": True}),
                    ({"height_factor": [-0.3, -0.1], "width_factor": 0.2, "fill_mode": "nearest"}, (4, 4, 2),
                     {"training": True})],
@@ -33,7 +42,10 @@ def test_gradients(name, args, shape, opts):
 
 # seeded: unseeded, RandomFlip leaves all 4 images as they are once in 256 runs
 @pytest.mark.parametrize("layer", [layers.RandomFlip(seed=0), layers.RandomTranslation(0.2, 0.2, seed=0),
-                                   layers.RandomRotation(0.1, seed=0), layers.RandomZoom(0.2, seed=0)],
+                                   layers.RandomRotation(0.1, seed=0), layers.RandomZoom(0.2, seed=0),
+                                   layers.RandomBrightness(0.3, value_range=[0, 1], seed=0),
+                                   layers.RandomContrast(0.5, value_range=[0, 1], seed=0),
+                                   layers.RandomGrayscale(0.9, seed=0), layers.RandomInvert(value_range=[0, 1], seed=0)],
                          ids=lambda layer: type(layer).__name__)
 def test_augmentation_is_identity_at_inference_and_float32(layer):
     x = np.random.default_rng(0).random((4, 6, 6, 3), dtype=np.float32)
@@ -74,3 +86,48 @@ def test_seeded_augmentation_repeats_and_bad_arguments_fail():
         layers.RandomZoom(0.1, fill_mode="mirror")
     with pytest.raises(ConfigError, match="mode"):
         layers.RandomFlip("diagonal")
+
+
+def _keras_cases():
+    import json
+    from pathlib import Path
+
+    data = np.load(Path(__file__).parents[1] / "fixtures" / "keras" / "catalogue_images.npz")
+    spec = json.loads(str(data["spec"]))
+    return [pytest.param(case, {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")},
+                         id=f"{i}-{case['type']}") for i, case in enumerate(spec)]
+
+
+@pytest.mark.parametrize("spec,arrays", _keras_cases())
+def test_image_preprocessing_matches_keras(spec, arrays):
+    """Keras 3.15 (torch backend) outputs and input gradients (tests/fixtures/keras/make_catalogue.py); the random
+    layers are given Keras' draw, so what is compared is what they do with it."""
+    args = {k: v for k, v in spec.items() if k != "type"}
+    layer = layers.LAYERS.get(spec["type"])(**args)
+    layer.dtype = "float64"
+    x = arrays["x"]
+    layer.ensure_built(x.shape[1:], np.random.default_rng(0))
+    if "draw" in arrays:
+        layer.draw = lambda n: arrays["draw"]
+    y = layer.forward(x.copy(), training=True)
+    # within 1e-7 of the value range: Keras' contrast output near 0 carries float32-sized rounding (2e-8 relative)
+    low, high = spec.get("value_range", [0, 255])
+    np.testing.assert_allclose(y, arrays["y"], rtol=1e-6, atol=1e-7 * (high - low))
+    np.testing.assert_allclose(layer.backward(arrays["r"]), arrays["grad"], rtol=1e-6, atol=1e-9)
+
+
+def test_resizing_and_center_crop_are_always_on_and_check_their_arguments():
+    x = np.random.default_rng(0).random((2, 6, 8, 3), dtype=np.float32)
+    crop = layers.CenterCrop(2, 4)
+    np.testing.assert_array_equal(crop(x), x[:, 2:4, 2:6])  # inference too: not an augmentation
+    assert layers.Resizing(3, 4)(x).shape == (2, 3, 4, 3) and layers.Resizing(3, 4)(x).dtype == np.float32
+    np.testing.assert_allclose(layers.Resizing(3, 4)(x[:, ::2, ::2].repeat(2, 1).repeat(2, 2)),
+                               layers.Resizing(3, 4)(x[:, ::2, ::2].repeat(2, 1).repeat(2, 2)), rtol=0)
+    with pytest.raises(ConfigError, match="interpolation must be one of bilinear, nearest"):
+        layers.Resizing(3, 4, interpolation="bicubic")
+    with pytest.raises(ConfigError, match="pad_to_aspect_ratio: true is not implemented"):
+        layers.Resizing(3, 4, pad_to_aspect_ratio=True)
+    with pytest.raises(ConfigError, match="height must be an integer >= 1"):
+        layers.CenterCrop(0, 4)
+    with pytest.raises(ConfigError, match=r"factor must be a number or a pair in \[0.0, 1.0\]"):
+        layers.RandomContrast(1.5)
