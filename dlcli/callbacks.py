@@ -362,7 +362,7 @@ class SwapEMAWeights(Callback):
 @CALLBACKS.register("BackupAndRestore")
 class BackupAndRestore(Callback):
     """Keras' BackupAndRestore on dlcli's resume: the backup is the run directory's checkpoint (written at every
-    epoch end, and every save_freq batches when that is a number), and backup_dir/run.json names the run using it.
+    epoch end, and every train.checkpoint_every batches), and backup_dir/run.json names the run using it.
     `dlcli train` of a config with this callback whose backup_dir names a run that did not complete continues that
     run exactly, as `--resume RUN` would, instead of starting a new one; a completed run deletes run.json
     (delete_checkpoint). double_checkpoint is accepted: dlcli writes its checkpoint atomically, so there is never a
@@ -372,9 +372,9 @@ class BackupAndRestore(Callback):
 
     def __init__(self, backup_dir: str, save_freq="epoch", double_checkpoint: bool = False,
                  delete_checkpoint: bool = True):
-        if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1):
-            raise ConfigError(f"BackupAndRestore save_freq must be 'epoch' or a number of batches >= 1; got "
-                              f"{save_freq!r}")
+        if save_freq != "epoch":  # the run's checkpoint frequency is train.checkpoint_every's, not a callback's
+            raise ConfigError(f"BackupAndRestore save_freq: dlcli checkpoints every epoch; for a checkpoint every N "
+                              f"batches give train.checkpoint_every: N; got {save_freq!r}")
         self.backup_dir, self.save_freq = str(backup_dir), save_freq
         self.double_checkpoint, self.delete_checkpoint = bool(double_checkpoint), bool(delete_checkpoint)
 
@@ -383,8 +383,6 @@ class BackupAndRestore(Callback):
 
         from dlcli import runs
 
-        if isinstance(self.save_freq, int):
-            run.trainer.checkpoint_every = self.save_freq
         folder = Path(self.backup_dir)
         folder.mkdir(parents=True, exist_ok=True)
         runs.atomic_write_json(folder / self.POINTER, {"run_dir": str(Path(run.dir).resolve())})
@@ -432,7 +430,7 @@ class RemoteMonitor(Callback):
         self.active = True
 
     def on_run_begin(self, run):
-        world = getattr(run.trainer, "world", None)
+        world = getattr(run, "world", None)
         self.active = world is None or world.is_root
 
     def on_epoch_end(self, epoch, logs=None):
