@@ -21,27 +21,24 @@ def build_model(config):
     """The compiled model a Config describes (or its plain data, `Config.to_dict()`, as bench/ scripts pass), its
     weights initialised from the config's seed."""
     import dlcli.layers  # noqa: F401  (registers every layer family)
+    from dlcli.data.dataset import dataset_type
 
     config = as_config(config)
     clear_session()
     spec = {k: v for k, v in config.model.model_dump().items() if v is not None}  # plain data, as in config.yaml
-    if config.data.get("type") == "table" and spec.get("type", "sequential") == "sequential" \
-            and "input_shape" not in spec and "input_shape" not in spec["layers"][0]:
-        from dlcli.data.table import input_width
-
-        spec["input_shape"] = [input_width(config.data)]  # the adapted features' width (the run's, when stored)
-    if config.data.get("type") == "table" and spec.get("type") == "functional" \
-            and any(i.get("shape") is None for i in spec.get("inputs", [])):
-        from dlcli.data.table import input_widths
-
-        widths = input_widths(config.data)  # output_mode dict: each feature's width, adapted (or the run's)
+    dataset = dataset_type(config.data)
+    if spec.get("type", "sequential") == "sequential" and "input_shape" not in spec and spec.get("layers") \
+            and "input_shape" not in spec["layers"][0] and (shape := dataset.input_shape()):
+        spec["input_shape"] = shape  # a table's adapted features' width (the run's, when stored)
+    if spec.get("type") == "functional" and any(i.get("shape") is None for i in spec.get("inputs", [])) \
+            and (shapes := dataset.input_shapes()):  # a table's output_mode dict: each feature's width
         for i, entry in enumerate(spec["inputs"]):
             if entry.get("shape") is None:
-                if entry["name"] not in widths:
+                if entry["name"] not in shapes:
                     raise ConfigError(f"model.inputs[{i}]: '{entry['name']}' is not a table feature"
-                                      f"{did_you_mean(entry['name'], widths)}, so it needs a shape; features: "
-                                      f"{', '.join(widths)}")
-                entry["shape"] = [widths[entry["name"]]]
+                                      f"{did_you_mean(entry['name'], shapes)}, so it needs a shape; features: "
+                                      f"{', '.join(shapes)}")
+                entry["shape"] = shapes[entry["name"]]
     model = model_from_config({"name": config.name, **spec}, np.random.default_rng(config.seed))
     apply_freeze(model, config.train.freeze)
     settings = config.compile

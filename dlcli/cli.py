@@ -123,10 +123,9 @@ def inspect_shapes(
         table.add_row(*cells)
     out = console()
     out.print(table)
-    if cfg.data.get("type") == "table":
-        from dlcli.commands.run_display import print_table_features
+    from dlcli.commands.run_display import print_table_features
 
-        print_table_features(out, cfg.data)
+    print_table_features(out, cfg.data)
     from dlcli import memory
 
     bs = cfg.train.batch_size if batch_size is None else batch_size

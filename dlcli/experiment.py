@@ -12,7 +12,7 @@ import numpy as np
 from dlcli import checkpoint, kernels, runs
 from dlcli.config import Config, Override, as_config
 from dlcli.data import paths
-from dlcli.data.source import Source, as_source
+from dlcli.data.source import Source, as_source, fit_inputs
 from dlcli.errors import DlcliError, NothingToDo, plural
 from dlcli.trainer import Run, Trainer
 
@@ -41,7 +41,6 @@ def load_splits(config, model) -> Splits:
     """Load the dataset a Config (or its plain data) names, fit its arrays to the model's inputs, and carve the
     seeded validation split."""
     from dlcli.data import load_dataset
-    from dlcli.data.inputs import fit_inputs
     from dlcli.data.split import split_indices
 
     config = as_config(config)

@@ -146,6 +146,7 @@ class ServedRun:
     def __init__(self, run_dir, weights: str = "best"):
         import dlcli
         from dlcli import fingerprint
+        from dlcli.data.dataset import dataset_type
         from dlcli.experiment import load_run_model
         from dlcli.prediction import class_names, probabilities
 
@@ -155,6 +156,7 @@ class ServedRun:
         except DlcliError as e:
             raise DlcliError(e.message, exit_code=2) from None
         self.data = dict(self.config.data)
+        self.dataset = dataset_type(self.data)
         self.heads = []  # per output: (name, class names or None)
         for name, tensor in zip(self.model.output_names, self.model.outputs):
             width = int(np.prod(tensor.shape)) if tensor.shape else 1
@@ -185,13 +187,12 @@ class ServedRun:
 
     def kind(self) -> str:
         """What instances look like: table rows, texts, images or arrays (what the page offers)."""
-        if self.data.get("type") == "table":
+        if self.dataset.rows:
             return "table"
         if runs.RunDir(self.run_dir).vocabulary.is_file():
             return "text"
         shape = tuple(self.model.inputs[0].shape)
-        pictures = self.data.get("type") in ("mnist", "fashion_mnist", "image_folder")
-        return "image" if len(self.model.inputs) == 1 and (pictures or len(shape) == 3 and shape[2] in (1, 3)) \
+        return "image" if len(self.model.inputs) == 1 and (self.dataset.pictures or len(shape) == 3 and shape[2] in (1, 3)) \
             else "array"
 
     def inputs(self, instances: list, invert: bool = False) -> list[np.ndarray]:

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from dlcli.cli import app
 from dlcli.data.inputs import image_geometry
-from dlcli.data.preprocess import preprocess
+from dlcli.data import dataset_type
 from dlcli.errors import DlcliError
 from dlcli.experiment import load_run_model
 from tests.runs_fixture import CLASSES, train_text_run, train_tiny
@@ -140,6 +140,10 @@ def test_integer_arrays_get_the_training_scaling_and_floats_pass_through(tmp_pat
     np.testing.assert_array_equal(raw, done)
     assert raw.max() < 0.99  # unscaled 0-255 pixels saturate the softmax at 1.000 / 0.000
     assert "float arrays are taken as already preprocessed" in " ".join(invoke("--help").output.split())
+
+
+def preprocess(x, spec):
+    return dataset_type(spec).preprocess(x)
 
 
 def test_one_preprocessing_rule_per_dataset():

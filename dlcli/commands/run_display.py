@@ -217,10 +217,13 @@ def report_interrupted(run):
 
 def print_table_features(out, data):
     """A table run's input vector block by block (each feature's preprocessing and width), adapted on the training
-    split, with the columns left out and any inferred features section."""
+    split, with the columns left out and any inferred features section; nothing for other data."""
     from rich.table import Table
 
-    from dlcli.data import features, table as tables
+    from dlcli.data import dataset_type, features, table as tables
+
+    if not dataset_type(data).rows:
+        return
 
     state = tables.feature_state(data)
     blocks = Table(title=f"input features (total width {state['width']})")

@@ -3,7 +3,7 @@ import zipfile
 
 import numpy as np
 
-from dlcli.data.dataset import DATASETS, Dataset
+from dlcli.data.dataset import Dataset, DatasetType, register
 from dlcli.data.mapped import MappedSource, map_npy, map_npz_member
 from dlcli.data.paths import resolve_path
 from dlcli.data.preprocess import check_samples, feature_dtype, to_features
@@ -46,7 +46,19 @@ def _check_common(test_split, limit, dtype=None, test_limit=None):
         raise ConfigError(f"data.dtype must be one of {', '.join(X_DTYPES)}; got {dtype!r}")
 
 
-@DATASETS.register("npz")
+class StoredArrays(DatasetType):
+    """npz / npy: each batch converted to `dtype` times `rescale` (integers kept unless scaled, "auto")."""
+
+    def conversion(self):
+        return str(self.spec.get("dtype", "auto")), float(self.spec.get("rescale", 1.0))
+
+
+class CsvFeatures(DatasetType):
+    def conversion(self):  # the CSV loader's features: float32 as written
+        return "float32", 1.0
+
+
+@register("npz", kind=StoredArrays)
 def load_npz(path: str, x: str | dict[str, str] = "x", y: str | dict[str, str] = "y",
              x_test: str | dict[str, str] | None = None, y_test: str | dict[str, str] | None = None, test_split: float = 0.0, stratify: bool = False, seed: int = 0,
              limit: int | None = None, dtype: str = "auto", rescale: float = 1.0,
@@ -94,7 +106,7 @@ def load_npz(path: str, x: str | dict[str, str] = "x", y: str | dict[str, str] =
                    None if yt is None else _targets(yt), test_split, stratify, seed, limit, classes, test_limit)
 
 
-@DATASETS.register("npy")
+@register("npy", kind=StoredArrays)
 def load_npy(x: str, y: str, x_test: str | None = None, y_test: str | None = None, test_split: float = 0.0,
              stratify: bool = False, seed: int = 0, limit: int | None = None, dtype: str = "auto",
              rescale: float = 1.0, classes: list[str] | None = None, test_limit: int | None = None) -> Dataset:
@@ -167,7 +179,7 @@ def _csv_part(file, label, columns, delimiter, classes):
         return x, np.array([index[v] for v in raw.tolist()], dtype=np.int64), names
 
 
-@DATASETS.register("csv")
+@register("csv", kind=CsvFeatures)
 def load_csv(path: str, label: str = "label", columns: list[str] | None = None, test_path: str | None = None,
              test_split: float = 0.0, stratify: bool = False, seed: int = 0, limit: int | None = None,
              delimiter: str = ",", test_limit: int | None = None) -> Dataset:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli.data.dataset import DATASETS, Dataset
+from dlcli.data.dataset import Dataset, DatasetType, register
 from dlcli.data.folders import ClassFiles, check_folder_options, encode_labels, limited, list_class_files
 from dlcli.data.paths import cache_dir
-from dlcli.data.source import Source
+from dlcli.data.source import Source, fit_inputs
 from dlcli.data.split import check_limits
 from dlcli.errors import ConfigError, DlcliError
 
@@ -213,7 +213,23 @@ def _folder_source(files: ClassFiles, image_size, color_mode, interpolation, cro
     return files, source
 
 
-@DATASETS.register("image_folder")
+class ImageFolderImages(DatasetType):
+    """float32 pixels in 0..255, as Keras' image_dataset_from_directory; predict reads folders and image files as
+    training read them (prediction_source)."""
+
+    pictures = True
+
+    def conversion(self):
+        return "float32", 1.0
+
+    def read_files(self, paths, run_dir, model):
+        if not all(p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES for p in paths):
+            return None
+        source, labels = prediction_source(paths, self.spec)
+        return fit_inputs(source, model), labels
+
+
+@register("image_folder", kind=ImageFolderImages)
 def load_image_folder(directory: str, test_directory: str | None = None, image_size: list[int] = (256, 256),
                       color_mode: str = "rgb", label_mode: str = "int", class_names: list[str] | None = None,
                       interpolation: str = "bilinear", crop_to_aspect_ratio: bool = False, cache: str = "none",

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli.data.dataset import DATASETS, Dataset
+from dlcli.data.dataset import Dataset, DatasetType, register
 from dlcli.data.download import download, mirror_urls
 from dlcli.data.idx import parse_idx, read_bytes, sha256
 from dlcli.data.paths import cache_dir, candidate_dirs
-from dlcli.data.preprocess import input_conversion, to_features
+from dlcli.data.preprocess import to_features
 from dlcli.data.split import check_limits
 from dlcli.errors import DlcliError
 from dlcli.registry import did_you_mean
@@ -127,7 +127,7 @@ def load_idx_set(spec: IdxSet, path: str | None, limit: int | None, normalize: b
 
     def x(images, n):
         # Keras' book recipe: float32 pixels / 255 (the conversion predict gives raw pixels too)
-        images = to_features(images[:n], *input_conversion({"type": spec.names[0], "normalize": normalize}))
+        images = to_features(images[:n], *IdxImages({"normalize": normalize}).conversion())
         return images if inputs is None else image_views(images, inputs)
 
     return Dataset(x_train=x(arrays["train_images"], n), y_train=arrays["train_labels"][:n].astype(np.int64),
@@ -153,7 +153,19 @@ def image_views(images: np.ndarray, inputs: dict[str, str]) -> dict:
     return {name: VIEWS[view](images) for name, view in inputs.items()}
 
 
-@DATASETS.register("mnist")
+class IdxImages(DatasetType):
+    """MNIST-style digits and clothes: light ink on black, float32 pixels / 255 (Keras' book recipe)."""
+
+    pictures = dark_background = True
+
+    def conversion(self):
+        return "float32", (1 / 255 if self.spec.get("normalize", True) else 1.0)
+
+    def onnx_metadata(self):
+        return {"dlcli.pixel_scale": repr(self.conversion()[1])}
+
+
+@register("mnist", kind=IdxImages)
 def load_mnist(path: str | None = None, limit: int | None = None, normalize: bool = True,
                verify: bool = True, inputs: dict[str, str] | None = None, test_limit: int | None = None) -> Dataset:
     """MNIST digits: x (N, 28, 28) float32 in [0, 1] (0..255 when normalize is false), y int64 0-9.
@@ -163,7 +175,7 @@ def load_mnist(path: str | None = None, limit: int | None = None, normalize: boo
     return load_idx_set(MNIST, path, limit, normalize, verify, inputs, test_limit)
 
 
-@DATASETS.register("fashion_mnist")
+@register("fashion_mnist", kind=IdxImages)
 def load_fashion_mnist(path: str | None = None, limit: int | None = None, normalize: bool = True,
                        verify: bool = True, inputs: dict[str, str] | None = None,
                        test_limit: int | None = None) -> Dataset:

@@ -8,41 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from dlcli import runs
+from dlcli.data.dataset import dataset_type
 from dlcli.data.image_folder import IMAGE_SUFFIXES, decode_image
-from dlcli.data.preprocess import check_samples, input_conversion, preprocess, to_features
-from dlcli.data.source import Source
+from dlcli.data.preprocess import check_samples, to_features
+from dlcli.data.source import fit_inputs
 from dlcli.errors import DlcliError, ShapeError
-
-# Datasets of light ink on a dark background: a photo of dark writing on paper reads as its negative.
-DARK_BACKGROUND = ("mnist", "fashion_mnist")
-
-
-def fit_inputs(x, model) -> list | Source:
-    """Arrays for each model input (or a Source, reshaped); (N, 28, 28) data feeds an input of shape (28, 28, 1)
-    as a free reshape."""
-    def fits(have, want):
-        return have != want and int(np.prod(have)) == int(np.prod(want)) \
-            and [d for d in have if d != 1] == [d for d in want if d != 1]
-
-    if isinstance(x, Source):
-        if getattr(x, "input_names", None):  # a table's output_mode dict: its blocks by the model's input names
-            x = x.for_inputs(model.input_names)
-        shapes = [tuple(t.shape) for t in model.inputs]
-        have = [tuple(s) for s in x.sample_shapes]
-        if len(have) != len(shapes):
-            raise ShapeError(f"the data has {len(have)} input(s); model '{model.name}' has {len(shapes)} "
-                             f"({', '.join(model.input_names)})")
-        for h, s, name in zip(have, shapes, model.input_names):
-            if h != s and not fits(h, s):
-                raise ShapeError(f"input '{name}' expects samples of shape {s}; the data has {h}")
-        return x if have == shapes else x.reshaped(shapes)
-    xs = [x[n] for n in model.input_names] if isinstance(x, dict) else (list(x) if isinstance(x, list) else [x])
-    out = []
-    for a, t in zip(xs, model.inputs):
-        if fits(a.shape[1:], t.shape):
-            a = a.reshape((len(a), *t.shape))
-        out.append(a)
-    return model._inputs_list(out)
 
 
 def check_data_fits(data: dict, model) -> None:
@@ -52,7 +22,7 @@ def check_data_fits(data: dict, model) -> None:
 
     from dlcli.data import DATASETS, load_dataset
 
-    if data.get("type", "none") == "none":
+    if dataset_type(data).empty:
         return
     params = inspect.signature(DATASETS.get(data["type"])).parameters
     one = {k: 1 for k in ("limit", "test_limit") if k in params}
@@ -68,27 +38,13 @@ def check_data_fits(data: dict, model) -> None:
 def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None = None, invert: bool = False,
                 pixel_scale: float | None = None) -> tuple[list[np.ndarray], list[str]]:
     """Model-ready inputs (a list of arrays, or a Source streaming a folder's images) and one label per sample
-    (file name, or file:row). A run trained on an image_folder / text_folder reads folders (recursively) as its
-    training data was read. Integer arrays get the dataset's preprocessing; float arrays are taken as already
-    preprocessed. `data` is the run's data spec (`Config.data`)."""
-    if data.get("type") == "image_folder" and all(p.is_dir() or _kind(p) == "image" for p in paths):
-        from dlcli.data.image_folder import prediction_source
-
-        source, labels = prediction_source(paths, data)
-        return fit_inputs(source, model), labels
-    if data.get("type") == "table":  # rows by column name, through the run's stored feature space
-        from dlcli.data.table import prediction_rows
-
-        if len(paths) != 1:
-            raise DlcliError("give one CSV or JSON file of rows for a run trained on a table", exit_code=2)
-        x, labels = prediction_rows(paths[0], run_dir)
-        return fit_inputs(x, model), labels
-    if data.get("type") == "text_folder" and all(p.is_dir() or p.suffix.lower() == ".txt" for p in paths):
-        # each file one document, as training reads a text folder (not one text per line as for imdb runs)
-        from dlcli.data.text import prediction_texts
-
-        x, labels = prediction_texts(paths, runs.read_json(runs.RunDir(run_dir).vocabulary), data.get("max_length"))
-        return [x], labels
+    (file name, or file:row). A dataset type that reads files its own way (an image_folder's or text_folder's
+    folders, a table's rows) reads them as its training data was read. Integer arrays get the dataset's
+    preprocessing; float arrays are taken as already preprocessed. `data` is the run's data spec (`Config.data`)."""
+    dataset = dataset_type(data)
+    own = dataset.read_files(paths, run_dir, model)
+    if own is not None:
+        return own
     files = []
     for p in paths:
         if p.is_dir():
@@ -111,9 +67,9 @@ def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None =
     if kind == "text":
         x = read_text(file, run_dir)
     elif kind == "csv":
-        x = preprocess(read_csv(file, data), data)
+        x = dataset.preprocess(read_csv(file, data))
     else:
-        x = preprocess(read_array(file, model, data, key), data)
+        x = dataset.preprocess(read_array(file, model, data, key))
     xs = _fit(x, model)
     return xs, [f"{file.name}:{i}" for i in range(len(xs[0]))]
 
@@ -122,11 +78,12 @@ def image_inputs(pixels: np.ndarray, names: list[str], data: dict, model, invert
                  pixel_scale: float | None = None) -> list[np.ndarray]:
     """Decoded uint8 images (N, *input shape) made model-ready as the run's training images were: inverted on
     request, scaled by the dataset's pixel scale (or `pixel_scale`)."""
+    dataset = dataset_type(data)
     if invert:  # MNIST-style data is light ink on black; photos of writing are dark on light
         pixels = 255 - pixels
-    elif data.get("type") in DARK_BACKGROUND:
+    elif dataset.dark_background:
         _hint_invert(names, pixels)
-    scale = image_scale(data) if pixel_scale is None else pixel_scale
+    scale = dataset.pixel_scale() if pixel_scale is None else pixel_scale
     return _fit(to_features(pixels, "float32", scale), model)
 
 
@@ -142,10 +99,10 @@ def instance_inputs(instances: list, run_dir, data: dict, model, invert: bool = 
 
     if not isinstance(instances, list) or not instances:
         raise DlcliError("'instances' must be a non-empty list")
-    if data.get("type") == "table":
-        from dlcli.data.table import prediction_records
-
-        return fit_inputs(prediction_records(instances, run_dir), model)
+    dataset = dataset_type(data)
+    own = dataset.read_instances(instances, run_dir, model)
+    if own is not None:
+        return own
     if runs.RunDir(run_dir).vocabulary.is_file():
         from dlcli.data.text import encode_texts
 
@@ -153,9 +110,7 @@ def instance_inputs(instances: list, run_dir, data: dict, model, invert: bool = 
         if bad is not None:
             raise DlcliError(f"instance {bad}: expected a text (a JSON string) for this text model; found "
                              f"{type(instances[bad]).__name__}")
-        cut = data.get("max_length") if data.get("type") == "text_folder" else None  # Keras cuts characters
-        texts = [t[:cut] if cut else t for t in instances]
-        return _fit(encode_texts(texts, runs.read_json(runs.RunDir(run_dir).vocabulary)), model)
+        return _fit(encode_texts(dataset.cut_texts(instances), runs.read_json(runs.RunDir(run_dir).vocabulary)), model)
     images = [t.get("b64") if isinstance(t, dict) and set(t) == {"b64"} else t for t in instances]
     if all(isinstance(t, (str, bytes)) for t in images):  # bytes: an uploaded file's
         decoded = []
@@ -171,7 +126,7 @@ def instance_inputs(instances: list, run_dir, data: dict, model, invert: bool = 
         x = {n: _numbers([t.get(n) for t in instances], f"input '{n}'") for n in model.input_names}
     else:
         x = _numbers(instances, "instances")
-    return _fit(preprocess(x, data), model)  # a wrong shape: the model's ShapeError naming both
+    return _fit(dataset.preprocess(x), model)  # a wrong shape: the model's ShapeError naming both
 
 
 def _numbers(values: list, where: str) -> np.ndarray:
@@ -323,11 +278,3 @@ def _fit(x, model) -> list[np.ndarray]:
     else:
         x = fit_one(x, model.inputs[0])
     return fit_inputs(x, model)
-
-
-def image_scale(data: dict) -> float | None:
-    """What an image file's 0-255 pixels are multiplied by for a run on this dataset: an image dataset's own
-    scaling or the data's `rescale`, else Keras' usual 1/255."""
-    if data.get("type") in ("mnist", "fashion_mnist", "image_folder") or "rescale" in data:
-        return input_conversion(data)[1]
-    return 1 / 255

@@ -1,17 +1,14 @@
-"""The inputs' preprocessing, one home for training, evaluate, predict and export: what a dataset does to the raw
-values it stores (IDX pixels / 255, an npz's `rescale`, word indices left as integers).
+"""The conversion of stored values every loader applies (IDX pixels / 255, an npz's `rescale`, word indices left as
+integers), and the check of arrays given as samples.
 
-The rule for arrays given later (`dlcli predict x.npy`): integer arrays are raw stored values (uint8 pixels, word
-indices) and get the dataset's conversion, exactly as its loader converts them; float arrays are taken as already
-preprocessed (what the model was fed), so they pass through as float32.
+Each dataset type says which conversion its loader applies (DatasetType.conversion, declared beside the loader), so
+the rule for arrays given later (`dlcli predict x.npy`) is the loader's own: integer arrays are raw stored values
+(uint8 pixels, word indices) and get that conversion; float arrays are taken as already preprocessed (what the model
+was fed), so they pass through as float32 (DatasetType.preprocess).
 """
 import numpy as np
 
 from dlcli.errors import DlcliError
-
-# Datasets whose inputs are float32 images whatever the file stored; integer-input datasets (imdb, text_folder)
-# keep integers so embedding lookups see indices.
-_IMAGE_TYPES = ("mnist", "fashion_mnist", "image_folder")
 
 
 def check_samples(a, where: str):
@@ -26,21 +23,6 @@ def check_samples(a, where: str):
         raise DlcliError(f"{where}: the array is a single value (shape ()); expected samples along the first axis, "
                          f"shape (N, ...)")
     return a
-
-
-def input_conversion(data: dict) -> tuple[str, float]:
-    """(dtype, scale) the dataset of a config's `data:` section applies to raw integer inputs. dtype "auto" keeps
-    integers unless scaled (npz/npy/csv's default)."""
-    kind = data.get("type")
-    if kind in ("mnist", "fashion_mnist"):  # the IDX loaders: Keras' book recipe, float32 pixels / 255
-        return "float32", (1 / 255 if data.get("normalize", True) else 1.0)
-    if kind == "image_folder":  # float32 pixels in 0..255, as Keras' image_dataset_from_directory
-        return "float32", 1.0
-    if kind in ("npz", "npy"):
-        return str(data.get("dtype", "auto")), float(data.get("rescale", 1.0))
-    if kind == "csv":  # the CSV loader's features: float32 as written
-        return "float32", 1.0
-    return "auto", 1.0
 
 
 def feature_dtype(x: np.ndarray, dtype: str = "auto", scale: float = 1.0) -> np.dtype:
@@ -59,15 +41,3 @@ def to_features(x: np.ndarray, dtype: str = "auto", scale: float = 1.0) -> np.nd
         return x
     divisor = 1 / scale
     return x / x.dtype.type(divisor) if divisor == round(divisor) else x * x.dtype.type(scale)
-
-
-def preprocess(x, data: dict, scale: float | None = None):
-    """Arrays given for prediction made model-ready as training made them: integers converted as the dataset
-    converts its stored values (`scale` overrides the dataset's), floats taken as already preprocessed. A dict
-    (named inputs) is converted per array."""
-    if isinstance(x, dict):
-        return {k: preprocess(v, data, scale) for k, v in x.items()}
-    if x.dtype.kind == "f":
-        return x.astype(np.float32, copy=False)
-    dtype, default = input_conversion(data)
-    return to_features(x, dtype, default if scale is None else scale)

@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from dlcli.errors import ShapeError
+
 
 def batch_indices(n: int, batch_size: int, order: np.ndarray | None = None, first: int = 0) -> list:
     """Each batch's sample indices, from batch `first` on: sorted chunks of `order` (sorted gathers read memory
@@ -199,3 +201,31 @@ def as_source(x) -> Source:
     if isinstance(x, Source):
         return x
     return ArraySource(list(x) if isinstance(x, (list, tuple)) else [x])
+
+
+def fit_inputs(x, model) -> list | Source:
+    """Arrays for each model input (or a Source, reshaped); (N, 28, 28) data feeds an input of shape (28, 28, 1)
+    as a free reshape."""
+    def fits(have, want):
+        return have != want and int(np.prod(have)) == int(np.prod(want)) \
+            and [d for d in have if d != 1] == [d for d in want if d != 1]
+
+    if isinstance(x, Source):
+        if getattr(x, "input_names", None):  # a table's output_mode dict: its blocks by the model's input names
+            x = x.for_inputs(model.input_names)
+        shapes = [tuple(t.shape) for t in model.inputs]
+        have = [tuple(s) for s in x.sample_shapes]
+        if len(have) != len(shapes):
+            raise ShapeError(f"the data has {len(have)} input(s); model '{model.name}' has {len(shapes)} "
+                             f"({', '.join(model.input_names)})")
+        for h, s, name in zip(have, shapes, model.input_names):
+            if h != s and not fits(h, s):
+                raise ShapeError(f"input '{name}' expects samples of shape {s}; the data has {h}")
+        return x if have == shapes else x.reshaped(shapes)
+    xs = [x[n] for n in model.input_names] if isinstance(x, dict) else (list(x) if isinstance(x, list) else [x])
+    out = []
+    for a, t in zip(xs, model.inputs):
+        if fits(a.shape[1:], t.shape):
+            a = a.reshape((len(a), *t.shape))
+        out.append(a)
+    return model._inputs_list(out)

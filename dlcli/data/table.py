@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from dlcli.data import features as fs
-from dlcli.data.dataset import DATASETS, Dataset
+from dlcli.data.dataset import Dataset, DatasetType, register
 from dlcli.data.paths import resolve_path
-from dlcli.data.source import ArraySource
+from dlcli.data.source import ArraySource, fit_inputs
 from dlcli.data.split import check_limits, split_indices
 from dlcli.errors import ConfigError, DlcliError
 from dlcli.registry import did_you_mean
@@ -543,7 +543,29 @@ def _load(data: dict) -> Dataset:
     return _cache[key]
 
 
-@DATASETS.register("table")
+class TableRows(DatasetType):
+    """Rows by column name, through the run's stored feature space (feature_space.json); a Sequential model's
+    input width is the adapted vector's."""
+
+    rows = True
+
+    def read_files(self, paths, run_dir, model):
+        if len(paths) != 1:
+            raise DlcliError("give one CSV or JSON file of rows for a run trained on a table", exit_code=2)
+        x, labels = prediction_rows(paths[0], run_dir)
+        return fit_inputs(x, model), labels
+
+    def read_instances(self, instances, run_dir, model):
+        return fit_inputs(prediction_records(instances, run_dir), model)
+
+    def input_shape(self):
+        return [input_width(self.spec)]
+
+    def input_shapes(self):  # output_mode dict: each feature's and cross's width, adapted (or the run's)
+        return {name: [width] for name, width in input_widths(self.spec).items()}
+
+
+@register("table", kind=TableRows)
 def load_table(path: str, label: str, features: dict | str, crosses: list[dict] | None = None,
                test_path: str | None = None, test_split: float = 0.0, missing: list[str] | None = None,
                delimiter: str = ",", output_mode: str = "concat", stratify: bool = True, seed: int = 0,

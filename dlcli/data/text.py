@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli.data.dataset import DATASETS, Dataset
+from dlcli.data.dataset import Dataset, DatasetType, register
 from dlcli.data.paths import candidate_dirs
 from dlcli.data.source import Source
 from dlcli.data.split import check_limits
@@ -232,7 +232,7 @@ def encode_splits(train_tokens, test_tokens, output_mode: str, num_words: int | 
             None if test_tokens is None else TokenSource.encode(test_tokens, vocabulary), vocabulary)
 
 
-@DATASETS.register("imdb")
+@register("imdb")
 def load_imdb(path: str | None = None, num_words: int | None = 10000, maxlen: int | None = 200,
               padding: str = "pre", truncating: str = "pre", limit: int | None = None, seed: int = 113,
               start_char: int = 1, oov_char: int = 2, index_from: int = 3, output_mode: str = "int",
@@ -282,7 +282,25 @@ def _read_text_files(files, on_bad_file: str, max_length: int | None) -> tuple[l
     return texts, bad
 
 
-@DATASETS.register("text_folder")
+class TextFiles(DatasetType):
+    """Each .txt file one document cut to max_length characters, as training read the folder (not one text per
+    line as for imdb runs)."""
+
+    def read_files(self, paths, run_dir, model):
+        from dlcli import runs
+
+        if not all(p.is_dir() or p.suffix.lower() == ".txt" for p in paths):
+            return None
+        vocabulary = runs.read_json(runs.RunDir(run_dir).vocabulary)
+        x, labels = prediction_texts(paths, vocabulary, self.spec.get("max_length"))
+        return [x], labels
+
+    def cut_texts(self, texts):
+        cut = self.spec.get("max_length")  # Keras cuts characters
+        return [t[:cut] for t in texts] if cut else texts
+
+
+@register("text_folder", kind=TextFiles)
 def load_text_folder(directory: str, test_directory: str | None = None, label_mode: str = "int",
                      class_names: list[str] | None = None, max_length: int | None = None,
                      output_mode: str = "int", num_words: int | None = 10000, maxlen: int | None = 200,

@@ -6,7 +6,7 @@ normalisation statistics come from the training rows only, so nothing of the fut
 import numpy as np
 
 from dlcli.data.arrays import _numeric, _read_csv
-from dlcli.data.dataset import DATASETS, Dataset
+from dlcli.data.dataset import Dataset, register
 from dlcli.data.paths import resolve_path
 from dlcli.data.split import apply_limit, check_limits
 from dlcli.errors import ConfigError, DlcliError
@@ -35,7 +35,7 @@ def windows(values: np.ndarray, target: np.ndarray, window: int, horizon: int, s
     return x.transpose(0, 2, 1), last, last + horizon
 
 
-@DATASETS.register("timeseries_csv")
+@register("timeseries_csv")
 def load_timeseries_csv(path: str, target: str | None = None, columns: list[str] | None = None, window: int = 10,
                         horizon: int = 1, stride: int = 1, normalize: bool = True, val_fraction: float = 0.2,
                         test_fraction: float = 0.2, limit: int | None = None, target_mode: str = "value",

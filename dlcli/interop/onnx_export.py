@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dlcli import runs
+from dlcli.data.dataset import dataset_type
 from dlcli.errors import DlcliError
 from dlcli.interop import require
 
@@ -136,7 +137,7 @@ def check_inputs(config, model, count: int = CHECK_SAMPLES) -> tuple[list, str]:
     try:
         splits = load_splits(config, model)
     except DlcliError as e:
-        why = "the run has no dataset" if config.data.get("type") == "none" else \
+        why = "the run has no dataset" if dataset_type(config.data).empty else \
             f"the run's data did not load: {e.message.splitlines()[0][:120]}"
         return sample_inputs(model, count), f"{count} seeded random inputs ({why})"
     xs, which = (splits.x_test, "test") if splits.x_test is not None else (splits.x_train, "training")
@@ -152,10 +153,7 @@ def run_metadata(run_dir: Path, config) -> dict:
     data = config.data
     meta = {"dlcli.run": run_dir.name, "dlcli.data": json.dumps(data),
             "dlcli.inputs": "arrays as `dlcli predict` feeds the model, after the dataset's preprocessing"}
-    if data.get("type") in ("mnist", "fashion_mnist") or "rescale" in data:
-        from dlcli.data.preprocess import input_conversion
-
-        meta["dlcli.pixel_scale"] = repr(input_conversion(data)[1])
+    meta.update(dataset_type(data).onnx_metadata())
     vocabulary = runs.RunDir(run_dir).vocabulary
     if vocabulary.is_file():
         meta["dlcli.vocabulary"] = vocabulary.read_text(encoding="utf-8")
@@ -181,7 +179,7 @@ def export_run(run_dir, weights: str = "best", output=None, opset: int = DEFAULT
     run_dir = Path(run_dir)
     output = Path(output) if output is not None else runs.RunDir(run_dir).model_onnx
     proto = to_onnx(model, opset, run_metadata(run_dir, config))
-    table = config.data.get("type") == "table" and not preprocessed_inputs
+    table = dataset_type(config.data).rows and not preprocessed_inputs
     if table:
         from dlcli.data.table import read_state
         from dlcli.interop.onnx_table import with_preprocessing
