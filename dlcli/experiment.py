@@ -41,7 +41,7 @@ def load_splits(config, model) -> Splits:
     """Load the dataset a Config (or its plain data) names, fit its arrays to the model's inputs, and carve the
     seeded validation split."""
     from dlcli.data import load_dataset
-    from dlcli.data.split import split_indices
+    from dlcli.data.split import split_samples
 
     config = as_config(config)
     settings = config.train
@@ -54,9 +54,8 @@ def load_splits(config, model) -> Splits:
         x_val, y_val = as_source(fit_inputs(ds.x_val, model)), model._targets_list(ds.y_val)
     elif settings.validation_split:
         rng = np.random.default_rng([config.seed, 1])
-        tr, va = split_indices(y_train[0], settings.validation_split, rng, settings.stratify)
-        x_val, y_val = x_train.subset(va), [a[va] for a in y_train]
-        x_train, y_train = x_train.subset(tr), [a[tr] for a in y_train]
+        (x_train, y_train), (x_val, y_val), _ = split_samples(x_train, y_train, settings.validation_split, rng,
+                                                              settings.stratify)
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, ds.classes, ds.source, ds.extra or {})
 
 
@@ -286,10 +285,12 @@ def baseline_comparison(metrics: dict, extra: dict, split: str) -> dict | None:
 
 def classification_report(y_true, y_pred, classes=None) -> dict | None:
     """Per-class accuracy and a confusion matrix when the output is a class distribution."""
+    from dlcli.data.split import class_labels
+
     if y_pred.ndim != 2 or y_pred.shape[1] < 2:
         return None
     k = y_pred.shape[1]
-    truth = y_true.argmax(1) if y_true.ndim == 2 and y_true.shape[1] == k else y_true.reshape(-1).astype(int)
+    truth = class_labels(y_true).astype(int)
     guess = y_pred.argmax(1)
     confusion = np.zeros((k, k), np.int64)
     np.add.at(confusion, (truth, guess), 1)

@@ -31,13 +31,13 @@ from dlcli.errors import DlcliError, NothingToDo
 def fold_indices(cfg, splits) -> list[np.ndarray]:
     """The K validation folds of the training split (seeded, stratified for class labels): called before the run
     directory is created, so what cannot be folded leaves nothing behind."""
-    from dlcli.data.split import kfold_indices
+    from dlcli.data.split import are_class_labels, kfold_indices
 
     if splits.x_val is not None:
         raise DlcliError("train.kfold validates on each fold in turn: the dataset's own validation split would go "
                          "unused; use a dataset without one", exit_code=2)
     y = splits.y_train[0]
-    return kfold_indices(y, cfg.train.kfold, np.random.default_rng([cfg.seed, 3]), stratify=_class_labels(y))
+    return kfold_indices(y, cfg.train.kfold, np.random.default_rng([cfg.seed, 3]), stratify=are_class_labels(y))
 
 
 def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: bool = False, verbose: int = 0):
@@ -106,13 +106,15 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
 def _fold_splits(splits, train_idx, val):
     """One fold: validation on `val`, training on `train_idx`. A table (dlcli.data.table) adapts its preprocessing
     on the fold's training part only and applies it to the fold's validation part and to the test split."""
+    from dlcli.data.split import take
+
     x_all, x_test, extra = splits.x_train, splits.x_test, splits.extra
     if hasattr(x_all, "adapted_on"):
         x_all = x_all.adapted_on(train_idx)
         x_test = None if x_test is None else x_test.with_state(x_all.state)
         extra = {**extra, "feature_space": x_all.state}
-    return replace(splits, x_train=x_all.subset(train_idx), y_train=[a[train_idx] for a in splits.y_train],
-                   x_val=x_all.subset(val), y_val=[a[val] for a in splits.y_train], x_test=x_test, extra=extra)
+    return replace(splits, x_train=take(x_all, train_idx), y_train=take(splits.y_train, train_idx),
+                   x_val=take(x_all, val), y_val=take(splits.y_train, val), x_test=x_test, extra=extra)
 
 
 def finished_folds(run_dir: Path, statuses: list) -> list[Path]:
@@ -166,11 +168,3 @@ def fold_statistics(histories: list[list[dict]]) -> list[dict]:
                 row[f"{key}_std"] = float(np.std(values))
         rows.append(row)
     return rows
-
-
-def _class_labels(y) -> bool:
-    """Targets that are class labels (integers, or one-hot rows) get stratified folds; regression targets do not."""
-    y = np.asarray(y)
-    if y.ndim > 1 and y.shape[-1] > 1:
-        return bool(np.all((y == 0) | (y == 1)) and np.all(y.sum(-1) == 1))
-    return y.dtype.kind in "iub"

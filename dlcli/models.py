@@ -205,11 +205,9 @@ class Model:
         xs, ys = self._inputs_list(x), self._targets_list(y)
         rng = np.random.default_rng(seed)  # None: fresh entropy
         if validation_data is None and validation_split:
-            from dlcli.data.split import split_indices
+            from dlcli.data.split import split_samples
 
-            tr, va = split_indices(ys[0], validation_split, rng, stratify)
-            validation_data = ([a[va] for a in xs], [a[va] for a in ys])
-            xs, ys = [a[tr] for a in xs], [a[tr] for a in ys]
+            (xs, ys), validation_data, tr = split_samples(xs, ys, validation_split, rng, stratify)
             if sample_weight is not None:
                 sample_weight = np.asarray(sample_weight)[tr]
         elif validation_data is not None:

@@ -20,6 +20,7 @@ import numpy as np
 from dlcli import checkpoint, distributed, runs
 from dlcli.callbacks import CALLBACKS, Callback, CallbackList, History, ModelCheckpoint, ProgressLogger, format_logs
 from dlcli.data.source import as_source, batch_indices, index_array
+from dlcli.data.split import class_labels
 from dlcli.errors import DlcliError
 from dlcli.metrics import RunningLogs
 
@@ -507,7 +508,7 @@ def _sample_weights(y, n, class_weight, sample_weight):
     `sample_weight`."""
     weights = None if sample_weight is None else np.asarray(sample_weight, np.float64).reshape(n)
     if class_weight:
-        labels = y.reshape(n, -1).argmax(1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(n).astype(int)
+        labels = class_labels(y).astype(int)
         if class_weight == "balanced":
             class_weight = balanced_class_weight(labels)
         table = np.ones(int(max(max(class_weight), labels.max())) + 1)

@@ -196,14 +196,14 @@ def test_plot_redraws_a_kfold_run_with_its_band(config, tmp_path):
 def test_kfold_run_with_one_hot_targets_stratifies_its_folds(tmp_path):
     """categorical_crossentropy's one-hot targets are class labels: the folds are stratified (each keeps the 2:1
     class ratio of the 90 samples: 20 + 10 per fold), the run trains every fold."""
-    from dlcli.kfold import _class_labels
+    from dlcli.data.split import are_class_labels
 
     rng = np.random.default_rng(6)
     x = rng.normal(size=(90, 6)).astype(np.float32)
     labels = rng.permutation(np.repeat([0, 1], [60, 30]))
     x[:, 0] += 2 * labels
     np.savez(tmp_path / "data.npz", x=x, y=np.eye(2, dtype=np.float32)[labels])
-    assert _class_labels(np.eye(2)[labels]) and not _class_labels(x[:, :2])  # floats that are not one-hot: regression
+    assert are_class_labels(np.eye(2)[labels]) and not are_class_labels(x[:, :2])  # floats, not one-hot
     config = tmp_path / "onehot.yaml"
     config.write_text(CONFIG.format(data=tmp_path / "data.npz").replace(", x_test: x_test, y_test: y_test", "")
                       .replace("units: 3", "units: 2").replace("sparse_categorical", "categorical"))

@@ -1,4 +1,5 @@
-"""Seeded shuffled (optionally stratified) splits and the `limit` cap shared by every loader."""
+"""One home for carving samples: subsets of inputs and targets by index, seeded shuffled (optionally stratified)
+splits, k folds, class labels of targets, and the `limit` cap shared by every loader."""
 import numpy as np
 
 from dlcli.data.source import Source
@@ -6,12 +7,35 @@ from dlcli.errors import ConfigError
 
 
 def take(x, index):
-    """x[index] for an array or a dict of arrays (named inputs); a Source's subset."""
+    """x[index] for an array, a list (one array per model input or output) or a dict of arrays (named ones); a
+    Source's subset."""
     if isinstance(x, Source):
         return x.subset(index)
     if isinstance(x, dict):
         return {k: v[index] for k, v in x.items()}
-    return x[index]
+    return [a[index] for a in x] if isinstance(x, list) else x[index]
+
+
+def split_samples(x, y, fraction: float, rng: np.random.Generator, stratify: bool = False):
+    """((x, y) kept, (x, y) split off, indices kept): split_indices on the first target (of a list or dict of them),
+    applied to inputs and targets alike. The one home of validation and test splits."""
+    first = y[0] if isinstance(y, list) else next(iter(y.values())) if isinstance(y, dict) else y
+    kept, off = split_indices(first, fraction, rng, stratify)
+    return (take(x, kept), take(y, kept)), (take(x, off), take(y, off)), kept
+
+
+def class_labels(y) -> np.ndarray:
+    """One label per sample: one-hot rows by their largest entry, other targets as they are (flattened)."""
+    y = np.asarray(y)
+    return y.reshape(len(y), -1).argmax(1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(len(y))
+
+
+def are_class_labels(y) -> bool:
+    """Targets that are class labels (integers, or one-hot rows), not regression values."""
+    y = np.asarray(y)
+    if y.ndim > 1 and y.shape[-1] > 1:
+        return bool(np.all((y == 0) | (y == 1)) and np.all(y.sum(-1) == 1))
+    return y.dtype.kind in "iub"
 
 
 def num_samples(x) -> int:
@@ -34,7 +58,7 @@ def split_indices(y, fraction: float, rng: np.random.Generator, stratify: bool =
     if not stratify:
         order = rng.permutation(n)
         return order[n_val:], order[:n_val]
-    labels = y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(n)  # one-hot targets stratify by class
+    labels = class_labels(y)  # one-hot targets stratify by class
     classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     share = counts * (n_val / n)
     per_class = np.floor(share).astype(int)
@@ -58,8 +82,7 @@ def kfold_indices(y, k: int, rng: np.random.Generator, stratify: bool = False) -
         raise ConfigError(f"train.kfold must be between 2 and the number of training samples ({n}); got {k}")
     order = rng.permutation(n)
     if stratify:
-        labels = y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(n)
-        order = order[np.argsort(labels[order], kind="stable")]
+        order = order[np.argsort(class_labels(y)[order], kind="stable")]
     fold_of = np.empty(n, np.int64)
     fold_of[order] = np.arange(n) % k
     return [np.flatnonzero(fold_of == i) for i in range(k)]
