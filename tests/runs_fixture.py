@@ -22,15 +22,18 @@ def write_class_npz(path, samples: int, features: int = 8, *, test: int, seed: i
     return path
 
 
-def write_tiny_config(tmp_path, **train) -> str:
+def write_tiny_config(tmp_path, x=None, data=None, **train) -> str:
+    """tiny.yaml on 96 samples of shape (4, 4) (`x`, else N(0, 1) floats) in three classes by their sum; `data`
+    adds keys to the data section, `train` to the train section."""
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(96, 4, 4)).astype(np.float32)
+    x = rng.normal(size=(96, 4, 4)).astype(np.float32) if x is None else x
     s = x.sum((1, 2))
     y = np.digitize(s, np.quantile(s, [1 / 3, 2 / 3]))
     np.savez(tmp_path / "tiny.npz", x=x, y=y)
     config = {
         "name": "tiny", "seed": 0,
-        "data": {"type": "npz", "path": str(tmp_path / "tiny.npz"), "test_split": 0.25, "classes": CLASSES},
+        "data": {"type": "npz", "path": str(tmp_path / "tiny.npz"), "test_split": 0.25, "classes": CLASSES,
+                 **(data or {})},
         "model": {"input_shape": [4, 4], "layers": [{"type": "Flatten"},
                                                       {"type": "Dense", "units": 8, "activation": "relu"},
                                                       {"type": "Dense", "units": 3, "activation": "softmax"}]},
@@ -43,8 +46,8 @@ def write_tiny_config(tmp_path, **train) -> str:
     return str(path)
 
 
-def train_tiny(tmp_path, runner, name="tiny", **train):
-    config = write_tiny_config(tmp_path, **train)
+def train_tiny(tmp_path, runner, name="tiny", x=None, data=None, **train):
+    config = write_tiny_config(tmp_path, x, data, **train)
     result = runner.invoke(app, ["train", config, "--runs-dir", str(tmp_path / "runs"), "--name", name, "-q"])
     assert result.exit_code == 0, result.output
     return tmp_path / "runs" / result.output.strip().splitlines()[-1].split("/")[-1]

@@ -2,12 +2,11 @@ import csv
 
 import numpy as np
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from dlcli.cli import app
-from dlcli.data.inputs import image_geometry
 from dlcli.data import dataset_type
+from dlcli.data.inputs import image_geometry
 from dlcli.errors import DlcliError
 from dlcli.experiment import load_run_model
 from tests.runs_fixture import CLASSES, train_text_run, train_tiny
@@ -114,21 +113,8 @@ def test_text_input_uses_the_runs_vocabulary(tmp_path):
 
 
 def test_integer_arrays_get_the_training_scaling_and_floats_pass_through(tmp_path):
-    rng = np.random.default_rng(1)
-    x = rng.integers(0, 256, (96, 4, 4), dtype=np.uint8)
-    s = x.reshape(96, -1).sum(1)
-    np.savez(tmp_path / "u8.npz", x=x, y=np.digitize(s, np.quantile(s, [1 / 3, 2 / 3])))
-    config = {"name": "pixels", "seed": 0,
-              "data": {"type": "npz", "path": str(tmp_path / "u8.npz"), "rescale": 1 / 255},
-              "model": {"input_shape": [4, 4], "layers": [{"type": "Flatten"}, {"type": "Dense", "units": 3,
-                                                                                   "activation": "softmax"}]},
-              "compile": {"optimizer": {"type": "adam", "learning_rate": 0.01},
-                          "loss": "sparse_categorical_crossentropy"},
-              "train": {"epochs": 2, "batch_size": 16}}
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
-    result = runner.invoke(app, ["train", str(tmp_path / "p.yaml"), "--runs-dir", str(tmp_path / "runs"), "-q"])
-    assert result.exit_code == 0, result.output
-    run_dir = next((tmp_path / "runs").iterdir())
+    x = np.random.default_rng(1).integers(0, 256, (96, 4, 4), dtype=np.uint8)
+    run_dir = train_tiny(tmp_path, runner, x=x, data={"rescale": 1 / 255})
     scaled = x[:6].astype(np.float32) / np.float32(255)  # what the npz loader fed the model in training
     np.save(tmp_path / "raw.npy", x[:6])
     np.save(tmp_path / "scaled.npy", scaled)

@@ -16,7 +16,7 @@ from dlcli.cli import app  # noqa: E402
 from dlcli.config import load_config  # noqa: E402
 from dlcli.interop.onnx_export import max_difference, sample_inputs, to_onnx  # noqa: E402
 from dlcli.layers.core import Dense  # noqa: E402
-from tests.runs_fixture import CLASSES, train_tiny, write_tiny_config  # noqa: E402
+from tests.runs_fixture import CLASSES, train_tiny  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 runner = CliRunner()
@@ -54,11 +54,7 @@ def test_export_command_writes_checked_file_with_metadata(tmp_path):
 
 
 def test_export_metadata_of_an_npz_run_with_rescale_gives_its_pixel_scale(tmp_path):
-    config = write_tiny_config(tmp_path)
-    result = runner.invoke(app, ["train", config, "--runs-dir", str(tmp_path / "runs"), "-q",
-                                 "--set", "data.rescale=0.5"])
-    assert result.exit_code == 0, result.output
-    (run,) = (tmp_path / "runs").iterdir()
+    run = train_tiny(tmp_path, runner, data={"rescale": 0.5})
     assert runner.invoke(app, ["export", str(run)]).exit_code == 0
     props = {p.key: p.value for p in onnx.load(str(run / "model.onnx")).metadata_props}
     assert float(props["dlcli.pixel_scale"]) == 0.5 and json.loads(props["dlcli.data"])["rescale"] == 0.5
