@@ -15,7 +15,7 @@ from itertools import chain
 
 import numpy as np
 
-from dlcli.data.dataset import DATASETS, Dataset
+from dlcli.data.dataset import Dataset, register
 from dlcli.data.split import check_limits
 from dlcli.data.text import _locate_imdb, _read_jsonl, build_vocabulary, tokenize, word_lookup
 from dlcli.errors import ConfigError, DlcliError
@@ -92,7 +92,7 @@ def windows(sequences, length: int) -> tuple[np.ndarray, np.ndarray]:
     return stream[:n * length].reshape(n, length), stream[1:n * length + 1].astype(np.int64).reshape(n, length)
 
 
-@DATASETS.register("imdb_lm")
+@register("imdb_lm")
 def load_imdb_lm(path: str | None = None, tokenizer: str = "word", num_words: int = 10000, sequence_length: int = 64,
                  limit: int | None = None, test_limit: int | None = None, seed: int = 113) -> Dataset:
     """The IMDB reviews' text (labels unused) as next-token windows: x (N, sequence_length) int32 token ids, y the
