@@ -10,6 +10,7 @@ Differences from Keras, on purpose: Pillow's resampling filters (antialiased whe
 tf.image.resize(antialias=True)), and the validation split is dlcli's seeded train.validation_split.
 """
 import hashlib
+import inspect
 import json
 import os
 import threading
@@ -214,8 +215,8 @@ def _folder_source(files: ClassFiles, image_size, color_mode, interpolation, cro
 
 
 class ImageFolderImages(DatasetType):
-    """float32 pixels in 0..255, as Keras' image_dataset_from_directory; predict reads folders and image files as
-    training read them (prediction_source)."""
+    """float32 pixels in 0..255, as Keras' image_dataset_from_directory; predict reads folders (recursively) and
+    image files decoded exactly as in training (the run's image_size, color_mode, interpolation, crop), streamed."""
 
     pictures = True
 
@@ -225,8 +226,16 @@ class ImageFolderImages(DatasetType):
     def read_files(self, paths, run_dir, model):
         if not all(p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES for p in paths):
             return None
-        source, labels = prediction_source(paths, self.spec)
-        return fit_inputs(source, model), labels
+        from dlcli.data.folders import prediction_files
+
+        defaults = {k: p.default for k, p in inspect.signature(load_image_folder).parameters.items()}
+        settings = {**defaults, **{k: v for k, v in self.spec.items() if k in defaults}}
+        files = prediction_files(paths, IMAGE_SUFFIXES)
+        workers = settings["workers"] or os.cpu_count() or 1
+        source = ImageFolderSource(files, settings["image_size"], settings["color_mode"], settings["interpolation"],
+                                   settings["crop_to_aspect_ratio"], "none", workers,
+                                   2 * workers if settings["prefetch"] is None else settings["prefetch"])
+        return fit_inputs(source, model), [str(f) for f in files]
 
 
 @register("image_folder", kind=ImageFolderImages)
@@ -269,23 +278,6 @@ def load_image_folder(directory: str, test_directory: str | None = None, image_s
     return Dataset(x_train=x_train, y_train=encode_labels(train.labels, len(train.class_names), label_mode),
                    x_test=x_test, y_test=y_test, classes=train.class_names, source=str(train.directory),
                    extra={"folder": extra}, name="image_folder")
-
-
-def prediction_source(paths: list[Path], data: dict, on_bad_file: str = "error") -> tuple[Source, list[str]]:
-    """`dlcli predict` on images for a run trained on an image_folder: the files (folders searched recursively)
-    decoded exactly as in training (the run's image_size, color_mode, interpolation, crop), streamed in batches."""
-    import inspect
-
-    from dlcli.data.folders import prediction_files
-
-    defaults = {k: p.default for k, p in inspect.signature(load_image_folder).parameters.items()}
-    settings = {**defaults, **{k: v for k, v in data.items() if k in defaults}}
-    files = prediction_files(paths, IMAGE_SUFFIXES)
-    workers = settings["workers"] or os.cpu_count() or 1
-    source = ImageFolderSource(files, settings["image_size"], settings["color_mode"], settings["interpolation"],
-                               settings["crop_to_aspect_ratio"], "none", workers,
-                               2 * workers if settings["prefetch"] is None else settings["prefetch"])
-    return source, [str(f) for f in files]
 
 
 def folder_name(name: str) -> str:

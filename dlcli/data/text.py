@@ -288,12 +288,13 @@ class TextFiles(DatasetType):
 
     def read_files(self, paths, run_dir, model):
         from dlcli import runs
+        from dlcli.data.folders import prediction_files
 
         if not all(p.is_dir() or p.suffix.lower() == ".txt" for p in paths):
             return None
-        vocabulary = runs.read_json(runs.RunDir(run_dir).vocabulary)
-        x, labels = prediction_texts(paths, vocabulary, self.spec.get("max_length"))
-        return [x], labels
+        files = prediction_files(paths, (".txt",))  # folders searched recursively
+        texts, _ = _read_text_files(files, "error", self.spec.get("max_length"))
+        return [encode_texts(texts, runs.read_json(runs.RunDir(run_dir).vocabulary))], [str(f) for f in files]
 
     def cut_texts(self, texts):
         cut = self.spec.get("max_length")  # Keras cuts characters
@@ -338,13 +339,3 @@ def load_text_folder(directory: str, test_directory: str | None = None, label_mo
                    y_test=None if test is None else encode_labels(test[2], len(classes), label_mode),
                    classes=classes, source=str(train[0].directory), extra={"vocabulary": vocabulary, "folder": extra},
                    name="text_folder")
-
-
-def prediction_texts(paths: list[Path], vocabulary: dict, max_length: int | None = None) -> tuple[np.ndarray, list]:
-    """`dlcli predict` for a run trained on a text_folder: each .txt file (folders searched recursively) is one
-    document, encoded with the run's vocabulary."""
-    from dlcli.data.folders import prediction_files
-
-    files = prediction_files(paths, (".txt",))
-    texts, _ = _read_text_files(files, "error", max_length)
-    return encode_texts(texts, vocabulary), [str(f) for f in files]
