@@ -220,7 +220,7 @@ def print_table_features(out, data):
     split, with the columns left out and any inferred features section; nothing for other data."""
     from rich.table import Table
 
-    from dlcli.data import dataset_type, features, table as tables
+    from dlcli.data import dataset_type, features, table as tables, table_file
 
     if not dataset_type(data).rows:
         return
@@ -236,4 +236,4 @@ def print_table_features(out, data):
         out.print(f"ignored columns (not in data.features): {', '.join(state['ignored_columns'])}")
     if state.get("inferred"):
         out.print("features: auto inferred (paste into data.features to keep or edit it):\n"
-                  + "\n".join(tables.inferred_yaml(state)), markup=False, highlight=False)
+                  + "\n".join(table_file.inferred_yaml(state)), markup=False, highlight=False)

@@ -132,9 +132,9 @@ def load_npy(x: str, y: str, x_test: str | None = None, y_test: str | None = Non
 
 
 def _read_csv(file, delimiter: str):
-    """(header, cells as a 2-D str array) of a CSV, read by the one CSV reader (dlcli.data.table.read_csv: UTF-8,
+    """(header, cells as a 2-D str array) of a CSV, read by the one CSV reader (dlcli.data.table_file.read_csv: UTF-8,
     widths and delimiters checked, errors naming the line)."""
-    from dlcli.data.table import read_csv
+    from dlcli.data.table_file import read_csv
 
     table = read_csv(file, delimiter)
     return table.header, np.stack([table.cells[h] for h in table.header], axis=1)

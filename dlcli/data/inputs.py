@@ -188,8 +188,8 @@ def _chosen(arrays, file: Path, model, data: dict, key: str | None):
 
 def read_csv(file: Path, data: dict) -> np.ndarray:
     """Feature columns (by the run's data.columns, or every column but the label) of a CSV, as float32; a first row
-    of numbers is data, not a header. Read by the one CSV reader (dlcli.data.table.read_csv)."""
-    from dlcli.data.table import read_csv as read_table_csv
+    of numbers is data, not a header. Read by the one CSV reader (dlcli.data.table_file.read_csv)."""
+    from dlcli.data.table_file import read_csv as read_table_csv
 
     table = read_table_csv(file, data.get("delimiter", ","), header=None)
     columns = table.header

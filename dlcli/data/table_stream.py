@@ -9,7 +9,7 @@
    normalised value: ~35 bytes a row for penguins), from which each batch is expanded to one-hot blocks on demand
    (features.expand), the same functions the in-memory path uses.
 
-Cells are parsed exactly as the in-memory reader parses them (dlcli.data.table.parse_column), so a bad cell names
+Cells are parsed exactly as the in-memory reader parses them (dlcli.data.table_file.parse_column), so a bad cell names
 its file, line and column; lines count one per row after the header (a blank line is skipped, not counted).
 """
 from pathlib import Path
@@ -18,14 +18,14 @@ import numpy as np
 
 from dlcli.data import features as fs
 from dlcli.data.source import Source
+from dlcli.data.table_file import (Table, TableError, check_head, check_input_names, first_bad_row, parse_columns,
+                                   parse_labels, require_columns)
 from dlcli.errors import ConfigError
 
 CHUNK_BYTES = 4 << 20  # pyarrow's block (it reads a few ahead): ~20,000 rows of a 200-byte-row CSV at a time
 
 
 def _pyarrow(file):
-    from dlcli.data.table import TableError
-
     try:
         import pyarrow as pa
         import pyarrow.csv as pcsv
@@ -38,7 +38,6 @@ def csv_chunks(file: Path, delimiter: str, columns: list[str]):
     """Tables of at most CHUNK_BYTES of the CSV holding `columns` (raw text cells), in file order. The head is
     checked as the in-memory reader checks a whole file (UTF-8, NUL bytes, header); a row pyarrow cannot parse is
     found again by the in-memory rules, so the message names its line."""
-    from dlcli.data.table import Table, TableError, check_head, first_bad_row, require_columns
 
     pa, pcsv = _pyarrow(file)
     header = check_head(file, delimiter)
@@ -92,7 +91,6 @@ class EncodedSource(Source):
         return EncodedSource(self.codes, self.state, self.order, np.asarray(rows, np.int64))
 
     def for_inputs(self, names):
-        from dlcli.data.table import check_input_names
 
         check_input_names(names, self.input_names)
         return EncodedSource(self.codes, self.state, list(names), self.rows)
@@ -107,8 +105,7 @@ class EncodedSource(Source):
 
 def labels(file: Path, delimiter: str, label: str, missing: list[str], classes: list | None):
     """Pass 1: (targets of the rows with a label, classes or None for numbers, which rows have one). Each distinct
-    label is parsed once, by the in-memory rules (table.parse_labels), at the line it first appears on."""
-    from dlcli.data.table import Table, parse_labels
+    label is parsed once, by the in-memory rules (table_file.parse_labels), at the line it first appears on."""
 
     codes, kept, first = [], [], {}
     for chunk in csv_chunks(file, delimiter, [label]):
@@ -130,7 +127,6 @@ def labels(file: Path, delimiter: str, label: str, missing: list[str], classes: 
 def adapt(file: Path, delimiter: str, specs: dict, crosses: list, missing: list[str], kept: np.ndarray,
           train_rows: np.ndarray) -> dict:
     """Pass 2: the feature space adapted on the training rows (`train_rows`: positions among the kept rows)."""
-    from dlcli.data.table import parse_columns
 
     adapter = fs.Adapter(specs, crosses)
     is_train = np.zeros(int(kept.sum()), bool)
@@ -147,7 +143,6 @@ def adapt(file: Path, delimiter: str, specs: dict, crosses: list, missing: list[
 
 def encode(file: Path, delimiter: str, state: dict, missing: list[str], kept: np.ndarray) -> dict:
     """Pass 3: every kept row's codes, written chunk by chunk into arrays sized once (no second copy)."""
-    from dlcli.data.table import parse_columns
 
     codes, at = None, 0
     for start, chunk in _row_chunks(file, delimiter, list(state["features"])):

@@ -8,7 +8,7 @@ import pytest
 
 from dlcli.data import features as fs
 from dlcli.data.farmhash import fingerprint64
-from dlcli.data.table import Column
+from dlcli.data.table_file import Column
 from dlcli.errors import ConfigError
 
 

@@ -290,9 +290,9 @@ def test_a_streamed_bad_cell_names_its_line_and_column(tables, tmp_path, monkeyp
     assert result.exit_code == 2 and "p.csv, line 201, column 'bill_length_mm': 'long' is not a number" \
         in result.output, result.output
     lines[200] = lines[200].replace("long", "44.9")
-    from dlcli.data import table
+    from dlcli.data import table_file
 
-    monkeypatch.setattr(table, "HEAD_BYTES", 4096)  # the bad byte beyond the head: found by the chunked reader
+    monkeypatch.setattr(table_file, "HEAD_BYTES", 4096)  # the bad byte beyond the head: found by the chunked reader
     (tmp_path / "p.csv").write_bytes(("\n".join(lines[:250]) + "\n").encode() + "Adelie,Dream,1,2,3,4,m\xe2le,2008\n"
                                      .encode("latin-1") + ("\n".join(lines[250:]) + "\n").encode())
     result = runner.invoke(app, ["train", str(tmp_path / "c.yaml"), "--set", "data.stream=true", "--runs-dir",

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 import dlcli
 from dlcli.cli import app
 from dlcli.data import features as fs
-from dlcli.data.table import parse_columns, read_csv, read_state
+from dlcli.data.table import read_state
+from dlcli.data.table_file import parse_columns, read_csv
 
 from tests.conftest import require_shared
 
