@@ -63,7 +63,7 @@ MUTANTS = {
         "dlcli/fingerprint.py", "    diff = changes(run_dir, config)\n", "    diff = []\n",
         ["tests/test_fingerprint.py"]),
     "predict-skips-preprocessing": (
-        "dlcli/data/inputs.py", "x = preprocess(read_array(file, model, data, key), data)",
+        "dlcli/data/inputs.py", "x = dataset.preprocess(read_array(file, model, data, key))",
         "x = read_array(file, model, data, key)", ["tests/test_predict.py"]),
     "predict-text-ignores-vocabulary": (
         "dlcli/data/inputs.py", "return encode_texts(lines, runs.read_json(vocabulary_file))",
@@ -76,16 +76,16 @@ MUTANTS = {
     # issue 28: bugs planted in the newer features that the suite missed
     "kfold-folds-of-positions": (
         "dlcli/data/split.py",
-        'order = order[np.argsort(labels[order], kind="stable")]',
-        'order = np.argsort(labels[order], kind="stable")',
+        'order = order[np.argsort(class_labels(y)[order], kind="stable")]',
+        'order = np.argsort(class_labels(y)[order], kind="stable")',
         ["tests/data/test_split.py"]),
     "kfold-one-hot-labels-reshaped": (
         "dlcli/data/split.py",
-        "labels = y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(n)\n        order = order[",
-        "labels = y.reshape(n)\n        order = order[",
+        "return y.reshape(len(y), -1).argmax(1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(len(y))",
+        "return y.reshape(len(y))",
         ["tests/data/test_split.py", "tests/test_kfold.py::test_kfold_run_with_one_hot_targets_stratifies_its_folds"]),
     "kfold-one-hot-not-stratified": (
-        "dlcli/kfold.py",
+        "dlcli/data/split.py",
         "return bool(np.all((y == 0) | (y == 1)) and np.all(y.sum(-1) == 1))",
         "return False",
         ["tests/test_kfold.py::test_kfold_run_with_one_hot_targets_stratifies_its_folds"]),
@@ -100,14 +100,14 @@ MUTANTS = {
         "if a.get(k, missing) != b.get(k, missing)]",
         ["tests/test_fingerprint.py::test_an_edited_name_alone_is_accepted_by_evaluate"]),
     "export-pixel-scale-ignores-rescale": (
-        "dlcli/interop/onnx_export.py",
-        'if data.get("type") in ("mnist", "fashion_mnist") or "rescale" in data:',
-        'if data.get("type") in ("mnist", "fashion_mnist"):',
+        "dlcli/data/dataset.py",
+        'return {"dlcli.pixel_scale": repr(self.conversion()[1])} if "rescale" in self.spec else {}',
+        "return {}",
         ["tests/interop/test_onnx_export.py::test_export_metadata_of_an_npz_run_with_rescale_gives_its_pixel_scale"]),
     "export-vocabulary-looked-up-elsewhere": (
         "dlcli/interop/onnx_export.py",
-        'vocabulary = run_dir / "vocabulary.json"',
-        'vocabulary = run_dir / "weights" / "vocabulary.json"',
+        "vocabulary = runs.RunDir(run_dir).vocabulary",
+        'vocabulary = runs.RunDir(run_dir).weights / "vocabulary.json"',
         ["tests/interop/test_onnx_export.py::test_export_metadata_of_a_text_run_holds_its_vocabulary"]),
     "export-inputs-renamed": (
         "dlcli/interop/onnx_export.py",
@@ -146,9 +146,9 @@ MUTANTS = {
         "texts.append(text)",
         ["tests/data/test_text_vectors.py::test_text_folder_max_length_cuts_characters_in_training_and_predict"]),
     "predict-text-folder-max-length-ignored": (
-        "dlcli/data/inputs.py",
-        'runs.read_json(Path(run_dir) / "vocabulary.json"), data.get("max_length"))',
-        'runs.read_json(Path(run_dir) / "vocabulary.json"))',
+        "dlcli/data/text.py",
+        'texts, _ = _read_text_files(files, "error", self.spec.get("max_length"))',
+        'texts, _ = _read_text_files(files, "error", None)',
         ["tests/data/test_text_vectors.py::test_text_folder_max_length_cuts_characters_in_training_and_predict"]),
     "mmap-ignores-fortran-order": (
         "dlcli/data/mapped.py",
