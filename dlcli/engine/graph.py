@@ -233,17 +233,14 @@ def inference_passes(graph: Graph, batches):
     per call) runs on every core too. Predict at batch 512 on 2 cores, the book convnet: 46 -> 39 ms (one process,
     best of 5), the resnet: 235 -> 160 ms."""
     batches = iter(batches)
-    first, second = next(batches, None), next(batches, None)
-    if second is None:  # one pass (a served request): on one BLAS thread, with no replica or thread to start
-        if first is not None:
-            with blas.one_thread():
-                yield [o.copy() for o in graph.forward(first, training=False)]
-        return
-    batches = itertools.chain([first, second], batches)
-    lanes = blas.threads()
+    head = list(itertools.islice(batches, 2))
+    batches = itertools.chain(head, batches)
+    # one pass (a served request) runs on one BLAS thread, with no replica or thread to start
+    lanes = blas.threads() if len(head) == 2 else 1
     if lanes < 2:
-        for xb in batches:
-            yield [o.copy() for o in graph.forward(xb, training=False)]
+        with blas.one_thread():
+            for xb in batches:
+                yield [o.copy() for o in graph.forward(xb, training=False)]
         return
     free = queue.SimpleQueue()
     for g in [graph] + [graph.replica() for _ in range(lanes - 1)]:
