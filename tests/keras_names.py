@@ -35,8 +35,9 @@ LAYERS = {
         "SpatialDropout3D", "SpectralNormalization", "StackedRNNCells", "StringLookup", "Subtract", "TimeDistributed",
         "UnitNormalization", "UpSampling1D", "UpSampling2D", "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D",
         "ZeroPadding3D"]},
-    **{n: DONE for n in ["CenterCrop", "RandomBrightness", "RandomContrast", "RandomGrayscale", "RandomInvert",
-                         "Resizing"]},  # image preprocessing
+    **{n: DONE for n in ["AutoContrast", "CenterCrop", "Equalization", "RandomBrightness", "RandomColorDegeneration",
+                         "RandomContrast", "RandomCrop", "RandomGrayscale", "RandomInvert", "RandomPosterization",
+                         "Resizing", "Solarization"]},  # image preprocessing
     **{f"{a}{d}": ALIAS(f"{c}{d}") for a, c in [("AvgPool", "AveragePooling"), ("MaxPool", "MaxPooling"),
                                                 ("GlobalAvgPool", "GlobalAveragePooling"),
                                                 ("GlobalMaxPool", "GlobalMaxPooling")] for d in ("1D", "2D", "3D")},
@@ -58,11 +59,9 @@ LAYERS = {
     "Layer": BASE, "InputSpec": BASE, "Wrapper": BASE,
     # not yet
     **{n: AUGMENT for n in [
-        "AugMix", "AutoContrast", "ContrastLimitedAdaptiveHistogramEqualization", "CutMix",
-        "Equalization", "MixUp", "RandAugment", "RandomColorDegeneration", "RandomColorJitter",
-        "RandomCrop", "RandomElasticTransform", "RandomErasing", "RandomGaussianBlur",
-        "RandomHue", "RandomPerspective", "RandomPosterization",
-        "RandomSaturation", "RandomSharpness", "RandomShear", "Solarization"]},
+        "AugMix", "ContrastLimitedAdaptiveHistogramEqualization", "CutMix", "MixUp", "RandAugment",
+        "RandomColorJitter", "RandomElasticTransform", "RandomErasing", "RandomGaussianBlur", "RandomHue",
+        "RandomPerspective", "RandomSaturation", "RandomSharpness", "RandomShear"]},
     **{n: TODO for n in [
         "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D", "ReversibleEmbedding"]},
 }

@@ -3,9 +3,9 @@
 so a new layer in an existing module needs no line here."""
 from dlcli.engine.graph import Input, InputLayer
 from dlcli.engine.layer import LAYERS, Layer
-from dlcli.layers import (activations, applications, attention, categorical, conv, core, embedding,  # noqa: F401
-                          merge, normalization, pooling, preprocessing, recurrent, regularization, reshaping,
-                          transformer, wrappers)
+from dlcli.layers import (activations, applications, attention, categorical, color, conv, core,  # noqa: F401
+                          embedding, merge, normalization, pooling, preprocessing, recurrent, regularization,
+                          reshaping, transformer, wrappers)
 
 
 def __getattr__(name: str):

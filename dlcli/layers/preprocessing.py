@@ -344,6 +344,53 @@ class CenterCrop(_Resample):
         return (*_aspect_crop(height, width, self.height, self.width), "bilinear")
 
 
+@register("RandomCrop")
+class RandomCrop(_Resample):
+    """A random (height, width) window of the batch in training, one position for the whole batch as Keras'
+    RandomCrop draws it, when the images are larger on both axes. Otherwise, and at inference, the largest centred
+    window of the target's aspect ratio resized bilinearly to (height, width): what Keras documents for inference
+    (its 3.15 code returns the input uncropped at inference, which a model of fixed shapes cannot follow)."""
+
+    supports_masking = False
+
+    def __init__(self, height: int, width: int, seed: int | None = None, data_format: str | None = None, **kw):
+        super().__init__(**kw)
+        self._check_size(height, width)
+        if data_format not in (None, "channels_last"):
+            raise ConfigError(f"RandomCrop: dlcli images are channels_last; got data_format {data_format!r}")
+        self.seed, self.data_format = seed, data_format
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.seed is not None:
+            self.rng = np.random.default_rng(self.seed)
+        self.random = input_shape[0] > self.height and input_shape[1] > self.width
+
+    def window(self, height, width):
+        return (*_aspect_crop(height, width, self.height, self.width), "bilinear")
+
+    def draw(self, n):
+        """(top, left) of the batch's window (Keras: uniform integers over every position)."""
+        rows, cols = self.input_shape[:2]
+        return int(self.rng.integers(rows - self.height + 1)), int(self.rng.integers(cols - self.width + 1))
+
+    def forward(self, x, training=False):
+        self.offset = self.draw(x.shape[0]) if training and self.random else None
+        if self.offset is None:
+            return super().forward(x, training)
+        top, left = self.offset
+        self.in_shape = x.shape
+        return x[:, top:top + self.height, left:left + self.width]
+
+    def backward(self, grad):
+        if self.offset is None:
+            return super().backward(grad)
+        top, left = self.offset
+        dx = np.zeros(self.in_shape, grad.dtype)
+        dx[:, top:top + self.height, left:left + self.width] = grad
+        return dx
+
+
 def _factor(factor, bounds, layer: str) -> tuple[float, float]:
     """Keras' BaseImagePreprocessingLayer._set_factor: a pair (sorted), or a number f giving
     (max(-|f|, lower bound), |f|); both within `bounds`."""

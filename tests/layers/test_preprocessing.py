@@ -28,6 +28,9 @@ GRADIENT_CASES = {
                        ({"factor": 0.4}, (3, 3, 1), {})],
     "RandomGrayscale": [({"factor": 0.7}, (3, 4, 3), {"training": True}), ({}, (3, 3, 1), {"training": True})],
     "RandomInvert": [({"value_range": [0, 1]}, (3, 4, 2), {"training": True}), ({}, (3, 3, 1), {})],
+    "RandomCrop": [({"height": 3, "width": 2}, (5, 4, 2), {"training": True}), ({"height": 4, "width": 3},
+                                                                                (5, 4, 2), {"training": True}),
+                   ({"height": 3, "width": 5}, (4, 4, 1), {})],
     "RandomZoom": [({"height_factor": 0.3}, (5, 4, 1), {"training": True}),
                    ({"height_factor": [-0.3, -0.1], "width_factor": 0.2, "fill_mode": "nearest"}, (4, 4, 2),
                     {"training": True})],
@@ -45,7 +48,11 @@ def test_gradients(name, args, shape, opts):
                                    layers.RandomRotation(0.1, seed=0), layers.RandomZoom(0.2, seed=0),
                                    layers.RandomBrightness(0.3, value_range=[0, 1], seed=0),
                                    layers.RandomContrast(0.5, value_range=[0, 1], seed=0),
-                                   layers.RandomGrayscale(0.9, seed=0), layers.RandomInvert(value_range=[0, 1], seed=0)],
+                                   layers.RandomGrayscale(0.9, seed=0), layers.RandomInvert(value_range=[0, 1], seed=0),
+                                   layers.Solarization(value_range=[0, 1], seed=0),
+                                   layers.RandomPosterization(4, value_range=[0, 1], seed=0),
+                                   layers.RandomColorDegeneration(0.5, value_range=[0, 1], seed=0),
+                                   layers.Equalization(value_range=[0, 1])],
                          ids=lambda layer: type(layer).__name__)
 def test_augmentation_is_identity_at_inference_and_float32(layer):
     x = np.random.default_rng(0).random((4, 6, 6, 3), dtype=np.float32)
@@ -88,11 +95,11 @@ def test_seeded_augmentation_repeats_and_bad_arguments_fail():
         layers.RandomFlip("diagonal")
 
 
-def _keras_cases():
+def _keras_cases(family="images"):
     import json
     from pathlib import Path
 
-    data = np.load(Path(__file__).parents[1] / "fixtures" / "keras" / "catalogue_images.npz")
+    data = np.load(Path(__file__).parents[1] / "fixtures" / "keras" / f"catalogue_{family}.npz")
     spec = json.loads(str(data["spec"]))
     return [pytest.param(case, {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")},
                          id=f"{i}-{case['type']}") for i, case in enumerate(spec)]
@@ -131,3 +138,36 @@ def test_resizing_and_center_crop_are_always_on_and_check_their_arguments():
         layers.CenterCrop(0, 4)
     with pytest.raises(ConfigError, match=r"factor must be a number or a pair in \[0.0, 1.0\]"):
         layers.RandomContrast(1.5)
+
+
+@pytest.mark.parametrize("spec,arrays", _keras_cases("augmentations"))
+def test_augmentations_match_keras(spec, arrays):
+    """Keras 3.15 (torch backend) outputs and input gradients of the augmentation layers in
+    catalogue_augmentations.npz, each random one given Keras' draw (`draw/` is what dlcli's layer.draw returns)."""
+    layer = layers.LAYERS.get(spec["type"])(**{k: v for k, v in spec.items() if k != "type"})
+    layer.dtype = "float64"
+    x = arrays["x"]
+    layer.ensure_built(x.shape[1:], np.random.default_rng(0))
+    draw = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("draw/")}
+    if draw:
+        layer.draw = lambda n: draw[""] if "" in draw else draw
+    y = layer.forward(x.copy(), training=True)
+    np.testing.assert_allclose(y, arrays["y"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(layer.backward(arrays["r"]), arrays["grad"], rtol=1e-6, atol=1e-9)
+
+
+def test_random_crop_is_one_window_per_batch_and_smart_resizes_otherwise():
+    x = np.random.default_rng(4).random((3, 6, 8, 2), dtype=np.float32)
+    crop = layers.RandomCrop(3, 4, seed=1)
+    y = crop(x, training=True)
+    windows = {(t, left) for t in range(4) for left in range(5) if np.array_equal(y, x[:, t:t + 3, left:left + 4])}
+    assert len(windows) == 1 and y.dtype == np.float32
+    seen = {tuple(crop.draw(3)) for _ in range(200)}
+    assert len(seen) == 20  # every one of the 4 x 5 positions
+    smart = layers.Resizing(3, 4, crop_to_aspect_ratio=True)
+    np.testing.assert_allclose(crop(x), smart(x), rtol=1e-6)  # inference
+    small = layers.RandomCrop(8, 4)  # not larger on both axes: resized in training too
+    np.testing.assert_allclose(small(x, training=True), layers.Resizing(8, 4, crop_to_aspect_ratio=True)(x),
+                               rtol=1e-6)
+    with pytest.raises(ConfigError, match="RandomCrop: height must be an integer >= 1"):
+        layers.RandomCrop(0, 3)

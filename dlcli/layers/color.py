@@ -1,0 +1,225 @@
+"""Colour augmentation layers of Keras 3.15's image_preprocessing: each changes pixel values, never where they are.
+
+Keras works in the 0..255 scale whatever `value_range` says (its _transform_value_range maps there and back); the
+layers here do the same arithmetic in the same order, so they agree with Keras to rounding. The random ones draw
+their parameters per image with the layer's `self.rng`, as the other augmentation layers, and are the identity at
+inference; AutoContrast is applied at inference too, as Keras applies it.
+"""
+import numpy as np
+
+from dlcli.engine.layer import register
+from dlcli.errors import ConfigError, ShapeError
+from dlcli.layers.preprocessing import GRAYSCALE, _Augmentation, _factor, _PixelAugmentation, _value_range
+
+
+def _to_255(x, value_range):
+    """Keras' _transform_value_range(x, value_range, (0, 255))."""
+    low, high = value_range
+    return x if (low, high) == (0, 255) else (x - low) / (high - low) * 255
+
+
+def _from_255(x, value_range):
+    low, high = value_range
+    return x if (low, high) == (0, 255) else x / 255 * (high - low) + low
+
+
+def _unit_factor(factor, what: str, layer: str) -> tuple[float, float]:
+    """Solarization's factors: a number f in [0, 1] means [0, f]; a pair in [0, 1] is sorted."""
+    pair = list(factor) if isinstance(factor, (list, tuple)) else [0, factor]
+    if len(pair) != 2 or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1
+                             for f in pair):
+        raise ConfigError(f"{layer}: {what} must be a number or a pair in [0, 1]; got {factor!r}")
+    return tuple(sorted(float(f) for f in pair))
+
+
+def _channels_last(data_format, layer: str):
+    if data_format not in (None, "channels_last"):
+        raise ConfigError(f"{layer}: dlcli images are channels_last; got data_format {data_format!r}")
+    return data_format
+
+
+def _needs_rgb(layer, input_shape):
+    if input_shape[-1] != 3:
+        raise ShapeError(f"{type(layer).__name__} '{layer.name}' needs 3 channels (RGB); got {input_shape[-1]}")
+
+
+@register("Solarization")
+class Solarization(_Augmentation):
+    """Per image, in the 0..255 scale: y = clip(x + a, 0, 255), then 255 - y where y >= t (Keras' Solarization).
+    a is drawn from [addition_factor[0], addition_factor[1] * 255] and t from [threshold_factor[0],
+    threshold_factor[1] * 255] (a number f means [0, f]; Keras scales only the upper bound by 255, and so does
+    dlcli). With the default thresholds 0 every pixel is inverted. The identity at inference."""
+
+    def __init__(self, addition_factor=0.0, threshold_factor=0.0, value_range=(0, 255), seed: int | None = None,
+                 data_format: str | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.addition_factor = _unit_factor(addition_factor, "addition_factor", "Solarization")
+        self.threshold_factor = _unit_factor(threshold_factor, "threshold_factor", "Solarization")
+        self.value_range = _value_range(value_range, "Solarization")
+        self.data_format = _channels_last(data_format, "Solarization")
+
+    def draw(self, n):
+        (a0, a1), (t0, t1) = self.addition_factor, self.threshold_factor
+        # Keras draws both from one seed; dlcli draws them one after the other from the layer's stream
+        return {"additions": self.rng.uniform(a0, a1 * 255, n), "thresholds": self.rng.uniform(t0, t1 * 255, n)}
+
+    def augment(self, x):
+        drawn = self.draw(x.shape[0])
+        add, threshold = (np.asarray(drawn[k], x.dtype).reshape(-1, 1, 1, 1) for k in ("additions", "thresholds"))
+        y = _to_255(x, self.value_range) + add
+        self.inside = (y >= 0) & (y <= 255)  # where the clip passes the gradient (torch's clamp)
+        y = np.clip(y, 0, 255)
+        self.sign = np.where(y < threshold, 1, -1).astype(x.dtype)
+        return _from_255(np.where(y < threshold, y, 255 - y), self.value_range).astype(x.dtype, copy=False)
+
+    def augment_backward(self, grad):
+        return grad * self.inside * self.sign  # the scale to 0..255 and back cancels
+
+
+@register("RandomPosterization")
+class RandomPosterization(_Augmentation):
+    """Keep the top b bits of each 0..255 pixel value (Keras' RandomPosterization: truncated to an integer, then
+    shifted right and left by 8 - b), b drawn per image as an integer in [factor[0], factor[1]) (a number f means
+    [1, f); a pair with equal ends always uses that many bits). Values are clipped to 0..255 before the truncation.
+    Piecewise constant, so its gradient is zero; the identity at inference."""
+
+    def __init__(self, factor, value_range=(0, 255), data_format: str | None = None, seed: int | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.factor = _factor(factor, (1, 8), "RandomPosterization")
+        self.value_range = _value_range(value_range, "RandomPosterization")
+        self.data_format = _channels_last(data_format, "RandomPosterization")
+
+    def draw(self, n):
+        low, high = self.factor
+        bits = self.rng.integers(int(low), int(high), n) if low != high else np.full(n, int(low))
+        return 8 - bits  # Keras' shift_factor
+
+    def augment(self, x):
+        step = (2.0 ** np.asarray(self.draw(x.shape[0]))).astype(x.dtype).reshape(-1, 1, 1, 1)
+        pixels = np.floor(np.clip(_to_255(x, self.value_range), 0, 255))
+        return _from_255(np.floor(pixels / step) * step, self.value_range).astype(x.dtype, copy=False)
+
+    def augment_backward(self, grad):
+        return np.zeros_like(grad)
+
+
+@register("RandomColorDegeneration")
+class RandomColorDegeneration(_PixelAugmentation):
+    """x + f (gray(x) - x) per image, f drawn from factor's range (Keras: a number f means [-f, f] within [-1, 1],
+    so it desaturates (f > 0) or oversaturates (f < 0)), gray with Keras' 0.2989/0.587/0.114 weights, then clipped
+    to value_range. RGB images only; the identity at inference."""
+
+    def __init__(self, factor, value_range=(0, 255), data_format: str | None = None, seed: int | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.factor = _factor(factor, (-1.0, 1.0), "RandomColorDegeneration")
+        self.value_range = _value_range(value_range, "RandomColorDegeneration")
+        self.data_format = _channels_last(data_format, "RandomColorDegeneration")
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        _needs_rgb(self, input_shape)
+
+    def draw(self, n):
+        return self.rng.uniform(*self.factor, n)
+
+    def apply(self, x, f):
+        f = f[:, None, None, None]
+        return x + f * ((x @ GRAYSCALE.astype(x.dtype))[..., None] - x)
+
+    def apply_backward(self, grad, f):
+        f = f[:, None, None, None]
+        return grad * (1 - f) + (f * grad).sum(-1, keepdims=True) * GRAYSCALE.astype(grad.dtype)
+
+
+@register("AutoContrast")
+class AutoContrast(_Augmentation):
+    """Stretch each image's channel to the whole value_range: (x - min) / (max - min), min and max over height and
+    width, computed in the 0..255 scale and clipped to it as Keras' AutoContrast; a constant channel is left as it
+    is (Keras' NaN guard). Keras applies it at inference too, and so does dlcli (and its ONNX export)."""
+
+    def __init__(self, value_range=(0, 255), data_format: str | None = None, **kw):
+        super().__init__(None, **kw)
+        self.value_range = _value_range(value_range, "AutoContrast")
+        self.data_format = _channels_last(data_format, "AutoContrast")
+
+    def forward(self, x, training=False):
+        self.active = True  # in training and at inference alike
+        return self.augment(x)
+
+    def augment(self, x):
+        images = _to_255(x, self.value_range)
+        low = images.min((1, 2), keepdims=True)
+        high = images.max((1, 2), keepdims=True)
+        self.flat = high == low
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(self.flat, 0, 255.0 / np.where(self.flat, 1, high - low))
+        y = images * scale + (-low * scale)  # Keras' order of operations, so the clip below cuts where Keras' does
+        self.inside = (y >= 0) & (y <= 255)
+        self.stretched, self.scale = np.clip(y, 0, 255), scale
+        self.at_low, self.at_high = images == low, images == high
+        out = np.where(self.flat, x, _from_255(self.stretched, self.value_range))
+        return out.astype(x.dtype, copy=False)
+
+    def augment_backward(self, grad):
+        # y = (x - L) s with s = 255 / (H - L) in the 0..255 scale (the scale to it and back cancels in dy/dx): dy/dx =
+        # s, dy/dL = (y - 255) / (H - L), dy/dH = -y / (H - L); L and H pass theirs to the pixels that are the
+        # minimum and maximum, split between ties (torch's amin/amax)
+        g = grad * self.inside
+        unit = self.scale / 255
+        d_low = (g * (self.stretched - 255) * unit).sum((1, 2), keepdims=True)
+        d_high = (-g * self.stretched * unit).sum((1, 2), keepdims=True)
+        dx = g * self.scale
+        dx = dx + self.at_low * d_low / self.at_low.sum((1, 2), keepdims=True)
+        dx = dx + self.at_high * d_high / self.at_high.sum((1, 2), keepdims=True)
+        return np.where(self.flat, grad, dx)
+
+    def to_onnx(self, g, x, in_shape, mask):
+        x = g.last(x)
+        low_v, high_v = self.value_range
+        low = g.reduce("ReduceMin", x.name, [1, 2])
+        high = g.reduce("ReduceMax", x.name, [1, 2])
+        spread = g.op("Sub", [high, low])
+        flat = g.op("Equal", [spread, g.scalar(0.0)])
+        safe = g.op("Where", [flat, g.scalar(1.0), spread])
+        unit = g.op("Div", [g.op("Sub", [x.name, low]), safe])  # 0..1 before the clip
+        y = g.op("Clip", [unit, g.scalar(0.0), g.scalar(1.0)])
+        y = g.op("Add", [g.op("Mul", [y, g.scalar(high_v - low_v)]), g.scalar(low_v)])
+        return g.value(g.op("Where", [flat, x.name, y], self.name), x.rank)
+
+
+@register("Equalization")
+class Equalization(_Augmentation):
+    """Histogram equalization as Keras 3.15's Equalization: per channel, a `bins`-bin histogram of the 0..255
+    values (binned in float32, as Keras), its cumulative counts mapped to 0..255 and rounded, each pixel replaced
+    by its bin's value; a channel whose values fall in one bin is left as it is. As in Keras, the histogram of a
+    channel is taken over the whole batch, and the layer acts only in training (Keras' transform_images skips it
+    when training is False), so it is the identity at inference. Piecewise constant: its gradient is zero."""
+
+    def __init__(self, value_range=(0, 255), bins: int = 256, data_format: str | None = None, **kw):
+        super().__init__(None, **kw)
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+            raise ConfigError(f"Equalization: bins must be an integer >= 2; got {bins!r}")
+        self.value_range = _value_range(value_range, "Equalization")
+        self.bins, self.data_format = bins, _channels_last(data_format, "Equalization")
+
+    def augment(self, x):
+        images = _to_255(x, self.value_range)  # (n, h, w, c)
+        channels = images.reshape(-1, images.shape[-1])
+        binned = (channels.astype(np.float32) * np.float32(self.bins - 1) / np.float32(255)).astype(np.int64)
+        binned = np.clip(binned, 0, self.bins - 1)
+        counts = np.zeros((self.bins, channels.shape[1]), np.int64)
+        np.add.at(counts, (binned, np.arange(channels.shape[1])), 1)
+        cdf = counts.cumsum(0)
+        cdf_min = np.take_along_axis(cdf, (cdf > 0).argmax(0)[None], 0)
+        denominator = cdf[-1:] - cdf_min
+        denominator = np.where(denominator == 0, 1, denominator)
+        # torch divides the integer counts in its default float32
+        table = np.clip(np.round(((cdf - cdf_min) * 255).astype(np.float32) / denominator.astype(np.float32)), 0, 255)
+        index = np.clip(channels / 255.0 * (self.bins - 1), 0, self.bins - 1).astype(np.int64)
+        equalized = np.take_along_axis(table, index, 0)
+        self.kept = (counts > 0).sum(0) <= 1  # one bin: the channel passes unchanged (and so does its gradient)
+        equalized = np.where(self.kept, channels, equalized).reshape(images.shape)
+        return _from_255(equalized, self.value_range).astype(x.dtype, copy=False)
+
+    def augment_backward(self, grad):
+        return grad * self.kept
