@@ -308,12 +308,17 @@ class Model:
     def summary(self, print_fn=print):
         rows = self.summary_rows()
         functional = not isinstance(self, Sequential)
-        header = f"{'Layer (type)':<34}{'Output Shape':<26}{'Param #':>10}" + ("  Connected to" if functional else "")
+        rows = [r for r in rows if functional or r["type"] != "InputLayer"]
+        # columns widen to their longest entry, so a long layer name never runs into its shape
+        names = [f"{r['name']} ({r['type']})" for r in rows]
+        shapes = [format_shape(r["output_shape"]) for r in rows]
+        name_w = max([34] + [len(n) + 2 for n in names])
+        shape_w = max([26] + [len(s) + 2 for s in shapes])
+        header = (f"{'Layer (type)':<{name_w}}{'Output Shape':<{shape_w}}{'Param #':>10}"
+                  + ("  Connected to" if functional else ""))
         lines = [f'Model: "{self.name}"', "-" * len(header), header, "=" * len(header)]
-        for r in rows:
-            if r["type"] == "InputLayer" and not functional:
-                continue
-            line = f"{r['name'] + ' (' + r['type'] + ')':<34}{format_shape(r['output_shape']):<26}{r['params']:>10,}"
+        for r, name, shape in zip(rows, names, shapes):
+            line = f"{name:<{name_w}}{shape:<{shape_w}}{r['params']:>10,}"
             if functional:
                 line += "  " + ", ".join(r["connected_to"])
             lines.append(line)

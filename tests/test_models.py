@@ -195,3 +195,12 @@ def test_blas_threads_are_found_when_blas_is_the_first_module_imported():
 
     code = "from dlcli.engine import blas; import sys; sys.exit(0 if blas.threads() >= 1 and blas._blas() else 1)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_summary_columns_widen_so_a_long_layer_name_never_runs_into_its_shape():
+    model = models.Sequential([layers.Dense(3, name="a_rather_long_dense_layer_name_indeed", input_shape=(4,))])
+    model.build(rng=np.random.default_rng(0))
+    lines = []
+    model.summary(print_fn=lines.append)
+    row = next(line for line in lines[0].splitlines() if line.startswith("a_rather_long"))
+    assert "(Dense)  (None, 3)" in row and row.endswith("15")
