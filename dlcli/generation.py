@@ -8,14 +8,20 @@ position alone (Embedding, Dense, LayerNormalization, Dropout, Activation). Then
 work in each layer, its attention reading the cached keys and values of the prefix, instead of a pass over the
 whole prefix. The context is the run's training sequence_length: when it is full, the cache is rebuilt from the
 last half of the tokens (positions start again at 0), one prefix pass per context / 2 tokens.
+
+A step of one token per sequence, generate's inner loop, runs the attention layers and decoder blocks through
+step functions prepared at reset: the query, key and value kernels fused into one GEMV (the query's scale folded
+in), buffers allocated once, and the cached attention and each residual + layer norm one compiled call
+(dlcli/kernels/attention.py; the NumPy twins below with DLCLI_KERNELS=numpy). At batch 1 the layers' general
+forward spent most of a step in NumPy's per-call overhead.
 """
 from dataclasses import dataclass
 
 import numpy as np
 
-from dlcli import runs
+from dlcli import kernels, runs
 from dlcli.errors import DlcliError
-from dlcli.layers.attention import KeyValueCache, MultiHeadAttention
+from dlcli.layers.attention import KeyValueCache, MultiHeadAttention, masked_softmax_
 from dlcli.layers.core import Activation, Dense, Dropout
 from dlcli.layers.embedding import Embedding
 from dlcli.layers.normalization import LayerNormalization
@@ -66,20 +72,29 @@ class CachedDecoder:
         self.length = 0
 
     def reset(self, batch: int):
+        """Empty caches for `batch` sequences, and the one-token step functions read from the current weights."""
         self.length = 0
         self.caches = {}
-        for layer in self.layers:
+        self.steps = [None] * len(self.layers)
+        compiled = kernels.compiled("attention")
+        for i, layer in enumerate(self.layers):
             attention = layer.attention if isinstance(layer, TransformerDecoder) else layer
             if isinstance(attention, MultiHeadAttention):
-                self.caches[id(layer)] = KeyValueCache(batch, attention.num_heads, self.context, attention.key_dim,
-                                                       attention.value_dim, layer.dtype)
+                cache = KeyValueCache(batch, attention.num_heads, self.context, attention.key_dim,
+                                      attention.value_dim, layer.dtype)
+                self.caches[id(layer)] = cache
+                self.steps[i] = (DecoderBlockStep(layer, cache, compiled) if attention is not layer
+                                 else AttentionStep(attention, cache, compiled))
 
     def feed(self, tokens: np.ndarray, all_positions: bool = False) -> np.ndarray:
         x = np.asarray(tokens, np.int32)
         if self.length + x.shape[1] > self.context:
             raise DlcliError(f"{self.length + x.shape[1]} positions exceed the model's context of {self.context}")
+        one = x.shape[1] == 1
         for i, layer in enumerate(self.layers):
-            if id(layer) in self.caches:
+            if one and self.steps[i] is not None:
+                x = self.steps[i](x)
+            elif id(layer) in self.caches:
                 x = layer.forward_cached(x, self.caches[id(layer)])
             elif hasattr(layer, "forward_at"):
                 x = layer.forward_at(x, self.length)
@@ -89,6 +104,113 @@ class CachedDecoder:
                 x = x[:, -1:]  # what follows works on each position alone: only the last one is needed
         self.length += tokens.shape[1]
         return x if all_positions else x[:, -1]
+
+
+def attend_one_query(qkv, keys, values, position, first, context):
+    """NumPy twin of kernels/attention.py's attend_one_query (its docstring says what it does)."""
+    batch, heads, _, key_dim = keys.shape
+    q = qkv[:, :heads * key_dim].reshape(batch, heads, 1, key_dim)
+    keys[:, :, position] = qkv[:, heads * key_dim:2 * heads * key_dim].reshape(batch, heads, key_dim)
+    values[:, :, position] = qkv[:, 2 * heads * key_dim:].reshape(batch, heads, -1)
+    probs = masked_softmax_(q @ keys[:, :, first:position + 1].transpose(0, 1, 3, 2), None)
+    context[:] = (probs @ values[:, :, first:position + 1]).reshape(batch, -1)
+
+
+def add_layer_norm(x, residual, gamma, beta, epsilon, summed, out):
+    """NumPy twin of kernels/attention.py's add_layer_norm: summed = x + residual (or x), out = its layer norm."""
+    if residual.size:
+        np.add(x, residual, out=summed)
+    else:
+        summed[:] = x
+    centered = summed - summed.mean(-1, keepdims=True)
+    variance = (centered * centered).mean(-1, keepdims=True)
+    np.multiply(centered / np.sqrt(variance + x.dtype.type(epsilon)), gamma, out=out)
+    out += beta
+
+
+class AttentionStep:
+    """Causal self-attention (a MultiHeadAttention layer, or a decoder block's) of one new position per sequence:
+    x (batch, 1, features) -> (batch, 1, *output). GroupQueryAttention's key and value kernels are repeated per
+    query head, as its cache holds them."""
+
+    def __init__(self, attention: MultiHeadAttention, cache: KeyValueCache, compiled):
+        parts = [attention._onnx_weights(part) for part in ("query", "key", "value")]  # (kernel, bias or None)
+        scales = (attention.scale, 1.0, 1.0)  # Keras scales the query: folded into its kernel and bias
+        self.kernel = np.concatenate([k.reshape(k.shape[0], -1) * k.dtype.type(s) for (k, _), s in zip(parts, scales)],
+                                     1)
+        self.bias = np.concatenate([(np.zeros(k.shape[1:], k.dtype) if b is None else b).reshape(-1)
+                                    * k.dtype.type(s) for (k, b), s in zip(parts, scales)])
+        output = attention.params["attention_output/kernel"].value
+        self.output_shape = output.shape[2:]
+        self.output_kernel = output.reshape(attention.num_heads * attention.value_dim, -1)
+        self.output_bias = (attention.params["attention_output/bias"].value.reshape(-1) if attention.use_bias
+                            else np.zeros(self.output_kernel.shape[1], output.dtype))
+        batch = cache.keys.shape[0]
+        self.qkv = np.empty((batch, self.kernel.shape[1]), self.kernel.dtype)
+        self.context = np.empty((batch, self.output_kernel.shape[0]), self.kernel.dtype)
+        self.cache, self.window = cache, attention.sliding_window
+        self.attend = compiled.attend_one_query if compiled else attend_one_query
+
+    def __call__(self, x):
+        position = self.cache.length
+        np.matmul(x.reshape(len(x), -1), self.kernel, out=self.qkv)
+        self.qkv += self.bias
+        first = max(0, position + 1 - self.window) if self.window else 0
+        self.attend(self.qkv, self.cache.keys, self.cache.values, position, first, self.context)
+        self.cache.length = position + 1
+        out = self.context @ self.output_kernel
+        out += self.output_bias
+        return out.reshape(len(x), 1, *self.output_shape)
+
+
+class DecoderBlockStep:
+    """A TransformerDecoder block (self-attention only, inference) for one new position per sequence, KerasHub's
+    wiring: norm(x + attention(x)) then norm(h + feedforward(h)), or with normalize_first x + attention(norm(x))
+    then h + feedforward(norm(h))."""
+
+    def __init__(self, block: TransformerDecoder, cache: KeyValueCache, compiled):
+        block._sync()
+        self.attention = AttentionStep(block.attention, cache, compiled)
+        self.normalize_first = block.normalize_first
+        features = block.output_dense.units
+        self.norms = [(*norm._affine_arrays((features,)), norm.epsilon)
+                      for norm in (block.attention_norm, block.feedforward_norm)]
+        self.dense = [(d.kernel.value, d.bias.value if d.use_bias else np.zeros(d.units, d.kernel.value.dtype))
+                      for d in (block.intermediate, block.output_dense)]
+        self.activation = block.intermediate.activation
+        batch = cache.keys.shape[0]
+        self.hidden = np.empty((batch, block.intermediate_dim), self.attention.kernel.dtype)
+        self.buffers = [np.empty((batch, features), self.attention.kernel.dtype) for _ in range(3)]
+        self.empty = np.empty((0, 0), self.attention.kernel.dtype)
+        self.add_layer_norm = compiled.add_layer_norm if compiled else add_layer_norm
+
+    def _norm(self, which, x, residual, summed, out):
+        gamma, beta, epsilon = self.norms[which]
+        self.add_layer_norm(x, self.empty if residual is None else residual, gamma, beta, epsilon, summed, out)
+        return summed, out
+
+    def _feedforward(self, x):
+        (w1, b1), (w2, b2) = self.dense
+        np.matmul(x, w1, out=self.hidden)
+        self.hidden += b1
+        h = self.activation.forward_(self.hidden)
+        out = h @ w2
+        out += b2
+        return out
+
+    def __call__(self, x):
+        batch = len(x)
+        x = x.reshape(batch, -1)
+        first, second, third = self.buffers
+        out = np.empty_like(first)  # the block's output is handed on: not a buffer the next step overwrites
+        if self.normalize_first:
+            _, h = self._norm(0, x, None, first, second)
+            summed, h = self._norm(1, x, self.attention(h[:, None]).reshape(batch, -1), first, third)
+            np.add(summed, self._feedforward(h), out=out)
+        else:
+            _, h = self._norm(0, x, self.attention(x[:, None]).reshape(batch, -1), first, second)
+            self._norm(1, h, self._feedforward(h), third, out)
+        return out[:, None]
 
 
 @dataclass

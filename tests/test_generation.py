@@ -49,7 +49,7 @@ def _grouped_lm():
 
 @pytest.mark.parametrize("make", [_gpt, lambda: _gpt(True), _attention_lm, _grouped_lm],
                          ids=["post-norm", "pre-norm", "mha", "rotary-gqa"])
-def test_cached_steps_equal_the_whole_sequence_forward(make):
+def test_cached_steps_equal_the_whole_sequence_forward(make, kernel_path):
     model = make()
     tokens = np.random.default_rng(1).integers(1, VOCABULARY, (3, STEPS)).astype(np.int32)
     whole = model.graph.forward([tokens])[0]  # inference: dropout off
@@ -163,3 +163,37 @@ def test_a_model_that_mixes_positions_otherwise_is_refused():
                      {"type": "Dense", "units": VOCABULARY, "activation": "softmax"})
     with pytest.raises(Exception, match="TransformerEncoder"):
         CachedDecoder(encoder, STEPS)
+
+
+@pytest.mark.parametrize("first,position", [(0, 0), (0, 9), (4, 9)])
+def test_the_step_kernels_equal_their_numpy_twins(first, position):
+    from dlcli import generation
+    from dlcli.kernels import attention as compiled
+
+    rng = np.random.default_rng(position)
+    batch, heads, key_dim, value_dim = 2, 3, 4, 5
+    qkv = rng.standard_normal((batch, heads * (2 * key_dim + value_dim))).astype(np.float32)
+    cache_keys = rng.standard_normal((batch, heads, 12, key_dim)).astype(np.float32)
+    cache_values = rng.standard_normal((batch, heads, 12, value_dim)).astype(np.float32)
+    cache_keys[:, :, position:] = cache_values[:, :, position:] = np.nan  # rows after the position are never read
+    results = []
+    for attend in (compiled.attend_one_query, generation.attend_one_query):
+        keys, values = cache_keys.copy(), cache_values.copy()
+        context = np.full((batch, heads * value_dim), np.nan, np.float32)
+        attend(qkv, keys, values, position, first, context)
+        results.append((keys, values, context))
+    (keys, values, context), (keys_ref, values_ref, context_ref) = results
+    np.testing.assert_array_equal(keys[:, :, position], qkv[:, heads * key_dim:2 * heads * key_dim]
+                                  .reshape(batch, heads, key_dim))
+    np.testing.assert_array_equal(keys, keys_ref)
+    np.testing.assert_array_equal(values, values_ref)
+    np.testing.assert_allclose(context, context_ref, atol=1e-6, rtol=0)
+    assert not np.isnan(context).any()
+    x, residual = rng.standard_normal((2, 2, 7)).astype(np.float32) * 3 + 1
+    gamma, beta = rng.standard_normal((2, 7)).astype(np.float32)
+    for r in (residual, np.empty((0, 0), np.float32)):
+        (summed, out), (summed_ref, out_ref) = [[np.empty_like(x), np.empty_like(x)] for _ in range(2)]
+        compiled.add_layer_norm(x, r, gamma, beta, 1e-5, summed, out)
+        generation.add_layer_norm(x, r, gamma, beta, 1e-5, summed_ref, out_ref)
+        np.testing.assert_array_equal(summed, summed_ref)
+        np.testing.assert_allclose(out, out_ref, atol=1e-5, rtol=0)

@@ -74,4 +74,8 @@ def _import(name: str):
         import dlcli.kernels.activations as activations
 
         return activations
+    if name == "attention":
+        import dlcli.kernels.attention as attention
+
+        return attention
     raise KeyError(f"no compiled kernel module {name!r}")
