@@ -5,10 +5,13 @@ as one model batch (up to max_batch instances, waiting at most max_delay seconds
 the event loop keeps accepting; each caller gets its own rows back. /metrics is Prometheus' text format.
 """
 import asyncio
+import gc
 import hmac
+import json
+import queue
 import signal
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +52,8 @@ class Metrics:
     requests: dict = field(default_factory=dict)  # (path, status code) -> count
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
-    queue_depth: int = 0  # instances waiting for a batch
+    queued: int = 0  # instances given to the batcher (counted on the event loop)
+    taken: int = 0  # instances the batcher took into batches (counted on its thread)
 
     def count(self, path: str, status: int):
         self.requests[path, status] = self.requests.get((path, status), 0) + 1
@@ -67,7 +71,7 @@ class Metrics:
                   "# HELP dlcli_batch_size Instances in each model batch the batcher ran.",
                   "# TYPE dlcli_batch_size histogram", *self.batch_size.lines("dlcli_batch_size"),
                   "# HELP dlcli_queue_depth Instances waiting for the next batch.",
-                  "# TYPE dlcli_queue_depth gauge", f"dlcli_queue_depth {self.queue_depth}"]
+                  "# TYPE dlcli_queue_depth gauge", f"dlcli_queue_depth {self.queued - self.taken}"]
         return "\n".join(lines) + "\n"
 
 
@@ -76,68 +80,86 @@ class _Job:
     inputs: list  # model-ready arrays, one per model input, `size` rows each
     size: int
     future: asyncio.Future
+    arrived: float  # time.monotonic() when queued
 
 
 class Batcher:
-    """Dynamic batching: jobs queued by concurrent requests run as one model call of up to `max_batch` rows,
-    collected for at most `max_delay` seconds after the first arrives; the model runs on one worker thread. A job
-    larger than max_batch runs alone (requests are capped at MAX_INSTANCES)."""
+    """Dynamic batching on one worker thread: it takes queued jobs from the head while they fit in `max_batch` rows,
+    waiting for company until `max_delay` after the oldest job arrived (so jobs that queued while the previous batch
+    ran go at once), runs them as one model call, and hands all the answers back to the event loop in one callback.
+    A job larger than max_batch runs alone (requests are capped at MAX_INSTANCES).
+
+    The event loop's share per request is a queue put and a future: no batching task, timers or thread hop per
+    request, which cost more event-loop time than the model's share of a batch."""
 
     def __init__(self, run, max_batch: int, max_delay: float, metrics: Metrics):
         self.run, self.max_batch, self.max_delay, self.metrics = run, max_batch, max_delay, metrics
-        self.queue: list[_Job] = []
-        self.arrived = asyncio.Event()
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="dlcli-model")
+        self.loop = asyncio.get_running_loop()
+        self.jobs = queue.SimpleQueue()  # _Job, or None: stop after the jobs before it
+        self.worker = threading.Thread(target=self._work, name="dlcli-model", daemon=True)
+        self.worker.start()
 
-    async def submit(self, inputs: list, size: int):
-        job = _Job(inputs, size, asyncio.get_running_loop().create_future())
-        self.queue.append(job)
-        self.metrics.queue_depth += size
-        self.arrived.set()
-        return await job.future
+    def submit(self, inputs: list, size: int) -> asyncio.Future:
+        """A future of the model's outputs for these rows (called on the event loop)."""
+        job = _Job(inputs, size, self.loop.create_future(), time.monotonic())
+        self.metrics.queued += size
+        self.jobs.put(job)
+        return job.future
 
-    def _take(self) -> list[_Job]:
-        """Jobs from the queue's head while they fit in max_batch (the first always)."""
-        taken, rows = [], 0
-        while self.queue and (not taken or rows + self.queue[0].size <= self.max_batch):
-            job = self.queue.pop(0)
-            taken.append(job)
+    def _batch(self, first: _Job) -> tuple[list[_Job], _Job | None]:
+        """`first` and the jobs behind it that fit, and what comes next: the job that did not fit (it heads the
+        next batch), None when the queue said stop, False for nothing yet."""
+        jobs, rows = [first], first.size
+        deadline = first.arrived + self.max_delay
+        while rows < self.max_batch:
+            left = deadline - time.monotonic()
+            try:  # past the deadline, only what is already queued joins
+                job = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
+            except queue.Empty:
+                return jobs, False
+            if job is None or rows + job.size > self.max_batch:
+                return jobs, job
+            jobs.append(job)
             rows += job.size
-        return taken
+        return jobs, False
 
-    async def loop(self):
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self.queue:
-                self.arrived.clear()
-                await self.arrived.wait()
-            deadline = loop.time() + self.max_delay
-            while sum(j.size for j in self.queue) < self.max_batch and (left := deadline - loop.time()) > 0:
-                self.arrived.clear()
+    def _work(self):
+        from dlcli.engine import blas
+
+        # the model on one BLAS thread, in one pass per batch: the event loop needs the other core, and splitting
+        # a served batch over lanes (a graph replica and a thread pool per call) cost more than it saved here
+        with blas.one_thread():
+            head = self.jobs.get()
+            while head is not None:
+                jobs, head = self._batch(head)
+                rows = sum(j.size for j in jobs)
+                self.metrics.taken += rows
                 try:
-                    await asyncio.wait_for(self.arrived.wait(), left)
-                except TimeoutError:
-                    break
-            jobs = self._take()
-            rows = sum(j.size for j in jobs)
-            self.metrics.queue_depth -= rows
-            self.metrics.batch_size.observe(rows)
-            inputs = [np.concatenate([j.inputs[i] for j in jobs]) for i in range(len(jobs[0].inputs))]
-            try:
-                outputs = await loop.run_in_executor(self.worker, self.run, inputs)
-            except Exception as e:  # the model failed on this batch: every caller in it hears why
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(e)
-                continue
-            start = 0
-            for j in jobs:
-                if not j.future.done():  # a caller that went away has a cancelled future
+                    inputs = jobs[0].inputs if len(jobs) == 1 else \
+                        [np.concatenate([j.inputs[i] for j in jobs]) for i in range(len(jobs[0].inputs))]
+                    result = self.run(inputs)
+                except Exception as e:  # the model failed on this batch: every caller in it hears why
+                    result = e
+                self.loop.call_soon_threadsafe(self._answer, jobs, rows, result)
+                if head is False:
+                    head = self.jobs.get()
+
+    def _answer(self, jobs: list[_Job], rows: int, outputs):
+        """On the event loop: each caller's own rows (or the batch's exception)."""
+        self.metrics.batch_size.observe(rows)
+        start = 0
+        for j in jobs:
+            if not j.future.done():  # a caller that went away has a cancelled future
+                if isinstance(outputs, Exception):
+                    j.future.set_exception(outputs)
+                else:
                     j.future.set_result([o[start:start + j.size] for o in outputs])
-                start += j.size
+            start += j.size
 
     def close(self):
-        self.worker.shutdown(wait=True)
+        """Finish the jobs queued so far, then stop the worker."""
+        self.jobs.put(None)
+        self.worker.join()
 
 
 class ServedRun:
@@ -230,89 +252,30 @@ class ServedRun:
 
 
 def create_app(served: ServedRun, max_batch: int = 64, max_delay: float = 0.005, api_key: str | None = None):
-    """The FastAPI application around a loaded run."""
+    """The ASGI application around a loaded run: POST /v1/predict as a plain ASGI handler (the hot path: FastAPI's
+    routing, dependency solving and its seven middleware layers cost more per request than the model's share of a
+    batch), the other routes on FastAPI, and the Guard in front of both."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-    from starlette.concurrency import run_in_threadpool
 
     metrics = Metrics()
     state = {"batcher": None}
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher = Batcher(served.predict, max_batch, max_delay, metrics)
-        task = asyncio.create_task(batcher.loop())
-        state["batcher"] = batcher
+        state["batcher"] = Batcher(served.predict, max_batch, max_delay, metrics)
+        gc.collect()
+        gc.freeze()  # the loaded model and libraries are never garbage: full collections skip them
         yield
-        task.cancel()
-        batcher.close()
+        state["batcher"].close()
 
     app = FastAPI(title=f"dlcli serve {served.info['name']}", version=served.info["dlcli_version"],
                   lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, metrics=metrics, api_key=api_key)
 
     def error(status: int, message: str):
         return JSONResponse({"error": message}, status_code=status)
-
-    async def uploaded(request) -> dict | str:
-        """A multipart/form-data upload as a payload: every file field is one image instance (its bytes); form
-        fields top_k and invert as in JSON. A string says what is wrong."""
-        try:
-            form = await request.form(max_files=MAX_INSTANCES)
-        except Exception as e:  # python-multipart's parse errors have no common base class in Starlette's API
-            return f"not a valid multipart/form-data body ({e})"
-        files = [await v.read() for _, v in form.multi_items() if not isinstance(v, str)]
-        if not files:
-            return "a multipart/form-data request needs at least one file field (an image)"
-        payload = {"instances": files, "invert": form.get("invert", "") in ("1", "true", "on")}
-        if form.get("top_k"):
-            payload["top_k"] = int(form["top_k"]) if form["top_k"].isdigit() else form["top_k"]
-        return payload
-
-    @app.post("/v1/predict")
-    async def predict(request: Request):
-        from dlcli.data.image_folder import BadImage  # noqa: F401 (a DlcliError, answered like the others)
-
-        started = time.perf_counter()
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:  # a chunked body without Content-Length
-            return error(413, f"request body over the limit of {MAX_BODY_BYTES:,} bytes")
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            payload = await uploaded(request)
-            if isinstance(payload, str):
-                return error(400, payload)
-        else:
-            try:
-                import json
-
-                payload = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as e:
-                return error(400, f"the body is not JSON ({e})")
-        if not isinstance(payload, dict) or "instances" not in payload:
-            return error(422, 'expected a JSON object {"instances": [...]}')
-        instances = payload["instances"]
-        top_k = payload.get("top_k", 3)
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-            return error(422, f"top_k must be a positive integer; found {top_k!r}")
-        if isinstance(instances, list) and len(instances) > MAX_INSTANCES:
-            return error(413, f"{len(instances):,} instances in one request; the limit is {MAX_INSTANCES:,} "
-                              f"(split the request)")
-        # a small body is cheaper to handle on the event loop than to hand to a thread and back
-        small = len(body) <= INLINE_BYTES and isinstance(instances, list) and len(instances) <= INLINE_INSTANCES
-        try:
-            invert = bool(payload.get("invert", False))
-            inputs = served.inputs(instances, invert) if small else \
-                await run_in_threadpool(served.inputs, instances, invert)
-        except DlcliError as e:
-            return error(422, e.message)
-        outputs = await state["batcher"].submit(inputs, len(inputs[0]))
-        answer = served.answer(outputs, top_k) if small else await run_in_threadpool(served.answer, outputs, top_k)
-        latency = time.perf_counter() - started
-        metrics.latency.observe(latency)
-        return JSONResponse({"predictions": answer, "model": served.info["name"],
-                             "latency_ms": round(latency * 1000, 3)})
 
     @app.get("/v1/model")
     async def model_info():
@@ -338,19 +301,118 @@ def create_app(served: ServedRun, max_batch: int = 64, max_delay: float = 0.005,
 
         return HTMLResponse(render(served.info))
 
-    return app
+    return Guard(app, Predictor(served, state, metrics), metrics, api_key)
+
+
+class Predictor:
+    """POST /v1/predict as a plain ASGI handler: JSON (or a multipart/form-data upload) in, each request's
+    instances preprocessed as `dlcli predict` does, queued for the batcher, answered as JSON. Returns the status."""
+
+    def __init__(self, served: ServedRun, state: dict, metrics: Metrics):
+        self.served, self.state, self.metrics = served, state, metrics
+
+    async def __call__(self, scope, receive, send) -> int:
+        started = time.perf_counter()
+        if scope["method"] != "POST":
+            return await respond(send, 405, {"error": "use POST for /v1/predict"}, [(b"allow", b"POST")])
+        body = await read_body(receive)
+        if body is None:  # a chunked body without Content-Length
+            return await respond(send, 413, {"error": f"request body over the limit of {MAX_BODY_BYTES:,} bytes"})
+        if dict(scope["headers"]).get(b"content-type", b"").startswith(b"multipart/form-data"):
+            payload = await uploaded(scope, body)
+            if isinstance(payload, str):
+                return await respond(send, 400, {"error": payload})
+        else:
+            try:
+                payload = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as e:
+                return await respond(send, 400, {"error": f"the body is not JSON ({e})"})
+        if not isinstance(payload, dict) or "instances" not in payload:
+            return await respond(send, 422, {"error": 'expected a JSON object {"instances": [...]}'})
+        instances = payload["instances"]
+        top_k = payload.get("top_k", 3)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            return await respond(send, 422, {"error": f"top_k must be a positive integer; found {top_k!r}"})
+        if isinstance(instances, list) and len(instances) > MAX_INSTANCES:
+            return await respond(send, 413, {"error": f"{len(instances):,} instances in one request; the limit is "
+                                                      f"{MAX_INSTANCES:,} (split the request)"})
+        # a small body is cheaper to handle on the event loop than to hand to a thread and back
+        small = len(body) <= INLINE_BYTES and isinstance(instances, list) and len(instances) <= INLINE_INSTANCES
+        try:
+            invert = bool(payload.get("invert", False))
+            inputs = self.served.inputs(instances, invert) if small else \
+                await asyncio.to_thread(self.served.inputs, instances, invert)
+        except DlcliError as e:
+            return await respond(send, 422, {"error": e.message})
+        outputs = await self.state["batcher"].submit(inputs, len(inputs[0]))
+        answer = self.served.answer(outputs, top_k) if small else \
+            await asyncio.to_thread(self.served.answer, outputs, top_k)
+        latency = time.perf_counter() - started
+        self.metrics.latency.observe(latency)
+        return await respond(send, 200, {"predictions": answer, "model": self.served.info["name"],
+                                         "latency_ms": round(latency * 1000, 3)})
+
+
+async def read_body(receive) -> bytes | None:
+    """The request body, or None once it passes MAX_BODY_BYTES (the Guard refuses a larger Content-Length before
+    this; a chunked body is counted as it comes)."""
+    chunks, size = [], 0
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            return b""  # the client went away: whatever is answered goes nowhere
+        chunk = event.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+        if not event.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def uploaded(scope, body: bytes) -> dict | str:
+    """A multipart/form-data upload as a payload: every file field is one image instance (its bytes); form fields
+    top_k and invert as in JSON. A string says what is wrong."""
+    from starlette.requests import Request
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(scope, replay).form(max_files=MAX_INSTANCES)
+    except Exception as e:  # python-multipart's parse errors have no common base class in Starlette's API
+        return f"not a valid multipart/form-data body ({e})"
+    files = [await v.read() for _, v in form.multi_items() if not isinstance(v, str)]
+    if not files:
+        return "a multipart/form-data request needs at least one file field (an image)"
+    payload = {"instances": files, "invert": form.get("invert", "") in ("1", "true", "on")}
+    if form.get("top_k"):
+        payload["top_k"] = int(form["top_k"]) if form["top_k"].isdigit() else form["top_k"]
+    return payload
+
+
+async def respond(send, status: int, content, headers=()) -> int:
+    """A JSON response as Starlette's JSONResponse renders it (UTF-8, no NaN, compact); returns the status."""
+    body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+    return status
 
 
 KNOWN_PATHS = ("/", "/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics")
 
 
 class Guard:
-    """The API key, the body size limit (from Content-Length, before the body is read) and the request count by
-    path and status, as plain ASGI middleware: Starlette's BaseHTTPMiddleware runs each request through an extra task
-    and stream, which cost more server time per small request than the model's share of a batch."""
+    """In front of every request: the API key, the body size limit (from Content-Length, before the body is read)
+    and the request count by path and status; then /v1/predict to its handler and the rest to FastAPI. Plain ASGI:
+    Starlette's BaseHTTPMiddleware runs each request through an extra task and stream, which cost more server
+    time per small request than the model's share of a batch."""
 
-    def __init__(self, app, metrics: Metrics, api_key: str | None):
-        self.app, self.metrics, self.key = app, metrics, None if api_key is None else api_key.encode()
+    def __init__(self, app, predict: Predictor, metrics: Metrics, api_key: str | None):
+        self.app, self.predict, self.metrics = app, predict, metrics
+        self.key = None if api_key is None else api_key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -368,10 +430,14 @@ class Guard:
             status = 413
             message = f"request body of {int(length):,} bytes; the limit is {MAX_BODY_BYTES:,}"
         if status != 500:
-            from starlette.responses import JSONResponse
-
-            self.metrics.count(path, status)
-            return await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
+            self.metrics.count(path, await respond(send, status, {"error": message}))
+            return
+        if path == "/v1/predict":
+            try:
+                status = await self.predict(scope, receive, send)
+            finally:
+                self.metrics.count(path, status)
+            return
 
         async def counted(event):
             nonlocal status
@@ -399,8 +465,9 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, weights: str = "be
     app = create_app(served, max_batch, max_delay_ms / 1000, api_key)
     log(f"serving {served.info['name']} ({served.run_dir}, {weights} weights) on http://{host}:{port}/ "
         f"(max batch {max_batch}, max delay {max_delay_ms:g} ms)")
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=30))
+    # no access log (a log line per request) and no proxy headers (nothing sits in front of a loopback server)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                           proxy_headers=False, timeout_graceful_shutdown=30))
     # uvicorn stops gracefully on SIGTERM / SIGINT, then raises the signal again for the handler it found; a no-op
     # one there makes a finished graceful stop exit 0 (the issue's contract) instead of dying of the signal
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
