@@ -58,19 +58,13 @@ async def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """User + system CPU time so far of a process' main thread (the server's event loop) and of its other threads
-    (the model worker, BLAS), from Linux /proc."""
-    main = other = 0.0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:  # a thread that just ended
-            continue
-        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        if int(tid) == pid:
-            main += seconds
-        else:
-            other += seconds
-    return main, other
+    (the model worker, BLAS; ended threads included), from Linux /proc."""
+    def seconds(stat: str) -> float:
+        fields = open(stat).read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    main = seconds(f"/proc/{pid}/task/{pid}/stat")
+    return main, seconds(f"/proc/{pid}/stat") - main
 
 
 def mean_batch(port: int) -> tuple[float, float]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dlcli import runs
+from dlcli.engine import blas
 from dlcli.errors import DlcliError
 
 MAX_BODY_BYTES = 16 * 2**20  # larger bodies get 413 before they are parsed
@@ -124,25 +125,20 @@ class Batcher:
         return jobs, False
 
     def _work(self):
-        from dlcli.engine import blas
-
-        # the model on one BLAS thread, in one pass per batch: the event loop needs the other core, and splitting
-        # a served batch over lanes (a graph replica and a thread pool per call) cost more than it saved here
-        with blas.one_thread():
-            head = self.jobs.get()
-            while head is not None:
-                jobs, head = self._batch(head)
-                rows = sum(j.size for j in jobs)
-                self.metrics.taken += rows
-                try:
-                    inputs = jobs[0].inputs if len(jobs) == 1 else \
-                        [np.concatenate([j.inputs[i] for j in jobs]) for i in range(len(jobs[0].inputs))]
-                    result = self.run(inputs)
-                except Exception as e:  # the model failed on this batch: every caller in it hears why
-                    result = e
-                self.loop.call_soon_threadsafe(self._answer, jobs, rows, result)
-                if head is False:
-                    head = self.jobs.get()
+        head = self.jobs.get()
+        while head is not None:
+            jobs, head = self._batch(head)
+            rows = sum(j.size for j in jobs)
+            self.metrics.taken += rows
+            try:
+                inputs = jobs[0].inputs if len(jobs) == 1 else \
+                    [np.concatenate([j.inputs[i] for j in jobs]) for i in range(len(jobs[0].inputs))]
+                result = self.run(inputs)
+            except Exception as e:  # the model failed on this batch: every caller in it hears why
+                result = e
+            self.loop.call_soon_threadsafe(self._answer, jobs, rows, result)
+            if head is False:
+                head = self.jobs.get()
 
     def _answer(self, jobs: list[_Job], rows: int, outputs):
         """On the event loop: each caller's own rows (or the batch's exception)."""
@@ -179,6 +175,9 @@ class ServedRun:
             raise DlcliError(e.message, exit_code=2) from None
         self.data = dict(self.config.data)
         self.dataset = dataset_type(self.data)
+        vocabulary = runs.RunDir(self.run_dir).vocabulary
+        self.vocabulary = runs.read_json(vocabulary) if vocabulary.is_file() else None  # a text run's
+        self.pass_rows = self.model._inference_rows()  # a pass larger than this leaves the cache
         self.heads = []  # per output: (name, class names or None)
         for name, tensor in zip(self.model.output_names, self.model.outputs):
             width = int(np.prod(tensor.shape)) if tensor.shape else 1
@@ -211,24 +210,28 @@ class ServedRun:
         """What instances look like: table rows, texts, images or arrays (what the page offers)."""
         if self.dataset.rows:
             return "table"
-        if runs.RunDir(self.run_dir).vocabulary.is_file():
+        if self.vocabulary is not None:
             return "text"
         shape = tuple(self.model.inputs[0].shape)
         return "image" if len(self.model.inputs) == 1 and (self.dataset.pictures or len(shape) == 3 and shape[2] in (1, 3)) \
             else "array"
 
     def inputs(self, instances: list, invert: bool = False) -> list[np.ndarray]:
-        import warnings
-
         from dlcli.data.inputs import instance_inputs
 
-        with warnings.catch_warnings():  # predict's --invert hint is for files on a terminal, not a server log
-            warnings.simplefilter("ignore")
-            return instance_inputs(instances, self.run_dir, self.data, self.model, invert)
+        return instance_inputs(instances, self.run_dir, self.data, self.model, invert, vocabulary=self.vocabulary)
 
     def predict(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        preds = self.model.predict(inputs if len(inputs) > 1 else inputs[0], batch_size=len(inputs[0]))
-        return preds if isinstance(preds, list) else [preds]
+        """The outputs for one batch of model-ready inputs, in passes of up to pass_rows rows one after another on
+        one BLAS thread: the event loop needs the other core, and Model.predict's lanes for a batch of 17-64 rows
+        (a graph replica and a thread pool per call) and its set-up cost more than they saved on a served batch."""
+        from dlcli.engine.graph import inference_passes
+
+        size, step = len(inputs[0]), self.pass_rows
+        passes = [[x[i:i + step] for x in inputs] for i in range(0, size, step)]
+        with blas.one_thread():  # so inference_passes runs the passes in turn
+            outs = list(inference_passes(self.model.graph, passes))
+        return outs[0] if len(outs) == 1 else [np.concatenate(o) for o in zip(*outs)]
 
     def answer(self, outputs: list[np.ndarray], top_k: int) -> list[dict]:
         """One JSON object per instance: label, probabilities and top-k (classes by name) for a classifier head,

@@ -74,25 +74,28 @@ def read_inputs(paths: list[Path], run_dir, data: dict, model, key: str | None =
     return xs, [f"{file.name}:{i}" for i in range(len(xs[0]))]
 
 
-def image_inputs(pixels: np.ndarray, names: list[str], data: dict, model, invert: bool = False,
+def image_inputs(pixels: np.ndarray, names: list[str] | None, data: dict, model, invert: bool = False,
                  pixel_scale: float | None = None) -> list[np.ndarray]:
     """Decoded uint8 images (N, *input shape) made model-ready as the run's training images were: inverted on
-    request, scaled by the dataset's pixel scale (or `pixel_scale`)."""
+    request, scaled by the dataset's pixel scale (or `pixel_scale`). With file `names`, a light background on a
+    model of dark ones gets the --invert hint (a warning)."""
     dataset = dataset_type(data)
     if invert:  # MNIST-style data is light ink on black; photos of writing are dark on light
         pixels = 255 - pixels
-    elif dataset.dark_background:
+    elif dataset.dark_background and names is not None:
         _hint_invert(names, pixels)
     scale = dataset.pixel_scale() if pixel_scale is None else pixel_scale
     return _fit(to_features(pixels, "float32", scale), model)
 
 
 def instance_inputs(instances: list, run_dir, data: dict, model, invert: bool = False,
-                    pixel_scale: float | None = None) -> list[np.ndarray]:
+                    pixel_scale: float | None = None, vocabulary: dict | None = None) -> list[np.ndarray]:
     """`dlcli serve`'s JSON instances made model-ready by the steps `dlcli predict` takes on files: table rows
     by column name (a table run), texts (a run with a vocabulary), images as base64 PNG/JPEG strings (or
     {"b64": ...}; bytes for uploaded files), or numbers (nested lists; for several model inputs, objects by input name). As for files,
-    integer arrays are raw values and get the dataset's preprocessing; floats are taken as preprocessed."""
+    integer arrays are raw values and get the dataset's preprocessing; floats are taken as preprocessed. A text
+    run's `vocabulary` (its word -> index) is read once by the caller; images get no --invert hint (the request
+    says `invert`, and a server has no terminal to hint on)."""
     import base64
     import binascii
     import io
@@ -103,14 +106,14 @@ def instance_inputs(instances: list, run_dir, data: dict, model, invert: bool = 
     own = dataset.read_instances(instances, run_dir, model)
     if own is not None:
         return own
-    if runs.RunDir(run_dir).vocabulary.is_file():
+    if vocabulary is not None:
         from dlcli.data.text import encode_texts
 
         bad = next((i for i, t in enumerate(instances) if not isinstance(t, str)), None)
         if bad is not None:
             raise DlcliError(f"instance {bad}: expected a text (a JSON string) for this text model; found "
                              f"{type(instances[bad]).__name__}")
-        return _fit(encode_texts(dataset.cut_texts(instances), runs.read_json(runs.RunDir(run_dir).vocabulary)), model)
+        return _fit(encode_texts(dataset.cut_texts(instances), vocabulary), model)
     images = [t.get("b64") if isinstance(t, dict) and set(t) == {"b64"} else t for t in instances]
     if all(isinstance(t, (str, bytes)) for t in images):  # bytes: an uploaded file's
         decoded = []
@@ -120,8 +123,7 @@ def instance_inputs(instances: list, run_dir, data: dict, model, invert: bool = 
             except (binascii.Error, ValueError):
                 raise DlcliError(f"instance {i}: not base64 (an image is sent as base64 PNG/JPEG bytes)") from None
             decoded.append(read_image(io.BytesIO(raw), model, data, name=f"instance {i}"))
-        names = [f"instance {i}" for i in range(len(instances))]
-        return image_inputs(np.stack(decoded), names, data, model, invert, pixel_scale)
+        return image_inputs(np.stack(decoded), None, data, model, invert, pixel_scale)
     if all(isinstance(t, dict) for t in instances) and len(model.inputs) > 1:
         x = {n: _numbers([t.get(n) for t in instances], f"input '{n}'") for n in model.input_names}
     else:
