@@ -33,7 +33,7 @@ def worker(name: str, threads: int, limit: int | None = None):
     from dlcli import distributed
     from dlcli.builder import build_model
     from dlcli.config import load_config
-    from dlcli.trainer import Trainer
+    from dlcli.trainer import Run
 
     world = distributed.world(True)
     limits = distributed.limit_threads(world, threads)
@@ -45,9 +45,9 @@ def worker(name: str, threads: int, limit: int | None = None):
     shape = tuple(model.inputs[0].shape)
     x, y = mnist_train(shape, limit)
     batch = int(cfg["train"]["batch_size"])
-    warm = Trainer(model, verbose=0, rng=np.random.default_rng(0), world=world)
+    warm = Run(model, verbose=0, rng=np.random.default_rng(0), world=world)
     warm.fit([x[:WARMUP_BATCHES * batch]], [y[:WARMUP_BATCHES * batch]], epochs=1, batch_size=batch)
-    trainer = Trainer(model, verbose=0, rng=np.random.default_rng(1), world=world)
+    trainer = Run(model, verbose=0, rng=np.random.default_rng(1), world=world)
     world.barrier()
     start = time.perf_counter()
     trainer.fit([x], [y], epochs=1, batch_size=batch)

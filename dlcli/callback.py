@@ -16,12 +16,12 @@ class Callback:
         self.params = params
 
     def on_run_begin(self, run):
-        """`dlcli.train` (Trainer.train) calls this once the run directory exists and the data is loaded, before the
+        """`dlcli.train` (Run.train) calls this once the run directory exists and the data is loaded, before the
         first epoch; `run` is the live dlcli.trainer.Run (its dir, sizes, model). Callbacks observe: `run.stop(status)`
         is the one way to end the run early (after the batch, with a checkpoint)."""
 
     def on_run_end(self, run):
-        """Trainer.train calls this once the run directory is complete (meta.json, history.csv, curves.png written), whatever ended the
+        """Run.train calls this once the run directory is complete (meta.json, history.csv, curves.png written), whatever ended the
         run: `run.status` is completed, interrupted, diverged, failed or the status given to `run.stop`."""
 
     def on_train_begin(self, logs=None): ...

@@ -222,7 +222,7 @@ def short_run(config, samples: int, epochs: int) -> tuple[dict, list]:
     same code path), in a throwaway run directory. Returns (weight hashes, per-epoch losses)."""
     from dlcli.builder import build_model
     from dlcli.experiment import load_splits
-    from dlcli.trainer import Run, Trainer
+    from dlcli.trainer import Run
 
     config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
     model = build_model(config)
@@ -235,7 +235,7 @@ def short_run(config, samples: int, epochs: int) -> tuple[dict, list]:
     with tempfile.TemporaryDirectory(prefix="dlcli-determinism-") as tmp:
         run_dir = Path(tmp) / "run"
         runs.RunDir(run_dir).weights.mkdir(parents=True)
-        result = Trainer.for_run(Run(run_dir, config, model, splits), verbose=0).train()
+        result = Run.in_dir(run_dir, config, model, splits, verbose=0).train()
     return weight_hashes(model), [row["loss"] for row in result.history]
 
 

@@ -14,7 +14,7 @@ from dlcli.config import Config, Override, as_config
 from dlcli.data import paths
 from dlcli.data.source import Source, as_source, fit_inputs
 from dlcli.errors import DlcliError, NothingToDo, plural
-from dlcli.trainer import Run, Trainer
+from dlcli.trainer import Run
 
 
 @dataclass
@@ -111,7 +111,7 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
         if backup is not None:
             resolved = _resolve(config, overrides, backup, allow_config_change, None)
     cfg, state, run_dir, changes, kfold_resume = resolved
-    # rank 0's resolution for every rank (its checkpoint follows in Trainer.fit: other nodes may not see its disk)
+    # rank 0's resolution for every rank (its checkpoint follows in Run.fit: other nodes may not see its disk)
     shared = world.bcast_json({"config": None if cfg is None else cfg.to_dict(),
                                "run_dir": None if run_dir is None else str(run_dir), "changes": changes,
                                "resumed": None if state is None else checkpoint.resume_banner(state)})
@@ -138,8 +138,8 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
     runs.atomic_write_text(runs.RunDir(run_dir).config, dump_yaml(cfg.to_dict()))
     if cfg.train.kfold:
         return train_folds(cfg, model, splits, folds, run_dir, callbacks, resume=kfold_resume, verbose=verbose)
-    run = Run(run_dir, cfg, model, splits, init_from=initial, config_changes=changes, resumed=shared["resumed"])
-    return Trainer.for_run(run, callbacks, verbose, world).train(state)
+    return Run.in_dir(run_dir, cfg, model, splits, callbacks, verbose, world, init_from=initial,
+                      config_changes=changes, resumed=shared["resumed"]).train(state)
 
 
 def _resolve(config, overrides, resume, allow_config_change, init_from):

@@ -15,6 +15,7 @@ the finished folds and continues the one it stopped in from its checkpoint. The 
 folds' history.csv files whether a fold finished in this process or an earlier one, so a resumed run's files are
 identical to an uninterrupted one's.
 """
+import copy
 import math
 import time
 from dataclasses import replace
@@ -42,13 +43,13 @@ def fold_indices(cfg, splits) -> list[np.ndarray]:
 
 def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: bool = False, verbose: int = 0):
     """Write the run's meta.json (unless resuming), train every fold (`folds`: fold_indices) not finished yet into
-    run_dir/folds/<i>/ as an ordinary run (Trainer.train, `callbacks` joining each fold's), continuing a fold's
+    run_dir/folds/<i>/ as an ordinary run (Run.train, `callbacks` joining each fold's), continuing a fold's
     checkpoint when `resume`; write the aggregate. Returns the whole run's Run: the status of the fold that stopped
     it (else "completed"), history = the mean rows, test = the mean."""
     from dlcli import checkpoint
     from dlcli.builder import build_model
     from dlcli.config import dump_yaml
-    from dlcli.trainer import Run, Trainer, start_meta
+    from dlcli.trainer import Run, start_meta
 
     k = cfg.train.kfold
     fold_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"kfold": None})})
@@ -84,9 +85,8 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
                     fold_model, fresh_model = build_model(cfg), None
             else:
                 fold_model, fresh_model = fresh_model or build_model(cfg), None
-            run = Run(fold_dir, fold_cfg, fold_model, fold_splits, kfold_dir=run_dir,
-                      resumed=None if state is None else checkpoint.resume_banner(state))
-            last = Trainer.for_run(run, callbacks, verbose).train(state)
+            last = Run.in_dir(fold_dir, fold_cfg, fold_model, fold_splits, callbacks, verbose, kfold_dir=run_dir,
+                              resumed=None if state is None else checkpoint.resume_banner(state)).train(state)
             statuses.append(last.status)
             if last.status != "completed":
                 break
@@ -99,8 +99,10 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
         raise NothingToDo(f"all {k} folds of {run_dir} are finished: nothing to resume")
     seconds = time.perf_counter() - start
     means, test, best_epoch = write_aggregate(run_dir, cfg, statuses, k, seconds)
-    return replace(last, dir=run_dir, config=cfg, splits=splits, status=last.status, history=means, test=test,
-                   seconds=seconds, best_epoch=best_epoch, resumed=None)
+    whole = copy.copy(last)  # the last fold's run (model, world, position), as the whole run
+    vars(whole).update(dir=run_dir, config=cfg, splits=splits, history=means, test=test, seconds=seconds,
+                       best_epoch=best_epoch, resumed=None)
+    return whole
 
 
 def _fold_splits(splits, train_idx, val):

@@ -178,7 +178,7 @@ class Model:
 
     def train_step(self, xs, ys, sample_weight=None):
         """One forward, backward and optimizer step (Keras' train_step): (loss plus regularisation, each output's
-        loss, the outputs). `fit` takes the same steps in dlcli.trainer, with its divergence gate."""
+        loss, the outputs). `fit` takes the same steps in dlcli.trainer.Run, with its divergence gate."""
         params = self.trainable_weights
         try:
             outs = self.graph.forward(xs, training=True)
@@ -199,7 +199,7 @@ class Model:
             stratify=False):
         """Train for `epochs`; returns a History. `validation_split` takes a seeded *shuffled* fraction
         (Keras takes the unshuffled tail, a known trap with sorted data)."""
-        from dlcli.trainer import Trainer
+        from dlcli.trainer import Run
 
         self._require_compiled()
         xs, ys = self._inputs_list(x), self._targets_list(y)
@@ -213,7 +213,7 @@ class Model:
         elif validation_data is not None:
             vx, vy = validation_data[0], validation_data[1]
             validation_data = (self._inputs_list(vx), self._targets_list(vy))
-        return Trainer(self, callbacks=callbacks, verbose=verbose, rng=rng).fit(
+        return Run(self, callbacks, verbose, rng).fit(
             xs, ys, epochs=epochs, batch_size=batch_size, validation_data=validation_data, shuffle=shuffle,
             class_weight=class_weight, sample_weight=sample_weight, initial_epoch=initial_epoch)
 

@@ -1,6 +1,7 @@
-"""`Trainer.fit`: the epoch x batch loop behind `Model.fit` (shuffling, metrics, validation, callback hooks,
-resumable checkpoints, the stop on divergence). `Trainer.train`: a whole run into its run directory around it, behind
-`dlcli.train` and each K-fold fold. Callbacks observe; `run.stop(status)` (a flag) ends a run after the batch.
+"""A training run, one object (`Run`): `Run.fit` is the epoch x batch loop behind `Model.fit` (shuffling, metrics,
+validation, callback hooks, resumable checkpoints, the stop on divergence); `Run.train` is a whole run into its run
+directory around it, behind `dlcli.train` and each K-fold fold. Callbacks observe; `run.stop(status)` (a flag) ends
+a run after the batch.
 
 Resuming is exact: a checkpoint keeps the shuffling RNG's state from the start of its epoch, so a run resumed
 mid-epoch draws the same permutation and continues at the next batch, with the epoch's running metric sums intact.
@@ -12,7 +13,6 @@ sums, so every rank holds the global figures and identical weights. Only rank 0 
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,43 +36,10 @@ NORM_EVERY = 10
 DIVERGENCE_FACTOR = 1e4
 
 
-@dataclass
-class Run:
-    """One training run: what callbacks receive in `on_run_begin`, and what `dlcli.train` returns."""
-
-    dir: Path | None = None  # None: Model.fit, no run directory
-    config: object = None  # the validated Config (dlcli.config); `.to_dict()` is what config.yaml holds
-    model: object = field(default=None, repr=False)
-    splits: object = field(default=None, repr=False)  # dlcli.experiment.Splits
-    status: str = "running"  # then "completed", "interrupted", "diverged", "failed" or the status given to stop()
-    history: list = field(default_factory=list)  # per-epoch rows, as in history.csv (earlier ones on a resume)
-    test: dict | None = None  # test-set loss and metrics (completed runs with a test split)
-    seconds: float = 0.0
-    best_epoch: int | None = None
-    position: dict | None = None  # the last checkpoint's position (epoch, batch, step ...)
-    init_from: Path | None = None  # the weights file a fine-tuning run started from
-    resumed: str | None = None  # where a resumed run continues, for people
-    config_changes: list = field(default_factory=list)  # lines naming what a resume changed
-    kfold_dir: Path | None = None  # a fold's K-fold run: the directory --resume continues
-    checkpoint: Path | None = None  # the resumable checkpoint (a fold's own, in K-fold)
-    world: object = field(default=None, repr=False)  # dlcli.distributed.World: the ranks training it
-    stopping: str | None = field(default=None, repr=False)  # the status stop() asked for
-
-    @property
-    def sizes(self) -> dict:
-        """Samples per split: train, validation, test."""
-        return self.splits.sizes()
-
-    def stop(self, status: str = "stopped"):
-        """Ask the trainer to end the run after the current batch, with a checkpoint it can resume from; `status`
-        says why (meta.json, Run.status). Safe from a callback or a signal handler."""
-        self.stopping = status
-
-
 class RunRecorder(Callback):
     """Writes the run's history.csv (rewritten whole, atomically, each epoch) and appends to train.log.
 
-    Weights are ModelCheckpoint's job (weights/best.npz, weights/last.npz); resumable state is the trainer's
+    Weights are ModelCheckpoint's job (weights/best.npz, weights/last.npz); resumable state is the run's
     (checkpoint/state.npz)."""
 
     def __init__(self, run_dir: Path):
@@ -90,47 +57,75 @@ class RunRecorder(Callback):
             runs.append_text(self.files.train_log, f"{run.status} before the first epoch ended\n")
 
 
-class Trainer:
-    def __init__(self, model, callbacks=None, verbose=1, rng: np.random.Generator | None = None,
-                 checkpoint_path=None, checkpoint_every: int | None = None, world: distributed.World | None = None,
-                 divergence_factor: float | None = DIVERGENCE_FACTOR, run: Run | None = None):
+class Run:
+    """One training run: its loop (`fit`, behind Model.fit) and, in a run directory, its whole lifecycle (`train`,
+    behind dlcli.train and each K-fold fold). Callbacks get the live Run in `on_run_begin` and observe it;
+    `dlcli.train` returns it (dir, status, history, test ...)."""
+
+    def __init__(self, model, callbacks=(), verbose=1, rng: np.random.Generator | None = None, *, dir=None,
+                 config=None, splits=None, checkpoint_path=None, checkpoint_every: int | None = None,
+                 world: distributed.World | None = None, divergence_factor: float | None = DIVERGENCE_FACTOR,
+                 init_from=None, resumed: str | None = None, config_changes=(), kfold_dir=None):
         self.model = model
-        self.divergence_factor = divergence_factor
-        self.initial_loss: float | None = None  # the run's first batch loss (checkpointed)
-        self.world = world or distributed.World()
-        self.run = run or Run(model=model)
-        self.run.world, self.run.checkpoint = self.world, checkpoint_path
-        self.stop_agreed = False  # every rank's stop request, summed by the step's exchange
-        self.exchange = self.bn_sync = None
-        self.user_callbacks = list(callbacks or [])
+        self.dir: Path | None = dir  # None: Model.fit, no run directory
+        self.config = config  # the validated Config (dlcli.config); `.to_dict()` is what config.yaml holds
+        self.splits = splits  # dlcli.experiment.Splits
+        self.callbacks = list(callbacks or [])
         self.verbose = verbose
         self.rng = rng if rng is not None else np.random.default_rng()
+        self.checkpoint: Path | None = checkpoint_path  # the resumable checkpoint (a fold's own, in K-fold)
         self.checkpoint_every = checkpoint_every
+        self.world = world or distributed.World()  # the ranks training it
+        self.divergence_factor = divergence_factor
+        self.init_from: Path | None = init_from  # the weights file a fine-tuning run started from
+        self.resumed = resumed  # where a resumed run continues, for people
+        self.config_changes = list(config_changes)  # lines naming what a resume changed
+        self.kfold_dir: Path | None = kfold_dir  # a fold's K-fold run: the directory --resume continues
+        # what the run has done: status is then "completed", "interrupted", "diverged", "failed" or the status given
+        # to stop(); history the per-epoch rows as in history.csv (earlier ones on a resume); test the test split's
+        # loss and metrics (completed runs with one); position the last checkpoint's (epoch, batch, step ...)
+        self.status, self.history, self.test, self.seconds = "running", [], None, 0.0
+        self.best_epoch: int | None = None
+        self.position: dict | None = None
+        self.stopping: str | None = None  # the status stop() asked for
+        self.stop_agreed = False  # every rank's stop request, summed by the step's exchange
+        self.exchange = self.bn_sync = None
         self.epoch, self.batch, self.samples_seen = 0, 0, 0
+        self.initial_loss: float | None = None  # the run's first batch loss (checkpointed)
         self.checkpoint_header: dict = {}  # what the run adds to each checkpoint's header (its config record)
         self.norms: deque = deque(maxlen=NORM_HISTORY)
 
     @classmethod
-    def for_run(cls, run: Run, callbacks=(), verbose=1, world=None) -> "Trainer":
-        """A trainer writing `run.dir` (created, config.yaml written): RunRecorder, the config's train.callbacks and
+    def in_dir(cls, run_dir: Path, config, model, splits, callbacks=(), verbose=1, world=None, **record) -> "Run":
+        """A run writing `run_dir` (created, config.yaml written): RunRecorder, the config's train.callbacks and
         a ModelCheckpoint writing weights/ (the default monitors val_loss, or loss without a validation split),
-        then `callbacks`. A callback that cannot start fails here."""
-        config = run.config
+        then `callbacks`. `record`: init_from, resumed, config_changes, kfold_dir. A callback that cannot start
+        fails here."""
         user = [CALLBACKS.create(spec) for spec in config.train.callbacks]
         if not any(isinstance(cb, ModelCheckpoint) for cb in user):
-            user.append(ModelCheckpoint(monitor="val_loss" if run.splits.x_val is not None else "loss"))
+            user.append(ModelCheckpoint(monitor="val_loss" if splits.x_val is not None else "loss"))
         savers = [cb for cb in user if isinstance(cb, ModelCheckpoint)]
         for cb in savers:
-            cb.filepath = cb.filepath or str(runs.RunDir(run.dir).weights)
-        recorder = RunRecorder(run.dir)
-        trainer = cls(run.model, callbacks=[recorder, *user, *callbacks], verbose=verbose,
-                      rng=np.random.default_rng([config.seed, 2]), checkpoint_path=run.dir / checkpoint.FILENAME,
-                      checkpoint_every=config.train.checkpoint_every,
-                      divergence_factor=config.train.divergence_factor, world=world, run=run)
-        trainer.recorder, trainer.saver = recorder, savers[0]  # history.csv's rows, best epoch
-        return trainer
+            cb.filepath = cb.filepath or str(runs.RunDir(run_dir).weights)
+        recorder = RunRecorder(run_dir)
+        run = cls(model, [recorder, *user, *callbacks], verbose, np.random.default_rng([config.seed, 2]),
+                  dir=run_dir, config=config, splits=splits, checkpoint_path=run_dir / checkpoint.FILENAME,
+                  checkpoint_every=config.train.checkpoint_every, world=world,
+                  divergence_factor=config.train.divergence_factor, **record)
+        run.recorder, run.saver = recorder, savers[0]  # history.csv's rows, best epoch
+        return run
 
-    def train(self, resume: dict | None = None) -> Run:
+    @property
+    def sizes(self) -> dict:
+        """Samples per split: train, validation, test."""
+        return self.splits.sizes()
+
+    def stop(self, status: str = "stopped"):
+        """End the run after the current batch, with a checkpoint it can resume from; `status` says why (meta.json,
+        Run.status). Safe from a callback or a signal handler."""
+        self.stopping = status
+
+    def train(self, resume: dict | None = None) -> "Run":
         """The whole run: meta.json, on_run_begin, `fit` on the run's splits, the test split evaluated, meta.json
         and curves.png completed, on_run_end. `resume` (dlcli.checkpoint.load of this run) continues exactly where
         the checkpoint stopped, appending to the same history.csv. A divergence writes divergence.json and
@@ -140,11 +135,11 @@ class Trainer:
         from dlcli.divergence import DivergenceError
 
         with self.world.guard():
-            run, world, splits, settings = self.run, self.world, self.run.splits, self.run.config.train
-            files = runs.RunDir(run.dir)
+            world, splits, settings = self.world, self.splits, self.config.train
+            files = runs.RunDir(self.dir)
             # what evaluate/predict/export/--resume check config.yaml against
-            self.checkpoint_header = fingerprint.record(run.config.to_dict())
-            meta = start_meta(run.config, run.model, splits)
+            self.checkpoint_header = fingerprint.record(self.config.to_dict())
+            meta = start_meta(self.config, self.model, splits)
             if resume is not None and files.meta.exists():
                 meta = {**runs.read_json(files.meta), "status": "running", **self.checkpoint_header}
                 meta.setdefault("resumed", []).append(
@@ -155,17 +150,17 @@ class Trainer:
             if splits.extra.get("feature_space"):  # a table's preprocessing: evaluate, predict, --resume reuse it
                 from dlcli.data.table import FILENAME
 
-                runs.atomic_write_json(run.dir / FILENAME, splits.extra["feature_space"])
+                runs.atomic_write_json(self.dir / FILENAME, splits.extra["feature_space"])
             if resume is not None and world.is_root:
                 done = resume["header"]["position"]["epoch"]
-                self.recorder.rows = [r for r in runs.read_history(run.dir) if (r.get("epoch") or 0) <= done]
-            run.history = self.recorder.rows
-            for cb in self.user_callbacks:
-                cb.on_run_begin(run)
+                self.recorder.rows = [r for r in runs.read_history(self.dir) if (r.get("epoch") or 0) <= done]
+            self.history = self.recorder.rows
+            for cb in self.callbacks:
+                cb.on_run_begin(self)
             if resume is None:
                 from dlcli.layers.normalization import adapt_to_inputs
 
-                adapt_to_inputs(run.model, splits.x_train)  # Normalization layers with adapt: true, before epoch 1
+                adapt_to_inputs(self.model, splits.x_train)  # Normalization layers with adapt: true, before epoch 1
             start = time.perf_counter()
             try:
                 self.fit(splits.x_train, splits.y_train, epochs=settings.epochs, batch_size=settings.batch_size,
@@ -176,38 +171,38 @@ class Trainer:
                 meta.update({"status": "diverged", "end": runs.utc_now(), "hint": e.report["hint"],
                              "diverged_at": {k: e.report[k] for k in ("epoch", "batch", "step")}})
                 runs.atomic_write_json(files.meta, meta)
-                e.message += f" Details: {run.dir / 'divergence.json'}"
+                e.message += f" Details: {self.dir / 'divergence.json'}"
                 self._run_ended("diverged", failing=True)
                 raise
             except BaseException as e:  # keep meta.json honest when anything else stops the run
                 self._run_ended(runs.mark_failed(files.meta, meta, e), failing=True)
                 raise
-            run.status = (run.stopping or "interrupted") if self.stopping() else "completed"
-            run.seconds = time.perf_counter() - start
-            if splits.x_test is not None and run.status == "completed":
-                run.test = self.evaluate(splits.x_test, splits.y_test, settings.batch_size)
-            run.best_epoch, saver = self.saver.best_epoch, self.saver
+            self.status = (self.stopping or "interrupted") if self.stopped() else "completed"
+            self.seconds = time.perf_counter() - start
+            if splits.x_test is not None and self.status == "completed":
+                self.test = self.evaluate(splits.x_test, splits.y_test, settings.batch_size)
+            self.best_epoch, saver = self.saver.best_epoch, self.saver
             if splits.x_train.describe():  # decode rate, cache, mapped file: where the input time went
                 meta["input"] = splits.x_train.describe()
-            meta.update({"status": run.status, "end": runs.utc_now(),
-                         "seconds": round(run.seconds + meta.get("seconds", 0) if resume else run.seconds, 3),
-                         "epochs_run": len(run.history), "best_epoch": saver.best_epoch,
-                         "best": {saver.monitor: saver.best}, "test": run.test})
+            meta.update({"status": self.status, "end": runs.utc_now(),
+                         "seconds": round(self.seconds + meta.get("seconds", 0) if resume else self.seconds, 3),
+                         "epochs_run": len(self.history), "best_epoch": saver.best_epoch,
+                         "best": {saver.monitor: saver.best}, "test": self.test})
             runs.atomic_write_json(files.meta, meta)
             if world.is_root:
                 from dlcli.plots import write_curves
 
-                write_curves(run.dir, run.history)
-            self._run_ended(run.status)
-            self.world.barrier()  # a failure in rank 0's last writes reaches the ranks that are done
-        return run
+                write_curves(self.dir, self.history)
+            self._run_ended(self.status)
+            world.barrier()  # a failure in rank 0's last writes reaches the ranks that are done
+        return self
 
     def _run_ended(self, status: str, failing: bool = False):
         """Tell the callbacks the run directory is final; while an error propagates, theirs must not replace it."""
-        self.run.status = status
-        for cb in self.user_callbacks:
+        self.status = status
+        for cb in self.callbacks:
             try:
-                cb.on_run_end(self.run)
+                cb.on_run_end(self)
             except Exception:
                 if not failing:
                     raise
@@ -222,7 +217,7 @@ class Trainer:
             n = len(xs)
             history = History()
             verbose = self.verbose and world.is_root
-            callbacks = [history] + ([ProgressLogger(epochs, n)] if verbose else []) + self.user_callbacks
+            callbacks = [history] + ([ProgressLogger(epochs, n)] if verbose else []) + self.callbacks
             cbs = CallbackList(callbacks)
             cbs.set_model(model)
             cbs.set_params({"epochs": epochs, "samples": n, "batch_size": batch_size})
@@ -240,14 +235,14 @@ class Trainer:
                     distributed.rank_streams(world, model)
             position = None
             if resume is not None:
-                position = checkpoint.restore(resume, model, self.user_callbacks)
+                position = checkpoint.restore(resume, model, self.callbacks)
                 distributed.rank_streams(world, model, resume["header"].get("rank_rngs"))
                 if (position["samples"], position["batch_size"]) != (n, batch_size):
                     raise DlcliError(f"{resume['path']} was written for {position['samples']:,} training samples in "
                                      f"batches of {position['batch_size']}; this run has {n:,} in batches of "
                                      f"{batch_size}: the data and train.batch_size must not change to resume")
                 initial_epoch, self.samples_seen = position["epoch"], position["samples_seen"]
-                self.run.position = position
+                self.position = position
                 self.norms.extend(position.get("norms", []))
                 self.initial_loss = position.get("initial_loss")
             cbs.on_train_begin()
@@ -285,12 +280,12 @@ class Trainer:
                         batch_logs = {"batch": batch, "size": size, **self.logs.results()}
                         cbs.on_train_batch_end(batch, batch_logs)
                         every = self.checkpoint_every
-                        if self.stopping() or (every and (batch + 1) % every == 0 and batch + 1 < skip + len(chunks)):
+                        if self.stopped() or (every and (batch + 1) % every == 0 and batch + 1 < skip + len(chunks)):
                             self._check_weights(xb, yb, wb, sel, n)
                             self.save_checkpoint(epoch, batch + 1, batch_size, n)
-                        if model.stop_training or self.stopping():
+                        if model.stop_training or self.stopped():
                             break
-                if self.stopping():
+                if self.stopped():
                     return history  # no epoch end: the checkpoint resumes inside this epoch
                 if chunks:  # steps were taken: their weights are checked before validation or any callback sees them
                     self._check_weights(xb, yb, wb, sel, n)
@@ -304,18 +299,18 @@ class Trainer:
                 logs["seconds"] = time.perf_counter() - start
                 cbs.on_epoch_end(epoch, logs)
                 self.save_checkpoint(epoch + 1, 0, batch_size, n)
-                if model.stop_training or self.stopping():
+                if model.stop_training or self.stopped():
                     break
-            if not self.stopping():
+            if not self.stopped():
                 if epochs > initial_epoch:  # use_ema: the weights become their averages, as Keras ends a fit
                     model.optimizer.finalize_variable_values(model.trainable_weights)
                 cbs.on_train_end(logs)
             return history
 
-    def stopping(self) -> bool:
+    def stopped(self) -> bool:
         """A stop request (run.stop: Ctrl-C, SIGTERM, a pruner) counts once every rank knows of it, so all stop at
         the same batch."""
-        return self.run.stopping is not None if self.exchange is None else self.stop_agreed
+        return self.stopping is not None if self.exchange is None else self.stop_agreed
 
     def _rank_slice(self, chunk, n):
         """(this rank's indices of the global batch `chunk`, the global batch's size, this rank's share of it).
@@ -390,7 +385,7 @@ class Trainer:
         if share:
             self.logs.update(loss, parts, yb, outs, wb)
         moved = np.asarray(self.logs.sums(), np.float64) - before
-        moved, self.stop_agreed = self.exchange(moved.reshape(-1), self.run.stopping is not None)
+        moved, self.stop_agreed = self.exchange(moved.reshape(-1), self.stopping is not None)
         moved = moved.reshape(before.shape)
         self.logs.set_sums((before + moved).tolist())
         batch = self.logs.batch_losses(moved)
@@ -452,14 +447,14 @@ class Trainer:
             return diagnose(self.model, xb, yb, wb)
 
     def _checkpoint_text(self) -> str:
-        c = self.run.position
+        c = self.position
         if c is None:
             return "none (the run diverged before its first checkpoint)"
-        return f"{self.run.checkpoint or 'checkpoint'}, at {checkpoint.describe_position(c)}"
+        return f"{self.checkpoint or 'checkpoint'}, at {checkpoint.describe_position(c)}"
 
     def save_checkpoint(self, epoch, batch, batch_size, n):
         """Position (epoch, next batch) plus everything else needed to continue bit-identically."""
-        if self.run.checkpoint is None:
+        if self.checkpoint is None:
             return
         position = {"epoch": epoch, "batch": batch, "step": int(self.model.optimizer.iterations),
                     "samples_seen": self.samples_seen, "samples": n, "batch_size": batch_size,
@@ -473,9 +468,9 @@ class Trainer:
             states = {k: g.bit_generator.state for k, g in checkpoint.layer_rngs(self.model).items()}
             rank_rngs = self.world.gather_json(states)
         if self.world.is_root:
-            checkpoint.save(self.run.checkpoint, self.model, self.user_callbacks, position, rank_rngs,
+            checkpoint.save(self.checkpoint, self.model, self.callbacks, position, rank_rngs,
                             self.checkpoint_header)
-        self.run.position = position
+        self.position = position
 
 
 def start_meta(config, model, splits) -> dict:

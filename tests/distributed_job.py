@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dlcli import callbacks, checkpoint, distributed, layers, models  # noqa: E402
 from dlcli.engine.layer import clear_session  # noqa: E402
-from dlcli.trainer import Trainer  # noqa: E402
+from dlcli.trainer import Run  # noqa: E402
 
 EPOCHS = 2
 
@@ -82,7 +82,7 @@ class StopAt(callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if self.trainer.epoch == 0 and batch == self.at and self.world.rank == 0:
-            self.trainer.run.stop()
+            self.trainer.stop()
 
 
 class FailAt(callbacks.Callback):
@@ -101,14 +101,14 @@ def run(name, out, mode="", world=None, state_dir=None):
     world = world or distributed.world(True)
     model, xs, ys, batch_size = case(name)
     state = Path(state_dir or Path(out).parent) / f"{name}-state.npz"
-    trainer = Trainer(model, verbose=0, rng=np.random.default_rng(7), world=world, checkpoint_path=state,
+    trainer = Run(model, verbose=0, rng=np.random.default_rng(7), world=world, checkpoint_path=state,
                       checkpoint_every=3)
     extra = []
     if mode.startswith("stop-at="):
         extra.append(StopAt(trainer, int(mode.split("=")[1]), world))
     if mode.startswith("fail-at="):
         extra.append(FailAt(int(mode.split("=")[1]), world))
-    trainer.user_callbacks += extra
+    trainer.callbacks += extra
     resume = checkpoint.load(state) if mode == "resume" and world.is_root else None
     history = trainer.fit(xs, ys, epochs=EPOCHS, batch_size=batch_size, resume=resume)
     weights = model.get_weights()
@@ -117,7 +117,7 @@ def run(name, out, mode="", world=None, state_dir=None):
     streams = world.gather_json({k: g.bit_generator.state for k, g in checkpoint.layer_rngs(model).items()})
     if world.is_root and out:
         np.savez(out, *weights, hashes=np.array(json.dumps(hashes)), streams=np.array(json.dumps(streams)), history=np.array(json.dumps(history.history)),
-                 stopped=np.array(trainer.stop_agreed or trainer.run.stopping is not None))
+                 stopped=np.array(trainer.stop_agreed or trainer.stopping is not None))
     return weights, history.history
 
 

@@ -8,7 +8,7 @@ import pytest
 from dlcli.builder import build_model
 from dlcli.config import Config
 from dlcli.diagnostics import to_float64
-from dlcli.trainer import Trainer
+from dlcli.trainer import Run
 
 MODEL = {
     "type": "functional",
@@ -52,11 +52,11 @@ def optimizer_gradients(model, xs, ys, step) -> dict:
     if step == "Model.train_step":
         received["loss"], _, _ = model.train_step(xs, ys)
     else:
-        received["loss"], _, _ = Trainer(model, verbose=0)._step(xs, ys, None, slice(0, 3), 3)
+        received["loss"], _, _ = Run(model, verbose=0)._step(xs, ys, None, slice(0, 3), 3)
     return received
 
 
-@pytest.mark.parametrize("step", ["Model.train_step", "Trainer._step"])
+@pytest.mark.parametrize("step", ["Model.train_step", "Run._step"])
 def test_train_step_hands_the_optimizer_the_gradient_of_loss_plus_regularisation(step):
     model, xs, ys = _model()
     received = optimizer_gradients(model, xs, ys, step)

@@ -8,7 +8,7 @@ from dlcli.callbacks import Callback
 from dlcli.divergence import DivergenceError
 from dlcli.layers import Dense, Dropout
 from dlcli.models import Sequential
-from dlcli.trainer import Trainer
+from dlcli.trainer import Run
 
 
 def _model(lr=0.1, optimizer="sgd", dropout=False, **dense_kw):
@@ -100,23 +100,23 @@ class StopAfter(Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.left -= 1
         if self.left == 0:
-            self.trainer.run.stop()
+            self.trainer.stop()
 
 
 def test_in_process_stop_and_resume_is_bit_identical(tmp_path):
     x, y = _data(40)
 
     def trainer_for(model, path):
-        return Trainer(model, verbose=0, rng=np.random.default_rng(7), checkpoint_path=path, checkpoint_every=2)
+        return Run(model, verbose=0, rng=np.random.default_rng(7), checkpoint_path=path, checkpoint_every=2)
 
     ref = _model(optimizer="adam", dropout=True)
     trainer_for(ref, tmp_path / "ref.npz").fit([x], [y], epochs=3, batch_size=6)
 
     first = _model(optimizer="adam", dropout=True)
     t = trainer_for(first, tmp_path / "run.npz")
-    t.user_callbacks.append(StopAfter(t, 10))
+    t.callbacks.append(StopAfter(t, 10))
     t.fit([x], [y], epochs=3, batch_size=6)
-    assert t.run.position["epoch"] == 1 and t.run.position["batch"] == 3  # 7 batches per epoch
+    assert t.position["epoch"] == 1 and t.position["batch"] == 3  # 7 batches per epoch
     state = checkpoint.load(tmp_path / "run.npz")
     resumed = _model(optimizer="adam", dropout=True)
     resumed.get_layer("drop").rng = np.random.default_rng(0)  # resume must restore the layer RNG, not reuse it
@@ -129,9 +129,9 @@ def test_in_process_stop_and_resume_is_bit_identical(tmp_path):
 def test_batch_size_change_on_resume_is_refused(tmp_path):
     x, y = _data(12)
     model = _model()
-    Trainer(model, verbose=0, checkpoint_path=tmp_path / "c.npz").fit([x], [y], epochs=1, batch_size=4)
+    Run(model, verbose=0, checkpoint_path=tmp_path / "c.npz").fit([x], [y], epochs=1, batch_size=4)
     with pytest.raises(Exception, match="batch_size must not change"):
-        Trainer(_model(), verbose=0).fit([x], [y], epochs=2, batch_size=6, resume=checkpoint.load(tmp_path / "c.npz"))
+        Run(_model(), verbose=0).fit([x], [y], epochs=2, batch_size=6, resume=checkpoint.load(tmp_path / "c.npz"))
 
 
 def test_nan_loss_stops_before_the_update_and_names_the_layer():
@@ -175,11 +175,11 @@ def test_norms_every_tenth_step_and_a_nonfinite_gradient_between_stops_before_th
     from dlcli.trainer import NORM_EVERY
 
     x, y = _data(12)
-    trainer = Trainer(_model(), verbose=0, rng=np.random.default_rng(0))
+    trainer = Run(_model(), verbose=0, rng=np.random.default_rng(0))
     trainer.fit([x], [y], epochs=25, batch_size=12)  # 25 steps: norms at steps 0, 10, 20
     assert NORM_EVERY == 10 and len(trainer.norms) == 3
     model = _model()
-    Trainer(model, verbose=0, rng=np.random.default_rng(0)).fit([x], [y], epochs=1, batch_size=12)  # step 0 checked
+    Run(model, verbose=0, rng=np.random.default_rng(0)).fit([x], [y], epochs=1, batch_size=12)  # step 0 checked
     model.get_layer("h").backward = lambda grad: (model.get_layer("h").params["kernel"].grad.fill(np.inf), grad)[1]
 
     class Ended(Callback):
@@ -189,7 +189,7 @@ def test_norms_every_tenth_step_and_a_nonfinite_gradient_between_stops_before_th
             self.epochs.append(epoch)
 
     with pytest.raises(DivergenceError) as info:
-        Trainer(model, [Ended()], verbose=0, rng=np.random.default_rng(0)).fit([x], [y], epochs=3, batch_size=12)
+        Run(model, [Ended()], verbose=0, rng=np.random.default_rng(0)).fit([x], [y], epochs=3, batch_size=12)
     report = info.value.report
     assert (report["non_finite"], report["step"]) == ("weights", 2)  # the unchecked step 1 broke them
     assert "h/kernel" in report["diagnosis"]["nonfinite_weights"]
@@ -209,7 +209,7 @@ def test_the_rise_rule_measures_against_a_first_loss_of_at_least_one():
     stays far below 1e4 times it."""
     x = np.zeros((8, 1), np.float32)
     y = np.repeat([0.0, 3.0], 4).astype(np.float32)[:, None]  # batch losses 0, then 9
-    trainer = Trainer(_constant_model(), verbose=0, rng=np.random.default_rng(0))
+    trainer = Run(_constant_model(), verbose=0, rng=np.random.default_rng(0))
     history = trainer.fit([x], [y], epochs=1, batch_size=4, shuffle=False)
     assert trainer.initial_loss == 0.0 and trainer.rise_base() == 1.0
     assert history.history["loss"] == [pytest.approx(4.5)]
@@ -222,12 +222,12 @@ def test_initial_loss_is_restored_on_resume(tmp_path):
     y = np.repeat([10.0, 1.0, 10.0], 4).astype(np.float32)[:, None]
 
     def trainer(path):
-        return Trainer(_constant_model(), verbose=0, rng=np.random.default_rng(0), checkpoint_path=path,
+        return Run(_constant_model(), verbose=0, rng=np.random.default_rng(0), checkpoint_path=path,
                        divergence_factor=10)
 
     trainer(tmp_path / "whole.npz").fit([x], [y], epochs=1, batch_size=4, shuffle=False)
     first = trainer(tmp_path / "run.npz")
-    first.user_callbacks.append(StopAfter(first, 1))
+    first.callbacks.append(StopAfter(first, 1))
     first.fit([x], [y], epochs=1, batch_size=4, shuffle=False)
     state = checkpoint.load(tmp_path / "run.npz")
     assert state["header"]["position"]["batch"] == 1 and state["header"]["position"]["initial_loss"] == 100.0
