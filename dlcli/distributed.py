@@ -21,9 +21,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from dlcli.errors import DlcliError
+from dlcli.errors import DlcliError, require
 
-INSTALL_HINT = "pip install 'dlcli[distributed]'"
 FAILURE_TAG = 0x444C  # point-to-point messages carrying a failure (a collective cannot: the failed rank is gone)
 EXIT_TAG = 0x444D  # rank 0 to the others after a failure: its message is printed and flushed, they may exit
 ACK_SECONDS = 10.0  # how long a failed rank waits for rank 0 to take over its message before printing it itself
@@ -233,10 +232,9 @@ def world(distributed: bool = False) -> World:
     if not distributed:
         return World()
     if _world is None:
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            raise DlcliError(f"--distributed needs MPI for Python: {INSTALL_HINT}") from None
+        require("mpi4py", "distributed", "--distributed")
+        from mpi4py import MPI
+
         _world = MPIWorld(MPI.COMM_WORLD)
         if _world.rank != 0:
             from dlcli import runs

@@ -1,4 +1,6 @@
-"""The one error type the library raises for problems a user can fix; the CLI prints it and exits with its code."""
+"""The one error type the library raises for problems a user can fix; the CLI prints it and exits with its code.
+`require` is the one way a feature imports an optional extra."""
+import importlib
 
 
 class DlcliError(Exception):
@@ -37,6 +39,15 @@ class ExportError(DlcliError):
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=2)
+
+
+def require(module: str, extra: str, feature: str = "this command"):
+    """Import an optional dependency, or fail with the one line that installs its extra: "`feature` needs `module`:
+    pip install 'dlcli[extra]'" (exit 1: the input is fine, the environment lacks a package)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DlcliError(f"{feature} needs {module}: pip install 'dlcli[{extra}]'") from None
 
 
 def plural(count: int, word: str) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 from dlcli import runs
 from dlcli.engine import blas
-from dlcli.errors import DlcliError
+from dlcli.errors import DlcliError, require
 
 MAX_BODY_BYTES = 16 * 2**20  # larger bodies get 413 before they are parsed
 MAX_INSTANCES = 1024  # per request: larger requests get 413 naming the limit (the client splits them)
@@ -458,10 +458,8 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, weights: str = "be
           max_delay_ms: float = 5.0, api_key: str | None = None, log=print):
     """Load the run (a bad run: DlcliError, exit 2) and serve it until SIGTERM / Ctrl-C, which stop accepting,
     finish the requests in flight and return."""
-    from dlcli.interop import require
-
-    require("fastapi", "serve")
-    uvicorn = require("uvicorn", "serve")
+    require("fastapi", "serve", "dlcli serve")
+    uvicorn = require("uvicorn", "serve", "dlcli serve")
     if max_batch < 1 or max_delay_ms < 0:
         raise DlcliError("--max-batch must be at least 1 and --max-delay-ms at least 0", exit_code=2)
     served = ServedRun(run_dir, weights)

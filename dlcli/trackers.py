@@ -6,7 +6,6 @@ directory and resolved config (`on_run_begin`) and its final status once the run
 (`on_run_end`).
 """
 import fcntl
-import importlib
 import logging
 import os
 import time
@@ -15,16 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dlcli.callback import CALLBACKS, Callback
-from dlcli.errors import DlcliError
-
-
-def require(module: str, package: str, feature: str):
-    """Import an optional dependency, or fail with the one line that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise DlcliError(f"{feature} needs the '{package}' package: pip install 'dlcli[tracking]'",
-                         exit_code=2) from None
+from dlcli.errors import DlcliError, require
 
 
 class Tracker(Callback):
@@ -50,7 +40,7 @@ class TensorBoard(Tracker):
 
     def __init__(self, log_dir: str | None = None, histogram_freq: int = 0, write_graph: bool = True,
                  update_freq: str | int = "epoch"):
-        self.writer_class = require("tensorboardX", "tensorboardX", "the TensorBoard callback").SummaryWriter
+        self.writer_class = require("tensorboardX", "tracking", "the TensorBoard callback").SummaryWriter
         if update_freq not in ("epoch", "batch") and not (isinstance(update_freq, int) and update_freq >= 1):
             raise DlcliError(f"TensorBoard update_freq must be 'epoch', 'batch' or a number of batches >= 1; "
                              f"got {update_freq!r}", exit_code=2)
@@ -118,7 +108,7 @@ class MLflow(Tracker):
 
     def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None,
                  run_name: str | None = None, log_artifacts: bool = True):
-        require("mlflow", "mlflow-skinny", "the MLflow callback")
+        require("mlflow", "tracking", "the MLflow callback")
         self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
         self.log_artifacts = bool(log_artifacts)
         self.run_dir, self.config, self.run_id, self.client = None, {}, None, None

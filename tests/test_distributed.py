@@ -275,4 +275,4 @@ def test_cli_distributed_without_the_extra_is_one_line(tmp_path, monkeypatch):
                                       "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines == ["error: --distributed needs MPI for Python: pip install 'dlcli[distributed]'"]
+    assert lines == ["error: --distributed needs mpi4py: pip install 'dlcli[distributed]'"]

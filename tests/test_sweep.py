@@ -183,7 +183,7 @@ def test_missing_optuna_and_an_unreachable_database_are_one_line_each(tmp_path, 
                                                     "database driver (MySQLdb): pip install mysqlclient\n"
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
     missing = CliRunner().invoke(app, ["sweep", str(config), "--runs-dir", str(tmp_path / "runs")])
-    assert missing.exit_code == 2 and missing.output == "error: dlcli sweep needs Optuna: pip install 'dlcli[sweep]'\n"
+    assert missing.exit_code == 1 and missing.output == "error: dlcli sweep needs optuna: pip install 'dlcli[sweep]'\n"
     assert not (tmp_path / "runs").exists()
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from dlcli.data.dataset import Dataset, register
 from dlcli.data.split import check_limits
 from dlcli.data.text import _locate_imdb, _read_jsonl, build_vocabulary, tokenize, word_lookup
-from dlcli.errors import ConfigError, DlcliError
+from dlcli.errors import ConfigError, require
 
 PAD, START = 0, 1
 TOKENIZERS = ("word", "bpe")
@@ -30,19 +30,10 @@ def clean(text: str) -> str:
     return text.replace("<br />", " ")
 
 
-def require_tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise DlcliError("the bpe tokenizer needs HuggingFace tokenizers: pip install 'dlcli[text]'",
-                         exit_code=1) from None
-    return tokenizers
-
-
 def train_bpe(texts, vocabulary_size: int) -> dict:
     """A byte-level BPE of `vocabulary_size` tokens (the 256 bytes, merges, and the two reserved ids) trained on
     `texts`; the vocabulary record holds its JSON."""
-    tk = require_tokenizers()
+    tk = require("tokenizers", "text", "the bpe tokenizer")
     if vocabulary_size < 256 + len(_BPE_SPECIALS):
         raise ConfigError(f"data.num_words must be at least {256 + len(_BPE_SPECIALS)} for the bpe tokenizer (its 256 "
                           f"byte tokens and [PAD], [START]); got {vocabulary_size}")
@@ -63,7 +54,7 @@ class TextCodec:
         self.vocabulary = vocabulary
         self.kind = vocabulary.get("tokenizer")
         if self.kind == "bpe":
-            self.bpe = require_tokenizers().Tokenizer.from_str(vocabulary["bpe"])
+            self.bpe = require("tokenizers", "text", "the bpe tokenizer").Tokenizer.from_str(vocabulary["bpe"])
         else:
             self.lookup = word_lookup(vocabulary)
             self.words = ["[PAD]", "[START]", "[UNK]", *["[UNK]"] * (vocabulary["index_from"] - 2),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from dlcli.data import features as fs
-from dlcli.errors import ConfigError, DlcliError
+from dlcli.errors import ConfigError, DlcliError, require
 from dlcli.registry import did_you_mean
 
 DEFAULT_MISSING = ["", "NA"]
@@ -222,12 +222,10 @@ def records_table(records: list, file: str, lines: list[int], unit: str) -> Tabl
 def read_parquet(file: Path) -> Table:
     """A Parquet file through pyarrow (the `tables` extra): each column's values as text, nulls as missing, so
     the feature types parse them exactly as they parse CSV cells."""
-    try:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise TableError(f"{file}: reading Parquet needs pyarrow: pip install 'dlcli[tables]'") from None
+    pa = require("pyarrow", "tables", "reading Parquet")
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     try:
         data = pq.read_table(file)
     except (OSError, pa.ArrowException) as e:

@@ -20,26 +20,18 @@ from dlcli.data import features as fs
 from dlcli.data.source import Source
 from dlcli.data.table_file import (Table, TableError, check_head, check_input_names, first_bad_row, parse_columns,
                                    parse_labels, require_columns)
-from dlcli.errors import ConfigError
+from dlcli.errors import ConfigError, require
 
 CHUNK_BYTES = 4 << 20  # pyarrow's block (it reads a few ahead): ~20,000 rows of a 200-byte-row CSV at a time
-
-
-def _pyarrow(file):
-    try:
-        import pyarrow as pa
-        import pyarrow.csv as pcsv
-    except ImportError:
-        raise TableError(f"{file}: data.stream reads CSV with pyarrow: pip install 'dlcli[tables]'") from None
-    return pa, pcsv
 
 
 def csv_chunks(file: Path, delimiter: str, columns: list[str]):
     """Tables of at most CHUNK_BYTES of the CSV holding `columns` (raw text cells), in file order. The head is
     checked as the in-memory reader checks a whole file (UTF-8, NUL bytes, header); a row pyarrow cannot parse is
     found again by the in-memory rules, so the message names its line."""
+    pa = require("pyarrow", "tables", "data.stream")
+    import pyarrow.csv as pcsv
 
-    pa, pcsv = _pyarrow(file)
     header = check_head(file, delimiter)
     require_columns(Table(str(file), header, {h: np.zeros(0, str) for h in header}, np.zeros(0, np.int64)), columns,
                     "data.features or data.label")

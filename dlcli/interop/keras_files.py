@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli.errors import DlcliError
-from dlcli.interop import require
+from dlcli.errors import DlcliError, require
 
 CONFIG, METADATA, WEIGHTS = "config.json", "metadata.json", "model.weights.h5"
 MEMBER_LIMITS = {CONFIG: 16 << 20, METADATA: 1 << 20, WEIGHTS: 2 << 30}  # bytes once inflated
@@ -125,7 +124,7 @@ class SafeH5:
     """An HDF5 file opened from bytes and audited link by link before any value is read."""
 
     def __init__(self, data: bytes, source: str):
-        h5py = require("h5py", "keras")
+        h5py = require("h5py", "keras", "reading HDF5 weights")
         self.h5py, self.source = h5py, source
         try:
             self.file = h5py.File(io.BytesIO(data), "r")

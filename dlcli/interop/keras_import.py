@@ -17,8 +17,7 @@ from pathlib import Path
 from dlcli import checkpoint, fingerprint, runs
 from dlcli.config import Config
 from dlcli.engine.layer import snake_case
-from dlcli.errors import DlcliError
-from dlcli.interop import require
+from dlcli.errors import DlcliError, require
 from dlcli.interop.keras_config import ConfigMapper, UnsupportedModel, without_dropped
 from dlcli.interop.keras_files import SafeH5, read_file_bytes, read_keras_archive
 
@@ -35,7 +34,7 @@ class ImportReport:
 
 def import_keras(source, output, config_path=None, overrides=()) -> ImportReport:
     """Read `source` safely, map it to a dlcli config and weights, and write the run directory `output`."""
-    require("h5py", "keras")
+    require("h5py", "keras", "dlcli import-keras")
     from dlcli.builder import build_model
     from dlcli.config import dump_yaml, load_config
     from dlcli.data.inputs import check_data_fits

@@ -13,8 +13,7 @@ import numpy as np
 
 from dlcli import runs
 from dlcli.data.dataset import dataset_type
-from dlcli.errors import DlcliError
-from dlcli.interop import require
+from dlcli.errors import DlcliError, require
 
 DEFAULT_OPSET = 17  # LayerNormalization is a single node from 17; onnxruntime runs 13 onwards
 MIN_OPSET = 13
@@ -33,7 +32,7 @@ class ExportReport:
 
 def to_onnx(model, opset: int = DEFAULT_OPSET, metadata: dict | None = None):
     """The ModelProto of a built dlcli model (weights as they are now), passed by the ONNX checker."""
-    onnx = require("onnx", "onnx")
+    onnx = require("onnx", "onnx", "ONNX export")
     from onnx import helper
 
     from dlcli import __version__
@@ -92,7 +91,7 @@ def to_onnx(model, opset: int = DEFAULT_OPSET, metadata: dict | None = None):
 
 def run_onnx(data: bytes, inputs: dict) -> list[np.ndarray]:
     """The outputs onnxruntime computes for `inputs` (input name -> array)."""
-    ort = require("onnxruntime", "onnx")
+    ort = require("onnxruntime", "onnx", "running ONNX models")
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.log_severity_level = 3
@@ -174,7 +173,7 @@ def export_run(run_dir, weights: str = "best", output=None, opset: int = DEFAULT
     preprocessing in the graph (raw columns in, dlcli.interop.onnx_table) unless `preprocessed_inputs`."""
     from dlcli.experiment import load_run_model
 
-    require("onnx", "onnx")
+    require("onnx", "onnx", "dlcli export")
     config, model = load_run_model(run_dir, weights, allow_config_change)
     run_dir = Path(run_dir)
     output = Path(output) if output is not None else runs.RunDir(run_dir).model_onnx

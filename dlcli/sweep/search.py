@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dlcli import fingerprint
 from dlcli.config import SweepConfig
-from dlcli.errors import ConfigError, DlcliError
+from dlcli.errors import ConfigError, DlcliError, require
 from dlcli.metrics import metric_direction
 from dlcli.registry import Registry
 
@@ -23,10 +23,7 @@ RECORD = "dlcli"  # the study user attribute holding what the study was started 
 
 
 def optuna_module():
-    try:
-        import optuna
-    except ImportError:
-        raise DlcliError("dlcli sweep needs Optuna: pip install 'dlcli[sweep]'", exit_code=2) from None
+    optuna = require("optuna", "sweep", "dlcli sweep")
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported by us, with their reason
     return optuna
 
