@@ -78,4 +78,8 @@ def _import(name: str):
         import dlcli.kernels.attention as attention
 
         return attention
+    if name == "recurrent":
+        import dlcli.kernels.recurrent as recurrent
+
+        return recurrent
     raise KeyError(f"no compiled kernel module {name!r}")

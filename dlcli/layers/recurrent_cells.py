@@ -12,6 +12,7 @@ implementation 1, used whenever recurrent_dropout > 0).
 """
 import numpy as np
 
+from dlcli import kernels
 from dlcli.engine import activations, blas
 
 
@@ -118,6 +119,21 @@ def _to_previous_h(dz, UT, rec_mask, dh, keep, carry):
 def _mask_factors(step_mask, dtype):
     m = step_mask.astype(dtype)
     return m, 1 - m
+
+
+def _compiled_loop(act, rec_act, dropout_masks):
+    """The compiled time loops (dlcli/kernels/recurrent.py) where they apply: Keras' default activations (tanh,
+    sigmoid gates) and no recurrent dropout; else None and the NumPy loops here run."""
+    if act != "tanh" or rec_act != "sigmoid" or dropout_masks is not None:
+        return None
+    return kernels.compiled("recurrent")
+
+
+def _kept(step_mask, T, B):
+    """(T, B) bool, True where step t of sequence b is masked out (its state kept); empty without a mask."""
+    if step_mask is None:
+        return np.empty((0, 0), bool)
+    return np.ascontiguousarray(~step_mask.reshape(T, B))
 
 
 # --- SimpleRNN: h_t = act(x_t W + b + h_{t-1} U) ----------------------------------------------------------------
@@ -259,6 +275,9 @@ def lstm_backward(cache, dY, dh, dc):
     S, A, TC, Wz = cache["S"], cache["A"], cache["TC"], cache["Wz"]
     step_mask, gate_masks, act = cache["step_mask"], cache["gate_masks"], cache["act"]
     T, u, B = TC.shape
+    compiled = _compiled_loop(act, cache["rec_act"], gate_masks)
+    if compiled is not None:
+        return _lstm_backward_compiled(compiled, A, TC, Wz, dY, dh, dc, _kept(step_mask, T, B))
     # dZ_t = [dh, dc, dc, dc]_t * Kg_t, with every factor of Kg independent of the running gradients.
     Kg = np.empty((T, 4 * u, B), S.dtype)
     derivative(cache["rec_act"], A[:T, :3 * u], out=Kg[:, :3 * u])
@@ -299,6 +318,24 @@ def lstm_backward(cache, dY, dh, dc):
             if keep is not None:
                 dh += carry
     return np.ascontiguousarray(dZ.transpose(1, 0, 2))
+
+
+def _lstm_backward_compiled(compiled, A, TC, Wz, dY, dh, dc, kept):
+    """lstm_backward with each step's gate gradients in one compiled pass (dlcli/kernels/recurrent.py) and the
+    recurrent product through BLAS between them; the step-0 product, the gradient of h_0, is never read."""
+    T, u, B = TC.shape
+    dZ = np.empty((4 * u, T, B), A.dtype)
+    UzT = np.ascontiguousarray(Wz[:, :u].T)
+    dt = A.dtype
+    dY = np.empty((0, 0, 0), dt) if dY is None else np.ascontiguousarray(dY, dt)
+    dh, dc = np.array(dh, dt, order="C"), np.array(dc, dt, order="C")  # copies, updated in place
+    carry = np.zeros_like(dh)
+    with blas.one_thread():  # the step GEMMs are too small to split (engine/blas.py)
+        for t in range(T - 1, -1, -1):
+            compiled.lstm_backward_step(t, A, TC, dY, dh, dc, carry, kept, dZ)
+            if t:
+                np.matmul(UzT, dZ[:, t], out=dh)
+    return dZ
 
 
 def lstm_weight_grad(cache, dZ):
