@@ -11,8 +11,10 @@ import numpy as np
 from dlcli.engine import activations, initializers
 from dlcli.engine.layer import Layer, format_shape, register
 from dlcli.errors import ConfigError, ShapeError
+from dlcli.layers import conv_math as cm
 from dlcli.layers import recurrent_cells as cells
-from dlcli.registry import Size
+from dlcli.layers.conv import _Windowed
+from dlcli.registry import Size, Sizes
 
 ONNX_ACTIVATIONS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu"}  # those ONNX's RNN/LSTM/GRU nodes take
 
@@ -27,6 +29,7 @@ class Recurrent(Layer):
     zero_output_for_mask = False  # Keras' RNN flag: masked steps output zeros instead of the previous output
     keras_weight_groups = ("cell/vars",)  # Keras keeps a recurrent layer's variables in its cell
     onnx_gate_order = [0]  # Keras' gate blocks in the order ONNX's recurrent node takes them
+    input_rank = 3  # (batch, timesteps, features)
 
     def __init__(self, units, activation, recurrent_activation, use_bias, kernel_initializer, recurrent_initializer,
                  bias_initializer, kernel_regularizer, recurrent_regularizer, bias_regularizer, dropout,
@@ -97,28 +100,37 @@ class Recurrent(Layer):
     def forward(self, x, training=False):
         dtype = self.kernel.value.dtype
         x = np.asarray(x).astype(dtype, copy=False)
-        if x.ndim != 3:
-            raise ShapeError(f"{type(self).__name__} '{self.name}' expects input (batch, timesteps, features); "
-                             f"got an array of shape {x.shape}")
+        if x.ndim != self.input_rank:
+            self._check_rank(x.shape[1:])
         mask = self.input_mask
         if self.go_backwards:
             x = x[:, ::-1]
             mask = None if mask is None else mask[:, ::-1]
-        batch, features = x.shape[0], x.shape[2]
+        batch, state = x.shape[0], self._state_shape(x.shape[2:])
         # Keras samples one mask per sequence, reused at every step; one per gate when recurrent_dropout > 0
         # (its implementation 1), else one shared input mask.
-        count = self.gates if self.recurrent_dropout > 0 else 1
-        self.dmask = self._dropout_mask(training, self.dropout, (count, batch, features), dtype)
-        rec_mask = self._dropout_mask(training, self.recurrent_dropout, (count, batch, self.units), dtype)
-        step_mask = None if mask is None else np.ascontiguousarray(np.asarray(mask, bool).T)[:, :, None]
+        count = self._dropout_mask_count()
+        self.dmask = self._dropout_mask(training, self.dropout, (count, batch, *x.shape[2:]), dtype)
+        rec_mask = self._dropout_mask(training, self.recurrent_dropout, (count, batch, *state), dtype)
+        step_mask = None
+        if mask is not None:  # time-major, with unit axes up to the state's rank: (T, batch, 1) for (batch, T)
+            step_mask = np.ascontiguousarray(np.moveaxis(np.asarray(mask, bool), 1, 0))
+            step_mask = step_mask.reshape(step_mask.shape + (1,) * (len(state) + 2 - step_mask.ndim))
         H, finals = self._scan(x, step_mask, rec_mask)
         self.zero_mask = step_mask if (self.zero_output_for_mask and self.return_sequences) else None
         if self.return_sequences:
             seq = H[1:] if self.zero_mask is None else H[1:] * self.zero_mask
-            out = np.ascontiguousarray(seq.transpose(1, 0, 2))
+            out = np.ascontiguousarray(np.moveaxis(seq, 0, 1))
         else:
             out = H[-1].copy()
         return [out] + [s.copy() for s in finals] if self.return_state else out
+
+    def _state_shape(self, step_shape) -> tuple:
+        """The shape of h and c per sample, given one step's input shape (no batch axis)."""
+        return (self.units,)
+
+    def _dropout_mask_count(self) -> int:
+        return self.gates if self.recurrent_dropout > 0 else 1
 
     def _dropout_mask(self, training, rate, shape, dtype):
         if not training or rate == 0:
@@ -133,10 +145,10 @@ class Recurrent(Layer):
         grads = grad if isinstance(grad, list) else [grad]
         g_out, g_states = grads[0], list(grads[1:])
         if self.return_sequences:
-            dY = np.asarray(g_out).transpose(1, 0, 2)  # time-major view; the cell makes the layout it reads
+            dY = np.moveaxis(np.asarray(g_out), 1, 0)  # time-major view; the cell makes the layout it reads
             if self.zero_mask is not None:
                 dY = dY * self.zero_mask
-            dh = np.zeros((dY.shape[1], dY.shape[2]), dY.dtype)
+            dh = np.zeros(dY.shape[1:], dY.dtype)
         else:
             dY, dh = None, np.array(g_out, copy=True)
         d_finals = [dh] + [np.zeros_like(dh) for _ in range(self.n_states - 1)]
@@ -527,6 +539,229 @@ class GRUCell(GRU):
 
 
 CELLS = (SimpleRNNCell, LSTMCell, GRUCell)
+
+
+class ConvLSTM(Recurrent, _Windowed):
+    """Keras' ConvLSTM: an LSTM (gate order i, f, c, o) whose input and recurrent matmuls are convolutions, on
+    (batch, timesteps, *spatial, channels). kernel (*kernel_size, channels, 4 filters), recurrent_kernel
+    (*kernel_size, filters, 4 filters), bias (4 filters,). The input convolution takes strides, padding and
+    dilation_rate; the recurrent one is stride 1, 'same', undilated, as Keras' recurrent_conv. return_state gives
+    [output, h, c]. A mask is (batch, timesteps), or per position (batch, timesteps, *spatial) as Masking makes it,
+    which Keras applies position by position (so only where the output keeps the input's positions)."""
+
+    gates, n_states = 4, 2
+
+    def __init__(self, filters: Size, kernel_size: Sizes, strides: Sizes = 1, padding: str = "valid",
+                 data_format: str | None = None, dilation_rate: Sizes = 1, activation="tanh",
+                 recurrent_activation="sigmoid", use_bias: bool = True, kernel_initializer="glorot_uniform",
+                 recurrent_initializer="orthogonal", bias_initializer="zeros", unit_forget_bias: bool = True,
+                 kernel_regularizer=None, recurrent_regularizer=None, bias_regularizer=None, dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0, seed: int | None = None, return_sequences: bool = False,
+                 return_state: bool = False, go_backwards: bool = False, **kw):
+        kind = type(self).__name__
+        if not isinstance(filters, (int, np.integer)) or isinstance(filters, bool) or filters <= 0:
+            raise ConfigError(f"{kind}: filters must be a positive integer; got {filters!r}")
+        if data_format not in (None, "channels_last"):
+            raise ConfigError(f"{kind}: dlcli is channels_last only; got data_format {data_format!r}")
+        super().__init__(filters, activation, recurrent_activation, use_bias, kernel_initializer,
+                         recurrent_initializer, bias_initializer, kernel_regularizer, recurrent_regularizer,
+                         bias_regularizer, dropout, recurrent_dropout, return_sequences, return_state, go_backwards,
+                         **kw)
+        self.filters, self.data_format, self.seed = int(filters), data_format, seed
+        self.unit_forget_bias = bool(unit_forget_bias)
+        self._window_args(kernel_size, strides, padding, dilation_rate)
+        self.input_rank = self.rank + 3
+
+    def _bias_init(self):
+        return _UnitForgetBias(self.bias_initializer) if self.unit_forget_bias else self.bias_initializer
+
+    # --- shapes -----------------------------------------------------------------------------------------------
+    def _check_rank(self, input_shape):
+        axes = "steps" if self.rank == 1 else ", ".join(f"dim{i + 1}" for i in range(self.rank))
+        if isinstance(input_shape, list) or len(input_shape) != self.rank + 2:
+            raise ShapeError(f"{type(self).__name__} '{self.name}' expects input (batch, timesteps, {axes}, "
+                             f"channels); got {format_shape(input_shape)}")
+        if any(n is None for n in input_shape[1:]):
+            raise ShapeError(f"{type(self).__name__} '{self.name}' needs fixed {axes} and channels (as Keras' "
+                             f"ConvLSTM); got {format_shape(input_shape)}")
+
+    def _state_shape(self, step_shape) -> tuple:
+        out, _ = cm.spatial_geometry(self, tuple(step_shape), self.rank, self.kernel_size, self.strides,
+                                     self.padding, self.dilation_rate)
+        return (*out, self.filters)
+
+    def build(self, input_shape):
+        self._check_rank(input_shape)
+        self._state_shape(input_shape[1:])  # an empty output fails here, naming the layer
+        n = 4 * self.filters
+        self.kernel = self.add_weight("kernel", (*self.kernel_size, input_shape[-1], n), self.kernel_initializer,
+                                      self.kernel_regularizer)
+        self.recurrent_kernel = self.add_weight("recurrent_kernel", (*self.kernel_size, self.filters, n),
+                                                self.recurrent_initializer, self.recurrent_regularizer)
+        if self.use_bias:
+            self.bias = self.add_weight("bias", (n,), self._bias_init(), self.bias_regularizer)
+
+    def output_shape(self, input_shape):
+        self._check_rank(input_shape)
+        state = self._state_shape(input_shape[1:])
+        out = (input_shape[0], *state) if self.return_sequences else state
+        return [out] + [state] * self.n_states if self.return_state else out
+
+    def flops(self, input_shape):
+        state = self._state_shape(input_shape[1:])
+        taps, positions, steps = int(np.prod(self.kernel_size)), int(np.prod(state[:-1])), input_shape[0] or 1
+        return 2 * int(steps) * positions * taps * (int(input_shape[-1]) + self.filters) * 4 * self.filters
+
+    # --- the passes -------------------------------------------------------------------------------------------
+    def _dropout_mask_count(self) -> int:
+        return 4  # Keras' ConvLSTMCell: one input and one recurrent mask per gate (dropout_mask_count)
+
+    def _scan(self, x, step_mask, rec_mask):
+        B, T, *sizes, C = x.shape
+        state = self._state_shape((*sizes, C))
+        positions = None if step_mask is None else step_mask.shape[2:-1]  # all 1 for a (batch, timesteps) mask
+        if positions is not None and positions != (1,) * self.rank and positions != state[:-1]:
+            raise ShapeError(f"{type(self).__name__} '{self.name}': a mask per position {positions} "
+                             f"needs an output of the same positions, but the output is {state[:-1]} (use "
+                             f"padding='same' and strides 1, as Keras requires)")
+        out_sizes, self.pads = cm.geometry(sizes, self.kernel_size, self.strides, self.padding, self.dilation_rate)
+        xt = np.ascontiguousarray(np.moveaxis(x, 1, 0))  # time-major (T, batch, *spatial, channels)
+        G = 4 * self.filters
+        W2 = self.kernel.value.reshape(-1, G)
+        self.xt_shape = xt.shape
+        if self.dmask is None:
+            self.cols = [self._input_cols(xt)]
+            XP = self.cols[0] @ W2
+        else:  # one input mask per gate, the same at every step
+            self.cols = [self._input_cols(xt * m) for m in self.dmask]
+            XP = np.concatenate([c @ W2[:, g * self.filters:(g + 1) * self.filters]
+                                 for g, c in enumerate(self.cols)], axis=1)
+        if self.use_bias:
+            XP += self.bias.value
+        XP = XP.reshape(T, B, *out_sizes, G)
+        H, c_T, self.cache = cells.convlstm_forward(XP, self.recurrent_kernel.value, self.act, self.rec_act,
+                                                    step_mask, rec_mask)
+        return H, [H[-1], c_T]
+
+    def _input_cols(self, xt):
+        """The input convolution's patches of every step, (T * batch * positions, prod(kernel) * channels)."""
+        T, B, *sizes, C = xt.shape
+        out_sizes = cm.geometry(sizes, self.kernel_size, self.strides, self.padding, self.dilation_rate)[0]
+        cols = cm.im2col(cm.pad(xt.reshape(T * B, *sizes, C), self.pads), self.kernel_size, out_sizes,
+                         self.strides, self.dilation_rate)
+        return cols.reshape(T * B * int(np.prod(out_sizes)), -1)
+
+    def _scan_backward(self, dY, d_finals):
+        dZ, dU = cells.convlstm_backward(self.cache, dY, d_finals[0], d_finals[1])
+        G, F = dZ.shape[-1], self.filters
+        dZ2 = dZ.reshape(-1, G)
+        if self.recurrent_kernel.grad is not None:
+            self.recurrent_kernel.grad += dU
+        if self.use_bias and self.bias.grad is not None:
+            self.bias.grad += dZ2.sum(0)
+        if self.kernel.grad is not None:
+            if len(self.cols) == 1:
+                self.kernel.grad += (self.cols[0].T @ dZ2).reshape(self.kernel.grad.shape)
+            else:
+                self.kernel.grad += np.concatenate([c.T @ dZ2[:, g * F:(g + 1) * F] for g, c in
+                                                    enumerate(self.cols)], axis=1).reshape(self.kernel.grad.shape)
+        if not getattr(self, "input_grad_needed", True):  # False when the input is data
+            return None
+        T, B, *sizes, C = self.xt_shape
+        padded = (T * B, *(n + a + b for n, (a, b) in zip(sizes, self.pads)), C)
+        out_sizes, W = dZ.shape[2:-1], self.kernel.value
+
+        def input_grad(d2, kernel):
+            dxp = cm.col2im_matmul(d2, kernel, padded, out_sizes, self.strides, self.dilation_rate)
+            return cm.unpad(dxp, self.pads).reshape(self.xt_shape)
+
+        if self.dmask is None:
+            dx = input_grad(dZ2, W)
+        else:
+            dx = sum(input_grad(dZ2[:, g * F:(g + 1) * F], W[..., g * F:(g + 1) * F]) * m
+                     for g, m in enumerate(self.dmask))
+        return np.moveaxis(dx, 0, 1)
+
+    # --- ONNX: a Scan over time whose body is one step of the cell, channels-first inside -------------------------
+    def onnx_outputs(self, g, x, mask) -> list:
+        """[output, h, c] on x (batch, T, *spatial, channels) as forward computes them: the input convolution of every
+        step as one Conv, then a Scan whose body adds the recurrent Conv and runs the gates (masked positions keep h
+        and c). The sequence comes out channels-last, h and c channels-first (the next Conv's layout)."""
+        rank, F = self.rank, self.filters
+        state = self._state_shape(self.input_shape[1:])
+        out_sizes, positions = list(state[:-1]), int(np.prod(state[:-1]))
+        _, pads = cm.geometry(self.input_shape[1:-1], self.kernel_size, self.strides, self.padding,
+                              self.dilation_rate)
+        channels_first = [rank + 2, *range(2, rank + 2)]
+        xt = g.op("Transpose", [x.name], perm=[1, 0, *channels_first])  # (T, batch, channels, *spatial)
+        if self.go_backwards:
+            xt = g.reverse(xt, 0)
+        flat = g.op("Reshape", [xt, g.ints([-1, self.input_shape[-1], *self.input_shape[1:-1]])])  # T * batch
+        conv = [flat, g.weight(self, self.kernel.value.transpose(rank + 1, rank, *range(rank)), "kernel")]
+        if self.use_bias:
+            conv.append(g.weight(self, self.bias.value, "bias"))
+        xp = g.op("Conv", conv, kernel_shape=list(self.kernel_size), strides=list(self.strides),
+                  dilations=list(self.dilation_rate), pads=g.pads(pads))
+        steps_batch = g.op("Slice", [g.op("Shape", [xt]), g.ints([0]), g.ints([2])])
+        xp = g.op("Reshape", [xp, g.op("Concat", [steps_batch, g.ints([4 * F, *out_sizes])], axis=0)])
+        mt = None
+        if mask is not None:
+            # (batch, T) or per position (batch, T, *spatial): both as (T, batch, positions), so the body reads
+            # one layout whichever Keras' RNN was given
+            m = g.op("Reshape", [mask, g.ints([0, 0, -1])])
+            mt = g.op("Transpose", [g.op("Expand", [m, g.ints([1, 1, positions])])], perm=[1, 0, 2])
+            if self.go_backwards:
+                mt = g.reverse(mt, 0)
+        body = g.child()
+        h_prev, c_prev = body.fresh(f"{self.name}_h_prev"), body.fresh(f"{self.name}_c_prev")
+        xp_t = body.fresh(f"{self.name}_xp_t")
+        m_t = body.fresh(f"{self.name}_mask_t") if mt is not None else None
+        U = g.weight(self, self.recurrent_kernel.value.transpose(rank + 1, rank, *range(rank)), "recurrent_kernel")
+        _, same = cm.geometry(out_sizes, self.kernel_size, (1,) * rank, "same", (1,) * rank)
+        z = body.op("Add", [body.op("Conv", [h_prev, U], kernel_shape=list(self.kernel_size), pads=g.pads(same)),
+                            xp_t])
+        i, f, c_hat, o = body.split(z, [F] * 4, axis=1)
+        i, f, o = (body.activation(self.rec_act, t) for t in (i, f, o))
+        c = body.op("Add", [body.op("Mul", [f, c_prev]), body.op("Mul", [i, body.activation(self.act, c_hat)])])
+        h = body.op("Mul", [o, body.activation(self.act, c)])
+        if m_t is not None:
+            keep = body.op("Reshape", [m_t, g.ints([0, 1, *out_sizes])])
+            h, c = body.op("Where", [keep, h, h_prev]), body.op("Where", [keep, c, c_prev])
+        outs = [body.op("Identity", [h], f"{self.name}_h_t"), body.op("Identity", [c], f"{self.name}_c_t"),
+                body.op("Identity", [h], f"{self.name}_y_t")]
+        inputs = [(h_prev, "float32"), (c_prev, "float32"), (xp_t, "float32")] + ([(m_t, "bool")] if m_t else [])
+        graph = body.subgraph(f"{self.name}_step", inputs, [(n, "float32") for n in outs])
+        batch = g.op("Slice", [g.op("Shape", [xt]), g.ints([1]), g.ints([2])])
+        zeros = g.full(g.op("Concat", [batch, g.ints([F, *out_sizes])], axis=0), 0.0, "float32", "zero")
+        h_T, c_T, seq = g.op("Scan", [zeros, zeros, xp, *([mt] if mt else [])], self.name, outputs=3, body=graph,
+                             num_scan_inputs=2 if mt else 1)
+        if self.return_sequences:  # (T, batch, F, *spatial) -> (batch, T, *spatial, F)
+            out = g.value(g.op("Transpose", [seq], f"{self.name}_sequence", perm=[1, 0, *range(3, rank + 3), 2]),
+                          rank + 3)
+        else:
+            out = g.value(g.op("Identity", [h_T], self.name), rank + 2, first=True)
+        return [out, g.value(h_T, rank + 2, first=True), g.value(c_T, rank + 2, first=True)]
+
+
+@register("ConvLSTM1D")
+class ConvLSTM1D(ConvLSTM):
+    """On (batch, timesteps, steps, channels)."""
+
+    rank = 1
+
+
+@register("ConvLSTM2D")
+class ConvLSTM2D(ConvLSTM):
+    """On (batch, timesteps, rows, cols, channels), e.g. video frames."""
+
+    rank = 2
+
+
+@register("ConvLSTM3D")
+class ConvLSTM3D(ConvLSTM):
+    """On (batch, timesteps, depth, rows, cols, channels)."""
+
+    rank = 3
 
 def _gate_blocks(a, order, units):
     """Columns of a (..., G * units) array regrouped in gate `order`."""

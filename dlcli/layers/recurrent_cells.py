@@ -1,4 +1,4 @@
-"""The time loops of SimpleRNN, LSTM and GRU: forward scans and backprop through time, as pure functions.
+"""The time loops of SimpleRNN, LSTM, GRU and ConvLSTM: forward scans and backprop through time, as pure functions.
 
 SimpleRNN and GRU are time-major inside: `xp` (T, batch, gates * units) holds the input projections of every step,
 computed by the layer in one matmul before the loop, so only the recurrence `h @ recurrent_kernel` runs per step. The
@@ -14,6 +14,7 @@ import numpy as np
 
 from dlcli import kernels
 from dlcli.engine import activations, blas
+from dlcli.layers import conv_math as cm
 
 
 def _sigmoid_(z):
@@ -501,3 +502,127 @@ def _gru_backward_before(H_prev, z, r, hh, rh, U, act, rec_act, step_mask, rec_m
     dU_zr = recurrent_kernel_grad(H_prev, dXP[..., :2 * u], rm_zr)
     dU_h = rh.reshape(-1, u).T @ dXP[..., 2 * u:].reshape(-1, u)
     return dXP, None, np.concatenate([dU_zr, dU_h], axis=1)
+
+
+# --- ConvLSTM (Keras' ConvLSTMCell, gate order i, f, c, o): the LSTM with both matmuls made convolutions ----------
+# The input convolution of every step is one im2col GEMM before the loop (the layer's); here only the recurrent
+# convolution runs per step: stride 1, padding 'same', no dilation, whatever the input convolution's (Keras'
+# recurrent_conv). States are channels-last (batch, *spatial, filters) and kept padded, so a step's im2col reads h
+# in place. Masks (T, batch, 1...) or per position (T, batch, *spatial, 1) keep a masked position's h and c.
+def same_pads(sizes, kernel_size):
+    """(before, after) pads of a stride-1 'same' convolution over `sizes`."""
+    ones = (1,) * len(kernel_size)
+    return cm.geometry(sizes, kernel_size, ones, "same", ones)[1]
+
+
+def _recurrent_conv(hp, U2, kernel_size, sizes, rec_mask, pads, out, cols):
+    """out (N, 4F) = conv_same(h, U) for padded h `hp`; gate g reads h * rec_mask[g] when there are masks."""
+    ones = (1,) * len(kernel_size)
+    if rec_mask is None:
+        np.matmul(cm.im2col(hp, kernel_size, sizes, ones, ones, out=cols).reshape(len(out), -1), U2, out=out)
+        return
+    F = U2.shape[1] // 4
+    inner = cm.interior(pads, (len(hp), *sizes, F))
+    for g in range(4):
+        patches = cm.im2col(cm.pad(hp[inner] * rec_mask[g], pads), kernel_size, sizes, ones, ones, out=cols)
+        out[:, g * F:(g + 1) * F] = patches.reshape(len(out), -1) @ U2[:, g * F:(g + 1) * F]
+
+
+def convlstm_forward(XP, U, act, rec_act, step_mask=None, rec_mask=None):
+    """XP (T, batch, *spatial, 4F): every step's input convolution plus bias; U (*kernel, F, 4F). Returns H, a
+    (T + 1, batch, *spatial, F) view of h_0..h_T, c_T and the cache."""
+    T, B, *sizes, G = XP.shape
+    F, k = G // 4, U.shape[:-2]
+    pads = same_pads(sizes, k)
+    Hp = np.zeros((T + 1, B, *(n + a + b for n, (a, b) in zip(sizes, pads)), F), XP.dtype)
+    H = Hp[(slice(None),) + cm.interior(pads, (B, *sizes, F))]
+    Cs = np.zeros((T + 1, B, *sizes, F), XP.dtype)
+    A = np.empty_like(XP)  # every step's activated gates i, f, c, o
+    TC = np.empty_like(Cs[1:])  # act(c_t)
+    U2, cols = U.reshape(-1, G), None
+    for t in range(T):
+        a = A[t]
+        a2 = a.reshape(-1, G)
+        if cols is None:
+            cols = np.empty((B, *sizes, *k, F), XP.dtype)
+        _recurrent_conv(Hp[t], U2, k, sizes, rec_mask, pads, a2, cols)
+        a += XP[t]
+        activate_(rec_act, a[..., :2 * F])
+        activate_(act, a[..., 2 * F:3 * F])
+        activate_(rec_act, a[..., 3 * F:])
+        c = Cs[t + 1]
+        np.multiply(a[..., F:2 * F], Cs[t], out=c)
+        c += a[..., :F] * a[..., 2 * F:3 * F]
+        np.copyto(TC[t], c)
+        activate_(act, TC[t])
+        np.multiply(a[..., 3 * F:], TC[t], out=H[t + 1])
+        if step_mask is not None:
+            keep = ~step_mask[t]
+            np.copyto(H[t + 1], H[t], where=keep)
+            np.copyto(c, Cs[t], where=keep)
+    return H, Cs[T], dict(Hp=Hp, Cs=Cs, A=A, TC=TC, U=U, pads=pads, act=act, rec_act=rec_act,
+                          step_mask=step_mask, rec_mask=rec_mask)
+
+
+def convlstm_backward(cache, dY, dh, dc):
+    """dY (T, batch, *spatial, F) gradients of every step's output or None; dh, dc the final states' gradients.
+    Returns dZ (T, batch, *spatial, 4F), the gradient of every step's gate pre-activations, and dU."""
+    Hp, Cs, A, TC, U, pads = cache["Hp"], cache["Cs"], cache["A"], cache["TC"], cache["U"], cache["pads"]
+    step_mask, rec_mask, act = cache["step_mask"], cache["rec_mask"], cache["act"]
+    T, B, *sizes, G = A.shape
+    F, k = G // 4, U.shape[:-2]
+    ones = (1,) * len(k)
+    # dZ_t = [dc, dc, dc, dh]_t * Kg_t, with every factor of Kg independent of the running gradients (as the LSTM)
+    Kg = np.empty_like(A)
+    derivative(cache["rec_act"], A[..., :2 * F], out=Kg[..., :2 * F])
+    derivative(act, A[..., 2 * F:3 * F], out=Kg[..., 2 * F:3 * F])
+    derivative(cache["rec_act"], A[..., 3 * F:], out=Kg[..., 3 * F:])
+    Kg[..., :F] *= A[..., 2 * F:3 * F]  # i: dc c~
+    Kg[..., F:2 * F] *= Cs[:-1]  # f: dc c_{t-1}
+    Kg[..., 2 * F:3 * F] *= A[..., :F]  # c~: dc i
+    Kg[..., 3 * F:] *= TC  # o: dh act(c)
+    Kc = derivative(act, TC)  # dh -> dc
+    Kc *= A[..., 3 * F:]
+    Fc, keep = A[..., F:2 * F], None
+    if step_mask is not None:
+        m, keep = _mask_factors(step_mask, A.dtype)
+        Kg *= m
+        Kc *= m
+        Fc = Fc * m + keep  # a masked position passes dc through unchanged
+    dZ = np.empty_like(A)
+    dh, dc = np.array(dh, A.dtype), np.array(dc, A.dtype)
+    padded, inner = Hp.shape[1:], cm.interior(pads, (B, *sizes, F))
+    for t in range(T - 1, -1, -1):
+        if dY is not None:
+            dh += dY[t]
+        dc += dh * Kc[t]
+        np.multiply(dc[..., None, :], Kg[t].reshape(*dc.shape[:-1], 4, F)[..., :3, :],
+                    out=dZ[t].reshape(*dc.shape[:-1], 4, F)[..., :3, :])
+        np.multiply(dh, Kg[t, ..., 3 * F:], out=dZ[t, ..., 3 * F:])
+        dc *= Fc[t]
+        carry = None if keep is None else dh * keep[t]
+        dz2 = dZ[t].reshape(-1, G)
+        if rec_mask is None:
+            dh = cm.col2im_matmul(dz2, U, padded, sizes, ones, ones)[inner]
+        else:
+            dh = sum(cm.col2im_matmul(dz2[:, g * F:(g + 1) * F], U[..., g * F:(g + 1) * F], padded, sizes, ones,
+                                      ones)[inner] * rec_mask[g] for g in range(4))
+        if carry is not None:
+            dh += carry
+    # the recurrent kernel's gradient from every step at once: the patches of h_0..h_{T-1}
+    h_prev = Hp[:-1].reshape(T * B, *padded[1:])
+    dZ2 = dZ.reshape(-1, G)
+    if rec_mask is None:
+        dU = _patches(h_prev, k).T @ dZ2
+    else:
+        h_in = Hp[(slice(None, -1),) + inner]
+        dU = np.concatenate([_patches(cm.pad((h_in * rec_mask[g]).reshape(T * B, *sizes, F), pads), k).T
+                             @ dZ2[:, g * F:(g + 1) * F] for g in range(4)], axis=1)
+    return dZ, dU.reshape(U.shape)
+
+
+def _patches(hp, kernel_size):
+    """im2col rows (N * positions, prod(kernel) * F) of a padded stride-1 'same' input."""
+    ones = (1,) * len(kernel_size)
+    sizes = tuple(n - k + 1 for n, k in zip(hp.shape[1:-1], kernel_size))
+    return cm.im2col(hp, kernel_size, sizes, ones, ones).reshape(hp.shape[0] * int(np.prod(sizes)), -1)

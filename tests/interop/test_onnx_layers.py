@@ -155,6 +155,18 @@ CASES = {
     "RNN-stacked-backwards-masked": seq([8], EMBED, L("RNN", cell=[L("GRUCell", units=3), L("SimpleRNNCell", units=2)],
                                                       go_backwards=True, return_sequences=True),
                                         L("GlobalAveragePooling1D"), dtype="int32"),
+    "ConvLSTM1D": seq([4, 7, 2], L("ConvLSTM1D", filters=3, kernel_size=3, strides=2, padding="same",
+                                    return_sequences=True, go_backwards=True)),
+    "ConvLSTM2D": seq([3, 6, 5, 2], L("ConvLSTM2D", filters=3, kernel_size=(3, 2), dilation_rate=(1, 2)),
+                      L("Flatten"), L("Dense", units=2)),
+    "ConvLSTM2D-masked-stacked": seq([4, 5, 4, 2], L("Masking"),
+                                     L("ConvLSTM2D", filters=3, kernel_size=3, padding="same", activation="relu",
+                                       recurrent_activation="tanh", return_sequences=True),
+                                     L("ConvLSTM2D", filters=2, kernel_size=2, padding="same", go_backwards=True)),
+    "ConvLSTM2D-return_state": graph([("x", [3, 5, 5, 1], None)], [
+        L("ConvLSTM2D", name="r", filters=2, kernel_size=3, return_state=True, use_bias=False, inputs="x"),
+        L("Concatenate", name="cat", inputs=["r:0", "r:1", "r:2"])], ["cat", "r:2"]),
+    "ConvLSTM3D": seq([3, 3, 4, 3, 1], L("ConvLSTM3D", filters=2, kernel_size=2, padding="same", return_sequences=True)),
     "StackedRNNCells": seq([6, 3], L("StackedRNNCells", cells=[L("SimpleRNNCell", units=3), L("LSTMCell", units=2)])),
     "SimpleRNNCell": seq([6, 3], L("SimpleRNNCell", units=3)),
     "LSTMCell": seq([6, 3], L("LSTMCell", units=3)),
@@ -313,6 +325,9 @@ def inputs_for(name, model):
     if name == "Masking":  # whole steps equal to the mask value, anywhere in the sequence
         xs[0][:, [1, 4]] = 0
         xs[0][0] = 0
+    if name == "ConvLSTM2D-masked-stacked":  # whole frames and single positions masked (Keras' Masking per position)
+        xs[0][:, 1] = 0
+        xs[0][::2, 3, 1:3, 2] = 0
     return xs
 
 

@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -15,6 +18,20 @@ GRADIENT_CASES = {
     "GRU": [({"units": 3}, (5, 4), {}), ({"units": 3, "reset_after": False, "return_sequences": True}, (4, 2), {}),
             ({"units": 2, "activation": "elu", "recurrent_activation": "tanh"}, (4, 3), {}),
             ({"units": 2, "dropout": 0.3, "recurrent_dropout": 0.3}, (4, 3), {"training": True})],
+    "ConvLSTM1D": [({"filters": 2, "kernel_size": 3}, (3, 6, 2), {}),
+                   ({"filters": 3, "kernel_size": 2, "strides": 2, "padding": "same", "return_sequences": True,
+                     "go_backwards": True}, (4, 5, 2), {}),
+                   ({"filters": 2, "kernel_size": 3, "dilation_rate": 2, "activation": "relu",
+                     "recurrent_activation": "tanh", "use_bias": False, "return_state": True}, (3, 7, 1), {}),
+                   ({"filters": 2, "kernel_size": 2, "padding": "same", "dropout": 0.3, "recurrent_dropout": 0.4,
+                     "return_sequences": True}, (3, 4, 2), {"training": True})],
+    "ConvLSTM2D": [({"filters": 2, "kernel_size": 3, "padding": "same"}, (3, 4, 5, 2), {}),
+                   ({"filters": 2, "kernel_size": (2, 3), "strides": (2, 1), "return_sequences": True,
+                     "return_state": True}, (3, 5, 4, 3), {}),
+                   ({"filters": 3, "kernel_size": 2, "dilation_rate": 2, "activation": "elu",
+                     "unit_forget_bias": False}, (2, 5, 5, 1), {})],
+    "ConvLSTM3D": [({"filters": 2, "kernel_size": 2, "padding": "same", "return_sequences": True}, (3, 3, 2, 3, 1), {}),
+                   ({"filters": 2, "kernel_size": (2, 1, 2), "strides": 2}, (2, 4, 3, 4, 2), {})],
 }
 
 MASK = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 1]], bool)  # post-padding, none, holes
@@ -240,3 +257,185 @@ def test_regularizers_reach_the_weights():
     layer.ensure_built((4, 2))
     assert all(p.regularizer is not None for p in layer.params.values())
     assert layer.regularization_loss() > 0
+
+
+# --- ConvLSTM ----------------------------------------------------------------------------------------------------
+def conv_reference(x, w, strides, padding, dilation=None):
+    """A direct convolution, position by position (channels_last x (N, *S, C), w (*k, C, out)); TF's 'same' pads."""
+    rank = x.ndim - 2
+    k, dilation = w.shape[:rank], dilation or (1,) * rank
+    span = [(kk - 1) * d + 1 for kk, d in zip(k, dilation)]
+    if padding == "same":
+        out = [-(-n // s) for n, s in zip(x.shape[1:-1], strides)]
+        total = [max((m - 1) * s + e - n, 0) for m, s, e, n in zip(out, strides, span, x.shape[1:-1])]
+        x = np.pad(x, [(0, 0)] + [(t // 2, t - t // 2) for t in total] + [(0, 0)])
+    out = [(n - e) // s + 1 for n, e, s in zip(x.shape[1:-1], span, strides)]
+    y = np.zeros((x.shape[0], *out, w.shape[-1]))
+    for pos in np.ndindex(*out):
+        for tap in np.ndindex(*k):
+            idx = tuple(p * s + t * d for p, s, t, d in zip(pos, strides, tap, dilation))
+            y[(slice(None), *pos)] += x[(slice(None), *idx)] @ w[tap]
+    return y
+
+
+def convlstm_step(layer):
+    W, U = layer.kernel.value, layer.recurrent_kernel.value
+    b, F = layer.bias.value if layer.use_bias else 0, layer.filters
+
+    def step(x, h, c):
+        z = conv_reference(x, W, layer.strides, layer.padding, layer.dilation_rate) + b \
+            + conv_reference(h, U, (1,) * layer.rank, "same")
+        i, f, g, o = sig(z[..., :F]), sig(z[..., F:2 * F]), np.tanh(z[..., 2 * F:3 * F]), sig(z[..., 3 * F:])
+        c = f * c + i * g
+        return [o * np.tanh(c), c]
+    return step
+
+
+def run_reference_positions(step, x, states, mask=None, go_backwards=False):
+    """run_reference with a mask of (batch, T) or per position (batch, T, *spatial), as Keras' RNN broadcasts it."""
+    if go_backwards:
+        x, mask = x[:, ::-1], None if mask is None else mask[:, ::-1]
+    outputs = []
+    for t in range(x.shape[1]):
+        new = step(x[:, t], *states)
+        if mask is not None:
+            m = mask[:, t].reshape(mask[:, t].shape + (1,) * (states[0].ndim - mask[:, t].ndim))
+            new = [np.where(m, n, s) for n, s in zip(new, states)]
+        states = new
+        outputs.append(states[0])
+    return np.stack(outputs, axis=1), states
+
+
+CONV_LSTM_CASES = [("ConvLSTM1D", {"kernel_size": 3, "strides": 2, "padding": "same"}, (5, 7, 2)),
+                   ("ConvLSTM2D", {"kernel_size": (3, 2), "padding": "valid", "dilation_rate": (1, 2)}, (4, 5, 6, 2)),
+                   ("ConvLSTM2D", {"kernel_size": 3, "padding": "same"}, (4, 4, 5, 3)),
+                   ("ConvLSTM3D", {"kernel_size": 2, "padding": "same"}, (3, 3, 2, 3, 1))]
+
+
+@pytest.mark.parametrize("name,kw,shape", CONV_LSTM_CASES)
+@pytest.mark.parametrize("go_backwards", [False, True])
+@pytest.mark.parametrize("mask_kind", [None, "steps", "positions"])
+def test_conv_lstm_matches_reference_step(name, kw, shape, go_backwards, mask_kind):
+    layer = layers.LAYERS.get(name)(filters=3, return_sequences=True, return_state=True, go_backwards=go_backwards,
+                                    **kw)
+    layer.dtype = "float64"
+    rng = np.random.default_rng(9)
+    layer.ensure_built(shape, rng)
+    for p in layer.params.values():
+        p.value = rng.normal(0, 0.4, p.value.shape)
+    x = rng.normal(0, 1, (3, *shape))
+    state_shape = layer.output_shape(shape)[1]
+    mask = None
+    if mask_kind == "steps":
+        mask = np.array([[1] * (shape[0] - 2) + [0, 0], [1] * shape[0], [0, 1] * (shape[0] // 2) + [1] * (shape[0] % 2)],
+                        bool)
+    elif mask_kind == "positions":
+        mask = rng.random((3, *shape[:-1])) > 0.3
+    layer.input_mask = mask
+    if mask_kind == "positions" and state_shape[:-1] != shape[1:-1]:  # Keras fails there too (shapes differ)
+        with pytest.raises(ShapeError, match="a mask per position"):
+            layer.forward(x)
+        return
+    seq, h, c = layer.forward(x)
+    ref_seq, (ref_h, ref_c) = run_reference_positions(convlstm_step(layer), x, [np.zeros((3, *state_shape))] * 2,
+                                                      mask, go_backwards)
+    np.testing.assert_allclose(seq, ref_seq, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(h, ref_h, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(c, ref_c, rtol=1e-10, atol=1e-12)
+    assert layer.compute_mask(x, mask)[0] is mask
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_conv_lstm_gradients_with_masks(flags):
+    steps = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 0, 1]], bool)
+    check_layer(layers.ConvLSTM2D(2, 2, padding="same", **flags), (4, 3, 3, 2), mask=steps)
+    positions = np.random.default_rng(3).random((3, 4, 5)) > 0.4
+    check_layer(layers.ConvLSTM1D(2, 3, padding="same", **flags), (4, 5, 2), mask=positions)
+
+
+def test_conv_lstm_gradients_with_dropout_and_masks():
+    steps = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 1, 1]], bool)
+    check_layer(layers.ConvLSTM1D(2, 2, padding="same", dropout=0.4, recurrent_dropout=0.3, return_sequences=True),
+                (4, 5, 2), mask=steps, training=True)
+
+
+def test_conv_lstm_shapes_weights_config_and_errors():
+    layer = layers.ConvLSTM2D(4, (3, 2), strides=(2, 1), return_sequences=True, return_state=True)
+    assert layer.output_shape((None, 9, 6, 3)) == [(None, 4, 5, 4), (4, 5, 4), (4, 5, 4)]
+    layer.ensure_built((7, 9, 6, 3), np.random.default_rng(0))
+    assert [(n, w.shape) for n, w in zip(layer.params, layer.get_weights())] == [
+        ("kernel", (3, 2, 3, 16)), ("recurrent_kernel", (3, 2, 4, 16)), ("bias", (16,))]
+    np.testing.assert_array_equal(layer.bias.value, np.r_[np.zeros(4), np.ones(4), np.zeros(8)])  # unit_forget_bias
+    assert layer.count_params() == 3 * 2 * 3 * 16 + 3 * 2 * 4 * 16 + 16
+    # per step: 4 * 5 positions x 6 taps x (3 input + 4 recurrent channels) x 16 outputs, multiply and add
+    assert layer.flops((7, 9, 6, 3)) == 2 * 7 * 20 * 6 * 7 * 16
+    assert layers.ConvLSTM3D(2, 3).output_shape((5, 4, 4, 4, 1)) == (2, 2, 2, 2)
+    config = layer.get_config()
+    assert config["filters"] == 4 and config["kernel_size"] == [3, 2] and config["padding"] == "valid"
+    assert layers.ConvLSTM2D(**{k: v for k, v in config.items() if k != "type"}).get_config() == config
+    x = np.random.default_rng(1).normal(0, 1, (2, 3, 5, 5, 2)).astype(np.float32)
+    dropout = layers.ConvLSTM2D(2, 3, dropout=0.5, recurrent_dropout=0.5)
+    np.testing.assert_array_equal(dropout(x), dropout.forward(x, training=False))
+    dropout.forward(x, training=True)
+    assert dropout.dmask.shape == (4, 2, 5, 5, 2)  # Keras' ConvLSTMCell: one mask per gate, every step
+    with pytest.raises(ShapeError, match=r"ConvLSTM2D 'c' expects input \(batch, timesteps, dim1, dim2, channels\)"):
+        layers.ConvLSTM2D(2, 3, name="c").output_shape((5, 5, 2))
+    with pytest.raises(ShapeError, match="needs fixed dim1, dim2"):
+        layers.ConvLSTM2D(2, 3).output_shape((None, None, 5, 2))
+    with pytest.raises(ShapeError, match="larger than its input"):
+        layers.ConvLSTM1D(2, 5).output_shape((3, 4, 2))
+    masked = layers.ConvLSTM1D(2, 3, name="v")
+    masked.ensure_built((3, 6, 2))
+    masked.input_mask = np.ones((2, 3, 6), bool)
+    with pytest.raises(ShapeError, match="ConvLSTM1D 'v': a mask per position"):
+        masked.forward(np.ones((2, 3, 6, 2)))
+    for kw, match in [({"filters": 0}, "ConvLSTM2D: filters must be a positive integer"),
+                      ({"padding": "causal"}, "ConvLSTM2D: padding must be one of valid, same"),
+                      ({"data_format": "channels_first"}, "ConvLSTM2D: dlcli is channels_last only"),
+                      ({"strides": 2, "dilation_rate": 2}, "ConvLSTM2D: strides > 1 cannot be combined"),
+                      ({"kernel_size": (3, 3, 3)}, "ConvLSTM2D: kernel_size must be"),
+                      ({"recurrent_dropout": 1.0}, "recurrent_dropout must be in"),
+                      ({"activation": "softmax"}, "not available in recurrent")]:
+        with pytest.raises(ConfigError, match=match):
+            layers.ConvLSTM2D(**{"filters": 2, "kernel_size": 3, **kw})
+
+
+def _keras_conv_lstm_cases():
+    data = np.load(Path(__file__).parents[1] / "fixtures" / "keras" / "catalogue_convlstm.npz")
+    spec = json.loads(str(data["spec"]))
+    return [pytest.param(case, {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")},
+                         id=f"{i}-{case['type']}") for i, case in enumerate(spec)]
+
+
+@pytest.mark.parametrize("spec,arrays", _keras_conv_lstm_cases())
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_conv_lstm_matches_keras(spec, arrays, dtype):
+    """Keras 3.15.1 (torch backend, float64) wrote outputs and gradients (tests/fixtures/keras/make_catalogue.py):
+    dlcli's float64 agrees to about 1e-15, its float32 within 6e-7 of each array's largest value."""
+    layer = layers.LAYERS.get(spec["type"])(**{k: v for k, v in spec.items() if k != "type"})
+    layer.dtype = dtype
+    x = arrays["x"].astype(dtype)
+    layer.ensure_built(x.shape[1:], np.random.default_rng(0))
+    weights = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("weight/")}
+    assert list(weights) == list(layer.params)  # Keras' order and names: kernel, recurrent_kernel[, bias]
+    for name, value in weights.items():
+        layer.params[name].value = value.astype(dtype)
+        layer.params[name].grad = np.zeros_like(layer.params[name].value)
+    layer.input_mask = arrays.get("mask")
+
+    def close(actual, expected):
+        assert actual.dtype == dtype
+        scale = max(1.0, float(np.abs(expected).max()))
+        tol = 1e-12 if dtype == "float64" else 1e-5
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=tol * scale)
+
+    ys = layer.forward(x)
+    ys = ys if isinstance(ys, list) else [ys]
+    count = len([k for k in arrays if k.startswith("y/")])
+    assert len(ys) == count
+    for k, y in enumerate(ys):
+        close(y, arrays[f"y/{k}"])
+    rs = [arrays[f"r/{k}"].astype(dtype) for k in range(count)]
+    close(layer.backward(rs if count > 1 else rs[0]), arrays["grad"])
+    for name in weights:
+        close(layer.params[name].grad, arrays[f"weight_grad/{name}"])
