@@ -193,23 +193,19 @@ class ConfigMapper:
                                f"dlcli imports layers, not free-standing ops")
 
     def _implicit_mask(self, layer, args, mask) -> bool:
-        """True when `mask` is the one a Masking layer feeding `layer` already gives it in dlcli."""
+        """True when `mask` is the one a Masking layer or an Embedding(mask_zero=True) upstream of `layer` already
+        gives it in dlcli."""
         produced = _history(mask)
         data = _history(args[0]) if args else None
         if not produced or produced[0] not in self._mask_ops or not data:
             return False
-        source, value = self._mask_ops[produced[0]]
-        masking = self._entries.get(data[0], {})
-        feeds = [_history(a) for n in masking.get("inbound_nodes") or [] for a in n.get("args") or []]
-        if masking.get("class_name") == "Masking" and float(masking["config"].get("mask_value", 0.0)) == value \
-                and [source, 0, 0] in feeds:
-            return True
-        return value == 0 and self._embedding_upstream(source, data[0])
+        return self._mask_start_upstream(*self._mask_ops[produced[0]], data[0])
 
-    def _embedding_upstream(self, tokens, start) -> bool:
-        """not_equal(tokens, 0) is the mask an Embedding(mask_zero=True) reading `tokens` starts (Keras records it as
-        ops where a layer's mask reaches a call); dlcli propagates that mask itself when such an embedding is
-        upstream of the data."""
+    def _mask_start_upstream(self, source, value, start) -> bool:
+        """not_equal(source, value) (with any(axis=-1) for Masking) is the mask a Masking(mask_value=value) or, for
+        value 0, an Embedding(mask_zero=True) reading `source` starts (Keras records it as ops wherever a layer's
+        mask reaches a call, stacked recurrent layers included); dlcli propagates that mask itself when such a layer
+        is upstream of the data."""
         seen, stack = set(), [start]
         while stack:
             name = stack.pop()
@@ -218,7 +214,10 @@ class ConfigMapper:
             seen.add(name)
             entry = self._entries.get(name, {})
             reads = [h for n in entry.get("inbound_nodes") or [] for h in map(_history, _flat(n.get("args"))) if h]
-            if (entry.get("config") or {}).get("mask_zero") is True and [tokens, 0, 0] in reads:
+            config = entry.get("config") or {}
+            if [source, 0, 0] in reads and (
+                    entry.get("class_name") == "Masking" and float(config.get("mask_value", 0.0)) == value
+                    or value == 0 and config.get("mask_zero") is True):
                 return True
             stack += [h[0] for h in reads]
         return False

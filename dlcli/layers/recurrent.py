@@ -686,7 +686,7 @@ class ConvLSTM(Recurrent, _Windowed):
     def onnx_outputs(self, g, x, mask) -> list:
         """[output, h, c] on x (batch, T, *spatial, channels) as forward computes them: the input convolution of every
         step as one Conv, then a Scan whose body adds the recurrent Conv and runs the gates (masked positions keep h
-        and c). The sequence comes out channels-last, h and c channels-first (the next Conv's layout)."""
+        and c). The output comes out channels-last, the states h and c channels-first (the next Conv's layout)."""
         rank, F = self.rank, self.filters
         state = self._state_shape(self.input_shape[1:])
         out_sizes, positions = list(state[:-1]), int(np.prod(state[:-1]))
@@ -738,8 +738,8 @@ class ConvLSTM(Recurrent, _Windowed):
         if self.return_sequences:  # (T, batch, F, *spatial) -> (batch, T, *spatial, F)
             out = g.value(g.op("Transpose", [seq], f"{self.name}_sequence", perm=[1, 0, *range(3, rank + 3), 2]),
                           rank + 3)
-        else:
-            out = g.value(g.op("Identity", [h_T], self.name), rank + 2, first=True)
+        else:  # channels-last as the sequence, so Bidirectional merges either along the filters
+            out = g.value(g.op("Transpose", [h_T], self.name, perm=[0, *range(2, rank + 2), 1]), rank + 2)
         return [out, g.value(h_T, rank + 2, first=True), g.value(c_T, rank + 2, first=True)]
 
 

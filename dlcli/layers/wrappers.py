@@ -179,7 +179,7 @@ class Bidirectional(Wrapper):
         (y, *f_states), (y_rev, *b_states) = (inner.onnx_outputs(g, x, mask)
                                               for inner in (self.forward_layer, self.backward_layer))
         if self.return_sequences:  # the backward copy ran reversed: back into time order before merging
-            y_rev = g.value(g.reverse(y_rev.name, 1), 3)
+            y_rev = g.value(g.reverse(y_rev.name, 1), y_rev.rank)
         mode, rank = self.merge_mode, y.rank
         if mode == "concat":
             merged = [g.value(g.op("Concat", [y.name, y_rev.name], self.name, axis=-1), rank)]

@@ -166,6 +166,13 @@ CASES = {
     "ConvLSTM2D-return_state": graph([("x", [3, 5, 5, 1], None)], [
         L("ConvLSTM2D", name="r", filters=2, kernel_size=3, return_state=True, use_bias=False, inputs="x"),
         L("Concatenate", name="cat", inputs=["r:0", "r:1", "r:2"])], ["cat", "r:2"]),
+    "Bidirectional-ConvLSTM2D": seq([3, 4, 4, 1], L("Bidirectional", layer=L("ConvLSTM2D", filters=2, kernel_size=3,
+                                                                         padding="same", return_sequences=True)),
+                                    L("Bidirectional", layer=L("ConvLSTM2D", filters=2, kernel_size=2), merge_mode="ave")),
+    "Bidirectional-ConvLSTM2D-unmerged": graph([("x", [3, 4, 4, 1], None)], [
+        L("Bidirectional", name="b", layer=L("ConvLSTM2D", filters=2, kernel_size=3, return_sequences=True),
+          merge_mode=None, inputs="x"),
+        L("Conv3D", name="c", filters=2, kernel_size=2, inputs="b:1")], ["b:0", "c"]),  # Conv3D reads (T, 2, 2, 2)
     "ConvLSTM3D": seq([3, 3, 4, 3, 1], L("ConvLSTM3D", filters=2, kernel_size=2, padding="same", return_sequences=True)),
     "StackedRNNCells": seq([6, 3], L("StackedRNNCells", cells=[L("SimpleRNNCell", units=3), L("LSTMCell", units=2)])),
     "SimpleRNNCell": seq([6, 3], L("SimpleRNNCell", units=3)),
