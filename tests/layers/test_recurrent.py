@@ -439,3 +439,37 @@ def test_conv_lstm_matches_keras(spec, arrays, dtype):
     close(layer.backward(rs if count > 1 else rs[0]), arrays["grad"])
     for name in weights:
         close(layer.params[name].grad, arrays[f"weight_grad/{name}"])
+
+
+def test_a_conv_lstm_config_trains_shows_its_shapes_and_exports_from_the_cli(tmp_path):
+    """The user's way: a YAML model with ConvLSTM2D on clips (npz), `train`, `inspect-shapes`, `export`."""
+    pytest.importorskip("onnxruntime")
+    import yaml
+    from typer.testing import CliRunner
+
+    from dlcli.cli import app
+    from tests.runs_fixture import write_tiny_config
+
+    config = yaml.safe_load(Path(write_tiny_config(tmp_path)).read_text())
+    x = np.random.default_rng(0).normal(size=(96, 3, 5, 5, 1)).astype(np.float32)
+    total = x.sum((1, 2, 3, 4))
+    np.savez(config["data"]["path"], x=x, y=np.digitize(total, np.quantile(total, [1 / 3, 2 / 3])))
+    config["model"] = {"input_shape": [3, 5, 5, 1], "layers": [
+        {"type": "ConvLSTM2D", "filters": 3, "kernel_size": 3, "padding": "same", "return_sequences": True},
+        {"type": "ConvLSTM2D", "filters": 2, "kernel_size": 2, "strides": 2, "dropout": 0.2},
+        {"type": "Flatten"}, {"type": "Dense", "units": 3, "activation": "softmax"}]}
+    path = tmp_path / "clips.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runner = CliRunner()
+    shapes = runner.invoke(app, ["inspect-shapes", str(path)])
+    assert shapes.exit_code == 0, shapes.output
+    assert "(None, 3, 5, 5, 3)" in shapes.output and "(None, 2, 2, 2)" in shapes.output
+    assert f"{3 * 3 * 1 * 12 + 3 * 3 * 3 * 12 + 12:,}" in shapes.output  # 444: Keras' count for ConvLSTM2D(3, 3)
+    trained = runner.invoke(app, ["train", str(path), "--runs-dir", str(tmp_path / "runs"), "--name", "clips", "-q"])
+    assert trained.exit_code == 0, trained.output
+    run = tmp_path / "runs" / trained.output.strip().splitlines()[-1].split("/")[-1]
+    exported = runner.invoke(app, ["export", str(run), "--output", str(tmp_path / "clips.onnx")])
+    assert exported.exit_code == 0 and "largest difference" in exported.output, exported.output
+    bad = runner.invoke(app, ["inspect-shapes", str(path), "--set", "model.layers.0.padding=full"])
+    assert bad.exit_code == 2 and "ConvLSTM2D: padding must be one of valid, same" in bad.output
+    assert "Traceback" not in bad.output
