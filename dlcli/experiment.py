@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import checkpoint, kernels, runs
+from dlcli import checkpoint, kernels, mixing, runs
 from dlcli.config import Config, Override, as_config
 from dlcli.data import paths
 from dlcli.data.source import Source, as_source, fit_inputs
@@ -128,6 +128,8 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
     folds = fold_indices(cfg, splits) if cfg.train.kfold else None
     for spec in cfg.train.callbacks:
         CALLBACKS.create(spec)
+    if cfg.train.mix is not None:
+        mixing.get(cfg.train.mix).check(model)
     kernels.choice()
     if shared["run_dir"] is None and world.is_root:
         run_dir = runs.create_run_dir(runs_dir, cfg.name)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import checkpoint, distributed, runs
+from dlcli import checkpoint, distributed, mixing, runs
 from dlcli.callbacks import CALLBACKS, Callback, CallbackList, History, ModelCheckpoint, ProgressLogger, format_logs
 from dlcli.data.source import as_source, batch_indices, index_array
 from dlcli.data.split import class_labels
@@ -94,6 +94,7 @@ class Run:
         self.initial_loss: float | None = None  # the run's first batch loss (checkpointed)
         self.checkpoint_header: dict = {}  # what the run adds to each checkpoint's header (its config record)
         self.norms: deque = deque(maxlen=NORM_HISTORY)
+        self.mix, self.mix_seed = None, 0  # train.mix (dlcli.mixing) and the seed of its draws
 
     @classmethod
     def in_dir(cls, run_dir: Path, config, model, splits, callbacks=(), verbose=1, world=None, **record) -> "Run":
@@ -113,6 +114,8 @@ class Run:
                   checkpoint_every=config.train.checkpoint_every, world=world,
                   divergence_factor=config.train.divergence_factor, **record)
         run.recorder, run.saver = recorder, savers[0]  # history.csv's rows, best epoch
+        run.mix = mixing.get(config.train.mix)
+        run.mix_seed = config.seed if run.mix is None or run.mix.seed is None else run.mix.seed
         return run
 
     @property
@@ -272,11 +275,14 @@ class Run:
                             self.bn_sync.ghost = share == 0.0
                         yb = [a[sel] for a in ys]
                         wb = None if weights is None else weights[sel]
+                        partner = None
+                        if self.mix is not None:
+                            xb, yb, partner = self._mix(xb, yb, epoch, batch)
                         cbs.on_train_batch_begin(batch)
-                        total, parts, outs = self._step(xb, yb, wb, sel, n, share)
+                        total, parts, outs = self._step(xb, yb, wb, sel, n, share, partner)
                         self.samples_seen += size
                         if self.exchange is None:
-                            self.logs.update(total, parts, yb, outs, wb)
+                            self.logs.update(total, parts, yb if partner is None else partner[2], outs, wb)
                         batch_logs = {"batch": batch, "size": size, **self.logs.results()}
                         cbs.on_train_batch_end(batch, batch_logs)
                         every = self.checkpoint_every
@@ -336,14 +342,36 @@ class Run:
         logs.set_sums(world.allreduce(np.asarray(logs.sums(), np.float64)).tolist())
         return logs.results(extra_loss=model.regularization_loss())
 
-    def _step(self, xb, yb, wb, sel, n, share=1.0):
+    def _mix(self, xb, yb, epoch, batch):
+        """train.mix on one batch: (mixed inputs, targets, None) or, for a loss taking class labels, (mixed inputs,
+        labels, (partner labels, each sample's share of its own, the labels metrics count)). Its draws are keyed by
+        seed, epoch, batch and rank, so a resumed run mixes its batches as the uninterrupted one did."""
+        rng = np.random.default_rng([self.mix_seed, 3, epoch, batch, self.world.rank])
+        sparse = any(getattr(loss, "name", "").startswith("sparse_") for loss in self.model.losses)
+        xs, ys, partner, own = self.mix.mix(list(xb), yb, rng, sparse)
+        if partner is None:
+            return xs, ys, None
+        larger = [np.where(own.reshape((-1,) + (1,) * (y.ndim - 1)) >= 0.5, y, p) for y, p in zip(ys, partner)]
+        return xs, ys, (partner, own, larger)
+
+    def _step(self, xb, yb, wb, sel, n, share=1.0, partner=None):
         """One optimizer step: forward, loss, backward, gradient exchange (several ranks), divergence gate, update.
         The gate comes before the update, so a batch that diverges leaves the weights that produced it untouched
-        (it can be re-run with checks); the gradients are cleared however the step ends."""
+        (it can be re-run with checks); the gradients are cleared however the step ends. `partner` (train.mix on
+        class labels) makes the loss w * loss(labels) + (1 - w) * loss(partner's labels) per sample."""
         model, params = self.model, self.model.trainable_weights
         try:
             outs = model.graph.forward(xb, training=True)
-            loss, parts, grads = model.compute_loss(yb, outs, wb)
+            if partner is None:
+                loss, parts, grads = model.compute_loss(yb, outs, wb)
+            else:
+                labels, own, larger = partner
+                weight = np.ones(len(own)) if wb is None else wb
+                loss, parts, grads = model.compute_loss(yb, outs, weight * own)
+                loss_b, parts_b, grads_b = model.compute_loss(labels, outs, weight * (1 - own))
+                loss, parts = loss + loss_b, [a + b for a, b in zip(parts, parts_b)]
+                grads = [a + b for a, b in zip(grads, grads_b)]
+                yb = larger  # what the exchange's metrics count
             if self.exchange is None and not math.isfinite(loss):  # stop before a backward pass on NaN
                 self._divergence_gate(loss, params, xb, yb, wb, sel, n)
             if share != 1.0:  # this rank's part of the global batch

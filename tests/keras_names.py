@@ -57,10 +57,12 @@ LAYERS = {
     "Pipeline": "chains preprocessing layers for tf.data: a dlcli model lists its layers in order",
     "TextVectorization": "text becomes indices or vectors in dlcli's text data sources (output_mode), not a layer",
     "InputLayer": "a config gives input_shape (or functional inputs) instead",
+    **{n: "mixes the labels too, which a layer in a model never sees: train.mix applies it to each training batch"
+       for n in ["CutMix", "MixUp"]},
     "Layer": BASE, "InputSpec": BASE, "Wrapper": BASE,
     # not yet
     **{n: AUGMENT for n in [
-        "AugMix", "ContrastLimitedAdaptiveHistogramEqualization", "CutMix", "MixUp", "RandAugment",
+        "AugMix", "ContrastLimitedAdaptiveHistogramEqualization", "RandAugment",
         "RandomColorJitter", "RandomElasticTransform", "RandomErasing", "RandomGaussianBlur", "RandomHue",
         "RandomPerspective", "RandomSaturation", "RandomSharpness", "RandomShear"]},
     **{n: TODO for n in [

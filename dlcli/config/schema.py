@@ -64,6 +64,8 @@ class TrainConfig(_Section):
     # stop as diverged when the loss exceeds this many times its early value (dlcli.trainer); null: NaN/inf only
     divergence_factor: float | None = Field(1e4, gt=1, allow_inf_nan=False)
     kfold: int | None = Field(None, ge=2)  # K runs on K folds of the training data, in one run directory
+    # Keras' MixUp or CutMix on every training batch's inputs and targets (dlcli.mixing): {type: MixUp, alpha: 0.2}
+    mix: str | dict[str, Any] | None = None
 
 
 class SweepParameter(_Section):
@@ -113,8 +115,9 @@ class Config(_Section):
         out["model"] = {k: v for k, v in out["model"].items() if v is not None}
         if out["compile"]["loss_weights"] is None:
             del out["compile"]["loss_weights"]
-        if out["train"]["kfold"] is None:
-            del out["train"]["kfold"]
+        for key in ("kfold", "mix"):  # unset: left out, so earlier runs' configs and fingerprints stay as they were
+            if out["train"][key] is None:
+                del out["train"][key]
         if out["sweep"] is None:
             del out["sweep"]
         else:

@@ -15,7 +15,7 @@ from dlcli.yaml_lines import Document
 
 def promotable(path) -> bool:
     """Places where a name may stand for `{type: name}`: `--set` can set arguments into them."""
-    return (path in (("compile", "optimizer"), ("compile", "loss")) or path[:2] == ("train", "callbacks")
+    return (path in (("compile", "optimizer"), ("compile", "loss"), ("train", "mix")) or path[:2] == ("train", "callbacks")
             or (path[:2] == ("compile", "loss") and len(path) == 3) or path[:2] == ("compile", "metrics"))
 
 
@@ -36,7 +36,8 @@ _BARE_ALIASES = {"metric": ("accuracy", "acc")}
 
 
 def registry(kind: str):
-    """The registry of `kind`: dataset, layer, optimizer, loss, metric, callback, activation or initializer."""
+    """The registry of `kind`: dataset, layer, optimizer, loss, metric, callback, activation, initializer or batch
+    mix."""
     return _registries()[kind]
 
 
@@ -44,12 +45,13 @@ def registry(kind: str):
 def _registries() -> dict:
     # importing a package fills its registry (each entry registers where it is defined); here rather than at the
     # top so that `dlcli --help` stays fast
-    from dlcli import callbacks, data, layers, losses, metrics, optimizers
+    from dlcli import callbacks, data, layers, losses, metrics, mixing, optimizers
     from dlcli.engine import activations, initializers
 
     return {"dataset": data.DATASETS, "layer": layers.LAYERS, "optimizer": optimizers.OPTIMIZERS,
             "loss": losses.LOSSES, "metric": metrics.METRICS, "callback": callbacks.CALLBACKS,
-            "activation": activations.ACTIVATIONS, "initializer": initializers.INITIALIZERS}
+            "activation": activations.ACTIVATIONS, "initializer": initializers.INITIALIZERS,
+            "batch mix": mixing.MIXES}
 
 
 class SpecChecker:
@@ -321,6 +323,8 @@ class SpecChecker:
         if train.get("kfold") and train.get("validation_split"):
             self.error(("train", "kfold"), "K-fold validation holds out each fold in turn: remove "
                                            "train.validation_split (it would go unused)")
+        if train.get("mix") is not None:
+            self.spec(train["mix"], ("train", "mix"), "batch mix", bare_name_ok=True)
         callbacks = train.get("callbacks")
         if isinstance(callbacks, list):
             for j, cb in enumerate(callbacks):

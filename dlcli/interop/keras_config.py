@@ -12,6 +12,7 @@ import re
 import dlcli.layers  # noqa: F401  (registers every layer name the mapping may use)
 from dlcli.engine.layer import LAYERS, snake_case
 from dlcli.errors import DlcliError
+from dlcli.mixing import MIXES
 from dlcli.registry import parameters
 
 # Keras arguments dlcli does not have, and the values at which they change nothing.
@@ -262,6 +263,9 @@ class ConfigMapper:
                 and not _application_layer(entry):
             raise UnsupportedModel(f"'{name}' is a Keras {kind} from {module}, an operation rather than a layer; "
                                    f"dlcli imports layers")
+        if kind in MIXES:
+            raise UnsupportedModel(f"layer '{name}' is a Keras {kind}, which mixes labels as well as images: dlcli "
+                                   f"applies it to training batches with train.mix: {{type: {kind}}}, not in a model")
         if kind not in LAYERS:
             raise UnsupportedModel(f"layer '{name}' is a Keras {kind}, which dlcli does not have; dlcli imports "
                                    f"{', '.join(LAYERS.names())}")

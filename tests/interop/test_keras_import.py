@@ -184,8 +184,11 @@ def test_code_in_a_lambda_layer_is_refused_and_never_run(tmp_path):
      "outside Keras"),
     (lambda layer: layer.update(module="keras_hub_evil.layers", class_name="TransformerEncoder",
                                 registered_name="keras_hub>TransformerEncoder"), "outside Keras"),
+    (lambda layer: layer.update(class_name="MixUp"), "is a Keras MixUp, which mixes labels as well as images: dlcli "
+                                                     "applies it to training batches with train.mix"),
 ], ids=["foreign-module", "keras-lookalike-module", "custom-registered", "foreign-initializer", "unknown-class",
-        "keras-hub-module-for-a-keras-layer", "keras-hub-layer-registered-elsewhere", "keras-hub-lookalike-module"])
+        "keras-hub-module-for-a-keras-layer", "keras-hub-layer-registered-elsewhere", "keras-hub-lookalike-module",
+        "mix-up-in-a-model"])
 def test_custom_and_foreign_objects_are_refused_by_name(tmp_path, doctor, needle):
     config = mlp_config()
     doctor(config["config"]["layers"][1])
