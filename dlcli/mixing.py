@@ -12,7 +12,7 @@ as accuracy against Keras' mixed one-hot targets does).
 import numpy as np
 
 from dlcli.errors import ConfigError, DlcliError
-from dlcli.layers.preprocessing import _factor
+from dlcli.layers.preprocessing import _factor, box_mask
 from dlcli.registry import Registry
 
 MIXES = Registry("batch mix")
@@ -90,19 +90,10 @@ class CutMix(_Mix):
 
     @staticmethod
     def boxes(shape, beta, x_position, y_position, permutation) -> dict:
-        """Keras' _compute_crop_bounds and _generate_batch_mask from the draws: the box mask and the share w."""
-        _, height, width, _ = shape
+        """The box sqrt(1 - beta) of each side and the share w = 1 - its area share (Keras' CutMix)."""
         ratio = np.sqrt(1.0 - beta)
-        bounds = []
-        for length, position in ((width, x_position), (height, y_position)):
-            crop = ratio * length
-            start = position * (length - crop)
-            bounds += [start, start + crop]
-        x0, x1, y0, y1 = (b[:, None, None] for b in bounds)
-        cols, rows = np.arange(width)[None, None, :], np.arange(height)[None, :, None]
-        mask = (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)
-        weight = 1.0 - (x1 - x0) * (y1 - y0) / (width * height)
-        return {"permutation": permutation, "mask": mask[..., None], "mix_weight": weight.reshape(-1)}
+        mask, area = box_mask(shape, ratio, ratio, x_position, y_position)
+        return {"permutation": permutation, "mask": mask, "mix_weight": 1.0 - area}
 
     def mix_inputs(self, xs, drawn):
         x = xs[0]

@@ -37,7 +37,8 @@ LAYERS = {
         "UnitNormalization", "UpSampling1D", "UpSampling2D", "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D",
         "ZeroPadding3D"]},
     **{n: DONE for n in ["AutoContrast", "CenterCrop", "Equalization", "RandomBrightness", "RandomColorDegeneration",
-                         "RandomContrast", "RandomCrop", "RandomGrayscale", "RandomInvert", "RandomPosterization",
+                         "RandomContrast", "RandomCrop", "RandomErasing", "RandomGaussianBlur", "RandomGrayscale",
+                         "RandomHue", "RandomInvert", "RandomPosterization", "RandomSaturation", "RandomSharpness",
                          "Resizing", "Solarization"]},  # image preprocessing
     **{f"{a}{d}": ALIAS(f"{c}{d}") for a, c in [("AvgPool", "AveragePooling"), ("MaxPool", "MaxPooling"),
                                                 ("GlobalAvgPool", "GlobalAveragePooling"),
@@ -63,8 +64,7 @@ LAYERS = {
     # not yet
     **{n: AUGMENT for n in [
         "AugMix", "ContrastLimitedAdaptiveHistogramEqualization", "RandAugment",
-        "RandomColorJitter", "RandomElasticTransform", "RandomErasing", "RandomGaussianBlur", "RandomHue",
-        "RandomPerspective", "RandomSaturation", "RandomSharpness", "RandomShear"]},
+        "RandomColorJitter", "RandomElasticTransform", "RandomPerspective", "RandomShear"]},
     **{n: TODO for n in [
         "ReversibleEmbedding"]},
 }

@@ -223,3 +223,225 @@ class Equalization(_Augmentation):
 
     def augment_backward(self, grad):
         return grad * self.kept
+
+
+def _neighbourhood_sum(x, k_rows: int, k_cols: int, row_weights=None, col_weights=None):
+    """Zero-padded 'same' correlation of each channel with an outer-product kernel (row weights down, column
+    weights across; ones when None), as two passes of shifted adds. Symmetric kernels make it its own transpose."""
+    n, h, w, c = x.shape
+    out = np.zeros_like(x)
+    pr, pc = k_rows // 2, k_cols // 2
+    padded = np.pad(x, ((0, 0), (pr, pr), (0, 0), (0, 0)))
+    for i in range(k_rows):
+        out += padded[:, i:i + h] * (1 if row_weights is None else row_weights[i])
+    padded, out = np.pad(out, ((0, 0), (0, 0), (pc, pc), (0, 0))), np.zeros_like(x)
+    for j in range(k_cols):
+        out += padded[:, :, j:j + w] * (1 if col_weights is None else col_weights[j])
+    return out
+
+
+@register("RandomSharpness")
+class RandomSharpness(_PixelAugmentation):
+    """x + (1 - 2f) (smooth(x) - x) per image, f drawn from factor's range (a number means [0, f]; 0.5 leaves the
+    image as it is, less blurs, more sharpens), smooth the 3x3 kernel [1 1 1; 1 5 1; 1 1 1] / 13 with zero padding
+    (Keras' RandomSharpness, borders included), then clipped to value_range; the identity at inference."""
+
+    def __init__(self, factor, value_range=(0, 255), data_format: str | None = None, seed: int | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.factor = _factor(factor, (0.0, 1.0), "RandomSharpness")
+        self.value_range = _value_range(value_range, "RandomSharpness")
+        self.data_format = _channels_last(data_format, "RandomSharpness")
+
+    def draw(self, n):
+        return self.rng.uniform(*self.factor, n)
+
+    @staticmethod
+    def smooth(x):
+        return _neighbourhood_sum(x, 3, 3) * x.dtype.type(1 / 13) + x * x.dtype.type(4 / 13)
+
+    def apply(self, x, f):
+        keep = (1 - 2 * f)[:, None, None, None]
+        return x + keep * (self.smooth(x) - x)
+
+    def apply_backward(self, grad, f):
+        keep = (1 - 2 * f)[:, None, None, None]
+        return grad * (1 - keep) + self.smooth(grad * keep)  # the smoothing kernel is symmetric: its own transpose
+
+
+def _gaussian(size: int, sigma: float):
+    x = np.arange(size) - (size - 1) / 2
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+@register("RandomGaussianBlur")
+class RandomGaussianBlur(_Augmentation):
+    """Blur each image with probability p, p drawn per image from factor's range (a number means [0, f]), with a
+    kernel_size x kernel_size Gaussian whose two sigmas are drawn once per batch from sigma's range (plus 1e-6),
+    zero padding, then clip to value_range (Keras' RandomGaussianBlur: sigma[0] across, sigma[1] down). Keras pads
+    both axes by the first size, so dlcli takes one odd size. The identity at inference."""
+
+    def __init__(self, factor=1.0, kernel_size=3, sigma=1.0, value_range=(0, 255), data_format: str | None = None,
+                 seed: int | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.factor = _factor(factor, (0.0, 1.0), "RandomGaussianBlur")
+        sizes = list(kernel_size) if isinstance(kernel_size, (list, tuple)) else [kernel_size, kernel_size]
+        if len(sizes) != 2 or len(set(sizes)) != 1 or isinstance(sizes[0], bool) or not isinstance(sizes[0], int) \
+                or sizes[0] < 1 or sizes[0] % 2 == 0:
+            raise ConfigError(f"RandomGaussianBlur: kernel_size must be one odd integer (or a pair of equal ones); "
+                              f"got {kernel_size!r}")
+        self.kernel_size = sizes[0]
+        self.sigma = _factor(sigma, (0.0, 1.0), "RandomGaussianBlur")
+        self.value_range = _value_range(value_range, "RandomGaussianBlur")
+        self.data_format = _channels_last(data_format, "RandomGaussianBlur")
+
+    def draw(self, n):
+        probability = self.rng.uniform(*self.factor, n)
+        return {"should_apply_blur": self.rng.uniform(0, 1, n) < probability,
+                "blur_factor": self.rng.uniform(*self.sigma, 2) + 1e-6}
+
+    def _blur(self, x):
+        k = self.kernel_size
+        across, down = (_gaussian(k, s).astype(x.dtype) for s in self.blur_factor)
+        return _neighbourhood_sum(x, k, k, down, across)
+
+    def augment(self, x):
+        drawn = self.draw(x.shape[0])
+        self.chosen = np.asarray(drawn["should_apply_blur"], bool)[:, None, None, None]
+        self.blur_factor = np.asarray(drawn["blur_factor"], np.float64)
+        y = np.where(self.chosen, self._blur(x), x)
+        low, high = self.value_range
+        self.inside = (y >= low) & (y <= high)
+        return np.clip(y, low, high).astype(x.dtype, copy=False)
+
+    def augment_backward(self, grad):
+        grad = grad * self.inside
+        return np.where(self.chosen, self._blur(grad), grad)  # a Gaussian kernel is symmetric
+
+
+def rgb_to_hsv(x):
+    """Keras' rgb_to_hsv (dm_pix's): hue and saturation in [0, 1], value the largest channel, any pixel scale;
+    returns (h, s, v) and the function mapping their gradients to x's."""
+    eps = np.finfo(x.dtype).eps
+    kept = np.abs(x) >= eps  # Keras zeroes values within eps of 0
+    x = np.where(kept, x, 0)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v, m = x.max(-1), x.min(-1)
+    spread = v - m
+    safe_v, safe_spread = np.where(v > 0, v, 1), np.where(spread > 0, spread, 1)
+    s = np.where(v > 0, spread / safe_v, 0)
+    norm = 1 / (6 * safe_spread)
+    is_r = v == r
+    is_g = (v == g) & ~is_r
+    num = np.where(is_r, g - b, np.where(is_g, b - r, r - g))
+    hue = norm * num + np.where(is_r, 0, np.where(is_g, 2 / 6, 4 / 6))
+    h = np.where(spread > 0, hue, 0) + (hue < 0)
+
+    def backward(dh, ds, dv):
+        dh = dh * (spread > 0)
+        d_num = dh * norm
+        d_spread = -dh * num * norm / safe_spread * (spread > 0) + np.where(v > 0, ds / safe_v, 0)
+        dv = dv + d_spread - np.where(v > 0, ds * spread / safe_v ** 2, 0)
+        dm = -d_spread
+        dx = np.zeros(x.shape, x.dtype)
+        rows = np.arange(x.shape[-1])
+        dx += (rows == x.argmax(-1)[..., None]) * dv[..., None]
+        dx += (rows == x.argmin(-1)[..., None]) * dm[..., None]
+        # num is g - b where red is largest, b - r where green is, r - g where blue is
+        on_r, on_g = is_r.astype(x.dtype), is_g.astype(x.dtype)
+        on_b = 1 - on_r - on_g
+        dx[..., 0] += d_num * (on_b - on_g)
+        dx[..., 1] += d_num * (on_r - on_b)
+        dx[..., 2] += d_num * (on_g - on_r)
+        return dx * kept
+
+    return h, s, v, backward
+
+
+def hsv_to_rgb(h, s, v):
+    """Keras' hsv_to_rgb; returns (..., 3) and the function mapping its gradient to (h, s, v)'s."""
+    d6 = np.remainder(h, 1.0) * 6
+    parts = [np.abs(d6 - 3) - 1, 2 - np.abs(d6 - 2), 2 - np.abs(d6 - 4)]
+    slopes = [np.sign(d6 - 3), -np.sign(d6 - 2), -np.sign(d6 - 4)]
+    d = np.stack([np.clip(p, 0, 1) for p in parts], -1)
+    d_slope = np.stack([sl * (p >= 0) * (p <= 1) for p, sl in zip(parts, slopes)], -1)
+    out = v[..., None] * (1 - s[..., None] + s[..., None] * d)
+
+    def backward(grad):
+        dv = (grad * (1 - s[..., None] + s[..., None] * d)).sum(-1)
+        ds = (grad * v[..., None] * (d - 1)).sum(-1)
+        dh = 6 * (grad * v[..., None] * s[..., None] * d_slope).sum(-1)
+        return dh, ds, dv
+
+    return out, backward
+
+
+@register("RandomSaturation")
+class RandomSaturation(_Augmentation):
+    """Scale each image's HSV saturation by u / (1 - u + 1e-7), u drawn per image from factor's range, as Keras'
+    RandomSaturation (0.5 leaves it, 0 makes gray, 1 fully saturated). As Keras 3.15 parses factor (bounds
+    [-1, 1]), a number f draws u in [-f, f], so half the draws give a negative scale, clipped to gray; give a pair
+    [low, high] in [0, 1] for the documented behaviour. The scaled saturation is clipped to value_range, as Keras
+    does. RGB only; the identity at inference."""
+
+    def __init__(self, factor, value_range=(0, 255), data_format: str | None = None, seed: int | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.factor = _factor(factor, (-1.0, 1.0), "RandomSaturation")
+        self.value_range = _value_range(value_range, "RandomSaturation")
+        self.data_format = _channels_last(data_format, "RandomSaturation")
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        _needs_rgb(self, input_shape)
+
+    def draw(self, n):
+        u = self.rng.uniform(*self.factor, n)
+        return u / (1 - u + 1e-7)
+
+    def augment(self, x):
+        scale = np.asarray(self.draw(x.shape[0]), x.dtype)[:, None, None]
+        h, s, v, self.from_hsv = rgb_to_hsv(x)
+        s2 = s * scale
+        low, high = self.value_range
+        self.inside_scale = ((s2 >= low) & (s2 <= high)) * scale
+        out, self.from_rgb = hsv_to_rgb(h, np.clip(s2, low, high), v)
+        return out.astype(x.dtype, copy=False)
+
+    def augment_backward(self, grad):
+        dh, ds, dv = self.from_rgb(grad)
+        return self.from_hsv(dh, ds * self.inside_scale, dv)
+
+
+@register("RandomHue")
+class RandomHue(_Augmentation):
+    """Shift each image's hue by d, |d| = f / 2 with f drawn per image from factor's range (a number means
+    [0, f]) and the sign by a coin (Keras' RandomHue: factor 1 reaches half the colour wheel either way); the
+    hue wraps, the RGB result is clipped to value_range. RGB only; the identity at inference."""
+
+    def __init__(self, factor, value_range=(0, 255), data_format: str | None = None, seed: int | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.factor = _factor(factor, (0.0, 1.0), "RandomHue")
+        self.value_range = _value_range(value_range, "RandomHue")
+        self.data_format = _channels_last(data_format, "RandomHue")
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        _needs_rgb(self, input_shape)
+
+    def draw(self, n):
+        sign = np.where(self.rng.uniform(0, 1, n) > 0.5, -1.0, 1.0)
+        return sign * self.rng.uniform(*self.factor, n) * 0.5
+
+    def augment(self, x):
+        low, high = self.value_range
+        delta = np.asarray(self.draw(x.shape[0]), x.dtype)[:, None, None]
+        h, s, v, self.from_hsv = rgb_to_hsv((x - low) / (high - low))
+        h = h + delta
+        h = np.where(h > 1, h - 1, h)
+        h = np.where(h < 0, h + 1, h)
+        out, self.from_rgb = hsv_to_rgb(h, s, v)
+        self.inside = (out >= 0) & (out <= 1)
+        return (np.clip(out, 0, 1) * (high - low) + low).astype(x.dtype, copy=False)
+
+    def augment_backward(self, grad):
+        return self.from_hsv(*self.from_rgb(grad * self.inside))  # the scale to 0..1 and back cancels

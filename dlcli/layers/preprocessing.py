@@ -391,6 +391,66 @@ class RandomCrop(_Resample):
         return dx
 
 
+def box_mask(shape, x_ratio, y_ratio, x_position, y_position):
+    """Keras' boxes for CutMix and RandomErasing (_compute_crop_bounds, _generate_batch_mask): per image a box
+    x_ratio of the width and y_ratio of the height, its start position * (length - box length) along each axis,
+    unrounded; returns the (n, height, width, 1) mask of the pixels it covers and its area share of the image."""
+    _, height, width, _ = shape
+    bounds = []
+    for length, ratio, position in ((width, x_ratio, x_position), (height, y_ratio, y_position)):
+        crop = ratio * length
+        start = position * (length - crop)
+        bounds += [start, start + crop]
+    x0, x1, y0, y1 = (b[:, None, None] for b in bounds)
+    cols, rows = np.arange(width)[None, None, :], np.arange(height)[None, :, None]
+    mask = (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)
+    return mask[..., None], ((x1 - x0) * (y1 - y0) / (width * height)).reshape(-1)
+
+
+@register("RandomErasing")
+class RandomErasing(_Augmentation):
+    """Replace a random box of each image, with probability p drawn per image from factor's range (a number means
+    [0, f]), by fill_value (a number, one per channel, or None: Gaussian noise times value_range's top, as
+    Keras). The box is sqrt(s_w) of the width and sqrt(s_h) of the height, s drawn from scale's range, at a
+    uniform position (Keras' RandomErasing). The identity at inference."""
+
+    def __init__(self, factor=1.0, scale=(0.02, 0.33), fill_value=None, value_range=(0, 255),
+                 seed: int | None = None, data_format: str | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.factor = _factor(factor, (0.0, 1.0), "RandomErasing")
+        self.scale = _factor(scale, (0.0, 1.0), "RandomErasing")
+        if fill_value is not None and not (isinstance(fill_value, (int, float)) and not isinstance(fill_value, bool)
+                                           or isinstance(fill_value, (list, tuple)) and len(fill_value) == 3):
+            raise ConfigError(f"RandomErasing: fill_value must be a number, three numbers (one per channel) or "
+                              f"null for noise; got {fill_value!r}")
+        self.fill_value = fill_value
+        self.value_range = _value_range(value_range, "RandomErasing")
+        if data_format not in (None, "channels_last"):
+            raise ConfigError(f"RandomErasing: dlcli images are channels_last; got data_format {data_format!r}")
+        self.data_format = data_format
+
+    def draw(self, n):
+        ratios = np.sqrt(self.rng.uniform(*self.scale, (n, 2)))
+        x_position, y_position = self.rng.uniform(0, 1, n), self.rng.uniform(0, 1, n)
+        probability = self.rng.uniform(*self.factor, n)
+        drawn = {"ratios": ratios, "x_position": x_position, "y_position": y_position,
+                 "apply_erasing": self.rng.uniform(0, 1, n) < probability}
+        if self.fill_value is None:
+            drawn["noise"] = self.rng.standard_normal((n, *self.input_shape)) * self.value_range[1]
+        return drawn
+
+    def augment(self, x):
+        drawn = self.draw(x.shape[0])
+        ratios = drawn["ratios"]
+        mask, _ = box_mask(x.shape, ratios[:, 0], ratios[:, 1], drawn["x_position"], drawn["y_position"])
+        self.erased = mask & np.asarray(drawn["apply_erasing"], bool)[:, None, None, None]
+        fill = drawn["noise"] if self.fill_value is None else np.asarray(self.fill_value, np.float64)
+        return np.where(self.erased, fill, x).astype(x.dtype, copy=False)
+
+    def augment_backward(self, grad):
+        return np.where(self.erased, 0, grad)
+
+
 def _factor(factor, bounds, layer: str) -> tuple[float, float]:
     """Keras' BaseImagePreprocessingLayer._set_factor: a pair (sorted), or a number f giving
     (max(-|f|, lower bound), |f|); both within `bounds`."""

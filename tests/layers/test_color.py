@@ -20,6 +20,16 @@ GRADIENT_CASES = {
                                                                 {"training": True})],
     "Equalization": [({"bins": 8, "value_range": [-3, 3]}, (4, 3, 2), {"training": True}),
                      ({}, (3, 3, 1), {})],
+    "RandomSharpness": [({"factor": [0.0, 1.0], "value_range": [-1.5, 1.5]}, (4, 5, 2), {"training": True}),
+                        ({"factor": 0.5}, (3, 3, 1), {})],
+    "RandomGaussianBlur": [({"factor": [0.5, 1.0], "kernel_size": 5, "sigma": [0.5, 1.5],
+                             "value_range": [-2.5, 2.5]}, (6, 5, 2), {"training": True}),
+                           ({}, (3, 3, 1), {})],
+    # RGB in [0.05, 0.95]: away from the pixels where the hue formula changes branch
+    "RandomSaturation": [({"factor": [0.3, 0.6], "value_range": [0, 1]}, (4, 4, 3),
+                          {"training": True, "inputs": [_RGB]}), ({"factor": 0.5}, (3, 3, 3), {})],
+    "RandomHue": [({"factor": [0.2, 0.6], "value_range": [0, 1]}, (4, 4, 3), {"training": True, "inputs": [_RGB]}),
+                  ({"factor": 0.5}, (3, 3, 3), {})],
 }
 
 
@@ -62,3 +72,34 @@ def test_bad_arguments_name_the_layer():
         layers.RandomColorDegeneration(0.2, data_format="channels_first")
     with pytest.raises(ShapeError, match="needs 3 channels"):
         layers.RandomColorDegeneration(0.2)(np.zeros((1, 2, 2, 1)))
+
+
+def test_hue_turns_the_colour_wheel_and_saturation_zero_is_gray():
+    red = np.array([[[[0.9, 0.1, 0.1]]]])
+    hue = layers.RandomHue(1.0, value_range=[0, 1])
+    hue.ensure_built(red.shape[1:])
+    hue.draw = lambda n: np.full(n, 1 / 3)  # a third of the wheel: red becomes green
+    np.testing.assert_allclose(hue(red, training=True), [[[[0.1, 0.9, 0.1]]]], atol=1e-12)
+    saturation = layers.RandomSaturation([0.0, 0.0])
+    np.testing.assert_allclose(saturation(red, training=True), [[[[0.9, 0.9, 0.9]]]], atol=1e-12)
+
+
+def test_blur_of_a_constant_image_keeps_it_inside_and_darkens_the_border():
+    x = np.full((1, 5, 5, 1), 100.0)
+    blur = layers.RandomGaussianBlur(factor=[1.0, 1.0])
+    y = blur(x, training=True)  # probability 1: always blurred; zero padding pulls the border down, as in Keras
+    np.testing.assert_allclose(y[0, 2, 2, 0], 100.0)
+    assert y[0, 0, 0, 0] < y[0, 0, 2, 0] < 100.0
+
+
+def test_more_bad_arguments_name_the_layer():
+    with pytest.raises(ConfigError, match="RandomGaussianBlur: kernel_size must be one odd integer"):
+        layers.RandomGaussianBlur(kernel_size=4)
+    with pytest.raises(ConfigError, match="RandomGaussianBlur: kernel_size must be one odd integer"):
+        layers.RandomGaussianBlur(kernel_size=[3, 5])
+    with pytest.raises(ConfigError, match="RandomErasing: fill_value must be a number, three numbers"):
+        layers.RandomErasing(fill_value=[1, 2])
+    with pytest.raises(ConfigError, match=r"RandomHue: factor must be a number or a pair in \[0.0, 1.0\]"):
+        layers.RandomHue(2)
+    with pytest.raises(ShapeError, match="RandomSaturation 'rs' needs 3 channels"):
+        layers.RandomSaturation(0.5, name="rs")(np.zeros((1, 2, 2, 1)))
