@@ -37,6 +37,7 @@ LAYERS = {
         "UnitNormalization", "UpSampling1D", "UpSampling2D", "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D",
         "ZeroPadding3D"]},
     **{n: DONE for n in ["AutoContrast", "CenterCrop", "Equalization", "RandomBrightness", "RandomColorDegeneration",
+                         "RandomColorJitter",
                          "RandomContrast", "RandomCrop", "RandomErasing", "RandomGaussianBlur", "RandomGrayscale",
                          "RandomHue", "RandomInvert", "RandomPosterization", "RandomSaturation", "RandomSharpness",
                          "Resizing", "Solarization"]},  # image preprocessing
@@ -64,7 +65,7 @@ LAYERS = {
     # not yet
     **{n: AUGMENT for n in [
         "AugMix", "ContrastLimitedAdaptiveHistogramEqualization", "RandAugment",
-        "RandomColorJitter", "RandomElasticTransform", "RandomPerspective", "RandomShear"]},
+        "RandomElasticTransform", "RandomPerspective", "RandomShear"]},
     **{n: TODO for n in [
         "ReversibleEmbedding"]},
 }

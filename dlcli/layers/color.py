@@ -9,7 +9,8 @@ import numpy as np
 
 from dlcli.engine.layer import register
 from dlcli.errors import ConfigError, ShapeError
-from dlcli.layers.preprocessing import GRAYSCALE, _Augmentation, _factor, _PixelAugmentation, _value_range
+from dlcli.layers.preprocessing import (GRAYSCALE, RandomBrightness, RandomContrast, _Augmentation, _factor,
+                                        _PixelAugmentation, _value_range)
 
 
 def _to_255(x, value_range):
@@ -398,8 +399,8 @@ class RandomSaturation(_Augmentation):
         u = self.rng.uniform(*self.factor, n)
         return u / (1 - u + 1e-7)
 
-    def augment(self, x):
-        scale = np.asarray(self.draw(x.shape[0]), x.dtype)[:, None, None]
+    def augment(self, x, drawn=None):
+        scale = np.asarray(self.draw(x.shape[0]) if drawn is None else drawn, x.dtype)[:, None, None]
         h, s, v, self.from_hsv = rgb_to_hsv(x)
         s2 = s * scale
         low, high = self.value_range
@@ -432,9 +433,9 @@ class RandomHue(_Augmentation):
         sign = np.where(self.rng.uniform(0, 1, n) > 0.5, -1.0, 1.0)
         return sign * self.rng.uniform(*self.factor, n) * 0.5
 
-    def augment(self, x):
+    def augment(self, x, drawn=None):
         low, high = self.value_range
-        delta = np.asarray(self.draw(x.shape[0]), x.dtype)[:, None, None]
+        delta = np.asarray(self.draw(x.shape[0]) if drawn is None else drawn, x.dtype)[:, None, None]
         h, s, v, self.from_hsv = rgb_to_hsv((x - low) / (high - low))
         h = h + delta
         h = np.where(h > 1, h - 1, h)
@@ -445,3 +446,51 @@ class RandomHue(_Augmentation):
 
     def augment_backward(self, grad):
         return self.from_hsv(*self.from_rgb(grad * self.inside))  # the scale to 0..1 and back cancels
+
+
+@register("RandomColorJitter")
+class RandomColorJitter(_Augmentation):
+    """Keras' RandomColorJitter: RandomBrightness, RandomContrast, RandomSaturation and RandomHue in that order,
+    each only if its factor is given (the factor as that layer takes it), all with this value_range; each draws
+    per image from this layer's stream. The identity at inference."""
+
+    PARTS = (("brightness", RandomBrightness), ("contrast", RandomContrast), ("saturation", RandomSaturation),
+             ("hue", RandomHue))
+
+    def __init__(self, value_range=(0, 255), brightness_factor=None, contrast_factor=None, saturation_factor=None,
+                 hue_factor=None, seed: int | None = None, data_format: str | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.value_range = _value_range(value_range, "RandomColorJitter")
+        self.data_format = _channels_last(data_format, "RandomColorJitter")
+        factors = dict(zip((k for k, _ in self.PARTS), (brightness_factor, contrast_factor, saturation_factor,
+                                                        hue_factor)))
+        self.parts = {}
+        for key, cls in self.PARTS:
+            if factors[key] is not None:
+                try:  # named, so the parts take no automatic names from the layers a model counts
+                    self.parts[key] = cls(factors[key], value_range=value_range, name=f"{self.name}_{key}")
+                except ConfigError as e:
+                    raise ConfigError(f"RandomColorJitter: {key}_factor: {e}") from None
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        for part in self.parts.values():
+            part.ensure_built(input_shape, self.rng)
+
+    def draw(self, n):
+        drawn = {}
+        for key, part in self.parts.items():
+            part.rng = self.rng
+            drawn[key] = part.draw(n)
+        return drawn
+
+    def augment(self, x):
+        drawn = self.draw(x.shape[0])
+        for key, part in self.parts.items():
+            x = part.augment(x, drawn[key])
+        return x
+
+    def augment_backward(self, grad):
+        for part in reversed(self.parts.values()):
+            grad = part.augment_backward(grad)
+        return grad

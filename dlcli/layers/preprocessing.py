@@ -472,10 +472,11 @@ def _value_range(value_range, layer: str) -> list[float]:
 
 class _PixelAugmentation(_Augmentation):
     """A per-image random change of pixel values, clipped to value_range, the identity at inference. `draw(n)`
-    gives each image's parameter, `apply(x, p)` the unclipped result and `apply_backward(grad, p)` its transpose."""
+    gives each image's parameter, `apply(x, p)` the unclipped result and `apply_backward(grad, p)` its transpose.
+    `drawn` gives the parameters instead of drawing them (RandomColorJitter draws for its parts)."""
 
-    def augment(self, x):
-        self.params_drawn = self.draw(x.shape[0]).astype(x.dtype)
+    def augment(self, x, drawn=None):
+        self.params_drawn = np.asarray(self.draw(x.shape[0]) if drawn is None else drawn).astype(x.dtype)
         y = self.apply(x, self.params_drawn)
         low, high = self.value_range
         self.inside = (y >= low) & (y <= high)  # where the clip passes the gradient (torch's clamp)

@@ -30,6 +30,10 @@ GRADIENT_CASES = {
                           {"training": True, "inputs": [_RGB]}), ({"factor": 0.5}, (3, 3, 3), {})],
     "RandomHue": [({"factor": [0.2, 0.6], "value_range": [0, 1]}, (4, 4, 3), {"training": True, "inputs": [_RGB]}),
                   ({"factor": 0.5}, (3, 3, 3), {})],
+    "RandomColorJitter": [({"value_range": [0, 1], "brightness_factor": 0.05, "contrast_factor": [0.2, 0.2],
+                            "saturation_factor": [0.4, 0.6], "hue_factor": 0.2}, (4, 4, 3),
+                           {"training": True, "inputs": [_RGB]}),
+                          ({"brightness_factor": 0.3}, (3, 3, 1), {})],
 }
 
 
@@ -101,5 +105,7 @@ def test_more_bad_arguments_name_the_layer():
         layers.RandomErasing(fill_value=[1, 2])
     with pytest.raises(ConfigError, match=r"RandomHue: factor must be a number or a pair in \[0.0, 1.0\]"):
         layers.RandomHue(2)
+    with pytest.raises(ConfigError, match="RandomColorJitter: hue_factor: RandomHue: factor must be"):
+        layers.RandomColorJitter(hue_factor=-2)
     with pytest.raises(ShapeError, match="RandomSaturation 'rs' needs 3 channels"):
         layers.RandomSaturation(0.5, name="rs")(np.zeros((1, 2, 2, 1)))

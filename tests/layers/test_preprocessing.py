@@ -59,7 +59,8 @@ def test_gradients(name, args, shape, opts):
                                    layers.RandomGaussianBlur([1.0, 1.0], value_range=[0, 1], seed=0),
                                    layers.RandomSaturation([0.1, 0.9], value_range=[0, 1], seed=0),
                                    layers.RandomHue(0.8, value_range=[0, 1], seed=0),
-                                   layers.RandomErasing(value_range=[0, 1], seed=0)],
+                                   layers.RandomErasing(value_range=[0, 1], seed=0),
+                                   layers.RandomColorJitter([0, 1], 0.2, 0.3, [0.3, 0.7], 0.2, seed=0)],
                          ids=lambda layer: type(layer).__name__)
 def test_augmentation_is_identity_at_inference_and_float32(layer):
     x = np.random.default_rng(0).random((4, 6, 6, 3), dtype=np.float32)
@@ -159,10 +160,11 @@ def test_augmentations_match_keras(spec, arrays):
     if draw:
         layer.draw = lambda n: draw[""] if "" in draw else draw
     y = layer.forward(x.copy(), training=True)
-    # Keras' RandomHue maps to 0..1 in float32 whatever the dtype (_transform_value_range's default): 4e-6 apart
-    rtol = 1e-5 if spec["type"] == "RandomHue" else 1e-6
-    np.testing.assert_allclose(y, arrays["y"], rtol=rtol, atol=1e-9)
-    np.testing.assert_allclose(layer.backward(arrays["r"]), arrays["grad"], rtol=rtol, atol=1e-9)
+    # Keras' RandomHue maps to 0..1 in float32 whatever the dtype (_transform_value_range's default): 4e-6 apart;
+    # RandomColorJitter's parts compute in float32 (Keras builds them without the jitter's dtype)
+    rtol, atol = (1e-5, 1e-6) if spec["type"] in ("RandomHue", "RandomColorJitter") else (1e-6, 1e-9)
+    np.testing.assert_allclose(y, arrays["y"], rtol=rtol, atol=atol)
+    np.testing.assert_allclose(layer.backward(arrays["r"]), arrays["grad"], rtol=rtol, atol=atol)
 
 
 def test_random_crop_is_one_window_per_batch_and_smart_resizes_otherwise():
