@@ -223,6 +223,48 @@ class RandomZoom(_Resampling):
         return np.broadcast_to(rows, (n, h, w)), np.broadcast_to(cols, (n, h, w))
 
 
+@register("RandomShear")
+class RandomShear(_Resampling):
+    """Shear each image about its top-left corner as Keras' RandomShear: output pixel (row, col) reads the input at
+    (row + s_y col, col + s_x row), s_x and s_y drawn per image from x_factor's and y_factor's ranges (a number f
+    means [-f, f], within [0, 1]) and both negated together by a coin; Keras' fill modes and interpolations."""
+
+    def __init__(self, x_factor=0.0, y_factor=0.0, interpolation: str = "bilinear", fill_mode: str = "reflect",
+                 fill_value: float = 0.0, data_format: str | None = None, seed: int | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.x_factor = self._shear_range(x_factor, "x_factor")
+        self.y_factor = self._shear_range(y_factor, "y_factor")
+        self._resampling_args(fill_mode, interpolation, fill_value)
+        if data_format not in (None, "channels_last"):
+            raise ConfigError(f"RandomShear: dlcli images are channels_last; got data_format {data_format!r}")
+        self.data_format = data_format
+
+    @staticmethod
+    def _shear_range(factor, what):
+        """Keras' _set_factor_with_name: a number f in [0, 1] means [-f, f]; a pair is sorted. Keras wants the
+        pair in [0, 1] too, yet saves a number f as [-f, f] (its own loader then refuses the file): dlcli takes
+        pairs in [-1, 1], so such files import."""
+        pair = isinstance(factor, (list, tuple))
+        given = list(factor) if pair else [factor]
+        low = -1 if pair else 0
+        if pair and len(given) != 2 or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and
+                                               low <= f <= 1 for f in given):
+            raise ConfigError(f"RandomShear: {what} must be a number in [0, 1] or a pair in [-1, 1]; got {factor!r}")
+        return tuple(sorted(float(f) for f in given)) if pair else (-float(factor), float(factor))
+
+    def draw(self, n):
+        """(n, 2): each image's (s_x, s_y)."""
+        sign = np.where(self.rng.uniform(0, 1, (n, 1)) > 0.5, -1.0, 1.0)
+        shear_y = self.rng.uniform(*self.y_factor, (n, 1))
+        shear_x = self.rng.uniform(*self.x_factor, (n, 1))
+        return np.concatenate([shear_x, shear_y], 1) * sign
+
+    def source(self, n, h, w):
+        shear = np.asarray(self.draw(n), np.float64)
+        rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
+        return rows + shear[:, 1, None, None] * cols, cols + shear[:, 0, None, None] * rows
+
+
 def _resize_matrix(n_in: int, n_out: int, interpolation: str) -> np.ndarray:
     """(n_out, n_in) weights resampling one axis as Keras' torch backend does: bilinear with half-pixel centres
     (torch's interpolate, align_corners=False, no antialias), nearest as torch's 'nearest-exact'."""

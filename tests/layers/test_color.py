@@ -90,7 +90,7 @@ def test_hue_turns_the_colour_wheel_and_saturation_zero_is_gray():
 
 def test_blur_of_a_constant_image_keeps_it_inside_and_darkens_the_border():
     x = np.full((1, 5, 5, 1), 100.0)
-    blur = layers.RandomGaussianBlur(factor=[1.0, 1.0])
+    blur = layers.RandomGaussianBlur(factor=[1.0, 1.0], sigma=[1.0, 1.0])
     y = blur(x, training=True)  # probability 1: always blurred; zero padding pulls the border down, as in Keras
     np.testing.assert_allclose(y[0, 2, 2, 0], 100.0)
     assert y[0, 0, 0, 0] < y[0, 0, 2, 0] < 100.0

@@ -33,6 +33,9 @@ GRADIENT_CASES = {
                    ({"height": 3, "width": 5}, (4, 4, 1), {})],
     "RandomErasing": [({"scale": [0.2, 0.5]}, (5, 6, 2), {"training": True}),
                       ({"fill_value": [1, 2, 3]}, (4, 4, 3), {"training": True}), ({}, (3, 3, 1), {})],
+    "RandomShear": [({"x_factor": 0.3, "y_factor": 0.3}, (5, 4, 2), {"training": True}),
+                    ({"x_factor": [0.1, 0.4], "fill_mode": "constant", "fill_value": 0.5, "interpolation": "nearest"},
+                     (4, 5, 1), {"training": True}), ({"y_factor": 0.2}, (3, 3, 1), {})],
     "RandomZoom": [({"height_factor": 0.3}, (5, 4, 1), {"training": True}),
                    ({"height_factor": [-0.3, -0.1], "width_factor": 0.2, "fill_mode": "nearest"}, (4, 4, 2),
                     {"training": True})],
@@ -60,7 +63,8 @@ def test_gradients(name, args, shape, opts):
                                    layers.RandomSaturation([0.1, 0.9], value_range=[0, 1], seed=0),
                                    layers.RandomHue(0.8, value_range=[0, 1], seed=0),
                                    layers.RandomErasing(value_range=[0, 1], seed=0),
-                                   layers.RandomColorJitter([0, 1], 0.2, 0.3, [0.3, 0.7], 0.2, seed=0)],
+                                   layers.RandomColorJitter([0, 1], 0.2, 0.3, [0.3, 0.7], 0.2, seed=0),
+                                   layers.RandomShear(0.3, 0.3, seed=0)],
                          ids=lambda layer: type(layer).__name__)
 def test_augmentation_is_identity_at_inference_and_float32(layer):
     x = np.random.default_rng(0).random((4, 6, 6, 3), dtype=np.float32)
@@ -182,3 +186,8 @@ def test_random_crop_is_one_window_per_batch_and_smart_resizes_otherwise():
                                rtol=1e-6)
     with pytest.raises(ConfigError, match="RandomCrop: height must be an integer >= 1"):
         layers.RandomCrop(0, 3)
+    with pytest.raises(ConfigError, match=r"RandomShear: y_factor must be a number in \[0, 1\] or a pair in"):
+        layers.RandomShear(0.2, -0.1)
+    assert layers.RandomShear([-0.2, 0.2]).x_factor == (-0.2, 0.2)  # how Keras saves x_factor 0.2
+    with pytest.raises(ConfigError, match="RandomShear: fill_mode must be one of"):
+        layers.RandomShear(0.2, fill_mode="mirror")
