@@ -40,7 +40,7 @@ LAYERS = {
                          "RandomColorJitter",
                          "RandomContrast", "RandomCrop", "RandomErasing", "RandomGaussianBlur", "RandomGrayscale",
                          "RandomHue", "RandomInvert", "RandomPosterization", "RandomSaturation", "RandomSharpness",
-                         "RandomShear",
+                         "RandomPerspective", "RandomShear",
                          "Resizing", "Solarization"]},  # image preprocessing
     **{f"{a}{d}": ALIAS(f"{c}{d}") for a, c in [("AvgPool", "AveragePooling"), ("MaxPool", "MaxPooling"),
                                                 ("GlobalAvgPool", "GlobalAveragePooling"),
@@ -66,7 +66,7 @@ LAYERS = {
     # not yet
     **{n: AUGMENT for n in [
         "AugMix", "ContrastLimitedAdaptiveHistogramEqualization", "RandAugment",
-        "RandomElasticTransform", "RandomPerspective"]},
+        "RandomElasticTransform"]},
     **{n: TODO for n in [
         "ReversibleEmbedding"]},
 }

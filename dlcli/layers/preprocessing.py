@@ -265,6 +265,57 @@ class RandomShear(_Resampling):
         return rows + shear[:, 1, None, None] * cols, cols + shear[:, 0, None, None] * rows
 
 
+@register("RandomPerspective")
+class RandomPerspective(_Resampling):
+    """Warp each image, with probability p drawn per image from factor's range (a number means [0, f]), by the
+    homography taking its four corners to corners moved by (corner * u), u drawn per corner and axis from
+    [-scale / 2, scale / 2] (Keras' RandomPerspective; the corners' coordinates scale the move, so the top-left
+    corner stays). Pixels from outside the image take fill_value. The identity at inference."""
+
+    def __init__(self, factor=1.0, scale=1.0, interpolation: str = "bilinear", fill_value: float = 0.0,
+                 seed: int | None = None, data_format: str | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.factor = _factor(factor, (0.0, 1.0), "RandomPerspective")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 1:
+            raise ConfigError(f"RandomPerspective: scale must be a number in [0, 1]; got {scale!r}")
+        self.scale = float(scale)
+        self._resampling_args("constant", interpolation, fill_value)
+        if data_format not in (None, "channels_last"):
+            raise ConfigError(f"RandomPerspective: dlcli images are channels_last; got data_format {data_format!r}")
+        self.data_format = data_format
+
+    def draw(self, n):
+        probability = self.rng.uniform(*self.factor, n)
+        apply = self.rng.uniform(0, 1, n) < probability
+        return {"apply_perspective": apply,
+                "perspective_factor": self.rng.uniform(-0.5 * self.scale, 0.5 * self.scale, (n, 4, 2))}
+
+    @staticmethod
+    def homography(start, end):
+        """Keras' compute_homography_matrix: the 8 coefficients taking each end point to its start point, solved in
+        float32 as Keras does whatever the images' dtype."""
+        start, end = start.astype(np.float32), end.astype(np.float32)
+        ex, ey, sx, sy = end[..., 0], end[..., 1], start[..., 0], start[..., 1]
+        zero, one = np.zeros_like(ex), np.ones_like(ex)
+        rows_x = np.stack([ex, ey, one, zero, zero, zero, -sx * ex, -sx * ey], -1)
+        rows_y = np.stack([zero, zero, zero, ex, ey, one, -sy * ex, -sy * ey], -1)
+        system = np.stack([rows_x, rows_y], 2).reshape(len(ex), 8, 8)  # x and y rows of each corner in turn
+        return np.linalg.solve(system, np.stack([sx, sy], 2).reshape(len(ex), 8, 1))[..., 0]
+
+    def source(self, n, h, w):
+        drawn = self.draw(n)
+        corners = np.array([[0.0, 0.0], [w - 1, 0.0], [0.0, h - 1], [w - 1, h - 1]])
+        start = np.broadcast_to(corners, (n, 4, 2))
+        a = self.homography(start, start + start * np.asarray(drawn["perspective_factor"], np.float64))
+        a = a[:, :, None, None]
+        cols, rows = np.arange(w)[None, None, :], np.arange(h)[None, :, None]
+        denominator = a[:, 6] * cols + a[:, 7] * rows + 1.0
+        source_cols = (a[:, 0] * cols + a[:, 1] * rows + a[:, 2]) / denominator
+        source_rows = (a[:, 3] * cols + a[:, 4] * rows + a[:, 5]) / denominator
+        keep = ~np.asarray(drawn["apply_perspective"], bool)[:, None, None]  # these read their own pixels
+        return np.where(keep, rows + 0.0 * cols, source_rows), np.where(keep, cols + 0.0 * rows, source_cols)
+
+
 def _resize_matrix(n_in: int, n_out: int, interpolation: str) -> np.ndarray:
     """(n_out, n_in) weights resampling one axis as Keras' torch backend does: bilinear with half-pixel centres
     (torch's interpolate, align_corners=False, no antialias), nearest as torch's 'nearest-exact'."""

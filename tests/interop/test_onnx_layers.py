@@ -221,6 +221,7 @@ CASES = {
     "RandomHue": seq([4, 4, 3], L("RandomHue", factor=0.5)),
     "RandomErasing": seq([4, 4, 1], L("RandomErasing")),
     "RandomShear": seq([4, 4, 1], L("RandomShear", x_factor=0.2)),
+    "RandomPerspective": seq([4, 4, 1], L("RandomPerspective")),
     "RandomColorJitter": seq([4, 4, 3], L("RandomColorJitter", brightness_factor=0.2, hue_factor=0.2)),
     "Add": two([3, 4], [3, 4], "Add"),
     "Add-broadcast-rank": two([3, 4], [4], "Add"),

@@ -36,6 +36,9 @@ GRADIENT_CASES = {
     "RandomShear": [({"x_factor": 0.3, "y_factor": 0.3}, (5, 4, 2), {"training": True}),
                     ({"x_factor": [0.1, 0.4], "fill_mode": "constant", "fill_value": 0.5, "interpolation": "nearest"},
                      (4, 5, 1), {"training": True}), ({"y_factor": 0.2}, (3, 3, 1), {})],
+    "RandomPerspective": [({"factor": [1.0, 1.0], "scale": 0.5}, (5, 6, 2), {"training": True}),
+                          ({"interpolation": "nearest", "fill_value": 0.5}, (4, 4, 1), {"training": True}),
+                          ({}, (3, 3, 1), {})],
     "RandomZoom": [({"height_factor": 0.3}, (5, 4, 1), {"training": True}),
                    ({"height_factor": [-0.3, -0.1], "width_factor": 0.2, "fill_mode": "nearest"}, (4, 4, 2),
                     {"training": True})],
@@ -64,7 +67,8 @@ def test_gradients(name, args, shape, opts):
                                    layers.RandomHue(0.8, value_range=[0, 1], seed=0),
                                    layers.RandomErasing(value_range=[0, 1], seed=0),
                                    layers.RandomColorJitter([0, 1], 0.2, 0.3, [0.3, 0.7], 0.2, seed=0),
-                                   layers.RandomShear(0.3, 0.3, seed=0)],
+                                   layers.RandomShear(0.3, 0.3, seed=0),
+                                   layers.RandomPerspective([1.0, 1.0], seed=0)],
                          ids=lambda layer: type(layer).__name__)
 def test_augmentation_is_identity_at_inference_and_float32(layer):
     x = np.random.default_rng(0).random((4, 6, 6, 3), dtype=np.float32)
@@ -165,8 +169,10 @@ def test_augmentations_match_keras(spec, arrays):
         layer.draw = lambda n: draw[""] if "" in draw else draw
     y = layer.forward(x.copy(), training=True)
     # Keras' RandomHue maps to 0..1 in float32 whatever the dtype (_transform_value_range's default): 4e-6 apart;
-    # RandomColorJitter's parts compute in float32 (Keras builds them without the jitter's dtype)
-    rtol, atol = (1e-5, 1e-6) if spec["type"] in ("RandomHue", "RandomColorJitter") else (1e-6, 1e-9)
+    # RandomColorJitter's parts compute in float32 (Keras builds them without the jitter's dtype); both solve
+    # RandomPerspective's homography in float32, with different solvers (7e-6 apart)
+    float32 = ("RandomHue", "RandomColorJitter", "RandomPerspective")
+    rtol, atol = (1e-5, 1e-6) if spec["type"] in float32 else (1e-6, 1e-9)
     np.testing.assert_allclose(y, arrays["y"], rtol=rtol, atol=atol)
     np.testing.assert_allclose(layer.backward(arrays["r"]), arrays["grad"], rtol=rtol, atol=atol)
 
@@ -189,5 +195,7 @@ def test_random_crop_is_one_window_per_batch_and_smart_resizes_otherwise():
     with pytest.raises(ConfigError, match=r"RandomShear: y_factor must be a number in \[0, 1\] or a pair in"):
         layers.RandomShear(0.2, -0.1)
     assert layers.RandomShear([-0.2, 0.2]).x_factor == (-0.2, 0.2)  # how Keras saves x_factor 0.2
+    with pytest.raises(ConfigError, match=r"RandomPerspective: scale must be a number in \[0, 1\]"):
+        layers.RandomPerspective(scale=2)
     with pytest.raises(ConfigError, match="RandomShear: fill_mode must be one of"):
         layers.RandomShear(0.2, fill_mode="mirror")
