@@ -1,8 +1,9 @@
-"""dlcli generate's one-position step (dlcli/generation.py holds the NumPy twins): the cached self-attention of one
-new query per sequence, and a residual sum with its layer normalisation. At batch 1 each NumPy call costs more in
-dispatch than in arithmetic (a step of imdb_gpt.yaml's network made ~30 of them per block); here each is one call.
-The dot products run with reassociated float sums (fastmath reassoc, so they vectorise): equal to the twins within
-float32 rounding, not bit for bit.
+"""Attention kernels. dlcli generate's one-position step (NumPy twins in dlcli/generation.py): the cached
+self-attention of one new query per sequence, and a residual sum with its layer normalisation; at batch 1 each NumPy
+call costs more in dispatch than in arithmetic (a step of imdb_gpt.yaml's network made ~30 of them per block), here
+each is one call. MultiHeadAttention's training passes (NumPy twins in dlcli/layers/attention.py): the masked
+softmax with dropout and its backward, fused over the (batch, heads, T, S) rows. Sums run reassociated (fastmath
+reassoc, so they vectorise): equal to the twins within float32 rounding, not bit for bit; the dropout masks are.
 """
 import numba
 import numpy as np
@@ -74,3 +75,93 @@ def add_layer_norm(x, residual, gamma, beta, epsilon, summed, out):
         inv_std = 1 / np.sqrt(np.float32(total / features) + epsilon)
         for k in range(features):
             out[i, k] = (summed[i, k] - mean) * inv_std * gamma[k] + beta[k]
+
+
+# --- MultiHeadAttention's training passes over the (batch, heads, T, S) scores (twins in layers/attention.py) -------
+# The exponentials stay NumPy's (SIMD: 4 ms where a compiled scalar loop takes 60 at 32x4x256x256); these kernels
+# fuse what surrounds them, each one pass over the rows instead of NumPy's three to six with their temporaries.
+
+@numba.njit(**JIT)
+def mask_and_shift(scores, keep):
+    """Scores where `keep` (a bool array broadcast to their shape) is False become -1e9 (Keras' Softmax mask), then
+    each row has its maximum subtracted, in place: what np.exp needs next."""
+    n, heads, t, s = scores.shape
+    masked = np.float32(-1e9)
+    for a in range(n):
+        for h in range(heads):
+            for i in range(t):
+                row, allowed = scores[a, h, i], keep[a, h, i]
+                top = -np.inf
+                for j in range(s):
+                    if not allowed[j]:
+                        row[j] = masked
+                    top = max(top, row[j])
+                for j in range(s):
+                    row[j] -= top
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, **JIT)
+def normalise_and_drop(exps, keep, rng, rate, dropped, attended):
+    """exps (after mask_and_shift and np.exp) become the probabilities, in place: each row over its sum, 0 where
+    `keep` is False. With rate > 0 each probability is dropped when rng.random(dtype=float32) < rate, drawn in C order
+    as NumPy's rng.random(shape, dtype=float32) < rate draws them (the same mask from the same generator): the mask
+    into `dropped`, the kept probabilities scaled by 1 / (1 - rate) and the dropped ones 0 into `attended`."""
+    n, heads, t, s = exps.shape
+    scale = exps.dtype.type(1 / (1 - rate))
+    zero = exps.dtype.type(0)
+    for a in range(n):
+        for h in range(heads):
+            for i in range(t):
+                row, allowed = exps[a, h, i], keep[a, h, i]
+                total = zero
+                for j in range(s):
+                    total += row[j]
+                inverse = exps.dtype.type(1) / total
+                for j in range(s):
+                    row[j] = row[j] * inverse if allowed[j] else zero
+                if rate > 0:
+                    drop, out = dropped[a, h, i], attended[a, h, i]
+                    for j in range(s):
+                        d = rng.random(dtype=np.float32) < rate
+                        drop[j] = d
+                        out[j] = zero if d else row[j] * scale
+
+
+@numba.njit(**JIT)
+def apply_dropout(probs, dropped, scale, out):
+    """out = 0 where dropped, else probs * scale (the probabilities after dropout, again for the backward pass)."""
+    n, heads, t, s = probs.shape
+    zero = probs.dtype.type(0)
+    for a in range(n):
+        for h in range(heads):
+            for i in range(t):
+                p, drop, o = probs[a, h, i], dropped[a, h, i], out[a, h, i]
+                for j in range(s):
+                    o[j] = zero if drop[j] else p[j] * scale
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, **JIT)
+def softmax_dropout_backward(grad, probs, dropped, scale, extra):
+    """grad, d(loss)/d(probabilities after dropout), becomes d(loss)/d(scores) in place: 0 where dropped, else times
+    `scale`, plus `extra` (the gradient of the returned scores, empty for none); then p * (g - sum(g * p)) per row.
+    An empty `dropped` is no dropout."""
+    n, heads, t, s = grad.shape
+    drop, add = dropped.size > 0, extra.size > 0
+    zero = grad.dtype.type(0)
+    for a in range(n):
+        for h in range(heads):
+            for i in range(t):
+                g, p = grad[a, h, i], probs[a, h, i]
+                if drop:
+                    d = dropped[a, h, i]
+                    for j in range(s):
+                        g[j] = zero if d[j] else g[j] * scale
+                if add:
+                    e = extra[a, h, i]
+                    for j in range(s):
+                        g[j] += e[j]
+                total = zero
+                for j in range(s):
+                    total += g[j] * p[j]
+                for j in range(s):
+                    g[j] = p[j] * (g[j] - total)

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from dlcli import kernels
 from dlcli.engine import initializers
 from dlcli.engine.layer import Layer, format_shape, register
 from dlcli.errors import ConfigError, ExportError, ShapeError
@@ -45,6 +46,59 @@ def softmax_backward_(grad: np.ndarray, probs: np.ndarray) -> np.ndarray:
     grad -= row
     grad *= probs
     return grad
+
+
+def softmax_dropout_(scores: np.ndarray, keep: np.ndarray | None, rate: float, rng: np.random.Generator):
+    """(probs, dropped, attended) of (n, heads, T, S) scores: the probabilities in place of the scores
+    (masked_softmax_); with rate > 0 the dropout mask drawn as rng.random(shape, dtype=float32) < rate and the
+    probabilities after inverted dropout (a new array), else None and the probabilities themselves. The compiled
+    kernels draw the same mask from the same generator."""
+    compiled = kernels.compiled("attention")
+    if compiled is None:
+        probs = masked_softmax_(scores, keep)
+        if not rate:
+            return probs, None, probs
+        dropped = rng.random(probs.shape, dtype=np.float32) < rate
+        return probs, dropped, np.where(dropped, probs.dtype.type(0), probs / probs.dtype.type(1 - rate))
+    keep = np.broadcast_to(np.True_ if keep is None else keep, scores.shape)
+    compiled.mask_and_shift(scores, keep)
+    np.exp(scores, out=scores)
+    dropped = np.empty(scores.shape if rate else (0,) * 4, bool)
+    attended = np.empty_like(scores) if rate else scores
+    compiled.normalise_and_drop(scores, keep, rng, float(rate), dropped, attended)
+    return scores, dropped if rate else None, attended
+
+
+def dropped_probs(probs: np.ndarray, dropped: np.ndarray | None, rate: float) -> np.ndarray:
+    """The probabilities after the forward pass' dropout again (a new array; the probabilities when none)."""
+    if dropped is None:
+        return probs
+    scale = probs.dtype.type(1 / (1 - rate))
+    compiled = kernels.compiled("attention")
+    if compiled is None:
+        return np.where(dropped, probs.dtype.type(0), probs * scale)
+    out = np.empty_like(probs)
+    compiled.apply_dropout(probs, dropped, scale, out)
+    return out
+
+
+def softmax_dropout_backward_(grad: np.ndarray, probs: np.ndarray, dropped: np.ndarray | None, rate: float,
+                              extra: np.ndarray | None = None) -> np.ndarray:
+    """d(scores) from grad = d(probabilities after dropout), in place: the dropout's mask and scale, plus `extra`
+    (the gradient of returned scores), then softmax_backward_."""
+    scale = grad.dtype.type(1 / (1 - rate))
+    compiled = kernels.compiled("attention")
+    if compiled is not None:
+        empty = np.empty((0,) * 4, bool)
+        compiled.softmax_dropout_backward(grad, probs, empty if dropped is None else dropped, scale,
+                                          np.empty((0,) * 4, grad.dtype) if extra is None else extra)
+        return grad
+    if dropped is not None:
+        np.copyto(grad, 0, where=dropped)
+        grad *= scale
+    if extra is not None:
+        grad += extra
+    return softmax_backward_(grad, probs)
 
 
 def causal_mask(t: int, s: int) -> np.ndarray:
@@ -321,13 +375,8 @@ class MultiHeadAttention(Layer):
         t, s = self.Q.shape[2], self.K.shape[2]
         self.keep = self._keep(query_mask, value_mask, key_mask, xs[3] if len(xs) > 3 else None, t, s,
                                query.shape[0])
-        self.probs = masked_softmax_(self.Q @ self.K.transpose(0, 1, 3, 2), self.keep)
-        self.dropped = None
-        attended = self.probs
-        if training and self.dropout > 0:
-            self.dropped = self.rng.random(self.probs.shape, dtype=np.float32) < self.dropout
-            attended = np.where(self.dropped, self.probs.dtype.type(0),
-                                self.probs / self.probs.dtype.type(1 - self.dropout))
+        self.probs, self.dropped, attended = softmax_dropout_(self.Q @ self.K.transpose(0, 1, 3, 2), self.keep,
+                                                              self.dropout if training else 0.0, self.rng)
         self.context = (attended @ self.V).transpose(0, 2, 1, 3)  # (n, t, heads, value_dim)
         kernel = self.params["attention_output/kernel"].value
         flat = self.context.reshape(-1, self.num_heads * self.value_dim)
@@ -389,17 +438,13 @@ class MultiHeadAttention(Layer):
             bias.grad += g_out.sum(0).reshape(bias.grad.shape)
         d_context = np.ascontiguousarray(
             (g_out @ kernel.value.reshape(heads * vd, -1).T).reshape(n, t, heads, vd).transpose(0, 2, 1, 3))
-        scale = self.probs.dtype.type(1 / (1 - self.dropout))
-        attended = self.probs if self.dropped is None else np.where(self.dropped, 0, self.probs * scale)
+        attended = dropped_probs(self.probs, self.dropped, self.dropout)
         d_value = attended.transpose(0, 1, 3, 2) @ d_context
+        # d(probabilities) into the dropped probabilities' array, no longer needed: no second (n, heads, T, S) array
+        d_probs = np.matmul(d_context, self.V.transpose(0, 1, 3, 2), out=None if attended is self.probs else attended)
         del attended
-        d_probs = d_context @ self.V.transpose(0, 1, 3, 2)
-        if self.dropped is not None:
-            np.copyto(d_probs, 0, where=self.dropped)
-            d_probs *= scale
-        if grad_scores is not None:
-            d_probs += grad_scores.reshape(d_probs.shape)
-        d_scores = softmax_backward_(d_probs, self.probs)
+        d_scores = softmax_dropout_backward_(d_probs, self.probs, self.dropped, self.dropout,
+                                             None if grad_scores is None else grad_scores.reshape(d_probs.shape))
         d_query = (d_scores @ self.K) * self.Q.dtype.type(self.scale)
         d_key = d_scores.transpose(0, 1, 3, 2) @ self.Q  # Q already carries the scale
         dq = self._project_backward(d_query, self.q, "query")

@@ -55,8 +55,43 @@ GRADIENT_CASES = {
 
 @pytest.mark.parametrize("name,args,shapes,opts", [(n, a, s, o) for n, cases in GRADIENT_CASES.items()
                                                    for a, s, o in cases])
-def test_gradients(name, args, shapes, opts):
+def test_gradients(name, args, shapes, opts, kernel_path):
     check_layer(layers.LAYERS.get(name)(**args), shapes, **opts)
+
+
+@pytest.mark.parametrize("keep_shape", [None, (2, 1, 5, 1), (1, 1, 5, 7), (2, 1, 1, 7)])
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_softmax_dropout_kernels_equal_their_numpy_twins(monkeypatch, keep_shape, rate):
+    """The fused masked softmax + dropout and its backward against the NumPy twins: the same dropout mask from the
+    same generator (bit for bit), probabilities and score gradients within float32 rounding; rows with nothing to
+    attend to are zeros."""
+    from dlcli.layers.attention import dropped_probs, softmax_dropout_, softmax_dropout_backward_
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0, 3, (2, 3, 5, 7)).astype(np.float32)
+    keep = None if keep_shape is None else rng.random(keep_shape) < 0.7
+    grad, extra = rng.normal(size=(2, *scores.shape)).astype(np.float32)
+    results = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        probs, dropped, attended = softmax_dropout_(scores.copy(), keep, rate, np.random.default_rng(5))
+        again = dropped_probs(probs, dropped, rate)
+        d_scores = softmax_dropout_backward_(grad.copy(), probs, dropped, rate, extra)
+        results.append((probs, dropped, attended, again, d_scores))
+    (probs, dropped, attended, again, d_scores), reference = results
+    np.testing.assert_allclose(probs, reference[0], atol=1e-6, rtol=0)
+    if rate:
+        np.testing.assert_array_equal(dropped, reference[1])
+        assert 0.1 < dropped.mean() < 0.5
+    else:
+        assert dropped is None is reference[1] and attended is probs
+    np.testing.assert_allclose(attended, reference[2], atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(again, attended)
+    np.testing.assert_allclose(d_scores, reference[4], atol=1e-5, rtol=0)
+    if keep is not None:
+        hidden = ~np.broadcast_to(keep, scores.shape)
+        assert (probs[hidden] == 0).all() and (d_scores[hidden] == 0).all()
+        np.testing.assert_allclose(probs.sum(-1), np.broadcast_to(keep, scores.shape).any(-1), atol=1e-6)
 
 
 def test_attention_mask_input_is_the_same_as_the_mask_it_spells():

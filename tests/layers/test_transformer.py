@@ -36,7 +36,7 @@ GRADIENT_CASES = {
 
 @pytest.mark.parametrize("name,args,shapes,opts", [(n, a, s, o) for n, cases in GRADIENT_CASES.items()
                                                    for a, s, o in cases])
-def test_gradients(name, args, shapes, opts):
+def test_gradients(name, args, shapes, opts, kernel_path):
     check_layer(layers.LAYERS.get(name)(**args), shapes, **opts)
 
 
