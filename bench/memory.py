@@ -1,5 +1,5 @@
 """Peak resident memory of training every shipped config (configs/*.yaml) for one epoch through the CLI, each in
-its own child process; target: under 2 GiB each. Appends a table to bench/results/memory.md.
+its own child process; target: under 2 GiB each. Writes its table to bench/results/memory.md (replacing it).
 
     DLCLI_DATA_DIR=../shared/datasets python bench/memory.py [configs/mnist.yaml ...]
 
