@@ -128,6 +128,23 @@ def test_depthwise_and_separable_match_keras_weight_layouts():
     assert [w.shape for w in s.get_weights()] == [(3, 3, 3, 2), (1, 1, 6, 4), (4,)]
 
 
+@pytest.mark.parametrize("rank,shape", [(1, (9, 4)), (2, (8, 7, 4))])
+def test_depthwise_and_separable_flops_count_their_multiply_adds(rank, shape):
+    """A depthwise convolution is a Conv with one filter per input channel and depth multiplier: its FLOPs are
+    those of that Conv on one input channel, times the channels; a separable one adds its 1x1 pointwise Conv."""
+    conv = {1: layers.Conv1D, 2: layers.Conv2D}[rank]
+    depthwise = {1: layers.DepthwiseConv1D, 2: layers.DepthwiseConv2D}[rank]
+    separable = {1: layers.SeparableConv1D, 2: layers.SeparableConv2D}[rank]
+    args = dict(kernel_size=3, strides=2, padding="same")
+    one_channel = conv(2, **args).flops((*shape[:-1], 1))  # depth_multiplier 2 filters over one channel
+    assert depthwise(depth_multiplier=2, **args).flops(shape) == shape[-1] * one_channel > 0
+    mid = depthwise(depth_multiplier=2, **args).output_shape(shape)
+    pointwise = conv(5, kernel_size=1).flops(mid)
+    assert separable(5, depth_multiplier=2, **args).flops(shape) == shape[-1] * one_channel + pointwise
+    # 8x7 same-padded at stride 2 is 4x4 outputs; 4 channels x 2 each, 9 taps: 2 * 16 * 9 * 8 multiply-adds
+    assert rank == 1 or depthwise(depth_multiplier=2, **args).flops(shape) == 2 * 16 * 9 * 8
+
+
 def test_depthwise_channel_order_is_channel_major():
     """Output channel c * depth_multiplier + m reads input channel c only (TF's ordering)."""
     d = layers.DepthwiseConv2D(1, depth_multiplier=2, use_bias=False, dtype="float64")
