@@ -41,11 +41,13 @@ class _Conv(_Windowed):
     activation_last = True
 
     def __init__(self, filters: Size, kernel_size: Sizes, strides: Sizes = 1, padding: str = "valid",
-                 dilation_rate: Sizes = 1, activation: str | None = None, use_bias: bool = True,
+                 dilation_rate: Sizes = 1, groups: Size = 1, activation: str | None = None, use_bias: bool = True,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
                  bias_regularizer=None, **kw):
         super().__init__(**kw)
-        self.filters, self.use_bias = int(filters), use_bias
+        self.filters, self.groups, self.use_bias = int(filters), int(groups), use_bias
+        if self.groups < 1 or self.filters % self.groups:
+            raise ConfigError(f"{type(self).__name__}: filters ({filters}) must be a multiple of groups ({groups})")
         self._window_args(kernel_size, strides, padding, dilation_rate)
         self.activation = activations.get(activation)
         self.kernel_initializer = initializers.get(kernel_initializer)
@@ -54,7 +56,10 @@ class _Conv(_Windowed):
 
     def build(self, input_shape):
         self._geometry(input_shape)
-        self.kernel = self.add_weight("kernel", (*self.kernel_size, input_shape[-1], self.filters),
+        if input_shape[-1] % self.groups:
+            raise ConfigError(f"{type(self).__name__} '{self.name}': its input's {input_shape[-1]} channels must be "
+                              f"a multiple of groups ({self.groups})")
+        self.kernel = self.add_weight("kernel", (*self.kernel_size, input_shape[-1] // self.groups, self.filters),
                                       self.kernel_initializer, self.kernel_regularizer)
         if self.use_bias:
             self.bias = self.add_weight("bias", (self.filters,), self.bias_initializer, self.bias_regularizer)
@@ -64,13 +69,15 @@ class _Conv(_Windowed):
 
     def flops(self, input_shape):
         out = self._geometry(input_shape)[0]
-        return 2 * int(np.prod(out)) * int(np.prod(self.kernel_size)) * input_shape[-1] * self.filters
+        return 2 * int(np.prod(out)) * int(np.prod(self.kernel_size)) * input_shape[-1] // self.groups * self.filters
 
     def forward(self, x, training=False):
         self.out_sizes, self.pads = cm.geometry(x.shape[1:-1], self.kernel_size, self.strides, self.padding,
                                                 self.dilation_rate)
         xp = cm.pad(x, self.pads)
         self.xp_shape = xp.shape
+        if self.groups > 1:
+            return self._grouped_forward(xp)
         # The patches and, with a bias, a column of ones: the GEMM then adds the bias (no extra pass over the
         # output) and its transpose in backward sums the bias gradient with the kernel's.
         k, rows, rank = self.kernel.value[..., 0].size, x.shape[0] * int(np.prod(self.out_sizes)), self.rank
@@ -91,7 +98,46 @@ class _Conv(_Windowed):
         z = np.dot(self.cols, weights)
         return activations.activate_owned(self, z.reshape(x.shape[0], *self.out_sizes, self.filters))
 
+    # groups > 1 (Keras' grouped convolution, ConvNeXt's depthwise Conv2D): input channels and filters split into
+    # `groups` consecutive blocks, filter block j reading channel block j only. One batched product per kernel tap.
+    def _grouped_kernel(self, kernel):
+        """(*k, in/groups, filters) -> (*k, groups, in/groups, filters/groups)."""
+        *k, cg, f = kernel.shape
+        return kernel.reshape(*k, cg, self.groups, f // self.groups).swapaxes(-3, -2)
+
+    def _grouped_forward(self, xp):
+        self.xp = xp
+        positions = xp.shape[0] * int(np.prod(self.out_sizes))
+        kernel = self._grouped_kernel(self.kernel.value)
+        y = np.zeros((positions, self.groups, self.filters // self.groups), xp.dtype)
+        for offset in cm.offsets(self.kernel_size):
+            window = xp[cm.window(offset, self.out_sizes, self.strides, self.dilation_rate)]
+            y += np.einsum("pgc,gcf->pgf", window.reshape(positions, self.groups, -1), kernel[offset])
+        y = y.reshape(xp.shape[0], *self.out_sizes, self.filters)
+        if self.use_bias:
+            y += self.bias.value
+        return self.activate(y)
+
+    def _grouped_backward(self, grad):
+        g = np.ascontiguousarray(self.activation_backward(grad))
+        if self.use_bias and self.bias.grad is not None:
+            self.bias.grad += g.reshape(-1, self.filters).sum(0)
+        g = g.reshape(-1, self.groups, self.filters // self.groups)
+        kernel = self._grouped_kernel(self.kernel.value)
+        kernel_grad = None if self.kernel.grad is None else self._grouped_kernel(self.kernel.grad)  # a view
+        dxp = np.zeros(self.xp.shape, g.dtype) if self.input_grad_needed else None
+        for offset in cm.offsets(self.kernel_size):
+            index = cm.window(offset, self.out_sizes, self.strides, self.dilation_rate)
+            if kernel_grad is not None:
+                window = self.xp[index].reshape(len(g), self.groups, -1)
+                kernel_grad[offset] += np.einsum("pgc,pgf->gcf", window, g)
+            if dxp is not None:
+                dxp[index] += np.einsum("pgf,gcf->pgc", g, kernel[offset]).reshape(dxp[index].shape)
+        return None if dxp is None else cm.unpad(dxp, self.pads)
+
     def backward(self, grad):
+        if self.groups > 1:
+            return self._grouped_backward(grad)
         g = np.ascontiguousarray(self.activation_backward(grad)).reshape(-1, self.filters)
         k = self.kernel.value[..., 0].size
         if self.kernel.grad is not None or (self.use_bias and self.bias.grad is not None):
@@ -115,7 +161,7 @@ class _Conv(_Windowed):
         if self.use_bias:
             inputs.append(g.weight(self, self.bias.value, "bias"))
         y = g.op("Conv", inputs, self.name, kernel_shape=list(self.kernel_size), strides=list(self.strides),
-                 dilations=list(self.dilation_rate), pads=g.pads(pads))
+                 dilations=list(self.dilation_rate), pads=g.pads(pads), group=self.groups)
         return g.activate(self.activation, g.value(y, x.rank, True))
 
 

@@ -82,6 +82,8 @@ CASES = {
     "Conv2D-strided-same": seq([7, 7, 2], L("Conv2D", filters=4, kernel_size=3, strides=2, padding="same",
                                             activation="relu")),
     "Conv2D-valid-tanh": seq([6, 5, 1], L("Conv2D", filters=2, kernel_size=[3, 2], activation="tanh")),
+    "Conv2D-groups": seq([6, 5, 4], L("Conv2D", filters=6, kernel_size=3, groups=2, padding="same", strides=2)),
+    "Conv1D-groups-depthwise": seq([7, 3], L("Conv1D", filters=6, kernel_size=3, groups=3, dilation_rate=2)),
     "Conv3D": seq([5, 5, 5, 2], L("Conv3D", filters=3, kernel_size=2)),
     "Conv2DTranspose-same": seq([4, 4, 3], L("Conv2DTranspose", filters=2, kernel_size=3, strides=2, padding="same")),
     "Conv2DTranspose-valid": seq([3, 4, 2], L("Conv2DTranspose", filters=2, kernel_size=3, strides=2)),

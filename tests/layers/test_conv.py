@@ -10,6 +10,7 @@ from tests.gradcheck import check_layer
 # Gradient-check table: layer type -> list of (constructor args, input shape without batch, check options).
 GRADIENT_CASES = {
     "Conv1D": [({"filters": 3, "kernel_size": 3}, (7, 2), {}),
+               ({"filters": 4, "kernel_size": 3, "groups": 2, "strides": 2, "padding": "same"}, (7, 6), {}),
                ({"filters": 2, "kernel_size": 2, "strides": 2, "padding": "same", "activation": "tanh"}, (7, 3), {}),
                ({"filters": 2, "kernel_size": 3, "padding": "causal", "dilation_rate": 2}, (6, 2), {}),
                ({"filters": 2, "kernel_size": 3, "use_bias": False}, (5, 9), {})],
@@ -18,7 +19,10 @@ GRADIENT_CASES = {
                    [(2, 3, 1, "valid", 1), (3, 2, 2, "same", 1), (2, (3, 2), (2, 1), "valid", 1),
                     (2, 3, 1, "same", 2), (2, 2, 3, "same", 1), (3, 3, 2, "valid", 1)],
                    [(5, 6, 2), (5, 7, 3), (7, 5, 2), (6, 5, 2), (7, 7, 1), (7, 6, 9)])]
-              + [({"filters": 3, "kernel_size": 3, "activation": "relu", "use_bias": False}, (5, 5, 2), {})],
+              + [({"filters": 3, "kernel_size": 3, "activation": "relu", "use_bias": False}, (5, 5, 2), {}),
+                 ({"filters": 4, "kernel_size": 3, "groups": 4, "padding": "same", "activation": "tanh"}, (4, 5, 4), {}),
+                 ({"filters": 3, "kernel_size": 2, "groups": 3, "use_bias": False, "dilation_rate": 2}, (5, 5, 6),
+                  {})],
     "Conv3D": [({"filters": 2, "kernel_size": 2}, (3, 4, 3, 2), {}),
                ({"filters": 2, "kernel_size": (2, 3, 2), "strides": 2, "padding": "same"}, (3, 5, 4, 1), {})],
     "Conv2DTranspose": [({"filters": 2, "kernel_size": 3}, (3, 4, 2), {}),
@@ -126,6 +130,29 @@ def test_depthwise_and_separable_match_keras_weight_layouts():
     s(np.ones((1, 5, 5, 3), np.float32))
     assert [p.name for p in s.weights] == ["depthwise_kernel", "pointwise_kernel", "bias"]
     assert [w.shape for w in s.get_weights()] == [(3, 3, 3, 2), (1, 1, 6, 4), (4,)]
+
+
+@pytest.mark.parametrize("groups,channels", [(2, 6), (3, 3)])
+def test_grouped_conv_is_one_conv_per_block_of_channels(groups, channels):
+    """Keras' groups: input channels and filters in `groups` consecutive blocks, filter block j convolving channel
+    block j alone; the kernel (*k, in/groups, filters). Checked against separate Conv2Ds on the channel slices."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 7, 6, channels)).astype(np.float32)
+    grouped = layers.Conv2D(groups * 2, 3, strides=2, padding="same", groups=groups)
+    y = grouped(x)
+    kernel, bias = grouped.get_weights()
+    assert kernel.shape == (3, 3, channels // groups, groups * 2)
+    size = channels // groups
+    for j in range(groups):
+        single = layers.Conv2D(2, 3, strides=2, padding="same")
+        single.ensure_built(x.shape[1:-1] + (size,))
+        single.set_weights([kernel[..., 2 * j:2 * j + 2], bias[2 * j:2 * j + 2]])
+        np.testing.assert_allclose(y[..., 2 * j:2 * j + 2], single(x[..., size * j:size * (j + 1)]), atol=1e-6)
+    assert grouped.flops(x.shape[1:]) == groups * single.flops((*x.shape[1:-1], size))
+    with pytest.raises(ConfigError, match="filters \\(5\\) must be a multiple of groups \\(2\\)"):
+        layers.Conv2D(5, 3, groups=2)
+    with pytest.raises(ConfigError, match="its input's 3 channels must be a multiple of groups \\(2\\)"):
+        layers.Conv2D(4, 3, groups=2).ensure_built((5, 5, 3))
 
 
 @pytest.mark.parametrize("rank,shape", [(1, (9, 4)), (2, (8, 7, 4))])
