@@ -39,6 +39,18 @@ def _hub_layer(obj: dict) -> bool:
             and name in LAYERS and LAYERS.get(name).keras_package == "keras_hub")
 
 
+# keras.ops calls recorded in a functional model (ConvNeXt's residual `x + y`) that are exactly a dlcli layer:
+# elementwise on tensors of one shape (the layer's build refuses others), nothing to train, no arguments.
+OPERATION_LAYERS = {("keras.src.ops.numpy", "Add"): "Add", ("keras.src.ops.numpy", "Multiply"): "Multiply",
+                    ("keras.src.ops.numpy", "Subtract"): "Subtract"}
+
+
+def _nested_model(entry: dict) -> bool:
+    """A Keras model used as a layer (module 'keras' for Sequential, keras.src.models.* for a functional one)."""
+    return entry.get("class_name") in ("Sequential", "Functional", "Model") and (
+        entry.get("module") == "keras" or str(entry.get("module")).startswith("keras.src.models"))
+
+
 APPLICATIONS_MODULE = re.compile(r"^keras\.src\.applications\.[a-z0-9_]+$")  # keras.applications' own layers
 
 
@@ -110,8 +122,23 @@ class ConfigMapper:
             spec["input_shape"] = shape
         if dtype != "float32":
             spec["input_dtype"] = dtype
-        spec["layers"] = [self.layer(e) for e in entries]
+        spec["layers"] = [self.layer(x) for e in entries for x in self._inlined(e)]
         return spec
+
+    def _inlined(self, e) -> list:
+        """[e], or for a nested Sequential its layers (nested ones inlined in turn): the same chain of layers."""
+        if not _nested_model(e):
+            return [e]
+        name = (e.get("config") or {}).get("name", "?")
+        _check_object(e, f"layer '{name}'")
+        if e["class_name"] != "Sequential":
+            raise UnsupportedModel(f"layer '{name}' is a Keras {e['class_name']} model nested in another model; "
+                                   f"dlcli imports nested Sequential models (call a nested functional model's "
+                                   f"layers in the outer model instead)")
+        inner = [x for x in e["config"].get("layers") or [] if x.get("class_name") != "InputLayer"]
+        if e["config"].get("trainable") is False:  # a frozen nested model freezes its layers
+            inner = [{**x, "config": {**x["config"], "trainable": False}} for x in inner]
+        return [y for x in inner for y in self._inlined(x)]
 
     def _first_shape(self, entries):
         """A Sequential saved without an InputLayer: the first layer's batch_input_shape (Keras 2) or build shape."""
@@ -151,6 +178,12 @@ class ConfigMapper:
                 inputs.append({"name": name, "shape": shape, **({"dtype": dtype} if dtype != "float32" else {})})
                 refs[(name, 0)] = name
                 continue
+            if _nested_model(e):
+                layers += self._nested_sequential(e, name, refs, multi)
+                continue
+            if (e.get("module"), e["class_name"]) in OPERATION_LAYERS:
+                layers.append(self._operation(e, name, refs, multi))
+                continue
             spec = self.layer(e)
             multi[name] = bool(spec.get("return_state")) or (spec["type"] == "Bidirectional"
                                                             and spec.get("merge_mode", "concat") is None)
@@ -172,6 +205,48 @@ class ConfigMapper:
         outputs = [self._ref(t, refs, multi, "the model's outputs") for t in heads]
         return {"type": "functional", "name": body.get("name") or "model", "inputs": inputs, "layers": layers,
                 "outputs": outputs}
+
+    def _operation(self, e, name, refs, multi) -> dict:
+        """keras.ops.add/multiply/subtract in a functional model: on two tensors the layer Add/Multiply/Subtract, on
+        a tensor and a number (MobileNetV3's hard sigmoid, relu6(x + 3) * (1 / 6)) a Rescaling, y = x * scale +
+        offset, exact for these (x * 1 + c, x * c + 0)."""
+        kind, node = e["class_name"], (e.get("inbound_nodes") or [{}])[0]
+        args, extra = list(node.get("args") or []), set(e.get("config") or {}) - {"name"}
+        tensors = [a for a in args if _history(a)]
+        numbers = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        if extra or node.get("kwargs") or len(e.get("inbound_nodes") or []) != 1 or len(args) != 2 \
+                or len(tensors) + len(numbers) != 2 or not tensors:
+            raise UnsupportedModel(f"'{name}' is keras.ops.{snake_case(kind)} on {str(args)[:80]}; dlcli maps it on "
+                                   f"two tensors, or on a tensor and a number")
+        refs[(name, 0)], multi[name] = name, False
+        if len(tensors) == 2:
+            return {"type": OPERATION_LAYERS[(e["module"], kind)], "name": name,
+                    "inputs": [self._tensor(t, refs, multi, name) for t in tensors]}
+        c = float(numbers[0])
+        scale, offset = {"Add": (1.0, c), "Multiply": (c, 0.0),
+                         "Subtract": (1.0, -c) if _history(args[0]) else (-1.0, c)}[kind]
+        return {"type": "Rescaling", "name": name, "scale": scale, "offset": offset,
+                "inputs": self._tensor(tensors[0], refs, multi, name)}
+
+    def _nested_sequential(self, e, name, refs, multi) -> list:
+        """A Sequential called inside a functional model (ConvNeXt's stem and downsampling blocks) as its layers
+        chained in the outer graph: what reads the nested model reads its last layer."""
+        nodes = e.get("inbound_nodes") or []
+        if e["class_name"] == "Sequential" and len(nodes) != 1:
+            raise UnsupportedModel(f"the nested Sequential '{name}' is called {len(nodes)} times; dlcli imports a "
+                                   f"nested Sequential called once")
+        specs = [self.layer(x) for x in self._inlined(e)]
+        if not specs:
+            raise UnsupportedModel(f"the nested Sequential '{name}' has no layers")
+        source, _ = self._node_inputs(nodes[0], name, refs, multi, LAYERS.get("Identity"))
+        for spec in specs:
+            if spec["name"] in self._entries or [s["name"] for s in specs].count(spec["name"]) > 1:
+                raise UnsupportedModel(f"layer '{spec['name']}' in the nested Sequential '{name}' has the name of "
+                                       f"another layer; dlcli's graph needs one name per layer")
+            spec["inputs"], source = source, spec["name"]
+            multi[spec["name"]] = False
+        refs[(name, 0)] = source
+        return specs
 
     # Keras 3 records a Masking layer's mask in a functional model as ops: not_equal(x, v) -> any(axis=-1) -> the
     # next layer's `mask=` argument. dlcli's Masking carries that same mask implicitly, so the pattern is checked and

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dlcli import checkpoint, fingerprint, runs
 from dlcli.config import Config
-from dlcli.engine.layer import snake_case
+from dlcli.engine.layer import LAYERS, snake_case
 from dlcli.errors import DlcliError, require
 from dlcli.interop.keras_config import ConfigMapper, UnsupportedModel, without_dropped
 from dlcli.interop.keras_files import SafeH5, read_file_bytes, read_keras_archive
@@ -65,7 +65,8 @@ def import_keras(source, output, config_path=None, overrides=()) -> ImportReport
     try:
         check_data_fits(config.data, model)  # --set data.type=mnist on a model of 8 inputs: refused, not written
         if h5.group("layers") is not None:
-            order = keras_order or [(layer.name, type(layer).__name__) for layer in model.layers]
+            kinds = [getattr(layer, "keras_class_name", None) or type(layer).__name__ for layer in model.layers]
+            order = keras_order or list(zip([layer.name for layer in model.layers], kinds, _layer_paths(kinds)))
             _load_keras3_weights(h5, model, order, check_names=keras_order is not None)
         else:
             _load_legacy_weights(h5, model)
@@ -85,7 +86,7 @@ def _archive_weights(source) -> bytes:
 
 
 def _mapped_config(keras_config: dict, source, notes, overrides, vocabularies=None) -> tuple[Config, list]:
-    """(the validated dlcli Config, [(layer name, class name)] in Keras' layer order). An adapted lookup layer's
+    """(the validated dlcli Config, _weight_order's [(layer name, class name, parent)]). An adapted lookup layer's
     vocabulary, which Keras keeps in the archive's assets, becomes its `vocabulary` argument."""
     from dlcli.builder import build_model
     from dlcli.config import validate_config
@@ -101,12 +102,25 @@ def _mapped_config(keras_config: dict, source, notes, overrides, vocabularies=No
     activations = [getattr(getattr(t.node.layer, "activation", None), "name", None) for t in probe.outputs]
     config["compile"] = mapper.compile(keras_config.get("compile_config"), probe.output_names, activations)
     typed = validate_config(config, f"{source} (imported)", list(overrides))
+    return typed, _weight_order(keras_config)
+
+
+def _weight_order(keras_config: dict) -> list[tuple]:
+    """[(layer name, class name, group path in model.weights.h5)] in the order Keras saves them: the model's
+    layers (not keras.ops calls, which hold no weights), numbered per class; a nested Sequential's layers numbered
+    again under its own path (layers/sequential/layers/conv2d)."""
+    def walk(entries, prefix, skip_input):
+        kept = [e for e in entries if not str(e.get("module", "")).startswith("keras.src.ops")
+                and not (skip_input and e.get("class_name") == "InputLayer")]
+        order = []
+        for e, path in zip(kept, _layer_paths([e["class_name"] for e in kept])):
+            order.append((e.get("name") or e["config"]["name"], e["class_name"], prefix + path))
+            if e["class_name"] == "Sequential":
+                order += walk(e["config"].get("layers") or [], f"{prefix}{path}/", True)
+        return order
+
     body = keras_config.get("config") or {}
-    entries = body.get("layers") or []
-    functional = keras_config.get("class_name") != "Sequential"
-    order = [(e.get("name") or e["config"]["name"], e["class_name"]) for e in entries
-             if functional or e.get("class_name") != "InputLayer"]
-    return typed, order
+    return walk(body.get("layers") or [], "", keras_config.get("class_name") == "Sequential")
 
 
 def _with_vocabularies(keras_config: dict, vocabularies: dict) -> dict:
@@ -134,10 +148,13 @@ def _with_vocabularies(keras_config: dict, vocabularies: dict) -> dict:
 
 def _layer_paths(kinds: list) -> list[str]:
     """Keras 3's paths for layers of these classes in model order: layers/<snake_case(class)>[_n], numbered per
-    class (the weights' groups and the assets' folders)."""
+    class (the weights' groups and the assets' folders). A class Keras exports under another name
+    (GroupQueryAttention) names its path by the class itself."""
     counts: dict = {}
     paths = []
     for kind in kinds:
+        if kind in LAYERS:
+            kind = getattr(LAYERS.get(kind), "keras_class_name", None) or kind
         base = snake_case(str(kind))
         paths.append(f"layers/{base}" + (f"_{counts[base]}" if counts.get(base) else ""))
         counts[base] = counts.get(base, 0) + 1
@@ -148,9 +165,7 @@ def _layer_paths(kinds: list) -> list[str]:
 def _load_keras3_weights(h5, model, order, check_names: bool):
     """Keras 3 layout: layers/<snake_case(class)>[_n] numbered per class in the model's layer order."""
     by_name = {layer.name: layer for layer in model.layers}
-    # a class Keras exports under another name (GroupQueryAttention) names its path by the class itself
-    kinds = [getattr(by_name.get(name), "keras_class_name", None) or kind for name, kind in order]
-    for (name, kind), path in zip(order, _layer_paths(kinds)):
+    for name, kind, path in order:
         layer = by_name.get(name)
         if layer is None:
             continue  # an InputLayer

@@ -24,7 +24,7 @@ KERAS_FILES = ["sequential_mlp", "sequential_convnet", "sequential_text", "seque
                "functional_attention_layers", "sequential_transformer",
                "sequential_normalization", "functional_preprocessing", "sequential_core_layers",
                "functional_conv_layers", "sequential_spectral", "sequential_cells", "functional_convnext_layers",
-               "sequential_augmentation", "functional_convlstm", "sequential_image_preprocessing",
+               "sequential_augmentation", "functional_convlstm", "sequential_image_preprocessing", "functional_nested", "sequential_nested",
                "mobilenet", "mobilenet_v2"]  # the last two: keras.applications
 runner = CliRunner()
 
@@ -362,8 +362,18 @@ def test_malformed_config_is_a_clear_error(tmp_path):
 def test_keras_operations_are_not_taken_for_layers(tmp_path):
     config = json.loads(zipfile.ZipFile(FIXTURES / "functional_misc.keras").read("config.json"))
     op = next(e for e in config["config"]["layers"] if e["class_name"] == "NotEqual")
-    op["class_name"] = op["registered_name"] = "Add"  # keras.src.ops.numpy.Add: also a dlcli layer name
+    op["class_name"] = op["registered_name"] = "Maximum"  # keras.src.ops.numpy.Maximum: also a dlcli layer name
     refused(tmp_path, doctored(tmp_path, config), "an operation rather than a layer")
+    op["class_name"] = op["registered_name"] = "Add"  # mapped, but only on tensors and numbers
+    op["inbound_nodes"][0]["args"][1] = [1.0, 2.0]
+    refused(tmp_path, doctored(tmp_path, config), "'not_equal' is keras.ops.add on", "two tensors, or on a tensor and")
+
+
+def test_a_nested_functional_model_is_refused_as_what_it_is(tmp_path):
+    config = json.loads(zipfile.ZipFile(FIXTURES / "functional_nested.keras").read("config.json"))
+    head = next(e for e in config["config"]["layers"] if e["class_name"] == "Sequential" and e["name"] == "head")
+    head["class_name"], head["module"] = "Functional", "keras.src.models.functional"
+    refused(tmp_path, doctored(tmp_path, config), "layer 'head' is a Keras Functional model nested in another model")
 
 
 def test_an_explicit_mask_other_than_maskings_is_refused(tmp_path):
