@@ -101,8 +101,10 @@ def report(name: str, rounds: list[dict], clients: int):
 
 def parts(run_dir, bodies: list[bytes], batch: int):
     """The event loop's work per request measured in-process on the same run (median of many), and the model's."""
+    import orjson
+
     from dlcli.engine import blas
-    from dlcli.serve import ServedRun
+    from dlcli.serve import ServedRun, parse_json
 
     served = ServedRun(run_dir)
 
@@ -121,10 +123,10 @@ def parts(run_dir, bodies: list[bytes], batch: int):
     many = [np.concatenate([inputs[0]] * batch)]
     with blas.one_thread():
         model = {b: per_call(lambda: served.predict(x), 100) / b for b, x in ((1, inputs), (batch, many))}
-    print(f"parts per request: JSON decode {per_call(lambda: json.loads(bodies[0])):.3f} ms, preprocessing "
+    print(f"parts per request: JSON decode {per_call(lambda: parse_json(bodies[0])):.3f} ms, preprocessing "
           f"{per_call(lambda: served.inputs(payload['instances'])):.3f} ms, answer "
           f"{per_call(lambda: served.answer(outputs, 3)):.3f} ms, JSON encode "
-          f"{per_call(lambda: json.dumps({'predictions': answer}, separators=(',', ':')).encode()):.3f} ms; "
+          f"{per_call(lambda: orjson.dumps({'predictions': answer})):.3f} ms; "
           f"model per image {model[1]:.3f} ms at batch 1, {model[batch]:.3f} ms at batch {batch} (one BLAS "
           f"thread, as served)", flush=True)
 

@@ -327,7 +327,7 @@ class Predictor:
                 return await respond(send, 400, {"error": payload})
         else:
             try:
-                payload = json.loads(body)
+                payload = parse_json(body)
             except (ValueError, UnicodeDecodeError) as e:
                 return await respond(send, 400, {"error": f"the body is not JSON ({e})"})
         if not isinstance(payload, dict) or "instances" not in payload:
@@ -394,9 +394,22 @@ async def uploaded(scope, body: bytes) -> dict | str:
     return payload
 
 
+def parse_json(body: bytes):
+    """orjson (the serve extra; 4-5x faster than the standard library on an image's nested lists), or where it
+    refuses, the standard library, which also reads NaN and Infinity, so that they are named as such (422)."""
+    import orjson
+
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
 async def respond(send, status: int, content, headers=()) -> int:
-    """A JSON response as Starlette's JSONResponse renders it (UTF-8, no NaN, compact); returns the status."""
-    body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    """A JSON response (orjson: UTF-8, compact, NaN as null); returns the status."""
+    import orjson
+
+    body = orjson.dumps(content)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
                             *headers]})
@@ -459,6 +472,7 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, weights: str = "be
     """Load the run (a bad run: DlcliError, exit 2) and serve it until SIGTERM / Ctrl-C, which stop accepting,
     finish the requests in flight and return."""
     require("fastapi", "serve", "dlcli serve")
+    require("orjson", "serve", "dlcli serve")
     uvicorn = require("uvicorn", "serve", "dlcli serve")
     if max_batch < 1 or max_delay_ms < 0:
         raise DlcliError("--max-batch must be at least 1 and --max-delay-ms at least 0", exit_code=2)
