@@ -8,13 +8,14 @@ CLASSES = ["low", "mid", "high"]
 
 
 def write_class_npz(path, samples: int, features: int = 8, *, test: int, seed: int = 0, threshold: float = 1.0,
-                    held_out: bool = True):
+                    held_out: bool = True, scale: float = 1.0):
     """The tests' tiny classification data: x ~ N(0, 1) of shape (samples, features), three classes
-    y = (x0 > 0) + (x1 > threshold) that a small Dense net learns in a few epochs. The test set is the last `test`
-    samples, held out of training (held_out), or the first `test` training samples again."""
+    y = (x0 > 0) + (x1 > threshold) that a small Dense net learns in a few epochs, then x times `scale`. The test set
+    is the last `test` samples, held out of training (held_out), or the first `test` training samples again."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(samples, features)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > threshold)
+    x *= scale
     if held_out:
         np.savez(path, x=x[:-test], y=y[:-test], x_test=x[-test:], y_test=y[-test:])
     else:
@@ -22,28 +23,38 @@ def write_class_npz(path, samples: int, features: int = 8, *, test: int, seed: i
     return path
 
 
+def class_config(data, features: int = 8, units: int = 8, **sections) -> dict:
+    """The tests' tiny classifier on write_class_npz's data (`data` its path, the test split its x_test/y_test):
+    Dense(units, relu) -> Dense(3, softmax) on `features` inputs, adam at 0.01, sparse categorical cross-entropy and
+    accuracy, 3 epochs of batches of 16 with a quarter held out for validation. `sections` replace top-level keys."""
+    return {"name": "tiny", "seed": 0,
+            "data": {"type": "npz", "path": str(data), "x_test": "x_test", "y_test": "y_test"},
+            "model": {"input_shape": [features], "layers": [{"type": "Dense", "units": units, "activation": "relu"},
+                                                            {"type": "Dense", "units": 3, "activation": "softmax"}]},
+            "compile": {"optimizer": {"type": "adam", "learning_rate": 0.01},
+                        "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
+            "train": {"epochs": 3, "batch_size": 16, "validation_split": 0.25}, **sections}
+
+
+def write_yaml(path, config: dict):
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def write_tiny_config(tmp_path, x=None, data=None, **train) -> str:
-    """tiny.yaml on 96 samples of shape (4, 4) (`x`, else N(0, 1) floats) in three classes by their sum; `data`
-    adds keys to the data section, `train` to the train section."""
+    """tiny.yaml on 96 samples of shape (4, 4) (`x`, else N(0, 1) floats) in three classes by their sum, flattened
+    into class_config's network; `data` adds keys to the data section, `train` to the train section."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(96, 4, 4)).astype(np.float32) if x is None else x
     s = x.sum((1, 2))
     y = np.digitize(s, np.quantile(s, [1 / 3, 2 / 3]))
     np.savez(tmp_path / "tiny.npz", x=x, y=y)
-    config = {
-        "name": "tiny", "seed": 0,
-        "data": {"type": "npz", "path": str(tmp_path / "tiny.npz"), "test_split": 0.25, "classes": CLASSES,
-                 **(data or {})},
-        "model": {"input_shape": [4, 4], "layers": [{"type": "Flatten"},
-                                                      {"type": "Dense", "units": 8, "activation": "relu"},
-                                                      {"type": "Dense", "units": 3, "activation": "softmax"}]},
-        "compile": {"optimizer": {"type": "adam", "learning_rate": 0.01},
-                    "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
-        "train": {"epochs": 2, "batch_size": 16, "validation_split": 0.25, **train},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+    config = class_config(tmp_path / "tiny.npz", train={"epochs": 2, "batch_size": 16, "validation_split": 0.25,
+                                                        **train})
+    config["data"] = {"type": "npz", "path": str(tmp_path / "tiny.npz"), "test_split": 0.25, "classes": CLASSES,
+                      **(data or {})}
+    config["model"] = {"input_shape": [4, 4], "layers": [{"type": "Flatten"}, *config["model"]["layers"]]}
+    return str(write_yaml(tmp_path / "tiny.yaml", config))
 
 
 def train_tiny(tmp_path, runner, name="tiny", x=None, data=None, **train):

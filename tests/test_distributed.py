@@ -12,7 +12,7 @@ import pytest
 
 from dlcli import distributed
 from tests import distributed_job as job
-from tests.runs_fixture import write_class_npz
+from tests.runs_fixture import class_config, write_class_npz, write_yaml
 
 JOB = Path(job.__file__)
 
@@ -170,30 +170,13 @@ def test_distributed_without_the_extra_names_the_install(monkeypatch):
 
 
 # --- dlcli train --distributed -------------------------------------------------------------------------------------
-CONFIG = """\
-name: tiny
-seed: 5
-data: {{type: npz, path: {data}, x_test: x_test, y_test: y_test}}
-model:
-  input_shape: [8]
-  layers:
-    - {{type: Dense, units: 16, activation: relu}}
-    - {{type: BatchNormalization}}
-    - {{type: Dense, units: 3, activation: softmax}}
-compile:
-  optimizer: {{type: adam, learning_rate: 0.01}}
-  loss: sparse_categorical_crossentropy
-  metrics: [accuracy]
-train: {{epochs: {epochs}, batch_size: 16, validation_split: 0.25, checkpoint_every: 2}}
-"""
-
-
 def tiny_config(tmp_path, epochs=3):
     # 203 samples, 152 of them training: the last batch of 8 splits 4 + 4
-    write_class_npz(tmp_path / "data.npz", 203, test=41, held_out=False)
-    path = tmp_path / f"tiny{epochs}.yaml"
-    path.write_text(CONFIG.format(data=tmp_path / "data.npz", epochs=epochs))
-    return path
+    data = write_class_npz(tmp_path / "data.npz", 203, test=41, held_out=False)
+    config = class_config(data, units=16, seed=5, train={"epochs": epochs, "batch_size": 16, "validation_split": 0.25,
+                                                         "checkpoint_every": 2})
+    config["model"]["layers"].insert(1, {"type": "BatchNormalization"})
+    return write_yaml(tmp_path / f"tiny{epochs}.yaml", config)
 
 
 def dlcli_argv():

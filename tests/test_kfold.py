@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -18,35 +19,21 @@ from dlcli.config import parse_config
 from dlcli.data.split import kfold_indices
 from dlcli.errors import ConfigError
 from dlcli.yaml_lines import load_yaml
-from tests.runs_fixture import write_class_npz
-
-CONFIG = """\
-name: folds
-seed: 4
-data: {{type: npz, path: {data}, x_test: x_test, y_test: y_test}}
-model:
-  input_shape: [6]
-  layers:
-    - {{type: Dense, units: 8, activation: relu}}
-    - {{type: Dense, units: 3, activation: softmax}}
-compile:
-  optimizer: {{type: adam, learning_rate: 0.01}}
-  loss: sparse_categorical_crossentropy
-  metrics: [accuracy]
-train: {{epochs: 3, batch_size: 16, kfold: 3}}
-"""
-
+from tests.runs_fixture import class_config, write_class_npz, write_yaml
 
 @pytest.fixture
 def config(tmp_path):
     return _config(tmp_path, seed=4)
 
 
-def _config(tmp_path, seed):
-    write_class_npz(tmp_path / "data.npz", 120, 6, test=30, seed=3, threshold=0.7)
-    path = tmp_path / "folds.yaml"
-    path.write_text(CONFIG.format(data=tmp_path / "data.npz").replace("seed: 4", f"seed: {seed}"))
-    return path
+def _config(tmp_path, seed, **train):
+    data = write_class_npz(tmp_path / "data.npz", 120, 6, test=30, seed=3, threshold=0.7)
+    config = class_config(data, 6, name="folds", seed=seed, train=kfold_train(**train))
+    return write_yaml(tmp_path / "folds.yaml", config)
+
+
+def kfold_train(**train) -> dict:
+    return {"epochs": 3, "batch_size": 16, "kfold": 3, **train}
 
 
 def test_folds_partition_the_samples_seeded_and_stratified():
@@ -166,15 +153,13 @@ def test_an_interrupted_kfold_run_reports_only_its_finished_folds(config, tmp_pa
 
 
 @pytest.mark.parametrize("change, message, code", [
-    ("kfold: 3}", "train.kfold must be between 2 and the number of training samples (90); got 500", 2),
-    ("epochs: 3,", "the TensorBoard callback needs tensorboardX: pip install 'dlcli[tracking]'", 1),
+    ({"kfold": 500}, "train.kfold must be between 2 and the number of training samples (90); got 500", 2),
+    ({"callbacks": [{"type": "TensorBoard"}]}, "the TensorBoard callback needs tensorboardX: pip install "
+                                               "'dlcli[tracking]'", 1),
 ])
 def test_a_kfold_run_that_cannot_start_leaves_no_run_directory(tmp_path, monkeypatch, change, message, code):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # as if dlcli[tracking] were not installed
-    config = _config(tmp_path, 4)
-    text = config.read_text().replace("kfold: 3}", "kfold: 500}") if change == "kfold: 3}" else \
-        config.read_text().replace("epochs: 3,", "epochs: 3, callbacks: [{type: TensorBoard}],")
-    config.write_text(text)
+    config = _config(tmp_path, 4, **change)
     result = CliRunner().invoke(app, ["train", str(config), "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == code and message in " ".join(result.output.split()), result.output
     assert not (tmp_path / "runs").exists()
@@ -204,10 +189,10 @@ def test_kfold_run_with_one_hot_targets_stratifies_its_folds(tmp_path):
     x[:, 0] += 2 * labels
     np.savez(tmp_path / "data.npz", x=x, y=np.eye(2, dtype=np.float32)[labels])
     assert are_class_labels(np.eye(2)[labels]) and not are_class_labels(x[:, :2])  # floats, not one-hot
-    config = tmp_path / "onehot.yaml"
-    config.write_text(CONFIG.format(data=tmp_path / "data.npz").replace(", x_test: x_test, y_test: y_test", "")
-                      .replace("units: 3", "units: 2").replace("sparse_categorical", "categorical"))
-    run = dlcli.train(config, runs_dir=tmp_path / "runs")
+    config = class_config(tmp_path / "data.npz", 6, name="folds", seed=4, train=kfold_train())
+    del config["data"]["x_test"], config["data"]["y_test"]
+    config["model"]["layers"][-1]["units"], config["compile"]["loss"] = 2, "categorical_crossentropy"
+    run = dlcli.train(write_yaml(tmp_path / "onehot.yaml", config), runs_dir=tmp_path / "runs")
     assert run.status == "completed"
     for i in (1, 2, 3):
         meta = json.loads((run.dir / "folds" / str(i) / "meta.json").read_text())
@@ -217,6 +202,7 @@ def test_kfold_run_with_one_hot_targets_stratifies_its_folds(tmp_path):
 
 
 def test_kfold_with_a_validation_split_is_a_config_error():
-    text = CONFIG.format(data="d.npz").replace("kfold: 3}", "kfold: 3, validation_split: 0.2}")
-    with pytest.raises(ConfigError, match=r"c.yaml:13: train.kfold: K-fold validation holds out each fold"):
+    text = yaml.safe_dump(class_config("d.npz", 6, train=kfold_train(validation_split=0.2)))
+    line = text.splitlines().index("  kfold: 3") + 1
+    with pytest.raises(ConfigError, match=rf"c.yaml:{line}: train.kfold: K-fold validation holds out each fold"):
         parse_config(text, "c.yaml")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dlcli import checkpoint
+from tests.runs_fixture import write_class_npz
 
 CONFIG = """\
 name: tiny
@@ -42,10 +43,7 @@ train:
 def _write_config(tmp, units=256, epochs=3, lr=0.01, samples=1500, scale=1.0, optimizer="adam"):
     data = tmp / "data.npz"
     if not data.exists():
-        rng = np.random.default_rng(0)
-        x = rng.normal(size=(samples, 16)).astype(np.float32) * scale
-        y = ((x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1)).astype(np.int64)
-        np.savez(data, x=x, y=y)
+        write_class_npz(data, samples, 16, test=1, held_out=False, scale=scale)  # x_test unused: no test split
     path = tmp / "tiny.yaml"
     path.write_text(CONFIG.format(data=data, units=units, epochs=epochs, lr=lr, optimizer=optimizer))
     return path

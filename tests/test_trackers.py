@@ -9,34 +9,15 @@ from typer.testing import CliRunner
 
 import dlcli
 from dlcli.cli import app
-from tests.runs_fixture import write_class_npz
-
-CONFIG = """\
-name: tracked
-seed: 2
-data: {{type: npz, path: {data}, x_test: x_test, y_test: y_test}}
-model:
-  input_shape: [6]
-  layers:
-    - {{type: Dense, name: hidden, units: 8, activation: relu}}
-    - {{type: Dense, name: out, units: 3, activation: softmax}}
-compile:
-  optimizer: {{type: adam, learning_rate: 0.01}}
-  loss: sparse_categorical_crossentropy
-  metrics: [accuracy]
-train:
-  epochs: 3
-  batch_size: 16
-  validation_split: 0.25
-  callbacks: [{callback}]
-"""
+from tests.runs_fixture import class_config, write_class_npz, write_yaml
 
 
-def write_config(tmp_path, callback: str):
-    write_class_npz(tmp_path / "data.npz", 100, 6, test=20, seed=1, threshold=0.8)
-    path = tmp_path / "tracked.yaml"
-    path.write_text(CONFIG.format(data=tmp_path / "data.npz", callback=callback))
-    return path
+def write_config(tmp_path, callback: dict):
+    data = write_class_npz(tmp_path / "data.npz", 100, 6, test=20, seed=1, threshold=0.8)
+    config = class_config(data, 6, name="tracked", seed=2)
+    config["model"]["layers"][0]["name"], config["model"]["layers"][1]["name"] = "hidden", "out"
+    config["train"]["callbacks"] = [callback]
+    return write_yaml(tmp_path / "tracked.yaml", config)
 
 
 def read_events(folder):
@@ -64,7 +45,7 @@ def scalars(events) -> dict:
 
 
 def test_tensorboard_writes_epoch_and_batch_scalars_histograms_and_the_model(tmp_path):
-    config = write_config(tmp_path, "{type: TensorBoard, histogram_freq: 1, update_freq: 2}")
+    config = write_config(tmp_path, {"type": "TensorBoard", "histogram_freq": 1, "update_freq": 2})
     run = dlcli.train(config, runs_dir=tmp_path / "runs")
     train_events = read_events(run.dir / "tensorboard" / "train")
     train, validation = scalars(train_events), scalars(read_events(run.dir / "tensorboard" / "validation"))
@@ -88,7 +69,7 @@ def test_mlflow_logs_params_metrics_artifacts_into_a_local_mlruns(tmp_path, monk
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    config = write_config(tmp_path, "{type: MLflow}")
+    config = write_config(tmp_path, {"type": "MLflow"})
     run = dlcli.train(config, ["train.epochs=2"], runs_dir=tmp_path / "runs")
     client = MlflowClient(tracking_uri="sqlite:///mlruns/mlflow.db")
     experiment = client.get_experiment_by_name("tracked")
@@ -108,7 +89,7 @@ def test_mlflow_logs_params_metrics_artifacts_into_a_local_mlruns(tmp_path, monk
 
 def test_a_missing_tracking_extra_is_one_line_naming_the_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # as if not installed: importing it raises ImportError
-    config = write_config(tmp_path, "{type: TensorBoard}")
+    config = write_config(tmp_path, {"type": "TensorBoard"})
     result = CliRunner().invoke(app, ["train", str(config), "--runs-dir", str(tmp_path / "runs"), "-q"])
     assert result.exit_code == 1  # as every missing extra: the config is fine, the environment lacks a package
     assert "the TensorBoard callback needs tensorboardX: pip install 'dlcli[tracking]'" in result.output

@@ -11,31 +11,13 @@ from dlcli import runs
 from dlcli.callbacks import Callback
 from dlcli.cli import app
 from dlcli.errors import DlcliError
-from tests.runs_fixture import write_class_npz
-
-CONFIG = """\
-name: tiny
-seed: 5
-data: {{type: npz, path: {data}, x_test: x_test, y_test: y_test}}
-model:
-  input_shape: [8]
-  layers:
-    - {{type: Dense, units: 16, activation: relu}}
-    - {{type: Dense, units: 3, activation: softmax}}
-compile:
-  optimizer: {{type: adam, learning_rate: 0.01}}
-  loss: sparse_categorical_crossentropy
-  metrics: [accuracy]
-train: {{epochs: 3, batch_size: 16, validation_split: 0.25}}
-"""
+from tests.runs_fixture import class_config, write_class_npz, write_yaml
 
 
 @pytest.fixture
 def config(tmp_path):
-    write_class_npz(tmp_path / "data.npz", 200, test=40, held_out=False)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(CONFIG.format(data=tmp_path / "data.npz"))
-    return path
+    data = write_class_npz(tmp_path / "data.npz", 200, test=40, held_out=False)
+    return write_yaml(tmp_path / "tiny.yaml", class_config(data, units=16, seed=5))
 
 
 class StopAfterEpoch(Callback):

@@ -17,6 +17,7 @@ h5py = pytest.importorskip("h5py")
 
 from dlcli.cli import app  # noqa: E402
 from dlcli.experiment import load_run_model  # noqa: E402
+from tests.runs_fixture import write_class_npz  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "keras"
 KERAS_FILES = ["sequential_mlp", "sequential_convnet", "sequential_text", "sequential_sequence", "functional",
@@ -86,8 +87,7 @@ def test_config_that_does_not_match_the_weights_names_the_layer(tmp_path):
 
 
 def test_imported_run_works_with_every_command(tmp_path):
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "data.npz", x=rng.normal(size=(40, 8)).astype(np.float32), y=rng.integers(0, 4, 40))
+    write_class_npz(tmp_path / "data.npz", 40, test=1, held_out=False)  # x_test unused: the run's test_split
     run = tmp_path / "run"
     result = run_import(FIXTURES / "sequential_mlp.keras", "--output", run, "--set", "data.type=npz",
                         "--set", f"data.path={tmp_path / 'data.npz'}", "--set", "data.test_split=0.5")
