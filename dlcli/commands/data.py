@@ -29,12 +29,14 @@ def to_folder(
     """
     import numpy as np
 
-    from dlcli.data import load_dataset
+    from dlcli.data import DATASETS, dataset_type, load_dataset
     from dlcli.data.image_folder import check_output_folder, write_splits
+    from dlcli.data.images import IdxImages
     from dlcli.errors import DlcliError
 
-    if dataset not in ("mnist", "fashion_mnist"):
-        raise DlcliError(f"dlcli data to-folder writes mnist or fashion_mnist; got '{dataset}'", exit_code=2)
+    built_in = [name for name in DATASETS.names() if isinstance(dataset_type({"type": name}), IdxImages)]
+    if dataset not in built_in:
+        raise DlcliError(f"dlcli data to-folder writes {' or '.join(built_in)}; got '{dataset}'", exit_code=2)
     check_output_folder(directory, overwrite)
     ds = load_dataset({"type": dataset, "limit": limit, "test_limit": limit, "normalize": False})
     splits = {"train": (ds.x_train.astype(np.uint8), ds.y_train), "test": (ds.x_test.astype(np.uint8), ds.y_test)}

@@ -61,6 +61,13 @@ class SpecChecker:
     def error(self, path, message, at_key=False):
         self.doc.issues.append(self.doc.issue(path, message, at_key))
 
+    def data_type(self):
+        """The DatasetType of the data section (the defaults when it names no registered type)."""
+        from dlcli.data import dataset_type  # the loaders register on import: not at `dlcli --help`
+
+        data = self.doc.data.get("data")
+        return dataset_type(data if isinstance(data, dict) and isinstance(data.get("type"), str) else {})
+
     def check(self, data: dict):
         name = data.get("name")
         if isinstance(name, str) and (not RUN_NAME.fullmatch(name) or name in (".", "..")):
@@ -211,8 +218,8 @@ class SpecChecker:
                 self.error(("model", "layers", i, "name"), f"duplicate layer name '{name}' (names must be unique)")
             seen.add(name)
         first = layers[0] if layers and isinstance(layers[0], dict) else {}
-        table = isinstance(self.doc.data.get("data"), dict) and self.doc.data["data"].get("type") == "table"
-        if model.get("input_shape") is None and first.get("input_shape") is None and not table:
+        if model.get("input_shape") is None and first.get("input_shape") is None \
+                and not self.data_type().decides_input_shapes(functional=False):
             self.error(("model",), "missing required key 'input_shape' (the shape of one sample, without the batch "
                                    "axis, e.g. [28, 28]); or give input_shape on the first layer", at_key=True)
         for key in ("inputs", "outputs"):
@@ -230,10 +237,9 @@ class SpecChecker:
             self.error(("model", "input_shape"), "functional models declare their inputs under 'inputs' "
                                                  "(a list of {name, shape}), not input_shape", at_key=True)
         inputs = [i.get("name") for i in model.get("inputs") or [] if isinstance(i, dict)]
-        data = self.doc.data.get("data") if isinstance(self.doc.data.get("data"), dict) else {}
-        dict_table = data.get("type") == "table" and data.get("output_mode") == "dict"
+        data_shapes = self.data_type().decides_input_shapes(functional=True)
         for i, entry in enumerate(model.get("inputs") or []):
-            if isinstance(entry, dict) and entry.get("shape") is None and not dict_table:
+            if isinstance(entry, dict) and entry.get("shape") is None and not data_shapes:
                 self.error(("model", "inputs", i), "missing required key 'shape' (the shape of one sample, e.g. "
                                                    "[28, 28, 1]; only a table's output_mode: dict fills it in)",
                            at_key=True)

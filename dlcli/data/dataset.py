@@ -1,13 +1,12 @@
 """The Dataset record every loader returns, the dataset registry, `load_dataset(spec)`, and `dataset_type(spec)`:
 what a dataset type's data means beyond loading it."""
-import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from dlcli.data.preprocess import to_features
 from dlcli.errors import ConfigError
-from dlcli.registry import Registry, did_you_mean
+from dlcli.registry import Registry, did_you_mean, parameters
 
 # name -> loader function; a loader's keyword arguments are the YAML keys of the config's `data:` section.
 DATASETS = Registry("dataset")
@@ -64,6 +63,11 @@ class DatasetType:
     def cut_texts(self, texts: list[str]) -> list[str]:
         """Texts as the loader cuts them before tokenizing (text_folder's max_length)."""
         return texts
+
+    def decides_input_shapes(self, functional: bool) -> bool:
+        """Whether the data gives a Sequential model's input_shape (input_shape()) or a functional model's input
+        shapes (input_shapes()), so a config may leave them out; known before anything is read."""
+        return False
 
     def input_shape(self) -> list | None:
         """A Sequential model's input_shape when the data decides it (a table's adapted width), else None."""
@@ -126,7 +130,7 @@ def load_dataset(spec: dict) -> Dataset:
         raise ConfigError(f"data: missing 'type'; known dataset types: {', '.join(DATASETS.names())}")
     name = spec.pop("type")
     loader = DATASETS.get(name)
-    params = inspect.signature(loader).parameters
+    params, _ = parameters(loader)
     unknown = [k for k in spec if k not in params]
     if unknown:
         raise ConfigError("; ".join(f"data: unknown key '{k}' for dataset type '{name}'{did_you_mean(k, params)}"

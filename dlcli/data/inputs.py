@@ -13,18 +13,17 @@ from dlcli.data.image_folder import IMAGE_SUFFIXES, decode_image
 from dlcli.data.preprocess import check_samples, to_features
 from dlcli.data.source import fit_inputs
 from dlcli.errors import DlcliError, ShapeError
+from dlcli.registry import parameters
 
 
 def check_data_fits(data: dict, model) -> None:
     """ShapeError naming both shapes when the dataset of a config's `data:` section cannot feed `model` (e.g.
     `dlcli import-keras --set data.type=mnist` on a model of 8 inputs); loads one sample of each split."""
-    import inspect
-
     from dlcli.data import DATASETS, load_dataset
 
     if dataset_type(data).empty:
         return
-    params = inspect.signature(DATASETS.get(data["type"])).parameters
+    params, _ = parameters(DATASETS.get(data["type"]))
     one = {k: 1 for k in ("limit", "test_limit") if k in params}
     ds = load_dataset({**data, **one})
     try:

@@ -157,6 +157,9 @@ class TableRows(DatasetType):
     def read_instances(self, instances, run_dir, model):
         return fit_inputs(prediction_records(instances, run_dir), model)
 
+    def decides_input_shapes(self, functional):  # a functional model's with output_mode dict only
+        return not functional or self.spec.get("output_mode") == "dict"
+
     def input_shape(self):
         return [input_width(self.spec)]
 

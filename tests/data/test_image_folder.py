@@ -210,7 +210,7 @@ def test_data_to_folder_command_writes_class_folders(tmp_path, monkeypatch):
     assert (tmp_path / "fm" / "train" / "T-shirt-top").is_dir()  # "/" cannot be in a folder name
     assert sum(1 for _ in (tmp_path / "fm" / "test").rglob("*.png")) == 30
     result = CliRunner().invoke(app, ["data", "to-folder", "imdb", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "mnist or fashion_mnist" in result.output
+    assert result.exit_code == 2 and "fashion_mnist or mnist" in result.output
 
 
 def png_header(width: int, height: int) -> bytes:
