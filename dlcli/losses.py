@@ -36,6 +36,9 @@ class Loss:
     reduction = "sum_over_batch_size"
     batch_value = False  # one value for the whole batch (Dice/Tversky with axis None): no reduction applies
 
+    def __init__(self, reduction: str = "sum_over_batch_size"):
+        self.reduction = reduction_name(reduction, self.name)
+
     def values_per_sample(self, y_pred) -> int:
         """How many values Keras' loss function gives per sample (the last axis reduced), which `per_sample`
         averages: what reduction 'sum' adds up."""
@@ -282,9 +285,6 @@ class _ElementwiseLoss(Loss):
 class MeanSquaredError(_ElementwiseLoss):
     name = "mean_squared_error"
 
-    def __init__(self, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
-
     def values_and_grad(self, error):
         return error * error, 2 * error
 
@@ -292,9 +292,6 @@ class MeanSquaredError(_ElementwiseLoss):
 @LOSSES.register("mean_absolute_error", "MeanAbsoluteError", "mae")
 class MeanAbsoluteError(_ElementwiseLoss):
     name = "mean_absolute_error"
-
-    def __init__(self, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
 
     def values_and_grad(self, error):
         return np.abs(error), np.sign(error)
@@ -355,9 +352,6 @@ class Hinge(_LastAxisLoss):
 
     name = "hinge"
 
-    def __init__(self, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
-
     def elements(self, t, y):
         t = _hinge_targets(t)
         margin = 1 - t * y
@@ -369,9 +363,6 @@ class SquaredHinge(_LastAxisLoss):
     """mean(max(1 - t * y, 0)^2) with targets -1/1 (0/1 converted)."""
 
     name = "squared_hinge"
-
-    def __init__(self, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
 
     def elements(self, t, y):
         t = _hinge_targets(t)
@@ -385,9 +376,6 @@ class CategoricalHinge(_LastAxisLoss):
 
     name = "categorical_hinge"
     last_axis = "sum"
-
-    def __init__(self, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
 
     def elements(self, t, y):
         others = (1 - t) * y
@@ -432,9 +420,6 @@ class KLDivergence(_LastAxisLoss):
     name = "kl_divergence"
     last_axis = "sum"
 
-    def __init__(self, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
-
     def elements(self, t, y):
         tc, yc = np.clip(t, EPSILON, 1), np.clip(y, EPSILON, 1)
         return tc * np.log(tc / yc), np.where((y >= EPSILON) & (y <= 1), -tc / yc, 0)
@@ -445,9 +430,6 @@ class LogCosh(_LastAxisLoss):
     """mean(log(cosh(y - t))), computed as e + softplus(-2e) - log 2 (no overflow)."""
 
     name = "log_cosh"
-
-    def __init__(self, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
 
     def elements(self, t, y):
         e = y - t
@@ -460,9 +442,6 @@ class MeanAbsolutePercentageError(_LastAxisLoss):
 
     name = "mean_absolute_percentage_error"
 
-    def __init__(self, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
-
     def elements(self, t, y):
         scale = 100 / np.maximum(np.abs(t), EPSILON)
         return np.abs(t - y) * scale, np.sign(y - t) * scale
@@ -473,9 +452,6 @@ class MeanSquaredLogarithmicError(_LastAxisLoss):
     """mean((log(max(y, 1e-7) + 1) - log(max(t, 1e-7) + 1))^2)."""
 
     name = "mean_squared_logarithmic_error"
-
-    def __init__(self, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
 
     def elements(self, t, y):
         shifted = np.maximum(y, EPSILON) + 1
@@ -488,9 +464,6 @@ class Poisson(_LastAxisLoss):
     """mean(y - t * log(y + 1e-7))."""
 
     name = "poisson"
-
-    def __init__(self, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
 
     def elements(self, t, y):
         return y - t * np.log(y + EPSILON), 1 - t / (y + EPSILON)
@@ -714,9 +687,6 @@ class CTC(Loss):
     (Graves et al. 2006), one pass over time for the whole batch; impossible alignments give inf as Keras does."""
 
     name = "ctc"
-
-    def __init__(self, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
 
     def values_per_sample(self, y_pred) -> int:
         return 1  # one value per sequence
