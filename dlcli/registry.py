@@ -133,9 +133,12 @@ def parameters(target, skip_data_args=False) -> tuple[dict[str, Parameter], bool
             if p.kind is p.VAR_KEYWORD:
                 takes_more = True
             elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in params:
-                # only the class's own arguments can be required: a parent's reached through **kw is given by the
-                # subclass itself (SimpleRNN passes Recurrent its recurrent_activation)
+                # only the class's own arguments can be required: a parent's without a default is given by the
+                # subclass itself (SimpleRNN passes Recurrent its recurrent_activation, ConvLSTM its filters as
+                # units), so it is no key of the subclass's config (given, it would reach the parent twice)
                 required = p.default is p.empty and fn is functions[0]
+                if p.default is p.empty and fn is not functions[0]:
+                    continue
                 if required and skip_data_args and not inspect.isclass(target):
                     continue
                 annotation = p.annotation if p.annotation is not p.empty else None

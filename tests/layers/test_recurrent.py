@@ -473,3 +473,14 @@ def test_a_conv_lstm_config_trains_shows_its_shapes_and_exports_from_the_cli(tmp
     bad = runner.invoke(app, ["inspect-shapes", str(path), "--set", "model.layers.0.padding=full"])
     assert bad.exit_code == 2 and "ConvLSTM2D: padding must be one of valid, same" in bad.output
     assert "Traceback" not in bad.output
+    # the argument ConvLSTM gives its parent itself (filters as units) is no config key: one line, not a TypeError
+    bad = runner.invoke(app, ["inspect-shapes", str(path), "--set", "model.layers.0.units=4"])
+    assert bad.exit_code == 2 and "unknown key 'units' for ConvLSTM2D" in bad.output
+
+
+def test_arguments_a_layer_gives_its_parent_are_not_config_keys():
+    from dlcli.registry import parameters
+
+    assert "units" not in parameters(layers.ConvLSTM2D)[0] and "filters" in parameters(layers.ConvLSTM2D)[0]
+    assert "recurrent_activation" not in parameters(layers.SimpleRNN)[0]  # SimpleRNN passes Recurrent "sigmoid"
+    assert "return_sequences" in parameters(layers.LSTMCell)[0]  # set by RNN, reaches LSTM through **kw
