@@ -430,6 +430,9 @@ def gru_backward(cache, dY, dh):
     z, r, hh = A[..., :u], A[..., u:2 * u], A[..., 2 * u:]
     H_prev = H[:-1]
     if cache["reset_after"]:
+        compiled = _compiled_loop(act, rec_act, rec_mask)
+        if compiled is not None:
+            return _gru_backward_compiled(compiled, H, A, inner, U, _kept(step_mask, T, B), dY, dh)
         return _gru_backward_after(H_prev, z, r, hh, inner, U, act, rec_act, step_mask, rec_mask, dY, dh)
     return _gru_backward_before(H_prev, z, r, hh, inner, U, act, rec_act, step_mask, rec_mask, dY, dh)
 
@@ -470,6 +473,24 @@ def _gru_backward_after(H_prev, z, r, hh, inner, U, act, rec_act, step_mask, rec
     dInner = D[:, :, 1:].reshape(T, B, 3 * u)
     dXP = np.concatenate([D[:, :, 1], D[:, :, 2], D[:, :, 0]], axis=-1)
     return dXP, dInner, recurrent_kernel_grad(H_prev, dInner, rec_mask)
+
+
+def _gru_backward_compiled(compiled, H, A, inner, U, kept, dY, dh):
+    """_gru_backward_after with each step's gate gradients in one compiled pass (dlcli/kernels/recurrent.py) and
+    the recurrent product through BLAS between them; the step-0 product, the gradient of h_0, is never read."""
+    T, B, G = A.shape
+    dt = A.dtype
+    dXP, dInner = np.empty((T, B, G), dt), np.empty((T, B, G), dt)
+    UT = np.ascontiguousarray(U.T)
+    dY = np.empty((0, 0, 0), dt) if dY is None else np.ascontiguousarray(dY, dt)
+    dh = np.array(dh, dt, order="C")  # a copy, updated in place
+    carry = np.zeros_like(dh)
+    with blas.one_thread():  # the step GEMMs are too small to split (engine/blas.py)
+        for t in range(T - 1, -1, -1):
+            compiled.gru_backward_step(t, H, A, inner, dY, dh, carry, kept, dXP, dInner)
+            if t:
+                np.matmul(dInner[t], UT, out=dh)
+    return dXP, dInner, recurrent_kernel_grad(H[:-1], dInner, None)
 
 
 def _gru_backward_before(H_prev, z, r, hh, rh, U, act, rec_act, step_mask, rec_mask, dY, dh):

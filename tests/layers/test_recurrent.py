@@ -76,19 +76,21 @@ def _trained_pass(name, path, dtype, mask, monkeypatch, **flags):
     return [*ys, dx, *(p.grad for p in layer.params.values())]
 
 
+@pytest.mark.parametrize("name", ["LSTM", "GRU"])
 @pytest.mark.parametrize("flags", FLAGS)
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("dtype,tol", [("float32", 2e-6), ("float64", 1e-13)])
-def test_compiled_loops_equal_the_numpy_twins(flags, masked, dtype, tol, monkeypatch):
-    """The compiled LSTM backward (dlcli/kernels/recurrent.py) against its NumPy twin: outputs, input and weight
-    gradients within float32 (float64) rounding, with masks, go_backwards, sequences and state gradients."""
+def test_compiled_loops_equal_the_numpy_twins(name, flags, masked, dtype, tol, monkeypatch):
+    """The compiled LSTM and GRU backward loops (dlcli/kernels/recurrent.py) against their NumPy twins: outputs,
+    input and weight gradients within float32 (float64) rounding, with masks, go_backwards, sequences and state
+    gradients."""
     from dlcli.layers import recurrent_cells
 
     mask = np.random.default_rng(3).random((6, 20)) > 0.3 if masked else None
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
     assert recurrent_cells._compiled_loop("tanh", "sigmoid", None) is not None  # the kernel path is taken
-    compiled = _trained_pass("LSTM", "numba", dtype, mask, monkeypatch, **flags)
-    twin = _trained_pass("LSTM", "numpy", dtype, mask, monkeypatch, **flags)
+    compiled = _trained_pass(name, "numba", dtype, mask, monkeypatch, **flags)
+    twin = _trained_pass(name, "numpy", dtype, mask, monkeypatch, **flags)
     for a, b in zip(compiled, twin):
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
 
