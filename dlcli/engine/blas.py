@@ -2,8 +2,8 @@
 LSTM(32) at batch 64), each too small to split, yet OpenBLAS splits it over all its threads (it keeps one thread
 only below m*n*k = 262,144, and this one is exactly that), and waking and joining the second thread costs more than
 it saves. On this 2-core machine shared with other jobs (load average 5-8) the LSTM(32) bench step went from 273 to
-203 ms (best of 4 alternating rounds) with its time loops on one thread; the large GEMMs outside the loops keep
-every thread.
+203 ms (best of 4 alternating rounds) with its time loops on one thread; the recurrent layers now run wholly on one
+thread (layers/recurrent.py says why), the other layers' GEMMs keep every thread.
 
 threadpoolctl (a dependency) switches OpenBLAS' threads around the loop; without it this is a no-op. Inference uses
 the same switch the other way round (engine/graph.py): one BLAS thread per pass, a pass per core."""

@@ -6,9 +6,11 @@ SimpleRNN and GRU project every step's input in one matmul and scan time-major; 
 projection fused into its step GEMM. Masks follow Keras: a masked step keeps the previous state and outputs the
 previous output; with `go_backwards` the returned sequence stays in processing (reversed) order.
 """
+from contextlib import nullcontext
+
 import numpy as np
 
-from dlcli.engine import activations, initializers
+from dlcli.engine import activations, blas, initializers
 from dlcli.engine.layer import Layer, format_shape, register
 from dlcli.errors import ConfigError, ShapeError
 from dlcli.layers import conv_math as cm
@@ -19,6 +21,12 @@ from dlcli.registry import Size, Sizes
 ONNX_ACTIVATIONS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu"}  # those ONNX's RNN/LSTM/GRU nodes take
 
 
+# _ONE_THREAD: a recurrent layer runs on one BLAS thread throughout. Its products outside the time loop (the input
+# projection, the weight and input gradients: ~20-30 MFLOP at LSTM(32), batch 64, 100 steps) came right after the
+# loop's one-thread section, so OpenBLAS' second thread had to be woken for each, and on a shared machine the main
+# thread spun until the scheduler ran it: bench/recurrent_step.py through fit, alternating rounds, AMD EPYC at load
+# ~26, GRU(32) 1,689 -> 203 ms a step (process CPU 144 -> 10.5 ms), LSTM(32) 231 -> 195 ms (12.8 -> 8.2). On one
+# quiet core those products take 0.2-0.5 ms each, where a second thread saved at most ~0.2 ms.
 class Recurrent(Layer):
     """What SimpleRNN, LSTM and GRU share; a subclass sets `gates`/`n_states` and runs its cell in `_scan(x,
     step_mask, rec_mask)` -> (H, final states), H a (T + 1, batch, units) view of h_0..h_T, and in
@@ -26,6 +34,7 @@ class Recurrent(Layer):
 
     gates = 1  # blocks of `units` columns in kernel and recurrent_kernel
     n_states = 1  # final states returned after the output when return_state
+    one_blas_thread = True  # _ONE_THREAD
     zero_output_for_mask = False  # Keras' RNN flag: masked steps output zeros instead of the previous output
     keras_weight_groups = ("cell/vars",)  # Keras keeps a recurrent layer's variables in its cell
     onnx_gate_order = [0]  # Keras' gate blocks in the order ONNX's recurrent node takes them
@@ -116,7 +125,8 @@ class Recurrent(Layer):
         if mask is not None:  # time-major, with unit axes up to the state's rank: (T, batch, 1) for (batch, T)
             step_mask = np.ascontiguousarray(np.moveaxis(np.asarray(mask, bool), 1, 0))
             step_mask = step_mask.reshape(step_mask.shape + (1,) * (len(state) + 2 - step_mask.ndim))
-        H, finals = self._scan(x, step_mask, rec_mask)
+        with self._blas_threads():  # see _ONE_THREAD
+            H, finals = self._scan(x, step_mask, rec_mask)
         self.zero_mask = step_mask if (self.zero_output_for_mask and self.return_sequences) else None
         if self.return_sequences:
             seq = H[1:] if self.zero_mask is None else H[1:] * self.zero_mask
@@ -131,6 +141,10 @@ class Recurrent(Layer):
 
     def _dropout_mask_count(self) -> int:
         return self.gates if self.recurrent_dropout > 0 else 1
+
+    def _blas_threads(self):
+        """One BLAS thread for the whole layer (_ONE_THREAD) where its products are the small ones measured there."""
+        return blas.one_thread() if self.one_blas_thread else nullcontext()
 
     def _dropout_mask(self, training, rate, shape, dtype):
         if not training or rate == 0:
@@ -155,7 +169,8 @@ class Recurrent(Layer):
         for k, g in enumerate(g_states):
             if g is not None:
                 d_finals[k] = d_finals[k] + g
-        dx = self._scan_backward(dY, d_finals)
+        with self._blas_threads():  # see _ONE_THREAD
+            dx = self._scan_backward(dY, d_finals)
         if dx is None:
             return None
         return np.ascontiguousarray(dx[:, ::-1] if self.go_backwards else dx)
@@ -548,8 +563,8 @@ class ConvLSTM(Recurrent, _Windowed):
     dilation_rate; the recurrent one is stride 1, 'same', undilated, as Keras' recurrent_conv. return_state gives
     [output, h, c]. A mask is (batch, timesteps), or per position (batch, timesteps, *spatial) as Masking makes it,
     which Keras applies position by position (so only where the output keeps the input's positions)."""
-
     gates, n_states = 4, 2
+    one_blas_thread = False  # its convolutions are not the small products _ONE_THREAD measured
 
     def __init__(self, filters: Size, kernel_size: Sizes, strides: Sizes = 1, padding: str = "valid",
                  data_format: str | None = None, dilation_rate: Sizes = 1, activation="tanh",
