@@ -38,3 +38,14 @@ class Callback:
         return {}
 
     def set_state(self, state: dict): ...
+
+
+class RankZeroCallback(Callback):
+    """A callback whose effects leave the process (files, logs, requests): in a data-parallel run only rank 0 has
+    them (every rank holds the same weights and epoch logs), so `active` is false on the others. Its state (a best
+    value, rows) is kept on every rank alike."""
+
+    active = True
+
+    def on_run_begin(self, run):
+        self.active = run.world.is_root

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from dlcli import trackers  # noqa: F401  (registers TensorBoard and MLflow)
-from dlcli.callback import CALLBACKS, Callback
+from dlcli.callback import CALLBACKS, Callback, RankZeroCallback
 from dlcli.errors import ConfigError, DlcliError
 from dlcli.metrics import metric_direction
 
@@ -182,7 +182,7 @@ class EarlyStopping(MonitorMixin, Callback):
 
 
 @CALLBACKS.register("ModelCheckpoint")
-class ModelCheckpoint(MonitorMixin, Callback):
+class ModelCheckpoint(MonitorMixin, RankZeroCallback):
     """weights/last.npz after every epoch (unless save_best_only) and weights/best.npz whenever `monitor` improves.
 
     `filepath` is the weights directory (default: the run directory's weights/, set by the run); files are written
@@ -198,18 +198,18 @@ class ModelCheckpoint(MonitorMixin, Callback):
         self.best_epoch = None
 
     def on_epoch_end(self, epoch, logs=None):
-        from pathlib import Path
-
         from dlcli.checkpoint import save_weights
+        from dlcli.runs import weights_file
 
         if self.filepath is None:
             raise DlcliError("ModelCheckpoint needs a filepath (a directory for best.npz/last.npz) outside a run")
         current = self._current(logs)
-        if not self.save_best_only:
-            save_weights(Path(self.filepath) / "last.npz", self.model)
+        if not self.save_best_only and self.active:
+            save_weights(weights_file(self.filepath, "last"), self.model)
         if current == current and (self.best is None or self.sign * current > self.sign * self.best):
             self.best, self.best_epoch = current, epoch + 1
-            save_weights(Path(self.filepath) / "best.npz", self.model)
+            if self.active:
+                save_weights(weights_file(self.filepath, "best"), self.model)
             if self.verbose:
                 print(f"epoch {epoch + 1}: {self.monitor} improved to {current:.4f}; saved best.npz")
 
@@ -360,7 +360,7 @@ class SwapEMAWeights(Callback):
 
 
 @CALLBACKS.register("BackupAndRestore")
-class BackupAndRestore(Callback):
+class BackupAndRestore(RankZeroCallback):
     """Keras' BackupAndRestore on dlcli's resume: the backup is the run directory's checkpoint (written at every
     epoch end, and every train.checkpoint_every batches), and backup_dir/run.json names the run using it.
     `dlcli train` of a config with this callback whose backup_dir names a run that did not complete continues that
@@ -383,14 +383,14 @@ class BackupAndRestore(Callback):
 
         from dlcli import runs
 
-        folder = Path(self.backup_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        runs.atomic_write_json(folder / self.POINTER, {"run_dir": str(Path(run.dir).resolve())})
+        super().on_run_begin(run)
+        if self.active:
+            runs.atomic_write_json(Path(self.backup_dir) / self.POINTER, {"run_dir": str(Path(run.dir).resolve())})
 
     def on_run_end(self, run):
         from pathlib import Path
 
-        if run.status == "completed" and self.delete_checkpoint:
+        if run.status == "completed" and self.delete_checkpoint and self.active:
             (Path(self.backup_dir) / self.POINTER).unlink(missing_ok=True)
 
     @classmethod
@@ -416,7 +416,7 @@ class BackupAndRestore(Callback):
 
 
 @CALLBACKS.register("RemoteMonitor")
-class RemoteMonitor(Callback):
+class RemoteMonitor(RankZeroCallback):
     """POSTs each epoch's logs to root + path (Keras' RemoteMonitor): {"epoch": e, **logs} as a form field `field`
     holding JSON, or as a JSON body with send_as_json; `headers` are added to the request. A server that cannot be
     reached gets a warning, as in Keras, and training goes on. With several ranks only rank 0 sends."""
@@ -427,11 +427,6 @@ class RemoteMonitor(Callback):
             raise ConfigError(f"RemoteMonitor root must be an http:// or https:// URL; got {root!r}")
         self.root, self.path, self.field, self.headers = str(root), str(path), str(field), dict(headers or {})
         self.send_as_json, self.timeout = bool(send_as_json), float(timeout)
-        self.active = True
-
-    def on_run_begin(self, run):
-        world = getattr(run, "world", None)
-        self.active = world is None or world.is_root
 
     def on_epoch_end(self, epoch, logs=None):
         import json
@@ -470,7 +465,7 @@ class TerminateOnNaN(Callback):
 
 
 @CALLBACKS.register("CSVLogger")
-class CSVLogger(Callback):
+class CSVLogger(RankZeroCallback):
     """Epoch logs to a CSV file (Keras' filename, separator, append). A run writes history.csv regardless."""
 
     def __init__(self, filename: str, separator: str = ",", append: bool = False):
@@ -486,7 +481,8 @@ class CSVLogger(Callback):
 
         self.rows.append({"epoch": epoch, **(logs or {})})  # Keras' CSVLogger counts epochs from 0
         text = history_csv(self.rows)
-        atomic_write_text(self.filename, text if self.separator == "," else text.replace(",", self.separator))
+        if self.active:
+            atomic_write_text(self.filename, text if self.separator == "," else text.replace(",", self.separator))
 
     def get_state(self):
         return {"rows": self.rows}

@@ -20,7 +20,6 @@ from dlcli.errors import DlcliError
 KIND = "dlcli-checkpoint"
 VERSION = 1
 HEADER = "__checkpoint__"
-FILENAME = Path("checkpoint") / "state.npz"
 MODEL_FORMAT = 1
 MODEL_HEADER = "__dlcli__"
 
@@ -133,7 +132,7 @@ def load(path) -> dict:
     """{'header': ..., 'arrays': ...} from a checkpoint file, or a DlcliError saying what is wrong with it."""
     path = Path(path)
     if path.is_dir():
-        path = path / FILENAME
+        path = runs.RunDir(path).checkpoint
     if not path.exists():
         raise DlcliError(f"no checkpoint at {path}: the run stopped before its first checkpoint (written after each "
                          f"epoch, and every train.checkpoint_every batches); start it again")

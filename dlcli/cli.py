@@ -159,12 +159,13 @@ def evaluate(
     from dlcli.commands.run_display import print_evaluation
     from dlcli.errors import DlcliError
     from dlcli.experiment import evaluate_run
+    from dlcli.runs import RunDir
 
     if split not in ("test", "validation"):
         raise DlcliError(f"--split must be 'test' or 'validation'; found '{split}'", exit_code=2)
     result = evaluate_run(run_dir, weights, split, allow_config_change=allow_config_change)
     print_evaluation(console(), result, weights, split)
-    print(f"wrote {Path(run_dir) / 'evaluation.json'}")
+    print(f"wrote {RunDir(run_dir).evaluation}")
 
 
 # The other command modules register themselves on the app; imported after the core three so --help lists those first.

@@ -234,8 +234,9 @@ def short_run(config, samples: int, epochs: int) -> tuple[dict, list]:
                      y_val=None if val is None else [a[:val] for a in splits.y_val], x_test=None, y_test=None)
     with tempfile.TemporaryDirectory(prefix="dlcli-determinism-") as tmp:
         run_dir = Path(tmp) / "run"
-        runs.RunDir(run_dir).weights.mkdir(parents=True)
-        result = Run.in_dir(run_dir, config, model, splits, verbose=0).train()
+        files = runs.RunDir(run_dir)
+        files.weights.mkdir(parents=True)
+        result = Run.in_dir(files, config, model, splits, verbose=0).train()
     return weight_hashes(model), [row["loss"] for row in result.history]
 
 

@@ -236,11 +236,7 @@ def world(distributed: bool = False) -> World:
         from mpi4py import MPI
 
         _world = MPIWorld(MPI.COMM_WORLD)
-        if _world.rank != 0:
-            from dlcli import runs
-
-            runs.disable_writes()  # the run directory is rank 0's
-            # and the terminal too: other ranks' failures reach rank 0, which prints them
+        if _world.rank != 0:  # the terminal is rank 0's: other ranks' failures reach rank 0, which prints them
             sys.stdout = sys.stderr = open(os.devnull, "w")
     return _world
 

@@ -135,12 +135,13 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
         run_dir = runs.create_run_dir(runs_dir, cfg.name)
         lines = []
         model.summary(print_fn=lines.append)
-        runs.atomic_write_text(runs.RunDir(run_dir).summary, "\n".join(lines) + "\n")
-    run_dir = Path(world.bcast_json(None if run_dir is None else str(run_dir)))
-    runs.atomic_write_text(runs.RunDir(run_dir).config, dump_yaml(cfg.to_dict()))
+        new = runs.RunDir(run_dir)
+        new.write_text(new.summary, "\n".join(lines) + "\n")
+    files = runs.RunDir.for_rank(world.bcast_json(None if run_dir is None else str(run_dir)), world)
+    files.write_text(files.config, dump_yaml(cfg.to_dict()))
     if cfg.train.kfold:
-        return train_folds(cfg, model, splits, folds, run_dir, callbacks, resume=kfold_resume, verbose=verbose)
-    return Run.in_dir(run_dir, cfg, model, splits, callbacks, verbose, world, init_from=initial,
+        return train_folds(cfg, model, splits, folds, files.path, callbacks, resume=kfold_resume, verbose=verbose)
+    return Run.in_dir(files, cfg, model, splits, callbacks, verbose, world, init_from=initial,
                       config_changes=changes, resumed=shared["resumed"]).train(state)
 
 
@@ -233,10 +234,10 @@ def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = F
     config = load_config(runs.RunDir(run_dir).config)
     diff = fingerprint.check(run_dir, config.to_dict(), allow_config_change)
     if diff:
-        warnings.warn(f"using {run_dir / 'config.yaml'}, edited since the run was trained:\n{diff}", stacklevel=2)
+        warnings.warn(f"using {runs.RunDir(run_dir).config}, edited since the run was trained:\n{diff}", stacklevel=2)
     with run_data(run_dir):
         model = build_model(config)
-    path = runs.RunDir(run_dir).weights / f"{weights}.npz"
+    path = runs.weights_file(runs.RunDir(run_dir).weights, weights)
     if not path.exists():
         raise DlcliError(f"{path} does not exist; choose --weights best or last (a run writes both after its "
                          f"first epoch)")
@@ -306,8 +307,7 @@ def classification_report(y_true, y_pred, classes=None) -> dict | None:
 def _init_from(model, run_dir) -> Path:
     """Fine-tuning: load another run's weights (best.npz, else last.npz); optimizer and counters start fresh."""
     run_dir = runs.require_run_dir(run_dir)
-    for name in ("best", "last"):
-        path = runs.RunDir(run_dir).weights / f"{name}.npz"
+    for path in (runs.RunDir(run_dir).best_weights, runs.RunDir(run_dir).last_weights):
         if path.exists():
             checkpoint.load_weights(path, model)
             return path

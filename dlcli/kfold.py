@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from dlcli import runs
-from dlcli.runs import FOLDS
 from dlcli.errors import DlcliError, NothingToDo
 
 
@@ -55,24 +54,24 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
     fold_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"kfold": None})})
     everything = np.arange(len(splits.x_train))
     start = time.perf_counter()
-    meta_path = runs.RunDir(run_dir).meta
-    if not meta_path.exists():
-        runs.atomic_write_json(meta_path, {**start_meta(cfg, model, splits), "kfold": k})
+    files = runs.RunDir(run_dir)
+    if not files.meta.exists():
+        files.write_json(files.meta, {**start_meta(cfg, model, splits), "kfold": k})
     statuses, last = [], None
     fresh_model = model  # the one already built serves the first fold trained now; later folds get new weights
     try:
         for i, val in enumerate(folds):
-            fold_dir = run_dir / FOLDS / str(i + 1)
-            meta = runs.read_json(runs.RunDir(fold_dir).meta) if runs.RunDir(fold_dir).meta.exists() else {}
+            fold = files.fold(i + 1)
+            meta = runs.read_json(fold.meta) if fold.meta.exists() else {}
             if meta.get("status") == "completed":
                 statuses.append("completed")
                 continue
             state = None
-            if resume and (fold_dir / checkpoint.FILENAME).exists():
-                state = checkpoint.load(fold_dir)
+            if resume and fold.checkpoint.exists():
+                state = checkpoint.load(fold.checkpoint)
             else:
-                runs.RunDir(fold_dir).weights.mkdir(parents=True, exist_ok=True)
-                runs.atomic_write_text(runs.RunDir(fold_dir).config, dump_yaml(fold_cfg.to_dict()))
+                fold.weights.mkdir(parents=True, exist_ok=True)
+                fold.write_text(fold.config, dump_yaml(fold_cfg.to_dict()))
             train_idx = np.setdiff1d(everything, val)
             fold_splits = _fold_splits(splits, train_idx, val)
             if verbose:
@@ -85,15 +84,13 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
                     fold_model, fresh_model = build_model(cfg), None
             else:
                 fold_model, fresh_model = fresh_model or build_model(cfg), None
-            last = Run.in_dir(fold_dir, fold_cfg, fold_model, fold_splits, callbacks, verbose, kfold_dir=run_dir,
+            last = Run.in_dir(fold, fold_cfg, fold_model, fold_splits, callbacks, verbose, kfold_dir=run_dir,
                               resumed=None if state is None else checkpoint.resume_banner(state)).train(state)
             statuses.append(last.status)
             if last.status != "completed":
                 break
     except BaseException as e:  # a fold that failed (or a second Ctrl-C): the whole run says so, not "running"
-
-        meta_path = runs.RunDir(run_dir).meta
-        runs.mark_failed(meta_path, runs.read_json(meta_path), e)
+        files.mark_failed(runs.read_json(files.meta), e)
         raise
     if last is None:
         raise NothingToDo(f"all {k} folds of {run_dir} are finished: nothing to resume")
@@ -120,7 +117,7 @@ def _fold_splits(splits, train_idx, val):
 
 
 def finished_folds(run_dir: Path, statuses: list) -> list[Path]:
-    return [run_dir / FOLDS / str(i + 1) for i, status in enumerate(statuses) if status == "completed"]
+    return [runs.RunDir(run_dir).fold(i + 1).path for i, status in enumerate(statuses) if status == "completed"]
 
 
 def write_aggregate(run_dir: Path, cfg, statuses: list, k: int, seconds: float):
@@ -133,21 +130,21 @@ def write_aggregate(run_dir: Path, cfg, statuses: list, k: int, seconds: float):
     rows = fold_statistics([runs.read_history(d) for d in done])
     tests = [runs.read_json(runs.RunDir(d).meta).get("test") for d in done]
     means = [{key: v for key, v in r.items() if not key.endswith("_std")} for r in rows]
-    runs.atomic_write_text(runs.RunDir(run_dir).history, runs.history_csv(means) if means else "epoch\n")
-    runs.atomic_write_text(runs.RunDir(run_dir).kfold_csv, runs.history_csv(rows) if rows else "epoch\n")
+    files = runs.RunDir(run_dir)
+    files.write_text(files.history, runs.history_csv(means) if means else "epoch\n")
+    files.write_text(files.kfold_csv, runs.history_csv(rows) if rows else "epoch\n")
     monitor = "val_loss" if means and "val_loss" in means[0] else "loss"
     best = min(means, key=lambda r: r.get(monitor, math.inf)) if means else None
     known = [t for t in tests if t]
     test = {m: float(np.mean([t[m] for t in known])) for m in known[0]} if known and len(known) == k else None
-    meta_path = runs.RunDir(run_dir).meta
-    meta = runs.read_json(meta_path) if meta_path.exists() else runs.versions_meta(cfg.seed)
+    meta = runs.read_json(files.meta) if files.meta.exists() else runs.versions_meta(cfg.seed)
     meta.update({"kfold": k, "folds": statuses,
                  "status": "completed" if len(statuses) == k and all(s == "completed" for s in statuses)
                  else statuses[-1] if statuses else "running",
                  "end": runs.utc_now(), "seconds": round(seconds + meta.get("seconds", 0), 3),
                  "epochs_run": len(means), "best_epoch": best and best["epoch"],
                  "best": {f"mean {monitor}": best and best.get(monitor)}, "test": test})
-    runs.atomic_write_json(meta_path, meta)
+    files.write_json(files.meta, meta)
     write_curves(run_dir)  # after meta.json: the band's legend counts the finished folds
     return means, test, best and best["epoch"]
 

@@ -5,10 +5,12 @@ runs/<name>-<UTC yyyymmdd-hhmmss>/
   history.csv        epoch, every loss/metric, val_*, learning_rate, seconds
   summary.txt        the model summary
   weights/last.npz   named arrays (allow_pickle=False); weights/best.npz by the monitored value
-  checkpoint/        optimizer + RNG + callback state for --resume
+  checkpoint/state.npz  optimizer + RNG + callback state for --resume
   meta.json          versions, seed, git commit, start/end time, status, best epoch, config fingerprint
   evaluation.json    written by `dlcli evaluate`
   train.log          the plain-text epoch lines
+  curves.png         the learning curves; divergence.json a diverged run's report
+  vocabulary.json, feature_space.json   a text run's word table, a table run's adapted preprocessing
 """
 import csv
 import io
@@ -33,9 +35,9 @@ FOLDS = "folds"
 
 @dataclass(frozen=True)
 class RunDir:
-    """The files of one run directory by name, as drawn above: `RunDir(path).meta`, not `path / "meta.json"`.
-    Every module asks it; the best/last weight files are named by ModelCheckpoint and the checkpoint by
-    dlcli.checkpoint, which write them."""
+    """One run directory: its files by name, as drawn above (`RunDir(path).meta`, never `path / "meta.json"`), and
+    the writes a run makes there (atomic; train.log appended). A data-parallel rank other than 0 holds a NoRunDir
+    for rank 0's directory instead (`RunDir.for_rank`)."""
 
     path: Path
 
@@ -49,54 +51,75 @@ class RunDir:
     evaluation = property(lambda self: self.path / "evaluation.json")
     train_log = property(lambda self: self.path / "train.log")
     curves = property(lambda self: self.path / "curves.png")
+    divergence = property(lambda self: self.path / "divergence.json")  # a diverged run's report
     vocabulary = property(lambda self: self.path / "vocabulary.json")  # text runs: the word -> index table
+    feature_space = property(lambda self: self.path / "feature_space.json")  # table runs: the adapted preprocessing
     model_onnx = property(lambda self: self.path / "model.onnx")  # dlcli export's default output
+    tensorboard = property(lambda self: self.path / "tensorboard")  # the TensorBoard callback's default log_dir
     weights = property(lambda self: self.path / "weights")
-    last_weights = property(lambda self: self.path / "weights" / "last.npz")
-    best_weights = property(lambda self: self.path / "weights" / "best.npz")
-    checkpoint = property(lambda self: self.path / "checkpoint")
+    last_weights = property(lambda self: weights_file(self.weights, "last"))
+    best_weights = property(lambda self: weights_file(self.weights, "best"))
+    checkpoint = property(lambda self: self.path / "checkpoint" / "state.npz")  # --resume's
     folds = property(lambda self: self.path / FOLDS)  # a K-fold run: one run directory per fold, folds/1 ... folds/K
     kfold_csv = property(lambda self: self.path / "kfold.csv")
 
     MARKERS = ("config.yaml", "meta.json", "history.csv")  # any of them makes a folder a run directory
+
+    @classmethod
+    def for_rank(cls, path, world) -> "RunDir":
+        """The run directory as `world`'s rank sees it: rank 0 writes it, every other rank shares it read-only."""
+        return cls(path) if world.is_root else NoRunDir(path)
+
+    def fold(self, i: int) -> "RunDir":
+        return type(self)(self.folds / str(i))
+
+    def write_text(self, path, text: str):
+        atomic_write_text(path, text)
+
+    def write_json(self, path, obj):
+        atomic_write_json(path, obj)
+
+    def append_log(self, text: str):
+        """Append to train.log: a torn last line is the worst a crash can do to it."""
+        with open(self.train_log, "a") as f:
+            f.write(text)
+
+    def mark_failed(self, meta: dict, error) -> str:
+        """Record in meta.json that the run ended by `error` ('interrupted' for Ctrl-C, else 'failed'); the status."""
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        try:
+            self.write_json(self.meta, {**meta, "status": status, "end": utc_now(),
+                                        "error": getattr(error, "message", None) or type(error).__name__})
+        except Exception:  # the disk may be what failed: the original error matters more
+            pass
+        return status
+
+
+class NoRunDir(RunDir):
+    """A data-parallel rank other than 0: rank 0's paths, to read, and writes that do nothing (the directory is rank
+    0's, and every rank holds the same weights and logs)."""
+
+    def write_text(self, path, text: str):
+        pass
+
+    def write_json(self, path, obj):
+        pass
+
+    def append_log(self, text: str):
+        pass
+
+
+def weights_file(folder, which: str) -> Path:
+    """A weights folder's best.npz or last.npz (ModelCheckpoint's files; a run's are in weights/)."""
+    return Path(folder) / f"{which}.npz"
 
 
 def is_kfold_run(run_dir) -> bool:
     return RunDir(run_dir).folds.is_dir()
 
 
-def mark_failed(meta_path, meta, error) -> str:
-    """Record in meta.json that a run ended by `error` ('interrupted' for Ctrl-C, else 'failed'); the status."""
-    status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-    try:
-        atomic_write_json(meta_path, {**meta, "status": status, "end": utc_now(),
-                                      "error": getattr(error, "message", None) or type(error).__name__})
-    except Exception:  # the disk may be what failed: the original error matters more
-        pass
-    return status
-
-
-# A data-parallel rank other than 0 shares rank 0's run directory and never writes it (dlcli.distributed says so
-# once per process); every file of a run is written through this module.
-_writes = True
-
-
-def disable_writes():
-    global _writes
-    _writes = False
-
-
-def append_text(path, text: str):
-    """Append to a log file (train.log): a torn last line is the worst a crash can do to it."""
-    if _writes:
-        with open(path, "a") as f:
-            f.write(text)
-
-
 def atomic_write_bytes(path, data: bytes):
     """Temp file in the same directory, fsync, rename: a crash leaves the old file or the new, never half."""
-    if not _writes:
-        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

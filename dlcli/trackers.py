@@ -13,23 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli.callback import CALLBACKS, Callback
+from dlcli.callback import CALLBACKS, RankZeroCallback
 from dlcli.errors import DlcliError, require
 
 
-class Tracker(Callback):
-    """A callback that logs outside the run directory: in a data-parallel run only rank 0 logs (every rank holds the
-    same weights and epoch logs), so `active` is false on the others."""
-
-    active = True
-
-    def on_run_begin(self, run):
-        world = run.world
-        self.active = world is None or world.is_root
-
-
 @CALLBACKS.register("TensorBoard")
-class TensorBoard(Tracker):
+class TensorBoard(RankZeroCallback):
     """Event files TensorBoard reads, laid out as Keras 3 writes them: `log_dir/train` and `log_dir/validation`,
     each with `epoch_<metric>` scalars (so train and validation curves overlay), `epoch_learning_rate`,
     `batch_<metric>` every `update_freq` batches ('epoch': none; 'batch': every batch; N: every N), weight
@@ -51,7 +40,7 @@ class TensorBoard(Tracker):
     def on_run_begin(self, run):
         super().on_run_begin(run)
         if self.log_dir is None:
-            self.log_dir = str(Path(run.dir) / "tensorboard")
+            self.log_dir = str(run.files.tensorboard)
 
     def writer(self, split: str):
         if split not in self.writers:
@@ -97,7 +86,7 @@ class TensorBoard(Tracker):
 
 
 @CALLBACKS.register("MLflow")
-class MLflow(Tracker):
+class MLflow(RankZeroCallback):
     """One MLflow run per dlcli run: the resolved config as params (dotted paths, as --set writes them), every epoch's
     logs as metrics (step = epoch), the run directory as artifacts at the end, the status as the run's state.
 
@@ -181,7 +170,7 @@ class MLflow(Tracker):
         if self.log_artifacts:
             # the finished run directory (checkpoint/ is only for --resume, and the largest part)
             for item in sorted(Path(run.dir).iterdir()):
-                if item.name.startswith(".") or item.name == "checkpoint":
+                if item.name.startswith(".") or item == run.files.checkpoint.parent:
                     continue
                 if item.is_dir():
                     self.client.log_artifacts(self.run_id, str(item), item.name)

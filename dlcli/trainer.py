@@ -42,19 +42,18 @@ class RunRecorder(Callback):
     Weights are ModelCheckpoint's job (weights/best.npz, weights/last.npz); resumable state is the run's
     (checkpoint/state.npz)."""
 
-    def __init__(self, run_dir: Path):
-        self.files, self.rows = runs.RunDir(run_dir), []
+    def __init__(self, files: runs.RunDir):
+        self.files, self.rows = files, []
 
     def on_epoch_end(self, epoch, logs=None):
         self.rows.append({"epoch": epoch + 1, **logs})
-        runs.atomic_write_text(self.files.history, runs.history_csv(self.rows))
-        runs.append_text(self.files.train_log,
-                         f"epoch {epoch + 1}  {format_logs(logs)}  ({logs.get('seconds', 0):.1f}s)\n")
+        self.files.write_text(self.files.history, runs.history_csv(self.rows))
+        self.files.append_log(f"epoch {epoch + 1}  {format_logs(logs)}  ({logs.get('seconds', 0):.1f}s)\n")
 
     def on_run_end(self, run):
         if not self.files.history.exists():  # stopped before its first epoch ended (Ctrl-C, a failure)
-            runs.atomic_write_text(self.files.history, "epoch\n")
-            runs.append_text(self.files.train_log, f"{run.status} before the first epoch ended\n")
+            self.files.write_text(self.files.history, "epoch\n")
+            self.files.append_log(f"{run.status} before the first epoch ended\n")
 
 
 class Run:
@@ -62,12 +61,13 @@ class Run:
     behind dlcli.train and each K-fold fold). Callbacks get the live Run in `on_run_begin` and observe it;
     `dlcli.train` returns it (dir, status, history, test ...)."""
 
-    def __init__(self, model, callbacks=(), verbose=1, rng: np.random.Generator | None = None, *, dir=None,
-                 config=None, splits=None, checkpoint_path=None, checkpoint_every: int | None = None,
-                 world: distributed.World | None = None, divergence_factor: float | None = DIVERGENCE_FACTOR,
-                 init_from=None, resumed: str | None = None, config_changes=(), kfold_dir=None):
+    def __init__(self, model, callbacks=(), verbose=1, rng: np.random.Generator | None = None, *,
+                 files: runs.RunDir | None = None, config=None, splits=None, checkpoint_path=None,
+                 checkpoint_every: int | None = None, world: distributed.World | None = None,
+                 divergence_factor: float | None = DIVERGENCE_FACTOR, init_from=None, resumed: str | None = None, config_changes=(), kfold_dir=None):
         self.model = model
-        self.dir: Path | None = dir  # None: Model.fit, no run directory
+        self.files = files  # the run directory (a NoRunDir on ranks other than 0); None: Model.fit, no directory
+        self.dir: Path | None = None if files is None else files.path
         self.config = config  # the validated Config (dlcli.config); `.to_dict()` is what config.yaml holds
         self.splits = splits  # dlcli.experiment.Splits
         self.callbacks = list(callbacks or [])
@@ -97,8 +97,9 @@ class Run:
         self.mix, self.mix_seed = None, 0  # train.mix (dlcli.mixing) and the seed of its draws
 
     @classmethod
-    def in_dir(cls, run_dir: Path, config, model, splits, callbacks=(), verbose=1, world=None, **record) -> "Run":
-        """A run writing `run_dir` (created, config.yaml written): RunRecorder, the config's train.callbacks and
+    def in_dir(cls, files: runs.RunDir, config, model, splits, callbacks=(), verbose=1, world=None,
+               **record) -> "Run":
+        """A run writing the run directory `files` (created, config.yaml written): RunRecorder, the config's train.callbacks and
         a ModelCheckpoint writing weights/ (the default monitors val_loss, or loss without a validation split),
         then `callbacks`. `record`: init_from, resumed, config_changes, kfold_dir. A callback that cannot start
         fails here."""
@@ -107,10 +108,10 @@ class Run:
             user.append(ModelCheckpoint(monitor="val_loss" if splits.x_val is not None else "loss"))
         savers = [cb for cb in user if isinstance(cb, ModelCheckpoint)]
         for cb in savers:
-            cb.filepath = cb.filepath or str(runs.RunDir(run_dir).weights)
-        recorder = RunRecorder(run_dir)
+            cb.filepath = cb.filepath or str(files.weights)
+        recorder = RunRecorder(files)
         run = cls(model, [recorder, *user, *callbacks], verbose, np.random.default_rng([config.seed, 2]),
-                  dir=run_dir, config=config, splits=splits, checkpoint_path=run_dir / checkpoint.FILENAME,
+                  files=files, config=config, splits=splits, checkpoint_path=files.checkpoint,
                   checkpoint_every=config.train.checkpoint_every, world=world,
                   divergence_factor=config.train.divergence_factor, **record)
         run.recorder, run.saver = recorder, savers[0]  # history.csv's rows, best epoch
@@ -138,8 +139,7 @@ class Run:
         from dlcli.divergence import DivergenceError
 
         with self.world.guard():
-            world, splits, settings = self.world, self.splits, self.config.train
-            files = runs.RunDir(self.dir)
+            world, splits, settings, files = self.world, self.splits, self.config.train, self.files
             # what evaluate/predict/export/--resume check config.yaml against
             self.checkpoint_header = fingerprint.record(self.config.to_dict())
             meta = start_meta(self.config, self.model, splits)
@@ -147,13 +147,11 @@ class Run:
                 meta = {**runs.read_json(files.meta), "status": "running", **self.checkpoint_header}
                 meta.setdefault("resumed", []).append(
                     {"at": runs.utc_now(), "position": checkpoint.describe_position(resume["header"]["position"])})
-            runs.atomic_write_json(files.meta, meta)
+            files.write_json(files.meta, meta)
             if splits.extra.get("vocabulary"):  # lets `dlcli predict` encode raw text the way the training data was
-                runs.atomic_write_json(files.vocabulary, splits.extra["vocabulary"])
+                files.write_json(files.vocabulary, splits.extra["vocabulary"])
             if splits.extra.get("feature_space"):  # a table's preprocessing: evaluate, predict, --resume reuse it
-                from dlcli.data.table import FILENAME
-
-                runs.atomic_write_json(self.dir / FILENAME, splits.extra["feature_space"])
+                files.write_json(files.feature_space, splits.extra["feature_space"])
             if resume is not None and world.is_root:
                 done = resume["header"]["position"]["epoch"]
                 self.recorder.rows = [r for r in runs.read_history(self.dir) if (r.get("epoch") or 0) <= done]
@@ -170,15 +168,15 @@ class Run:
                          validation_data=None if splits.x_val is None else (splits.x_val, splits.y_val),
                          shuffle=settings.shuffle, class_weight=settings.class_weight, resume=resume)
             except DivergenceError as e:
-                runs.atomic_write_json(files.path / "divergence.json", e.report)
+                files.write_json(files.divergence, e.report)
                 meta.update({"status": "diverged", "end": runs.utc_now(), "hint": e.report["hint"],
                              "diverged_at": {k: e.report[k] for k in ("epoch", "batch", "step")}})
-                runs.atomic_write_json(files.meta, meta)
-                e.message += f" Details: {self.dir / 'divergence.json'}"
+                files.write_json(files.meta, meta)
+                e.message += f" Details: {files.divergence}"
                 self._run_ended("diverged", failing=True)
                 raise
             except BaseException as e:  # keep meta.json honest when anything else stops the run
-                self._run_ended(runs.mark_failed(files.meta, meta, e), failing=True)
+                self._run_ended(files.mark_failed(meta, e), failing=True)
                 raise
             self.status = (self.stopping or "interrupted") if self.stopped() else "completed"
             self.seconds = time.perf_counter() - start
@@ -191,7 +189,7 @@ class Run:
                          "seconds": round(self.seconds + meta.get("seconds", 0) if resume else self.seconds, 3),
                          "epochs_run": len(self.history), "best_epoch": saver.best_epoch,
                          "best": {saver.monitor: saver.best}, "test": self.test})
-            runs.atomic_write_json(files.meta, meta)
+            files.write_json(files.meta, meta)
             if world.is_root:
                 from dlcli.plots import write_curves
 

@@ -170,6 +170,7 @@ def test_yaml_graph_builds_in_any_order_with_shares_and_round_trips():
 
 def test_yaml_two_input_two_output_model_trains_from_named_npz_arrays(tmp_path, monkeypatch):
     from dlcli.experiment import load_splits
+    from dlcli.runs import RunDir
     from dlcli.trainer import Run
 
     rng = np.random.default_rng(0)
@@ -184,7 +185,7 @@ def test_yaml_two_input_two_output_model_trains_from_named_npz_arrays(tmp_path, 
     assert splits.sizes() == {"train": 22, "validation": 8, "test": 10}
     run_dir = tmp_path / "run"
     (run_dir / "weights").mkdir(parents=True)
-    result = Run.in_dir(run_dir, config, model, splits, verbose=0).train()
+    result = Run.in_dir(RunDir(run_dir), config, model, splits, verbose=0).train()
     assert result.status == "completed" and set(result.test) == {"loss", "out_loss", "aux_loss", "out_accuracy"}
     assert "val_out_accuracy" in result.history[-1]
 

@@ -47,3 +47,21 @@ def test_damaged_weights_never_suggest_unpickling(tmp_path, content, why):
     assert result.exit_code == 1, result.output
     assert f"{last} is damaged or not a dlcli file (it " in result.output and why in result.output
     assert "allow_pickle" not in result.output and "Traceback" not in result.output
+
+
+def test_a_rank_other_than_0_shares_the_run_directory_without_writing_it(tmp_path):
+    from types import SimpleNamespace
+
+    from dlcli import runs
+    from dlcli.distributed import World
+
+    other = runs.RunDir.for_rank(tmp_path, SimpleNamespace(is_root=False))
+    other.write_text(other.config, "x")
+    other.write_json(other.meta, {})
+    other.append_log("epoch 1\n")
+    other.mark_failed({}, KeyboardInterrupt())
+    assert other.meta == tmp_path / "meta.json" and list(tmp_path.iterdir()) == []  # rank 0's paths, nothing written
+    root = runs.RunDir.for_rank(tmp_path, World())
+    root.write_json(root.meta, {})
+    root.append_log("epoch 1\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.log"]

@@ -352,10 +352,10 @@ def test_bad_runs_dir_non_finite_ranges_and_a_full_disk_are_one_line_each(tmp_pa
                                   f"(0.009) is not a multiple of step (0.004); the last value reached would be " \
                                   f"0.009: make high 0.009" in bad.output  # not Optuna's warning in every worker
 
-    def full(path, text):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def full(files, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(files.train_log))
 
-    monkeypatch.setattr(runs, "append_text", full)  # train.log, the first write a trial appends to
+    monkeypatch.setattr(runs.RunDir, "append_log", full)  # train.log, the first write a trial appends to
     disk = CliRunner().invoke(app, ["sweep", str(config), "--trials", 3, "--runs-dir", str(tmp_path / "runs")])
     assert disk.exit_code == 1 and "Traceback" not in disk.output
     assert disk.output.splitlines()[-1].startswith("error: cannot write ") and \

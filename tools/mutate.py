@@ -171,9 +171,9 @@ MUTANTS = {
         "if not _finite(output):",
         ["tests/test_trainer.py::test_diagnose_names_the_first_layer_gone_non_finite_and_leaves_layers_untouched"]),
     "every-rank-writes-the-run": (
-        "dlcli/distributed.py",
-        "            runs.disable_writes()  # the run directory is rank 0's\n",
-        "",
+        "dlcli/runs.py",
+        "return cls(path) if world.is_root else NoRunDir(path)",
+        "return cls(path)",
         ["tests/test_distributed.py::test_cli_two_ranks_write_one_run_equal_to_one_process"]),
     "resume-takes-streams-of-another-rank-count": (
         "dlcli/distributed.py",

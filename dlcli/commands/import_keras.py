@@ -27,6 +27,7 @@ def import_keras(
     Example: dlcli import-keras mlp.weights.h5 --config mlp.yaml --output runs/imported-mlp
     """
     from dlcli.interop.keras_import import import_keras as run_import
+    from dlcli.runs import RunDir
 
     report = run_import(source, output, config, list(set_))
     out = console()
@@ -36,5 +37,5 @@ def import_keras(
     version = f"Keras {report.keras_version}, " if report.keras_version else ""
     out.print(f"imported {report.source} ({version}{report.layers} layers, {report.params:,} parameters) into "
               f"{report.run_dir}", markup=False)
-    out.print(f"next: dlcli inspect-shapes {report.run_dir / 'config.yaml'} | dlcli predict {report.run_dir} INPUT | "
+    out.print(f"next: dlcli inspect-shapes {RunDir(report.run_dir).config} | dlcli predict {report.run_dir} INPUT | "
               f"dlcli export {report.run_dir}", markup=False)

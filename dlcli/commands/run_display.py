@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from dlcli import runs
 from dlcli.callbacks import Callback
 from dlcli.errors import plural
 
@@ -25,7 +26,7 @@ class Banner(Callback):
         if self.resume_arg is not None:  # a K-fold run's folds each begin with this banner: the resumed run, not the fold
             resumed = Path(self.resume_arg)
             what = f"{what} --resume {resumed}".strip() + ("" if self.config_arg else
-                                                             f" (config {resumed / 'config.yaml'})")
+                                                             f" (config {runs.RunDir(resumed).config})")
         out.print(f"[bold]dlcli train[/] {escape(what)}  ->  {escape(str(run.dir))}", markup=True)
         out.print(f"  data    {cfg.data.get('type')} from {run.splits.source}: train {sizes['train']:,}, "
                   f"validation {sizes['validation']:,}, test {test_set(cfg, sizes['test'])}", markup=False)
@@ -63,7 +64,7 @@ class Banner(Callback):
         if run.init_from is not None:
             out.print(f"  init    weights from {run.init_from} (fresh optimizer and counters)")
         if run.resumed is not None:
-            out.print(f"  resume  {run.resumed}; appending to {run.dir / 'history.csv'}")
+            out.print(f"  resume  {run.resumed}; appending to {run.files.history}")
 
     def on_train_end(self, logs=None):
         decoded = self.run.splits.x_train.describe()
@@ -158,14 +159,12 @@ def print_kfold(out, run):
 
     from rich.table import Table
 
-    from dlcli import runs
-
     k = run.config.train.kfold
     if run.status != "completed":
         statuses = runs_meta(run.dir).get("folds") or []
         done = [str(i + 1) for i, status in enumerate(statuses) if status == "completed"]
         out.print(f"{k}-fold validation {run.status} in fold {len(statuses)} of {k}; finished: "
-                  f"{'folds ' + ', '.join(done) if done else 'no fold'} (each in {run.dir / 'folds'}/N). The mean "
+                  f"{'folds ' + ', '.join(done) if done else 'no fold'} (each in {runs.RunDir(run.dir).folds}/N). The mean "
                   f"across folds and the epoch to train the final model for come once every fold has finished.",
                   markup=False)
         return

@@ -92,7 +92,7 @@ def show_run(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]):
     out = console()
     out.print(f"[bold]{s['run']}[/]  {s['path']}", markup=True)
     config = RunDir(run_dir).config
-    out.rule("config.yaml")
+    out.rule(config.name)
     try:
         out.print(config.read_text().rstrip(), markup=False)
     except (OSError, UnicodeDecodeError) as e:

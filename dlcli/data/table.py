@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlcli import runs
 from dlcli.data import features as fs
 from dlcli.data.dataset import Dataset, DatasetType, register
 from dlcli.data.paths import resolve_path
@@ -22,7 +23,6 @@ from dlcli.data.table_file import (DEFAULT_MISSING, PARQUET_SUFFIXES, Table, Tab
                                    records_table, require_columns)
 from dlcli.errors import ConfigError, DlcliError
 
-FILENAME = "feature_space.json"  # in the run directory
 # the preprocessing state of the run a command works on (see `stored`): used instead of adapting again
 _stored: contextvars.ContextVar = contextvars.ContextVar("dlcli_table_state", default=None)
 
@@ -70,7 +70,7 @@ def stored(run_dir_or_state):
     when it has one) instead of adapting on the data again."""
     state = run_dir_or_state
     if state is not None and not isinstance(state, dict):
-        path = Path(state) / FILENAME
+        path = runs.RunDir(state).feature_space
         state = json.loads(path.read_text()) if path.is_file() else None
     token = _stored.set(state)
     try:
@@ -80,9 +80,9 @@ def stored(run_dir_or_state):
 
 
 def read_state(run_dir) -> dict:
-    path = Path(run_dir) / FILENAME
+    path = runs.RunDir(run_dir).feature_space
     if not path.is_file():
-        raise DlcliError(f"{run_dir} has no {FILENAME}: it was not trained on a table (data.type table)")
+        raise DlcliError(f"{run_dir} has no {path.name}: it was not trained on a table (data.type table)")
     return json.loads(path.read_text())
 
 

@@ -240,13 +240,13 @@ def _write_run(output: Path, config_yaml: str, model, meta: dict):
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         run = runs.RunDir(tmp)
-        runs.atomic_write_text(run.config, config_yaml)
+        run.write_text(run.config, config_yaml)
         checkpoint.save_weights(run.last_weights, model)
         checkpoint.save_weights(run.best_weights, model)
         lines: list = []
         model.summary(print_fn=lines.append)
-        runs.atomic_write_text(run.summary, "\n".join(lines) + "\n")
-        runs.atomic_write_json(run.meta, meta)
+        run.write_text(run.summary, "\n".join(lines) + "\n")
+        run.write_json(run.meta, meta)
         _check_output(output)
         if output.exists():
             output.rmdir()

@@ -158,12 +158,12 @@ def fail_stale_trials(study, sweep: Sweep) -> list[str]:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # another worker of this machine got there first
-        if run_dir is not None and runs.RunDir(run_dir).meta.is_file():
+        files = None if run_dir is None else runs.RunDir(run_dir)
+        if files is not None and files.meta.is_file():
             try:
-                meta = runs.read_json(runs.RunDir(run_dir).meta)
+                meta = runs.read_json(files.meta)
                 if meta.get("status") == "running":
-                    runs.atomic_write_json(runs.RunDir(run_dir).meta,
-                                           {**meta, "status": "failed", "end": runs.utc_now(), "error": reason})
+                    files.write_json(files.meta, {**meta, "status": "failed", "end": runs.utc_now(), "error": reason})
             except DlcliError:
                 pass  # the study's record is what matters; a damaged meta.json says enough by itself
         lines.append(f"trial {t.number} failed: {reason}; recorded as failed, not counted"

@@ -70,6 +70,7 @@ def test_npy_files_unsorted_index_and_errors(arrays):
 def test_training_from_a_mapped_array_with_a_validation_split(arrays, tmp_path):
     from dlcli.builder import build_model
     from dlcli.experiment import load_splits
+    from dlcli.runs import RunDir
     from dlcli.trainer import Run
 
     tmp, x, y = arrays
@@ -85,5 +86,5 @@ def test_training_from_a_mapped_array_with_a_validation_split(arrays, tmp_path):
     assert splits.x_train.take(np.arange(3))[0].shape == (3, 6, 5, 1)  # (6, 5) samples fed as (6, 5, 1)
     run = tmp_path / "run"
     (run / "weights").mkdir(parents=True)
-    result = Run.in_dir(run, config, model, splits, verbose=0).train()
+    result = Run.in_dir(RunDir(run), config, model, splits, verbose=0).train()
     assert result.status == "completed" and [row["epoch"] for row in result.history if "val_loss" in row] == [1, 2]
