@@ -158,12 +158,12 @@ def evaluate(
     """
     from dlcli.commands.run_display import print_evaluation
     from dlcli.errors import DlcliError
-    from dlcli.experiment import evaluate_run
+    from dlcli.experiment import evaluation_report
     from dlcli.runs import RunDir
 
     if split not in ("test", "validation"):
         raise DlcliError(f"--split must be 'test' or 'validation'; found '{split}'", exit_code=2)
-    result = evaluate_run(run_dir, weights, split, allow_config_change=allow_config_change)
+    result = evaluation_report(run_dir, weights, split, allow_config_change=allow_config_change)
     print_evaluation(console(), result, weights, split)
     print(f"wrote {RunDir(run_dir).evaluation}")
 

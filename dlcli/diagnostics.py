@@ -204,7 +204,7 @@ def overfit_batch(model, xs: list, ys: list, steps: int = 200, threshold: float 
         if not np.isfinite(losses[-1]) or losses[-1] <= threshold:
             break
     final = losses[-1]
-    inference = model.evaluate_arrays(xs, ys, batch_size=len(xs[0]))
+    inference = model.evaluate(xs, ys, batch_size=len(xs[0]), return_dict=True)
     reached = next((i + 1 for i, v in enumerate(losses) if v <= threshold), None)
     return {"batch": len(xs[0]), "steps": len(losses), "initial_loss": losses[0], "final_loss": final,
             "best_loss": float(np.nanmin(losses)) if np.isfinite(losses).any() else float("nan"),

@@ -245,9 +245,10 @@ def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = F
     return config, model
 
 
-def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size: int | None = None,
-                 allow_config_change: bool = False) -> dict:
-    """Loss and metrics of a finished run on a split; per-class accuracy and a confusion matrix for classifiers."""
+def evaluation_report(run_dir, weights: str = "best", split: str = "test", batch_size: int | None = None,
+                      allow_config_change: bool = False) -> dict:
+    """`dlcli evaluate`: loss and metrics of a finished run on a split; per-class accuracy and a confusion matrix for
+    classifiers; written to the run's evaluation.json."""
     config, model = load_run_model(run_dir, weights, allow_config_change)
     run_dir = Path(run_dir)
     with run_data(run_dir):
@@ -258,7 +259,7 @@ def evaluate_run(run_dir, weights: str = "best", split: str = "test", batch_size
                          f"split)" if split == "validation" else "the dataset has no test split")
     bs = batch_size or config.train.batch_size
     result = {"run": run_dir.name, "weights": weights, "split": split, "samples": len(xs),
-              "metrics": model.evaluate_arrays(xs, ys, bs)}
+              "metrics": model.evaluate(xs, ys, bs, return_dict=True)}
     preds = model.predict(xs, batch_size=bs)
     preds = preds if isinstance(preds, list) else [preds]
     report = classification_report(ys[0], preds[0], splits.classes)

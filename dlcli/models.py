@@ -218,21 +218,20 @@ class Model:
             class_weight=class_weight, sample_weight=sample_weight, initial_epoch=initial_epoch)
 
     def evaluate(self, x, y, batch_size=32, verbose=0, return_dict=False, sample_weight=None):
+        """Loss and metrics over all samples, exact (each batch weighted by its size), as Keras' evaluate: the loss
+        alone, a list, or with `return_dict` a dict by name. `x`: arrays, or a Source of inputs."""
         self._require_compiled()
-        xs, ys = self._inputs_list(x), self._targets_list(y)
-        logs = self.evaluate_arrays(xs, ys, batch_size, sample_weight)
+        xs = x if isinstance(x, Source) else self._inputs_list(x)
+        logs = self.evaluation_sums(xs, self._targets_list(y), batch_size, sample_weight)
+        logs = logs.results(extra_loss=self.regularization_loss())
         if return_dict:
             return logs
         values = list(logs.values())
         return values[0] if len(values) == 1 else values
 
-    def evaluate_arrays(self, xs, ys, batch_size=32, sample_weight=None) -> dict:
-        """Loss and metrics over all samples, exact (each batch weighted by its size)."""
-        return self.evaluate_logs(xs, ys, batch_size, sample_weight).results(extra_loss=self.regularization_loss())
-
-    def evaluate_logs(self, xs, ys, batch_size=32, sample_weight=None) -> metrics_module.RunningLogs:
-        """The running sums behind evaluate_arrays (data-parallel evaluation adds them up over ranks). `xs`: a list
-        of arrays (one per input) or a Source."""
+    def evaluation_sums(self, xs, ys, batch_size=32, sample_weight=None) -> metrics_module.RunningLogs:
+        """The running loss and metric sums behind evaluate, which data-parallel evaluation adds up over ranks.
+        `xs`: a list of arrays (one per input) or a Source."""
         logs = metrics_module.RunningLogs(self)
         source = as_source(xs)
         chunks = batch_indices(len(source), min(batch_size, self._inference_rows()))

@@ -181,7 +181,7 @@ class Run:
             self.status = (self.stopping or "interrupted") if self.stopped() else "completed"
             self.seconds = time.perf_counter() - start
             if splits.x_test is not None and self.status == "completed":
-                self.test = self.evaluate(splits.x_test, splits.y_test, settings.batch_size)
+                self.test = self.evaluate_on_ranks(splits.x_test, splits.y_test, settings.batch_size)
             self.best_epoch, saver = self.saver.best_epoch, self.saver
             if splits.x_train.describe():  # decode rate, cache, mapped file: where the input time went
                 meta["input"] = splits.x_train.describe()
@@ -296,7 +296,7 @@ class Run:
                 logs = self.logs.results()
                 if validation_data is not None:
                     cbs.on_test_begin()
-                    val = self.evaluate(validation_data[0], validation_data[1], batch_size)
+                    val = self.evaluate_on_ranks(validation_data[0], validation_data[1], batch_size)
                     cbs.on_test_end(val)
                     logs.update({f"val_{k}": v for k, v in val.items()})
                 logs["learning_rate"] = float(model.optimizer.current_lr)
@@ -329,15 +329,17 @@ class Run:
         a, b = distributed.rank_share(size, world.rank, world.size)
         return (idx[-1:], size, 0.0) if a == b else (idx[a:b], size, (b - a) / size)
 
-    def evaluate(self, xs, ys, batch_size) -> dict:
-        """Loss and metrics over (xs, ys): with several ranks each takes a contiguous share and the sums are added."""
+    def evaluate_on_ranks(self, xs, ys, batch_size) -> dict:
+        """Loss and metrics over (xs, ys) (validation, the test split): with several ranks each takes a contiguous
+        share and the sums are added."""
         world, model = self.world, self.model
-        if world.size == 1:
-            return model.evaluate_arrays(xs, ys, batch_size)
-        xs = as_source(xs)
-        a, b = distributed.rank_share(len(xs), world.rank, world.size)
-        logs = model.evaluate_logs(xs.subset(slice(a, b)), [y[a:b] for y in ys], batch_size)
-        logs.set_sums(world.allreduce(np.asarray(logs.sums(), np.float64)).tolist())
+        if world.size > 1:
+            xs = as_source(xs)
+            a, b = distributed.rank_share(len(xs), world.rank, world.size)
+            xs, ys = xs.subset(slice(a, b)), [y[a:b] for y in ys]
+        logs = model.evaluation_sums(xs, ys, batch_size)
+        if world.size > 1:
+            logs.set_sums(world.allreduce(np.asarray(logs.sums(), np.float64)).tolist())
         return logs.results(extra_loss=model.regularization_loss())
 
     def _mix(self, xb, yb, epoch, batch):

@@ -71,9 +71,9 @@ def test_evaluate_and_predict_use_the_stored_state_not_the_file_again(penguins_r
     state = json.loads((run.dir / "feature_space.json").read_text())
     state["features"]["bill_length_mm"]["mean"] += 1000.0  # a different stored state must change the answers
     (run.dir / "feature_space.json").write_text(json.dumps(state))
-    from dlcli.experiment import evaluate_run
+    from dlcli.experiment import evaluation_report
 
-    result = evaluate_run(run.dir)
+    result = evaluation_report(run.dir)
     assert result["metrics"]["accuracy"] < run.test["accuracy"]
 
 
