@@ -199,7 +199,7 @@ class ModelCheckpoint(MonitorMixin, RankZeroCallback):
 
     def on_epoch_end(self, epoch, logs=None):
         from dlcli.checkpoint import save_weights
-        from dlcli.runs import weights_file
+        from dlcli.run_files import weights_file
 
         if self.filepath is None:
             raise DlcliError("ModelCheckpoint needs a filepath (a directory for best.npz/last.npz) outside a run")
@@ -381,11 +381,11 @@ class BackupAndRestore(RankZeroCallback):
     def on_run_begin(self, run):
         from pathlib import Path
 
-        from dlcli import runs
+        from dlcli import run_files
 
         super().on_run_begin(run)
         if self.active:
-            runs.atomic_write_json(Path(self.backup_dir) / self.POINTER, {"run_dir": str(Path(run.dir).resolve())})
+            run_files.atomic_write_json(Path(self.backup_dir) / self.POINTER, {"run_dir": str(Path(run.dir).resolve())})
 
     def on_run_end(self, run):
         from pathlib import Path
@@ -400,7 +400,7 @@ class BackupAndRestore(RankZeroCallback):
         import json
         from pathlib import Path
 
-        from dlcli import runs
+        from dlcli import run_files
 
         for spec in callback_specs or []:
             if not (isinstance(spec, dict) and spec.get("type") == "BackupAndRestore" and spec.get("backup_dir")):
@@ -409,8 +409,8 @@ class BackupAndRestore(RankZeroCallback):
                 run_dir = Path(json.loads((Path(spec["backup_dir"]) / cls.POINTER).read_text())["run_dir"])
             except (OSError, ValueError, KeyError, TypeError):
                 return None
-            meta = runs.RunDir(run_dir).meta
-            status = runs.read_json(meta).get("status") if meta.is_file() else None
+            meta = run_files.RunDir(run_dir).meta
+            status = run_files.read_json(meta).get("status") if meta.is_file() else None
             return run_dir if run_dir.is_dir() and status != "completed" else None
         return None
 
@@ -477,7 +477,7 @@ class CSVLogger(RankZeroCallback):
             self.rows = _read_csv(self.filename, self.separator)
 
     def on_epoch_end(self, epoch, logs=None):
-        from dlcli.runs import atomic_write_text, history_csv
+        from dlcli.run_files import atomic_write_text, history_csv
 
         self.rows.append({"epoch": epoch, **(logs or {})})  # Keras' CSVLogger counts epochs from 0
         text = history_csv(self.rows)

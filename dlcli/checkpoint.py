@@ -6,7 +6,7 @@
 - resumable checkpoints (checkpoint/state.npz): weights, optimizer state, every RNG state, callback state and the
   trainer's position (epoch, next batch, step, samples seen, the epoch's running metric sums)
 
-Written atomically (dlcli.runs.atomic_savez: temp file, fsync, rename), so a crash mid-write leaves the previous
+Written atomically (dlcli.run_files.atomic_savez: temp file, fsync, rename), so a crash mid-write leaves the previous
 file whole. Everything but arrays is JSON (no pickle); a damaged or foreign file is a DlcliError.
 """
 import json
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import runs
+from dlcli import run_files
 from dlcli.errors import DlcliError
 
 KIND = "dlcli-checkpoint"
@@ -25,11 +25,11 @@ MODEL_HEADER = "__dlcli__"
 
 
 def save_weights(path, model):
-    runs.atomic_savez(path, model.weights_dict())
+    run_files.atomic_savez(path, model.weights_dict())
 
 
 def load_weights(path, model):
-    model.load_weights_dict(runs.load_npz(path), source=str(path))
+    model.load_weights_dict(run_files.load_npz(path), source=str(path))
 
 
 def save_model(path, model, include_optimizer: bool = True):
@@ -38,12 +38,12 @@ def save_model(path, model, include_optimizer: bool = True):
     arrays.update(model.weights_dict())
     if include_optimizer and model.optimizer is not None:
         arrays.update(_optimizer_arrays(model))
-    runs.atomic_savez(path, arrays)
+    run_files.atomic_savez(path, arrays)
 
 
 def read_model(path) -> tuple[dict, dict]:
     """(header, arrays) of a file `save_model` wrote: the header's "model" builds it, then `restore_arrays`."""
-    arrays = runs.load_npz(path)  # a damaged or pickled file: a clear error that never suggests allow_pickle
+    arrays = run_files.load_npz(path)  # a damaged or pickled file: a clear error that never suggests allow_pickle
     if MODEL_HEADER not in arrays:
         raise DlcliError(f"{path} is not a dlcli model file (no architecture record)")
     return json.loads(str(arrays[MODEL_HEADER])), arrays
@@ -125,18 +125,18 @@ def save(path, model, callbacks, position: dict, rank_rngs: list | None = None,
     if rank_rngs is not None:
         header["rank_rngs"] = rank_rngs
     arrays[HEADER] = np.array(json.dumps(header))
-    runs.atomic_savez(path, arrays)
+    run_files.atomic_savez(path, arrays)
 
 
 def load(path) -> dict:
     """{'header': ..., 'arrays': ...} from a checkpoint file, or a DlcliError saying what is wrong with it."""
     path = Path(path)
     if path.is_dir():
-        path = runs.RunDir(path).checkpoint
+        path = run_files.RunDir(path).checkpoint
     if not path.exists():
         raise DlcliError(f"no checkpoint at {path}: the run stopped before its first checkpoint (written after each "
                          f"epoch, and every train.checkpoint_every batches); start it again")
-    arrays = runs.load_npz(path)  # damaged zip / pickled content -> a clear DlcliError
+    arrays = run_files.load_npz(path)  # damaged zip / pickled content -> a clear DlcliError
     try:
         header = json.loads(str(arrays.pop(HEADER)))
         ok = header.get("kind") == KIND and isinstance(header.get("position"), dict)

@@ -46,8 +46,8 @@ def train(
     On 4 processes (MPI): mpiexec -n 4 dlcli train configs/mnist_cnn.yaml --distributed
     """
     import dlcli
-    from dlcli.commands.run_display import (Banner, StopOnSignal, print_baseline, print_kfold, report_interrupted,
-                                            test_set)
+    from dlcli.commands.train_output import (Banner, StopOnSignal, print_baseline, print_kfold,
+                                             report_interrupted, test_set)
 
     out, stop = console(), StopOnSignal()
     try:
@@ -123,7 +123,7 @@ def inspect_shapes(
         table.add_row(*cells)
     out = console()
     out.print(table)
-    from dlcli.commands.run_display import print_table_features
+    from dlcli.commands.train_output import print_table_features
 
     print_table_features(out, cfg.data)
     from dlcli import memory
@@ -156,10 +156,10 @@ def evaluate(
 
     Example: dlcli evaluate runs/mnist-mlp-20261124-101500 --weights last
     """
-    from dlcli.commands.run_display import print_evaluation
+    from dlcli.commands.train_output import print_evaluation
     from dlcli.errors import DlcliError
     from dlcli.experiment import evaluation_report
-    from dlcli.runs import RunDir
+    from dlcli.run_files import RunDir
 
     if split not in ("test", "validation"):
         raise DlcliError(f"--split must be 'test' or 'validation'; found '{split}'", exit_code=2)

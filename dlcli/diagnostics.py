@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import runs
+from dlcli import run_files
 from dlcli.errors import DlcliError
 
 
@@ -234,7 +234,7 @@ def short_run(config, samples: int, epochs: int) -> tuple[dict, list]:
                      y_val=None if val is None else [a[:val] for a in splits.y_val], x_test=None, y_test=None)
     with tempfile.TemporaryDirectory(prefix="dlcli-determinism-") as tmp:
         run_dir = Path(tmp) / "run"
-        files = runs.RunDir(run_dir)
+        files = run_files.RunDir(run_dir)
         files.weights.mkdir(parents=True)
         result = Run.in_dir(files, config, model, splits, verbose=0).train()
     return weight_hashes(model), [row["loss"] for row in result.history]

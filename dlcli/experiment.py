@@ -1,6 +1,6 @@
 """A training run from a config: build, load data, train into a run directory, evaluate.
 
-This is what `dlcli train` and `dlcli evaluate` call; it knows the run-directory contract (dlcli.runs) but not the
+This is what `dlcli train` and `dlcli evaluate` call; it knows the run-directory contract (dlcli.run_files) but not the
 CLI. Output for people goes through the `log` function and callbacks the caller passes in.
 """
 import contextlib
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import checkpoint, kernels, mixing, runs
+from dlcli import checkpoint, kernels, mixing, run_files
 from dlcli.config import Config, Override, as_config
 from dlcli.data import paths
 from dlcli.data.source import Source, as_source, fit_inputs
@@ -132,12 +132,12 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
         mixing.get(cfg.train.mix).check(model)
     kernels.choice()
     if shared["run_dir"] is None and world.is_root:
-        run_dir = runs.create_run_dir(runs_dir, cfg.name)
+        run_dir = run_files.create_run_dir(runs_dir, cfg.name)
         lines = []
         model.summary(print_fn=lines.append)
-        new = runs.RunDir(run_dir)
+        new = run_files.RunDir(run_dir)
         new.write_text(new.summary, "\n".join(lines) + "\n")
-    files = runs.RunDir.for_rank(world.bcast_json(None if run_dir is None else str(run_dir)), world)
+    files = run_files.RunDir.for_rank(world.bcast_json(None if run_dir is None else str(run_dir)), world)
     files.write_text(files.config, dump_yaml(cfg.to_dict()))
     if cfg.train.kfold:
         return train_folds(cfg, model, splits, folds, files.path, callbacks, resume=kfold_resume, verbose=verbose)
@@ -156,13 +156,13 @@ def _resolve(config, overrides, resume, allow_config_change, init_from):
         if init_from is not None:
             raise DlcliError("--resume continues a run; --init-from starts a new one from a run's weights: "
                              "give one of them", exit_code=2)
-        run_dir = runs.require_run_dir(run_dir)
-        folds = runs.is_kfold_run(run_dir)  # each fold keeps its own checkpoint
+        run_dir = run_files.require_run_dir(run_dir)
+        folds = run_files.is_kfold_run(run_dir)  # each fold keeps its own checkpoint
         state = None if folds else checkpoint.load(run_dir)  # before anything else: a damaged one fails fast
         # what the run was trained with (its fingerprint record), not config.yaml, which may have been edited since
         recorded = fingerprint.recorded_config(run_dir, state)
-        old = as_config(recorded) if recorded is not None else _config(runs.RunDir(run_dir).config, [])
-        cfg = _config(runs.RunDir(run_dir).config if config is None else config, overrides)
+        old = as_config(recorded) if recorded is not None else _config(run_files.RunDir(run_dir).config, [])
+        cfg = _config(run_files.RunDir(run_dir).config if config is None else config, overrides)
         cfg = cfg.model_copy(update={"name": old.name})
         changes = fingerprint.check_resume(old.to_dict(), cfg.to_dict(), allow_config_change and not folds)
         if folds or state is not None:
@@ -182,8 +182,8 @@ def _resolve(config, overrides, resume, allow_config_change, init_from):
 def _refuse_finished(run_dir, done: int | None, old: Config, new: Config):
     """A run that trained all its epochs (or that EarlyStopping completed; for a K-fold run, all its folds) has
     nothing to resume unless the resume asks for more epochs. `done`: the epochs its checkpoint holds."""
-    meta = runs.RunDir(run_dir).meta
-    status = runs.read_json(meta).get("status") if meta.is_file() else None
+    meta = run_files.RunDir(run_dir).meta
+    status = run_files.read_json(meta).get("status") if meta.is_file() else None
     if (done is not None and done >= new.train.epochs) or (status == "completed" and new.train.epochs <= old.train.epochs):
         trained = (f"all {old.train.kfold} folds trained" if done is None else
                    f"{done} of {plural(old.train.epochs, 'epoch')} trained")
@@ -219,25 +219,26 @@ def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = F
 
     if weights not in ("best", "last"):
         raise DlcliError(f"--weights must be 'best' or 'last'; found '{weights}'", exit_code=2)
-    run_dir = runs.require_run_dir(run_dir)
-    if runs.is_kfold_run(run_dir):  # K models, none of them "the" model
-        folds_dir = runs.RunDir(run_dir).folds
+    run_dir = run_files.require_run_dir(run_dir)
+    if run_files.is_kfold_run(run_dir):  # K models, none of them "the" model
+        folds_dir = run_files.RunDir(run_dir).folds
         folds = sorted((p.name for p in folds_dir.iterdir() if p.name.isdigit()), key=int)
         raise DlcliError(f"{run_dir} is a K-fold run: its models are its folds, {folds_dir}/N (N = "
                          f"{', '.join(folds) or 'none yet'}); give one of them (e.g. {folds_dir / '1'}), or "
                          f"train the final model on all the data (--set train.kfold=null)", exit_code=2)
-    meta = runs.RunDir(run_dir).meta
-    status = runs.read_json(meta).get("status") if meta.is_file() else None
+    meta = run_files.RunDir(run_dir).meta
+    status = run_files.read_json(meta).get("status") if meta.is_file() else None
     if status == "running":
         warnings.warn(f"{run_dir} has not finished (meta.json says running: still training, or killed): using the "
                       f"{weights} weights it has saved so far", stacklevel=2)
-    config = load_config(runs.RunDir(run_dir).config)
+    config = load_config(run_files.RunDir(run_dir).config)
     diff = fingerprint.check(run_dir, config.to_dict(), allow_config_change)
     if diff:
-        warnings.warn(f"using {runs.RunDir(run_dir).config}, edited since the run was trained:\n{diff}", stacklevel=2)
+        warnings.warn(f"using {run_files.RunDir(run_dir).config}, edited since the run was trained:\n{diff}",
+                      stacklevel=2)
     with run_data(run_dir):
         model = build_model(config)
-    path = runs.weights_file(runs.RunDir(run_dir).weights, weights)
+    path = run_files.weights_file(run_files.RunDir(run_dir).weights, weights)
     if not path.exists():
         raise DlcliError(f"{path} does not exist; choose --weights best or last (a run writes both after its "
                          f"first epoch)")
@@ -269,7 +270,7 @@ def evaluation_report(run_dir, weights: str = "best", split: str = "test", batch
     if baseline:
         result["baseline"] = baseline
         result["comparison"] = baseline_comparison(result["metrics"], splits.extra, split)
-    runs.atomic_write_json(runs.RunDir(run_dir).evaluation, result)
+    run_files.atomic_write_json(run_files.RunDir(run_dir).evaluation, result)
     return result
 
 
@@ -307,8 +308,8 @@ def classification_report(y_true, y_pred, classes=None) -> dict | None:
 # --- fine-tune --------------------------------------------------------------------------------------------------------
 def _init_from(model, run_dir) -> Path:
     """Fine-tuning: load another run's weights (best.npz, else last.npz); optimizer and counters start fresh."""
-    run_dir = runs.require_run_dir(run_dir)
-    for path in (runs.RunDir(run_dir).best_weights, runs.RunDir(run_dir).last_weights):
+    run_dir = run_files.require_run_dir(run_dir)
+    for path in (run_files.RunDir(run_dir).best_weights, run_files.RunDir(run_dir).last_weights):
         if path.exists():
             checkpoint.load_weights(path, model)
             return path

@@ -11,7 +11,7 @@ import hashlib
 import json
 
 from dlcli.errors import DlcliError
-from dlcli.runs import RunDir
+from dlcli.run_files import RunDir
 
 META_KEYS = ("config_fingerprint", "config")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dlcli import kernels, runs
+from dlcli import kernels, run_files
 from dlcli.errors import DlcliError
 from dlcli.layers.attention import KeyValueCache, MultiHeadAttention, masked_softmax_
 from dlcli.layers.core import Activation, Dense, Dropout
@@ -276,12 +276,12 @@ def load_language_model(run_dir, weights: str = "best", allow_config_change: boo
     from dlcli.data.language import TextCodec
     from dlcli.experiment import load_run_model
 
-    run_dir = runs.require_run_dir(run_dir)
-    vocabulary_file = runs.RunDir(run_dir).vocabulary
-    vocabulary = runs.read_json(vocabulary_file) if vocabulary_file.is_file() else {}
+    run_dir = run_files.require_run_dir(run_dir)
+    vocabulary_file = run_files.RunDir(run_dir).vocabulary
+    vocabulary = run_files.read_json(vocabulary_file) if vocabulary_file.is_file() else {}
     if not vocabulary.get("language_model"):
-        config = runs.read_json(runs.RunDir(run_dir).meta).get("config", {}) if runs.RunDir(run_dir).meta.is_file() \
-            else {}
+        meta = run_files.RunDir(run_dir).meta
+        config = run_files.read_json(meta).get("config", {}) if meta.is_file() else {}
         data = (config.get("data") or {}).get("type", "unknown")
         raise _not_a_language_model(f"{run_dir} was trained on data type '{data}', not next-token windows")
     _, model = load_run_model(run_dir, weights, allow_config_change)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import runs
+from dlcli import run_files
 from dlcli.errors import DlcliError, NothingToDo
 
 
@@ -54,7 +54,7 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
     fold_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"kfold": None})})
     everything = np.arange(len(splits.x_train))
     start = time.perf_counter()
-    files = runs.RunDir(run_dir)
+    files = run_files.RunDir(run_dir)
     if not files.meta.exists():
         files.write_json(files.meta, {**start_meta(cfg, model, splits), "kfold": k})
     statuses, last = [], None
@@ -62,7 +62,7 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
     try:
         for i, val in enumerate(folds):
             fold = files.fold(i + 1)
-            meta = runs.read_json(fold.meta) if fold.meta.exists() else {}
+            meta = run_files.read_json(fold.meta) if fold.meta.exists() else {}
             if meta.get("status") == "completed":
                 statuses.append("completed")
                 continue
@@ -90,7 +90,7 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
             if last.status != "completed":
                 break
     except BaseException as e:  # a fold that failed (or a second Ctrl-C): the whole run says so, not "running"
-        files.mark_failed(runs.read_json(files.meta), e)
+        files.mark_failed(run_files.read_json(files.meta), e)
         raise
     if last is None:
         raise NothingToDo(f"all {k} folds of {run_dir} are finished: nothing to resume")
@@ -117,7 +117,7 @@ def _fold_splits(splits, train_idx, val):
 
 
 def finished_folds(run_dir: Path, statuses: list) -> list[Path]:
-    return [runs.RunDir(run_dir).fold(i + 1).path for i, status in enumerate(statuses) if status == "completed"]
+    return [run_files.RunDir(run_dir).fold(i + 1).path for i, status in enumerate(statuses) if status == "completed"]
 
 
 def write_aggregate(run_dir: Path, cfg, statuses: list, k: int, seconds: float):
@@ -127,21 +127,21 @@ def write_aggregate(run_dir: Path, cfg, statuses: list, k: int, seconds: float):
     from dlcli.plots import write_curves
 
     done = finished_folds(run_dir, statuses)
-    rows = fold_statistics([runs.read_history(d) for d in done])
-    tests = [runs.read_json(runs.RunDir(d).meta).get("test") for d in done]
+    rows = fold_statistics([run_files.read_history(d) for d in done])
+    tests = [run_files.read_json(run_files.RunDir(d).meta).get("test") for d in done]
     means = [{key: v for key, v in r.items() if not key.endswith("_std")} for r in rows]
-    files = runs.RunDir(run_dir)
-    files.write_text(files.history, runs.history_csv(means) if means else "epoch\n")
-    files.write_text(files.kfold_csv, runs.history_csv(rows) if rows else "epoch\n")
+    files = run_files.RunDir(run_dir)
+    files.write_text(files.history, run_files.history_csv(means) if means else "epoch\n")
+    files.write_text(files.kfold_csv, run_files.history_csv(rows) if rows else "epoch\n")
     monitor = "val_loss" if means and "val_loss" in means[0] else "loss"
     best = min(means, key=lambda r: r.get(monitor, math.inf)) if means else None
     known = [t for t in tests if t]
     test = {m: float(np.mean([t[m] for t in known])) for m in known[0]} if known and len(known) == k else None
-    meta = runs.read_json(files.meta) if files.meta.exists() else runs.versions_meta(cfg.seed)
+    meta = run_files.read_json(files.meta) if files.meta.exists() else run_files.versions_meta(cfg.seed)
     meta.update({"kfold": k, "folds": statuses,
                  "status": "completed" if len(statuses) == k and all(s == "completed" for s in statuses)
                  else statuses[-1] if statuses else "running",
-                 "end": runs.utc_now(), "seconds": round(seconds + meta.get("seconds", 0), 3),
+                 "end": run_files.utc_now(), "seconds": round(seconds + meta.get("seconds", 0), 3),
                  "epochs_run": len(means), "best_epoch": best and best["epoch"],
                  "best": {f"mean {monitor}": best and best.get(monitor)}, "test": test})
     files.write_json(files.meta, meta)

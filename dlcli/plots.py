@@ -7,7 +7,7 @@ import io
 import math
 from pathlib import Path
 
-from dlcli import runs
+from dlcli import run_files
 from dlcli.errors import DlcliError
 
 DPI = 100
@@ -166,15 +166,16 @@ def write_curves(run_dir, rows: list[dict] | None = None, output=None) -> Path:
     kfold.csv, as the mean across folds with a +-1 standard deviation band."""
 
     run_dir = Path(run_dir)
-    path = Path(output) if output is not None else runs.RunDir(run_dir).curves
-    if rows is None and runs.is_kfold_run(run_dir) and runs.RunDir(run_dir).kfold_csv.is_file():
-        meta = runs.read_json(runs.RunDir(run_dir).meta) if runs.RunDir(run_dir).meta.is_file() else {}
+    path = Path(output) if output is not None else run_files.RunDir(run_dir).curves
+    if rows is None and run_files.is_kfold_run(run_dir) and run_files.RunDir(run_dir).kfold_csv.is_file():
+        meta = run_files.read_json(run_files.RunDir(run_dir).meta) if run_files.RunDir(run_dir).meta.is_file() else {}
         k, done = meta.get("kfold"), sum(s == "completed" for s in meta.get("folds") or [])
-        png = band_png(runs.read_history(run_dir, runs.RunDir(run_dir).kfold_csv.name), done, f"{run_dir.name}: {k}-fold")
+        png = band_png(run_files.read_history(run_dir, run_files.RunDir(run_dir).kfold_csv.name), done,
+                       f"{run_dir.name}: {k}-fold")
     else:
-        rows = runs.read_history(run_dir) if rows is None else rows
+        rows = run_files.read_history(run_dir) if rows is None else rows
         png = curves_png([(run_dir.name, rows)], title=run_dir.name)
-    runs.atomic_write_bytes(path, png)
+    run_files.atomic_write_bytes(path, png)
     return path
 
 
@@ -183,17 +184,17 @@ def plot_runs(run_dirs: list, output) -> Path:
     with its band)."""
     histories = []
     for d in run_dirs:
-        d = runs.require_run_dir(d, needs=None)
-        if not runs.RunDir(d).history.is_file():
+        d = run_files.require_run_dir(d, needs=None)
+        if not run_files.RunDir(d).history.is_file():
             raise DlcliError(f"{d} has no history.csv yet: the run has not finished an epoch", exit_code=2)
         try:
-            histories.append((d.name, runs.read_history(d)))
+            histories.append((d.name, run_files.read_history(d)))
         except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise DlcliError(f"{runs.RunDir(d).history} is unreadable or damaged: {e}") from None
+            raise DlcliError(f"{run_files.RunDir(d).history} is unreadable or damaged: {e}") from None
     output = Path(output)
     if output.suffix.lower() != ".png":
         raise DlcliError(f"--output must end in .png; got {output}")
     if len(run_dirs) == 1:
         return write_curves(run_dirs[0], output=output)
-    runs.atomic_write_bytes(output, curves_png(histories))
+    run_files.atomic_write_bytes(output, curves_png(histories))
     return output

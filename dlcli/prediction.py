@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import runs
+from dlcli import run_files
 from dlcli.errors import DlcliError
 
 OUTPUT_SUFFIXES = (".csv", ".npy", ".npz")
@@ -71,7 +71,7 @@ def class_names(run_dir, config, count: int) -> list[str]:
     import json
 
     try:
-        names = json.loads(runs.RunDir(run_dir).meta.read_text()).get("classes")
+        names = json.loads(run_files.RunDir(run_dir).meta.read_text()).get("classes")
     except (OSError, ValueError, AttributeError):
         names = None
     names = names or config.data.get("classes")
@@ -101,7 +101,7 @@ def write_predictions(path: Path, p: Predictions) -> list[Path]:
     check_output_path(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        runs.atomic_savez(path, {o.name: o.values for o in p.outputs})
+        run_files.atomic_savez(path, {o.name: o.values for o in p.outputs})
         return [path]
     if suffix == ".npy":
         files = [path] if len(p.outputs) == 1 else [path.with_name(f"{path.stem}_{o.name}{path.suffix}")
@@ -109,7 +109,7 @@ def write_predictions(path: Path, p: Predictions) -> list[Path]:
         for file, o in zip(files, p.outputs):
             buffer = io.BytesIO()
             np.save(buffer, o.values, allow_pickle=False)
-            runs.atomic_write_bytes(file, buffer.getvalue())
+            run_files.atomic_write_bytes(file, buffer.getvalue())
         return files
     import csv
 
@@ -131,7 +131,7 @@ def write_predictions(path: Path, p: Predictions) -> list[Path]:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
     writer.writerows(np.concatenate(cells, axis=1).tolist())
-    runs.atomic_write_text(path, out.getvalue())
+    run_files.atomic_write_text(path, out.getvalue())
     return [path]
 
 

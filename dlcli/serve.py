@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import runs
+from dlcli import run_files
 from dlcli.engine import blas
 from dlcli.errors import DlcliError, require
 
@@ -175,8 +175,8 @@ class ServedRun:
             raise DlcliError(e.message, exit_code=2) from None
         self.data = dict(self.config.data)
         self.dataset = dataset_type(self.data)
-        vocabulary = runs.RunDir(self.run_dir).vocabulary
-        self.vocabulary = runs.read_json(vocabulary) if vocabulary.is_file() else None  # a text run's
+        vocabulary = run_files.RunDir(self.run_dir).vocabulary
+        self.vocabulary = run_files.read_json(vocabulary) if vocabulary.is_file() else None  # a text run's
         self.pass_rows = self.model._inference_rows()  # a pass larger than this leaves the cache
         self.heads = []  # per output: (name, class names or None)
         for name, tensor in zip(self.model.output_names, self.model.outputs):

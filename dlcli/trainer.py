@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import checkpoint, distributed, mixing, runs
+from dlcli import checkpoint, distributed, mixing, run_files
 from dlcli.callbacks import CALLBACKS, Callback, CallbackList, History, ModelCheckpoint, ProgressLogger, format_logs
 from dlcli.data.source import as_source, batch_indices, index_array
 from dlcli.data.split import class_labels
@@ -42,12 +42,12 @@ class RunRecorder(Callback):
     Weights are ModelCheckpoint's job (weights/best.npz, weights/last.npz); resumable state is the run's
     (checkpoint/state.npz)."""
 
-    def __init__(self, files: runs.RunDir):
+    def __init__(self, files: run_files.RunDir):
         self.files, self.rows = files, []
 
     def on_epoch_end(self, epoch, logs=None):
         self.rows.append({"epoch": epoch + 1, **logs})
-        self.files.write_text(self.files.history, runs.history_csv(self.rows))
+        self.files.write_text(self.files.history, run_files.history_csv(self.rows))
         self.files.append_log(f"epoch {epoch + 1}  {format_logs(logs)}  ({logs.get('seconds', 0):.1f}s)\n")
 
     def on_run_end(self, run):
@@ -62,9 +62,10 @@ class Run:
     `dlcli.train` returns it (dir, status, history, test ...)."""
 
     def __init__(self, model, callbacks=(), verbose=1, rng: np.random.Generator | None = None, *,
-                 files: runs.RunDir | None = None, config=None, splits=None, checkpoint_path=None,
+                 files: run_files.RunDir | None = None, config=None, splits=None, checkpoint_path=None,
                  checkpoint_every: int | None = None, world: distributed.World | None = None,
-                 divergence_factor: float | None = DIVERGENCE_FACTOR, init_from=None, resumed: str | None = None, config_changes=(), kfold_dir=None):
+                 divergence_factor: float | None = DIVERGENCE_FACTOR, init_from=None, resumed: str | None = None,
+                 config_changes=(), kfold_dir=None):
         self.model = model
         self.files = files  # the run directory (a NoRunDir on ranks other than 0); None: Model.fit, no directory
         self.dir: Path | None = None if files is None else files.path
@@ -97,12 +98,12 @@ class Run:
         self.mix, self.mix_seed = None, 0  # train.mix (dlcli.mixing) and the seed of its draws
 
     @classmethod
-    def in_dir(cls, files: runs.RunDir, config, model, splits, callbacks=(), verbose=1, world=None,
+    def in_dir(cls, files: run_files.RunDir, config, model, splits, callbacks=(), verbose=1, world=None,
                **record) -> "Run":
-        """A run writing the run directory `files` (created, config.yaml written): RunRecorder, the config's train.callbacks and
-        a ModelCheckpoint writing weights/ (the default monitors val_loss, or loss without a validation split),
-        then `callbacks`. `record`: init_from, resumed, config_changes, kfold_dir. A callback that cannot start
-        fails here."""
+        """A run writing the run directory `files` (created, config.yaml written): RunRecorder, the config's
+        train.callbacks and a ModelCheckpoint writing weights/ (the default monitors val_loss, or loss without a
+        validation split), then `callbacks`. `record`: init_from, resumed, config_changes, kfold_dir. A callback
+        that cannot start fails here."""
         user = [CALLBACKS.create(spec) for spec in config.train.callbacks]
         if not any(isinstance(cb, ModelCheckpoint) for cb in user):
             user.append(ModelCheckpoint(monitor="val_loss" if splits.x_val is not None else "loss"))
@@ -144,9 +145,9 @@ class Run:
             self.checkpoint_header = fingerprint.record(self.config.to_dict())
             meta = start_meta(self.config, self.model, splits)
             if resume is not None and files.meta.exists():
-                meta = {**runs.read_json(files.meta), "status": "running", **self.checkpoint_header}
+                meta = {**run_files.read_json(files.meta), "status": "running", **self.checkpoint_header}
                 meta.setdefault("resumed", []).append(
-                    {"at": runs.utc_now(), "position": checkpoint.describe_position(resume["header"]["position"])})
+                    {"at": run_files.utc_now(), "position": checkpoint.describe_position(resume["header"]["position"])})
             files.write_json(files.meta, meta)
             if splits.extra.get("vocabulary"):  # lets `dlcli predict` encode raw text the way the training data was
                 files.write_json(files.vocabulary, splits.extra["vocabulary"])
@@ -154,7 +155,7 @@ class Run:
                 files.write_json(files.feature_space, splits.extra["feature_space"])
             if resume is not None and world.is_root:
                 done = resume["header"]["position"]["epoch"]
-                self.recorder.rows = [r for r in runs.read_history(self.dir) if (r.get("epoch") or 0) <= done]
+                self.recorder.rows = [r for r in run_files.read_history(self.dir) if (r.get("epoch") or 0) <= done]
             self.history = self.recorder.rows
             for cb in self.callbacks:
                 cb.on_run_begin(self)
@@ -169,7 +170,7 @@ class Run:
                          shuffle=settings.shuffle, class_weight=settings.class_weight, resume=resume)
             except DivergenceError as e:
                 files.write_json(files.divergence, e.report)
-                meta.update({"status": "diverged", "end": runs.utc_now(), "hint": e.report["hint"],
+                meta.update({"status": "diverged", "end": run_files.utc_now(), "hint": e.report["hint"],
                              "diverged_at": {k: e.report[k] for k in ("epoch", "batch", "step")}})
                 files.write_json(files.meta, meta)
                 e.message += f" Details: {files.divergence}"
@@ -185,7 +186,7 @@ class Run:
             self.best_epoch, saver = self.saver.best_epoch, self.saver
             if splits.x_train.describe():  # decode rate, cache, mapped file: where the input time went
                 meta["input"] = splits.x_train.describe()
-            meta.update({"status": self.status, "end": runs.utc_now(),
+            meta.update({"status": self.status, "end": run_files.utc_now(),
                          "seconds": round(self.seconds + meta.get("seconds", 0) if resume else self.seconds, 3),
                          "epochs_run": len(self.history), "best_epoch": saver.best_epoch,
                          "best": {saver.monitor: saver.best}, "test": self.test})
@@ -506,7 +507,8 @@ def start_meta(config, model, splits) -> dict:
     from dlcli import fingerprint
     from dlcli.data import paths
 
-    return {**runs.versions_meta(config.seed), "name": config.name, "status": "running", "start": runs.utc_now(),
+    return {**run_files.versions_meta(config.seed), "name": config.name, "status": "running",
+            "start": run_files.utc_now(),
             "sizes": splits.sizes(), "source": splits.source, "params": model.count_params(),
             "classes": splits.classes, "data_dirs": paths.recorded_dirs(),
             **({"files": splits.extra["folder"]} if splits.extra.get("folder") else {}),

@@ -67,7 +67,7 @@ def train_tiny(tmp_path, runner, name="tiny", x=None, data=None, **train):
 def train_text_run(tmp_path, runner):
     """A finished run on integer-encoded texts (Embedding, pooling, softmax) with its vocabulary.json, as
     train_run stores it for text datasets; returns (run directory, vocabulary)."""
-    from dlcli import runs
+    from dlcli import run_files
     from dlcli.data.text import build_vocabulary, encode_texts, tokenize
 
     texts = ["good great fine", "bad awful poor", "great good", "poor bad"] * 6
@@ -84,5 +84,5 @@ def train_text_run(tmp_path, runner):
     result = runner.invoke(app, ["train", str(tmp_path / "w.yaml"), "--runs-dir", str(tmp_path / "runs"), "-q"])
     assert result.exit_code == 0, result.output
     run_dir = next((tmp_path / "runs").iterdir())
-    runs.atomic_write_json(runs.RunDir(run_dir).vocabulary, vocabulary)
+    run_files.atomic_write_json(run_files.RunDir(run_dir).vocabulary, vocabulary)
     return run_dir, vocabulary

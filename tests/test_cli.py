@@ -183,7 +183,7 @@ def test_mnist_subset_end_to_end_beats_85_percent(tmp_path):
     """Train from the CLI on the first 2,000 MNIST images; the run's own test figure is on all 10,000 test images
     (data.limit caps training only) and beats 85%, and equals the saved weights evaluated by hand."""
     require_dataset("mnist")
-    from dlcli import runs
+    from dlcli import run_files
     from dlcli.builder import build_model
     from dlcli.config import load_config
     from dlcli.data import load_dataset
@@ -195,7 +195,7 @@ def test_mnist_subset_end_to_end_beats_85_percent(tmp_path):
     meta = json.loads((run / "meta.json").read_text())
     assert meta["sizes"] == {"train": 2000, "validation": 0, "test": 10000} and meta["status"] == "completed"
     model = build_model(load_config(run / "config.yaml"))
-    model.load_weights_dict(runs.load_npz(run / "weights" / "last.npz"))
+    model.load_weights_dict(run_files.load_npz(run / "weights" / "last.npz"))
     test = load_dataset({"type": "mnist"})
     accuracy = model.evaluate(test.x_test, test.y_test, batch_size=1000, return_dict=True)["accuracy"]
     assert accuracy > 0.85 and abs(meta["test"]["accuracy"] - accuracy) < 1e-6

@@ -184,9 +184,9 @@ def dlcli_argv():
 
 
 def history_rows(run_dir):
-    from dlcli import runs
+    from dlcli import run_files
 
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in runs.read_history(run_dir)]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in run_files.read_history(run_dir)]
 
 
 @needs_mpi

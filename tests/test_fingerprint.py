@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import dlcli
-from dlcli import checkpoint, fingerprint, runs
+from dlcli import checkpoint, fingerprint, run_files
 from dlcli.cli import app
 from tests.runs_fixture import train_tiny, write_tiny_config
 
@@ -99,16 +99,16 @@ def test_resume_compares_with_the_record_not_with_config_yaml_itself(tmp_path):
 
 def test_old_runs_without_a_fingerprint_and_schema_defaults_keep_working(run, tmp_path):
     copy = edited_copy(run, tmp_path, "units: 3", "units: 3")
-    meta = runs.read_json(copy / "meta.json")
+    meta = run_files.read_json(copy / "meta.json")
     recorded = meta["config"]
     # a schema that gained a default after the run: the record lacks the key, config.yaml re-resolved has it
     del recorded["train"]["divergence_factor"]
     meta["config_fingerprint"] = fingerprint.record(recorded)["config_fingerprint"]
-    runs.atomic_write_json(copy / "meta.json", meta)
+    run_files.atomic_write_json(copy / "meta.json", meta)
     assert invoke("evaluate", copy).exit_code == 0
     for key in fingerprint.META_KEYS:  # a run from before fingerprints: trusted as before
         del meta[key]
-    runs.atomic_write_json(copy / "meta.json", meta)
+    run_files.atomic_write_json(copy / "meta.json", meta)
     text = (copy / "config.yaml").read_text()
     (copy / "config.yaml").write_text(text.replace("activation: relu", "activation: sigmoid"))
     assert invoke("evaluate", copy).exit_code == 0

@@ -170,7 +170,7 @@ def test_yaml_graph_builds_in_any_order_with_shares_and_round_trips():
 
 def test_yaml_two_input_two_output_model_trains_from_named_npz_arrays(tmp_path, monkeypatch):
     from dlcli.experiment import load_splits
-    from dlcli.runs import RunDir
+    from dlcli.run_files import RunDir
     from dlcli.trainer import Run
 
     rng = np.random.default_rng(0)

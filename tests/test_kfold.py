@@ -11,10 +11,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import dlcli
-from dlcli import runs
+from dlcli import run_files
 from dlcli.callbacks import Callback
 from dlcli.cli import app
-from dlcli.commands.run_display import print_kfold, report_interrupted
+from dlcli.commands.train_output import print_kfold, report_interrupted
 from dlcli.config import parse_config
 from dlcli.data.split import kfold_indices
 from dlcli.errors import ConfigError
@@ -54,12 +54,12 @@ def test_folds_partition_the_samples_seeded_and_stratified():
 def test_kfold_run_keeps_each_fold_and_the_mean_and_spread_per_epoch(config, tmp_path):
     run = dlcli.train(config, runs_dir=tmp_path / "runs")
     assert run.status == "completed" and run.dir.parent == tmp_path / "runs"
-    folds = [runs.read_history(run.dir / "folds" / str(i)) for i in (1, 2, 3)]
+    folds = [run_files.read_history(run.dir / "folds" / str(i)) for i in (1, 2, 3)]
     assert all(len(h) == 3 for h in folds)
     sizes = [json.loads((run.dir / "folds" / str(i) / "meta.json").read_text())["sizes"] for i in (1, 2, 3)]
     assert [s["validation"] for s in sizes] == [30, 30, 30] and all(s["train"] == 60 for s in sizes)
     val = np.array([[r["val_loss"] for r in h] for h in folds])
-    mean_rows = runs.read_history(run.dir)
+    mean_rows = run_files.read_history(run.dir)
     np.testing.assert_allclose([r["val_loss"] for r in mean_rows], val.mean(0), rtol=1e-5)
     spread = _read_csv(run.dir / "kfold.csv")
     np.testing.assert_allclose([float(r["val_loss_std"]) for r in spread], val.std(0), atol=1e-5)  # CSVs keep 6 digits
@@ -115,12 +115,13 @@ def test_resume_continues_the_fold_it_stopped_in(seed, tmp_path):
         return [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]
 
     for i in (1, 2, 3):  # the interrupted fold ends exactly as it would have without the stop
-        assert no_time(runs.read_history(stopped.dir / "folds" / str(i))) == \
-            no_time(runs.read_history(whole.dir / "folds" / str(i)))
+        assert no_time(run_files.read_history(stopped.dir / "folds" / str(i))) == \
+            no_time(run_files.read_history(whole.dir / "folds" / str(i)))
         assert (stopped.dir / "folds" / str(i) / "weights" / "last.npz").read_bytes() == \
             (whole.dir / "folds" / str(i) / "weights" / "last.npz").read_bytes()
-    assert no_time(runs.read_history(stopped.dir)) == no_time(runs.read_history(whole.dir))
-    assert no_time(runs.read_history(stopped.dir, "kfold.csv")) == no_time(runs.read_history(whole.dir, "kfold.csv"))
+    assert no_time(run_files.read_history(stopped.dir)) == no_time(run_files.read_history(whole.dir))
+    assert no_time(run_files.read_history(stopped.dir, "kfold.csv")) == \
+        no_time(run_files.read_history(whole.dir, "kfold.csv"))
     assert no_time(resumed.history) == no_time(whole.history) and resumed.test == whole.test
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
 
@@ -140,8 +141,8 @@ def test_an_interrupted_kfold_run_reports_only_its_finished_folds(config, tmp_pa
     assert checkpoint.is_file() and f"checkpoint saved in {checkpoint}" in " ".join(err.split())
     assert f"resume with: dlcli train --resume {stopped.dir}\n" in err
     # the aggregate holds the finished fold alone: what it says is true of fold 1
-    assert [r["val_loss"] for r in runs.read_history(stopped.dir)] == \
-        [r["val_loss"] for r in runs.read_history(stopped.dir / "folds" / "1")]
+    assert [r["val_loss"] for r in run_files.read_history(stopped.dir)] == \
+        [r["val_loss"] for r in run_files.read_history(stopped.dir / "folds" / "1")]
     resumed = CliRunner().invoke(app, ["train", "--resume", str(stopped.dir)], env={"COLUMNS": "300"})
     assert resumed.exit_code == 0, resumed.output
     banner = " ".join(resumed.output.split())

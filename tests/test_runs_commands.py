@@ -3,7 +3,7 @@ import json
 from typer.testing import CliRunner
 
 from dlcli.cli import app
-from dlcli.runs import best_metric, run_summary
+from dlcli.run_files import best_metric, run_summary
 from dlcli.yaml_lines import flatten
 from tests.runs_fixture import train_tiny
 

@@ -211,7 +211,7 @@ def test_a_worker_starts_no_trial_while_another_holds_the_claim(tmp_path):
 
 def test_a_trial_trains_the_config_resolved_when_the_sweep_started(tmp_path):
     """The config is resolved once: a trial overrides that, so editing the file during a study changes no trial."""
-    from dlcli import runs
+    from dlcli import run_files
     from dlcli.sweep import prepare, work
     from dlcli.yaml_lines import load_yaml
 
@@ -221,7 +221,7 @@ def test_a_trial_trains_the_config_resolved_when_the_sweep_started(tmp_path):
     config.write_text(config.read_text().replace("epochs: 2", "epochs: 3").replace("units: 3", "units: 5"))
     work(sweep)
     trial = sweep.load_study().trials[0]
-    trained = load_yaml(runs.RunDir(trial.user_attrs["run_dir"]).config.read_text())
+    trained = load_yaml(run_files.RunDir(trial.user_attrs["run_dir"]).config.read_text())
     assert trained["train"]["epochs"] == 1 and trained["model"]["layers"][1]["units"] == 3
     assert trained["model"]["layers"][0]["units"] == trial.params["model.layers.0.units"]
 
@@ -331,7 +331,7 @@ def test_bad_runs_dir_non_finite_ranges_and_a_full_disk_are_one_line_each(tmp_pa
 
     from typer.testing import CliRunner
 
-    from dlcli import runs
+    from dlcli import run_files
     from dlcli.cli import app
 
     config = write_sweep_config(tmp_path, epochs=1)
@@ -355,7 +355,7 @@ def test_bad_runs_dir_non_finite_ranges_and_a_full_disk_are_one_line_each(tmp_pa
     def full(files, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(files.train_log))
 
-    monkeypatch.setattr(runs.RunDir, "append_log", full)  # train.log, the first write a trial appends to
+    monkeypatch.setattr(run_files.RunDir, "append_log", full)  # train.log, the first write a trial appends to
     disk = CliRunner().invoke(app, ["sweep", str(config), "--trials", 3, "--runs-dir", str(tmp_path / "runs")])
     assert disk.exit_code == 1 and "Traceback" not in disk.output
     assert disk.output.splitlines()[-1].startswith("error: cannot write ") and \

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 import dlcli
-from dlcli import runs
+from dlcli import run_files
 from dlcli.callbacks import Callback
 from dlcli.cli import app
 from dlcli.errors import DlcliError
@@ -45,8 +45,8 @@ def test_train_returns_the_run_and_writes_what_the_cli_writes(config, tmp_path):
     (cli_dir,) = (tmp_path / "cli").iterdir()
     for name in ("config.yaml", "summary.txt", "weights/best.npz", "weights/last.npz"):
         assert (cli_dir / name).read_bytes() == (run.dir / name).read_bytes(), name
-    drop = [{k: v for k, v in r.items() if k != "seconds"} for r in runs.read_history(cli_dir)]
-    assert drop == [{k: v for k, v in r.items() if k != "seconds"} for r in runs.read_history(run.dir)]
+    drop = [{k: v for k, v in r.items() if k != "seconds"} for r in run_files.read_history(cli_dir)]
+    assert drop == [{k: v for k, v in r.items() if k != "seconds"} for r in run_files.read_history(run.dir)]
 
 
 def test_a_callback_stops_the_run_and_it_resumes_to_the_same_end(config, tmp_path):
@@ -60,7 +60,7 @@ def test_a_callback_stops_the_run_and_it_resumes_to_the_same_end(config, tmp_pat
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     straight = dlcli.train(config, runs_dir=tmp_path / "straight", seed=1)
     assert resumed.test == straight.test
-    a, b = runs.load_npz(run.dir / "weights/last.npz"), runs.load_npz(straight.dir / "weights/last.npz")
+    a, b = run_files.load_npz(run.dir / "weights/last.npz"), run_files.load_npz(straight.dir / "weights/last.npz")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 

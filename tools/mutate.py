@@ -58,7 +58,7 @@ MUTANTS = {
         "dlcli/config/specs.py", 'if isinstance(name, str) and (not RUN_NAME.fullmatch(name) or name in (".", "..")):',
         "if False:", ["tests/test_cli.py"]),
     "umask-ignored": (
-        "dlcli/runs.py", "os.fchmod(fd, 0o666 & ~_umask())", "pass", ["tests/test_runs.py"]),
+        "dlcli/run_files.py", "os.fchmod(fd, 0o666 & ~_umask())", "pass", ["tests/test_run_files.py"]),
     "config-fingerprint-unchecked": (
         "dlcli/fingerprint.py", "    diff = changes(run_dir, config)\n", "    diff = []\n",
         ["tests/test_fingerprint.py"]),
@@ -66,8 +66,8 @@ MUTANTS = {
         "dlcli/data/inputs.py", "x = dataset.preprocess(read_array(file, model, data, key))",
         "x = read_array(file, model, data, key)", ["tests/test_predict.py"]),
     "predict-text-ignores-vocabulary": (
-        "dlcli/data/inputs.py", "return encode_texts(lines, runs.read_json(vocabulary_file))",
-        'return encode_texts(lines, {**runs.read_json(vocabulary_file), "words": []})', ["tests/test_predict.py"]),
+        "dlcli/data/inputs.py", "return encode_texts(lines, run_files.read_json(vocabulary_file))",
+        'return encode_texts(lines, {**run_files.read_json(vocabulary_file), "words": []})', ["tests/test_predict.py"]),
     "batchnorm-ignores-mask": (
         "dlcli/layers/normalization.py", "            if self.input_mask is not None:\n                mean, var, count",
         "            if False:\n                mean, var, count", ["tests/layers/test_normalization.py"]),
@@ -106,8 +106,8 @@ MUTANTS = {
         ["tests/interop/test_onnx_export.py::test_export_metadata_of_an_npz_run_with_rescale_gives_its_pixel_scale"]),
     "export-vocabulary-looked-up-elsewhere": (
         "dlcli/interop/onnx_export.py",
-        "vocabulary = runs.RunDir(run_dir).vocabulary",
-        'vocabulary = runs.RunDir(run_dir).weights / "vocabulary.json"',
+        "vocabulary = run_files.RunDir(run_dir).vocabulary",
+        'vocabulary = run_files.RunDir(run_dir).weights / "vocabulary.json"',
         ["tests/interop/test_onnx_export.py::test_export_metadata_of_a_text_run_holds_its_vocabulary"]),
     "export-inputs-renamed": (
         "dlcli/interop/onnx_export.py",
@@ -171,7 +171,7 @@ MUTANTS = {
         "if not _finite(output):",
         ["tests/test_trainer.py::test_diagnose_names_the_first_layer_gone_non_finite_and_leaves_layers_untouched"]),
     "every-rank-writes-the-run": (
-        "dlcli/runs.py",
+        "dlcli/run_files.py",
         "return cls(path) if world.is_root else NoRunDir(path)",
         "return cls(path)",
         ["tests/test_distributed.py::test_cli_two_ranks_write_one_run_equal_to_one_process"]),

@@ -27,7 +27,7 @@ def import_keras(
     Example: dlcli import-keras mlp.weights.h5 --config mlp.yaml --output runs/imported-mlp
     """
     from dlcli.interop.keras_import import import_keras as run_import
-    from dlcli.runs import RunDir
+    from dlcli.run_files import RunDir
 
     report = run_import(source, output, config, list(set_))
     out = console()

@@ -19,9 +19,9 @@ def plot(
 
     Example: dlcli plot runs/mnist-mlp-20261124-101500 runs/mnist-cnn-20261124-113000 -o compare.png
     """
-    from dlcli import runs
+    from dlcli import run_files
     from dlcli.plots import plot_runs
 
     if output is None:
-        output = runs.RunDir(run_dirs[0]).curves if len(run_dirs) == 1 else Path("compare.png")
+        output = run_files.RunDir(run_dirs[0]).curves if len(run_dirs) == 1 else Path("compare.png")
     print(f"wrote {plot_runs(run_dirs, output)}")

@@ -49,7 +49,7 @@ def list_runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Folder 
     from rich.table import Table
     from rich.text import Text
 
-    from dlcli.runs import find_runs, run_summary
+    from dlcli.run_files import find_runs, run_summary
 
     found = find_runs(runs_dir)
     out = console()
@@ -86,7 +86,7 @@ def show_run(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]):
     """
     from rich.table import Table
 
-    from dlcli.runs import RunDir, require_run_dir, run_summary
+    from dlcli.run_files import RunDir, require_run_dir, run_summary
 
     s = run_summary(require_run_dir(run_dir, needs=None))
     out = console()
@@ -131,7 +131,7 @@ def show_run(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]):
 def _load_config(run_dir: Path) -> dict:
     import yaml
 
-    from dlcli.runs import RunDir
+    from dlcli.run_files import RunDir
 
     try:
         data = yaml.safe_load(RunDir(run_dir).config.read_text())
@@ -150,7 +150,7 @@ def compare_runs(run_dirs: Annotated[list[Path], typer.Argument(help="Two or mor
     from rich.table import Table
 
     from dlcli.errors import DlcliError
-    from dlcli.runs import require_run_dir, run_summary
+    from dlcli.run_files import require_run_dir, run_summary
 
     for d in run_dirs:
         require_run_dir(d, needs=None)  # a damaged run is compared as far as it can be, a stray folder is not

@@ -87,7 +87,7 @@ def load_npz(path: str, x: str | dict[str, str] = "x", y: str | dict[str, str] =
             xs, ys = get(x, mmap), get(y)  # targets are always loaded
             xt, yt = (get(x_test, mmap), get(y_test)) if x_test is not None else (None, None)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        from dlcli.runs import npz_problem
+        from dlcli.run_files import npz_problem
 
         raise DlcliError(f"{file}: cannot read as .npz of plain arrays ({npz_problem(file, e)})") from None
 

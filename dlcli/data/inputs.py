@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import runs
+from dlcli import run_files
 from dlcli.data.dataset import dataset_type
 from dlcli.data.image_folder import IMAGE_SUFFIXES, decode_image
 from dlcli.data.preprocess import check_samples, to_features
@@ -213,7 +213,7 @@ def read_text(file: Path, run_dir) -> np.ndarray:
     """One text per line, encoded with the run's vocabulary.json as its training texts were."""
     from dlcli.data.text import encode_texts
 
-    vocabulary_file = runs.RunDir(run_dir).vocabulary
+    vocabulary_file = run_files.RunDir(run_dir).vocabulary
     if not vocabulary_file.is_file():
         raise DlcliError(f"{run_dir} has no vocabulary.json, so raw text cannot be encoded; text input works for "
                          f"runs trained on a text dataset (e.g. data.type imdb)")
@@ -223,7 +223,7 @@ def read_text(file: Path, run_dir) -> np.ndarray:
         raise DlcliError(f"{file}: cannot read as UTF-8 text ({e})") from None
     if not lines:
         raise DlcliError(f"{file} has no text lines")
-    return encode_texts(lines, runs.read_json(vocabulary_file))
+    return encode_texts(lines, run_files.read_json(vocabulary_file))
 
 
 def image_geometry(shape) -> tuple[int, int, int]:

@@ -29,10 +29,10 @@ def recorded_dirs() -> list[str]:
 def searching_first(run_dir):
     """While the block runs, look first where the run in `run_dir` found its data (its meta.json's data_dirs); a
     run without that record, or None, searches as usual."""
-    from dlcli import runs
+    from dlcli import run_files
 
     try:
-        dirs = json.loads(runs.RunDir(run_dir).meta.read_text()).get("data_dirs") if run_dir else None
+        dirs = json.loads(run_files.RunDir(run_dir).meta.read_text()).get("data_dirs") if run_dir else None
     except (OSError, ValueError, AttributeError):  # no or damaged meta.json: the usual search
         dirs = None
     dirs = [Path(d) for d in dirs if isinstance(d, str)] if isinstance(dirs, list) else []

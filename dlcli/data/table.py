@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import runs
+from dlcli import run_files
 from dlcli.data import features as fs
 from dlcli.data.dataset import Dataset, DatasetType, register
 from dlcli.data.paths import resolve_path
@@ -70,7 +70,7 @@ def stored(run_dir_or_state):
     when it has one) instead of adapting on the data again."""
     state = run_dir_or_state
     if state is not None and not isinstance(state, dict):
-        path = runs.RunDir(state).feature_space
+        path = run_files.RunDir(state).feature_space
         state = json.loads(path.read_text()) if path.is_file() else None
     token = _stored.set(state)
     try:
@@ -80,7 +80,7 @@ def stored(run_dir_or_state):
 
 
 def read_state(run_dir) -> dict:
-    path = runs.RunDir(run_dir).feature_space
+    path = run_files.RunDir(run_dir).feature_space
     if not path.is_file():
         raise DlcliError(f"{run_dir} has no {path.name}: it was not trained on a table (data.type table)")
     return json.loads(path.read_text())

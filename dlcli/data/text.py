@@ -287,14 +287,14 @@ class TextFiles(DatasetType):
     line as for imdb runs)."""
 
     def read_files(self, paths, run_dir, model):
-        from dlcli import runs
+        from dlcli import run_files
         from dlcli.data.folders import prediction_files
 
         if not all(p.is_dir() or p.suffix.lower() == ".txt" for p in paths):
             return None
         files = prediction_files(paths, (".txt",))  # folders searched recursively
         texts, _ = _read_text_files(files, "error", self.spec.get("max_length"))
-        return [encode_texts(texts, runs.read_json(runs.RunDir(run_dir).vocabulary))], [str(f) for f in files]
+        return [encode_texts(texts, run_files.read_json(run_files.RunDir(run_dir).vocabulary))], [str(f) for f in files]
 
     def cut_texts(self, texts):
         cut = self.spec.get("max_length")  # Keras cuts characters

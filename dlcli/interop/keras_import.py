@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlcli import checkpoint, fingerprint, runs
+from dlcli import checkpoint, fingerprint, run_files
 from dlcli.config import Config
 from dlcli.engine.layer import LAYERS, snake_case
 from dlcli.errors import DlcliError, require
@@ -72,10 +72,10 @@ def import_keras(source, output, config_path=None, overrides=()) -> ImportReport
             _load_legacy_weights(h5, model)
     finally:
         h5.close()
-    meta = {**runs.versions_meta(config.seed), "name": config.name, "status": "imported",
+    meta = {**run_files.versions_meta(config.seed), "name": config.name, "status": "imported",
             "imported": {"from": str(source.resolve()), "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
                          "keras_version": keras_version, "config": str(config_path) if config_path else None},
-            "start": runs.utc_now(), "params": model.count_params(), "classes": None, "notes": notes,
+            "start": run_files.utc_now(), "params": model.count_params(), "classes": None, "notes": notes,
             **fingerprint.record(config.to_dict())}  # an edited config.yaml is caught as for a trained run
     _write_run(output, dump_yaml(config.to_dict()), model, meta)
     return ImportReport(output, source, len(model.layers), model.count_params(), keras_version, notes)
@@ -239,7 +239,7 @@ def _write_run(output: Path, config_yaml: str, model, meta: dict):
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        run = runs.RunDir(tmp)
+        run = run_files.RunDir(tmp)
         run.write_text(run.config, config_yaml)
         checkpoint.save_weights(run.last_weights, model)
         checkpoint.save_weights(run.best_weights, model)

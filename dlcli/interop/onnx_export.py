@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import runs
+from dlcli import run_files
 from dlcli.data.dataset import dataset_type
 from dlcli.errors import DlcliError, require
 
@@ -153,11 +153,11 @@ def run_metadata(run_dir: Path, config) -> dict:
     meta = {"dlcli.run": run_dir.name, "dlcli.data": json.dumps(data),
             "dlcli.inputs": "arrays as `dlcli predict` feeds the model, after the dataset's preprocessing"}
     meta.update(dataset_type(data).onnx_metadata())
-    vocabulary = runs.RunDir(run_dir).vocabulary
+    vocabulary = run_files.RunDir(run_dir).vocabulary
     if vocabulary.is_file():
         meta["dlcli.vocabulary"] = vocabulary.read_text(encoding="utf-8")
     try:
-        classes = runs.read_json(runs.RunDir(run_dir).meta).get("classes")
+        classes = run_files.read_json(run_files.RunDir(run_dir).meta).get("classes")
     except DlcliError:
         classes = None
     if classes:
@@ -176,7 +176,7 @@ def export_run(run_dir, weights: str = "best", output=None, opset: int = DEFAULT
     require("onnx", "onnx", "dlcli export")
     config, model = load_run_model(run_dir, weights, allow_config_change)
     run_dir = Path(run_dir)
-    output = Path(output) if output is not None else runs.RunDir(run_dir).model_onnx
+    output = Path(output) if output is not None else run_files.RunDir(run_dir).model_onnx
     proto = to_onnx(model, opset, run_metadata(run_dir, config))
     table = dataset_type(config.data).rows and not preprocessed_inputs
     if table:
@@ -208,5 +208,5 @@ def export_run(run_dir, weights: str = "best", output=None, opset: int = DEFAULT
         if not difference <= TOLERANCE:
             raise DlcliError(f"onnxruntime's outputs differ from dlcli's by up to {difference:.3g} on {checked_on} "
                              f"(more than {TOLERANCE:g}); {output} was not written")
-    runs.atomic_write_bytes(output, data)
+    run_files.atomic_write_bytes(output, data)
     return ExportReport(output, opset, len(proto.graph.node), difference, checked_on)

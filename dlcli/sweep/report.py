@@ -4,7 +4,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlcli import runs
+from dlcli import run_files
 from dlcli.sweep.search import Sweep, optuna_module
 
 @dataclass
@@ -35,18 +35,18 @@ def report(sweep: Sweep, study) -> SweepResult:
     """trials.csv, best.yaml and the plots, from the study as it stands (every worker's trials)."""
     rows = trial_rows(study, sweep.spec.parameters)
     result = SweepResult(sweep.study_name, sweep.dir, rows)
-    runs.atomic_write_text(sweep.dir / "trials.csv", runs.history_csv(rows) if rows else "number,state\n")
+    run_files.atomic_write_text(sweep.dir / "trials.csv", run_files.history_csv(rows) if rows else "number,state\n")
     result.files.append(sweep.dir / "trials.csv")
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     if complete:
         pick = min if sweep.direction == "minimize" else max
         result.best = pick(complete, key=lambda r: r["value"])
-        config = runs.RunDir(result.best["run_dir"]).config if result.best.get("run_dir") else None
+        config = run_files.RunDir(result.best["run_dir"]).config if result.best.get("run_dir") else None
         if config is not None and config.exists():
-            runs.atomic_write_text(sweep.dir / "best.yaml",
-                                   f"# best of study {sweep.study_name}: trial {result.best['number']}, "
-                                   f"{sweep.spec.metric} {result.best['value']:.6g} ({result.best['run_dir']})\n"
-                                   + config.read_text())
+            run_files.atomic_write_text(sweep.dir / "best.yaml",
+                                        f"# best of study {sweep.study_name}: trial {result.best['number']}, "
+                                        f"{sweep.spec.metric} {result.best['value']:.6g} ({result.best['run_dir']})\n"
+                                        + config.read_text())
             result.files.append(sweep.dir / "best.yaml")
     result.files += plots(study, sweep.dir, sweep.spec.metric, sweep.direction == "minimize")
     return result
@@ -74,8 +74,8 @@ def plots(study, folder: Path, metric: str, minimize: bool) -> list[Path]:
     if not complete:
         return []
     written = [folder / "optimization_history.png"]
-    runs.atomic_write_bytes(written[0], sweep_history_png([(t.number, t.value) for t in complete], metric, minimize,
-                                                          f"study {study.study_name}"))
+    run_files.atomic_write_bytes(written[0], sweep_history_png([(t.number, t.value) for t in complete], metric,
+                                                               minimize, f"study {study.study_name}"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -84,6 +84,6 @@ def plots(study, folder: Path, metric: str, minimize: bool) -> list[Path]:
         importances = {}  # e.g. one completed trial, or every trial tried the same values: nothing to rank
     if importances:
         written.append(folder / "param_importances.png")
-        runs.atomic_write_bytes(written[1], importances_png(importances, metric,
-                                                            f"study {study.study_name}: parameter importances"))
+        run_files.atomic_write_bytes(written[1], importances_png(importances, metric,
+                                                                 f"study {study.study_name}: parameter importances"))
     return written

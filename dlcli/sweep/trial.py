@@ -56,7 +56,7 @@ class TrialReporter(Callback):
         self.pruned_at, self.fold_bests, self.prune_next = None, [], False
 
     def on_run_begin(self, run):
-        from dlcli.runs import FOLDS
+        from dlcli.run_files import FOLDS
 
         self.run = STOP.run = run
         self.fold = int(run.dir.name) if run.dir.parent.name == FOLDS else None

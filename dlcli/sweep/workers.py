@@ -12,7 +12,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from dlcli import runs
+from dlcli import run_files
 from dlcli.errors import DlcliError
 from dlcli.sweep.report import SweepResult, report, trial_line
 from dlcli.sweep.search import GRACE_BEATS, INTERRUPTED, JOURNAL, LOST, Sweep, check_study, optuna_module
@@ -158,12 +158,13 @@ def fail_stale_trials(study, sweep: Sweep) -> list[str]:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # another worker of this machine got there first
-        files = None if run_dir is None else runs.RunDir(run_dir)
+        files = None if run_dir is None else run_files.RunDir(run_dir)
         if files is not None and files.meta.is_file():
             try:
-                meta = runs.read_json(files.meta)
+                meta = run_files.read_json(files.meta)
                 if meta.get("status") == "running":
-                    files.write_json(files.meta, {**meta, "status": "failed", "end": runs.utc_now(), "error": reason})
+                    files.write_json(files.meta, {**meta, "status": "failed", "end": run_files.utc_now(),
+                                                  "error": reason})
             except DlcliError:
                 pass  # the study's record is what matters; a damaged meta.json says enough by itself
         lines.append(f"trial {t.number} failed: {reason}; recorded as failed, not counted"

@@ -70,7 +70,7 @@ def test_npy_files_unsorted_index_and_errors(arrays):
 def test_training_from_a_mapped_array_with_a_validation_split(arrays, tmp_path):
     from dlcli.builder import build_model
     from dlcli.experiment import load_splits
-    from dlcli.runs import RunDir
+    from dlcli.run_files import RunDir
     from dlcli.trainer import Run
 
     tmp, x, y = arrays

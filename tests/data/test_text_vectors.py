@@ -66,7 +66,7 @@ def test_text_folder_int_and_vectors(reviews):
 
 def test_text_folder_max_length_cuts_characters_in_training_and_predict(tmp_path):
     """Keras' max_length keeps a text's first N characters before tokenizing; predict reads a folder the same way."""
-    from dlcli import runs
+    from dlcli import run_files
     from dlcli.data.inputs import read_inputs
 
     for label, word in (("neg", "awful"), ("pos", "great")):
@@ -77,7 +77,7 @@ def test_text_folder_max_length_cuts_characters_in_training_and_predict(tmp_path
     d = load_dataset(spec)
     assert d.extra["vocabulary"]["words"] == ["the", "film", "was", "0", "1", "2"]  # "the film 0 was" is 14
     assert (d.x_train[:, :3] == 0).all() and (d.x_train[:, 3:] > 0).all()  # 4 words and the start mark, padded
-    runs.atomic_write_json(tmp_path / "vocabulary.json", d.extra["vocabulary"])
+    run_files.atomic_write_json(tmp_path / "vocabulary.json", d.extra["vocabulary"])
     x, labels = read_inputs([tmp_path / "texts"], tmp_path, spec, model=None)
     assert len(labels) == 6
     np.testing.assert_array_equal(x[0], d.x_train)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from dlcli import runs
+from dlcli import run_files
 from dlcli.callbacks import Callback
 from dlcli.errors import plural
 
@@ -26,7 +26,7 @@ class Banner(Callback):
         if self.resume_arg is not None:  # a K-fold run's folds each begin with this banner: the resumed run, not the fold
             resumed = Path(self.resume_arg)
             what = f"{what} --resume {resumed}".strip() + ("" if self.config_arg else
-                                                             f" (config {runs.RunDir(resumed).config})")
+                                                             f" (config {run_files.RunDir(resumed).config})")
         out.print(f"[bold]dlcli train[/] {escape(what)}  ->  {escape(str(run.dir))}", markup=True)
         out.print(f"  data    {cfg.data.get('type')} from {run.splits.source}: train {sizes['train']:,}, "
                   f"validation {sizes['validation']:,}, test {test_set(cfg, sizes['test'])}", markup=False)
@@ -164,11 +164,11 @@ def print_kfold(out, run):
         statuses = runs_meta(run.dir).get("folds") or []
         done = [str(i + 1) for i, status in enumerate(statuses) if status == "completed"]
         out.print(f"{k}-fold validation {run.status} in fold {len(statuses)} of {k}; finished: "
-                  f"{'folds ' + ', '.join(done) if done else 'no fold'} (each in {runs.RunDir(run.dir).folds}/N). The mean "
-                  f"across folds and the epoch to train the final model for come once every fold has finished.",
+                  f"{'folds ' + ', '.join(done) if done else 'no fold'} (each in {run_files.RunDir(run.dir).folds}/N). "
+                  f"The mean across folds and the epoch to train the final model for come once every fold has finished.",
                   markup=False)
         return
-    with open(runs.RunDir(run.dir).kfold_csv, newline="") as f:
+    with open(run_files.RunDir(run.dir).kfold_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return
@@ -187,9 +187,9 @@ def print_kfold(out, run):
 
 
 def runs_meta(run_dir) -> dict:
-    from dlcli import runs
+    from dlcli import run_files
 
-    return runs.read_json(runs.RunDir(run_dir).meta) if runs.RunDir(run_dir).meta.is_file() else {}
+    return run_files.read_json(run_files.RunDir(run_dir).meta) if run_files.RunDir(run_dir).meta.is_file() else {}
 
 
 def resume_command(run) -> str:

@@ -1,4 +1,4 @@
-"""The run directory contract (dlcli.runs): atomic writes with the user's file modes, damaged files refused in
+"""The run directory contract (dlcli.run_files): atomic writes with the user's file modes, damaged files refused in
 words that never suggest unpickling them."""
 import numpy as np
 import pytest
@@ -12,14 +12,14 @@ runner = CliRunner()
 def test_run_files_get_the_users_umask(tmp_path):
     import os
 
-    from dlcli import runs
+    from dlcli import run_files
 
     old = os.umask(0o022)
     try:
-        runs.atomic_write_text(tmp_path / "a.txt", "x")
-        runs.atomic_savez(tmp_path / "w.npz", {"a": np.zeros(2)})
+        run_files.atomic_write_text(tmp_path / "a.txt", "x")
+        run_files.atomic_savez(tmp_path / "w.npz", {"a": np.zeros(2)})
         os.umask(0o077)
-        runs.atomic_write_json(tmp_path / "b.json", {})
+        run_files.atomic_write_json(tmp_path / "b.json", {})
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
@@ -52,16 +52,16 @@ def test_damaged_weights_never_suggest_unpickling(tmp_path, content, why):
 def test_a_rank_other_than_0_shares_the_run_directory_without_writing_it(tmp_path):
     from types import SimpleNamespace
 
-    from dlcli import runs
+    from dlcli import run_files
     from dlcli.distributed import World
 
-    other = runs.RunDir.for_rank(tmp_path, SimpleNamespace(is_root=False))
+    other = run_files.RunDir.for_rank(tmp_path, SimpleNamespace(is_root=False))
     other.write_text(other.config, "x")
     other.write_json(other.meta, {})
     other.append_log("epoch 1\n")
     other.mark_failed({}, KeyboardInterrupt())
     assert other.meta == tmp_path / "meta.json" and list(tmp_path.iterdir()) == []  # rank 0's paths, nothing written
-    root = runs.RunDir.for_rank(tmp_path, World())
+    root = run_files.RunDir.for_rank(tmp_path, World())
     root.write_json(root.meta, {})
     root.append_log("epoch 1\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.log"]

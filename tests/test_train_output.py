@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from dlcli.callbacks import ProgressLogger
 from dlcli.cli import app
-from dlcli.commands.run_display import StopOnSignal
+from dlcli.commands.train_output import StopOnSignal
 from tests.runs_fixture import write_tiny_config
 
 runner = CliRunner()
