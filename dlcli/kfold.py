@@ -97,8 +97,8 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
     seconds = time.perf_counter() - start
     means, test, best_epoch = write_aggregate(run_dir, cfg, statuses, k, seconds)
     whole = copy.copy(last)  # the last fold's run (model, world, position), as the whole run
-    vars(whole).update(dir=run_dir, config=cfg, splits=splits, history=means, test=test, seconds=seconds,
-                       best_epoch=best_epoch, resumed=None)
+    vars(whole).update(files=run_files.RunDir(run_dir), dir=run_dir, config=cfg, splits=splits, history=means,
+                       test=test, seconds=seconds, best_epoch=best_epoch, resumed=None)
     return whole
 
 
