@@ -77,7 +77,8 @@ OTHER_LAYERS = {
         "PositionEmbedding", "RotaryEmbedding", "SinePositionEncoding", "TokenAndPositionEmbedding",
         "TransformerDecoder", "TransformerEncoder"]},
     **{n: "keras.applications.convnext's own layers, mapped by name on import" for n in [
-        "LayerScale", "StochasticDepth"]}}
+        "LayerScale", "StochasticDepth"]},
+    "CustomScaleLayer": "keras.applications.inception_resnet_v2's own layer, mapped by name on import"}
 
 ACTIVATIONS = {
     **{n: DONE for n in [

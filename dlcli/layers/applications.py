@@ -1,9 +1,11 @@
 """Layers keras.applications defines for its own models, under their names there (ConvNeXt's LayerScale and
-StochasticDepth): import-keras maps them by module and name, never by running their code."""
+StochasticDepth, Inception-ResNet-v2's CustomScaleLayer): import-keras maps them by module and name, never by running
+their code."""
 import numpy as np
 
 from dlcli.engine.layer import Layer, register
-from dlcli.errors import ConfigError
+from dlcli.errors import ConfigError, ShapeError
+from dlcli.layers.merge import _Merge, _onnx_aligned
 
 
 @register("LayerScale")
@@ -66,3 +68,32 @@ class StochasticDepth(Layer):
 
     def to_onnx(self, g, x, in_shape, mask):
         return x  # the identity at inference
+
+
+@register("CustomScaleLayer")
+class CustomScaleLayer(_Merge):
+    """inputs[0] + inputs[1] * scale: Inception-ResNet-v2's scaled residual branch (Szegedy et al. 2016), as
+    keras.applications.inception_resnet_v2 defines it (the scale a float32 multiply, as Keras' Python float)."""
+
+    keras_package = "keras.applications"
+
+    def __init__(self, scale: float, **kw):
+        super().__init__(**kw)
+        self.scale = float(scale)
+
+    def output_shape(self, input_shape):
+        if not isinstance(input_shape, list) or len(input_shape) != 2:
+            raise ShapeError(f"CustomScaleLayer '{self.name}' takes [shortcut, residual]; it was called on "
+                             f"{input_shape}")
+        return super().output_shape(input_shape)
+
+    def _merge(self, xs):
+        return xs[0] + xs[1] * np.float32(self.scale)
+
+    def _partials(self, grad):
+        return [grad, grad * np.float32(self.scale)]
+
+    def to_onnx(self, g, xs, in_shape, mask):
+        xs = _onnx_aligned(g, xs)
+        residual = g.op("Mul", [xs[1].name, g.weight(self, np.array(self.scale, np.float32), "scale")])
+        return g.value(g.op("Add", [xs[0].name, residual], self.name), xs[0].rank, xs[0].first)

@@ -25,6 +25,7 @@ KERAS_FILES = ["sequential_mlp", "sequential_convnet", "sequential_text", "seque
                "functional_attention_layers", "sequential_transformer",
                "sequential_normalization", "functional_preprocessing", "sequential_core_layers",
                "functional_conv_layers", "sequential_spectral", "sequential_cells", "functional_convnext_layers",
+               "functional_inception_resnet_layers",
                "sequential_augmentation", "functional_convlstm", "sequential_image_preprocessing",
                "functional_nested", "sequential_nested", "mobilenet", "mobilenet_v2"]  # the last two: keras.applications
 runner = CliRunner()

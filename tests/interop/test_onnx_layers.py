@@ -226,6 +226,7 @@ CASES = {
     "RandomPerspective": seq([4, 4, 1], L("RandomPerspective")),
     "RandomColorJitter": seq([4, 4, 3], L("RandomColorJitter", brightness_factor=0.2, hue_factor=0.2)),
     "Add": two([3, 4], [3, 4], "Add"),
+    "CustomScaleLayer": two([3, 4], [3, 4], "CustomScaleLayer", scale=0.17),
     "Add-broadcast-rank": two([3, 4], [4], "Add"),
     "Subtract": two([5], [5], "Subtract"),
     "Multiply": graph([("a", [4], None), ("b", [4], None), ("c", [1], None)],

@@ -1,4 +1,4 @@
-"""keras.applications' own layers (ConvNeXt's LayerScale and StochasticDepth): gradient checks and their
+"""keras.applications' own layers (ConvNeXt's LayerScale and StochasticDepth, Inception-ResNet-v2's CustomScaleLayer): gradient checks and their
 training-time behaviour; tests/test_keras_catalogue.py compares them with Keras' classes."""
 import numpy as np
 import pytest
@@ -9,6 +9,7 @@ from tests.gradcheck import check_layer
 
 GRADIENT_CASES = {
     "LayerScale": [({"init_values": 0.1, "projection_dim": 4}, (3, 4), {})],
+    "CustomScaleLayer": [({"scale": 0.17}, [(3, 4), (3, 4)], {}), ({"scale": -2.0}, [(2, 3), (3,)], {})],
     "StochasticDepth": [({"drop_path_rate": 0.5}, (2, 3), {"training": True, "batch": 6}),
                         ({"drop_path_rate": 0.5}, (4,), {})],
 }
