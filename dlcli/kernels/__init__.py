@@ -8,12 +8,14 @@ CPU target's set-up (once per process), then ~0.01 s per kernel.
 """
 import gc
 import os
+import threading
 import warnings
 
 from dlcli.errors import ConfigError
 
 CHOICES = ("numba", "numpy")
 _loaded: dict[str, object] = {}  # module name -> its compiled module, or None where numba failed to import
+_loading = threading.Lock()  # numba's set-up in two threads at once fails ("generator already executing")
 
 
 def choice() -> str:
@@ -29,13 +31,16 @@ def compiled(name: str):
     if choice() == "numpy":
         return None
     if name not in _loaded:
-        try:
-            _loaded[name] = _load(name)
-        except ImportError as e:
-            if not any(m is None for m in _loaded.values()):  # one warning per process
-                warnings.warn(f"numba could not be imported ({e}); running the NumPy kernels "
-                              "(pip install numba, or set DLCLI_KERNELS=numpy to silence this)", stacklevel=2)
-            _loaded[name] = None
+        with _loading:
+            if name not in _loaded:
+                try:
+                    _loaded[name] = _load(name)
+                except ImportError as e:
+                    if not any(m is None for m in _loaded.values()):  # one warning per process
+                        warnings.warn(f"numba could not be imported ({e}); running the NumPy kernels "
+                                      "(pip install numba, or set DLCLI_KERNELS=numpy to silence this)",
+                                      stacklevel=2)
+                    _loaded[name] = None
     return _loaded[name]
 
 
