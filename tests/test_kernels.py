@@ -81,6 +81,36 @@ def test_without_numba_the_numpy_twins_run_after_one_warning(monkeypatch):
     np.testing.assert_array_equal(y.ravel(), [5, 7, 13, 15])
 
 
+def test_threads_asking_for_a_kernel_module_at_once_load_it_once_and_one_at_a_time(monkeypatch):
+    """numba's set-up run by two threads at once fails ("generator already executing"): inference passes on
+    graph replicas reach kernels.compiled together."""
+    import threading
+    import time
+
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    inside, most, calls = [0], [0], []
+
+    def slow_load(name):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.05)
+        calls.append(name)
+        inside[0] -= 1
+        return object()
+
+    monkeypatch.setattr(kernels, "_load", slow_load)
+    results = []
+    threads = [threading.Thread(target=lambda n=n: results.append(kernels.compiled(n)))
+               for n in ["pooling", "pooling", "attention", "pooling"]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and sorted(calls) == ["attention", "pooling"]
+    assert len({id(r) for r in results}) == 2
+
+
 def test_import_dlcli_does_not_import_numba():
     code = "import sys, dlcli, dlcli.cli, dlcli.layers; print('numba' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -107,34 +107,6 @@ def test_predict_passes_on_graph_replicas_in_threads_give_the_serial_outputs(mon
     np.testing.assert_allclose(model.predict(xs, batch_size=4), serial, rtol=1e-5, atol=1e-6)
 
 
-def test_a_graphs_first_parallel_inference_pass_runs_alone_so_kernels_never_compile_in_two_threads(monkeypatch):
-    import threading
-
-    from dlcli.engine import blas, graph as graph_module
-
-    model = models.Sequential([layers.Conv2D(4, 3, activation="relu", input_shape=(8, 8, 1)),
-                               layers.MaxPooling2D(2), layers.Flatten(), layers.Dense(3)])
-    model.build()
-    monkeypatch.setattr(blas, "threads", lambda: 2)
-    threads = []
-    forward = graph_module.Graph.forward
-
-    def recorded(self, *args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(graph_module.Graph, "forward", recorded)
-    x = np.random.default_rng(0).normal(size=(6, 8, 8, 1)).astype(np.float32)
-    first = list(graph_module.inference_passes(model.graph, [[x[:2]], [x[2:4]], [x[4:]]]))
-    assert threads[0] == threading.current_thread().name
-    assert all(name.startswith("dlcli-infer") for name in threads[1:]) and len(threads) == 3
-    threads.clear()
-    again = list(graph_module.inference_passes(model.graph, [[x[:2]], [x[2:4]], [x[4:]]]))
-    assert all(name.startswith("dlcli-infer") for name in threads)  # once per graph: later passes all in parallel
-    for a, b in zip(first, again):
-        np.testing.assert_array_equal(a[0], b[0])
-
-
 def test_same_seed_gives_identical_history_and_weights():
     x, y = blobs()
     runs = []

@@ -141,7 +141,6 @@ class Graph:
         self.consumers = consumers
         self.movable = [(layer, pool, type(layer.activation)())
                         for layer, pool in _movable_activations(self.nodes, consumers, outputs)]
-        self.compiled_kernels = False  # until one inference pass has run alone (inference_passes)
 
     def replica(self) -> "Graph":
         """The same graph over twins of its layers: each twin shares its weights (the Param objects) but keeps its
@@ -243,12 +242,6 @@ def inference_passes(graph: Graph, batches):
             for xb in batches:
                 yield [o.copy() for o in graph.forward(xb, training=False)]
         return
-    if not graph.compiled_kernels:
-        # a graph's first pass runs alone: it compiles (or loads from numba's cache) the kernels the graph calls,
-        # which two threads doing at once can break ("generator already executing")
-        with blas.one_thread():
-            yield [o.copy() for o in graph.forward(next(batches), training=False)]
-        graph.compiled_kernels = True
     free = queue.SimpleQueue()
     for g in [graph] + [graph.replica() for _ in range(lanes - 1)]:
         free.put(g)
