@@ -14,6 +14,10 @@ from common import compare, config_model, mnist_train, peers, report_ratio  # no
 from convnet_epoch import CONFIG, torch_net  # noqa: E402
 
 
+# issue 26: dlcli/peer time per batch, against PyTorch and against Keras + JAX (bench/report.py reads these too)
+TARGETS = ("<= 0.7x", "<= 1.0x")
+
+
 def dlcli_runner(x, batch):
     model = config_model(CONFIG)
     return lambda: model.predict(x, batch_size=batch)
@@ -50,8 +54,8 @@ def main():
     for name, sec in best.items():
         print(f"{name:8s} {n / sec:9,.0f} images/s  ({sec / args.batches * 1000:.1f} ms per batch of {args.batch}, "
               f"best of {args.rounds} rounds)")
-    # throughput is the inverse of time: dlcli/pytorch time <= 1.0x means throughput >= 1.0x
-    report_ratio(best, "<= 1.0x in time, i.e. throughput >= 1.0x", times)
+    # throughput is the inverse of time: dlcli/pytorch time <= 0.7x means throughput >= 1/0.7x
+    report_ratio(best, f"{TARGETS[0]} in time", times)
 
 
 if __name__ == "__main__":

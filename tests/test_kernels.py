@@ -66,6 +66,20 @@ def test_an_unknown_choice_is_one_config_error(monkeypatch):
         kernels.compiled("pooling")
 
 
+def test_every_change_of_the_variable_is_seen(monkeypatch):
+    """choice() answers from a cache while os.environ keeps the same value; each set or removal is read again."""
+    for value, path in [("numpy", "numpy"), (" NumPy ", "numpy"), ("numba", "numba"), ("", "numba"),
+                        ("numpy", "numpy")]:
+        monkeypatch.setenv("DLCLI_KERNELS", value)
+        assert kernels.choice() == kernels.choice() == path
+    monkeypatch.delenv("DLCLI_KERNELS")
+    assert kernels.choice() == "numba"
+    monkeypatch.setenv("DLCLI_KERNELS", "cuda")
+    for _ in range(2):  # a bad value is never cached as a choice
+        with pytest.raises(ConfigError):
+            kernels.choice()
+
+
 def test_without_numba_the_numpy_twins_run_after_one_warning(monkeypatch):
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
     monkeypatch.setattr(kernels, "_loaded", {})
