@@ -19,9 +19,9 @@ from dlcli.errors import DlcliError
 
 def first_batch(config, model, size: int) -> tuple[list, list]:
     """The first `size` training samples (inputs and targets fitted to the model), as the trainer would see them."""
-    from dlcli.experiment import load_splits
+    from dlcli.data.dataset import load_fitted
 
-    splits = load_splits(config, model)
+    splits = load_fitted(config, model)
     if len(splits.x_train) == 0:
         raise DlcliError("the training split is empty")
     return splits.x_train.take(slice(0, size)), [a[:size] for a in splits.y_train]
@@ -221,17 +221,12 @@ def short_run(config, samples: int, epochs: int) -> tuple[dict, list]:
     """Build and train from scratch on the first `samples` training samples, as `dlcli train` does (same seeds,
     same code path), in a throwaway run directory. Returns (weight hashes, per-epoch losses)."""
     from dlcli.builder import build_model
-    from dlcli.experiment import load_splits
+    from dlcli.data.dataset import load_fitted
     from dlcli.trainer import Run
 
     config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
     model = build_model(config)
-    splits = load_splits(config, model)
-    val = None if splits.x_val is None else max(1, samples // 4)
-    splits = replace(splits, x_train=splits.x_train.subset(slice(0, samples)),
-                     y_train=[a[:samples] for a in splits.y_train],
-                     x_val=None if val is None else splits.x_val.subset(slice(0, val)),
-                     y_val=None if val is None else [a[:val] for a in splits.y_val], x_test=None, y_test=None)
+    splits = replace(load_fitted(config, model).limited(samples), x_test=None, y_test=None)
     with tempfile.TemporaryDirectory(prefix="dlcli-determinism-") as tmp:
         run_dir = Path(tmp) / "run"
         files = run_files.RunDir(run_dir)

@@ -4,7 +4,6 @@ This is what `dlcli train` and `dlcli evaluate` call; it knows the run-directory
 CLI. Output for people goes through the `log` function and callbacks the caller passes in.
 """
 import contextlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,51 +11,9 @@ import numpy as np
 from dlcli import checkpoint, kernels, mixing, run_files
 from dlcli.config import Config, Override, as_config
 from dlcli.data import paths
-from dlcli.data.source import Source, as_source, fit_inputs
+from dlcli.data.dataset import load_fitted
 from dlcli.errors import DlcliError, NothingToDo, plural
 from dlcli.trainer import Run
-
-
-@dataclass
-class Splits:
-    """Per split: the inputs as a Source (dlcli.data.source), the targets as a list of arrays aligned with the
-    model's outputs."""
-
-    x_train: Source
-    y_train: list
-    x_val: Source | None
-    y_val: list | None
-    x_test: Source | None
-    y_test: list | None
-    classes: list | None = None
-    source: str = ""
-    extra: dict = field(default_factory=dict)
-
-    def sizes(self) -> dict:
-        return {name: (0 if xs is None else len(xs))
-                for name, xs in (("train", self.x_train), ("validation", self.x_val), ("test", self.x_test))}
-
-
-def load_splits(config, model) -> Splits:
-    """Load the dataset a Config (or its plain data) names, fit its arrays to the model's inputs, and carve the
-    seeded validation split."""
-    from dlcli.data import load_dataset
-    from dlcli.data.split import split_samples
-
-    config = as_config(config)
-    settings = config.train
-    ds = load_dataset(config.data)
-    x_train, y_train = as_source(fit_inputs(ds.x_train, model)), model._targets_list(ds.y_train)
-    x_test = None if ds.x_test is None else as_source(fit_inputs(ds.x_test, model))
-    y_test = None if ds.y_test is None else model._targets_list(ds.y_test)
-    x_val = y_val = None
-    if getattr(ds, "x_val", None) is not None:
-        x_val, y_val = as_source(fit_inputs(ds.x_val, model)), model._targets_list(ds.y_val)
-    elif settings.validation_split:
-        rng = np.random.default_rng([config.seed, 1])
-        (x_train, y_train), (x_val, y_val), _ = split_samples(x_train, y_train, settings.validation_split, rng,
-                                                              settings.stratify)
-    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, ds.classes, ds.source, ds.extra or {})
 
 
 @contextlib.contextmanager
@@ -101,7 +58,7 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
     from dlcli.builder import build_model
     from dlcli.callbacks import CALLBACKS, BackupAndRestore
     from dlcli.config import dump_yaml
-    from dlcli.kfold import fold_indices, train_folds
+    from dlcli.kfold import train_folds
 
     overrides = [*overrides, *([Override("seed", seed, f"--seed {seed}")] if seed is not None else []),
                  *([Override("name", name, f"--name {name}")] if name else [])]
@@ -122,10 +79,10 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
     with run_data(shared["run_dir"]):  # a resumed run looks where it found its data first, with its preprocessing
         model = build_model(cfg)  # shapes and names fail here, before any data is loaded (a table adapts first)
         initial = _init_from(model, init_from) if init_from is not None and world.is_root else None
-        splits = load_splits(cfg, model)
+        splits = load_fitted(cfg, model)
     # everything that can refuse the run does so before its directory exists: folds, callbacks and their extras,
     # DLCLI_KERNELS (read at the first kernel call, which comes after)
-    folds = fold_indices(cfg, splits) if cfg.train.kfold else None
+    folds = splits.folds(cfg.train.kfold, np.random.default_rng([cfg.seed, 3])) if cfg.train.kfold else None
     for spec in cfg.train.callbacks:
         CALLBACKS.create(spec)
     if cfg.train.mix is not None:
@@ -253,7 +210,7 @@ def evaluation_report(run_dir, weights: str = "best", split: str = "test", batch
     config, model = load_run_model(run_dir, weights, allow_config_change)
     run_dir = Path(run_dir)
     with run_data(run_dir):
-        splits = load_splits(config, model)
+        splits = load_fitted(config, model)
     xs, ys = (splits.x_test, splits.y_test) if split == "test" else (splits.x_val, splits.y_val)
     if xs is None:
         raise DlcliError(f"run {run_dir.name} has no {split} split (set train.validation_split for a validation "
@@ -263,7 +220,7 @@ def evaluation_report(run_dir, weights: str = "best", split: str = "test", batch
               "metrics": model.evaluate(xs, ys, bs, return_dict=True)}
     preds = model.predict(xs, batch_size=bs)
     preds = preds if isinstance(preds, list) else [preds]
-    report = classification_report(ys[0], preds[0], splits.classes)
+    report = classification_report(splits.labels(split), preds[0], splits.classes)
     if report:
         result.update(report)
     baseline = splits.extra.get("baseline") if splits.extra else None
@@ -288,14 +245,13 @@ def baseline_comparison(metrics: dict, extra: dict, split: str) -> dict | None:
             "beats_baseline": model_mae < base, "units": extra.get("target", "target")}
 
 
-def classification_report(y_true, y_pred, classes=None) -> dict | None:
-    """Per-class accuracy and a confusion matrix when the output is a class distribution."""
-    from dlcli.data.split import class_labels
-
+def classification_report(labels, y_pred, classes=None) -> dict | None:
+    """Per-class accuracy and a confusion matrix when the output is a class distribution; `labels`: the true class
+    of each sample (Dataset.labels)."""
     if y_pred.ndim != 2 or y_pred.shape[1] < 2:
         return None
     k = y_pred.shape[1]
-    truth = class_labels(y_true).astype(int)
+    truth = labels.astype(int)
     guess = y_pred.argmax(1)
     confusion = np.zeros((k, k), np.int64)
     np.add.at(confusion, (truth, guess), 1)

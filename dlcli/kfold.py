@@ -18,30 +18,16 @@ identical to an uninterrupted one's.
 import copy
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from dlcli import run_files
-from dlcli.errors import DlcliError, NothingToDo
-
-
-
-def fold_indices(cfg, splits) -> list[np.ndarray]:
-    """The K validation folds of the training split (seeded, stratified for class labels): called before the run
-    directory is created, so what cannot be folded leaves nothing behind."""
-    from dlcli.data.split import are_class_labels, kfold_indices
-
-    if splits.x_val is not None:
-        raise DlcliError("train.kfold validates on each fold in turn: the dataset's own validation split would go "
-                         "unused; use a dataset without one", exit_code=2)
-    y = splits.y_train[0]
-    return kfold_indices(y, cfg.train.kfold, np.random.default_rng([cfg.seed, 3]), stratify=are_class_labels(y))
+from dlcli.errors import NothingToDo
 
 
 def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: bool = False, verbose: int = 0):
-    """Write the run's meta.json (unless resuming), train every fold (`folds`: fold_indices) not finished yet into
+    """Write the run's meta.json (unless resuming), train every fold (`folds`: Dataset.folds) not finished yet into
     run_dir/folds/<i>/ as an ordinary run (Run.train, `callbacks` joining each fold's), continuing a fold's
     checkpoint when `resume`; write the aggregate. Returns the whole run's Run: the status of the fold that stopped
     it (else "completed"), history = the mean rows, test = the mean."""
@@ -52,7 +38,6 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
 
     k = cfg.train.kfold
     fold_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"kfold": None})})
-    everything = np.arange(len(splits.x_train))
     start = time.perf_counter()
     files = run_files.RunDir(run_dir)
     if not files.meta.exists():
@@ -72,10 +57,9 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
             else:
                 fold.weights.mkdir(parents=True, exist_ok=True)
                 fold.write_text(fold.config, dump_yaml(fold_cfg.to_dict()))
-            train_idx = np.setdiff1d(everything, val)
-            fold_splits = _fold_splits(splits, train_idx, val)
+            fold_splits = splits.fold(val)
             if verbose:
-                print(f"fold {i + 1}/{k}: {len(train_idx):,} training, {len(val):,} validation samples"
+                print(f"fold {i + 1}/{k}: {len(fold_splits.x_train):,} training, {len(val):,} validation samples"
                       + (" (resumed)" if state is not None else ""), flush=True)
             if fold_splits.extra.get("feature_space"):  # a table adapted on this fold: its own input width
                 from dlcli.data.table import stored
@@ -100,20 +84,6 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
     vars(whole).update(files=run_files.RunDir(run_dir), dir=run_dir, config=cfg, splits=splits, history=means,
                        test=test, seconds=seconds, best_epoch=best_epoch, resumed=None)
     return whole
-
-
-def _fold_splits(splits, train_idx, val):
-    """One fold: validation on `val`, training on `train_idx`. A table (dlcli.data.table) adapts its preprocessing
-    on the fold's training part only and applies it to the fold's validation part and to the test split."""
-    from dlcli.data.split import take
-
-    x_all, x_test, extra = splits.x_train, splits.x_test, splits.extra
-    if hasattr(x_all, "adapted_on"):
-        x_all = x_all.adapted_on(train_idx)
-        x_test = None if x_test is None else x_test.with_state(x_all.state)
-        extra = {**extra, "feature_space": x_all.state}
-    return replace(splits, x_train=take(x_all, train_idx), y_train=take(splits.y_train, train_idx),
-                   x_val=take(x_all, val), y_val=take(splits.y_train, val), x_test=x_test, extra=extra)
 
 
 def finished_folds(run_dir: Path, statuses: list) -> list[Path]:

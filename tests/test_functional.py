@@ -169,7 +169,7 @@ def test_yaml_graph_builds_in_any_order_with_shares_and_round_trips():
 
 
 def test_yaml_two_input_two_output_model_trains_from_named_npz_arrays(tmp_path, monkeypatch):
-    from dlcli.experiment import load_splits
+    from dlcli.data.dataset import load_fitted
     from dlcli.run_files import RunDir
     from dlcli.trainer import Run
 
@@ -180,7 +180,7 @@ def test_yaml_two_input_two_output_model_trains_from_named_npz_arrays(tmp_path, 
     monkeypatch.chdir(tmp_path)
     config = parse_config(RESIDUAL, "test.yaml", ["data.test_split=0.25"])
     model = build(RESIDUAL)
-    splits = load_splits(config, model)
+    splits = load_fitted(config, model)
     assert [a.shape for a in splits.x_train.arrays] == [(22, 6, 6, 1), (22, 3)]  # (N, 6, 6) fed as (6, 6, 1)
     assert splits.sizes() == {"train": 22, "validation": 8, "test": 10}
     run_dir = tmp_path / "run"

@@ -1,11 +1,14 @@
 """The Dataset record every loader returns, the dataset registry, `load_dataset(spec)`, and `dataset_type(spec)`:
 what a dataset type's data means beyond loading it."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from dlcli.data.preprocess import to_features
-from dlcli.errors import ConfigError
+from dlcli.data.source import as_source, fit_inputs
+from dlcli.data.split import (are_class_labels, check_limits, class_labels, first_target, kfold_indices, num_samples,
+                              split_indices, take)
+from dlcli.errors import ConfigError, DlcliError
 from dlcli.registry import Registry, did_you_mean, parameters
 
 # name -> loader function; a loader's keyword arguments are the YAML keys of the config's `data:` section.
@@ -95,10 +98,12 @@ def dataset_type(spec: dict) -> DatasetType:
 
 @dataclass
 class Dataset:
-    """Arrays with batch on axis 0. x may be a dict of arrays (named model inputs).
+    """The data of a run, asked rather than taken apart. As a loader returns it: arrays with batch on axis 0 (x a
+    dict of arrays for named model inputs, y a dict for named outputs); `fitted` to a model: inputs as a Source
+    (dlcli.data.source), targets as a list of arrays aligned with the model's outputs.
 
     x_test / y_test are None when the data has no test split; x_val / y_val are None unless the loader owns the
-    validation split (time series split by time), meaning "the trainer makes its own split"."""
+    validation split (time series split by time) or one was carved (`split`, `fold`)."""
 
     x_train: np.ndarray | dict
     y_train: np.ndarray | dict  # a dict of arrays for named model outputs
@@ -110,6 +115,80 @@ class Dataset:
     x_val: np.ndarray | dict | None = None
     y_val: np.ndarray | None = None
     name: str = ""
+
+    def fitted(self, model) -> "Dataset":
+        """Each split's inputs fitted to the model's (fit_inputs: (N, 28, 28) feeds (28, 28, 1)) as a Source, its
+        targets listed per model output."""
+        def inputs(x):
+            return None if x is None else as_source(fit_inputs(x, model))
+
+        def targets(y):
+            return None if y is None else model._targets_list(y)
+
+        return replace(self, x_train=inputs(self.x_train), y_train=targets(self.y_train), x_val=inputs(self.x_val),
+                       y_val=targets(self.y_val), x_test=inputs(self.x_test), y_test=targets(self.y_test),
+                       extra=self.extra or {})
+
+    def sizes(self) -> dict:
+        return {name: (0 if xs is None else num_samples(xs))
+                for name, xs in (("train", self.x_train), ("validation", self.x_val), ("test", self.x_test))}
+
+    def labels(self, split: str = "train") -> np.ndarray:
+        """One class label per sample of a split ("train", "validation", "test"), from its first targets
+        (class_labels): what stratified splits and folds, balanced class weights and the classification report
+        count."""
+        return class_labels(first_target({"train": self.y_train, "validation": self.y_val, "test": self.y_test}[split]))
+
+    def subset(self, train, val=None) -> "Dataset":
+        """Training on the training samples at `train` (indices or a slice); with `val`, validation on the
+        training samples at `val` (a split or a fold carved from training), else as it was."""
+        carved = {} if val is None else {"x_val": take(self.x_train, val), "y_val": take(self.y_train, val)}
+        return replace(self, x_train=take(self.x_train, train), y_train=take(self.y_train, train), **carved)
+
+    def limited(self, limit: int | None, test_limit: int | None = None) -> "Dataset":
+        """The first `limit` training and validation samples, the first `test_limit` test samples (None: all):
+        every loader's `data.limit` and `data.test_limit`."""
+        limit, test_limit = check_limits(limit, test_limit)
+
+        def head(a, n):
+            return a if a is None or n is None else take(a, slice(0, n))
+
+        return replace(self, x_train=head(self.x_train, limit), y_train=head(self.y_train, limit),
+                       x_val=head(self.x_val, limit), y_val=head(self.y_val, limit),
+                       x_test=head(self.x_test, test_limit), y_test=head(self.y_test, test_limit))
+
+    def split(self, fraction: float, rng: np.random.Generator, stratify: bool = False) -> "Dataset":
+        """Validation carved from training: a seeded shuffled `fraction` of it (split_indices; stratified by
+        class label when asked)."""
+        return self.subset(*split_indices(self.labels(), fraction, rng, stratify))
+
+    def folds(self, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """K validation folds of the training split (kfold_indices), stratified when the targets are class labels."""
+        if self.x_val is not None:
+            raise DlcliError("train.kfold validates on each fold in turn: the dataset's own validation split would "
+                             "go unused; use a dataset without one", exit_code=2)
+        return kfold_indices(self.labels(), k, rng, stratify=are_class_labels(first_target(self.y_train)))
+
+    def fold(self, val) -> "Dataset":
+        """The fold validating on training samples `val` (one of `folds`), training on the rest. A table
+        (dlcli.data.table) adapts its preprocessing on the fold's training part only and applies it to the fold's
+        validation part and to the test split."""
+        train, data = np.setdiff1d(np.arange(num_samples(self.x_train)), val), self
+        if hasattr(self.x_train, "adapted_on"):
+            x = self.x_train.adapted_on(train)
+            data = replace(self, x_train=x, x_test=None if self.x_test is None else self.x_test.with_state(x.state),
+                           extra={**self.extra, "feature_space": x.state})
+        return data.subset(train, val)
+
+
+def load_fitted(config, model) -> Dataset:
+    """The dataset a Config names, fitted to the model, with the seeded validation split (train.validation_split)
+    carved unless the loader has its own."""
+    data = load_dataset(config.data).fitted(model)
+    if data.x_val is None and config.train.validation_split:
+        data = data.split(config.train.validation_split, np.random.default_rng([config.seed, 1]),
+                          config.train.stratify)
+    return data
 
 
 class NoData(DatasetType):

@@ -1,5 +1,5 @@
-"""One home for carving samples: subsets of inputs and targets by index, seeded shuffled (optionally stratified)
-splits, k folds, class labels of targets, and the `limit` cap shared by every loader."""
+"""The index arithmetic behind Dataset's split, folds, subsets and limits: subsets of inputs and targets by index,
+seeded shuffled (optionally stratified) splits, k folds, class labels of targets, and the `limit` check."""
 import numpy as np
 
 from dlcli.data.source import Source
@@ -19,9 +19,13 @@ def take(x, index):
 def split_samples(x, y, fraction: float, rng: np.random.Generator, stratify: bool = False):
     """((x, y) kept, (x, y) split off, indices kept): split_indices on the first target (of a list or dict of them),
     applied to inputs and targets alike. The one home of validation and test splits."""
-    first = y[0] if isinstance(y, list) else next(iter(y.values())) if isinstance(y, dict) else y
-    kept, off = split_indices(first, fraction, rng, stratify)
+    kept, off = split_indices(first_target(y), fraction, rng, stratify)
     return (take(x, kept), take(y, kept)), (take(x, off), take(y, off)), kept
+
+
+def first_target(y):
+    """The first of a list (one array per model output) or dict (named outputs) of targets; an array as it is."""
+    return y[0] if isinstance(y, list) else next(iter(y.values())) if isinstance(y, dict) else y
 
 
 def class_labels(y) -> np.ndarray:
@@ -100,13 +104,3 @@ def check_limits(limit, test_limit) -> tuple[int | None, int | None]:
     """`data.limit` caps the training (and a loader's own validation) split; `data.test_limit` the test split, so
     a smoke run still reports a figure on the whole test set unless asked not to."""
     return check_limit(limit), check_limit(test_limit, "data.test_limit")
-
-
-def apply_limit(dataset, limit: int | None, test_limit: int | None = None):
-    """Cap train and validation to their first `limit` samples, test to its first `test_limit`."""
-    limit, test_limit = check_limits(limit, test_limit)
-    for xs, ys, n in (("x_train", "y_train", limit), ("x_val", "y_val", limit), ("x_test", "y_test", test_limit)):
-        if n is not None and getattr(dataset, ys) is not None:
-            setattr(dataset, xs, take(getattr(dataset, xs), slice(0, n)))
-            setattr(dataset, ys, take(getattr(dataset, ys), slice(0, n)))
-    return dataset

@@ -8,7 +8,7 @@ import numpy as np
 from dlcli.data.arrays import _numeric, _read_csv
 from dlcli.data.dataset import Dataset, register
 from dlcli.data.paths import resolve_path
-from dlcli.data.split import apply_limit, check_limits
+from dlcli.data.split import check_limits
 from dlcli.errors import ConfigError, DlcliError
 
 TIME_COLUMNS = ("date", "time", "datetime", "timestamp")  # skipped when `columns` is not given
@@ -126,7 +126,7 @@ def load_timeseries_csv(path: str, target: str | None = None, columns: list[str]
     if splits["train"] is None:
         raise ConfigError(f"data: no training rows in {file}")
     empty_split = (None, None)
-    dataset = Dataset(
+    return Dataset(
         x_train=splits["train"][0], y_train=splits["train"][1],
         x_val=(splits["validation"] or empty_split)[0], y_val=(splits["validation"] or empty_split)[1],
         x_test=(splits["test"] or empty_split)[0], y_test=(splits["test"] or empty_split)[1],
@@ -136,5 +136,4 @@ def load_timeseries_csv(path: str, target: str | None = None, columns: list[str]
                "horizon": horizon, "stride": stride, "rows": {k: list(v) for k, v in bounds.items()},
                "normalization": {"mean": mean.tolist(), "std": std.tolist()} if normalize else None,
                "target_mean": t_mean, "target_std": t_std, "baseline": baseline,
-               "baseline_description": "predict the target's last value in the window (tomorrow = today)"})
-    return apply_limit(dataset, limit, test_limit)
+               "baseline_description": "predict the target's last value in the window (tomorrow = today)"}).limited(limit, test_limit)

@@ -131,10 +131,10 @@ def sample_inputs(model, count: int, seed: int = 0) -> list[np.ndarray]:
 
 def check_inputs(config, model, count: int = CHECK_SAMPLES) -> tuple[list, str]:
     """A batch of the run's test data (else training data, else seeded random inputs) and what it is."""
-    from dlcli.experiment import load_splits
+    from dlcli.data.dataset import load_fitted
 
     try:
-        splits = load_splits(config, model)
+        splits = load_fitted(config, model)
     except DlcliError as e:
         why = "the run has no dataset" if dataset_type(config.data).empty else \
             f"the run's data did not load: {e.message.splitlines()[0][:120]}"

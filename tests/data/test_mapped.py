@@ -69,7 +69,7 @@ def test_npy_files_unsorted_index_and_errors(arrays):
 
 def test_training_from_a_mapped_array_with_a_validation_split(arrays, tmp_path):
     from dlcli.builder import build_model
-    from dlcli.experiment import load_splits
+    from dlcli.data.dataset import load_fitted
     from dlcli.run_files import RunDir
     from dlcli.trainer import Run
 
@@ -81,7 +81,7 @@ def test_training_from_a_mapped_array_with_a_validation_split(arrays, tmp_path):
               "compile": {"optimizer": "adam", "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
               "train": {"epochs": 2, "batch_size": 16, "validation_split": 0.2}})  # defaults filled
     model = build_model(config)
-    splits = load_splits(config, model)
+    splits = load_fitted(config, model)
     assert splits.sizes() == {"train": 160, "validation": 40, "test": 0}
     assert splits.x_train.take(np.arange(3))[0].shape == (3, 6, 5, 1)  # (6, 5) samples fed as (6, 5, 1)
     run = tmp_path / "run"
