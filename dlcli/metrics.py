@@ -90,7 +90,9 @@ class Metric(Mean):
             self.weight += float(w.sum())
 
     def get_config(self) -> dict:
-        return {"type": self.default_name, "name": self.name}
+        """{type, name, every other constructor argument} (Keras' get_config): each is kept under its own name."""
+        args = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "name")]
+        return {"type": self.default_name, "name": self.name, **{a: getattr(self, a) for a in args}}
 
 
 @METRICS.register("binary_accuracy", "BinaryAccuracy")
@@ -105,9 +107,6 @@ class BinaryAccuracy(Metric):
         t = dense_targets(y_true, y_pred, self.name)
         hits = t == (y_pred > self.threshold)  # Keras compares the targets to the thresholded 0/1 exactly
         return hits.mean(-1) if y_pred.ndim > 1 else hits
-
-    def get_config(self):
-        return {**super().get_config(), "threshold": self.threshold}
 
 
 @METRICS.register("categorical_accuracy", "CategoricalAccuracy")
@@ -162,9 +161,6 @@ class Perplexity(Metric):
     def result(self) -> float:
         return float(np.exp(self.total / self.weight)) if self.weight else 0.0
 
-    def get_config(self):
-        return {**super().get_config(), "from_logits": self.from_logits, "mask_token_id": self.mask_token_id}
-
 
 @METRICS.register("top_k_categorical_accuracy", "TopKCategoricalAccuracy")
 class TopKCategoricalAccuracy(Metric):
@@ -186,9 +182,6 @@ class TopKCategoricalAccuracy(Metric):
         kth = np.partition(flat, classes - self.k, axis=-1)[:, classes - self.k]
         # Keras' in_top_k: the label's score reaches the k-th largest score (ties count as hits).
         return (flat[np.arange(len(flat)), labels.reshape(-1)] >= kth).reshape(labels.shape)
-
-    def get_config(self):
-        return {**super().get_config(), "k": self.k}
 
 
 @METRICS.register("sparse_top_k_categorical_accuracy", "SparseTopKCategoricalAccuracy")
@@ -250,7 +243,7 @@ def _loss_metric(snake, keras_name, loss_type, sign=1.0, **arg_defaults):
         self.args = {**arg_defaults, **args}
 
     def get_config(self):
-        return {**Metric.get_config(self), **self.args}
+        return {"type": self.default_name, "name": self.name, **self.args}
 
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
               inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=str | None),
@@ -335,7 +328,7 @@ class _Confusion(_Sums):
 
     def state_shape(self, output_shape):
         labels = output_shape[-1] if self.multi_label and output_shape else 1
-        return (4, len(self.thresholds), labels)
+        return (4, len(self.cutoffs), labels)
 
     def update(self, y_true, y_pred, sample_weight=None):
         y_pred = np.asarray(y_pred, np.float64)
@@ -357,9 +350,9 @@ class _Confusion(_Sums):
             y_pred, t, weights = y_pred[..., self.class_id], t[..., self.class_id], weights[..., self.class_id]
         labels = self.sums.shape[2]
         y_pred, t, weights = (a.reshape(-1, labels) for a in (y_pred, t, weights))
-        count = len(self.thresholds)
+        count = len(self.cutoffs)
         # above[i, l] thresholds lie strictly below prediction i: it is positive at thresholds 0 .. above - 1
-        above = np.searchsorted(self.thresholds, y_pred, side="left") + np.arange(labels) * (count + 1)
+        above = np.searchsorted(self.cutoffs, y_pred, side="left") + np.arange(labels) * (count + 1)
         size = labels * (count + 1)
 
         def positives(w):  # (thresholds, labels): the weight of predictions above each threshold
@@ -398,14 +391,11 @@ class _Count(_Confusion):
 
     def __init__(self, thresholds=None, name: str | None = None):
         super().__init__(name)
-        self.init_thresholds = thresholds
-        self.thresholds = np.array([_single_threshold(thresholds, 0.5, self.default_name)])
+        self.thresholds = thresholds
+        self.cutoffs = np.array([_single_threshold(thresholds, 0.5, self.default_name)])
 
     def result(self) -> float:
         return float(self.sums[self.row].sum()) if hasattr(self, "sums") else 0.0
-
-    def get_config(self):
-        return {**super().get_config(), "thresholds": self.init_thresholds}
 
 
 @METRICS.register("true_positives", "TruePositives")
@@ -435,14 +425,10 @@ class _PrecisionRecall(_Confusion):
         for key, value, least in (("top_k", top_k, 1), ("class_id", class_id, 0)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
                 raise ConfigError(f"{self.default_name}: {key} must be an integer >= {least}; got {value!r}")
-        self.init_thresholds, self.top_k, self.class_id = thresholds, top_k, class_id
+        self.thresholds, self.top_k, self.class_id = thresholds, top_k, class_id
         # with top_k, every kept prediction counts as positive (Keras' default threshold -inf)
-        self.thresholds = np.array([_single_threshold(thresholds, 0.5 if top_k is None else -np.inf,
+        self.cutoffs = np.array([_single_threshold(thresholds, 0.5 if top_k is None else -np.inf,
                                                       self.default_name)])
-
-    def get_config(self):
-        return {**super().get_config(), "thresholds": self.init_thresholds, "top_k": self.top_k,
-                "class_id": self.class_id}
 
 
 @METRICS.register("precision", "Precision")
@@ -481,7 +467,8 @@ class _AtConstraint(_Confusion):
             raise ConfigError(f"{self.default_name} num_thresholds must be an integer > 0; got {num_thresholds}")
         self.value, self.num_thresholds, self.class_id = float(value), int(num_thresholds), class_id
         inner = [(i + 1) / (num_thresholds - 1) for i in range(num_thresholds - 2)]
-        self.thresholds = np.array([0.5] if num_thresholds == 1 else [0.0, *inner, 1.0])
+        setattr(self, self.constraint, self.value)  # under its own name (recall ...), as Keras keeps it
+        self.cutoffs = np.array([0.5] if num_thresholds == 1 else [0.0, *inner, 1.0])
 
     def update(self, y_true, y_pred, sample_weight=None):
         y_pred = np.asarray(y_pred, np.float64)
@@ -496,10 +483,6 @@ class _AtConstraint(_Confusion):
             return 0.0
         constrained, dependent = (r.reshape(-1) for r in self.rates())
         return float(np.where(constrained >= self.value, dependent, 0).max(initial=0))
-
-    def get_config(self):
-        return {**super().get_config(), self.constraint: self.value, "num_thresholds": self.num_thresholds,
-                "class_id": self.class_id}
 
 
 def _recall(m):
@@ -596,9 +579,9 @@ class AUC(_Confusion):
         else:
             inner = [(i + 1) / (num_thresholds - 1) for i in range(num_thresholds - 2)]
         self.num_thresholds, self.curve, self.summation_method = int(num_thresholds), curve.upper(), summation_method
-        self.init_thresholds, self.multi_label, self.from_logits = thresholds, bool(multi_label), bool(from_logits)
+        self.thresholds, self.multi_label, self.from_logits = thresholds, bool(multi_label), bool(from_logits)
         self.label_weights = None if label_weights is None else [float(w) for w in label_weights]
-        self.thresholds = np.array([-EPSILON, *inner, 1 + EPSILON])
+        self.cutoffs = np.array([-EPSILON, *inner, 1 + EPSILON])
 
     def update(self, y_true, y_pred, sample_weight=None):
         y_pred = np.asarray(y_pred, np.float64)
@@ -634,12 +617,6 @@ class AUC(_Confusion):
         both = (p[:-1] > 0) & (p[1:] > 0)
         ratio = np.where(both, _ratio(p[:-1], np.maximum(p[1:], 0)), 1)
         return _ratio(slope * (dtp + intercept * np.log(ratio)), np.maximum(tp[1:] + fn[1:], 0)).sum(0)
-
-    def get_config(self):
-        return {**super().get_config(), "num_thresholds": self.num_thresholds, "curve": self.curve,
-                "summation_method": self.summation_method, "thresholds": self.init_thresholds,
-                "multi_label": self.multi_label, "label_weights": self.label_weights,
-                "from_logits": self.from_logits}
 
 
 @METRICS.register("fbeta_score", "FBetaScore")
@@ -694,9 +671,6 @@ class FBetaScore(_Sums):
             return float((score * weight / (weight.sum() + EPSILON)).sum())
         return float(score.mean())
 
-    def get_config(self):
-        return {**super().get_config(), "average": self.average, "beta": self.beta, "threshold": self.threshold}
-
 
 @METRICS.register("f1_score", "F1Score")
 class F1Score(FBetaScore):
@@ -704,11 +678,6 @@ class F1Score(FBetaScore):
 
     def __init__(self, average: str | None = None, threshold: float | None = None, name: str | None = None):
         super().__init__(average, 1.0, threshold, name)
-
-    def get_config(self):
-        config = super().get_config()
-        del config["beta"]
-        return config
 
 
 @METRICS.register("r2_score", "R2Score")
@@ -756,10 +725,6 @@ class R2Score(_Sums):
         if p and p < n - 1:  # Keras falls back to the plain score when there are too few samples
             score = 1 - (1 - score) * (n - 1) / (n - p - 1)
         return float(score)
-
-    def get_config(self):
-        return {**super().get_config(), "class_aggregation": self.class_aggregation,
-                "num_regressors": self.num_regressors}
 
 
 class IoU(_Sums):
@@ -824,11 +789,6 @@ class IoU(_Sums):
         iou = np.where(valid, tp[self.target_class_ids] / (denominator + EPSILON), 0.0)
         return float(iou.sum() / (valid.sum() + EPSILON))
 
-    def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes, "target_class_ids": self.target_class_ids,
-                "ignore_class": self.ignore_class, "sparse_y_true": self.sparse_y_true,
-                "sparse_y_pred": self.sparse_y_pred, "axis": self.axis}
-
 
 METRICS.register("IoU")(IoU)
 
@@ -843,11 +803,6 @@ class MeanIoU(IoU):
                  sparse_y_true: bool = True, sparse_y_pred: bool = True, axis: int = -1):
         super().__init__(num_classes, list(range(int(num_classes))), name, ignore_class, sparse_y_true,
                          sparse_y_pred, axis)
-
-    def get_config(self):
-        config = super().get_config()
-        del config["target_class_ids"]
-        return config
 
 
 @METRICS.register("BinaryIoU")
@@ -865,10 +820,6 @@ class BinaryIoU(IoU):
         return super().classes(np.asarray(y_true, np.float64).reshape(y_pred.shape),
                                (y_pred.astype(np.float32) >= self.threshold).astype(np.float64))
 
-    def get_config(self):
-        return {"type": self.default_name, "name": self.name, "target_class_ids": self.target_class_ids,
-                "threshold": self.threshold}
-
 
 @METRICS.register("OneHotIoU")
 class OneHotIoU(IoU):
@@ -880,11 +831,6 @@ class OneHotIoU(IoU):
                  ignore_class: int | None = None, sparse_y_pred: bool = False, axis: int = -1):
         super().__init__(num_classes, target_class_ids, name, ignore_class, False, sparse_y_pred, axis)
 
-    def get_config(self):
-        config = super().get_config()
-        del config["sparse_y_true"]
-        return config
-
 
 @METRICS.register("OneHotMeanIoU")
 class OneHotMeanIoU(MeanIoU):
@@ -895,11 +841,6 @@ class OneHotMeanIoU(MeanIoU):
     def __init__(self, num_classes: int, name: str | None = None, ignore_class: int | None = None,
                  sparse_y_pred: bool = False, axis: int = -1):
         super().__init__(num_classes, name, ignore_class, False, sparse_y_pred, axis)
-
-    def get_config(self):
-        config = super().get_config()
-        del config["sparse_y_true"]
-        return config
 
 
 @METRICS.register("Accuracy")
@@ -928,9 +869,6 @@ class _Correlation(Metric):
         t = dense_targets(y_true, y_pred, self.name).astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             return self.correlation(t, np.asarray(y_pred, np.float64), self.axis)
-
-    def get_config(self):
-        return {**super().get_config(), "axis": self.axis}
 
 
 @METRICS.register("pearson_correlation", "PearsonCorrelation")

@@ -3,6 +3,8 @@ two names (he_normal and HeNormal); serialize writes the snake_case one.
 
 Every initializer draws from an explicit `np.random.Generator`: never the global NumPy RNG.
 """
+import inspect
+
 import numpy as np
 
 from dlcli.errors import ConfigError
@@ -28,7 +30,9 @@ class Initializer:
         raise NotImplementedError
 
     def get_config(self) -> dict:
-        return {}
+        """The constructor's arguments, each kept under its own name; a seed only when one was given."""
+        args = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "args", "kwargs")]
+        return {a: getattr(self, a) for a in args if a != "seed" or self.seed is not None}
 
 
 @INITIALIZERS.register("zeros", "Zeros")
@@ -50,9 +54,6 @@ class Constant(Initializer):
 
     def __call__(self, shape, rng, dtype="float32"):
         return np.full(shape, self.value, dtype)
-
-    def get_config(self):
-        return {"value": self.value}
 
 
 @INITIALIZERS.register("variance_scaling", "VarianceScaling")
@@ -83,10 +84,6 @@ class VarianceScaling(Initializer):
         # 0.87962566... is the stddev of a unit normal truncated at +-2 (Keras uses the same constant).
         return truncated_normal(shape, np.sqrt(variance) / 0.87962566103423978, rng).astype(dtype)
 
-    def get_config(self):
-        config = {"scale": self.scale, "mode": self.mode, "distribution": self.distribution}
-        return {**config, "seed": self.seed} if self.seed is not None else config
-
 
 class _Preset(VarianceScaling):
     """Glorot, He and LeCun: VarianceScaling with Keras' fixed scale, mode and distribution; only a seed."""
@@ -95,9 +92,6 @@ class _Preset(VarianceScaling):
 
     def __init__(self, seed=None):
         self.seed = seed
-
-    def get_config(self):
-        return {"seed": self.seed} if self.seed is not None else {}
 
 
 @INITIALIZERS.register("glorot_uniform", "GlorotUniform")
@@ -138,9 +132,6 @@ class RandomNormal(Initializer):
     def __call__(self, shape, rng, dtype="float32"):
         return rng.normal(self.mean, self.stddev, shape).astype(dtype)
 
-    def get_config(self):
-        return {"mean": self.mean, "stddev": self.stddev}
-
 
 @INITIALIZERS.register("random_uniform", "RandomUniform")
 class RandomUniform(Initializer):
@@ -149,9 +140,6 @@ class RandomUniform(Initializer):
 
     def __call__(self, shape, rng, dtype="float32"):
         return rng.uniform(self.minval, self.maxval, shape).astype(dtype)
-
-    def get_config(self):
-        return {"minval": self.minval, "maxval": self.maxval}
 
 
 @INITIALIZERS.register("orthogonal", "Orthogonal")
@@ -171,9 +159,6 @@ class Orthogonal(Initializer):
         # q.T is Fortran-ordered: weights are C-ordered everywhere else (a flat view of them is a view, not a copy).
         return np.ascontiguousarray((self.gain * q[:rows, :cols]).reshape(shape), dtype=dtype)
 
-    def get_config(self):
-        return {"gain": self.gain}
-
 
 @INITIALIZERS.register("truncated_normal", "TruncatedNormal")
 class TruncatedNormal(Initializer):
@@ -184,10 +169,6 @@ class TruncatedNormal(Initializer):
 
     def __call__(self, shape, rng, dtype="float32"):
         return (self.mean + truncated_normal(shape, self.stddev, rng)).astype(dtype)
-
-    def get_config(self):
-        config = {"mean": self.mean, "stddev": self.stddev}
-        return {**config, "seed": self.seed} if self.seed is not None else config
 
 
 @INITIALIZERS.register("identity", "Identity")
@@ -202,9 +183,6 @@ class Identity(Initializer):
             raise ConfigError(f"the identity initializer makes 2-D weights only (as in Keras); this weight has shape "
                               f"{tuple(shape)}")
         return (self.gain * np.eye(*shape)).astype(dtype)
-
-    def get_config(self):
-        return {"gain": self.gain}
 
 
 def truncated_normal(shape, stddev, rng):
