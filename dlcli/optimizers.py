@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from dlcli import kernels
+from dlcli import kernels, schedules
 from dlcli.errors import ConfigError, DlcliError
 from dlcli.registry import Registry
 
@@ -23,6 +23,7 @@ _BASE_DEFAULTS = {"use_ema": False, "ema_momentum": 0.99}  # left out of get_con
 
 class Optimizer:
     name = ""
+    slots_per_weight = 1  # arrays of state kept per weight (momentum, Adam's two moments ...)
 
     def __init__(self, learning_rate=0.001, clipnorm=None, clipvalue=None, global_clipnorm=None,
                  weight_decay=None, use_ema: bool = False, ema_momentum: float = 0.99,
@@ -46,8 +47,8 @@ class Optimizer:
         self._buffers: dict = {}
 
     def slot_count(self) -> int:
-        """Arrays of state kept per weight (momentum, Adam's two moments ...): inspect-shapes' memory estimate."""
-        return 1
+        """slots_per_weight for this configuration: inspect-shapes' memory estimate."""
+        return self.slots_per_weight
 
     # --- learning rate --------------------------------------------------------------------------------------
     @property
@@ -368,15 +369,12 @@ class Nadam(Optimizer):
     """Adam with Nesterov momentum and Keras' momentum schedule u_t = b1 (1 - 0.96^t / 2): m and v as Adam's,
     w -= lr (u_{t+1} m / (1 - prod u_1..u_{t+1}) + (1 - u_t) g / (1 - prod u_1..u_t)) / (sqrt(v / (1 - b2^t)) + eps)."""
 
-    name = "nadam"
+    name, slots_per_weight = "nadam", 2
 
     def __init__(self, learning_rate=0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **kw):
         super().__init__(learning_rate, **kw)
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
         self._u_products = [1.0]  # prod u_1..u_t for t = 0, 1, ...: a function of the step, so never saved
-
-    def slot_count(self) -> int:
-        return 2
 
     def _u(self, t):
         return self.beta_1 * (1 - 0.5 * 0.96 ** t)
@@ -402,14 +400,11 @@ class Nadam(Optimizer):
 class Adamax(Optimizer):
     """Adam with the infinity norm: m += (g - m)(1 - b1); u = max(b2 u, |g|); w -= lr m / ((1 - b1^t)(u + eps))."""
 
-    name = "adamax"
+    name, slots_per_weight = "adamax", 2
 
     def __init__(self, learning_rate=0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **kw):
         super().__init__(learning_rate, **kw)
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
-
-    def slot_count(self) -> int:
-        return 2
 
     def update_step(self, index, value, grad, lr):
         t = self.iterations + 1
@@ -424,14 +419,11 @@ class Adamax(Optimizer):
 class Adadelta(Optimizer):
     """a = rho a + (1 - rho) g^2; d = -sqrt(s + eps) g / sqrt(a + eps); s = rho s + (1 - rho) d^2; w += lr d."""
 
-    name = "adadelta"
+    name, slots_per_weight = "adadelta", 2
 
     def __init__(self, learning_rate=0.001, rho: float = 0.95, epsilon: float = 1e-7, **kw):
         super().__init__(learning_rate, **kw)
         self.rho, self.epsilon = float(rho), float(epsilon)
-
-    def slot_count(self) -> int:
-        return 2
 
     def update_step(self, index, value, grad, lr):
         a = self.slot("accumulated_grad", index, value)
@@ -468,7 +460,7 @@ class Ftrl(Optimizer):
     """Follow-the-regularized-leader (McMahan et al. 2013) in Keras' form: an accumulator of g^2 (starting at
     initial_accumulator_value) and a linear term; the weight is the closed-form minimiser with L1/L2 strengths."""
 
-    name = "ftrl"
+    name, slots_per_weight = "ftrl", 2
 
     def __init__(self, learning_rate=0.001, learning_rate_power: float = -0.5,
                  initial_accumulator_value: float = 0.1, l1_regularization_strength: float = 0.0,
@@ -489,9 +481,6 @@ class Ftrl(Optimizer):
         self.l2_shrinkage_regularization_strength = float(l2_shrinkage_regularization_strength)
         self.beta = float(beta)
 
-    def slot_count(self) -> int:
-        return 2
-
     def update_step(self, index, value, grad, lr):
         accum = self.slot("accumulator", index, value, self.initial_accumulator_value)
         linear = self.slot("linear", index, value)
@@ -511,14 +500,11 @@ class Lamb(Optimizer):
     """Adam's bias-corrected step r = m_hat / (sqrt(v_hat) + eps), scaled per weight by the trust ratio
     |w| / |r| (You et al. 2019; 1 where either norm is 0): w -= lr |w| / |r| r."""
 
-    name = "lamb"
+    name, slots_per_weight = "lamb", 2
 
     def __init__(self, learning_rate=0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **kw):
         super().__init__(learning_rate, **kw)
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
-
-    def slot_count(self) -> int:
-        return 2
 
     def update_step(self, index, value, grad, lr):
         t = self.iterations + 1
@@ -577,7 +563,7 @@ class Muon(Optimizer):
     sqrt(max(rows, cols)) rms_rate; every other weight (and embeddings, and paths matching exclude_layers) takes
     AdamW's step at learning_rate adam_lr_ratio, decayed by adam_weight_decay instead of weight_decay."""
 
-    name = "muon"
+    name, slots_per_weight = "muon", 2
 
     def __init__(self, learning_rate=0.001, adam_beta_1: float = 0.9, adam_beta_2: float = 0.999,
                  adam_weight_decay: float = 0.004, epsilon: float = 1e-7, weight_decay: float = 0.004,
@@ -593,9 +579,6 @@ class Muon(Optimizer):
         self.adam_lr_ratio, self.momentum, self.ns_steps = float(adam_lr_ratio), float(momentum), int(ns_steps)
         self.nesterov, self.rms_rate = bool(nesterov), rms_rate
         self._uses_adamw: dict[int, bool] = {}
-
-    def slot_count(self) -> int:
-        return 2
 
     def uses_adamw(self, param) -> bool:
         import re
@@ -641,16 +624,13 @@ class ScheduleFreeAdamW(Optimizer):
     at w) takes Adam's bias-corrected second-moment step at lr (warmed up linearly over warmup_steps), x is the
     running average of z with weight 1/t, and the weights hold y = (1 - beta_1) z + beta_1 x."""
 
-    name = "schedule_free_adamw"
+    name, slots_per_weight = "schedule_free_adamw", 2
 
     def __init__(self, learning_rate=0.0025, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8,
                  warmup_steps: int = 0, **kw):
         super().__init__(learning_rate, **kw)
         self.beta_1, self.beta_2, self.epsilon, self.warmup_steps = float(beta_1), float(beta_2), float(epsilon), \
             int(warmup_steps)
-
-    def slot_count(self) -> int:
-        return 2
 
     def build(self, params):
         starts = self.slots.setdefault("momentum", {})
@@ -678,10 +658,6 @@ def get(identifier) -> Optimizer:
 
 def _learning_rate_arg(value):
     if isinstance(value, dict):
-        try:
-            from dlcli import schedules
-        except ImportError as e:
-            raise ConfigError(f"learning-rate schedules are not available ({e}); give learning_rate as a number")
         return schedules.get(value)
     if callable(value):
         return value
@@ -693,12 +669,7 @@ def _learning_rate_arg(value):
 def _learning_rate_config(value):
     if not callable(value):
         return value
-    try:
-        from dlcli import schedules
-
-        return schedules.serialize(value)
-    except (ImportError, AttributeError):
-        return value.get_config() if hasattr(value, "get_config") else repr(value)
+    return value.get_config() if hasattr(value, "get_config") else repr(value)
 
 
 def _rms(x) -> float:

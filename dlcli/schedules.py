@@ -206,8 +206,3 @@ def get(identifier) -> Schedule:
         raise ConfigError(f"a learning-rate schedule is a mapping like {{type: cosine_decay, initial_learning_rate: "
                           f"0.001, decay_steps: 1000}}; got {identifier!r}; known: {', '.join(SCHEDULES.names())}")
     return SCHEDULES.create(identifier)
-
-
-def serialize(schedule) -> dict:
-    """The YAML mapping of a schedule (config in = config out)."""
-    return schedule.get_config()
