@@ -14,7 +14,7 @@ from dlcli.engine.activations import log_softmax, sigmoid, softmax
 from dlcli.errors import ConfigError, DlcliError, ShapeError
 from dlcli.registry import Registry
 
-LOSSES = Registry("loss")
+LOSSES = Registry("loss", name_attribute="name")
 EPSILON = 1e-7  # keras.backend.epsilon()
 
 
@@ -31,7 +31,7 @@ def reduction_name(reduction, loss_name: str) -> str:
 
 
 class Loss:
-    name = ""
+    name = ""  # the first name the class is registered under (set by LOSSES.register)
     fused_activation = None  # the output activation whose Jacobian this loss folds in ("softmax"/"sigmoid")
     reduction = "sum_over_batch_size"
     batch_value = False  # one value for the whole batch (Dice/Tversky with axis None): no reduction applies
@@ -121,7 +121,6 @@ def dense_targets(y_true, y_pred, loss_name):
 class CategoricalCrossentropy(Loss):
     """-sum(y_true * log(p)) over the last axis; label smoothing y*(1-s) + s/classes (Keras)."""
 
-    name = "categorical_crossentropy"
     fused_activation = "softmax"
 
     def __init__(self, from_logits: bool = False, label_smoothing: float = 0.0, reduction: str = "sum_over_batch_size"):
@@ -150,7 +149,6 @@ class CategoricalCrossentropy(Loss):
 class SparseCategoricalCrossentropy(Loss):
     """Categorical crossentropy with integer labels: (batch,) or (batch, 1); (batch, T) for (batch, T, C)."""
 
-    name = "sparse_categorical_crossentropy"
     fused_activation = "softmax"
 
     def __init__(self, from_logits: bool = False, reduction: str = "sum_over_batch_size"):
@@ -237,7 +235,6 @@ def _probability_crossentropy(t, y):
 class BinaryCrossentropy(Loss):
     """Element-wise -(y log p + (1-y) log(1-p)), mean over the last axis; smoothing y*(1-s) + s/2 (Keras)."""
 
-    name = "binary_crossentropy"
     fused_activation = "sigmoid"
 
     def __init__(self, from_logits: bool = False, label_smoothing: float = 0.0, reduction: str = "sum_over_batch_size"):
@@ -283,16 +280,12 @@ class _ElementwiseLoss(Loss):
 
 @LOSSES.register("mean_squared_error", "MeanSquaredError", "mse")
 class MeanSquaredError(_ElementwiseLoss):
-    name = "mean_squared_error"
-
     def values_and_grad(self, error):
         return error * error, 2 * error
 
 
 @LOSSES.register("mean_absolute_error", "MeanAbsoluteError", "mae")
 class MeanAbsoluteError(_ElementwiseLoss):
-    name = "mean_absolute_error"
-
     def values_and_grad(self, error):
         return np.abs(error), np.sign(error)
 
@@ -300,8 +293,6 @@ class MeanAbsoluteError(_ElementwiseLoss):
 @LOSSES.register("huber", "Huber", "huber_loss")
 class Huber(_ElementwiseLoss):
     """0.5 e^2 where |e| <= delta, else delta * (|e| - 0.5 delta) (Keras' Huber, delta=1.0)."""
-
-    name = "huber"
 
     def __init__(self, delta: float = 1.0, reduction: str = "sum_over_batch_size"):
         self.reduction = reduction_name(reduction, self.name)
@@ -350,8 +341,6 @@ def _hinge_targets(t):
 class Hinge(_LastAxisLoss):
     """mean(max(1 - t * y, 0)) with targets -1/1 (0/1 converted)."""
 
-    name = "hinge"
-
     def elements(self, t, y):
         t = _hinge_targets(t)
         margin = 1 - t * y
@@ -361,8 +350,6 @@ class Hinge(_LastAxisLoss):
 @LOSSES.register("squared_hinge", "SquaredHinge")
 class SquaredHinge(_LastAxisLoss):
     """mean(max(1 - t * y, 0)^2) with targets -1/1 (0/1 converted)."""
-
-    name = "squared_hinge"
 
     def elements(self, t, y):
         t = _hinge_targets(t)
@@ -374,7 +361,6 @@ class SquaredHinge(_LastAxisLoss):
 class CategoricalHinge(_LastAxisLoss):
     """max(max((1 - t) * y) - sum(t * y) + 1, 0) over the last axis."""
 
-    name = "categorical_hinge"
     last_axis = "sum"
 
     def elements(self, t, y):
@@ -393,7 +379,6 @@ class CosineSimilarity(_LastAxisLoss):
     """-sum(t / |t| * y / |y|) over the last axis; an all-zero vector counts as orthogonal (Keras' normalize:
     x * min(1 / |x|, 1 / epsilon))."""
 
-    name = "cosine_similarity"
     last_axis = "sum"
 
     def __init__(self, axis: int = -1, reduction: str = "sum_over_batch_size"):
@@ -417,7 +402,6 @@ class CosineSimilarity(_LastAxisLoss):
 class KLDivergence(_LastAxisLoss):
     """sum(t * log(t / y)) over the last axis, t and y clipped to [1e-7, 1]."""
 
-    name = "kl_divergence"
     last_axis = "sum"
 
     def elements(self, t, y):
@@ -429,8 +413,6 @@ class KLDivergence(_LastAxisLoss):
 class LogCosh(_LastAxisLoss):
     """mean(log(cosh(y - t))), computed as e + softplus(-2e) - log 2 (no overflow)."""
 
-    name = "log_cosh"
-
     def elements(self, t, y):
         e = y - t
         return e + np.logaddexp(0, -2 * e) - np.log(2.0), np.tanh(e)
@@ -440,8 +422,6 @@ class LogCosh(_LastAxisLoss):
 class MeanAbsolutePercentageError(_LastAxisLoss):
     """100 * mean(|t - y| / max(|t|, 1e-7))."""
 
-    name = "mean_absolute_percentage_error"
-
     def elements(self, t, y):
         scale = 100 / np.maximum(np.abs(t), EPSILON)
         return np.abs(t - y) * scale, np.sign(y - t) * scale
@@ -450,8 +430,6 @@ class MeanAbsolutePercentageError(_LastAxisLoss):
 @LOSSES.register("mean_squared_logarithmic_error", "MeanSquaredLogarithmicError", "msle")
 class MeanSquaredLogarithmicError(_LastAxisLoss):
     """mean((log(max(y, 1e-7) + 1) - log(max(t, 1e-7) + 1))^2)."""
-
-    name = "mean_squared_logarithmic_error"
 
     def elements(self, t, y):
         shifted = np.maximum(y, EPSILON) + 1
@@ -463,8 +441,6 @@ class MeanSquaredLogarithmicError(_LastAxisLoss):
 class Poisson(_LastAxisLoss):
     """mean(y - t * log(y + 1e-7))."""
 
-    name = "poisson"
-
     def elements(self, t, y):
         return y - t * np.log(y + EPSILON), 1 - t / (y + EPSILON)
 
@@ -473,8 +449,6 @@ class Poisson(_LastAxisLoss):
 class BinaryFocalCrossentropy(_LastAxisLoss):
     """(1 - p_t)^gamma * bce, p_t = t p + (1 - t)(1 - p); with apply_class_balancing weighted alpha for 1s and
     1 - alpha for 0s (Lin et al. 2017, as Keras)."""
-
-    name = "binary_focal_crossentropy"
 
     def __init__(self, apply_class_balancing: bool = False, alpha: float = 0.25, gamma: float = 2.0,
                  from_logits: bool = False, label_smoothing: float = 0.0, reduction: str = "sum_over_batch_size"):
@@ -505,7 +479,6 @@ class BinaryFocalCrossentropy(_LastAxisLoss):
 class CategoricalFocalCrossentropy(_LastAxisLoss):
     """sum(-alpha * (1 - o)^gamma * t * log o) over the last axis, o = clip(y / sum(y)) (Keras' renormalisation)."""
 
-    name = "categorical_focal_crossentropy"
     last_axis = "sum"
 
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, from_logits: bool = False,
@@ -573,8 +546,6 @@ class _OverlapLoss(Loss):
 class Dice(_OverlapLoss):
     """1 - 2 sum(t y) / (sum(t) + sum(y) + 1e-7)."""
 
-    name = "dice"
-
     def ratio(self, t, y, total):
         return 2 * total(t * y), total(t) + total(y) + EPSILON, 2 * t, np.ones_like(y)
 
@@ -582,8 +553,6 @@ class Dice(_OverlapLoss):
 @LOSSES.register("tversky", "Tversky")
 class Tversky(_OverlapLoss):
     """1 - sum(t y) / (sum(t y) + alpha sum((1 - y) t) + beta sum(y (1 - t)) + 1e-7), Keras' terms as written."""
-
-    name = "tversky"
 
     def __init__(self, alpha: float = 0.5, beta: float = 0.5, axis=None, reduction: str = "sum_over_batch_size"):
         super().__init__(axis, reduction)
@@ -599,8 +568,6 @@ class Tversky(_OverlapLoss):
 class CategoricalGeneralizedCrossEntropy(Loss):
     """(1 - p^q) / q with p the probability of the true class (integer labels), Zhang & Sabuncu's noise-robust
     loss between cross-entropy (q -> 0) and MAE (q = 1), as keras.losses.CategoricalGeneralizedCrossEntropy."""
-
-    name = "categorical_generalized_cross_entropy"
 
     def __init__(self, q: float = 0.5, reduction: str = "sum_over_batch_size"):
         self.reduction = reduction_name(reduction, self.name)
@@ -636,8 +603,6 @@ class Circle(Loss):
     -gamma max(margin + d, 0)(margin - d) + logsumexp over negatives of gamma max(1 + margin - d, 0)(1 - margin - d)).
     Samples without a positive pair score 0 and are left out of the mean, as Keras masks them. The batch is the
     reference set, so every sample's loss depends on every other: per-sample weights are refused."""
-
-    name = "circle"
 
     def __init__(self, gamma: float = 80.0, margin: float = 0.4, remove_diagonal: bool = True,
                  reduction: str = "sum_over_batch_size"):
@@ -685,8 +650,6 @@ class CTC(Loss):
     padded with 0, which is also the blank; y_pred (batch, time, classes) logits (log-softmax taken here); every
     sample uses all time steps. The loss is -log p(labels | inputs) by the forward-backward recursion in log space
     (Graves et al. 2006), one pass over time for the whole batch; impossible alignments give inf as Keras does."""
-
-    name = "ctc"
 
     def values_per_sample(self, y_pred) -> int:
         return 1  # one value per sequence

@@ -15,14 +15,14 @@ from dlcli import kernels, schedules
 from dlcli.errors import ConfigError, DlcliError
 from dlcli.registry import Registry
 
-OPTIMIZERS = Registry("optimizer")
+OPTIMIZERS = Registry("optimizer", name_attribute="name")
 _BASE_ARGS = ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay", "use_ema", "ema_momentum",
               "ema_overwrite_frequency")
 _BASE_DEFAULTS = {"use_ema": False, "ema_momentum": 0.99}  # left out of get_config at these values
 
 
 class Optimizer:
-    name = ""
+    name = ""  # the first name the class is registered under (set by OPTIMIZERS.register)
     slots_per_weight = 1  # arrays of state kept per weight (momentum, Adam's two moments ...)
 
     def __init__(self, learning_rate=0.001, clipnorm=None, clipvalue=None, global_clipnorm=None,
@@ -205,8 +205,6 @@ def _unused(value):
 class SGD(Optimizer):
     """w -= lr*g; with momentum m = momentum*m - lr*g, w += m (Nesterov: w += momentum*m - lr*g)."""
 
-    name = "sgd"
-
     def __init__(self, learning_rate=0.01, momentum: float = 0.0, nesterov: bool = False, **kw):
         super().__init__(learning_rate, **kw)
         if not 0 <= momentum <= 1:
@@ -241,8 +239,6 @@ class SGD(Optimizer):
 @OPTIMIZERS.register("rmsprop", "RMSprop")
 class RMSprop(Optimizer):
     """v = rho*v + (1-rho)*g^2; w -= lr*g / sqrt(v + eps) (centered: v - avg_g^2 + eps; momentum: plain)."""
-
-    name = "rmsprop"
 
     def __init__(self, learning_rate=0.001, rho: float = 0.9, momentum: float = 0.0, epsilon: float = 1e-7,
                  centered: bool = False, **kw):
@@ -292,8 +288,6 @@ class RMSprop(Optimizer):
 class Adam(Optimizer):
     """m += (g-m)(1-b1); v += (g^2-v)(1-b2); w -= m * lr*sqrt(1-b2^t)/(1-b1^t) / (sqrt(v) + eps), t = step+1."""
 
-    name = "adam"
-
     def __init__(self, learning_rate=0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7,
                  amsgrad: bool = False, **kw):
         super().__init__(learning_rate, **kw)
@@ -336,8 +330,6 @@ class Adam(Optimizer):
 class AdamW(Adam):
     """Adam with decoupled weight decay (Keras' AdamW: weight_decay=0.004, applied by the base class)."""
 
-    name = "adamw"
-
     def __init__(self, learning_rate=0.001, weight_decay: float = 0.004, beta_1: float = 0.9,
                  beta_2: float = 0.999, epsilon: float = 1e-7, amsgrad: bool = False, **kw):
         super().__init__(learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay=weight_decay, **kw)
@@ -346,8 +338,6 @@ class AdamW(Adam):
 @OPTIMIZERS.register("adagrad", "Adagrad")
 class Adagrad(Optimizer):
     """acc += g^2 (acc starts at initial_accumulator_value); w -= lr*g / sqrt(acc + eps)."""
-
-    name = "adagrad"
 
     def __init__(self, learning_rate=0.001, initial_accumulator_value: float = 0.1, epsilon: float = 1e-7, **kw):
         super().__init__(learning_rate, **kw)
@@ -369,7 +359,7 @@ class Nadam(Optimizer):
     """Adam with Nesterov momentum and Keras' momentum schedule u_t = b1 (1 - 0.96^t / 2): m and v as Adam's,
     w -= lr (u_{t+1} m / (1 - prod u_1..u_{t+1}) + (1 - u_t) g / (1 - prod u_1..u_t)) / (sqrt(v / (1 - b2^t)) + eps)."""
 
-    name, slots_per_weight = "nadam", 2
+    slots_per_weight = 2
 
     def __init__(self, learning_rate=0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **kw):
         super().__init__(learning_rate, **kw)
@@ -400,7 +390,7 @@ class Nadam(Optimizer):
 class Adamax(Optimizer):
     """Adam with the infinity norm: m += (g - m)(1 - b1); u = max(b2 u, |g|); w -= lr m / ((1 - b1^t)(u + eps))."""
 
-    name, slots_per_weight = "adamax", 2
+    slots_per_weight = 2
 
     def __init__(self, learning_rate=0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **kw):
         super().__init__(learning_rate, **kw)
@@ -419,7 +409,7 @@ class Adamax(Optimizer):
 class Adadelta(Optimizer):
     """a = rho a + (1 - rho) g^2; d = -sqrt(s + eps) g / sqrt(a + eps); s = rho s + (1 - rho) d^2; w += lr d."""
 
-    name, slots_per_weight = "adadelta", 2
+    slots_per_weight = 2
 
     def __init__(self, learning_rate=0.001, rho: float = 0.95, epsilon: float = 1e-7, **kw):
         super().__init__(learning_rate, **kw)
@@ -440,8 +430,6 @@ class Adadelta(Optimizer):
 class Lion(Optimizer):
     """w -= lr sign(b1 m + (1 - b1) g); then m = b2 m + (1 - b2) g (Chen et al. 2023, Keras' defaults 0.9/0.99)."""
 
-    name = "lion"
-
     def __init__(self, learning_rate=0.001, beta_1: float = 0.9, beta_2: float = 0.99, **kw):
         super().__init__(learning_rate, **kw)
         if not 0 < beta_1 <= 1:
@@ -460,7 +448,7 @@ class Ftrl(Optimizer):
     """Follow-the-regularized-leader (McMahan et al. 2013) in Keras' form: an accumulator of g^2 (starting at
     initial_accumulator_value) and a linear term; the weight is the closed-form minimiser with L1/L2 strengths."""
 
-    name, slots_per_weight = "ftrl", 2
+    slots_per_weight = 2
 
     def __init__(self, learning_rate=0.001, learning_rate_power: float = -0.5,
                  initial_accumulator_value: float = 0.1, l1_regularization_strength: float = 0.0,
@@ -500,7 +488,7 @@ class Lamb(Optimizer):
     """Adam's bias-corrected step r = m_hat / (sqrt(v_hat) + eps), scaled per weight by the trust ratio
     |w| / |r| (You et al. 2019; 1 where either norm is 0): w -= lr |w| / |r| r."""
 
-    name, slots_per_weight = "lamb", 2
+    slots_per_weight = 2
 
     def __init__(self, learning_rate=0.001, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7, **kw):
         super().__init__(learning_rate, **kw)
@@ -524,8 +512,6 @@ class Adafactor(Optimizer):
     and column means of g^2 + epsilon_1 decayed by beta_2_t = 1 - t^beta_2_decay, v = r / mean(r) (x) c; a vector
     keeps the full v. The step u = g / sqrt(v), clipped to RMS clip_threshold, is scaled by
     max(epsilon_2, RMS(w)) min(lr, 1/sqrt(t)) (with relative_step and a constant rate, lr itself is capped so)."""
-
-    name = "adafactor"
 
     def __init__(self, learning_rate=0.001, beta_2_decay: float = -0.8, epsilon_1: float = 1e-30,
                  epsilon_2: float = 1e-3, clip_threshold: float = 1.0, relative_step: bool = True, **kw):
@@ -563,7 +549,7 @@ class Muon(Optimizer):
     sqrt(max(rows, cols)) rms_rate; every other weight (and embeddings, and paths matching exclude_layers) takes
     AdamW's step at learning_rate adam_lr_ratio, decayed by adam_weight_decay instead of weight_decay."""
 
-    name, slots_per_weight = "muon", 2
+    slots_per_weight = 2
 
     def __init__(self, learning_rate=0.001, adam_beta_1: float = 0.9, adam_beta_2: float = 0.999,
                  adam_weight_decay: float = 0.004, epsilon: float = 1e-7, weight_decay: float = 0.004,
@@ -624,7 +610,7 @@ class ScheduleFreeAdamW(Optimizer):
     at w) takes Adam's bias-corrected second-moment step at lr (warmed up linearly over warmup_steps), x is the
     running average of z with weight 1/t, and the weights hold y = (1 - beta_1) z + beta_1 x."""
 
-    name, slots_per_weight = "schedule_free_adamw", 2
+    slots_per_weight = 2
 
     def __init__(self, learning_rate=0.0025, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8,
                  warmup_steps: int = 0, **kw):

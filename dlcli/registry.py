@@ -49,8 +49,10 @@ def _edits(a: str, b: str) -> int:
 
 
 class Registry:
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, name_attribute: str | None = None):
+        """name_attribute: set on each class registered to the first name it is registered under, so that name (the
+        one its config is written with: an optimizer's or loss's `name`) is given once, in the decorator."""
+        self.kind, self.name_attribute = kind, name_attribute
         self._items: dict = {}
 
     def register(self, *names: str):
@@ -59,6 +61,8 @@ class Registry:
                 if name in self._items:
                     raise ValueError(f"duplicate {self.kind} name '{name}'")
                 self._items[name] = obj
+            if self.name_attribute and names:
+                setattr(obj, self.name_attribute, names[0])
             return obj
 
         return add

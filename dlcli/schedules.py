@@ -10,11 +10,11 @@ import math
 from dlcli.errors import ConfigError
 from dlcli.registry import Registry
 
-SCHEDULES = Registry("learning-rate schedule")
+SCHEDULES = Registry("learning-rate schedule", name_attribute="name")
 
 
 class Schedule:
-    name = ""
+    name = ""  # the first name the class is registered under (set by SCHEDULES.register)
 
     def __call__(self, step) -> float:
         raise NotImplementedError
@@ -33,8 +33,6 @@ class Schedule:
 class PiecewiseConstantDecay(Schedule):
     """values[0] while step <= boundaries[0], values[i] while boundaries[i-1] < step <= boundaries[i], then
     values[-1] (Keras' boundaries are inclusive on the right)."""
-
-    name = "piecewise_constant"
 
     def __init__(self, boundaries: list[int], values: list[float]):
         if len(values) != len(boundaries) + 1:
@@ -55,8 +53,6 @@ class PiecewiseConstantDecay(Schedule):
 class ExponentialDecay(Schedule):
     """initial_learning_rate * decay_rate ** (step / decay_steps); staircase floors the exponent."""
 
-    name = "exponential_decay"
-
     def __init__(self, initial_learning_rate: float, decay_steps: int, decay_rate: float, staircase: bool = False):
         _positive(decay_steps, "exponential_decay decay_steps")
         self.initial_learning_rate, self.decay_steps = float(initial_learning_rate), int(decay_steps)
@@ -71,8 +67,6 @@ class ExponentialDecay(Schedule):
 class CosineDecay(Schedule):
     """Optional linear warm-up from initial_learning_rate to warmup_target over warmup_steps, then cosine decay
     over decay_steps down to alpha x the peak (Keras 3's CosineDecay: no warm-up when warmup_target is None)."""
-
-    name = "cosine_decay"
 
     def __init__(self, initial_learning_rate: float, decay_steps: int, alpha: float = 0.0,
                  warmup_target: float | None = None, warmup_steps: int = 0):
@@ -101,8 +95,6 @@ class OneCycle(Schedule):
     """Cosine rise from max/div_factor to max_learning_rate over the first pct_start of total_steps, then cosine
     fall to max/(div_factor*final_div_factor) at step total_steps-1 (PyTorch's OneCycleLR defaults; Keras has none)."""
 
-    name = "one_cycle"
-
     def __init__(self, max_learning_rate: float, total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0,
                  final_div_factor: float = 1e4):
         _positive(total_steps, "one_cycle total_steps")
@@ -127,8 +119,6 @@ class OneCycle(Schedule):
 class InverseTimeDecay(Schedule):
     """initial_learning_rate / (1 + decay_rate * step / decay_steps); staircase floors step / decay_steps."""
 
-    name = "inverse_time_decay"
-
     def __init__(self, initial_learning_rate: float, decay_steps: int, decay_rate: float, staircase: bool = False):
         _positive(decay_steps, "inverse_time_decay decay_steps")
         self.initial_learning_rate, self.decay_steps = float(initial_learning_rate), int(decay_steps)
@@ -143,8 +133,6 @@ class InverseTimeDecay(Schedule):
 class PolynomialDecay(Schedule):
     """(initial - end) * (1 - step / decay_steps) ** power + end, held at end after decay_steps; with cycle the
     decay restarts from the initial rate over the next multiple of decay_steps (Keras)."""
-
-    name = "polynomial_decay"
 
     def __init__(self, initial_learning_rate: float, decay_steps: int, end_learning_rate: float = 0.0001,
                  power: float = 1.0, cycle: bool = False):
@@ -167,8 +155,6 @@ class PolynomialDecay(Schedule):
 class CosineDecayRestarts(Schedule):
     """Cosine decay that restarts (SGDR, Loshchilov & Hutter 2017): the i-th period lasts first_decay_steps *
     t_mul^i steps and starts from initial_learning_rate * m_mul^i; alpha is the floor as a fraction (Keras)."""
-
-    name = "cosine_decay_restarts"
 
     def __init__(self, initial_learning_rate: float, first_decay_steps: int, t_mul: float = 2.0, m_mul: float = 1.0,
                  alpha: float = 0.0):

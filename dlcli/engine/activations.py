@@ -12,7 +12,7 @@ import numpy as np
 from dlcli import kernels
 from dlcli.registry import Registry
 
-ACTIVATIONS = Registry("activation")
+ACTIVATIONS = Registry("activation", name_attribute="name")
 
 
 def _into(values, out):
@@ -28,7 +28,7 @@ class Activation:
     tensor named x and returns the output's name; `channels_last` ones act along an axis, so the Builder hands them
     Keras' layout."""
 
-    name = "linear"
+    name = "linear"  # a registered class's first name (set by ACTIVATIONS.register)
     channels_last = False
     # d act / dz as a function of the output y = act(z), where one exists: a recurrent layer caches only its
     # outputs, so it accepts exactly these activations. A staticmethod (y, out=None) on the class, or None.
@@ -73,7 +73,6 @@ class ReLU(Activation):
     """max(z, 0), or with Keras' arguments: z above `threshold` (capped at `max_value`), negative_slope *
     (z - threshold) below it (keras.activations.relu; with only negative_slope, max(z, negative_slope * z))."""
 
-    name = "relu"
     # relu(max z) == max(relu z), and the gradients match: a window whose maximum is <= 0 gets none either way, and
     # otherwise the first maximum of z is the first maximum of relu(z). Only said of the plain relu.
     commutes_with_max = True
@@ -148,8 +147,6 @@ class ReLU(Activation):
 
 @ACTIVATIONS.register("sigmoid")
 class Sigmoid(Activation):
-    name = "sigmoid"
-
     def to_onnx(self, g, x, hint=None):
         return g.op("Sigmoid", [x], hint)
 
@@ -169,8 +166,6 @@ class Sigmoid(Activation):
 
 @ACTIVATIONS.register("tanh")
 class Tanh(Activation):
-    name = "tanh"
-
     def to_onnx(self, g, x, hint=None):
         return g.op("Tanh", [x], hint)
 
@@ -191,7 +186,6 @@ class Tanh(Activation):
 class Softmax(Activation):
     """exp(z) / sum(exp(z)) over `axis` (an axis of the batch tensor, or a list of them, as Keras)."""
 
-    name = "softmax"
     channels_last = True
 
     def __init__(self, axis: int | list[int] = -1):
@@ -216,7 +210,6 @@ class Softmax(Activation):
 
 @ACTIVATIONS.register("log_softmax")
 class LogSoftmax(Activation):
-    name = "log_softmax"
     channels_last = True
 
     def __init__(self, axis: int = -1):
@@ -236,7 +229,6 @@ class LogSoftmax(Activation):
 
 @ACTIVATIONS.register("elu")
 class ELU(Activation):
-    name = "elu"
     alpha = 1.0  # what output_derivative (recurrent layers, the name only) assumes
 
     def __init__(self, alpha: float = 1.0):
@@ -260,7 +252,6 @@ class ELU(Activation):
 
 @ACTIVATIONS.register("selu")
 class SELU(Activation):
-    name = "selu"
     # Constants from Klambauer et al. (2017), as keras.activations.selu.
     alpha, scale = 1.6732632423543772, 1.0507009873554805
 
@@ -284,8 +275,6 @@ class SELU(Activation):
 class GELU(Activation):
     """Exact GELU x * Phi(x), Keras' default (`approximate=False`)."""
 
-    name = "gelu"
-
     def forward(self, z):
         self.z = z
         self.cdf = 0.5 * (1 + erf(z / np.sqrt(2)))
@@ -305,8 +294,6 @@ class GELU(Activation):
 class LeakyReLU(Activation):
     """max(z, negative_slope * z) (keras.activations.leaky_relu: 0.2 by default; the LeakyReLU layer's is 0.3)."""
 
-    name = "leaky_relu"
-
     def __init__(self, negative_slope: float = 0.2):
         self.negative_slope = float(negative_slope)
 
@@ -325,8 +312,6 @@ class LeakyReLU(Activation):
 
 @ACTIVATIONS.register("softplus")
 class Softplus(Activation):
-    name = "softplus"
-
     def forward(self, z):
         self.z = z
         return np.logaddexp(0, z)
@@ -345,8 +330,6 @@ class Softplus(Activation):
 
 @ACTIVATIONS.register("swish", "silu")
 class Swish(Activation):
-    name = "swish"
-
     def forward(self, z):
         self.z, self.s = z, sigmoid(z)
         return z * self.s
@@ -368,8 +351,6 @@ class _Masked(Activation):
 
 @ACTIVATIONS.register("relu6")
 class ReLU6(_Masked):
-    name = "relu6"
-
     def to_onnx(self, g, x, hint=None):
         return g.op("Clip", [x, g.scalar(0.0), g.scalar(6.0)], hint)
 
@@ -381,8 +362,6 @@ class ReLU6(_Masked):
 @ACTIVATIONS.register("hard_sigmoid")
 class HardSigmoid(_Masked):
     """clip(z / 6 + 1/2, 0, 1) (Keras 3's slope 1/6, not Keras 2's 0.2)."""
-
-    name = "hard_sigmoid"
 
     def to_onnx(self, g, x, hint=None):
         return g.op("HardSigmoid", [x], hint, alpha=1 / 6, beta=0.5)
@@ -396,8 +375,6 @@ class HardSigmoid(_Masked):
 @ACTIVATIONS.register("hard_silu", "hard_swish")
 class HardSilu(Activation):
     """z * hard_sigmoid(z)."""
-
-    name = "hard_silu"
 
     def to_onnx(self, g, x, hint=None):  # HardSwish needs opset 14
         return g.op("Mul", [x, g.op("HardSigmoid", [x], alpha=1 / 6, beta=0.5)], hint)
@@ -415,8 +392,6 @@ class HardSilu(Activation):
 class Mish(Activation):
     """z * tanh(softplus(z))."""
 
-    name = "mish"
-
     def to_onnx(self, g, x, hint=None):  # Mish needs opset 18
         return g.op("Mul", [x, g.op("Tanh", [g.op("Softplus", [x])])], hint)
 
@@ -433,8 +408,6 @@ class Mish(Activation):
 class Softsign(Activation):
     """z / (1 + |z|)."""
 
-    name = "softsign"
-
     def to_onnx(self, g, x, hint=None):
         return g.op("Softsign", [x], hint)
 
@@ -448,8 +421,6 @@ class Softsign(Activation):
 
 @ACTIVATIONS.register("exponential")
 class Exponential(Activation):
-    name = "exponential"
-
     def to_onnx(self, g, x, hint=None):
         return g.op("Exp", [x], hint)
 
@@ -469,8 +440,6 @@ class Exponential(Activation):
 class CELU(Activation):
     """max(z, 0) + alpha * expm1(min(z, 0) / alpha)."""
 
-    name = "celu"
-
     def to_onnx(self, g, x, hint=None):
         return g.op("Celu", [x], hint, alpha=self.alpha)
 
@@ -489,7 +458,6 @@ class CELU(Activation):
 class GLU(Activation):
     """a * sigmoid(b) for the two halves [a, b] of `axis`: the output has half the input's size along it."""
 
-    name = "glu"
     channels_last = True
 
     def to_onnx(self, g, x, hint=None):
@@ -525,8 +493,6 @@ class GLU(Activation):
 class LogSigmoid(Activation):
     """-softplus(-z)."""
 
-    name = "log_sigmoid"
-
     def to_onnx(self, g, x, hint=None):
         return g.op("Neg", [g.op("Softplus", [g.op("Neg", [x])])], hint)
 
@@ -540,8 +506,6 @@ class LogSigmoid(Activation):
 
 @ACTIVATIONS.register("hard_tanh")
 class HardTanh(_Masked):
-    name = "hard_tanh"
-
     def to_onnx(self, g, x, hint=None):
         return g.op("Clip", [x, g.scalar(-1.0), g.scalar(1.0)], hint)
 
@@ -553,8 +517,6 @@ class HardTanh(_Masked):
 @ACTIVATIONS.register("hard_shrink")
 class HardShrink(_Masked):
     """z where |z| > threshold, else 0."""
-
-    name = "hard_shrink"
 
     def to_onnx(self, g, x, hint=None):
         return g.op("Shrink", [x], hint, lambd=self.threshold, bias=0.0)
@@ -571,8 +533,6 @@ class HardShrink(_Masked):
 class SoftShrink(_Masked):
     """z - threshold above it, z + threshold below -threshold, else 0."""
 
-    name = "soft_shrink"
-
     def to_onnx(self, g, x, hint=None):
         return g.op("Shrink", [x], hint, lambd=self.threshold, bias=self.threshold)
 
@@ -588,8 +548,6 @@ class SoftShrink(_Masked):
 class TanhShrink(Activation):
     """z - tanh(z)."""
 
-    name = "tanh_shrink"
-
     def to_onnx(self, g, x, hint=None):
         return g.op("Sub", [x, g.op("Tanh", [x])], hint)
 
@@ -604,8 +562,6 @@ class TanhShrink(Activation):
 @ACTIVATIONS.register("sparse_plus")
 class SparsePlus(Activation):
     """0 for z <= -1, (z + 1)^2 / 4 for -1 < z < 1, z from 1."""
-
-    name = "sparse_plus"
 
     def to_onnx(self, g, x, hint=None):
         shifted = g.op("Add", [g.op("Clip", [x, g.scalar(-1.0), g.scalar(1.0)]), g.scalar(1.0)])
@@ -625,8 +581,6 @@ class SparsePlus(Activation):
 class SparseSigmoid(_Masked):
     """0 for z <= -1, (z + 1) / 2 for -1 < z < 1, 1 from 1."""
 
-    name = "sparse_sigmoid"
-
     def to_onnx(self, g, x, hint=None):
         half = g.op("Mul", [g.op("Add", [x, g.scalar(1.0)]), g.scalar(0.5)])
         return g.op("Clip", [half, g.scalar(0.0), g.scalar(1.0)], hint)
@@ -639,8 +593,6 @@ class SparseSigmoid(_Masked):
 @ACTIVATIONS.register("squareplus")
 class Squareplus(Activation):
     """(z + sqrt(z^2 + b)) / 2."""
-
-    name = "squareplus"
 
     def to_onnx(self, g, x, hint=None):
         root = g.op("Sqrt", [g.op("Add", [g.op("Mul", [x, x]), g.scalar(self.b)])])
@@ -662,8 +614,6 @@ class Threshold(_Masked):
     """z where z > threshold, else default_value. Keras' threshold has no defaults, so neither has this one: a
     config names both, {type: threshold, threshold: 0.1, default_value: 0.0}."""
 
-    name = "threshold"
-
     def to_onnx(self, g, x, hint=None):
         above = g.op("Greater", [x, g.scalar(self.threshold)])
         return g.op("Where", [above, x, g.scalar(self.default_value)], hint)
@@ -681,7 +631,6 @@ class Threshold(_Masked):
 class Sparsemax(Activation):
     """Euclidean projection onto the simplex along `axis` (Martins & Astudillo 2016): max(z - tau, 0)."""
 
-    name = "sparsemax"
     channels_last = True
 
     def to_onnx(self, g, x, hint=None):
