@@ -23,6 +23,13 @@ LAYERS = Registry("layer")
 register = LAYERS.register  # @register("Dense") on each layer class: the names a config may use
 
 
+def ranked(name: str, family: type, rank: int, doc: str | None = None, **attributes) -> type:
+    """A layer family written once for any number of spatial axes, at one rank and registered under `name`
+    (`Conv2D = ranked("Conv2D", _Conv, 2)`): the class belongs to the family's module, as if written there."""
+    namespace = {"rank": rank, "__doc__": doc, "__module__": family.__module__, **attributes}
+    return register(name)(type(name, (family,), namespace))
+
+
 class Param:
     """One weight: its value, its accumulated gradient, and how the optimizer should treat it."""
 

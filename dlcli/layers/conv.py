@@ -7,7 +7,7 @@ matmul (see conv_math); nothing loops over samples or output positions.
 import numpy as np
 
 from dlcli.engine import activations, initializers
-from dlcli.engine.layer import Layer, register
+from dlcli.engine.layer import Layer, ranked
 from dlcli.errors import ConfigError
 from dlcli.layers import conv_math as cm
 from dlcli.registry import Size, Sizes
@@ -165,24 +165,10 @@ class _Conv(_Windowed):
         return g.activate(self.activation, g.value(y, x.rank, True))
 
 
-@register("Conv1D")
-class Conv1D(_Conv):
-    """On (batch, steps, channels); padding may also be 'causal' (left padding only, as Keras)."""
-
-    rank = 1
-    paddings = ("valid", "same", "causal")
-
-
-@register("Conv2D")
-class Conv2D(_Conv):
-    rank = 2
-
-
-@register("Conv3D")
-class Conv3D(_Conv):
-    """On (batch, depth, height, width, channels), e.g. video frames."""
-
-    rank = 3
+Conv1D = ranked("Conv1D", _Conv, 1, "On (batch, steps, channels); padding may also be 'causal' (left padding only, "
+                "as Keras).", paddings=("valid", "same", "causal"))
+Conv2D = ranked("Conv2D", _Conv, 2)
+Conv3D = ranked("Conv3D", _Conv, 3, "On (batch, depth, height, width, channels), e.g. video frames.")
 
 
 class _ConvTranspose(_Windowed):
@@ -286,19 +272,9 @@ class _ConvTranspose(_Windowed):
         return g.activate(self.activation, g.value(y, x.rank, True))
 
 
-@register("Conv1DTranspose")
-class Conv1DTranspose(_ConvTranspose):
-    rank = 1
-
-
-@register("Conv2DTranspose")
-class Conv2DTranspose(_ConvTranspose):
-    rank = 2
-
-
-@register("Conv3DTranspose")
-class Conv3DTranspose(_ConvTranspose):
-    rank = 3
+Conv1DTranspose = ranked("Conv1DTranspose", _ConvTranspose, 1)
+Conv2DTranspose = ranked("Conv2DTranspose", _ConvTranspose, 2)
+Conv3DTranspose = ranked("Conv3DTranspose", _ConvTranspose, 3)
 
 
 class _Depthwise(_Windowed):
@@ -389,14 +365,8 @@ class _DepthwiseConv(_Depthwise):
         return g.activate(self.activation, g.value(y, self.rank + 2, True))
 
 
-@register("DepthwiseConv1D")
-class DepthwiseConv1D(_DepthwiseConv):
-    rank = 1
-
-
-@register("DepthwiseConv2D")
-class DepthwiseConv2D(_DepthwiseConv):
-    rank = 2
+DepthwiseConv1D = ranked("DepthwiseConv1D", _DepthwiseConv, 1)
+DepthwiseConv2D = ranked("DepthwiseConv2D", _DepthwiseConv, 2)
 
 
 class _SeparableConv(_Depthwise):
@@ -466,11 +436,5 @@ class _SeparableConv(_Depthwise):
         return g.activate(self.activation, g.value(y, self.rank + 2, True))
 
 
-@register("SeparableConv1D")
-class SeparableConv1D(_SeparableConv):
-    rank = 1
-
-
-@register("SeparableConv2D")
-class SeparableConv2D(_SeparableConv):
-    rank = 2
+SeparableConv1D = ranked("SeparableConv1D", _SeparableConv, 1)
+SeparableConv2D = ranked("SeparableConv2D", _SeparableConv, 2)

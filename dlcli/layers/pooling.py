@@ -6,7 +6,7 @@ loop over the pool's offsets only.
 """
 import numpy as np
 
-from dlcli.engine.layer import Layer, register
+from dlcli.engine.layer import Layer, ranked
 from dlcli.errors import ConfigError
 from dlcli.layers import conv_math as cm
 from dlcli.registry import Sizes
@@ -93,36 +93,12 @@ class _AveragePooling(_Pooling):
         return self._pool_onnx(g, x, in_shape, "AveragePool", count_include_pad=0)
 
 
-@register("MaxPooling1D")
-class MaxPooling1D(_MaxPooling):
-    """On (batch, steps, channels)."""
-
-    rank = 1
-
-
-@register("MaxPooling2D")
-class MaxPooling2D(_MaxPooling):
-    rank = 2
-
-
-@register("MaxPooling3D")
-class MaxPooling3D(_MaxPooling):
-    rank = 3
-
-
-@register("AveragePooling1D")
-class AveragePooling1D(_AveragePooling):
-    rank = 1
-
-
-@register("AveragePooling2D")
-class AveragePooling2D(_AveragePooling):
-    rank = 2
-
-
-@register("AveragePooling3D")
-class AveragePooling3D(_AveragePooling):
-    rank = 3
+MaxPooling1D = ranked("MaxPooling1D", _MaxPooling, 1, "On (batch, steps, channels).")
+MaxPooling2D = ranked("MaxPooling2D", _MaxPooling, 2)
+MaxPooling3D = ranked("MaxPooling3D", _MaxPooling, 3)
+AveragePooling1D = ranked("AveragePooling1D", _AveragePooling, 1)
+AveragePooling2D = ranked("AveragePooling2D", _AveragePooling, 2)
+AveragePooling3D = ranked("AveragePooling3D", _AveragePooling, 3)
 
 
 class _GlobalPooling(Layer):
@@ -203,37 +179,14 @@ class _GlobalAveragePooling(_GlobalPooling):
         return g.value(y if not self.keepdims else g.unsqueeze(y, [1]), 3 if self.keepdims else 2)
 
 
-@register("GlobalMaxPooling1D")
-class GlobalMaxPooling1D(_GlobalMaxPooling):
-    rank = 1
-
-
-@register("GlobalMaxPooling2D")
-class GlobalMaxPooling2D(_GlobalMaxPooling):
-    rank = 2
-
-
-@register("GlobalMaxPooling3D")
-class GlobalMaxPooling3D(_GlobalMaxPooling):
-    rank = 3
-
-
-@register("GlobalAveragePooling1D")
-class GlobalAveragePooling1D(_GlobalAveragePooling):
-    """Honours an incoming mask (average over the real steps), as Keras."""
-
-    rank = 1
-    supports_masking = True
-
-
-@register("GlobalAveragePooling2D")
-class GlobalAveragePooling2D(_GlobalAveragePooling):
-    rank = 2
-
-
-@register("GlobalAveragePooling3D")
-class GlobalAveragePooling3D(_GlobalAveragePooling):
-    rank = 3
+GlobalMaxPooling1D = ranked("GlobalMaxPooling1D", _GlobalMaxPooling, 1)
+GlobalMaxPooling2D = ranked("GlobalMaxPooling2D", _GlobalMaxPooling, 2)
+GlobalMaxPooling3D = ranked("GlobalMaxPooling3D", _GlobalMaxPooling, 3)
+GlobalAveragePooling1D = ranked("GlobalAveragePooling1D", _GlobalAveragePooling, 1,
+                                "Honours an incoming mask (average over the real steps), as Keras.",
+                                supports_masking=True)
+GlobalAveragePooling2D = ranked("GlobalAveragePooling2D", _GlobalAveragePooling, 2)
+GlobalAveragePooling3D = ranked("GlobalAveragePooling3D", _GlobalAveragePooling, 3)
 
 
 def adaptive_windows(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
@@ -343,31 +296,9 @@ class _AdaptiveMaxPooling(_AdaptivePooling):
         return g.value(g.op("Identity", [y], self.name), self.rank + 2)
 
 
-@register("AdaptiveAveragePooling1D")
-class AdaptiveAveragePooling1D(_AdaptiveAveragePooling):
-    rank = 1
-
-
-@register("AdaptiveAveragePooling2D")
-class AdaptiveAveragePooling2D(_AdaptiveAveragePooling):
-    rank = 2
-
-
-@register("AdaptiveAveragePooling3D")
-class AdaptiveAveragePooling3D(_AdaptiveAveragePooling):
-    rank = 3
-
-
-@register("AdaptiveMaxPooling1D")
-class AdaptiveMaxPooling1D(_AdaptiveMaxPooling):
-    rank = 1
-
-
-@register("AdaptiveMaxPooling2D")
-class AdaptiveMaxPooling2D(_AdaptiveMaxPooling):
-    rank = 2
-
-
-@register("AdaptiveMaxPooling3D")
-class AdaptiveMaxPooling3D(_AdaptiveMaxPooling):
-    rank = 3
+AdaptiveAveragePooling1D = ranked("AdaptiveAveragePooling1D", _AdaptiveAveragePooling, 1)
+AdaptiveAveragePooling2D = ranked("AdaptiveAveragePooling2D", _AdaptiveAveragePooling, 2)
+AdaptiveAveragePooling3D = ranked("AdaptiveAveragePooling3D", _AdaptiveAveragePooling, 3)
+AdaptiveMaxPooling1D = ranked("AdaptiveMaxPooling1D", _AdaptiveMaxPooling, 1)
+AdaptiveMaxPooling2D = ranked("AdaptiveMaxPooling2D", _AdaptiveMaxPooling, 2)
+AdaptiveMaxPooling3D = ranked("AdaptiveMaxPooling3D", _AdaptiveMaxPooling, 3)

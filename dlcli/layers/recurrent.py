@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from dlcli.engine import activations, blas, initializers
-from dlcli.engine.layer import Layer, format_shape, register
+from dlcli.engine.layer import Layer, format_shape, ranked, register
 from dlcli.errors import ConfigError, ShapeError
 from dlcli.layers import conv_math as cm
 from dlcli.layers import recurrent_cells as cells
@@ -758,25 +758,10 @@ class ConvLSTM(Recurrent, _Windowed):
         return [out, g.value(h_T, rank + 2, first=True), g.value(c_T, rank + 2, first=True)]
 
 
-@register("ConvLSTM1D")
-class ConvLSTM1D(ConvLSTM):
-    """On (batch, timesteps, steps, channels)."""
+ConvLSTM1D = ranked("ConvLSTM1D", ConvLSTM, 1, "On (batch, timesteps, steps, channels).")
+ConvLSTM2D = ranked("ConvLSTM2D", ConvLSTM, 2, "On (batch, timesteps, rows, cols, channels), e.g. video frames.")
+ConvLSTM3D = ranked("ConvLSTM3D", ConvLSTM, 3, "On (batch, timesteps, depth, rows, cols, channels).")
 
-    rank = 1
-
-
-@register("ConvLSTM2D")
-class ConvLSTM2D(ConvLSTM):
-    """On (batch, timesteps, rows, cols, channels), e.g. video frames."""
-
-    rank = 2
-
-
-@register("ConvLSTM3D")
-class ConvLSTM3D(ConvLSTM):
-    """On (batch, timesteps, depth, rows, cols, channels)."""
-
-    rank = 3
 
 def _gate_blocks(a, order, units):
     """Columns of a (..., G * units) array regrouped in gate `order`."""

@@ -3,7 +3,7 @@ and the reshaping of features: RepeatVector, Permute."""
 import numpy as np
 
 from dlcli.errors import ConfigError, ShapeError
-from dlcli.engine.layer import Layer, register
+from dlcli.engine.layer import Layer, ranked, register
 from dlcli.layers.core import Dropout
 from dlcli.registry import Size, Sizes
 
@@ -72,11 +72,8 @@ class _ZeroPadding(Layer):
         return g.value(g.op("Pad", [x.name, g.ints(g.pads(pairs), "pads")], self.name), x.rank, x.first)
 
 
-@register("ZeroPadding1D")
-class ZeroPadding1D(_ZeroPadding):
-    """Zeros before and after the steps (Keras' default 1 each side)."""
-
-    rank = 1
+ZeroPadding1D = ranked("ZeroPadding1D", _ZeroPadding, 1, "Zeros before and after the steps (Keras' default 1 each "
+                       "side).")
 
 
 @register("ZeroPadding2D")
@@ -225,19 +222,9 @@ class _SpatialDropout(Dropout):
         return input_shape
 
 
-@register("SpatialDropout1D")
-class SpatialDropout1D(_SpatialDropout):
-    rank = 1
-
-
-@register("SpatialDropout2D")
-class SpatialDropout2D(_SpatialDropout):
-    pass
-
-
-@register("SpatialDropout3D")
-class SpatialDropout3D(_SpatialDropout):
-    rank = 3
+SpatialDropout1D = ranked("SpatialDropout1D", _SpatialDropout, 1)
+SpatialDropout2D = ranked("SpatialDropout2D", _SpatialDropout, 2)
+SpatialDropout3D = ranked("SpatialDropout3D", _SpatialDropout, 3)
 
 
 @register("RepeatVector")
