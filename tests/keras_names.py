@@ -36,9 +36,10 @@ LAYERS = {
         "SpatialDropout3D", "SpectralNormalization", "StackedRNNCells", "StringLookup", "Subtract", "TimeDistributed",
         "UnitNormalization", "UpSampling1D", "UpSampling2D", "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D",
         "ZeroPadding3D"]},
-    **{n: DONE for n in ["AutoContrast", "CenterCrop", "Equalization", "RandomBrightness", "RandomColorDegeneration",
-                         "RandomColorJitter",
-                         "RandomContrast", "RandomCrop", "RandomErasing", "RandomGaussianBlur", "RandomGrayscale",
+    **{n: DONE for n in ["AutoContrast", "CenterCrop", "ContrastLimitedAdaptiveHistogramEqualization", "Equalization",
+                         "RandomBrightness", "RandomColorDegeneration", "RandomColorJitter",
+                         "RandomContrast", "RandomCrop", "RandomElasticTransform", "RandomErasing",
+                         "RandomGaussianBlur", "RandomGrayscale",
                          "RandomHue", "RandomInvert", "RandomPosterization", "RandomSaturation", "RandomSharpness",
                          "RandomPerspective", "RandomShear",
                          "Resizing", "Solarization"]},  # image preprocessing
@@ -65,8 +66,7 @@ LAYERS = {
     "Layer": BASE, "InputSpec": BASE, "Wrapper": BASE,
     # not yet
     **{n: AUGMENT for n in [
-        "AugMix", "ContrastLimitedAdaptiveHistogramEqualization", "RandAugment",
-        "RandomElasticTransform"]},
+        "AugMix", "RandAugment"]},
     **{n: TODO for n in [
         "ReversibleEmbedding"]},
 }

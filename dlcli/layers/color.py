@@ -10,7 +10,7 @@ import numpy as np
 from dlcli.engine.layer import register
 from dlcli.errors import ConfigError, ShapeError
 from dlcli.layers.preprocessing import (GRAYSCALE, RandomBrightness, RandomContrast, _Augmentation, _factor,
-                                        _PixelAugmentation, _value_range)
+                                        _gaussian, _neighbourhood_sum, _PixelAugmentation, _value_range)
 
 
 def _to_255(x, value_range):
@@ -226,19 +226,139 @@ class Equalization(_Augmentation):
         return grad * self.kept
 
 
-def _neighbourhood_sum(x, k_rows: int, k_cols: int, row_weights=None, col_weights=None):
-    """Zero-padded 'same' correlation of each channel with an outer-product kernel (row weights down, column
-    weights across; ones when None), as two passes of shifted adds. Symmetric kernels make it its own transpose."""
-    n, h, w, c = x.shape
-    out = np.zeros_like(x)
-    pr, pc = k_rows // 2, k_cols // 2
-    padded = np.pad(x, ((0, 0), (pr, pr), (0, 0), (0, 0)))
-    for i in range(k_rows):
-        out += padded[:, i:i + h] * (1 if row_weights is None else row_weights[i])
-    padded, out = np.pad(out, ((0, 0), (0, 0), (pc, pc), (0, 0))), np.zeros_like(x)
-    for j in range(k_cols):
-        out += padded[:, :, j:j + w] * (1 if col_weights is None else col_weights[j])
-    return out
+@register("ContrastLimitedAdaptiveHistogramEqualization")
+class ContrastLimitedAdaptiveHistogramEqualization(_Augmentation):
+    """CLAHE as Keras 3.15's layer of that name, in float32 and the 0..255 scale as Keras computes it: the images
+    padded at the bottom and right (symmetric) to tile_grid_size whole tiles; per image, tile and channel a 256-bin
+    histogram of the truncated values, clipped at clip_limit * tile pixels / 256 with the excess spread evenly
+    (clip_limit 0: no clipping), its cumulative counts mapped to 0..255 from the smallest; each pixel looks its
+    value up in the four nearest tiles' maps and mixes them bilinearly (edge tiles repeated). Keras applies it in
+    training and at inference alike, and so does dlcli (its ONNX export too). Piecewise constant: its gradient is
+    zero."""
+
+    def __init__(self, value_range=(0, 255), clip_limit: float = 4.0, tile_grid_size=(8, 8),
+                 data_format: str | None = None, **kw):
+        super().__init__(None, **kw)
+        self.value_range = _value_range(value_range, "ContrastLimitedAdaptiveHistogramEqualization")
+        if isinstance(clip_limit, bool) or not isinstance(clip_limit, (int, float)):
+            raise ConfigError(f"ContrastLimitedAdaptiveHistogramEqualization: clip_limit must be a number; got "
+                              f"{clip_limit!r}")
+        grid = list(tile_grid_size) if isinstance(tile_grid_size, (list, tuple)) else [tile_grid_size]
+        if len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
+            raise ConfigError(f"ContrastLimitedAdaptiveHistogramEqualization: tile_grid_size must be two integers "
+                              f">= 1 (tiles down, across); got {tile_grid_size!r}")
+        self.clip_limit, self.tile_grid_size = float(clip_limit), tuple(grid)
+        self.data_format = _channels_last(data_format, "ContrastLimitedAdaptiveHistogramEqualization")
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        height, width = input_shape[:2]
+        grid_h, grid_w = self.tile_grid_size
+        self.tile = -(-height // grid_h), -(-width // grid_w)
+        # each padded row's and column's two nearest tiles (in the maps with the edge tiles repeated) and weights
+        self.rows, self.cols = (_tile_mixing(size * grid, size, grid) for size, grid in zip(self.tile,
+                                                                                              self.tile_grid_size))
+
+    def forward(self, x, training=False):
+        self.active = True  # in training and at inference alike
+        return self.augment(x)
+
+    def augment(self, x):
+        n, height, width, channels = x.shape
+        (tile_h, tile_w), (grid_h, grid_w) = self.tile, self.tile_grid_size
+        images = _to_255(x.astype(np.float32), self.value_range)
+        padded = np.pad(images, ((0, 0), (0, tile_h * grid_h - height), (0, tile_w * grid_w - width), (0, 0)),
+                        mode="symmetric")
+        bins = np.clip(padded, 0, 255).astype(np.int64)  # truncated, as Keras' cast to int32
+        tiles = bins.reshape(n, grid_h, tile_h, grid_w, tile_w, channels).transpose(0, 1, 3, 5, 2, 4)
+        cell = np.arange(n * grid_h * grid_w * channels).reshape(n, grid_h, grid_w, channels, 1, 1) * 256
+        hists = np.bincount((cell + tiles).ravel(), minlength=cell.size * 256).astype(np.float32)
+        hists = hists.reshape(n, grid_h, grid_w, channels, 256)
+        area = np.float32(tile_h * tile_w)
+        if self.clip_limit > 0:
+            clipped = np.minimum(hists, np.float32(self.clip_limit * tile_h * tile_w / 256.0))
+            hists = clipped + (hists - clipped).sum(-1, keepdims=True) / np.float32(256)
+        cdf = hists.cumsum(-1)
+        cdf_min = cdf.min(-1, keepdims=True)
+        denominator = np.where(area - cdf_min == 0, np.float32(1), area - cdf_min)
+        maps = np.clip((cdf - cdf_min) * np.float32(255) / denominator, 0, 255)
+        maps = np.pad(maps, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)), mode="edge")
+        (y0, y1, wy), (x0, x1, wx) = self.rows, self.cols
+        batch, channel = np.arange(n)[:, None, None, None], np.arange(channels)
+        wx, wy = wx[:, None], wy[:, None, None]
+
+        def look_up(ty, tx):
+            return maps[batch, ty[:, None, None], tx[:, None], channel, bins]
+
+        top = look_up(y0, x0) * (1 - wx) + look_up(y0, x1) * wx
+        bottom = look_up(y1, x0) * (1 - wx) + look_up(y1, x1) * wx
+        out = (top * (1 - wy) + bottom * wy)[:, :height, :width]
+        return _from_255(out, self.value_range).astype(x.dtype, copy=False)
+
+    def augment_backward(self, grad):
+        return np.zeros_like(grad)
+
+    def to_onnx(self, g, x, in_shape, mask):
+        """The same steps: the padding and the edge tiles as Gathers, the histograms as OneHot summed over each
+        tile, the four look-ups as one GatherElements each into the flattened maps."""
+        x = g.last(x)
+        height, width, channels = in_shape
+        (tile_h, tile_w), (grid_h, grid_w) = self.tile, self.tile_grid_size
+        low, high = self.value_range
+        t = x.name
+        if (low, high) != (0, 255):
+            t = g.op("Mul", [g.op("Div", [g.op("Sub", [t, g.scalar(low)]), g.scalar(high - low)]), g.scalar(255)])
+        for axis, length, padded in ((1, height, tile_h * grid_h), (2, width, tile_w * grid_w)):
+            if padded > length:
+                t = g.op("Gather", [t, g.ints(np.pad(np.arange(length), (0, padded - length), "symmetric"))],
+                         axis=axis)
+        bins = g.cast(g.op("Floor", [g.op("Clip", [t, g.scalar(0.0), g.scalar(255.0)])]), "int64")
+        tiles = g.op("Reshape", [bins, g.ints([-1, grid_h, tile_h, grid_w, tile_w, channels])])
+        tiles = g.op("Transpose", [tiles], perm=[0, 1, 3, 5, 2, 4])
+        tiles = g.op("Reshape", [tiles, g.ints([-1, grid_h, grid_w, channels, tile_h * tile_w])])
+        one_hot = g.op("OneHot", [tiles, g.ints([256]), g.const(np.array([0, 1], np.float32), "off_on")], axis=-1)
+        hists = g.reduce("ReduceSum", one_hot, [4], keepdims=0)
+        if self.clip_limit > 0:
+            clipped = g.op("Min", [hists, g.scalar(self.clip_limit * tile_h * tile_w / 256.0)])
+            excess = g.reduce("ReduceSum", g.op("Sub", [hists, clipped]), [-1])
+            hists = g.op("Add", [clipped, g.op("Div", [excess, g.scalar(256.0)])])
+        cdf = g.op("CumSum", [hists, g.const(np.array(4, np.int64), "axis")])
+        cdf_min = g.reduce("ReduceMin", cdf, [-1])
+        spread = g.op("Sub", [g.scalar(tile_h * tile_w), cdf_min])
+        spread = g.op("Where", [g.op("Equal", [spread, g.scalar(0.0)]), g.scalar(1.0), spread])
+        maps = g.op("Div", [g.op("Mul", [g.op("Sub", [cdf, cdf_min]), g.scalar(255.0)]), spread])
+        maps = g.op("Clip", [maps, g.scalar(0.0), g.scalar(255.0)])
+        for axis, grid in ((1, grid_h), (2, grid_w)):
+            maps = g.op("Gather", [maps, g.ints([0, *range(grid), grid - 1])], axis=axis)
+        maps = g.op("Reshape", [maps, g.ints([0, -1])])
+        (y0, y1, wy), (x0, x1, wx) = self.rows, self.cols
+        flat_bins = g.op("Reshape", [bins, g.ints([0, -1])])
+
+        def look_up(ty, tx):
+            start = ((ty[:, None, None] * (grid_w + 2) + tx[:, None]) * channels + np.arange(channels)) * 256
+            index = g.op("Add", [flat_bins, g.const(start.reshape(1, -1), "clahe_tiles")])
+            return g.op("Reshape", [g.op("GatherElements", [maps, index], axis=1), g.ints([-1, *start.shape])])
+
+        def mix(a, b, weight):
+            return g.op("Add", [g.op("Mul", [a, g.const(1 - weight, "w")]), g.op("Mul", [b, g.const(weight, "w")])])
+
+        across = wx.reshape(1, 1, -1, 1)
+        out = mix(mix(look_up(y0, x0), look_up(y0, x1), across), mix(look_up(y1, x0), look_up(y1, x1), across),
+                  wy.reshape(1, -1, 1, 1))
+        out = g.op("Slice", [out, g.ints([0, 0]), g.ints([height, width]), g.ints([1, 2])])
+        if (low, high) != (0, 255):
+            out = g.op("Add", [g.op("Mul", [g.op("Div", [out, g.scalar(255.0)]), g.scalar(high - low)]),
+                               g.scalar(low)])
+        return g.value(g.op("Identity", [out], self.name), 4)
+
+
+def _tile_mixing(length: int, tile: int, grid: int):
+    """Keras' CLAHE interpolation along one axis: per padded position its two neighbouring tiles' indices into the
+    edge-padded maps and the second one's weight, in float32 as Keras computes them."""
+    position = (np.arange(length, dtype=np.float32) - np.float32(tile / 2.0)) / np.float32(tile) + np.float32(1)
+    low = np.floor(position)
+    return (np.clip(low, 0, grid + 1).astype(np.int64), np.clip(low + 1, 0, grid + 1).astype(np.int64),
+            position - low)
 
 
 @register("RandomSharpness")
@@ -267,12 +387,6 @@ class RandomSharpness(_PixelAugmentation):
     def apply_backward(self, grad, f):
         keep = (1 - 2 * f)[:, None, None, None]
         return grad * (1 - keep) + self.smooth(grad * keep)  # the smoothing kernel is symmetric: its own transpose
-
-
-def _gaussian(size: int, sigma: float):
-    x = np.arange(size) - (size - 1) / 2
-    kernel = np.exp(-0.5 * (x / sigma) ** 2)
-    return kernel / kernel.sum()
 
 
 @register("RandomGaussianBlur")

@@ -106,17 +106,41 @@ def _fold(idx, n: int, fill_mode: str):
         return np.where(k >= n, 2 * n - 1 - k, k), None
     if fill_mode == "wrap":
         return idx % n, None
+    if fill_mode == "mirror":  # (d c b | a b c d | c b a), JAX's and SciPy's map_coordinates
+        k = idx % max(2 * n - 2, 1)
+        return np.where(k >= n, 2 * n - 2 - k, k), None
     clipped = np.clip(idx, 0, n - 1)
     return clipped, (None if fill_mode == "nearest" else (idx >= 0) & (idx < n))
+
+
+def _neighbourhood_sum(x, k_rows: int, k_cols: int, row_weights=None, col_weights=None):
+    """Zero-padded 'same' correlation of each channel with an outer-product kernel (row weights down, column
+    weights across; ones when None), as two passes of shifted adds. Symmetric kernels make it its own transpose."""
+    n, h, w, c = x.shape
+    out = np.zeros_like(x)
+    pr, pc = k_rows // 2, k_cols // 2
+    padded = np.pad(x, ((0, 0), (pr, pr), (0, 0), (0, 0)))
+    for i in range(k_rows):
+        out += padded[:, i:i + h] * (1 if row_weights is None else row_weights[i])
+    padded, out = np.pad(out, ((0, 0), (0, 0), (pc, pc), (0, 0))), np.zeros_like(x)
+    for j in range(k_cols):
+        out += padded[:, :, j:j + w] * (1 if col_weights is None else col_weights[j])
+    return out
+
+
+def _gaussian(size: int, sigma: float):
+    x = np.arange(size) - (size - 1) / 2
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
 
 
 class _Resampling(_Augmentation):
     """Output pixel (r, c) reads the input at a per-image source coordinate `source(n, h, w)` gives."""
 
-    def _resampling_args(self, fill_mode, interpolation, fill_value):
+    def _resampling_args(self, fill_mode, interpolation, fill_value, fill_modes=FILL_MODES):
         kind = type(self).__name__
-        if fill_mode not in FILL_MODES:
-            raise ConfigError(f"{kind}: fill_mode must be one of {', '.join(FILL_MODES)}; got {fill_mode!r}")
+        if fill_mode not in fill_modes:
+            raise ConfigError(f"{kind}: fill_mode must be one of {', '.join(fill_modes)}; got {fill_mode!r}")
         if interpolation not in INTERPOLATIONS:
             raise ConfigError(f"{kind}: interpolation must be one of {', '.join(INTERPOLATIONS)}; "
                               f"got {interpolation!r}")
@@ -314,6 +338,60 @@ class RandomPerspective(_Resampling):
         source_rows = (a[:, 3] * cols + a[:, 4] * rows + a[:, 5]) / denominator
         keep = ~np.asarray(drawn["apply_perspective"], bool)[:, None, None]  # these read their own pixels
         return np.where(keep, rows + 0.0 * cols, source_rows), np.where(keep, cols + 0.0 * rows, source_cols)
+
+
+@register("RandomElasticTransform")
+class RandomElasticTransform(_Resampling):
+    """Displace the pixels of each image, with probability p drawn per image from factor's range (a number f means
+    [0, f]), by a smooth random field (Keras 3.15's RandomElasticTransform and ops.image.elastic_transform): per
+    pixel and axis standard normal noise times sigma, blurred by a Gaussian of that sigma (int(6 sigma) | 1 taps,
+    zero padding), times alpha; sigma = 0.05 min(H, W) s and alpha = 0.1 max(H, W) s, s drawn once per batch from
+    scale's range. Read with interpolation and fill_mode as Keras' JAX backend does (mirror too), then clipped to
+    value_range. Keras' JAX backend draws both axes' noise from one key, so its field moves every pixel along the
+    diagonal; dlcli draws the two apart, as Keras' torch backend does. The identity at inference."""
+
+    def __init__(self, factor=1.0, scale=1.0, interpolation: str = "bilinear", fill_mode: str = "reflect",
+                 fill_value: float = 0.0, value_range=(0, 255), seed: int | None = None,
+                 data_format: str | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.factor = _factor(factor, (0.0, 1.0), "RandomElasticTransform")
+        self.scale = _factor(scale, (0.0, 1.0), "RandomElasticTransform")
+        self._resampling_args(fill_mode, interpolation, fill_value, (*FILL_MODES, "mirror"))
+        self.value_range = _value_range(value_range, "RandomElasticTransform")
+        if data_format not in (None, "channels_last"):
+            raise ConfigError(f"RandomElasticTransform: dlcli images are channels_last; got data_format "
+                              f"{data_format!r}")
+        self.data_format = data_format
+
+    def draw(self, n):
+        probability = self.rng.uniform(*self.factor, n)
+        return {"apply_transform": self.rng.uniform(0, 1, n) < probability,
+                "distortion_factor": self.rng.uniform(*self.scale),
+                "noise": self.rng.standard_normal((2, n, *self.input_shape[:2]))}  # columns', then rows' noise
+
+    def source(self, n, h, w):
+        drawn = self.draw(n)
+        s = float(drawn["distortion_factor"])
+        alpha, sigma = max(h, w) * (0.1 * s), min(h, w) * (0.05 * s)
+        size = int(6 * sigma) | 1
+        kernel = _gaussian(size, sigma)
+        noise = np.asarray(drawn["noise"], np.float64).reshape(2 * n, h, w, 1) * sigma
+        field = alpha * _neighbourhood_sum(noise, size, size, kernel, kernel).reshape(2, n, h, w)
+        moved = np.asarray(drawn["apply_transform"], bool)[:, None, None]
+        rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
+        return rows + np.where(moved, field[1], 0), cols + np.where(moved, field[0], 0)
+
+    def augment(self, x):
+        self.unchanged = self.scale[1] == 0 or self.factor[1] == 0  # Keras draws nothing and returns its input
+        if self.unchanged:
+            return x
+        y = super().augment(x)
+        low, high = self.value_range
+        self.inside = (y >= low) & (y <= high)
+        return np.clip(y, low, high).astype(x.dtype, copy=False)
+
+    def augment_backward(self, grad):
+        return grad if self.unchanged else super().augment_backward(grad * self.inside)
 
 
 def _resize_matrix(n_in: int, n_out: int, interpolation: str) -> np.ndarray:

@@ -217,6 +217,11 @@ CASES = {
     "AutoContrast": seq([4, 5, 3], L("AutoContrast", value_range=[-1, 1])),
     "AutoContrast-after-conv": seq([5, 5, 1], L("Conv2D", filters=2, kernel_size=2), L("AutoContrast", value_range=[0, 1])),
     "Equalization": seq([4, 4, 1], L("Equalization")),
+    "ContrastLimitedAdaptiveHistogramEqualization": seq([11, 10, 2], L(
+        "ContrastLimitedAdaptiveHistogramEqualization", tile_grid_size=[3, 4], value_range=[-1, 1])),
+    "ContrastLimitedAdaptiveHistogramEqualization-no-clip": seq([8, 8, 3], L(
+        "ContrastLimitedAdaptiveHistogramEqualization", clip_limit=0, tile_grid_size=[2, 2])),
+    "RandomElasticTransform": seq([6, 6, 1], L("RandomElasticTransform")),
     "RandomSharpness": seq([4, 4, 1], L("RandomSharpness", factor=0.5)),
     "RandomGaussianBlur": seq([4, 4, 1], L("RandomGaussianBlur")),
     "RandomSaturation": seq([4, 4, 3], L("RandomSaturation", factor=0.5)),

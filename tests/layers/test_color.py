@@ -20,6 +20,10 @@ GRADIENT_CASES = {
                                                                 {"training": True})],
     "Equalization": [({"bins": 8, "value_range": [-3, 3]}, (4, 3, 2), {"training": True}),
                      ({}, (3, 3, 1), {})],
+    # piecewise constant (each pixel's value is looked up by its integer bin): zero, as the numerical check finds
+    "ContrastLimitedAdaptiveHistogramEqualization": [({"tile_grid_size": [2, 2], "value_range": [-3, 3]},
+                                                      (6, 5, 2), {}), ({"clip_limit": 0}, (4, 4, 1),
+                                                                       {"training": True})],
     "RandomSharpness": [({"factor": [0.0, 1.0], "value_range": [-1.5, 1.5]}, (4, 5, 2), {"training": True}),
                         ({"factor": 0.5}, (3, 3, 1), {})],
     "RandomGaussianBlur": [({"factor": [0.5, 1.0], "kernel_size": 5, "sigma": [0.5, 1.5],
@@ -109,3 +113,20 @@ def test_more_bad_arguments_name_the_layer():
         layers.RandomColorJitter(hue_factor=-2)
     with pytest.raises(ShapeError, match="RandomSaturation 'rs' needs 3 channels"):
         layers.RandomSaturation(0.5, name="rs")(np.zeros((1, 2, 2, 1)))
+
+
+def test_clahe_with_one_tile_and_no_clip_is_histogram_equalization_and_acts_at_inference():
+    rng = np.random.default_rng(8)
+    x = rng.integers(40, 90, (2, 6, 7, 2)).astype(np.float32) + 0.25
+    y = layers.ContrastLimitedAdaptiveHistogramEqualization(clip_limit=0, tile_grid_size=(1, 1))(x)  # inference
+    for image, out in zip(np.moveaxis(x, -1, 1).reshape(4, -1), np.moveaxis(y, -1, 1).reshape(4, -1)):
+        values = np.floor(image)
+        cdf = (values[:, None] <= np.unique(values)[None]).sum(0)  # pixels at or below each value
+        # Keras subtracts the smallest of all 256 bins' counts, 0 here (no pixel is 0), not the darkest pixel's
+        expected = cdf * 255 / image.size
+        np.testing.assert_allclose(out, expected[np.searchsorted(np.unique(values), values)], rtol=1e-5)
+    assert y.dtype == np.float32 and y.max() == 255
+    limited = layers.ContrastLimitedAdaptiveHistogramEqualization(clip_limit=1.0, tile_grid_size=(1, 1))(x)
+    assert np.ptp(limited) < np.ptp(y)  # clipping the histogram limits the stretch
+    with pytest.raises(ConfigError, match="tile_grid_size must be two integers >= 1"):
+        layers.ContrastLimitedAdaptiveHistogramEqualization(tile_grid_size=(0, 2))

@@ -39,6 +39,11 @@ GRADIENT_CASES = {
     "RandomPerspective": [({"factor": [1.0, 1.0], "scale": 0.5}, (5, 6, 2), {"training": True}),
                           ({"interpolation": "nearest", "fill_value": 0.5}, (4, 4, 1), {"training": True}),
                           ({}, (3, 3, 1), {})],
+    "RandomElasticTransform": [({"value_range": [-5, 5]}, (8, 7, 2), {"training": True}),
+                               ({"fill_mode": "constant", "fill_value": 0.5, "interpolation": "nearest",
+                                 "value_range": [-5, 5]}, (6, 6, 1), {"training": True}),
+                               ({"fill_mode": "mirror", "value_range": [-5, 5]}, (5, 9, 1), {"training": True}),
+                               ({}, (3, 3, 1), {})],
     "RandomZoom": [({"height_factor": 0.3}, (5, 4, 1), {"training": True}),
                    ({"height_factor": [-0.3, -0.1], "width_factor": 0.2, "fill_mode": "nearest"}, (4, 4, 2),
                     {"training": True})],
@@ -68,7 +73,8 @@ def test_gradients(name, args, shape, opts):
                                    layers.RandomErasing(value_range=[0, 1], seed=0),
                                    layers.RandomColorJitter([0, 1], 0.2, 0.3, [0.3, 0.7], 0.2, seed=0),
                                    layers.RandomShear(0.3, 0.3, seed=0),
-                                   layers.RandomPerspective([1.0, 1.0], seed=0)],
+                                   layers.RandomPerspective([1.0, 1.0], seed=0),
+                                   layers.RandomElasticTransform([1.0, 1.0], value_range=[0, 1], seed=0)],
                          ids=lambda layer: type(layer).__name__)
 def test_augmentation_is_identity_at_inference_and_float32(layer):
     x = np.random.default_rng(0).random((4, 6, 6, 3), dtype=np.float32)
@@ -156,10 +162,11 @@ def test_resizing_and_center_crop_are_always_on_and_check_their_arguments():
         layers.RandomContrast(1.5)
 
 
-@pytest.mark.parametrize("spec,arrays", _keras_cases("augmentations"))
+@pytest.mark.parametrize("spec,arrays", _keras_cases("augmentations") + _keras_cases("images_jax"))
 def test_augmentations_match_keras(spec, arrays):
-    """Keras 3.15 (torch backend) outputs and input gradients of the augmentation layers in
-    catalogue_augmentations.npz, each random one given Keras' draw (`draw/` is what dlcli's layer.draw returns)."""
+    """Keras 3.15 outputs and input gradients of the augmentation layers in catalogue_augmentations.npz (torch
+    backend) and catalogue_images_jax.npz (JAX), each random one given Keras' draw (`draw/` is what dlcli's
+    layer.draw returns; RandomElasticTransform's includes the noise Keras' backend would draw)."""
     layer = layers.LAYERS.get(spec["type"])(**{k: v for k, v in spec.items() if k != "type"})
     layer.dtype = "float64"
     x = arrays["x"]
@@ -170,8 +177,8 @@ def test_augmentations_match_keras(spec, arrays):
     y = layer.forward(x.copy(), training=True)
     # Keras' RandomHue maps to 0..1 in float32 whatever the dtype (_transform_value_range's default): 4e-6 apart;
     # RandomColorJitter's parts compute in float32 (Keras builds them without the jitter's dtype); both solve
-    # RandomPerspective's homography in float32, with different solvers (7e-6 apart)
-    float32 = ("RandomHue", "RandomColorJitter", "RandomPerspective")
+    # RandomPerspective's homography in float32, with different solvers (7e-6 apart); CLAHE computes in float32
+    float32 = ("RandomHue", "RandomColorJitter", "RandomPerspective", "ContrastLimitedAdaptiveHistogramEqualization")
     rtol, atol = (1e-5, 1e-6) if spec["type"] in float32 else (1e-6, 1e-9)
     np.testing.assert_allclose(y, arrays["y"], rtol=rtol, atol=atol)
     np.testing.assert_allclose(layer.backward(arrays["r"]), arrays["grad"], rtol=rtol, atol=atol)
@@ -199,3 +206,27 @@ def test_random_crop_is_one_window_per_batch_and_smart_resizes_otherwise():
         layers.RandomPerspective(scale=2)
     with pytest.raises(ConfigError, match="RandomShear: fill_mode must be one of"):
         layers.RandomShear(0.2, fill_mode="mirror")
+
+
+def test_elastic_transform_moves_by_keras_field_size_with_probability_factor_and_repeats_when_seeded():
+    # a ramp across the columns: output - input is each pixel's column displacement, alpha * blur(noise * sigma),
+    # whose spread is alpha * sigma * sum(k^2) for the normalised 1-D Gaussian k (sigma 4.8 and alpha 9.6 here)
+    x = np.broadcast_to(np.arange(96.0)[None, None, :, None], (4, 96, 96, 1)).copy()
+    layer = layers.RandomElasticTransform([1.0, 1.0], scale=[1.0, 1.0], fill_mode="nearest", value_range=[-50, 150],
+                                          seed=3)
+    moved = (layer(x, training=True) - x)[:, 20:-20, 20:-20]  # away from the zero-padded borders of the blur
+    size = int(6 * 4.8) | 1
+    kernel = np.exp(-0.5 * ((np.arange(size) - size // 2) / 4.8) ** 2)
+    expected = 9.6 * 4.8 * ((kernel / kernel.sum()) ** 2).sum()
+    assert 0.7 * expected < moved.std() < 1.3 * expected and abs(moved.mean()) < 0.5 * expected
+    some = layers.RandomElasticTransform([0.3, 0.3], value_range=[0, 1], seed=4)
+    images = np.random.default_rng(5).random((400, 8, 8, 1))
+    changed = (some(images, training=True) != images).any((1, 2, 3))
+    assert 0.22 < changed.mean() < 0.38
+    first, second = (layers.RandomElasticTransform(value_range=[0, 1], seed=6)(images, training=True)
+                     for _ in range(2))
+    np.testing.assert_array_equal(first, second)
+    assert layers.RandomElasticTransform(scale=0.0)(images, training=True) is images  # Keras draws nothing
+    with pytest.raises(ConfigError, match="RandomElasticTransform: fill_mode must be one of reflect, wrap, "
+                                          "nearest, constant, mirror"):
+        layers.RandomElasticTransform(fill_mode="symmetric")
