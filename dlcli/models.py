@@ -29,6 +29,7 @@ class Model:
         self.stop_training = False
         self.compiled = False
         self._pass_rows = (None, 0)  # (the graph, its samples per inference pass): the rule below, once per graph
+        self.stepper = None  # the Run behind train_step
         if inputs is not None:
             self._set_graph(inputs, outputs)
 
@@ -178,21 +179,13 @@ class Model:
         return float(sum(layer.regularization_loss() for layer in self.layers))
 
     def train_step(self, xs, ys, sample_weight=None):
-        """One forward, backward and optimizer step (Keras' train_step): (loss plus regularisation, each output's
-        loss, the outputs). `fit` takes the same steps in dlcli.trainer.Run, with its divergence gate."""
-        params = self.trainable_weights
-        try:
-            outs = self.graph.forward(xs, training=True)
-            total, parts, grads = self.compute_loss(ys, outs, sample_weight)
-            self.graph.backward(grads)
-            total += self.regularization_loss()
-            for layer in self.layers:
-                layer.add_regularization_grads()
-            self.optimizer.apply(params)
-        finally:
-            for p in params:
-                p.grad[...] = 0
-        return total, parts, outs
+        """Keras' train_step: one step of dlcli.trainer.Run on a batch (forward, loss, backward, divergence gate,
+        update), the step fit takes; (loss plus regularisation, each output's loss, the outputs). The model's steps
+        share one Run, so the gate measures a rising loss from the first step's."""
+        from dlcli.trainer import Run
+
+        self.stepper = self.stepper or Run(self, verbose=0)
+        return self.stepper.step(xs, ys, sample_weight)
 
     # --- Keras' user-facing API -------------------------------------------------------------------------------
     def fit(self, x, y, epochs=1, batch_size=32, validation_split=0.0, validation_data=None, shuffle=True,

@@ -92,6 +92,7 @@ class Run:
         self.stop_agreed = False  # every rank's stop request, summed by the step's exchange
         self.exchange = self.bn_sync = None
         self.epoch, self.batch, self.samples_seen = 0, 0, 0
+        self.rows = None  # the step's samples: (selection, training-set size); None: the whole batch given
         self.initial_loss: float | None = None  # the run's first batch loss (checkpointed)
         self.checkpoint_header: dict = {}  # what the run adds to each checkpoint's header (its config record)
         self.norms: deque = deque(maxlen=NORM_HISTORY)
@@ -269,7 +270,7 @@ class Run:
                           batch_indices(n, batch_size, order if shuffle else None, first=skip)]
                 with xs.batches([sel for sel, _, _ in chunks]) as inputs:
                     for batch, ((sel, size, share), xb) in enumerate(zip(chunks, inputs), start=skip):
-                        self.batch = batch
+                        self.batch, self.rows = batch, (sel, n)
                         if self.bn_sync is not None:
                             self.bn_sync.ghost = share == 0.0
                         yb = [a[sel] for a in ys]
@@ -278,7 +279,7 @@ class Run:
                         if self.mix is not None:
                             xb, yb, partner = self._mix(xb, yb, epoch, batch)
                         cbs.on_train_batch_begin(batch)
-                        total, parts, outs = self._step(xb, yb, wb, sel, n, share, partner)
+                        total, parts, outs = self.step(xb, yb, wb, share, partner)
                         self.samples_seen += size
                         if self.exchange is None:
                             self.logs.update(total, parts, yb if partner is None else partner[2], outs, wb)
@@ -286,14 +287,14 @@ class Run:
                         cbs.on_train_batch_end(batch, batch_logs)
                         every = self.checkpoint_every
                         if self.stopped() or (every and (batch + 1) % every == 0 and batch + 1 < skip + len(chunks)):
-                            self._check_weights(xb, yb, wb, sel, n)
+                            self._check_weights(xb, yb, wb)
                             self.save_checkpoint(epoch, batch + 1, batch_size, n)
                         if model.stop_training or self.stopped():
                             break
                 if self.stopped():
                     return history  # no epoch end: the checkpoint resumes inside this epoch
                 if chunks:  # steps were taken: their weights are checked before validation or any callback sees them
-                    self._check_weights(xb, yb, wb, sel, n)
+                    self._check_weights(xb, yb, wb)
                 logs = self.logs.results()
                 if validation_data is not None:
                     cbs.on_test_begin()
@@ -355,26 +356,18 @@ class Run:
         larger = [np.where(own.reshape((-1,) + (1,) * (y.ndim - 1)) >= 0.5, y, p) for y, p in zip(ys, partner)]
         return xs, ys, (partner, own, larger)
 
-    def _step(self, xb, yb, wb, sel, n, share=1.0, partner=None):
-        """One optimizer step: forward, loss, backward, gradient exchange (several ranks), divergence gate, update.
-        The gate comes before the update, so a batch that diverges leaves the weights that produced it untouched
-        (it can be re-run with checks); the gradients are cleared however the step ends. `partner` (train.mix on
-        class labels) makes the loss w * loss(labels) + (1 - w) * loss(partner's labels) per sample."""
+    def step(self, xb, yb, wb=None, share=1.0, partner=None):
+        """One optimizer step, behind fit and Model.train_step: forward, loss, backward, gradient exchange (several
+        ranks), divergence gate, update. The gate comes before the update, so a batch that diverges leaves the
+        weights that produced it untouched (it can be re-run with checks); the gradients are cleared however the
+        step ends. `partner` (train.mix on class labels) makes the loss w * loss(labels) + (1 - w) * loss(partner's
+        labels) per sample. Returns (loss plus regularisation, each output's loss, the outputs)."""
         model, params = self.model, self.model.trainable_weights
         try:
             outs = model.graph.forward(xb, training=True)
-            if partner is None:
-                loss, parts, grads = model.compute_loss(yb, outs, wb)
-            else:
-                labels, own, larger = partner
-                weight = np.ones(len(own)) if wb is None else wb
-                loss, parts, grads = model.compute_loss(yb, outs, weight * own)
-                loss_b, parts_b, grads_b = model.compute_loss(labels, outs, weight * (1 - own))
-                loss, parts = loss + loss_b, [a + b for a, b in zip(parts, parts_b)]
-                grads = [a + b for a, b in zip(grads, grads_b)]
-                yb = larger  # what the exchange's metrics count
+            loss, parts, grads, yb = self._loss(yb, outs, wb, partner)
             if self.exchange is None and not math.isfinite(loss):  # stop before a backward pass on NaN
-                self._divergence_gate(loss, params, xb, yb, wb, sel, n)
+                self._divergence_gate(loss, params, xb, yb, wb)
             if share != 1.0:  # this rank's part of the global batch
                 for g in grads:
                     g *= g.dtype.type(share)
@@ -384,28 +377,38 @@ class Run:
                 loss, parts = self._exchange(loss, parts, outs, yb, wb, share)
             for layer in model.layers:  # after the exchange: each rank holds the weights, so add them once
                 layer.add_regularization_grads()
-            self._divergence_gate(loss, params, xb, yb, wb, sel, n)
+            self._divergence_gate(loss, params, xb, yb, wb)
             model.optimizer.apply(params)
         finally:
             for p in params:
                 p.grad[...] = 0
         return loss, parts, outs
 
-    def _divergence_gate(self, loss, params, xb, yb, wb, sel, n):
+    def _loss(self, yb, outs, wb, partner):
+        """(loss, each output's loss, d(loss)/d(outputs), the targets metrics count) of one batch."""
+        if partner is None:
+            return (*self.model.compute_loss(yb, outs, wb), yb)
+        labels, own, larger = partner
+        weight = np.ones(len(own)) if wb is None else wb
+        loss, parts, grads = self.model.compute_loss(yb, outs, weight * own)
+        loss_b, parts_b, grads_b = self.model.compute_loss(labels, outs, weight * (1 - own))
+        return loss + loss_b, [a + b for a, b in zip(parts, parts_b)], [a + b for a, b in zip(grads, grads_b)], larger
+
+    def _divergence_gate(self, loss, params, xb, yb, wb):
         """A non-finite loss or a rise above divergence_factor times the initial loss (every step), a non-finite
         gradient norm (every NORM_EVERY steps): DivergenceError."""
         if not math.isfinite(loss):
-            self._diverged("loss", loss, xb, yb, wb, index_array(sel, n))
+            self._diverged("loss", loss, xb, yb, wb)
         if self.initial_loss is None:
             self.initial_loss = float(loss)
         elif self.divergence_factor is not None and loss > self.divergence_factor * self.rise_base():
-            self._diverged("rise", loss, xb, yb, wb, index_array(sel, n))
+            self._diverged("rise", loss, xb, yb, wb)
         if self.model.optimizer.iterations % NORM_EVERY:
             return
         grad_norm = math.sqrt(sum(_sq(p.grad) for p in params))
         self.norms.append((math.sqrt(sum(_sq(p.value) for p in params)), grad_norm))
         if not math.isfinite(grad_norm):
-            self._diverged("gradient", loss, xb, yb, wb, index_array(sel, n))
+            self._diverged("gradient", loss, xb, yb, wb)
 
     def _exchange(self, loss, parts, outs, yb, wb, share):
         """Sum the gradients (in place) and the epoch's running sums over the ranks: each rank's sums move by its
@@ -420,23 +423,23 @@ class Run:
         batch = self.logs.batch_losses(moved)
         return float(batch[0]), [float(v) for v in batch[1:len(parts) + 1]] if len(parts) > 1 else parts
 
-    def _check_weights(self, xb, yb, wb, sel, n):
+    def _check_weights(self, xb, yb, wb):
         """Gradient norms are taken every NORM_EVERY steps, so a non-finite gradient under a finite loss on a step in
         between reaches the weights. One pass over them before they are validated or saved keeps NaN/inf out of
         every checkpoint: the last good one stays the last one written."""
         if not all(np.isfinite(p.value).all() for p in self.model.trainable_weights):
-            self._diverged("weights", float("nan"), xb, yb, wb, index_array(sel, n))
+            self._diverged("weights", float("nan"), xb, yb, wb)
 
     def rise_base(self) -> float:
         return max(self.initial_loss, 1.0)
 
-    def _diverged(self, what, value, xb, yb, wb, idx):
+    def _diverged(self, what, value, xb, yb, wb):
         from dlcli.divergence import DivergenceError, hint
 
         lr = float(self.model.optimizer.current_lr)
         report = {"epoch": self.epoch + 1, "batch": self.batch, "step": int(self.model.optimizer.iterations),
                   "non_finite": what if what != "rise" else None, "loss": str(value), "learning_rate": lr,
-                  "sample_indices": [int(i) for i in idx],
+                  "sample_indices": [int(i) for i in index_array(*self.rows or (slice(None), len(xb[0])))],
                   "recent_norms": [{"weights": w, "gradients": g} for w, g in self.norms], "norms_every": NORM_EVERY,
                   "last_checkpoint": self._checkpoint_text(), "diagnosis": self._diagnose(xb, yb, wb)}
         if what == "rise":

@@ -45,6 +45,8 @@ def test_overfit_passes_then_fails_with_a_reason(tmp_path):
     assert "overfit passed" in result.output and "accuracy (inference mode)" in result.output
     result = invoke("check", "overfit", config, "--steps", "3", "--set", "compile.optimizer.learning_rate=1e-6")
     assert result.exit_code == 1 and "did not fall" in result.output
+    result = invoke("check", "overfit", config, "--steps", "20", "--set", "compile.optimizer.learning_rate=1e9")
+    assert result.exit_code == 1 and "training diverged" in result.output, result.output  # train_step's gate
 
 
 def test_determinism_passes_and_catches_unseeded_initialisation(tmp_path, monkeypatch):

@@ -52,11 +52,11 @@ def optimizer_gradients(model, xs, ys, step) -> dict:
     if step == "Model.train_step":
         received["loss"], _, _ = model.train_step(xs, ys)
     else:
-        received["loss"], _, _ = Run(model, verbose=0)._step(xs, ys, None, slice(0, 3), 3)
+        received["loss"], _, _ = Run(model, verbose=0).step(xs, ys)
     return received
 
 
-@pytest.mark.parametrize("step", ["Model.train_step", "Run._step"])
+@pytest.mark.parametrize("step", ["Model.train_step", "Run.step"])
 def test_train_step_hands_the_optimizer_the_gradient_of_loss_plus_regularisation(step):
     model, xs, ys = _model()
     received = optimizer_gradients(model, xs, ys, step)

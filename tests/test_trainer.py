@@ -151,6 +151,18 @@ def test_nan_loss_stops_before_the_update_and_names_the_layer():
     assert "forward" not in vars(model.get_layer("h"))  # the checking wrappers are gone
 
 
+def test_model_train_step_is_fits_step_with_its_divergence_gate():
+    x, y = _data()
+    model = _model()
+    model.get_layer("out").params["kernel"].value[0, 0] = np.nan
+    weights = model.get_weights()
+    with pytest.raises(DivergenceError) as info:
+        model.train_step([x[:5]], [y[:5]])
+    assert info.value.report["non_finite"] == "loss" and info.value.report["sample_indices"] == [0, 1, 2, 3, 4]
+    for u, v in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(u, v)  # nothing was applied
+
+
 def test_diagnose_names_the_first_layer_gone_non_finite_and_leaves_layers_untouched():
     from dlcli.divergence import diagnose
 

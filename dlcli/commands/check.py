@@ -99,11 +99,10 @@ def check_overfit(
         table.add_row(f"{k} (inference mode)", f"{v:.4g}")
     out.print(table)
     if not r["ok"]:
-        why = "the loss became non-finite (learning rate too high?)" if not r["finite"] else \
-            ("the loss did not fall at all (labels vs loss mismatch, dead ReLUs, frozen layers, learning rate "
-             "far too small?)" if r["best_loss"] >= 0.9 * r["initial_loss"] else
-             "the loss fell but not far enough (more --steps, a higher learning rate, less dropout or "
-             "regularisation, or a model too small for the task)")
+        why = ("the loss did not fall at all (labels vs loss mismatch, dead ReLUs, frozen layers, learning rate "
+               "far too small?)" if r["best_loss"] >= 0.9 * r["initial_loss"] else
+               "the loss fell but not far enough (more --steps, a higher learning rate, less dropout or "
+               "regularisation, or a model too small for the task)")
         _fail(out, f"overfit: best loss {r['best_loss']:.4g} > {threshold:g} after {r['steps']} steps: {why}")
     out.print(f"overfit passed: loss {r['final_loss']:.4g} after {r['reached_at']} steps")
 
