@@ -111,11 +111,10 @@ def _is_layer(obj) -> bool:
     return isinstance(obj, Layer)
 
 
-def save(path, model, callbacks, position: dict, rank_rngs: list | None = None,
-         run_header: dict | None = None):
-    """Write the checkpoint `path`: `position` is the trainer's JSON-safe state; `rank_rngs` every data-parallel
-    rank's layer RNG states (rank 0's are the run's own, under "rngs"); `run_header` JSON the run keeps with it
-    (its config record, dlcli.fingerprint)."""
+def save(files, model, callbacks, position: dict, rank_rngs: list | None = None, run_header: dict | None = None):
+    """Write the checkpoint of the run directory `files` (a NoRunDir, on ranks other than 0, writes nothing):
+    `position` is the trainer's JSON-safe state; `rank_rngs` every data-parallel rank's layer RNG states (rank 0's
+    are the run's own, under "rngs"); `run_header` JSON the run keeps with it (its config record, fingerprint)."""
     arrays = {**model.weights_dict(), **_optimizer_arrays(model)}
     cb_states = []
     for i, cb in enumerate(_stateful(callbacks)):
@@ -125,7 +124,7 @@ def save(path, model, callbacks, position: dict, rank_rngs: list | None = None,
     if rank_rngs is not None:
         header["rank_rngs"] = rank_rngs
     arrays[HEADER] = np.array(json.dumps(header))
-    run_files.atomic_savez(path, arrays)
+    files.write_npz(files.checkpoint, arrays)
 
 
 def load(path) -> dict:

@@ -208,15 +208,15 @@ def evaluation_report(run_dir, weights: str = "best", split: str = "test", batch
     """`dlcli evaluate`: loss and metrics of a finished run on a split; per-class accuracy and a confusion matrix for
     classifiers; written to the run's evaluation.json."""
     config, model = load_run_model(run_dir, weights, allow_config_change)
-    run_dir = Path(run_dir)
-    with run_data(run_dir):
+    files = run_files.RunDir(run_dir)
+    with run_data(files.path):
         splits = load_fitted(config, model)
     xs, ys = (splits.x_test, splits.y_test) if split == "test" else (splits.x_val, splits.y_val)
     if xs is None:
-        raise DlcliError(f"run {run_dir.name} has no {split} split (set train.validation_split for a validation "
+        raise DlcliError(f"run {files.path.name} has no {split} split (set train.validation_split for a validation "
                          f"split)" if split == "validation" else "the dataset has no test split")
     bs = batch_size or config.train.batch_size
-    result = {"run": run_dir.name, "weights": weights, "split": split, "samples": len(xs),
+    result = {"run": files.path.name, "weights": weights, "split": split, "samples": len(xs),
               "metrics": model.evaluate(xs, ys, bs, return_dict=True)}
     preds = model.predict(xs, batch_size=bs)
     preds = preds if isinstance(preds, list) else [preds]
@@ -227,7 +227,7 @@ def evaluation_report(run_dir, weights: str = "best", split: str = "test", batch
     if baseline:
         result["baseline"] = baseline
         result["comparison"] = baseline_comparison(result["metrics"], splits.extra, split)
-    run_files.atomic_write_json(run_files.RunDir(run_dir).evaluation, result)
+    files.write_json(files.evaluation, result)
     return result
 
 

@@ -115,7 +115,7 @@ def write_aggregate(run_dir: Path, cfg, statuses: list, k: int, seconds: float):
                  "epochs_run": len(means), "best_epoch": best and best["epoch"],
                  "best": {f"mean {monitor}": best and best.get(monitor)}, "test": test})
     files.write_json(files.meta, meta)
-    write_curves(run_dir)  # after meta.json: the band's legend counts the finished folds
+    write_curves(files)  # after meta.json: the band's legend counts the finished folds
     return means, test, best and best["epoch"]
 
 

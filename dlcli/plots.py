@@ -161,21 +161,19 @@ def importances_png(importances: dict, metric: str, title: str) -> bytes:
     return _png(fig)
 
 
-def write_curves(run_dir, rows: list[dict] | None = None, output=None) -> Path:
+def write_curves(files: run_files.RunDir, rows: list[dict] | None = None, output=None) -> Path:
     """Draw a run's curves.png (or `output`) from `rows` (default: the run's history.csv); a K-fold run's from its
-    kfold.csv, as the mean across folds with a +-1 standard deviation band."""
-
-    run_dir = Path(run_dir)
-    path = Path(output) if output is not None else run_files.RunDir(run_dir).curves
-    if rows is None and run_files.is_kfold_run(run_dir) and run_files.RunDir(run_dir).kfold_csv.is_file():
-        meta = run_files.read_json(run_files.RunDir(run_dir).meta) if run_files.RunDir(run_dir).meta.is_file() else {}
+    kfold.csv, as the mean across folds with a +-1 standard deviation band. Written through `files`, so a
+    data-parallel rank other than 0 (a NoRunDir) writes nothing."""
+    path, name = Path(output or files.curves), files.path.name
+    if rows is None and files.folds.is_dir() and files.kfold_csv.is_file():
+        meta = run_files.read_json(files.meta) if files.meta.is_file() else {}
         k, done = meta.get("kfold"), sum(s == "completed" for s in meta.get("folds") or [])
-        png = band_png(run_files.read_history(run_dir, run_files.RunDir(run_dir).kfold_csv.name), done,
-                       f"{run_dir.name}: {k}-fold")
+        png = band_png(run_files.read_history(files.path, files.kfold_csv.name), done, f"{name}: {k}-fold")
     else:
-        rows = run_files.read_history(run_dir) if rows is None else rows
-        png = curves_png([(run_dir.name, rows)], title=run_dir.name)
-    run_files.atomic_write_bytes(path, png)
+        rows = run_files.read_history(files.path) if rows is None else rows
+        png = curves_png([(name, rows)], title=name)
+    files.write_bytes(path, png)
     return path
 
 
@@ -195,6 +193,6 @@ def plot_runs(run_dirs: list, output) -> Path:
     if output.suffix.lower() != ".png":
         raise DlcliError(f"--output must end in .png; got {output}")
     if len(run_dirs) == 1:
-        return write_curves(run_dirs[0], output=output)
+        return write_curves(run_files.RunDir(run_dirs[0]), output=output)
     run_files.atomic_write_bytes(output, curves_png(histories))
     return output

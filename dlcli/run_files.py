@@ -73,11 +73,17 @@ class RunDir:
     def fold(self, i: int) -> "RunDir":
         return type(self)(self.folds / str(i))
 
+    def write_bytes(self, path, data: bytes):
+        atomic_write_bytes(path, data)
+
     def write_text(self, path, text: str):
         atomic_write_text(path, text)
 
     def write_json(self, path, obj):
         atomic_write_json(path, obj)
+
+    def write_npz(self, path, arrays: dict):
+        atomic_savez(path, arrays)
 
     def append_log(self, text: str):
         """Append to train.log: a torn last line is the worst a crash can do to it."""
@@ -99,14 +105,10 @@ class NoRunDir(RunDir):
     """A data-parallel rank other than 0: rank 0's paths, to read, and writes that do nothing (the directory is rank
     0's, and every rank holds the same weights and logs)."""
 
-    def write_text(self, path, text: str):
+    def _nothing(self, *args):
         pass
 
-    def write_json(self, path, obj):
-        pass
-
-    def append_log(self, text: str):
-        pass
+    write_bytes = write_text = write_json = write_npz = append_log = _nothing
 
 
 def weights_file(folder, which: str) -> Path:

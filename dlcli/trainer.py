@@ -62,10 +62,9 @@ class Run:
     `dlcli.train` returns it (dir, status, history, test ...)."""
 
     def __init__(self, model, callbacks=(), verbose=1, rng: np.random.Generator | None = None, *,
-                 files: run_files.RunDir | None = None, config=None, splits=None, checkpoint_path=None,
-                 checkpoint_every: int | None = None, world: distributed.World | None = None,
-                 divergence_factor: float | None = DIVERGENCE_FACTOR, init_from=None, resumed: str | None = None,
-                 config_changes=(), kfold_dir=None):
+                 files: run_files.RunDir | None = None, config=None, splits=None, checkpoint_every: int | None = None,
+                 world: distributed.World | None = None, divergence_factor: float | None = DIVERGENCE_FACTOR,
+                 init_from=None, resumed: str | None = None, config_changes=(), kfold_dir=None):
         self.model = model
         self.files = files  # the run directory (a NoRunDir on ranks other than 0); None: Model.fit, no directory
         self.dir: Path | None = None if files is None else files.path
@@ -74,7 +73,7 @@ class Run:
         self.callbacks = list(callbacks or [])
         self.verbose = verbose
         self.rng = rng if rng is not None else np.random.default_rng()
-        self.checkpoint: Path | None = checkpoint_path  # the resumable checkpoint (a fold's own, in K-fold)
+        self.checkpoint = None if files is None else files.checkpoint  # resumable (a fold's own, in K-fold)
         self.checkpoint_every = checkpoint_every
         self.world = world or distributed.World()  # the ranks training it
         self.divergence_factor = divergence_factor
@@ -113,9 +112,8 @@ class Run:
             cb.filepath = cb.filepath or str(files.weights)
         recorder = RunRecorder(files)
         run = cls(model, [recorder, *user, *callbacks], verbose, np.random.default_rng([config.seed, 2]),
-                  files=files, config=config, splits=splits, checkpoint_path=files.checkpoint,
-                  checkpoint_every=config.train.checkpoint_every, world=world,
-                  divergence_factor=config.train.divergence_factor, **record)
+                  files=files, config=config, splits=splits, checkpoint_every=config.train.checkpoint_every,
+                  world=world, divergence_factor=config.train.divergence_factor, **record)
         run.recorder, run.saver = recorder, savers[0]  # history.csv's rows, best epoch
         run.mix = mixing.get(config.train.mix)
         run.mix_seed = config.seed if run.mix is None or run.mix.seed is None else run.mix.seed
@@ -192,10 +190,9 @@ class Run:
                          "epochs_run": len(self.history), "best_epoch": saver.best_epoch,
                          "best": {saver.monitor: saver.best}, "test": self.test})
             files.write_json(files.meta, meta)
-            if world.is_root:
-                from dlcli.plots import write_curves
+            from dlcli.plots import write_curves
 
-                write_curves(self.dir, self.history)
+            write_curves(files, self.history)
             self._run_ended(self.status)
             world.barrier()  # a failure in rank 0's last writes reaches the ranks that are done
         return self
@@ -486,7 +483,7 @@ class Run:
 
     def save_checkpoint(self, epoch, batch, batch_size, n):
         """Position (epoch, next batch) plus everything else needed to continue bit-identically."""
-        if self.checkpoint is None:
+        if self.files is None:
             return
         position = {"epoch": epoch, "batch": batch, "step": int(self.model.optimizer.iterations),
                     "samples_seen": self.samples_seen, "samples": n, "batch_size": batch_size,
@@ -499,9 +496,7 @@ class Run:
         if self.world.size > 1:  # each rank's dropout/augmentation streams, so the same rank count resumes exactly
             states = {k: g.bit_generator.state for k, g in checkpoint.layer_rngs(self.model).items()}
             rank_rngs = self.world.gather_json(states)
-        if self.world.is_root:
-            checkpoint.save(self.checkpoint, self.model, self.callbacks, position, rank_rngs,
-                            self.checkpoint_header)
+        checkpoint.save(self.files, self.model, self.callbacks, position, rank_rngs, self.checkpoint_header)
         self.position = position
 
 

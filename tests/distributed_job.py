@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dlcli import callbacks, checkpoint, distributed, layers, models  # noqa: E402
 from dlcli.engine.layer import clear_session  # noqa: E402
+from dlcli.run_files import RunDir  # noqa: E402
 from dlcli.trainer import Run  # noqa: E402
 
 EPOCHS = 2
@@ -100,16 +101,15 @@ def run(name, out, mode="", world=None, state_dir=None):
     """Train CASE in `world` (this process's MPI world by default); returns (weights, history, position)."""
     world = world or distributed.world(True)
     model, xs, ys, batch_size = case(name)
-    state = Path(state_dir or Path(out).parent) / f"{name}-state.npz"
-    trainer = Run(model, verbose=0, rng=np.random.default_rng(7), world=world, checkpoint_path=state,
-                      checkpoint_every=3)
+    files = RunDir.for_rank(Path(state_dir or Path(out).parent) / f"{name}-run", world)  # rank 0 writes
+    trainer = Run(model, verbose=0, rng=np.random.default_rng(7), world=world, files=files, checkpoint_every=3)
     extra = []
     if mode.startswith("stop-at="):
         extra.append(StopAt(trainer, int(mode.split("=")[1]), world))
     if mode.startswith("fail-at="):
         extra.append(FailAt(int(mode.split("=")[1]), world))
     trainer.callbacks += extra
-    resume = checkpoint.load(state) if mode == "resume" and world.is_root else None
+    resume = checkpoint.load(files.checkpoint) if mode == "resume" and world.is_root else None
     history = trainer.fit(xs, ys, epochs=EPOCHS, batch_size=batch_size, resume=resume)
     weights = model.get_weights()
     digest = hashlib.sha256(b"".join(w.tobytes() for w in model.weights_dict().values())).hexdigest()

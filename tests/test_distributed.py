@@ -94,7 +94,7 @@ def test_resume_two_ranks_on_two_three_and_one(case, tmp_path):
     assert was_stopped
     from dlcli import checkpoint
 
-    state = tmp_path / f"{case}-state.npz"
+    state = tmp_path / f"{case}-run" / "checkpoint" / "state.npz"
     position = checkpoint.load(state)["header"]["position"]
     assert (position["epoch"], position["batch"]) == (0, 6)  # asked after batch 4, agreed in batch 5's exchange
     kept = state.read_bytes()

@@ -54,14 +54,18 @@ def test_a_rank_other_than_0_shares_the_run_directory_without_writing_it(tmp_pat
 
     from dlcli import run_files
     from dlcli.distributed import World
+    from dlcli.plots import write_curves
 
     other = run_files.RunDir.for_rank(tmp_path, SimpleNamespace(is_root=False))
     other.write_text(other.config, "x")
     other.write_json(other.meta, {})
     other.append_log("epoch 1\n")
+    other.write_npz(other.checkpoint, {"a": np.zeros(2)})
     other.mark_failed({}, KeyboardInterrupt())
+    write_curves(other, [{"epoch": 1, "loss": 1.0}])
     assert other.meta == tmp_path / "meta.json" and list(tmp_path.iterdir()) == []  # rank 0's paths, nothing written
     root = run_files.RunDir.for_rank(tmp_path, World())
     root.write_json(root.meta, {})
     root.append_log("epoch 1\n")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.log"]
+    write_curves(root, [{"epoch": 1, "loss": 1.0}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "meta.json", "train.log"]

@@ -8,6 +8,7 @@ from dlcli.callbacks import Callback
 from dlcli.divergence import DivergenceError
 from dlcli.layers import Dense, Dropout
 from dlcli.models import Sequential
+from dlcli.run_files import RunDir
 from dlcli.trainer import Run
 
 
@@ -107,20 +108,20 @@ def test_in_process_stop_and_resume_is_bit_identical(tmp_path):
     x, y = _data(40)
 
     def trainer_for(model, path):
-        return Run(model, verbose=0, rng=np.random.default_rng(7), checkpoint_path=path, checkpoint_every=2)
+        return Run(model, verbose=0, rng=np.random.default_rng(7), files=RunDir(path), checkpoint_every=2)
 
     ref = _model(optimizer="adam", dropout=True)
-    trainer_for(ref, tmp_path / "ref.npz").fit([x], [y], epochs=3, batch_size=6)
+    trainer_for(ref, tmp_path / "ref").fit([x], [y], epochs=3, batch_size=6)
 
     first = _model(optimizer="adam", dropout=True)
-    t = trainer_for(first, tmp_path / "run.npz")
+    t = trainer_for(first, tmp_path / "run")
     t.callbacks.append(StopAfter(t, 10))
     t.fit([x], [y], epochs=3, batch_size=6)
     assert t.position["epoch"] == 1 and t.position["batch"] == 3  # 7 batches per epoch
-    state = checkpoint.load(tmp_path / "run.npz")
+    state = checkpoint.load(tmp_path / "run")
     resumed = _model(optimizer="adam", dropout=True)
     resumed.get_layer("drop").rng = np.random.default_rng(0)  # resume must restore the layer RNG, not reuse it
-    history = trainer_for(resumed, tmp_path / "run.npz").fit([x], [y], epochs=3, batch_size=6, resume=state)
+    history = trainer_for(resumed, tmp_path / "run").fit([x], [y], epochs=3, batch_size=6, resume=state)
     for u, v in zip(ref.get_weights(), resumed.get_weights()):
         np.testing.assert_array_equal(u, v)
     assert history.epoch == [1, 2]
@@ -129,9 +130,9 @@ def test_in_process_stop_and_resume_is_bit_identical(tmp_path):
 def test_batch_size_change_on_resume_is_refused(tmp_path):
     x, y = _data(12)
     model = _model()
-    Run(model, verbose=0, checkpoint_path=tmp_path / "c.npz").fit([x], [y], epochs=1, batch_size=4)
+    Run(model, verbose=0, files=RunDir(tmp_path)).fit([x], [y], epochs=1, batch_size=4)
     with pytest.raises(Exception, match="batch_size must not change"):
-        Run(_model(), verbose=0).fit([x], [y], epochs=2, batch_size=6, resume=checkpoint.load(tmp_path / "c.npz"))
+        Run(_model(), verbose=0).fit([x], [y], epochs=2, batch_size=6, resume=checkpoint.load(tmp_path))
 
 
 def test_nan_loss_stops_before_the_update_and_names_the_layer():
@@ -234,15 +235,15 @@ def test_initial_loss_is_restored_on_resume(tmp_path):
     y = np.repeat([10.0, 1.0, 10.0], 4).astype(np.float32)[:, None]
 
     def trainer(path):
-        return Run(_constant_model(), verbose=0, rng=np.random.default_rng(0), checkpoint_path=path,
+        return Run(_constant_model(), verbose=0, rng=np.random.default_rng(0), files=RunDir(path),
                        divergence_factor=10)
 
-    trainer(tmp_path / "whole.npz").fit([x], [y], epochs=1, batch_size=4, shuffle=False)
-    first = trainer(tmp_path / "run.npz")
+    trainer(tmp_path / "whole").fit([x], [y], epochs=1, batch_size=4, shuffle=False)
+    first = trainer(tmp_path / "run")
     first.callbacks.append(StopAfter(first, 1))
     first.fit([x], [y], epochs=1, batch_size=4, shuffle=False)
-    state = checkpoint.load(tmp_path / "run.npz")
+    state = checkpoint.load(tmp_path / "run")
     assert state["header"]["position"]["batch"] == 1 and state["header"]["position"]["initial_loss"] == 100.0
-    resumed = trainer(tmp_path / "run.npz")
+    resumed = trainer(tmp_path / "run")
     resumed.fit([x], [y], epochs=1, batch_size=4, shuffle=False, resume=state)
     assert resumed.initial_loss == 100.0
