@@ -11,40 +11,15 @@ from typer.testing import CliRunner
 
 from dlcli.cli import app
 from tests.conftest import require_dataset
-from tests.runs_fixture import write_tiny_config
+from tests.runs_fixture import class_config, write_class_npz, write_tiny_config, write_yaml
 
 runner = CliRunner()
 
-TINY = """
-name: tiny
-seed: 1
-data: {{type: npz, path: {path}, x: x, y: y, x_test: x_test, y_test: y_test}}
-model:
-  input_shape: [4]
-  layers:
-    - {{type: Dense, units: 8, activation: relu}}
-    - {{type: Dense, units: 3, activation: softmax}}
-compile:
-  optimizer: {{type: adam, learning_rate: 0.02}}
-  loss: sparse_categorical_crossentropy
-  metrics: [accuracy]
-train:
-  epochs: 3
-  batch_size: 16
-  validation_split: 0.2
-"""
-
-
 @pytest.fixture()
 def tiny_config(tmp_path):
-    rng = np.random.default_rng(0)
-    centers = np.eye(3, 4, dtype=np.float32) * 2
-    y, y_test = rng.integers(0, 3, 200), rng.integers(0, 3, 60)
-    np.savez(tmp_path / "blobs.npz", x=centers[y] + rng.normal(0, .4, (200, 4)).astype(np.float32), y=y,
-             x_test=centers[y_test] + rng.normal(0, .4, (60, 4)).astype(np.float32), y_test=y_test)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY.format(path=tmp_path / "blobs.npz"))
-    return path
+    """class_config's network on 4 features: 200 training samples, 60 held out as the test split, seed 1."""
+    return write_yaml(tmp_path / "tiny.yaml", class_config(write_class_npz(tmp_path / "tiny.npz", 260, 4, test=60), 4,
+                                                           seed=1))
 
 
 def run_dirs(root):
@@ -62,7 +37,7 @@ def test_train_writes_the_run_directory_contract(tiny_config, tmp_path):
     header = (run / "history.csv").read_text().splitlines()[0].split(",")
     assert {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"} <= set(header)
     meta = json.loads((run / "meta.json").read_text())
-    assert meta["status"] == "completed" and meta["seed"] == 1 and meta["test"]["accuracy"] > 0.8
+    assert meta["status"] == "completed" and meta["seed"] == 1 and meta["test"]["accuracy"] > 0.7  # majority: 0.5
     with np.load(run / "weights" / "last.npz", allow_pickle=False) as f:
         assert sorted(f.files) == ["weights/dense/bias", "weights/dense/kernel", "weights/dense_1/bias",
                                    "weights/dense_1/kernel"]
@@ -91,30 +66,25 @@ def test_set_overrides_and_seed_option(tiny_config, tmp_path):
     assert "epochs: 1" in config
 
 
-def test_inspect_shapes_needs_no_data(tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text(TINY.format(path=tmp_path / "missing.npz"))
-    result = runner.invoke(app, ["inspect-shapes", str(config), "--batch-size", "64"])
+def test_inspect_shapes_needs_no_data(tiny_config, tmp_path):
+    (tmp_path / "tiny.npz").unlink()
+    result = runner.invoke(app, ["inspect-shapes", str(tiny_config), "--batch-size", "64"])
     assert result.exit_code == 0, result.output
     assert "(None, 8)" in result.output and "(None, 3)" in result.output
     assert "Total params: 67" in result.output and "batch 64" in result.output
 
 
 @pytest.mark.parametrize("size", ["-5", "0"])
-def test_inspect_shapes_refuses_a_batch_size_below_one(tmp_path, size):
+def test_inspect_shapes_refuses_a_batch_size_below_one(tiny_config, size):
     """Was: -5 printed negative memory, 0 silently used train.batch_size (issue 28)."""
-    config = tmp_path / "c.yaml"
-    config.write_text(TINY.format(path=tmp_path / "missing.npz"))
-    result = runner.invoke(app, ["inspect-shapes", str(config), "--batch-size", size])
+    result = runner.invoke(app, ["inspect-shapes", str(tiny_config), "--batch-size", size])
     assert result.exit_code == 2 and "Invalid value for '--batch-size': Input should be greater than or equal to 1" in \
         " ".join(result.output.split()), result.output
     assert "Memory" not in result.output
 
 
-def test_inspect_shapes_graph_in_a_missing_folder_is_refused(tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text(TINY.format(path=tmp_path / "missing.npz"))
-    result = runner.invoke(app, ["inspect-shapes", str(config), "--graph", str(tmp_path / "nowhere" / "g.md")])
+def test_inspect_shapes_graph_in_a_missing_folder_is_refused(tiny_config, tmp_path):
+    result = runner.invoke(app, ["inspect-shapes", str(tiny_config), "--graph", str(tmp_path / "nowhere" / "g.md")])
     assert result.exit_code == 2 and f"the folder {tmp_path / 'nowhere'} does not exist" in result.output
     assert not (tmp_path / "nowhere").exists()
 
@@ -126,24 +96,27 @@ def test_inspect_shapes_reports_the_books_mlp():
 
 
 def test_incompatible_layers_fail_naming_the_layer(tmp_path):
-    config = tmp_path / "bad.yaml"
-    config.write_text(TINY.format(path="x.npz").replace("input_shape: [4]", "input_shape: [4, 4, 4]").replace(
-        "- {type: Dense, units: 8, activation: relu}", "- {type: Reshape, target_shape: [5, 5]}"))
+    config = class_config("x.npz", 4)
+    config["model"] = {"input_shape": [4, 4, 4], "layers": [{"type": "Reshape", "target_shape": [5, 5]}]}
+    config = write_yaml(tmp_path / "bad.yaml", config)
     result = runner.invoke(app, ["inspect-shapes", str(config)])
     assert result.exit_code == 2
     assert "Reshape" in result.output and "Traceback" not in result.output
 
 
 def test_bad_config_lists_every_error_with_lines(tmp_path):
-    config = tmp_path / "bad.yaml"
-    config.write_text(TINY.format(path="x.npz").replace("type: Dense, units: 8", "type: Dens, units: 8")
-                      .replace("type: adam,", "type: adamm,"))
+    config = class_config("x.npz", 4)
+    config["model"]["layers"][0]["type"], config["compile"]["optimizer"]["type"] = "Dens", "adamm"
+    config = write_yaml(tmp_path / "bad.yaml", config)
+    text = config.read_text().splitlines()
+    dens, adamm = text.index("    type: Dens") + 1, text.index("    type: adamm") + 1  # 1-based line numbers
     result = runner.invoke(app, ["train", str(config)], env={"COLUMNS": "300"})
     assert result.exit_code == 2
-    lines = result.output.splitlines()  # TINY starts with a blank line: layers on lines 8-9, the optimizer on 11 (1-based)
-    assert any(line.startswith(f"{config}:8: model.layers.0.type: unknown layer 'Dens' (did you mean 'Dense'?)")
+    lines = result.output.splitlines()
+    assert any(line.startswith(f"{config}:{dens}: model.layers.0.type: unknown layer 'Dens' (did you mean 'Dense'?)")
                for line in lines), result.output
-    assert any(line.startswith(f"{config}:11: compile.optimizer.type: unknown optimizer 'adamm'") for line in lines)
+    assert any(line.startswith(f"{config}:{adamm}: compile.optimizer.type: unknown optimizer 'adamm'")
+               for line in lines)
     assert "Traceback" not in result.output
 
 
