@@ -14,7 +14,6 @@ def ALIAS(name):
 
 KERAS_VERSION = "3.15.1"
 BASE = "a base or wrapper class, not something a config names"
-AUGMENT = TODO + ": image preprocessing/augmentation"
 
 LAYERS = {
     **{n: DONE for n in [
@@ -36,8 +35,8 @@ LAYERS = {
         "SpatialDropout3D", "SpectralNormalization", "StackedRNNCells", "StringLookup", "Subtract", "TimeDistributed",
         "UnitNormalization", "UpSampling1D", "UpSampling2D", "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D",
         "ZeroPadding3D"]},
-    **{n: DONE for n in ["AutoContrast", "CenterCrop", "ContrastLimitedAdaptiveHistogramEqualization", "Equalization",
-                         "RandomBrightness", "RandomColorDegeneration", "RandomColorJitter",
+    **{n: DONE for n in ["AugMix", "AutoContrast", "CenterCrop", "ContrastLimitedAdaptiveHistogramEqualization", "Equalization",
+                         "RandAugment", "RandomBrightness", "RandomColorDegeneration", "RandomColorJitter",
                          "RandomContrast", "RandomCrop", "RandomElasticTransform", "RandomErasing",
                          "RandomGaussianBlur", "RandomGrayscale",
                          "RandomHue", "RandomInvert", "RandomPosterization", "RandomSaturation", "RandomSharpness",
@@ -65,8 +64,6 @@ LAYERS = {
        for n in ["CutMix", "MixUp"]},
     "Layer": BASE, "InputSpec": BASE, "Wrapper": BASE,
     # not yet
-    **{n: AUGMENT for n in [
-        "AugMix", "RandAugment"]},
     **{n: TODO for n in [
         "ReversibleEmbedding"]},
 }

@@ -1,16 +1,21 @@
-"""Colour augmentation layers of Keras 3.15's image_preprocessing: each changes pixel values, never where they are.
+"""Colour augmentation layers of Keras 3.15's image_preprocessing: each changes pixel values, never where they are;
+and the layers composing augmentation layers (RandomColorJitter, RandAugment, AugMix), which run these and the
+geometric ones of preprocessing.py on the parts' own math.
 
 Keras works in the 0..255 scale whatever `value_range` says (its _transform_value_range maps there and back); the
 layers here do the same arithmetic in the same order, so they agree with Keras to rounding. The random ones draw
 their parameters per image with the layer's `self.rng`, as the other augmentation layers, and are the identity at
 inference; AutoContrast is applied at inference too, as Keras applies it.
 """
+import copy
+
 import numpy as np
 
 from dlcli.engine.layer import register
 from dlcli.errors import ConfigError, ShapeError
-from dlcli.layers.preprocessing import (GRAYSCALE, RandomBrightness, RandomContrast, _Augmentation, _factor,
-                                        _gaussian, _neighbourhood_sum, _PixelAugmentation, _value_range)
+from dlcli.layers.preprocessing import (GRAYSCALE, RandomBrightness, RandomContrast, RandomRotation, RandomShear,
+                                        RandomTranslation, _Augmentation, _factor, _gaussian, _neighbourhood_sum,
+                                        _PixelAugmentation, _value_range)
 
 
 def _to_255(x, value_range):
@@ -64,8 +69,7 @@ class Solarization(_Augmentation):
         # Keras draws both from one seed; dlcli draws them one after the other from the layer's stream
         return {"additions": self.rng.uniform(a0, a1 * 255, n), "thresholds": self.rng.uniform(t0, t1 * 255, n)}
 
-    def augment(self, x):
-        drawn = self.draw(x.shape[0])
+    def augment(self, x, drawn):
         add, threshold = (np.asarray(drawn[k], x.dtype).reshape(-1, 1, 1, 1) for k in ("additions", "thresholds"))
         y = _to_255(x, self.value_range) + add
         self.inside = (y >= 0) & (y <= 255)  # where the clip passes the gradient (torch's clamp)
@@ -95,8 +99,8 @@ class RandomPosterization(_Augmentation):
         bits = self.rng.integers(int(low), int(high), n) if low != high else np.full(n, int(low))
         return 8 - bits  # Keras' shift_factor
 
-    def augment(self, x):
-        step = (2.0 ** np.asarray(self.draw(x.shape[0]))).astype(x.dtype).reshape(-1, 1, 1, 1)
+    def augment(self, x, shift):
+        step = (2.0 ** np.asarray(shift)).astype(x.dtype).reshape(-1, 1, 1, 1)
         pixels = np.floor(np.clip(_to_255(x, self.value_range), 0, 255))
         return _from_255(np.floor(pixels / step) * step, self.value_range).astype(x.dtype, copy=False)
 
@@ -145,9 +149,9 @@ class AutoContrast(_Augmentation):
 
     def forward(self, x, training=False):
         self.active = True  # in training and at inference alike
-        return self.augment(x)
+        return self.augment(x, None)
 
-    def augment(self, x):
+    def augment(self, x, drawn):
         images = _to_255(x, self.value_range)
         low = images.min((1, 2), keepdims=True)
         high = images.max((1, 2), keepdims=True)
@@ -203,7 +207,7 @@ class Equalization(_Augmentation):
         self.value_range = _value_range(value_range, "Equalization")
         self.bins, self.data_format = bins, _channels_last(data_format, "Equalization")
 
-    def augment(self, x):
+    def augment(self, x, drawn):
         images = _to_255(x, self.value_range)  # (n, h, w, c)
         channels = images.reshape(-1, images.shape[-1])
         binned = (channels.astype(np.float32) * np.float32(self.bins - 1) / np.float32(255)).astype(np.int64)
@@ -261,9 +265,9 @@ class ContrastLimitedAdaptiveHistogramEqualization(_Augmentation):
 
     def forward(self, x, training=False):
         self.active = True  # in training and at inference alike
-        return self.augment(x)
+        return self.augment(x, None)
 
-    def augment(self, x):
+    def augment(self, x, drawn):
         n, height, width, channels = x.shape
         (tile_h, tile_w), (grid_h, grid_w) = self.tile, self.tile_grid_size
         images = _to_255(x.astype(np.float32), self.value_range)
@@ -420,8 +424,7 @@ class RandomGaussianBlur(_Augmentation):
         across, down = (_gaussian(k, s).astype(x.dtype) for s in self.blur_factor)
         return _neighbourhood_sum(x, k, k, down, across)
 
-    def augment(self, x):
-        drawn = self.draw(x.shape[0])
+    def augment(self, x, drawn):
         self.chosen = np.asarray(drawn["should_apply_blur"], bool)[:, None, None, None]
         self.blur_factor = np.asarray(drawn["blur_factor"], np.float64)
         y = np.where(self.chosen, self._blur(x), x)
@@ -513,8 +516,8 @@ class RandomSaturation(_Augmentation):
         u = self.rng.uniform(*self.factor, n)
         return u / (1 - u + 1e-7)
 
-    def augment(self, x, drawn=None):
-        scale = np.asarray(self.draw(x.shape[0]) if drawn is None else drawn, x.dtype)[:, None, None]
+    def augment(self, x, drawn):
+        scale = np.asarray(drawn, x.dtype)[:, None, None]
         h, s, v, self.from_hsv = rgb_to_hsv(x)
         s2 = s * scale
         low, high = self.value_range
@@ -547,9 +550,9 @@ class RandomHue(_Augmentation):
         sign = np.where(self.rng.uniform(0, 1, n) > 0.5, -1.0, 1.0)
         return sign * self.rng.uniform(*self.factor, n) * 0.5
 
-    def augment(self, x, drawn=None):
+    def augment(self, x, drawn):
         low, high = self.value_range
-        delta = np.asarray(self.draw(x.shape[0]) if drawn is None else drawn, x.dtype)[:, None, None]
+        delta = np.asarray(drawn, x.dtype)[:, None, None]
         h, s, v, self.from_hsv = rgb_to_hsv((x - low) / (high - low))
         h = h + delta
         h = np.where(h > 1, h - 1, h)
@@ -562,8 +565,35 @@ class RandomHue(_Augmentation):
         return self.from_hsv(*self.from_rgb(grad * self.inside))  # the scale to 0..1 and back cancels
 
 
+class _Composition(_Augmentation):
+    """An augmentation made of augmentation layers (`self.parts`, by Keras' attribute names), built for this
+    layer's input and drawing from its stream. `run` applies one part and keeps it in `self.applied` as it was
+    after that run (a shallow copy holds the run's backward caches, so a part run twice steps back through both)."""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        for part in self.parts.values():
+            part.ensure_built(input_shape, self.rng)
+
+    def draw_part(self, key, n):
+        part = self.parts[key]
+        part.rng = self.rng
+        return part.draw(n)
+
+    def run(self, x, key, drawn):
+        x = self.parts[key].augment(x, drawn)
+        self.applied.append(copy.copy(self.parts[key]))
+        return x
+
+    @staticmethod
+    def run_backward(grad, applied):
+        for part in reversed(applied):
+            grad = part.augment_backward(grad)
+        return grad
+
+
 @register("RandomColorJitter")
-class RandomColorJitter(_Augmentation):
+class RandomColorJitter(_Composition):
     """Keras' RandomColorJitter: RandomBrightness, RandomContrast, RandomSaturation and RandomHue in that order,
     each only if its factor is given (the factor as that layer takes it), all with this value_range; each draws
     per image from this layer's stream. The identity at inference."""
@@ -586,25 +616,142 @@ class RandomColorJitter(_Augmentation):
                 except ConfigError as e:
                     raise ConfigError(f"RandomColorJitter: {key}_factor: {e}") from None
 
-    def build(self, input_shape):
-        super().build(input_shape)
-        for part in self.parts.values():
-            part.ensure_built(input_shape, self.rng)
-
     def draw(self, n):
-        drawn = {}
-        for key, part in self.parts.items():
-            part.rng = self.rng
-            drawn[key] = part.draw(n)
-        return drawn
+        return {key: self.draw_part(key, n) for key in self.parts}
 
-    def augment(self, x):
-        drawn = self.draw(x.shape[0])
-        for key, part in self.parts.items():
-            x = part.augment(x, drawn[key])
+    def augment(self, x, drawn):
+        self.applied = []
+        for key in self.parts:
+            x = self.run(x, key, drawn[key])
         return x
 
     def augment_backward(self, grad):
-        for part in reversed(self.parts.values()):
-            grad = part.augment_backward(grad)
-        return grad
+        return self.run_backward(grad, self.applied)
+
+
+def _policy_parts(layer, factor, value_range, interpolation, order):
+    """RandAugment's and AugMix's parts as Keras builds them from one factor (a pair in [0, 1]), in `order` (their
+    attribute names); named after `layer`, so they take no automatic names from the layers a model counts."""
+    factor, value_range = list(factor), list(value_range)
+    specs = {
+        "random_shear": (RandomShear, {"x_factor": factor, "y_factor": factor, "interpolation": interpolation}),
+        "random_translation": (RandomTranslation, {"height_factor": factor, "width_factor": factor,
+                                                   "interpolation": interpolation}),
+        "random_rotation": (RandomRotation, {"factor": factor, "interpolation": interpolation}),
+        "random_brightness": (RandomBrightness, {"factor": factor, "value_range": value_range}),
+        "random_color_degeneration": (RandomColorDegeneration, {"factor": factor, "value_range": value_range}),
+        "random_contrast": (RandomContrast, {"factor": factor, "value_range": value_range}),
+        "random_sharpness": (RandomSharpness, {"factor": factor, "value_range": value_range}),
+        "random_posterization": (RandomPosterization, {"factor": max(1, int(8 * factor[1])),
+                                                       "value_range": value_range}),
+        "solarization": (Solarization, {"addition_factor": factor, "threshold_factor": factor,
+                                        "value_range": value_range}),
+        "auto_contrast": (AutoContrast, {"value_range": value_range}),
+        "equalization": (Equalization, {"value_range": value_range})}
+    return {key: specs[key][0](**specs[key][1], name=f"{layer.name}_{key}") for key in order}
+
+
+def _count(value, what: str, layer: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{layer}: {what} must be an integer >= 0; got {value!r}")
+    return value
+
+
+@register("RandAugment")
+class RandAugment(_Composition):
+    """Keras 3.15's RandAugment: num_ops operations, each picked for the whole batch uniformly from eleven
+    augmentation layers built from factor (a number f means [0, f]): RandomShear, RandomTranslation and
+    RandomRotation (interpolation), RandomBrightness, RandomColorDegeneration, RandomContrast, RandomSharpness,
+    RandomPosterization (max(1, int(8 f_high)) bits), Solarization, AutoContrast and Equalization (value_range).
+    As in Keras, each layer draws its per-image parameters once a batch, so a layer picked twice repeats them.
+    The identity at inference."""
+
+    ORDER = ("random_shear", "random_translation", "random_rotation", "random_brightness",
+             "random_color_degeneration", "random_contrast", "random_sharpness", "random_posterization",
+             "solarization", "auto_contrast", "equalization")  # Keras' _AUGMENT_LAYERS: what its indices pick
+
+    def __init__(self, value_range=(0, 255), num_ops: int = 2, factor=0.5, interpolation: str = "bilinear",
+                 seed: int | None = None, data_format: str | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.value_range = _value_range(value_range, "RandAugment")
+        self.num_ops = _count(num_ops, "num_ops", "RandAugment")
+        self.factor = _factor(factor, (0.0, 1.0), "RandAugment")
+        self.interpolation, self.data_format = interpolation, _channels_last(data_format, "RandAugment")
+        self.parts = _policy_parts(self, self.factor, self.value_range, interpolation, self.ORDER)
+
+    def draw(self, n):
+        drawn = {"layer_idxes": self.rng.integers(0, len(self.ORDER), self.num_ops)}
+        drawn.update({key: self.draw_part(key, n) for key in self.ORDER})
+        return drawn
+
+    def augment(self, x, drawn):
+        self.applied = []
+        for index in drawn["layer_idxes"]:
+            key = self.ORDER[int(index)]
+            x = self.run(x, key, drawn[key])
+        return x
+
+    def augment_backward(self, grad):
+        return self.run_backward(grad, self.applied)
+
+
+@register("AugMix")
+class AugMix(_Composition):
+    """Keras 3.15's AugMix: num_chains chains, each of up to chain_depth operations (each slot picks one of the
+    layers or none, uniformly, per batch; each pick draws its own per-image parameters), mixed with Dirichlet(alpha)
+    weights, then w x + (1 - w) mix with w ~ Beta(alpha, alpha), clipped to value_range. The layers: RandomShear,
+    RandomTranslation, RandomRotation, RandomPosterization, Solarization, AutoContrast, Equalization, and with
+    all_ops RandomBrightness, RandomColorDegeneration, RandomContrast and RandomSharpness, built from factor (a
+    number f means [0, f]) as in RandAugment. The identity at inference."""
+
+    ORDER = ("random_shear", "random_translation", "random_rotation", "random_posterization", "solarization",
+             "auto_contrast", "equalization", "random_brightness", "random_color_degeneration", "random_contrast",
+             "random_sharpness")  # Keras' AUGMENT_LAYERS_ALL; without all_ops the first seven
+
+    def __init__(self, value_range=(0, 255), num_chains: int = 3, chain_depth: int = 3, factor=0.3,
+                 alpha: float = 1.0, all_ops: bool = True, interpolation: str = "bilinear", seed: int | None = None,
+                 data_format: str | None = None, **kw):
+        super().__init__(seed, **kw)
+        self.value_range = _value_range(value_range, "AugMix")
+        self.num_chains = _count(num_chains, "num_chains", "AugMix")
+        self.chain_depth = _count(chain_depth, "chain_depth", "AugMix")
+        self.factor = _factor(factor, (0.0, 1.0), "AugMix")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+            raise ConfigError(f"AugMix: alpha must be a number > 0; got {alpha!r}")
+        self.alpha, self.all_ops, self.interpolation = float(alpha), bool(all_ops), interpolation
+        self.data_format = _channels_last(data_format, "AugMix")
+        order = self.ORDER if self.all_ops else self.ORDER[:7]
+        self.parts = _policy_parts(self, self.factor, self.value_range, interpolation, order)
+
+    def draw(self, n):
+        gammas = self.rng.gamma(self.alpha, size=self.num_chains)  # Keras' Dirichlet: gammas over their sum
+        drawn = {"chain_mixing_weights": gammas / gammas.sum(), "weight_sample": self.rng.beta(self.alpha, self.alpha)}
+        keys, chains = list(self.parts), []
+        for _ in range(self.num_chains):
+            picks = self.rng.integers(0, len(keys) + 1, self.chain_depth)  # len(keys): Keras' None, no operation
+            chains.append([(keys[k], self.draw_part(keys[k], n)) for k in picks if k < len(keys)])
+        drawn["chain_transforms"] = chains
+        return drawn
+
+    def augment(self, x, drawn):
+        kind = x.dtype.type
+        self.chain_weights = [kind(w) for w in drawn["chain_mixing_weights"]]
+        self.share = kind(drawn["weight_sample"])
+        mixed, self.chains = np.zeros_like(x), []
+        for weight, chain in zip(self.chain_weights, drawn["chain_transforms"]):
+            self.applied, y = [], x
+            for key, part_drawn in chain:
+                y = self.run(y, key, part_drawn)
+            mixed += y * weight
+            self.chains.append(self.applied)
+        y = self.share * x + (1 - self.share) * mixed
+        low, high = self.value_range
+        self.inside = (y >= low) & (y <= high)
+        return np.clip(y, low, high).astype(x.dtype, copy=False)
+
+    def augment_backward(self, grad):
+        grad = grad * self.inside
+        dx = grad * self.share
+        for weight, applied in zip(self.chain_weights, self.chains):
+            dx = dx + self.run_backward(grad * ((1 - self.share) * weight), applied)
+        return dx

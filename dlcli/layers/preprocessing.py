@@ -52,9 +52,13 @@ class _Augmentation(Layer):
         if self.seed is not None:
             self.rng = np.random.default_rng(self.seed)
 
+    def draw(self, n):
+        """The batch's random parameters, which `augment(x, drawn)` applies (None: the layer draws nothing)."""
+        return None
+
     def forward(self, x, training=False):
         self.active = bool(training)
-        return self.augment(x) if training else x
+        return self.augment(x, self.draw(x.shape[0])) if training else x
 
     def backward(self, grad):
         return self.augment_backward(grad) if self.active else grad
@@ -75,10 +79,12 @@ class RandomFlip(_Augmentation):
             raise ConfigError(f"RandomFlip: mode must be one of {', '.join(self.MODES)}; got {mode!r}")
         self.mode = mode
 
-    def augment(self, x):
+    def draw(self, n):
         vertical, horizontal = self.MODES[self.mode]
-        n = x.shape[0]
-        self.flips = (self.rng.random(n) < 0.5) & vertical, (self.rng.random(n) < 0.5) & horizontal
+        return (self.rng.random(n) < 0.5) & vertical, (self.rng.random(n) < 0.5) & horizontal
+
+    def augment(self, x, flips):
+        self.flips = flips
         return self._flip(x)
 
     def _flip(self, x):
@@ -135,7 +141,7 @@ def _gaussian(size: int, sigma: float):
 
 
 class _Resampling(_Augmentation):
-    """Output pixel (r, c) reads the input at a per-image source coordinate `source(n, h, w)` gives."""
+    """Output pixel (r, c) reads the input at a per-image source coordinate `source(drawn, n, h, w)` gives."""
 
     def _resampling_args(self, fill_mode, interpolation, fill_value, fill_modes=FILL_MODES):
         kind = type(self).__name__
@@ -146,9 +152,9 @@ class _Resampling(_Augmentation):
                               f"got {interpolation!r}")
         self.fill_mode, self.interpolation, self.fill_value = fill_mode, interpolation, float(fill_value)
 
-    def augment(self, x):
+    def augment(self, x, drawn):
         n, h, w, c = x.shape
-        rows, cols = self.source(n, h, w)
+        rows, cols = self.source(drawn, n, h, w)
         if self.interpolation == "nearest":
             corners = [(np.rint(rows).astype(np.int64), np.rint(cols).astype(np.int64), None)]
         else:
@@ -197,9 +203,12 @@ class RandomTranslation(_Resampling):
         self.width_factor = _range(width_factor, "width_factor", "RandomTranslation")
         self._resampling_args(fill_mode, interpolation, fill_value)
 
-    def source(self, n, h, w):
-        dy = self.rng.uniform(*self.height_factor, n) * h
-        dx = self.rng.uniform(*self.width_factor, n) * w
+    def draw(self, n):
+        """(2, n): each image's shift down and right, as fractions of its height and width."""
+        return np.stack([self.rng.uniform(*self.height_factor, n), self.rng.uniform(*self.width_factor, n)])
+
+    def source(self, drawn, n, h, w):
+        dy, dx = drawn[0] * h, drawn[1] * w
         rows = np.arange(h)[None, :, None] - dy[:, None, None]
         cols = np.arange(w)[None, None, :] - dx[:, None, None]
         return np.broadcast_to(rows, (n, h, w)), np.broadcast_to(cols, (n, h, w))
@@ -216,8 +225,11 @@ class RandomRotation(_Resampling):
         self.factor = _range(factor, "factor", "RandomRotation")
         self._resampling_args(fill_mode, interpolation, fill_value)
 
-    def source(self, n, h, w):
-        theta = self.rng.uniform(*self.factor, n)[:, None, None] * 2 * np.pi
+    def draw(self, n):
+        return self.rng.uniform(*self.factor, n)  # fractions of a full turn
+
+    def source(self, drawn, n, h, w):
+        theta = np.asarray(drawn)[:, None, None] * 2 * np.pi
         cy, cx = (h - 1) / 2, (w - 1) / 2
         r = np.arange(h)[None, :, None] - cy
         c = np.arange(w)[None, None, :] - cx
@@ -238,9 +250,13 @@ class RandomZoom(_Resampling):
         self.width_factor = None if width_factor is None else _range(width_factor, "width_factor", "RandomZoom")
         self._resampling_args(fill_mode, interpolation, fill_value)
 
-    def source(self, n, h, w):
-        zh = 1 + self.rng.uniform(*self.height_factor, n)[:, None, None]
-        zw = zh if self.width_factor is None else 1 + self.rng.uniform(*self.width_factor, n)[:, None, None]
+    def draw(self, n):
+        """(2, n): each image's zoom down and across."""
+        zh = 1 + self.rng.uniform(*self.height_factor, n)
+        return np.stack([zh, zh if self.width_factor is None else 1 + self.rng.uniform(*self.width_factor, n)])
+
+    def source(self, drawn, n, h, w):
+        zh, zw = (np.asarray(z)[:, None, None] for z in drawn)
         cy, cx = (h - 1) / 2, (w - 1) / 2
         rows = cy + (np.arange(h)[None, :, None] - cy) * zh
         cols = cx + (np.arange(w)[None, None, :] - cx) * zw
@@ -283,8 +299,8 @@ class RandomShear(_Resampling):
         shear_x = self.rng.uniform(*self.x_factor, (n, 1))
         return np.concatenate([shear_x, shear_y], 1) * sign
 
-    def source(self, n, h, w):
-        shear = np.asarray(self.draw(n), np.float64)
+    def source(self, drawn, n, h, w):
+        shear = np.asarray(drawn, np.float64)
         rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
         return rows + shear[:, 1, None, None] * cols, cols + shear[:, 0, None, None] * rows
 
@@ -326,8 +342,7 @@ class RandomPerspective(_Resampling):
         system = np.stack([rows_x, rows_y], 2).reshape(len(ex), 8, 8)  # x and y rows of each corner in turn
         return np.linalg.solve(system, np.stack([sx, sy], 2).reshape(len(ex), 8, 1))[..., 0]
 
-    def source(self, n, h, w):
-        drawn = self.draw(n)
+    def source(self, drawn, n, h, w):
         corners = np.array([[0.0, 0.0], [w - 1, 0.0], [0.0, h - 1], [w - 1, h - 1]])
         start = np.broadcast_to(corners, (n, 4, 2))
         a = self.homography(start, start + start * np.asarray(drawn["perspective_factor"], np.float64))
@@ -369,8 +384,7 @@ class RandomElasticTransform(_Resampling):
                 "distortion_factor": self.rng.uniform(*self.scale),
                 "noise": self.rng.standard_normal((2, n, *self.input_shape[:2]))}  # columns', then rows' noise
 
-    def source(self, n, h, w):
-        drawn = self.draw(n)
+    def source(self, drawn, n, h, w):
         s = float(drawn["distortion_factor"])
         alpha, sigma = max(h, w) * (0.1 * s), min(h, w) * (0.05 * s)
         size = int(6 * sigma) | 1
@@ -381,11 +395,11 @@ class RandomElasticTransform(_Resampling):
         rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
         return rows + np.where(moved, field[1], 0), cols + np.where(moved, field[0], 0)
 
-    def augment(self, x):
+    def augment(self, x, drawn):
         self.unchanged = self.scale[1] == 0 or self.factor[1] == 0  # Keras draws nothing and returns its input
         if self.unchanged:
             return x
-        y = super().augment(x)
+        y = super().augment(x, drawn)
         low, high = self.value_range
         self.inside = (y >= low) & (y <= high)
         return np.clip(y, low, high).astype(x.dtype, copy=False)
@@ -610,8 +624,7 @@ class RandomErasing(_Augmentation):
             drawn["noise"] = self.rng.standard_normal((n, *self.input_shape)) * self.value_range[1]
         return drawn
 
-    def augment(self, x):
-        drawn = self.draw(x.shape[0])
+    def augment(self, x, drawn):
         ratios = drawn["ratios"]
         mask, _ = box_mask(x.shape, ratios[:, 0], ratios[:, 1], drawn["x_position"], drawn["y_position"])
         self.erased = mask & np.asarray(drawn["apply_erasing"], bool)[:, None, None, None]
@@ -643,11 +656,10 @@ def _value_range(value_range, layer: str) -> list[float]:
 
 class _PixelAugmentation(_Augmentation):
     """A per-image random change of pixel values, clipped to value_range, the identity at inference. `draw(n)`
-    gives each image's parameter, `apply(x, p)` the unclipped result and `apply_backward(grad, p)` its transpose.
-    `drawn` gives the parameters instead of drawing them (RandomColorJitter draws for its parts)."""
+    gives each image's parameter, `apply(x, p)` the unclipped result and `apply_backward(grad, p)` its transpose."""
 
-    def augment(self, x, drawn=None):
-        self.params_drawn = np.asarray(self.draw(x.shape[0]) if drawn is None else drawn).astype(x.dtype)
+    def augment(self, x, drawn):
+        self.params_drawn = np.asarray(drawn).astype(x.dtype)
         y = self.apply(x, self.params_drawn)
         low, high = self.value_range
         self.inside = (y >= low) & (y <= high)  # where the clip passes the gradient (torch's clamp)
@@ -726,8 +738,8 @@ class RandomGrayscale(_Augmentation):
     def draw(self, n):
         return self.rng.random(n) < self.factor
 
-    def augment(self, x):
-        self.chosen = self.draw(x.shape[0])[:, None, None, None]
+    def augment(self, x, chosen):
+        self.chosen = chosen[:, None, None, None]
         if x.shape[-1] == 1:
             return x
         gray = x @ GRAYSCALE.astype(x.dtype)
@@ -757,8 +769,8 @@ class RandomInvert(_Augmentation):
     def draw(self, n):
         return self.rng.random(n) < self.rng.uniform(*self.factor, n)
 
-    def augment(self, x):
-        self.chosen = self.draw(x.shape[0])[:, None, None, None]
+    def augment(self, x, chosen):
+        self.chosen = chosen[:, None, None, None]
         return np.where(self.chosen, np.asarray(self.value_range[1], x.dtype) - x, x)
 
     def augment_backward(self, grad):

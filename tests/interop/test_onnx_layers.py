@@ -222,6 +222,8 @@ CASES = {
     "ContrastLimitedAdaptiveHistogramEqualization-no-clip": seq([8, 8, 3], L(
         "ContrastLimitedAdaptiveHistogramEqualization", clip_limit=0, tile_grid_size=[2, 2])),
     "RandomElasticTransform": seq([6, 6, 1], L("RandomElasticTransform")),
+    "RandAugment": seq([5, 5, 3], L("RandAugment", num_ops=3)),
+    "AugMix": seq([5, 5, 1], L("AugMix", all_ops=False)),
     "RandomSharpness": seq([4, 4, 1], L("RandomSharpness", factor=0.5)),
     "RandomGaussianBlur": seq([4, 4, 1], L("RandomGaussianBlur")),
     "RandomSaturation": seq([4, 4, 3], L("RandomSaturation", factor=0.5)),

@@ -24,6 +24,10 @@ GRADIENT_CASES = {
     "ContrastLimitedAdaptiveHistogramEqualization": [({"tile_grid_size": [2, 2], "value_range": [-3, 3]},
                                                       (6, 5, 2), {}), ({"clip_limit": 0}, (4, 4, 1),
                                                                        {"training": True})],
+    "RandAugment": [({"value_range": [-3, 3], "num_ops": 3, "factor": 0.4}, (5, 5, 3), {"training": True}),
+                    ({}, (3, 3, 3), {})],
+    "AugMix": [({"value_range": [-3, 3], "chain_depth": 2, "factor": 0.5}, (5, 5, 3), {"training": True}),
+               ({"all_ops": False}, (3, 3, 1), {})],
     "RandomSharpness": [({"factor": [0.0, 1.0], "value_range": [-1.5, 1.5]}, (4, 5, 2), {"training": True}),
                         ({"factor": 0.5}, (3, 3, 1), {})],
     "RandomGaussianBlur": [({"factor": [0.5, 1.0], "kernel_size": 5, "sigma": [0.5, 1.5],
@@ -130,3 +134,76 @@ def test_clahe_with_one_tile_and_no_clip_is_histogram_equalization_and_acts_at_i
     assert np.ptp(limited) < np.ptp(y)  # clipping the histogram limits the stretch
     with pytest.raises(ConfigError, match="tile_grid_size must be two integers >= 1"):
         layers.ContrastLimitedAdaptiveHistogramEqualization(tile_grid_size=(0, 2))
+
+
+def test_rand_augment_builds_keras_parts_and_applies_the_picked_ones_in_order():
+    x = _RGB.copy()
+    augment = layers.RandAugment(value_range=[0, 1], num_ops=3, factor=0.6, seed=1)
+    augment.ensure_built(x.shape[1:])
+    parts = augment.parts
+    assert list(parts) == list(layers.RandAugment.ORDER) and parts["random_contrast"].factor == (0.0, 0.6)
+    assert parts["random_posterization"].factor == (1, 4) and parts["random_shear"].x_factor == (0.0, 0.6)
+    drawn = augment.draw(3)
+    drawn["layer_idxes"] = np.array([0, 9, 0])  # shear, AutoContrast, the same shear again (one draw per batch)
+    shear = layers.RandomShear([0, 0.6], [0, 0.6], name="shear")  # the standalone layers, given the same draws
+    shear.ensure_built(x.shape[1:])
+    expected = shear.augment(x, drawn["random_shear"])
+    contrast = layers.AutoContrast(value_range=[0, 1], name="contrast")
+    expected = shear.augment(contrast(expected), drawn["random_shear"])
+    np.testing.assert_allclose(augment.augment(x, drawn), expected, rtol=1e-12)
+
+
+def test_rand_augment_picks_uniformly_and_repeats_when_seeded():
+    augment = layers.RandAugment(num_ops=1, value_range=[0, 1], seed=2)
+    augment.ensure_built((4, 4, 3))
+    counts = np.bincount([augment.draw(1)["layer_idxes"][0] for _ in range(2200)], minlength=11)
+    assert counts.min() > 140 and counts.max() < 260  # 200 each
+    x = _RGB.astype(np.float32)
+    first, second = (layers.RandAugment(value_range=[0, 1], seed=3)(x, training=True) for _ in range(2))
+    np.testing.assert_array_equal(first, second)
+    with pytest.raises(ConfigError, match="RandAugment: num_ops must be an integer >= 0"):
+        layers.RandAugment(num_ops=-1)
+
+
+def test_aug_mix_mixes_its_chains_with_keras_weights():
+    x = _RGB.copy()
+    mix = layers.AugMix(value_range=[0, 1], chain_depth=2, factor=0.5, seed=4)
+    mix.ensure_built(x.shape[1:])
+    drawn = mix.draw(3)
+    drawn["chain_transforms"] = [[("random_rotation", mix.draw_part("random_rotation", 3))], [],
+                                 [("equalization", None), ("solarization", mix.draw_part("solarization", 3))]]
+    rotation = layers.RandomRotation([0, 0.5], name="rotation")
+    rotation.ensure_built(x.shape[1:])
+    solarization = layers.Solarization([0, 0.5], [0, 0.5], value_range=[0, 1], name="solarization")
+    chains = [rotation.augment(x, drawn["chain_transforms"][0][0][1]), x,
+              solarization.augment(layers.Equalization(value_range=[0, 1])(x, training=True),
+                                   drawn["chain_transforms"][2][1][1])]
+    w, share = drawn["chain_mixing_weights"], drawn["weight_sample"]
+    expected = np.clip(share * x + (1 - share) * sum(wi * c for wi, c in zip(w, chains)), 0, 1)
+    np.testing.assert_allclose(mix.augment(x, drawn), expected, rtol=1e-12)
+
+
+def test_aug_mix_draws_dirichlet_weights_and_chains_up_to_depth_and_repeats_when_seeded():
+    mix = layers.AugMix(value_range=[0, 1], chain_depth=3, all_ops=False, seed=5)
+    mix.ensure_built((4, 4, 1))
+    draws = [mix.draw(2) for _ in range(600)]
+    weights = np.array([d["chain_mixing_weights"] for d in draws])
+    np.testing.assert_allclose(weights.sum(1), 1)
+    assert abs(weights.mean() - 1 / 3) < 0.03 and 0.45 < np.mean([d["weight_sample"] for d in draws]) < 0.55
+    lengths = [len(chain) for d in draws for chain in d["chain_transforms"]]
+    assert set(lengths) == {0, 1, 2, 3} and abs(np.mean(lengths) - 3 * 7 / 8) < 0.1  # a slot is empty 1 in 8
+    assert {key for d in draws for chain in d["chain_transforms"] for key, _ in chain} == set(mix.parts)
+    x = np.random.default_rng(6).random((3, 5, 5, 1), dtype=np.float32)
+    no_ops = layers.AugMix(value_range=[0, 1], chain_depth=0, all_ops=False, seed=7)
+    np.testing.assert_allclose(no_ops(x, training=True), x, rtol=1e-6)  # w x + (1 - w) x, rounded in float32
+    first, second = (layers.AugMix(value_range=[0, 1], all_ops=False, seed=8)(x, training=True) for _ in range(2))
+    np.testing.assert_array_equal(first, second)
+    with pytest.raises(ConfigError, match="AugMix: alpha must be a number > 0"):
+        layers.AugMix(alpha=0)
+
+
+def test_a_layer_rand_augment_runs_twice_steps_back_through_both_runs():
+    augment = layers.RandAugment(value_range=[-3, 3], num_ops=2, factor=0.5)
+    draw = augment.draw
+    augment.draw = lambda n: {**draw(n), "layer_idxes": np.array([2, 2])}  # the same rotation twice
+    check_layer(augment, (5, 5, 3), training=True)

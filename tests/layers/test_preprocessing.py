@@ -74,7 +74,9 @@ def test_gradients(name, args, shape, opts):
                                    layers.RandomColorJitter([0, 1], 0.2, 0.3, [0.3, 0.7], 0.2, seed=0),
                                    layers.RandomShear(0.3, 0.3, seed=0),
                                    layers.RandomPerspective([1.0, 1.0], seed=0),
-                                   layers.RandomElasticTransform([1.0, 1.0], value_range=[0, 1], seed=0)],
+                                   layers.RandomElasticTransform([1.0, 1.0], value_range=[0, 1], seed=0),
+                                   layers.RandAugment(value_range=[0, 1], seed=0),
+                                   layers.AugMix(value_range=[0, 1], seed=0)],
                          ids=lambda layer: type(layer).__name__)
 def test_augmentation_is_identity_at_inference_and_float32(layer):
     x = np.random.default_rng(0).random((4, 6, 6, 3), dtype=np.float32)
