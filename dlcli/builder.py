@@ -74,17 +74,12 @@ def model_from_config(spec: dict, rng: np.random.Generator | None = None) -> Mod
         first_shape = spec.get("input_shape")
         model._input = Input(tuple(first_shape), dtype=spec.get("input_dtype", "float32")) if first_shape else None
         for entry in spec.get("layers", []):
-            model.add(layer_from_config(entry))
+            model.add(LAYERS.create(entry))
         model.build(rng=rng)
         return model
     if kind == "functional":
         return _functional_from_config(spec, rng)
     raise ConfigError(f"model.type must be 'sequential' or 'functional'; found '{kind}'")
-
-
-def layer_from_config(entry: dict) -> Layer:
-    args = {k: v for k, v in entry.items() if k not in ("type", "inputs", "shares")}
-    return LAYERS.get(entry["type"])(**args)
 
 
 def _functional_from_config(spec: dict, rng: np.random.Generator) -> Model:
@@ -108,7 +103,7 @@ def _functional_from_config(spec: dict, rng: np.random.Generator) -> Model:
                     continue
                 layer = layers_by_name[entry["shares"]]
             else:
-                layer = layer_from_config(entry)
+                layer = LAYERS.create({k: v for k, v in entry.items() if k != "inputs"})  # a {type: ...} spec
                 layers_by_name[layer.name] = layer
             ins = [_resolve_ref(r, tensors) for r in ref_list]
             try:
