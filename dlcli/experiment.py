@@ -114,7 +114,7 @@ def _resolve(config, overrides, resume, allow_config_change, init_from):
             raise DlcliError("--resume continues a run; --init-from starts a new one from a run's weights: "
                              "give one of them", exit_code=2)
         run_dir = run_files.require_run_dir(run_dir)
-        folds = run_files.is_kfold_run(run_dir)  # each fold keeps its own checkpoint
+        folds = run_files.RunDir(run_dir).folds.is_dir()  # each fold keeps its own checkpoint
         state = None if folds else checkpoint.load(run_dir)  # before anything else: a damaged one fails fast
         # what the run was trained with (its fingerprint record), not config.yaml, which may have been edited since
         recorded = fingerprint.recorded_config(run_dir, state)
@@ -177,8 +177,7 @@ def load_run_model(run_dir, weights: str = "best", allow_config_change: bool = F
     if weights not in ("best", "last"):
         raise DlcliError(f"--weights must be 'best' or 'last'; found '{weights}'", exit_code=2)
     run_dir = run_files.require_run_dir(run_dir)
-    if run_files.is_kfold_run(run_dir):  # K models, none of them "the" model
-        folds_dir = run_files.RunDir(run_dir).folds
+    if (folds_dir := run_files.RunDir(run_dir).folds).is_dir():  # K models, none of them "the" model
         folds = sorted((p.name for p in folds_dir.iterdir() if p.name.isdigit()), key=int)
         raise DlcliError(f"{run_dir} is a K-fold run: its models are its folds, {folds_dir}/N (N = "
                          f"{', '.join(folds) or 'none yet'}); give one of them (e.g. {folds_dir / '1'}), or "

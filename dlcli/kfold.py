@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import run_files
+from dlcli import plots, run_files
 from dlcli.errors import NothingToDo
 
 
@@ -94,8 +94,6 @@ def write_aggregate(run_dir: Path, cfg, statuses: list, k: int, seconds: float):
     """history.csv (means), kfold.csv (means and standard deviations), curves.png (bands), meta.json: over the
     finished folds, each read back from its history.csv and meta.json (so a fold finished before a resume counts
     exactly as one finished in this process)."""
-    from dlcli.plots import write_curves
-
     done = finished_folds(run_dir, statuses)
     rows = fold_statistics([run_files.read_history(d) for d in done])
     tests = [run_files.read_json(run_files.RunDir(d).meta).get("test") for d in done]
@@ -115,7 +113,7 @@ def write_aggregate(run_dir: Path, cfg, statuses: list, k: int, seconds: float):
                  "epochs_run": len(means), "best_epoch": best and best["epoch"],
                  "best": {f"mean {monitor}": best and best.get(monitor)}, "test": test})
     files.write_json(files.meta, meta)
-    write_curves(files)  # after meta.json: the band's legend counts the finished folds
+    plots.write_curves(files)  # after meta.json: the band's legend counts the finished folds
     return means, test, best and best["epoch"]
 
 

@@ -62,6 +62,12 @@ class RunDir:
     checkpoint = property(lambda self: self.path / "checkpoint" / "state.npz")  # --resume's
     folds = property(lambda self: self.path / FOLDS)  # a K-fold run: one run directory per fold, folds/1 ... folds/K
     kfold_csv = property(lambda self: self.path / "kfold.csv")
+    # a sweep's study directory, runs/<study>/ (dlcli.sweep): its journal, its trials' run directories and its report
+    journal = property(lambda self: self.path / "study.journal")  # the study's storage without --storage
+    trials_csv = property(lambda self: self.path / "trials.csv")
+    best_yaml = property(lambda self: self.path / "best.yaml")  # the best trial's config.yaml
+    history_png = property(lambda self: self.path / "optimization_history.png")
+    importances_png = property(lambda self: self.path / "param_importances.png")
 
     MARKERS = ("config.yaml", "meta.json", "history.csv")  # any of them makes a folder a run directory
 
@@ -114,10 +120,6 @@ class NoRunDir(RunDir):
 def weights_file(folder, which: str) -> Path:
     """A weights folder's best.npz or last.npz (ModelCheckpoint's files; a run's are in weights/)."""
     return Path(folder) / f"{which}.npz"
-
-
-def is_kfold_run(run_dir) -> bool:
-    return RunDir(run_dir).folds.is_dir()
 
 
 def atomic_write_bytes(path, data: bytes):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlcli import checkpoint, distributed, mixing, run_files
+from dlcli import checkpoint, distributed, mixing, plots, run_files
 from dlcli.callbacks import CALLBACKS, Callback, CallbackList, History, ModelCheckpoint, ProgressLogger, format_logs
 from dlcli.data.source import as_source, batch_indices, index_array
 from dlcli.data.split import class_labels
@@ -190,9 +190,7 @@ class Run:
                          "epochs_run": len(self.history), "best_epoch": saver.best_epoch,
                          "best": {saver.monitor: saver.best}, "test": self.test})
             files.write_json(files.meta, meta)
-            from dlcli.plots import write_curves
-
-            write_curves(files, self.history)
+            plots.write_curves(files, self.history)
             self._run_ended(self.status)
             world.barrier()  # a failure in rank 0's last writes reaches the ranks that are done
         return self

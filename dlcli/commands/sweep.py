@@ -32,13 +32,14 @@ def sweep(
     Running the command again continues the study; Ctrl-C stops after marking running trials interrupted and
     prints the table.
     """
+    from dlcli import run_files
     from dlcli.sweep import prepare, run_sweep
 
     out, err = console(), console(stderr=True)
     plan = prepare(config, list(set_), trials=trials, storage=storage, study=study, runs_dir=runs_dir)
 
     def banner(study_, counted, lost):
-        where = plan.storage or plan.dir / "study.journal"
+        where = plan.storage or run_files.RunDir(plan.dir).journal
         progress = (f"{counted} of {plan.target} trials so far" if counted < plan.target else
                     f"{counted} trials already (target {plan.target}): nothing to run; --trials N continues it")
         out.print(f"[bold]dlcli sweep[/] {config}: study {plan.study_name} ({plan.direction} "
@@ -79,6 +80,8 @@ def resume_command(config, set_, trials, workers, plan) -> str:
 def print_table(result, plan, out):
     from rich.table import Table
 
+    from dlcli.run_files import RunDir
+
     names = list(plan.spec.parameters)
     table = Table(title=f"study {result.study_name}: {len(result.trials)} trials")
     for col in ("#", "state", plan.spec.metric, *names, "run", "note"):
@@ -91,7 +94,7 @@ def print_table(result, plan, out):
     out.print(table)
     if result.best is not None:
         out.print(f"best: trial {result.best['number']}, {plan.spec.metric} {result.best['value']:.4f}; "
-                  f"reproduce with: dlcli train {result.dir / 'best.yaml'}")
+                  f"reproduce with: dlcli train {RunDir(result.dir).best_yaml}")
     for path in result.files:
         print(f"wrote {path}")
     sys.stdout.flush()

@@ -34,21 +34,20 @@ def _short(value) -> str:
 def report(sweep: Sweep, study) -> SweepResult:
     """trials.csv, best.yaml and the plots, from the study as it stands (every worker's trials)."""
     rows = trial_rows(study, sweep.spec.parameters)
-    result = SweepResult(sweep.study_name, sweep.dir, rows)
-    run_files.atomic_write_text(sweep.dir / "trials.csv", run_files.history_csv(rows) if rows else "number,state\n")
-    result.files.append(sweep.dir / "trials.csv")
+    result, files = SweepResult(sweep.study_name, sweep.dir, rows), run_files.RunDir(sweep.dir)
+    files.write_text(files.trials_csv, run_files.history_csv(rows) if rows else "number,state\n")
+    result.files.append(files.trials_csv)
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     if complete:
         pick = min if sweep.direction == "minimize" else max
         result.best = pick(complete, key=lambda r: r["value"])
         config = run_files.RunDir(result.best["run_dir"]).config if result.best.get("run_dir") else None
         if config is not None and config.exists():
-            run_files.atomic_write_text(sweep.dir / "best.yaml",
-                                        f"# best of study {sweep.study_name}: trial {result.best['number']}, "
-                                        f"{sweep.spec.metric} {result.best['value']:.6g} ({result.best['run_dir']})\n"
-                                        + config.read_text())
-            result.files.append(sweep.dir / "best.yaml")
-    result.files += plots(study, sweep.dir, sweep.spec.metric, sweep.direction == "minimize")
+            files.write_text(files.best_yaml, f"# best of study {sweep.study_name}: trial {result.best['number']}, "
+                                              f"{sweep.spec.metric} {result.best['value']:.6g} "
+                                              f"({result.best['run_dir']})\n" + config.read_text())
+            result.files.append(files.best_yaml)
+    result.files += plots(study, files, sweep.spec.metric, sweep.direction == "minimize")
     return result
 
 
@@ -65,7 +64,7 @@ def trial_rows(study, parameters: dict) -> list[dict]:
     return rows
 
 
-def plots(study, folder: Path, metric: str, minimize: bool) -> list[Path]:
+def plots(study, files: run_files.RunDir, metric: str, minimize: bool) -> list[Path]:
     """optimization_history.png, and param_importances.png once two completed trials differ in what they tried."""
     from dlcli.plots import importances_png, sweep_history_png
 
@@ -73,17 +72,16 @@ def plots(study, folder: Path, metric: str, minimize: bool) -> list[Path]:
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if not complete:
         return []
-    written = [folder / "optimization_history.png"]
-    run_files.atomic_write_bytes(written[0], sweep_history_png([(t.number, t.value) for t in complete], metric,
-                                                               minimize, f"study {study.study_name}"))
+    files.write_bytes(files.history_png, sweep_history_png([(t.number, t.value) for t in complete], metric, minimize,
+                                                           f"study {study.study_name}"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             importances = optuna.importance.get_param_importances(study)
     except (ValueError, RuntimeError, ZeroDivisionError, optuna.exceptions.OptunaError):
         importances = {}  # e.g. one completed trial, or every trial tried the same values: nothing to rank
-    if importances:
-        written.append(folder / "param_importances.png")
-        run_files.atomic_write_bytes(written[1], importances_png(importances, metric,
-                                                                 f"study {study.study_name}: parameter importances"))
-    return written
+    if not importances:
+        return [files.history_png]
+    files.write_bytes(files.importances_png, importances_png(importances, metric,
+                                                             f"study {study.study_name}: parameter importances"))
+    return [files.history_png, files.importances_png]

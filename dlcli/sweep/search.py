@@ -13,8 +13,8 @@ from dlcli.config import SweepConfig
 from dlcli.errors import ConfigError, DlcliError, require
 from dlcli.metrics import metric_direction
 from dlcli.registry import Registry
+from dlcli.run_files import RunDir
 
-JOURNAL = "study.journal"
 INTERRUPTED = "interrupted"  # the reason recorded for a trial stopped by Ctrl-C: it does not count as done
 LOST = "its worker process died"  # the reason's start for a trial whose worker was killed: it does not count either
 # A database study's trials beat (Optuna's heartbeat) this often; one silent for GRACE_BEATS beats has lost its worker
@@ -72,7 +72,7 @@ class Sweep:
                         raise
                     time.sleep(0.5 + attempt)
         journal = optuna.storages.journal
-        return optuna.storages.JournalStorage(journal.JournalFileBackend(str(self.dir / JOURNAL)))
+        return optuna.storages.JournalStorage(journal.JournalFileBackend(str(RunDir(self.dir).journal)))
 
     def load_study(self):
         optuna = optuna_module()
@@ -181,7 +181,7 @@ def check_study(study, sweep: Sweep):
             found += [d for d in fingerprint.diff(stored.get("config") or {}, mine["config"])
                       if not any(d[0] == p or d[0].startswith(p + ".") for p in searched)]
     if found:
-        where = sweep.storage or sweep.dir / JOURNAL
+        where = sweep.storage or RunDir(sweep.dir).journal
         raise DlcliError(f"study {sweep.study_name} ({where}) was started with other settings; its trials would "
                          f"not be comparable with this run's:\n{fingerprint.diff_lines(found)}\nrestore them, or "
                          f"start another study (--study NAME)", exit_code=2)

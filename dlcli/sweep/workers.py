@@ -15,7 +15,7 @@ from pathlib import Path
 from dlcli import run_files
 from dlcli.errors import DlcliError
 from dlcli.sweep.report import SweepResult, report, trial_line
-from dlcli.sweep.search import GRACE_BEATS, INTERRUPTED, JOURNAL, LOST, Sweep, check_study, optuna_module
+from dlcli.sweep.search import GRACE_BEATS, INTERRUPTED, LOST, Sweep, check_study, optuna_module
 from dlcli.sweep.trial import STOP, MetricMissing, TrialFailed, run_trial, trial_run_dir
 
 def work(sweep: Sweep, ready=None, start=None, log=None):
@@ -75,7 +75,8 @@ class Claim:
                             else ("SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"))
             self.lock_sql, self.unlock_sql = sqlalchemy.text(lock), sqlalchemy.text(unlock)
         else:
-            path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else sweep.dir / JOURNAL
+            path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else \
+                run_files.RunDir(sweep.dir).journal
             self.file = open(path.with_name(path.name + ".claim"), "a")
 
     def acquire(self):
