@@ -34,6 +34,7 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
     from dlcli import checkpoint
     from dlcli.builder import build_model
     from dlcli.config import dump_yaml
+    from dlcli.data.table import stored
     from dlcli.trainer import Run, start_meta
 
     k = cfg.train.kfold
@@ -61,13 +62,9 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
             if verbose:
                 print(f"fold {i + 1}/{k}: {len(fold_splits.x_train):,} training, {len(val):,} validation samples"
                       + (" (resumed)" if state is not None else ""), flush=True)
-            if fold_splits.extra.get("feature_space"):  # a table adapted on this fold: its own input width
-                from dlcli.data.table import stored
-
-                with stored(fold_splits.extra["feature_space"]):
-                    fold_model, fresh_model = build_model(cfg), None
-            else:
-                fold_model, fresh_model = fresh_model or build_model(cfg), None
+            space = fold_splits.extra.get("feature_space")  # a table adapted on this fold: its own input width
+            with stored(space):
+                fold_model, fresh_model = build_model(cfg) if space or fresh_model is None else fresh_model, None
             last = Run.in_dir(fold, fold_cfg, fold_model, fold_splits, callbacks, verbose, kfold_dir=run_dir,
                               resumed=None if state is None else checkpoint.resume_banner(state)).train(state)
             statuses.append(last.status)

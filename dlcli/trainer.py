@@ -69,7 +69,7 @@ class Run:
         self.files = files  # the run directory (a NoRunDir on ranks other than 0); None: Model.fit, no directory
         self.dir: Path | None = None if files is None else files.path
         self.config = config  # the validated Config (dlcli.config); `.to_dict()` is what config.yaml holds
-        self.splits = splits  # dlcli.experiment.Splits
+        self.splits = splits  # the run's Dataset, fitted to the model (dlcli.data.dataset.load_fitted)
         self.callbacks = list(callbacks or [])
         self.verbose = verbose
         self.rng = rng if rng is not None else np.random.default_rng()
