@@ -52,10 +52,11 @@ def model_for(config_name: str):
 
 
 def epoch(model, x, y, batch_size, seed):
+    from dlcli.data import Dataset
     from dlcli.trainer import Run
 
     start = time.perf_counter()
-    Run(model, verbose=0, rng=np.random.default_rng(seed)).fit(x, [y], epochs=1, batch_size=batch_size)
+    Run(model, verbose=0, rng=np.random.default_rng(seed)).fit(Dataset(x, [y]), epochs=1, batch_size=batch_size)
     return time.perf_counter() - start
 
 

@@ -38,7 +38,7 @@ def status_kib(field: str) -> int:
 def child(mode: str, folder: Path, cold: bool):
     from dlcli.builder import build_model
     from dlcli.config import load_config
-    from dlcli.data import load_dataset
+    from dlcli.data import Dataset, load_dataset
     from dlcli.trainer import Run
 
     peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
@@ -68,7 +68,7 @@ def child(mode: str, folder: Path, cold: bool):
         d = load_dataset({"type": "npy", "x": str(folder / "x.npy"), "y": str(folder / "y.npy")})
     load = time.perf_counter() - start
     start = time.perf_counter()
-    Run(model, verbose=0, rng=np.random.default_rng(0)).fit(x, [d.y_train], epochs=1, batch_size=128)
+    Run(model, verbose=0, rng=np.random.default_rng(0)).fit(Dataset(x, [d.y_train]), epochs=1, batch_size=128)
     seconds = time.perf_counter() - start
     stop.set()
     print(json.dumps({"mode": mode, "cold": cold, "load": load, "epoch": seconds,

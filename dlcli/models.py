@@ -9,7 +9,9 @@ import numpy as np
 from dlcli import losses as losses_module
 from dlcli import metrics as metrics_module
 from dlcli import optimizers as optimizers_module
+from dlcli.data.dataset import Dataset
 from dlcli.data.source import ArraySource, Source, as_source, batch_indices
+from dlcli.data.split import split_indices
 from dlcli.engine import blas
 from dlcli.engine.graph import Graph, Input, InputLayer, SymbolicTensor, inference_passes, numpy_dtype
 from dlcli.engine.layer import Layer, assign_weights, build_seeded, format_shape
@@ -196,20 +198,17 @@ class Model:
         from dlcli.trainer import Run
 
         self._require_compiled()
-        xs, ys = self._inputs_list(x), self._targets_list(y)
         rng = np.random.default_rng(seed)  # None: fresh entropy
-        if validation_data is None and validation_split:
-            from dlcli.data.split import split_samples
-
-            (xs, ys), validation_data, tr = split_samples(xs, ys, validation_split, rng, stratify)
-            if sample_weight is not None:
-                sample_weight = np.asarray(sample_weight)[tr]
-        elif validation_data is not None:
-            vx, vy = validation_data[0], validation_data[1]
-            validation_data = (self._inputs_list(vx), self._targets_list(vy))
+        data = Dataset(self._inputs_list(x), self._targets_list(y))
+        if validation_data is not None:
+            data.x_val, data.y_val = self._inputs_list(validation_data[0]), self._targets_list(validation_data[1])
+        elif validation_split:
+            kept, off = split_indices(data.labels(), validation_split, rng, stratify)
+            data = data.subset(kept, off)
+            sample_weight = None if sample_weight is None else np.asarray(sample_weight)[kept]
         return Run(self, callbacks, verbose, rng).fit(
-            xs, ys, epochs=epochs, batch_size=batch_size, validation_data=validation_data, shuffle=shuffle,
-            class_weight=class_weight, sample_weight=sample_weight, initial_epoch=initial_epoch)
+            data, epochs=epochs, batch_size=batch_size, shuffle=shuffle, class_weight=class_weight,
+            sample_weight=sample_weight, initial_epoch=initial_epoch)
 
     def evaluate(self, x, y, batch_size=32, verbose=0, return_dict=False, sample_weight=None):
         """Loss and metrics over all samples, exact (each batch weighted by its size), as Keras' evaluate: the loss

@@ -20,7 +20,6 @@ import numpy as np
 from dlcli import checkpoint, distributed, mixing, plots, run_files
 from dlcli.callbacks import CALLBACKS, Callback, CallbackList, History, ModelCheckpoint, ProgressLogger, format_logs
 from dlcli.data.source import as_source, batch_indices, index_array
-from dlcli.data.split import class_labels
 from dlcli.errors import DlcliError
 from dlcli.metrics import RunningLogs
 
@@ -164,9 +163,8 @@ class Run:
                 adapt_to_inputs(self.model, splits.x_train)  # Normalization layers with adapt: true, before epoch 1
             start = time.perf_counter()
             try:
-                self.fit(splits.x_train, splits.y_train, epochs=settings.epochs, batch_size=settings.batch_size,
-                         validation_data=None if splits.x_val is None else (splits.x_val, splits.y_val),
-                         shuffle=settings.shuffle, class_weight=settings.class_weight, resume=resume)
+                self.fit(splits, epochs=settings.epochs, batch_size=settings.batch_size, shuffle=settings.shuffle,
+                         class_weight=settings.class_weight, resume=resume)
             except DivergenceError as e:
                 files.write_json(files.divergence, e.report)
                 meta.update({"status": "diverged", "end": run_files.utc_now(), "hint": e.report["hint"],
@@ -205,13 +203,14 @@ class Run:
                 if not failing:
                     raise
 
-    def fit(self, xs, ys, epochs=1, batch_size=32, validation_data=None, shuffle=True, class_weight=None,
-            sample_weight=None, initial_epoch=0, resume: dict | None = None) -> History:
-        """Train on arrays or Sources (Model.fit's loop); `resume` is a loaded checkpoint (dlcli.checkpoint.load) to
-        continue from exactly (on rank 0: it reaches the other ranks from there)."""
+    def fit(self, data, epochs=1, batch_size=32, shuffle=True, class_weight=None, sample_weight=None,
+            initial_epoch=0, resume: dict | None = None) -> History:
+        """Train on a Dataset's training split (arrays or Sources), validating on its validation split when it has
+        one (Model.fit's loop); `resume` is a loaded checkpoint (dlcli.checkpoint.load) to continue from exactly (on
+        rank 0: it reaches the other ranks from there)."""
         with self.world.guard():
             model, world = self.model, self.world
-            xs = as_source(xs)
+            xs, ys = as_source(data.x_train), data.y_train
             n = len(xs)
             history = History()
             verbose = self.verbose and world.is_root
@@ -221,7 +220,7 @@ class Run:
             cbs.set_params({"epochs": epochs, "samples": n, "batch_size": batch_size})
             model.stop_training = False
             model.history = history
-            weights = _sample_weights(ys[0], n, class_weight, sample_weight)
+            weights = _sample_weights(data, n, class_weight, sample_weight)
             self.logs = RunningLogs(model)
             self.bn_sync = distributed.attach_batch_sync(model, world)
             if world.size > 1:
@@ -291,9 +290,9 @@ class Run:
                 if chunks:  # steps were taken: their weights are checked before validation or any callback sees them
                     self._check_weights(xb, yb, wb)
                 logs = self.logs.results()
-                if validation_data is not None:
+                if data.x_val is not None:
                     cbs.on_test_begin()
-                    val = self.evaluate_on_ranks(validation_data[0], validation_data[1], batch_size)
+                    val = self.evaluate_on_ranks(data.x_val, data.y_val, batch_size)
                     cbs.on_test_end(val)
                     logs.update({f"val_{k}": v for k, v in val.items()})
                 logs["learning_rate"] = float(model.optimizer.current_lr)
@@ -524,12 +523,12 @@ def balanced_class_weight(labels: np.ndarray) -> dict:
     return {int(c): float(len(labels) / (len(classes) * k)) for c, k in zip(classes, counts)}
 
 
-def _sample_weights(y, n, class_weight, sample_weight):
-    """Per-sample weights from Keras' `class_weight` ({class: weight}, or "balanced" computed from `y`) and/or
-    `sample_weight`."""
+def _sample_weights(data, n, class_weight, sample_weight):
+    """Per-sample weights from Keras' `class_weight` ({class: weight}, or "balanced" computed from the training
+    labels) and/or `sample_weight`."""
     weights = None if sample_weight is None else np.asarray(sample_weight, np.float64).reshape(n)
     if class_weight:
-        labels = class_labels(y).astype(int)
+        labels = data.labels().astype(int)
         if class_weight == "balanced":
             class_weight = balanced_class_weight(labels)
         table = np.ones(int(max(max(class_weight), labels.max())) + 1)

@@ -15,6 +15,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dlcli import callbacks, checkpoint, distributed, layers, models  # noqa: E402
+from dlcli.data import Dataset  # noqa: E402
 from dlcli.engine.layer import clear_session  # noqa: E402
 from dlcli.run_files import RunDir  # noqa: E402
 from dlcli.trainer import Run  # noqa: E402
@@ -110,7 +111,7 @@ def run(name, out, mode="", world=None, state_dir=None):
         extra.append(FailAt(int(mode.split("=")[1]), world))
     trainer.callbacks += extra
     resume = checkpoint.load(files.checkpoint) if mode == "resume" and world.is_root else None
-    history = trainer.fit(xs, ys, epochs=EPOCHS, batch_size=batch_size, resume=resume)
+    history = trainer.fit(Dataset(xs, ys), epochs=EPOCHS, batch_size=batch_size, resume=resume)
     weights = model.get_weights()
     digest = hashlib.sha256(b"".join(w.tobytes() for w in model.weights_dict().values())).hexdigest()
     hashes = world.gather_json(digest)

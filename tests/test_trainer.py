@@ -5,6 +5,7 @@ import pytest
 
 from dlcli import checkpoint
 from dlcli.callbacks import Callback
+from dlcli.data.dataset import Dataset
 from dlcli.divergence import DivergenceError
 from dlcli.layers import Dense, Dropout
 from dlcli.models import Sequential
@@ -111,17 +112,17 @@ def test_in_process_stop_and_resume_is_bit_identical(tmp_path):
         return Run(model, verbose=0, rng=np.random.default_rng(7), files=RunDir(path), checkpoint_every=2)
 
     ref = _model(optimizer="adam", dropout=True)
-    trainer_for(ref, tmp_path / "ref").fit([x], [y], epochs=3, batch_size=6)
+    trainer_for(ref, tmp_path / "ref").fit(Dataset([x], [y]), epochs=3, batch_size=6)
 
     first = _model(optimizer="adam", dropout=True)
     t = trainer_for(first, tmp_path / "run")
     t.callbacks.append(StopAfter(t, 10))
-    t.fit([x], [y], epochs=3, batch_size=6)
+    t.fit(Dataset([x], [y]), epochs=3, batch_size=6)
     assert t.position["epoch"] == 1 and t.position["batch"] == 3  # 7 batches per epoch
     state = checkpoint.load(tmp_path / "run")
     resumed = _model(optimizer="adam", dropout=True)
     resumed.get_layer("drop").rng = np.random.default_rng(0)  # resume must restore the layer RNG, not reuse it
-    history = trainer_for(resumed, tmp_path / "run").fit([x], [y], epochs=3, batch_size=6, resume=state)
+    history = trainer_for(resumed, tmp_path / "run").fit(Dataset([x], [y]), epochs=3, batch_size=6, resume=state)
     for u, v in zip(ref.get_weights(), resumed.get_weights()):
         np.testing.assert_array_equal(u, v)
     assert history.epoch == [1, 2]
@@ -130,9 +131,9 @@ def test_in_process_stop_and_resume_is_bit_identical(tmp_path):
 def test_batch_size_change_on_resume_is_refused(tmp_path):
     x, y = _data(12)
     model = _model()
-    Run(model, verbose=0, files=RunDir(tmp_path)).fit([x], [y], epochs=1, batch_size=4)
+    Run(model, verbose=0, files=RunDir(tmp_path)).fit(Dataset([x], [y]), epochs=1, batch_size=4)
     with pytest.raises(Exception, match="batch_size must not change"):
-        Run(_model(), verbose=0).fit([x], [y], epochs=2, batch_size=6, resume=checkpoint.load(tmp_path))
+        Run(_model(), verbose=0).fit(Dataset([x], [y]), epochs=2, batch_size=6, resume=checkpoint.load(tmp_path))
 
 
 def test_nan_loss_stops_before_the_update_and_names_the_layer():
@@ -189,10 +190,10 @@ def test_norms_every_tenth_step_and_a_nonfinite_gradient_between_stops_before_th
 
     x, y = _data(12)
     trainer = Run(_model(), verbose=0, rng=np.random.default_rng(0))
-    trainer.fit([x], [y], epochs=25, batch_size=12)  # 25 steps: norms at steps 0, 10, 20
+    trainer.fit(Dataset([x], [y]), epochs=25, batch_size=12)  # 25 steps: norms at steps 0, 10, 20
     assert NORM_EVERY == 10 and len(trainer.norms) == 3
     model = _model()
-    Run(model, verbose=0, rng=np.random.default_rng(0)).fit([x], [y], epochs=1, batch_size=12)  # step 0 checked
+    Run(model, verbose=0, rng=np.random.default_rng(0)).fit(Dataset([x], [y]), epochs=1, batch_size=12)  # step 0 checked
     model.get_layer("h").backward = lambda grad: (model.get_layer("h").params["kernel"].grad.fill(np.inf), grad)[1]
 
     class Ended(Callback):
@@ -202,7 +203,7 @@ def test_norms_every_tenth_step_and_a_nonfinite_gradient_between_stops_before_th
             self.epochs.append(epoch)
 
     with pytest.raises(DivergenceError) as info:
-        Run(model, [Ended()], verbose=0, rng=np.random.default_rng(0)).fit([x], [y], epochs=3, batch_size=12)
+        Run(model, [Ended()], verbose=0, rng=np.random.default_rng(0)).fit(Dataset([x], [y]), epochs=3, batch_size=12)
     report = info.value.report
     assert (report["non_finite"], report["step"]) == ("weights", 2)  # the unchecked step 1 broke them
     assert "h/kernel" in report["diagnosis"]["nonfinite_weights"]
@@ -223,7 +224,7 @@ def test_the_rise_rule_measures_against_a_first_loss_of_at_least_one():
     x = np.zeros((8, 1), np.float32)
     y = np.repeat([0.0, 3.0], 4).astype(np.float32)[:, None]  # batch losses 0, then 9
     trainer = Run(_constant_model(), verbose=0, rng=np.random.default_rng(0))
-    history = trainer.fit([x], [y], epochs=1, batch_size=4, shuffle=False)
+    history = trainer.fit(Dataset([x], [y]), epochs=1, batch_size=4, shuffle=False)
     assert trainer.initial_loss == 0.0 and trainer.rise_base() == 1.0
     assert history.history["loss"] == [pytest.approx(4.5)]
 
@@ -238,12 +239,12 @@ def test_initial_loss_is_restored_on_resume(tmp_path):
         return Run(_constant_model(), verbose=0, rng=np.random.default_rng(0), files=RunDir(path),
                        divergence_factor=10)
 
-    trainer(tmp_path / "whole").fit([x], [y], epochs=1, batch_size=4, shuffle=False)
+    trainer(tmp_path / "whole").fit(Dataset([x], [y]), epochs=1, batch_size=4, shuffle=False)
     first = trainer(tmp_path / "run")
     first.callbacks.append(StopAfter(first, 1))
-    first.fit([x], [y], epochs=1, batch_size=4, shuffle=False)
+    first.fit(Dataset([x], [y]), epochs=1, batch_size=4, shuffle=False)
     state = checkpoint.load(tmp_path / "run")
     assert state["header"]["position"]["batch"] == 1 and state["header"]["position"]["initial_loss"] == 100.0
     resumed = trainer(tmp_path / "run")
-    resumed.fit([x], [y], epochs=1, batch_size=4, shuffle=False, resume=state)
+    resumed.fit(Dataset([x], [y]), epochs=1, batch_size=4, shuffle=False, resume=state)
     assert resumed.initial_loss == 100.0

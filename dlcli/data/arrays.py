@@ -7,7 +7,7 @@ from dlcli.data.dataset import Dataset, DatasetType, register
 from dlcli.data.mapped import MappedSource, map_npy, map_npz_member
 from dlcli.data.paths import resolve_path
 from dlcli.data.preprocess import check_samples, feature_dtype, to_features
-from dlcli.data.split import check_limits, num_samples, split_samples
+from dlcli.data.split import check_limits, first_target, num_samples, split_indices, take
 from dlcli.errors import ConfigError, DlcliError
 
 X_DTYPES = ("auto", "float32", "float64", "int32", "int64")
@@ -31,7 +31,8 @@ def _finish(source, x, y, x_test, y_test, test_split, stratify, seed, limit, cla
     if test_split:
         if x_test is not None:
             raise ConfigError(f"data: both a test set and test_split={test_split} given for {source}; use one")
-        (x, y), (x_test, y_test), _ = split_samples(x, y, float(test_split), np.random.default_rng(seed), stratify)
+        kept, off = split_indices(first_target(y), float(test_split), np.random.default_rng(seed), stratify)
+        x, y, x_test, y_test = take(x, kept), take(y, kept), take(x, off), take(y, off)
     return Dataset(x_train=x, y_train=y, x_test=x_test, y_test=y_test, classes=classes,
                    source=str(source)).limited(limit, test_limit)
 

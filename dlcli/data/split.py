@@ -16,13 +16,6 @@ def take(x, index):
     return [a[index] for a in x] if isinstance(x, list) else x[index]
 
 
-def split_samples(x, y, fraction: float, rng: np.random.Generator, stratify: bool = False):
-    """((x, y) kept, (x, y) split off, indices kept): split_indices on the first target (of a list or dict of them),
-    applied to inputs and targets alike. The one home of validation and test splits."""
-    kept, off = split_indices(first_target(y), fraction, rng, stratify)
-    return (take(x, kept), take(y, kept)), (take(x, off), take(y, off)), kept
-
-
 def first_target(y):
     """The first of a list (one array per model output) or dict (named outputs) of targets; an array as it is."""
     return y[0] if isinstance(y, list) else next(iter(y.values())) if isinstance(y, dict) else y

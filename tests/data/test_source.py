@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from dlcli import checkpoint
-from dlcli.data import load_dataset
+from dlcli.data import Dataset, load_dataset
 from dlcli.data.source import ArraySource, Source, batch_indices, index_array
 from dlcli.layers import Dense, Dropout, Flatten, Rescaling
 from dlcli.models import Sequential
@@ -113,19 +113,19 @@ def test_stop_mid_epoch_and_resume_from_a_folder_is_bit_identical(tiny_folder, t
         return Run(model, verbose=0, rng=np.random.default_rng(7), files=RunDir(path), checkpoint_every=2)
 
     ref = _model()
-    trainer_for(ref, tmp_path / "ref").fit(x, [y], epochs=3, batch_size=6)
+    trainer_for(ref, tmp_path / "ref").fit(Dataset(x, [y]), epochs=3, batch_size=6)
     first = _model()
     t = trainer_for(first, tmp_path / "run")
     t.callbacks.append(StopAfter(t, 10))
-    t.fit(x, [y], epochs=3, batch_size=6)
+    t.fit(Dataset(x, [y]), epochs=3, batch_size=6)
     assert (t.position["epoch"], t.position["batch"]) == (1, 3)
     resumed = _model()
-    trainer_for(resumed, tmp_path / "run").fit(x, [y], epochs=3, batch_size=6,
+    trainer_for(resumed, tmp_path / "run").fit(Dataset(x, [y]), epochs=3, batch_size=6,
                                                    resume=checkpoint.load(tmp_path / "run"))
     for u, v in zip(ref.get_weights(), resumed.get_weights()):
         np.testing.assert_array_equal(u, v)
     arrays = ArraySource(x.take(np.arange(len(x))))  # the same samples in memory train to the same weights
     again = _model()
-    Run(again, verbose=0, rng=np.random.default_rng(7)).fit(arrays, [y], epochs=3, batch_size=6)
+    Run(again, verbose=0, rng=np.random.default_rng(7)).fit(Dataset(arrays, [y]), epochs=3, batch_size=6)
     for u, v in zip(ref.get_weights(), again.get_weights()):
         np.testing.assert_array_equal(u, v)

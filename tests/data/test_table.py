@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import dlcli
 from dlcli.cli import app
+from dlcli.data import Dataset
 from dlcli.trainer import _sample_weights, balanced_class_weight
 
 from tests.conftest import require_dataset
@@ -100,7 +101,7 @@ def test_inspect_shapes_shows_each_features_width(tables):
 def test_balanced_class_weight_is_sklearns_formula():
     labels = np.array([0, 0, 0, 1, 2, 2])
     assert balanced_class_weight(labels) == {0: 6 / 9, 1: 6 / 3, 2: 6 / 6}
-    np.testing.assert_allclose(_sample_weights(labels, 6, "balanced", None), [2 / 3] * 3 + [2.0, 1.0, 1.0])
+    np.testing.assert_allclose(_sample_weights(Dataset(None, labels), 6, "balanced", None), [2 / 3] * 3 + [2.0, 1.0, 1.0])
 
 
 def _bad(tmp_path, name: str, content: bytes):
