@@ -95,6 +95,10 @@ def _import(name: str):
         import dlcli.kernels.attention as attention
 
         return attention
+    if name == "png":
+        import dlcli.kernels.png as png
+
+        return png
     if name == "recurrent":
         import dlcli.kernels.recurrent as recurrent
 

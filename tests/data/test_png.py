@@ -1,0 +1,102 @@
+"""The image folder's PNG fast path (dlcli/data/png.py, kernels/png.py) against Pillow, its reference: PNGs written
+here with every row filter, colour type and odd sizes decode bit for bit as Pillow decodes them; every other file
+(another size or mode, palette, 16 bits, interlaced, corrupt) is left to Pillow, which decodes it or names it."""
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dlcli.data import png
+from dlcli.data.image_folder import BadImage, ImageFolderSource, decode_image
+
+MODES = {"grayscale": (0, 1), "rgb": (2, 3), "rgba": (6, 4)}
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _paeth(a, b, c):
+    p = a + b - c
+    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+
+
+def write_png(path, pixels: np.ndarray, filters, color_type: int, depth=8, interlace=0, extra=b""):
+    """uint8 pixels (h, w, channels) as a PNG whose row r is filtered with filters[r % len(filters)] (the
+    specification's encoder side, so the decoder meets each filter on real data)."""
+    h, w, ch = pixels.shape
+    rows = pixels.reshape(h, w * ch).astype(np.int32)
+    out = []
+    for r in range(h):
+        kind = filters[r % len(filters)]
+        x = rows[r]
+        a = np.concatenate([np.zeros(ch, np.int32), x[:-ch]])
+        b = rows[r - 1] if r else np.zeros_like(x)
+        c = np.concatenate([np.zeros(ch, np.int32), b[:-ch]])
+        pred = [0 * x, a, b, (a + b) // 2, _paeth(a, b, c)][min(kind, 4)]
+        out.append(bytes([kind]) + ((x - pred) % 256).astype(np.uint8).tobytes())
+    header = struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, interlace)
+    data = zlib.compress(b"".join(out))
+    path.write_bytes(png.SIGNATURE + _chunk(b"IHDR", header) + extra + _chunk(b"IDAT", data[:7])
+                     + _chunk(b"IDAT", data[7:]) + _chunk(b"IEND", b""))  # IDAT split: the chunks are joined
+    return path
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_row_filter_decodes_as_pillow_does(tmp_path, mode):
+    color_type, channels = MODES[mode]
+    rng = np.random.default_rng(0)
+    files = []
+    for i, filters in enumerate([[0], [1], [2], [3], [4], [0, 1, 2, 3, 4], [4, 3, 2, 1, 0, 4]]):
+        for high in (256, 3):  # values 0-2: Paeth's ties (its order a, b, c decides), sums wrapping past 255
+            pixels = rng.integers(0, high, (7, 5, channels), dtype=np.uint8)
+            pixels[:3] = pixels[0]  # flat and noisy rows: predictors near and far from the pixel
+            files.append(write_png(tmp_path / f"{i}-{high}.png", pixels, filters, color_type))
+    files.append(tmp_path / "pillow.png")  # and one Pillow wrote, with its own choice of filters
+    Image.fromarray(rng.integers(0, 256, (7, 5, channels), dtype=np.uint8).squeeze()).save(files[-1])
+    pixels, left = png.decode(files, (7, 5), mode)
+    assert left == []
+    np.testing.assert_array_equal(pixels, np.stack([decode_image(f, (7, 5), mode) for f in files]))
+
+
+def test_other_files_are_left_to_pillow(tmp_path):
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 256, (6, 4, 1), dtype=np.uint8)
+    files = [write_png(tmp_path / "fast.png", gray, [4], 0),
+             write_png(tmp_path / "other_size.png", rng.integers(0, 256, (8, 4, 1), dtype=np.uint8), [1], 0),
+             write_png(tmp_path / "rgb_as_gray.png", rng.integers(0, 256, (6, 4, 3), dtype=np.uint8), [2], 2),
+             write_png(tmp_path / "interlaced.png", gray, [0], 0, interlace=1),
+             write_png(tmp_path / "bad_filter.png", gray, [7], 0),
+             write_png(tmp_path / "animated.png", gray, [0], 0, extra=_chunk(b"acTL", bytes(8)))]
+    Image.fromarray(gray[:, :, 0]).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(gray[:, :, 0].astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    (tmp_path / "truncated.png").write_bytes(files[0].read_bytes()[:-20])
+    Image.fromarray(gray[:, :, 0]).save(tmp_path / "jpeg.png", format="JPEG")
+    files += [tmp_path / n for n in ("palette.png", "sixteen.png", "truncated.png", "jpeg.png")]
+    pixels, left = png.decode(files, (6, 4), "grayscale")
+    assert left == list(range(1, len(files)))
+    np.testing.assert_array_equal(pixels[0], gray)
+
+
+def test_the_folder_source_gives_pillows_pixels_on_both_kernel_paths(tmp_path, monkeypatch):
+    """Fast files and Pillow's side by side in one batch; a corrupt one is Pillow's error naming it."""
+    rng = np.random.default_rng(2)
+    files = [write_png(tmp_path / f"{i}.png", rng.integers(0, 256, (6, 4, 3), dtype=np.uint8), [i % 5], 2)
+             for i in range(6)]
+    files.insert(2, write_png(tmp_path / "big.png", rng.integers(0, 256, (12, 8, 3), dtype=np.uint8), [3], 2))
+    results = {}
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        source = ImageFolderSource(files, (6, 4), "rgb", "bilinear", False, "none", 1, 0)
+        results[path] = source.take(np.arange(len(files)))[0]
+        assert source.decoded == len(files)
+    np.testing.assert_array_equal(results["numba"], results["numpy"])
+    np.testing.assert_array_equal(results["numba"][0], np.asarray(Image.open(files[0])))
+    bad = write_png(tmp_path / "bad.png", np.zeros((6, 4, 3), np.uint8), [9], 2)
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    source = ImageFolderSource(files + [bad], (6, 4), "rgb", "bilinear", False, "none", 1, 0)
+    with pytest.raises(BadImage, match="bad.png: cannot decode"):
+        source.take(np.arange(len(files) + 1))
