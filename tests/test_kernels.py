@@ -143,6 +143,31 @@ def test_an_unknown_choice_stops_train_before_the_run_directory_exists(tmp_path,
     assert not (tmp_path / "runs").exists()
 
 
+# (input shape, kernel taps, strides, dilation): the input gradient's scatter, 2D and 1D (run as 2D of height 1)
+COL2IM_CASES = [((6, 13, 13, 5), (3, 3), (1, 1), (1, 1)), ((5, 9, 8, 3), (3, 2), (2, 1), (1, 1)),
+                ((4, 9, 9, 2), (3, 3), (1, 1), (2, 2)), ((3, 7, 7, 4), (2, 2), (3, 3), (1, 1)),
+                ((5, 11, 3), (3,), (2,), (1,)), ((4, 9, 2), (2,), (1,), (3,))]
+
+
+@pytest.mark.parametrize("shape,taps,strides,dilation", COL2IM_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_col2im_matmul_equals_its_numpy_twin(monkeypatch, shape, taps, strides, dilation, dtype):
+    rng = np.random.default_rng(0)
+    out, _ = cm.geometry(shape[1:-1], taps, strides, "valid", dilation)
+    a2 = rng.standard_normal((shape[0] * int(np.prod(out)), 7)).astype(dtype)
+    kernel = rng.standard_normal((*taps, shape[-1], 7)).astype(dtype)
+    monkeypatch.setattr(cm, "SCATTER_CHUNK", a2.shape[0] // 2)  # a few samples per chunk: the chunk seams too
+    dx, dx_ref = both_paths(monkeypatch, cm.col2im_matmul, a2, kernel, shape, out, strides, dilation)
+    assert dx.dtype == dtype and dx.shape == shape
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=0)
+    # a non-contiguous gradient and kernel slice, as ConvLSTM2D passes them
+    wide = np.concatenate([a2, a2], axis=1)
+    wide_kernel = np.concatenate([kernel, kernel], -1)
+    dx, dx_ref = both_paths(monkeypatch, cm.col2im_matmul, wide[:, 3:10], wide_kernel[..., 3:10], shape, out, strides,
+                            dilation)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=0)
+
+
 OPTIMIZER_CASES = [{"type": "sgd", "learning_rate": 0.1}, {"type": "sgd", "momentum": 0.9},
                    {"type": "sgd", "momentum": 0.9, "nesterov": True}, {"type": "rmsprop"},
                    {"type": "rmsprop", "momentum": 0.5, "centered": True}, {"type": "rmsprop", "centered": True},

@@ -99,6 +99,10 @@ def _import(name: str):
         import dlcli.kernels.png as png
 
         return png
+    if name == "conv":
+        import dlcli.kernels.conv as conv
+
+        return conv
     if name == "recurrent":
         import dlcli.kernels.recurrent as recurrent
 

@@ -17,6 +17,8 @@ PADDINGS = ("valid", "same")
 # im2col copies patches with this many channels or more in one strided copy (each patch row is a block); fewer,
 # tap by tap along the output rows, best into a transposed buffer (conv.py)
 BLOCK_CHANNELS = 8
+# col2im_matmul's compiled path scatters this many products (floats) at a time: about half of a core's L2
+SCATTER_CHUNK = 1 << 17
 
 
 def as_tuple(value, rank: int, what: str, layer: str) -> tuple[int, ...]:
@@ -141,8 +143,31 @@ def col2im_matmul(a2, kernel, padded_shape, out_sizes, strides, dilation):
 
     With a Keras conv kernel (*k, in, out) and a2 the output gradient (positions, out) this is the input gradient
     of a convolution; with a transposed-conv kernel (*k, out, in) and a2 its input it is that layer's forward
-    pass. One small matmul per offset beats one big matmul plus a strided col2im (its result is contiguous).
+    pass. Compiled (1D and 2D): one GEMM for every offset at once, then the scatter (dlcli/kernels/conv.py).
     """
+    compiled = kernels.compiled("conv") if len(out_sizes) in (1, 2) else None
+    if compiled is None:
+        return col2im_matmul_numpy(a2, kernel, padded_shape, out_sizes, strides, dilation)
+    taps, n, per_sample = kernel.shape[:-2], padded_shape[0], int(np.prod(out_sizes))
+    weights = kernel.reshape(-1, kernel.shape[-1]).T  # (in, taps * out_channels): each offset's product at once
+    dxp = np.empty(padded_shape, a2.dtype)
+    if len(taps) == 1:  # 1D as 2D of height 1
+        taps, strides, dilation, out_sizes = (1, *taps), (1, *strides), (1, *dilation), (1, *out_sizes)
+    # a few samples at a time: their products stay in cache for the scatter, and the buffer is reused
+    chunk = max(1, SCATTER_CHUNK // (per_sample * weights.shape[1]))
+    products = np.empty((min(chunk, n) * per_sample, weights.shape[1]), a2.dtype)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        part = products[:(stop - start) * per_sample]
+        np.dot(a2[start * per_sample:stop * per_sample], weights, out=part)
+        compiled.col2im(part.reshape(stop - start, *out_sizes, -1), *taps, *strides, *dilation,
+                        dxp[start:stop] if dxp.ndim == 4 else dxp[start:stop, None])
+    return dxp
+
+
+def col2im_matmul_numpy(a2, kernel, padded_shape, out_sizes, strides, dilation):
+    """The twin: one small matmul per offset, added into place (in NumPy this beats one big matmul plus a strided
+    col2im: its result is contiguous)."""
     dxp = np.zeros(padded_shape, a2.dtype)
     tmp = np.empty((a2.shape[0], kernel.shape[-2]), a2.dtype)
     block = (padded_shape[0], *out_sizes, kernel.shape[-2])

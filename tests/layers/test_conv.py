@@ -56,7 +56,7 @@ GRADIENT_CASES = {
 
 @pytest.mark.parametrize("name,args,shape,opts", [(n, a, s, o) for n, cases in GRADIENT_CASES.items()
                                                   for a, s, o in cases])
-def test_gradients(name, args, shape, opts):
+def test_gradients(name, args, shape, opts, kernel_path):
     layer = layers.LAYERS.get(name)(**args)
     out = check_layer(layer, shape, **opts)
     assert out.shape[1:] == tuple(layer.output_shape(shape))
