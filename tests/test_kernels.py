@@ -156,7 +156,7 @@ def test_col2im_matmul_equals_its_numpy_twin(monkeypatch, shape, taps, strides, 
     out, _ = cm.geometry(shape[1:-1], taps, strides, "valid", dilation)
     a2 = rng.standard_normal((shape[0] * int(np.prod(out)), 7)).astype(dtype)
     kernel = rng.standard_normal((*taps, shape[-1], 7)).astype(dtype)
-    monkeypatch.setattr(cm, "SCATTER_CHUNK", a2.shape[0] // 2)  # a few samples per chunk: the chunk seams too
+    monkeypatch.setattr(cm, "CHUNK_FLOATS", a2.shape[0] // 2)  # a few samples per chunk: the chunk seams too
     dx, dx_ref = both_paths(monkeypatch, cm.col2im_matmul, a2, kernel, shape, out, strides, dilation)
     assert dx.dtype == dtype and dx.shape == shape
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=0)

@@ -17,8 +17,8 @@ PADDINGS = ("valid", "same")
 # im2col copies patches with this many channels or more in one strided copy (each patch row is a block); fewer,
 # tap by tap along the output rows, best into a transposed buffer (conv.py)
 BLOCK_CHANNELS = 8
-# col2im_matmul's compiled path scatters this many products (floats) at a time: about half of a core's L2
-SCATTER_CHUNK = 1 << 17
+# Convolutions gather (im2col) and scatter (col2im) about this many floats at a time, a core's L2 (1 MiB on Zen 4)
+CHUNK_FLOATS = 1 << 18
 
 
 def as_tuple(value, rank: int, what: str, layer: str) -> tuple[int, ...]:
@@ -154,7 +154,7 @@ def col2im_matmul(a2, kernel, padded_shape, out_sizes, strides, dilation):
     if len(taps) == 1:  # 1D as 2D of height 1
         taps, strides, dilation, out_sizes = (1, *taps), (1, *strides), (1, *dilation), (1, *out_sizes)
     # a few samples at a time: their products stay in cache for the scatter, and the buffer is reused
-    chunk = max(1, SCATTER_CHUNK // (per_sample * weights.shape[1]))
+    chunk = max(1, CHUNK_FLOATS // (per_sample * weights.shape[1]))
     products = np.empty((min(chunk, n) * per_sample, weights.shape[1]), a2.dtype)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)

@@ -62,6 +62,32 @@ def test_gradients(name, args, shape, opts, kernel_path):
     assert out.shape[1:] == tuple(layer.output_shape(shape))
 
 
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_conv_gathers_patches_a_few_samples_at_a_time_with_the_same_result(monkeypatch, use_bias, kernel_path):
+    """Chunks of 2 samples and a last chunk of 1 (conv_math.CHUNK_FLOATS made small) against one chunk."""
+    from dlcli.layers import conv_math as cm
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 6, 7, 9)).astype(np.float32)
+    grad = rng.standard_normal((5, 3, 4, 4)).astype(np.float32)
+    kernel = rng.standard_normal((2, 2, 9, 4)).astype(np.float32)
+    results = []
+    for floats in (10**9, 2 * 3 * 4 * (2 * 2 * 9 + 1)):
+        monkeypatch.setattr(cm, "CHUNK_FLOATS", floats)
+        layer = layers.Conv2D(4, 2, strides=2, padding="same", use_bias=use_bias, activation="relu")
+        layer.build(x.shape[1:])
+        layer.kernel.value[...] = kernel
+        for p in layer.weights:
+            p.grad = np.zeros_like(p.value)
+        layer.input_grad_needed = True
+        y = layer.forward(x, training=True)
+        assert (layer.cols is None) == (floats < 10**9)  # chunked: nothing kept for backward
+        results.append([y, layer.backward(grad)] + [p.grad.copy() for p in layer.weights])
+    for chunked, whole in zip(results[1], results[0]):
+        np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+    check_layer(layers.Conv2D(3, 3, padding="same"), (5, 4, 9), batch=5)  # the gradient check, chunked
+
+
 def naive_conv2d(x, kernel, bias, strides, padding, dilation):
     """Direct loops over output positions: the reference, TF's definition (same pads: extra at bottom/right)."""
     n, h, w, c = x.shape
