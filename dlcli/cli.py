@@ -61,7 +61,7 @@ def train(
         print_kfold(out, run)  # the mean and spread per epoch (or which folds finished); the test table: their mean
     if run.test and not quiet:
         out.print(metrics_table(f"test: {test_set(run.config, run.sizes['test'])}", run.test))
-        print_baseline(out, run.test, run.splits.extra)
+        print_baseline(out, run.test, run.data.extra)
     if run.status == "interrupted":
         report_interrupted(run)
         raise typer.Exit(128 + (stop.signum or signal.SIGINT))  # 130 for Ctrl-C, 143 for TERM

@@ -21,10 +21,10 @@ def first_batch(config, model, size: int) -> tuple[list, list]:
     """The first `size` training samples (inputs and targets fitted to the model), as the trainer would see them."""
     from dlcli.data.dataset import load_fitted
 
-    splits = load_fitted(config, model)
-    if len(splits.x_train) == 0:
+    data = load_fitted(config, model)
+    if len(data.x_train) == 0:
         raise DlcliError("the training split is empty")
-    return splits.x_train.take(slice(0, size)), [a[:size] for a in splits.y_train]
+    return data.x_train.take(slice(0, size)), [a[:size] for a in data.y_train]
 
 
 # --- trace --------------------------------------------------------------------------------------------------
@@ -225,12 +225,12 @@ def short_run(config, samples: int, epochs: int) -> tuple[dict, list]:
 
     config = config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
     model = build_model(config)
-    splits = replace(load_fitted(config, model).limited(samples), x_test=None, y_test=None)
+    data = replace(load_fitted(config, model).limited(samples), x_test=None, y_test=None)
     with tempfile.TemporaryDirectory(prefix="dlcli-determinism-") as tmp:
         run_dir = Path(tmp) / "run"
         files = run_files.RunDir(run_dir)
         files.weights.mkdir(parents=True)
-        result = Run.in_dir(files, config, model, splits, verbose=0).train()
+        result = Run.in_dir(files, config, model, data, verbose=0).train()
     return weight_hashes(model), [row["loss"] for row in result.history]
 
 

@@ -79,10 +79,10 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
     with run_data(shared["run_dir"]):  # a resumed run looks where it found its data first, with its preprocessing
         model = build_model(cfg)  # shapes and names fail here, before any data is loaded (a table adapts first)
         initial = _init_from(model, init_from) if init_from is not None and world.is_root else None
-        splits = load_fitted(cfg, model)
+        data = load_fitted(cfg, model)
     # everything that can refuse the run does so before its directory exists: folds, callbacks and their extras,
     # DLCLI_KERNELS (read at the first kernel call, which comes after)
-    folds = splits.folds(cfg.train.kfold, np.random.default_rng([cfg.seed, 3])) if cfg.train.kfold else None
+    folds = data.folds(cfg.train.kfold, np.random.default_rng([cfg.seed, 3])) if cfg.train.kfold else None
     for spec in cfg.train.callbacks:
         CALLBACKS.create(spec)
     if cfg.train.mix is not None:
@@ -97,8 +97,8 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
     files = run_files.RunDir.for_rank(world.bcast_json(None if run_dir is None else str(run_dir)), world)
     files.write_text(files.config, dump_yaml(cfg.to_dict()))
     if cfg.train.kfold:
-        return train_folds(cfg, model, splits, folds, files.path, callbacks, resume=kfold_resume, verbose=verbose)
-    return Run.in_dir(files, cfg, model, splits, callbacks, verbose, world, init_from=initial,
+        return train_folds(cfg, model, data, folds, files.path, callbacks, resume=kfold_resume, verbose=verbose)
+    return Run.in_dir(files, cfg, model, data, callbacks, verbose, world, init_from=initial,
                       config_changes=changes, resumed=shared["resumed"]).train(state)
 
 
@@ -209,8 +209,8 @@ def evaluation_report(run_dir, weights: str = "best", split: str = "test", batch
     config, model = load_run_model(run_dir, weights, allow_config_change)
     files = run_files.RunDir(run_dir)
     with run_data(files.path):
-        splits = load_fitted(config, model)
-    xs, ys = (splits.x_test, splits.y_test) if split == "test" else (splits.x_val, splits.y_val)
+        data = load_fitted(config, model)
+    xs, ys = (data.x_test, data.y_test) if split == "test" else (data.x_val, data.y_val)
     if xs is None:
         raise DlcliError(f"run {files.path.name} has no {split} split (set train.validation_split for a validation "
                          f"split)" if split == "validation" else "the dataset has no test split")
@@ -219,13 +219,13 @@ def evaluation_report(run_dir, weights: str = "best", split: str = "test", batch
               "metrics": model.evaluate(xs, ys, bs, return_dict=True)}
     preds = model.predict(xs, batch_size=bs)
     preds = preds if isinstance(preds, list) else [preds]
-    report = classification_report(splits.labels(split), preds[0], splits.classes)
+    report = classification_report(data.labels(split), preds[0], data.classes)
     if report:
         result.update(report)
-    baseline = splits.extra.get("baseline") if splits.extra else None
+    baseline = data.extra.get("baseline") if data.extra else None
     if baseline:
         result["baseline"] = baseline
-        result["comparison"] = baseline_comparison(result["metrics"], splits.extra, split)
+        result["comparison"] = baseline_comparison(result["metrics"], data.extra, split)
     files.write_json(files.evaluation, result)
     return result
 

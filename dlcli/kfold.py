@@ -26,7 +26,7 @@ from dlcli import plots, run_files
 from dlcli.errors import NothingToDo
 
 
-def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: bool = False, verbose: int = 0):
+def train_folds(cfg, model, data, folds, run_dir: Path, callbacks=(), resume: bool = False, verbose: int = 0):
     """Write the run's meta.json (unless resuming), train every fold (`folds`: Dataset.folds) not finished yet into
     run_dir/folds/<i>/ as an ordinary run (Run.train, `callbacks` joining each fold's), continuing a fold's
     checkpoint when `resume`; write the aggregate. Returns the whole run's Run: the status of the fold that stopped
@@ -42,7 +42,7 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
     start = time.perf_counter()
     files = run_files.RunDir(run_dir)
     if not files.meta.exists():
-        files.write_json(files.meta, {**start_meta(cfg, model, splits), "kfold": k})
+        files.write_json(files.meta, {**start_meta(cfg, model, data), "kfold": k})
     statuses, last = [], None
     fresh_model = model  # the one already built serves the first fold trained now; later folds get new weights
     try:
@@ -58,14 +58,14 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
             else:
                 fold.weights.mkdir(parents=True, exist_ok=True)
                 fold.write_text(fold.config, dump_yaml(fold_cfg.to_dict()))
-            fold_splits = splits.fold(val)
+            fold_data = data.fold(val)
             if verbose:
-                print(f"fold {i + 1}/{k}: {len(fold_splits.x_train):,} training, {len(val):,} validation samples"
+                print(f"fold {i + 1}/{k}: {len(fold_data.x_train):,} training, {len(val):,} validation samples"
                       + (" (resumed)" if state is not None else ""), flush=True)
-            space = fold_splits.extra.get("feature_space")  # a table adapted on this fold: its own input width
+            space = fold_data.extra.get("feature_space")  # a table adapted on this fold: its own input width
             with stored(space):
                 fold_model, fresh_model = build_model(cfg) if space or fresh_model is None else fresh_model, None
-            last = Run.in_dir(fold, fold_cfg, fold_model, fold_splits, callbacks, verbose, kfold_dir=run_dir,
+            last = Run.in_dir(fold, fold_cfg, fold_model, fold_data, callbacks, verbose, kfold_dir=run_dir,
                               resumed=None if state is None else checkpoint.resume_banner(state)).train(state)
             statuses.append(last.status)
             if last.status != "completed":
@@ -78,7 +78,7 @@ def train_folds(cfg, model, splits, folds, run_dir: Path, callbacks=(), resume: 
     seconds = time.perf_counter() - start
     means, test, best_epoch = write_aggregate(run_dir, cfg, statuses, k, seconds)
     whole = copy.copy(last)  # the last fold's run (model, world, position), as the whole run
-    vars(whole).update(files=run_files.RunDir(run_dir), dir=run_dir, config=cfg, splits=splits, history=means,
+    vars(whole).update(files=run_files.RunDir(run_dir), dir=run_dir, config=cfg, data=data, history=means,
                        test=test, seconds=seconds, best_epoch=best_epoch, resumed=None)
     return whole
 

@@ -61,14 +61,14 @@ class Run:
     `dlcli.train` returns it (dir, status, history, test ...)."""
 
     def __init__(self, model, callbacks=(), verbose=1, rng: np.random.Generator | None = None, *,
-                 files: run_files.RunDir | None = None, config=None, splits=None, checkpoint_every: int | None = None,
+                 files: run_files.RunDir | None = None, config=None, data=None, checkpoint_every: int | None = None,
                  world: distributed.World | None = None, divergence_factor: float | None = DIVERGENCE_FACTOR,
                  init_from=None, resumed: str | None = None, config_changes=(), kfold_dir=None):
         self.model = model
         self.files = files  # the run directory (a NoRunDir on ranks other than 0); None: Model.fit, no directory
         self.dir: Path | None = None if files is None else files.path
         self.config = config  # the validated Config (dlcli.config); `.to_dict()` is what config.yaml holds
-        self.splits = splits  # the run's Dataset, fitted to the model (dlcli.data.dataset.load_fitted)
+        self.data = data  # the run's Dataset, fitted to the model (dlcli.data.dataset.load_fitted)
         self.callbacks = list(callbacks or [])
         self.verbose = verbose
         self.rng = rng if rng is not None else np.random.default_rng()
@@ -97,7 +97,7 @@ class Run:
         self.mix, self.mix_seed = None, 0  # train.mix (dlcli.mixing) and the seed of its draws
 
     @classmethod
-    def in_dir(cls, files: run_files.RunDir, config, model, splits, callbacks=(), verbose=1, world=None,
+    def in_dir(cls, files: run_files.RunDir, config, model, data, callbacks=(), verbose=1, world=None,
                **record) -> "Run":
         """A run writing the run directory `files` (created, config.yaml written): RunRecorder, the config's
         train.callbacks and a ModelCheckpoint writing weights/ (the default monitors val_loss, or loss without a
@@ -105,13 +105,13 @@ class Run:
         that cannot start fails here."""
         user = [CALLBACKS.create(spec) for spec in config.train.callbacks]
         if not any(isinstance(cb, ModelCheckpoint) for cb in user):
-            user.append(ModelCheckpoint(monitor="val_loss" if splits.x_val is not None else "loss"))
+            user.append(ModelCheckpoint(monitor="val_loss" if data.x_val is not None else "loss"))
         savers = [cb for cb in user if isinstance(cb, ModelCheckpoint)]
         for cb in savers:
             cb.filepath = cb.filepath or str(files.weights)
         recorder = RunRecorder(files)
         run = cls(model, [recorder, *user, *callbacks], verbose, np.random.default_rng([config.seed, 2]),
-                  files=files, config=config, splits=splits, checkpoint_every=config.train.checkpoint_every,
+                  files=files, config=config, data=data, checkpoint_every=config.train.checkpoint_every,
                   world=world, divergence_factor=config.train.divergence_factor, **record)
         run.recorder, run.saver = recorder, savers[0]  # history.csv's rows, best epoch
         run.mix = mixing.get(config.train.mix)
@@ -121,7 +121,7 @@ class Run:
     @property
     def sizes(self) -> dict:
         """Samples per split: train, validation, test."""
-        return self.splits.sizes()
+        return self.data.sizes()
 
     def stop(self, status: str = "stopped"):
         """End the run after the current batch, with a checkpoint it can resume from; `status` says why (meta.json,
@@ -129,7 +129,7 @@ class Run:
         self.stopping = status
 
     def train(self, resume: dict | None = None) -> "Run":
-        """The whole run: meta.json, on_run_begin, `fit` on the run's splits, the test split evaluated, meta.json
+        """The whole run: meta.json, on_run_begin, `fit` on the run's data, the test split evaluated, meta.json
         and curves.png completed, on_run_end. `resume` (dlcli.checkpoint.load of this run) continues exactly where
         the checkpoint stopped, appending to the same history.csv. A divergence writes divergence.json and
         re-raises the DivergenceError. With several ranks every rank calls this; rank 0 writes the run directory,
@@ -138,19 +138,19 @@ class Run:
         from dlcli.divergence import DivergenceError
 
         with self.world.guard():
-            world, splits, settings, files = self.world, self.splits, self.config.train, self.files
+            world, data, settings, files = self.world, self.data, self.config.train, self.files
             # what evaluate/predict/export/--resume check config.yaml against
             self.checkpoint_header = fingerprint.record(self.config.to_dict())
-            meta = start_meta(self.config, self.model, splits)
+            meta = start_meta(self.config, self.model, data)
             if resume is not None and files.meta.exists():
                 meta = {**run_files.read_json(files.meta), "status": "running", **self.checkpoint_header}
                 meta.setdefault("resumed", []).append(
                     {"at": run_files.utc_now(), "position": checkpoint.describe_position(resume["header"]["position"])})
             files.write_json(files.meta, meta)
-            if splits.extra.get("vocabulary"):  # lets `dlcli predict` encode raw text the way the training data was
-                files.write_json(files.vocabulary, splits.extra["vocabulary"])
-            if splits.extra.get("feature_space"):  # a table's preprocessing: evaluate, predict, --resume reuse it
-                files.write_json(files.feature_space, splits.extra["feature_space"])
+            if data.extra.get("vocabulary"):  # lets `dlcli predict` encode raw text the way the training data was
+                files.write_json(files.vocabulary, data.extra["vocabulary"])
+            if data.extra.get("feature_space"):  # a table's preprocessing: evaluate, predict, --resume reuse it
+                files.write_json(files.feature_space, data.extra["feature_space"])
             if resume is not None and world.is_root:
                 done = resume["header"]["position"]["epoch"]
                 self.recorder.rows = [r for r in run_files.read_history(self.dir) if (r.get("epoch") or 0) <= done]
@@ -160,10 +160,10 @@ class Run:
             if resume is None:
                 from dlcli.layers.normalization import adapt_to_inputs
 
-                adapt_to_inputs(self.model, splits.x_train)  # Normalization layers with adapt: true, before epoch 1
+                adapt_to_inputs(self.model, data.x_train)  # Normalization layers with adapt: true, before epoch 1
             start = time.perf_counter()
             try:
-                self.fit(splits, epochs=settings.epochs, batch_size=settings.batch_size, shuffle=settings.shuffle,
+                self.fit(data, epochs=settings.epochs, batch_size=settings.batch_size, shuffle=settings.shuffle,
                          class_weight=settings.class_weight, resume=resume)
             except DivergenceError as e:
                 files.write_json(files.divergence, e.report)
@@ -178,11 +178,11 @@ class Run:
                 raise
             self.status = (self.stopping or "interrupted") if self.stopped() else "completed"
             self.seconds = time.perf_counter() - start
-            if splits.x_test is not None and self.status == "completed":
-                self.test = self.evaluate_on_ranks(splits.x_test, splits.y_test, settings.batch_size)
+            if data.x_test is not None and self.status == "completed":
+                self.test = self.evaluate_on_ranks(data.x_test, data.y_test, settings.batch_size)
             self.best_epoch, saver = self.saver.best_epoch, self.saver
-            if splits.x_train.describe():  # decode rate, cache, mapped file: where the input time went
-                meta["input"] = splits.x_train.describe()
+            if data.x_train.describe():  # decode rate, cache, mapped file: where the input time went
+                meta["input"] = data.x_train.describe()
             meta.update({"status": self.status, "end": run_files.utc_now(),
                          "seconds": round(self.seconds + meta.get("seconds", 0) if resume else self.seconds, 3),
                          "epochs_run": len(self.history), "best_epoch": saver.best_epoch,
@@ -497,16 +497,16 @@ class Run:
         self.position = position
 
 
-def start_meta(config, model, splits) -> dict:
+def start_meta(config, model, data) -> dict:
     """meta.json as a run starts: versions, sizes, data source and directories, the config's fingerprint record."""
     from dlcli import fingerprint
     from dlcli.data import paths
 
     return {**run_files.versions_meta(config.seed), "name": config.name, "status": "running",
             "start": run_files.utc_now(),
-            "sizes": splits.sizes(), "source": splits.source, "params": model.count_params(),
-            "classes": splits.classes, "data_dirs": paths.recorded_dirs(),
-            **({"files": splits.extra["folder"]} if splits.extra.get("folder") else {}),
+            "sizes": data.sizes(), "source": data.source, "params": model.count_params(),
+            "classes": data.classes, "data_dirs": paths.recorded_dirs(),
+            **({"files": data.extra["folder"]} if data.extra.get("folder") else {}),
             **fingerprint.record(config.to_dict())}
 
 

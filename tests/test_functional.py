@@ -180,12 +180,12 @@ def test_yaml_two_input_two_output_model_trains_from_named_npz_arrays(tmp_path, 
     monkeypatch.chdir(tmp_path)
     config = parse_config(RESIDUAL, "test.yaml", ["data.test_split=0.25"])
     model = build(RESIDUAL)
-    splits = load_fitted(config, model)
-    assert [a.shape for a in splits.x_train.arrays] == [(22, 6, 6, 1), (22, 3)]  # (N, 6, 6) fed as (6, 6, 1)
-    assert splits.sizes() == {"train": 22, "validation": 8, "test": 10}
+    data = load_fitted(config, model)
+    assert [a.shape for a in data.x_train.arrays] == [(22, 6, 6, 1), (22, 3)]  # (N, 6, 6) fed as (6, 6, 1)
+    assert data.sizes() == {"train": 22, "validation": 8, "test": 10}
     run_dir = tmp_path / "run"
     (run_dir / "weights").mkdir(parents=True)
-    result = Run.in_dir(RunDir(run_dir), config, model, splits, verbose=0).train()
+    result = Run.in_dir(RunDir(run_dir), config, model, data, verbose=0).train()
     assert result.status == "completed" and set(result.test) == {"loss", "out_loss", "aux_loss", "out_accuracy"}
     assert "val_out_accuracy" in result.history[-1]
 

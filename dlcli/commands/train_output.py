@@ -28,24 +28,24 @@ class Banner(Callback):
             what = f"{what} --resume {resumed}".strip() + ("" if self.config_arg else
                                                              f" (config {run_files.RunDir(resumed).config})")
         out.print(f"[bold]dlcli train[/] {escape(what)}  ->  {escape(str(run.dir))}", markup=True)
-        out.print(f"  data    {cfg.data.get('type')} from {run.splits.source}: train {sizes['train']:,}, "
+        out.print(f"  data    {cfg.data.get('type')} from {run.data.source}: train {sizes['train']:,}, "
                   f"validation {sizes['validation']:,}, test {test_set(cfg, sizes['test'])}", markup=False)
-        if run.splits.extra.get("folder"):
+        if run.data.extra.get("folder"):
             from dlcli.data.folders import banner_lines
 
-            for line in banner_lines(run.splits.extra["folder"]):
+            for line in banner_lines(run.data.extra["folder"]):
                 out.print(f"  files   {line}", markup=False)
-        if run.splits.extra.get("feature_space"):
+        if run.data.extra.get("feature_space"):
             from dlcli.data.table import describe_lines
 
-            for line in describe_lines(run.splits.extra["feature_space"]):
+            for line in describe_lines(run.data.extra["feature_space"]):
                 out.print(f"  feature {line}", markup=False)
-            if run.splits.extra.get("label_rows_dropped"):
-                out.print(f"  label   {run.splits.extra['label_rows_dropped']} rows without a label left out",
+            if run.data.extra.get("label_rows_dropped"):
+                out.print(f"  label   {run.data.extra['label_rows_dropped']} rows without a label left out",
                           markup=False)
-        source = run.splits.x_train.describe()
+        source = run.data.x_train.describe()
         if source.get("workers"):
-            out.print(f"  decode  {source['workers']} threads, {run.splits.x_train.prefetch} batches ahead, "
+            out.print(f"  decode  {source['workers']} threads, {run.data.x_train.prefetch} batches ahead, "
                       f"cache {source['cache']}" + (f" ({source['cache_file']})" if source.get("cache_file") else ""))
         elif source.get("memory_mapped"):
             out.print(f"  mmap    {source['memory_mapped']} ({source['bytes'] / 2**20:,.0f} MiB, read per batch)",
@@ -67,7 +67,7 @@ class Banner(Callback):
             out.print(f"  resume  {run.resumed}; appending to {run.files.history}")
 
     def on_train_end(self, logs=None):
-        decoded = self.run.splits.x_train.describe()
+        decoded = self.run.data.x_train.describe()
         if decoded.get("decoded"):  # where a folder run's input time went
             rate = decoded["decode_images_per_second_per_thread"]
             self.out.print(f"input: decoded {decoded['decoded']:,} images of the training folder at {rate:,.0f} "

@@ -134,12 +134,12 @@ def check_inputs(config, model, count: int = CHECK_SAMPLES) -> tuple[list, str]:
     from dlcli.data.dataset import load_fitted
 
     try:
-        splits = load_fitted(config, model)
+        data = load_fitted(config, model)
     except DlcliError as e:
         why = "the run has no dataset" if dataset_type(config.data).empty else \
             f"the run's data did not load: {e.message.splitlines()[0][:120]}"
         return sample_inputs(model, count), f"{count} seeded random inputs ({why})"
-    xs, which = (splits.x_test, "test") if splits.x_test is not None else (splits.x_train, "training")
+    xs, which = (data.x_test, "test") if data.x_test is not None else (data.x_train, "training")
     if hasattr(xs, "columns"):  # a table's rows stay a TableSource: the raw columns feed its preprocessing graph
         xs = xs.subset(np.arange(min(count, len(xs))))
         return xs, f"{len(xs)} {which} rows"

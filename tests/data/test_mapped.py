@@ -81,10 +81,10 @@ def test_training_from_a_mapped_array_with_a_validation_split(arrays, tmp_path):
               "compile": {"optimizer": "adam", "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
               "train": {"epochs": 2, "batch_size": 16, "validation_split": 0.2}})  # defaults filled
     model = build_model(config)
-    splits = load_fitted(config, model)
-    assert splits.sizes() == {"train": 160, "validation": 40, "test": 0}
-    assert splits.x_train.take(np.arange(3))[0].shape == (3, 6, 5, 1)  # (6, 5) samples fed as (6, 5, 1)
+    data = load_fitted(config, model)
+    assert data.sizes() == {"train": 160, "validation": 40, "test": 0}
+    assert data.x_train.take(np.arange(3))[0].shape == (3, 6, 5, 1)  # (6, 5) samples fed as (6, 5, 1)
     run = tmp_path / "run"
     (run / "weights").mkdir(parents=True)
-    result = Run.in_dir(RunDir(run), config, model, splits, verbose=0).train()
+    result = Run.in_dir(RunDir(run), config, model, data, verbose=0).train()
     assert result.status == "completed" and [row["epoch"] for row in result.history if "val_loss" in row] == [1, 2]

@@ -80,7 +80,7 @@ def test_evaluate_and_predict_use_the_stored_state_not_the_file_again(penguins_r
 
 def test_cars_regression_beats_the_mean_and_kfold_adapts_per_fold(tables, tmp_path):
     run = dlcli.train(CONFIGS / "cars_mpg.yaml", ["train.epochs=30"], runs_dir=tmp_path / "runs")
-    extra = run.splits.extra
+    extra = run.data.extra
     assert run.test["mae"] < 0.5 * extra["baseline"]["test_mae"]
     assert extra["label_rows_dropped"] == 8  # rows without Miles_per_Gallon
     folds = dlcli.train(CONFIGS / "cars_mpg_kfold.yaml", ["train.epochs=2"], runs_dir=tmp_path / "runs")
