@@ -21,15 +21,6 @@ EPSILON = 1e-7  # keras.backend.epsilon()
 REDUCTIONS = ("sum_over_batch_size", "mean", "sum", "mean_with_sample_weight", "none")
 
 
-def reduction_name(reduction, loss_name: str) -> str:
-    """Keras' `reduction` argument, checked. None (Keras' 'none') is kept as 'none'."""
-    reduction = "none" if reduction is None else reduction
-    if reduction not in REDUCTIONS:
-        raise ConfigError(f"loss '{loss_name}' reduction must be one of {', '.join(REDUCTIONS)} (or null); got "
-                          f"{reduction!r}")
-    return reduction
-
-
 class Loss:
     name = ""  # the first name the class is registered under (set by LOSSES.register)
     fused_activation = None  # the output activation whose Jacobian this loss folds in ("softmax"/"sigmoid")
@@ -37,7 +28,12 @@ class Loss:
     batch_value = False  # one value for the whole batch (Dice/Tversky with axis None): no reduction applies
 
     def __init__(self, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
+        """Keras' `reduction` argument, checked. None (Keras' 'none') is kept as 'none'."""
+        reduction = "none" if reduction is None else reduction
+        if reduction not in REDUCTIONS:
+            raise ConfigError(f"loss '{self.name}' reduction must be one of {', '.join(REDUCTIONS)} (or null); got "
+                              f"{reduction!r}")
+        self.reduction = reduction
 
     def values_per_sample(self, y_pred) -> int:
         """How many values Keras' loss function gives per sample (the last axis reduced), which `per_sample`
@@ -124,7 +120,7 @@ class CategoricalCrossentropy(Loss):
     fused_activation = "softmax"
 
     def __init__(self, from_logits: bool = False, label_smoothing: float = 0.0, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
+        super().__init__(reduction)
         self.from_logits, self.label_smoothing = bool(from_logits), float(label_smoothing)
 
     def compute(self, y_true, y_pred, logits=None):
@@ -152,7 +148,7 @@ class SparseCategoricalCrossentropy(Loss):
     fused_activation = "softmax"
 
     def __init__(self, from_logits: bool = False, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
+        super().__init__(reduction)
         self.from_logits = bool(from_logits)
 
     def compute(self, y_true, y_pred, logits=None):
@@ -238,7 +234,7 @@ class BinaryCrossentropy(Loss):
     fused_activation = "sigmoid"
 
     def __init__(self, from_logits: bool = False, label_smoothing: float = 0.0, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
+        super().__init__(reduction)
         self.from_logits, self.label_smoothing = bool(from_logits), float(label_smoothing)
 
     def compute(self, y_true, y_pred, logits=None):
@@ -295,7 +291,7 @@ class Huber(_ElementwiseLoss):
     """0.5 e^2 where |e| <= delta, else delta * (|e| - 0.5 delta) (Keras' Huber, delta=1.0)."""
 
     def __init__(self, delta: float = 1.0, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
+        super().__init__(reduction)
         self.delta = float(delta)
 
     def values_and_grad(self, error):
@@ -382,7 +378,7 @@ class CosineSimilarity(_LastAxisLoss):
     last_axis = "sum"
 
     def __init__(self, axis: int = -1, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
+        super().__init__(reduction)
         if axis != -1:
             raise ConfigError("cosine_similarity supports axis=-1 (the last axis) only")
         self.axis = axis
@@ -452,7 +448,7 @@ class BinaryFocalCrossentropy(_LastAxisLoss):
 
     def __init__(self, apply_class_balancing: bool = False, alpha: float = 0.25, gamma: float = 2.0,
                  from_logits: bool = False, label_smoothing: float = 0.0, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
+        super().__init__(reduction)
         self.apply_class_balancing, self.alpha, self.gamma = bool(apply_class_balancing), float(alpha), float(gamma)
         self.from_logits, self.label_smoothing = bool(from_logits), float(label_smoothing)
 
@@ -483,7 +479,7 @@ class CategoricalFocalCrossentropy(_LastAxisLoss):
 
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, from_logits: bool = False,
                  label_smoothing: float = 0.0, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
+        super().__init__(reduction)
         self.alpha, self.gamma = float(alpha), float(gamma)
         self.from_logits, self.label_smoothing = bool(from_logits), float(label_smoothing)
 
@@ -510,7 +506,7 @@ class _OverlapLoss(Loss):
     ratio's numerator and denominator and their derivatives w.r.t. y."""
 
     def __init__(self, axis=None, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
+        super().__init__(reduction)
         if axis is not None:
             axes = [axis] if isinstance(axis, int) else list(axis)
             if 0 in axes or any(not isinstance(a, int) for a in axes):
@@ -570,7 +566,7 @@ class CategoricalGeneralizedCrossEntropy(Loss):
     loss between cross-entropy (q -> 0) and MAE (q = 1), as keras.losses.CategoricalGeneralizedCrossEntropy."""
 
     def __init__(self, q: float = 0.5, reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
+        super().__init__(reduction)
         if not 0 < q < 1:
             raise ConfigError(f"{self.name} q must be in (0, 1); got {q}")
         self.q = float(q)
@@ -606,7 +602,7 @@ class Circle(Loss):
 
     def __init__(self, gamma: float = 80.0, margin: float = 0.4, remove_diagonal: bool = True,
                  reduction: str = "sum_over_batch_size"):
-        self.reduction = reduction_name(reduction, self.name)
+        super().__init__(reduction)
         self.gamma, self.margin, self.remove_diagonal = float(gamma), float(margin), bool(remove_diagonal)
 
     def compute(self, y_true, y_pred, logits=None):
