@@ -324,7 +324,7 @@ class _Depthwise(_Windowed):
             y = term if y is None else y.__iadd__(term)
         return y.reshape(*y.shape[:-2], -1)
 
-    def _depthwise_flops(self, input_shape) -> int:
+    def flops(self, input_shape) -> int:
         """Each output position of each of the in x depth_multiplier channels: one multiply-add per kernel tap."""
         out = self._geometry(input_shape)[0]
         return 2 * int(np.prod(out)) * int(np.prod(self.kernel_size)) * input_shape[-1] * self.depth_multiplier
@@ -375,9 +375,6 @@ class _DepthwiseConv(_Depthwise):
 
     def output_shape(self, input_shape):
         return (*self._geometry(input_shape)[0], input_shape[-1] * self.depth_multiplier)
-
-    def flops(self, input_shape):
-        return self._depthwise_flops(input_shape)
 
     def forward(self, x, training=False):
         y = self._depthwise_forward(x, self.kernel.value)
@@ -439,7 +436,7 @@ class _SeparableConv(_Depthwise):
     def flops(self, input_shape):
         out = self._geometry(input_shape)[0]
         pointwise = 2 * int(np.prod(out)) * input_shape[-1] * self.depth_multiplier * self.filters
-        return self._depthwise_flops(input_shape) + pointwise
+        return super().flops(input_shape) + pointwise
 
     def forward(self, x, training=False):
         self.mid = self._depthwise_forward(x, self.depthwise_kernel.value)
