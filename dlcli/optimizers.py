@@ -174,7 +174,9 @@ class Optimizer:
 
     def get_config(self) -> dict:
         """{type, learning_rate, constructor args}; unset clipping/decay arguments are left out (YAML-safe)."""
-        config = {"type": self.name, "learning_rate": _learning_rate_config(self._learning_rate)}
+        lr = self._learning_rate  # a schedule by its config, a custom callable by its repr
+        lr = (lr.get_config() if hasattr(lr, "get_config") else repr(lr)) if callable(lr) else lr
+        config = {"type": self.name, "learning_rate": lr}
         for arg in inspect.signature(type(self).__init__).parameters:
             if arg not in ("self", "learning_rate", "kw") and arg not in _BASE_ARGS:
                 config[arg] = getattr(self, arg)
@@ -650,12 +652,6 @@ def _learning_rate_arg(value):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise ConfigError(f"learning_rate must be a number or a schedule; got {value!r}")
     return float(value)
-
-
-def _learning_rate_config(value):
-    if not callable(value):
-        return value
-    return value.get_config() if hasattr(value, "get_config") else repr(value)
 
 
 def _rms(x) -> float:

@@ -161,8 +161,9 @@ def schema_issue(doc: Document, err: dict, path: tuple):
     if kind == "missing":
         return doc.issue(path[:-1], f"missing required key '{path[-1]}'", at_key=True)
     if kind == "extra_forbidden":
-        known = _model_fields(path[:-1])
-        return doc.issue(path, _unknown_key(path[-1], known, _section_name(path[:-1])), at_key=True)
+        known, where = _model_fields(path[:-1]), format_path(path[:-1]) if path[:-1] else "the top level"
+        return doc.issue(path, f"unknown key '{path[-1]}'{did_you_mean(path[-1], known)}; {where} takes: "
+                               f"{', '.join(map(str, known))}", at_key=True)
     if "[key]" in err["loc"]:
         return doc.issue(path, f"expected {expected(err)} as key, found {found(path[-1])}", at_key=True)
     hint = did_you_mean(value, re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))) \
@@ -191,11 +192,3 @@ def _inner_model(annotation):
         if inner is not None:
             return inner
     return None
-
-
-def _section_name(path) -> str:
-    return format_path(path) if path else "the top level"
-
-
-def _unknown_key(key, known, where: str) -> str:
-    return f"unknown key '{key}'{did_you_mean(key, known)}; {where} takes: {', '.join(map(str, known))}"

@@ -45,7 +45,7 @@ def import_keras(source, output, config_path=None, overrides=()) -> ImportReport
     keras_version = None
     if config_path is not None:
         config = load_config(config_path, list(overrides))
-        data = _archive_weights(source) if source.suffix == ".keras" else read_file_bytes(source)
+        data = read_keras_archive(source).weights if source.suffix == ".keras" else read_file_bytes(source)
         h5 = SafeH5(data, str(source))
         keras_order = None
     elif source.suffix == ".keras":
@@ -79,10 +79,6 @@ def import_keras(source, output, config_path=None, overrides=()) -> ImportReport
             **fingerprint.record(config.to_dict())}  # an edited config.yaml is caught as for a trained run
     _write_run(output, dump_yaml(config.to_dict()), model, meta)
     return ImportReport(output, source, len(model.layers), model.count_params(), keras_version, notes)
-
-
-def _archive_weights(source) -> bytes:
-    return read_keras_archive(source).weights
 
 
 def _mapped_config(keras_config: dict, source, notes, overrides, vocabularies=None) -> tuple[Config, list]:
