@@ -108,7 +108,8 @@ def _functional_from_config(spec: dict, rng: np.random.Generator) -> Model:
             ins = [_resolve_ref(r, tensors) for r in ref_list]
             try:
                 build_seeded(layer, [t.shape for t in ins] if isinstance(refs, list) else ins[0].shape, rng)
-                out = layer(ins if isinstance(refs, list) else ins[0])
+                call_args = {a: entry[a] for a in layer.call_arguments if a in entry} if "shares" in entry else {}
+                out = layer(ins if isinstance(refs, list) else ins[0], **call_args)
             except ShapeError as e:
                 raise ShapeError(f"model.layers[{i}] '{entry.get('name') or layer.name}' (reading "
                                  f"{', '.join(map(str, ref_list))}): {e.message}") from None

@@ -36,7 +36,8 @@ def _not_a_language_model(why: str) -> DlcliError:
 
 
 def decoder_layers(model) -> list:
-    """The model's layers in order, checked to be a chain that a key/value cache can run."""
+    """The model's layer calls (graph nodes) in order, checked to be a chain that a key/value cache can run (one
+    layer may be called twice: a ReversibleEmbedding's reverse call gives the logits)."""
     from dlcli.engine.graph import InputLayer
 
     nodes = [n for n in model.graph.nodes if not isinstance(n.layer, InputLayer)]
@@ -57,7 +58,7 @@ def decoder_layers(model) -> list:
         elif not (hasattr(layer, "forward_at") or isinstance(layer, POSITIONWISE)):
             raise _not_a_language_model(f"layer '{layer.name}' ({type(layer).__name__}) mixes positions without "
                                         f"a key/value cache")
-    return [n.layer for n in nodes]
+    return nodes
 
 
 class CachedDecoder:
@@ -65,7 +66,8 @@ class CachedDecoder:
     returns the model's outputs (next-token probabilities) at the new positions (or only the last one)."""
 
     def __init__(self, model, context: int):
-        self.layers, self.context = decoder_layers(model), int(context)
+        nodes, self.context = decoder_layers(model), int(context)
+        self.layers, self.call_args = [n.layer for n in nodes], [n.call_args for n in nodes]
         mixing = [i for i, layer in enumerate(self.layers) if not isinstance(layer, POSITIONWISE)]
         self.last_mixing = mixing[-1] if mixing else -1
         self.caches = {}
@@ -92,6 +94,7 @@ class CachedDecoder:
             raise DlcliError(f"{self.length + x.shape[1]} positions exceed the model's context of {self.context}")
         one = x.shape[1] == 1
         for i, layer in enumerate(self.layers):
+            vars(layer).update(self.call_args[i])
             if one and self.steps[i] is not None:
                 x = self.steps[i](x)
             elif id(layer) in self.caches:

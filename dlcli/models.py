@@ -292,6 +292,7 @@ class Model:
             seen.add(id(layer))
             in_shapes = [t.shape for t in node.inputs]
             called_on = in_shapes if node.multi_input or not in_shapes else in_shapes[0]
+            vars(layer).update(node.call_args)
             flops = 0 if isinstance(layer, InputLayer) else layer.flops(called_on)
             name = _node_name(node)
             rows.append({
@@ -346,6 +347,8 @@ class Model:
                 seen[id(layer)] = True
                 entry = layer.get_config()
                 entry.pop("input_shape", None)
+            entry.update({a: v for a, v in node.call_args.items() if v != layer.call_arguments[a]
+                          or a in entry and entry[a] != v})
             entry["inputs"] = refs if node.multi_input else refs[0]
             layers.append(entry)
         return {"type": "functional", "name": self.name,

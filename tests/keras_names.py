@@ -30,7 +30,8 @@ LAYERS = {
         "Hashing", "Identity", "IntegerLookup", "LSTM", "LSTMCell", "LayerNormalization", "LeakyReLU", "Masking",
         "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "Maximum", "Minimum", "MultiHeadAttention", "Multiply",
         "Normalization", "PReLU", "Permute", "RMSNormalization", "RNN", "RandomFlip", "RandomRotation",
-        "RandomTranslation", "RandomZoom", "ReLU", "RepeatVector", "Rescaling", "Reshape", "SeparableConv1D",
+        "RandomTranslation", "RandomZoom", "ReLU", "RepeatVector", "Rescaling", "Reshape", "ReversibleEmbedding",
+        "SeparableConv1D",
         "SeparableConv2D", "SimpleRNN", "SimpleRNNCell", "Softmax", "SpatialDropout1D", "SpatialDropout2D",
         "SpatialDropout3D", "SpectralNormalization", "StackedRNNCells", "StringLookup", "Subtract", "TimeDistributed",
         "UnitNormalization", "UpSampling1D", "UpSampling2D", "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D",
@@ -63,9 +64,6 @@ LAYERS = {
     **{n: "mixes the labels too, which a layer in a model never sees: train.mix applies it to each training batch"
        for n in ["CutMix", "MixUp"]},
     "Layer": BASE, "InputSpec": BASE, "Wrapper": BASE,
-    # not yet
-    **{n: TODO for n in [
-        "ReversibleEmbedding"]},
 }
 
 # Layers dlcli registers that are not keras.layers, and where they come from

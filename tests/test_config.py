@@ -265,6 +265,37 @@ def test_sequential_rejects_functional_keys():
         f"{SRC}:6: model.layers.0.inputs: 'inputs' is only for functional models (model.type: functional)"
 
 
+TIED_LM = """\
+data: {type: npz, path: data.npz}
+model:
+  type: functional
+  inputs: [{name: tokens, shape: [6], dtype: int32}]
+  layers:
+    - {name: emb, type: ReversibleEmbedding, input_dim: 20, output_dim: 4, inputs: tokens}
+    - {name: h, type: Dense, units: 4, activation: tanh, inputs: emb}
+    - {name: logits, shares: emb, inputs: h, reverse: true}
+  outputs: [logits]
+compile: {optimizer: adam, loss: mse}
+"""
+
+
+def test_a_shared_call_sets_its_own_call_arguments():
+    """Keras' emb(h, reverse=True) on a layer first called without: the entry that shares it gives `reverse`."""
+    from dlcli.builder import build_model
+
+    model = build_model(parse_config(TIED_LM, SRC))
+    emb = model.graph.layers[0]
+    assert [n.call_args["reverse"] for n in emb.nodes] == [False, True]
+    assert model.graph.outputs[0].shape == (6, 20)
+    assert model.get_config()["layers"][2] == {"name": "logits", "shares": "emb", "inputs": "h", "reverse": True}
+    assert one_error(edit(TIED_LM, "reverse: true", "reverse: maybe")).startswith(
+        f"{SRC}:8: model.layers.2.reverse: expected")
+    assert one_error(edit(TIED_LM, "{name: h, type: Dense", "{name: h, type: Dense, units: 4, inputs: emb}\n"
+                                   "    - {name: h2, shares: h, inputs: h, reverse: true}\n    - {name: hh, type: Dense"
+                          )) == (f"{SRC}:8: model.layers.2.reverse: a layer that shares another's weights takes only "
+                                 f"name, inputs, shares; found 'reverse'")
+
+
 def test_functional_wiring_errors():
     text = edit(FUNCTIONAL, "inputs: [h2]", "inputs: [h3]")
     text = edit(text, "shares: h,", "shares: hh,")

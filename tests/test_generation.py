@@ -47,8 +47,22 @@ def _grouped_lm():
                   {"type": "Dense", "units": VOCABULARY, "activation": "softmax"})
 
 
-@pytest.mark.parametrize("make", [_gpt, lambda: _gpt(True), _attention_lm, _grouped_lm],
-                         ids=["post-norm", "pre-norm", "mha", "rotary-gqa"])
+def _tied_lm():
+    """The logits are the embedding matrix's (ReversibleEmbedding called again with reverse=True), soft-capped."""
+    from dlcli.engine.graph import Input
+    from dlcli.models import Model
+
+    tokens = Input((STEPS,), dtype="int32")
+    emb = LAYERS.create({"type": "ReversibleEmbedding", "input_dim": VOCABULARY, "output_dim": 8,
+                         "logit_soft_cap": 5.0})
+    x = LAYERS.create({"type": "RotaryEmbedding"})(emb(tokens))
+    x = LAYERS.create({"type": "TransformerDecoder", "intermediate_dim": 12, "num_heads": 2})(x)
+    probabilities = LAYERS.create({"type": "Activation", "activation": "softmax"})(emb(x, reverse=True))
+    return Model(inputs=tokens, outputs=probabilities)
+
+
+@pytest.mark.parametrize("make", [_gpt, lambda: _gpt(True), _attention_lm, _grouped_lm, _tied_lm],
+                         ids=["post-norm", "pre-norm", "mha", "rotary-gqa", "tied"])
 def test_cached_steps_equal_the_whole_sequence_forward(make, kernel_path):
     model = make()
     tokens = np.random.default_rng(1).integers(1, VOCABULARY, (3, STEPS)).astype(np.int32)

@@ -144,6 +144,27 @@ def test_initializer_draws_like_keras(spec, arrays):
         assert np.abs(w - w.mean()).max() <= cut * 1.001 and np.abs(w - w.mean()).max() > cut * 0.99
 
 
+@pytest.mark.parametrize("spec,arrays", _cases("reversible"))
+def test_reversible_embedding_matches_keras(spec, arrays):
+    """Keras 3.15.1 under JAX in float64 (make_catalogue.py reversible): the lookup, and the reverse projection
+    tied or untied, with and without logit_soft_cap; input and weight gradients of sum(r * y). Keras' JAX tanh
+    computes float64 input in float32, so the soft-capped cases are compared within float32 rounding."""
+    from dlcli import layers
+
+    layer = layers.LAYERS.get(spec["type"])(**{k: v for k, v in spec.items() if k != "type"})
+    layer.dtype = "float64"
+    layer.ensure_built(arrays["x"].shape[1:], np.random.default_rng(0))
+    for name, p in layer.params.items():
+        p.value, p.grad = arrays[f"weight/{name}"].copy(), np.zeros_like(arrays[f"weight/{name}"])
+    atol = 1e-5 if spec.get("logit_soft_cap") else 1e-7
+    np.testing.assert_allclose(layer.forward(arrays["x"].copy()), arrays["y"], rtol=1e-6, atol=atol)
+    grad = layer.backward(arrays["r"])
+    if "grad" in arrays:
+        np.testing.assert_allclose(grad, arrays["grad"], rtol=1e-5, atol=atol)
+    for name, p in layer.params.items():
+        np.testing.assert_allclose(p.grad, arrays[f"weight_grad/{name}"], rtol=1e-5, atol=atol)
+
+
 @pytest.mark.parametrize("spec,arrays", _cases("layers"))
 def test_layer_matches_keras(spec, arrays):
     from dlcli import layers

@@ -202,10 +202,14 @@ class SpecChecker:
                         self.error((*path, key), f"'{key}' is only for functional models "
                                                  f"(model.type: functional)", at_key=True)
             if functional and "shares" in layer and "type" not in layer:
+                call_args = self._call_arguments(layers, layer["shares"])
                 for key in layer:
-                    if key not in ("name", "inputs", "shares"):
-                        self.error((*path, key), f"a layer that shares another's weights takes only name, inputs "
-                                                 f"and shares; found '{key}'", at_key=True)
+                    if key in call_args:
+                        layer[key] = self.value(layer[key], type(call_args[key]), (*path, key))
+                    elif key not in ("name", "inputs", "shares"):
+                        takes = ", ".join(["name", "inputs", "shares", *call_args])
+                        self.error((*path, key), f"a layer that shares another's weights takes only {takes}; found "
+                                                 f"'{key}'", at_key=True)
             else:
                 self.spec(layer, path, "layer", extras=_FUNCTIONAL_KEYS if functional else (),
                           ignore=_FUNCTIONAL_KEYS)  # misplaced ones were reported above
@@ -227,6 +231,13 @@ class SpecChecker:
                 self.error(("model", key), f"'{key}' is only for functional models (model.type: functional)",
                            at_key=True)
         return None
+
+    @staticmethod
+    def _call_arguments(layers, shared) -> dict:
+        """The call arguments (Layer.call_arguments) an entry sharing layer `shared` may set, by the entry's type."""
+        kind = next((e.get("type") for e in layers if isinstance(e, dict) and e.get("name") == shared), None)
+        known = registry("layer")
+        return getattr(known.get(kind), "call_arguments", {}) if isinstance(kind, str) and kind in known else {}
 
     def graph(self, model: dict, layers: list):
         """Functional wiring: every name a layer reads, shares or outputs must exist."""

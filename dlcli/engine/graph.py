@@ -36,8 +36,8 @@ class SymbolicTensor:
         return layer.name if len(layer.nodes) <= 1 and self.index == 0 else \
             f"{layer.name}:{layer.nodes.index(self.node)}:{self.index}"
 
-    def wire(self, layer: Layer, inputs):
-        return call_symbolic(layer, inputs)
+    def wire(self, layer: Layer, inputs, call_args=None):
+        return call_symbolic(layer, inputs, call_args)
 
     def __repr__(self):
         return f"<SymbolicTensor {self.name} shape=(None, {', '.join(map(str, self.shape))})>"
@@ -50,6 +50,7 @@ class Node:
         shapes = output_shapes if self.multi_output else [output_shapes]
         self.outputs = [SymbolicTensor(s, self, i) for i, s in enumerate(shapes)]
         self.state = None
+        self.call_args: dict = {}  # this call's Layer.call_arguments, set on the layer before each use
 
 
 class InputLayer(Layer):
@@ -82,8 +83,12 @@ def Input(shape, name: str | None = None, dtype: str = "float32") -> SymbolicTen
     return node.outputs[0]
 
 
-def call_symbolic(layer: Layer, inputs):
+def call_symbolic(layer: Layer, inputs, call_args=None):
     multi = isinstance(inputs, (list, tuple))
+    # a call argument not given is the layer's setting (its constructor's) for its first call, Keras' default after
+    call_args = {a: (call_args or {}).get(a, getattr(layer, a) if not layer.nodes else default)
+                 for a, default in layer.call_arguments.items()}
+    vars(layer).update(call_args)
     tensors = list(inputs) if multi else [inputs]
     shapes = [t.shape for t in tensors] if multi else tensors[0].shape
     layer.ensure_built(shapes)
@@ -95,6 +100,7 @@ def call_symbolic(layer: Layer, inputs):
         raise ShapeError(f"layer '{layer.name}' ({type(layer).__name__}) cannot take input shape "
                          f"{format_shape(shapes)}: {e}") from None
     node = Node(layer, tensors, multi, out_shape)
+    node.call_args = call_args
     layer.nodes.append(node)
     return node.outputs if node.multi_output else node.outputs[0]
 
@@ -182,6 +188,7 @@ class Graph:
             if node.multi_input and all(m is None for m in in_masks):
                 mask = None
             layer.input_mask = mask
+            vars(layer).update(node.call_args)
             x = ins if node.multi_input else ins[0]
             out = layer.forward(x, training)
             if observer is not None:

@@ -74,6 +74,9 @@ class Layer:
     # where a .keras file keeps the layer's variables, below the layer's own group; a (group, keys) pair reads only
     # those keys of a group (SpectralNormalization's vars repeat its layer's kernel)
     keras_weight_groups = ("vars",)
+    # Keras call arguments that each call of a shared layer may set ({name: Keras' default}): also constructor
+    # arguments (the first call's), and keys of a YAML entry that `shares` the layer (that call's)
+    call_arguments: dict = {}
     keras_package = "keras"  # whose class of the same name a .keras file may hold for it ("keras_hub")
 
     def __init_subclass__(cls, **kwargs):
@@ -203,11 +206,15 @@ class Layer:
         return config
 
     # --- calling on symbolic tensors builds the graph (Keras' functional API) --------------------------------
-    def __call__(self, inputs, training=False):
+    def __call__(self, inputs, training=False, **call_args):
+        unknown = set(call_args) - set(self.call_arguments)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no call argument {', '.join(sorted(unknown))}")
         tensors = inputs if isinstance(inputs, (list, tuple)) else [inputs]
         if tensors and all(getattr(t, "symbolic", False) for t in tensors):
-            return tensors[0].wire(self, inputs)  # SymbolicTensor (engine/graph.py): add a node, compute nothing
+            return tensors[0].wire(self, inputs, call_args)  # SymbolicTensor (engine/graph.py): add a node only
         # Eager call on arrays: build from the data's shape and run forward.
+        vars(self).update(call_args)
         shape = [tuple(a.shape[1:]) for a in inputs] if isinstance(inputs, (list, tuple)) else tuple(inputs.shape[1:])
         self.ensure_built(shape)
         return self.forward(inputs, training)

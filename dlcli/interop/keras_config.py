@@ -164,7 +164,7 @@ class ConfigMapper:
 
     def _functional(self, body) -> dict:
         entries = list(body.get("layers") or [])
-        inputs, layers, refs = [], [], {}
+        inputs, layers, refs, later = [], [], {}, []
         multi = {}
         self._entries = {e.get("name") or e["config"]["name"]: e for e in entries}
         self._mask_ops = {}
@@ -188,23 +188,38 @@ class ConfigMapper:
             multi[name] = bool(spec.get("return_state")) or (spec["type"] == "Bidirectional"
                                                             and spec.get("merge_mode", "concat") is None)
             for i, node in enumerate(e.get("inbound_nodes") or []):
-                entry = dict(spec) if i == 0 else {"name": f"{name}_call{i}", "shares": name}
-                entry["inputs"], call_args = self._node_inputs(node, name, refs, multi, LAYERS.get(spec["type"]))
-                if i == 0:
-                    entry.update(call_args)
-                    spec.update(call_args)
-                    multi[name] = multi[name] or bool(call_args.get("return_attention_scores"))
-                elif any(spec.get(a) != v for a, v in call_args.items()):
-                    raise UnsupportedModel(f"layer '{name}' is called with {call_args} here and differently before; "
-                                           f"dlcli gives a shared layer one setting")
-                refs[(name, i)] = entry["name"]
-                layers.append(entry)
+                if i > 0 and not _ready(node, refs):
+                    later.append((name, spec, i, node))  # reads a layer config.json lists later (tied logits)
+                    continue
+                layers.append(self._call(name, spec, i, node, refs, multi))
+            while ready := [c for c in later if _ready(c[3], refs)]:
+                for c in ready:
+                    later.remove(c)
+                    layers.append(self._call(*c, refs, multi))
+        for c in later:  # a reference that never appears: _call names it
+            layers.append(self._call(*c, refs, multi))
         heads = body.get("output_layers") or []
         if heads and isinstance(heads[0], str):  # one output: Keras writes [name, node, index] unwrapped
             heads = [heads]
         outputs = [self._ref(t, refs, multi, "the model's outputs") for t in heads]
         return {"type": "functional", "name": body.get("name") or "model", "inputs": inputs, "layers": layers,
                 "outputs": outputs}
+
+    def _call(self, name, spec, i, node, refs, multi) -> dict:
+        """The YAML entry of call i of layer `name`: the layer itself for the first, a `shares` entry after."""
+        entry = dict(spec) if i == 0 else {"name": f"{name}_call{i}", "shares": name}
+        cls = LAYERS.get(spec["type"])
+        entry["inputs"], call_args = self._node_inputs(node, name, refs, multi, cls)
+        entry.update({a: call_args.pop(a) for a in list(call_args) if a in cls.call_arguments})
+        if i == 0:
+            entry.update(call_args)
+            spec.update(call_args)
+            multi[name] = multi[name] or bool(call_args.get("return_attention_scores"))
+        elif any(spec.get(a) != v for a, v in call_args.items()):
+            raise UnsupportedModel(f"layer '{name}' is called with {call_args} here and differently before; "
+                                   f"dlcli gives a shared layer one setting")
+        refs[(name, i)] = entry["name"]
+        return entry
 
     def _operation(self, e, name, refs, multi) -> dict:
         """keras.ops.add/multiply/subtract in a functional model: on two tensors the layer Add/Multiply/Subtract, on
@@ -459,6 +474,12 @@ def _history(tensor):
     if isinstance(tensor, dict) and tensor.get("class_name") == "__keras_tensor__":
         return list(tensor["config"]["keras_history"])
     return None
+
+
+def _ready(node, refs) -> bool:
+    """Whether every tensor a Keras call reads is already imported."""
+    tensors = _flat([*(node.get("args") or []), *(node.get("kwargs") or {}).values()])
+    return all((h[0], int(h[1])) in refs for h in map(_history, tensors) if h)
 
 
 def _flat(args) -> list:

@@ -62,6 +62,7 @@ def to_onnx(model, opset: int = DEFAULT_OPSET, metadata: dict | None = None):
         if node.multi_input and all(m is None for m in in_masks):
             mask = None
         shapes = [t.shape for t in node.inputs]
+        vars(layer).update(node.call_args)
         x = ins if node.multi_input else ins[0]
         out = g.emit(layer, x, shapes if node.multi_input else shapes[0], mask)
         outs = out if node.multi_output else [out]

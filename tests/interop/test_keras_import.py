@@ -27,7 +27,8 @@ KERAS_FILES = ["sequential_mlp", "sequential_convnet", "sequential_text", "seque
                "functional_conv_layers", "sequential_spectral", "sequential_cells", "functional_convnext_layers",
                "functional_inception_resnet_layers",
                "sequential_augmentation", "functional_convlstm", "sequential_image_preprocessing",
-               "functional_nested", "sequential_nested", "mobilenet", "mobilenet_v2"]  # the last two: keras.applications
+               "functional_nested", "sequential_nested", "functional_reversible",
+               "mobilenet", "mobilenet_v2"]  # the last two: keras.applications
 runner = CliRunner()
 
 

@@ -253,6 +253,15 @@ CASES = {
         L("Concatenate", name="cat", axis=1, inputs=["e1", "e2"]), L("LSTM", name="r", units=3, inputs="cat")],
         ["r"]),
     "Dot": two([3, 4], [5, 4], "Dot", axes=2),
+    "ReversibleEmbedding": seq([4], L("ReversibleEmbedding", input_dim=6, output_dim=3), dtype="int32"),
+    "ReversibleEmbedding-reverse-untied": seq([4, 3], L("ReversibleEmbedding", input_dim=6, output_dim=3,
+                                                        tie_weights=False, reverse=True, logit_soft_cap=0.5)),
+    # one layer embeds, then (shared, reverse) turns the hidden states into soft-capped logits: tied weights
+    "ReversibleEmbedding-tied-logits": graph([("t", [5], "int32")], [
+        L("ReversibleEmbedding", name="e", input_dim=7, output_dim=4, logit_soft_cap=1.0, mask_zero=True,
+          inputs="t"),
+        L("Dense", name="h", units=4, activation="tanh", inputs="e"),
+        {"name": "logits", "shares": "e", "inputs": "h", "reverse": True}], ["logits"]),
     "Dot-normalize": two([6], [6], "Dot", axes=1, normalize=True),
     "MultiHeadAttention-masked-causal": seq([6], L("Embedding", input_dim=10, output_dim=4, mask_zero=True),
                                             L("MultiHeadAttention", num_heads=2, key_dim=3, use_causal_mask=True),

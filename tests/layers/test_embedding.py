@@ -4,7 +4,7 @@ import pytest
 from dlcli import layers
 from dlcli.engine.graph import Graph, Input
 from dlcli.errors import DlcliError
-from tests.gradcheck import check_layer
+from tests.gradcheck import assert_close, check_layer, numeric_grad
 
 # Gradient-check table: layer type -> list of (constructor args, input shape without batch, check options).
 GRADIENT_CASES = {
@@ -12,6 +12,9 @@ GRADIENT_CASES = {
     "Embedding": [({"input_dim": 4, "output_dim": 3}, (5,), {"int_high": 4}),
                   ({"input_dim": 6, "output_dim": 2, "mask_zero": True}, (2, 3), {"int_high": 6})],
     "Masking": [({}, (4, 3), {}), ({"mask_value": 0.5}, (4, 3), {})],
+    "ReversibleEmbedding": [({"input_dim": 5, "output_dim": 3}, (4,), {"int_high": 5}),
+                            ({"input_dim": 5, "output_dim": 3, "reverse": True, "logit_soft_cap": 0.7}, (4, 3), {}),
+                            ({"input_dim": 4, "output_dim": 3, "reverse": True, "tie_weights": False}, (2, 2, 3), {})],
 }
 
 
@@ -76,3 +79,53 @@ def test_masking_backward_stops_the_gradient_at_masked_steps():
     masking.forward(x)
     g = masking.backward(np.ones_like(x))
     np.testing.assert_array_equal(g, [[[0, 0], [1, 1], [0, 0]]])
+
+
+def tied_language_model(soft_cap=None):
+    """tokens -> ReversibleEmbedding -> Dense(tanh) -> the same layer reversed: logits with the tied weights."""
+    tokens = Input((5,), dtype="int64")
+    emb = layers.ReversibleEmbedding(7, 3, logit_soft_cap=soft_cap)
+    logits = emb(layers.Dense(3, activation="tanh")(emb(tokens)), reverse=True)
+    return Graph([tokens], [logits]), emb
+
+
+def test_reversible_embedding_shared_call_reverses_with_the_tied_matrix():
+    graph, emb = tied_language_model()
+    assert [n.call_args for n in emb.nodes] == [{"reverse": False}, {"reverse": True}]
+    assert graph.outputs[0].shape == (5, 7)
+    x = np.array([[1, 2, 0, 6, 6]])
+    (logits,) = graph.forward([x])
+    dense = graph.layers[1]
+    hidden = np.tanh(emb.embeddings.value[x] @ dense.kernel.value + dense.bias.value)
+    np.testing.assert_allclose(logits, hidden @ emb.embeddings.value.T, rtol=1e-6)
+
+
+def test_reversible_embedding_gradients_through_both_calls():
+    """d sum(r * logits) / d embeddings sums the lookup's scatter and the projection's product (tied weights)."""
+    graph, emb = tied_language_model(soft_cap=0.8)
+    for layer in graph.layers:
+        layer.dtype = "float64"
+        for p in layer.params.values():
+            p.value = np.random.default_rng(1).normal(0, 1, p.value.shape)
+    x = np.random.default_rng(2).integers(0, 7, (3, 5))
+    r = np.random.default_rng(3).normal(size=(3, 5, 7))
+
+    def loss():
+        return float((graph.forward([x])[0] * r).sum())
+
+    loss()
+    for p in emb.params.values():
+        p.grad = np.zeros_like(p.value)
+    for layer in graph.layers[1:]:
+        for p in layer.params.values():
+            p.grad = np.zeros_like(p.value)
+    graph.backward([r])
+    assert_close(emb.embeddings.grad, numeric_grad(loss, emb.embeddings.value), "embeddings")
+
+
+def test_reversible_embedding_reverse_call_checks_features():
+    emb = layers.ReversibleEmbedding(7, 3)
+    emb.ensure_built((5,))
+    emb.reverse = True
+    with pytest.raises(DlcliError, match="projects 3 features back to 7 logits"):
+        emb.output_shape((5, 4))
