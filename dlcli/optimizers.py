@@ -8,6 +8,7 @@ indexed by the parameter's position in the list given to `apply`.
 """
 import inspect
 import math
+import re
 
 import numpy as np
 
@@ -637,6 +638,123 @@ class ScheduleFreeAdamW(Optimizer):
         z -= lr * grad / (np.sqrt(v / (1 - self.beta_2 ** t)) + self.epsilon)
         x = (1 - 1 / t) * x + z / t
         value[...] = (1 - self.beta_1) * z + self.beta_1 * x
+
+
+class OptimizerMap:
+    """Keras' OptimizerMap: weight paths ('layer/weight', Param.path) to optimizers. A path given exactly wins;
+    else the one pattern it fully matches as a regular expression (two matches are an error, as in Keras); else
+    `default_optimizer`. Keys and optimizers are config mappings ({type: adam, ...}) or names."""
+
+    def __init__(self, default_optimizer, optimizer_map: dict | None = None):
+        if optimizer_map is not None and not isinstance(optimizer_map, dict):
+            raise ConfigError(f"OptimizerMap's optimizer_map is a mapping of weight paths (or patterns) to "
+                              f"optimizers; got {optimizer_map!r}")
+        self.default_optimizer = _inner_optimizer(default_optimizer, "default_optimizer")
+        self.optimizer_map = {str(k): _inner_optimizer(v, f"optimizer_map['{k}']")
+                              for k, v in (optimizer_map or {}).items()}
+        for pattern in self.optimizer_map:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"OptimizerMap key '{pattern}' is not a regular expression: {e}") from None
+
+    def __call__(self, path: str) -> Optimizer:
+        if path in self.optimizer_map:
+            return self.optimizer_map[path]
+        matching = [p for p in self.optimizer_map if re.fullmatch(p, path)]
+        if len(matching) > 1:
+            raise ConfigError(f"weight '{path}' matches several OptimizerMap keys ({', '.join(matching)}); Keras "
+                              f"refuses that too: make the patterns exclusive")
+        return self.optimizer_map[matching[0]] if matching else self.default_optimizer
+
+    def get_config(self) -> dict:
+        return {"default_optimizer": self.default_optimizer.get_config(),
+                "optimizer_map": {k: v.get_config() for k, v in self.optimizer_map.items()}}
+
+
+@OPTIMIZERS.register("MultiOptimizer")
+class MultiOptimizer(Optimizer):
+    """Keras' MultiOptimizer: each weight is updated by the optimizer its OptimizerMap gives it, each inner optimizer
+    applying its own step (clipping, weight decay, schedule, iterations, EMA) to its own weights only, as Keras'
+    apply delegates. There is no one learning rate: current_lr reports the default optimizer's, and setting it
+    (ReduceLROnPlateau) is refused as Keras refuses it."""
+
+    def __init__(self, optimizer_map: dict):
+        super().__init__(0.0)
+        if not isinstance(optimizer_map, dict):
+            raise ConfigError(f"MultiOptimizer's optimizer_map is {{default_optimizer: ..., optimizer_map: "
+                              f"{{'layer/weight or pattern': optimizer}}}}; got {optimizer_map!r}")
+        args = {k: v for k, v in optimizer_map.items() if k != "type"}
+        if optimizer_map.get("type", "OptimizerMap") != "OptimizerMap" or "default_optimizer" not in args \
+                or set(args) - {"default_optimizer", "optimizer_map"}:
+            raise ConfigError(f"MultiOptimizer's optimizer_map takes default_optimizer and optimizer_map (Keras' "
+                              f"OptimizerMap); got {', '.join(map(str, optimizer_map)) or 'nothing'}")
+        self.optimizer_map = OptimizerMap(**args)
+        # Keras' order: the map's optimizers, then the default (one entry for an optimizer given twice)
+        self.optimizers = list(dict.fromkeys([*self.optimizer_map.optimizer_map.values(),
+                                              self.optimizer_map.default_optimizer]))
+        self._groups = None
+
+    def slot_count(self) -> int:
+        return max(o.slot_count() for o in self.optimizers)
+
+    @property
+    def current_lr(self) -> float:
+        return self.optimizer_map.default_optimizer.current_lr
+
+    @property
+    def learning_rate(self) -> float:
+        return self.current_lr
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        raise DlcliError("a MultiOptimizer has no one learning rate to set (Keras refuses it too); drop "
+                         "ReduceLROnPlateau or give the inner optimizers schedules")
+
+    def apply(self, params):
+        if self._groups is None or len(self._groups) != len(params):
+            self._groups = [self.optimizers.index(self.optimizer_map(p.path)) for p in params]
+        for i, opt in enumerate(self.optimizers):
+            group = [p for p, g in zip(params, self._groups) if g == i]
+            if group:
+                opt.apply(group)
+        self.iterations += 1
+
+    def _each(self, params):
+        groups = [self.optimizers.index(self.optimizer_map(p.path)) for p in params]
+        return [(opt, [p for p, g in zip(params, groups) if g == i]) for i, opt in enumerate(self.optimizers)]
+
+    def ema_averages(self, params):
+        averages = {}
+        for opt, group in self._each(params):
+            averages.update(zip(map(id, group), opt.ema_averages(group)))
+        return [averages[id(p)] for p in params]
+
+    def finalize_variable_values(self, params):
+        for opt, group in self._each(params):
+            opt.finalize_variable_values(group)
+
+    def get_state(self) -> dict:
+        state = {"iterations": np.array(self.iterations, np.int64)}
+        for i, opt in enumerate(self.optimizers):
+            state.update({f"optimizer_{i}.{k}": v for k, v in opt.get_state().items()})
+        return state
+
+    def set_state(self, state: dict):
+        self.iterations = int(state["iterations"])
+        for i, opt in enumerate(self.optimizers):
+            prefix = f"optimizer_{i}."
+            opt.set_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def get_config(self) -> dict:
+        return {"type": self.name, "optimizer_map": {"type": "OptimizerMap", **self.optimizer_map.get_config()}}
+
+
+def _inner_optimizer(spec, where) -> Optimizer:
+    opt = get(spec)
+    if isinstance(opt, MultiOptimizer):
+        raise ConfigError(f"OptimizerMap {where}: a MultiOptimizer cannot hold another (as in Keras)")
+    return opt
 
 
 def get(identifier) -> Optimizer:

@@ -112,8 +112,9 @@ METRICS = {
 
 OPTIMIZERS = {
     **{n: DONE for n in ["Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Ftrl", "Lamb", "Lion",
-                         "Muon", "Nadam", "RMSprop", "SGD", "ScheduleFreeAdamW"]},
-    **{n: TODO for n in ["MultiOptimizer", "OptimizerMap"]},
+                         "MultiOptimizer", "Muon", "Nadam", "RMSprop", "SGD", "ScheduleFreeAdamW"]},
+    "OptimizerMap": "not an optimizer: MultiOptimizer's optimizer_map ({type: OptimizerMap, default_optimizer, "
+                    "optimizer_map}), which dlcli reads there",
     "LossScaleOptimizer": "loss scaling for float16 training: dlcli trains in float32",
     "Optimizer": BASE,
 }

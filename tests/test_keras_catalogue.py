@@ -101,6 +101,22 @@ def test_optimizer_after_20_steps_matches_keras(spec, arrays):
         np.testing.assert_allclose(params[1].value, arrays["average1"], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("spec,arrays", _cases("multi_optimizer"))
+def test_multi_optimizer_after_20_steps_matches_keras(spec, arrays):
+    """Keras 3.15.1 under JAX (make_catalogue.py multi_optimizer): each weight goes to the optimizer its path picks
+    (an exact key, a pattern, the default), each inner optimizer clipping and counting steps on its own weights."""
+    opt = optimizers.get(spec)
+    names = [k.split("/", 1)[1] for k in arrays if k.startswith("start/")]
+    params = [Param(name, arrays[f"start/{name}"].copy()) for name in names]
+    for step in range(20):
+        for p in params:
+            p.grad[...] = arrays[f"grads/{p.name}"][step]
+        opt.apply(params)
+    for p in params:
+        np.testing.assert_allclose(p.value, arrays[f"after/{p.name}"], rtol=1e-6, atol=1e-9)
+    assert opt.iterations == 20 and all(o.iterations == 20 for o in opt.optimizers)
+
+
 def _schedule_spec(spec):
     """Keras' serialized schedule {class_name, config} as dlcli's {type, ...} (the fixture keeps Keras' form)."""
     rate = spec.get("learning_rate")

@@ -205,6 +205,8 @@ def test_learning_rate_can_be_set():
     {"type": "adam", "amsgrad": True, "clipnorm": 1.0},
     {"type": "adamw", "learning_rate": 0.01},
     {"type": "adagrad", "learning_rate": 0.1},
+    {"type": "MultiOptimizer", "optimizer_map": {"default_optimizer": "adam", "optimizer_map": {
+        "w0": {"type": "sgd", "momentum": 0.9}, "w[12]": {"type": "nadam", "use_ema": True}}}},
 ])
 def test_state_round_trip_continues_bit_identically(config, tmp_path):
     rng = np.random.default_rng(0)
@@ -292,3 +294,30 @@ def test_slot_count_matches_the_state_an_update_creates(spec, slots):
     p.grad[...] = 0.5
     opt.apply([p])
     assert opt.slot_count() == slots == sum(len(s) for s in opt.slots.values())
+
+
+def test_multi_optimizer_gives_each_weight_its_optimizer_as_keras_does():
+    opt = optimizers.get({"type": "MultiOptimizer", "optimizer_map": {
+        "default_optimizer": {"type": "sgd", "learning_rate": 0.5},
+        "optimizer_map": {"enc/kernel": "adam", "enc/.*": {"type": "sgd", "learning_rate": 0.1}}}})
+    pick = opt.optimizer_map
+    assert type(pick("enc/kernel")).__name__ == "Adam"  # an exact key wins over a pattern it also matches
+    assert pick("enc/bias").current_lr == 0.1 and pick("head/kernel") is pick.default_optimizer
+    assert pick("enc") is pick.default_optimizer  # patterns match whole paths (re.fullmatch)
+    assert opt.current_lr == 0.5 and opt.slot_count() == 2
+    with pytest.raises(DlcliError, match="no one learning rate"):
+        opt.learning_rate = 0.01
+    p, q = Param("a", np.ones(2, np.float32)), Param("b", np.ones(2, np.float32))
+    p.grad[...], q.grad[...] = 1.0, 1.0
+    opt.apply([p, q])  # neither path is mapped: both take the default SGD(0.5)
+    np.testing.assert_array_equal([p.value, q.value], [[0.5, 0.5], [0.5, 0.5]])
+    assert opt.iterations == 1 and pick.default_optimizer.iterations == 1 and pick("enc/kernel").iterations == 0
+    twice = optimizers.get({"type": "MultiOptimizer", "optimizer_map": {
+        "default_optimizer": "sgd", "optimizer_map": {"e.*": "adam", ".*c": "sgd"}}})
+    with pytest.raises(ConfigError, match="matches several OptimizerMap keys"):
+        twice.optimizer_map("etc")
+    with pytest.raises(ConfigError, match="cannot hold another"):
+        optimizers.get({"type": "MultiOptimizer", "optimizer_map": {"default_optimizer": {
+            "type": "MultiOptimizer", "optimizer_map": {"default_optimizer": "sgd"}}}})
+    with pytest.raises(ConfigError, match="takes default_optimizer and optimizer_map"):
+        optimizers.get({"type": "MultiOptimizer", "optimizer_map": {"optimizer_map": {}}})

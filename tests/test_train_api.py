@@ -77,3 +77,21 @@ def test_resume_with_a_new_learning_rate_and_init_from(config, tmp_path):
     with pytest.raises(DlcliError, match="give one of them") as e:
         dlcli.train(config, resume=first.dir, init_from=first.dir)
     assert e.value.exit_code == 2
+
+
+def test_multi_optimizer_trains_each_layer_with_its_own_and_resumes(config, tmp_path):
+    """The first Dense keeps the default SGD at rate 0 (its weights stay as initialised), the second takes Adam by
+    its path; stopped after epoch 1 and resumed, the run ends where the straight run does (inner state saved)."""
+    multi = ['compile.optimizer={type: MultiOptimizer, optimizer_map: {default_optimizer: {type: sgd, '
+             'learning_rate: 0.0}, optimizer_map: {"dense_1/.*": {type: adam, learning_rate: 0.01}}}}']
+    frozen = dlcli.train(config, ["compile.optimizer={type: sgd, learning_rate: 0.0}"], runs_dir=tmp_path / "frozen")
+    straight = dlcli.train(config, multi, runs_dir=tmp_path / "straight")
+    stopped = dlcli.train(config, multi, runs_dir=tmp_path / "stopped", callbacks=[StopAfterEpoch(1)])
+    resumed = dlcli.train(stopped.dir, resume=True)
+    weights = [run_files.load_npz(r.dir / "weights/last.npz") for r in (frozen, straight, resumed)]
+    first, second = [k for k in weights[0] if "dense_1" not in k], [k for k in weights[0] if "dense_1" in k]
+    assert first and second
+    assert all(np.array_equal(weights[0][k], weights[1][k]) for k in first)
+    assert not any(np.array_equal(weights[0][k], weights[1][k]) for k in second)
+    assert all(np.array_equal(weights[1][k], weights[2][k]) for k in weights[1])
+    assert straight.history[-1]["learning_rate"] == 0.0  # the default optimizer's

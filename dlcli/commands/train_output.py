@@ -53,8 +53,9 @@ class Banner(Callback):
         out.print(f"  model   {model.name}: {model.count_params():,} parameters "
                   f"({sum(p.value.size for p in model.trainable_weights):,} trainable)")
         opt = model.optimizer.get_config()
+        rate = opt["learning_rate"] if "learning_rate" in opt else "per weight: optimizer_map"  # MultiOptimizer
         out.print(f"  train   {plural(cfg.train.epochs, 'epoch')} x batch {cfg.train.batch_size}, "
-                  f"optimizer {opt.get('type')} (learning rate {opt.get('learning_rate')}), seed {cfg.seed}")
+                  f"optimizer {opt.get('type')} (learning rate {rate}), seed {cfg.seed}")
         world = run.world
         if world.size > 1:
             batch = cfg.train.batch_size

@@ -426,23 +426,16 @@ class ConfigMapper:
     # --- compile settings -----------------------------------------------------------------------------------------
     def compile(self, compile_config, outputs: list[str], activations: list[str]) -> dict:
         from dlcli.losses import LOSSES
-        from dlcli.optimizers import OPTIMIZERS
 
         cc = compile_config or {}
         out = {"optimizer": "rmsprop", "loss": None, "metrics": []}
         opt = cc.get("optimizer")
         if isinstance(opt, dict):
-            _check_object(opt, "the optimizer")
-            kind = opt.get("class_name")
-            if kind in OPTIMIZERS:
-                cfg = opt.get("config") or {}
-                params, _ = parameters(OPTIMIZERS.get(kind))
-                args = {k: v for k, v in cfg.items() if k in params and v is not None and not isinstance(v, dict)}
-                if "learning_rate" in args:
-                    args["learning_rate"] = float(f"{args['learning_rate']:.6g}")  # float32 0.0099999 -> 0.01
-                out["optimizer"] = {"type": kind.lower() if kind.lower() in OPTIMIZERS else kind, **args}
+            spec, missing = _optimizer(opt)
+            if missing:
+                self.notes.append(f"{missing}; rmsprop is set instead (training only)")
             else:
-                self.notes.append(f"optimizer {kind} is not in dlcli; rmsprop is set instead (training only)")
+                out["optimizer"] = spec
         losses = cc.get("loss")
         losses = losses if isinstance(losses, list) else [losses] * len(outputs) if losses is not None else []
         mapped = []
@@ -474,6 +467,36 @@ def _history(tensor):
     if isinstance(tensor, dict) and tensor.get("class_name") == "__keras_tensor__":
         return list(tensor["config"]["keras_history"])
     return None
+
+
+def _optimizer(opt: dict) -> tuple[dict | None, str | None]:
+    """(dlcli's spec of a serialized Keras optimizer, None), or (None, what dlcli lacks); a MultiOptimizer's
+    OptimizerMap with its inner optimizers. A crafted object is refused (_check_object)."""
+    from dlcli.optimizers import OPTIMIZERS
+
+    _check_object(opt, "the optimizer")
+    kind, cfg = opt.get("class_name"), opt.get("config") or {}
+    if kind not in OPTIMIZERS:
+        return None, f"optimizer {kind} is not in dlcli"
+    if kind == "MultiOptimizer":
+        mapping = cfg.get("optimizer_map") if isinstance(cfg.get("optimizer_map"), dict) else {}
+        if mapping.get("class_name") != "OptimizerMap":
+            return None, "the MultiOptimizer maps weights with a Python function, not an OptimizerMap"
+        _check_object(mapping, "the MultiOptimizer's map")
+        mapping = mapping.get("config") or {}
+        if not isinstance(mapping.get("default_optimizer"), dict):
+            return None, "the MultiOptimizer's OptimizerMap has no default_optimizer"
+        inner = {"default_optimizer": _optimizer(mapping["default_optimizer"])}
+        inner.update({str(k): _optimizer(v) for k, v in (mapping.get("optimizer_map") or {}).items()})
+        missing = next((m for _, m in inner.values() if m), None)
+        default = inner.pop("default_optimizer")[0]
+        return (None, missing) if missing else ({"type": kind, "optimizer_map": {
+            "default_optimizer": default, "optimizer_map": {k: spec for k, (spec, _) in inner.items()}}}, None)
+    params, _ = parameters(OPTIMIZERS.get(kind))
+    args = {k: v for k, v in cfg.items() if k in params and v is not None and not isinstance(v, dict)}
+    if "learning_rate" in args:
+        args["learning_rate"] = float(f"{args['learning_rate']:.6g}")  # float32 0.0099999 -> 0.01
+    return {"type": kind.lower() if kind.lower() in OPTIMIZERS else kind, **args}, None
 
 
 def _ready(node, refs) -> bool:

@@ -418,3 +418,24 @@ def test_optimizer_and_initializer_arguments_reached_through_the_base_class_are_
     assert compiled["optimizer"] == {"type": "adam", "learning_rate": 0.01, "clipnorm": 1.0}
     initializer = {"module": "keras.initializers", "class_name": "GlorotUniform", "config": {"seed": 7}}
     assert mapper._initializer(initializer, "kernel_initializer") == {"type": "glorot_uniform", "seed": 7}
+
+
+def test_a_multi_optimizer_comes_with_its_map():
+    """Keras 3.15's serialized MultiOptimizer (as model.save writes compile_config) becomes dlcli's spec; one mapping
+    with a Python function cannot, and leaves rmsprop with a note."""
+    from dlcli.interop.keras_config import _optimizer
+    from dlcli.optimizers import get
+
+    def keras(kind, **config):
+        return {"module": "keras.optimizers", "class_name": kind, "config": config, "registered_name": None}
+
+    saved = keras("MultiOptimizer", name="multi_optimizer", loss_scale_factor=None, optimizer_map=keras(
+        "OptimizerMap", default_optimizer=keras("Adam", learning_rate=0.009999999776482582, beta_1=0.9),
+        optimizer_map={"enc/.*": keras("SGD", learning_rate=0.10000000149011612, momentum=0.0)}))
+    spec, missing = _optimizer(saved)
+    assert missing is None and spec == {"type": "MultiOptimizer", "optimizer_map": {
+        "default_optimizer": {"type": "adam", "learning_rate": 0.01, "beta_1": 0.9},
+        "optimizer_map": {"enc/.*": {"type": "sgd", "learning_rate": 0.1, "momentum": 0.0}}}}
+    assert get(spec).optimizer_map("enc/kernel").current_lr == 0.1
+    saved["config"]["optimizer_map"] = {"class_name": "function", "config": "selector"}
+    assert _optimizer(saved) == (None, "the MultiOptimizer maps weights with a Python function, not an OptimizerMap")
