@@ -213,8 +213,10 @@ class Layer:
         tensors = inputs if isinstance(inputs, (list, tuple)) else [inputs]
         if tensors and all(getattr(t, "symbolic", False) for t in tensors):
             return tensors[0].wire(self, inputs, call_args)  # SymbolicTensor (engine/graph.py): add a node only
-        # Eager call on arrays: build from the data's shape and run forward.
-        vars(self).update(call_args)
+        # Eager call on arrays: build from the data's shape and run forward (a call argument not given is the
+        # constructor's, else Keras' default, whatever an earlier call set)
+        vars(self).update({a: call_args.get(a, self._config.get(a, default)) for a, default in
+                           self.call_arguments.items()})
         shape = [tuple(a.shape[1:]) for a in inputs] if isinstance(inputs, (list, tuple)) else tuple(inputs.shape[1:])
         self.ensure_built(shape)
         return self.forward(inputs, training)

@@ -129,3 +129,11 @@ def test_reversible_embedding_reverse_call_checks_features():
     emb.reverse = True
     with pytest.raises(DlcliError, match="projects 3 features back to 7 logits"):
         emb.output_shape((5, 4))
+
+
+def test_reversible_embedding_eager_calls_take_reverse_per_call():
+    emb = layers.ReversibleEmbedding(7, 3)
+    tokens = np.array([[1, 2, 6]])
+    hidden = emb(tokens)
+    assert emb(hidden, reverse=True).shape == (1, 3, 7)
+    np.testing.assert_array_equal(emb(tokens), hidden)  # reverse is False again when not given, as in Keras
