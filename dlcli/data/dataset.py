@@ -160,14 +160,15 @@ class Dataset:
     def split(self, fraction: float, rng: np.random.Generator, stratify: bool = False) -> "Dataset":
         """Validation carved from training: a seeded shuffled `fraction` of it (split_indices; stratified by
         class label when asked)."""
-        return self.subset(*split_indices(self.labels(), fraction, rng, stratify))
+        return self.subset(*split_indices(first_target(self.y_train), fraction, rng, stratify))
 
     def folds(self, k: int, rng: np.random.Generator) -> list[np.ndarray]:
         """K validation folds of the training split (kfold_indices), stratified when the targets are class labels."""
         if self.x_val is not None:
             raise DlcliError("train.kfold validates on each fold in turn: the dataset's own validation split would "
                              "go unused; use a dataset without one", exit_code=2)
-        return kfold_indices(self.labels(), k, rng, stratify=are_class_labels(first_target(self.y_train)))
+        targets = first_target(self.y_train)
+        return kfold_indices(targets, k, rng, stratify=are_class_labels(targets))
 
     def fold(self, val) -> "Dataset":
         """The fold validating on training samples `val` (one of `folds`), training on the rest. A table
