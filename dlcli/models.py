@@ -11,7 +11,7 @@ from dlcli import metrics as metrics_module
 from dlcli import optimizers as optimizers_module
 from dlcli.data.dataset import Dataset
 from dlcli.data.source import ArraySource, Source, as_source, batch_indices
-from dlcli.data.split import split_indices
+from dlcli.data.split import first_target, split_indices
 from dlcli.engine import blas
 from dlcli.engine.graph import Graph, Input, InputLayer, SymbolicTensor, inference_passes, numpy_dtype
 from dlcli.engine.layer import Layer, assign_weights, build_seeded, format_shape
@@ -203,7 +203,7 @@ class Model:
         if validation_data is not None:
             data.x_val, data.y_val = self._inputs_list(validation_data[0]), self._targets_list(validation_data[1])
         elif validation_split:
-            kept, off = split_indices(data.labels(), validation_split, rng, stratify)
+            kept, off = split_indices(first_target(data.y_train), validation_split, rng, stratify)
             data = data.subset(kept, off)
             sample_weight = None if sample_weight is None else np.asarray(sample_weight)[kept]
         return Run(self, callbacks, verbose, rng).fit(
