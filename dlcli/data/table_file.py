@@ -379,9 +379,11 @@ def inferred_yaml(state: dict) -> list[str]:
 
 
 # --- labels ----------------------------------------------------------------------------------------------------------
-def parse_labels(table: Table, label: str, missing: list[str], classes: list | None = None):
+def parse_labels(table: Table, label: str, missing: list[str], classes: list | None = None,
+                 labelled: int | None = None):
     """(targets, classes or None, rows kept): text labels become class indices (sorted names, or `classes` given);
-    numbers are regression targets. Rows without a label are dropped."""
+    numbers are regression targets. Rows without a label are dropped. `labelled` is the file's count of labelled rows
+    for the messages, where `table` holds only the distinct labels (a streamed file)."""
     require_columns(table, [label], "data.label")
     cells = np.char.strip(table.cells[label])
     keep = ~table.absent(label, missing)
@@ -393,7 +395,7 @@ def parse_labels(table: Table, label: str, missing: list[str], classes: list | N
             classes = sorted(set(cells.tolist()))
     if len(classes) < 2:
         raise TableError(f"{table.file}, column '{label}': the label has one class ({classes[0]!r}) in "
-                         f"{int(keep.sum())} rows; a classifier needs two or more")
+                         f"{labelled or int(keep.sum()):,} rows; a classifier needs two or more")
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(cells.tolist()) - set(index))
     if unknown:

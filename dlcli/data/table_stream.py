@@ -112,8 +112,9 @@ def labels(file: Path, delimiter: str, label: str, missing: list[str], classes: 
     names = list(first)
     distinct = Table(str(file), [label], {label: np.array(names, dtype=str)},
                      np.array([first[n][1] for n in names], np.int64))
-    targets, classes, _ = parse_labels(distinct, label, missing, classes)
-    return targets[np.concatenate(codes)], classes, np.concatenate(kept)
+    codes = np.concatenate(codes)
+    targets, classes, _ = parse_labels(distinct, label, missing, classes, labelled=len(codes))
+    return targets[codes], classes, np.concatenate(kept)
 
 
 def adapt(file: Path, delimiter: str, specs: dict, crosses: list, missing: list[str], kept: np.ndarray,

@@ -118,7 +118,8 @@ PENGUINS_HEAD = (b"species,island,bill_length_mm,bill_depth_mm,flipper_length_mm
 @pytest.mark.parametrize("content, overrides, expected", [
     (PENGUINS_HEAD, ["data.features.bill_lenght_mm=float"], "no column 'bill_lenght_mm' (did you mean "
                                                             "'bill_length_mm'?)"),
-    (PENGUINS_HEAD.replace(b"Gentoo", b"Adelie"), [], "the label has one class ('Adelie')"),
+    (PENGUINS_HEAD.replace(b"Gentoo", b"Adelie"), [], "the label has one class ('Adelie') in 6 rows"),
+    (PENGUINS_HEAD.replace(b"Gentoo", b"Adelie"), ["data.stream=true"], "the label has one class ('Adelie') in 6 rows"),
     (PENGUINS_HEAD + b"Adelie,Dream,4x.1,18.7,181,3750,male,2007\n", [],
      "line 8, column 'bill_length_mm': '4x.1' is not a number"),
     (PENGUINS_HEAD.replace(b"2007", b"NA"), [], "column 'year': every cell is missing"),
