@@ -78,13 +78,16 @@ class _Conv(_Windowed):
         self.xp_shape = xp.shape
         if self.groups > 1:
             return self._grouped_forward(xp)
-        self.xp = xp  # backward gathers the patches again, a chunk at a time
+        self.xp, self.cols = xp, None  # backward gathers the patches again, a chunk at a time
+        if not training and cm.winograd_applies(self.kernel.value.shape, self.strides, self.dilation_rate,
+                                                self.groups):
+            z = cm.winograd_conv(xp, self.kernel.value, self.bias.value if self.use_bias else None, self.out_sizes)
+            return activations.activate_owned(self, z)
         k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
         weights = self.kernel.value.reshape(k, self.filters)
         if self.use_bias:
             weights = np.vstack([weights, self.bias.value[None]])
         z = np.empty((x.shape[0] * per_sample, self.filters), x.dtype)
-        self.cols = None
         for start, stop, cols in self._patch_chunks(xp):
             np.dot(cols, weights, out=z[start * per_sample:stop * per_sample])
             if stop - start == len(x):  # all in one: backward takes these instead of gathering them again

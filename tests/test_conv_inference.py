@@ -1,0 +1,76 @@
+"""Convolution at inference through Winograd's F(2x2, 3x3) (kernels/conv_inference.py) against its twin, im2col +
+one GEMM (DLCLI_KERNELS=numpy): the same sums in another order, so equal within float32 rounding."""
+import numpy as np
+import pytest
+
+from dlcli import kernels, layers
+from dlcli.layers import conv_math as cm
+
+# (input shape, filters, padding): even and odd outputs (a ragged last tile), 'same' and 'valid', rectangular,
+# the book convnet's second and third convs, a 2x2 output (one tile)
+CASES = [((5, 13, 13, 32), 64, "valid"), ((3, 8, 8, 16), 24, "same"), ((4, 7, 10, 16), 8, "same"),
+         ((3, 5, 5, 64), 64, "valid"), ((2, 4, 4, 16), 5, "valid"), ((9, 14, 14, 32), 32, "same")]
+
+
+def reference(xp, kernel, bias, out_sizes):
+    """The convolution in float64: im2col and one product."""
+    cols = cm.im2col(xp.astype(np.float64), (3, 3), out_sizes, (1, 1), (1, 1))
+    y = cols.reshape(-1, kernel[..., 0].size) @ kernel.reshape(-1, kernel.shape[-1]).astype(np.float64)
+    return y.reshape(*cols.shape[:3], -1) + (0 if bias is None else bias)
+
+
+@pytest.mark.parametrize("shape,filters,padding", CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_winograd_equals_the_convolution_to_rounding(monkeypatch, shape, filters, padding, dtype, use_bias):
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    monkeypatch.setattr(cm, "CHUNK_FLOATS", 16 * 36 * 96 * 2)  # two samples per chunk: seams and a short last one
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    kernel = (rng.standard_normal((3, 3, shape[-1], filters)) / np.sqrt(9 * shape[-1])).astype(dtype)
+    bias = rng.standard_normal(filters).astype(dtype) if use_bias else None
+    out, pads = cm.geometry(shape[1:-1], (3, 3), (1, 1), padding, (1, 1))
+    xp = cm.pad(x, pads)
+    y = cm.winograd_conv(xp, kernel, bias, out)
+    expected = reference(xp, kernel, bias, out)
+    assert y.dtype == dtype and y.shape == expected.shape == (shape[0], *out, filters)
+    # float32 rounding of sums of 9 * channels products of unit-scale values: a few eps of the largest output
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(y, expected, rtol=0, atol=16 * eps * np.abs(expected).max())
+
+
+def test_conv2d_predicts_the_same_on_both_paths_and_backward_still_works(monkeypatch):
+    """A Conv2D's inference forward on each path, then a backward pass after it (gradient checks call backward
+    after an inference forward): gradients do not depend on the path the forward took."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 9, 11, 16)).astype(np.float32)
+    kernel = (rng.standard_normal((3, 3, 16, 8)) * 0.1).astype(np.float32)
+    results = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        conv = layers.Conv2D(8, 3, padding="same", activation="relu")
+        conv.build(x.shape[1:])
+        conv.kernel.value[...], conv.bias.value[...] = kernel, 0.3
+        y = conv.forward(x, training=False)
+        conv.kernel.grad, conv.bias.grad = np.zeros_like(conv.kernel.value), np.zeros_like(conv.bias.value)
+        conv.input_grad_needed = True
+        dx = conv.backward(np.ones_like(y))
+        results.append((y, dx, conv.kernel.grad, conv.bias.grad))
+    for compiled, twin in zip(*results):
+        np.testing.assert_allclose(compiled, twin, rtol=1e-5, atol=1e-5 * np.abs(twin).max())
+
+
+@pytest.mark.parametrize("kernel_shape,strides,dilation,groups", [
+    ((3, 3, 16, 8), (2, 2), (1, 1), 1), ((3, 3, 16, 8), (1, 1), (2, 2), 1), ((3, 3, 8, 8), (1, 1), (1, 1), 2),
+    ((5, 5, 16, 8), (1, 1), (1, 1), 1), ((3, 3, 1, 32), (1, 1), (1, 1), 1), ((3, 3, 3, 16, 8), (1, 1, 1), (1, 1, 1), 1),
+    ((3, 16, 8), (1,), (1,), 1)])
+def test_winograd_is_only_for_plain_3x3_stride_1_2d_convolutions_on_enough_channels(kernel_shape, strides, dilation,
+                                                                                     groups):
+    assert not cm.winograd_applies(kernel_shape, strides, dilation, groups)
+
+
+def test_winograd_runs_only_with_the_compiled_kernels(monkeypatch):
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    assert cm.winograd_applies((3, 3, 16, 8), (1, 1), (1, 1), 1) and kernels.compiled("conv_inference") is not None
+    monkeypatch.setenv("DLCLI_KERNELS", "numpy")
+    assert not cm.winograd_applies((3, 3, 16, 8), (1, 1), (1, 1), 1)
