@@ -36,3 +36,32 @@ def threads() -> int:
     """BLAS threads now: the cores a process may keep busy (1 when threadpoolctl cannot tell)."""
     controller = _blas()
     return 1 if controller is None else max(lib.num_threads for lib in controller.lib_controllers)
+
+
+_gemm_addresses: dict = {}  # dtype -> gemm_address(dtype)
+
+
+def gemm_address(dtype) -> tuple[int, bool] | None:
+    """(address of OpenBLAS' cblas_sgemm or cblas_dgemm, whether its integers are 64-bit) for float32 or float64, from
+    the OpenBLAS NumPy links (the library threadpoolctl controls, so one_thread applies to its calls too), or None
+    where there is none (another BLAS, no threadpoolctl): a compiled time loop calls it between its fused steps."""
+    import ctypes
+
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    if dtype in _gemm_addresses:
+        return _gemm_addresses[dtype]
+    kind = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}.get(dtype)
+    controller, found = _blas(), None
+    for lib in controller.lib_controllers if kind and controller else []:
+        # threadpoolctl's OpenBLAS controller knows the library's symbol affixes (scipy_ ... 64_ in NumPy's wheels)
+        prefix, suffix = getattr(lib, "_symbol_prefix", None), getattr(lib, "_symbol_suffix", None)
+        if lib.internal_api != "openblas" or prefix is None:
+            continue
+        function = getattr(lib.dynlib, f"{prefix}cblas_{kind}gemm{suffix}", None)
+        if function is not None:
+            found = ctypes.cast(function, ctypes.c_void_p).value, suffix in ("64_", "_64")
+            break
+    _gemm_addresses[dtype] = found
+    return found

@@ -1,58 +1,26 @@
-"""The LSTM's and GRU's backward time loops, one compiled call per step between the step's BLAS product: the gate
-gradients of a step in one fused pass where the NumPy twins (layers/recurrent_cells.lstm_backward and
-_gru_backward_after) precompute the factors for all steps and make 5-8 calls of 1-3 us per step. LSTM(32), 100 steps, batch 64, backward per call (CPU
-time of the thread, best of 40 alternating, AMD EPYC at load 22-25): 2.7-2.9 ms against the twin's 7.1-8.2.
+"""The time loops of the LSTM and GRU (Keras' default activations, no recurrent dropout) as one compiled call per
+direction: each step's GEMM is a direct call of the OpenBLAS NumPy links (cblas_sgemm/dgemm, found by
+engine/blas.gemm_address and called through the `_matmul` intrinsic), the gate math of a step a few fused passes.
+The NumPy twins (layers/recurrent_cells: lstm_forward, lstm_backward, gru_forward, _gru_backward_after) make 6-12
+ufunc calls and an np.matmul per step, each 1-5 us of dispatch for ~2,000 elements. Thread CPU per call, the bench's
+shapes (100 steps, batch 64, units 32), AMD EPYC shared by 6 jobs (load 5-9): GRU forward 4.5 -> 1.0 ms, GRU
+backward (which compiled only each step's gate gradients before) 2.1 -> 0.8, LSTM forward 2.9 -> 1.6.
 
-Measured and not kept (the forward scan stays the twin): the forward step fused the same way (with its own float32
-exp and tanh, since numba has no vectorised exp without SVML and libm's scalar call is 4x NumPy's SIMD) came out
-even with the twin, 4.4-4.8 against 3.8-4.8 ms; the whole loop in one call with the step GEMM written out (4 rows
-per sweep) lost to one-thread OpenBLAS through np.matmul, 12-13 against 6 us a step ((128, 32) @ (32, 64)), so the
-GEMMs stay np.matmul between the calls (numba's own np.dot would need scipy).
+float32 gates use `_tanh32`, a rational approximation (Eigen's, which XLA's CPU backend uses too; at most 6 ulp
+from the correctly rounded tanh over [-12, 12] and down to 1e-8), because numba has no vectorised tanh or exp
+without SVML and libm's scalar call is 4x NumPy's SIMD; float64 keeps np.tanh and exp, so a float64 gradient
+check sees the exact functions. A sigmoid is 0.5 tanh(z / 2) + 0.5 in float32, 1 / (1 + exp(-z)) in float64.
+
+LLVM vectorises a pass of one operation over few arrays indexed from 0; a loop computing a whole step's gates, or one
+indexing a flat array at an offset, stayed scalar (4-5x slower), hence the passes and views below.
 """
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic, overload
 
 JIT = dict(cache=True, nogil=True, error_model="numpy")
-
-
-@numba.njit(**JIT)
-def lstm_backward_step(t, A, TC, dY, dh, dc, carry, kept, dZ):
-    """Step t of the twin's loop, gates in the internal order o, i, f, g: A (T + 1, 5u, B) the forward's
-    activations and c_{t-1}, TC (T, u, B) tanh(c_t), dY (T, u, B) every step's output gradient or empty. On entry
-    dh holds UzT @ dZ[:, t + 1] (the caller's BLAS product) and carry what a masked step t + 1 passed through;
-    adds dY[t], writes dZ[:, t] (dZ (4u, T, B)) and updates dc and carry in place. As the twin, a masked step
-    (kept[t, b], factor m = 0) has dZ = 0 and passes dh and dc through unchanged."""
-    T, u, B = TC.shape
-    one = A.dtype.type(1)
-    a, tc = A[t], TC[t]
-    masked = kept.size > 0
-    if masked:
-        for r in range(u):
-            for j in range(B):
-                dh[r, j] += carry[r, j]
-    if dY.size > 0:
-        for r in range(u):
-            for j in range(B):
-                dh[r, j] += dY[t, r, j]
-    m = np.ones(B, A.dtype)
-    if masked:
-        for j in range(B):
-            if kept[t, j]:
-                m[j] = 0
-        for r in range(u):
-            for j in range(B):
-                carry[r, j] = dh[r, j] * (one - m[j])
-    for r in range(u):
-        for j in range(B):
-            o, i, f, g = a[r, j], a[u + r, j], a[2 * u + r, j], a[3 * u + r, j]
-            y, h = tc[r, j], dh[r, j]
-            c = dc[r, j] + h * (o * (one - y * y)) * m[j]
-            dZ[r, t, j] = h * y * (o * (one - o)) * m[j]
-            cm = c * m[j]
-            dZ[u + r, t, j] = cm * g * (i * (one - i))
-            dZ[2 * u + r, t, j] = cm * a[4 * u + r, j] * (f * (one - f))
-            dZ[3 * u + r, t, j] = cm * i * (one - g * g)
-            dc[r, j] = c * (f * m[j] + (one - m[j]))
 
 
 @numba.njit(**JIT)
@@ -62,30 +30,263 @@ def gru_backward_step(t, H, A, inner, dY, dh, carry, kept, dXP, dInner):
     (T, B, u) every step's output gradient or empty. On entry dh holds dInner[t + 1] @ U.T (the caller's BLAS
     product) and carry the gradient step t + 1 passed straight to h_t; adds both and dY[t], writes dXP[t] (d z,
     d r, d hh pre-activations) and dInner[t] (d z, d r, d inner_h) and the new carry. As the twin, a masked step
-    (factor m = 0) has zero gate gradients and passes dh through unchanged."""
+    (factor m = 0) has zero gate gradients and passes dh through unchanged. Each row is a few short passes over
+    few arrays (see gru_forward)."""
     B, u = dh.shape
     one = A.dtype.type(1)
-    masked = kept.size > 0
+    masked, has_dy = kept.size > 0, dY.size > 0
     for b in range(B):
+        g_row, c_row, a, h_prev = dh[b], carry[b], A[t, b], H[t, b]
+        dx, di, n = dXP[t, b], dInner[t, b], inner[t, b]
         for r in range(u):
-            dh[b, r] += carry[b, r]
-    if dY.size > 0:
-        for b in range(B):
+            g_row[r] += c_row[r]
+        if has_dy:
+            y = dY[t, b]
             for r in range(u):
-                dh[b, r] += dY[t, b, r]
-    for b in range(B):
-        m = one
-        if masked and kept[t, b]:
-            m = A.dtype.type(0)
+                g_row[r] += y[r]
+        m = A.dtype.type(0) if masked and kept[t, b] else one
         for r in range(u):
-            z, rr, hh, g = A[t, b, r], A[t, b, u + r], A[t, b, 2 * u + r], dh[b, r]
-            d_hh = g * ((one - z) * (one - hh * hh)) * m
-            d_z = g * ((H[t, b, r] - hh) * (z * (one - z))) * m
-            d_r = d_hh * (inner[t, b, 2 * u + r] * (rr * (one - rr)))
-            dXP[t, b, r] = d_z
-            dXP[t, b, u + r] = d_r
-            dXP[t, b, 2 * u + r] = d_hh
-            dInner[t, b, r] = d_z
-            dInner[t, b, u + r] = d_r
-            dInner[t, b, 2 * u + r] = d_hh * rr
-            carry[b, r] = g * (z * m + (one - m))
+            z, hh = a[r], a[2 * u + r]
+            dx[2 * u + r] = g_row[r] * ((one - z) * (one - hh * hh)) * m
+        for r in range(u):
+            z, hh = a[r], a[2 * u + r]
+            dx[r] = g_row[r] * ((h_prev[r] - hh) * (z * (one - z))) * m
+        for r in range(u):
+            z = a[r]
+            c_row[r] = g_row[r] * (z * m + (one - m))
+        for r in range(u):
+            rr, d_hh = a[u + r], dx[2 * u + r]
+            dx[u + r] = d_hh * (n[2 * u + r] * (rr * (one - rr)))
+        for r in range(u):
+            di[2 * u + r] = dx[2 * u + r] * a[u + r]
+        for r in range(2 * u):
+            di[r] = dx[r]
+
+
+# --- BLAS from compiled code -----------------------------------------------------------------------------------
+def _gemm_intrinsic(bits):
+    """An intrinsic calling cblas ?gemm at address `fn` in row-major order: C = A @ B + beta C, A (m, k), B (k, n),
+    C (m, n) 2-D arrays of one float dtype whose rows are contiguous (any row stride). `bits` is the BLAS' integer
+    width (32, or 64 for an ILP64 build such as NumPy's)."""
+
+    @intrinsic
+    def call(typingctx, fn, a, b, c, beta):
+        def codegen(context, builder, sig, args):
+            fn_v, a_v, b_v, c_v, beta_v = args
+            aty, bty, cty = sig.args[1], sig.args[2], sig.args[3]
+            arrays = [context.make_array(t)(context, builder, v) for t, v in zip((aty, bty, cty), (a_v, b_v, c_v))]
+            iN, i32 = ir.IntType(bits), ir.IntType(32)
+            fl = context.get_value_type(aty.dtype)
+            ptr = ir.IntType(8).as_pointer()
+            item = ir.Constant(ir.IntType(64), context.get_abi_sizeof(fl))
+
+            def dim(arr, axis):
+                return builder.trunc(builder.extract_value(arr.shape, axis), iN) if bits < 64 else \
+                    builder.extract_value(arr.shape, axis)
+
+            def lead(arr):
+                ld = builder.sdiv(builder.extract_value(arr.strides, 0), item)
+                return builder.trunc(ld, iN) if bits < 64 else ld
+
+            A, B, C = arrays
+            m, k, n = dim(A, 0), dim(A, 1), dim(B, 1)
+            fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, iN, iN, iN, fl, ptr, iN, ptr, iN, fl, ptr, iN])
+            target = builder.inttoptr(fn_v, fnty.as_pointer())
+            no_trans = ir.Constant(i32, 111)
+            beta_f = context.cast(builder, beta_v, sig.args[4], aty.dtype)
+            builder.call(target, [ir.Constant(i32, 101), no_trans, no_trans, m, n, k, ir.Constant(fl, 1.0),
+                                  builder.bitcast(A.data, ptr), lead(A), builder.bitcast(B.data, ptr), lead(B),
+                                  beta_f, builder.bitcast(C.data, ptr), lead(C)])
+            return context.get_dummy_value()
+
+        return types.void(fn, a, b, c, beta), codegen
+
+    return call
+
+
+_gemm64, _gemm32 = _gemm_intrinsic(64), _gemm_intrinsic(32)
+
+
+@numba.njit(**JIT)
+def _matmul(blas, a, b, c, beta):
+    """c = a @ b (+ c when beta is 1) through the BLAS `blas` = (address, 64-bit integers)."""
+    if blas[1]:
+        _gemm64(blas[0], a, b, c, beta)
+    else:
+        _gemm32(blas[0], a, b, c, beta)
+
+
+# --- gate functions: fast float32, exact float64 ----------------------------------------------------------------
+def _tanh(x):
+    return np.tanh(x)
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+@numba.njit(**JIT)
+def _tanh32(x):
+    """Eigen's rational tanh for float32 (generic_fast_tanh_float): x clamped to +-7.9053, p(x) / q(x^2)."""
+    c = np.float32(7.90531110763549805)
+    x = min(max(x, -c), c)
+    x2 = x * x
+    p = x2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
+    p = p * x2 + np.float32(-8.60467152213735e-11)
+    p = p * x2 + np.float32(5.12229709037114e-08)
+    p = p * x2 + np.float32(1.48572235717979e-05)
+    p = p * x2 + np.float32(6.37261928875436e-04)
+    p = p * x2 + np.float32(4.89352455891786e-03)
+    p = p * x
+    q = x2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
+    q = q * x2 + np.float32(2.26843463243900e-03)
+    q = q * x2 + np.float32(4.89352518554385e-03)
+    return x if abs(x) < np.float32(0.0004) else p / q
+
+
+@overload(_tanh, jit_options=JIT)
+def _tanh_impl(x):
+    if x == types.float32:
+        return lambda x: _tanh32(x)
+    return lambda x: np.tanh(x)
+
+
+@overload(_sigmoid, jit_options=JIT)
+def _sigmoid_impl(x):
+    if x == types.float32:
+        return lambda x: np.float32(0.5) * _tanh32(np.float32(0.5) * x) + np.float32(0.5)
+    return lambda x: 1 / (1 + np.exp(-x))
+
+
+# --- whole loops --------------------------------------------------------------------------------------------------
+@numba.njit(**JIT)
+def gru_forward(blas, xp, U, rb, kept, H, A, inner):
+    """layers/recurrent_cells.gru_forward for reset_after with tanh and sigmoid in its tanh form: xp (T, B, 3u) the
+    input projections with the z, r columns halved, U (u, 3u) and rb (3u,) likewise. Fills H (T + 1, B, u) from
+    h_0 = H[0], A (T, B, 3u) with z, r, hh and inner (T, B, 3u) with h @ U + rb, as the twin; a masked step
+    (kept[t, b]) keeps the previous state. Each row is a few passes of one operation over few arrays: LLVM
+    vectorises those, where one loop computing a whole row stayed scalar (GRU(32), batch 64, 100 steps: 0.9 against
+    4.5 ms a call)."""
+    T, B, G = xp.shape
+    u = G // 3
+    half = xp.dtype.type(0.5)
+    masked = kept.size > 0
+    for t in range(T):
+        n = inner[t]
+        _matmul(blas, H[t], U, n, 0.0)
+        for b in range(B):
+            nb, xb, ab, hp, hn = n[b], xp[t, b], A[t, b], H[t, b], H[t + 1, b]
+            for r in range(G):
+                nb[r] += rb[r]
+            for r in range(2 * u):
+                ab[r] = _tanh(xb[r] + nb[r]) * half + half
+            for r in range(u):
+                ab[2 * u + r] = _tanh(ab[u + r] * nb[2 * u + r] + xb[2 * u + r])
+            if masked and kept[t, b]:
+                hn[:] = hp
+                continue
+            for r in range(u):
+                hh = ab[2 * u + r]
+                hn[r] = hh + (hp[r] - hh) * ab[r]
+
+
+@numba.njit(**JIT)
+def gru_backward(blas, H, A, inner, UT, dY, dh, kept, dXP, dInner):
+    """_gru_backward_after's loop: gru_backward_step per step, then dh = dInner[t] @ U.T through BLAS (UT
+    contiguous (3u, u)); the step-0 product, the gradient of h_0, is never read. dh is updated in place."""
+    T = A.shape[0]
+    carry = np.zeros_like(dh)
+    for t in range(T - 1, -1, -1):
+        gru_backward_step(t, H, A, inner, dY, dh, carry, kept, dXP, dInner)
+        if t:
+            _matmul(blas, dInner[t], UT, dh, 0.0)
+
+
+@numba.njit(**JIT)
+def lstm_forward(blas, S, Wz, kept, A, TC):
+    """layers/recurrent_cells.lstm_forward for tanh and sigmoid gates: S (K, T + 1, B) with S[:u, 0] = h_0, Wz
+    (4u, K) in the internal gate order o, i, f, g; fills S[:u, 1:] with h_1..h_T, A (T + 1, 5u, B) with the
+    activations and c_{t-1} (A[0, 4u:] = c_0 on entry) and TC (T, u, B) with tanh(c_t); a masked step keeps h and
+    c. A step's gate blocks are contiguous (u * B each), so each pass is one long loop (see gru_forward)."""
+    T, B = S.shape[1] - 1, S.shape[2]
+    u = Wz.shape[0] // 4
+    n = u * B
+    masked = kept.size > 0
+    for t in range(T):
+        a = A[t]
+        _matmul(blas, Wz, S[:, t], a[:4 * u], 0.0)
+        # each gate block as its own flat view, indexed from 0: offsets into one view (af[n + k]) left those loops
+        # scalar (1.1 against 0.4 ms for the gate passes of the bench's LSTM(32))
+        sig, g = a[:3 * u].reshape(3 * n), a[3 * u:4 * u].reshape(n)
+        for k in range(3 * n):
+            sig[k] = _sigmoid(sig[k])
+        for k in range(n):
+            g[k] = _tanh(g[k])
+        i, f, c_prev = a[u:2 * u].reshape(n), a[2 * u:3 * u].reshape(n), a[4 * u:].reshape(n)
+        c, tc = A[t + 1, 4 * u:].reshape(n), TC[t].reshape(n)
+        for k in range(n):
+            c[k] = i[k] * g[k] + f[k] * c_prev[k]
+        for k in range(n):
+            tc[k] = _tanh(c[k])
+        for r in range(u):
+            h, o, y = S[r, t + 1], a[r], TC[t, r]
+            for j in range(B):
+                h[j] = o[j] * y[j]
+        if masked:
+            for r in range(u):
+                for j in range(B):
+                    if kept[t, j]:
+                        S[r, t + 1, j] = S[r, t, j]
+                        A[t + 1, 4 * u + r, j] = a[4 * u + r, j]
+
+
+@numba.njit(**JIT)
+def lstm_backward(blas, A, TC, UzT, dY, dh, dc, kept, dZ):
+    """The twin's loop (layers/recurrent_cells.lstm_backward), gates in the internal order o, i, f, g: A (T + 1, 5u,
+    B) the forward's activations and c_{t-1}, TC (T, u, B) tanh(c_t), dY (T, u, B) every step's output gradient
+    or empty, dh and dc (u, B) the final states' gradients (updated in place). Writes dZ (4u, T, B); between steps
+    dh = UzT @ dZ[:, t] through BLAS (the step-0 product, the gradient of h_0, is never read). As the twin, a masked
+    step (kept[t, b], factor m = 0) has dZ = 0 and passes dh and dc through unchanged."""
+    T, u, B = TC.shape
+    one = A.dtype.type(1)
+    masked, has_dy = kept.size > 0, dY.size > 0
+    carry, m, keep = np.zeros_like(dh), np.ones(B, A.dtype), np.zeros(B, A.dtype)
+    for t in range(T - 1, -1, -1):
+        a, tc = A[t], TC[t]
+        if masked:
+            for j in range(B):
+                m[j] = A.dtype.type(0) if kept[t, j] else one
+                keep[j] = one - m[j]
+        for r in range(u):
+            h, c = dh[r], dc[r]
+            if has_dy:
+                y = dY[t, r]
+                for j in range(B):
+                    h[j] += y[j]
+            if masked:  # what a masked step passes straight to h_{t-1}
+                cr = carry[r]
+                for j in range(B):
+                    cr[j] = h[j] * keep[j]
+            o, i, f, g, cp, y = a[r], a[u + r], a[2 * u + r], a[3 * u + r], a[4 * u + r], tc[r]
+            for j in range(B):
+                c[j] = c[j] + h[j] * (o[j] * (one - y[j] * y[j])) * m[j]
+            dz = dZ[r, t]
+            for j in range(B):
+                dz[j] = h[j] * y[j] * (o[j] * (one - o[j])) * m[j]
+            dz = dZ[u + r, t]
+            for j in range(B):
+                dz[j] = c[j] * m[j] * g[j] * (i[j] * (one - i[j]))
+            dz = dZ[2 * u + r, t]
+            for j in range(B):
+                dz[j] = c[j] * m[j] * cp[j] * (f[j] * (one - f[j]))
+            dz = dZ[3 * u + r, t]
+            for j in range(B):
+                dz[j] = c[j] * m[j] * i[j] * (one - g[j] * g[j])
+            for j in range(B):
+                c[j] = c[j] * (f[j] * m[j] + keep[j])
+        if t:
+            _matmul(blas, UzT, dZ[:, t], dh, 0.0)
+            if masked:
+                for r in range(u):
+                    for j in range(B):
+                        dh[r, j] += carry[r, j]

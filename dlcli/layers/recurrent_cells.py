@@ -122,12 +122,15 @@ def _mask_factors(step_mask, dtype):
     return m, 1 - m
 
 
-def _compiled_loop(act, rec_act, dropout_masks):
-    """The compiled time loops (dlcli/kernels/recurrent.py) where they apply: Keras' default activations (tanh,
-    sigmoid gates) and no recurrent dropout; else None and the NumPy loops here run."""
+def _compiled_loop(act, rec_act, dropout_masks, dtype):
+    """(the compiled time loops of dlcli/kernels/recurrent.py, the BLAS gemm they call) where they apply: Keras'
+    default activations (tanh, sigmoid gates), no recurrent dropout, float32 or float64 and NumPy on OpenBLAS;
+    else None and the NumPy loops here run."""
     if act != "tanh" or rec_act != "sigmoid" or dropout_masks is not None:
         return None
-    return kernels.compiled("recurrent")
+    compiled = kernels.compiled("recurrent")
+    gemm = None if compiled is None else blas.gemm_address(dtype)
+    return None if gemm is None else (compiled, gemm)
 
 
 def _kept(step_mask, T, B):
@@ -231,6 +234,12 @@ def lstm_forward(S, Wz, act, rec_act, step_mask=None, gate_masks=None):
     A = np.empty((T + 1, 5 * u, B), dt)  # step t: o, i, f, g activations and c_{t-1}
     A[0, 4 * u:] = 0
     TC = np.empty((T, u, B), dt)  # act(c_t)
+    cache = dict(S=S, A=A, TC=TC, Wz=Wz, act=act, rec_act=rec_act, step_mask=step_mask, gate_masks=gate_masks)
+    loop = _compiled_loop(act, rec_act, gate_masks, dt)
+    if loop is not None:
+        with blas.one_thread():
+            loop[0].lstm_forward(loop[1], S, Wz, _kept(step_mask, T, B), A, TC)
+        return A[T, 4 * u:], cache
     tmp = np.empty((2 * u, B), dt)
     fast = rec_act == "sigmoid"
     if fast:  # sigmoid(z) = 1 / (1 + exp(-z)): NumPy's float32 exp is about twice as fast as its tanh
@@ -266,8 +275,7 @@ def lstm_forward(S, Wz, act, rec_act, step_mask=None, gate_masks=None):
                 keep = ~step_mask[t]
                 np.copyto(h, S[:u, t], where=keep)
                 np.copyto(c, A[t, 4 * u:], where=keep)
-    return A[T, 4 * u:], dict(S=S, A=A, TC=TC, Wz=Wz, act=act, rec_act=rec_act, step_mask=step_mask,
-                              gate_masks=gate_masks)
+    return A[T, 4 * u:], cache
 
 
 def lstm_backward(cache, dY, dh, dc):
@@ -276,9 +284,9 @@ def lstm_backward(cache, dY, dh, dc):
     S, A, TC, Wz = cache["S"], cache["A"], cache["TC"], cache["Wz"]
     step_mask, gate_masks, act = cache["step_mask"], cache["gate_masks"], cache["act"]
     T, u, B = TC.shape
-    compiled = _compiled_loop(act, cache["rec_act"], gate_masks)
-    if compiled is not None:
-        return _lstm_backward_compiled(compiled, A, TC, Wz, dY, dh, dc, _kept(step_mask, T, B))
+    loop = _compiled_loop(act, cache["rec_act"], gate_masks, A.dtype)
+    if loop is not None:
+        return _lstm_backward_compiled(loop, A, TC, Wz, dY, dh, dc, _kept(step_mask, T, B))
     # dZ_t = [dh, dc, dc, dc]_t * Kg_t, with every factor of Kg independent of the running gradients.
     Kg = np.empty((T, 4 * u, B), S.dtype)
     derivative(cache["rec_act"], A[:T, :3 * u], out=Kg[:, :3 * u])
@@ -321,21 +329,16 @@ def lstm_backward(cache, dY, dh, dc):
     return np.ascontiguousarray(dZ.transpose(1, 0, 2))
 
 
-def _lstm_backward_compiled(compiled, A, TC, Wz, dY, dh, dc, kept):
-    """lstm_backward with each step's gate gradients in one compiled pass (dlcli/kernels/recurrent.py) and the
-    recurrent product through BLAS between them; the step-0 product, the gradient of h_0, is never read."""
+def _lstm_backward_compiled(loop, A, TC, Wz, dY, dh, dc, kept):
+    """lstm_backward as one compiled loop (dlcli/kernels/recurrent.py): each step's gate gradients in one fused pass,
+    the recurrent product through BLAS between them."""
     T, u, B = TC.shape
-    dZ = np.empty((4 * u, T, B), A.dtype)
-    UzT = np.ascontiguousarray(Wz[:, :u].T)
     dt = A.dtype
+    dZ = np.empty((4 * u, T, B), dt)
     dY = np.empty((0, 0, 0), dt) if dY is None else np.ascontiguousarray(dY, dt)
     dh, dc = np.array(dh, dt, order="C"), np.array(dc, dt, order="C")  # copies, updated in place
-    carry = np.zeros_like(dh)
-    with blas.one_thread():  # the step GEMMs are too small to split (engine/blas.py)
-        for t in range(T - 1, -1, -1):
-            compiled.lstm_backward_step(t, A, TC, dY, dh, dc, carry, kept, dZ)
-            if t:
-                np.matmul(UzT, dZ[:, t], out=dh)
+    with blas.one_thread():
+        loop[0].lstm_backward(loop[1], A, TC, np.ascontiguousarray(Wz[:, :u].T), dY, dh, dc, kept, dZ)
     return dZ
 
 
@@ -346,7 +349,9 @@ def lstm_weight_grad(cache, dZ):
     u = len(dZ) // 4
     dZ2 = dZ.reshape(4 * u, T * B)
     if gate_masks is None:
-        return dZ2 @ S[:, :T].reshape(K, T * B).T
+        # S's first T columns as a (K, T * B) view with rows (T + 1) * B apart: S[:, :T].reshape copied them
+        # (1.6 MB at the bench's LSTM(32)) before the GEMM
+        return dZ2 @ S.reshape(K, -1)[:, :T * B].T
     return np.concatenate([dZ2[k * u:(k + 1) * u] @ (S[:, :T] * gate_masks[k][:, None]).reshape(K, T * B).T
                            for k in range(4)])
 
@@ -378,6 +383,15 @@ def gru_forward(xp, U, rb, act, rec_act, reset_after=True, step_mask=None, rec_m
     scale = form[0] if form is not None else None
     U_run = U * scale if scale is not None else U
     rb_run = rb * scale if (rb is not None and scale is not None) else rb
+    cache = dict(H=H, A=A, inner=inner, U=U, act=act, rec_act=rec_act, reset_after=reset_after,
+                 step_mask=step_mask, rec_mask=rec_mask)
+    loop = _compiled_loop(act, rec_act, rec_mask, dt) if reset_after and form is not None else None
+    if loop is not None:
+        with blas.one_thread():
+            loop[0].gru_forward(loop[1], np.ascontiguousarray(xp), np.ascontiguousarray(U_run),
+                                np.zeros(G, dt) if rb_run is None else rb_run.astype(dt, copy=False),
+                                _kept(step_mask, T, B), H, A, inner)
+        return H, cache
     U_zr, U_h = U_run[:, :2 * u], U_run[:, 2 * u:]
     rm_zr = None if rec_mask is None else rec_mask[:2] if len(rec_mask) > 1 else rec_mask
     rm_h = None if rec_mask is None else rec_mask[2 if len(rec_mask) > 1 else 0]
@@ -416,8 +430,7 @@ def gru_forward(xp, U, rb, act, rec_act, reset_after=True, step_mask=None, rec_m
             np.add(hh, tmp, out=H[t + 1])
             if step_mask is not None:
                 np.copyto(H[t + 1], h_prev, where=~step_mask[t])
-    return H, dict(H=H, A=A, inner=inner, U=U, act=act, rec_act=rec_act, reset_after=reset_after,
-                   step_mask=step_mask, rec_mask=rec_mask)
+    return H, cache
 
 
 def gru_backward(cache, dY, dh):
@@ -430,9 +443,9 @@ def gru_backward(cache, dY, dh):
     z, r, hh = A[..., :u], A[..., u:2 * u], A[..., 2 * u:]
     H_prev = H[:-1]
     if cache["reset_after"]:
-        compiled = _compiled_loop(act, rec_act, rec_mask)
-        if compiled is not None:
-            return _gru_backward_compiled(compiled, H, A, inner, U, _kept(step_mask, T, B), dY, dh)
+        loop = _compiled_loop(act, rec_act, rec_mask, A.dtype)
+        if loop is not None:
+            return _gru_backward_compiled(loop, H, A, inner, U, _kept(step_mask, T, B), dY, dh)
         return _gru_backward_after(H_prev, z, r, hh, inner, U, act, rec_act, step_mask, rec_mask, dY, dh)
     return _gru_backward_before(H_prev, z, r, hh, inner, U, act, rec_act, step_mask, rec_mask, dY, dh)
 
@@ -475,21 +488,16 @@ def _gru_backward_after(H_prev, z, r, hh, inner, U, act, rec_act, step_mask, rec
     return dXP, dInner, recurrent_kernel_grad(H_prev, dInner, rec_mask)
 
 
-def _gru_backward_compiled(compiled, H, A, inner, U, kept, dY, dh):
-    """_gru_backward_after with each step's gate gradients in one compiled pass (dlcli/kernels/recurrent.py) and
-    the recurrent product through BLAS between them; the step-0 product, the gradient of h_0, is never read."""
+def _gru_backward_compiled(loop, H, A, inner, U, kept, dY, dh):
+    """_gru_backward_after as one compiled loop (dlcli/kernels/recurrent.py): each step's gate gradients in one fused
+    pass, the recurrent product through BLAS between them."""
     T, B, G = A.shape
     dt = A.dtype
     dXP, dInner = np.empty((T, B, G), dt), np.empty((T, B, G), dt)
-    UT = np.ascontiguousarray(U.T)
     dY = np.empty((0, 0, 0), dt) if dY is None else np.ascontiguousarray(dY, dt)
     dh = np.array(dh, dt, order="C")  # a copy, updated in place
-    carry = np.zeros_like(dh)
-    with blas.one_thread():  # the step GEMMs are too small to split (engine/blas.py)
-        for t in range(T - 1, -1, -1):
-            compiled.gru_backward_step(t, H, A, inner, dY, dh, carry, kept, dXP, dInner)
-            if t:
-                np.matmul(dInner[t], UT, out=dh)
+    with blas.one_thread():
+        loop[0].gru_backward(loop[1], H, A, inner, np.ascontiguousarray(U.T), dY, dh, kept, dXP, dInner)
     return dXP, dInner, recurrent_kernel_grad(H[:-1], dInner, None)
 
 

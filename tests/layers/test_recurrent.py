@@ -88,7 +88,7 @@ def test_compiled_loops_equal_the_numpy_twins(name, flags, masked, dtype, tol, m
 
     mask = np.random.default_rng(3).random((6, 20)) > 0.3 if masked else None
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
-    assert recurrent_cells._compiled_loop("tanh", "sigmoid", None) is not None  # the kernel path is taken
+    assert recurrent_cells._compiled_loop("tanh", "sigmoid", None, np.dtype(dtype)) is not None  # the kernel path is taken
     compiled = _trained_pass(name, "numba", dtype, mask, monkeypatch, **flags)
     twin = _trained_pass(name, "numpy", dtype, mask, monkeypatch, **flags)
     for a, b in zip(compiled, twin):
