@@ -290,3 +290,53 @@ def lstm_backward(blas, A, TC, UzT, dY, dh, dc, kept, dZ):
                 for r in range(u):
                     for j in range(B):
                         dh[r, j] += carry[r, j]
+
+
+@numba.njit(**JIT)
+def simple_forward(blas, xp, U, kept, H):
+    """layers/recurrent_cells.simple_forward with tanh: xp (T, B, u) the input projections, U (u, u); fills H
+    (T + 1, B, u) from h_0 = H[0]; a masked step (kept[t, b]) keeps the previous state."""
+    T, B, u = xp.shape
+    masked = kept.size > 0
+    for t in range(T):
+        _matmul(blas, H[t], U, H[t + 1], 0.0)
+        for b in range(B):
+            hn, xb = H[t + 1, b], xp[t, b]
+            if masked and kept[t, b]:
+                hn[:] = H[t, b]
+                continue
+            for r in range(u):
+                hn[r] = _tanh(hn[r] + xb[r])
+
+
+@numba.njit(**JIT)
+def simple_backward(blas, H, UT, dY, dh, kept, dXP):
+    """simple_backward's loop with tanh: dY (T, B, u) every step's output gradient or empty, dh (B, u) the final
+    state's (updated in place); writes dXP (T, B, u), and between steps dh = dXP[t] @ U.T through BLAS plus what a
+    masked step passes straight to h_{t-1} (the step-0 product, the gradient of h_0, is never read)."""
+    T, B, u = dXP.shape
+    one = H.dtype.type(1)
+    masked, has_dy = kept.size > 0, dY.size > 0
+    carry = np.zeros_like(dh)
+    for t in range(T - 1, -1, -1):
+        for b in range(B):
+            g, d, y = dh[b], dXP[t, b], H[t + 1, b]
+            if has_dy:
+                yb = dY[t, b]
+                for r in range(u):
+                    g[r] += yb[r]
+            kept_b = masked and kept[t, b]
+            m = H.dtype.type(0) if kept_b else one
+            for r in range(u):
+                d[r] = g[r] * ((one - y[r] * y[r]) * m)
+            if masked:
+                c = carry[b]
+                for r in range(u):
+                    c[r] = g[r] * (one - m)
+        if t:
+            _matmul(blas, dXP[t], UT, dh, 0.0)
+            if masked:
+                for b in range(B):
+                    g, c = dh[b], carry[b]
+                    for r in range(u):
+                        g[r] += c[r]

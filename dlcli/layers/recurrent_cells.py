@@ -144,6 +144,13 @@ def _kept(step_mask, T, B):
 def simple_forward(xp, U, act, step_mask=None, rec_mask=None):
     T, B, u = xp.shape
     H = np.zeros((T + 1, B, u), xp.dtype)
+    cache = dict(H=H, U=U, act=act, step_mask=step_mask, rec_mask=rec_mask)
+    loop = _compiled_loop(act, "sigmoid", rec_mask, xp.dtype)
+    if loop is not None:
+        with blas.one_thread():
+            loop[0].simple_forward(loop[1], np.ascontiguousarray(xp), np.ascontiguousarray(U, xp.dtype),
+                                   _kept(step_mask, T, B), H)
+        return H, cache
     with blas.one_thread():  # the step GEMMs are too small to split (engine/blas.py)
         for t in range(T):
             h = H[t + 1]
@@ -152,7 +159,7 @@ def simple_forward(xp, U, act, step_mask=None, rec_mask=None):
             activate_(act, h)
             if step_mask is not None:
                 np.copyto(h, H[t], where=~step_mask[t])
-    return H, dict(H=H, U=U, act=act, step_mask=step_mask, rec_mask=rec_mask)
+    return H, cache
 
 
 def simple_backward(cache, dY, dh):
@@ -161,6 +168,15 @@ def simple_backward(cache, dY, dh):
     H, U, step_mask, rec_mask = cache["H"], cache["U"], cache["step_mask"], cache["rec_mask"]
     T = H.shape[0] - 1
     UT = np.ascontiguousarray(U.T)
+    loop = _compiled_loop(cache["act"], "sigmoid", rec_mask, H.dtype)
+    if loop is not None:
+        dt, B = H.dtype, H.shape[1]
+        dXP = np.empty(H[1:].shape, dt)
+        with blas.one_thread():
+            loop[0].simple_backward(loop[1], H, UT, np.empty((0, 0, 0), dt) if dY is None else
+                                    np.ascontiguousarray(dY, dt), np.array(dh, dt, order="C"),
+                                    _kept(step_mask, T, B), dXP)
+        return dXP, recurrent_kernel_grad(H[:-1], dXP, None)
     D = derivative(cache["act"], H[1:])
     keep = None
     if step_mask is not None:

@@ -76,19 +76,19 @@ def _trained_pass(name, path, dtype, mask, monkeypatch, **flags):
     return [*ys, dx, *(p.grad for p in layer.params.values())]
 
 
-@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+@pytest.mark.parametrize("name", ["SimpleRNN", "LSTM", "GRU"])
 @pytest.mark.parametrize("flags", FLAGS)
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("dtype,tol", [("float32", 2e-6), ("float64", 1e-13)])
 def test_compiled_loops_equal_the_numpy_twins(name, flags, masked, dtype, tol, monkeypatch):
-    """The compiled LSTM and GRU backward loops (dlcli/kernels/recurrent.py) against their NumPy twins: outputs,
+    """The compiled SimpleRNN, LSTM and GRU loops (dlcli/kernels/recurrent.py) against their NumPy twins: outputs,
     input and weight gradients within float32 (float64) rounding, with masks, go_backwards, sequences and state
     gradients."""
     from dlcli.layers import recurrent_cells
 
     mask = np.random.default_rng(3).random((6, 20)) > 0.3 if masked else None
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
-    assert recurrent_cells._compiled_loop("tanh", "sigmoid", None, np.dtype(dtype)) is not None  # the kernel path is taken
+    assert recurrent_cells._compiled_loop("tanh", "sigmoid", None, np.dtype(dtype)) is not None  # the kernels run
     compiled = _trained_pass(name, "numba", dtype, mask, monkeypatch, **flags)
     twin = _trained_pass(name, "numpy", dtype, mask, monkeypatch, **flags)
     for a, b in zip(compiled, twin):
