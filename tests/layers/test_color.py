@@ -1,4 +1,5 @@
-"""Colour augmentation layers (dlcli/layers/color.py); their Keras fixtures are compared in test_preprocessing.py."""
+"""Colour augmentation layers (dlcli/layers/color.py); their Keras fixtures are compared in test_preprocessing.py,
+RandAugment's and AugMix's here."""
 import numpy as np
 import pytest
 
@@ -207,3 +208,49 @@ def test_a_layer_rand_augment_runs_twice_steps_back_through_both_runs():
     draw = augment.draw
     augment.draw = lambda n: {**draw(n), "layer_idxes": np.array([2, 2])}  # the same rotation twice
     check_layer(augment, (5, 5, 3), training=True)
+
+
+def _keras_compositions():
+    import json
+    from pathlib import Path
+
+    data = np.load(Path(__file__).parents[1] / "fixtures" / "keras" / "catalogue_compositions.npz")
+    return [pytest.param(case, {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")},
+                         id=f"{i}-{case['type']}") for i, case in enumerate(json.loads(str(data["spec"])))]
+
+
+
+def _unflatten(arrays, prefix):
+    """The arrays under prefix as the nested dicts their `/`-joined keys name; an empty array stands for None."""
+    tree = {}
+    for key, value in arrays.items():
+        if key.startswith(prefix):
+            *path, last = key[len(prefix):].split("/")
+            node = tree
+            for part in path:
+                node = node.setdefault(part, {})
+            node[last] = None if value.size == 0 else value
+    return tree
+
+
+@pytest.mark.parametrize("spec,arrays", _keras_compositions())
+def test_rand_augment_and_aug_mix_match_keras(spec, arrays):
+    """Keras 3.15's RandAugment and AugMix (JAX, float64; tests/fixtures/keras/make_catalogue.py compositions) given
+    the draw Keras made from the layer's seed, saved as dlcli's: what is compared is the parts' math, applied in
+    Keras' order, and AugMix's mixing. Keras rounds its translations and rotation angles to float32: outputs 2e-7
+    of the value range apart at most, gradients 1.2e-6."""
+    layer = layers.LAYERS.get(spec["type"])(**{k: v for k, v in spec.items() if k != "type"})
+    layer.dtype = "float64"
+    x = arrays["x"]
+    layer.ensure_built(x.shape[1:], np.random.default_rng(0))
+    drawn = _unflatten(arrays, "draw/")
+    if spec["type"] == "AugMix":  # chain c's step s as draw/chain/<c>/<s>/<part>; an empty chain has no key
+        chains = drawn.pop("chain", {})
+        drawn["chain_transforms"] = [
+            [next(iter(step.items())) for _, step in sorted(chains.get(str(c), {}).items(), key=lambda t: int(t[0]))]
+            for c in range(len(drawn["chain_mixing_weights"]))]
+    layer.draw = lambda n: drawn
+    y = layer.forward(x.copy(), training=True)
+    low, high = spec.get("value_range", [0, 255])
+    np.testing.assert_allclose(y, arrays["y"], rtol=0, atol=1e-5 * (high - low))
+    np.testing.assert_allclose(layer.backward(arrays["r"]), arrays["grad"], rtol=1e-5, atol=1e-5)
