@@ -13,6 +13,7 @@ sums, so every rank holds the global figures and identical weights. Only rank 0 
 import math
 import time
 from collections import deque
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import numpy as np
 from dlcli import checkpoint, distributed, mixing, plots, run_files
 from dlcli.callbacks import CALLBACKS, Callback, CallbackList, History, ModelCheckpoint, ProgressLogger, format_logs
 from dlcli.data.source import as_source, batch_indices, index_array
+from dlcli.engine import lanes
 from dlcli.errors import DlcliError
 from dlcli.metrics import RunningLogs
 
@@ -357,25 +359,28 @@ class Run:
         step ends. `partner` (train.mix on class labels) makes the loss w * loss(labels) + (1 - w) * loss(partner's
         labels) per sample. Returns (loss plus regularisation, each output's loss, the outputs)."""
         model, params = self.model, self.model.trainable_weights
-        try:
-            outs = model.graph.forward(xb, training=True)
-            loss, parts, grads, yb = self._loss(yb, outs, wb, partner)
-            if self.exchange is None and not math.isfinite(loss):  # stop before a backward pass on NaN
+        # layers that split their batch over lanes: every GEMM of the step on one BLAS thread (engine/lanes.py)
+        splits = any(getattr(layer, "splits_batch", False) for layer in model.layers)
+        with lanes.spread() if splits else nullcontext():
+            try:
+                outs = model.graph.forward(xb, training=True)
+                loss, parts, grads, yb = self._loss(yb, outs, wb, partner)
+                if self.exchange is None and not math.isfinite(loss):  # stop before a backward pass on NaN
+                    self._divergence_gate(loss, params, xb, yb, wb)
+                if share != 1.0:  # this rank's part of the global batch
+                    for g in grads:
+                        g *= g.dtype.type(share)
+                model.graph.backward(grads)
+                loss += model.regularization_loss()
+                if self.exchange is not None:
+                    loss, parts = self._exchange(loss, parts, outs, yb, wb, share)
+                for layer in model.layers:  # after the exchange: each rank holds the weights, so add them once
+                    layer.add_regularization_grads()
                 self._divergence_gate(loss, params, xb, yb, wb)
-            if share != 1.0:  # this rank's part of the global batch
-                for g in grads:
-                    g *= g.dtype.type(share)
-            model.graph.backward(grads)
-            loss += model.regularization_loss()
-            if self.exchange is not None:
-                loss, parts = self._exchange(loss, parts, outs, yb, wb, share)
-            for layer in model.layers:  # after the exchange: each rank holds the weights, so add them once
-                layer.add_regularization_grads()
-            self._divergence_gate(loss, params, xb, yb, wb)
-            model.optimizer.apply(params)
-        finally:
-            for p in params:
-                p.grad[...] = 0
+                model.optimizer.apply(params)
+            finally:
+                for p in params:
+                    p.grad[...] = 0
         return loss, parts, outs
 
     def _loss(self, yb, outs, wb, partner):

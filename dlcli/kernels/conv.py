@@ -9,8 +9,8 @@ twin's order.
 
 The batch loop is a prange, compiled serially as the pooling kernels are (kernels/pooling.py): on this 2-core AMD
 EPYC shared by 8 jobs (load 15-19), col2im_matmul at the book convnet's second conv took 2.6 ms with NumPy after a
-two-thread GEMM and 30-45 ms with a two-thread prange (OpenBLAS's idle threads spin beside numba's). PARALLEL = True
-re-measures that on a quiet machine.
+two-thread GEMM and 30-45 ms with a two-thread prange (OpenBLAS's idle threads spin beside numba's). The second core
+comes from lanes instead (engine/lanes.py): col2im_matmul hands each lane its chunks of samples.
 """
 import numba
 

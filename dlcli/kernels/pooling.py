@@ -4,7 +4,8 @@ NaN propagation, same summation order).
 
 The batch loop is a prange, but compiled serially: measured in the book convnet's training step (AMD EPYC, 2 cores
 shared with other work), both poolings' forward + backward took 9.4 ms on one thread, 38 ms on two (the second core
-is busy with OpenBLAS's threads between GEMMs) and 18.7-25.7 ms in NumPy. PARALLEL = True re-measures that.
+is busy with OpenBLAS's threads between GEMMs) and 18.7-25.7 ms in NumPy. The second core comes from lanes instead
+(engine/lanes.py): conv_math calls max_pool and max_pool_backward on each lane's samples.
 """
 import numba
 import numpy as np
@@ -14,11 +15,10 @@ JIT = dict(parallel=PARALLEL, cache=True, nogil=True)
 
 
 @numba.njit(**JIT)
-def max_pool(xp, pool_h, pool_w, stride_h, stride_w, out_h, out_w, arg):
-    """Window maxima; arg gets the flat in-window offset of each (the first maximum wins: strict `>` in order).
-    Channels innermost: contiguous, so the comparisons vectorise."""
-    n, _, _, c = xp.shape
-    y = np.empty((n, out_h, out_w, c), xp.dtype)
+def max_pool(xp, pool_h, pool_w, stride_h, stride_w, arg, y):
+    """Window maxima into y; arg gets the flat in-window offset of each (the first maximum wins: strict `>` in
+    order). Channels innermost: contiguous, so the comparisons vectorise."""
+    n, out_h, out_w, c = y.shape
     for b in numba.prange(n):
         for i in range(out_h):
             for j in range(out_w):

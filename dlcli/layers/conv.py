@@ -6,7 +6,7 @@ matmul (see conv_math); nothing loops over samples or output positions.
 """
 import numpy as np
 
-from dlcli.engine import activations, initializers
+from dlcli.engine import activations, initializers, lanes
 from dlcli.engine.layer import Layer, ranked
 from dlcli.errors import ConfigError
 from dlcli.layers import conv_math as cm
@@ -39,6 +39,7 @@ class _Conv(_Windowed):
     """y = activation(conv(x, kernel) + bias); kernel (*kernel_size, in, filters) as Keras."""
 
     activation_last = True
+    splits_batch = True  # its chunks run on lanes (engine/lanes.py)
 
     def __init__(self, filters: Size, kernel_size: Sizes, strides: Sizes = 1, padding: str = "valid",
                  dilation_rate: Sizes = 1, groups: Size = 1, activation: str | None = None, use_bias: bool = True,
@@ -88,27 +89,36 @@ class _Conv(_Windowed):
         if self.use_bias:
             weights = np.vstack([weights, self.bias.value[None]])
         z = np.empty((x.shape[0] * per_sample, self.filters), x.dtype)
-        for start, stop, cols in self._patch_chunks(xp):
-            np.dot(cols, weights, out=z[start * per_sample:stop * per_sample])
-            if stop - start == len(x):  # all in one: backward takes these instead of gathering them again
-                self.cols = cols
+
+        def gemms(run):  # each chunk's patches times the kernel, into its rows of z
+            for start, stop, cols in self._patch_chunks(xp, run):
+                np.dot(cols, weights, out=z[start * per_sample:stop * per_sample])
+            return [cols]
+        chunks = self._chunks(len(x))
+        last = lanes.run(gemms, chunks)[-1]
+        self.cols = last if len(chunks) == 1 else None  # all in one: backward takes them instead of gathering again
         return activations.activate_owned(self, z.reshape(x.shape[0], *self.out_sizes, self.filters))
 
-    def _patch_chunks(self, xp):
-        """(start, stop, the patches of samples start:stop as (positions, kernel taps [+ a column of ones])), a few
-        samples at a time: each GEMM reads patches im2col has just written, from cache, where one array of every
-        patch came back from memory (and needed keeping until backward). With the ones, the GEMM adds the bias
-        and its transpose in backward sums the bias gradient with the kernel's. Single-thread CPU per GEMM +
-        im2col, AMD EPYC (Zen 4) at load ~22: resnet 14x14x32 -> 32 4.99 -> 3.17 ms, book convnet conv 2 4.44 ->
-        3.31; the kernel gradient, im2col included again, 4.31 -> 3.58. Few channels (a memory-bound GEMM, a
-        costlier gather) or few patches: one chunk, kept for backward."""
-        k, per_sample, n = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes)), xp.shape[0]
-        few = xp.shape[-1] < cm.BLOCK_CHANNELS or n * per_sample * (k + 1) <= 2 * cm.CHUNK_FLOATS
+    def _chunks(self, n):
+        """[(start, stop)] of the samples gathered at once: a few at a time, so each GEMM reads patches im2col has
+        just written, from cache, where one array of every patch came back from memory (and needed keeping until
+        backward). Single-thread CPU per GEMM + im2col, AMD EPYC (Zen 4) at load ~22: resnet 14x14x32 -> 32 4.99 ->
+        3.17 ms, book convnet conv 2 4.44 -> 3.31; the kernel gradient, im2col included again, 4.31 -> 3.58. Few
+        channels (a memory-bound GEMM, a costlier gather) or few patches: one chunk, kept for backward. The chunks
+        are the lanes' parts (engine/lanes.py): they never depend on the lane count."""
+        k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
+        few = self.xp_shape[-1] < cm.BLOCK_CHANNELS or n * per_sample * (k + 1) <= 2 * cm.CHUNK_FLOATS
         chunk = n if few else max(1, cm.CHUNK_FLOATS // (per_sample * (k + 1)))
+        return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+    def _patch_chunks(self, xp, chunks):
+        """(start, stop, the patches of samples start:stop as (positions, kernel taps [+ a column of ones])) for
+        each chunk, in one buffer reused (its contents valid until the next). With the ones, the GEMM adds the bias
+        and its transpose in backward sums the bias gradient with the kernel's."""
+        k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
         buffer = None
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            if buffer is None or stop - start < chunk:
+        for start, stop in chunks:
+            if buffer is None or len(buffer[0]) != (stop - start) * per_sample:
                 buffer = self._patch_buffer(stop - start, per_sample, k, xp.dtype)
             cols, patches = buffer
             cm.im2col(xp[start:stop], self.kernel_size, self.out_sizes, self.strides, self.dilation_rate,
@@ -176,9 +186,12 @@ class _Conv(_Windowed):
         if self.kernel.grad is not None or (self.use_bias and self.bias.grad is not None):
             grads = np.zeros((k + self.use_bias, self.filters), g.dtype)  # k kernel rows [+ the bias row]
             per_sample = int(np.prod(self.out_sizes))
-            chunks = self._patch_chunks(self.xp) if self.cols is None else [(0, len(self.xp), self.cols)]
-            for start, stop, cols in chunks:
-                grads += np.dot(cols.T, g[start * per_sample:stop * per_sample])
+
+            def products(run):  # each chunk's patches.T @ its output gradient
+                patches = self._patch_chunks(self.xp, run) if self.cols is None else [(0, len(self.xp), self.cols)]
+                return [np.dot(cols.T, g[start * per_sample:stop * per_sample]) for start, stop, cols in patches]
+            for product in lanes.run(products, self._chunks(len(self.xp))):  # summed in chunk order on any lanes
+                grads += product
             if self.kernel.grad is not None:
                 self.kernel.grad += grads[:k].reshape(self.kernel.grad.shape)
             if self.use_bias and self.bias.grad is not None:

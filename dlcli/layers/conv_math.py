@@ -11,6 +11,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from dlcli import kernels
+from dlcli.engine import lanes
 from dlcli.errors import ConfigError, ShapeError
 
 PADDINGS = ("valid", "same")
@@ -153,15 +154,19 @@ def col2im_matmul(a2, kernel, padded_shape, out_sizes, strides, dilation):
     dxp = np.empty(padded_shape, a2.dtype)
     if len(taps) == 1:  # 1D as 2D of height 1
         taps, strides, dilation, out_sizes = (1, *taps), (1, *strides), (1, *dilation), (1, *out_sizes)
-    # a few samples at a time: their products stay in cache for the scatter, and the buffer is reused
+    # a few samples at a time: their products stay in cache for the scatter, and the buffer is reused; the chunks
+    # are the lanes' parts (engine/lanes.py), each lane with a buffer of its own
     chunk = max(1, CHUNK_FLOATS // (per_sample * weights.shape[1]))
-    products = np.empty((min(chunk, n) * per_sample, weights.shape[1]), a2.dtype)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        part = products[:(stop - start) * per_sample]
-        np.dot(a2[start * per_sample:stop * per_sample], weights, out=part)
-        compiled.col2im(part.reshape(stop - start, *out_sizes, -1), *taps, *strides, *dilation,
-                        dxp[start:stop] if dxp.ndim == 4 else dxp[start:stop, None])
+
+    def scatter(run):
+        products = np.empty((min(chunk, n) * per_sample, weights.shape[1]), a2.dtype)
+        for start, stop in run:
+            part = products[:(stop - start) * per_sample]
+            np.dot(a2[start * per_sample:stop * per_sample], weights, out=part)
+            compiled.col2im(part.reshape(stop - start, *out_sizes, -1), *taps, *strides, *dilation,
+                            dxp[start:stop] if dxp.ndim == 4 else dxp[start:stop, None])
+        return run
+    lanes.run(scatter, [(start, min(start + chunk, n)) for start in range(0, n, chunk)])
     return dxp
 
 
@@ -244,8 +249,21 @@ def max_pool(xp, pool, out_sizes, strides):
         return max_pool_numpy(xp, pool, out_sizes, strides)
     (ph, pw, sh, sw, oh, ow), (x2,) = _as_2d(pool, out_sizes, strides, xp)
     arg = np.empty((xp.shape[0], oh, ow, xp.shape[-1]), np.uint8 if np.prod(pool) < 256 else np.int32)
-    y = compiled.max_pool(x2, ph, pw, sh, sw, oh, ow, arg)
+    y = np.empty(arg.shape, xp.dtype)
+
+    def pool_part(run):
+        for start, stop in run:
+            compiled.max_pool(x2[start:stop], ph, pw, sh, sw, arg[start:stop], y[start:stop])
+        return run
+    lanes.run(pool_part, batch_parts(len(y)))
     return y.reshape(xp.shape[0], *out_sizes, -1), arg.reshape(y.shape[0], *out_sizes, -1)
+
+
+def batch_parts(n):
+    """[(start, stop)]: the samples split evenly over the lanes (engine/lanes.py), for kernels that treat each
+    sample alone (their results do not depend on the split)."""
+    parts = lanes.count()
+    return [(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
 
 
 def max_pool_numpy(xp, pool, out_sizes, strides):
@@ -300,8 +318,13 @@ def max_pool_backward(grad, arg, padded_shape, pool, out_sizes, strides):
     if compiled is None:
         return max_pool_backward_numpy(grad, arg, padded_shape, pool, out_sizes, strides)
     dxp = (np.empty if _tiled(pool, strides, out_sizes, padded_shape) else np.zeros)(padded_shape, grad.dtype)
-    (ph, pw, sh, sw, _, _), (g2, a2, d2) = _as_2d(pool, out_sizes, strides, grad, arg, dxp)
-    compiled.max_pool_backward(np.ascontiguousarray(g2), a2, d2, ph, pw, sh, sw)
+    (ph, pw, sh, sw, _, _), (g2, a2, d2) = _as_2d(pool, out_sizes, strides, np.ascontiguousarray(grad), arg, dxp)
+
+    def spread_part(run):
+        for start, stop in run:
+            compiled.max_pool_backward(g2[start:stop], a2[start:stop], d2[start:stop], ph, pw, sh, sw)
+        return run
+    lanes.run(spread_part, batch_parts(len(dxp)))
     return dxp
 
 

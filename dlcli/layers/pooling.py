@@ -50,6 +50,7 @@ class _Pooling(Layer):
 
 
 class _MaxPooling(_Pooling):
+    splits_batch = True  # its kernels run on lanes (engine/lanes.py)
     post_activation = None  # the previous layer's activation, applied here when the graph moved it (graph.py)
 
     def forward(self, x, training=False):

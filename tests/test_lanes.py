@@ -1,0 +1,104 @@
+"""Lanes (engine/lanes.py): a layer's batch split over threads gives the same bits on any number of lanes, on both
+kernel paths; errors in any lane reach the caller; a training step with such layers runs BLAS on one thread."""
+import threading
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from dlcli import layers
+from dlcli.engine import blas, lanes
+
+
+def run_layer(layer, x, grad_seed=3):
+    layer.input_grad_needed = True
+    for param in layer.params.values():
+        param.grad = np.zeros_like(param.value)
+    y = layer.forward(x, training=True)
+    dx = layer.backward(np.random.default_rng(grad_seed).standard_normal(y.shape).astype(x.dtype))
+    return [y, dx] + [p.grad.copy() for p in layer.params.values()]
+
+
+LAYERS = [  # (constructor, input shape): several chunks per call (the conv cases) or one part per lane (pooling)
+    (lambda: layers.Conv2D(16, 3, padding="same"), (24, 12, 12, 8)),
+    (lambda: layers.Conv2D(8, 3, strides=2, dilation_rate=1, padding="valid"), (9, 15, 11, 12)),
+    (lambda: layers.Conv1D(12, 5, padding="causal"), (40, 30, 16)),
+    (lambda: layers.Conv2DTranspose(6, 3, strides=2, padding="same"), (20, 10, 10, 16)),
+    (lambda: layers.MaxPooling2D(2), (7, 12, 10, 5)),
+    (lambda: layers.MaxPooling2D(3, strides=2, padding="same"), (5, 9, 9, 3)),
+]
+
+
+@pytest.mark.parametrize("make,shape", LAYERS)
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_a_layer_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, make, shape, path):
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    monkeypatch.setattr("dlcli.layers.conv_math.CHUNK_FLOATS", 1 << 12)  # many chunks at these small shapes
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    workers = set()
+    real_run = lanes.run
+
+    def watched(work, parts):
+        return real_run(lambda run: workers.add(threading.current_thread().name) or work(run), parts)
+    monkeypatch.setattr(lanes, "run", watched)
+    results = []
+    for count in (1, 2, 3):
+        monkeypatch.setattr(lanes, "count", lambda count=count: count)
+        layer = make()
+        layer.build(shape[1:])
+        for p in layer.params.values():
+            p.value[...] = np.random.default_rng(1).standard_normal(p.value.shape)
+        results.append(run_layer(layer, x))
+    # the split really ran on another thread (the NumPy twins of the transposed conv and pooling run whole)
+    assert ("dlcli-lane" in workers) == (path == "numba" or type(layer).__name__ in ("Conv1D", "Conv2D"))
+    assert len(results[0]) == 2 + len(layer.params)
+    for one, more in zip(results[0], results[1] + results[2]):
+        np.testing.assert_array_equal(one, more)
+
+
+def test_an_error_in_any_lane_reaches_the_caller_and_the_lanes_stay_usable(monkeypatch):
+    monkeypatch.setattr(lanes, "count", lambda: 2)
+
+    def work(run):
+        if (1, 2) in run:
+            raise ValueError("lane failed")
+        return [a * 10 for a, _ in run]
+    with pytest.raises(ValueError, match="lane failed"):
+        lanes.run(work, [(0, 1), (1, 2)])  # the second part is the worker's
+    with pytest.raises(ValueError, match="lane failed"):
+        lanes.run(work, [(1, 2), (2, 3)])  # the caller's own
+    assert lanes.run(work, [(0, 1), (2, 3), (3, 4), (5, 6)]) == [0, 20, 30, 50]  # in order of the parts
+
+
+def test_inside_a_lane_blas_has_one_thread_and_no_lanes_start(monkeypatch):
+    monkeypatch.setattr(lanes, "count", lambda: 2)
+    seen = lanes.run(lambda run: [(blas.threads(), lanes.run(lambda r: [len(r)], [(0, 1), (1, 2)]))
+                                  for _ in run], [(0, 1), (1, 2)])
+    assert seen == [(1, [2]), (1, [2])]  # a nested run is one run in its own thread
+
+
+def test_a_conv_training_step_runs_blas_on_one_thread_and_gives_the_same_weights_on_any_thread_count():
+    from dlcli.models import Sequential
+
+    def trained(threads):
+        model = Sequential([layers.Conv2D(8, 3, activation="relu", input_shape=(14, 14, 1)),
+                            layers.MaxPooling2D(2), layers.Conv2D(16, 3, activation="relu"), layers.Flatten(),
+                            layers.Dense(10, activation="softmax")])
+        model.build(rng=np.random.default_rng(0))
+        model.compile("rmsprop", "sparse_categorical_crossentropy")
+        seen = []
+        dense = model.layers[-1]
+        forward = dense.forward
+        dense.forward = lambda *a, **k: seen.append(blas.threads()) or forward(*a, **k)
+        rng = np.random.default_rng(0)
+        x, y = rng.standard_normal((64, 14, 14, 1)).astype(np.float32), rng.integers(0, 10, 64)
+        with threadpool_limits(threads, user_api="blas"):
+            for _ in range(3):
+                model.train_step([x], [y])
+            assert blas.threads() == threads  # restored after each step
+        return seen, [w.copy() for w in model.get_weights()]
+    seen, one = trained(1)
+    seen_two, two = trained(2)
+    assert seen == seen_two == [1, 1, 1]
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
