@@ -206,9 +206,11 @@ def test_optimizer_updates_equal_their_numpy_twins(monkeypatch, config, dtype):
 @pytest.mark.parametrize("shape,args", [((6, 5, 4, 3), {}), ((7, 4), {"center": False}), ((5, 3, 6), {"scale": False}),
                                         ((4, 2, 2, 2), {"center": False, "scale": False})])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_batch_norm_passes_equal_their_numpy_twins_to_rounding(monkeypatch, shape, args, dtype):
+@pytest.mark.parametrize("lane_floats", [1 << 20, 1])  # the passes over one range of rows, or over four
+def test_batch_norm_passes_equal_their_numpy_twins_to_rounding(monkeypatch, shape, args, dtype, lane_floats):
     from dlcli import layers
 
+    monkeypatch.setattr("dlcli.layers.normalization.LANE_FLOATS", lane_floats)
     rng = np.random.default_rng(5)
     x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
     grad = rng.standard_normal(shape).astype(dtype)

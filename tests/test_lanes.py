@@ -24,7 +24,9 @@ LAYERS = [  # (constructor, input shape): several chunks per call (the conv case
     (lambda: layers.Conv2D(8, 3, strides=2, dilation_rate=1, padding="valid"), (9, 15, 11, 12)),
     (lambda: layers.Conv1D(12, 5, padding="causal"), (40, 30, 16)),
     (lambda: layers.Conv2DTranspose(6, 3, strides=2, padding="same"), (20, 10, 10, 16)),
+    (lambda: layers.Conv2D(5, 3, padding="same"), (9, 8, 8, 1)),  # few channels: patches kept for backward
     (lambda: layers.MaxPooling2D(2), (7, 12, 10, 5)),
+    (lambda: layers.BatchNormalization(), (6, 5, 5, 7)),
     (lambda: layers.MaxPooling2D(3, strides=2, padding="same"), (5, 9, 9, 3)),
 ]
 
@@ -34,6 +36,7 @@ LAYERS = [  # (constructor, input shape): several chunks per call (the conv case
 def test_a_layer_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, make, shape, path):
     monkeypatch.setenv("DLCLI_KERNELS", path)
     monkeypatch.setattr("dlcli.layers.conv_math.CHUNK_FLOATS", 1 << 12)  # many chunks at these small shapes
+    monkeypatch.setattr("dlcli.layers.normalization.LANE_FLOATS", 1)  # BN's passes on lanes at any size
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     workers = set()
     real_run = lanes.run
@@ -47,9 +50,9 @@ def test_a_layer_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, mak
         layer = make()
         layer.build(shape[1:])
         for p in layer.params.values():
-            p.value[...] = np.random.default_rng(1).standard_normal(p.value.shape)
+            p.value[...] = np.random.default_rng(1).uniform(0.5, 1.5, p.value.shape)
         results.append(run_layer(layer, x))
-    # the split really ran on another thread (the NumPy twins of the transposed conv and pooling run whole)
+    # the split really ran on another thread (the NumPy twins of the transposed conv, pooling and BN run whole)
     assert ("dlcli-lane" in workers) == (path == "numba" or type(layer).__name__ in ("Conv1D", "Conv2D"))
     assert len(results[0]) == 2 + len(layer.params)
     for one, more in zip(results[0], results[1] + results[2]):

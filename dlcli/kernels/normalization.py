@@ -1,9 +1,10 @@
-"""BatchNormalization's training passes over channels-last rows (every axis but the last reduced): the forward
-pass in three passes over the data (sums; centring with the sum of squares; normalising with the affine
-transform), the backward in two (the two channel sums; the input gradient), where the NumPy twins
-(layers/normalization.py) make about seven and six. The channel loop is innermost and contiguous, so it
-vectorises; the sums accumulate in float64, so they agree with the twins' float32 BLAS sums to float32 rounding
-(not bit for bit: the order differs).
+"""BatchNormalization's training passes over channels-last rows (every axis but the last reduced), each over a range
+of rows so the lanes (engine/lanes.py) share them: the forward pass in three passes over the data (sums; centring
+with the sum of squares; normalising with the affine transform), the backward in two (the two channel sums; the
+input gradient), where the NumPy twins (layers/normalization.py) make about seven and six. Each range's sums come
+back on their own and the layer adds them in range order, so the lanes never change a bit. The channel loop is
+innermost and contiguous, so it vectorises; the sums accumulate in float64, so they agree with the twins' float32
+BLAS sums to float32 rounding (not bit for bit: the order differs).
 """
 import numba
 import numpy as np
@@ -12,25 +13,33 @@ JIT = dict(cache=True, nogil=True, error_model="numpy")
 
 
 @numba.njit(**JIT)
-def batch_norm_forward(x, gamma, beta, epsilon, xhat, y, mean, var, inv_std):
-    """x (rows, C) -> xhat and y = xhat * gamma + beta (rows, C); the batch mean, biased variance and
-    1 / sqrt(var + epsilon) (C,) into the given arrays. An empty gamma or beta is scale or center off."""
+def channel_sums(x, acc):
+    """acc (C,) float64 = the column sums of x (rows, C)."""
     rows, c = x.shape
-    acc = np.zeros(c, np.float64)
+    for k in range(c):
+        acc[k] = 0.0
     for r in range(rows):
         for k in range(c):
             acc[k] += x[r, k]
+
+
+@numba.njit(**JIT)
+def centre(x, mean, xhat, acc):
+    """xhat = x - mean; acc (C,) float64 = the column sums of its squares."""
+    rows, c = x.shape
     for k in range(c):
-        mean[k] = acc[k] / rows
         acc[k] = 0.0
     for r in range(rows):
         for k in range(c):
             d = x[r, k] - mean[k]
             xhat[r, k] = d
             acc[k] += d * d
-    for k in range(c):
-        var[k] = acc[k] / rows
-        inv_std[k] = 1 / np.sqrt(var[k] + epsilon)
+
+
+@numba.njit(**JIT)
+def normalise(xhat, inv_std, gamma, beta, y):
+    """xhat *= inv_std in place; y = xhat * gamma + beta. An empty gamma or beta is scale or center off."""
+    rows, c = xhat.shape
     scale, center = gamma.size > 0, beta.size > 0
     for r in range(rows):
         for k in range(c):
@@ -44,21 +53,24 @@ def batch_norm_forward(x, gamma, beta, epsilon, xhat, y, mean, var, inv_std):
 
 
 @numba.njit(**JIT)
-def batch_norm_backward(grad, xhat, scale, sum_g, sum_gx, dx):
-    """The input gradient with batch statistics, dx = scale * (grad - mean(grad) - xhat * mean(grad * xhat)) with
-    scale = gamma * inv_std (C,); the sums of grad and grad * xhat (beta's and gamma's gradients) into sum_g, sum_gx."""
+def gradient_sums(grad, xhat, acc_g, acc_gx):
+    """acc_g, acc_gx (C,) float64 = the column sums of grad and of grad * xhat (beta's and gamma's gradients)."""
     rows, c = grad.shape
-    acc_g, acc_gx = np.zeros(c, np.float64), np.zeros(c, np.float64)
+    for k in range(c):
+        acc_g[k] = 0.0
+        acc_gx[k] = 0.0
     for r in range(rows):
         for k in range(c):
             g = grad[r, k]
             acc_g[k] += g
             acc_gx[k] += g * xhat[r, k]
-    a, b = np.empty(c, grad.dtype), np.empty(c, grad.dtype)
-    for k in range(c):
-        sum_g[k], sum_gx[k] = acc_g[k], acc_gx[k]
-        a[k] = sum_gx[k] * (scale[k] / rows)
-        b[k] = sum_g[k] * (scale[k] / rows)
+
+
+@numba.njit(**JIT)
+def input_gradient(grad, xhat, scale, a, b, dx):
+    """dx = (grad * scale - xhat * a) - b: with batch statistics, scale = gamma * inv_std, a = sum(grad * xhat) *
+    scale / n and b = sum(grad) * scale / n, i.e. scale * (grad - mean(grad) - xhat * mean(grad * xhat))."""
+    rows, c = grad.shape
     for r in range(rows):
         for k in range(c):
             dx[r, k] = (grad[r, k] * scale[k] - xhat[r, k] * a[k]) - b[k]

@@ -35,6 +35,11 @@ class _Windowed(Layer):
                                    self.dilation_rate)
 
 
+# chunks of a conv whose patches are kept from forward for backward (few channels or few patches): a fixed count,
+# so results never depend on the lanes (2 or 4 of them share these evenly)
+KEPT_CHUNKS = 4
+
+
 class _Conv(_Windowed):
     """y = activation(conv(x, kernel) + bias); kernel (*kernel_size, in, filters) as Keras."""
 
@@ -90,37 +95,46 @@ class _Conv(_Windowed):
             weights = np.vstack([weights, self.bias.value[None]])
         z = np.empty((x.shape[0] * per_sample, self.filters), x.dtype)
 
+        chunks, kept = self._chunks(len(x))
+
         def gemms(run):  # each chunk's patches times the kernel, into its rows of z
-            for start, stop, cols in self._patch_chunks(xp, run):
+            for start, stop, cols in self._patch_chunks(xp, run, kept):
                 np.dot(cols, weights, out=z[start * per_sample:stop * per_sample])
-            return [cols]
-        chunks = self._chunks(len(x))
-        last = lanes.run(gemms, chunks)[-1]
-        self.cols = last if len(chunks) == 1 else None  # all in one: backward takes them instead of gathering again
+                yield start, cols
+        patches = lanes.run(gemms, chunks)
+        self.cols = dict(patches) if kept else None  # {start: patches} that backward takes instead of gathering
         return activations.activate_owned(self, z.reshape(x.shape[0], *self.out_sizes, self.filters))
 
     def _chunks(self, n):
-        """[(start, stop)] of the samples gathered at once: a few at a time, so each GEMM reads patches im2col has
-        just written, from cache, where one array of every patch came back from memory (and needed keeping until
-        backward). Single-thread CPU per GEMM + im2col, AMD EPYC (Zen 4) at load ~22: resnet 14x14x32 -> 32 4.99 ->
-        3.17 ms, book convnet conv 2 4.44 -> 3.31; the kernel gradient, im2col included again, 4.31 -> 3.58. Few
-        channels (a memory-bound GEMM, a costlier gather) or few patches: one chunk, kept for backward. The chunks
-        are the lanes' parts (engine/lanes.py): they never depend on the lane count."""
+        """([(start, stop)] of the samples gathered at once, whether their patches are kept for backward): a few
+        at a time, so each GEMM reads patches im2col has just written, from cache, where one array of every patch
+        came back from memory (and needed keeping until backward). Single-thread CPU per GEMM + im2col, AMD EPYC
+        (Zen 4) at load ~22: resnet 14x14x32 -> 32 4.99 -> 3.17 ms, book convnet conv 2 4.44 -> 3.31; the kernel
+        gradient, im2col included again, 4.31 -> 3.58. Few channels (a memory-bound GEMM, a costlier gather) or few
+        patches: KEPT_CHUNKS chunks, kept for backward (one chunk kept the first conv of the book convnet and the
+        resnet's stem on one core). The chunks are the lanes' parts (engine/lanes.py): never the lane count's."""
         k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
-        few = self.xp_shape[-1] < cm.BLOCK_CHANNELS or n * per_sample * (k + 1) <= 2 * cm.CHUNK_FLOATS
-        chunk = n if few else max(1, cm.CHUNK_FLOATS // (per_sample * (k + 1)))
-        return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+        kept = self.xp_shape[-1] < cm.BLOCK_CHANNELS or n * per_sample * (k + 1) <= 2 * cm.CHUNK_FLOATS
+        if kept:
+            return [(n * i // KEPT_CHUNKS, n * (i + 1) // KEPT_CHUNKS) for i in range(KEPT_CHUNKS)
+                    if n * i // KEPT_CHUNKS < n * (i + 1) // KEPT_CHUNKS], True
+        return cm.even_chunks(n, max(1, cm.CHUNK_FLOATS // (per_sample * (k + 1)))), False
 
-    def _patch_chunks(self, xp, chunks):
+    def _patch_chunks(self, xp, chunks, fresh=False):
         """(start, stop, the patches of samples start:stop as (positions, kernel taps [+ a column of ones])) for
-        each chunk, in one buffer reused (its contents valid until the next). With the ones, the GEMM adds the bias
-        and its transpose in backward sums the bias gradient with the kernel's."""
+        each chunk, in one buffer reused (its contents valid until the next), or `fresh` ones to keep. With the
+        ones, the GEMM adds the bias and its transpose in backward sums the bias gradient with the kernel's."""
         k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
-        buffer = None
+        most = max(stop - start for start, stop in chunks)
+        shared = None if fresh else self._patch_buffer(most, per_sample, k, xp.dtype)
         for start, stop in chunks:
-            if buffer is None or len(buffer[0]) != (stop - start) * per_sample:
-                buffer = self._patch_buffer(stop - start, per_sample, k, xp.dtype)
-            cols, patches = buffer
+            if shared is None:
+                cols, patches = self._patch_buffer(stop - start, per_sample, k, xp.dtype)
+            elif stop - start == most:
+                cols, patches = shared
+            else:  # a smaller chunk (they differ by one sample): the buffer's first rows, position-major layout
+                cols = shared[0][:(stop - start) * per_sample]
+                patches = cols[:, :k].reshape(stop - start, *self.out_sizes, *self.kernel_size, -1, copy=False)
             cm.im2col(xp[start:stop], self.kernel_size, self.out_sizes, self.strides, self.dilation_rate,
                       out=patches)
             yield start, stop, cols
@@ -188,9 +202,10 @@ class _Conv(_Windowed):
             per_sample = int(np.prod(self.out_sizes))
 
             def products(run):  # each chunk's patches.T @ its output gradient
-                patches = self._patch_chunks(self.xp, run) if self.cols is None else [(0, len(self.xp), self.cols)]
+                patches = (self._patch_chunks(self.xp, run) if self.cols is None else
+                           [(start, stop, self.cols[start]) for start, stop in run])
                 return [np.dot(cols.T, g[start * per_sample:stop * per_sample]) for start, stop, cols in patches]
-            for product in lanes.run(products, self._chunks(len(self.xp))):  # summed in chunk order on any lanes
+            for product in lanes.run(products, self._chunks(len(self.xp))[0]):  # summed in chunk order on any lanes
                 grads += product
             if self.kernel.grad is not None:
                 self.kernel.grad += grads[:k].reshape(self.kernel.grad.shape)

@@ -159,15 +159,23 @@ def col2im_matmul(a2, kernel, padded_shape, out_sizes, strides, dilation):
     chunk = max(1, CHUNK_FLOATS // (per_sample * weights.shape[1]))
 
     def scatter(run):
-        products = np.empty((min(chunk, n) * per_sample, weights.shape[1]), a2.dtype)
+        products = np.empty((max(b - a for a, b in run) * per_sample, weights.shape[1]), a2.dtype)
         for start, stop in run:
             part = products[:(stop - start) * per_sample]
             np.dot(a2[start * per_sample:stop * per_sample], weights, out=part)
             compiled.col2im(part.reshape(stop - start, *out_sizes, -1), *taps, *strides, *dilation,
                             dxp[start:stop] if dxp.ndim == 4 else dxp[start:stop, None])
         return run
-    lanes.run(scatter, [(start, min(start + chunk, n)) for start in range(0, n, chunk)])
+    lanes.run(scatter, even_chunks(n, chunk))
     return dxp
+
+
+def even_chunks(n, most):
+    """[(start, stop)] of n samples in the fewest chunks of at most `most`, of sizes differing by one at most: the
+    lanes get equal work (64 samples in chunks of 7 were 9 of 7 and one of 1, 35 samples on one lane and 29 on the
+    other; now 6 and 7, 32 each)."""
+    count = -(-n // most)
+    return [(n * i // count, n * (i + 1) // count) for i in range(count)]
 
 
 def col2im_matmul_numpy(a2, kernel, padded_shape, out_sizes, strides, dilation):
