@@ -16,15 +16,26 @@ from dlcli.metrics import metric_direction
 
 
 class CallbackList(Callback):
+    """Calls a hook on each callback in order, skipping those that leave an on_ hook Callback's no-op: fit calls two
+    hooks per batch, which most callbacks ignore. Each hook's callers are looked up once, at its first call."""
+
     def __init__(self, callbacks):
         self.callbacks = list(callbacks)
+        self.hooks = {}
 
     def __getattribute__(self, name):
         if name.startswith("on_") or name in ("set_model", "set_params"):
-            def call_all(*args, **kwargs):
-                for cb in object.__getattribute__(self, "callbacks"):
-                    getattr(cb, name)(*args, **kwargs)
-            return call_all
+            hooks = object.__getattribute__(self, "hooks")
+            if name not in hooks:
+                noop = getattr(Callback, name, None) if name.startswith("on_") else None
+                methods = [getattr(cb, name) for cb in object.__getattribute__(self, "callbacks")
+                           if noop is None or name in vars(cb) or getattr(type(cb), name, None) is not noop]
+
+                def call_all(*args, **kwargs):
+                    for method in methods:
+                        method(*args, **kwargs)
+                hooks[name] = call_all
+            return hooks[name]
         return object.__getattribute__(self, name)
 
 

@@ -80,7 +80,12 @@ class Metric(Mean):
     def update(self, y_true, y_pred, sample_weight=None):
         y_pred = np.asarray(y_pred)
         batch = len(y_pred)
-        per_sample = np.asarray(self.values(y_true, y_pred)).reshape(batch, -1).mean(1, dtype=np.float64)
+        values = np.asarray(self.values(y_true, y_pred))
+        if sample_weight is None and values.dtype == bool and values.shape == (batch,):
+            self.total += np.count_nonzero(values)  # hits per sample (accuracies): the sum below, in one call
+            self.weight += batch
+            return
+        per_sample = values.reshape(batch, -1).mean(1, dtype=np.float64)
         if sample_weight is None:
             self.total += float(per_sample.sum())
             self.weight += batch

@@ -97,6 +97,7 @@ class Run:
         self.checkpoint_header: dict = {}  # what the run adds to each checkpoint's header (its config record)
         self.norms: deque = deque(maxlen=NORM_HISTORY)
         self.mix, self.mix_seed = None, 0  # train.mix (dlcli.mixing) and the seed of its draws
+        self.penalties = None  # fit's _penalties(model), found once per fit (a step alone looks them up)
 
     @classmethod
     def in_dir(cls, files: run_files.RunDir, config, model, data, callbacks=(), verbose=1, world=None,
@@ -224,6 +225,7 @@ class Run:
             model.history = history
             weights = _sample_weights(data, n, class_weight, sample_weight)
             self.logs = RunningLogs(model)
+            self.penalties = _penalties(model)
             self.bn_sync = distributed.attach_batch_sync(model, world)
             if world.size > 1:
                 self.exchange = distributed.GradientExchange(world, model.trainable_weights,
@@ -371,10 +373,11 @@ class Run:
                     for g in grads:
                         g *= g.dtype.type(share)
                 model.graph.backward(grads)
-                loss += model.regularization_loss()
+                penalised, decayed = self.penalties or _penalties(model)
+                loss += float(sum(layer.regularization_loss() for layer in penalised))
                 if self.exchange is not None:
                     loss, parts = self._exchange(loss, parts, outs, yb, wb, share)
-                for layer in model.layers:  # after the exchange: each rank holds the weights, so add them once
+                for layer in decayed:  # after the exchange: each rank holds the weights, so add them once
                     layer.add_regularization_grads()
                 self._divergence_gate(loss, params, xb, yb, wb)
                 model.optimizer.apply(params)
@@ -404,8 +407,9 @@ class Run:
             self._diverged("rise", loss, xb, yb, wb)
         if self.model.optimizer.iterations % NORM_EVERY:
             return
-        grad_norm = math.sqrt(sum(_sq(p.grad) for p in params))
-        self.norms.append((math.sqrt(sum(_sq(p.value) for p in params)), grad_norm))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is the divergence being detected
+            grad_norm = math.sqrt(sum(_sq(p.grad) for p in params))
+            self.norms.append((math.sqrt(sum(_sq(p.value) for p in params)), grad_norm))
         if not math.isfinite(grad_norm):
             self._diverged("gradient", loss, xb, yb, wb)
 
@@ -517,8 +521,18 @@ def start_meta(config, model, data) -> dict:
 
 def _sq(a) -> float:
     flat = a.reshape(-1)
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is the divergence being detected
-        return float(np.dot(flat, flat))
+    return float(np.dot(flat, flat))
+
+
+def _penalties(model) -> tuple[list, list]:
+    """(the layers whose regularization_loss can be non-zero, those with a regularized trainable weight): the
+    layers a step asks for penalties and their gradients (the book MLP: none)."""
+    from dlcli.engine.layer import Layer
+
+    layers = model.layers
+    return ([layer for layer in layers if type(layer).regularization_loss is not Layer.regularization_loss
+             or any(p.regularizer is not None for p in layer.params.values())],
+            [layer for layer in layers if any(p.regularizer is not None for p in layer.trainable_weights)])
 
 
 def balanced_class_weight(labels: np.ndarray) -> dict:

@@ -55,7 +55,8 @@ def test_prefetch_keeps_order_stays_bounded_and_stops_when_closed():
     chunks = batch_indices(100, 10, np.random.default_rng(0).permutation(100))
     with source.batches(chunks) as batches:
         got = [b[0][:, 0].tolist() for b in batches]
-    assert got == [c.tolist() for c in chunks] and source.peak == 2
+    # the two workers at once, and the caller beside them when it reaches a batch neither has started
+    assert got == [c.tolist() for c in chunks] and 2 <= source.peak <= 3
     source = Slow(100)
     batches = source.batches(chunks)
     next(batches)
@@ -63,6 +64,31 @@ def test_prefetch_keeps_order_stays_bounded_and_stops_when_closed():
     assert len(source.taken) <= 1 + source.prefetch
     with pytest.raises(StopIteration):
         next(batches)
+
+
+def test_caller_takes_the_batches_no_worker_has_started(monkeypatch):
+    """On a busy machine a worker may wait for a core: the training thread then reads the batch itself."""
+    from dlcli.data import source as source_module
+
+    work = source_module.Batches._work
+
+    def late(self, w, count):  # a worker that gets a core only after the caller has needed every batch
+        threading.Event().wait(0.3)
+        work(self, w, count)
+    monkeypatch.setattr(source_module.Batches, "_work", late)
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    taken_by = []
+
+    class Recorded(ArraySource):
+        def take(self, index):
+            taken_by.append(threading.current_thread().name)
+            return super().take(index)
+
+    chunks = batch_indices(20, 3, np.random.default_rng(0).permutation(20))
+    with Recorded([x]).batches(chunks) as batches:
+        got = [b[0] for b in batches]
+    assert all(np.array_equal(g, x[c]) for g, c in zip(got, chunks))
+    assert taken_by == [threading.current_thread().name] * len(chunks)
 
 
 def test_worker_errors_surface_in_order():

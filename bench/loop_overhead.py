@@ -1,0 +1,110 @@
+"""The training loop's per-batch fixed cost (issue 26: under 2% of the book MLP's step): one `fit` epoch of the book's
+MNIST MLP (Dense 512 relu -> Dense 10 softmax, RMSprop, batch 128) with the model's own work timed apart: forward,
+loss, backward and the optimizer's update. Everything else `fit` spends per batch (the batch gather, metrics, logs,
+callbacks, the progress bar, the step's bookkeeping: gradients cleared, divergence gate, norms) is the fixed cost,
+reported per batch and as a fraction of the model's step.
+
+    DLCLI_DATA_DIR=../shared/datasets python bench/loop_overhead.py [--rounds 3] [--threads 1] [--bar]
+
+Each kernel path (DLCLI_KERNELS=numba, numpy) runs in its own process, rounds alternating between them; each round
+is one epoch after a warm-up one, and the round with the smallest fraction counts. Times are the training thread's
+CPU time (time.thread_time) with --threads 1 (a shared machine does not inflate it; the shuffled batch's gather runs
+on a thread of its own, one batch ahead: the process' CPU time is shown beside it), wall-clock otherwise. --bar draws the progress bar (to /dev/null) as a terminal run would.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def timed(fn, clock, spent):
+    """fn, adding the seconds of each call to spent[0]."""
+    def call(*args, **kwargs):
+        start = clock()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[0] += clock() - start
+    return call
+
+
+def measure(rounds: int, bar: bool, clock) -> list[dict]:
+    """Each round's (seconds of the fit epoch, of the model's own work, batches)."""
+    import numpy as np
+
+    from common import mnist_train
+    from dlcli import layers, models
+    from dlcli.callbacks import ProgressLogger
+    from dlcli.trainer import Run
+    from dlcli.data import Dataset
+
+    x, y = mnist_train((784,))
+    model = models.Sequential([layers.Dense(512, activation="relu", input_shape=(784,)),
+                               layers.Dense(10, activation="softmax")])
+    model.build(rng=np.random.default_rng(0))
+    model.compile(optimizer="rmsprop", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    spent = [0.0]
+    graph = model.graph
+    graph.forward, graph.backward = timed(graph.forward, clock, spent), timed(graph.backward, clock, spent)
+    model.compute_loss = timed(model.compute_loss, clock, spent)
+    model.optimizer.apply = timed(model.optimizer.apply, clock, spent)
+    devnull = open(os.devnull, "w")
+    out = []
+    for r in range(rounds + 1):  # the first is a warm-up (kernels loaded, buffers allocated)
+        callbacks = [ProgressLogger(1, len(x), stream=devnull, bar=True)] if bar else []
+        spent[0] = 0.0
+        start, process, wall = clock(), time.process_time(), time.perf_counter()
+        Run(model, callbacks, verbose=0, rng=np.random.default_rng(r)).fit(Dataset([x], [y]), epochs=1,
+                                                                           batch_size=128)
+        total = clock() - start
+        if r:
+            out.append({"total": total, "model": spent[0], "batches": -(-len(x) // 128),
+                        "process": time.process_time() - process, "wall": time.perf_counter() - wall})
+    return out
+
+
+def child(args):
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    print(json.dumps(measure(1, args.bar, clock)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads (1: CPU time of the one thread)")
+    parser.add_argument("--bar", action="store_true", help="draw the progress bar (to /dev/null)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    threads = str(args.threads)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+           "NUMBA_NUM_THREADS": threads}
+    argv = [sys.executable, __file__, "--child", "--threads", threads] + (["--bar"] if args.bar else [])
+    results = {"numba": [], "numpy": []}
+    for _ in range(args.rounds):
+        for path in results:
+            done = subprocess.run(argv, env={**env, "DLCLI_KERNELS": path}, capture_output=True, text=True,
+                                  check=True)
+            results[path] += json.loads(done.stdout.splitlines()[-1])
+    what = "CPU time, 1 thread" if args.threads == 1 else f"wall-clock, {args.threads} threads"
+    print(f"fit's fixed cost per batch, book MLP, batch 128 ({what}; best of {args.rounds} rounds, "
+          f"load {os.getloadavg()[0]:.1f})")
+    for path, rows in results.items():
+        fractions = [(r["total"] - r["model"]) / r["model"] for r in rows]
+        best = rows[min(range(len(rows)), key=fractions.__getitem__)]
+        fixed = (best["total"] - best["model"]) / best["batches"]
+        step = best["model"] / best["batches"]
+        print(f"  DLCLI_KERNELS={path:5s}  step {step * 1e3:6.2f} ms, fixed {fixed * 1e6:5.0f} us "
+              f"= {min(fractions):.1%} of the step (rounds {', '.join(f'{f:.1%}' for f in fractions)}; target < 2%)")
+        if args.threads == 1:  # the gather thread's share: the process' CPU beyond the training thread's
+            print(f"  {'':20s} process CPU {best['process'] / best['batches'] * 1e3:6.2f} ms/batch, "
+                  f"wall {best['wall'] / best['batches'] * 1e3:6.2f} ms/batch")
+
+
+if __name__ == "__main__":
+    main()
