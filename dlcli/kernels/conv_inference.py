@@ -26,14 +26,15 @@ def input_tiles(xp, tiles_h, tiles_w, v):
     at stride 2 (the caller pads xp so the last tiles fit). Each element of v sums 4 of d's with signs +-1 (exact):
     the innermost loop reads 4 channel rows and writes 1, which LLVM vectorises (a loop writing all 16 did not)."""
     n, _, _, c = xp.shape
+    kind = xp.dtype.type  # the signs in xp's type: float32 tiles are not summed in float64
     for b in range(n):
         for ti in range(tiles_h):
             for tj in range(tiles_w):
                 tile = (b * tiles_h + ti) * tiles_w + tj
                 for r in range(4):
-                    p, q, row_sign = PAIRS[r]
+                    p, q, row_sign = PAIRS[r][0], PAIRS[r][1], kind(PAIRS[r][2])
                     for e in range(4):
-                        pc, qc, col_sign = PAIRS[e]
+                        pc, qc, col_sign = PAIRS[e][0], PAIRS[e][1], kind(PAIRS[e][2])
                         a0, a1 = xp[b, 2 * ti + p, 2 * tj + pc], xp[b, 2 * ti + p, 2 * tj + qc]
                         b0, b1 = xp[b, 2 * ti + q, 2 * tj + pc], xp[b, 2 * ti + q, 2 * tj + qc]
                         out = v[4 * r + e, tile]
