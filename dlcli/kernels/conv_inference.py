@@ -22,21 +22,26 @@ PAIRS = ((0, 2, -1.0), (1, 2, 1.0), (2, 1, -1.0), (1, 3, -1.0))
 
 @numba.njit(**JIT)
 def input_tiles(xp, tiles_h, tiles_w, v):
-    """xp (n, 2 * tiles_h + 2, 2 * tiles_w + 2, c) -> v (16, n * tiles_h * tiles_w, c): B^T d B of every 4x4 tile d
-    at stride 2 (the caller pads xp so the last tiles fit). Each element of v sums 4 of d's with signs +-1 (exact):
-    the innermost loop reads 4 channel rows and writes 1, which LLVM vectorises (a loop writing all 16 did not)."""
-    n, _, _, c = xp.shape
+    """xp (n, height, width, c) -> v (16, n * tiles_h * tiles_w, c): B^T d B of every 4x4 tile d at stride 2; a
+    tile past xp's last row or column (an odd output size) reads zeros there. Each element of v sums 4 of d's with
+    signs +-1 (exact): the innermost loop reads 4 channel rows and writes 1, which LLVM vectorises (a loop writing
+    all 16 did not)."""
+    n, height, width, c = xp.shape
     kind = xp.dtype.type  # the signs in xp's type: float32 tiles are not summed in float64
+    zero = np.zeros(c, xp.dtype)
     for b in range(n):
+        image = xp[b]
         for ti in range(tiles_h):
             for tj in range(tiles_w):
                 tile = (b * tiles_h + ti) * tiles_w + tj
                 for r in range(4):
-                    p, q, row_sign = PAIRS[r][0], PAIRS[r][1], kind(PAIRS[r][2])
+                    p, q, row_sign = 2 * ti + PAIRS[r][0], 2 * ti + PAIRS[r][1], kind(PAIRS[r][2])
                     for e in range(4):
-                        pc, qc, col_sign = PAIRS[e][0], PAIRS[e][1], kind(PAIRS[e][2])
-                        a0, a1 = xp[b, 2 * ti + p, 2 * tj + pc], xp[b, 2 * ti + p, 2 * tj + qc]
-                        b0, b1 = xp[b, 2 * ti + q, 2 * tj + pc], xp[b, 2 * ti + q, 2 * tj + qc]
+                        pc, qc, col_sign = 2 * tj + PAIRS[e][0], 2 * tj + PAIRS[e][1], kind(PAIRS[e][2])
+                        a0 = image[p, pc] if p < height and pc < width else zero
+                        a1 = image[p, qc] if p < height and qc < width else zero
+                        b0 = image[q, pc] if q < height and pc < width else zero
+                        b1 = image[q, qc] if q < height and qc < width else zero
                         out = v[4 * r + e, tile]
                         for ch in range(c):
                             out[ch] = (a0[ch] + col_sign * a1[ch]) + row_sign * (b0[ch] + col_sign * b1[ch])

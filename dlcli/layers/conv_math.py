@@ -215,9 +215,6 @@ def winograd_conv(xp, kernel, bias, out_sizes):
     compiled = kernels.compiled("conv_inference")
     n, c, f = xp.shape[0], kernel.shape[2], kernel.shape[3]
     tiles_h, tiles_w = -(-out_sizes[0] // 2), -(-out_sizes[1] // 2)
-    extra_h, extra_w = 2 * tiles_h + 2 - xp.shape[1], 2 * tiles_w + 2 - xp.shape[2]
-    if extra_h or extra_w:  # an odd output size: its last tiles reach one row or column of zeros past xp
-        xp = pad(xp, ((0, extra_h), (0, extra_w)))
     g = WINOGRAD_G.astype(kernel.dtype)  # 0.5s: exact in float32
     u = (g @ (g @ kernel.reshape(3, -1)).reshape(4, 3, -1)).reshape(16, c, f)  # G k G^T, taps first
     bias = np.zeros(f, kernel.dtype) if bias is None else bias
