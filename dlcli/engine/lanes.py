@@ -51,6 +51,11 @@ def count() -> int:
     return _granted or blas.threads()
 
 
+def split(n: int, count: int) -> list[tuple[int, int]]:
+    """[(start, stop)]: range(n) in `count` contiguous parts, sizes differing by one at most (empty where n < count)."""
+    return [(n * i // count, n * (i + 1) // count) for i in range(count)]
+
+
 def run(work, parts: list) -> list:
     """work(run) for contiguous runs of `parts`, one run per lane, the first in the caller, BLAS on one thread
     meanwhile; the results concatenated in order (work returns a list per run, one item per part is usual). One
@@ -60,7 +65,7 @@ def run(work, parts: list) -> list:
     if lanes < 2 or not _busy.acquire(blocking=False):
         return list(work(parts))
     try:
-        runs = [parts[len(parts) * i // lanes:len(parts) * (i + 1) // lanes] for i in range(lanes)]
+        runs = [parts[a:b] for a, b in split(len(parts), lanes)]
         workers = _ensure(lanes - 1)
         with blas.one_thread():
             for (tasks, _), own in zip(workers, runs[1:]):

@@ -116,8 +116,7 @@ class _Conv(_Windowed):
         k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
         kept = self.xp_shape[-1] < cm.BLOCK_CHANNELS or n * per_sample * (k + 1) <= 2 * cm.CHUNK_FLOATS
         if kept:
-            return [(n * i // KEPT_CHUNKS, n * (i + 1) // KEPT_CHUNKS) for i in range(KEPT_CHUNKS)
-                    if n * i // KEPT_CHUNKS < n * (i + 1) // KEPT_CHUNKS], True
+            return [(a, b) for a, b in lanes.split(n, KEPT_CHUNKS) if a < b], True
         return cm.even_chunks(n, max(1, cm.CHUNK_FLOATS // (per_sample * (k + 1)))), False
 
     def _patch_chunks(self, xp, chunks, fresh=False):

@@ -174,8 +174,7 @@ def even_chunks(n, most):
     """[(start, stop)] of n samples in the fewest chunks of at most `most`, of sizes differing by one at most: the
     lanes get equal work (64 samples in chunks of 7 were 9 of 7 and one of 1, 35 samples on one lane and 29 on the
     other; now 6 and 7, 32 each)."""
-    count = -(-n // most)
-    return [(n * i // count, n * (i + 1) // count) for i in range(count)]
+    return lanes.split(n, -(-n // most))
 
 
 def col2im_matmul_numpy(a2, kernel, padded_shape, out_sizes, strides, dilation):
@@ -267,8 +266,7 @@ def max_pool(xp, pool, out_sizes, strides):
 def batch_parts(n):
     """[(start, stop)]: the samples split evenly over the lanes (engine/lanes.py), for kernels that treat each
     sample alone (their results do not depend on the split)."""
-    parts = lanes.count()
-    return [(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
+    return lanes.split(n, lanes.count())
 
 
 def max_pool_numpy(xp, pool, out_sizes, strides):

@@ -589,8 +589,7 @@ ROW_PARTS, LANE_FLOATS = 4, 1 << 20
 
 
 def _row_parts(rows, c):
-    parts = ROW_PARTS if rows * c >= LANE_FLOATS else 1
-    return [(rows * i // parts, rows * (i + 1) // parts) for i in range(parts)]
+    return lanes.split(rows, ROW_PARTS if rows * c >= LANE_FLOATS else 1)
 
 
 def _into(kernel, *arrays):
