@@ -97,7 +97,7 @@ class Run:
         self.checkpoint_header: dict = {}  # what the run adds to each checkpoint's header (its config record)
         self.norms: deque = deque(maxlen=NORM_HISTORY)
         self.mix, self.mix_seed = None, 0  # train.mix (dlcli.mixing) and the seed of its draws
-        self.penalties = None  # fit's _penalties(model), found once per fit (a step alone looks them up)
+        self.step_layers = None  # fit's _step_layers(model), found once per fit (a step alone looks them up)
 
     @classmethod
     def in_dir(cls, files: run_files.RunDir, config, model, data, callbacks=(), verbose=1, world=None,
@@ -225,7 +225,7 @@ class Run:
             model.history = history
             weights = _sample_weights(data, n, class_weight, sample_weight)
             self.logs = RunningLogs(model)
-            self.penalties = _penalties(model)
+            self.step_layers = _step_layers(model)
             self.bn_sync = distributed.attach_batch_sync(model, world)
             if world.size > 1:
                 self.exchange = distributed.GradientExchange(world, model.trainable_weights,
@@ -361,8 +361,7 @@ class Run:
         step ends. `partner` (train.mix on class labels) makes the loss w * loss(labels) + (1 - w) * loss(partner's
         labels) per sample. Returns (loss plus regularisation, each output's loss, the outputs)."""
         model, params = self.model, self.model.trainable_weights
-        # layers that split their batch over lanes: every GEMM of the step on one BLAS thread (engine/lanes.py)
-        splits = any(getattr(layer, "splits_batch", False) for layer in model.layers)
+        penalised, decayed, splits = self.step_layers or _step_layers(model)
         with lanes.spread() if splits else nullcontext():
             try:
                 outs = model.graph.forward(xb, training=True)
@@ -373,7 +372,6 @@ class Run:
                     for g in grads:
                         g *= g.dtype.type(share)
                 model.graph.backward(grads)
-                penalised, decayed = self.penalties or _penalties(model)
                 loss += float(sum(layer.regularization_loss() for layer in penalised))
                 if self.exchange is not None:
                     loss, parts = self._exchange(loss, parts, outs, yb, wb, share)
@@ -524,15 +522,17 @@ def _sq(a) -> float:
     return float(np.dot(flat, flat))
 
 
-def _penalties(model) -> tuple[list, list]:
-    """(the layers whose regularization_loss can be non-zero, those with a regularized trainable weight): the
-    layers a step asks for penalties and their gradients (the book MLP: none)."""
+def _step_layers(model) -> tuple[list, list, bool]:
+    """(the layers whose regularization_loss can be non-zero, those with a regularized trainable weight, whether a
+    layer splits its batch over lanes): the layers a step asks for penalties and their gradients (the book MLP:
+    none), and whether the step runs every GEMM on one BLAS thread so the lanes have the cores (engine/lanes.py)."""
     from dlcli.engine.layer import Layer
 
     layers = model.layers
     return ([layer for layer in layers if type(layer).regularization_loss is not Layer.regularization_loss
              or any(p.regularizer is not None for p in layer.params.values())],
-            [layer for layer in layers if any(p.regularizer is not None for p in layer.trainable_weights)])
+            [layer for layer in layers if any(p.regularizer is not None for p in layer.trainable_weights)],
+            any(getattr(layer, "splits_batch", False) for layer in layers))
 
 
 def balanced_class_weight(labels: np.ndarray) -> dict:

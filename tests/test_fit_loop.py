@@ -11,7 +11,7 @@ from dlcli import metrics
 from dlcli.data.source import ArraySource, batch_indices
 from dlcli.layers import ActivityRegularization, Dense
 from dlcli.models import Sequential
-from dlcli.trainer import Run, _penalties
+from dlcli.trainer import Run, _step_layers
 
 
 def test_array_batches_gathered_ahead_by_a_thread_in_order():
@@ -96,9 +96,9 @@ def test_regularised_layers_found_once_per_fit_still_add_their_penalties():
     losses = [m.fit(x, y, epochs=1, batch_size=8, verbose=0, seed=0).history["loss"][0] for m in (plain, penalised)]
     assert losses[1] > losses[0]  # the penalties enter the loss and move the weights
     assert not all(np.array_equal(a, b) for a, b in zip(plain.get_weights(), penalised.get_weights()))
-    for found in (None, _penalties(penalised)):  # a step alone (train_step) looks them up itself
+    for found in (None, _step_layers(penalised)):  # a step alone (train_step) looks them up itself
         run = Run(penalised, verbose=0)
-        run.penalties = found
+        run.step_layers = found
         penalised.graph.forward([x[:8]], training=True)
         expected = penalised.regularization_loss()  # the kernel's and the activity's, before the update
         assert expected > 0.01
