@@ -9,7 +9,7 @@ threadpoolctl (a dependency) switches OpenBLAS' threads around the loop; without
 the same switch the other way round (engine/graph.py): one BLAS thread per pass, a pass per core."""
 from contextlib import nullcontext
 
-import numpy as np  # noqa: F401  loaded before the first lookup: threadpoolctl only finds BLAS libraries in memory
+import numpy as np  # loaded before the first lookup: threadpoolctl only finds BLAS libraries in memory
 
 _controller = None
 
@@ -46,8 +46,6 @@ def gemm_address(dtype) -> tuple[int, bool] | None:
     the OpenBLAS NumPy links (the library threadpoolctl controls, so one_thread applies to its calls too), or None
     where there is none (another BLAS, no threadpoolctl): a compiled time loop calls it between its fused steps."""
     import ctypes
-
-    import numpy as np
 
     dtype = np.dtype(dtype)
     if dtype in _gemm_addresses:
