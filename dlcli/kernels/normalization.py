@@ -7,7 +7,6 @@ innermost and contiguous, so it vectorises; the sums accumulate in float64, so t
 BLAS sums to float32 rounding (not bit for bit: the order differs).
 """
 import numba
-import numpy as np
 
 JIT = dict(cache=True, nogil=True, error_model="numpy")
 

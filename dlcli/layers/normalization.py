@@ -3,8 +3,7 @@ with Keras' arguments, defaults and weight order (gamma, beta, ...; mean, varian
 import numpy as np
 
 from dlcli import kernels
-from dlcli.engine import lanes
-from dlcli.engine import initializers
+from dlcli.engine import initializers, lanes
 from dlcli.engine.layer import Layer, Param, register
 from dlcli.errors import ConfigError, ShapeError
 

@@ -244,7 +244,7 @@ def lstm_forward(S, Wz, act, rec_act, step_mask=None, gate_masks=None):
     """Scan S (K, T + 1, B): rows u: of column t hold x_t (and a row of ones when Wz has a bias column), S[:u, 0] is
     h_0; fills S[:u, 1:] with h_1..h_T and returns c_T (u, B) and the cache. step_mask (T, 1, B) bool;
     gate_masks (4, K, B) per-gate dropout factors of s_t (Keras' recurrent_dropout), internal gate order."""
-    K, T, B = S.shape[0], S.shape[1] - 1, S.shape[2]
+    T, B = S.shape[1] - 1, S.shape[2]
     u = len(Wz) // 4
     dt = S.dtype
     A = np.empty((T + 1, 5 * u, B), dt)  # step t: o, i, f, g activations and c_{t-1}
