@@ -163,9 +163,11 @@ def importances_png(importances: dict, metric: str, title: str) -> bytes:
 
 def write_curves(files: run_files.RunDir, rows: list[dict] | None = None, output=None) -> Path:
     """Draw a run's curves.png (or `output`) from `rows` (default: the run's history.csv); a K-fold run's from its
-    kfold.csv, as the mean across folds with a +-1 standard deviation band. Written through `files`, so a
-    data-parallel rank other than 0 (a NoRunDir) writes nothing."""
+    kfold.csv, as the mean across folds with a +-1 standard deviation band. A data-parallel rank other than 0 (a
+    NoRunDir) neither draws nor writes it: rank 0 does."""
     path, name = Path(output or files.curves), files.path.name
+    if not files.writes:
+        return path
     if rows is None and files.folds.is_dir() and files.kfold_csv.is_file():
         meta = run_files.read_json(files.meta) if files.meta.is_file() else {}
         k, done = meta.get("kfold"), sum(s == "completed" for s in meta.get("folds") or [])

@@ -70,6 +70,7 @@ class RunDir:
     importances_png = property(lambda self: self.path / "param_importances.png")
 
     MARKERS = ("config.yaml", "meta.json", "history.csv")  # any of them makes a folder a run directory
+    writes = True  # False for a rank that only reads (NoRunDir): what it would write need not be made
 
     @classmethod
     def for_rank(cls, path, world) -> "RunDir":
@@ -110,6 +111,8 @@ class RunDir:
 class NoRunDir(RunDir):
     """A data-parallel rank other than 0: rank 0's paths, to read, and writes that do nothing (the directory is rank
     0's, and every rank holds the same weights and logs)."""
+
+    writes = False
 
     def _nothing(self, *args):
         pass

@@ -49,10 +49,10 @@ def test_damaged_weights_never_suggest_unpickling(tmp_path, content, why):
     assert "allow_pickle" not in result.output and "Traceback" not in result.output
 
 
-def test_a_rank_other_than_0_shares_the_run_directory_without_writing_it(tmp_path):
+def test_a_rank_other_than_0_shares_the_run_directory_without_writing_it(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from dlcli import run_files
+    from dlcli import plots, run_files
     from dlcli.distributed import World
     from dlcli.plots import write_curves
 
@@ -62,7 +62,11 @@ def test_a_rank_other_than_0_shares_the_run_directory_without_writing_it(tmp_pat
     other.append_log("epoch 1\n")
     other.write_npz(other.checkpoint, {"a": np.zeros(2)})
     other.mark_failed({}, KeyboardInterrupt())
+    drawn = []
+    monkeypatch.setattr(plots, "curves_png", lambda *a, **k: drawn.append(a) or b"png")
     write_curves(other, [{"epoch": 1, "loss": 1.0}])
+    assert drawn == []  # not drawn only to be discarded
+    monkeypatch.undo()
     assert other.meta == tmp_path / "meta.json" and list(tmp_path.iterdir()) == []  # rank 0's paths, nothing written
     root = run_files.RunDir.for_rank(tmp_path, World())
     root.write_json(root.meta, {})
