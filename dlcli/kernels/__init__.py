@@ -107,8 +107,8 @@ def _import(name: str):
         import dlcli.kernels.recurrent as recurrent
 
         return recurrent
-    if name == "conv_inference":
-        import dlcli.kernels.conv_inference as conv_inference
+    if name == "winograd":
+        import dlcli.kernels.winograd as winograd
 
-        return conv_inference
+        return winograd
     raise KeyError(f"no compiled kernel module {name!r}")

@@ -84,10 +84,10 @@ class _Conv(_Windowed):
         self.xp_shape = xp.shape
         if self.groups > 1:
             return self._grouped_forward(xp)
-        self.xp, self.cols = xp, None  # backward gathers the patches again, a chunk at a time
-        if not training and cm.winograd_applies(self.kernel.value.shape, self.strides, self.dilation_rate,
-                                                self.groups):
-            z = cm.winograd_conv(xp, self.kernel.value, self.bias.value if self.use_bias else None, self.out_sizes)
+        self.xp, self.cols, self.tiles = xp, None, None  # backward gathers the patches again, a chunk at a time
+        if self._winograd():  # training keeps the transformed tiles for the kernel gradient
+            z, self.tiles = cm.winograd_conv(xp, self.kernel.value, self.bias.value if self.use_bias else None,
+                                             self.out_sizes, keep=training)
             return activations.activate_owned(self, z)
         k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
         weights = self.kernel.value.reshape(k, self.filters)
@@ -104,6 +104,9 @@ class _Conv(_Windowed):
         patches = lanes.run(gemms, chunks)
         self.cols = dict(patches) if kept else None  # {start: patches} that backward takes instead of gathering
         return activations.activate_owned(self, z.reshape(x.shape[0], *self.out_sizes, self.filters))
+
+    def _winograd(self):
+        return cm.winograd_applies(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups)
 
     def _chunks(self, n):
         """([(start, stop)] of the samples gathered at once, whether their patches are kept for backward): a few
@@ -195,6 +198,8 @@ class _Conv(_Windowed):
         if self.groups > 1:
             return self._grouped_backward(grad)
         g = np.ascontiguousarray(self.activation_backward(grad)).reshape(-1, self.filters)
+        if self._winograd():
+            return self._winograd_backward(g)
         k = self.kernel.value[..., 0].size
         if self.kernel.grad is not None or (self.use_bias and self.bias.grad is not None):
             grads = np.zeros((k + self.use_bias, self.filters), g.dtype)  # k kernel rows [+ the bias row]
@@ -215,6 +220,17 @@ class _Conv(_Windowed):
         dxp = cm.col2im_matmul(g, self.kernel.value, self.xp_shape, self.out_sizes, self.strides,
                                self.dilation_rate)
         return cm.unpad(dxp, self.pads)
+
+    def _winograd_backward(self, g):
+        if self.use_bias and self.bias.grad is not None:
+            self.bias.grad += g.sum(0)
+        kernel_grad, dxp = cm.winograd_backward(g.reshape(len(self.xp), *self.out_sizes, self.filters),
+                                                self.kernel.value, self.xp, self.out_sizes, self.tiles,
+                                                self.kernel.grad is not None, self.input_grad_needed)
+        self.tiles = None
+        if kernel_grad is not None:
+            self.kernel.grad += kernel_grad
+        return None if dxp is None else cm.unpad(dxp, self.pads)
 
     def to_onnx(self, g, x, in_shape, mask):
         k = self.rank

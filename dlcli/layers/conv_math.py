@@ -189,8 +189,8 @@ def col2im_matmul_numpy(a2, kernel, padded_shape, out_sizes, strides, dilation):
     return dxp
 
 
-# Winograd's F(2x2, 3x3) (kernels/conv_inference.py) replaces im2col + GEMM at inference for 3x3 stride-1 convolutions
-# with at least this many input channels (its 16 GEMMs have the channels as their inner dimension)
+# Winograd's F(2x2, 3x3) (kernels/winograd.py) replaces im2col + GEMM for 3x3 stride-1 convolutions with at least
+# this many input channels (its forward GEMMs have the channels as their inner dimension), in training and inference
 WINOGRAD_MIN_CHANNELS = 16
 # G of F(2x2, 3x3): U = G g G^T turns a 3x3 kernel into the 4x4 one the tiles are multiplied with
 WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
@@ -200,39 +200,136 @@ def winograd_applies(kernel_shape, strides, dilation, groups) -> bool:
     """A plain 3x3 stride-1 2D convolution with enough input channels, and the compiled kernels to run it."""
     return (tuple(kernel_shape[:2]) == (3, 3) and len(kernel_shape) == 4 and kernel_shape[2] >= WINOGRAD_MIN_CHANNELS
             and tuple(strides) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
-            and kernels.compiled("conv_inference") is not None)
+            and kernels.compiled("winograd") is not None)
 
 
-def winograd_conv(xp, kernel, bias, out_sizes):
-    """conv(xp, kernel) + bias for a padded input xp (n, out_h + 2, out_w + 2, c) and a kernel (3, 3, c, f): each
-    2x2 output block from its 4x4 input tile, 16 GEMMs (tiles, c) @ (c, f) over the transformed tiles. A few samples
-    at a time (about CHUNK_FLOATS of tiles and products), so the GEMMs read what the transform has just written
-    from cache. Thread CPU time per inference pass of 43 samples, one BLAS thread, AMD EPYC at load 6-9, alternating
-    with im2col + GEMM: book convnet conv 2 (13x13x32 -> 64) 2.57 -> 2.01 ms, conv 3 (5x5x64 -> 64, 4 tiles for 9
-    outputs) 0.446 -> 0.431, the whole pass 4.31 -> 3.71. Of conv 2's 2.0 ms the 16 GEMMs take about 1.0 (100
-    GFLOP/s) and each transform about 0.35."""
-    compiled = kernels.compiled("conv_inference")
-    n, c, f = xp.shape[0], kernel.shape[2], kernel.shape[3]
-    tiles_h, tiles_w = -(-out_sizes[0] // 2), -(-out_sizes[1] // 2)
+def winograd_tiles(out_sizes):
+    """(tiles_h, tiles_w): 2x2 output blocks per column and row, the last one ragged for an odd size."""
+    return -(-out_sizes[0] // 2), -(-out_sizes[1] // 2)
+
+
+def winograd_chunks(n, out_sizes, c, f):
+    """[(start, stop)] of the samples transformed and multiplied at once: about CHUNK_FLOATS of tiles and products,
+    so the GEMMs read what a transform has just written from cache. The lanes' parts (engine/lanes.py): they follow
+    the shapes alone, so forward keeps, and backward finds, the same chunks on any number of lanes."""
+    tiles_h, tiles_w = winograd_tiles(out_sizes)
+    return even_chunks(n, max(1, CHUNK_FLOATS // (16 * tiles_h * tiles_w * (c + f))))
+
+
+def _winograd_rows(samples, out_sizes):
+    """Rows per tap of a chunk's transformed tiles: an odd count, so the 16 taps' rows start at different cache
+    sets (c and f are usually powers of 2: with an even count the output transform's 16 reads collided, 0.43 ->
+    0.72 ms); the spare row is zeros, so it adds nothing to a product."""
+    tiles_h, tiles_w = winograd_tiles(out_sizes)
+    return samples * tiles_h * tiles_w | 1
+
+
+def _winograd_buffer(samples, out_sizes, width, dtype):
+    rows = _winograd_rows(samples, out_sizes)
+    buffer = np.empty((16, rows, width), dtype)
+    buffer[:, rows - 1:] = 0
+    return buffer
+
+
+def winograd_kernel(kernel):
+    """G k G^T of a (3, 3, c, f) kernel as (16, c, f), taps first."""
+    c, f = kernel.shape[2:]
     g = WINOGRAD_G.astype(kernel.dtype)  # 0.5s: exact in float32
-    u = (g @ (g @ kernel.reshape(3, -1)).reshape(4, 3, -1)).reshape(16, c, f)  # G k G^T, taps first
+    return (g @ (g @ kernel.reshape(3, -1)).reshape(4, 3, -1)).reshape(16, c, f)
+
+
+def winograd_conv(xp, kernel, bias, out_sizes, keep=False):
+    """(conv(xp, kernel) + bias, {chunk start: its transformed tiles V} if `keep` else None) for a padded input xp
+    (n, out_h + 2, out_w + 2, c) and a kernel (3, 3, c, f): each 2x2 output block from its 4x4 input tile, 16 GEMMs
+    (tiles, c) @ (c, f) over the transformed tiles, a chunk of samples at a time (winograd_chunks) on the lanes.
+    Training keeps each chunk's V for the kernel gradient (16 * tiles * c floats a sample: 4.6 MB for the book
+    convnet's conv 2 at batch 64, 6.4 MB for each of the resnet's 14x14x32 convs, under the 9 * positions * c of
+    im2col's patches). Thread CPU time per inference pass of 43 samples, one BLAS thread, AMD EPYC at load 6-9,
+    alternating with im2col + GEMM: book convnet conv 2 (13x13x32 -> 64) 2.57 -> 2.01 ms, conv 3 (5x5x64 -> 64, 4
+    tiles for 9 outputs) 0.446 -> 0.431, the whole pass 4.31 -> 3.71. Of conv 2's 2.0 ms the 16 GEMMs take about
+    1.0 (100 GFLOP/s) and each transform about 0.35."""
+    compiled = kernels.compiled("winograd")
+    n, c, f = xp.shape[0], kernel.shape[2], kernel.shape[3]
+    tiles_h, tiles_w = winograd_tiles(out_sizes)
+    u = winograd_kernel(kernel)
     bias = np.zeros(f, kernel.dtype) if bias is None else bias
-    tiles = tiles_h * tiles_w
-    chunk = max(1, CHUNK_FLOATS // (16 * tiles * (c + f)))
     y = np.empty((n, *out_sizes, f), xp.dtype)
-    v = m = None
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        if v is None or stop - start < chunk:
-            # an odd number of rows per tap: the 16 taps' rows then start at different cache sets (c and f are
-            # usually powers of 2: with an even count the output transform's 16 reads collided, 0.43 -> 0.72 ms)
-            rows = (stop - start) * tiles
-            v, m = np.empty((16, rows | 1, c), xp.dtype), np.empty((16, rows | 1, f), xp.dtype)
-            v[:, rows:] = 0  # the spare row is multiplied too: zeros, not whatever the memory held
-        compiled.input_tiles(xp[start:stop], tiles_h, tiles_w, v)
-        np.matmul(v, u, out=m)
-        compiled.output_tiles(m, tiles_h, tiles_w, bias, y[start:stop])
-    return y
+    chunks = winograd_chunks(n, out_sizes, c, f)
+
+    def products(run):
+        most = max(stop - start for start, stop in run)
+        v = None if keep else _winograd_buffer(most, out_sizes, c, xp.dtype)
+        m = _winograd_buffer(most, out_sizes, f, xp.dtype)
+        kept = []
+        for start, stop in run:
+            if keep:
+                v_part = _winograd_buffer(stop - start, out_sizes, c, xp.dtype)
+            else:  # a smaller chunk: the first rows of the lane's buffers (the spare zero row stays last)
+                v_part = _rows_of(v, stop - start, out_sizes)
+            m_part = _rows_of(m, stop - start, out_sizes)
+            compiled.input_tiles(xp[start:stop], tiles_h, tiles_w, v_part)
+            np.matmul(v_part, u, out=m_part)
+            compiled.output_tiles(m_part, tiles_h, tiles_w, bias, y[start:stop])
+            if keep:
+                kept.append((start, v_part))
+        return kept
+    kept = lanes.run(products, chunks)
+    return y, dict(kept) if keep else None
+
+
+def _rows_of(buffer, samples, out_sizes):
+    """A smaller chunk's view of a lane's buffer: its rows, the spare zero row (when it has one) included."""
+    rows = _winograd_rows(samples, out_sizes)
+    if rows == buffer.shape[1]:
+        return buffer
+    buffer[:, rows - 1] = 0  # a real row of the larger chunk before: zero it for the spare
+    return buffer[:, :rows]
+
+
+def winograd_backward(g, kernel, xp, out_sizes, kept=None, kernel_grad=True, input_grad=True):
+    """(the kernel's gradient (3, 3, c, f) or None, the padded input's gradient (n, *xp's sizes, c) or None) of
+    winograd_conv, from the output gradient g (n, out_h, out_w, f) after the activation's: its A-transform dM once
+    per chunk, then dU = V^T dM (16 GEMMs, the chunks' products added in chunk order, so on any lanes) and dV = dM
+    U^T (16 GEMMs) scattered back to the input by B dV B^T. V is the forward's `kept` tiles, or transformed again
+    from xp (a backward after an inference forward, as the gradient checks do)."""
+    compiled = kernels.compiled("winograd")
+    n, c, f = xp.shape[0], kernel.shape[2], kernel.shape[3]
+    tiles_h, tiles_w = winograd_tiles(out_sizes)
+    u_t = np.ascontiguousarray(winograd_kernel(kernel).transpose(0, 2, 1)) if input_grad else None
+    dxp = np.empty(xp.shape, g.dtype) if input_grad else None
+    g = np.ascontiguousarray(g)
+
+    def gradients(run):
+        most = max(stop - start for start, stop in run)
+        dm = _winograd_buffer(most, out_sizes, f, g.dtype)
+        v = _winograd_buffer(most, out_sizes, c, g.dtype) if kernel_grad and kept is None else None
+        dv = _winograd_buffer(most, out_sizes, c, g.dtype) if input_grad else None
+        products = []
+        for start, stop in run:
+            dm_part = _rows_of(dm, stop - start, out_sizes)
+            compiled.output_gradient_tiles(g[start:stop], tiles_h, tiles_w, dm_part)
+            if kernel_grad:
+                if kept is not None:
+                    v_part = kept[start]
+                else:
+                    v_part = _rows_of(v, stop - start, out_sizes)
+                    compiled.input_tiles(xp[start:stop], tiles_h, tiles_w, v_part)
+                products.append(np.matmul(v_part.transpose(0, 2, 1), dm_part))
+            if input_grad:
+                dv_part = _rows_of(dv, stop - start, out_sizes)
+                np.matmul(dm_part, u_t, out=dv_part)
+                compiled.input_gradient_tiles(dv_part, tiles_h, tiles_w, dxp[start:stop])
+        return products
+    products = lanes.run(gradients, winograd_chunks(n, out_sizes, c, f))
+    if not kernel_grad:
+        return None, dxp
+    du = products[0]
+    for product in products[1:]:  # in chunk order, whichever lane made each
+        du += product
+    gt = WINOGRAD_G.T.astype(du.dtype)
+    # dW = G^T dU G: the transpose of U = G k G^T, taps (a, b) -> (i, j)
+    dw = (gt @ (gt @ du.reshape(4, -1)).reshape(3, 4, -1).transpose(1, 0, 2).reshape(4, -1)).reshape(3, 3, c, f)
+    return dw.transpose(1, 0, 2, 3), dxp
 
 
 def _compiled_pooling(pool):

@@ -22,7 +22,10 @@ GRADIENT_CASES = {
               + [({"filters": 3, "kernel_size": 3, "activation": "relu", "use_bias": False}, (5, 5, 2), {}),
                  ({"filters": 4, "kernel_size": 3, "groups": 4, "padding": "same", "activation": "tanh"}, (4, 5, 4), {}),
                  ({"filters": 3, "kernel_size": 2, "groups": 3, "use_bias": False, "dilation_rate": 2}, (5, 5, 6),
-                  {})],
+                  {}),
+                 # 16 channels: Winograd on the compiled path, at inference and in training (odd outputs)
+                 ({"filters": 3, "kernel_size": 3, "padding": "same", "activation": "tanh"}, (5, 4, 16), {}),
+                 ({"filters": 2, "kernel_size": 3}, (5, 6, 16), {"training": True})],
     "Conv3D": [({"filters": 2, "kernel_size": 2}, (3, 4, 3, 2), {}),
                ({"filters": 2, "kernel_size": (2, 3, 2), "strides": 2, "padding": "same"}, (3, 5, 4, 1), {})],
     "Conv2DTranspose": [({"filters": 2, "kernel_size": 3}, (3, 4, 2), {}),

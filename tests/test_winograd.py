@@ -1,0 +1,145 @@
+"""Convolution through Winograd's F(2x2, 3x3) (kernels/winograd.py), forward and both gradients, against its twin,
+im2col + one GEMM and col2im (DLCLI_KERNELS=numpy): the same sums in another order, so equal within float32
+rounding."""
+import numpy as np
+import pytest
+
+from dlcli import kernels, layers
+from dlcli.layers import conv_math as cm
+
+# (input shape, filters, padding): even and odd outputs (a ragged last tile), 'same' and 'valid', rectangular,
+# the book convnet's second and third convs, a 2x2 output (one tile)
+CASES = [((5, 13, 13, 32), 64, "valid"), ((3, 8, 8, 16), 24, "same"), ((4, 7, 10, 16), 8, "same"),
+         ((3, 5, 5, 64), 64, "valid"), ((2, 4, 4, 16), 5, "valid"), ((9, 14, 14, 32), 32, "same")]
+
+
+def reference(xp, kernel, bias, out_sizes):
+    """The convolution in float64: im2col and one product."""
+    cols = cm.im2col(xp.astype(np.float64), (3, 3), out_sizes, (1, 1), (1, 1))
+    y = cols.reshape(-1, kernel[..., 0].size) @ kernel.reshape(-1, kernel.shape[-1]).astype(np.float64)
+    return y.reshape(*cols.shape[:3], -1) + (0 if bias is None else bias)
+
+
+@pytest.mark.parametrize("shape,filters,padding", CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_winograd_equals_the_convolution_to_rounding(monkeypatch, shape, filters, padding, dtype, use_bias):
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    monkeypatch.setattr(cm, "CHUNK_FLOATS", 16 * 36 * 96 * 2)  # two samples per chunk: seams and a short last one
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    kernel = (rng.standard_normal((3, 3, shape[-1], filters)) / np.sqrt(9 * shape[-1])).astype(dtype)
+    bias = rng.standard_normal(filters).astype(dtype) if use_bias else None
+    out, pads = cm.geometry(shape[1:-1], (3, 3), (1, 1), padding, (1, 1))
+    xp = cm.pad(x, pads)
+    y, kept = cm.winograd_conv(xp, kernel, bias, out)
+    assert kept is None  # inference keeps nothing
+    expected = reference(xp, kernel, bias, out)
+    assert y.dtype == dtype and y.shape == expected.shape == (shape[0], *out, filters)
+    # float32 rounding of sums of 9 * channels products of unit-scale values: a few eps of the largest output
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(y, expected, rtol=0, atol=16 * eps * np.abs(expected).max())
+
+
+def run_conv(path, monkeypatch, shape, filters, padding, use_bias, training=True, kernel_grad=True, input_grad=True):
+    """A Conv2D's (output, input gradient, kernel gradient, bias gradient) on one kernel path, after a ReLU."""
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    conv = layers.Conv2D(filters, 3, padding=padding, activation="relu", use_bias=use_bias)
+    conv.build(shape[1:])
+    conv.kernel.value[...] = rng.standard_normal(conv.kernel.value.shape) / np.sqrt(9 * shape[-1])
+    if use_bias:
+        conv.bias.value[...] = rng.standard_normal(filters) * 0.1
+    for p in conv.weights:
+        p.grad = np.zeros_like(p.value)
+    conv.kernel.grad = conv.kernel.grad if kernel_grad else None
+    conv.input_grad_needed = input_grad
+    y = conv.forward(x, training=training)
+    dx = conv.backward(rng.standard_normal(y.shape).astype(np.float32))
+    return [y, dx] + [p.grad for p in conv.weights]
+
+
+TRAINING_CASES = CASES + [((65, 9, 7, 16), 7, "same"), ((1, 6, 5, 17), 3, "valid"), ((65, 6, 6, 32), 16, "valid"),
+                          ((1, 11, 11, 16), 8, "same")]
+
+
+@pytest.mark.parametrize("shape,filters,padding", TRAINING_CASES)
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_training_gives_the_twins_output_and_gradients_to_rounding(monkeypatch, shape, filters, padding, use_bias):
+    """Training keeps each chunk's transformed tiles for the kernel gradient, and both gradients run in the Winograd
+    domain: batch sizes 1 and 65, odd output sizes (ragged tiles), 'same' and 'valid', several chunks."""
+    monkeypatch.setattr(cm, "CHUNK_FLOATS", 16 * 36 * 96 * 2)
+    winograd = run_conv("numba", monkeypatch, shape, filters, padding, use_bias)
+    twin = run_conv("numpy", monkeypatch, shape, filters, padding, use_bias)
+    for name, a, b in zip(("output", "input gradient", "kernel gradient", "bias gradient"), winograd, twin):
+        assert a.shape == b.shape and a.dtype == b.dtype == np.float32, name
+        # sums of up to 9 * channels (input gradient: 9 * filters; kernel's: the batch's positions) products
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * np.abs(b).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("kernel_grad,input_grad", [(True, False), (False, True)])
+def test_training_computes_only_the_gradients_asked_for(monkeypatch, kernel_grad, input_grad):
+    shape, filters = (5, 9, 8, 16), 8
+    winograd = run_conv("numba", monkeypatch, shape, filters, "same", True, True, kernel_grad, input_grad)
+    twin = run_conv("numpy", monkeypatch, shape, filters, "same", True, True, kernel_grad, input_grad)
+    assert (winograd[1] is None) == (not input_grad) and (winograd[2] is None) == (not kernel_grad)
+    for a, b in zip(winograd, twin):
+        if b is not None:
+            np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * np.abs(b).max())
+
+
+def test_a_conv_keeps_its_tiles_for_one_backward_only(monkeypatch):
+    """The kept tiles are dropped after backward (memory); a second backward transforms the input again."""
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 8, 8, 16)).astype(np.float32)
+    conv = layers.Conv2D(8, 3, padding="same")
+    conv.build(x.shape[1:])
+    conv.kernel.grad, conv.bias.grad = np.zeros_like(conv.kernel.value), np.zeros_like(conv.bias.value)
+    conv.input_grad_needed = True
+    y = conv.forward(x, training=True)
+    assert conv.tiles is not None and sum(v.size for v in conv.tiles.values()) >= 16 * 16 * 16 * 4
+    grad = rng.standard_normal(y.shape).astype(np.float32)
+    first = conv.backward(grad), conv.kernel.grad.copy()
+    assert conv.tiles is None
+    second = conv.backward(grad), conv.kernel.grad - first[1]
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_conv2d_predicts_the_same_on_both_paths_and_backward_still_works(monkeypatch):
+    """A Conv2D's inference forward on each path, then a backward pass after it (gradient checks call backward
+    after an inference forward): gradients do not depend on the path the forward took."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 9, 11, 16)).astype(np.float32)
+    kernel = (rng.standard_normal((3, 3, 16, 8)) * 0.1).astype(np.float32)
+    results = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        conv = layers.Conv2D(8, 3, padding="same", activation="relu")
+        conv.build(x.shape[1:])
+        conv.kernel.value[...], conv.bias.value[...] = kernel, 0.3
+        y = conv.forward(x, training=False)
+        conv.kernel.grad, conv.bias.grad = np.zeros_like(conv.kernel.value), np.zeros_like(conv.bias.value)
+        conv.input_grad_needed = True
+        dx = conv.backward(np.ones_like(y))
+        results.append((y, dx, conv.kernel.grad, conv.bias.grad))
+    for compiled, twin in zip(*results):
+        np.testing.assert_allclose(compiled, twin, rtol=1e-5, atol=1e-5 * np.abs(twin).max())
+
+
+@pytest.mark.parametrize("kernel_shape,strides,dilation,groups", [
+    ((3, 3, 16, 8), (2, 2), (1, 1), 1), ((3, 3, 16, 8), (1, 1), (2, 2), 1), ((3, 3, 8, 8), (1, 1), (1, 1), 2),
+    ((5, 5, 16, 8), (1, 1), (1, 1), 1), ((3, 3, 1, 32), (1, 1), (1, 1), 1), ((3, 3, 3, 16, 8), (1, 1, 1), (1, 1, 1), 1),
+    ((3, 16, 8), (1,), (1,), 1)])
+def test_winograd_is_only_for_plain_3x3_stride_1_2d_convolutions_on_enough_channels(kernel_shape, strides, dilation,
+                                                                                     groups):
+    assert not cm.winograd_applies(kernel_shape, strides, dilation, groups)
+
+
+def test_winograd_runs_only_with_the_compiled_kernels(monkeypatch):
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    assert cm.winograd_applies((3, 3, 16, 8), (1, 1), (1, 1), 1) and kernels.compiled("winograd") is not None
+    monkeypatch.setenv("DLCLI_KERNELS", "numpy")
+    assert not cm.winograd_applies((3, 3, 16, 8), (1, 1), (1, 1), 1)
