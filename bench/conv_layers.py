@@ -3,11 +3,13 @@ resnet config: each layer's forward and backward and the optimizer update, timed
 alternate between the peers, the best of `--steps` steps per layer.
 
     DLCLI_DATA_DIR=../shared/datasets python bench/conv_layers.py convnet|resnet [--steps 20] [--batch 64]
-        [--threads 2] [--cpu]
+        [--threads 2] [--cpu | --main]
 
 `--cpu` times each layer in process CPU seconds instead of wall seconds; with `--threads 1` (both peers on one
 thread) that is the work each layer does, which a machine shared with other jobs does not inflate as it does
-wall times (there two threads wait for each other's turn on a core).
+wall times (there two threads wait for each other's turn on a core). `--main` times the calling thread's CPU
+alone: with 2 threads, a layer whose work is split evenly shows about half its `--cpu` time, one left on the
+calling thread all of it (the critical path on a shared machine, where wall times wait for a core).
 
 PyTorch's layers are timed with module hooks (forward pre/post, full backward pre/post), so a torch layer's backward
 includes autograd's bookkeeping between its hooks; its convolutions are split into Conv2d and the ReLU or
@@ -118,10 +120,12 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cpu", action="store_true")
+    clocks = parser.add_mutually_exclusive_group()
+    clocks.add_argument("--cpu", action="store_true")
+    clocks.add_argument("--main", action="store_true")
     args = parser.parse_args()
     global clock
-    clock = time.process_time if args.cpu else time.perf_counter
+    clock = time.process_time if args.cpu else time.thread_time if args.main else time.perf_counter
     torch = torch_or_none()
     torch.set_num_threads(args.threads)
     if args.net == "convnet":
@@ -142,7 +146,7 @@ def main():
                 time.sleep(IDLE_SECONDS)
                 records[name].append(step())
     print(f"load average {os.getloadavg()[0]:.1f}; {args.threads} thread(s); best of {args.steps} alternating steps, "
-          f"{'CPU' if args.cpu else 'wall'} ms (forward / backward)")
+          f"{'CPU' if args.cpu else 'main-thread CPU' if args.main else 'wall'} ms (forward / backward)")
     for name in peers:
         best = best_of(records[name])
         print(f"--- {name}")

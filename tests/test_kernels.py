@@ -207,8 +207,10 @@ def test_optimizer_updates_equal_their_numpy_twins(monkeypatch, config, dtype):
                                         ((4, 2, 2, 2), {"center": False, "scale": False})])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("lane_floats", [1 << 20, 1])  # the passes over one range of rows, or over four
-def test_batch_norm_passes_equal_their_numpy_twins_to_rounding(monkeypatch, shape, args, dtype, lane_floats):
+@pytest.mark.parametrize("relu", [False, True])  # a ReLU layer after it, moved in by the graph
+def test_batch_norm_passes_equal_their_numpy_twins_to_rounding(monkeypatch, shape, args, dtype, lane_floats, relu):
     from dlcli import layers
+    from dlcli.engine import activations
 
     monkeypatch.setattr("dlcli.layers.normalization.LANE_FLOATS", lane_floats)
     rng = np.random.default_rng(5)
@@ -224,7 +226,9 @@ def test_batch_norm_passes_equal_their_numpy_twins_to_rounding(monkeypatch, shap
         for p in bn.weights:  # gamma and beta away from 1 and 0, the same on both paths
             if p.trainable:
                 p.value = weights.uniform(0.5, 1.5, p.value.shape).astype(p.value.dtype)
+        bn.post_activation = activations.get("relu") if relu else None
         y = bn.forward(x, training=True)
+        assert (y.min() >= 0) == relu
         dx = bn.backward(grad)
         results.append([y, dx] + [p.value for p in bn.weights] + [p.grad for p in bn.weights if p.trainable])
     tol = 2e-6 if dtype == np.float32 else 1e-12

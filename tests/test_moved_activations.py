@@ -1,6 +1,7 @@
 """A ReLU that only feeds a max pooling runs after the pooling (engine/graph.py): outputs and every gradient must be
 exactly those of the layers run as written, ties included, and nothing may move where another reader sees it."""
 import numpy as np
+import pytest
 
 from dlcli import layers, models
 
@@ -29,13 +30,14 @@ def _net():
 
 
 def _pass(model, xs, observer):
-    for p in model.weights:
+    for p in model.trainable_weights:
         p.grad[...] = 0
     outs = model.graph.forward(xs, training=True, observer=observer)
     grads = [np.ones_like(outs[0]) * np.arange(outs[0].shape[-1])]
     dx = model.graph.backward(grads, need_input_grads=True, observer=observer)[0]
     inference = model.graph.forward(xs, training=False, observer=observer)[0]
-    return [outs[0], dx, inference] + [p.grad.copy() for p in model.weights]
+    return [outs[0], dx, inference] + [p.grad.copy() for p in model.trainable_weights] + [
+        p.value.copy() for p in model.weights]
 
 
 def test_outputs_and_gradients_are_exactly_those_of_the_layers_as_written():
@@ -64,3 +66,65 @@ def test_nothing_moves_where_another_reader_sees_the_activation():
     assert len(chain.graph.movable) == 1
     chain.graph.forward([x])  # moves conv's relu into the pooling ...
     assert extractor.graph.forward([x])[0].min() >= 0  # ... and the extractor still sees relu outputs
+
+
+def _residual_net():
+    """A ReLU layer after a BatchNormalization and after an Add (absorbed), one after a BatchNormalization feeding
+    a max pooling (moved into the pooling instead), one whose BatchNormalization has a second reader (left alone)."""
+    img = layers.Input((6, 6, 3), name="img")
+    x = layers.Conv2D(4, 3, padding="same", use_bias=False, name="stem")(img)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.Activation("relu", name="stem_relu")(x)
+    pooled = layers.MaxPooling2D(2, name="pool")(x)
+    y = layers.Conv2D(4, 3, padding="same", use_bias=False, name="conv1")(pooled)
+    y = layers.BatchNormalization(name="bn1")(y)
+    y = layers.ReLU(name="relu1")(y)
+    y = layers.Conv2D(4, 3, padding="same", use_bias=False, name="conv2")(y)
+    y = layers.BatchNormalization(name="bn2")(y)
+    y = layers.Add(name="add")([y, pooled])
+    y = layers.Activation("relu", name="out_relu")(y)
+    shared_bn = layers.BatchNormalization(name="bn3")(layers.Conv2D(4, 1, name="conv3")(y))
+    z = layers.Add(name="add2")([layers.Activation("relu", name="relu3")(shared_bn), shared_bn])
+    out = layers.Dense(3, activation="softmax")(layers.Flatten()(z))
+    return models.Model(img, out)
+
+
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_relus_absorbed_by_batch_norm_and_add_give_the_layers_as_written_bit_for_bit(monkeypatch, path):
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    model = _residual_net()
+    assert [(a.name, b.name) for a, b, _ in model.graph.movable] == [("stem_relu", "pool")]
+    assert [(a.name, b.name) for a, b, _ in model.graph.absorbed] == [("bn1", "relu1"), ("add", "out_relu")]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 6, 6, 3)).astype(np.float32)
+    for _ in range(2):  # the second time from the moving statistics the first left
+        start = [p.value.copy() for p in model.weights]
+        moved = _pass(model, [x], None)
+        for p, value in zip(model.weights, start):
+            p.value = value
+        as_written = _pass(model, [x], Watcher())
+        for a, b in zip(moved, as_written):
+            assert np.array_equal(a, b)
+    assert model.get_layer("bn1").post_activation is None  # the observed pass put it back
+    assert model.get_layer("relu1").activation_moved is False
+
+
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_absorbed_relus_gradients_match_central_differences(monkeypatch, path):
+    from tests.test_functional import check_model_gradients
+
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    model = _residual_net()
+    model.compile("sgd", loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((4, 6, 6, 3)), rng.integers(0, 3, 4)
+    assert check_model_gradients(model, [x], [y], training=True) == 15  # 4 conv kernels, a bias, 4 gammas and betas, dense
+
+
+def test_a_conv_relu_before_a_batch_norm_stays_in_the_conv():
+    """Only a max pooling takes the activation of the layer before it: BatchNormalization takes a ReLU layer after
+    it, never a conv's own activation (relu then BN is not BN then relu)."""
+    img = layers.Input((6, 6, 1))
+    x = layers.BatchNormalization()(layers.Conv2D(2, 3, activation="relu")(img))
+    model = models.Model(img, layers.MaxPooling2D(2)(x))
+    assert model.graph.movable == [] and model.graph.absorbed == []

@@ -7,7 +7,10 @@ reports, `inspect-shapes --trace`) sees every node's output and gradients withou
 `observer.forward(node, output)` and `observer.backward(node, output_grad, input_grad)`.
 
 A ReLU that only feeds a max pooling moves after it (relu(max z) == max(relu z), gradients included): it then runs
-on a tensor pool_size times smaller. Observed runs keep every layer's own output, so nothing moves in them.
+on a tensor pool_size times smaller. A ReLU layer that is the only reader of a BatchNormalization or an Add runs
+inside that layer instead (its `post_activation`): BatchNormalization's compiled passes apply it and mask its
+gradient in their own loops, an Add in place on its own output, and the ReLU layer passes its input through.
+Observed runs keep every layer's own output, so nothing moves in them.
 """
 import copy
 import itertools
@@ -17,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from dlcli.engine import blas
+from dlcli.engine import activations, blas
 from dlcli.engine.layer import Layer, format_shape
 from dlcli.errors import ShapeError
 
@@ -147,6 +150,8 @@ class Graph:
         self.consumers = consumers
         self.movable = [(layer, pool, type(layer.activation)())
                         for layer, pool in _movable_activations(self.nodes, consumers, outputs)]
+        self.absorbed = [(layer, relu, type(relu.activation)())
+                         for layer, relu in _absorbed_relus(self.nodes, consumers, outputs, self.movable)]
 
     def replica(self) -> "Graph":
         """The same graph over twins of its layers: each twin shares its weights (the Param objects) but keeps its
@@ -160,6 +165,7 @@ class Graph:
             other.nodes.append(node)
         other.layers = [twins[id(layer)] for layer in self.layers]
         other.movable = [(twins[id(layer)], twins[id(pool)], type(act)()) for layer, pool, act in self.movable]
+        other.absorbed = [(twins[id(layer)], twins[id(relu)], type(act)()) for layer, relu, act in self.absorbed]
         return other
 
     def _move_activations(self, move: bool):
@@ -172,6 +178,8 @@ class Graph:
         if move:
             for layer, pool, activation in self.movable:
                 layer.activation_moved, pool.post_activation = True, activation
+            for layer, relu, activation in self.absorbed:
+                relu.activation_moved, layer.post_activation = True, activation
 
     def forward(self, xs: list, training: bool = False, observer=None) -> list:
         values, masks = {}, {}
@@ -282,7 +290,7 @@ def _movable_activations(nodes, consumers, outputs) -> list:
     pairs = []
     for node in nodes:
         pool = node.layer
-        if not hasattr(pool, "post_activation") or len(pool.nodes) != 1 or node.multi_input:
+        if not getattr(pool, "window_maximum", False) or len(pool.nodes) != 1 or node.multi_input:
             continue
         source = node.inputs[0]
         layer = source.node.layer
@@ -290,6 +298,25 @@ def _movable_activations(nodes, consumers, outputs) -> list:
                 and len(layer.nodes) == 1 and consumers[id(source)] == 1
                 and not any(source is t for t in outputs)):
             pairs.append((layer, pool))
+    return pairs
+
+
+def _absorbed_relus(nodes, consumers, outputs, movable) -> list:
+    """(layer, ReLU layer) pairs where the layer may apply the plain ReLU itself: the layer takes a post_activation
+    and has none moved in from elsewhere, the ReLU layer is its output's only reader, neither is shared, and the
+    ReLU does not move into a pooling itself."""
+    moved = {id(layer) for pair in movable for layer in pair[:2]}
+    pairs = []
+    for node in nodes:
+        relu = node.layer
+        if (not getattr(relu, "standalone_activation", False) or not isinstance(relu.activation, activations.ReLU)
+                or not relu.activation.plain or len(relu.nodes) != 1 or id(relu) in moved):
+            continue
+        source = node.inputs[0]
+        layer = source.node.layer
+        if (hasattr(layer, "post_activation") and id(layer) not in moved and len(layer.nodes) == 1
+                and consumers[id(source)] == 1 and not any(source is t for t in outputs)):
+            pairs.append((layer, relu))
     return pairs
 
 

@@ -5,6 +5,10 @@ input gradient), where the NumPy twins (layers/normalization.py) make about seve
 back on their own and the layer adds them in range order, so the lanes never change a bit. The channel loop is
 innermost and contiguous, so it vectorises; the sums accumulate in float64, so they agree with the twins' float32
 BLAS sums to float32 rounding (not bit for bit: the order differs).
+
+A plain ReLU after the layer (graph.py moves it into the layer's post_activation) runs inside these loops: the
+forward clamps y as it writes it, the backward multiplies the gradient by (y > 0) as it reads it (the ReLU layer's
+own twin, grad * (y > 0)), so neither pass makes a pass of its own. An empty `relu_y` (0 rows) is no ReLU.
 """
 import numba
 
@@ -36,10 +40,12 @@ def centre(x, mean, xhat, acc):
 
 
 @numba.njit(**JIT)
-def normalise(xhat, inv_std, gamma, beta, y):
-    """xhat *= inv_std in place; y = xhat * gamma + beta. An empty gamma or beta is scale or center off."""
+def normalise(xhat, inv_std, gamma, beta, relu, y):
+    """xhat *= inv_std in place; y = xhat * gamma + beta, and with `relu` max(that, 0) (NaN kept, as np.maximum).
+    An empty gamma or beta is scale or center off."""
     rows, c = xhat.shape
     scale, center = gamma.size > 0, beta.size > 0
+    zero = y.dtype.type(0)
     for r in range(rows):
         for k in range(c):
             h = xhat[r, k] * inv_std[k]
@@ -48,28 +54,40 @@ def normalise(xhat, inv_std, gamma, beta, y):
                 h = h * gamma[k]
             if center:
                 h = h + beta[k]
+            if relu and h < zero:
+                h = zero
             y[r, k] = h
 
 
 @numba.njit(**JIT)
-def gradient_sums(grad, xhat, acc_g, acc_gx):
-    """acc_g, acc_gx (C,) float64 = the column sums of grad and of grad * xhat (beta's and gamma's gradients)."""
+def gradient_sums(grad, xhat, relu_y, acc_g, acc_gx):
+    """acc_g, acc_gx (C,) float64 = the column sums of g and of g * xhat (beta's and gamma's gradients), where g is
+    grad, or grad * (relu_y > 0) for a non-empty relu_y."""
     rows, c = grad.shape
+    relu = relu_y.shape[0] > 0
+    zero, one = grad.dtype.type(0), grad.dtype.type(1)
     for k in range(c):
         acc_g[k] = 0.0
         acc_gx[k] = 0.0
     for r in range(rows):
         for k in range(c):
             g = grad[r, k]
+            if relu:
+                g = g * (one if relu_y[r, k] > zero else zero)
             acc_g[k] += g
             acc_gx[k] += g * xhat[r, k]
 
 
 @numba.njit(**JIT)
-def input_gradient(grad, xhat, scale, a, b, dx):
-    """dx = (grad * scale - xhat * a) - b: with batch statistics, scale = gamma * inv_std, a = sum(grad * xhat) *
-    scale / n and b = sum(grad) * scale / n, i.e. scale * (grad - mean(grad) - xhat * mean(grad * xhat))."""
+def input_gradient(grad, xhat, relu_y, scale, a, b, dx):
+    """dx = (g * scale - xhat * a) - b, g as in gradient_sums: with batch statistics, scale = gamma * inv_std,
+    a = sum(g * xhat) * scale / n and b = sum(g) * scale / n, i.e. scale * (g - mean(g) - xhat * mean(g * xhat))."""
     rows, c = grad.shape
+    relu = relu_y.shape[0] > 0
+    zero, one = grad.dtype.type(0), grad.dtype.type(1)
     for r in range(rows):
         for k in range(c):
-            dx[r, k] = (grad[r, k] * scale[k] - xhat[r, k] * a[k]) - b[k]
+            g = grad[r, k]
+            if relu:
+                g = g * (one if relu_y[r, k] > zero else zero)
+            dx[r, k] = (g * scale[k] - xhat[r, k] * a[k]) - b[k]

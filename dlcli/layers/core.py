@@ -221,6 +221,7 @@ class EinsumDense(Layer):
 class Activation(Layer):
     activation_last = True
     supports_masking = True
+    standalone_activation = True  # the graph may run its plain ReLU inside the layer before it (graph.py)
 
     def __init__(self, activation: str | dict, **kw):
         super().__init__(**kw)

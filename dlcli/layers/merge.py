@@ -122,6 +122,14 @@ class Add(_Merge):
     """Sum of the inputs."""
 
     onnx_op = "Add"
+    post_activation = None  # the ReLU layer after it, applied here in place when the graph moved it (graph.py)
+
+    def forward(self, xs, training=False):
+        out = super().forward(xs, training)
+        return out if self.post_activation is None else self.post_activation.forward_(out)
+
+    def backward(self, grad):
+        return super().backward(grad if self.post_activation is None else self.post_activation.backward(grad))
 
     def _merge(self, xs):
         out = xs[0] + xs[1] if len(xs) > 1 else xs[0].copy()

@@ -52,6 +52,7 @@ class _Pooling(Layer):
 class _MaxPooling(_Pooling):
     splits_batch = True  # its kernels run on lanes (engine/lanes.py)
     post_activation = None  # the previous layer's activation, applied here when the graph moved it (graph.py)
+    window_maximum = True  # relu(max z) == max(relu z): the graph may move the activation before it here
 
     def forward(self, x, training=False):
         # -inf padding: a padded position never wins, as in TF's 'same' max pooling
