@@ -60,6 +60,46 @@ def test_a_layer_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, mak
         np.testing.assert_array_equal(one, more)
 
 
+LSTM_FLAGS = [{}, {"return_sequences": True, "return_state": True, "go_backwards": True},
+              {"dropout": 0.3, "recurrent_dropout": 0.2, "return_sequences": True}]
+
+
+@pytest.mark.parametrize("flags", LSTM_FLAGS)
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_an_lstm_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, flags, path):
+    """The LSTM's batch parts (layers/recurrent.batch_parts) run on lanes, masked, with every return flag and
+    dropout: outputs, states and all gradients equal bit for bit on 1, 2 and 3 lanes, and to rounding with the
+    batch in one part."""
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    rng = np.random.default_rng(0)
+    x, mask = rng.standard_normal((10, 7, 4)), rng.random((10, 7)) > 0.3
+    workers = set()
+    real_run = lanes.run
+
+    def watched(work, parts):
+        return real_run(lambda run: workers.add(threading.current_thread().name) or work(run), parts)
+    monkeypatch.setattr(lanes, "run", watched)
+    results = []
+    for count, part_samples in ((1, 3), (2, 3), (3, 3), (1, 10)):  # three parts (3, 3, 4 samples), then one
+        monkeypatch.setattr(lanes, "count", lambda count=count: count)
+        monkeypatch.setattr("dlcli.layers.recurrent.PART_SAMPLES", part_samples)
+        layer = layers.LSTM(5, dtype="float64", **flags)
+        layer.ensure_built((7, 4), np.random.default_rng(1))
+        layer.rng, layer.input_mask, layer.input_grad_needed = np.random.default_rng(2), mask, True
+        for p in layer.params.values():
+            p.grad = np.zeros_like(p.value)
+        ys = layer.forward(x, training=True)
+        ys = ys if isinstance(ys, list) else [ys]
+        dx = layer.backward([np.random.default_rng(3).standard_normal(y.shape) for y in ys])
+        results.append([*ys, dx] + [p.grad.copy() for p in layer.params.values()])
+    assert "dlcli-lane" in workers
+    for one, two, three in zip(*results[:3]):
+        np.testing.assert_array_equal(one, two)
+        np.testing.assert_array_equal(one, three)
+    for parts, whole in zip(results[0], results[3]):
+        np.testing.assert_allclose(parts, whole, rtol=1e-12, atol=1e-12)
+
+
 def test_an_error_in_any_lane_reaches_the_caller_and_the_lanes_stay_usable(monkeypatch):
     monkeypatch.setattr(lanes, "count", lambda: 2)
 

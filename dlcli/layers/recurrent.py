@@ -10,7 +10,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from dlcli.engine import activations, blas, initializers
+from dlcli.engine import activations, blas, initializers, lanes
 from dlcli.engine.layer import Layer, format_shape, ranked, register
 from dlcli.errors import ConfigError, ShapeError
 from dlcli.layers import conv_math as cm
@@ -19,6 +19,9 @@ from dlcli.layers.conv import _Windowed
 from dlcli.registry import Size, Sizes
 
 ONNX_ACTIVATIONS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu"}  # those ONNX's RNN/LSTM/GRU nodes take
+# The LSTM's time loop runs on lanes over parts of the batch (batch_parts): each part's loop is as long as the whole
+# batch's, its GEMMs narrower, so parts below ~32 samples lose more to the narrower GEMMs than a second lane gains.
+PART_SAMPLES, MAX_PARTS = 32, 4
 
 
 # _ONE_THREAD: a recurrent layer runs on one BLAS thread throughout. Its products outside the time loop (the input
@@ -29,8 +32,9 @@ ONNX_ACTIVATIONS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu"}  # tho
 # quiet core those products take 0.2-0.5 ms each, where a second thread saved at most ~0.2 ms.
 class Recurrent(Layer):
     """What SimpleRNN, LSTM and GRU share; a subclass sets `gates`/`n_states` and runs its cell in `_scan(x,
-    step_mask, rec_mask)` -> (H, final states), H a (T + 1, batch, units) view of h_0..h_T, and in
-    `_scan_backward(dY, d_finals)` -> the input's gradient (batch, T, features) or None."""
+    step_mask, rec_mask)` -> (states, final states), states a (T + 1, part, units) view of h_0..h_T for each part of
+    the batch in order (one part, or batch_parts' on lanes), and in `_scan_backward(dY, d_finals)` -> the input's
+    gradient (batch, T, features) or None."""
 
     gates = 1  # blocks of `units` columns in kernel and recurrent_kernel
     n_states = 1  # final states returned after the output when return_state
@@ -126,13 +130,14 @@ class Recurrent(Layer):
             step_mask = np.ascontiguousarray(np.moveaxis(np.asarray(mask, bool), 1, 0))
             step_mask = step_mask.reshape(step_mask.shape + (1,) * (len(state) + 2 - step_mask.ndim))
         with self._blas_threads():  # see _ONE_THREAD
-            H, finals = self._scan(x, step_mask, rec_mask)
+            states, finals = self._scan(x, step_mask, rec_mask)
         self.zero_mask = step_mask if (self.zero_output_for_mask and self.return_sequences) else None
-        if self.return_sequences:
-            seq = H[1:] if self.zero_mask is None else H[1:] * self.zero_mask
-            out = np.ascontiguousarray(np.moveaxis(seq, 0, 1))
+        if self.return_sequences:  # (batch, T, ...) from each part's (T + 1, part, ...) states
+            out = np.concatenate([np.moveaxis(H[1:], 0, 1) for H in states])
+            if self.zero_mask is not None:
+                out *= np.moveaxis(self.zero_mask, 0, 1)
         else:
-            out = H[-1].copy()
+            out = np.concatenate([H[-1] for H in states])
         return [out] + [s.copy() for s in finals] if self.return_state else out
 
     def _state_shape(self, step_shape) -> tuple:
@@ -333,7 +338,7 @@ class SimpleRNN(_TimeMajor):
 
     def _cell(self, xp, step_mask, rec_mask, form):
         H, self.cache = cells.simple_forward(xp, self.recurrent_kernel.value, self.act, step_mask, rec_mask)
-        return H, [H[-1]]
+        return [H], [H[-1]]
 
     def _cell_backward(self, dY, d_finals):
         dXP, dU = cells.simple_backward(self.cache, dY, d_finals[0])
@@ -366,6 +371,7 @@ class LSTM(Recurrent):
 
     gates, n_states = 4, 2
     onnx_gate_order = [0, 3, 1, 2]  # Keras i, f, c, o -> ONNX i, o, f, c
+    splits_batch = True  # its time loops run on lanes (batch_parts)
 
     def __init__(self, units: Size, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
                  kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal", bias_initializer="zeros",
@@ -382,11 +388,23 @@ class LSTM(Recurrent):
         return _UnitForgetBias(self.bias_initializer) if self.unit_forget_bias else self.bias_initializer
 
     def _scan(self, x, step_mask, rec_mask):
-        (B, T, F), u = x.shape, self.units
         Wz = cells.lstm_fused_weights(self.kernel.value, self.recurrent_kernel.value, self._input_bias())
+        self.parts = batch_parts(len(x))
+
+        def scan(run):
+            return [self._scan_part(x[a:b], Wz, _rows(step_mask, a, b), _rows(rec_mask, a, b), _rows(self.dmask, a, b))
+                    for a, b in run]
+        results = lanes.run(scan, self.parts)
+        self.caches = [cache for _, _, cache in results]
+        return [H for H, _, _ in results], [np.concatenate([H[-1] for H, _, _ in results]),
+                                            np.concatenate([c_T.T for _, c_T, _ in results])]
+
+    def _scan_part(self, x, Wz, step_mask, rec_mask, dmask):
+        """One part of the batch: (H, a (T + 1, part, u) view of h_0..h_T, c_T (u, part), the cell's cache)."""
+        (B, T, F), u = x.shape, self.units
         S = np.empty((Wz.shape[1], T + 1, B), x.dtype)  # column t: [h_{t-1}; x_t; 1] (recurrent_cells' LSTM)
         S[:u, 0] = 0  # h_0; column T's input rows are never read (it only carries h_T)
-        xs, dmask = x.transpose(2, 1, 0), self.dmask
+        xs = x.transpose(2, 1, 0)
         shared = dmask is not None and len(dmask) == 1
         if shared:
             np.multiply(xs, dmask[0].T[:, None], out=S[u:u + F, :T])
@@ -400,26 +418,41 @@ class LSTM(Recurrent):
                 gate_masks[:, :u] = rec_mask[cells.LSTM_ORDER].transpose(0, 2, 1)
             if dmask is not None:
                 gate_masks[:, u:u + F] = dmask[cells.LSTM_ORDER].transpose(0, 2, 1)
-        c_T, self.cache = cells.lstm_forward(S, Wz, self.act, self.rec_act,
-                                             None if step_mask is None else step_mask.transpose(0, 2, 1), gate_masks)
-        H = S[:u].transpose(1, 2, 0)  # (T + 1, B, u) view
-        return H, [H[-1], c_T.T]
+        c_T, cache = cells.lstm_forward(S, Wz, self.act, self.rec_act,
+                                        None if step_mask is None else step_mask.transpose(0, 2, 1), gate_masks)
+        return S[:u].transpose(1, 2, 0), c_T, cache
 
     def _scan_backward(self, dY, d_finals):
-        dY = None if dY is None else np.ascontiguousarray(dY.transpose(0, 2, 1))  # (T, u, B)
-        dZ = cells.lstm_backward(self.cache, dY, d_finals[0].T, d_finals[1].T)
         F = self.kernel.value.shape[0]
         params = [self.kernel, self.recurrent_kernel] + ([self.bias] if self.use_bias else [])
-        if any(p.grad is not None for p in params):
-            for p, g in zip(params, cells.lstm_split_grad(cells.lstm_weight_grad(self.cache, dZ), F)):
+        train = any(p.grad is not None for p in params)
+        need_dx = getattr(self, "input_grad_needed", True)  # False when the input is data
+
+        def back(run):
+            return [self._scan_backward_part(cache, _rows(dY, a, b), d_finals[0][a:b], d_finals[1][a:b],
+                                             _rows(self.dmask, a, b), F, train, need_dx)
+                    for (a, b), cache in run]
+        results = lanes.run(back, list(zip(self.parts, self.caches)))
+        if train:  # the parts' sums added in part order, whatever ran them
+            dWz = results[0][0]
+            for more, _ in results[1:]:
+                dWz += more
+            for p, g in zip(params, cells.lstm_split_grad(dWz, F)):
                 if p.grad is not None:
                     p.grad += g
-        if not getattr(self, "input_grad_needed", True):  # False when the input is data
-            return None
-        dx = cells.lstm_input_grad(self.cache, dZ, F)
-        if self.dmask is not None and len(self.dmask) == 1:
-            dx *= self.dmask[0].T[:, None]
-        return dx.transpose(2, 1, 0)
+        return np.concatenate([dx for _, dx in results]) if need_dx else None
+
+    def _scan_backward_part(self, cache, dY, dh, dc, dmask, F, train, need_dx):
+        """(the part's gradient of Wz or None, its input's gradient (part, T, F) or None)."""
+        dY = None if dY is None else np.ascontiguousarray(dY.transpose(0, 2, 1))  # (T, u, part)
+        dZ = cells.lstm_backward(cache, dY, dh.T, dc.T)
+        dWz = cells.lstm_weight_grad(cache, dZ) if train else None
+        if not need_dx:
+            return dWz, None
+        dx = cells.lstm_input_grad(cache, dZ, F)
+        if dmask is not None and len(dmask) == 1:
+            dx *= dmask[0].T[:, None]
+        return dWz, dx.transpose(2, 1, 0)
 
     def _onnx_node(self, act, rec):
         return "LSTM", {"activations": [rec, act, act]}
@@ -474,7 +507,7 @@ class GRU(_TimeMajor):
         rb = self.bias.value[1] if (self.use_bias and self.reset_after) else None
         H, self.cache = cells.gru_forward(xp, self.recurrent_kernel.value, rb, self.act, self.rec_act,
                                           self.reset_after, step_mask, rec_mask, form)
-        return H, [H[-1]]
+        return [H], [H[-1]]
 
     def _cell_backward(self, dY, d_finals):
         dXP, dInner, dU = cells.gru_backward(self.cache, dY, d_finals[0])
@@ -656,7 +689,7 @@ class ConvLSTM(Recurrent, _Windowed):
         XP = XP.reshape(T, B, *out_sizes, G)
         H, c_T, self.cache = cells.convlstm_forward(XP, self.recurrent_kernel.value, self.act, self.rec_act,
                                                     step_mask, rec_mask)
-        return H, [H[-1], c_T]
+        return [H], [H[-1], c_T]
 
     def _input_cols(self, xt):
         """The input convolution's patches of every step, (T * batch * positions, prod(kernel) * channels)."""
@@ -761,6 +794,17 @@ class ConvLSTM(Recurrent, _Windowed):
 ConvLSTM1D = ranked("ConvLSTM1D", ConvLSTM, 1, "On (batch, timesteps, steps, channels).")
 ConvLSTM2D = ranked("ConvLSTM2D", ConvLSTM, 2, "On (batch, timesteps, rows, cols, channels), e.g. video frames.")
 ConvLSTM3D = ranked("ConvLSTM3D", ConvLSTM, 3, "On (batch, timesteps, depth, rows, cols, channels).")
+
+
+def batch_parts(n: int) -> list[tuple[int, int]]:
+    """The parts of a batch of n whose time loops run on lanes (engine/lanes.py): at least PART_SAMPLES samples each,
+    at most MAX_PARTS, fixed by n alone so a result has the same bits on any number of lanes."""
+    return lanes.split(n, max(1, min(MAX_PARTS, n // PART_SAMPLES)))
+
+
+def _rows(a, start, stop):
+    """Samples start:stop of an array whose axis 1 is the batch (time-major sequences, dropout masks), or None."""
+    return None if a is None else a[:, start:stop]
 
 
 def _gate_blocks(a, order, units):
