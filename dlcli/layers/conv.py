@@ -35,11 +35,6 @@ class _Windowed(Layer):
                                    self.dilation_rate)
 
 
-# chunks of a conv whose patches are kept from forward for backward (few channels or few patches): a fixed count,
-# so results never depend on the lanes (2 or 4 of them share these evenly)
-KEPT_CHUNKS = 4
-
-
 class _Conv(_Windowed):
     """y = activation(conv(x, kernel) + bias); kernel (*kernel_size, in, filters) as Keras."""
 
@@ -86,8 +81,9 @@ class _Conv(_Windowed):
             return self._grouped_forward(xp)
         self.xp, self.cols, self.tiles = xp, None, None  # backward gathers the patches again, a chunk at a time
         if self._winograd():  # training keeps the transformed tiles for the kernel gradient
-            z, self.tiles = cm.winograd_conv(xp, self.kernel.value, self.bias.value if self.use_bias else None,
-                                             self.out_sizes, keep=training)
+            self.tiles = {} if training else None
+            z = cm.winograd_conv(xp, self.kernel.value, self.bias.value if self.use_bias else None, self.out_sizes,
+                                 self.tiles)
             return activations.activate_owned(self, z)
         k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
         weights = self.kernel.value.reshape(k, self.filters)
@@ -119,7 +115,7 @@ class _Conv(_Windowed):
         k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
         kept = self.xp_shape[-1] < cm.BLOCK_CHANNELS or n * per_sample * (k + 1) <= 2 * cm.CHUNK_FLOATS
         if kept:
-            return [(a, b) for a, b in lanes.split(n, KEPT_CHUNKS) if a < b], True
+            return [(a, b) for a, b in lanes.split(n, cm.KEPT_CHUNKS) if a < b], True
         return cm.even_chunks(n, max(1, cm.CHUNK_FLOATS // (per_sample * (k + 1)))), False
 
     def _patch_chunks(self, xp, chunks, fresh=False):
@@ -222,14 +218,14 @@ class _Conv(_Windowed):
         return cm.unpad(dxp, self.pads)
 
     def _winograd_backward(self, g):
-        if self.use_bias and self.bias.grad is not None:
-            self.bias.grad += g.sum(0)
-        kernel_grad, dxp = cm.winograd_backward(g.reshape(len(self.xp), *self.out_sizes, self.filters),
-                                                self.kernel.value, self.xp, self.out_sizes, self.tiles,
-                                                self.kernel.grad is not None, self.input_grad_needed)
-        self.tiles = None
+        kernel_grad, dxp, bias_grad = cm.winograd_backward(
+            g.reshape(len(self.xp), *self.out_sizes, self.filters), self.kernel.value, self.xp, self.out_sizes,
+            self.tiles, self.kernel.grad is not None, self.input_grad_needed,
+            self.use_bias and self.bias.grad is not None)
         if kernel_grad is not None:
             self.kernel.grad += kernel_grad
+        if bias_grad is not None:
+            self.bias.grad += bias_grad
         return None if dxp is None else cm.unpad(dxp, self.pads)
 
     def to_onnx(self, g, x, in_shape, mask):

@@ -189,6 +189,9 @@ def col2im_matmul_numpy(a2, kernel, padded_shape, out_sizes, strides, dilation):
     return dxp
 
 
+# The chunks of a convolution run on lanes come in multiples of this many (2 or 4 lanes share them evenly); a conv
+# whose patches are kept from forward for backward (few channels or few patches) has exactly this many
+KEPT_CHUNKS = 4
 # Winograd's F(2x2, 3x3) (kernels/winograd.py) replaces im2col + GEMM for 3x3 stride-1 convolutions with at least
 # this many input channels (its forward GEMMs have the channels as their inner dimension), in training and inference
 WINOGRAD_MIN_CHANNELS = 16
@@ -209,11 +212,17 @@ def winograd_tiles(out_sizes):
 
 
 def winograd_chunks(n, out_sizes, c, f):
-    """[(start, stop)] of the samples transformed and multiplied at once: about CHUNK_FLOATS of tiles and products,
-    so the GEMMs read what a transform has just written from cache. The lanes' parts (engine/lanes.py): they follow
-    the shapes alone, so forward keeps, and backward finds, the same chunks on any number of lanes."""
+    """[(start, stop)] of the samples transformed and multiplied at once: about 2 * CHUNK_FLOATS floats of
+    tiles and products, so the GEMMs read what a transform has just written from cache, in a multiple of
+    KEPT_CHUNKS chunks (so 2 or 4 lanes get equal shares: the resnet's 14x14x32 convs had 13, 7 on one lane and 6
+    on the other). The lanes' parts (engine/lanes.py): they follow the shapes alone, so forward keeps, and backward
+    finds, the same chunks on any number of lanes. The size matters little: thread CPU of forward + backward at batch
+    64, one BLAS thread, rounds alternating, AMD EPYC at load ~12, chunks of about CHUNK_FLOATS against twice that:
+    book convnet conv 2 16 chunks of 4 samples 1.63 + 3.09 ms, 8 of 8 1.56 + 2.86 (a second run 1.48 + 2.91, 1.40 +
+    2.66); resnet 14x14x32 13 of 5 1.40 + 2.50, 8 of 8 1.36 + 2.52; 7x7x64 8 of 8 1.29 + 2.40, 4 of 16 1.38 + 2.60."""
     tiles_h, tiles_w = winograd_tiles(out_sizes)
-    return even_chunks(n, max(1, CHUNK_FLOATS // (16 * tiles_h * tiles_w * (c + f))))
+    most = max(1, 2 * CHUNK_FLOATS // (16 * tiles_h * tiles_w * (c + f)))
+    return [(a, b) for a, b in lanes.split(n, KEPT_CHUNKS * -(-n // (KEPT_CHUNKS * most))) if a < b]
 
 
 def _winograd_rows(samples, out_sizes):
@@ -238,16 +247,16 @@ def winograd_kernel(kernel):
     return (g @ (g @ kernel.reshape(3, -1)).reshape(4, 3, -1)).reshape(16, c, f)
 
 
-def winograd_conv(xp, kernel, bias, out_sizes, keep=False):
-    """(conv(xp, kernel) + bias, {chunk start: its transformed tiles V} if `keep` else None) for a padded input xp
-    (n, out_h + 2, out_w + 2, c) and a kernel (3, 3, c, f): each 2x2 output block from its 4x4 input tile, 16 GEMMs
-    (tiles, c) @ (c, f) over the transformed tiles, a chunk of samples at a time (winograd_chunks) on the lanes.
-    Training keeps each chunk's V for the kernel gradient (16 * tiles * c floats a sample: 4.6 MB for the book
-    convnet's conv 2 at batch 64, 6.4 MB for each of the resnet's 14x14x32 convs, under the 9 * positions * c of
-    im2col's patches). Thread CPU time per inference pass of 43 samples, one BLAS thread, AMD EPYC at load 6-9,
-    alternating with im2col + GEMM: book convnet conv 2 (13x13x32 -> 64) 2.57 -> 2.01 ms, conv 3 (5x5x64 -> 64, 4
-    tiles for 9 outputs) 0.446 -> 0.431, the whole pass 4.31 -> 3.71. Of conv 2's 2.0 ms the 16 GEMMs take about
-    1.0 (100 GFLOP/s) and each transform about 0.35."""
+def winograd_conv(xp, kernel, bias, out_sizes, keep=None):
+    """conv(xp, kernel) + bias for a padded input xp (n, out_h + 2, out_w + 2, c) and a kernel (3, 3, c, f): each
+    2x2 output block from its 4x4 input tile, 16 GEMMs (tiles, c) @ (c, f) over the transformed tiles, a chunk of
+    samples at a time (winograd_chunks) on the lanes. In training, `keep` (a dict, {chunk start: its transformed
+    tiles V}) receives each chunk's V for the kernel gradient: 16 * tiles * c floats a sample, 4.6 MB for the book
+    convnet's conv 2 at batch 64, 6.4 MB for each of the resnet's 14x14x32 convs (under im2col's 9 * positions * c).
+    Thread CPU time per inference pass of 43 samples, one BLAS thread, AMD EPYC at load 6-9, alternating with
+    im2col + GEMM: book convnet conv 2 (13x13x32 -> 64) 2.57 -> 2.01 ms, conv 3 (5x5x64 -> 64, 4 tiles for 9
+    outputs) 0.446 -> 0.431, the whole pass 4.31 -> 3.71. Of conv 2's 2.0 ms the 16 GEMMs take about 1.0 (100
+    GFLOP/s) and each transform about 0.35."""
     compiled = kernels.compiled("winograd")
     n, c, f = xp.shape[0], kernel.shape[2], kernel.shape[3]
     tiles_h, tiles_w = winograd_tiles(out_sizes)
@@ -255,26 +264,23 @@ def winograd_conv(xp, kernel, bias, out_sizes, keep=False):
     bias = np.zeros(f, kernel.dtype) if bias is None else bias
     y = np.empty((n, *out_sizes, f), xp.dtype)
     chunks = winograd_chunks(n, out_sizes, c, f)
+    if keep is not None:  # (reusing the last step's arrays measured the same: malloc hands the freed ones back)
+        keep.update((start, _winograd_buffer(stop - start, out_sizes, c, xp.dtype)) for start, stop in chunks)
 
     def products(run):
         most = max(stop - start for start, stop in run)
-        v = None if keep else _winograd_buffer(most, out_sizes, c, xp.dtype)
+        v = None if keep is not None else _winograd_buffer(most, out_sizes, c, xp.dtype)
         m = _winograd_buffer(most, out_sizes, f, xp.dtype)
-        kept = []
         for start, stop in run:
-            if keep:
-                v_part = _winograd_buffer(stop - start, out_sizes, c, xp.dtype)
-            else:  # a smaller chunk: the first rows of the lane's buffers (the spare zero row stays last)
-                v_part = _rows_of(v, stop - start, out_sizes)
+            # a smaller chunk: the first rows of the lane's buffers (the spare zero row stays last)
+            v_part = keep[start] if keep is not None else _rows_of(v, stop - start, out_sizes)
             m_part = _rows_of(m, stop - start, out_sizes)
             compiled.input_tiles(xp[start:stop], tiles_h, tiles_w, v_part)
             np.matmul(v_part, u, out=m_part)
             compiled.output_tiles(m_part, tiles_h, tiles_w, bias, y[start:stop])
-            if keep:
-                kept.append((start, v_part))
-        return kept
-    kept = lanes.run(products, chunks)
-    return y, dict(kept) if keep else None
+        return run
+    lanes.run(products, chunks)
+    return y
 
 
 def _rows_of(buffer, samples, out_sizes):
@@ -286,12 +292,14 @@ def _rows_of(buffer, samples, out_sizes):
     return buffer[:, :rows]
 
 
-def winograd_backward(g, kernel, xp, out_sizes, kept=None, kernel_grad=True, input_grad=True):
-    """(the kernel's gradient (3, 3, c, f) or None, the padded input's gradient (n, *xp's sizes, c) or None) of
-    winograd_conv, from the output gradient g (n, out_h, out_w, f) after the activation's: its A-transform dM once
-    per chunk, then dU = V^T dM (16 GEMMs, the chunks' products added in chunk order, so on any lanes) and dV = dM
-    U^T (16 GEMMs) scattered back to the input by B dV B^T. V is the forward's `kept` tiles, or transformed again
-    from xp (a backward after an inference forward, as the gradient checks do)."""
+def winograd_backward(g, kernel, xp, out_sizes, kept=None, kernel_grad=True, input_grad=True, bias_grad=True):
+    """(the kernel's gradient (3, 3, c, f) or None, the padded input's gradient (n, *xp's sizes, c) or None, the
+    bias's (f,) or None) of winograd_conv, from the output gradient g (n, out_h, out_w, f) after the activation's:
+    its A-transform dM once per chunk, then dU = V^T dM (16 GEMMs, the chunks' products added in chunk order, so on
+    any lanes) and dV = dM U^T (16 GEMMs) scattered back to the input by B dV B^T. The bias's gradient is dM's
+    centre tap (its rows (1, 1) of A: the sum of each 2x2 block) summed over the tiles: a quarter of g's floats.
+    V is the forward's `kept` tiles, or transformed again from xp (a backward after an inference forward, as the
+    gradient checks do)."""
     compiled = kernels.compiled("winograd")
     n, c, f = xp.shape[0], kernel.shape[2], kernel.shape[3]
     tiles_h, tiles_w = winograd_tiles(out_sizes)
@@ -302,34 +310,41 @@ def winograd_backward(g, kernel, xp, out_sizes, kept=None, kernel_grad=True, inp
     def gradients(run):
         most = max(stop - start for start, stop in run)
         dm = _winograd_buffer(most, out_sizes, f, g.dtype)
-        v = _winograd_buffer(most, out_sizes, c, g.dtype) if kernel_grad and kept is None else None
+        v = _winograd_buffer(most, out_sizes, c, g.dtype) if kernel_grad and not kept else None
         dv = _winograd_buffer(most, out_sizes, c, g.dtype) if input_grad else None
-        products = []
+        sums = []
         for start, stop in run:
             dm_part = _rows_of(dm, stop - start, out_sizes)
             compiled.output_gradient_tiles(g[start:stop], tiles_h, tiles_w, dm_part)
+            du = db = None
             if kernel_grad:
-                if kept is not None:
+                if kept:
                     v_part = kept[start]
                 else:
                     v_part = _rows_of(v, stop - start, out_sizes)
                     compiled.input_tiles(xp[start:stop], tiles_h, tiles_w, v_part)
-                products.append(np.matmul(v_part.transpose(0, 2, 1), dm_part))
+                du = np.matmul(v_part.transpose(0, 2, 1), dm_part)
+            if bias_grad:
+                db = dm_part[5].sum(0)
             if input_grad:
                 dv_part = _rows_of(dv, stop - start, out_sizes)
                 np.matmul(dm_part, u_t, out=dv_part)
                 compiled.input_gradient_tiles(dv_part, tiles_h, tiles_w, dxp[start:stop])
-        return products
-    products = lanes.run(gradients, winograd_chunks(n, out_sizes, c, f))
-    if not kernel_grad:
-        return None, dxp
-    du = products[0]
-    for product in products[1:]:  # in chunk order, whichever lane made each
-        du += product
-    gt = WINOGRAD_G.T.astype(du.dtype)
-    # dW = G^T dU G: the transpose of U = G k G^T, taps (a, b) -> (i, j)
-    dw = (gt @ (gt @ du.reshape(4, -1)).reshape(3, 4, -1).transpose(1, 0, 2).reshape(4, -1)).reshape(3, 3, c, f)
-    return dw.transpose(1, 0, 2, 3), dxp
+            sums.append((du, db))
+        return sums
+    sums = lanes.run(gradients, winograd_chunks(n, out_sizes, c, f))
+    du, db = sums[0]
+    for du_part, db_part in sums[1:]:  # in chunk order, whichever lane made each
+        if kernel_grad:
+            du += du_part
+        if bias_grad:
+            db += db_part
+    dw = None
+    if kernel_grad:  # dW = G^T dU G: the transpose of U = G k G^T, taps (a, b) -> (i, j)
+        gt = WINOGRAD_G.T.astype(du.dtype)
+        dw = (gt @ (gt @ du.reshape(4, -1)).reshape(3, 4, -1).transpose(1, 0, 2).reshape(4, -1)).reshape(3, 3, c, f)
+        dw = dw.transpose(1, 0, 2, 3)
+    return dw, dxp, db
 
 
 def _compiled_pooling(pool):
