@@ -1,6 +1,7 @@
 """The image folder's PNG fast path (dlcli/data/png.py, kernels/png.py) against Pillow, its reference: PNGs written
 here with every row filter, colour type and odd sizes decode bit for bit as Pillow decodes them; every other file
-(another size or mode, palette, 16 bits, interlaced, corrupt) is left to Pillow, which decodes it or names it."""
+(another size or mode, palette, 16 bits, interlaced, corrupt) is left to Pillow, which decodes it or names it. The
+compiled inflate against zlib's: every block type and strategy, and damaged streams refused or inflated as zlib does."""
 import struct
 import zlib
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dlcli import kernels
 from dlcli.data import png
 from dlcli.data.image_folder import BadImage, ImageFolderSource, decode_image
 
@@ -45,6 +47,12 @@ def write_png(path, pixels: np.ndarray, filters, color_type: int, depth=8, inter
     return path
 
 
+def decode(files, size, mode, dtype=np.uint8):
+    """png.decode into a new array: (pixels, positions left to Pillow)."""
+    pixels = np.zeros((len(files), *size, MODES[mode][1]), dtype)
+    return pixels, png.decode(files, mode, pixels)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_every_row_filter_decodes_as_pillow_does(tmp_path, mode):
     color_type, channels = MODES[mode]
@@ -57,9 +65,11 @@ def test_every_row_filter_decodes_as_pillow_does(tmp_path, mode):
             files.append(write_png(tmp_path / f"{i}-{high}.png", pixels, filters, color_type))
     files.append(tmp_path / "pillow.png")  # and one Pillow wrote, with its own choice of filters
     Image.fromarray(rng.integers(0, 256, (7, 5, channels), dtype=np.uint8).squeeze()).save(files[-1])
-    pixels, left = png.decode(files, (7, 5), mode)
+    pixels, left = decode(files, (7, 5), mode)
     assert left == []
     np.testing.assert_array_equal(pixels, np.stack([decode_image(f, (7, 5), mode) for f in files]))
+    floats, _ = decode(files, (7, 5), mode, np.float32)  # the batch's own type, decoded into directly
+    np.testing.assert_array_equal(floats, pixels)
 
 
 def test_other_files_are_left_to_pillow(tmp_path):
@@ -76,7 +86,7 @@ def test_other_files_are_left_to_pillow(tmp_path):
     (tmp_path / "truncated.png").write_bytes(files[0].read_bytes()[:-20])
     Image.fromarray(gray[:, :, 0]).save(tmp_path / "jpeg.png", format="JPEG")
     files += [tmp_path / n for n in ("palette.png", "sixteen.png", "truncated.png", "jpeg.png")]
-    pixels, left = png.decode(files, (6, 4), "grayscale")
+    pixels, left = decode(files, (6, 4), "grayscale")
     assert left == list(range(1, len(files)))
     np.testing.assert_array_equal(pixels[0], gray)
 
@@ -100,3 +110,55 @@ def test_the_folder_source_gives_pillows_pixels_on_both_kernel_paths(tmp_path, m
     source = ImageFolderSource(files + [bad], (6, 4), "rgb", "bilinear", False, "none", 1, 0)
     with pytest.raises(BadImage, match="bad.png: cannot decode"):
         source.take(np.arange(len(files) + 1))
+
+
+def _streams(rng):
+    """zlib streams of PNG-like rows (flat runs, repeats, noise) by every strategy and block type DEFLATE has."""
+    rows = np.repeat(rng.integers(0, 256, (40, 1), dtype=np.uint8), 61, axis=1)
+    rows[::3] = rng.integers(0, 256, rows[::3].shape, dtype=np.uint8)
+    rows[5:9, 10:30] = rows[1:5, 10:30]
+    data = rows.tobytes()
+    for level, strategy in [(0, zlib.Z_DEFAULT_STRATEGY), (1, zlib.Z_DEFAULT_STRATEGY), (6, zlib.Z_DEFAULT_STRATEGY),
+                            (9, zlib.Z_FILTERED), (6, zlib.Z_HUFFMAN_ONLY), (6, zlib.Z_RLE), (6, zlib.Z_FIXED)]:
+        packer = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
+        yield data, packer.compress(data[:1000]) + packer.flush(zlib.Z_FULL_FLUSH) + packer.compress(data[1000:]) \
+            + packer.flush()  # a flush ends a block mid-stream: several blocks, byte-aligned ones among them
+    yield bytes(100_000), zlib.compress(bytes(100_000))  # runs of 258 at distance 1
+    yield data * 3, zlib.compress(data * 3, 0)  # stored blocks only
+    yield b"", zlib.compress(b"")
+
+
+def test_inflate_gives_zlibs_bytes_on_every_kind_of_stream():
+    compiled = kernels.compiled("png")
+    for data, stream in _streams(np.random.default_rng(3)):
+        out = np.zeros(len(data), np.uint8)
+        assert compiled.inflate(np.frombuffer(stream, np.uint8), out)
+        assert out.tobytes() == data
+        for size in {max(len(data) - 1, 0), len(data) + 1} - {len(data)}:  # the rows' length: any other is refused
+            assert not compiled.inflate(np.frombuffer(stream, np.uint8), np.zeros(size, np.uint8))
+
+
+def test_damaged_streams_are_refused_or_inflated_as_zlib_does():
+    """Flipped bits, cut ends and junk: whatever the compiled inflate accepts, zlib inflates to the same bytes (and
+    the Adler-32 catches what would decode to other bytes); nothing reads or writes out of bounds."""
+    compiled = kernels.compiled("png")
+    rng = np.random.default_rng(4)
+    accepted = 0
+    for data, stream in _streams(rng):
+        for trial in range(150):
+            damaged = bytearray(stream)
+            if trial % 3 == 0:
+                damaged = damaged[:rng.integers(0, len(damaged))]
+            for _ in range(rng.integers(1, 4)):
+                if damaged:
+                    damaged[rng.integers(0, len(damaged))] ^= 1 << rng.integers(0, 8)
+            out = np.zeros(len(data), np.uint8)
+            if compiled.inflate(np.frombuffer(bytes(damaged), np.uint8), out):
+                accepted += 1
+                assert zlib.decompress(bytes(damaged)) == out.tobytes()
+    junk = rng.integers(0, 256, 5000, dtype=np.uint8)
+    for start in range(0, 4000, 7):
+        out = np.zeros(300, np.uint8)
+        if compiled.inflate(junk[start:start + 200], out):
+            assert zlib.decompress(junk[start:start + 200].tobytes()) == out.tobytes()
+    assert accepted < 50  # a damaged stream passes only where the damage changes nothing (a flag bit zlib ignores)
