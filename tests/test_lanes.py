@@ -60,15 +60,16 @@ def test_a_layer_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, mak
         np.testing.assert_array_equal(one, more)
 
 
-LSTM_FLAGS = [{}, {"return_sequences": True, "return_state": True, "go_backwards": True},
-              {"dropout": 0.3, "recurrent_dropout": 0.2, "return_sequences": True}]
+RECURRENT_FLAGS = [{}, {"return_sequences": True, "return_state": True, "go_backwards": True},
+                   {"dropout": 0.3, "recurrent_dropout": 0.2, "return_sequences": True}]
 
 
-@pytest.mark.parametrize("flags", LSTM_FLAGS)
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "SimpleRNN"])
+@pytest.mark.parametrize("flags", RECURRENT_FLAGS)
 @pytest.mark.parametrize("path", ["numba", "numpy"])
-def test_an_lstm_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, flags, path):
-    """The LSTM's batch parts (layers/recurrent.batch_parts) run on lanes, masked, with every return flag and
-    dropout: outputs, states and all gradients equal bit for bit on 1, 2 and 3 lanes, and to rounding with the
+def test_a_recurrent_layer_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, name, flags, path):
+    """A recurrent layer's batch parts (layers/recurrent.batch_parts) run on lanes, masked, with every return flag
+    and dropout: outputs, states and all gradients equal bit for bit on 1, 2 and 3 lanes, and to rounding with the
     batch in one part."""
     monkeypatch.setenv("DLCLI_KERNELS", path)
     rng = np.random.default_rng(0)
@@ -83,7 +84,7 @@ def test_an_lstm_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, fla
     for count, part_samples in ((1, 3), (2, 3), (3, 3), (1, 10)):  # three parts (3, 3, 4 samples), then one
         monkeypatch.setattr(lanes, "count", lambda count=count: count)
         monkeypatch.setattr("dlcli.layers.recurrent.PART_SAMPLES", part_samples)
-        layer = layers.LSTM(5, dtype="float64", **flags)
+        layer = layers.LAYERS.get(name)(5, dtype="float64", **flags)
         layer.ensure_built((7, 4), np.random.default_rng(1))
         layer.rng, layer.input_mask, layer.input_grad_needed = np.random.default_rng(2), mask, True
         for p in layer.params.values():
@@ -146,3 +147,11 @@ def test_a_conv_training_step_runs_blas_on_one_thread_and_gives_the_same_weights
     assert seen == seen_two == [1, 1, 1]
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a, b)
+
+
+def test_recurrent_layers_and_their_bidirectional_wrapper_ask_fit_for_lanes():
+    """fit's step hands the lanes (lanes.spread) to layers that split their batch: the LSTM, GRU and SimpleRNN and a
+    Bidirectional of them, not a ConvLSTM, which scans its batch whole."""
+    assert all(layer.splits_batch for layer in (layers.LSTM(3), layers.GRU(3), layers.SimpleRNN(3),
+                                                layers.Bidirectional(layers.GRU(3))))
+    assert not layers.ConvLSTM1D(2, 3).splits_batch

@@ -19,8 +19,8 @@ from dlcli.layers.conv import _Windowed
 from dlcli.registry import Size, Sizes
 
 ONNX_ACTIVATIONS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu"}  # those ONNX's RNN/LSTM/GRU nodes take
-# The LSTM's time loop runs on lanes over parts of the batch (batch_parts): each part's loop is as long as the whole
-# batch's, its GEMMs narrower, so parts below ~32 samples lose more to the narrower GEMMs than a second lane gains.
+# A recurrent layer's time loop runs on lanes over parts of the batch (batch_parts): each part's loop is as long as
+# the whole batch's, its GEMMs narrower, so parts below ~32 samples lose more to the narrower GEMMs than a lane gains.
 PART_SAMPLES, MAX_PARTS = 32, 4
 
 
@@ -31,14 +31,18 @@ PART_SAMPLES, MAX_PARTS = 32, 4
 # ~26, GRU(32) 1,689 -> 203 ms a step (process CPU 144 -> 10.5 ms), LSTM(32) 231 -> 195 ms (12.8 -> 8.2). On one
 # quiet core those products take 0.2-0.5 ms each, where a second thread saved at most ~0.2 ms.
 class Recurrent(Layer):
-    """What SimpleRNN, LSTM and GRU share; a subclass sets `gates`/`n_states` and runs its cell in `_scan(x,
-    step_mask, rec_mask)` -> (states, final states), states a (T + 1, part, units) view of h_0..h_T for each part of
-    the batch in order (one part, or batch_parts' on lanes), and in `_scan_backward(dY, d_finals)` -> the input's
-    gradient (batch, T, features) or None."""
+    """What SimpleRNN, LSTM and GRU share; a subclass sets `gates`/`n_states` and runs its cell on one part of the
+    batch (batch_parts; the parts on lanes) in `_scan_part(x, step_mask, rec_mask, dmask, weights)` -> (states, a
+    (T + 1, part, units) view of h_0..h_T, the final states, its cache), `weights` being what `_part_weights(dtype)`
+    prepared once for all parts, and in `_scan_backward_part(cache, dY, d_finals, dmask, wanted, need_dx)` ->
+    (the part's gradients of kernel, recurrent_kernel and bias, None where not `wanted`, the part's input gradient
+    (part, T, features) or None). A layer that scans its batch whole (ConvLSTM) overrides `_scan` and
+    `_scan_backward` instead."""
 
     gates = 1  # blocks of `units` columns in kernel and recurrent_kernel
     n_states = 1  # final states returned after the output when return_state
     one_blas_thread = True  # _ONE_THREAD
+    splits_batch = True  # its time loops run on lanes over batch_parts (engine/lanes.py)
     zero_output_for_mask = False  # Keras' RNN flag: masked steps output zeros instead of the previous output
     keras_weight_groups = ("cell/vars",)  # Keras keeps a recurrent layer's variables in its cell
     onnx_gate_order = [0]  # Keras' gate blocks in the order ONNX's recurrent node takes them
@@ -159,7 +163,37 @@ class Recurrent(Layer):
     def _input_bias(self):
         return self.bias.value if self.use_bias else None
 
+    def _scan(self, x, step_mask, rec_mask):
+        """(each part's states, the final states), the parts' caches kept for backward."""
+        weights = self._part_weights(x.dtype)
+        self.parts = batch_parts(len(x))
+
+        def scan(run):
+            return [self._scan_part(x[a:b], _rows(step_mask, a, b), _rows(rec_mask, a, b), _rows(self.dmask, a, b),
+                                    weights) for a, b in run]
+        results = lanes.run(scan, self.parts)
+        self.caches = [cache for _, _, cache in results]
+        return [H for H, _, _ in results], [np.concatenate(f) for f in zip(*(finals for _, finals, _ in results))]
+
     # --- backward -----------------------------------------------------------------------------------------------
+    def _scan_backward(self, dY, d_finals):
+        """The input's gradient (batch, T, features) or None; the parts' weight gradients are added in part order,
+        whatever lanes ran them."""
+        params = [self.kernel, self.recurrent_kernel] + ([self.bias] if self.use_bias else [])
+        wanted = [p.grad is not None for p in params]
+        need_dx = getattr(self, "input_grad_needed", True)  # False when the input is data
+
+        def back(run):
+            return [self._scan_backward_part(cache, _rows(dY, a, b), [d[a:b] for d in d_finals],
+                                             _rows(self.dmask, a, b), wanted, need_dx)
+                    for (a, b), cache in run]
+        results = lanes.run(back, list(zip(self.parts, self.caches)))
+        for grads, _ in results:
+            for p, want, g in zip(params, wanted, grads):
+                if want:
+                    p.grad += g
+        return np.concatenate([dx for _, dx in results]) if need_dx else None
+
     def backward(self, grad):
         grads = grad if isinstance(grad, list) else [grad]
         g_out, g_states = grads[0], list(grads[1:])
@@ -254,73 +288,73 @@ class Recurrent(Layer):
 
 class _TimeMajor(Recurrent):
     """A cell that scans time-major input projections (recurrent_cells' SimpleRNN and GRU): the subclass runs its
-    loop in `_cell(xp, step_mask, rec_mask, form)` and `_cell_backward(dY, d_finals)` -> dXP."""
+    loop in `_cell(xp, step_mask, rec_mask, form)` -> (H, cache) and `_cell_backward(cache, dY, dh)` -> (dXP, dU,
+    the bias' gradient)."""
 
     def _gate_form(self, dtype):
         """Per-column constants of the cell's fast gate path (recurrent_cells.tanh_form), whose first entry
         pre-scales the kernel and bias columns; None when the cell has none."""
         return None
 
-    def _scan(self, x, step_mask, rec_mask):
-        form = self._gate_form(x.dtype)
-        xp = self._project(np.ascontiguousarray(x.transpose(1, 0, 2)), form)
-        return self._cell(xp, step_mask, rec_mask, form)
-
-    def _scan_backward(self, dY, d_finals):
-        dXP = self._cell_backward(None if dY is None else np.ascontiguousarray(dY), d_finals)
-        if self.use_bias and self.bias.grad is not None:
-            self._add_input_bias_grad(dXP.sum((0, 1)))
-        dx = self._project_backward(dXP)
-        return None if dx is None else dx.transpose(1, 0, 2)
-
-    def _project(self, xt, form):
-        """Every step's x_t @ kernel + bias at once (T, batch, gates * units), columns pre-scaled by `form`."""
-        W, b = self.kernel.value, self._input_bias()
+    def _part_weights(self, dtype):
+        """(form, kernel, input bias), the kernel's and bias' columns pre-scaled by `form`."""
+        form, W, b = self._gate_form(dtype), self.kernel.value, self._input_bias()
         if form is not None:
             W = W * form[0]
             b = None if b is None else b * form[0]
+        return form, W, b
+
+    def _scan_part(self, x, step_mask, rec_mask, dmask, weights):
+        form, W, b = weights
+        xt = np.ascontiguousarray(x.transpose(1, 0, 2))
+        xp, xd = self._project(xt, dmask, W, b)
+        H, cache = self._cell(xp, step_mask, rec_mask, form)
+        return H, [H[-1]], (cache, xt, xd)
+
+    def _scan_backward_part(self, part, dY, d_finals, dmask, wanted, need_dx):
+        cache, xt, xd = part
+        dXP, dU, db = self._cell_backward(cache, None if dY is None else np.ascontiguousarray(dY), d_finals[0])
+        dW, dx = self._project_backward(dXP, xt, xd, dmask, wanted[0], need_dx)
+        return [dW, dU, db], None if dx is None else dx.transpose(1, 0, 2)
+
+    def _project(self, xt, dmask, W, b):
+        """(every step's x_t @ W + b at once (T, part, gates * units), the input W saw where one mask or none
+        applies)."""
         T, B, F = xt.shape
-        self.xt = xt
-        if self.dmask is None or len(self.dmask) == 1:
-            self.xd = xt if self.dmask is None else xt * self.dmask[0]
-            xp = (self.xd.reshape(-1, F) @ W).reshape(T, B, -1)
+        if dmask is None or len(dmask) == 1:
+            xd = xt if dmask is None else xt * dmask[0]
+            xp = (xd.reshape(-1, F) @ W).reshape(T, B, -1)
         else:
-            u = self.units
+            xd, u = None, self.units
             xp = np.empty((T, B, W.shape[1]), xt.dtype)
-            for g, m in enumerate(self.dmask):
+            for g, m in enumerate(dmask):
                 xp[..., g * u:(g + 1) * u] = ((xt * m).reshape(-1, F) @ W[:, g * u:(g + 1) * u]).reshape(T, B, u)
         if b is not None:
             xp += b
-        return xp
+        return xp, xd
 
-    def _add_input_bias_grad(self, db):
-        self.bias.grad += db
-
-    def _project_backward(self, dXP):
-        W, xt, T, B, F = self.kernel.value, self.xt, *self.xt.shape
+    def _project_backward(self, dXP, xt, xd, dmask, train_kernel, need_dx):
+        """(the kernel's gradient or None, the input's (T, part, F) or None)."""
+        W, (T, B, F) = self.kernel.value, xt.shape
         n, u = W.shape[1], self.units
-        train_kernel = self.kernel.grad is not None
-        need_dx = getattr(self, "input_grad_needed", True)  # False when the input is data
-        if self.dmask is None or len(self.dmask) == 1:
+        dW = dx = None
+        if dmask is None or len(dmask) == 1:
             d2 = dXP.reshape(-1, n)
             if train_kernel:
-                self.kernel.grad += self.xd.reshape(-1, F).T @ d2
-            if not need_dx:
-                return None
-            dx = (d2 @ W.T).reshape(T, B, F)
-            return dx if self.dmask is None else dx * self.dmask[0]
-        dx = np.zeros_like(xt)
-        for g, m in enumerate(self.dmask):
+                dW = xd.reshape(-1, F).T @ d2
+            if need_dx:
+                dx = (d2 @ W.T).reshape(T, B, F)
+                dx = dx if dmask is None else dx * dmask[0]
+            return dW, dx
+        dW = np.empty_like(W) if train_kernel else None
+        dx = np.zeros_like(xt) if need_dx else None
+        for g, m in enumerate(dmask):
             d2 = dXP[..., g * u:(g + 1) * u].reshape(-1, u)
             if train_kernel:
-                self.kernel.grad[:, g * u:(g + 1) * u] += (xt * m).reshape(-1, F).T @ d2
+                dW[:, g * u:(g + 1) * u] = (xt * m).reshape(-1, F).T @ d2
             if need_dx:
                 dx += (d2 @ W[:, g * u:(g + 1) * u].T).reshape(T, B, F) * m
-        return dx if need_dx else None
-
-    def _add_recurrent_grad(self, dU):
-        if self.recurrent_kernel.grad is not None:
-            self.recurrent_kernel.grad += dU
+        return dW, dx
 
 
 @register("SimpleRNN")
@@ -337,13 +371,11 @@ class SimpleRNN(_TimeMajor):
                          recurrent_dropout, return_sequences, return_state, go_backwards, **kw)
 
     def _cell(self, xp, step_mask, rec_mask, form):
-        H, self.cache = cells.simple_forward(xp, self.recurrent_kernel.value, self.act, step_mask, rec_mask)
-        return [H], [H[-1]]
+        return cells.simple_forward(xp, self.recurrent_kernel.value, self.act, step_mask, rec_mask)
 
-    def _cell_backward(self, dY, d_finals):
-        dXP, dU = cells.simple_backward(self.cache, dY, d_finals[0])
-        self._add_recurrent_grad(dU)
-        return dXP
+    def _cell_backward(self, cache, dY, dh):
+        dXP, dU = cells.simple_backward(cache, dY, dh)
+        return dXP, dU, dXP.sum((0, 1))
 
     def _onnx_node(self, act, rec):
         return "RNN", {"activations": [act]}
@@ -371,7 +403,6 @@ class LSTM(Recurrent):
 
     gates, n_states = 4, 2
     onnx_gate_order = [0, 3, 1, 2]  # Keras i, f, c, o -> ONNX i, o, f, c
-    splits_batch = True  # its time loops run on lanes (batch_parts)
 
     def __init__(self, units: Size, activation="tanh", recurrent_activation="sigmoid", use_bias: bool = True,
                  kernel_initializer="glorot_uniform", recurrent_initializer="orthogonal", bias_initializer="zeros",
@@ -387,20 +418,10 @@ class LSTM(Recurrent):
     def _bias_init(self):
         return _UnitForgetBias(self.bias_initializer) if self.unit_forget_bias else self.bias_initializer
 
-    def _scan(self, x, step_mask, rec_mask):
-        Wz = cells.lstm_fused_weights(self.kernel.value, self.recurrent_kernel.value, self._input_bias())
-        self.parts = batch_parts(len(x))
+    def _part_weights(self, dtype):
+        return cells.lstm_fused_weights(self.kernel.value, self.recurrent_kernel.value, self._input_bias())
 
-        def scan(run):
-            return [self._scan_part(x[a:b], Wz, _rows(step_mask, a, b), _rows(rec_mask, a, b), _rows(self.dmask, a, b))
-                    for a, b in run]
-        results = lanes.run(scan, self.parts)
-        self.caches = [cache for _, _, cache in results]
-        return [H for H, _, _ in results], [np.concatenate([H[-1] for H, _, _ in results]),
-                                            np.concatenate([c_T.T for _, c_T, _ in results])]
-
-    def _scan_part(self, x, Wz, step_mask, rec_mask, dmask):
-        """One part of the batch: (H, a (T + 1, part, u) view of h_0..h_T, c_T (u, part), the cell's cache)."""
+    def _scan_part(self, x, step_mask, rec_mask, dmask, Wz):
         (B, T, F), u = x.shape, self.units
         S = np.empty((Wz.shape[1], T + 1, B), x.dtype)  # column t: [h_{t-1}; x_t; 1] (recurrent_cells' LSTM)
         S[:u, 0] = 0  # h_0; column T's input rows are never read (it only carries h_T)
@@ -420,39 +441,19 @@ class LSTM(Recurrent):
                 gate_masks[:, u:u + F] = dmask[cells.LSTM_ORDER].transpose(0, 2, 1)
         c_T, cache = cells.lstm_forward(S, Wz, self.act, self.rec_act,
                                         None if step_mask is None else step_mask.transpose(0, 2, 1), gate_masks)
-        return S[:u].transpose(1, 2, 0), c_T, cache
+        return S[:u].transpose(1, 2, 0), [S[:u, T].T, c_T.T], cache
 
-    def _scan_backward(self, dY, d_finals):
-        F = self.kernel.value.shape[0]
-        params = [self.kernel, self.recurrent_kernel] + ([self.bias] if self.use_bias else [])
-        train = any(p.grad is not None for p in params)
-        need_dx = getattr(self, "input_grad_needed", True)  # False when the input is data
-
-        def back(run):
-            return [self._scan_backward_part(cache, _rows(dY, a, b), d_finals[0][a:b], d_finals[1][a:b],
-                                             _rows(self.dmask, a, b), F, train, need_dx)
-                    for (a, b), cache in run]
-        results = lanes.run(back, list(zip(self.parts, self.caches)))
-        if train:  # the parts' sums added in part order, whatever ran them
-            dWz = results[0][0]
-            for more, _ in results[1:]:
-                dWz += more
-            for p, g in zip(params, cells.lstm_split_grad(dWz, F)):
-                if p.grad is not None:
-                    p.grad += g
-        return np.concatenate([dx for _, dx in results]) if need_dx else None
-
-    def _scan_backward_part(self, cache, dY, dh, dc, dmask, F, train, need_dx):
-        """(the part's gradient of Wz or None, its input's gradient (part, T, F) or None)."""
+    def _scan_backward_part(self, cache, dY, d_finals, dmask, wanted, need_dx):
         dY = None if dY is None else np.ascontiguousarray(dY.transpose(0, 2, 1))  # (T, u, part)
-        dZ = cells.lstm_backward(cache, dY, dh.T, dc.T)
-        dWz = cells.lstm_weight_grad(cache, dZ) if train else None
+        dZ = cells.lstm_backward(cache, dY, d_finals[0].T, d_finals[1].T)
+        F = self.kernel.value.shape[0]
+        grads = cells.lstm_split_grad(cells.lstm_weight_grad(cache, dZ), F) if any(wanted) else [None] * 3
         if not need_dx:
-            return dWz, None
+            return grads, None
         dx = cells.lstm_input_grad(cache, dZ, F)
         if dmask is not None and len(dmask) == 1:
             dx *= dmask[0].T[:, None]
-        return dWz, dx.transpose(2, 1, 0)
+        return grads, dx.transpose(2, 1, 0)
 
     def _onnx_node(self, act, rec):
         return "LSTM", {"activations": [rec, act, act]}
@@ -493,28 +494,19 @@ class GRU(_TimeMajor):
             return None
         return self.bias.value[0] if self.reset_after else self.bias.value
 
-    def _add_input_bias_grad(self, db):
-        if self.reset_after:
-            self.bias.grad[0] += db
-        else:
-            self.bias.grad += db
-
     def _gate_form(self, dtype):
         # Only z and r share one activation call; the candidate column keeps scale 1 ("tanh" form).
         return cells.tanh_form([self.rec_act, self.rec_act, "tanh"], self.units, dtype)
 
     def _cell(self, xp, step_mask, rec_mask, form):
         rb = self.bias.value[1] if (self.use_bias and self.reset_after) else None
-        H, self.cache = cells.gru_forward(xp, self.recurrent_kernel.value, rb, self.act, self.rec_act,
-                                          self.reset_after, step_mask, rec_mask, form)
-        return [H], [H[-1]]
+        return cells.gru_forward(xp, self.recurrent_kernel.value, rb, self.act, self.rec_act, self.reset_after,
+                                 step_mask, rec_mask, form)
 
-    def _cell_backward(self, dY, d_finals):
-        dXP, dInner, dU = cells.gru_backward(self.cache, dY, d_finals[0])
-        self._add_recurrent_grad(dU)
-        if dInner is not None and self.use_bias and self.bias.grad is not None:
-            self.bias.grad[1] += dInner.sum((0, 1))
-        return dXP
+    def _cell_backward(self, cache, dY, dh):
+        dXP, dInner, dU = cells.gru_backward(cache, dY, dh)
+        db = dXP.sum((0, 1))  # with reset_after, bias (2, 3u) is the input bias and the recurrent one (dInner's)
+        return dXP, dU, np.stack([db, dInner.sum((0, 1))]) if self.reset_after else db
 
     def _onnx_node(self, act, rec):
         # Keras reset_after=True applies the reset gate after the recurrent matmul: ONNX linear_before_reset=1
@@ -597,6 +589,7 @@ class ConvLSTM(Recurrent, _Windowed):
     [output, h, c]. A mask is (batch, timesteps), or per position (batch, timesteps, *spatial) as Masking makes it,
     which Keras applies position by position (so only where the output keeps the input's positions)."""
     gates, n_states = 4, 2
+    splits_batch = False  # scans its batch whole (_scan, _scan_backward)
     one_blas_thread = False  # its convolutions are not the small products _ONE_THREAD measured
 
     def __init__(self, filters: Size, kernel_size: Sizes, strides: Sizes = 1, padding: str = "valid",

@@ -92,6 +92,11 @@ class Bidirectional(Wrapper):
     def _inner(self):
         return [("forward/", self.forward_layer), ("backward/", self.backward_layer)]
 
+    @property
+    def splits_batch(self):
+        """Whether its directions' time loops run on lanes (engine/lanes.py), so fit's step hands it the lanes."""
+        return self.forward_layer.splits_batch and self.backward_layer.splits_batch
+
     def build(self, input_shape):
         self._build_inner(self.forward_layer, input_shape)
         self._build_inner(self.backward_layer, input_shape)

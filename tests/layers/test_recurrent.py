@@ -60,13 +60,14 @@ def test_gradients_with_dropout_and_masks(name, extra):
     check_layer(layers.LAYERS.get(name)(3, dropout=0.4, **extra), (5, 2), mask=MASK, training=True)
 
 
+@pytest.mark.parametrize("name", ["SimpleRNN", "LSTM", "GRU"])
 @pytest.mark.parametrize("flags", [{"return_sequences": True, "return_state": True, "go_backwards": True},
                                    {"dropout": 0.4, "recurrent_dropout": 0.3, "return_sequences": True}])
-def test_lstm_gradients_over_parts_of_the_batch(flags, kernel_path, monkeypatch):
-    """The LSTM's batch in parts (layers/recurrent.batch_parts, one sample each here): each part's loop, its share
-    of the weight gradient added in part order, the states and the input gradient put back together."""
+def test_gradients_over_parts_of_the_batch(name, flags, kernel_path, monkeypatch):
+    """The batch in parts (layers/recurrent.batch_parts, one sample each here): each part's loop, its share of the
+    weight gradients added in part order, the states and the input gradient put back together."""
     monkeypatch.setattr("dlcli.layers.recurrent.PART_SAMPLES", 1)
-    layer = layers.LSTM(3, **flags)
+    layer = layers.LAYERS.get(name)(3, **flags)
     check_layer(layer, (5, 2), mask=MASK, training="dropout" in flags)
     assert len(layer.parts) == 3
 
