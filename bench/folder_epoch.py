@@ -122,6 +122,10 @@ def decode_report(directory: Path, count: int = 3000):
     for i in range(0, len(files), 128):
         png.decode(files[i:i + 128], "grayscale", batch[:len(files[i:i + 128])])
     fast = time.perf_counter() - start
+    start = time.perf_counter()
+    for f in files:
+        png._read(f)
+    reading = time.perf_counter() - start
 
     source = ImageFolderSource(files, (28, 28), "grayscale", "bilinear", False, "none", os.cpu_count() or 1,
                                2 * (os.cpu_count() or 1))
@@ -134,7 +138,7 @@ def decode_report(directory: Path, count: int = 3000):
           f"PNG decode {t_decode / n * 1e6:.0f}, to array {t_array / n * 1e6:.0f}, the rest: opening by path, "
           f"Pillow's format probe, dlcli's mode/size checks) {max(one - t_read - t_decode - t_array, 0) / n * 1e6:.0f})")
     print(f"decode, 1 thread, the PNG fast path (data/png.py, batches of 128): {n / fast:,.0f} images/s "
-          f"({fast / n * 1e6:.0f} us/image)")
+          f"({fast / n * 1e6:.0f} us/image, reading the file {reading / n * 1e6:.0f})")
     print(f"decode, pool of {source.workers} threads: {n / pool:,.0f} images/s")
 
 
