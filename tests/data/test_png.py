@@ -162,3 +162,14 @@ def test_damaged_streams_are_refused_or_inflated_as_zlib_does():
         if compiled.inflate(junk[start:start + 200], out):
             assert zlib.decompress(junk[start:start + 200].tobytes()) == out.tobytes()
     assert accepted < 50  # a damaged stream passes only where the damage changes nothing (a flag bit zlib ignores)
+
+
+def test_a_file_larger_than_one_read_decodes_as_pillow_does(tmp_path):
+    """Noise does not compress: a 200x160 RGB PNG is ~96 KiB, read in more than one system call and inflated from
+    several DEFLATE blocks."""
+    pixels = np.random.default_rng(5).integers(0, 256, (200, 160, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "noise.png")
+    assert (tmp_path / "noise.png").stat().st_size > 1 << 16
+    decoded, left = decode([tmp_path / "noise.png"], (200, 160), "rgb")
+    assert left == []
+    np.testing.assert_array_equal(decoded[0], pixels)
