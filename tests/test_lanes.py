@@ -56,8 +56,9 @@ def test_a_layer_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, mak
     # the split really ran on another thread (the NumPy twins of the transposed conv, pooling and BN run whole)
     assert ("dlcli-lane" in workers) == (path == "numba" or type(layer).__name__ in ("Conv1D", "Conv2D"))
     assert len(results[0]) == 2 + len(layer.params)
-    for one, more in zip(results[0], results[1] + results[2]):
-        np.testing.assert_array_equal(one, more)
+    for one, two, three in zip(*results):
+        np.testing.assert_array_equal(one, two)
+        np.testing.assert_array_equal(one, three)
 
 
 RECURRENT_FLAGS = [{}, {"return_sequences": True, "return_state": True, "go_backwards": True},
