@@ -75,16 +75,18 @@ class _Conv(_Windowed):
     def forward(self, x, training=False):
         self.out_sizes, self.pads = cm.geometry(x.shape[1:-1], self.kernel_size, self.strides, self.padding,
                                                 self.dilation_rate)
+        self.winograd = self.groups == 1 and cm.winograd_applies(self.kernel.value.shape, self.strides,
+                                                                 self.dilation_rate, self.groups)
+        if self.winograd:  # x itself (its transform reads the padding's zeros); training keeps the tiles
+            self.x, self.tiles = x, {} if training else None
+            z = cm.winograd_conv(x, self.kernel.value, self.bias.value if self.use_bias else None, self.out_sizes,
+                                 self.pads, self.tiles)
+            return activations.activate_owned(self, z)
         xp = cm.pad(x, self.pads)
         self.xp_shape = xp.shape
         if self.groups > 1:
             return self._grouped_forward(xp)
-        self.xp, self.cols, self.tiles = xp, None, None  # backward gathers the patches again, a chunk at a time
-        if self._winograd():  # training keeps the transformed tiles for the kernel gradient
-            self.tiles = {} if training else None
-            z = cm.winograd_conv(xp, self.kernel.value, self.bias.value if self.use_bias else None, self.out_sizes,
-                                 self.tiles)
-            return activations.activate_owned(self, z)
+        self.xp, self.cols = xp, None  # backward gathers the patches again, a chunk at a time
         k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
         weights = self.kernel.value.reshape(k, self.filters)
         if self.use_bias:
@@ -100,9 +102,6 @@ class _Conv(_Windowed):
         patches = lanes.run(gemms, chunks)
         self.cols = dict(patches) if kept else None  # {start: patches} that backward takes instead of gathering
         return activations.activate_owned(self, z.reshape(x.shape[0], *self.out_sizes, self.filters))
-
-    def _winograd(self):
-        return cm.winograd_applies(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups)
 
     def _chunks(self, n):
         """([(start, stop)] of the samples gathered at once, whether their patches are kept for backward): a few
@@ -194,7 +193,7 @@ class _Conv(_Windowed):
         if self.groups > 1:
             return self._grouped_backward(grad)
         g = np.ascontiguousarray(self.activation_backward(grad)).reshape(-1, self.filters)
-        if self._winograd():
+        if self.winograd:
             return self._winograd_backward(g)
         k = self.kernel.value[..., 0].size
         if self.kernel.grad is not None or (self.use_bias and self.bias.grad is not None):
@@ -218,15 +217,15 @@ class _Conv(_Windowed):
         return cm.unpad(dxp, self.pads)
 
     def _winograd_backward(self, g):
-        kernel_grad, dxp, bias_grad = cm.winograd_backward(
-            g.reshape(len(self.xp), *self.out_sizes, self.filters), self.kernel.value, self.xp, self.out_sizes,
-            self.tiles, self.kernel.grad is not None, self.input_grad_needed,
+        kernel_grad, dx, bias_grad = cm.winograd_backward(
+            g.reshape(len(self.x), *self.out_sizes, self.filters), self.kernel.value, self.x, self.out_sizes,
+            self.pads, self.tiles, self.kernel.grad is not None, self.input_grad_needed,
             self.use_bias and self.bias.grad is not None)
         if kernel_grad is not None:
             self.kernel.grad += kernel_grad
         if bias_grad is not None:
             self.bias.grad += bias_grad
-        return None if dxp is None else cm.unpad(dxp, self.pads)
+        return dx
 
     def to_onnx(self, g, x, in_shape, mask):
         k = self.rank

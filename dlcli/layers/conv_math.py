@@ -247,9 +247,10 @@ def winograd_kernel(kernel):
     return (g @ (g @ kernel.reshape(3, -1)).reshape(4, 3, -1)).reshape(16, c, f)
 
 
-def winograd_conv(xp, kernel, bias, out_sizes, keep=None):
-    """conv(xp, kernel) + bias for a padded input xp (n, out_h + 2, out_w + 2, c) and a kernel (3, 3, c, f): each
-    2x2 output block from its 4x4 input tile, 16 GEMMs (tiles, c) @ (c, f) over the transformed tiles, a chunk of
+def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None):
+    """conv(x, kernel) + bias for an input x (n, height, width, c) padded by `pads` ((top, bottom), (left, right):
+    the transform reads the zeros, no padded copy is made) and a kernel (3, 3, c, f): each 2x2 output block from
+    its 4x4 input tile, 16 GEMMs (tiles, c) @ (c, f) over the transformed tiles, a chunk of
     samples at a time (winograd_chunks) on the lanes. In training, `keep` (a dict, {chunk start: its transformed
     tiles V}) receives each chunk's V for the kernel gradient: 16 * tiles * c floats a sample, 4.6 MB for the book
     convnet's conv 2 at batch 64, 6.4 MB for each of the resnet's 14x14x32 convs (under im2col's 9 * positions * c).
@@ -258,24 +259,25 @@ def winograd_conv(xp, kernel, bias, out_sizes, keep=None):
     outputs) 0.446 -> 0.431, the whole pass 4.31 -> 3.71. Of conv 2's 2.0 ms the 16 GEMMs take about 1.0 (100
     GFLOP/s) and each transform about 0.35."""
     compiled = kernels.compiled("winograd")
-    n, c, f = xp.shape[0], kernel.shape[2], kernel.shape[3]
+    n, c, f = x.shape[0], kernel.shape[2], kernel.shape[3]
     tiles_h, tiles_w = winograd_tiles(out_sizes)
+    (top, _), (left, _) = pads
     u = winograd_kernel(kernel)
     bias = np.zeros(f, kernel.dtype) if bias is None else bias
-    y = np.empty((n, *out_sizes, f), xp.dtype)
+    y = np.empty((n, *out_sizes, f), x.dtype)
     chunks = winograd_chunks(n, out_sizes, c, f)
     if keep is not None:  # (reusing the last step's arrays measured the same: malloc hands the freed ones back)
-        keep.update((start, _winograd_buffer(stop - start, out_sizes, c, xp.dtype)) for start, stop in chunks)
+        keep.update((start, _winograd_buffer(stop - start, out_sizes, c, x.dtype)) for start, stop in chunks)
 
     def products(run):
         most = max(stop - start for start, stop in run)
-        v = None if keep is not None else _winograd_buffer(most, out_sizes, c, xp.dtype)
-        m = _winograd_buffer(most, out_sizes, f, xp.dtype)
+        v = None if keep is not None else _winograd_buffer(most, out_sizes, c, x.dtype)
+        m = _winograd_buffer(most, out_sizes, f, x.dtype)
         for start, stop in run:
             # a smaller chunk: the first rows of the lane's buffers (the spare zero row stays last)
             v_part = keep[start] if keep is not None else _rows_of(v, stop - start, out_sizes)
             m_part = _rows_of(m, stop - start, out_sizes)
-            compiled.input_tiles(xp[start:stop], tiles_h, tiles_w, v_part)
+            compiled.input_tiles(x[start:stop], top, left, tiles_h, tiles_w, v_part)
             np.matmul(v_part, u, out=m_part)
             compiled.output_tiles(m_part, tiles_h, tiles_w, bias, y[start:stop])
         return run
@@ -292,19 +294,21 @@ def _rows_of(buffer, samples, out_sizes):
     return buffer[:, :rows]
 
 
-def winograd_backward(g, kernel, xp, out_sizes, kept=None, kernel_grad=True, input_grad=True, bias_grad=True):
-    """(the kernel's gradient (3, 3, c, f) or None, the padded input's gradient (n, *xp's sizes, c) or None, the
+def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True, input_grad=True, bias_grad=True):
+    """(the kernel's gradient (3, 3, c, f) or None, the input's gradient (x's shape) or None, the
     bias's (f,) or None) of winograd_conv, from the output gradient g (n, out_h, out_w, f) after the activation's:
     its A-transform dM once per chunk, then dU = V^T dM (16 GEMMs, the chunks' products added in chunk order, so on
     any lanes) and dV = dM U^T (16 GEMMs) scattered back to the input by B dV B^T. The bias's gradient is dM's
     centre tap (its rows (1, 1) of A: the sum of each 2x2 block) summed over the tiles: a quarter of g's floats.
-    V is the forward's `kept` tiles, or transformed again from xp (a backward after an inference forward, as the
-    gradient checks do)."""
+    V is the forward's `kept` tiles, or transformed again from x (a backward after an inference forward, as the
+    gradient checks do). The input gradient is written unpadded and contiguous: the padded one's cropped view cost
+    the layers before it a copy."""
     compiled = kernels.compiled("winograd")
-    n, c, f = xp.shape[0], kernel.shape[2], kernel.shape[3]
+    n, c, f = x.shape[0], kernel.shape[2], kernel.shape[3]
     tiles_h, tiles_w = winograd_tiles(out_sizes)
+    (top, _), (left, _) = pads
     u_t = np.ascontiguousarray(winograd_kernel(kernel).transpose(0, 2, 1)) if input_grad else None
-    dxp = np.empty(xp.shape, g.dtype) if input_grad else None
+    dx = np.empty(x.shape, g.dtype) if input_grad else None
     g = np.ascontiguousarray(g)
 
     def gradients(run):
@@ -322,14 +326,14 @@ def winograd_backward(g, kernel, xp, out_sizes, kept=None, kernel_grad=True, inp
                     v_part = kept[start]
                 else:
                     v_part = _rows_of(v, stop - start, out_sizes)
-                    compiled.input_tiles(xp[start:stop], tiles_h, tiles_w, v_part)
+                    compiled.input_tiles(x[start:stop], top, left, tiles_h, tiles_w, v_part)
                 du = np.matmul(v_part.transpose(0, 2, 1), dm_part)
             if bias_grad:
                 db = dm_part[5].sum(0)
             if input_grad:
                 dv_part = _rows_of(dv, stop - start, out_sizes)
                 np.matmul(dm_part, u_t, out=dv_part)
-                compiled.input_gradient_tiles(dv_part, tiles_h, tiles_w, dxp[start:stop])
+                compiled.input_gradient_tiles(dv_part, top, left, tiles_h, tiles_w, dx[start:stop])
             sums.append((du, db))
         return sums
     sums = lanes.run(gradients, winograd_chunks(n, out_sizes, c, f))
@@ -344,7 +348,7 @@ def winograd_backward(g, kernel, xp, out_sizes, kept=None, kernel_grad=True, inp
         gt = WINOGRAD_G.T.astype(du.dtype)
         dw = (gt @ (gt @ du.reshape(4, -1)).reshape(3, 4, -1).transpose(1, 0, 2).reshape(4, -1)).reshape(3, 3, c, f)
         dw = dw.transpose(1, 0, 2, 3)
-    return dw, dxp, db
+    return dw, dx, db
 
 
 def _compiled_pooling(pool):
