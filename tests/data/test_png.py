@@ -2,7 +2,10 @@
 here with every row filter, colour type and odd sizes decode bit for bit as Pillow decodes them; every other file
 (another size or mode, palette, 16 bits, interlaced, corrupt) is left to Pillow, which decodes it or names it. The
 compiled inflate against zlib's: every block type and strategy, and damaged streams refused or inflated as zlib does."""
+import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -173,3 +176,14 @@ def test_a_file_larger_than_one_read_decodes_as_pillow_does(tmp_path):
     decoded, left = decode([tmp_path / "noise.png"], (200, 160), "rgb")
     assert left == []
     np.testing.assert_array_equal(decoded[0], pixels)
+
+
+@pytest.mark.slow
+def test_the_decoder_never_indexes_out_of_bounds(tmp_path):
+    """Compiled code does not check indices, and these files come from users: the damaged-stream and foreign-file
+    tests run again with NUMBA_BOUNDSCHECK=1 (a fresh cache, so the kernels compile with the checks), where any read
+    or write past an array's end raises IndexError and fails them instead of going unseen. ~20 s of CPU."""
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                           "-k", "damaged or other_files"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
