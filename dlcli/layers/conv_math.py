@@ -193,7 +193,10 @@ def col2im_matmul_numpy(a2, kernel, padded_shape, out_sizes, strides, dilation):
 # whose patches are kept from forward for backward (few channels or few patches) has exactly this many
 KEPT_CHUNKS = 4
 # Winograd's F(2x2, 3x3) (kernels/winograd.py) replaces im2col + GEMM for 3x3 stride-1 convolutions with at least
-# this many input channels (its forward GEMMs have the channels as their inner dimension), in training and inference
+# this many input channels (its forward GEMMs have the channels as their inner dimension), in training and inference.
+# Training step, thread CPU forward / backward at batch 64, one BLAS thread, load ~10, im2col -> Winograd:
+# 14x14x8 -> 16 'same' 0.92 / 1.70 -> 1.03 / 1.78 ms (a loss), 14x14x16 -> 32 2.17 / 4.29 -> 1.84 / 2.73,
+# 12x12x16 -> 16 'valid' 0.72 / 1.40 -> 0.80 / 1.04
 WINOGRAD_MIN_CHANNELS = 16
 # G of F(2x2, 3x3): U = G g G^T turns a 3x3 kernel into the 4x4 one the tiles are multiplied with
 WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
