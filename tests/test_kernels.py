@@ -259,3 +259,19 @@ def test_relu_backward_equals_its_numpy_twin(monkeypatch, dtype):
     assert compiled.dtype == reference.dtype == dtype
     np.testing.assert_array_equal(compiled, reference)
     np.testing.assert_array_equal(np.signbit(compiled), np.signbit(reference))  # -0.0 where NumPy has it
+
+
+def test_batch_norm_compiled_variance_holds_far_from_zero(monkeypatch):
+    """The compiled forward sums x and x^2 in one pass, shifted by the batch's first row: an unshifted
+    E[x^2] - E[x]^2 in float64 would lose the variance of integers near 1e7 (their squares near 1e14)."""
+    from dlcli import layers
+
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    rng = np.random.default_rng(8)
+    x = (np.round(rng.standard_normal((64, 7, 7, 4)) * 4) + 1e7).astype(np.float32)  # integers: exact in float32
+    bn = layers.BatchNormalization(momentum=0.0)
+    bn.ensure_built(x.shape[1:])
+    bn.forward(x, training=True)
+    rows = x.reshape(-1, 4).astype(np.float64)
+    np.testing.assert_allclose(bn.moving_variance.value, rows.var(0), rtol=1e-6)
+    np.testing.assert_allclose(bn.moving_mean.value, rows.mean(0), rtol=1e-7)

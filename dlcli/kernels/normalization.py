@@ -1,7 +1,9 @@
 """BatchNormalization's training passes over channels-last rows (every axis but the last reduced), each over a range
-of rows so the lanes (engine/lanes.py) share them: the forward pass in three passes over the data (sums; centring
-with the sum of squares; normalising with the affine transform), the backward in two (the two channel sums; the
-input gradient), where the NumPy twins (layers/normalization.py) make about seven and six. Each range's sums come
+of rows so the lanes (engine/lanes.py) share them: the forward pass in two passes over the data (the sums of x and
+of its squares, both shifted by the batch's first row; normalising with the affine transform), the backward in two
+(the two channel sums; the input gradient), where the NumPy twins (layers/normalization.py) make about seven and six.
+The shift makes the one-pass variance safe: var = mean(d^2) - mean(d)^2 with d = x - x[0] cancels only what lies
+between a sample and the mean, a few standard deviations, where x itself could be far from 0. Each range's sums come
 back on their own and the layer adds them in range order, so the lanes never change a bit. The channel loop is
 innermost and contiguous, so it vectorises; the sums accumulate in float64, so they agree with the twins' float32
 BLAS sums to float32 rounding (not bit for bit: the order differs).
@@ -16,39 +18,30 @@ JIT = dict(cache=True, nogil=True, error_model="numpy")
 
 
 @numba.njit(**JIT)
-def channel_sums(x, acc):
-    """acc (C,) float64 = the column sums of x (rows, C)."""
+def shifted_sums(x, shift, acc_d, acc_dd):
+    """acc_d, acc_dd (C,) float64 = the column sums of d = x - shift and of d * d, for x (rows, C) and a float64
+    shift (C,)."""
     rows, c = x.shape
     for k in range(c):
-        acc[k] = 0.0
+        acc_d[k] = 0.0
+        acc_dd[k] = 0.0
     for r in range(rows):
         for k in range(c):
-            acc[k] += x[r, k]
+            d = x[r, k] - shift[k]
+            acc_d[k] += d
+            acc_dd[k] += d * d
 
 
 @numba.njit(**JIT)
-def centre(x, mean, xhat, acc):
-    """xhat = x - mean; acc (C,) float64 = the column sums of its squares."""
+def normalise(x, mean, inv_std, gamma, beta, relu, xhat, y):
+    """xhat = (x - mean) * inv_std; y = xhat * gamma + beta, and with `relu` max(that, 0) (NaN kept, as
+    np.maximum). An empty gamma or beta is scale or center off."""
     rows, c = x.shape
-    for k in range(c):
-        acc[k] = 0.0
-    for r in range(rows):
-        for k in range(c):
-            d = x[r, k] - mean[k]
-            xhat[r, k] = d
-            acc[k] += d * d
-
-
-@numba.njit(**JIT)
-def normalise(xhat, inv_std, gamma, beta, relu, y):
-    """xhat *= inv_std in place; y = xhat * gamma + beta, and with `relu` max(that, 0) (NaN kept, as np.maximum).
-    An empty gamma or beta is scale or center off."""
-    rows, c = xhat.shape
     scale, center = gamma.size > 0, beta.size > 0
     zero = y.dtype.type(0)
     for r in range(rows):
         for k in range(c):
-            h = xhat[r, k] * inv_std[k]
+            h = (x[r, k] - mean[k]) * inv_std[k]
             xhat[r, k] = h
             if scale:
                 h = h * gamma[k]

@@ -199,17 +199,16 @@ class BatchNormalization(_Normalization):
         c, dt = x.shape[-1], x.dtype
         rows, xhat, y = x.reshape(-1, c), np.empty_like(x), np.empty_like(x)
         xhat_rows, parts = xhat.reshape(-1, c), _row_parts(len(rows), c)
-        sums = _summed(lanes.run(lambda run: [_into(compiled.channel_sums, rows[a:b]) for a, b in run], parts))
-        mean = (sums / len(rows)).astype(dt)
-        squares = _summed(lanes.run(lambda run: [_into(compiled.centre, rows[a:b], mean, xhat_rows[a:b])
-                                                 for a, b in run], parts))
-        var = (squares / len(rows)).astype(dt)
+        shift = rows[0].astype(np.float64)  # every range's: the sums add up
+        pairs = lanes.run(lambda run: [_pair(compiled.shifted_sums, rows[a:b], shift) for a, b in run], parts)
+        d, dd = _summed([s for s, _ in pairs]) / len(rows), _summed([s for _, s in pairs]) / len(rows)
+        mean, var = (shift + d).astype(dt), np.maximum(dd - d * d, 0.0).astype(dt)
         inv_std = 1 / np.sqrt(var + dt.type(self.epsilon))
         off = np.empty(0, dt)  # scale or center off
         gamma, beta = self.gamma.value if self.scale else off, self.beta.value if self.center else off
         relu = self.post_activation is not None
-        lanes.run(lambda run: [compiled.normalise(xhat_rows[a:b], inv_std, gamma, beta, relu, y.reshape(-1, c)[a:b])
-                               for a, b in run], parts)
+        lanes.run(lambda run: [compiled.normalise(rows[a:b], mean, inv_std, gamma, beta, relu, xhat_rows[a:b],
+                                                  y.reshape(-1, c)[a:b]) for a, b in run], parts)
         self._update_moving(mean, var, dt.type)
         self.xhat, self.inv_std = xhat, inv_std.reshape(self.param_view)
         self.relu_y = y if relu else None
@@ -602,7 +601,8 @@ def adapt_to_inputs(model, xs) -> list[str]:
 
 
 # The compiled passes over a batch of LANE_FLOATS or more run over ROW_PARTS ranges of rows, shared by the lanes
-# (engine/lanes.py); smaller ones in one range: their five hand-overs cost more than half the passes. Main-thread
+# (engine/lanes.py); smaller ones in one range: their hand-overs (five then, four now) cost more than half the
+# passes. Main-thread
 # CPU at 2 threads, AMD EPYC at load 17 (forward / backward ms): the resnet's stem BN (64x28x28x32) 1.18 / 1.11 ->
 # 0.81 / 0.84, its 14x14x32 ones 0.34 / 0.27 -> 0.37 / 0.33 and 7x7x64 ones 0.15 / 0.15 -> 0.24 / 0.22. Both counts
 # depend on the shape alone, so the float64 sums add up in the same order on any number of lanes.
@@ -613,14 +613,8 @@ def _row_parts(rows, c):
     return lanes.split(rows, ROW_PARTS if rows * c >= LANE_FLOATS else 1)
 
 
-def _into(kernel, *arrays):
-    """kernel(*arrays, acc) into a new float64 accumulator (C,), returned."""
-    acc = np.empty(arrays[0].shape[-1], np.float64)
-    kernel(*arrays, acc)
-    return acc
-
-
 def _pair(kernel, *arrays):
+    """kernel(*arrays, two float64 accumulators (C,)) into a new (2, C) array, returned."""
     acc = np.empty((2, arrays[0].shape[-1]), np.float64)
     kernel(*arrays, acc[0], acc[1])
     return acc
