@@ -275,3 +275,24 @@ def test_batch_norm_compiled_variance_holds_far_from_zero(monkeypatch):
     rows = x.reshape(-1, 4).astype(np.float64)
     np.testing.assert_allclose(bn.moving_variance.value, rows.var(0), rtol=1e-6)
     np.testing.assert_allclose(bn.moving_mean.value, rows.mean(0), rtol=1e-7)
+
+
+def test_batch_norm_relu_backward_after_the_kernel_path_changed(monkeypatch):
+    """A forward on the compiled passes (the ReLU applied inside) and a backward after DLCLI_KERNELS=numpy: the
+    twin masks the gradient itself, from the forward's xhat, and agrees with the compiled backward to rounding."""
+    from dlcli import layers
+    from dlcli.engine import activations
+
+    rng = np.random.default_rng(6)
+    x, grad = (rng.standard_normal((2, 6, 5, 3)).astype(np.float32) for _ in range(2))
+    results = []
+    for backward_path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", "numba")
+        bn = layers.BatchNormalization()
+        bn.ensure_built(x.shape[1:])
+        bn.post_activation = activations.get("relu")
+        bn.forward(x, training=True)
+        monkeypatch.setenv("DLCLI_KERNELS", backward_path)
+        results.append([bn.backward(grad)] + [p.grad for p in bn.weights if p.trainable])
+    for compiled, reference in zip(*results):
+        np.testing.assert_allclose(compiled, reference, rtol=2e-6, atol=2e-5)

@@ -121,9 +121,9 @@ class BatchNormalization(_Normalization):
 
     def forward(self, x, training=False):
         self.training = training and self.trainable
-        self.relu_y = None  # the output, when the compiled passes applied the post_activation ReLU themselves
+        self.relu_fused = False  # True: the compiled passes applied the post_activation ReLU themselves
         y = self._forward(x)
-        return y if self.post_activation is None or self.relu_y is not None else self.post_activation.forward_(y)
+        return y if self.post_activation is None or self.relu_fused else self.post_activation.forward_(y)
 
     def _forward(self, x):
         dtype = x.dtype.type
@@ -154,12 +154,12 @@ class BatchNormalization(_Normalization):
         return self._affine(self.xhat)
 
     def backward(self, grad):
-        if self.relu_y is not None:  # the compiled passes mask the gradient themselves
+        if self.relu_fused:  # the compiled passes mask the gradient themselves
             compiled = kernels.compiled("normalization")
             grad = np.ascontiguousarray(grad)
             if compiled is not None:
                 return self._backward_compiled(compiled, grad)
-            grad = grad * (self.relu_y > 0)  # the ReLU's twin: DLCLI_KERNELS changed since forward
+            grad = grad * (self._affine(self.xhat) > 0)  # the ReLU's twin: DLCLI_KERNELS changed since forward
         elif self.post_activation is not None:
             grad = self.post_activation.backward(grad)
         if self.training and self.sync is None and self.mask_weights is None:
@@ -211,7 +211,7 @@ class BatchNormalization(_Normalization):
                                                   y.reshape(-1, c)[a:b]) for a, b in run], parts)
         self._update_moving(mean, var, dt.type)
         self.xhat, self.inv_std = xhat, inv_std.reshape(self.param_view)
-        self.relu_y = y if relu else None
+        self.relu_fused = relu
         return y
 
     def _batch_backward(self, grad):
@@ -239,16 +239,15 @@ class BatchNormalization(_Normalization):
         scale = np.ascontiguousarray((self.inv_std * self.gamma.value.reshape(self.param_view) if self.scale
                                       else self.inv_std).reshape(-1), dt)
         rows, xhat, dx = grad.reshape(-1, c), self.xhat.reshape(-1, c), np.empty_like(grad)
-        relu_y = self.relu_y.reshape(-1, c) if self.relu_y is not None else np.empty((0, c), dt)
-
-        def relu_rows(a, b):  # none (0 rows) without a ReLU
-            return relu_y[a:b] if len(relu_y) else relu_y
+        off = np.empty(0, dt)  # scale or center off
+        gamma, beta = self.gamma.value if self.scale else off, self.beta.value if self.center else off
+        relu = self.relu_fused
         parts = _row_parts(len(rows), c)
-        pairs = lanes.run(lambda run: [_pair(compiled.gradient_sums, rows[a:b], xhat[a:b], relu_rows(a, b))
+        pairs = lanes.run(lambda run: [_pair(compiled.gradient_sums, rows[a:b], xhat[a:b], gamma, beta, relu)
                                        for a, b in run], parts)
         sum_g, sum_gx = _summed([g for g, _ in pairs]).astype(dt), _summed([gx for _, gx in pairs]).astype(dt)
         a, b = sum_gx * (scale / len(rows)), sum_g * (scale / len(rows))
-        lanes.run(lambda run: [compiled.input_gradient(rows[i:j], xhat[i:j], relu_rows(i, j), scale, a, b,
+        lanes.run(lambda run: [compiled.input_gradient(rows[i:j], xhat[i:j], gamma, beta, relu, scale, a, b,
                                                        dx.reshape(-1, c)[i:j]) for i, j in run], parts)
         if self.center and self.beta.grad is not None:
             self.beta.grad += sum_g.reshape(self.beta.grad.shape)
