@@ -27,9 +27,7 @@ class CallbackList(Callback):
         if name.startswith("on_") or name in ("set_model", "set_params"):
             hooks = object.__getattribute__(self, "hooks")
             if name not in hooks:
-                noop = getattr(Callback, name, None) if name.startswith("on_") else None
-                methods = [getattr(cb, name) for cb in object.__getattribute__(self, "callbacks")
-                           if noop is None or name in vars(cb) or getattr(type(cb), name, None) is not noop]
+                methods = object.__getattribute__(self, "_methods")(name)
 
                 def call_all(*args, **kwargs):
                     for method in methods:
@@ -37,6 +35,15 @@ class CallbackList(Callback):
                 hooks[name] = call_all
             return hooks[name]
         return object.__getattribute__(self, name)
+
+    def _methods(self, name: str) -> list:
+        noop = getattr(Callback, name, None) if name.startswith("on_") else None
+        return [getattr(cb, name) for cb in self.callbacks
+                if noop is None or name in vars(cb) or getattr(type(cb), name, None) is not noop]
+
+    def listens(self, name: str) -> bool:
+        """Whether a callback defines hook `name`: fit builds each batch's logs only for one that does."""
+        return bool(self._methods(name))
 
 
 class History(Callback):

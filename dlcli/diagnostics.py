@@ -62,7 +62,7 @@ def _norm(a) -> float:
 def trace_batch(model, xs: list, ys: list, training: bool = True) -> dict:
     """One forward and backward pass of a real batch; per layer call: activation statistics and gradient norms."""
     for p in model.trainable_weights:
-        p.grad[...] = 0
+        p.zero_grad()
     recorder = _Recorder()
     outs = model.graph.forward(xs, training=training, observer=recorder)
     loss, _, grads = model.compute_loss(ys, outs)
@@ -85,7 +85,7 @@ def trace_batch(model, xs: list, ys: list, training: bool = True) -> dict:
             "grad_norm": None if grad is None else _norm(grad), "params": params,
         })
     for p in model.trainable_weights:
-        p.grad[...] = 0
+        p.zero_grad()
     return {"loss": float(loss), "batch": len(xs[0]), "rows": rows, "hints": trace_hints(rows, loss)}
 
 
@@ -146,7 +146,7 @@ def gradient_check(model, xs: list, ys: list, entries: int = 6, eps: float = 1e-
 
     params = model.trainable_weights
     for p in params:
-        p.grad[...] = 0
+        p.zero_grad()
     _, _, grads = model.compute_loss(ys, forward())
     input_grads = model.graph.backward(grads, need_input_grads=True)
     for layer in layers:

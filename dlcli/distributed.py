@@ -342,7 +342,7 @@ class GradientExchange:
         if odd:
             raise DlcliError(f"data-parallel training exchanges float32 gradients; {', '.join(odd[:3])} "
                              f"{'is' if len(odd) == 1 else 'are'} not float32: drop the layers' dtype setting")
-        self.world = world
+        self.world, self.params = world, list(params)
         self.n_grads = sum(p.value.size for p in params)
         self.n_sums = n_sums
         self.buf = np.zeros(self.n_grads + n_sums + 1, np.float32)
@@ -361,6 +361,9 @@ class GradientExchange:
 
     def __call__(self, sums: np.ndarray, stop: bool) -> tuple[np.ndarray, bool]:
         """Sums the gradients (in place) and `sums` over ranks; returns (global sums, whether any rank stops)."""
+        for p in self.params:  # the buffer is summed as it is: a gradient no layer wrote since zero_grad is
+            if p.grad_zeroed:  # still the last step's, and reading `grad` writes its zeros
+                _ = p.grad
         buf = self.buf
         buf[self.n_grads:self.n_grads + self.n_sums] = sums
         buf[-1] = 1.0 if stop else 0.0

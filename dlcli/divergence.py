@@ -30,7 +30,7 @@ def diagnose(model, xs, ys, sample_weight=None) -> dict:
             model.graph.backward(grads, observer=first)
     finally:
         for p in model.trainable_weights:
-            p.grad[...] = 0
+            p.zero_grad()
     return {
         "nonfinite_inputs": [n for n, x in zip(model.input_names, xs) if not _finite(x)],
         "nonfinite_weights": [p.path for p in model.weights if not _finite(p.value)],

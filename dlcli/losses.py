@@ -208,7 +208,9 @@ def sparse_labels(y_true, y_pred, what="sparse_categorical_crossentropy"):
     elif labels.dtype.kind not in "iub":
         raise DlcliError(f"'{what}' needs integer class labels; got targets of dtype {labels.dtype}")
     classes = y_pred.shape[-1]
-    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+    # one reduction per batch (fit checks each batch): read as unsigned, a negative label is above every class
+    unsigned = labels if labels.dtype.kind in "ub" else labels.view(f"u{labels.dtype.itemsize}")
+    if labels.size and unsigned.max() >= classes:
         bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
         raise DlcliError(f"'{what}' got class label {bad}, but the output has {classes} units (labels must be in "
                          f"0..{classes - 1}); give the last layer as many units as there are classes")

@@ -247,6 +247,7 @@ class Run:
                 self.norms.extend(position.get("norms", []))
                 self.initial_loss = position.get("initial_loss")
             cbs.on_train_begin()
+            batch_logs_wanted = cbs.listens("on_train_batch_end")
             logs = {}
             for epoch in range(initial_epoch, epochs):
                 self.epoch = epoch
@@ -281,8 +282,8 @@ class Run:
                         self.samples_seen += size
                         if self.exchange is None:
                             self.logs.update(total, parts, yb if partner is None else partner[2], outs, wb)
-                        batch_logs = {"batch": batch, "size": size, **self.logs.results()}
-                        cbs.on_train_batch_end(batch, batch_logs)
+                        if batch_logs_wanted:
+                            cbs.on_train_batch_end(batch, {"batch": batch, "size": size, **self.logs.results()})
                         every = self.checkpoint_every
                         if self.stopped() or (every and (batch + 1) % every == 0 and batch + 1 < skip + len(chunks)):
                             self._check_weights(xb, yb, wb)
@@ -381,7 +382,7 @@ class Run:
                 model.optimizer.apply(params)
             finally:
                 for p in params:
-                    p.grad[...] = 0
+                    p.zero_grad()
         return loss, parts, outs
 
     def _loss(self, yb, outs, wb, partner):

@@ -283,3 +283,48 @@ def test_a_single_input_layer_given_two_inputs_is_a_shape_error():
             "  layers:\n    - {name: d, type: Dense, units: 2, inputs: [a, b]}\n  outputs: [d]\ncompile: {loss: mse}\n")
     with pytest.raises(ShapeError, match="layer 'd' cannot build weight 'kernel'.*given several"):
         build_model(parse_config(text, "t.yaml"))
+
+
+def test_zeroed_gradients_hold_only_the_next_steps_contributions():
+    """Param.zero_grad leaves the last step's values in place; reading `grad` or Dense's in-place product must not
+    see them, and a shared Dense still adds its second call to its first."""
+    from dlcli.engine.layer import Param
+
+    p = Param("w", np.ones((2, 3), np.float32))
+    p.grad += 5
+    p.zero_grad()
+    assert p.blank_grad() is p.grad and not p.grad_zeroed and p.blank_grad() is None  # handed out once
+    p.zero_grad()
+    p.grad += 1
+    np.testing.assert_array_equal(p.grad, np.ones((2, 3)))
+    frozen = Param("count", np.zeros(()), trainable=False)
+    frozen.zero_grad()
+    assert frozen.grad is None and frozen.blank_grad() is None
+    a, b = layers.Input((3,), name="a"), layers.Input((3,), name="b")
+    enc = layers.Dense(2, name="enc")
+    model = models.Model([a, b], layers.Add()([enc(a), enc(b)]))
+    x1, x2 = np.ones((1, 3), np.float32), 2 * np.ones((1, 3), np.float32)
+    for p in model.trainable_weights:
+        p.grad[...] = 7  # a previous step's gradients
+        p.zero_grad()
+    model.graph.forward([x1, x2])
+    model.graph.backward([np.ones((1, 2), np.float32)])
+    np.testing.assert_allclose(enc.kernel.grad, (x1 + x2).T @ np.ones((1, 2)))
+    np.testing.assert_allclose(enc.bias.grad, [2, 2])
+
+
+def test_the_gradient_exchange_sends_zeros_for_a_gradient_no_layer_wrote():
+    """The exchange sums its buffer itself (each p.grad is a view into it): a zeroed gradient's stale values must be
+    written out first."""
+    from dlcli.distributed import GradientExchange, World
+    from dlcli.engine.layer import Param
+
+    params = [Param("w", np.ones(3, np.float32)), Param("v", np.ones(2, np.float32))]
+    exchange = GradientExchange(World(), params, 1)
+    params[0].grad += 4
+    params[1].grad += 9
+    for p in params:
+        p.zero_grad()
+    params[1].grad += 1  # written this step; params[0] was not
+    exchange(np.zeros(1), False)
+    np.testing.assert_array_equal(exchange.buf[:5], [0, 0, 0, 1, 1])

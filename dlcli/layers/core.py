@@ -50,10 +50,17 @@ class Dense(Layer):
     def backward(self, grad):
         grad = self.activation_backward(grad)
         x2, g2 = self.x.reshape(-1, self.x.shape[-1]), grad.reshape(-1, self.units)
-        if self.kernel.grad is not None:
+        blank = self.kernel.blank_grad()
+        if blank is not None:  # the product written in place: no clearing pass, no addition (engine/layer.Param)
+            np.matmul(x2.T, g2, out=blank)
+        elif self.kernel.grad is not None:
             self.kernel.grad += x2.T @ g2
-        if self.use_bias and self.bias.grad is not None:
-            self.bias.grad += g2.sum(0)
+        if self.use_bias:
+            blank = self.bias.blank_grad()
+            if blank is not None:
+                np.sum(g2, 0, out=blank)
+            elif self.bias.grad is not None:
+                self.bias.grad += g2.sum(0)
         return grad @ self.kernel.value.T if self.input_grad_needed else None
 
     def to_onnx(self, g, x, in_shape, mask):
