@@ -127,7 +127,8 @@ def test_a_conv_training_step_runs_blas_on_one_thread_and_gives_the_same_weights
     from dlcli.models import Sequential
 
     def trained(threads):
-        model = Sequential([layers.Conv2D(8, 3, activation="relu", input_shape=(14, 14, 1)),
+        # the second conv reads 16 channels: Winograd on the compiled path
+        model = Sequential([layers.Conv2D(16, 3, activation="relu", input_shape=(14, 14, 1)),
                             layers.MaxPooling2D(2), layers.Conv2D(16, 3, activation="relu"), layers.Flatten(),
                             layers.Dense(10, activation="softmax")])
         model.build(rng=np.random.default_rng(0))
