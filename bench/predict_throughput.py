@@ -3,14 +3,23 @@ through `model.predict` in dlcli and through the same network under torch.infere
 (2 threads).
 
     DLCLI_DATA_DIR=../shared/datasets python bench/predict_throughput.py [--batches 8] [--rounds 5] [--batch 512]
+        [--layers]
+
+`--layers` times the CPU each layer takes per batch at inference on one thread instead (thread CPU time, best of
+`--rounds` alternating rounds): what a pass costs wherever it runs, and what a machine shared with other jobs
+inflates least. dlcli's layers through `predict` (its passes, one BLAS thread), PyTorch's modules through forward
+hooks, each peer's whole batch beside them; Keras + JAX compiles the network into one fused XLA program, so only its
+whole batch is timed, in process CPU (all of XLA's threads).
 """
 import argparse
 import os
 import sys
+import time
+from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(__file__))
 import keras_peer  # noqa: E402
-from common import compare, config_model, mnist_train, peers, report_ratio  # noqa: E402
+from common import IDLE_SECONDS, compare, config_model, mnist_train, peers, report_ratio  # noqa: E402
 from convnet_epoch import CONFIG, torch_net  # noqa: E402
 
 
@@ -43,12 +52,103 @@ def runners(batch=512, batches=8):
     return peers(lambda: dlcli_runner(x, batch), lambda t: torch_runner(t, x, batch), lambda k: keras_runner(k, x, batch))
 
 
+def dlcli_layer_timer(x, batch):
+    """(one timed predict of batch `batch`, {layer name: thread CPU s} of that call, the whole call included)."""
+    model = config_model(CONFIG)
+    spent = defaultdict(float)
+    for layer in model.layers:
+        forward = layer.forward
+
+        def timed(*a, _forward=forward, _name=layer.name, **k):
+            start = time.thread_time()
+            out = _forward(*a, **k)
+            spent[_name] += time.thread_time() - start
+            return out
+        layer.forward = timed
+
+    def run():
+        spent.clear()
+        start = time.thread_time()
+        model.predict(x[:batch], batch_size=batch)
+        spent["predict"] = time.thread_time() - start
+        return dict(spent)
+    return run
+
+
+def torch_layer_timer(torch, x, batch):
+    net = torch_net(torch).eval()
+    tx = torch.from_numpy(x[:batch]).permute(0, 3, 1, 2).contiguous()
+    spent, marks = defaultdict(float), {}
+    for name, module in net.named_modules():
+        if list(module.children()):
+            continue
+        key = f"{name}:{type(module).__name__}"
+        module.register_forward_pre_hook(lambda m, i: marks.__setitem__(m, time.thread_time()))
+        module.register_forward_hook(lambda m, i, o, _key=key: spent.__setitem__(
+            _key, spent[_key] + time.thread_time() - marks[m]))
+
+    def run():
+        spent.clear()
+        start = time.thread_time()
+        with torch.inference_mode():
+            torch.softmax(net(tx), 1).numpy()
+        spent["predict"] = time.thread_time() - start
+        return dict(spent)
+    return run
+
+
+def keras_batch_timer(keras, x, batch):
+    model = keras_peer.convnet(keras)
+
+    def run():
+        start = time.process_time()
+        model.predict(x[:batch], batch_size=batch, verbose=0)
+        return {"predict (process CPU, XLA's threads)": time.process_time() - start}
+    return run
+
+
+def layer_report(batch, rounds):
+    """Each peer's CPU per layer of one batch at inference on one thread, best of `rounds` alternating rounds."""
+    from threadpoolctl import threadpool_limits
+
+    from common import torch_or_none
+
+    x, _ = mnist_train((28, 28, 1), limit=batch)
+    runs = {"dlcli": dlcli_layer_timer(x, batch)}
+    torch = torch_or_none()
+    if torch is not None:
+        torch.set_num_threads(1)
+        runs["pytorch"] = torch_layer_timer(torch, x, batch)
+    keras = keras_peer.keras_or_none()
+    if keras is not None:
+        runs["keras"] = keras_batch_timer(keras, x, batch)
+    best = {name: {} for name in runs}
+    with threadpool_limits(1, user_api="blas"):
+        for run in runs.values():  # warm-up: compiles, caches, JAX's tracing
+            run()
+        for _ in range(rounds):
+            for name, run in runs.items():
+                time.sleep(IDLE_SECONDS)
+                for layer, sec in run().items():
+                    best[name][layer] = min(best[name].get(layer, sec), sec)
+    print(f"load average {os.getloadavg()[0]:.1f}; one thread; CPU ms per batch of {batch} at inference, best of "
+          f"{rounds} alternating rounds")
+    for name, layers in best.items():
+        print(f"--- {name}")
+        for layer, sec in layers.items():
+            print(f"  {layer:40s} {sec * 1e3:7.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--layers", action="store_true", help="CPU per layer on one thread instead")
     args = parser.parse_args()
+    if args.layers:
+        layer_report(args.batch, args.rounds)
+        return
     times, best = compare(runners(args.batch, args.batches), args.rounds)
     n = args.batch * args.batches
     for name, sec in best.items():

@@ -162,12 +162,14 @@ class Model:
         return [np.asarray(a) for a in ys]
 
     # --- one step -------------------------------------------------------------------------------------------
-    def compute_loss(self, ys, outs, sample_weight=None, with_grads=True):
+    def compute_loss(self, ys, outs, sample_weight=None, with_grads=True, logits=None):
         """The batch loss (each loss's Keras reduction, sum_over_batch_size by default: the weighted mean) and
-        d(loss)/d(outputs or logits)."""
+        d(loss)/d(outputs or logits). A fused loss reads its output layer's logits from the last pass, or from
+        `logits` (one per output, None where not fused) when the pass ran elsewhere (a graph replica's)."""
         total, parts, grads = 0.0, [], []
-        for y, out, loss_fn, w, fused in zip(ys, outs, self.losses, self.loss_weights, self.fused):
-            per_sample, grad = loss_fn.compute(y, out, logits=fused.logits if fused is not None else None)
+        logits = logits or [None if fused is None else fused.logits for fused in self.fused]
+        for y, out, loss_fn, w, z in zip(ys, outs, self.losses, self.loss_weights, logits):
+            per_sample, grad = loss_fn.compute(y, out, logits=z)
             value, factor = loss_fn.reduce(per_sample, out, sample_weight)  # Keras' reduction
             scale = (factor * w).astype(grad.dtype).reshape((-1,) + (1,) * (grad.ndim - 1))
             parts.append(value)
@@ -227,14 +229,14 @@ class Model:
         `xs`: a list of arrays (one per input) or a Source."""
         logs = metrics_module.RunningLogs(self)
         source = as_source(xs)
+        # the pass size follows the shapes alone (not the threads, as predict's may): the sums are added per pass
         chunks = batch_indices(len(source), min(batch_size, self._inference_rows()))
         with source.batches(chunks) as inputs:
-            for sl, xb in zip(chunks, inputs):
+            # side by side on the BLAS threads as predict's; each pass brings the logits a fused loss reads
+            for sl, (outs, logits) in zip(chunks, inference_passes(self.graph, inputs, self.fused)):
                 yb = [a[sl] for a in ys]
                 sw = None if sample_weight is None else sample_weight[sl]
-                # one pass at a time: a fused loss reads the output layer's logits from this pass
-                outs = self.graph.forward(xb, training=False)
-                total, parts, _ = self.compute_loss(yb, outs, sw, with_grads=False)
+                total, parts, _ = self.compute_loss(yb, outs, sw, with_grads=False, logits=logits)
                 logs.update(total, parts, yb, outs, sw)
         return logs
 

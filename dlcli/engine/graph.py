@@ -10,7 +10,9 @@ A ReLU that only feeds a max pooling moves after it (relu(max z) == max(relu z),
 on a tensor pool_size times smaller. A ReLU layer that is the only reader of a BatchNormalization or an Add runs
 inside that layer instead (its `post_activation`): BatchNormalization's compiled passes apply it and mask its
 gradient in their own loops, an Add in place on its own output, and the ReLU layer passes its input through.
-Observed runs keep every layer's own output, so nothing moves in them.
+Observed runs keep every layer's own output, so nothing moves in them. In an inference pass (no backward
+follows) a layer that can pool its own output (`pools_own_output`, a few-channel Conv2D) does so when that
+pooling's windows tile it, and keeps its activation: the pooling then passes its input on.
 """
 import copy
 import itertools
@@ -152,6 +154,8 @@ class Graph:
                         for layer, pool in _movable_activations(self.nodes, consumers, outputs)]
         self.absorbed = [(layer, relu, type(relu.activation)())
                          for layer, relu in _absorbed_relus(self.nodes, consumers, outputs, self.movable)]
+        self.poolable = {id(pool) for layer, pool, _ in self.movable
+                         if getattr(layer, "pools_own_output", None) and layer.pools_own_output(pool)}
 
     def replica(self) -> "Graph":
         """The same graph over twins of its layers: each twin shares its weights (the Param objects) but keeps its
@@ -166,24 +170,35 @@ class Graph:
         other.layers = [twins[id(layer)] for layer in self.layers]
         other.movable = [(twins[id(layer)], twins[id(pool)], type(act)()) for layer, pool, act in self.movable]
         other.absorbed = [(twins[id(layer)], twins[id(relu)], type(act)()) for layer, relu, act in self.absorbed]
+        other.poolable = {id(twins[id(pool)]) for _, pool, _ in self.movable if id(pool) in self.poolable}
         return other
 
-    def _move_activations(self, move: bool):
-        """Each max pooling in `movable` applies the activation of the layer before it, or none does. Reset on every
-        call: another graph over the same layers (a feature extractor ending at the conv) may have moved it."""
+    def _move_activations(self, move: bool, fuse: bool = False):
+        """Each max pooling in `movable` applies the activation of the layer before it, or none does; with `fuse`
+        the `poolable` ones are applied by that layer instead, activation and all. Reset on every call: another
+        graph over the same layers (a feature extractor ending at the conv) may have moved it."""
         for layer in self.layers:
             layer.activation_moved = False
             if getattr(layer, "post_activation", None) is not None:
                 layer.post_activation = None
+            if getattr(layer, "pool_after", None) is not None:
+                layer.pool_after = None
+            if getattr(layer, "pooled_before", False):
+                layer.pooled_before = False
         if move:
             for layer, pool, activation in self.movable:
-                layer.activation_moved, pool.post_activation = True, activation
+                if fuse and id(pool) in self.poolable:
+                    layer.pool_after, pool.pooled_before = pool, True
+                else:
+                    layer.activation_moved, pool.post_activation = True, activation
             for layer, relu, activation in self.absorbed:
                 relu.activation_moved, layer.post_activation = True, activation
 
-    def forward(self, xs: list, training: bool = False, observer=None) -> list:
+    def forward(self, xs: list, training: bool = False, observer=None, inference_pass: bool = False) -> list:
+        """The outputs for inputs `xs`. `inference_pass`: no backward follows (predict, evaluate), so a layer may
+        pool its own output (`poolable`)."""
         values, masks = {}, {}
-        self._move_activations(observer is None)
+        self._move_activations(observer is None, inference_pass and not training)
         for t, x in zip(self.inputs, xs):
             values[id(t)] = x
         for node in self.nodes:
@@ -242,11 +257,20 @@ class Graph:
         return [acc.get(id(t)) for t in self.inputs]
 
 
-def inference_passes(graph: Graph, batches):
+def inference_passes(graph: Graph, batches, logits_of=()):
     """graph.forward(xb) (inference) of each batch, in order. With several BLAS threads, passes run side by side,
     one per thread on replicas of the graph, each with one BLAS thread: then NumPy's element-wise work (one core
     per call) runs on every core too. Predict at batch 512 on 2 cores, the book convnet: 46 -> 39 ms (one process,
-    best of 5), the resnet: 235 -> 160 ms."""
+    best of 5), the resnet: 235 -> 160 ms. `logits_of`: layers of `graph` (None for none) whose logits a fused
+    loss reads (evaluate): each pass then gives (outputs, those logits) from the graph or replica it ran on."""
+    where = [None if layer is None else graph.layers.index(layer) for layer in logits_of]
+
+    def outputs(g, xb):  # copied: the next pass on this replica may reuse a layer's buffers
+        outs = [o.copy() for o in g.forward(xb, training=False, inference_pass=True)]
+        if not logits_of:
+            return outs
+        return outs, [None if i is None else g.layers[i].logits.copy() for i in where]
+
     batches = iter(batches)
     head = list(itertools.islice(batches, 2))
     batches = itertools.chain(head, batches)
@@ -255,7 +279,7 @@ def inference_passes(graph: Graph, batches):
     if lanes < 2:
         with blas.one_thread():
             for xb in batches:
-                yield [o.copy() for o in graph.forward(xb, training=False)]
+                yield outputs(graph, xb)
         return
     free = queue.SimpleQueue()
     for g in [graph] + [graph.replica() for _ in range(lanes - 1)]:
@@ -263,8 +287,8 @@ def inference_passes(graph: Graph, batches):
 
     def run(xb):
         g = free.get()
-        try:  # copied here: the next pass on this replica may reuse a layer's buffers
-            return [o.copy() for o in g.forward(xb, training=False)]
+        try:
+            return outputs(g, xb)
         finally:
             free.put(g)
 

@@ -40,6 +40,7 @@ class _Conv(_Windowed):
 
     activation_last = True
     splits_batch = True  # its chunks run on lanes (engine/lanes.py)
+    pool_after = None  # the max pooling this conv applies to its own output in an inference pass (graph.py)
 
     def __init__(self, filters: Size, kernel_size: Sizes, strides: Sizes = 1, padding: str = "valid",
                  dilation_rate: Sizes = 1, groups: Size = 1, activation: str | None = None, use_bias: bool = True,
@@ -72,6 +73,13 @@ class _Conv(_Windowed):
         out = self._geometry(input_shape)[0]
         return 2 * int(np.prod(out)) * int(np.prod(self.kernel_size)) * input_shape[-1] // self.groups * self.filters
 
+    def pools_own_output(self, pool) -> bool:
+        """Whether an inference pass may hand this conv the max pooling `pool` reading its output (graph.py): a
+        stride-1 2D conv on few channels, which cm.pooled_conv runs with the pooling, under windows that tile it."""
+        return (self.rank == pool.rank == 2 and self.groups == 1 and self.strides == (1, 1)
+                and self.kernel.value.shape[-2] < cm.BLOCK_CHANNELS
+                and pool.padding == "valid" and pool.strides == pool.pool_size)
+
     def forward(self, x, training=False):
         self.out_sizes, self.pads = cm.geometry(x.shape[1:-1], self.kernel_size, self.strides, self.padding,
                                                 self.dilation_rate)
@@ -87,6 +95,12 @@ class _Conv(_Windowed):
         if self.groups > 1:
             return self._grouped_forward(xp)
         self.xp, self.cols = xp, None  # backward gathers the patches again, a chunk at a time
+        if self.pool_after is not None and not training:
+            pool = self.pool_after.pool_size
+            relu = isinstance(self.activation, activations.ReLU) and self.activation.plain
+            y = cm.pooled_conv(xp, self.kernel.value, self.bias.value if self.use_bias else None, self.dilation_rate,
+                               pool, tuple(m // p for m, p in zip(self.out_sizes, pool)), relu)
+            return y if relu else self.activation.forward_(y)
         k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
         weights = self.kernel.value.reshape(k, self.filters)
         if self.use_bias:

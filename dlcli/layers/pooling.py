@@ -53,8 +53,11 @@ class _MaxPooling(_Pooling):
     splits_batch = True  # its kernels run on lanes (engine/lanes.py)
     post_activation = None  # the previous layer's activation, applied here when the graph moved it (graph.py)
     window_maximum = True  # relu(max z) == max(relu z): the graph may move the activation before it here
+    pooled_before = False  # the previous layer pooled its own output in this inference pass (graph.py)
 
     def forward(self, x, training=False):
+        if self.pooled_before:
+            return x
         # -inf padding: a padded position never wins, as in TF's 'same' max pooling
         xp = self._prepare(x, -np.inf)
         if not training:  # inference: the maxima only; their positions if a backward pass asks (gradient checks)

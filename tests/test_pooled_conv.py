@@ -1,0 +1,139 @@
+"""A few-channel Conv2D that pools its own output in an inference pass (engine/graph.py's poolable pairs,
+conv_math.pooled_conv): the tiling max pooling kernel against its NumPy twin (bit for bit), the fused convolution
+against the layers run as written (within float32 rounding), and the passes that fuse against those that do not."""
+import numpy as np
+import pytest
+
+from dlcli import kernels, layers, models
+from dlcli.engine import blas
+from dlcli.layers import conv_math as cm
+
+
+@pytest.mark.parametrize("shape,pool,out", [((3, 9, 12, 5), (2, 2), (4, 5)), ((2, 8, 8, 3), (2, 2), (4, 4)),
+                                            ((2, 9, 10, 4), (3, 2), (3, 4)), ((2, 7, 9, 2), (1, 3), (7, 3))])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tile_max_equals_its_numpy_twin(monkeypatch, shape, pool, out, relu, dtype):
+    """z wider than the windows cover (a pooled conv's wide rows): the columns and rows past them are never read."""
+    rng = np.random.default_rng(0)
+    z = rng.integers(-3, 4, shape).astype(dtype)  # many ties and zeros
+    z.flat[::7] = rng.standard_normal(z.flat[::7].size)
+    z.flat[5], z.flat[9] = np.nan, -np.inf  # NaN propagates as np.maximum does
+    z[:, out[0] * pool[0]:] = 99  # never read
+    z[:, :, out[1] * pool[1]:] = 99
+    results = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        assert (kernels.compiled("pooling") is not None) == (path == "numba")
+        results.append(cm.tile_max(z, pool, out, relu, np.empty((shape[0], *out, shape[-1]), dtype)))
+    np.testing.assert_array_equal(*results)
+    assert np.nanmax(results[0]) < 99 and (not relu or np.nanmin(results[0]) >= 0)
+
+
+def reference(xp, kernel, bias, dilation, pool, pooled, relu):
+    """Conv, max pooling and relu as the layers compute them, in float64."""
+    out = tuple(n - (k - 1) * d for n, k, d in zip(xp.shape[1:3], kernel.shape[:2], dilation))
+    cols = cm.im2col(xp.astype(np.float64), kernel.shape[:2], out, (1, 1), dilation)
+    z = cols.reshape(-1, kernel[..., 0].size) @ kernel.reshape(-1, kernel.shape[-1]).astype(np.float64)
+    z = z.reshape(*cols.shape[:3], -1) + (0 if bias is None else bias)
+    y = cm.window_max_numpy(z, pool, pooled, pool)
+    return np.maximum(y, 0) if relu else y
+
+
+# (input shape, kernel size, dilation, pool): the book convnet's first conv, several channels, a rectangular kernel,
+# dilation, an output the windows do not tile (its last row and column read by no window), a 3x2 window
+CASES = [((7, 28, 28, 1), (3, 3), (1, 1), (2, 2)), ((5, 10, 11, 3), (2, 4), (1, 1), (2, 2)),
+         ((4, 12, 9, 2), (3, 3), (2, 1), (2, 2)), ((6, 9, 9, 1), (2, 2), (1, 1), (3, 2))]
+
+
+@pytest.mark.parametrize("shape,kernel_size,dilation,pool", CASES)
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+@pytest.mark.parametrize("use_bias,relu", [(True, True), (False, False)])
+def test_pooled_conv_equals_the_conv_and_pooling_to_rounding(monkeypatch, shape, kernel_size, dilation, pool, path,
+                                                             use_bias, relu):
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    monkeypatch.setattr(cm, "CHUNK_FLOATS", 2 * shape[1] * shape[2] * 40 * 2)  # two samples a chunk: seams, a short one
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    kernel = rng.standard_normal((*kernel_size, shape[-1], 8)).astype(np.float32)
+    bias = rng.standard_normal(8).astype(np.float32) if use_bias else None
+    out = tuple(n - (k - 1) * d for n, k, d in zip(shape[1:3], kernel_size, dilation))
+    pooled = tuple(m // p for m, p in zip(out, pool))
+    y = cm.pooled_conv(x, kernel, bias, dilation, pool, pooled, relu)
+    expected = reference(x, kernel, bias, dilation, pool, pooled, relu)
+    assert y.dtype == np.float32 and y.shape == expected.shape == (shape[0], *pooled, 8)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=8 * np.finfo(np.float32).eps * np.abs(expected).max())
+
+
+def convnet(seed=0):
+    """The book convnet's shape, smaller: its first conv and pooling fuse at inference, the second's do not (32
+    channels); a Conv2D with strides and a pooling with overlapping windows never do."""
+    model = models.Sequential([
+        layers.Conv2D(8, 3, activation="relu", input_shape=(14, 14, 1)), layers.MaxPooling2D(2),
+        layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2), layers.Flatten(),
+        layers.Dense(10, activation="softmax")])
+    model.build(rng=np.random.default_rng(seed))
+    model.compile(optimizer="rmsprop", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def test_only_few_channel_stride_1_convs_under_tiling_poolings_pool_their_own_output():
+    model = convnet()
+    assert model.graph.poolable == {id(model.layers[1])}
+    img = layers.Input((12, 12, 1))
+    strided = layers.MaxPooling2D(2)(layers.Conv2D(4, 3, strides=2, activation="relu")(img))
+    overlapping = layers.MaxPooling2D(2, strides=1)(layers.Conv2D(4, 3, activation="relu")(img))
+    same = layers.MaxPooling2D(2, padding="same")(layers.Conv2D(4, 3, activation="relu")(img))
+    assert models.Model(img, [strided, overlapping, same]).graph.poolable == set()
+
+
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_predict_fuses_and_gives_the_outputs_of_the_layers_as_written(monkeypatch, path):
+    """predict (fused, side by side) against model(x) (a forward that fuses nothing), then a training step: the
+    fused pass leaves nothing behind (the pooling computes again, the conv keeps its patches)."""
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    rng = np.random.default_rng(1)
+    x = rng.random((30, 14, 14, 1)).astype(np.float32) * (rng.random((30, 14, 14, 1)) < 0.4)  # MNIST-like zeros
+    y = rng.integers(0, 10, 30)
+    fused, plain = convnet(), convnet()
+    conv, pool = fused.layers[0], fused.layers[1]
+    calls, pooled_conv = [], cm.pooled_conv
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return pooled_conv(*args)
+    monkeypatch.setattr(cm, "pooled_conv", counted)
+    monkeypatch.setattr(blas, "threads", lambda: 2)
+    np.testing.assert_allclose(fused.predict(x, batch_size=7), plain(x), rtol=1e-5, atol=1e-6)
+    assert sum(calls) == 30 and conv.pool_after is pool and pool.pooled_before
+    assert fused.evaluate(x, y, batch_size=7) == pytest.approx(plain.evaluate(x, y, batch_size=7), rel=1e-6)
+    monkeypatch.setattr(blas, "threads", lambda: 1)
+    fused.train_step([x], [y])
+    plain.train_step([x], [y])
+    assert conv.pool_after is None and not pool.pooled_before and conv.activation_moved
+    for a, b in zip(fused.weights, plain.weights):
+        np.testing.assert_allclose(a.value, b.value, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_runs_side_by_side_with_each_pass_s_logits():
+    """Several outputs, one with a fused softmax + cross-entropy (read from the logits of the graph or replica that
+    ran the pass) and one not: the same sums on 1 and 3 threads, pass for pass."""
+    rng = np.random.default_rng(2)
+    inp = layers.Input((6,))
+    h = layers.Dense(8, activation="relu")(inp)
+    model = models.Model(inp, [layers.Dense(4, activation="softmax", name="cls")(h), layers.Dense(2, name="reg")(h)])
+    model.compile(optimizer="adam", loss=["sparse_categorical_crossentropy", "mse"], metrics=[["accuracy"], []])
+    assert model.fused[0] is not None and model.fused[1] is None
+    x = rng.standard_normal((103, 6)).astype(np.float32)
+    ys = [rng.integers(0, 4, 103), rng.standard_normal((103, 2)).astype(np.float32)]
+    results = []
+    for threads in (1, 3):
+        blas_threads = blas.threads
+        blas.threads = lambda t=threads: t
+        try:
+            results.append(model.evaluate(x, ys, batch_size=5, return_dict=True))
+        finally:
+            blas.threads = blas_threads
+    assert results[0] == results[1]
+    outs = model.graph.forward([x], training=False)  # one pass of every sample: the same mean
+    assert results[0]["cls_loss"] == pytest.approx(model.compute_loss(ys, outs, with_grads=False)[1][0], rel=1e-5)
