@@ -23,7 +23,11 @@ def reference(xp, kernel, bias, out_sizes):
 @pytest.mark.parametrize("shape,filters,padding", CASES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("use_bias", [True, False])
-def test_winograd_equals_the_convolution_to_rounding(monkeypatch, shape, filters, padding, dtype, use_bias):
+@pytest.mark.parametrize("block", [2, 4])
+def test_winograd_equals_the_convolution_to_rounding(monkeypatch, shape, filters, padding, dtype, use_bias, block):
+    """F(2x2) and, at inference, F(4x4): its 6x6 tiles (a ragged last one on every size here but 8) and their
+    larger constants (4, 5, 8 and sixths) round 10-20x more than F(2x2) does: within 64 eps of the largest output
+    where F(2x2) stays within 16 (measured at most 35 and 3)."""
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
     monkeypatch.setattr(cm, "CHUNK_FLOATS", 16 * 36 * 96 * 2)  # two samples per chunk: seams and a short last one
     rng = np.random.default_rng(0)
@@ -31,12 +35,30 @@ def test_winograd_equals_the_convolution_to_rounding(monkeypatch, shape, filters
     kernel = (rng.standard_normal((3, 3, shape[-1], filters)) / np.sqrt(9 * shape[-1])).astype(dtype)
     bias = rng.standard_normal(filters).astype(dtype) if use_bias else None
     out, pads = cm.geometry(shape[1:-1], (3, 3), (1, 1), padding, (1, 1))
-    y = cm.winograd_conv(x, kernel, bias, out, pads)
+    y = cm.winograd_conv(x, kernel, bias, out, pads, block=block)
     expected = reference(cm.pad(x, pads), kernel, bias, out)
     assert y.dtype == dtype and y.shape == expected.shape == (shape[0], *out, filters)
     # float32 rounding of sums of 9 * channels products of unit-scale values: a few eps of the largest output
     eps = np.finfo(dtype).eps
-    np.testing.assert_allclose(y, expected, rtol=0, atol=16 * eps * np.abs(expected).max())
+    np.testing.assert_allclose(y, expected, rtol=0, atol=(16 if block == 2 else 64) * eps * np.abs(expected).max())
+
+
+def test_inference_takes_4x4_blocks_where_they_are_faster(monkeypatch):
+    """winograd_block's measured rule: F(4x4) from 7x7 outputs on (the book convnet's conv 2), F(2x2) below (its
+    conv 3) and always in training, whose backward reads F(2x2)'s tiles."""
+    assert [cm.winograd_block(s) for s in [(11, 11), (7, 7), (14, 7), (6, 6), (3, 3), (6, 20)]] == [4, 4, 4, 2, 2, 2]
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    compiled, used = kernels.compiled("winograd"), []
+    for name in ("input_tiles", "input_tiles_4x4"):
+        monkeypatch.setattr(compiled, name, lambda *a, _name=name, _f=getattr(compiled, name): used.append(_name) or _f(*a))
+    x = np.random.default_rng(0).standard_normal((2, 13, 13, 16)).astype(np.float32)
+    conv = layers.Conv2D(8, 3)
+    conv.build(x.shape[1:])
+    conv.forward(x, training=False)
+    assert set(used) == {"input_tiles_4x4"}
+    used.clear()
+    conv.forward(x, training=True)
+    assert set(used) == {"input_tiles"}
 
 
 def run_conv(path, monkeypatch, shape, filters, padding, use_bias, training=True, kernel_grad=True, input_grad=True):

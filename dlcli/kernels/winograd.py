@@ -176,3 +176,129 @@ def input_gradient_tiles(dv, top, left, tiles_h, tiles_w, dx):
                         for ch in range(c):
                             out[ch] -= s3[ch]
     return dx
+
+
+# F(4x4, 3x3) at inference: each 4x4 block of outputs from its 6x6 input tile, 36 products per channel pair where
+# im2col's GEMM makes 144 (F(2x2)'s 16 make 4 outputs: 64 for 16). Lavin & Gray's matrices:
+#   B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+#          [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
+#   A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+# Both are applied along one axis and then the other, each output row a loop over the channels reading at most 4
+# rows: the products keep their float32 rounding of integers up to 5 (exact), and sums of 4-5 terms.
+
+
+@numba.njit(**JIT)
+def input_tiles_4x4(x, top, left, tiles_h, tiles_w, v):
+    """x (n, height, width, c) -> v (36, n * tiles_h * tiles_w, c): B^T d B of every 6x6 tile d at stride 4 of x
+    padded with `top` rows and `left` columns of zeros, zeros read past its edge on every side (as input_tiles).
+    B^T d of a band of 6 rows at once, each output row one loop over width * c floats (into a band buffer whose
+    columns outside x stay zero); then (B^T d) B of each tile, one loop over the channels per tap."""
+    n, height, width, c = x.shape
+    kind = x.dtype.type  # the constants in x's type: float32 tiles are not summed in float64
+    two, four, five = kind(2), kind(4), kind(5)
+    span = max(4 * tiles_w + 2, left + width)  # the band's columns: x's at left .. left + width, zeros around
+    band = np.zeros((6, span, c), x.dtype)
+    rows = band.reshape(6, span * c)
+    zero = np.zeros(width * c, x.dtype)
+    length = width * c
+    inside = left * c
+    for b in range(n):
+        image = x[b].reshape(height, width * c)
+        for ti in range(tiles_h):
+            r = 4 * ti - top
+            d0 = image[r] if 0 <= r < height else zero
+            d1 = image[r + 1] if 0 <= r + 1 < height else zero
+            d2 = image[r + 2] if 0 <= r + 2 < height else zero
+            d3 = image[r + 3] if 0 <= r + 3 < height else zero
+            d4 = image[r + 4] if 0 <= r + 4 < height else zero
+            d5 = image[r + 5] if 0 <= r + 5 < height else zero
+            t0, t1 = rows[0, inside:inside + length], rows[1, inside:inside + length]
+            t2, t3 = rows[2, inside:inside + length], rows[3, inside:inside + length]
+            t4, t5 = rows[4, inside:inside + length], rows[5, inside:inside + length]
+            for k in range(length):
+                t0[k] = (four * d0[k] - five * d2[k]) + d4[k]
+            for k in range(length):
+                t1[k] = (d4[k] - four * d2[k]) + (d3[k] - four * d1[k])
+            for k in range(length):
+                t2[k] = (d4[k] - four * d2[k]) - (d3[k] - four * d1[k])
+            for k in range(length):
+                t3[k] = (d4[k] - d2[k]) + two * (d3[k] - d1[k])
+            for k in range(length):
+                t4[k] = (d4[k] - d2[k]) - two * (d3[k] - d1[k])
+            for k in range(length):
+                t5[k] = (four * d1[k] - five * d3[k]) + d5[k]
+            for tj in range(tiles_w):
+                tile = (b * tiles_h + ti) * tiles_w + tj
+                s = 4 * tj
+                for i in range(6):  # the same combinations along the row, band columns s .. s + 5
+                    for ch in range(c):
+                        v[6 * i, tile, ch] = (four * band[i, s, ch] - five * band[i, s + 2, ch]) + band[i, s + 4, ch]
+                    for ch in range(c):
+                        v[6 * i + 1, tile, ch] = ((band[i, s + 4, ch] - four * band[i, s + 2, ch])
+                                                  + (band[i, s + 3, ch] - four * band[i, s + 1, ch]))
+                    for ch in range(c):
+                        v[6 * i + 2, tile, ch] = ((band[i, s + 4, ch] - four * band[i, s + 2, ch])
+                                                  - (band[i, s + 3, ch] - four * band[i, s + 1, ch]))
+                    for ch in range(c):
+                        v[6 * i + 3, tile, ch] = ((band[i, s + 4, ch] - band[i, s + 2, ch])
+                                                  + two * (band[i, s + 3, ch] - band[i, s + 1, ch]))
+                    for ch in range(c):
+                        v[6 * i + 4, tile, ch] = ((band[i, s + 4, ch] - band[i, s + 2, ch])
+                                                  - two * (band[i, s + 3, ch] - band[i, s + 1, ch]))
+                    for ch in range(c):
+                        v[6 * i + 5, tile, ch] = ((four * band[i, s + 1, ch] - five * band[i, s + 3, ch])
+                                                  + band[i, s + 5, ch])
+    return v
+
+
+@numba.njit(**JIT)
+def output_tiles_4x4(m, tiles_h, tiles_w, bias, y):
+    """m (36, n * tiles_h * tiles_w, f) -> y (n, out_h, out_w, f) = A^T M A + bias, the ragged last tiles cropped.
+    A^T M of a sample's tiles at once, each of its 24 rows one loop over tiles * f floats (views made per tile cost
+    NRT reference counts: a first version with them ran no faster than F(2x2)); then each tile's 4 output rows, one
+    loop over the filters per output, indexed with loop-invariant leading indices so the loops vectorise."""
+    n, out_h, out_w, f = y.shape
+    tiles = tiles_h * tiles_w
+    kind = m.dtype.type
+    two, four, eight = kind(2), kind(4), kind(8)
+    length = tiles * f
+    tiled = np.empty((4, 6, tiles, f), m.dtype)  # A^T M: 4 rows by 6 columns of every tile
+    s = tiled.reshape(4, 6, length)
+    flat = m.reshape(36, -1)
+    for b in range(n):
+        base = b * length
+        for e in range(6):
+            a0, a1, a2 = flat[e, base:base + length], flat[6 + e, base:base + length], flat[12 + e, base:base + length]
+            a3, a4 = flat[18 + e, base:base + length], flat[24 + e, base:base + length]
+            a5 = flat[30 + e, base:base + length]
+            o0, o1, o2, o3 = s[0, e], s[1, e], s[2, e], s[3, e]
+            for k in range(length):
+                o0[k] = a0[k] + (a1[k] + a2[k]) + (a3[k] + a4[k])
+            for k in range(length):
+                o1[k] = (a1[k] - a2[k]) + two * (a3[k] - a4[k])
+            for k in range(length):
+                o2[k] = (a1[k] + a2[k]) + four * (a3[k] + a4[k])
+            for k in range(length):
+                o3[k] = (a1[k] - a2[k]) + eight * (a3[k] - a4[k]) + a5[k]
+        for ti in range(tiles_h):
+            for tj in range(tiles_w):
+                t, c0 = ti * tiles_w + tj, 4 * tj
+                for i in range(min(4, out_h - 4 * ti)):
+                    r = 4 * ti + i
+                    for ch in range(f):
+                        y[b, r, c0, ch] = (tiled[i, 0, t, ch] + (tiled[i, 1, t, ch] + tiled[i, 2, t, ch])
+                                           + (tiled[i, 3, t, ch] + tiled[i, 4, t, ch])) + bias[ch]
+                    if c0 + 1 < out_w:
+                        for ch in range(f):
+                            y[b, r, c0 + 1, ch] = ((tiled[i, 1, t, ch] - tiled[i, 2, t, ch])
+                                                   + two * (tiled[i, 3, t, ch] - tiled[i, 4, t, ch])) + bias[ch]
+                    if c0 + 2 < out_w:
+                        for ch in range(f):
+                            y[b, r, c0 + 2, ch] = ((tiled[i, 1, t, ch] + tiled[i, 2, t, ch])
+                                                   + four * (tiled[i, 3, t, ch] + tiled[i, 4, t, ch])) + bias[ch]
+                    if c0 + 3 < out_w:
+                        for ch in range(f):
+                            y[b, r, c0 + 3, ch] = ((tiled[i, 1, t, ch] - tiled[i, 2, t, ch])
+                                                   + eight * (tiled[i, 3, t, ch] - tiled[i, 4, t, ch])
+                                                   + tiled[i, 5, t, ch]) + bias[ch]
+    return y

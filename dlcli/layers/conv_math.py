@@ -200,6 +200,9 @@ KEPT_CHUNKS = 4
 WINOGRAD_MIN_CHANNELS = 16
 # G of F(2x2, 3x3): U = G g G^T turns a 3x3 kernel into the 4x4 one the tiles are multiplied with
 WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+# G of F(4x4, 3x3) (inference): the 6x6 kernel of 6x6 tiles, computed in float64 (1/6 and 1/12 are not exact)
+WINOGRAD_G_4X4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                           [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
 
 
 def winograd_applies(kernel_shape, strides, dilation, groups) -> bool:
@@ -209,12 +212,22 @@ def winograd_applies(kernel_shape, strides, dilation, groups) -> bool:
             and kernels.compiled("winograd") is not None)
 
 
-def winograd_tiles(out_sizes):
-    """(tiles_h, tiles_w): 2x2 output blocks per column and row, the last one ragged for an odd size."""
-    return -(-out_sizes[0] // 2), -(-out_sizes[1] // 2)
+def winograd_tiles(out_sizes, block=2):
+    """(tiles_h, tiles_w): block x block output blocks (2, or 4 at inference) per column and row, the last ragged
+    where the size is not a multiple."""
+    return -(-out_sizes[0] // block), -(-out_sizes[1] // block)
 
 
-def winograd_chunks(n, out_sizes, c, f):
+def winograd_block(out_sizes) -> int:
+    """The output block of an inference forward: 4 (F(4x4, 3x3): 36 products per 4x4 block from 6x6 tiles) where
+    both output sizes are 7 or more, else 2 (F(2x2)'s 16 per 2x2 block). Thread CPU per inference pass of 43
+    samples, one BLAS thread, AMD EPYC at load ~15, F(2x2) against F(4x4): 11x11 outputs 32 -> 64 channels 0.79 /
+    0.55 ms, 14x14 32 -> 32 0.68 / 0.47, 7x7 64 -> 64 0.60 / 0.45, 8x8 32 -> 32 0.19 / 0.19, 6x6 and 5x5 0.17 /
+    0.21, 3x3 64 -> 64 0.20 / 0.27 (a 6x6 tile for 3x3 outputs: transforms the products do not repay)."""
+    return 4 if min(out_sizes) >= 7 else 2
+
+
+def winograd_chunks(n, out_sizes, c, f, block=2):
     """[(start, stop)] of the samples transformed and multiplied at once: about 2 * CHUNK_FLOATS floats of
     tiles and products, so the GEMMs read what a transform has just written from cache, in a multiple of
     KEPT_CHUNKS chunks (so 2 or 4 lanes get equal shares: the resnet's 14x14x32 convs had 13, 7 on one lane and 6
@@ -223,34 +236,35 @@ def winograd_chunks(n, out_sizes, c, f):
     64, one BLAS thread, rounds alternating, AMD EPYC at load ~12, chunks of about CHUNK_FLOATS against twice that:
     book convnet conv 2 16 chunks of 4 samples 1.63 + 3.09 ms, 8 of 8 1.56 + 2.86 (a second run 1.48 + 2.91, 1.40 +
     2.66); resnet 14x14x32 13 of 5 1.40 + 2.50, 8 of 8 1.36 + 2.52; 7x7x64 8 of 8 1.29 + 2.40, 4 of 16 1.38 + 2.60."""
-    tiles_h, tiles_w = winograd_tiles(out_sizes)
-    most = max(1, 2 * CHUNK_FLOATS // (16 * tiles_h * tiles_w * (c + f)))
+    tiles_h, tiles_w = winograd_tiles(out_sizes, block)
+    most = max(1, 2 * CHUNK_FLOATS // ((block + 2) ** 2 * tiles_h * tiles_w * (c + f)))
     return [(a, b) for a, b in lanes.split(n, KEPT_CHUNKS * -(-n // (KEPT_CHUNKS * most))) if a < b]
 
 
-def _winograd_rows(samples, out_sizes):
-    """Rows per tap of a chunk's transformed tiles: an odd count, so the 16 taps' rows start at different cache
-    sets (c and f are usually powers of 2: with an even count the output transform's 16 reads collided, 0.43 ->
-    0.72 ms); the spare row is zeros, so it adds nothing to a product."""
-    tiles_h, tiles_w = winograd_tiles(out_sizes)
+def _winograd_rows(samples, out_sizes, block=2):
+    """Rows per tap of a chunk's transformed tiles: an odd count, so the taps' rows start at different cache sets
+    (c and f are usually powers of 2: with an even count the output transform's 16 reads collided, 0.43 -> 0.72
+    ms); the spare row is zeros, so it adds nothing to a product."""
+    tiles_h, tiles_w = winograd_tiles(out_sizes, block)
     return samples * tiles_h * tiles_w | 1
 
 
-def _winograd_buffer(samples, out_sizes, width, dtype):
-    rows = _winograd_rows(samples, out_sizes)
-    buffer = np.empty((16, rows, width), dtype)
+def _winograd_buffer(samples, out_sizes, width, dtype, block=2):
+    rows = _winograd_rows(samples, out_sizes, block)
+    buffer = np.empty(((block + 2) ** 2, rows, width), dtype)
     buffer[:, rows - 1:] = 0
     return buffer
 
 
-def winograd_kernel(kernel):
-    """G k G^T of a (3, 3, c, f) kernel as (16, c, f), taps first."""
+def winograd_kernel(kernel, block=2):
+    """G k G^T of a (3, 3, c, f) kernel as ((block + 2)^2, c, f), taps first."""
     c, f = kernel.shape[2:]
-    g = WINOGRAD_G.astype(kernel.dtype)  # 0.5s: exact in float32
-    return (g @ (g @ kernel.reshape(3, -1)).reshape(4, 3, -1)).reshape(16, c, f)
+    g = WINOGRAD_G.astype(kernel.dtype) if block == 2 else WINOGRAD_G_4X4  # 0.5s: exact in float32
+    t = len(g)
+    return (g @ (g @ kernel.reshape(3, -1)).reshape(t, 3, -1)).reshape(t * t, c, f).astype(kernel.dtype, copy=False)
 
 
-def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None):
+def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None):
     """conv(x, kernel) + bias for an input x (n, height, width, c) padded by `pads` ((top, bottom), (left, right):
     the transform reads the zeros, no padded copy is made) and a kernel (3, 3, c, f): each 2x2 output block from
     its 4x4 input tile, 16 GEMMs (tiles, c) @ (c, f) over the transformed tiles, a chunk of
@@ -260,41 +274,50 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None):
     Thread CPU time per inference pass of 43 samples, one BLAS thread, AMD EPYC at load 6-9, alternating with
     im2col + GEMM: book convnet conv 2 (13x13x32 -> 64) 2.57 -> 2.01 ms, conv 3 (5x5x64 -> 64, 4 tiles for 9
     outputs) 0.446 -> 0.431, the whole pass 4.31 -> 3.71. Of conv 2's 2.0 ms the 16 GEMMs take about 1.0 (100
-    GFLOP/s) and each transform about 0.35."""
+    GFLOP/s) and each transform about 0.35. Inference takes 4x4 output blocks from 6x6 tiles, 36 GEMMs, where
+    winograd_block finds them faster (`block`: 2 or 4; training keeps F(2x2), whose V its backward reads): the book
+    convnet's conv 2 0.79 -> 0.55 ms. Error against float64 relative to the largest output there: F(2x2) 2.6e-7,
+    F(4x4) 4.2e-6, im2col + GEMM 5.1e-7 (F(4x4)'s B^T and A^T hold 4, 5 and 8, its G sixths)."""
     compiled = kernels.compiled("winograd")
+    block = block or (2 if keep is not None else winograd_block(out_sizes))
+    input_tiles, output_tiles = ((compiled.input_tiles, compiled.output_tiles) if block == 2 else
+                                 (compiled.input_tiles_4x4, compiled.output_tiles_4x4))
     n, c, f = x.shape[0], kernel.shape[2], kernel.shape[3]
-    tiles_h, tiles_w = winograd_tiles(out_sizes)
+    tiles_h, tiles_w = winograd_tiles(out_sizes, block)
     (top, _), (left, _) = pads
-    u = winograd_kernel(kernel)
+    u = winograd_kernel(kernel, block)
     bias = np.zeros(f, kernel.dtype) if bias is None else bias
     y = np.empty((n, *out_sizes, f), x.dtype)
-    chunks = winograd_chunks(n, out_sizes, c, f)
+    chunks = winograd_chunks(n, out_sizes, c, f, block)
     if keep is not None:  # (reusing the last step's arrays measured the same: malloc hands the freed ones back)
         keep.update((start, _winograd_buffer(stop - start, out_sizes, c, x.dtype)) for start, stop in chunks)
 
     def products(run):
         most = max(stop - start for start, stop in run)
-        v = None if keep is not None else _winograd_buffer(most, out_sizes, c, x.dtype)
-        m = _winograd_buffer(most, out_sizes, f, x.dtype)
+        v = None if keep is not None else _winograd_buffer(most, out_sizes, c, x.dtype, block)
+        m = _winograd_buffer(most, out_sizes, f, x.dtype, block)
         for start, stop in run:
-            # a smaller chunk: the first rows of the lane's buffers (the spare zero row stays last)
-            v_part = keep[start] if keep is not None else _rows_of(v, stop - start, out_sizes)
-            m_part = _rows_of(m, stop - start, out_sizes)
-            compiled.input_tiles(x[start:stop], top, left, tiles_h, tiles_w, v_part)
+            # a smaller chunk: the first floats of the lane's buffers, contiguous (the spare zero row stays last)
+            v_part = keep[start] if keep is not None else _rows_of(v, stop - start, out_sizes, block)
+            m_part = _rows_of(m, stop - start, out_sizes, block)
+            input_tiles(x[start:stop], top, left, tiles_h, tiles_w, v_part)
             np.matmul(v_part, u, out=m_part)
-            compiled.output_tiles(m_part, tiles_h, tiles_w, bias, y[start:stop])
+            output_tiles(m_part, tiles_h, tiles_w, bias, y[start:stop])
         return run
     lanes.run(products, chunks)
     return y
 
 
-def _rows_of(buffer, samples, out_sizes):
-    """A smaller chunk's view of a lane's buffer: its rows, the spare zero row (when it has one) included."""
-    rows = _winograd_rows(samples, out_sizes)
+def _rows_of(buffer, samples, out_sizes, block=2):
+    """A chunk's view of a lane's buffer, contiguous (the compiled transforms take each tap's rows as one vector):
+    its rows of every tap, the spare row zeroed (rows of another chunk's layout may have been there)."""
+    rows = _winograd_rows(samples, out_sizes, block)
     if rows == buffer.shape[1]:
-        return buffer
-    buffer[:, rows - 1] = 0  # a real row of the larger chunk before: zero it for the spare
-    return buffer[:, :rows]
+        part = buffer
+    else:
+        part = buffer.reshape(-1)[:len(buffer) * rows * buffer.shape[2]].reshape(len(buffer), rows, -1)
+    part[:, rows - 1] = 0
+    return part
 
 
 def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True, input_grad=True, bias_grad=True):
