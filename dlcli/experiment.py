@@ -78,7 +78,6 @@ def _train(world, config, overrides, runs_dir, resume, allow_config_change, init
                          "train.kfold)", exit_code=2)
     with run_data(shared["run_dir"]):  # a resumed run looks where it found its data first, with its preprocessing
         model = build_model(cfg)  # shapes and names fail here, before any data is loaded (a table adapts first)
-        kernels.preload()  # numba's set-up overlaps the data's loading
         initial = _init_from(model, init_from) if init_from is not None and world.is_root else None
         data = load_fitted(cfg, model)
     # everything that can refuse the run does so before its directory exists: folds, callbacks and their extras,

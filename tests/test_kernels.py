@@ -125,44 +125,6 @@ def test_threads_asking_for_a_kernel_module_at_once_load_it_once_and_one_at_a_ti
     assert len({id(r) for r in results}) == 2
 
 
-def test_preload_sets_a_module_up_in_a_thread_and_a_kernel_call_meanwhile_waits_for_it(monkeypatch):
-    import threading
-    import time
-
-    monkeypatch.setenv("DLCLI_KERNELS", "numba")
-    monkeypatch.setattr(kernels, "_loaded", {})
-    started, release, calls = threading.Event(), threading.Event(), []
-
-    def slow_load(name):
-        started.set()
-        release.wait(10)
-        calls.append((name, threading.current_thread().name))
-        return object()
-
-    monkeypatch.setattr(kernels, "_load", slow_load)
-    kernels.preload(("optimizers",))
-    assert started.wait(10)
-    got = []
-    caller = threading.Thread(target=lambda: got.append(kernels.compiled("optimizers")))
-    caller.start()
-    time.sleep(0.1)
-    assert got == []  # waiting for the preload, not setting numba up a second time
-    release.set()
-    caller.join(10)
-    assert calls == [("optimizers", "dlcli-kernels")] and got == [kernels._loaded["optimizers"]]
-
-
-@pytest.mark.parametrize("value", ["numpy", "cuda"])
-def test_preload_starts_nothing_on_the_numpy_path_or_an_invalid_choice(monkeypatch, value):
-    import threading
-
-    monkeypatch.setenv("DLCLI_KERNELS", value)
-    monkeypatch.setattr(kernels, "_load", lambda name: pytest.fail("loaded"))
-    before = threading.active_count()
-    kernels.preload()
-    assert threading.active_count() == before
-
-
 def test_import_dlcli_does_not_import_numba():
     code = "import sys, dlcli, dlcli.cli, dlcli.layers; print('numba' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -56,31 +56,6 @@ def compiled(name: str):
     return _loaded[name]
 
 
-def preload(names=("optimizers",)):
-    """Set numba up and load the compiled modules `names` in a background thread, so a run's data loading and model
-    building overlap numba's ~0.6 s of start-up instead of its first step waiting for it (the thread holds
-    `_loading`: a kernel call meanwhile waits for it, never sets numba up twice). Nothing happens on the NumPy path
-    or with an invalid DLCLI_KERNELS (the first kernel call reports it); a failed import is left to that call too.
-    No kernel module is imported outside `_loading`, so the thread and the caller never wait on each other's
-    import locks."""
-    try:
-        if choice() == "numpy":
-            return
-    except ConfigError:
-        return
-    threading.Thread(target=_preload, args=(names,), name="dlcli-kernels", daemon=True).start()
-
-
-def _preload(names):
-    with _loading:
-        for name in names:
-            if name not in _loaded:
-                try:
-                    _loaded[name] = _load(name)
-                except ImportError:
-                    return  # compiled(name) imports again and warns
-
-
 def _load(name: str):
     """Import the compiled module with the garbage collector paused: numba's import and its CPU target's set-up
     (done here, not at the first kernel call) allocate ~10^5 objects, and each collection meanwhile would walk the
