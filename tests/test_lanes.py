@@ -10,6 +10,16 @@ from dlcli import layers
 from dlcli.engine import blas, lanes
 
 
+def lane_threads(monkeypatch) -> set:
+    """The names of the threads lanes.run runs work on from now on (filled as it runs)."""
+    workers, real_run = set(), lanes.run
+
+    def watched(work, parts):
+        return real_run(lambda run: workers.add(threading.current_thread().name) or work(run), parts)
+    monkeypatch.setattr(lanes, "run", watched)
+    return workers
+
+
 def run_layer(layer, x, grad_seed=3):
     layer.input_grad_needed = True
     for param in layer.params.values():
@@ -39,12 +49,7 @@ def test_a_layer_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, mak
     monkeypatch.setattr("dlcli.layers.conv_math.CHUNK_FLOATS", 1 << 12)  # many chunks at these small shapes
     monkeypatch.setattr("dlcli.layers.normalization.LANE_FLOATS", 1)  # BN's passes on lanes at any size
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    workers = set()
-    real_run = lanes.run
-
-    def watched(work, parts):
-        return real_run(lambda run: workers.add(threading.current_thread().name) or work(run), parts)
-    monkeypatch.setattr(lanes, "run", watched)
+    workers = lane_threads(monkeypatch)
     results = []
     for count in (1, 2, 3):
         monkeypatch.setattr(lanes, "count", lambda count=count: count)
@@ -75,12 +80,7 @@ def test_a_recurrent_layer_gives_the_same_bits_on_one_two_and_three_lanes(monkey
     monkeypatch.setenv("DLCLI_KERNELS", path)
     rng = np.random.default_rng(0)
     x, mask = rng.standard_normal((10, 7, 4)), rng.random((10, 7)) > 0.3
-    workers = set()
-    real_run = lanes.run
-
-    def watched(work, parts):
-        return real_run(lambda run: workers.add(threading.current_thread().name) or work(run), parts)
-    monkeypatch.setattr(lanes, "run", watched)
+    workers = lane_threads(monkeypatch)
     results = []
     for count, part_samples in ((1, 3), (2, 3), (3, 3), (1, 10)):  # three parts (3, 3, 4 samples), then one
         monkeypatch.setattr(lanes, "count", lambda count=count: count)
