@@ -60,8 +60,7 @@ def gradient_sums(grad, xhat, gamma, beta, relu, acc_g, acc_gx):
     grad, or with `relu` grad * (y > 0), y = xhat * gamma + beta as normalise computed it. An empty gamma or beta is
     scale or center off."""
     rows, c = grad.shape
-    with_gamma, with_beta = gamma.size > 0, beta.size > 0
-    zero, one = grad.dtype.type(0), grad.dtype.type(1)
+    zero = grad.dtype.type(0)
     for k in range(c):
         acc_g[k] = 0.0
         acc_gx[k] = 0.0
@@ -69,9 +68,7 @@ def gradient_sums(grad, xhat, gamma, beta, relu, acc_g, acc_gx):
         for k in range(c):
             g, h = grad[r, k], xhat[r, k]
             if relu:
-                y = h * gamma[k] if with_gamma else h
-                y = y + beta[k] if with_beta else y
-                g = g * (one if y > zero else zero)
+                g = _relu_gated(g, h, gamma, beta, k, zero)
             acc_g[k] += g
             acc_gx[k] += g * h
 
@@ -81,13 +78,19 @@ def input_gradient(grad, xhat, gamma, beta, relu, scale, a, b, dx):
     """dx = (g * scale - xhat * a) - b, g as in gradient_sums: with batch statistics, scale = gamma * inv_std,
     a = sum(g * xhat) * scale / n and b = sum(g) * scale / n, i.e. scale * (g - mean(g) - xhat * mean(g * xhat))."""
     rows, c = grad.shape
-    with_gamma, with_beta = gamma.size > 0, beta.size > 0
-    zero, one = grad.dtype.type(0), grad.dtype.type(1)
+    zero = grad.dtype.type(0)
     for r in range(rows):
         for k in range(c):
             g, h = grad[r, k], xhat[r, k]
             if relu:
-                y = h * gamma[k] if with_gamma else h
-                y = y + beta[k] if with_beta else y
-                g = g * (one if y > zero else zero)
+                g = _relu_gated(g, h, gamma, beta, k, zero)
             dx[r, k] = (g * scale[k] - h * a[k]) - b[k]
+
+
+@numba.njit(inline="always", **JIT)
+def _relu_gated(g, h, gamma, beta, k, zero):
+    """g * (y > 0) for channel k, y = h * gamma + beta recomputed as normalise wrote it (an empty gamma or beta is
+    scale or center off), `zero` of g's dtype: the ReLU's gradient mask, one home for both backward passes."""
+    y = h * gamma[k] if gamma.size > 0 else h
+    y = y + beta[k] if beta.size > 0 else y
+    return g if y > zero else g * zero
