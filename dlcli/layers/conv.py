@@ -83,8 +83,7 @@ class _Conv(_Windowed):
     def forward(self, x, training=False):
         self.out_sizes, self.pads = cm.geometry(x.shape[1:-1], self.kernel_size, self.strides, self.padding,
                                                 self.dilation_rate)
-        self.winograd = self.groups == 1 and cm.winograd_applies(self.kernel.value.shape, self.strides,
-                                                                 self.dilation_rate, self.groups)
+        self.winograd = cm.winograd_applies(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups)
         if self.winograd:  # x itself (its transform reads the padding's zeros); training keeps the tiles
             self.x, self.tiles = x, {} if training else None
             z = cm.winograd_conv(x, self.kernel.value, self.bias.value if self.use_bias else None, self.out_sizes,
