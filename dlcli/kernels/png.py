@@ -152,6 +152,18 @@ def _code(lengths, count, table, counts, symbols, offsets, incomplete_ok):
     return bits
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _refill(src, n, pos, bitbuf, have):
+    """(pos, bitbuf, have) after reading whole bytes of src[:n] into bitbuf until it holds more than 48 bits (at
+    most 56 fit an int64; a length and distance pair needs at most 48); bytes past n read as zeros. Inlined into
+    _inflate's IR, so it costs no call."""
+    while have <= 48:
+        bitbuf |= np.int64(src[pos] if pos < n else 0) << have
+        pos += 1
+        have += 8
+    return pos, bitbuf, have
+
+
 @numba.njit(cache=True, nogil=True)
 def _long_symbol(counts, symbols, bitbuf):
     """(symbol, its length in bits) of a code longer than its table's bits at the start of bitbuf, or (-1, 0) where
@@ -177,10 +189,7 @@ def _inflate(src, n, dst, tables, counts, symbols, lengths, scratch):
     size = dst.shape[0]
     pos, bitbuf, have, out, final = 2, np.int64(0), 0, 0, 0
     while not final:
-        while have <= 48:  # at most 56 bits in an int64; a length and distance pair needs at most 48
-            bitbuf |= np.int64(src[pos] if pos < n else 0) << have
-            pos += 1
-            have += 8
+        pos, bitbuf, have = _refill(src, n, pos, bitbuf, have)
         final, kind = bitbuf & 1, (bitbuf >> 1) & 3
         bitbuf >>= 3
         have -= 3
@@ -214,10 +223,7 @@ def _inflate(src, n, dst, tables, counts, symbols, lengths, scratch):
             lengths[:19] = 0
             for j in range(code_lengths):
                 if have < 3:
-                    while have <= 48:
-                        bitbuf |= np.int64(src[pos] if pos < n else 0) << have
-                        pos += 1
-                        have += 8
+                    pos, bitbuf, have = _refill(src, n, pos, bitbuf, have)
                 lengths[CODE_LENGTH_ORDER[j]] = bitbuf & 7
                 bitbuf >>= 3
                 have -= 3
@@ -229,10 +235,7 @@ def _inflate(src, n, dst, tables, counts, symbols, lengths, scratch):
             j = 0
             while j < literals + distances:
                 if have < 15 + 7:
-                    while have <= 48:
-                        bitbuf |= np.int64(src[pos] if pos < n else 0) << have
-                        pos += 1
-                        have += 8
+                    pos, bitbuf, have = _refill(src, n, pos, bitbuf, have)
                 e = len_table[bitbuf & len_mask]
                 s, used = (np.int64(e >> 4), np.int64(e & 15)) if e else _long_symbol(len_counts, len_symbols, bitbuf)
                 if s < 0:
@@ -267,10 +270,7 @@ def _inflate(src, n, dst, tables, counts, symbols, lengths, scratch):
         lit_mask, dist_mask = (np.int64(1) << lit_bits) - 1, (np.int64(1) << dist_bits) - 1
         while True:
             if have < 48:
-                while have <= 48:
-                    bitbuf |= np.int64(src[pos] if pos < n else 0) << have
-                    pos += 1
-                    have += 8
+                pos, bitbuf, have = _refill(src, n, pos, bitbuf, have)
             e = lit_table[bitbuf & lit_mask]
             s, used = (np.int64(e >> 4), np.int64(e & 15)) if e else _long_symbol(lit_counts, lit_symbols, bitbuf)
             if s < 0:
