@@ -1,6 +1,8 @@
-"""A few-channel Conv2D that pools its own output in an inference pass (engine/graph.py's poolable pairs,
-conv_math.pooled_conv): the tiling max pooling kernel against its NumPy twin (bit for bit), the fused convolution
-against the layers run as written (within float32 rounding), and the passes that fuse against those that do not."""
+"""A Conv2D that pools its own output in an inference pass (engine/graph.py's poolable pairs): a few-channel one
+through conv_math.pooled_conv, a Winograd-shaped one in F(4x4)'s output transform (winograd.output_tiles_4x4_pooled).
+The tiling max pooling kernel against its NumPy twin (bit for bit), the fused convolutions against the layers run as
+written (pooled_conv within float32 rounding, the Winograd one bit for bit against its unfused output), and the
+passes that fuse against those that do not."""
 import numpy as np
 import pytest
 
@@ -77,7 +79,8 @@ def convnet(seed=0):
     return model
 
 
-def test_only_few_channel_stride_1_convs_under_tiling_poolings_pool_their_own_output():
+def test_only_few_channel_or_winograd_convs_under_tiling_poolings_pool_their_own_output():
+    """The second conv of convnet() reads 8 channels: neither few (< 8) nor Winograd's (>= 16)."""
     model = convnet()
     assert model.graph.poolable == {id(model.layers[1])}
     img = layers.Input((12, 12, 1))
@@ -85,6 +88,11 @@ def test_only_few_channel_stride_1_convs_under_tiling_poolings_pool_their_own_ou
     overlapping = layers.MaxPooling2D(2, strides=1)(layers.Conv2D(4, 3, activation="relu")(img))
     same = layers.MaxPooling2D(2, padding="same")(layers.Conv2D(4, 3, activation="relu")(img))
     assert models.Model(img, [strided, overlapping, same]).graph.poolable == set()
+    wide = layers.Input((12, 12, 16))
+    pooled = [layers.MaxPooling2D(p) for p in [2, (4, 2), 3]]
+    outs = [p(layers.Conv2D(8, 3, activation="relu")(wide)) for p in pooled]
+    outs.append(layers.MaxPooling2D(2)(layers.Conv2D(8, 3, dilation_rate=2, activation="relu")(wide)))
+    assert models.Model(wide, outs).graph.poolable == {id(pooled[0]), id(pooled[1])}  # windows dividing 4
 
 
 @pytest.mark.parametrize("path", ["numba", "numpy"])
@@ -137,3 +145,82 @@ def test_evaluate_runs_side_by_side_with_each_pass_s_logits():
     assert results[0] == results[1]
     outs = model.graph.forward([x], training=False)  # one pass of every sample: the same mean
     assert results[0]["cls_loss"] == pytest.approx(model.compute_loss(ys, outs, with_grads=False)[1][0], rel=1e-5)
+
+
+# (input shape, filters, padding, pool): the book convnet's conv 2 (13x13x32 -> 11x11x64, its last row and column
+# read by no window), 'same' under 4x4 windows, 2x4 windows on a rectangular output, a ragged last tile everywhere
+WINOGRAD_CASES = [((5, 13, 13, 32), 64, "valid", (2, 2)), ((3, 14, 14, 16), 24, "same", (4, 4)),
+                  ((4, 9, 11, 16), 8, "same", (2, 4))]
+
+
+@pytest.mark.parametrize("shape,filters,padding,pool", WINOGRAD_CASES)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_pools_in_its_output_transform_bit_for_bit(monkeypatch, shape, filters, padding, pool, relu, dtype):
+    """F(4x4) with the pooling (and ReLU) in its output transform gives the bits of F(4x4)'s output pooled as the
+    layers pool it: the bias added after the maximum rounds the same (rounding is monotonic); NaN propagates."""
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    monkeypatch.setattr(cm, "CHUNK_FLOATS", 36 * 16 * (shape[-1] + filters))  # about two samples a chunk: seams
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    x[0, 2, 3, 1] = np.nan
+    kernel = (rng.standard_normal((3, 3, shape[-1], filters)) / np.sqrt(9 * shape[-1])).astype(dtype)
+    bias = rng.standard_normal(filters).astype(dtype)
+    out, pads = cm.geometry(shape[1:-1], (3, 3), (1, 1), padding, (1, 1))
+    pooled = tuple(m // p for m, p in zip(out, pool))
+    assert cm.winograd_pools(out, pool)
+    y = cm.winograd_conv(x, kernel, bias, out, pads, pooled=(pool, relu))
+    z = cm.winograd_conv(x, kernel, bias, out, pads)
+    expected = cm.window_max_numpy(z[:, :pooled[0] * pool[0], :pooled[1] * pool[1]], pool, pooled, pool)
+    expected = np.maximum(expected, 0) if relu else expected
+    assert y.dtype == dtype and y.shape == (shape[0], *pooled, filters)
+    assert np.isnan(y[0]).any() and not np.isnan(y[1:]).any()
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_winograd_pools_only_where_4x4_blocks_hold_whole_windows():
+    assert [cm.winograd_pools(out, pool) for out, pool in [((11, 11), (2, 2)), ((7, 9), (4, 1)), ((11, 11), (3, 3)),
+                                                           ((6, 6), (2, 2)), ((12, 12), (2, 8))]] == [
+        True, True, False, False, False]
+
+
+def winograd_convnet(side):
+    """Both convs pool their own output at inference: the first reads 1 channel (pooled_conv), the second 16
+    (Winograd: F(4x4) with the pooling from 7x7 outputs, side 20; F(2x2) then its own pooling at 5x5, side 16)."""
+    model = models.Sequential([
+        layers.Conv2D(16, 3, activation="relu", input_shape=(side, side, 1)), layers.MaxPooling2D(2),
+        layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2), layers.Flatten(),
+        layers.Dense(10, activation="softmax")])
+    model.build(rng=np.random.default_rng(0))
+    return model
+
+
+@pytest.mark.parametrize("side,fused", [(20, True), (16, False)])
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_predict_pools_a_winograd_conv_s_output_as_the_layers_written(monkeypatch, side, fused, path):
+    """predict (side by side) against model(x) (nothing fused; F(4x4) there too, at inference), on both kernel
+    paths: the NumPy one (im2col + GEMM, then the conv's own tile_max) within float32 rounding of the compiled one.
+    A training step afterwards finds the pooling whole again."""
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    rng = np.random.default_rng(1)
+    x = rng.random((30, side, side, 1)).astype(np.float32)
+    model = winograd_convnet(side)
+    conv, pool = model.layers[2], model.layers[3]
+    assert id(pool) in model.graph.poolable
+    calls = []
+    if path == "numba":
+        compiled = kernels.compiled("winograd")
+        kernel = compiled.output_tiles_4x4_pooled
+        monkeypatch.setattr(compiled, "output_tiles_4x4_pooled", lambda m, *a: calls.append(len(m)) or kernel(m, *a))
+    monkeypatch.setattr(blas, "threads", lambda: 2)
+    predicted = model.predict(x, batch_size=7)
+    assert conv.pool_after is pool and pool.pooled_before and bool(calls) == (fused and path == "numba")
+    plain = model(x)
+    np.testing.assert_allclose(predicted, plain, rtol=1e-6, atol=1e-7)
+    if path == "numba":
+        monkeypatch.setenv("DLCLI_KERNELS", "numpy")
+        np.testing.assert_allclose(predicted, model.predict(x, batch_size=7), rtol=1e-5, atol=1e-6)
+    model.compile(optimizer="rmsprop", loss="sparse_categorical_crossentropy")
+    monkeypatch.setattr(blas, "threads", lambda: 1)
+    model.train_step([x], [rng.integers(0, 10, 30)])
+    assert conv.pool_after is None and not pool.pooled_before and pool.arg is not None

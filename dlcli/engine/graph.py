@@ -11,8 +11,9 @@ on a tensor pool_size times smaller. A ReLU layer that is the only reader of a B
 inside that layer instead (its `post_activation`): BatchNormalization's compiled passes apply it and mask its
 gradient in their own loops, an Add in place on its own output, and the ReLU layer passes its input through.
 Observed runs keep every layer's own output, so nothing moves in them. In an inference pass (no backward
-follows) a layer that can pool its own output (`pools_own_output`, a few-channel Conv2D) does so when that
-pooling's windows tile it, and keeps its activation: the pooling then passes its input on.
+follows) a layer that can pool its own output (`pools_own_output`: a few-channel Conv2D, or a Winograd one in its
+F(4x4) output transform) does so when that pooling's windows tile it, and keeps its activation: the pooling then
+passes its input on.
 """
 import copy
 import itertools

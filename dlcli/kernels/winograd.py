@@ -251,6 +251,27 @@ def input_tiles_4x4(x, top, left, tiles_h, tiles_w, v):
     return v
 
 
+@numba.njit(inline="always", **JIT)
+def _columns_4x4(flat, base, length, s):
+    """A^T M of one sample's tiles (its `length` = tiles * f floats from `base` in each of flat's 36 rows) into s
+    (4, 6, length): 4 rows by 6 columns of every tile, each row one loop over tiles * f floats."""
+    kind = flat.dtype.type
+    two, four, eight = kind(2), kind(4), kind(8)
+    for e in range(6):
+        a0, a1, a2 = flat[e, base:base + length], flat[6 + e, base:base + length], flat[12 + e, base:base + length]
+        a3, a4 = flat[18 + e, base:base + length], flat[24 + e, base:base + length]
+        a5 = flat[30 + e, base:base + length]
+        o0, o1, o2, o3 = s[0, e], s[1, e], s[2, e], s[3, e]
+        for k in range(length):
+            o0[k] = a0[k] + (a1[k] + a2[k]) + (a3[k] + a4[k])
+        for k in range(length):
+            o1[k] = (a1[k] - a2[k]) + two * (a3[k] - a4[k])
+        for k in range(length):
+            o2[k] = (a1[k] + a2[k]) + four * (a3[k] + a4[k])
+        for k in range(length):
+            o3[k] = (a1[k] - a2[k]) + eight * (a3[k] - a4[k]) + a5[k]
+
+
 @numba.njit(**JIT)
 def output_tiles_4x4(m, tiles_h, tiles_w, bias, y):
     """m (36, n * tiles_h * tiles_w, f) -> y (n, out_h, out_w, f) = A^T M A + bias, the ragged last tiles cropped.
@@ -266,20 +287,7 @@ def output_tiles_4x4(m, tiles_h, tiles_w, bias, y):
     s = tiled.reshape(4, 6, length)
     flat = m.reshape(36, -1)
     for b in range(n):
-        base = b * length
-        for e in range(6):
-            a0, a1, a2 = flat[e, base:base + length], flat[6 + e, base:base + length], flat[12 + e, base:base + length]
-            a3, a4 = flat[18 + e, base:base + length], flat[24 + e, base:base + length]
-            a5 = flat[30 + e, base:base + length]
-            o0, o1, o2, o3 = s[0, e], s[1, e], s[2, e], s[3, e]
-            for k in range(length):
-                o0[k] = a0[k] + (a1[k] + a2[k]) + (a3[k] + a4[k])
-            for k in range(length):
-                o1[k] = (a1[k] - a2[k]) + two * (a3[k] - a4[k])
-            for k in range(length):
-                o2[k] = (a1[k] + a2[k]) + four * (a3[k] + a4[k])
-            for k in range(length):
-                o3[k] = (a1[k] - a2[k]) + eight * (a3[k] - a4[k]) + a5[k]
+        _columns_4x4(flat, b * length, length, s)
         for ti in range(tiles_h):
             for tj in range(tiles_w):
                 t, c0 = ti * tiles_w + tj, 4 * tj
@@ -301,4 +309,76 @@ def output_tiles_4x4(m, tiles_h, tiles_w, bias, y):
                             y[b, r, c0 + 3, ch] = ((tiled[i, 1, t, ch] - tiled[i, 2, t, ch])
                                                    + eight * (tiled[i, 3, t, ch] - tiled[i, 4, t, ch])
                                                    + tiled[i, 5, t, ch]) + bias[ch]
+    return y
+
+
+@numba.njit(**JIT)
+def output_tiles_4x4_pooled(m, tiles_h, tiles_w, bias, pool_h, pool_w, relu, y):
+    """m (36, n * tiles_h * tiles_w, f) -> y (n, pooled_h, pooled_w, f): the window maxima of A^T M A + bias in
+    pool_h x pool_w windows at strides of their size (pool_h and pool_w divide 4, so every window lies in one 4x4
+    output block), then max(y, 0) where `relu`: output_tiles_4x4 and pooling.tile_max in one pass, the conv's
+    output never written out. Each block's outputs that windows read go through a buffer the size of the block
+    (in L1); the bias is added to each window's maximum (rounding is monotonic: max(z_i) + b rounds to the max of
+    the z_i + b, the same bits). NaN propagates as tile_max's does."""
+    n, pooled_h, pooled_w, f = y.shape
+    tiles = tiles_h * tiles_w
+    kind = m.dtype.type
+    two, four, eight, zero = kind(2), kind(4), kind(8), kind(0)
+    length = tiles * f
+    tiled = np.empty((4, 6, tiles, f), m.dtype)
+    s = tiled.reshape(4, 6, length)
+    flat = m.reshape(36, -1)
+    block = np.empty((4, 4, f), m.dtype)
+    used_h, used_w = pooled_h * pool_h, pooled_w * pool_w  # the conv's rows and columns some window reads
+    for b in range(n):
+        _columns_4x4(flat, b * length, length, s)
+        for ti in range(tiles_h):
+            rows = min(4, used_h - 4 * ti)
+            for tj in range(tiles_w):
+                cols = min(4, used_w - 4 * tj)
+                t = ti * tiles_w + tj
+                for i in range(rows):
+                    out = block[i]
+                    for ch in range(f):
+                        out[0, ch] = tiled[i, 0, t, ch] + (tiled[i, 1, t, ch] + tiled[i, 2, t, ch]) + (
+                            tiled[i, 3, t, ch] + tiled[i, 4, t, ch])
+                    if cols > 1:
+                        for ch in range(f):
+                            out[1, ch] = (tiled[i, 1, t, ch] - tiled[i, 2, t, ch]) + two * (
+                                tiled[i, 3, t, ch] - tiled[i, 4, t, ch])
+                    if cols > 2:
+                        for ch in range(f):
+                            out[2, ch] = (tiled[i, 1, t, ch] + tiled[i, 2, t, ch]) + four * (
+                                tiled[i, 3, t, ch] + tiled[i, 4, t, ch])
+                    if cols > 3:
+                        for ch in range(f):
+                            out[3, ch] = ((tiled[i, 1, t, ch] - tiled[i, 2, t, ch])
+                                          + eight * (tiled[i, 3, t, ch] - tiled[i, 4, t, ch]) + tiled[i, 5, t, ch])
+                for wi in range(rows // pool_h):
+                    for wj in range(cols // pool_w):
+                        pooled = y[b, 4 * ti // pool_h + wi, 4 * tj // pool_w + wj]
+                        r, c = wi * pool_h, wj * pool_w
+                        if pool_h == 2 and pool_w == 2:
+                            z0, z1, z2, z3 = block[r, c], block[r, c + 1], block[r + 1, c], block[r + 1, c + 1]
+                            for ch in range(f):
+                                best = z0[ch]
+                                v = z1[ch]
+                                best = v if v > best or v != v else best
+                                v = z2[ch]
+                                best = v if v > best or v != v else best
+                                v = z3[ch]
+                                best = v if v > best or v != v else best
+                                pooled[ch] = best
+                        else:
+                            first = block[r, c]
+                            for ch in range(f):
+                                pooled[ch] = first[ch]
+                            for k in range(1, pool_h * pool_w):
+                                z = block[r + k // pool_w, c + k % pool_w]
+                                for ch in range(f):
+                                    v = z[ch]
+                                    pooled[ch] = v if v > pooled[ch] or v != v else pooled[ch]
+                        for ch in range(f):
+                            v = pooled[ch] + bias[ch]
+                            pooled[ch] = v if not relu or v > zero or v != v else zero  # np.maximum(-0.0, 0) is 0.0
     return y

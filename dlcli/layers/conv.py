@@ -74,31 +74,38 @@ class _Conv(_Windowed):
         return 2 * int(np.prod(out)) * int(np.prod(self.kernel_size)) * input_shape[-1] // self.groups * self.filters
 
     def pools_own_output(self, pool) -> bool:
-        """Whether an inference pass may hand this conv the max pooling `pool` reading its output (graph.py): a
-        stride-1 2D conv on few channels, which cm.pooled_conv runs with the pooling, under windows that tile it."""
-        return (self.rank == pool.rank == 2 and self.groups == 1 and self.strides == (1, 1)
-                and self.kernel.value.shape[-2] < cm.BLOCK_CHANNELS
-                and pool.padding == "valid" and pool.strides == pool.pool_size)
+        """Whether an inference pass may hand this conv the max pooling `pool` reading its output (graph.py), under
+        windows that tile it: a stride-1 2D conv on few channels, which cm.pooled_conv runs with the pooling, or a
+        Winograd-shaped one under windows F(4x4)'s 4x4 output blocks hold whole (cm.winograd_pools; where the
+        kernels or the output's size do not allow F(4x4), the conv pools its output itself, as the pooling would)."""
+        if not (self.rank == pool.rank == 2 and pool.padding == "valid" and pool.strides == pool.pool_size):
+            return False
+        few = self.groups == 1 and self.strides == (1, 1) and self.kernel.value.shape[-2] < cm.BLOCK_CHANNELS
+        return few or (cm.winograd_shaped(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups)
+                       and all(4 % p == 0 for p in pool.pool_size))
 
     def forward(self, x, training=False):
         self.out_sizes, self.pads = cm.geometry(x.shape[1:-1], self.kernel_size, self.strides, self.padding,
                                                 self.dilation_rate)
         self.winograd = cm.winograd_applies(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups)
+        pool = self.pool_after.pool_size if self.pool_after is not None and not training else None
+        relu = isinstance(self.activation, activations.ReLU) and self.activation.plain
+        bias = self.bias.value if self.use_bias else None
         if self.winograd:  # x itself (its transform reads the padding's zeros); training keeps the tiles
             self.x, self.tiles = x, {} if training else None
-            z = cm.winograd_conv(x, self.kernel.value, self.bias.value if self.use_bias else None, self.out_sizes,
-                                 self.pads, self.tiles)
-            return activations.activate_owned(self, z)
+            if pool is not None and cm.winograd_pools(self.out_sizes, pool):
+                y = cm.winograd_conv(x, self.kernel.value, bias, self.out_sizes, self.pads, pooled=(pool, relu))
+                return y if relu else self.activation.forward_(y)
+            z = cm.winograd_conv(x, self.kernel.value, bias, self.out_sizes, self.pads, self.tiles)
+            return activations.activate_owned(self, z) if pool is None else self._pool_own_output(z, pool, relu)
         xp = cm.pad(x, self.pads)
         self.xp_shape = xp.shape
         if self.groups > 1:
             return self._grouped_forward(xp)
         self.xp, self.cols = xp, None  # backward gathers the patches again, a chunk at a time
-        if self.pool_after is not None and not training:
-            pool = self.pool_after.pool_size
-            relu = isinstance(self.activation, activations.ReLU) and self.activation.plain
-            y = cm.pooled_conv(xp, self.kernel.value, self.bias.value if self.use_bias else None, self.dilation_rate,
-                               pool, tuple(m // p for m, p in zip(self.out_sizes, pool)), relu)
+        if pool is not None and self.kernel.value.shape[-2] < cm.BLOCK_CHANNELS:
+            y = cm.pooled_conv(xp, self.kernel.value, bias, self.dilation_rate, pool,
+                               tuple(m // p for m, p in zip(self.out_sizes, pool)), relu)
             return y if relu else self.activation.forward_(y)
         k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
         weights = self.kernel.value.reshape(k, self.filters)
@@ -114,7 +121,15 @@ class _Conv(_Windowed):
                 yield start, cols
         patches = lanes.run(gemms, chunks)
         self.cols = dict(patches) if kept else None  # {start: patches} that backward takes instead of gathering
-        return activations.activate_owned(self, z.reshape(x.shape[0], *self.out_sizes, self.filters))
+        z = z.reshape(x.shape[0], *self.out_sizes, self.filters)
+        return activations.activate_owned(self, z) if pool is None else self._pool_own_output(z, pool, relu)
+
+    def _pool_own_output(self, z, pool, relu):
+        """The max pooling `pool` handed to this conv (pools_own_output), then the activation, of its output z
+        where no kernel takes the pooling in its own pass (the NumPy path; F(2x2)'s small outputs)."""
+        pooled = tuple(m // p for m, p in zip(self.out_sizes, pool))
+        y = cm.tile_max(z, pool, pooled, relu, np.empty((len(z), *pooled, self.filters), z.dtype))
+        return y if relu else self.activation.forward_(y)
 
     def _chunks(self, n):
         """([(start, stop)] of the samples gathered at once, whether their patches are kept for backward): a few

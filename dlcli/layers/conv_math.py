@@ -205,11 +205,22 @@ WINOGRAD_G_4X4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 /
                            [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
 
 
+def winograd_shaped(kernel_shape, strides, dilation, groups) -> bool:
+    """A plain 3x3 stride-1 2D convolution with enough input channels."""
+    return (tuple(kernel_shape[:2]) == (3, 3) and len(kernel_shape) == 4 and kernel_shape[2] >= WINOGRAD_MIN_CHANNELS
+            and tuple(strides) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1)
+
+
 def winograd_applies(kernel_shape, strides, dilation, groups) -> bool:
     """A plain 3x3 stride-1 2D convolution with enough input channels, and the compiled kernels to run it."""
-    return (tuple(kernel_shape[:2]) == (3, 3) and len(kernel_shape) == 4 and kernel_shape[2] >= WINOGRAD_MIN_CHANNELS
-            and tuple(strides) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
-            and kernels.compiled("winograd") is not None)
+    return winograd_shaped(kernel_shape, strides, dilation, groups) and kernels.compiled("winograd") is not None
+
+
+def winograd_pools(out_sizes, pool) -> bool:
+    """Whether an inference forward can pool its output in F(4x4)'s output transform (winograd_conv's `pooled`):
+    4x4 output blocks, each holding whole windows of a max pooling whose windows tile the output (sizes dividing
+    4: the book convnet's 2x2)."""
+    return winograd_block(out_sizes) == 4 and all(4 % p == 0 for p in pool)
 
 
 def winograd_tiles(out_sizes, block=2):
@@ -264,7 +275,7 @@ def winograd_kernel(kernel, block=2):
     return (g @ (g @ kernel.reshape(3, -1)).reshape(t, 3, -1)).reshape(t * t, c, f).astype(kernel.dtype, copy=False)
 
 
-def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None):
+def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, pooled=None):
     """conv(x, kernel) + bias for an input x (n, height, width, c) padded by `pads` ((top, bottom), (left, right):
     the transform reads the zeros, no padded copy is made) and a kernel (3, 3, c, f): each 2x2 output block from
     its 4x4 input tile, 16 GEMMs (tiles, c) @ (c, f) over the transformed tiles, a chunk of
@@ -277,9 +288,14 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None):
     GFLOP/s) and each transform about 0.35. Inference takes 4x4 output blocks from 6x6 tiles, 36 GEMMs, where
     winograd_block finds them faster (`block`: 2 or 4; training keeps F(2x2), whose V its backward reads): the book
     convnet's conv 2 0.79 -> 0.55 ms. Error against float64 relative to the largest output there: F(2x2) 2.6e-7,
-    F(4x4) 4.2e-6, im2col + GEMM 5.1e-7 (F(4x4)'s B^T and A^T hold 4, 5 and 8, its G sixths)."""
+    F(4x4) 4.2e-6, im2col + GEMM 5.1e-7 (F(4x4)'s B^T and A^T hold 4, 5 and 8, its G sixths).
+    `pooled` (inference, where winograd_pools): (pool, relu): the result is instead the max pooling of the output in
+    `pool` windows at strides of their size (the rows and columns past the last whole window dropped), then
+    max(., 0) where `relu`, taken in the output transform (kernels/winograd.output_tiles_4x4_pooled), so the
+    output is never written whole. Book convnet's conv 2 and its pooling, thread CPU per batch of 512, one BLAS
+    thread: see output_tiles_4x4_pooled."""
     compiled = kernels.compiled("winograd")
-    block = block or (2 if keep is not None else winograd_block(out_sizes))
+    block = 4 if pooled is not None else block or (2 if keep is not None else winograd_block(out_sizes))
     input_tiles, output_tiles = ((compiled.input_tiles, compiled.output_tiles) if block == 2 else
                                  (compiled.input_tiles_4x4, compiled.output_tiles_4x4))
     n, c, f = x.shape[0], kernel.shape[2], kernel.shape[3]
@@ -287,7 +303,13 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None):
     (top, _), (left, _) = pads
     u = winograd_kernel(kernel, block)
     bias = np.zeros(f, kernel.dtype) if bias is None else bias
-    y = np.empty((n, *out_sizes, f), x.dtype)
+    if pooled is not None:
+        (pool_h, pool_w), relu = pooled
+
+        def output_tiles(m, tiles_h, tiles_w, bias, y):
+            return compiled.output_tiles_4x4_pooled(m, tiles_h, tiles_w, bias, pool_h, pool_w, relu, y)
+    y_sizes = out_sizes if pooled is None else (out_sizes[0] // pool_h, out_sizes[1] // pool_w)
+    y = np.empty((n, *y_sizes, f), x.dtype)
     chunks = winograd_chunks(n, out_sizes, c, f, block)
     if keep is not None:  # (reusing the last step's arrays measured the same: malloc hands the freed ones back)
         keep.update((start, _winograd_buffer(stop - start, out_sizes, c, x.dtype)) for start, stop in chunks)
