@@ -17,8 +17,9 @@ class Watcher:
 
 
 def _net():
-    """Every kind of move: a conv's own relu, a standalone relu Activation, padded and overlapping windows."""
-    img = layers.Input((9, 9, 2), name="img")
+    """Every kind of move: a conv's own relu, a standalone relu Activation, padded and overlapping windows. The first
+    conv reads 8 channels: on fewer it would pool its own output in training (tests/test_pooled_conv.py)."""
+    img = layers.Input((9, 9, 8), name="img")
     x = layers.Conv2D(4, 3, activation="relu", padding="same", bias_initializer="ones", name="conv")(img)
     x = layers.MaxPooling2D(2, name="pool")(x)  # 9 -> 4: the last row and column belong to no window
     x = layers.Conv2D(3, 2, name="conv_linear")(x)
@@ -45,7 +46,7 @@ def test_outputs_and_gradients_are_exactly_those_of_the_layers_as_written():
     assert [(a.name, b.name) for a, b, _ in model.graph.movable] == [("conv", "pool"), ("relu", "pool_same")]
     rng = np.random.default_rng(0)
     # mostly zeros, like MNIST's background: many windows tie, at the (positive) bias and at 0
-    x = (rng.random((5, 9, 9, 2)) < 0.2).astype(np.float32) * rng.integers(1, 3, (5, 9, 9, 2))
+    x = (rng.random((5, 9, 9, 8)) < 0.2).astype(np.float32) * rng.integers(1, 3, (5, 9, 9, 8))
     moved, as_written = _pass(model, [x], None), _pass(model, [x], Watcher())
     for a, b in zip(moved, as_written):
         assert np.array_equal(a, b)

@@ -1,35 +1,47 @@
-"""A Conv2D that pools its own output in an inference pass (engine/graph.py's poolable pairs): a few-channel one
-through conv_math.pooled_conv, a Winograd-shaped one in F(4x4)'s output transform (winograd.output_tiles_4x4_pooled).
-The tiling max pooling kernel against its NumPy twin (bit for bit), the fused convolutions against the layers run as
-written (pooled_conv within float32 rounding, the Winograd one bit for bit against its unfused output), and the
+"""A Conv2D that pools its own output (engine/graph.py's poolable pairs): a few-channel one through
+conv_math.pooled_conv (in training too, with pooled_conv_backward), a Winograd-shaped one at inference in F(4x4)'s
+output transform (winograd.output_tiles_4x4_pooled). The tiling max pooling kernel against its NumPy twin (bit for
+bit, the positions of the maxima included), the fused convolutions against the layers run as written (pooled_conv and
+its backward within float32 rounding, the Winograd one bit for bit against its unfused output), a gradient check
+through the few-channel pair on both kernel paths, the same bits on 1, 2 and 3 lanes, and the
 passes that fuse against those that do not."""
 import numpy as np
 import pytest
 
 from dlcli import kernels, layers, models
-from dlcli.engine import blas
+from dlcli.diagnostics import to_float64
+from dlcli.engine import blas, lanes
 from dlcli.layers import conv_math as cm
+from tests.gradcheck import assert_close, numeric_grad
 
 
 @pytest.mark.parametrize("shape,pool,out", [((3, 9, 12, 5), (2, 2), (4, 5)), ((2, 8, 8, 3), (2, 2), (4, 4)),
                                             ((2, 9, 10, 4), (3, 2), (3, 4)), ((2, 7, 9, 2), (1, 3), (7, 3))])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_tile_max_equals_its_numpy_twin(monkeypatch, shape, pool, out, relu, dtype):
-    """z wider than the windows cover (a pooled conv's wide rows): the columns and rows past them are never read."""
+@pytest.mark.parametrize("with_arg", [False, True])
+def test_tile_max_equals_its_numpy_twin(monkeypatch, shape, pool, out, relu, dtype, with_arg):
+    """z wider than the windows cover (a pooled conv's wide rows): the columns and rows past them are never read.
+    In training the positions of the maxima too: the first of tied maxima, as max_pool (TF's MaxPoolGrad)."""
     rng = np.random.default_rng(0)
     z = rng.integers(-3, 4, shape).astype(dtype)  # many ties and zeros
     z.flat[::7] = rng.standard_normal(z.flat[::7].size)
     z.flat[5], z.flat[9] = np.nan, -np.inf  # NaN propagates as np.maximum does
     z[:, out[0] * pool[0]:] = 99  # never read
     z[:, :, out[1] * pool[1]:] = 99
-    results = []
+    results, args = [], []
     for path in ("numba", "numpy"):
         monkeypatch.setenv("DLCLI_KERNELS", path)
         assert (kernels.compiled("pooling") is not None) == (path == "numba")
-        results.append(cm.tile_max(z, pool, out, relu, np.empty((shape[0], *out, shape[-1]), dtype)))
+        arg = cm.pooled_arg((shape[0], *out, shape[-1]), pool) if with_arg else None
+        results.append(cm.tile_max(z, pool, out, relu, np.empty((shape[0], *out, shape[-1]), dtype), arg))
+        args.append(arg)
     np.testing.assert_array_equal(*results)
     assert np.nanmax(results[0]) < 99 and (not relu or np.nanmin(results[0]) >= 0)
+    if with_arg:
+        np.testing.assert_array_equal(*args)
+        crop = z[:, :out[0] * pool[0], :out[1] * pool[1]]
+        np.testing.assert_array_equal(args[0], cm.max_pool_numpy(crop, pool, out, pool)[1])
 
 
 def reference(xp, kernel, bias, dilation, pool, pooled, relu):
@@ -65,6 +77,54 @@ def test_pooled_conv_equals_the_conv_and_pooling_to_rounding(monkeypatch, shape,
     expected = reference(x, kernel, bias, dilation, pool, pooled, relu)
     assert y.dtype == np.float32 and y.shape == expected.shape == (shape[0], *pooled, 8)
     np.testing.assert_allclose(y, expected, rtol=0, atol=8 * np.finfo(np.float32).eps * np.abs(expected).max())
+    arg = cm.pooled_arg(y.shape, pool)  # training: the same maxima, and where they came from
+    np.testing.assert_array_equal(cm.pooled_conv(x, kernel, bias, dilation, pool, pooled, relu, arg), y)
+    assert arg.max() < np.prod(pool)
+
+
+def full_gradients(g, y, arg, xp, kernel, dilation, pool, relu):
+    """The backward of the layers as written, in float64: the relu's mask, the pooling's scatter of g to the
+    positions in arg, then the convolution's gradients from the whole output gradient."""
+    kh, kw, c, f = kernel.shape
+    out = tuple(n - (k - 1) * d for n, k, d in zip(xp.shape[1:3], (kh, kw), dilation))
+    g = g.astype(np.float64) * (y > 0) if relu else g.astype(np.float64)
+    dz = np.zeros((len(xp), *out, f))
+    covered = cm.max_pool_backward_numpy(g, arg, (len(xp), *(m * p for m, p in zip(g.shape[1:3], pool)), f), pool,
+                                         g.shape[1:3], pool)
+    dz[:, :covered.shape[1], :covered.shape[2]] = covered
+    cols = cm.im2col(xp.astype(np.float64), (kh, kw), out, (1, 1), dilation).reshape(-1, kh * kw * c)
+    kernel_grad = (cols.T @ dz.reshape(-1, f)).reshape(kernel.shape)
+    input_grad = cm.col2im_matmul_numpy(dz.reshape(-1, f), kernel.astype(np.float64), xp.shape, out, (1, 1), dilation)
+    return kernel_grad, input_grad, dz.reshape(-1, f).sum(0)
+
+
+@pytest.mark.parametrize("shape,kernel_size,dilation,pool", CASES)
+@pytest.mark.parametrize("relu", [True, False])
+def test_pooled_conv_backward_equals_the_layers_backward_to_rounding_on_both_paths(monkeypatch, shape, kernel_size,
+                                                                                   dilation, pool, relu):
+    """The kernel's, the input's and the bias's gradients from the pooled gradient and the maxima's positions, chunk
+    by chunk (several chunks, a short one), against the scatter and the whole conv output's gradient in float64."""
+    monkeypatch.setattr(cm, "CHUNK_FLOATS", 2 * shape[1] * shape[2] * 40 * 2)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) * (rng.random(shape) < 0.6)).astype(np.float32)  # zeros: tied maxima
+    kernel = rng.standard_normal((*kernel_size, shape[-1], 8)).astype(np.float32)
+    bias = rng.standard_normal(8).astype(np.float32)
+    out = tuple(n - (k - 1) * d for n, k, d in zip(shape[1:3], kernel_size, dilation))
+    pooled = tuple(m // p for m, p in zip(out, pool))
+    arg = cm.pooled_arg((shape[0], *pooled, 8), pool)
+    y = cm.pooled_conv(x, kernel, bias, dilation, pool, pooled, relu, arg)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    expected = full_gradients(g, y, arg, x, kernel, dilation, pool, relu)
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        got = cm.pooled_conv_backward(g, y, arg, x, kernel, dilation, pool, relu)
+        for a, b in zip(got, expected):
+            assert a.dtype == np.float32 and a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=0, atol=32 * np.finfo(np.float32).eps * np.abs(b).max())
+        kernel_grad, input_grad, bias_grad = cm.pooled_conv_backward(g, y, arg, x, kernel, dilation, pool, relu,
+                                                                     kernel_grad=False, input_grad=False)
+        assert kernel_grad is None and input_grad is None
+        np.testing.assert_array_equal(bias_grad, got[2])
 
 
 def convnet(seed=0):
@@ -82,7 +142,7 @@ def convnet(seed=0):
 def test_only_few_channel_or_winograd_convs_under_tiling_poolings_pool_their_own_output():
     """The second conv of convnet() reads 8 channels: neither few (< 8) nor Winograd's (>= 16)."""
     model = convnet()
-    assert model.graph.poolable == {id(model.layers[1])}
+    assert model.graph.poolable == model.graph.poolable_in_training == {id(model.layers[1])}
     img = layers.Input((12, 12, 1))
     strided = layers.MaxPooling2D(2)(layers.Conv2D(4, 3, strides=2, activation="relu")(img))
     overlapping = layers.MaxPooling2D(2, strides=1)(layers.Conv2D(4, 3, activation="relu")(img))
@@ -92,13 +152,15 @@ def test_only_few_channel_or_winograd_convs_under_tiling_poolings_pool_their_own
     pooled = [layers.MaxPooling2D(p) for p in [2, (4, 2), 3]]
     outs = [p(layers.Conv2D(8, 3, activation="relu")(wide)) for p in pooled]
     outs.append(layers.MaxPooling2D(2)(layers.Conv2D(8, 3, dilation_rate=2, activation="relu")(wide)))
-    assert models.Model(wide, outs).graph.poolable == {id(pooled[0]), id(pooled[1])}  # windows dividing 4
+    graph = models.Model(wide, outs).graph
+    assert graph.poolable == {id(pooled[0]), id(pooled[1])}  # windows dividing 4
+    assert graph.poolable_in_training == set()  # Winograd's pooled output transform is for inference only
 
 
 @pytest.mark.parametrize("path", ["numba", "numpy"])
 def test_predict_fuses_and_gives_the_outputs_of_the_layers_as_written(monkeypatch, path):
-    """predict (fused, side by side) against model(x) (a forward that fuses nothing), then a training step: the
-    fused pass leaves nothing behind (the pooling computes again, the conv keeps its patches)."""
+    """predict (fused, side by side) against model(x) (a forward that fuses nothing), then a training step, which
+    fuses too (the conv keeps where each maximum came from for its backward), against one that does not."""
     monkeypatch.setenv("DLCLI_KERNELS", path)
     rng = np.random.default_rng(1)
     x = rng.random((30, 14, 14, 1)).astype(np.float32) * (rng.random((30, 14, 14, 1)) < 0.4)  # MNIST-like zeros
@@ -116,9 +178,11 @@ def test_predict_fuses_and_gives_the_outputs_of_the_layers_as_written(monkeypatc
     assert sum(calls) == 30 and conv.pool_after is pool and pool.pooled_before
     assert fused.evaluate(x, y, batch_size=7) == pytest.approx(plain.evaluate(x, y, batch_size=7), rel=1e-6)
     monkeypatch.setattr(blas, "threads", lambda: 1)
+    plain.graph.poolable_in_training = set()  # its step runs the conv and the pooling apart
     fused.train_step([x], [y])
     plain.train_step([x], [y])
-    assert conv.pool_after is None and not pool.pooled_before and conv.activation_moved
+    assert conv.pool_after is pool and pool.pooled_before and not conv.activation_moved
+    assert plain.layers[0].pool_after is None and plain.layers[0].activation_moved
     for a, b in zip(fused.weights, plain.weights):
         np.testing.assert_allclose(a.value, b.value, rtol=1e-5, atol=1e-6)
 
@@ -224,3 +288,97 @@ def test_predict_pools_a_winograd_conv_s_output_as_the_layers_written(monkeypatc
     monkeypatch.setattr(blas, "threads", lambda: 1)
     model.train_step([x], [rng.integers(0, 10, 30)])
     assert conv.pool_after is None and not pool.pooled_before and pool.arg is not None
+
+
+def fused_pair(channels=2, dtype="float32"):
+    """A few-channel conv (same padding, not the first layer: its input gradient is needed) pooling its own output,
+    between two layers."""
+    img = layers.Input((10, 9, 1))
+    x = layers.Conv2D(channels, 2, padding="same", activation="relu", name="before")(img)
+    x = layers.Conv2D(6, 3, padding="same", activation="relu", bias_initializer="ones", name="conv")(x)
+    x = layers.MaxPooling2D(2, name="pool")(x)  # 10 x 9 -> 5 x 4: the last column belongs to no window
+    out = layers.Dense(3, name="out")(layers.Flatten()(x))
+    model = models.Model(img, out)
+    rng = np.random.default_rng(0)
+    for p in model.weights:  # the same weights in every model made here
+        p.value[...] = rng.uniform(-0.6, 0.6, p.value.shape)
+    if dtype == "float64":
+        to_float64(model)
+    return model
+
+
+def training_pass(model, x, observer=None):
+    """(output, input gradient, every weight's gradient) of one training forward and backward."""
+    for p in model.trainable_weights:
+        p.grad = np.zeros_like(p.value)
+    out = model.graph.forward([x], training=True, observer=observer)[0]
+    r = np.random.default_rng(5).standard_normal(out.shape).astype(out.dtype)
+    dx = model.graph.backward([r], need_input_grads=True, observer=observer)[0]
+    return [out, dx] + [p.grad.copy() for p in model.trainable_weights]
+
+
+class Watcher:
+    """An observer: observed passes run the layers as written."""
+
+    def forward(self, node, output):
+        pass
+
+    def backward(self, node, output_grad, input_grad):
+        pass
+
+
+def mnist_like(shape, seed=1):
+    rng = np.random.default_rng(seed)
+    return (rng.random(shape) * (rng.random(shape) < 0.4)).astype(np.float32)
+
+
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_a_training_pass_fuses_and_equals_the_layers_as_written(monkeypatch, path):
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    model = fused_pair()
+    assert model.graph.poolable == {id(model.get_layer("pool"))}
+    x = mnist_like((7, 10, 9, 1))
+    fused = training_pass(model, x)
+    assert model.get_layer("conv").pool_after is model.get_layer("pool")
+    written = training_pass(model, x, Watcher())
+    assert model.get_layer("conv").pool_after is None
+    np.testing.assert_array_equal(fused[0], written[0])
+    for a, b in zip(fused[1:], written[1:]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=16 * np.finfo(np.float32).eps * np.abs(b).max())
+
+
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_gradient_check_through_the_fused_pair(monkeypatch, path):
+    """d(sum(r * output)) / d(input and every weight) of a float64 training pass against central differences."""
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    model = fused_pair(dtype="float64")
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 10, 9, 1))
+    r = rng.standard_normal((3, 3))
+
+    def loss():
+        return float((model.graph.forward([x], training=True)[0] * r).sum())
+    for p in model.trainable_weights:
+        p.grad = np.zeros_like(p.value)
+    model.graph.forward([x], training=True)
+    assert model.get_layer("conv").pool_after is not None
+    dx = model.graph.backward([r], need_input_grads=True)[0]
+    grads = {p.path: p.grad.copy() for p in model.trainable_weights}
+    assert_close(dx, numeric_grad(loss, x, max_checks=40), "input")
+    for p in model.trainable_weights:
+        assert_close(grads[p.path], numeric_grad(loss, p.value, max_checks=40), p.path)
+
+
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_the_fused_pair_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, path):
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    monkeypatch.setattr(cm, "CHUNK_FLOATS", 1 << 11)  # many chunks at this small shape
+    x = mnist_like((23, 10, 9, 1))
+    results = []
+    for count in (1, 2, 3):
+        monkeypatch.setattr(lanes, "count", lambda count=count: count)
+        results.append(training_pass(fused_pair(), x))
+    assert len(cm.pooled_conv_chunks((23, 10, 9, 2), (3, 3, 2, 6))) > 3
+    for one, two, three in zip(*results):
+        np.testing.assert_array_equal(one, two)
+        np.testing.assert_array_equal(one, three)

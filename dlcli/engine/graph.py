@@ -10,10 +10,11 @@ A ReLU that only feeds a max pooling moves after it (relu(max z) == max(relu z),
 on a tensor pool_size times smaller. A ReLU layer that is the only reader of a BatchNormalization or an Add runs
 inside that layer instead (its `post_activation`): BatchNormalization's compiled passes apply it and mask its
 gradient in their own loops, an Add in place on its own output, and the ReLU layer passes its input through.
-Observed runs keep every layer's own output, so nothing moves in them. In an inference pass (no backward
-follows) a layer that can pool its own output (`pools_own_output`: a few-channel Conv2D, or a Winograd one in its
-F(4x4) output transform) does so when that pooling's windows tile it, and keeps its activation: the pooling then
-passes its input on.
+Observed runs keep every layer's own output, so nothing moves in them. In an inference pass a layer that can
+pool its own output (`pools_own_output`: a few-channel Conv2D, or a Winograd one in its F(4x4) output transform)
+does so when that pooling's windows tile it, and keeps its activation: the pooling then passes its input on. In
+training only the few-channel Conv2D does (`poolable_in_training`): the pooling then passes its output's gradient
+back, which the conv takes to its weights from where each maximum came from.
 """
 import copy
 import itertools
@@ -157,6 +158,8 @@ class Graph:
                          for layer, relu in _absorbed_relus(self.nodes, consumers, outputs, self.movable)]
         self.poolable = {id(pool) for layer, pool, _ in self.movable
                          if getattr(layer, "pools_own_output", None) and layer.pools_own_output(pool)}
+        self.poolable_in_training = {id(pool) for layer, pool, _ in self.movable
+                                     if id(pool) in self.poolable and layer.pools_own_output(pool, training=True)}
 
     def replica(self) -> "Graph":
         """The same graph over twins of its layers: each twin shares its weights (the Param objects) but keeps its
@@ -174,10 +177,11 @@ class Graph:
         other.poolable = {id(twins[id(pool)]) for _, pool, _ in self.movable if id(pool) in self.poolable}
         return other
 
-    def _move_activations(self, move: bool, fuse: bool = False):
-        """Each max pooling in `movable` applies the activation of the layer before it, or none does; with `fuse`
-        the `poolable` ones are applied by that layer instead, activation and all. Reset on every call: another
-        graph over the same layers (a feature extractor ending at the conv) may have moved it."""
+    def _move_activations(self, move: bool, fuse=frozenset()):
+        """Each max pooling in `movable` applies the activation of the layer before it, or none does; those in
+        `fuse` (ids: `poolable` or `poolable_in_training`) are applied by that layer instead, activation and all.
+        Reset on every call: another graph over the same layers (a feature extractor ending at the conv) may have
+        moved it."""
         for layer in self.layers:
             layer.activation_moved = False
             if getattr(layer, "post_activation", None) is not None:
@@ -188,7 +192,7 @@ class Graph:
                 layer.pooled_before = False
         if move:
             for layer, pool, activation in self.movable:
-                if fuse and id(pool) in self.poolable:
+                if id(pool) in fuse:
                     layer.pool_after, pool.pooled_before = pool, True
                 else:
                     layer.activation_moved, pool.post_activation = True, activation
@@ -196,10 +200,12 @@ class Graph:
                 relu.activation_moved, layer.post_activation = True, activation
 
     def forward(self, xs: list, training: bool = False, observer=None, inference_pass: bool = False) -> list:
-        """The outputs for inputs `xs`. `inference_pass`: no backward follows (predict, evaluate), so a layer may
-        pool its own output (`poolable`)."""
+        """The outputs for inputs `xs`. In training, or in an `inference_pass` (predict, evaluate: no backward
+        follows), a layer may pool its own output (`poolable`); a forward with neither (model(x), whose backward the
+        gradient checks may call) runs the layers apart."""
         values, masks = {}, {}
-        self._move_activations(observer is None, inference_pass and not training)
+        self._move_activations(observer is None, self.poolable_in_training if training else
+                               self.poolable if inference_pass else frozenset())
         for t, x in zip(self.inputs, xs):
             values[id(t)] = x
         for node in self.nodes:
@@ -258,11 +264,6 @@ class Graph:
         return [acc.get(id(t)) for t in self.inputs]
 
 
-# passes handed to the threads ahead of the one the caller waits for, per thread: a thread held up (a busy machine
-# deschedules it) keeps only its pass waiting, while the others run the passes after it
-AHEAD = 4
-
-
 def inference_passes(graph: Graph, batches, logits_of=()):
     """graph.forward(xb) (inference) of each batch, in order. With several BLAS threads, passes run side by side,
     one per thread on replicas of the graph, each with one BLAS thread: then NumPy's element-wise work (one core
@@ -302,7 +303,7 @@ def inference_passes(graph: Graph, batches, logits_of=()):
         pending = deque()
         for xb in batches:
             pending.append(pool.submit(run, xb))
-            if len(pending) >= AHEAD * lanes:
+            if len(pending) > lanes:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()

@@ -11,8 +11,12 @@ The batch loop is a prange, compiled serially as the pooling kernels are (kernel
 EPYC shared by 8 jobs (load 15-19), col2im_matmul at the book convnet's second conv took 2.6 ms with NumPy after a
 two-thread GEMM and 30-45 ms with a two-thread prange (OpenBLAS's idle threads spin beside numba's). The second core
 comes from lanes instead (engine/lanes.py): col2im_matmul hands each lane its chunks of samples.
+
+pooled_conv_backward is the training backward of conv_math.pooled_conv (a few-channel convolution that pools its own
+output); its twin is conv_math.pooled_conv_backward_numpy.
 """
 import numba
+import numpy as np
 
 PARALLEL = False
 JIT = dict(parallel=PARALLEL, cache=True, nogil=True, error_model="numpy")
@@ -39,3 +43,117 @@ def col2im(cols, kh, kw, sh, sw, dh, dw, dxp):
                         for ch in range(c):
                             dxp[b, row, col, ch] += cols[b, i, j, base + ch]
     return dxp
+
+
+@numba.njit(**JIT)
+def pooled_conv_backward(g, y, arg, xp, weights, kh, kw, dh, dw, pool_h, pool_w, relu, sums, dxp):
+    """The backward of a stride-1 convolution whose output only a tiling max pooling read (conv_math.pooled_conv),
+    from the pooled gradient g (n, out_h, out_w, f) and where each maximum came from (arg, its flat offset in the
+    window), never the convolution's whole output gradient: each output's gradient after the relu's mask (y > 0, y
+    the pooled output, where `relu`) times the patch of xp (n, height, width, c) its maximum came from, summed into
+    sums (kh * kw * c + 1, f: the kernel's rows, then the bias's; size 0: not wanted), and times its kernel column
+    added to the input under that patch, into dxp (xp's shape, overwritten; size 0: not wanted)."""
+    if sums.size > 0:
+        if pool_h == 2 and pool_w == 2:
+            _sums_2x2(g, y, arg, xp, kh, kw, dh, dw, relu, sums)
+        else:
+            _sums_window(g, y, arg, xp, kh, kw, dh, dw, pool_h, pool_w, relu, sums)
+    if dxp.size > 0:
+        _input_gradient(g, y, arg, weights, kh, kw, dh, dw, pool_h, pool_w, relu, dxp)
+    return sums
+
+
+@numba.njit(**JIT)
+def _sums_2x2(g, y, arg, xp, kh, kw, dh, dw, relu, sums):
+    """pooled_conv_backward's sums under 2x2 windows: per output the gradient of each window offset k, gk (the
+    masked gradient where the maximum sat at k, else 0), filled without a branch, then each kernel tap's row of sums
+    takes all four offsets' products in one pass. The book convnet's first conv, one thread: 0.8 ms, where a loop
+    over the offsets around each row (or gk as rows of one array, which kept the loop from vectorising) took 4."""
+    n, out_h, out_w, f = g.shape
+    c = xp.shape[-1]
+    taps = kh * kw * c
+    zero, one = g.dtype.type(0), g.dtype.type(1)
+    g0, g1, g2, g3 = np.empty(f, g.dtype), np.empty(f, g.dtype), np.empty(f, g.dtype), np.empty(f, g.dtype)
+    for b in range(n):
+        for i in range(out_h):
+            for j in range(out_w):
+                for ch in range(f):  # the relu's backward as ReLU.backward computes it: grad * (y > 0)
+                    m = g[b, i, j, ch] * (one if not relu or y[b, i, j, ch] > zero else zero)
+                    at = arg[b, i, j, ch]
+                    g0[ch] = m if at == 0 else zero
+                    g1[ch] = m if at == 1 else zero
+                    g2[ch] = m if at == 2 else zero
+                    g3[ch] = m if at == 3 else zero
+                t = 0
+                for p in range(kh):
+                    for q in range(kw):
+                        row, col = 2 * i + p * dh, 2 * j + q * dw
+                        for cc in range(c):
+                            v0, v1 = xp[b, row, col, cc], xp[b, row, col + 1, cc]
+                            v2, v3 = xp[b, row + 1, col, cc], xp[b, row + 1, col + 1, cc]
+                            for ch in range(f):
+                                sums[t, ch] += v0 * g0[ch] + v1 * g1[ch] + v2 * g2[ch] + v3 * g3[ch]
+                            t += 1
+                for ch in range(f):
+                    sums[taps, ch] += g0[ch] + g1[ch] + g2[ch] + g3[ch]
+
+
+@numba.njit(**JIT)
+def _sums_window(g, y, arg, xp, kh, kw, dh, dw, pool_h, pool_w, relu, sums):
+    """_sums_2x2 for any window: one offset at a time."""
+    n, out_h, out_w, f = g.shape
+    c = xp.shape[-1]
+    taps, window = kh * kw * c, pool_h * pool_w
+    zero, one = g.dtype.type(0), g.dtype.type(1)
+    gk = np.empty(f, g.dtype)
+    for b in range(n):
+        for i in range(out_h):
+            for j in range(out_w):
+                for k in range(window):
+                    for ch in range(f):
+                        m = g[b, i, j, ch] * (one if not relu or y[b, i, j, ch] > zero else zero)
+                        gk[ch] = m if arg[b, i, j, ch] == k else zero
+                    t = 0
+                    for p in range(kh):
+                        for q in range(kw):
+                            row, col = i * pool_h + k // pool_w + p * dh, j * pool_w + k % pool_w + q * dw
+                            for cc in range(c):
+                                v = xp[b, row, col, cc]
+                                for ch in range(f):
+                                    sums[t, ch] += v * gk[ch]
+                                t += 1
+                    for ch in range(f):
+                        sums[taps, ch] += gk[ch]
+
+
+@numba.njit(**dict(JIT, fastmath={"reassoc"}))
+def _input_gradient(g, y, arg, weights, kh, kw, dh, dw, pool_h, pool_w, relu, dxp):
+    """pooled_conv_backward's input gradient: for each window offset k the gradient of the outputs whose maximum
+    sat there, gk, and for each kernel tap its dot product with the tap's kernel row, added under the patch. The
+    dot products may reassociate (so they vectorise: 8 ms -> ~1 for the book convnet's first conv's shape, where an
+    add per output and tap ran); the order is the code's, the same on any lanes."""
+    n, out_h, out_w, f = g.shape
+    c = dxp.shape[-1]
+    zero, one = g.dtype.type(0), g.dtype.type(1)
+    gk = np.empty(f, g.dtype)
+    for b in range(n):
+        for r in range(dxp.shape[1]):
+            for s in range(dxp.shape[2]):
+                for cc in range(c):
+                    dxp[b, r, s, cc] = zero
+        for i in range(out_h):
+            for j in range(out_w):
+                for k in range(pool_h * pool_w):
+                    for ch in range(f):
+                        m = g[b, i, j, ch] * (one if not relu or y[b, i, j, ch] > zero else zero)
+                        gk[ch] = m if arg[b, i, j, ch] == k else zero
+                    t = 0
+                    for p in range(kh):
+                        for q in range(kw):
+                            row, col = i * pool_h + k // pool_w + p * dh, j * pool_w + k % pool_w + q * dw
+                            for cc in range(c):
+                                total = zero
+                                for ch in range(f):
+                                    total += weights[t, ch] * gk[ch]
+                                dxp[b, row, col, cc] += total
+                                t += 1

@@ -40,7 +40,7 @@ class _Conv(_Windowed):
 
     activation_last = True
     splits_batch = True  # its chunks run on lanes (engine/lanes.py)
-    pool_after = None  # the max pooling this conv applies to its own output in an inference pass (graph.py)
+    pool_after = None  # the max pooling this conv applies to its own output (graph.py)
 
     def __init__(self, filters: Size, kernel_size: Sizes, strides: Sizes = 1, padding: str = "valid",
                  dilation_rate: Sizes = 1, groups: Size = 1, activation: str | None = None, use_bias: bool = True,
@@ -73,22 +73,24 @@ class _Conv(_Windowed):
         out = self._geometry(input_shape)[0]
         return 2 * int(np.prod(out)) * int(np.prod(self.kernel_size)) * input_shape[-1] // self.groups * self.filters
 
-    def pools_own_output(self, pool) -> bool:
-        """Whether an inference pass may hand this conv the max pooling `pool` reading its output (graph.py), under
-        windows that tile it: a stride-1 2D conv on few channels, which cm.pooled_conv runs with the pooling, or a
-        Winograd-shaped one under windows F(4x4)'s 4x4 output blocks hold whole (cm.winograd_pools; where the
-        kernels or the output's size do not allow F(4x4), the conv pools its output itself, as the pooling would)."""
+    def pools_own_output(self, pool, training=False) -> bool:
+        """Whether a pass may hand this conv the max pooling `pool` reading its output (graph.py), under windows
+        that tile it: a stride-1 2D conv on few channels, which cm.pooled_conv runs with the pooling (in training
+        too: cm.pooled_conv_backward takes the pooled gradient to its weights), or at inference a Winograd-shaped
+        one under windows F(4x4)'s 4x4 output blocks hold whole (cm.winograd_pools; where the kernels or the
+        output's size do not allow F(4x4), the conv pools its output itself, as the pooling would)."""
         if not (self.rank == pool.rank == 2 and pool.padding == "valid" and pool.strides == pool.pool_size):
             return False
         few = self.groups == 1 and self.strides == (1, 1) and self.kernel.value.shape[-2] < cm.BLOCK_CHANNELS
-        return few or (cm.winograd_shaped(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups)
-                       and all(4 % p == 0 for p in pool.pool_size))
+        return few or (not training and all(4 % p == 0 for p in pool.pool_size)
+                       and cm.winograd_shaped(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups))
 
     def forward(self, x, training=False):
         self.out_sizes, self.pads = cm.geometry(x.shape[1:-1], self.kernel_size, self.strides, self.padding,
                                                 self.dilation_rate)
         self.winograd = cm.winograd_applies(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups)
-        pool = self.pool_after.pool_size if self.pool_after is not None and not training else None
+        # graph.py hands a Winograd conv its pooling at inference only (pools_own_output)
+        pool = self.pool_after.pool_size if self.pool_after is not None else None
         relu = isinstance(self.activation, activations.ReLU) and self.activation.plain
         bias = self.bias.value if self.use_bias else None
         if self.winograd:  # x itself (its transform reads the padding's zeros); training keeps the tiles
@@ -104,8 +106,10 @@ class _Conv(_Windowed):
             return self._grouped_forward(xp)
         self.xp, self.cols = xp, None  # backward gathers the patches again, a chunk at a time
         if pool is not None and self.kernel.value.shape[-2] < cm.BLOCK_CHANNELS:
-            y = cm.pooled_conv(xp, self.kernel.value, bias, self.dilation_rate, pool,
-                               tuple(m // p for m, p in zip(self.out_sizes, pool)), relu)
+            pooled = (len(x), *(m // p for m, p in zip(self.out_sizes, pool)), self.filters)
+            self.pooled_arg = cm.pooled_arg(pooled, pool) if training else None  # where the maxima came from
+            y = self.pooled_y = cm.pooled_conv(xp, self.kernel.value, bias, self.dilation_rate, pool, pooled[1:-1],
+                                               relu, self.pooled_arg)
             return y if relu else self.activation.forward_(y)
         k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
         weights = self.kernel.value.reshape(k, self.filters)
@@ -220,6 +224,8 @@ class _Conv(_Windowed):
     def backward(self, grad):
         if self.groups > 1:
             return self._grouped_backward(grad)
+        if self.pool_after is not None:
+            return self._pooled_backward(grad)
         g = np.ascontiguousarray(self.activation_backward(grad)).reshape(-1, self.filters)
         if self.winograd:
             return self._winograd_backward(g)
@@ -243,6 +249,19 @@ class _Conv(_Windowed):
         dxp = cm.col2im_matmul(g, self.kernel.value, self.xp_shape, self.out_sizes, self.strides,
                                self.dilation_rate)
         return cm.unpad(dxp, self.pads)
+
+    def _pooled_backward(self, grad):
+        """The backward of a training forward that pooled its own output: grad is the pooling's output gradient."""
+        relu = isinstance(self.activation, activations.ReLU) and self.activation.plain
+        kernel_grad, dxp, bias_grad = cm.pooled_conv_backward(
+            grad if relu else self.activation.backward(grad), self.pooled_y, self.pooled_arg, self.xp,
+            self.kernel.value, self.dilation_rate, self.pool_after.pool_size, relu, self.kernel.grad is not None,
+            self.input_grad_needed, self.use_bias and self.bias.grad is not None)
+        if kernel_grad is not None:
+            self.kernel.grad += kernel_grad
+        if bias_grad is not None:
+            self.bias.grad += bias_grad
+        return None if dxp is None else cm.unpad(dxp, self.pads)
 
     def _winograd_backward(self, g):
         kernel_grad, dx, bias_grad = cm.winograd_backward(

@@ -399,15 +399,17 @@ def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True
     return dw, dx, db
 
 
-def pooled_conv(xp, kernel, bias, dilation, pool, pooled_sizes, relu):
-    """Inference of a stride-1 2D convolution on few channels (< BLOCK_CHANNELS) whose output only a max pooling
-    with tiling windows reads: max-pooled conv(xp, kernel) + bias, then max(., 0) where `relu`, (n, *pooled_sizes,
-    filters), the conv's output never written out whole. A few samples at a time (about CHUNK_FLOATS / 2 of
-    patches and products, so the pooling reads the products from cache) the patches are gathered in "wide rows":
-    every position of the padded input's width, so each kernel tap's row of patches is one contiguous slice of
-    the flat input (a channel's, strided by the channel count) rather than an im2col copy per output row; the
-    columns past the output's width are computed and not read. Book convnet's first conv and pooling, thread CPU
-    per 48 samples, one BLAS thread: im2col + GEMM + pooling of the whole output ~1.1 ms -> 0.48 ms."""
+def pooled_conv(xp, kernel, bias, dilation, pool, pooled_sizes, relu, arg=None):
+    """A stride-1 2D convolution on few channels (< BLOCK_CHANNELS) whose output only a max pooling with tiling
+    windows reads: max-pooled conv(xp, kernel) + bias, then max(., 0) where `relu`, (n, *pooled_sizes, filters), the
+    conv's output never written out whole. In training `arg` (pooled_arg's array) receives where each maximum came
+    from, which pooled_conv_backward reads. A few samples at a time (about CHUNK_FLOATS / 2 of patches and
+    products, so the pooling reads the products from cache; the chunks are the lanes' parts) the patches are
+    gathered in "wide rows": every position of the padded input's width, so each kernel tap's row of patches is one
+    contiguous slice of the flat input (a channel's, strided by the channel count) rather than an im2col copy per
+    output row; the columns past the output's width are computed and not read. Book convnet's first conv and
+    pooling, thread CPU per 48 samples, one BLAS thread: im2col + GEMM + pooling of the whole output ~1.1 ms ->
+    0.48 ms."""
     n, height, width, c = xp.shape
     kh, kw, _, f = kernel.shape
     taps, per_sample = kh * kw * c, height * width
@@ -415,34 +417,114 @@ def pooled_conv(xp, kernel, bias, dilation, pool, pooled_sizes, relu):
     weights = kernel.reshape(taps, f)
     if bias is not None:
         weights = np.vstack([weights, bias[None]])
-    chunks = even_chunks(n, max(1, CHUNK_FLOATS // (2 * per_sample * (f + len(weights)))))
-    most = max(b - a for a, b in chunks)
-    cols = np.empty((len(weights), most * per_sample), xp.dtype)  # (taps [+ ones], wide positions)
-    cols[taps:] = 1  # the bias row
-    z = np.empty((most * per_sample, f), xp.dtype)
     y = np.empty((n, *pooled_sizes, f), xp.dtype)
-    for start, stop in chunks:
-        positions = (stop - start) * per_sample
-        flat = xp[start:stop].reshape(-1, c)
-        count = positions - reach  # the positions whose patches lie in the chunk: every output's among them
-        for t, (p, q, ch) in enumerate(itertools.product(range(kh), range(kw), range(c))):
-            offset = p * dilation[0] * width + q * dilation[1]
-            cols[t, :count] = flat[offset:offset + count, ch]
-        cols[:taps, count:positions] = 0  # products never read, but not of whatever the memory held
-        products = z[:positions]
-        np.dot(cols[:, :positions].T, weights, out=products)
-        tile_max(products.reshape(stop - start, height, width, f), pool, pooled_sizes, relu, y[start:stop])
+
+    def pooled_part(run):
+        most = max(b - a for a, b in run)
+        cols = np.empty((len(weights), most * per_sample), xp.dtype)  # (taps [+ ones], wide positions)
+        cols[taps:] = 1  # the bias row
+        z = np.empty((most * per_sample, f), xp.dtype)
+        for start, stop in run:
+            positions = (stop - start) * per_sample
+            flat = xp[start:stop].reshape(-1, c)
+            count = positions - reach  # the positions whose patches lie in the chunk: every output's among them
+            for t, (p, q, ch) in enumerate(itertools.product(range(kh), range(kw), range(c))):
+                offset = p * dilation[0] * width + q * dilation[1]
+                cols[t, :count] = flat[offset:offset + count, ch]
+            cols[:taps, count:positions] = 0  # products never read, but not of whatever the memory held
+            products = z[:positions]
+            np.dot(cols[:, :positions].T, weights, out=products)
+            tile_max(products.reshape(stop - start, height, width, f), pool, pooled_sizes, relu, y[start:stop],
+                     None if arg is None else arg[start:stop])
+        return run
+    lanes.run(pooled_part, pooled_conv_chunks(xp.shape, kernel.shape))
     return y
 
 
-def tile_max(z, pool, out_sizes, relu, out):
+def pooled_conv_chunks(shape, kernel_shape):
+    """[(start, stop)] of the samples pooled_conv gathers and multiplies at once (its backward takes the same)."""
+    n, height, width, _ = shape
+    kh, kw, c, f = kernel_shape
+    return even_chunks(n, max(1, CHUNK_FLOATS // (2 * height * width * (f + kh * kw * c + 1))))
+
+
+def pooled_arg(y_shape, pool):
+    """The array of where each pooled maximum came from: its flat offset in its window, one byte where it fits."""
+    return np.empty(y_shape, np.uint8 if np.prod(pool) < 256 else np.int32)
+
+
+def pooled_conv_backward(g, y, arg, xp, kernel, dilation, pool, relu, kernel_grad=True, input_grad=True,
+                         bias_grad=True):
+    """(the kernel's gradient or None, the padded input's or None, the bias's or None) of pooled_conv in training,
+    from its output's gradient g, its output y (the relu's mask where `relu`) and `arg`: each pooled gradient goes
+    to the patch its maximum came from, straight into the kernel's and bias's sums (and the input's), with no
+    scatter into a gradient of the whole conv output. Compiled: chunk by chunk on the lanes, each chunk's sums
+    added in chunk order (the same bits on any number of lanes)."""
+    compiled = kernels.compiled("conv")
+    if compiled is None:
+        return pooled_conv_backward_numpy(g, y, arg, xp, kernel, dilation, pool, relu, kernel_grad, input_grad,
+                                          bias_grad)
+    kh, kw, c, f = kernel.shape
+    taps = kh * kw * c
+    weights = np.ascontiguousarray(kernel.reshape(taps, f))
+    g = np.ascontiguousarray(g)
+    sums_wanted = kernel_grad or bias_grad
+    dxp = np.empty(xp.shape, g.dtype) if input_grad else None
+    nothing = np.empty((0, 0, 0, 0), g.dtype)
+
+    def gradients(run):
+        parts = []
+        for start, stop in run:
+            sums = np.zeros((taps + 1, f) if sums_wanted else (0, 0), g.dtype)
+            compiled.pooled_conv_backward(g[start:stop], y[start:stop], arg[start:stop], xp[start:stop], weights,
+                                          kh, kw, *dilation, *pool, relu, sums,
+                                          nothing if dxp is None else dxp[start:stop])
+            parts.append(sums)
+        return parts
+    parts = lanes.run(gradients, pooled_conv_chunks(xp.shape, kernel.shape))
+    sums = parts[0]
+    for part in parts[1:]:  # in chunk order, whichever lane made each
+        sums += part
+    return (sums[:taps].reshape(kernel.shape) if kernel_grad else None, dxp,
+            sums[taps] if bias_grad else None)
+
+
+def pooled_conv_backward_numpy(g, y, arg, xp, kernel, dilation, pool, relu, kernel_grad=True, input_grad=True,
+                               bias_grad=True):
+    """The twin: for each window offset k the gradient of the outputs whose maximum sat there, then per kernel tap
+    one product with the input rows those outputs' patches read (strided views, the windows' step apart)."""
+    kh, kw, c, f = kernel.shape
+    g = g * (y > 0) if relu else g
+    n, out_h, out_w, _ = g.shape
+    grads = np.zeros(kernel.shape, g.dtype) if kernel_grad else None
+    dxp = np.zeros(xp.shape, g.dtype) if input_grad else None
+    at = np.empty(arg.shape, bool)
+    for k, (a, b) in enumerate(offsets(pool)):
+        np.equal(arg, arg.dtype.type(k), out=at)
+        gk = (g * at).reshape(-1, f)
+        for p, q in offsets((kh, kw)):
+            r, s = a + p * dilation[0], b + q * dilation[1]
+            index = (slice(None), slice(r, r + pool[0] * (out_h - 1) + 1, pool[0]),
+                     slice(s, s + pool[1] * (out_w - 1) + 1, pool[1]))
+            if grads is not None:
+                grads[p, q] += xp[index].reshape(-1, c).T @ gk
+            if dxp is not None:
+                dxp[index] += (gk @ kernel[p, q].T).reshape(n, out_h, out_w, c)
+    return grads, dxp, g.reshape(-1, f).sum(0) if bias_grad else None
+
+
+def tile_max(z, pool, out_sizes, relu, out, arg=None):
     """out = the window maxima of z (n, height, width, c) in 2D windows `pool` that tile its first out_sizes * pool
-    rows and columns, then max(out, 0) where `relu`."""
+    rows and columns, then max(out, 0) where `relu`; `arg` (out's shape), if given, receives each maximum's flat
+    offset in its window (the first maximum wins, as max_pool)."""
     compiled = kernels.compiled("pooling")
     if compiled is not None:
-        return compiled.tile_max(z, *pool, relu, out)
+        return compiled.tile_max(z, *pool, relu, out, arg)
     crop = z[:, :out_sizes[0] * pool[0], :out_sizes[1] * pool[1]]
-    out[...] = window_max_numpy(crop, pool, out_sizes, pool)
+    if arg is None:
+        out[...] = window_max_numpy(crop, pool, out_sizes, pool)
+    else:
+        out[...], arg[...] = max_pool_numpy(crop, pool, out_sizes, pool)
     return np.maximum(out, 0, out=out) if relu else out
 
 

@@ -53,7 +53,7 @@ class _MaxPooling(_Pooling):
     splits_batch = True  # its kernels run on lanes (engine/lanes.py)
     post_activation = None  # the previous layer's activation, applied here when the graph moved it (graph.py)
     window_maximum = True  # relu(max z) == max(relu z): the graph may move the activation before it here
-    pooled_before = False  # the previous layer pooled its own output in this inference pass (graph.py)
+    pooled_before = False  # the previous layer pooled its own output in this pass (graph.py)
 
     def forward(self, x, training=False):
         if self.pooled_before:
@@ -69,6 +69,8 @@ class _MaxPooling(_Pooling):
         return y if self.post_activation is None else self.post_activation.forward_(y)
 
     def backward(self, grad):
+        if self.pooled_before:  # the conv before it takes this gradient to its own weights and input
+            return grad
         if self.post_activation is not None:
             grad = self.post_activation.backward(grad)
         if self.arg is None:
