@@ -110,6 +110,35 @@ def test_predict_passes_on_graph_replicas_in_threads_give_the_serial_outputs(mon
     np.testing.assert_allclose(model.predict(xs, batch_size=4), serial, rtol=1e-5, atol=1e-6)
 
 
+def test_a_slow_pass_does_not_stall_the_other_threads(monkeypatch):
+    """Passes are handed out ahead of the one the caller waits for (inference_passes' AHEAD per thread): while the
+    first pass's thread is held (descheduled on a busy machine), the other thread runs the passes after it; handed
+    out only lanes + 1 ahead, it ran two and then waited for the first. The outputs still come in order."""
+    import threading
+
+    from dlcli.engine import blas, graph
+
+    model = models.Sequential([layers.Dense(3, input_shape=(4,))])
+    model.build(rng=np.random.default_rng(0))
+    x = np.arange(4 * 40, dtype=np.float32).reshape(40, 4)
+    seen, later_ran = [], threading.Event()
+    forward = graph.Graph.forward
+
+    def held(self, xs, *a, **k):
+        first = xs[0][0, 0] == 0
+        if first:
+            later_ran.wait(10)  # released by the sixth pass, or after 10 s where none runs meanwhile
+        seen.append(int(xs[0][0, 0]) // 4)
+        if len(seen) == 5:
+            later_ran.set()
+        return forward(self, xs, *a, **k)
+    monkeypatch.setattr(graph.Graph, "forward", held)
+    monkeypatch.setattr(blas, "threads", lambda: 2)
+    y = model.predict(x, batch_size=4)
+    assert seen[0] != 0 and seen.index(0) >= 5  # five passes ran while the first was held
+    np.testing.assert_allclose(y, x @ model.layers[0].kernel.value + model.layers[0].bias.value, rtol=1e-6)
+
+
 def test_same_seed_gives_identical_history_and_weights():
     x, y = blobs()
     runs = []

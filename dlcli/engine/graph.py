@@ -264,6 +264,11 @@ class Graph:
         return [acc.get(id(t)) for t in self.inputs]
 
 
+# passes handed to the threads ahead of the one the caller waits for, per thread: a thread held up (a busy machine
+# deschedules it) keeps only its pass waiting, while the others run the passes after it
+AHEAD = 4
+
+
 def inference_passes(graph: Graph, batches, logits_of=()):
     """graph.forward(xb) (inference) of each batch, in order. With several BLAS threads, passes run side by side,
     one per thread on replicas of the graph, each with one BLAS thread: then NumPy's element-wise work (one core
@@ -303,7 +308,7 @@ def inference_passes(graph: Graph, batches, logits_of=()):
         pending = deque()
         for xb in batches:
             pending.append(pool.submit(run, xb))
-            if len(pending) > lanes:
+            if len(pending) >= AHEAD * lanes:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()

@@ -423,37 +423,36 @@ class LSTM(Recurrent):
 
     def _scan_part(self, x, step_mask, rec_mask, dmask, Wz):
         (B, T, F), u = x.shape, self.units
-        S = np.empty((Wz.shape[1], T + 1, B), x.dtype)  # column t: [h_{t-1}; x_t; 1] (recurrent_cells' LSTM)
-        S[:u, 0] = 0  # h_0; column T's input rows are never read (it only carries h_T)
-        xs = x.transpose(2, 1, 0)
+        S = np.empty((T + 1, Wz.shape[1], B), x.dtype)  # S[t] = [h_{t-1}; x_t; 1] (recurrent_cells' LSTM)
+        S[0, :u] = 0  # h_0; S[T]'s input rows are never read (it only carries h_T)
+        xs = x.transpose(1, 2, 0)
         shared = dmask is not None and len(dmask) == 1
         if shared:
-            np.multiply(xs, dmask[0].T[:, None], out=S[u:u + F, :T])
+            np.multiply(xs, dmask[0].T, out=S[:T, u:u + F])
         else:
-            S[u:u + F, :T] = xs
-        S[u + F:, :T] = 1
+            S[:T, u:u + F] = xs
+        S[:T, u + F:] = 1
         gate_masks = None
         if rec_mask is not None or (dmask is not None and not shared):
-            gate_masks = np.ones((4, len(S), B), x.dtype)
+            gate_masks = np.ones((4, Wz.shape[1], B), x.dtype)
             if rec_mask is not None:
                 gate_masks[:, :u] = rec_mask[cells.LSTM_ORDER].transpose(0, 2, 1)
             if dmask is not None:
                 gate_masks[:, u:u + F] = dmask[cells.LSTM_ORDER].transpose(0, 2, 1)
         c_T, cache = cells.lstm_forward(S, Wz, self.act, self.rec_act,
                                         None if step_mask is None else step_mask.transpose(0, 2, 1), gate_masks)
-        return S[:u].transpose(1, 2, 0), [S[:u, T].T, c_T.T], cache
+        return S[:, :u].transpose(0, 2, 1), [S[T, :u].T, c_T.T], cache
 
     def _scan_backward_part(self, cache, dY, d_finals, dmask, wanted, need_dx):
         dY = None if dY is None else np.ascontiguousarray(dY.transpose(0, 2, 1))  # (T, u, part)
-        dZ = cells.lstm_backward(cache, dY, d_finals[0].T, d_finals[1].T)
         F = self.kernel.value.shape[0]
-        grads = cells.lstm_split_grad(cells.lstm_weight_grad(cache, dZ), F) if any(wanted) else [None] * 3
+        dWz, dx = cells.lstm_gradients(cache, dY, d_finals[0].T, d_finals[1].T, any(wanted), F if need_dx else 0)
+        grads = cells.lstm_split_grad(dWz, F) if any(wanted) else [None] * 3
         if not need_dx:
             return grads, None
-        dx = cells.lstm_input_grad(cache, dZ, F)
         if dmask is not None and len(dmask) == 1:
-            dx *= dmask[0].T[:, None]
-        return grads, dx.transpose(2, 1, 0)
+            dx *= dmask[0].T
+        return grads, dx.transpose(2, 0, 1)
 
     def _onnx_node(self, act, rec):
         return "LSTM", {"activations": [rec, act, act]}

@@ -194,12 +194,13 @@ def simple_backward(cache, dY, dh):
 
 
 # --- LSTM (Keras gate order i, f, c, o): c_t = f c_{t-1} + i g, h_t = o act(c_t) --------------------------------
-# Feature-major and fused. The scan keeps s_t = [h_{t-1}; x_t; 1] as column t of S (K, T + 1, batch) and computes
-# every gate of a step with one GEMM, z_t = Wz @ s_t, where Wz = [U.T | W.T | b] has its rows in the internal gate
-# order o, i, f, g. So each gate is a contiguous (units, batch) block and every element-wise step is one NumPy loop
-# over units * batch elements (batch-major (batch, 4u) rows split a gate into `batch` loops of `units`); the three
-# sigmoid gates are one block; i, f lie next to g, c_{t-1} (a step's activations are [o, i, f, g, c_{t-1}]), so c_t
-# is one product and one sum; and one GEMM after the scan gives the kernel, recurrent kernel and bias gradients.
+# Feature-major and fused. The scan keeps s_t = [h_{t-1}; x_t; 1] as S[t] (S is (T + 1, K, batch), each step's
+# column one contiguous block) and computes every gate of a step with one GEMM, z_t = Wz @ s_t, where
+# Wz = [U.T | W.T | b] has its rows in the internal gate order o, i, f, g. So each gate is a contiguous (units,
+# batch) block and every element-wise step is one NumPy loop over units * batch elements (batch-major (batch, 4u)
+# rows split a gate into `batch` loops of `units`); the three sigmoid gates are one block; i, f lie next to g,
+# c_{t-1} (a step's activations are [o, i, f, g, c_{t-1}]), so c_t is one product and one sum; and the gradient of
+# Wz holds the kernel, recurrent kernel and bias gradients at once (sum over steps of dz_t s_t.T).
 # The bench's LSTM(32) step (100 steps, batch 64, through fit), in-process A/B against the batch-major cell: best
 # 8.81 -> 7.75 and 9.29 -> 8.63 ms, median 11.8 -> 10.0 and 12.3 -> 10.7.
 LSTM_ORDER = np.array([3, 0, 1, 2])  # internal gate k is Keras gate LSTM_ORDER[k]
@@ -241,10 +242,10 @@ def _gate_matmul(W, s, gate_masks, out):
 
 
 def lstm_forward(S, Wz, act, rec_act, step_mask=None, gate_masks=None):
-    """Scan S (K, T + 1, B): rows u: of column t hold x_t (and a row of ones when Wz has a bias column), S[:u, 0] is
-    h_0; fills S[:u, 1:] with h_1..h_T and returns c_T (u, B) and the cache. step_mask (T, 1, B) bool;
+    """Scan S (T + 1, K, B): rows u: of S[t] hold x_t (and a row of ones when Wz has a bias column), S[0, :u] is
+    h_0; fills S[1:, :u] with h_1..h_T and returns c_T (u, B) and the cache. step_mask (T, 1, B) bool;
     gate_masks (4, K, B) per-gate dropout factors of s_t (Keras' recurrent_dropout), internal gate order."""
-    T, B = S.shape[1] - 1, S.shape[2]
+    T, B = S.shape[0] - 1, S.shape[2]
     u = len(Wz) // 4
     dt = S.dtype
     A = np.empty((T + 1, 5 * u, B), dt)  # step t: o, i, f, g activations and c_{t-1}
@@ -267,7 +268,7 @@ def lstm_forward(S, Wz, act, rec_act, step_mask=None, gate_masks=None):
     with blas.one_thread(), np.errstate(over="ignore"):  # the step GEMMs are too small to split (engine/blas.py)
         for t in range(T):
             a = A[t]
-            _gate_matmul(W_run, S[:, t], gate_masks, a[:4 * u])
+            _gate_matmul(W_run, S[t], gate_masks, a[:4 * u])
             sig = a[:3 * u]
             if fast:
                 np.exp(sig, out=sig)
@@ -285,24 +286,45 @@ def lstm_forward(S, Wz, act, rec_act, step_mask=None, gate_masks=None):
             else:
                 np.copyto(tc, c)
                 activate_(act, tc)
-            h = S[:u, t + 1]
+            h = S[t + 1, :u]
             np.multiply(a[:u], tc, out=h)
             if step_mask is not None:
                 keep = ~step_mask[t]
-                np.copyto(h, S[:u, t], where=keep)
+                np.copyto(h, S[t, :u], where=keep)
                 np.copyto(c, A[t, 4 * u:], where=keep)
     return A[T, 4 * u:], cache
 
 
+def lstm_gradients(cache, dY, dh, dc, weights=True, features=0):
+    """Backprop through the scan: dY (T, u, B) gradients of every step's output or None; dh, dc (u, B) the final
+    states' gradients. Returns (dL/dWz (4u, K) or None when not `weights`, dL/dx (T, features, B) or None when
+    `features` is 0), the input's gradient through the per-gate dropout masks if any (a shared mask the caller
+    folded into S is the caller's to apply)."""
+    S, A, TC, Wz = cache["S"], cache["A"], cache["TC"], cache["Wz"]
+    T, u, B = TC.shape
+    loop = _compiled_loop(cache["act"], cache["rec_act"], cache["gate_masks"], A.dtype)
+    if loop is None:
+        dZ = lstm_backward(cache, dY, dh, dc)
+        return (lstm_weight_grad(cache, dZ) if weights else None,
+                lstm_input_grad(cache, dZ, features) if features else None)
+    dt = A.dtype
+    dW = np.zeros(Wz.shape if weights else (0, 0), dt)
+    dX = np.empty((T, features, B) if features else (0, 0, 0), dt)
+    dY = np.empty((0, 0, 0), dt) if dY is None else np.ascontiguousarray(dY, dt)
+    dh, dc = np.array(dh, dt, order="C"), np.array(dc, dt, order="C")  # copies, updated in place
+    with blas.one_thread():
+        loop[0].lstm_backward(loop[1], A, TC, S, np.ascontiguousarray(Wz[:, :u].T),
+                              np.ascontiguousarray(Wz[:, u:u + features].T), dY, dh, dc,
+                              _kept(cache["step_mask"], T, B), dW, dX)
+    return (dW if weights else None), (dX if features else None)
+
+
 def lstm_backward(cache, dY, dh, dc):
-    """dY (T, u, B) gradients of every step's output or None; dh, dc (u, B) the final states' gradients.
-    Returns dZ (4u, T, B), the gradient of every step's gate pre-activations (internal order)."""
+    """The NumPy twin of the compiled loop (kernels/recurrent.lstm_backward): dZ (T, 4u, B), the gradient of every
+    step's gate pre-activations (internal order)."""
     S, A, TC, Wz = cache["S"], cache["A"], cache["TC"], cache["Wz"]
     step_mask, gate_masks, act = cache["step_mask"], cache["gate_masks"], cache["act"]
     T, u, B = TC.shape
-    loop = _compiled_loop(act, cache["rec_act"], gate_masks, A.dtype)
-    if loop is not None:
-        return _lstm_backward_compiled(loop, A, TC, Wz, dY, dh, dc, _kept(step_mask, T, B))
     # dZ_t = [dh, dc, dc, dc]_t * Kg_t, with every factor of Kg independent of the running gradients.
     Kg = np.empty((T, 4 * u, B), S.dtype)
     derivative(cache["rec_act"], A[:T, :3 * u], out=Kg[:, :3 * u])
@@ -318,9 +340,7 @@ def lstm_backward(cache, dY, dh, dc):
         Kg *= m
         Kc *= m
         F = F * m + keep  # a masked step passes dc through unchanged
-    # each step writes its own contiguous (4u, B) block: writing rows T * B apart cost 0.4-0.7 ms more per loop
-    # than one transposing copy after it (0.14 ms), which gives the layout of the weight gradient's single GEMM
-    dZ = np.empty((T, 4 * u, B), S.dtype)
+    dZ = np.empty((T, 4 * u, B), S.dtype)  # each step writes its own contiguous (4u, B) block
     dZ4, Kg4 = dZ.reshape(T, 4, u, B), Kg.reshape(T, 4, u, B)
     UzT = np.ascontiguousarray(Wz[:, :u].T)  # (u, 4u): dh_{t-1} = UzT @ dz_t
     dh, dc = np.array(dh, order="C"), np.array(dc, order="C")
@@ -342,48 +362,32 @@ def lstm_backward(cache, dY, dh, dc):
                 dh[...] = sum(gate_masks[k, :u] * (UzT[:, k * u:(k + 1) * u] @ dZ4[t, k]) for k in range(4))
             if keep is not None:
                 dh += carry
-    return np.ascontiguousarray(dZ.transpose(1, 0, 2))
-
-
-def _lstm_backward_compiled(loop, A, TC, Wz, dY, dh, dc, kept):
-    """lstm_backward as one compiled loop (dlcli/kernels/recurrent.py): each step's gate gradients in one fused pass,
-    the recurrent product through BLAS between them."""
-    T, u, B = TC.shape
-    dt = A.dtype
-    dZ = np.empty((4 * u, T, B), dt)
-    dY = np.empty((0, 0, 0), dt) if dY is None else np.ascontiguousarray(dY, dt)
-    dh, dc = np.array(dh, dt, order="C"), np.array(dc, dt, order="C")  # copies, updated in place
-    with blas.one_thread():
-        loop[0].lstm_backward(loop[1], A, TC, np.ascontiguousarray(Wz[:, :u].T), dY, dh, dc, kept, dZ)
     return dZ
 
 
 def lstm_weight_grad(cache, dZ):
-    """dL/dWz (4u, K) from every step at once."""
+    """dL/dWz (4u, K) from every step's dZ (T, 4u, B) at once."""
     S, gate_masks = cache["S"], cache["gate_masks"]
-    K, T, B = S.shape[0], S.shape[1] - 1, S.shape[2]
-    u = len(dZ) // 4
-    dZ2 = dZ.reshape(4 * u, T * B)
+    T, K, B = S.shape[0] - 1, S.shape[1], S.shape[2]
+    u = dZ.shape[1] // 4
+
+    def steps(a):  # (T, rows, B) -> (rows, T * B)
+        return a.transpose(1, 0, 2).reshape(len(a[0]), T * B)
+    dZ2 = steps(dZ)
     if gate_masks is None:
-        # S's first T columns as a (K, T * B) view with rows (T + 1) * B apart: S[:, :T].reshape copied them
-        # (1.6 MB at the bench's LSTM(32)) before the GEMM
-        return dZ2 @ S.reshape(K, -1)[:, :T * B].T
-    return np.concatenate([dZ2[k * u:(k + 1) * u] @ (S[:, :T] * gate_masks[k][:, None]).reshape(K, T * B).T
-                           for k in range(4)])
+        return dZ2 @ steps(S[:T]).T
+    return np.concatenate([dZ2[k * u:(k + 1) * u] @ steps(S[:T] * gate_masks[k]).T for k in range(4)])
 
 
 def lstm_input_grad(cache, dZ, features):
-    """dL/dx (F, T, B), through the per-gate dropout masks if any (a shared mask the caller folded into S is the
-    caller's to apply)."""
+    """dL/dx (T, F, B), through the per-gate dropout masks if any."""
     Wz, gate_masks = cache["Wz"], cache["gate_masks"]
     u = len(Wz) // 4
-    _, T, B = dZ.shape
-    dZ2 = dZ.reshape(4 * u, T * B)
     Wx = Wz[:, u:u + features]
     if gate_masks is None:
-        return (Wx.T @ dZ2).reshape(features, T, B)
-    return sum((Wx[k * u:(k + 1) * u].T @ dZ2[k * u:(k + 1) * u]).reshape(features, T, B)
-               * gate_masks[k, u:u + features, None] for k in range(4))
+        return np.matmul(Wx.T, dZ)
+    return sum(np.matmul(Wx[k * u:(k + 1) * u].T, dZ[:, k * u:(k + 1) * u]) * gate_masks[k, u:u + features]
+               for k in range(4))
 
 
 # --- GRU (Keras gate order z, r, h): h_t = z h_{t-1} + (1 - z) hh -----------------------------------------------
