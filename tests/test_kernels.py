@@ -1,5 +1,6 @@
 """The Numba kernels against their NumPy twins (bit for bit), and the selector: DLCLI_KERNELS, the fallback when
 numba cannot be imported, and no numba at `import dlcli`."""
+import os
 import subprocess
 import sys
 import warnings
@@ -128,6 +129,18 @@ def test_threads_asking_for_a_kernel_module_at_once_load_it_once_and_one_at_a_ti
 def test_import_dlcli_does_not_import_numba():
     code = "import sys, dlcli, dlcli.cli, dlcli.layers; print('numba' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_loading_kernels_does_not_import_scipy_linalg_and_leaves_it_importable():
+    """numba's CPU target asks for scipy.linalg (0.2 s of CPU a process) for a BLAS no kernel of ours calls
+    through numba: kernels._load refuses that import while numba sets up, and allows it again after."""
+    pytest.importorskip("scipy.linalg")
+    code = ("import sys; from dlcli import kernels; kernels.compiled('activations'); "
+            "print('scipy.linalg' in sys.modules, 'scipy.linalg.cython_blas' in sys.modules); "
+            "import scipy.linalg.cython_blas; print('numba.np.arraymath' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "DLCLI_KERNELS": "numba"})
+    assert done.stdout == "False False\nTrue\n"
 
 
 def test_an_unknown_choice_stops_train_before_the_run_directory_exists(tmp_path, monkeypatch):

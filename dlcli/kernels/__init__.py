@@ -4,10 +4,13 @@
 tested against. Numba is imported at the first kernel call, never at `import dlcli`, so `dlcli --help` stays fast;
 where it cannot be imported the NumPy path runs after one warning. The kernels compile with cache=True: the first
 use on a machine compiles (seconds), later processes load the cache: about 0.3 s of CPU for numba's import and its
-CPU target's set-up (once per process), then ~0.01 s per kernel.
+CPU target's set-up (once per process; scipy.linalg's import refused, see _scipy_blas_refused), then ~0.005 s per
+kernel.
 """
+import contextlib
 import gc
 import os
+import sys
 import threading
 import warnings
 
@@ -63,14 +66,36 @@ def _load(name: str):
     enabled = gc.isenabled()
     gc.disable()
     try:
-        module = _import(name)
-        from numba.core.registry import cpu_target  # what a cached kernel's first call would refresh
+        with _scipy_blas_refused():
+            module = _import(name)
+            from numba.core.registry import cpu_target  # what a cached kernel's first call would refresh
 
-        cpu_target.target_context.refresh()
+            cpu_target.target_context.refresh()
         return module
     finally:
         if enabled:
             gc.enable()
+
+
+@contextlib.contextmanager
+def _scipy_blas_refused():
+    """The CPU target's refresh imports numba.np.arraymath, whose import asks for scipy.linalg.cython_blas (so that
+    np.dot in compiled code can call BLAS): that imports all of scipy.linalg, ~0.2 s of CPU, 140 modules, every
+    process. No kernel of ours calls numba's np.dot or np.linalg (recurrent.py calls OpenBLAS through
+    engine/blas.py's addresses), so the import is refused while numba is imported and its target set up, and allowed again after it:
+    numba then takes BLAS as absent only for np.correlate / np.convolve in compiled code (a plain loop instead),
+    and its np.dot, which asks again when it compiles, still finds scipy. Nothing is refused where scipy.linalg
+    is already imported (nothing to save)."""
+    name = "scipy.linalg.cython_blas"
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = None  # `import` raises ImportError for a None entry, before importing any parent package
+    try:
+        yield
+    finally:
+        if sys.modules.get(name, 0) is None:
+            del sys.modules[name]
 
 
 def _import(name: str):
