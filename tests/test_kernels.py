@@ -274,6 +274,41 @@ def test_relu_backward_equals_its_numpy_twin(monkeypatch, dtype):
     np.testing.assert_array_equal(np.signbit(compiled), np.signbit(reference))  # -0.0 where NumPy has it
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dense_bias_relu_pass_equals_its_numpy_twin(monkeypatch, dtype):
+    """Dense + ReLU adds its bias and clamps in one compiled pass: outputs, the kept output backward reads and the
+    gradients equal the twin's two passes bit for bit (NaN kept, -0.0 + -0.0 clamped to +0.0 as np.maximum)."""
+    from dlcli import layers
+    from dlcli.engine import activations
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 5, 4)).astype(dtype)
+    x[0, 0] = np.nan
+    x[1, :2] = 0.0
+    results = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        dense = layers.Dense(7, activation="relu", dtype=np.dtype(dtype).name)
+        dense.ensure_built((5, 4))
+        dense.kernel.value = np.random.default_rng(4).standard_normal((4, 7)).astype(dtype)
+        dense.bias.value = np.random.default_rng(5).standard_normal(7).astype(dtype)
+        y = dense.forward(x, training=True)
+        dx = dense.backward(np.random.default_rng(6).standard_normal(y.shape).astype(dtype))
+        results.append([y, dense.activation.y, dx, dense.kernel.grad, dense.bias.grad])
+    z = np.array([[-0.0, 0.0, np.nan, -1.0, 2.0], [1.0, -0.0, 3.0, -np.inf, np.inf]], dtype)
+    bias = np.array([-0.0, -0.0, 1.0, 1.0, -2.0], dtype)
+    for path in ("numba", "numpy"):  # the sums -0.0, NaN, 0.0 and infinities straight into the pass
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        results.append([activations.get("relu").forward_(z.copy(), bias)])
+    assert np.isnan(results[1][0][0, 0]).all() and (results[1][0] == 0).any()
+    np.testing.assert_array_equal(results[3][0], [[0, 0, np.nan, 0, 0], [1, 0, 4, 0, np.inf]])
+    results = [results[0] + results[2], results[1] + results[3]]
+    for compiled, reference in zip(*results):
+        assert compiled.dtype == reference.dtype == dtype
+        np.testing.assert_array_equal(compiled, reference)
+        np.testing.assert_array_equal(np.signbit(compiled), np.signbit(reference))
+
+
 def test_batch_norm_compiled_variance_holds_far_from_zero(monkeypatch):
     """The compiled forward sums x and x^2 in one pass, shifted by the batch's first row: an unshifted
     E[x^2] - E[x]^2 in float64 would lose the variance of integers near 1e7 (their squares near 1e14)."""

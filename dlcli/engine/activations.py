@@ -39,8 +39,11 @@ class Activation:
     def forward(self, z):
         return z
 
-    def forward_(self, z):
-        """forward(z) for a z nobody else holds (a layer's fresh pre-activation): may overwrite it (ReLU does)."""
+    def forward_(self, z, bias=None):
+        """forward(z + bias) for a z nobody else holds (a layer's fresh pre-activation): may overwrite it (ReLU
+        does); `bias` (over the last axis) is added in place first."""
+        if bias is not None:
+            z += bias
         return self.forward(z)
 
     def backward(self, grad):
@@ -90,7 +93,14 @@ class ReLU(Activation):
         self.y = np.maximum(z, 0)
         return self.y
 
-    def forward_(self, z):
+    def forward_(self, z, bias=None):
+        if bias is not None:
+            compiled = kernels.compiled("activations") if self.plain else None
+            if compiled is not None and z.flags.c_contiguous and z.dtype == bias.dtype and bias.shape == z.shape[-1:]:
+                compiled.bias_relu(z.reshape(-1, bias.size), bias)  # one pass where the twin below makes two
+                self.y = z
+                return z
+            z += bias
         if not self.plain:
             return self._general(z)
         # in place: no batch-sized allocation (and its page faults), 20% of the book convnet's predict before
@@ -673,10 +683,15 @@ class Sparsemax(Activation):
         return (grad - mean) * s
 
 
-def activate_owned(layer, z):
-    """`layer.activate(z)` for a z the layer just computed and keeps no other use of: the activation may work in
-    place (the fused-loss path keeps z itself as the logits)."""
-    return layer.activate(z) if layer.output_fused or layer.activation_moved else layer.activation.forward_(z)
+def activate_owned(layer, z, bias=None):
+    """`layer.activate(z + bias)` for a z the layer just computed and keeps no other use of: the bias is added
+    and the activation applied in place (a plain ReLU adds and clamps in one compiled pass; the fused-loss path
+    keeps z itself as the logits)."""
+    if layer.output_fused or layer.activation_moved:
+        if bias is not None:
+            z += bias
+        return layer.activate(z)
+    return layer.activation.forward_(z, bias)
 
 
 def get(identifier) -> Activation:

@@ -43,9 +43,7 @@ class Dense(Layer):
     def forward(self, x, training=False):
         self.x = x
         z = x @ self.kernel.value
-        if self.use_bias:
-            z += self.bias.value
-        return activations.activate_owned(self, z)
+        return activations.activate_owned(self, z, self.bias.value if self.use_bias else None)
 
     def backward(self, grad):
         grad = self.activation_backward(grad)
