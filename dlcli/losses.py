@@ -10,6 +10,7 @@ import inspect
 
 import numpy as np
 
+from dlcli import kernels
 from dlcli.engine.activations import log_softmax, sigmoid, softmax
 from dlcli.errors import ConfigError, DlcliError, ShapeError
 from dlcli.registry import Registry
@@ -155,16 +156,15 @@ class SparseCategoricalCrossentropy(Loss):
         y_pred = np.asarray(y_pred)
         labels = sparse_labels(y_true, y_pred, self.name)
         classes = y_pred.shape[-1]
-        rows = np.arange(labels.size)
         flat_labels = labels.reshape(-1)
         z = logits if logits is not None else (y_pred if self.from_logits else None)
         if z is not None:
-            log_p, grad = _log_softmax_and_softmax(z.reshape(-1, classes))
-            elements = -log_p[rows, flat_labels].reshape(labels.shape)
-            per_sample, scale = _per_sample(elements, len(z))
-            grad[rows, flat_labels] -= 1
+            probabilities = y_pred.reshape(-1, classes) if logits is not None else None  # softmax(z): fused
+            elements, grad = _sparse_softmax_crossentropy(z.reshape(-1, classes), flat_labels, probabilities)
+            per_sample, scale = _per_sample(elements.reshape(labels.shape), len(z))
         else:
             # Keras renormalises the probabilities, then clips: p_c = clip(y_c / sum(y)).
+            rows = np.arange(labels.size)
             flat_y = y_pred.reshape(-1, classes)
             total = flat_y.sum(-1)
             q = flat_y[rows, flat_labels] / total
@@ -175,8 +175,26 @@ class SparseCategoricalCrossentropy(Loss):
             grad = np.broadcast_to((inside / total)[:, None], flat_y.shape).astype(y_pred.dtype)
             grad[rows, flat_labels] -= inside / np.where(inside, flat_y[rows, flat_labels], 1)
         grad = grad.reshape(y_pred.shape)
-        grad *= scale
+        if scale != 1:  # (batch, T) labels: the mean over T
+            grad *= scale
         return per_sample, grad
+
+
+def _sparse_softmax_crossentropy(z, labels, probabilities=None):
+    """(-log softmax(z)[label], softmax(z) - onehot(label)) of logits z (rows, classes) and labels (rows,), in one
+    compiled pass (kernels/losses.py) or its NumPy twin here. `probabilities`: softmax(z) as the forward pass
+    computed it (a fused output layer), which the kernel takes as the gradient's softmax (the twin's bits)."""
+    compiled = kernels.compiled("losses")
+    if compiled is None or z.dtype.kind != "f" or (probabilities is not None and probabilities.dtype != z.dtype):
+        log_p, grad = _log_softmax_and_softmax(z)  # the NumPy twin
+        rows = np.arange(len(labels))
+        grad[rows, labels] -= 1
+        return -log_p[rows, labels], grad
+    elements, grad = np.empty(len(z), z.dtype), np.empty(z.shape, z.dtype)
+    compiled.sparse_softmax_crossentropy(np.ascontiguousarray(z), labels.astype(np.intp, copy=False),
+                                         np.empty((0, 0), z.dtype) if probabilities is None else np.ascontiguousarray(probabilities),
+                                         elements, grad)
+    return elements, grad
 
 
 def _log_softmax_and_softmax(z):

@@ -309,6 +309,35 @@ def test_dense_bias_relu_pass_equals_its_numpy_twin(monkeypatch, dtype):
         np.testing.assert_array_equal(np.signbit(compiled), np.signbit(reference))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(64, 10), (4, 6, 7)])
+def test_sparse_softmax_crossentropy_equals_its_numpy_twin(monkeypatch, dtype, shape):
+    """The compiled softmax + crossentropy: values within rounding of the twin's (libm's exp and log, a row sum
+    in order); the fused path's gradient is the forward's softmax minus the one-hot labels, the twin's bits."""
+    from dlcli import losses
+    from dlcli.engine.activations import softmax
+
+    rng = np.random.default_rng(11)
+    z = (rng.standard_normal(shape) * 4).astype(dtype)
+    z[0, ..., 1] = 60  # a near-certain class: exp underflows elsewhere, log-softmax stays finite
+    labels = rng.integers(0, shape[-1], shape[:-1]).astype(np.uint8)
+    results = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        assert (kernels.compiled("losses") is None) == (path == "numpy")
+        fused = losses.SparseCategoricalCrossentropy().compute(labels, softmax(z), logits=z)
+        plain = losses.SparseCategoricalCrossentropy(from_logits=True).compute(labels, z)
+        results.append((fused, plain))
+    ((fused, plain), (fused_ref, plain_ref)) = results
+    tol = 4 * np.finfo(dtype).eps
+    for (per_sample, grad), (per_sample_ref, grad_ref) in [(fused, fused_ref), (plain, plain_ref)]:
+        assert grad.dtype == grad_ref.dtype == dtype and per_sample.dtype == per_sample_ref.dtype == np.float64
+        assert np.isfinite(per_sample).all()
+        np.testing.assert_allclose(per_sample, per_sample_ref, rtol=tol, atol=tol)
+        np.testing.assert_allclose(grad, grad_ref, rtol=0, atol=tol)
+    np.testing.assert_array_equal(fused[1], fused_ref[1])
+
+
 def test_batch_norm_compiled_variance_holds_far_from_zero(monkeypatch):
     """The compiled forward sums x and x^2 in one pass, shifted by the batch's first row: an unshifted
     E[x^2] - E[x]^2 in float64 would lose the variance of integers near 1e7 (their squares near 1e14)."""

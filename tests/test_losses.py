@@ -99,7 +99,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_gradient(case):
+def test_gradient(case, kernel_path):
     loss, y_true, x, kind = CASES[case]
     x = x.astype(np.float64).copy()
     # checks every sample's gradient, not only their sum; a loss over the whole batch ("batch": Dice and Tversky

@@ -132,6 +132,10 @@ def _import(name: str):
         import dlcli.kernels.recurrent as recurrent
 
         return recurrent
+    if name == "losses":
+        import dlcli.kernels.losses as losses
+
+        return losses
     if name == "winograd":
         import dlcli.kernels.winograd as winograd
 
