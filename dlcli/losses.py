@@ -182,9 +182,9 @@ class SparseCategoricalCrossentropy(Loss):
 
 def _sparse_softmax_crossentropy(z, labels, probabilities=None):
     """(-log softmax(z)[label], softmax(z) - onehot(label)) of logits z (rows, classes) and labels (rows,), in one
-    compiled pass (kernels/losses.py) or its NumPy twin here. `probabilities`: softmax(z) as the forward pass
+    compiled pass (kernels/classification.py) or its NumPy twin here. `probabilities`: softmax(z) as the forward pass
     computed it (a fused output layer), which the kernel takes as the gradient's softmax (the twin's bits)."""
-    compiled = kernels.compiled("losses")
+    compiled = kernels.compiled("classification")
     if compiled is None or z.dtype.kind != "f" or (probabilities is not None and probabilities.dtype != z.dtype):
         log_p, grad = _log_softmax_and_softmax(z)  # the NumPy twin
         rows = np.arange(len(labels))

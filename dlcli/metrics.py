@@ -12,7 +12,7 @@ import inspect
 
 import numpy as np
 
-from dlcli import losses
+from dlcli import kernels, losses
 from dlcli.errors import ConfigError, ShapeError
 from dlcli.losses import EPSILON, dense_targets, sparse_labels
 from dlcli.registry import Registry, did_you_mean
@@ -131,6 +131,17 @@ class SparseCategoricalAccuracy(Metric):
 
     def values(self, y_true, y_pred):
         return sparse_labels(y_true, y_pred, self.name) == y_pred.argmax(-1)
+
+    def update(self, y_true, y_pred, sample_weight=None):
+        """One label per sample, unweighted (fit's every batch): the hits counted in one compiled pass
+        (kernels/classification.sparse_hits); otherwise, and on the NumPy path, Metric's update of `values`."""
+        y_pred = np.asarray(y_pred)
+        compiled = kernels.compiled("classification") if sample_weight is None and y_pred.ndim == 2 else None
+        if compiled is None or y_pred.dtype.kind != "f":
+            return super().update(y_true, y_pred, sample_weight)
+        labels = sparse_labels(y_true, y_pred, self.name)
+        self.total += compiled.sparse_hits(np.ascontiguousarray(y_pred), labels.astype(np.intp, copy=False))
+        self.weight += len(y_pred)
 
 
 @METRICS.register("perplexity", "Perplexity")

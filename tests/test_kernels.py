@@ -324,7 +324,7 @@ def test_sparse_softmax_crossentropy_equals_its_numpy_twin(monkeypatch, dtype, s
     results = []
     for path in ("numba", "numpy"):
         monkeypatch.setenv("DLCLI_KERNELS", path)
-        assert (kernels.compiled("losses") is None) == (path == "numpy")
+        assert (kernels.compiled("classification") is None) == (path == "numpy")
         fused = losses.SparseCategoricalCrossentropy().compute(labels, softmax(z), logits=z)
         plain = losses.SparseCategoricalCrossentropy(from_logits=True).compute(labels, z)
         results.append((fused, plain))
@@ -336,6 +336,30 @@ def test_sparse_softmax_crossentropy_equals_its_numpy_twin(monkeypatch, dtype, s
         np.testing.assert_allclose(per_sample, per_sample_ref, rtol=tol, atol=tol)
         np.testing.assert_allclose(grad, grad_ref, rtol=0, atol=tol)
     np.testing.assert_array_equal(fused[1], fused_ref[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_accuracy_hits_equal_the_numpy_twin(monkeypatch, dtype):
+    """The compiled count of hits is np.argmax's: the first of tied maxima, the first NaN, a row of -inf."""
+    from dlcli import metrics
+
+    rng = np.random.default_rng(12)
+    y = rng.integers(0, 3, (200, 7)).astype(dtype)  # small integers: ties in most rows
+    y[:5] = [[np.nan, 1, 2, 0, 0, 0, 0], [0, 2, np.nan, 2, np.nan, 0, 0], [1, 1, 1, 1, 1, 1, 1],
+             [-np.inf] * 7, [0, 0, 0, 0, 0, 0, np.nan]]
+    labels = y.argmax(-1).astype(np.int64)
+    labels[::3] = rng.integers(0, 7, labels[::3].size)  # misses (and some hits) among the hits
+    counts = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        assert (kernels.compiled("classification") is None) == (path == "numpy")
+        accuracy = metrics.get("sparse_categorical_accuracy")
+        accuracy.update(labels, y)
+        accuracy.update(labels[:50, None].astype(np.uint8), y[:50])  # (batch, 1) labels, another dtype
+        counts.append(accuracy.state())
+    assert counts[0] == counts[1] == [float(np.count_nonzero(labels == y.argmax(-1)) +
+                                            np.count_nonzero(labels[:50] == y[:50].argmax(-1))), 250.0]
+    assert 0 < counts[0][0] < 250
 
 
 def test_batch_norm_compiled_variance_holds_far_from_zero(monkeypatch):

@@ -132,10 +132,10 @@ def _import(name: str):
         import dlcli.kernels.recurrent as recurrent
 
         return recurrent
-    if name == "losses":
-        import dlcli.kernels.losses as losses
+    if name == "classification":
+        import dlcli.kernels.classification as classification
 
-        return losses
+        return classification
     if name == "winograd":
         import dlcli.kernels.winograd as winograd
 
