@@ -143,6 +143,18 @@ def test_loading_kernels_does_not_import_scipy_linalg_and_leaves_it_importable()
     assert done.stdout == "False False\nTrue\n"
 
 
+def test_a_process_that_loaded_kernels_collects_once_then_freezes_at_exit():
+    """Interpreter exit's collections would walk numba's objects several times (0.2 s of CPU): an exit hook
+    collects once, so garbage is still finalized, and freezes the rest."""
+    code = ("import atexit, gc; atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); "
+            "from dlcli import kernels; kernels.compiled('activations')\n"
+            "class Cycle:\n    def __del__(self): print('finalized')\n"
+            "c = Cycle(); c.me = c; del c")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "DLCLI_KERNELS": "numba"})
+    assert done.stdout == "finalized\nfrozen True\n"
+
+
 def test_an_unknown_choice_stops_train_before_the_run_directory_exists(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

@@ -7,6 +7,7 @@ use on a machine compiles (seconds), later processes load the cache: about 0.3 s
 CPU target's set-up (once per process; scipy.linalg's import refused, see _scipy_blas_refused), then ~0.005 s per
 kernel.
 """
+import atexit
 import contextlib
 import gc
 import os
@@ -50,6 +51,8 @@ def compiled(name: str):
             if name not in _loaded:
                 try:
                     _loaded[name] = _load(name)
+                    if len(_loaded) == 1:
+                        atexit.register(_exit_without_collections)
                 except ImportError as e:
                     if not any(m is None for m in _loaded.values()):  # one warning per process
                         warnings.warn(f"numba could not be imported ({e}); running the NumPy kernels "
@@ -75,6 +78,15 @@ def _load(name: str):
     finally:
         if enabled:
             gc.enable()
+
+
+def _exit_without_collections():
+    """At interpreter exit, after one collection (which runs the finalizers of whatever garbage there is), freeze
+    every object left: the collections of the interpreter's teardown then skip numba's ~10^5 objects, which they
+    would walk several times for nothing (the process ends). A process that loaded a kernel exited in 0.27-0.28 s of
+    CPU, 0.08 with this (AMD EPYC, load 13); nothing of the teardown is skipped but the cyclic collector's walks."""
+    gc.collect()
+    gc.freeze()
 
 
 @contextlib.contextmanager
