@@ -14,9 +14,13 @@ calling thread all of it (the critical path on a shared machine, where wall time
 PyTorch's layers are timed with module hooks (forward pre/post, full backward pre/post), so a torch layer's backward
 includes autograd's bookkeeping between its hooks; its convolutions are split into Conv2d and the ReLU or
 BatchNorm2d after it where dlcli fuses them (the book convnet's Conv2D carries its relu).
+
+Each peer's whole step also counts the process's minor page faults and system CPU (getrusage), medians printed
+apart: memory the allocator hands back to the kernel and takes again faults on every touch.
 """
 import argparse
 import os
+import resource
 import sys
 import time
 from collections import defaultdict
@@ -64,11 +68,17 @@ def dlcli_step_timer(config, x, y):
 
     def step():
         last.clear()
-        start = clock()
+        start, usage = clock(), resource.getrusage(resource.RUSAGE_SELF)
         model.train_step([x], [y])
         last["step"][0] = clock() - start
-        return dict(last)
+        return dict(last), kernel_use(usage)
     return step
+
+
+def kernel_use(before):
+    """(minor page faults, system CPU seconds) of the process since getrusage gave `before`."""
+    now = resource.getrusage(resource.RUSAGE_SELF)
+    return now.ru_minflt - before.ru_minflt, now.ru_stime - before.ru_stime
 
 
 def torch_step_timer(torch, net, opt, x, y):
@@ -92,7 +102,7 @@ def torch_step_timer(torch, net, opt, x, y):
     def step():
         last.clear()
         net.train()
-        start = clock()
+        start, usage = clock(), resource.getrusage(resource.RUSAGE_SELF)
         opt.zero_grad(set_to_none=False)
         loss = torch.nn.functional.cross_entropy(net(tx), ty)
         loss.backward()
@@ -100,7 +110,7 @@ def torch_step_timer(torch, net, opt, x, y):
         opt.step()
         last["optimizer"][0] = clock() - t
         last["step"][0] = clock() - start
-        return dict(last)
+        return dict(last), kernel_use(usage)
     return step
 
 
@@ -148,8 +158,9 @@ def main():
     print(f"load average {os.getloadavg()[0]:.1f}; {args.threads} thread(s); best of {args.steps} alternating steps, "
           f"{'CPU' if args.cpu else 'main-thread CPU' if args.main else 'wall'} ms (forward / backward)")
     for name in peers:
-        best = best_of(records[name])
-        print(f"--- {name}")
+        best = best_of(layer_times for layer_times, _ in records[name])
+        faults, system = (sorted(column)[len(column) // 2] for column in zip(*(use for _, use in records[name])))
+        print(f"--- {name} (a step's median: {faults} minor page faults, {system * 1e3:.2f} ms system CPU)")
         for layer, (f, b) in best.items():
             print(f"  {layer:28s} {f * 1e3:7.2f} / {b * 1e3:7.2f}")
 
