@@ -311,7 +311,12 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, poole
     y_sizes = out_sizes if pooled is None else (out_sizes[0] // pool_h, out_sizes[1] // pool_w)
     y = np.empty((n, *y_sizes, f), x.dtype)
     chunks = winograd_chunks(n, out_sizes, c, f, block)
-    if keep is not None:  # (reusing the last step's arrays measured the same: malloc hands the freed ones back)
+    # Fresh arrays each step: reusing the last step's measured the same, since malloc hands the freed ones back.
+    # After a run's first steps glibc's dynamic mmap threshold (raised to the largest buffer freed) keeps them on
+    # the heap: the resnet's training step makes 0-1 minor page faults (bench/conv_layers.py). A loop of this
+    # forward alone (one thread, 14x14x32, batch 64) faults 1,736 times every other call, 3.2-5.2 ms against 1.9:
+    # nothing else is allocated there, so the freed tiles are the heap's top, which malloc gives back to the kernel.
+    if keep is not None:
         keep.update((start, _winograd_buffer(stop - start, out_sizes, c, x.dtype)) for start, stop in chunks)
 
     def products(run):
