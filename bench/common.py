@@ -14,24 +14,25 @@ import keras_peer
 IDLE_SECONDS = 0.3
 
 
-def interleaved_rounds(runs: dict, rounds: int) -> dict:
-    """Seconds of every call of each `runs[name]()`, `rounds` calls each, alternating peers round by round so a
-    busy moment on the machine does not land on one side only."""
+def interleaved_rounds(runs: dict, rounds: int, clock=time.perf_counter) -> dict:
+    """Seconds of every call of each `runs[name]()` by `clock` (wall; time.process_time or time.thread_time on a
+    busy machine), `rounds` calls each, alternating peers round by round so a busy moment on the machine does not
+    land on one side only."""
     times = {name: [] for name in runs}
     for _ in range(rounds):
         for name, fn in runs.items():
             time.sleep(IDLE_SECONDS)
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
-def compare(runs: dict, rounds: int) -> tuple[dict, dict]:
+def compare(runs: dict, rounds: int, clock=time.perf_counter) -> tuple[dict, dict]:
     """One warm-up call of each peer, then `rounds` interleaved rounds: (every round's seconds, best of each)."""
     for fn in runs.values():
         fn()
-    times = interleaved_rounds(runs, rounds)
+    times = interleaved_rounds(runs, rounds, clock)
     return times, {name: min(t) for name, t in times.items()}
 
 

@@ -3,13 +3,19 @@ Recurrent -> Dense(1, sigmoid), binary cross-entropy, RMSprop, through `fit` in 
 PyTorch CPU (2 threads). The recurrent layer reads the model's input, so neither peer computes an input gradient.
 
     python bench/recurrent_step.py [--cell lstm|gru] [--rounds 5] [--batches 10] [--steps 100] [--batch 64]
+        [--threads 2] [--cpu | --main]
 
 Each round trains `--batches` batches (one `fit` epoch in dlcli: shuffling gather, metrics and all); rounds
-alternate between peers and the best round counts.
+alternate between peers and the best round counts. On a busy machine wall time says little (a peer's second thread
+waits for a core): `--threads 1` runs dlcli (its BLAS, so one lane) and PyTorch on one thread, `--cpu` times process
+CPU seconds instead of wall, `--main` the calling thread's CPU (with 2 threads: dlcli's training thread, whose lane
+runs half of the batch's time loop). Keras + JAX keeps its own threads and shows only with wall times.
 """
 import argparse
 import os
 import sys
+import time
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -63,8 +69,28 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--units", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="dlcli's BLAS threads and PyTorch's (default 2)")
+    clocks = parser.add_mutually_exclusive_group()
+    clocks.add_argument("--cpu", action="store_true", help="process CPU seconds instead of wall")
+    clocks.add_argument("--main", action="store_true", help="the calling thread's CPU seconds")
     args = parser.parse_args()
-    times, best = compare(runners(args.cell, args.batch, args.steps, 32, args.units, args.batches), args.rounds)
+    clock = time.process_time if args.cpu else time.thread_time if args.main else time.perf_counter
+    runs = runners(args.cell, args.batch, args.steps, 32, args.units, args.batches)
+    if args.cpu or args.main:
+        runs.pop("keras", None)  # XLA's threads are its own: CPU seconds would compare unlike things
+    limit = nullcontext()
+    if args.threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        limit = threadpool_limits(args.threads, user_api="blas")
+        if "pytorch" in runs:
+            import torch
+
+            torch.set_num_threads(args.threads)
+    with limit:
+        times, best = compare(runs, args.rounds, clock)
+    what = "process CPU" if args.cpu else "training-thread CPU" if args.main else "wall"
+    print(f"load average {os.getloadavg()[0]:.1f}; {args.threads or 2} thread(s); {what}")
     for name, sec in best.items():
         print(f"{name:8s} {sec / args.batches * 1000:7.2f} ms per training step ({args.cell.upper()}({args.units}), "
               f"{args.steps} steps, batch {args.batch}, best of {args.rounds} rounds of {args.batches} batches)")
