@@ -14,6 +14,19 @@ PARALLEL = False
 JIT = dict(parallel=PARALLEL, cache=True, nogil=True)
 
 
+@numba.njit(inline="always", cache=True, nogil=True)
+def larger(best, v):
+    """np.maximum(best, v) as max pooling takes it, one home for the rule: NaN propagates, a NaN maximum keeps its
+    place (NaN > v is false), and of equal values the first stays (TF's MaxPoolGrad's first maximum)."""
+    return v if v > best or v != v else best
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def max_of_four(z0, z1, z2, z3):
+    """A 2x2 window's maximum, read in row order."""
+    return larger(larger(larger(z0, z1), z2), z3)
+
+
 @numba.njit(**JIT)
 def max_pool(xp, pool_h, pool_w, stride_h, stride_w, arg, y):
     """Window maxima into y; arg gets the flat in-window offset of each (the first maximum wins: strict `>` in
@@ -30,7 +43,7 @@ def max_pool(xp, pool_h, pool_w, stride_h, stride_w, arg, y):
                     for ch in range(c):
                         v, best = xp[b, row, col, ch], y[b, i, j, ch]
                         # np.maximum propagates NaN, and a NaN maximum keeps its place (NaN > v is false)
-                        y[b, i, j, ch] = v if v > best or v != v else best
+                        y[b, i, j, ch] = larger(best, v)
                         arg[b, i, j, ch] = k if v > best else arg[b, i, j, ch]
     return y
 
@@ -48,7 +61,7 @@ def window_max(xp, pool_h, pool_w, stride_h, stride_w, out_h, out_w):
                     row, col = i * stride_h + k // pool_w, j * stride_w + k % pool_w
                     for ch in range(c):
                         v, best = xp[b, row, col, ch], y[b, i, j, ch]
-                        y[b, i, j, ch] = v if v > best or v != v else best
+                        y[b, i, j, ch] = larger(best, v)
     return y
 
 
@@ -97,13 +110,7 @@ def tile_max(z, pool_h, pool_w, relu, y, arg):
                     z0, z1, z2, z3 = z[b, r, s], z[b, r, s + 1], z[b, r + 1, s], z[b, r + 1, s + 1]
                     if arg is None:
                         for ch in range(c):
-                            best = z0[ch]
-                            v = z1[ch]
-                            best = v if v > best or v != v else best
-                            v = z2[ch]
-                            best = v if v > best or v != v else best
-                            v = z3[ch]
-                            best = v if v > best or v != v else best
+                            best = max_of_four(z0[ch], z1[ch], z2[ch], z3[ch])
                             out[ch] = best if not relu or best > zero or best != best else zero  # np.maximum(-0.0, 0) is 0.0
                     else:
                         where = arg[b, i, j]
@@ -111,13 +118,13 @@ def tile_max(z, pool_h, pool_w, relu, y, arg):
                             best, at = z0[ch], 0
                             v = z1[ch]
                             at = 1 if v > best else at
-                            best = v if v > best or v != v else best
+                            best = larger(best, v)
                             v = z2[ch]
                             at = 2 if v > best else at
-                            best = v if v > best or v != v else best
+                            best = larger(best, v)
                             v = z3[ch]
                             at = 3 if v > best else at
-                            best = v if v > best or v != v else best
+                            best = larger(best, v)
                             where[ch] = at
                             out[ch] = best if not relu or best > zero or best != best else zero
                     continue
@@ -133,7 +140,7 @@ def tile_max(z, pool_h, pool_w, relu, y, arg):
                         v, best = row[ch], out[ch]
                         if arg is not None and v > best:
                             arg[b, i, j, ch] = k
-                        out[ch] = v if v > best or v != v else best
+                        out[ch] = larger(best, v)
                 if relu:
                     for ch in range(c):
                         v = out[ch]

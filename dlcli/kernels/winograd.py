@@ -18,6 +18,8 @@ Channels are innermost everywhere (contiguous, so the loops vectorise); serial, 
 import numba
 import numpy as np
 
+from dlcli.kernels.pooling import larger, max_of_four
+
 JIT = dict(cache=True, nogil=True, error_model="numpy")
 
 
@@ -361,14 +363,7 @@ def output_tiles_4x4_pooled(m, tiles_h, tiles_w, bias, pool_h, pool_w, relu, y):
                         if pool_h == 2 and pool_w == 2:
                             z0, z1, z2, z3 = block[r, c], block[r, c + 1], block[r + 1, c], block[r + 1, c + 1]
                             for ch in range(f):
-                                best = z0[ch]
-                                v = z1[ch]
-                                best = v if v > best or v != v else best
-                                v = z2[ch]
-                                best = v if v > best or v != v else best
-                                v = z3[ch]
-                                best = v if v > best or v != v else best
-                                pooled[ch] = best
+                                pooled[ch] = max_of_four(z0[ch], z1[ch], z2[ch], z3[ch])
                         else:
                             first = block[r, c]
                             for ch in range(f):
@@ -377,7 +372,7 @@ def output_tiles_4x4_pooled(m, tiles_h, tiles_w, bias, pool_h, pool_w, relu, y):
                                 z = block[r + k // pool_w, c + k % pool_w]
                                 for ch in range(f):
                                     v = z[ch]
-                                    pooled[ch] = v if v > pooled[ch] or v != v else pooled[ch]
+                                    pooled[ch] = larger(pooled[ch], v)
                         for ch in range(f):
                             v = pooled[ch] + bias[ch]
                             pooled[ch] = v if not relu or v > zero or v != v else zero  # np.maximum(-0.0, 0) is 0.0
