@@ -157,6 +157,15 @@ def test_only_few_channel_or_winograd_convs_under_tiling_poolings_pool_their_own
     assert graph.poolable_in_training == set()  # Winograd's pooled output transform is for inference only
 
 
+def test_a_few_channel_conv_behind_another_layer_pools_its_own_output_at_inference_only():
+    """Its input gradient is needed in training, which the fused backward pays more for than the pair apart."""
+    img = layers.Input((12, 12, 1))
+    scaled = layers.Rescaling(1 / 255)(img)
+    pool = layers.MaxPooling2D(2)
+    graph = models.Model(img, pool(layers.Conv2D(4, 3, activation="relu")(scaled))).graph
+    assert graph.poolable == {id(pool)} and graph.poolable_in_training == set()
+
+
 @pytest.mark.parametrize("path", ["numba", "numpy"])
 def test_predict_fuses_and_gives_the_outputs_of_the_layers_as_written(monkeypatch, path):
     """predict (fused, side by side) against model(x) (a forward that fuses nothing), then a training step, which
@@ -291,11 +300,10 @@ def test_predict_pools_a_winograd_conv_s_output_as_the_layers_written(monkeypatc
 
 
 def fused_pair(channels=2, dtype="float32"):
-    """A few-channel conv (same padding, not the first layer: its input gradient is needed) pooling its own output,
-    between two layers."""
-    img = layers.Input((10, 9, 1))
-    x = layers.Conv2D(channels, 2, padding="same", activation="relu", name="before")(img)
-    x = layers.Conv2D(6, 3, padding="same", activation="relu", bias_initializer="ones", name="conv")(x)
+    """A few-channel conv (same padding) reading the model's input, so it pools its own output in training too; the
+    passes below ask for the input gradient (need_input_grads), so the fused one is checked as well."""
+    img = layers.Input((10, 9, channels))
+    x = layers.Conv2D(6, 3, padding="same", activation="relu", bias_initializer="ones", name="conv")(img)
     x = layers.MaxPooling2D(2, name="pool")(x)  # 10 x 9 -> 5 x 4: the last column belongs to no window
     out = layers.Dense(3, name="out")(layers.Flatten()(x))
     model = models.Model(img, out)
@@ -337,7 +345,7 @@ def test_a_training_pass_fuses_and_equals_the_layers_as_written(monkeypatch, pat
     monkeypatch.setenv("DLCLI_KERNELS", path)
     model = fused_pair()
     assert model.graph.poolable == {id(model.get_layer("pool"))}
-    x = mnist_like((7, 10, 9, 1))
+    x = mnist_like((7, 10, 9, 2))
     fused = training_pass(model, x)
     assert model.get_layer("conv").pool_after is model.get_layer("pool")
     written = training_pass(model, x, Watcher())
@@ -353,7 +361,7 @@ def test_gradient_check_through_the_fused_pair(monkeypatch, path):
     monkeypatch.setenv("DLCLI_KERNELS", path)
     model = fused_pair(dtype="float64")
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((3, 10, 9, 1))
+    x = rng.standard_normal((3, 10, 9, 2))
     r = rng.standard_normal((3, 3))
 
     def loss():
@@ -373,7 +381,7 @@ def test_gradient_check_through_the_fused_pair(monkeypatch, path):
 def test_the_fused_pair_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, path):
     monkeypatch.setenv("DLCLI_KERNELS", path)
     monkeypatch.setattr(cm, "CHUNK_FLOATS", 1 << 11)  # many chunks at this small shape
-    x = mnist_like((23, 10, 9, 1))
+    x = mnist_like((23, 10, 9, 2))
     results = []
     for count in (1, 2, 3):
         monkeypatch.setattr(lanes, "count", lambda count=count: count)

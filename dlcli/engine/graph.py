@@ -13,8 +13,8 @@ gradient in their own loops, an Add in place on its own output, and the ReLU lay
 Observed runs keep every layer's own output, so nothing moves in them. In an inference pass a layer that can
 pool its own output (`pools_own_output`: a few-channel Conv2D, or a Winograd one in its F(4x4) output transform)
 does so when that pooling's windows tile it, and keeps its activation: the pooling then passes its input on. In
-training only the few-channel Conv2D does (`poolable_in_training`): the pooling then passes its output's gradient
-back, which the conv takes to its weights from where each maximum came from.
+training only the few-channel Conv2D that reads the model's inputs does (`poolable_in_training`): the pooling then
+passes its output's gradient back, which the conv takes to its weights from where each maximum came from.
 """
 import copy
 import itertools
@@ -158,8 +158,11 @@ class Graph:
                          for layer, relu in _absorbed_relus(self.nodes, consumers, outputs, self.movable)]
         self.poolable = {id(pool) for layer, pool, _ in self.movable
                          if getattr(layer, "pools_own_output", None) and layer.pools_own_output(pool)}
+        # in training only a conv reading the model's inputs: one whose input gradient a step needs pays more for it
+        # fused (the book convnet's first conv behind a Rescaling: a step 14.2-15.2 -> 15.5-16.5 ms, one thread)
         self.poolable_in_training = {id(pool) for layer, pool, _ in self.movable
-                                     if id(pool) in self.poolable and layer.pools_own_output(pool, training=True)}
+                                     if id(pool) in self.poolable and layer.pools_own_output(pool, training=True)
+                                     and all(isinstance(t.node.layer, InputLayer) for t in layer.nodes[0].inputs)}
 
     def replica(self) -> "Graph":
         """The same graph over twins of its layers: each twin shares its weights (the Param objects) but keeps its
