@@ -12,7 +12,6 @@ import numpy as np
 
 from dlcli import kernels
 
-SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLOR_TYPES = {"grayscale": (0, 1), "rgb": (2, 3), "rgba": (6, 4)}  # color_mode -> (PNG colour type, channels)
 
 

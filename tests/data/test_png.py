@@ -17,6 +17,7 @@ from dlcli.data import png
 from dlcli.data.image_folder import BadImage, ImageFolderSource, decode_image
 
 MODES = {"grayscale": (0, 1), "rgb": (2, 3), "rgba": (6, 4)}
+SIGNATURE = b"\x89PNG\r\n\x1a\n"  # every PNG file's first eight bytes
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -45,7 +46,7 @@ def write_png(path, pixels: np.ndarray, filters, color_type: int, depth=8, inter
         out.append(bytes([kind]) + ((x - pred) % 256).astype(np.uint8).tobytes())
     header = struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, interlace)
     data = zlib.compress(b"".join(out))
-    path.write_bytes(png.SIGNATURE + _chunk(b"IHDR", header) + extra + _chunk(b"IDAT", data[:7])
+    path.write_bytes(SIGNATURE + _chunk(b"IHDR", header) + extra + _chunk(b"IDAT", data[:7])
                      + _chunk(b"IDAT", data[7:]) + _chunk(b"IEND", b""))  # IDAT split: the chunks are joined
     return path
 
