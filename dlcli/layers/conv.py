@@ -257,10 +257,7 @@ class _Conv(_Windowed):
             grad if relu else self.activation.backward(grad), self.pooled_y, self.pooled_arg, self.xp,
             self.kernel.value, self.dilation_rate, self.pool_after.pool_size, relu, self.kernel.grad is not None,
             self.input_grad_needed, self.use_bias and self.bias.grad is not None)
-        if kernel_grad is not None:
-            self.kernel.grad += kernel_grad
-        if bias_grad is not None:
-            self.bias.grad += bias_grad
+        self._add_gradients(kernel_grad, bias_grad)
         return None if dxp is None else cm.unpad(dxp, self.pads)
 
     def _winograd_backward(self, g):
@@ -268,11 +265,15 @@ class _Conv(_Windowed):
             g.reshape(len(self.x), *self.out_sizes, self.filters), self.kernel.value, self.x, self.out_sizes,
             self.pads, self.tiles, self.kernel.grad is not None, self.input_grad_needed,
             self.use_bias and self.bias.grad is not None)
+        self._add_gradients(kernel_grad, bias_grad)
+        return dx
+
+    def _add_gradients(self, kernel_grad, bias_grad):
+        """The kernel's and bias's gradients (None: not computed) added to their weights' accumulated ones."""
         if kernel_grad is not None:
             self.kernel.grad += kernel_grad
         if bias_grad is not None:
             self.bias.grad += bias_grad
-        return dx
 
     def to_onnx(self, g, x, in_shape, mask):
         k = self.rank

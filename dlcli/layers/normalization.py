@@ -195,6 +195,11 @@ class BatchNormalization(_Normalization):
             return None
         return kernels.compiled("normalization")
 
+    def _compiled_affine(self, dtype):
+        """(gamma, beta) as the compiled passes take them: an empty array where scale or center is off."""
+        off = np.empty(0, dtype)
+        return self.gamma.value if self.scale else off, self.beta.value if self.center else off
+
     def _forward_compiled(self, compiled, x):
         c, dt = x.shape[-1], x.dtype
         rows, xhat, y = x.reshape(-1, c), np.empty_like(x), np.empty_like(x)
@@ -204,8 +209,7 @@ class BatchNormalization(_Normalization):
         d, dd = _summed([s for s, _ in pairs]) / len(rows), _summed([s for _, s in pairs]) / len(rows)
         mean, var = (shift + d).astype(dt), np.maximum(dd - d * d, 0.0).astype(dt)
         inv_std = 1 / np.sqrt(var + dt.type(self.epsilon))
-        off = np.empty(0, dt)  # scale or center off
-        gamma, beta = self.gamma.value if self.scale else off, self.beta.value if self.center else off
+        gamma, beta = self._compiled_affine(dt)
         relu = self.post_activation is not None
         lanes.run(lambda run: [compiled.normalise(rows[a:b], mean, inv_std, gamma, beta, relu, xhat_rows[a:b],
                                                   y.reshape(-1, c)[a:b]) for a, b in run], parts)
@@ -239,8 +243,7 @@ class BatchNormalization(_Normalization):
         scale = np.ascontiguousarray((self.inv_std * self.gamma.value.reshape(self.param_view) if self.scale
                                       else self.inv_std).reshape(-1), dt)
         rows, xhat, dx = grad.reshape(-1, c), self.xhat.reshape(-1, c), np.empty_like(grad)
-        off = np.empty(0, dt)  # scale or center off
-        gamma, beta = self.gamma.value if self.scale else off, self.beta.value if self.center else off
+        gamma, beta = self._compiled_affine(dt)
         relu = self.relu_fused
         parts = _row_parts(len(rows), c)
         pairs = lanes.run(lambda run: [_pair(compiled.gradient_sums, rows[a:b], xhat[a:b], gamma, beta, relu)
@@ -601,10 +604,10 @@ def adapt_to_inputs(model, xs) -> list[str]:
 
 # The compiled passes over a batch of LANE_FLOATS or more run over ROW_PARTS ranges of rows, shared by the lanes
 # (engine/lanes.py); smaller ones in one range: their hand-overs (five then, four now) cost more than half the
-# passes. Main-thread
-# CPU at 2 threads, AMD EPYC at load 17 (forward / backward ms): the resnet's stem BN (64x28x28x32) 1.18 / 1.11 ->
-# 0.81 / 0.84, its 14x14x32 ones 0.34 / 0.27 -> 0.37 / 0.33 and 7x7x64 ones 0.15 / 0.15 -> 0.24 / 0.22. Both counts
-# depend on the shape alone, so the float64 sums add up in the same order on any number of lanes.
+# passes. Main-thread CPU at 2 threads, AMD EPYC at load 17 (forward / backward ms): the resnet's stem BN
+# (64x28x28x32) 1.18 / 1.11 -> 0.81 / 0.84, its 14x14x32 ones 0.34 / 0.27 -> 0.37 / 0.33 and 7x7x64 ones 0.15 /
+# 0.15 -> 0.24 / 0.22. Both counts depend on the shape alone, so the float64 sums add up in the same order on any
+# number of lanes.
 ROW_PARTS, LANE_FLOATS = 4, 1 << 20
 
 
