@@ -1,4 +1,5 @@
-"""Convolution through Winograd's F(2x2, 3x3) (kernels/winograd.py), forward and both gradients, against its twin,
+"""Convolution through Winograd's F(2x2, 3x3) (kernels/winograd.py), forward and both gradients, and at inference
+F(3x3, 3x3) and F(4x4, 3x3), against its twin,
 im2col + one GEMM and col2im (DLCLI_KERNELS=numpy): the same sums in another order, so equal within float32
 rounding."""
 import numpy as np
@@ -8,9 +9,10 @@ from dlcli import kernels, layers
 from dlcli.layers import conv_math as cm
 
 # (input shape, filters, padding): even and odd outputs (a ragged last tile), 'same' and 'valid', rectangular,
-# the book convnet's second and third convs, a 2x2 output (one tile)
+# the book convnet's second and third convs, a 2x2 output (one tile), F(3x3)'s sizes (3x3 tiles whole, 5x4 ragged)
 CASES = [((5, 13, 13, 32), 64, "valid"), ((3, 8, 8, 16), 24, "same"), ((4, 7, 10, 16), 8, "same"),
-         ((3, 5, 5, 64), 64, "valid"), ((2, 4, 4, 16), 5, "valid"), ((9, 14, 14, 32), 32, "same")]
+         ((3, 5, 5, 64), 64, "valid"), ((2, 4, 4, 16), 5, "valid"), ((9, 14, 14, 32), 32, "same"),
+         ((3, 9, 9, 16), 8, "same"), ((2, 5, 4, 16), 9, "same")]
 
 
 def reference(xp, kernel, bias, out_sizes):
@@ -23,11 +25,11 @@ def reference(xp, kernel, bias, out_sizes):
 @pytest.mark.parametrize("shape,filters,padding", CASES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("use_bias", [True, False])
-@pytest.mark.parametrize("block", [2, 4])
+@pytest.mark.parametrize("block", [2, 3, 4])
 def test_winograd_equals_the_convolution_to_rounding(monkeypatch, shape, filters, padding, dtype, use_bias, block):
-    """F(2x2) and, at inference, F(4x4): its 6x6 tiles (a ragged last one on every size here but 8) and their
-    larger constants (4, 5, 8 and sixths) round 10-20x more than F(2x2) does: within 64 eps of the largest output
-    where F(2x2) stays within 16 (measured at most 35 and 3)."""
+    """F(2x2) and, at inference, F(3x3) and F(4x4): their 5x5 and 6x6 tiles (ragged last ones on most sizes here)
+    and larger constants (3, 4, 5, 8, halves and sixths) round more than F(2x2) does: within 32 and 64 eps of the
+    largest output where F(2x2) stays within 16 (measured at most 16, 28 and 5)."""
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
     monkeypatch.setattr(cm, "CHUNK_FLOATS", 16 * 36 * 96 * 2)  # two samples per chunk: seams and a short last one
     rng = np.random.default_rng(0)
@@ -40,25 +42,29 @@ def test_winograd_equals_the_convolution_to_rounding(monkeypatch, shape, filters
     assert y.dtype == dtype and y.shape == expected.shape == (shape[0], *out, filters)
     # float32 rounding of sums of 9 * channels products of unit-scale values: a few eps of the largest output
     eps = np.finfo(dtype).eps
-    np.testing.assert_allclose(y, expected, rtol=0, atol=(16 if block == 2 else 64) * eps * np.abs(expected).max())
+    np.testing.assert_allclose(y, expected, rtol=0, atol={2: 16, 3: 32, 4: 64}[block] * eps * np.abs(expected).max())
 
 
-def test_inference_takes_4x4_blocks_where_they_are_faster(monkeypatch):
-    """winograd_block's measured rule: F(4x4) from 7x7 outputs on (the book convnet's conv 2), F(2x2) below (its
-    conv 3) and always in training, whose backward reads F(2x2)'s tiles."""
-    assert [cm.winograd_block(s) for s in [(11, 11), (7, 7), (14, 7), (6, 6), (3, 3), (6, 20)]] == [4, 4, 4, 2, 2, 2]
+def test_inference_takes_the_blocks_with_the_fewest_products(monkeypatch):
+    """winograd_block's rule, which ranked every measured size as its times did: F(4x4) on the book convnet's conv 2
+    (11x11 outputs), F(3x3) on its conv 3 (3x3: one 5x5 tile) and at 5, 6 and 9, F(2x2) on 2x2 and 2x4, and
+    always in training, whose backward reads its tiles."""
+    sizes = [(11, 11), (7, 7), (14, 7), (4, 4), (8, 8), (6, 6), (3, 3), (5, 5), (9, 9), (6, 20), (2, 2), (2, 4)]
+    assert [cm.winograd_block(s) for s in sizes] == [4, 4, 4, 4, 4, 3, 3, 3, 3, 3, 2, 2]
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
     compiled, used = kernels.compiled("winograd"), []
-    for name in ("input_tiles", "input_tiles_4x4"):
+    for name in ("input_tiles", "input_tiles_3x3", "input_tiles_4x4"):
         monkeypatch.setattr(compiled, name, lambda *a, _name=name, _f=getattr(compiled, name): used.append(_name) or _f(*a))
-    x = np.random.default_rng(0).standard_normal((2, 13, 13, 16)).astype(np.float32)
-    conv = layers.Conv2D(8, 3)
-    conv.build(x.shape[1:])
-    conv.forward(x, training=False)
-    assert set(used) == {"input_tiles_4x4"}
-    used.clear()
-    conv.forward(x, training=True)
-    assert set(used) == {"input_tiles"}
+    for side, block in [(13, "input_tiles_4x4"), (5, "input_tiles_3x3")]:
+        x = np.random.default_rng(0).standard_normal((2, side, side, 16)).astype(np.float32)
+        conv = layers.Conv2D(8, 3)
+        conv.build(x.shape[1:])
+        used.clear()
+        conv.forward(x, training=False)
+        assert set(used) == {block}
+        used.clear()
+        conv.forward(x, training=True)
+        assert set(used) == {"input_tiles"}
 
 
 def run_conv(path, monkeypatch, shape, filters, padding, use_bias, training=True, kernel_grad=True, input_grad=True):

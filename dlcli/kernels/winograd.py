@@ -180,6 +180,100 @@ def input_gradient_tiles(dv, top, left, tiles_h, tiles_w, dx):
     return dx
 
 
+# F(3x3, 3x3) at inference, for small outputs (3 to 6 rows and columns: the book convnet's conv 3, 3x3 outputs from
+# 5x5 inputs, is one tile per sample): each 3x3 block of outputs from its 5x5 input tile, 25 products per channel
+# pair where F(2x2) makes 64 for the same 3x3 block (4 ragged 2x2 tiles) and im2col's GEMM 81. wincnn's matrices
+# (Lavin & Gray's construction, points 0, 1, -1, 2 and infinity):
+#   B^T = [[2, -1, -2, 1, 0], [0, -2, -1, 1, 0], [0, 2, -3, 1, 0], [0, -1, 0, 1, 0], [0, 2, -1, -2, 1]]
+#   A^T = [[1, 1, 1, 1, 0], [0, 1, -1, 2, 0], [0, 1, 1, 4, 1]]
+# (G, with halves and sixths, is conv_math.WINOGRAD_G_3X3.) Both are applied along one axis and then the other
+# through a tile-sized buffer (in L1), each row one loop over the channels: integers up to 4, sums of 3-5 terms.
+
+
+@numba.njit(**JIT)
+def input_tiles_3x3(x, top, left, tiles_h, tiles_w, v):
+    """x (n, height, width, c) -> v (25, n * tiles_h * tiles_w, c): B^T d B of every 5x5 tile d at stride 3 of x
+    padded with `top` rows and `left` columns of zeros, zeros read past its edge on every side (as input_tiles).
+    Each tile is copied into a buffer first (zeros outside x), then B^T d column by column, then (B^T d) B."""
+    n, height, width, c = x.shape
+    kind = x.dtype.type  # the constants in x's type: float32 tiles are not summed in float64
+    two, three = kind(2), kind(3)
+    d = np.empty((5, 5, c), x.dtype)
+    t = np.empty((5, 5, c), x.dtype)
+    for b in range(n):
+        for ti in range(tiles_h):
+            for tj in range(tiles_w):
+                tile = (b * tiles_h + ti) * tiles_w + tj
+                for i in range(5):
+                    r = 3 * ti - top + i
+                    for j in range(5):
+                        s = 3 * tj - left + j
+                        if 0 <= r < height and 0 <= s < width:
+                            for ch in range(c):
+                                d[i, j, ch] = x[b, r, s, ch]
+                        else:
+                            for ch in range(c):
+                                d[i, j, ch] = 0
+                for j in range(5):  # B^T d
+                    for ch in range(c):
+                        t[0, j, ch] = two * (d[0, j, ch] - d[2, j, ch]) - (d[1, j, ch] - d[3, j, ch])
+                    for ch in range(c):
+                        t[1, j, ch] = (d[3, j, ch] - d[2, j, ch]) - two * d[1, j, ch]
+                    for ch in range(c):
+                        t[2, j, ch] = (d[3, j, ch] - three * d[2, j, ch]) + two * d[1, j, ch]
+                    for ch in range(c):
+                        t[3, j, ch] = d[3, j, ch] - d[1, j, ch]
+                    for ch in range(c):
+                        t[4, j, ch] = two * (d[1, j, ch] - d[3, j, ch]) - d[2, j, ch] + d[4, j, ch]
+                for i in range(5):  # (B^T d) B: the same combinations along the row
+                    for ch in range(c):
+                        v[5 * i, tile, ch] = two * (t[i, 0, ch] - t[i, 2, ch]) - (t[i, 1, ch] - t[i, 3, ch])
+                    for ch in range(c):
+                        v[5 * i + 1, tile, ch] = (t[i, 3, ch] - t[i, 2, ch]) - two * t[i, 1, ch]
+                    for ch in range(c):
+                        v[5 * i + 2, tile, ch] = (t[i, 3, ch] - three * t[i, 2, ch]) + two * t[i, 1, ch]
+                    for ch in range(c):
+                        v[5 * i + 3, tile, ch] = t[i, 3, ch] - t[i, 1, ch]
+                    for ch in range(c):
+                        v[5 * i + 4, tile, ch] = two * (t[i, 1, ch] - t[i, 3, ch]) - t[i, 2, ch] + t[i, 4, ch]
+    return v
+
+
+@numba.njit(**JIT)
+def output_tiles_3x3(m, tiles_h, tiles_w, bias, y):
+    """m (25, n * tiles_h * tiles_w, f) -> y (n, out_h, out_w, f) = A^T M A + bias, the ragged last tiles cropped:
+    A^T M's 3 rows of each tile into a buffer, then each output one loop over the filters."""
+    n, out_h, out_w, f = y.shape
+    kind = m.dtype.type
+    two, four = kind(2), kind(4)
+    s = np.empty((3, 5, f), m.dtype)
+    for b in range(n):
+        for ti in range(tiles_h):
+            for tj in range(tiles_w):
+                tile = (b * tiles_h + ti) * tiles_w + tj
+                for e in range(5):  # A^T M
+                    for ch in range(f):
+                        s[0, e, ch] = m[e, tile, ch] + (m[5 + e, tile, ch] + m[10 + e, tile, ch]) + m[15 + e, tile, ch]
+                    for ch in range(f):
+                        s[1, e, ch] = (m[5 + e, tile, ch] - m[10 + e, tile, ch]) + two * m[15 + e, tile, ch]
+                    for ch in range(f):
+                        s[2, e, ch] = ((m[5 + e, tile, ch] + m[10 + e, tile, ch]) + four * m[15 + e, tile, ch]
+                                       + m[20 + e, tile, ch])
+                c0 = 3 * tj
+                for i in range(min(3, out_h - 3 * ti)):  # (A^T M) A, cropped at the edge
+                    r = 3 * ti + i
+                    for ch in range(f):
+                        y[b, r, c0, ch] = (s[i, 0, ch] + (s[i, 1, ch] + s[i, 2, ch]) + s[i, 3, ch]) + bias[ch]
+                    if c0 + 1 < out_w:
+                        for ch in range(f):
+                            y[b, r, c0 + 1, ch] = ((s[i, 1, ch] - s[i, 2, ch]) + two * s[i, 3, ch]) + bias[ch]
+                    if c0 + 2 < out_w:
+                        for ch in range(f):
+                            y[b, r, c0 + 2, ch] = ((s[i, 1, ch] + s[i, 2, ch]) + four * s[i, 3, ch]
+                                                   + s[i, 4, ch]) + bias[ch]
+    return y
+
+
 # F(4x4, 3x3) at inference: each 4x4 block of outputs from its 6x6 input tile, 36 products per channel pair where
 # im2col's GEMM makes 144 (F(2x2)'s 16 make 4 outputs: 64 for 16). Lavin & Gray's matrices:
 #   B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],

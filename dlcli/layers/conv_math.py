@@ -203,6 +203,9 @@ WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 # G of F(4x4, 3x3) (inference): the 6x6 kernel of 6x6 tiles, computed in float64 (1/6 and 1/12 are not exact)
 WINOGRAD_G_4X4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
                            [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+# G of F(3x3, 3x3) (inference, small outputs): the 5x5 kernel of 5x5 tiles, in float64 as F(4x4)'s (sixths)
+WINOGRAD_G_3X3 = np.array([[1 / 2, 0, 0], [-1 / 2, -1 / 2, -1 / 2], [-1 / 6, 1 / 6, -1 / 6], [1 / 6, 1 / 3, 2 / 3],
+                           [0, 0, 1]])
 
 
 def winograd_shaped(kernel_shape, strides, dilation, groups) -> bool:
@@ -219,23 +222,30 @@ def winograd_applies(kernel_shape, strides, dilation, groups) -> bool:
 def winograd_pools(out_sizes, pool) -> bool:
     """Whether an inference forward can pool its output in F(4x4)'s output transform (winograd_conv's `pooled`):
     4x4 output blocks, each holding whole windows of a max pooling whose windows tile the output (sizes dividing
-    4: the book convnet's 2x2)."""
-    return winograd_block(out_sizes) == 4 and all(4 % p == 0 for p in pool)
+    4: the book convnet's 2x2), on outputs of 7 rows and columns or more (where F(4x4) beats F(2x2); at some of
+    them, 9x9 say, F(3x3) has fewer products, but the pooled transform also saves writing the output whole)."""
+    return min(out_sizes) >= 7 and all(4 % p == 0 for p in pool)
 
 
 def winograd_tiles(out_sizes, block=2):
-    """(tiles_h, tiles_w): block x block output blocks (2, or 4 at inference) per column and row, the last ragged
+    """(tiles_h, tiles_w): block x block output blocks (2, or 3 or 4 at inference) per column and row, the last ragged
     where the size is not a multiple."""
     return -(-out_sizes[0] // block), -(-out_sizes[1] // block)
 
 
 def winograd_block(out_sizes) -> int:
-    """The output block of an inference forward: 4 (F(4x4, 3x3): 36 products per 4x4 block from 6x6 tiles) where
-    both output sizes are 7 or more, else 2 (F(2x2)'s 16 per 2x2 block). Thread CPU per inference pass of 43
-    samples, one BLAS thread, AMD EPYC at load ~15, F(2x2) against F(4x4): 11x11 outputs 32 -> 64 channels 0.79 /
-    0.55 ms, 14x14 32 -> 32 0.68 / 0.47, 7x7 64 -> 64 0.60 / 0.45, 8x8 32 -> 32 0.19 / 0.19, 6x6 and 5x5 0.17 /
-    0.21, 3x3 64 -> 64 0.20 / 0.27 (a 6x6 tile for 3x3 outputs: transforms the products do not repay)."""
-    return 4 if min(out_sizes) >= 7 else 2
+    """The output block of an inference forward: the one with the fewest products, F(2x2)'s 16 per 2x2 block from
+    4x4 tiles, F(3x3)'s 25 per 3x3 block from 5x5 tiles or F(4x4)'s 36 per 4x4 block from 6x6 tiles, counting the
+    ragged last tiles whole (a tie to the smaller tile, whose transforms cost less). Thread CPU per inference
+    forward, one BLAS thread, AMD EPYC at load 3.5-3.8, best of 15 alternating, F(2x2) / F(3x3) / F(4x4): the book
+    convnet's conv 3 (512 x 5x5x64 -> 3x3x64) 3.92 / 1.73 / 2.39 ms; 128 samples 64 -> 64 'same' at 4x4 0.89 / 1.52
+    / 0.69, 5x5 1.95 / 1.57 / 2.06, 6x6 1.90 / 1.57 / 2.09, 7x7 4.03 / 3.58 / 2.31; 64 samples 32 -> 32 at 8x8 0.66 /
+    0.69 / 0.45, 9x9 1.06 / 0.75 / 0.86: the product counts rank them as measured. (Earlier, 43 samples at load
+    ~15, F(2x2) / F(4x4): 11x11 32 -> 64 0.79 / 0.55, 14x14 32 -> 32 0.68 / 0.47.)"""
+    def products(block):
+        tiles_h, tiles_w = winograd_tiles(out_sizes, block)
+        return tiles_h * tiles_w * (block + 2) ** 2
+    return min((2, 3, 4), key=products)
 
 
 def winograd_chunks(n, out_sizes, c, f, block=2):
@@ -268,9 +278,10 @@ def _winograd_buffer(samples, out_sizes, width, dtype, block=2):
 
 
 def winograd_kernel(kernel, block=2):
-    """G k G^T of a (3, 3, c, f) kernel as ((block + 2)^2, c, f), taps first."""
+    """G k G^T of a (3, 3, c, f) kernel as ((block + 2)^2, c, f), taps first: F(2x2)'s G (halves) in the kernel's
+    type, exact in float32; F(3x3)'s and F(4x4)'s (sixths) in float64, rounded once at the end."""
     c, f = kernel.shape[2:]
-    g = WINOGRAD_G.astype(kernel.dtype) if block == 2 else WINOGRAD_G_4X4  # 0.5s: exact in float32
+    g = WINOGRAD_G.astype(kernel.dtype) if block == 2 else WINOGRAD_G_3X3 if block == 3 else WINOGRAD_G_4X4
     t = len(g)
     return (g @ (g @ kernel.reshape(3, -1)).reshape(t, 3, -1)).reshape(t * t, c, f).astype(kernel.dtype, copy=False)
 
@@ -285,10 +296,12 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, poole
     Thread CPU time per inference pass of 43 samples, one BLAS thread, AMD EPYC at load 6-9, alternating with
     im2col + GEMM: book convnet conv 2 (13x13x32 -> 64) 2.57 -> 2.01 ms, conv 3 (5x5x64 -> 64, 4 tiles for 9
     outputs) 0.446 -> 0.431, the whole pass 4.31 -> 3.71. Of conv 2's 2.0 ms the 16 GEMMs take about 1.0 (100
-    GFLOP/s) and each transform about 0.35. Inference takes 4x4 output blocks from 6x6 tiles, 36 GEMMs, where
-    winograd_block finds them faster (`block`: 2 or 4; training keeps F(2x2), whose V its backward reads): the book
-    convnet's conv 2 0.79 -> 0.55 ms. Error against float64 relative to the largest output there: F(2x2) 2.6e-7,
-    F(4x4) 4.2e-6, im2col + GEMM 5.1e-7 (F(4x4)'s B^T and A^T hold 4, 5 and 8, its G sixths).
+    GFLOP/s) and each transform about 0.35. Inference takes 4x4 output blocks from 6x6 tiles (36 GEMMs) or 3x3
+    blocks from 5x5 tiles (25), where winograd_block finds them faster (`block`: 2, 3 or 4; training keeps F(2x2),
+    whose V its backward reads): the book convnet's conv 2 0.79 -> 0.55 ms, its conv 3 at batch 512 3.92 -> 1.73 ms
+    (one tile a sample). Error against float64 relative to the largest output there: F(2x2) 2.6e-7, F(4x4) 4.2e-6,
+    im2col + GEMM 5.1e-7 (F(4x4)'s B^T and A^T hold 4, 5 and 8, its G sixths); over tests/test_winograd.py's cases
+    at most 5, 16 and 28 float32 eps for F(2x2), F(3x3) and F(4x4).
     `pooled` (inference, where winograd_pools): (pool, relu): the result is instead the max pooling of the output in
     `pool` windows at strides of their size (the rows and columns past the last whole window dropped), then
     max(., 0) where `relu`, taken in the output transform (kernels/winograd.output_tiles_4x4_pooled), so the
@@ -296,8 +309,9 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, poole
     thread: see output_tiles_4x4_pooled."""
     compiled = kernels.compiled("winograd")
     block = 4 if pooled is not None else block or (2 if keep is not None else winograd_block(out_sizes))
-    input_tiles, output_tiles = ((compiled.input_tiles, compiled.output_tiles) if block == 2 else
-                                 (compiled.input_tiles_4x4, compiled.output_tiles_4x4))
+    input_tiles, output_tiles = {2: (compiled.input_tiles, compiled.output_tiles),
+                                 3: (compiled.input_tiles_3x3, compiled.output_tiles_3x3),
+                                 4: (compiled.input_tiles_4x4, compiled.output_tiles_4x4)}[block]
     n, c, f = x.shape[0], kernel.shape[2], kernel.shape[3]
     tiles_h, tiles_w = winograd_tiles(out_sizes, block)
     (top, _), (left, _) = pads
