@@ -17,11 +17,15 @@ IDLE_SECONDS = 0.3
 def interleaved_rounds(runs: dict, rounds: int, clock=time.perf_counter) -> dict:
     """Seconds of every call of each `runs[name]()` by `clock` (wall; time.process_time or time.thread_time on a
     busy machine), `rounds` calls each, alternating peers round by round so a busy moment on the machine does not
-    land on one side only."""
+    land on one side only. A runner with a `lead_in` (one training step: train_steps_runner's) has it called untimed
+    after the pause, so its round times the steady steps an epoch is made of, not the first one after an idle spell."""
     times = {name: [] for name in runs}
     for _ in range(rounds):
         for name, fn in runs.items():
             time.sleep(IDLE_SECONDS)
+            lead_in = getattr(fn, "lead_in", None)
+            if lead_in is not None:
+                lead_in()
             start = clock()
             fn()
             times[name].append(clock() - start)
@@ -57,27 +61,34 @@ def config_model(config: str):
 
 
 def train_steps_runner(config: str, x, y, batch):
-    """dlcli: `train_step` over x, y in order, batch by batch, for the model of a shipped config."""
+    """dlcli: `train_step` over x, y in order, batch by batch, for the model of a shipped config (its lead-in: the
+    first batch's step)."""
     model = config_model(config)
 
     def run():
         for i in range(0, len(x), batch):
             model.train_step([x[i:i + batch]], [y[i:i + batch]])
+    run.lead_in = lambda: model.train_step([x[:batch]], [y[:batch]])
     return run
 
 
 def torch_train_steps_runner(torch, net, opt, x, y, batch):
-    """PyTorch: the same steps with cross-entropy on a channels-first copy of the channels-last images x."""
+    """PyTorch: the same steps with cross-entropy on a channels-first copy of the channels-last images x (its
+    lead-in: the first batch's step)."""
     tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     ty = torch.from_numpy(y)
 
-    def run():
+    def steps(stop):
         net.train()
-        for i in range(0, len(tx), batch):
+        for i in range(0, stop, batch):
             opt.zero_grad(set_to_none=False)
             loss = torch.nn.functional.cross_entropy(net(tx[i:i + batch]), ty[i:i + batch])
             loss.backward()
             opt.step()
+
+    def run():
+        steps(len(tx))
+    run.lead_in = lambda: steps(batch)
     return run
 
 

@@ -39,7 +39,8 @@ def torch_runner(torch, x, y, batch=BATCH):
 def runners_for(x, y, batch=BATCH) -> dict:
     """{peer: one pass of training steps over x, y}; PyTorch only when installed."""
     return peers(lambda: train_steps_runner(CONFIG, x, y, batch), lambda t: torch_runner(t, x, y, batch),
-                 lambda k: keras_peer.fit_runner(keras_peer.convnet(k), x, y, batch, shuffle=False))
+                 lambda k: keras_peer.fit_runner(keras_peer.convnet(k), x, y, batch, shuffle=False,
+                                                   lead_in=True))
 
 
 def runners(batches=40) -> dict:

@@ -34,14 +34,18 @@ def _rmsprop(keras):
     return keras.optimizers.RMSprop(learning_rate=1e-3)
 
 
-def fit_runner(model, x, y, batch, shuffle=True):
-    """One `fit` epoch per call, a new shuffling seed each time (dlcli's fit_runner, Keras' side)."""
+def fit_runner(model, x, y, batch, shuffle=True, lead_in=False):
+    """One `fit` epoch per call, a new shuffling seed each time (dlcli's fit_runner, Keras' side); with `lead_in`
+    the first batch's step (`train_on_batch`, fit's compiled step) as the untimed lead-in of each round, beside
+    the other peers' common.train_steps_runner."""
     keras = keras_or_none()
     seeds = iter(range(10**6))
 
     def run():
         keras.utils.set_random_seed(next(seeds))
         model.fit(x, y, epochs=1, batch_size=batch, verbose=0, shuffle=shuffle)
+    if lead_in:
+        run.lead_in = lambda: model.train_on_batch(x[:batch], y[:batch])
     return run
 
 

@@ -50,7 +50,8 @@ def torch_runner(torch, x, y, batch):
 def runners(batch=64, batches=20):
     x, y = mnist_train((28, 28, 1), limit=batch * batches, kind="fashion_mnist")
     return peers(lambda: train_steps_runner(CONFIG, x, y, batch), lambda t: torch_runner(t, x, y, batch),
-                 lambda k: keras_peer.fit_runner(keras_peer.resnet(k), x, y, batch, shuffle=False))
+                 lambda k: keras_peer.fit_runner(keras_peer.resnet(k), x, y, batch, shuffle=False,
+                                                   lead_in=True))
 
 
 def main():
