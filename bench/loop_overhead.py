@@ -9,7 +9,7 @@ reported per batch and as a fraction of the model's step.
 Each kernel path (DLCLI_KERNELS=numba, numpy) runs in its own process, rounds alternating between them; each round
 is one epoch after a warm-up one, and the round with the smallest fraction counts. Times are the training thread's
 CPU time (time.thread_time) with --threads 1 (a shared machine does not inflate it; the shuffled batch's gather runs
-on a thread of its own, one batch ahead: the process' CPU time is shown beside it), wall-clock otherwise. --bar draws the progress bar (to /dev/null) as a terminal run would.
+on a thread of its own, a group of batches ahead: the process' CPU time is shown beside it), wall-clock otherwise. --bar draws the progress bar (to /dev/null) as a terminal run would.
 """
 import argparse
 import json

@@ -1,5 +1,5 @@
-"""The per-batch machinery around the model's step (issue 26: its fixed cost): shuffled in-memory batches gathered a
-batch ahead by a thread, callbacks called only for the hooks they define, accuracies counted in one call, and the
+"""The per-batch machinery around the model's step (issue 26: its fixed cost): shuffled in-memory batches gathered a group
+of batches ahead by a thread, callbacks called only for the hooks they define, accuracies counted in one call, and the
 regularised layers looked up once per fit. Each must leave what fit computes unchanged."""
 import threading
 
@@ -8,7 +8,7 @@ import pytest
 
 from dlcli import callbacks as cb
 from dlcli import metrics
-from dlcli.data.source import ArraySource, batch_indices
+from dlcli.data.source import ArraySource, batch_indices, index_array
 from dlcli.layers import ActivityRegularization, Dense
 from dlcli.models import Sequential
 from dlcli.trainer import Run, _step_layers
@@ -37,6 +37,24 @@ def test_array_batches_gathered_ahead_by_a_thread_in_order():
     with source.batches(batch_indices(100, 7)) as batches:  # slices are views: taken inline, no thread
         assert all(np.shares_memory(b[0], x) for b in batches)
     assert seen == {threading.current_thread().name}
+
+
+def test_array_batches_handed_over_a_group_at_a_time(monkeypatch):
+    """One take (and one hand-off) per group of batches, at most GROUP_BATCHES and about GROUP_BYTES a group."""
+    from dlcli.data import source as source_module
+
+    x = np.arange(400, dtype=np.float32).reshape(100, 4)  # 16 bytes a sample
+    chunks = batch_indices(100, 6, np.random.default_rng(1).permutation(100))  # 17 batches, the last of 4
+    for group_bytes, group in ((1 << 20, source_module.GROUP_BATCHES), (6 * 16 * 3, 3), (8, 1)):
+        monkeypatch.setattr(source_module, "GROUP_BYTES", group_bytes)
+        source = ArraySource([x])
+        taken = []
+        real_take = source.take
+        source.take = lambda index: taken.append(len(index_array(index, 100))) or real_take(index)
+        with source.batches(chunks) as batches:
+            got = [b[0] for b in batches]
+        assert all(np.array_equal(g, x[c]) for g, c in zip(got, chunks)) and len(got) == len(chunks)
+        assert len(taken) == -(-len(chunks) // group) and sum(taken) == 100
 
 
 def test_closing_array_batches_early_stops_the_gather_thread():
