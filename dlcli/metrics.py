@@ -134,13 +134,20 @@ class SparseCategoricalAccuracy(Metric):
 
     def update(self, y_true, y_pred, sample_weight=None):
         """One label per sample, unweighted (fit's every batch): the hits counted in one compiled pass
-        (kernels/classification.sparse_hits); otherwise, and on the NumPy path, Metric's update of `values`."""
+        (kernels/classification.sparse_hits), which also range-checks the labels where they are already (rows,)
+        integers of the kernel's type (the loss has just checked the same labels: a second reduction over them,
+        after the step, cost ~5 us); otherwise, and on the NumPy path, Metric's update of `values`."""
         y_pred = np.asarray(y_pred)
         compiled = kernels.compiled("classification") if sample_weight is None and y_pred.ndim == 2 else None
         if compiled is None or y_pred.dtype.kind != "f":
             return super().update(y_true, y_pred, sample_weight)
-        labels = sparse_labels(y_true, y_pred, self.name)
-        self.total += compiled.sparse_hits(np.ascontiguousarray(y_pred), labels.astype(np.intp, copy=False))
+        labels = y_true
+        if type(labels) is not np.ndarray or labels.dtype != np.intp or labels.shape != y_pred.shape[:1]:
+            labels = sparse_labels(y_true, y_pred, self.name).astype(np.intp, copy=False)
+        hits = compiled.sparse_hits(np.ascontiguousarray(y_pred), labels)
+        if hits < 0:
+            sparse_labels(y_true, y_pred, self.name)  # raises, naming the label
+        self.total += hits
         self.weight += len(y_pred)
 
 

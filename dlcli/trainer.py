@@ -35,6 +35,7 @@ NORM_EVERY = 10
 # batch, computed before any update, floored at 1 so a near-zero start is not a hair trigger) stops the run as a NaN
 # does. 1e4 is four orders of magnitude: far beyond the noise of a healthy run, whose loss falls.
 DIVERGENCE_FACTOR = 1e4
+_ONE_PASS = nullcontext()  # a step whose layers do not split their batch over lanes (reusable: it holds nothing)
 
 
 class RunRecorder(Callback):
@@ -248,6 +249,7 @@ class Run:
                 self.initial_loss = position.get("initial_loss")
             cbs.on_train_begin()
             batch_logs_wanted = cbs.listens("on_train_batch_end")
+            batch_begin = cbs.on_train_batch_begin if cbs.listens("on_train_batch_begin") else None
             logs = {}
             for epoch in range(initial_epoch, epochs):
                 self.epoch = epoch
@@ -277,11 +279,10 @@ class Run:
                         partner = None
                         if self.mix is not None:
                             xb, yb, partner = self._mix(xb, yb, epoch, batch)
-                        cbs.on_train_batch_begin(batch)
-                        total, parts, outs = self.step(xb, yb, wb, share, partner)
+                        if batch_begin is not None:
+                            batch_begin(batch)
+                        self.step(xb, yb, wb, share, partner, self.logs)
                         self.samples_seen += size
-                        if self.exchange is None:
-                            self.logs.update(total, parts, yb if partner is None else partner[2], outs, wb)
                         if batch_logs_wanted:
                             cbs.on_train_batch_end(batch, {"batch": batch, "size": size, **self.logs.results()})
                         every = self.checkpoint_every
@@ -355,25 +356,31 @@ class Run:
         larger = [np.where(own.reshape((-1,) + (1,) * (y.ndim - 1)) >= 0.5, y, p) for y, p in zip(ys, partner)]
         return xs, ys, (partner, own, larger)
 
-    def step(self, xb, yb, wb=None, share=1.0, partner=None):
+    def step(self, xb, yb, wb=None, share=1.0, partner=None, logs: RunningLogs | None = None):
         """One optimizer step, behind fit and Model.train_step: forward, loss, backward, gradient exchange (several
         ranks), divergence gate, update. The gate comes before the update, so a batch that diverges leaves the
         weights that produced it untouched (it can be re-run with checks); the gradients are cleared however the
         step ends. `partner` (train.mix on class labels) makes the loss w * loss(labels) + (1 - w) * loss(partner's
-        labels) per sample. Returns (loss plus regularisation, each output's loss, the outputs)."""
-        model, params = self.model, self.model.trainable_weights
-        penalised, decayed, splits = self.step_layers or _step_layers(model)
-        with lanes.spread() if splits else nullcontext():
+        labels) per sample. `logs` (fit's running sums) take the batch's loss and metrics (on several ranks: the
+        global batch's, after the exchange) right after the loss, while its code and the outputs are still in the
+        caches: after the backward pass and the update each of the metrics' NumPy calls cost 5-10 us more. Returns
+        (loss plus regularisation, each output's loss, the outputs)."""
+        model = self.model
+        params, penalised, decayed, splits = self.step_layers or _step_layers(model)
+        with lanes.spread() if splits else _ONE_PASS:
             try:
                 outs = model.graph.forward(xb, training=True)
                 loss, parts, grads, yb = self._loss(yb, outs, wb, partner)
                 if self.exchange is None and not math.isfinite(loss):  # stop before a backward pass on NaN
                     self._divergence_gate(loss, params, xb, yb, wb)
+                if penalised:  # the penalties follow from the forward pass and the weights
+                    loss += float(sum(layer.regularization_loss() for layer in penalised))
+                if logs is not None and self.exchange is None:
+                    logs.update(loss, parts, yb, outs, wb)
                 if share != 1.0:  # this rank's part of the global batch
                     for g in grads:
                         g *= g.dtype.type(share)
                 model.graph.backward(grads)
-                loss += float(sum(layer.regularization_loss() for layer in penalised))
                 if self.exchange is not None:
                     loss, parts = self._exchange(loss, parts, outs, yb, wb, share)
                 for layer in decayed:  # after the exchange: each rank holds the weights, so add them once
@@ -523,14 +530,17 @@ def _sq(a) -> float:
     return float(np.dot(flat, flat))
 
 
-def _step_layers(model) -> tuple[list, list, bool]:
-    """(the layers whose regularization_loss can be non-zero, those with a regularized trainable weight, whether a
-    layer splits its batch over lanes): the layers a step asks for penalties and their gradients (the book MLP:
-    none), and whether the step runs every GEMM on one BLAS thread so the lanes have the cores (engine/lanes.py)."""
+def _step_layers(model) -> tuple[list, list, list, bool]:
+    """(the trainable weights, the layers whose regularization_loss can be non-zero, those with a regularized
+    trainable weight, whether a layer splits its batch over lanes): what a step updates, the layers it asks for
+    penalties and their gradients (the book MLP: none), and whether the step runs every GEMM on one BLAS thread so
+    the lanes have the cores (engine/lanes.py). fit finds them once; as in Keras, a change of `trainable` takes
+    effect at the next fit (Keras: at the next compile)."""
     from dlcli.engine.layer import Layer
 
     layers = model.layers
-    return ([layer for layer in layers if type(layer).regularization_loss is not Layer.regularization_loss
+    return (model.trainable_weights,
+            [layer for layer in layers if type(layer).regularization_loss is not Layer.regularization_loss
              or any(p.regularizer is not None for p in layer.params.values())],
             [layer for layer in layers if any(p.regularizer is not None for p in layer.trainable_weights)],
             any(getattr(layer, "splits_batch", False) for layer in layers))

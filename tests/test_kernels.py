@@ -409,3 +409,20 @@ def test_batch_norm_relu_backward_after_the_kernel_path_changed(monkeypatch):
         results.append([bn.backward(grad)] + [p.grad for p in bn.weights if p.trainable])
     for compiled, reference in zip(*results):
         np.testing.assert_allclose(compiled, reference, rtol=2e-6, atol=2e-5)
+
+
+@pytest.mark.parametrize("bad", [7, -1])
+def test_sparse_accuracy_refuses_a_label_out_of_range_on_both_paths(monkeypatch, bad):
+    """The compiled count checks the range in its pass (where the labels are already intp); the error is
+    sparse_labels' on both paths, and nothing is counted."""
+    from dlcli import metrics
+    from dlcli.errors import DlcliError
+
+    y = np.eye(7, dtype=np.float32)[[0, 1, 2]]
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        accuracy = metrics.get("sparse_categorical_accuracy")
+        for labels in (np.array([0, bad, 2]), np.array([[0], [bad], [2]], np.int32)):
+            with pytest.raises(DlcliError, match=f"got class label {bad}, but the output has 7 units"):
+                accuracy.update(labels, y)
+        assert accuracy.state() == [0.0, 0.0]

@@ -45,10 +45,14 @@ def sparse_softmax_crossentropy(z, labels, probabilities, elements, grad):
 def sparse_hits(y, labels):
     """How many rows of y (rows, classes) have their first maximum at labels (rows,) intp: the twin's
     count_nonzero(labels == y.argmax(-1)), where NumPy's argmax over a short last axis costs ~11 us for the book
-    MLP's (128, 10), a call per row. A NaN is np.argmax's maximum (its first one)."""
+    MLP's (128, 10), a call per row. A NaN is np.argmax's maximum (its first one). -1 where a label is not a class
+    (0..classes - 1): the caller's range check, folded into this pass (losses.sparse_labels then says which)."""
     rows, classes = y.shape
     hits = 0
     for i in range(rows):
+        label = labels[i]
+        if label < 0 or label >= classes:
+            return -1
         best, m = 0, y[i, 0]
         if m == m:
             for j in range(1, classes):
@@ -58,6 +62,6 @@ def sparse_hits(y, labels):
                     break
                 if v > m:
                     best, m = j, v
-        if best == labels[i]:
+        if best == label:
             hits += 1
     return hits
