@@ -139,6 +139,32 @@ def test_a_slow_pass_does_not_stall_the_other_threads(monkeypatch):
     np.testing.assert_allclose(y, x @ model.layers[0].kernel.value + model.layers[0].bias.value, rtol=1e-6)
 
 
+def test_predict_starts_its_pass_threads_once_and_makes_replicas_on_them(monkeypatch):
+    """The threads running inference passes outlive a predict (started and joined every call, they cost its caller
+    ~0.1 ms), and a graph replica is made on the thread that first needs one, not by the caller before any pass
+    starts; the outputs are the serial ones."""
+    import threading
+    import time
+
+    from dlcli.engine import blas, graph
+
+    model = models.Sequential([layers.Dense(3, input_shape=(4,))])
+    model.build(rng=np.random.default_rng(0))
+    x = np.arange(4 * 40, dtype=np.float32).reshape(40, 4)
+    made_on, replica, forward = [], graph.Graph.replica, graph.Graph.forward
+    monkeypatch.setattr(graph.Graph, "replica", lambda self: made_on.append(threading.current_thread().name)
+                        or replica(self))
+    monkeypatch.setattr(graph.Graph, "forward", lambda *a, **k: time.sleep(0.01) or forward(*a, **k))  # overlap
+    monkeypatch.setattr(blas, "threads", lambda: 2)
+    pass_threads = []
+    for _ in range(2):
+        y = model.predict(x, batch_size=4)
+        np.testing.assert_allclose(y, x @ model.layers[0].kernel.value + model.layers[0].bias.value, rtol=1e-6)
+        pass_threads.append({t.ident for t in threading.enumerate() if t.name.startswith("dlcli-infer")})
+    assert pass_threads[0] and pass_threads[0] == pass_threads[1]
+    assert made_on and all(name.startswith("dlcli-infer") for name in made_on)
+
+
 def test_same_seed_gives_identical_history_and_weights():
     x, y = blobs()
     runs = []
