@@ -68,6 +68,24 @@ def test_predict_runs_large_batches_in_cache_sized_passes_with_the_same_outputs(
     np.testing.assert_allclose(model.predict(x, batch_size=40), model(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_an_output_a_conv_pools_in_its_own_pass_does_not_size_the_passes(monkeypatch, path):
+    """A few-channel conv pools its output chunk by chunk, F(4x4) in its output transform (compiled kernels only):
+    neither output is written whole, so the largest activation a pass writes is another (the pooled output, the
+    input); a conv that writes its output and then pools it (no compiled kernels) still counts it."""
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    few = models.Sequential([layers.Conv2D(8, 3, activation="relu", input_shape=(32, 32, 1)), layers.MaxPooling2D(2),
+                             layers.Flatten(), layers.Dense(3)])
+    assert few._inference_rows() == models.INFERENCE_BYTES // (15 * 15 * 8 * 4)  # not 30 * 30 * 8
+    wide = models.Sequential([layers.Conv2D(32, 3, activation="relu", input_shape=(20, 20, 16)),
+                              layers.MaxPooling2D(2), layers.Flatten(), layers.Dense(3)])
+    largest = 20 * 20 * 16 if path == "numba" else 18 * 18 * 32  # the input, or the conv's output
+    assert wide._inference_rows() == models.INFERENCE_BYTES // (largest * 4)
+    for model, shape in ((few, (50, 32, 32, 1)), (wide, (50, 20, 20, 16))):
+        x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+        np.testing.assert_allclose(model.predict(x, batch_size=50), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_predict_splits_a_small_batch_evenly_over_the_blas_threads(monkeypatch):
     """A served batch smaller than a pass per thread is split into one pass per thread, not one pass for all."""
     from dlcli.engine import blas

@@ -165,6 +165,14 @@ class Graph:
                                      if id(pool) in self.poolable and layer.pools_own_output(pool, training=True)
                                      and all(isinstance(t.node.layer, InputLayer) for t in layer.nodes[0].inputs)}
 
+    def written_at_inference(self, tensor: SymbolicTensor) -> bool:
+        """Whether an inference pass writes `tensor` whole: not the output of a conv that pools it in its own pass
+        (`poolable`, and the conv's pools_in_its_pass), which only its pooled maximum leaves."""
+        layer = tensor.node.layer
+        return not any(layer is conv and id(pool) in self.poolable and conv.pools_in_its_pass(pool.pool_size,
+                                                                                             tensor.shape[:-1])
+                       for conv, pool, _ in self.movable)
+
     def replica(self) -> "Graph":
         """The same graph over twins of its layers: each twin shares its weights (the Param objects) but keeps its
         own caches, so another thread can run an inference pass on it at the same time."""

@@ -85,17 +85,26 @@ class _Conv(_Windowed):
         return few or (not training and all(4 % p == 0 for p in pool.pool_size)
                        and cm.winograd_shaped(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups))
 
+    def pools_in_its_pass(self, pool_size, out_sizes) -> bool:
+        """Whether a forward handed a pooling of windows `pool_size` (pools_own_output) takes it inside its own
+        pass, chunk by chunk, never writing its output (out_sizes) whole: cm.pooled_conv on few channels, or F(4x4)'s
+        pooled output transform. Otherwise it writes the output and then pools it (_pool_own_output)."""
+        if cm.winograd_applies(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups):
+            return cm.winograd_pools(out_sizes, pool_size)
+        return self.kernel.value.shape[-2] < cm.BLOCK_CHANNELS
+
     def forward(self, x, training=False):
         self.out_sizes, self.pads = cm.geometry(x.shape[1:-1], self.kernel_size, self.strides, self.padding,
                                                 self.dilation_rate)
         self.winograd = cm.winograd_applies(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups)
         # graph.py hands a Winograd conv its pooling at inference only (pools_own_output)
         pool = self.pool_after.pool_size if self.pool_after is not None else None
+        in_pass = pool is not None and self.pools_in_its_pass(pool, self.out_sizes)
         relu = isinstance(self.activation, activations.ReLU) and self.activation.plain
         bias = self.bias.value if self.use_bias else None
         if self.winograd:  # x itself (its transform reads the padding's zeros); training keeps the tiles
             self.x, self.tiles = x, {} if training else None
-            if pool is not None and cm.winograd_pools(self.out_sizes, pool):
+            if in_pass:
                 y = cm.winograd_conv(x, self.kernel.value, bias, self.out_sizes, self.pads, pooled=(pool, relu))
                 return y if relu else self.activation.forward_(y)
             z = cm.winograd_conv(x, self.kernel.value, bias, self.out_sizes, self.pads, self.tiles)
@@ -105,7 +114,7 @@ class _Conv(_Windowed):
         if self.groups > 1:
             return self._grouped_forward(xp)
         self.xp, self.cols = xp, None  # backward gathers the patches again, a chunk at a time
-        if pool is not None and self.kernel.value.shape[-2] < cm.BLOCK_CHANNELS:
+        if in_pass:
             pooled = (len(x), *(m // p for m, p in zip(self.out_sizes, pool)), self.filters)
             self.pooled_arg = cm.pooled_arg(pooled, pool) if training else None  # where the maxima came from
             y = self.pooled_y = cm.pooled_conv(xp, self.kernel.value, bias, self.dilation_rate, pool, pooled[1:-1],
