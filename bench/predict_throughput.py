@@ -8,8 +8,10 @@ through `model.predict` in dlcli and through the same network under torch.infere
 `--layers` times the CPU each layer takes per batch at inference on one thread instead (thread CPU time, best of
 `--rounds` alternating rounds): what a pass costs wherever it runs, and what a machine shared with other jobs
 inflates least. dlcli's layers through `predict` (its passes, one BLAS thread), PyTorch's modules through forward
-hooks, each peer's whole batch beside them; Keras + JAX compiles the network into one fused XLA program, so only its
-whole batch is timed, in process CPU (all of XLA's threads).
+hooks, each peer's whole batch beside them. Keras + JAX compiles a network into one fused XLA program, so its layers
+are timed as prefixes of the network (inputs -> a layer, jitted), each ending where a layer's output is written
+anyway (a conv and the pooling after it are one fusion; a prefix ending at the conv would write its whole output),
+their differences the layers' share, on one XLA thread (XLA_FLAGS, unless set) in process CPU.
 """
 import argparse
 import os
@@ -97,13 +99,28 @@ def torch_layer_timer(torch, x, batch):
     return run
 
 
-def keras_batch_timer(keras, x, batch):
+def keras_layer_timer(keras, x, batch):
+    """(one timed round, {prefix up to a layer: process CPU s, then "predict": the whole model.predict})."""
+    import jax
+
     model = keras_peer.convnet(keras)
+    pooling = ("MaxPooling2D", "AveragePooling2D")
+    ends = [layer for layer, after in zip(model.layers, model.layers[1:] + [None])
+            if after is None or type(after).__name__ not in pooling]
+    prefixes = {f"up to {layer.name}": jax.jit(lambda xb, _m=keras.Model(model.inputs, layer.output): _m(xb))
+                for layer in ends}
+    xb = jax.numpy.asarray(x[:batch])
 
     def run():
+        spent = {}
+        for name, prefix in prefixes.items():
+            start = time.process_time()
+            prefix(xb).block_until_ready()
+            spent[name] = time.process_time() - start
         start = time.process_time()
         model.predict(x[:batch], batch_size=batch, verbose=0)
-        return {"predict (process CPU, XLA's threads)": time.process_time() - start}
+        spent["predict"] = time.process_time() - start
+        return spent
     return run
 
 
@@ -114,6 +131,8 @@ def layer_report(batch, rounds):
     from common import torch_or_none
 
     x, _ = mnist_train((28, 28, 1), limit=batch)
+    # XLA's own threads, on one thread as the others (read when jax starts: before keras_or_none imports it)
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     runs = {"dlcli": dlcli_layer_timer(x, batch)}
     torch = torch_or_none()
     if torch is not None:
@@ -121,7 +140,7 @@ def layer_report(batch, rounds):
         runs["pytorch"] = torch_layer_timer(torch, x, batch)
     keras = keras_peer.keras_or_none()
     if keras is not None:
-        runs["keras"] = keras_batch_timer(keras, x, batch)
+        runs["keras"] = keras_layer_timer(keras, x, batch)
     best = {name: {} for name in runs}
     with threadpool_limits(1, user_api="blas"):
         for run in runs.values():  # warm-up: compiles, caches, JAX's tracing
@@ -134,9 +153,13 @@ def layer_report(batch, rounds):
     print(f"load average {os.getloadavg()[0]:.1f}; one thread; CPU ms per batch of {batch} at inference, best of "
           f"{rounds} alternating rounds")
     for name, layers in best.items():
-        print(f"--- {name}")
+        print(f"--- {name}" + (" (prefixes of the network, process CPU; in brackets the difference from the one "
+                               "before)" if name == "keras" else ""))
+        before = 0.0
         for layer, sec in layers.items():
-            print(f"  {layer:40s} {sec * 1e3:7.2f}")
+            step = f"  ({(sec - before) * 1e3:6.2f})" if layer.startswith("up to") else ""
+            before = sec if layer.startswith("up to") else before
+            print(f"  {layer:40s} {sec * 1e3:7.2f}{step}")
 
 
 def main():
