@@ -54,10 +54,12 @@ def reference(xp, kernel, bias, dilation, pool, pooled, relu):
     return np.maximum(y, 0) if relu else y
 
 
-# (input shape, kernel size, dilation, pool): the book convnet's first conv, several channels, a rectangular kernel,
-# dilation, an output the windows do not tile (its last row and column read by no window), a 3x2 window
-CASES = [((7, 28, 28, 1), (3, 3), (1, 1), (2, 2)), ((5, 10, 11, 3), (2, 4), (1, 1), (2, 2)),
-         ((4, 12, 9, 2), (3, 3), (2, 1), (2, 2)), ((6, 9, 9, 1), (2, 2), (1, 1), (3, 2))]
+# (input shape, kernel size, dilation, pool): the book convnet's first conv (at inference kernels/conv.pooled_conv_3x3,
+# as another with an odd output row its windows leave out), several channels, a rectangular kernel, dilation, an
+# output the windows do not tile (its last row and column read by no window), a 3x2 window
+CASES = [((7, 28, 28, 1), (3, 3), (1, 1), (2, 2)), ((3, 27, 30, 1), (3, 3), (1, 1), (2, 2)),
+         ((5, 10, 11, 3), (2, 4), (1, 1), (2, 2)), ((4, 12, 9, 2), (3, 3), (2, 1), (2, 2)),
+         ((6, 9, 9, 1), (2, 2), (1, 1), (3, 2))]
 
 
 @pytest.mark.parametrize("shape,kernel_size,dilation,pool", CASES)
@@ -76,10 +78,43 @@ def test_pooled_conv_equals_the_conv_and_pooling_to_rounding(monkeypatch, shape,
     y = cm.pooled_conv(x, kernel, bias, dilation, pool, pooled, relu)
     expected = reference(x, kernel, bias, dilation, pool, pooled, relu)
     assert y.dtype == np.float32 and y.shape == expected.shape == (shape[0], *pooled, 8)
-    np.testing.assert_allclose(y, expected, rtol=0, atol=8 * np.finfo(np.float32).eps * np.abs(expected).max())
-    arg = cm.pooled_arg(y.shape, pool)  # training: the same maxima, and where they came from
-    np.testing.assert_array_equal(cm.pooled_conv(x, kernel, bias, dilation, pool, pooled, relu, arg), y)
+    atol = 8 * np.finfo(np.float32).eps * np.abs(expected).max()
+    np.testing.assert_allclose(y, expected, rtol=0, atol=atol)
+    arg = cm.pooled_arg(y.shape, pool)  # training: the maxima (of the GEMM's sums), and where they came from
+    np.testing.assert_allclose(cm.pooled_conv(x, kernel, bias, dilation, pool, pooled, relu, arg), expected, rtol=0,
+                               atol=atol)
     assert arg.max() < np.prod(pool)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_3x3_conv_on_one_channel_is_written_directly_at_inference(monkeypatch, relu, dtype):
+    """kernels/conv.pooled_conv_3x3 at inference (compiled kernels), the GEMM in training and on the NumPy path:
+    within rounding of each other, NaN propagated alike, the same bits however the batch is split over lanes."""
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    compiled, used = kernels.compiled("conv"), []
+    direct = compiled.pooled_conv_3x3
+    monkeypatch.setattr(compiled, "pooled_conv_3x3", lambda *a: used.append(len(a[0])) or direct(*a))
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, 16, 15, 1)).astype(dtype)
+    x[2, 5, 6, 0] = np.nan
+    kernel = rng.standard_normal((3, 3, 1, 20)).astype(dtype)
+    bias = rng.standard_normal(20).astype(dtype)
+    results = []
+    for count in (1, 2, 3):
+        monkeypatch.setattr(lanes, "count", lambda count=count: count)
+        results.append(cm.pooled_conv(x, kernel, bias, (1, 1), (2, 2), (7, 6), relu))
+    assert sum(used) == 3 * len(x)
+    for y in results[1:]:
+        np.testing.assert_array_equal(y, results[0])
+    used.clear()
+    training = cm.pooled_conv(x, kernel, bias, (1, 1), (2, 2), (7, 6), relu, cm.pooled_arg(results[0].shape, (2, 2)))
+    monkeypatch.setenv("DLCLI_KERNELS", "numpy")
+    twin = cm.pooled_conv(x, kernel, bias, (1, 1), (2, 2), (7, 6), relu)
+    assert not used and results[0].dtype == dtype and np.isnan(results[0][2]).any() and not np.isnan(results[0][3:]).any()
+    atol = 16 * np.finfo(dtype).eps * np.nanmax(np.abs(twin))
+    np.testing.assert_allclose(results[0], twin, rtol=0, atol=atol)
+    np.testing.assert_allclose(training, twin, rtol=0, atol=atol)
 
 
 def full_gradients(g, y, arg, xp, kernel, dilation, pool, relu):

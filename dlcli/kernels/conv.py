@@ -12,11 +12,15 @@ EPYC shared by 8 jobs (load 15-19), col2im_matmul at the book convnet's second c
 two-thread GEMM and 30-45 ms with a two-thread prange (OpenBLAS's idle threads spin beside numba's). The second core
 comes from lanes instead (engine/lanes.py): col2im_matmul hands each lane its chunks of samples.
 
+pooled_conv_3x3 is conv_math.pooled_conv at inference for a 3x3 kernel on one channel under a 2x2 pooling (its twin
+is pooled_conv's gather + GEMM + tile_max, which training keeps: its backward reads where the maxima came from).
 pooled_conv_backward is the training backward of conv_math.pooled_conv (a few-channel convolution that pools its own
 output); its twin is conv_math.pooled_conv_backward_numpy.
 """
 import numba
 import numpy as np
+
+from dlcli.kernels.pooling import max_of_four
 
 PARALLEL = False
 JIT = dict(parallel=PARALLEL, cache=True, nogil=True, error_model="numpy")
@@ -43,6 +47,42 @@ def col2im(cols, kh, kw, sh, sw, dh, dw, dxp):
                         for ch in range(c):
                             dxp[b, row, col, ch] += cols[b, i, j, base + ch]
     return dxp
+
+
+@numba.njit(inline="always", **JIT)
+def _taps_3x3(x, b, r, s, w0, w1, w2, w3, w4, w5, w6, w7, w8, ch):
+    """Filter ch's 3x3 convolution of one-channel x at (r, s): the patch's nine scalars, each row's three in order."""
+    return (((x[b, r, s] * w0[ch] + x[b, r, s + 1] * w1[ch]) + x[b, r, s + 2] * w2[ch])
+            + ((x[b, r + 1, s] * w3[ch] + x[b, r + 1, s + 1] * w4[ch]) + x[b, r + 1, s + 2] * w5[ch])
+            + ((x[b, r + 2, s] * w6[ch] + x[b, r + 2, s + 1] * w7[ch]) + x[b, r + 2, s + 2] * w8[ch]))
+
+
+@numba.njit(**JIT)
+def pooled_conv_3x3(x, weights, bias, relu, y):
+    """The inference forward of conv_math.pooled_conv for a 3x3 kernel on one channel under a 2x2 pooling (the
+    MNIST convnets' first conv): x (n, height, width) padded, weights (9, f) -> y (n, pooled_h, pooled_w, f), the
+    maxima of each window's four outputs + bias, then max(., 0) where `relu`, written directly: each output one
+    loop over the filters reading nine weight rows (vectorised), where the twin gathers patches, multiplies them
+    with the kernel in a GEMM of 10 taps and pools the products (and where a loop over the taps per filter did not
+    vectorise). Each sample alone, so any split of the batch gives the same bits."""
+    n = x.shape[0]
+    _, pooled_h, pooled_w, f = y.shape
+    zero = y.dtype.type(0)
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = (weights[0], weights[1], weights[2], weights[3], weights[4], weights[5],
+                                          weights[6], weights[7], weights[8])
+    for b in range(n):
+        for i in range(pooled_h):
+            for j in range(pooled_w):
+                r, s = 2 * i, 2 * j
+                out = y[b, i, j]
+                for ch in range(f):
+                    z0 = _taps_3x3(x, b, r, s, w0, w1, w2, w3, w4, w5, w6, w7, w8, ch)
+                    z1 = _taps_3x3(x, b, r, s + 1, w0, w1, w2, w3, w4, w5, w6, w7, w8, ch)
+                    z2 = _taps_3x3(x, b, r + 1, s, w0, w1, w2, w3, w4, w5, w6, w7, w8, ch)
+                    z3 = _taps_3x3(x, b, r + 1, s + 1, w0, w1, w2, w3, w4, w5, w6, w7, w8, ch)
+                    v = max_of_four(z0, z1, z2, z3) + bias[ch]  # rounding is monotonic: the bias after the max
+                    out[ch] = v if not relu or v > zero or v != v else zero  # np.maximum(-0.0, 0) is 0.0
+    return y
 
 
 @numba.njit(**JIT)

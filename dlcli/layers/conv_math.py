@@ -428,9 +428,25 @@ def pooled_conv(xp, kernel, bias, dilation, pool, pooled_sizes, relu, arg=None):
     contiguous slice of the flat input (a channel's, strided by the channel count) rather than an im2col copy per
     output row; the columns past the output's width are computed and not read. Book convnet's first conv and
     pooling, thread CPU per 48 samples, one BLAS thread: im2col + GEMM + pooling of the whole output ~1.1 ms ->
-    0.48 ms."""
+    0.48 ms. At inference a 3x3 kernel on one channel under a 2x2 pooling (MNIST's first conv) is computed
+    directly instead (kernels/conv.pooled_conv_3x3): 128 images, one thread, thread CPU, best of 15 alternating,
+    AMD EPYC at load 16, 1.67 -> 0.66 ms (6.7 -> 2.6 ms per batch of 512)."""
     n, height, width, c = xp.shape
     kh, kw, _, f = kernel.shape
+    compiled = kernels.compiled("conv")
+    if arg is None and compiled is not None and (kh, kw, c) == (3, 3, 1) and tuple(dilation) == (1, 1) \
+            and tuple(pool) == (2, 2):  # inference on MNIST's images: written directly, no GEMM (kernels/conv.py)
+        y = np.empty((n, *pooled_sizes, f), xp.dtype)
+        weights = np.ascontiguousarray(kernel.reshape(9, f))
+        bias = np.zeros(f, xp.dtype) if bias is None else bias
+        x = xp.reshape(n, height, width)
+
+        def direct_part(run):
+            for start, stop in run:
+                compiled.pooled_conv_3x3(x[start:stop], weights, bias, relu, y[start:stop])
+            return run
+        lanes.run(direct_part, batch_parts(n))
+        return y
     taps, per_sample = kh * kw * c, height * width
     reach = (kh - 1) * dilation[0] * width + (kw - 1) * dilation[1]  # the last tap's offset into the flat input
     weights = kernel.reshape(taps, f)
