@@ -82,6 +82,11 @@ def _center_crop(have: tuple[int, int], size: tuple[int, int]) -> tuple[float, f
 class ImageFolderSource(Source):
     """Decodes the images of `files` on demand; `cache` keeps them (uint8) once decoded."""
 
+    # Decoding threads run at niceness 10 (Linux): while the step's lanes want both cores the scheduler gives the
+    # decoders ~10% of a core (CFS weight 110 against 1024), and a core a lane leaves idle to them whole. 19 (weight
+    # 15) starved them on a busy machine: the training thread then waited for its batches.
+    background = 10
+
     def __init__(self, files: list[Path], image_size, color_mode: str, interpolation: str,
                  crop_to_aspect_ratio: bool, cache: str, workers: int, prefetch: int):
         self.files, self.color_mode, self.interpolation = files, color_mode, interpolation

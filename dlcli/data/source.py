@@ -9,7 +9,9 @@ batches are split across processes see exactly the samples an uninterrupted sing
 Targets stay in memory as arrays (labels are small, and class weights, stratified splits and confusion matrices
 need all of them); only inputs come from a source.
 """
+import os
 import queue
+import sys
 import threading
 
 import numpy as np
@@ -36,6 +38,7 @@ class Source:
 
     prefetch = 0  # batches prepared ahead by `batches` (0: each batch is read when the step asks for it)
     workers = 1
+    background = 0  # a niceness for `batches`' threads (Linux), so that decoding yields the cores to the step's lanes
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -95,6 +98,8 @@ class Batches:
             self.threads.append(thread)
 
     def _work(self, w: int, count: int):
+        if getattr(self.source, "background", 0):
+            _lower_priority(self.source.background)
         for k in range(w, len(self.indices), count):
             if not self.free[w].get() or self.closed:
                 return
@@ -149,6 +154,17 @@ class Batches:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _lower_priority(niceness: int):
+    """This thread's niceness at least `niceness` (Linux: setpriority takes a thread's id; elsewhere it would set
+    the process')."""
+    if sys.platform.startswith("linux"):
+        thread = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, thread, max(niceness, os.getpriority(os.PRIO_PROCESS, thread)))
+        except OSError:  # not allowed: run as before
+            pass
 
 
 GROUP_BATCHES, GROUP_BYTES = 8, 4 << 20  # a group of in-memory batches: at most 8, at most ~4 MB unless one is larger
@@ -242,6 +258,10 @@ class _Wrapper(Source):
     @property
     def workers(self):
         return self.base.workers
+
+    @property
+    def background(self):
+        return self.base.background
 
     def describe(self):
         return self.base.describe()

@@ -1,5 +1,7 @@
 """Sample sources: batches in the trainer's order whatever the source, prefetching bounded and stoppable, and a
 run from a folder stopped mid-epoch and resumed ends bit-identical to an uninterrupted one."""
+import os
+import sys
 import threading
 
 import numpy as np
@@ -8,7 +10,7 @@ from PIL import Image
 
 from dlcli import checkpoint
 from dlcli.data import Dataset, load_dataset
-from dlcli.data.source import ArraySource, Source, batch_indices, index_array
+from dlcli.data.source import ArraySource, Batches, Source, Subset, batch_indices, index_array
 from dlcli.layers import Dense, Dropout, Flatten, Rescaling
 from dlcli.models import Sequential
 from dlcli.run_files import RunDir
@@ -155,3 +157,29 @@ def test_stop_mid_epoch_and_resume_from_a_folder_is_bit_identical(tiny_folder, t
     Run(again, verbose=0, rng=np.random.default_rng(7)).fit(Dataset(arrays, [y]), epochs=3, batch_size=6)
     for u, v in zip(ref.get_weights(), again.get_weights()):
         np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
+def test_a_background_sources_threads_lower_their_own_priority_only():
+    """An image folder's decoding threads run at niceness 10 (through a subset too), so the step's lanes keep the
+    cores; the training thread's priority is unchanged, and a thread already nicer stays so."""
+    from dlcli.data.image_folder import ImageFolderSource
+
+    seen = []
+
+    class Decoding(ArraySource):
+        background = ImageFolderSource.background
+
+        def take(self, index):
+            seen.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+            return super().take(index)
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    source = Subset(Decoding([np.arange(40, dtype=np.float32).reshape(20, 2)]), np.arange(20))
+    assert source.background == 10
+    with Batches(source, batch_indices(20, 4), workers=1, prefetch=2) as batches:
+        for _ in batches:
+            threading.Event().wait(0.01)
+    workers = {nice for name, nice in seen if name.startswith("dlcli-data")}
+    assert workers == {max(10, before)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
