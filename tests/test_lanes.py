@@ -1,6 +1,8 @@
 """Lanes (engine/lanes.py): a layer's batch split over threads gives the same bits on any number of lanes, on both
 kernel paths; errors in any lane reach the caller; a training step with such layers runs BLAS on one thread."""
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -157,3 +159,52 @@ def test_recurrent_layers_and_their_bidirectional_wrapper_ask_fit_for_lanes():
     assert all(layer.splits_batch for layer in (layers.LSTM(3), layers.GRU(3), layers.SimpleRNN(3),
                                                 layers.Bidirectional(layers.GRU(3))))
     assert not layers.ConvLSTM1D(2, 3).splits_batch
+
+
+def test_a_waiting_lane_sees_its_counter_move_and_gives_up_after_its_bound():
+    """kernels/lanes.wait_for_change reads the counter again at every turn (a bump from another thread ends the wait
+    long before its bound) and returns False once the bound has passed without one."""
+    from dlcli import kernels
+
+    compiled, libc = kernels.compiled("lanes"), lanes._libc()
+    if compiled is None or libc is None:
+        pytest.skip("no compiled kernels or no clock_gettime and sched_yield")
+    counter, ts = np.zeros(1, np.int64), np.empty(2, np.int64)
+    bump = threading.Timer(0.05, lambda: counter.__setitem__(0, 1))
+    bump.start()
+    start = time.perf_counter()
+    assert compiled.wait_for_change(*libc, counter, 0, 20 * 10**9, ts)  # a bound of 20 s
+    assert time.perf_counter() - start < 10
+    start = time.perf_counter()
+    assert not compiled.wait_for_change(*libc, counter, 1, 30 * 10**6, ts)
+    assert 0.03 <= time.perf_counter() - start < 10
+    assert compiled.wait_for_change(*libc, counter, 0, 0, ts)  # already moved: True at once
+
+
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_lanes_hand_over_after_their_wait_ran_out_as_back_to_back(monkeypatch, path):
+    """A lane polls for its next task for lanes.SPIN_NS, then sleeps on its queue (the NumPy path sleeps at once):
+    a run back to back and one after the lane slept both run on the lane and give their results in order."""
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    monkeypatch.setattr(lanes, "count", lambda: 2)
+    monkeypatch.setattr(lanes, "SPIN_NS", 1_000_000)
+    monkeypatch.setattr(lanes, "_spare_core", lambda: True)  # poll even on a busy machine
+    assert (lanes._waiter() is None) == (path == "numpy" or lanes._libc() is None)
+    workers = lane_threads(monkeypatch)
+    for pause in (0, 0, 0.01, 0, 0.01):
+        time.sleep(pause)
+        assert lanes.run(lambda run: [b * 10 for a, b in run], [(0, 1), (1, 2), (2, 3)]) == [10, 20, 30]
+    assert "dlcli-lane" in workers
+    assert all(lane.taken == lane.finished[0] == lane.posted[0] for lane in lanes._workers)
+
+
+def test_lanes_sleep_at_once_while_the_machine_runs_more_threads_than_cores(monkeypatch):
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    if os.path.exists("/proc/loadavg"):  # Linux: the count of runnable threads, this one among them
+        monkeypatch.setattr(lanes, "_CORES", -10**6)
+        assert not lanes._spare_core()
+        assert lanes._waiter() is None
+        monkeypatch.setattr(lanes, "_CORES", 10**6)
+        assert lanes._spare_core()
+    monkeypatch.setattr(lanes, "_spare_core", lambda: False)
+    assert lanes._waiter() is None

@@ -27,9 +27,13 @@ def _blas():
 
 
 def one_thread():
-    """A context manager that runs BLAS on one thread inside it (restoring the previous count after)."""
+    """A context manager that runs BLAS on one thread inside it (restoring the previous count after). Where BLAS is
+    on one thread already (inside lanes.spread, or in a lane) it does nothing: threadpoolctl's switch and restore
+    cost ~6 us of CPU even then, and an LSTM training step asks 6 times."""
     controller = _blas()
-    return nullcontext() if controller is None else controller.limit(limits=1)
+    if controller is None or threads() == 1:
+        return nullcontext()
+    return controller.limit(limits=1)
 
 
 def threads() -> int:

@@ -14,13 +14,24 @@ The lane count is BLAS's thread count (threadpoolctl, as inference_passes uses i
 `threadpool_limits(1)` block gives one lane and runs everything in the caller. Work inside a lane sees one BLAS
 thread, so a lane's layer never starts lanes of its own.
 """
+import ctypes
+import os
 import queue
 import threading
 from contextlib import contextmanager, nullcontext
 
+import numpy as np
+
+from dlcli import kernels
 from dlcli.engine import blas
 
-_workers: list = []  # (tasks, results) queues of each started worker thread
+# A lane asleep on its queue took 22 us to start after a hand-over back to back, 57 us after 1 ms idle, 121 us after
+# 5 ms (a quiet AMD EPYC; a median 1 ms at load 5, the woken thread queued behind its caller on the caller's core),
+# while an LSTM(32) step's part runs ~1 ms. So a lane, and a caller waiting for its lanes, first polls for SPIN_NS
+# with the GIL released (kernels/lanes.wait_for_change) and sleeps only then: 200 us of a core at most per wait, and
+# only while the machine has a core to spare (_waiter).
+SPIN_NS = 200_000
+_workers: list = []  # the _Lane of each started worker thread
 _start = threading.Lock()
 _busy = threading.Lock()  # one caller at a time hands work to the workers
 
@@ -70,12 +81,13 @@ def run(work, parts: list) -> list:
         # inside `spread` BLAS is on one thread already: threadpoolctl's switch and its restore cost the caller ~8
         # us of CPU a run, and a resnet training step makes 23 runs
         with nullcontext() if _granted else blas.one_thread():
-            for (tasks, _), own in zip(workers, runs[1:]):
-                tasks.put((work, own))
+            wait = _waiter()
+            for lane, own in zip(workers, runs[1:]):
+                lane.hand(work, own, wait)
             try:
                 results = list(work(runs[0]))
             finally:  # every worker is waited for, so none still writes when the caller moves on
-                outcomes = [done.get() for _, done in workers[:lanes - 1]]
+                outcomes = [lane.result(wait) for lane in workers[:lanes - 1]]
         for ok, value in outcomes:
             if not ok:
                 raise value
@@ -85,19 +97,95 @@ def run(work, parts: list) -> list:
         _busy.release()
 
 
+class _Lane:
+    """A worker thread and its hand-over: task and result queues, and the counters a waiting side polls (`posted`
+    bumped by callers after each task, `finished` by the worker after each result)."""
+
+    def __init__(self):
+        self.tasks, self.done = queue.SimpleQueue(), queue.SimpleQueue()
+        self.posted, self.finished = np.zeros(1, np.int64), np.zeros(1, np.int64)
+        self.taken = 0  # results the callers took
+        threading.Thread(target=self._serve, daemon=True, name="dlcli-lane").start()
+
+    def hand(self, work, parts, wait):
+        self.tasks.put((work, parts, wait))
+        self.posted[0] += 1
+
+    def result(self, wait):
+        if wait is not None:
+            wait(self.finished, self.taken)
+        self.taken += 1
+        return self.done.get()
+
+    def _serve(self):
+        wait, seen = None, 0
+        while True:
+            if wait is not None:  # as its last task's caller chose
+                wait(self.posted, seen)
+            work, parts, wait = self.tasks.get()
+            seen += 1
+            try:
+                outcome = (True, list(work(parts)))
+            except BaseException as e:  # handed to the caller, which raises it
+                outcome = (False, e)
+            self.done.put(outcome)
+            self.finished[0] += 1
+
+
+def _waiter():
+    """wait(counter, seen): up to SPIN_NS, the GIL released, until counter[0] moves past `seen`; None (sleep at
+    once) on the NumPy path, or while the machine runs more threads than it has cores: there the awaited thread
+    runs late and a poll only takes CPU from it or from other jobs (AMD EPYC at load 10, two 0.5 ms parts a run:
+    polling cost ~280 us of CPU a run and its wall time rose, 126-180 -> 185-1,200 us over the longer part)."""
+    compiled, libc = kernels.compiled("lanes"), _libc()
+    if compiled is None or libc is None or not _spare_core():
+        return None
+    return lambda counter, seen: compiled.wait_for_change(*libc, counter, seen, SPIN_NS, np.empty(2, np.int64))
+
+
+_loadavg = None  # a descriptor of /proc/loadavg, False where there is none
+
+
+def _spare_core() -> bool:
+    """Whether the threads running or runnable now (Linux's /proc/loadavg, ~1.3 us to read), the lanes' own not
+    counted (a lane still polling after its last task is one), are no more than the process' cores; True where the
+    count is unknown."""
+    global _loadavg
+    if _loadavg is None:
+        try:
+            _loadavg = os.open("/proc/loadavg", os.O_RDONLY)
+        except OSError:
+            _loadavg = False
+    if _loadavg is False:
+        return True
+    try:
+        runnable = int(os.pread(_loadavg, 80, 0).split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return True
+    return runnable - len(_workers) <= _CORES
+
+
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_libc_addresses = ()
+
+
+def _libc():
+    """(clock_gettime's address, sched_yield's) in the C library, or None where there are none."""
+    global _libc_addresses
+    if _libc_addresses == ():
+        try:
+            libc = ctypes.CDLL(None)
+            _libc_addresses = tuple(ctypes.cast(f, ctypes.c_void_p).value for f in (libc.clock_gettime,
+                                                                                    libc.sched_yield))
+        except (OSError, AttributeError, TypeError):
+            _libc_addresses = None
+    return _libc_addresses
+
+
 def _ensure(n: int) -> list:
     with _start:
         while len(_workers) < n:
-            tasks, done = queue.SimpleQueue(), queue.SimpleQueue()
-            threading.Thread(target=_serve, args=(tasks, done), daemon=True, name="dlcli-lane").start()
-            _workers.append((tasks, done))
+            _workers.append(_Lane())
     return _workers
-
-
-def _serve(tasks, done):
-    while True:
-        work, parts = tasks.get()
-        try:
-            done.put((True, list(work(parts))))
-        except BaseException as e:  # handed to the caller, which raises it
-            done.put((False, e))

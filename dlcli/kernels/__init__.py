@@ -152,4 +152,8 @@ def _import(name: str):
         import dlcli.kernels.winograd as winograd
 
         return winograd
+    if name == "lanes":
+        import dlcli.kernels.lanes as lanes
+
+        return lanes
     raise KeyError(f"no compiled kernel module {name!r}")
