@@ -64,10 +64,10 @@ def gru_backward_step(t, H, A, inner, dY, dh, carry, kept, dXP, dInner):
 
 
 # --- BLAS from compiled code -----------------------------------------------------------------------------------
-def _gemm_intrinsic(bits, trans_b=False):
-    """An intrinsic calling cblas ?gemm at address `fn` in row-major order: C = A @ B + beta C (A @ B.T with
-    `trans_b`), A (m, k), B (k, n) ((n, k) with trans_b), C (m, n) 2-D arrays of one float dtype whose rows are
-    contiguous (any row stride). `bits` is the BLAS' integer width (32, or 64 for an ILP64 build such as NumPy's)."""
+def _gemm_intrinsic(bits):
+    """An intrinsic calling cblas ?gemm at address `fn` in row-major order: C = A @ B + beta C, A (m, k), B (k, n),
+    C (m, n) 2-D arrays of one float dtype whose rows are contiguous (any row stride). `bits` is the BLAS' integer
+    width (32, or 64 for an ILP64 build such as NumPy's)."""
 
     @intrinsic
     def call(typingctx, fn, a, b, c, beta):
@@ -89,12 +89,12 @@ def _gemm_intrinsic(bits, trans_b=False):
                 return builder.trunc(ld, iN) if bits < 64 else ld
 
             A, B, C = arrays
-            m, k, n = dim(A, 0), dim(A, 1), dim(B, 0 if trans_b else 1)
+            m, k, n = dim(A, 0), dim(A, 1), dim(B, 1)
             fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, iN, iN, iN, fl, ptr, iN, ptr, iN, fl, ptr, iN])
             target = builder.inttoptr(fn_v, fnty.as_pointer())
-            no_trans, trans = ir.Constant(i32, 111), ir.Constant(i32, 112)
+            no_trans = ir.Constant(i32, 111)
             beta_f = context.cast(builder, beta_v, sig.args[4], aty.dtype)
-            builder.call(target, [ir.Constant(i32, 101), no_trans, trans if trans_b else no_trans, m, n, k,
+            builder.call(target, [ir.Constant(i32, 101), no_trans, no_trans, m, n, k,
                                   ir.Constant(fl, 1.0), builder.bitcast(A.data, ptr), lead(A),
                                   builder.bitcast(B.data, ptr), lead(B), beta_f, builder.bitcast(C.data, ptr),
                                   lead(C)])
@@ -106,7 +106,6 @@ def _gemm_intrinsic(bits, trans_b=False):
 
 
 _gemm64, _gemm32 = _gemm_intrinsic(64), _gemm_intrinsic(32)
-_gemm64_nt, _gemm32_nt = _gemm_intrinsic(64, True), _gemm_intrinsic(32, True)
 
 
 @numba.njit(**JIT)
@@ -116,15 +115,6 @@ def _matmul(blas, a, b, c, beta):
         _gemm64(blas[0], a, b, c, beta)
     else:
         _gemm32(blas[0], a, b, c, beta)
-
-
-@numba.njit(**JIT)
-def _matmul_nt(blas, a, b, c, beta):
-    """c = a @ b.T (+ c when beta is 1), b's rows contiguous: no transposed copy of b."""
-    if blas[1]:
-        _gemm64_nt(blas[0], a, b, c, beta)
-    else:
-        _gemm32_nt(blas[0], a, b, c, beta)
 
 
 # --- gate functions: fast float32, exact float64 ----------------------------------------------------------------
@@ -267,6 +257,7 @@ def lstm_backward(blas, A, TC, S, UzT, WxT, dY, dh, dc, kept, dW, dX):
     masked, has_dy = kept.size > 0, dY.size > 0
     carry, m, keep = np.zeros_like(dh), np.ones(B, A.dtype), np.zeros(B, A.dtype)
     dZ = np.empty((4 * u, B), A.dtype)
+    sT = np.empty((B, S.shape[1]), A.dtype)  # s_t transposed, for dW's product
     for t in range(T - 1, -1, -1):
         a, tc = A[t], TC[t]
         if masked:
@@ -300,8 +291,13 @@ def lstm_backward(blas, A, TC, S, UzT, WxT, dY, dh, dc, kept, dW, dX):
                 dz[j] = c[j] * m[j] * i[j] * (one - g[j] * g[j])
             for j in range(B):
                 c[j] = c[j] * (f[j] * m[j] + keep[j])
-        if dW.size > 0:
-            _matmul_nt(blas, dZ, S[t], dW, 1.0)
+        if dW.size > 0:  # dz @ s_t.T as NN on a transposed copy: 5.9 us a step with the copy, NT 7.2 (OpenBLAS)
+            s = S[t]
+            for k in range(s.shape[0]):
+                row = s[k]
+                for j in range(B):
+                    sT[j, k] = row[j]
+            _matmul(blas, dZ, sT, dW, 1.0)
         if dX.size > 0:
             _matmul(blas, WxT, dZ, dX[t], 0.0)
         if t:
