@@ -426,3 +426,31 @@ def test_sparse_accuracy_refuses_a_label_out_of_range_on_both_paths(monkeypatch,
             with pytest.raises(DlcliError, match=f"got class label {bad}, but the output has 7 units"):
                 accuracy.update(labels, y)
         assert accuracy.state() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_compiled_forward_keeps_its_input_not_xhat(monkeypatch, relu):
+    """The compiled forward writes y alone and keeps its input: the backward recomputes xhat with the forward's own
+    float32 operations, so the gradients are those from the xhat the NumPy forward keeps, bit for bit (the NumPy
+    backward after each forward: the same arithmetic on the same xhat)."""
+    from dlcli import layers
+    from dlcli.engine import activations
+
+    rng = np.random.default_rng(11)
+    x, grad = (rng.standard_normal((3, 5, 4, 6)).astype(np.float32) for _ in range(2))
+    results = []
+    for forward_path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", forward_path)
+        bn = layers.BatchNormalization()
+        bn.ensure_built(x.shape[1:])
+        bn.post_activation = activations.get("relu") if relu else None
+        bn.forward(x, training=True)
+        if forward_path == "numba":
+            assert bn.xhat is None and bn.x is x
+            mean, inv_std = bn.mean, bn.inv_std  # the compiled statistics, given to the NumPy forward's xhat below
+        else:
+            bn.xhat, bn.inv_std, bn.relu_fused = (x - mean) * inv_std, inv_std, relu
+        monkeypatch.setenv("DLCLI_KERNELS", "numpy")
+        results.append([bn.backward(grad)] + [p.grad for p in bn.weights if p.trainable])
+    for recomputed, kept in zip(*results):
+        np.testing.assert_array_equal(recomputed, kept)

@@ -10,9 +10,10 @@ BLAS sums to float32 rounding (not bit for bit: the order differs).
 
 A plain ReLU after the layer (graph.py moves it into the layer's post_activation) runs inside these loops: the
 forward clamps y as it writes it, the backward multiplies the gradient by (y > 0) as it reads it (the ReLU layer's
-own twin, grad * (y > 0)), so neither pass makes a pass of its own. The backward recomputes y from xhat, which it
-reads anyway, with the forward's own float32 operations (so the same bits): reading y as well, evicted from cache
-by then, made the resnet's BN + ReLU backward at 14x14x32 cost what the two layers had cost apart.
+own twin, grad * (y > 0)), so neither pass makes a pass of its own. The forward writes y alone: the backward
+recomputes xhat = (x - mean) * inv_std from the layer's input x, which it reads in place of xhat, and y from xhat,
+both with the forward's own float32 operations (so the same bits as when xhat was kept). Reading y as well, evicted
+from cache by then, made the resnet's BN + ReLU backward at 14x14x32 cost what the two layers had cost apart.
 """
 import numba
 
@@ -35,30 +36,24 @@ def shifted_sums(x, shift, acc_d, acc_dd):
 
 
 @numba.njit(**JIT)
-def normalise(x, mean, inv_std, gamma, beta, relu, xhat, y):
-    """xhat = (x - mean) * inv_std; y = xhat * gamma + beta, and with `relu` max(that, 0) (NaN kept, as
-    np.maximum). An empty gamma or beta is scale or center off."""
+def normalise(x, mean, inv_std, gamma, beta, relu, y):
+    """y = _affine((x - mean) * inv_std), and with `relu` max(that, 0) (NaN kept, as np.maximum). An empty gamma or
+    beta is scale or center off. xhat itself is not written: the backward recomputes it from x."""
     rows, c = x.shape
-    scale, center = gamma.size > 0, beta.size > 0
     zero = y.dtype.type(0)
     for r in range(rows):
         for k in range(c):
-            h = (x[r, k] - mean[k]) * inv_std[k]
-            xhat[r, k] = h
-            if scale:
-                h = h * gamma[k]
-            if center:
-                h = h + beta[k]
+            h = _affine((x[r, k] - mean[k]) * inv_std[k], gamma, beta, k)
             if relu and h < zero:
                 h = zero
             y[r, k] = h
 
 
 @numba.njit(**JIT)
-def gradient_sums(grad, xhat, gamma, beta, relu, acc_g, acc_gx):
-    """acc_g, acc_gx (C,) float64 = the column sums of g and of g * xhat (beta's and gamma's gradients), where g is
-    grad, or with `relu` grad * (y > 0), y = xhat * gamma + beta as normalise computed it. An empty gamma or beta is
-    scale or center off."""
+def gradient_sums(grad, x, mean, inv_std, gamma, beta, relu, acc_g, acc_gx):
+    """acc_g, acc_gx (C,) float64 = the column sums of g and of g * xhat (beta's and gamma's gradients), xhat =
+    (x - mean) * inv_std as normalise computed it, where g is grad, or with `relu` grad * (y > 0), y = xhat * gamma
+    + beta as normalise computed it. An empty gamma or beta is scale or center off."""
     rows, c = grad.shape
     zero = grad.dtype.type(0)
     for k in range(c):
@@ -66,31 +61,30 @@ def gradient_sums(grad, xhat, gamma, beta, relu, acc_g, acc_gx):
         acc_gx[k] = 0.0
     for r in range(rows):
         for k in range(c):
-            g, h = grad[r, k], xhat[r, k]
-            if relu:
-                g = _relu_gated(g, h, gamma, beta, k, zero)
+            g, h = grad[r, k], (x[r, k] - mean[k]) * inv_std[k]
+            if relu and not _affine(h, gamma, beta, k) > zero:
+                g = g * zero
             acc_g[k] += g
             acc_gx[k] += g * h
 
 
 @numba.njit(**JIT)
-def input_gradient(grad, xhat, gamma, beta, relu, scale, a, b, dx):
+def input_gradient(grad, x, mean, inv_std, gamma, beta, relu, scale, a, b, dx):
     """dx = (g * scale - xhat * a) - b, g as in gradient_sums: with batch statistics, scale = gamma * inv_std,
     a = sum(g * xhat) * scale / n and b = sum(g) * scale / n, i.e. scale * (g - mean(g) - xhat * mean(g * xhat))."""
     rows, c = grad.shape
     zero = grad.dtype.type(0)
     for r in range(rows):
         for k in range(c):
-            g, h = grad[r, k], xhat[r, k]
-            if relu:
-                g = _relu_gated(g, h, gamma, beta, k, zero)
+            g, h = grad[r, k], (x[r, k] - mean[k]) * inv_std[k]
+            if relu and not _affine(h, gamma, beta, k) > zero:
+                g = g * zero
             dx[r, k] = (g * scale[k] - h * a[k]) - b[k]
 
 
 @numba.njit(inline="always", **JIT)
-def _relu_gated(g, h, gamma, beta, k, zero):
-    """g * (y > 0) for channel k, y = h * gamma + beta recomputed as normalise wrote it (an empty gamma or beta is
-    scale or center off), `zero` of g's dtype: the ReLU's gradient mask, one home for both backward passes."""
+def _affine(h, gamma, beta, k):
+    """h * gamma + beta for channel k (an empty gamma or beta is scale or center off): one home for the forward's y
+    and the backward's ReLU mask, which recomputes it with the same float32 operations (so the same bits)."""
     y = h * gamma[k] if gamma.size > 0 else h
-    y = y + beta[k] if beta.size > 0 else y
-    return g if y > zero else g * zero
+    return y + beta[k] if beta.size > 0 else y

@@ -159,7 +159,7 @@ class BatchNormalization(_Normalization):
             grad = np.ascontiguousarray(grad)
             if compiled is not None:
                 return self._backward_compiled(compiled, grad)
-            grad = grad * (self._affine(self.xhat) > 0)  # the ReLU's twin: DLCLI_KERNELS changed since forward
+            grad = grad * (self._affine(self._normalised()) > 0)  # the ReLU's twin: DLCLI_KERNELS changed since forward
         elif self.post_activation is not None:
             grad = self.post_activation.backward(grad)
         if self.training and self.sync is None and self.mask_weights is None:
@@ -202,8 +202,8 @@ class BatchNormalization(_Normalization):
 
     def _forward_compiled(self, compiled, x):
         c, dt = x.shape[-1], x.dtype
-        rows, xhat, y = x.reshape(-1, c), np.empty_like(x), np.empty_like(x)
-        xhat_rows, parts = xhat.reshape(-1, c), _row_parts(len(rows), c)
+        rows, y = x.reshape(-1, c), np.empty_like(x)
+        parts = _row_parts(len(rows), c)
         shift = rows[0].astype(np.float64)  # every range's: the sums add up
         pairs = lanes.run(lambda run: [_pair(compiled.shifted_sums, rows[a:b], shift) for a, b in run], parts)
         d, dd = _summed([s for s, _ in pairs]) / len(rows), _summed([s for _, s in pairs]) / len(rows)
@@ -211,21 +211,32 @@ class BatchNormalization(_Normalization):
         inv_std = 1 / np.sqrt(var + dt.type(self.epsilon))
         gamma, beta = self._compiled_affine(dt)
         relu = self.post_activation is not None
-        lanes.run(lambda run: [compiled.normalise(rows[a:b], mean, inv_std, gamma, beta, relu, xhat_rows[a:b],
-                                                  y.reshape(-1, c)[a:b]) for a, b in run], parts)
+        lanes.run(lambda run: [compiled.normalise(rows[a:b], mean, inv_std, gamma, beta, relu, y.reshape(-1, c)[a:b])
+                               for a, b in run], parts)
         self._update_moving(mean, var, dt.type)
-        self.xhat, self.inv_std = xhat, inv_std.reshape(self.param_view)
+        # the input, not xhat: the backward recomputes xhat as it reads it, so no pass writes it
+        self.xhat, self.x, self.mean = None, x, mean
+        self.inv_std = inv_std.reshape(self.param_view)
         self.relu_fused = relu
         return y
+
+    def _normalised(self):
+        """xhat, as the forward computed it: kept by the NumPy forward, recomputed with the same float32 operations
+        after the compiled one (for a NumPy backward: DLCLI_KERNELS changed in between)."""
+        if self.xhat is None:
+            return _channelwise(np.multiply, _channelwise(np.subtract, self.x, self.mean.reshape(self.param_view)),
+                                self.inv_std)
+        return self.xhat
 
     def _batch_backward(self, grad):
         """The unmasked one-process case, 1.6x faster: with dxhat = gamma * grad, the sums the
         input gradient needs, sum(dxhat) and sum(dxhat * xhat), are gamma times beta's and gamma's own gradients,
         so dx = gamma * inv_std * (grad - mean(grad) - xhat * mean(grad * xhat))."""
-        axes, xhat = self.reduce_axes, self.xhat
+        axes = self.reduce_axes
         compiled = self._compiled(grad)
-        if compiled is not None:
+        if compiled is not None and self.xhat is None:
             return self._backward_compiled(compiled, grad)
+        xhat = self._normalised()
         dx = np.multiply(grad, xhat)
         sum_g, sum_gx = _sum(grad, axes), _sum(dx, axes)
         if self.center and self.beta.grad is not None:
@@ -242,16 +253,18 @@ class BatchNormalization(_Normalization):
         c, dt = grad.shape[-1], grad.dtype
         scale = np.ascontiguousarray((self.inv_std * self.gamma.value.reshape(self.param_view) if self.scale
                                       else self.inv_std).reshape(-1), dt)
-        rows, xhat, dx = grad.reshape(-1, c), self.xhat.reshape(-1, c), np.empty_like(grad)
+        rows, x, dx = grad.reshape(-1, c), self.x.reshape(-1, c), np.empty_like(grad)
+        mean, inv_std = self.mean, self.inv_std.reshape(-1)
         gamma, beta = self._compiled_affine(dt)
         relu = self.relu_fused
         parts = _row_parts(len(rows), c)
-        pairs = lanes.run(lambda run: [_pair(compiled.gradient_sums, rows[a:b], xhat[a:b], gamma, beta, relu)
+        pairs = lanes.run(lambda run: [_pair(compiled.gradient_sums, rows[a:b], x[a:b], mean, inv_std, gamma,
+                                             beta, relu)
                                        for a, b in run], parts)
         sum_g, sum_gx = _summed([g for g, _ in pairs]).astype(dt), _summed([gx for _, gx in pairs]).astype(dt)
         a, b = sum_gx * (scale / len(rows)), sum_g * (scale / len(rows))
-        lanes.run(lambda run: [compiled.input_gradient(rows[i:j], xhat[i:j], gamma, beta, relu, scale, a, b,
-                                                       dx.reshape(-1, c)[i:j]) for i, j in run], parts)
+        lanes.run(lambda run: [compiled.input_gradient(rows[i:j], x[i:j], mean, inv_std, gamma, beta, relu,
+                                                       scale, a, b, dx.reshape(-1, c)[i:j]) for i, j in run], parts)
         if self.center and self.beta.grad is not None:
             self.beta.grad += sum_g.reshape(self.beta.grad.shape)
         if self.scale and self.gamma.grad is not None:
