@@ -104,6 +104,28 @@ def test_a_recurrent_layer_gives_the_same_bits_on_one_two_and_three_lanes(monkey
         np.testing.assert_allclose(parts, whole, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_a_residual_block_summed_by_its_batch_norm_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, path):
+    """The graph runs BN -> Add -> ReLU as one pass in training (engine/graph.py): its row ranges on any lanes."""
+    from tests.test_moved_activations import Watcher, _pass, _residual_net
+
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    monkeypatch.setattr("dlcli.layers.normalization.LANE_FLOATS", 1)  # BN's passes on lanes at any size
+    model = _residual_net()
+    assert len(model.graph.summed) == 1
+    start = [p.value.copy() for p in model.weights]
+    x = np.random.default_rng(2).standard_normal((7, 6, 6, 3)).astype(np.float32)
+    results = []
+    for count, observer in ((1, None), (2, None), (3, None), (2, Watcher())):  # the last: the layers as written
+        monkeypatch.setattr(lanes, "count", lambda count=count: count)
+        for p, value in zip(model.weights, start):
+            p.value = value.copy()
+        results.append(_pass(model, [x], observer))
+    for result in results[1:]:
+        for one, other in zip(results[0], result):
+            np.testing.assert_array_equal(one, other)
+
+
 def test_an_error_in_any_lane_reaches_the_caller_and_the_lanes_stay_usable(monkeypatch):
     monkeypatch.setattr(lanes, "count", lambda: 2)
 

@@ -96,14 +96,22 @@ def test_relus_absorbed_by_batch_norm_and_add_give_the_layers_as_written_bit_for
     model = _residual_net()
     assert [(a.name, b.name) for a, b, _ in model.graph.movable] == [("stem_relu", "pool")]
     assert [(a.name, b.name) for a, b, _ in model.graph.absorbed] == [("bn1", "relu1"), ("add", "out_relu")]
+    # bn2 makes the sum (and its ReLU) in training; add2's inputs are not a BatchNormalization read by it alone
+    assert [(node.layer.name, add.name, other.name) for node, add, other, _ in model.graph.summed] == [
+        ("bn2", "add", "pool")]
+    sums, merge = [], layers.Add._merge
+    monkeypatch.setattr(layers.Add, "_merge", lambda self, xs: sums.append(self.name) or merge(self, xs))
     rng = np.random.default_rng(3)
     x = rng.standard_normal((5, 6, 6, 3)).astype(np.float32)
     for _ in range(2):  # the second time from the moving statistics the first left
         start = [p.value.copy() for p in model.weights]
         moved = _pass(model, [x], None)
+        assert sums == ["add2", "add", "add2"]  # training, then inference (nothing summed there)
         for p, value in zip(model.weights, start):
             p.value = value
         as_written = _pass(model, [x], Watcher())
+        assert sums == ["add2", "add", "add2"] + ["add", "add2"] * 2
+        sums.clear()
         for a, b in zip(moved, as_written):
             assert np.array_equal(a, b)
     assert model.get_layer("bn1").post_activation is None  # the observed pass put it back

@@ -10,6 +10,9 @@ A ReLU that only feeds a max pooling moves after it (relu(max z) == max(relu z),
 on a tensor pool_size times smaller. A ReLU layer that is the only reader of a BatchNormalization or an Add runs
 inside that layer instead (its `post_activation`): BatchNormalization's compiled passes apply it and mask its
 gradient in their own loops, an Add in place on its own output, and the ReLU layer passes its input through.
+In training an Add of two inputs of one shape, one of them made by a BatchNormalization that only the Add reads,
+runs inside that layer (`summed`: the v1 residual block's tail BN -> Add -> ReLU in one compiled pass): the graph
+hands the layer the Add's other input, made before it, and the Add passes the sum on; its backward is unchanged.
 Observed runs keep every layer's own output, so nothing moves in them. In an inference pass a layer that can
 pool its own output (`pools_own_output`: a few-channel Conv2D, or a Winograd one in its F(4x4) output transform)
 does so when that pooling's windows tile it, and keeps its activation: the pooling then passes its input on. In
@@ -157,6 +160,7 @@ class Graph:
                         for layer, pool in _movable_activations(self.nodes, consumers, outputs)]
         self.absorbed = [(layer, relu, type(relu.activation)())
                          for layer, relu in _absorbed_relus(self.nodes, consumers, outputs, self.movable)]
+        self.summed = _summed_adds(self.nodes, consumers, outputs)
         self.poolable = {id(pool) for layer, pool, _ in self.movable
                          if getattr(layer, "pools_own_output", None) and layer.pools_own_output(pool)}
         # in training only a conv reading the model's inputs: one whose input gradient a step needs pays more for it
@@ -187,17 +191,22 @@ class Graph:
         other.movable = [(twins[id(layer)], twins[id(pool)], type(act)()) for layer, pool, act in self.movable]
         other.absorbed = [(twins[id(layer)], twins[id(relu)], type(act)()) for layer, relu, act in self.absorbed]
         other.poolable = {id(twins[id(pool)]) for _, pool, _ in self.movable if id(pool) in self.poolable}
+        other.summed = []  # inference passes only: nothing is summed there
         return other
 
-    def _move_activations(self, move: bool, fuse=frozenset()):
+    def _move_activations(self, move: bool, fuse=frozenset(), sum_adds=False):
         """Each max pooling in `movable` applies the activation of the layer before it, or none does; those in
-        `fuse` (ids: `poolable` or `poolable_in_training`) are applied by that layer instead, activation and all.
-        Reset on every call: another graph over the same layers (a feature extractor ending at the conv) may have
-        moved it."""
+        `fuse` (ids: `poolable` or `poolable_in_training`) are applied by that layer instead, activation and all;
+        with `sum_adds` each Add in `summed` is made by the BatchNormalization before it. Reset on every call:
+        another graph over the same layers (a feature extractor ending at the conv) may have moved it."""
         for layer in self.layers:
             layer.activation_moved = False
             if getattr(layer, "post_activation", None) is not None:
                 layer.post_activation = None
+            if getattr(layer, "summed_by", None) is not None:
+                layer.summed_by = None
+            if getattr(layer, "sum_activation", None) is not None:
+                layer.sum_activation = None
             if getattr(layer, "pool_after", None) is not None:
                 layer.pool_after = None
             if getattr(layer, "pooled_before", False):
@@ -210,6 +219,9 @@ class Graph:
                     layer.activation_moved, pool.post_activation = True, activation
             for layer, relu, activation in self.absorbed:
                 relu.activation_moved, layer.post_activation = True, activation
+        if move and sum_adds:
+            for node, add, _, index in self.summed:
+                node.layer.sum_activation, add.summed_by = add.post_activation, index
 
     def forward(self, xs: list, training: bool = False, observer=None, inference_pass: bool = False) -> list:
         """The outputs for inputs `xs`. In training, or in an `inference_pass` (predict, evaluate: no backward
@@ -217,7 +229,8 @@ class Graph:
         gradient checks may call) runs the layers apart."""
         values, masks = {}, {}
         self._move_activations(observer is None, self.poolable_in_training if training else
-                               self.poolable if inference_pass else frozenset())
+                               self.poolable if inference_pass else frozenset(), training)
+        residuals = {id(node): other for node, _, other, _ in self.summed} if training and observer is None else {}
         for t, x in zip(self.inputs, xs):
             values[id(t)] = x
         for node in self.nodes:
@@ -232,6 +245,8 @@ class Graph:
             layer.input_mask = mask
             vars(layer).update(node.call_args)
             x = ins if node.multi_input else ins[0]
+            if id(node) in residuals:
+                layer.residual = values[id(residuals[id(node)])]
             out = layer.forward(x, training)
             if observer is not None:
                 observer.forward(node, out)
@@ -388,6 +403,28 @@ def _absorbed_relus(nodes, consumers, outputs, movable) -> list:
                 and consumers[id(source)] == 1 and not any(source is t for t in outputs)):
             pairs.append((layer, relu))
     return pairs
+
+
+def _summed_adds(nodes, consumers, outputs) -> list:
+    """(BatchNormalization node, Add layer, the Add's other input, the node's place among the Add's inputs) where the
+    layer may make the Add's sum itself: two inputs of one shape, the layer's output read by the Add alone and not a
+    model output, the other input made before it; neither layer shared."""
+    order = {id(node): i for i, node in enumerate(nodes)}
+    found = []
+    for node in nodes:
+        add = node.layer
+        if not hasattr(add, "summed_by") or len(add.nodes) != 1 or len(node.inputs) != 2:
+            continue
+        a, b = node.inputs
+        if a.shape != b.shape:
+            continue
+        index = 0 if order[id(a.node)] > order[id(b.node)] else 1  # the input made last
+        mine, other = node.inputs[index], node.inputs[1 - index]
+        layer = mine.node.layer
+        if (hasattr(layer, "sum_activation") and len(layer.nodes) == 1 and consumers[id(mine)] == 1
+                and not any(mine is t for t in outputs) and order[id(other.node)] < order[id(mine.node)]):
+            found.append((mine.node, add, other, index))
+    return found
 
 
 def _snapshot(obj) -> dict:

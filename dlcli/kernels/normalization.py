@@ -10,7 +10,9 @@ BLAS sums to float32 rounding (not bit for bit: the order differs).
 
 A plain ReLU after the layer (graph.py moves it into the layer's post_activation) runs inside these loops: the
 forward clamps y as it writes it, the backward multiplies the gradient by (y > 0) as it reads it (the ReLU layer's
-own twin, grad * (y > 0)), so neither pass makes a pass of its own. The forward writes y alone: the backward
+own twin, grad * (y > 0)), so neither pass makes a pass of its own. The forward also adds a residual where the
+graph gives the layer the Add after it (a v1 residual block's tail, BN -> Add -> ReLU, in one pass; the Add's backward
+is unchanged: it masks the gradient with the sum's ReLU and hands it to both its inputs). The forward writes y alone: the backward
 recomputes xhat = (x - mean) * inv_std from the layer's input x, which it reads in place of xhat, and y from xhat,
 both with the forward's own float32 operations (so the same bits as when xhat was kept). Reading y as well, evicted
 from cache by then, made the resnet's BN + ReLU backward at 14x14x32 cost what the two layers had cost apart.
@@ -36,14 +38,18 @@ def shifted_sums(x, shift, acc_d, acc_dd):
 
 
 @numba.njit(**JIT)
-def normalise(x, mean, inv_std, gamma, beta, relu, y):
-    """y = _affine((x - mean) * inv_std), and with `relu` max(that, 0) (NaN kept, as np.maximum). An empty gamma or
-    beta is scale or center off. xhat itself is not written: the backward recomputes it from x."""
+def normalise(x, mean, inv_std, gamma, beta, relu, residual, y):
+    """y = _affine((x - mean) * inv_std), plus `residual` (rows, C) where it has rows (an Add after the layer, which
+    the graph runs here: empty (0, C) otherwise), and with `relu` max(that, 0) (NaN kept, as np.maximum). An empty
+    gamma or beta is scale or center off. xhat itself is not written: the backward recomputes it from x."""
     rows, c = x.shape
+    summed = residual.shape[0] > 0
     zero = y.dtype.type(0)
     for r in range(rows):
         for k in range(c):
             h = _affine((x[r, k] - mean[k]) * inv_std[k], gamma, beta, k)
+            if summed:
+                h = h + residual[r, k]
             if relu and h < zero:
                 h = zero
             y[r, k] = h

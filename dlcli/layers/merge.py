@@ -123,8 +123,12 @@ class Add(_Merge):
 
     onnx_op = "Add"
     post_activation = None  # the ReLU layer after it, applied here in place when the graph moved it (graph.py)
+    summed_by = None  # in training, the input whose layer (a BatchNormalization) made the sum already (graph.py)
 
     def forward(self, xs, training=False):
+        if self.summed_by is not None:  # that layer's output is this one's, its post_activation applied
+            self.shapes, self.xs = [x.shape[1:] for x in xs], xs
+            return xs[self.summed_by]
         out = super().forward(xs, training)
         return out if self.post_activation is None else self.post_activation.forward_(out)
 

@@ -118,19 +118,30 @@ class BatchNormalization(_Normalization):
         self.reduce_axes = (0, *[a + 1 for a in range(len(input_shape)) if a not in self.feature_axes])
 
     post_activation = None  # the ReLU layer after it, applied here when the graph moved it (graph.py)
+    # In training the graph may run the Add after it here too (graph.py): `residual` is then the Add's other input
+    # for this call, `sum_activation` the Add's own post_activation (its ReLU or None), and the output is the Add's
+    residual = sum_activation = None
 
     def forward(self, x, training=False):
         self.training = training and self.trainable
         self.relu_fused = False  # True: the compiled passes applied the post_activation ReLU themselves
-        y = self._forward(x)
-        return y if self.post_activation is None or self.relu_fused else self.post_activation.forward_(y)
+        residual, self.residual = self.residual, None  # this call's: the layer keeps no reference to it
+        y = self._forward(x, residual)
+        if residual is None:
+            return y if self.post_activation is None or self.relu_fused else self.post_activation.forward_(y)
+        if self.summed:  # by the compiled pass, and clamped: the ReLU's backward reads its output, cached here
+            if self.sum_activation is not None:
+                self.sum_activation.y = y
+            return y
+        np.add(y, residual, out=y)  # y is this call's own array, as the Add's new one
+        return y if self.sum_activation is None else self.sum_activation.forward_(y)
 
-    def _forward(self, x):
+    def _forward(self, x, residual=None):
         dtype = x.dtype.type
-        self.mask_weights = None
+        self.mask_weights, self.summed = None, False
         compiled = self._compiled(x) if self.training and self.input_mask is None and self.sync is None else None
         if compiled is not None:
-            return self._forward_compiled(compiled, x)
+            return self._forward_compiled(compiled, x, residual)
         if self.training:
             if self.input_mask is not None:
                 mean, var, count = self._masked_moments(x, self.input_mask)
@@ -200,9 +211,12 @@ class BatchNormalization(_Normalization):
         off = np.empty(0, dtype)
         return self.gamma.value if self.scale else off, self.beta.value if self.center else off
 
-    def _forward_compiled(self, compiled, x):
+    def _forward_compiled(self, compiled, x, residual=None):
         c, dt = x.shape[-1], x.dtype
         rows, y = x.reshape(-1, c), np.empty_like(x)
+        self.summed = residual is not None and residual.shape == x.shape and residual.dtype == dt and \
+            residual.flags.c_contiguous and (self.sum_activation is None or self.sum_activation.plain)
+        added = residual.reshape(-1, c) if self.summed else np.empty((0, c), dt)
         parts = _row_parts(len(rows), c)
         shift = rows[0].astype(np.float64)  # every range's: the sums add up
         pairs = lanes.run(lambda run: [_pair(compiled.shifted_sums, rows[a:b], shift) for a, b in run], parts)
@@ -210,14 +224,15 @@ class BatchNormalization(_Normalization):
         mean, var = (shift + d).astype(dt), np.maximum(dd - d * d, 0.0).astype(dt)
         inv_std = 1 / np.sqrt(var + dt.type(self.epsilon))
         gamma, beta = self._compiled_affine(dt)
-        relu = self.post_activation is not None
-        lanes.run(lambda run: [compiled.normalise(rows[a:b], mean, inv_std, gamma, beta, relu, y.reshape(-1, c)[a:b])
-                               for a, b in run], parts)
+        relu = self.post_activation is not None or (self.summed and self.sum_activation is not None)
+        lanes.run(lambda run: [compiled.normalise(rows[a:b], mean, inv_std, gamma, beta, relu, added[a:b] if
+                                                  self.summed else added, y.reshape(-1, c)[a:b]) for a, b in run],
+                  parts)
         self._update_moving(mean, var, dt.type)
         # the input, not xhat: the backward recomputes xhat as it reads it, so no pass writes it
         self.xhat, self.x, self.mean = None, x, mean
         self.inv_std = inv_std.reshape(self.param_view)
-        self.relu_fused = relu
+        self.relu_fused = self.post_activation is not None  # the sum's ReLU is the Add's: its backward masks
         return y
 
     def _normalised(self):
