@@ -137,3 +137,18 @@ def test_a_conv_relu_before_a_batch_norm_stays_in_the_conv():
     x = layers.BatchNormalization()(layers.Conv2D(2, 3, activation="relu")(img))
     model = models.Model(img, layers.MaxPooling2D(2)(x))
     assert model.graph.movable == [] and model.graph.absorbed == []
+
+
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_a_summed_add_of_two_dtypes_promotes_as_the_add_does(monkeypatch, path):
+    """A float64 input added to a float32 BatchNormalization: the sum is float64, as the Add's own."""
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    img, wide = layers.Input((4, 4, 3), name="img"), layers.Input((4, 4, 3), name="wide", dtype="float64")
+    bn = layers.BatchNormalization(name="bn")(layers.Conv2D(3, 1, name="conv")(img))
+    model = models.Model([img, wide], layers.Add(name="add")([wide, bn]))
+    assert len(model.graph.summed) == 1
+    rng = np.random.default_rng(6)
+    xs = [rng.standard_normal((5, 4, 4, 3)).astype(np.float32), rng.standard_normal((5, 4, 4, 3))]
+    summed, as_written = (model.graph.forward(xs, training=True, observer=o)[0] for o in (None, Watcher()))
+    assert summed.dtype == as_written.dtype == np.float64
+    assert np.array_equal(summed, as_written)

@@ -133,7 +133,8 @@ class BatchNormalization(_Normalization):
             if self.sum_activation is not None:
                 self.sum_activation.y = y
             return y
-        np.add(y, residual, out=y)  # y is this call's own array, as the Add's new one
+        # y is this call's own array, as the Add's new one; inputs of two dtypes promote as the Add's sum does
+        y = np.add(y, residual, out=y) if residual.dtype == y.dtype else y + residual
         return y if self.sum_activation is None else self.sum_activation.forward_(y)
 
     def _forward(self, x, residual=None):
