@@ -29,23 +29,59 @@ def both_paths(monkeypatch, fn, *args):
 
 @pytest.mark.parametrize("shape,pool,strides", POOL_CASES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_max_pool_kernels_equal_their_numpy_twins(monkeypatch, shape, pool, strides, dtype):
+@pytest.mark.parametrize("relu", [False, True])
+def test_max_pool_kernels_equal_their_numpy_twins(monkeypatch, shape, pool, strides, dtype, relu):
     rng = np.random.default_rng(0)
     x = rng.integers(-3, 4, shape).astype(dtype)  # small integers: many ties, so the first-maximum rule matters
     x.flat[::11] = rng.standard_normal(x.flat[::11].size)
     x.flat[7] = np.nan  # NaN propagates as np.maximum does
     x.flat[3] = -np.inf  # as 'same' padding
+    x.flat[5] = -0.0
     out, _ = cm.geometry(x.shape[1:-1], pool, strides, "valid", (1,) * len(pool))
-    (y, arg), (y_ref, arg_ref) = both_paths(monkeypatch, cm.max_pool, x, pool, out, strides)
+    (y, arg), (y_ref, arg_ref) = both_paths(monkeypatch, cm.max_pool, x, pool, out, strides, relu)
     assert arg.dtype == arg_ref.dtype == (np.int32 if np.prod(pool) >= 256 else np.uint8)
     np.testing.assert_array_equal(arg, arg_ref)
     np.testing.assert_array_equal(y, y_ref)
-    w, w_ref = both_paths(monkeypatch, cm.window_max, x, pool, out, strides)
-    np.testing.assert_array_equal(w, w_ref)
+    if relu:  # np.maximum(-0.0, 0) is 0.0
+        assert not np.signbit(y_ref[y_ref == 0]).any()
+    if not relu:
+        w, w_ref = both_paths(monkeypatch, cm.window_max, x, pool, out, strides)
+        np.testing.assert_array_equal(w, w_ref)
     grad = rng.standard_normal(y.shape).astype(dtype)
-    dx, dx_ref = both_paths(monkeypatch, cm.max_pool_backward, grad, arg_ref, x.shape, pool, out, strides)
+    relu_y = y_ref if relu else None
+    dx, dx_ref = both_paths(monkeypatch, cm.max_pool_backward, grad, arg_ref, x.shape, pool, out, strides, relu_y)
     np.testing.assert_array_equal(dx, dx_ref)  # overlapping windows sum in the same order: equal, not close
     assert dx.dtype == dtype
+    if relu:  # the mask is the ReLU's backward: no gradient where the pooled output is not above 0
+        masked = grad * (y_ref > 0)
+        np.testing.assert_array_equal(dx_ref, cm.max_pool_backward_numpy(masked, arg_ref, x.shape, pool, out, strides))
+    # the kernel overwrites every element itself, those no window covers included (the caller no longer zeroes)
+    from dlcli.kernels import pooling
+    (ph, pw, sh, sw, _, _), (g2, a2, d2) = cm._as_2d(pool, out, strides, grad, arg_ref, np.full(x.shape, np.nan, dtype))
+    r2 = cm._as_2d(pool, out, strides, y_ref if relu else np.empty((0,) * grad.ndim, dtype))[1][0]
+    pooling.max_pool_backward(g2, a2, r2, d2, ph, pw, sh, sw)
+    np.testing.assert_array_equal(d2.reshape(x.shape), dx_ref)
+
+
+def test_a_moved_relu_runs_inside_the_max_pooling_in_training(monkeypatch):
+    """The conv's ReLU moved after its pooling (graph.py) is applied by max_pool's pass and masks the gradient in
+    max_pool_backward's: the same output and input gradient as the ReLU layer before a plain pooling."""
+    from dlcli import layers
+    from dlcli.engine import activations
+    rng = np.random.default_rng(2)
+    z = rng.integers(-2, 3, (4, 9, 9, 3)).astype(np.float32)
+    z.flat[::5] = rng.standard_normal(z.flat[::5].size)
+    g = rng.standard_normal((4, 4, 4, 3)).astype(np.float32)
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        pool = layers.MaxPooling2D(2)
+        pool.post_activation = activations.get("relu")
+        y = pool.forward(z.copy(), training=True)
+        dz = pool.backward(g)
+        assert pool.relu_y is y and not hasattr(pool.post_activation, "y")  # no pass of the ReLU's own
+        relu, plain = activations.get("relu"), layers.MaxPooling2D(2)
+        np.testing.assert_array_equal(y, plain.forward(relu.forward(z.copy()), training=True))
+        np.testing.assert_array_equal(dz, relu.backward(plain.backward(g)))
 
 
 def test_a_layer_trains_the_same_on_both_paths(monkeypatch):

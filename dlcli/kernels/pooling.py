@@ -28,10 +28,12 @@ def max_of_four(z0, z1, z2, z3):
 
 
 @numba.njit(**JIT)
-def max_pool(xp, pool_h, pool_w, stride_h, stride_w, arg, y):
-    """Window maxima into y; arg gets the flat in-window offset of each (the first maximum wins: strict `>` in
+def max_pool(xp, pool_h, pool_w, stride_h, stride_w, relu, arg, y):
+    """Window maxima into y, then max(y, 0) where `relu` (the activation of the layer before, moved after the
+    pooling: graph.py); arg gets the flat in-window offset of each maximum (the first maximum wins: strict `>` in
     order). Channels innermost: contiguous, so the comparisons vectorise."""
     n, out_h, out_w, c = y.shape
+    zero = y.dtype.type(0)
     for b in numba.prange(n):
         for i in range(out_h):
             for j in range(out_w):
@@ -45,6 +47,10 @@ def max_pool(xp, pool_h, pool_w, stride_h, stride_w, arg, y):
                         # np.maximum propagates NaN, and a NaN maximum keeps its place (NaN > v is false)
                         y[b, i, j, ch] = larger(best, v)
                         arg[b, i, j, ch] = k if v > best else arg[b, i, j, ch]
+                if relu:
+                    for ch in range(c):
+                        v = y[b, i, j, ch]
+                        y[b, i, j, ch] = v if v > zero or v != v else zero  # np.maximum(-0.0, 0) is 0.0
     return y
 
 
@@ -66,14 +72,25 @@ def window_max(xp, pool_h, pool_w, stride_h, stride_w, out_h, out_w):
 
 
 @numba.njit(**JIT)
-def max_pool_backward(grad, arg, dxp, pool_h, pool_w, stride_h, stride_w):
-    """Each output's gradient to its argmax in dxp (zeroed by the caller where windows leave inputs uncovered).
-    Disjoint windows: every window element is written once (gradient or 0), no read-modify-write. Overlapping: one
-    pass per offset in order, so an input shared by windows sums its gradients in the NumPy twin's order."""
+def max_pool_backward(grad, arg, relu_y, dxp, pool_h, pool_w, stride_h, stride_w):
+    """Each output's gradient to its argmax in dxp (overwritten), times relu_y > 0 where relu_y is not empty (the
+    moved ReLU's output, max_pool's y: its backward, grad * (y > 0) as ReLU.backward). Disjoint windows: every
+    window element is written once (gradient or 0), no read-modify-write, and only the inputs no window covers are
+    zeroed besides. Overlapping: the sample is zeroed, then one pass per offset in order, so an input shared by
+    windows sums its gradients in the NumPy twin's order."""
     n, out_h, out_w, c = grad.shape
+    _, height, width, _ = dxp.shape
     disjoint = stride_h >= pool_h and stride_w >= pool_w
-    zero = grad.dtype.type(0)
+    relu = relu_y.size > 0
+    zero, one = grad.dtype.type(0), grad.dtype.type(1)
     for b in numba.prange(n):
+        for r in range(height):  # not dxp[b] = 0: an array expression in a prange body ran 100x slower
+            row_covered = r < out_h * stride_h and r % stride_h < pool_h
+            for s in range(width):
+                if disjoint and row_covered and s < out_w * stride_w and s % stride_w < pool_w:
+                    continue
+                for ch in range(c):
+                    dxp[b, r, s, ch] = zero
         for p in range(1 if disjoint else pool_h * pool_w):
             for i in range(out_h):
                 for j in range(out_w):
@@ -82,11 +99,14 @@ def max_pool_backward(grad, arg, dxp, pool_h, pool_w, stride_h, stride_w):
                             continue
                         row, col = i * stride_h + k // pool_w, j * stride_w + k % pool_w
                         for ch in range(c):
+                            g = grad[b, i, j, ch]
+                            if relu:
+                                g = g * (one if relu_y[b, i, j, ch] > zero else zero)
                             hit = arg[b, i, j, ch] == k
                             if disjoint:
-                                dxp[b, row, col, ch] = grad[b, i, j, ch] if hit else zero
+                                dxp[b, row, col, ch] = g if hit else zero
                             elif hit:
-                                dxp[b, row, col, ch] += grad[b, i, j, ch]
+                                dxp[b, row, col, ch] += g
     return dxp
 
 

@@ -575,17 +575,19 @@ def _as_2d(pool, out_sizes, strides, *arrays):
     return (1, pool[0], 1, strides[0], 1, out_sizes[0]), tuple(a[:, None] for a in arrays)
 
 
-def max_pool(xp, pool, out_sizes, strides):
+def max_pool(xp, pool, out_sizes, strides, relu=False):
+    """(window maxima, then max(., 0) where `relu`; the flat in-window offset of each maximum)."""
     compiled = _compiled_pooling(pool)
     if compiled is None:
-        return max_pool_numpy(xp, pool, out_sizes, strides)
+        y, arg = max_pool_numpy(xp, pool, out_sizes, strides)
+        return (np.maximum(y, 0, out=y) if relu else y), arg  # as ReLU.forward_ after it
     (ph, pw, sh, sw, oh, ow), (x2,) = _as_2d(pool, out_sizes, strides, xp)
     arg = np.empty((xp.shape[0], oh, ow, xp.shape[-1]), np.uint8 if np.prod(pool) < 256 else np.int32)
     y = np.empty(arg.shape, xp.dtype)
 
     def pool_part(run):
         for start, stop in run:
-            compiled.max_pool(x2[start:stop], ph, pw, sh, sw, arg[start:stop], y[start:stop])
+            compiled.max_pool(x2[start:stop], ph, pw, sh, sw, relu, arg[start:stop], y[start:stop])
         return run
     lanes.run(pool_part, batch_parts(len(y)))
     return y.reshape(xp.shape[0], *out_sizes, -1), arg.reshape(y.shape[0], *out_sizes, -1)
@@ -639,24 +641,32 @@ def window_max_numpy(xp, pool, out_sizes, strides):
     return y
 
 
-def _tiled(pool, strides, out_sizes, padded_shape) -> bool:
-    """Windows that tile the input exactly write every element once: no zero fill needed."""
-    return all(s == p and m * s == n for s, p, m, n in zip(strides, pool, out_sizes, padded_shape[1:-1]))
-
-
-def max_pool_backward(grad, arg, padded_shape, pool, out_sizes, strides):
+def max_pool_backward(grad, arg, padded_shape, pool, out_sizes, strides, relu_y=None):
+    """The padded input's gradient of max_pool, from its output's gradient; `relu_y`: max_pool's output where it
+    applied the ReLU (the gradient masked by relu_y > 0 first, as ReLU.backward). The compiled kernel zeroes what
+    no window covers itself, each lane its samples, not the caller the whole array first."""
     compiled = _compiled_pooling(pool)
     if compiled is None:
+        if relu_y is not None:
+            grad = grad * (relu_y > 0)
         return max_pool_backward_numpy(grad, arg, padded_shape, pool, out_sizes, strides)
-    dxp = (np.empty if _tiled(pool, strides, out_sizes, padded_shape) else np.zeros)(padded_shape, grad.dtype)
-    (ph, pw, sh, sw, _, _), (g2, a2, d2) = _as_2d(pool, out_sizes, strides, np.ascontiguousarray(grad), arg, dxp)
+    dxp = np.empty(padded_shape, grad.dtype)
+    relu_y = np.empty((0,) * grad.ndim, grad.dtype) if relu_y is None else np.ascontiguousarray(relu_y)
+    (ph, pw, sh, sw, _, _), (g2, a2, r2, d2) = _as_2d(pool, out_sizes, strides, np.ascontiguousarray(grad), arg,
+                                                      relu_y, dxp)
 
     def spread_part(run):
         for start, stop in run:
-            compiled.max_pool_backward(g2[start:stop], a2[start:stop], d2[start:stop], ph, pw, sh, sw)
+            compiled.max_pool_backward(g2[start:stop], a2[start:stop], r2[start:stop], d2[start:stop], ph, pw, sh,
+                                       sw)
         return run
     lanes.run(spread_part, batch_parts(len(dxp)))
     return dxp
+
+
+def _tiled(pool, strides, out_sizes, padded_shape) -> bool:
+    """Windows that tile the input exactly write every element once: no zero fill needed."""
+    return all(s == p and m * s == n for s, p, m, n in zip(strides, pool, out_sizes, padded_shape[1:-1]))
 
 
 def max_pool_backward_numpy(grad, arg, padded_shape, pool, out_sizes, strides):

@@ -6,6 +6,7 @@ loop over the pool's offsets only.
 """
 import numpy as np
 
+from dlcli.engine import activations
 from dlcli.engine.layer import Layer, ranked
 from dlcli.errors import ConfigError
 from dlcli.layers import conv_math as cm
@@ -54,28 +55,36 @@ class _MaxPooling(_Pooling):
     post_activation = None  # the previous layer's activation, applied here when the graph moved it (graph.py)
     window_maximum = True  # relu(max z) == max(relu z): the graph may move the activation before it here
     pooled_before = False  # the previous layer pooled its own output in this pass (graph.py)
+    relu_y = None  # the output, where max_pool applied a moved plain ReLU itself in training: its gradient's mask
 
     def forward(self, x, training=False):
         if self.pooled_before:
             return x
         # -inf padding: a padded position never wins, as in TF's 'same' max pooling
         xp = self._prepare(x, -np.inf)
+        self.relu_y = None
         if not training:  # inference: the maxima only; their positions if a backward pass asks (gradient checks)
             self.arg, self.xp = None, xp
             y = cm.window_max(xp, self.pool_size, self.out_sizes, self.strides)
         else:
-            y, self.arg = cm.max_pool(xp, self.pool_size, self.out_sizes, self.strides)
+            # a moved plain ReLU inside the pooling's pass (on the lanes) rather than a pass of its own after it
+            relu = isinstance(self.post_activation, activations.ReLU) and self.post_activation.plain
+            y, self.arg = cm.max_pool(xp, self.pool_size, self.out_sizes, self.strides, relu)
             self.xp = None
+            if relu:
+                self.relu_y = y
+                return y
         return y if self.post_activation is None else self.post_activation.forward_(y)
 
     def backward(self, grad):
         if self.pooled_before:  # the conv before it takes this gradient to its own weights and input
             return grad
-        if self.post_activation is not None:
+        if self.post_activation is not None and self.relu_y is None:
             grad = self.post_activation.backward(grad)
         if self.arg is None:
             _, self.arg = cm.max_pool(self.xp, self.pool_size, self.out_sizes, self.strides)
-        dxp = cm.max_pool_backward(grad, self.arg, self.xp_shape, self.pool_size, self.out_sizes, self.strides)
+        dxp = cm.max_pool_backward(grad, self.arg, self.xp_shape, self.pool_size, self.out_sizes, self.strides,
+                                   self.relu_y)
         return cm.unpad(dxp, self.pads)
 
     def to_onnx(self, g, x, in_shape, mask):
