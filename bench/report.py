@@ -44,15 +44,15 @@ def workloads(quick: bool, rounds: int | None = None):
     mnist = common.mnist_train((784,), limit=2048 if q else None)
     return [
         ("book MLP epoch (MNIST, batch 128)", "s per 2,048 samples" if q else "s/epoch", 1,
-         lambda: mlp_epoch.runners(*mnist, 128), r(3), ("<= 0.8x", "<= 1.0x")),
+         lambda: mlp_epoch.runners(*mnist, 128), r(3), mlp_epoch.TARGETS),
         ("book convnet epoch (MNIST, batch 64)", "s/epoch (extrapolated)", (12 if q else 40) / 938,
-         lambda: convnet_epoch.runners(12 if q else 40), r(3), ("<= 0.8x", "<= 0.5x")),
+         lambda: convnet_epoch.runners(12 if q else 40), r(3), convnet_epoch.TARGETS),
         ("LSTM(32) step via fit (100x32, batch 64)", "ms/step", (2 if q else 10) / 1000,
          lambda: recurrent_step.runners("lstm", batches=2 if q else 10), r(5), recurrent_step.TARGETS["lstm"]),
         ("GRU(32) step via fit (100x32, batch 64)", "ms/step", (2 if q else 10) / 1000,
          lambda: recurrent_step.runners("gru", batches=2 if q else 10), r(5), recurrent_step.TARGETS["gru"]),
         ("fashion_mnist_resnet.yaml epoch (batch 64)", "s/epoch (extrapolated)", (2 if q else 20) / 844,
-         lambda: resnet_epoch.runners(64, 2 if q else 20), r(3), ("<= 1.0x", "<= 1.0x")),
+         lambda: resnet_epoch.runners(64, 2 if q else 20), r(3), resnet_epoch.TARGETS),
         ("book convnet predict (batch 512)", "ms/batch", (1 if q else 8) / 1000,
          lambda: predict_throughput.runners(512, 1 if q else 8), r(5), predict_throughput.TARGETS),
     ]
