@@ -328,3 +328,36 @@ def test_the_gradient_exchange_sends_zeros_for_a_gradient_no_layer_wrote():
     params[1].grad += 1  # written this step; params[0] was not
     exchange(np.zeros(1), False)
     np.testing.assert_array_equal(exchange.buf[:5], [0, 0, 0, 1, 1])
+
+
+
+def test_a_layer_autocasts_its_inputs_to_its_dtype_as_in_keras():
+    """A float64 Conv2D between float32 layers (Keras 3's autocast): the config trains and predicts, the conv computes
+    in float64, and each cast sends its gradient back in its input's dtype (fails before: NumPy refused the float32
+    data in the float64 conv's out= product)."""
+    model = builder.build_model({"name": "t", "seed": 0, "data": {"type": "mnist"}, "model": {
+        "type": "sequential", "input_shape": [8, 8, 1], "layers": [
+            {"type": "Conv2D", "filters": 4, "kernel_size": 3, "dtype": "float64"}, {"type": "Flatten"},
+            {"type": "Dense", "units": 3, "activation": "softmax"}]},
+        "compile": {"optimizer": "adam", "loss": "sparse_categorical_crossentropy"},
+        "train": {"epochs": 1, "batch_size": 4}})
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 8, 8, 1)).astype(np.float32), np.array([0, 1, 2, 1])
+    loss = model.train_step([x], [y])[0]
+    assert np.isfinite(loss) and model.layers[0].params["kernel"].value.dtype == np.float64
+    assert model.predict(x).dtype == np.float32 and model.predict(x).shape == (4, 3)
+
+    img = layers.Input((8, 8, 1))
+    first = layers.Conv2D(2, 3, name="first")
+    wide = layers.Conv2D(3, 3, dtype="float64", name="wide")
+    model = models.Model(img, layers.Dense(2)(layers.Flatten()(wide(first(img)))))
+    seen = {}
+    for layer in (first, wide):
+        def backward(grad, layer=layer, own=layer.backward):
+            seen[layer.name] = grad.dtype
+            return own(grad)
+        layer.backward = backward
+    out = model.graph.forward([x], training=True)[0]
+    grads = model.graph.backward([np.ones_like(out)], need_input_grads=True)
+    assert out.dtype == np.float32 and grads[0].dtype == np.float32
+    assert seen == {"first": np.float32, "wide": np.float64}

@@ -141,7 +141,8 @@ def test_a_conv_relu_before_a_batch_norm_stays_in_the_conv():
 
 @pytest.mark.parametrize("path", ["numba", "numpy"])
 def test_a_summed_add_of_two_dtypes_promotes_as_the_add_does(monkeypatch, path):
-    """A float64 input added to a float32 BatchNormalization: the sum is float64, as the Add's own."""
+    """A float64 input added to a float32 BatchNormalization: the float32 Add takes it in float32 (Keras' autocast,
+    graph.forward), so the sum is float32, the same bits whether the BatchNormalization or the Add makes it."""
     monkeypatch.setenv("DLCLI_KERNELS", path)
     img, wide = layers.Input((4, 4, 3), name="img"), layers.Input((4, 4, 3), name="wide", dtype="float64")
     bn = layers.BatchNormalization(name="bn")(layers.Conv2D(3, 1, name="conv")(img))
@@ -150,5 +151,13 @@ def test_a_summed_add_of_two_dtypes_promotes_as_the_add_does(monkeypatch, path):
     rng = np.random.default_rng(6)
     xs = [rng.standard_normal((5, 4, 4, 3)).astype(np.float32), rng.standard_normal((5, 4, 4, 3))]
     summed, as_written = (model.graph.forward(xs, training=True, observer=o)[0] for o in (None, Watcher()))
-    assert summed.dtype == as_written.dtype == np.float64
+    assert summed.dtype == as_written.dtype == np.float32
     assert np.array_equal(summed, as_written)
+
+
+def test_a_batch_norm_of_another_dtype_than_its_add_does_not_sum_it():
+    """The Add casts a float64 BatchNormalization's output to float32 before it sums: the layer cannot sum for it."""
+    img = layers.Input((4, 4, 3), name="img")
+    bn = layers.BatchNormalization(dtype="float64")(layers.Conv2D(3, 1)(img))
+    model = models.Model(img, layers.Add()([img, bn]))
+    assert model.graph.summed == []

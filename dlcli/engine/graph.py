@@ -4,7 +4,9 @@ Forward runs nodes in order, passing masks along; backward runs them in reverse,
 fans out. A layer called more than once (shared weights) keeps one cache per node: the executor saves the layer's
 attributes after each node's forward and restores them before that node's backward. An `observer` (divergence
 reports, `inspect-shapes --trace`) sees every node's output and gradients without touching the layers:
-`observer.forward(node, output)` and `observer.backward(node, output_grad, input_grad)`.
+`observer.forward(node, output)` and `observer.backward(node, output_grad, input_grad)`. As Keras 3 does, a
+layer takes its floating inputs in its own dtype (a float64 conv between float32 layers) and the cast's gradient
+goes back in the input's dtype: every pass (fit, predict, Sequential, functional) runs here.
 
 A ReLU that only feeds a max pooling moves after it (relu(max z) == max(relu z), gradients included): it then runs
 on a tensor pool_size times smaller. A ReLU layer that is the only reader of a BatchNormalization or an Add runs
@@ -20,6 +22,7 @@ training only the few-channel Conv2D that reads the model's inputs does (`poolab
 passes its output's gradient back, which the conv takes to its weights from where each maximum came from.
 """
 import copy
+import functools
 import itertools
 import os
 import queue
@@ -83,6 +86,22 @@ def numpy_dtype(dtype: str) -> np.dtype:
     """An input's dtype name as NumPy's: "string" (text read by StringLookup, Hashing, HashedCrossing at the data
     edge) is any NumPy text array, sized here as object pointers."""
     return np.dtype(object) if dtype == "string" else np.dtype(dtype)
+
+
+@functools.cache
+def compute_dtype(dtype: str) -> np.dtype | None:
+    """The dtype a layer of `dtype` computes in, if floating (Keras casts floating inputs to it), else None."""
+    dtype = numpy_dtype(dtype)
+    return dtype if dtype.kind == "f" else None
+
+
+def autocast(x, dtype: np.dtype | None):
+    """`x` in `dtype` if both are floating (None: not floating) and differ, else `x` itself."""
+    return x.astype(dtype) if dtype is not None and _floating_other_than(x, dtype) else x
+
+
+def _floating_other_than(x, dtype: np.dtype) -> bool:
+    return getattr(x, "dtype", dtype) != dtype and x.dtype.kind == "f"
 
 
 def Input(shape, name: str | None = None, dtype: str = "float32") -> SymbolicTensor:
@@ -161,6 +180,7 @@ class Graph:
         self.absorbed = [(layer, relu, type(relu.activation)())
                          for layer, relu in _absorbed_relus(self.nodes, consumers, outputs, self.movable)]
         self.summed = _summed_adds(self.nodes, consumers, outputs)
+        self.cast_from: dict = {}  # set by each forward
         self.poolable = {id(pool) for layer, pool, _ in self.movable
                          if getattr(layer, "pools_own_output", None) and layer.pools_own_output(pool)}
         # in training only a conv reading the model's inputs: one whose input gradient a step needs pays more for it
@@ -230,7 +250,9 @@ class Graph:
         values, masks = {}, {}
         self._move_activations(observer is None, self.poolable_in_training if training else
                                self.poolable if inference_pass else frozenset(), training)
-        residuals = {id(node): other for node, _, other, _ in self.summed} if training and observer is None else {}
+        residuals = {id(node): (other, add) for node, add, other, _ in self.summed} if training and observer is None \
+            else {}
+        self.cast_from = {}  # {id(node): its inputs' dtypes} where forward cast them: backward casts back
         for t, x in zip(self.inputs, xs):
             values[id(t)] = x
         for node in self.nodes:
@@ -238,6 +260,12 @@ class Graph:
                 continue
             layer = node.layer
             ins = [values[id(t)] for t in node.inputs]
+            compute = compute_dtype(layer.dtype)
+            if compute is not None and any(_floating_other_than(x, compute) for x in ins):
+                # Keras 3 autocasts (Layer.__call__, dtype_policy.convert_input): each floating input in the layer's
+                # compute dtype; the cast's gradient goes back in the input's dtype (backward below)
+                self.cast_from[id(node)] = [compute_dtype(str(getattr(x, "dtype", "object"))) for x in ins]
+                ins = [autocast(x, compute) for x in ins]
             in_masks = [masks.get(id(t)) for t in node.inputs]
             mask = in_masks if node.multi_input else in_masks[0]
             if node.multi_input and all(m is None for m in in_masks):
@@ -246,7 +274,8 @@ class Graph:
             vars(layer).update(node.call_args)
             x = ins if node.multi_input else ins[0]
             if id(node) in residuals:
-                layer.residual = values[id(residuals[id(node)])]
+                other, add = residuals[id(node)]
+                layer.residual = autocast(values[id(other)], compute_dtype(add.dtype))  # as the Add would take it
             out = layer.forward(x, training)
             if observer is not None:
                 observer.forward(node, out)
@@ -286,6 +315,8 @@ class Graph:
             if observer is not None:
                 observer.backward(node, g_out, g_in)
             g_in = g_in if node.multi_input else [g_in]
+            if id(node) in self.cast_from:
+                g_in = [autocast(g, dtype) for g, dtype in zip(g_in, self.cast_from[id(node)])]
             for t, g in zip(node.inputs, g_in):
                 _accumulate(acc, t, g)
         return [acc.get(id(t)) for t in self.inputs]
@@ -421,7 +452,8 @@ def _summed_adds(nodes, consumers, outputs) -> list:
         index = 0 if order[id(a.node)] > order[id(b.node)] else 1  # the input made last
         mine, other = node.inputs[index], node.inputs[1 - index]
         layer = mine.node.layer
-        if (hasattr(layer, "sum_activation") and len(layer.nodes) == 1 and consumers[id(mine)] == 1
+        if (hasattr(layer, "sum_activation") and layer.dtype == add.dtype and len(layer.nodes) == 1
+                and consumers[id(mine)] == 1
                 and not any(mine is t for t in outputs) and order[id(other.node)] < order[id(mine.node)]):
             found.append((mine.node, add, other, index))
     return found
