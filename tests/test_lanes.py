@@ -140,6 +140,31 @@ def test_an_error_in_any_lane_reaches_the_caller_and_the_lanes_stay_usable(monke
     assert lanes.run(work, [(0, 1), (2, 3), (3, 4), (5, 6)]) == [0, 20, 30, 50]  # in order of the parts
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_starts_lanes_of_its_own(monkeypatch):
+    monkeypatch.setattr(lanes, "count", lambda: 2)
+    work = lambda run: [a * 10 for a, _ in run]
+    assert lanes.run(work, [(0, 1), (1, 2)]) == [0, 10]  # the parent's lane is started
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's lane thread is not here
+        code = 1
+        try:
+            code = 0 if lanes.run(work, [(2, 3), (3, 4)]) == [20, 30] else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.01)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child waited for its parent's lanes")
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_inside_a_lane_blas_has_one_thread_and_no_lanes_start(monkeypatch):
     monkeypatch.setattr(lanes, "count", lambda: 2)
     seen = lanes.run(lambda run: [(blas.threads(), lanes.run(lambda r: [len(r)], [(0, 1), (1, 2)]))

@@ -189,3 +189,15 @@ def _ensure(n: int) -> list:
         while len(_workers) < n:
             _workers.append(_Lane())
     return _workers
+
+
+def _forget_workers():
+    """In a forked child: fork copies only the forking thread, so the parent's lanes are not there to serve (a run
+    would wait for them forever) and a lock another thread held stays held; the child starts lanes of its own."""
+    global _start, _busy
+    _workers.clear()
+    _start, _busy = threading.Lock(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
