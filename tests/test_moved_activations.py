@@ -140,7 +140,7 @@ def test_a_conv_relu_before_a_batch_norm_stays_in_the_conv():
 
 
 @pytest.mark.parametrize("path", ["numba", "numpy"])
-def test_a_summed_add_of_two_dtypes_promotes_as_the_add_does(monkeypatch, path):
+def test_a_summed_add_of_two_dtypes_sums_in_the_adds_dtype(monkeypatch, path):
     """A float64 input added to a float32 BatchNormalization: the float32 Add takes it in float32 (Keras' autocast,
     graph.forward), so the sum is float32, the same bits whether the BatchNormalization or the Add makes it."""
     monkeypatch.setenv("DLCLI_KERNELS", path)

@@ -133,8 +133,9 @@ class BatchNormalization(_Normalization):
             if self.sum_activation is not None:
                 self.sum_activation.y = y
             return y
-        # y is this call's own array, as the Add's new one; inputs of two dtypes promote as the Add's sum does
-        y = np.add(y, residual, out=y) if residual.dtype == y.dtype else y + residual
+        # y is this call's own array, as the Add's new one; the residual comes in the Add's dtype (the graph casts
+        # it), which is this layer's (graph._summed_adds)
+        y = np.add(y, residual, out=y)
         return y if self.sum_activation is None else self.sum_activation.forward_(y)
 
     def _forward(self, x, residual=None):
