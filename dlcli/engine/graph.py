@@ -391,7 +391,8 @@ def _pass_pool(threads: int) -> ThreadPoolExecutor:
     return pool
 
 
-os.register_at_fork(after_in_child=_pass_pools.clear)  # a forked child has none of its parent's threads
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_pass_pools.clear)  # a forked child has none of its parent's threads
 
 
 def _twin(layer: Layer) -> Layer:
