@@ -191,8 +191,8 @@ def _sparse_softmax_crossentropy(z, labels, probabilities=None):
         grad[rows, labels] -= 1
         return -log_p[rows, labels], grad
     elements, grad = np.empty(len(z), z.dtype), np.empty(z.shape, z.dtype)
-    compiled.sparse_softmax_crossentropy(np.ascontiguousarray(z), labels.astype(np.intp, copy=False),
-                                         np.empty((0, 0), z.dtype) if probabilities is None else np.ascontiguousarray(probabilities),
+    given = np.empty((0, 0), z.dtype) if probabilities is None else np.ascontiguousarray(probabilities)
+    compiled.sparse_softmax_crossentropy(np.ascontiguousarray(z), labels.astype(np.intp, copy=False), given,
                                          elements, grad)
     return elements, grad
 
