@@ -1,8 +1,9 @@
 """A Conv2D that pools its own output (engine/graph.py's poolable pairs): a few-channel one through
-conv_math.pooled_conv (in training too, with pooled_conv_backward), a Winograd-shaped one at inference in F(4x4)'s
-output transform (winograd.output_tiles_4x4_pooled). The tiling max pooling kernel against its NumPy twin (bit for
+conv_math.pooled_conv (in training too, with pooled_conv_backward), a Winograd-shaped one at inference in its output
+transform (winograd.output_tiles_mixed_pooled). The tiling max pooling kernel against its NumPy twin (bit for
 bit, the positions of the maxima included), the fused convolutions against the layers run as written (pooled_conv and
-its backward within float32 rounding, the Winograd one bit for bit against its unfused output), a gradient check
+its backward within float32 rounding, the Winograd one's 4x4 blocks bit for bit against F(4x4)'s unfused output, its
+blocks of 2 against the float64 convolution), a gradient check
 through the few-channel pair on both kernel paths, the same bits on 1, 2 and 3 lanes, and the
 passes that fuse against those that do not."""
 import numpy as np
@@ -256,17 +257,22 @@ def test_evaluate_runs_side_by_side_with_each_pass_s_logits():
 
 
 # (input shape, filters, padding, pool): the book convnet's conv 2 (13x13x32 -> 11x11x64, its last row and column
-# read by no window), 'same' under 4x4 windows, 2x4 windows on a rectangular output, a ragged last tile everywhere
+# read by no window: 10x10 read, so blocks of 4, 4 and 2 each way), 'same' under 4x4 windows, 2x4 windows on a
+# rectangular output, 9x9 read whole (blocks of 4, 4 and 2 of which 1 is read), 10x13 read under 2x1 windows
 WINOGRAD_CASES = [((5, 13, 13, 32), 64, "valid", (2, 2)), ((3, 14, 14, 16), 24, "same", (4, 4)),
-                  ((4, 9, 11, 16), 8, "same", (2, 4))]
+                  ((4, 9, 11, 16), 8, "same", (2, 4)), ((3, 11, 11, 16), 8, "valid", (1, 1)),
+                  ((4, 12, 15, 16), 8, "valid", (2, 1))]
 
 
 @pytest.mark.parametrize("shape,filters,padding,pool", WINOGRAD_CASES)
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_winograd_pools_in_its_output_transform_bit_for_bit(monkeypatch, shape, filters, padding, pool, relu, dtype):
-    """F(4x4) with the pooling (and ReLU) in its output transform gives the bits of F(4x4)'s output pooled as the
-    layers pool it: the bias added after the maximum rounds the same (rounding is monotonic); NaN propagates."""
+def test_winograd_pools_in_its_output_transform(monkeypatch, shape, filters, padding, pool, relu, dtype):
+    """The pooling (and ReLU) in the output transform, computing only the outputs its windows read: its 4x4 blocks
+    give the bits of F(4x4)'s output pooled as the layers pool it (the bias added after the maximum rounds the same:
+    rounding is monotonic); the last row and column of blocks, 2 high or wide where the windows read 4k + 1 or 4k + 2
+    rows or columns, within F(4x4)'s rounding (64 eps of the largest output, as test_winograd.py) of the float64
+    convolution pooled; NaN propagates (to its sample only)."""
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
     monkeypatch.setattr(cm, "CHUNK_FLOATS", 36 * 16 * (shape[-1] + filters))  # about two samples a chunk: seams
     rng = np.random.default_rng(0)
@@ -278,12 +284,28 @@ def test_winograd_pools_in_its_output_transform_bit_for_bit(monkeypatch, shape, 
     pooled = tuple(m // p for m, p in zip(out, pool))
     assert cm.winograd_pools(out, pool)
     y = cm.winograd_conv(x, kernel, bias, out, pads, pooled=(pool, relu))
-    z = cm.winograd_conv(x, kernel, bias, out, pads, block=4)
-    expected = cm.window_max_numpy(z[:, :pooled[0] * pool[0], :pooled[1] * pool[1]], pool, pooled, pool)
-    expected = np.maximum(expected, 0) if relu else expected
     assert y.dtype == dtype and y.shape == (shape[0], *pooled, filters)
     assert np.isnan(y[0]).any() and not np.isnan(y[1:]).any()
-    np.testing.assert_array_equal(y, expected)
+
+    def pool_of(z):
+        p = cm.window_max_numpy(z[:, :pooled[0] * pool[0], :pooled[1] * pool[1]], pool, pooled, pool)
+        return np.maximum(p, 0) if relu else p
+    fours = [cm.winograd_mixed_blocks(m * p)[0] * 4 // p for m, p in zip(pooled, pool)]  # pooled rows, columns
+    in_fours = y[:, :fours[0], :fours[1]]
+    np.testing.assert_array_equal(in_fours, pool_of(cm.winograd_conv(x, kernel, bias, out, pads, block=4))[
+        :, :fours[0], :fours[1]])
+    xp = cm.pad(x[1:].astype(np.float64), pads)
+    cols = cm.im2col(xp, (3, 3), out, (1, 1), (1, 1))
+    z = (cols.reshape(-1, 9 * shape[-1]) @ kernel.reshape(-1, filters).astype(np.float64)).reshape(
+        *cols.shape[:3], filters) + bias
+    expected = pool_of(z)
+    np.testing.assert_allclose(y[1:], expected, rtol=0, atol=64 * np.finfo(dtype).eps * np.abs(expected).max())
+
+
+def test_the_pooled_tiling_ends_in_a_block_of_2_where_1_or_2_rows_are_left():
+    """Blocks of 4, then 2 where the windows read 4k + 1 or 4k + 2 rows (the book convnet's conv 2 reads 10 of 11)."""
+    assert [cm.winograd_mixed_blocks(used) for used in (4, 5, 6, 7, 8, 9, 10, 11)] == [
+        (1, 0), (1, 1), (1, 1), (2, 0), (2, 0), (2, 1), (2, 1), (3, 0)]
 
 
 def test_winograd_pools_only_where_4x4_blocks_hold_whole_windows():
@@ -318,8 +340,8 @@ def test_predict_pools_a_winograd_conv_s_output_as_the_layers_written(monkeypatc
     calls = []
     if path == "numba":
         compiled = kernels.compiled("winograd")
-        kernel = compiled.output_tiles_4x4_pooled
-        monkeypatch.setattr(compiled, "output_tiles_4x4_pooled", lambda m, *a: calls.append(len(m)) or kernel(m, *a))
+        kernel = compiled.output_tiles_mixed_pooled
+        monkeypatch.setattr(compiled, "output_tiles_mixed_pooled", lambda m, *a: calls.append(len(m)) or kernel(m, *a))
     monkeypatch.setattr(blas, "threads", lambda: 2)
     predicted = model.predict(x, batch_size=7)
     assert conv.pool_after is pool and pool.pooled_before and bool(calls) == (fused and path == "numba")

@@ -286,78 +286,136 @@ def output_tiles_3x3(m, tiles_h, tiles_w, bias, y):
 @numba.njit(**JIT)
 def input_tiles_4x4(x, top, left, tiles_h, tiles_w, v):
     """x (n, height, width, c) -> v (36, n * tiles_h * tiles_w, c): B^T d B of every 6x6 tile d at stride 4 of x
-    padded with `top` rows and `left` columns of zeros, zeros read past its edge on every side (as input_tiles).
-    B^T d of a band of 6 rows at once, each output row one loop over width * c floats (into a band buffer whose
-    columns outside x stay zero); then (B^T d) B of each tile, one loop over the channels per tap."""
+    padded with `top` rows and `left` columns of zeros, zeros read past its edge on every side (as input_tiles):
+    input_tiles_mixed with every block 4x4 (v stands in for the other tiles' arrays, never read)."""
+    return input_tiles_mixed(x, top, left, tiles_h, 0, tiles_w, 0, v, v, v, v)
+
+
+# Mixed tiles (inference, a conv pooled in its output transform): where the pooling reads 4k + 2 rows (or columns)
+# of the output, the last block of rows is 2 high, F(2x4) from 4x6 tiles (24 products) where F(4x4) would compute 4
+# rows of which 2 are read (36); the last column of blocks 2 wide likewise (F(4x2)), their corner F(2x2) (16). The
+# book convnet's conv 2 (11x11 outputs, 10x10 read by its 2x2 pooling): 256 products a sample, not 324. Each tile is
+# B_h^T d B_w with the 1D transforms of its rows' and columns' block sizes (F(2)'s B^T = input_tiles' PAIRS, F(4)'s
+# as above), its kernel G_h g G_w^T (conv_math.winograd_kernel) and its output A_h^T M A_w. Taps row-major: tap
+# (i, j) of a tile h_taps x w_taps is i * w_taps + j. Tiles of each kind are numbered sample by sample, row-major.
+
+
+@numba.njit(**JIT)
+def input_tiles_mixed(x, top, left, rows4, rows2, cols4, cols2, v44, v42, v24, v22):
+    """x (n, height, width, c) -> the B_h^T d B_w of every tile of a tiling of rows4 blocks of 4 rows and then
+    rows2 (0 or 1) of 2, by cols4 blocks of 4 columns and then cols2 (0 or 1) of 2: v44 (36, n * rows4 * cols4, c)
+    from the 6x6 tiles, v42 (24, n * rows4 * cols2, c) from the 6x4, v24 (24, n * rows2 * cols4, c) from the 4x6,
+    v22 (16, n * rows2 * cols2, c) from the 4x4 (an array of no tiles is not read), x padded with `top` rows and
+    `left` columns of zeros read past its edge on every side (as input_tiles). B_h^T d of a band of 6 (or 4) rows at
+    once, each band row one loop over width * c floats (into a band buffer whose columns outside x stay zero), then
+    (B_h^T d) B_w of each tile, one loop over the channels per tap."""
     n, height, width, c = x.shape
     kind = x.dtype.type  # the constants in x's type: float32 tiles are not summed in float64
     two, four, five = kind(2), kind(4), kind(5)
-    span = max(4 * tiles_w + 2, left + width)  # the band's columns: x's at left .. left + width, zeros around
+    span = max(4 * cols4 + 2 + 2 * cols2, left + width)  # the band's columns: x's at left .. left + width, zeros
     band = np.zeros((6, span, c), x.dtype)
     rows = band.reshape(6, span * c)
     zero = np.zeros(width * c, x.dtype)
     length = width * c
     inside = left * c
+    t0, t1 = rows[0, inside:inside + length], rows[1, inside:inside + length]
+    t2, t3 = rows[2, inside:inside + length], rows[3, inside:inside + length]
+    t4, t5 = rows[4, inside:inside + length], rows[5, inside:inside + length]
     for b in range(n):
         image = x[b].reshape(height, width * c)
-        for ti in range(tiles_h):
+        for ti in range(rows4 + rows2):
             r = 4 * ti - top
             d0 = image[r] if 0 <= r < height else zero
             d1 = image[r + 1] if 0 <= r + 1 < height else zero
             d2 = image[r + 2] if 0 <= r + 2 < height else zero
             d3 = image[r + 3] if 0 <= r + 3 < height else zero
-            d4 = image[r + 4] if 0 <= r + 4 < height else zero
-            d5 = image[r + 5] if 0 <= r + 5 < height else zero
-            t0, t1 = rows[0, inside:inside + length], rows[1, inside:inside + length]
-            t2, t3 = rows[2, inside:inside + length], rows[3, inside:inside + length]
-            t4, t5 = rows[4, inside:inside + length], rows[5, inside:inside + length]
-            for k in range(length):
-                t0[k] = (four * d0[k] - five * d2[k]) + d4[k]
-            for k in range(length):
-                t1[k] = (d4[k] - four * d2[k]) + (d3[k] - four * d1[k])
-            for k in range(length):
-                t2[k] = (d4[k] - four * d2[k]) - (d3[k] - four * d1[k])
-            for k in range(length):
-                t3[k] = (d4[k] - d2[k]) + two * (d3[k] - d1[k])
-            for k in range(length):
-                t4[k] = (d4[k] - d2[k]) - two * (d3[k] - d1[k])
-            for k in range(length):
-                t5[k] = (four * d1[k] - five * d3[k]) + d5[k]
-            for tj in range(tiles_w):
-                tile = (b * tiles_h + ti) * tiles_w + tj
+            high = ti < rows4  # a block of 4 rows: B^T of F(4) on 6 rows; else F(2)'s on 4
+            if high:
+                d4 = image[r + 4] if 0 <= r + 4 < height else zero
+                d5 = image[r + 5] if 0 <= r + 5 < height else zero
+                for k in range(length):
+                    t0[k] = (four * d0[k] - five * d2[k]) + d4[k]
+                for k in range(length):
+                    t1[k] = (d4[k] - four * d2[k]) + (d3[k] - four * d1[k])
+                for k in range(length):
+                    t2[k] = (d4[k] - four * d2[k]) - (d3[k] - four * d1[k])
+                for k in range(length):
+                    t3[k] = (d4[k] - d2[k]) + two * (d3[k] - d1[k])
+                for k in range(length):
+                    t4[k] = (d4[k] - d2[k]) - two * (d3[k] - d1[k])
+                for k in range(length):
+                    t5[k] = (four * d1[k] - five * d3[k]) + d5[k]
+            else:
+                for k in range(length):
+                    t0[k] = d0[k] - d2[k]
+                for k in range(length):
+                    t1[k] = d1[k] + d2[k]
+                for k in range(length):
+                    t2[k] = d2[k] - d1[k]
+                for k in range(length):
+                    t3[k] = d1[k] - d3[k]
+            for tj in range(cols4 + cols2):
                 s = 4 * tj
-                for i in range(6):  # the same combinations along the row, band columns s .. s + 5
-                    for ch in range(c):
-                        v[6 * i, tile, ch] = (four * band[i, s, ch] - five * band[i, s + 2, ch]) + band[i, s + 4, ch]
-                    for ch in range(c):
-                        v[6 * i + 1, tile, ch] = ((band[i, s + 4, ch] - four * band[i, s + 2, ch])
-                                                  + (band[i, s + 3, ch] - four * band[i, s + 1, ch]))
-                    for ch in range(c):
-                        v[6 * i + 2, tile, ch] = ((band[i, s + 4, ch] - four * band[i, s + 2, ch])
-                                                  - (band[i, s + 3, ch] - four * band[i, s + 1, ch]))
-                    for ch in range(c):
-                        v[6 * i + 3, tile, ch] = ((band[i, s + 4, ch] - band[i, s + 2, ch])
-                                                  + two * (band[i, s + 3, ch] - band[i, s + 1, ch]))
-                    for ch in range(c):
-                        v[6 * i + 4, tile, ch] = ((band[i, s + 4, ch] - band[i, s + 2, ch])
-                                                  - two * (band[i, s + 3, ch] - band[i, s + 1, ch]))
-                    for ch in range(c):
-                        v[6 * i + 5, tile, ch] = ((four * band[i, s + 1, ch] - five * band[i, s + 3, ch])
-                                                  + band[i, s + 5, ch])
-    return v
+                wide = tj < cols4
+                if high and wide:
+                    v, tile = v44, (b * rows4 + ti) * cols4 + tj
+                elif high:
+                    v, tile = v42, (b * rows4 + ti) * cols2 + tj - cols4
+                elif wide:
+                    v, tile = v24, (b * rows2 + ti - rows4) * cols4 + tj
+                else:
+                    v, tile = v22, (b * rows2 + ti - rows4) * cols2 + tj - cols4
+                for i in range(6 if high else 4):  # the same combinations along the row, band columns s ..
+                    if wide:
+                        for ch in range(c):
+                            v[6 * i, tile, ch] = ((four * band[i, s, ch] - five * band[i, s + 2, ch])
+                                                  + band[i, s + 4, ch])
+                        for ch in range(c):
+                            v[6 * i + 1, tile, ch] = ((band[i, s + 4, ch] - four * band[i, s + 2, ch])
+                                                      + (band[i, s + 3, ch] - four * band[i, s + 1, ch]))
+                        for ch in range(c):
+                            v[6 * i + 2, tile, ch] = ((band[i, s + 4, ch] - four * band[i, s + 2, ch])
+                                                      - (band[i, s + 3, ch] - four * band[i, s + 1, ch]))
+                        for ch in range(c):
+                            v[6 * i + 3, tile, ch] = ((band[i, s + 4, ch] - band[i, s + 2, ch])
+                                                      + two * (band[i, s + 3, ch] - band[i, s + 1, ch]))
+                        for ch in range(c):
+                            v[6 * i + 4, tile, ch] = ((band[i, s + 4, ch] - band[i, s + 2, ch])
+                                                      - two * (band[i, s + 3, ch] - band[i, s + 1, ch]))
+                        for ch in range(c):
+                            v[6 * i + 5, tile, ch] = ((four * band[i, s + 1, ch] - five * band[i, s + 3, ch])
+                                                      + band[i, s + 5, ch])
+                    else:
+                        for ch in range(c):
+                            v[4 * i, tile, ch] = band[i, s, ch] - band[i, s + 2, ch]
+                        for ch in range(c):
+                            v[4 * i + 1, tile, ch] = band[i, s + 1, ch] + band[i, s + 2, ch]
+                        for ch in range(c):
+                            v[4 * i + 2, tile, ch] = band[i, s + 2, ch] - band[i, s + 1, ch]
+                        for ch in range(c):
+                            v[4 * i + 3, tile, ch] = band[i, s + 1, ch] - band[i, s + 3, ch]
+    return v44
 
 
 @numba.njit(inline="always", **JIT)
-def _columns_4x4(flat, base, length, s):
-    """A^T M of one sample's tiles (its `length` = tiles * f floats from `base` in each of flat's 36 rows) into s
-    (4, 6, length): 4 rows by 6 columns of every tile, each row one loop over tiles * f floats."""
+def _block_rows(flat, base, length, high, w_taps, s):
+    """A_h^T M of one sample's tiles of one kind (its `length` = tiles * f floats from `base` in each of flat's rows,
+    the taps of a tile (6 or 4) x w_taps, row-major) into s (4 or 2, w_taps, length): F(4)'s 4 rows from 6 where
+    `high`, else F(2)'s 2 from 4 (output_tiles' A^T), each row one loop over tiles * f floats."""
     kind = flat.dtype.type
     two, four, eight = kind(2), kind(4), kind(8)
-    for e in range(6):
-        a0, a1, a2 = flat[e, base:base + length], flat[6 + e, base:base + length], flat[12 + e, base:base + length]
-        a3, a4 = flat[18 + e, base:base + length], flat[24 + e, base:base + length]
-        a5 = flat[30 + e, base:base + length]
-        o0, o1, o2, o3 = s[0, e], s[1, e], s[2, e], s[3, e]
+    for e in range(w_taps):
+        a0, a1 = flat[e, base:base + length], flat[w_taps + e, base:base + length]
+        a2, a3 = flat[2 * w_taps + e, base:base + length], flat[3 * w_taps + e, base:base + length]
+        o0, o1 = s[0, e], s[1, e]
+        if not high:
+            for k in range(length):
+                o0[k] = a0[k] + a1[k] + a2[k]
+            for k in range(length):
+                o1[k] = a1[k] - a2[k] - a3[k]
+            continue
+        a4, a5 = flat[4 * w_taps + e, base:base + length], flat[5 * w_taps + e, base:base + length]
+        o2, o3 = s[2, e], s[3, e]
         for k in range(length):
             o0[k] = a0[k] + (a1[k] + a2[k]) + (a3[k] + a4[k])
         for k in range(length):
@@ -383,7 +441,7 @@ def output_tiles_4x4(m, tiles_h, tiles_w, bias, y):
     s = tiled.reshape(4, 6, length)
     flat = m.reshape(36, -1)
     for b in range(n):
-        _columns_4x4(flat, b * length, length, s)
+        _block_rows(flat, b * length, length, True, 6, s)
         for ti in range(tiles_h):
             for tj in range(tiles_w):
                 t, c0 = ti * tiles_w + tj, 4 * tj
@@ -409,47 +467,70 @@ def output_tiles_4x4(m, tiles_h, tiles_w, bias, y):
 
 
 @numba.njit(**JIT)
-def output_tiles_4x4_pooled(m, tiles_h, tiles_w, bias, pool_h, pool_w, relu, y):
-    """m (36, n * tiles_h * tiles_w, f) -> y (n, pooled_h, pooled_w, f): the window maxima of A^T M A + bias in
-    pool_h x pool_w windows at strides of their size (pool_h and pool_w divide 4, so every window lies in one 4x4
-    output block), then max(y, 0) where `relu`: output_tiles_4x4 and pooling.tile_max in one pass, the conv's
-    output never written out. Each block's outputs that windows read go through a buffer the size of the block
-    (in L1); the bias is added to each window's maximum (rounding is monotonic: max(z_i) + b rounds to the max of
-    the z_i + b, the same bits). NaN propagates as tile_max's does."""
+def output_tiles_mixed_pooled(m44, m42, m24, m22, rows4, rows2, cols4, cols2, bias, pool_h, pool_w, relu, y):
+    """m44, m42, m24, m22 (each tap's products of input_tiles_mixed's tiles and the kernels, f filters, the same
+    tiling) -> y (n, pooled_h, pooled_w, f): the window maxima of A_h^T M A_w + bias in pool_h x pool_w windows at
+    strides of their size (pool_h and pool_w divide every block's height and width, so each window lies in one
+    block), then max(y, 0) where `relu`: the output transform and pooling.tile_max in one pass, the conv's output
+    never written out. A_h^T M of a sample's tiles of each kind at once, then each block's outputs that windows read
+    into a buffer the size of the block (in L1), one loop over the filters per output, indexed with loop-invariant
+    leading indices so the loops vectorise; the bias is added to each window's maximum (rounding is monotonic:
+    max(z_i) + b rounds to the max of the z_i + b, the same bits). NaN propagates as tile_max's does."""
     n, pooled_h, pooled_w, f = y.shape
-    tiles = tiles_h * tiles_w
-    kind = m.dtype.type
+    kind = m44.dtype.type
     two, four, eight, zero = kind(2), kind(4), kind(8), kind(0)
-    length = tiles * f
-    tiled = np.empty((4, 6, tiles, f), m.dtype)
-    s = tiled.reshape(4, 6, length)
-    flat = m.reshape(36, -1)
-    block = np.empty((4, 4, f), m.dtype)
     used_h, used_w = pooled_h * pool_h, pooled_w * pool_w  # the conv's rows and columns some window reads
+    t44 = np.empty((4, 6, rows4 * cols4, f), m44.dtype)  # A_h^T M of a sample's tiles of each kind
+    t42 = np.empty((4, 4, rows4 * cols2, f), m44.dtype)
+    t24 = np.empty((2, 6, rows2 * cols4, f), m44.dtype)
+    t22 = np.empty((2, 4, rows2 * cols2, f), m44.dtype)
+    n44, n42, n24, n22 = t44[0, 0].size, t42[0, 0].size, t24[0, 0].size, t22[0, 0].size
+    s44, s42, s24, s22 = t44.reshape(4, 6, n44), t42.reshape(4, 4, n42), t24.reshape(2, 6, n24), t22.reshape(2, 4, n22)
+    f44, f42, f24, f22 = m44.reshape(36, -1), m42.reshape(24, -1), m24.reshape(24, -1), m22.reshape(16, -1)
+    block = np.empty((4, 4, f), m44.dtype)
     for b in range(n):
-        _columns_4x4(flat, b * length, length, s)
-        for ti in range(tiles_h):
-            rows = min(4, used_h - 4 * ti)
-            for tj in range(tiles_w):
-                cols = min(4, used_w - 4 * tj)
-                t = ti * tiles_w + tj
-                for i in range(rows):
+        _block_rows(f44, b * n44, n44, True, 6, s44)
+        _block_rows(f42, b * n42, n42, True, 4, s42)
+        _block_rows(f24, b * n24, n24, False, 6, s24)
+        _block_rows(f22, b * n22, n22, False, 4, s22)
+        for ti in range(rows4 + rows2):
+            high = ti < rows4
+            rows = min(4 if high else 2, used_h - 4 * ti)
+            for tj in range(cols4 + cols2):
+                wide = tj < cols4
+                cols = min(4 if wide else 2, used_w - 4 * tj)
+                if high and wide:
+                    tiled, t = t44, ti * cols4 + tj
+                elif high:
+                    tiled, t = t42, ti * cols2 + tj - cols4
+                elif wide:
+                    tiled, t = t24, (ti - rows4) * cols4 + tj
+                else:
+                    tiled, t = t22, (ti - rows4) * cols2 + tj - cols4
+                for i in range(rows):  # (A_h^T M) A_w: F(4)'s 4 outputs of 6 columns, or F(2)'s 2 of 4
                     out = block[i]
-                    for ch in range(f):
-                        out[0, ch] = tiled[i, 0, t, ch] + (tiled[i, 1, t, ch] + tiled[i, 2, t, ch]) + (
-                            tiled[i, 3, t, ch] + tiled[i, 4, t, ch])
-                    if cols > 1:
+                    if wide:
                         for ch in range(f):
-                            out[1, ch] = (tiled[i, 1, t, ch] - tiled[i, 2, t, ch]) + two * (
-                                tiled[i, 3, t, ch] - tiled[i, 4, t, ch])
-                    if cols > 2:
-                        for ch in range(f):
-                            out[2, ch] = (tiled[i, 1, t, ch] + tiled[i, 2, t, ch]) + four * (
+                            out[0, ch] = tiled[i, 0, t, ch] + (tiled[i, 1, t, ch] + tiled[i, 2, t, ch]) + (
                                 tiled[i, 3, t, ch] + tiled[i, 4, t, ch])
-                    if cols > 3:
+                        if cols > 1:
+                            for ch in range(f):
+                                out[1, ch] = (tiled[i, 1, t, ch] - tiled[i, 2, t, ch]) + two * (
+                                    tiled[i, 3, t, ch] - tiled[i, 4, t, ch])
+                        if cols > 2:
+                            for ch in range(f):
+                                out[2, ch] = (tiled[i, 1, t, ch] + tiled[i, 2, t, ch]) + four * (
+                                    tiled[i, 3, t, ch] + tiled[i, 4, t, ch])
+                        if cols > 3:
+                            for ch in range(f):
+                                out[3, ch] = ((tiled[i, 1, t, ch] - tiled[i, 2, t, ch])
+                                              + eight * (tiled[i, 3, t, ch] - tiled[i, 4, t, ch]) + tiled[i, 5, t, ch])
+                    else:
                         for ch in range(f):
-                            out[3, ch] = ((tiled[i, 1, t, ch] - tiled[i, 2, t, ch])
-                                          + eight * (tiled[i, 3, t, ch] - tiled[i, 4, t, ch]) + tiled[i, 5, t, ch])
+                            out[0, ch] = tiled[i, 0, t, ch] + tiled[i, 1, t, ch] + tiled[i, 2, t, ch]
+                        if cols > 1:
+                            for ch in range(f):
+                                out[1, ch] = tiled[i, 1, t, ch] - tiled[i, 2, t, ch] - tiled[i, 3, t, ch]
                 for wi in range(rows // pool_h):
                     for wj in range(cols // pool_w):
                         pooled = y[b, 4 * ti // pool_h + wi, 4 * tj // pool_w + wj]

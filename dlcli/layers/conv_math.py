@@ -206,6 +206,7 @@ WINOGRAD_G_4X4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 /
 # G of F(3x3, 3x3) (inference, small outputs): the 5x5 kernel of 5x5 tiles, in float64 as F(4x4)'s (sixths)
 WINOGRAD_G_3X3 = np.array([[1 / 2, 0, 0], [-1 / 2, -1 / 2, -1 / 2], [-1 / 6, 1 / 6, -1 / 6], [1 / 6, 1 / 3, 2 / 3],
                            [0, 0, 1]])
+WINOGRAD_GS = {2: WINOGRAD_G, 3: WINOGRAD_G_3X3, 4: WINOGRAD_G_4X4}  # by output block
 
 
 def winograd_shaped(kernel_shape, strides, dilation, groups) -> bool:
@@ -271,19 +272,21 @@ def _winograd_rows(samples, out_sizes, block=2):
 
 
 def _winograd_buffer(samples, out_sizes, width, dtype, block=2):
-    rows = _winograd_rows(samples, out_sizes, block)
-    buffer = np.empty(((block + 2) ** 2, rows, width), dtype)
-    buffer[:, rows - 1:] = 0
-    return buffer
+    return _tile_buffer((block + 2) ** 2, _winograd_rows(samples, out_sizes, block), width, dtype)
 
 
-def winograd_kernel(kernel, block=2):
-    """G k G^T of a (3, 3, c, f) kernel as ((block + 2)^2, c, f), taps first: F(2x2)'s G (halves) in the kernel's
-    type, exact in float32; F(3x3)'s and F(4x4)'s (sixths) in float64, rounded once at the end."""
+def winograd_kernel(kernel, block=2, wide=None):
+    """G_h k G_w^T of a (3, 3, c, f) kernel as ((block + 2) * (wide + 2), c, f), taps first (row-major): G_h of
+    blocks of `block` output rows, G_w of `wide` columns (by default `block` too). F(2x2)'s G (halves) in the
+    kernel's type, exact in float32; any other's (F(3)'s and F(4)'s sixths) in float64, rounded once at the end."""
     c, f = kernel.shape[2:]
-    g = WINOGRAD_G.astype(kernel.dtype) if block == 2 else WINOGRAD_G_3X3 if block == 3 else WINOGRAD_G_4X4
-    t = len(g)
-    return (g @ (g @ kernel.reshape(3, -1)).reshape(t, 3, -1)).reshape(t * t, c, f).astype(kernel.dtype, copy=False)
+    wide = wide or block
+    if block == wide == 2:
+        rows = cols = WINOGRAD_G.astype(kernel.dtype)
+    else:
+        rows, cols = WINOGRAD_GS[block], WINOGRAD_GS[wide]
+    product = cols @ (rows @ kernel.reshape(3, -1)).reshape(len(rows), 3, -1)
+    return product.reshape(len(rows) * len(cols), c, f).astype(kernel.dtype, copy=False)
 
 
 def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, pooled=None):
@@ -304,11 +307,11 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, poole
     at most 5, 16 and 28 float32 eps for F(2x2), F(3x3) and F(4x4).
     `pooled` (inference, where winograd_pools): (pool, relu): the result is instead the max pooling of the output in
     `pool` windows at strides of their size (the rows and columns past the last whole window dropped), then
-    max(., 0) where `relu`, taken in the output transform (kernels/winograd.output_tiles_4x4_pooled), so the
-    output is never written whole. Book convnet's conv 2 and its pooling, thread CPU per batch of 512, one BLAS
-    thread: see output_tiles_4x4_pooled."""
+    max(., 0) where `relu`, taken in the output transform, so the output is never written whole (_winograd_pooled)."""
+    if pooled is not None:
+        return _winograd_pooled(x, kernel, bias, out_sizes, pads, *pooled)
     compiled = kernels.compiled("winograd")
-    block = 4 if pooled is not None else block or (2 if keep is not None else winograd_block(out_sizes))
+    block = block or (2 if keep is not None else winograd_block(out_sizes))
     input_tiles, output_tiles = {2: (compiled.input_tiles, compiled.output_tiles),
                                  3: (compiled.input_tiles_3x3, compiled.output_tiles_3x3),
                                  4: (compiled.input_tiles_4x4, compiled.output_tiles_4x4)}[block]
@@ -317,13 +320,7 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, poole
     (top, _), (left, _) = pads
     u = winograd_kernel(kernel, block)
     bias = np.zeros(f, kernel.dtype) if bias is None else bias
-    if pooled is not None:
-        (pool_h, pool_w), relu = pooled
-
-        def output_tiles(m, tiles_h, tiles_w, bias, y):
-            return compiled.output_tiles_4x4_pooled(m, tiles_h, tiles_w, bias, pool_h, pool_w, relu, y)
-    y_sizes = out_sizes if pooled is None else (out_sizes[0] // pool_h, out_sizes[1] // pool_w)
-    y = np.empty((n, *y_sizes, f), x.dtype)
+    y = np.empty((n, *out_sizes, f), x.dtype)
     chunks = winograd_chunks(n, out_sizes, c, f, block)
     # Fresh arrays each step: reusing the last step's measured the same, since malloc hands the freed ones back.
     # After a run's first steps glibc's dynamic mmap threshold (raised to the largest buffer freed) keeps them on
@@ -352,13 +349,69 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, poole
 def _rows_of(buffer, samples, out_sizes, block=2):
     """A chunk's view of a lane's buffer, contiguous (the compiled transforms take each tap's rows as one vector):
     its rows of every tap, the spare row zeroed (rows of another chunk's layout may have been there)."""
-    rows = _winograd_rows(samples, out_sizes, block)
+    return _first_rows(buffer, _winograd_rows(samples, out_sizes, block))
+
+
+def _first_rows(buffer, rows):
     if rows == buffer.shape[1]:
         part = buffer
     else:
         part = buffer.reshape(-1)[:len(buffer) * rows * buffer.shape[2]].reshape(len(buffer), rows, -1)
     part[:, rows - 1] = 0
     return part
+
+
+def winograd_mixed_blocks(used) -> tuple[int, int]:
+    """(blocks of 4, blocks of 2) of a pooled F(4x4)'s tiling of the `used` output rows (or columns): 4s, then one
+    of 2 where 1 or 2 rows remain (3 remaining take a block of 4, its last row cropped)."""
+    full, rest = divmod(used, 4)
+    return (full, 1) if rest in (1, 2) else (full + (rest == 3), 0)
+
+
+def _winograd_pooled(x, kernel, bias, out_sizes, pads, pool, relu):
+    """winograd_conv's `pooled`: the max pooling in `pool` windows (then the relu) of conv(x, kernel) + bias, taken
+    in the output transform, only the outputs the windows read computed: blocks of 4x4 from 6x6 tiles, the last row
+    of blocks 2 high and the last column 2 wide where the windows read 4k + 2 rows or columns
+    (kernels/winograd.input_tiles_mixed). The book convnet's conv 2 (11x11 outputs, 10x10 read) makes 256 products
+    a sample per channel pair, not F(4x4)'s 324 (the transforms of the thinner tiles cost more per output). One
+    thread, thread CPU, alternating call by call with every block 4x4 (the same kernels) in one process, AMD EPYC at
+    load 7, two runs: a pass of 128 samples best / median 3.15-3.21 / 3.68-3.69 -> 2.80-2.93 / 3.23-3.30 ms; the
+    book convnet's predict at batch 512 20.5 / 21.3-25.4 -> 18.8-19.1 / 20.0-23.8 ms."""
+    compiled = kernels.compiled("winograd")
+    n, c, f = x.shape[0], kernel.shape[2], kernel.shape[3]
+    (top, _), (left, _) = pads
+    (pool_h, pool_w) = pool
+    pooled_sizes = (out_sizes[0] // pool_h, out_sizes[1] // pool_w)
+    rows4, rows2 = winograd_mixed_blocks(pooled_sizes[0] * pool_h)
+    cols4, cols2 = winograd_mixed_blocks(pooled_sizes[1] * pool_w)
+    kinds = [(rows4 * cols4, 4, 4), (rows4 * cols2, 4, 2), (rows2 * cols4, 2, 4), (rows2 * cols2, 2, 2)]
+    us = [winograd_kernel(kernel, high, wide) for _, high, wide in kinds]  # (tiles a sample, block height, width)
+    bias = np.zeros(f, kernel.dtype) if bias is None else bias
+    y = np.empty((n, *pooled_sizes, f), x.dtype)
+
+    def products(run):
+        most = max(stop - start for start, stop in run)
+        vs = [_tile_buffer(len(u), most * tiles | 1, c, x.dtype) for u, (tiles, _, _) in zip(us, kinds)]
+        ms = [_tile_buffer(len(u), most * tiles | 1, f, x.dtype) for u, (tiles, _, _) in zip(us, kinds)]
+        for start, stop in run:
+            # a smaller chunk: the first floats of the lane's buffers, contiguous (the spare zero row stays last)
+            v_parts = [_first_rows(v, (stop - start) * tiles | 1) for v, (tiles, _, _) in zip(vs, kinds)]
+            m_parts = [_first_rows(m, (stop - start) * tiles | 1) for m, (tiles, _, _) in zip(ms, kinds)]
+            compiled.input_tiles_mixed(x[start:stop], top, left, rows4, rows2, cols4, cols2, *v_parts)
+            for v_part, u, m_part, (tiles, _, _) in zip(v_parts, us, m_parts, kinds):
+                if tiles:
+                    np.matmul(v_part, u, out=m_part)
+            compiled.output_tiles_mixed_pooled(*m_parts, rows4, rows2, cols4, cols2, bias, pool_h, pool_w, relu,
+                                               y[start:stop])
+        return run
+    lanes.run(products, winograd_chunks(n, out_sizes, c, f, 4))
+    return y
+
+
+def _tile_buffer(taps, rows, width, dtype):
+    buffer = np.empty((taps, rows, width), dtype)
+    buffer[:, rows - 1:] = 0
+    return buffer
 
 
 def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True, input_grad=True, bias_grad=True):
