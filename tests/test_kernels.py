@@ -426,6 +426,35 @@ def test_batch_norm_compiled_variance_holds_far_from_zero(monkeypatch):
     np.testing.assert_allclose(bn.moving_mean.value, rows.mean(0), rtol=1e-7)
 
 
+def test_batch_norm_relu_clamps_negative_zero_as_numpy(monkeypatch):
+    """The ReLU fused into BatchNormalization's compiled forward is np.maximum(y, 0) bit for bit: an exact -0.0
+    (here 0 * a negative gamma, no beta) comes out +0.0, NaN stays NaN; so does the residual an Add hands it."""
+    from dlcli import layers
+    from dlcli.engine import activations
+    from dlcli.kernels import normalization
+
+    x = np.array([[-1, 0, 2], [0, 1, 0], [0, -1, -2], [1, 0, 0]], np.float32)  # every channel's mean exactly 0
+    results = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        bn = layers.BatchNormalization(center=False)
+        bn.ensure_built(x.shape[1:])
+        bn.gamma.value = np.array([-1.0, -2.0, 0.5], np.float32)
+        bn.post_activation = activations.get("relu")
+        results.append(bn.forward(x, training=True))
+    compiled, reference = results
+    assert not np.signbit(reference).any()  # x's five zeros as +0.0 (np.maximum(-0.0, 0) is 0.0)
+    np.testing.assert_array_equal(compiled.view(np.uint32), reference.view(np.uint32))
+    mean, inv_std, gamma, empty = (np.zeros(3, np.float32), np.ones(3, np.float32), -np.ones(3, np.float32),
+                                   np.zeros(0, np.float32))
+    rows, residual = np.array([[0, 1, np.nan]], np.float32), np.array([[-0.0, -1, 0]], np.float32)
+    y = np.empty_like(rows)
+    normalization.normalise(rows, mean, inv_std, gamma, empty, True, residual, y)
+    with np.errstate(invalid="ignore"):
+        expected = np.maximum(rows * gamma + residual, 0)  # -0.0 + -0.0, -1 - 1 and NaN
+    np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
+
+
 def test_batch_norm_relu_backward_after_the_kernel_path_changed(monkeypatch):
     """A forward on the compiled passes (the ReLU applied inside) and a backward after DLCLI_KERNELS=numpy: the
     twin masks the gradient itself, from the forward's xhat, and agrees with the compiled backward to rounding."""

@@ -5,6 +5,8 @@ g * 0 (so -0.0 and NaN come out as NumPy's).
 """
 import numba
 
+from dlcli.kernels.pooling import relu_of
+
 JIT = dict(cache=True, nogil=True, error_model="numpy")
 
 
@@ -26,4 +28,4 @@ def bias_relu(z, bias):
     for i in range(rows):
         for j in range(units):
             v = z[i, j] + bias[j]
-            z[i, j] = v if v > zero or v != v else zero
+            z[i, j] = relu_of(v, zero)

@@ -20,7 +20,7 @@ output); its twin is conv_math.pooled_conv_backward_numpy.
 import numba
 import numpy as np
 
-from dlcli.kernels.pooling import max_of_four
+from dlcli.kernels.pooling import max_of_four, relu_of
 
 PARALLEL = False
 JIT = dict(parallel=PARALLEL, cache=True, nogil=True, error_model="numpy")
@@ -81,7 +81,7 @@ def pooled_conv_3x3(x, weights, bias, relu, y):
                     z2 = _taps_3x3(x, b, r + 1, s, w0, w1, w2, w3, w4, w5, w6, w7, w8, ch)
                     z3 = _taps_3x3(x, b, r + 1, s + 1, w0, w1, w2, w3, w4, w5, w6, w7, w8, ch)
                     v = max_of_four(z0, z1, z2, z3) + bias[ch]  # rounding is monotonic: the bias after the max
-                    out[ch] = v if not relu or v > zero or v != v else zero  # np.maximum(-0.0, 0) is 0.0
+                    out[ch] = relu_of(v, zero) if relu else v
     return y
 
 

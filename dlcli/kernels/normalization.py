@@ -19,6 +19,8 @@ from cache by then, made the resnet's BN + ReLU backward at 14x14x32 cost what t
 """
 import numba
 
+from dlcli.kernels.pooling import relu_of
+
 JIT = dict(cache=True, nogil=True, error_model="numpy")
 
 
@@ -40,7 +42,7 @@ def shifted_sums(x, shift, acc_d, acc_dd):
 @numba.njit(**JIT)
 def normalise(x, mean, inv_std, gamma, beta, relu, residual, y):
     """y = _affine((x - mean) * inv_std), plus `residual` (rows, C) where it has rows (an Add after the layer, which
-    the graph runs here: empty (0, C) otherwise), and with `relu` max(that, 0) (NaN kept, as np.maximum). An empty
+    the graph runs here: empty (0, C) otherwise), and with `relu` np.maximum(that, 0) (pooling.relu_of). An empty
     gamma or beta is scale or center off. xhat itself is not written: the backward recomputes it from x."""
     rows, c = x.shape
     summed = residual.shape[0] > 0
@@ -50,9 +52,7 @@ def normalise(x, mean, inv_std, gamma, beta, relu, residual, y):
             h = _affine((x[r, k] - mean[k]) * inv_std[k], gamma, beta, k)
             if summed:
                 h = h + residual[r, k]
-            if relu and h < zero:
-                h = zero
-            y[r, k] = h
+            y[r, k] = relu_of(h, zero) if relu else h
 
 
 @numba.njit(**JIT)

@@ -22,6 +22,13 @@ def larger(best, v):
 
 
 @numba.njit(inline="always", cache=True, nogil=True)
+def relu_of(v, zero):
+    """np.maximum(v, 0), the compiled kernels' one ReLU: larger(0, v), so NaN is kept and -0.0 becomes 0.0 (of
+    equal values the first stays, as NumPy returns the second operand of np.maximum(v, 0) for equal ones)."""
+    return larger(zero, v)
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
 def max_of_four(z0, z1, z2, z3):
     """A 2x2 window's maximum, read in row order."""
     return larger(larger(larger(z0, z1), z2), z3)
@@ -49,8 +56,7 @@ def max_pool(xp, pool_h, pool_w, stride_h, stride_w, relu, arg, y):
                         arg[b, i, j, ch] = k if v > best else arg[b, i, j, ch]
                 if relu:
                     for ch in range(c):
-                        v = y[b, i, j, ch]
-                        y[b, i, j, ch] = v if v > zero or v != v else zero  # np.maximum(-0.0, 0) is 0.0
+                        y[b, i, j, ch] = relu_of(y[b, i, j, ch], zero)
     return y
 
 
@@ -131,7 +137,7 @@ def tile_max(z, pool_h, pool_w, relu, y, arg):
                     if arg is None:
                         for ch in range(c):
                             best = max_of_four(z0[ch], z1[ch], z2[ch], z3[ch])
-                            out[ch] = best if not relu or best > zero or best != best else zero  # np.maximum(-0.0, 0) is 0.0
+                            out[ch] = relu_of(best, zero) if relu else best
                     else:
                         where = arg[b, i, j]
                         for ch in range(c):
@@ -146,7 +152,7 @@ def tile_max(z, pool_h, pool_w, relu, y, arg):
                             at = 3 if v > best else at
                             best = larger(best, v)
                             where[ch] = at
-                            out[ch] = best if not relu or best > zero or best != best else zero
+                            out[ch] = relu_of(best, zero) if relu else best
                     continue
                 first = z[b, r, s]
                 for ch in range(c):
@@ -163,6 +169,5 @@ def tile_max(z, pool_h, pool_w, relu, y, arg):
                         out[ch] = larger(best, v)
                 if relu:
                     for ch in range(c):
-                        v = out[ch]
-                        out[ch] = v if v > zero or v != v else zero
+                        out[ch] = relu_of(out[ch], zero)
     return y

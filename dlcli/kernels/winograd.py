@@ -18,7 +18,7 @@ Channels are innermost everywhere (contiguous, so the loops vectorise); serial, 
 import numba
 import numpy as np
 
-from dlcli.kernels.pooling import larger, max_of_four
+from dlcli.kernels.pooling import larger, max_of_four, relu_of
 
 JIT = dict(cache=True, nogil=True, error_model="numpy")
 
@@ -550,5 +550,5 @@ def output_tiles_mixed_pooled(m44, m42, m24, m22, rows4, rows2, cols4, cols2, bi
                                     pooled[ch] = larger(pooled[ch], v)
                         for ch in range(f):
                             v = pooled[ch] + bias[ch]
-                            pooled[ch] = v if not relu or v > zero or v != v else zero  # np.maximum(-0.0, 0) is 0.0
+                            pooled[ch] = relu_of(v, zero) if relu else v
     return y
