@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dlcli import kernels, run_files
+from dlcli.engine.layer import autocast_inputs
 from dlcli.errors import DlcliError
 from dlcli.layers.attention import KeyValueCache, MultiHeadAttention, masked_softmax_
 from dlcli.layers.core import Activation, Dense, Dropout
@@ -95,6 +96,7 @@ class CachedDecoder:
         one = x.shape[1] == 1
         for i, layer in enumerate(self.layers):
             vars(layer).update(self.call_args[i])
+            x = autocast_inputs(layer, [x])[0]  # as the graph gives each layer its input
             if one and self.steps[i] is not None:
                 x = self.steps[i](x)
             elif id(layer) in self.caches:

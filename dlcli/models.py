@@ -13,8 +13,8 @@ from dlcli.data.dataset import Dataset
 from dlcli.data.source import ArraySource, Source, as_source, batch_indices
 from dlcli.data.split import first_target, split_indices
 from dlcli.engine import blas
-from dlcli.engine.graph import Graph, Input, InputLayer, SymbolicTensor, inference_passes, numpy_dtype
-from dlcli.engine.layer import Layer, assign_weights, build_seeded, format_shape
+from dlcli.engine.graph import Graph, Input, InputLayer, SymbolicTensor, inference_passes
+from dlcli.engine.layer import Layer, assign_weights, build_seeded, format_shape, numpy_dtype
 from dlcli.errors import ConfigError, DlcliError, ShapeError
 from dlcli.registry import did_you_mean
 

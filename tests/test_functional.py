@@ -331,6 +331,23 @@ def test_the_gradient_exchange_sends_zeros_for_a_gradient_no_layer_wrote():
 
 
 
+def test_a_layer_called_on_arrays_autocasts_them_as_in_keras():
+    """Keras 3's Layer.__call__ casts floating inputs to the layer's compute dtype (dtype_policy.convert_input), on
+    arrays as on symbolic tensors: float64 data into a float32 Dense gives float32 (fails before: NumPy promoted the
+    product to float64), float32 into a float64 layer float64, both inputs of an Add in its dtype, and integer ids
+    reach an Embedding as they are."""
+    x = np.random.default_rng(0).standard_normal((2, 4))
+    dense = layers.Dense(3)
+    assert dense(x).dtype == np.float32
+    np.testing.assert_array_equal(dense(x), dense(x.astype(np.float32)))
+    assert layers.Dense(3, dtype="float64")(x.astype(np.float32)).dtype == np.float64
+    assert layers.Add()([x, x.astype(np.float32)]).dtype == np.float32
+    ids = np.array([[1, 2]])
+    embedding = layers.Embedding(5, 2)
+    assert embedding(ids).dtype == np.float32
+    np.testing.assert_array_equal(embedding(ids), embedding.embeddings.value[ids])
+
+
 def test_a_layer_autocasts_its_inputs_to_its_dtype_as_in_keras():
     """A float64 Conv2D between float32 layers (Keras 3's autocast): the config trains and predicts, the conv computes
     in float64, and each cast sends its gradient back in its input's dtype (fails before: NumPy refused the float32

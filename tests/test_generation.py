@@ -80,6 +80,26 @@ def test_cached_steps_equal_the_whole_sequence_forward(make, kernel_path):
         decoder.feed(tokens[:, :1])
 
 
+@pytest.mark.parametrize("wide", [1, 2], ids=["dense", "attention"])
+def test_cached_decoder_casts_each_layers_input_to_its_dtype_as_the_graph(wide, kernel_path):
+    """A float64 layer between float32 ones (Keras 3's autocast): the cached decoder gives each layer its input in
+    the layer's dtype as the graph does, so its outputs are the whole forward's, in float32 (fails before: the
+    float64 Dense's output reached the float32 layers after it, and the last Dense's output was float64)."""
+    specs = [{"type": "Embedding", "input_dim": VOCABULARY, "output_dim": 8}, {"type": "Dense", "units": 8},
+             {"type": "MultiHeadAttention", "num_heads": 2, "key_dim": 4, "use_causal_mask": True},
+             {"type": "Dense", "units": VOCABULARY, "activation": "softmax"}]
+    specs[wide] = {**specs[wide], "dtype": "float64"}
+    model = _model(*specs)
+    tokens = np.random.default_rng(1).integers(1, VOCABULARY, (2, STEPS)).astype(np.int32)
+    whole = model.graph.forward([tokens])[0]
+    decoder = CachedDecoder(model, STEPS)
+    decoder.reset(2)
+    prefix = decoder.feed(tokens[:, :5], all_positions=True)
+    steps = [decoder.feed(tokens[:, i:i + 1]) for i in range(5, STEPS)]
+    assert whole.dtype == prefix.dtype == steps[0].dtype == np.float32
+    np.testing.assert_allclose(np.concatenate([prefix, np.stack(steps, 1)], 1), whole, atol=1e-6, rtol=0)
+
+
 def test_generation_beyond_the_context_restarts_from_the_last_half_and_stays_reproducible():
     model = _gpt()
     decoder = CachedDecoder(model, STEPS)

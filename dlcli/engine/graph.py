@@ -22,7 +22,6 @@ training only the few-channel Conv2D that reads the model's inputs does (`poolab
 passes its output's gradient back, which the conv takes to its weights from where each maximum came from.
 """
 import copy
-import functools
 import itertools
 import os
 import queue
@@ -32,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import numpy as np
 
 from dlcli.engine import activations, blas
-from dlcli.engine.layer import Layer, format_shape
+from dlcli.engine.layer import Layer, autocast, autocast_inputs, compute_dtype, format_shape
 from dlcli.errors import ShapeError
 
 
@@ -80,28 +79,6 @@ class InputLayer(Layer):
 
     def backward(self, grad):
         return grad
-
-
-def numpy_dtype(dtype: str) -> np.dtype:
-    """An input's dtype name as NumPy's: "string" (text read by StringLookup, Hashing, HashedCrossing at the data
-    edge) is any NumPy text array, sized here as object pointers."""
-    return np.dtype(object) if dtype == "string" else np.dtype(dtype)
-
-
-@functools.cache
-def compute_dtype(dtype: str) -> np.dtype | None:
-    """The dtype a layer of `dtype` computes in, if floating (Keras casts floating inputs to it), else None."""
-    dtype = numpy_dtype(dtype)
-    return dtype if dtype.kind == "f" else None
-
-
-def autocast(x, dtype: np.dtype | None):
-    """`x` in `dtype` if both are floating (None: not floating) and differ, else `x` itself."""
-    return x.astype(dtype) if dtype is not None and _floating_other_than(x, dtype) else x
-
-
-def _floating_other_than(x, dtype: np.dtype) -> bool:
-    return getattr(x, "dtype", dtype) != dtype and x.dtype.kind == "f"
 
 
 def Input(shape, name: str | None = None, dtype: str = "float32") -> SymbolicTensor:
@@ -260,12 +237,10 @@ class Graph:
                 continue
             layer = node.layer
             ins = [values[id(t)] for t in node.inputs]
-            compute = compute_dtype(layer.dtype)
-            if compute is not None and any(_floating_other_than(x, compute) for x in ins):
-                # Keras 3 autocasts (Layer.__call__, dtype_policy.convert_input): each floating input in the layer's
-                # compute dtype; the cast's gradient goes back in the input's dtype (backward below)
+            cast = autocast_inputs(layer, ins)
+            if cast is not ins:  # the cast's gradient goes back in the input's dtype (backward below)
                 self.cast_from[id(node)] = [compute_dtype(str(getattr(x, "dtype", "object"))) for x in ins]
-                ins = [autocast(x, compute) for x in ins]
+                ins = cast
             in_masks = [masks.get(id(t)) for t in node.inputs]
             mask = in_masks if node.multi_input else in_masks[0]
             if node.multi_input and all(m is None for m in in_masks):

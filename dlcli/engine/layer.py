@@ -246,12 +246,46 @@ class Layer:
         # constructor's, else Keras' default, whatever an earlier call set)
         vars(self).update({a: call_args.get(a, self._config.get(a, default)) for a, default in
                            self.call_arguments.items()})
-        shape = [tuple(a.shape[1:]) for a in inputs] if isinstance(inputs, (list, tuple)) else tuple(inputs.shape[1:])
+        several = isinstance(inputs, (list, tuple))
+        inputs = autocast_inputs(self, inputs) if several else autocast_inputs(self, [inputs])[0]
+        shape = [tuple(a.shape[1:]) for a in inputs] if several else tuple(inputs.shape[1:])
         self.ensure_built(shape)
         return self.forward(inputs, training)
 
     def __repr__(self):
         return f"<{type(self).__name__} '{self.name}'>"
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    """An input's dtype name as NumPy's: "string" (text read by StringLookup, Hashing, HashedCrossing at the data
+    edge) is any NumPy text array, sized here as object pointers."""
+    return np.dtype(object) if dtype == "string" else np.dtype(dtype)
+
+
+@functools.cache
+def compute_dtype(dtype: str) -> np.dtype | None:
+    """The dtype a layer of `dtype` computes in, if floating (Keras casts floating inputs to it), else None."""
+    dtype = numpy_dtype(dtype)
+    return dtype if dtype.kind == "f" else None
+
+
+def autocast(x, dtype: np.dtype | None):
+    """`x` in `dtype` if both are floating (None: not floating) and differ, else `x` itself."""
+    return x.astype(dtype) if dtype is not None and _floating_other_than(x, dtype) else x
+
+
+def autocast_inputs(layer: "Layer", inputs: list) -> list:
+    """Keras 3's autocast (Layer.__call__, dtype_policy.convert_input), one home for the graph, a layer called on
+    arrays and generate's cached decoder: each floating array among `inputs` in the layer's dtype where that is
+    floating (a lookup's int or string layer casts nothing); `inputs` itself where nothing changes."""
+    compute = compute_dtype(layer.dtype)
+    if compute is None or not any(_floating_other_than(x, compute) for x in inputs):
+        return inputs
+    return [autocast(x, compute) for x in inputs]
+
+
+def _floating_other_than(x, dtype: np.dtype) -> bool:
+    return getattr(x, "dtype", dtype) != dtype and x.dtype.kind == "f"
 
 
 def build_seeded(layer: Layer, input_shape, rng: np.random.Generator):

@@ -61,7 +61,7 @@ def test_mask_zero_mask_flows_to_recurrent_layer():
 
 
 def test_masking_zeroes_and_masks_padded_steps():
-    x = np.random.default_rng(0).normal(0, 1, (2, 4, 3))
+    x = np.random.default_rng(0).normal(0, 1, (2, 4, 3)).astype(np.float32)
     x[0, 2:] = 0.0
     masking = layers.Masking()
     y = masking(x)

@@ -34,7 +34,8 @@ def test_table_covers_every_merge_layer():
 
 def test_values_and_output_shapes_match_keras():
     rng = np.random.default_rng(0)
-    a, b, c = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 4)), rng.normal(size=(2, 1, 4))
+    # float32, the layers' dtype (a call casts its inputs to it, Keras' autocast): the NumPy sums below are the same
+    a, b, c = (rng.normal(size=shape).astype(np.float32) for shape in [(2, 3, 4), (2, 4), (2, 1, 4)])
     add = layers.Add()
     # a lower-rank input gains axes after the batch axis (Keras' expand_dims(x, 1)): trailing axes line up
     assert add.output_shape([(3, 4), (4,), (1, 4)]) == (3, 4)
@@ -52,13 +53,13 @@ def test_values_and_output_shapes_match_keras():
 def test_dot_matches_keras_batch_dot():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
-    dot = layers.Dot(axes=1)
+    dot = layers.Dot(axes=1, dtype="float64")  # float64 data compared to NumPy's float64 at 1e-7
     assert dot.output_shape([(4,), (4,)]) == (1,)  # Keras keeps (batch, 1) for two vectors
     np.testing.assert_allclose(dot([x, y]), (x * y).sum(1, keepdims=True))
-    cos = layers.Dot(axes=1, normalize=True)([x, y])
+    cos = layers.Dot(axes=1, normalize=True, dtype="float64")([x, y])
     np.testing.assert_allclose(cos[:, 0], (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1))
     p, q = rng.normal(size=(3, 5, 4)), rng.normal(size=(3, 6, 4))
-    att = layers.Dot(axes=[2, 2])
+    att = layers.Dot(axes=[2, 2], dtype="float64")
     assert att.output_shape([(5, 4), (6, 4)]) == (5, 6)
     np.testing.assert_allclose(att([p, q]), np.einsum("bik,bjk->bij", p, q))
     assert layers.Dot(axes=[1, 1]).output_shape([(5, 4), (5, 6)]) == (4, 6)

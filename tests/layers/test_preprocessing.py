@@ -86,7 +86,7 @@ def test_augmentation_is_identity_at_inference_and_float32(layer):
 
 
 def test_random_flip_flips_whole_images():
-    x = np.random.default_rng(1).random((64, 3, 4, 1))
+    x = np.random.default_rng(1).random((64, 3, 4, 1), np.float32)
     y = layers.RandomFlip("horizontal", seed=3)(x, training=True)
     kept = (y == x).all((1, 2, 3))
     flipped = (y == x[:, :, ::-1]).all((1, 2, 3))
@@ -213,7 +213,7 @@ def test_random_crop_is_one_window_per_batch_and_smart_resizes_otherwise():
 def test_elastic_transform_moves_by_keras_field_size_with_probability_factor_and_repeats_when_seeded():
     # a ramp across the columns: output - input is each pixel's column displacement, alpha * blur(noise * sigma),
     # whose spread is alpha * sigma * sum(k^2) for the normalised 1-D Gaussian k (sigma 4.8 and alpha 9.6 here)
-    x = np.broadcast_to(np.arange(96.0)[None, None, :, None], (4, 96, 96, 1)).copy()
+    x = np.broadcast_to(np.arange(96, dtype=np.float32)[None, None, :, None], (4, 96, 96, 1)).copy()
     layer = layers.RandomElasticTransform([1.0, 1.0], scale=[1.0, 1.0], fill_mode="nearest", value_range=[-50, 150],
                                           seed=3)
     moved = (layer(x, training=True) - x)[:, 20:-20, 20:-20]  # away from the zero-padded borders of the blur
@@ -222,7 +222,7 @@ def test_elastic_transform_moves_by_keras_field_size_with_probability_factor_and
     expected = 9.6 * 4.8 * ((kernel / kernel.sum()) ** 2).sum()
     assert 0.7 * expected < moved.std() < 1.3 * expected and abs(moved.mean()) < 0.5 * expected
     some = layers.RandomElasticTransform([0.3, 0.3], value_range=[0, 1], seed=4)
-    images = np.random.default_rng(5).random((400, 8, 8, 1))
+    images = np.random.default_rng(5).random((400, 8, 8, 1), np.float32)
     changed = (some(images, training=True) != images).any((1, 2, 3))
     assert 0.22 < changed.mean() < 0.38
     first, second = (layers.RandomElasticTransform(value_range=[0, 1], seed=6)(images, training=True)
