@@ -4,7 +4,8 @@ implements only Keras 3's `update_step` rule, in place on the parameter array.
 Update rules, defaults and clipping semantics follow `keras.optimizers` (Keras 3): clipping happens before the
 decoupled weight decay `w -= w * weight_decay * lr`, which happens before the update; `iterations` counts applied
 steps and a learning-rate schedule is called with it. State slots (velocity, momentum ...) are created lazily,
-indexed by the parameter's position in the list given to `apply`.
+indexed by the parameter's position in the list given to `apply` (a checkpoint's 'slot/index'); where that list
+changes (a layer's `trainable` changed between fits) each weight's state follows it (`Optimizer.follow`).
 """
 import inspect
 import math
@@ -46,6 +47,8 @@ class Optimizer:
         self.iterations = 0
         self.slots: dict[str, dict[int, np.ndarray]] = {}
         self._buffers: dict = {}
+        self._followed, self._order = None, []  # the list the slots' indices refer to, and its weights' ids
+        self._aside: dict[int, dict[str, np.ndarray]] = {}  # the state of weights no longer in the list, by id
 
     def slot_count(self) -> int:
         """slots_per_weight for this configuration: inspect-shapes' memory estimate."""
@@ -74,6 +77,7 @@ class Optimizer:
     def apply(self, params):
         """One update of every param with a gradient (clip, decay, update_step); `iterations` += 1."""
         lr = self.current_lr
+        self.follow(params)
         self.build(params)
         grads = self._clipped([p.grad for p in params])
         for index, (param, grad) in enumerate(zip(params, grads)):
@@ -87,6 +91,36 @@ class Optimizer:
         if self.use_ema:
             self._update_ema(params)
         self.iterations += 1
+
+    def follow(self, params) -> bool:
+        """Keep each weight's state with it when the list of weights differs from the last step's (a layer frozen or
+        unfrozen between fits): its slots move to its new index, and those of a weight that left wait aside, by
+        weight, until it returns. Keras 3 keys the state by variable; by index, a frozen first layer would hand its
+        moments to the next weight (of another shape). True where the list changed. The first list after a restore
+        (set_state) takes the indices as saved."""
+        if params is self._followed:
+            return False
+        order = [id(p) for p in params]
+        self._followed = params
+        if order == self._order or not self._order:
+            changed, self._order = order != self._order, order
+            return changed
+        old, new = {key: i for i, key in enumerate(self._order)}, {key: i for i, key in enumerate(order)}
+        for name, per_param in self.slots.items():
+            moved = {}
+            for key, i in old.items():
+                if i in per_param:
+                    if key in new:
+                        moved[new[key]] = per_param[i]
+                    else:
+                        self._aside.setdefault(key, {})[name] = per_param[i]
+            self.slots[name] = moved
+        for key, j in new.items():
+            if key not in old:
+                for name, array in self._aside.pop(key, {}).items():
+                    self.slots.setdefault(name, {})[j] = array
+        self._order = order
+        return True
 
     def build(self, params):
         """State that must exist before the first step's weight decay (Keras' build); called before each step."""
@@ -115,6 +149,7 @@ class Optimizer:
 
     def ema_averages(self, params) -> list[np.ndarray | None]:
         """Each trainable weight's moving average (None before the first step or without use_ema)."""
+        self.follow(params)
         averages = self.slots.get("average", {})
         return [averages.get(i) if p.grad is not None else None for i, p in enumerate(params)]
 
@@ -167,7 +202,7 @@ class Optimizer:
         self.iterations = int(state["iterations"])
         if "learning_rate" in state and not callable(self._learning_rate):
             self._learning_rate = float(state["learning_rate"])
-        self.slots = {}
+        self.slots, self._followed, self._order, self._aside = {}, None, [], {}
         for key, array in state.items():
             if "/" in key:
                 name, index = key.rsplit("/", 1)
@@ -712,7 +747,7 @@ class MultiOptimizer(Optimizer):
                          "ReduceLROnPlateau or give the inner optimizers schedules")
 
     def apply(self, params):
-        if self._groups is None or len(self._groups) != len(params):
+        if self.follow(params) or self._groups is None:
             self._groups = [self.optimizers.index(self.optimizer_map(p.path)) for p in params]
         for i, opt in enumerate(self.optimizers):
             group = [p for p, g in zip(params, self._groups) if g == i]

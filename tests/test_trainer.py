@@ -71,6 +71,69 @@ def test_frozen_layer_keeps_its_weights_and_lr_mult_scales_sgd_steps():
     np.testing.assert_allclose(step_half, 0.5 * step_full, rtol=1e-5, atol=1e-7)  # float32 rounding of w - step
 
 
+def _freeze_after_first_epoch(layer):
+    class Freeze(Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            layer.trainable = False
+    return Freeze()
+
+
+def _three_fits(model, x, y, frozen: bool):
+    """Fit, fit with the first layer out of training, fit with it back. frozen: through `trainable` (turned off
+    during the first fit's last epoch: as in Keras, from the next fit on); else through lr_mult 0, which leaves it
+    in the step (its gradient computed, cleared and applied at rate 0): the reference."""
+    first = model.get_layer("h")
+    model.fit(x, y, epochs=2, batch_size=4, verbose=0, seed=0,
+              callbacks=[_freeze_after_first_epoch(first)] if frozen else [])
+    first.lr_mult = 1.0 if frozen else 0.0
+    kept = first.get_weights()
+    model.fit(x, y, epochs=2, batch_size=4, verbose=0, seed=1)
+    for u, v in zip(kept, first.get_weights()):
+        np.testing.assert_array_equal(u, v)  # out of training either way
+    weights = model.get_weights()
+    first.trainable, first.lr_mult = True, 1.0
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0, seed=2)
+    return weights, model.get_weights()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_layer_frozen_for_a_fit_leaves_no_gradient_and_no_optimizer_state_behind(optimizer):
+    """A layer frozen mid-fit or between fits (Python API): its backward still adds to its weights' gradients, and
+    the step cleared only the trainable weights', so the fit that unfroze it applied every gradient it had summed
+    while frozen (fails before with SGD); and the optimizer's state, kept by index in the trainable list, passed a
+    frozen first layer's moments to the next weight (fails before with Adam: the second fit differs). Now each step
+    clears every gradient and each weight keeps its own state (Keras 3 keys it by variable), so the fits equal the
+    reference with lr_mult 0 bit for bit (with Adam until the unfreezing: the reference's moments moved meanwhile,
+    the frozen layer's waited aside, as in Keras)."""
+    x, y = _data(16)
+    frozen, reference = _model(optimizer=optimizer), _model(optimizer=optimizer)
+    (second, third), (second_ref, third_ref) = _three_fits(frozen, x, y, True), _three_fits(reference, x, y, False)
+    for u, v in zip(second, second_ref):
+        np.testing.assert_array_equal(u, v)
+    if optimizer == "sgd":  # stateless: the fit after unfreezing too
+        for u, v in zip(third, third_ref):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_a_weight_back_in_training_takes_back_its_own_optimizer_state():
+    x, y = _data(16)
+    model = _model(optimizer="adam")
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0, seed=0)
+    optimizer, first = model.optimizer, model.get_layer("h")
+    moments = {name: [a.copy() for _, a in sorted(per.items())] for name, per in optimizer.slots.items()}
+    first.trainable = False
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0, seed=1)
+    assert all(len(per) == 2 for per in optimizer.slots.values())  # the output layer's kernel and bias
+    for name, per in optimizer.slots.items():  # the output layer's moments moved on, at its new indices
+        assert [a.shape for _, a in sorted(per.items())] == [(4, 2), (2,)]
+        assert not np.array_equal(per[0], moments[name][2])
+    first.trainable = True
+    optimizer.follow(model.trainable_weights)
+    for name, per in optimizer.slots.items():  # the first layer's own, untouched while it was frozen
+        np.testing.assert_array_equal(per[0], moments[name][0])
+        np.testing.assert_array_equal(per[1], moments[name][1])
+
+
 def test_freeze_patterns_and_inspect_shapes_show_frozen(tmp_path):
     from typer.testing import CliRunner
 
