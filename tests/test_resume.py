@@ -1,7 +1,14 @@
 """Resume and faults through the real CLI in subprocesses: SIGKILL mid-epoch then --resume ends bit-identical to
 an uninterrupted run; Ctrl-C saves a resumable checkpoint and exits 130; a NaN loss writes divergence.json; damaged
-or foreign checkpoints and unwritable run directories give one clear error, no traceback."""
+or foreign checkpoints and unwritable run directories give one clear error, no traceback.
+
+The signals land where the run pauses itself (PAUSED), not where a poll of its checkpoints happened to catch it: the
+run trains an epoch in ~0.13 s of CPU (3 epochs of 150 steps after ~1.1 s of start-up), so on a busy machine a
+poller kept off the CPU for a second could see the kill land an epoch late, or the run end first; and the waits,
+bounded in wall time (30 and 60 s for 1-3 s of CPU), ran out at high loads. Waits are now bounded only against a
+hung process (HANG)."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -49,12 +56,39 @@ def _write_config(tmp, units=256, epochs=3, lr=0.01, samples=1500, scale=1.0, op
     return path
 
 
+HANG = 900  # seconds of wall time: only a hung process takes this long (a run is 1-3 s of CPU, a minute at load 40)
+
+# `dlcli train` that pauses once, in epoch 2 (index 1) as it is about to write its second mid-epoch checkpoint (three
+# steps after the last one on disk, so a kill there loses work that --resume must redo): it says so in the file
+# DLCLI_TEST_PAUSED names and waits for a line on its stdin
+PAUSED = """
+import os, sys
+from dlcli import checkpoint
+from dlcli.cli import main
+save, paused = checkpoint.save, []
+def pausing(files, model, callbacks, position, *args, **kwargs):
+    if position["epoch"] == 1 and position["batch"] >= 6 and not paused:
+        paused.append(position["batch"])
+        open(os.environ["DLCLI_TEST_PAUSED"], "w").close()
+        sys.stdin.readline()
+    return save(files, model, callbacks, position, *args, **kwargs)
+checkpoint.save = pausing
+main()
+"""
+
+
 def _dlcli(*args, **kw):
     return [sys.executable, "-m", "dlcli.cli", *map(str, args)]
 
 
-def _run(*args, timeout=60):
+def _run(*args, timeout=HANG):
     return subprocess.run(_dlcli(*args), capture_output=True, text=True, timeout=timeout)
+
+
+def _start_paused(runs_dir: Path, *args, **popen):
+    env = {**os.environ, "DLCLI_TEST_PAUSED": str(runs_dir.parent / f"{runs_dir.name}.paused")}
+    return subprocess.Popen([sys.executable, "-c", PAUSED, *map(str, args), "--runs-dir", runs_dir],
+                            stdin=subprocess.PIPE, env=env, **popen)
 
 
 def _only_run(runs_dir: Path) -> Path:
@@ -62,18 +96,15 @@ def _only_run(runs_dir: Path) -> Path:
     return run
 
 
-def _wait_for_mid_epoch_checkpoint(proc, run_parent: Path, min_step=1):
-    deadline = time.time() + 30
+def _wait_until_paused(proc, runs_dir: Path) -> dict:
+    """The position of the last checkpoint written once a PAUSED run waits."""
+    deadline = time.time() + HANG
     while time.time() < deadline and proc.poll() is None:
-        for state in run_parent.glob("*/checkpoint/state.npz"):
-            try:
-                position = checkpoint.load(state)["header"]["position"]
-            except Exception:
-                continue
-            if position["batch"] > 0 and position["epoch"] >= 1 and position["step"] >= min_step:
-                return position
-        time.sleep(0.005)
-    pytest.fail(f"no mid-epoch checkpoint appeared (exit code {proc.poll()})")
+        if (runs_dir.parent / f"{runs_dir.name}.paused").exists():
+            (state,) = runs_dir.glob("*/checkpoint/state.npz")
+            return checkpoint.load(state)["header"]["position"]
+        time.sleep(0.01)
+    pytest.fail(f"the run never reached its pause in epoch 2 (exit code {proc.poll()})")
 
 
 def _weights(run: Path) -> dict:
@@ -102,18 +133,13 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference):
     tmp, config, ref = reference
     rates = [float(row[-1]) for row in _history(ref)[1:]]
     assert rates == [0.01, 0.01, 0.005], rates  # ReduceLROnPlateau fired at the end of epoch 2 (and 3)
-    for attempt in range(4):  # the kill must land in epoch 2, before the plateau callback fires
-        runs_dir = tmp / f"killed-{attempt}"
-        proc = subprocess.Popen(_dlcli("train", config, "--runs-dir", runs_dir, "-q"), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
-        position = _wait_for_mid_epoch_checkpoint(proc, runs_dir)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: make the test data larger"
-        if position["epoch"] == 1:
-            break
-    else:
-        pytest.fail("four runs were all killed after epoch 2 (a very loaded machine?)")
+    runs_dir = tmp / "killed"  # the kill lands in epoch 2, before the plateau callback fires
+    proc = _start_paused(runs_dir, "train", config, "-q", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    position = _wait_until_paused(proc, runs_dir)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=HANG)
+    assert proc.returncode == -signal.SIGKILL
+    assert (position["epoch"], position["batch"]) == (1, 3)  # the last checkpoint, three steps before the kill
     run = _only_run(runs_dir)
     assert json.loads((run / "meta.json").read_text())["status"] == "running"
     resumed = _run("train", "--resume", run)
@@ -133,11 +159,10 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(reference):
 def test_sigint_or_sigterm_saves_a_checkpoint_and_resumes_exactly(reference, signum):
     tmp, config, ref = reference
     runs_dir = tmp / f"interrupted-{signum.name}"
-    proc = subprocess.Popen(_dlcli("train", config, "--runs-dir", runs_dir, "-q"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for_mid_epoch_checkpoint(proc, runs_dir)
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=30)
+    proc = _start_paused(runs_dir, "train", config, "-q", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_until_paused(proc, runs_dir)
+    proc.send_signal(signum)  # while it waits, mid-epoch
+    out, err = proc.communicate("go on\n", timeout=HANG)
     assert proc.returncode == 128 + signum, err  # 130 for Ctrl-C, 143 for SIGTERM
     assert "resume with: dlcli train --resume" in err and "Traceback" not in err
     run = _only_run(runs_dir)
