@@ -183,3 +183,28 @@ def test_winograd_runs_only_with_the_compiled_kernels(monkeypatch):
     assert cm.winograd_applies((3, 3, 16, 8), (1, 1), (1, 1), 1) and kernels.compiled("winograd") is not None
     monkeypatch.setenv("DLCLI_KERNELS", "numpy")
     assert not cm.winograd_applies((3, 3, 16, 8), (1, 1), (1, 1), 1)
+
+
+def test_inference_transforms_a_kernel_once_while_its_bits_stay(monkeypatch):
+    """Predict's passes share a kernel's transform (conv_math.inference_kernel); one written in place, as an
+    optimizer or a user writes weights, is transformed anew, even where only a zero's sign changed; training
+    transforms its kernel every step."""
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    transformed = []
+    winograd_kernel = cm.winograd_kernel
+    monkeypatch.setattr(cm, "winograd_kernel", lambda *a: transformed.append(a[1:]) or winograd_kernel(*a))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 8, 8, 16)).astype(np.float32)
+    kernel = (rng.standard_normal((3, 3, 16, 8)) / 12).astype(np.float32)
+    out, pads = cm.geometry((8, 8), (3, 3), (1, 1), "same", (1, 1))
+    first = cm.winograd_conv(x, kernel, None, out, pads, block=4)
+    np.testing.assert_array_equal(cm.winograd_conv(x, kernel, None, out, pads, block=4), first)
+    assert len(transformed) == 1
+    for value in (1.5, 0.0, -0.0):
+        kernel[1, 1, 0, 0] = value
+        y = cm.winograd_conv(x, kernel, None, out, pads, block=4)
+        np.testing.assert_allclose(y, reference(cm.pad(x, pads), kernel, None, out), rtol=0, atol=1e-5)
+    assert len(transformed) == 4
+    cm.winograd_conv(x, kernel, None, out, pads, keep={})
+    cm.winograd_conv(x, kernel, None, out, pads, keep={})
+    assert len(transformed) == 6
