@@ -29,24 +29,34 @@ from convnet_epoch import CONFIG, torch_net  # noqa: E402
 TARGETS = ("<= 0.7x", "<= 1.0x")
 
 
+def lead_in(run, first):
+    """run, with first (one batch's predict) as its untimed lead-in after each round's pause
+    (common.interleaved_rounds), so a round times the steady batches throughput is made of. With one batch a round
+    (the quick report's row) every timed batch was the first after the pause: dlcli took 21.8 ms and Keras + JAX
+    20.3 where rounds of 8 batches took 12.3 and 18.3 a batch (the quiet machine, 2026-12-06 22:08-22:13)."""
+    run.lead_in = first
+    return run
+
+
 def dlcli_runner(x, batch):
     model = config_model(CONFIG)
-    return lambda: model.predict(x, batch_size=batch)
+    return lead_in(lambda: model.predict(x, batch_size=batch), lambda: model.predict(x[:batch], batch_size=batch))
 
 
 def torch_runner(torch, x, batch):
     net = torch_net(torch).eval()
     tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # PyTorch is channels-first
 
-    def run():
+    def run(stop=len(tx)):
         with torch.inference_mode():
-            return torch.cat([torch.softmax(net(tx[i:i + batch]), 1) for i in range(0, len(tx), batch)]).numpy()
-    return run
+            return torch.cat([torch.softmax(net(tx[i:i + batch]), 1) for i in range(0, stop, batch)]).numpy()
+    return lead_in(lambda: run(), lambda: run(batch))
 
 
 def keras_runner(keras, x, batch):
     model = keras_peer.convnet(keras)
-    return lambda: model.predict(x, batch_size=batch, verbose=0)
+    return lead_in(lambda: model.predict(x, batch_size=batch, verbose=0),
+                   lambda: model.predict(x[:batch], batch_size=batch, verbose=0))
 
 
 def runners(batch=512, batches=8):
