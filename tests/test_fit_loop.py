@@ -57,6 +57,31 @@ def test_array_batches_handed_over_a_group_at_a_time(monkeypatch):
         assert len(taken) == -(-len(chunks) // group) and sum(taken) == 100
 
 
+def test_the_caller_takes_the_first_batch_and_a_single_group_starts_no_thread():
+    """The first batch is needed at once: the caller takes it even when a worker had time to (handing it over only
+    added a thread's start to the wait), and a fit of one group (the LSTM bench's 2 batches) starts no thread."""
+    x = np.arange(400, dtype=np.float32).reshape(100, 4)
+    taken_by = []
+
+    class Recorded(ArraySource):
+        def take(self, index):
+            taken_by.append((int(index_array(index, len(self))[0]), threading.current_thread().name))
+            return super().take(index)
+
+    for chunks, threads in ((batch_indices(100, 10, np.random.default_rng(2).permutation(100)), 1),
+                            (batch_indices(20, 10, np.random.default_rng(2).permutation(20)), 0)):
+        taken_by.clear()
+        source = Recorded([x[:len(chunks) * 10]])
+        with source.batches(chunks) as batches:
+            assert len(batches.threads) == threads
+            threading.Event().wait(0.05)  # time enough for a worker to take the first group, were it its to take
+            got = [b[0] for b in batches]
+        assert all(np.array_equal(g, x[c]) for g, c in zip(got, chunks)) and len(got) == len(chunks)
+        by = dict(taken_by)
+        assert by.pop(int(chunks[0][0])) == threading.current_thread().name
+        assert set(by.values()) == ({"dlcli-data-0"} if threads else set())
+
+
 def test_closing_array_batches_early_stops_the_gather_thread():
     source = ArraySource([np.zeros((50, 3), np.float32)])
     batches = source.batches(batch_indices(50, 5, np.arange(50)))

@@ -73,21 +73,24 @@ class Source:
 
 class Batches:
     """`take` of each batch in order, prepared ahead by `workers` threads (default: the source's settings): worker w
-    takes batches w, w + workers, ... and holds at most its share of `prefetch` of them (bounded memory); batches
-    and errors reach the caller in order. Decoders and gathers release the GIL (Pillow, zlib, NumPy, the PNG
+    takes batches 1 + w, 1 + w + workers, ... and holds at most its share of `prefetch` of them (bounded memory);
+    batches and errors reach the caller in order. Decoders and gathers release the GIL (Pillow, zlib, NumPy, the PNG
     kernel), so the threads overlap reading with the training step. Batches pass through SimpleQueues: ~15 us of
     the training thread per batch, where a ThreadPoolExecutor's futures took ~60 (the book MLP's step is ~2 ms).
     A batch no worker has started when the caller needs it is taken by the caller itself: on a busy machine a
-    worker can wait milliseconds for a core (the book convnet's training thread waited 16 ms a batch at load 15)."""
+    worker can wait milliseconds for a core (the book convnet's training thread waited 16 ms a batch at load 15).
+    The first batch is needed at once, so the caller always takes it and the workers start at the second: handing
+    it over would only add a worker's start to the wait (and no thread starts for a single batch, or an in-memory
+    fit of a single group: the LSTM bench's fit of 2 batches)."""
 
     def __init__(self, source: Source, indices: list, workers: int | None = None, prefetch: int | None = None):
         self.source, self.indices, self.next = source, indices, 0
         prefetch = source.prefetch if prefetch is None else prefetch
         self.threads, self.closed = [], False
-        if not prefetch or not indices:
+        if not prefetch or len(indices) < 2:
             return
         self.claimed, self.lock = bytearray(len(indices)), threading.Lock()  # batches a worker or the caller took
-        count = max(1, min(workers or source.workers, prefetch, len(indices)))
+        count = max(1, min(workers or source.workers, prefetch, len(indices) - 1))
         self.ready = [queue.SimpleQueue() for _ in range(count)]  # (True, batch) or (False, the error)
         self.free = [queue.SimpleQueue() for _ in range(count)]  # a worker's permits to take one more batch
         for w in range(count):
@@ -100,7 +103,7 @@ class Batches:
     def _work(self, w: int, count: int):
         if getattr(self.source, "background", 0):
             _lower_priority(self.source.background)
-        for k in range(w, len(self.indices), count):
+        for k in range(1 + w, len(self.indices), count):  # the caller takes batch 0
             if not self.free[w].get() or self.closed:
                 return
             if not self._claim(k):  # the caller took it: the permit is still this worker's
@@ -130,7 +133,7 @@ class Batches:
         k, self.next = self.next, self.next + 1
         if not self.threads or self._claim(k):
             return self.source.take(self.indices[k])
-        w = k % len(self.threads)
+        w = (k - 1) % len(self.threads)
         ok, batch = self.ready[w].get()
         if not ok:
             self.close()
