@@ -154,15 +154,17 @@ class SparseCategoricalCrossentropy(Loss):
 
     def compute(self, y_true, y_pred, logits=None):
         y_pred = np.asarray(y_pred)
-        labels = sparse_labels(y_true, y_pred, self.name)
         classes = y_pred.shape[-1]
-        flat_labels = labels.reshape(-1)
         z = logits if logits is not None else (y_pred if self.from_logits else None)
         if z is not None:
+            labels = sparse_label_array(y_true, y_pred, self.name)  # their values: checked in the loss' pass
             probabilities = y_pred.reshape(-1, classes) if logits is not None else None  # softmax(z): fused
-            elements, grad = _sparse_softmax_crossentropy(z.reshape(-1, classes), flat_labels, probabilities)
+            elements, grad = _sparse_softmax_crossentropy(z.reshape(-1, classes), labels.reshape(-1), probabilities,
+                                                          self.name)
             per_sample, scale = _per_sample(elements.reshape(labels.shape), len(z))
         else:
+            labels = sparse_labels(y_true, y_pred, self.name)
+            flat_labels = labels.reshape(-1)
             # Keras renormalises the probabilities, then clips: p_c = clip(y_c / sum(y)).
             rows = np.arange(labels.size)
             flat_y = y_pred.reshape(-1, classes)
@@ -180,20 +182,24 @@ class SparseCategoricalCrossentropy(Loss):
         return per_sample, grad
 
 
-def _sparse_softmax_crossentropy(z, labels, probabilities=None):
-    """(-log softmax(z)[label], softmax(z) - onehot(label)) of logits z (rows, classes) and labels (rows,), in one
-    compiled pass (kernels/classification.py) or its NumPy twin here. `probabilities`: softmax(z) as the forward pass
-    computed it (a fused output layer), which the kernel takes as the gradient's softmax (the twin's bits)."""
+def _sparse_softmax_crossentropy(z, labels, probabilities=None, what="sparse_categorical_crossentropy"):
+    """(-log softmax(z)[label], softmax(z) - onehot(label)) of logits z (rows, classes) and labels (rows,) not yet
+    checked (sparse_label_array's), in one compiled pass (kernels/classification.py) that also checks the labels, or
+    its NumPy twin here after sparse_label_values. `probabilities`: softmax(z) as the forward pass computed it (a
+    fused output layer), which the kernel takes as the gradient's softmax (the twin's bits)."""
     compiled = kernels.compiled("classification")
     if compiled is None or z.dtype.kind != "f" or (probabilities is not None and probabilities.dtype != z.dtype):
-        log_p, grad = _log_softmax_and_softmax(z)  # the NumPy twin
+        labels = sparse_label_values(labels, z.shape[-1], what)  # the NumPy twin
+        log_p, grad = _log_softmax_and_softmax(z)
         rows = np.arange(len(labels))
         grad[rows, labels] -= 1
         return -log_p[rows, labels], grad
     elements, grad = np.empty(len(z), z.dtype), np.empty(z.shape, z.dtype)
     given = np.empty((0, 0), z.dtype) if probabilities is None else np.ascontiguousarray(probabilities)
-    compiled.sparse_softmax_crossentropy(np.ascontiguousarray(z), labels.astype(np.intp, copy=False), given,
-                                         elements, grad)
+    # the kernel's two label types: integers as intp (no copy for int64), floats as float64 (their values exactly)
+    typed = labels.astype(np.float64 if labels.dtype.kind == "f" else np.intp, copy=False)
+    if compiled.sparse_softmax_crossentropy(np.ascontiguousarray(z), typed, given, elements, grad) < 0:
+        sparse_label_values(labels, z.shape[-1], what)  # raises, naming the label
     return elements, grad
 
 
@@ -209,6 +215,12 @@ def _log_softmax_and_softmax(z):
 
 def sparse_labels(y_true, y_pred, what="sparse_categorical_crossentropy"):
     """Integer labels of shape y_pred.shape[:-1] (a trailing axis of 1 is squeezed), range-checked."""
+    return sparse_label_values(sparse_label_array(y_true, y_pred, what), y_pred.shape[-1], what)
+
+
+def sparse_label_array(y_true, y_pred, what="sparse_categorical_crossentropy"):
+    """The labels y_true as an array of shape y_pred.shape[:-1] (a trailing axis of 1 is squeezed) and a numeric
+    type, their values unchecked (sparse_label_values)."""
     labels = np.asarray(y_true)
     if labels.ndim == y_pred.ndim and labels.shape[-1] == 1:
         labels = labels.reshape(labels.shape[:-1])
@@ -218,14 +230,19 @@ def sparse_labels(y_true, y_pred, what="sparse_categorical_crossentropy"):
                          f"{', '.join(map(str, y_pred.shape[1:]))}); got labels of shape (None, "
                          f"{', '.join(map(str, labels.shape[1:]))}). One-hot targets need "
                          f"'categorical_crossentropy' / 'categorical_accuracy'.")
+    if labels.dtype.kind not in "iubf":
+        raise DlcliError(f"'{what}' needs integer class labels; got targets of dtype {labels.dtype}")
+    return labels
+
+
+def sparse_label_values(labels, classes: int, what="sparse_categorical_crossentropy"):
+    """sparse_label_array's labels as integers, each a class (0..classes - 1), or the error naming a label that is
+    not one."""
     if labels.dtype.kind == "f":
         if labels.size and not np.array_equal(labels, np.round(labels)):
             raise DlcliError(f"'{what}' needs integer class labels; the targets contain non-integer values "
                              f"(one-hot or probability targets need 'categorical_crossentropy')")
         labels = labels.astype(np.int64)
-    elif labels.dtype.kind not in "iub":
-        raise DlcliError(f"'{what}' needs integer class labels; got targets of dtype {labels.dtype}")
-    classes = y_pred.shape[-1]
     # one reduction per batch (fit checks each batch): read as unsigned, a negative label is above every class
     unsigned = labels if labels.dtype.kind in "ub" else labels.view(f"u{labels.dtype.itemsize}")
     if labels.size and unsigned.max() >= classes:

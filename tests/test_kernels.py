@@ -493,6 +493,38 @@ def test_sparse_accuracy_refuses_a_label_out_of_range_on_both_paths(monkeypatch,
         assert accuracy.state() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("bad, message", [(7, "got class label 7, but the output has 7 units"),
+                                          (-1, "got class label -1, but the output has 7 units"),
+                                          (np.nan, "non-integer values"), (1.5, "non-integer values")])
+def test_sparse_crossentropy_refuses_a_label_not_a_class_on_both_paths(monkeypatch, bad, message):
+    """The compiled loss checks its labels in its pass (no NumPy check before it): a label out of range, NaN or with
+    a fraction raises sparse_labels' error on both paths, fused with the softmax or from logits, whatever the
+    labels' type or shape; the error names the label whichever row holds it."""
+    from dlcli import losses
+    from dlcli.engine.activations import softmax
+    from dlcli.errors import DlcliError
+
+    z = np.random.default_rng(13).standard_normal((3, 7)).astype(np.float32)
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        for row in (0, 2):
+            labels = np.array([0, 1, 2], np.float64)
+            labels[row] = bad
+            given = [labels, labels[:, None].astype(np.float32)]
+            if float(bad).is_integer():
+                given += [labels.astype(np.int64), labels[:, None].astype(np.int32)]
+            for y in given:
+                for loss, args in ((losses.SparseCategoricalCrossentropy(), (softmax(z), z)),
+                                   (losses.SparseCategoricalCrossentropy(from_logits=True), (z,))):
+                    with pytest.raises(DlcliError, match=message):
+                        loss.compute(y, *args)
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")  # float-typed integer labels are the integers' loss, bit for bit
+    loss = losses.SparseCategoricalCrossentropy()
+    for a, b in zip(loss.compute(np.array([0.0, 6.0, 2.0]), softmax(z), z), loss.compute(np.array([0, 6, 2]),
+                                                                                           softmax(z), z)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("relu", [False, True])
 def test_batch_norm_compiled_forward_keeps_its_input_not_xhat(monkeypatch, relu):
     """The compiled forward writes y alone and keeps its input: the backward recomputes xhat with the forward's own

@@ -15,11 +15,18 @@ JIT = dict(cache=True, nogil=True, error_model="numpy")
 
 @numba.njit(**JIT)
 def sparse_softmax_crossentropy(z, labels, probabilities, elements, grad):
-    """z (rows, classes) logits, labels (rows,) intp in range, probabilities softmax(z) or empty; writes
-    elements (rows,) = -log softmax(z)[label] and grad (rows, classes) = softmax(z) - onehot(label)."""
+    """z (rows, classes) logits, labels (rows,) intp or float64, probabilities softmax(z) or empty; writes
+    elements (rows,) = -log softmax(z)[label] and grad (rows, classes) = softmax(z) - onehot(label). Returns 0, or
+    -1 at the first label that is not a class (0..classes - 1; NaN, or a float with a fraction): the caller's label
+    check, folded into this pass as sparse_hits' (losses.sparse_label_values then says which)."""
     rows, classes = z.shape
     given = probabilities.size > 0
     for i in range(rows):
+        if not (labels[i] >= 0 and labels[i] < classes):  # NaN fails too
+            return -1
+        label = int(labels[i])
+        if label != labels[i]:
+            return -1
         m = z[i, 0]
         for j in range(1, classes):  # np.max: NaN wins
             v = z[i, j]
@@ -30,7 +37,6 @@ def sparse_softmax_crossentropy(z, labels, probabilities, elements, grad):
             e = np.exp(z[i, j] - m)
             grad[i, j] = e
             total += e
-        label = labels[i]
         elements[i] = np.log(total) - (z[i, label] - m)  # -(shifted - log(total)), exactly
         if given:
             for j in range(classes):
@@ -39,6 +45,7 @@ def sparse_softmax_crossentropy(z, labels, probabilities, elements, grad):
             for j in range(classes):
                 grad[i, j] /= total
         grad[i, label] -= 1
+    return 0
 
 
 @numba.njit(**JIT)
