@@ -125,7 +125,8 @@ def soak(trials: int, seed: int = 0, workdir: Path | None = None, log=print) -> 
             for k in ("kills", "mid_write", "restarts"):
                 totals[k] += r[k]
             log(f"trial {i + 1}/{trials}: {r['kills']} kills ({r['mid_write']} inside a checkpoint write, "
-                f"{r['restarts']} before the first checkpoint) -> {'bit-identical' if same else 'DIFFERENT'}")
+                f"{r['restarts']} before the first checkpoint) -> {'bit-identical' if same else 'DIFFERENT'}, "
+                f"status {r['status']}")
         log(f"kill soak: {totals['identical']}/{trials} runs bit-identical to the uninterrupted run after "
             f"{totals['kills']} SIGKILLs ({totals['mid_write']} inside a checkpoint write, {totals['restarts']} "
             f"before the first checkpoint)")
