@@ -16,8 +16,8 @@ def lane_threads(monkeypatch) -> set:
     """The names of the threads lanes.run runs work on from now on (filled as it runs)."""
     workers, real_run = set(), lanes.run
 
-    def watched(work, parts):
-        return real_run(lambda run: workers.add(threading.current_thread().name) or work(run), parts)
+    def watched(work, parts, short=False):
+        return real_run(lambda run: workers.add(threading.current_thread().name) or work(run), parts, short)
     monkeypatch.setattr(lanes, "run", watched)
     return workers
 
@@ -50,6 +50,7 @@ def test_a_layer_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, mak
     monkeypatch.setenv("DLCLI_KERNELS", path)
     monkeypatch.setattr("dlcli.layers.conv_math.CHUNK_FLOATS", 1 << 12)  # many chunks at these small shapes
     monkeypatch.setattr("dlcli.layers.normalization.LANE_FLOATS", 1)  # BN's passes on lanes at any size
+    monkeypatch.setattr("dlcli.layers.normalization.SHORT_FLOATS", 0)  # handed to the lanes, polling or not
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     workers = lane_threads(monkeypatch)
     results = []
@@ -111,6 +112,7 @@ def test_a_residual_block_summed_by_its_batch_norm_gives_the_same_bits_on_one_tw
 
     monkeypatch.setenv("DLCLI_KERNELS", path)
     monkeypatch.setattr("dlcli.layers.normalization.LANE_FLOATS", 1)  # BN's passes on lanes at any size
+    monkeypatch.setattr("dlcli.layers.normalization.SHORT_FLOATS", 0)  # handed to the lanes, polling or not
     model = _residual_net()
     assert len(model.graph.summed) == 1
     start = [p.value.copy() for p in model.weights]
@@ -255,3 +257,24 @@ def test_lanes_sleep_at_once_while_the_machine_runs_more_threads_than_cores(monk
         assert lanes._spare_core()
     monkeypatch.setattr(lanes, "_spare_core", lambda: False)
     assert lanes._waiter() is None
+
+
+@pytest.mark.parametrize("spare", [True, False])
+def test_short_parts_go_to_polling_lanes_only(monkeypatch, spare):
+    """lanes.run's `short` parts are handed to the lanes while they poll (a core to spare), else all run in the
+    caller, with the same results in the same order; parts not short go to the lanes either way."""
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    monkeypatch.setattr(lanes, "count", lambda: 2)
+    monkeypatch.setattr(lanes, "_spare_core", lambda: spare)
+    polls = lanes._waiter() is not None
+    if spare and not polls:
+        pytest.skip("no compiled lanes kernel or C library to poll with")
+    parts = [(0, 1), (1, 2), (2, 3), (3, 4)]
+    for short in (True, False):
+        workers = set()
+
+        def work(run):
+            workers.add(threading.current_thread().name)
+            return [b * 10 for a, b in run]
+        assert lanes.run(work, parts, short) == [10, 20, 30, 40]
+        assert ("dlcli-lane" in workers) == (not short or spare)

@@ -67,21 +67,24 @@ def split(n: int, count: int) -> list[tuple[int, int]]:
     return [(n * i // count, n * (i + 1) // count) for i in range(count)]
 
 
-def run(work, parts: list) -> list:
+def run(work, parts: list, short: bool = False) -> list:
     """work(run) for contiguous runs of `parts`, one run per lane, the first in the caller, BLAS on one thread
     meanwhile; the results concatenated in order (work returns a list per run, one item per part is usual). One
     run of every part when one lane is free: with one BLAS thread, inside another lane, or while another thread of
-    the process uses the workers."""
+    the process uses the workers. `short`: parts of a few tens of microseconds, worth handing over only to lanes that
+    poll (_waiter: a core to spare), not to sleeping ones, which take longer than that to wake; else all run here."""
     lanes = min(count(), len(parts))
     if lanes < 2 or not _busy.acquire(blocking=False):
         return list(work(parts))
     try:
+        wait = _waiter()
+        if short and wait is None:
+            return list(work(parts))
         runs = [parts[a:b] for a, b in split(len(parts), lanes)]
         workers = _ensure(lanes - 1)
         # inside `spread` BLAS is on one thread already: threadpoolctl's switch and its restore cost the caller ~8
         # us of CPU a run, and a resnet training step makes 23 runs
         with nullcontext() if _granted else blas.one_thread():
-            wait = _waiter()
             for lane, own in zip(workers, runs[1:]):
                 lane.hand(work, own, wait)
             try:

@@ -219,9 +219,9 @@ class BatchNormalization(_Normalization):
         self.summed = residual is not None and residual.shape == x.shape and residual.dtype == dt and \
             residual.flags.c_contiguous and (self.sum_activation is None or self.sum_activation.plain)
         added = residual.reshape(-1, c) if self.summed else np.empty((0, c), dt)
-        parts = _row_parts(len(rows), c)
+        parts, short = _row_parts(len(rows), c)
         shift = rows[0].astype(np.float64)  # every range's: the sums add up
-        pairs = lanes.run(lambda run: [_pair(compiled.shifted_sums, rows[a:b], shift) for a, b in run], parts)
+        pairs = lanes.run(lambda run: [_pair(compiled.shifted_sums, rows[a:b], shift) for a, b in run], parts, short)
         d, dd = _summed([s for s, _ in pairs]) / len(rows), _summed([s for _, s in pairs]) / len(rows)
         mean, var = (shift + d).astype(dt), np.maximum(dd - d * d, 0.0).astype(dt)
         inv_std = 1 / np.sqrt(var + dt.type(self.epsilon))
@@ -229,7 +229,7 @@ class BatchNormalization(_Normalization):
         relu = self.post_activation is not None or (self.summed and self.sum_activation is not None)
         lanes.run(lambda run: [compiled.normalise(rows[a:b], mean, inv_std, gamma, beta, relu, added[a:b] if
                                                   self.summed else added, y.reshape(-1, c)[a:b]) for a, b in run],
-                  parts)
+                  parts, short)
         self._update_moving(mean, var, dt.type)
         # the input, not xhat: the backward recomputes xhat as it reads it, so no pass writes it
         self.xhat, self.x, self.mean = None, x, mean
@@ -274,14 +274,15 @@ class BatchNormalization(_Normalization):
         mean, inv_std = self.mean, self.inv_std.reshape(-1)
         gamma, beta = self._compiled_affine(dt)
         relu = self.relu_fused
-        parts = _row_parts(len(rows), c)
+        parts, short = _row_parts(len(rows), c)
         pairs = lanes.run(lambda run: [_pair(compiled.gradient_sums, rows[a:b], x[a:b], mean, inv_std, gamma,
                                              beta, relu)
-                                       for a, b in run], parts)
+                                       for a, b in run], parts, short)
         sum_g, sum_gx = _summed([g for g, _ in pairs]).astype(dt), _summed([gx for _, gx in pairs]).astype(dt)
         a, b = sum_gx * (scale / len(rows)), sum_g * (scale / len(rows))
         lanes.run(lambda run: [compiled.input_gradient(rows[i:j], x[i:j], mean, inv_std, gamma, beta, relu,
-                                                       scale, a, b, dx.reshape(-1, c)[i:j]) for i, j in run], parts)
+                                                       scale, a, b, dx.reshape(-1, c)[i:j]) for i, j in run], parts,
+                  short)
         if self.center and self.beta.grad is not None:
             self.beta.grad += sum_g.reshape(self.beta.grad.shape)
         if self.scale and self.gamma.grad is not None:
@@ -633,16 +634,19 @@ def adapt_to_inputs(model, xs) -> list[str]:
 
 
 # The compiled passes over a batch of LANE_FLOATS or more run over ROW_PARTS ranges of rows, shared by the lanes
-# (engine/lanes.py); smaller ones in one range: their hand-overs (five then, four now) cost more than half the
-# passes. Main-thread CPU at 2 threads, AMD EPYC at load 17 (forward / backward ms): the resnet's stem BN
-# (64x28x28x32) 1.18 / 1.11 -> 0.81 / 0.84, its 14x14x32 ones 0.34 / 0.27 -> 0.37 / 0.33 and 7x7x64 ones 0.15 /
-# 0.15 -> 0.24 / 0.22. Both counts depend on the shape alone, so the float64 sums add up in the same order on any
-# number of lanes.
-ROW_PARTS, LANE_FLOATS = 4, 1 << 20
+# (engine/lanes.py); smaller ones in one range: their hand-overs cost more than half the passes. Main-thread CPU at 2
+# threads, AMD EPYC at load 17 (forward / backward ms): the resnet's stem BN (64x28x28x32) 1.18 / 1.11 -> 0.81 /
+# 0.84. Under SHORT_FLOATS the parts take tens of microseconds, less than a sleeping lane takes to wake: they go to
+# lanes that poll only (lanes.run's `short`), as the machine has a core to spare; on a busy one the caller runs them
+# all (at load 17, handed to sleeping lanes, the 14x14x32 ones went 0.34 / 0.27 -> 0.37 / 0.33 ms and the 7x7x64
+# ones 0.15 / 0.15 -> 0.24 / 0.22). Both counts depend on the shape alone, so the float64 sums add up in the same
+# order on any number of lanes.
+ROW_PARTS, LANE_FLOATS, SHORT_FLOATS = 4, 1 << 17, 1 << 20
 
 
 def _row_parts(rows, c):
-    return lanes.split(rows, ROW_PARTS if rows * c >= LANE_FLOATS else 1)
+    """(the ranges of rows the passes run over, whether they are short: lanes.run's `short`)."""
+    return lanes.split(rows, ROW_PARTS if rows * c >= LANE_FLOATS else 1), rows * c < SHORT_FLOATS
 
 
 def _pair(kernel, *arrays):
