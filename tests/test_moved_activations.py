@@ -119,6 +119,58 @@ def test_relus_absorbed_by_batch_norm_and_add_give_the_layers_as_written_bit_for
 
 
 @pytest.mark.parametrize("path", ["numba", "numpy"])
+@pytest.mark.parametrize("size", [6, 7])  # 7: the last row and column belong to no window
+def test_a_batch_norm_pooling_its_relu_layer_and_max_pooling_gives_the_layers_as_written_bit_for_bit(monkeypatch,
+                                                                                                      path, size):
+    """In training BN -> ReLU -> MaxPooling (a residual net's stem) is one pass of the BatchNormalization
+    (graph._pooled_normalisations; compiled: kernels/normalization.normalise_pooled and its backward passes, else
+    the layers' own functions in turn): outputs, input and weight gradients and moving statistics are the bits of
+    the layers run apart, windows of tied values and the uncovered edge included."""
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    monkeypatch.setattr("dlcli.layers.normalization.LANE_FLOATS", 1)  # the sums over several ranges of rows too
+    img = layers.Input((size, size, 3), name="img")
+    x = layers.BatchNormalization(name="bn")(img)
+    x = layers.MaxPooling2D(2, name="pool")(layers.Activation("relu", name="relu")(x))
+    model = models.Model(img, layers.Dense(3, activation="softmax")(layers.Flatten()(x)))
+    bn = model.get_layer("bn")
+    assert [(a.name, b.name) for a, b in model.graph.pooled_norms] == [("bn", "pool")]
+    rng = np.random.default_rng(7)
+    # mostly zeros, like MNIST's background: many windows tie
+    x = ((rng.random((5, size, size, 3)) < 0.3) * rng.integers(1, 3, (5, size, size, 3))).astype(np.float32)
+    model.graph.forward([x], training=True)
+    assert bn.pooled is not None and bn.pooled[-1] == (path == "numba")  # the compiled pass, or the twins in turn
+    for _ in range(2):  # the second time from the moving statistics the first left
+        start = [p.value.copy() for p in model.weights]
+        pooled = _pass(model, [x], None)
+        for p, value in zip(model.weights, start):
+            p.value = value
+        as_written = _pass(model, [x], Watcher())
+        for a, b in zip(pooled, as_written):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert bn.pool_after is None and not model.get_layer("pool").pooled_before  # the observed pass put them back
+
+
+def test_a_batch_norm_pooling_its_relu_layer_and_max_pooling_agrees_with_its_numpy_twin(monkeypatch):
+    """The compiled pass and the twins (the layers' NumPy passes in turn) to float32 rounding: their BN sums differ
+    in order only."""
+    img = layers.Input((7, 7, 4), name="img")
+    x = layers.BatchNormalization(name="bn")(img)
+    x = layers.MaxPooling2D(2, name="pool")(layers.Activation("relu", name="relu")(x))
+    model = models.Model(img, layers.Dense(3, activation="softmax")(layers.Flatten()(x)))
+    x = (np.random.default_rng(8).standard_normal((6, 7, 7, 4)) * 3 + 1).astype(np.float32)
+    start = [p.value.copy() for p in model.weights]
+    results = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        for p, value in zip(model.weights, start):
+            p.value = value.copy()
+        results.append(_pass(model, [x], None))
+        assert model.get_layer("bn").pooled is None  # _pass's inference forward ran the layers apart
+    for compiled, twin in zip(*results):
+        np.testing.assert_allclose(compiled, twin, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("path", ["numba", "numpy"])
 def test_absorbed_relus_gradients_match_central_differences(monkeypatch, path):
     from tests.test_functional import check_model_gradients
 

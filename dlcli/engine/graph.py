@@ -15,6 +15,9 @@ gradient in their own loops, an Add in place on its own output, and the ReLU lay
 In training an Add of two inputs of one shape, one of them made by a BatchNormalization that only the Add reads,
 runs inside that layer (`summed`: the v1 residual block's tail BN -> Add -> ReLU in one compiled pass): the graph
 hands the layer the Add's other input, made before it, and the Add passes the sum on; its backward is unchanged.
+In training a BatchNormalization whose only reader is a ReLU layer moved into a max pooling makes that pooling's
+output itself (`pooled_norms`: a residual net's stem, BN -> ReLU -> MaxPooling, in one compiled pass); the ReLU
+layer and the pooling pass their input, and then its gradient, on.
 Observed runs keep every layer's own output, so nothing moves in them. In an inference pass a layer that can
 pool its own output (`pools_own_output`: a few-channel Conv2D, or a Winograd one in its F(4x4) output transform)
 does so when that pooling's windows tile it, and keeps its activation: the pooling then passes its input on. In
@@ -157,6 +160,7 @@ class Graph:
         self.absorbed = [(layer, relu, type(relu.activation)())
                          for layer, relu in _absorbed_relus(self.nodes, consumers, outputs, self.movable)]
         self.summed = _summed_adds(self.nodes, consumers, outputs)
+        self.pooled_norms = _pooled_normalisations(consumers, outputs, self.movable)
         self.cast_from: dict = {}  # set by each forward
         self.poolable = {id(pool) for layer, pool, _ in self.movable
                          if getattr(layer, "pools_own_output", None) and layer.pools_own_output(pool)}
@@ -188,14 +192,15 @@ class Graph:
         other.movable = [(twins[id(layer)], twins[id(pool)], type(act)()) for layer, pool, act in self.movable]
         other.absorbed = [(twins[id(layer)], twins[id(relu)], type(act)()) for layer, relu, act in self.absorbed]
         other.poolable = {id(twins[id(pool)]) for _, pool, _ in self.movable if id(pool) in self.poolable}
-        other.summed = []  # inference passes only: nothing is summed there
+        other.summed = other.pooled_norms = []  # inference passes only: nothing is summed or pooled there
         return other
 
-    def _move_activations(self, move: bool, fuse=frozenset(), sum_adds=False):
+    def _move_activations(self, move: bool, fuse=frozenset(), training=False):
         """Each max pooling in `movable` applies the activation of the layer before it, or none does; those in
         `fuse` (ids: `poolable` or `poolable_in_training`) are applied by that layer instead, activation and all;
-        with `sum_adds` each Add in `summed` is made by the BatchNormalization before it. Reset on every call:
-        another graph over the same layers (a feature extractor ending at the conv) may have moved it."""
+        in `training` each Add in `summed` is made by the BatchNormalization before it, and each pooling in
+        `pooled_norms` by the BatchNormalization before its ReLU layer. Reset on every call: another graph over the
+        same layers (a feature extractor ending at the conv) may have moved it."""
         for layer in self.layers:
             layer.activation_moved = False
             if getattr(layer, "post_activation", None) is not None:
@@ -216,9 +221,11 @@ class Graph:
                     layer.activation_moved, pool.post_activation = True, activation
             for layer, relu, activation in self.absorbed:
                 relu.activation_moved, layer.post_activation = True, activation
-        if move and sum_adds:
+        if move and training:
             for node, add, _, index in self.summed:
                 node.layer.sum_activation, add.summed_by = add.post_activation, index
+            for layer, pool in self.pooled_norms:
+                layer.pool_after, pool.pooled_before, pool.post_activation = pool, True, None
 
     def forward(self, xs: list, training: bool = False, observer=None, inference_pass: bool = False) -> list:
         """The outputs for inputs `xs`. In training, or in an `inference_pass` (predict, evaluate: no backward
@@ -410,6 +417,24 @@ def _absorbed_relus(nodes, consumers, outputs, movable) -> list:
                 and consumers[id(source)] == 1 and not any(source is t for t in outputs)):
             pairs.append((layer, relu))
     return pairs
+
+
+def _pooled_normalisations(consumers, outputs, movable) -> list:
+    """(BatchNormalization, max pooling) where in training the layer may make the pooling's output itself (a
+    residual net's stem, BN -> ReLU -> MaxPooling, in one pass): the pooling takes the plain ReLU of a ReLU layer
+    (`movable`) that is the layer's only reader, the layer's output is not a model output, none of them is shared,
+    and the layer can pool in the pooling's windows (pools_in_training)."""
+    found = []
+    for relu, pool, _ in movable:
+        if (not getattr(relu, "standalone_activation", False) or not isinstance(relu.activation, activations.ReLU)
+                or not relu.activation.plain):
+            continue
+        source = relu.nodes[0].inputs[0]
+        layer = source.node.layer
+        if (hasattr(layer, "pools_in_training") and len(layer.nodes) == 1 and consumers[id(source)] == 1
+                and not any(source is t for t in outputs) and layer.pools_in_training(pool)):
+            found.append((layer, pool))
+    return found
 
 
 def _summed_adds(nodes, consumers, outputs) -> list:

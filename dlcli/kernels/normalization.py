@@ -18,6 +18,9 @@ both with the forward's own float32 operations (so the same bits as when xhat wa
 from cache by then, made the resnet's BN + ReLU backward at 14x14x32 cost what the two layers had cost apart.
 """
 import numba
+import numpy as np
+
+from dlcli.kernels.pooling import larger
 
 from dlcli.kernels.pooling import relu_of
 
@@ -94,3 +97,119 @@ def _affine(h, gamma, beta, k):
     and the backward's ReLU mask, which recomputes it with the same float32 operations (so the same bits)."""
     y = h * gamma[k] if gamma.size > 0 else h
     return y + beta[k] if beta.size > 0 else y
+
+
+# The stem of a residual net in training, BN -> ReLU -> MaxPooling (graph.py hands the layer the pooling): the
+# output is pooled as it is normalised, so neither the normalised batch nor the pooling's gradient is written whole.
+# Each is the same float32 operations in the same order as normalise, pooling.max_pool (with its moved ReLU) and
+# pooling.max_pool_backward followed by gradient_sums and input_gradient, so the same bits as those passes apart.
+
+
+@numba.njit(**JIT)
+def normalise_pooled(x, mean, inv_std, gamma, beta, pool_h, pool_w, relu, arg, y):
+    """y (n, out_h, out_w, C) = the max pooling, in windows of pool_h x pool_w at strides of their size, of
+    _affine((x - mean) * inv_std) for x (n, height, width, C) (rows and columns past the last whole window unread),
+    then max(., 0) where `relu`; arg gets each maximum's flat offset in its window, the first maximum winning (strict
+    `>` in order), as pooling.max_pool."""
+    n, out_h, out_w, c = y.shape
+    zero = y.dtype.type(0)
+    for b in range(n):
+        for i in range(out_h):
+            for j in range(out_w):
+                out, where = y[b, i, j], arg[b, i, j]
+                first = x[b, i * pool_h, j * pool_w]
+                for ch in range(c):
+                    out[ch] = _affine((first[ch] - mean[ch]) * inv_std[ch], gamma, beta, ch)
+                    where[ch] = 0
+                for k in range(1, pool_h * pool_w):
+                    row = x[b, i * pool_h + k // pool_w, j * pool_w + k % pool_w]
+                    for ch in range(c):
+                        v, best = _affine((row[ch] - mean[ch]) * inv_std[ch], gamma, beta, ch), out[ch]
+                        out[ch] = larger(best, v)
+                        where[ch] = k if v > best else where[ch]
+                if relu:
+                    for ch in range(c):
+                        v = out[ch]
+                        out[ch] = v if v > zero or v != v else zero  # np.maximum(-0.0, 0) is 0.0
+    return y
+
+
+@numba.njit(inline="always", **JIT)
+def _unpooled(grad, arg, relu_y, k, ch, zero, one):
+    """The gradient reaching channel ch of an input of the pooling at flat offset k of its window: the window's
+    gradient times relu_y > 0 where its maximum came from there, else 0, as pooling.max_pool_backward writes it with
+    its moved ReLU (grad, arg and relu_y: the window's rows)."""
+    v = grad[ch] * (one if relu_y[ch] > zero else zero)
+    return v if arg[ch] == k else zero
+
+
+@numba.njit(inline="always", **JIT)
+def _image_row(row, stop, height, width, pool_h, pool_w, out_h, out_w):
+    """(sample, row, first column, the column after the last window's, the column after the last) of the image row
+    holding flat row `row` (of n * height * width), up to `stop`: the loops take an image row at a time, its
+    columns in windows first, so no division or branch runs per column."""
+    b, r, s0 = row // (height * width), row // width % height, row % width
+    s1 = min(width, s0 + stop - row)
+    covered = max(s0, min(s1, out_w * pool_w)) if r // pool_h < out_h else s0
+    return b, r, s0, covered, s1
+
+
+@numba.njit(**JIT)
+def pooled_gradient_sums(grad, arg, relu_y, x, start, stop, mean, inv_std, pool_h, pool_w, acc_g, acc_gx):
+    """gradient_sums (without its own ReLU) over rows start:stop of x as (rows, C), where the gradient is that of
+    the pooling after the layer: grad, arg and relu_y as pooling.max_pool_backward takes them (the pooling's output
+    after its ReLU), x (n, height, width, C); the rows in the same order, so the same float64 sums."""
+    n, height, width, c = x.shape
+    _, out_h, out_w, _ = grad.shape
+    zero, one = grad.dtype.type(0), grad.dtype.type(1)
+    for k in range(c):
+        acc_g[k] = 0.0
+        acc_gx[k] = 0.0
+    row = start
+    while row < stop:
+        b, r, s0, covered, s1 = _image_row(row, stop, height, width, pool_h, pool_w, out_h, out_w)
+        i = r // pool_h
+        for s in range(s0, covered):
+            j = s // pool_w
+            k = arg.dtype.type((r - i * pool_h) * pool_w + s - j * pool_w)  # compared in arg's own type
+            gw, aw, rw, xr = grad[b, i, j], arg[b, i, j], relu_y[b, i, j], x[b, r, s]
+            for ch in range(c):
+                g = _unpooled(gw, aw, rw, k, ch, zero, one)
+                h = (xr[ch] - mean[ch]) * inv_std[ch]
+                acc_g[ch] += g
+                acc_gx[ch] += g * h
+        for s in range(covered, s1):  # in no window: a zero gradient, added as the twin adds it
+            xr = x[b, r, s]
+            for ch in range(c):
+                h = (xr[ch] - mean[ch]) * inv_std[ch]
+                acc_g[ch] += zero
+                acc_gx[ch] += zero * h
+        row += s1 - s0
+
+
+@numba.njit(**JIT)
+def pooled_input_gradient(grad, arg, relu_y, x, start, stop, mean, inv_std, pool_h, pool_w, scale, a, b_, dx):
+    """input_gradient (without its own ReLU) over rows start:stop of x and dx as (rows, C), the gradient that of the
+    pooling after the layer, as pooled_gradient_sums."""
+    n, height, width, c = x.shape
+    _, out_h, out_w, _ = grad.shape
+    zero, one = grad.dtype.type(0), grad.dtype.type(1)
+    row = start
+    while row < stop:
+        b, r, s0, covered, s1 = _image_row(row, stop, height, width, pool_h, pool_w, out_h, out_w)
+        i = r // pool_h
+        for s in range(s0, covered):
+            j = s // pool_w
+            k = arg.dtype.type((r - i * pool_h) * pool_w + s - j * pool_w)  # compared in arg's own type
+            gw, aw, rw = grad[b, i, j], arg[b, i, j], relu_y[b, i, j]
+            xr, out = x[b, r, s], dx[b, r, s]
+            for ch in range(c):
+                g = _unpooled(gw, aw, rw, k, ch, zero, one)
+                h = (xr[ch] - mean[ch]) * inv_std[ch]
+                out[ch] = (g * scale[ch] - h * a[ch]) - b_[ch]
+        for s in range(covered, s1):
+            xr, out = x[b, r, s], dx[b, r, s]
+            for ch in range(c):
+                h = (xr[ch] - mean[ch]) * inv_std[ch]
+                out[ch] = (zero * scale[ch] - h * a[ch]) - b_[ch]
+        row += s1 - s0

@@ -6,6 +6,7 @@ from dlcli import kernels
 from dlcli.engine import initializers, lanes
 from dlcli.engine.layer import Layer, Param, register
 from dlcli.errors import ConfigError, ShapeError
+from dlcli.layers import conv_math as cm
 
 
 def _axes(axis, rank: int, layer) -> tuple[int, ...]:
@@ -121,11 +122,23 @@ class BatchNormalization(_Normalization):
     # In training the graph may run the Add after it here too (graph.py): `residual` is then the Add's other input
     # for this call, `sum_activation` the Add's own post_activation (its ReLU or None), and the output is the Add's
     residual = sum_activation = None
+    # In training the graph may hand it the max pooling after its ReLU layer (a residual net's stem, BN -> ReLU ->
+    # MaxPooling: pools_in_training): the output is then that pooling's, the ReLU applied, and both layers pass on
+    pool_after = None
+
+    def pools_in_training(self, pool) -> bool:
+        """Whether the layer can make `pool`'s output (pool_after): channels-last statistics of images, pooled in
+        windows that tile them (2D, 'valid', strides of the pool's size)."""
+        return (self.reduce_axes == (0, 1, 2) and pool.rank == 2 and pool.padding == "valid"
+                and tuple(pool.strides) == tuple(pool.pool_size))
 
     def forward(self, x, training=False):
         self.training = training and self.trainable
         self.relu_fused = False  # True: the compiled passes applied the post_activation ReLU themselves
+        self.pooled = None  # (the pooling's argmax, its output, the geometry) where the layer pooled its output
         residual, self.residual = self.residual, None  # this call's: the layer keeps no reference to it
+        if self.pool_after is not None:
+            return self._pooled_forward(x)
         y = self._forward(x, residual)
         if residual is None:
             return y if self.post_activation is None or self.relu_fused else self.post_activation.forward_(y)
@@ -137,6 +150,40 @@ class BatchNormalization(_Normalization):
         # it), which is this layer's (graph._summed_adds)
         y = np.add(y, residual, out=y)
         return y if self.sum_activation is None else self.sum_activation.forward_(y)
+
+    def _pooled_forward(self, x):
+        """relu(max pooling of the output) in `pool_after`'s windows: the compiled pass normalises, pools and clamps
+        at once with batch statistics; otherwise the layers' own passes run one after the other."""
+        pool = self.pool_after.pool_size
+        out_sizes = tuple(m // p for m, p in zip(x.shape[1:3], pool))
+        compiled = self._compiled(x) if self.training and self.input_mask is None and self.sync is None else None
+        if compiled is None:
+            y, arg = cm.max_pool(self._forward(x), pool, out_sizes, pool, relu=True)
+            self.pooled = (arg, y, pool, out_sizes, x.shape, False)
+            return y
+        self.mask_weights, self.summed = None, False
+        c, dt = x.shape[-1], x.dtype
+        mean, inv_std = self._compiled_statistics(compiled, x.reshape(-1, c))
+        gamma, beta = self._compiled_affine(dt)
+        y = np.empty((len(x), *out_sizes, c), dt)
+        arg = np.empty(y.shape, np.uint8 if np.prod(pool) < 256 else np.int32)
+        lanes.run(lambda run: [compiled.normalise_pooled(x[a:b], mean, inv_std, gamma, beta, *pool, True, arg[a:b],
+                                                         y[a:b]) for a, b in run], cm.batch_parts(len(x)))
+        self.xhat, self.x, self.mean = None, x, mean
+        self.inv_std = inv_std.reshape(self.param_view)
+        self.pooled = (arg, y, pool, out_sizes, x.shape, True)
+        return y
+
+    def _compiled_statistics(self, compiled, rows):
+        """(mean, inv_std) of the batch's rows (rows, C) from the compiled shifted sums; the moving ones updated."""
+        c, dt = rows.shape[1], rows.dtype
+        parts, short = _row_parts(len(rows), c)
+        shift = rows[0].astype(np.float64)  # every range's: the sums add up
+        pairs = lanes.run(lambda run: [_pair(compiled.shifted_sums, rows[a:b], shift) for a, b in run], parts, short)
+        d, dd = _summed([s for s, _ in pairs]) / len(rows), _summed([s for _, s in pairs]) / len(rows)
+        mean, var = (shift + d).astype(dt), np.maximum(dd - d * d, 0.0).astype(dt)
+        self._update_moving(mean, var, dt.type)
+        return mean, 1 / np.sqrt(var + dt.type(self.epsilon))
 
     def _forward(self, x, residual=None):
         dtype = x.dtype.type
@@ -167,6 +214,12 @@ class BatchNormalization(_Normalization):
         return self._affine(self.xhat)
 
     def backward(self, grad):
+        if self.pooled is not None:  # grad is the pooling's output gradient
+            arg, y, pool, out_sizes, shape, fused = self.pooled
+            compiled = kernels.compiled("normalization") if fused else None
+            if compiled is not None:
+                return self._backward_compiled(compiled, np.ascontiguousarray(grad))
+            grad = cm.max_pool_backward(grad, arg, shape, pool, out_sizes, pool, relu_y=y)
         if self.relu_fused:  # the compiled passes mask the gradient themselves
             compiled = kernels.compiled("normalization")
             grad = np.ascontiguousarray(grad)
@@ -219,18 +272,12 @@ class BatchNormalization(_Normalization):
         self.summed = residual is not None and residual.shape == x.shape and residual.dtype == dt and \
             residual.flags.c_contiguous and (self.sum_activation is None or self.sum_activation.plain)
         added = residual.reshape(-1, c) if self.summed else np.empty((0, c), dt)
-        parts, short = _row_parts(len(rows), c)
-        shift = rows[0].astype(np.float64)  # every range's: the sums add up
-        pairs = lanes.run(lambda run: [_pair(compiled.shifted_sums, rows[a:b], shift) for a, b in run], parts, short)
-        d, dd = _summed([s for s, _ in pairs]) / len(rows), _summed([s for _, s in pairs]) / len(rows)
-        mean, var = (shift + d).astype(dt), np.maximum(dd - d * d, 0.0).astype(dt)
-        inv_std = 1 / np.sqrt(var + dt.type(self.epsilon))
+        mean, inv_std = self._compiled_statistics(compiled, rows)
         gamma, beta = self._compiled_affine(dt)
         relu = self.post_activation is not None or (self.summed and self.sum_activation is not None)
         lanes.run(lambda run: [compiled.normalise(rows[a:b], mean, inv_std, gamma, beta, relu, added[a:b] if
                                                   self.summed else added, y.reshape(-1, c)[a:b]) for a, b in run],
-                  parts, short)
-        self._update_moving(mean, var, dt.type)
+                  *_row_parts(len(rows), c))
         # the input, not xhat: the backward recomputes xhat as it reads it, so no pass writes it
         self.xhat, self.x, self.mean = None, x, mean
         self.inv_std = inv_std.reshape(self.param_view)
@@ -267,22 +314,37 @@ class BatchNormalization(_Normalization):
         return _channelwise(np.subtract, dx, sum_g * (scale / n), out=dx)
 
     def _backward_compiled(self, compiled, grad):
-        c, dt = grad.shape[-1], grad.dtype
+        """The compiled backward of a compiled training forward; grad is the output's gradient, or the pooling's
+        where the layer pooled its output (`pooled`: the rows' gradients are then made as they are read)."""
+        c, dt = self.x.shape[-1], grad.dtype
         scale = np.ascontiguousarray((self.inv_std * self.gamma.value.reshape(self.param_view) if self.scale
                                       else self.inv_std).reshape(-1), dt)
-        rows, x, dx = grad.reshape(-1, c), self.x.reshape(-1, c), np.empty_like(grad)
+        x, dx = self.x.reshape(-1, c), np.empty(self.x.shape, dt)
         mean, inv_std = self.mean, self.inv_std.reshape(-1)
         gamma, beta = self._compiled_affine(dt)
         relu = self.relu_fused
-        parts, short = _row_parts(len(rows), c)
-        pairs = lanes.run(lambda run: [_pair(compiled.gradient_sums, rows[a:b], x[a:b], mean, inv_std, gamma,
-                                             beta, relu)
-                                       for a, b in run], parts, short)
+        parts, short = _row_parts(len(x), c)
+        if self.pooled is None:
+            rows = grad.reshape(-1, c)
+
+            def sums(i, j):
+                return _pair(compiled.gradient_sums, rows[i:j], x[i:j], mean, inv_std, gamma, beta, relu)
+
+            def input_gradient(i, j):
+                compiled.input_gradient(rows[i:j], x[i:j], mean, inv_std, gamma, beta, relu, scale, a, b,
+                                        dx.reshape(-1, c)[i:j])
+        else:  # the pooling's gradient, its moved ReLU's mask and where each maximum came from
+            arg, y, pool = self.pooled[:3]
+
+            def sums(i, j):
+                return _pair(compiled.pooled_gradient_sums, grad, arg, y, self.x, i, j, mean, inv_std, *pool)
+
+            def input_gradient(i, j):
+                compiled.pooled_input_gradient(grad, arg, y, self.x, i, j, mean, inv_std, *pool, scale, a, b, dx)
+        pairs = lanes.run(lambda run: [sums(i, j) for i, j in run], parts, short)
         sum_g, sum_gx = _summed([g for g, _ in pairs]).astype(dt), _summed([gx for _, gx in pairs]).astype(dt)
-        a, b = sum_gx * (scale / len(rows)), sum_g * (scale / len(rows))
-        lanes.run(lambda run: [compiled.input_gradient(rows[i:j], x[i:j], mean, inv_std, gamma, beta, relu,
-                                                       scale, a, b, dx.reshape(-1, c)[i:j]) for i, j in run], parts,
-                  short)
+        a, b = sum_gx * (scale / len(x)), sum_g * (scale / len(x))
+        lanes.run(lambda run: [input_gradient(i, j) for i, j in run], parts, short)
         if self.center and self.beta.grad is not None:
             self.beta.grad += sum_g.reshape(self.beta.grad.shape)
         if self.scale and self.gamma.grad is not None:
