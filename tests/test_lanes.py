@@ -50,7 +50,7 @@ def test_a_layer_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, mak
     monkeypatch.setenv("DLCLI_KERNELS", path)
     monkeypatch.setattr("dlcli.layers.conv_math.CHUNK_FLOATS", 1 << 12)  # many chunks at these small shapes
     monkeypatch.setattr("dlcli.layers.normalization.LANE_FLOATS", 1)  # BN's passes on lanes at any size
-    monkeypatch.setattr("dlcli.layers.normalization.SHORT_FLOATS", 0)  # handed to the lanes, polling or not
+    monkeypatch.setattr(lanes, "SHORT_FLOATS", 0)  # handed to the lanes, polling or not
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     workers = lane_threads(monkeypatch)
     results = []
@@ -112,7 +112,7 @@ def test_a_residual_block_summed_by_its_batch_norm_gives_the_same_bits_on_one_tw
 
     monkeypatch.setenv("DLCLI_KERNELS", path)
     monkeypatch.setattr("dlcli.layers.normalization.LANE_FLOATS", 1)  # BN's passes on lanes at any size
-    monkeypatch.setattr("dlcli.layers.normalization.SHORT_FLOATS", 0)  # handed to the lanes, polling or not
+    monkeypatch.setattr(lanes, "SHORT_FLOATS", 0)  # handed to the lanes, polling or not
     model = _residual_net()
     assert len(model.graph.summed) == 1
     start = [p.value.copy() for p in model.weights]
@@ -278,3 +278,50 @@ def test_short_parts_go_to_polling_lanes_only(monkeypatch, spare):
             return [b * 10 for a, b in run]
         assert lanes.run(work, parts, short) == [10, 20, 30, 40]
         assert ("dlcli-lane" in workers) == (not short or spare)
+
+
+@pytest.mark.parametrize("spare", [True, False])
+def test_flat_parts_give_the_whole_arrays_pass_on_any_lanes(monkeypatch, spare):
+    """lanes.flat_parts: an element-wise pass over ranges of the flat arrays, on the lanes while they poll (short
+    parts) or in the caller, equal to the pass over the whole arrays; one range under FLAT_FLOATS."""
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    monkeypatch.setattr(lanes, "count", lambda: 2)
+    monkeypatch.setattr(lanes, "_spare_core", lambda: spare)
+    monkeypatch.setattr(lanes, "FLAT_FLOATS", 8)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((7, 5, 3)).astype(np.float32), rng.standard_normal((7, 5, 3)).astype(np.float32)
+    workers, ranges = lane_threads(monkeypatch), []
+
+    def add(out, x, y):
+        ranges.append(out.size)
+        np.add(x, y, out=out)
+    out = lanes.flat_parts(add, np.empty_like(a), a, b)
+    np.testing.assert_array_equal(out, a + b)
+    assert sorted(ranges) == [26, 26, 26, 27]  # lanes.FLAT_PARTS, following the size alone
+    assert ("dlcli-lane" in workers) == (spare and lanes._waiter() is not None)
+    monkeypatch.setattr(lanes, "FLAT_FLOATS", 1 << 17)
+    ranges.clear()
+    np.testing.assert_array_equal(lanes.flat_parts(add, np.empty_like(a), a, b), a + b)
+    assert ranges == [105]
+
+
+def test_a_fan_outs_gradient_sum_and_a_relus_backward_run_on_the_lanes(monkeypatch):
+    """graph._sum (two readers' gradients) and ReLU.backward (an Add's) over lanes.flat_parts: the same bits as
+    a + b and grad * (y > 0); another shape or dtype sums whole."""
+    from dlcli.engine import activations, graph
+
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    monkeypatch.setattr(lanes, "count", lambda: 2)
+    monkeypatch.setattr(lanes, "_spare_core", lambda: True)
+    monkeypatch.setattr(lanes, "FLAT_FLOATS", 8)
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((6, 4, 4, 3)).astype(np.float32), rng.standard_normal((6, 4, 4, 3)).astype(np.float32)
+    calls, real = [], lanes.flat_parts
+    monkeypatch.setattr(lanes, "flat_parts", lambda *args: calls.append(len(args)) or real(*args))
+    np.testing.assert_array_equal(graph._sum(a, b), a + b)
+    relu = activations.get("relu")
+    y = relu.forward(a.copy())
+    np.testing.assert_array_equal(relu.backward(b), b * (y > 0))
+    assert calls == [4, 4]
+    np.testing.assert_array_equal(graph._sum(a, b.astype(np.float64)), a + b.astype(np.float64))
+    assert calls == [4, 4]

@@ -10,6 +10,7 @@ import inspect
 import numpy as np
 
 from dlcli import kernels
+from dlcli.engine import lanes
 from dlcli.registry import Registry
 
 ACTIVATIONS = Registry("activation", name_attribute="name")
@@ -132,9 +133,9 @@ class ReLU(Activation):
         if compiled is None or grad.shape != self.y.shape or grad.dtype != self.y.dtype or \
                 not (grad.flags.c_contiguous and self.y.flags.c_contiguous):
             return grad * (self.y > 0)  # the NumPy twin
-        out = np.empty_like(grad)
-        compiled.relu_backward(grad.reshape(-1), self.y.reshape(-1), out.reshape(-1))
-        return out
+        # on the lanes' ranges (an Add's ReLU in a residual block: its gradient goes to both inputs)
+        return lanes.flat_parts(lambda out, g, y: compiled.relu_backward(g, y, out), np.empty_like(grad), grad,
+                                self.y)
 
     def to_onnx(self, g, x, hint=None):
         slope = self.negative_slope

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
-from dlcli.engine import activations, blas
+from dlcli.engine import activations, blas, lanes
 from dlcli.engine.layer import Layer, autocast, autocast_inputs, compute_dtype, format_shape
 from dlcli.errors import ShapeError
 
@@ -475,9 +475,18 @@ def _accumulate(acc, tensor, grad):
     if grad is None:
         return
     if id(tensor) in acc:
-        acc[id(tensor)] = acc[id(tensor)] + grad  # new array: the first gradient may be another layer's cache
+        acc[id(tensor)] = _sum(acc[id(tensor)], grad)  # new array: the first gradient may be another layer's cache
     else:
         acc[id(tensor)] = grad
+
+
+def _sum(a, b):
+    """a + b, on the lanes' ranges where both are contiguous arrays of one shape and dtype (a residual block's
+    input gradient: 0.3-0.5 ms of the calling thread's CPU a sum at 64x14x14x32, AMD EPYC at load 14)."""
+    if (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype
+            and a.flags.c_contiguous and b.flags.c_contiguous):
+        return lanes.flat_parts(lambda out, x, y: np.add(x, y, out=out), np.empty_like(a), a, b)
+    return a + b
 
 
 def _batch(grads) -> int:

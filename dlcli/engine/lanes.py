@@ -100,6 +100,21 @@ def run(work, parts: list, short: bool = False) -> list:
         _busy.release()
 
 
+# Passes over fewer than SHORT_FLOATS floats in all (BatchNormalization's, flat_parts') make `short` parts (run):
+# tens of microseconds each, less than a sleeping lane takes to wake. Element-wise passes (flat_parts) over arrays
+# of FLAT_FLOATS or more run in FLAT_PARTS ranges.
+SHORT_FLOATS, FLAT_PARTS, FLAT_FLOATS = 1 << 20, 4, 1 << 17
+
+
+def flat_parts(fn, out, *arrays):
+    """fn(out's range, each array's same range) over ranges of the flat, C-contiguous arrays, all of out's size; out.
+    Each element on its own, so the same bits on any lanes: a fan-out's gradient sum, a ReLU's backward."""
+    flats = [a.reshape(-1) for a in (out, *arrays)]
+    parts = split(out.size, FLAT_PARTS if out.size >= FLAT_FLOATS else 1)
+    run(lambda ranges: [fn(*(f[a:b] for f in flats)) for a, b in ranges], parts, out.size < SHORT_FLOATS)
+    return out
+
+
 class _Lane:
     """A worker thread and its hand-over: task and result queues, and the counters a waiting side polls (`posted`
     bumped by callers after each task, `finished` by the worker after each result)."""

@@ -698,17 +698,15 @@ def adapt_to_inputs(model, xs) -> list[str]:
 # The compiled passes over a batch of LANE_FLOATS or more run over ROW_PARTS ranges of rows, shared by the lanes
 # (engine/lanes.py); smaller ones in one range: their hand-overs cost more than half the passes. Main-thread CPU at 2
 # threads, AMD EPYC at load 17 (forward / backward ms): the resnet's stem BN (64x28x28x32) 1.18 / 1.11 -> 0.81 /
-# 0.84. Under SHORT_FLOATS the parts take tens of microseconds, less than a sleeping lane takes to wake: they go to
-# lanes that poll only (lanes.run's `short`), as the machine has a core to spare; on a busy one the caller runs them
-# all (at load 17, handed to sleeping lanes, the 14x14x32 ones went 0.34 / 0.27 -> 0.37 / 0.33 ms and the 7x7x64
-# ones 0.15 / 0.15 -> 0.24 / 0.22). Both counts depend on the shape alone, so the float64 sums add up in the same
-# order on any number of lanes.
-ROW_PARTS, LANE_FLOATS, SHORT_FLOATS = 4, 1 << 17, 1 << 20
+# 0.84. Under lanes.SHORT_FLOATS the parts go to lanes that poll only (lanes.run's `short`): at load 17, handed to
+# sleeping lanes, the 14x14x32 ones went 0.34 / 0.27 -> 0.37 / 0.33 ms and the 7x7x64 ones 0.15 / 0.15 -> 0.24 /
+# 0.22. Both counts depend on the shape alone, so the float64 sums add up in the same order on any number of lanes.
+ROW_PARTS, LANE_FLOATS = 4, 1 << 17
 
 
 def _row_parts(rows, c):
     """(the ranges of rows the passes run over, whether they are short: lanes.run's `short`)."""
-    return lanes.split(rows, ROW_PARTS if rows * c >= LANE_FLOATS else 1), rows * c < SHORT_FLOATS
+    return lanes.split(rows, ROW_PARTS if rows * c >= LANE_FLOATS else 1), rows * c < lanes.SHORT_FLOATS
 
 
 def _pair(kernel, *arrays):
