@@ -1,15 +1,15 @@
 """A Conv2D that pools its own output (engine/graph.py's poolable pairs): a few-channel one through
-conv_math.pooled_conv (in training too, with pooled_conv_backward), a Winograd-shaped one at inference in its output
-transform (winograd.output_tiles_mixed_pooled). The tiling max pooling kernel against its NumPy twin (bit for
-bit, the positions of the maxima included), the fused convolutions against the layers run as written (pooled_conv and
-its backward within float32 rounding, the Winograd one's 4x4 blocks bit for bit against F(4x4)'s unfused output, its
-blocks of 2 against the float64 convolution), a gradient check
-through the few-channel pair on both kernel paths, the same bits on 1, 2 and 3 lanes, and the
-passes that fuse against those that do not."""
+conv_math.pooled_conv (in training too, with pooled_conv_backward), a Winograd-shaped one in its output transform
+(winograd.output_tiles_mixed_pooled; in training every block 4x4, with pooled_gradient_tiles_4x4 after it). The
+tiling max pooling kernel against its NumPy twin (bit for bit, the positions of the maxima included), the fused
+convolutions against the layers run as written (pooled_conv and its backward within float32 rounding, the Winograd
+one's 4x4 blocks bit for bit against F(4x4)'s unfused output and backward, its blocks of 2 against the float64
+convolution), a gradient check through each fused pair on both kernel paths, the same bits on 1, 2 and 3 lanes, and
+the passes that fuse against those that do not."""
 import numpy as np
 import pytest
 
-from dlcli import kernels, layers, models
+from dlcli import kernels, layers, models, optimizers
 from dlcli.diagnostics import to_float64
 from dlcli.engine import blas, lanes
 from dlcli.layers import conv_math as cm
@@ -190,7 +190,7 @@ def test_only_few_channel_or_winograd_convs_under_tiling_poolings_pool_their_own
     outs.append(layers.MaxPooling2D(2)(layers.Conv2D(8, 3, dilation_rate=2, activation="relu")(wide)))
     graph = models.Model(wide, outs).graph
     assert graph.poolable == {id(pooled[0]), id(pooled[1])}  # windows dividing 4
-    assert graph.poolable_in_training == set()  # Winograd's pooled output transform is for inference only
+    assert graph.poolable_in_training == graph.poolable  # F(4x4)'s pooled transform keeps the maxima's places
 
 
 def test_a_few_channel_conv_behind_another_layer_pools_its_own_output_at_inference_only():
@@ -308,6 +308,40 @@ def test_the_pooled_tiling_ends_in_a_block_of_2_where_1_or_2_rows_are_left():
         (1, 0), (1, 1), (1, 1), (2, 0), (2, 0), (2, 1), (2, 1), (3, 0)]
 
 
+@pytest.mark.parametrize("shape,filters,padding,pool", WINOGRAD_CASES)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_pools_in_training_bit_for_bit(monkeypatch, shape, filters, padding, pool, relu, dtype):
+    """In training F(4x4)'s pooled transform also gives where each maximum came from, and its backward takes the
+    pooled gradient to dM band by band: the bits of F(4x4)'s output pooled by tile_max (the first of tied maxima:
+    a zero corner of x makes outputs equal to the bias) and of max_pool_backward's scatter then F(4x4)'s backward."""
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    monkeypatch.setattr(cm, "CHUNK_FLOATS", 36 * 16 * (shape[-1] + filters))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    x[:, :6, :6] = 0
+    kernel = (rng.standard_normal((3, 3, shape[-1], filters)) / np.sqrt(9 * shape[-1])).astype(dtype)
+    bias = rng.standard_normal(filters).astype(dtype)
+    out, pads = cm.geometry(shape[1:-1], (3, 3), (1, 1), padding, (1, 1))
+    pooled = tuple(m // p for m, p in zip(out, pool))
+    tiles, arg = {}, cm.pooled_arg((shape[0], *pooled, filters), pool)
+    y = cm.winograd_conv(x, kernel, bias, out, pads, tiles, pooled=(pool, relu), arg=arg)
+    whole_tiles = {}
+    z = cm.winograd_conv(x, kernel, bias, out, pads, whole_tiles, block=4)
+    expected, expected_arg = np.empty_like(y), np.empty_like(arg)
+    cm.tile_max(z, pool, pooled, relu, expected, expected_arg)
+    np.testing.assert_array_equal(y, expected)
+    np.testing.assert_array_equal(arg, expected_arg)
+    if np.prod(pool) > 1:  # ties: the first maximum, offset 0
+        assert (arg > 0).any() and (arg == 0).mean() > 1 / np.prod(pool)
+    g = rng.standard_normal(y.shape).astype(dtype)
+    got = cm.winograd_backward(g, kernel, x, out, pads, tiles, block=4, pooled=(pool, relu, arg, y))
+    dz = cm.max_pool_backward(g, arg, z.shape, pool, pooled, pool, y if relu else None)
+    for a, b in zip(got, cm.winograd_backward(dz, kernel, x, out, pads, whole_tiles, block=4)):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(a, b)
+
+
 def test_winograd_pools_only_where_4x4_blocks_hold_whole_windows():
     assert [cm.winograd_pools(out, pool) for out, pool in [((11, 11), (2, 2)), ((7, 9), (4, 1)), ((11, 11), (3, 3)),
                                                            ((6, 6), (2, 2)), ((12, 12), (2, 8))]] == [
@@ -350,18 +384,54 @@ def test_predict_pools_a_winograd_conv_s_output_as_the_layers_written(monkeypatc
     if path == "numba":
         monkeypatch.setenv("DLCLI_KERNELS", "numpy")
         np.testing.assert_allclose(predicted, model.predict(x, batch_size=7), rtol=1e-5, atol=1e-6)
-    model.compile(optimizer="rmsprop", loss="sparse_categorical_crossentropy")
-    monkeypatch.setattr(blas, "threads", lambda: 1)
-    model.train_step([x], [rng.integers(0, 10, 30)])
-    assert conv.pool_after is None and not pool.pooled_before and pool.arg is not None
 
 
-def fused_pair(channels=2, dtype="float32"):
-    """A few-channel conv (same padding) reading the model's input, so it pools its own output in training too; the
-    passes below ask for the input gradient (need_input_grads), so the fused one is checked as well."""
-    img = layers.Input((10, 9, channels))
+@pytest.mark.parametrize("side,fused", [(20, True), (16, False)])
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_training_pools_a_winograd_conv_s_output_as_the_layers_written(monkeypatch, side, fused, path, threads):
+    """Two SGD steps where the Winograd conv pools its own output (F(4x4)'s pooled transform keeping where each
+    maximum came from at 7x7 outputs; at 5x5 F(2x2)'s output written whole and pooled by the conv, as on the NumPy
+    path) against two where the conv and the pooling run apart: the same weights, bit for bit where both run one
+    convolution, else to F(4x4)'s rounding against F(2x2)'s (gradients within ~40 float32 eps of the largest)."""
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    monkeypatch.setattr(blas, "threads", lambda: threads)
+    rng = np.random.default_rng(1)
+    x = rng.random((30, side, side, 1)).astype(np.float32)
+    y = rng.integers(0, 10, 30)
+    model, apart = winograd_convnet(side), winograd_convnet(side)
+    apart.graph.poolable_in_training = {id(apart.layers[1])}  # the first conv's (few channels) as in `model`
+    calls = []
+    if path == "numba":
+        compiled = kernels.compiled("winograd")
+        kernel = compiled.pooled_gradient_tiles_4x4
+        monkeypatch.setattr(compiled, "pooled_gradient_tiles_4x4", lambda g, *a: calls.append(len(g)) or kernel(g, *a))
+    for m in (model, apart):
+        m.compile(optimizer=optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+        for _ in range(2):
+            m.train_step([x], [y])
+    conv, pool = model.layers[2], model.layers[3]
+    assert conv.pool_after is pool and pool.pooled_before and sum(calls) == (60 if fused and path == "numba" else 0)
+    assert apart.layers[2].pool_after is None and apart.layers[2].activation_moved
+    for a, b in zip(model.weights, apart.weights):
+        if fused and path == "numba":
+            np.testing.assert_allclose(a.value, b.value, rtol=0, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(a.value, b.value)
+
+
+# (input shape of a sample, where its chunks are cut): a few-channel conv (pooled_conv), and one on 16 channels
+# (compiled: Winograd's F(4x4) with the pooling in its output transform, 3 x 3 tiles of 4 x 4 outputs, ragged)
+PAIRS = {"few": ((10, 9, 2), lambda n: cm.pooled_conv_chunks((n, 10, 9, 2), (3, 3, 2, 6))),
+         "winograd": ((12, 11, 16), lambda n: cm.winograd_chunks(n, (12, 11), 16, 6, 4))}
+
+
+def fused_pair(kind="few", dtype="float32"):
+    """A conv (same padding) reading the model's input, so it pools its own output in training too; the passes
+    below ask for the input gradient (need_input_grads), so the fused one is checked as well."""
+    img = layers.Input(PAIRS[kind][0])
     x = layers.Conv2D(6, 3, padding="same", activation="relu", bias_initializer="ones", name="conv")(img)
-    x = layers.MaxPooling2D(2, name="pool")(x)  # 10 x 9 -> 5 x 4: the last column belongs to no window
+    x = layers.MaxPooling2D(2, name="pool")(x)  # 10 x 9 -> 5 x 4: the last column belongs to no window (11 -> 5)
     out = layers.Dense(3, name="out")(layers.Flatten()(x))
     model = models.Model(img, out)
     rng = np.random.default_rng(0)
@@ -398,27 +468,33 @@ def mnist_like(shape, seed=1):
 
 
 @pytest.mark.parametrize("path", ["numba", "numpy"])
-def test_a_training_pass_fuses_and_equals_the_layers_as_written(monkeypatch, path):
+@pytest.mark.parametrize("kind", PAIRS)
+def test_a_training_pass_fuses_and_equals_the_layers_as_written(monkeypatch, path, kind):
+    """The same output (F(4x4)'s against F(2x2)'s to float32 rounding), and gradients to rounding: F(4x4)'s are
+    within 64 float32 eps of the largest (measured up to 40 over tests/test_winograd.py's cases)."""
     monkeypatch.setenv("DLCLI_KERNELS", path)
-    model = fused_pair()
-    assert model.graph.poolable == {id(model.get_layer("pool"))}
-    x = mnist_like((7, 10, 9, 2))
+    model = fused_pair(kind)
+    assert model.graph.poolable == model.graph.poolable_in_training == {id(model.get_layer("pool"))}
+    x = mnist_like((7, *PAIRS[kind][0]))
     fused = training_pass(model, x)
     assert model.get_layer("conv").pool_after is model.get_layer("pool")
     written = training_pass(model, x, Watcher())
     assert model.get_layer("conv").pool_after is None
-    np.testing.assert_array_equal(fused[0], written[0])
-    for a, b in zip(fused[1:], written[1:]):
-        np.testing.assert_allclose(a, b, rtol=0, atol=16 * np.finfo(np.float32).eps * np.abs(b).max())
+    eps = (64 if kind == "winograd" and path == "numba" else 16) * np.finfo(np.float32).eps
+    if kind == "few":
+        np.testing.assert_array_equal(fused[0], written[0])
+    for a, b in zip(fused, written):
+        np.testing.assert_allclose(a, b, rtol=0, atol=eps * np.abs(b).max())
 
 
 @pytest.mark.parametrize("path", ["numba", "numpy"])
-def test_gradient_check_through_the_fused_pair(monkeypatch, path):
+@pytest.mark.parametrize("kind", PAIRS)
+def test_gradient_check_through_the_fused_pair(monkeypatch, path, kind):
     """d(sum(r * output)) / d(input and every weight) of a float64 training pass against central differences."""
     monkeypatch.setenv("DLCLI_KERNELS", path)
-    model = fused_pair(dtype="float64")
+    model = fused_pair(kind, dtype="float64")
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((3, 10, 9, 2))
+    x = rng.standard_normal((3, *PAIRS[kind][0]))
     r = rng.standard_normal((3, 3))
 
     def loss():
@@ -435,15 +511,16 @@ def test_gradient_check_through_the_fused_pair(monkeypatch, path):
 
 
 @pytest.mark.parametrize("path", ["numba", "numpy"])
-def test_the_fused_pair_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, path):
+@pytest.mark.parametrize("kind", PAIRS)
+def test_the_fused_pair_gives_the_same_bits_on_one_two_and_three_lanes(monkeypatch, path, kind):
     monkeypatch.setenv("DLCLI_KERNELS", path)
     monkeypatch.setattr(cm, "CHUNK_FLOATS", 1 << 11)  # many chunks at this small shape
-    x = mnist_like((23, 10, 9, 2))
+    x = mnist_like((23, *PAIRS[kind][0]))
     results = []
     for count in (1, 2, 3):
         monkeypatch.setattr(lanes, "count", lambda count=count: count)
-        results.append(training_pass(fused_pair(), x))
-    assert len(cm.pooled_conv_chunks((23, 10, 9, 2), (3, 3, 2, 6))) > 3
+        results.append(training_pass(fused_pair(kind), x))
+    assert len(PAIRS[kind][1](23)) > 3
     for one, two, three in zip(*results):
         np.testing.assert_array_equal(one, two)
         np.testing.assert_array_equal(one, three)

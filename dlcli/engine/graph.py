@@ -21,8 +21,9 @@ layer and the pooling pass their input, and then its gradient, on.
 Observed runs keep every layer's own output, so nothing moves in them. In an inference pass a layer that can
 pool its own output (`pools_own_output`: a few-channel Conv2D, or a Winograd one in its F(4x4) output transform)
 does so when that pooling's windows tile it, and keeps its activation: the pooling then passes its input on. In
-training only the few-channel Conv2D that reads the model's inputs does (`poolable_in_training`): the pooling then
-passes its output's gradient back, which the conv takes to its weights from where each maximum came from.
+training the Winograd one does too, and a few-channel one where it reads the model's inputs (`poolable_in_training`):
+the pooling then passes its output's gradient back, which the conv takes to its weights and input from where each
+maximum came from.
 """
 import copy
 import itertools
@@ -164,11 +165,11 @@ class Graph:
         self.cast_from: dict = {}  # set by each forward
         self.poolable = {id(pool) for layer, pool, _ in self.movable
                          if getattr(layer, "pools_own_output", None) and layer.pools_own_output(pool)}
-        # in training only a conv reading the model's inputs: one whose input gradient a step needs pays more for it
-        # fused (the book convnet's first conv behind a Rescaling: a step 14.2-15.2 -> 15.5-16.5 ms, one thread)
         self.poolable_in_training = {id(pool) for layer, pool, _ in self.movable
-                                     if id(pool) in self.poolable and layer.pools_own_output(pool, training=True)
-                                     and all(isinstance(t.node.layer, InputLayer) for t in layer.nodes[0].inputs)}
+                                     if id(pool) in self.poolable and layer.pools_own_output(
+                                         pool, training=True,
+                                         reads_inputs=all(isinstance(t.node.layer, InputLayer)
+                                                          for t in layer.nodes[0].inputs))}
 
     def written_at_inference(self, tensor: SymbolicTensor) -> bool:
         """Whether an inference pass writes `tensor` whole: not the output of a conv that pools it in its own pass

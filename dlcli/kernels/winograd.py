@@ -466,8 +466,31 @@ def output_tiles_4x4(m, tiles_h, tiles_w, bias, y):
     return y
 
 
+@numba.njit(inline="always", **JIT)
+def _window_argmax(block, r, c, pool_h, pool_w, bias, relu, pooled, where):
+    """One window's maximum of block's outputs + bias and its flat offset in the window (the first maximum: strict
+    `>` in row order, as pooling.tile_max), then max(., 0) where `relu`."""
+    zero = pooled.dtype.type(0)
+    f = len(pooled)
+    first = block[r, c]
+    for ch in range(f):
+        pooled[ch] = first[ch] + bias[ch]
+    for ch in range(f):
+        where[ch] = 0
+    for k in range(1, pool_h * pool_w):
+        z = block[r + k // pool_w, c + k % pool_w]
+        for ch in range(f):
+            v, best = z[ch] + bias[ch], pooled[ch]
+            where[ch] = k if v > best else where[ch]
+            pooled[ch] = larger(best, v)
+    if relu:
+        for ch in range(f):
+            pooled[ch] = relu_of(pooled[ch], zero)
+
+
 @numba.njit(**JIT)
-def output_tiles_mixed_pooled(m44, m42, m24, m22, rows4, rows2, cols4, cols2, bias, pool_h, pool_w, relu, y):
+def output_tiles_mixed_pooled(m44, m42, m24, m22, rows4, rows2, cols4, cols2, bias, pool_h, pool_w, relu, y,
+                              arg=None):
     """m44, m42, m24, m22 (each tap's products of input_tiles_mixed's tiles and the kernels, f filters, the same
     tiling) -> y (n, pooled_h, pooled_w, f): the window maxima of A_h^T M A_w + bias in pool_h x pool_w windows at
     strides of their size (pool_h and pool_w divide every block's height and width, so each window lies in one
@@ -475,7 +498,10 @@ def output_tiles_mixed_pooled(m44, m42, m24, m22, rows4, rows2, cols4, cols2, bi
     never written out. A_h^T M of a sample's tiles of each kind at once, then each block's outputs that windows read
     into a buffer the size of the block (in L1), one loop over the filters per output, indexed with loop-invariant
     leading indices so the loops vectorise; the bias is added to each window's maximum (rounding is monotonic:
-    max(z_i) + b rounds to the max of the z_i + b, the same bits). NaN propagates as tile_max's does."""
+    max(z_i) + b rounds to the max of the z_i + b, the same bits). NaN propagates as tile_max's does. In training
+    (every block 4x4: F(4x4)'s tiles) `arg` (y's shape) receives where each maximum came from, as tile_max's: the
+    bias is then added to each output before the comparisons, so the first maximum is the one output_tiles_4x4 and
+    tile_max would find (two outputs may round to one sum)."""
     n, pooled_h, pooled_w, f = y.shape
     kind = m44.dtype.type
     two, four, eight, zero = kind(2), kind(4), kind(8), kind(0)
@@ -535,6 +561,10 @@ def output_tiles_mixed_pooled(m44, m42, m24, m22, rows4, rows2, cols4, cols2, bi
                     for wj in range(cols // pool_w):
                         pooled = y[b, 4 * ti // pool_h + wi, 4 * tj // pool_w + wj]
                         r, c = wi * pool_h, wj * pool_w
+                        if arg is not None:
+                            _window_argmax(block, r, c, pool_h, pool_w, bias, relu, pooled,
+                                           arg[b, 4 * ti // pool_h + wi, 4 * tj // pool_w + wj])
+                            continue
                         if pool_h == 2 and pool_w == 2:
                             z0, z1, z2, z3 = block[r, c], block[r, c + 1], block[r + 1, c], block[r + 1, c + 1]
                             for ch in range(f):
@@ -552,3 +582,370 @@ def output_tiles_mixed_pooled(m44, m42, m24, m22, rows4, rows2, cols4, cols2, bi
                             v = pooled[ch] + bias[ch]
                             pooled[ch] = relu_of(v, zero) if relu else v
     return y
+
+
+# F(4x4, 3x3) in training: backward runs the algebra above transposed. The output gradient dY of each 4x4 block
+# becomes dM = A dY A^T, A being A^T's transpose, rows (1, 0, 0, 0), (1, 1, 1, 1), (1, -1, 1, -1), (1, 2, 4, 8),
+# (1, -2, 4, -8), (0, 0, 0, 1); the input gradient of each 6x6 tile is B dV B^T, added where tiles overlap by 2.
+
+
+@numba.njit(inline="always", **JIT)
+def _gradient_rows_4x4(y0, y1, y2, y3, rows, length):
+    """A dY of a band of 4 output rows (y0..y3, `length` floats each) into rows' 6, one loop over the band each."""
+    kind = rows.dtype.type
+    two, four, eight = kind(2), kind(4), kind(8)
+    t0, t1, t2 = rows[0, :length], rows[1, :length], rows[2, :length]
+    t3, t4, t5 = rows[3, :length], rows[4, :length], rows[5, :length]
+    for k in range(length):
+        t0[k] = y0[k]
+    for k in range(length):
+        t1[k] = (y0[k] + y1[k]) + (y2[k] + y3[k])
+    for k in range(length):
+        t2[k] = (y0[k] - y1[k]) + (y2[k] - y3[k])
+    for k in range(length):
+        t3[k] = (y0[k] + two * y1[k]) + (four * y2[k] + eight * y3[k])
+    for k in range(length):
+        t4[k] = (y0[k] - two * y1[k]) + (four * y2[k] - eight * y3[k])
+    for k in range(length):
+        t5[k] = y3[k]
+
+
+@numba.njit(inline="always", **JIT)
+def _gradient_columns_4x4(band, s, tile, dm):
+    """(A dY) A^T of the tile whose 4 columns start at band column s: the same combinations along each of the 6
+    rows, into dm's 36 taps of `tile`."""
+    kind = band.dtype.type
+    two, four, eight = kind(2), kind(4), kind(8)
+    f = band.shape[2]
+    for i in range(6):
+        y0, y1, y2, y3 = band[i, s], band[i, s + 1], band[i, s + 2], band[i, s + 3]
+        m0, m1, m2 = dm[6 * i, tile], dm[6 * i + 1, tile], dm[6 * i + 2, tile]
+        m3, m4, m5 = dm[6 * i + 3, tile], dm[6 * i + 4, tile], dm[6 * i + 5, tile]
+        for ch in range(f):
+            m0[ch] = y0[ch]
+        for ch in range(f):
+            m1[ch] = (y0[ch] + y1[ch]) + (y2[ch] + y3[ch])
+        for ch in range(f):
+            m2[ch] = (y0[ch] - y1[ch]) + (y2[ch] - y3[ch])
+        for ch in range(f):
+            m3[ch] = (y0[ch] + two * y1[ch]) + (four * y2[ch] + eight * y3[ch])
+        for ch in range(f):
+            m4[ch] = (y0[ch] - two * y1[ch]) + (four * y2[ch] - eight * y3[ch])
+        for ch in range(f):
+            m5[ch] = y3[ch]
+
+
+@numba.njit(**JIT)
+def output_gradient_tiles_4x4(g, tiles_h, tiles_w, dm):
+    """g (n, out_h, out_w, f) -> dm (36, n * tiles_h * tiles_w, f): A dY A^T of every 4x4 block dY of the output
+    gradient, zeros past its last row or column (the ragged tiles' outputs were cropped, so had no gradient). A dY
+    of a band of 4 rows at once, each of its 6 rows one loop over out_w * f floats (into a band whose columns past
+    the output stay zero), then each tile's columns, one loop over the filters per tap (input_tiles_4x4's order)."""
+    n, out_h, out_w, f = g.shape
+    band = np.zeros((6, 4 * tiles_w, f), g.dtype)
+    rows = band.reshape(6, 4 * tiles_w * f)
+    length = out_w * f
+    zero = np.zeros(length, g.dtype)
+    for b in range(n):
+        image = g[b].reshape(out_h, length)
+        for ti in range(tiles_h):
+            r = 4 * ti
+            y1 = image[r + 1] if r + 1 < out_h else zero
+            y2 = image[r + 2] if r + 2 < out_h else zero
+            y3 = image[r + 3] if r + 3 < out_h else zero
+            _gradient_rows_4x4(image[r], y1, y2, y3, rows, length)
+            for tj in range(tiles_w):
+                _gradient_columns_4x4(band, 4 * tj, (b * tiles_h + ti) * tiles_w + tj, dm)
+    return dm
+
+
+@numba.njit(**JIT)
+def input_gradient_tiles_4x4(dv, top, left, tiles_h, tiles_w, dx):
+    """dv (36, n * tiles_h * tiles_w, c) -> dx (n, height, width, c), the input's gradient, overwritten: B dV B^T
+    of every 6x6 tile added into its window at stride 4 (neighbours overlap by 2 rows or columns), the windows
+    placed as input_tiles_4x4 reads them; rows and columns outside x are dropped. A tile row at a time: dV B^T of
+    each tile into a band of 6 rows across the row's tiles (the overlapping columns added, in tile order), then
+    B^T's combinations of the band's rows, each output row one loop over width * c floats, written where no tile
+    row before reached it, else added. B^T's columns: (4, 0, 0, 0, 0, 0), (0, -4, 4, -2, 2, 4),
+    (-5, -4, -4, -1, -1, 0), (0, 1, -1, 2, -2, -5), (1, 1, 1, 1, 1, 0), (0, 0, 0, 0, 0, 1)."""
+    n, height, width, c = dx.shape
+    kind = dx.dtype.type
+    two, four, five = kind(2), kind(4), kind(5)
+    span = max(4 * tiles_w + 2, left + width)
+    band = np.zeros((6, span, c), dx.dtype)
+    rows = band.reshape(6, span * c)
+    length, inside = width * c, left * c
+    for b in range(n):
+        image = dx[b].reshape(height, length)
+        for ti in range(tiles_h):
+            for tj in range(tiles_w):
+                tile = (b * tiles_h + ti) * tiles_w + tj
+                s = 4 * tj
+                for i in range(6):  # dV B^T: row i of the tile's 6 columns
+                    v0, v1, v2 = dv[6 * i, tile], dv[6 * i + 1, tile], dv[6 * i + 2, tile]
+                    v3, v4, v5 = dv[6 * i + 3, tile], dv[6 * i + 4, tile], dv[6 * i + 5, tile]
+                    q0, q1, q2 = band[i, s], band[i, s + 1], band[i, s + 2]
+                    q3, q4, q5 = band[i, s + 3], band[i, s + 4], band[i, s + 5]
+                    if tj == 0:
+                        for ch in range(c):
+                            q0[ch] = four * v0[ch]
+                        for ch in range(c):
+                            q1[ch] = (four * (v2[ch] - v1[ch]) + two * (v4[ch] - v3[ch])) + four * v5[ch]
+                    else:  # the columns the tile before reached
+                        for ch in range(c):
+                            q0[ch] += four * v0[ch]
+                        for ch in range(c):
+                            q1[ch] += (four * (v2[ch] - v1[ch]) + two * (v4[ch] - v3[ch])) + four * v5[ch]
+                    for ch in range(c):
+                        q2[ch] = -((five * v0[ch] + four * (v1[ch] + v2[ch])) + (v3[ch] + v4[ch]))
+                    for ch in range(c):
+                        q3[ch] = ((v1[ch] - v2[ch]) + two * (v3[ch] - v4[ch])) - five * v5[ch]
+                    for ch in range(c):
+                        q4[ch] = (v0[ch] + (v1[ch] + v2[ch])) + (v3[ch] + v4[ch])
+                    for ch in range(c):
+                        q5[ch] = v5[ch]
+            d0, d1, d2 = rows[0, inside:inside + length], rows[1, inside:inside + length], rows[2, inside:inside + length]
+            d3, d4, d5 = rows[3, inside:inside + length], rows[4, inside:inside + length], rows[5, inside:inside + length]
+            for p in range(6):  # B (dV B^T): the same combinations down the band's rows
+                r = 4 * ti - top + p
+                if r < 0 or r >= height:
+                    continue
+                out = image[r]
+                fresh = ti == 0 or p >= 2  # rows 0 and 1 of a tile row are rows 4 and 5 of the one before
+                if p == 0:
+                    if fresh:
+                        for k in range(length):
+                            out[k] = four * d0[k]
+                    else:
+                        for k in range(length):
+                            out[k] += four * d0[k]
+                elif p == 1:
+                    if fresh:
+                        for k in range(length):
+                            out[k] = (four * (d2[k] - d1[k]) + two * (d4[k] - d3[k])) + four * d5[k]
+                    else:
+                        for k in range(length):
+                            out[k] += (four * (d2[k] - d1[k]) + two * (d4[k] - d3[k])) + four * d5[k]
+                elif p == 2:
+                    for k in range(length):
+                        out[k] = -((five * d0[k] + four * (d1[k] + d2[k])) + (d3[k] + d4[k]))
+                elif p == 3:
+                    for k in range(length):
+                        out[k] = ((d1[k] - d2[k]) + two * (d3[k] - d4[k])) - five * d5[k]
+                elif p == 4:
+                    for k in range(length):
+                        out[k] = (d0[k] + (d1[k] + d2[k])) + (d3[k] + d4[k])
+                else:
+                    for k in range(length):
+                        out[k] = d5[k]
+    return dx
+
+
+@numba.njit(**JIT)
+def pooled_gradient_tiles_4x4(g, arg, y, relu, pool_h, pool_w, tiles_h, tiles_w, dm):
+    """The backward of output_tiles_4x4_pooled in training: g (n, pooled_h, pooled_w, f), the pooled output's
+    gradient, times y > 0 where `relu` (its output y: the ReLU's mask), goes to where `arg` says each maximum came
+    from, zeros elsewhere, and each 4x4 block of that conv-output gradient to dm (36, n * tiles_h * tiles_w, f) as
+    output_gradient_tiles_4x4 takes it, the same bits as pooling.max_pool_backward followed by it: each band of 4
+    output rows is made in a buffer (in L1) and never written out whole."""
+    n, pooled_h, pooled_w, f = g.shape
+    width = 4 * tiles_w
+    band = np.zeros((6, width, f), g.dtype)
+    rows = band.reshape(6, width * f)
+    dy = np.empty((4, width, f), g.dtype)
+    flat = dy.reshape(4, width * f)
+    zero, one = g.dtype.type(0), g.dtype.type(1)
+    across = 4 // pool_h  # pooled rows per band
+    for b in range(n):
+        for ti in range(tiles_h):
+            for r in range(4):
+                for k in range(width * f):
+                    flat[r, k] = zero
+            for wi in range(min(across, pooled_h - ti * across)):
+                i = ti * across + wi
+                for j in range(pooled_w):
+                    grad, where, mask = g[b, i, j], arg[b, i, j], y[b, i, j]
+                    for k in range(pool_h * pool_w):
+                        out = dy[wi * pool_h + k // pool_w, j * pool_w + k % pool_w]
+                        for ch in range(f):
+                            v = grad[ch]
+                            if relu:
+                                v = v * (one if mask[ch] > zero else zero)
+                            out[ch] = v if where[ch] == k else zero
+            _gradient_rows_4x4(flat[0], flat[1], flat[2], flat[3], rows, width * f)
+            for tj in range(tiles_w):
+                _gradient_columns_4x4(band, 4 * tj, (b * tiles_h + ti) * tiles_w + tj, dm)
+    return dm
+
+
+# F(3x3, 3x3) in training (small outputs): A's rows (1, 0, 0), (1, 1, 1), (1, -1, 1), (1, 2, 4), (0, 0, 1); B^T's
+# columns (2, 0, 0, 0, 0), (-1, -2, 2, -1, 2), (-2, -1, -3, 0, -1), (1, 1, 1, 1, -2), (0, 0, 0, 0, 1). Each tile
+# goes through a tile-sized buffer (in L1), as input_tiles_3x3 and output_tiles_3x3.
+
+
+@numba.njit(**JIT)
+def output_gradient_tiles_3x3(g, tiles_h, tiles_w, dm):
+    """g (n, out_h, out_w, f) -> dm (25, n * tiles_h * tiles_w, f): A dY A^T of every 3x3 block dY of the output
+    gradient, zeros past its last row or column: A dY column by column into a buffer, then along each row."""
+    n, out_h, out_w, f = g.shape
+    kind = g.dtype.type
+    two, four = kind(2), kind(4)
+    zero = np.zeros(f, g.dtype)
+    t = np.empty((5, 3, f), g.dtype)
+    for b in range(n):
+        for ti in range(tiles_h):
+            for tj in range(tiles_w):
+                tile = (b * tiles_h + ti) * tiles_w + tj
+                r = 3 * ti
+                for j in range(3):
+                    s = 3 * tj + j
+                    inside = s < out_w
+                    y0 = g[b, r, s] if inside else zero
+                    y1 = g[b, r + 1, s] if inside and r + 1 < out_h else zero
+                    y2 = g[b, r + 2, s] if inside and r + 2 < out_h else zero
+                    for ch in range(f):
+                        t[0, j, ch] = y0[ch]
+                    for ch in range(f):
+                        t[1, j, ch] = (y0[ch] + y1[ch]) + y2[ch]
+                    for ch in range(f):
+                        t[2, j, ch] = (y0[ch] - y1[ch]) + y2[ch]
+                    for ch in range(f):
+                        t[3, j, ch] = (y0[ch] + two * y1[ch]) + four * y2[ch]
+                    for ch in range(f):
+                        t[4, j, ch] = y2[ch]
+                for i in range(5):  # (A dY) A^T: the same combinations along the row
+                    for ch in range(f):
+                        dm[5 * i, tile, ch] = t[i, 0, ch]
+                    for ch in range(f):
+                        dm[5 * i + 1, tile, ch] = (t[i, 0, ch] + t[i, 1, ch]) + t[i, 2, ch]
+                    for ch in range(f):
+                        dm[5 * i + 2, tile, ch] = (t[i, 0, ch] - t[i, 1, ch]) + t[i, 2, ch]
+                    for ch in range(f):
+                        dm[5 * i + 3, tile, ch] = (t[i, 0, ch] + two * t[i, 1, ch]) + four * t[i, 2, ch]
+                    for ch in range(f):
+                        dm[5 * i + 4, tile, ch] = t[i, 2, ch]
+    return dm
+
+
+@numba.njit(**JIT)
+def input_gradient_tiles_3x3(dv, top, left, tiles_h, tiles_w, dx):
+    """dv (25, n * tiles_h * tiles_w, c) -> dx (n, height, width, c), the input's gradient, overwritten: B dV B^T
+    of every 5x5 tile added into its window at stride 3 (neighbours overlap by 2), placed as input_tiles_3x3 reads
+    them; rows and columns outside x are dropped. dV B^T row by row into a buffer, then down each column."""
+    n, height, width, c = dx.shape
+    kind = dx.dtype.type
+    two, three, zero = kind(2), kind(3), kind(0)
+    s = np.empty((5, 5, c), dx.dtype)
+    for b in range(n):
+        for r in range(height):
+            for q in range(width):
+                for ch in range(c):
+                    dx[b, r, q, ch] = zero
+        for ti in range(tiles_h):
+            for tj in range(tiles_w):
+                tile = (b * tiles_h + ti) * tiles_w + tj
+                for i in range(5):  # dV B^T
+                    v0, v1, v2, v3, v4 = dv[5 * i, tile], dv[5 * i + 1, tile], dv[5 * i + 2, tile], \
+                        dv[5 * i + 3, tile], dv[5 * i + 4, tile]
+                    for ch in range(c):
+                        s[i, 0, ch] = two * v0[ch]
+                    for ch in range(c):
+                        s[i, 1, ch] = two * ((v2[ch] - v1[ch]) + v4[ch]) - (v0[ch] + v3[ch])
+                    for ch in range(c):
+                        s[i, 2, ch] = -((two * v0[ch] + v1[ch]) + (three * v2[ch] + v4[ch]))
+                    for ch in range(c):
+                        s[i, 3, ch] = ((v0[ch] + v1[ch]) + (v2[ch] + v3[ch])) - two * v4[ch]
+                    for ch in range(c):
+                        s[i, 4, ch] = v4[ch]
+                for q in range(5):  # B (dV B^T), added in place
+                    col = 3 * tj - left + q
+                    if col < 0 or col >= width:
+                        continue
+                    for p in range(5):
+                        r = 3 * ti - top + p
+                        if r < 0 or r >= height:
+                            continue
+                        out = dx[b, r, col]
+                        if p == 0:
+                            for ch in range(c):
+                                out[ch] += two * s[0, q, ch]
+                        elif p == 1:
+                            for ch in range(c):
+                                out[ch] += two * ((s[2, q, ch] - s[1, q, ch]) + s[4, q, ch]) - (s[0, q, ch] + s[3, q, ch])
+                        elif p == 2:
+                            for ch in range(c):
+                                out[ch] += -((two * s[0, q, ch] + s[1, q, ch]) + (three * s[2, q, ch] + s[4, q, ch]))
+                        elif p == 3:
+                            for ch in range(c):
+                                out[ch] += ((s[0, q, ch] + s[1, q, ch]) + (s[2, q, ch] + s[3, q, ch])) - two * s[4, q, ch]
+                        else:
+                            for ch in range(c):
+                                out[ch] += s[4, q, ch]
+    return dx
+
+
+# The kernel's transforms of F(3x3) and F(4x4), whose G holds sixths: U = G k G^T (forward) and the kernel's
+# gradient G^T dU G (backward), in float64 sums rounded once to the kernel's type. NumPy's float64 matmuls made
+# (t, 3, c * f) and (t, t, c * f) temporaries: 0.05-0.6 ms a call for the book convnet's convs 2 and 3 at t = 5, 6,
+# which ran on the caller while the lanes waited. A block of STEP floats of every tap at a time (in L1 and L2).
+STEP = 256
+
+
+@numba.njit(**JIT)
+def kernel_tiles(k, rows, cols, u):
+    """k (9, n): a 3x3 kernel's taps (row-major) of n = c * f floats each -> u (t_h * t_w, n) = G_h k G_w^T, the
+    G's (t_h, 3) and (t_w, 3) float64: G_h k first, t_h x 3 rows of a block into a float64 buffer, then
+    (G_h k) G_w^T."""
+    t_h, t_w, n = rows.shape[0], cols.shape[0], k.shape[1]
+    gk = np.empty((t_h, 3, STEP))
+    for e0 in range(0, n, STEP):
+        m = min(STEP, n - e0)
+        for a in range(t_h):
+            g0, g1, g2 = rows[a, 0], rows[a, 1], rows[a, 2]
+            for j in range(3):
+                row, k0, k1, k2 = gk[a, j], k[j, e0:e0 + m], k[3 + j, e0:e0 + m], k[6 + j, e0:e0 + m]
+                for e in range(m):
+                    row[e] = (g0 * k0[e] + g1 * k1[e]) + g2 * k2[e]
+        for a in range(t_h):
+            r0, r1, r2 = gk[a, 0], gk[a, 1], gk[a, 2]
+            for b in range(t_w):
+                out, h0, h1, h2 = u[a * t_w + b, e0:e0 + m], cols[b, 0], cols[b, 1], cols[b, 2]
+                for e in range(m):
+                    out[e] = (h0 * r0[e] + h1 * r1[e]) + h2 * r2[e]
+    return u
+
+
+@numba.njit(**JIT)
+def kernel_gradient(du, g, dw):
+    """du (t * t, n), the gradient of U = G k G^T -> dw (9, n) = G^T dU G, the 3x3 kernel's taps (row-major):
+    dU G first (t x 3 rows of a block, float64), then G^T (dU G), each sum in tap order, G's zeros skipped."""
+    t, n = g.shape[0], du.shape[1]
+    p = np.empty((t, 3, STEP))
+    acc = np.empty(STEP)
+    for e0 in range(0, n, STEP):
+        m = min(STEP, n - e0)
+        for a in range(t):
+            for j in range(3):
+                row = p[a, j]
+                for e in range(m):
+                    row[e] = 0.0
+                for b in range(t):
+                    w = g[b, j]
+                    if w != 0.0:
+                        src = du[a * t + b, e0:e0 + m]
+                        for e in range(m):
+                            row[e] += w * src[e]
+        for i in range(3):
+            for j in range(3):
+                for e in range(m):
+                    acc[e] = 0.0
+                for a in range(t):
+                    w = g[a, i]
+                    if w != 0.0:
+                        row = p[a, j]
+                        for e in range(m):
+                            acc[e] += w * row[e]
+                out = dw[3 * i + j, e0:e0 + m]
+                for e in range(m):
+                    out[e] = acc[e]
+    return dw

@@ -73,17 +73,21 @@ class _Conv(_Windowed):
         out = self._geometry(input_shape)[0]
         return 2 * int(np.prod(out)) * int(np.prod(self.kernel_size)) * input_shape[-1] // self.groups * self.filters
 
-    def pools_own_output(self, pool, training=False) -> bool:
+    def pools_own_output(self, pool, training=False, reads_inputs=False) -> bool:
         """Whether a pass may hand this conv the max pooling `pool` reading its output (graph.py), under windows
-        that tile it: a stride-1 2D conv on few channels, which cm.pooled_conv runs with the pooling (in training
-        too: cm.pooled_conv_backward takes the pooled gradient to its weights), or at inference a Winograd-shaped
-        one under windows F(4x4)'s 4x4 output blocks hold whole (cm.winograd_pools; where the kernels or the
-        output's size do not allow F(4x4), the conv pools its output itself, as the pooling would)."""
+        that tile it: a stride-1 2D conv on few channels, which cm.pooled_conv runs with the pooling, or a
+        Winograd-shaped one under windows F(4x4)'s 4x4 output blocks hold whole (cm.winograd_pools; where the
+        kernels or the output's size do not allow F(4x4), the conv pools its output itself, as the pooling would).
+        In training the conv keeps where each maximum came from and takes the pooled gradient to its weights and
+        input; a few-channel one only where it `reads_inputs` (the model's): one whose input gradient a step needs
+        pays more for it fused (the book convnet's first conv behind a Rescaling: a step 14.2-15.2 -> 15.5-16.5 ms,
+        one thread)."""
         if not (self.rank == pool.rank == 2 and pool.padding == "valid" and pool.strides == pool.pool_size):
             return False
         few = self.groups == 1 and self.strides == (1, 1) and self.kernel.value.shape[-2] < cm.BLOCK_CHANNELS
-        return few or (not training and all(4 % p == 0 for p in pool.pool_size)
-                       and cm.winograd_shaped(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups))
+        return (few and (reads_inputs or not training)) or (
+            all(4 % p == 0 for p in pool.pool_size)
+            and cm.winograd_shaped(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups))
 
     def pools_in_its_pass(self, pool_size, out_sizes) -> bool:
         """Whether a forward handed a pooling of windows `pool_size` (pools_own_output) takes it inside its own
@@ -97,17 +101,25 @@ class _Conv(_Windowed):
         self.out_sizes, self.pads = cm.geometry(x.shape[1:-1], self.kernel_size, self.strides, self.padding,
                                                 self.dilation_rate)
         self.winograd = cm.winograd_applies(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups)
-        # graph.py hands a Winograd conv its pooling at inference only (pools_own_output)
         pool = self.pool_after.pool_size if self.pool_after is not None else None
         in_pass = pool is not None and self.pools_in_its_pass(pool, self.out_sizes)
         relu = isinstance(self.activation, activations.ReLU) and self.activation.plain
         bias = self.bias.value if self.use_bias else None
+        if pool is not None:  # where each pooled maximum came from, for backward
+            pooled = (len(x), *(m // p for m, p in zip(self.out_sizes, pool)), self.filters)
+            self.pooled_arg = cm.pooled_arg(pooled, pool) if training else None
+        self.pooled_in_pass = in_pass
         if self.winograd:  # x itself (its transform reads the padding's zeros); training keeps the tiles
             self.x, self.tiles = x, {} if training else None
+            self.winograd_block = cm.winograd_training_block(self.out_sizes, in_pass)
+            # training keeps U = G k G^T for backward (0.02-0.08 ms a conv to make again)
+            self.winograd_u = cm.winograd_kernel(self.kernel.value, self.winograd_block) if training else None
             if in_pass:
-                y = cm.winograd_conv(x, self.kernel.value, bias, self.out_sizes, self.pads, pooled=(pool, relu))
+                y = self.pooled_y = cm.winograd_conv(x, self.kernel.value, bias, self.out_sizes, self.pads, self.tiles,
+                                                     pooled=(pool, relu), arg=self.pooled_arg, u=self.winograd_u)
                 return y if relu else self.activation.forward_(y)
-            z = cm.winograd_conv(x, self.kernel.value, bias, self.out_sizes, self.pads, self.tiles)
+            z = cm.winograd_conv(x, self.kernel.value, bias, self.out_sizes, self.pads, self.tiles,
+                                 self.winograd_block if training else None, u=self.winograd_u)
             return activations.activate_owned(self, z) if pool is None else self._pool_own_output(z, pool, relu)
         xp = cm.pad(x, self.pads)
         self.xp_shape = xp.shape
@@ -115,8 +127,6 @@ class _Conv(_Windowed):
             return self._grouped_forward(xp)
         self.xp, self.cols = xp, None  # backward gathers the patches again, a chunk at a time
         if in_pass:
-            pooled = (len(x), *(m // p for m, p in zip(self.out_sizes, pool)), self.filters)
-            self.pooled_arg = cm.pooled_arg(pooled, pool) if training else None  # where the maxima came from
             y = self.pooled_y = cm.pooled_conv(xp, self.kernel.value, bias, self.dilation_rate, pool, pooled[1:-1],
                                                relu, self.pooled_arg)
             return y if relu else self.activation.forward_(y)
@@ -139,9 +149,12 @@ class _Conv(_Windowed):
 
     def _pool_own_output(self, z, pool, relu):
         """The max pooling `pool` handed to this conv (pools_own_output), then the activation, of its output z
-        where no kernel takes the pooling in its own pass (the NumPy path; F(2x2)'s small outputs)."""
+        where no kernel takes the pooling in its own pass (the NumPy path; F(2x2)'s small outputs). In training
+        backward takes the pooled gradient to z's (self.z_shape) from pooled_arg, then as an unpooled conv."""
         pooled = tuple(m // p for m, p in zip(self.out_sizes, pool))
-        y = cm.tile_max(z, pool, pooled, relu, np.empty((len(z), *pooled, self.filters), z.dtype))
+        self.z_shape = z.shape
+        y = self.pooled_y = cm.tile_max(z, pool, pooled, relu, np.empty((len(z), *pooled, self.filters), z.dtype),
+                                        self.pooled_arg)
         return y if relu else self.activation.forward_(y)
 
     def _chunks(self, n):
@@ -235,7 +248,11 @@ class _Conv(_Windowed):
             return self._grouped_backward(grad)
         if self.pool_after is not None:
             return self._pooled_backward(grad)
-        g = np.ascontiguousarray(self.activation_backward(grad)).reshape(-1, self.filters)
+        return self._output_backward(self.activation_backward(grad))
+
+    def _output_backward(self, g):
+        """The input's gradient (None where not needed) from the conv output's g, the weights' added to theirs."""
+        g = np.ascontiguousarray(g).reshape(-1, self.filters)
         if self.winograd:
             return self._winograd_backward(g)
         k = self.kernel.value[..., 0].size
@@ -262,18 +279,28 @@ class _Conv(_Windowed):
     def _pooled_backward(self, grad):
         """The backward of a training forward that pooled its own output: grad is the pooling's output gradient."""
         relu = isinstance(self.activation, activations.ReLU) and self.activation.plain
-        kernel_grad, dxp, bias_grad = cm.pooled_conv_backward(
-            grad if relu else self.activation.backward(grad), self.pooled_y, self.pooled_arg, self.xp,
-            self.kernel.value, self.dilation_rate, self.pool_after.pool_size, relu, self.kernel.grad is not None,
-            self.input_grad_needed, self.use_bias and self.bias.grad is not None)
+        g, pool = grad if relu else self.activation.backward(grad), self.pool_after.pool_size
+        wanted = (self.kernel.grad is not None, self.input_grad_needed, self.use_bias and self.bias.grad is not None)
+        if not self.pooled_in_pass:  # the output written whole and pooled after (_pool_own_output)
+            return self._output_backward(cm.max_pool_backward(g, self.pooled_arg, self.z_shape, pool,
+                                                              self.pooled_y.shape[1:-1], pool,
+                                                              self.pooled_y if relu else None))
+        if self.winograd:  # pooled in F(4x4)'s output transform
+            return self._winograd_backward(g, (pool, relu, self.pooled_arg, self.pooled_y))
+        kernel_grad, dxp, bias_grad = cm.pooled_conv_backward(g, self.pooled_y, self.pooled_arg, self.xp,
+                                                              self.kernel.value, self.dilation_rate, pool, relu,
+                                                              *wanted)
         self._add_gradients(kernel_grad, bias_grad)
         return None if dxp is None else cm.unpad(dxp, self.pads)
 
-    def _winograd_backward(self, g):
+    def _winograd_backward(self, g, pooled=None):
+        """`pooled`: (pool, relu, where the maxima came from, the pooled output), g the pooled output's gradient."""
+        if pooled is None:
+            g = g.reshape(len(self.x), *self.out_sizes, self.filters)
         kernel_grad, dx, bias_grad = cm.winograd_backward(
-            g.reshape(len(self.x), *self.out_sizes, self.filters), self.kernel.value, self.x, self.out_sizes,
-            self.pads, self.tiles, self.kernel.grad is not None, self.input_grad_needed,
-            self.use_bias and self.bias.grad is not None)
+            g, self.kernel.value, self.x, self.out_sizes, self.pads, self.tiles, self.kernel.grad is not None,
+            self.input_grad_needed, self.use_bias and self.bias.grad is not None, self.winograd_block, pooled,
+            self.winograd_u)
         self._add_gradients(kernel_grad, bias_grad)
         return dx
 

@@ -249,6 +249,17 @@ def winograd_block(out_sizes) -> int:
     return min((2, 3, 4), key=products)
 
 
+def winograd_training_block(out_sizes, pooled=False) -> int:
+    """The output block of a training forward: F(4x4) where the conv pools its output in F(4x4)'s transform
+    (`pooled`), F(3x3) where winograd_block finds it has the fewest products (small outputs: 3, 5, 6 or 9 rows and
+    columns, the book convnet's conv 3), else F(2x2), the most exact (within 3 float32 eps of the largest
+    gradient over tests/test_winograd.py's cases, F(3x3) and F(4x4) within 40). F(4x4) also has the fewest products
+    at 4, 7, 8 and 10 and more (the resnet's 14x14 and 7x7 convs), where training has not measured it."""
+    if pooled:
+        return 4
+    return 3 if winograd_block(out_sizes) == 3 else 2
+
+
 def winograd_chunks(n, out_sizes, c, f, block=2):
     """[(start, stop)] of the samples transformed and multiplied at once: about 2 * CHUNK_FLOATS floats of
     tiles and products, so the GEMMs read what a transform has just written from cache, in a multiple of
@@ -278,15 +289,18 @@ def _winograd_buffer(samples, out_sizes, width, dtype, block=2):
 def winograd_kernel(kernel, block=2, wide=None):
     """G_h k G_w^T of a (3, 3, c, f) kernel as ((block + 2) * (wide + 2), c, f), taps first (row-major): G_h of
     blocks of `block` output rows, G_w of `wide` columns (by default `block` too). F(2x2)'s G (halves) in the
-    kernel's type, exact in float32; any other's (F(3)'s and F(4)'s sixths) in float64, rounded once at the end."""
+    kernel's type, exact in float32; any other's (F(3)'s and F(4)'s sixths) in float64, rounded once at the end
+    (kernels/winograd.kernel_tiles)."""
     c, f = kernel.shape[2:]
     wide = wide or block
     if block == wide == 2:
-        rows = cols = WINOGRAD_G.astype(kernel.dtype)
-    else:
-        rows, cols = WINOGRAD_GS[block], WINOGRAD_GS[wide]
-    product = cols @ (rows @ kernel.reshape(3, -1)).reshape(len(rows), 3, -1)
-    return product.reshape(len(rows) * len(cols), c, f).astype(kernel.dtype, copy=False)
+        g = WINOGRAD_G.astype(kernel.dtype)
+        return (g @ (g @ kernel.reshape(3, -1)).reshape(4, 3, -1)).reshape(16, c, f)
+    rows, cols = WINOGRAD_GS[block], WINOGRAD_GS[wide]
+    u = np.empty((len(rows) * len(cols), c, f), kernel.dtype)
+    kernels.compiled("winograd").kernel_tiles(np.ascontiguousarray(kernel).reshape(9, -1), rows, cols,
+                                              u.reshape(len(u), -1))
+    return u
 
 
 _inference_kernels: dict = {}  # {(id(kernel), block, wide): (the kernel's bits then, their G_h k G_w^T)}
@@ -312,7 +326,7 @@ def inference_kernel(kernel, block, wide=None):
     return u
 
 
-def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, pooled=None):
+def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, pooled=None, arg=None, u=None):
     """conv(x, kernel) + bias for an input x (n, height, width, c) padded by `pads` ((top, bottom), (left, right):
     the transform reads the zeros, no padded copy is made) and a kernel (3, 3, c, f): each 2x2 output block from
     its 4x4 input tile, 16 GEMMs (tiles, c) @ (c, f) over the transformed tiles, a chunk of
@@ -323,27 +337,44 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, poole
     im2col + GEMM: book convnet conv 2 (13x13x32 -> 64) 2.57 -> 2.01 ms, conv 3 (5x5x64 -> 64, 4 tiles for 9
     outputs) 0.446 -> 0.431, the whole pass 4.31 -> 3.71. Of conv 2's 2.0 ms the 16 GEMMs take about 1.0 (100
     GFLOP/s) and each transform about 0.35. Inference takes 4x4 output blocks from 6x6 tiles (36 GEMMs) or 3x3
-    blocks from 5x5 tiles (25), where winograd_block finds them faster (`block`: 2, 3 or 4; training keeps F(2x2),
-    whose V its backward reads): the book convnet's conv 2 0.79 -> 0.55 ms, its conv 3 at batch 512 3.92 -> 1.73 ms
+    blocks from 5x5 tiles (25), where winograd_block finds them faster (`block`: 2, 3 or 4; training takes F(2x2)
+    unless it pools, see below): the book convnet's conv 2 0.79 -> 0.55 ms, its conv 3 at batch 512 3.92 -> 1.73 ms
     (one tile a sample). Error against float64 relative to the largest output there: F(2x2) 2.6e-7, F(4x4) 4.2e-6,
     im2col + GEMM 5.1e-7 (F(4x4)'s B^T and A^T hold 4, 5 and 8, its G sixths); over tests/test_winograd.py's cases
     at most 5, 16 and 28 float32 eps for F(2x2), F(3x3) and F(4x4).
-    `pooled` (inference, where winograd_pools): (pool, relu): the result is instead the max pooling of the output in
-    `pool` windows at strides of their size (the rows and columns past the last whole window dropped), then
-    max(., 0) where `relu`, taken in the output transform, so the output is never written whole (_winograd_pooled)."""
-    if pooled is not None:
+    `pooled` (where winograd_pools): (pool, relu): the result is instead the max pooling of the output in `pool`
+    windows at strides of their size (the rows and columns past the last whole window dropped), then max(., 0)
+    where `relu`, taken in the output transform, so the output is never written whole (at inference
+    _winograd_pooled). In training (`keep` and `arg`, pooled_arg's array, which receives where each maximum came
+    from) every block is 4x4, F(4x4)'s tiles kept for backward: the book convnet's conv 2 and its pooling, thread
+    CPU per training step at batch 64, one BLAS thread: see winograd_backward. `u`: winograd_kernel(kernel, block)
+    if made already (training keeps it for backward)."""
+    if pooled is not None and keep is None:
         return _winograd_pooled(x, kernel, bias, out_sizes, pads, *pooled)
     compiled = kernels.compiled("winograd")
-    block = block or (2 if keep is not None else winograd_block(out_sizes))
+    block = 4 if pooled is not None else block or (2 if keep is not None else winograd_block(out_sizes))
     input_tiles, output_tiles = {2: (compiled.input_tiles, compiled.output_tiles),
                                  3: (compiled.input_tiles_3x3, compiled.output_tiles_3x3),
                                  4: (compiled.input_tiles_4x4, compiled.output_tiles_4x4)}[block]
     n, c, f = x.shape[0], kernel.shape[2], kernel.shape[3]
     tiles_h, tiles_w = winograd_tiles(out_sizes, block)
     (top, _), (left, _) = pads
-    u = winograd_kernel(kernel, block) if keep is not None else inference_kernel(kernel, block)
+    if u is None:
+        u = winograd_kernel(kernel, block) if keep is not None else inference_kernel(kernel, block)
     bias = np.zeros(f, kernel.dtype) if bias is None else bias
-    y = np.empty((n, *out_sizes, f), x.dtype)
+    if pooled is None:
+        y = np.empty((n, *out_sizes, f), x.dtype)
+
+        def write(m, start, stop):
+            output_tiles(m, tiles_h, tiles_w, bias, y[start:stop])
+    else:  # every block 4x4: the other kinds of tiles have no products (arrays never read)
+        (pool_h, pool_w), relu = pooled
+        y = np.empty((n, out_sizes[0] // pool_h, out_sizes[1] // pool_w, f), x.dtype)
+        none = [np.empty((taps, 1, f), x.dtype) for taps in (24, 24, 16)]
+
+        def write(m, start, stop):
+            compiled.output_tiles_mixed_pooled(m, *none, tiles_h, 0, tiles_w, 0, bias, pool_h, pool_w, relu,
+                                               y[start:stop], None if arg is None else arg[start:stop])
     chunks = winograd_chunks(n, out_sizes, c, f, block)
     # Fresh arrays each step: reusing the last step's measured the same, since malloc hands the freed ones back.
     # After a run's first steps glibc's dynamic mmap threshold (raised to the largest buffer freed) keeps them on
@@ -351,7 +382,7 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, poole
     # forward alone (one thread, 14x14x32, batch 64) faults 1,736 times every other call, 3.2-5.2 ms against 1.9:
     # nothing else is allocated there, so the freed tiles are the heap's top, which malloc gives back to the kernel.
     if keep is not None:
-        keep.update((start, _winograd_buffer(stop - start, out_sizes, c, x.dtype)) for start, stop in chunks)
+        keep.update((start, _winograd_buffer(stop - start, out_sizes, c, x.dtype, block)) for start, stop in chunks)
 
     def products(run):
         most = max(stop - start for start, stop in run)
@@ -363,7 +394,7 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, poole
             m_part = _rows_of(m, stop - start, out_sizes, block)
             input_tiles(x[start:stop], top, left, tiles_h, tiles_w, v_part)
             np.matmul(v_part, u, out=m_part)
-            output_tiles(m_part, tiles_h, tiles_w, bias, y[start:stop])
+            write(m_part, start, stop)
         return run
     lanes.run(products, chunks)
     return y
@@ -437,7 +468,8 @@ def _tile_buffer(taps, rows, width, dtype):
     return buffer
 
 
-def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True, input_grad=True, bias_grad=True):
+def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True, input_grad=True, bias_grad=True,
+                      block=2, pooled=None, u=None):
     """(the kernel's gradient (3, 3, c, f) or None, the input's gradient (x's shape) or None, the
     bias's (f,) or None) of winograd_conv, from the output gradient g (n, out_h, out_w, f) after the activation's:
     its A-transform dM once per chunk, then dU = V^T dM (16 GEMMs, the chunks' products added in chunk order, so on
@@ -445,41 +477,64 @@ def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True
     centre tap (its rows (1, 1) of A: the sum of each 2x2 block) summed over the tiles: a quarter of g's floats.
     V is the forward's `kept` tiles, or transformed again from x (a backward after an inference forward, as the
     gradient checks do). The input gradient is written unpadded and contiguous: the padded one's cropped view cost
-    the layers before it a copy."""
+    the layers before it a copy. `block`: the forward's (winograd_training_block), `u` its winograd_kernel if kept.
+    `pooled` (the backward of a pooled training forward): (pool, relu, arg, y): g is then the pooled output y's
+    gradient, which goes to where `arg` says each maximum came from (masked by y > 0 where `relu`) as each band
+    of dY is made (kernels/winograd.pooled_gradient_tiles_4x4): the conv output's gradient is never written whole.
+    Book convnet's conv 2 (13x13x32 -> 11x11x64) and its 2x2 pooling in training at batch 64, thread CPU, AMD EPYC
+    at load ~5, best of 22 alternating, forward / backward: one BLAS thread, F(2x2) then the pooling's compiled
+    passes 2.82 / 4.89 ms, F(4x4) then those passes 2.47 / 3.40, F(4x4) pooled in its transforms 1.94 / 3.31; the
+    caller's part on 2 lanes 1.63 / 2.52 -> 0.99 / 1.82. F(4x4)'s gradients are less exact: within 40 float32 eps
+    of the largest over tests/test_winograd.py's cases, where F(2x2)'s are within 3."""
     compiled = kernels.compiled("winograd")
+    input_tiles, output_gradient_tiles, input_gradient_tiles = {
+        2: (compiled.input_tiles, compiled.output_gradient_tiles, compiled.input_gradient_tiles),
+        3: (compiled.input_tiles_3x3, compiled.output_gradient_tiles_3x3, compiled.input_gradient_tiles_3x3),
+        4: (compiled.input_tiles_4x4, compiled.output_gradient_tiles_4x4, compiled.input_gradient_tiles_4x4)}[block]
     n, c, f = x.shape[0], kernel.shape[2], kernel.shape[3]
-    tiles_h, tiles_w = winograd_tiles(out_sizes)
+    tiles_h, tiles_w = winograd_tiles(out_sizes, block)
     (top, _), (left, _) = pads
-    u_t = np.ascontiguousarray(winograd_kernel(kernel).transpose(0, 2, 1)) if input_grad else None
+    u = winograd_kernel(kernel, block) if u is None and input_grad else u
+    u_t = np.ascontiguousarray(u.transpose(0, 2, 1)) if input_grad else None
     dx = np.empty(x.shape, g.dtype) if input_grad else None
     g = np.ascontiguousarray(g)
+    if pooled is None:
+        def gradient_tiles(start, stop, dm):
+            output_gradient_tiles(g[start:stop], tiles_h, tiles_w, dm)
+    else:
+        (pool_h, pool_w), relu, arg, y = pooled
+
+        def gradient_tiles(start, stop, dm):
+            compiled.pooled_gradient_tiles_4x4(g[start:stop], arg[start:stop], y[start:stop], relu, pool_h, pool_w,
+                                               tiles_h, tiles_w, dm)
+    centre = block + 3  # dM's tap (1, 1): A's row 1 is all ones, so it sums each block of dY
 
     def gradients(run):
         most = max(stop - start for start, stop in run)
-        dm = _winograd_buffer(most, out_sizes, f, g.dtype)
-        v = _winograd_buffer(most, out_sizes, c, g.dtype) if kernel_grad and not kept else None
-        dv = _winograd_buffer(most, out_sizes, c, g.dtype) if input_grad else None
+        dm = _winograd_buffer(most, out_sizes, f, g.dtype, block)
+        v = _winograd_buffer(most, out_sizes, c, g.dtype, block) if kernel_grad and not kept else None
+        dv = _winograd_buffer(most, out_sizes, c, g.dtype, block) if input_grad else None
         sums = []
         for start, stop in run:
-            dm_part = _rows_of(dm, stop - start, out_sizes)
-            compiled.output_gradient_tiles(g[start:stop], tiles_h, tiles_w, dm_part)
+            dm_part = _rows_of(dm, stop - start, out_sizes, block)
+            gradient_tiles(start, stop, dm_part)
             du = db = None
             if kernel_grad:
                 if kept:
                     v_part = kept[start]
                 else:
-                    v_part = _rows_of(v, stop - start, out_sizes)
-                    compiled.input_tiles(x[start:stop], top, left, tiles_h, tiles_w, v_part)
+                    v_part = _rows_of(v, stop - start, out_sizes, block)
+                    input_tiles(x[start:stop], top, left, tiles_h, tiles_w, v_part)
                 du = np.matmul(v_part.transpose(0, 2, 1), dm_part)
             if bias_grad:
-                db = dm_part[5].sum(0)
+                db = dm_part[centre].sum(0)
             if input_grad:
-                dv_part = _rows_of(dv, stop - start, out_sizes)
+                dv_part = _rows_of(dv, stop - start, out_sizes, block)
                 np.matmul(dm_part, u_t, out=dv_part)
-                compiled.input_gradient_tiles(dv_part, top, left, tiles_h, tiles_w, dx[start:stop])
+                input_gradient_tiles(dv_part, top, left, tiles_h, tiles_w, dx[start:stop])
             sums.append((du, db))
         return sums
-    sums = lanes.run(gradients, winograd_chunks(n, out_sizes, c, f))
+    sums = lanes.run(gradients, winograd_chunks(n, out_sizes, c, f, block))
     du, db = sums[0]
     for du_part, db_part in sums[1:]:  # in chunk order, whichever lane made each
         if kernel_grad:
@@ -487,10 +542,13 @@ def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True
         if bias_grad:
             db += db_part
     dw = None
-    if kernel_grad:  # dW = G^T dU G: the transpose of U = G k G^T, taps (a, b) -> (i, j)
+    if kernel_grad and block == 2:  # dW = G^T dU G: the transpose of U = G k G^T, taps (a, b) -> (i, j)
         gt = WINOGRAD_G.T.astype(du.dtype)
         dw = (gt @ (gt @ du.reshape(4, -1)).reshape(3, 4, -1).transpose(1, 0, 2).reshape(4, -1)).reshape(3, 3, c, f)
         dw = dw.transpose(1, 0, 2, 3)
+    elif kernel_grad:  # F(3x3)'s and F(4x4)'s G in float64, rounded once
+        dw = np.empty((3, 3, c, f), du.dtype)
+        compiled.kernel_gradient(du.reshape(len(du), -1), WINOGRAD_GS[block], dw.reshape(9, -1))
     return dw, dx, db
 
 
