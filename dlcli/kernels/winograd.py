@@ -590,12 +590,11 @@ def output_tiles_mixed_pooled(m44, m42, m24, m22, rows4, rows2, cols4, cols2, bi
 
 
 @numba.njit(inline="always", **JIT)
-def _gradient_rows_4x4(y0, y1, y2, y3, rows, length):
-    """A dY of a band of 4 output rows (y0..y3, `length` floats each) into rows' 6, one loop over the band each."""
-    kind = rows.dtype.type
+def _a_combinations(y0, y1, y2, y3, t0, t1, t2, t3, t4, t5, length):
+    """A's six rows applied to four vectors of `length` floats (y0..y3) into t0..t5, one loop each: a band's 4
+    output rows into 6 (A dY), and a tile's 4 columns into 6 ((A dY) A^T)."""
+    kind = t0.dtype.type
     two, four, eight = kind(2), kind(4), kind(8)
-    t0, t1, t2 = rows[0, :length], rows[1, :length], rows[2, :length]
-    t3, t4, t5 = rows[3, :length], rows[4, :length], rows[5, :length]
     for k in range(length):
         t0[k] = y0[k]
     for k in range(length):
@@ -611,28 +610,21 @@ def _gradient_rows_4x4(y0, y1, y2, y3, rows, length):
 
 
 @numba.njit(inline="always", **JIT)
+def _gradient_rows_4x4(y0, y1, y2, y3, rows, length):
+    """A dY of a band of 4 output rows (y0..y3, `length` floats each) into rows' 6."""
+    _a_combinations(y0, y1, y2, y3, rows[0, :length], rows[1, :length], rows[2, :length], rows[3, :length],
+                    rows[4, :length], rows[5, :length], length)
+
+
+@numba.njit(inline="always", **JIT)
 def _gradient_columns_4x4(band, s, tile, dm):
     """(A dY) A^T of the tile whose 4 columns start at band column s: the same combinations along each of the 6
     rows, into dm's 36 taps of `tile`."""
-    kind = band.dtype.type
-    two, four, eight = kind(2), kind(4), kind(8)
     f = band.shape[2]
     for i in range(6):
-        y0, y1, y2, y3 = band[i, s], band[i, s + 1], band[i, s + 2], band[i, s + 3]
-        m0, m1, m2 = dm[6 * i, tile], dm[6 * i + 1, tile], dm[6 * i + 2, tile]
-        m3, m4, m5 = dm[6 * i + 3, tile], dm[6 * i + 4, tile], dm[6 * i + 5, tile]
-        for ch in range(f):
-            m0[ch] = y0[ch]
-        for ch in range(f):
-            m1[ch] = (y0[ch] + y1[ch]) + (y2[ch] + y3[ch])
-        for ch in range(f):
-            m2[ch] = (y0[ch] - y1[ch]) + (y2[ch] - y3[ch])
-        for ch in range(f):
-            m3[ch] = (y0[ch] + two * y1[ch]) + (four * y2[ch] + eight * y3[ch])
-        for ch in range(f):
-            m4[ch] = (y0[ch] - two * y1[ch]) + (four * y2[ch] - eight * y3[ch])
-        for ch in range(f):
-            m5[ch] = y3[ch]
+        _a_combinations(band[i, s], band[i, s + 1], band[i, s + 2], band[i, s + 3], dm[6 * i, tile],
+                        dm[6 * i + 1, tile], dm[6 * i + 2, tile], dm[6 * i + 3, tile], dm[6 * i + 4, tile],
+                        dm[6 * i + 5, tile], f)
 
 
 @numba.njit(**JIT)
