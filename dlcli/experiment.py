@@ -137,14 +137,17 @@ def _resolve(config, overrides, resume, allow_config_change, init_from):
 
 
 def _refuse_finished(run_dir, done: int | None, old: Config, new: Config):
-    """A run that trained all its epochs (or that EarlyStopping completed; for a K-fold run, all its folds) has
-    nothing to resume unless the resume asks for more epochs. `done`: the epochs its checkpoint holds."""
+    """A completed run (all its epochs trained, or EarlyStopping's end; for a K-fold run, all its folds) has
+    nothing to resume unless the resume asks for more epochs. `done`: the epochs its checkpoint holds. A run whose
+    checkpoint is at the end but whose meta.json does not say completed (killed or interrupted after its last
+    checkpoint, before its end: EMA averages, on_train_end, the test split, meta.json) resumes to do that end."""
     meta = run_files.RunDir(run_dir).meta
     status = run_files.read_json(meta).get("status") if meta.is_file() else None
-    if (done is not None and done >= new.train.epochs) or (status == "completed" and new.train.epochs <= old.train.epochs):
+    if status == "completed" and ((done is not None and done >= new.train.epochs) or
+                                  new.train.epochs <= old.train.epochs):
         trained = (f"all {old.train.kfold} folds trained" if done is None else
                    f"{done} of {plural(old.train.epochs, 'epoch')} trained")
-        raise NothingToDo(f"{run_dir} has finished ({status or 'its checkpoint is at the end'}: {trained}), so "
+        raise NothingToDo(f"{run_dir} has finished ({status}: {trained}), so "
                           f"there is nothing to resume; to train it longer resume with more epochs (--set "
                           f"train.epochs=N --allow-config-change), or start a new run from its weights (--init-from "
                           f"{run_dir})")

@@ -308,7 +308,9 @@ class Run:
                 if model.stop_training or self.stopped():
                     break
             if not self.stopped():
-                if epochs > initial_epoch:  # use_ema: the weights become their averages, as Keras ends a fit
+                # use_ema: the weights become their averages, as Keras ends a fit; a resume from the last
+                # checkpoint trains no epoch but ends the fit its run was killed in
+                if epochs > initial_epoch or resume is not None:
                     model.optimizer.finalize_variable_values(model.trainable_weights)
                 cbs.on_train_end(logs)
             return history

@@ -77,6 +77,24 @@ main()
 """
 
 
+# `dlcli train` that pauses once its last checkpoint (the end of epoch 3) is on disk, before the fit ends and
+# meta.json says completed, as PAUSED does
+PAUSED_AT_END = """
+import os, sys
+from dlcli import checkpoint
+from dlcli.cli import main
+save = checkpoint.save
+def pausing(files, model, callbacks, position, *args, **kwargs):
+    written = save(files, model, callbacks, position, *args, **kwargs)
+    if position["epoch"] == 3 and position["batch"] == 0:
+        open(os.environ["DLCLI_TEST_PAUSED"], "w").close()
+        sys.stdin.readline()
+    return written
+checkpoint.save = pausing
+main()
+"""
+
+
 def _dlcli(*args, **kw):
     return [sys.executable, "-m", "dlcli.cli", *map(str, args)]
 
@@ -85,9 +103,9 @@ def _run(*args, timeout=HANG):
     return subprocess.run(_dlcli(*args), capture_output=True, text=True, timeout=timeout)
 
 
-def _start_paused(runs_dir: Path, *args, **popen):
+def _start_paused(runs_dir: Path, *args, script=PAUSED, **popen):
     env = {**os.environ, "DLCLI_TEST_PAUSED": str(runs_dir.parent / f"{runs_dir.name}.paused")}
-    return subprocess.Popen([sys.executable, "-c", PAUSED, *map(str, args), "--runs-dir", runs_dir],
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args), "--runs-dir", runs_dir],
                             stdin=subprocess.PIPE, env=env, **popen)
 
 
@@ -192,6 +210,35 @@ def test_resume_of_a_finished_run_says_it_is_finished(reference):
     assert result.returncode == 0 and "Traceback" not in result.stderr and "error" not in result.stderr
     assert f"{ref} has finished (completed: 3 of 3 epochs trained), so there is nothing to resume" in \
         " ".join(result.stderr.split())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adam", "adam, use_ema: true"])
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_end(tmp_path, optimizer):
+    """Was: --resume said the run had finished ('its checkpoint is at the end') and exited 0, leaving meta.json
+    'running' for ever and the fit's end undone (tools/kill_soak.py counted such a trial as not completed). With
+    use_ema the end makes the weights their averages, as the uninterrupted run's does."""
+    config = _write_config(tmp_path, units=32, optimizer=optimizer)
+    config.write_text(config.read_text().replace("}\nmodel:", ", x_test: x_test, y_test: y_test}\nmodel:"))
+    done = _run("train", config, "--runs-dir", tmp_path / "runs", "-q")
+    assert done.returncode == 0, done.stderr
+    ref, runs_dir = _only_run(tmp_path / "runs"), tmp_path / "killed_at_end"
+    proc = _start_paused(runs_dir, "train", config, "-q", script=PAUSED_AT_END, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    assert _wait_until_paused(proc, runs_dir)["epoch"] == 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=HANG)
+    run = _only_run(runs_dir)
+    assert json.loads((run / "meta.json").read_text())["status"] == "running"
+    result = _run("train", "--resume", run, "-q")
+    assert result.returncode == 0 and "has finished" not in result.stderr, result.stderr
+    meta, want_meta = (json.loads((r / "meta.json").read_text()) for r in (run, ref))
+    assert meta["status"] == "completed" and meta["test"] and meta["test"] == want_meta["test"]  # the end's weights
+    assert _history(run) == _history(ref)
+    got, want = _weights(run), _weights(ref)
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    again = _run("train", "--resume", run)
+    assert again.returncode == 0 and "has finished (completed: 3 of 3 epochs trained)" in " ".join(again.stderr.split())
 
 
 def test_damaged_and_foreign_checkpoints_are_clear_errors(reference, tmp_path):
