@@ -20,9 +20,7 @@ from cache by then, made the resnet's BN + ReLU backward at 14x14x32 cost what t
 import numba
 import numpy as np
 
-from dlcli.kernels.pooling import larger
-
-from dlcli.kernels.pooling import relu_of
+from dlcli.kernels.pooling import larger, relu_of
 
 JIT = dict(cache=True, nogil=True, error_model="numpy")
 
@@ -129,8 +127,7 @@ def normalise_pooled(x, mean, inv_std, gamma, beta, pool_h, pool_w, relu, arg, y
                         where[ch] = k if v > best else where[ch]
                 if relu:
                     for ch in range(c):
-                        v = out[ch]
-                        out[ch] = v if v > zero or v != v else zero  # np.maximum(-0.0, 0) is 0.0
+                        out[ch] = relu_of(out[ch], zero)
     return y
 
 

@@ -735,7 +735,7 @@ def input_gradient_tiles_4x4(dv, top, left, tiles_h, tiles_w, dx):
 
 @numba.njit(**JIT)
 def pooled_gradient_tiles_4x4(g, arg, y, relu, pool_h, pool_w, tiles_h, tiles_w, dm):
-    """The backward of output_tiles_4x4_pooled in training: g (n, pooled_h, pooled_w, f), the pooled output's
+    """The backward of output_tiles_mixed_pooled in training (every block 4x4): g (n, pooled_h, pooled_w, f), the pooled output's
     gradient, times y > 0 where `relu` (its output y: the ReLU's mask), goes to where `arg` says each maximum came
     from, zeros elsewhere, and each 4x4 block of that conv-output gradient to dm (36, n * tiles_h * tiles_w, f) as
     output_gradient_tiles_4x4 takes it, the same bits as pooling.max_pool_backward followed by it: each band of 4
