@@ -60,8 +60,9 @@ def _norm(a) -> float:
 
 
 def trace_batch(model, xs: list, ys: list, training: bool = True) -> dict:
-    """One forward and backward pass of a real batch; per layer call: activation statistics and gradient norms."""
-    for p in model.trainable_weights:
+    """One forward and backward pass of a real batch; per layer call: activation statistics and gradient norms (None
+    for a frozen weight's)."""
+    for p in model.weights_to_train():
         p.zero_grad()
     recorder = _Recorder()
     outs = model.graph.forward(xs, training=training, observer=recorder)
@@ -144,7 +145,7 @@ def gradient_check(model, xs: list, ys: list, entries: int = 6, eps: float = 1e-
         total, _, _ = model.compute_loss(ys, forward(), with_grads=False)
         return total + model.regularization_loss()
 
-    params = model.trainable_weights
+    params = model.weights_to_train()
     for p in params:
         p.zero_grad()
     _, _, grads = model.compute_loss(ys, forward())

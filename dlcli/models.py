@@ -61,6 +61,17 @@ class Model:
     def trainable_weights(self):
         return [p for layer in self.layers for p in layer.trainable_weights]
 
+    def weights_to_train(self) -> list:
+        """The trainable weights, each given a gradient array, and every other weight's taken away
+        (Param.set_training): what a step computes gradients for and updates. A fit asks as it starts, so, as in
+        Keras, a change of `trainable` takes effect at the next fit (Keras: at the next compile)."""
+        trainable = self.trainable_weights
+        training = {id(p) for p in trainable}
+        for p in self.weights:
+            if p.trainable:
+                p.set_training(id(p) in training)
+        return trainable
+
     @property
     def non_trainable_weights(self):
         return [p for layer in self.layers for p in layer.non_trainable_weights]

@@ -368,7 +368,7 @@ class Run:
         caches: after the backward pass and the update each of the metrics' NumPy calls cost 5-10 us more. Returns
         (loss plus regularisation, each output's loss, the outputs)."""
         model = self.model
-        params, penalised, decayed, splits, graded = self.step_layers or _step_layers(model)
+        params, penalised, decayed, splits = self.step_layers or _step_layers(model)
         with lanes.spread() if splits else _ONE_PASS:
             try:
                 outs = model.graph.forward(xb, training=True)
@@ -390,7 +390,7 @@ class Run:
                 self._divergence_gate(loss, params, xb, yb, wb)
                 model.optimizer.apply(params)
             finally:
-                for p in graded:
+                for p in params:
                     p.zero_grad()
         return loss, parts, outs
 
@@ -532,24 +532,21 @@ def _sq(a) -> float:
     return float(np.dot(flat, flat))
 
 
-def _step_layers(model) -> tuple[list, list, list, bool, list]:
-    """(the trainable weights, the layers whose regularization_loss can be non-zero, those with a regularized
-    trainable weight, whether a layer splits its batch over lanes, every weight with a gradient): what a step
-    updates, the layers it asks for penalties and their gradients (the book MLP: none), whether the step runs every
-    GEMM on one BLAS thread so the lanes have the cores (engine/lanes.py), and the gradients it clears. fit finds
-    them once; as in Keras, a change of `trainable` takes effect at the next fit (Keras: at the next compile). A
-    frozen layer's backward still adds to its weights' gradients, so the step clears those too: a layer frozen
-    during one fit and trainable again in a later one starts from its own step's gradient, not from the sum of every
-    step it sat out."""
+def _step_layers(model) -> tuple[list, list, list, bool]:
+    """(the weights to train, the layers whose regularization_loss can be non-zero, those with a regularized
+    trainable weight, whether a layer splits its batch over lanes): what a step updates, and clears the gradients
+    of, the layers it asks for penalties and their gradients (the book MLP: none), and whether the step runs every
+    GEMM on one BLAS thread so the lanes have the cores (engine/lanes.py). fit finds them once; as in Keras, a
+    change of `trainable` takes effect at the next fit (Keras: at the next compile). A frozen weight has no
+    gradient (Model.weights_to_train): its layer's backward skips it, as Keras computes none."""
     from dlcli.engine.layer import Layer
 
     layers = model.layers
-    return (model.trainable_weights,
+    return (model.weights_to_train(),
             [layer for layer in layers if type(layer).regularization_loss is not Layer.regularization_loss
              or any(p.regularizer is not None for p in layer.params.values())],
             [layer for layer in layers if any(p.regularizer is not None for p in layer.trainable_weights)],
-            any(getattr(layer, "splits_batch", False) for layer in layers),
-            [p for p in model.weights if p.trainable])
+            any(getattr(layer, "splits_batch", False) for layer in layers))
 
 
 def balanced_class_weight(labels: np.ndarray) -> dict:

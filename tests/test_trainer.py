@@ -115,6 +115,36 @@ def test_a_layer_frozen_for_a_fit_leaves_no_gradient_and_no_optimizer_state_behi
             np.testing.assert_array_equal(u, v)
 
 
+def test_a_frozen_base_computes_no_weight_gradient_and_trains_again_once_unfrozen():
+    """Fine-tuning as in Chollet ch. 8: a frozen conv base under a Dense head. Keras takes no gradient for a
+    non-trainable variable; the base's backward computed its kernels' (and BatchNormalization's gamma/beta) products
+    all the same, for nothing (fails before: the frozen weights held gradient arrays). Its input gradient is still
+    computed: the layer under it is trainable. Unfrozen, the next fit trains it."""
+    from dlcli.layers import BatchNormalization, Conv2D, Flatten
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 8, 8, 1)).astype(np.float32), np.arange(8) % 2
+    model = Sequential([Conv2D(4, 3, activation="relu", input_shape=(8, 8, 1), name="first"),
+                        Conv2D(4, 3, name="base"), BatchNormalization(name="bn"), Flatten(),
+                        Dense(2, activation="softmax", name="head")])
+    model.build(rng=np.random.default_rng(1))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    for name in ("base", "bn"):
+        model.get_layer(name).trainable = False
+    frozen = [p for name in ("base", "bn") for p in model.get_layer(name).weights]
+    kept = [p.value.copy() for p in frozen]
+    first = model.get_layer("first").get_weights()
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0, seed=0)
+    assert all(p.grad is None for p in frozen)
+    assert all(np.array_equal(p.value, v) for p, v in zip(frozen, kept))
+    assert not np.array_equal(first[0], model.get_layer("first").get_weights()[0])  # the gradient went through
+    for name in ("base", "bn"):
+        model.get_layer(name).trainable = True
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0, seed=0)
+    assert all(p.grad is not None for p in model.trainable_weights)
+    assert not np.array_equal(kept[0], model.get_layer("base").get_weights()[0])
+
+
 def test_a_weight_back_in_training_takes_back_its_own_optimizer_state():
     x, y = _data(16)
     model = _model(optimizer="adam")

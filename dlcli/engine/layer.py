@@ -60,6 +60,15 @@ class Param:
         """The gradient is zero from now on; the array is written when first read (or by `blank_grad`'s user)."""
         self.grad_zeroed = self._grad is not None
 
+    def set_training(self, training: bool):
+        """Whether the weight trains from now on (a weight created trainable; fit sets it from its layer's flag): one
+        out of training has no gradient, as Keras takes none for a non-trainable variable, so each layer's backward
+        skips its product (they all ask `grad is not None`); one back in training starts from zeros."""
+        if not training:
+            self._grad, self.grad_zeroed = None, False
+        elif self._grad is None:
+            self.grad = np.zeros_like(self.value)
+
     def blank_grad(self) -> np.ndarray | None:
         """The gradient's array for a caller that writes all of it, when it holds no contribution yet (zeroed);
         None when it does (the caller adds to `grad` then) or when the weight has no gradient."""
