@@ -5,7 +5,8 @@ Update rules, defaults and clipping semantics follow `keras.optimizers` (Keras 3
 decoupled weight decay `w -= w * weight_decay * lr`, which happens before the update; `iterations` counts applied
 steps and a learning-rate schedule is called with it. State slots (velocity, momentum ...) are created lazily,
 indexed by the parameter's position in the list given to `apply` (a checkpoint's 'slot/index'); where that list
-changes (a layer's `trainable` changed between fits) each weight's state follows it (`Optimizer.follow`).
+changes (a layer's `trainable` changed between fits) each weight's state follows it (`Optimizer.follow`), and a
+checkpoint keeps it by the weights' paths.
 """
 import inspect
 import math
@@ -48,7 +49,7 @@ class Optimizer:
         self.slots: dict[str, dict[int, np.ndarray]] = {}
         self._buffers: dict = {}
         self._followed, self._order = None, []  # the list the slots' indices refer to, and its weights' ids
-        self._aside: dict[int, dict[str, np.ndarray]] = {}  # the state of weights no longer in the list, by id
+        self._aside: dict[str, dict[str, np.ndarray]] = {}  # the state of weights not in the list, by path
 
     def slot_count(self) -> int:
         """slots_per_weight for this configuration: inspect-shapes' memory estimate."""
@@ -95,17 +96,21 @@ class Optimizer:
     def follow(self, params) -> bool:
         """Keep each weight's state with it when the list of weights differs from the last step's (a layer frozen or
         unfrozen between fits): its slots move to its new index, and those of a weight that left wait aside, by
-        weight, until it returns. Keras 3 keys the state by variable; by index, a frozen first layer would hand its
-        moments to the next weight (of another shape). True where the list changed. The first list after a restore
-        (set_state) takes the indices as saved."""
+        weight path, until it returns. Keras 3 keys the state by variable; by index, a frozen first layer would hand
+        its moments to the next weight (of another shape). True where the list changed. The first list after a
+        restore (set_state) takes each weight's state by its path (by index from a file without paths)."""
         if params is self._followed:
             return False
         order = [id(p) for p in params]
-        self._followed = params
-        if order == self._order or not self._order:
-            changed, self._order = order != self._order, order
-            return changed
+        previous, self._followed = self._followed, params
+        if order == self._order:
+            return False
+        if not self._order:  # the first list, or the first since a restore
+            self._order = order
+            self._take_back(params, ())
+            return True
         old, new = {key: i for i, key in enumerate(self._order)}, {key: i for i, key in enumerate(order)}
+        paths = {id(p): p.path for p in previous}
         for name, per_param in self.slots.items():
             moved = {}
             for key, i in old.items():
@@ -113,14 +118,19 @@ class Optimizer:
                     if key in new:
                         moved[new[key]] = per_param[i]
                     else:
-                        self._aside.setdefault(key, {})[name] = per_param[i]
+                        self._aside.setdefault(paths[key], {})[name] = per_param[i]
             self.slots[name] = moved
-        for key, j in new.items():
-            if key not in old:
-                for name, array in self._aside.pop(key, {}).items():
-                    self.slots.setdefault(name, {})[j] = array
+        self._take_back(params, old)
         self._order = order
         return True
+
+    def _take_back(self, params, kept):
+        """The state waiting aside of each weight in `params` but not in `kept` (ids), at its index."""
+        if self._aside:
+            for j, p in enumerate(params):
+                if id(p) not in kept:
+                    for name, array in self._aside.pop(p.path, {}).items():
+                        self.slots.setdefault(name, {})[j] = array
 
     def build(self, params):
         """State that must exist before the first step's weight decay (Keras' build); called before each step."""
@@ -188,25 +198,41 @@ class Optimizer:
         return buffer[:like.size].reshape(like.shape)
 
     def get_state(self) -> dict[str, np.ndarray]:
-        """Flat named arrays for np.savez: iterations, the constant learning rate, and 'slot/index' arrays."""
+        """Flat named arrays for np.savez: iterations, the constant learning rate, 'slot/index' arrays, the path of
+        the weight at each index ('weight_paths'), and the state of weights out of training (a layer frozen since
+        they had some) as 'aside/layer/weight/slot': a run resumed, or a saved model loaded, then unfrozen continues
+        as the uninterrupted one."""
         state = {"iterations": np.array(self.iterations, np.int64)}
         if not callable(self._learning_rate):
             state["learning_rate"] = np.array(self._learning_rate, np.float64)  # Keras saves it as a variable
+        if self._followed is not None:
+            state["weight_paths"] = np.array([p.path for p in self._followed], str)
         for name, per_param in self.slots.items():
             for index, array in per_param.items():
                 state[f"{name}/{index}"] = array.copy()
+        for path, per_slot in self._aside.items():
+            for name, array in per_slot.items():
+                state[f"aside/{path}/{name}"] = array.copy()
         return state
 
     def set_state(self, state: dict):
-        """Restore what `get_state` returned, exactly (training continues bit-identically)."""
+        """Restore what `get_state` returned, exactly (training continues bit-identically): each weight's state by
+        its path, taken by the next list of weights (`follow`); by index where the file has no paths."""
         self.iterations = int(state["iterations"])
         if "learning_rate" in state and not callable(self._learning_rate):
             self._learning_rate = float(state["learning_rate"])
         self.slots, self._followed, self._order, self._aside = {}, None, [], {}
+        paths = [str(p) for p in state.get("weight_paths", ())]
         for key, array in state.items():
-            if "/" in key:
+            if key.startswith("aside/"):
+                path, name = key[len("aside/"):].rsplit("/", 1)
+                self._aside.setdefault(path, {})[name] = np.array(array, copy=True)
+            elif "/" in key:
                 name, index = key.rsplit("/", 1)
-                self.slots.setdefault(name, {})[int(index)] = np.array(array, copy=True)
+                if paths:
+                    self._aside.setdefault(paths[int(index)], {})[name] = np.array(array, copy=True)
+                else:
+                    self.slots.setdefault(name, {})[int(index)] = np.array(array, copy=True)
 
     def get_config(self) -> dict:
         """{type, learning_rate, constructor args}; unset clipping/decay arguments are left out (YAML-safe)."""

@@ -179,7 +179,9 @@ def test_params_without_grad_are_skipped_and_slots_follow_list_order():
     opt = optimizers.Adam()
     opt.apply([stats, w])
     np.testing.assert_array_equal(stats.value, [1.0, 1.0])
-    assert sorted(opt.get_state()) == ["iterations", "learning_rate", "momentum/1", "velocity/1"]
+    state = opt.get_state()
+    assert sorted(state) == ["iterations", "learning_rate", "momentum/1", "velocity/1", "weight_paths"]
+    assert list(state["weight_paths"]) == ["moving_mean", "w"]  # each index's weight, by path
     assert opt.iterations == 1 and w.value.dtype == np.float32
 
 

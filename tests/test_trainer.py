@@ -221,6 +221,48 @@ def test_in_process_stop_and_resume_is_bit_identical(tmp_path):
     assert history.epoch == [1, 2]
 
 
+def test_a_run_resumed_while_a_layer_is_frozen_continues_as_the_uninterrupted_one(tmp_path):
+    """A fit with Adam, then a fit with the first layer frozen (its moments wait aside, Optimizer.follow) that is
+    stopped and resumed in a new model from its checkpoint, then a fit with the layer unfrozen: the checkpoint kept
+    only the trained weights' state, by index, so the resumed run's layer came back with no moments (fails before);
+    now they are saved by weight path and the run ends bit for bit as the uninterrupted one. The same file state
+    serves a saved model (Model.save, load_model) loaded and unfrozen."""
+    from dlcli.builder import load_model
+
+    x, y = _data(40)
+
+    def frozen_after_one_fit():
+        model = _model(optimizer="adam")
+        model.fit(x, y, epochs=1, batch_size=6, verbose=0, seed=0)
+        model.get_layer("h").trainable = False
+        return model
+
+    def second_fit(model, path, stop=None, resume=None):
+        run = Run(model, verbose=0, rng=np.random.default_rng(7), files=RunDir(path), checkpoint_every=2)
+        if stop:
+            run.callbacks.append(StopAfter(run, stop))
+        run.fit(Dataset([x], [y]), epochs=2, batch_size=6, resume=resume)
+
+    def unfrozen_fit(model):
+        model.get_layer("h").trainable = True
+        model.fit(x, y, epochs=1, batch_size=6, verbose=0, seed=1)
+        return model.get_weights()
+
+    ref = frozen_after_one_fit()
+    second_fit(ref, tmp_path / "ref")
+    ref.save(tmp_path / "model.npz")
+    want = unfrozen_fit(ref)
+    second_fit(frozen_after_one_fit(), tmp_path / "run", stop=10)
+    resumed = _model(optimizer="adam")
+    resumed.get_layer("h").trainable = False
+    second_fit(resumed, tmp_path / "run", resume=checkpoint.load(tmp_path / "run"))
+    loaded = load_model(tmp_path / "model.npz")
+    assert not loaded.get_layer("h").trainable  # Keras' get_config: the layer's trainable flag as it is
+    for got in (unfrozen_fit(resumed), unfrozen_fit(loaded)):
+        for u, v in zip(want, got):
+            np.testing.assert_array_equal(u, v)
+
+
 def test_batch_size_change_on_resume_is_refused(tmp_path):
     x, y = _data(12)
     model = _model()

@@ -240,6 +240,7 @@ class Layer:
         """The constructor arguments (recorded at construction), made YAML-safe: config in = config out."""
         config = {"type": type(self).__name__}
         config.update({k: to_plain(v) for k, v in self._config.items()})
+        config["trainable"] = self.trainable  # as it is now, as Keras' Layer.get_config (frozen since: frozen)
         config["name"] = self.name
         return config
 
