@@ -231,6 +231,19 @@ class ModelCheckpoint(MonitorMixin, RankZeroCallback):
             if self.verbose:
                 print(f"epoch {epoch + 1}: {self.monitor} improved to {current:.4f}; saved best.npz")
 
+    def on_train_end(self, logs=None):
+        """use_ema: fit has made the weights their averages (Keras' finalize_variable_values, after the last epoch's
+        save), so last.npz becomes the model as fit leaves it, which the run's test metrics measure (Keras'
+        model.save after fit holds the averages too). best.npz keeps the weights of its epoch's end, as Keras'
+        ModelCheckpoint saves them (the averages with SwapEMAWeights(swap_on_epoch) listed before it)."""
+        from dlcli.checkpoint import save_weights
+        from dlcli.run_files import weights_file
+
+        if self.save_best_only or not self.active or self.filepath is None:
+            return
+        if any(a is not None for a in self.model.optimizer.ema_averages(self.model.trainable_weights)):
+            save_weights(weights_file(self.filepath, "last"), self.model)
+
     def get_state(self):
         return _state(self, ("best", "best_epoch"))
 

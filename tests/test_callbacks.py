@@ -14,14 +14,18 @@ class FakeOptimizer:
     def __init__(self, lr):
         self.learning_rate = lr
 
+    def ema_averages(self, params):
+        return [None] * len(params)  # no use_ema
+
 
 class FakeModel:
-    """Just what callbacks touch: stop_training, weights, the optimizer's learning rate."""
+    """Just what callbacks touch: stop_training, weights, the optimizer's learning rate and averages."""
 
     def __init__(self, lr=1.0):
         self.stop_training = False
         self.w = [np.zeros(2)]
         self.optimizer = FakeOptimizer(lr)
+        self.trainable_weights = []
 
     def get_weights(self):
         return [a.copy() for a in self.w]

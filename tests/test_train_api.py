@@ -95,3 +95,24 @@ def test_multi_optimizer_trains_each_layer_with_its_own_and_resumes(config, tmp_
     assert not any(np.array_equal(weights[0][k], weights[1][k]) for k in second)
     assert all(np.array_equal(weights[1][k], weights[2][k]) for k in weights[1])
     assert straight.history[-1]["learning_rate"] == 0.0  # the default optimizer's
+
+
+def test_use_ema_last_weights_are_the_averages_the_run_ends_with(config, tmp_path):
+    """Keras ends a fit with use_ema by making the weights their averages (finalize_variable_values), after its
+    ModelCheckpoint saved the last epoch's: weights/last.npz held those raw weights, so `dlcli evaluate --weights
+    last` did not measure what the run's test metrics did (fails before). last.npz is now the model as the fit
+    leaves it; the checkpoint keeps the raw weights (and the averages as optimizer state), from which --resume
+    continues exactly."""
+    from dlcli import checkpoint
+    from dlcli.experiment import evaluation_report
+
+    ema = ["compile.optimizer={type: adam, learning_rate: 0.01, use_ema: true, ema_momentum: 0.9}"]
+    run = dlcli.train(config, ema, runs_dir=tmp_path / "runs")
+    with np.load(run.dir / "weights" / "last.npz") as f:
+        last = {k: f[k] for k in f.files}
+    raw = checkpoint.load(run.dir)["arrays"]
+    for p in run.model.weights:
+        np.testing.assert_array_equal(last[f"weights/{p.path}"], p.value)
+        assert not np.array_equal(raw[f"weights/{p.path}"], p.value)
+    report = evaluation_report(run.dir, weights="last")
+    assert report["metrics"] == pytest.approx(run.test, rel=1e-6)
