@@ -348,6 +348,21 @@ def test_a_layer_called_on_arrays_autocasts_them_as_in_keras():
     np.testing.assert_array_equal(embedding(ids), embedding.embeddings.value[ids])
 
 
+@pytest.mark.parametrize("make", [lambda: layers.TimeDistributed(layers.Dense(4)),
+                                  lambda: layers.Bidirectional(layers.LSTM(3, return_sequences=True)),
+                                  lambda: layers.TransformerEncoder(16, 2),
+                                  lambda: layers.RNN(layers.StackedRNNCells([layers.LSTMCell(3), layers.GRUCell(2)]))])
+def test_a_wrapper_called_on_float64_arrays_runs_its_inner_layers_in_their_dtype(make):
+    """Keras' Bidirectional and KerasHub's blocks call their inner layers (Layer.__call__: cast to each one's dtype),
+    TimeDistributed its layer's call on what its own __call__ cast: a wrapper's inner layers take its dtype (Wrapper),
+    so the one cast at the wrapper is theirs and float64 data never reaches a float32 inner layer uncast."""
+    x = np.random.default_rng(0).standard_normal((2, 5, 8))
+    layer = make()
+    y = layer(x)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, layer(x.astype(np.float32)))
+
+
 def test_a_layer_autocasts_its_inputs_to_its_dtype_as_in_keras():
     """A float64 Conv2D between float32 layers (Keras 3's autocast): the config trains and predicts, the conv computes
     in float64, and each cast sends its gradient back in its input's dtype (fails before: NumPy refused the float32
