@@ -229,6 +229,38 @@ def test_col2im_matmul_equals_its_numpy_twin(monkeypatch, shape, taps, strides, 
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=0)
 
 
+# (input shape, kernel taps, strides, dilation, padding): the padded gather of patches, 2D and 1D, 'same' with the odd
+# pad at the end, 'valid', 'causal'
+PATCH_CASES = [((5, 14, 14, 32), (3, 3), (2, 2), (1, 1), "same"), ((4, 9, 8, 8), (3, 2), (1, 2), (2, 1), "same"),
+               ((3, 11, 10, 9), (3, 3), (1, 1), (1, 1), "valid"), ((4, 20, 12), (5,), (1,), (1,), "causal"),
+               ((4, 20, 12), (3,), (2,), (2,), "same")]
+
+
+@pytest.mark.parametrize("shape,taps,strides,dilation,padding", PATCH_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ones", [0, 1])
+def test_padded_patches_equal_their_numpy_twin(monkeypatch, shape, taps, strides, dilation, padding, dtype, ones):
+    """kernels/conv.im2col reads the unpadded input, the twin a padded copy: the same patches, the padding's zeros
+    included, into a conv's patch rows; beside a column of ones (`ones`, the bias's: a strided view) or with no
+    padding the twin runs."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    out, pads = cm.geometry(shape[1:-1], taps, strides, padding, dilation)
+    patch_shape = (shape[0], *out, *taps, shape[-1])
+    k = int(np.prod(taps)) * shape[-1]
+    compiled_calls, real = [], kernels.compiled("conv").im2col
+    monkeypatch.setattr(kernels.compiled("conv"), "im2col", lambda *a: compiled_calls.append(1) or real(*a))
+
+    def gather():
+        cols = np.full((int(np.prod(patch_shape[:-len(taps) - 1])), k + ones), np.nan, dtype)
+        cm.padded_patches(x, pads, taps, out, strides, dilation, cols[:, :k].reshape(patch_shape))
+        return cols
+    compiled, twin = both_paths(monkeypatch, gather)
+    np.testing.assert_array_equal(compiled, twin)
+    assert not np.isnan(twin[:, :k]).any() and np.isnan(twin[:, k:]).all()
+    assert len(compiled_calls) == (not ones and any(a or b for a, b in pads))
+
+
 OPTIMIZER_CASES = [{"type": "sgd", "learning_rate": 0.1}, {"type": "sgd", "momentum": 0.9},
                    {"type": "sgd", "momentum": 0.9, "nesterov": True}, {"type": "rmsprop"},
                    {"type": "rmsprop", "momentum": 0.5, "centered": True}, {"type": "rmsprop", "centered": True},

@@ -121,15 +121,16 @@ class _Conv(_Windowed):
             z = cm.winograd_conv(x, self.kernel.value, bias, self.out_sizes, self.pads, self.tiles,
                                  self.winograd_block if training else None, u=self.winograd_u)
             return activations.activate_owned(self, z) if pool is None else self._pool_own_output(z, pool, relu)
-        xp = cm.pad(x, self.pads)
-        self.xp_shape = xp.shape
+        self.xp_shape = (len(x), *(n + a + b for n, (a, b) in zip(x.shape[1:-1], self.pads)), x.shape[-1])
         if self.groups > 1:
-            return self._grouped_forward(xp)
-        self.xp, self.cols = xp, None  # backward gathers the patches again, a chunk at a time
+            return self._grouped_forward(cm.pad(x, self.pads))
         if in_pass:
+            self.xp = xp = cm.pad(x, self.pads)
             y = self.pooled_y = cm.pooled_conv(xp, self.kernel.value, bias, self.dilation_rate, pool, pooled[1:-1],
                                                relu, self.pooled_arg)
             return y if relu else self.activation.forward_(y)
+        # x itself: each chunk's patches are gathered padded (cm.padded_patches), and backward gathers them again
+        self.x, self.xp, self.cols = x, None, None
         k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
         weights = self.kernel.value.reshape(k, self.filters)
         if self.use_bias:
@@ -139,7 +140,7 @@ class _Conv(_Windowed):
         chunks, kept = self._chunks(len(x))
 
         def gemms(run):  # each chunk's patches times the kernel, into its rows of z
-            for start, stop, cols in self._patch_chunks(xp, run, kept):
+            for start, stop, cols in self._patch_chunks(x, run, kept):
                 np.dot(cols, weights, out=z[start * per_sample:stop * per_sample])
                 yield start, cols
         patches = lanes.run(gemms, chunks)
@@ -171,23 +172,24 @@ class _Conv(_Windowed):
             return [(a, b) for a, b in lanes.split(n, cm.KEPT_CHUNKS) if a < b], True
         return cm.even_chunks(n, max(1, cm.CHUNK_FLOATS // (per_sample * (k + 1)))), False
 
-    def _patch_chunks(self, xp, chunks, fresh=False):
-        """(start, stop, the patches of samples start:stop as (positions, kernel taps [+ a column of ones])) for
-        each chunk, in one buffer reused (its contents valid until the next), or `fresh` ones to keep. With the
-        ones, the GEMM adds the bias and its transpose in backward sums the bias gradient with the kernel's."""
+    def _patch_chunks(self, x, chunks, fresh=False):
+        """(start, stop, the patches of samples start:stop of x, padded by self.pads, as (positions, kernel taps [+ a
+        column of ones])) for each chunk, in one buffer reused (its contents valid until the next), or `fresh` ones
+        to keep. With the ones, the GEMM adds the bias and its transpose in backward sums the bias gradient with the
+        kernel's."""
         k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
         most = max(stop - start for start, stop in chunks)
-        shared = None if fresh else self._patch_buffer(most, per_sample, k, xp.dtype)
+        shared = None if fresh else self._patch_buffer(most, per_sample, k, x.dtype)
         for start, stop in chunks:
             if shared is None:
-                cols, patches = self._patch_buffer(stop - start, per_sample, k, xp.dtype)
+                cols, patches = self._patch_buffer(stop - start, per_sample, k, x.dtype)
             elif stop - start == most:
                 cols, patches = shared
             else:  # a smaller chunk (they differ by one sample): the buffer's first rows, position-major layout
                 cols = shared[0][:(stop - start) * per_sample]
                 patches = cols[:, :k].reshape(stop - start, *self.out_sizes, *self.kernel_size, -1, copy=False)
-            cm.im2col(xp[start:stop], self.kernel_size, self.out_sizes, self.strides, self.dilation_rate,
-                      out=patches)
+            cm.padded_patches(x[start:stop], self.pads, self.kernel_size, self.out_sizes, self.strides,
+                              self.dilation_rate, patches)
             yield start, stop, cols
 
     def _patch_buffer(self, samples, per_sample, k, dtype):
@@ -261,10 +263,10 @@ class _Conv(_Windowed):
             per_sample = int(np.prod(self.out_sizes))
 
             def products(run):  # each chunk's patches.T @ its output gradient
-                patches = (self._patch_chunks(self.xp, run) if self.cols is None else
+                patches = (self._patch_chunks(self.x, run) if self.cols is None else
                            [(start, stop, self.cols[start]) for start, stop in run])
                 return [np.dot(cols.T, g[start * per_sample:stop * per_sample]) for start, stop, cols in patches]
-            for product in lanes.run(products, self._chunks(len(self.xp))[0]):  # summed in chunk order on any lanes
+            for product in lanes.run(products, self._chunks(len(self.x))[0]):  # summed in chunk order on any lanes
                 grads += product
             if self.kernel.grad is not None:
                 self.kernel.grad += grads[:k].reshape(self.kernel.grad.shape)

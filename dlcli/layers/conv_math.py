@@ -131,6 +131,25 @@ def im2col(xp, kernel, out_sizes, strides, dilation, out=None):
     return cols
 
 
+def padded_patches(x, pads, kernel, out_sizes, strides, dilation, out):
+    """im2col(pad(x, pads), ...) into `out`. Where x is padded (1D or 2D, BLOCK_CHANNELS channels or more, `out`
+    contiguous) compiled, reading x itself (kernels/conv.im2col), where the twin pads a copy first: the resnet's
+    stride-2 conv's forward in training steps, one thread, thread CPU, steps alternating, load 9.3, best / median
+    0.97 / 1.09 -> 0.81 / 0.95 ms. Unpadded, the twin's one strided copy measured as fast or faster there (its 1x1
+    projection 0.23 / 0.32 against 0.25 / 0.38), and into patch rows beside the bias's column of ones, a strided
+    `out`, the compiled loop does not vectorise (55 us a chunk of that conv against the twin's 45)."""
+    padded = any(a or b for a, b in pads)
+    compiled = kernels.compiled("conv") if (padded and len(kernel) in (1, 2) and x.shape[-1] >= BLOCK_CHANNELS
+                                            and out.flags.c_contiguous and x.dtype in (np.float32, np.float64)) else None
+    if compiled is None:
+        return im2col(pad(x, pads), kernel, out_sizes, strides, dilation, out=out)
+    if len(kernel) == 1:  # as 2D of height 1
+        x, out, pads = x[:, None], out[:, None, :, None], ((0, 0), *pads)
+        kernel, strides, dilation = (1, *kernel), (1, *strides), (1, *dilation)
+    compiled.im2col(x, pads[0][0], pads[1][0], *kernel, *strides, *dilation, out)
+    return out
+
+
 def patches(xp, kernel, out_sizes, strides, dilation):
     """A read-only (batch, *out_sizes, *kernel, channels) view of xp's patches: no copy."""
     step = xp.strides[1:-1]
