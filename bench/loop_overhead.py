@@ -19,17 +19,38 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
+from common import blas_kernels  # noqa: E402
 
 
 def timed(fn, clock, spent):
-    """fn, adding the seconds of each call to spent[0]."""
+    """fn, adding the seconds of each call to spent[0] and counting it in spent[1]."""
     def call(*args, **kwargs):
         start = clock()
         try:
             return fn(*args, **kwargs)
         finally:
             spent[0] += clock() - start
+            spent[1] += 1
     return call
+
+
+def timer_cost(clock, calls=20000) -> tuple[float, float]:
+    """(seconds a timed() wrapper adds inside the interval it measures, seconds it adds outside it) per call, from
+    `calls` wrapped no-op calls against bare ones: the bench's own clock reads (a thread_time call is a system call,
+    ~0.7 us), which are neither the model's work nor fit's. The smallest of 5 tries."""
+    spent, bare = [0.0, 0], lambda: None
+    wrapped, tries = timed(bare, clock, spent), []
+    for _ in range(5):
+        spent[0] = 0.0
+        start = clock()
+        for _ in range(calls):
+            wrapped()
+        total = clock() - start
+        start = clock()
+        for _ in range(calls):
+            bare()
+        tries.append((spent[0] / calls, (total - spent[0] - (clock() - start)) / calls))
+    return min(t[0] for t in tries), min(t[1] for t in tries)
 
 
 def measure(rounds: int, bar: bool, clock) -> list[dict]:
@@ -47,7 +68,7 @@ def measure(rounds: int, bar: bool, clock) -> list[dict]:
                                layers.Dense(10, activation="softmax")])
     model.build(rng=np.random.default_rng(0))
     model.compile(optimizer="rmsprop", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    spent = [0.0]
+    spent = [0.0, 0]
     graph = model.graph
     graph.forward, graph.backward = timed(graph.forward, clock, spent), timed(graph.backward, clock, spent)
     model.compute_loss = timed(model.compute_loss, clock, spent)
@@ -56,14 +77,19 @@ def measure(rounds: int, bar: bool, clock) -> list[dict]:
     out = []
     for r in range(rounds + 1):  # the first is a warm-up (kernels loaded, buffers allocated)
         callbacks = [ProgressLogger(1, len(x), stream=devnull, bar=True)] if bar else []
-        spent[0] = 0.0
+        spent[0], spent[1] = 0.0, 0
         start, process, wall = clock(), time.process_time(), time.perf_counter()
         Run(model, callbacks, verbose=0, rng=np.random.default_rng(r)).fit(Dataset([x], [y]), epochs=1,
                                                                            batch_size=128)
         total = clock() - start
         if r:
-            out.append({"total": total, "model": spent[0], "batches": -(-len(x) // 128),
+            out.append({"total": total, "model": spent[0], "calls": spent[1], "batches": -(-len(x) // 128),
                         "process": time.process_time() - process, "wall": time.perf_counter() - wall})
+    inside, outside = timer_cost(clock)
+    for row in out:  # the bench's own clock reads taken out: the model's inside its intervals, the rest outside
+        row["model"] -= row["calls"] * inside
+        row["total"] -= row["calls"] * (inside + outside)
+        row["timers"] = row["calls"] * (inside + outside)
     return out
 
 
@@ -93,14 +119,15 @@ def main():
             results[path] += json.loads(done.stdout.splitlines()[-1])
     what = "CPU time, 1 thread" if args.threads == 1 else f"wall-clock, {args.threads} threads"
     print(f"fit's fixed cost per batch, book MLP, batch 128 ({what}; best of {args.rounds} rounds, "
-          f"load {os.getloadavg()[0]:.1f})")
+          f"load {os.getloadavg()[0]:.1f}; {blas_kernels()})")
     for path, rows in results.items():
         fractions = [(r["total"] - r["model"]) / r["model"] for r in rows]
         best = rows[min(range(len(rows)), key=fractions.__getitem__)]
         fixed = (best["total"] - best["model"]) / best["batches"]
         step = best["model"] / best["batches"]
         print(f"  DLCLI_KERNELS={path:5s}  step {step * 1e3:6.2f} ms, fixed {fixed * 1e6:5.0f} us "
-              f"= {min(fractions):.1%} of the step (rounds {', '.join(f'{f:.1%}' for f in fractions)}; target < 2%)")
+              f"= {min(fractions):.1%} of the step (rounds {', '.join(f'{f:.1%}' for f in fractions)}; target < 2%; "
+              f"the bench's own timers, {best['timers'] / best['batches'] * 1e6:.1f} us a batch, taken out)")
         if args.threads == 1:  # the gather thread's share: the process' CPU beyond the training thread's
             print(f"  {'':20s} process CPU {best['process'] / best['batches'] * 1e3:6.2f} ms/batch, "
                   f"wall {best['wall'] / best['batches'] * 1e3:6.2f} ms/batch")

@@ -140,20 +140,6 @@ def plot(panels: dict, path: str):
     fig.savefig(path, dpi=110)
 
 
-def blas_kernels() -> str:
-    """Which OpenBLAS kernels NumPy's GEMM runs (threadpoolctl's "architecture"), and whether OPENBLAS_CORETYPE chose
-    them: on an AVX-512 CPU OpenBLAS picks its SkylakeX kernels itself, about twice the GEMM throughput of the
-    Haswell ones (AVX2) a forced OPENBLAS_CORETYPE=Haswell runs."""
-    from threadpoolctl import threadpool_info
-
-    lib = next((i for i in threadpool_info() if i["internal_api"] == "openblas"), None)
-    if lib is None:
-        return "no OpenBLAS"
-    forced = os.environ.get("OPENBLAS_CORETYPE")
-    return (f"OpenBLAS {lib['version']}, {lib.get('architecture') or '?'} kernels"
-            + (f", forced by OPENBLAS_CORETYPE={forced}" if forced else ""))
-
-
 def machine() -> str:
     import numpy as np
 
@@ -165,7 +151,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__} "
-            f"({blas_kernels()}), PyTorch {torch.__version__ if torch else '-'} (2 threads), {keras_peer.versions()}")
+            f"({common.blas_kernels()}), PyTorch {torch.__version__ if torch else '-'} (2 threads), {keras_peer.versions()}")
 
 
 def main():
