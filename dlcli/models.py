@@ -265,17 +265,19 @@ class Model:
         return results[0] if len(results) == 1 else results
 
     def _inference_rows(self, samples: int | None = None) -> int:
-        """Samples per forward pass at inference: about INFERENCE_BYTES of the largest activation a pass writes, so
-        its intermediates stay in cache. No layer mixes samples at inference, so any pass size gives the same outputs.
-        Predict at batch 512 in one process, one pass against passes of 48-64: the book convnet 88-90 -> 46-62 ms per
-        batch, the resnet 320 -> 216-250. An output a conv pools in its own pass is never written whole, so it does
-        not count: the book convnet's largest is then its first pooled output, 193 images a pass, where its first
-        conv's output gave 48 (one thread, thread CPU per batch of 512, AMD EPYC at load 9, best of 7: passes of 43
-        28.4 ms, 86 27.2, 128 25.8, 256 26.4; its conv 3 4.2 -> 3.1 ms and Dense layers 1.3 -> 0.8 at 128: fewer,
-        larger GEMMs and calls). Given `samples` (predict's, whose passes run side by side, one per BLAS thread in
-        inference_passes) the passes are made equal and their count a multiple of the threads, so no thread runs a
-        pass more than the others while they wait: 512 samples at 193 rows are 4 passes of 128, not 3. A served
-        batch of 40 is one pass per thread."""
+        """Samples per forward pass at inference: about INFERENCE_BYTES of the largest activation a pass writes, so its
+        intermediates stay in cache. No layer mixes samples at inference, so any pass size gives the same outputs up to
+        BLAS's rounding, which may depend on a product's row count: OpenBLAS's Haswell kernels gave 468 of the book
+        convnet's 512 predictions other last bits in passes of 171 (one thread) than of 128 (two), its SkylakeX kernels
+        none (12 between batches of 100 and 512). Predict at batch 512 in one process, one pass against passes of 48-64:
+        the book convnet 88-90 -> 46-62 ms per batch, the resnet 320 -> 216-250. An output a conv pools in its own pass
+        is never written whole, so it does not count: the book convnet's largest is then its first pooled output, 193
+        images a pass, where its first conv's output gave 48 (one thread, thread CPU per batch of 512, AMD EPYC at load
+        9, best of 7: passes of 43 28.4 ms, 86 27.2, 128 25.8, 256 26.4; its conv 3 4.2 -> 3.1 ms and Dense layers 1.3
+        -> 0.8 at 128: fewer, larger GEMMs and calls). Given `samples` (predict's, whose passes run side by side, one
+        per BLAS thread in inference_passes) the passes are made equal and their count a multiple of the threads, so no
+        thread runs a pass more than the others while they wait: 512 samples at 193 rows are 4 passes of 128, not 3. A
+        served batch of 40 is one pass per thread."""
         graph = self._require_graph()
         if self._pass_rows[0] is not graph:
             sizes = [int(np.prod(t.shape)) * numpy_dtype(t.dtype).itemsize for node in graph.nodes
