@@ -442,6 +442,56 @@ def test_sparse_accuracy_hits_equal_the_numpy_twin(monkeypatch, dtype):
     assert 0 < counts[0][0] < 250
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ranges", [1, 4])
+def test_batch_norm_statistics_kernel_equals_its_twin(dtype, ranges):
+    """kernels/normalization.statistics against the layer's twin (_statistics without the kernels): the mean,
+    1 / sqrt(var + epsilon) and the moving mean and variance bit for bit, a negative variance clamped to 0 and NaN
+    kept as np.maximum does; the moving ones are new arrays, as _update_moving makes them."""
+    from dlcli import layers
+
+    rng = np.random.default_rng(3)
+    sums = rng.standard_normal((ranges, 2, 6)) * 10
+    sums[:, 1] = np.abs(sums[:, 1])
+    sums[0, 1, 2] = -50.0
+    sums[0, 0, 3] = np.nan
+    shift = rng.standard_normal(6)
+    bn = layers.BatchNormalization(momentum=0.7, dtype=np.dtype(dtype).name)
+    bn.ensure_built((6,))
+    moving = (rng.standard_normal(6).astype(dtype), rng.random(6).astype(dtype))
+    results = []
+    for compiled in (kernels.compiled("normalization"), None):
+        bn.moving_mean.value, bn.moving_variance.value = moving
+        mean, inv_std = bn._statistics(compiled, sums, shift, 37, np.dtype(dtype))
+        results.append((mean, inv_std, bn.moving_mean.value, bn.moving_variance.value))
+        assert bn.moving_mean.value is not moving[0] and bn.moving_variance.value is not moving[1]
+    for compiled, twin in zip(*results):
+        assert compiled.dtype == twin.dtype == dtype
+        np.testing.assert_array_equal(compiled, twin)
+    assert np.isnan(results[0][0][3]) and results[0][1][2] == 1 / np.sqrt(dtype(bn.epsilon))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ranges", [1, 4])
+@pytest.mark.parametrize("scale", [True, False])
+def test_batch_norm_gradient_statistics_kernel_equals_its_twin(dtype, ranges, scale):
+    """kernels/normalization.gradient_statistics against the layer's twin (_gradient_statistics without the
+    kernels): beta's and gamma's gradients, the scale and the input gradient's a and b, bit for bit."""
+    from dlcli import layers
+
+    rng = np.random.default_rng(4)
+    sums = rng.standard_normal((ranges, 2, 6)) * 10
+    bn = layers.BatchNormalization(scale=scale, dtype=np.dtype(dtype).name)
+    bn.ensure_built((6,))
+    if scale:
+        bn.gamma.value = rng.uniform(0.5, 1.5, 6).astype(dtype)
+    bn.inv_std = rng.uniform(0.1, 3, (1, 6)).astype(dtype)
+    compiled = bn._gradient_statistics(kernels.compiled("normalization"), sums, 37, np.dtype(dtype))
+    for got, twin in zip(compiled, bn._gradient_statistics(None, sums, 37, np.dtype(dtype)), strict=True):
+        assert got.dtype == twin.dtype == dtype
+        np.testing.assert_array_equal(got, twin)
+
+
 def test_batch_norm_compiled_variance_holds_far_from_zero(monkeypatch):
     """The compiled forward sums x and x^2 in one pass, shifted by the batch's first row: an unshifted
     E[x^2] - E[x]^2 in float64 would lose the variance of integers near 1e7 (their squares near 1e14)."""

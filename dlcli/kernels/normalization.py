@@ -41,6 +41,30 @@ def shifted_sums(x, shift, acc_d, acc_dd):
 
 
 @numba.njit(**JIT)
+def statistics(sums, shift, n, momentum, epsilon, moving_mean, moving_variance, mean, inv_std):
+    """The batch's mean and 1 / sqrt(var + epsilon) (float32, (C,)) from each range's shifted_sums (sums (ranges, 2,
+    C) float64, added in range order) and the shift, as the layer's twin (_statistics) computes them: mean = shift +
+    sum(d) / n, var = max(sum(d * d) / n - (sum(d) / n)^2, 0) in float64, each rounded once to float32; and
+    moving_mean and moving_variance updated in place, moving * momentum + batch * (1 - momentum) in float32. One call
+    where the twin makes about 15 NumPy calls on the calling thread between the lanes' two passes (AMD EPYC, 7x7x64:
+    13.5 -> 4.8 us)."""
+    parts, _, c = sums.shape
+    keep = moving_mean.dtype.type(1) - momentum
+    for k in range(c):
+        d, dd = sums[0, 0, k], sums[0, 1, k]
+        for p in range(1, parts):
+            d += sums[p, 0, k]
+            dd += sums[p, 1, k]
+        d, dd = d / n, dd / n
+        v = dd - d * d
+        m, var = mean.dtype.type(shift[k] + d), mean.dtype.type(v if v >= 0.0 or v != v else 0.0)  # np.maximum's
+        mean[k] = m
+        inv_std[k] = inv_std.dtype.type(1) / np.sqrt(var + epsilon)
+        moving_mean[k] = moving_mean[k] * momentum + m * keep
+        moving_variance[k] = moving_variance[k] * momentum + var * keep
+
+
+@numba.njit(**JIT)
 def normalise(x, mean, inv_std, gamma, beta, relu, residual, y):
     """y = _affine((x - mean) * inv_std), plus `residual` (rows, C) where it has rows (an Add after the layer, which
     the graph runs here: empty (0, C) otherwise), and with `relu` np.maximum(that, 0) (pooling.relu_of). An empty
@@ -87,6 +111,26 @@ def input_gradient(grad, x, mean, inv_std, gamma, beta, relu, scale, a, b, dx):
             if relu and not _affine(h, gamma, beta, k) > zero:
                 g = g * zero
             dx[r, k] = (g * scale[k] - h * a[k]) - b[k]
+
+
+@numba.njit(**JIT)
+def gradient_statistics(sums, inv_std, gamma, n, sum_g, sum_gx, scale, a, b):
+    """Between the backward's two passes, as the layer's twin (_gradient_statistics) computes them: sum_g and sum_gx
+    (beta's and gamma's gradients) from each range's gradient_sums (sums (ranges, 2, C) float64, added in range
+    order, each rounded once), scale = inv_std * gamma (inv_std where gamma is empty), a = sum_gx * (scale / n) and
+    b = sum_g * (scale / n), all in the gradient's dtype."""
+    parts, _, c = sums.shape
+    count = scale.dtype.type(n)
+    for k in range(c):
+        g, gx = sums[0, 0, k], sums[0, 1, k]
+        for p in range(1, parts):
+            g += sums[p, 0, k]
+            gx += sums[p, 1, k]
+        sum_g[k], sum_gx[k] = g, gx
+        scale[k] = inv_std[k] * gamma[k] if gamma.size > 0 else inv_std[k]
+        share = scale[k] / count
+        a[k] = sum_gx[k] * share
+        b[k] = sum_g[k] * share
 
 
 @numba.njit(inline="always", **JIT)
