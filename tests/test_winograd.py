@@ -57,7 +57,8 @@ def test_inference_takes_the_blocks_with_the_fewest_products(monkeypatch):
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
     compiled, used = kernels.compiled("winograd"), []
     for name in ("input_tiles", "input_tiles_3x3", "input_tiles_4x4"):
-        monkeypatch.setattr(compiled, name, lambda *a, _name=name, _f=getattr(compiled, name): used.append(_name) or _f(*a))
+        monkeypatch.setattr(compiled, name,
+                            lambda *a, _name=name, _f=getattr(compiled, name): used.append(_name) or _f(*a))
     for side, block, training in [(13, "input_tiles_4x4", "input_tiles"), (5, "input_tiles_3x3", "input_tiles_3x3")]:
         x = np.random.default_rng(0).standard_normal((2, side, side, 16)).astype(np.float32)
         conv = layers.Conv2D(8, 3)

@@ -23,7 +23,7 @@ output); its twin is conv_math.pooled_conv_backward_numpy.
 import numba
 import numpy as np
 
-from dlcli.kernels.pooling import max_of_four, relu_of
+from dlcli.kernels.pooling import max_of_four, relu_gate, relu_of
 
 PARALLEL = False
 JIT = dict(parallel=PARALLEL, cache=True, nogil=True, error_model="numpy")
@@ -146,8 +146,8 @@ def _sums_2x2(g, y, arg, xp, kh, kw, dh, dw, relu, sums):
     for b in range(n):
         for i in range(out_h):
             for j in range(out_w):
-                for ch in range(f):  # the relu's backward as ReLU.backward computes it: grad * (y > 0)
-                    m = g[b, i, j, ch] * (one if not relu or y[b, i, j, ch] > zero else zero)
+                for ch in range(f):
+                    m = relu_gate(g[b, i, j, ch], y[b, i, j, ch], zero, one) if relu else g[b, i, j, ch]
                     at = arg[b, i, j, ch]
                     g0[ch] = m if at == 0 else zero
                     g1[ch] = m if at == 1 else zero
@@ -180,7 +180,7 @@ def _sums_window(g, y, arg, xp, kh, kw, dh, dw, pool_h, pool_w, relu, sums):
             for j in range(out_w):
                 for k in range(window):
                     for ch in range(f):
-                        m = g[b, i, j, ch] * (one if not relu or y[b, i, j, ch] > zero else zero)
+                        m = relu_gate(g[b, i, j, ch], y[b, i, j, ch], zero, one) if relu else g[b, i, j, ch]
                         gk[ch] = m if arg[b, i, j, ch] == k else zero
                     t = 0
                     for p in range(kh):
@@ -214,7 +214,7 @@ def _input_gradient(g, y, arg, weights, kh, kw, dh, dw, pool_h, pool_w, relu, dx
             for j in range(out_w):
                 for k in range(pool_h * pool_w):
                     for ch in range(f):
-                        m = g[b, i, j, ch] * (one if not relu or y[b, i, j, ch] > zero else zero)
+                        m = relu_gate(g[b, i, j, ch], y[b, i, j, ch], zero, one) if relu else g[b, i, j, ch]
                         gk[ch] = m if arg[b, i, j, ch] == k else zero
                     t = 0
                     for p in range(kh):

@@ -12,15 +12,15 @@ A plain ReLU after the layer (graph.py moves it into the layer's post_activation
 forward clamps y as it writes it, the backward multiplies the gradient by (y > 0) as it reads it (the ReLU layer's
 own twin, grad * (y > 0)), so neither pass makes a pass of its own. The forward also adds a residual where the
 graph gives the layer the Add after it (a v1 residual block's tail, BN -> Add -> ReLU, in one pass; the Add's backward
-is unchanged: it masks the gradient with the sum's ReLU and hands it to both its inputs). The forward writes y alone: the backward
-recomputes xhat = (x - mean) * inv_std from the layer's input x, which it reads in place of xhat, and y from xhat,
-both with the forward's own float32 operations (so the same bits as when xhat was kept). Reading y as well, evicted
-from cache by then, made the resnet's BN + ReLU backward at 14x14x32 cost what the two layers had cost apart.
+is unchanged: it masks the gradient with the sum's ReLU and hands it to both its inputs). The forward writes y alone:
+the backward recomputes xhat = (x - mean) * inv_std from the layer's input x, which it reads in place of xhat, and y
+from xhat, both with the forward's own float32 operations (so the same bits as when xhat was kept). Reading y as well,
+evicted from cache by then, made the resnet's BN + ReLU backward at 14x14x32 cost what the two layers had cost apart.
 """
 import numba
 import numpy as np
 
-from dlcli.kernels.pooling import larger, relu_of
+from dlcli.kernels.pooling import larger, relu_gate, relu_of
 
 JIT = dict(cache=True, nogil=True, error_model="numpy")
 
@@ -180,7 +180,7 @@ def _unpooled(grad, arg, relu_y, k, ch, zero, one):
     """The gradient reaching channel ch of an input of the pooling at flat offset k of its window: the window's
     gradient times relu_y > 0 where its maximum came from there, else 0, as pooling.max_pool_backward writes it with
     its moved ReLU (grad, arg and relu_y: the window's rows)."""
-    v = grad[ch] * (one if relu_y[ch] > zero else zero)
+    v = relu_gate(grad[ch], relu_y[ch], zero, one)
     return v if arg[ch] == k else zero
 
 

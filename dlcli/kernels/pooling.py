@@ -29,6 +29,14 @@ def relu_of(v, zero):
 
 
 @numba.njit(inline="always", cache=True, nogil=True)
+def relu_gate(g, y, zero, one):
+    """The gradient g through a ReLU whose output was y, g * (y > 0) as the NumPy twins take it (ReLU.backward): the
+    compiled kernels' one ReLU backward. A multiplication, not a choice, so a NaN or inf gradient stays NaN where the
+    gate is shut, as in NumPy."""
+    return g * (one if y > zero else zero)
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
 def max_of_four(z0, z1, z2, z3):
     """A 2x2 window's maximum, read in row order."""
     return larger(larger(larger(z0, z1), z2), z3)
@@ -107,7 +115,7 @@ def max_pool_backward(grad, arg, relu_y, dxp, pool_h, pool_w, stride_h, stride_w
                         for ch in range(c):
                             g = grad[b, i, j, ch]
                             if relu:
-                                g = g * (one if relu_y[b, i, j, ch] > zero else zero)
+                                g = relu_gate(g, relu_y[b, i, j, ch], zero, one)
                             hit = arg[b, i, j, ch] == k
                             if disjoint:
                                 dxp[b, row, col, ch] = g if hit else zero

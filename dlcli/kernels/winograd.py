@@ -18,7 +18,7 @@ Channels are innermost everywhere (contiguous, so the loops vectorise); serial, 
 import numba
 import numpy as np
 
-from dlcli.kernels.pooling import larger, max_of_four, relu_of
+from dlcli.kernels.pooling import larger, max_of_four, relu_gate, relu_of
 
 JIT = dict(cache=True, nogil=True, error_model="numpy")
 
@@ -760,9 +760,7 @@ def pooled_gradient_tiles_4x4(g, arg, y, relu, pool_h, pool_w, tiles_h, tiles_w,
                     for k in range(pool_h * pool_w):
                         out = dy[wi * pool_h + k // pool_w, j * pool_w + k % pool_w]
                         for ch in range(f):
-                            v = grad[ch]
-                            if relu:
-                                v = v * (one if mask[ch] > zero else zero)
+                            v = relu_gate(grad[ch], mask[ch], zero, one) if relu else grad[ch]
                             out[ch] = v if where[ch] == k else zero
             _gradient_rows_4x4(flat[0], flat[1], flat[2], flat[3], rows, width * f)
             for tj in range(tiles_w):
