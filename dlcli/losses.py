@@ -45,23 +45,25 @@ class Loss:
         """The number of samples the batch mean divides by (a loss that masks samples out divides by fewer)."""
         return len(per_sample)
 
-    def reduce(self, per_sample, y_pred, sample_weight=None) -> tuple[float, np.ndarray]:
+    def reduce(self, per_sample, y_pred, sample_weight=None) -> tuple[float, np.ndarray | np.float64]:
         """The batch loss under Keras' `reduction` and each sample's factor in it: (value, factor) with value =
-        sum(per_sample * factor). sum_over_batch_size/mean: the mean of every value; sum: their sum;
-        mean_with_sample_weight: the weighted sum over the weights' sum; 'none' trains on the mean of the values,
-        as Keras' compile loss reduces what a loss leaves unreduced."""
-        weight = np.ones(len(per_sample)) if sample_weight is None else np.asarray(sample_weight, np.float64)
+        sum(per_sample * factor), factor one float64 for every sample when unweighted. sum_over_batch_size/mean: the
+        mean of every value; sum: their sum; mean_with_sample_weight: the weighted sum over the weights' sum; 'none'
+        trains on the mean of the values, as Keras' compile loss reduces what a loss leaves unreduced."""
+        weight = None if sample_weight is None else np.asarray(sample_weight, np.float64)
         if self.batch_value:
             factor = 1.0 / len(per_sample)
         elif self.reduction == "sum":
             factor = float(self.values_per_sample(y_pred))
-        elif self.reduction == "mean_with_sample_weight" and sample_weight is not None:
+        elif self.reduction == "mean_with_sample_weight" and weight is not None:
             factor = 1.0 / weight.sum() if weight.sum() else 0.0
         else:
             count = self.mean_count(per_sample)
             factor = 1.0 / count if count else 0.0
-        factor = weight * factor
-        return float((per_sample * factor).sum()), factor
+        # unweighted, every sample's factor is the same float64: the products (float64 whatever per_sample's type,
+        # as against the float64 array) and their sum are a factor array's
+        factor = np.float64(factor) if weight is None else weight * factor
+        return float(np.multiply(per_sample, factor, dtype=np.float64).sum()), factor
 
     def compute(self, y_true, y_pred, logits=None):
         raise NotImplementedError
@@ -89,6 +91,8 @@ class Loss:
 def _per_sample(elements, batch):
     """Mean over every non-batch axis (float64), and the factor d(per_sample)/d(element)."""
     flat = elements.reshape(batch, -1)
+    if flat.shape[1] == 1:  # one value a sample (fit's usual case): its float64 is its mean, without mean's ~3 us
+        return flat[:, 0].astype(np.float64), 1.0
     return flat.mean(1, dtype=np.float64), 1.0 / max(flat.shape[1], 1)
 
 
