@@ -270,13 +270,13 @@ def winograd_block(out_sizes) -> int:
 
 def winograd_training_block(out_sizes, pooled=False) -> int:
     """The output block of a training forward: F(4x4) where the conv pools its output in F(4x4)'s transform
-    (`pooled`), F(3x3) where winograd_block finds it has the fewest products (small outputs: 3, 5, 6 or 9 rows and
-    columns, the book convnet's conv 3), else F(2x2), the most exact (within 3 float32 eps of the largest
-    gradient over tests/test_winograd.py's cases, F(3x3) and F(4x4) within 40). F(4x4) also has the fewest products
-    at 4, 7, 8 and 10 and more (the resnet's 14x14 and 7x7 convs), where training has not measured it."""
-    if pooled:
-        return 4
-    return 3 if winograd_block(out_sizes) == 3 else 2
+    (`pooled`), else winograd_block's, the one with the fewest products: F(4x4) at 4, 7, 8 and 10 and more rows and
+    columns (the resnet's 14x14 and 7x7 convs), F(3x3) at 3, 5, 6 and 9 (the book convnet's conv 3), F(2x2) below.
+    F(2x2) is the most exact (within 3 float32 eps of the largest gradient over tests/test_winograd.py's cases,
+    F(3x3) and F(4x4) within 40). Forward + backward at batch 64, one thread, thread CPU, AMD EPYC at load ~6,
+    best of 20 alternating, F(2x2) -> F(4x4): 14x14x32 -> 32 'same' 7.65 -> 5.92 ms with OpenBLAS's Haswell
+    kernels, 5.08 -> 3.88 with its SkylakeX kernels; 7x7x64 -> 64 5.52 -> 3.70 and 3.63 -> 2.09."""
+    return 4 if pooled else winograd_block(out_sizes)
 
 
 def winograd_chunks(n, out_sizes, c, f, block=2):
@@ -356,8 +356,8 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, poole
     im2col + GEMM: book convnet conv 2 (13x13x32 -> 64) 2.57 -> 2.01 ms, conv 3 (5x5x64 -> 64, 4 tiles for 9
     outputs) 0.446 -> 0.431, the whole pass 4.31 -> 3.71. Of conv 2's 2.0 ms the 16 GEMMs take about 1.0 (100
     GFLOP/s) and each transform about 0.35. Inference takes 4x4 output blocks from 6x6 tiles (36 GEMMs) or 3x3
-    blocks from 5x5 tiles (25), where winograd_block finds them faster (`block`: 2, 3 or 4; training takes F(2x2)
-    unless it pools, see below): the book convnet's conv 2 0.79 -> 0.55 ms, its conv 3 at batch 512 3.92 -> 1.73 ms
+    blocks from 5x5 tiles (25), where winograd_block finds them faster (`block`: 2, 3 or 4; training's is
+    winograd_training_block's): the book convnet's conv 2 0.79 -> 0.55 ms, its conv 3 at batch 512 3.92 -> 1.73 ms
     (one tile a sample). Error against float64 relative to the largest output there: F(2x2) 2.6e-7, F(4x4) 4.2e-6,
     im2col + GEMM 5.1e-7 (F(4x4)'s B^T and A^T hold 4, 5 and 8, its G sixths); over tests/test_winograd.py's cases
     at most 5, 16 and 28 float32 eps for F(2x2), F(3x3) and F(4x4).
