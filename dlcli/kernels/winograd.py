@@ -590,41 +590,33 @@ def output_tiles_mixed_pooled(m44, m42, m24, m22, rows4, rows2, cols4, cols2, bi
 
 
 @numba.njit(inline="always", **JIT)
-def _a_combinations(y0, y1, y2, y3, t0, t1, t2, t3, t4, t5, length):
-    """A's six rows applied to four vectors of `length` floats (y0..y3) into t0..t5, one loop each: a band's 4
-    output rows into 6 (A dY), and a tile's 4 columns into 6 ((A dY) A^T)."""
-    kind = t0.dtype.type
+def _a_combinations(y, i, a, t, j, b, length):
+    """A's six rows applied to four vectors of `length` floats, y[i, a .. a + 3], into t[j .. j + 5, b], one loop
+    each: a band's 4 output rows into 6 (A dY), and a tile's 4 columns into 6 ((A dY) A^T). Indexed with
+    loop-invariant leading indices, no views: a tile's 60 views cost NRT reference counts, which took 2/3 of
+    output_gradient_tiles_4x4's time at f = 32."""
+    kind = t.dtype.type
     two, four, eight = kind(2), kind(4), kind(8)
     for k in range(length):
-        t0[k] = y0[k]
+        t[j, b, k] = y[i, a, k]
     for k in range(length):
-        t1[k] = (y0[k] + y1[k]) + (y2[k] + y3[k])
+        t[j + 1, b, k] = (y[i, a, k] + y[i, a + 1, k]) + (y[i, a + 2, k] + y[i, a + 3, k])
     for k in range(length):
-        t2[k] = (y0[k] - y1[k]) + (y2[k] - y3[k])
+        t[j + 2, b, k] = (y[i, a, k] - y[i, a + 1, k]) + (y[i, a + 2, k] - y[i, a + 3, k])
     for k in range(length):
-        t3[k] = (y0[k] + two * y1[k]) + (four * y2[k] + eight * y3[k])
+        t[j + 3, b, k] = (y[i, a, k] + two * y[i, a + 1, k]) + (four * y[i, a + 2, k] + eight * y[i, a + 3, k])
     for k in range(length):
-        t4[k] = (y0[k] - two * y1[k]) + (four * y2[k] - eight * y3[k])
+        t[j + 4, b, k] = (y[i, a, k] - two * y[i, a + 1, k]) + (four * y[i, a + 2, k] - eight * y[i, a + 3, k])
     for k in range(length):
-        t5[k] = y3[k]
-
-
-@numba.njit(inline="always", **JIT)
-def _gradient_rows_4x4(y0, y1, y2, y3, rows, length):
-    """A dY of a band of 4 output rows (y0..y3, `length` floats each) into rows' 6."""
-    _a_combinations(y0, y1, y2, y3, rows[0, :length], rows[1, :length], rows[2, :length], rows[3, :length],
-                    rows[4, :length], rows[5, :length], length)
+        t[j + 5, b, k] = y[i, a + 3, k]
 
 
 @numba.njit(inline="always", **JIT)
 def _gradient_columns_4x4(band, s, tile, dm):
     """(A dY) A^T of the tile whose 4 columns start at band column s: the same combinations along each of the 6
     rows, into dm's 36 taps of `tile`."""
-    f = band.shape[2]
     for i in range(6):
-        _a_combinations(band[i, s], band[i, s + 1], band[i, s + 2], band[i, s + 3], dm[6 * i, tile],
-                        dm[6 * i + 1, tile], dm[6 * i + 2, tile], dm[6 * i + 3, tile], dm[6 * i + 4, tile],
-                        dm[6 * i + 5, tile], f)
+        _a_combinations(band, i, s, dm, 6 * i, tile, band.shape[2])
 
 
 @numba.njit(**JIT)
@@ -632,20 +624,24 @@ def output_gradient_tiles_4x4(g, tiles_h, tiles_w, dm):
     """g (n, out_h, out_w, f) -> dm (36, n * tiles_h * tiles_w, f): A dY A^T of every 4x4 block dY of the output
     gradient, zeros past its last row or column (the ragged tiles' outputs were cropped, so had no gradient). A dY
     of a band of 4 rows at once, each of its 6 rows one loop over out_w * f floats (into a band whose columns past
-    the output stay zero), then each tile's columns, one loop over the filters per tap (input_tiles_4x4's order)."""
+    the output stay zero; a last band of fewer rows is copied into a buffer of 4 whose other rows stay zero), then
+    each tile's columns, one loop over the filters per tap (input_tiles_4x4's order)."""
     n, out_h, out_w, f = g.shape
     band = np.zeros((6, 4 * tiles_w, f), g.dtype)
-    rows = band.reshape(6, 4 * tiles_w * f)
+    rows = band.reshape(6, 1, 4 * tiles_w * f)
     length = out_w * f
-    zero = np.zeros(length, g.dtype)
+    edge = np.zeros((1, 4, length), g.dtype)
     for b in range(n):
-        image = g[b].reshape(out_h, length)
+        image = g[b].reshape(1, out_h, length)
         for ti in range(tiles_h):
             r = 4 * ti
-            y1 = image[r + 1] if r + 1 < out_h else zero
-            y2 = image[r + 2] if r + 2 < out_h else zero
-            y3 = image[r + 3] if r + 3 < out_h else zero
-            _gradient_rows_4x4(image[r], y1, y2, y3, rows, length)
+            if r + 4 <= out_h:
+                _a_combinations(image, 0, r, rows, 0, 0, length)
+            else:
+                for p in range(out_h - r):
+                    for k in range(length):
+                        edge[0, p, k] = image[0, r + p, k]
+                _a_combinations(edge, 0, 0, rows, 0, 0, length)
             for tj in range(tiles_w):
                 _gradient_columns_4x4(band, 4 * tj, (b * tiles_h + ti) * tiles_w + tj, dm)
     return dm
@@ -673,29 +669,35 @@ def input_gradient_tiles_4x4(dv, top, left, tiles_h, tiles_w, dx):
             for tj in range(tiles_w):
                 tile = (b * tiles_h + ti) * tiles_w + tj
                 s = 4 * tj
-                for i in range(6):  # dV B^T: row i of the tile's 6 columns
-                    v0, v1, v2 = dv[6 * i, tile], dv[6 * i + 1, tile], dv[6 * i + 2, tile]
-                    v3, v4, v5 = dv[6 * i + 3, tile], dv[6 * i + 4, tile], dv[6 * i + 5, tile]
-                    q0, q1, q2 = band[i, s], band[i, s + 1], band[i, s + 2]
-                    q3, q4, q5 = band[i, s + 3], band[i, s + 4], band[i, s + 5]
+                for i in range(6):  # dV B^T: row i of the tile's 6 columns (indexed: views cost NRT counts)
+                    a = 6 * i
                     if tj == 0:
                         for ch in range(c):
-                            q0[ch] = four * v0[ch]
+                            band[i, s, ch] = four * dv[a, tile, ch]
                         for ch in range(c):
-                            q1[ch] = (four * (v2[ch] - v1[ch]) + two * (v4[ch] - v3[ch])) + four * v5[ch]
+                            band[i, s + 1, ch] = ((four * (dv[a + 2, tile, ch] - dv[a + 1, tile, ch])
+                                                   + two * (dv[a + 4, tile, ch] - dv[a + 3, tile, ch]))
+                                                  + four * dv[a + 5, tile, ch])
                     else:  # the columns the tile before reached
                         for ch in range(c):
-                            q0[ch] += four * v0[ch]
+                            band[i, s, ch] += four * dv[a, tile, ch]
                         for ch in range(c):
-                            q1[ch] += (four * (v2[ch] - v1[ch]) + two * (v4[ch] - v3[ch])) + four * v5[ch]
+                            band[i, s + 1, ch] += ((four * (dv[a + 2, tile, ch] - dv[a + 1, tile, ch])
+                                                    + two * (dv[a + 4, tile, ch] - dv[a + 3, tile, ch]))
+                                                   + four * dv[a + 5, tile, ch])
                     for ch in range(c):
-                        q2[ch] = -((five * v0[ch] + four * (v1[ch] + v2[ch])) + (v3[ch] + v4[ch]))
+                        band[i, s + 2, ch] = -((five * dv[a, tile, ch] + four * (dv[a + 1, tile, ch]
+                                                                                 + dv[a + 2, tile, ch]))
+                                               + (dv[a + 3, tile, ch] + dv[a + 4, tile, ch]))
                     for ch in range(c):
-                        q3[ch] = ((v1[ch] - v2[ch]) + two * (v3[ch] - v4[ch])) - five * v5[ch]
+                        band[i, s + 3, ch] = (((dv[a + 1, tile, ch] - dv[a + 2, tile, ch])
+                                               + two * (dv[a + 3, tile, ch] - dv[a + 4, tile, ch]))
+                                              - five * dv[a + 5, tile, ch])
                     for ch in range(c):
-                        q4[ch] = (v0[ch] + (v1[ch] + v2[ch])) + (v3[ch] + v4[ch])
+                        band[i, s + 4, ch] = ((dv[a, tile, ch] + (dv[a + 1, tile, ch] + dv[a + 2, tile, ch]))
+                                              + (dv[a + 3, tile, ch] + dv[a + 4, tile, ch]))
                     for ch in range(c):
-                        q5[ch] = v5[ch]
+                        band[i, s + 5, ch] = dv[a + 5, tile, ch]
             d0, d1, d2 = rows[0, inside:inside + length], rows[1, inside:inside + length], rows[2, inside:inside + length]
             d3, d4, d5 = rows[3, inside:inside + length], rows[4, inside:inside + length], rows[5, inside:inside + length]
             for p in range(6):  # B (dV B^T): the same combinations down the band's rows
@@ -743,9 +745,10 @@ def pooled_gradient_tiles_4x4(g, arg, y, relu, pool_h, pool_w, tiles_h, tiles_w,
     n, pooled_h, pooled_w, f = g.shape
     width = 4 * tiles_w
     band = np.zeros((6, width, f), g.dtype)
-    rows = band.reshape(6, width * f)
+    rows = band.reshape(6, 1, width * f)
     dy = np.empty((4, width, f), g.dtype)
     flat = dy.reshape(4, width * f)
+    band_dy = dy.reshape(1, 4, width * f)
     zero, one = g.dtype.type(0), g.dtype.type(1)
     across = 4 // pool_h  # pooled rows per band
     for b in range(n):
@@ -762,7 +765,7 @@ def pooled_gradient_tiles_4x4(g, arg, y, relu, pool_h, pool_w, tiles_h, tiles_w,
                         for ch in range(f):
                             v = relu_gate(grad[ch], mask[ch], zero, one) if relu else grad[ch]
                             out[ch] = v if where[ch] == k else zero
-            _gradient_rows_4x4(flat[0], flat[1], flat[2], flat[3], rows, width * f)
+            _a_combinations(band_dy, 0, 0, rows, 0, 0, width * f)
             for tj in range(tiles_w):
                 _gradient_columns_4x4(band, 4 * tj, (b * tiles_h + ti) * tiles_w + tj, dm)
     return dm
