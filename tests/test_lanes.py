@@ -37,6 +37,7 @@ LAYERS = [  # (constructor, input shape): several chunks per call (the conv case
     (lambda: layers.Conv1D(12, 5, padding="causal"), (40, 30, 16)),
     (lambda: layers.Conv2DTranspose(6, 3, strides=2, padding="same"), (20, 10, 10, 16)),
     (lambda: layers.Conv2D(5, 3, padding="same"), (9, 8, 8, 1)),  # few channels: patches kept for backward
+    (lambda: layers.Conv2D(7, 3, strides=2, padding="same", use_bias=False), (11, 13, 10, 8)),  # compiled gather
     (lambda: layers.Conv2D(6, 3, padding="same"), (13, 9, 7, 16)),  # Winograd F(4x4), tiles kept for backward
     (lambda: layers.Conv2D(6, 3), (13, 4, 6, 16)),  # Winograd F(2x2) (2x4 outputs)
     (lambda: layers.MaxPooling2D(2), (7, 12, 10, 5)),

@@ -13,7 +13,9 @@ GRADIENT_CASES = {
                ({"filters": 4, "kernel_size": 3, "groups": 2, "strides": 2, "padding": "same"}, (7, 6), {}),
                ({"filters": 2, "kernel_size": 2, "strides": 2, "padding": "same", "activation": "tanh"}, (7, 3), {}),
                ({"filters": 2, "kernel_size": 3, "padding": "causal", "dilation_rate": 2}, (6, 2), {}),
-               ({"filters": 2, "kernel_size": 3, "use_bias": False}, (5, 9), {})],
+               ({"filters": 2, "kernel_size": 3, "use_bias": False}, (5, 9), {}),
+               # padded, 8 channels or more, no bias: the compiled gather reads the unpadded input
+               ({"filters": 2, "kernel_size": 3, "padding": "causal", "use_bias": False}, (6, 8), {})],
     "Conv2D": [({"filters": f, "kernel_size": k, "strides": s, "padding": p, "dilation_rate": d}, shape, {})
                for (f, k, s, p, d), shape in zip(
                    [(2, 3, 1, "valid", 1), (3, 2, 2, "same", 1), (2, (3, 2), (2, 1), "valid", 1),
@@ -23,6 +25,8 @@ GRADIENT_CASES = {
                  ({"filters": 4, "kernel_size": 3, "groups": 4, "padding": "same", "activation": "tanh"}, (4, 5, 4), {}),
                  ({"filters": 3, "kernel_size": 2, "groups": 3, "use_bias": False, "dilation_rate": 2}, (5, 5, 6),
                   {}),
+                 # the resnet's stride-2 conv: padded, 8 channels or more, no bias (the compiled gather)
+                 ({"filters": 3, "kernel_size": 3, "strides": 2, "padding": "same", "use_bias": False}, (5, 6, 9), {}),
                  # 16 channels: Winograd on the compiled path, at inference and in training (odd outputs)
                  ({"filters": 3, "kernel_size": 3, "padding": "same", "activation": "tanh"}, (5, 4, 16), {}),
                  ({"filters": 2, "kernel_size": 3}, (5, 6, 16), {"training": True})],
