@@ -593,7 +593,7 @@ def output_tiles_mixed_pooled(m44, m42, m24, m22, rows4, rows2, cols4, cols2, bi
 def _a_combinations(y, i, a, t, j, b, length):
     """A's six rows applied to four vectors of `length` floats, y[i, a .. a + 3], into t[j .. j + 5, b], one loop
     each: a band's 4 output rows into 6 (A dY), and a tile's 4 columns into 6 ((A dY) A^T). Indexed with
-    loop-invariant leading indices, no views: a tile's 60 views cost NRT reference counts, which took 2/3 of
+    loop-invariant leading indices, no views: a tile's 60 views cost NRT reference counts, which took 3/4 of
     output_gradient_tiles_4x4's time at f = 32."""
     kind = t.dtype.type
     two, four, eight = kind(2), kind(4), kind(8)

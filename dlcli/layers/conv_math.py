@@ -350,8 +350,8 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, poole
     the transform reads the zeros, no padded copy is made) and a kernel (3, 3, c, f): each 2x2 output block from
     its 4x4 input tile, 16 GEMMs (tiles, c) @ (c, f) over the transformed tiles, a chunk of
     samples at a time (winograd_chunks) on the lanes. In training, `keep` (a dict, {chunk start: its transformed
-    tiles V}) receives each chunk's V for the kernel gradient: 16 * tiles * c floats a sample, 4.6 MB for the book
-    convnet's conv 2 at batch 64, 6.4 MB for each of the resnet's 14x14x32 convs (under im2col's 9 * positions * c).
+    tiles V}) receives each chunk's V for the kernel gradient: (block + 2)^2 * tiles * c floats a sample, at batch
+    64 4.7 MB for each of the resnet's 14x14x32 convs in F(4x4) (6.4 MB in F(2x2), im2col's 9 * positions * c 14.5).
     Thread CPU time per inference pass of 43 samples, one BLAS thread, AMD EPYC at load 6-9, alternating with
     im2col + GEMM: book convnet conv 2 (13x13x32 -> 64) 2.57 -> 2.01 ms, conv 3 (5x5x64 -> 64, 4 tiles for 9
     outputs) 0.446 -> 0.431, the whole pass 4.31 -> 3.71. Of conv 2's 2.0 ms the 16 GEMMs take about 1.0 (100
