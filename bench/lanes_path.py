@@ -5,8 +5,10 @@ about the calling thread's work outside the runs (serial) plus, for each run, it
     DLCLI_DATA_DIR=../shared/datasets python bench/lanes_path.py [convnet|resnet] [--steps 30] [--threads 2]
         [--layers] [--idle]
 
-Prints, medians (and best) over the steps: the calling thread's CPU, its serial part, the runs' longest parts, all
-parts, the estimate (serial + longest parts) and the even split ((serial + all parts) / threads, every part alike).
+Prints, medians (and best) over the steps: the calling thread's CPU, its serial part (outside every lanes run),
+its CPU in the runs besides its own parts (hand-overs, and waits for the lanes while they poll: a spinning wait is
+CPU), the runs' longest parts, all parts, the estimate (serial + longest parts) and the even split ((serial + all
+parts) / threads, every part alike).
 `--layers` adds the same per layer, forward and backward. `--idle`: short parts (lanes.run's `short`) go to the
 lanes as on a machine with a core to spare, with no polling (the lanes sleep between runs), where a busy machine
 would keep them on the calling thread. Thread CPU includes what the other jobs' caches and memory traffic cost, not
@@ -29,12 +31,12 @@ from common import config_model, mnist_train  # noqa: E402
 
 from dlcli.engine import lanes  # noqa: E402
 
-COLUMNS = ("calling thread", "serial", "longest parts", "all parts")
+COLUMNS = ("calling thread", "serial", "hand-overs", "longest parts", "all parts")
 
 
 def timed_step(model, x, y):
-    """step() -> {layer pass or "step": [calling thread, serial, longest parts, all parts] in seconds}."""
-    caller, current, record = threading.get_ident(), ["step"], defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+    """step() -> {layer pass or "step": [calling thread, serial, hand-overs, longest parts, all parts] in seconds}."""
+    caller, current, record = threading.get_ident(), ["step"], defaultdict(lambda: [0.0] * len(COLUMNS))
     run = lanes.run
 
     def timed_run(work, parts, short=False):
@@ -45,12 +47,14 @@ def timed_step(model, x, y):
             out = list(work(share))
             times.append((threading.get_ident() == caller, time.thread_time() - start))
             return out
+        start = time.thread_time()
         out = run(timed, parts, short)
-        own = sum(t for mine, t in times if mine)
+        spent, own = time.thread_time() - start, sum(t for mine, t in times if mine)
         for key in {current[0], "step"}:
-            record[key][1] -= own
-            record[key][2] += max(t for _, t in times)
-            record[key][3] += sum(t for _, t in times)
+            record[key][1] -= spent
+            record[key][2] += spent - own
+            record[key][3] += max(t for _, t in times)
+            record[key][4] += sum(t for _, t in times)
         return out
     lanes.run = timed_run
 
@@ -97,8 +101,8 @@ def main():
             step()
         steps = [step() for _ in range(args.steps)]
     whole = [s["step"] for s in steps]
-    estimate = [serial + longest for _, serial, longest, _ in whole]
-    even = [(serial + every) / args.threads for _, serial, _, every in whole]
+    estimate = [serial + longest for _, serial, _, longest, _ in whole]
+    even = [(serial + every) / args.threads for _, serial, _, _, every in whole]
     print(f"load average {os.getloadavg()[0]:.1f}; {args.threads} thread(s){', idle hand-overs' if args.idle else ''}; "
           f"thread CPU ms a step, median (best) of {args.steps}")
     for name, values in zip(COLUMNS, zip(*whole)):
@@ -108,7 +112,8 @@ def main():
     if args.layers:
         print(f"  {'layer pass':28s} " + " ".join(f"{c:>14s}" for c in COLUMNS))
         for key in (k for k in steps[0] if k != "step"):
-            medians = [statistics.median(s.get(key, [0.0] * 4)[i] for s in steps) * 1e3 for i in range(4)]
+            medians = [statistics.median(s.get(key, [0.0] * len(COLUMNS))[i] for s in steps) * 1e3
+                       for i in range(len(COLUMNS))]
             print(f"  {key:28s} " + " ".join(f"{m:14.3f}" for m in medians))
 
 
