@@ -698,8 +698,9 @@ def input_gradient_tiles_4x4(dv, top, left, tiles_h, tiles_w, dx):
                                               + (dv[a + 3, tile, ch] + dv[a + 4, tile, ch]))
                     for ch in range(c):
                         band[i, s + 5, ch] = dv[a + 5, tile, ch]
-            d0, d1, d2 = rows[0, inside:inside + length], rows[1, inside:inside + length], rows[2, inside:inside + length]
-            d3, d4, d5 = rows[3, inside:inside + length], rows[4, inside:inside + length], rows[5, inside:inside + length]
+            lo, hi = inside, inside + length
+            d0, d1, d2 = rows[0, lo:hi], rows[1, lo:hi], rows[2, lo:hi]
+            d3, d4, d5 = rows[3, lo:hi], rows[4, lo:hi], rows[5, lo:hi]
             for p in range(6):  # B (dV B^T): the same combinations down the band's rows
                 r = 4 * ti - top + p
                 if r < 0 or r >= height:
@@ -737,11 +738,11 @@ def input_gradient_tiles_4x4(dv, top, left, tiles_h, tiles_w, dx):
 
 @numba.njit(**JIT)
 def pooled_gradient_tiles_4x4(g, arg, y, relu, pool_h, pool_w, tiles_h, tiles_w, dm):
-    """The backward of output_tiles_mixed_pooled in training (every block 4x4): g (n, pooled_h, pooled_w, f), the pooled output's
-    gradient, times y > 0 where `relu` (its output y: the ReLU's mask), goes to where `arg` says each maximum came
-    from, zeros elsewhere, and each 4x4 block of that conv-output gradient to dm (36, n * tiles_h * tiles_w, f) as
-    output_gradient_tiles_4x4 takes it, the same bits as pooling.max_pool_backward followed by it: each band of 4
-    output rows is made in a buffer (in L1) and never written out whole."""
+    """The backward of output_tiles_mixed_pooled in training (every block 4x4): g (n, pooled_h, pooled_w, f), the
+    pooled output's gradient, times y > 0 where `relu` (its output y: the ReLU's mask), goes to where `arg` says each
+    maximum came from, zeros elsewhere, and each 4x4 block of that conv-output gradient to dm (36, n * tiles_h *
+    tiles_w, f) as output_gradient_tiles_4x4 takes it, the same bits as pooling.max_pool_backward followed by it: each
+    band of 4 output rows is made in a buffer (in L1) and never written out whole."""
     n, pooled_h, pooled_w, f = g.shape
     width = 4 * tiles_w
     band = np.zeros((6, width, f), g.dtype)
@@ -864,13 +865,15 @@ def input_gradient_tiles_3x3(dv, top, left, tiles_h, tiles_w, dx):
                                 out[ch] += two * s[0, q, ch]
                         elif p == 1:
                             for ch in range(c):
-                                out[ch] += two * ((s[2, q, ch] - s[1, q, ch]) + s[4, q, ch]) - (s[0, q, ch] + s[3, q, ch])
+                                out[ch] += (two * ((s[2, q, ch] - s[1, q, ch]) + s[4, q, ch])
+                                            - (s[0, q, ch] + s[3, q, ch]))
                         elif p == 2:
                             for ch in range(c):
                                 out[ch] += -((two * s[0, q, ch] + s[1, q, ch]) + (three * s[2, q, ch] + s[4, q, ch]))
                         elif p == 3:
                             for ch in range(c):
-                                out[ch] += ((s[0, q, ch] + s[1, q, ch]) + (s[2, q, ch] + s[3, q, ch])) - two * s[4, q, ch]
+                                out[ch] += (((s[0, q, ch] + s[1, q, ch]) + (s[2, q, ch] + s[3, q, ch]))
+                                            - two * s[4, q, ch])
                         else:
                             for ch in range(c):
                                 out[ch] += s[4, q, ch]
