@@ -748,15 +748,14 @@ def pooled_gradient_tiles_4x4(g, arg, y, relu, pool_h, pool_w, tiles_h, tiles_w,
     band = np.zeros((6, width, f), g.dtype)
     rows = band.reshape(6, 1, width * f)
     dy = np.empty((4, width, f), g.dtype)
-    flat = dy.reshape(4, width * f)
-    band_dy = dy.reshape(1, 4, width * f)
+    band_dy = dy.reshape(1, 4, width * f)  # as _a_combinations indexes it
     zero, one = g.dtype.type(0), g.dtype.type(1)
     across = 4 // pool_h  # pooled rows per band
     for b in range(n):
         for ti in range(tiles_h):
             for r in range(4):
                 for k in range(width * f):
-                    flat[r, k] = zero
+                    band_dy[0, r, k] = zero
             for wi in range(min(across, pooled_h - ti * across)):
                 i = ti * across + wi
                 for j in range(pooled_w):

@@ -121,7 +121,7 @@ class _Conv(_Windowed):
             z = cm.winograd_conv(x, self.kernel.value, bias, self.out_sizes, self.pads, self.tiles,
                                  self.winograd_block if training else None, u=self.winograd_u)
             return activations.activate_owned(self, z) if pool is None else self._pool_own_output(z, pool, relu)
-        self.xp_shape = (len(x), *(n + a + b for n, (a, b) in zip(x.shape[1:-1], self.pads)), x.shape[-1])
+        self.xp_shape = cm.padded_shape(x.shape, self.pads)
         if self.groups > 1:
             return self._grouped_forward(cm.pad(x, self.pads))
         if in_pass:

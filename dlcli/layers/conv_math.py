@@ -101,10 +101,14 @@ def pad(x, pads, value=0.0):
     """x padded on its spatial axes with `value` (a new array; x itself when nothing is padded)."""
     if not any(a or b for a, b in pads):
         return x
-    shape = (x.shape[0], *(n + a + b for n, (a, b) in zip(x.shape[1:-1], pads)), x.shape[-1])
-    xp = np.full(shape, value, x.dtype)
+    xp = np.full(padded_shape(x.shape, pads), value, x.dtype)
     xp[interior(pads, x.shape)] = x
     return xp
+
+
+def padded_shape(shape, pads) -> tuple:
+    """The shape of pad(x, pads) for x of `shape` (batch, *spatial, channels)."""
+    return (shape[0], *(n + a + b for n, (a, b) in zip(shape[1:-1], pads)), shape[-1])
 
 
 def interior(pads, shape) -> tuple:
