@@ -12,13 +12,13 @@ from dlcli import optimizers as optimizers_module
 from dlcli.data.dataset import Dataset
 from dlcli.data.source import ArraySource, Source, as_source, batch_indices
 from dlcli.data.split import first_target, split_indices
-from dlcli.engine import blas
 from dlcli.engine.graph import Graph, Input, InputLayer, SymbolicTensor, inference_passes
 from dlcli.engine.layer import Layer, assign_weights, build_seeded, format_shape, numpy_dtype
 from dlcli.errors import ConfigError, DlcliError, ShapeError
 from dlcli.registry import did_you_mean
 
 INFERENCE_BYTES = 4 * 2**20
+PREDICT_ROWS = 128  # at most, a predict pass's samples (Model._prediction_rows)
 
 
 class Model:
@@ -253,43 +253,49 @@ class Model:
 
     def predict(self, x, batch_size=32, verbose=0):
         """Outputs for `x` (arrays, or a Source of inputs), computed batch by batch (an array, or a list for
-        several outputs)."""
+        several outputs). The same bits whatever `batch_size` (Keras' argument, kept for its callers) and the BLAS
+        thread count: the passes are PREDICT_ROWS sized by the shapes alone (_prediction_rows), the last one padded
+        with copies of its last sample, so every product sees the same row counts and each sample the same row in
+        them (OpenBLAS' Haswell kernels round a row by both)."""
         source = x if isinstance(x, Source) else ArraySource(self._inputs_list(x))
+        n, rows = len(source), self._prediction_rows()
         chunks = [[] for _ in self.outputs]
-        with source.batches(batch_indices(len(source), min(batch_size, self._inference_rows(len(source))))) as inputs:
-            for outs in inference_passes(self.graph, inputs):
+        with source.batches(batch_indices(n, rows)) as inputs:
+            padded = ([a if len(a) == rows else a[np.minimum(np.arange(rows), len(a) - 1)] for a in xb]
+                      for xb in inputs)
+            for outs in inference_passes(self.graph, padded):
                 for c, o in zip(chunks, outs):
                     c.append(o)
-        results = [np.concatenate(c) if c else np.empty((0,) + t.shape, np.float32)
+        results = [np.concatenate(c)[:n] if c else np.empty((0,) + t.shape, np.float32)
                    for c, t in zip(chunks, self.outputs)]
         return results[0] if len(results) == 1 else results
 
-    def _inference_rows(self, samples: int | None = None) -> int:
-        """Samples per forward pass at inference: about INFERENCE_BYTES of the largest activation a pass writes, so its
-        intermediates stay in cache. No layer mixes samples at inference, so any pass size gives the same outputs up to
-        BLAS's rounding, which may depend on a product's row count: OpenBLAS's Haswell kernels gave 468 of the book
-        convnet's 512 predictions other last bits in passes of 171 (one thread) than of 128 (two), its SkylakeX kernels
-        none (12 between batches of 100 and 512). Predict at batch 512 in one process, one pass against passes of 48-64:
-        the book convnet 88-90 -> 46-62 ms per batch, the resnet 320 -> 216-250. An output a conv pools in its own pass
+    def _inference_rows(self) -> int:
+        """Samples per forward pass at inference (evaluate's, a served batch's most): about INFERENCE_BYTES of the
+        largest activation a pass writes, so its intermediates stay in cache. An output a conv pools in its own pass
         is never written whole, so it does not count: the book convnet's largest is then its first pooled output, 193
         images a pass, where its first conv's output gave 48 (one thread, thread CPU per batch of 512, AMD EPYC at load
         9, best of 7: passes of 43 28.4 ms, 86 27.2, 128 25.8, 256 26.4; its conv 3 4.2 -> 3.1 ms and Dense layers 1.3
-        -> 0.8 at 128: fewer, larger GEMMs and calls). Given `samples` (predict's, whose passes run side by side, one
-        per BLAS thread in inference_passes) the passes are made equal and their count a multiple of the threads, so no
-        thread runs a pass more than the others while they wait: 512 samples at 193 rows are 4 passes of 128, not 3. A
-        served batch of 40 is one pass per thread."""
+        -> 0.8 at 128: fewer, larger GEMMs and calls). No layer mixes samples at inference, so any pass size gives the
+        same outputs up to BLAS's rounding, which depends on a product's row count and a row's place in it: OpenBLAS's
+        Haswell kernels gave 468 of the book convnet's 512 predictions other last bits in passes of 171 than of 128,
+        its SkylakeX kernels a lone sample's (predict's passes are sized for that, _prediction_rows)."""
         graph = self._require_graph()
         if self._pass_rows[0] is not graph:
             sizes = [int(np.prod(t.shape)) * numpy_dtype(t.dtype).itemsize for node in graph.nodes
                      for t in node.outputs if None not in t.shape and graph.written_at_inference(t)]
             self._pass_rows = (graph, max(INFERENCE_BYTES // max(sizes, default=1), 1))
-        rows = self._pass_rows[1]
-        if samples is None:
-            return rows
-        lanes = blas.threads()
-        passes = -(-samples // rows)
-        passes = -(-passes // lanes) * lanes
-        return max(-(-samples // passes), 1)
+        return self._pass_rows[1]
+
+    def _prediction_rows(self) -> int:
+        """Samples per predict pass: the largest power of two within _inference_rows and PREDICT_ROWS, from the shapes
+        alone, so a prediction's bits do not depend on the batch size or the threads (predict). A power of two splits
+        the usual batches (512) into equal passes, as many per thread on 1, 2 or 4 threads; the 193 rows the
+        cache rule gives the book convnet ran 13-15% slower than 128 or 256 (one thread, thread CPU per 512
+        samples, best of 7, AMD EPYC at load 3: Haswell 15.5 against 13.7 and 13.2 ms, SkylakeX 11.4 against 10.0
+        and 9.6). PREDICT_ROWS bounds what a small predict pads its one pass to: the book MLP's passes of 128 cost
+        3-5% more than of 1,024 per sample (3.75 / 2.13 against 3.57 / 1.93 ms per 512, Haswell / SkylakeX)."""
+        return 1 << (min(self._inference_rows(), PREDICT_ROWS).bit_length() - 1)
 
     def __call__(self, x, training=False):
         outs = self.graph.forward(self._inputs_list(x), training)

@@ -86,21 +86,25 @@ def test_an_output_a_conv_pools_in_its_own_pass_does_not_size_the_passes(monkeyp
         np.testing.assert_allclose(model.predict(x, batch_size=50), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_predict_splits_a_small_batch_evenly_over_the_blas_threads(monkeypatch):
-    """A served batch smaller than a pass per thread is split into one pass per thread, not one pass for all."""
+def test_predict_gives_the_same_bits_whatever_the_batch_size_and_the_threads(monkeypatch):
+    """Passes of a size the shapes alone fix, the last one padded: OpenBLAS' Haswell kernels round a product's row
+    by the row count and the row's place, so passes sized by the batch or the threads gave other last bits."""
     from dlcli.engine import blas
 
-    model = models.Sequential([layers.Conv2D(4, 3, activation="relu", input_shape=(8, 8, 1)), layers.Flatten(),
-                               layers.Dense(3)])
-    model.build()
+    model = models.Sequential([layers.Conv2D(8, 3, activation="relu", input_shape=(12, 12, 1)), layers.Flatten(),
+                               layers.Dense(64, activation="relu"), layers.Dense(3)])
+    model.build(rng=np.random.default_rng(0))
+    rows = model._prediction_rows()
+    assert rows == min(models.PREDICT_ROWS, 1 << (model._inference_rows().bit_length() - 1))
+    x = np.random.default_rng(0).normal(size=(2 * rows + 5, 12, 12, 1)).astype(np.float32)
+    one = model.predict(x, batch_size=512)
+    assert one.shape == (len(x), 3)
+    np.testing.assert_allclose(one, model(x), rtol=1e-5, atol=1e-6)
+    for batch_size in (1, 100):
+        np.testing.assert_array_equal(model.predict(x, batch_size=batch_size), one)
+    np.testing.assert_array_equal(model.predict(x[:7]), one[:7])
     monkeypatch.setattr(blas, "threads", lambda: 2)
-    assert model._inference_rows(40) == 20 and model._inference_rows(1) == 1 and model._inference_rows(3) == 2
-    rows = model._inference_rows()  # evaluate's passes; a large predict's are as many equal ones per thread
-    big = model._inference_rows(10**6)
-    assert 0.98 * rows <= big <= rows and -(-10**6 // big) % 2 == 0
-    assert model._inference_rows(rows * 5) == -(-rows * 5 // 6)  # 5 passes were 3 on one thread, 2 on the other
-    x = np.random.default_rng(0).normal(size=(40, 8, 8, 1)).astype(np.float32)
-    np.testing.assert_allclose(model.predict(x, batch_size=40), model(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(model.predict(x, batch_size=100), one)
 
 
 def test_predict_passes_on_graph_replicas_in_threads_give_the_serial_outputs(monkeypatch):
@@ -119,13 +123,14 @@ def test_predict_passes_on_graph_replicas_in_threads_give_the_serial_outputs(mon
     for p in model.weights:  # moving statistics away from 0 and 1
         p.value[...] = rng.normal(0.5, 0.3, p.value.shape)
     xs = [rng.normal(size=(50, 8, 8, 2)).astype(np.float32), rng.integers(0, 9, (50, 6))]
-    serial = model.predict(xs, batch_size=4)
+    monkeypatch.setattr(models, "PREDICT_ROWS", 4)  # 13 passes, the last padded
+    serial = model.predict(xs)
     replica = model.graph.replica()
     twin = replica.layers[0]
     assert twin is not model.layers[0] and twin.kernel is model.layers[0].kernel  # own caches, shared weights
     assert twin.activation is not model.layers[0].activation
     monkeypatch.setattr(blas, "threads", lambda: 3)
-    np.testing.assert_allclose(model.predict(xs, batch_size=4), serial, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(model.predict(xs), serial)
 
 
 def test_a_slow_pass_does_not_stall_the_other_threads(monkeypatch):
@@ -152,7 +157,8 @@ def test_a_slow_pass_does_not_stall_the_other_threads(monkeypatch):
         return forward(self, xs, *a, **k)
     monkeypatch.setattr(graph.Graph, "forward", held)
     monkeypatch.setattr(blas, "threads", lambda: 2)
-    y = model.predict(x, batch_size=4)
+    monkeypatch.setattr(models, "PREDICT_ROWS", 4)  # passes of 4 samples
+    y = model.predict(x)
     assert seen[0] != 0 and seen.index(0) >= 5  # five passes ran while the first was held
     np.testing.assert_allclose(y, x @ model.layers[0].kernel.value + model.layers[0].bias.value, rtol=1e-6)
 
@@ -174,9 +180,10 @@ def test_predict_starts_its_pass_threads_once_and_makes_replicas_on_them(monkeyp
                         or replica(self))
     monkeypatch.setattr(graph.Graph, "forward", lambda *a, **k: time.sleep(0.01) or forward(*a, **k))  # overlap
     monkeypatch.setattr(blas, "threads", lambda: 2)
+    monkeypatch.setattr(models, "PREDICT_ROWS", 4)
     pass_threads = []
     for _ in range(2):
-        y = model.predict(x, batch_size=4)
+        y = model.predict(x)
         np.testing.assert_allclose(y, x @ model.layers[0].kernel.value + model.layers[0].bias.value, rtol=1e-6)
         pass_threads.append({t.ident for t in threading.enumerate() if t.name.startswith("dlcli-infer")})
     assert pass_threads[0] and pass_threads[0] == pass_threads[1]

@@ -220,8 +220,9 @@ def test_predict_fuses_and_gives_the_outputs_of_the_layers_as_written(monkeypatc
         return pooled_conv(*args)
     monkeypatch.setattr(cm, "pooled_conv", counted)
     monkeypatch.setattr(blas, "threads", lambda: 2)
-    np.testing.assert_allclose(fused.predict(x, batch_size=7), plain(x), rtol=1e-5, atol=1e-6)
-    assert sum(calls) == 30 and conv.pool_after is pool and pool.pooled_before
+    monkeypatch.setattr(models, "PREDICT_ROWS", 8)
+    np.testing.assert_allclose(fused.predict(x), plain(x), rtol=1e-5, atol=1e-6)
+    assert sum(calls) == 32 and conv.pool_after is pool and pool.pooled_before
     assert fused.evaluate(x, y, batch_size=7) == pytest.approx(plain.evaluate(x, y, batch_size=7), rel=1e-6)
     monkeypatch.setattr(blas, "threads", lambda: 1)
     plain.graph.poolable_in_training = set()  # its step runs the conv and the pooling apart
@@ -391,13 +392,14 @@ def test_predict_pools_a_winograd_conv_s_output_as_the_layers_written(monkeypatc
         kernel = compiled.output_tiles_mixed_pooled
         monkeypatch.setattr(compiled, "output_tiles_mixed_pooled", lambda m, *a: calls.append(len(m)) or kernel(m, *a))
     monkeypatch.setattr(blas, "threads", lambda: 2)
-    predicted = model.predict(x, batch_size=7)
+    monkeypatch.setattr(models, "PREDICT_ROWS", 8)
+    predicted = model.predict(x)
     assert conv.pool_after is pool and pool.pooled_before and bool(calls) == (fused and path == "numba")
     plain = model(x)
     np.testing.assert_allclose(predicted, plain, rtol=1e-6, atol=1e-7)
     if path == "numba":
         monkeypatch.setenv("DLCLI_KERNELS", "numpy")
-        np.testing.assert_allclose(predicted, model.predict(x, batch_size=7), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(predicted, model.predict(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("side,fused", [(20, True), (16, False)])
