@@ -90,6 +90,7 @@ class ImageFolderSource(Source):
     def __init__(self, files: list[Path], image_size, color_mode: str, interpolation: str,
                  crop_to_aspect_ratio: bool, cache: str, workers: int, prefetch: int):
         self.files, self.color_mode, self.interpolation = files, color_mode, interpolation
+        self.paths = png.Paths(files)  # as the compiled reader takes them
         self.crop = crop_to_aspect_ratio
         self.size = tuple(image_size)
         self.channels = COLOR_MODES[color_mode][1]
@@ -131,7 +132,7 @@ class ImageFolderSource(Source):
         if len(todo):
             start = time.perf_counter()
             decoded = out if len(todo) == len(idx) else np.empty((len(todo), *out.shape[1:]), np.float32)
-            left = png.decode([self.files[i] for i in idx[todo]], self.color_mode, decoded)
+            left = png.decode(self.paths, idx[todo], self.color_mode, decoded)
             if decoded is not out:
                 out[todo] = decoded
             for j in todo[left]:  # not a PNG of the run's size and mode: Pillow decodes it (or names what is wrong)

@@ -1,11 +1,13 @@
 """The image folder's fast path for its commonest file: an 8-bit, non-interlaced PNG already of the run's image_size
 and color_mode (what `dlcli data to-folder` writes, and most thumbnail datasets). Pillow spends ~30 us of a 28x28
-MNIST PNG's ~55 (one thread, AMD EPYC, load ~9) opening, probing and setting up its decoder; here Python reads each
-file with one system call and one compiled call (kernels/png.py) decodes the whole batch into the batch's own
-array: chunks, inflate, row filters; ~10 us a file in all, half of it reading. The pixels are Pillow's, bit for bit
-(tests/data/test_png.py). Any other file, and anything unexpected in one (a bad checksum is not looked for: Pillow
-does not check IDAT's either), is left to Pillow, which decodes it or names what is wrong; so is every file when the
-compiled kernels do not run."""
+MNIST PNG's ~55 (one thread, AMD EPYC, load ~9) opening, probing and setting up its decoder; here one compiled call
+(kernels/png.py) reads and decodes the whole batch into the batch's own array, without the GIL: open, read, close,
+chunks, inflate, row filters; ~8 us a file in all, half of it the system calls. The pixels are Pillow's, bit for bit
+(tests/data/test_png.py). Any other file, one that cannot be read, and anything unexpected in one (a bad checksum is
+not looked for: Pillow does not check IDAT's either), is left to Pillow, which decodes it or names what is wrong; so
+is every file when the compiled kernels do not run, or where the C library has no open/read/close to call (not a
+POSIX system)."""
+import ctypes
 import os
 
 import numpy as np
@@ -15,42 +17,48 @@ from dlcli import kernels
 COLOR_TYPES = {"grayscale": (0, 1), "rgb": (2, 3), "rgba": (6, 4)}  # color_mode -> (PNG colour type, channels)
 
 
-def decode(files: list, color_mode: str, out: np.ndarray) -> list[int]:
-    """The pixels of the files this path decodes into out (len(files), height, width, channels), uint8 or float32
-    and C-contiguous; returns the positions of those it leaves to Pillow (their pixels unset)."""
+class Paths:
+    """Files' paths as the C library takes them, made once per source: NUL-terminated bytes one after the other in
+    one array, path i from starts[i]."""
+
+    def __init__(self, files: list):
+        encoded = [os.fsencode(f) + b"\0" for f in files]
+        self.starts = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(e) for e in encoded], out=self.starts[1:])
+        self.data = np.frombuffer(b"".join(encoded), np.uint8)
+
+    def __len__(self):
+        return len(self.starts) - 1
+
+
+def decode(paths: Paths, index: np.ndarray, color_mode: str, out: np.ndarray) -> list[int]:
+    """The pixels of the files paths[index] this path decodes into out (len(index), height, width, channels), uint8
+    or float32 and C-contiguous; returns the positions in index of those it leaves to Pillow (their pixels unset)."""
     color_type, channels = COLOR_TYPES[color_mode]
     n, height, width, _ = out.shape
-    compiled = kernels.compiled("png")
-    if compiled is None or height * width > (_pillow_pixel_limit() or height * width):
+    compiled, calls = kernels.compiled("png"), _calls()
+    if compiled is None or calls is None or height * width > (_pillow_pixel_limit() or height * width):
         return list(range(n))  # Pillow warns of, or refuses, a possible decompression bomb
-    blobs = [_read(f) for f in files]
-    bounds = np.zeros(n + 1, np.int64)
-    np.cumsum([len(b) for b in blobs], out=bounds[1:])
-    data = np.frombuffer(b"".join(blobs), np.uint8)
-    done = compiled.decode(data, bounds, out.reshape(n, height, width * channels), color_type, channels)
+    done = compiled.decode(paths.data, paths.starts, np.asarray(index, np.int64), calls,
+                           out.reshape(n, height, width * channels), color_type, channels)
     return np.flatnonzero(done == 0).tolist()
 
 
-def _read(file) -> bytes:
-    """A file's bytes by plain system calls (4 us for a 300-byte PNG where open().read() takes 8), b"" where it
-    cannot be read (Pillow names the problem). One read: a regular file is read short only at its end, and a file
-    read short anyway ends before its IEND, so the kernel leaves it to Pillow."""
-    try:
-        fd = os.open(file, os.O_RDONLY)
-    except OSError:
-        return b""
-    try:
-        data = os.read(fd, 1 << 16)
-        if len(data) == 1 << 16:
-            chunks = [data]
-            while chunks[-1]:
-                chunks.append(os.read(fd, 1 << 20))
-            data = b"".join(chunks)
-        return data
-    except OSError:
-        return b""
-    finally:
-        os.close(fd)
+_addresses: object = ()  # not yet looked up
+
+
+def _calls() -> np.ndarray | None:
+    """The C library's open, read and close by address and open's flags (read-only, closed on exec as Python opens
+    files), or None where there is no such library."""
+    global _addresses
+    if isinstance(_addresses, tuple):
+        try:
+            libc = ctypes.CDLL(None)
+            _addresses = np.array([ctypes.cast(f, ctypes.c_void_p).value for f in (libc.open, libc.read, libc.close)]
+                                  + [os.O_RDONLY | os.O_CLOEXEC], np.int64)
+        except (OSError, AttributeError, TypeError):
+            _addresses = None
+    return _addresses
 
 
 def _pillow_pixel_limit() -> int | None:

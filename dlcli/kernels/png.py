@@ -1,18 +1,23 @@
-"""A batch of PNG files decoded in one compiled call, without the GIL: each file's chunks are walked, its IDAT data
-inflated (RFC 1950 zlib around RFC 1951 DEFLATE, the Adler-32 checked, as zlib.decompress does) and its row
-filters undone (the PNG specification, section 9) straight into the batch's pixels. Python's share per file is
-reading its bytes; zlib through Python, struct and the per-file arrays took ~9 us of a 28x28 MNIST PNG's ~13.
+"""A batch of PNG files read and decoded in one compiled call, without the GIL: each file is opened and read by the
+C library's open/read/close (called by address), its chunks walked, its IDAT data inflated (RFC 1950 zlib around
+RFC 1951 DEFLATE, the Adler-32 checked, as zlib.decompress does) and its row filters undone (the PNG specification,
+section 9) straight into the batch's pixels. Python's share is one call per batch: read by Python between the
+kernel's calls, each file's ~0.7 us of Python and its three system calls' returns took the GIL ~200 times a batch
+from the training thread, whose every wait for it is a sleep and a wake.
 
 A file is decoded here only when everything in it is as expected (8 bits, not interlaced, the run's size and
-colour type, a complete stream whose length is exactly the rows'); for anything else the kernel says no and the
-caller leaves the file to Pillow, which decodes it or names what is wrong. Saying no is always safe, so every
-doubtful case (an incomplete Huffman code zlib would reject, a distance before the first byte, data past the end)
-is a no. Its reference is Pillow's PNG decoder, not a NumPy twin: data/png.py decodes with Pillow whenever this
-module does not run (DLCLI_KERNELS=numpy, no numba), and the tests compare the two bit for bit (and the inflate
-with zlib's on valid and damaged streams).
+colour type, a complete stream whose length is exactly the rows'); for anything else, and a file that cannot be
+opened or read, the kernel says no and the caller leaves the file to Pillow, which decodes it or names what is
+wrong. Saying no is always safe, so every doubtful case (an incomplete Huffman code zlib would reject, a distance
+before the first byte, data past the end) is a no. Its reference is Pillow's PNG decoder, not a NumPy twin:
+data/png.py decodes with Pillow whenever this module does not run (DLCLI_KERNELS=numpy, no numba), and the tests
+compare the two bit for bit (and the inflate with zlib's on valid and damaged streams).
 """
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
 SIGNATURE = np.frombuffer(b"\x89PNG\r\n\x1a\n", np.uint8)
 IHDR, IDAT, IEND, ACTL, FCTL = (int.from_bytes(k, "big") for k in (b"IHDR", b"IDAT", b"IEND", b"acTL", b"fcTL"))
@@ -30,21 +35,23 @@ TABLE_BITS = 9  # codes up to this long are one table look-up; longer ones (rare
 
 
 @numba.njit(cache=True, nogil=True)
-def decode(data, bounds, out, color_type, channels):
-    """data uint8: the files' bytes one after the other, file i at data[bounds[i]:bounds[i + 1]] -> out (n, height,
-    width * channels), uint8 or float32: the pixels of each file this path decodes. Returns uint8 (n,) 1 where
-    decoded, 0 where the file is left to the caller (its row of out unset)."""
+def decode(paths, starts, index, calls, out, color_type, channels):
+    """paths uint8: NUL-terminated file paths, path f at paths[starts[f]:], the batch's files `index` -> out (n,
+    height, width * channels), uint8 or float32: the pixels of each file this path decodes. calls: the addresses of
+    open, read and close and open's flags. Returns uint8 (n,) 1 where decoded, 0 where the file is left to the
+    caller (its row of out unset)."""
     n, height, stride = out.shape
     done = np.zeros(n, np.uint8)
-    longest = 0
-    for i in range(n):
-        longest = max(longest, bounds[i + 1] - bounds[i])
-    compressed = np.empty(longest, np.uint8)
+    data = np.empty(1 << 12, np.uint8)  # one file's bytes, grown to the largest file
+    compressed = np.empty(len(data), np.uint8)
     raw = np.empty((height, 1 + stride), np.uint8)
     zeros = np.zeros(1 + stride, np.uint8)
     tables, counts, symbols, lengths, scratch = _workspace()
     for i in range(n):
-        m = _idat(data, bounds[i], bounds[i + 1], stride // channels, height, color_type, compressed)
+        size, data = _read(paths, starts[index[i]], calls, data)
+        if len(compressed) < len(data):
+            compressed = np.empty(len(data), np.uint8)
+        m = _idat(data, size, stride // channels, height, color_type, compressed) if size >= 0 else -1
         if (m >= 0 and _inflate(compressed, m, raw.reshape(-1), tables, counts, symbols, lengths, scratch)
                 and _unfilter(raw, channels, zeros)):
             for r in range(height):
@@ -52,6 +59,67 @@ def decode(data, bounds, out, color_type, channels):
                     out[i, r, k] = raw[r, 1 + k]
             done[i] = 1
     return done
+
+
+@numba.njit(cache=True, nogil=True)
+def _read(paths, start, calls, data):
+    """(the file's size, data holding its bytes) for the path at paths[start:] read whole, data grown (doubled) when
+    the file does not fit; size -1 where it cannot be opened or read (Pillow names the problem)."""
+    fd = _open(calls[0], paths, start, calls[3])
+    if fd < 0:
+        return -1, data
+    size = 0
+    while True:
+        if size == len(data):
+            grown = np.empty(2 * len(data), np.uint8)
+            grown[:size] = data
+            data = grown
+        got = _read_into(calls[1], fd, data, size)
+        if got <= 0:
+            break
+        size += got
+    _close(calls[2], fd)
+    return (size if got == 0 else -1), data
+
+
+@intrinsic
+def _open(typingctx, fn, paths, start, flags):
+    """open(&paths[start], flags) at address fn (declared variadic, as open is): the descriptor, or -1."""
+    def codegen(context, builder, sig, args):
+        fn_v, paths_v, start_v, flags_v = args
+        i32, ptr = ir.IntType(32), ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(i32, [ptr, i32], var_arg=True)
+        path = builder.gep(context.make_array(sig.args[1])(context, builder, paths_v).data, [start_v])
+        return builder.call(builder.inttoptr(fn_v, fnty.as_pointer()),
+                            [builder.bitcast(path, ptr), builder.trunc(flags_v, i32)])
+
+    return types.int32(fn, paths, start, flags), codegen
+
+
+@intrinsic
+def _read_into(typingctx, fn, fd, data, start):
+    """read(fd, &data[start], len(data) - start) at address fn: the bytes read, 0 at the file's end, -1 on error."""
+    def codegen(context, builder, sig, args):
+        fn_v, fd_v, data_v, start_v = args
+        size_t, ptr = context.get_value_type(types.intp), ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(size_t, [ir.IntType(32), ptr, size_t])
+        array = context.make_array(sig.args[2])(context, builder, data_v)
+        room = builder.sub(builder.extract_value(array.shape, 0), start_v)
+        return builder.call(builder.inttoptr(fn_v, fnty.as_pointer()),
+                            [builder.trunc(fd_v, ir.IntType(32)), builder.bitcast(builder.gep(array.data, [start_v]),
+                                                                                  ptr), room])
+
+    return types.intp(fn, fd, data, start), codegen
+
+
+@intrinsic
+def _close(typingctx, fn, fd):
+    """close(fd) at address fn."""
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.IntType(32), [ir.IntType(32)])
+        return builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [builder.trunc(args[1], ir.IntType(32))])
+
+    return types.int32(fn, fd), codegen
 
 
 @numba.njit(cache=True, nogil=True)
@@ -81,19 +149,20 @@ def _u32(data, pos):
 
 
 @numba.njit(cache=True, nogil=True)
-def _idat(data, start, end, width, height, color_type, compressed):
-    """The length of a PNG's IDAT data, joined into `compressed`, when it is 8 bits, not interlaced, `width` x
-    `height` of `color_type`, not animated (Pillow knows which frame comes first) and complete up to IEND; else -1."""
-    if end - start < 33:
+def _idat(data, end, width, height, color_type, compressed):
+    """The length of the IDAT data of the PNG in data[:end], joined into `compressed`, when it is 8 bits, not
+    interlaced, `width` x `height` of `color_type`, not animated (Pillow knows which frame comes first) and
+    complete up to IEND; else -1."""
+    if end < 33:
         return -1
     for k in range(8):
-        if data[start + k] != SIGNATURE[k]:
+        if data[k] != SIGNATURE[k]:
             return -1
-    if (_u32(data, start + 8) != 13 or _u32(data, start + 12) != IHDR or _u32(data, start + 16) != width
-            or _u32(data, start + 20) != height or data[start + 24] != 8 or data[start + 25] != color_type
-            or data[start + 26] != 0 or data[start + 27] != 0 or data[start + 28] != 0):
+    if (_u32(data, 8) != 13 or _u32(data, 12) != IHDR or _u32(data, 16) != width
+            or _u32(data, 20) != height or data[24] != 8 or data[25] != color_type
+            or data[26] != 0 or data[27] != 0 or data[28] != 0):
         return -1
-    pos, m = start + 33, 0
+    pos, m = 33, 0
     while True:
         if pos + 8 > end:
             return -1  # no IEND: truncated

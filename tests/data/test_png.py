@@ -54,7 +54,7 @@ def write_png(path, pixels: np.ndarray, filters, color_type: int, depth=8, inter
 def decode(files, size, mode, dtype=np.uint8):
     """png.decode into a new array: (pixels, positions left to Pillow)."""
     pixels = np.zeros((len(files), *size, MODES[mode][1]), dtype)
-    return pixels, png.decode(files, mode, pixels)
+    return pixels, png.decode(png.Paths(files), np.arange(len(files)), mode, pixels)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -89,7 +89,9 @@ def test_other_files_are_left_to_pillow(tmp_path):
     Image.fromarray(gray[:, :, 0].astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
     (tmp_path / "truncated.png").write_bytes(files[0].read_bytes()[:-20])
     Image.fromarray(gray[:, :, 0]).save(tmp_path / "jpeg.png", format="JPEG")
-    files += [tmp_path / n for n in ("palette.png", "sixteen.png", "truncated.png", "jpeg.png")]
+    (tmp_path / "folder.png").mkdir()  # opens, but cannot be read
+    files += [tmp_path / n for n in ("palette.png", "sixteen.png", "truncated.png", "jpeg.png", "folder.png",
+                                     "missing.png")]
     pixels, left = decode(files, (6, 4), "grayscale")
     assert left == list(range(1, len(files)))
     np.testing.assert_array_equal(pixels[0], gray)
