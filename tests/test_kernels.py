@@ -633,3 +633,28 @@ def test_batch_norm_compiled_forward_keeps_its_input_not_xhat(monkeypatch, relu)
         results.append([bn.backward(grad)] + [p.grad for p in bn.weights if p.trainable])
     for recomputed, kept in zip(*results):
         np.testing.assert_array_equal(recomputed, kept)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_recurrent_step_product_equals_matmul_at_every_edge(dtype):
+    """kernels/recurrent._matmul (the block product on AVX-512, else BLAS) on shapes around its blocks' edges (8 rows,
+    2 vectors of 64 bytes), C a view with a row stride wider than its row, beta 0 (whatever C held) and 1."""
+    import numba
+
+    from dlcli.engine import blas
+    from dlcli.kernels import recurrent
+
+    product = numba.njit(lambda gemm, a, b, c, beta: recurrent._matmul(gemm, a, b, c, beta))
+    rng = np.random.default_rng(0)
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    for m, k, n in [(1, 1, 1), (7, 3, 8), (8, 16, 9), (9, 0, 16), (17, 5, 17), (16, 32, 31), (8, 65, 33),
+                    (3, 4, 48), (5, 2, 49), (128, 65, 32), (32, 128, 32), (128, 32, 64)]:
+        a, b = rng.normal(size=(m, k)).astype(dtype), rng.normal(size=(k, n)).astype(dtype)
+        wide = np.full((m, n + 5), np.nan, dtype)
+        c = wide[:, 2:n + 2]
+        product(blas.gemm_address(dtype), a, b, c, 0.0)
+        np.testing.assert_allclose(c, a @ b, rtol=tol, atol=tol * max(k, 1))
+        start = c.copy()
+        product(blas.gemm_address(dtype), a, b, c, 1.0)
+        np.testing.assert_allclose(c, start + a @ b, rtol=tol, atol=tol * max(k, 1))
+        assert np.isnan(wide[:, :2]).all() and np.isnan(wide[:, n + 2:]).all()

@@ -446,7 +446,8 @@ class LSTM(Recurrent):
     def _scan_backward_part(self, cache, dY, d_finals, dmask, wanted, need_dx):
         dY = None if dY is None else np.ascontiguousarray(dY.transpose(0, 2, 1))  # (T, u, part)
         F = self.kernel.value.shape[0]
-        dWz, dx = cells.lstm_gradients(cache, dY, d_finals[0].T, d_finals[1].T, any(wanted), F if need_dx else 0)
+        dWz, dx = cells.lstm_gradients(cache, dY, d_finals[0].T, d_finals[1].T, any(wanted), F if need_dx else 0,
+                                       self.use_bias)
         grads = cells.lstm_split_grad(dWz, F) if any(wanted) else [None] * 3
         if not need_dx:
             return grads, None

@@ -295,11 +295,11 @@ def lstm_forward(S, Wz, act, rec_act, step_mask=None, gate_masks=None):
     return A[T, 4 * u:], cache
 
 
-def lstm_gradients(cache, dY, dh, dc, weights=True, features=0):
+def lstm_gradients(cache, dY, dh, dc, weights=True, features=0, bias=False):
     """Backprop through the scan: dY (T, u, B) gradients of every step's output or None; dh, dc (u, B) the final
-    states' gradients. Returns (dL/dWz (4u, K) or None when not `weights`, dL/dx (T, features, B) or None when
-    `features` is 0), the input's gradient through the per-gate dropout masks if any (a shared mask the caller
-    folded into S is the caller's to apply)."""
+    states' gradients; `bias` when Wz's last column is the bias (S's last row ones). Returns (dL/dWz (4u, K) or
+    None when not `weights`, dL/dx (T, features, B) or None when `features` is 0), the input's gradient through the
+    per-gate dropout masks if any (a shared mask the caller folded into S is the caller's to apply)."""
     S, A, TC, Wz = cache["S"], cache["A"], cache["TC"], cache["Wz"]
     T, u, B = TC.shape
     loop = _compiled_loop(cache["act"], cache["rec_act"], cache["gate_masks"], A.dtype)
@@ -315,7 +315,7 @@ def lstm_gradients(cache, dY, dh, dc, weights=True, features=0):
     with blas.one_thread():
         loop[0].lstm_backward(loop[1], A, TC, S, np.ascontiguousarray(Wz[:, :u].T),
                               np.ascontiguousarray(Wz[:, u:u + features].T), dY, dh, dc,
-                              _kept(cache["step_mask"], T, B), dW, dX)
+                              _kept(cache["step_mask"], T, B), dW, dX, bias)
     return (dW if weights else None), (dX if features else None)
 
 

@@ -44,7 +44,8 @@ def test_gradients(name, args, shape, opts, kernel_path):
 
 
 FLAGS = [{}, {"return_sequences": True}, {"go_backwards": True}, {"return_sequences": True, "go_backwards": True},
-         {"return_state": True}, {"return_sequences": True, "return_state": True, "go_backwards": True}]
+         {"return_state": True}, {"return_sequences": True, "return_state": True, "go_backwards": True},
+         {"use_bias": False}]
 
 
 @pytest.mark.parametrize("name", ["SimpleRNN", "LSTM", "GRU"])
