@@ -190,3 +190,18 @@ def test_the_decoder_never_indexes_out_of_bounds(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                            "-k", "damaged or other_files"], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("spare", [True, False])
+def test_the_decoder_gives_the_same_pixels_whether_it_gives_way_or_not(tmp_path, monkeypatch, spare):
+    """With a core to spare the kernel yields after each file (so a polling lane gets its core); the pixels are the
+    same."""
+    from dlcli.engine import lanes
+
+    monkeypatch.setattr(lanes, "_spare_core", lambda: spare)
+    rng = np.random.default_rng(6)
+    files = [write_png(tmp_path / f"{i}.png", rng.integers(0, 256, (5, 3, 1), dtype=np.uint8), [i % 5], 0)
+             for i in range(5)]
+    pixels, left = decode(files, (5, 3), "grayscale")
+    assert left == []
+    np.testing.assert_array_equal(pixels, np.stack([decode_image(f, (5, 3), "grayscale") for f in files]))
