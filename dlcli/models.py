@@ -240,7 +240,7 @@ class Model:
         `xs`: a list of arrays (one per input) or a Source."""
         logs = metrics_module.RunningLogs(self)
         source = as_source(xs)
-        # the pass size follows the shapes alone (not the threads, as predict's may): the sums are added per pass
+        # passes of batch_size, at most the cache rule's rows, never sized by the threads: the sums are added per pass
         chunks = batch_indices(len(source), min(batch_size, self._inference_rows()))
         with source.batches(chunks) as inputs:
             # side by side on the BLAS threads as predict's; each pass brings the logits a fused loss reads
