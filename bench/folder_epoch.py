@@ -51,15 +51,15 @@ def model_for(config_name: str):
     return build_model(cfg), int(cfg["train"]["batch_size"])
 
 
-SPENT = {}  # the last epoch's split: training thread CPU, process CPU, the training thread's wait for batches
+SPENT = {}  # the last epoch's split: training thread CPU, data threads' CPU, process CPU, the training thread's waits
 
 
 def epoch(model, x, y, batch_size, seed):
     from dlcli.data import Dataset, source
     from dlcli.trainer import Run
 
-    waited = [0.0]
-    take = source.Batches.__next__
+    waited, data = [0.0], []
+    take, work = source.Batches.__next__, source.Batches._work
 
     def next_batch(batches):  # the seconds the training thread waits for its next batch (decoding falls behind)
         start = time.perf_counter()
@@ -67,14 +67,22 @@ def epoch(model, x, y, batch_size, seed):
             return take(batches)
         finally:
             waited[0] += time.perf_counter() - start
-    source.Batches.__next__ = next_batch
+
+    def timed_work(batches, *args):  # each data thread's CPU (decoding, or the in-memory gather), read as it ends
+        start = time.thread_time()
+        try:
+            return work(batches, *args)
+        finally:
+            data.append(time.thread_time() - start)
+    source.Batches.__next__, source.Batches._work = next_batch, timed_work
     try:
         start, thread, process = time.perf_counter(), time.thread_time(), time.process_time()
         Run(model, verbose=0, rng=np.random.default_rng(seed)).fit(Dataset(x, [y]), epochs=1, batch_size=batch_size)
-        SPENT.update(thread=time.thread_time() - thread, process=time.process_time() - process, waited=waited[0])
+        SPENT.update(thread=time.thread_time() - thread, process=time.process_time() - process, waited=waited[0],
+                     data=sum(data))
         return time.perf_counter() - start
     finally:
-        source.Batches.__next__ = take
+        source.Batches.__next__, source.Batches._work = take, work
 
 
 def folder_source(directory: Path, cache: str):
@@ -161,8 +169,9 @@ def compare(name, config_name, directory, x_mem, y_mem, rounds):
     for side, sec in best.items():
         print(f"{name:8s} {side:22s} {sec:7.2f} s/epoch  ({sec / base:.2f}x in memory)")
     for side, s in split.items():  # more waiting: decoding falls behind; a slower step: it shares the cores
-        print(f"{name:8s} {side:22s} training thread {s['thread']:.2f} s CPU, process {s['process']:.2f} s CPU, "
-              f"waited for batches {s['waited']:.2f} s")
+        print(f"{name:8s} {side:22s} training thread {s['thread']:.2f} s CPU, data threads {s['data']:.2f}, the "
+              f"rest (lanes) {s['process'] - s['thread'] - s['data']:.2f}, process {s['process']:.2f}; waited for "
+              f"batches {s['waited']:.2f} s")
     print(f"{name:8s} listing 60,000 files (os.walk, before the first epoch): {listing:.2f} s")
 
 
