@@ -357,7 +357,7 @@ def lstm_backward(blas, A, TC, S, UzT, WxT, dY, dh, dc, kept, dW, dX, bias):
     tanh(c_t), S (T + 1, K, B) the steps' inputs s_t, dY (T, u, B) every step's output gradient or empty, dh and
     dc (u, B) the final states' gradients (updated in place). Step t's gate gradients dz (4u, B) stay in one small
     buffer: dW (4u, K) += dz @ s_t.T unless dW is empty, dX[t] (F, B) = WxT @ dz unless dX is empty, and
-    dh = UzT @ dz between steps, each through BLAS (the step-0 product, the gradient of h_0, is never read). The
+    dh = UzT @ dz between steps, each through _matmul (the step-0 product, the gradient of h_0, is never read). The
     whole (4u, T, B) gradient written column by column (rows T * B apart, each step a cache line per row, read
     once more by one weight-gradient GEMM after the loop) cost 0.5 ms more per call on cold caches at the
     bench's LSTM(32), part of 32 samples. `bias`: S's last row is ones (Wz's bias column), whose gradient is then
@@ -366,46 +366,49 @@ def lstm_backward(blas, A, TC, S, UzT, WxT, dY, dh, dc, kept, dW, dX, bias):
     65th column a block of its own). As the twin, a masked step (kept[t, b], factor m = 0) has dz = 0 and passes
     dh and dc through unchanged."""
     T, u, B = TC.shape
+    n = u * B
     one = A.dtype.type(1)
     masked, has_dy = kept.size > 0, dY.size > 0
-    carry, m, keep = np.zeros_like(dh), np.ones(B, A.dtype), np.zeros(B, A.dtype)
+    carry = np.zeros_like(dh)
+    m, keep = np.ones(n, A.dtype), np.zeros(n, A.dtype)  # each state element's factor, (u, B) flat
     dZ = np.empty((4 * u, B), A.dtype)
     K = S.shape[1] - 1 if bias else S.shape[1]  # the rows of s_t dW's product takes
     sT = np.empty((B, K), A.dtype)  # s_t transposed, for dW's product
     dB = np.zeros((4 * u, B), A.dtype)  # the bias gradient per sample
+    # every (u, B) block as its own flat view, indexed from 0 (see lstm_forward): passes of u * B where a pass per
+    # row of B took 2x longer
+    h, c, cr = dh.reshape(n), dc.reshape(n), carry.reshape(n)
+    dz_o, dz_i, dz_f, dz_g = dZ[:u].reshape(n), dZ[u:2 * u].reshape(n), dZ[2 * u:3 * u].reshape(n), \
+        dZ[3 * u:].reshape(n)
     for t in range(T - 1, -1, -1):
-        a, tc = A[t], TC[t]
+        a = A[t]
+        o, i, f, g = a[:u].reshape(n), a[u:2 * u].reshape(n), a[2 * u:3 * u].reshape(n), a[3 * u:4 * u].reshape(n)
+        cp, y = a[4 * u:].reshape(n), TC[t].reshape(n)
         if masked:
-            for j in range(B):
-                m[j] = A.dtype.type(0) if kept[t, j] else one
-                keep[j] = one - m[j]
-        for r in range(u):
-            h, c = dh[r], dc[r]
-            if has_dy:
-                y = dY[t, r]
+            for r in range(u):
                 for j in range(B):
-                    h[j] += y[j]
-            if masked:  # what a masked step passes straight to h_{t-1}
-                cr = carry[r]
-                for j in range(B):
-                    cr[j] = h[j] * keep[j]
-            o, i, f, g, cp, y = a[r], a[u + r], a[2 * u + r], a[3 * u + r], a[4 * u + r], tc[r]
-            for j in range(B):
-                c[j] = c[j] + h[j] * (o[j] * (one - y[j] * y[j])) * m[j]
-            dz = dZ[r]
-            for j in range(B):
-                dz[j] = h[j] * y[j] * (o[j] * (one - o[j])) * m[j]
-            dz = dZ[u + r]
-            for j in range(B):
-                dz[j] = c[j] * m[j] * g[j] * (i[j] * (one - i[j]))
-            dz = dZ[2 * u + r]
-            for j in range(B):
-                dz[j] = c[j] * m[j] * cp[j] * (f[j] * (one - f[j]))
-            dz = dZ[3 * u + r]
-            for j in range(B):
-                dz[j] = c[j] * m[j] * i[j] * (one - g[j] * g[j])
-            for j in range(B):
-                c[j] = c[j] * (f[j] * m[j] + keep[j])
+                    m[r * B + j] = A.dtype.type(0) if kept[t, j] else one
+            for k in range(n):
+                keep[k] = one - m[k]
+        if has_dy:
+            dy = dY[t].reshape(n)
+            for k in range(n):
+                h[k] += dy[k]
+        if masked:  # what a masked step passes straight to h_{t-1}
+            for k in range(n):
+                cr[k] = h[k] * keep[k]
+        for k in range(n):
+            c[k] = c[k] + h[k] * (o[k] * (one - y[k] * y[k])) * m[k]
+        for k in range(n):
+            dz_o[k] = h[k] * y[k] * (o[k] * (one - o[k])) * m[k]
+        for k in range(n):
+            dz_i[k] = c[k] * m[k] * g[k] * (i[k] * (one - i[k]))
+        for k in range(n):
+            dz_f[k] = c[k] * m[k] * cp[k] * (f[k] * (one - f[k]))
+        for k in range(n):
+            dz_g[k] = c[k] * m[k] * i[k] * (one - g[k] * g[k])
+        for k in range(n):
+            c[k] = c[k] * (f[k] * m[k] + keep[k])
         if dW.size > 0:  # dz @ s_t.T as NN on a transposed copy: 5.9 us a step with the copy, NT 7.2 (OpenBLAS)
             s = S[t]
             for k in range(K):
@@ -423,9 +426,8 @@ def lstm_backward(blas, A, TC, S, UzT, WxT, dY, dh, dc, kept, dW, dX, bias):
         if t:
             _matmul(blas, UzT, dZ, dh, 0.0)
             if masked:
-                for r in range(u):
-                    for j in range(B):
-                        dh[r, j] += carry[r, j]
+                for k in range(n):
+                    h[k] += cr[k]
     if bias and dW.size > 0:
         for r in range(4 * u):
             dW[r, K] += dB[r].sum()
