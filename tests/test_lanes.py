@@ -327,3 +327,65 @@ def test_a_fan_outs_gradient_sum_and_a_relus_backward_run_on_the_lanes(monkeypat
     assert calls == [4, 4]
     np.testing.assert_array_equal(graph._sum(a, b.astype(np.float64)), a + b.astype(np.float64))
     assert calls == [4, 4]
+
+
+def test_deferred_work_runs_in_order_while_the_caller_waits_or_at_the_blocks_end(monkeypatch):
+    """lanes.defer: at once outside a `deferring` block or on one lane; inside one with lanes, kept and done in
+    order while the caller waits for a lane that still runs its part, what is left at the block's end; a block that
+    raises drops what is left."""
+    monkeypatch.setattr(lanes, "count", lambda: 2)
+    done = []
+    lanes.defer(lambda: done.append("now"))
+    assert done == ["now"]
+    with lanes.deferring():
+        for name in ("a", "b"):
+            lanes.defer(lambda name=name: done.append(name))
+        assert done == ["now"]
+        finished = threading.Event()
+        lanes.defer(lambda: done.append(("c", finished.is_set())))
+
+        def slow_worker(run):
+            if threading.current_thread().name == "dlcli-lane":
+                time.sleep(0.05)  # the caller finds its lane busy and does the deferred work meanwhile
+                finished.set()
+            return run
+        assert lanes.run(slow_worker, [0, 1]) == [0, 1]
+        assert done == ["now", "a", "b", ("c", False)]
+        lanes.defer(lambda: done.append("end"))
+        assert done[-1] == ("c", False)
+    assert done[-1] == "end"
+    with pytest.raises(ValueError), lanes.deferring():
+        lanes.defer(lambda: done.append("dropped"))
+        raise ValueError
+    assert "dropped" not in done
+    monkeypatch.setattr(lanes, "count", lambda: 1)
+    with lanes.deferring():
+        lanes.defer(lambda: done.append("one lane"))
+        assert done[-1] == "one lane"
+
+
+def test_a_conv_called_twice_adds_its_deferred_kernel_gradients_in_call_order(monkeypatch):
+    """A shared Winograd Conv2D (its kernel gradient deferred to the caller's waits for its lanes) in a graph: the
+    same weight gradients on 1 and 2 lanes and with nothing deferred (an observer)."""
+    from dlcli import models
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    monkeypatch.setattr("dlcli.layers.conv_math.CHUNK_FLOATS", 1 << 12)
+    conv = layers.Conv2D(16, 3, padding="same", use_bias=False)
+    first, second = layers.Input((8, 8, 16)), layers.Input((8, 8, 16))
+    out = layers.Concatenate()([layers.GlobalAveragePooling2D()(conv(first)),
+                                layers.GlobalAveragePooling2D()(conv(layers.ReLU()(conv(second))))])
+    model = models.Model([first, second], out)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((12, 8, 8, 16)).astype(np.float32) for _ in range(2)]
+    watcher = type("Watcher", (), {"backward": lambda *args: None})()
+    grads, deferred, real_defer = [], [], lanes.defer
+    monkeypatch.setattr(lanes, "defer", lambda fn: deferred.append(fn) or real_defer(fn))
+    for count, observer in ((1, None), (2, None), (2, watcher)):
+        monkeypatch.setattr(lanes, "count", lambda count=count: count)
+        conv.kernel.grad = np.zeros_like(conv.kernel.value)
+        outs = model.graph.forward(xs, training=True)
+        model.graph.backward([np.ones_like(outs[0])], observer=observer)
+        grads.append(conv.kernel.grad.copy())
+    assert len(deferred) == 9  # three calls a pass
+    np.testing.assert_array_equal(grads[0], grads[1])
+    np.testing.assert_array_equal(grads[0], grads[2])

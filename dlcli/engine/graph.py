@@ -31,6 +31,7 @@ import os
 import queue
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -275,6 +276,12 @@ class Graph:
 
     def backward(self, grads: list, need_input_grads: bool = False, observer=None) -> list:
         """Gradients w.r.t. each output in; gradients w.r.t. each input out when `need_input_grads`."""
+        # the layers' deferred work (lanes.defer: the Winograd convs' kernel gradients) is done by the block's end;
+        # an observer reads each layer's weight gradients as it goes, so none is deferred then
+        with lanes.deferring() if observer is None else nullcontext():
+            return self._backward(grads, need_input_grads, observer)
+
+    def _backward(self, grads, need_input_grads, observer):
         acc: dict = {}
         for t, g in zip(self.outputs, grads):
             _accumulate(acc, t, g)

@@ -299,11 +299,11 @@ class _Conv(_Windowed):
         """`pooled`: (pool, relu, where the maxima came from, the pooled output), g the pooled output's gradient."""
         if pooled is None:
             g = g.reshape(len(self.x), *self.out_sizes, self.filters)
-        kernel_grad, dx, bias_grad = cm.winograd_backward(
+        _, dx, bias_grad = cm.winograd_backward(  # the kernel's gradient added to its own later (lanes.defer)
             g, self.kernel.value, self.x, self.out_sizes, self.pads, self.tiles, self.kernel.grad is not None,
             self.input_grad_needed, self.use_bias and self.bias.grad is not None, self.winograd_block, pooled,
-            self.winograd_u)
-        self._add_gradients(kernel_grad, bias_grad)
+            self.winograd_u, self.kernel.grad)
+        self._add_gradients(None, bias_grad)
         return dx
 
     def _add_gradients(self, kernel_grad, bias_grad):

@@ -492,7 +492,7 @@ def _tile_buffer(taps, rows, width, dtype):
 
 
 def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True, input_grad=True, bias_grad=True,
-                      block=2, pooled=None, u=None):
+                      block=2, pooled=None, u=None, add_to=None):
     """(the kernel's gradient (3, 3, c, f) or None, the input's gradient (x's shape) or None, the
     bias's (f,) or None) of winograd_conv, from the output gradient g (n, out_h, out_w, f) after the activation's:
     its A-transform dM once per chunk, then dU = V^T dM (16 GEMMs, the chunks' products added in chunk order, so on
@@ -508,7 +508,10 @@ def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True
     at load ~5, best of 22 alternating, forward / backward: one BLAS thread, F(2x2) then the pooling's compiled
     passes 2.82 / 4.89 ms, F(4x4) then those passes 2.47 / 3.40, F(4x4) pooled in its transforms 1.94 / 3.31; the
     caller's part on 2 lanes 1.63 / 2.52 -> 0.99 / 1.82. F(4x4)'s gradients are less exact: within 40 float32 eps
-    of the largest over tests/test_winograd.py's cases, where F(2x2)'s are within 3."""
+    of the largest over tests/test_winograd.py's cases, where F(2x2)'s are within 3. `add_to`: an array (the
+    kernel's accumulated gradient) the kernel's gradient is added to instead of returned, in lanes.defer (the
+    chunks' dU summed and G^T dU G made while the caller waits for its lanes in a later run: on the caller alone
+    0.1-0.25 ms a conv at the resnet's shapes)."""
     compiled = kernels.compiled("winograd")
     input_tiles, output_gradient_tiles, input_gradient_tiles = {
         2: (compiled.input_tiles, compiled.output_gradient_tiles, compiled.input_gradient_tiles),
@@ -558,21 +561,30 @@ def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True
             sums.append((du, db))
         return sums
     sums = lanes.run(gradients, winograd_chunks(n, out_sizes, c, f, block))
-    du, db = sums[0]
-    for du_part, db_part in sums[1:]:  # in chunk order, whichever lane made each
-        if kernel_grad:
-            du += du_part
-        if bias_grad:
-            db += db_part
-    dw = None
-    if kernel_grad and block == 2:  # dW = G^T dU G: the transpose of U = G k G^T, taps (a, b) -> (i, j)
+    db = sums[0][1]
+    for _, db_part in sums[1:] if bias_grad else ():  # in chunk order, whichever lane made each
+        db += db_part
+    if not kernel_grad:
+        return None, dx, db
+    if add_to is None:
+        return _winograd_kernel_gradient([du for du, _ in sums], block), dx, db
+    lanes.defer(lambda: np.add(add_to, _winograd_kernel_gradient([du for du, _ in sums], block), out=add_to))
+    return None, dx, db
+
+
+def _winograd_kernel_gradient(parts, block):
+    """dW = G^T dU G (3, 3, c, f) of the chunks' dU (taps, c, f), summed in chunk order (so on any lanes)."""
+    du = parts[0]
+    for du_part in parts[1:]:
+        du += du_part
+    c, f = du.shape[1:]
+    if block == 2:  # the transpose of U = G k G^T, taps (a, b) -> (i, j)
         gt = WINOGRAD_G.T.astype(du.dtype)
         dw = (gt @ (gt @ du.reshape(4, -1)).reshape(3, 4, -1).transpose(1, 0, 2).reshape(4, -1)).reshape(3, 3, c, f)
-        dw = dw.transpose(1, 0, 2, 3)
-    elif kernel_grad:  # F(3x3)'s and F(4x4)'s G in float64, rounded once
-        dw = np.empty((3, 3, c, f), du.dtype)
-        compiled.kernel_gradient(du.reshape(len(du), -1), WINOGRAD_GS[block], dw.reshape(9, -1))
-    return dw, dx, db
+        return dw.transpose(1, 0, 2, 3)
+    dw = np.empty((3, 3, c, f), du.dtype)  # F(3x3)'s and F(4x4)'s G in float64, rounded once
+    kernels.compiled("winograd").kernel_gradient(du.reshape(len(du), -1), WINOGRAD_GS[block], dw.reshape(9, -1))
+    return dw
 
 
 def pooled_conv(xp, kernel, bias, dilation, pool, pooled_sizes, relu, arg=None):
