@@ -72,7 +72,9 @@ def decode(paths, starts, index, calls, give_way, out, color_type, channels):
 @numba.njit(cache=True, nogil=True)
 def _read(paths, start, calls, data):
     """(the file's size, data holding its bytes) for the path at paths[start:] read whole, data grown (doubled) when
-    the file does not fit; size -1 where it cannot be opened or read (Pillow names the problem)."""
+    the file does not fit; size -1 where it cannot be opened or read (Pillow names the problem). A read that fills
+    less than the room left is the last: a regular file is read short only at its end (no read to see 0 bytes, a
+    system call in four), and a file read short anyway ends before its IEND, so the caller leaves it to Pillow."""
     fd = _open(calls[0], paths, start, calls[4])
     if fd < 0:
         return -1, data
@@ -82,12 +84,14 @@ def _read(paths, start, calls, data):
             grown = np.empty(2 * len(data), np.uint8)
             grown[:size] = data
             data = grown
+        room = len(data) - size
         got = _read_into(calls[1], fd, data, size)
-        if got <= 0:
+        if got > 0:
+            size += got
+        if got != room:
             break
-        size += got
     _close(calls[2], fd)
-    return (size if got == 0 else -1), data
+    return (size if got >= 0 else -1), data
 
 
 @intrinsic

@@ -205,3 +205,15 @@ def test_the_decoder_gives_the_same_pixels_whether_it_gives_way_or_not(tmp_path,
     pixels, left = decode(files, (5, 3), "grayscale")
     assert left == []
     np.testing.assert_array_equal(pixels, np.stack([decode_image(f, (5, 3), "grayscale") for f in files]))
+
+
+def test_a_file_that_fills_the_read_buffer_exactly_decodes_as_pillow_does(tmp_path):
+    """The kernel reads into 4 KiB, doubled while a read fills it: a file of exactly 4,096 bytes (an ancillary chunk
+    pads it) takes a second read that finds its end."""
+    pixels = np.random.default_rng(7).integers(0, 256, (6, 4, 1), dtype=np.uint8)
+    size = write_png(tmp_path / "plain.png", pixels, [1], 0).stat().st_size
+    padded = write_png(tmp_path / "padded.png", pixels, [1], 0, extra=_chunk(b"tEXt", bytes(4096 - size - 12)))
+    assert padded.stat().st_size == 4096
+    decoded, left = decode([padded], (6, 4), "grayscale")
+    assert left == []
+    np.testing.assert_array_equal(decoded[0], pixels)
