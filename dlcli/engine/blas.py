@@ -67,3 +67,19 @@ def gemm_address(dtype) -> tuple[int, bool] | None:
             break
     _gemm_addresses[dtype] = found
     return found
+
+
+# OpenBLAS's cores whose kernels are AVX-512 ones (threadpoolctl's `architecture` of its library)
+AVX512_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
+_avx512 = None
+
+
+def avx512_kernels() -> bool:
+    """Whether NumPy's OpenBLAS runs AVX-512 kernels (its choice on an AVX-512 CPU, unless OPENBLAS_CORETYPE forces
+    others, as this workplace's Haswell does); False where it cannot tell. Asked once per process."""
+    global _avx512
+    if _avx512 is None:
+        controller = _blas()
+        _avx512 = bool(controller) and any(getattr(lib, "architecture", None) in AVX512_CORES
+                                           for lib in controller.lib_controllers)
+    return _avx512
