@@ -1,5 +1,8 @@
 """The trainer: class_weight / sample_weight, per-layer control (trainable, lr_mult, train.freeze), exact resume
 from an in-process checkpoint, and the stop on a non-finite loss with the weights that caused it intact."""
+import math
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -318,6 +321,23 @@ def test_diagnose_names_the_first_layer_gone_non_finite_and_leaves_layers_untouc
     model.get_layer("h").params["kernel"].value[0, 0] = 0.0
     assert all("forward" not in vars(layer) and "backward" not in vars(layer) for layer in model.layers)
     assert all(not p.grad.any() for p in model.trainable_weights)
+
+
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_the_gates_norms_are_float64_sums_and_overflow_where_float32_passes_did(path, monkeypatch):
+    from dlcli.trainer import _norms
+
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    rng = np.random.default_rng(0)
+    params = [SimpleNamespace(value=rng.standard_normal(shape).astype(np.float32),
+                              grad=rng.standard_normal(shape).astype(np.float32)) for shape in [(37, 29), (29,), (3,)]]
+    exact = [math.sqrt(sum(float(np.sum(getattr(p, a).astype(np.float64) ** 2)) for p in params))
+             for a in ("value", "grad")]
+    np.testing.assert_allclose(_norms(params), exact, rtol=1e-12)
+    params[0].grad[3, 4] = 2e19  # finite, but its square is beyond float32's largest value
+    assert _norms(params)[1] == math.inf and math.isfinite(_norms(params)[0])
+    params[0].grad[3, 4] = np.nan
+    assert math.isnan(_norms(params)[1])
 
 
 def test_norms_every_tenth_step_and_a_nonfinite_gradient_between_stops_before_the_epoch_ends():

@@ -132,6 +132,10 @@ def _import(name: str):
         import dlcli.kernels.attention as attention
 
         return attention
+    if name == "norms":
+        import dlcli.kernels.norms as norms
+
+        return norms
     if name == "png":
         import dlcli.kernels.png as png
 
