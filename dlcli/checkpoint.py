@@ -86,19 +86,20 @@ def layer_rngs(model) -> dict[str, np.random.Generator]:
 
 
 def layer_paths(model) -> dict:
-    """Every layer by path, wrapped ones too ("bidirectional/forward_layer"), each once."""
-    found: dict = {}
-    seen: set[int] = set()
+    """Every layer by path, wrapped ones too ("bidirectional/forward_layer"), each once. The model's own layers go by
+    their names before any is looked inside: a layer may hold another of the model's for the engine (a conv pooling
+    its own output keeps the pooling in `pool_after` once a training step ran), and that one is still its own."""
+    found = {layer.name: layer for layer in model.layers}
+    seen = {id(layer) for layer in model.layers}
 
     def visit(layer, path):
-        if id(layer) in seen:
-            return
-        seen.add(id(layer))
-        found[path] = layer
         for key, value in vars(layer).items():
             for i, inner in enumerate(value if isinstance(value, (list, tuple)) else [value]):
-                if _is_layer(inner):
-                    visit(inner, f"{path}/{key}" + (f"/{i}" if isinstance(value, (list, tuple)) else ""))
+                if _is_layer(inner) and id(inner) not in seen:
+                    seen.add(id(inner))
+                    inner_path = f"{path}/{key}" + (f"/{i}" if isinstance(value, (list, tuple)) else "")
+                    found[inner_path] = inner
+                    visit(inner, inner_path)
 
     for layer in model.layers:
         visit(layer, layer.name)
@@ -154,7 +155,7 @@ def restore(checkpoint: dict, model, callbacks) -> dict:
     header, arrays, path = checkpoint["header"], checkpoint["arrays"], checkpoint["path"]
     restore_arrays(model, arrays, str(path))
     rngs = layer_rngs(model)
-    saved = header.get("rngs", {})
+    saved = current_paths(model, header.get("rngs", {}))
     if set(saved) != set(rngs):
         raise DlcliError(f"{path} was written for layers {sorted(saved)}; this model has {sorted(rngs)}")
     for key, state in saved.items():
@@ -169,6 +170,15 @@ def restore(checkpoint: dict, model, callbacks) -> dict:
     for cb, entry in zip(callbacks, states):
         cb.set_state(_join(entry["state"], arrays))
     return header["position"]
+
+
+def current_paths(model, saved: dict) -> dict:
+    """`saved` (layer path -> state) by today's paths. Checkpoints written before layer_paths named the model's own
+    layers first saved a pooling its conv or BatchNormalization made in training as "<that layer>/pool_after"."""
+    graph = model.graph
+    pairs = [(layer, pool) for layer, pool, _ in graph.movable] + list(graph.pooled_norms) if graph else []
+    renamed = {f"{layer.name}/pool_after": pool.name for layer, pool in pairs}
+    return {renamed.get(path, path): state for path, state in saved.items()}
 
 
 def _stateful(callbacks) -> list:

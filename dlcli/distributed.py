@@ -319,11 +319,11 @@ def rank_streams(world: World, model, saved: list | None = None):
     it (or takes its saved state when a checkpoint of the same rank count holds one)."""
     if world.size == 1:
         return
-    from dlcli.checkpoint import layer_rngs
+    from dlcli.checkpoint import current_paths, layer_rngs
 
     rngs = layer_rngs(model)
     if saved is not None and len(saved) == world.size:
-        for key, state in saved[world.rank].items():
+        for key, state in current_paths(model, saved[world.rank]).items():
             rngs[key].bit_generator.state = state
         return
     if world.rank == 0:

@@ -224,6 +224,44 @@ def test_in_process_stop_and_resume_is_bit_identical(tmp_path):
     assert history.epoch == [1, 2]
 
 
+def test_a_conv_that_pools_its_own_output_in_training_resumes_bit_identical(tmp_path):
+    """A conv reading the inputs pools its own output in training (graph.poolable_in_training) and holds the pooling
+    in `pool_after` after a step: the checkpoint must still name the pooling by its own name. It was saved as
+    "conv/pool_after", so resuming the book convnet failed ("was written for layers ...")."""
+    from dlcli.layers import Conv2D, Flatten, MaxPooling2D
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(24, 8, 8, 1)).astype(np.float32)
+    y = (x.mean(axis=(1, 2, 3)) > 0).astype(np.int64)
+
+    def model():
+        m = Sequential([Conv2D(4, 3, activation="relu", input_shape=(8, 8, 1), name="conv"),
+                        MaxPooling2D(2, name="pool"), Flatten(name="flat"), Dense(2, activation="softmax", name="out")])
+        m.build(rng=np.random.default_rng(5))
+        m.compile({"type": "rmsprop", "learning_rate": 0.01}, "sparse_categorical_crossentropy", ["accuracy"])
+        return m
+
+    def trainer_for(m, path):
+        return Run(m, verbose=0, rng=np.random.default_rng(7), files=RunDir(path), checkpoint_every=2)
+
+    ref = model()
+    trainer_for(ref, tmp_path / "ref").fit(Dataset([x], [y]), epochs=2, batch_size=6)
+    assert ref.layers[0].pool_after is ref.layers[1]  # the case: the conv pooled its output in training
+    assert set(checkpoint.layer_paths(ref)) == {"conv", "pool", "flat", "out"}
+    first = model()
+    t = trainer_for(first, tmp_path / "run")
+    t.callbacks.append(StopAfter(t, 5))
+    t.fit(Dataset([x], [y]), epochs=2, batch_size=6)
+    state = checkpoint.load(tmp_path / "run")
+    assert set(state["header"]["rngs"]) == {"conv", "pool", "flat", "out"}
+    rngs = state["header"]["rngs"]
+    rngs["conv/pool_after"] = rngs.pop("pool")  # as the checkpoints written before: they resume too
+    resumed = model()
+    trainer_for(resumed, tmp_path / "run").fit(Dataset([x], [y]), epochs=2, batch_size=6, resume=state)
+    for u, v in zip(ref.get_weights(), resumed.get_weights()):
+        np.testing.assert_array_equal(u, v)
+
+
 def test_a_run_resumed_while_a_layer_is_frozen_continues_as_the_uninterrupted_one(tmp_path):
     """A fit with Adam, then a fit with the first layer frozen (its moments wait aside, Optimizer.follow) that is
     stopped and resumed in a new model from its checkpoint, then a fit with the layer unfrozen: the checkpoint kept
