@@ -637,14 +637,14 @@ def test_batch_norm_compiled_forward_keeps_its_input_not_xhat(monkeypatch, relu)
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_recurrent_step_product_equals_matmul_at_every_edge(dtype):
-    """kernels/recurrent._matmul (the block product on AVX-512, else BLAS) on shapes around its blocks' edges (8 rows,
+    """kernels/gemm.matmul (the block product on AVX-512, else BLAS) on shapes around its blocks' edges (8 rows,
     2 vectors of 64 bytes), C a view with a row stride wider than its row, beta 0 (whatever C held) and 1."""
     import numba
 
     from dlcli.engine import blas
-    from dlcli.kernels import recurrent
+    from dlcli.kernels import gemm
 
-    product = numba.njit(lambda gemm, a, b, c, beta: recurrent._matmul(gemm, a, b, c, beta))
+    product = numba.njit(lambda address, a, b, c, beta: gemm.matmul(address, a, b, c, beta))
     rng = np.random.default_rng(0)
     tol = 1e-5 if dtype == np.float32 else 1e-13
     for m, k, n in [(1, 1, 1), (7, 3, 8), (8, 16, 9), (9, 0, 16), (17, 5, 17), (16, 32, 31), (8, 65, 33),
@@ -658,3 +658,27 @@ def test_the_recurrent_step_product_equals_matmul_at_every_edge(dtype):
         product(blas.gemm_address(dtype), a, b, c, 1.0)
         np.testing.assert_allclose(c, start + a @ b, rtol=tol, atol=tol * max(k, 1))
         assert np.isnan(wide[:, :2]).all() and np.isnan(wide[:, n + 2:]).all()
+
+
+def test_the_recurrent_step_product_takes_blas_where_numba_does_not_compile_for_avx512(tmp_path):
+    """Without AVX-512 (here: NUMBA_CPU_NAME, numba compiling for a generic CPU) the step products go through BLAS,
+    as on every CPU without it: edges as above but k >= 1 (a layer has a feature or a unit; BLAS refuses k = 0's
+    leading dimension), in a process of its own."""
+    code = ("import numba, numpy as np\n"
+            "from dlcli.engine import blas\nfrom dlcli.kernels import gemm\n"
+            "assert not gemm.AVX512\n"
+            "product = numba.njit(lambda address, a, b, c, beta: gemm.matmul(address, a, b, c, beta))\n"
+            "rng = np.random.default_rng(0)\n"
+            "for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-13)):\n"
+            "    for m, k, n in ((1, 1, 1), (7, 3, 8), (17, 5, 17), (128, 65, 32), (32, 128, 32)):\n"
+            "        a, b = rng.normal(size=(m, k)).astype(dtype), rng.normal(size=(k, n)).astype(dtype)\n"
+            "        c = np.full((m, n + 5), np.nan, dtype)[:, 2:n + 2]\n"
+            "        product(blas.gemm_address(dtype), a, b, c, 0.0)\n"
+            "        np.testing.assert_allclose(c, a @ b, rtol=tol, atol=tol * max(k, 1))\n"
+            "        start = c.copy()\n"
+            "        product(blas.gemm_address(dtype), a, b, c, 1.0)\n"
+            "        np.testing.assert_allclose(c, start + a @ b, rtol=tol, atol=tol * max(k, 1))\n"
+            "print('blas')\n")
+    env = {**os.environ, "DLCLI_KERNELS": "numba", "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout == "blas\n", done.stderr

@@ -93,7 +93,7 @@ def _exit_without_collections():
 def _scipy_blas_refused():
     """The CPU target's refresh imports numba.np.arraymath, whose import asks for scipy.linalg.cython_blas (so that
     np.dot in compiled code can call BLAS): that imports all of scipy.linalg, ~0.2 s of CPU, 140 modules, every
-    process. No kernel of ours calls numba's np.dot or np.linalg (recurrent.py calls OpenBLAS through
+    process. No kernel of ours calls numba's np.dot or np.linalg (gemm.py calls OpenBLAS through
     engine/blas.py's addresses), so the import is refused while numba is imported and its target set up, and allowed again after it:
     numba then takes BLAS as absent only for np.correlate / np.convolve in compiled code (a plain loop instead),
     and its np.dot, which asks again when it compiles, still finds scipy. Nothing is refused where scipy.linalg

@@ -1,6 +1,6 @@
 """The time loops of the LSTM and GRU (Keras' default activations, no recurrent dropout) as one compiled call per
 direction: each step's GEMM is a direct call of the OpenBLAS NumPy links (cblas_sgemm/dgemm, found by
-engine/blas.gemm_address and called through the `_matmul` intrinsic), the gate math of a step a few fused passes.
+engine/blas.gemm_address and called through kernels/gemm.matmul), the gate math of a step a few fused passes.
 The NumPy twins (layers/recurrent_cells: lstm_forward, lstm_backward, gru_forward, _gru_backward_after) make 6-12
 ufunc calls and an np.matmul per step, each 1-5 us of dispatch for ~2,000 elements. Thread CPU per call, the bench's
 shapes (100 steps, batch 64, units 32), AMD EPYC shared by 6 jobs (load 5-9): GRU forward 4.5 -> 1.0 ms, GRU
@@ -16,9 +16,10 @@ indexing a flat array at an offset, stayed scalar (4-5x slower), hence the passe
 """
 import numba
 import numpy as np
-from llvmlite import ir
-from numba.core import cgutils, types
-from numba.extending import intrinsic, overload
+from numba.core import types
+from numba.extending import overload
+
+from dlcli.kernels.gemm import matmul
 
 JIT = dict(cache=True, nogil=True, error_model="numpy")
 
@@ -61,170 +62,6 @@ def gru_backward_step(t, H, A, inner, dY, dh, carry, kept, dXP, dInner):
             di[2 * u + r] = dx[2 * u + r] * a[u + r]
         for r in range(2 * u):
             di[r] = dx[r]
-
-
-# --- BLAS from compiled code -----------------------------------------------------------------------------------
-def _gemm_intrinsic(bits):
-    """An intrinsic calling cblas ?gemm at address `fn` in row-major order: C = A @ B + beta C, A (m, k), B (k, n),
-    C (m, n) 2-D arrays of one float dtype whose rows are contiguous (any row stride). `bits` is the BLAS' integer
-    width (32, or 64 for an ILP64 build such as NumPy's)."""
-
-    @intrinsic
-    def call(typingctx, fn, a, b, c, beta):
-        def codegen(context, builder, sig, args):
-            fn_v, a_v, b_v, c_v, beta_v = args
-            aty, bty, cty = sig.args[1], sig.args[2], sig.args[3]
-            arrays = [context.make_array(t)(context, builder, v) for t, v in zip((aty, bty, cty), (a_v, b_v, c_v))]
-            iN, i32 = ir.IntType(bits), ir.IntType(32)
-            fl = context.get_value_type(aty.dtype)
-            ptr = ir.IntType(8).as_pointer()
-            item = ir.Constant(ir.IntType(64), context.get_abi_sizeof(fl))
-
-            def dim(arr, axis):
-                return builder.trunc(builder.extract_value(arr.shape, axis), iN) if bits < 64 else \
-                    builder.extract_value(arr.shape, axis)
-
-            def lead(arr):
-                ld = builder.sdiv(builder.extract_value(arr.strides, 0), item)
-                return builder.trunc(ld, iN) if bits < 64 else ld
-
-            A, B, C = arrays
-            m, k, n = dim(A, 0), dim(A, 1), dim(B, 1)
-            fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, iN, iN, iN, fl, ptr, iN, ptr, iN, fl, ptr, iN])
-            target = builder.inttoptr(fn_v, fnty.as_pointer())
-            no_trans = ir.Constant(i32, 111)
-            beta_f = context.cast(builder, beta_v, sig.args[4], aty.dtype)
-            builder.call(target, [ir.Constant(i32, 101), no_trans, no_trans, m, n, k,
-                                  ir.Constant(fl, 1.0), builder.bitcast(A.data, ptr), lead(A),
-                                  builder.bitcast(B.data, ptr), lead(B), beta_f, builder.bitcast(C.data, ptr),
-                                  lead(C)])
-            return context.get_dummy_value()
-
-        return types.void(fn, a, b, c, beta), codegen
-
-    return call
-
-
-_gemm64, _gemm32 = _gemm_intrinsic(64), _gemm_intrinsic(32)
-
-
-def _block_gemm_intrinsic(rows, vectors):
-    """An intrinsic computing C = A @ B + beta C (beta 0 or 1) for 2-D float arrays whose rows are contiguous (any row
-    stride), in blocks of C of `rows` rows x `vectors` 64-byte vectors (16 float32) held in registers across the
-    whole k loop: per k, `vectors` loads of B's row, one broadcast of A per row and rows x vectors fused multiply-adds.
-    The right edge runs masked (a block of as few vectors as it needs), the bottom rows one at a time."""
-
-    @intrinsic
-    def call(typingctx, a, b, c, beta):
-        def codegen(context, builder, sig, args):
-            A, B, C = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
-            fl = context.get_value_type(sig.args[0].dtype)
-            size = context.get_abi_sizeof(fl)
-            lanes = 64 // size
-            i32, i64 = ir.IntType(32), ir.IntType(64)
-            vec, vptr, mask_ty = ir.VectorType(fl, lanes), ir.VectorType(fl, lanes).as_pointer(), \
-                ir.VectorType(ir.IntType(1), lanes)
-            suffix, module = f"v{lanes}f{size * 8}", builder.module
-            load = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vptr, i32, mask_ty, vec]),
-                                                  f"llvm.masked.load.{suffix}.p0")
-            store = cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), [vec, vptr, i32, mask_ty]),
-                                                   f"llvm.masked.store.{suffix}.p0")
-            fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec] * 3), f"llvm.fmuladd.{suffix}")
-            align, zero = ir.Constant(i32, size), ir.Constant(vec, None)
-            lane_index = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
-            beta_v = context.cast(builder, args[3], sig.args[3], types.float64)
-            accumulate = builder.fcmp_ordered("!=", beta_v, ir.Constant(ir.DoubleType(), 0.0))
-            acc = [[cgutils.alloca_once(builder, vec) for _ in range(vectors)] for _ in range(rows)]
-
-            def const(v):
-                return ir.Constant(i64, v)
-
-            def splat(x, ty):
-                one = builder.insert_element(ir.Constant(ty, None), x, ir.Constant(i32, 0))
-                return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
-
-            def at(arr, i, j):  # the address of arr[i, j] (a vector's address where j starts one)
-                lead = builder.sdiv(builder.extract_value(arr.strides, 0), const(size))
-                return builder.gep(builder.bitcast(arr.data, fl.as_pointer()), [builder.add(builder.mul(i, lead), j)])
-
-            M, K, N = (builder.extract_value(x.shape, d) for x, d in ((A, 0), (A, 1), (B, 1)))
-
-            def block(n_rows, n_vectors, i0, j0):
-                cols = [builder.add(j0, const(v * lanes)) for v in range(n_vectors)]
-                masks = [builder.icmp_signed("<", lane_index, splat(builder.sub(N, j), lane_index.type)) for j in cols]
-                for r in range(n_rows):
-                    for v in range(n_vectors):
-                        p = builder.bitcast(at(C, builder.add(i0, const(r)), cols[v]), vptr)
-                        old = builder.call(load, [p, align, masks[v], zero])
-                        builder.store(builder.select(accumulate, old, zero), acc[r][v])
-                with cgutils.for_range(builder, K) as loop:
-                    row = [builder.call(load, [builder.bitcast(at(B, loop.index, j), vptr), align, m, zero])
-                           for j, m in zip(cols, masks)]
-                    for r in range(n_rows):
-                        x = splat(builder.load(at(A, builder.add(i0, const(r)), loop.index)), vec)
-                        for v in range(n_vectors):
-                            builder.store(builder.call(fma, [x, row[v], builder.load(acc[r][v])]), acc[r][v])
-                for r in range(n_rows):
-                    for v in range(n_vectors):
-                        p = builder.bitcast(at(C, builder.add(i0, const(r)), cols[v]), vptr)
-                        builder.call(store, [builder.load(acc[r][v]), p, align, masks[v]])
-
-            width = const(lanes * vectors)
-            full_cols = builder.sdiv(N, width)
-            edge = builder.mul(full_cols, width)
-            edge_vectors = builder.sdiv(builder.add(builder.sub(N, edge), const(lanes - 1)), const(lanes))
-
-            def block_row(n_rows, i0):
-                with cgutils.for_range(builder, full_cols) as loop:
-                    block(n_rows, vectors, i0, builder.mul(loop.index, width))
-                for v in range(1, vectors + 1):  # the columns past the last full block
-                    with builder.if_then(builder.icmp_signed("==", edge_vectors, const(v))):
-                        block(n_rows, v, i0, edge)
-
-            full_rows = builder.sdiv(M, const(rows))
-            with cgutils.for_range(builder, full_rows) as loop:
-                block_row(rows, builder.mul(loop.index, const(rows)))
-            with cgutils.for_range(builder, builder.sub(M, builder.mul(full_rows, const(rows)))) as loop:
-                block_row(1, builder.add(builder.mul(full_rows, const(rows)), loop.index))
-            return context.get_dummy_value()
-
-        return types.void(a, b, c, beta), codegen
-
-    return call
-
-
-# 8 rows x 2 vectors: 16 accumulators of AVX-512's 32 registers; against 4x2, 6x2, 4x3, 8x1 and 12x1 the fastest or
-# within 5% at every step shape below.
-_block_gemm = _block_gemm_intrinsic(8, 2)
-
-
-def _compiled_for_avx512() -> bool:
-    """Whether numba compiles for this CPU (no NUMBA_CPU_NAME) and it has AVX-512F."""
-    from llvmlite import binding
-
-    return numba.config.CPU_NAME is None and bool(binding.get_host_cpu_features().get("avx512f"))
-
-
-# The step products are small (an LSTM(32) part of 32 samples: (128, 65) @ (65, 32) forward, (128, 32) @ (32, 65)
-# and (32, 128) @ (128, 32) backward), and OpenBLAS's path into its kernel costs about as much as the kernel. Thread
-# CPU per product, one thread, 1,000 calls in a compiled loop, best of 7, AMD EPYC (Zen 5) at load 3-4, OpenBLAS's
-# AVX2 kernels (this workplace's OPENBLAS_CORETYPE=Haswell) / its AVX-512 ones (SkylakeX) / _block_gemm:
-# 4.77 / 2.04 / 2.08 us, 4.73 / 2.36 / 2.89, 2.44 / 1.05 / 0.98; GRU(32)'s (32, 32) @ (32, 96) 1.77 / 0.79 / 0.74,
-# (32, 96) @ (96, 32) 1.86 / 0.79 / 0.75; and at LSTM(512)'s (2048, 545) @ (545, 64) still 1,156 / 614 / 550 us.
-# Without AVX-512 the products stay with BLAS (64-byte vectors would take two registers each there).
-_AVX512 = _compiled_for_avx512()
-
-
-@numba.njit(**JIT)
-def _matmul(blas, a, b, c, beta):
-    """c = a @ b (+ c when beta is 1): _block_gemm on AVX-512, else through the BLAS `blas` = (address, 64-bit
-    integers)."""
-    if _AVX512:
-        _block_gemm(a, b, c, beta)
-    elif blas[1]:
-        _gemm64(blas[0], a, b, c, beta)
-    else:
-        _gemm32(blas[0], a, b, c, beta)
 
 
 # --- gate functions: fast float32, exact float64 ----------------------------------------------------------------
@@ -284,7 +121,7 @@ def gru_forward(blas, xp, U, rb, kept, H, A, inner):
     masked = kept.size > 0
     for t in range(T):
         n = inner[t]
-        _matmul(blas, H[t], U, n, 0.0)
+        matmul(blas, H[t], U, n, 0.0)
         for b in range(B):
             nb, xb, ab, hp, hn = n[b], xp[t, b], A[t, b], H[t, b], H[t + 1, b]
             for r in range(G):
@@ -310,7 +147,7 @@ def gru_backward(blas, H, A, inner, UT, dY, dh, kept, dXP, dInner):
     for t in range(T - 1, -1, -1):
         gru_backward_step(t, H, A, inner, dY, dh, carry, kept, dXP, dInner)
         if t:
-            _matmul(blas, dInner[t], UT, dh, 0.0)
+            matmul(blas, dInner[t], UT, dh, 0.0)
 
 
 @numba.njit(**JIT)
@@ -325,7 +162,7 @@ def lstm_forward(blas, S, Wz, kept, A, TC):
     masked = kept.size > 0
     for t in range(T):
         a = A[t]
-        _matmul(blas, Wz, S[t], a[:4 * u], 0.0)
+        matmul(blas, Wz, S[t], a[:4 * u], 0.0)
         # each gate block as its own flat view, indexed from 0: offsets into one view (af[n + k]) left those loops
         # scalar (1.1 against 0.4 ms for the gate passes of the bench's LSTM(32))
         sig, g = a[:3 * u].reshape(3 * n), a[3 * u:4 * u].reshape(n)
@@ -357,12 +194,12 @@ def lstm_backward(blas, A, TC, S, UzT, WxT, dY, dh, dc, kept, dW, dX, bias):
     tanh(c_t), S (T + 1, K, B) the steps' inputs s_t, dY (T, u, B) every step's output gradient or empty, dh and
     dc (u, B) the final states' gradients (updated in place). Step t's gate gradients dz (4u, B) stay in one small
     buffer: dW (4u, K) += dz @ s_t.T unless dW is empty, dX[t] (F, B) = WxT @ dz unless dX is empty, and
-    dh = UzT @ dz between steps, each through _matmul (the step-0 product, the gradient of h_0, is never read). The
+    dh = UzT @ dz between steps, each through gemm.matmul (the step-0 product, the gradient of h_0, is never read). The
     whole (4u, T, B) gradient written column by column (rows T * B apart, each step a cache line per row, read
     once more by one weight-gradient GEMM after the loop) cost 0.5 ms more per call on cold caches at the
     bench's LSTM(32), part of 32 samples. `bias`: S's last row is ones (Wz's bias column), whose gradient is then
     summed per sample across the steps and over the samples after the loop, dW's product taking the other K - 1
-    columns: 2.9 against 3.4 us a step at the bench's part ((128, 32) @ (32, 64) against (32, 65), _block_gemm's
+    columns: 2.9 against 3.4 us a step at the bench's part ((128, 32) @ (32, 64) against (32, 65), gemm.block_gemm's
     65th column a block of its own). As the twin, a masked step (kept[t, b], factor m = 0) has dz = 0 and passes
     dh and dc through unchanged."""
     T, u, B = TC.shape
@@ -415,16 +252,16 @@ def lstm_backward(blas, A, TC, S, UzT, WxT, dY, dh, dc, kept, dW, dX, bias):
                 row = s[k]
                 for j in range(B):
                     sT[j, k] = row[j]
-            _matmul(blas, dZ, sT, dW[:, :K], 1.0)
+            matmul(blas, dZ, sT, dW[:, :K], 1.0)
             if bias:
                 for r in range(4 * u):
                     z, d = dZ[r], dB[r]
                     for j in range(B):
                         d[j] += z[j]
         if dX.size > 0:
-            _matmul(blas, WxT, dZ, dX[t], 0.0)
+            matmul(blas, WxT, dZ, dX[t], 0.0)
         if t:
-            _matmul(blas, UzT, dZ, dh, 0.0)
+            matmul(blas, UzT, dZ, dh, 0.0)
             if masked:
                 for k in range(n):
                     h[k] += cr[k]
@@ -440,7 +277,7 @@ def simple_forward(blas, xp, U, kept, H):
     T, B, u = xp.shape
     masked = kept.size > 0
     for t in range(T):
-        _matmul(blas, H[t], U, H[t + 1], 0.0)
+        matmul(blas, H[t], U, H[t + 1], 0.0)
         for b in range(B):
             hn, xb = H[t + 1, b], xp[t, b]
             if masked and kept[t, b]:
@@ -475,7 +312,7 @@ def simple_backward(blas, H, UT, dY, dh, kept, dXP):
                 for r in range(u):
                     c[r] = g[r] * (one - m)
         if t:
-            _matmul(blas, dXP[t], UT, dh, 0.0)
+            matmul(blas, dXP[t], UT, dh, 0.0)
             if masked:
                 for b in range(B):
                     g, c = dh[b], carry[b]

@@ -19,24 +19,24 @@ import numba
 import numpy as np
 
 from dlcli.kernels.pooling import larger, max_of_four, relu_gate, relu_of
-from dlcli.kernels.recurrent import _AVX512, _block_gemm
+from dlcli.kernels.gemm import AVX512, block_gemm
 
 JIT = dict(cache=True, nogil=True, error_model="numpy")
 
 # Whether tap_products runs: numba compiles for this CPU and it has AVX-512 (else the products go through BLAS).
-BLOCK_PRODUCTS = _AVX512
+BLOCK_PRODUCTS = AVX512
 
 
 @numba.njit(**JIT)
 def tap_products(a, b, out):
     """out[t] = a[t] @ b[t] for each tap t (3-D arrays, C-contiguous): the Winograd products through
-    kernels/recurrent's register-blocked AVX-512 product (each row of out on its own, k in order with fused
+    kernels/gemm's register-blocked AVX-512 product (block_gemm) (each row of out on its own, k in order with fused
     multiply-adds: the bits of OpenBLAS's SkylakeX kernels, which NumPy's OpenBLAS picks on this AVX-512 CPU). With
     its AVX2 (Haswell) kernels, which this workplace forces, OpenBLAS took 2.2-2.3x as long: one thread, the 36 taps
     of a resnet chunk, (129, 32) @ (32, 32) 92.5 -> 39.8 us and (65, 64) @ (64, 64) 172.4 -> 79.6 us; with its
     SkylakeX kernels 40.1 / 43.5 and 78.8 / 82.0 (AMD EPYC, Zen 5, load 5). Its twin is np.matmul."""
     for t in range(a.shape[0]):
-        _block_gemm(a[t], b[t], out[t], 0.0)
+        block_gemm(a[t], b[t], out[t], 0.0)
     return out
 
 
