@@ -239,7 +239,7 @@ def test_lanes_hand_over_after_their_wait_ran_out_as_back_to_back(monkeypatch, p
     monkeypatch.setenv("DLCLI_KERNELS", path)
     monkeypatch.setattr(lanes, "count", lambda: 2)
     monkeypatch.setattr(lanes, "SPIN_NS", 1_000_000)
-    monkeypatch.setattr(lanes, "_spare_core", lambda: True)  # poll even on a busy machine
+    monkeypatch.setattr(lanes, "spare_core", lambda: True)  # poll even on a busy machine
     assert (lanes._waiter() is None) == (path == "numpy" or lanes._libc() is None)
     workers = lane_threads(monkeypatch)
     for pause in (0, 0, 0.01, 0, 0.01):
@@ -253,11 +253,11 @@ def test_lanes_sleep_at_once_while_the_machine_runs_more_threads_than_cores(monk
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
     if os.path.exists("/proc/loadavg"):  # Linux: the count of runnable threads, this one among them
         monkeypatch.setattr(lanes, "_CORES", -10**6)
-        assert not lanes._spare_core()
+        assert not lanes.spare_core()
         assert lanes._waiter() is None
         monkeypatch.setattr(lanes, "_CORES", 10**6)
-        assert lanes._spare_core()
-    monkeypatch.setattr(lanes, "_spare_core", lambda: False)
+        assert lanes.spare_core()
+    monkeypatch.setattr(lanes, "spare_core", lambda: False)
     assert lanes._waiter() is None
 
 
@@ -267,7 +267,7 @@ def test_short_parts_go_to_polling_lanes_only(monkeypatch, spare):
     caller, with the same results in the same order; parts not short go to the lanes either way."""
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
     monkeypatch.setattr(lanes, "count", lambda: 2)
-    monkeypatch.setattr(lanes, "_spare_core", lambda: spare)
+    monkeypatch.setattr(lanes, "spare_core", lambda: spare)
     polls = lanes._waiter() is not None
     if spare and not polls:
         pytest.skip("no compiled lanes kernel or C library to poll with")
@@ -288,7 +288,7 @@ def test_flat_parts_give_the_whole_arrays_pass_on_any_lanes(monkeypatch, spare):
     parts) or in the caller, equal to the pass over the whole arrays; one range under FLAT_FLOATS."""
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
     monkeypatch.setattr(lanes, "count", lambda: 2)
-    monkeypatch.setattr(lanes, "_spare_core", lambda: spare)
+    monkeypatch.setattr(lanes, "spare_core", lambda: spare)
     monkeypatch.setattr(lanes, "FLAT_FLOATS", 8)
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((7, 5, 3)).astype(np.float32), rng.standard_normal((7, 5, 3)).astype(np.float32)
@@ -314,7 +314,7 @@ def test_a_fan_outs_gradient_sum_and_a_relus_backward_run_on_the_lanes(monkeypat
 
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
     monkeypatch.setattr(lanes, "count", lambda: 2)
-    monkeypatch.setattr(lanes, "_spare_core", lambda: True)
+    monkeypatch.setattr(lanes, "spare_core", lambda: True)
     monkeypatch.setattr(lanes, "FLAT_FLOATS", 8)
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((6, 4, 4, 3)).astype(np.float32), rng.standard_normal((6, 4, 4, 3)).astype(np.float32)

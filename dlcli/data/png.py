@@ -43,7 +43,7 @@ def decode(paths: Paths, index: np.ndarray, color_mode: str, out: np.ndarray) ->
     # Lanes poll for their next task only while the machine has a core to spare; then the decoder gives way after
     # each file. On a busy machine it does not: each yield would hand the core to another job's thread for a slice
     # (the book convnet's training thread waited 87-215 ms an epoch of 6,400 PNGs for its batches, 7-13 without).
-    give_way = lanes._spare_core()
+    give_way = lanes.spare_core()
     done = compiled.decode(paths.data, paths.starts, np.asarray(index, np.int64), calls, give_way,
                            out.reshape(n, height, width * channels), color_type, channels)
     return np.flatnonzero(done == 0).tolist()

@@ -198,7 +198,7 @@ def _waiter():
     runs late and a poll only takes CPU from it or from other jobs (AMD EPYC at load 10, two 0.5 ms parts a run:
     polling cost ~280 us of CPU a run and its wall time rose, 126-180 -> 185-1,200 us over the longer part)."""
     compiled, libc = kernels.compiled("lanes"), _libc()
-    if compiled is None or libc is None or not _spare_core():
+    if compiled is None or libc is None or not spare_core():
         return None
     return lambda counter, seen: compiled.wait_for_change(*libc, counter, seen, SPIN_NS, np.empty(2, np.int64))
 
@@ -206,7 +206,7 @@ def _waiter():
 _loadavg = None  # a descriptor of /proc/loadavg, False where there is none
 
 
-def _spare_core() -> bool:
+def spare_core() -> bool:
     """Whether the threads running or runnable now (Linux's /proc/loadavg, ~1.3 us to read), the lanes' own not
     counted (a lane still polling after its last task is one), are no more than the process' cores; True where the
     count is unknown."""

@@ -198,7 +198,7 @@ def test_the_decoder_gives_the_same_pixels_whether_it_gives_way_or_not(tmp_path,
     same."""
     from dlcli.engine import lanes
 
-    monkeypatch.setattr(lanes, "_spare_core", lambda: spare)
+    monkeypatch.setattr(lanes, "spare_core", lambda: spare)
     rng = np.random.default_rng(6)
     files = [write_png(tmp_path / f"{i}.png", rng.integers(0, 256, (5, 3, 1), dtype=np.uint8), [i % 5], 0)
              for i in range(5)]
