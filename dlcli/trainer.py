@@ -542,9 +542,10 @@ def _norms(params) -> tuple[float, float]:
 
 
 def _squares(value, grad):
-    """kernels/norms.squares' NumPy twin."""
-    value, grad = value.astype(np.float64), grad.astype(np.float64)
-    return float(np.dot(value, value)), float(np.dot(grad, grad))
+    """kernels/norms.squares' NumPy twin, summed by BLAS in float32 as before (within float32's rounding of the
+    kernel's): float64 copies to sum made the NumPy path's norm step ~120 us longer, its fixed cost 49 -> 83 us."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is the divergence being detected
+        return float(np.dot(value, value)), float(np.dot(grad, grad))
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
