@@ -433,29 +433,6 @@ def tap_products(a, b, out):
     return np.matmul(a, b, out=out)
 
 
-# Products of at least PRODUCT_FLOPS run in PRODUCT_PARTS fixed parts of rows (lanes), fixed by size alone: each
-# element's sum is the same in any part (kernels/gemm.product), so the bits are those of one part on any lanes.
-PRODUCT_FLOPS, PRODUCT_PARTS = 1 << 22, 4
-
-
-def product(a, b, out=None):
-    """a @ b for 2-D arrays (Dense's products): kernels/gemm.product on an AVX-512 CPU whose OpenBLAS runs other
-    kernels (this workplace's forced Haswell ones), float32 with b's rows contiguous, else np.matmul. One thread,
-    AMD EPYC (Zen 5), load 1.7, best of 30: the MLP's (128, 784) @ (784, 512) 794 -> 526 us, its kernel gradient
-    (784, 128)^T @ (128, 512) 789 -> 390, (128, 512) @ (512, 10) 20 -> 11; OpenBLAS's SkylakeX kernels 450, 417
-    and 13, where it stays."""
-    compiled = kernels.compiled("gemm")
-    if (compiled is None or not compiled.AVX512 or blas.avx512_kernels() or a.ndim != 2 or b.ndim != 2
-            or not a.dtype == b.dtype == np.float32 or b.strides[1] != b.itemsize
-            or (out is not None and (out.dtype != a.dtype or out.strides[1] != out.itemsize))):
-        return np.matmul(a, b, out=out)
-    if out is None:
-        out = np.empty((a.shape[0], b.shape[1]), a.dtype)
-    parts = lanes.split(len(out), PRODUCT_PARTS if 2 * a.size * b.shape[1] >= PRODUCT_FLOPS else 1)
-    lanes.run(lambda run: [compiled.product(a[start:stop], b, out[start:stop]) for start, stop in run], parts)
-    return out
-
-
 def _rows_of(buffer, samples, out_sizes, block=2):
     """A chunk's view of a lane's buffer, contiguous (the compiled transforms take each tap's rows as one vector):
     its rows of every tap, the spare row zeroed (rows of another chunk's layout may have been there)."""

@@ -6,7 +6,6 @@ import numpy as np
 
 from dlcli.engine import activations, initializers
 from dlcli.engine.layer import Layer, register
-from dlcli.layers import conv_math
 from dlcli.errors import ShapeError
 from dlcli.registry import Size
 
@@ -43,9 +42,7 @@ class Dense(Layer):
 
     def forward(self, x, training=False):
         self.x = x
-        flat = x.reshape(-1, x.shape[-1]) if x.flags.c_contiguous else None
-        z = x @ self.kernel.value if flat is None else \
-            conv_math.product(flat, self.kernel.value).reshape(*x.shape[:-1], self.units)
+        z = x @ self.kernel.value
         return activations.activate_owned(self, z, self.bias.value if self.use_bias else None)
 
     def backward(self, grad):
@@ -53,9 +50,9 @@ class Dense(Layer):
         x2, g2 = self.x.reshape(-1, self.x.shape[-1]), grad.reshape(-1, self.units)
         blank = self.kernel.blank_grad()
         if blank is not None:  # the product written in place: no clearing pass, no addition (engine/layer.Param)
-            conv_math.product(x2.T, g2, out=blank)
+            np.matmul(x2.T, g2, out=blank)
         elif self.kernel.grad is not None:
-            self.kernel.grad += conv_math.product(x2.T, g2)
+            self.kernel.grad += x2.T @ g2
         if self.use_bias:
             blank = self.bias.blank_grad()
             if blank is not None:
