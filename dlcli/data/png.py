@@ -7,7 +7,6 @@ chunks, inflate, row filters; ~8 us a file in all, half of it the system calls. 
 not looked for: Pillow does not check IDAT's either), is left to Pillow, which decodes it or names what is wrong; so
 is every file when the compiled kernels do not run, or where the C library has no open/read/close to call (not a
 POSIX system)."""
-import ctypes
 import os
 
 import numpy as np
@@ -49,22 +48,11 @@ def decode(paths: Paths, index: np.ndarray, color_mode: str, out: np.ndarray) ->
     return np.flatnonzero(done == 0).tolist()
 
 
-_addresses: object = ()  # not yet looked up
-
-
 def _calls() -> np.ndarray | None:
     """The C library's open, read, close and sched_yield by address and open's flags (read-only, closed on exec as
     Python opens files), or None where there is no such library."""
-    global _addresses
-    if isinstance(_addresses, tuple):
-        try:
-            libc = ctypes.CDLL(None)
-            calls = (libc.open, libc.read, libc.close, libc.sched_yield)
-            _addresses = np.array([ctypes.cast(f, ctypes.c_void_p).value for f in calls]
-                                  + [os.O_RDONLY | os.O_CLOEXEC], np.int64)
-        except (OSError, AttributeError, TypeError):
-            _addresses = None
-    return _addresses
+    addresses = kernels.libc("open", "read", "close", "sched_yield")
+    return None if addresses is None else np.array([*addresses, os.O_RDONLY | os.O_CLOEXEC], np.int64)
 
 
 def _pillow_pixel_limit() -> int | None:

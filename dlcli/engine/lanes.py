@@ -15,7 +15,6 @@ The lane count is BLAS's thread count (threadpoolctl, as inference_passes uses i
 thread, so a lane's layer never starts lanes of its own.
 """
 import collections
-import ctypes
 import os
 import queue
 import threading
@@ -228,20 +227,9 @@ def spare_core() -> bool:
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-_libc_addresses = ()
-
-
 def _libc():
     """(clock_gettime's address, sched_yield's) in the C library, or None where there are none."""
-    global _libc_addresses
-    if _libc_addresses == ():
-        try:
-            libc = ctypes.CDLL(None)
-            _libc_addresses = tuple(ctypes.cast(f, ctypes.c_void_p).value for f in (libc.clock_gettime,
-                                                                                    libc.sched_yield))
-        except (OSError, AttributeError, TypeError):
-            _libc_addresses = None
-    return _libc_addresses
+    return kernels.libc("clock_gettime", "sched_yield")
 
 
 def _ensure(n: int) -> list:

@@ -9,6 +9,7 @@ kernel.
 """
 import atexit
 import contextlib
+import ctypes
 import gc
 import os
 import sys
@@ -18,6 +19,7 @@ import warnings
 from dlcli.errors import ConfigError
 
 CHOICES = ("numba", "numpy")
+_libc_functions: dict[tuple, tuple | None] = {}  # names -> their addresses (libc)
 _loaded: dict[str, object] = {}  # module name -> its compiled module, or None where numba failed to import
 _loading = threading.Lock()  # numba's set-up in two threads at once fails ("generator already executing")
 
@@ -79,6 +81,19 @@ def _load(name: str):
         if enabled:
             gc.enable()
 
+
+
+def libc(*names) -> tuple[int, ...] | None:
+    """The C library's functions `names` by address, for the kernels that call them (lanes' polls, PNG reads), or
+    None where there is no such library or function (not a POSIX system). Looked up once a process."""
+    if names not in _libc_functions:
+        try:
+            library = ctypes.CDLL(None)
+            _libc_functions[names] = tuple(ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+                                           for name in names)
+        except (OSError, AttributeError, TypeError):
+            _libc_functions[names] = None
+    return _libc_functions[names]
 
 def _exit_without_collections():
     """At interpreter exit, after one collection (which runs the finalizers of whatever garbage there is), freeze

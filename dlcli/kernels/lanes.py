@@ -27,7 +27,7 @@ def _clock_gettime(typingctx, fn, clock, ts):
 
 
 @intrinsic
-def _call_void(typingctx, fn):
+def call_void(typingctx, fn):
     """fn(): a call of the int function at address fn taking no arguments (sched_yield); its result."""
     def codegen(context, builder, sig, args):
         fnty = ir.FunctionType(ir.IntType(32), [])
@@ -53,7 +53,7 @@ def wait_for_change(clock, give_way, counter, seen, limit_ns, ts):
     if start < 0:
         return counter[0] != seen
     while counter[0] == seen:
-        _call_void(give_way)
+        call_void(give_way)
         now = _now(clock, ts)
         if now < 0 or now - start >= limit_ns:
             return False

@@ -19,7 +19,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-from dlcli.kernels.lanes import _call_void
+from dlcli.kernels.lanes import call_void
 
 SIGNATURE = np.frombuffer(b"\x89PNG\r\n\x1a\n", np.uint8)
 IHDR, IDAT, IEND, ACTL, FCTL = (int.from_bytes(k, "big") for k in (b"IHDR", b"IDAT", b"IEND", b"acTL", b"fcTL"))
@@ -65,7 +65,7 @@ def decode(paths, starts, index, calls, give_way, out, color_type, channels):
                     out[i, r, k] = raw[r, 1 + k]
             done[i] = 1
         if give_way:
-            _call_void(calls[3])
+            call_void(calls[3])
     return done
 
 
