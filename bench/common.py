@@ -180,11 +180,10 @@ def blas_kernels() -> str:
     """Which OpenBLAS kernels NumPy's GEMM runs (threadpoolctl's "architecture"), and whether OPENBLAS_CORETYPE chose
     them: on an AVX-512 CPU OpenBLAS picks its SkylakeX kernels itself, about twice the GEMM throughput of the
     Haswell ones (AVX2) a forced OPENBLAS_CORETYPE=Haswell runs."""
-    import numpy  # noqa: F401 (threadpoolctl finds only the BLAS libraries in memory)
-    from threadpoolctl import threadpool_info
+    from dlcli.engine import blas
 
-    lib = next((i for i in threadpool_info() if i["internal_api"] == "openblas"), None)
-    if lib is None:
+    lib = blas.library()
+    if lib is None or lib["internal_api"] != "openblas":
         return "no OpenBLAS"
     forced = os.environ.get("OPENBLAS_CORETYPE")
     return (f"OpenBLAS {lib['version']}, {lib.get('architecture') or '?'} kernels"

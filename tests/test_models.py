@@ -280,6 +280,22 @@ def test_blas_threads_are_found_when_blas_is_the_first_module_imported():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+def test_blas_is_numpys_own_library_when_scipy_brought_another_first():
+    # SciPy's wheels bring their own OpenBLAS (32-bit integers), listed before NumPy's when SciPy was imported first:
+    # the compiled loops must call the library np.matmul calls, and one_thread limit its threads
+    import subprocess
+    import sys
+
+    pytest.importorskip("scipy.linalg")
+    code = ("import scipy.linalg, os, numpy as np; from dlcli.engine import blas; lib = blas.library(); "
+            "own = lib['filepath'].startswith(os.path.dirname(np.__file__)); "
+            "print(own, blas.gemm_address(np.float32)[1], lib['filepath'])")
+    own, wide, path = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                     check=True).stdout.split()
+    assert own == "True", path
+    assert wide == str("64_" in path or "_64" in path), path
+
+
 def test_summary_columns_widen_so_a_long_layer_name_never_runs_into_its_shape():
     model = models.Sequential([layers.Dense(3, name="a_rather_long_dense_layer_name_indeed", input_shape=(4,))])
     model.build(rng=np.random.default_rng(0))

@@ -7,6 +7,7 @@ thread (layers/recurrent.py says why), the other layers' GEMMs keep every thread
 
 threadpoolctl (a dependency) switches OpenBLAS' threads around the loop; without it this is a no-op. Inference uses
 the same switch the other way round (engine/graph.py): one BLAS thread per pass, a pass per core."""
+import os
 from contextlib import nullcontext
 
 import numpy as np  # loaded before the first lookup: threadpoolctl only finds BLAS libraries in memory
@@ -22,7 +23,12 @@ def _blas():
         except ImportError:
             _controller = False
         else:
-            _controller = ThreadpoolController().select(user_api="blas")
+            found = ThreadpoolController().select(user_api="blas")
+            # NumPy's own library where a process has several (SciPy's wheels bring another OpenBLAS, listed first):
+            # the one np.matmul calls, whose threads one_thread limits and whose cblas_?gemm gemm_address finds
+            own = [lib.filepath for lib in found.lib_controllers
+                   if lib.filepath.startswith(os.path.dirname(np.__file__))]  # numpy.libs/ or numpy/.dylibs/
+            _controller = found.select(filepath=own) if own else found
     return _controller if _controller and _controller.lib_controllers else None
 
 
@@ -74,12 +80,16 @@ AVX512_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
 _avx512 = None
 
 
+def library() -> dict | None:
+    """NumPy's BLAS as threadpoolctl describes it (internal_api, version, architecture, filepath, ...), or None."""
+    controller = _blas()
+    return controller.lib_controllers[0].info() if controller else None
+
+
 def avx512_kernels() -> bool:
     """Whether NumPy's OpenBLAS runs AVX-512 kernels (its choice on an AVX-512 CPU, unless OPENBLAS_CORETYPE forces
     others, as this workplace's Haswell does); False where it cannot tell. Asked once per process."""
     global _avx512
     if _avx512 is None:
-        controller = _blas()
-        _avx512 = bool(controller) and any(getattr(lib, "architecture", None) in AVX512_CORES
-                                           for lib in controller.lib_controllers)
+        _avx512 = (library() or {}).get("architecture") in AVX512_CORES
     return _avx512
