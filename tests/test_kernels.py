@@ -660,13 +660,16 @@ def test_the_recurrent_step_product_equals_matmul_at_every_edge(dtype):
         assert np.isnan(wide[:, :2]).all() and np.isnan(wide[:, n + 2:]).all()
 
 
-def test_the_recurrent_step_product_takes_blas_where_numba_does_not_compile_for_avx512(tmp_path):
-    """Without AVX-512 (here: NUMBA_CPU_NAME, numba compiling for a generic CPU) the step products go through BLAS,
-    as on every CPU without it: edges as above but k >= 1 (a layer has a feature or a unit; BLAS refuses k = 0's
-    leading dimension), in a process of its own."""
+def test_the_products_take_blas_where_numba_does_not_compile_for_avx512(tmp_path):
+    """Without AVX-512 (here: NUMBA_CPU_NAME, numba compiling for a generic CPU) the recurrent step products go
+    through BLAS, as on every CPU without it: edges as above but k >= 1 (a layer has a feature or a unit; BLAS refuses
+    k = 0's leading dimension); the layers' products (engine/blas.product) are np.matmul's even where OpenBLAS runs
+    AVX2 kernels. In a process of its own."""
     code = ("import numba, numpy as np\n"
             "from dlcli.engine import blas\nfrom dlcli.kernels import gemm\n"
             "assert not gemm.AVX512\n"
+            "blas.avx512_kernels = lambda: False\n"
+            "assert blas.block_products() is None\n"
             "product = numba.njit(lambda address, a, b, c, beta: gemm.matmul(address, a, b, c, beta))\n"
             "rng = np.random.default_rng(0)\n"
             "for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-13)):\n"
@@ -678,6 +681,7 @@ def test_the_recurrent_step_product_takes_blas_where_numba_does_not_compile_for_
             "        start = c.copy()\n"
             "        product(blas.gemm_address(dtype), a, b, c, 1.0)\n"
             "        np.testing.assert_allclose(c, start + a @ b, rtol=tol, atol=tol * max(k, 1))\n"
+            "        assert (blas.product(a, b) == a @ b).all() and (blas.product(a.T.copy().T, b) == a @ b).all()\n"
             "print('blas')\n")
     env = {**os.environ, "DLCLI_KERNELS": "numba", "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

@@ -254,19 +254,3 @@ def test_inference_transforms_a_kernel_once_while_its_bits_stay(monkeypatch):
     assert len(transformed) == 6
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("rows,inner,cols", [(129, 32, 32), (65, 64, 64), (7, 16, 24), (1, 64, 5), (33, 9, 40)])
-def test_the_tap_products_equal_their_twin_to_rounding(monkeypatch, dtype, rows, inner, cols):
-    """kernels/winograd.tap_products (AVX-512 register blocks, where the CPU has them) against np.matmul, its twin:
-    within float32 (float64) rounding at the resnet's chunk shapes, ragged rows and columns. conv_math.tap_products
-    takes the twin on the NumPy path."""
-    monkeypatch.setenv("DLCLI_KERNELS", "numba")
-    rng = np.random.default_rng(4)
-    a, b = rng.standard_normal((36, rows, inner)).astype(dtype), rng.standard_normal((36, inner, cols)).astype(dtype)
-    want = np.matmul(a.astype(np.float64), b.astype(np.float64))
-    compiled = kernels.compiled("winograd")
-    for products in [cm.tap_products] + ([compiled.tap_products] if compiled.BLOCK_PRODUCTS else []):
-        got = products(a, b, np.empty((36, rows, cols), dtype))
-        assert np.abs(got - want).max() <= 4 * inner * np.finfo(dtype).eps * np.abs(want).max()
-    monkeypatch.setenv("DLCLI_KERNELS", "numpy")
-    np.testing.assert_array_equal(cm.tap_products(a, b, np.empty((36, rows, cols), dtype)), np.matmul(a, b))

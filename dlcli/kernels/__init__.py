@@ -175,4 +175,8 @@ def _import(name: str):
         import dlcli.kernels.lanes as lanes
 
         return lanes
+    if name == "gemm":
+        import dlcli.kernels.gemm as gemm
+
+        return gemm
     raise KeyError(f"no compiled kernel module {name!r}")

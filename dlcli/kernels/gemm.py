@@ -1,7 +1,7 @@
 """Matrix products called from compiled code: OpenBLAS's cblas ?gemm by address (NumPy's own links, found by
 engine/blas.gemm_address), and on AVX-512 a register-blocked product (block_gemm) that beats OpenBLAS's path into
-its kernel at the small products of the recurrent time loops (kernels/recurrent) and the Winograd convs' taps
-(kernels/winograd.tap_products)."""
+its kernel at the small products of the recurrent time loops (kernels/recurrent) and, where OpenBLAS runs AVX2
+kernels on an AVX-512 CPU, at the layers' products (product, chosen by engine/blas.product)."""
 import numba
 from llvmlite import ir
 from numba.core import cgutils, types
@@ -55,10 +55,11 @@ _gemm64, _gemm32 = _gemm_intrinsic(64), _gemm_intrinsic(32)
 
 
 def _block_gemm_intrinsic(rows, vectors):
-    """An intrinsic computing C = A @ B + beta C (beta 0 or 1) for 2-D float arrays whose rows are contiguous (any row
-    stride), in blocks of C of `rows` rows x `vectors` 64-byte vectors (16 float32) held in registers across the
-    whole k loop: per k, `vectors` loads of B's row, one broadcast of A per row and rows x vectors fused multiply-adds.
-    The right edge runs masked (a block of as few vectors as it needs), the bottom rows one at a time."""
+    """An intrinsic computing C = A @ B + beta C (beta 0 or 1) for 2-D float arrays, B's and C's rows contiguous (any
+    row stride), A any strided view (a transpose is read in place), in blocks of C of `rows` rows x `vectors` 64-byte
+    vectors (16 float32) held in registers across the whole k loop: per k, `vectors` loads of B's row, one broadcast
+    of A per row and rows x vectors fused multiply-adds. The right edge runs masked (a block of as few vectors as it
+    needs), the bottom rows one at a time."""
 
     @intrinsic
     def call(typingctx, a, b, c, beta):
@@ -93,6 +94,13 @@ def _block_gemm_intrinsic(rows, vectors):
                 lead = builder.sdiv(builder.extract_value(arr.strides, 0), const(size))
                 return builder.gep(builder.bitcast(arr.data, fl.as_pointer()), [builder.add(builder.mul(i, lead), j)])
 
+            def at_a(i, k):  # the address of A[i, k]: through both strides unless A's layout is C-contiguous
+                if sig.args[0].layout == "C":
+                    return at(A, i, k)
+                steps = [builder.sdiv(builder.extract_value(A.strides, d), const(size)) for d in (0, 1)]
+                return builder.gep(builder.bitcast(A.data, fl.as_pointer()),
+                                   [builder.add(builder.mul(i, steps[0]), builder.mul(k, steps[1]))])
+
             M, K, N = (builder.extract_value(x.shape, d) for x, d in ((A, 0), (A, 1), (B, 1)))
 
             def block(n_rows, n_vectors, i0, j0):
@@ -107,7 +115,7 @@ def _block_gemm_intrinsic(rows, vectors):
                     row = [builder.call(load, [builder.bitcast(at(B, loop.index, j), vptr), align, m, zero])
                            for j, m in zip(cols, masks)]
                     for r in range(n_rows):
-                        x = splat(builder.load(at(A, builder.add(i0, const(r)), loop.index)), vec)
+                        x = splat(builder.load(at_a(builder.add(i0, const(r)), loop.index)), vec)
                         for v in range(n_vectors):
                             builder.store(builder.call(fma, [x, row[v], builder.load(acc[r][v])]), acc[r][v])
                 for r in range(n_rows):
@@ -171,3 +179,14 @@ def matmul(blas, a, b, c, beta):
         _gemm64(blas[0], a, b, c, beta)
     else:
         _gemm32(blas[0], a, b, c, beta)
+
+
+@numba.njit(**JIT)
+def product(a, b, out):
+    """out[t] = a[t] @ b[t] for each t of 3-D float stacks (a 2-D product is a stack of one) by block_gemm: b's and
+    out's rows contiguous, a any strided view (a transpose is read in place). Each element of out sums its k products
+    in order with fused multiply-adds whatever the blocks (the bits of OpenBLAS's SkylakeX sgemm at the Winograd
+    taps' shapes), so a part of out's rows gives the same bits as the whole. Its twin is np.matmul."""
+    for t in range(a.shape[0]):
+        block_gemm(a[t], b[t], out[t], 0.0)
+    return out

@@ -1,8 +1,9 @@
 """Winograd's F(2x2, 3x3) convolution (Lavin & Gray, 2015), forward and both gradients: each 2x2 block of outputs
 from its 4x4 input tile with 16 products per (input, output) channel pair where im2col's GEMM makes 36, so a 3x3
 stride-1 convolution's multiplications fall 2.25x (less the ragged edge's tiles). The transforms are these kernels;
-the products are 16 GEMMs per pass (conv_math.winograd_conv, winograd_backward). Its twin is the convolution itself
-(im2col + one GEMM, col2im for the input gradient): the same sums in another order, equal within float32 rounding.
+the products are 16 GEMMs per pass (conv_math.winograd_conv, winograd_backward, through engine/blas.product). Its
+twin is the convolution itself (im2col + one GEMM, col2im for the input gradient): the same sums in another order,
+equal within float32 rounding.
 
     input  V = B^T d B,  B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]   (d: a 4x4 tile)
     output Y = A^T M A,  A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]                           (M = U (x) V: 16 products)
@@ -19,26 +20,8 @@ import numba
 import numpy as np
 
 from dlcli.kernels.pooling import larger, max_of_four, relu_gate, relu_of
-from dlcli.kernels.gemm import AVX512, block_gemm
 
 JIT = dict(cache=True, nogil=True, error_model="numpy")
-
-# Whether tap_products runs: numba compiles for this CPU and it has AVX-512 (else the products go through BLAS).
-BLOCK_PRODUCTS = AVX512
-
-
-@numba.njit(**JIT)
-def tap_products(a, b, out):
-    """out[t] = a[t] @ b[t] for each tap t (3-D arrays, C-contiguous): the Winograd products through
-    kernels/gemm's register-blocked AVX-512 product (block_gemm) (each row of out on its own, k in order with fused
-    multiply-adds: the bits of OpenBLAS's SkylakeX kernels, which NumPy's OpenBLAS picks on this AVX-512 CPU). With
-    its AVX2 (Haswell) kernels, which this workplace forces, OpenBLAS took 2.2-2.3x as long: one thread, the 36 taps
-    of a resnet chunk, (129, 32) @ (32, 32) 92.5 -> 39.8 us and (65, 64) @ (64, 64) 172.4 -> 79.6 us; with its
-    SkylakeX kernels 40.1 / 43.5 and 78.8 / 82.0 (AMD EPYC, Zen 5, load 5). Its twin is np.matmul."""
-    for t in range(a.shape[0]):
-        block_gemm(a[t], b[t], out[t], 0.0)
-    return out
-
 
 # B^T's rows as (p, q, sign): row = d[p] + sign * d[q]; B's columns are the same pairs
 PAIRS = ((0, 2, -1.0), (1, 2, 1.0), (2, 1, -1.0), (1, 3, -1.0))

@@ -416,21 +416,11 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, poole
             v_part = keep[start] if keep is not None else _rows_of(v, stop - start, out_sizes, block)
             m_part = _rows_of(m, stop - start, out_sizes, block)
             input_tiles(x[start:stop], top, left, tiles_h, tiles_w, v_part)
-            tap_products(v_part, u, m_part)
+            blas.product(v_part, u, m_part)
             write(m_part, start, stop)
         return run
     lanes.run(products, chunks)
     return y
-
-
-def tap_products(a, b, out):
-    """out[t] = a[t] @ b[t] for each tap t of Winograd's products: kernels/winograd.tap_products on an AVX-512 CPU
-    whose OpenBLAS runs other kernels (this workplace's forced Haswell ones: 2.2-2.3x as long), else np.matmul
-    (OpenBLAS's AVX-512 kernels give the same bits, 4-8% sooner)."""
-    compiled = kernels.compiled("winograd")
-    if compiled is not None and compiled.BLOCK_PRODUCTS and not blas.avx512_kernels():
-        return compiled.tap_products(a, b, out)
-    return np.matmul(a, b, out=out)
 
 
 def _rows_of(buffer, samples, out_sizes, block=2):
@@ -487,7 +477,7 @@ def _winograd_pooled(x, kernel, bias, out_sizes, pads, pool, relu):
             compiled.input_tiles_mixed(x[start:stop], top, left, rows4, rows2, cols4, cols2, *v_parts)
             for v_part, u, m_part, (tiles, _, _) in zip(v_parts, us, m_parts, kinds):
                 if tiles:
-                    tap_products(v_part, u, m_part)
+                    blas.product(v_part, u, m_part)
             compiled.output_tiles_mixed_pooled(*m_parts, rows4, rows2, cols4, cols2, bias, pool_h, pool_w, relu,
                                                y[start:stop])
         return run
@@ -566,7 +556,7 @@ def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True
                 db = dm_part[centre].sum(0)
             if input_grad:
                 dv_part = _rows_of(dv, stop - start, out_sizes, block)
-                tap_products(dm_part, u_t, dv_part)
+                blas.product(dm_part, u_t, dv_part)
                 input_gradient_tiles(dv_part, top, left, tiles_h, tiles_w, dx[start:stop])
             sums.append((du, db))
         return sums
