@@ -313,6 +313,29 @@ def test_zeroed_gradients_hold_only_the_next_steps_contributions():
     np.testing.assert_allclose(enc.bias.grad, [2, 2])
 
 
+def test_a_layer_after_layers_without_weights_on_the_data_skips_its_input_gradient():
+    """A Dense after a Flatten of the images skips its input gradient as if it read the data (and so the Flatten its
+    own); an observer, or a caller asking for the inputs' gradients, still gets every gradient. The weights'
+    gradients are the same either way."""
+    flat, first, second = layers.Flatten(), layers.Dense(6, activation="relu"), layers.Dense(3)
+    m = models.Sequential([layers.Input((2, 4)), layers.Reshape((4, 2)), flat, first, second])
+    m.build(rng=np.random.default_rng(0))
+    called = []
+    flat.backward = lambda grad, own=flat.backward: (called.append(1), own(grad))[1]
+    x, g = np.random.default_rng(1).standard_normal((5, 2, 4)), np.ones((5, 3))
+    m.graph.forward([x], training=True)
+    assert m.graph.backward([g]) == [None]
+    assert not called and not first.input_grad_needed and second.input_grad_needed
+    grads = [p.grad.copy() for p in m.trainable_weights]
+    for p in m.trainable_weights:
+        p.zero_grad()
+    m.graph.forward([x], training=True)
+    dx = m.graph.backward([g], need_input_grads=True)[0]
+    assert dx.shape == x.shape and called and first.input_grad_needed
+    for p, want in zip(m.trainable_weights, grads):
+        np.testing.assert_array_equal(p.grad, want)
+
+
 def test_the_gradient_exchange_sends_zeros_for_a_gradient_no_layer_wrote():
     """The exchange sums its buffer itself (each p.grad is a view into it): a zeroed gradient's stale values must be
     written out first."""

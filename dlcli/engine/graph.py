@@ -164,6 +164,7 @@ class Graph:
         self.summed = _summed_adds(self.nodes, consumers, outputs)
         self.pooled_norms = _pooled_normalisations(consumers, outputs, self.movable)
         self.cast_from: dict = {}  # set by each forward
+        self.data_made = None  # _made_from_data's tensors, found at the first backward pass (the layers built)
         self.poolable = {id(pool) for layer, pool, _ in self.movable
                          if getattr(layer, "pools_own_output", None) and layer.pools_own_output(pool)}
         self.poolable_in_training = {id(pool) for layer, pool, _ in self.movable
@@ -283,6 +284,8 @@ class Graph:
 
     def _backward(self, grads, need_input_grads, observer):
         acc: dict = {}
+        if self.data_made is None:
+            self.data_made = _made_from_data(self.nodes)
         for t, g in zip(self.outputs, grads):
             _accumulate(acc, t, g)
         for node in reversed(self.nodes):
@@ -297,9 +300,11 @@ class Graph:
             layer = node.layer
             if node.state is not None:
                 vars(layer).update(node.state)
-            # Nobody needs d(loss)/d(data): the first layers may skip that product (a large one for convs).
-            layer.input_grad_needed = need_input_grads or not all(isinstance(t.node.layer, InputLayer)
-                                                                  for t in node.inputs)
+            # Nobody needs d(loss)/d(data): the first layers may skip that product (a large one for convs), also
+            # after layers without weights (a Dense after a Flatten of the images); an observer sees the rest
+            layer.input_grad_needed = need_input_grads or not all(
+                isinstance(t.node.layer, InputLayer) or observer is None and id(t) in self.data_made
+                for t in node.inputs)
             g_out = out_grads if node.multi_output else out_grads[0]
             g_in = layer.backward(g_out)
             if observer is not None:
@@ -310,6 +315,16 @@ class Graph:
             for t, g in zip(node.inputs, g_in):
                 _accumulate(acc, t, g)
         return [acc.get(id(t)) for t in self.inputs]
+
+
+def _made_from_data(nodes) -> set:
+    """The ids of the tensors that layers without weights (Flatten, Reshape, Dropout) made from the inputs alone:
+    no gradient of theirs reaches a weight."""
+    made = set()
+    for node in nodes:
+        if isinstance(node.layer, InputLayer) or not node.layer.params and all(id(t) in made for t in node.inputs):
+            made.update(id(t) for t in node.outputs)
+    return made
 
 
 # passes handed to the threads ahead of the one the caller waits for, per thread: a thread held up (a busy machine
