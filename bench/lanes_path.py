@@ -2,7 +2,7 @@
 times cannot show. Each lanes run's parts are timed in the thread that runs them; the step on idle cores would take
 about the calling thread's work outside the runs (serial) plus, for each run, its longest part.
 
-    DLCLI_DATA_DIR=../shared/datasets python bench/lanes_path.py [convnet|resnet] [--steps 30] [--threads 2]
+    DLCLI_DATA_DIR=../shared/datasets python bench/lanes_path.py [convnet|resnet|mlp] [--steps 30] [--threads 2]
         [--layers] [--idle]
 
 Prints, medians (and best) over the steps: the calling thread's CPU, its serial part (outside every lanes run),
@@ -31,6 +31,10 @@ from common import config_model, mnist_train  # noqa: E402
 
 from dlcli.engine import lanes  # noqa: E402
 
+# net: (data, config, sample shape, batch)
+NETS = {"resnet": ("fashion_mnist", resnet_epoch.CONFIG, (28, 28, 1), 64),
+        "convnet": ("mnist", convnet_epoch.CONFIG, (28, 28, 1), 64),
+        "mlp": ("mnist", "configs/mnist.yaml", (28, 28), 128)}
 COLUMNS = ("calling thread", "serial", "hand-overs", "longest parts", "all parts")
 
 
@@ -84,15 +88,15 @@ def timed_step(model, x, y):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("net", nargs="?", default="resnet", choices=("convnet", "resnet"))
+    parser.add_argument("net", nargs="?", default="resnet", choices=tuple(NETS))
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=0, help="the net's own when 0: 64 (128 for the MLP)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", action="store_true")
     parser.add_argument("--idle", action="store_true")
     args = parser.parse_args()
-    kind, config = ("fashion_mnist", resnet_epoch.CONFIG) if args.net == "resnet" else ("mnist", convnet_epoch.CONFIG)
-    x, y = mnist_train((28, 28, 1), limit=args.batch, kind=kind)
+    kind, config, shape, batch = NETS[args.net]
+    x, y = mnist_train(shape, limit=args.batch or batch, kind=kind)
     if args.idle:
         lanes._waiter = lambda: (lambda counter, seen: False)
     step = timed_step(config_model(config), x, y)
