@@ -686,3 +686,26 @@ def test_the_products_take_blas_where_numba_does_not_compile_for_avx512(tmp_path
     env = {**os.environ, "DLCLI_KERNELS": "numba", "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0 and done.stdout == "blas\n", done.stderr
+
+
+@pytest.mark.parametrize("shape", [(6, 7, 7, 5), (3, 4, 2), (2, 3, 4, 5, 3), (4, 9, 9, 1), (3, 1, 1, 2), (0, 3, 3, 4)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_global_average_pooling_equals_its_numpy_twin(monkeypatch, shape, dtype, keepdims):
+    """The compiled global mean and its backward give the twin's bits (NumPy adds the steps in order, channel by
+    channel; with one channel its pairwise sum runs, on both paths), NaN and inf included."""
+    from dlcli import layers
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    x.flat[:3] = [np.nan, np.inf, -0.0][:x.size]
+    layer = getattr(layers, f"GlobalAveragePooling{len(shape) - 2}D")(keepdims=keepdims)
+    grad = rng.standard_normal((shape[0], *(1,) * (len(shape) - 2) * keepdims, shape[-1])).astype(dtype)
+
+    def run():
+        with np.errstate(invalid="ignore"):
+            return layer.forward(x, training=True), layer.backward(grad)
+    (y, dx), (y_twin, dx_twin) = both_paths(monkeypatch, run)
+    for compiled, reference in ((y, y_twin), (dx, dx_twin)):
+        assert compiled.dtype == reference.dtype == dtype and compiled.shape == reference.shape
+        np.testing.assert_array_equal(compiled, reference)

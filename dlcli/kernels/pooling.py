@@ -179,3 +179,41 @@ def tile_max(z, pool_h, pool_w, relu, y, arg):
                     for ch in range(c):
                         out[ch] = relu_of(out[ch], zero)
     return y
+
+
+# Global average pooling over (batch, steps, channels), the spatial axes flattened. NumPy's x.mean(spatial axes) of a
+# channels-last batch of two channels or more adds the steps in order, each channel on its own, in the array's
+# dtype (its inner loop runs over the channels, so no pairwise summation), then divides by the count: these are the
+# same operations in the same order, so the same bits (with one channel NumPy's inner loop is the steps' pairwise
+# sum: the layer keeps the twin there). The resnet's 64x7x7x64, thread CPU, one thread: forward 47 -> 13 us,
+# backward (the gradient over the count, broadcast) 20 -> 8 us.
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def global_mean(x, out):
+    """out (n, C) = x (n, steps, C) summed over its steps in order, divided by the step count."""
+    n, steps, c = x.shape
+    count = out.dtype.type(steps)
+    for b in range(n):
+        row = out[b]
+        for ch in range(c):
+            row[ch] = x[b, 0, ch]
+        for s in range(1, steps):
+            for ch in range(c):
+                row[ch] += x[b, s, ch]
+        for ch in range(c):
+            row[ch] = row[ch] / count
+    return out
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def global_mean_backward(grad, dx):
+    """dx (n, steps, C) = grad (n, C) / steps at every step, the twin's broadcast of grad / steps."""
+    n, steps, c = dx.shape
+    count = grad.dtype.type(steps)
+    for b in range(n):
+        share = grad[b] / count
+        for s in range(steps):
+            for ch in range(c):
+                dx[b, s, ch] = share[ch]
+    return dx

@@ -6,6 +6,7 @@ loop over the pool's offsets only.
 """
 import numpy as np
 
+from dlcli import kernels
 from dlcli.engine import activations
 from dlcli.engine.layer import Layer, ranked
 from dlcli.errors import ConfigError
@@ -175,14 +176,35 @@ class _GlobalAveragePooling(_GlobalPooling):
             self.step_weights = self.step_weights / np.maximum(self.step_weights.sum(1, keepdims=True), 1)
             return self._shape_out((x * self.step_weights).sum(1))
         self.step_weights = None
+        compiled = self._compiled(x) if x.flags.c_contiguous and x.size else None  # another layout sums otherwise
+        if compiled is not None:
+            return self._shape_out(compiled.global_mean(self._steps(x), np.empty((len(x), x.shape[-1]), x.dtype)))
         return self._shape_out(x.mean(axes))
 
     def backward(self, grad):
         g = grad.reshape(self.in_shape[0], *(1,) * self.rank, self.in_shape[-1])
         if self.step_weights is not None:
             return g * self.step_weights
+        compiled = self._compiled(grad) if np.prod(self.in_shape) else None
+        if compiled is not None:
+            dx = np.empty(self.in_shape, grad.dtype)
+            compiled.global_mean_backward(np.ascontiguousarray(grad).reshape(len(dx), -1), self._steps(dx))
+            return dx
         size = np.asarray(np.prod(self.in_shape[1:-1]), grad.dtype)
         return np.broadcast_to(g / size, self.in_shape).copy()
+
+    @staticmethod
+    def _compiled(a):
+        """kernels/pooling's global mean passes, or None for the twins: float32 or float64 of two channels or more
+        (with one, NumPy's mean sums the steps pairwise, which the kernel does not)."""
+        if a.shape[-1] < 2 or a.dtype not in (np.float32, np.float64):
+            return None
+        return kernels.compiled("pooling")
+
+    @staticmethod
+    def _steps(a):
+        """a as (batch, steps, channels)."""
+        return a.reshape(len(a), -1, a.shape[-1])
 
     def to_onnx(self, g, x, in_shape, mask):
         if mask is None or self.rank != 1:
