@@ -167,6 +167,10 @@ def _import(name: str):
         import dlcli.kernels.classification as classification
 
         return classification
+    if name == "embedding":
+        import dlcli.kernels.embedding as embedding
+
+        return embedding
     if name == "winograd":
         import dlcli.kernels.winograd as winograd
 

@@ -1,6 +1,7 @@
 """Embedding, ReversibleEmbedding and Masking: where sequence masks start (Keras' arguments and mask semantics)."""
 import numpy as np
 
+from dlcli import kernels
 from dlcli.engine import initializers
 from dlcli.engine.layer import Layer, format_shape, register
 from dlcli.errors import DlcliError, ShapeError
@@ -46,8 +47,13 @@ class Embedding(Layer):
 
     def backward(self, grad):
         if self.embeddings.grad is not None:
-            # unbuffered scatter-add: repeated indices accumulate (NumPy >= 1.25 makes this a fast loop in C)
-            np.add.at(self.embeddings.grad, self.idx.reshape(-1), grad.reshape(-1, self.output_dim))
+            # unbuffered scatter-add: repeated indices accumulate, in index order on both paths
+            out, idx, rows = self.embeddings.grad, self.idx.reshape(-1), grad.reshape(-1, self.output_dim)
+            compiled = kernels.compiled("embedding")
+            if compiled is not None and rows.dtype == out.dtype:
+                compiled.scatter_add_rows(out, idx.astype(np.intp, copy=False), rows)
+            else:
+                np.add.at(out, idx, rows)
         return None  # integer input: no gradient flows further
 
     def compute_mask(self, x, mask):

@@ -137,3 +137,22 @@ def test_reversible_embedding_eager_calls_take_reverse_per_call():
     hidden = emb(tokens)
     assert emb(hidden, reverse=True).shape == (1, 3, 7)
     np.testing.assert_array_equal(emb(tokens), hidden)  # reverse is False again when not given, as in Keras
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_embedding_gradient_kernel_equals_its_numpy_twin(monkeypatch, dtype):
+    """The compiled scatter-add adds each row in index order, as np.add.at: the same bits, repeated rows included."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 7, (6, 40)).astype(np.int32)
+    x[:, ::3] = 0  # padding: row 0 gathers many
+    grad = rng.standard_normal((6, 40, 5)).astype(dtype)
+    results = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        emb = layers.Embedding(7, 5, mask_zero=True, dtype=np.dtype(dtype).name)
+        emb.build((40,))
+        emb.embeddings.grad[...] = 0.25  # accumulates onto what is there
+        emb.forward(x)
+        emb.backward(grad)
+        results.append(emb.embeddings.grad.copy())
+    np.testing.assert_array_equal(*results)
