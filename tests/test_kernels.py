@@ -709,3 +709,34 @@ def test_global_average_pooling_equals_its_numpy_twin(monkeypatch, shape, dtype,
     for compiled, reference in ((y, y_twin), (dx, dx_twin)):
         assert compiled.dtype == reference.dtype == dtype and compiled.shape == reference.shape
         np.testing.assert_array_equal(compiled, reference)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("lane_floats", [1 << 17, 1])  # the flat ranges (or samples) whole, or in parts
+def test_relu_backward_of_a_gradient_sum_equals_adding_then_masking(monkeypatch, dtype, strided, lane_floats):
+    """ReLU.backward_sum(a, b) is backward(a + b) bit for bit on both paths (the graph's sum then the mask), b
+    contiguous or a strided view (a conv's input gradient cut from its padded one), on the lanes' parts."""
+    from dlcli.engine import activations, lanes
+
+    monkeypatch.setattr(lanes, "FLAT_FLOATS", lane_floats)
+    rng = np.random.default_rng(11)
+    z = rng.standard_normal((5, 6, 7, 3)).astype(dtype)
+    z.flat[::7] = 0
+    a = rng.standard_normal(z.shape).astype(dtype)
+    a.flat[1:4] = [np.nan, -np.inf, np.inf]
+    padded = rng.standard_normal((5, 8, 9, 3)).astype(dtype)
+    padded[0, 1, 1, :] = -0.0
+    a[0, 0, 0, :] = -0.0
+    b = padded[:, 1:-1, 1:-1] if strided else np.ascontiguousarray(padded[:, 1:-1, 1:-1])
+    results = []
+    for path in ("numba", "numpy"):
+        monkeypatch.setenv("DLCLI_KERNELS", path)
+        relu = activations.get("relu")
+        relu.forward(z)
+        with np.errstate(invalid="ignore"):
+            results += [relu.backward_sum(a, b), relu.backward(a + b)]
+    for result in results[1:]:
+        assert result.dtype == dtype
+        np.testing.assert_array_equal(result, results[0])
+        np.testing.assert_array_equal(np.signbit(result), np.signbit(results[0]))

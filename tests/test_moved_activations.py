@@ -213,3 +213,51 @@ def test_a_batch_norm_of_another_dtype_than_its_add_does_not_sum_it():
     bn = layers.BatchNormalization(dtype="float64")(layers.Conv2D(3, 1)(img))
     model = models.Model(img, layers.Add()([img, bn]))
     assert model.graph.summed == []
+
+
+def _two_blocks():
+    """A residual net's stem pooling its BN's ReLU, then two residual blocks: each block's input is read by its conv
+    and by its Add, so its gradient is a fan-out's sum; the first block's Add (through the ReLU layer after it, which
+    passes it on) reads its sum unadded."""
+    img = layers.Input((6, 6, 3), name="img")
+    x = layers.Conv2D(4, 3, padding="same", use_bias=False, name="stem")(img)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    block = layers.MaxPooling2D(2, name="pool")(layers.Activation("relu", name="stem_relu")(x))
+    for i in (1, 2):
+        y = layers.Conv2D(4, 3, padding="same", use_bias=False, name=f"conv{i}")(block)
+        y = layers.BatchNormalization(name=f"bn{i}")(y)
+        block = layers.Activation("relu", name=f"out{i}")(layers.Add(name=f"add{i}")([y, block]))
+    out = layers.Dense(3, activation="softmax")(layers.Flatten()(block))
+    return models.Model(img, out)
+
+
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+@pytest.mark.parametrize("strided", [True, False])
+def test_a_fan_outs_gradients_read_unadded_give_the_layers_as_written_bit_for_bit(monkeypatch, path, strided):
+    """The graph hands a fan-out's two gradients unadded (engine/layer.GradientSum) to a layer that reads them (the
+    first Add's ReLU): outputs, gradients and moving statistics stay the bits of the layers run as written (an
+    observed pass adds every sum itself), the conv's input gradient a strided view (cut from its padded one) or
+    not."""
+    from dlcli.engine import activations
+
+    monkeypatch.setenv("DLCLI_KERNELS", path)
+    model = _two_blocks()
+    if not strided:
+        conv = model.get_layer("conv2")
+        backward = conv.backward
+        monkeypatch.setattr(conv, "backward", lambda grad: np.ascontiguousarray(backward(grad)))
+    read, backward_sum = [], activations.ReLU.backward_sum
+    monkeypatch.setattr(activations.ReLU, "backward_sum", lambda self, a, b: read.append(b.flags.c_contiguous) or
+                        backward_sum(self, a, b))
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, 6, 6, 3)).astype(np.float32)
+    for _ in range(2):  # the second time from the moving statistics the first left
+        start = [p.value.copy() for p in model.weights]
+        summed = _pass(model, [x], None)
+        assert read == [not strided]
+        for p, value in zip(model.weights, start):
+            p.value = value
+        as_written = _pass(model, [x], Watcher())
+        read.clear()
+        for a, b in zip(summed, as_written):
+            assert a.dtype == b.dtype and np.array_equal(a, b)

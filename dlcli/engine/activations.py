@@ -137,6 +137,27 @@ class ReLU(Activation):
         return lanes.flat_parts(lambda out, g, y: compiled.relu_backward(g, y, out), np.empty_like(grad), grad,
                                 self.y)
 
+    def backward_sum(self, grad, other):
+        """backward(grad + other), a fan-out's two gradients (engine/layer.GradientSum) added on the lanes as they
+        are read, where the graph added them first in a pass of their own (on the calling thread alone where one
+        was strided): the same bits. `other` may be strided (a conv's input gradient cut from its padded one):
+        NumPy adds it at full speed, each lane its samples, and the mask follows while the sum is in cache."""
+        compiled = kernels.compiled("activations") if self.plain else None
+        if compiled is None or any(a.shape != self.y.shape or a.dtype != self.y.dtype for a in (grad, other)) or \
+                not (grad.flags.c_contiguous and self.y.flags.c_contiguous):
+            return self.backward(grad + other)
+        out = np.empty_like(grad)
+        if other.flags.c_contiguous:
+            return lanes.flat_parts(lambda o, g, h, y: compiled.relu_backward_sum(g, h, y, o), out, grad, other,
+                                    self.y)
+
+        def part(a, b):
+            summed = np.add(grad[a:b], other[a:b], out=out[a:b]).reshape(-1)
+            compiled.relu_backward_in_place(summed, self.y[a:b].reshape(-1))
+        lanes.run(lambda runs: [part(a, b) for a, b in runs], lanes.split(len(out), lanes.FLAT_PARTS if
+                  out.size >= lanes.FLAT_FLOATS else 1), out.size < lanes.SHORT_FLOATS)
+        return out
+
     def to_onnx(self, g, x, hint=None):
         slope = self.negative_slope
         if self.plain:

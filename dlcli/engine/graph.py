@@ -1,8 +1,10 @@
 """The graph executor: nodes made by calling layers on symbolic tensors, run in topological order.
 
 Forward runs nodes in order, passing masks along; backward runs them in reverse, summing gradients where a tensor
-fans out. A layer called more than once (shared weights) keeps one cache per node: the executor saves the layer's
-attributes after each node's forward and restores them before that node's backward. An `observer` (divergence
+fans out: a sum of two like arrays goes on unadded (engine/layer.GradientSum) to a layer that reads it so (an Add's
+ReLU, through the layers that pass a gradient on), which adds as it reads, a pass over memory fewer. A layer called
+more than once (shared weights) keeps one cache per node: the executor saves the layer's attributes after each
+node's forward and restores them before that node's backward. An `observer` (divergence
 reports, `inspect-shapes --trace`) sees every node's output and gradients without touching the layers:
 `observer.forward(node, output)` and `observer.backward(node, output_grad, input_grad)`. As Keras 3 does, a
 layer takes its floating inputs in its own dtype (a float64 conv between float32 layers) and the cast's gradient
@@ -36,7 +38,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from dlcli.engine import activations, blas, lanes
-from dlcli.engine.layer import Layer, autocast, autocast_inputs, compute_dtype, format_shape
+from dlcli.engine.layer import GradientSum, Layer, autocast, autocast_inputs, compute_dtype, format_shape
 from dlcli.errors import ShapeError
 
 
@@ -286,6 +288,7 @@ class Graph:
         acc: dict = {}
         if self.data_made is None:
             self.data_made = _made_from_data(self.nodes)
+        held = observer is None  # a fan-out's two gradients reach a layer that reads_gradient_sum unadded
         for t, g in zip(self.outputs, grads):
             _accumulate(acc, t, g)
         for node in reversed(self.nodes):
@@ -295,7 +298,7 @@ class Graph:
             if all(g is None for g in out_grads):
                 continue  # this node does not reach any output with a loss
             if node.multi_output:
-                out_grads = [np.zeros((_batch(out_grads),) + t.shape, node.layer.dtype) if g is None else g
+                out_grads = [np.zeros((_batch(out_grads),) + t.shape, node.layer.dtype) if g is None else _added(g)
                              for g, t in zip(out_grads, node.outputs)]
             layer = node.layer
             if node.state is not None:
@@ -306,15 +309,17 @@ class Graph:
                 isinstance(t.node.layer, InputLayer) or observer is None and id(t) in self.data_made
                 for t in node.inputs)
             g_out = out_grads if node.multi_output else out_grads[0]
+            if isinstance(g_out, GradientSum) and not layer.reads_gradient_sum():
+                g_out = _added(g_out)
             g_in = layer.backward(g_out)
             if observer is not None:
                 observer.backward(node, g_out, g_in)
             g_in = g_in if node.multi_input else [g_in]
             if id(node) in self.cast_from:
-                g_in = [autocast(g, dtype) for g, dtype in zip(g_in, self.cast_from[id(node)])]
+                g_in = [autocast(_added(g), dtype) for g, dtype in zip(g_in, self.cast_from[id(node)])]
             for t, g in zip(node.inputs, g_in):
-                _accumulate(acc, t, g)
-        return [acc.get(id(t)) for t in self.inputs]
+                _accumulate(acc, t, g, held)
+        return [_added(acc.get(id(t))) for t in self.inputs]
 
 
 def _made_from_data(nodes) -> set:
@@ -494,20 +499,36 @@ def _snapshot(obj) -> dict:
     return state
 
 
-def _accumulate(acc, tensor, grad):
+def _accumulate(acc, tensor, grad, held=False):
+    """The tensor's gradient so far plus grad; with `held` a second one of like arrays is kept unadded (GradientSum)
+    for the layer that reads it."""
     if grad is None:
         return
     if id(tensor) in acc:
-        acc[id(tensor)] = _sum(acc[id(tensor)], grad)  # new array: the first gradient may be another layer's cache
+        a, b = _added(acc[id(tensor)]), _added(grad)
+        if held and _alike(a, b) and (a.flags.c_contiguous or b.flags.c_contiguous):
+            acc[id(tensor)] = GradientSum(a, b) if a.flags.c_contiguous else GradientSum(b, a)  # a + b == b + a
+        else:
+            acc[id(tensor)] = _sum(a, b)
     else:
         acc[id(tensor)] = grad
 
 
+def _added(grad):
+    """A GradientSum's two gradients added (_sum); any other gradient as it is."""
+    return _sum(grad.a, grad.b) if isinstance(grad, GradientSum) else grad
+
+
+def _alike(a, b) -> bool:
+    """Arrays of one shape and dtype."""
+    return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype
+
+
 def _sum(a, b):
-    """a + b, on the lanes' ranges where both are contiguous arrays of one shape and dtype (a residual block's
-    input gradient: 0.3-0.5 ms of the calling thread's CPU a sum at 64x14x14x32, AMD EPYC at load 14)."""
-    if (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype
-            and a.flags.c_contiguous and b.flags.c_contiguous):
+    """a + b (a new array: the first gradient may be another layer's cache), on the lanes' ranges where both are
+    contiguous arrays of one shape and dtype (a residual block's input gradient: 0.3-0.5 ms of the calling thread's
+    CPU a sum at 64x14x14x32, AMD EPYC at load 14)."""
+    if _alike(a, b) and a.flags.c_contiguous and b.flags.c_contiguous:
         return lanes.flat_parts(lambda out, x, y: np.add(x, y, out=out), np.empty_like(a), a, b)
     return a + b
 

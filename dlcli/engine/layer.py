@@ -106,6 +106,18 @@ def snake_case(name: str) -> str:
     return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()  # Keras: Conv2D -> conv2d
 
 
+class GradientSum:
+    """The two gradients of a tensor that two layers read (a residual block's input gets its conv's and its Add's),
+    not yet added: in a training step's backward pass the graph hands them on as they are to a layer that
+    `reads_gradient_sum`, which adds them as it reads them (the float32 sum the graph would make: the same bits), and
+    adds them itself for any other. A layer that passes its output's gradient on unchanged passes this on too. Arrays
+    of one shape and dtype, `a` C-contiguous, `b` perhaps strided."""
+    __slots__ = ("a", "b")
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
 class Layer:
     supports_masking = False  # True: the incoming mask passes through unchanged (Keras' default for most layers)
     activation_last = False  # True: `activation` is the last step of forward, so a later layer may apply it
@@ -174,6 +186,10 @@ class Layer:
 
     def backward(self, grad):
         raise NotImplementedError
+
+    def reads_gradient_sum(self) -> bool:
+        """Whether backward takes its output's gradient as a GradientSum now (the graph adds it otherwise)."""
+        return False
 
     def compute_mask(self, x, mask):
         """The mask this layer's output carries (Keras' compute_mask)."""

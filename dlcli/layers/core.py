@@ -241,6 +241,9 @@ class Activation(Layer):
     def backward(self, grad):
         return self.activation_backward(grad)
 
+    def reads_gradient_sum(self) -> bool:
+        return self.activation_moved  # its gradient passes through (activation_backward)
+
     def to_onnx(self, g, x, in_shape, mask):
         return g.activate(self.activation, x, self.name)
 

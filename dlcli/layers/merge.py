@@ -8,7 +8,7 @@ import functools
 
 import numpy as np
 
-from dlcli.engine.layer import Layer, format_shape, register
+from dlcli.engine.layer import GradientSum, Layer, format_shape, register
 from dlcli.errors import ShapeError
 
 
@@ -133,7 +133,12 @@ class Add(_Merge):
         return out if self.post_activation is None else self.post_activation.forward_(out)
 
     def backward(self, grad):
+        if isinstance(grad, GradientSum):  # reads_gradient_sum: its ReLU adds the two as it masks them
+            return super().backward(self.post_activation.backward_sum(grad.a, grad.b))
         return super().backward(grad if self.post_activation is None else self.post_activation.backward(grad))
+
+    def reads_gradient_sum(self) -> bool:
+        return getattr(self.post_activation, "backward_sum", None) is not None
 
     def _merge(self, xs):
         out = xs[0] + xs[1] if len(xs) > 1 else xs[0].copy()
