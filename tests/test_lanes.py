@@ -261,6 +261,20 @@ def test_lanes_sleep_at_once_while_the_machine_runs_more_threads_than_cores(monk
     assert lanes._waiter() is None
 
 
+def test_the_runnable_count_is_read_at_most_once_a_millisecond(monkeypatch):
+    """spare_core, asked before every lanes run, reads /proc/loadavg again only after lanes.RUNNABLE_NS; the cores
+    it compares with are taken at each call."""
+    reads = []
+    monkeypatch.setattr(lanes, "_runnable_count", lambda: reads.append(1) or 3 + len(lanes._workers))
+    monkeypatch.setattr(lanes, "_runnable", (-lanes.RUNNABLE_NS, None))
+    monkeypatch.setattr(lanes, "_CORES", 2)
+    assert not lanes.spare_core() and len(reads) == 1
+    monkeypatch.setattr(lanes, "_CORES", 3)
+    assert lanes.spare_core() and len(reads) == 1  # the count read a moment ago
+    monkeypatch.setattr(lanes, "_runnable", (lanes._runnable[0] - lanes.RUNNABLE_NS, lanes._runnable[1]))
+    assert lanes.spare_core() and len(reads) == 2
+
+
 @pytest.mark.parametrize("spare", [True, False])
 def test_short_parts_go_to_polling_lanes_only(monkeypatch, spare):
     """lanes.run's `short` parts are handed to the lanes while they poll (a core to spare), else all run in the
