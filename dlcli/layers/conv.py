@@ -6,7 +6,7 @@ matmul (see conv_math); nothing loops over samples or output positions.
 """
 import numpy as np
 
-from dlcli.engine import activations, initializers, lanes
+from dlcli.engine import activations, blas, initializers, lanes
 from dlcli.engine.layer import Layer, ranked
 from dlcli.errors import ConfigError
 from dlcli.layers import conv_math as cm
@@ -138,10 +138,13 @@ class _Conv(_Windowed):
         z = np.empty((x.shape[0] * per_sample, self.filters), x.dtype)
 
         chunks, kept = self._chunks(len(x))
+        # Few channels (the resnet's stem, k = 9): OpenBLAS, whose product writes its output (1.6 MB a chunk, not in
+        # cache) sooner than the block product there; else blas.product
+        product = np.dot if self.kernel.value.shape[-2] < cm.BLOCK_CHANNELS else blas.product
 
         def gemms(run):  # each chunk's patches times the kernel, into its rows of z
             for start, stop, cols in self._patch_chunks(x, run, kept):
-                np.dot(cols, weights, out=z[start * per_sample:stop * per_sample])
+                product(cols, weights, out=z[start * per_sample:stop * per_sample])
                 yield start, cols
         patches = lanes.run(gemms, chunks)
         self.cols = dict(patches) if kept else None  # {start: patches} that backward takes instead of gathering
@@ -265,7 +268,7 @@ class _Conv(_Windowed):
             def products(run):  # each chunk's patches.T @ its output gradient
                 patches = (self._patch_chunks(self.x, run) if self.cols is None else
                            [(start, stop, self.cols[start]) for start, stop in run])
-                return [np.dot(cols.T, g[start * per_sample:stop * per_sample]) for start, stop, cols in patches]
+                return [blas.product(cols.T, g[start * per_sample:stop * per_sample]) for start, stop, cols in patches]
             for product in lanes.run(products, self._chunks(len(self.x))[0]):  # summed in chunk order on any lanes
                 grads += product
             if self.kernel.grad is not None:

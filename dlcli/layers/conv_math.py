@@ -173,7 +173,8 @@ def col2im_matmul(a2, kernel, padded_shape, out_sizes, strides, dilation):
     if compiled is None:
         return col2im_matmul_numpy(a2, kernel, padded_shape, out_sizes, strides, dilation)
     taps, n, per_sample = kernel.shape[:-2], padded_shape[0], int(np.prod(out_sizes))
-    weights = kernel.reshape(-1, kernel.shape[-1]).T  # (in, taps * out_channels): each offset's product at once
+    # (in, taps * out_channels): each offset's product at once; a copy, its rows contiguous for blas.product
+    weights = np.ascontiguousarray(kernel.reshape(-1, kernel.shape[-1]).T)
     dxp = np.empty(padded_shape, a2.dtype)
     if len(taps) == 1:  # 1D as 2D of height 1
         taps, strides, dilation, out_sizes = (1, *taps), (1, *strides), (1, *dilation), (1, *out_sizes)
@@ -185,7 +186,7 @@ def col2im_matmul(a2, kernel, padded_shape, out_sizes, strides, dilation):
         products = np.empty((max(b - a for a, b in run) * per_sample, weights.shape[1]), a2.dtype)
         for start, stop in run:
             part = products[:(stop - start) * per_sample]
-            np.dot(a2[start * per_sample:stop * per_sample], weights, out=part)
+            blas.product(a2[start * per_sample:stop * per_sample], weights, out=part)
             compiled.col2im(part.reshape(stop - start, *out_sizes, -1), *taps, *strides, *dilation,
                             dxp[start:stop] if dxp.ndim == 4 else dxp[start:stop, None])
         return run

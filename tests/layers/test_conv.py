@@ -5,6 +5,7 @@ import pytest
 
 from dlcli import layers
 from dlcli.errors import ConfigError, ShapeError
+from dlcli.kernels import gemm
 from tests.gradcheck import check_layer
 
 # Gradient-check table: layer type -> list of (constructor args, input shape without batch, check options).
@@ -281,3 +282,52 @@ def test_every_image_layer_config_round_trips():
                 config = layers.LAYERS.get(name)(**args).get_config()
                 again = layers.LAYERS.get(name)(**{k: v for k, v in config.items() if k != "type"})
                 assert again.get_config() == config, name
+
+
+# The im2col convs (blas.product's users in conv.py and conv_math.col2im_matmul): the resnet's stride-2 conv and its
+# 1x1 projection, a few-channel conv with a bias (forward in np.dot), 1D, and a transposed conv (col2im forward)
+IM2COL_CASES = [(lambda: layers.Conv2D(7, 3, strides=2, padding="same", use_bias=False), (9, 13, 10, 12)),
+                (lambda: layers.Conv2D(6, 1, strides=2), (9, 7, 8, 10)),
+                (lambda: layers.Conv2D(5, 3, padding="same"), (9, 8, 8, 1)),
+                (lambda: layers.Conv1D(6, 3, padding="causal"), (9, 20, 9)),
+                (lambda: layers.Conv2DTranspose(6, 3, strides=2, padding="same"), (9, 5, 5, 10))]
+
+
+@pytest.mark.skipif(not gemm.AVX512, reason="the block product runs on AVX-512 CPUs only")
+@pytest.mark.parametrize("make,shape", IM2COL_CASES)
+def test_im2col_convs_take_the_block_product_under_avx2_openblas_with_the_same_bits_on_any_lanes(monkeypatch, make,
+                                                                                                 shape):
+    """Where OpenBLAS runs AVX2 kernels (this workplace) the products go through the block product: within rounding
+    of OpenBLAS's, the same bits on 1, 2 and 3 lanes (each element's sum in a fixed order, chunks summed in order)."""
+    from dlcli.engine import blas, lanes
+    from dlcli.layers import conv_math as cm
+
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    monkeypatch.setattr(cm, "CHUNK_FLOATS", 1 << 10)  # several chunks
+    monkeypatch.setattr(lanes, "SHORT_FLOATS", 0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    real, calls = blas.product, []
+    monkeypatch.setattr(blas, "product", lambda a, b, out=None: calls.append(a.shape) or real(a, b, out))
+
+    def run(avx512_blas, count):
+        monkeypatch.setattr(blas, "avx512_kernels", lambda: avx512_blas)
+        monkeypatch.setattr(lanes, "count", lambda: count)
+        layer = make()
+        layer.build(shape[1:])
+        layer.input_grad_needed = True
+        for p in layer.weights:
+            p.value[...] = np.random.default_rng(1).uniform(-1, 1, p.value.shape)
+            p.grad = np.zeros_like(p.value)
+        y = layer.forward(x, training=True)
+        dx = layer.backward(np.random.default_rng(2).standard_normal(y.shape).astype(np.float32))
+        return [y, dx] + [p.grad.copy() for p in layer.weights]
+
+    matmul = run(True, 1)
+    block = [run(False, count) for count in (1, 2, 3)]
+    assert calls and blas.block_products() is not None
+    for got, want in zip(block[0], matmul):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    for one, two, three in zip(*block):
+        np.testing.assert_array_equal(one, two)
+        np.testing.assert_array_equal(one, three)
