@@ -19,7 +19,7 @@ import numpy as np
 from numba.core import types
 from numba.extending import overload
 
-from dlcli.kernels.gemm import matmul
+from dlcli.kernels.gemm import AVX512, block_gemm, matmul
 
 JIT = dict(cache=True, nogil=True, error_model="numpy")
 
@@ -188,13 +188,14 @@ def lstm_forward(blas, S, Wz, kept, A, TC):
 
 
 @numba.njit(**JIT)
-def lstm_backward(blas, A, TC, S, UzT, WxT, dY, dh, dc, kept, dW, dX, bias):
+def lstm_backward(blas, A, TC, S, UzT, Wx, dY, dh, dc, kept, dW, dX, bias):
     """The twin's loop (layers/recurrent_cells.lstm_backward) with the weight and input gradients taken step by step:
     gates in the internal order o, i, f, g, A (T + 1, 5u, B) the forward's activations and c_{t-1}, TC (T, u, B)
     tanh(c_t), S (T + 1, K, B) the steps' inputs s_t, dY (T, u, B) every step's output gradient or empty, dh and
     dc (u, B) the final states' gradients (updated in place). Step t's gate gradients dz (4u, B) stay in one small
-    buffer: dW (4u, K) += dz @ s_t.T unless dW is empty, dX[t] (F, B) = WxT @ dz unless dX is empty, and
-    dh = UzT @ dz between steps, each through gemm.matmul (the step-0 product, the gradient of h_0, is never read). The
+    buffer: dW (4u, K) += dz @ s_t.T unless dW is empty, the input's gradient dX[:, t] (B, F) = dz.T @ Wx (Wx the
+    (4u, F) input columns of Wz) unless dX (B, T, F) is empty, and dh = UzT @ dz between steps, each through
+    gemm.matmul (the step-0 product, the gradient of h_0, is never read). The
     whole (4u, T, B) gradient written column by column (rows T * B apart, each step a cache line per row, read
     once more by one weight-gradient GEMM after the loop) cost 0.5 ms more per call on cold caches at the
     bench's LSTM(32), part of 32 samples. `bias`: S's last row is ones (Wz's bias column), whose gradient is then
@@ -211,6 +212,7 @@ def lstm_backward(blas, A, TC, S, UzT, WxT, dY, dh, dc, kept, dW, dX, bias):
     dZ = np.empty((4 * u, B), A.dtype)
     K = S.shape[1] - 1 if bias else S.shape[1]  # the rows of s_t dW's product takes
     sT = np.empty((B, K), A.dtype)  # s_t transposed, for dW's product
+    dZT = np.empty((0 if AVX512 else B, 4 * u), A.dtype)  # dz transposed, for dX's product through BLAS
     dB = np.zeros((4 * u, B), A.dtype)  # the bias gradient per sample
     # every (u, B) block as its own flat view, indexed from 0 (see lstm_forward): passes of u * B where a pass per
     # row of B took 2x longer
@@ -258,8 +260,15 @@ def lstm_backward(blas, A, TC, S, UzT, WxT, dY, dh, dc, kept, dW, dX, bias):
                     z, d = dZ[r], dB[r]
                     for j in range(B):
                         d[j] += z[j]
-        if dX.size > 0:
-            matmul(blas, WxT, dZ, dX[t], 0.0)
+        if dX.size > 0:  # batch-major, as the layer returns it: (T, F, B) blocks took 3.6 ms to transpose after
+            if AVX512:  # imdb_lstm's backward (4 parts of 32 x 200 steps x 32 features); the product reads dz.T
+                block_gemm(dZ.T, Wx, dX[:, t], 0.0)
+            else:  # BLAS takes row-major operands: dz.T copied
+                for j in range(B):
+                    row = dZT[j]
+                    for r in range(4 * u):
+                        row[r] = dZ[r, j]
+                matmul(blas, dZT, Wx, dX[:, t], 0.0)
         if t:
             matmul(blas, UzT, dZ, dh, 0.0)
             if masked:

@@ -452,8 +452,8 @@ class LSTM(Recurrent):
         if not need_dx:
             return grads, None
         if dmask is not None and len(dmask) == 1:
-            dx *= dmask[0].T
-        return grads, dx.transpose(2, 0, 1)
+            dx *= dmask[0][:, None]
+        return grads, dx
 
     def _onnx_node(self, act, rec):
         return "LSTM", {"activations": [rec, act, act]}

@@ -298,7 +298,7 @@ def lstm_forward(S, Wz, act, rec_act, step_mask=None, gate_masks=None):
 def lstm_gradients(cache, dY, dh, dc, weights=True, features=0, bias=False):
     """Backprop through the scan: dY (T, u, B) gradients of every step's output or None; dh, dc (u, B) the final
     states' gradients; `bias` when Wz's last column is the bias (S's last row ones). Returns (dL/dWz (4u, K) or
-    None when not `weights`, dL/dx (T, features, B) or None when `features` is 0), the input's gradient through the
+    None when not `weights`, dL/dx (B, T, features) or None when `features` is 0), the input's gradient through the
     per-gate dropout masks if any (a shared mask the caller folded into S is the caller's to apply)."""
     S, A, TC, Wz = cache["S"], cache["A"], cache["TC"], cache["Wz"]
     T, u, B = TC.shape
@@ -306,15 +306,15 @@ def lstm_gradients(cache, dY, dh, dc, weights=True, features=0, bias=False):
     if loop is None:
         dZ = lstm_backward(cache, dY, dh, dc)
         return (lstm_weight_grad(cache, dZ) if weights else None,
-                lstm_input_grad(cache, dZ, features) if features else None)
+                lstm_input_grad(cache, dZ, features).transpose(2, 0, 1) if features else None)
     dt = A.dtype
     dW = np.zeros(Wz.shape if weights else (0, 0), dt)
-    dX = np.empty((T, features, B) if features else (0, 0, 0), dt)
+    dX = np.empty((B, T, features) if features else (0, 0, 0), dt)
     dY = np.empty((0, 0, 0), dt) if dY is None else np.ascontiguousarray(dY, dt)
     dh, dc = np.array(dh, dt, order="C"), np.array(dc, dt, order="C")  # copies, updated in place
     with blas.one_thread():
         loop[0].lstm_backward(loop[1], A, TC, S, np.ascontiguousarray(Wz[:, :u].T),
-                              np.ascontiguousarray(Wz[:, u:u + features].T), dY, dh, dc,
+                              Wz[:, u:u + features], dY, dh, dc,
                               _kept(cache["step_mask"], T, B), dW, dX, bias)
     return (dW if weights else None), (dX if features else None)
 

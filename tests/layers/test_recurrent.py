@@ -108,6 +108,36 @@ def test_compiled_loops_equal_the_numpy_twins(name, flags, masked, dtype, tol, m
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
 
 
+
+def test_the_lstm_input_gradient_takes_blas_where_numba_does_not_compile_for_avx512(tmp_path):
+    """Without AVX-512 (NUMBA_CPU_NAME: numba compiling for a generic CPU) the LSTM backward's input gradient takes
+    dz.T copied and BLAS, where the block product reads it in place: the twin's values there too. In a process of
+    its own."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, numpy as np\n"
+            "from dlcli import layers\nfrom dlcli.kernels import gemm\n"
+            "assert not gemm.AVX512\n"
+            "rng = np.random.default_rng(0)\n"
+            "x, g = rng.normal(size=(37, 9, 5)).astype(np.float32), rng.normal(size=(37, 6)).astype(np.float32)\n"
+            "mask = rng.random((37, 9)) > 0.3\n"
+            "out = []\n"
+            "for path in ('numba', 'numpy'):\n"
+            "    os.environ['DLCLI_KERNELS'] = path\n"
+            "    lstm = layers.LSTM(6)\n"
+            "    lstm.ensure_built((9, 5), np.random.default_rng(1))\n"
+            "    lstm.input_mask = mask\n"
+            "    lstm.forward(x, training=True)\n"
+            "    out.append([lstm.backward(g), lstm.kernel.grad.copy()])\n"
+            "for a, b in zip(*out):\n"
+            "    np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6 * np.abs(b).max())\n"
+            "print('blas')\n")
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout == "blas\n", done.stderr
+
 # --- reference steps written out (Keras 3 math and gate order) --------------------------------------------------
 def sig(z):
     return 1 / (1 + np.exp(-z))
