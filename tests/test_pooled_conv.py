@@ -87,6 +87,33 @@ def test_pooled_conv_equals_the_conv_and_pooling_to_rounding(monkeypatch, shape,
     assert arg.max() < np.prod(pool)
 
 
+@pytest.mark.skipif(not kernels.compiled("gemm").AVX512, reason="the block product runs on AVX-512 CPUs only")
+def test_pooled_conv_in_training_takes_the_block_product_under_avx2_openblas_with_the_same_bits_on_any_lanes(
+        monkeypatch):
+    """Where OpenBLAS runs AVX2 kernels (this workplace) each chunk's product goes through the block product: within
+    rounding of OpenBLAS's, the same bits and maxima on 1, 2 and 3 lanes."""
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    monkeypatch.setattr(cm, "CHUNK_FLOATS", 2 * 28 * 28 * 40 * 2)  # two samples a chunk
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((7, 28, 28, 1)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 1, 32)).astype(np.float32)
+    bias = rng.standard_normal(32).astype(np.float32)
+
+    def run(avx512_blas, count):
+        monkeypatch.setattr(blas, "avx512_kernels", lambda: avx512_blas)
+        monkeypatch.setattr(lanes, "count", lambda: count)
+        arg = cm.pooled_arg((7, 13, 13, 32), (2, 2))
+        return cm.pooled_conv(x, kernel, bias, (1, 1), (2, 2), (13, 13), True, arg), arg
+
+    block = [run(False, count) for count in (1, 2, 3)]
+    assert blas.block_products() is not None
+    for y, arg in block[1:]:
+        np.testing.assert_array_equal(y, block[0][0])
+        np.testing.assert_array_equal(arg, block[0][1])
+    matmul = run(True, 1)[0]
+    np.testing.assert_allclose(block[0][0], matmul, rtol=0, atol=8 * np.finfo(np.float32).eps * np.abs(matmul).max())
+
+
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_a_3x3_conv_on_one_channel_is_written_directly_at_inference(monkeypatch, relu, dtype):

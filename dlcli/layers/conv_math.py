@@ -598,9 +598,12 @@ def pooled_conv(xp, kernel, bias, dilation, pool, pooled_sizes, relu, arg=None):
     contiguous slice of the flat input (a channel's, strided by the channel count) rather than an im2col copy per
     output row; the columns past the output's width are computed and not read. Book convnet's first conv and
     pooling, thread CPU per 48 samples, one BLAS thread: im2col + GEMM + pooling of the whole output ~1.1 ms ->
-    0.48 ms. At inference a 3x3 kernel on one channel under a 2x2 pooling (MNIST's first conv) is computed
-    directly instead (kernels/conv.pooled_conv_3x3): 128 images, one thread, thread CPU, best of 15 alternating,
-    AMD EPYC at load 16, 1.67 -> 0.66 ms (6.7 -> 2.6 ms per batch of 512)."""
+    0.48 ms. The GEMM is blas.product's, its products into a lane's buffer in cache (unlike a few-channel conv's
+    whole output, conv.py): under OpenBLAS's Haswell kernels the block product, the book convnet's conv forward in
+    training steps 0.69 / 0.81 -> 0.57 / 0.70 ms best / median (one thread, load 7). At inference a 3x3 kernel on
+    one channel under a 2x2 pooling (MNIST's first conv) is computed directly instead (kernels/conv.pooled_conv_3x3):
+    128 images, one thread, thread CPU, best of 15 alternating, AMD EPYC at load 16, 1.67 -> 0.66 ms (6.7 -> 2.6 ms
+    per batch of 512)."""
     n, height, width, c = xp.shape
     kh, kw, _, f = kernel.shape
     compiled = kernels.compiled("conv")
@@ -638,7 +641,7 @@ def pooled_conv(xp, kernel, bias, dilation, pool, pooled_sizes, relu, arg=None):
                 cols[t, :count] = flat[offset:offset + count, ch]
             cols[:taps, count:positions] = 0  # products never read, but not of whatever the memory held
             products = z[:positions]
-            np.dot(cols[:, :positions].T, weights, out=products)
+            blas.product(cols[:, :positions].T, weights, out=products)
             tile_max(products.reshape(stop - start, height, width, f), pool, pooled_sizes, relu, y[start:stop],
                      None if arg is None else arg[start:stop])
         return run
