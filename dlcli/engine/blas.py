@@ -39,12 +39,29 @@ def _blas():
 
 def one_thread():
     """A context manager that runs BLAS on one thread inside it (restoring the previous count after). Where BLAS is
-    on one thread already (inside lanes.spread, or in a lane) it does nothing: threadpoolctl's switch and restore
-    cost ~6 us of CPU even then, and an LSTM training step asks 6 times."""
+    on one thread already (inside lanes.spread, or in a lane) it does nothing: the switch and restore cost even then,
+    and an LSTM training step asks 6 times."""
     controller = _blas()
-    if controller is None or threads() == 1:
+    counts = [] if controller is None else [lib.num_threads for lib in controller.lib_controllers]
+    if max(counts, default=1) == 1:
         return nullcontext()
-    return controller.limit(limits=1)
+    return _OneThread(controller.lib_controllers, counts)
+
+
+class _OneThread:
+    """BLAS on one thread inside, each library's count restored after: its set_num_threads directly, where
+    threadpoolctl's limit() builds a limiter and reads every library's state each time."""
+
+    def __init__(self, libs, counts):
+        self.libs, self.counts = libs, counts
+
+    def __enter__(self):
+        for lib in self.libs:
+            lib.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        for lib, count in zip(self.libs, self.counts):
+            lib.set_num_threads(count)
 
 
 def threads() -> int:
