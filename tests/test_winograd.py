@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dlcli import kernels, layers
+from dlcli.engine import blas
 from dlcli.layers import conv_math as cm
 
 # (input shape, filters, padding): even and odd outputs (a ragged last tile), 'same' and 'valid', rectangular,
@@ -113,14 +114,17 @@ def test_training_gives_the_twins_output_and_gradients_to_rounding(monkeypatch, 
 
 @pytest.mark.parametrize("shape,filters,padding", TRAINING_CASES)
 @pytest.mark.parametrize("block", [2, 3, 4])
+@pytest.mark.parametrize("openblas_avx512", [True, False])
 def test_each_block_s_training_gradients_equal_the_convolution_s_to_rounding(monkeypatch, shape, filters, padding,
-                                                                              block):
+                                                                              block, openblas_avx512):
     """F(2x2)'s, F(3x3)'s and F(4x4)'s backward (training takes the one with the fewest products, and F(4x4) where
     the conv pools its output in F(4x4)'s transform: winograd_training_block), on a whole output gradient: the
     kernel's, input's and bias's gradients against the float64 convolution's, within 64 float32 eps of the largest
     (measured at most 3, 16 and 40); from the kept tiles or tiles made again, the same bits, and only the gradients
-    asked for."""
+    asked for. The products in OpenBLAS, or (where it runs other kernels on an AVX-512 CPU) in the block product,
+    V^T read in place for the kernel's gradient (engine/blas.product)."""
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    monkeypatch.setattr(blas, "avx512_kernels", lambda: openblas_avx512)
     monkeypatch.setattr(cm, "CHUNK_FLOATS", 16 * 36 * 96 * 2)  # a few samples per chunk: seams and a short last one
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)

@@ -552,7 +552,7 @@ def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True
                 else:
                     v_part = _rows_of(v, stop - start, out_sizes, block)
                     input_tiles(x[start:stop], top, left, tiles_h, tiles_w, v_part)
-                du = np.matmul(v_part.transpose(0, 2, 1), dm_part)
+                du = blas.product(v_part.transpose(0, 2, 1), dm_part)  # V^T read in place
             if bias_grad:
                 db = dm_part[centre].sum(0)
             if input_grad:
