@@ -43,6 +43,13 @@ def mpirun(*args, n=2, timeout=120, cwd=None):
     return done
 
 
+def exited_with(done, code) -> bool:
+    """Whether mpiexec reports the ranks' exit code `code`. Hydra ORs the ranks' exit statuses, and a rank it kills
+    (SIGKILL, 9) just as the rank leaves on its own adds 9 to it (pmodels/mpich#7057): a CI run on a loaded machine
+    got 9 where both ranks exit 1, the one message printed as it should be."""
+    return done.returncode in (code, code | 9)
+
+
 def saved(path, count):
     f = np.load(path)
     return ([f[f"arr_{i}"] for i in range(count)], json.loads(str(f["history"])), json.loads(str(f["hashes"])),
@@ -137,7 +144,7 @@ def test_resume_two_ranks_on_two_three_and_one(case, tmp_path):
 @needs_mpi
 def test_one_rank_failing_stops_every_rank_with_its_message(tmp_path):
     done = mpirun(JOB, "dense_adam", tmp_path / "out.npz", "fail-at=3", timeout=60)
-    assert done.returncode == 1
+    assert exited_with(done, 1), done.stderr
     message = "rank 1 of 2 failed: ValueError: injected failure at batch 3"
     assert done.stderr.count(message) == 1, done.stderr  # printed once, by rank 0
     assert done.seconds < 30
@@ -150,7 +157,7 @@ def test_the_other_ranks_wait_for_rank_0_to_print_the_failure(tmp_path):
     lose the one message (issue 28: 2 of 14 bad-config runs exited 2 with an empty stderr). Rank 0 here takes 2 s
     to print, as a loaded machine may."""
     done = mpirun(JOB, "dense_adam", tmp_path / "out.npz", "fail-at=3", "report-after=2", timeout=60)
-    assert done.returncode == 1
+    assert exited_with(done, 1), done.stderr
     assert done.stderr.count("rank 1 of 2 failed: ValueError: injected failure at batch 3") == 1, done.stderr
 
 
@@ -242,7 +249,7 @@ def test_cli_bad_config_stops_every_rank_with_one_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(tiny_config(tmp_path).read_text().replace("units: 16", "unitz: 16"))
     done = mpirun("-m", "dlcli.cli", "train", bad, "--distributed", "--runs-dir", tmp_path / "runs", timeout=60)
-    assert done.returncode == 2
+    assert exited_with(done, 2), done.stderr
     assert done.stderr.count("unknown key 'unitz'") == 1 and "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists()
 
