@@ -176,6 +176,19 @@ def test_inside_a_lane_blas_has_one_thread_and_no_lanes_start(monkeypatch):
     assert seen == [(1, [2]), (1, [2])]  # a nested run is one run in its own thread
 
 
+def test_spread_hands_the_blas_threads_to_the_lanes_and_back_and_a_nested_block_keeps_the_outer_ones():
+    """lanes.spread: inside, BLAS runs on one thread and count() is the thread count the block began with (one lane
+    with one thread); a nested block changes nothing, even at its end; after the block BLAS has its threads back."""
+    for threads in (1, 2):
+        with threadpool_limits(threads, user_api="blas"):
+            with lanes.spread():
+                assert (lanes.count(), blas.threads()) == (threads, 1)
+                with lanes.spread():
+                    assert (lanes.count(), blas.threads()) == (threads, 1)
+                assert (lanes.count(), blas.threads()) == (threads, 1)
+            assert (lanes.count(), blas.threads()) == (threads, threads)
+
+
 def test_a_conv_training_step_runs_blas_on_one_thread_and_gives_the_same_weights_on_any_thread_count():
     from dlcli.models import Sequential
 

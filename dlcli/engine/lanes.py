@@ -37,25 +37,35 @@ _start = threading.Lock()
 _busy = threading.Lock()  # one caller at a time hands work to the workers
 
 
-_granted = 0  # the BLAS threads a `spread` block took down to one, now lanes
+_granted = 0  # the lanes of a `spread` block (BLAS's threads at its start, then down to one); 0 outside
 
 
-@contextmanager
-def spread():
+class spread:
     """BLAS on one thread inside the block, its threads lanes instead: a training step whose layers split their
     batch runs all of its GEMMs on one thread, so no two-thread GEMM (a Dense layer's) leaves OpenBLAS's thread
-    spinning on the second core through the lanes that follow."""
-    global _granted
-    threads = blas.threads()
-    if threads < 2 or _granted:
-        yield
-        return
-    with blas.one_thread():
-        _granted = threads
-        try:
-            yield
-        finally:
+    spinning on the second core through the lanes that follow. With one BLAS thread the block keeps that one lane,
+    so `count` inside answers without asking BLAS again. A class, not a @contextmanager generator: the book MLP's
+    step enters it every batch, and the generator and the three lane counts asking threadpoolctl took ~5 us of
+    fit's fixed cost a batch."""
+    __slots__ = ("took", "one")
+
+    def __enter__(self):
+        global _granted
+        self.took = 0
+        if _granted:  # inside another block: it holds the lanes
+            return
+        threads = blas.threads()
+        if threads >= 2:
+            self.one = blas.one_thread()
+            self.one.__enter__()
+        _granted = self.took = threads
+
+    def __exit__(self, *exc):
+        global _granted
+        if self.took:
             _granted = 0
+            if self.took >= 2:
+                self.one.__exit__(*exc)
 
 
 def count() -> int:
