@@ -261,6 +261,38 @@ def test_padded_patches_equal_their_numpy_twin(monkeypatch, shape, taps, strides
     assert len(compiled_calls) == (not ones and any(a or b for a, b in pads))
 
 
+# few channels (below BLOCK_CHANNELS): the stem's 1 channel, 3 channels strided and dilated, 1D 'same' and 'causal'
+TAP_MAJOR_CASES = [((5, 12, 11, 1), (3, 3), (1, 1), (1, 1), "same"), ((4, 9, 10, 3), (3, 2), (2, 1), (1, 2), "same"),
+                   ((3, 13, 2), (5,), (1,), (1,), "causal"), ((4, 17, 1), (3,), (2,), (2,), "same"),
+                   ((2, 7, 7, 2), (3, 3), (1, 1), (1, 1), "valid")]
+
+
+@pytest.mark.parametrize("shape,taps,strides,dilation,padding", TAP_MAJOR_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ones", [0, 1])
+def test_tap_major_patches_equal_their_numpy_twin(monkeypatch, shape, taps, strides, dilation, padding, dtype, ones):
+    """kernels/conv.im2col_taps fills Conv._patch_buffer's few-channel layout, (taps [+ ones], positions) in memory,
+    as the twin does, the padding's zeros included: the whole buffer, and a smaller chunk's first positions in it."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    out, pads = cm.geometry(shape[1:-1], taps, strides, padding, dilation)
+    k, per_sample, rank = int(np.prod(taps)) * shape[-1], int(np.prod(out)), len(taps)
+    calls, real = [], kernels.compiled("conv").im2col_taps
+    monkeypatch.setattr(kernels.compiled("conv"), "im2col_taps", lambda *a: calls.append(1) or real(*a))
+
+    def gather(samples):
+        cols = np.full((k + ones, len(x) * per_sample), np.nan, dtype).T[:samples * per_sample]
+        patches = cols[:, :k].T.reshape(*taps, shape[-1], samples, *out, copy=False)
+        patches = patches.transpose(rank + 1, *range(rank + 2, 2 * rank + 2), *range(rank), rank)
+        cm.padded_patches(x[:samples], pads, taps, out, strides, dilation, patches)
+        return cols.base.copy()
+    for samples in (len(x), len(x) - 1):
+        compiled, twin = both_paths(monkeypatch, gather, samples)
+        np.testing.assert_array_equal(compiled, twin)
+        assert not np.isnan(twin[:k, :samples * per_sample]).any() and np.isnan(twin[:k, samples * per_sample:]).all()
+    assert len(calls) == 2 * any(a or b for a, b in pads)
+
+
 OPTIMIZER_CASES = [{"type": "sgd", "learning_rate": 0.1}, {"type": "sgd", "momentum": 0.9},
                    {"type": "sgd", "momentum": 0.9, "nesterov": True}, {"type": "rmsprop"},
                    {"type": "rmsprop", "momentum": 0.5, "centered": True}, {"type": "rmsprop", "centered": True},

@@ -78,6 +78,45 @@ def im2col(x, top, left, kh, kw, sh, sw, dh, dw, out):
     return out
 
 
+@numba.njit(**JIT)
+def im2col_taps(x, top, left, kh, kw, sh, sw, dh, dw, out_h, out_w, row, out):
+    """im2col as above of x (n, c, height, width), channels first, into the few-channel patches' tap-major layout:
+    tap t's (n, out_h, out_w) positions at out[t * row:], contiguous (out flat), so each tap copies along whole
+    output rows. The resnet's stem (16 samples of 28x28x1, 3x3, 'same'): 18-20 us a chunk against the twin's
+    pad + strided copy's ~42 (one thread)."""
+    n, c, height, width = x.shape
+    flat = x.reshape(-1)
+    zero = out.dtype.type(0)
+    for p in range(kh):
+        for q in range(kw):
+            shift = q * dw - left  # column j reads x's column j * sw + shift, inside x for j in [lo, hi)
+            lo = min(out_w, max(0, -(shift // sw)))
+            hi = max(lo, min(out_w, (width - 1 - shift) // sw + 1))
+            for ch in range(c):
+                start = ((p * kw + q) * c + ch) * row
+                for b in range(n):
+                    for i in range(out_h):
+                        o = start + (b * out_h + i) * out_w
+                        r = i * sh + p * dh - top
+                        if r < 0 or r >= height:
+                            for j in range(out_w):
+                                out[np.uint64(o + j)] = zero
+                            continue
+                        for j in range(lo):
+                            out[np.uint64(o + j)] = zero
+                        # unsigned indices: no wrap-around test for negative ones, so the copy vectorises
+                        read = ((b * c + ch) * height + r) * width + shift
+                        if sw == 1:
+                            for j in range(lo, hi):
+                                out[np.uint64(o + j)] = flat[np.uint64(read + j)]
+                        else:
+                            for j in range(lo, hi):
+                                out[np.uint64(o + j)] = flat[np.uint64(read + j * sw)]
+                        for j in range(hi, out_w):
+                            out[np.uint64(o + j)] = zero
+    return out
+
+
 @numba.njit(inline="always", **JIT)
 def _taps_3x3(x, b, r, s, w0, w1, w2, w3, w4, w5, w6, w7, w8, ch):
     """Filter ch's 3x3 convolution of one-channel x at (r, s): the patch's nine scalars, each row's three in order."""

@@ -141,17 +141,43 @@ def padded_patches(x, pads, kernel, out_sizes, strides, dilation, out):
     stride-2 conv's forward in training steps, one thread, thread CPU, steps alternating, load 9.3, best / median
     0.97 / 1.09 -> 0.81 / 0.95 ms. Unpadded, the twin's one strided copy measured as fast or faster there (its 1x1
     projection 0.23 / 0.32 against 0.25 / 0.38), and into patch rows beside the bias's column of ones, a strided
-    `out`, the compiled loop does not vectorise (55 us a chunk of that conv against the twin's 45)."""
-    padded = any(a or b for a, b in pads)
-    compiled = kernels.compiled("conv") if (padded and len(kernel) in (1, 2) and x.shape[-1] >= BLOCK_CHANNELS
-                                            and out.flags.c_contiguous and x.dtype in (np.float32, np.float64)) else None
+    `out`, the compiled loop does not vectorise (55 us a chunk of that conv against the twin's 45). Laid out tap-major
+    (tap_rows: few channels) kernels/conv.im2col_taps copies whole output rows, the padding's zeros included."""
+    padded, rank = any(a or b for a, b in pads), len(kernel)
+    compiled = kernels.compiled("conv") if (padded and rank in (1, 2) and x.dtype in (np.float32, np.float64)
+                                            and out.size) else None
     if compiled is None:
         return im2col(pad(x, pads), kernel, out_sizes, strides, dilation, out=out)
-    if len(kernel) == 1:  # as 2D of height 1
+    twin = x, pads, kernel, out_sizes, strides, dilation, out
+    if rank == 1:  # as 2D of height 1
         x, out, pads = x[:, None], out[:, None, :, None], ((0, 0), *pads)
         kernel, strides, dilation = (1, *kernel), (1, *strides), (1, *dilation)
-    compiled.im2col(x, pads[0][0], pads[1][0], *kernel, *strides, *dilation, out)
-    return out
+    row = tap_rows(out)
+    if row is not None:  # few channels' layout (Conv._patch_buffer): channels first, as the kernel reads them
+        flat = as_strided(out, ((out[0, 0, 0].size - 1) * row + out[..., 0, 0, 0].size,), (out.itemsize,))
+        compiled.im2col_taps(np.ascontiguousarray(np.moveaxis(x, -1, 1)), pads[0][0], pads[1][0], *kernel, *strides,
+                             *dilation, *out.shape[1:3], row, flat)
+    elif x.shape[-1] >= BLOCK_CHANNELS and out.flags.c_contiguous:
+        compiled.im2col(x, pads[0][0], pads[1][0], *kernel, *strides, *dilation, out)
+    else:
+        x, pads, kernel, out_sizes, strides, dilation, out = twin
+        return im2col(pad(x, pads), kernel, out_sizes, strides, dilation, out=out)
+    return twin[-1]
+
+
+def tap_rows(out):
+    """How many elements apart patch array out's (n, out_h, out_w, kh, kw, c) taps lie where it is laid out tap-major,
+    each tap's positions contiguous and the taps evenly spaced (Conv._patch_buffer's few-channel layout); else None."""
+    if not out[:, :, :, 0, 0, 0].flags.c_contiguous:
+        return None
+    taps = [(size, stride // out.itemsize) for size, stride in zip(out.shape[3:], out.strides[3:])]
+    row = min([stride for size, stride in taps if size > 1], default=0)
+    inner = 1
+    for size, stride in reversed(taps):
+        if size > 1 and stride != row * inner:
+            return None
+        inner *= size
+    return row if row >= out[..., 0, 0, 0].size or out[0, 0, 0].size == 1 else None
 
 
 def patches(xp, kernel, out_sizes, strides, dilation):
