@@ -146,10 +146,15 @@ def padded_patches(x, pads, kernel, out_sizes, strides, dilation, out):
     padded, rank = any(a or b for a, b in pads), len(kernel)
     compiled = kernels.compiled("conv") if (padded and rank in (1, 2) and x.dtype in (np.float32, np.float64)
                                             and out.size) else None
-    if compiled is None:
+    if compiled is None or not _compiled_patches(compiled, x, pads, kernel, strides, dilation, out):
         return im2col(pad(x, pads), kernel, out_sizes, strides, dilation, out=out)
-    twin = x, pads, kernel, out_sizes, strides, dilation, out
-    if rank == 1:  # as 2D of height 1
+    return out
+
+
+def _compiled_patches(compiled, x, pads, kernel, strides, dilation, out) -> bool:
+    """padded_patches' compiled gathers into `out` where one applies (True where it wrote it): a tap-major layout,
+    or BLOCK_CHANNELS channels or more into a contiguous `out`."""
+    if len(kernel) == 1:  # as 2D of height 1
         x, out, pads = x[:, None], out[:, None, :, None], ((0, 0), *pads)
         kernel, strides, dilation = (1, *kernel), (1, *strides), (1, *dilation)
     row = tap_rows(out)
@@ -157,12 +162,11 @@ def padded_patches(x, pads, kernel, out_sizes, strides, dilation, out):
         flat = as_strided(out, ((out[0, 0, 0].size - 1) * row + out[..., 0, 0, 0].size,), (out.itemsize,))
         compiled.im2col_taps(np.ascontiguousarray(np.moveaxis(x, -1, 1)), pads[0][0], pads[1][0], *kernel, *strides,
                              *dilation, *out.shape[1:3], row, flat)
-    elif x.shape[-1] >= BLOCK_CHANNELS and out.flags.c_contiguous:
+        return True
+    if x.shape[-1] >= BLOCK_CHANNELS and out.flags.c_contiguous:
         compiled.im2col(x, pads[0][0], pads[1][0], *kernel, *strides, *dilation, out)
-    else:
-        x, pads, kernel, out_sizes, strides, dilation, out = twin
-        return im2col(pad(x, pads), kernel, out_sizes, strides, dilation, out=out)
-    return twin[-1]
+        return True
+    return False
 
 
 def tap_rows(out):
