@@ -82,7 +82,6 @@ def _load(name: str):
             gc.enable()
 
 
-
 def libc(*names) -> tuple[int, ...] | None:
     """The C library's functions `names` by address, for the kernels that call them (lanes' polls, PNG reads), or
     None where there is no such library or function (not a POSIX system). Looked up once a process."""
@@ -94,6 +93,7 @@ def libc(*names) -> tuple[int, ...] | None:
         except (OSError, AttributeError, TypeError):
             _libc_functions[names] = None
     return _libc_functions[names]
+
 
 def _exit_without_collections():
     """At interpreter exit, after one collection (which runs the finalizers of whatever garbage there is), freeze
