@@ -43,21 +43,29 @@ def timed_step(model, x, y):
     caller, current, record = threading.get_ident(), ["step"], defaultdict(lambda: [0.0] * len(COLUMNS))
     run = lanes.run
 
-    def timed_run(work, parts, short=False):
-        times = []  # (on the calling thread, thread CPU) of each lane's share
+    def timed_run(work, parts, short=False, halfway=None):
+        times, between = [], [0.0]  # (on the calling thread, thread CPU) of each lane's share; halfway's between
 
-        def timed(share):
+        def timed(work):
+            def share(run):
+                start = time.thread_time()
+                out = list(work(run))
+                times.append((threading.get_ident() == caller, time.thread_time() - start))
+                return out
+            return share
+
+        def timed_between():  # the caller's alone, as it was between two runs: serial
             start = time.thread_time()
-            out = list(work(share))
-            times.append((threading.get_ident() == caller, time.thread_time() - start))
-            return out
+            halfway[0]()
+            between[0] += time.thread_time() - start
         start = time.thread_time()
-        out = run(timed, parts, short)
-        spent, own = time.thread_time() - start, sum(t for mine, t in times if mine)
+        out = run(timed(work), parts, short, halfway and (timed_between, timed(halfway[1])))
+        spent, own = time.thread_time() - start - between[0], sum(t for mine, t in times if mine)
+        halves = [times] if halfway is None else [times[:len(times) // 2], times[len(times) // 2:]]
         for key in {current[0], "step"}:
             record[key][1] -= spent
             record[key][2] += spent - own
-            record[key][3] += max(t for _, t in times)
+            record[key][3] += sum(max(t for _, t in half) for half in halves)
             record[key][4] += sum(t for _, t in times)
         return out
     lanes.run = timed_run

@@ -16,8 +16,11 @@ def lane_threads(monkeypatch) -> set:
     """The names of the threads lanes.run runs work on from now on (filled as it runs)."""
     workers, real_run = set(), lanes.run
 
-    def watched(work, parts, short=False):
-        return real_run(lambda run: workers.add(threading.current_thread().name) or work(run), parts, short)
+    def watch(work):
+        return lambda run: workers.add(threading.current_thread().name) or work(run)
+
+    def watched(work, parts, short=False, halfway=None):
+        return real_run(watch(work), parts, short, halfway and (halfway[0], watch(halfway[1])))
     monkeypatch.setattr(lanes, "run", watched)
     return workers
 
@@ -142,6 +145,55 @@ def test_an_error_in_any_lane_reaches_the_caller_and_the_lanes_stay_usable(monke
     with pytest.raises(ValueError, match="lane failed"):
         lanes.run(work, [(1, 2), (2, 3)])  # the caller's own
     assert lanes.run(work, [(0, 1), (2, 3), (3, 4), (5, 6)]) == [0, 20, 30, 50]  # in order of the parts
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_a_run_with_a_halfway_barrier_runs_between_once_after_every_first_half_and_before_any_second(monkeypatch,
+                                                                                                 count):
+    """lanes.run's `halfway` (between, then): every lane's first half is done before between() runs, once, on the
+    calling thread, and no second half starts before it ends; each lane's second half gets its first half's run;
+    then's results come back in the order of the parts."""
+    monkeypatch.setattr(lanes, "count", lambda: count)
+    caller, events, lock = threading.current_thread(), [], threading.Lock()
+
+    def log(event):
+        with lock:
+            events.append(event)
+
+    def first(run):
+        time.sleep(0.01 * (run[0] == 0))  # the caller's own half last: the others wait at the barrier
+        log(("first", tuple(run), threading.current_thread().name))
+        return ["dropped"]
+
+    def between():
+        assert threading.current_thread() is caller
+        log(("between",))
+
+    def then(run):
+        log(("then", tuple(run), threading.current_thread().name))
+        return [p * 10 for p in run]
+    assert lanes.run(first, list(range(5)), halfway=(between, then)) == [0, 10, 20, 30, 40]
+    middle = events.index(("between",))
+    assert [e[0] for e in events] == ["first"] * (middle) + ["between"] + ["then"] * middle
+    assert middle == count
+    assert sorted(e[1:] for e in events[:middle]) == sorted(e[1:] for e in events[middle + 1:])  # same run, thread
+
+
+def test_an_error_in_a_first_half_skips_between_and_the_second_and_the_lanes_stay_usable(monkeypatch):
+    monkeypatch.setattr(lanes, "count", lambda: 2)
+    called = []
+
+    def first(run):
+        if 1 in run:
+            raise ValueError("lane failed")
+        return []
+    halfway = (lambda: called.append("between"), lambda run: called.append("then") or list(run))
+    for parts in ([0, 1], [1, 2]):  # the worker's half fails, then the caller's own
+        with pytest.raises(ValueError, match="lane failed"):
+            lanes.run(first, parts, halfway=halfway)
+    assert called == []
+    assert lanes.run(first, [2, 3, 4], halfway=halfway) == [2, 3, 4]
+    assert called == ["between", "then", "then"]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -78,38 +78,60 @@ def split(n: int, count: int) -> list[tuple[int, int]]:
     return [(n * i // count, n * (i + 1) // count) for i in range(count)]
 
 
-def run(work, parts: list, short: bool = False) -> list:
+def run(work, parts: list, short: bool = False, halfway=None) -> list:
     """work(run) for contiguous runs of `parts`, one run per lane, the first in the caller, BLAS on one thread
     meanwhile; the results concatenated in order (work returns a list per run, one item per part is usual). One
     run of every part when one lane is free: with one BLAS thread, inside another lane, or while another thread of
     the process uses the workers. `short`: parts of a few tens of microseconds, worth handing over only to lanes that
-    poll (_waiter: a core to spare), not to sleeping ones, which take longer than that to wake; else all run here."""
+    poll (_waiter: a core to spare), not to sleeping ones, which take longer than that to wake; else all run here.
+    `halfway` = (between, then): a barrier in the run: once every lane's work(run) is done, between() runs on the
+    calling thread alone, then then(run) on each lane's same run, whose results are returned. BatchNormalization's
+    passes need the whole batch's sums halfway; so each is one run (one decision, one split, the lanes held),
+    where two runs paid the caller's setup twice."""
     lanes = min(count(), len(parts))
     if lanes < 2 or not _busy.acquire(blocking=False):
-        return list(work(parts))
+        return _alone(work, parts, halfway)
     try:
         wait = _waiter()
         if short and wait is None:
-            return list(work(parts))
+            return _alone(work, parts, halfway)
         runs = [parts[a:b] for a, b in split(len(parts), lanes)]
-        workers = _ensure(lanes - 1)
+        workers = _ensure(lanes - 1)[:lanes - 1]
         # inside `spread` BLAS is on one thread already: threadpoolctl's switch and its restore cost the caller ~8
         # us of CPU a run, and a resnet training step makes 23 runs
         with nullcontext() if _granted else blas.one_thread():
-            for lane, own in zip(workers, runs[1:]):
-                lane.hand(work, own, wait)
-            try:
-                results = list(work(runs[0]))
-                _while_waiting(workers[:lanes - 1])
-            finally:  # every worker is waited for, so none still writes when the caller moves on
-                outcomes = [lane.result(wait) for lane in workers[:lanes - 1]]
-        for ok, value in outcomes:
-            if not ok:
-                raise value
-            results.extend(value)
+            results = _handed(work, runs, workers, wait)
+            if halfway is not None:
+                halfway[0]()
+                results = _handed(halfway[1], runs, workers, wait)
         return results
     finally:
         _busy.release()
+
+
+def _alone(work, parts, halfway):
+    """run's work (and halfway) on this thread alone."""
+    results = list(work(parts))
+    if halfway is None:
+        return results
+    halfway[0]()
+    return list(halfway[1](parts))
+
+
+def _handed(work, runs, workers, wait):
+    """work(run) for each of `runs`: the first here, the others on `workers`, each waited for; the results in order."""
+    for lane, own in zip(workers, runs[1:]):
+        lane.hand(work, own, wait)
+    try:
+        results = list(work(runs[0]))
+        _while_waiting(workers)
+    finally:  # every worker is waited for, so none still writes when the caller moves on
+        outcomes = [lane.result(wait) for lane in workers]
+    for ok, value in outcomes:
+        if not ok:
+            raise value
+        results.extend(value)
+    return results
 
 
 # Deferred work (defer): the calling thread's own, done while it waits for its lanes, where it only waited. On two

@@ -174,15 +174,23 @@ class BatchNormalization(_Normalization):
         self.pooled = (arg, y, pool, out_sizes, x.shape, True)
         return y
 
-    def _compiled_statistics(self, compiled, rows):
-        """(mean, inv_std) of the batch's rows (rows, C) from the compiled shifted sums; the moving ones updated."""
+    def _compiled_statistics(self, compiled, rows, then=None):
+        """[mean, inv_std] of the batch's rows (rows, C) from the compiled shifted sums; the moving ones updated.
+        then(run, mean, inv_std): a pass over the same ranges of rows ((index, start, stop) each), after the
+        statistics in the same lanes run (its `halfway`)."""
         c, dt = rows.shape[1], rows.dtype
         parts, short = _row_parts(len(rows), c)
         shift = rows[0].astype(np.float64)  # every range's: the sums add up
-        sums = np.empty((len(parts), 2, c), np.float64)
+        sums, stats = np.empty((len(parts), 2, c), np.float64), []
+
+        def statistics():
+            stats.extend(self._statistics(compiled, sums, shift, len(rows), dt))
         lanes.run(lambda run: [compiled.shifted_sums(rows[a:b], shift, sums[i, 0], sums[i, 1]) for i, a, b in run],
-                  [(i, a, b) for i, (a, b) in enumerate(parts)], short)
-        return self._statistics(compiled, sums, shift, len(rows), dt)
+                  [(i, a, b) for i, (a, b) in enumerate(parts)], short,
+                  None if then is None else (statistics, lambda run: then(run, *stats)))
+        if then is None:
+            statistics()
+        return stats
 
     def _statistics(self, compiled, sums, shift, n, dt):
         """(mean, inv_std) from the ranges' shifted sums, the moving ones updated: compiled.statistics where the
@@ -287,12 +295,12 @@ class BatchNormalization(_Normalization):
         self.summed = residual is not None and residual.shape == x.shape and residual.dtype == dt and \
             residual.flags.c_contiguous and (self.sum_activation is None or self.sum_activation.plain)
         added = residual.reshape(-1, c) if self.summed else np.empty((0, c), dt)
-        mean, inv_std = self._compiled_statistics(compiled, rows)
         gamma, beta = self._compiled_affine(dt)
         relu = self.post_activation is not None or (self.summed and self.sum_activation is not None)
-        lanes.run(lambda run: [compiled.normalise(rows[a:b], mean, inv_std, gamma, beta, relu, added[a:b] if
-                                                  self.summed else added, y.reshape(-1, c)[a:b]) for a, b in run],
-                  *_row_parts(len(rows), c))
+        out = y.reshape(-1, c)
+        mean, inv_std = self._compiled_statistics(compiled, rows, lambda run, mean, inv_std: [
+            compiled.normalise(rows[a:b], mean, inv_std, gamma, beta, relu, added[a:b] if self.summed else added,
+                               out[a:b]) for _, a, b in run])
         # the input, not xhat: the backward recomputes xhat as it reads it, so no pass writes it
         self.xhat, self.x, self.mean = None, x, mean
         self.inv_std = inv_std.reshape(self.param_view)
@@ -343,7 +351,7 @@ class BatchNormalization(_Normalization):
             def sums(i, j, acc):
                 compiled.gradient_sums(rows[i:j], x[i:j], mean, inv_std, gamma, beta, relu, *acc)
 
-            def input_gradient(i, j):
+            def input_gradient(i, j, scale, a, b):
                 compiled.input_gradient(rows[i:j], x[i:j], mean, inv_std, gamma, beta, relu, scale, a, b,
                                         dx.reshape(-1, c)[i:j])
         else:  # the pooling's gradient, its moved ReLU's mask and where each maximum came from
@@ -352,13 +360,15 @@ class BatchNormalization(_Normalization):
             def sums(i, j, acc):
                 compiled.pooled_gradient_sums(grad, arg, y, self.x, i, j, mean, inv_std, *pool, *acc)
 
-            def input_gradient(i, j):
+            def input_gradient(i, j, scale, a, b):
                 compiled.pooled_input_gradient(grad, arg, y, self.x, i, j, mean, inv_std, *pool, scale, a, b, dx)
-        acc = np.empty((len(parts), 2, c), np.float64)  # each range's two float64 sums
+        acc, stats = np.empty((len(parts), 2, c), np.float64), []  # each range's two float64 sums; what they give
+
+        def statistics():
+            stats.extend(self._gradient_statistics(compiled, acc, len(x), dt))
         lanes.run(lambda run: [sums(i, j, acc[k]) for k, i, j in run], [(k, i, j) for k, (i, j) in enumerate(parts)],
-                  short)
-        sum_g, sum_gx, scale, a, b = self._gradient_statistics(compiled, acc, len(x), dt)
-        lanes.run(lambda run: [input_gradient(i, j) for i, j in run], parts, short)
+                  short, (statistics, lambda run: [input_gradient(i, j, *stats[2:]) for _, i, j in run]))
+        sum_g, sum_gx = stats[:2]
         if self.center and self.beta.grad is not None:
             self.beta.grad += sum_g.reshape(self.beta.grad.shape)
         if self.scale and self.gamma.grad is not None:
