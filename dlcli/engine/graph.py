@@ -150,6 +150,7 @@ class Graph:
             if id(n) not in given:
                 raise ShapeError(f"the outputs depend on input '{n.layer.name}', which is not among the model's "
                                  f"inputs ({', '.join(t.node.layer.name for t in inputs)})")
+        self.layer_nodes = [n for n in self.nodes if not isinstance(n.layer, InputLayer)]  # the nodes a pass runs
         self.layers = []
         for n in self.nodes:
             if not isinstance(n.layer, InputLayer) and n.layer not in self.layers:
@@ -166,7 +167,7 @@ class Graph:
         self.summed = _summed_adds(self.nodes, consumers, outputs)
         self.pooled_norms = _pooled_normalisations(consumers, outputs, self.movable)
         self.cast_from: dict = {}  # set by each forward
-        self.data_made = None  # _made_from_data's tensors, found at the first backward pass (the layers built)
+        self.reads_data = None  # _reading_data's nodes, found at the first backward pass (the layers built)
         self.poolable = {id(pool) for layer, pool, _ in self.movable
                          if getattr(layer, "pools_own_output", None) and layer.pools_own_output(pool)}
         self.poolable_in_training = {id(pool) for layer, pool, _ in self.movable
@@ -193,6 +194,8 @@ class Graph:
             node = copy.copy(node)
             node.layer = twins.get(id(node.layer), node.layer)  # input layers hold no state
             other.nodes.append(node)
+        other.layer_nodes = [n for n in other.nodes if not isinstance(n.layer, InputLayer)]
+        other.reads_data = None
         other.layers = [twins[id(layer)] for layer in self.layers]
         other.movable = [(twins[id(layer)], twins[id(pool)], type(act)()) for layer, pool, act in self.movable]
         other.absorbed = [(twins[id(layer)], twins[id(relu)], type(act)()) for layer, relu, act in self.absorbed]
@@ -236,46 +239,50 @@ class Graph:
         """The outputs for inputs `xs`. In training, or in an `inference_pass` (predict, evaluate: no backward
         follows), a layer may pool its own output (`poolable`); a forward with neither (model(x), whose backward the
         gradient checks may call) runs the layers apart."""
-        values, masks = {}, {}
+        values, masks = dict(zip(self.inputs, xs)), {}  # by tensor; a mask only where a layer made one
         self._move_activations(observer is None, self.poolable_in_training if training else
                                self.poolable if inference_pass else frozenset(), training)
-        residuals = {id(node): (other, add) for node, add, other, _ in self.summed} if training and observer is None \
+        residuals = {node: (other, add) for node, add, other, _ in self.summed} if training and observer is None \
             else {}
-        self.cast_from = {}  # {id(node): its inputs' dtypes} where forward cast them: backward casts back
-        for t, x in zip(self.inputs, xs):
-            values[id(t)] = x
-        for node in self.nodes:
-            if isinstance(node.layer, InputLayer):
-                continue
+        self.cast_from = {}  # {node: its inputs' dtypes} where forward cast them: backward casts back
+        for node in self.layer_nodes:
             layer = node.layer
-            ins = [values[id(t)] for t in node.inputs]
+            ins = [values[t] for t in node.inputs]
             cast = autocast_inputs(layer, ins)
             if cast is not ins:  # the cast's gradient goes back in the input's dtype (backward below)
-                self.cast_from[id(node)] = [compute_dtype(str(getattr(x, "dtype", "object"))) for x in ins]
+                self.cast_from[node] = [compute_dtype(str(getattr(x, "dtype", "object"))) for x in ins]
                 ins = cast
-            in_masks = [masks.get(id(t)) for t in node.inputs]
-            mask = in_masks if node.multi_input else in_masks[0]
-            if node.multi_input and all(m is None for m in in_masks):
-                mask = None
+            mask = None
+            if masks:
+                in_masks = [masks.get(t) for t in node.inputs]
+                if not node.multi_input:
+                    mask = in_masks[0]
+                elif any(m is not None for m in in_masks):
+                    mask = in_masks
             layer.input_mask = mask
-            vars(layer).update(node.call_args)
+            if node.call_args:
+                vars(layer).update(node.call_args)
             x = ins if node.multi_input else ins[0]
-            if id(node) in residuals:
-                other, add = residuals[id(node)]
-                layer.residual = autocast(values[id(other)], compute_dtype(add.dtype))  # as the Add would take it
+            if node in residuals:
+                other, add = residuals[node]
+                layer.residual = autocast(values[other], compute_dtype(add.dtype))  # as the Add would take it
             out = layer.forward(x, training)
             if observer is not None:
                 observer.forward(node, out)
             out_mask = layer.compute_mask(x, mask)
             if len(layer.nodes) > 1:
                 node.state = _snapshot(layer)
-            outs = out if node.multi_output else [out]
-            out_masks = out_mask if node.multi_output and isinstance(out_mask, list) else [out_mask] * len(outs)
-            for t, v, m in zip(node.outputs, outs, out_masks):
-                values[id(t)] = v
+            if not node.multi_output:
+                values[node.outputs[0]] = out
+                if out_mask is not None:
+                    masks[node.outputs[0]] = out_mask
+                continue
+            out_masks = out_mask if isinstance(out_mask, list) else [out_mask] * len(out)
+            for t, v, m in zip(node.outputs, out, out_masks):
+                values[t] = v
                 if m is not None:
-                    masks[id(t)] = m
-        return [values[id(t)] for t in self.outputs]
+                    masks[t] = m
+        return [values[t] for t in self.outputs]
 
     def backward(self, grads: list, need_input_grads: bool = False, observer=None) -> list:
         """Gradients w.r.t. each output in; gradients w.r.t. each input out when `need_input_grads`."""
@@ -285,51 +292,52 @@ class Graph:
             return self._backward(grads, need_input_grads, observer)
 
     def _backward(self, grads, need_input_grads, observer):
-        acc: dict = {}
-        if self.data_made is None:
-            self.data_made = _made_from_data(self.nodes)
+        acc: dict = {}  # by tensor
+        if self.reads_data is None:
+            self.reads_data = _reading_data(self.layer_nodes)
         held = observer is None  # a fan-out's two gradients reach a layer that reads_gradient_sum unadded
         for t, g in zip(self.outputs, grads):
             _accumulate(acc, t, g)
-        for node in reversed(self.nodes):
-            if isinstance(node.layer, InputLayer):
-                continue
-            out_grads = [acc.get(id(t)) for t in node.outputs]
-            if all(g is None for g in out_grads):
-                continue  # this node does not reach any output with a loss
-            if node.multi_output:
-                out_grads = [np.zeros((_batch(out_grads),) + t.shape, node.layer.dtype) if g is None else _added(g)
-                             for g, t in zip(out_grads, node.outputs)]
+        for node in reversed(self.layer_nodes):
             layer = node.layer
+            if node.multi_output:
+                out_grads = [acc.get(t) for t in node.outputs]
+                if all(g is None for g in out_grads):
+                    continue  # this node does not reach any output with a loss
+                g_out = [np.zeros((_batch(out_grads),) + t.shape, layer.dtype) if g is None else _added(g)
+                         for g, t in zip(out_grads, node.outputs)]
+            else:
+                g_out = acc.get(node.outputs[0])
+                if g_out is None:
+                    continue
             if node.state is not None:
                 vars(layer).update(node.state)
             # Nobody needs d(loss)/d(data): the first layers may skip that product (a large one for convs), also
             # after layers without weights (a Dense after a Flatten of the images); an observer sees the rest
-            layer.input_grad_needed = need_input_grads or not all(
-                isinstance(t.node.layer, InputLayer) or observer is None and id(t) in self.data_made
-                for t in node.inputs)
-            g_out = out_grads if node.multi_output else out_grads[0]
+            layer.input_grad_needed = need_input_grads or (
+                node not in self.reads_data if observer is None else
+                not all(isinstance(t.node.layer, InputLayer) for t in node.inputs))
             if isinstance(g_out, GradientSum) and not layer.reads_gradient_sum():
                 g_out = _added(g_out)
             g_in = layer.backward(g_out)
             if observer is not None:
                 observer.backward(node, g_out, g_in)
             g_in = g_in if node.multi_input else [g_in]
-            if id(node) in self.cast_from:
-                g_in = [autocast(_added(g), dtype) for g, dtype in zip(g_in, self.cast_from[id(node)])]
+            if node in self.cast_from:
+                g_in = [autocast(_added(g), dtype) for g, dtype in zip(g_in, self.cast_from[node])]
             for t, g in zip(node.inputs, g_in):
                 _accumulate(acc, t, g, held)
-        return [_added(acc.get(id(t))) for t in self.inputs]
+        return [_added(acc.get(t)) for t in self.inputs]
 
 
-def _made_from_data(nodes) -> set:
-    """The ids of the tensors that layers without weights (Flatten, Reshape, Dropout) made from the inputs alone:
-    no gradient of theirs reaches a weight."""
-    made = set()
+def _reading_data(nodes) -> set:
+    """The nodes that read only the inputs or tensors that layers without weights (Flatten, Reshape, Dropout) made
+    from the inputs alone: no gradient of their inputs reaches a weight."""
+    made = set()  # those tensors
     for node in nodes:
-        if isinstance(node.layer, InputLayer) or not node.layer.params and all(id(t) in made for t in node.inputs):
-            made.update(id(t) for t in node.outputs)
-    return made
+        if not node.layer.params and all(isinstance(t.node.layer, InputLayer) or t in made for t in node.inputs):
+            made.update(node.outputs)
+    return {node for node in nodes if all(isinstance(t.node.layer, InputLayer) or t in made for t in node.inputs)}
 
 
 # passes handed to the threads ahead of the one the caller waits for, per thread: a thread held up (a busy machine
@@ -504,14 +512,14 @@ def _accumulate(acc, tensor, grad, held=False):
     for the layer that reads it."""
     if grad is None:
         return
-    if id(tensor) in acc:
-        a, b = _added(acc[id(tensor)]), _added(grad)
+    if tensor in acc:
+        a, b = _added(acc[tensor]), _added(grad)
         if held and _alike(a, b) and (a.flags.c_contiguous or b.flags.c_contiguous):
-            acc[id(tensor)] = GradientSum(a, b) if a.flags.c_contiguous else GradientSum(b, a)  # a + b == b + a
+            acc[tensor] = GradientSum(a, b) if a.flags.c_contiguous else GradientSum(b, a)  # a + b == b + a
         else:
-            acc[id(tensor)] = _sum(a, b)
+            acc[tensor] = _sum(a, b)
     else:
-        acc[id(tensor)] = grad
+        acc[tensor] = grad
 
 
 def _added(grad):
