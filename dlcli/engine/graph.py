@@ -245,6 +245,12 @@ class Graph:
         residuals = {node: (other, add) for node, add, other, _ in self.summed} if training and observer is None \
             else {}
         self.cast_from = {}  # {node: its inputs' dtypes} where forward cast them: backward casts back
+        # in training the layers' deferred work (lanes.defer: what the Winograd convs' backward reads of their
+        # weights) is done while the caller waits for its lanes, or by the pass's end
+        with lanes.deferring() if training else nullcontext():
+            return self._forward(values, masks, residuals, observer, training)
+
+    def _forward(self, values, masks, residuals, observer, training):
         for node in self.layer_nodes:
             layer = node.layer
             ins = [values[t] for t in node.inputs]

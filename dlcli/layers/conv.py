@@ -4,6 +4,8 @@ Arguments, defaults and weight layouts are Keras': kernel (*kernel_size, in, fil
 (*kernel_size, filters, in), depthwise kernel (*kernel_size, in, depth_multiplier). Each pass is im2col + one
 matmul (see conv_math); nothing loops over samples or output positions.
 """
+import math
+
 import numpy as np
 
 from dlcli.engine import activations, blas, initializers, lanes
@@ -112,8 +114,12 @@ class _Conv(_Windowed):
         if self.winograd:  # x itself (its transform reads the padding's zeros); training keeps the tiles
             self.x, self.tiles = x, {} if training else None
             self.winograd_block = cm.winograd_training_block(self.out_sizes, in_pass)
-            # training keeps U = G k G^T for backward (0.02-0.08 ms a conv to make again)
+            # training keeps U = G k G^T for backward (0.02-0.08 ms a conv to make again), and its taps transposed
+            # for the input gradient's products, made while the caller waits for its lanes (lanes.defer; graph.py)
             self.winograd_u = cm.winograd_kernel(self.kernel.value, self.winograd_block) if training else None
+            self.winograd_u_t = None
+            if training:
+                lanes.defer(self._transpose_u)
             if in_pass:
                 y = self.pooled_y = cm.winograd_conv(x, self.kernel.value, bias, self.out_sizes, self.pads, self.tiles,
                                                      pooled=(pool, relu), arg=self.pooled_arg, u=self.winograd_u)
@@ -131,10 +137,10 @@ class _Conv(_Windowed):
             return y if relu else self.activation.forward_(y)
         # x itself: each chunk's patches are gathered padded (cm.padded_patches), and backward gathers them again
         self.x, self.xp, self.cols = x, None, None
-        k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
+        k, per_sample = math.prod(self.kernel.value.shape[:-1]), math.prod(self.out_sizes)
         weights = self.kernel.value.reshape(k, self.filters)
         if self.use_bias:
-            weights = np.vstack([weights, self.bias.value[None]])
+            weights = np.concatenate((weights, self.bias.value[None]))
         z = np.empty((x.shape[0] * per_sample, self.filters), x.dtype)
 
         chunks, kept = self._chunks(len(x))
@@ -150,6 +156,9 @@ class _Conv(_Windowed):
         self.cols = dict(patches) if kept else None  # {start: patches} that backward takes instead of gathering
         z = z.reshape(x.shape[0], *self.out_sizes, self.filters)
         return activations.activate_owned(self, z) if pool is None else self._pool_own_output(z, pool, relu)
+
+    def _transpose_u(self):
+        self.winograd_u_t = cm.transposed_taps(self.winograd_u)
 
     def _pool_own_output(self, z, pool, relu):
         """The max pooling `pool` handed to this conv (pools_own_output), then the activation, of its output z
@@ -169,7 +178,7 @@ class _Conv(_Windowed):
         gradient, im2col included again, 4.31 -> 3.58. Few channels (a memory-bound GEMM, a costlier gather) or few
         patches: KEPT_CHUNKS chunks, kept for backward (one chunk kept the first conv of the book convnet and the
         resnet's stem on one core). The chunks are the lanes' parts (engine/lanes.py): never the lane count's."""
-        k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
+        k, per_sample = math.prod(self.kernel.value.shape[:-1]), math.prod(self.out_sizes)
         kept = self.xp_shape[-1] < cm.BLOCK_CHANNELS or n * per_sample * (k + 1) <= 2 * cm.CHUNK_FLOATS
         if kept:
             return [(a, b) for a, b in lanes.split(n, cm.KEPT_CHUNKS) if a < b], True
@@ -180,7 +189,7 @@ class _Conv(_Windowed):
         column of ones])) for each chunk, in one buffer reused (its contents valid until the next), or `fresh` ones
         to keep. With the ones, the GEMM adds the bias and its transpose in backward sums the bias gradient with the
         kernel's."""
-        k, per_sample = self.kernel.value[..., 0].size, int(np.prod(self.out_sizes))
+        k, per_sample = math.prod(self.kernel.value.shape[:-1]), math.prod(self.out_sizes)
         most = max(stop - start for start, stop in chunks)
         shared = None if fresh else self._patch_buffer(most, per_sample, k, x.dtype)
         for start, stop in chunks:
@@ -260,10 +269,10 @@ class _Conv(_Windowed):
         g = np.ascontiguousarray(g).reshape(-1, self.filters)
         if self.winograd:
             return self._winograd_backward(g)
-        k = self.kernel.value[..., 0].size
+        k = math.prod(self.kernel.value.shape[:-1])
         if self.kernel.grad is not None or (self.use_bias and self.bias.grad is not None):
             grads = np.zeros((k + self.use_bias, self.filters), g.dtype)  # k kernel rows [+ the bias row]
-            per_sample = int(np.prod(self.out_sizes))
+            per_sample = math.prod(self.out_sizes)
 
             def products(run):  # each chunk's patches.T @ its output gradient
                 patches = (self._patch_chunks(self.x, run) if self.cols is None else
@@ -305,7 +314,7 @@ class _Conv(_Windowed):
         _, dx, bias_grad = cm.winograd_backward(  # the kernel's gradient added to its own later (lanes.defer)
             g, self.kernel.value, self.x, self.out_sizes, self.pads, self.tiles, self.kernel.grad is not None,
             self.input_grad_needed, self.use_bias and self.bias.grad is not None, self.winograd_block, pooled,
-            self.winograd_u, self.kernel.grad)
+            self.winograd_u, self.kernel.grad, self.winograd_u_t)
         self._add_gradients(None, bias_grad)
         return dx
 

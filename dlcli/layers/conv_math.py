@@ -523,7 +523,7 @@ def _tile_buffer(taps, rows, width, dtype):
 
 
 def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True, input_grad=True, bias_grad=True,
-                      block=2, pooled=None, u=None, add_to=None):
+                      block=2, pooled=None, u=None, add_to=None, u_t=None):
     """(the kernel's gradient (3, 3, c, f) or None, the input's gradient (x's shape) or None, the
     bias's (f,) or None) of winograd_conv, from the output gradient g (n, out_h, out_w, f) after the activation's:
     its A-transform dM once per chunk, then dU = V^T dM (16 GEMMs, the chunks' products added in chunk order, so on
@@ -542,7 +542,7 @@ def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True
     of the largest over tests/test_winograd.py's cases, where F(2x2)'s are within 3. `add_to`: an array (the
     kernel's accumulated gradient) the kernel's gradient is added to instead of returned, in lanes.defer (the
     chunks' dU summed and G^T dU G made while the caller waits for its lanes in a later run: on the caller alone
-    0.1-0.25 ms a conv at the resnet's shapes)."""
+    0.1-0.25 ms a conv at the resnet's shapes). `u_t`: transposed_taps(u) if made already."""
     compiled = kernels.compiled("winograd")
     input_tiles, output_gradient_tiles, input_gradient_tiles = {
         2: (compiled.input_tiles, compiled.output_gradient_tiles, compiled.input_gradient_tiles),
@@ -552,7 +552,7 @@ def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True
     tiles_h, tiles_w = winograd_tiles(out_sizes, block)
     (top, _), (left, _) = pads
     u = winograd_kernel(kernel, block) if u is None and input_grad else u
-    u_t = np.ascontiguousarray(u.transpose(0, 2, 1)) if input_grad else None
+    u_t = transposed_taps(u) if input_grad and u_t is None else u_t
     dx = np.empty(x.shape, g.dtype) if input_grad else None
     g = np.ascontiguousarray(g)
     if pooled is None:
@@ -601,6 +601,11 @@ def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True
         return _winograd_kernel_gradient([du for du, _ in sums], block), dx, db
     lanes.defer(lambda: np.add(add_to, _winograd_kernel_gradient([du for du, _ in sums], block), out=add_to))
     return None, dx, db
+
+
+def transposed_taps(u):
+    """U's taps transposed, (taps, f, c), contiguous: the input gradient's products dM U^T read its rows whole."""
+    return np.ascontiguousarray(u.transpose(0, 2, 1))
 
 
 def _winograd_kernel_gradient(parts, block):
