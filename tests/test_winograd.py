@@ -98,7 +98,7 @@ TRAINING_CASES = CASES + [((65, 9, 7, 16), 7, "same"), ((1, 6, 5, 17), 3, "valid
 @pytest.mark.parametrize("shape,filters,padding", TRAINING_CASES)
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_training_gives_the_twins_output_and_gradients_to_rounding(monkeypatch, shape, filters, padding, use_bias):
-    """Training keeps each chunk's transformed tiles for the kernel gradient, and both gradients run in the Winograd
+    """Training transforms the input's tiles again for the kernel gradient, and both gradients run in the Winograd
     domain: batch sizes 1 and 65, odd output sizes (ragged tiles), 'same' and 'valid', several chunks."""
     monkeypatch.setattr(cm, "CHUNK_FLOATS", 16 * 36 * 96 * 2)
     winograd = run_conv("numba", monkeypatch, shape, filters, padding, use_bias)
@@ -163,9 +163,10 @@ def test_training_computes_only_the_gradients_asked_for(monkeypatch, kernel_grad
             np.testing.assert_allclose(a, b, rtol=0, atol=64 * np.finfo(np.float32).eps * np.abs(b).max())
 
 
-def test_each_call_of_a_shared_conv_keeps_its_own_tiles(monkeypatch):
+def test_each_call_of_a_shared_conv_keeps_its_own_input(monkeypatch):
     """Two calls of one layer before their backwards (a shared layer): each call's gradients equal those of a layer
-    called once, and a second backward after one forward gives the first's again."""
+    called once, and a second backward after one forward gives the first's again. Backward transforms each call's
+    input again (no tiles kept where no pooling runs in the conv's pass)."""
     monkeypatch.setenv("DLCLI_KERNELS", "numba")
     rng = np.random.default_rng(2)
     x1, x2 = rng.standard_normal((2, 4, 8, 8, 16)).astype(np.float32)
@@ -179,7 +180,7 @@ def test_each_call_of_a_shared_conv_keeps_its_own_tiles(monkeypatch):
         states = []
         for x in xs:
             conv.forward(x, training=True)
-            assert conv.tiles
+            assert conv.tiles is None and conv.x is x
             states.append(dict(vars(conv)))  # what the graph executor keeps of each call of a shared layer
         results = []
         for state in reversed(states):

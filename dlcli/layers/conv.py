@@ -111,8 +111,9 @@ class _Conv(_Windowed):
             pooled = (len(x), *(m // p for m, p in zip(self.out_sizes, pool)), self.filters)
             self.pooled_arg = cm.pooled_arg(pooled, pool) if training else None
         self.pooled_in_pass = in_pass
-        if self.winograd:  # x itself (its transform reads the padding's zeros); training keeps the tiles
-            self.x, self.tiles = x, {} if training else None
+        if self.winograd:  # x itself (its transform reads the padding's zeros); training keeps the tiles only where
+            # pooled in its pass, else backward transforms x again (cm.winograd_conv's `keep` says why)
+            self.x, self.tiles = x, {} if training and in_pass else None
             self.winograd_block = cm.winograd_training_block(self.out_sizes, in_pass)
             # training keeps U = G k G^T for backward (0.02-0.08 ms a conv to make again), and its taps transposed
             # for the input gradient's products, made while the caller waits for its lanes (lanes.defer; graph.py)

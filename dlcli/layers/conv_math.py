@@ -384,9 +384,15 @@ def winograd_conv(x, kernel, bias, out_sizes, pads, keep=None, block=None, poole
     """conv(x, kernel) + bias for an input x (n, height, width, c) padded by `pads` ((top, bottom), (left, right):
     the transform reads the zeros, no padded copy is made) and a kernel (3, 3, c, f): each 2x2 output block from
     its 4x4 input tile, 16 GEMMs (tiles, c) @ (c, f) over the transformed tiles, a chunk of
-    samples at a time (winograd_chunks) on the lanes. In training, `keep` (a dict, {chunk start: its transformed
-    tiles V}) receives each chunk's V for the kernel gradient: (block + 2)^2 * tiles * c floats a sample, at batch
-    64 4.7 MB for each of the resnet's 14x14x32 convs in F(4x4) (6.4 MB in F(2x2), im2col's 9 * positions * c 14.5).
+    samples at a time (winograd_chunks) on the lanes. `keep` (a dict, {chunk start: its transformed tiles V})
+    receives each chunk's V for the kernel gradient: (block + 2)^2 * tiles * c floats a sample, at batch 64 4.7 MB
+    for each of the resnet's 14x14x32 convs in F(4x4) (6.4 MB in F(2x2), im2col's 9 * positions * c 14.5). Only a
+    conv pooled in its pass keeps them (`keep` marks its training there); the others' backward transforms x again
+    (the same V, the same bits): written to memory the tiles cost the forward more than their transform costs the
+    backward. Resnet training steps under either OpenBLAS, 80-100 alternating, thread CPU, median, kept -> made again:
+    b1's convs forward 1.33-1.40 -> 1.00-1.13 ms, backward 1.50-1.60 -> 1.73-1.82, the 7x7x64 ones 0.78-0.87 ->
+    0.70-0.75 and 1.21-1.46 -> 1.25-1.53, the step 22.65 -> 22.42 and 22.26 -> 22.01 ms (Haswell, SkylakeX one thread)
+    and 15.35 -> 15.08 (calling thread, 2 lanes, Haswell); and 16.5 MB less memory held through the step.
     Thread CPU time per inference pass of 43 samples, one BLAS thread, AMD EPYC at load 6-9, alternating with
     im2col + GEMM: book convnet conv 2 (13x13x32 -> 64) 2.57 -> 2.01 ms, conv 3 (5x5x64 -> 64, 4 tiles for 9
     outputs) 0.446 -> 0.431, the whole pass 4.31 -> 3.71. Of conv 2's 2.0 ms the 16 GEMMs take about 1.0 (100
