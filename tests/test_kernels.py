@@ -524,6 +524,35 @@ def test_batch_norm_gradient_statistics_kernel_equals_its_twin(dtype, ranges, sc
         np.testing.assert_array_equal(got, twin)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 30])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_sums_add_each_channels_rows_one_by_one_in_order(dtype, rows, affine):
+    """shifted_sums and gradient_sums, which read four rows at a time, against each channel's rows added one by one
+    in row order in float64 (np.add.accumulate), bit for bit: with and without the ReLU's mask, scale and center
+    on or off, any row count (the rows past the last four)."""
+    compiled = kernels.compiled("normalization")
+    rng = np.random.default_rng(rows)
+    x, grad = (rng.standard_normal((rows, 5)) * 3 + 2).astype(dtype), rng.standard_normal((rows, 5)).astype(dtype)
+    grad.flat[:3] = [np.inf, -0.0, np.nan][:grad.size]
+    shift, mean, inv_std = x[0].astype(np.float64), rng.standard_normal(5).astype(dtype), rng.random(5).astype(dtype)
+    gamma, beta = (rng.uniform(0.5, 1.5, 5).astype(dtype), rng.standard_normal(5).astype(dtype)) if affine else \
+        (np.empty(0, dtype), np.empty(0, dtype))
+    in_order = lambda a: np.add.accumulate(a.astype(np.float64), axis=0)[-1]
+    sums = np.empty((2, 5))
+    compiled.shifted_sums(x, shift, *sums)
+    d = x - shift
+    np.testing.assert_array_equal(sums, [in_order(d), in_order(d * d)])
+    xhat = (x - mean) * inv_std
+    y = xhat * gamma + beta if affine else xhat
+    for relu in (False, True):
+        with np.errstate(invalid="ignore"):  # inf * 0, as the kernel makes it
+            g = np.where(y > 0, grad, grad * dtype(0)) if relu else grad
+            expected = [in_order(g), in_order(g * xhat)]
+        compiled.gradient_sums(grad, x, mean, inv_std, gamma, beta, relu, *sums)
+        np.testing.assert_array_equal(sums, expected)
+
+
 def test_batch_norm_compiled_variance_holds_far_from_zero(monkeypatch):
     """The compiled forward sums x and x^2 in one pass, shifted by the batch's first row: an unshifted
     E[x^2] - E[x]^2 in float64 would lose the variance of integers near 1e7 (their squares near 1e14)."""

