@@ -120,8 +120,9 @@ def test_relus_absorbed_by_batch_norm_and_add_give_the_layers_as_written_bit_for
 
 @pytest.mark.parametrize("path", ["numba", "numpy"])
 @pytest.mark.parametrize("size", [6, 7])  # 7: the last row and column belong to no window
-def test_a_batch_norm_pooling_its_relu_layer_and_max_pooling_gives_the_layers_as_written_bit_for_bit(monkeypatch,
-                                                                                                      path, size):
+@pytest.mark.parametrize("pool", [2, 3])  # 2x2 windows have a kernel of their own
+def test_a_batch_norm_pooling_its_relu_layer_and_max_pooling_gives_the_layers_as_written_bit_for_bit(monkeypatch, path,
+                                                                                                      size, pool):
     """In training BN -> ReLU -> MaxPooling (a residual net's stem) is one pass of the BatchNormalization
     (graph._pooled_normalisations; compiled: kernels/normalization.normalise_pooled and its backward passes, else
     the layers' own functions in turn): outputs, input and weight gradients and moving statistics are the bits of
@@ -130,7 +131,7 @@ def test_a_batch_norm_pooling_its_relu_layer_and_max_pooling_gives_the_layers_as
     monkeypatch.setattr("dlcli.layers.normalization.LANE_FLOATS", 1)  # the sums over several ranges of rows too
     img = layers.Input((size, size, 3), name="img")
     x = layers.BatchNormalization(name="bn")(img)
-    x = layers.MaxPooling2D(2, name="pool")(layers.Activation("relu", name="relu")(x))
+    x = layers.MaxPooling2D(pool, name="pool")(layers.Activation("relu", name="relu")(x))
     model = models.Model(img, layers.Dense(3, activation="softmax")(layers.Flatten()(x)))
     bn = model.get_layer("bn")
     assert [(a.name, b.name) for a, b in model.graph.pooled_norms] == [("bn", "pool")]
