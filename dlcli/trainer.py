@@ -368,8 +368,8 @@ class Run:
         caches: after the backward pass and the update each of the metrics' NumPy calls cost 5-10 us more. Returns
         (loss plus regularisation, each output's loss, the outputs)."""
         model = self.model
-        params, penalised, decayed, splits = self.step_layers or _step_layers(model)
-        with lanes.spread() if splits else _ONE_PASS:
+        params, penalised, decayed, threads = self.step_layers or _step_layers(model)
+        with lanes.spread(threads) if threads else _ONE_PASS:
             try:
                 outs = model.graph.forward(xb, training=True)
                 loss, parts, grads, yb = self._loss(yb, outs, wb, partner)
@@ -557,13 +557,15 @@ def _capped(total: float, dtype) -> float:
     return math.inf if total > largest else total
 
 
-def _step_layers(model) -> tuple[list, list, list, bool]:
+def _step_layers(model) -> tuple[list, list, list, int]:
     """(the weights to train, the layers whose regularization_loss can be non-zero, those with a regularized
-    trainable weight, whether a layer splits its batch over lanes): what a step updates, and clears the gradients
-    of, the layers it asks for penalties and their gradients (the book MLP: none), and whether the step runs every
-    GEMM on one BLAS thread so the lanes have the cores (engine/lanes.py). fit finds them once; as in Keras, a
-    change of `trainable` takes effect at the next fit (Keras: at the next compile). A frozen weight has no
-    gradient (Model.weights_to_train): its layer's backward skips it, as Keras computes none."""
+    trainable weight, the lanes where a layer splits its batch over lanes, else 0): what a step updates, and clears
+    the gradients of, the layers it asks for penalties and their gradients (the book MLP: none), and whether the
+    step runs every GEMM on one BLAS thread so its lanes have the cores (engine/lanes.py). fit finds them once; as
+    in Keras, a change of `trainable` takes effect at the next fit (Keras: at the next compile), and so does one of
+    BLAS's threads (a threadpool_limits block around fit applies to it): asking BLAS at every step took 5-10 us of
+    the training thread's CPU a step. A frozen weight has no gradient (Model.weights_to_train): its layer's backward
+    skips it, as Keras computes none."""
     from dlcli.engine.layer import Layer
 
     layers = model.layers
@@ -571,7 +573,7 @@ def _step_layers(model) -> tuple[list, list, list, bool]:
             [layer for layer in layers if type(layer).regularization_loss is not Layer.regularization_loss
              or any(p.regularizer is not None for p in layer.params.values())],
             [layer for layer in layers if any(p.regularizer is not None for p in layer.trainable_weights)],
-            any(getattr(layer, "splits_batch", False) for layer in layers))
+            lanes.count() if any(getattr(layer, "splits_batch", False) for layer in layers) else 0)
 
 
 def balanced_class_weight(labels: np.ndarray) -> dict:

@@ -113,7 +113,8 @@ def test_a_training_step_with_dense_on_lanes_spreads_and_matches_one_lane(block,
 
     monkeypatch.setattr(core, "SPLIT_FLOPS", 0)
     spread = []
-    monkeypatch.setattr(lanes, "spread", lambda original=lanes.spread: (spread.append(1), original())[1])
+    monkeypatch.setattr(lanes, "spread", lambda *threads, original=lanes.spread: (spread.append(1),
+                                                                                  original(*threads))[1])
     one = trained(1)
     for a, b in zip(one, trained(2)):
         np.testing.assert_array_equal(a, b)

@@ -10,6 +10,7 @@ from threadpoolctl import threadpool_limits
 
 from dlcli import layers
 from dlcli.engine import blas, lanes
+from dlcli.models import Sequential
 
 
 def lane_threads(monkeypatch) -> set:
@@ -239,11 +240,29 @@ def test_spread_hands_the_blas_threads_to_the_lanes_and_back_and_a_nested_block_
                     assert (lanes.count(), blas.threads()) == (threads, 1)
                 assert (lanes.count(), blas.threads()) == (threads, 1)
             assert (lanes.count(), blas.threads()) == (threads, threads)
+            with lanes.spread(threads):  # the count given, as fit gives its steps the one it asked as it started
+                assert (lanes.count(), blas.threads()) == (threads, 1)
+            assert (lanes.count(), blas.threads()) == (threads, threads)
+
+
+def test_fit_asks_blas_its_threads_once_and_hands_them_to_each_step(monkeypatch):
+    """fit's steps spread over the lanes BLAS had as fit started (a threadpool_limits block around fit), asked once
+    (not at every step); BLAS has them back after each step."""
+    model = Sequential([layers.LSTM(4, input_shape=(5, 3)), layers.Dense(2, activation="softmax")])
+    model.build(rng=np.random.default_rng(0))
+    model.compile("rmsprop", "sparse_categorical_crossentropy")
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((32, 5, 3)).astype(np.float32), rng.integers(0, 2, 32)
+    given, asked, threads = [], [], blas.threads
+    monkeypatch.setattr(lanes, "spread", lambda *a, original=lanes.spread: (given.append(a), original(*a))[1])
+    monkeypatch.setattr(blas, "threads", lambda: (asked.append(1), threads())[1])
+    with threadpool_limits(2, user_api="blas"):
+        model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+        assert threads() == 2
+    assert given == [(2,)] * 8 and len(asked) == 1
 
 
 def test_a_conv_training_step_runs_blas_on_one_thread_and_gives_the_same_weights_on_any_thread_count():
-    from dlcli.models import Sequential
-
     def trained(threads):
         # the second conv reads 16 channels: Winograd on the compiled path
         model = Sequential([layers.Conv2D(16, 3, activation="relu", input_shape=(14, 14, 1)),

@@ -41,11 +41,10 @@ def one_thread():
     """A context manager that runs BLAS on one thread inside it (restoring the previous count after). Where BLAS is
     on one thread already (inside lanes.spread, or in a lane) it does nothing: the switch and restore cost even then,
     and an LSTM training step asks 6 times."""
-    controller = _blas()
-    counts = [] if controller is None else [lib.num_threads for lib in controller.lib_controllers]
+    counts = [count() for count in _thread_counters()]
     if max(counts, default=1) == 1:
         return nullcontext()
-    return _OneThread(controller.lib_controllers, counts)
+    return _OneThread(_blas().lib_controllers, counts)
 
 
 class _OneThread:
@@ -66,8 +65,23 @@ class _OneThread:
 
 def threads() -> int:
     """BLAS threads now: the cores a process may keep busy (1 when threadpoolctl cannot tell)."""
-    controller = _blas()
-    return 1 if controller is None else max(lib.num_threads for lib in controller.lib_controllers)
+    counters = _thread_counters()
+    return counters[0]() if len(counters) == 1 else max((count() for count in counters), default=1)
+
+
+_counters: list | None = None  # _thread_counters()
+
+
+def _thread_counters() -> list:
+    """Each BLAS library's get_num_threads, bound once, asked at each call (a threadpool_limits block changes the
+    count). A training step asks once or more (lanes.spread, lanes.run, one_thread): through _blas(), a generator
+    and threadpoolctl's num_threads property a call took 8-11 us of the training thread's CPU inside fit (0.6 us
+    warm), 5-7 so."""
+    global _counters
+    if _counters is None:
+        controller = _blas()
+        _counters = [] if controller is None else [lib.get_num_threads for lib in controller.lib_controllers]
+    return _counters
 
 
 _gemm_addresses: dict = {}  # dtype -> gemm_address(dtype)

@@ -46,15 +46,19 @@ class spread:
     spinning on the second core through the lanes that follow. With one BLAS thread the block keeps that one lane,
     so `count` inside answers without asking BLAS again. A class, not a @contextmanager generator: the book MLP's
     step enters it every batch, and the generator and the three lane counts asking threadpoolctl took ~5 us of
-    fit's fixed cost a batch."""
-    __slots__ = ("took", "one")
+    fit's fixed cost a batch. `threads`: BLAS's thread count where the caller has asked already (fit, once per fit:
+    asking at each step took 5-10 us of the training thread's CPU, blas.threads), else asked here."""
+    __slots__ = ("threads", "took", "one")
+
+    def __init__(self, threads: int = 0):
+        self.threads = threads
 
     def __enter__(self):
         global _granted
         self.took = 0
         if _granted:  # inside another block: it holds the lanes
             return
-        threads = blas.threads()
+        threads = self.threads or blas.threads()
         if threads >= 2:
             self.one = blas.one_thread()
             self.one.__enter__()
@@ -88,7 +92,7 @@ def run(work, parts: list, short: bool = False, halfway=None) -> list:
     calling thread alone, then then(run) on each lane's same run, whose results are returned. BatchNormalization's
     passes need the whole batch's sums halfway; so each is one run (one decision, one split, the lanes held),
     where two runs paid the caller's setup twice."""
-    lanes = min(count(), len(parts))
+    lanes = min(count(), len(parts)) if len(parts) > 1 else 1  # one part: no need to ask BLAS (a ReLU's backward)
     if lanes < 2 or not _busy.acquire(blocking=False):
         return _alone(work, parts, halfway)
     try:
