@@ -145,13 +145,10 @@ class _Conv(_Windowed):
         z = np.empty((x.shape[0] * per_sample, self.filters), x.dtype)
 
         chunks, kept = self._chunks(len(x))
-        # Few channels (the resnet's stem, k = 9): OpenBLAS, whose product writes its output (1.6 MB a chunk, not in
-        # cache) sooner than the block product there; else blas.product
-        product = np.dot if self.kernel.value.shape[-2] < cm.BLOCK_CHANNELS else blas.product
 
         def gemms(run):  # each chunk's patches times the kernel, into its rows of z
             for start, stop, cols in self._patch_chunks(x, run, kept):
-                product(cols, weights, out=z[start * per_sample:stop * per_sample])
+                blas.product(cols, weights, out=z[start * per_sample:stop * per_sample])
                 yield start, cols
         patches = lanes.run(gemms, chunks)
         self.cols = dict(patches) if kept else None  # {start: patches} that backward takes instead of gathering
