@@ -487,3 +487,38 @@ def test_a_conv_called_twice_adds_its_deferred_kernel_gradients_in_call_order(mo
     assert len(deferred) == 18  # three calls a pass, each deferring U's transposed taps and its kernel gradient
     np.testing.assert_array_equal(grads[0], grads[1])
     np.testing.assert_array_equal(grads[0], grads[2])
+
+
+def test_a_winograd_convs_kernel_made_ahead_lives_for_its_pass_alone(monkeypatch):
+    """A training pass over a graph makes its Winograd convs' U ahead (Conv.prepare_pass, in lanes.defer): the same
+    weight gradients as each conv making its own in its forward, on 1 and 2 lanes; nothing made ahead outlives the
+    pass, also where a layer after the conv raises."""
+    from dlcli import models
+    monkeypatch.setenv("DLCLI_KERNELS", "numba")
+    x_in = layers.Input((8, 8, 16))
+    first, second = layers.Conv2D(16, 3, padding="same"), layers.Conv2D(16, 3, padding="same")
+    model = models.Model(x_in, layers.GlobalAveragePooling2D()(second(layers.ReLU()(first(x_in)))))
+    x = np.random.default_rng(0).standard_normal((12, 8, 8, 16)).astype(np.float32)
+    made = []
+    real_prepare = type(first).prepare_pass
+    monkeypatch.setattr(type(first), "prepare_pass", lambda conv, sizes: made.append(conv) or real_prepare(conv, sizes))
+    grads = []
+    for count, ahead in ((1, True), (2, True), (2, False)):
+        monkeypatch.setattr(lanes, "count", lambda count=count: count)
+        if not ahead:
+            monkeypatch.setattr(type(first), "prepare_pass", lambda conv, sizes: None)
+        for conv in (first, second):
+            conv.kernel.grad = np.zeros_like(conv.kernel.value)
+        outs = model.graph.forward([x], training=True)
+        model.graph.backward([np.ones_like(outs[0])])
+        grads.append([conv.kernel.grad.copy() for conv in (first, second)])
+        assert first.u_ahead is None and second.u_ahead is None
+    assert made == [first, second] * 2
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            np.testing.assert_array_equal(a, b)
+    monkeypatch.setattr(type(second), "forward", lambda *args: (_ for _ in ()).throw(ValueError("stop")))
+    monkeypatch.setattr(type(first), "prepare_pass", real_prepare)
+    with pytest.raises(ValueError, match="stop"):
+        model.graph.forward([x], training=True)
+    assert second.u_ahead is None

@@ -167,6 +167,9 @@ class Graph:
         self.summed = _summed_adds(self.nodes, consumers, outputs)
         self.pooled_norms = _pooled_normalisations(consumers, outputs, self.movable)
         self.cast_from: dict = {}  # set by each forward
+        # (layer, its output's sizes) of the unshared layers that prepare a training pass (a Winograd conv's U)
+        self.prepared = [(n.layer, n.outputs[0].shape[:-1]) for n in self.layer_nodes
+                         if hasattr(n.layer, "prepare_pass") and len(n.layer.nodes) == 1]
         self.reads_data = None  # _reading_data's nodes, found at the first backward pass (the layers built)
         self.poolable = {id(pool) for layer, pool, _ in self.movable
                          if getattr(layer, "pools_own_output", None) and layer.pools_own_output(pool)}
@@ -200,7 +203,7 @@ class Graph:
         other.movable = [(twins[id(layer)], twins[id(pool)], type(act)()) for layer, pool, act in self.movable]
         other.absorbed = [(twins[id(layer)], twins[id(relu)], type(act)()) for layer, relu, act in self.absorbed]
         other.poolable = {id(twins[id(pool)]) for _, pool, _ in self.movable if id(pool) in self.poolable}
-        other.summed = other.pooled_norms = []  # inference passes only: nothing is summed or pooled there
+        other.summed = other.pooled_norms = other.prepared = []  # inference: nothing summed, pooled or prepared
         return other
 
     def _move_activations(self, move: bool, fuse=frozenset(), training=False):
@@ -245,10 +248,16 @@ class Graph:
         residuals = {node: (other, add) for node, add, other, _ in self.summed} if training and observer is None \
             else {}
         self.cast_from = {}  # {node: its inputs' dtypes} where forward cast them: backward casts back
-        # in training the layers' deferred work (lanes.defer: what the Winograd convs' backward reads of their
-        # weights) is done while the caller waits for its lanes, or by the pass's end
+        # in training the layers' deferred work (lanes.defer: what the Winograd convs read of their weights) is done
+        # while the caller waits for its lanes, or by the pass's end
         with lanes.deferring() if training else nullcontext():
-            return self._forward(values, masks, residuals, observer, training)
+            try:
+                for layer, out_sizes in self.prepared if training else ():
+                    layer.prepare_pass(out_sizes)
+                return self._forward(values, masks, residuals, observer, training)
+            finally:
+                for layer, _ in self.prepared if training else ():
+                    layer.end_pass()
 
     def _forward(self, values, masks, residuals, observer, training):
         for node in self.layer_nodes:

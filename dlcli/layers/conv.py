@@ -43,6 +43,7 @@ class _Conv(_Windowed):
     activation_last = True
     splits_batch = True  # its chunks run on lanes (engine/lanes.py)
     pool_after = None  # the max pooling this conv applies to its own output (graph.py)
+    u_ahead = None  # a Winograd conv's (block, U) made ahead of its forward in a training pass (prepare_pass)
 
     def __init__(self, filters: Size, kernel_size: Sizes, strides: Sizes = 1, padding: str = "valid",
                  dilation_rate: Sizes = 1, groups: Size = 1, activation: str | None = None, use_bias: bool = True,
@@ -99,6 +100,24 @@ class _Conv(_Windowed):
             return cm.winograd_pools(out_sizes, pool_size)
         return self.kernel.value.shape[-2] < cm.BLOCK_CHANNELS
 
+    def prepare_pass(self, out_sizes):
+        """Before a training pass over the graph (graph.py): a Winograd conv's U = G k G^T for the pass' kernel, made
+        in lanes.defer while the caller waits for its lanes in the layers before this one. The pass' forward takes it
+        (same kernel, block for `out_sizes`) or, not made by then, makes its own; end_pass drops it."""
+        if not cm.winograd_applies(self.kernel.value.shape, self.strides, self.dilation_rate, self.groups):
+            return
+        pool = self.pool_after.pool_size if self.pool_after is not None else None
+        block = cm.winograd_training_block(out_sizes, pool is not None and self.pools_in_its_pass(pool, out_sizes))
+        self.u_ahead = False  # wanted, not made yet
+
+        def make():
+            if self.u_ahead is False:  # not taken by the forward nor dropped meanwhile
+                self.u_ahead = block, cm.winograd_kernel(self.kernel.value, block)
+        lanes.defer(make)
+
+    def end_pass(self):
+        self.u_ahead = None
+
     def forward(self, x, training=False):
         self.out_sizes, self.pads = cm.geometry(x.shape[1:-1], self.kernel_size, self.strides, self.padding,
                                                 self.dilation_rate)
@@ -117,7 +136,9 @@ class _Conv(_Windowed):
             self.winograd_block = cm.winograd_training_block(self.out_sizes, in_pass)
             # training keeps U = G k G^T for backward (0.02-0.08 ms a conv to make again), and its taps transposed
             # for the input gradient's products, made while the caller waits for its lanes (lanes.defer; graph.py)
-            self.winograd_u = cm.winograd_kernel(self.kernel.value, self.winograd_block) if training else None
+            ahead, self.u_ahead = self.u_ahead, None
+            self.winograd_u = None if not training else ahead[1] if ahead and ahead[0] == self.winograd_block else \
+                cm.winograd_kernel(self.kernel.value, self.winograd_block)
             self.winograd_u_t = None
             if training:
                 lanes.defer(self._transpose_u)
