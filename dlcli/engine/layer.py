@@ -56,11 +56,6 @@ class Param:
     def grad(self, array):
         self._grad, self.grad_zeroed = array, False
 
-    @property
-    def has_grad(self) -> bool:
-        """Whether the weight takes a gradient, asked without writing a zeroed one's zeros (as reading `grad` does)."""
-        return self._grad is not None
-
     def zero_grad(self):
         """The gradient is zero from now on; the array is written when first read (or by `blank_grad`'s user)."""
         self.grad_zeroed = self._grad is not None

@@ -331,9 +331,9 @@ class _Conv(_Windowed):
         if pooled is None:
             g = g.reshape(len(self.x), *self.out_sizes, self.filters)
         _, dx, bias_grad = cm.winograd_backward(  # the kernel's gradient added to its own later (lanes.defer)
-            g, self.kernel.value, self.x, self.out_sizes, self.pads, self.tiles, self.kernel.has_grad,
+            g, self.kernel.value, self.x, self.out_sizes, self.pads, self.tiles, self.kernel.grad is not None,
             self.input_grad_needed, self.use_bias and self.bias.grad is not None, self.winograd_block, pooled,
-            self.winograd_u, self.kernel, self.winograd_u_t)
+            self.winograd_u, self.kernel.grad, self.winograd_u_t)
         self._add_gradients(None, bias_grad)
         return dx
 

@@ -545,10 +545,10 @@ def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True
     at load ~5, best of 22 alternating, forward / backward: one BLAS thread, F(2x2) then the pooling's compiled
     passes 2.82 / 4.89 ms, F(4x4) then those passes 2.47 / 3.40, F(4x4) pooled in its transforms 1.94 / 3.31; the
     caller's part on 2 lanes 1.63 / 2.52 -> 0.99 / 1.82. F(4x4)'s gradients are less exact: within 40 float32 eps
-    of the largest over tests/test_winograd.py's cases, where F(2x2)'s are within 3. `add_to`: the kernel's weight
-    (engine/layer.Param) whose gradient the kernel's is added to instead of returned, in lanes.defer (the chunks'
-    dU summed and G^T dU G made while the caller waits for its lanes in a later run: on the caller alone 0.1-0.25
-    ms a conv at the resnet's shapes). `u_t`: transposed_taps(u) if made already."""
+    of the largest over tests/test_winograd.py's cases, where F(2x2)'s are within 3. `add_to`: an array (the
+    kernel's accumulated gradient) the kernel's gradient is added to instead of returned, in lanes.defer (the
+    chunks' dU summed and G^T dU G made while the caller waits for its lanes in a later run: on the caller alone
+    0.1-0.25 ms a conv at the resnet's shapes). `u_t`: transposed_taps(u) if made already."""
     compiled = kernels.compiled("winograd")
     input_tiles, output_gradient_tiles, input_gradient_tiles = {
         2: (compiled.input_tiles, compiled.output_gradient_tiles, compiled.input_gradient_tiles),
@@ -606,11 +606,7 @@ def winograd_backward(g, kernel, x, out_sizes, pads, kept=None, kernel_grad=True
         return None, dx, db
     if add_to is None:
         return _winograd_kernel_gradient([du for du, _ in sums], block), dx, db
-
-    def add():  # a zeroed gradient's zeros written here (reading .grad), not on the caller's path
-        grad = add_to.grad
-        np.add(grad, _winograd_kernel_gradient([du for du, _ in sums], block), out=grad)
-    lanes.defer(add)
+    lanes.defer(lambda: np.add(add_to, _winograd_kernel_gradient([du for du, _ in sums], block), out=add_to))
     return None, dx, db
 
 
