@@ -49,7 +49,6 @@ def col2im(cols, kh, kw, sh, sw, dh, dw, dxp):
                         col = j * sw + q * dw
                         for ch in range(c):
                             dxp[b, row, col, ch] += cols[b, i, j, base + ch]
-    return dxp
 
 
 @numba.njit(**JIT)
@@ -75,7 +74,6 @@ def im2col(x, top, left, kh, kw, sh, sw, dh, dw, out):
                         else:
                             for ch in range(c):
                                 out[b, i, j, p, q, ch] = zero
-    return out
 
 
 @numba.njit(**JIT)
@@ -114,7 +112,6 @@ def im2col_taps(x, top, left, kh, kw, sh, sw, dh, dw, out_h, out_w, row, out):
                                 out[np.uint64(o + j)] = flat[np.uint64(read + j * sw)]
                         for j in range(hi, out_w):
                             out[np.uint64(o + j)] = zero
-    return out
 
 
 @numba.njit(inline="always", **JIT)
@@ -150,7 +147,6 @@ def pooled_conv_3x3(x, weights, bias, relu, y):
                     z3 = _taps_3x3(x, b, r + 1, s + 1, w0, w1, w2, w3, w4, w5, w6, w7, w8, ch)
                     v = max_of_four(z0, z1, z2, z3) + bias[ch]  # rounding is monotonic: the bias after the max
                     out[ch] = relu_of(v, zero) if relu else v
-    return y
 
 
 @numba.njit(**JIT)
@@ -168,7 +164,6 @@ def pooled_conv_backward(g, y, arg, xp, weights, kh, kw, dh, dw, pool_h, pool_w,
             _sums_window(g, y, arg, xp, kh, kw, dh, dw, pool_h, pool_w, relu, sums)
     if dxp.size > 0:
         _input_gradient(g, y, arg, weights, kh, kw, dh, dw, pool_h, pool_w, relu, dxp)
-    return sums
 
 
 @numba.njit(**JIT)

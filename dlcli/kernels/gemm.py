@@ -207,4 +207,3 @@ def product(a, b, out):
     taps' shapes), so a part of out's rows gives the same bits as the whole. Its twin is np.matmul."""
     for t in range(a.shape[0]):
         block_gemm(a[t], b[t], out[t], 0.0)
-    return out

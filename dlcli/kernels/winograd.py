@@ -55,7 +55,6 @@ def input_tiles(x, top, left, tiles_h, tiles_w, v):
                         out = v[4 * r + e, tile]
                         for ch in range(c):
                             out[ch] = (a0[ch] + col_sign * a1[ch]) + row_sign * (b0[ch] + col_sign * b1[ch])
-    return v
 
 
 @numba.njit(**JIT)
@@ -84,7 +83,6 @@ def output_tiles(m, tiles_h, tiles_w, bias, y):
                         right = y[b, 2 * ti + i, 2 * tj + 1]
                         for ch in range(f):
                             right[ch] = s1[ch] - s2[ch] - s3[ch] + bias[ch]
-    return y
 
 
 
@@ -122,7 +120,6 @@ def output_gradient_tiles(g, tiles_h, tiles_w, dm):
                         m1[ch] = left[ch] + second[ch]
                         m2[ch] = left[ch] - second[ch]
                         m3[ch] = -second[ch]
-    return dm
 
 
 @numba.njit(**JIT)
@@ -177,7 +174,6 @@ def input_gradient_tiles(dv, top, left, tiles_h, tiles_w, dx):
                         out = row[col + 3]
                         for ch in range(c):
                             out[ch] -= s3[ch]
-    return dx
 
 
 # F(3x3, 3x3) at inference, for small outputs (3 to 6 rows and columns: the book convnet's conv 3, 3x3 outputs from
@@ -236,7 +232,6 @@ def input_tiles_3x3(x, top, left, tiles_h, tiles_w, v):
                         v[5 * i + 3, tile, ch] = t[i, 3, ch] - t[i, 1, ch]
                     for ch in range(c):
                         v[5 * i + 4, tile, ch] = two * (t[i, 1, ch] - t[i, 3, ch]) - t[i, 2, ch] + t[i, 4, ch]
-    return v
 
 
 @numba.njit(**JIT)
@@ -271,7 +266,6 @@ def output_tiles_3x3(m, tiles_h, tiles_w, bias, y):
                         for ch in range(f):
                             y[b, r, c0 + 2, ch] = ((s[i, 1, ch] + s[i, 2, ch]) + four * s[i, 3, ch]
                                                    + s[i, 4, ch]) + bias[ch]
-    return y
 
 
 # F(4x4, 3x3) at inference: each 4x4 block of outputs from its 6x6 input tile, 36 products per channel pair where
@@ -288,7 +282,7 @@ def input_tiles_4x4(x, top, left, tiles_h, tiles_w, v):
     """x (n, height, width, c) -> v (36, n * tiles_h * tiles_w, c): B^T d B of every 6x6 tile d at stride 4 of x
     padded with `top` rows and `left` columns of zeros, zeros read past its edge on every side (as input_tiles):
     input_tiles_mixed with every block 4x4 (v stands in for the other tiles' arrays, never read)."""
-    return input_tiles_mixed(x, top, left, tiles_h, 0, tiles_w, 0, v, v, v, v)
+    input_tiles_mixed(x, top, left, tiles_h, 0, tiles_w, 0, v, v, v, v)
 
 
 # Mixed tiles (inference, a conv pooled in its output transform): where the pooling reads 4k + 2 rows (or columns)
@@ -394,7 +388,6 @@ def input_tiles_mixed(x, top, left, rows4, rows2, cols4, cols2, v44, v42, v24, v
                             v[4 * i + 2, tile, ch] = band[i, s + 2, ch] - band[i, s + 1, ch]
                         for ch in range(c):
                             v[4 * i + 3, tile, ch] = band[i, s + 1, ch] - band[i, s + 3, ch]
-    return v44
 
 
 @numba.njit(inline="always", **JIT)
@@ -463,7 +456,6 @@ def output_tiles_4x4(m, tiles_h, tiles_w, bias, y):
                             y[b, r, c0 + 3, ch] = ((tiled[i, 1, t, ch] - tiled[i, 2, t, ch])
                                                    + eight * (tiled[i, 3, t, ch] - tiled[i, 4, t, ch])
                                                    + tiled[i, 5, t, ch]) + bias[ch]
-    return y
 
 
 @numba.njit(inline="always", **JIT)
@@ -581,7 +573,6 @@ def output_tiles_mixed_pooled(m44, m42, m24, m22, rows4, rows2, cols4, cols2, bi
                         for ch in range(f):
                             v = pooled[ch] + bias[ch]
                             pooled[ch] = relu_of(v, zero) if relu else v
-    return y
 
 
 # F(4x4, 3x3) in training: backward runs the algebra above transposed. The output gradient dY of each 4x4 block
@@ -644,7 +635,6 @@ def output_gradient_tiles_4x4(g, tiles_h, tiles_w, dm):
                 _a_combinations(edge, 0, 0, rows, 0, 0, length)
             for tj in range(tiles_w):
                 _gradient_columns_4x4(band, 4 * tj, (b * tiles_h + ti) * tiles_w + tj, dm)
-    return dm
 
 
 @numba.njit(**JIT)
@@ -733,7 +723,6 @@ def input_gradient_tiles_4x4(dv, top, left, tiles_h, tiles_w, dx):
                 else:
                     for k in range(length):
                         out[k] = d5[k]
-    return dx
 
 
 @numba.njit(**JIT)
@@ -768,7 +757,6 @@ def pooled_gradient_tiles_4x4(g, arg, y, relu, pool_h, pool_w, tiles_h, tiles_w,
             _a_combinations(band_dy, 0, 0, rows, 0, 0, width * f)
             for tj in range(tiles_w):
                 _gradient_columns_4x4(band, 4 * tj, (b * tiles_h + ti) * tiles_w + tj, dm)
-    return dm
 
 
 # F(3x3, 3x3) in training (small outputs): A's rows (1, 0, 0), (1, 1, 1), (1, -1, 1), (1, 2, 4), (0, 0, 1); B^T's
@@ -817,7 +805,6 @@ def output_gradient_tiles_3x3(g, tiles_h, tiles_w, dm):
                         dm[5 * i + 3, tile, ch] = (t[i, 0, ch] + two * t[i, 1, ch]) + four * t[i, 2, ch]
                     for ch in range(f):
                         dm[5 * i + 4, tile, ch] = t[i, 2, ch]
-    return dm
 
 
 @numba.njit(**JIT)
@@ -876,7 +863,6 @@ def input_gradient_tiles_3x3(dv, top, left, tiles_h, tiles_w, dx):
                         else:
                             for ch in range(c):
                                 out[ch] += s[4, q, ch]
-    return dx
 
 
 # The kernel's transforms of F(3x3) and F(4x4), whose G holds sixths: U = G k G^T (forward) and the kernel's
@@ -907,7 +893,6 @@ def kernel_tiles(k, rows, cols, u):
                 out, h0, h1, h2 = u[a * t_w + b, e0:e0 + m], cols[b, 0], cols[b, 1], cols[b, 2]
                 for e in range(m):
                     out[e] = (h0 * r0[e] + h1 * r1[e]) + h2 * r2[e]
-    return u
 
 
 @numba.njit(**JIT)
@@ -943,4 +928,3 @@ def kernel_gradient(du, g, dw):
                 out = dw[3 * i + j, e0:e0 + m]
                 for e in range(m):
                     out[e] = acc[e]
-    return dw
