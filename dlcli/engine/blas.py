@@ -139,6 +139,10 @@ def block_products():
     return gemm if gemm is not None and gemm.AVX512 and not avx512_kernels() else None
 
 
+# compared by instance: `dtype == np.float32` converts the type on every call (~0.03 us, of product's ~1)
+_FLOAT32 = np.dtype(np.float32)
+
+
 def product(a, b, out=None):
     """a @ b (np.matmul's result, into `out` if given) for 2-D arrays or 3-D stacks of one length (the Winograd
     convs' taps): kernels/gemm.product where block_products() says so, float32 with b's and out's rows contiguous
@@ -148,15 +152,17 @@ def product(a, b, out=None):
     block product at these shapes, so np.matmul stays there (AMD EPYC, Zen 5, load 5). One part: a caller that
     splits rows over lanes gets the same bits in any part (each element's k products summed in order)."""
     gemm = block_products()
-    shape = (*a.shape[:-1], b.shape[-1])
-    if (gemm is None or not a.ndim == b.ndim in (2, 3) or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]
-            or not a.dtype == b.dtype == np.float32 or b.strides[-1] != b.itemsize
-            or out is not None and (out.shape != shape or out.dtype != a.dtype or out.strides[-1] != out.itemsize)):
+    if (gemm is None or not a.ndim == b.ndim in (2, 3) or a.dtype != _FLOAT32 or b.dtype != _FLOAT32
+            or b.strides[-1] != 4 or a.shape[-1] != b.shape[-2] or a.ndim == 3 and a.shape[0] != b.shape[0]):
         return np.matmul(a, b, out=out)  # its broadcasting, its errors
+    shape = (*a.shape[:-1], b.shape[-1])
     if out is None:
-        out = np.empty(shape, a.dtype)
+        out = np.empty(shape, _FLOAT32)
+    elif out.shape != shape or out.dtype != _FLOAT32 or out.strides[-1] != 4:
+        return np.matmul(a, b, out=out)
     if a.ndim == 2:
-        gemm.product(a[None], b[None], out[None])
+        gemm.matrix_product(a, b, out)
     else:
         gemm.product(a, b, out)
     return out
+

@@ -207,3 +207,9 @@ def product(a, b, out):
     taps' shapes), so a part of out's rows gives the same bits as the whole. Its twin is np.matmul."""
     for t in range(a.shape[0]):
         block_gemm(a[t], b[t], out[t], 0.0)
+
+
+@numba.njit(**JIT)
+def matrix_product(a, b, out):
+    """out = a @ b for 2-D float arrays by block_gemm, as product's stack of one (its views cost ~0.2 us a call)."""
+    block_gemm(a, b, out, 0.0)
