@@ -154,3 +154,22 @@ def test_regularised_layers_found_once_per_fit_still_add_their_penalties():
         assert expected > 0.01
         loss, parts, _ = run.step([x[:8]], [y[:8]])
         assert loss - parts[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_targets_gathered_with_in_memory_inputs_train_as_targets_gathered_apart():
+    """Inputs in memory take each batch's targets (and nothing else) along in their gather; a source of another kind
+    leaves them to the loop. Both fits see the same batches: the same weights, bit for bit."""
+    from dlcli.data import Dataset
+    from dlcli.data.source import Subset
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(100, 3)).astype(np.float32), rng.integers(0, 2, 100)
+    fitted = []
+    for inputs in (ArraySource([x]), Subset(ArraySource([x]), np.arange(100))):
+        m = Sequential([Dense(4, input_shape=(3,), activation="relu"), Dense(2, activation="softmax")])
+        m.build(rng=np.random.default_rng(0))
+        m.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"])
+        history = Run(m, verbose=0, rng=np.random.default_rng(4)).fit(Dataset(inputs, [y]), epochs=2, batch_size=8)
+        fitted.append(({k: v for k, v in history.history.items() if k != "seconds"}, m.get_weights()))
+    assert fitted[0][0] == fitted[1][0]
+    assert all(np.array_equal(a, b) for a, b in zip(fitted[0][1], fitted[1][1]))
