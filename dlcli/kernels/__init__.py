@@ -7,11 +7,11 @@ use on a machine compiles (seconds), later processes load the cache: about 0.3 s
 CPU target's set-up (once per process; scipy.linalg's import refused, see _scipy_blas_refused), then ~0.005 s per
 kernel.
 
-The kernels a training step calls often (gemm.product, conv's im2col / col2im, winograd's transforms) write into the
-arrays their caller passes and return nothing: compiled code returning an array boxes it, which calls back into
-Python (numba's _numba_unpickle, for the array's class) every call. One thread, AMD EPYC, alternating in one process:
+The kernels a training step calls (gemm.product, conv's im2col / col2im, winograd's transforms, pooling's and the
+pooled normalisation's) write into the arrays their caller passes and return nothing: compiled code returning an
+array boxes it, which calls back into Python (numba's _numba_unpickle, for the array's class) every call. One thread, AMD EPYC, alternating in one process:
 a small product returning its `out` 0.50 us a call, 0.28 returning nothing; with a 32 MB sweep between calls (a
-step's data evicts the interpreter's) 9.6 -> 6.0 us median. A resnet training step made 286 such calls, 4 now.
+step's data evicts the interpreter's) 9.6 -> 6.0 us median. A resnet training step made 286 such calls.
 """
 import atexit
 import contextlib

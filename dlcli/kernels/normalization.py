@@ -216,7 +216,6 @@ def normalise_pooled(x, mean, inv_std, gamma, beta, pool_h, pool_w, relu, arg, y
                 if relu:
                     for ch in range(c):
                         out[ch] = relu_of(out[ch], zero)
-    return y
 
 
 @numba.njit(inline="always", **JIT)

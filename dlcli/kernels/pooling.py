@@ -65,7 +65,6 @@ def max_pool(xp, pool_h, pool_w, stride_h, stride_w, relu, arg, y):
                 if relu:
                     for ch in range(c):
                         y[b, i, j, ch] = relu_of(y[b, i, j, ch], zero)
-    return y
 
 
 @numba.njit(**JIT)
@@ -121,7 +120,6 @@ def max_pool_backward(grad, arg, relu_y, dxp, pool_h, pool_w, stride_h, stride_w
                                 dxp[b, row, col, ch] = g if hit else zero
                             elif hit:
                                 dxp[b, row, col, ch] += g
-    return dxp
 
 
 @numba.njit(**JIT)
@@ -178,7 +176,6 @@ def tile_max(z, pool_h, pool_w, relu, y, arg):
                 if relu:
                     for ch in range(c):
                         out[ch] = relu_of(out[ch], zero)
-    return y
 
 
 # Global average pooling over (batch, steps, channels), the spatial axes flattened. NumPy's x.mean(spatial axes) of a
@@ -203,7 +200,6 @@ def global_mean(x, out):
                 row[ch] += x[b, s, ch]
         for ch in range(c):
             row[ch] = row[ch] / count
-    return out
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -216,4 +212,3 @@ def global_mean_backward(grad, dx):
         for s in range(steps):
             for ch in range(c):
                 dx[b, s, ch] = share[ch]
-    return dx

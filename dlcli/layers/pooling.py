@@ -178,7 +178,9 @@ class _GlobalAveragePooling(_GlobalPooling):
         self.step_weights = None
         compiled = self._compiled(x) if x.flags.c_contiguous and x.size else None  # another layout sums otherwise
         if compiled is not None:
-            return self._shape_out(compiled.global_mean(self._steps(x), np.empty((len(x), x.shape[-1]), x.dtype)))
+            y = np.empty((len(x), x.shape[-1]), x.dtype)
+            compiled.global_mean(self._steps(x), y)
+            return self._shape_out(y)
         return self._shape_out(x.mean(axes))
 
     def backward(self, grad):
